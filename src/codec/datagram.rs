@@ -1,0 +1,378 @@
+//! Datagrams: iterating over the messages of a received datagram, and packing messages
+//! into one for sending.
+
+use bytes::Bytes;
+
+use super::connector::{CnMsg, CnMsgBuffer, CN_MSG_HDRLEN};
+use super::netlink::{
+    nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
+    NLMSG_OVERRUN,
+};
+use crate::error::{DecodeError, DecodeErrorKind};
+
+/// A connector message as received, with the netlink header it came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectorMessage {
+    /// The netlink header (type is `NLMSG_DONE` for well-behaved senders).
+    pub nl: NlHeader,
+    /// The connector message; its data is a slice of the datagram.
+    pub msg: CnMsg,
+    /// Offset of the netlink header within the datagram.
+    pub offset: usize,
+}
+
+/// An `NLMSG_ERROR` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NlError {
+    /// Its netlink header.
+    pub nl: NlHeader,
+    /// The error code as the kernel writes it: a negative errno, or 0 for an ACK.
+    pub error: i32,
+    /// The header of the message that caused it, when present.
+    pub request: Option<NlHeader>,
+}
+
+/// One message of a datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A connector message (every type that is not a netlink control type).
+    Connector(ConnectorMessage),
+    /// `NLMSG_ERROR`.
+    Error(NlError),
+    /// `NLMSG_NOOP`.
+    Noop(NlHeader),
+    /// `NLMSG_OVERRUN`: the sender says data was lost.
+    Overrun(NlHeader),
+}
+
+/// Iterates over the messages of `datagram`.
+///
+/// The iterator checks every length before reading a field, yields `Err` for the first
+/// malformed message and then ends. It never panics and always terminates: each step
+/// advances by at least one aligned header.
+pub fn messages(datagram: Bytes) -> Messages {
+    Messages {
+        buf: datagram,
+        pos: 0,
+        failed: false,
+    }
+}
+
+/// Iterator returned by [`messages`].
+#[derive(Debug, Clone)]
+pub struct Messages {
+    buf: Bytes,
+    pos: usize,
+    failed: bool,
+}
+
+impl Messages {
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn next_message(&mut self) -> Result<Message, DecodeError> {
+        let base = self.pos;
+        let rest = &self.buf[base..];
+        let nl = NlmsgBuffer::checked_at(rest, base)?;
+        let header = nl.header();
+        let len = header.len as usize;
+        // Invariant: len >= NLMSG_HDRLEN, so the position strictly increases.
+        self.pos = base.saturating_add(nlmsg_align(len)).min(self.buf.len());
+        let payload_at = base + NLMSG_HDRLEN;
+        match header.ty {
+            NLMSG_NOOP => Ok(Message::Noop(header)),
+            NLMSG_OVERRUN => Ok(Message::Overrun(header)),
+            NLMSG_ERROR => {
+                let p = nl.payload();
+                if p.len() < 4 {
+                    return Err(DecodeError::new(
+                        payload_at,
+                        DecodeErrorKind::ShortError { payload: p.len() },
+                    ));
+                }
+                let error = i32::from_ne_bytes([p[0], p[1], p[2], p[3]]);
+                Ok(Message::Error(NlError {
+                    nl: header,
+                    error,
+                    request: NlHeader::parse(&p[4..]),
+                }))
+            }
+            _ => {
+                let cn = CnMsgBuffer::checked_at(nl.payload(), payload_at)?;
+                let h = cn.header();
+                let data_at = payload_at + CN_MSG_HDRLEN;
+                Ok(Message::Connector(ConnectorMessage {
+                    nl: header,
+                    msg: CnMsg {
+                        id: h.id,
+                        seq: h.seq,
+                        ack: h.ack,
+                        flags: h.flags,
+                        data: self.buf.slice(data_at..data_at + usize::from(h.len)),
+                    },
+                    offset: base,
+                }))
+            }
+        }
+    }
+}
+
+impl Iterator for Messages {
+    type Item = Result<Message, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.buf.len() {
+            return None;
+        }
+        let r = self.next_message();
+        if r.is_err() {
+            self.failed = true;
+        }
+        Some(r)
+    }
+}
+
+impl std::iter::FusedIterator for Messages {}
+
+/// Appends one connector message, framed by a netlink header, to `out`, padded to 4 bytes.
+///
+/// `nl` supplies type, flags, seq and pid; its `len` is ignored and computed. Fails only
+/// when the data is longer than `cn_msg.len` can say.
+pub fn encode(nl: NlHeader, msg: &CnMsg, out: &mut Vec<u8>) -> Result<(), crate::Error> {
+    let cn = msg.header()?;
+    let len = NLMSG_HDRLEN + CN_MSG_HDRLEN + msg.data.len();
+    let start = out.len();
+    NlHeader {
+        len: len as u32, // at most 16 + 20 + 65535
+        ..nl
+    }
+    .emit(out);
+    cn.emit(out);
+    out.extend_from_slice(&msg.data);
+    out.resize(start + nlmsg_align(len), 0);
+    Ok(())
+}
+
+/// Packs connector messages into one datagram, up to a size limit.
+///
+/// Each message gets its own netlink header of type `NLMSG_DONE` whose `nlmsg_seq` is the
+/// message's `seq` (as the kernel's connector writes it) and whose `nlmsg_pid` is the
+/// builder's port id. User-space cnbus receivers read every message of a datagram; the kernel
+/// reads only the first, so datagrams for the kernel must hold one message.
+#[derive(Debug, Clone)]
+pub struct DatagramBuilder {
+    buf: Vec<u8>,
+    limit: usize,
+    count: usize,
+    pid: u32,
+}
+
+impl DatagramBuilder {
+    /// A builder whose datagrams never exceed `limit` bytes (but always hold at least one
+    /// message that fits on its own).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(limit.min(1 << 16)),
+            limit,
+            count: 0,
+            pid: 0,
+        }
+    }
+
+    /// Sets the `nlmsg_pid` written into each header (conventionally the sender's port id).
+    pub fn with_pid(mut self, pid: u32) -> Self {
+        self.pid = pid;
+        self
+    }
+
+    /// The size limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Appends `msg` if it fits. Returns `Ok(false)`, leaving the datagram unchanged, when
+    /// it does not fit in the space left; `Err(TooLarge)` when it could never fit.
+    pub fn push(&mut self, msg: &CnMsg) -> Result<bool, crate::Error> {
+        let need = msg.encoded_len();
+        if need > self.limit || msg.data.len() > CnMsg::MAX_DATA {
+            return Err(crate::Error::TooLarge {
+                len: need,
+                limit: self
+                    .limit
+                    .min(nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN + CnMsg::MAX_DATA)),
+            });
+        }
+        if self.buf.len() + need > self.limit {
+            return Ok(false);
+        }
+        let nl = NlHeader {
+            len: 0,
+            ty: NLMSG_DONE,
+            flags: 0,
+            seq: msg.seq,
+            pid: self.pid,
+        };
+        encode(nl, msg, &mut self.buf)?;
+        self.count += 1;
+        Ok(true)
+    }
+
+    /// Space left, in bytes.
+    pub fn remaining(&self) -> usize {
+        self.limit.saturating_sub(self.buf.len())
+    }
+
+    /// Messages in the datagram.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// True when no message has been pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The datagram so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Empties the builder, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+    }
+
+    /// Takes the datagram out, leaving the builder empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        self.count = 0;
+        std::mem::replace(&mut self.buf, Vec::with_capacity(self.limit.min(1 << 16)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CbId;
+
+    #[test]
+    fn pack_and_iterate() {
+        let mut b = DatagramBuilder::new(4096).with_pid(77);
+        for (i, n) in [0usize, 5, 64].into_iter().enumerate() {
+            let m = CnMsg::new(CbId::new(0x4000, 7), vec![i as u8; n]).with_seq(i as u32, 0);
+            assert!(b.push(&m).unwrap());
+        }
+        let msgs: Vec<_> = messages(Bytes::from(b.take())).collect();
+        assert_eq!(msgs.len(), 3);
+        for (i, m) in msgs.into_iter().enumerate() {
+            let Message::Connector(c) = m.unwrap() else {
+                panic!("not connector")
+            };
+            assert_eq!(c.nl.pid, 77);
+            assert_eq!(c.nl.ty, NLMSG_DONE);
+            assert_eq!(c.msg.seq, i as u32);
+        }
+    }
+
+    #[test]
+    fn limit_is_respected() {
+        let mut b = DatagramBuilder::new(100);
+        let m = CnMsg::new(CbId::new(20, 1), vec![0u8; 40]); // 76 bytes
+        assert!(b.push(&m).unwrap());
+        assert!(!b.push(&m).unwrap());
+        assert_eq!(b.count(), 1);
+        assert!(matches!(
+            b.push(&CnMsg::new(CbId::new(20, 1), vec![0u8; 80])),
+            Err(crate::Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn stops_after_first_error() {
+        let mut d = Vec::new();
+        encode(
+            NlHeader::default(),
+            &CnMsg::new(CbId::new(1, 2), &b"ok"[..]),
+            &mut d,
+        )
+        .unwrap();
+        let good_len = d.len();
+        d.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // len 9 < 16
+        encode(
+            NlHeader::default(),
+            &CnMsg::new(CbId::new(1, 2), &b"x"[..]),
+            &mut d,
+        )
+        .unwrap();
+        let r: Vec<_> = messages(Bytes::from(d)).collect();
+        assert_eq!(r.len(), 2);
+        assert!(r[0].is_ok());
+        let e = r[1].clone().unwrap_err();
+        assert_eq!(e.offset, good_len);
+        assert!(matches!(
+            e.kind,
+            DecodeErrorKind::NlmsgLenTooSmall { len: 9 }
+        ));
+    }
+
+    #[test]
+    fn cn_len_overrun_is_reported_at_len_field() {
+        let mut d = Vec::new();
+        encode(
+            NlHeader::default(),
+            &CnMsg::new(CbId::new(1, 2), &b"abcd"[..]),
+            &mut d,
+        )
+        .unwrap();
+        d[16 + 16] = 200; // cn_msg.len
+        let e = messages(Bytes::from(d)).next().unwrap().unwrap_err();
+        assert_eq!(e.offset, 32);
+        assert!(matches!(
+            e.kind,
+            DecodeErrorKind::CnLenOverrun {
+                len: 200,
+                available: 4
+            }
+        ));
+    }
+
+    #[test]
+    fn control_types() {
+        let mut d = Vec::new();
+        NlHeader {
+            len: 16,
+            ty: NLMSG_NOOP,
+            ..Default::default()
+        }
+        .emit(&mut d);
+        NlHeader {
+            len: 36,
+            ty: NLMSG_ERROR,
+            ..Default::default()
+        }
+        .emit(&mut d);
+        d.extend_from_slice(&(-105i32).to_ne_bytes());
+        NlHeader {
+            len: 16,
+            ty: 3,
+            seq: 9,
+            ..Default::default()
+        }
+        .emit(&mut d);
+        NlHeader {
+            len: 16,
+            ty: NLMSG_OVERRUN,
+            ..Default::default()
+        }
+        .emit(&mut d);
+        let r: Vec<_> = messages(Bytes::from(d)).map(Result::unwrap).collect();
+        assert!(matches!(r[0], Message::Noop(_)));
+        let Message::Error(e) = &r[1] else { panic!() };
+        assert_eq!(e.error, -105);
+        assert_eq!(e.request.unwrap().seq, 9);
+        assert!(matches!(r[2], Message::Overrun(_)));
+        assert_eq!(r.len(), 3);
+    }
+}

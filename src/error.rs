@@ -1,0 +1,302 @@
+//! Error types.
+//!
+//! Every fallible operation in cnbus returns [`Error`], a plain enum that callers can
+//! match on. I/O failures keep the [`Op`] that failed and the raw errno, in the spirit of
+//! `mdlayher/netlink`'s `OpError`: a log line says *what* cnbus was doing, and a program can
+//! still branch on the errno. Malformed wire data is a [`DecodeError`], which says what was
+//! wrong and at which byte offset of the datagram.
+
+use std::fmt;
+use std::io;
+
+/// The operation that failed, kept inside [`Error`] so messages say what cnbus was doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Op {
+    /// `socket(AF_NETLINK, SOCK_RAW, NETLINK_CONNECTOR)`.
+    Socket,
+    /// `bind` to a kernel-assigned port id.
+    Bind,
+    /// `getsockname`, to learn the port id.
+    LocalAddr,
+    /// `NETLINK_ADD_MEMBERSHIP` for a multicast group.
+    Join(u32),
+    /// `NETLINK_DROP_MEMBERSHIP` for a multicast group.
+    Leave(u32),
+    /// `SO_RCVBUF` / `SO_RCVBUFFORCE`.
+    SetRecvBuffer,
+    /// `SO_SNDBUF` / `SO_SNDBUFFORCE`.
+    SetSendBuffer,
+    /// Reading a socket option back.
+    GetOption,
+    /// Setting a socket option other than the ones above.
+    SetOption(&'static str),
+    /// `sendto` / `sendmsg` of one datagram.
+    Send,
+    /// `sendmmsg` of a batch of datagrams.
+    SendBatch,
+    /// `recvmsg`.
+    Recv,
+    /// `poll` on the socket and the wake-up event.
+    Poll,
+    /// Creating or signalling the `eventfd` used to wake a blocked receiver.
+    Wake,
+    /// Spawning a worker thread.
+    Spawn,
+    /// Waiting for a reply to a request.
+    Request,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Socket => f.write_str("socket"),
+            Op::Bind => f.write_str("bind"),
+            Op::LocalAddr => f.write_str("getsockname"),
+            Op::Join(g) => write!(f, "join group {g}"),
+            Op::Leave(g) => write!(f, "leave group {g}"),
+            Op::SetRecvBuffer => f.write_str("set receive buffer"),
+            Op::SetSendBuffer => f.write_str("set send buffer"),
+            Op::GetOption => f.write_str("getsockopt"),
+            Op::SetOption(name) => write!(f, "setsockopt {name}"),
+            Op::Send => f.write_str("send"),
+            Op::SendBatch => f.write_str("sendmmsg"),
+            Op::Recv => f.write_str("recv"),
+            Op::Poll => f.write_str("poll"),
+            Op::Wake => f.write_str("eventfd"),
+            Op::Spawn => f.write_str("spawn thread"),
+            Op::Request => f.write_str("request"),
+        }
+    }
+}
+
+/// What went wrong while decoding wire bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DecodeErrorKind {
+    /// Fewer bytes remain than a netlink header needs (16).
+    ShortHeader {
+        /// Bytes that remained.
+        remaining: usize,
+    },
+    /// `nlmsg_len` is smaller than the netlink header itself.
+    NlmsgLenTooSmall {
+        /// The length field.
+        len: u32,
+    },
+    /// `nlmsg_len` runs past the end of the datagram.
+    NlmsgLenOverrun {
+        /// The length field.
+        len: u32,
+        /// Bytes that remained in the datagram from this header on.
+        remaining: usize,
+    },
+    /// The netlink payload is too short for a connector header (20 bytes).
+    ShortConnectorHeader {
+        /// Netlink payload length.
+        payload: usize,
+    },
+    /// `cn_msg.len` claims more data than the netlink payload holds.
+    CnLenOverrun {
+        /// The length field.
+        len: u16,
+        /// Bytes available after the connector header.
+        available: usize,
+    },
+    /// An `NLMSG_ERROR` message shorter than its 4-byte error code.
+    ShortError {
+        /// Netlink payload length.
+        payload: usize,
+    },
+    /// A payload is too short for the structure it must hold (for example a `proc_event`).
+    ShortPayload {
+        /// What was being decoded.
+        what: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        have: usize,
+    },
+    /// An enumerated field holds a value this version does not know.
+    UnknownValue {
+        /// The field.
+        what: &'static str,
+        /// The value found.
+        value: u32,
+    },
+}
+
+impl fmt::Display for DecodeErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::ShortHeader { remaining } => {
+                write!(
+                    f,
+                    "{remaining} trailing bytes, too short for a 16-byte netlink header"
+                )
+            }
+            Self::NlmsgLenTooSmall { len } => {
+                write!(
+                    f,
+                    "nlmsg_len {len} is smaller than the 16-byte netlink header"
+                )
+            }
+            Self::NlmsgLenOverrun { len, remaining } => write!(
+                f,
+                "nlmsg_len {len} runs past the end of the datagram ({remaining} bytes remain)"
+            ),
+            Self::ShortConnectorHeader { payload } => write!(
+                f,
+                "netlink payload of {payload} bytes is too short for a 20-byte cn_msg header"
+            ),
+            Self::CnLenOverrun { len, available } => write!(
+                f,
+                "cn_msg.len {len} exceeds the {available} bytes after the cn_msg header"
+            ),
+            Self::ShortError { payload } => {
+                write!(
+                    f,
+                    "NLMSG_ERROR payload of {payload} bytes has no error code"
+                )
+            }
+            Self::ShortPayload { what, need, have } => {
+                write!(f, "{what} needs {need} bytes, payload has {have}")
+            }
+            Self::UnknownValue { what, value } => write!(f, "unknown {what} value {value:#x}"),
+        }
+    }
+}
+
+/// Malformed wire data: what was wrong, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("malformed datagram at offset {offset}: {kind}")]
+pub struct DecodeError {
+    /// Byte offset, from the start of the datagram, of the header or field that is wrong.
+    pub offset: usize,
+    /// What was wrong.
+    pub kind: DecodeErrorKind,
+}
+
+impl DecodeError {
+    pub(crate) const fn new(offset: usize, kind: DecodeErrorKind) -> Self {
+        Self { offset, kind }
+    }
+}
+
+/// The error type of cnbus.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed. `source` carries the errno (see [`Error::errno`]).
+    #[error("{op}: {source}")]
+    Io {
+        /// What cnbus was doing.
+        op: Op,
+        /// The OS error, with its errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped messages
+    /// addressed to this socket. The socket stays usable.
+    #[error(
+        "{op}: receive queue overflowed (ENOBUFS): the kernel dropped messages for this socket"
+    )]
+    Overrun {
+        /// What cnbus was doing.
+        op: Op,
+    },
+    /// The caller lacks the privilege the operation needs (`EPERM` / `EACCES`): joining the
+    /// proc connector's group, sending to the kernel and forcing buffer sizes need
+    /// `CAP_NET_ADMIN` (root).
+    #[error("{op}: permission denied (errno {errno}); the connector needs CAP_NET_ADMIN for this")]
+    PermissionDenied {
+        /// What cnbus was doing.
+        op: Op,
+        /// `EPERM` or `EACCES`.
+        errno: i32,
+    },
+    /// The kernel side of the connector is not reachable (`ECONNREFUSED`). The kernel creates
+    /// its connector socket only in the initial network namespace, so a process in any other
+    /// network namespace (a container, `unshare -n`) cannot talk to it.
+    #[error(
+        "{op}: the kernel connector refused the message (ECONNREFUSED): it exists only in the \
+         initial network namespace; is this process in a container or another netns?"
+    )]
+    NoKernelConnector {
+        /// What cnbus was doing.
+        op: Op,
+    },
+    /// A received datagram was longer than the receive buffer and was cut (`MSG_TRUNC`).
+    #[error("{op}: datagram of {len} bytes truncated to the {capacity}-byte receive buffer")]
+    Truncated {
+        /// What cnbus was doing.
+        op: Op,
+        /// The datagram's real length.
+        len: usize,
+        /// The buffer size it was cut to.
+        capacity: usize,
+    },
+    /// A message is too large for the limit that applies to it.
+    #[error("message of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded size.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Malformed wire data.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// An argument is out of range (for example a multicast group outside 1..=32).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// A request got no reply before its deadline.
+    #[error("{op}: no reply before the deadline")]
+    TimedOut {
+        /// What cnbus was doing.
+        op: Op,
+    },
+    /// The object has been shut down.
+    #[error("shut down")]
+    Closed,
+}
+
+impl Error {
+    /// Classifies an OS error from `op`: the errnos callers care about get their own variant.
+    pub fn from_io(op: Op, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::ENOBUFS) if matches!(op, Op::Recv | Op::Poll) => Error::Overrun { op },
+            Some(e @ (libc::EPERM | libc::EACCES)) => Error::PermissionDenied { op, errno: e },
+            Some(libc::ECONNREFUSED) => Error::NoKernelConnector { op },
+            _ => Error::Io { op, source },
+        }
+    }
+
+    /// The errno behind this error, if it came from the OS.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            Error::Overrun { .. } => Some(libc::ENOBUFS),
+            Error::PermissionDenied { errno, .. } => Some(*errno),
+            Error::NoKernelConnector { .. } => Some(libc::ECONNREFUSED),
+            Error::TimedOut { .. } => Some(libc::ETIMEDOUT),
+            _ => None,
+        }
+    }
+
+    /// The operation that failed, if the error came from one.
+    pub fn op(&self) -> Option<Op> {
+        match self {
+            Error::Io { op, .. }
+            | Error::Overrun { op }
+            | Error::PermissionDenied { op, .. }
+            | Error::NoKernelConnector { op }
+            | Error::Truncated { op, .. }
+            | Error::TimedOut { op } => Some(*op),
+            _ => None,
+        }
+    }
+}
+
+/// Convenience alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,25 @@
+//! The system layer: every system call and every `unsafe` block of cnbus lives here.
+//!
+//! As in `mio` and `socket2`, the rest of the crate sees safe, typed wrappers. Each `unsafe`
+//! block carries a `// SAFETY:` comment saying why it is sound.
+
+mod cpu;
+mod ns;
+mod socket;
+mod wake;
+
+pub use cpu::{current_cpu, num_cpus, pin_current_thread};
+pub use ns::{namespace_report, NamespaceReport};
+pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
+pub use wake::{poll_read, EventFd, Readiness};
+
+use std::io;
+
+/// `Err(last_os_error)` when a libc return value is negative.
+pub(crate) fn cvt<T: PartialOrd + Default>(r: T) -> io::Result<T> {
+    if r < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}

@@ -1,0 +1,70 @@
+//! Namespace checks. The kernel connector exists only in the initial network namespace, and
+//! proc events carry pids of the initial pid namespace.
+
+use std::fs;
+
+/// Inode number of the initial pid namespace (`PROC_PID_INIT_INO`, fixed since Linux 3.8).
+const PID_INIT_INO: u64 = 0xEFFF_FFFC;
+/// Inode number of the initial network namespace (`PROC_NET_INIT_INO`, fixed since Linux
+/// 6.18; older kernels number it dynamically, see [`namespace_report`]).
+const NET_INIT_INO: u64 = 0xEFFF_FFF9;
+
+/// Where this thread stands relative to the initial namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceReport {
+    /// `Some(false)` when this thread is outside the initial network namespace (the kernel
+    /// connector is then unreachable); `None` when it cannot be told.
+    pub initial_net: Option<bool>,
+    /// `Some(false)` when this process is outside the initial pid namespace (proc events
+    /// then carry host pids that mean nothing here); `None` when it cannot be told.
+    pub initial_pid: Option<bool>,
+}
+
+fn ns_inode(path: &str) -> Option<u64> {
+    // The link reads like "net:[4026531833]".
+    let link = fs::read_link(path).ok()?;
+    let s = link.to_str()?;
+    s.split_once('[')?.1.strip_suffix(']')?.parse().ok()
+}
+
+/// Tells whether this thread is in the initial network and pid namespaces.
+///
+/// The initial pid namespace has a fixed inode number; so does the initial network
+/// namespace on recent kernels. Where the network namespace's number differs, the answer
+/// comes from comparing with pid 1's namespace when `/proc/1` is readable, and is `None`
+/// otherwise (an older kernel in a restricted `/proc`).
+pub fn namespace_report() -> NamespaceReport {
+    let initial_pid = ns_inode("/proc/thread-self/ns/pid").map(|i| i == PID_INIT_INO);
+    let initial_net = match ns_inode("/proc/thread-self/ns/net") {
+        None => None,
+        Some(NET_INIT_INO) => Some(true),
+        Some(mine) => match (fixed_net_inode(), ns_inode("/proc/1/ns/net")) {
+            (true, _) => Some(false),
+            (false, Some(init)) => Some(mine == init),
+            (false, None) => None,
+        },
+    };
+    NamespaceReport {
+        initial_net,
+        initial_pid,
+    }
+}
+
+/// True when this kernel numbers the initial network namespace with its fixed inode
+/// (Linux 6.18 and later; earlier kernels allocate it like any other namespace).
+fn fixed_net_inode() -> bool {
+    match ns_inode("/proc/1/ns/net") {
+        Some(i) => i == NET_INIT_INO,
+        None => kernel_at_least(6, 18),
+    }
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(rel) = fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit());
+    let ma: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let mi: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    (ma, mi) >= (major, minor)
+}

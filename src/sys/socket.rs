@@ -1,0 +1,334 @@
+//! The `NETLINK_CONNECTOR` socket.
+
+use std::io::{self, IoSlice};
+use std::mem::{self, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use bytes::BytesMut;
+
+use super::cvt;
+use crate::error::{Error, Op, Result};
+
+/// The netlink protocol number of the connector.
+pub const NETLINK_CONNECTOR: i32 = 11;
+
+/// Highest multicast group of a connector socket (the kernel gives every netlink family at
+/// least 32).
+pub const MAX_GROUP: u32 = 32;
+
+const SOL_NETLINK: libc::c_int = 270;
+const NETLINK_NO_ENOBUFS: libc::c_int = 5;
+
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// The kernel (port 0). The kernel reads only the first message of a datagram.
+    Kernel,
+    /// One socket, by port id.
+    Port(u32),
+    /// Every member of a multicast group (1..=32). Netlink also hands such a datagram to
+    /// the kernel side of the connector.
+    Group(u32),
+}
+
+impl Dest {
+    fn sockaddr(self) -> Result<libc::sockaddr_nl> {
+        // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
+        let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        match self {
+            Dest::Kernel => {}
+            Dest::Port(p) => sa.nl_pid = p,
+            Dest::Group(g) => sa.nl_groups = group_mask(g)?,
+        }
+        Ok(sa)
+    }
+}
+
+fn group_mask(group: u32) -> Result<u32> {
+    if (1..=MAX_GROUP).contains(&group) {
+        Ok(1u32 << (group - 1))
+    } else {
+        Err(Error::InvalidArgument("multicast group must be in 1..=32"))
+    }
+}
+
+/// What `recv` learned about a datagram besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvMeta {
+    /// Bytes received (at most the buffer's capacity).
+    pub len: usize,
+    /// The sender's port id; 0 is the kernel.
+    pub port: u32,
+    /// The multicast group it was sent to, or 0 for a unicast.
+    pub group: u32,
+}
+
+impl RecvMeta {
+    /// True when the kernel sent this datagram (port id 0). Only the kernel can send from
+    /// port 0: user-space sockets always have a non-zero port id.
+    pub fn from_kernel(&self) -> bool {
+        self.port == 0
+    }
+}
+
+/// A `NETLINK_CONNECTOR` socket bound to a kernel-assigned port id.
+///
+/// It is deliberately not `Clone`: it owns its file descriptor and closes it on drop.
+/// (`netlink_sys::Socket`, which it wraps, derives `Clone` while also closing on drop, so a
+/// clone would close the descriptor under the other copy.) Share it with `Arc`: every method
+/// takes `&self` and the kernel serialises concurrent calls.
+#[derive(Debug)]
+pub struct ConnectorSocket {
+    inner: netlink_sys::Socket,
+    port: u32,
+}
+
+impl ConnectorSocket {
+    /// Opens a connector socket and binds it to a port id the kernel chooses, so that any
+    /// number of sockets can coexist in one process.
+    pub fn open() -> Result<Self> {
+        let mut inner = netlink_sys::Socket::new(NETLINK_CONNECTOR as isize)
+            .map_err(|e| Error::from_io(Op::Socket, e))?;
+        let addr = inner.bind_auto().map_err(|e| Error::from_io(Op::Bind, e))?;
+        Ok(Self {
+            inner,
+            port: addr.port_number(),
+        })
+    }
+
+    /// The port id the kernel assigned.
+    pub fn port_id(&self) -> u32 {
+        self.port
+    }
+
+    /// Joins multicast group `group` (1..=32). Joining needs `CAP_NET_ADMIN` for most
+    /// groups; the proc connector's group accepts unprivileged listeners on recent kernels.
+    pub fn join(&self, group: u32) -> Result<()> {
+        group_mask(group)?;
+        self.inner
+            .add_membership(group)
+            .map_err(|e| Error::from_io(Op::Join(group), e))
+    }
+
+    /// Leaves multicast group `group`.
+    pub fn leave(&self, group: u32) -> Result<()> {
+        group_mask(group)?;
+        self.inner
+            .drop_membership(group)
+            .map_err(|e| Error::from_io(Op::Leave(group), e))
+    }
+
+    /// Sets the receive buffer to `bytes`. With `force`, tries `SO_RCVBUFFORCE` first (which
+    /// needs `CAP_NET_ADMIN` and ignores `net.core.rmem_max`) and falls back to `SO_RCVBUF`
+    /// when not permitted. Returns the size the kernel reports afterwards (it doubles the
+    /// request to leave room for bookkeeping).
+    pub fn set_recv_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        if force {
+            match self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v) {
+                Ok(()) => return self.recv_buffer(),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(Error::from_io(Op::SetRecvBuffer, e)),
+            }
+        }
+        self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, v)
+            .map_err(|e| Error::from_io(Op::SetRecvBuffer, e))?;
+        self.recv_buffer()
+    }
+
+    /// The receive buffer size the kernel reports (`SO_RCVBUF`).
+    pub fn recv_buffer(&self) -> Result<usize> {
+        self.getsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF)
+            .map(|v| v as usize)
+            .map_err(|e| Error::from_io(Op::GetOption, e))
+    }
+
+    /// Sets the send buffer, as [`set_recv_buffer`](Self::set_recv_buffer) does.
+    pub fn set_send_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        if force {
+            match self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v) {
+                Ok(()) => return self.send_buffer(),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(Error::from_io(Op::SetSendBuffer, e)),
+            }
+        }
+        self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF, v)
+            .map_err(|e| Error::from_io(Op::SetSendBuffer, e))?;
+        self.send_buffer()
+    }
+
+    /// The send buffer size the kernel reports (`SO_SNDBUF`).
+    pub fn send_buffer(&self) -> Result<usize> {
+        self.getsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF)
+            .map(|v| v as usize)
+            .map_err(|e| Error::from_io(Op::GetOption, e))
+    }
+
+    /// `NETLINK_NO_ENOBUFS`: when on, the kernel stops reporting receive-queue overflow with
+    /// `ENOBUFS`. cnbus leaves it off by default, because that report is how loss is seen.
+    pub fn set_no_enobufs(&self, on: bool) -> Result<()> {
+        self.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, libc::c_int::from(on))
+            .map_err(|e| Error::from_io(Op::SetOption("NETLINK_NO_ENOBUFS"), e))
+    }
+
+    /// Sends one datagram. Returns the bytes sent.
+    pub fn send(&self, datagram: &[u8], dest: Dest) -> Result<usize> {
+        let sa = dest.sockaddr()?;
+        // SAFETY: `datagram` is valid for reads of its length and `sa` is a valid
+        // sockaddr_nl whose size is passed; both outlive the call.
+        let r = unsafe {
+            libc::sendto(
+                self.as_raw_fd(),
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                libc::MSG_NOSIGNAL,
+                (&sa as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        cvt(r)
+            .map(|n| n as usize)
+            .map_err(|e| Error::from_io(Op::Send, e))
+    }
+
+    /// Sends a batch of datagrams to one destination with `sendmmsg`, as many per system
+    /// call as the kernel takes (`UIO_MAXIOV`). Returns how many were sent; on an error
+    /// after some were sent, returns the count so far (the caller can retry the rest), and
+    /// the error only if none was sent.
+    pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
+        const MAX_BATCH: usize = 1024;
+        let mut sa = dest.sockaddr()?;
+        let mut sent = 0;
+        while sent < datagrams.len() {
+            let chunk = &datagrams[sent..(sent + MAX_BATCH).min(datagrams.len())];
+            // SAFETY: mmsghdr is plain data for which all-zero is valid.
+            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
+            for (h, d) in hdrs.iter_mut().zip(chunk) {
+                h.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
+                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+                // IoSlice is ABI-compatible with iovec (guaranteed by std on Unix).
+                h.msg_hdr.msg_iov = (d as *const IoSlice<'_>).cast_mut().cast();
+                h.msg_hdr.msg_iovlen = 1;
+            }
+            // SAFETY: every header points at `sa` and at one IoSlice of `chunk`, all alive
+            // for the call; the kernel only reads the iovecs and the name, and writes
+            // msg_len into `hdrs`, which we own. The count passed is hdrs.len().
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    hdrs.len() as libc::c_uint,
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            match cvt(r) {
+                Ok(0) => break,
+                Ok(n) => sent += n as usize,
+                // The error will recur on the caller's retry of the rest.
+                Err(_) if sent > 0 => break,
+                Err(e) => return Err(Error::from_io(Op::SendBatch, e)),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Receives one datagram, appending it to `buf`'s spare capacity (reserve first: at
+    /// most `buf.capacity() - buf.len()` bytes are read). A datagram longer than that is
+    /// cut, consumed, and reported as [`Error::Truncated`] with its real length.
+    ///
+    /// With `nonblocking`, returns `Ok(None)` instead of waiting when nothing is queued.
+    /// A receive-queue overflow is [`Error::Overrun`]; the socket stays usable.
+    pub fn recv(&self, buf: &mut BytesMut, nonblocking: bool) -> Result<Option<RecvMeta>> {
+        // SAFETY: sockaddr_nl and msghdr are plain data for which all-zero is valid.
+        let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        let spare: &mut [MaybeUninit<u8>] = buf.spare_capacity_mut();
+        let capacity = spare.len();
+        let mut iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: capacity,
+        };
+        // SAFETY: as above.
+        let mut mh: libc::msghdr = unsafe { mem::zeroed() };
+        mh.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
+        mh.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let n = loop {
+            // SAFETY: `mh` points at `sa` and at `iov`, which covers exactly the spare
+            // capacity of `buf`; all three outlive the call. The kernel writes at most
+            // iov_len bytes there and at most msg_namelen bytes into `sa`.
+            let r = unsafe { libc::recvmsg(self.as_raw_fd(), &mut mh, flags) };
+            match cvt(r) {
+                Ok(n) => break n as usize,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(None),
+                Err(e) => return Err(Error::from_io(Op::Recv, e)),
+            }
+        };
+        // With MSG_TRUNC the return value is the datagram's real length.
+        let got = n.min(capacity);
+        // SAFETY: the kernel initialised `got` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + got) };
+        if n > capacity || mh.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(Error::Truncated {
+                op: Op::Recv,
+                len: n,
+                capacity,
+            });
+        }
+        Ok(Some(RecvMeta {
+            len: got,
+            port: sa.nl_pid,
+            group: match sa.nl_groups {
+                0 => 0,
+                m => m.trailing_zeros() + 1,
+            },
+        }))
+    }
+
+    fn setsockopt(&self, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+        // SAFETY: `v` is a c_int valid for reads for the duration of the call and its
+        // exact size is passed.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.as_raw_fd(),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(drop)
+    }
+
+    fn getsockopt(&self, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid for writes; `len` holds the size of `v`.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(v)
+    }
+}
+
+impl AsRawFd for ConnectorSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+impl AsFd for ConnectorSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}

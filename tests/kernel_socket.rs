@@ -1,0 +1,213 @@
+//! The connector socket against the real kernel.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
+use cnbus::sys::{ConnectorSocket, Dest};
+use common::{kernel_socket, recv_until, test_idx};
+
+const LISTEN: u32 = 1;
+const IGNORE: u32 = 2;
+const WHAT_NONE: u32 = 0;
+const WHAT_FORK: u32 = 1;
+const WHAT_EXEC: u32 = 2;
+const WHAT_EXIT: u32 = 0x8000_0000;
+
+fn u32_at(d: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(d[at..at + 4].try_into().unwrap())
+}
+
+fn send_op(sock: &ConnectorSocket, op: u32, seq: u32, ack: u32) {
+    let mut b = DatagramBuilder::new(256).with_pid(sock.port_id());
+    b.push(&CnMsg::new(CbId::PROC, op.to_ne_bytes().to_vec()).with_seq(seq, ack))
+        .unwrap();
+    sock.send(b.as_bytes(), Dest::Kernel).unwrap();
+}
+
+#[test]
+fn proc_connector_listen_ack_events_ignore() {
+    let Some(sock) = kernel_socket("proc_connector_listen_ack_events_ignore") else {
+        return;
+    };
+    sock.set_recv_buffer(4 << 20, true).unwrap();
+    let (seq, ack) = (0x00c0_ffee, 0x41);
+    send_op(&sock, LISTEN, seq, ack);
+    let got = recv_until(&sock, Duration::from_secs(5), |meta, c| {
+        // The kernel echoes ack + 1 but, on 6.18, not our seq: its ACK carries the
+        // per-CPU event counter in seq like every other proc event.
+        meta.from_kernel()
+            && c.msg.id == CbId::PROC
+            && c.msg.ack == ack + 1
+            && u32_at(&c.msg.data, 0) == WHAT_NONE
+    });
+    let (meta, ack_msg) = got.last().expect("no ACK from the kernel");
+    assert!(meta.from_kernel());
+    assert_eq!(meta.group, 1);
+    assert_eq!(ack_msg.msg.ack, ack + 1, "ACK must carry our ack + 1");
+    assert_eq!(u32_at(&ack_msg.msg.data, 0), WHAT_NONE);
+    assert_eq!(u32_at(&ack_msg.msg.data, 16), 0, "ACK error code");
+
+    let child = Command::new("/bin/sh")
+        .args(["-c", "exit 3"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut child = child;
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+
+    let (mut fork, mut exec, mut exit) = (false, false, None);
+    recv_until(&sock, Duration::from_secs(5), |meta, c| {
+        if !meta.from_kernel() || c.msg.id != CbId::PROC || c.msg.data.len() < 40 {
+            return false;
+        }
+        let d = &c.msg.data;
+        match u32_at(d, 0) {
+            WHAT_FORK if u32_at(d, 24) == pid => fork = true,
+            WHAT_EXEC if u32_at(d, 16) == pid => exec = true,
+            WHAT_EXIT if u32_at(d, 16) == pid => exit = Some(u32_at(d, 24)),
+            _ => {}
+        }
+        fork && exec && exit.is_some()
+    });
+    send_op(&sock, IGNORE, seq + 1, 0);
+    assert!(fork, "no fork event for child {pid}");
+    assert!(exec, "no exec event for child {pid}");
+    assert_eq!(
+        exit,
+        Some(3 << 8),
+        "exit event must carry wait status 0x300"
+    );
+}
+
+#[test]
+fn two_sockets_in_one_process_hear_the_same_multicast() {
+    if kernel_socket("two_sockets_in_one_process_hear_the_same_multicast").is_none() {
+        return;
+    }
+    let group = 23;
+    let id = CbId::new(test_idx(1), 5);
+    let a = ConnectorSocket::open().unwrap();
+    let b = ConnectorSocket::open().unwrap();
+    assert_ne!(
+        a.port_id(),
+        b.port_id(),
+        "kernel-assigned port ids must differ"
+    );
+    a.join(group).unwrap();
+    b.join(group).unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let mut d = DatagramBuilder::new(4096);
+    d.push(&CnMsg::new(id, &b"both"[..]).with_seq(7, 0))
+        .unwrap();
+    d.push(&CnMsg::new(id, &b"twice"[..]).with_seq(8, 0))
+        .unwrap();
+    tx.send(d.as_bytes(), Dest::Group(group)).unwrap();
+    for s in [&a, &b] {
+        let got = recv_until(s, Duration::from_secs(5), |_, c| {
+            c.msg.id == id && c.msg.seq == 8
+        });
+        let mine: Vec<_> = got.iter().filter(|(_, c)| c.msg.id == id).collect();
+        assert_eq!(mine.len(), 2, "both messages of the datagram arrive");
+        assert_eq!(&mine[0].1.msg.data[..], b"both");
+        assert_eq!(mine[0].0.port, tx.port_id());
+        assert_eq!(mine[0].0.group, group);
+    }
+}
+
+#[test]
+fn unicast_to_port_and_truncation() {
+    if kernel_socket("unicast_to_port_and_truncation").is_none() {
+        return;
+    }
+    let rx = ConnectorSocket::open().unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let id = CbId::new(test_idx(2), 1);
+    let mut d = DatagramBuilder::new(4096);
+    d.push(&CnMsg::new(id, vec![0xab; 200])).unwrap();
+    tx.send(d.as_bytes(), Dest::Port(rx.port_id())).unwrap();
+    let mut small = bytes::BytesMut::with_capacity(64);
+    match rx.recv(&mut small, false) {
+        Err(cnbus::Error::Truncated { len, capacity, .. }) => {
+            assert_eq!(len, d.as_bytes().len());
+            assert_eq!(capacity, 64);
+        }
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    // The socket is still usable and the next datagram arrives whole.
+    tx.send(d.as_bytes(), Dest::Port(rx.port_id())).unwrap();
+    let got = recv_until(&rx, Duration::from_secs(5), |m, c| {
+        m.port == tx.port_id() && m.group == 0 && c.msg.data.len() == 200
+    });
+    assert!(!got.is_empty());
+}
+
+#[test]
+fn send_batch_delivers_every_datagram() {
+    if kernel_socket("send_batch_delivers_every_datagram").is_none() {
+        return;
+    }
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(1 << 20, true).unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let id = CbId::new(test_idx(3), 1);
+    let dgrams: Vec<Vec<u8>> = (0..50u32)
+        .map(|i| {
+            let mut d = DatagramBuilder::new(256);
+            d.push(&CnMsg::new(id, i.to_ne_bytes().to_vec()).with_seq(i, 0))
+                .unwrap();
+            d.take()
+        })
+        .collect();
+    let slices: Vec<_> = dgrams.iter().map(|d| std::io::IoSlice::new(d)).collect();
+    assert_eq!(
+        tx.send_batch(&slices, Dest::Port(rx.port_id())).unwrap(),
+        50
+    );
+    let got = recv_until(&rx, Duration::from_secs(5), |_, c| c.msg.seq == 49);
+    let seqs: Vec<u32> = got.iter().map(|(_, c)| c.msg.seq).collect();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+}
+
+#[test]
+fn group_out_of_range_is_rejected() {
+    let Ok(s) = ConnectorSocket::open() else {
+        return;
+    };
+    assert!(matches!(s.join(0), Err(cnbus::Error::InvalidArgument(_))));
+    assert!(matches!(s.join(33), Err(cnbus::Error::InvalidArgument(_))));
+}
+
+#[test]
+fn outside_the_initial_netns_the_error_says_why() {
+    if kernel_socket("outside_the_initial_netns_the_error_says_why").is_none() {
+        return;
+    }
+    let r = std::thread::spawn(|| {
+        // SAFETY: unshare(CLONE_NEWNET) only changes this thread's network namespace; the
+        // thread ends right after, so no other code runs in the new namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let report = cnbus::sys::namespace_report();
+        assert_eq!(report.initial_net, Some(false));
+        let sock = ConnectorSocket::open().unwrap();
+        let mut b = DatagramBuilder::new(256);
+        b.push(&CnMsg::new(CbId::PROC, LISTEN.to_ne_bytes().to_vec()))
+            .unwrap();
+        sock.send(b.as_bytes(), Dest::Kernel)
+    })
+    .join()
+    .unwrap();
+    let e = r.expect_err("the kernel connector must be unreachable from a new netns");
+    assert!(matches!(e, cnbus::Error::NoKernelConnector { .. }), "{e:?}");
+    assert!(e.to_string().contains("initial network namespace"));
+    assert_eq!(e.errno(), Some(libc::ECONNREFUSED));
+}
