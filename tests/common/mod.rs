@@ -65,3 +65,70 @@ pub fn recv_until(
 pub fn test_idx(salt: u32) -> u32 {
     0x4000_0000 | ((std::process::id() & 0xffff) << 8) | (salt & 0xff)
 }
+
+/// A golden datagram from `proto/fixtures/`: its bytes and its `# expect:` keys.
+pub struct Fixture {
+    /// File name.
+    pub name: String,
+    /// The datagram.
+    pub bytes: Vec<u8>,
+    /// `key=value` pairs of the `# expect:` line, in order.
+    pub expect: Vec<(String, String)>,
+}
+
+impl Fixture {
+    /// Loads `proto/fixtures/<name>`.
+    pub fn load(name: &str) -> Fixture {
+        let path = format!("{}/proto/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut bytes = Vec::new();
+        let mut expect = Vec::new();
+        for line in text.lines() {
+            let (code, comment) = line.split_once('#').unwrap_or((line, ""));
+            if let Some(kv) = comment.trim_start().strip_prefix("expect:") {
+                for pair in kv.split_whitespace() {
+                    let (k, v) = pair.split_once('=').expect("key=value");
+                    expect.push((k.to_string(), v.to_string()));
+                }
+            }
+            for h in code.split_whitespace() {
+                bytes.push(
+                    u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{path}: bad hex {h}")),
+                );
+            }
+        }
+        Fixture {
+            name: name.to_string(),
+            bytes,
+            expect,
+        }
+    }
+
+    /// Every fixture file name.
+    pub fn all() -> Vec<String> {
+        let dir = format!("{}/proto/fixtures", env!("CARGO_MANIFEST_DIR"));
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".hex"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The value of `key`, if the fixture states it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.expect
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses an expected integer: decimal or `0x` hex.
+pub fn parse_int(v: &str) -> u64 {
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+        None => v.parse().unwrap_or_else(|_| panic!("not an integer: {v}")),
+    }
+}
