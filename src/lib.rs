@@ -10,6 +10,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`codec`] | the wire formats as plain data: no I/O, no `unsafe` |
+//! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
 //!
@@ -41,6 +42,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod codec;
+pub mod connector;
 pub mod error;
 pub mod sys;
 
