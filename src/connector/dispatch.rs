@@ -81,6 +81,8 @@ pub(super) fn handle_datagram(
         port: meta.port,
         group: meta.group,
     };
+    // One look at the registry per datagram, not per message.
+    let registry = inner.registry.snapshot();
     for m in messages(datagram) {
         let cm = match m {
             Ok(Message::Connector(cm)) => cm,
@@ -136,7 +138,7 @@ pub(super) fn handle_datagram(
                 continue;
             }
         }
-        let out = inner.registry.dispatch(&rx);
+        let out = registry.dispatch(&rx);
         Counters::add(&c.dispatched, out.delivered as u64);
         if out.delivered == 0 && out.panicked == 0 {
             Counters::add(&c.unmatched, 1);

@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 
 pub use groups::Subscription;
 pub use loss::{SeqSource, SeqTracker, SeqVerdict};
-pub use registry::{DispatchOutcome, Match, Registration, Registry};
+pub use registry::{DispatchOutcome, Match, Registration, Registry, Snapshot};
 pub use stats::Stats;
 
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE};

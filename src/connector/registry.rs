@@ -195,31 +195,18 @@ impl Registry {
 
     /// Delivers `msg` to every active registration that matches it.
     pub fn dispatch(&self, msg: &Received) -> DispatchOutcome {
-        let table = self.table.read().clone();
-        let mut out = DispatchOutcome::default();
-        let exact = table
-            .exact
-            .get(&msg.msg.id)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let wild = table
-            .wildcard
-            .get(&msg.msg.id.idx)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        for e in exact.iter().chain(wild) {
-            match e.call(msg) {
-                Ok(true) => out.delivered += 1,
-                Ok(false) => {}
-                Err(text) => {
-                    out.panicked += 1;
-                    if let Some(f) = &*self.on_panic.lock() {
-                        f(msg.msg.id, &text);
-                    }
-                }
-            }
+        self.snapshot().dispatch(msg)
+    }
+
+    /// The registrations as they are now, for delivering several messages (a datagram's
+    /// worth) with one look at the shared table. Registrations made after the snapshot are
+    /// not in it; registrations removed after it are skipped (each call checks that its
+    /// registration is still active).
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            registry: self,
+            table: self.table.read().clone(),
         }
-        out
     }
 
     /// True when some registration matches `id`.
@@ -263,6 +250,51 @@ impl Registry {
             // Wait out a call in progress; later calls see `active == false`.
             drop(entry.callback.lock());
         }
+    }
+}
+
+/// A view of a [`Registry`]'s registrations at one moment; see [`Registry::snapshot`].
+pub struct Snapshot<'a> {
+    registry: &'a Registry,
+    table: Arc<Table>,
+}
+
+impl std::fmt::Debug for Snapshot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").finish_non_exhaustive()
+    }
+}
+
+impl Snapshot<'_> {
+    /// Delivers `msg` to every registration of the snapshot that matches it and is still
+    /// active: exact matches first, then wildcards, each in registration order.
+    pub fn dispatch(&self, msg: &Received) -> DispatchOutcome {
+        let mut out = DispatchOutcome::default();
+        let exact = self
+            .table
+            .exact
+            .get(&msg.msg.id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let wild = self
+            .table
+            .wildcard
+            .get(&msg.msg.id.idx)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for e in exact.iter().chain(wild) {
+            match e.call(msg) {
+                Ok(true) => out.delivered += 1,
+                Ok(false) => {}
+                Err(text) => {
+                    out.panicked += 1;
+                    if let Some(f) = &*self.registry.on_panic.lock() {
+                        f(msg.msg.id, &text);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
