@@ -42,7 +42,7 @@ pub(super) fn run(inner: &Inner) {
         }
         for _ in 0..BATCH {
             buf.reserve(cap);
-            match inner.socket.recv(&mut buf, true) {
+            match inner.socket.recv_max(&mut buf, cap, true) {
                 Ok(Some(meta)) => {
                     let datagram = buf.split().freeze();
                     handle_datagram(inner, &mut tracker, datagram, meta);
