@@ -104,7 +104,7 @@ fn in_memory() {
         "background", "parse", "cow/datagram", "cow/message", "rwlock+clone", "rwlock held*"
     );
     for churn_pause in [None, Some(Duration::from_micros(100)), Some(Duration::ZERO)] {
-        let cow = Arc::new(Registry::new());
+        let cow = Registry::new();
         let c = count.clone();
         let _keep = cow.register(id, move |_| {
             c.fetch_add(1, Ordering::Relaxed);

@@ -42,9 +42,16 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod codec;
+#[cfg(not(loom))]
 pub mod connector;
 pub mod error;
+/// Under `cfg(loom)` only the registry of [`connector`] is built, for its model checks.
+#[cfg(loom)]
+#[path = "connector/registry.rs"]
+pub mod registry;
 pub mod sys;
+
+mod sync;
 
 pub use codec::{CbId, CnMsg};
 pub use error::{DecodeError, DecodeErrorKind, Error, Op, Result};

@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 
 pub use groups::Subscription;
 pub use loss::{SeqSource, SeqTracker, SeqVerdict};
-pub use registry::{DispatchOutcome, Match, Registration, Registry, Snapshot};
+pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE};
@@ -58,31 +58,6 @@ use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest, EventFd};
 use groups::Groups;
 use stats::Counters;
-
-/// Where a received message came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Source {
-    /// The sender's port id; 0 is the kernel (no user-space socket can have port 0).
-    pub port: u32,
-    /// The multicast group it was sent to; 0 for a unicast.
-    pub group: u32,
-}
-
-impl Source {
-    /// True when the kernel sent the message.
-    pub fn is_kernel(&self) -> bool {
-        self.port == 0
-    }
-}
-
-/// A message as delivered to callbacks and channels.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    /// The message; `data` is a slice of the datagram it arrived in.
-    pub msg: CnMsg,
-    /// Its sender.
-    pub source: Source,
-}
 
 /// Something the dispatcher noticed that is not a message: every loss and every fault is
 /// reported here (and counted in [`Stats`]), never swallowed.
@@ -236,7 +211,7 @@ impl ConnectorBuilder {
         }
         let socket = Arc::new(socket);
         let counters = Arc::new(Counters::default());
-        let registry = Arc::new(Registry::new());
+        let registry = Registry::new();
         let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);
         {
             let counters = counters.clone();
@@ -282,7 +257,7 @@ type ReplyKey = (CbId, u32, u32);
 
 pub(crate) struct Inner {
     socket: Arc<ConnectorSocket>,
-    registry: Arc<Registry>,
+    registry: Registry,
     groups: Arc<Groups>,
     counters: Arc<Counters>,
     /// Signalled to make the dispatcher look at `shutdown`.
@@ -404,7 +379,7 @@ impl ConnectorHandle {
     }
 
     /// The registry the dispatcher feeds.
-    pub fn registry(&self) -> &Arc<Registry> {
+    pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }
 
