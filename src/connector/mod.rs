@@ -33,6 +33,7 @@
 
 mod dispatch;
 mod groups;
+mod ingest;
 mod loss;
 mod registry;
 mod stats;
