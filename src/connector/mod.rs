@@ -35,11 +35,11 @@ mod dispatch;
 mod groups;
 mod ingest;
 mod loss;
+mod outbox;
 mod registry;
 mod stats;
 
 use std::collections::HashMap;
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -54,10 +54,11 @@ pub use loss::{SeqSource, SeqTracker, SeqVerdict};
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 
-use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE};
+use crate::codec::{CbId, CnMsg};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest, EventFd};
 use groups::Groups;
+use outbox::Outbox;
 use stats::Counters;
 
 /// Something the dispatcher noticed that is not a message: every loss and every fault is
@@ -228,6 +229,12 @@ impl ConnectorBuilder {
             });
         }
         let inner = Arc::new(Inner {
+            outbox: Outbox::new(
+                socket.clone(),
+                counters.clone(),
+                self.config.allow_kernel_ids,
+                self.config.max_datagram,
+            ),
             groups: Arc::new(Groups::new(socket.clone())),
             socket,
             registry,
@@ -236,7 +243,6 @@ impl ConnectorBuilder {
             shutdown: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
-            seqs: Mutex::new(SeqSource::default()),
             on_event,
             config: self.config,
         });
@@ -272,7 +278,7 @@ pub(crate) struct Inner {
     /// request is outstanding. Updated under the `pending` lock; a stale read only delays
     /// the check to the lock, which is authoritative.
     pending_count: AtomicUsize,
-    seqs: Mutex<SeqSource>,
+    outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
 }
@@ -425,36 +431,7 @@ impl ConnectorHandle {
     /// The next sequence number this connector would give `id` (numbers run from 1, per
     /// id): use it to build messages that receivers can check for gaps.
     pub fn next_seq(&self, id: CbId) -> u32 {
-        self.inner.seqs.lock().next(id)
-    }
-
-    fn check(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        match dest {
-            Dest::Group(g) if !self.inner.config.allow_kernel_ids => {
-                if msg.id.is_kernel_owned() {
-                    return Err(Error::KernelOwned {
-                        id: msg.id,
-                        group: g,
-                    });
-                }
-                if g < FIRST_USER_GROUP {
-                    return Err(Error::KernelOwned {
-                        id: msg.id,
-                        group: g,
-                    });
-                }
-            }
-            Dest::Kernel
-                if msg.encoded_len() - crate::codec::NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE =>
-            {
-                return Err(Error::TooLarge {
-                    len: msg.encoded_len() - crate::codec::NLMSG_HDRLEN,
-                    limit: CONNECTOR_MAX_MSG_SIZE,
-                })
-            }
-            _ => {}
-        }
-        Ok(())
+        self.inner.outbox.next_seq(id)
     }
 
     /// Sends one message, in a datagram of its own, as it is (seq and ack untouched).
@@ -463,10 +440,7 @@ impl ConnectorHandle {
     /// [`Error::KernelOwned`] unless the builder allowed it, because netlink also hands
     /// every multicast to the kernel's handler for that idx.
     pub fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        self.check(msg, dest)?;
-        let mut d = DatagramBuilder::new(msg.encoded_len()).with_pid(self.port_id());
-        d.push(msg)?;
-        self.send_datagram(d.as_bytes(), 1, dest)
+        self.inner.outbox.send(msg, dest)
     }
 
     /// Sends `data` on `id` with the next sequence number of `id` (see
@@ -477,69 +451,13 @@ impl ConnectorHandle {
         Ok(seq)
     }
 
-    fn send_datagram(&self, d: &[u8], messages: u64, dest: Dest) -> Result<()> {
-        let c = &self.inner.counters;
-        match self.inner.socket.send(d, dest) {
-            Ok(_) => {
-                Counters::add(&c.sent_datagrams, 1);
-                Counters::add(&c.sent_messages, messages);
-                Ok(())
-            }
-            Err(e) => {
-                Counters::add(&c.send_errors, 1);
-                Err(e)
-            }
-        }
-    }
-
     /// Sends several messages to one destination, packing as many as fit into each
     /// datagram (up to the builder's `max_datagram`) and sending the datagrams with
     /// `sendmmsg`. For the kernel, which reads only the first message of a datagram, each
     /// message goes in a datagram of its own. Returns the number of messages sent; on an
     /// error after some were sent, that count (the rest were not sent).
     pub fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
-        for m in msgs {
-            self.check(m, dest)?;
-        }
-        let pid = self.port_id();
-        let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
-        if dest == Dest::Kernel {
-            for m in msgs {
-                let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
-                d.push(m)?;
-                datagrams.push((d.take(), 1));
-            }
-        } else {
-            let mut d = DatagramBuilder::new(self.inner.config.max_datagram).with_pid(pid);
-            for m in msgs {
-                if !d.push(m)? {
-                    let n = d.count();
-                    datagrams.push((d.take(), n));
-                    // It fits an empty datagram: push returned Ok(false), not TooLarge.
-                    d.push(m)?;
-                }
-            }
-            if !d.is_empty() {
-                let n = d.count();
-                datagrams.push((d.take(), n));
-            }
-        }
-        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
-        let c = &self.inner.counters;
-        let sent = match self.inner.socket.send_batch(&slices, dest) {
-            Ok(n) => n,
-            Err(e) => {
-                Counters::add(&c.send_errors, 1);
-                return Err(e);
-            }
-        };
-        let msgs_sent: usize = datagrams[..sent].iter().map(|(_, n)| n).sum();
-        Counters::add(&c.sent_datagrams, sent as u64);
-        Counters::add(&c.sent_messages, msgs_sent as u64);
-        if sent < datagrams.len() {
-            Counters::add(&c.send_errors, 1);
-        }
-        Ok(msgs_sent)
+        self.inner.outbox.send_batch(msgs, dest)
     }
 
     /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and
