@@ -50,6 +50,8 @@ pub mod error;
 #[path = "connector/registry.rs"]
 pub mod registry;
 pub mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 mod sync;
 

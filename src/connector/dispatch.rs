@@ -45,13 +45,10 @@ pub(super) fn run(inner: &Inner) {
                 Ok(Some((datagram, meta))) => {
                     // One look at the registry per datagram, not per message.
                     let registry = inner.registry.snapshot();
-                    ingest.datagram(
-                        c,
-                        datagram,
-                        meta,
-                        |rx| deliver(inner, &registry, rx),
-                        &mut event,
-                    );
+                    ingest.datagram(c, datagram, meta, |item| match item {
+                        Ok(rx) => deliver(inner, &registry, rx),
+                        Err(e) => inner.event(e),
+                    });
                 }
                 // Nothing queued, or an overrun/truncation already counted and reported:
                 // poll again (an overrun leaves the queue readable, so no wait is lost).

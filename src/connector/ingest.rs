@@ -58,15 +58,14 @@ impl Ingest {
         }
     }
 
-    /// Parses one datagram, passing each connector message to `deliver` and every fault or
-    /// loss to `event`.
+    /// Parses one datagram, passing each connector message (`Ok`) and every fault or loss
+    /// (`Err`) to `sink`, in the order they occur.
     pub(crate) fn datagram(
         &mut self,
         c: &Counters,
         datagram: Bytes,
         meta: RecvMeta,
-        mut deliver: impl FnMut(Received),
-        mut event: impl FnMut(Event),
+        mut sink: impl FnMut(std::result::Result<Received, Event>),
     ) {
         Counters::add(&c.datagrams, 1);
         Counters::add(&c.bytes, datagram.len() as u64);
@@ -79,10 +78,10 @@ impl Ingest {
                 Ok(Message::Connector(cm)) => cm,
                 Ok(Message::Error(e)) => {
                     Counters::add(&c.control, 1);
-                    event(Event::NetlinkError {
+                    sink(Err(Event::NetlinkError {
                         port: meta.port,
                         error: e.error,
-                    });
+                    }));
                     continue;
                 }
                 Ok(Message::Noop(_)) | Ok(Message::Overrun(_)) => {
@@ -91,10 +90,10 @@ impl Ingest {
                 }
                 Err(error) => {
                     Counters::add(&c.decode_errors, 1);
-                    event(Event::Decode {
+                    sink(Err(Event::Decode {
                         port: meta.port,
                         error,
-                    });
+                    }));
                     break; // the iterator ends after an error anyway
                 }
             };
@@ -104,17 +103,17 @@ impl Ingest {
                 match self.tracker.observe(meta.port, msg.id, msg.seq) {
                     SeqVerdict::Gap(n) => {
                         Counters::add(&c.lost, u64::from(n));
-                        event(Event::Lost {
+                        sink(Err(Event::Lost {
                             port: meta.port,
                             id: msg.id,
                             count: n,
-                        });
+                        }));
                     }
                     SeqVerdict::Reordered => Counters::add(&c.reordered, 1),
                     SeqVerdict::First | SeqVerdict::InOrder => {}
                 }
             }
-            deliver(Received { msg, source });
+            sink(Ok(Received { msg, source }));
         }
     }
 }

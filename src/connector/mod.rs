@@ -33,11 +33,11 @@
 
 mod dispatch;
 mod groups;
-mod ingest;
+pub(crate) mod ingest;
 mod loss;
-mod outbox;
+pub(crate) mod outbox;
 mod registry;
-mod stats;
+pub(crate) mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -57,8 +57,8 @@ pub use stats::Stats;
 use crate::codec::{CbId, CnMsg};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest, EventFd};
-use groups::Groups;
-use outbox::Outbox;
+pub(crate) use groups::Groups;
+pub(crate) use outbox::Outbox;
 use stats::Counters;
 
 /// Something the dispatcher noticed that is not a message: every loss and every fault is
@@ -112,6 +112,36 @@ pub enum Event {
         errno: Option<i32>,
     },
 }
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Overrun => f.write_str("receive queue overflowed (ENOBUFS): messages dropped"),
+            Event::Lost { port, id, count } => {
+                write!(
+                    f,
+                    "{count} messages of {id} from port {port} lost (sequence gap)"
+                )
+            }
+            Event::Decode { port, error } => write!(f, "from port {port}: {error}"),
+            Event::Truncated { len, capacity } => {
+                write!(
+                    f,
+                    "datagram of {len} bytes dropped: over the {capacity}-byte limit"
+                )
+            }
+            Event::CallbackPanic { id, message } => {
+                write!(f, "callback for {id} panicked: {message}")
+            }
+            Event::NetlinkError { port, error } => {
+                write!(f, "NLMSG_ERROR {error} from port {port}")
+            }
+            Event::RecvFailed { errno } => write!(f, "recv failed (errno {errno:?})"),
+        }
+    }
+}
+
+impl std::error::Error for Event {}
 
 type EventFn = dyn Fn(&Event) + Send + Sync;
 
@@ -201,17 +231,43 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Opens the socket (unless one was given), sizes its buffer and starts the
-    /// dispatcher thread.
-    pub fn spawn(self) -> Result<Connector> {
-        let socket = match self.socket {
+    /// Opens the socket unless one was given, and sizes its receive buffer.
+    fn open_socket(&mut self) -> Result<Arc<ConnectorSocket>> {
+        let socket = match self.socket.take() {
             Some(s) => s,
             None => ConnectorSocket::open()?,
         };
         if self.config.recv_buffer > 0 {
             socket.set_recv_buffer(self.config.recv_buffer, true)?;
         }
-        let socket = Arc::new(socket);
+        Ok(Arc::new(socket))
+    }
+
+    /// Builds an [`AsyncConnector`](crate::tokio::AsyncConnector) with these settings
+    /// instead of a thread: its messages and events are a `futures` `Stream`. Must be
+    /// called inside a tokio runtime. `on_event` is not used: events come on the stream.
+    #[cfg(feature = "tokio")]
+    pub fn build_async(mut self) -> Result<crate::tokio::AsyncConnector> {
+        let socket = self.open_socket()?;
+        let counters = Arc::new(Counters::default());
+        let c = &self.config;
+        crate::tokio::AsyncConnector::new(
+            Outbox::new(
+                socket.clone(),
+                counters.clone(),
+                c.allow_kernel_ids,
+                c.max_datagram,
+            ),
+            Arc::new(Groups::new(socket)),
+            ingest::Ingest::new(c.track_seq, c.tracked_streams),
+            c.max_datagram,
+        )
+    }
+
+    /// Opens the socket (unless one was given), sizes its buffer and starts the
+    /// dispatcher thread.
+    pub fn spawn(mut self) -> Result<Connector> {
+        let socket = self.open_socket()?;
         let counters = Arc::new(Counters::default());
         let registry = Registry::new();
         let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);

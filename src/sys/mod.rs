@@ -3,6 +3,8 @@
 //! As in `mio` and `socket2`, the rest of the crate sees safe, typed wrappers. Each `unsafe`
 //! block carries a `// SAFETY:` comment saying why it is sound.
 
+#[cfg(feature = "tokio")]
+pub mod asyncfd;
 mod cpu;
 mod ns;
 mod socket;
