@@ -12,6 +12,7 @@
 //! | [`codec`] | the wire formats as plain data: no I/O, no `unsafe` |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
+//! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //!
 //! ## Quick start: one message over the raw socket
 //!
@@ -40,6 +41,7 @@
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+pub mod bus;
 pub mod codec;
 pub mod error;
 pub mod sys;
