@@ -31,7 +31,6 @@ pub(crate) struct Flusher {
     /// Highest flush generation completed.
     published: u64,
     coalesce: bool,
-    pid: u32,
 }
 
 impl Flusher {
@@ -39,7 +38,6 @@ impl Flusher {
         let cap = inner.cfg.datagram_size * inner.cfg.max_batch;
         Self {
             coalesce: inner.cfg.coalesce(),
-            pid: inner.sock.port_id(),
             cells: Vec::new(),
             pending: Vec::new(),
             touched: Vec::new(),
@@ -126,7 +124,7 @@ impl Flusher {
                 self.send();
             }
         }
-        e.encode(self.pid, &mut self.arena);
+        e.encode(&mut self.arena);
         self.open_msgs += 1;
         if e.cell != UNTRACKED {
             let i = e.cell as usize;

@@ -202,6 +202,7 @@ pub(crate) struct Config {
     pub max_batch: usize,
     pub framing: Framing,
     pub policy: FullPolicy,
+    pub flusher_cpu: Option<usize>,
 }
 
 impl Config {
@@ -242,6 +243,7 @@ impl BusBuilder {
                     Framing::Coalesce
                 },
                 policy: FullPolicy::Block,
+                flusher_cpu: None,
             },
             watermark: None,
         }
@@ -307,6 +309,14 @@ impl BusBuilder {
         self
     }
 
+    /// Pins the flusher thread to `cpu` (by default it runs wherever the scheduler puts
+    /// it). Putting it on the CPU of a single hot producer keeps the queued messages in
+    /// that CPU's cache; putting it on a housekeeping CPU keeps it off the producers'.
+    pub fn flusher_cpu(mut self, cpu: usize) -> Self {
+        self.cfg.flusher_cpu = Some(cpu);
+        self
+    }
+
     /// Opens the socket if none was given and starts the flusher thread.
     pub fn build(self) -> Result<Bus> {
         let mut cfg = self.cfg;
@@ -330,6 +340,7 @@ impl BusBuilder {
                 .map(|_| CachePadded::new(Shard::new(cfg.capacity)))
                 .collect(),
             registry: Registry::default(),
+            pid: sock.port_id(),
             sock,
             dest: self.dest,
             epoch: Instant::now(),
@@ -348,15 +359,34 @@ impl BusBuilder {
             cfg,
         });
         let worker = Arc::clone(&inner);
+        let pin = inner.cfg.flusher_cpu;
+        let (started_tx, started) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("cnbus-flusher".into())
             .spawn(move || {
                 let guard = DeadGuard(Arc::clone(&worker));
+                let pinned = pin.map(sys::pin_current_thread).transpose();
+                let failed = pinned.is_err();
+                let _ = started_tx.send(pinned);
+                if failed {
+                    return;
+                }
                 flusher::Flusher::new(worker).run();
                 drop(guard);
             })
             .map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
+        match started.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(Error::from_io(Op::SetOption("sched_setaffinity"), e));
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(Error::Closed);
+            }
+        }
         Ok(Bus {
             inner,
             flusher: Some(handle),
@@ -383,6 +413,8 @@ pub(crate) struct Inner {
     pub(crate) shards: Box<[CachePadded<Shard>]>,
     pub(crate) registry: Registry,
     pub(crate) sock: Arc<ConnectorSocket>,
+    /// The socket's port id, written into every message's `nlmsg_pid`.
+    pid: u32,
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
@@ -563,14 +595,20 @@ impl Bus {
     /// into a heap buffer. On rejection the message comes back as a [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_slice(id, data), self.inner.cfg.policy)
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            self.inner.cfg.policy,
+        )
     }
 
     /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
     /// back at once as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_slice(id, data), FullPolicy::Reject)
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            FullPolicy::Reject,
+        )
     }
 
     /// [`insert`](Self::insert) that waits for space when the shard is full, at most
@@ -586,27 +624,30 @@ impl Bus {
             Some(t) => FullPolicy::BlockFor(t),
             None => FullPolicy::Block,
         };
-        self.insert_entry(Entry::from_slice(id, data), p)
+        self.insert_entry(Entry::from_slice(self.inner.pid, id, data), p)
     }
 
     /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
     /// caller's thread ([`FullPolicy::SendDirect`]).
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_slice(id, data), FullPolicy::SendDirect)
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            FullPolicy::SendDirect,
+        )
     }
 
     /// Queues a prebuilt message (its seq, ack and flags are kept; its data is not
     /// copied), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_msg(msg), policy)
+        self.insert_entry(Entry::from_msg(self.inner.pid, msg), policy)
     }
 
     fn insert_entry(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         let inner = &*self.inner;
         let len = e.encoded_len();
-        if len > inner.cfg.datagram_size || e.data.as_slice().len() > CnMsg::MAX_DATA {
+        if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
             Counters::add(&inner.stats.rejected_too_large, 1);
             return Err(InsertError::TooLarge {
                 msg: e.into_msg(),
@@ -707,7 +748,7 @@ impl Bus {
             }
         }
         let mut buf = Vec::with_capacity(e.encoded_len());
-        e.encode(inner.sock.port_id(), &mut buf);
+        e.encode(&mut buf);
         Counters::add(&st.syscalls, 1);
         match inner.sock.send(&buf, inner.dest) {
             Ok(_) => {

@@ -26,136 +26,161 @@ use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
 
-use crate::codec::{
-    nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN,
-};
+use crate::codec::{nlmsg_align, CbId, CnHeader, CnMsg, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN};
 
-/// Data up to this length is copied inline into the queue slot (no allocation).
-pub(crate) const INLINE: usize = 96;
+/// Data up to this length is encoded inline into the queue slot (no allocation); the
+/// slot then holds the message exactly as it goes on the wire.
+pub(crate) const INLINE: usize = 64;
+
+/// Netlink plus connector header.
+const HDR: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
+
+/// Wire bytes of an inline message: headers, data, padding.
+const WIRE: usize = HDR + INLINE;
 
 /// Cell index of an entry pushed by a thread whose thread-local state is unavailable (the
 /// thread is being torn down). Such entries always go to shard 0.
 pub(crate) const UNTRACKED: u32 = u32::MAX;
 
-/// The data of a queued message.
+/// A queued message, already encoded by the producer.
 #[derive(Debug)]
-pub(crate) enum Payload {
-    /// Copied into the slot.
-    Inline { len: u8, buf: [u8; INLINE] },
-    /// A prebuilt message's data, or data too long to inline.
-    Shared(Bytes),
-}
-
-impl Payload {
-    #[inline]
-    pub(crate) fn copy_from(d: &[u8]) -> Self {
-        if d.len() <= INLINE {
-            let mut buf = [0u8; INLINE];
-            buf[..d.len()].copy_from_slice(d);
-            Payload::Inline {
-                len: d.len() as u8,
-                buf,
-            }
-        } else {
-            Payload::Shared(Bytes::copy_from_slice(d))
-        }
-    }
-
-    #[inline]
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        match self {
-            Payload::Inline { len, buf } => &buf[..usize::from(*len)],
-            Payload::Shared(b) => b,
-        }
-    }
-
-    fn into_bytes(self) -> Bytes {
-        match self {
-            Payload::Inline { len, buf } => Bytes::copy_from_slice(&buf[..usize::from(len)]),
-            Payload::Shared(b) => b,
-        }
-    }
+pub(crate) enum Body {
+    /// Headers, data and zero padding, ready to copy into a datagram.
+    Inline([u8; WIRE]),
+    /// Headers, and data kept apart (a prebuilt message's data, or data too long to
+    /// inline).
+    Shared { hdr: [u8; HDR], data: Bytes },
 }
 
 /// One queued message.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub id: CbId,
-    pub seq: u32,
-    pub ack: u32,
-    pub flags: u16,
     /// The producer's cell, or [`UNTRACKED`].
     pub cell: u32,
-    pub data: Payload,
+    /// Data length (may exceed `u16::MAX` until the size check rejects the entry).
+    data_len: u32,
+    body: Body,
+}
+
+/// Writes the netlink header (type `NLMSG_DONE`, seq = the message's seq, pid) and the
+/// `cn_msg` header, as [`crate::codec::DatagramBuilder`] does.
+#[inline]
+fn headers(out: &mut [u8], pid: u32, h: &CnHeader) {
+    let len = (HDR + usize::from(h.len)) as u32;
+    out[0..4].copy_from_slice(&len.to_ne_bytes());
+    out[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+    out[6..8].copy_from_slice(&0u16.to_ne_bytes());
+    out[8..12].copy_from_slice(&h.seq.to_ne_bytes());
+    out[12..16].copy_from_slice(&pid.to_ne_bytes());
+    out[16..20].copy_from_slice(&h.id.idx.to_ne_bytes());
+    out[20..24].copy_from_slice(&h.id.val.to_ne_bytes());
+    out[24..28].copy_from_slice(&h.seq.to_ne_bytes());
+    out[28..32].copy_from_slice(&h.ack.to_ne_bytes());
+    out[32..34].copy_from_slice(&h.len.to_ne_bytes());
+    out[34..36].copy_from_slice(&h.flags.to_ne_bytes());
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 impl Entry {
+    /// Encodes `data` for id `id` (seq, ack, flags 0), from port `pid`.
     #[inline]
-    pub(crate) fn from_slice(id: CbId, data: &[u8]) -> Self {
-        Self {
+    pub(crate) fn from_slice(pid: u32, id: CbId, data: &[u8]) -> Self {
+        let h = CnHeader {
             id,
             seq: 0,
             ack: 0,
+            len: data.len() as u16, // checked against MAX_DATA before use
             flags: 0,
+        };
+        let body = if data.len() <= INLINE {
+            let mut w = [0u8; WIRE];
+            headers(&mut w, pid, &h);
+            w[HDR..HDR + data.len()].copy_from_slice(data);
+            Body::Inline(w)
+        } else {
+            let mut hdr = [0u8; HDR];
+            headers(&mut hdr, pid, &h);
+            Body::Shared {
+                hdr,
+                data: Bytes::copy_from_slice(data),
+            }
+        };
+        Self {
             cell: UNTRACKED,
-            data: Payload::copy_from(data),
+            data_len: data.len().min(u32::MAX as usize) as u32,
+            body,
         }
     }
 
-    pub(crate) fn from_msg(m: CnMsg) -> Self {
-        Self {
+    /// Encodes a prebuilt message (its data is kept, not copied), from port `pid`.
+    pub(crate) fn from_msg(pid: u32, m: CnMsg) -> Self {
+        let h = CnHeader {
             id: m.id,
             seq: m.seq,
             ack: m.ack,
+            len: m.data.len() as u16, // checked against MAX_DATA before use
             flags: m.flags,
+        };
+        let mut hdr = [0u8; HDR];
+        headers(&mut hdr, pid, &h);
+        Self {
             cell: UNTRACKED,
-            data: Payload::Shared(m.data),
+            data_len: m.data.len().min(u32::MAX as usize) as u32,
+            body: Body::Shared { hdr, data: m.data },
         }
     }
 
+    /// Length of the data.
+    #[inline]
+    pub(crate) fn data_len(&self) -> usize {
+        self.data_len as usize
+    }
+
+    /// The message again (for handing it back to the caller).
     pub(crate) fn into_msg(self) -> CnMsg {
+        let (hdr, data) = match self.body {
+            Body::Inline(w) => (
+                w,
+                Bytes::copy_from_slice(&w[HDR..HDR + self.data_len as usize]),
+            ),
+            Body::Shared { hdr, data } => {
+                let mut w = [0u8; WIRE];
+                w[..HDR].copy_from_slice(&hdr);
+                (w, data)
+            }
+        };
         CnMsg {
-            id: self.id,
-            seq: self.seq,
-            ack: self.ack,
-            flags: self.flags,
-            data: self.data.into_bytes(),
+            id: CbId::new(u32_at(&hdr, 16), u32_at(&hdr, 20)),
+            seq: u32_at(&hdr, 24),
+            ack: u32_at(&hdr, 28),
+            flags: u16::from_ne_bytes([hdr[34], hdr[35]]),
+            data,
         }
     }
 
     /// Bytes in a datagram, netlink header and padding included.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN + self.data.as_slice().len())
+        nlmsg_align(HDR + self.data_len as usize)
     }
 
-    /// Appends the message exactly as [`crate::codec::DatagramBuilder`] would: an
-    /// `NLMSG_DONE` header whose seq is the message's seq and whose pid is `pid`, the
-    /// `cn_msg` header, the data, zero padding. The caller has checked that the data fits
-    /// in `cn_msg.len`.
+    /// Appends the message to a datagram being built: one copy for an inline message.
+    /// The caller has checked that the data fits in `cn_msg.len`.
     #[inline]
-    pub(crate) fn encode(&self, pid: u32, out: &mut Vec<u8>) {
-        let data = self.data.as_slice();
-        let len = NLMSG_HDRLEN + CN_MSG_HDRLEN + data.len();
-        let start = out.len();
-        NlHeader {
-            len: len as u32,
-            ty: NLMSG_DONE,
-            flags: 0,
-            seq: self.seq,
-            pid,
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let len = self.encoded_len();
+        match &self.body {
+            Body::Inline(w) => out.extend_from_slice(&w[..len]),
+            Body::Shared { hdr, data } => {
+                let start = out.len();
+                out.extend_from_slice(hdr);
+                out.extend_from_slice(data);
+                out.resize(start + len, 0);
+            }
         }
-        .emit(out);
-        CnHeader {
-            id: self.id,
-            seq: self.seq,
-            ack: self.ack,
-            len: data.len() as u16,
-            flags: self.flags,
-        }
-        .emit(out);
-        out.extend_from_slice(data);
-        out.resize(start + nlmsg_align(len), 0);
     }
 }
 
@@ -319,16 +344,22 @@ mod tests {
             let msg = CnMsg::new(CbId::new(0x4000_0001, 9), data.clone()).with_seq(7, 8);
             let mut b = DatagramBuilder::new(4096).with_pid(42);
             assert!(b.push(&msg).unwrap());
-            let mut e = Entry::from_slice(msg.id, &data);
-            e.seq = 7;
-            e.ack = 8;
+            let e = Entry::from_msg(42, msg.clone());
             let mut out = Vec::new();
-            e.encode(42, &mut out);
+            e.encode(&mut out);
             assert_eq!(out, b.as_bytes(), "payload of {n} bytes");
             assert_eq!(e.encoded_len(), msg.encoded_len());
-            let mut out2 = Vec::new();
-            Entry::from_msg(msg.clone()).encode(42, &mut out2);
-            assert_eq!(out2, out);
+            if n == 0 || n == INLINE || n == INLINE + 1 || n == 1000 {
+                // The inline path (seq/ack 0) against the builder.
+                let plain = CnMsg::new(msg.id, data.clone());
+                let mut b2 = DatagramBuilder::new(4096).with_pid(42);
+                assert!(b2.push(&plain).unwrap());
+                let mut out2 = Vec::new();
+                let e2 = Entry::from_slice(42, plain.id, &data);
+                e2.encode(&mut out2);
+                assert_eq!(out2, b2.as_bytes(), "inline payload of {n} bytes");
+                assert_eq!(e2.into_msg(), plain);
+            }
             let Some(Ok(Message::Connector(c))) = messages(Bytes::from(out)).next() else {
                 panic!("does not decode");
             };
