@@ -740,12 +740,10 @@ impl Bus {
     fn send_direct(&self, e: Entry) -> Result<(), InsertError<Entry>> {
         let inner = &*self.inner;
         let st = &inner.stats;
-        if inner.has_own_pending() {
-            // Our queued messages go first; flush waits for them to be sent.
-            if let Err(Error::Closed) = self.flush() {
-                Counters::add(&st.rejected_closed, 1);
-                return Err(InsertError::Closed(e));
-            }
+        if inner.has_own_pending() && !self.wait_flushed() {
+            // (Our queued messages go first: the wait above lets them be sent.)
+            Counters::add(&st.rejected_closed, 1);
+            return Err(InsertError::Closed(e));
         }
         let mut buf = Vec::with_capacity(e.encoded_len());
         e.encode(&mut buf);
@@ -771,8 +769,23 @@ impl Bus {
     /// if any, and [`Error::Closed`] if the flusher is gone. Waits on a condition
     /// variable; the duration is recorded in [`BusStats`].
     pub fn flush(&self) -> Result<()> {
-        let inner = &*self.inner;
         let start = Instant::now();
+        if !self.wait_flushed() {
+            return Err(Error::Closed);
+        }
+        self.inner
+            .stats
+            .flush_done(start.elapsed().as_nanos() as u64);
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Requests a flush generation and waits for the flusher to complete it. False when
+    /// the flusher is gone without a stop request (it panicked).
+    fn wait_flushed(&self) -> bool {
+        let inner = &*self.inner;
         let my = inner.flush_req.fetch_add(1, SeqCst) + 1;
         inner.wake();
         {
@@ -781,14 +794,7 @@ impl Bus {
                 inner.flush_cv.wait(&mut d);
             }
         }
-        if inner.dead.load(SeqCst) && !inner.stop.load(SeqCst) {
-            return Err(Error::Closed);
-        }
-        inner.stats.flush_done(start.elapsed().as_nanos() as u64);
-        match self.take_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        !inner.dead.load(SeqCst) || inner.stop.load(SeqCst)
     }
 
     /// Takes the first send error recorded since the last call (or the last `flush`).
@@ -816,6 +822,11 @@ impl Bus {
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.inner.shards.len()
+    }
+
+    /// Messages each shard holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.cfg.capacity
     }
 
     /// Flushes everything, stops and joins the flusher, and returns the final statistics,
