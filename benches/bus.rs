@@ -7,7 +7,8 @@
 //!    1000 inserts are timed (median and p99 of the per-message cost), the bus is flushed
 //!    between bursts outside the timed region;
 //! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 2):
-//!    (a) the bus, batched (32 messages of 64 B per datagram, many datagrams per
+//!    (a) the bus, batched (32 messages of 64 B per datagram by default, `BENCH_PER_DGRAM`
+//!    to change it for (a) and (c) alike; many datagrams per
 //!    `sendmmsg`), (b) one message per `send` system call on the same socket, (c) a raw
 //!    libc loop that builds the same datagrams (32 x 64 B) and sends them with `sendmmsg`,
 //!    with no library around it.
@@ -33,8 +34,14 @@ const GROUP: u32 = 31;
 const PAYLOAD: usize = 64;
 /// Encoded size of one 64-byte message: 16 (nlmsghdr) + 20 (cn_msg) + 64.
 const MSG_LEN: usize = 100;
-const PER_DGRAM: usize = 32;
-const DGRAM: usize = PER_DGRAM * MSG_LEN;
+/// Messages per datagram, for the bus and the raw loop alike (`BENCH_PER_DGRAM`,
+/// default 32).
+fn per_dgram() -> usize {
+    std::env::var("BENCH_PER_DGRAM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
 const BATCH: usize = 64;
 const END_VAL: u32 = u32::MAX;
 const QUIT_VAL: u32 = u32::MAX - 1;
@@ -99,7 +106,11 @@ fn main() {
     };
 
     println!("cnbus bus benchmark: 64-byte payloads, receiver in another process (pid {}), {secs} s per throughput phase", child.id());
-    println!("machine: {} CPUs available", cnbus::sys::num_cpus());
+    println!(
+        "machine: {} CPUs available; {} messages of 64 B per datagram for (a) and (c)",
+        cnbus::sys::num_cpus(),
+        per_dgram()
+    );
 
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
     let mut p = [0u8; PAYLOAD];
@@ -188,7 +199,7 @@ fn main() {
         );
     }
 
-    // 2c. Raw libc loop: same datagrams (32 x 64 B), 64 per sendmmsg, no library.
+    // 2c. Raw libc loop: same datagrams as the bus builds, 64 per sendmmsg, no library.
     let mut rc = 0.0;
     if run('c') {
         let t = Instant::now();
@@ -229,7 +240,8 @@ fn main() {
     let _ = child.wait();
 }
 
-/// The bus under test: datagrams of 32 messages of 64 B, as the raw loop builds.
+/// The bus under test: datagrams of `per_dgram()` messages of 64 B, as the raw loop
+/// builds.
 fn bench_bus() -> Bus {
     let env = |k: &str, d: usize| {
         std::env::var(k)
@@ -245,7 +257,7 @@ fn bench_bus() -> Bus {
     {
         b = b.flusher_cpu(c);
     }
-    b.datagram_size(DGRAM)
+    b.datagram_size(per_dgram() * MSG_LEN)
         .capacity(cap)
         .watermark(env("BENCH_WATERMARK", cap / 4))
         .max_batch(env("BENCH_BATCH", 64))
@@ -307,12 +319,14 @@ fn raw_loop(idx: u32, val: u32, dur: Duration) -> u64 {
     dst.nl_family = libc::AF_NETLINK as u16;
     dst.nl_groups = 1 << (GROUP - 1);
 
-    let mut buf = vec![0u8; BATCH * DGRAM];
+    let per = per_dgram();
+    let dgram = per * MSG_LEN;
+    let mut buf = vec![0u8; BATCH * dgram];
     let mut seq = 0u64;
     let mut sent = 0u64;
     let start = Instant::now();
     while start.elapsed() < dur {
-        // Build the batch: BATCH datagrams of PER_DGRAM messages each.
+        // Build the batch: BATCH datagrams of `per` messages each.
         for (i, m) in buf.chunks_exact_mut(MSG_LEN).enumerate() {
             let _ = i;
             m[0..4].copy_from_slice(&(MSG_LEN as u32).to_ne_bytes()); // nlmsg_len
@@ -331,7 +345,7 @@ fn raw_loop(idx: u32, val: u32, dur: Duration) -> u64 {
             seq += 1;
         }
         let mut iov: Vec<libc::iovec> = buf
-            .chunks_exact_mut(DGRAM)
+            .chunks_exact_mut(dgram)
             .map(|d| libc::iovec {
                 iov_base: d.as_mut_ptr().cast(),
                 iov_len: d.len(),
@@ -354,7 +368,7 @@ fn raw_loop(idx: u32, val: u32, dur: Duration) -> u64 {
             assert!(r > 0, "sendmmsg: {}", std::io::Error::last_os_error());
             off += r as usize;
         }
-        sent += (BATCH * PER_DGRAM) as u64;
+        sent += (BATCH * per) as u64;
     }
     // SAFETY: `fd` is ours and closed once.
     unsafe { libc::close(fd) };

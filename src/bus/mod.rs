@@ -262,7 +262,7 @@ impl BusBuilder {
         self
     }
 
-    /// Messages each shard holds (at least 1). Memory is `shards * capacity * ~128` bytes,
+    /// Messages each shard holds (at least 1). Memory is about `shards * capacity * 120` bytes,
     /// allocated up front.
     pub fn capacity(mut self, n: usize) -> Self {
         self.cfg.capacity = n.max(1);
@@ -591,8 +591,9 @@ impl Bus {
     /// Queues a message with id `id`, seq and ack 0, and a copy of `data`, applying the
     /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
     ///
-    /// Data up to 96 bytes is copied into the queue slot; longer data is copied once
-    /// into a heap buffer. On rejection the message comes back as a [`CnMsg`].
+    /// Data up to 64 bytes is encoded, headers included, straight into the queue slot;
+    /// longer data is copied once into a heap buffer. On rejection the message comes back
+    /// as a [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
         self.insert_entry(
