@@ -13,6 +13,7 @@
 //! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
+//! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //!
 //! ## Quick start: one message over the raw socket
 //!
@@ -41,6 +42,7 @@
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+pub mod bus;
 pub mod codec;
 #[cfg(not(loom))]
 pub mod connector;

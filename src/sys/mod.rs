@@ -10,6 +10,7 @@ mod ns;
 mod socket;
 mod wake;
 
+pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{namespace_report, NamespaceReport};
 pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
