@@ -44,11 +44,11 @@
 
 pub mod bus;
 pub mod codec;
-#[cfg(not(loom))]
+#[cfg(not(cnbus_loom))]
 pub mod connector;
 pub mod error;
-/// Under `cfg(loom)` only the registry of [`connector`] is built, for its model checks.
-#[cfg(loom)]
+/// Under `cfg(cnbus_loom)` only the registry of [`connector`] is built, for its model checks.
+#[cfg(cnbus_loom)]
 #[path = "connector/registry.rs"]
 pub mod registry;
 pub mod sys;

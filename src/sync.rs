@@ -1,24 +1,24 @@
 //! Synchronisation primitives, swappable for `loom`'s model-checked ones.
 //!
-//! Normal builds use `parking_lot` locks and `std` atomics. Under `RUSTFLAGS="--cfg loom"`
+//! Normal builds use `parking_lot` locks and `std` atomics. Under `RUSTFLAGS="--cfg cnbus_loom"`
 //! the same names are `loom`'s, so the loom tests explore every interleaving of the real
 //! code (see `docs/RELIABILITY.md`). The wrappers give both the `parking_lot` calling
 //! convention (`lock()` returns the guard; no poisoning).
 
-#[cfg(not(loom))]
+#[cfg(not(cnbus_loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
-#[cfg(not(loom))]
+#[cfg(not(cnbus_loom))]
 pub(crate) use std::sync::Arc;
 
-#[cfg(loom)]
+#[cfg(cnbus_loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
-#[cfg(loom)]
+#[cfg(cnbus_loom)]
 pub(crate) use loom::sync::Arc;
 
-#[cfg(not(loom))]
+#[cfg(not(cnbus_loom))]
 pub(crate) use parking_lot::{Mutex, RwLock};
 
-#[cfg(loom)]
+#[cfg(cnbus_loom)]
 mod loom_locks {
     /// `loom::sync::Mutex` with `parking_lot`'s signature.
     #[derive(Debug, Default)]
@@ -50,23 +50,23 @@ mod loom_locks {
     }
 }
 
-#[cfg(loom)]
+#[cfg(cnbus_loom)]
 pub(crate) use loom_locks::{Mutex, RwLock};
 
-#[cfg(not(loom))]
+#[cfg(not(cnbus_loom))]
 pub(crate) use std::thread::ThreadId;
 
-#[cfg(loom)]
+#[cfg(cnbus_loom)]
 pub(crate) use loom::thread::ThreadId;
 
-/// The calling thread's id (loom's model thread under `cfg(loom)`).
-#[cfg(not(loom))]
+/// The calling thread's id (loom's model thread under `cfg(cnbus_loom)`).
+#[cfg(not(cnbus_loom))]
 pub(crate) fn current_thread_id() -> ThreadId {
     std::thread::current().id()
 }
 
-/// The calling thread's id (loom's model thread under `cfg(loom)`).
-#[cfg(loom)]
+/// The calling thread's id (loom's model thread under `cfg(cnbus_loom)`).
+#[cfg(cnbus_loom)]
 pub(crate) fn current_thread_id() -> ThreadId {
     loom::thread::current().id()
 }

@@ -373,8 +373,8 @@ impl Drop for Registration {
 
 /// Model checks of the registry's concurrency protocol: every interleaving of the real
 /// code, explored by loom. Run with
-/// `RUSTFLAGS="--cfg loom" cargo test --release --lib loom`.
-#[cfg(all(test, loom))]
+/// `RUSTFLAGS="--cfg cnbus_loom" cargo test --release --lib loom`.
+#[cfg(all(test, cnbus_loom))]
 mod loom_tests {
     use super::*;
     use loom::sync::atomic::Ordering::SeqCst;
