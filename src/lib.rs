@@ -12,6 +12,7 @@
 //! | [`codec`] | the wire formats as plain data: no I/O, no `unsafe` |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
+//! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
 //!
 //! ## Quick start: one message over the raw socket
 //!
@@ -42,6 +43,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod proc;
 pub mod sys;
 
 pub use codec::{CbId, CnMsg};

@@ -3,13 +3,17 @@
 //! As in `mio` and `socket2`, the rest of the crate sees safe, typed wrappers. Each `unsafe`
 //! block carries a `// SAFETY:` comment saying why it is sound.
 
+mod clock;
 mod cpu;
 mod ns;
+mod signal;
 mod socket;
 mod wake;
 
+pub use clock::{clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
-pub use ns::{namespace_report, NamespaceReport};
+pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
+pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
 pub use wake::{poll_read, EventFd, Readiness};
 
