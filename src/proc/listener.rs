@@ -655,7 +655,28 @@ impl ProcListener {
 
     /// Sends `LISTEN` and waits for its ACK. `Ok(false)`: no ACK before the timeout. Events
     /// received meanwhile are kept for delivery.
+    ///
+    /// The ACK travels like an event, so a receive-queue overflow can drop it. When an
+    /// overrun was seen and no ACK came, the request is sent again (a repeated `LISTEN` only
+    /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
     fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
+        for _ in 0..3 {
+            let overruns = self.core.c.overruns;
+            if self.request_and_wait_once(filter, timeout)? {
+                return Ok(true);
+            }
+            if self.core.c.overruns == overruns {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    fn request_and_wait_once(
+        &mut self,
+        filter: Option<EventSet>,
+        timeout: Duration,
+    ) -> Result<bool> {
         let want = self.send_request(McastOp::Listen, filter)?;
         self.core.awaiting_ack = Some(want);
         self.core.ack_result = None;
