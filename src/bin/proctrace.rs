@@ -805,3 +805,67 @@ fn main() -> ExitCode {
     }
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let mut s = String::new();
+        // 2026-11-26T12:00:00.123456Z
+        write_time(&mut s, 1_795_694_400_123_456_789, true);
+        assert_eq!(s, "2026-11-26T12:00:00.123456Z");
+        s.clear();
+        write_time(&mut s, 1_795_694_400_123_456_789, false);
+        assert_eq!(s, "12:00:00.123456");
+    }
+
+    #[test]
+    fn json_escaping() {
+        let mut s = String::new();
+        json_str(&mut s, "a\"b\\c\nd\u{1}e\u{7f}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001e\u007fé""#);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_keeps_recent_entries() {
+        let mut c = Cache::new(4);
+        let info = |n: &str| ProcInfo {
+            name: n.into(),
+            start_ns: None,
+        };
+        for pid in 0..100 {
+            c.insert(pid, info("x"));
+            assert!(c.young.len() + c.old.len() <= 4);
+        }
+        assert!(c.get(99).is_some());
+        assert!(c.get(0).is_none());
+        c.insert(7, info("seven"));
+        c.insert(8, info("eight"));
+        c.insert(9, info("nine"));
+        // 7 moved to the old generation but a hit promotes it.
+        assert_eq!(&*c.get(7).unwrap().name, "seven");
+        assert!(c.remove(7).is_some());
+        assert!(c.get(7).is_none());
+    }
+
+    #[test]
+    fn program_names() {
+        assert_eq!(program("/usr/bin/sleep 1"), "sleep");
+        assert_eq!(program("bash"), "bash");
+        assert_eq!(program("[kworker/0:1]"), "[kworker/0:1]");
+        assert_eq!(program("<unknown>"), "<unknown>");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("x"), None);
+    }
+}
