@@ -244,6 +244,18 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A multicast on an id or group the kernel owns (idx 1..=10, groups below 12). Netlink
+    /// hands every multicast to the kernel's connector too, which would run the kernel's
+    /// handler for that idx; allow it explicitly if that is intended.
+    #[error(
+        "refusing to multicast id {id} on group {group}: idx 1..=10 and groups below 12 belong          to the kernel's connector users (use idx > 10 and groups 12..=32, or allow it explicitly)"
+    )]
+    KernelOwned {
+        /// The message's id.
+        id: crate::codec::CbId,
+        /// The group.
+        group: u32,
+    },
     /// Malformed wire data.
     #[error(transparent)]
     Decode(#[from] DecodeError),

@@ -10,6 +10,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`codec`] | the wire formats as plain data: no I/O, no `unsafe` |
+//! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
@@ -42,9 +43,17 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod codec;
+#[cfg(not(loom))]
+pub mod connector;
 pub mod error;
 pub mod proc;
+/// Under `cfg(loom)` only the registry of [`connector`] is built, for its model checks.
+#[cfg(loom)]
+#[path = "connector/registry.rs"]
+pub mod registry;
 pub mod sys;
+
+mod sync;
 
 pub use codec::{CbId, CnMsg};
 pub use error::{DecodeError, DecodeErrorKind, Error, Op, Result};

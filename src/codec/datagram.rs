@@ -35,7 +35,7 @@ pub struct NlError {
 /// One message of a datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// A connector message (every type that is not a netlink control type).
+    /// A connector message (`NLMSG_DONE`, the only type the connector uses for data).
     Connector(ConnectorMessage),
     /// `NLMSG_ERROR`.
     Error(NlError),
@@ -99,7 +99,7 @@ impl Messages {
                     request: NlHeader::parse(&p[4..]),
                 }))
             }
-            _ => {
+            NLMSG_DONE => {
                 let cn = CnMsgBuffer::checked_at(nl.payload(), payload_at)?;
                 let h = cn.header();
                 let data_at = payload_at + CN_MSG_HDRLEN;
@@ -115,6 +115,15 @@ impl Messages {
                     offset: base,
                 }))
             }
+            // The connector frames every data message as NLMSG_DONE, in both directions;
+            // anything else is not a connector message and is not guessed at.
+            ty => Err(DecodeError::new(
+                base + 4,
+                DecodeErrorKind::UnknownValue {
+                    what: "nlmsg_type",
+                    value: u32::from(ty),
+                },
+            )),
         }
     }
 }
@@ -257,6 +266,14 @@ mod tests {
     use super::*;
     use crate::codec::CbId;
 
+    const DONE: NlHeader = NlHeader {
+        len: 0,
+        ty: NLMSG_DONE,
+        flags: 0,
+        seq: 0,
+        pid: 0,
+    };
+
     #[test]
     fn pack_and_iterate() {
         let mut b = DatagramBuilder::new(4096).with_pid(77);
@@ -292,20 +309,10 @@ mod tests {
     #[test]
     fn stops_after_first_error() {
         let mut d = Vec::new();
-        encode(
-            NlHeader::default(),
-            &CnMsg::new(CbId::new(1, 2), &b"ok"[..]),
-            &mut d,
-        )
-        .unwrap();
+        encode(DONE, &CnMsg::new(CbId::new(1, 2), &b"ok"[..]), &mut d).unwrap();
         let good_len = d.len();
         d.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // len 9 < 16
-        encode(
-            NlHeader::default(),
-            &CnMsg::new(CbId::new(1, 2), &b"x"[..]),
-            &mut d,
-        )
-        .unwrap();
+        encode(DONE, &CnMsg::new(CbId::new(1, 2), &b"x"[..]), &mut d).unwrap();
         let r: Vec<_> = messages(Bytes::from(d)).collect();
         assert_eq!(r.len(), 2);
         assert!(r[0].is_ok());
@@ -320,12 +327,7 @@ mod tests {
     #[test]
     fn cn_len_overrun_is_reported_at_len_field() {
         let mut d = Vec::new();
-        encode(
-            NlHeader::default(),
-            &CnMsg::new(CbId::new(1, 2), &b"abcd"[..]),
-            &mut d,
-        )
-        .unwrap();
+        encode(DONE, &CnMsg::new(CbId::new(1, 2), &b"abcd"[..]), &mut d).unwrap();
         d[16 + 16] = 200; // cn_msg.len
         let e = messages(Bytes::from(d)).next().unwrap().unwrap_err();
         assert_eq!(e.offset, 32);
@@ -334,6 +336,29 @@ mod tests {
             DecodeErrorKind::CnLenOverrun {
                 len: 200,
                 available: 4
+            }
+        ));
+    }
+
+    #[test]
+    fn other_types_are_errors() {
+        let mut d = Vec::new();
+        encode(
+            NlHeader {
+                ty: 0x7777,
+                ..Default::default()
+            },
+            &CnMsg::new(CbId::new(1, 2), &b"x"[..]),
+            &mut d,
+        )
+        .unwrap();
+        let e = messages(Bytes::from(d)).next().unwrap().unwrap_err();
+        assert_eq!(e.offset, 4);
+        assert!(matches!(
+            e.kind,
+            DecodeErrorKind::UnknownValue {
+                what: "nlmsg_type",
+                value: 0x7777
             }
         ));
     }

@@ -16,9 +16,9 @@ use super::event::{request, EventBody, EventSet, McastOp, ProcEvent};
 use super::seq::{SeqCheck, SeqTracker};
 use crate::codec::{
     nlmsg_align, CbId, CnHeader, CnMsgBuffer, DatagramBuilder, NlmsgBuffer, CN_MSG_HDRLEN,
-    NLMSG_HDRLEN,
+    NLMSG_DONE, NLMSG_HDRLEN,
 };
-use crate::error::{DecodeError, Error, Op, Result};
+use crate::error::{DecodeError, DecodeErrorKind, Error, Op, Result};
 use crate::sys::{
     kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, EventFd, RecvMeta,
 };
@@ -387,12 +387,24 @@ impl Core {
                 Err(e) => return self.decode_error(e, meta),
             };
             let h = nl.header();
-            if !h.is_control() {
+            if h.ty == NLMSG_DONE {
                 let at = pos + NLMSG_HDRLEN;
                 match CnMsgBuffer::checked_at(nl.payload(), at) {
                     Ok(cn) => self.message(meta, cn.header(), cn.data(), at + CN_MSG_HDRLEN),
                     Err(e) => self.decode_error(e, meta),
                 }
+            } else if !h.is_control() {
+                // The connector frames every data message as NLMSG_DONE.
+                self.decode_error(
+                    DecodeError::new(
+                        pos + 4,
+                        DecodeErrorKind::UnknownValue {
+                            what: "nlmsg_type",
+                            value: u32::from(h.ty),
+                        },
+                    ),
+                    meta,
+                );
             }
             pos = pos.saturating_add(nlmsg_align(h.len as usize));
         }

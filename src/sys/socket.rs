@@ -241,10 +241,21 @@ impl ConnectorSocket {
     /// With `nonblocking`, returns `Ok(None)` instead of waiting when nothing is queued.
     /// A receive-queue overflow is [`Error::Overrun`]; the socket stays usable.
     pub fn recv(&self, buf: &mut BytesMut, nonblocking: bool) -> Result<Option<RecvMeta>> {
+        self.recv_max(buf, usize::MAX, nonblocking)
+    }
+
+    /// As [`recv`](Self::recv), reading at most `max` bytes even when `buf` has more room,
+    /// so that the largest datagram accepted does not depend on the buffer's history.
+    pub fn recv_max(
+        &self,
+        buf: &mut BytesMut,
+        max: usize,
+        nonblocking: bool,
+    ) -> Result<Option<RecvMeta>> {
         // SAFETY: sockaddr_nl and msghdr are plain data for which all-zero is valid.
         let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
         let spare: &mut [MaybeUninit<u8>] = buf.spare_capacity_mut();
-        let capacity = spare.len();
+        let capacity = spare.len().min(max);
         let mut iov = libc::iovec {
             iov_base: spare.as_mut_ptr().cast(),
             iov_len: capacity,

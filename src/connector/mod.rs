@@ -1,0 +1,592 @@
+//! The connector: many independent users of one `NETLINK_CONNECTOR` socket, each addressed
+//! by a callback id `{idx, val}`, as the kernel's connector does it, in user space.
+//!
+//! A [`Connector`] owns a socket and a dispatcher thread. The thread reads datagrams, splits
+//! them into messages and hands each to the callbacks registered for its id in the
+//! [`Registry`]. Around that:
+//!
+//! - [`ConnectorHandle::register`] / [`ConnectorHandle::channel`]: push or pull delivery,
+//!   both returning a [`Registration`] guard that unregisters on drop;
+//! - [`ConnectorHandle::subscribe`]: reference-counted multicast group membership;
+//! - [`ConnectorHandle::send`], [`ConnectorHandle::send_batch`] and
+//!   [`ConnectorHandle::request`]: to the kernel, a port or a group; replies matched by the
+//!   connector convention (same id and seq, `ack + 1`);
+//! - loss accounting: `ENOBUFS` overruns and per-`(port, idx, val)` sequence gaps are
+//!   counted in [`Stats`] and reported as [`Event`]s.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use cnbus::connector::Connector;
+//! use cnbus::{CbId, CnMsg};
+//! use cnbus::sys::Dest;
+//!
+//! # fn main() -> cnbus::Result<()> {
+//! let bus = Connector::builder().spawn()?;
+//! let id = CbId::new(0x1000, 1);
+//! let _group = bus.subscribe(20)?;
+//! let _reg = bus.register(id, |m| println!("[{}] [{}.{}] {:?}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data));
+//! bus.send_numbered(id, &b"hello"[..], Dest::Group(20))?;
+//! std::thread::sleep(Duration::from_millis(100));
+//! println!("{:?}", bus.stats());
+//! # Ok(()) }
+//! ```
+
+mod dispatch;
+mod groups;
+mod loss;
+mod registry;
+mod stats;
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
+
+pub use groups::Subscription;
+pub use loss::{SeqSource, SeqTracker, SeqVerdict};
+pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
+pub use stats::Stats;
+
+use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE};
+use crate::error::{DecodeError, Error, Op, Result};
+use crate::sys::{ConnectorSocket, Dest, EventFd};
+use groups::Groups;
+use stats::Counters;
+
+/// Something the dispatcher noticed that is not a message: every loss and every fault is
+/// reported here (and counted in [`Stats`]), never swallowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The receive queue overflowed (`ENOBUFS`): the kernel dropped datagrams for this
+    /// socket. How many is known only through sequence gaps ([`Event::Lost`]).
+    Overrun,
+    /// `count` messages from `port` on `id` were lost (a sequence gap).
+    Lost {
+        /// Sender's port id.
+        port: u32,
+        /// The stream's id.
+        id: CbId,
+        /// Messages missing before the one just received.
+        count: u32,
+    },
+    /// A malformed message; the rest of its datagram was dropped.
+    Decode {
+        /// Sender's port id.
+        port: u32,
+        /// What was wrong, and where.
+        error: DecodeError,
+    },
+    /// A datagram longer than the receive buffer was dropped.
+    Truncated {
+        /// Its real length.
+        len: usize,
+        /// The receive buffer's size.
+        capacity: usize,
+    },
+    /// A callback registered for `id` panicked; the panic was caught.
+    CallbackPanic {
+        /// The id of the message being delivered.
+        id: CbId,
+        /// The panic message.
+        message: String,
+    },
+    /// A netlink `NLMSG_ERROR` arrived.
+    NetlinkError {
+        /// Sender's port id.
+        port: u32,
+        /// The error code (negative errno).
+        error: i32,
+    },
+    /// The receive call failed in an unexpected way; the dispatcher backs off and retries.
+    RecvFailed {
+        /// The errno, if any.
+        errno: Option<i32>,
+    },
+}
+
+type EventFn = dyn Fn(&Event) + Send + Sync;
+
+/// Settings of a [`Connector`].
+#[derive(Debug, Clone)]
+struct Config {
+    recv_buffer: usize,
+    max_datagram: usize,
+    track_seq: bool,
+    allow_kernel_ids: bool,
+    tracked_streams: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            recv_buffer: 4 << 20,
+            max_datagram: 64 << 10,
+            track_seq: true,
+            allow_kernel_ids: false,
+            tracked_streams: 4096,
+        }
+    }
+}
+
+/// Builds a [`Connector`].
+pub struct ConnectorBuilder {
+    config: Config,
+    socket: Option<ConnectorSocket>,
+    on_event: Option<Box<EventFn>>,
+}
+
+impl std::fmt::Debug for ConnectorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectorBuilder {
+    /// Receive buffer to ask for (default 4 MiB; `SO_RCVBUFFORCE` when permitted, so
+    /// `net.core.rmem_max` does not cap it for root).
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.config.recv_buffer = bytes;
+        self
+    }
+
+    /// Largest datagram received whole (default 64 KiB) and largest datagram
+    /// [`send_batch`](ConnectorHandle::send_batch) packs. A longer datagram is dropped and
+    /// counted as truncated.
+    pub fn max_datagram(mut self, bytes: usize) -> Self {
+        self.config.max_datagram = bytes.max(64);
+        self
+    }
+
+    /// Whether to count sequence gaps per `(port, idx, val)` of user-space senders as lost
+    /// messages (default on). Turn it off when peers do not number their messages.
+    pub fn track_seq_gaps(mut self, on: bool) -> Self {
+        self.config.track_seq = on;
+        self
+    }
+
+    /// How many `(port, idx, val)` streams the gap tracker remembers (default 4096).
+    pub fn tracked_streams(mut self, n: usize) -> Self {
+        self.config.tracked_streams = n;
+        self
+    }
+
+    /// Allows multicasting on ids the kernel owns (idx 1..=10) and on groups below 12.
+    /// Such a multicast is also delivered to the kernel's handler for that idx, so this is
+    /// off by default.
+    pub fn allow_kernel_ids(mut self, on: bool) -> Self {
+        self.config.allow_kernel_ids = on;
+        self
+    }
+
+    /// Uses `socket` instead of opening one.
+    pub fn socket(mut self, socket: ConnectorSocket) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// Sets the function told about every [`Event`]. It runs on the dispatcher thread.
+    pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(Box::new(f));
+        self
+    }
+
+    /// Opens the socket (unless one was given), sizes its buffer and starts the
+    /// dispatcher thread.
+    pub fn spawn(self) -> Result<Connector> {
+        let socket = match self.socket {
+            Some(s) => s,
+            None => ConnectorSocket::open()?,
+        };
+        if self.config.recv_buffer > 0 {
+            socket.set_recv_buffer(self.config.recv_buffer, true)?;
+        }
+        let socket = Arc::new(socket);
+        let counters = Arc::new(Counters::default());
+        let registry = Registry::new();
+        let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);
+        {
+            let counters = counters.clone();
+            let on_event = on_event.clone();
+            registry.on_panic(move |id, message| {
+                Counters::add(&counters.callback_panics, 1);
+                if let Some(f) = &on_event {
+                    f(&Event::CallbackPanic {
+                        id,
+                        message: message.to_string(),
+                    });
+                }
+            });
+        }
+        let inner = Arc::new(Inner {
+            groups: Arc::new(Groups::new(socket.clone())),
+            socket,
+            registry,
+            counters,
+            wake: EventFd::new()?,
+            shutdown: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            pending_count: AtomicUsize::new(0),
+            seqs: Mutex::new(SeqSource::default()),
+            on_event,
+            config: self.config,
+        });
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("cnbus-dispatch".into())
+                .spawn(move || dispatch::run(&inner))
+                .map_err(|e| Error::from_io(Op::Spawn, e))?
+        };
+        Ok(Connector {
+            handle: ConnectorHandle { inner },
+            thread: Some(thread),
+        })
+    }
+}
+
+type ReplyKey = (CbId, u32, u32);
+
+pub(crate) struct Inner {
+    socket: Arc<ConnectorSocket>,
+    registry: Registry,
+    groups: Arc<Groups>,
+    counters: Arc<Counters>,
+    /// Signalled to make the dispatcher look at `shutdown`.
+    wake: EventFd,
+    /// Set once by `Connector::shutdown` (Release) before `wake`; the dispatcher reads it
+    /// (Acquire) after every wake-up.
+    shutdown: AtomicBool,
+    /// Requests awaiting a reply, by (id, seq, expected ack).
+    pending: Mutex<HashMap<ReplyKey, Sender<Received>>>,
+    /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
+    /// request is outstanding. Updated under the `pending` lock; a stale read only delays
+    /// the check to the lock, which is authoritative.
+    pending_count: AtomicUsize,
+    seqs: Mutex<SeqSource>,
+    on_event: Option<Arc<EventFn>>,
+    config: Config,
+}
+
+impl Inner {
+    fn event(&self, e: Event) {
+        if let Some(f) = &self.on_event {
+            f(&e);
+        }
+    }
+}
+
+/// A connector: a socket, a registry and the dispatcher thread that feeds it.
+///
+/// All operations are on [`ConnectorHandle`], which `Connector` dereferences to; a handle can
+/// be cloned into callbacks and other threads. Dropping the `Connector` (or calling
+/// [`shutdown`](Connector::shutdown)) stops and joins the dispatcher; handles stay usable
+/// for sending.
+pub struct Connector {
+    handle: ConnectorHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("port", &self.handle.port_id())
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+impl Connector {
+    /// A builder with the defaults.
+    pub fn builder() -> ConnectorBuilder {
+        ConnectorBuilder {
+            config: Config::default(),
+            socket: None,
+            on_event: None,
+        }
+    }
+
+    /// A clonable handle for callbacks and other threads.
+    pub fn handle(&self) -> ConnectorHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the dispatcher: wakes it through its eventfd (the socket is not touched) and
+    /// joins it. Returns promptly; a callback running at that moment is waited for.
+    /// Outstanding requests fail with [`Error::Closed`].
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(t) = self.thread.take() else { return };
+        let inner = &self.handle.inner;
+        // Release: pairs with the dispatcher's Acquire load after its wake-up.
+        inner.shutdown.store(true, Ordering::Release);
+        if inner.wake.wake().is_ok() && t.thread().id() != std::thread::current().id() {
+            let _ = t.join();
+        }
+        let mut p = inner.pending.lock();
+        p.clear();
+        inner.pending_count.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::ops::Deref for Connector {
+    type Target = ConnectorHandle;
+    fn deref(&self) -> &ConnectorHandle {
+        &self.handle
+    }
+}
+
+/// The operations of a [`Connector`]; cheap to clone.
+#[derive(Clone)]
+pub struct ConnectorHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ConnectorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorHandle")
+            .field("port", &self.port_id())
+            .finish()
+    }
+}
+
+impl ConnectorHandle {
+    /// The socket's port id (where unicasts to this connector go).
+    pub fn port_id(&self) -> u32 {
+        self.inner.socket.port_id()
+    }
+
+    /// The underlying socket.
+    pub fn socket(&self) -> &Arc<ConnectorSocket> {
+        &self.inner.socket
+    }
+
+    /// The registry the dispatcher feeds.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Calls `callback` on the dispatcher thread for every message `key` matches, until the
+    /// returned guard is dropped. See [`Registry::register`].
+    pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
+    where
+        F: FnMut(&Received) + Send + 'static,
+    {
+        self.inner.registry.register(key, callback)
+    }
+
+    /// Pull-style delivery: messages `key` matches go into a bounded channel of `capacity`
+    /// that the caller reads on its own thread. A message that finds the channel full is
+    /// not delivered and is counted in [`Stats::channel_full`].
+    pub fn channel(
+        &self,
+        key: impl Into<Match>,
+        capacity: usize,
+    ) -> (Registration, Receiver<Received>) {
+        let (tx, rx) = channel::bounded(capacity.max(1));
+        let counters = self.inner.counters.clone();
+        let reg = self.register(key, move |m| {
+            if let Err(TrySendError::Full(_)) = tx.try_send(m.clone()) {
+                Counters::add(&counters.channel_full, 1);
+            }
+        });
+        (reg, rx)
+    }
+
+    /// Joins multicast `group` (1..=32) for as long as the returned guard lives. Several
+    /// subscriptions to one group share the socket's single membership.
+    pub fn subscribe(&self, group: u32) -> Result<Subscription> {
+        self.inner.groups.subscribe(group)
+    }
+
+    /// How many live subscriptions `group` has.
+    pub fn subscribers(&self, group: u32) -> u32 {
+        self.inner.groups.count(group)
+    }
+
+    /// The next sequence number this connector would give `id` (numbers run from 1, per
+    /// id): use it to build messages that receivers can check for gaps.
+    pub fn next_seq(&self, id: CbId) -> u32 {
+        self.inner.seqs.lock().next(id)
+    }
+
+    fn check(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        match dest {
+            Dest::Group(g) if !self.inner.config.allow_kernel_ids => {
+                if msg.id.is_kernel_owned() {
+                    return Err(Error::KernelOwned {
+                        id: msg.id,
+                        group: g,
+                    });
+                }
+                if g < FIRST_USER_GROUP {
+                    return Err(Error::KernelOwned {
+                        id: msg.id,
+                        group: g,
+                    });
+                }
+            }
+            Dest::Kernel
+                if msg.encoded_len() - crate::codec::NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE =>
+            {
+                return Err(Error::TooLarge {
+                    len: msg.encoded_len() - crate::codec::NLMSG_HDRLEN,
+                    limit: CONNECTOR_MAX_MSG_SIZE,
+                })
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Sends one message, in a datagram of its own, as it is (seq and ack untouched).
+    ///
+    /// Multicasting on a kernel-owned id (idx 1..=10) or a group below 12 is refused with
+    /// [`Error::KernelOwned`] unless the builder allowed it, because netlink also hands
+    /// every multicast to the kernel's handler for that idx.
+    pub fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        self.check(msg, dest)?;
+        let mut d = DatagramBuilder::new(msg.encoded_len()).with_pid(self.port_id());
+        d.push(msg)?;
+        self.send_datagram(d.as_bytes(), 1, dest)
+    }
+
+    /// Sends `data` on `id` with the next sequence number of `id` (see
+    /// [`next_seq`](Self::next_seq)), so receivers can count gaps. Returns the seq used.
+    pub fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
+        let seq = self.next_seq(id);
+        self.send(&CnMsg::new(id, data).with_seq(seq, 0), dest)?;
+        Ok(seq)
+    }
+
+    fn send_datagram(&self, d: &[u8], messages: u64, dest: Dest) -> Result<()> {
+        let c = &self.inner.counters;
+        match self.inner.socket.send(d, dest) {
+            Ok(_) => {
+                Counters::add(&c.sent_datagrams, 1);
+                Counters::add(&c.sent_messages, messages);
+                Ok(())
+            }
+            Err(e) => {
+                Counters::add(&c.send_errors, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends several messages to one destination, packing as many as fit into each
+    /// datagram (up to the builder's `max_datagram`) and sending the datagrams with
+    /// `sendmmsg`. For the kernel, which reads only the first message of a datagram, each
+    /// message goes in a datagram of its own. Returns the number of messages sent; on an
+    /// error after some were sent, that count (the rest were not sent).
+    pub fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
+        for m in msgs {
+            self.check(m, dest)?;
+        }
+        let pid = self.port_id();
+        let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
+        if dest == Dest::Kernel {
+            for m in msgs {
+                let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
+                d.push(m)?;
+                datagrams.push((d.take(), 1));
+            }
+        } else {
+            let mut d = DatagramBuilder::new(self.inner.config.max_datagram).with_pid(pid);
+            for m in msgs {
+                if !d.push(m)? {
+                    let n = d.count();
+                    datagrams.push((d.take(), n));
+                    // It fits an empty datagram: push returned Ok(false), not TooLarge.
+                    d.push(m)?;
+                }
+            }
+            if !d.is_empty() {
+                let n = d.count();
+                datagrams.push((d.take(), n));
+            }
+        }
+        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
+        let c = &self.inner.counters;
+        let sent = match self.inner.socket.send_batch(&slices, dest) {
+            Ok(n) => n,
+            Err(e) => {
+                Counters::add(&c.send_errors, 1);
+                return Err(e);
+            }
+        };
+        let msgs_sent: usize = datagrams[..sent].iter().map(|(_, n)| n).sum();
+        Counters::add(&c.sent_datagrams, sent as u64);
+        Counters::add(&c.sent_messages, msgs_sent as u64);
+        if sent < datagrams.len() {
+            Counters::add(&c.send_errors, 1);
+        }
+        Ok(msgs_sent)
+    }
+
+    /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and
+    /// seq and `ack == msg.ack + 1`, from anyone. The reply goes to the caller, not to
+    /// registered callbacks. Choose a seq that is unique among outstanding requests (for
+    /// example [`next_seq`](Self::next_seq)).
+    ///
+    /// The kernel's proc connector does not follow this convention (its ACK does not echo
+    /// the seq); use [`crate::proc`] for it.
+    pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Received> {
+        let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
+        let (tx, rx) = channel::bounded(1);
+        {
+            let mut p = self.inner.pending.lock();
+            if self.inner.shutdown.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            if p.insert(key, tx).is_some() {
+                return Err(Error::InvalidArgument(
+                    "a request with this id, seq and ack is already outstanding",
+                ));
+            }
+            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        }
+        let unpend = || {
+            let mut p = self.inner.pending.lock();
+            p.remove(&key);
+            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        };
+        if let Err(e) = self.send(msg, dest) {
+            unpend();
+            return Err(e);
+        }
+        let r = rx.recv_timeout(timeout);
+        unpend();
+        match r {
+            Ok(m) => Ok(m),
+            Err(channel::RecvTimeoutError::Timeout) => Err(Error::TimedOut { op: Op::Request }),
+            Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+}
+
+/// The lowest multicast group for custom buses: groups below it are left to the kernel's
+/// own connector users (group = idx for idx 1..=10, plus margin).
+pub const FIRST_USER_GROUP: u32 = 12;

@@ -1,0 +1,98 @@
+//! Counters of a connector.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters. Each is a monotonic event count written by one thread (the dispatcher)
+/// or by many (senders); snapshots use `Relaxed` loads because each counter is independent
+/// and no other memory is published through them.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub datagrams: AtomicU64,
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+    pub dispatched: AtomicU64,
+    pub unmatched: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub truncated: AtomicU64,
+    pub overruns: AtomicU64,
+    pub lost: AtomicU64,
+    pub reordered: AtomicU64,
+    pub callback_panics: AtomicU64,
+    pub channel_full: AtomicU64,
+    pub replies: AtomicU64,
+    pub control: AtomicU64,
+    pub sent_messages: AtomicU64,
+    pub sent_datagrams: AtomicU64,
+    pub send_errors: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            datagrams: g(&self.datagrams),
+            messages: g(&self.messages),
+            bytes: g(&self.bytes),
+            dispatched: g(&self.dispatched),
+            unmatched: g(&self.unmatched),
+            decode_errors: g(&self.decode_errors),
+            truncated: g(&self.truncated),
+            overruns: g(&self.overruns),
+            lost: g(&self.lost),
+            reordered: g(&self.reordered),
+            callback_panics: g(&self.callback_panics),
+            channel_full: g(&self.channel_full),
+            replies: g(&self.replies),
+            control: g(&self.control),
+            sent_messages: g(&self.sent_messages),
+            sent_datagrams: g(&self.sent_datagrams),
+            send_errors: g(&self.send_errors),
+        }
+    }
+}
+
+/// A snapshot of a connector's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Datagrams received.
+    pub datagrams: u64,
+    /// Connector messages decoded from them.
+    pub messages: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Callback invocations that completed (one message may reach several callbacks).
+    pub dispatched: u64,
+    /// Messages no registration matched (and no request awaited).
+    pub unmatched: u64,
+    /// Malformed messages (each ends its datagram; see `codec::messages`).
+    pub decode_errors: u64,
+    /// Datagrams longer than the receive buffer, cut and dropped.
+    pub truncated: u64,
+    /// Receive-queue overflows reported by the kernel (`ENOBUFS`): each is one or more
+    /// dropped datagrams whose number the kernel does not say; see `lost`.
+    pub overruns: u64,
+    /// Messages known lost: the sum of sequence gaps from cnbus peers.
+    pub lost: u64,
+    /// Sequence numbers that went backwards or repeated (peer restart or unnumbered
+    /// sender): not counted as loss.
+    pub reordered: u64,
+    /// Callbacks that panicked (caught; the dispatcher went on).
+    pub callback_panics: u64,
+    /// Messages a channel registration could not take because its channel was full.
+    pub channel_full: u64,
+    /// Messages consumed as replies to [`request`](super::ConnectorHandle::request).
+    pub replies: u64,
+    /// Netlink control messages (`NLMSG_ERROR`, `NOOP`, `OVERRUN`) received.
+    pub control: u64,
+    /// Messages sent.
+    pub sent_messages: u64,
+    /// Datagrams sent.
+    pub sent_datagrams: u64,
+    /// Failed sends.
+    pub send_errors: u64,
+}

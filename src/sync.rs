@@ -1,0 +1,72 @@
+//! Synchronisation primitives, swappable for `loom`'s model-checked ones.
+//!
+//! Normal builds use `parking_lot` locks and `std` atomics. Under `RUSTFLAGS="--cfg loom"`
+//! the same names are `loom`'s, so the loom tests explore every interleaving of the real
+//! code (see `docs/RELIABILITY.md`). The wrappers give both the `parking_lot` calling
+//! convention (`lock()` returns the guard; no poisoning).
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Mutex, RwLock};
+
+#[cfg(loom)]
+mod loom_locks {
+    /// `loom::sync::Mutex` with `parking_lot`'s signature.
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(v: T) -> Self {
+            Self(loom::sync::Mutex::new(v))
+        }
+        pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// `loom::sync::RwLock` with `parking_lot`'s signature.
+    #[derive(Debug, Default)]
+    pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
+
+    impl<T> RwLock<T> {
+        pub(crate) fn new(v: T) -> Self {
+            Self(loom::sync::RwLock::new(v))
+        }
+        pub(crate) fn read(&self) -> loom::sync::RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(|e| e.into_inner())
+        }
+        pub(crate) fn write(&self) -> loom::sync::RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+#[cfg(loom)]
+pub(crate) use loom_locks::{Mutex, RwLock};
+
+#[cfg(not(loom))]
+pub(crate) use std::thread::ThreadId;
+
+#[cfg(loom)]
+pub(crate) use loom::thread::ThreadId;
+
+/// The calling thread's id (loom's model thread under `cfg(loom)`).
+#[cfg(not(loom))]
+pub(crate) fn current_thread_id() -> ThreadId {
+    std::thread::current().id()
+}
+
+/// The calling thread's id (loom's model thread under `cfg(loom)`).
+#[cfg(loom)]
+pub(crate) fn current_thread_id() -> ThreadId {
+    loom::thread::current().id()
+}

@@ -1,0 +1,417 @@
+//! The connector core against the real kernel: registry, dispatcher, groups, requests,
+//! loss accounting and shutdown.
+//!
+//! Groups 12..=19 belong to this file, one per test, so parallel tests never hear each
+//! other; each test also uses its own idx.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnbus::connector::{Connector, Event, Match};
+use cnbus::sys::Dest;
+use cnbus::{CbId, CnMsg};
+use common::{kernel_socket, test_idx};
+
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+fn need_kernel(name: &str) -> bool {
+    kernel_socket(name).is_some()
+}
+
+/// Runs in a child process (see `two_processes_exchange_through_a_group`): publishes
+/// `count` numbered messages of `idx` (vals 1..=3) on `group`.
+#[test]
+fn child_publisher() {
+    let Ok(spec) = std::env::var("CNBUS_TEST_PUBLISH") else {
+        return;
+    };
+    let v: Vec<u32> = spec.split(',').map(|x| x.parse().unwrap()).collect();
+    let (group, idx, count) = (v[0], v[1], v[2]);
+    let bus = Connector::builder().spawn().unwrap();
+    for i in 0..count {
+        let id = CbId::new(idx, 1 + i % 3);
+        bus.send_numbered(id, format!("msg {i}").into_bytes(), Dest::Group(group))
+            .unwrap();
+    }
+    println!("child port {}", bus.port_id());
+}
+
+#[test]
+fn two_processes_exchange_through_a_group() {
+    if !need_kernel("two_processes_exchange_through_a_group") {
+        return;
+    }
+    let (group, idx) = (12, test_idx(10));
+    let bus = Connector::builder().spawn().unwrap();
+    let _sub = bus.subscribe(group).unwrap();
+    let (_reg, rx) = bus.channel(Match::Idx(idx), 1024);
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_publisher",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CNBUS_TEST_PUBLISH", format!("{group},{idx},30"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        let m = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("message from the other process");
+        assert_ne!(m.source.port, bus.port_id());
+        assert_eq!(m.source.group, group);
+        got.push(m);
+    }
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.msg.id, CbId::new(idx, 1 + i as u32 % 3));
+        assert_eq!(m.msg.data, format!("msg {i}").into_bytes());
+    }
+    assert_eq!(bus.stats().lost, 0);
+}
+
+#[test]
+fn wildcard_sees_every_val_and_exact_sees_one() {
+    if !need_kernel("wildcard_sees_every_val_and_exact_sees_one") {
+        return;
+    }
+    let (group, idx) = (13, test_idx(11));
+    let bus = Connector::builder().spawn().unwrap();
+    let _sub = bus.subscribe(group).unwrap();
+    let (_w, wild) = bus.channel(Match::Idx(idx), 64);
+    let (_e, exact) = bus.channel(CbId::new(idx, 2), 64);
+    let tx = Connector::builder().spawn().unwrap();
+    let msgs: Vec<CnMsg> = (1..=5)
+        .map(|v| CnMsg::new(CbId::new(idx, v), vec![v as u8]))
+        .collect();
+    assert_eq!(tx.send_batch(&msgs, Dest::Group(group)).unwrap(), 5);
+    let vals: Vec<u32> = (0..5)
+        .map(|_| {
+            wild.recv_timeout(Duration::from_secs(5))
+                .unwrap()
+                .msg
+                .id
+                .val
+        })
+        .collect();
+    assert_eq!(vals, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        exact
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .msg
+            .id
+            .val,
+        2
+    );
+    assert!(exact.recv_timeout(Duration::from_millis(100)).is_err());
+    let s = tx.stats();
+    assert_eq!(s.sent_messages, 5);
+    assert_eq!(
+        s.sent_datagrams, 1,
+        "five small messages share one datagram"
+    );
+}
+
+#[test]
+fn a_dropped_registration_stops_receiving_mid_stream() {
+    if !need_kernel("a_dropped_registration_stops_receiving_mid_stream") {
+        return;
+    }
+    let (group, id) = (14, CbId::new(test_idx(12), 1));
+    let bus = Connector::builder().spawn().unwrap();
+    let _sub = bus.subscribe(group).unwrap();
+    let counted = Arc::new(AtomicU64::new(0));
+    let c = counted.clone();
+    let reg = bus.register(id, move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+    });
+    let (_keep, all) = bus.channel(id, 4096);
+    let tx = Connector::builder().spawn().unwrap();
+    for _ in 0..100 {
+        tx.send_numbered(id, &b"x"[..], Dest::Group(group)).unwrap();
+    }
+    for _ in 0..100 {
+        all.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+    reg.unregister();
+    let at_drop = counted.load(Ordering::SeqCst);
+    assert_eq!(at_drop, 100);
+    for _ in 0..100 {
+        tx.send_numbered(id, &b"y"[..], Dest::Group(group)).unwrap();
+    }
+    for _ in 0..100 {
+        all.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+    assert_eq!(
+        counted.load(Ordering::SeqCst),
+        at_drop,
+        "no call after unregister returned"
+    );
+}
+
+#[test]
+fn registering_and_unregistering_from_inside_a_callback_does_not_deadlock() {
+    if !need_kernel("registering_and_unregistering_from_inside_a_callback_does_not_deadlock") {
+        return;
+    }
+    let (group, idx) = (14, test_idx(13));
+    let bus = Connector::builder().spawn().unwrap();
+    let _sub = bus.subscribe(group).unwrap();
+    let h = bus.handle();
+    let slot = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (s2, seen) = (slot.clone(), Arc::new(AtomicU64::new(0)));
+    let seen2 = seen.clone();
+    let first = bus.register(CbId::new(idx, 1), move |_| {
+        // Each message registers a fresh callback and drops the previous one.
+        let s = seen2.clone();
+        let reg = h.register(CbId::new(idx, 2), move |_| {
+            s.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut v = s2.lock();
+        v.clear(); // drops (unregisters) the older one, on the dispatcher thread
+        v.push(reg);
+    });
+    let tx = Connector::builder().spawn().unwrap();
+    for v in [1, 2, 1, 2] {
+        tx.send(
+            &CnMsg::new(CbId::new(idx, v), &b"z"[..]),
+            Dest::Group(group),
+        )
+        .unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(5), || seen
+        .load(Ordering::SeqCst)
+        == 2));
+    drop(first);
+    assert_eq!(bus.registry().len(), 1);
+    slot.lock().clear();
+    assert!(bus.registry().is_empty());
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_others() {
+    if !need_kernel("a_panicking_callback_does_not_stop_the_others") {
+        return;
+    }
+    let (group, id) = (15, CbId::new(test_idx(14), 1));
+    let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let bus = Connector::builder()
+        .on_event(move |e| ev.lock().push(e.clone()))
+        .spawn()
+        .unwrap();
+    let _sub = bus.subscribe(group).unwrap();
+    let _bad = bus.register(id, |m| {
+        if m.msg.data[0] % 2 == 0 {
+            panic!("callback fault on {}", m.msg.data[0]);
+        }
+    });
+    let (_good, rx) = bus.channel(id, 64);
+    let tx = Connector::builder().spawn().unwrap();
+    for i in 0..10u8 {
+        tx.send_numbered(id, vec![i], Dest::Group(group)).unwrap();
+    }
+    let got: Vec<u8> = (0..10)
+        .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap().msg.data[0])
+        .collect();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    assert_eq!(bus.stats().callback_panics, 5);
+    let panics = events
+        .lock()
+        .iter()
+        .filter(|e| matches!(e, Event::CallbackPanic { message, .. } if message.starts_with("callback fault")))
+        .count();
+    assert_eq!(panics, 5);
+}
+
+#[test]
+fn shutdown_returns_within_100ms_when_idle() {
+    if !need_kernel("shutdown_returns_within_100ms_when_idle") {
+        return;
+    }
+    let bus = Connector::builder().spawn().unwrap();
+    let _sub = bus.subscribe(16).unwrap();
+    std::thread::sleep(Duration::from_millis(50)); // let the dispatcher block in poll
+    let t = Instant::now();
+    bus.shutdown();
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(100), "shutdown took {took:?}");
+}
+
+#[test]
+fn groups_are_reference_counted() {
+    if !need_kernel("groups_are_reference_counted") {
+        return;
+    }
+    let (group, id) = (17, CbId::new(test_idx(15), 1));
+    let bus = Connector::builder().spawn().unwrap();
+    let (_r, rx) = bus.channel(id, 64);
+    let a = bus.subscribe(group).unwrap();
+    let b = bus.subscribe(group).unwrap();
+    assert_eq!(bus.subscribers(group), 2);
+    let tx = Connector::builder().spawn().unwrap();
+    drop(a);
+    tx.send(&CnMsg::new(id, &b"1"[..]), Dest::Group(group))
+        .unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "still a member"
+    );
+    drop(b);
+    assert_eq!(bus.subscribers(group), 0);
+    tx.send(&CnMsg::new(id, &b"2"[..]), Dest::Group(group))
+        .unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "left the group"
+    );
+    assert!(matches!(
+        bus.subscribe(0),
+        Err(cnbus::Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn kernel_owned_ids_and_groups_are_refused_for_multicast() {
+    if !need_kernel("kernel_owned_ids_and_groups_are_refused_for_multicast") {
+        return;
+    }
+    let bus = Connector::builder().spawn().unwrap();
+    let e = bus
+        .send(&CnMsg::new(CbId::new(1, 1), &b"x"[..]), Dest::Group(18))
+        .unwrap_err();
+    assert!(matches!(e, cnbus::Error::KernelOwned { .. }), "{e}");
+    let e = bus
+        .send(
+            &CnMsg::new(CbId::new(test_idx(16), 1), &b"x"[..]),
+            Dest::Group(5),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::KernelOwned { group: 5, .. }),
+        "{e}"
+    );
+    assert_eq!(bus.stats().sent_messages, 0);
+}
+
+#[test]
+fn request_gets_the_reply_by_seq_and_ack() {
+    if !need_kernel("request_gets_the_reply_by_seq_and_ack") {
+        return;
+    }
+    let id = CbId::new(test_idx(17), 9);
+    let server = Connector::builder().spawn().unwrap();
+    let h = server.handle();
+    let _svc = server.register(id, move |m| {
+        let mut reply = CnMsg::new(id, [&b"re: "[..], &m.msg.data[..]].concat());
+        reply.seq = m.msg.seq;
+        reply.ack = m.msg.ack + 1;
+        h.send(&reply, Dest::Port(m.source.port)).unwrap();
+    });
+    let client = Connector::builder().spawn().unwrap();
+    let (_other, unmatched) = client.channel(id, 8);
+    for i in 0..3 {
+        let seq = client.next_seq(id);
+        let req = CnMsg::new(id, format!("q{i}").into_bytes()).with_seq(seq, 100);
+        let r = client
+            .request(&req, Dest::Port(server.port_id()), Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(r.msg.data, format!("re: q{i}").into_bytes());
+        assert_eq!((r.msg.seq, r.msg.ack), (seq, 101));
+        assert_eq!(r.source.port, server.port_id());
+    }
+    assert!(
+        unmatched.try_recv().is_err(),
+        "replies go to the requester only"
+    );
+    assert_eq!(client.stats().replies, 3);
+    let silent = CnMsg::new(CbId::new(test_idx(18), 1), &b"?"[..]).with_seq(1, 0);
+    let e = client
+        .request(
+            &silent,
+            Dest::Port(server.port_id()),
+            Duration::from_millis(50),
+        )
+        .unwrap_err();
+    assert!(matches!(e, cnbus::Error::TimedOut { .. }));
+}
+
+/// A small receive buffer, a slow callback and a fast sender: the kernel drops
+/// datagrams, the connector sees ENOBUFS, and sequence gaps count exactly what was lost.
+#[test]
+fn loss_is_counted_exactly_with_a_small_buffer() {
+    if !need_kernel("loss_is_counted_exactly_with_a_small_buffer") {
+        return;
+    }
+    let (group, id) = (19, CbId::new(test_idx(19), 1));
+    let overruns = Arc::new(AtomicU64::new(0));
+    let o = overruns.clone();
+    let rx_bus = Connector::builder()
+        .recv_buffer(8 << 10)
+        .on_event(move |e| {
+            if matches!(e, Event::Overrun) {
+                o.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .spawn()
+        .unwrap();
+    let _sub = rx_bus.subscribe(group).unwrap();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let d = delivered.clone();
+    let _reg = rx_bus.register(id, move |_| {
+        if d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let tx = Connector::builder().spawn().unwrap();
+    let n = 20_000u64;
+    for _ in 0..n {
+        tx.send_numbered(id, vec![0u8; 64], Dest::Group(group))
+            .unwrap();
+    }
+    // A final message once the receiver has drained, so a loss at the tail shows as a gap.
+    std::thread::sleep(Duration::from_millis(300));
+    tx.send_numbered(id, vec![1u8; 64], Dest::Group(group))
+        .unwrap();
+    let sent = n + 1;
+    assert!(wait_for(Duration::from_secs(10), || {
+        delivered.load(Ordering::SeqCst) + rx_bus.stats().lost == sent
+    }));
+    let s = rx_bus.stats();
+    let got = delivered.load(Ordering::SeqCst);
+    assert!(s.overruns > 0, "the test must provoke loss: {s:?}");
+    assert!(s.lost > 0);
+    assert_eq!(
+        got + s.lost,
+        sent,
+        "delivered {got} + lost {} != sent {sent}",
+        s.lost
+    );
+    assert_eq!(
+        overruns.load(Ordering::SeqCst),
+        s.overruns,
+        "every overrun is reported"
+    );
+    assert_eq!(s.reordered, 0);
+    eprintln!(
+        "sent {sent}, delivered {got}, lost {}, overruns {}",
+        s.lost, s.overruns
+    );
+}
