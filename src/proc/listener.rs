@@ -294,6 +294,7 @@ impl ProcListenerBuilder {
             req_seq: 0,
             ignored: false,
             warning: foreign,
+            drained: false,
         };
         if foreign.is_some() {
             // The kernel drops the request; sending it costs nothing and keeps Drop simple.
@@ -484,6 +485,8 @@ pub struct ProcListener {
     req_seq: u32,
     ignored: bool,
     warning: Option<&'static str>,
+    /// The last read found the socket's queue empty.
+    drained: bool,
 }
 
 impl ProcListener {
@@ -579,8 +582,9 @@ impl ProcListener {
                 return Err(Error::Closed);
             }
             // Read first and poll only when the queue is empty: under load, one system call
-            // per datagram.
-            if self.fill()? {
+            // per datagram. Right after a read found the queue empty, a blocking call polls
+            // straight away instead of reading again.
+            if (!self.drained || timeout == Some(Duration::ZERO)) && self.fill()? {
                 continue;
             }
             let left = match deadline {
@@ -594,6 +598,7 @@ impl ProcListener {
                 }
             };
             poll_read(&self.sock, &self.shared.wake, left)?;
+            self.drained = false;
         }
     }
 
@@ -635,7 +640,9 @@ impl ProcListener {
     fn fill(&mut self) -> Result<bool> {
         self.buf.clear();
         self.buf.reserve(RECV_CHUNK);
-        match self.sock.recv(&mut self.buf, true) {
+        let r = self.sock.recv(&mut self.buf, true);
+        self.drained = matches!(r, Ok(None));
+        match r {
             Ok(Some(meta)) => {
                 self.core.datagram(&self.buf[..meta.len], meta);
                 Ok(true)
