@@ -469,25 +469,24 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
             (seen, reference.close())
         })
     };
-    // ...and a listener with the smallest buffer, left unread during a burst.
+    // ...and a listener with the smallest buffer, left unread during a burst. This thread
+    // and its children stay on one CPU, so the burst's events (and drops) are on a CPU
+    // whose sequence has a baseline, and the events after the burst reveal the gap there.
+    let cpu = cnbus::sys::current_cpu().unwrap_or(0);
+    cnbus::sys::pin_current_thread(cpu).unwrap();
     let mut small = ProcListener::builder()
         .include_acks(true)
         .recv_buffer(0)
         .open()
         .unwrap();
-    for _ in 0..40 {
-        Command::new("/bin/true").status().unwrap();
-    }
     let mut got = Seen::new();
     let (mut overruns, mut gap_sum) = (0u64, 0u64);
-    // A gap shows when the next event of its CPU arrives: read what is queued, make a few
-    // more events (on whichever CPUs), and read again. Each round stops when the stream is
-    // quiet or after 2 s (the host may be busy).
-    for round in 0..2 {
+    let mut read = |small: &mut ProcListener| {
+        // Until the stream is quiet, or 2 s at most (the host may be busy).
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             let Some(r) = small
-                .recv_timeout(Some(Duration::from_millis(300)))
+                .recv_timeout(Some(Duration::from_millis(200)))
                 .unwrap()
             else {
                 break;
@@ -500,12 +499,16 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
                 Received::Lost(Loss::Gap { count, .. }) => gap_sum += u64::from(count),
             }
         }
-        if round == 0 {
-            for _ in 0..3 {
-                Command::new("/bin/true").status().unwrap();
-            }
-        }
+    };
+    // Baseline, burst, then one more process whose events reveal the gap.
+    Command::new("/bin/true").status().unwrap();
+    read(&mut small);
+    for _ in 0..40 {
+        Command::new("/bin/true").status().unwrap();
     }
+    read(&mut small);
+    Command::new("/bin/true").status().unwrap();
+    read(&mut small);
     let stats = small.close().unwrap();
     stop.store(true, Ordering::SeqCst);
     assert!(overruns >= 1, "a burst into the minimum buffer overflows");
@@ -600,4 +603,47 @@ fn channel_delivers_and_stops() {
     let stats = ch.close();
     assert!(stop.is_shutdown());
     assert!(stats.events >= 1);
+}
+
+#[test]
+fn outside_the_initial_netns_the_listener_says_why() {
+    if kernel_socket("outside_the_initial_netns_the_listener_says_why").is_none() {
+        return;
+    }
+    let r = std::thread::spawn(|| {
+        // SAFETY: unshare(CLONE_NEWNET) only changes this thread's network namespace; the
+        // thread ends right after, so no other code runs in the new namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        ProcListener::open().map(drop)
+    })
+    .join()
+    .unwrap();
+    let e = r.expect_err("no proc connector outside the initial netns");
+    assert!(matches!(e, cnbus::Error::NoKernelConnector { .. }), "{e:?}");
+    assert!(e.to_string().contains("initial network namespace"), "{e}");
+}
+
+#[test]
+fn explicit_kernel_filter_mode() {
+    let Some(_probe) = kernel_socket("explicit_kernel_filter_mode") else {
+        return;
+    };
+    let r = ProcListener::builder()
+        .events(EventSet::EXEC | EventSet::EXIT)
+        .filter_mode(FilterMode::Kernel)
+        .open();
+    if cnbus::sys::kernel_at_least(6, 6) {
+        let l = r.unwrap();
+        assert_eq!(l.filtering(), Filtering::Kernel);
+        assert_eq!(l.events(), EventSet::EXEC | EventSet::EXIT);
+    } else {
+        let e = r.expect_err("no proc_input before 6.6");
+        assert!(e.to_string().contains("proc_input"), "{e}");
+    }
+    // An empty set is refused rather than silently meaning "everything".
+    assert!(matches!(
+        ProcListener::builder().events(EventSet::EMPTY).open(),
+        Err(cnbus::Error::InvalidArgument(_))
+    ));
 }

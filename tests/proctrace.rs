@@ -13,6 +13,26 @@ fn kernel(test: &str) -> bool {
     common::kernel_socket(test).is_some()
 }
 
+/// Waits until process `pid` has a connector socket in group 1 (`/proc/net/netlink`: the
+/// first socket of a process gets the pid as its port id), then a little longer for its
+/// LISTEN, which follows the join immediately.
+fn wait_subscribed(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let table = std::fs::read_to_string("/proc/net/netlink").unwrap_or_default();
+        let joined = table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == "11" && f[2] == pid.to_string() && f[3] == "00000001"
+        });
+        if joined {
+            std::thread::sleep(Duration::from_millis(100));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("proctrace {pid} did not join the proc connector's group");
+}
+
 #[test]
 fn help_and_usage_errors() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -40,7 +60,7 @@ fn json_lines_with_kernel_filtered_events() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_subscribed(tracer.id());
     let mut ok = Command::new("/bin/sh")
         .args(["-c", "exit 0"])
         .spawn()
@@ -100,7 +120,7 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_subscribed(tracer.id());
     Command::new("/bin/true").status().unwrap();
     // SAFETY: sends SIGTERM to our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
