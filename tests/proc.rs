@@ -647,3 +647,42 @@ fn explicit_kernel_filter_mode() {
         Err(cnbus::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn thread_creation_and_exit() {
+    let Some(mut l) = open("thread_creation_and_exit", ProcListener::builder()) else {
+        return;
+    };
+    // SAFETY: gettid has no arguments.
+    let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32)
+        .join()
+        .unwrap();
+    let evs = collect(&mut l, |evs| exit_of(evs, tid).is_some());
+    let (parent, child) = evs
+        .iter()
+        .find_map(|e| match e.body {
+            EventBody::Fork { parent, child } if child.pid == tid => Some((parent, child)),
+            _ => None,
+        })
+        .expect("the thread's creation");
+    assert_eq!(child.tgid, my_pid());
+    assert!(child.is_thread());
+    // The kernel reports the process's own parent for a new thread.
+    // SAFETY: getppid has no arguments.
+    assert_eq!(parent.tgid, unsafe { libc::getppid() } as u32);
+    let EventBody::Exit {
+        process,
+        status,
+        exit_signal,
+        ..
+    } = exit_of(&evs, tid).unwrap().body
+    else {
+        unreachable!()
+    };
+    assert_eq!(process.tgid, my_pid());
+    assert!(status.success());
+    assert_eq!(
+        exit_signal, -1,
+        "a thread that is not the leader signals no one"
+    );
+}

@@ -358,20 +358,23 @@ impl Tracer {
                 let _ = write!(fields, ",\"err\":{err}");
             }
             EventBody::Fork { parent, child } => {
-                let pname = self.name_of(parent.tgid);
-                name = pname.clone();
                 if child.is_thread() {
+                    // A new thread of process child.tgid. (The kernel reports the process's
+                    // own parent as the thread's parent.)
                     kind_name = "clone";
+                    name = self.name_of(child.tgid);
                     let _ = write!(info, "thread {}", child.pid);
                 } else {
+                    let pname = self.name_of(parent.tgid);
                     let _ = write!(info, "parent {}", parent.tgid);
                     self.cache.insert(
                         child.tgid,
                         ProcInfo {
-                            name: pname,
+                            name: pname.clone(),
                             start_ns: Some(ev.timestamp_ns),
                         },
                     );
+                    name = pname;
                 }
                 task_json(&mut fields, "parent", parent);
             }
@@ -535,8 +538,10 @@ impl Tracer {
             };
             let _ = write!(
                 line,
-                " {kind_name:<8} {:>7} {:<24} {dur:>9} {name}",
-                subject.tgid, info
+                " {kind_name:<8} {:>7} {:<24} {dur:>9} {}",
+                subject.tgid,
+                printable(&info),
+                printable(&name)
             );
         }
     }
@@ -649,6 +654,19 @@ impl Tracer {
             );
         }
         s
+    }
+}
+
+/// `s` with control characters (a newline in an argument, say) shown as `?`, so that one
+/// event stays one line of text.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
     }
 }
 

@@ -447,11 +447,13 @@ pub enum EventBody {
         /// 0 on success, else a positive errno (22 `EINVAL`: unknown op).
         err: u32,
     },
-    /// A task was created.
+    /// A task was created: a process (`child.pid == child.tgid`) or a thread of process
+    /// `child.tgid`.
     Fork {
-        /// The real parent.
+        /// The new task's real parent. For a new thread the kernel gives the real parent of
+        /// its whole process (`CLONE_THREAD` reuses it), not the thread that created it.
         parent: Task,
-        /// The new task (`child.tgid == parent.tgid` for a new thread).
+        /// The new task.
         child: Task,
     },
     /// A successful `execve`.
