@@ -274,11 +274,9 @@ impl ProcListenerBuilder {
             sock,
             buf: BytesMut::with_capacity(RECV_CHUNK),
             core: Core {
-                events,
-                acks: self.acks,
-                seq: Some(SeqTracker::new()),
+                dec: ProcDecoder::new(events, true).with_acks(self.acks),
                 pending: VecDeque::new(),
-                c: Counters::default(),
+                dropped: 0,
                 awaiting_ack: None,
                 ack_result: None,
             },
@@ -311,7 +309,7 @@ impl ProcListenerBuilder {
             if l.request_and_wait(Some(EventSet::ALL), self.ack_timeout)? {
                 l.send_request(McastOp::Listen, Some(events))?;
                 l.filtering = Filtering::Kernel;
-                l.core.seq = None;
+                l.core.dec.seq = None;
                 return Ok(l);
             }
             if self.mode == FilterMode::Kernel {
@@ -336,25 +334,200 @@ impl ProcListenerBuilder {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    events: u64,
+/// The decoding half of a listener, for any receive path: checks the sender, decodes,
+/// tracks per-CPU sequence gaps, applies the event set with the kernel's rules, and counts.
+///
+/// [`ProcListener`] uses it on its own socket. A callback registered for [`CbId::PROC`] on a
+/// [`Connector`](crate::connector::Connector) can use it the same way (the connector's
+/// `Event::Overrun` then goes to [`record_overrun`](Self::record_overrun), and `LISTEN` /
+/// `IGNORE` are sent with [`request`](super::request)):
+///
+/// ```no_run
+/// use cnbus::connector::Connector;
+/// use cnbus::proc::{EventSet, ProcDecoder, Received};
+/// use cnbus::CbId;
+///
+/// # fn main() -> cnbus::Result<()> {
+/// let bus = Connector::builder().spawn()?;
+/// let _group = bus.subscribe(1)?;
+/// let mut dec = ProcDecoder::new(EventSet::ALL, true);
+/// let _reg = bus.register(CbId::PROC, move |r| {
+///     for item in dec.decode(r.source.port, &r.msg) {
+///         match item {
+///             Received::Event(ev) => println!("{:?}", ev.body),
+///             Received::Lost(loss) => eprintln!("lost {loss:?}"),
+///         }
+///     }
+/// });
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ProcDecoder {
+    events: EventSet,
+    acks: bool,
+    seq: Option<SeqTracker>,
+    delivered: u64,
     overruns: u64,
     spoofed: u64,
     decode_errors: u64,
     filtered: u64,
-    dropped: u64,
     last_decode_error: Option<DecodeError>,
+}
+
+/// What [`ProcDecoder::decode`] made of one message. Iterating yields the loss report (if
+/// any) and then the event (if it passed the filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Decoded {
+    /// Events lost just before this message: a per-CPU sequence gap.
+    pub lost: Option<Loss>,
+    /// The event, when it came from the kernel and passed the event set.
+    pub event: Option<ProcEvent>,
+    /// A kernel ACK carried by this message, delivered or not: `(cn_msg.ack, err)`.
+    pub ack: Option<(u32, u32)>,
+}
+
+impl IntoIterator for Decoded {
+    type Item = Received;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<Received>, 2>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [
+            self.lost.map(Received::Lost),
+            self.event.map(Received::Event),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+impl ProcDecoder {
+    /// A decoder delivering `events` (ACKs only with [`EventSet::ALL`] and
+    /// [`with_acks`](Self::with_acks)). `track_gaps`: count per-CPU sequence gaps as lost
+    /// events; turn it off when the kernel filters what this socket receives, since the
+    /// filtered events leave gaps too.
+    pub fn new(events: EventSet, track_gaps: bool) -> Self {
+        Self {
+            events,
+            acks: false,
+            seq: track_gaps.then(SeqTracker::new),
+            delivered: 0,
+            overruns: 0,
+            spoofed: 0,
+            decode_errors: 0,
+            filtered: 0,
+            last_decode_error: None,
+        }
+    }
+
+    /// Also deliver ACKs as events (when the event set is [`EventSet::ALL`], as the kernel).
+    pub fn with_acks(mut self, on: bool) -> Self {
+        self.acks = on;
+        self
+    }
+
+    /// The event set.
+    pub fn events(&self) -> EventSet {
+        self.events
+    }
+
+    /// Decodes one connector message received from port id `port`. Messages not from the
+    /// kernel (port ≠ 0) are counted as spoofed; messages for other ids are ignored; data
+    /// that does not decode is counted.
+    pub fn decode(&mut self, port: u32, msg: &crate::codec::CnMsg) -> Decoded {
+        self.decode_parts(port, msg.id, msg.seq, msg.ack, &msg.data, 0)
+    }
+
+    /// Records an `ENOBUFS` (receive-queue overflow) seen by the receive path.
+    pub fn record_overrun(&mut self) {
+        self.overruns += 1;
+    }
+
+    /// Records a malformed datagram from port id `port` (counted as spoofed when a
+    /// user-space port sent it).
+    pub fn record_decode_error(&mut self, port: u32, e: DecodeError) {
+        if port != 0 {
+            self.spoofed += 1;
+        } else {
+            self.decode_errors += 1;
+            self.last_decode_error = Some(e);
+        }
+    }
+
+    /// The counters. `dropped` is always 0 here (the decoder queues nothing).
+    pub fn stats(&self) -> LossStats {
+        let seq = self.seq.as_ref();
+        LossStats {
+            events: self.delivered,
+            overruns: self.overruns,
+            seq_lost: seq.map(SeqTracker::lost),
+            lost_per_cpu: seq.map(SeqTracker::lost_per_cpu).unwrap_or_default(),
+            seq_backwards: seq.map(SeqTracker::backwards).unwrap_or(0),
+            spoofed: self.spoofed,
+            decode_errors: self.decode_errors,
+            filtered: self.filtered,
+            dropped: 0,
+        }
+    }
+
+    /// The last decode error of a kernel message.
+    pub fn last_decode_error(&self) -> Option<DecodeError> {
+        self.last_decode_error
+    }
+
+    fn decode_parts(
+        &mut self,
+        port: u32,
+        id: CbId,
+        seq: u32,
+        ack: u32,
+        data: &[u8],
+        at: usize,
+    ) -> Decoded {
+        let mut out = Decoded::default();
+        if port != 0 {
+            // Only the kernel sends from port 0: a user-space process multicasting on the
+            // proc group.
+            self.spoofed += 1;
+            return out;
+        }
+        if id != CbId::PROC {
+            return out;
+        }
+        let mut ev = match ProcEvent::parse_at(data, at) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.record_decode_error(port, e);
+                return out;
+            }
+        };
+        ev.seq = seq;
+        ev.ack = ack;
+        if let Some(t) = &mut self.seq {
+            if let SeqCheck::Gap(count) = t.observe(ev.cpu, ev.seq) {
+                out.lost = Some(Loss::Gap { cpu: ev.cpu, count });
+            }
+        }
+        if let EventBody::Ack { err } = ev.body {
+            out.ack = Some((ack, err));
+            if !self.acks || !self.events.matches(&ev) {
+                return out;
+            }
+        } else if !self.events.matches(&ev) {
+            self.filtered += 1;
+            return out;
+        }
+        self.delivered += 1;
+        out.event = Some(ev);
+        out
+    }
 }
 
 /// The receive pipeline, apart from the socket and its buffer.
 #[derive(Debug)]
 struct Core {
-    events: EventSet,
-    acks: bool,
-    seq: Option<SeqTracker>,
+    dec: ProcDecoder,
     pending: VecDeque<Received>,
-    c: Counters,
+    dropped: u64,
     /// The `cn_msg.ack` of the ACK being waited for.
     awaiting_ack: Option<u32>,
     /// The error code of that ACK, once it arrived.
@@ -364,18 +537,9 @@ struct Core {
 impl Core {
     fn push(&mut self, r: Received) {
         if self.pending.len() >= MAX_PENDING {
-            self.c.dropped += 1;
+            self.dropped += 1;
         } else {
             self.pending.push_back(r);
-        }
-    }
-
-    fn decode_error(&mut self, e: DecodeError, meta: RecvMeta) {
-        if meta.port != 0 {
-            self.c.spoofed += 1;
-        } else {
-            self.c.decode_errors += 1;
-            self.c.last_decode_error = Some(e);
         }
     }
 
@@ -385,18 +549,19 @@ impl Core {
         while pos < d.len() {
             let nl = match NlmsgBuffer::checked_at(&d[pos..], pos) {
                 Ok(nl) => nl,
-                Err(e) => return self.decode_error(e, meta),
+                Err(e) => return self.dec.record_decode_error(meta.port, e),
             };
             let h = nl.header();
             if h.ty == NLMSG_DONE {
                 let at = pos + NLMSG_HDRLEN;
                 match CnMsgBuffer::checked_at(nl.payload(), at) {
                     Ok(cn) => self.message(meta, cn.header(), cn.data(), at + CN_MSG_HDRLEN),
-                    Err(e) => self.decode_error(e, meta),
+                    Err(e) => self.dec.record_decode_error(meta.port, e),
                 }
             } else if !h.is_control() {
                 // The connector frames every data message as NLMSG_DONE.
-                self.decode_error(
+                self.dec.record_decode_error(
+                    meta.port,
                     DecodeError::new(
                         pos + 4,
                         DecodeErrorKind::UnknownValue {
@@ -404,7 +569,6 @@ impl Core {
                             value: u32::from(h.ty),
                         },
                     ),
-                    meta,
                 );
             }
             pos = pos.saturating_add(nlmsg_align(h.len as usize));
@@ -412,39 +576,17 @@ impl Core {
     }
 
     fn message(&mut self, meta: RecvMeta, h: CnHeader, data: &[u8], at: usize) {
-        if meta.port != 0 {
-            // Only the kernel sends from port 0: this is a user-space process multicasting on
-            // the proc group.
-            self.c.spoofed += 1;
-            return;
-        }
-        if h.id != CbId::PROC {
-            return;
-        }
-        let mut ev = match ProcEvent::parse_at(data, at) {
-            Ok(ev) => ev,
-            Err(e) => return self.decode_error(e, meta),
-        };
-        ev.seq = h.seq;
-        ev.ack = h.ack;
-        if let Some(t) = &mut self.seq {
-            if let SeqCheck::Gap(count) = t.observe(ev.cpu, ev.seq) {
-                self.push(Received::Lost(Loss::Gap { cpu: ev.cpu, count }));
-            }
-        }
-        if let EventBody::Ack { err } = ev.body {
-            if self.awaiting_ack == Some(ev.ack) && self.ack_result.is_none() {
+        let d = self
+            .dec
+            .decode_parts(meta.port, h.id, h.seq, h.ack, data, at);
+        if let Some((ack, err)) = d.ack {
+            if self.awaiting_ack == Some(ack) && self.ack_result.is_none() {
                 self.ack_result = Some(err);
             }
-            if !self.acks || !self.events.matches(&ev) {
-                return;
-            }
-        } else if !self.events.matches(&ev) {
-            self.c.filtered += 1;
-            return;
         }
-        self.c.events += 1;
-        self.push(Received::Event(ev));
+        for r in d {
+            self.push(r);
+        }
     }
 }
 
@@ -502,7 +644,7 @@ impl ProcListener {
 
     /// The event set.
     pub fn events(&self) -> EventSet {
-        self.core.events
+        self.core.dec.events
     }
 
     /// How events are filtered (decided when opening).
@@ -534,25 +676,16 @@ impl ProcListener {
 
     /// The counters so far.
     pub fn stats(&self) -> LossStats {
-        let c = &self.core.c;
-        let seq = self.core.seq.as_ref();
         LossStats {
-            events: c.events,
-            overruns: c.overruns,
-            seq_lost: seq.map(SeqTracker::lost),
-            lost_per_cpu: seq.map(SeqTracker::lost_per_cpu).unwrap_or_default(),
-            seq_backwards: seq.map(SeqTracker::backwards).unwrap_or(0),
-            spoofed: c.spoofed,
-            decode_errors: c.decode_errors,
-            filtered: c.filtered,
-            dropped: c.dropped,
+            dropped: self.core.dropped,
+            ..self.core.dec.stats()
         }
     }
 
     /// The last decode error of a kernel message, if any (they are counted in
     /// [`LossStats::decode_errors`] and otherwise skipped).
     pub fn last_decode_error(&self) -> Option<DecodeError> {
-        self.core.c.last_decode_error
+        self.core.dec.last_decode_error()
     }
 
     /// Waits for the next event or loss report. Returns [`Error::Closed`] after
@@ -649,13 +782,13 @@ impl ProcListener {
             }
             Ok(None) => Ok(false),
             Err(Error::Overrun { .. }) => {
-                self.core.c.overruns += 1;
+                self.core.dec.record_overrun();
                 self.core.push(Received::Lost(Loss::Overrun));
                 Ok(true)
             }
             // No kernel proc datagram comes near 64 KiB: some user-space sender's.
             Err(Error::Truncated { .. }) => {
-                self.core.c.spoofed += 1;
+                self.core.dec.spoofed += 1;
                 Ok(true)
             }
             Err(e) => Err(e),
@@ -680,11 +813,11 @@ impl ProcListener {
     /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
     fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
         for _ in 0..3 {
-            let overruns = self.core.c.overruns;
+            let overruns = self.core.dec.overruns;
             if self.request_and_wait_once(filter, timeout)? {
                 return Ok(true);
             }
-            if self.core.c.overruns == overruns {
+            if self.core.dec.overruns == overruns {
                 return Ok(false);
             }
         }
@@ -868,5 +1001,75 @@ impl ProcChannel {
 impl Drop for ProcChannel {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::CnMsg;
+
+    fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
+        let mut d = Vec::new();
+        d.extend_from_slice(&what.to_ne_bytes());
+        d.extend_from_slice(&cpu.to_ne_bytes());
+        d.extend_from_slice(&7u64.to_ne_bytes());
+        for w in body {
+            d.extend_from_slice(&w.to_ne_bytes());
+        }
+        d.resize(40, 0);
+        CnMsg::new(CbId::PROC, d).with_seq(seq, 0)
+    }
+
+    #[test]
+    fn decoder_checks_sender_gaps_filter_and_acks() {
+        let mut dec = ProcDecoder::new(EventSet::NONZERO_EXIT, true);
+        // Spoofed: counted, nothing delivered, not part of the sequence.
+        assert_eq!(
+            dec.decode(77, &msg(1, 0, 500, &[1, 1, 2, 2])),
+            Decoded::default()
+        );
+        assert!(dec.decode(0, &msg(1, 0, 10, &[1, 1, 2, 2])).event.is_none());
+        // A zero exit is filtered; a non-zero one after a gap of 2 is delivered after the
+        // loss report.
+        assert!(dec
+            .decode(0, &msg(0x8000_0000, 0, 11, &[5, 5, 0, 17]))
+            .event
+            .is_none());
+        let items: Vec<Received> = dec
+            .decode(0, &msg(0x8000_0000, 0, 14, &[6, 6, 0x100, 17]))
+            .into_iter()
+            .collect();
+        assert!(matches!(
+            items[..],
+            [
+                Received::Lost(Loss::Gap { cpu: 0, count: 2 }),
+                Received::Event(_)
+            ]
+        ));
+        // ACKs are reported for matching but not delivered to a filtered set.
+        let mut ack = msg(0, 1, 3, &[0]);
+        ack.ack = 42;
+        let d = dec.decode(0, &ack);
+        assert_eq!(d.ack, Some((42, 0)));
+        assert!(d.event.is_none());
+        // Garbage from the kernel is counted as a decode error.
+        let mut bad = msg(3, 0, 15, &[]);
+        bad.data = bad.data.slice(..8);
+        assert_eq!(dec.decode(0, &bad), Decoded::default());
+        let s = dec.stats();
+        assert_eq!(
+            (s.events, s.spoofed, s.filtered, s.decode_errors, s.seq_lost),
+            (1, 1, 2, 1, Some(2))
+        );
+        assert!(dec.last_decode_error().is_some());
+        // Without gap tracking, no gap is reported and the count is unknown after an overrun.
+        let mut k = ProcDecoder::new(EventSet::ALL, false).with_acks(true);
+        k.decode(0, &msg(1, 0, 1, &[1, 1, 2, 2]));
+        let d = k.decode(0, &msg(1, 0, 9, &[1, 1, 3, 3]));
+        assert!(d.lost.is_none() && d.event.is_some());
+        assert!(k.decode(0, &ack).event.is_some(), "ACKs delivered with ALL");
+        k.record_overrun();
+        assert_eq!(k.stats().lost(), None);
     }
 }

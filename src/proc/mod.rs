@@ -8,8 +8,10 @@
 //!   reports lost events (`ENOBUFS`, and exact per-CPU sequence gaps when unfiltered), and
 //!   sends `IGNORE` on drop. Use it as an iterator, or move it to a thread feeding a bounded
 //!   channel ([`ProcListener::into_channel`]).
-//! * [`SeqTracker`]: the per-CPU gap counter, for other receive paths (a connector-registry
-//!   callback built on [`ProcEvent::from_kernel`]).
+//! * [`ProcDecoder`]: the listener's decoding half (sender check, decoding, gap tracking,
+//!   filtering, counters) for other receive paths, such as a callback registered for
+//!   [`CbId::PROC`](crate::CbId::PROC) on a [`Connector`](crate::connector::Connector);
+//!   [`ProcEvent::from_kernel`] and [`SeqTracker`] are its parts.
 //!
 //! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
 
@@ -22,7 +24,7 @@ pub use event::{
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
 pub use listener::{
-    FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcListener, ProcListenerBuilder,
-    Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
+    Decoded, FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcDecoder, ProcListener,
+    ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
 };
 pub use seq::{SeqCheck, SeqTracker};
