@@ -686,3 +686,46 @@ fn thread_creation_and_exit() {
         "a thread that is not the leader signals no one"
     );
 }
+
+#[test]
+fn acks_are_numbered_in_the_per_cpu_sequence() {
+    // Verified fact (Linux 6.x): the ACK routine's cpu = -1 and seq = request seq are
+    // overwritten by the common send path, so ACKs carry the real CPU and consume a number
+    // of that CPU's counter. A listener that receives everything therefore sees no gap
+    // around them.
+    let Some(mut l) = open(
+        "acks_are_numbered_in_the_per_cpu_sequence",
+        ProcListener::builder().include_acks(true),
+    ) else {
+        return;
+    };
+    let mut acks_wanted = BTreeSet::new();
+    for _ in 0..3 {
+        let other = ProcListener::open().unwrap();
+        acks_wanted.insert(other.port_id().wrapping_add(1));
+    }
+    Command::new("/bin/true").status().unwrap();
+    let mut seen_acks = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline && seen_acks.len() < 6 {
+        match l.recv_timeout(Some(Duration::from_millis(300))).unwrap() {
+            Some(Received::Event(e)) if e.is_ack() && acks_wanted.contains(&e.ack) => {
+                seen_acks.push(e)
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    // Each of the three listeners got an ACK to LISTEN and, on drop, to IGNORE.
+    assert_eq!(seen_acks.len(), 6, "{seen_acks:?}");
+    for a in &seen_acks {
+        assert!(a.cpu < 8192, "ACK cpu is a real CPU, not -1: {a:?}");
+        assert_ne!(
+            a.seq, 0,
+            "ACK seq is the CPU counter, not the request's seq 0"
+        );
+    }
+    let s = l.stats();
+    assert_eq!(s.seq_lost, Some(0), "{s:?}");
+    assert_eq!(s.seq_backwards, 0, "{s:?}");
+}
