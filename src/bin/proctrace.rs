@@ -38,7 +38,9 @@ OPTIONS:
                          Filtered in the kernel on Linux 6.6+, in user space before.
     -j, --json           one JSON object per line instead of text columns
     -d, --duration SECS  stop after SECS seconds (fractions allowed)
-    -s, --stats          at the end, print per-process event counts and loss totals (stderr)
+    -s, --stats          at the end, also print loss per CPU and event counts per program
+                         (the one-line summary of events and losses is always printed
+                         to stderr on exit)
     -b, --buffer BYTES   socket receive buffer to ask for (suffix K or M; default 16M)
         --allow-foreign-namespace
                          run even outside the initial pid/user namespace (events then
@@ -812,13 +814,10 @@ fn main() -> ExitCode {
     let elapsed = started.elapsed();
     // Sends IGNORE.
     drop(listener);
-    let summary = t.summary(&stats, elapsed, filtering);
-    let lost_any = stats.lost() != Some(0);
-    if t.args.stats || lost_any {
-        eprint!("{summary}");
-    }
+    // The summary line always goes to stderr; the tables only with --stats.
+    eprint!("{}", t.summary(&stats, elapsed, filtering));
     let sig = caught.load(Ordering::SeqCst);
-    if sig != 0 && t.args.stats {
+    if sig != 0 {
         eprintln!("proctrace: stopped by signal {sig}");
     }
     status
