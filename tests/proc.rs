@@ -482,8 +482,8 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     let mut got = Seen::new();
     let (mut overruns, mut gap_sum) = (0u64, 0u64);
     let mut read = |small: &mut ProcListener| {
-        // Until the stream is quiet, or 2 s at most (the host may be busy).
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // Until the stream is quiet, or 1 s at most (the host may be busy).
+        let deadline = Instant::now() + Duration::from_secs(1);
         while Instant::now() < deadline {
             let Some(r) = small
                 .recv_timeout(Some(Duration::from_millis(200)))
