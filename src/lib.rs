@@ -13,6 +13,7 @@
 //! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
+//! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
 //!
 //! ## Quick start: one message over the raw socket
@@ -42,6 +43,7 @@
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+pub mod bus;
 pub mod codec;
 #[cfg(not(loom))]
 pub mod connector;
@@ -52,6 +54,8 @@ pub mod proc;
 #[path = "connector/registry.rs"]
 pub mod registry;
 pub mod sys;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 mod sync;
 

@@ -109,3 +109,26 @@ fn check_terminates(data: Vec<u8>) {
     }
     assert!(it.next().is_none(), "iterator is fused");
 }
+
+/// Inputs that once crashed a fuzz target (`fuzz/regressions/<target>/`) replayed through
+/// the same checks.
+#[test]
+fn fuzz_regression_inputs_stay_fixed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    for target in ["datagram", "cn_msg"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(target)) else {
+            continue;
+        };
+        for e in entries {
+            let data = std::fs::read(e.unwrap().path()).unwrap();
+            match target {
+                "datagram" => check_terminates(data),
+                _ => {
+                    if let Ok(v) = cnbus::codec::CnMsgBuffer::new_checked(&data[..]) {
+                        assert_eq!(v.data().len(), usize::from(v.header().len));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub const CONNECTOR_MAX_MSG_SIZE: usize = 16384;
 /// A connector callback id, `struct cb_id`: the address of one protocol on the bus.
 ///
 /// By convention the multicast group of an id is its `idx` (see [`CbId::default_group`]).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CbId {
     /// Protocol family index (`CN_IDX_*`).
@@ -63,6 +64,7 @@ impl fmt::Display for CbId {
 }
 
 /// The fixed fields of a `cn_msg` header.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CnHeader {
     /// The callback id.
@@ -149,6 +151,7 @@ impl<T: AsRef<[u8]>> CnMsgBuffer<T> {
 ///
 /// `data` is a [`Bytes`]; a received message's data is a slice of the datagram it arrived
 /// in, not a copy.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct CnMsg {
     /// The callback id.

@@ -24,6 +24,7 @@ pub const fn nlmsg_align(len: usize) -> usize {
 }
 
 /// The fields of a netlink message header.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct NlHeader {
     /// `nlmsg_len`: length of the message including this header, excluding trailing padding.

@@ -33,12 +33,13 @@
 
 mod dispatch;
 mod groups;
+pub(crate) mod ingest;
 mod loss;
+pub(crate) mod outbox;
 mod registry;
-mod stats;
+pub(crate) mod stats;
 
 use std::collections::HashMap;
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -53,10 +54,11 @@ pub use loss::{SeqSource, SeqTracker, SeqVerdict};
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 
-use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE};
+use crate::codec::{CbId, CnMsg};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest, EventFd};
-use groups::Groups;
+pub(crate) use groups::Groups;
+pub(crate) use outbox::Outbox;
 use stats::Counters;
 
 /// Something the dispatcher noticed that is not a message: every loss and every fault is
@@ -110,6 +112,36 @@ pub enum Event {
         errno: Option<i32>,
     },
 }
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Overrun => f.write_str("receive queue overflowed (ENOBUFS): messages dropped"),
+            Event::Lost { port, id, count } => {
+                write!(
+                    f,
+                    "{count} messages of {id} from port {port} lost (sequence gap)"
+                )
+            }
+            Event::Decode { port, error } => write!(f, "from port {port}: {error}"),
+            Event::Truncated { len, capacity } => {
+                write!(
+                    f,
+                    "datagram of {len} bytes dropped: over the {capacity}-byte limit"
+                )
+            }
+            Event::CallbackPanic { id, message } => {
+                write!(f, "callback for {id} panicked: {message}")
+            }
+            Event::NetlinkError { port, error } => {
+                write!(f, "NLMSG_ERROR {error} from port {port}")
+            }
+            Event::RecvFailed { errno } => write!(f, "recv failed (errno {errno:?})"),
+        }
+    }
+}
+
+impl std::error::Error for Event {}
 
 type EventFn = dyn Fn(&Event) + Send + Sync;
 
@@ -199,17 +231,43 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Opens the socket (unless one was given), sizes its buffer and starts the
-    /// dispatcher thread.
-    pub fn spawn(self) -> Result<Connector> {
-        let socket = match self.socket {
+    /// Opens the socket unless one was given, and sizes its receive buffer.
+    fn open_socket(&mut self) -> Result<Arc<ConnectorSocket>> {
+        let socket = match self.socket.take() {
             Some(s) => s,
             None => ConnectorSocket::open()?,
         };
         if self.config.recv_buffer > 0 {
             socket.set_recv_buffer(self.config.recv_buffer, true)?;
         }
-        let socket = Arc::new(socket);
+        Ok(Arc::new(socket))
+    }
+
+    /// Builds an [`AsyncConnector`](crate::tokio::AsyncConnector) with these settings
+    /// instead of a thread: its messages and events are a `futures` `Stream`. Must be
+    /// called inside a tokio runtime. `on_event` is not used: events come on the stream.
+    #[cfg(feature = "tokio")]
+    pub fn build_async(mut self) -> Result<crate::tokio::AsyncConnector> {
+        let socket = self.open_socket()?;
+        let counters = Arc::new(Counters::default());
+        let c = &self.config;
+        crate::tokio::AsyncConnector::new(
+            Outbox::new(
+                socket.clone(),
+                counters.clone(),
+                c.allow_kernel_ids,
+                c.max_datagram,
+            ),
+            Arc::new(Groups::new(socket)),
+            ingest::Ingest::new(c.track_seq, c.tracked_streams),
+            c.max_datagram,
+        )
+    }
+
+    /// Opens the socket (unless one was given), sizes its buffer and starts the
+    /// dispatcher thread.
+    pub fn spawn(mut self) -> Result<Connector> {
+        let socket = self.open_socket()?;
         let counters = Arc::new(Counters::default());
         let registry = Registry::new();
         let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);
@@ -227,6 +285,12 @@ impl ConnectorBuilder {
             });
         }
         let inner = Arc::new(Inner {
+            outbox: Outbox::new(
+                socket.clone(),
+                counters.clone(),
+                self.config.allow_kernel_ids,
+                self.config.max_datagram,
+            ),
             groups: Arc::new(Groups::new(socket.clone())),
             socket,
             registry,
@@ -235,7 +299,6 @@ impl ConnectorBuilder {
             shutdown: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
-            seqs: Mutex::new(SeqSource::default()),
             on_event,
             config: self.config,
         });
@@ -271,7 +334,7 @@ pub(crate) struct Inner {
     /// request is outstanding. Updated under the `pending` lock; a stale read only delays
     /// the check to the lock, which is authoritative.
     pending_count: AtomicUsize,
-    seqs: Mutex<SeqSource>,
+    outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
 }
@@ -424,36 +487,7 @@ impl ConnectorHandle {
     /// The next sequence number this connector would give `id` (numbers run from 1, per
     /// id): use it to build messages that receivers can check for gaps.
     pub fn next_seq(&self, id: CbId) -> u32 {
-        self.inner.seqs.lock().next(id)
-    }
-
-    fn check(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        match dest {
-            Dest::Group(g) if !self.inner.config.allow_kernel_ids => {
-                if msg.id.is_kernel_owned() {
-                    return Err(Error::KernelOwned {
-                        id: msg.id,
-                        group: g,
-                    });
-                }
-                if g < FIRST_USER_GROUP {
-                    return Err(Error::KernelOwned {
-                        id: msg.id,
-                        group: g,
-                    });
-                }
-            }
-            Dest::Kernel
-                if msg.encoded_len() - crate::codec::NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE =>
-            {
-                return Err(Error::TooLarge {
-                    len: msg.encoded_len() - crate::codec::NLMSG_HDRLEN,
-                    limit: CONNECTOR_MAX_MSG_SIZE,
-                })
-            }
-            _ => {}
-        }
-        Ok(())
+        self.inner.outbox.next_seq(id)
     }
 
     /// Sends one message, in a datagram of its own, as it is (seq and ack untouched).
@@ -462,10 +496,7 @@ impl ConnectorHandle {
     /// [`Error::KernelOwned`] unless the builder allowed it, because netlink also hands
     /// every multicast to the kernel's handler for that idx.
     pub fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        self.check(msg, dest)?;
-        let mut d = DatagramBuilder::new(msg.encoded_len()).with_pid(self.port_id());
-        d.push(msg)?;
-        self.send_datagram(d.as_bytes(), 1, dest)
+        self.inner.outbox.send(msg, dest)
     }
 
     /// Sends `data` on `id` with the next sequence number of `id` (see
@@ -476,69 +507,13 @@ impl ConnectorHandle {
         Ok(seq)
     }
 
-    fn send_datagram(&self, d: &[u8], messages: u64, dest: Dest) -> Result<()> {
-        let c = &self.inner.counters;
-        match self.inner.socket.send(d, dest) {
-            Ok(_) => {
-                Counters::add(&c.sent_datagrams, 1);
-                Counters::add(&c.sent_messages, messages);
-                Ok(())
-            }
-            Err(e) => {
-                Counters::add(&c.send_errors, 1);
-                Err(e)
-            }
-        }
-    }
-
     /// Sends several messages to one destination, packing as many as fit into each
     /// datagram (up to the builder's `max_datagram`) and sending the datagrams with
     /// `sendmmsg`. For the kernel, which reads only the first message of a datagram, each
     /// message goes in a datagram of its own. Returns the number of messages sent; on an
     /// error after some were sent, that count (the rest were not sent).
     pub fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
-        for m in msgs {
-            self.check(m, dest)?;
-        }
-        let pid = self.port_id();
-        let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
-        if dest == Dest::Kernel {
-            for m in msgs {
-                let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
-                d.push(m)?;
-                datagrams.push((d.take(), 1));
-            }
-        } else {
-            let mut d = DatagramBuilder::new(self.inner.config.max_datagram).with_pid(pid);
-            for m in msgs {
-                if !d.push(m)? {
-                    let n = d.count();
-                    datagrams.push((d.take(), n));
-                    // It fits an empty datagram: push returned Ok(false), not TooLarge.
-                    d.push(m)?;
-                }
-            }
-            if !d.is_empty() {
-                let n = d.count();
-                datagrams.push((d.take(), n));
-            }
-        }
-        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
-        let c = &self.inner.counters;
-        let sent = match self.inner.socket.send_batch(&slices, dest) {
-            Ok(n) => n,
-            Err(e) => {
-                Counters::add(&c.send_errors, 1);
-                return Err(e);
-            }
-        };
-        let msgs_sent: usize = datagrams[..sent].iter().map(|(_, n)| n).sum();
-        Counters::add(&c.sent_datagrams, sent as u64);
-        Counters::add(&c.sent_messages, msgs_sent as u64);
-        if sent < datagrams.len() {
-            Counters::add(&c.send_errors, 1);
-        }
-        Ok(msgs_sent)
+        self.inner.outbox.send_batch(msgs, dest)
     }
 
     /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and

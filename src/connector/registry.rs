@@ -24,6 +24,7 @@ use crate::codec::{CbId, CnMsg};
 use crate::sync::{current_thread_id, Arc, AtomicBool, AtomicU64, Mutex, RwLock, ThreadId};
 
 /// Where a received message came from.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Source {
     /// The sender's port id; 0 is the kernel (no user-space socket can have port 0).
@@ -40,6 +41,7 @@ impl Source {
 }
 
 /// A message as delivered to callbacks and channels.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     /// The message; `data` is a slice of the datagram it arrived in.

@@ -57,6 +57,7 @@ impl Counters {
 }
 
 /// A snapshot of a connector's counters.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
     /// Datagrams received.

@@ -3,6 +3,8 @@
 //! As in `mio` and `socket2`, the rest of the crate sees safe, typed wrappers. Each `unsafe`
 //! block carries a `// SAFETY:` comment saying why it is sound.
 
+#[cfg(feature = "tokio")]
+pub mod asyncfd;
 mod clock;
 mod cpu;
 mod ns;
@@ -11,6 +13,7 @@ mod socket;
 mod wake;
 
 pub use clock::{clock_ticks_per_sec, monotonic_ns, realtime_ns};
+pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 pub use signal::TermSignals;

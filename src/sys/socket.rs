@@ -173,24 +173,44 @@ impl ConnectorSocket {
             .map_err(|e| Error::from_io(Op::SetOption("NETLINK_NO_ENOBUFS"), e))
     }
 
-    /// Sends one datagram. Returns the bytes sent.
+    /// Sends one datagram. Returns the bytes sent. A unicast to a user-space socket whose
+    /// receive queue is full waits until it has room (netlink's own behaviour).
     pub fn send(&self, datagram: &[u8], dest: Dest) -> Result<usize> {
+        self.sendto(datagram, dest, 0).map(|n| n.unwrap_or(0))
+    }
+
+    /// Sends one datagram without waiting: `Ok(None)` when the destination's queue (or this
+    /// socket's send buffer) is full.
+    pub fn try_send(&self, datagram: &[u8], dest: Dest) -> Result<Option<usize>> {
+        self.sendto(datagram, dest, libc::MSG_DONTWAIT)
+    }
+
+    fn sendto(&self, datagram: &[u8], dest: Dest, flags: libc::c_int) -> Result<Option<usize>> {
         let sa = dest.sockaddr()?;
-        // SAFETY: `datagram` is valid for reads of its length and `sa` is a valid
-        // sockaddr_nl whose size is passed; both outlive the call.
-        let r = unsafe {
-            libc::sendto(
-                self.as_raw_fd(),
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                libc::MSG_NOSIGNAL,
-                (&sa as *const libc::sockaddr_nl).cast(),
-                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        cvt(r)
-            .map(|n| n as usize)
-            .map_err(|e| Error::from_io(Op::Send, e))
+        loop {
+            // SAFETY: `datagram` is valid for reads of its length and `sa` is a valid
+            // sockaddr_nl whose size is passed; both outlive the call.
+            let r = unsafe {
+                libc::sendto(
+                    self.as_raw_fd(),
+                    datagram.as_ptr().cast(),
+                    datagram.len(),
+                    libc::MSG_NOSIGNAL | flags,
+                    (&sa as *const libc::sockaddr_nl).cast(),
+                    mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                )
+            };
+            match cvt(r) {
+                Ok(n) => return Ok(Some(n as usize)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && flags & libc::MSG_DONTWAIT != 0 =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(Error::from_io(Op::Send, e)),
+            }
+        }
     }
 
     /// Sends a batch of datagrams to one destination with `sendmmsg`, as many per system

@@ -1,0 +1,438 @@
+//! Benchmark of the batching bus (`cargo bench --bench bus`, as root).
+//!
+//! One run measures, with 64-byte payloads and one receiver in another process (this
+//! binary re-executed with `--receiver`):
+//!
+//! 1. insert cost per message with the flusher running, 1 thread and 2 threads: bursts of
+//!    1000 inserts are timed (median and p99 of the per-message cost), the bus is flushed
+//!    between bursts outside the timed region;
+//! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 2):
+//!    (a) the bus, batched (32 messages of 64 B per datagram by default, `BENCH_PER_DGRAM`
+//!    to change it for (a) and (c) alike; many datagrams per
+//!    `sendmmsg`), (b) one message per `send` system call on the same socket, (c) a raw
+//!    libc loop that builds the same datagrams (32 x 64 B) and sends them with `sendmmsg`,
+//!    with no library around it.
+//!
+//! "Delivered" means counted by the receiver process, which reports when it sees the
+//! phase's end marker; the rate is delivered messages over the time from the start of the
+//! phase to that report.
+
+use std::io::{BufRead, BufReader, Write};
+use std::mem;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use cnbus::bus::{Bus, FullPolicy};
+use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
+use cnbus::sys::{ConnectorSocket, Dest};
+
+const GROUP: u32 = 31;
+const PAYLOAD: usize = 64;
+/// Encoded size of one 64-byte message: 16 (nlmsghdr) + 20 (cn_msg) + 64.
+const MSG_LEN: usize = 100;
+/// Messages per datagram, for the bus and the raw loop alike (`BENCH_PER_DGRAM`,
+/// default 32).
+fn per_dgram() -> usize {
+    std::env::var("BENCH_PER_DGRAM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+const BATCH: usize = 64;
+const END_VAL: u32 = u32::MAX;
+const QUIT_VAL: u32 = u32::MAX - 1;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--receiver") {
+        let idx: u32 = args[i + 1].parse().unwrap();
+        receiver(idx);
+        return;
+    }
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    let phase_len = Duration::from_secs_f64(secs);
+    let idx = 0x4b00_0000 | (std::process::id() & 0xffff);
+    // BENCH_ONLY=a (or b, c, i): run only those phases, for profiling.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "iabc".into());
+    let run = |p: char| only.contains(p);
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--receiver", &idx.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn receiver");
+    let (tx, lines) = mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let ctl = ConnectorSocket::open().unwrap();
+    let end_phase = |phase: u32| -> (u64, u64) {
+        // Resend the marker until the receiver answers (a marker can be lost to an
+        // overrun like any message).
+        for _ in 0..50 {
+            let mut d = DatagramBuilder::new(256);
+            d.push(&CnMsg::new(
+                CbId::new(idx, END_VAL),
+                phase.to_ne_bytes().to_vec(),
+            ))
+            .unwrap();
+            ctl.send(d.as_bytes(), Dest::Group(GROUP)).unwrap();
+            if let Ok(l) = lines.recv_timeout(Duration::from_millis(500)) {
+                let f: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+                assert_eq!(f[0], u64::from(phase), "receiver answered {l}");
+                return (f[1], f[2]);
+            }
+        }
+        panic!("receiver did not answer for phase {phase}");
+    };
+
+    println!("cnbus bus benchmark: 64-byte payloads, receiver in another process (pid {}), {secs} s per throughput phase", child.id());
+    println!(
+        "machine: {} CPUs available; {} messages of 64 B per datagram for (a) and (c)",
+        cnbus::sys::num_cpus(),
+        per_dgram()
+    );
+
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    let mut p = [0u8; PAYLOAD];
+
+    // 1. Insert cost, with the flusher running.
+    if run('i') {
+        let bus = bench_bus();
+        for threads in [1usize, 2] {
+            let per_thread = insert_cost(&bus, idx, threads, phase_len.min(Duration::from_secs(1)));
+            let mut all: Vec<f64> = per_thread.into_iter().flatten().collect();
+            all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let med = all[all.len() / 2];
+            let p99 = all[all.len() * 99 / 100];
+            println!(
+                "insert cost, {threads} thread(s): median {med:.1} ns/msg, p99 {p99:.1} ns/msg ({} bursts of 1000)",
+                all.len()
+            );
+        }
+        let st = bus.stats();
+        let (delivered, overruns) = end_phase(0);
+        println!(
+            "  (insert phases: {} inserted, {delivered} delivered, {overruns} receiver overruns, {:.1} msgs/datagram)",
+            st.inserted,
+            st.avg_msgs_per_datagram()
+        );
+    }
+    println!("end-to-end delivered rate (messages/s), one producer thread:");
+
+    // 2a. The bus, batched, one producer thread.
+    let mut ra = 0.0;
+    if run('a') {
+        if let Some(c) = std::env::var("BENCH_PRODUCER_CPU")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            cnbus::sys::pin_current_thread(c).unwrap();
+        }
+        let bus = bench_bus();
+        let id = CbId::new(idx, 1);
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < phase_len {
+            for _ in 0..1000 {
+                p[..8].copy_from_slice(&n.to_ne_bytes());
+                bus.insert(id, &p).unwrap();
+                n += 1;
+            }
+        }
+        bus.flush().unwrap();
+        let send_time = t.elapsed();
+        let (deliv, over) = end_phase(1);
+        ra = rate(deliv, t.elapsed());
+        let st = bus.stats();
+        println!(
+            "  (a) bus batched      {ra:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times)",
+            send_time.as_secs_f64(),
+            st.avg_msgs_per_datagram(),
+            st.avg_msgs_per_syscall(),
+            st.blocked
+        );
+    }
+
+    // 2b. One message per send() system call, through the library's socket.
+    let mut rb = 0.0;
+    if run('b') {
+        let sock = ConnectorSocket::open().unwrap();
+        let id = CbId::new(idx, 2);
+        let t = Instant::now();
+        let mut m = 0u64;
+        let mut d = DatagramBuilder::new(256).with_pid(sock.port_id());
+        while t.elapsed() < phase_len {
+            for _ in 0..100 {
+                p[..8].copy_from_slice(&m.to_ne_bytes());
+                d.clear();
+                d.push(&CnMsg::new(id, p.to_vec())).unwrap();
+                sock.send(d.as_bytes(), Dest::Group(GROUP)).unwrap();
+                m += 1;
+            }
+        }
+        let send = t.elapsed();
+        let (deliv, over) = end_phase(2);
+        rb = rate(deliv, t.elapsed());
+        println!(
+            "  (b) one per send()   {rb:>12.0}  (sent {m} in {:.2} s, delivered {deliv}, receiver overruns {over})",
+            send.as_secs_f64()
+        );
+    }
+
+    // 2c. Raw libc loop: same datagrams as the bus builds, 64 per sendmmsg, no library.
+    let mut rc = 0.0;
+    if run('c') {
+        let t = Instant::now();
+        let sent = raw_loop(idx, 3, phase_len);
+        let send = t.elapsed();
+        let (deliv, over) = end_phase(3);
+        rc = rate(deliv, t.elapsed());
+        println!(
+            "  (c) raw sendmmsg     {rc:>12.0}  (sent {sent} in {:.2} s, delivered {deliv}, receiver overruns {over})",
+            send.as_secs_f64()
+        );
+    }
+    if ra > 0.0 && rb > 0.0 {
+        println!(
+            "  ratio bus / one-per-send = {:.1}x  (target >= 10x)",
+            ra / rb
+        );
+    }
+    if ra > 0.0 && rc > 0.0 {
+        println!(
+            "  ratio bus / raw loop     = {:.2}x (target >= 0.8x)",
+            ra / rc
+        );
+    }
+
+    let mut d = DatagramBuilder::new(256);
+    d.push(&CnMsg::new(CbId::new(idx, QUIT_VAL), &b"q"[..]))
+        .unwrap();
+    let _ = ctl.send(d.as_bytes(), Dest::Group(GROUP));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The bus under test: datagrams of `per_dgram()` messages of 64 B, as the raw loop
+/// builds.
+fn bench_bus() -> Bus {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let cap = env("BENCH_CAPACITY", 4096);
+    let mut b = Bus::builder(Dest::Group(GROUP));
+    if let Some(c) = std::env::var("BENCH_FLUSHER_CPU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b = b.flusher_cpu(c);
+    }
+    b.datagram_size(per_dgram() * MSG_LEN)
+        .capacity(cap)
+        .watermark(env("BENCH_WATERMARK", cap / 4))
+        .max_batch(env("BENCH_BATCH", 64))
+        .on_full(FullPolicy::Block)
+        .build()
+        .unwrap()
+}
+
+/// Timed bursts of 1000 inserts per thread; returns ns/message per burst, per thread.
+fn insert_cost(bus: &Bus, idx: u32, threads: usize, dur: Duration) -> Vec<Vec<f64>> {
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let id = CbId::new(idx, 100 + t as u32);
+                    let p = [7u8; PAYLOAD];
+                    let mut samples = Vec::new();
+                    barrier.wait();
+                    let start = Instant::now();
+                    while start.elapsed() < dur {
+                        let t0 = Instant::now();
+                        for _ in 0..1000 {
+                            bus.insert(id, &p).unwrap();
+                        }
+                        samples.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+                        // Let the flusher catch up outside the timed region.
+                        bus.flush().unwrap();
+                    }
+                    samples
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Sends 32-message datagrams, 64 per `sendmmsg`, for `dur`, straight through libc.
+/// Returns the messages sent.
+fn raw_loop(idx: u32, val: u32, dur: Duration) -> u64 {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 11) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: sockaddr_nl is plain data; all-zero is valid (port 0 = kernel assigns).
+    let mut local: libc::sockaddr_nl = unsafe { mem::zeroed() };
+    local.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: `local` is a valid sockaddr_nl and its size is passed.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            (&local as *const libc::sockaddr_nl).cast(),
+            mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    let mut dst: libc::sockaddr_nl = unsafe { mem::zeroed() };
+    dst.nl_family = libc::AF_NETLINK as u16;
+    dst.nl_groups = 1 << (GROUP - 1);
+
+    let per = per_dgram();
+    let dgram = per * MSG_LEN;
+    let mut buf = vec![0u8; BATCH * dgram];
+    let mut seq = 0u64;
+    let mut sent = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        // Build the batch: BATCH datagrams of `per` messages each.
+        for (i, m) in buf.chunks_exact_mut(MSG_LEN).enumerate() {
+            let _ = i;
+            m[0..4].copy_from_slice(&(MSG_LEN as u32).to_ne_bytes()); // nlmsg_len
+            m[4..6].copy_from_slice(&3u16.to_ne_bytes()); // NLMSG_DONE
+            m[6..8].copy_from_slice(&0u16.to_ne_bytes());
+            m[8..12].copy_from_slice(&(seq as u32).to_ne_bytes());
+            m[12..16].copy_from_slice(&0u32.to_ne_bytes());
+            m[16..20].copy_from_slice(&idx.to_ne_bytes());
+            m[20..24].copy_from_slice(&val.to_ne_bytes());
+            m[24..28].copy_from_slice(&(seq as u32).to_ne_bytes());
+            m[28..32].copy_from_slice(&0u32.to_ne_bytes());
+            m[32..34].copy_from_slice(&(PAYLOAD as u16).to_ne_bytes());
+            m[34..36].copy_from_slice(&0u16.to_ne_bytes());
+            m[36..44].copy_from_slice(&seq.to_ne_bytes());
+            m[44..100].fill(7);
+            seq += 1;
+        }
+        let mut iov: Vec<libc::iovec> = buf
+            .chunks_exact_mut(dgram)
+            .map(|d| libc::iovec {
+                iov_base: d.as_mut_ptr().cast(),
+                iov_len: d.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; all-zero is valid.
+        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; BATCH];
+        for (h, v) in hdrs.iter_mut().zip(iov.iter_mut()) {
+            h.msg_hdr.msg_name = (&mut dst as *mut libc::sockaddr_nl).cast();
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as u32;
+            h.msg_hdr.msg_iov = v;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        let mut off = 0;
+        while off < BATCH {
+            // SAFETY: every header points at `dst` and at one iovec over `buf`, all alive
+            // for the call; the count passed is the number of headers from `off`.
+            let r =
+                unsafe { libc::sendmmsg(fd, hdrs[off..].as_mut_ptr(), (BATCH - off) as u32, 0) };
+            assert!(r > 0, "sendmmsg: {}", std::io::Error::last_os_error());
+            off += r as usize;
+        }
+        sent += (BATCH * per) as u64;
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// The receiver process: counts messages of `idx` per phase (`val`), answers each phase's
+/// end marker with "phase delivered overruns".
+fn receiver(idx: u32) {
+    let sock = ConnectorSocket::open().unwrap();
+    sock.set_recv_buffer(64 << 20, true).unwrap();
+    sock.join(GROUP).unwrap();
+    let mut out = std::io::stdout();
+    writeln!(out, "ready").unwrap();
+    out.flush().unwrap();
+    // Counts per val; vals are small (phases 0..=3, insert threads 100..=101).
+    let mut counts = [0u64; 128];
+    let mut answered = std::collections::HashSet::<u32>::new();
+    let mut overruns = 0u64;
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    let _ = sock.as_raw_fd();
+    loop {
+        buf.clear();
+        buf.reserve(1 << 16);
+        match sock.recv(&mut buf, false) {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(cnbus::Error::Overrun { .. }) => {
+                overruns += 1;
+                continue;
+            }
+            Err(e) => panic!("receiver: {e}"),
+        }
+        // Walk the netlink messages by hand: the cheapest possible consumer.
+        let b = &buf[..];
+        let mut at = 0;
+        while at + 36 <= b.len() {
+            let len = u32::from_ne_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            if len < 36 || at + len > b.len() {
+                break;
+            }
+            let i = u32::from_ne_bytes(b[at + 16..at + 20].try_into().unwrap());
+            let v = u32::from_ne_bytes(b[at + 20..at + 24].try_into().unwrap());
+            if i == idx {
+                match v {
+                    QUIT_VAL => return,
+                    END_VAL if len >= 40 => {
+                        let phase = u32::from_ne_bytes(b[at + 36..at + 40].try_into().unwrap());
+                        let got = counts[phase as usize % 128]
+                            + if phase == 0 {
+                                counts[100] + counts[101]
+                            } else {
+                                0
+                            };
+                        if answered.insert(phase) {
+                            writeln!(out, "{phase} {got} {overruns}").unwrap();
+                            out.flush().unwrap();
+                            overruns = 0;
+                        }
+                    }
+                    _ => counts[v as usize % 128] += 1,
+                }
+            }
+            at += (len + 3) & !3;
+        }
+    }
+}

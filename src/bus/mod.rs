@@ -1,0 +1,886 @@
+//! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
+//!
+//! [`Bus::insert`] copies a message into the queue of the caller's CPU (a bounded,
+//! lock-free [`crossbeam::queue::ArrayQueue`], one per CPU, cache-padded): no system call
+//! and no lock on the common path. One flusher thread drains every queue, packs many
+//! `cn_msg`s into each datagram (up to [`BusBuilder::datagram_size`]) and sends the
+//! datagrams with `sendmmsg`, many per call. For the kernel, which reads only the first
+//! message of a datagram, or with [`Framing::OnePerDatagram`], each message gets its own
+//! datagram, still many per `sendmmsg`.
+//!
+//! ```no_run
+//! use cnbus::bus::Bus;
+//! use cnbus::codec::CbId;
+//! use cnbus::sys::Dest;
+//!
+//! # fn main() -> cnbus::Result<()> {
+//! let bus = Bus::builder(Dest::Group(24)).build()?;
+//! let id = CbId::new(0x4000_0001, 1);
+//! for i in 0u32..1000 {
+//!     bus.insert(id, &i.to_ne_bytes()).expect("accepted");
+//! }
+//! bus.flush()?; // everything inserted above has been handed to the kernel
+//! println!("{:?}", bus.stats());
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **Order.** Messages inserted by one thread are sent, and so delivered to each
+//!   receiver that does not lose them, in the order that thread inserted them, even when
+//!   the thread migrates between CPUs: a thread keeps its shard until the flusher has sent
+//!   all of its queued messages (see the `shard` module). There is no order between
+//!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
+//!   queued messages first).
+//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages. When the caller's
+//!   shard is full, [`FullPolicy`] decides: hand the message back, wait (optionally with a
+//!   timeout), or send it on the caller's thread. Every rejection is counted
+//!   ([`BusStats`]); nothing is dropped silently.
+//! * **Latency.** The flusher wakes when a shard reaches [`BusBuilder::watermark`]
+//!   messages, or when the oldest queued message has waited [`BusBuilder::max_latency`]
+//!   (default 1 ms), never on a fixed tick. An idle bus parks its flusher indefinitely and
+//!   costs no CPU.
+//! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
+//!   has been handed to the kernel (or counted as failed). Dropping the bus, or
+//!   [`Bus::close`], flushes everything and joins the flusher.
+//! * **Errors.** A failed send is retried a bounded number of times for transient errors
+//!   (`ENOBUFS`, `EAGAIN`, `ENOMEM`), then the datagram is counted as failed
+//!   ([`BusStats::failed_messages`], [`BusStats::send_errors`]) and the error is kept for
+//!   [`Bus::flush`] and [`Bus::take_error`] to return.
+//!
+//! # Wake-up protocol and memory orderings
+//!
+//! `state` (one byte) says what the flusher is doing: `AWAKE` (draining, or about to
+//! decide), `TIMED` (parked until the oldest message's deadline), `IDLE` (parked with
+//! nothing queued). Only the flusher stores `TIMED`/`IDLE`; anyone may swap it to `AWAKE`
+//! and then unpark the flusher (a swap that finds `AWAKE` means someone else did, so the
+//! insert path issues at most one wake per sleep).
+//!
+//! A producer, after its push (a SeqCst compare-exchange inside the queue), issues a
+//! SeqCst fence and loads `state`: `AWAKE`: nothing to do (the busy case: no system
+//! call); `IDLE`: wake; `TIMED`: wake only if its shard holds at least `watermark`
+//! messages. Before parking, the flusher stores `IDLE` (or `TIMED`), issues a SeqCst fence
+//! and looks at the shards again (empty? below the watermark?). The two fences order the
+//! producer's push against the flusher's second look: either the flusher sees the message
+//! (and does not park), or the producer sees the new state (and wakes it). `park` keeps an
+//! unpark that came early, so a wake between the second look and `park` is not lost.
+//!
+//! Blocked inserters use the same Dekker pattern with `space_waiters` (SeqCst increment,
+//! then retry) against the flusher (pop, SeqCst fence, load `space_waiters`, notify under
+//! the lock). [`Bus::flush`] increments `flush_req` (SeqCst) and wakes the flusher; the
+//! flusher loads `flush_req` before a pass, so every push that happened before the flush
+//! call is visible to that pass, and a pass pops every message present when it reaches a
+//! shard (a push that has reserved its slot but not written it yet is waited for by the
+//! queue's `pop`), then sends, then publishes the generation under a mutex.
+
+// Internal functions hand a rejected `Entry` (128 bytes) back by value, as
+// `ArrayQueue::push` does; boxing it would allocate on the insert path.
+#![allow(clippy::result_large_err)]
+
+mod flusher;
+mod shard;
+mod stats;
+
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::{Arc, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use crossbeam::utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+
+use crate::codec::{nlmsg_align, CbId, CnMsg, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
+use crate::error::{Error, Op, Result};
+use crate::sys::{self, ConnectorSocket, Dest};
+
+use shard::{Entry, Registry, Shard, UNTRACKED};
+use stats::Counters;
+pub use stats::{BusStats, SendErrors};
+
+pub(crate) const AWAKE: u8 = 0;
+pub(crate) const TIMED: u8 = 1;
+pub(crate) const IDLE: u8 = 2;
+
+static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A message the bus did not accept, handed back to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError<M> {
+    /// The caller's shard is full ([`FullPolicy::Reject`]).
+    #[error("bus shard is full")]
+    Full(M),
+    /// The shard stayed full until the blocking insert's timeout.
+    #[error("bus shard stayed full until the timeout")]
+    Timeout(M),
+    /// The bus's flusher is gone (it stopped or panicked): nothing would send the message.
+    #[error("bus is closed")]
+    Closed(M),
+    /// The message can never fit in one datagram of this bus (or in `cn_msg.len`).
+    #[error("message of {len} bytes exceeds the bus's datagram size of {limit} bytes")]
+    TooLarge {
+        /// The message.
+        msg: M,
+        /// Its encoded size.
+        len: usize,
+        /// The bus's datagram size.
+        limit: usize,
+    },
+    /// [`FullPolicy::SendDirect`]: the direct send failed. The failure is also counted in
+    /// the bus's statistics.
+    #[error("direct send failed: {error}")]
+    Send {
+        /// The message.
+        msg: M,
+        /// Why.
+        #[source]
+        error: Error,
+    },
+}
+
+impl<M> InsertError<M> {
+    /// The message that was not accepted.
+    pub fn into_inner(self) -> M {
+        match self {
+            Self::Full(m) | Self::Timeout(m) | Self::Closed(m) => m,
+            Self::TooLarge { msg, .. } | Self::Send { msg, .. } => msg,
+        }
+    }
+
+    fn map<N>(self, f: impl FnOnce(M) -> N) -> InsertError<N> {
+        match self {
+            Self::Full(m) => InsertError::Full(f(m)),
+            Self::Timeout(m) => InsertError::Timeout(f(m)),
+            Self::Closed(m) => InsertError::Closed(f(m)),
+            Self::TooLarge { msg, len, limit } => InsertError::TooLarge {
+                msg: f(msg),
+                len,
+                limit,
+            },
+            Self::Send { msg, error } => InsertError::Send { msg: f(msg), error },
+        }
+    }
+}
+
+/// What an insert does when the caller's shard is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullPolicy {
+    /// Hand the message back at once: [`InsertError::Full`].
+    Reject,
+    /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
+    /// on a condition variable; it does not spin. It fails only with
+    /// [`InsertError::Closed`] if the flusher is gone.
+    #[default]
+    Block,
+    /// Wait for space at most this long, then hand the message back as
+    /// [`InsertError::Timeout`].
+    BlockFor(Duration),
+    /// Send the message on the caller's thread, in a datagram of its own, after waiting
+    /// for the caller's own queued messages to be sent (so its order is kept). Costs one
+    /// system call, and the wait of a [`Bus::flush`] when the caller had messages queued.
+    SendDirect,
+}
+
+/// How messages are packed into datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Many messages per datagram, up to the datagram size: for cnbus receivers (which
+    /// read every message of a datagram). The default for groups and ports.
+    #[default]
+    Coalesce,
+    /// One message per datagram (still many datagrams per `sendmmsg`): what the kernel
+    /// and receivers that read only the first message need. Forced for [`Dest::Kernel`].
+    OnePerDatagram,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub shards: usize,
+    pub capacity: usize,
+    pub watermark: usize,
+    pub max_latency: Duration,
+    pub datagram_size: usize,
+    pub max_batch: usize,
+    pub framing: Framing,
+    pub policy: FullPolicy,
+    pub flusher_cpu: Option<usize>,
+}
+
+impl Config {
+    pub(crate) fn coalesce(&self) -> bool {
+        self.framing == Framing::Coalesce
+    }
+}
+
+/// Configures and starts a [`Bus`].
+#[derive(Debug, Clone)]
+pub struct BusBuilder {
+    dest: Dest,
+    socket: Option<Arc<ConnectorSocket>>,
+    cfg: Config,
+    watermark: Option<usize>,
+}
+
+impl BusBuilder {
+    /// A bus sending to `dest`, with the defaults: one shard per configured CPU, 1024
+    /// messages per shard, watermark a quarter of that, 1 ms maximum latency, 8 KiB
+    /// datagrams (16 KiB, `CONNECTOR_MAX_MSG_SIZE`, cap for the kernel), 64 datagrams per
+    /// `sendmmsg`, [`FullPolicy::Block`], [`Framing::Coalesce`] (one message per datagram
+    /// for [`Dest::Kernel`]).
+    pub fn new(dest: Dest) -> Self {
+        Self {
+            dest,
+            socket: None,
+            cfg: Config {
+                shards: sys::configured_cpus(),
+                capacity: 1024,
+                watermark: 256,
+                max_latency: Duration::from_millis(1),
+                datagram_size: 8192,
+                max_batch: 64,
+                framing: if dest == Dest::Kernel {
+                    Framing::OnePerDatagram
+                } else {
+                    Framing::Coalesce
+                },
+                policy: FullPolicy::Block,
+                flusher_cpu: None,
+            },
+            watermark: None,
+        }
+    }
+
+    /// Sends through `socket` instead of a socket of the bus's own (for example to share
+    /// one port id between several buses, or between a bus and a receiver).
+    pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// Number of shards (at least 1). A thread on CPU `c` uses shard `c % shards`.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.cfg.shards = n.max(1);
+        self
+    }
+
+    /// Messages each shard holds (at least 1). Memory is about `shards * capacity * 120` bytes,
+    /// allocated up front.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.cfg.capacity = n.max(1);
+        self
+    }
+
+    /// Shard occupancy at which an insert wakes the flusher before the latency deadline
+    /// (default capacity / 4). A value above the capacity disables watermark wake-ups.
+    pub fn watermark(mut self, n: usize) -> Self {
+        self.watermark = Some(n.max(1));
+        self
+    }
+
+    /// Longest time a message waits in a shard before the flusher takes it (default 1 ms),
+    /// give or take the scheduler's wake-up delay.
+    pub fn max_latency(mut self, d: Duration) -> Self {
+        self.cfg.max_latency = d;
+        self
+    }
+
+    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message). The
+    /// receivers' buffers must hold this much.
+    pub fn datagram_size(mut self, bytes: usize) -> Self {
+        self.cfg.datagram_size = bytes.max(nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN));
+        self
+    }
+
+    /// Datagrams per `sendmmsg` (1..=1024, default 64).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.cfg.max_batch = n.clamp(1, 1024);
+        self
+    }
+
+    /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
+    /// one message per datagram.
+    pub fn framing(mut self, f: Framing) -> Self {
+        self.cfg.framing = f;
+        self
+    }
+
+    /// The policy of [`Bus::insert`] and [`Bus::insert_msg`] when the shard is full.
+    pub fn on_full(mut self, p: FullPolicy) -> Self {
+        self.cfg.policy = p;
+        self
+    }
+
+    /// Pins the flusher thread to `cpu` (by default it runs wherever the scheduler puts
+    /// it). Putting it on the CPU of a single hot producer keeps the queued messages in
+    /// that CPU's cache; putting it on a housekeeping CPU keeps it off the producers'.
+    pub fn flusher_cpu(mut self, cpu: usize) -> Self {
+        self.cfg.flusher_cpu = Some(cpu);
+        self
+    }
+
+    /// Opens the socket if none was given and starts the flusher thread.
+    pub fn build(self) -> Result<Bus> {
+        let mut cfg = self.cfg;
+        cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
+        if self.dest == Dest::Kernel {
+            cfg.framing = Framing::OnePerDatagram;
+            cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
+        }
+        if let Dest::Group(g) = self.dest {
+            if !(1..=32).contains(&g) {
+                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
+            }
+        }
+        let sock = match self.socket {
+            Some(s) => s,
+            None => Arc::new(ConnectorSocket::open()?),
+        };
+        let inner = Arc::new(Inner {
+            id: NEXT_BUS_ID.fetch_add(1, Relaxed),
+            shards: (0..cfg.shards)
+                .map(|_| CachePadded::new(Shard::new(cfg.capacity)))
+                .collect(),
+            registry: Registry::default(),
+            pid: sock.port_id(),
+            sock,
+            dest: self.dest,
+            epoch: Instant::now(),
+            state: CachePadded::new(AtomicU8::new(AWAKE)),
+            flusher: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            flush_req: CachePadded::new(AtomicU64::new(0)),
+            flush_done: Mutex::new(0),
+            flush_cv: Condvar::new(),
+            space_waiters: AtomicUsize::new(0),
+            space_lock: Mutex::new(()),
+            space_cv: Condvar::new(),
+            stats: Counters::default(),
+            last_error: Mutex::new(None),
+            cfg,
+        });
+        let worker = Arc::clone(&inner);
+        let pin = inner.cfg.flusher_cpu;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("cnbus-flusher".into())
+            .spawn(move || {
+                let guard = DeadGuard(Arc::clone(&worker));
+                let pinned = pin.map(sys::pin_current_thread).transpose();
+                let failed = pinned.is_err();
+                let _ = started_tx.send(pinned);
+                if failed {
+                    return;
+                }
+                flusher::Flusher::new(worker).run();
+                drop(guard);
+            })
+            .map_err(|e| Error::from_io(Op::Spawn, e))?;
+        let _ = inner.flusher.set(handle.thread().clone());
+        match started.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(Error::from_io(Op::SetOption("sched_setaffinity"), e));
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(Error::Closed);
+            }
+        }
+        Ok(Bus {
+            inner,
+            flusher: Some(handle),
+        })
+    }
+}
+
+/// Marks the bus dead when the flusher exits (normally or by panic) and releases every
+/// waiter.
+struct DeadGuard(Arc<Inner>);
+
+impl Drop for DeadGuard {
+    fn drop(&mut self) {
+        let i = &self.0;
+        i.dead.store(true, SeqCst);
+        i.publish_flush(u64::MAX);
+        let _g = i.space_lock.lock();
+        i.space_cv.notify_all();
+    }
+}
+
+pub(crate) struct Inner {
+    id: u64,
+    pub(crate) shards: Box<[CachePadded<Shard>]>,
+    pub(crate) registry: Registry,
+    pub(crate) sock: Arc<ConnectorSocket>,
+    /// The socket's port id, written into every message's `nlmsg_pid`.
+    pid: u32,
+    pub(crate) dest: Dest,
+    pub(crate) cfg: Config,
+    epoch: Instant,
+    /// AWAKE / TIMED / IDLE; see the module docs.
+    pub(crate) state: CachePadded<AtomicU8>,
+    flusher: OnceLock<Thread>,
+    /// Set (SeqCst) by `Bus::drop`/`close`, which have exclusive access: every insert
+    /// happened before it.
+    pub(crate) stop: AtomicBool,
+    /// The flusher has exited.
+    dead: AtomicBool,
+    /// Flush generations requested (SeqCst increments).
+    pub(crate) flush_req: CachePadded<AtomicU64>,
+    /// Highest generation the flusher completed; `u64::MAX` once it exited.
+    flush_done: Mutex<u64>,
+    flush_cv: Condvar,
+    pub(crate) space_waiters: AtomicUsize,
+    pub(crate) space_lock: Mutex<()>,
+    pub(crate) space_cv: Condvar,
+    pub(crate) stats: Counters,
+    /// First send error not yet taken by `flush`/`take_error`.
+    last_error: Mutex<Option<Error>>,
+}
+
+impl Inner {
+    /// Nanoseconds since the bus started, never 0.
+    #[inline]
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    pub(crate) fn all_empty(&self) -> bool {
+        self.shards.iter().all(|s| s.queue.is_empty())
+    }
+
+    fn queued(&self) -> u64 {
+        self.shards.iter().map(|s| s.queue.len() as u64).sum()
+    }
+
+    /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
+    fn wake(&self) {
+        self.state.swap(AWAKE, SeqCst);
+        if let Some(t) = self.flusher.get() {
+            t.unpark();
+        }
+    }
+
+    pub(crate) fn publish_flush(&self, gen: u64) {
+        let mut d = self.flush_done.lock();
+        *d = (*d).max(gen);
+        self.flush_cv.notify_all();
+    }
+
+    pub(crate) fn record_error(&self, e: Error) {
+        let mut l = self.last_error.lock();
+        if l.is_none() {
+            *l = Some(e);
+        }
+    }
+
+    /// After a successful push into `shard`: stamp the shard if it has no stamp, and wake
+    /// the flusher if it sleeps and should not.
+    #[inline]
+    fn after_push(&self, shard: usize) {
+        fence(SeqCst);
+        let sh = &self.shards[shard];
+        if sh.since.load(Relaxed) == 0 {
+            let _ = sh.since.compare_exchange(0, self.now_ns(), SeqCst, Relaxed);
+        }
+        match self.state.load(Relaxed) {
+            AWAKE => {}
+            IDLE => self.wake_from_sleep(IDLE),
+            _ => {
+                if sh.queue.len() >= self.cfg.watermark {
+                    self.wake_from_sleep(TIMED);
+                }
+            }
+        }
+    }
+
+    #[cold]
+    fn wake_from_sleep(&self, from: u8) {
+        if self
+            .state
+            .compare_exchange(from, AWAKE, SeqCst, Relaxed)
+            .is_ok()
+        {
+            if let Some(t) = self.flusher.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// One attempt to queue `e` in the caller's shard. Hands `e` back when full.
+    #[inline]
+    fn try_push(&self, e: Entry) -> Result<(), Entry> {
+        let n = self.shards.len();
+        let cpu = sys::current_cpu().unwrap_or(0) % n;
+        let mut slot = Some(e);
+        let r = shard::with_local(self.id, &self.registry, cpu, |l| {
+            // Move to the current CPU's shard only when none of our messages is queued
+            // or being sent (Acquire pairs with the flusher's Release of `done`).
+            if l.shard != cpu && l.cell.done.load(Acquire) == l.pushed {
+                l.shard = cpu;
+            }
+            let mut e = slot.take().expect("entry present");
+            e.cell = l.idx;
+            match self.shards[l.shard].queue.push(e) {
+                Ok(()) => {
+                    l.pushed += 1;
+                    l.cell.pushed.store(l.pushed, Relaxed);
+                    Ok(l.shard)
+                }
+                Err(e) => Err(e),
+            }
+        });
+        let pushed = match r {
+            Some(r) => r?,
+            None => {
+                // No thread-local state (thread teardown): always shard 0, which keeps
+                // this thread's order among its untracked messages.
+                let mut e = slot.take().expect("entry present");
+                e.cell = UNTRACKED;
+                self.shards[0].queue.push(e)?;
+                Counters::add(&self.stats.untracked, 1);
+                0
+            }
+        };
+        self.after_push(pushed);
+        Ok(())
+    }
+
+    /// True when the calling thread has messages queued or being sent.
+    fn has_own_pending(&self) -> bool {
+        let cpu = sys::current_cpu().unwrap_or(0) % self.shards.len();
+        shard::with_local(self.id, &self.registry, cpu, |l| {
+            l.cell.done.load(Acquire) != l.pushed
+        })
+        .unwrap_or(true)
+    }
+}
+
+/// A per-CPU batching queue in front of a connector socket; see the [module docs](self).
+///
+/// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
+/// Dropping it flushes every accepted message and joins the flusher thread.
+pub struct Bus {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("dest", &self.inner.dest)
+            .field("port", &self.inner.sock.port_id())
+            .field("shards", &self.inner.shards.len())
+            .field("capacity", &self.inner.cfg.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// A bus to `dest` with the default configuration ([`BusBuilder::new`]).
+    pub fn new(dest: Dest) -> Result<Self> {
+        BusBuilder::new(dest).build()
+    }
+
+    /// A builder for a bus to `dest`.
+    pub fn builder(dest: Dest) -> BusBuilder {
+        BusBuilder::new(dest)
+    }
+
+    /// Queues a message with id `id`, seq and ack 0, and a copy of `data`, applying the
+    /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
+    ///
+    /// Data up to 64 bytes is encoded, headers included, straight into the queue slot;
+    /// longer data is copied once into a heap buffer. On rejection the message comes back
+    /// as a [`CnMsg`].
+    #[inline]
+    pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            self.inner.cfg.policy,
+        )
+    }
+
+    /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
+    /// back at once as [`InsertError::Full`].
+    #[inline]
+    pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            FullPolicy::Reject,
+        )
+    }
+
+    /// [`insert`](Self::insert) that waits for space when the shard is full, at most
+    /// `timeout` (then [`InsertError::Timeout`]), or without limit.
+    #[inline]
+    pub fn insert_blocking(
+        &self,
+        id: CbId,
+        data: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), InsertError<CnMsg>> {
+        let p = match timeout {
+            Some(t) => FullPolicy::BlockFor(t),
+            None => FullPolicy::Block,
+        };
+        self.insert_entry(Entry::from_slice(self.inner.pid, id, data), p)
+    }
+
+    /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
+    /// caller's thread ([`FullPolicy::SendDirect`]).
+    #[inline]
+    pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        self.insert_entry(
+            Entry::from_slice(self.inner.pid, id, data),
+            FullPolicy::SendDirect,
+        )
+    }
+
+    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is not
+    /// copied), with the given policy for a full shard.
+    #[inline]
+    pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        self.insert_entry(Entry::from_msg(self.inner.pid, msg), policy)
+    }
+
+    fn insert_entry(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        let inner = &*self.inner;
+        let len = e.encoded_len();
+        if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
+            Counters::add(&inner.stats.rejected_too_large, 1);
+            return Err(InsertError::TooLarge {
+                msg: e.into_msg(),
+                len,
+                limit: inner.cfg.datagram_size,
+            });
+        }
+        if inner.dead.load(Relaxed) {
+            Counters::add(&inner.stats.rejected_closed, 1);
+            return Err(InsertError::Closed(e.into_msg()));
+        }
+        match inner.try_push(e) {
+            Ok(()) => Ok(()),
+            Err(e) => self
+                .on_full(e, policy)
+                .map_err(|err| err.map(Entry::into_msg)),
+        }
+    }
+
+    #[cold]
+    fn on_full(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<Entry>> {
+        let inner = &*self.inner;
+        let st = &inner.stats;
+        Counters::max(&st.high_water, inner.cfg.capacity as u64);
+        match policy {
+            FullPolicy::Reject => {
+                Counters::add(&st.rejected_full, 1);
+                inner.wake();
+                Err(InsertError::Full(e))
+            }
+            FullPolicy::Block => {
+                Counters::add(&st.blocked, 1);
+                self.block(e, None)
+            }
+            FullPolicy::BlockFor(t) => {
+                Counters::add(&st.blocked, 1);
+                self.block(e, Some(Instant::now() + t))
+            }
+            FullPolicy::SendDirect => {
+                Counters::add(&st.blocked, 1);
+                self.send_direct(e)
+            }
+        }
+    }
+
+    fn block(&self, mut e: Entry, deadline: Option<Instant>) -> Result<(), InsertError<Entry>> {
+        let inner = &*self.inner;
+        loop {
+            let mut g = inner.space_lock.lock();
+            inner.space_waiters.fetch_add(1, SeqCst);
+            // After the increment, so that the flusher either sees the waiter when it
+            // decides how to sleep, or is unparked.
+            inner.wake();
+            let r = inner.try_push(e);
+            let timed_out = match r {
+                Ok(()) => {
+                    inner.space_waiters.fetch_sub(1, SeqCst);
+                    return Ok(());
+                }
+                Err(back) => {
+                    e = back;
+                    if inner.dead.load(SeqCst) {
+                        inner.space_waiters.fetch_sub(1, SeqCst);
+                        Counters::add(&inner.stats.rejected_closed, 1);
+                        return Err(InsertError::Closed(e));
+                    }
+                    match deadline {
+                        Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
+                        None => {
+                            inner.space_cv.wait(&mut g);
+                            false
+                        }
+                    }
+                }
+            };
+            inner.space_waiters.fetch_sub(1, SeqCst);
+            drop(g);
+            if timed_out {
+                return match inner.try_push(e) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        Counters::add(&inner.stats.rejected_timeout, 1);
+                        Err(InsertError::Timeout(e))
+                    }
+                };
+            }
+        }
+    }
+
+    fn send_direct(&self, e: Entry) -> Result<(), InsertError<Entry>> {
+        let inner = &*self.inner;
+        let st = &inner.stats;
+        if inner.has_own_pending() && !self.wait_flushed() {
+            // (Our queued messages go first: the wait above lets them be sent.)
+            Counters::add(&st.rejected_closed, 1);
+            return Err(InsertError::Closed(e));
+        }
+        let mut buf = Vec::with_capacity(e.encoded_len());
+        e.encode(&mut buf);
+        Counters::add(&st.syscalls, 1);
+        match inner.sock.send(&buf, inner.dest) {
+            Ok(_) => {
+                Counters::add(&st.direct, 1);
+                Counters::add(&st.sent_messages, 1);
+                Counters::add(&st.sent_datagrams, 1);
+                Ok(())
+            }
+            Err(error) => {
+                st.send_error(error.errno().unwrap_or(libc::EIO));
+                Err(InsertError::Send { msg: e, error })
+            }
+        }
+    }
+
+    /// Waits until every message inserted before this call (by any thread, as ordered by
+    /// happens-before) has been handed to the kernel or counted as failed.
+    ///
+    /// Returns the first send error since the previous `flush`/[`take_error`](Self::take_error),
+    /// if any, and [`Error::Closed`] if the flusher is gone. Waits on a condition
+    /// variable; the duration is recorded in [`BusStats`].
+    pub fn flush(&self) -> Result<()> {
+        let start = Instant::now();
+        if !self.wait_flushed() {
+            return Err(Error::Closed);
+        }
+        self.inner
+            .stats
+            .flush_done(start.elapsed().as_nanos() as u64);
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Requests a flush generation and waits for the flusher to complete it. False when
+    /// the flusher is gone without a stop request (it panicked).
+    fn wait_flushed(&self) -> bool {
+        let inner = &*self.inner;
+        let my = inner.flush_req.fetch_add(1, SeqCst) + 1;
+        inner.wake();
+        {
+            let mut d = inner.flush_done.lock();
+            while *d < my {
+                inner.flush_cv.wait(&mut d);
+            }
+        }
+        !inner.dead.load(SeqCst) || inner.stop.load(SeqCst)
+    }
+
+    /// Takes the first send error recorded since the last call (or the last `flush`).
+    pub fn take_error(&self) -> Option<Error> {
+        self.inner.last_error.lock().take()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BusStats {
+        self.inner
+            .stats
+            .snapshot(self.inner.registry.pushed_total(), self.inner.queued())
+    }
+
+    /// The socket the bus sends through.
+    pub fn socket(&self) -> &Arc<ConnectorSocket> {
+        &self.inner.sock
+    }
+
+    /// The destination of every message.
+    pub fn dest(&self) -> Dest {
+        self.inner.dest
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// Messages each shard holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.cfg.capacity
+    }
+
+    /// Flushes everything, stops and joins the flusher, and returns the final statistics,
+    /// or the first send error not yet taken (the statistics are then lost: call
+    /// [`stats`](Self::stats) before if you need both). Dropping the bus does the same and
+    /// ignores errors.
+    pub fn close(mut self) -> Result<BusStats> {
+        self.stop();
+        let stats = self.stats();
+        match self.take_error() {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(h) = self.flusher.take() {
+            self.inner.stop.store(true, SeqCst);
+            self.inner.wake();
+            let _ = h.join();
+            self.inner.registry.retire();
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn bus_is_send_sync() {
+        is_send_sync::<Bus>();
+        is_send_sync::<InsertError<CnMsg>>();
+    }
+
+    #[test]
+    fn insert_error_hands_the_message_back() {
+        let m = CnMsg::new(CbId::new(99, 1), &b"x"[..]);
+        for e in [
+            InsertError::Full(m.clone()),
+            InsertError::Timeout(m.clone()),
+            InsertError::Closed(m.clone()),
+        ] {
+            assert!(!e.to_string().is_empty());
+            assert_eq!(e.into_inner(), m);
+        }
+    }
+}

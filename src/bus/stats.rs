@@ -1,0 +1,208 @@
+//! Counters and the [`BusStats`] snapshot.
+//!
+//! Counters the insert path would have to share between threads are avoided: accepted
+//! inserts are counted per producer (each thread's cell, written only by that thread) and
+//! summed when a snapshot is taken. Everything else is counted on slow paths (rejections,
+//! direct sends) or by the flusher, with `Relaxed` atomics: they are statistics, and a
+//! snapshot is not an atomic cut across counters.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Atomic counters behind [`BusStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub untracked: AtomicU64,
+    pub direct: AtomicU64,
+    pub rejected_full: AtomicU64,
+    pub rejected_timeout: AtomicU64,
+    pub rejected_closed: AtomicU64,
+    pub rejected_too_large: AtomicU64,
+    pub blocked: AtomicU64,
+    pub sent_messages: AtomicU64,
+    pub sent_datagrams: AtomicU64,
+    pub syscalls: AtomicU64,
+    pub failed_messages: AtomicU64,
+    pub failed_datagrams: AtomicU64,
+    pub err_enobufs: AtomicU64,
+    pub err_eperm: AtomicU64,
+    pub err_econnrefused: AtomicU64,
+    pub err_other: AtomicU64,
+    pub last_errno: AtomicU64,
+    pub high_water: AtomicU64,
+    pub max_queue_delay_ns: AtomicU64,
+    pub wakeups: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_total_ns: AtomicU64,
+    pub flush_max_ns: AtomicU64,
+    pub flush_last_ns: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn max(c: &AtomicU64, v: u64) {
+        c.fetch_max(v, Relaxed);
+    }
+
+    pub(crate) fn send_error(&self, errno: i32) {
+        let c = match errno {
+            libc::ENOBUFS => &self.err_enobufs,
+            libc::EPERM | libc::EACCES => &self.err_eperm,
+            libc::ECONNREFUSED => &self.err_econnrefused,
+            _ => &self.err_other,
+        };
+        Self::add(c, 1);
+        self.last_errno.store(errno as u64, Relaxed);
+    }
+
+    pub(crate) fn flush_done(&self, ns: u64) {
+        Self::add(&self.flushes, 1);
+        Self::add(&self.flush_total_ns, ns);
+        Self::max(&self.flush_max_ns, ns);
+        self.flush_last_ns.store(ns, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, queued_inserts: u64, queued_now: u64) -> BusStats {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let direct = g(&self.direct);
+        let flushes = g(&self.flushes);
+        BusStats {
+            inserted: queued_inserts + g(&self.untracked) + direct,
+            direct,
+            rejected_full: g(&self.rejected_full),
+            rejected_timeout: g(&self.rejected_timeout),
+            rejected_closed: g(&self.rejected_closed),
+            rejected_too_large: g(&self.rejected_too_large),
+            blocked: g(&self.blocked),
+            sent_messages: g(&self.sent_messages),
+            sent_datagrams: g(&self.sent_datagrams),
+            syscalls: g(&self.syscalls),
+            failed_messages: g(&self.failed_messages),
+            failed_datagrams: g(&self.failed_datagrams),
+            send_errors: SendErrors {
+                enobufs: g(&self.err_enobufs),
+                eperm: g(&self.err_eperm),
+                econnrefused: g(&self.err_econnrefused),
+                other: g(&self.err_other),
+                last_errno: g(&self.last_errno) as i32,
+            },
+            queued: queued_now,
+            high_water: g(&self.high_water),
+            max_queue_delay: Duration::from_nanos(g(&self.max_queue_delay_ns)),
+            flusher_wakeups: g(&self.wakeups),
+            flushes,
+            flush_latency_max: Duration::from_nanos(g(&self.flush_max_ns)),
+            flush_latency_last: Duration::from_nanos(g(&self.flush_last_ns)),
+            flush_latency_mean: Duration::from_nanos(
+                g(&self.flush_total_ns).checked_div(flushes).unwrap_or(0),
+            ),
+        }
+    }
+}
+
+/// Send failures by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendErrors {
+    /// `ENOBUFS`: the kernel could not allocate or queue the datagram on the sender.
+    pub enobufs: u64,
+    /// `EPERM` / `EACCES`: sending to a group or to the kernel needs `CAP_NET_ADMIN`.
+    pub eperm: u64,
+    /// `ECONNREFUSED`: no socket has the destination port id (or, for the kernel, the
+    /// process is in another network namespace).
+    pub econnrefused: u64,
+    /// Any other errno.
+    pub other: u64,
+    /// The errno of the most recent failure, 0 if none.
+    pub last_errno: i32,
+}
+
+impl SendErrors {
+    /// All failed send attempts (retries included).
+    pub fn total(&self) -> u64 {
+        self.enobufs + self.eperm + self.econnrefused + self.other
+    }
+}
+
+/// A snapshot of a bus's counters ([`Bus::stats`](super::Bus::stats)).
+///
+/// Accounting identity, once the bus is flushed:
+/// `inserted == sent_messages + failed_messages`; every message offered to the bus is
+/// either in `inserted` or in one of the `rejected_*` counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusStats {
+    /// Messages the bus accepted (queued, or sent directly on the caller's thread).
+    pub inserted: u64,
+    /// Of `inserted`, messages sent directly by the caller because its shard was full
+    /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)).
+    pub direct: u64,
+    /// Messages handed back because the shard was full ([`InsertError::Full`](super::InsertError::Full)).
+    pub rejected_full: u64,
+    /// Messages handed back after a blocking insert timed out.
+    pub rejected_timeout: u64,
+    /// Messages handed back because the bus's flusher is gone.
+    pub rejected_closed: u64,
+    /// Messages handed back because they can never fit in a datagram.
+    pub rejected_too_large: u64,
+    /// Inserts that found the shard full and waited (blocking policy) or sent directly.
+    pub blocked: u64,
+    /// Messages handed to the kernel (queued and direct).
+    pub sent_messages: u64,
+    /// Datagrams handed to the kernel.
+    pub sent_datagrams: u64,
+    /// Send system calls made (`sendmmsg` by the flusher, `sendto` for direct sends),
+    /// failed ones included.
+    pub syscalls: u64,
+    /// Accepted messages that could not be sent (their datagram failed after retries).
+    pub failed_messages: u64,
+    /// Datagrams that could not be sent.
+    pub failed_datagrams: u64,
+    /// Send failures by errno.
+    pub send_errors: SendErrors,
+    /// Messages queued in the shards now.
+    pub queued: u64,
+    /// Highest shard occupancy seen (by the flusher when it drains a shard, and `capacity`
+    /// whenever an insert found its shard full).
+    pub high_water: u64,
+    /// Longest time a message waited in a shard before the flusher took it, as measured
+    /// from the shard's first-message stamp.
+    pub max_queue_delay: Duration,
+    /// Times the flusher thread woke up from a sleep.
+    pub flusher_wakeups: u64,
+    /// Completed [`Bus::flush`](super::Bus::flush) calls.
+    pub flushes: u64,
+    /// Longest `flush()`.
+    pub flush_latency_max: Duration,
+    /// Most recent `flush()`.
+    pub flush_latency_last: Duration,
+    /// Mean `flush()` duration.
+    pub flush_latency_mean: Duration,
+}
+
+impl BusStats {
+    /// All rejected messages, whatever the reason.
+    pub fn rejected(&self) -> u64 {
+        self.rejected_full + self.rejected_timeout + self.rejected_closed + self.rejected_too_large
+    }
+
+    /// Average messages per datagram sent (0 when nothing was sent).
+    pub fn avg_msgs_per_datagram(&self) -> f64 {
+        if self.sent_datagrams == 0 {
+            0.0
+        } else {
+            self.sent_messages as f64 / self.sent_datagrams as f64
+        }
+    }
+
+    /// Average messages per send system call (0 when none was made).
+    pub fn avg_msgs_per_syscall(&self) -> f64 {
+        if self.syscalls == 0 {
+            0.0
+        } else {
+            self.sent_messages as f64 / self.syscalls as f64
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The send side shared by [`ConnectorHandle`](super::ConnectorHandle) and the async
+//! connector: id/group policy, framing, batching and send counters.
+
+use std::io::IoSlice;
+
+use parking_lot::Mutex;
+
+use super::stats::Counters;
+use super::{SeqSource, FIRST_USER_GROUP};
+use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
+use crate::error::{Error, Result};
+use crate::sys::{ConnectorSocket, Dest};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    pub(crate) socket: Arc<ConnectorSocket>,
+    pub(crate) counters: Arc<Counters>,
+    allow_kernel_ids: bool,
+    max_datagram: usize,
+    seqs: Mutex<SeqSource>,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        socket: Arc<ConnectorSocket>,
+        counters: Arc<Counters>,
+        allow_kernel_ids: bool,
+        max_datagram: usize,
+    ) -> Self {
+        Self {
+            socket,
+            counters,
+            allow_kernel_ids,
+            max_datagram,
+            seqs: Mutex::new(SeqSource::default()),
+        }
+    }
+
+    pub(crate) fn next_seq(&self, id: CbId) -> u32 {
+        self.seqs.lock().next(id)
+    }
+
+    /// The policy: no multicast on kernel-owned ids or groups unless allowed; nothing over
+    /// the kernel's size limit to the kernel.
+    pub(crate) fn check(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        match dest {
+            Dest::Group(g)
+                if !self.allow_kernel_ids && (msg.id.is_kernel_owned() || g < FIRST_USER_GROUP) =>
+            {
+                Err(Error::KernelOwned {
+                    id: msg.id,
+                    group: g,
+                })
+            }
+            Dest::Kernel if msg.encoded_len() - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE => {
+                Err(Error::TooLarge {
+                    len: msg.encoded_len() - NLMSG_HDRLEN,
+                    limit: CONNECTOR_MAX_MSG_SIZE,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Frames `msg` alone in a datagram, after the policy check.
+    pub(crate) fn frame(&self, msg: &CnMsg, dest: Dest) -> Result<Vec<u8>> {
+        self.check(msg, dest)?;
+        let mut d = DatagramBuilder::new(msg.encoded_len()).with_pid(self.socket.port_id());
+        d.push(msg)?;
+        Ok(d.take())
+    }
+
+    /// Counts the outcome of sending one datagram of `messages` messages.
+    pub(crate) fn account<T>(&self, r: &Result<T>, messages: u64) {
+        let c = &self.counters;
+        if r.is_ok() {
+            Counters::add(&c.sent_datagrams, 1);
+            Counters::add(&c.sent_messages, messages);
+        } else {
+            Counters::add(&c.send_errors, 1);
+        }
+    }
+
+    pub(crate) fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        let d = self.frame(msg, dest)?;
+        let r = self.socket.send(&d, dest);
+        self.account(&r, 1);
+        r.map(drop)
+    }
+
+    pub(crate) fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
+        for m in msgs {
+            self.check(m, dest)?;
+        }
+        let pid = self.socket.port_id();
+        let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
+        if dest == Dest::Kernel {
+            for m in msgs {
+                let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
+                d.push(m)?;
+                datagrams.push((d.take(), 1));
+            }
+        } else {
+            let mut d = DatagramBuilder::new(self.max_datagram).with_pid(pid);
+            for m in msgs {
+                if !d.push(m)? {
+                    let n = d.count();
+                    datagrams.push((d.take(), n));
+                    // It fits an empty datagram: push returned Ok(false), not TooLarge.
+                    d.push(m)?;
+                }
+            }
+            if !d.is_empty() {
+                let n = d.count();
+                datagrams.push((d.take(), n));
+            }
+        }
+        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
+        let c = &self.counters;
+        let sent = match self.socket.send_batch(&slices, dest) {
+            Ok(n) => n,
+            Err(e) => {
+                Counters::add(&c.send_errors, 1);
+                return Err(e);
+            }
+        };
+        let msgs_sent: usize = datagrams[..sent].iter().map(|(_, n)| n).sum();
+        Counters::add(&c.sent_datagrams, sent as u64);
+        Counters::add(&c.sent_messages, msgs_sent as u64);
+        if sent < datagrams.len() {
+            Counters::add(&c.send_errors, 1);
+        }
+        Ok(msgs_sent)
+    }
+}

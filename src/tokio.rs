@@ -1,0 +1,287 @@
+//! An async connector on tokio (cargo feature `tokio`).
+//!
+//! [`AsyncConnector`] reads its socket through [`tokio::io::unix::AsyncFd`]: no thread of
+//! its own, no thread per stream. It is a [`futures_core::Stream`] of
+//! `Result<Received, Event>`: `Ok` for each message, `Err` for each loss or fault the
+//! synchronous dispatcher would report as an [`Event`] (overrun, sequence gap, malformed
+//! message, truncation). Events do not end the stream; a failing socket does, after one
+//! [`Event::RecvFailed`].
+//!
+//! ```no_run
+//! # async fn demo() -> cnbus::Result<()> {
+//! use futures_util::StreamExt;
+//! use cnbus::connector::Connector;
+//!
+//! let mut bus = Connector::builder().build_async()?;
+//! let _group = bus.subscribe(20)?;
+//! while let Some(item) = bus.next().await {
+//!     match item {
+//!         Ok(m) => println!("[{}] [{}.{}] {} bytes", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data.len()),
+//!         Err(event) => eprintln!("{event}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use ::tokio::io::unix::AsyncFd;
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{CbId, CnMsg};
+use crate::connector::ingest::Ingest;
+use crate::connector::stats::Counters;
+use crate::connector::{Event, Groups, Outbox, Received, Stats, Subscription};
+use crate::error::{Error, Op, Result};
+use crate::sys::{ConnectorSocket, Dest};
+
+/// Messages parsed but not yet taken, at most; past it the oldest is dropped and counted in
+/// [`Stats::channel_full`]. Only [`AsyncConnector::request`] parks messages here beyond one
+/// datagram's worth.
+const QUEUE_CAP: usize = 65536;
+
+/// Datagrams read per readiness before yielding to the runtime.
+const BATCH: usize = 64;
+
+/// An async connector: a socket whose messages and events are a `Stream`.
+///
+/// Build it with [`ConnectorBuilder::build_async`](crate::connector::ConnectorBuilder::build_async).
+pub struct AsyncConnector {
+    fd: AsyncFd<Arc<ConnectorSocket>>,
+    outbox: Outbox,
+    groups: Arc<Groups>,
+    ingest: Ingest,
+    buf: BytesMut,
+    max_datagram: usize,
+    queue: VecDeque<Result<Received, Event>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for AsyncConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncConnector")
+            .field("port", &self.port_id())
+            .field("queued", &self.queue.len())
+            .finish()
+    }
+}
+
+impl AsyncConnector {
+    pub(crate) fn new(
+        outbox: Outbox,
+        groups: Arc<Groups>,
+        ingest: Ingest,
+        max_datagram: usize,
+    ) -> Result<Self> {
+        let fd = crate::sys::asyncfd::register(outbox.socket.clone())
+            .map_err(|e| Error::from_io(Op::Poll, e))?;
+        Ok(Self {
+            fd,
+            outbox,
+            groups,
+            ingest,
+            buf: BytesMut::with_capacity(max_datagram * 4),
+            max_datagram,
+            queue: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    /// The socket's port id.
+    pub fn port_id(&self) -> u32 {
+        self.outbox.socket.port_id()
+    }
+
+    /// Joins multicast `group` while the guard lives (reference counted, as on
+    /// [`ConnectorHandle::subscribe`](crate::connector::ConnectorHandle::subscribe)).
+    pub fn subscribe(&self, group: u32) -> Result<Subscription> {
+        self.groups.subscribe(group)
+    }
+
+    /// The next sequence number for `id` (see
+    /// [`ConnectorHandle::next_seq`](crate::connector::ConnectorHandle::next_seq)).
+    pub fn next_seq(&self, id: CbId) -> u32 {
+        self.outbox.next_seq(id)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.outbox.counters.snapshot()
+    }
+
+    /// Sends one message in a datagram of its own. A unicast to a peer whose queue is full
+    /// waits (asynchronously) for room instead of blocking the runtime.
+    pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        let d = self.outbox.frame(msg, dest)?;
+        loop {
+            let r = self.outbox.socket.try_send(&d, dest);
+            match r {
+                Ok(Some(_)) => {
+                    self.outbox.account(&r, 1);
+                    return Ok(());
+                }
+                // The peer's queue is full; netlink offers no readiness for that, so poll
+                // gently rather than spin.
+                Ok(None) => ::tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => {
+                    self.outbox.account(&Err::<(), _>(Error::Closed), 1);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Sends `data` on `id` with the next sequence number of `id`. Returns the seq.
+    pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
+        let seq = self.next_seq(id);
+        self.send(&CnMsg::new(id, data).with_seq(seq, 0), dest)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Sends several messages packed into datagrams with one `sendmmsg`, as
+    /// [`ConnectorHandle::send_batch`](crate::connector::ConnectorHandle::send_batch) does.
+    /// Multicasts and sends to the kernel never wait; a unicast to a user-space peer with a
+    /// full queue can block the calling thread until it has room.
+    pub async fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
+        self.outbox.send_batch(msgs, dest)
+    }
+
+    /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and
+    /// `ack + 1`. Messages that arrive meanwhile stay queued for the stream, in order.
+    pub async fn request(
+        &mut self,
+        msg: &CnMsg,
+        dest: Dest,
+        timeout: Duration,
+    ) -> Result<Received> {
+        let (id, seq, ack) = (msg.id, msg.seq, msg.ack.wrapping_add(1));
+        self.send(msg, dest).await?;
+        let parked = self.queue.len();
+        let wait = async {
+            loop {
+                // Only look at what arrives after the messages already queued.
+                let mut i = parked;
+                while i < self.queue.len() {
+                    if let Some(Ok(m)) = self.queue.get(i) {
+                        if m.msg.id == id && m.msg.seq == seq && m.msg.ack == ack {
+                            let Some(Ok(m)) = self.queue.remove(i) else {
+                                unreachable!()
+                            };
+                            Counters::add(&self.outbox.counters.replies, 1);
+                            return Ok(m);
+                        }
+                    }
+                    i += 1;
+                }
+                let before = self.queue.len();
+                std::future::poll_fn(|cx| self.fill(cx, before)).await?;
+            }
+        };
+        match ::tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::TimedOut { op: Op::Request }),
+        }
+    }
+
+    /// Reads datagrams until the queue grows past `len`. `Err` when the socket failed.
+    fn fill(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<Result<()>> {
+        let Self {
+            fd,
+            outbox,
+            ingest,
+            buf,
+            max_datagram,
+            queue,
+            done,
+            ..
+        } = self;
+        if *done {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        let c = &*outbox.counters;
+        loop {
+            let mut guard = match ready!(fd.poll_read_ready(cx)) {
+                Ok(g) => g,
+                Err(e) => {
+                    *done = true;
+                    push(
+                        queue,
+                        c,
+                        Err(Event::RecvFailed {
+                            errno: e.raw_os_error(),
+                        }),
+                    );
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            for _ in 0..BATCH {
+                let before = queue.len();
+                let r = ingest.recv(fd.get_ref(), buf, *max_datagram, c, &mut |e| {
+                    push(queue, c, Err(e))
+                });
+                let got_event = queue.len() != before;
+                match r {
+                    Ok(Some((d, meta))) => ingest.datagram(c, d, meta, |item| push(queue, c, item)),
+                    Ok(None) if got_event => {}
+                    Ok(None) => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Err(_) => {
+                        *done = true; // the RecvFailed event is queued
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            if queue.len() > len {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// The next message or event; `None` once the socket has failed.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Received, Event>>> {
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if ready!(self.fill(cx, 0)).is_err() {
+                return Poll::Ready(None);
+            }
+        }
+    }
+
+    /// The next message or event; `None` once the socket has failed.
+    pub async fn recv(&mut self) -> Option<Result<Received, Event>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+/// Queues `item`, dropping (and counting) the oldest when the queue is full.
+fn push(
+    queue: &mut VecDeque<Result<Received, Event>>,
+    c: &Counters,
+    item: Result<Received, Event>,
+) {
+    if queue.len() >= QUEUE_CAP {
+        queue.pop_front();
+        Counters::add(&c.channel_full, 1);
+    }
+    queue.push_back(item);
+}
+
+impl futures_core::Stream for AsyncConnector {
+    type Item = Result<Received, Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}

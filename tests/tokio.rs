@@ -1,0 +1,114 @@
+//! The async connector (feature `tokio`) against the real kernel. Group 22 belongs to
+//! this file.
+#![cfg(feature = "tokio")]
+
+mod common;
+
+use std::time::Duration;
+
+use cnbus::connector::{Connector, Event};
+use cnbus::sys::Dest;
+use cnbus::{CbId, CnMsg};
+use common::{kernel_socket, test_idx};
+use futures_util::StreamExt;
+
+#[tokio::test]
+async fn the_stream_yields_messages_and_loss_in_order() {
+    if kernel_socket("the_stream_yields_messages_and_loss_in_order").is_none() {
+        return;
+    }
+    let (group, id) = (22, CbId::new(test_idx(40), 3));
+    let mut rx = Connector::builder().build_async().unwrap();
+    let _sub = rx.subscribe(group).unwrap();
+    let tx = Connector::builder().spawn().unwrap();
+    for seq in [1, 2, 5, 6] {
+        tx.send(
+            &CnMsg::new(id, vec![seq as u8]).with_seq(seq, 0),
+            Dest::Group(group),
+        )
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let item = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .expect("stream item")
+            .expect("stream open");
+        match item {
+            Ok(m) if m.msg.id == id => got.push(format!("msg {}", m.msg.seq)),
+            Ok(_) => {}
+            Err(Event::Lost {
+                id: lost_id,
+                count,
+                port,
+            }) => {
+                assert_eq!(lost_id, id);
+                assert_eq!(port, tx.port_id());
+                got.push(format!("lost {count}"));
+            }
+            Err(e) => panic!("unexpected event {e}"),
+        }
+    }
+    assert_eq!(got, ["msg 1", "msg 2", "lost 2", "msg 5", "msg 6"]);
+    let s = rx.stats();
+    assert_eq!((s.messages, s.lost), (4, 2));
+}
+
+#[tokio::test]
+async fn async_send_and_request() {
+    if kernel_socket("async_send_and_request").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(41), 1);
+    let server = Connector::builder().spawn().unwrap();
+    let h = server.handle();
+    let _svc = server.register(id, move |m| {
+        let reply = CnMsg::new(id, m.msg.data.clone()).with_seq(m.msg.seq, m.msg.ack + 1);
+        h.send(&reply, Dest::Port(m.source.port)).unwrap();
+    });
+    let mut client = Connector::builder().build_async().unwrap();
+    // An unrelated message that arrives first stays queued for the stream.
+    let other = Connector::builder().spawn().unwrap();
+    other
+        .send(
+            &CnMsg::new(CbId::new(test_idx(42), 1), &b"early"[..]),
+            Dest::Port(client.port_id()),
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 7);
+    let r = client
+        .request(&req, Dest::Port(server.port_id()), Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!((&r.msg.data[..], r.msg.ack), (&b"ping"[..], 8));
+    let early = client.next().await.unwrap().unwrap();
+    assert_eq!(&early.msg.data[..], b"early");
+    let seq = client
+        .send_numbered(id, &b"one-way"[..], Dest::Port(server.port_id()))
+        .await
+        .unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(2), client.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo.msg.seq, seq);
+    let e = client
+        .request(
+            &CnMsg::new(CbId::new(test_idx(43), 1), &b"?"[..]),
+            Dest::Port(server.port_id()),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, cnbus::Error::TimedOut { .. }));
+}
+
+#[test]
+fn building_outside_a_runtime_is_an_error_not_a_panic() {
+    let Err(e) = Connector::builder().build_async() else {
+        panic!("built outside a runtime")
+    };
+    assert!(e.to_string().contains("tokio runtime"), "{e}");
+}
