@@ -45,6 +45,7 @@ const WHAT_ALL: u32 = WHAT_FORK
     | WHAT_EXIT;
 
 /// The kind of an event: the `what` field of `struct proc_event`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     /// `PROC_EVENT_NONE` (0): the kernel's acknowledgement of a `LISTEN` / `IGNORE`.
@@ -162,6 +163,7 @@ impl fmt::Display for EventKind {
 /// is not 0, which still arrive as [`EventKind::Exit`]. With both `EXIT` and `NONZERO_EXIT`
 /// every exit is delivered. ACKs are delivered only to a listener whose set is
 /// [`EventSet::ALL`], as the kernel does.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct EventSet(u32);
 
@@ -331,6 +333,7 @@ impl FromStr for EventSet {
 /// A task as the kernel names it: `pid` is the task id (what user space calls the thread id,
 /// TID) and `tgid` the thread-group id (what user space calls the process id, PID). Both are
 /// numbers in the initial pid namespace.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Task {
     /// Task id (TID).
@@ -347,6 +350,7 @@ impl Task {
 }
 
 /// A wait status as `waitpid` returns it: what the kernel puts in the exit event.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ExitStatus(pub u32);
 
@@ -398,6 +402,7 @@ impl fmt::Display for ExitStatus {
 }
 
 /// A task name (`comm`): at most 15 bytes, as the kernel's `char comm[16]`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm([u8; 16]);
 
@@ -439,6 +444,7 @@ impl fmt::Display for Comm {
 }
 
 /// The typed body of an event: one variant per `what`, with every field the kernel sends.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventBody {
     /// The kernel's reply to a `LISTEN` / `IGNORE`. Matched to its request by
@@ -520,6 +526,7 @@ pub enum EventBody {
 }
 
 /// One process event.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProcEvent {
     /// `cn_msg.seq`: the kernel's per-CPU message counter (see [`SeqTracker`]). 0 when

@@ -54,6 +54,7 @@ const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this
      space instead";
 
 /// Where the listener's event set is applied.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FilterMode {
     /// In the kernel when it can (Linux 6.6+ `proc_input`, detected at run time), else in
@@ -68,6 +69,7 @@ pub enum FilterMode {
 }
 
 /// How the listener ended up filtering.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filtering {
     /// Subscribed to every event: nothing to filter.
@@ -79,6 +81,7 @@ pub enum Filtering {
 }
 
 /// Events that could not be delivered.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Loss {
     /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events. When gap
@@ -96,6 +99,7 @@ pub enum Loss {
 
 /// What a listener receives: an event, or a report of lost events at that point in the
 /// stream.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Received {
     /// An event that matched the listener's event set.
@@ -105,6 +109,7 @@ pub enum Received {
 }
 
 /// Counters of a listener: what it delivered, what was lost, what it rejected.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LossStats {
     /// Events delivered.
