@@ -205,6 +205,9 @@ struct ProcInfo {
     name: Arc<str>,
     /// Event timestamp of the fork (or first exec) seen, CLOCK_MONOTONIC ns.
     start_ns: Option<u64>,
+    /// False for a name inherited from the parent at fork while exec events are not traced:
+    /// the process may have exec'd since, so /proc is read once more when it is next needed.
+    fresh: bool,
 }
 
 /// A bounded map with approximately-LRU eviction: two generations of at most `cap / 2`
@@ -265,7 +268,8 @@ fn read_proc(path: &str, buf: &mut [u8]) -> Option<usize> {
 /// when it has none (kernel threads).
 fn read_name(pid: u32) -> Option<Arc<str>> {
     let mut buf = [0u8; 256];
-    let n = read_proc(&format!("/proc/{pid}/cmdline"), &mut buf)?;
+    // An exiting process has no command line any more (or its read fails): use the comm.
+    let n = read_proc(&format!("/proc/{pid}/cmdline"), &mut buf).unwrap_or(0);
     let mut b = &buf[..n];
     while let [rest @ .., 0] = b {
         b = rest;
@@ -303,6 +307,8 @@ const MAX_STAT_NAMES: usize = 4096;
 
 struct Tracer {
     args: Args,
+    /// Exec events are traced, so names inherited at fork get refreshed by them.
+    exec_traced: bool,
     cache: Cache,
     clock: WallClock,
     ticks: u64,
@@ -316,6 +322,12 @@ struct Tracer {
 impl Tracer {
     fn name_of(&mut self, tgid: u32) -> Arc<str> {
         if let Some(i) = self.cache.get(tgid) {
+            if !i.fresh {
+                i.fresh = true;
+                if let Some(n) = read_name(tgid) {
+                    i.name = n;
+                }
+            }
             return i.name.clone();
         }
         match read_name(tgid) {
@@ -325,6 +337,7 @@ impl Tracer {
                     ProcInfo {
                         name: name.clone(),
                         start_ns: None,
+                        fresh: true,
                     },
                 );
                 name
@@ -379,6 +392,7 @@ impl Tracer {
                         ProcInfo {
                             name: pname.clone(),
                             start_ns: Some(ev.timestamp_ns),
+                            fresh: self.exec_traced,
                         },
                     );
                     name = pname;
@@ -397,6 +411,7 @@ impl Tracer {
                     ProcInfo {
                         name: n.clone(),
                         start_ns: Some(start),
+                        fresh: true,
                     },
                 );
                 name = n;
@@ -453,6 +468,7 @@ impl Tracer {
                         ProcInfo {
                             name: new.clone(),
                             start_ns: start,
+                            fresh: true,
                         },
                     );
                 }
@@ -482,7 +498,11 @@ impl Tracer {
                         .or_else(|| read_start_ns(process.tgid, self.ticks));
                     duration = start.map(|s| ev.timestamp_ns.saturating_sub(s) as f64 / 1e9);
                     name = match known {
-                        Some(i) => i.name,
+                        Some(i) if i.fresh && self.exec_traced => i.name,
+                        // Without exec events any cached name may be stale: use what /proc
+                        // still says (at exit the command line is gone but the comm is not,
+                        // shown as [comm] like ps does), else the cached name.
+                        Some(i) => read_name(process.tgid).unwrap_or(i.name),
                         None => read_name(process.tgid).unwrap_or_else(|| UNKNOWN.into()),
                     };
                 }
@@ -754,6 +774,7 @@ fn main() -> ExitCode {
     }
     let filtering = listener.filtering();
     let mut t = Tracer {
+        exec_traced: args.events.contains(EventSet::EXEC),
         cache: Cache::new(8192),
         clock: WallClock::new(),
         ticks: clock_ticks_per_sec(),
@@ -871,6 +892,7 @@ mod tests {
         let info = |n: &str| ProcInfo {
             name: n.into(),
             start_ns: None,
+            fresh: true,
         };
         for pid in 0..100 {
             c.insert(pid, info("x"));
