@@ -271,6 +271,13 @@ pub enum Error {
     /// The object has been shut down.
     #[error("shut down")]
     Closed,
+    /// The proc connector cannot serve this process; `reason` says why (outside the initial
+    /// pid or user namespace, no `cn_proc` in the kernel, no kernel-side filtering).
+    #[error("proc connector: {reason}")]
+    ProcConnector {
+        /// Why, in words meant for the user.
+        reason: &'static str,
+    },
 }
 
 impl Error {

@@ -14,6 +14,7 @@
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on |
 //! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
+//! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
 //!
 //! ## Quick start: one message over the raw socket
 //!
@@ -47,6 +48,7 @@ pub mod codec;
 #[cfg(not(cnbus_loom))]
 pub mod connector;
 pub mod error;
+pub mod proc;
 /// Under `cfg(cnbus_loom)` only the registry of [`connector`] is built, for its model checks.
 #[cfg(cnbus_loom)]
 #[path = "connector/registry.rs"]

@@ -5,14 +5,18 @@
 
 #[cfg(feature = "tokio")]
 pub mod asyncfd;
+mod clock;
 mod cpu;
 mod ns;
+mod signal;
 mod socket;
 mod wake;
 
+pub use clock::{clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
-pub use ns::{namespace_report, NamespaceReport};
+pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
+pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
 pub use wake::{poll_read, EventFd, Readiness};
 

@@ -5,6 +5,8 @@ use std::fs;
 
 /// Inode number of the initial pid namespace (`PROC_PID_INIT_INO`, fixed since Linux 3.8).
 const PID_INIT_INO: u64 = 0xEFFF_FFFC;
+/// Inode number of the initial user namespace (`PROC_USER_INIT_INO`, fixed since Linux 3.8).
+const USER_INIT_INO: u64 = 0xEFFF_FFFD;
 /// Inode number of the initial network namespace (`PROC_NET_INIT_INO`, fixed since Linux
 /// 6.18; older kernels number it dynamically, see [`namespace_report`]).
 const NET_INIT_INO: u64 = 0xEFFF_FFF9;
@@ -18,6 +20,9 @@ pub struct NamespaceReport {
     /// `Some(false)` when this process is outside the initial pid namespace (proc events
     /// then carry host pids that mean nothing here); `None` when it cannot be told.
     pub initial_pid: Option<bool>,
+    /// `Some(false)` when this process is outside the initial user namespace (the proc
+    /// connector then ignores its `LISTEN`); `None` when it cannot be told.
+    pub initial_user: Option<bool>,
 }
 
 fn ns_inode(path: &str) -> Option<u64> {
@@ -35,6 +40,7 @@ fn ns_inode(path: &str) -> Option<u64> {
 /// otherwise (an older kernel in a restricted `/proc`).
 pub fn namespace_report() -> NamespaceReport {
     let initial_pid = ns_inode("/proc/thread-self/ns/pid").map(|i| i == PID_INIT_INO);
+    let initial_user = ns_inode("/proc/thread-self/ns/user").map(|i| i == USER_INIT_INO);
     let initial_net = match ns_inode("/proc/thread-self/ns/net") {
         None => None,
         Some(NET_INIT_INO) => Some(true),
@@ -47,6 +53,7 @@ pub fn namespace_report() -> NamespaceReport {
     NamespaceReport {
         initial_net,
         initial_pid,
+        initial_user,
     }
 }
 
@@ -59,7 +66,9 @@ fn fixed_net_inode() -> bool {
     }
 }
 
-fn kernel_at_least(major: u32, minor: u32) -> bool {
+/// True when the running kernel's release (`/proc/sys/kernel/osrelease`) is at least
+/// `major.minor`; false when it cannot be read.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let Ok(rel) = fs::read_to_string("/proc/sys/kernel/osrelease") else {
         return false;
     };

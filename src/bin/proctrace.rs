@@ -1,0 +1,927 @@
+//! `proctrace`: a process tracer on the proc connector, in the spirit of `forkstat`.
+//!
+//! One line per event (time, event, pid, info, duration on exit, process name or command
+//! line), or one JSON object per line with `--json`. Event types are chosen with `--events`
+//! and filtered in the kernel where it can (Linux 6.6+). Lost events are reported in the
+//! stream and counted (exactly, from per-CPU sequence numbers, when no kernel filter is set);
+//! `--stats` prints per-process counts and loss totals at the end. SIGINT / SIGTERM / SIGHUP
+//! end it cleanly, with the summary.
+//!
+//! Run `proctrace --help` for the options; `docs/PROC.md` has the design notes.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnbus::proc::{
+    EventBody, EventKind, EventSet, Filtering, Loss, LossStats, ProcEvent, ProcListener, Received,
+    Task,
+};
+use cnbus::sys::{clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
+use cnbus::Error;
+
+const HELP: &str = "\
+proctrace: trace process events from the Linux proc connector
+
+USAGE:
+    proctrace [OPTIONS]
+
+OPTIONS:
+    -e, --events LIST    event types to trace, comma-separated (default: all):
+                         fork, exec, exit, nonzero-exit, uid, gid, sid, ptrace, comm,
+                         coredump, all. 'nonzero-exit' selects exits with a non-zero status.
+                         Filtered in the kernel on Linux 6.6+, in user space before.
+    -j, --json           one JSON object per line instead of text columns
+    -d, --duration SECS  stop after SECS seconds (fractions allowed)
+    -s, --stats          at the end, also print loss per CPU and event counts per program
+                         (the one-line summary of events and losses is always printed
+                         to stderr on exit)
+    -b, --buffer BYTES   socket receive buffer to ask for (suffix K or M; default 16M)
+        --allow-foreign-namespace
+                         run even outside the initial pid/user namespace (events then
+                         arrive only while another process listens, with host ids)
+    -h, --help           print this help
+
+OUTPUT:
+    Text: time (UTC, from the event's kernel timestamp), event, pid, info, duration (on
+    exit, since the fork or exec seen, or the process start time), process (command line,
+    or [comm] for kernel threads; <unknown> when the process was gone before /proc could be
+    read). Lost events appear as 'lost' lines and in the totals.
+
+Needs root (CAP_NET_ADMIN) on most kernels, and the initial network namespace.
+";
+
+struct Args {
+    events: EventSet,
+    json: bool,
+    duration: Option<Duration>,
+    stats: bool,
+    buffer: usize,
+    allow_foreign_ns: bool,
+}
+
+fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().ok()?.checked_mul(mult)
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        events: EventSet::ALL,
+        json: false,
+        duration: None,
+        stats: false,
+        buffer: cnbus::proc::DEFAULT_RECV_BUFFER,
+        allow_foreign_ns: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            "-j" | "--json" => a.json = true,
+            "-s" | "--stats" => a.stats = true,
+            "--allow-foreign-namespace" => a.allow_foreign_ns = true,
+            "-e" | "--events" => {
+                a.events = value("--events")?.parse().map_err(|e| format!("{e}"))?;
+                if a.events.is_empty() {
+                    return Err("--events: no event type given".into());
+                }
+            }
+            "-d" | "--duration" => {
+                let v = value("--duration")?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                    .ok_or_else(|| format!("--duration: not a number of seconds: {v}"))?;
+                a.duration = Some(Duration::from_secs_f64(secs));
+            }
+            "-b" | "--buffer" => {
+                let v = value("--buffer")?;
+                a.buffer = parse_size(&v).ok_or_else(|| format!("--buffer: bad size {v}"))?;
+            }
+            other => return Err(format!("unknown option {other} (see --help)")),
+        }
+    }
+    Ok(a)
+}
+
+/// Converts event timestamps (CLOCK_MONOTONIC) to wall-clock time.
+struct WallClock {
+    offset_ns: i128,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        let mut w = WallClock { offset_ns: 0 };
+        w.sync();
+        w
+    }
+
+    /// Re-reads the offset between the clocks (NTP slews it slowly).
+    fn sync(&mut self) {
+        self.offset_ns = i128::from(realtime_ns()) - i128::from(monotonic_ns());
+    }
+
+    fn wall_ns(&self, mono_ns: u64) -> i128 {
+        i128::from(mono_ns) + self.offset_ns
+    }
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn write_time(out: &mut String, wall_ns: i128, full: bool) {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (wall_ns.rem_euclid(1_000_000_000) / 1000) as u32;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (h, m, s) = (sod / 3600, sod / 60 % 60, sod % 60);
+    if full {
+        let (y, mo, d) = civil_from_days(days);
+        let _ = write!(
+            out,
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"
+        );
+    } else {
+        let _ = write!(out, "{h:02}:{m:02}:{s:02}.{micros:06}");
+    }
+}
+
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// What the tracer remembers about a process.
+#[derive(Clone)]
+struct ProcInfo {
+    name: Arc<str>,
+    /// Event timestamp of the fork (or first exec) seen, CLOCK_MONOTONIC ns.
+    start_ns: Option<u64>,
+    /// False for a name inherited from the parent at fork while exec events are not traced:
+    /// the process may have exec'd since, so /proc is read once more when it is next needed.
+    fresh: bool,
+}
+
+/// A bounded map with approximately-LRU eviction: two generations of at most `cap / 2`
+/// entries each; a hit in the old generation is promoted, and when the young one is full the
+/// old one is dropped whole. O(1) per operation, never more than `cap` entries.
+struct Cache {
+    young: HashMap<u32, ProcInfo>,
+    old: HashMap<u32, ProcInfo>,
+    half: usize,
+}
+
+impl Cache {
+    fn new(cap: usize) -> Self {
+        let half = (cap / 2).max(1);
+        Cache {
+            young: HashMap::with_capacity(half),
+            old: HashMap::new(),
+            half,
+        }
+    }
+
+    fn get(&mut self, pid: u32) -> Option<&mut ProcInfo> {
+        if !self.young.contains_key(&pid) {
+            let v = self.old.remove(&pid)?;
+            self.insert(pid, v);
+        }
+        self.young.get_mut(&pid)
+    }
+
+    fn insert(&mut self, pid: u32, v: ProcInfo) {
+        if self.young.len() >= self.half && !self.young.contains_key(&pid) {
+            self.old = std::mem::replace(&mut self.young, HashMap::with_capacity(self.half));
+        }
+        self.young.insert(pid, v);
+    }
+
+    fn remove(&mut self, pid: u32) -> Option<ProcInfo> {
+        self.young.remove(&pid).or_else(|| self.old.remove(&pid))
+    }
+}
+
+/// Reads a small /proc file into `buf`; the bytes read.
+fn read_proc(path: &str, buf: &mut [u8]) -> Option<usize> {
+    let mut f = File::open(path).ok()?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(n)
+}
+
+/// The command line of `pid` (arguments joined by spaces, at most 256 bytes), or `[comm]`
+/// when it has none (kernel threads).
+fn read_name(pid: u32) -> Option<Arc<str>> {
+    let mut buf = [0u8; 256];
+    // An exiting process has no command line any more (or its read fails): use the comm.
+    let n = read_proc(&format!("/proc/{pid}/cmdline"), &mut buf).unwrap_or(0);
+    let mut b = &buf[..n];
+    while let [rest @ .., 0] = b {
+        b = rest;
+    }
+    if !b.is_empty() {
+        let s: String = String::from_utf8_lossy(b)
+            .chars()
+            .map(|c| if c == '\0' { ' ' } else { c })
+            .collect();
+        return Some(s.into());
+    }
+    let n = read_proc(&format!("/proc/{pid}/comm"), &mut buf)?;
+    let comm = String::from_utf8_lossy(&buf[..n]);
+    Some(format!("[{}]", comm.trim_end()).into())
+}
+
+/// Start time of `pid` from `/proc/<pid>/stat` (field 22), in ns since boot.
+fn read_start_ns(pid: u32, ticks: u64) -> Option<u64> {
+    let mut buf = [0u8; 1024];
+    let n = read_proc(&format!("/proc/{pid}/stat"), &mut buf)?;
+    let s = std::str::from_utf8(&buf[..n]).ok()?;
+    // The comm field is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let start: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    Some(start.saturating_mul(1_000_000_000) / ticks)
+}
+
+const UNKNOWN: &str = "<unknown>";
+/// A burst of at least this many events makes the tracer pause before its next wait...
+const COALESCE_AFTER: u32 = 4;
+/// ...for this long, so that the next wake-up finds several events queued. The 16 MiB
+/// receive queue holds tens of thousands of events: far more than arrive in this time.
+const COALESCE_DELAY: Duration = Duration::from_micros(500);
+const MAX_STAT_NAMES: usize = 4096;
+
+struct Tracer {
+    args: Args,
+    /// Exec events are traced, so names inherited at fork get refreshed by them.
+    exec_traced: bool,
+    cache: Cache,
+    clock: WallClock,
+    ticks: u64,
+    line: String,
+    /// Per process name: counts per event kind (indexed like `EventKind::ALL`).
+    counts: HashMap<Arc<str>, [u64; 10]>,
+    other_counts: [u64; 10],
+    lost_reports: u64,
+}
+
+impl Tracer {
+    fn name_of(&mut self, tgid: u32) -> Arc<str> {
+        if let Some(i) = self.cache.get(tgid) {
+            if !i.fresh {
+                i.fresh = true;
+                if let Some(n) = read_name(tgid) {
+                    i.name = n;
+                }
+            }
+            return i.name.clone();
+        }
+        match read_name(tgid) {
+            Some(name) => {
+                self.cache.insert(
+                    tgid,
+                    ProcInfo {
+                        name: name.clone(),
+                        start_ns: None,
+                        fresh: true,
+                    },
+                );
+                name
+            }
+            None => UNKNOWN.into(),
+        }
+    }
+
+    /// Counts an event for the per-process table, keyed by program name (pids of a fork
+    /// storm are all different; the program is what a reader wants totals for).
+    fn count(&mut self, name: &str, kind: EventKind) {
+        let k = EventKind::ALL.iter().position(|x| *x == kind).unwrap_or(0);
+        let prog = program(name);
+        if let Some(c) = self.counts.get_mut(prog) {
+            c[k] += 1;
+        } else if self.counts.len() < MAX_STAT_NAMES {
+            let mut c = [0; 10];
+            c[k] = 1;
+            self.counts.insert(prog.into(), c);
+        } else {
+            self.other_counts[k] += 1;
+        }
+    }
+
+    /// Formats one event into `self.line` (without the newline).
+    fn event(&mut self, ev: &ProcEvent) {
+        let json = self.args.json;
+        let mut info = String::new();
+        let mut fields = String::new();
+        let mut duration: Option<f64> = None;
+        let mut kind_name = ev.kind().name();
+        let subject = ev.task().unwrap_or_default();
+        let name: Arc<str>;
+        match ev.body {
+            EventBody::Ack { err } => {
+                name = "".into();
+                let _ = write!(info, "ack err {err}");
+                let _ = write!(fields, ",\"err\":{err}");
+            }
+            EventBody::Fork { parent, child } => {
+                if child.is_thread() {
+                    // A new thread of process child.tgid. (The kernel reports the process's
+                    // own parent as the thread's parent.)
+                    kind_name = "clone";
+                    name = self.name_of(child.tgid);
+                    let _ = write!(info, "thread {}", child.pid);
+                } else {
+                    let pname = self.name_of(parent.tgid);
+                    let _ = write!(info, "parent {}", parent.tgid);
+                    self.cache.insert(
+                        child.tgid,
+                        ProcInfo {
+                            name: pname.clone(),
+                            start_ns: Some(ev.timestamp_ns),
+                            fresh: self.exec_traced,
+                        },
+                    );
+                    name = pname;
+                }
+                task_json(&mut fields, "parent", parent);
+            }
+            EventBody::Exec { process } => {
+                let n = read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid));
+                let start = self
+                    .cache
+                    .get(process.tgid)
+                    .and_then(|i| i.start_ns)
+                    .unwrap_or(ev.timestamp_ns);
+                self.cache.insert(
+                    process.tgid,
+                    ProcInfo {
+                        name: n.clone(),
+                        start_ns: Some(start),
+                        fresh: true,
+                    },
+                );
+                name = n;
+            }
+            EventBody::Uid {
+                process: _,
+                ruid,
+                euid,
+            } => {
+                name = self.name_of(subject.tgid);
+                let _ = write!(info, "uid {ruid} euid {euid}");
+                let _ = write!(fields, ",\"ruid\":{ruid},\"euid\":{euid}");
+            }
+            EventBody::Gid {
+                process: _,
+                rgid,
+                egid,
+            } => {
+                name = self.name_of(subject.tgid);
+                let _ = write!(info, "gid {rgid} egid {egid}");
+                let _ = write!(fields, ",\"rgid\":{rgid},\"egid\":{egid}");
+            }
+            EventBody::Sid { process } => {
+                name = self.name_of(subject.tgid);
+                let _ = write!(info, "sid {}", process.tgid);
+                let _ = write!(fields, ",\"sid\":{}", process.tgid);
+            }
+            EventBody::Ptrace { process: _, tracer } => {
+                name = self.name_of(subject.tgid);
+                match tracer {
+                    Some(t) => {
+                        let _ = write!(info, "attach by {}", t.tgid);
+                        fields.push_str(",\"attach\":true");
+                        task_json(&mut fields, "tracer", t);
+                    }
+                    None => {
+                        info.push_str("detach");
+                        fields.push_str(",\"attach\":false");
+                    }
+                }
+            }
+            EventBody::Comm { process, comm } => {
+                let old = self.name_of(process.tgid);
+                let new: Arc<str> = comm.to_string().into();
+                let _ = write!(info, "{} -> {}", program(&old), new);
+                fields.push_str(",\"old_name\":");
+                json_str(&mut fields, &old);
+                fields.push_str(",\"comm\":");
+                json_str(&mut fields, &new);
+                if !process.is_thread() {
+                    let start = self.cache.get(process.tgid).and_then(|i| i.start_ns);
+                    self.cache.insert(
+                        process.tgid,
+                        ProcInfo {
+                            name: new.clone(),
+                            start_ns: start,
+                            fresh: true,
+                        },
+                    );
+                }
+                name = new;
+            }
+            EventBody::Coredump { process: _, parent } => {
+                name = self.name_of(subject.tgid);
+                if let Some(p) = parent {
+                    let _ = write!(info, "parent {}", p.tgid);
+                    task_json(&mut fields, "parent", p);
+                }
+            }
+            EventBody::Exit {
+                process,
+                status,
+                exit_signal,
+                parent,
+            } => {
+                if process.is_thread() {
+                    name = self.name_of(process.tgid);
+                    let _ = write!(info, "thread {} ", process.pid);
+                } else {
+                    let known = self.cache.remove(process.tgid);
+                    let start = known
+                        .as_ref()
+                        .and_then(|i| i.start_ns)
+                        .or_else(|| read_start_ns(process.tgid, self.ticks));
+                    duration = start.map(|s| ev.timestamp_ns.saturating_sub(s) as f64 / 1e9);
+                    name = match known {
+                        Some(i) if i.fresh && self.exec_traced => i.name,
+                        // Without exec events any cached name may be stale: use what /proc
+                        // still says (at exit the command line is gone but the comm is not,
+                        // shown as [comm] like ps does), else the cached name.
+                        Some(i) => read_name(process.tgid).unwrap_or(i.name),
+                        None => read_name(process.tgid).unwrap_or_else(|| UNKNOWN.into()),
+                    };
+                }
+                match (status.code(), status.signal()) {
+                    (Some(c), _) => {
+                        let _ = write!(info, "{c}");
+                    }
+                    (None, Some(s)) => {
+                        let _ = write!(
+                            info,
+                            "signal {s}{}",
+                            if status.core_dumped() { " (core)" } else { "" }
+                        );
+                    }
+                    _ => {
+                        let _ = write!(info, "status {:#x}", status.raw());
+                    }
+                }
+                let _ = write!(
+                    fields,
+                    ",\"status\":{},\"exit_code\":{},\"signal\":{},\"core_dumped\":{},\"exit_signal\":{exit_signal}",
+                    status.raw(),
+                    opt_num(status.code()),
+                    opt_num(status.signal()),
+                    status.core_dumped()
+                );
+                if let Some(p) = parent {
+                    task_json(&mut fields, "parent", p);
+                }
+                if let Some(d) = duration {
+                    let _ = write!(fields, ",\"duration_s\":{d:.6}");
+                }
+            }
+        }
+        self.count(&name, ev.kind());
+        let wall = self.clock.wall_ns(ev.timestamp_ns);
+        let line = &mut self.line;
+        line.clear();
+        if json {
+            line.push_str("{\"time\":\"");
+            write_time(line, wall, true);
+            let _ = write!(
+                line,
+                "\",\"timestamp_ns\":{},\"cpu\":{},\"seq\":{},\"event\":\"{kind_name}\",\"pid\":{},\"tid\":{}",
+                ev.timestamp_ns, ev.cpu, ev.seq, subject.tgid, subject.pid
+            );
+            line.push_str(&fields);
+            line.push_str(",\"name\":");
+            if &*name == UNKNOWN {
+                line.push_str("null");
+            } else {
+                json_str(line, &name);
+            }
+            line.push('}');
+        } else {
+            write_time(line, wall, false);
+            let dur = match duration {
+                Some(d) => format!("{d:.3}s"),
+                None => String::new(),
+            };
+            let _ = write!(
+                line,
+                " {kind_name:<8} {:>7} {:<24} {dur:>9} {}",
+                subject.tgid,
+                printable(&info),
+                printable(&name)
+            );
+        }
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        self.lost_reports += 1;
+        let now = monotonic_ns();
+        let wall = self.clock.wall_ns(now);
+        let line = &mut self.line;
+        line.clear();
+        if self.args.json {
+            line.push_str("{\"time\":\"");
+            write_time(line, wall, true);
+            line.push_str("\",\"event\":\"lost\",");
+            match loss {
+                Loss::Overrun => line.push_str("\"cause\":\"overrun\",\"count\":null}"),
+                Loss::Gap { cpu, count } => {
+                    let _ = write!(
+                        line,
+                        "\"cause\":\"seq_gap\",\"cpu\":{cpu},\"count\":{count}}}"
+                    );
+                }
+            }
+        } else {
+            write_time(line, wall, false);
+            match loss {
+                Loss::Overrun => line.push_str(
+                    " lost           - receive queue overflowed (ENOBUFS); events dropped",
+                ),
+                Loss::Gap { cpu, count } => {
+                    let _ = write!(line, " lost           - {count} events of cpu {cpu}");
+                }
+            }
+        }
+    }
+
+    fn summary(&self, stats: &LossStats, elapsed: Duration, filtering: Filtering) -> String {
+        let mut s = String::new();
+        let lost = match stats.lost() {
+            Some(n) if stats.seq_lost.is_some() => {
+                format!("{n} (exact, from per-CPU sequence numbers)")
+            }
+            Some(n) => format!("{n} (no overflow reported; kernel filter, so no sequence check)"),
+            None => format!(
+                "unknown: {} receive-queue overflows with a kernel filter (no sequence check)",
+                stats.overruns
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "proctrace: {} events in {:.1} s; lost: {lost}; overflows: {}; spoofed rejected: {}; decode errors: {}; filtering: {}",
+            stats.events,
+            elapsed.as_secs_f64(),
+            stats.overruns,
+            stats.spoofed,
+            stats.decode_errors,
+            match filtering {
+                Filtering::None => "none (all events)",
+                Filtering::Kernel => "kernel",
+                Filtering::UserSpace => "user space",
+            }
+        );
+        if !self.args.stats {
+            return s;
+        }
+        if !stats.lost_per_cpu.is_empty() {
+            let per: Vec<String> = stats
+                .lost_per_cpu
+                .iter()
+                .map(|(c, n)| format!("cpu{c}={n}"))
+                .collect();
+            let _ = writeln!(s, "lost per CPU: {}", per.join(" "));
+        }
+        let kinds = &EventKind::ALL[1..];
+        let mut rows: Vec<(&Arc<str>, &[u64; 10])> = self.counts.iter().collect();
+        rows.sort_by(|a, b| {
+            b.1.iter()
+                .sum::<u64>()
+                .cmp(&a.1.iter().sum::<u64>())
+                .then(a.0.cmp(b.0))
+        });
+        let _ = write!(s, "{:>8}", "total");
+        for k in kinds {
+            let _ = write!(s, " {:>8}", k.name());
+        }
+        let _ = writeln!(s, "  process");
+        let row = |s: &mut String, name: &str, c: &[u64; 10]| {
+            let _ = write!(s, "{:>8}", c.iter().sum::<u64>());
+            for n in &c[1..] {
+                let _ = write!(s, " {n:>8}");
+            }
+            let _ = writeln!(s, "  {name}");
+        };
+        for (name, c) in rows {
+            row(
+                &mut s,
+                if name.is_empty() {
+                    "(kernel ack)"
+                } else {
+                    name
+                },
+                c,
+            );
+        }
+        if self.other_counts.iter().any(|&n| n > 0) {
+            row(
+                &mut s,
+                "(other processes: name table full)",
+                &self.other_counts,
+            );
+        }
+        s
+    }
+}
+
+/// `s` with control characters (a newline in an argument, say) shown as `?`, so that one
+/// event stays one line of text.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
+
+/// The program name of a command line: the base name of its first word (`[comm]` and
+/// `<unknown>` stay as they are).
+fn program(name: &str) -> &str {
+    if name.starts_with('[') || name.starts_with('<') {
+        return name;
+    }
+    let first = name.split(' ').next().unwrap_or(name);
+    first.rsplit('/').next().unwrap_or(first)
+}
+
+fn opt_num(v: Option<u8>) -> String {
+    v.map_or_else(|| "null".to_string(), |n| n.to_string())
+}
+
+fn task_json(out: &mut String, prefix: &str, t: Task) {
+    let _ = write!(
+        out,
+        ",\"{prefix}_pid\":{},\"{prefix}_tid\":{}",
+        t.tgid, t.pid
+    );
+}
+
+fn open_error(e: &Error) -> String {
+    match e {
+        Error::PermissionDenied { .. } => format!(
+            "proctrace: {e}\nThe proc connector needs root (CAP_NET_ADMIN) here: run it with sudo."
+        ),
+        Error::NoKernelConnector { .. } => format!(
+            "proctrace: {e}\nRun it on the host (or in a container sharing the host network namespace)."
+        ),
+        Error::ProcConnector { .. } => format!("proctrace: {e}"),
+        _ => format!("proctrace: cannot subscribe to the proc connector: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("proctrace: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Block the termination signals before any thread exists, so only the waiter gets them.
+    let signals = match TermSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("proctrace: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut listener = match ProcListener::builder()
+        .events(args.events)
+        .recv_buffer(args.buffer)
+        .allow_foreign_namespace(args.allow_foreign_ns)
+        .open()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{}", open_error(&e));
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(w) = listener.namespace_warning() {
+        eprintln!("proctrace: warning: {w}");
+    }
+    let caught = Arc::new(AtomicI32::new(0));
+    {
+        let stop = listener.shutdown_handle();
+        let caught = caught.clone();
+        std::thread::spawn(move || {
+            caught.store(signals.wait(), Ordering::SeqCst);
+            stop.shutdown();
+        });
+    }
+    let filtering = listener.filtering();
+    let mut t = Tracer {
+        exec_traced: args.events.contains(EventSet::EXEC),
+        cache: Cache::new(8192),
+        clock: WallClock::new(),
+        ticks: clock_ticks_per_sec(),
+        line: String::with_capacity(512),
+        counts: HashMap::new(),
+        other_counts: [0; 10],
+        lost_reports: 0,
+        args,
+    };
+    let started = Instant::now();
+    let deadline = t.args.duration.map(|d| started + d);
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    if !t.args.json {
+        let _ = writeln!(
+            out,
+            "{:<15} {:<8} {:>7} {:<24} {:>9} process",
+            "time (UTC)", "event", "pid", "info", "duration"
+        );
+    }
+    let mut status = ExitCode::SUCCESS;
+    // Events handled since the queue was last found empty.
+    let mut burst = 0u32;
+    loop {
+        let r = match listener.try_recv() {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => {
+                // Nothing queued: flush what was written before blocking.
+                if out.flush().is_err() {
+                    break;
+                }
+                t.clock.sync();
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left == Some(Duration::ZERO) {
+                    break;
+                }
+                if burst >= COALESCE_AFTER {
+                    // Events are coming fast: let a few accumulate rather than waking up for
+                    // each one (a context switch per event costs more than handling it).
+                    // Adds at most COALESCE_DELAY of latency, only during bursts.
+                    burst = 0;
+                    std::thread::sleep(COALESCE_DELAY);
+                    continue;
+                }
+                burst = 0;
+                listener.recv_timeout(left)
+            }
+            Err(e) => Err(e),
+        };
+        burst = burst.saturating_add(1);
+        let r = match r {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(Error::Closed) => break,
+            Err(e) => {
+                eprintln!("proctrace: receive failed: {e}");
+                status = ExitCode::from(1);
+                break;
+            }
+        };
+        match r {
+            Received::Event(ev) => t.event(&ev),
+            Received::Lost(loss) => t.lost(loss),
+        }
+        if writeln!(out, "{}", t.line).is_err() {
+            break; // stdout closed (e.g. piped to head)
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    let stats = listener.stats();
+    let elapsed = started.elapsed();
+    // Sends IGNORE.
+    drop(listener);
+    // The summary line always goes to stderr; the tables only with --stats.
+    eprint!("{}", t.summary(&stats, elapsed, filtering));
+    let sig = caught.load(Ordering::SeqCst);
+    if sig != 0 {
+        eprintln!("proctrace: stopped by signal {sig}");
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let mut s = String::new();
+        // 2026-11-26T12:00:00.123456Z
+        write_time(&mut s, 1_795_694_400_123_456_789, true);
+        assert_eq!(s, "2026-11-26T12:00:00.123456Z");
+        s.clear();
+        write_time(&mut s, 1_795_694_400_123_456_789, false);
+        assert_eq!(s, "12:00:00.123456");
+    }
+
+    #[test]
+    fn json_escaping() {
+        let mut s = String::new();
+        json_str(&mut s, "a\"b\\c\nd\u{1}e\u{7f}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001e\u007fé""#);
+    }
+
+    #[test]
+    fn cache_is_bounded_and_keeps_recent_entries() {
+        let mut c = Cache::new(4);
+        let info = |n: &str| ProcInfo {
+            name: n.into(),
+            start_ns: None,
+            fresh: true,
+        };
+        for pid in 0..100 {
+            c.insert(pid, info("x"));
+            assert!(c.young.len() + c.old.len() <= 4);
+        }
+        assert!(c.get(99).is_some());
+        assert!(c.get(0).is_none());
+        c.insert(7, info("seven"));
+        c.insert(8, info("eight"));
+        c.insert(9, info("nine"));
+        // 7 moved to the old generation but a hit promotes it.
+        assert_eq!(&*c.get(7).unwrap().name, "seven");
+        assert!(c.remove(7).is_some());
+        assert!(c.get(7).is_none());
+    }
+
+    #[test]
+    fn program_names() {
+        assert_eq!(program("/usr/bin/sleep 1"), "sleep");
+        assert_eq!(program("bash"), "bash");
+        assert_eq!(program("[kworker/0:1]"), "[kworker/0:1]");
+        assert_eq!(program("<unknown>"), "<unknown>");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("x"), None);
+    }
+}

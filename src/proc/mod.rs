@@ -1,0 +1,30 @@
+//! The proc connector (id `1.1`, group 1): typed process events.
+//!
+//! * [`event`]: decoding `struct proc_event` into [`ProcEvent`] (pure, never panics), the
+//!   [`EventSet`] a listener subscribes to, and the `LISTEN` / `IGNORE` request encoder.
+//! * [`ProcListener`]: a subscription. It chooses kernel-side filtering (Linux 6.6+
+//!   `proc_input`) or user-space filtering at run time, never waits for an ACK the kernel
+//!   does not send to a filtered socket, accepts events only from the kernel (port 0),
+//!   reports lost events (`ENOBUFS`, and exact per-CPU sequence gaps when unfiltered), and
+//!   sends `IGNORE` on drop. Use it as an iterator, or move it to a thread feeding a bounded
+//!   channel ([`ProcListener::into_channel`]).
+//! * [`ProcDecoder`]: the listener's decoding half (sender check, decoding, gap tracking,
+//!   filtering, counters) for other receive paths, such as a callback registered for
+//!   [`CbId::PROC`](crate::CbId::PROC) on a [`Connector`](crate::connector::Connector);
+//!   [`ProcEvent::from_kernel`] and [`SeqTracker`] are its parts.
+//!
+//! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
+
+pub mod event;
+mod listener;
+mod seq;
+
+pub use event::{
+    request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
+    UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
+};
+pub use listener::{
+    Decoded, FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcDecoder, ProcListener,
+    ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
+};
+pub use seq::{SeqCheck, SeqTracker};
