@@ -48,7 +48,7 @@ const REASON_USER_NS: &str = "this process is outside the initial user namespace
      initial namespaces listens, and uids and gids in them are those of the initial namespace";
 const REASON_NO_CN_PROC: &str = "the kernel has no proc connector (no cn_proc in \
      /proc/net/connector: it was built without CONFIG_PROC_EVENTS)";
-const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
+pub(super) const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
 const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this kernel does \
      not understand struct proc_input (Linux 6.6+): use FilterMode::Auto to filter in user \
      space instead";

@@ -17,6 +17,8 @@
 
 pub mod event;
 mod listener;
+#[cfg(not(cnbus_loom))]
+mod registered;
 mod seq;
 
 pub use event::{
@@ -27,4 +29,6 @@ pub use listener::{
     Decoded, FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcDecoder, ProcListener,
     ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
 };
+#[cfg(not(cnbus_loom))]
+pub use registered::{register, ProcRegistration};
 pub use seq::{SeqCheck, SeqTracker};
