@@ -285,3 +285,154 @@ impl futures_core::Stream for AsyncConnector {
         self.get_mut().poll_recv(cx)
     }
 }
+
+/// Typed proc events as a `Stream` (feature `tokio`): an [`AsyncConnector`] of its own,
+/// joined to group 1 after `LISTEN`, decoded by a [`ProcDecoder`](crate::proc::ProcDecoder).
+///
+/// Items are [`proc::Received`](crate::proc::Received): events in the chosen set, and loss
+/// reports in stream order (an overrun as it happens, the exact per-CPU gaps when the next
+/// events arrive). The event set is applied in user space with the kernel's rules, so gap
+/// accounting stays exact. Dropping the stream sends `IGNORE`.
+///
+/// ```no_run
+/// # async fn demo() -> cnbus::Result<()> {
+/// use futures_util::StreamExt;
+/// use cnbus::proc::{EventSet, Received};
+/// use cnbus::tokio::ProcStream;
+///
+/// let mut events = ProcStream::open(EventSet::EXEC | EventSet::EXIT).await?;
+/// while let Some(r) = events.next().await {
+///     if let Received::Event(ev) = r {
+///         println!("{:?}", ev.body);
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct ProcStream {
+    conn: AsyncConnector,
+    decoder: crate::proc::ProcDecoder,
+    pending: VecDeque<crate::proc::Received>,
+    _group: Subscription,
+}
+
+impl std::fmt::Debug for ProcStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcStream")
+            .field("events", &self.decoder.events())
+            .field("port", &self.conn.port_id())
+            .finish()
+    }
+}
+
+impl ProcStream {
+    /// Opens a socket (16 MiB receive buffer), joins group 1, sends `LISTEN` and waits for
+    /// the kernel's ACK.
+    pub async fn open(events: crate::proc::EventSet) -> Result<Self> {
+        use crate::proc::{request, McastOp, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER};
+        let conn = crate::connector::Connector::builder()
+            .recv_buffer(DEFAULT_RECV_BUFFER)
+            .build_async()?;
+        let group = conn.subscribe(1)?;
+        let token = conn.next_seq(CbId::PROC);
+        conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
+            .await?;
+        let mut stream = Self {
+            conn,
+            decoder: crate::proc::ProcDecoder::new(events, true),
+            pending: VecDeque::new(),
+            _group: group,
+        };
+        let ack = async {
+            loop {
+                match stream.conn.recv().await {
+                    None => return Err(Error::Closed),
+                    Some(item) => {
+                        if let Some((ack, err)) = stream.take(item) {
+                            if ack == token.wrapping_add(1) {
+                                return Ok(err);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, ack).await {
+            Ok(Ok(0)) => Ok(stream),
+            Ok(Ok(errno)) => Err(Error::from_io(
+                Op::Request,
+                std::io::Error::from_raw_os_error(errno as i32),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::ProcConnector {
+                reason: "the kernel did not acknowledge LISTEN before the timeout",
+            }),
+        }
+    }
+
+    /// Feeds one connector item to the decoder, queueing what it yields; returns the ACK
+    /// it carried, if any.
+    fn take(&mut self, item: Result<Received, Event>) -> Option<(u32, u32)> {
+        use crate::proc::{Loss, Received as P};
+        match item {
+            Ok(m) if m.msg.id == CbId::PROC => {
+                let d = self.decoder.decode(m.source.port, &m.msg);
+                self.pending.extend(d);
+                d.ack
+            }
+            Ok(m) => {
+                // Another id on group 1 (a user-space sender): not a proc event.
+                let _ = self.decoder.decode(m.source.port, &m.msg);
+                None
+            }
+            Err(Event::Overrun) => {
+                self.decoder.record_overrun();
+                self.pending.push_back(P::Lost(Loss::Overrun));
+                None
+            }
+            Err(Event::Decode { port, error }) => {
+                self.decoder.record_decode_error(port, error);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Loss and event counters.
+    pub fn stats(&self) -> crate::proc::LossStats {
+        self.decoder.stats()
+    }
+}
+
+impl Drop for ProcStream {
+    fn drop(&mut self) {
+        use crate::proc::{request, McastOp};
+        let token = self.conn.next_seq(CbId::PROC);
+        // Messages to the kernel never wait, so a non-blocking send is enough here.
+        if let Ok(d) = self
+            .conn
+            .outbox
+            .frame(&request(McastOp::Ignore, None, 0, token), Dest::Kernel)
+        {
+            let _ = self.conn.outbox.socket.try_send(&d, Dest::Kernel);
+        }
+    }
+}
+
+impl futures_core::Stream for ProcStream {
+    type Item = crate::proc::Received;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(r) = this.pending.pop_front() {
+                return Poll::Ready(Some(r));
+            }
+            match ready!(this.conn.poll_recv(cx)) {
+                None => return Poll::Ready(None),
+                Some(item) => {
+                    this.take(item);
+                }
+            }
+        }
+    }
+}

@@ -112,3 +112,41 @@ fn building_outside_a_runtime_is_an_error_not_a_panic() {
     };
     assert!(e.to_string().contains("tokio runtime"), "{e}");
 }
+
+#[tokio::test]
+async fn the_proc_stream_receives_real_events() {
+    use cnbus::proc::{EventBody, EventSet, Received};
+    use cnbus::tokio::ProcStream;
+    if kernel_socket("the_proc_stream_receives_real_events").is_none() {
+        return;
+    }
+    let mut events = ProcStream::open(EventSet::EXEC | EventSet::EXIT)
+        .await
+        .unwrap();
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(["-c", "exit 9"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let (mut exec, mut exit) = (false, None);
+    while !(exec && exit.is_some()) {
+        let r = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("proc event")
+            .expect("stream open");
+        match r {
+            Received::Event(ev) => match ev.body {
+                EventBody::Exec { process } if process.tgid == pid => exec = true,
+                EventBody::Exit {
+                    process, status, ..
+                } if process.tgid == pid => exit = status.code(),
+                EventBody::Fork { .. } => panic!("fork is outside the set"),
+                _ => {}
+            },
+            Received::Lost(loss) => panic!("lost events on an idle host: {loss:?}"),
+        }
+    }
+    assert_eq!(exit, Some(9));
+    assert_eq!(events.stats().spoofed, 0);
+}
