@@ -9,17 +9,77 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`codec`] | the wire formats as plain data: no I/O, no `unsafe` |
-//! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
+//! | [`codec`] | the wire formats as plain data: checked views, no I/O, no `unsafe` |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
-//! | [`error`] | the error enum callers match on |
+//! | [`error`] | the error enum callers match on (operation + errno kept) |
+//! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
+//! | `tokio` (feature `tokio`) | the async connector and proc events as `futures` streams |
 //!
-//! ## Quick start: one message over the raw socket
+//! With the `serde` feature, ids, messages, statistics and proc events are
+//! `Serialize`/`Deserialize`. The repository's `docs/` explain the architecture, the
+//! reliability guarantees and how to write a custom protocol.
+//!
+//! ## Quick start: process events
 //!
 //! ```no_run
-//! use bytes::{Bytes, BytesMut};
+//! use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
+//!
+//! # fn main() -> cnbus::Result<()> {
+//! // Filtered in the kernel on Linux 6.6+, in user space before; IGNORE is sent on drop.
+//! let mut events = ProcListener::builder().events(EventSet::EXEC | EventSet::EXIT).open()?;
+//! for r in events.iter().take(10) {
+//!     match r? {
+//!         Received::Event(ev) => println!("cpu {} {:?}", ev.cpu, ev.body),
+//!         Received::Lost(loss) => eprintln!("lost: {loss:?}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! ## Quick start: a custom protocol between processes
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use cnbus::connector::Connector;
+//! use cnbus::sys::Dest;
+//! use cnbus::CbId;
+//!
+//! # fn main() -> cnbus::Result<()> {
+//! let id = CbId::new(0x1000, 1); // idx above the kernel's 1..=10
+//! let bus = Connector::builder().spawn()?;
+//! let _member = bus.subscribe(20)?; // groups 12..=32 are for user space
+//! let _reg = bus.register(id, |m| {
+//!     println!("[{}] [{}.{}] {} bytes from port {}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data.len(), m.source.port)
+//! });
+//! bus.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
+//! std::thread::sleep(Duration::from_millis(50));
+//! assert_eq!(bus.stats().lost, 0);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Quick start: a hot-path sender
+//!
+//! ```no_run
+//! use cnbus::bus::Bus;
+//! use cnbus::sys::Dest;
+//! use cnbus::CbId;
+//!
+//! # fn main() -> cnbus::Result<()> {
+//! let bus = Bus::new(Dest::Group(20))?; // per-CPU shards, a flusher thread
+//! for i in 0..1000u32 {
+//!     // No system call, no lock: a copy into this CPU's shard.
+//!     bus.insert(CbId::new(0x1000, 2), &i.to_ne_bytes()).expect("queued");
+//! }
+//! bus.flush()?; // everything inserted so far is handed to the kernel
+//! # Ok(()) }
+//! ```
+//!
+//! ## The raw layers
+//!
+//! ```no_run
+//! use bytes::BytesMut;
 //! use cnbus::codec::{messages, CbId, CnMsg, DatagramBuilder, Message};
 //! use cnbus::sys::{ConnectorSocket, Dest};
 //!
@@ -28,7 +88,7 @@
 //! rx.join(20)?;
 //! let tx = ConnectorSocket::open()?;
 //! let mut dgram = DatagramBuilder::new(4096);
-//! dgram.push(&CnMsg::new(CbId::new(20, 1), &b"hello"[..]))?;
+//! dgram.push(&CnMsg::new(CbId::new(0x1000, 1), &b"hello"[..]))?;
 //! tx.send(dgram.as_bytes(), Dest::Group(20))?;
 //!
 //! let mut buf = BytesMut::with_capacity(65536);
