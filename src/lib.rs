@@ -119,5 +119,10 @@ pub mod tokio;
 
 mod sync;
 
+/// The guide to writing a custom idx/val protocol (`docs/GUIDE.md`); its Rust examples are
+/// compiled as doctests.
+#[doc = include_str!("../docs/GUIDE.md")]
+pub mod guide {}
+
 pub use codec::{CbId, CnMsg};
 pub use error::{DecodeError, DecodeErrorKind, Error, Op, Result};
