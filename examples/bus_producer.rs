@@ -15,27 +15,19 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "common/args.rs"]
+mod args;
+
 use cnbus::bus::Bus;
 use cnbus::codec::CbId;
 use cnbus::sys::{self, Dest};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} wants a number"))
-        })
-        .unwrap_or(default)
-}
-
 fn main() -> cnbus::Result<()> {
-    let group = arg("--group", 24) as u32;
-    let threads = arg("--threads", 4) as u32;
-    let count = arg("--count", 100_000) as u32;
-    let latency_us = arg("--latency-us", 1000);
+    let args: Vec<String> = std::env::args().collect();
+    let group = args::int(&args, "--group").unwrap_or(24) as u32;
+    let threads = args::int(&args, "--threads").unwrap_or(4) as u32;
+    let count = args::int(&args, "--count").unwrap_or(100_000) as u32;
+    let latency_us = args::int(&args, "--latency-us").unwrap_or(1000);
     if !(12..=32).contains(&group) {
         eprintln!("use a group in 12..=32 (lower ones belong to kernel users)");
         std::process::exit(2);

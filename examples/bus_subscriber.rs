@@ -10,25 +10,17 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+#[path = "common/args.rs"]
+mod args;
+
 use cnbus::codec::{messages, Message};
 use cnbus::sys::{poll_read, ConnectorSocket, EventFd};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} wants a number"))
-        })
-        .unwrap_or(default)
-}
-
 fn main() -> cnbus::Result<()> {
-    let group = arg("--group", 24) as u32;
-    let want = arg("--count", u64::MAX);
-    let idle = Duration::from_secs(arg("--idle-secs", 3));
+    let args: Vec<String> = std::env::args().collect();
+    let group = args::int(&args, "--group").unwrap_or(24) as u32;
+    let want = args::int(&args, "--count").unwrap_or(u64::MAX);
+    let idle = Duration::from_secs(args::int(&args, "--idle-secs").unwrap_or(3));
     let sock = ConnectorSocket::open()?;
     let rcvbuf = sock.set_recv_buffer(32 << 20, true)?;
     sock.join(group)?;

@@ -11,18 +11,12 @@
 
 use std::time::Duration;
 
+#[path = "common/args.rs"]
+mod args;
+
 use cnbus::connector::Connector;
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
-
-fn arg(args: &[String], name: &str) -> Option<u64> {
-    let i = args.iter().position(|a| a == name)?;
-    let v = args.get(i + 1)?;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
-}
 
 fn main() -> cnbus::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -30,15 +24,15 @@ fn main() -> cnbus::Result<()> {
         println!("usage: cn_publish [--group G] [--idx I] [--val V] [--count N] [--size B] [--interval-ms MS] [--batch N]");
         return Ok(());
     }
-    let group = arg(&args, "--group").unwrap_or(14) as u32;
+    let group = args::int(&args, "--group").unwrap_or(14) as u32;
     let id = CbId::new(
-        arg(&args, "--idx").unwrap_or(14) as u32,
-        arg(&args, "--val").unwrap_or(0x456) as u32,
+        args::int(&args, "--idx").unwrap_or(14) as u32,
+        args::int(&args, "--val").unwrap_or(0x456) as u32,
     );
-    let count = arg(&args, "--count").unwrap_or(10);
-    let size = arg(&args, "--size").unwrap_or(64) as usize;
-    let interval = Duration::from_millis(arg(&args, "--interval-ms").unwrap_or(0));
-    let batch = arg(&args, "--batch").unwrap_or(1).max(1);
+    let count = args::int(&args, "--count").unwrap_or(10);
+    let size = args::int(&args, "--size").unwrap_or(64) as usize;
+    let interval = Duration::from_millis(args::int(&args, "--interval-ms").unwrap_or(0));
+    let batch = args::int(&args, "--batch").unwrap_or(1).max(1);
 
     let bus = Connector::builder().spawn()?;
     let mut sent = 0;

@@ -12,17 +12,11 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "common/args.rs"]
+mod args;
+
 use cnbus::connector::{Connector, Event, Match};
 use cnbus::CbId;
-
-fn arg(args: &[String], name: &str) -> Option<u64> {
-    let i = args.iter().position(|a| a == name)?;
-    let v = args.get(i + 1)?;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
-}
 
 fn main() -> cnbus::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -30,14 +24,14 @@ fn main() -> cnbus::Result<()> {
         println!("usage: cn_subscribe [--group G] [--idx I] [--val V] [--count N] [--seconds S]");
         return Ok(());
     }
-    let group = arg(&args, "--group").unwrap_or(14) as u32;
-    let idx = arg(&args, "--idx").unwrap_or(14) as u32;
-    let key = match arg(&args, "--val") {
+    let group = args::int(&args, "--group").unwrap_or(14) as u32;
+    let idx = args::int(&args, "--idx").unwrap_or(14) as u32;
+    let key = match args::int(&args, "--val") {
         Some(v) => Match::Id(CbId::new(idx, v as u32)),
         None => Match::Idx(idx),
     };
-    let count = arg(&args, "--count").unwrap_or(u64::MAX);
-    let seconds = arg(&args, "--seconds").unwrap_or(u64::MAX / 4);
+    let count = args::int(&args, "--count").unwrap_or(u64::MAX);
+    let seconds = args::int(&args, "--seconds").unwrap_or(u64::MAX / 4);
 
     let bus = Connector::builder()
         .on_event(|e| match e {

@@ -19,19 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "common/args.rs"]
+mod args;
+
 use cnbus::bus::{Bus, FullPolicy};
 use cnbus::connector::{Connector, Event, Match};
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
 use parking_lot::Mutex;
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Resident set size of this process, in KiB.
 fn rss_kib() -> u64 {
@@ -58,16 +53,16 @@ fn main() {
     }
     if args.iter().any(|a| a == "--receiver") {
         receiver(
-            arg(&args, "--idx", 0) as u32,
-            arg(&args, "--group", 0) as u32,
-            arg(&args, "--seconds", 10),
+            args::int(&args, "--idx").unwrap_or(0) as u32,
+            args::int(&args, "--group").unwrap_or(0) as u32,
+            args::int(&args, "--seconds").unwrap_or(10),
         );
         return;
     }
-    let seconds = arg(&args, "--seconds", 10);
-    let producers = arg(&args, "--producers", 2) as u32;
-    let receivers = arg(&args, "--receivers", 2);
-    let group = arg(&args, "--group", 29) as u32;
+    let seconds = args::int(&args, "--seconds").unwrap_or(10);
+    let producers = args::int(&args, "--producers").unwrap_or(2) as u32;
+    let receivers = args::int(&args, "--receivers").unwrap_or(2);
+    let group = args::int(&args, "--group").unwrap_or(29) as u32;
     let idx = 0x5300_0000 | (std::process::id() & 0xffff);
     std::process::exit(if run(seconds, producers, receivers, group, idx) {
         0

@@ -14,18 +14,7 @@ use std::time::{Duration, Instant};
 use cnbus::connector::{Connector, Event, Match};
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
-use common::{kernel_socket, test_idx};
-
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
+use common::{kernel_socket, test_idx, wait_for};
 
 fn need_kernel(name: &str) -> bool {
     kernel_socket(name).is_some()

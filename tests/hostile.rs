@@ -8,24 +8,13 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cnbus::codec::{encode, DatagramBuilder, NlHeader, NLMSG_DONE};
 use cnbus::connector::{Connector, Event};
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::{CbId, CnMsg, DecodeErrorKind};
-use common::{kernel_socket, test_idx};
-
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
+use common::{kernel_socket, test_idx, wait_for};
 
 fn done(seq: u32) -> NlHeader {
     NlHeader {

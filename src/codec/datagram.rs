@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::connector::{CnMsg, CnMsgBuffer, CN_MSG_HDRLEN};
+use super::connector::{CnHeader, CnMsg, CnMsgBuffer, CN_MSG_HDRLEN};
 use super::netlink::{
     nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
     NLMSG_OVERRUN,
@@ -45,11 +45,126 @@ pub enum Message {
     Overrun(NlHeader),
 }
 
-/// Iterates over the messages of `datagram`.
+/// One message of a datagram, viewed in place: what [`messages_ref`] yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRef<'a> {
+    /// A connector message (`NLMSG_DONE`).
+    Connector {
+        /// Its netlink header.
+        nl: NlHeader,
+        /// Its connector header.
+        cn: CnHeader,
+        /// The `cn.len` data bytes.
+        data: &'a [u8],
+        /// Offset of the netlink header within the datagram.
+        offset: usize,
+        /// Offset of `data` within the datagram.
+        data_offset: usize,
+    },
+    /// `NLMSG_ERROR`.
+    Error(NlError),
+    /// `NLMSG_NOOP`.
+    Noop(NlHeader),
+    /// `NLMSG_OVERRUN`: the sender says data was lost.
+    Overrun(NlHeader),
+}
+
+/// Iterates over the messages of a borrowed datagram, without copying or reference
+/// counting: the views borrow `datagram`.
 ///
 /// The iterator checks every length before reading a field, yields `Err` for the first
 /// malformed message and then ends. It never panics and always terminates: each step
 /// advances by at least one aligned header.
+pub fn messages_ref(datagram: &[u8]) -> MessagesRef<'_> {
+    MessagesRef {
+        buf: datagram,
+        pos: 0,
+        failed: false,
+    }
+}
+
+/// Iterator returned by [`messages_ref`].
+#[derive(Debug, Clone)]
+pub struct MessagesRef<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+impl<'a> MessagesRef<'a> {
+    /// Bytes not yet consumed.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn next_message(&mut self) -> Result<MessageRef<'a>, DecodeError> {
+        let base = self.pos;
+        let nl = NlmsgBuffer::checked_at(&self.buf[base..], base)?;
+        let header = nl.header();
+        // Invariant: len >= NLMSG_HDRLEN (checked), so the position strictly increases.
+        self.pos = base
+            .saturating_add(nlmsg_align(header.len as usize))
+            .min(self.buf.len());
+        let payload_at = base + NLMSG_HDRLEN;
+        match header.ty {
+            NLMSG_NOOP => Ok(MessageRef::Noop(header)),
+            NLMSG_OVERRUN => Ok(MessageRef::Overrun(header)),
+            NLMSG_ERROR => {
+                let p = nl.payload();
+                if p.len() < 4 {
+                    return Err(DecodeError::new(
+                        payload_at,
+                        DecodeErrorKind::ShortError { payload: p.len() },
+                    ));
+                }
+                Ok(MessageRef::Error(NlError {
+                    nl: header,
+                    error: i32::from_ne_bytes([p[0], p[1], p[2], p[3]]),
+                    request: NlHeader::parse(&p[4..]),
+                }))
+            }
+            NLMSG_DONE => {
+                let payload = &self.buf[payload_at..base + header.len as usize];
+                let cn = CnMsgBuffer::checked_at(payload, payload_at)?;
+                Ok(MessageRef::Connector {
+                    nl: header,
+                    cn: cn.header(),
+                    data: &payload[CN_MSG_HDRLEN..CN_MSG_HDRLEN + usize::from(cn.header().len)],
+                    offset: base,
+                    data_offset: payload_at + CN_MSG_HDRLEN,
+                })
+            }
+            // The connector frames every data message as NLMSG_DONE, in both directions;
+            // anything else is not a connector message and is not guessed at.
+            ty => Err(DecodeError::new(
+                base + 4,
+                DecodeErrorKind::UnknownValue {
+                    what: "nlmsg_type",
+                    value: u32::from(ty),
+                },
+            )),
+        }
+    }
+}
+
+impl<'a> Iterator for MessagesRef<'a> {
+    type Item = Result<MessageRef<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.buf.len() {
+            return None;
+        }
+        let r = self.next_message();
+        self.failed = r.is_err();
+        Some(r)
+    }
+}
+
+impl std::iter::FusedIterator for MessagesRef<'_> {}
+
+/// Iterates over the messages of `datagram`, yielding owned messages whose data are
+/// [`Bytes`] slices of the datagram (no copy). The same checks and guarantees as
+/// [`messages_ref`], which it is built on.
 pub fn messages(datagram: Bytes) -> Messages {
     Messages {
         buf: datagram,
@@ -71,75 +186,45 @@ impl Messages {
     pub fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
     }
-
-    fn next_message(&mut self) -> Result<Message, DecodeError> {
-        let base = self.pos;
-        let rest = &self.buf[base..];
-        let nl = NlmsgBuffer::checked_at(rest, base)?;
-        let header = nl.header();
-        let len = header.len as usize;
-        // Invariant: len >= NLMSG_HDRLEN, so the position strictly increases.
-        self.pos = base.saturating_add(nlmsg_align(len)).min(self.buf.len());
-        let payload_at = base + NLMSG_HDRLEN;
-        match header.ty {
-            NLMSG_NOOP => Ok(Message::Noop(header)),
-            NLMSG_OVERRUN => Ok(Message::Overrun(header)),
-            NLMSG_ERROR => {
-                let p = nl.payload();
-                if p.len() < 4 {
-                    return Err(DecodeError::new(
-                        payload_at,
-                        DecodeErrorKind::ShortError { payload: p.len() },
-                    ));
-                }
-                let error = i32::from_ne_bytes([p[0], p[1], p[2], p[3]]);
-                Ok(Message::Error(NlError {
-                    nl: header,
-                    error,
-                    request: NlHeader::parse(&p[4..]),
-                }))
-            }
-            NLMSG_DONE => {
-                let cn = CnMsgBuffer::checked_at(nl.payload(), payload_at)?;
-                let h = cn.header();
-                let data_at = payload_at + CN_MSG_HDRLEN;
-                Ok(Message::Connector(ConnectorMessage {
-                    nl: header,
-                    msg: CnMsg {
-                        id: h.id,
-                        seq: h.seq,
-                        ack: h.ack,
-                        flags: h.flags,
-                        data: self.buf.slice(data_at..data_at + usize::from(h.len)),
-                    },
-                    offset: base,
-                }))
-            }
-            // The connector frames every data message as NLMSG_DONE, in both directions;
-            // anything else is not a connector message and is not guessed at.
-            ty => Err(DecodeError::new(
-                base + 4,
-                DecodeErrorKind::UnknownValue {
-                    what: "nlmsg_type",
-                    value: u32::from(ty),
-                },
-            )),
-        }
-    }
 }
 
 impl Iterator for Messages {
     type Item = Result<Message, DecodeError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed || self.pos >= self.buf.len() {
-            return None;
-        }
-        let r = self.next_message();
-        if r.is_err() {
-            self.failed = true;
-        }
-        Some(r)
+        let mut view = MessagesRef {
+            buf: &self.buf,
+            pos: self.pos,
+            failed: self.failed,
+        };
+        let item = view.next();
+        (self.pos, self.failed) = (view.pos, view.failed);
+        Some(item?.map(|m| {
+            match m {
+                MessageRef::Connector {
+                    nl,
+                    cn,
+                    offset,
+                    data_offset,
+                    ..
+                } => Message::Connector(ConnectorMessage {
+                    nl,
+                    msg: CnMsg {
+                        id: cn.id,
+                        seq: cn.seq,
+                        ack: cn.ack,
+                        flags: cn.flags,
+                        data: self
+                            .buf
+                            .slice(data_offset..data_offset + usize::from(cn.len)),
+                    },
+                    offset,
+                }),
+                MessageRef::Error(e) => Message::Error(e),
+                MessageRef::Noop(h) => Message::Noop(h),
+                MessageRef::Overrun(h) => Message::Overrun(h),
+            }
+        }))
     }
 }
 

@@ -26,7 +26,8 @@ mod netlink;
 
 pub use connector::{CbId, CnHeader, CnMsg, CnMsgBuffer, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE};
 pub use datagram::{
-    encode, messages, ConnectorMessage, DatagramBuilder, Message, Messages, NlError,
+    encode, messages, messages_ref, ConnectorMessage, DatagramBuilder, Message, MessageRef,
+    Messages, MessagesRef, NlError,
 };
 pub use netlink::{
     nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,

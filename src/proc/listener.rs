@@ -14,11 +14,8 @@ use parking_lot::Mutex;
 
 use super::event::{request, EventBody, EventSet, McastOp, ProcEvent};
 use super::seq::{SeqCheck, SeqTracker};
-use crate::codec::{
-    nlmsg_align, CbId, CnHeader, CnMsgBuffer, DatagramBuilder, NlmsgBuffer, CN_MSG_HDRLEN,
-    NLMSG_DONE, NLMSG_HDRLEN,
-};
-use crate::error::{DecodeError, DecodeErrorKind, Error, Op, Result};
+use crate::codec::{messages_ref, CbId, CnHeader, DatagramBuilder, MessageRef};
+use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{
     kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, EventFd, RecvMeta,
 };
@@ -548,35 +545,20 @@ impl Core {
         }
     }
 
-    /// Handles one received datagram.
+    /// Handles one received datagram. A malformed message is counted and ends the
+    /// datagram, as everywhere in cnbus.
     fn datagram(&mut self, d: &[u8], meta: RecvMeta) {
-        let mut pos = 0;
-        while pos < d.len() {
-            let nl = match NlmsgBuffer::checked_at(&d[pos..], pos) {
-                Ok(nl) => nl,
-                Err(e) => return self.dec.record_decode_error(meta.port, e),
-            };
-            let h = nl.header();
-            if h.ty == NLMSG_DONE {
-                let at = pos + NLMSG_HDRLEN;
-                match CnMsgBuffer::checked_at(nl.payload(), at) {
-                    Ok(cn) => self.message(meta, cn.header(), cn.data(), at + CN_MSG_HDRLEN),
-                    Err(e) => self.dec.record_decode_error(meta.port, e),
-                }
-            } else if !h.is_control() {
-                // The connector frames every data message as NLMSG_DONE.
-                self.dec.record_decode_error(
-                    meta.port,
-                    DecodeError::new(
-                        pos + 4,
-                        DecodeErrorKind::UnknownValue {
-                            what: "nlmsg_type",
-                            value: u32::from(h.ty),
-                        },
-                    ),
-                );
+        for m in messages_ref(d) {
+            match m {
+                Ok(MessageRef::Connector {
+                    cn,
+                    data,
+                    data_offset,
+                    ..
+                }) => self.message(meta, cn, data, data_offset),
+                Ok(_) => {} // netlink control messages carry no events
+                Err(e) => self.dec.record_decode_error(meta.port, e),
             }
-            pos = pos.saturating_add(nlmsg_align(h.len as usize));
         }
     }
 

@@ -132,3 +132,15 @@ pub fn parse_int(v: &str) -> u64 {
         None => v.parse().unwrap_or_else(|_| panic!("not an integer: {v}")),
     }
 }
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes; returns its last value.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
