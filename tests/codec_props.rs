@@ -115,7 +115,7 @@ fn check_terminates(data: Vec<u8>) {
 #[test]
 fn fuzz_regression_inputs_stay_fixed() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
-    for target in ["datagram", "cn_msg"] {
+    for target in ["datagram", "cn_msg", "proc_event"] {
         let Ok(entries) = std::fs::read_dir(dir.join(target)) else {
             continue;
         };
@@ -123,6 +123,13 @@ fn fuzz_regression_inputs_stay_fixed() {
             let data = std::fs::read(e.unwrap().path()).unwrap();
             match target {
                 "datagram" => check_terminates(data),
+                "proc_event" => {
+                    if let Ok(ev) = cnbus::proc::ProcEvent::parse(&data) {
+                        let mut out = Vec::new();
+                        ev.emit(&mut out);
+                        assert_eq!(cnbus::proc::ProcEvent::parse(&out).unwrap(), ev);
+                    }
+                }
                 _ => {
                     if let Ok(v) = cnbus::codec::CnMsgBuffer::new_checked(&data[..]) {
                         assert_eq!(v.data().len(), usize::from(v.header().len));

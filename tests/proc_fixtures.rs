@@ -102,6 +102,14 @@ fn every_proc_event_fixture_decodes_to_its_expected_values() {
             checked += 1;
         }
         assert!(checked >= 3, "{name}: only {checked} proc keys checked");
+        // The encoder is the exact inverse on what the kernel sent.
+        let mut out = Vec::new();
+        ev.emit(&mut out);
+        assert_eq!(
+            &out[..],
+            &c.msg.data[..],
+            "{name}: emit differs from the kernel's bytes"
+        );
         if let EventBody::Exit { status, .. } = ev.body {
             assert_eq!(status.code(), Some(3), "{name}: _exit(3)");
         }

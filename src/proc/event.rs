@@ -648,6 +648,69 @@ impl ProcEvent {
         })
     }
 
+    /// Appends this event as the kernel lays out `struct proc_event` (40 bytes, host byte
+    /// order, the unused part of the union zero): the inverse of [`parse`](Self::parse), so
+    /// `parse(emit(e)) == e` (with `seq` and `ack`, which live in the `cn_msg`, as 0).
+    /// Useful to build test events and to check decoders.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        let put = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_ne_bytes());
+        let put_task = |out: &mut Vec<u8>, t: Task| {
+            out.extend_from_slice(&t.pid.to_ne_bytes());
+            out.extend_from_slice(&t.tgid.to_ne_bytes());
+        };
+        let none = Task { pid: 0, tgid: 0 };
+        put(out, self.kind().what());
+        put(out, self.cpu);
+        out.extend_from_slice(&self.timestamp_ns.to_ne_bytes());
+        match self.body {
+            EventBody::Ack { err } => put(out, err),
+            EventBody::Fork { parent, child } => {
+                put_task(out, parent);
+                put_task(out, child);
+            }
+            EventBody::Exec { process } | EventBody::Sid { process } => put_task(out, process),
+            EventBody::Uid {
+                process,
+                ruid: a,
+                euid: b,
+            }
+            | EventBody::Gid {
+                process,
+                rgid: a,
+                egid: b,
+            } => {
+                put_task(out, process);
+                put(out, a);
+                put(out, b);
+            }
+            EventBody::Ptrace { process, tracer } => {
+                put_task(out, process);
+                put_task(out, tracer.unwrap_or(none));
+            }
+            EventBody::Comm { process, comm } => {
+                put_task(out, process);
+                out.extend_from_slice(&comm.0);
+            }
+            EventBody::Coredump { process, parent } => {
+                put_task(out, process);
+                put_task(out, parent.unwrap_or(none));
+            }
+            EventBody::Exit {
+                process,
+                status,
+                exit_signal,
+                parent,
+            } => {
+                put_task(out, process);
+                put(out, status.0);
+                put(out, exit_signal as u32);
+                put_task(out, parent.unwrap_or(none));
+            }
+        }
+        out.resize(start + PROC_EVENT_LEN, 0);
+    }
+
     /// Decodes a connector message as a proc event **only if the kernel sent it**: `port` is
     /// the sender's port id from `recvmsg` ([`RecvMeta::port`](crate::sys::RecvMeta)); only
     /// the kernel sends from port 0, so a user-space process multicasting fake events on
