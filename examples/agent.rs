@@ -629,6 +629,10 @@ impl Agent {
                 }
             }
         }
+        // After a storm the map keeps its peak capacity: give it back.
+        if self.live.capacity() > 4 * self.live.len() + 1024 {
+            self.live.shrink_to_fit();
+        }
         if source == Source::Resync {
             self.n.resyncs += 1;
             self.n.resync_added += added;
@@ -909,7 +913,8 @@ impl Agent {
     }
 }
 
-/// Writes `data` to `path` atomically: to `path.tmp`, then renamed over `path`.
+/// Writes `data` to `path` atomically for readers: to `path.tmp`, then renamed over `path`
+/// (a reader sees the old or the new content, never a mix). No fsync: these are snapshots.
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -917,7 +922,6 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_data()?;
     }
     std::fs::rename(&tmp, path)
 }
@@ -990,14 +994,18 @@ fn main() -> ExitCode {
     let mut last_tick = started;
     let mut burst = 0u32;
     let mut failed = false;
-    let handle = |agent: &mut Agent, r: Received, out: &mut BufWriter<Box<dyn Write + Send>>| {
+    let handle = |agent: &mut Agent,
+                  r: Received,
+                  out: &mut BufWriter<Box<dyn Write + Send>>|
+     -> io::Result<()> {
         match r {
             Received::Event(ev) => agent.event(&ev),
             Received::Lost(loss) => agent.lost(loss),
         }
-        if !agent.line.is_empty() {
-            let _ = writeln!(out, "{}", agent.line);
+        if agent.line.is_empty() {
+            return Ok(());
         }
+        writeln!(out, "{}", agent.line)
     };
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -1044,7 +1052,11 @@ fn main() -> ExitCode {
             Ok(Some(r)) => Ok(Some(r)),
             Ok(None) => {
                 // Idle: flush the log before waiting, and re-read the clock offsets.
-                let _ = out.flush();
+                if let Err(e) = out.flush() {
+                    eprintln!("agent: writing the event log: {e}");
+                    failed = true;
+                    break;
+                }
                 agent.clocks.sync();
                 if burst >= 4 {
                     // Events come in bursts: let a few queue up rather than waking for each
@@ -1065,7 +1077,12 @@ fn main() -> ExitCode {
         match r {
             Ok(Some(r)) => {
                 burst = burst.saturating_add(1);
-                handle(&mut agent, r, &mut out);
+                if let Err(e) = handle(&mut agent, r, &mut out) {
+                    // The log's reader is gone (a closed pipe, a full disk): stop, loudly.
+                    eprintln!("agent: writing the event log: {e}");
+                    failed = true;
+                    break;
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -1080,7 +1097,7 @@ fn main() -> ExitCode {
     let drain_until = Instant::now() + DRAIN_FOR;
     while !failed && Instant::now() < drain_until {
         match listener.try_recv() {
-            Ok(Some(r)) => handle(&mut agent, r, &mut out),
+            Ok(Some(r)) if handle(&mut agent, r, &mut out).is_ok() => {}
             _ => break,
         }
     }

@@ -192,8 +192,7 @@ fn interrupt(mut r: Running) -> (ExitStatus, String) {
 fn final_stats(stderr: &str) -> serde_json::Value {
     let line = stderr
         .lines()
-        .filter(|l| l.starts_with('{'))
-        .last()
+        .rfind(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no counters line on stderr:\n{stderr}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(
