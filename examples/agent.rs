@@ -85,7 +85,10 @@
 //! `events_total`, `events_per_s` (over the last interval), `lost_events` (exact count from
 //! sequence gaps), `overruns` (`ENOBUFS` reports), `lost_per_cpu` (object: CPU → count),
 //! `live_processes` (table entries), `table_capacity` (slots allocated), `recent_exits`,
-//! `resyncs`, `resync_added`, `resync_removed`, `stale_replaced`, `cpu_s` (the agent's
+//! `resyncs`, `resync_added`, `resync_removed`, `stale_replaced` (entries replaced by a fork
+//! onto their reused pid: their exit was lost), `fork_known` (forks of processes the start-up
+//! scan had already found: the scan/fork race), `exit_unknown` (exits of processes the table
+//! never had: they exited during the scan, or their fork was lost), `cpu_s` (the agent's
 //! user + system CPU time), `rss_kb`.
 //!
 //! # Table dump (`--dump-table FILE`)
@@ -518,6 +521,8 @@ struct Counters {
     resync_added: u64,
     resync_removed: u64,
     stale_replaced: u64,
+    fork_known: u64,
+    exit_unknown: u64,
 }
 
 struct Agent {
@@ -688,6 +693,7 @@ impl Agent {
                     if same_start(old.start, e.start) {
                         // Seen by the scan as well: its command line may be newer (exec'd).
                         e.cmdline = old.cmdline.clone();
+                        self.n.fork_known += 1;
                     } else {
                         // The old process's exit was lost and its pid reused.
                         self.n.stale_replaced += 1;
@@ -750,9 +756,12 @@ impl Agent {
                                 x.entry.clone()
                             }),
                     };
-                    if let Some(e) = entry {
-                        duration = e.start.map(|s| (ts - s) as f64 / 1e6);
-                        who = Some((e.ppid, e.cmdline));
+                    match entry {
+                        Some(e) => {
+                            duration = e.start.map(|s| (ts - s) as f64 / 1e6);
+                            who = Some((e.ppid, e.cmdline));
+                        }
+                        None => self.n.exit_unknown += 1,
                     }
                 } else if let Some(e) = self.live.get(&pid) {
                     who = Some((e.ppid, e.cmdline.clone()));
@@ -877,7 +886,7 @@ impl Agent {
         let (cpu, rss) = self_usage(self.clocks.ticks);
         let _ = write!(
             s,
-            "}},\"live_processes\":{},\"table_capacity\":{},\"recent_exits\":{},\"resyncs\":{},\"resync_added\":{},\"resync_removed\":{},\"stale_replaced\":{},\"cpu_s\":{cpu:.2},\"rss_kb\":{rss}}}",
+            "}},\"live_processes\":{},\"table_capacity\":{},\"recent_exits\":{},\"resyncs\":{},\"resync_added\":{},\"resync_removed\":{},\"stale_replaced\":{},\"fork_known\":{},\"exit_unknown\":{},\"cpu_s\":{cpu:.2},\"rss_kb\":{rss}}}",
             self.live.len(),
             self.live.capacity(),
             self.exits.len(),
@@ -885,6 +894,8 @@ impl Agent {
             self.n.resync_added,
             self.n.resync_removed,
             self.n.stale_replaced,
+            self.n.fork_known,
+            self.n.exit_unknown,
         );
         s
     }

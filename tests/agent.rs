@@ -330,6 +330,16 @@ fn stale_entries(
             Some((_, s, _)) => start.map_or(true, |t| (t - s).abs() < 0.5),
             None => false,
         };
+        // /proc/<tid> exists for threads too (unlisted): an entry must be a process.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let tgid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .map(str::trim);
+        assert!(
+            tgid.is_none() || tgid == Some(pid.to_string().as_str()),
+            "table entry {pid} is a thread of {tgid:?}"
+        );
         if !ok && !exited_after_stop.contains(pid) {
             stale.push(format!("{e} (/proc: {:?})", proc_info(*pid)));
         }
@@ -376,12 +386,23 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     let mut reaper = Reaper::default();
     // One child from before the agent: it can only know it from its /proc scan.
     let before = sleep60(&mut reaper);
-    let agent = start_agent(&dir, &[]);
-    let mut stress = storm(8);
+    // The storm starts first, so that the agent's start-up scan races with forks and exits.
+    let mut stress = storm(9);
     let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let agent = start_agent(&dir, &[]);
     let mut during = Vec::new();
     std::thread::sleep(Duration::from_secs(1));
     during.push(sleep60(&mut reaper));
+    // A thread of ours: it must not become a table entry.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = tid_rx.recv().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     // Through a shell that execs: the table must follow the exec.
     let sh = Command::new("/bin/sh")
@@ -418,6 +439,9 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
         );
     }
     assert_eq!(table[&before.0]["source"], "scan");
+    assert!(!table.contains_key(&tid), "thread {tid} has a table entry");
+    drop(done_tx);
+    thread.join().unwrap();
 
     // Nothing stale: every entry is a live process with that start time, unless it exited
     // after the agent stopped (seen by our own listener).
@@ -451,6 +475,7 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     let mut kinds: HashMap<String, u64> = HashMap::new();
     let mut forked = HashSet::new();
     let mut exec_sleep = false;
+    let mut thread_fork = false;
     for l in log.lines() {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
@@ -458,6 +483,9 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
         let ev = v["event"].as_str().unwrap().to_string();
         if ev == "fork" && v["ppid"] == me && v["thread"] == false {
             forked.insert(v["pid"].as_u64().unwrap() as u32);
+        }
+        if ev == "fork" && v["tid"] == tid && v["pid"] == me && v["thread"] == true {
+            thread_fork = true;
         }
         if ev == "exec" && v["pid"] == during[1].0 && v["cmdline"] == "sleep 60" {
             exec_sleep = true;
@@ -474,6 +502,7 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
         );
     }
     assert!(exec_sleep || lost > 0, "no exec line for the shell's sleep");
+    assert!(thread_fork || lost > 0, "no thread fork line for {tid}");
     assert_eq!(
         kinds.get("lost").copied().unwrap_or(0) > 0,
         lost > 0 || stats["overruns"].as_u64().unwrap_or(0) > 0,
