@@ -129,15 +129,26 @@ fn storm(secs: u32) -> Child {
     }
 }
 
+/// A running agent; killed if the test fails before stopping it.
 struct Running {
     child: Child,
-    stderr: std::thread::JoinHandle<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn start_agent(dir: &Path, extra: &[&str]) -> Running {
     let events = dir.join("events.jsonl");
     let mut child = Command::new(agent_bin())
-        .args(["--interval", "1", "--output"])
+        // --duration: a safety net should the test die without stopping it.
+        .args(["--duration", "60", "--interval", "1", "--output"])
         .arg(&events)
         .arg("--dump-table")
         .arg(dir.join("table.jsonl"))
@@ -152,23 +163,27 @@ fn start_agent(dir: &Path, extra: &[&str]) -> Running {
         let _ = err.read_to_string(&mut s);
         s
     });
-    // Ready once the initial /proc scan is in the log (the log is flushed when idle).
+    let mut r = Running {
+        child,
+        stderr: Some(stderr),
+    };
+    // Ready once the initial /proc scan is in the log: its first line.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let log = std::fs::read_to_string(&events).unwrap_or_default();
-        if log.contains("\"reason\":\"start\"") {
-            break;
+        let mut head = [0u8; 512];
+        let n = std::fs::File::open(&events)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        if String::from_utf8_lossy(&head[..n]).contains("\"reason\":\"start\"") {
+            return r;
         }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "the agent exited early ({st}): {}",
-                stderr.join().unwrap_or_default()
-            );
+        if let Ok(Some(st)) = r.child.try_wait() {
+            let err = r.stderr.take().unwrap().join().unwrap_or_default();
+            panic!("the agent exited early ({st}): {err}");
         }
         assert!(Instant::now() < deadline, "the agent did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Running { child, stderr }
 }
 
 /// SIGINT, then wait (at most 10 s); the exit status and stderr.
@@ -186,7 +201,7 @@ fn interrupt(mut r: Running) -> (ExitStatus, String) {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    (status, r.stderr.join().unwrap())
+    (status, r.stderr.take().unwrap().join().unwrap())
 }
 
 fn final_stats(stderr: &str) -> serde_json::Value {
@@ -373,6 +388,42 @@ fn help_and_usage_errors() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn duration_ends_it_with_counters_and_a_dump() {
+    if common::kernel_socket("duration_ends_it_with_counters_and_a_dump").is_none() {
+        return;
+    }
+    let dir = temp_dir("agent-duration");
+    let stats = dir.join("stats.json");
+    let out = Command::new(agent_bin())
+        .args(["--duration", "1", "--interval", "0.2", "--dump-table"])
+        .arg(dir.join("table.jsonl"))
+        .arg("--stats-file")
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    final_stats(&err);
+    // Only the final counters go to stderr with --stats-file; the file holds them too.
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with('{')).count(),
+        1,
+        "{err}"
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(file["final"], true);
+    // The test process was there all along, found by the scan, with its parent.
+    let me = std::process::id();
+    let table = read_table(&dir);
+    let e = table.get(&me).expect("the test process is in the table");
+    assert_eq!(e["ppid"], proc_info(me).unwrap().0);
+    assert_eq!(e["source"], "scan");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
