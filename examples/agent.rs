@@ -55,7 +55,7 @@
 //!
 //! | field | meaning |
 //! |---|---|
-//! | `ts` | when it happened, RFC 3339 UTC with microseconds (from the kernel's timestamp) |
+//! | `ts` | when it happened, RFC 3339 UTC with microseconds (from the kernel's timestamp; for `lost` and `resync`, when the agent noticed) |
 //! | `event` | `fork`, `exec`, `exit`, `comm`, `uid`, `gid`, `sid`, `ptrace`, `coredump`, or `lost`, `resync` (the agent's own) |
 //!
 //! Process events also have `pid` (process id), `tid` (thread id; = `pid` for the main
@@ -67,7 +67,7 @@
 //! |---|---|
 //! | `fork` | `ppid` is the parent's process id from the event |
 //! | `exec` | `cmdline` is the new command line |
-//! | `exit` | `exit_code` (or `null`), `signal` (killing signal, or `null`), `core_dumped`, `duration_ms` (since the start time, `null` if unknown) |
+//! | `exit` | `exit_code` (or `null`), `signal` (killing signal, or `null`), `core_dumped`, `duration_ms` (since the process's start time; `null` for threads and when unknown) |
 //! | `comm` | `comm`: the new task name |
 //! | `uid` / `gid` | `ruid`, `euid` / `rgid`, `egid` |
 //! | `ptrace` | `tracer_pid` (`null` on detach) |
@@ -86,8 +86,8 @@
 //! sequence gaps), `overruns` (`ENOBUFS` reports), `lost_per_cpu` (object: CPU → count),
 //! `live_processes` (table entries), `table_capacity` (slots allocated), `recent_exits`,
 //! `resyncs`, `resync_added`, `resync_removed`, `stale_replaced` (entries replaced by a fork
-//! onto their reused pid: their exit was lost), `fork_known` (forks of processes the start-up
-//! scan had already found: the scan/fork race), `exit_unknown` (exits of processes the table
+//! onto their reused pid: their exit was lost), `fork_known` (forks of processes a scan had
+//! already found: the scan/fork race), `exit_unknown` (exits of processes the table
 //! never had: they exited during the scan, or their fork was lost), `cpu_s` (the agent's
 //! user + system CPU time), `rss_kb`.
 //!
@@ -96,9 +96,24 @@
 //! One object per live process, by pid: `pid`, `ppid`, `cmdline`, `start` (RFC 3339 or
 //! `null`), `source` (`scan`, `fork`, `exec` or `resync`: what created the entry).
 //!
+//! # How it uses cnbus
+//!
+//! * [`ProcListener::builder`] with the default [`EventSet::ALL`](cnbus::proc::EventSet):
+//!   every event, so that gaps are counted exactly; `recv_buffer` from `--buffer`.
+//! * The main loop alternates [`ProcListener::try_recv`] (drain what is queued) and
+//!   [`ProcListener::recv_timeout`] (wait, at most 100 ms so the signal flag and the counters
+//!   tick are checked). Each item is a [`Received::Event`] or a [`Received::Lost`].
+//! * [`ProcListener::stats`] gives the [`LossStats`] for the counters line.
+//! * [`TermSignals::block`] before any thread starts, and a thread waiting for the signals.
+//! * [`ProcEvent::timestamp_ns`](cnbus::proc::ProcEvent) is `CLOCK_MONOTONIC`: converted
+//!   with [`monotonic_ns`] / [`realtime_ns`]; `/proc` start times with [`boottime_ns`] and
+//!   [`clock_ticks_per_sec`].
+//!
 //! # Limits
 //!
 //! * Reparenting is not reported by the kernel: `ppid` is the parent at fork (or at scan).
+//! * A non-main thread calling `exec` makes the kernel report an exit of the main thread
+//!   first: the log shows an `exit` of the process, and its `exec` re-creates the entry.
 //! * A process whose main thread exits while other threads run is removed at that exit.
 //! * A program that rewrites its own argv (`setproctitle`) is seen with the command line of
 //!   its last exec, until a resync.
@@ -811,7 +826,7 @@ impl Agent {
                 }
             }
         }
-        // A new thread: the kernel reports the process's parent; the table knows it too.
+        // `ppid` and `cmdline` are the process's, for thread events too.
         let l = &mut self.line;
         l.clear();
         l.push_str("{\"ts\":\"");
