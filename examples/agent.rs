@@ -28,7 +28,7 @@
 //!     wall-clock time; for processes found by a scan, `/proc/<pid>/stat` field 22
 //!     (`CLOCK_BOOTTIME` ticks) converted likewise.
 //!   - Command line: `/proc/<pid>/cmdline` with NULs turned into spaces, at most 1024 bytes,
-//!   invalid UTF-8 replaced by U+FFFD (JSON strings must be UTF-8);
+//!     invalid UTF-8 replaced by U+FFFD (JSON strings must be UTF-8);
 //!     when it is empty (kernel threads, or a process that exited before it could be read)
 //!     `[comm]`, as `ps` shows it.
 //!   - Pids are reused (`/proc/sys/kernel/pid_max` is often 32768): an entry is the same
