@@ -1,4 +1,5 @@
-//! Clocks: the proc connector stamps events with `CLOCK_MONOTONIC` nanoseconds.
+//! Clocks: the proc connector stamps events with `CLOCK_MONOTONIC` nanoseconds; `/proc`
+//! gives process start times on `CLOCK_BOOTTIME`.
 
 /// Reads `clock`; 0 if the kernel refuses (it does not for the clocks used here).
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -25,6 +26,12 @@ pub fn monotonic_ns() -> u64 {
 /// `CLOCK_REALTIME` in nanoseconds since the Unix epoch.
 pub fn realtime_ns() -> u64 {
     clock_ns(libc::CLOCK_REALTIME)
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: like `CLOCK_MONOTONIC` but counting time suspended; the
+/// clock of the process start times in `/proc/<pid>/stat` (field 22, in clock ticks).
+pub fn boottime_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME)
 }
 
 /// `sysconf(_SC_CLK_TCK)`: the unit of the times in `/proc/<pid>/stat` (100 on every

@@ -12,7 +12,7 @@ mod signal;
 mod socket;
 mod wake;
 
-pub use clock::{clock_ticks_per_sec, monotonic_ns, realtime_ns};
+pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};

@@ -1,0 +1,1182 @@
+//! `agent`: a process-monitoring agent built on `cnbus::proc`, the way a real one embeds the
+//! library.
+//!
+//! ```sh
+//! cargo run --release --example agent -- --interval 5 --output events.jsonl --dump-table live.jsonl
+//! ```
+//!
+//! Needs root (`CAP_NET_ADMIN`) and the initial network, pid and user namespaces, like every
+//! proc-connector listener.
+//!
+//! # What it does
+//!
+//! * **Process table.** It keeps a table of live processes keyed by process id (the kernel's
+//!   `tgid`): parent process id, command line and start time. Threads (task id ≠ process id)
+//!   never create entries; their events are logged with `"thread":true`.
+//!   - At start it subscribes first and then scans `/proc`, so every process is either seen
+//!     by the scan or by a fork event queued on the socket meanwhile (the kernel queues events
+//!     while the scan runs; they are applied after it). A process seen by both keeps the
+//!     scan's command line and takes the fork's exact start time; one that exits during the
+//!     scan is removed by its queued exit event. Zombies and tasks already exiting
+//!     (`PF_EXITING`) are skipped: their exit event may have been sent before the agent
+//!     subscribed.
+//!   - A fork event inserts the child with the parent's command line (a child runs its
+//!     parent's program until it calls `exec`, so no `/proc` read is needed); an exec event
+//!     re-reads `/proc/<pid>/cmdline`. An exit event of a process's main thread removes it
+//!     and moves it to a bounded list of recent exits (`--recent-exits`, default 1024).
+//!   - Start time: the fork event's kernel timestamp (`CLOCK_MONOTONIC`) converted to
+//!     wall-clock time; for processes found by a scan, `/proc/<pid>/stat` field 22
+//!     (`CLOCK_BOOTTIME` ticks) converted likewise.
+//!   - Command line: `/proc/<pid>/cmdline` with NULs turned into spaces, at most 1024 bytes,
+//!     invalid UTF-8 replaced by U+FFFD (JSON strings must be UTF-8);
+//!     when it is empty (kernel threads, or a process that exited before it could be read)
+//!     `[comm]`, as `ps` shows it.
+//!   - Pids are reused (`/proc/sys/kernel/pid_max` is often 32768): an entry is the same
+//!     process as what `/proc` or a new fork shows only if the start times agree within
+//!     100 ms. A fork onto a pid whose entry is older replaces it and counts `stale_replaced`.
+//! * **Losses.** The kernel drops events when the socket's queue overflows (`ENOBUFS`). The
+//!   listener reports that (`Received::Lost`) and, because the agent subscribes to every
+//!   event, also the exact number lost per CPU (sequence gaps). Each report becomes a
+//!   `"lost"` line and a counter, and schedules a **resync**: a `/proc` rescan (at most one
+//!   every 2 s, and one before the final dump if any is pending) that adds live processes
+//!   the table lacks, drops entries whose process is gone (they go to the recent exits; a
+//!   late exit event for them still gets logged with their details), and refreshes command
+//!   lines. The agent never stops because of a loss.
+//! * **Counters.** Every `--interval` seconds (default 5) one JSON line on stderr, or the
+//!   file `--stats-file` rewritten atomically (written to `FILE.tmp`, then renamed). A final
+//!   line (`"final":true`) always goes to stderr on exit.
+//! * **Shutdown.** SIGINT and SIGTERM (or the end of `--duration`) stop it: it applies the
+//!   events already queued (for at most 1 s), resyncs if a loss is pending, flushes the
+//!   event log, prints the final counters, writes `--dump-table` (atomically) and exits 0.
+//!   SIGHUP reopens `--output` (for log rotation).
+//!
+//! # Event log (stdout, or `--output FILE`, appended)
+//!
+//! One JSON object per line. Every line has:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `ts` | when it happened, RFC 3339 UTC with microseconds (from the kernel's timestamp; for `lost` and `resync`, when the agent noticed) |
+//! | `event` | `fork`, `exec`, `exit`, `comm`, `uid`, `gid`, `sid`, `ptrace`, `coredump`, or `lost`, `resync` (the agent's own) |
+//!
+//! Process events also have `pid` (process id), `tid` (thread id; = `pid` for the main
+//! thread), `thread` (true for an event of a thread other than the main one: a new thread
+//! is a `fork` with `"thread":true`), `ppid` and `cmdline` (from the table; `null` when the
+//! process is unknown), and by kind:
+//!
+//! | event | fields |
+//! |---|---|
+//! | `fork` | `ppid` is the parent's process id from the event |
+//! | `exec` | `cmdline` is the new command line |
+//! | `exit` | `exit_code` (or `null`), `signal` (killing signal, or `null`), `core_dumped`, `duration_ms` (since the process's start time; `null` for threads and when unknown) |
+//! | `comm` | `comm`: the new task name |
+//! | `uid` / `gid` | `ruid`, `euid` / `rgid`, `egid` |
+//! | `ptrace` | `tracer_pid` (`null` on detach) |
+//! | `coredump` | nothing more |
+//! | `lost` | `cause`: `overrun` (with `count` `null`) or `seq_gap` (with `cpu` and exact `count`) |
+//! | `resync` | `reason` (`start`, `loss`, `shutdown`), `added`, `removed`, `live` |
+//!
+//! Example: `{"ts":"2026-11-26T12:00:01.123456Z","event":"exit","pid":4242,"tid":4242,
+//! "thread":false,"ppid":4200,"cmdline":"sleep 1","exit_code":0,"signal":null,
+//! "core_dumped":false,"duration_ms":1002.117}`
+//!
+//! # Counters line
+//!
+//! `ts`, `final`, `uptime_s`, `events` (object: count per event type, threads included),
+//! `events_total`, `events_per_s` (over the last interval), `lost_events` (exact count from
+//! sequence gaps), `overruns` (`ENOBUFS` reports), `lost_per_cpu` (object: CPU → count),
+//! `live_processes` (table entries), `table_capacity` (slots allocated), `recent_exits`,
+//! `resyncs`, `resync_added`, `resync_removed`, `stale_replaced` (entries replaced by a fork
+//! onto their reused pid: their exit was lost), `fork_known` (forks of processes a scan had
+//! already found: the scan/fork race), `exit_unknown` (exits of processes the table
+//! never had: they exited during the scan, or their fork was lost), `cpu_s` (the agent's
+//! user + system CPU time), `rss_kb`.
+//!
+//! # Table dump (`--dump-table FILE`)
+//!
+//! One object per live process, by pid: `pid`, `ppid`, `cmdline`, `start` (RFC 3339 or
+//! `null`), `source` (`scan`, `fork`, `exec` or `resync`: what created the entry).
+//!
+//! # How it uses cnbus
+//!
+//! * [`ProcListener::builder`] with the default [`EventSet::ALL`](cnbus::proc::EventSet):
+//!   every event, so that gaps are counted exactly; `recv_buffer` from `--buffer`.
+//! * The main loop alternates [`ProcListener::try_recv`] (drain what is queued) and
+//!   [`ProcListener::recv_timeout`] (wait, at most 100 ms so the signal flag and the counters
+//!   tick are checked). Each item is a [`Received::Event`] or a [`Received::Lost`].
+//! * [`ProcListener::stats`] gives the [`LossStats`] for the counters line.
+//! * [`TermSignals::block`] before any thread starts, and a thread waiting for the signals.
+//! * [`ProcEvent::timestamp_ns`](cnbus::proc::ProcEvent) is `CLOCK_MONOTONIC`: converted
+//!   with [`monotonic_ns`] / [`realtime_ns`]; `/proc` start times with [`boottime_ns`] and
+//!   [`clock_ticks_per_sec`].
+//!
+//! # Limits
+//!
+//! * Reparenting is not reported by the kernel: `ppid` is the parent at fork (or at scan).
+//! * A non-main thread calling `exec` makes the kernel report an exit of the main thread
+//!   first: the log shows an `exit` of the process, and its `exec` re-creates the entry.
+//! * A process whose main thread exits while other threads run is removed at that exit.
+//! * A program that rewrites its own argv (`setproctitle`) is seen with the command line of
+//!   its last exec, until a resync.
+//! * Memory: the table holds one entry per live process (bounded by `pid_max`), command
+//!   lines are capped and shared between a parent and its forked children, the recent-exits
+//!   list is bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnbus::proc::{EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener, Received};
+use cnbus::sys::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
+
+const HELP: &str = "\
+agent: a process-monitoring agent on the Linux proc connector (cnbus example)
+
+USAGE:
+    agent [OPTIONS]
+
+OPTIONS:
+    -i, --interval SECS     print counters every SECS seconds (default 5)
+        --stats-file FILE   write the counters to FILE (rewritten atomically) instead of
+                            stderr; the final counters also go to stderr
+    -o, --output FILE       append the event log to FILE instead of stdout (SIGHUP reopens it)
+        --dump-table FILE   on exit, write the live process table to FILE, one JSON object
+                            per line (pid, ppid, cmdline, start, source)
+    -d, --duration SECS     stop after SECS seconds (default: run until SIGINT/SIGTERM)
+        --recent-exits N    how many recent exits to remember (default 1024)
+    -b, --buffer BYTES      socket receive buffer (suffix K or M; default 16M)
+    -h, --help              print this help
+
+Every event is one JSON line (fields: ts, event, pid, tid, thread, ppid, cmdline, and per
+event exit_code, signal, core_dumped, duration_ms, comm, ruid, euid, rgid, egid,
+tracer_pid); lost events are {\"event\":\"lost\",...} lines and counters, and trigger a
+/proc resync. Exits 0 after SIGINT/SIGTERM or --duration, with a final counters line on
+stderr. Needs root (CAP_NET_ADMIN).
+";
+
+/// How far apart two start times of the same process may be (one is a fork timestamp, the
+/// other `/proc/<pid>/stat`, which has clock-tick resolution).
+const SAME_START_NS: i128 = 100_000_000;
+/// Longest command line kept, in bytes.
+const MAX_CMDLINE: usize = 1024;
+/// Minimum time between two loss-triggered resyncs.
+const RESYNC_EVERY: Duration = Duration::from_secs(2);
+/// Longest wait in the main loop, so signals and ticks are noticed promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How long the final drain of queued events may take.
+const DRAIN_FOR: Duration = Duration::from_secs(1);
+
+struct Args {
+    interval: Duration,
+    stats_file: Option<PathBuf>,
+    output: Option<PathBuf>,
+    dump_table: Option<PathBuf>,
+    duration: Option<Duration>,
+    recent_exits: usize,
+    buffer: usize,
+}
+
+fn secs(name: &str, v: &str) -> Result<Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{name}: not a number of seconds: {v}"))
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        interval: Duration::from_secs(5),
+        stats_file: None,
+        output: None,
+        dump_table: None,
+        duration: None,
+        recent_exits: 1024,
+        buffer: cnbus::proc::DEFAULT_RECV_BUFFER,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg, None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            "-i" | "--interval" => {
+                a.interval = secs("--interval", &value()?)?;
+                if a.interval < Duration::from_millis(10) {
+                    return Err("--interval: at least 0.01 s".into());
+                }
+            }
+            "--stats-file" => a.stats_file = Some(value()?.into()),
+            "-o" | "--output" => a.output = Some(value()?.into()),
+            "--dump-table" => a.dump_table = Some(value()?.into()),
+            "-d" | "--duration" => a.duration = Some(secs("--duration", &value()?)?),
+            "--recent-exits" => {
+                let v = value()?;
+                a.recent_exits = v
+                    .parse()
+                    .map_err(|_| format!("--recent-exits: not a count: {v}"))?;
+            }
+            "-b" | "--buffer" => {
+                let v = value()?;
+                let (num, mult) = match v.as_bytes().last() {
+                    Some(b'k' | b'K') => (&v[..v.len() - 1], 1 << 10),
+                    Some(b'm' | b'M') => (&v[..v.len() - 1], 1 << 20),
+                    _ => (&v[..], 1),
+                };
+                a.buffer = num
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(mult))
+                    .ok_or_else(|| format!("--buffer: bad size {v}"))?;
+            }
+            _ => return Err(format!("unknown option {flag} (see --help)")),
+        }
+    }
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------------------
+// Time and JSON
+
+/// Converts kernel clocks to Unix-epoch nanoseconds.
+struct Clocks {
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC`.
+    mono: i128,
+    /// `CLOCK_REALTIME - CLOCK_BOOTTIME`.
+    boot: i128,
+    ticks: u64,
+}
+
+impl Clocks {
+    fn new() -> Self {
+        let mut c = Clocks {
+            mono: 0,
+            boot: 0,
+            ticks: clock_ticks_per_sec(),
+        };
+        c.sync();
+        c
+    }
+
+    /// Re-reads the offsets (NTP adjusts the real-time clock).
+    fn sync(&mut self) {
+        let real = i128::from(realtime_ns());
+        self.mono = real - i128::from(monotonic_ns());
+        self.boot = real - i128::from(boottime_ns());
+    }
+
+    /// Wall-clock time of a proc-event timestamp.
+    fn wall_of_event(&self, ns: u64) -> i128 {
+        i128::from(ns) + self.mono
+    }
+
+    /// Wall-clock time of a `/proc/<pid>/stat` start time (clock ticks since boot).
+    fn wall_of_ticks(&self, ticks: u64) -> i128 {
+        i128::from(ticks) * 1_000_000_000 / i128::from(self.ticks) + self.boot
+    }
+
+    fn now(&self) -> i128 {
+        i128::from(realtime_ns())
+    }
+}
+
+/// Appends `unix_ns` as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+fn push_rfc3339(out: &mut String, unix_ns: i128) {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let micros = unix_ns.rem_euclid(1_000_000_000) / 1_000;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm, eras of 400 years
+    // starting on March 1st).
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = era * 400 + year_of_era + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        sod / 3_600,
+        sod / 60 % 60,
+        sod % 60
+    );
+}
+
+/// Appends `s` as a JSON string. Control characters (and DEL, which some shippers choke
+/// on) are escaped; everything else is UTF-8 as is.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        let esc = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\t' => "\\t",
+            '\r' => "\\r",
+            c if c < ' ' || c == '\u{7f}' => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push_str(esc);
+        }
+        plain = i + c.len_utf8();
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
+}
+
+fn push_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_opt_num<T: std::fmt::Display>(out: &mut String, v: Option<T>) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("null"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc
+
+/// Reads up to `buf.len()` bytes of a `/proc` file. `None` when it cannot be opened or read
+/// (the process is gone, or hides it).
+fn read_proc(path: &str, buf: &mut [u8]) -> Option<usize> {
+    let mut f = File::open(path).ok()?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(n)
+}
+
+/// What the agent uses of `/proc/<pid>/stat`.
+struct Stat {
+    state: u8,
+    ppid: u32,
+    flags: u64,
+    start_ticks: u64,
+    comm: String,
+}
+
+/// `PF_EXITING` in the task flags (`/proc/<pid>/stat` field 9).
+const PF_EXITING: u64 = 0x4;
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let mut buf = [0u8; 1024];
+    let n = read_proc(&format!("/proc/{pid}/stat"), &mut buf)?;
+    let s = &buf[..n];
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split at the
+    // first '(' and the last ')'.
+    let open = s.iter().position(|&b| b == b'(')?;
+    let close = s.iter().rposition(|&b| b == b')')?;
+    if close < open {
+        return None;
+    }
+    let comm = String::from_utf8_lossy(&s[open + 1..close]).into_owned();
+    let rest = std::str::from_utf8(&s[close + 1..]).ok()?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().take(20).collect();
+    if f.len() < 20 {
+        return None;
+    }
+    Some(Stat {
+        state: *f[0].as_bytes().first()?,
+        ppid: f[1].parse().ok()?,
+        flags: f[6].parse().ok()?,
+        start_ticks: f[19].parse().ok()?,
+        comm,
+    })
+}
+
+/// `/proc/<pid>/cmdline`, arguments joined by spaces and capped at [`MAX_CMDLINE`] bytes;
+/// `None` when it is empty or unreadable.
+fn read_cmdline(pid: u32) -> Option<Arc<str>> {
+    let mut buf = [0u8; MAX_CMDLINE];
+    let n = read_proc(&format!("/proc/{pid}/cmdline"), &mut buf)?;
+    let mut b = &buf[..n];
+    while let [rest @ .., 0] = b {
+        b = rest;
+    }
+    if b.is_empty() {
+        return None;
+    }
+    let text: String = String::from_utf8_lossy(b)
+        .chars()
+        .map(|c| if c == '\0' { ' ' } else { c })
+        .collect();
+    Some(text.into())
+}
+
+fn comm_name(comm: &str) -> Arc<str> {
+    format!("[{comm}]").into()
+}
+
+fn read_comm(pid: u32) -> Option<Arc<str>> {
+    let mut buf = [0u8; 64];
+    let n = read_proc(&format!("/proc/{pid}/comm"), &mut buf)?;
+    let c = String::from_utf8_lossy(&buf[..n]);
+    Some(comm_name(c.trim_end_matches('\n')))
+}
+
+/// `(user + system CPU seconds, resident set in KiB)` of this process.
+fn self_usage(ticks: u64) -> (f64, u64) {
+    let mut buf = [0u8; 2048];
+    let cpu = read_proc("/proc/self/stat", &mut buf)
+        .and_then(|n| {
+            let s = std::str::from_utf8(&buf[..n]).ok()?;
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_ascii_whitespace().take(13).collect();
+            let t: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(t as f64 / ticks as f64)
+        })
+        .unwrap_or(0.0);
+    let mut buf = [0u8; 4096];
+    let rss = read_proc("/proc/self/status", &mut buf)
+        .and_then(|n| {
+            let s = std::str::from_utf8(&buf[..n]).ok()?;
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_ascii_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+// ---------------------------------------------------------------------------------------
+// The table
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Scan,
+    Fork,
+    Exec,
+    Resync,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Scan => "scan",
+            Source::Fork => "fork",
+            Source::Exec => "exec",
+            Source::Resync => "resync",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    ppid: u32,
+    /// Shared with the parent and siblings until an exec.
+    cmdline: Arc<str>,
+    /// Unix ns; `None` if `/proc` could not tell.
+    start: Option<i128>,
+    source: Source,
+}
+
+/// A process that left the table: by its exit event, or by a resync that found it gone
+/// (then `exit_seen` is false until a late exit event fills it in).
+struct Exited {
+    pid: u32,
+    entry: Entry,
+    exit_seen: bool,
+}
+
+fn same_start(a: Option<i128>, b: Option<i128>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() <= SAME_START_NS,
+        _ => true,
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Indexed like `EventKind::ALL`.
+    by_kind: [u64; 10],
+    lost_reports: u64,
+    resyncs: u64,
+    resync_added: u64,
+    resync_removed: u64,
+    stale_replaced: u64,
+    fork_known: u64,
+    exit_unknown: u64,
+}
+
+struct Agent {
+    live: HashMap<u32, Entry>,
+    exits: VecDeque<Exited>,
+    exits_cap: usize,
+    clocks: Clocks,
+    n: Counters,
+    /// A loss happened since the last resync.
+    resync_pending: bool,
+    last_resync: Option<Instant>,
+    line: String,
+}
+
+impl Agent {
+    fn new(exits_cap: usize) -> Self {
+        Agent {
+            live: HashMap::new(),
+            exits: VecDeque::with_capacity(exits_cap.min(4096)),
+            exits_cap,
+            clocks: Clocks::new(),
+            n: Counters::default(),
+            resync_pending: false,
+            last_resync: None,
+            line: String::with_capacity(512),
+        }
+    }
+
+    fn remember_exit(&mut self, pid: u32, entry: Entry, exit_seen: bool) {
+        if self.exits_cap == 0 {
+            return;
+        }
+        if self.exits.len() >= self.exits_cap {
+            self.exits.pop_front();
+        }
+        self.exits.push_back(Exited {
+            pid,
+            entry,
+            exit_seen,
+        });
+    }
+
+    /// An entry for a process found in `/proc` (or `None` for zombies, exiting tasks and
+    /// vanished pids).
+    fn entry_from_proc(&self, pid: u32, source: Source) -> Option<Entry> {
+        let st = read_stat(pid)?;
+        if matches!(st.state, b'Z' | b'X' | b'x') || st.flags & PF_EXITING != 0 {
+            return None;
+        }
+        let cmdline = read_cmdline(pid).unwrap_or_else(|| comm_name(&st.comm));
+        Some(Entry {
+            ppid: st.ppid,
+            cmdline,
+            start: Some(self.clocks.wall_of_ticks(st.start_ticks)),
+            source,
+        })
+    }
+
+    /// Scans `/proc` and reconciles the table with it. Returns `(added, removed)`.
+    fn resync(&mut self, reason: &str) -> (u64, u64) {
+        self.clocks.sync();
+        let source = if reason == "start" {
+            Source::Scan
+        } else {
+            Source::Resync
+        };
+        let mut seen: HashMap<u32, Entry> = HashMap::with_capacity(self.live.len() + 64);
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for d in dir.flatten() {
+                let Some(pid) = d.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Some(e) = self.entry_from_proc(pid, source) {
+                    seen.insert(pid, e);
+                }
+            }
+        }
+        let (mut added, mut removed) = (0, 0);
+        let gone: Vec<u32> = self
+            .live
+            .iter()
+            .filter(|(pid, e)| !seen.get(pid).is_some_and(|s| same_start(s.start, e.start)))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            if let Some(e) = self.live.remove(&pid) {
+                self.remember_exit(pid, e, false);
+                removed += 1;
+            }
+        }
+        for (pid, s) in seen {
+            match self.live.get_mut(&pid) {
+                // The same process: an exec may have been lost, so take /proc's command line.
+                Some(e) => {
+                    if *e.cmdline != *s.cmdline {
+                        e.cmdline = s.cmdline;
+                    }
+                }
+                None => {
+                    // Its exit was already applied (it is still tearing down): do not revive.
+                    let exited = self
+                        .exits
+                        .iter()
+                        .any(|x| x.pid == pid && x.exit_seen && same_start(x.entry.start, s.start));
+                    if !exited {
+                        self.live.insert(pid, s);
+                        added += 1;
+                    }
+                }
+            }
+        }
+        // After a storm the map keeps its peak capacity: give it back.
+        if self.live.capacity() > 4 * self.live.len() + 1024 {
+            self.live.shrink_to_fit();
+        }
+        if source == Source::Resync {
+            self.n.resyncs += 1;
+            self.n.resync_added += added;
+            self.n.resync_removed += removed;
+        }
+        self.resync_pending = false;
+        self.last_resync = Some(Instant::now());
+        (added, removed)
+    }
+
+    fn resync_line(&mut self, reason: &str, added: u64, removed: u64) {
+        let now = self.clocks.now();
+        let l = &mut self.line;
+        l.clear();
+        l.push_str("{\"ts\":\"");
+        push_rfc3339(l, now);
+        let _ = write!(
+            l,
+            "\",\"event\":\"resync\",\"reason\":\"{reason}\",\"added\":{added},\"removed\":{removed},\"live\":{}}}",
+            self.live.len()
+        );
+    }
+
+    /// Applies one event to the table and formats its log line into `self.line`.
+    fn event(&mut self, ev: &ProcEvent) {
+        let kind = ev.kind();
+        if let Some(i) = EventKind::ALL.iter().position(|k| *k == kind) {
+            self.n.by_kind[i] += 1;
+        }
+        let Some(task) = ev.task() else {
+            self.line.clear();
+            return; // an ACK: the listener does not deliver them unless asked
+        };
+        let ts = self.clocks.wall_of_event(ev.timestamp_ns);
+        let pid = task.tgid;
+        let thread = task.is_thread();
+        let mut extra = String::new();
+        // (ppid, cmdline) for the line.
+        let mut who: Option<(u32, Arc<str>)> = None;
+        match ev.body {
+            EventBody::Fork { parent, child } if !child.is_thread() => {
+                let parent_cmd = self.live.get(&parent.tgid).map(|p| p.cmdline.clone());
+                let mut e = Entry {
+                    ppid: parent.tgid,
+                    cmdline: parent_cmd
+                        .or_else(|| read_cmdline(pid))
+                        .or_else(|| read_comm(pid))
+                        .unwrap_or_else(|| "[?]".into()),
+                    start: Some(ts),
+                    source: Source::Fork,
+                };
+                if let Some(old) = self.live.get(&pid) {
+                    if same_start(old.start, e.start) {
+                        // Seen by the scan as well: its command line may be newer (exec'd).
+                        e.cmdline = old.cmdline.clone();
+                        self.n.fork_known += 1;
+                    } else {
+                        // The old process's exit was lost and its pid reused.
+                        self.n.stale_replaced += 1;
+                    }
+                }
+                who = Some((e.ppid, e.cmdline.clone()));
+                self.live.insert(pid, e);
+            }
+            EventBody::Exec { .. } => {
+                let lagging = monotonic_ns().saturating_sub(ev.timestamp_ns) > 100_000_000;
+                let cmd = read_cmdline(pid).or_else(|| read_comm(pid));
+                // When far behind, make sure the pid still is this process before trusting
+                // what /proc says about it.
+                let cmd = match (lagging, cmd) {
+                    (true, Some(c)) => {
+                        let start =
+                            read_stat(pid).map(|s| self.clocks.wall_of_ticks(s.start_ticks));
+                        match self.live.get(&pid) {
+                            Some(e) if !same_start(e.start, start) => None,
+                            _ => Some(c),
+                        }
+                    }
+                    (_, c) => c,
+                };
+                match self.live.get_mut(&pid) {
+                    Some(e) => {
+                        if let Some(c) = cmd {
+                            e.cmdline = c;
+                        }
+                        who = Some((e.ppid, e.cmdline.clone()));
+                    }
+                    None => {
+                        // Its fork was lost, or a non-main thread exec'd (the kernel then
+                        // sends an exit for the old main thread first).
+                        if let Some(e) = self.entry_from_proc(pid, Source::Exec) {
+                            who = Some((e.ppid, e.cmdline.clone()));
+                            self.live.insert(pid, e);
+                        }
+                    }
+                }
+            }
+            EventBody::Exit {
+                status, process, ..
+            } => {
+                let mut duration = None;
+                if !process.is_thread() {
+                    let entry = match self.live.remove(&pid) {
+                        Some(e) => {
+                            self.remember_exit(pid, e.clone(), true);
+                            Some(e)
+                        }
+                        // Removed by a resync before its exit event arrived?
+                        None => self
+                            .exits
+                            .iter_mut()
+                            .rev()
+                            .find(|x| x.pid == pid && !x.exit_seen)
+                            .map(|x| {
+                                x.exit_seen = true;
+                                x.entry.clone()
+                            }),
+                    };
+                    match entry {
+                        Some(e) => {
+                            duration = e.start.map(|s| (ts - s) as f64 / 1e6);
+                            who = Some((e.ppid, e.cmdline));
+                        }
+                        None => self.n.exit_unknown += 1,
+                    }
+                } else if let Some(e) = self.live.get(&pid) {
+                    who = Some((e.ppid, e.cmdline.clone()));
+                }
+                extra.push_str(",\"exit_code\":");
+                push_opt_num(&mut extra, status.code());
+                extra.push_str(",\"signal\":");
+                push_opt_num(&mut extra, status.signal());
+                let _ = write!(extra, ",\"core_dumped\":{}", status.core_dumped());
+                extra.push_str(",\"duration_ms\":");
+                match duration {
+                    Some(d) => {
+                        let _ = write!(extra, "{d:.3}");
+                    }
+                    None => extra.push_str("null"),
+                }
+            }
+            _ => {
+                match ev.body {
+                    EventBody::Comm { comm, .. } => {
+                        let name = comm.to_string_lossy();
+                        extra.push_str(",\"comm\":");
+                        push_json_str(&mut extra, &name);
+                        // A process without a command line is named by its comm.
+                        if !thread {
+                            if let Some(e) = self.live.get_mut(&pid) {
+                                if e.cmdline.starts_with('[') && e.cmdline.ends_with(']') {
+                                    e.cmdline = comm_name(&name);
+                                }
+                            }
+                        }
+                    }
+                    EventBody::Uid { ruid, euid, .. } => {
+                        let _ = write!(extra, ",\"ruid\":{ruid},\"euid\":{euid}");
+                    }
+                    EventBody::Gid { rgid, egid, .. } => {
+                        let _ = write!(extra, ",\"rgid\":{rgid},\"egid\":{egid}");
+                    }
+                    EventBody::Ptrace { tracer, .. } => {
+                        extra.push_str(",\"tracer_pid\":");
+                        push_opt_num(&mut extra, tracer.map(|t| t.tgid));
+                    }
+                    _ => {} // thread creation, sid, coredump: nothing more
+                }
+                if let Some(e) = self.live.get(&pid) {
+                    who = Some((e.ppid, e.cmdline.clone()));
+                }
+            }
+        }
+        // `ppid` and `cmdline` are the process's, for thread events too.
+        let l = &mut self.line;
+        l.clear();
+        l.push_str("{\"ts\":\"");
+        push_rfc3339(l, ts);
+        let _ = write!(
+            l,
+            "\",\"event\":\"{}\",\"pid\":{pid},\"tid\":{},\"thread\":{thread},\"ppid\":",
+            kind.name(),
+            task.pid
+        );
+        push_opt_num(l, who.as_ref().map(|w| w.0));
+        l.push_str(",\"cmdline\":");
+        push_opt_str(l, who.as_ref().map(|w| &*w.1));
+        l.push_str(&extra);
+        l.push('}');
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        self.n.lost_reports += 1;
+        self.resync_pending = true;
+        let now = self.clocks.now();
+        let l = &mut self.line;
+        l.clear();
+        l.push_str("{\"ts\":\"");
+        push_rfc3339(l, now);
+        match loss {
+            Loss::Overrun => {
+                l.push_str("\",\"event\":\"lost\",\"cause\":\"overrun\",\"count\":null}")
+            }
+            Loss::Gap { cpu, count } => {
+                let _ = write!(
+                    l,
+                    "\",\"event\":\"lost\",\"cause\":\"seq_gap\",\"cpu\":{cpu},\"count\":{count}}}"
+                );
+            }
+        }
+    }
+
+    fn stats_line(&self, st: &LossStats, started: Instant, rate: f64, final_: bool) -> String {
+        let mut s = String::with_capacity(512);
+        s.push_str("{\"ts\":\"");
+        push_rfc3339(&mut s, self.clocks.now());
+        let _ = write!(
+            s,
+            "\",\"final\":{final_},\"uptime_s\":{:.3},\"events\":{{",
+            started.elapsed().as_secs_f64()
+        );
+        let mut first = true;
+        for (k, n) in EventKind::ALL.iter().zip(self.n.by_kind) {
+            if *k == EventKind::Ack {
+                continue;
+            }
+            if !first {
+                s.push(',');
+            }
+            first = false;
+            let _ = write!(s, "\"{}\":{n}", k.name());
+        }
+        let _ = write!(
+            s,
+            "}},\"events_total\":{},\"events_per_s\":{rate:.1},\"lost_events\":",
+            self.n.by_kind.iter().sum::<u64>()
+        );
+        push_opt_num(&mut s, st.seq_lost.map(|n| n + st.dropped));
+        let _ = write!(s, ",\"overruns\":{},\"lost_per_cpu\":{{", st.overruns);
+        for (i, (cpu, n)) in st.lost_per_cpu.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "\"{cpu}\":{n}");
+        }
+        let (cpu, rss) = self_usage(self.clocks.ticks);
+        let _ = write!(
+            s,
+            "}},\"live_processes\":{},\"table_capacity\":{},\"recent_exits\":{},\"resyncs\":{},\"resync_added\":{},\"resync_removed\":{},\"stale_replaced\":{},\"fork_known\":{},\"exit_unknown\":{},\"cpu_s\":{cpu:.2},\"rss_kb\":{rss}}}",
+            self.live.len(),
+            self.live.capacity(),
+            self.exits.len(),
+            self.n.resyncs,
+            self.n.resync_added,
+            self.n.resync_removed,
+            self.n.stale_replaced,
+            self.n.fork_known,
+            self.n.exit_unknown,
+        );
+        s
+    }
+
+    /// The live table, one JSON object per line, by pid.
+    fn table_dump(&self) -> String {
+        let mut pids: Vec<&u32> = self.live.keys().collect();
+        pids.sort_unstable();
+        let mut s = String::with_capacity(pids.len() * 96);
+        for pid in pids {
+            let e = &self.live[pid];
+            let _ = write!(s, "{{\"pid\":{pid},\"ppid\":{},\"cmdline\":", e.ppid);
+            push_json_str(&mut s, &e.cmdline);
+            s.push_str(",\"start\":");
+            match e.start {
+                Some(t) => {
+                    s.push('"');
+                    push_rfc3339(&mut s, t);
+                    s.push('"');
+                }
+                None => s.push_str("null"),
+            }
+            let _ = writeln!(s, ",\"source\":\"{}\"}}", e.source.name());
+        }
+        s
+    }
+}
+
+/// Writes `data` to `path` atomically for readers: to `path.tmp`, then renamed over `path`
+/// (a reader sees the old or the new content, never a mix). No fsync: these are snapshots.
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+        None => Box::new(io::stdout()),
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Before any thread exists: every thread inherits the blocked mask, so only the waiter
+    // below receives SIGINT / SIGTERM / SIGHUP.
+    let signals = match TermSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = match open_output(args.output.as_deref()) {
+        Ok(w) => BufWriter::with_capacity(1 << 16, w),
+        Err(e) => {
+            eprintln!("agent: --output: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Subscribe first, then scan: whatever happens during the scan is queued as events.
+    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agent: cannot subscribe to the proc connector: {e}");
+            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
+                eprintln!("agent: it needs root (CAP_NET_ADMIN)");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let reopen = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, reopen) = (stop.clone(), reopen.clone());
+        std::thread::spawn(move || loop {
+            if signals.wait() == libc::SIGHUP {
+                reopen.store(true, Ordering::SeqCst);
+            } else {
+                stop.store(true, Ordering::SeqCst);
+                return;
+            }
+        });
+    }
+
+    let mut agent = Agent::new(args.recent_exits);
+    let started = Instant::now();
+    let (added, removed) = agent.resync("start");
+    agent.resync_line("start", added, removed);
+    let _ = writeln!(out, "{}", agent.line);
+
+    let deadline = args.duration.map(|d| started + d);
+    let mut next_tick = started + args.interval;
+    let mut last_total = 0u64;
+    let mut last_tick = started;
+    let mut burst = 0u32;
+    let mut failed = false;
+    let handle = |agent: &mut Agent,
+                  r: Received,
+                  out: &mut BufWriter<Box<dyn Write + Send>>|
+     -> io::Result<()> {
+        match r {
+            Received::Event(ev) => agent.event(&ev),
+            Received::Lost(loss) => agent.lost(loss),
+        }
+        if agent.line.is_empty() {
+            return Ok(());
+        }
+        writeln!(out, "{}", agent.line)
+    };
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        if reopen.swap(false, Ordering::SeqCst) && args.output.is_some() {
+            let _ = out.flush();
+            match open_output(args.output.as_deref()) {
+                Ok(w) => out = BufWriter::with_capacity(1 << 16, w),
+                Err(e) => eprintln!("agent: reopening --output: {e}"),
+            }
+        }
+        if now >= next_tick {
+            let total: u64 = agent.n.by_kind.iter().sum();
+            let rate = (total - last_total) as f64 / now.duration_since(last_tick).as_secs_f64();
+            let line = agent.stats_line(&listener.stats(), started, rate, false);
+            match &args.stats_file {
+                Some(p) => {
+                    if let Err(e) = write_atomic(p, format!("{line}\n").as_bytes()) {
+                        eprintln!("agent: --stats-file: {e}");
+                    }
+                }
+                None => eprintln!("{line}"),
+            }
+            (last_total, last_tick) = (total, now);
+            while next_tick <= now {
+                next_tick += args.interval;
+            }
+        }
+        if agent.resync_pending
+            && agent
+                .last_resync
+                .map_or(true, |t| t.elapsed() >= RESYNC_EVERY)
+        {
+            let (a, r) = agent.resync("loss");
+            agent.resync_line("loss", a, r);
+            let _ = writeln!(out, "{}", agent.line);
+        }
+        let r = match listener.try_recv() {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => {
+                // Idle: flush the log before waiting, and re-read the clock offsets.
+                if let Err(e) = out.flush() {
+                    eprintln!("agent: writing the event log: {e}");
+                    failed = true;
+                    break;
+                }
+                agent.clocks.sync();
+                if burst >= 4 {
+                    // Events come in bursts: let a few queue up rather than waking for each
+                    // (a wake-up costs more than handling an event). At most 0.5 ms late.
+                    burst = 0;
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+                burst = 0;
+                let mut wait = next_tick.saturating_duration_since(now).min(MAX_WAIT);
+                if let Some(d) = deadline {
+                    wait = wait.min(d.saturating_duration_since(now));
+                }
+                listener.recv_timeout(Some(wait))
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(Some(r)) => {
+                burst = burst.saturating_add(1);
+                if let Err(e) = handle(&mut agent, r, &mut out) {
+                    // The log's reader is gone (a closed pipe, a full disk): stop, loudly.
+                    eprintln!("agent: writing the event log: {e}");
+                    failed = true;
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("agent: receive failed: {e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+
+    // Apply what the kernel already queued, so the dump is as of the stop, not earlier.
+    let drain_until = Instant::now() + DRAIN_FOR;
+    while !failed && Instant::now() < drain_until {
+        match listener.try_recv() {
+            Ok(Some(r)) if handle(&mut agent, r, &mut out).is_ok() => {}
+            _ => break,
+        }
+    }
+    if agent.resync_pending {
+        let (a, r) = agent.resync("shutdown");
+        agent.resync_line("shutdown", a, r);
+        let _ = writeln!(out, "{}", agent.line);
+    }
+    if let Err(e) = out.flush() {
+        eprintln!("agent: writing the event log: {e}");
+    }
+    let stats = listener.stats();
+    drop(listener); // sends IGNORE
+    let total: u64 = agent.n.by_kind.iter().sum();
+    let rate = (total - last_total) as f64 / last_tick.elapsed().as_secs_f64().max(1e-3);
+    let line = agent.stats_line(&stats, started, rate, true);
+    if let Some(p) = &args.stats_file {
+        let _ = write_atomic(p, format!("{line}\n").as_bytes());
+    }
+    eprintln!("{line}");
+    if let Some(p) = &args.dump_table {
+        if let Err(e) = write_atomic(p, agent.table_dump().as_bytes()) {
+            eprintln!("agent: --dump-table {}: {e}", p.display());
+            return ExitCode::from(1);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        let mut s = String::new();
+        push_rfc3339(&mut s, 0);
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+        s.clear();
+        // 2024-02-29T23:59:59.999999Z
+        push_rfc3339(&mut s, 1_709_251_199_999_999_000);
+        assert_eq!(s, "2024-02-29T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn json_strings() {
+        let mut s = String::new();
+        push_json_str(&mut s, "a\"b\\c\nd\u{1}\u{7f}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001\u007fé""#);
+    }
+}

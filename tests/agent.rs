@@ -1,0 +1,604 @@
+//! The `agent` example end to end, on the real kernel: under a fork storm it keeps an exact
+//! table of live processes, stops cleanly on SIGINT with its final counters, and survives
+//! (and reports) receive-queue overruns.
+//!
+//! The example binary is built by this test with the cargo that runs it, for the same
+//! profile and features (a no-op when `cargo test` already built the examples), and located
+//! from cargo's JSON messages, so it works from a fresh clone and with any target dir.
+//!
+//! The storm is `stress-ng --fork 2`. Without stress-ng the test fails under CI (`CI` set)
+//! and otherwise falls back to two shell loops spawning `/bin/true`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
+
+/// The two tests each run a storm: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--example",
+            "agent",
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        ]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let mut features = Vec::new();
+        if cfg!(feature = "tokio") {
+            features.push("tokio");
+        }
+        if cfg!(feature = "serde") {
+            features.push("serde");
+        }
+        if !features.is_empty() {
+            cmd.args(["--features", &features.join(",")]);
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build --example agent");
+        assert!(out.status.success(), "cargo build --example agent failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "agent")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no executable for the agent example")
+    })
+}
+
+/// Kills the processes it holds when dropped, so a failing assertion leaves nothing behind.
+#[derive(Default)]
+struct Reaper(Vec<Child>);
+
+impl Reaper {
+    fn add(&mut self, c: Child) -> u32 {
+        let pid = c.id();
+        self.0.push(c);
+        pid
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sleep60(reaper: &mut Reaper) -> (u32, f64) {
+    let c = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    (reaper.add(c), now_s())
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A fork storm of `secs` seconds, or `None` when stress-ng is missing outside CI (the caller
+/// then runs shell loops).
+fn storm(secs: u32) -> Child {
+    let stress = Command::new("stress-ng")
+        .args(["--fork", "2", "--timeout", &secs.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match stress {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("stress-ng is required under CI (apt-get install -y stress-ng): {e}")
+        }
+        Err(e) => {
+            eprintln!("stress-ng not available ({e}): storming with shell loops of /bin/true");
+            // Two loops, ended by `timeout`.
+            Command::new("timeout")
+                .args([
+                    &secs.to_string(),
+                    "/bin/sh",
+                    "-c",
+                    "while :; do /bin/true; done & while :; do /bin/true; done & wait",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn the /bin/true storm")
+        }
+    }
+}
+
+/// A running agent; killed if the test fails before stopping it.
+struct Running {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn start_agent(dir: &Path, extra: &[&str]) -> Running {
+    let events = dir.join("events.jsonl");
+    let mut child = Command::new(agent_bin())
+        // --duration: a safety net should the test die without stopping it.
+        .args(["--duration", "60", "--interval", "1", "--output"])
+        .arg(&events)
+        .arg("--dump-table")
+        .arg(dir.join("table.jsonl"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut r = Running {
+        child,
+        stderr: Some(stderr),
+    };
+    // Ready once the initial /proc scan is in the log: its first line.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut head = [0u8; 512];
+        let n = std::fs::File::open(&events)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        if String::from_utf8_lossy(&head[..n]).contains("\"reason\":\"start\"") {
+            return r;
+        }
+        if let Ok(Some(st)) = r.child.try_wait() {
+            let err = r.stderr.take().unwrap().join().unwrap_or_default();
+            panic!("the agent exited early ({st}): {err}");
+        }
+        assert!(Instant::now() < deadline, "the agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGINT, then wait (at most 10 s); the exit status and stderr.
+fn interrupt(mut r: Running) -> (ExitStatus, String) {
+    // SAFETY: sends SIGINT to our own child.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = r.child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = r.child.kill();
+            panic!("the agent did not exit within 10 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, r.stderr.take().unwrap().join().unwrap())
+}
+
+fn final_stats(stderr: &str) -> serde_json::Value {
+    let line = stderr
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no counters line on stderr:\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(
+        v["final"], true,
+        "the last line is not the final one: {line}"
+    );
+    v
+}
+
+fn read_table(dir: &Path) -> HashMap<u32, serde_json::Value> {
+    std::fs::read_to_string(dir.join("table.jsonl"))
+        .expect("the dumped table")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["pid"].as_u64().unwrap() as u32, v)
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` to Unix seconds.
+fn parse_rfc3339(s: &str) -> f64 {
+    let n = |r: std::ops::Range<usize>| -> i64 { s[r].parse().unwrap() };
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    secs as f64 + s[19..s.len() - 1].parse::<f64>().unwrap_or(0.0)
+}
+
+/// What /proc says about a live (non-zombie) process: (ppid, start as Unix seconds, cmdline).
+fn proc_info(pid: u32) -> Option<(u32, f64, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    if f[0] == "Z" || f[0] == "X" {
+        return None;
+    }
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let start = now_s() - (uptime - f[19].parse::<f64>().ok()? / hz);
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmd = String::from_utf8_lossy(&cmd)
+        .trim_end_matches('\0')
+        .replace('\0', " ");
+    Some((f[1].parse().ok()?, start, cmd))
+}
+
+/// Every live process descending from `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = HashMap::new();
+    for d in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = d.file_name().to_string_lossy().parse::<u32>() {
+            if let Some((ppid, _, _)) = proc_info(pid) {
+                parent.insert(pid, ppid);
+            }
+        }
+    }
+    parent
+        .keys()
+        .copied()
+        .filter(|&p| {
+            let mut cur = p;
+            for _ in 0..64 {
+                match parent.get(&cur) {
+                    Some(&pp) if pp == root => return true,
+                    Some(&pp) if pp > 1 => cur = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// A listener of the test's own, collecting process exits from now until `stop`: tells a pid
+/// that exited after the agent stopped (a race of the check) from a stale table entry.
+struct ExitWatch {
+    stop: cnbus::proc::ShutdownHandle,
+    seen: Arc<Mutex<HashSet<u32>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ExitWatch {
+    fn start() -> ExitWatch {
+        let mut l = ProcListener::builder()
+            .events(EventSet::EXIT)
+            .open()
+            .expect("the test's own exit listener");
+        let stop = l.shutdown_handle();
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let s = seen.clone();
+        let thread = std::thread::spawn(move || {
+            for r in l.iter() {
+                if let Ok(Received::Event(ev)) = r {
+                    if let EventBody::Exit { process, .. } = ev.body {
+                        if !process.is_thread() {
+                            s.lock().unwrap().insert(process.tgid);
+                        }
+                    }
+                }
+            }
+        });
+        ExitWatch { stop, seen, thread }
+    }
+
+    fn finish(self) -> HashSet<u32> {
+        self.stop.shutdown();
+        self.thread.join().unwrap();
+        Arc::try_unwrap(self.seen).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Checks the dumped table against /proc. Returns the stale entries (pid gone, or reused by a
+/// process with another start time, without the exit having been seen after the stop).
+fn stale_entries(
+    table: &HashMap<u32, serde_json::Value>,
+    exited_after_stop: &HashSet<u32>,
+) -> Vec<String> {
+    let mut stale = Vec::new();
+    for (pid, e) in table {
+        let start = e["start"].as_str().map(parse_rfc3339);
+        let ok = match proc_info(*pid) {
+            Some((_, s, _)) => start.map_or(true, |t| (t - s).abs() < 0.5),
+            None => false,
+        };
+        // /proc/<tid> exists for threads too (unlisted): an entry must be a process.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let tgid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .map(str::trim);
+        assert!(
+            tgid.is_none() || tgid == Some(pid.to_string().as_str()),
+            "table entry {pid} is a thread of {tgid:?}"
+        );
+        if !ok && !exited_after_stop.contains(pid) {
+            stale.push(format!("{e} (/proc: {:?})", proc_info(*pid)));
+        }
+    }
+    stale
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cnbus-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn help_and_usage_errors() {
+    let out = Command::new(agent_bin()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--interval",
+        "--stats-file",
+        "--output",
+        "--dump-table",
+        "--duration",
+    ] {
+        assert!(text.contains(opt), "--help lacks {opt}");
+    }
+    let out = Command::new(agent_bin())
+        .args(["--interval", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn duration_ends_it_with_counters_and_a_dump() {
+    if common::kernel_socket("duration_ends_it_with_counters_and_a_dump").is_none() {
+        return;
+    }
+    let dir = temp_dir("agent-duration");
+    let stats = dir.join("stats.json");
+    let out = Command::new(agent_bin())
+        .args(["--duration", "1", "--interval", "0.2", "--dump-table"])
+        .arg(dir.join("table.jsonl"))
+        .arg("--stats-file")
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    final_stats(&err);
+    // Only the final counters go to stderr with --stats-file; the file holds them too.
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with('{')).count(),
+        1,
+        "{err}"
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(file["final"], true);
+    // The test process was there all along, found by the scan, with its parent.
+    let me = std::process::id();
+    let table = read_table(&dir);
+    let e = table.get(&me).expect("the test process is in the table");
+    assert_eq!(e["ppid"], proc_info(me).unwrap().0);
+    assert_eq!(e["source"], "scan");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
+    if common::kernel_socket("tracks_live_processes_under_a_fork_storm").is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    let dir = temp_dir("agent-storm");
+    let mut reaper = Reaper::default();
+    // One child from before the agent: it can only know it from its /proc scan.
+    let before = sleep60(&mut reaper);
+    // The storm starts first, so that the agent's start-up scan races with forks and exits.
+    let mut stress = storm(9);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let agent = start_agent(&dir, &[]);
+    let mut during = Vec::new();
+    std::thread::sleep(Duration::from_secs(1));
+    during.push(sleep60(&mut reaper));
+    // A thread of ours: it must not become a table entry.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = tid_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Through a shell that execs: the table must follow the exec.
+    let sh = Command::new("/bin/sh")
+        .args(["-c", "exec sleep 60"])
+        .spawn()
+        .unwrap();
+    during.push((reaper.add(sh), now_s()));
+    std::thread::sleep(Duration::from_secs(2));
+    during.push(sleep60(&mut reaper));
+    let _ = stress.wait();
+    eprintln!("storm over after {:.1} s", started.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let watch = ExitWatch::start();
+    let stop_time = now_s();
+    let (status, stderr) = interrupt(agent);
+    assert!(status.success(), "agent: {status}\n{stderr}");
+    let stats = final_stats(&stderr);
+    eprintln!("final counters: {stats}");
+    let table = read_table(&dir);
+    let exited_after = watch.finish();
+
+    // Every child of ours, with its parent, command line and start time.
+    for &(pid, spawned) in std::iter::once(&before).chain(&during) {
+        let e = table
+            .get(&pid)
+            .unwrap_or_else(|| panic!("sleep {pid} is not in the dumped table"));
+        assert_eq!(e["ppid"], me, "{e}");
+        assert_eq!(e["cmdline"], "sleep 60", "{e}");
+        let start = parse_rfc3339(e["start"].as_str().expect("a start time"));
+        assert!(
+            (start - spawned).abs() < 1.0,
+            "{e}: spawned at {spawned:.3}"
+        );
+    }
+    assert_eq!(table[&before.0]["source"], "scan");
+    assert!(!table.contains_key(&tid), "thread {tid} has a table entry");
+    drop(done_tx);
+    thread.join().unwrap();
+
+    // Nothing stale: every entry is a live process with that start time, unless it exited
+    // after the agent stopped (seen by our own listener).
+    let lost = stats["lost_events"].as_u64().unwrap_or(0);
+    let stale = stale_entries(&table, &exited_after);
+    for s in &stale {
+        eprintln!("stale entry: {s}");
+    }
+    assert!(
+        stale.len() as u64 <= lost,
+        "{} stale entries with {lost} events lost",
+        stale.len()
+    );
+
+    // Every descendant that is still alive and was started before the stop is in the table.
+    for pid in descendants(me) {
+        let Some((_, start, cmd)) = proc_info(pid) else {
+            continue;
+        };
+        if start < stop_time - 0.5 {
+            assert!(
+                table.contains_key(&pid),
+                "descendant {pid} ({cmd}) is missing"
+            );
+        }
+    }
+
+    // The log: JSON lines with the documented fields, the storm in it, our children's forks
+    // and the exec through the shell.
+    let log = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    let mut kinds: HashMap<String, u64> = HashMap::new();
+    let mut forked = HashSet::new();
+    let mut exec_sleep = false;
+    let mut thread_fork = false;
+    for l in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["ts"].is_string(), "{l}");
+        let ev = v["event"].as_str().unwrap().to_string();
+        if ev == "fork" && v["ppid"] == me && v["thread"] == false {
+            forked.insert(v["pid"].as_u64().unwrap() as u32);
+        }
+        if ev == "fork" && v["tid"] == tid && v["pid"] == me && v["thread"] == true {
+            thread_fork = true;
+        }
+        if ev == "exec" && v["pid"] == during[1].0 && v["cmdline"] == "sleep 60" {
+            exec_sleep = true;
+        }
+        *kinds.entry(ev).or_default() += 1;
+    }
+    eprintln!("log lines by event: {kinds:?}");
+    assert!(kinds.get("fork").copied().unwrap_or(0) > 1000, "{kinds:?}");
+    assert!(kinds.get("exit").copied().unwrap_or(0) > 1000, "{kinds:?}");
+    for (pid, _) in &during {
+        assert!(
+            forked.contains(pid) || lost > 0,
+            "no fork line for child {pid}"
+        );
+    }
+    assert!(exec_sleep || lost > 0, "no exec line for the shell's sleep");
+    assert!(thread_fork || lost > 0, "no thread fork line for {tid}");
+    assert_eq!(
+        kinds.get("lost").copied().unwrap_or(0) > 0,
+        lost > 0 || stats["overruns"].as_u64().unwrap_or(0) > 0,
+        "lost lines and counters disagree"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn overruns_are_reported_and_survived() {
+    if common::kernel_socket("overruns_are_reported_and_survived").is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::process::id();
+    let dir = temp_dir("agent-overrun");
+    let mut reaper = Reaper::default();
+    // A tiny receive queue: the storm must overflow it.
+    let agent = start_agent(&dir, &["--buffer", "4K"]);
+    let mut stress = storm(3);
+    std::thread::sleep(Duration::from_secs(1));
+    let (child, _) = sleep60(&mut reaper);
+    let _ = stress.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let watch = ExitWatch::start();
+    let (status, stderr) = interrupt(agent);
+    assert!(status.success(), "agent: {status}\n{stderr}");
+    let stats = final_stats(&stderr);
+    eprintln!("final counters: {stats}");
+    let exited_after = watch.finish();
+    assert!(
+        stats["overruns"].as_u64().unwrap() > 0,
+        "no overrun with a 4 KiB queue: {stats}"
+    );
+    assert!(stats["lost_events"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["resyncs"].as_u64().unwrap() > 0, "{stats}");
+    let log = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    assert!(log.contains("\"event\":\"lost\",\"cause\":\"overrun\""));
+    assert!(log.contains("\"event\":\"lost\",\"cause\":\"seq_gap\""));
+    // After the resyncs the table is right despite the losses.
+    let table = read_table(&dir);
+    let e = table.get(&child).expect("the sleep is in the table");
+    assert_eq!(e["ppid"], me);
+    assert_eq!(e["cmdline"], "sleep 60");
+    let stale = stale_entries(&table, &exited_after);
+    assert!(stale.is_empty(), "stale entries: {stale:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
