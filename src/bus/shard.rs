@@ -26,6 +26,8 @@ use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
 
+use super::drain::Drain;
+
 use crate::codec::{nlmsg_align, CbId, CnHeader, CnMsg, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN};
 
 /// Data up to this length is encoded inline into the queue slot (no allocation); the
@@ -57,7 +59,8 @@ pub(crate) enum Body {
 pub(crate) struct Entry {
     /// The producer's cell, or [`UNTRACKED`].
     pub cell: u32,
-    /// Data length (may exceed `u16::MAX` until the size check rejects the entry).
+    /// Data length (may exceed `u16::MAX` until the size check rejects the entry), and in
+    /// bit 31 [`NUMBERED`]: the drainer assigns the message's sequence number.
     data_len: u32,
     body: Body,
 }
@@ -80,12 +83,18 @@ fn headers(out: &mut [u8], pid: u32, h: &CnHeader) {
     out[34..36].copy_from_slice(&h.flags.to_ne_bytes());
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+/// Bit of `Entry::data_len` marking a message whose seq the drainer assigns.
+const NUMBERED: u32 = 1 << 31;
+/// The length bits of `Entry::data_len` (a larger length is clamped: still too large).
+const LEN_MASK: u32 = NUMBERED - 1;
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 impl Entry {
-    /// Encodes `data` for id `id` (seq, ack, flags 0), from port `pid`.
+    /// Encodes `data` for id `id` (ack, flags 0), from port `pid`. Its seq is written as 0
+    /// here and assigned by the drainer ([`Entry::numbered`]).
     #[inline]
     pub(crate) fn from_slice(pid: u32, id: CbId, data: &[u8]) -> Self {
         let h = CnHeader {
@@ -110,7 +119,7 @@ impl Entry {
         };
         Self {
             cell: UNTRACKED,
-            data_len: data.len().min(u32::MAX as usize) as u32,
+            data_len: data.len().min(LEN_MASK as usize) as u32 | NUMBERED,
             body,
         }
     }
@@ -128,7 +137,7 @@ impl Entry {
         headers(&mut hdr, pid, &h);
         Self {
             cell: UNTRACKED,
-            data_len: m.data.len().min(u32::MAX as usize) as u32,
+            data_len: m.data.len().min(LEN_MASK as usize) as u32,
             body: Body::Shared { hdr, data: m.data },
         }
     }
@@ -136,16 +145,20 @@ impl Entry {
     /// Length of the data.
     #[inline]
     pub(crate) fn data_len(&self) -> usize {
-        self.data_len as usize
+        (self.data_len & LEN_MASK) as usize
+    }
+
+    /// True when the drainer assigns the seq (messages of [`Entry::from_slice`]); a
+    /// prebuilt message keeps its own.
+    #[inline]
+    pub(crate) fn numbered(&self) -> bool {
+        self.data_len & NUMBERED != 0
     }
 
     /// The message again (for handing it back to the caller).
     pub(crate) fn into_msg(self) -> CnMsg {
         let (hdr, data) = match self.body {
-            Body::Inline(w) => (
-                w,
-                Bytes::copy_from_slice(&w[HDR..HDR + self.data_len as usize]),
-            ),
+            Body::Inline(w) => (w, Bytes::copy_from_slice(&w[HDR..HDR + self.data_len()])),
             Body::Shared { hdr, data } => {
                 let mut w = [0u8; WIRE];
                 w[..HDR].copy_from_slice(&hdr);
@@ -164,7 +177,7 @@ impl Entry {
     /// Bytes in a datagram, netlink header and padding included.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        nlmsg_align(HDR + self.data_len as usize)
+        nlmsg_align(HDR + self.data_len())
     }
 
     /// Appends the message to a datagram being built: one copy for an inline message.
@@ -197,6 +210,11 @@ pub(crate) struct Shard {
     /// its push and a SeqCst fence, stamps `since` if it reads 0. By the two fences either
     /// the flusher's pop pass sees the push, or the producer sees the 0 and stamps.
     pub since: CachePadded<AtomicU64>,
+    /// The right to drain this shard, with the drainer's scratch state. Whoever holds it
+    /// (the flusher, or a producer helping) pops, packs, sends and publishes `done` before
+    /// releasing it, so exactly one drainer at a time takes this shard's messages and its
+    /// datagrams are never interleaved with another drainer's of the same shard.
+    pub drain: CachePadded<Mutex<Drain>>,
 }
 
 impl Shard {
@@ -204,6 +222,7 @@ impl Shard {
         Self {
             queue: ArrayQueue::new(capacity),
             since: CachePadded::new(AtomicU64::new(0)),
+            drain: CachePadded::new(Mutex::new(Drain::default())),
         }
     }
 }
