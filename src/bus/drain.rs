@@ -1,5 +1,5 @@
-//! Draining one shard: pop, pack into datagrams, number, send with `sendmmsg`, publish the
-//! producers' `done` counts. Run by whoever holds the shard's drain right
+//! Draining one shard: take its datagrams (a buffer swap), number them, send them with
+//! `sendmmsg` where they lie, publish the producers' `done` counts. Run by whoever holds the shard's drain right
 //! ([`Shard::drain`](super::shard::Shard::drain)): the flusher thread, or a producer whose
 //! insert found its shard at the watermark (producer-assisted draining, see the module docs
 //! of [`super`]).
@@ -7,37 +7,17 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::atomic::{fence, Ordering::*};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::CbId;
 
-use super::shard::{u32_at, Cell, Entry, UNTRACKED};
+use super::shard::{u32_at, Drainer};
 use super::stats::Counters;
 use super::Inner;
 
 /// How often a transient send error (`ENOBUFS`, `EAGAIN`, `EINTR`, `ENOMEM`) is retried
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
-
-/// Scratch state of a shard's drainer; lives behind the shard's drain lock.
-#[derive(Debug, Default)]
-pub(crate) struct Drain {
-    /// Private copy of the registry's cells, refreshed when an entry names a newer one.
-    cells: Vec<Arc<Cell>>,
-    /// Per cell: messages taken since the last send (published to `done` after it).
-    pending: Vec<u64>,
-    touched: Vec<u32>,
-    /// Encoded datagrams of the batch being built, back to back.
-    arena: Vec<u8>,
-    /// Closed datagrams: (start, end, messages).
-    bounds: Vec<(usize, usize, u64)>,
-    /// Offsets in `arena` of the messages whose seq is assigned at send time.
-    numbered: Vec<usize>,
-    /// Start of the open datagram in `arena`, and its message count.
-    open_start: usize,
-    open_msgs: u64,
-}
 
 /// The per-id sequence counters of one bus. Kept behind the bus's send lock, which is held
 /// from numbering a batch until its `sendmmsg` returned, so numbers follow wire order per
@@ -85,112 +65,62 @@ impl Seqs {
 }
 
 impl Inner {
-    /// Drains shard `i`, whose drain right the caller holds as `d`: pops at most what the
-    /// shard holds now (so producers cannot keep a drainer here forever), sends it, and
-    /// publishes `done`. Returns the number of messages taken.
-    pub(crate) fn drain_shard(&self, i: usize, d: &mut Drain) -> u64 {
+    /// Drains shard `i`, whose drain right the caller holds as `d`: takes everything the
+    /// shard holds now (an O(1) swap, so producers cannot keep a drainer here), numbers
+    /// and sends it, and publishes `done`. Returns the number of messages taken.
+    pub(crate) fn drain_shard(&self, i: usize, d: &mut Drainer) -> u64 {
         let Some(shard) = self.shards.get(i) else {
             return 0;
         };
-        let stamp = shard.since.swap(0, SeqCst);
-        fence(SeqCst);
+        let (n, stamp) = shard.take(&mut d.batch);
+        if n == 0 {
+            return 0;
+        }
         if stamp != 0 {
             let delay = self.now_ns().saturating_sub(stamp);
             Counters::max(&self.stats.max_queue_delay_ns, delay);
         }
-        let n = shard.queue.len();
         Counters::max(&self.stats.high_water, n as u64);
-        let mut taken = 0;
-        for _ in 0..n {
-            match shard.queue.pop() {
-                Some(e) => {
-                    self.take(d, e);
-                    taken += 1;
-                }
-                None => break,
-            }
-        }
-        // A producer that pushed during the pass may have stamped `since` for a message
-        // this pass took. Clear it if the shard is now empty; should a push slip in
-        // between, the flusher's `sleep` stamps the unstamped shard itself.
-        if shard.queue.is_empty() {
-            shard.since.store(0, SeqCst);
-        }
         // Space was freed: wake blocked inserters (SeqCst pairs with their increment of
-        // `space_waiters` before their retry).
+        // `space_waiters` before their retry, which takes the shard lock after ours).
         fence(SeqCst);
-        if taken > 0 && self.space_waiters.load(SeqCst) > 0 {
+        if self.space_waiters.load(SeqCst) > 0 {
             let _g = self.space_lock.lock();
             self.space_cv.notify_all();
         }
-        self.close_open(d);
+        d.batch.close_open();
         self.send(d);
-        taken
+        d.batch.clear();
+        n as u64
     }
 
-    /// Adds one popped entry to the batch.
-    #[inline]
-    fn take(&self, d: &mut Drain, e: Entry) {
-        let len = e.encoded_len();
-        if d.open_msgs > 0
-            && (!self.cfg.coalesce() || d.arena.len() - d.open_start + len > self.cfg.datagram_size)
+    /// Numbers and sends every datagram of the batch, `max_batch` per `sendmmsg`, then
+    /// publishes the producers' `done` counts.
+    fn send(&self, d: &mut Drainer) {
+        let b = &mut d.batch;
+        let st = &self.stats;
         {
-            self.close_open(d);
-            if d.bounds.len() >= self.cfg.max_batch {
-                self.send(d);
-            }
-        }
-        if e.numbered() {
-            d.numbered.push(d.arena.len());
-        }
-        e.encode(&mut d.arena);
-        d.open_msgs += 1;
-        if e.cell != UNTRACKED {
-            let i = e.cell as usize;
-            if i >= d.pending.len() {
-                d.pending.resize(i + 1, 0);
-            }
-            if d.pending[i] == 0 {
-                d.touched.push(e.cell);
-            }
-            d.pending[i] += 1;
-        }
-    }
-
-    fn close_open(&self, d: &mut Drain) {
-        if d.open_msgs > 0 {
-            d.bounds.push((d.open_start, d.arena.len(), d.open_msgs));
-            d.open_start = d.arena.len();
-            d.open_msgs = 0;
-        }
-    }
-
-    /// Numbers and sends every closed datagram (the open one is empty whenever this runs),
-    /// then publishes the producers' `done` counts.
-    fn send(&self, d: &mut Drain) {
-        debug_assert_eq!(d.open_msgs, 0);
-        if !d.bounds.is_empty() {
-            let st = &self.stats;
             // The send lock: numbering and sending of one batch are not interleaved with
             // another drainer's, so per-id numbers follow wire order.
             let mut seqs = self.seqs.lock();
-            if !d.numbered.is_empty() {
-                seqs.number(&mut d.arena, &d.numbered);
-                d.numbered.clear();
+            if !b.numbered.is_empty() {
+                seqs.number(&mut b.bytes, &b.numbered);
             }
-            let slices: Vec<IoSlice<'_>> = d
+            let slices: Vec<IoSlice<'_>> = b
                 .bounds
                 .iter()
-                .map(|&(s, e, _)| IoSlice::new(&d.arena[s..e]))
+                .filter_map(|&(s, e, _)| b.bytes.get(s..e).map(IoSlice::new))
                 .collect();
+            let max_batch = self.cfg.max_batch.max(1);
             let mut off = 0;
             let mut tries = 0;
             while off < slices.len() {
                 Counters::add(&st.syscalls, 1);
-                let r = self.sock.send_batch(&slices[off..], self.dest);
+                let end = (off + max_batch).min(slices.len());
+                let r = self.sock.send_batch(&slices[off..end], self.dest);
                 match r {
                     Ok(k) if k > 0 => {
-                        let msgs: u64 = d.bounds[off..off + k].iter().map(|b| b.2).sum();
+                        let msgs: u64 = b.bounds[off..off + k].iter().map(|x| x.2).sum();
                         Counters::add(&st.sent_datagrams, k as u64);
                         Counters::add(&st.sent_messages, msgs);
                         off += k;
@@ -218,33 +148,25 @@ impl Inner {
                         // Give up on this datagram: count it, keep the error, go on. Its
                         // numbers are used up, so a receiver counts its messages as lost.
                         Counters::add(&st.failed_datagrams, 1);
-                        Counters::add(&st.failed_messages, d.bounds[off].2);
+                        Counters::add(&st.failed_messages, b.bounds[off].2);
                         self.record_error(err);
                         off += 1;
                         tries = 0;
                     }
                 }
             }
-            drop(slices);
-            drop(seqs);
-            d.bounds.clear();
-            d.arena.clear();
-            d.open_start = 0;
         }
-        if !d.touched.is_empty() {
-            if d.cells.len() <= d.touched.iter().copied().max().unwrap_or(0) as usize {
+        if let Some(max) = b.runs.iter().map(|r| r.0).max() {
+            if d.cells.len() <= max as usize {
                 self.registry.refresh(&mut d.cells);
             }
-            for &i in &d.touched {
-                let i = i as usize;
-                // Release: the pops and the send above happen-before the owner's Acquire
+            for &(i, n) in &b.runs {
+                // Release: the take and the send above happen-before the owner's Acquire
                 // load that lets it change shard.
-                if let Some(c) = d.cells.get(i) {
-                    c.done.fetch_add(d.pending[i], Release);
+                if let Some(c) = d.cells.get(i as usize) {
+                    c.done.fetch_add(n, Release);
                 }
-                d.pending[i] = 0;
             }
-            d.touched.clear();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The flusher thread: drains every shard, packs datagrams, sends them with `sendmmsg`,
 //! and sleeps exactly as long as the oldest queued message allows.
 
-use std::sync::atomic::{fence, Ordering::*};
+use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ impl Flusher {
     fn drain_all(&mut self, flushing: bool) {
         let inner = &*self.inner;
         for (i, shard) in inner.shards.iter().enumerate() {
-            if !flushing && shard.queue.is_empty() {
+            if !flushing && shard.len() == 0 {
                 continue;
             }
             let mut d = shard.drain.lock();
@@ -83,11 +83,11 @@ impl Flusher {
             let mut oldest = u64::MAX;
             let mut over = false;
             for s in inner.shards.iter() {
-                let len = s.queue.len();
+                let len = s.len();
                 if len > 0 {
-                    let t = match s.since.compare_exchange(0, now, SeqCst, SeqCst) {
-                        Ok(_) => now,
-                        Err(t) => t,
+                    let t = match s.since() {
+                        0 => now,
+                        t => t,
                     };
                     oldest = oldest.min(t);
                     over |= len >= wm;
@@ -98,11 +98,11 @@ impl Flusher {
             }
             if oldest == u64::MAX {
                 // Everything empty: park until a producer wakes us. Announce IDLE first,
-                // then look again (SeqCst fence pairs with the producers' fence between
-                // their push and their load of `state`).
+                // then look again under each shard's lock: a push either completed before
+                // our lock (we see it) or locks after us (it then loads `state` after our
+                // store and sees IDLE).
                 inner.state.store(IDLE, SeqCst);
-                fence(SeqCst);
-                if !inner.all_empty() || urgent(self) {
+                if inner.shards.iter().any(|s| s.len_locked() > 0) || urgent(self) {
                     inner.state.store(AWAKE, SeqCst);
                     continue;
                 }
@@ -113,8 +113,7 @@ impl Flusher {
                     return;
                 }
                 inner.state.store(TIMED, SeqCst);
-                fence(SeqCst);
-                if inner.shards.iter().any(|s| s.queue.len() >= wm) || urgent(self) {
+                if inner.shards.iter().any(|s| s.len_locked() >= wm) || urgent(self) {
                     inner.state.store(AWAKE, SeqCst);
                     return;
                 }

@@ -82,7 +82,7 @@ mod flusher;
 mod shard;
 mod stats;
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -95,7 +95,7 @@ use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
 use drain::Seqs;
-use shard::{Entry, Registry, Shard, UNTRACKED};
+use shard::{Entry, Layout, Registry, Shard, UNTRACKED};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
@@ -359,7 +359,7 @@ impl BusBuilder {
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             shards: (0..cfg.shards)
-                .map(|_| CachePadded::new(Shard::new(cfg.capacity)))
+                .map(|_| CachePadded::new(Shard::new(cfg.capacity, cfg.datagram_size)))
                 .collect(),
             registry: Registry::default(),
             pid: sock.port_id(),
@@ -473,11 +473,11 @@ impl Inner {
     }
 
     pub(crate) fn all_empty(&self) -> bool {
-        self.shards.iter().all(|s| s.queue.is_empty())
+        self.shards.iter().all(|s| s.len() == 0)
     }
 
     fn queued(&self) -> u64 {
-        self.shards.iter().map(|s| s.queue.len() as u64).sum()
+        self.shards.iter().map(|s| s.len() as u64).sum()
     }
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
@@ -505,16 +505,12 @@ impl Inner {
     /// on this thread if it reached the watermark and `help` allows (see
     /// [`BusBuilder::assist`]), else wake the flusher if it sleeps and should not.
     #[inline]
-    fn after_push(&self, shard: usize, help: bool) {
-        fence(SeqCst);
-        let Some(sh) = self.shards.get(shard) else {
-            return;
-        };
-        if sh.since.load(Relaxed) == 0 {
-            let _ = sh.since.compare_exchange(0, self.now_ns(), SeqCst, Relaxed);
-        }
+    fn after_push(&self, shard: usize, len: usize, help: bool) {
+        // No fence: the push released the shard lock, and the flusher's second look
+        // before parking takes that lock (see the module docs), so either it sees the push
+        // or this load sees its TIMED/IDLE.
         let assist = help && self.cfg.assist;
-        if assist && sh.queue.len() >= self.cfg.watermark {
+        if assist && len >= self.cfg.watermark {
             // Either we drain (our push is among the messages the drain takes), or someone
             // holds the drain right and is draining: no wake-up is needed for the
             // watermark. An IDLE flusher is still woken below, so a deadline is set for
@@ -531,7 +527,7 @@ impl Inner {
             AWAKE => {}
             IDLE => self.wake_from_sleep(IDLE),
             _ => {
-                if !assist && sh.queue.len() >= self.cfg.watermark {
+                if !assist && len >= self.cfg.watermark {
                     self.wake_from_sleep(TIMED);
                 }
             }
@@ -577,40 +573,44 @@ impl Inner {
     /// One attempt to queue `e` in the caller's shard. Hands `e` back when full. `help`:
     /// the caller may drain the shard itself (it holds no bus lock).
     #[inline]
-    fn try_push(&self, e: Entry, help: bool) -> Result<(), Entry> {
+    fn try_push<'a>(&self, e: Entry<'a>, help: bool) -> Result<(), Entry<'a>> {
         let n = self.shards.len();
         let cpu = sys::current_cpu().unwrap_or(0) % n;
-        let mut slot = Some(e);
+        let lay = Layout {
+            pid: self.pid,
+            coalesce: self.cfg.coalesce(),
+            datagram_size: self.cfg.datagram_size,
+        };
+        let now = || self.now_ns();
         let r = shard::with_local(self.id, &self.registry, cpu, |l| {
             // Move to the current CPU's shard only when none of our messages is queued
-            // or being sent (Acquire pairs with the flusher's Release of `done`).
+            // or being sent (Acquire pairs with the drainers' Release of `done`).
             if l.shard != cpu && l.cell.done.load(Acquire) == l.pushed {
                 l.shard = cpu;
             }
-            let mut e = slot.take().expect("entry present");
-            e.cell = l.idx;
-            match self.shards[l.shard].queue.push(e) {
-                Ok(()) => {
-                    l.pushed += 1;
-                    l.cell.pushed.store(l.pushed, Relaxed);
-                    Ok(l.shard)
-                }
-                Err(e) => Err(e),
-            }
+            let len = self.shards.get(l.shard)?.push(&e, l.idx, lay, now)?;
+            l.pushed += 1;
+            l.cell.pushed.store(l.pushed, Relaxed);
+            Some((l.shard, len))
         });
-        let pushed = match r {
-            Some(r) => r?,
+        let (shard, len) = match r {
+            Some(Some(r)) => r,
+            Some(None) => return Err(e),
             None => {
                 // No thread-local state (thread teardown): always shard 0, which keeps
                 // this thread's order among its untracked messages.
-                let mut e = slot.take().expect("entry present");
-                e.cell = UNTRACKED;
-                self.shards[0].queue.push(e)?;
+                let Some(len) = self
+                    .shards
+                    .first()
+                    .and_then(|s| s.push(&e, UNTRACKED, lay, now))
+                else {
+                    return Err(e);
+                };
                 Counters::add(&self.stats.untracked, 1);
-                0
+                (0, len)
             }
         };
-        self.after_push(pushed, help);
+        self.after_push(shard, len, help);
         Ok(())
     }
 
@@ -663,20 +663,14 @@ impl Bus {
     /// as a [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            self.inner.cfg.policy,
-        )
+        self.insert_entry(Entry::Slice { id, data }, self.inner.cfg.policy)
     }
 
     /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
     /// back at once as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            FullPolicy::Reject,
-        )
+        self.insert_entry(Entry::Slice { id, data }, FullPolicy::Reject)
     }
 
     /// [`insert`](Self::insert) that waits for space when the shard is full, at most
@@ -692,27 +686,25 @@ impl Bus {
             Some(t) => FullPolicy::BlockFor(t),
             None => FullPolicy::Block,
         };
-        self.insert_entry(Entry::from_slice(self.inner.pid, id, data), p)
+        self.insert_entry(Entry::Slice { id, data }, p)
     }
 
     /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
     /// caller's thread ([`FullPolicy::SendDirect`]).
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            FullPolicy::SendDirect,
-        )
+        self.insert_entry(Entry::Slice { id, data }, FullPolicy::SendDirect)
     }
 
     /// Queues a prebuilt message (its seq, ack and flags are kept; its data is not
     /// copied), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_msg(self.inner.pid, msg), policy)
+        self.insert_entry(Entry::Msg(msg), policy)
     }
 
-    fn insert_entry(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+    #[inline]
+    fn insert_entry(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         let inner = &*self.inner;
         let len = e.encoded_len();
         if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
@@ -736,7 +728,7 @@ impl Bus {
     }
 
     #[cold]
-    fn on_full(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<Entry>> {
+    fn on_full<'a>(&self, e: Entry<'a>, policy: FullPolicy) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         let st = &inner.stats;
         Counters::max(&st.high_water, inner.cfg.capacity as u64);
@@ -761,7 +753,11 @@ impl Bus {
         }
     }
 
-    fn block(&self, mut e: Entry, deadline: Option<Instant>) -> Result<(), InsertError<Entry>> {
+    fn block<'a>(
+        &self,
+        mut e: Entry<'a>,
+        deadline: Option<Instant>,
+    ) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         // With assisted draining, first try to make the space ourselves.
         if inner.cfg.assist && inner.help(inner.own_shard()) {
@@ -813,7 +809,7 @@ impl Bus {
         }
     }
 
-    fn send_direct(&self, e: Entry) -> Result<(), InsertError<Entry>> {
+    fn send_direct<'a>(&self, e: Entry<'a>) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         let st = &inner.stats;
         if inner.has_own_pending() && !self.wait_flushed() {
@@ -822,7 +818,7 @@ impl Bus {
             return Err(InsertError::Closed(e));
         }
         let mut buf = Vec::with_capacity(e.encoded_len());
-        e.encode(&mut buf);
+        e.encode(inner.pid, &mut buf);
         // Under the send lock, so that a numbered message gets the next number of its id
         // and goes on the wire in that order.
         let mut seqs = inner.seqs.lock();
