@@ -35,6 +35,7 @@ use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::codec::{nlmsg_align, CbId, CnHeader, CnMsg, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN};
+use crate::sys::ShortLock;
 
 /// Netlink plus connector header.
 const HDR: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
@@ -234,7 +235,7 @@ pub(crate) struct Drainer {
 
 /// One per-CPU shard.
 pub(crate) struct Shard {
-    buf: CachePadded<Mutex<Batch>>,
+    buf: CachePadded<ShortLock<Batch>>,
     /// Messages held: a copy of `buf.count`, stored (Release) under the lock by every push
     /// and take, for lock-free looks (the flusher's sleep decision, statistics).
     len: CachePadded<AtomicUsize>,
@@ -265,7 +266,7 @@ impl Shard {
     pub(crate) fn new(capacity: usize, max_msg: usize) -> Self {
         let byte_limit = (capacity * BYTES_PER_SLOT).max(max_msg);
         Self {
-            buf: CachePadded::new(Mutex::new(Batch::with_capacity(byte_limit, capacity))),
+            buf: CachePadded::new(ShortLock::new(Batch::with_capacity(byte_limit, capacity))),
             len: CachePadded::new(AtomicUsize::new(0)),
             since: AtomicU64::new(0),
             drain: CachePadded::new(Mutex::new(Drainer {

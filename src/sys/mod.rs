@@ -8,12 +8,14 @@ pub mod asyncfd;
 mod cpu;
 mod ns;
 mod socket;
+mod spin;
 mod wake;
 
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{namespace_report, NamespaceReport};
 pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
+pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 
 use std::io;
