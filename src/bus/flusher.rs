@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::handshake::{IDLE, TIMED};
 use super::stats::Counters;
-use super::{Inner, AWAKE, IDLE, TIMED};
+use super::Inner;
 
 pub(crate) struct Flusher {
     inner: Arc<Inner>,
@@ -27,16 +28,16 @@ impl Flusher {
     pub(crate) fn run(mut self) {
         loop {
             self.sleep();
-            self.inner.state.store(AWAKE, SeqCst);
+            self.inner.bell.awake();
             let stop = self.inner.stop.load(SeqCst);
             // Every push that happened-before a flush() call happened-before its fetch_add
-            // of `flush_req`; reading it here (SeqCst) before the pass makes those pushes
+            // of the tickets; reading them here (SeqCst) before the pass makes those pushes
             // visible to the pass's pops.
-            let gen = self.inner.flush_req.load(SeqCst);
+            let gen = self.inner.tickets.requested();
             self.drain_all(gen > self.published || stop);
             if gen > self.published {
                 self.published = gen;
-                self.inner.publish_flush(gen);
+                self.inner.tickets.publish(gen);
             }
             if stop && self.inner.all_empty() {
                 break;
@@ -72,7 +73,7 @@ impl Flusher {
         // shard: drain now.
         let urgent = |f: &Self| {
             inner.stop.load(SeqCst)
-                || inner.flush_req.load(SeqCst) > f.published
+                || inner.tickets.requested() > f.published
                 || (inner.space_waiters.load(SeqCst) > 0 && !inner.all_empty())
         };
         loop {
@@ -101,9 +102,9 @@ impl Flusher {
                 // then look again under each shard's lock: a push either completed before
                 // our lock (we see it) or locks after us (it then loads `state` after our
                 // store and sees IDLE).
-                inner.state.store(IDLE, SeqCst);
+                inner.bell.announce(IDLE);
                 if inner.shards.iter().any(|s| s.len_locked() > 0) || urgent(self) {
-                    inner.state.store(AWAKE, SeqCst);
+                    inner.bell.awake();
                     continue;
                 }
                 std::thread::park();
@@ -112,14 +113,14 @@ impl Flusher {
                 if now >= deadline {
                     return;
                 }
-                inner.state.store(TIMED, SeqCst);
+                inner.bell.announce(TIMED);
                 if inner.shards.iter().any(|s| s.len_locked() >= wm) || urgent(self) {
-                    inner.state.store(AWAKE, SeqCst);
+                    inner.bell.awake();
                     return;
                 }
                 std::thread::park_timeout(Duration::from_nanos(deadline - now));
             }
-            inner.state.store(AWAKE, SeqCst);
+            inner.bell.awake();
             Counters::add(&inner.stats.wakeups, 1);
         }
     }

@@ -79,10 +79,11 @@
 
 mod drain;
 mod flusher;
+mod handshake;
 mod shard;
 mod stats;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -99,9 +100,7 @@ use shard::{Entry, Layout, Registry, Shard, UNTRACKED};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
-pub(crate) const AWAKE: u8 = 0;
-pub(crate) const TIMED: u8 = 1;
-pub(crate) const IDLE: u8 = 2;
+use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
 
 static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -366,13 +365,11 @@ impl BusBuilder {
             sock,
             dest: self.dest,
             epoch: Instant::now(),
-            state: CachePadded::new(AtomicU8::new(AWAKE)),
+            bell: CachePadded::new(Doorbell::new()),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
-            flush_req: CachePadded::new(AtomicU64::new(0)),
-            flush_done: Mutex::new(0),
-            flush_cv: Condvar::new(),
+            tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
@@ -425,7 +422,7 @@ impl Drop for DeadGuard {
     fn drop(&mut self) {
         let i = &self.0;
         i.dead.store(true, SeqCst);
-        i.publish_flush(u64::MAX);
+        i.tickets.publish(u64::MAX);
         let _g = i.space_lock.lock();
         i.space_cv.notify_all();
     }
@@ -441,19 +438,16 @@ pub(crate) struct Inner {
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
-    /// AWAKE / TIMED / IDLE; see the module docs.
-    pub(crate) state: CachePadded<AtomicU8>,
+    /// The flusher's AWAKE / TIMED / IDLE; see the `handshake` module.
+    pub(crate) bell: CachePadded<Doorbell>,
     flusher: OnceLock<Thread>,
     /// Set (SeqCst) by `Bus::drop`/`close`, which have exclusive access: every insert
     /// happened before it.
     pub(crate) stop: AtomicBool,
     /// The flusher has exited.
     dead: AtomicBool,
-    /// Flush generations requested (SeqCst increments).
-    pub(crate) flush_req: CachePadded<AtomicU64>,
-    /// Highest generation the flusher completed; `u64::MAX` once it exited.
-    flush_done: Mutex<u64>,
-    flush_cv: Condvar,
+    /// Flush generations requested and completed; see the `handshake` module.
+    pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
@@ -482,16 +476,10 @@ impl Inner {
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
     fn wake(&self) {
-        self.state.swap(AWAKE, SeqCst);
+        self.bell.ring();
         if let Some(t) = self.flusher.get() {
             t.unpark();
         }
-    }
-
-    pub(crate) fn publish_flush(&self, gen: u64) {
-        let mut d = self.flush_done.lock();
-        *d = (*d).max(gen);
-        self.flush_cv.notify_all();
     }
 
     pub(crate) fn record_error(&self, e: Error) {
@@ -518,12 +506,12 @@ impl Inner {
             if self.help(shard) {
                 return;
             }
-            if self.state.load(Relaxed) == IDLE {
+            if self.bell.state() == IDLE {
                 self.wake_from_sleep(IDLE);
             }
             return;
         }
-        match self.state.load(Relaxed) {
+        match self.bell.state() {
             AWAKE => {}
             IDLE => self.wake_from_sleep(IDLE),
             _ => {
@@ -559,11 +547,7 @@ impl Inner {
 
     #[cold]
     fn wake_from_sleep(&self, from: u8) {
-        if self
-            .state
-            .compare_exchange(from, AWAKE, SeqCst, Relaxed)
-            .is_ok()
-        {
+        if self.bell.take_sleeper(from) {
             if let Some(t) = self.flusher.get() {
                 t.unpark();
             }
@@ -869,14 +853,9 @@ impl Bus {
     /// the flusher is gone without a stop request (it panicked).
     fn wait_flushed(&self) -> bool {
         let inner = &*self.inner;
-        let my = inner.flush_req.fetch_add(1, SeqCst) + 1;
+        let my = inner.tickets.request();
         inner.wake();
-        {
-            let mut d = inner.flush_done.lock();
-            while *d < my {
-                inner.flush_cv.wait(&mut d);
-            }
-        }
+        inner.tickets.wait(my);
         !inner.dead.load(SeqCst) || inner.stop.load(SeqCst)
     }
 
