@@ -1,12 +1,21 @@
 //! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
 //!
-//! [`Bus::insert`] copies a message into the queue of the caller's CPU (a bounded,
-//! lock-free [`crossbeam::queue::ArrayQueue`], one per CPU, cache-padded): no system call
-//! and no lock on the common path. One flusher thread drains every queue, packs many
-//! `cn_msg`s into each datagram (up to [`BusBuilder::datagram_size`]) and sends the
-//! datagrams with `sendmmsg`, many per call. For the kernel, which reads only the first
-//! message of a datagram, or with [`Framing::OnePerDatagram`], each message gets its own
-//! datagram, still many per `sendmmsg`.
+//! [`Bus::insert`] encodes a message, headers included, straight into the buffer of the
+//! caller's CPU's shard (bounded, cache-padded, behind a lock that only threads on that
+//! CPU and a drainer ever take): no system call on the common path. The insert packs
+//! datagrams as it goes (up to [`BusBuilder::datagram_size`]), so a shard is always a run
+//! of ready datagrams. A *drainer* swaps the buffer for an empty one and hands the
+//! datagrams to `sendmmsg` where they lie, many per call. The drainer is the producer
+//! itself when its insert brings the shard to the [`watermark`](BusBuilder::watermark)
+//! and no one else is draining it ([`BusBuilder::assist`]), otherwise the flusher thread,
+//! which keeps the latency deadline, [`Bus::flush`] and shutdown. For the kernel, which
+//! reads only the first message of a datagram, or with [`Framing::OnePerDatagram`], each
+//! message gets its own datagram, still many per `sendmmsg`.
+//!
+//! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
+//! 3, ... per [`CbId`] per bus, in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
+//! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
+//! keeps the message's own seq.
 //!
 //! ```no_run
 //! use cnbus::bus::Bus;
@@ -28,16 +37,17 @@
 //!
 //! * **Order.** Messages inserted by one thread are sent, and so delivered to each
 //!   receiver that does not lose them, in the order that thread inserted them, even when
-//!   the thread migrates between CPUs: a thread keeps its shard until the flusher has sent
-//!   all of its queued messages (see the `shard` module). There is no order between
+//!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
+//!   sent all of its queued messages (see the `shard` module). There is no order between
 //!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
 //!   queued messages first).
-//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages. When the caller's
+//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
+//!   `capacity * 100` bytes of them). When the caller's
 //!   shard is full, [`FullPolicy`] decides: hand the message back, wait (optionally with a
 //!   timeout), or send it on the caller's thread. Every rejection is counted
 //!   ([`BusStats`]); nothing is dropped silently.
-//! * **Latency.** The flusher wakes when a shard reaches [`BusBuilder::watermark`]
-//!   messages, or when the oldest queued message has waited [`BusBuilder::max_latency`]
+//! * **Latency.** A shard is drained when it reaches [`BusBuilder::watermark`]
+//!   messages (by the inserting producer, or by the flusher it wakes), or when the oldest queued message has waited [`BusBuilder::max_latency`]
 //!   (default 1 ms), never on a fixed tick. An idle bus parks its flusher indefinitely and
 //!   costs no CPU.
 //! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
@@ -50,31 +60,15 @@
 //!
 //! # Wake-up protocol and memory orderings
 //!
-//! `state` (one byte) says what the flusher is doing: `AWAKE` (draining, or about to
-//! decide), `TIMED` (parked until the oldest message's deadline), `IDLE` (parked with
-//! nothing queued). Only the flusher stores `TIMED`/`IDLE`; anyone may swap it to `AWAKE`
-//! and then unpark the flusher (a swap that finds `AWAKE` means someone else did, so the
-//! insert path issues at most one wake per sleep).
-//!
-//! A producer, after its push (a SeqCst compare-exchange inside the queue), issues a
-//! SeqCst fence and loads `state`: `AWAKE`: nothing to do (the busy case: no system
-//! call); `IDLE`: wake; `TIMED`: wake only if its shard holds at least `watermark`
-//! messages. Before parking, the flusher stores `IDLE` (or `TIMED`), issues a SeqCst fence
-//! and looks at the shards again (empty? below the watermark?). The two fences order the
-//! producer's push against the flusher's second look: either the flusher sees the message
-//! (and does not park), or the producer sees the new state (and wakes it). `park` keeps an
-//! unpark that came early, so a wake between the second look and `park` is not lost.
-//!
-//! Blocked inserters use the same Dekker pattern with `space_waiters` (SeqCst increment,
-//! then retry) against the flusher (pop, SeqCst fence, load `space_waiters`, notify under
-//! the lock). [`Bus::flush`] increments `flush_req` (SeqCst) and wakes the flusher; the
-//! flusher loads `flush_req` before a pass, so every push that happened before the flush
-//! call is visible to that pass, and a pass pops every message present when it reaches a
-//! shard (a push that has reserved its slot but not written it yet is waited for by the
-//! queue's `pop`), then sends, then publishes the generation under a mutex.
+//! See the `handshake` module (sleep and wake-up, flush generations, their loom models)
+//! and `docs/BUS.md`. In short: the flusher announces its sleep, then looks at every shard
+//! again under the shard's lock; a producer pushes under that lock, then loads the state;
+//! the lock orders the two, so a push is either seen or sees the sleeper and wakes it.
+//! One drainer at a time per shard holds the shard's drain right from the buffer swap
+//! until after the send, and a flush pass takes every shard's drain right, so `flush`
+//! also waits for messages a helping producer has taken but not yet sent.
 
-// Internal functions hand a rejected `Entry` (128 bytes) back by value, as
-// `ArrayQueue::push` does; boxing it would allocate on the insert path.
+// The policy paths hand a rejected message back by value in `InsertError`.
 #![allow(clippy::result_large_err)]
 
 mod drain;
@@ -266,8 +260,11 @@ impl BusBuilder {
         self
     }
 
-    /// Messages each shard holds (at least 1). Memory is about `shards * capacity * 120` bytes,
-    /// allocated up front.
+    /// Messages each shard holds (at least 1). A shard also holds at most
+    /// `capacity * 100` bytes of encoded messages (one 64-byte message with its headers
+    /// per slot; at least one datagram's worth), so larger messages fill it sooner. Memory
+    /// is about `shards * capacity * 260` bytes (the shard's buffer and its drainer's, with
+    /// their datagram bounds), allocated up front.
     pub fn capacity(mut self, n: usize) -> Self {
         self.cfg.capacity = n.max(1);
         self
@@ -639,12 +636,13 @@ impl Bus {
         BusBuilder::new(dest)
     }
 
-    /// Queues a message with id `id`, seq and ack 0, and a copy of `data`, applying the
+    /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`, applying the
     /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
     ///
-    /// Data up to 64 bytes is encoded, headers included, straight into the queue slot;
-    /// longer data is copied once into a heap buffer. On rejection the message comes back
-    /// as a [`CnMsg`].
+    /// The message is encoded, headers included, straight into the shard's buffer (the
+    /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
+    /// ... per id per bus, in wire order). On rejection the message comes back as a
+    /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
         self.insert_entry(Entry::Slice { id, data }, self.inner.cfg.policy)
@@ -680,8 +678,8 @@ impl Bus {
         self.insert_entry(Entry::Slice { id, data }, FullPolicy::SendDirect)
     }
 
-    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is not
-    /// copied), with the given policy for a full shard.
+    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
+    /// into the shard's buffer), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         self.insert_entry(Entry::Msg(msg), policy)
