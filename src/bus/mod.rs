@@ -270,8 +270,9 @@ impl BusBuilder {
         self
     }
 
-    /// Shard occupancy at which an insert wakes the flusher before the latency deadline
-    /// (default capacity / 4). A value above the capacity disables watermark wake-ups.
+    /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
+    /// or wakes the flusher, before the latency deadline (default capacity / 4). A value
+    /// above the capacity disables watermark drains and wake-ups.
     pub fn watermark(mut self, n: usize) -> Self {
         self.watermark = Some(n.max(1));
         self
