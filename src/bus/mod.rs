@@ -527,6 +527,12 @@ impl Inner {
         let Some(sh) = self.shards.get(i) else {
             return false;
         };
+        // Another drainer is sending: rather than wait for the send lock, go on inserting;
+        // the next insert over the watermark tries again (a heuristic: the lock may still
+        // be taken between this look and our send, and then we simply wait).
+        if self.seqs.is_locked() {
+            return false;
+        }
         let Some(mut d) = sh.drain.try_lock() else {
             return false;
         };
