@@ -165,11 +165,12 @@ fn main() {
         ra = rate(deliv, t.elapsed());
         let st = bus.stats();
         println!(
-            "  (a) bus batched      {ra:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times)",
+            "  (a) bus batched      {ra:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times, {:.0}% sent by producer-assisted drains)",
             send_time.as_secs_f64(),
             st.avg_msgs_per_datagram(),
             st.avg_msgs_per_syscall(),
-            st.blocked
+            st.blocked,
+            100.0 * st.assisted_messages as f64 / st.sent_messages.max(1) as f64
         );
     }
 

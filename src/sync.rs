@@ -6,17 +6,37 @@
 //! convention (`lock()` returns the guard; no poisoning).
 
 #[cfg(not(cnbus_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(not(cnbus_loom))]
 pub(crate) use std::sync::Arc;
 
 #[cfg(cnbus_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 #[cfg(cnbus_loom)]
 pub(crate) use loom::sync::Arc;
 
 #[cfg(not(cnbus_loom))]
-pub(crate) use parking_lot::{Mutex, RwLock};
+pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
+
+/// `parking_lot::Condvar` with a by-value `wait`, the signature loom's can offer too.
+#[cfg(not(cnbus_loom))]
+#[derive(Debug, Default)]
+pub(crate) struct Condvar(parking_lot::Condvar);
+
+#[cfg(not(cnbus_loom))]
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Self(parking_lot::Condvar::new())
+    }
+    /// Releases the guard's lock, waits for a notification, relocks.
+    pub(crate) fn wait<'a, T>(&self, mut g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0.wait(&mut g);
+        g
+    }
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
+}
 
 #[cfg(cnbus_loom)]
 mod loom_locks {
@@ -30,6 +50,25 @@ mod loom_locks {
         }
         pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// `loom::sync::Condvar` with the shim's by-value `wait`.
+    #[derive(Debug, Default)]
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Self {
+            Self(loom::sync::Condvar::new())
+        }
+        pub(crate) fn wait<'a, T>(
+            &self,
+            g: loom::sync::MutexGuard<'a, T>,
+        ) -> loom::sync::MutexGuard<'a, T> {
+            self.0.wait(g).unwrap_or_else(|e| e.into_inner())
+        }
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
         }
     }
 
@@ -51,7 +90,7 @@ mod loom_locks {
 }
 
 #[cfg(cnbus_loom)]
-pub(crate) use loom_locks::{Mutex, RwLock};
+pub(crate) use loom_locks::{Condvar, Mutex, RwLock};
 
 #[cfg(not(cnbus_loom))]
 pub(crate) use std::thread::ThreadId;

@@ -620,3 +620,181 @@ fn too_large_and_arc_sharing() {
     let st = bus.close().unwrap();
     assert_eq!(st.inserted, 0);
 }
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes.
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+#[test]
+fn inserted_messages_are_numbered_per_id_in_wire_order() {
+    use cnbus::connector::{Connector, Event};
+    use parking_lot::Mutex;
+    let Some(_k) = kernel_socket("inserted_messages_are_numbered_per_id_in_wire_order") else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    const PER: u32 = 20_000;
+    let idx = test_idx(11);
+    let (shared, solo, prebuilt) = (CbId::new(idx, 1), CbId::new(idx, 2), CbId::new(idx, 3));
+    let ours_lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ol = Arc::clone(&ours_lost);
+    let rx = Connector::builder()
+        .recv_buffer(32 << 20)
+        .on_event(move |e| {
+            if let Event::Lost { id, count, .. } = e {
+                if id.idx == idx {
+                    ol.fetch_add(u64::from(*count), Ordering::SeqCst);
+                }
+            }
+        })
+        .spawn()
+        .unwrap();
+    let _sub = rx.subscribe(GROUP).unwrap();
+    let seen: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let regs: Vec<_> = [shared, solo, prebuilt]
+        .into_iter()
+        .map(|id| {
+            let seen = Arc::clone(&seen);
+            rx.register(id, move |r| {
+                seen.lock().entry(r.msg.id.val).or_default().push(r.msg.seq)
+            })
+        })
+        .collect();
+    // Small shards and a low watermark: many drains, by the flusher and by both producers
+    // (assisted), of two shards, interleaved.
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .shards(2)
+        .capacity(64)
+        .watermark(16)
+        .build()
+        .unwrap();
+    thread::scope(|s| {
+        for t in 0..2u32 {
+            let bus = &bus;
+            s.spawn(move || {
+                let cpus = sys::num_cpus();
+                for i in 0..PER {
+                    if i % 1000 == 0 && cpus > 1 {
+                        let _ = sys::pin_current_thread(((i / 1000 + t) as usize) % cpus);
+                    }
+                    bus.insert(shared, &i.to_ne_bytes()).unwrap();
+                    if t == 0 {
+                        bus.insert(solo, &i.to_ne_bytes()).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // A prebuilt message keeps its seq.
+    bus.insert_msg(
+        CnMsg::new(prebuilt, &b"p"[..]).with_seq(777, 5),
+        FullPolicy::Block,
+    )
+    .unwrap();
+    bus.flush().unwrap();
+    let want = |v: u32| match v {
+        1 => 2 * PER as usize,
+        2 => PER as usize,
+        _ => 1,
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let s = seen.lock();
+            (1..=3).all(|v| s.get(&v).map_or(0, Vec::len) >= want(v))
+        }),
+        "not everything arrived"
+    );
+    let s = seen.lock();
+    for v in 1..=2u32 {
+        let seqs = &s[&v];
+        assert_eq!(seqs.len(), want(v), "val {v}: count");
+        for (k, &q) in seqs.iter().enumerate() {
+            assert_eq!(q, k as u32 + 1, "val {v}: seq {q} at position {k}");
+        }
+    }
+    assert_eq!(s[&3], vec![777], "prebuilt seq kept");
+    let st = rx.stats();
+    assert_eq!(ours_lost.load(Ordering::SeqCst), 0);
+    assert_eq!(st.lost, 0, "{st:?}");
+    assert_eq!(st.reordered, 0, "{st:?}");
+    let bs = bus.close().unwrap();
+    assert_eq!(bs.sent_messages, 3 * PER as u64 + 1);
+    eprintln!(
+        "assisted drains {}, assisted messages {}, syscalls {}",
+        bs.assisted_drains, bs.assisted_messages, bs.syscalls
+    );
+    drop(regs);
+}
+
+#[test]
+fn loss_at_a_small_receiver_is_counted_exactly() {
+    use cnbus::connector::{Connector, Event};
+    let Some(_k) = kernel_socket("loss_at_a_small_receiver_is_counted_exactly") else {
+        return;
+    };
+    const GROUP: u32 = 29;
+    let id = CbId::new(test_idx(12), 1);
+    let ours_lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ol = Arc::clone(&ours_lost);
+    // Other tests share the group: count only our stream's gaps.
+    let rx = Connector::builder()
+        .recv_buffer(16 << 10)
+        .on_event(move |e| {
+            if let Event::Lost { id: lid, count, .. } = e {
+                if *lid == id {
+                    ol.fetch_add(u64::from(*count), Ordering::SeqCst);
+                }
+            }
+        })
+        .spawn()
+        .unwrap();
+    let _sub = rx.subscribe(GROUP).unwrap();
+    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let d = Arc::clone(&delivered);
+    let _reg = rx.register(id, move |_| {
+        if d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let bus = Bus::builder(Dest::Group(GROUP)).build().unwrap();
+    let n = 20_000u64;
+    for i in 0..n {
+        bus.insert(id, &[i as u8; 64]).unwrap();
+    }
+    bus.flush().unwrap();
+    // A final message once the receiver has drained, so a loss at the tail shows as a gap.
+    thread::sleep(Duration::from_millis(300));
+    bus.insert(id, &[1u8; 64]).unwrap();
+    bus.flush().unwrap();
+    let inserted = n + 1;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            delivered.load(Ordering::SeqCst) + ours_lost.load(Ordering::SeqCst) == inserted
+        }),
+        "delivered {} + lost {} != inserted {inserted}",
+        delivered.load(Ordering::SeqCst),
+        ours_lost.load(Ordering::SeqCst)
+    );
+    let (got, lost) = (
+        delivered.load(Ordering::SeqCst),
+        ours_lost.load(Ordering::SeqCst),
+    );
+    let st = rx.stats();
+    assert!(st.overruns > 0, "the test must provoke loss: {st:?}");
+    assert!(lost > 0);
+    let bs = bus.close().unwrap();
+    assert_eq!(bs.inserted, inserted);
+    assert_eq!(bs.sent_messages, inserted, "the bus itself lost nothing");
+    eprintln!(
+        "inserted {inserted}, delivered {got}, lost {lost}, overruns {}",
+        st.overruns
+    );
+}

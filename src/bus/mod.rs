@@ -1,12 +1,21 @@
 //! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
 //!
-//! [`Bus::insert`] copies a message into the queue of the caller's CPU (a bounded,
-//! lock-free [`crossbeam::queue::ArrayQueue`], one per CPU, cache-padded): no system call
-//! and no lock on the common path. One flusher thread drains every queue, packs many
-//! `cn_msg`s into each datagram (up to [`BusBuilder::datagram_size`]) and sends the
-//! datagrams with `sendmmsg`, many per call. For the kernel, which reads only the first
-//! message of a datagram, or with [`Framing::OnePerDatagram`], each message gets its own
-//! datagram, still many per `sendmmsg`.
+//! [`Bus::insert`] encodes a message, headers included, straight into the buffer of the
+//! caller's CPU's shard (bounded, cache-padded, behind a lock that only threads on that
+//! CPU and a drainer ever take): no system call on the common path. The insert packs
+//! datagrams as it goes (up to [`BusBuilder::datagram_size`]), so a shard is always a run
+//! of ready datagrams. A *drainer* swaps the buffer for an empty one and hands the
+//! datagrams to `sendmmsg` where they lie, many per call. The drainer is the producer
+//! itself when its insert brings the shard to the [`watermark`](BusBuilder::watermark)
+//! and no one else is draining it ([`BusBuilder::assist`]), otherwise the flusher thread,
+//! which keeps the latency deadline, [`Bus::flush`] and shutdown. For the kernel, which
+//! reads only the first message of a datagram, or with [`Framing::OnePerDatagram`], each
+//! message gets its own datagram, still many per `sendmmsg`.
+//!
+//! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
+//! 3, ... per [`CbId`] per bus, in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
+//! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
+//! keeps the message's own seq.
 //!
 //! ```no_run
 //! use cnbus::bus::Bus;
@@ -28,16 +37,17 @@
 //!
 //! * **Order.** Messages inserted by one thread are sent, and so delivered to each
 //!   receiver that does not lose them, in the order that thread inserted them, even when
-//!   the thread migrates between CPUs: a thread keeps its shard until the flusher has sent
-//!   all of its queued messages (see the `shard` module). There is no order between
+//!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
+//!   sent all of its queued messages (see the `shard` module). There is no order between
 //!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
 //!   queued messages first).
-//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages. When the caller's
+//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
+//!   `capacity * 100` bytes of them). When the caller's
 //!   shard is full, [`FullPolicy`] decides: hand the message back, wait (optionally with a
 //!   timeout), or send it on the caller's thread. Every rejection is counted
 //!   ([`BusStats`]); nothing is dropped silently.
-//! * **Latency.** The flusher wakes when a shard reaches [`BusBuilder::watermark`]
-//!   messages, or when the oldest queued message has waited [`BusBuilder::max_latency`]
+//! * **Latency.** A shard is drained when it reaches [`BusBuilder::watermark`]
+//!   messages (by the inserting producer, or by the flusher it wakes), or when the oldest queued message has waited [`BusBuilder::max_latency`]
 //!   (default 1 ms), never on a fixed tick. An idle bus parks its flusher indefinitely and
 //!   costs no CPU.
 //! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
@@ -50,38 +60,24 @@
 //!
 //! # Wake-up protocol and memory orderings
 //!
-//! `state` (one byte) says what the flusher is doing: `AWAKE` (draining, or about to
-//! decide), `TIMED` (parked until the oldest message's deadline), `IDLE` (parked with
-//! nothing queued). Only the flusher stores `TIMED`/`IDLE`; anyone may swap it to `AWAKE`
-//! and then unpark the flusher (a swap that finds `AWAKE` means someone else did, so the
-//! insert path issues at most one wake per sleep).
-//!
-//! A producer, after its push (a SeqCst compare-exchange inside the queue), issues a
-//! SeqCst fence and loads `state`: `AWAKE`: nothing to do (the busy case: no system
-//! call); `IDLE`: wake; `TIMED`: wake only if its shard holds at least `watermark`
-//! messages. Before parking, the flusher stores `IDLE` (or `TIMED`), issues a SeqCst fence
-//! and looks at the shards again (empty? below the watermark?). The two fences order the
-//! producer's push against the flusher's second look: either the flusher sees the message
-//! (and does not park), or the producer sees the new state (and wakes it). `park` keeps an
-//! unpark that came early, so a wake between the second look and `park` is not lost.
-//!
-//! Blocked inserters use the same Dekker pattern with `space_waiters` (SeqCst increment,
-//! then retry) against the flusher (pop, SeqCst fence, load `space_waiters`, notify under
-//! the lock). [`Bus::flush`] increments `flush_req` (SeqCst) and wakes the flusher; the
-//! flusher loads `flush_req` before a pass, so every push that happened before the flush
-//! call is visible to that pass, and a pass pops every message present when it reaches a
-//! shard (a push that has reserved its slot but not written it yet is waited for by the
-//! queue's `pop`), then sends, then publishes the generation under a mutex.
+//! See the `handshake` module (sleep and wake-up, flush generations, their loom models)
+//! and `docs/BUS.md`. In short: the flusher announces its sleep, then looks at every shard
+//! again under the shard's lock; a producer pushes under that lock, then loads the state;
+//! the lock orders the two, so a push is either seen or sees the sleeper and wakes it.
+//! One drainer at a time per shard holds the shard's drain right from the buffer swap
+//! until after the send, and a flush pass takes every shard's drain right, so `flush`
+//! also waits for messages a helping producer has taken but not yet sent.
 
-// Internal functions hand a rejected `Entry` (128 bytes) back by value, as
-// `ArrayQueue::push` does; boxing it would allocate on the insert path.
+// The policy paths hand a rejected message back by value in `InsertError`.
 #![allow(clippy::result_large_err)]
 
+mod drain;
 mod flusher;
+mod handshake;
 mod shard;
 mod stats;
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -93,13 +89,12 @@ use crate::codec::{nlmsg_align, CbId, CnMsg, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SI
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use shard::{Entry, Registry, Shard, UNTRACKED};
+use drain::Seqs;
+use shard::{Entry, Layout, Registry, Shard, UNTRACKED};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
-pub(crate) const AWAKE: u8 = 0;
-pub(crate) const TIMED: u8 = 1;
-pub(crate) const IDLE: u8 = 2;
+use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
 
 static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -203,6 +198,8 @@ pub(crate) struct Config {
     pub framing: Framing,
     pub policy: FullPolicy,
     pub flusher_cpu: Option<usize>,
+    /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
+    pub assist: bool,
 }
 
 impl Config {
@@ -244,6 +241,7 @@ impl BusBuilder {
                 },
                 policy: FullPolicy::Block,
                 flusher_cpu: None,
+                assist: !matches!(dest, Dest::Port(_)),
             },
             watermark: None,
         }
@@ -262,15 +260,19 @@ impl BusBuilder {
         self
     }
 
-    /// Messages each shard holds (at least 1). Memory is about `shards * capacity * 120` bytes,
-    /// allocated up front.
+    /// Messages each shard holds (at least 1). A shard also holds at most
+    /// `capacity * 100` bytes of encoded messages (one 64-byte message with its headers
+    /// per slot; at least one datagram's worth), so larger messages fill it sooner. Memory
+    /// is about `shards * capacity * 260` bytes (the shard's buffer and its drainer's, with
+    /// their datagram bounds), allocated up front.
     pub fn capacity(mut self, n: usize) -> Self {
         self.cfg.capacity = n.max(1);
         self
     }
 
-    /// Shard occupancy at which an insert wakes the flusher before the latency deadline
-    /// (default capacity / 4). A value above the capacity disables watermark wake-ups.
+    /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
+    /// or wakes the flusher, before the latency deadline (default capacity / 4). A value
+    /// above the capacity disables watermark drains and wake-ups.
     pub fn watermark(mut self, n: usize) -> Self {
         self.watermark = Some(n.max(1));
         self
@@ -317,6 +319,23 @@ impl BusBuilder {
         self
     }
 
+    /// Producer-assisted draining (default: on for groups and the kernel, off for
+    /// [`Dest::Port`]). When on, an insert that brings its shard to the
+    /// [`watermark`](Self::watermark), or a blocking insert that finds it full, drains the
+    /// shard on the caller's thread if no one else is draining it: it packs the queued
+    /// messages and sends them with `sendmmsg` itself, instead of waking the flusher. A
+    /// single fast producer then runs like a hand-written `sendmmsg` loop, and the flusher
+    /// is left with the latency deadline, [`Bus::flush`] and shutdown.
+    ///
+    /// The cost is that such an insert makes the system call (tens of microseconds for a
+    /// batch; every insert that does not cross the watermark stays system-call free), even
+    /// under [`FullPolicy::Reject`]. It is off by default for unicast because a full
+    /// receiver makes a unicast `sendmmsg` block, and the inserting thread with it.
+    pub fn assist(mut self, on: bool) -> Self {
+        self.cfg.assist = on;
+        self
+    }
+
     /// Opens the socket if none was given and starts the flusher thread.
     pub fn build(self) -> Result<Bus> {
         let mut cfg = self.cfg;
@@ -337,23 +356,22 @@ impl BusBuilder {
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             shards: (0..cfg.shards)
-                .map(|_| CachePadded::new(Shard::new(cfg.capacity)))
+                .map(|_| CachePadded::new(Shard::new(cfg.capacity, cfg.datagram_size)))
                 .collect(),
             registry: Registry::default(),
             pid: sock.port_id(),
             sock,
             dest: self.dest,
             epoch: Instant::now(),
-            state: CachePadded::new(AtomicU8::new(AWAKE)),
+            bell: CachePadded::new(Doorbell::new()),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
-            flush_req: CachePadded::new(AtomicU64::new(0)),
-            flush_done: Mutex::new(0),
-            flush_cv: Condvar::new(),
+            tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
+            seqs: Mutex::new(Seqs::default()),
             stats: Counters::default(),
             last_error: Mutex::new(None),
             cfg,
@@ -402,7 +420,7 @@ impl Drop for DeadGuard {
     fn drop(&mut self) {
         let i = &self.0;
         i.dead.store(true, SeqCst);
-        i.publish_flush(u64::MAX);
+        i.tickets.publish(u64::MAX);
         let _g = i.space_lock.lock();
         i.space_cv.notify_all();
     }
@@ -418,22 +436,22 @@ pub(crate) struct Inner {
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
-    /// AWAKE / TIMED / IDLE; see the module docs.
-    pub(crate) state: CachePadded<AtomicU8>,
+    /// The flusher's AWAKE / TIMED / IDLE; see the `handshake` module.
+    pub(crate) bell: CachePadded<Doorbell>,
     flusher: OnceLock<Thread>,
     /// Set (SeqCst) by `Bus::drop`/`close`, which have exclusive access: every insert
     /// happened before it.
     pub(crate) stop: AtomicBool,
     /// The flusher has exited.
     dead: AtomicBool,
-    /// Flush generations requested (SeqCst increments).
-    pub(crate) flush_req: CachePadded<AtomicU64>,
-    /// Highest generation the flusher completed; `u64::MAX` once it exited.
-    flush_done: Mutex<u64>,
-    flush_cv: Condvar,
+    /// Flush generations requested and completed; see the `handshake` module.
+    pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
+    /// The send lock, with the per-id sequence counters: held from numbering a batch until
+    /// its send returned.
+    pub(crate) seqs: Mutex<Seqs>,
     pub(crate) stats: Counters,
     /// First send error not yet taken by `flush`/`take_error`.
     last_error: Mutex<Option<Error>>,
@@ -447,25 +465,19 @@ impl Inner {
     }
 
     pub(crate) fn all_empty(&self) -> bool {
-        self.shards.iter().all(|s| s.queue.is_empty())
+        self.shards.iter().all(|s| s.len() == 0)
     }
 
     fn queued(&self) -> u64 {
-        self.shards.iter().map(|s| s.queue.len() as u64).sum()
+        self.shards.iter().map(|s| s.len() as u64).sum()
     }
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
     fn wake(&self) {
-        self.state.swap(AWAKE, SeqCst);
+        self.bell.ring();
         if let Some(t) = self.flusher.get() {
             t.unpark();
         }
-    }
-
-    pub(crate) fn publish_flush(&self, gen: u64) {
-        let mut d = self.flush_done.lock();
-        *d = (*d).max(gen);
-        self.flush_cv.notify_all();
     }
 
     pub(crate) fn record_error(&self, e: Error) {
@@ -475,75 +487,118 @@ impl Inner {
         }
     }
 
-    /// After a successful push into `shard`: stamp the shard if it has no stamp, and wake
-    /// the flusher if it sleeps and should not.
+    /// After a successful push into `shard`: stamp the shard if it has no stamp, drain it
+    /// on this thread if it reached the watermark and `help` allows (see
+    /// [`BusBuilder::assist`]), else wake the flusher if it sleeps and should not.
     #[inline]
-    fn after_push(&self, shard: usize) {
-        fence(SeqCst);
-        let sh = &self.shards[shard];
-        if sh.since.load(Relaxed) == 0 {
-            let _ = sh.since.compare_exchange(0, self.now_ns(), SeqCst, Relaxed);
+    fn after_push(&self, shard: usize, len: usize, help: bool) {
+        // No fence: the push released the shard lock, and the flusher's second look
+        // before parking takes that lock (see the module docs), so either it sees the push
+        // or this load sees its TIMED/IDLE.
+        let assist = help && self.cfg.assist;
+        if assist && len >= self.cfg.watermark {
+            // Either we drain (our push is among the messages the drain takes), or someone
+            // holds the drain right and is draining: no wake-up is needed for the
+            // watermark. An IDLE flusher is still woken below, so a deadline is set for
+            // whatever the other drainer leaves behind.
+            if self.help(shard) {
+                return;
+            }
+            if self.bell.state() == IDLE {
+                self.wake_from_sleep(IDLE);
+            }
+            return;
         }
-        match self.state.load(Relaxed) {
+        match self.bell.state() {
             AWAKE => {}
             IDLE => self.wake_from_sleep(IDLE),
             _ => {
-                if sh.queue.len() >= self.cfg.watermark {
+                if !assist && len >= self.cfg.watermark {
                     self.wake_from_sleep(TIMED);
                 }
             }
         }
     }
 
+    /// Drains shard `i` on the calling thread if no one else is draining it. True if it
+    /// did.
+    #[inline(never)]
+    fn help(&self, i: usize) -> bool {
+        let Some(sh) = self.shards.get(i) else {
+            return false;
+        };
+        // Another drainer is sending: rather than wait for the send lock, go on inserting;
+        // the next insert over the watermark tries again (a heuristic: the lock may still
+        // be taken between this look and our send, and then we simply wait).
+        if self.seqs.is_locked() {
+            return false;
+        }
+        let Some(mut d) = sh.drain.try_lock() else {
+            return false;
+        };
+        let n = self.drain_shard(i, &mut d);
+        drop(d);
+        Counters::add(&self.stats.assisted_drains, 1);
+        Counters::add(&self.stats.assisted_messages, n);
+        true
+    }
+
+    /// The shard the calling thread pushes into.
+    fn own_shard(&self) -> usize {
+        let cpu = sys::current_cpu().unwrap_or(0) % self.shards.len();
+        shard::with_local(self.id, &self.registry, cpu, |l| l.shard).unwrap_or(0)
+    }
+
     #[cold]
     fn wake_from_sleep(&self, from: u8) {
-        if self
-            .state
-            .compare_exchange(from, AWAKE, SeqCst, Relaxed)
-            .is_ok()
-        {
+        if self.bell.take_sleeper(from) {
             if let Some(t) = self.flusher.get() {
                 t.unpark();
             }
         }
     }
 
-    /// One attempt to queue `e` in the caller's shard. Hands `e` back when full.
+    /// One attempt to queue `e` in the caller's shard. Hands `e` back when full. `help`:
+    /// the caller may drain the shard itself (it holds no bus lock).
     #[inline]
-    fn try_push(&self, e: Entry) -> Result<(), Entry> {
+    fn try_push<'a>(&self, e: Entry<'a>, help: bool) -> Result<(), Entry<'a>> {
         let n = self.shards.len();
         let cpu = sys::current_cpu().unwrap_or(0) % n;
-        let mut slot = Some(e);
+        let lay = Layout {
+            pid: self.pid,
+            coalesce: self.cfg.coalesce(),
+            datagram_size: self.cfg.datagram_size,
+        };
+        let now = || self.now_ns();
         let r = shard::with_local(self.id, &self.registry, cpu, |l| {
             // Move to the current CPU's shard only when none of our messages is queued
-            // or being sent (Acquire pairs with the flusher's Release of `done`).
+            // or being sent (Acquire pairs with the drainers' Release of `done`).
             if l.shard != cpu && l.cell.done.load(Acquire) == l.pushed {
                 l.shard = cpu;
             }
-            let mut e = slot.take().expect("entry present");
-            e.cell = l.idx;
-            match self.shards[l.shard].queue.push(e) {
-                Ok(()) => {
-                    l.pushed += 1;
-                    l.cell.pushed.store(l.pushed, Relaxed);
-                    Ok(l.shard)
-                }
-                Err(e) => Err(e),
-            }
+            let len = self.shards.get(l.shard)?.push(&e, l.idx, lay, now)?;
+            l.pushed += 1;
+            l.cell.pushed.store(l.pushed, Relaxed);
+            Some((l.shard, len))
         });
-        let pushed = match r {
-            Some(r) => r?,
+        let (shard, len) = match r {
+            Some(Some(r)) => r,
+            Some(None) => return Err(e),
             None => {
                 // No thread-local state (thread teardown): always shard 0, which keeps
                 // this thread's order among its untracked messages.
-                let mut e = slot.take().expect("entry present");
-                e.cell = UNTRACKED;
-                self.shards[0].queue.push(e)?;
+                let Some(len) = self
+                    .shards
+                    .first()
+                    .and_then(|s| s.push(&e, UNTRACKED, lay, now))
+                else {
+                    return Err(e);
+                };
                 Counters::add(&self.stats.untracked, 1);
-                0
+                (0, len)
             }
         };
-        self.after_push(pushed);
+        self.after_push(shard, len, help);
         Ok(())
     }
 
@@ -588,28 +643,23 @@ impl Bus {
         BusBuilder::new(dest)
     }
 
-    /// Queues a message with id `id`, seq and ack 0, and a copy of `data`, applying the
+    /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`, applying the
     /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
     ///
-    /// Data up to 64 bytes is encoded, headers included, straight into the queue slot;
-    /// longer data is copied once into a heap buffer. On rejection the message comes back
-    /// as a [`CnMsg`].
+    /// The message is encoded, headers included, straight into the shard's buffer (the
+    /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
+    /// ... per id per bus, in wire order). On rejection the message comes back as a
+    /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            self.inner.cfg.policy,
-        )
+        self.insert_entry(Entry::Slice { id, data }, self.inner.cfg.policy)
     }
 
     /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
     /// back at once as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            FullPolicy::Reject,
-        )
+        self.insert_entry(Entry::Slice { id, data }, FullPolicy::Reject)
     }
 
     /// [`insert`](Self::insert) that waits for space when the shard is full, at most
@@ -625,27 +675,25 @@ impl Bus {
             Some(t) => FullPolicy::BlockFor(t),
             None => FullPolicy::Block,
         };
-        self.insert_entry(Entry::from_slice(self.inner.pid, id, data), p)
+        self.insert_entry(Entry::Slice { id, data }, p)
     }
 
     /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
     /// caller's thread ([`FullPolicy::SendDirect`]).
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(
-            Entry::from_slice(self.inner.pid, id, data),
-            FullPolicy::SendDirect,
-        )
+        self.insert_entry(Entry::Slice { id, data }, FullPolicy::SendDirect)
     }
 
-    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is not
-    /// copied), with the given policy for a full shard.
+    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
+    /// into the shard's buffer), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::from_msg(self.inner.pid, msg), policy)
+        self.insert_entry(Entry::Msg(msg), policy)
     }
 
-    fn insert_entry(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+    #[inline]
+    fn insert_entry(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         let inner = &*self.inner;
         let len = e.encoded_len();
         if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
@@ -660,7 +708,7 @@ impl Bus {
             Counters::add(&inner.stats.rejected_closed, 1);
             return Err(InsertError::Closed(e.into_msg()));
         }
-        match inner.try_push(e) {
+        match inner.try_push(e, true) {
             Ok(()) => Ok(()),
             Err(e) => self
                 .on_full(e, policy)
@@ -669,7 +717,7 @@ impl Bus {
     }
 
     #[cold]
-    fn on_full(&self, e: Entry, policy: FullPolicy) -> Result<(), InsertError<Entry>> {
+    fn on_full<'a>(&self, e: Entry<'a>, policy: FullPolicy) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         let st = &inner.stats;
         Counters::max(&st.high_water, inner.cfg.capacity as u64);
@@ -694,15 +742,27 @@ impl Bus {
         }
     }
 
-    fn block(&self, mut e: Entry, deadline: Option<Instant>) -> Result<(), InsertError<Entry>> {
+    fn block<'a>(
+        &self,
+        mut e: Entry<'a>,
+        deadline: Option<Instant>,
+    ) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
+        // With assisted draining, first try to make the space ourselves.
+        if inner.cfg.assist && inner.help(inner.own_shard()) {
+            match inner.try_push(e, true) {
+                Ok(()) => return Ok(()),
+                Err(back) => e = back,
+            }
+        }
         loop {
             let mut g = inner.space_lock.lock();
             inner.space_waiters.fetch_add(1, SeqCst);
             // After the increment, so that the flusher either sees the waiter when it
             // decides how to sleep, or is unparked.
             inner.wake();
-            let r = inner.try_push(e);
+            // No helping here: we hold `space_lock`, which a drainer takes to notify.
+            let r = inner.try_push(e, false);
             let timed_out = match r {
                 Ok(()) => {
                     inner.space_waiters.fetch_sub(1, SeqCst);
@@ -727,7 +787,7 @@ impl Bus {
             inner.space_waiters.fetch_sub(1, SeqCst);
             drop(g);
             if timed_out {
-                return match inner.try_push(e) {
+                return match inner.try_push(e, true) {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         Counters::add(&inner.stats.rejected_timeout, 1);
@@ -738,7 +798,7 @@ impl Bus {
         }
     }
 
-    fn send_direct(&self, e: Entry) -> Result<(), InsertError<Entry>> {
+    fn send_direct<'a>(&self, e: Entry<'a>) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         let st = &inner.stats;
         if inner.has_own_pending() && !self.wait_flushed() {
@@ -747,9 +807,20 @@ impl Bus {
             return Err(InsertError::Closed(e));
         }
         let mut buf = Vec::with_capacity(e.encoded_len());
-        e.encode(&mut buf);
+        e.encode(inner.pid, &mut buf);
+        // Under the send lock, so that a numbered message gets the next number of its id
+        // and goes on the wire in that order.
+        let mut seqs = inner.seqs.lock();
+        if e.numbered() && buf.len() >= 28 {
+            let id = CbId::new(shard::u32_at(&buf, 16), shard::u32_at(&buf, 20));
+            let n = seqs.next(id).to_ne_bytes();
+            buf[8..12].copy_from_slice(&n);
+            buf[24..28].copy_from_slice(&n);
+        }
         Counters::add(&st.syscalls, 1);
-        match inner.sock.send(&buf, inner.dest) {
+        let sent = inner.sock.send(&buf, inner.dest);
+        drop(seqs);
+        match sent {
             Ok(_) => {
                 Counters::add(&st.direct, 1);
                 Counters::add(&st.sent_messages, 1);
@@ -787,14 +858,9 @@ impl Bus {
     /// the flusher is gone without a stop request (it panicked).
     fn wait_flushed(&self) -> bool {
         let inner = &*self.inner;
-        let my = inner.flush_req.fetch_add(1, SeqCst) + 1;
+        let my = inner.tickets.request();
         inner.wake();
-        {
-            let mut d = inner.flush_done.lock();
-            while *d < my {
-                inner.flush_cv.wait(&mut d);
-            }
-        }
+        inner.tickets.wait(my);
         !inner.dead.load(SeqCst) || inner.stop.load(SeqCst)
     }
 

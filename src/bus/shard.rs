@@ -1,71 +1,70 @@
-//! Shards, queued entries and the per-thread producer state that keeps one thread's
-//! messages in order.
+//! Shards, the messages they hold (already encoded), and the per-thread producer state
+//! that keeps one thread's messages in order.
+//!
+//! # Shards
+//!
+//! A shard is a buffer of wire bytes behind an uncontended lock (one shard per CPU): an
+//! insert encodes its message straight into the buffer, packing datagrams as it goes (it
+//! closes the open datagram when the next message would not fit), so the buffer is at any
+//! time a run of ready datagrams. A drainer swaps the whole buffer for an empty one in
+//! O(1) under the lock and hands the datagrams to `sendmmsg` where they lie: one copy per
+//! message in total, the producer's.
 //!
 //! # Ordering mechanism
 //!
 //! Every thread that inserts into a bus gets a [`Cell`] (registered once per thread and
 //! bus, reused after the thread exits) and a thread-local [`Local`] that remembers the
 //! shard the thread currently uses and how many messages it has queued (`pushed`). The
-//! flusher counts, per cell, the messages it has finished with (`done`: handed to the
-//! kernel or counted as failed), and publishes that count only after the `sendmmsg` that
+//! drainers count, per cell, the messages they have finished with (`done`: handed to the
+//! kernel or counted as failed), and publish that count only after the `sendmmsg` that
 //! carried them returned.
 //!
 //! A thread moves to the shard of the CPU it now runs on only when `done == pushed`, that
-//! is when none of its messages is still queued or in the flusher's hands. So at any time
-//! all of a thread's unsent messages are in one shard, in FIFO order, and the single
-//! flusher sends them in the order it pops them. Messages of one thread are therefore
-//! delivered in insertion order however the thread migrates. A thread that never drains
-//! (a continuous producer) simply keeps its shard.
+//! is when none of its messages is still queued or in a drainer's hands. So at any time
+//! all of a thread's unsent messages are in one shard, in FIFO order, and the shard's
+//! single drainer at a time (its drain lock, held from the swap until after the send)
+//! sends them in that order. Messages of one thread are therefore delivered in insertion
+//! order however the thread migrates. A thread that never drains (a continuous producer)
+//! simply keeps its shard.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::codec::{nlmsg_align, CbId, CnHeader, CnMsg, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN};
-
-/// Data up to this length is encoded inline into the queue slot (no allocation); the
-/// slot then holds the message exactly as it goes on the wire.
-pub(crate) const INLINE: usize = 64;
+use crate::sys::ShortLock;
 
 /// Netlink plus connector header.
 const HDR: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
 
-/// Wire bytes of an inline message: headers, data, padding.
-const WIRE: usize = HDR + INLINE;
+/// Bytes a shard holds per message of capacity: one 64-byte message with its headers.
+pub(crate) const BYTES_PER_SLOT: usize = HDR + 64;
 
-/// Cell index of an entry pushed by a thread whose thread-local state is unavailable (the
-/// thread is being torn down). Such entries always go to shard 0.
+/// Cell index of a message pushed by a thread whose thread-local state is unavailable (the
+/// thread is being torn down). Such messages always go to shard 0.
 pub(crate) const UNTRACKED: u32 = u32::MAX;
 
-/// A queued message, already encoded by the producer.
+/// A message offered to the bus, not queued yet.
 #[derive(Debug)]
-pub(crate) enum Body {
-    /// Headers, data and zero padding, ready to copy into a datagram.
-    Inline([u8; WIRE]),
-    /// Headers, and data kept apart (a prebuilt message's data, or data too long to
-    /// inline).
-    Shared { hdr: [u8; HDR], data: Bytes },
-}
-
-/// One queued message.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    /// The producer's cell, or [`UNTRACKED`].
-    pub cell: u32,
-    /// Data length (may exceed `u16::MAX` until the size check rejects the entry).
-    data_len: u32,
-    body: Body,
+pub(crate) enum Entry<'a> {
+    /// [`Bus::insert`](super::Bus::insert) and friends: seq assigned by the drainer.
+    Slice {
+        /// The id.
+        id: CbId,
+        /// The data, copied into the shard.
+        data: &'a [u8],
+    },
+    /// [`Bus::insert_msg`](super::Bus::insert_msg): seq, ack and flags kept.
+    Msg(CnMsg),
 }
 
 /// Writes the netlink header (type `NLMSG_DONE`, seq = the message's seq, pid) and the
 /// `cn_msg` header, as [`crate::codec::DatagramBuilder`] does.
 #[inline]
-fn headers(out: &mut [u8], pid: u32, h: &CnHeader) {
+fn headers(out: &mut [u8; HDR], pid: u32, h: &CnHeader) {
     let len = (HDR + usize::from(h.len)) as u32;
     out[0..4].copy_from_slice(&len.to_ne_bytes());
     out[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -80,131 +79,259 @@ fn headers(out: &mut [u8], pid: u32, h: &CnHeader) {
     out[34..36].copy_from_slice(&h.flags.to_ne_bytes());
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    match b.get(at..at + 4) {
+        Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
+        _ => 0,
+    }
 }
 
-impl Entry {
-    /// Encodes `data` for id `id` (seq, ack, flags 0), from port `pid`.
-    #[inline]
-    pub(crate) fn from_slice(pid: u32, id: CbId, data: &[u8]) -> Self {
-        let h = CnHeader {
-            id,
-            seq: 0,
-            ack: 0,
-            len: data.len() as u16, // checked against MAX_DATA before use
-            flags: 0,
-        };
-        let body = if data.len() <= INLINE {
-            let mut w = [0u8; WIRE];
-            headers(&mut w, pid, &h);
-            w[HDR..HDR + data.len()].copy_from_slice(data);
-            Body::Inline(w)
-        } else {
-            let mut hdr = [0u8; HDR];
-            headers(&mut hdr, pid, &h);
-            Body::Shared {
-                hdr,
-                data: Bytes::copy_from_slice(data),
-            }
-        };
-        Self {
-            cell: UNTRACKED,
-            data_len: data.len().min(u32::MAX as usize) as u32,
-            body,
-        }
-    }
-
-    /// Encodes a prebuilt message (its data is kept, not copied), from port `pid`.
-    pub(crate) fn from_msg(pid: u32, m: CnMsg) -> Self {
-        let h = CnHeader {
-            id: m.id,
-            seq: m.seq,
-            ack: m.ack,
-            len: m.data.len() as u16, // checked against MAX_DATA before use
-            flags: m.flags,
-        };
-        let mut hdr = [0u8; HDR];
-        headers(&mut hdr, pid, &h);
-        Self {
-            cell: UNTRACKED,
-            data_len: m.data.len().min(u32::MAX as usize) as u32,
-            body: Body::Shared { hdr, data: m.data },
-        }
-    }
-
+impl Entry<'_> {
     /// Length of the data.
     #[inline]
     pub(crate) fn data_len(&self) -> usize {
-        self.data_len as usize
+        match self {
+            Self::Slice { data, .. } => data.len(),
+            Self::Msg(m) => m.data.len(),
+        }
     }
 
-    /// The message again (for handing it back to the caller).
+    /// True when the drainer assigns the seq; a prebuilt message keeps its own.
+    #[inline]
+    pub(crate) fn numbered(&self) -> bool {
+        matches!(self, Self::Slice { .. })
+    }
+
+    /// The message (for handing it back to the caller).
     pub(crate) fn into_msg(self) -> CnMsg {
-        let (hdr, data) = match self.body {
-            Body::Inline(w) => (
-                w,
-                Bytes::copy_from_slice(&w[HDR..HDR + self.data_len as usize]),
-            ),
-            Body::Shared { hdr, data } => {
-                let mut w = [0u8; WIRE];
-                w[..HDR].copy_from_slice(&hdr);
-                (w, data)
-            }
-        };
-        CnMsg {
-            id: CbId::new(u32_at(&hdr, 16), u32_at(&hdr, 20)),
-            seq: u32_at(&hdr, 24),
-            ack: u32_at(&hdr, 28),
-            flags: u16::from_ne_bytes([hdr[34], hdr[35]]),
-            data,
+        match self {
+            Self::Slice { id, data } => CnMsg::new(id, bytes::Bytes::copy_from_slice(data)),
+            Self::Msg(m) => m,
         }
     }
 
     /// Bytes in a datagram, netlink header and padding included.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        nlmsg_align(HDR + self.data_len as usize)
+        nlmsg_align(HDR + self.data_len())
     }
 
-    /// Appends the message to a datagram being built: one copy for an inline message.
-    /// The caller has checked that the data fits in `cn_msg.len`.
+    /// Appends the encoded message (headers, data, zero padding), from port `pid`. The
+    /// caller has checked that the data fits in `cn_msg.len`.
     #[inline]
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        let len = self.encoded_len();
-        match &self.body {
-            Body::Inline(w) => out.extend_from_slice(&w[..len]),
-            Body::Shared { hdr, data } => {
-                let start = out.len();
-                out.extend_from_slice(hdr);
-                out.extend_from_slice(data);
-                out.resize(start + len, 0);
+    pub(crate) fn encode(&self, pid: u32, out: &mut Vec<u8>) {
+        let (h, data) = match self {
+            Self::Slice { id, data } => (
+                CnHeader {
+                    id: *id,
+                    seq: 0,
+                    ack: 0,
+                    len: data.len() as u16,
+                    flags: 0,
+                },
+                *data,
+            ),
+            Self::Msg(m) => (
+                CnHeader {
+                    id: m.id,
+                    seq: m.seq,
+                    ack: m.ack,
+                    len: m.data.len() as u16,
+                    flags: m.flags,
+                },
+                &m.data[..],
+            ),
+        };
+        let mut hdr = [0u8; HDR];
+        headers(&mut hdr, pid, &h);
+        let start = out.len();
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(data);
+        out.resize(start + nlmsg_align(HDR + data.len()), 0);
+    }
+}
+
+/// Encoded messages packed into datagrams: a shard's contents, or a drainer's batch.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Datagrams back to back.
+    pub bytes: Vec<u8>,
+    /// Closed datagrams: (start, end, messages).
+    pub bounds: Vec<(usize, usize, u64)>,
+    /// Start of the open datagram, and its message count.
+    open_start: usize,
+    open_msgs: u64,
+    /// Offsets in `bytes` of the messages whose seq the drainer assigns.
+    pub numbered: Vec<usize>,
+    /// Producers' cells in push order, run-length encoded: (cell, messages).
+    pub runs: Vec<(u32, u64)>,
+    /// Messages held.
+    pub count: usize,
+}
+
+impl Batch {
+    fn with_capacity(bytes: usize, msgs: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            bounds: Vec::with_capacity(msgs.min(1 << 16)),
+            numbered: Vec::with_capacity(msgs.min(1 << 16)),
+            ..Self::default()
+        }
+    }
+
+    /// Appends `e` from port `pid` for producer `cell`, closing the open datagram first
+    /// if `e` would not fit in it (`coalesce`) or always (one message per datagram).
+    #[inline]
+    fn append(&mut self, e: &Entry<'_>, pid: u32, cell: u32, coalesce: bool, dgram: usize) {
+        let len = e.encoded_len();
+        if self.open_msgs > 0 && (!coalesce || self.bytes.len() - self.open_start + len > dgram) {
+            self.close_open();
+        }
+        if e.numbered() {
+            self.numbered.push(self.bytes.len());
+        }
+        e.encode(pid, &mut self.bytes);
+        self.open_msgs += 1;
+        self.count += 1;
+        if cell != UNTRACKED {
+            match self.runs.last_mut() {
+                Some((c, n)) if *c == cell => *n += 1,
+                _ => self.runs.push((cell, 1)),
             }
         }
     }
+
+    /// Closes the open datagram, if any.
+    pub(crate) fn close_open(&mut self) {
+        if self.open_msgs > 0 {
+            self.bounds
+                .push((self.open_start, self.bytes.len(), self.open_msgs));
+            self.open_start = self.bytes.len();
+            self.open_msgs = 0;
+        }
+    }
+
+    /// Empties the batch, keeping its allocations.
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.bounds.clear();
+        self.numbered.clear();
+        self.runs.clear();
+        self.open_start = 0;
+        self.open_msgs = 0;
+        self.count = 0;
+    }
 }
 
-/// One per-CPU queue.
+/// The drain right of a shard and the drainer's scratch state.
+#[derive(Debug, Default)]
+pub(crate) struct Drainer {
+    /// The empty batch swapped into the shard at the next take; holds the taken messages
+    /// until they are sent.
+    pub batch: Batch,
+    /// Private copy of the registry's cells, refreshed when a run names a newer one.
+    pub cells: Vec<Arc<Cell>>,
+}
+
+/// One per-CPU shard.
 pub(crate) struct Shard {
-    pub queue: ArrayQueue<Entry>,
-    /// Enqueue time (ns since the bus epoch, never 0) of the oldest message that may be in
-    /// the queue, or 0 when unset.
-    ///
-    /// Invariant: whenever the queue is non-empty, `since` is non-zero and not later than
-    /// the enqueue time of its oldest message, except in the short window between a push
-    /// and the pusher's stamp (the flusher reads 0 with a non-empty queue as "now").
-    /// The flusher stores 0 (then a SeqCst fence) before it pops a shard; a producer, after
-    /// its push and a SeqCst fence, stamps `since` if it reads 0. By the two fences either
-    /// the flusher's pop pass sees the push, or the producer sees the 0 and stamps.
-    pub since: CachePadded<AtomicU64>,
+    buf: CachePadded<ShortLock<Batch>>,
+    /// Messages held: a copy of `buf.count`, stored (Release) under the lock by every push
+    /// and take, for lock-free looks (the flusher's sleep decision, statistics).
+    len: CachePadded<AtomicUsize>,
+    /// Enqueue time (ns since the bus epoch, never 0) of the oldest message held, or 0
+    /// when empty. Stored under the lock before `len` (so a reader that sees `len > 0`
+    /// with Acquire sees the stamp, or a later value); a 0 with `len > 0` reads as "now".
+    since: AtomicU64,
+    /// The right to drain this shard, with the drainer's scratch state. Whoever holds it
+    /// (the flusher, or a producer helping) takes, numbers, sends and publishes `done`
+    /// before releasing it, so exactly one drainer at a time takes this shard's messages
+    /// and its datagrams are never interleaved with another drainer's of the same shard.
+    pub drain: CachePadded<Mutex<Drainer>>,
+    capacity: usize,
+    byte_limit: usize,
+}
+
+/// Where a push goes: the bus's framing and limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub pid: u32,
+    pub coalesce: bool,
+    pub datagram_size: usize,
 }
 
 impl Shard {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A shard of `capacity` messages and at most `capacity * BYTES_PER_SLOT` bytes (but
+    /// room for one message of `max_msg` bytes at least), allocated now.
+    pub(crate) fn new(capacity: usize, max_msg: usize) -> Self {
+        let byte_limit = (capacity * BYTES_PER_SLOT).max(max_msg);
         Self {
-            queue: ArrayQueue::new(capacity),
-            since: CachePadded::new(AtomicU64::new(0)),
+            buf: CachePadded::new(ShortLock::new(Batch::with_capacity(byte_limit, capacity))),
+            len: CachePadded::new(AtomicUsize::new(0)),
+            since: AtomicU64::new(0),
+            drain: CachePadded::new(Mutex::new(Drainer {
+                batch: Batch::with_capacity(byte_limit, capacity),
+                cells: Vec::new(),
+            })),
+            capacity,
+            byte_limit,
         }
+    }
+
+    /// Appends `e` for producer `cell` unless the shard is full. Returns the number of
+    /// messages held after the push. `now` gives the enqueue stamp when the shard was
+    /// empty.
+    #[inline]
+    pub(crate) fn push(
+        &self,
+        e: &Entry<'_>,
+        cell: u32,
+        lay: Layout,
+        now: impl FnOnce() -> u64,
+    ) -> Option<usize> {
+        let mut b = self.buf.lock();
+        if b.count >= self.capacity || b.bytes.len() + e.encoded_len() > self.byte_limit {
+            return None;
+        }
+        if b.count == 0 {
+            self.since.store(now(), Ordering::Relaxed);
+        }
+        b.append(e, lay.pid, cell, lay.coalesce, lay.datagram_size);
+        let n = b.count;
+        self.len.store(n, Ordering::Release);
+        Some(n)
+    }
+
+    /// Moves everything the shard holds into `into` (which must be empty), in O(1).
+    /// Returns the number of messages taken and the oldest one's enqueue stamp.
+    pub(crate) fn take(&self, into: &mut Batch) -> (usize, u64) {
+        let mut b = self.buf.lock();
+        if b.count == 0 {
+            return (0, 0);
+        }
+        std::mem::swap(&mut *b, into);
+        let since = self.since.swap(0, Ordering::Relaxed);
+        self.len.store(0, Ordering::Release);
+        (into.count, since)
+    }
+
+    /// Messages held (a lock-free look).
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Messages held, read under the shard lock: the flusher's second look before it
+    /// parks. A push either completed before this (and is counted) or takes the lock
+    /// after it (and then sees the flusher's TIMED/IDLE, stored before this call).
+    pub(crate) fn len_locked(&self) -> usize {
+        self.buf.lock().count
+    }
+
+    /// The oldest message's enqueue stamp, 0 if unknown (read after a non-zero `len`).
+    #[inline]
+    pub(crate) fn since(&self) -> u64 {
+        self.since.load(Ordering::Relaxed)
     }
 }
 
@@ -336,30 +463,34 @@ pub(crate) fn with_local<R>(
 mod tests {
     use super::*;
     use crate::codec::{messages, DatagramBuilder, Message};
+    use bytes::Bytes;
 
     #[test]
     fn encoding_matches_datagram_builder() {
-        for n in [0usize, 1, 3, 64, INLINE, INLINE + 1, 1000] {
+        for n in [0usize, 1, 3, 63, 64, 65, 1000] {
             let data: Vec<u8> = (0..n).map(|i| i as u8).collect();
             let msg = CnMsg::new(CbId::new(0x4000_0001, 9), data.clone()).with_seq(7, 8);
             let mut b = DatagramBuilder::new(4096).with_pid(42);
             assert!(b.push(&msg).unwrap());
-            let e = Entry::from_msg(42, msg.clone());
+            let e = Entry::Msg(msg.clone());
             let mut out = Vec::new();
-            e.encode(&mut out);
+            e.encode(42, &mut out);
             assert_eq!(out, b.as_bytes(), "payload of {n} bytes");
             assert_eq!(e.encoded_len(), msg.encoded_len());
-            if n == 0 || n == INLINE || n == INLINE + 1 || n == 1000 {
-                // The inline path (seq/ack 0) against the builder.
-                let plain = CnMsg::new(msg.id, data.clone());
-                let mut b2 = DatagramBuilder::new(4096).with_pid(42);
-                assert!(b2.push(&plain).unwrap());
-                let mut out2 = Vec::new();
-                let e2 = Entry::from_slice(42, plain.id, &data);
-                e2.encode(&mut out2);
-                assert_eq!(out2, b2.as_bytes(), "inline payload of {n} bytes");
-                assert_eq!(e2.into_msg(), plain);
-            }
+            assert!(!e.numbered());
+            // The slice path (seq/ack 0 until numbered) against the builder.
+            let plain = CnMsg::new(msg.id, data.clone());
+            let mut b2 = DatagramBuilder::new(4096).with_pid(42);
+            assert!(b2.push(&plain).unwrap());
+            let mut out2 = Vec::new();
+            let e2 = Entry::Slice {
+                id: plain.id,
+                data: &data,
+            };
+            e2.encode(42, &mut out2);
+            assert_eq!(out2, b2.as_bytes(), "slice payload of {n} bytes");
+            assert!(e2.numbered());
+            assert_eq!(e2.into_msg(), plain);
             let Some(Ok(Message::Connector(c))) = messages(Bytes::from(out)).next() else {
                 panic!("does not decode");
             };
@@ -369,13 +500,45 @@ mod tests {
     }
 
     #[test]
-    fn slot_stays_small() {
-        // 64 bytes of data and both headers inline, plus cell and length: the queue's
-        // memory per message (with the queue's 8-byte stamp) stays at 120 bytes.
-        assert!(
-            std::mem::size_of::<Entry>() <= 112,
-            "{}",
-            std::mem::size_of::<Entry>()
+    fn shard_packs_datagrams_and_bounds_itself() {
+        let lay = Layout {
+            pid: 1,
+            coalesce: true,
+            datagram_size: 250,
+        };
+        let sh = Shard::new(4, 250);
+        let d = [0u8; 64];
+        let e = Entry::Slice {
+            id: CbId::new(1, 1),
+            data: &d,
+        };
+        for k in 1..=4 {
+            assert_eq!(sh.push(&e, 0, lay, || 5), Some(k));
+        }
+        assert_eq!(sh.push(&e, 0, lay, || 6), None, "full at capacity");
+        assert_eq!(sh.len(), 4);
+        assert_eq!(sh.since(), 5);
+        let mut into = Batch::default();
+        assert_eq!(sh.take(&mut into), (4, 5));
+        into.close_open();
+        // 100-byte messages, 250-byte datagrams: 2 + 2.
+        assert_eq!(into.bounds, vec![(0, 200, 2), (200, 400, 2)]);
+        assert_eq!(into.numbered, vec![0, 100, 200, 300]);
+        assert_eq!(into.runs, vec![(0, 4)]);
+        assert_eq!((sh.len(), sh.since()), (0, 0));
+        // A big message fits an empty shard only.
+        let big = [0u8; 200];
+        let eb = Entry::Slice {
+            id: CbId::new(1, 1),
+            data: &big,
+        };
+        for _ in 0..3 {
+            assert!(sh.push(&e, 0, lay, || 7).is_some());
+        }
+        assert_eq!(
+            sh.push(&eb, 0, lay, || 7),
+            None,
+            "byte bound: 300 + 236 > 400"
         );
     }
 

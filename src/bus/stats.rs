@@ -32,6 +32,8 @@ pub(crate) struct Counters {
     pub high_water: AtomicU64,
     pub max_queue_delay_ns: AtomicU64,
     pub wakeups: AtomicU64,
+    pub assisted_drains: AtomicU64,
+    pub assisted_messages: AtomicU64,
     pub flushes: AtomicU64,
     pub flush_total_ns: AtomicU64,
     pub flush_max_ns: AtomicU64,
@@ -93,6 +95,8 @@ impl Counters {
             high_water: g(&self.high_water),
             max_queue_delay: Duration::from_nanos(g(&self.max_queue_delay_ns)),
             flusher_wakeups: g(&self.wakeups),
+            assisted_drains: g(&self.assisted_drains),
+            assisted_messages: g(&self.assisted_messages),
             flushes,
             flush_latency_max: Duration::from_nanos(g(&self.flush_max_ns)),
             flush_latency_last: Duration::from_nanos(g(&self.flush_last_ns)),
@@ -172,6 +176,11 @@ pub struct BusStats {
     pub max_queue_delay: Duration,
     /// Times the flusher thread woke up from a sleep.
     pub flusher_wakeups: u64,
+    /// Drains done by producers on their own thread
+    /// ([`BusBuilder::assist`](super::BusBuilder::assist)).
+    pub assisted_drains: u64,
+    /// Messages those drains took (sent or counted as failed).
+    pub assisted_messages: u64,
     /// Completed [`Bus::flush`](super::Bus::flush) calls.
     pub flushes: u64,
     /// Longest `flush()`.

@@ -10,6 +10,7 @@ mod cpu;
 mod ns;
 mod signal;
 mod socket;
+mod spin;
 mod wake;
 
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
@@ -18,6 +19,7 @@ pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
+pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 
 use std::io;
