@@ -36,3 +36,41 @@ fn received_messages_and_stats_round_trip() {
     assert_eq!(v["overruns"], 1);
     assert_eq!(serde_json::from_value::<Stats>(v).unwrap(), stats);
 }
+
+#[test]
+fn proc_events_have_stable_field_names_and_round_trip() {
+    use cnbus::proc::{EventBody, ExitStatus, Loss, ProcEvent, Received, Task};
+    let ev = ProcEvent {
+        seq: 5,
+        ack: 0,
+        cpu: 1,
+        timestamp_ns: 42,
+        body: EventBody::Exit {
+            process: Task { pid: 10, tgid: 10 },
+            status: ExitStatus(0x300),
+            exit_signal: 17,
+            parent: Some(Task { pid: 1, tgid: 1 }),
+        },
+    };
+    let v = serde_json::to_value(ev).unwrap();
+    assert_eq!(
+        v,
+        json!({"seq": 5, "ack": 0, "cpu": 1, "timestamp_ns": 42, "body": {
+            "event": "exit", "process": {"pid": 10, "tgid": 10}, "status": 768,
+            "exit_signal": 17, "parent": {"pid": 1, "tgid": 1}}})
+    );
+    assert_eq!(serde_json::from_value::<ProcEvent>(v).unwrap(), ev);
+
+    let comm = EventBody::Comm {
+        process: Task { pid: 3, tgid: 3 },
+        comm: cnbus::proc::Comm::new(b"cnbus-fixture"),
+    };
+    let v = serde_json::to_value(comm).unwrap();
+    assert_eq!(v["comm"], "cnbus-fixture");
+    assert_eq!(serde_json::from_value::<EventBody>(v).unwrap(), comm);
+
+    let lost = Received::Lost(Loss::Gap { cpu: 1, count: 3 });
+    let v = serde_json::to_value(lost).unwrap();
+    assert_eq!(v, json!({"lost": {"cause": "gap", "cpu": 1, "count": 3}}));
+    assert_eq!(serde_json::from_value::<Received>(v).unwrap(), lost);
+}

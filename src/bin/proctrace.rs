@@ -181,22 +181,89 @@ fn write_time(out: &mut String, wall_ns: i128, full: bool) {
     }
 }
 
-fn json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+/// The event-specific fields of a JSON line, in output order; absent ones are left out.
+/// (`exit_code` and `signal` are present on exits, `null` when they do not apply.)
+#[derive(serde::Serialize, Default)]
+struct Detail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    err: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ruid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    euid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rgid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attach: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracer_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracer_tid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<Option<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signal: Option<Option<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    core_dumped: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_signal: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_tid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_s: Option<f64>,
+}
+
+impl Detail {
+    fn parent(&mut self, t: Task) {
+        (self.parent_pid, self.parent_tid) = (Some(t.tgid), Some(t.pid));
     }
-    out.push('"');
+}
+
+/// One `--json` event line.
+#[derive(serde::Serialize)]
+struct JsonEvent<'a> {
+    time: &'a str,
+    timestamp_ns: u64,
+    cpu: u32,
+    seq: u32,
+    event: &'a str,
+    pid: u32,
+    tid: u32,
+    #[serde(flatten)]
+    detail: Detail,
+    name: Option<&'a str>,
+}
+
+/// One `--json` loss line.
+#[derive(serde::Serialize)]
+struct JsonLost<'a> {
+    time: &'a str,
+    event: &'a str,
+    cause: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<u32>,
+    count: Option<u32>,
+}
+
+/// Serialises `record` into `line` (cleared first). Serialising these plain records into
+/// a string cannot fail.
+fn write_json(line: &mut String, record: &impl serde::Serialize) {
+    line.clear();
+    let mut buf = std::mem::take(line).into_bytes();
+    serde_json::to_writer(&mut buf, record).expect("plain records serialise");
+    *line = String::from_utf8(buf).expect("serde_json writes UTF-8");
 }
 
 /// What the tracer remembers about a process.
@@ -366,7 +433,7 @@ impl Tracer {
     fn event(&mut self, ev: &ProcEvent) {
         let json = self.args.json;
         let mut info = String::new();
-        let mut fields = String::new();
+        let mut d = Detail::default();
         let mut duration: Option<f64> = None;
         let mut kind_name = ev.kind().name();
         let subject = ev.task().unwrap_or_default();
@@ -375,7 +442,7 @@ impl Tracer {
             EventBody::Ack { err } => {
                 name = "".into();
                 let _ = write!(info, "ack err {err}");
-                let _ = write!(fields, ",\"err\":{err}");
+                d.err = Some(err);
             }
             EventBody::Fork { parent, child } => {
                 if child.is_thread() {
@@ -397,7 +464,7 @@ impl Tracer {
                     );
                     name = pname;
                 }
-                task_json(&mut fields, "parent", parent);
+                d.parent(parent);
             }
             EventBody::Exec { process } => {
                 let n = read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid));
@@ -423,7 +490,7 @@ impl Tracer {
             } => {
                 name = self.name_of(subject.tgid);
                 let _ = write!(info, "uid {ruid} euid {euid}");
-                let _ = write!(fields, ",\"ruid\":{ruid},\"euid\":{euid}");
+                (d.ruid, d.euid) = (Some(ruid), Some(euid));
             }
             EventBody::Gid {
                 process: _,
@@ -432,24 +499,24 @@ impl Tracer {
             } => {
                 name = self.name_of(subject.tgid);
                 let _ = write!(info, "gid {rgid} egid {egid}");
-                let _ = write!(fields, ",\"rgid\":{rgid},\"egid\":{egid}");
+                (d.rgid, d.egid) = (Some(rgid), Some(egid));
             }
             EventBody::Sid { process } => {
                 name = self.name_of(subject.tgid);
                 let _ = write!(info, "sid {}", process.tgid);
-                let _ = write!(fields, ",\"sid\":{}", process.tgid);
+                d.sid = Some(process.tgid);
             }
             EventBody::Ptrace { process: _, tracer } => {
                 name = self.name_of(subject.tgid);
                 match tracer {
                     Some(t) => {
                         let _ = write!(info, "attach by {}", t.tgid);
-                        fields.push_str(",\"attach\":true");
-                        task_json(&mut fields, "tracer", t);
+                        d.attach = Some(true);
+                        (d.tracer_pid, d.tracer_tid) = (Some(t.tgid), Some(t.pid));
                     }
                     None => {
                         info.push_str("detach");
-                        fields.push_str(",\"attach\":false");
+                        d.attach = Some(false);
                     }
                 }
             }
@@ -457,10 +524,10 @@ impl Tracer {
                 let old = self.name_of(process.tgid);
                 let new: Arc<str> = comm.to_string().into();
                 let _ = write!(info, "{} -> {}", program(&old), new);
-                fields.push_str(",\"old_name\":");
-                json_str(&mut fields, &old);
-                fields.push_str(",\"comm\":");
-                json_str(&mut fields, &new);
+                if json {
+                    d.old_name = Some(old.to_string());
+                    d.comm = Some(new.to_string());
+                }
                 if !process.is_thread() {
                     let start = self.cache.get(process.tgid).and_then(|i| i.start_ns);
                     self.cache.insert(
@@ -478,7 +545,7 @@ impl Tracer {
                 name = self.name_of(subject.tgid);
                 if let Some(p) = parent {
                     let _ = write!(info, "parent {}", p.tgid);
-                    task_json(&mut fields, "parent", p);
+                    d.parent(p);
                 }
             }
             EventBody::Exit {
@@ -521,20 +588,16 @@ impl Tracer {
                         let _ = write!(info, "status {:#x}", status.raw());
                     }
                 }
-                let _ = write!(
-                    fields,
-                    ",\"status\":{},\"exit_code\":{},\"signal\":{},\"core_dumped\":{},\"exit_signal\":{exit_signal}",
-                    status.raw(),
-                    opt_num(status.code()),
-                    opt_num(status.signal()),
-                    status.core_dumped()
-                );
+                d.status = Some(status.raw());
+                d.exit_code = Some(status.code());
+                d.signal = Some(status.signal());
+                d.core_dumped = Some(status.core_dumped());
+                d.exit_signal = Some(exit_signal);
                 if let Some(p) = parent {
-                    task_json(&mut fields, "parent", p);
+                    d.parent(p);
                 }
-                if let Some(d) = duration {
-                    let _ = write!(fields, ",\"duration_s\":{d:.6}");
-                }
+                // Microseconds are all the clocks behind it can tell.
+                d.duration_s = duration.map(|s| (s * 1e6).round() / 1e6);
             }
         }
         self.count(&name, ev.kind());
@@ -542,21 +605,20 @@ impl Tracer {
         let line = &mut self.line;
         line.clear();
         if json {
-            line.push_str("{\"time\":\"");
-            write_time(line, wall, true);
-            let _ = write!(
-                line,
-                "\",\"timestamp_ns\":{},\"cpu\":{},\"seq\":{},\"event\":\"{kind_name}\",\"pid\":{},\"tid\":{}",
-                ev.timestamp_ns, ev.cpu, ev.seq, subject.tgid, subject.pid
-            );
-            line.push_str(&fields);
-            line.push_str(",\"name\":");
-            if &*name == UNKNOWN {
-                line.push_str("null");
-            } else {
-                json_str(line, &name);
-            }
-            line.push('}');
+            let mut time = String::with_capacity(32);
+            write_time(&mut time, wall, true);
+            let record = JsonEvent {
+                time: &time,
+                timestamp_ns: ev.timestamp_ns,
+                cpu: ev.cpu,
+                seq: ev.seq,
+                event: kind_name,
+                pid: subject.tgid,
+                tid: subject.pid,
+                detail: d,
+                name: (&*name != UNKNOWN).then_some(&*name),
+            };
+            write_json(line, &record);
         } else {
             write_time(line, wall, false);
             let dur = match duration {
@@ -580,18 +642,20 @@ impl Tracer {
         let line = &mut self.line;
         line.clear();
         if self.args.json {
-            line.push_str("{\"time\":\"");
-            write_time(line, wall, true);
-            line.push_str("\",\"event\":\"lost\",");
-            match loss {
-                Loss::Overrun => line.push_str("\"cause\":\"overrun\",\"count\":null}"),
-                Loss::Gap { cpu, count } => {
-                    let _ = write!(
-                        line,
-                        "\"cause\":\"seq_gap\",\"cpu\":{cpu},\"count\":{count}}}"
-                    );
-                }
-            }
+            let mut time = String::with_capacity(32);
+            write_time(&mut time, wall, true);
+            let (cause, cpu, count) = match loss {
+                Loss::Overrun => ("overrun", None, None),
+                Loss::Gap { cpu, count } => ("seq_gap", Some(cpu), Some(count)),
+            };
+            let record = JsonLost {
+                time: &time,
+                event: "lost",
+                cause,
+                cpu,
+                count,
+            };
+            write_json(line, &record);
         } else {
             write_time(line, wall, false);
             match loss {
@@ -705,18 +769,6 @@ fn program(name: &str) -> &str {
     }
     let first = name.split(' ').next().unwrap_or(name);
     first.rsplit('/').next().unwrap_or(first)
-}
-
-fn opt_num(v: Option<u8>) -> String {
-    v.map_or_else(|| "null".to_string(), |n| n.to_string())
-}
-
-fn task_json(out: &mut String, prefix: &str, t: Task) {
-    let _ = write!(
-        out,
-        ",\"{prefix}_pid\":{},\"{prefix}_tid\":{}",
-        t.tgid, t.pid
-    );
 }
 
 fn open_error(e: &Error) -> String {
@@ -880,10 +932,30 @@ mod tests {
     }
 
     #[test]
-    fn json_escaping() {
-        let mut s = String::new();
-        json_str(&mut s, "a\"b\\c\nd\u{1}e\u{7f}é");
-        assert_eq!(s, r#""a\"b\\c\nd\u0001e\u007fé""#);
+    fn json_lines_escape_names_and_keep_field_order() {
+        let mut line = String::new();
+        let detail = Detail {
+            status: Some(0x300),
+            exit_code: Some(Some(3)),
+            signal: Some(None),
+            ..Detail::default()
+        };
+        let record = JsonEvent {
+            time: "t",
+            timestamp_ns: 1,
+            cpu: 0,
+            seq: 2,
+            event: "exit",
+            pid: 7,
+            tid: 7,
+            detail,
+            name: Some("a\"b\\c\nd\u{1}é"),
+        };
+        write_json(&mut line, &record);
+        assert_eq!(
+            line,
+            r#"{"time":"t","timestamp_ns":1,"cpu":0,"seq":2,"event":"exit","pid":7,"tid":7,"status":768,"exit_code":3,"signal":null,"name":"a\"b\\c\nd\u0001é"}"#
+        );
     }
 
     #[test]

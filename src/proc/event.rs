@@ -46,6 +46,7 @@ const WHAT_ALL: u32 = WHAT_FORK
 
 /// The kind of an event: the `what` field of `struct proc_event`.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     /// `PROC_EVENT_NONE` (0): the kernel's acknowledgement of a `LISTEN` / `IGNORE`.
@@ -401,10 +402,25 @@ impl fmt::Display for ExitStatus {
     }
 }
 
-/// A task name (`comm`): at most 15 bytes, as the kernel's `char comm[16]`.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+/// A task name (`comm`): at most 15 bytes, as the kernel's `char comm[16]`. With the
+/// `serde` feature it is a string (invalid UTF-8 replaced).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Comm([u8; 16]);
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string_lossy())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Comm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Comm::new(s.as_bytes()))
+    }
+}
 
 impl Comm {
     /// A name from bytes, cut at 15 bytes or the first NUL.
@@ -445,6 +461,7 @@ impl fmt::Display for Comm {
 
 /// The typed body of an event: one variant per `what`, with every field the kernel sends.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "event", rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventBody {
     /// The kernel's reply to a `LISTEN` / `IGNORE`. Matched to its request by

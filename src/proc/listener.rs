@@ -52,6 +52,7 @@ const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this
 
 /// Where the listener's event set is applied.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FilterMode {
     /// In the kernel when it can (Linux 6.6+ `proc_input`, detected at run time), else in
@@ -67,6 +68,7 @@ pub enum FilterMode {
 
 /// How the listener ended up filtering.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filtering {
     /// Subscribed to every event: nothing to filter.
@@ -79,6 +81,7 @@ pub enum Filtering {
 
 /// Events that could not be delivered.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "cause", rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Loss {
     /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events. When gap
@@ -97,6 +100,7 @@ pub enum Loss {
 /// What a listener receives: an event, or a report of lost events at that point in the
 /// stream.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Received {
     /// An event that matched the listener's event set.
