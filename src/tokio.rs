@@ -333,7 +333,7 @@ impl ProcStream {
             .recv_buffer(DEFAULT_RECV_BUFFER)
             .build_async()?;
         let group = conn.subscribe(1)?;
-        let token = conn.next_seq(CbId::PROC);
+        let token = crate::proc::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;
         let mut stream = Self {

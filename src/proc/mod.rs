@@ -32,3 +32,10 @@ pub use listener::{
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
 pub use seq::{SeqCheck, SeqTracker};
+
+/// An `ack` value for a proc-connector request that no other socket on the host uses: the
+/// kernel multicasts every ACK to every listener, so a requester recognises its own by
+/// `ack + 1`. Mixes the socket's port id (unique on the host) with a per-socket counter.
+pub fn ack_token(port: u32, n: u32) -> u32 {
+    port ^ n.rotate_right(8)
+}

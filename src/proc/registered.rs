@@ -84,7 +84,9 @@ where
 {
     let group = connector.subscribe(1)?;
     let decoder = Arc::new(Mutex::new(ProcDecoder::new(events, true)));
-    let token = connector.next_seq(CbId::PROC);
+    // The kernel multicasts every ACK to every listener: make ours recognisable by mixing
+    // this socket's port id (unique on the host) into the ack we send.
+    let token = super::ack_token(connector.port_id(), connector.next_seq(CbId::PROC));
     let (ack_tx, ack_rx) = crossbeam::channel::bounded(1);
     let (d, mut cb) = (decoder.clone(), callback);
     let reg = connector.register(CbId::PROC, move |r| {
