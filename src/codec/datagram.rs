@@ -97,6 +97,7 @@ impl<'a> MessagesRef<'a> {
         self.buf.len().saturating_sub(self.pos)
     }
 
+    #[inline]
     fn next_message(&mut self) -> Result<MessageRef<'a>, DecodeError> {
         let base = self.pos;
         let nl = NlmsgBuffer::checked_at(&self.buf[base..], base)?;
@@ -150,6 +151,7 @@ impl<'a> MessagesRef<'a> {
 impl<'a> Iterator for MessagesRef<'a> {
     type Item = Result<MessageRef<'a>, DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
