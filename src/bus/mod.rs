@@ -545,7 +545,8 @@ impl Inner {
 
     /// The shard the calling thread pushes into.
     fn own_shard(&self) -> usize {
-        let cpu = sys::current_cpu().unwrap_or(0) % self.shards.len();
+        let n = self.shards.len();
+        let cpu = || sys::current_cpu().unwrap_or(0) % n;
         shard::with_local(self.id, &self.registry, cpu, |l| l.shard).unwrap_or(0)
     }
 
@@ -563,18 +564,20 @@ impl Inner {
     #[inline]
     fn try_push<'a>(&self, e: Entry<'a>, help: bool) -> Result<(), Entry<'a>> {
         let n = self.shards.len();
-        let cpu = sys::current_cpu().unwrap_or(0) % n;
         let lay = Layout {
             pid: self.pid,
             coalesce: self.cfg.coalesce(),
             datagram_size: self.cfg.datagram_size,
         };
         let now = || self.now_ns();
+        let cpu = || sys::current_cpu().unwrap_or(0) % n;
         let r = shard::with_local(self.id, &self.registry, cpu, |l| {
             // Move to the current CPU's shard only when none of our messages is queued
-            // or being sent (Acquire pairs with the drainers' Release of `done`).
-            if l.shard != cpu && l.cell.done.load(Acquire) == l.pushed {
-                l.shard = cpu;
+            // or being sent (Acquire pairs with the drainers' Release of `done`). While
+            // some are, the thread must stay where it is anyway, so the CPU is not even
+            // read: a continuous producer makes no `sched_getcpu` call per insert.
+            if l.cell.done.load(Acquire) == l.pushed {
+                l.shard = cpu();
             }
             let len = self.shards.get(l.shard)?.push(&e, l.idx, lay, now)?;
             l.pushed += 1;
@@ -604,7 +607,8 @@ impl Inner {
 
     /// True when the calling thread has messages queued or being sent.
     fn has_own_pending(&self) -> bool {
-        let cpu = sys::current_cpu().unwrap_or(0) % self.shards.len();
+        let n = self.shards.len();
+        let cpu = || sys::current_cpu().unwrap_or(0) % n;
         shard::with_local(self.id, &self.registry, cpu, |l| {
             l.cell.done.load(Acquire) != l.pushed
         })

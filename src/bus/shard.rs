@@ -426,13 +426,13 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's state for bus `bus`, registering it in `registry` on first
-/// use (starting on shard `initial`). Returns `None` without calling `f` when the
+/// use (starting on shard `initial()`, called only then). Returns `None` without calling `f` when the
 /// thread-local storage is unavailable (thread teardown) or already borrowed.
 #[inline]
 pub(crate) fn with_local<R>(
     bus: u64,
     registry: &Registry,
-    initial: usize,
+    initial: impl FnOnce() -> usize,
     f: impl FnOnce(&mut Local) -> R,
 ) -> Option<R> {
     LOCALS
@@ -447,7 +447,7 @@ pub(crate) fn with_local<R>(
                         bus,
                         idx,
                         cell,
-                        shard: initial,
+                        shard: initial(),
                         pushed,
                     });
                     v.len() - 1
@@ -547,16 +547,21 @@ mod tests {
         let reg = Arc::new(Registry::default());
         let r = Arc::clone(&reg);
         std::thread::spawn(move || {
-            with_local(1, &r, 0, |l| {
-                l.pushed += 5;
-            })
+            with_local(
+                1,
+                &r,
+                || 0,
+                |l| {
+                    l.pushed += 5;
+                },
+            )
             .unwrap();
         })
         .join()
         .unwrap();
         let r = Arc::clone(&reg);
         let (idx, pushed) =
-            std::thread::spawn(move || with_local(1, &r, 0, |l| (l.idx, l.pushed)).unwrap())
+            std::thread::spawn(move || with_local(1, &r, || 0, |l| (l.idx, l.pushed)).unwrap())
                 .join()
                 .unwrap();
         assert_eq!((idx, pushed), (0, 5), "the exited thread's cell is adopted");
