@@ -1,24 +1,28 @@
-//! Prints the kernel's process events using only the raw socket and the codec.
+//! Prints the kernel's process events on the raw layers: the socket, the codec, and the
+//! proc module's pure pieces (`proc::request` to build LISTEN / IGNORE,
+//! `ProcEvent::from_kernel` to decode), without a listener.
 //!
 //! `cargo run --example proc_events` (as root). Stops after 20 events or 10 seconds.
-//! The typed API in `cnbus::proc` and the `proctrace` tool are the full-featured versions.
+//! `ProcListener` and the `proctrace` tool are the full-featured versions (filtering, loss
+//! accounting, namespaces).
 
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::codec::{messages, CbId, CnMsg, DatagramBuilder, Message};
+use cnbus::codec::{messages, CbId, DatagramBuilder, Message};
+use cnbus::proc::{request, McastOp, ProcEvent};
 use cnbus::sys::{poll_read, ConnectorSocket, Dest, EventFd};
 
-fn op(sock: &ConnectorSocket, op: u32) -> cnbus::Result<()> {
+fn op(sock: &ConnectorSocket, op: McastOp) -> cnbus::Result<()> {
     let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
-    d.push(&CnMsg::new(CbId::PROC, op.to_ne_bytes().to_vec()))?;
+    d.push(&request(op, None, 0, sock.port_id()))?;
     sock.send(d.as_bytes(), Dest::Kernel).map(drop)
 }
 
 fn main() -> cnbus::Result<()> {
     let sock = ConnectorSocket::open()?;
     sock.join(1)?;
-    op(&sock, 1)?; // PROC_CN_MCAST_LISTEN
+    op(&sock, McastOp::Listen)?;
     let never = EventFd::new()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = BytesMut::new();
@@ -33,23 +37,21 @@ fn main() -> cnbus::Result<()> {
         };
         for m in messages(buf.split().freeze()) {
             let Message::Connector(c) = m? else { continue };
-            if !meta.from_kernel() || c.msg.id != CbId::PROC || c.msg.data.len() < 24 {
+            if c.msg.id != CbId::PROC {
                 continue;
             }
-            let d = &c.msg.data;
-            let u = |at: usize| u32::from_ne_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
-            println!(
-                "[{}] [{}.{}] what={:#010x} cpu={} pid={} tgid={}",
-                c.msg.id,
-                c.msg.seq,
-                c.msg.ack,
-                u(0),
-                u(4) as i32,
-                u(16),
-                u(20)
-            );
-            n += 1;
+            // Rejects anything a user-space process sent (its port is not 0).
+            match ProcEvent::from_kernel(meta.port, &c.msg) {
+                Ok(ev) => {
+                    println!(
+                        "[{}] [{}.{}] cpu {} {:?}",
+                        c.msg.id, c.msg.seq, c.msg.ack, ev.cpu, ev.body
+                    );
+                    n += 1;
+                }
+                Err(e) => eprintln!("not a kernel event: {e}"),
+            }
         }
     }
-    op(&sock, 2) // PROC_CN_MCAST_IGNORE
+    op(&sock, McastOp::Ignore)
 }
