@@ -150,6 +150,7 @@ fn main() {
         }
         let bus = bench_bus();
         let id = CbId::new(idx, 1);
+        let cpu0 = thread_cpu();
         let t = Instant::now();
         let mut n = 0u64;
         while t.elapsed() < phase_len {
@@ -161,6 +162,7 @@ fn main() {
         }
         bus.flush().unwrap();
         let send_time = t.elapsed();
+        let cpu = cpu_per_msg(cpu0, n);
         let (deliv, over) = end_phase(1);
         ra = rate(deliv, t.elapsed());
         let st = bus.stats();
@@ -172,6 +174,7 @@ fn main() {
             st.blocked,
             100.0 * st.assisted_messages as f64 / st.sent_messages.max(1) as f64
         );
+        println!("      {cpu}");
     }
 
     // 2b. One message per send() system call, through the library's socket.
@@ -203,15 +206,18 @@ fn main() {
     // 2c. Raw libc loop: same datagrams as the bus builds, 64 per sendmmsg, no library.
     let mut rc = 0.0;
     if run('c') {
+        let cpu0 = thread_cpu();
         let t = Instant::now();
         let sent = raw_loop(idx, 3, phase_len);
         let send = t.elapsed();
+        let cpu = cpu_per_msg(cpu0, sent);
         let (deliv, over) = end_phase(3);
         rc = rate(deliv, t.elapsed());
         println!(
             "  (c) raw sendmmsg     {rc:>12.0}  (sent {sent} in {:.2} s, delivered {deliv}, receiver overruns {over})",
             send.as_secs_f64()
         );
+        println!("      {cpu}");
     }
     if ra > 0.0 && rb > 0.0 {
         println!(
@@ -243,6 +249,28 @@ fn main() {
 
 /// The bus under test: datagrams of `per_dgram()` messages of 64 B, as the raw loop
 /// builds.
+/// This thread's CPU time so far: (user, system).
+fn thread_cpu() -> (Duration, Duration) {
+    // SAFETY: rusage is plain data; all-zero is valid, and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    assert_eq!(r, 0, "getrusage: {}", std::io::Error::last_os_error());
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+/// "user U ns + system S ns": the calling thread's CPU time per message since `from`.
+fn cpu_per_msg(from: (Duration, Duration), msgs: u64) -> String {
+    let (u, s) = thread_cpu();
+    let per = |d: Duration| d.as_nanos() as f64 / msgs.max(1) as f64;
+    format!(
+        "producer CPU per message: user {:.1} ns + system {:.1} ns",
+        per(u - from.0),
+        per(s - from.1)
+    )
+}
+
 fn bench_bus() -> Bus {
     let env = |k: &str, d: usize| {
         std::env::var(k)
@@ -263,6 +291,7 @@ fn bench_bus() -> Bus {
         .watermark(env("BENCH_WATERMARK", cap / 4))
         .max_batch(env("BENCH_BATCH", 64))
         .on_full(FullPolicy::Block)
+        .assist(env("BENCH_ASSIST", 1) != 0)
         .build()
         .unwrap()
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::codec::CbId;
 
-use super::shard::{u32_at, Drainer};
+use super::shard::{Batch, Drainer, UNTRACKED};
 use super::stats::Counters;
 use super::Inner;
 
@@ -35,33 +35,38 @@ impl Seqs {
         *n
     }
 
-    /// Writes consecutive numbers into `nlmsg_seq` (offset 8) and `cn_msg.seq` (offset 24)
-    /// of the messages at `offsets` of `arena`, in order.
-    fn number(&mut self, arena: &mut [u8], offsets: &[usize]) {
-        // Messages of one id tend to come in runs: look the counter up once per run.
-        let mut run: Option<(CbId, u32)> = None;
-        for &at in offsets {
-            let Some(m) = arena.get_mut(at..at + 28) else {
+    /// Numbers the batch's messages: for each run of [`Entry::Slice`](super::shard::Entry)
+    /// messages, consecutive numbers of its id (one counter look-up per run), written into
+    /// `nlmsg_seq` and `cn_msg.seq`. Prebuilt messages keep theirs. A run's messages lie
+    /// at a fixed stride (its `len`), so the writes do not wait on reads of the lengths;
+    /// every access is bounds-checked and a run that does not fit ends the walk.
+    fn number(&mut self, batch: &mut Batch) {
+        let (runs, bytes) = batch.runs_and_bytes_mut();
+        let mut at = 0usize;
+        for r in runs {
+            let (len, n) = (r.len as usize, r.n as usize);
+            let Some(span) = bytes.get_mut(at..at + len * n) else {
+                return;
+            };
+            at += len * n;
+            if !r.numbered || len < 28 {
                 continue;
-            };
-            let id = CbId::new(u32_at(m, 16), u32_at(m, 20));
-            let n = match run {
-                Some((rid, last)) if rid == id => last.wrapping_add(1),
-                _ => {
-                    if let Some((rid, last)) = run {
-                        self.last.insert(rid, last);
-                    }
-                    self.last.get(&id).copied().unwrap_or(0).wrapping_add(1)
+            }
+            let counter = self.last.entry(r.id).or_insert(0);
+            for m in span.chunks_exact_mut(len) {
+                *counter = counter.wrapping_add(1);
+                if let Some(m) = crate::codec::array_mut::<28>(m) {
+                    write_seq(m, *counter);
                 }
-            };
-            m[8..12].copy_from_slice(&n.to_ne_bytes());
-            m[24..28].copy_from_slice(&n.to_ne_bytes());
-            run = Some((id, n));
-        }
-        if let Some((rid, last)) = run {
-            self.last.insert(rid, last);
+            }
         }
     }
+}
+
+/// Writes `seq` into a message's `nlmsg_seq` (offset 8) and `cn_msg.seq` (offset 24).
+pub(crate) fn write_seq(m: &mut [u8; 28], seq: u32) {
+    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    m[24..28].copy_from_slice(&seq.to_ne_bytes());
 }
 
 impl Inner {
@@ -103,13 +108,12 @@ impl Inner {
             // The send lock: numbering and sending of one batch are not interleaved with
             // another drainer's, so per-id numbers follow wire order.
             let mut seqs = self.seqs.lock();
-            if !b.numbered.is_empty() {
-                seqs.number(&mut b.bytes, &b.numbered);
-            }
+            seqs.number(b);
+            let bytes = b.bytes();
             let slices: Vec<IoSlice<'_>> = b
                 .bounds
                 .iter()
-                .filter_map(|&(s, e, _)| b.bytes.get(s..e).map(IoSlice::new))
+                .filter_map(|&(s, e, _)| bytes.get(s..e).map(IoSlice::new))
                 .collect();
             let max_batch = self.cfg.max_batch.max(1);
             let mut off = 0;
@@ -156,18 +160,42 @@ impl Inner {
                 }
             }
         }
-        if let Some(max) = b.runs.iter().map(|r| r.0).max() {
+        // Publish `done` per producer, one add per stretch of runs of the same cell.
+        if let Some(max) = b
+            .runs
+            .iter()
+            .map(|r| r.cell)
+            .filter(|&c| c != UNTRACKED)
+            .max()
+        {
             if d.cells.len() <= max as usize {
                 self.registry.refresh(&mut d.cells);
             }
-            for &(i, n) in &b.runs {
-                // Release: the take and the send above happen-before the owner's Acquire
-                // load that lets it change shard.
-                if let Some(c) = d.cells.get(i as usize) {
-                    c.done.fetch_add(n, Release);
+        }
+        let mut pending: Option<(u32, u64)> = None;
+        for r in b.runs.iter().filter(|r| r.cell != UNTRACKED) {
+            match &mut pending {
+                Some((c, n)) if *c == r.cell => *n += u64::from(r.n),
+                _ => {
+                    if let Some((c, n)) = pending {
+                        publish_done(&d.cells, c, n);
+                    }
+                    pending = Some((r.cell, u64::from(r.n)));
                 }
             }
         }
+        if let Some((c, n)) = pending {
+            publish_done(&d.cells, c, n);
+        }
+    }
+}
+
+/// Adds `n` to the `done` count of cell `i`.
+fn publish_done(cells: &[std::sync::Arc<super::shard::Cell>], i: u32, n: u64) {
+    // Release: the take and the send happen-before the owner's Acquire load that lets it
+    // change shard.
+    if let Some(c) = cells.get(i as usize) {
+        c.done.fetch_add(n, Release);
     }
 }
 
@@ -177,24 +205,51 @@ mod tests {
 
     #[test]
     fn numbering_is_per_id_and_consecutive() {
-        // Three 36-byte messages: ids a, a, b; then a again in a second batch.
+        use super::super::shard::{Entry, Layout, Shard};
+        use crate::codec::{messages_ref, CnMsg, MessageRef};
         let a = CbId::new(1, 2);
         let b = CbId::new(3, 4);
-        let mut arena = vec![0u8; 36 * 3];
-        for (k, id) in [a, a, b].iter().enumerate() {
-            arena[k * 36 + 16..k * 36 + 20].copy_from_slice(&id.idx.to_ne_bytes());
-            arena[k * 36 + 20..k * 36 + 24].copy_from_slice(&id.val.to_ne_bytes());
-        }
+        let lay = Layout {
+            pid: 9,
+            coalesce: true,
+            datagram_size: 4096,
+        };
+        let sh = Shard::new(16, 4096);
+        let push = |e: Entry<'_>, cell| sh.push(&e, cell, lay, || 1).unwrap();
+        // Data of 1 and 5 bytes: messages of 40 and 44 bytes, padding included.
+        push(Entry::Slice { id: a, data: b"x" }, 0);
+        push(
+            Entry::Slice {
+                id: a,
+                data: b"hello",
+            },
+            1,
+        );
+        push(Entry::Msg(CnMsg::new(a, &b"p"[..]).with_seq(777, 0)), 1);
+        push(Entry::Slice { id: b, data: b"x" }, 1);
+        push(Entry::Slice { id: a, data: b"x" }, UNTRACKED);
+        let mut batch = Batch::with_capacity(4096, 16);
+        sh.take(&mut batch);
         let mut s = Seqs::default();
-        s.number(&mut arena, &[0, 36, 72]);
-        let seq = |ar: &[u8], k: usize| (u32_at(ar, k * 36 + 8), u32_at(ar, k * 36 + 24));
-        assert_eq!(seq(&arena, 0), (1, 1));
-        assert_eq!(seq(&arena, 1), (2, 2));
-        assert_eq!(seq(&arena, 2), (1, 1));
-        s.number(&mut arena, &[0]);
-        assert_eq!(seq(&arena, 0), (3, 3));
+        s.number(&mut batch);
+        let seqs = |batch: &Batch| -> Vec<(u32, u32)> {
+            messages_ref(batch.bytes())
+                .map(|m| match m {
+                    Ok(MessageRef::Connector { nl, cn, .. }) => (nl.seq, cn.seq),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(seqs(&batch), [(1, 1), (2, 2), (777, 777), (1, 1), (3, 3)]);
+        // The next batch goes on from there.
+        batch.clear();
+        push(Entry::Slice { id: a, data: b"x" }, 0);
+        sh.take(&mut batch);
+        s.number(&mut batch);
+        assert_eq!(seqs(&batch), [(4, 4)]);
         assert_eq!(s.next(b), 2);
-        // Out-of-range offsets are skipped, not a panic.
-        s.number(&mut arena, &[1000]);
+        // Runs that claim more messages than the bytes hold end the walk, no panic.
+        batch.runs[0].n = 1000;
+        s.number(&mut batch);
     }
 }

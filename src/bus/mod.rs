@@ -559,10 +559,11 @@ impl Inner {
         }
     }
 
-    /// One attempt to queue `e` in the caller's shard. Hands `e` back when full. `help`:
-    /// the caller may drain the shard itself (it holds no bus lock).
-    #[inline]
-    fn try_push<'a>(&self, e: Entry<'a>, help: bool) -> Result<(), Entry<'a>> {
+    /// One attempt to queue `e` in the caller's shard; false when full. `help`: the caller
+    /// may drain the shard itself (it holds no bus lock). Takes `e` by reference so that
+    /// the caller keeps it for the full path and the entry is never copied on the hot path.
+    #[inline(always)]
+    fn try_push(&self, e: &Entry<'_>, help: bool) -> bool {
         let n = self.shards.len();
         let lay = Layout {
             pid: self.pid,
@@ -579,30 +580,30 @@ impl Inner {
             if l.cell.done.load(Acquire) == l.pushed {
                 l.shard = cpu();
             }
-            let len = self.shards.get(l.shard)?.push(&e, l.idx, lay, now)?;
+            let len = self.shards.get(l.shard)?.push(e, l.idx, lay, now)?;
             l.pushed += 1;
             l.cell.pushed.store(l.pushed, Relaxed);
             Some((l.shard, len))
         });
         let (shard, len) = match r {
             Some(Some(r)) => r,
-            Some(None) => return Err(e),
+            Some(None) => return false,
             None => {
                 // No thread-local state (thread teardown): always shard 0, which keeps
                 // this thread's order among its untracked messages.
                 let Some(len) = self
                     .shards
                     .first()
-                    .and_then(|s| s.push(&e, UNTRACKED, lay, now))
+                    .and_then(|s| s.push(e, UNTRACKED, lay, now))
                 else {
-                    return Err(e);
+                    return false;
                 };
                 Counters::add(&self.stats.untracked, 1);
                 (0, len)
             }
         };
         self.after_push(shard, len, help);
-        Ok(())
+        true
     }
 
     /// True when the calling thread has messages queued or being sent.
@@ -712,12 +713,11 @@ impl Bus {
             Counters::add(&inner.stats.rejected_closed, 1);
             return Err(InsertError::Closed(e.into_msg()));
         }
-        match inner.try_push(e, true) {
-            Ok(()) => Ok(()),
-            Err(e) => self
-                .on_full(e, policy)
-                .map_err(|err| err.map(Entry::into_msg)),
+        if inner.try_push(&e, true) {
+            return Ok(());
         }
+        self.on_full(e, policy)
+            .map_err(|err| err.map(Entry::into_msg))
     }
 
     #[cold]
@@ -748,16 +748,13 @@ impl Bus {
 
     fn block<'a>(
         &self,
-        mut e: Entry<'a>,
+        e: Entry<'a>,
         deadline: Option<Instant>,
     ) -> Result<(), InsertError<Entry<'a>>> {
         let inner = &*self.inner;
         // With assisted draining, first try to make the space ourselves.
-        if inner.cfg.assist && inner.help(inner.own_shard()) {
-            match inner.try_push(e, true) {
-                Ok(()) => return Ok(()),
-                Err(back) => e = back,
-            }
+        if inner.cfg.assist && inner.help(inner.own_shard()) && inner.try_push(&e, true) {
+            return Ok(());
         }
         loop {
             let mut g = inner.space_lock.lock();
@@ -766,38 +763,30 @@ impl Bus {
             // decides how to sleep, or is unparked.
             inner.wake();
             // No helping here: we hold `space_lock`, which a drainer takes to notify.
-            let r = inner.try_push(e, false);
-            let timed_out = match r {
-                Ok(()) => {
-                    inner.space_waiters.fetch_sub(1, SeqCst);
-                    return Ok(());
-                }
-                Err(back) => {
-                    e = back;
-                    if inner.dead.load(SeqCst) {
-                        inner.space_waiters.fetch_sub(1, SeqCst);
-                        Counters::add(&inner.stats.rejected_closed, 1);
-                        return Err(InsertError::Closed(e));
-                    }
-                    match deadline {
-                        Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
-                        None => {
-                            inner.space_cv.wait(&mut g);
-                            false
-                        }
-                    }
+            if inner.try_push(&e, false) {
+                inner.space_waiters.fetch_sub(1, SeqCst);
+                return Ok(());
+            }
+            if inner.dead.load(SeqCst) {
+                inner.space_waiters.fetch_sub(1, SeqCst);
+                Counters::add(&inner.stats.rejected_closed, 1);
+                return Err(InsertError::Closed(e));
+            }
+            let timed_out = match deadline {
+                Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
+                None => {
+                    inner.space_cv.wait(&mut g);
+                    false
                 }
             };
             inner.space_waiters.fetch_sub(1, SeqCst);
             drop(g);
             if timed_out {
-                return match inner.try_push(e, true) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        Counters::add(&inner.stats.rejected_timeout, 1);
-                        Err(InsertError::Timeout(e))
-                    }
-                };
+                if inner.try_push(&e, true) {
+                    return Ok(());
+                }
+                Counters::add(&inner.stats.rejected_timeout, 1);
+                return Err(InsertError::Timeout(e));
             }
         }
     }
@@ -810,16 +799,14 @@ impl Bus {
             Counters::add(&st.rejected_closed, 1);
             return Err(InsertError::Closed(e));
         }
-        let mut buf = Vec::with_capacity(e.encoded_len());
-        e.encode(inner.pid, &mut buf);
+        let mut buf = vec![0u8; e.encoded_len()];
+        // Fits: sized for it, and the data length was checked on entry.
+        let _ = e.encode_into(inner.pid, &mut buf);
         // Under the send lock, so that a numbered message gets the next number of its id
         // and goes on the wire in that order.
         let mut seqs = inner.seqs.lock();
-        if e.numbered() && buf.len() >= 28 {
-            let id = CbId::new(shard::u32_at(&buf, 16), shard::u32_at(&buf, 20));
-            let n = seqs.next(id).to_ne_bytes();
-            buf[8..12].copy_from_slice(&n);
-            buf[24..28].copy_from_slice(&n);
+        if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
+            drain::write_seq(m, seqs.next(*id));
         }
         Counters::add(&st.syscalls, 1);
         let sent = inner.sock.send(&buf, inner.dest);

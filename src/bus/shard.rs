@@ -34,7 +34,9 @@ use std::sync::Arc;
 use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
 
-use crate::codec::{nlmsg_align, CbId, CnHeader, CnMsg, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN};
+use crate::codec::{
+    self, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, CN_MSG_HDRLEN, NLMSG_DONE, NLMSG_HDRLEN,
+};
 use crate::sys::ShortLock;
 
 /// Netlink plus connector header.
@@ -61,31 +63,6 @@ pub(crate) enum Entry<'a> {
     Msg(CnMsg),
 }
 
-/// Writes the netlink header (type `NLMSG_DONE`, seq = the message's seq, pid) and the
-/// `cn_msg` header, as [`crate::codec::DatagramBuilder`] does.
-#[inline]
-fn headers(out: &mut [u8; HDR], pid: u32, h: &CnHeader) {
-    let len = (HDR + usize::from(h.len)) as u32;
-    out[0..4].copy_from_slice(&len.to_ne_bytes());
-    out[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
-    out[6..8].copy_from_slice(&0u16.to_ne_bytes());
-    out[8..12].copy_from_slice(&h.seq.to_ne_bytes());
-    out[12..16].copy_from_slice(&pid.to_ne_bytes());
-    out[16..20].copy_from_slice(&h.id.idx.to_ne_bytes());
-    out[20..24].copy_from_slice(&h.id.val.to_ne_bytes());
-    out[24..28].copy_from_slice(&h.seq.to_ne_bytes());
-    out[28..32].copy_from_slice(&h.ack.to_ne_bytes());
-    out[32..34].copy_from_slice(&h.len.to_ne_bytes());
-    out[34..36].copy_from_slice(&h.flags.to_ne_bytes());
-}
-
-pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at + 4) {
-        Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
-        _ => 0,
-    }
-}
-
 impl Entry<'_> {
     /// Length of the data.
     #[inline]
@@ -93,6 +70,15 @@ impl Entry<'_> {
         match self {
             Self::Slice { data, .. } => data.len(),
             Self::Msg(m) => m.data.len(),
+        }
+    }
+
+    /// The id.
+    #[inline]
+    pub(crate) fn id(&self) -> CbId {
+        match self {
+            Self::Slice { id, .. } => *id,
+            Self::Msg(m) => m.id,
         }
     }
 
@@ -116,106 +102,170 @@ impl Entry<'_> {
         nlmsg_align(HDR + self.data_len())
     }
 
-    /// Appends the encoded message (headers, data, zero padding), from port `pid`. The
-    /// caller has checked that the data fits in `cn_msg.len`.
+    /// The `cn_msg` header (seq 0 until numbered for [`Entry::Slice`]; its `len` is
+    /// computed by the encoder) and the data.
     #[inline]
-    pub(crate) fn encode(&self, pid: u32, out: &mut Vec<u8>) {
-        let (h, data) = match self {
+    fn parts(&self) -> (CnHeader, &[u8]) {
+        match self {
             Self::Slice { id, data } => (
                 CnHeader {
                     id: *id,
-                    seq: 0,
-                    ack: 0,
-                    len: data.len() as u16,
-                    flags: 0,
+                    ..CnHeader::default()
                 },
-                *data,
+                data,
             ),
             Self::Msg(m) => (
                 CnHeader {
                     id: m.id,
                     seq: m.seq,
                     ack: m.ack,
-                    len: m.data.len() as u16,
+                    len: 0,
                     flags: m.flags,
                 },
                 &m.data[..],
             ),
-        };
-        let mut hdr = [0u8; HDR];
-        headers(&mut hdr, pid, &h);
-        let start = out.len();
-        out.extend_from_slice(&hdr);
-        out.extend_from_slice(data);
-        out.resize(start + nlmsg_align(HDR + data.len()), 0);
+        }
     }
+
+    /// Writes the encoded message (headers as [`crate::codec::DatagramBuilder`] writes
+    /// them: `NLMSG_DONE`, `nlmsg_seq` = `cn_msg.seq`, `nlmsg_pid` = `pid`; data; zero
+    /// padding) at the start of `out`. Returns the bytes written, or `None` when `out` is
+    /// too short or the data longer than `cn_msg.len` can say (callers check that first).
+    #[inline(always)]
+    pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
+        let (cn, data) = self.parts();
+        let nl = NlHeader {
+            len: 0,
+            ty: NLMSG_DONE,
+            flags: 0,
+            seq: cn.seq,
+            pid,
+        };
+        codec::encode_into(out, nl, cn, data)
+    }
+}
+
+/// Consecutive messages of a batch pushed by one producer cell with one id and one kind.
+/// The drainer numbers a batch run by run (one counter look-up per run) and publishes the
+/// producers' `done` counts from the runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// The producer's cell, or [`UNTRACKED`].
+    pub cell: u32,
+    /// The id of every message of the run.
+    pub id: CbId,
+    /// True for [`Entry::Slice`] messages, whose seq the drainer assigns; false for
+    /// prebuilt ones, which keep theirs.
+    pub numbered: bool,
+    /// The encoded length of every message of the run, padding included: the run's
+    /// messages lie at `len` byte strides.
+    pub len: u32,
+    /// Messages in the run.
+    pub n: u32,
 }
 
 /// Encoded messages packed into datagrams: a shard's contents, or a drainer's batch.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
-    /// Datagrams back to back.
-    pub bytes: Vec<u8>,
+    /// Wire bytes, allocated once at full size: the datagrams lie back to back in
+    /// `buf[..used]`, so the messages do too.
+    buf: Box<[u8]>,
+    used: usize,
     /// Closed datagrams: (start, end, messages).
     pub bounds: Vec<(usize, usize, u64)>,
     /// Start of the open datagram, and its message count.
     open_start: usize,
     open_msgs: u64,
-    /// Offsets in `bytes` of the messages whose seq the drainer assigns.
-    pub numbered: Vec<usize>,
-    /// Producers' cells in push order, run-length encoded: (cell, messages).
-    pub runs: Vec<(u32, u64)>,
+    /// The messages in push order, run-length encoded.
+    pub runs: Vec<Run>,
     /// Messages held.
     pub count: usize,
 }
 
 impl Batch {
-    fn with_capacity(bytes: usize, msgs: usize) -> Self {
+    /// An empty batch that can hold `bytes` bytes of messages (about `msgs` of them).
+    pub(crate) fn with_capacity(bytes: usize, msgs: usize) -> Self {
         Self {
-            bytes: Vec::with_capacity(bytes),
+            buf: vec![0u8; bytes].into_boxed_slice(),
             bounds: Vec::with_capacity(msgs.min(1 << 16)),
-            numbered: Vec::with_capacity(msgs.min(1 << 16)),
+            runs: Vec::with_capacity(msgs.min(1 << 10)),
             ..Self::default()
         }
     }
 
+    /// The encoded messages.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.buf.get(..self.used).unwrap_or_default()
+    }
+
+    /// The runs, and the encoded messages for the drainer to write sequence numbers into.
+    pub(crate) fn runs_and_bytes_mut(&mut self) -> (&[Run], &mut [u8]) {
+        (
+            &self.runs,
+            self.buf.get_mut(..self.used).unwrap_or_default(),
+        )
+    }
+
     /// Appends `e` from port `pid` for producer `cell`, closing the open datagram first
     /// if `e` would not fit in it (`coalesce`) or always (one message per datagram).
-    #[inline]
-    fn append(&mut self, e: &Entry<'_>, pid: u32, cell: u32, coalesce: bool, dgram: usize) {
+    /// Returns `None`, changing nothing, when the bytes do not fit.
+    #[inline(always)]
+    fn append(
+        &mut self,
+        e: &Entry<'_>,
+        pid: u32,
+        cell: u32,
+        coalesce: bool,
+        dgram: usize,
+    ) -> Option<()> {
+        let at = self.used;
         let len = e.encoded_len();
-        if self.open_msgs > 0 && (!coalesce || self.bytes.len() - self.open_start + len > dgram) {
+        let end = at + len;
+        if end > self.buf.len() {
+            return None;
+        }
+        if self.open_msgs > 0 && (!coalesce || end - self.open_start > dgram) {
             self.close_open();
         }
-        if e.numbered() {
-            self.numbered.push(self.bytes.len());
-        }
-        e.encode(pid, &mut self.bytes);
+        self.used += e.encode_into(pid, self.buf.get_mut(at..)?)?;
         self.open_msgs += 1;
         self.count += 1;
-        if cell != UNTRACKED {
-            match self.runs.last_mut() {
-                Some((c, n)) if *c == cell => *n += 1,
-                _ => self.runs.push((cell, 1)),
+        let (id, numbered, len) = (e.id(), e.numbered(), len as u32);
+        match self.runs.last_mut() {
+            Some(r)
+                if r.cell == cell
+                    && r.id == id
+                    && r.len == len
+                    && r.numbered == numbered
+                    && r.n < u32::MAX =>
+            {
+                r.n += 1
             }
+            _ => self.runs.push(Run {
+                cell,
+                id,
+                numbered,
+                len,
+                n: 1,
+            }),
         }
+        Some(())
     }
 
     /// Closes the open datagram, if any.
     pub(crate) fn close_open(&mut self) {
         if self.open_msgs > 0 {
             self.bounds
-                .push((self.open_start, self.bytes.len(), self.open_msgs));
-            self.open_start = self.bytes.len();
+                .push((self.open_start, self.used, self.open_msgs));
+            self.open_start = self.used;
             self.open_msgs = 0;
         }
     }
 
     /// Empties the batch, keeping its allocations.
     pub(crate) fn clear(&mut self) {
-        self.bytes.clear();
+        self.used = 0;
         self.bounds.clear();
-        self.numbered.clear();
         self.runs.clear();
         self.open_start = 0;
         self.open_msgs = 0;
@@ -249,7 +299,6 @@ pub(crate) struct Shard {
     /// and its datagrams are never interleaved with another drainer's of the same shard.
     pub drain: CachePadded<Mutex<Drainer>>,
     capacity: usize,
-    byte_limit: usize,
 }
 
 /// Where a push goes: the bus's framing and limits.
@@ -274,14 +323,13 @@ impl Shard {
                 cells: Vec::new(),
             })),
             capacity,
-            byte_limit,
         }
     }
 
     /// Appends `e` for producer `cell` unless the shard is full. Returns the number of
     /// messages held after the push. `now` gives the enqueue stamp when the shard was
     /// empty.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(
         &self,
         e: &Entry<'_>,
@@ -290,14 +338,14 @@ impl Shard {
         now: impl FnOnce() -> u64,
     ) -> Option<usize> {
         let mut b = self.buf.lock();
-        if b.count >= self.capacity || b.bytes.len() + e.encoded_len() > self.byte_limit {
+        if b.count >= self.capacity {
             return None;
         }
-        if b.count == 0 {
+        b.append(e, lay.pid, cell, lay.coalesce, lay.datagram_size)?;
+        let n = b.count;
+        if n == 1 {
             self.since.store(now(), Ordering::Relaxed);
         }
-        b.append(e, lay.pid, cell, lay.coalesce, lay.datagram_size);
-        let n = b.count;
         self.len.store(n, Ordering::Release);
         Some(n)
     }
@@ -467,28 +515,37 @@ mod tests {
 
     #[test]
     fn encoding_matches_datagram_builder() {
+        let encode = |e: &Entry<'_>| {
+            let mut out = vec![0xAAu8; e.encoded_len() + 8];
+            let n = e.encode_into(42, &mut out).unwrap();
+            assert_eq!(n, e.encoded_len());
+            assert!(out[n..].iter().all(|&b| b == 0xAA), "wrote past its length");
+            out.truncate(n);
+            out
+        };
         for n in [0usize, 1, 3, 63, 64, 65, 1000] {
             let data: Vec<u8> = (0..n).map(|i| i as u8).collect();
             let msg = CnMsg::new(CbId::new(0x4000_0001, 9), data.clone()).with_seq(7, 8);
             let mut b = DatagramBuilder::new(4096).with_pid(42);
             assert!(b.push(&msg).unwrap());
             let e = Entry::Msg(msg.clone());
-            let mut out = Vec::new();
-            e.encode(42, &mut out);
+            let out = encode(&e);
             assert_eq!(out, b.as_bytes(), "payload of {n} bytes");
             assert_eq!(e.encoded_len(), msg.encoded_len());
             assert!(!e.numbered());
+            // Too short a buffer: nothing written.
+            let mut short = vec![0xAAu8; e.encoded_len() - 1];
+            assert_eq!(e.encode_into(42, &mut short), None);
+            assert!(short.iter().all(|&b| b == 0xAA));
             // The slice path (seq/ack 0 until numbered) against the builder.
             let plain = CnMsg::new(msg.id, data.clone());
             let mut b2 = DatagramBuilder::new(4096).with_pid(42);
             assert!(b2.push(&plain).unwrap());
-            let mut out2 = Vec::new();
             let e2 = Entry::Slice {
                 id: plain.id,
                 data: &data,
             };
-            e2.encode(42, &mut out2);
-            assert_eq!(out2, b2.as_bytes(), "slice payload of {n} bytes");
+            assert_eq!(encode(&e2), b2.as_bytes(), "slice payload of {n} bytes");
             assert!(e2.numbered());
             assert_eq!(e2.into_msg(), plain);
             let Some(Ok(Message::Connector(c))) = messages(Bytes::from(out)).next() else {
@@ -518,13 +575,21 @@ mod tests {
         assert_eq!(sh.push(&e, 0, lay, || 6), None, "full at capacity");
         assert_eq!(sh.len(), 4);
         assert_eq!(sh.since(), 5);
-        let mut into = Batch::default();
+        let mut into = Batch::with_capacity(400, 4);
         assert_eq!(sh.take(&mut into), (4, 5));
         into.close_open();
         // 100-byte messages, 250-byte datagrams: 2 + 2.
         assert_eq!(into.bounds, vec![(0, 200, 2), (200, 400, 2)]);
-        assert_eq!(into.numbered, vec![0, 100, 200, 300]);
-        assert_eq!(into.runs, vec![(0, 4)]);
+        assert_eq!(
+            into.runs,
+            vec![Run {
+                cell: 0,
+                id: CbId::new(1, 1),
+                numbered: true,
+                len: 100,
+                n: 4
+            }]
+        );
         assert_eq!((sh.len(), sh.since()), (0, 0));
         // A big message fits an empty shard only.
         let big = [0u8; 200];

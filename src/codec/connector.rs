@@ -82,12 +82,20 @@ pub struct CnHeader {
 impl CnHeader {
     /// Appends the 20 header bytes to `out`.
     pub fn emit(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.id.idx.to_ne_bytes());
-        out.extend_from_slice(&self.id.val.to_ne_bytes());
-        out.extend_from_slice(&self.seq.to_ne_bytes());
-        out.extend_from_slice(&self.ack.to_ne_bytes());
-        out.extend_from_slice(&self.len.to_ne_bytes());
-        out.extend_from_slice(&self.flags.to_ne_bytes());
+        let mut b = [0u8; CN_MSG_HDRLEN];
+        self.write(&mut b);
+        out.extend_from_slice(&b);
+    }
+
+    /// Writes the 20 header bytes into `out` (fixed offsets, plain stores).
+    #[inline]
+    pub fn write(&self, out: &mut [u8; CN_MSG_HDRLEN]) {
+        out[0..4].copy_from_slice(&self.id.idx.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.id.val.to_ne_bytes());
+        out[8..12].copy_from_slice(&self.seq.to_ne_bytes());
+        out[12..16].copy_from_slice(&self.ack.to_ne_bytes());
+        out[16..18].copy_from_slice(&self.len.to_ne_bytes());
+        out[18..20].copy_from_slice(&self.flags.to_ne_bytes());
     }
 }
 

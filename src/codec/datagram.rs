@@ -238,17 +238,44 @@ impl std::iter::FusedIterator for Messages {}
 /// when the data is longer than `cn_msg.len` can say.
 pub fn encode(nl: NlHeader, msg: &CnMsg, out: &mut Vec<u8>) -> Result<(), crate::Error> {
     let cn = msg.header()?;
-    let len = NLMSG_HDRLEN + CN_MSG_HDRLEN + msg.data.len();
     let start = out.len();
+    out.resize(start + msg.encoded_len(), 0);
+    // Cannot fail: the space was just made and `header()` checked the data length.
+    let _ = encode_into(&mut out[start..], nl, cn, &msg.data);
+    Ok(())
+}
+
+/// Writes one connector message, framed by a netlink header, at the start of `out`, zero
+/// padding included: the slice counterpart of [`encode`], for callers that own a buffer
+/// (the bus writes straight into its shards with it).
+///
+/// `nl.len` and `cn.len` are ignored and computed from `data`. Returns the bytes written,
+/// `nlmsg_align(36 + data.len())`, or `None`, writing nothing, when `out` is shorter than
+/// that or `data` is longer than `cn_msg.len` can say ([`CnMsg::MAX_DATA`]).
+#[inline(always)]
+pub fn encode_into(out: &mut [u8], nl: NlHeader, cn: CnHeader, data: &[u8]) -> Option<usize> {
+    let dlen = u16::try_from(data.len()).ok()?;
+    let len = NLMSG_HDRLEN + CN_MSG_HDRLEN + data.len();
+    let dst = out.get_mut(..nlmsg_align(len))?;
+    let padded = dst.len() > len;
+    let written = dst.len();
     NlHeader {
         len: len as u32, // at most 16 + 20 + 65535
         ..nl
     }
-    .emit(out);
-    cn.emit(out);
-    out.extend_from_slice(&msg.data);
-    out.resize(start + nlmsg_align(len), 0);
-    Ok(())
+    .write(super::array_mut(dst)?);
+    CnHeader { len: dlen, ..cn }.write(super::array_mut(dst.get_mut(NLMSG_HDRLEN..)?)?);
+    let rest = dst.get_mut(NLMSG_HDRLEN + CN_MSG_HDRLEN..)?;
+    // Padding (0 to 3 bytes) lies in the last 4: zero them with one store, before the
+    // data goes over the part of them that is data (no memset call on the hot path).
+    if padded {
+        let at = rest.len().saturating_sub(4);
+        if let Some(tail) = rest.get_mut(at..).and_then(super::array_mut::<4>) {
+            *tail = [0; 4];
+        }
+    }
+    rest.get_mut(..data.len())?.copy_from_slice(data);
+    Some(written)
 }
 
 /// Packs connector messages into one datagram, up to a size limit.

@@ -26,13 +26,19 @@ mod netlink;
 
 pub use connector::{CbId, CnHeader, CnMsg, CnMsgBuffer, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE};
 pub use datagram::{
-    encode, messages, messages_ref, ConnectorMessage, DatagramBuilder, Message, MessageRef,
-    Messages, MessagesRef, NlError,
+    encode, encode_into, messages, messages_ref, ConnectorMessage, DatagramBuilder, Message,
+    MessageRef, Messages, MessagesRef, NlError,
 };
 pub use netlink::{
     nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
     NLMSG_OVERRUN,
 };
+
+/// The first `N` bytes of `b` as an array, or `None` when `b` is shorter.
+#[inline(always)]
+pub(crate) fn array_mut<const N: usize>(b: &mut [u8]) -> Option<&mut [u8; N]> {
+    b.get_mut(..N)?.try_into().ok()
+}
 
 /// Reads a host-order `u16` at `at`. Callers have checked the bounds.
 #[inline]
