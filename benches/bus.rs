@@ -15,7 +15,12 @@
 //!
 //! "Delivered" means counted by the receiver process, which reports when it sees the
 //! phase's end marker; the rate is delivered messages over the time from the start of the
-//! phase to that report.
+//! phase to that report. For (a) and (c) the producer thread's user and system CPU time
+//! per message are printed too (`getrusage(RUSAGE_THREAD)`).
+//!
+//! Knobs: `BENCH_ONLY` (phases, default `iabc`), `BENCH_SECS`, `BENCH_PER_DGRAM`,
+//! `BENCH_CAPACITY`, `BENCH_WATERMARK`, `BENCH_BATCH`, `BENCH_ASSIST=0` (no
+//! producer-assisted draining in (a)), `BENCH_FLUSHER_CPU`, `BENCH_PRODUCER_CPU`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::mem;
