@@ -44,15 +44,15 @@ impl Seqs {
         let (runs, bytes) = batch.runs_and_bytes_mut();
         let mut at = 0usize;
         for r in runs {
-            let (len, n) = (r.len as usize, r.n as usize);
+            let (len, n) = (r.len() as usize, r.n as usize);
             let Some(span) = bytes.get_mut(at..at + len * n) else {
                 return;
             };
             at += len * n;
-            if !r.numbered || len < 28 {
+            if !r.numbered() || len < 28 {
                 continue;
             }
-            let counter = self.last.entry(r.id).or_insert(0);
+            let counter = self.last.entry(r.id()).or_insert(0);
             for m in span.chunks_exact_mut(len) {
                 *counter = counter.wrapping_add(1);
                 if let Some(m) = crate::codec::array_mut::<28>(m) {
@@ -164,7 +164,7 @@ impl Inner {
         if let Some(max) = b
             .runs
             .iter()
-            .map(|r| r.cell)
+            .map(|r| r.cell())
             .filter(|&c| c != UNTRACKED)
             .max()
         {
@@ -173,14 +173,14 @@ impl Inner {
             }
         }
         let mut pending: Option<(u32, u64)> = None;
-        for r in b.runs.iter().filter(|r| r.cell != UNTRACKED) {
+        for r in b.runs.iter().filter(|r| r.cell() != UNTRACKED) {
             match &mut pending {
-                Some((c, n)) if *c == r.cell => *n += u64::from(r.n),
+                Some((c, n)) if *c == r.cell() => *n += u64::from(r.n),
                 _ => {
                     if let Some((c, n)) = pending {
                         publish_done(&d.cells, c, n);
                     }
-                    pending = Some((r.cell, u64::from(r.n)));
+                    pending = Some((r.cell(), u64::from(r.n)));
                 }
             }
         }

@@ -697,7 +697,7 @@ impl Bus {
         self.insert_entry(Entry::Msg(msg), policy)
     }
 
-    #[inline]
+    #[inline(always)]
     fn insert_entry(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         let inner = &*self.inner;
         let len = e.encoded_len();

@@ -150,18 +150,59 @@ impl Entry<'_> {
 /// producers' `done` counts from the runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
-    /// The producer's cell, or [`UNTRACKED`].
-    pub cell: u32,
-    /// The id of every message of the run.
-    pub id: CbId,
-    /// True for [`Entry::Slice`] messages, whose seq the drainer assigns; false for
-    /// prebuilt ones, which keep theirs.
-    pub numbered: bool,
-    /// The encoded length of every message of the run, padding included: the run's
-    /// messages lie at `len` byte strides.
-    pub len: u32,
+    /// The id of every message of the run, as `idx << 32 | val`.
+    id: u64,
+    /// The producer's cell (low 32 bits), the encoded length of every message (bits
+    /// 32..63) and whether the drainer numbers them (bit 63): one word, so that extending
+    /// a run costs two comparisons.
+    shape: u64,
     /// Messages in the run.
     pub n: u32,
+}
+
+impl Run {
+    /// A run of `n` messages.
+    #[cfg(test)]
+    pub(crate) fn new(cell: u32, id: CbId, numbered: bool, len: u32, n: u32) -> Self {
+        Self {
+            id: Self::key(id),
+            shape: Self::shape_of(cell, numbered, len),
+            n,
+        }
+    }
+
+    #[inline(always)]
+    fn key(id: CbId) -> u64 {
+        u64::from(id.idx) << 32 | u64::from(id.val)
+    }
+
+    #[inline(always)]
+    fn shape_of(cell: u32, numbered: bool, len: u32) -> u64 {
+        // Encoded lengths are below 2^17 (a 16-bit cn_msg.len plus headers).
+        u64::from(cell) | u64::from(len & 0x7fff_ffff) << 32 | u64::from(numbered) << 63
+    }
+
+    /// The producer's cell, or [`UNTRACKED`].
+    pub(crate) fn cell(&self) -> u32 {
+        self.shape as u32
+    }
+
+    /// The id of every message of the run.
+    pub(crate) fn id(&self) -> CbId {
+        CbId::new((self.id >> 32) as u32, self.id as u32)
+    }
+
+    /// The encoded length of every message of the run, padding included: its messages lie
+    /// at this stride.
+    pub(crate) fn len(&self) -> u32 {
+        (self.shape >> 32) as u32 & 0x7fff_ffff
+    }
+
+    /// True for [`Entry::Slice`] messages, whose seq the drainer assigns; false for
+    /// prebuilt ones, which keep theirs.
+    pub(crate) fn numbered(&self) -> bool {
+        self.shape >> 63 == 1
+    }
 }
 
 /// Encoded messages packed into datagrams: a shard's contents, or a drainer's batch.
@@ -230,24 +271,13 @@ impl Batch {
         self.used += e.encode_into(pid, self.buf.get_mut(at..)?)?;
         self.open_msgs += 1;
         self.count += 1;
-        let (id, numbered, len) = (e.id(), e.numbered(), len as u32);
+        let (id, shape) = (
+            Run::key(e.id()),
+            Run::shape_of(cell, e.numbered(), len as u32),
+        );
         match self.runs.last_mut() {
-            Some(r)
-                if r.cell == cell
-                    && r.id == id
-                    && r.len == len
-                    && r.numbered == numbered
-                    && r.n < u32::MAX =>
-            {
-                r.n += 1
-            }
-            _ => self.runs.push(Run {
-                cell,
-                id,
-                numbered,
-                len,
-                n: 1,
-            }),
+            Some(r) if r.shape == shape && r.id == id && r.n < u32::MAX => r.n += 1,
+            _ => self.runs.push(Run { id, shape, n: 1 }),
         }
         Some(())
     }
@@ -486,22 +516,27 @@ pub(crate) fn with_local<R>(
     LOCALS
         .try_with(|v| {
             let mut v = v.try_borrow_mut().ok()?;
-            let pos = match v.iter().position(|l| l.bus == bus) {
-                Some(p) => p,
-                None => {
-                    v.retain(|l| !l.cell.retired.load(Ordering::Relaxed));
-                    let (idx, cell, pushed) = registry.acquire();
-                    v.push(Local {
-                        bus,
-                        idx,
-                        cell,
-                        shard: initial(),
-                        pushed,
-                    });
-                    v.len() - 1
+            // The bus used last is kept first: the common case is one comparison.
+            if v.first().map_or(true, |l| l.bus != bus) {
+                match v.iter().position(|l| l.bus == bus) {
+                    Some(p) => v.swap(0, p),
+                    None => {
+                        v.retain(|l| !l.cell.retired.load(Ordering::Relaxed));
+                        let (idx, cell, pushed) = registry.acquire();
+                        v.insert(
+                            0,
+                            Local {
+                                bus,
+                                idx,
+                                cell,
+                                shard: initial(),
+                                pushed,
+                            },
+                        );
+                    }
                 }
-            };
-            Some(f(&mut v[pos]))
+            }
+            Some(f(v.first_mut()?))
         })
         .ok()
         .flatten()
@@ -580,16 +615,7 @@ mod tests {
         into.close_open();
         // 100-byte messages, 250-byte datagrams: 2 + 2.
         assert_eq!(into.bounds, vec![(0, 200, 2), (200, 400, 2)]);
-        assert_eq!(
-            into.runs,
-            vec![Run {
-                cell: 0,
-                id: CbId::new(1, 1),
-                numbered: true,
-                len: 100,
-                n: 4
-            }]
-        );
+        assert_eq!(into.runs, vec![Run::new(0, CbId::new(1, 1), true, 100, 4)]);
         assert_eq!((sh.len(), sh.since()), (0, 0));
         // A big message fits an empty shard only.
         let big = [0u8; 200];
