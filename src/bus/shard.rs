@@ -229,7 +229,9 @@ impl Batch {
         Self {
             buf: vec![0u8; bytes].into_boxed_slice(),
             bounds: Vec::with_capacity(msgs.min(1 << 16)),
-            runs: Vec::with_capacity(msgs.min(1 << 10)),
+            // Runs are few (one per stretch of one producer and id) and a batch keeps its
+            // allocation across uses, so a small start is enough.
+            runs: Vec::with_capacity(msgs.min(16)),
             ..Self::default()
         }
     }
