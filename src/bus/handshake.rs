@@ -222,6 +222,23 @@ mod loom_tests {
             }
         }
 
+        /// Starts the flusher thread; returns its handle and `Thread` (to unpark).
+        fn spawn_flusher(m: &Arc<Self>) -> (thread::JoinHandle<()>, thread::Thread) {
+            let m = Arc::clone(m);
+            let f = thread::spawn(move || m.flusher());
+            let t = f.thread().clone();
+            (f, t)
+        }
+
+        /// `Bus::stop` and the join in `Bus::drop`: set `stop`, wake the flusher, wait for
+        /// it to exit.
+        fn stop_flusher(&self, (f, t): (thread::JoinHandle<()>, thread::Thread)) {
+            self.stop.store(true, SeqCst);
+            self.bell.ring();
+            t.unpark();
+            f.join().unwrap();
+        }
+
         /// `Bus::flush` (`wait_flushed`).
         fn flush(&self, flusher: &thread::Thread) {
             let gen = self.tickets.request();
@@ -285,20 +302,13 @@ mod loom_tests {
     fn loom_no_lost_wakeup_between_push_and_sleep() {
         bounded().check(|| {
             let m = Model::new();
-            let f = {
-                let m = Arc::clone(&m);
-                thread::spawn(move || m.flusher())
-            };
-            let ft = f.thread().clone();
-            m.insert(&ft);
+            let f = Model::spawn_flusher(&m);
+            m.insert(&f.1);
             // Wait for the flusher to send it, by itself.
             while m.sent.load(SeqCst) < 1 {
                 thread::yield_now();
             }
-            m.stop.store(true, SeqCst);
-            m.bell.ring();
-            ft.unpark();
-            f.join().unwrap();
+            m.stop_flusher(f);
             assert_eq!(m.sent.load(SeqCst), 1);
         });
     }
@@ -310,24 +320,17 @@ mod loom_tests {
     fn loom_flush_waits_for_everything_inserted_before_it() {
         bounded().check(|| {
             let m = Model::new();
-            let f = {
-                let m = Arc::clone(&m);
-                thread::spawn(move || m.flusher())
-            };
-            let ft = f.thread().clone();
+            let f = Model::spawn_flusher(&m);
             let h = {
                 let m = Arc::clone(&m);
                 thread::spawn(move || m.help())
             };
-            m.insert(&ft);
-            m.insert(&ft);
-            m.flush(&ft);
+            m.insert(&f.1);
+            m.insert(&f.1);
+            m.flush(&f.1);
             assert_eq!(m.sent.load(SeqCst), 2, "flush returned before the hand-off");
             h.join().unwrap();
-            m.stop.store(true, SeqCst);
-            m.bell.ring();
-            ft.unpark();
-            f.join().unwrap();
+            m.stop_flusher(f);
         });
     }
 }
