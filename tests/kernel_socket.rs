@@ -2,12 +2,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
 use cnbus::sys::{ConnectorSocket, Dest};
-use common::{kernel_socket, recv_until, test_idx};
+use common::{kernel_socket, recv_until, sh, test_idx};
 
 const LISTEN: u32 = 1;
 const IGNORE: u32 = 2;
@@ -50,13 +49,7 @@ fn proc_connector_listen_ack_events_ignore() {
     assert_eq!(u32_at(&ack_msg.msg.data, 0), WHAT_NONE);
     assert_eq!(u32_at(&ack_msg.msg.data, 16), 0, "ACK error code");
 
-    let child = Command::new("/bin/sh")
-        .args(["-c", "exit 3"])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut child = child;
-    let status = child.wait().unwrap();
+    let (pid, status) = sh("exit 3");
     assert_eq!(status.code(), Some(3));
 
     let (mut fork, mut exec, mut exit) = (false, false, None);

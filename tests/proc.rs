@@ -18,7 +18,7 @@ use cnbus::proc::{
     Received, Task,
 };
 use cnbus::sys::{ConnectorSocket, Dest};
-use common::{kernel_socket, recv_until};
+use common::{kernel_socket, recv_until, sh};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -92,12 +92,8 @@ fn fork_exec_and_exit_code() {
         return;
     };
     assert_eq!(l.filtering(), Filtering::None);
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", "/bin/true; exit 3"])
-        .spawn()
-        .unwrap();
-    let sh = child.id();
-    assert_eq!(child.wait().unwrap().code(), Some(3));
+    let (sh, status) = sh("/bin/true; exit 3");
+    assert_eq!(status.code(), Some(3));
     let evs = collect(&mut l, |evs| exit_of(evs, sh).is_some());
 
     let fork = evs
@@ -328,12 +324,7 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
     };
     let mut pids = BTreeMap::new();
     for script in ["exit 0", "exit 5", "exit 0", "kill -KILL $$", "exit 1"] {
-        let mut c = Command::new("/bin/sh")
-            .args(["-c", script])
-            .spawn()
-            .unwrap();
-        pids.insert(c.id(), script);
-        c.wait().unwrap();
+        pids.insert(sh(script).0, script);
     }
     let last = *pids.iter().find(|(_, s)| **s == "exit 1").unwrap().0;
     let evs = collect(&mut l, |evs| exit_of(evs, last).is_some());
@@ -416,12 +407,7 @@ fn spoofed_event_from_user_space_is_rejected_and_counted() {
         .unwrap();
     spoofer.send(d.as_bytes(), Dest::Group(1)).unwrap();
     // A real event after it: once it arrives, the spoof has been processed.
-    let mut c = Command::new("/bin/sh")
-        .args(["-c", "exit 0"])
-        .spawn()
-        .unwrap();
-    let sh = c.id();
-    c.wait().unwrap();
+    let (sh, _) = sh("exit 0");
     let evs = collect(&mut l, |evs| exit_of(evs, sh).is_some());
     assert!(exit_of(&evs, sh).is_some(), "the real exit arrives");
     assert!(
@@ -578,12 +564,7 @@ fn channel_delivers_and_stops() {
         return;
     };
     let ch = l.into_channel(64).unwrap();
-    let mut c = Command::new("/bin/sh")
-        .args(["-c", "exit 4"])
-        .spawn()
-        .unwrap();
-    let sh = c.id();
-    c.wait().unwrap();
+    let (sh, _) = sh("exit 4");
     let deadline = Instant::now() + WAIT;
     let mut found = None;
     while found.is_none() && Instant::now() < deadline {

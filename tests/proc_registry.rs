@@ -2,13 +2,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnbus::connector::Connector;
 use cnbus::proc::{self, EventBody, EventSet, Received};
-use common::kernel_socket;
+use common::{kernel_socket, sh};
 use parking_lot::Mutex;
 
 #[test]
@@ -29,12 +28,8 @@ fn a_connector_callback_receives_typed_proc_events() {
         },
     )
     .unwrap();
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", "exit 4"])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    assert_eq!(child.wait().unwrap().code(), Some(4));
+    let (pid, status) = sh("exit 4");
+    assert_eq!(status.code(), Some(4));
     let end = Instant::now() + Duration::from_secs(5);
     let (mut fork, mut exec, mut exit) = (false, false, None);
     while Instant::now() < end && !(fork && exec && exit.is_some()) {

@@ -61,18 +61,8 @@ fn json_lines_with_kernel_filtered_events() {
         .spawn()
         .unwrap();
     wait_subscribed(tracer.id());
-    let mut ok = Command::new("/bin/sh")
-        .args(["-c", "exit 0"])
-        .spawn()
-        .unwrap();
-    let ok_pid = ok.id();
-    ok.wait().unwrap();
-    let mut bad = Command::new("/bin/sh")
-        .args(["-c", "exit 3"])
-        .spawn()
-        .unwrap();
-    let bad_pid = bad.id();
-    bad.wait().unwrap();
+    let (ok_pid, _) = common::sh("exit 0");
+    let (bad_pid, _) = common::sh("exit 3");
     let out = tracer.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use cnbus::connector::{Connector, Event};
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
-use common::{kernel_socket, test_idx};
+use common::{kernel_socket, sh, test_idx};
 use futures_util::StreamExt;
 
 #[tokio::test]
@@ -123,12 +123,7 @@ async fn the_proc_stream_receives_real_events() {
     let mut events = ProcStream::open(EventSet::EXEC | EventSet::EXIT)
         .await
         .unwrap();
-    let mut child = std::process::Command::new("/bin/sh")
-        .args(["-c", "exit 9"])
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    child.wait().unwrap();
+    let (pid, _) = sh("exit 9");
     let (mut exec, mut exit) = (false, None);
     while !(exec && exit.is_some()) {
         let r = tokio::time::timeout(Duration::from_secs(5), events.next())

@@ -125,6 +125,17 @@ impl Fixture {
     }
 }
 
+/// Runs `/bin/sh -c script` to completion: the shell's pid (for matching its proc events)
+/// and its exit status.
+pub fn sh(script: &str) -> (u32, std::process::ExitStatus) {
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(["-c", script])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    (pid, child.wait().unwrap())
+}
+
 /// Parses an expected integer: decimal or `0x` hex.
 pub fn parse_int(v: &str) -> u64 {
     match v.strip_prefix("0x") {
