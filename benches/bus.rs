@@ -3,13 +3,15 @@
 //! One run measures, with 64-byte payloads and one receiver in another process (this
 //! binary re-executed with `--receiver`):
 //!
-//! 1. insert cost per message with the flusher running, 1 thread and 2 threads: bursts of
-//!    1000 inserts are timed (median and p99 of the per-message cost), the bus is flushed
-//!    between bursts outside the timed region;
+//! 1. insert cost per message with the flusher running, 1 thread and 2 threads, through
+//!    `Bus::insert` and through a `Producer` per thread: bursts of 1000 inserts are timed
+//!    (median and p99 of the per-message cost), the bus is flushed between bursts outside
+//!    the timed region;
 //! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 2):
-//!    (a) the bus, batched (32 messages of 64 B per datagram by default, `BENCH_PER_DGRAM`
-//!    to change it for (a) and (c) alike; many datagrams per
-//!    `sendmmsg`), (b) one message per `send` system call on the same socket, (c) a raw
+//!    (a) the bus, batched, through `Bus::insert` (32 messages of 64 B per datagram by
+//!    default, `BENCH_PER_DGRAM` to change it for (a), (p) and (c) alike; many datagrams
+//!    per `sendmmsg`), (p) the same through a `Producer`,
+//!    (b) one message per `send` system call on the same socket, (c) a raw
 //!    libc loop that builds the same datagrams (32 x 64 B) and sends them with `sendmmsg`,
 //!    with no library around it.
 //!
@@ -18,9 +20,10 @@
 //! phase to that report. For (a) and (c) the producer thread's user and system CPU time
 //! per message are printed too (`getrusage(RUSAGE_THREAD)`).
 //!
-//! Knobs: `BENCH_ONLY` (phases, default `iabc`), `BENCH_SECS`, `BENCH_PER_DGRAM`,
+//! Knobs: `BENCH_ONLY` (phases, default `iapbc`), `BENCH_SECS`, `BENCH_PER_DGRAM`,
 //! `BENCH_CAPACITY`, `BENCH_WATERMARK`, `BENCH_BATCH`, `BENCH_ASSIST=0` (no
-//! producer-assisted draining in (a)), `BENCH_FLUSHER_CPU`, `BENCH_PRODUCER_CPU`.
+//! producer-assisted draining in (a) and (p)), `BENCH_FLUSHER_CPU`, `BENCH_PRODUCER_CPU`,
+//! `BENCH_DEBUG` (print the bus statistics of (a) and (p)).
 
 use std::io::{BufRead, BufReader, Write};
 use std::mem;
@@ -68,7 +71,7 @@ fn main() {
     let phase_len = Duration::from_secs_f64(secs);
     let idx = 0x4b00_0000 | (std::process::id() & 0xffff);
     // BENCH_ONLY=a (or b, c, i): run only those phases, for profiling.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "iabc".into());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "iapbc".into());
     let run = |p: char| only.contains(p);
 
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -123,16 +126,19 @@ fn main() {
     // 1. Insert cost, with the flusher running.
     if run('i') {
         let bus = bench_bus();
-        for threads in [1usize, 2] {
-            let per_thread = insert_cost(&bus, idx, threads, phase_len.min(Duration::from_secs(1)));
-            let mut all: Vec<f64> = per_thread.into_iter().flatten().collect();
-            all.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let med = all[all.len() / 2];
-            let p99 = all[all.len() * 99 / 100];
-            println!(
-                "insert cost, {threads} thread(s): median {med:.1} ns/msg, p99 {p99:.1} ns/msg ({} bursts of 1000)",
-                all.len()
-            );
+        for (via, name) in [(false, "Bus::insert"), (true, "Producer::insert")] {
+            for threads in [1usize, 2] {
+                let dur = phase_len.min(Duration::from_secs(1));
+                let per_thread = insert_cost(&bus, idx, threads, dur, via);
+                let mut all: Vec<f64> = per_thread.into_iter().flatten().collect();
+                all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let med = all[all.len() / 2];
+                let p99 = all[all.len() * 99 / 100];
+                println!(
+                    "insert cost, {name:<16}, {threads} thread(s): median {med:.1} ns/msg, p99 {p99:.1} ns/msg ({} bursts of 1000)",
+                    all.len()
+                );
+            }
         }
         let st = bus.stats();
         let (delivered, overruns) = end_phase(0);
@@ -144,35 +150,57 @@ fn main() {
     }
     println!("end-to-end delivered rate (messages/s), one producer thread:");
 
-    // 2a. The bus, batched, one producer thread.
+    // 2a. The bus, batched, one producer thread: through `Bus::insert` (a) and through a
+    // `Producer` lane (p).
     let mut ra = 0.0;
-    if run('a') {
+    let mut rp = 0.0;
+    for (phase, name) in [('a', "bus insert()"), ('p', "bus Producer")] {
+        if !run(phase) {
+            continue;
+        }
         if let Some(c) = std::env::var("BENCH_PRODUCER_CPU")
             .ok()
             .and_then(|v| v.parse().ok())
         {
             cnbus::sys::pin_current_thread(c).unwrap();
         }
+        let val = if phase == 'a' { 1 } else { 4 };
         let bus = bench_bus();
-        let id = CbId::new(idx, 1);
+        let id = CbId::new(idx, val);
         let cpu0 = thread_cpu();
         let t = Instant::now();
         let mut n = 0u64;
-        while t.elapsed() < phase_len {
-            for _ in 0..1000 {
-                p[..8].copy_from_slice(&n.to_ne_bytes());
-                bus.insert(id, &p).unwrap();
-                n += 1;
+        if phase == 'a' {
+            while t.elapsed() < phase_len {
+                for _ in 0..1000 {
+                    p[..8].copy_from_slice(&n.to_ne_bytes());
+                    bus.insert(id, &p).unwrap();
+                    n += 1;
+                }
+            }
+        } else {
+            let mut prod = bus.producer();
+            while t.elapsed() < phase_len {
+                for _ in 0..1000 {
+                    p[..8].copy_from_slice(&n.to_ne_bytes());
+                    prod.insert(id, &p).unwrap();
+                    n += 1;
+                }
             }
         }
         bus.flush().unwrap();
         let send_time = t.elapsed();
         let cpu = cpu_per_msg(cpu0, n);
-        let (deliv, over) = end_phase(1);
-        ra = rate(deliv, t.elapsed());
+        let (deliv, over) = end_phase(val);
+        let r = rate(deliv, t.elapsed());
+        if phase == 'a' {
+            ra = r;
+        } else {
+            rp = r;
+        }
         let st = bus.stats();
         println!(
-            "  (a) bus batched      {ra:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times, {:.0}% sent by producer-assisted drains)",
+            "  ({phase}) {name:<16} {r:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times, {:.0}% sent by producer-assisted drains)",
             send_time.as_secs_f64(),
             st.avg_msgs_per_datagram(),
             st.avg_msgs_per_syscall(),
@@ -180,6 +208,9 @@ fn main() {
             100.0 * st.assisted_messages as f64 / st.sent_messages.max(1) as f64
         );
         println!("      {cpu}");
+        if std::env::var("BENCH_DEBUG").is_ok() {
+            println!("      {st:?}");
+        }
     }
 
     // 2b. One message per send() system call, through the library's socket.
@@ -232,8 +263,14 @@ fn main() {
     }
     if ra > 0.0 && rc > 0.0 {
         println!(
-            "  ratio bus / raw loop     = {:.2}x (target >= 0.8x)",
+            "  ratio bus insert() / raw loop = {:.2}x (target >= 0.8x)",
             ra / rc
+        );
+    }
+    if rp > 0.0 && rc > 0.0 {
+        println!(
+            "  ratio bus Producer / raw loop = {:.2}x (target >= 0.8x)",
+            rp / rc
         );
     }
 
@@ -293,8 +330,10 @@ fn bench_bus() -> Bus {
     }
     b.datagram_size(per_dgram() * MSG_LEN)
         .capacity(cap)
-        .watermark(env("BENCH_WATERMARK", cap / 4))
-        .max_batch(env("BENCH_BATCH", 64))
+        // The raw loop's batching by default: a drain at the watermark makes one
+        // `sendmmsg` of BATCH datagrams of `per_dgram()` messages, as (c) does.
+        .watermark(env("BENCH_WATERMARK", BATCH * per_dgram()))
+        .max_batch(env("BENCH_BATCH", BATCH))
         .on_full(FullPolicy::Block)
         .assist(env("BENCH_ASSIST", 1) != 0)
         .build()
@@ -302,7 +341,13 @@ fn bench_bus() -> Bus {
 }
 
 /// Timed bursts of 1000 inserts per thread; returns ns/message per burst, per thread.
-fn insert_cost(bus: &Bus, idx: u32, threads: usize, dur: Duration) -> Vec<Vec<f64>> {
+fn insert_cost(
+    bus: &Bus,
+    idx: u32,
+    threads: usize,
+    dur: Duration,
+    via_producer: bool,
+) -> Vec<Vec<f64>> {
     let barrier = Barrier::new(threads);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
@@ -312,12 +357,19 @@ fn insert_cost(bus: &Bus, idx: u32, threads: usize, dur: Duration) -> Vec<Vec<f6
                     let id = CbId::new(idx, 100 + t as u32);
                     let p = [7u8; PAYLOAD];
                     let mut samples = Vec::new();
+                    let mut producer = bus.producer();
                     barrier.wait();
                     let start = Instant::now();
                     while start.elapsed() < dur {
                         let t0 = Instant::now();
-                        for _ in 0..1000 {
-                            bus.insert(id, &p).unwrap();
+                        if via_producer {
+                            for _ in 0..1000 {
+                                producer.insert(id, &p).unwrap();
+                            }
+                        } else {
+                            for _ in 0..1000 {
+                                bus.insert(id, &p).unwrap();
+                            }
                         }
                         samples.push(t0.elapsed().as_nanos() as f64 / 1000.0);
                         // Let the flusher catch up outside the timed region.

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, Framing, FullPolicy, InsertError};
+use cnbus::bus::{Bus, Framing, FullPolicy, InsertError, Producer};
 use cnbus::codec::{messages, CbId, CnMsg, Message};
 use cnbus::sys::{self, poll_read, ConnectorSocket, Dest, EventFd};
 use common::{kernel_socket, test_idx};
@@ -472,12 +472,70 @@ fn send_errors_are_counted_and_surfaced() {
     bus.flush().unwrap();
 }
 
+/// The insert calls of the policy test: through the bus (into a shard) or through a
+/// [`Producer`] (into its lane).
+trait Inserter {
+    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
+    fn insert_blocking(
+        &mut self,
+        id: CbId,
+        d: &[u8],
+        t: Option<Duration>,
+    ) -> Result<(), InsertError<CnMsg>>;
+    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
+}
+
+impl Inserter for &Bus {
+    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        Bus::try_insert(self, id, d)
+    }
+    fn insert_blocking(
+        &mut self,
+        id: CbId,
+        d: &[u8],
+        t: Option<Duration>,
+    ) -> Result<(), InsertError<CnMsg>> {
+        Bus::insert_blocking(self, id, d, t)
+    }
+    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        Bus::insert_or_send(self, id, d)
+    }
+}
+
+impl Inserter for Producer<'_> {
+    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        Producer::try_insert(self, id, d)
+    }
+    fn insert_blocking(
+        &mut self,
+        id: CbId,
+        d: &[u8],
+        t: Option<Duration>,
+    ) -> Result<(), InsertError<CnMsg>> {
+        Producer::insert_blocking(self, id, d, t)
+    }
+    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        Producer::insert_or_send(self, id, d)
+    }
+}
+
 #[test]
 fn full_shard_follows_each_policy() {
-    let Some(_k) = kernel_socket("full_shard_follows_each_policy") else {
+    full_queue_follows_each_policy("full_shard_follows_each_policy", 9, false);
+}
+
+#[test]
+fn full_producer_lane_follows_each_policy() {
+    full_queue_follows_each_policy("full_producer_lane_follows_each_policy", 50, true);
+}
+
+/// Fills the bus's only shard (or a producer's lane) while its receiver does not read,
+/// then checks every [`FullPolicy`] on it.
+fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
+    let Some(_k) = kernel_socket(name) else {
         return;
     };
-    let idx = test_idx(9);
+    let idx = test_idx(salt);
     let id = CbId::new(idx, 0);
     // A unicast receiver with the smallest buffer: while it does not read, the flusher
     // blocks in sendmmsg and the bus's single shard fills up.
@@ -493,6 +551,14 @@ fn full_shard_follows_each_policy() {
     let mode = AtomicU8::new(0);
     let done = AtomicBool::new(false);
     let mut seq = 0u32;
+    let mut bus_ref = &bus;
+    let mut producer;
+    let ins: &mut dyn Inserter = if via_producer {
+        producer = bus.producer();
+        &mut producer
+    } else {
+        &mut bus_ref
+    };
     let got = thread::scope(|s| {
         let reader = s.spawn(|| {
             let mut got = Vec::new();
@@ -530,10 +596,10 @@ fn full_shard_follows_each_policy() {
                 }
             }
         });
-        let fill = |seq: &mut u32| {
-            // Insert until the shard is full; the rejected message comes back intact.
+        let fill = |ins: &mut dyn Inserter, seq: &mut u32| {
+            // Insert until the queue is full; the rejected message comes back intact.
             for _ in 0..10_000 {
-                match bus.try_insert(id, &payload(0, *seq)) {
+                match ins.try_insert(id, &payload(0, *seq)) {
                     Ok(()) => *seq += 1,
                     Err(InsertError::Full(m)) => {
                         assert_eq!(parse(&m), (0, *seq));
@@ -543,14 +609,14 @@ fn full_shard_follows_each_policy() {
                 }
                 thread::sleep(Duration::from_micros(100));
             }
-            panic!("the shard never filled up");
+            panic!("the queue never filled up");
         };
 
         // Reject.
-        fill(&mut seq);
+        fill(&mut *ins, &mut seq);
         // Block with a timeout: nothing can drain, so it times out and hands back.
         let t = Instant::now();
-        match bus.insert_blocking(id, &payload(0, seq), Some(Duration::from_millis(50))) {
+        match ins.insert_blocking(id, &payload(0, seq), Some(Duration::from_millis(50))) {
             Err(InsertError::Timeout(m)) => assert_eq!(parse(&m), (0, seq)),
             r => panic!("expected Timeout, got {r:?}"),
         }
@@ -566,7 +632,7 @@ fn full_shard_follows_each_policy() {
         };
         let h = resume(Duration::from_millis(100));
         let t = Instant::now();
-        bus.insert_blocking(id, &payload(0, seq), None).unwrap();
+        ins.insert_blocking(id, &payload(0, seq), None).unwrap();
         seq += 1;
         assert!(t.elapsed() >= Duration::from_millis(80), "did not wait");
         h.join().unwrap();
@@ -575,9 +641,9 @@ fn full_shard_follows_each_policy() {
         // this thread's queued messages and sends after them.
         mode.store(0, Ordering::SeqCst);
         thread::sleep(Duration::from_millis(20));
-        fill(&mut seq);
+        fill(&mut *ins, &mut seq);
         let h = resume(Duration::from_millis(100));
-        bus.insert_or_send(id, &payload(0, seq)).unwrap();
+        ins.insert_or_send(id, &payload(0, seq)).unwrap();
         seq += 1;
         h.join().unwrap();
         bus.flush().unwrap();
@@ -586,7 +652,7 @@ fn full_shard_follows_each_policy() {
         reader.join().unwrap()
     });
     let st = bus.stats();
-    eprintln!("policies: {st:?}");
+    eprintln!("policies ({name}): {st:?}");
     assert_eq!(got.len(), seq as usize, "accepted messages lost");
     assert_per_thread_order(&got, 1, seq);
     assert_eq!(st.inserted, u64::from(seq));
@@ -797,4 +863,176 @@ fn loss_at_a_small_receiver_is_counted_exactly() {
         "inserted {inserted}, delivered {got}, lost {lost}, overruns {}",
         st.overruns
     );
+}
+
+#[test]
+fn producers_keep_order_number_per_id_and_account_exactly() {
+    let Some(_k) = kernel_socket("producers_keep_order_number_per_id_and_account_exactly") else {
+        return;
+    };
+    const GROUP: u32 = 25;
+    const THREADS: u32 = 3;
+    const PER: u32 = 20_000;
+    let idx = test_idx(51);
+    let rx = Rx::open(Some(GROUP));
+    // Small lanes (capacity 64: 8 KiB rings, as two datagrams need): they wrap every
+    // ~80 messages and fill up, so skips, blocking and both kinds of drainer all occur.
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .capacity(64)
+        .datagram_size(4096)
+        .build()
+        .unwrap();
+    let ncpu = sys::num_cpus().min(8);
+    let got = thread::scope(|s| {
+        let want = (THREADS * PER + PER) as usize;
+        let receiver = s.spawn(move || rx.collect(idx, want, Duration::from_secs(30)));
+        let producers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let bus = &bus;
+                s.spawn(move || {
+                    let mut p = bus.producer();
+                    let id = CbId::new(idx, t);
+                    for seq in 0..PER {
+                        // Move between CPUs every 700 messages: order is per producer.
+                        if seq % 700 == 0 && ncpu > 1 {
+                            let cpu = ((seq / 700 + t) as usize) % ncpu;
+                            sys::pin_current_thread(cpu).unwrap();
+                        }
+                        p.insert(id, &payload(t, seq)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Meanwhile, Bus::insert on the same bus, for another id.
+        for seq in 0..PER {
+            bus.insert(CbId::new(idx, THREADS), &payload(THREADS, seq))
+                .unwrap();
+        }
+        for p in producers {
+            p.join().unwrap();
+        }
+        bus.flush().unwrap();
+        receiver.join().unwrap()
+    });
+    assert_eq!(
+        got.msgs.len(),
+        (THREADS * PER + PER) as usize,
+        "messages lost"
+    );
+    assert_per_thread_order(&got.msgs, THREADS + 1, PER);
+    // Numbered per id, in wire order: each id's seqs are 1, 2, 3, ...
+    let mut next: HashMap<u32, u32> = HashMap::new();
+    for m in &got.msgs {
+        let n = next.entry(m.id.val).or_insert(1);
+        assert_eq!(m.seq, *n, "id {:?}: seq out of wire order", m.id);
+        *n += 1;
+    }
+    assert!(
+        got.per_datagram.iter().any(|&n| n > 1),
+        "lanes did not coalesce"
+    );
+    let st = bus.stats();
+    eprintln!("producers: {st:?}");
+    assert_eq!(st.inserted, u64::from(THREADS * PER + PER));
+    assert_eq!(st.sent_messages, st.inserted);
+    assert_eq!(st.failed_messages + st.failed_datagrams, 0);
+    assert_eq!(st.queued, 0);
+}
+
+#[test]
+fn idle_producer_wakes_the_flusher_within_the_latency_bound() {
+    let Some(_k) = kernel_socket("idle_producer_wakes_the_flusher_within_the_latency_bound") else {
+        return;
+    };
+    const GROUP: u32 = 26;
+    let idx = test_idx(52);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::new(Dest::Group(GROUP)).unwrap();
+    let mut p = bus.producer();
+    // A producer that inserts nothing costs the flusher nothing: it stays parked.
+    thread::sleep(Duration::from_millis(20));
+    let w0 = bus.stats().flusher_wakeups;
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(bus.stats().flusher_wakeups, w0, "an idle flusher woke up");
+    // Each single message finds the flusher parked with nothing queued (the lane's
+    // lock-free wake-up path) and must still go out without a flush.
+    let mut lat = Vec::new();
+    for seq in 0..50 {
+        let t = Instant::now();
+        p.insert(CbId::new(idx, 0), &payload(0, seq)).unwrap();
+        let got = rx.collect(idx, 1, Duration::from_secs(2));
+        assert_eq!(
+            got.msgs.len(),
+            1,
+            "message {seq} not delivered without flush"
+        );
+        lat.push(t.elapsed());
+        thread::sleep(Duration::from_millis(3));
+    }
+    lat.sort();
+    let st = bus.stats();
+    eprintln!(
+        "producer single-message latency: median {:?} max {:?}; {st:?}",
+        lat[25], lat[49]
+    );
+    assert!(
+        lat[25] < Duration::from_millis(20),
+        "median latency {:?}",
+        lat[25]
+    );
+    assert!(st.flusher_wakeups < 50 * 4, "too many wake-ups: {st:?}");
+}
+
+#[test]
+fn dropped_producers_messages_are_kept_and_counted() {
+    let Some(_k) = kernel_socket("dropped_producers_messages_are_kept_and_counted") else {
+        return;
+    };
+    const GROUP: u32 = 30;
+    const N: u32 = 5_000;
+    let idx = test_idx(53);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .max_latency(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let got = thread::scope(|s| {
+        let receiver = s.spawn(|| rx.collect(idx, 2 * N as usize, Duration::from_secs(30)));
+        for t in 0..2 {
+            // A producer per thread, dropped with messages still queued.
+            let bus = &bus;
+            s.spawn(move || {
+                let mut p = bus.producer();
+                for seq in 0..N {
+                    p.insert(CbId::new(idx, t), &payload(t, seq)).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        // The flusher forgets a gone producer's lane only once it is empty; its
+        // messages stay counted.
+        bus.flush().unwrap();
+        let st = bus.stats();
+        assert_eq!(st.inserted, u64::from(2 * N), "{st:?}");
+        assert_eq!(st.queued, 0, "{st:?}");
+        receiver.join().unwrap()
+    });
+    assert_eq!(got.msgs.len(), 2 * N as usize);
+    assert_per_thread_order(&got.msgs, 2, N);
+    // Dropping the bus with a producer's messages queued (5 s latency, no flush) sends
+    // them too.
+    let bus2 = Bus::builder(Dest::Group(GROUP))
+        .max_latency(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    {
+        let mut p = bus2.producer();
+        for seq in 0..100 {
+            p.insert(CbId::new(idx, 2), &payload(2, seq)).unwrap();
+        }
+    }
+    drop(bus2);
+    let got = rx.collect(idx, 100, Duration::from_secs(5));
+    assert_eq!(got.msgs.len(), 100, "drop lost a producer's messages");
 }

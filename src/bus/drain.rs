@@ -35,6 +35,16 @@ impl Seqs {
         *n
     }
 
+    /// The last number given to `id` (0 if none).
+    pub(crate) fn get(&self, id: CbId) -> u32 {
+        self.last.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Records `n` as the last number given to `id`.
+    pub(crate) fn put(&mut self, id: CbId, n: u32) {
+        self.last.insert(id, n);
+    }
+
     /// Numbers the batch's messages: for each run of [`Entry::Slice`](super::shard::Entry)
     /// messages, consecutive numbers of its id (one counter look-up per run), written into
     /// `nlmsg_seq` and `cn_msg.seq`. Prebuilt messages keep theirs. A run's messages lie
@@ -86,24 +96,28 @@ impl Inner {
             Counters::max(&self.stats.max_queue_delay_ns, delay);
         }
         Counters::max(&self.stats.high_water, n as u64);
-        // Space was freed: wake blocked inserters (SeqCst pairs with their increment of
-        // `space_waiters` before their retry, which takes the shard lock after ours).
-        fence(SeqCst);
-        if self.space_waiters.load(SeqCst) > 0 {
-            let _g = self.space_lock.lock();
-            self.space_cv.notify_all();
-        }
+        self.space_freed();
         d.batch.close_open();
         self.send(d);
         d.batch.clear();
         n as u64
     }
 
+    /// Space was freed in a shard or lane: wakes blocked inserters (the SeqCst fence pairs
+    /// with their SeqCst increment of `space_waiters` before their retry: either we see
+    /// the waiter, or its retry sees the space).
+    pub(crate) fn space_freed(&self) {
+        fence(SeqCst);
+        if self.space_waiters.load(SeqCst) > 0 {
+            let _g = self.space_lock.lock();
+            self.space_cv.notify_all();
+        }
+    }
+
     /// Numbers and sends every datagram of the batch, `max_batch` per `sendmmsg`, then
     /// publishes the producers' `done` counts.
     fn send(&self, d: &mut Drainer) {
         let b = &mut d.batch;
-        let st = &self.stats;
         {
             // The send lock: numbering and sending of one batch are not interleaved with
             // another drainer's, so per-id numbers follow wire order.
@@ -115,50 +129,7 @@ impl Inner {
                 .iter()
                 .filter_map(|&(s, e, _)| bytes.get(s..e).map(IoSlice::new))
                 .collect();
-            let max_batch = self.cfg.max_batch.max(1);
-            let mut off = 0;
-            let mut tries = 0;
-            while off < slices.len() {
-                Counters::add(&st.syscalls, 1);
-                let end = (off + max_batch).min(slices.len());
-                let r = self.sock.send_batch(&slices[off..end], self.dest);
-                match r {
-                    Ok(k) if k > 0 => {
-                        let msgs: u64 = b.bounds[off..off + k].iter().map(|x| x.2).sum();
-                        Counters::add(&st.sent_datagrams, k as u64);
-                        Counters::add(&st.sent_messages, msgs);
-                        off += k;
-                        tries = 0;
-                    }
-                    other => {
-                        let err = match other {
-                            Err(e) => e,
-                            Ok(_) => crate::Error::from_io(
-                                crate::Op::SendBatch,
-                                std::io::Error::from_raw_os_error(libc::EAGAIN),
-                            ),
-                        };
-                        let errno = err.errno().unwrap_or(libc::EIO);
-                        st.send_error(errno);
-                        let transient = matches!(
-                            errno,
-                            libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ENOMEM
-                        );
-                        if transient && tries < TRANSIENT_RETRIES {
-                            tries += 1;
-                            std::thread::sleep(Duration::from_micros(50 << tries));
-                            continue;
-                        }
-                        // Give up on this datagram: count it, keep the error, go on. Its
-                        // numbers are used up, so a receiver counts its messages as lost.
-                        Counters::add(&st.failed_datagrams, 1);
-                        Counters::add(&st.failed_messages, b.bounds[off].2);
-                        self.record_error(err);
-                        off += 1;
-                        tries = 0;
-                    }
-                }
-            }
+            self.send_datagrams(&slices, |i| b.bounds.get(i).map_or(0, |x| x.2));
         }
         // Publish `done` per producer, one add per stretch of runs of the same cell.
         if let Some(max) = b
@@ -186,6 +157,57 @@ impl Inner {
         }
         if let Some((c, n)) = pending {
             publish_done(&d.cells, c, n);
+        }
+    }
+
+    /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
+    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times and
+    /// counting everything. The caller holds the send lock.
+    pub(crate) fn send_datagrams(&self, slices: &[IoSlice<'_>], msgs: impl Fn(usize) -> u64) {
+        let st = &self.stats;
+        let max_batch = self.cfg.max_batch.max(1);
+        let mut off = 0;
+        let mut tries = 0;
+        while off < slices.len() {
+            Counters::add(&st.syscalls, 1);
+            let end = (off + max_batch).min(slices.len());
+            let r = self.sock.send_batch(&slices[off..end], self.dest);
+            match r {
+                Ok(k) if k > 0 => {
+                    let n: u64 = (off..off + k).map(&msgs).sum();
+                    Counters::add(&st.sent_datagrams, k as u64);
+                    Counters::add(&st.sent_messages, n);
+                    off += k;
+                    tries = 0;
+                }
+                other => {
+                    let err = match other {
+                        Err(e) => e,
+                        Ok(_) => crate::Error::from_io(
+                            crate::Op::SendBatch,
+                            std::io::Error::from_raw_os_error(libc::EAGAIN),
+                        ),
+                    };
+                    let errno = err.errno().unwrap_or(libc::EIO);
+                    st.send_error(errno);
+                    let transient = matches!(
+                        errno,
+                        libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ENOMEM
+                    );
+                    if transient && tries < TRANSIENT_RETRIES {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_micros(50 << tries));
+                        continue;
+                    }
+                    // Give up on this datagram: count it, keep the error, go on. Its
+                    // numbers are used up, so a receiver counts its messages as lost.
+                    Counters::add(&st.failed_datagrams, 1);
+                    Counters::add(&st.failed_messages, msgs(off));
+                    self.record_error(err);
+                    off += 1;
+                    tries = 0;
+                }
+            }
         }
     }
 }

@@ -6,13 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::handshake::{IDLE, TIMED};
+use super::lane::Lane;
 use super::stats::Counters;
 use super::Inner;
+use crate::sys::membarrier;
 
 pub(crate) struct Flusher {
     inner: Arc<Inner>,
     /// Highest flush generation completed.
     published: u64,
+    /// Our copy of the producers' lanes, and the generation it was taken at.
+    lanes: Vec<Arc<Lane>>,
+    lanes_gen: u64,
 }
 
 impl Flusher {
@@ -20,6 +25,8 @@ impl Flusher {
         Self {
             published: 0,
             inner,
+            lanes: Vec::new(),
+            lanes_gen: 0,
         }
     }
 
@@ -35,6 +42,9 @@ impl Flusher {
             // visible to the pass's pops.
             let gen = self.inner.tickets.requested();
             self.drain_all(gen > self.published || stop);
+            if !self.lanes.is_empty() {
+                self.inner.prune_lanes();
+            }
             if gen > self.published {
                 self.published = gen;
                 self.inner.tickets.publish(gen);
@@ -51,6 +61,9 @@ impl Flusher {
     /// For a flush (or stop) every shard's lock is taken, even when the shard looks
     /// empty: a producer helping may have popped the flush's messages and not yet sent
     /// them, and the lock is released only after its send. Other passes skip empty shards.
+    ///
+    /// Lanes likewise: for a flush every lane's drain right is taken (its producer may be
+    /// draining it), otherwise only lanes holding messages are drained.
     fn drain_all(&mut self, flushing: bool) {
         let inner = &*self.inner;
         for (i, shard) in inner.shards.iter().enumerate() {
@@ -59,6 +72,23 @@ impl Flusher {
             }
             let mut d = shard.drain.lock();
             inner.drain_shard(i, &mut d);
+        }
+        // After the tickets were read: lanes added before the flush request are in the
+        // copy.
+        inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
+        for lane in &self.lanes {
+            let mut d = if flushing {
+                lane.drain.lock()
+            } else if !lane.has_pending() {
+                continue;
+            } else {
+                // Someone (its producer) is draining it and takes everything published.
+                let Some(d) = lane.drain.try_lock() else {
+                    continue;
+                };
+                d
+            };
+            inner.drain_lane(lane, &mut d);
         }
     }
 
@@ -80,13 +110,20 @@ impl Flusher {
             if urgent(self) {
                 return;
             }
+            inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
             let now = inner.now_ns();
             let mut oldest = u64::MAX;
             let mut over = false;
-            for s in inner.shards.iter() {
-                let len = s.len();
+            let shards = inner.shards.iter().map(|s| (s.len(), s.since()));
+            // A lane being drained is in its drainer's hands (its `queued` still counts
+            // the messages being sent).
+            let lanes = self.lanes.iter().filter(|l| l.waiting()).map(|l| {
+                let q = (l.queued() as usize).max(1);
+                (q, l.since.load(Relaxed))
+            });
+            for (len, since) in shards.chain(lanes) {
                 if len > 0 {
-                    let t = match s.since() {
+                    let t = match since {
                         0 => now,
                         t => t,
                     };
@@ -103,7 +140,18 @@ impl Flusher {
                 // our lock (we see it) or locks after us (it then loads `state` after our
                 // store and sees IDLE).
                 inner.bell.announce(IDLE);
-                if inner.shards.iter().any(|s| s.len_locked() > 0) || urgent(self) {
+                // Lanes have no lock to order against: pair with their producers'
+                // `light` fence (see the `lane` module), then look at every lane, a new
+                // one included.
+                // A lane added after this copy wakes us (`Inner::add_lane`).
+                inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
+                if !self.lanes.is_empty() {
+                    membarrier::heavy();
+                }
+                if inner.shards.iter().any(|s| s.len_locked() > 0)
+                    || self.lanes.iter().any(|l| l.waiting())
+                    || urgent(self)
+                {
                     inner.bell.awake();
                     continue;
                 }
@@ -114,7 +162,13 @@ impl Flusher {
                     return;
                 }
                 inner.bell.announce(TIMED);
-                if inner.shards.iter().any(|s| s.len_locked() >= wm) || urgent(self) {
+                if inner.shards.iter().any(|s| s.len_locked() >= wm)
+                    || self
+                        .lanes
+                        .iter()
+                        .any(|l| l.waiting() && l.queued() >= wm as u64)
+                    || urgent(self)
+                {
                     inner.bell.awake();
                     return;
                 }

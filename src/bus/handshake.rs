@@ -169,8 +169,22 @@ mod loom_tests {
         }
     }
 
+    /// A producer's lane as the protocols see it: messages published (the ring's tail,
+    /// stored only by its producer) and messages taken (the head), with no lock.
+    struct ModelLane {
+        tail: AtomicU64,
+        head: AtomicU64,
+    }
+
+    impl ModelLane {
+        fn pending(&self) -> bool {
+            self.tail.load(SeqCst) != self.head.load(SeqCst)
+        }
+    }
+
     struct Model {
         shard: ModelShard,
+        lane: ModelLane,
         bell: Doorbell,
         tickets: FlushTickets,
         /// Messages handed to the "kernel".
@@ -185,6 +199,10 @@ mod loom_tests {
                     count: Mutex::new(0),
                     drain: AtomicBool::new(false),
                 },
+                lane: ModelLane {
+                    tail: AtomicU64::new(0),
+                    head: AtomicU64::new(0),
+                },
                 bell: Doorbell::new(),
                 tickets: FlushTickets::new(),
                 sent: AtomicU64::new(0),
@@ -196,6 +214,28 @@ mod loom_tests {
         /// lock, release it, then look at the state (watermark 1: every push counts).
         fn insert(&self, flusher: &thread::Thread) {
             *self.shard.count.lock() += 1;
+            match self.bell.state() {
+                AWAKE => {}
+                from => {
+                    if self.bell.take_sleeper(from) {
+                        flusher.unpark();
+                    }
+                }
+            }
+        }
+
+        /// `Producer::try_push` + `after_push`: publish with a `Release` store and no lock,
+        /// the light fence, then look at the state. The light fence is modelled as the
+        /// `SeqCst` fence it is where membarrier is unavailable; where it is available it
+        /// is a compiler fence and the flusher's `heavy` gives the same guarantee (a full
+        /// barrier on the producer's CPU between its store and its load), which loom
+        /// cannot model directly.
+        fn lane_insert(&self, flusher: &thread::Thread) {
+            let t = self.lane.tail.load(Relaxed) + 1;
+            self.lane
+                .tail
+                .store(t, std::sync::atomic::Ordering::Release);
+            loom::sync::atomic::fence(SeqCst);
             match self.bell.state() {
                 AWAKE => {}
                 from => {
@@ -257,12 +297,15 @@ mod loom_tests {
                     if self.stop.load(SeqCst) || self.tickets.requested() > published {
                         break;
                     }
-                    if *self.shard.count.lock() > 0 {
+                    if *self.shard.count.lock() > 0 || self.lane.pending() {
                         break;
                     }
                     self.bell.announce(IDLE);
-                    // The second look, under the shard lock.
+                    // `membarrier::heavy` (a SeqCst fence here, see `lane_insert`).
+                    loom::sync::atomic::fence(SeqCst);
+                    // The second look, under the shard lock, and at the lane.
                     if *self.shard.count.lock() > 0
+                        || self.lane.pending()
                         || self.stop.load(SeqCst)
                         || self.tickets.requested() > published
                     {
@@ -277,11 +320,16 @@ mod loom_tests {
                 self.shard.take_drain();
                 self.drain_held();
                 self.shard.give_drain();
+                // `drain_lane`: take what is published, send, give the bytes back.
+                let t = self.lane.tail.load(SeqCst);
+                let h = self.lane.head.load(Relaxed);
+                self.sent.fetch_add(t - h, SeqCst);
+                self.lane.head.store(t, SeqCst);
                 if gen > published {
                     published = gen;
                     self.tickets.publish(gen);
                 }
-                if stop && *self.shard.count.lock() == 0 {
+                if stop && *self.shard.count.lock() == 0 && !self.lane.pending() {
                     self.tickets.publish(u64::MAX);
                     return;
                 }
@@ -305,6 +353,22 @@ mod loom_tests {
             let f = Model::spawn_flusher(&m);
             m.insert(&f.1);
             // Wait for the flusher to send it, by itself.
+            while m.sent.load(SeqCst) < 1 {
+                thread::yield_now();
+            }
+            m.stop_flusher(f);
+            assert_eq!(m.sent.load(SeqCst), 1);
+        });
+    }
+
+    /// (i') The same through a producer's lane, which has no lock to order the push and
+    /// the flusher's second look: the fence pair must.
+    #[test]
+    fn loom_no_lost_wakeup_between_lane_publish_and_sleep() {
+        bounded().check(|| {
+            let m = Model::new();
+            let f = Model::spawn_flusher(&m);
+            m.lane_insert(&f.1);
             while m.sent.load(SeqCst) < 1 {
                 thread::yield_now();
             }

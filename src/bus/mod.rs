@@ -74,6 +74,8 @@
 mod drain;
 mod flusher;
 mod handshake;
+mod insert;
+mod lane;
 mod shard;
 mod stats;
 
@@ -90,6 +92,9 @@ use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
 use drain::Seqs;
+use insert::Shards;
+use lane::Lane;
+pub use lane::Producer;
 use shard::{Entry, Layout, Registry, Shard, UNTRACKED};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
@@ -173,6 +178,16 @@ pub enum FullPolicy {
     /// for the caller's own queued messages to be sent (so its order is kept). Costs one
     /// system call, and the wait of a [`Bus::flush`] when the caller had messages queued.
     SendDirect,
+}
+
+impl FullPolicy {
+    /// [`Block`](Self::Block) without a timeout, [`BlockFor`](Self::BlockFor) with one.
+    pub(crate) fn blocking(timeout: Option<Duration>) -> Self {
+        match timeout {
+            Some(t) => Self::BlockFor(t),
+            None => Self::Block,
+        }
+    }
 }
 
 /// How messages are packed into datagrams.
@@ -372,6 +387,8 @@ impl BusBuilder {
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
             seqs: Mutex::new(Seqs::default()),
+            lanes: Mutex::new(Vec::new()),
+            lanes_gen: AtomicU64::new(0),
             stats: Counters::default(),
             last_error: Mutex::new(None),
             cfg,
@@ -432,7 +449,7 @@ pub(crate) struct Inner {
     pub(crate) registry: Registry,
     pub(crate) sock: Arc<ConnectorSocket>,
     /// The socket's port id, written into every message's `nlmsg_pid`.
-    pid: u32,
+    pub(crate) pid: u32,
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
@@ -452,6 +469,10 @@ pub(crate) struct Inner {
     /// The send lock, with the per-id sequence counters: held from numbering a batch until
     /// its send returned.
     pub(crate) seqs: Mutex<Seqs>,
+    /// The [`Producer`] lanes, for the flusher (and the statistics); `lanes_gen` counts
+    /// changes (`Release` under the lock), so the flusher copies the list only then.
+    pub(crate) lanes: Mutex<Vec<Arc<Lane>>>,
+    pub(crate) lanes_gen: AtomicU64,
     pub(crate) stats: Counters,
     /// First send error not yet taken by `flush`/`take_error`.
     last_error: Mutex<Option<Error>>,
@@ -465,15 +486,11 @@ impl Inner {
     }
 
     pub(crate) fn all_empty(&self) -> bool {
-        self.shards.iter().all(|s| s.len() == 0)
-    }
-
-    fn queued(&self) -> u64 {
-        self.shards.iter().map(|s| s.len() as u64).sum()
+        self.shards.iter().all(|s| s.len() == 0) && self.lanes_empty()
     }
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.bell.ring();
         if let Some(t) = self.flusher.get() {
             t.unpark();
@@ -490,8 +507,9 @@ impl Inner {
     /// After a successful push into `shard`: stamp the shard if it has no stamp, drain it
     /// on this thread if it reached the watermark and `help` allows (see
     /// [`BusBuilder::assist`]), else wake the flusher if it sleeps and should not.
-    #[inline]
-    fn after_push(&self, shard: usize, len: usize, help: bool) {
+    /// `drain` drains the caller's queue if no one else is; true if it did.
+    #[inline(always)]
+    pub(crate) fn after_push(&self, len: usize, help: bool, drain: impl FnOnce() -> bool) {
         // No fence: the push released the shard lock, and the flusher's second look
         // before parking takes that lock (see the module docs), so either it sees the push
         // or this load sees its TIMED/IDLE.
@@ -501,7 +519,7 @@ impl Inner {
             // holds the drain right and is draining: no wake-up is needed for the
             // watermark. An IDLE flusher is still woken below, so a deadline is set for
             // whatever the other drainer leaves behind.
-            if self.help(shard) {
+            if drain() {
                 return;
             }
             if self.bell.state() == IDLE {
@@ -523,7 +541,7 @@ impl Inner {
     /// Drains shard `i` on the calling thread if no one else is draining it. True if it
     /// did.
     #[inline(never)]
-    fn help(&self, i: usize) -> bool {
+    pub(crate) fn help(&self, i: usize) -> bool {
         let Some(sh) = self.shards.get(i) else {
             return false;
         };
@@ -544,14 +562,14 @@ impl Inner {
     }
 
     /// The shard the calling thread pushes into.
-    fn own_shard(&self) -> usize {
+    pub(crate) fn own_shard(&self) -> usize {
         let n = self.shards.len();
         let cpu = || sys::current_cpu().unwrap_or(0) % n;
         shard::with_local(self.id, &self.registry, cpu, |l| l.shard).unwrap_or(0)
     }
 
     #[cold]
-    fn wake_from_sleep(&self, from: u8) {
+    pub(crate) fn wake_from_sleep(&self, from: u8) {
         if self.bell.take_sleeper(from) {
             if let Some(t) = self.flusher.get() {
                 t.unpark();
@@ -563,7 +581,7 @@ impl Inner {
     /// may drain the shard itself (it holds no bus lock). Takes `e` by reference so that
     /// the caller keeps it for the full path and the entry is never copied on the hot path.
     #[inline(always)]
-    fn try_push(&self, e: &Entry<'_>, help: bool) -> bool {
+    pub(crate) fn try_push(&self, e: &Entry<'_>, help: bool) -> bool {
         let n = self.shards.len();
         let lay = Layout {
             pid: self.pid,
@@ -602,12 +620,21 @@ impl Inner {
                 (0, len)
             }
         };
-        self.after_push(shard, len, help);
+        self.after_push(len, help, || self.help(shard));
         true
     }
 
+    /// Requests a flush generation and waits for the flusher to complete it. False when
+    /// the flusher is gone without a stop request (it panicked).
+    pub(crate) fn wait_flushed(&self) -> bool {
+        let my = self.tickets.request();
+        self.wake();
+        self.tickets.wait(my);
+        !self.dead.load(SeqCst) || self.stop.load(SeqCst)
+    }
+
     /// True when the calling thread has messages queued or being sent.
-    fn has_own_pending(&self) -> bool {
+    pub(crate) fn has_own_pending(&self) -> bool {
         let n = self.shards.len();
         let cpu = || sys::current_cpu().unwrap_or(0) % n;
         shard::with_local(self.id, &self.registry, cpu, |l| {
@@ -657,14 +684,22 @@ impl Bus {
     /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::Slice { id, data }, self.inner.cfg.policy)
+        insert::insert(
+            &mut Shards(&self.inner),
+            Entry::Slice { id, data },
+            self.inner.cfg.policy,
+        )
     }
 
     /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
     /// back at once as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::Slice { id, data }, FullPolicy::Reject)
+        insert::insert(
+            &mut Shards(&self.inner),
+            Entry::Slice { id, data },
+            FullPolicy::Reject,
+        )
     }
 
     /// [`insert`](Self::insert) that waits for space when the shard is full, at most
@@ -676,153 +711,26 @@ impl Bus {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        let p = match timeout {
-            Some(t) => FullPolicy::BlockFor(t),
-            None => FullPolicy::Block,
-        };
-        self.insert_entry(Entry::Slice { id, data }, p)
+        let p = FullPolicy::blocking(timeout);
+        insert::insert(&mut Shards(&self.inner), Entry::Slice { id, data }, p)
     }
 
     /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
     /// caller's thread ([`FullPolicy::SendDirect`]).
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::Slice { id, data }, FullPolicy::SendDirect)
+        insert::insert(
+            &mut Shards(&self.inner),
+            Entry::Slice { id, data },
+            FullPolicy::SendDirect,
+        )
     }
 
     /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
     /// into the shard's buffer), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.insert_entry(Entry::Msg(msg), policy)
-    }
-
-    #[inline(always)]
-    fn insert_entry(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        let inner = &*self.inner;
-        let len = e.encoded_len();
-        if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
-            Counters::add(&inner.stats.rejected_too_large, 1);
-            return Err(InsertError::TooLarge {
-                msg: e.into_msg(),
-                len,
-                limit: inner.cfg.datagram_size,
-            });
-        }
-        if inner.dead.load(Relaxed) {
-            Counters::add(&inner.stats.rejected_closed, 1);
-            return Err(InsertError::Closed(e.into_msg()));
-        }
-        if inner.try_push(&e, true) {
-            return Ok(());
-        }
-        self.on_full(e, policy)
-            .map_err(|err| err.map(Entry::into_msg))
-    }
-
-    #[cold]
-    fn on_full<'a>(&self, e: Entry<'a>, policy: FullPolicy) -> Result<(), InsertError<Entry<'a>>> {
-        let inner = &*self.inner;
-        let st = &inner.stats;
-        Counters::max(&st.high_water, inner.cfg.capacity as u64);
-        match policy {
-            FullPolicy::Reject => {
-                Counters::add(&st.rejected_full, 1);
-                inner.wake();
-                Err(InsertError::Full(e))
-            }
-            FullPolicy::Block => {
-                Counters::add(&st.blocked, 1);
-                self.block(e, None)
-            }
-            FullPolicy::BlockFor(t) => {
-                Counters::add(&st.blocked, 1);
-                self.block(e, Some(Instant::now() + t))
-            }
-            FullPolicy::SendDirect => {
-                Counters::add(&st.blocked, 1);
-                self.send_direct(e)
-            }
-        }
-    }
-
-    fn block<'a>(
-        &self,
-        e: Entry<'a>,
-        deadline: Option<Instant>,
-    ) -> Result<(), InsertError<Entry<'a>>> {
-        let inner = &*self.inner;
-        // With assisted draining, first try to make the space ourselves.
-        if inner.cfg.assist && inner.help(inner.own_shard()) && inner.try_push(&e, true) {
-            return Ok(());
-        }
-        loop {
-            let mut g = inner.space_lock.lock();
-            inner.space_waiters.fetch_add(1, SeqCst);
-            // After the increment, so that the flusher either sees the waiter when it
-            // decides how to sleep, or is unparked.
-            inner.wake();
-            // No helping here: we hold `space_lock`, which a drainer takes to notify.
-            if inner.try_push(&e, false) {
-                inner.space_waiters.fetch_sub(1, SeqCst);
-                return Ok(());
-            }
-            if inner.dead.load(SeqCst) {
-                inner.space_waiters.fetch_sub(1, SeqCst);
-                Counters::add(&inner.stats.rejected_closed, 1);
-                return Err(InsertError::Closed(e));
-            }
-            let timed_out = match deadline {
-                Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
-                None => {
-                    inner.space_cv.wait(&mut g);
-                    false
-                }
-            };
-            inner.space_waiters.fetch_sub(1, SeqCst);
-            drop(g);
-            if timed_out {
-                if inner.try_push(&e, true) {
-                    return Ok(());
-                }
-                Counters::add(&inner.stats.rejected_timeout, 1);
-                return Err(InsertError::Timeout(e));
-            }
-        }
-    }
-
-    fn send_direct<'a>(&self, e: Entry<'a>) -> Result<(), InsertError<Entry<'a>>> {
-        let inner = &*self.inner;
-        let st = &inner.stats;
-        if inner.has_own_pending() && !self.wait_flushed() {
-            // (Our queued messages go first: the wait above lets them be sent.)
-            Counters::add(&st.rejected_closed, 1);
-            return Err(InsertError::Closed(e));
-        }
-        let mut buf = vec![0u8; e.encoded_len()];
-        // Fits: sized for it, and the data length was checked on entry.
-        let _ = e.encode_into(inner.pid, &mut buf);
-        // Under the send lock, so that a numbered message gets the next number of its id
-        // and goes on the wire in that order.
-        let mut seqs = inner.seqs.lock();
-        if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
-            drain::write_seq(m, seqs.next(*id));
-        }
-        Counters::add(&st.syscalls, 1);
-        let sent = inner.sock.send(&buf, inner.dest);
-        drop(seqs);
-        match sent {
-            Ok(_) => {
-                Counters::add(&st.direct, 1);
-                Counters::add(&st.sent_messages, 1);
-                Counters::add(&st.sent_datagrams, 1);
-                Ok(())
-            }
-            Err(error) => {
-                st.send_error(error.errno().unwrap_or(libc::EIO));
-                Err(InsertError::Send { msg: e, error })
-            }
-        }
+        insert::insert(&mut Shards(&self.inner), Entry::Msg(msg), policy)
     }
 
     /// Waits until every message inserted before this call (by any thread, as ordered by
@@ -833,7 +741,7 @@ impl Bus {
     /// variable; the duration is recorded in [`BusStats`].
     pub fn flush(&self) -> Result<()> {
         let start = Instant::now();
-        if !self.wait_flushed() {
+        if !self.inner.wait_flushed() {
             return Err(Error::Closed);
         }
         self.inner
@@ -845,16 +753,6 @@ impl Bus {
         }
     }
 
-    /// Requests a flush generation and waits for the flusher to complete it. False when
-    /// the flusher is gone without a stop request (it panicked).
-    fn wait_flushed(&self) -> bool {
-        let inner = &*self.inner;
-        let my = inner.tickets.request();
-        inner.wake();
-        inner.tickets.wait(my);
-        !inner.dead.load(SeqCst) || inner.stop.load(SeqCst)
-    }
-
     /// Takes the first send error recorded since the last call (or the last `flush`).
     pub fn take_error(&self) -> Option<Error> {
         self.inner.last_error.lock().take()
@@ -862,9 +760,19 @@ impl Bus {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> BusStats {
-        self.inner
-            .stats
-            .snapshot(self.inner.registry.pushed_total(), self.inner.queued())
+        let inner = &*self.inner;
+        let (lane_inserts, lane_queued) = inner.lane_inserts();
+        let shard_queued: u64 = inner.shards.iter().map(|s| s.len() as u64).sum();
+        inner.stats.snapshot(
+            inner.registry.pushed_total() + lane_inserts,
+            shard_queued + lane_queued,
+        )
+    }
+
+    /// A [`Producer`]: this thread's (or task's) own lane into the bus, the fastest way to
+    /// insert from a hot path; see its docs.
+    pub fn producer(&self) -> Producer<'_> {
+        Producer::new(self)
     }
 
     /// The socket the bus sends through.

@@ -132,11 +132,11 @@ impl Entry<'_> {
     /// padding) at the start of `out`. Returns the bytes written, or `None` when `out` is
     /// too short or the data longer than `cn_msg.len` can say (callers check that first).
     #[inline(always)]
-    pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
+    pub(crate) fn encode_into(&self, pid: u32, ty: u16, out: &mut [u8]) -> Option<usize> {
         let (cn, data) = self.parts();
         let nl = NlHeader {
             len: 0,
-            ty: NLMSG_DONE,
+            ty,
             flags: 0,
             seq: cn.seq,
             pid,
@@ -270,7 +270,7 @@ impl Batch {
         if self.open_msgs > 0 && (!coalesce || end - self.open_start > dgram) {
             self.close_open();
         }
-        self.used += e.encode_into(pid, self.buf.get_mut(at..)?)?;
+        self.used += e.encode_into(pid, NLMSG_DONE, self.buf.get_mut(at..)?)?;
         self.open_msgs += 1;
         self.count += 1;
         let (id, shape) = (
@@ -554,7 +554,7 @@ mod tests {
     fn encoding_matches_datagram_builder() {
         let encode = |e: &Entry<'_>| {
             let mut out = vec![0xAAu8; e.encoded_len() + 8];
-            let n = e.encode_into(42, &mut out).unwrap();
+            let n = e.encode_into(42, NLMSG_DONE, &mut out).unwrap();
             assert_eq!(n, e.encoded_len());
             assert!(out[n..].iter().all(|&b| b == 0xAA), "wrote past its length");
             out.truncate(n);
@@ -572,7 +572,7 @@ mod tests {
             assert!(!e.numbered());
             // Too short a buffer: nothing written.
             let mut short = vec![0xAAu8; e.encoded_len() - 1];
-            assert_eq!(e.encode_into(42, &mut short), None);
+            assert_eq!(e.encode_into(42, NLMSG_DONE, &mut short), None);
             assert!(short.iter().all(|&b| b == 0xAA));
             // The slice path (seq/ack 0 until numbered) against the builder.
             let plain = CnMsg::new(msg.id, data.clone());

@@ -38,6 +38,8 @@ pub(crate) struct Counters {
     pub flush_total_ns: AtomicU64,
     pub flush_max_ns: AtomicU64,
     pub flush_last_ns: AtomicU64,
+    /// Messages inserted through lanes the flusher has forgotten (their producer is gone).
+    pub retired_lane_inserts: AtomicU64,
 }
 
 impl Counters {

@@ -7,7 +7,9 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
+pub(crate) mod membarrier;
 mod ns;
+pub(crate) mod ring;
 mod signal;
 mod socket;
 mod spin;

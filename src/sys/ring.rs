@@ -1,0 +1,297 @@
+//! A single-producer, single-consumer byte ring: the storage of a bus
+//! [`Producer`](crate::bus::Producer)'s lane.
+//!
+//! One [`Writer`] and one [`Reader`] share a power-of-two buffer and two monotonic
+//! positions (wrapping `usize` byte counts):
+//!
+//! * `tail`: bytes the writer has published. Stored only by the writer, with `Release`,
+//!   after it wrote them; the reader loads it with `Acquire` before it reads (or rewrites)
+//!   them.
+//! * `head`: bytes the reader has given back. Stored only by the reader, with `Release`,
+//!   after it is done with them (for the bus: after the `sendmmsg` that read them
+//!   returned); the writer loads it with `Acquire` before it writes over them.
+//!
+//! So the writer owns `[tail, head + size)` and the reader owns `[head, tail)`: disjoint
+//! parts of the buffer, each touched by one thread at a time, handed over by those two
+//! stores. Neither side ever makes a reference to the whole buffer, only slices of its own
+//! part, so the two sides never alias. The writer's hot path makes no atomic
+//! read-modify-write and no fence: on x86 a `Release` store and an `Acquire` load are
+//! plain moves. The writer caches `head` and reloads it only when its cached view is
+//! short of space.
+//!
+//! A region written is always contiguous: [`Writer::write`] fails when the bytes would
+//! cross the end of the buffer, and the caller then fills the rest of the buffer with a
+//! marker of its own (see the bus's lanes) and writes again at the start. The reader
+//! therefore sees at most two slices, before and after the end.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam::utils::CachePadded;
+
+struct Shared {
+    /// The bytes. Never borrowed as a whole: each side makes slices of its own part only.
+    buf: Box<[UnsafeCell<u8>]>,
+    mask: usize,
+    /// Published by the writer (see the module docs).
+    tail: CachePadded<AtomicUsize>,
+    /// Given back by the reader (see the module docs).
+    head: CachePadded<AtomicUsize>,
+}
+
+// SAFETY: the buffer's bytes are reached only through the one `Writer` and the one
+// `Reader` (neither is `Clone`; both take `&mut self`), each in the part of the buffer it
+// owns, and ownership of a byte moves between them only through the `Release` store and
+// `Acquire` load of `tail` or `head` (see the module docs). So no byte is accessed by two
+// threads without a happens-before edge between the accesses.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// `len` bytes from buffer offset `at` (`at + len <= size`, checked).
+    ///
+    /// # Safety
+    /// The caller must own those bytes (writer: free space it reserved; reader: published
+    /// bytes it has not given back) and must not hold another slice over them.
+    // The exclusivity comes from the caller's ownership of these bytes (the ring's
+    // protocol), not from `&self`: that is the contract this `unsafe fn` states.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    unsafe fn slice_mut(&self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at <= self.buf.len() && len <= self.buf.len() - at);
+        // SAFETY: in bounds (asserted); `UnsafeCell<u8>` has the layout of `u8`, and
+        // writing through the pointer is allowed because it comes from `UnsafeCell`s; the
+        // caller guarantees exclusive ownership of these bytes for the slice's lifetime.
+        unsafe {
+            std::slice::from_raw_parts_mut(UnsafeCell::raw_get(self.buf.as_ptr().add(at)), len)
+        }
+    }
+}
+
+/// A ring of at least `min_size` bytes (rounded up to a power of two, at least 64).
+pub(crate) fn ring(min_size: usize) -> (Writer, Reader) {
+    let size = min_size.max(64).next_power_of_two();
+    let s = Arc::new(Shared {
+        buf: (0..size).map(|_| UnsafeCell::new(0)).collect(),
+        mask: size - 1,
+        tail: CachePadded::new(AtomicUsize::new(0)),
+        head: CachePadded::new(AtomicUsize::new(0)),
+    });
+    (
+        Writer {
+            s: Arc::clone(&s),
+            tail: 0,
+            head: 0,
+        },
+        Reader {
+            s,
+            head: 0,
+            tail: 0,
+        },
+    )
+}
+
+/// The writing side of a [`ring`].
+pub(crate) struct Writer {
+    s: Arc<Shared>,
+    /// Our copy of `tail` (we are its only writer).
+    tail: usize,
+    /// The last `head` we loaded: at least this much has been given back.
+    head: usize,
+}
+
+/// Why [`Writer::write`] wrote nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Short {
+    /// Not enough free bytes.
+    Full,
+    /// The bytes would cross the end of the buffer: fill the rest
+    /// ([`Writer::until_end`] bytes) first.
+    End,
+}
+
+impl Writer {
+    /// The buffer's size in bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.s.buf.len()
+    }
+
+    /// Bytes from the tail to the end of the buffer: the most one region can hold now.
+    #[inline(always)]
+    pub(crate) fn until_end(&self) -> usize {
+        self.size() - (self.tail & self.s.mask)
+    }
+
+    /// Writes `len` contiguous bytes at the tail with `f` and publishes them. Fails,
+    /// calling nothing, when fewer than `len` bytes are free (after loading `head` once)
+    /// or when the bytes would cross the end of the buffer (see
+    /// [`until_end`](Self::until_end)). `f` finds whatever the bytes held before.
+    #[inline(always)]
+    pub(crate) fn write(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> Result<(), Short> {
+        let (tail, size) = (self.tail, self.s.buf.len());
+        let at = tail & self.s.mask;
+        if len > size - at {
+            return Err(Short::End);
+        }
+        if tail.wrapping_sub(self.head) + len > size {
+            // Acquire: the reader's accesses to these bytes happen-before our writes.
+            self.head = self.s.head.load(Ordering::Acquire);
+            if tail.wrapping_sub(self.head) + len > size {
+                return Err(Short::Full);
+            }
+        }
+        let end = tail.wrapping_add(len);
+        // SAFETY: `[tail, tail + len)` is free (checked against `head` above), so the
+        // reader does not own it; it does not cross the end (checked first); the slice
+        // lives only for the call of `f`, and we make no other slice meanwhile.
+        f(unsafe { self.s.slice_mut(at, len) });
+        self.tail = end;
+        // Release: our writes of these bytes happen-before the reader's Acquire load.
+        self.s.tail.store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// A look at the ring from outside: for threads that hold neither side.
+    pub(crate) fn probe(&self) -> Probe {
+        Probe {
+            s: Arc::clone(&self.s),
+        }
+    }
+}
+
+/// The reading side of a [`ring`].
+pub(crate) struct Reader {
+    s: Arc<Shared>,
+    /// Our copy of `head` (we are its only writer).
+    head: usize,
+    /// The `tail` loaded by the last [`readable`](Self::readable).
+    tail: usize,
+}
+
+impl Reader {
+    /// The published bytes not given back yet (loads `tail`): the part before the end of
+    /// the buffer, and the part after it (empty unless they wrap).
+    pub(crate) fn readable(&mut self) -> (&mut [u8], &mut [u8]) {
+        // Acquire: the writer's writes of these bytes happen-before our reads.
+        self.tail = self.s.tail.load(Ordering::Acquire);
+        let n = self.tail.wrapping_sub(self.head);
+        let at = self.head & self.s.mask;
+        let first = n.min(self.s.buf.len() - at);
+        // SAFETY: `[head, tail)` is published and not given back, so the writer does not
+        // touch it; the two parts are disjoint (`first` stops at the end of the buffer,
+        // the second starts at 0 and has `n - first <= at` bytes since `n <= size`), and
+        // both borrow `self` mutably, so no other slice of ours exists.
+        unsafe { (self.s.slice_mut(at, first), self.s.slice_mut(0, n - first)) }
+    }
+
+    /// Gives the first `n` bytes of what the last [`readable`](Self::readable) returned
+    /// back to the writer (at most all of it).
+    pub(crate) fn release(&mut self, n: usize) {
+        let n = n.min(self.tail.wrapping_sub(self.head));
+        self.head = self.head.wrapping_add(n);
+        // Release: our reads of these bytes (and the system call that read them)
+        // happen-before the writer's Acquire load and its writes over them.
+        self.s.head.store(self.head, Ordering::Release);
+    }
+}
+
+/// Looks at a ring without owning either side.
+#[derive(Clone)]
+pub(crate) struct Probe {
+    s: Arc<Shared>,
+}
+
+impl Probe {
+    /// Published bytes not given back yet, as seen now.
+    pub(crate) fn pending(&self) -> usize {
+        let head = self.s.head.load(Ordering::Acquire);
+        let tail = self.s.tail.load(Ordering::Acquire);
+        tail.wrapping_sub(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_contiguous_and_bounded() {
+        let (mut w, mut r) = ring(100);
+        assert_eq!(w.size(), 128);
+        w.write(100, |b| b.fill(1)).unwrap();
+        // 28 bytes left before the end; 40 do not fit there.
+        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::End));
+        assert_eq!(w.until_end(), 28);
+        w.write(28, |b| b.fill(2)).unwrap();
+        assert_eq!(w.probe().pending(), 128);
+        // Full: nothing fits until the reader gives bytes back.
+        assert_eq!(w.write(4, |_| unreachable!()), Err(Short::Full));
+        let (a, b) = r.readable();
+        assert_eq!((a.len(), b.len()), (128, 0));
+        assert!(a[..100].iter().all(|&x| x == 1) && a[100..].iter().all(|&x| x == 2));
+        r.release(64);
+        w.write(8, |b| b.fill(3)).unwrap();
+        let (a, b) = r.readable();
+        assert_eq!((a.len(), b.len()), (64, 8));
+        assert!(b.iter().all(|&x| x == 3));
+        r.release(usize::MAX);
+        assert_eq!(w.probe().pending(), 0);
+    }
+
+    /// A writer thread streams numbered records of varying length through a small ring
+    /// while a reader checks every byte: no loss, no reordering, no torn record.
+    #[test]
+    fn concurrent_stream_arrives_intact() {
+        const N: u32 = 200_000;
+        let (mut w, mut r) = ring(256);
+        let writer = std::thread::spawn(move || {
+            let mut i = 0u32;
+            while i < N {
+                let len = 8 + (i as usize % 5) * 4;
+                let n = w.until_end();
+                let r = w.write(len, |rec| {
+                    rec[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+                    rec[4..8].copy_from_slice(&i.to_ne_bytes());
+                    rec[8..].fill(i as u8);
+                });
+                match r {
+                    Ok(()) => {}
+                    Err(Short::End) => {
+                        // Fill the rest with a skip record (length with the high bit).
+                        let _ = w.write(n, |rec| {
+                            rec[..4].copy_from_slice(&(n as u32 | 1 << 31).to_ne_bytes())
+                        });
+                        continue;
+                    }
+                    Err(Short::Full) => {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                }
+                i += 1;
+            }
+        });
+        let mut next = 0u32;
+        while next < N {
+            let (a, b) = r.readable();
+            let mut used = 0;
+            for part in [a, b] {
+                let mut p = 0;
+                while p < part.len() {
+                    let word = u32::from_ne_bytes(part[p..p + 4].try_into().unwrap());
+                    let n = (word & !(1 << 31)) as usize;
+                    if word & 1 << 31 == 0 {
+                        let rec = &part[p..p + n];
+                        assert_eq!(u32::from_ne_bytes(rec[4..8].try_into().unwrap()), next);
+                        assert!(rec[8..].iter().all(|&x| x == next as u8));
+                        next += 1;
+                    }
+                    p += n;
+                }
+                used += part.len();
+            }
+            r.release(used);
+        }
+        writer.join().unwrap();
+    }
+}
