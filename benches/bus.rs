@@ -7,7 +7,8 @@
 //!    `Bus::insert` and through a `Producer` per thread: bursts of 1000 inserts are timed
 //!    (median and p99 of the per-message cost), the bus is flushed between bursts outside
 //!    the timed region;
-//! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 2):
+//! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 1), in
+//!    `BENCH_ROUNDS` rounds (default 5) that interleave the modes:
 //!    (a) the bus, batched, through `Bus::insert` (32 messages of 64 B per datagram by
 //!    default, `BENCH_PER_DGRAM` to change it for (a), (p) and (c) alike; many datagrams
 //!    per `sendmmsg`), (p) the same through a `Producer`,
@@ -17,10 +18,13 @@
 //!
 //! "Delivered" means counted by the receiver process, which reports when it sees the
 //! phase's end marker; the rate is delivered messages over the time from the start of the
-//! phase to that report. For (a) and (c) the producer thread's user and system CPU time
+//! phase to that report. For (a), (p) and (c) the producer thread's user and system CPU time
 //! per message are printed too (`getrusage(RUSAGE_THREAD)`).
 //!
-//! Knobs: `BENCH_ONLY` (phases, default `iapbc`), `BENCH_SECS`, `BENCH_PER_DGRAM`,
+//! The ratios to the raw loop are computed per round (the modes of a round run back to
+//! back, so a change in the machine's load hits them alike) and their median is printed.
+//!
+//! Knobs: `BENCH_ONLY` (phases, default `iapbc`), `BENCH_SECS`, `BENCH_ROUNDS`, `BENCH_PER_DGRAM`,
 //! `BENCH_CAPACITY`, `BENCH_WATERMARK`, `BENCH_BATCH`, `BENCH_ASSIST=0` (no
 //! producer-assisted draining in (a) and (p)), `BENCH_FLUSHER_CPU`, `BENCH_PRODUCER_CPU`,
 //! `BENCH_DEBUG` (print the bus statistics of (a) and (p)).
@@ -67,7 +71,7 @@ fn main() {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
     let phase_len = Duration::from_secs_f64(secs);
     let idx = 0x4b00_0000 | (std::process::id() & 0xffff);
     // BENCH_ONLY=a (or b, c, i): run only those phases, for profiling.
@@ -121,7 +125,6 @@ fn main() {
     );
 
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    let mut p = [0u8; PAYLOAD];
 
     // 1. Insert cost, with the flusher running.
     if run('i') {
@@ -148,130 +151,81 @@ fn main() {
             st.avg_msgs_per_datagram()
         );
     }
-    println!("end-to-end delivered rate (messages/s), one producer thread:");
-
-    // 2a. The bus, batched, one producer thread: through `Bus::insert` (a) and through a
-    // `Producer` lane (p).
-    let mut ra = 0.0;
-    let mut rp = 0.0;
-    for (phase, name) in [('a', "bus insert()"), ('p', "bus Producer")] {
-        if !run(phase) {
-            continue;
-        }
-        if let Some(c) = std::env::var("BENCH_PRODUCER_CPU")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            cnbus::sys::pin_current_thread(c).unwrap();
-        }
-        let val = if phase == 'a' { 1 } else { 4 };
-        let bus = bench_bus();
-        let id = CbId::new(idx, val);
-        let cpu0 = thread_cpu();
-        let t = Instant::now();
-        let mut n = 0u64;
-        if phase == 'a' {
-            while t.elapsed() < phase_len {
-                for _ in 0..1000 {
-                    p[..8].copy_from_slice(&n.to_ne_bytes());
-                    bus.insert(id, &p).unwrap();
-                    n += 1;
-                }
-            }
-        } else {
-            let mut prod = bus.producer();
-            while t.elapsed() < phase_len {
-                for _ in 0..1000 {
-                    p[..8].copy_from_slice(&n.to_ne_bytes());
-                    prod.insert(id, &p).unwrap();
-                    n += 1;
-                }
-            }
-        }
-        bus.flush().unwrap();
-        let send_time = t.elapsed();
-        let cpu = cpu_per_msg(cpu0, n);
-        let (deliv, over) = end_phase(val);
-        let r = rate(deliv, t.elapsed());
-        if phase == 'a' {
-            ra = r;
-        } else {
-            rp = r;
-        }
-        let st = bus.stats();
-        println!(
-            "  ({phase}) {name:<16} {r:>12.0}  (inserted {n} in {:.2} s, delivered {deliv}, receiver overruns {over}; {:.1} msgs/datagram, {:.0} msgs/syscall, producer blocked {} times, {:.0}% sent by producer-assisted drains)",
-            send_time.as_secs_f64(),
-            st.avg_msgs_per_datagram(),
-            st.avg_msgs_per_syscall(),
-            st.blocked,
-            100.0 * st.assisted_messages as f64 / st.sent_messages.max(1) as f64
-        );
-        println!("      {cpu}");
-        if std::env::var("BENCH_DEBUG").is_ok() {
-            println!("      {st:?}");
-        }
+    // 2. End-to-end rates, in rounds that interleave the modes (BENCH_ROUNDS, default 5),
+    // so that a change in the machine's load hits every mode alike; the ratios are
+    // computed per round and their median is reported.
+    let rounds: u32 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .clamp(1, 20);
+    println!("end-to-end delivered rate (messages/s), one producer thread, {rounds} round(s):");
+    if let Some(c) = std::env::var("BENCH_PRODUCER_CPU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cnbus::sys::pin_current_thread(c).unwrap();
     }
-
-    // 2b. One message per send() system call, through the library's socket.
-    let mut rb = 0.0;
-    if run('b') {
-        let sock = ConnectorSocket::open().unwrap();
-        let id = CbId::new(idx, 2);
-        let t = Instant::now();
-        let mut m = 0u64;
-        let mut d = DatagramBuilder::new(256).with_pid(sock.port_id());
-        while t.elapsed() < phase_len {
-            for _ in 0..100 {
-                p[..8].copy_from_slice(&m.to_ne_bytes());
-                d.clear();
-                d.push(&CnMsg::new(id, p.to_vec())).unwrap();
-                sock.send(d.as_bytes(), Dest::Group(GROUP)).unwrap();
-                m += 1;
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    for round in 0..rounds {
+        for (k, phase) in ['a', 'p', 'b', 'c'].into_iter().enumerate() {
+            // (b) is 15-20x slower than the others: once is enough.
+            if !run(phase) || (phase == 'b' && round > 0) {
+                continue;
+            }
+            // A val per round and mode: the receiver counts each apart.
+            let val = 1 + round * 4 + k as u32;
+            let cpu0 = thread_cpu();
+            let t = Instant::now();
+            let (n, detail) = match phase {
+                'a' | 'p' => bus_phase(phase == 'p', CbId::new(idx, val), phase_len),
+                'b' => (one_per_send(CbId::new(idx, val), phase_len), String::new()),
+                _ => (raw_loop(idx, val, phase_len), String::new()),
+            };
+            let cpu = cpu_per_msg(cpu0, n);
+            let (deliv, over) = end_phase(val);
+            let r = rate(deliv, t.elapsed());
+            rates[k].push(r);
+            let name = match phase {
+                'a' => "bus insert()",
+                'p' => "bus Producer",
+                'b' => "one per send()",
+                _ => "raw sendmmsg",
+            };
+            println!(
+                "  [{round}] ({phase}) {name:<15} {r:>12.0}  (sent {n}, delivered {deliv}, receiver overruns {over}{detail})"
+            );
+            if phase != 'b' {
+                println!("             {cpu}");
             }
         }
-        let send = t.elapsed();
-        let (deliv, over) = end_phase(2);
-        rb = rate(deliv, t.elapsed());
-        println!(
-            "  (b) one per send()   {rb:>12.0}  (sent {m} in {:.2} s, delivered {deliv}, receiver overruns {over})",
-            send.as_secs_f64()
-        );
     }
-
-    // 2c. Raw libc loop: same datagrams as the bus builds, 64 per sendmmsg, no library.
-    let mut rc = 0.0;
-    if run('c') {
-        let cpu0 = thread_cpu();
-        let t = Instant::now();
-        let sent = raw_loop(idx, 3, phase_len);
-        let send = t.elapsed();
-        let cpu = cpu_per_msg(cpu0, sent);
-        let (deliv, over) = end_phase(3);
-        rc = rate(deliv, t.elapsed());
-        println!(
-            "  (c) raw sendmmsg     {rc:>12.0}  (sent {sent} in {:.2} s, delivered {deliv}, receiver overruns {over})",
-            send.as_secs_f64()
-        );
-        println!("      {cpu}");
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let ratios = |x: usize, y: usize| -> Vec<f64> {
+        let n = rates[x].len().min(rates[y].len());
+        (0..n).map(|i| rates[x][i] / rates[y][i]).collect()
+    };
+    for (x, name) in [(0, "bus insert()"), (1, "bus Producer")] {
+        if let (Some(&rb), Some(&rx)) = (rates[2].first(), rates[x].first()) {
+            println!(
+                "  ratio {name} / one-per-send = {:.1}x  (target >= 10x; round 0)",
+                rx / rb
+            );
+        }
     }
-    if ra > 0.0 && rb > 0.0 {
-        println!(
-            "  ratio bus / one-per-send = {:.1}x  (target >= 10x)",
-            ra / rb
-        );
-    }
-    if ra > 0.0 && rc > 0.0 {
-        println!(
-            "  ratio bus insert() / raw loop = {:.2}x (target >= 0.8x)",
-            ra / rc
-        );
-    }
-    if rp > 0.0 && rc > 0.0 {
-        println!(
-            "  ratio bus Producer / raw loop = {:.2}x (target >= 0.8x)",
-            rp / rc
-        );
+    for (x, name) in [(0, "bus insert()"), (1, "bus Producer")] {
+        let r = ratios(x, 3);
+        if !r.is_empty() {
+            let each: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
+            println!(
+                "  ratio {name} / raw loop = {:.2}x median (target >= 0.8x; per round: {})",
+                median(r.clone()),
+                each.join(", ")
+            );
+        }
     }
 
     let mut d = DatagramBuilder::new(256);
@@ -287,6 +241,66 @@ fn main() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Inserts 64-byte messages through `Bus::insert` (or a `Producer`) for `dur`, then
+/// flushes. Returns the messages inserted and a summary of the bus's statistics.
+fn bus_phase(via_producer: bool, id: CbId, dur: Duration) -> (u64, String) {
+    let bus = bench_bus();
+    let mut p = [7u8; PAYLOAD];
+    let t = Instant::now();
+    let mut n = 0u64;
+    if via_producer {
+        let mut prod = bus.producer();
+        while t.elapsed() < dur {
+            for _ in 0..1000 {
+                p[..8].copy_from_slice(&n.to_ne_bytes());
+                prod.insert(id, &p).unwrap();
+                n += 1;
+            }
+        }
+    } else {
+        while t.elapsed() < dur {
+            for _ in 0..1000 {
+                p[..8].copy_from_slice(&n.to_ne_bytes());
+                bus.insert(id, &p).unwrap();
+                n += 1;
+            }
+        }
+    }
+    bus.flush().unwrap();
+    let st = bus.stats();
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        println!("      {st:?}");
+    }
+    let detail = format!(
+        "; {:.1} msgs/datagram, {:.0} msgs/syscall, blocked {} times, {:.0}% sent by producer-assisted drains",
+        st.avg_msgs_per_datagram(),
+        st.avg_msgs_per_syscall(),
+        st.blocked,
+        100.0 * st.assisted_messages as f64 / st.sent_messages.max(1) as f64
+    );
+    (n, detail)
+}
+
+/// One message per `send` system call through the library's socket, for `dur`. Returns
+/// the messages sent.
+fn one_per_send(id: CbId, dur: Duration) -> u64 {
+    let sock = ConnectorSocket::open().unwrap();
+    let mut p = [7u8; PAYLOAD];
+    let t = Instant::now();
+    let mut m = 0u64;
+    let mut d = DatagramBuilder::new(256).with_pid(sock.port_id());
+    while t.elapsed() < dur {
+        for _ in 0..100 {
+            p[..8].copy_from_slice(&m.to_ne_bytes());
+            d.clear();
+            d.push(&CnMsg::new(id, p.to_vec())).unwrap();
+            sock.send(d.as_bytes(), Dest::Group(GROUP)).unwrap();
+            m += 1;
+        }
+    }
+    m
 }
 
 /// The bus under test: datagrams of `per_dgram()` messages of 64 B, as the raw loop
@@ -471,7 +485,7 @@ fn receiver(idx: u32) {
     let mut out = std::io::stdout();
     writeln!(out, "ready").unwrap();
     out.flush().unwrap();
-    // Counts per val; vals are small (phases 0..=3, insert threads 100..=101).
+    // Counts per val; vals are small (phases 0..=80, insert threads 100..=101).
     let mut counts = [0u64; 128];
     let mut answered = std::collections::HashSet::<u32>::new();
     let mut overruns = 0u64;

@@ -12,6 +12,9 @@
 //! subscriber checks that every thread's sequence arrives complete and in order). The
 //! threads pin themselves to a different CPU every 10000 messages to show that order
 //! survives migration. At the end the bus's statistics are printed.
+//!
+//! By default each thread calls `Bus::insert` (per-CPU shards); with `--lanes` each thread
+//! takes its own `Producer` (a lock-free lane, the fastest path) and inserts through it.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,7 @@ fn main() -> cnbus::Result<()> {
     let threads = args::int(&args, "--threads").unwrap_or(4) as u32;
     let count = args::int(&args, "--count").unwrap_or(100_000) as u32;
     let latency_us = args::int(&args, "--latency-us").unwrap_or(1000);
+    let lanes = args.iter().any(|a| a == "--lanes");
     if !(12..=32).contains(&group) {
         eprintln!("use a group in 12..=32 (lower ones belong to kernel users)");
         std::process::exit(2);
@@ -37,9 +41,13 @@ fn main() -> cnbus::Result<()> {
         .build()?;
     let ncpu = sys::num_cpus();
     println!(
-        "producing {threads} x {count} messages to group {group} from port {} ({} shards)",
+        "producing {threads} x {count} messages to group {group} from port {} ({})",
         bus.socket().port_id(),
-        bus.shards()
+        if lanes {
+            format!("{threads} producer lanes")
+        } else {
+            format!("{} shards", bus.shards())
+        }
     );
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -49,14 +57,18 @@ fn main() -> cnbus::Result<()> {
                 let id = CbId::new(group, t);
                 let mut payload = [0u8; 64];
                 payload[..4].copy_from_slice(&t.to_ne_bytes());
+                let mut lane = lanes.then(|| bus.producer());
                 for seq in 0..count {
                     if seq % 10_000 == 0 && ncpu > 1 {
                         let _ =
                             sys::pin_current_thread((t as usize + (seq / 10_000) as usize) % ncpu);
                     }
                     payload[4..8].copy_from_slice(&seq.to_ne_bytes());
-                    // The default policy blocks while the shard is full: backpressure, no loss.
-                    bus.insert(id, &payload).expect("insert");
+                    // The default policy blocks while the queue is full: backpressure, no loss.
+                    match &mut lane {
+                        Some(p) => p.insert(id, &payload).expect("insert"),
+                        None => bus.insert(id, &payload).expect("insert"),
+                    }
                 }
             });
         }

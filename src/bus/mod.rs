@@ -12,6 +12,11 @@
 //! reads only the first message of a datagram, or with [`Framing::OnePerDatagram`], each
 //! message gets its own datagram, still many per `sendmmsg`.
 //!
+//! A hot path that inserts from one place at a time can take a [`Producer`]
+//! ([`Bus::producer`]): its own single-producer lane, where an insert is a copy and one
+//! store, with no lock and no atomic read-modify-write. Drainers send a lane's messages
+//! like a shard's.
+//!
 //! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
 //! 3, ... per [`CbId`] per bus, in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
 //! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
@@ -40,9 +45,11 @@
 //!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
 //!   sent all of its queued messages (see the `shard` module). There is no order between
 //!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
-//!   queued messages first).
+//!   queued messages first). Messages inserted through one [`Producer`] are sent in the
+//!   order they were inserted, whichever thread used it.
 //! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
-//!   `capacity * 100` bytes of them). When the caller's
+//!   `capacity * 100` bytes of them); a [`Producer`]'s lane holds `capacity * 100` bytes
+//!   rounded up to a power of two. When the caller's
 //!   shard is full, [`FullPolicy`] decides: hand the message back, wait (optionally with a
 //!   timeout), or send it on the caller's thread. Every rejection is counted
 //!   ([`BusStats`]); nothing is dropped silently.
@@ -63,7 +70,9 @@
 //! See the `handshake` module (sleep and wake-up, flush generations, their loom models)
 //! and `docs/BUS.md`. In short: the flusher announces its sleep, then looks at every shard
 //! again under the shard's lock; a producer pushes under that lock, then loads the state;
-//! the lock orders the two, so a push is either seen or sees the sleeper and wakes it.
+//! the lock orders the two, so a push is either seen or sees the sleeper and wakes it. A
+//! lane has no lock: its producer's compiler fence and the flusher's `membarrier(2)`
+//! order them instead (see the `lane` module).
 //! One drainer at a time per shard holds the shard's drain right from the buffer swap
 //! until after the send, and a flush pass takes every shard's drain right, so `flush`
 //! also waits for messages a helping producer has taken but not yet sent.
@@ -829,6 +838,12 @@ mod tests {
     use super::*;
 
     fn is_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn producer_is_send() {
+        fn is_send<T: Send>() {}
+        is_send::<Producer<'static>>();
+    }
 
     #[test]
     fn bus_is_send_sync() {

@@ -48,7 +48,7 @@ struct Shared {
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    /// `len` bytes from buffer offset `at` (`at + len <= size`, checked).
+    /// `len` bytes from buffer offset `at`, or `None` if they are not all in the buffer.
     ///
     /// # Safety
     /// The caller must own those bytes (writer: free space it reserved; reader: published
@@ -57,14 +57,15 @@ impl Shared {
     // protocol), not from `&self`: that is the contract this `unsafe fn` states.
     #[allow(clippy::mut_from_ref)]
     #[inline(always)]
-    unsafe fn slice_mut(&self, at: usize, len: usize) -> &mut [u8] {
-        assert!(at <= self.buf.len() && len <= self.buf.len() - at);
-        // SAFETY: in bounds (asserted); `UnsafeCell<u8>` has the layout of `u8`, and
-        // writing through the pointer is allowed because it comes from `UnsafeCell`s; the
-        // caller guarantees exclusive ownership of these bytes for the slice's lifetime.
-        unsafe {
-            std::slice::from_raw_parts_mut(UnsafeCell::raw_get(self.buf.as_ptr().add(at)), len)
-        }
+    unsafe fn slice_mut(&self, at: usize, len: usize) -> Option<&mut [u8]> {
+        let cells = self.buf.get(at..at.checked_add(len)?)?;
+        // SAFETY: the cells are in bounds (`get`); `UnsafeCell<u8>` has the layout of
+        // `u8`, and writing through the pointer is allowed because it comes from the
+        // cells (`raw_get`); the caller guarantees exclusive ownership of these bytes for
+        // the slice's lifetime.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(UnsafeCell::raw_get(cells.as_ptr()), cells.len())
+        })
     }
 }
 
@@ -82,6 +83,7 @@ pub(crate) fn ring(min_size: usize) -> (Writer, Reader) {
             s: Arc::clone(&s),
             tail: 0,
             head: 0,
+            size,
         },
         Reader {
             s,
@@ -98,6 +100,8 @@ pub(crate) struct Writer {
     tail: usize,
     /// The last `head` we loaded: at least this much has been given back.
     head: usize,
+    /// The buffer's size (a power of two), kept here to spare a look through the `Arc`.
+    size: usize,
 }
 
 /// Why [`Writer::write`] wrote nothing.
@@ -113,26 +117,23 @@ pub(crate) enum Short {
 impl Writer {
     /// The buffer's size in bytes.
     pub(crate) fn size(&self) -> usize {
-        self.s.buf.len()
+        self.size
     }
 
     /// Bytes from the tail to the end of the buffer: the most one region can hold now.
     #[inline(always)]
     pub(crate) fn until_end(&self) -> usize {
-        self.size() - (self.tail & self.s.mask)
+        self.size - (self.tail & (self.size - 1))
     }
 
     /// Writes `len` contiguous bytes at the tail with `f` and publishes them. Fails,
-    /// calling nothing, when fewer than `len` bytes are free (after loading `head` once)
-    /// or when the bytes would cross the end of the buffer (see
-    /// [`until_end`](Self::until_end)). `f` finds whatever the bytes held before.
+    /// calling nothing, when fewer than `len` bytes are free (after loading `head` once:
+    /// [`Short::Full`]), or else when the bytes would cross the end of the buffer
+    /// ([`Short::End`], see [`until_end`](Self::until_end)). `f` finds whatever the bytes
+    /// held before.
     #[inline(always)]
     pub(crate) fn write(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> Result<(), Short> {
-        let (tail, size) = (self.tail, self.s.buf.len());
-        let at = tail & self.s.mask;
-        if len > size - at {
-            return Err(Short::End);
-        }
+        let (tail, size) = (self.tail, self.size);
         if tail.wrapping_sub(self.head) + len > size {
             // Acquire: the reader's accesses to these bytes happen-before our writes.
             self.head = self.s.head.load(Ordering::Acquire);
@@ -140,11 +141,14 @@ impl Writer {
                 return Err(Short::Full);
             }
         }
+        // SAFETY: the `len` bytes from `tail` are free (checked against `head` above), so
+        // the reader does not own them; the slice lives only for the call of `f`, and we
+        // make no other slice meanwhile. `None`: they would cross the end.
+        let Some(region) = (unsafe { self.s.slice_mut(tail & (size - 1), len) }) else {
+            return Err(Short::End);
+        };
+        f(region);
         let end = tail.wrapping_add(len);
-        // SAFETY: `[tail, tail + len)` is free (checked against `head` above), so the
-        // reader does not own it; it does not cross the end (checked first); the slice
-        // lives only for the call of `f`, and we make no other slice meanwhile.
-        f(unsafe { self.s.slice_mut(at, len) });
         self.tail = end;
         // Release: our writes of these bytes happen-before the reader's Acquire load.
         self.s.tail.store(end, Ordering::Release);
@@ -181,7 +185,12 @@ impl Reader {
         // touch it; the two parts are disjoint (`first` stops at the end of the buffer,
         // the second starts at 0 and has `n - first <= at` bytes since `n <= size`), and
         // both borrow `self` mutably, so no other slice of ours exists.
-        unsafe { (self.s.slice_mut(at, first), self.s.slice_mut(0, n - first)) }
+        unsafe {
+            (
+                self.s.slice_mut(at, first).unwrap_or_default(),
+                self.s.slice_mut(0, n - first).unwrap_or_default(),
+            )
+        }
     }
 
     /// Gives the first `n` bytes of what the last [`readable`](Self::readable) returned
@@ -219,22 +228,24 @@ mod tests {
         let (mut w, mut r) = ring(100);
         assert_eq!(w.size(), 128);
         w.write(100, |b| b.fill(1)).unwrap();
-        // 28 bytes left before the end; 40 do not fit there.
-        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::End));
+        // 28 bytes free: 40 do not fit.
+        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::Full));
+        let (a, b) = r.readable();
+        assert_eq!((a.len(), b.len()), (100, 0));
+        assert!(a.iter().all(|&x| x == 1));
+        r.release(100);
+        // All free now, but 40 bytes from offset 100 would cross the end.
         assert_eq!(w.until_end(), 28);
+        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::End));
         w.write(28, |b| b.fill(2)).unwrap();
+        w.write(100, |b| b.fill(3)).unwrap();
         assert_eq!(w.probe().pending(), 128);
         // Full: nothing fits until the reader gives bytes back.
         assert_eq!(w.write(4, |_| unreachable!()), Err(Short::Full));
         let (a, b) = r.readable();
-        assert_eq!((a.len(), b.len()), (128, 0));
-        assert!(a[..100].iter().all(|&x| x == 1) && a[100..].iter().all(|&x| x == 2));
-        r.release(64);
-        w.write(8, |b| b.fill(3)).unwrap();
-        let (a, b) = r.readable();
-        assert_eq!((a.len(), b.len()), (64, 8));
-        assert!(b.iter().all(|&x| x == 3));
-        r.release(usize::MAX);
+        assert_eq!((a.len(), b.len()), (28, 100));
+        assert!(a.iter().all(|&x| x == 2) && b.iter().all(|&x| x == 3));
+        r.release(usize::MAX); // clamped to what is readable
         assert_eq!(w.probe().pending(), 0);
     }
 
