@@ -415,6 +415,9 @@ impl BusBuilder {
                 if failed {
                     return;
                 }
+                // Deadlines to the microsecond rather than the default 50 µs slack (a
+                // failure only costs that slack).
+                let _ = sys::set_timer_slack_ns(1);
                 flusher::Flusher::new(worker).run();
                 drop(guard);
             })
@@ -513,15 +516,15 @@ impl Inner {
         }
     }
 
-    /// After a successful push into `shard`: stamp the shard if it has no stamp, drain it
-    /// on this thread if it reached the watermark and `help` allows (see
+    /// After a successful push into a shard or a lane that now holds `len` messages:
+    /// drain it on this thread if it reached the watermark and `help` allows (see
     /// [`BusBuilder::assist`]), else wake the flusher if it sleeps and should not.
     /// `drain` drains the caller's queue if no one else is; true if it did.
     #[inline(always)]
     pub(crate) fn after_push(&self, len: usize, help: bool, drain: impl FnOnce() -> bool) {
-        // No fence: the push released the shard lock, and the flusher's second look
+        // No fence: a shard push released the shard lock, and the flusher's second look
         // before parking takes that lock (see the module docs), so either it sees the push
-        // or this load sees its TIMED/IDLE.
+        // or this load sees its TIMED/IDLE. (A lane push ran its fence before this call.)
         let assist = help && self.cfg.assist;
         if assist && len >= self.cfg.watermark {
             // Either we drain (our push is among the messages the drain takes), or someone

@@ -15,6 +15,7 @@ mod socket;
 mod spin;
 mod wake;
 
+pub(crate) use clock::set_timer_slack_ns;
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
