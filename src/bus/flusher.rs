@@ -143,7 +143,10 @@ impl Flusher {
                 // Lanes have no lock to order against: pair with their producers'
                 // `light` fence (see the `lane` module), then look at every lane, a new
                 // one included.
-                // A lane added after this copy wakes us (`Inner::add_lane`).
+                // A lane added after this copy wakes us (`Inner::add_lane`): the SeqCst
+                // fence pairs with the one there, between its push and its look at the
+                // state (a SeqCst store and a later Acquire load alone do not order).
+                std::sync::atomic::fence(SeqCst);
                 inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
                 if !self.lanes.is_empty() {
                     membarrier::heavy();

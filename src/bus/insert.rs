@@ -2,7 +2,7 @@
 //! the queue is full. Shared by [`Bus`](super::Bus) (per-CPU shards, see [`Shards`]) and
 //! [`Producer`](super::Producer) (its own lane), which differ only in the [`Queue`] below.
 
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{fence, Ordering::*};
 use std::time::Instant;
 
 use crate::codec::CnMsg;
@@ -131,10 +131,14 @@ fn block<'a, 'e, Q: Queue<'a>>(
     loop {
         let mut g = inner.space_lock.lock();
         inner.space_waiters.fetch_add(1, SeqCst);
+        // A drainer that frees space either sees the waiter (and notifies under
+        // `space_lock`, which we hold until we wait) or freed it before our retry below
+        // looks. A shard's retry takes the shard lock, which orders it; a lane's retry is
+        // a plain Acquire load of the ring's head, so this fence pairs with the drainer's
+        // (`space_freed`).
+        fence(SeqCst);
         // After the increment, so that the flusher either sees the waiter when it decides
-        // how to sleep, or is unparked; and a drainer that frees space either sees the
-        // waiter (and notifies under `space_lock`, which we hold until we wait) or freed
-        // it before our retry below sees the queue (SeqCst pairs with its fence).
+        // how to sleep, or is unparked.
         inner.wake();
         // No helping here: we hold `space_lock`, which a drainer takes to notify.
         if q.try_push(&e, false) {

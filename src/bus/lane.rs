@@ -60,6 +60,9 @@ pub(crate) const PAD: u32 = 1 << 31;
 /// Netlink plus connector header: the shortest message.
 const HDR: usize = 36;
 
+/// The largest lane ring (bytes).
+const MAX_RING: usize = 1 << 30;
+
 /// A lane's shared state.
 pub(crate) struct Lane {
     probe: Probe,
@@ -161,7 +164,10 @@ impl Inner {
         }
         if let Some(e) = bad {
             // Only a bug can put a malformed word in a lane; the rest of the part is
-            // skipped so that the lane cannot wedge, and the loss is counted and kept.
+            // skipped so that the lane cannot wedge, and the error is counted and kept
+            // (returned by the next `flush`). How many messages the skipped bytes held is
+            // unknown, so they are in no counter, and this producer's `queued` stays above
+            // 0 from then on.
             Counters::add(&self.stats.failed_datagrams, 1);
             self.record_error(e.into());
         }
@@ -362,7 +368,7 @@ fn id_of(key: u64) -> CbId {
 ///   whichever thread it is used (it is `Send`; its inserts take `&mut self`). There is no
 ///   order with other producers or with [`Bus::insert`] calls of the same thread.
 /// * **Bounds**: a lane holds `capacity × 100` bytes (rounded up to a power of two, and at
-///   least two datagrams); when it is full the bus's [`FullPolicy`] applies exactly as for
+///   least two of its largest messages, at most 1 GiB); when it is full the bus's [`FullPolicy`] applies exactly as for
 ///   a shard, and every rejection is counted.
 /// * **Lifetime**: a `Producer` borrows its bus, so the bus outlives it; dropping it keeps
 ///   its queued messages, which the flusher sends (within the latency bound) and which
@@ -414,7 +420,16 @@ impl<'b> Producer<'b> {
         let inner = &*bus.inner;
         // Registers the process before the first insert relies on `light`.
         let light = membarrier::init();
-        let bytes = (inner.cfg.capacity * BYTES_PER_SLOT).max(2 * inner.cfg.datagram_size);
+        // Room for two of the largest messages this bus accepts (so that one always fits
+        // after a wrap), and at most 1 GiB (so that a skip word's length, 31 bits, holds
+        // any skip).
+        let max_msg = inner
+            .cfg
+            .datagram_size
+            .min(nlmsg_align(HDR + CnMsg::MAX_DATA));
+        let bytes = (inner.cfg.capacity.saturating_mul(BYTES_PER_SLOT))
+            .max(2 * max_msg)
+            .min(MAX_RING);
         let (writer, reader) = ring::ring(bytes);
         let lane = Arc::new(Lane {
             probe: writer.probe(),

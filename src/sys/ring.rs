@@ -13,8 +13,9 @@
 //!
 //! So the writer owns `[tail, head + size)` and the reader owns `[head, tail)`: disjoint
 //! parts of the buffer, each touched by one thread at a time, handed over by those two
-//! stores. Neither side ever makes a reference to the whole buffer, only slices of its own
-//! part, so the two sides never alias. The writer's hot path makes no atomic
+//! stores. Neither side ever makes a mutable reference to the whole buffer, only slices
+//! of its own part, so the two sides never alias (the shared `&[UnsafeCell<u8>]` the
+//! slices are cut from asserts nothing about the bytes). The writer's hot path makes no atomic
 //! read-modify-write and no fence: on x86 a `Release` store and an `Acquire` load are
 //! plain moves. The writer caches `head` and reloads it only when its cached view is
 //! short of space.
