@@ -696,22 +696,14 @@ impl Bus {
     /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(
-            &mut Shards(&self.inner),
-            Entry::Slice { id, data },
-            self.inner.cfg.policy,
-        )
+        self.queue(Entry::Slice { id, data }, self.inner.cfg.policy)
     }
 
     /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
     /// back at once as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(
-            &mut Shards(&self.inner),
-            Entry::Slice { id, data },
-            FullPolicy::Reject,
-        )
+        self.queue(Entry::Slice { id, data }, FullPolicy::Reject)
     }
 
     /// [`insert`](Self::insert) that waits for space when the shard is full, at most
@@ -723,26 +715,27 @@ impl Bus {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        let p = FullPolicy::blocking(timeout);
-        insert::insert(&mut Shards(&self.inner), Entry::Slice { id, data }, p)
+        self.queue(Entry::Slice { id, data }, FullPolicy::blocking(timeout))
     }
 
     /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
     /// caller's thread ([`FullPolicy::SendDirect`]).
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(
-            &mut Shards(&self.inner),
-            Entry::Slice { id, data },
-            FullPolicy::SendDirect,
-        )
+        self.queue(Entry::Slice { id, data }, FullPolicy::SendDirect)
     }
 
     /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
     /// into the shard's buffer), with the given policy for a full shard.
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(&mut Shards(&self.inner), Entry::Msg(msg), policy)
+        self.queue(Entry::Msg(msg), policy)
+    }
+
+    /// Queues `e` into the calling thread's shard, applying `policy` if it is full.
+    #[inline(always)]
+    fn queue(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        insert::insert(&mut Shards(&self.inner), e, policy)
     }
 
     /// Waits until every message inserted before this call (by any thread, as ordered by
