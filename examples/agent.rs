@@ -49,6 +49,11 @@
 //!   events already queued (for at most 1 s), resyncs if a loss is pending, flushes the
 //!   event log, prints the final counters, writes `--dump-table` (atomically) and exits 0.
 //!   SIGHUP reopens `--output` (for log rotation).
+//! * **Output errors.** When the event log cannot be written the agent stops the same way
+//!   (final counters, dump): a closed pipe (`agent | head`) quietly with status 0, any
+//!   other write error (a full disk) with a message and status 1. Writes to stderr never
+//!   fail the agent (a closed or full stderr is ignored). A usage error (unknown option,
+//!   value out of range) is status 2.
 //!
 //! # Event log (stdout, or `--output FILE`, appended)
 //!
@@ -132,33 +137,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+
+#[path = "common/cli.rs"]
+#[macro_use]
+mod cli;
+
 use cnbus::proc::{EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener, Received};
 use cnbus::sys::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
-
-const HELP: &str = "\
-agent: a process-monitoring agent on the Linux proc connector (cnbus example)
-
-USAGE:
-    agent [OPTIONS]
-
-OPTIONS:
-    -i, --interval SECS     print counters every SECS seconds (default 5)
-        --stats-file FILE   write the counters to FILE (rewritten atomically) instead of
-                            stderr; the final counters also go to stderr
-    -o, --output FILE       append the event log to FILE instead of stdout (SIGHUP reopens it)
-        --dump-table FILE   on exit, write the live process table to FILE, one JSON object
-                            per line (pid, ppid, cmdline, start, source)
-    -d, --duration SECS     stop after SECS seconds (default: run until SIGINT/SIGTERM)
-        --recent-exits N    how many recent exits to remember (default 1024)
-    -b, --buffer BYTES      socket receive buffer (suffix K or M; default 16M)
-    -h, --help              print this help
-
-Every event is one JSON line (fields: ts, event, pid, tid, thread, ppid, cmdline, and per
-event exit_code, signal, core_dumped, duration_ms, comm, ruid, euid, rgid, egid,
-tracer_pid); lost events are {\"event\":\"lost\",...} lines and counters, and trigger a
-/proc resync. Exits 0 after SIGINT/SIGTERM or --duration, with a final counters line on
-stderr. Needs root (CAP_NET_ADMIN).
-";
 
 /// How far apart two start times of the same process may be (one is a fork timestamp, the
 /// other `/proc/<pid>/stat`, which has clock-tick resolution).
@@ -172,84 +158,57 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How long the final drain of queued events may take.
 const DRAIN_FOR: Duration = Duration::from_secs(1);
 
+/// A process-monitoring agent on the Linux proc connector (cnbus example).
+#[derive(Parser)]
+#[command(
+    name = "agent",
+    after_help = "Every event is one JSON line (fields: ts, event, pid, tid, thread, ppid, cmdline, \
+and per event exit_code, signal, core_dumped, duration_ms, comm, ruid, euid, rgid, egid, \
+tracer_pid); lost events are {\"event\":\"lost\",...} lines and counters, and trigger a /proc \
+resync. Exits 0 after SIGINT/SIGTERM or --duration (or when the event log's reader closes \
+the pipe), with a final counters line on stderr; 1 when writing the event log fails; 2 on a \
+usage error. Needs root (CAP_NET_ADMIN)."
+)]
 struct Args {
+    /// Print counters every SECS seconds (0.01 to 1e9)
+    #[arg(short, long, value_name = "SECS", default_value = "5", value_parser = parse_interval)]
     interval: Duration,
+    /// Write the counters to FILE (rewritten atomically) instead of stderr; the final
+    /// counters also go to stderr
+    #[arg(long, value_name = "FILE")]
     stats_file: Option<PathBuf>,
+    /// Append the event log to FILE instead of stdout (SIGHUP reopens it)
+    #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// On exit, write the live process table to FILE, one JSON object per line (pid, ppid,
+    /// cmdline, start, source)
+    #[arg(long, value_name = "FILE")]
     dump_table: Option<PathBuf>,
+    /// Stop after SECS seconds (0 to 1e9; default: run until SIGINT/SIGTERM)
+    #[arg(short, long, value_name = "SECS", value_parser = cli::parse_secs)]
     duration: Option<Duration>,
+    /// How many recent exits to remember (0..=1000000)
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_recent_exits)]
     recent_exits: usize,
+    /// Socket receive buffer (bytes, or with a K, M or G suffix; 1 byte to 1G)
+    #[arg(short, long, value_name = "BYTES", default_value_t = cnbus::proc::DEFAULT_RECV_BUFFER,
+          value_parser = cli::parse_size)]
     buffer: usize,
 }
 
-fn secs(name: &str, v: &str) -> Result<Duration, String> {
-    v.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{name}: not a number of seconds: {v}"))
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = cli::parse_secs(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("{s} is too short (at least 0.01 s)"));
+    }
+    Ok(d)
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        interval: Duration::from_secs(5),
-        stats_file: None,
-        output: None,
-        dump_table: None,
-        duration: None,
-        recent_exits: 1024,
-        buffer: cnbus::proc::DEFAULT_RECV_BUFFER,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg, None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                std::process::exit(0);
-            }
-            "-i" | "--interval" => {
-                a.interval = secs("--interval", &value()?)?;
-                if a.interval < Duration::from_millis(10) {
-                    return Err("--interval: at least 0.01 s".into());
-                }
-            }
-            "--stats-file" => a.stats_file = Some(value()?.into()),
-            "-o" | "--output" => a.output = Some(value()?.into()),
-            "--dump-table" => a.dump_table = Some(value()?.into()),
-            "-d" | "--duration" => a.duration = Some(secs("--duration", &value()?)?),
-            "--recent-exits" => {
-                let v = value()?;
-                a.recent_exits = v
-                    .parse()
-                    .map_err(|_| format!("--recent-exits: not a count: {v}"))?;
-            }
-            "-b" | "--buffer" => {
-                let v = value()?;
-                let (num, mult) = match v.as_bytes().last() {
-                    Some(b'k' | b'K') => (&v[..v.len() - 1], 1 << 10),
-                    Some(b'm' | b'M') => (&v[..v.len() - 1], 1 << 20),
-                    _ => (&v[..], 1),
-                };
-                a.buffer = num
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|n| n.checked_mul(mult))
-                    .ok_or_else(|| format!("--buffer: bad size {v}"))?;
-            }
-            _ => return Err(format!("unknown option {flag} (see --help)")),
-        }
+fn parse_recent_exits(s: &str) -> Result<usize, String> {
+    match cli::parse_u64(s)? {
+        n @ 0..=1_000_000 => Ok(n as usize),
+        n => Err(format!("{n} is out of range (0..=1000000)")),
     }
-    Ok(a)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -960,27 +919,31 @@ fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
     })
 }
 
+/// Reports a failed write to the event log; true when it is a failure (exit status 1),
+/// false for a closed pipe (`agent | head`), which ends the agent quietly and successfully.
+fn log_error(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        return false;
+    }
+    warn!("agent: writing the event log: {e}");
+    true
+}
+
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     // Before any thread exists: every thread inherits the blocked mask, so only the waiter
     // below receives SIGINT / SIGTERM / SIGHUP.
     let signals = match TermSignals::block() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("agent: {e}");
+            warn!("agent: {e}");
             return ExitCode::from(1);
         }
     };
     let mut out = match open_output(args.output.as_deref()) {
         Ok(w) => BufWriter::with_capacity(1 << 16, w),
         Err(e) => {
-            eprintln!("agent: --output: {e}");
+            warn!("agent: --output: {e}");
             return ExitCode::from(1);
         }
     };
@@ -988,9 +951,9 @@ fn main() -> ExitCode {
     let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("agent: cannot subscribe to the proc connector: {e}");
+            warn!("agent: cannot subscribe to the proc connector: {e}");
             if matches!(e, cnbus::Error::PermissionDenied { .. }) {
-                eprintln!("agent: it needs root (CAP_NET_ADMIN)");
+                warn!("agent: it needs root (CAP_NET_ADMIN)");
             }
             return ExitCode::from(1);
         }
@@ -1021,6 +984,9 @@ fn main() -> ExitCode {
     let mut last_tick = started;
     let mut burst = 0u32;
     let mut failed = false;
+    // The event log cannot be written any more (its reader closed the pipe, or a write
+    // failed): the agent stops.
+    let mut log_closed = false;
     let handle = |agent: &mut Agent,
                   r: Received,
                   out: &mut BufWriter<Box<dyn Write + Send>>|
@@ -1046,7 +1012,7 @@ fn main() -> ExitCode {
             let _ = out.flush();
             match open_output(args.output.as_deref()) {
                 Ok(w) => out = BufWriter::with_capacity(1 << 16, w),
-                Err(e) => eprintln!("agent: reopening --output: {e}"),
+                Err(e) => warn!("agent: reopening --output: {e}"),
             }
         }
         if now >= next_tick {
@@ -1056,10 +1022,10 @@ fn main() -> ExitCode {
             match &args.stats_file {
                 Some(p) => {
                     if let Err(e) = write_atomic(p, format!("{line}\n").as_bytes()) {
-                        eprintln!("agent: --stats-file: {e}");
+                        warn!("agent: --stats-file: {e}");
                     }
                 }
-                None => eprintln!("{line}"),
+                None => warn!("{line}"),
             }
             (last_total, last_tick) = (total, now);
             while next_tick <= now {
@@ -1080,8 +1046,8 @@ fn main() -> ExitCode {
             Ok(None) => {
                 // Idle: flush the log before waiting, and re-read the clock offsets.
                 if let Err(e) = out.flush() {
-                    eprintln!("agent: writing the event log: {e}");
-                    failed = true;
+                    failed = log_error(&e);
+                    log_closed = true;
                     break;
                 }
                 agent.clocks.sync();
@@ -1105,15 +1071,16 @@ fn main() -> ExitCode {
             Ok(Some(r)) => {
                 burst = burst.saturating_add(1);
                 if let Err(e) = handle(&mut agent, r, &mut out) {
-                    // The log's reader is gone (a closed pipe, a full disk): stop, loudly.
-                    eprintln!("agent: writing the event log: {e}");
-                    failed = true;
+                    // The log's reader is gone (a closed pipe: quietly) or the disk is
+                    // full (loudly): stop.
+                    failed = log_error(&e);
+                    log_closed = true;
                     break;
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                eprintln!("agent: receive failed: {e}");
+                warn!("agent: receive failed: {e}");
                 failed = true;
                 break;
             }
@@ -1122,9 +1089,14 @@ fn main() -> ExitCode {
 
     // Apply what the kernel already queued, so the dump is as of the stop, not earlier.
     let drain_until = Instant::now() + DRAIN_FOR;
-    while !failed && Instant::now() < drain_until {
+    while !failed && !log_closed && Instant::now() < drain_until {
         match listener.try_recv() {
-            Ok(Some(r)) if handle(&mut agent, r, &mut out).is_ok() => {}
+            Ok(Some(r)) => {
+                if let Err(e) = handle(&mut agent, r, &mut out) {
+                    failed = log_error(&e);
+                    log_closed = true;
+                }
+            }
             _ => break,
         }
     }
@@ -1133,8 +1105,10 @@ fn main() -> ExitCode {
         agent.resync_line("shutdown", a, r);
         let _ = writeln!(out, "{}", agent.line);
     }
-    if let Err(e) = out.flush() {
-        eprintln!("agent: writing the event log: {e}");
+    if !log_closed {
+        if let Err(e) = out.flush() {
+            failed |= log_error(&e);
+        }
     }
     let stats = listener.stats();
     drop(listener); // sends IGNORE
@@ -1144,10 +1118,10 @@ fn main() -> ExitCode {
     if let Some(p) = &args.stats_file {
         let _ = write_atomic(p, format!("{line}\n").as_bytes());
     }
-    eprintln!("{line}");
+    warn!("{line}");
     if let Some(p) = &args.dump_table {
         if let Err(e) = write_atomic(p, agent.table_dump().as_bytes()) {
-            eprintln!("agent: --dump-table {}: {e}", p.display());
+            warn!("agent: --dump-table {}: {e}", p.display());
             return ExitCode::from(1);
         }
     }

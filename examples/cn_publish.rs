@@ -7,52 +7,77 @@
 //! Run `cn_subscribe` with the same group and idx in another terminal: it prints each
 //! message as `[idx.val] [seq.ack]` and counts any sequence gap as lost. With `--batch N`,
 //! N messages share each datagram (cnbus receivers read them all). Needs root
-//! (`CAP_NET_ADMIN`) to multicast.
+//! (`CAP_NET_ADMIN`) to multicast. `--help` lists the options; a value out of range is a
+//! usage error (exit status 2).
 
+use std::process::ExitCode;
 use std::time::Duration;
 
-#[path = "common/args.rs"]
-mod args;
+use clap::Parser;
+
+#[path = "common/cli.rs"]
+#[macro_use]
+mod cli;
 
 use cnbus::connector::Connector;
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
 
-fn main() -> cnbus::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: cn_publish [--group G] [--idx I] [--val V] [--count N] [--size B] [--interval-ms MS] [--batch N]");
-        return Ok(());
-    }
-    let group = args::int(&args, "--group").unwrap_or(14) as u32;
-    let id = CbId::new(
-        args::int(&args, "--idx").unwrap_or(14) as u32,
-        args::int(&args, "--val").unwrap_or(0x456) as u32,
-    );
-    let count = args::int(&args, "--count").unwrap_or(10);
-    let size = args::int(&args, "--size").unwrap_or(64) as usize;
-    let interval = Duration::from_millis(args::int(&args, "--interval-ms").unwrap_or(0));
-    let batch = args::int(&args, "--batch").unwrap_or(1).max(1);
+/// Publishes numbered messages with one connector id to a multicast group.
+#[derive(Parser)]
+#[command(name = "cn_publish")]
+struct Args {
+    /// Multicast group (12..=32).
+    #[arg(long, default_value = "14", value_parser = cli::parse_user_group)]
+    group: u32,
+    /// Connector idx (decimal or 0x hex; above 10: 1..=10 belong to the kernel).
+    #[arg(long, default_value = "14", value_parser = cli::parse_u32)]
+    idx: u32,
+    /// Connector val (decimal or 0x hex).
+    #[arg(long, default_value = "0x456", value_parser = cli::parse_u32)]
+    val: u32,
+    /// Messages to send.
+    #[arg(long, default_value = "10", value_parser = cli::parse_u64)]
+    count: u64,
+    /// Payload bytes per message (at most 65535).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16))]
+    size: u16,
+    /// Pause after each datagram, in milliseconds (at most one day).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    interval_ms: u64,
+    /// Messages per datagram (1..=1024).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    batch: u64,
+}
 
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::finish("cn_publish", run(&args))
+}
+
+fn run(a: &Args) -> Result<(), cli::Stop> {
+    let id = CbId::new(a.idx, a.val);
+    let interval = Duration::from_millis(a.interval_ms);
     let bus = Connector::builder().spawn()?;
     let mut sent = 0;
-    while sent < count {
-        let n = batch.min(count - sent);
+    while sent < a.count {
+        let n = a.batch.min(a.count - sent);
         let msgs: Vec<CnMsg> = (0..n)
-            .map(|_| CnMsg::new(id, vec![b'x'; size]).with_seq(bus.next_seq(id), 0))
+            .map(|_| CnMsg::new(id, vec![b'x'; usize::from(a.size)]).with_seq(bus.next_seq(id), 0))
             .collect();
-        bus.send_batch(&msgs, Dest::Group(group))?;
+        bus.send_batch(&msgs, Dest::Group(a.group))?;
         sent += n;
         if !interval.is_zero() {
             std::thread::sleep(interval);
         }
     }
     let s = bus.stats();
-    eprintln!(
-        "sent {} messages in {} datagrams from port {} to group {group}",
+    warn!(
+        "sent {} messages in {} datagrams from port {} to group {}",
         s.sent_messages,
         s.sent_datagrams,
-        bus.port_id()
+        bus.port_id(),
+        a.group
     );
     Ok(())
 }

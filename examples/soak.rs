@@ -11,16 +11,20 @@
 //! ```
 //!
 //! Loopback only: everything stays inside this host's netlink. Needs root (multicast).
+//! `--help` lists the options; a value out of range is a usage error (exit status 2).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "common/args.rs"]
-mod args;
+use clap::Parser;
+
+#[path = "common/cli.rs"]
+#[macro_use]
+mod cli;
 
 use cnbus::bus::{Bus, FullPolicy};
 use cnbus::connector::{Connector, Event, Match};
@@ -45,33 +49,54 @@ fn flat(warm: u64, end: u64) -> bool {
     end <= warm + (warm / 10).max(2048)
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: soak [--seconds S] [--producers P] [--receivers R] [--group G]");
-        return;
-    }
-    if args.iter().any(|a| a == "--receiver") {
-        receiver(
-            args::int(&args, "--idx").unwrap_or(0) as u32,
-            args::int(&args, "--group").unwrap_or(0) as u32,
-            args::int(&args, "--seconds").unwrap_or(10),
-        );
-        return;
-    }
-    let seconds = args::int(&args, "--seconds").unwrap_or(10);
-    let producers = args::int(&args, "--producers").unwrap_or(2) as u32;
-    let receivers = args::int(&args, "--receivers").unwrap_or(2);
-    let group = args::int(&args, "--group").unwrap_or(29) as u32;
-    let idx = 0x5300_0000 | (std::process::id() & 0xffff);
-    std::process::exit(if run(seconds, producers, receivers, group, idx) {
-        0
-    } else {
-        1
-    });
+/// Bus producers against receiver processes, checking exact accounting and flat memory.
+#[derive(Parser)]
+#[command(name = "soak")]
+struct Args {
+    /// How long the producers run, in seconds (1..=1000000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    seconds: u64,
+    /// Producer threads (1..=256), one stream each.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    producers: u32,
+    /// Receiver processes (1..=64).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    receivers: u64,
+    /// Multicast group (12..=32).
+    #[arg(long, default_value = "29", value_parser = cli::parse_user_group)]
+    group: u32,
+    /// Internal: run as one of the receiver processes.
+    #[arg(long, hide = true)]
+    receiver: bool,
+    /// Internal: the receivers' connector idx.
+    #[arg(long, hide = true, default_value = "0", value_parser = cli::parse_u32)]
+    idx: u32,
 }
 
-fn run(seconds: u64, producers: u32, receivers: u64, group: u32, idx: u32) -> bool {
+fn main() -> ExitCode {
+    let a = Args::parse();
+    if a.receiver {
+        return match receiver(a.idx, a.group, a.seconds) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => cli::finish("soak receiver", Err(e)),
+        };
+    }
+    let idx = 0x5300_0000 | (std::process::id() & 0xffff);
+    match run(a.seconds, a.producers, a.receivers, a.group, idx) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => cli::finish("soak", Err(e)),
+    }
+}
+
+fn run(
+    seconds: u64,
+    producers: u32,
+    receivers: u64,
+    group: u32,
+    idx: u32,
+) -> Result<bool, cli::Stop> {
     let exe = std::env::current_exe().expect("own path");
     let mut children = Vec::new();
     for _ in 0..receivers {
@@ -161,34 +186,35 @@ fn run(seconds: u64, producers: u32, receivers: u64, group: u32, idx: u32) -> bo
 
     let total: u64 = sent.iter().map(|&n| u64::from(n)).sum();
     let secs = start.elapsed().as_secs_f64();
-    println!(
+    out!(
         "soak: {producers} producers, {receivers} receivers, {seconds} s: sent {total} messages ({:.2} M msg/s), {:.1} msgs/datagram, producer blocked {} times",
         total as f64 / seconds as f64 / 1e6,
         bus_stats.avg_msgs_per_datagram(),
         bus_stats.blocked
-    );
+    )?;
     let mut ok = flat(warm_rss, end_rss);
-    println!(
+    out!(
         "  producer process RSS: {warm_rss} KiB after warm-up, {end_rss} KiB at the end: {}",
         if ok { "flat" } else { "GREW" }
-    );
+    )?;
     for (i, (mut child, mut out)) in children.into_iter().enumerate() {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         let status = child.wait().unwrap();
         let good = status.success() && line.contains("ok=true");
         ok &= good;
-        println!("  receiver {i}: {}", line.trim());
+        out!("  receiver {i}: {}", line.trim())?;
     }
-    println!("  totals per stream (val=sent): {totals}");
-    println!(
+    out!("  totals per stream (val=sent): {totals}")?;
+    out!(
         "soak {} in {secs:.1} s",
         if ok { "PASSED" } else { "FAILED" }
-    );
-    ok
+    )?;
+    Ok(ok)
 }
 
-fn receiver(idx: u32, group: u32, seconds: u64) {
+/// One receiver process; `Ok(true)` when every check passed.
+fn receiver(idx: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
     let lost: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
     let l = lost.clone();
     let bus = Connector::builder()
@@ -208,10 +234,11 @@ fn receiver(idx: u32, group: u32, seconds: u64) {
     let _reg = bus.register(Match::Idx(idx), move |m| {
         if m.msg.id.val == 0 {
             let text = String::from_utf8_lossy(&m.msg.data).to_string();
+            // Anyone may send on the group: what does not parse is left out.
             let map = text
                 .split_whitespace()
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)))
                 .collect();
             *t.lock() = Some(map);
         } else {
@@ -219,8 +246,7 @@ fn receiver(idx: u32, group: u32, seconds: u64) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     });
-    println!("ready");
-    std::io::stdout().flush().unwrap();
+    out!("ready")?;
     let start = Instant::now();
     let warm_at = Duration::from_secs(seconds) / 4;
     let mut warm_rss = 0;
@@ -260,13 +286,13 @@ fn receiver(idx: u32, group: u32, seconds: u64) {
         per += &format!(" [{v}: sent {n} = delivered {got} + lost {gone}]");
     }
     ok &= flat(warm_rss, end_rss);
-    println!(
+    out!(
         "ok={ok} delivered={} lost={} overruns={} reordered={} decode_errors={} rss_warm={warm_rss}KiB rss_end={end_rss}KiB{per}",
         count.load(Ordering::Relaxed),
         s.lost,
         s.overruns,
         s.reordered,
         s.decode_errors
-    );
-    std::process::exit(if ok { 0 } else { 1 });
+    )?;
+    Ok(ok)
 }

@@ -500,6 +500,12 @@ impl<'b> Producer<'b> {
         self.pushed - self.lane.done.load(Acquire)
     }
 
+    /// Bytes this producer's lane holds (see the bounds above); a message takes
+    /// [`CnMsg::encoded_len`] of them.
+    pub fn capacity_bytes(&self) -> usize {
+        self.writer.size()
+    }
+
     /// The bus.
     pub fn bus(&self) -> &'b Bus {
         self.bus
