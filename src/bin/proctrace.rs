@@ -10,6 +10,7 @@
 //! Run `proctrace --help` for the options; `docs/PROC.md` has the design notes.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -37,11 +38,12 @@ OPTIONS:
                          coredump, all. 'nonzero-exit' selects exits with a non-zero status.
                          Filtered in the kernel on Linux 6.6+, in user space before.
     -j, --json           one JSON object per line instead of text columns
-    -d, --duration SECS  stop after SECS seconds (fractions allowed)
+    -d, --duration SECS  stop after SECS seconds (fractions allowed; at most 1e9)
     -s, --stats          at the end, also print loss per CPU and event counts per program
                          (the one-line summary of events and losses is always printed
                          to stderr on exit)
-    -b, --buffer BYTES   socket receive buffer to ask for (suffix K or M; default 16M)
+    -b, --buffer BYTES   socket receive buffer to ask for (suffix K, M or G; 1 byte to 1G;
+                         default 16M)
         --allow-foreign-namespace
                          run even outside the initial pid/user namespace (events then
                          arrive only while another process listens, with host ids)
@@ -53,8 +55,27 @@ OUTPUT:
     or [comm] for kernel threads; <unknown> when the process was gone before /proc could be
     read). Lost events appear as 'lost' lines and in the totals.
 
+EXIT STATUS:
+    0 on --duration, SIGINT, SIGTERM, SIGHUP, or when the reader of the output closes the
+    pipe (proctrace | head); 1 when the proc connector cannot be used or writing the
+    events fails (a full disk), with a message; 2 on a usage error.
+
 Needs root (CAP_NET_ADMIN) on most kernels, and the initial network namespace.
 ";
+
+/// Longest `--duration`, in seconds (about 31 years): adding it to the start time cannot
+/// overflow.
+const MAX_DURATION_SECS: f64 = 1e9;
+/// Largest `--buffer` (the kernel caps a socket buffer near 2 GiB).
+const MAX_BUFFER: usize = 1 << 30;
+
+/// Writes a line to stderr, ignoring errors: `eprintln!` panics when stderr is closed or
+/// full, and then there is nowhere left to report anything.
+macro_rules! warn {
+    ($($t:tt)*) => {{
+        let _ = writeln!(io::stderr().lock(), $($t)*);
+    }};
+}
 
 struct Args {
     events: EventSet,
@@ -76,7 +97,39 @@ fn parse_size(s: &str) -> Option<usize> {
     num.parse::<usize>().ok()?.checked_mul(mult)
 }
 
-fn parse_args() -> Result<Args, String> {
+/// What the command line asks for.
+enum Cli {
+    Run(Args),
+    Help,
+}
+
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    let secs: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("--duration: not a number of seconds: {v:?}"))?;
+    if !secs.is_finite() || !(0.0..=MAX_DURATION_SECS).contains(&secs) {
+        return Err(format!(
+            "--duration: {v} is out of range (0 to {MAX_DURATION_SECS:e} seconds)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_buffer(v: &str) -> Result<usize, String> {
+    match parse_size(v) {
+        Some(b) if (1..=MAX_BUFFER).contains(&b) => Ok(b),
+        Some(_) => Err(format!("--buffer: {v} is out of range (1 byte to 1G)")),
+        None => Err(format!(
+            "--buffer: bad size {v:?} (bytes, or a number with K, M or G)"
+        )),
+    }
+}
+
+/// Parses the arguments (without the program name). Every value is checked: an unknown
+/// option, a missing value, a value given to a flag that takes none, a number out of range
+/// or an argument that is not UTF-8 is an error, never a panic or a silent default.
+fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut a = Args {
         events: EventSet::ALL,
         json: false,
@@ -85,49 +138,60 @@ fn parse_args() -> Result<Args, String> {
         buffer: cnbus::proc::DEFAULT_RECV_BUFFER,
         allow_foreign_ns: false,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|a| format!("argument {a:?} is not valid UTF-8"))?;
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
+            _ => (arg, None),
         };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
+        let flag = flag.as_str();
+        let mut value = || match inline.clone() {
+            Some(v) => Ok(v),
+            None => match it.next() {
+                Some(v) => v
+                    .into_string()
+                    .map_err(|v| format!("{flag}: value {v:?} is not valid UTF-8")),
+                None => Err(format!("{flag} needs a value")),
+            },
         };
-        match flag.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                std::process::exit(0);
-            }
+        let is_switch = matches!(
+            flag,
+            "-h" | "--help" | "-j" | "--json" | "-s" | "--stats" | "--allow-foreign-namespace"
+        );
+        if let (true, Some(v)) = (is_switch, &inline) {
+            return Err(format!("{flag} takes no value (got {v:?})"));
+        }
+        match flag {
+            "-h" | "--help" => return Ok(Cli::Help),
             "-j" | "--json" => a.json = true,
             "-s" | "--stats" => a.stats = true,
             "--allow-foreign-namespace" => a.allow_foreign_ns = true,
             "-e" | "--events" => {
-                a.events = value("--events")?.parse().map_err(|e| format!("{e}"))?;
+                a.events = value()?.parse().map_err(|e| format!("{e}"))?;
                 if a.events.is_empty() {
                     return Err("--events: no event type given".into());
                 }
             }
-            "-d" | "--duration" => {
-                let v = value("--duration")?;
-                let secs: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0)
-                    .ok_or_else(|| format!("--duration: not a number of seconds: {v}"))?;
-                a.duration = Some(Duration::from_secs_f64(secs));
-            }
-            "-b" | "--buffer" => {
-                let v = value("--buffer")?;
-                a.buffer = parse_size(&v).ok_or_else(|| format!("--buffer: bad size {v}"))?;
-            }
-            other => return Err(format!("unknown option {other} (see --help)")),
+            "-d" | "--duration" => a.duration = Some(parse_duration(&value()?)?),
+            "-b" | "--buffer" => a.buffer = parse_buffer(&value()?)?,
+            other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
-    Ok(a)
+    Ok(Cli::Run(a))
+}
+
+/// The exit status after a failed write to stdout: a closed pipe (`proctrace |
+/// head`) ends the run quietly and successfully; any other error (a full disk) is reported
+/// and is a failure.
+fn output_failed(what: &str, e: &io::Error) -> ExitCode {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        return ExitCode::SUCCESS;
+    }
+    warn!("proctrace: writing {what} to stdout: {e}");
+    ExitCode::from(1)
 }
 
 /// Converts event timestamps (CLOCK_MONOTONIC) to wall-clock time.
@@ -785,10 +849,16 @@ fn open_error(e: &Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
+    let args = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Cli::Run(a)) => a,
+        Ok(Cli::Help) => {
+            return match io::stdout().lock().write_all(HELP.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => output_failed("the help", &e),
+            };
+        }
         Err(e) => {
-            eprintln!("proctrace: {e}");
+            warn!("proctrace: {e}");
             return ExitCode::from(2);
         }
     };
@@ -796,7 +866,7 @@ fn main() -> ExitCode {
     let signals = match TermSignals::block() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("proctrace: {e}");
+            warn!("proctrace: {e}");
             return ExitCode::from(1);
         }
     };
@@ -808,12 +878,12 @@ fn main() -> ExitCode {
     {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("{}", open_error(&e));
+            warn!("{}", open_error(&e));
             return ExitCode::from(1);
         }
     };
     if let Some(w) = listener.namespace_warning() {
-        eprintln!("proctrace: warning: {w}");
+        warn!("proctrace: warning: {w}");
     }
     let caught = Arc::new(AtomicI32::new(0));
     {
@@ -848,6 +918,8 @@ fn main() -> ExitCode {
         );
     }
     let mut status = ExitCode::SUCCESS;
+    // A write of the events failed: no more attempts.
+    let mut output_closed = false;
     // Events handled since the queue was last found empty.
     let mut burst = 0u32;
     loop {
@@ -855,7 +927,9 @@ fn main() -> ExitCode {
             Ok(Some(r)) => Ok(Some(r)),
             Ok(None) => {
                 // Nothing queued: flush what was written before blocking.
-                if out.flush().is_err() {
+                if let Err(e) = out.flush() {
+                    status = output_failed("the events", &e);
+                    output_closed = true;
                     break;
                 }
                 t.clock.sync();
@@ -882,7 +956,7 @@ fn main() -> ExitCode {
             Ok(None) => continue,
             Err(Error::Closed) => break,
             Err(e) => {
-                eprintln!("proctrace: receive failed: {e}");
+                warn!("proctrace: receive failed: {e}");
                 status = ExitCode::from(1);
                 break;
             }
@@ -891,24 +965,32 @@ fn main() -> ExitCode {
             Received::Event(ev) => t.event(&ev),
             Received::Lost(loss) => t.lost(loss),
         }
-        if writeln!(out, "{}", t.line).is_err() {
-            break; // stdout closed (e.g. piped to head)
+        if let Err(e) = writeln!(out, "{}", t.line) {
+            status = output_failed("the events", &e);
+            output_closed = true;
+            break;
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
     }
-    let _ = out.flush();
+    if !output_closed {
+        if let Err(e) = out.flush() {
+            status = output_failed("the events", &e);
+        }
+    }
     drop(out);
     let stats = listener.stats();
     let elapsed = started.elapsed();
     // Sends IGNORE.
     drop(listener);
     // The summary line always goes to stderr; the tables only with --stats.
-    eprint!("{}", t.summary(&stats, elapsed, filtering));
+    let _ = io::stderr()
+        .lock()
+        .write_all(t.summary(&stats, elapsed, filtering).as_bytes());
     let sig = caught.load(Ordering::SeqCst);
     if sig != 0 {
-        eprintln!("proctrace: stopped by signal {sig}");
+        warn!("proctrace: stopped by signal {sig}");
     }
     status
 }
@@ -987,6 +1069,54 @@ mod tests {
         assert_eq!(program("bash"), "bash");
         assert_eq!(program("[kworker/0:1]"), "[kworker/0:1]");
         assert_eq!(program("<unknown>"), "<unknown>");
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        parse_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn hostile_arguments_are_usage_errors() {
+        for args in [
+            &["--duration", "1e19"][..],
+            &["--duration", "1e30"],
+            &["--duration", "-1"],
+            &["--duration", "NaN"],
+            &["--duration", "inf"],
+            &["--duration", ""],
+            &["--duration"],
+            &["-d", "1000000001"],
+            &["--buffer", "0"],
+            &["--buffer", "2G"],
+            &["--buffer", "-5"],
+            &["--buffer", "99999999999999999999"],
+            &["--buffer", "18446744073709551615K"],
+            &["--json=yes"],
+            &["--stats=1"],
+            &["--bogus"],
+            &[""],
+            &["-jx"],
+            &["-e"],
+            &["--events="],
+            &["--events", "forks"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} accepted");
+        }
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(vec![0xff]);
+        assert!(parse_args([bad.clone()]).is_err());
+        assert!(parse_args([OsString::from("-d"), bad]).is_err());
+    }
+
+    #[test]
+    fn good_arguments_parse() {
+        let Ok(Cli::Run(a)) = parse(&["-j", "--duration=1e9", "-b", "1G", "-e", "exit"]) else {
+            panic!("rejected");
+        };
+        assert!(a.json);
+        assert_eq!(a.duration, Some(Duration::from_secs(1_000_000_000)));
+        assert_eq!(a.buffer, 1 << 30);
+        assert!(matches!(parse(&["--stats", "-h"]), Ok(Cli::Help)));
     }
 
     #[test]
