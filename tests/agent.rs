@@ -25,41 +25,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "--example",
-            "agent",
-            "--message-format=json-render-diagnostics",
-            "--manifest-path",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-        ]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let mut features = Vec::new();
-        if cfg!(feature = "tokio") {
-            features.push("tokio");
-        }
-        if cfg!(feature = "serde") {
-            features.push("serde");
-        }
-        if !features.is_empty() {
-            cmd.args(["--features", &features.join(",")]);
-        }
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running cargo build --example agent");
-        assert!(out.status.success(), "cargo build --example agent failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "agent")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no executable for the agent example")
-    })
+    BIN.get_or_init(|| common::examples::example("agent"))
 }
 
 /// Kills the processes it holds when dropped, so a failing assertion leaves nothing behind.

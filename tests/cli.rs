@@ -1,0 +1,704 @@
+//! The command lines and outputs of `proctrace` and of every example, used the way a
+//! careless or hostile user would:
+//!
+//! * hostile arguments (huge, negative, NaN, infinite, empty, missing values, unknown
+//!   flags, non-UTF-8) are usage errors: exit status 2 and a message, never a panic, never
+//!   a silently wrapped number or a run with defaults;
+//! * a failed write of the output (`> /dev/full`) is reported with exit status 1, a closed
+//!   pipe (`| head`) is a quiet exit 0, and a full stderr (`2> /dev/full`) panics nothing;
+//! * the examples' receive loops survive a malformed datagram and a receive-queue
+//!   overflow, count both and keep going.
+//!
+//! The examples are built with the cargo running the tests (`common::examples`), so a
+//! plain `cargo test --all-features` from a fresh clone runs all of this. The tests that
+//! need the kernel connector (root) skip without it, except under CI. Group 31 belongs to
+//! this file; its traffic carries this process's own idx (`common::test_idx`), and every
+//! count that foreign traffic could raise is checked as a lower bound.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cnbus::codec::DatagramBuilder;
+use cnbus::sys::Dest;
+use cnbus::{CbId, CnMsg};
+use common::examples::example;
+
+const PROCTRACE: &str = env!("CARGO_BIN_EXE_proctrace");
+const GROUP: u32 = 31;
+/// Longest any program here may take to do what the test waits for. Only a guard against
+/// a hang (the old behaviour of several cases was to run on with defaults): never reached
+/// by a passing test.
+const HANG: Duration = Duration::from_secs(60);
+
+fn kernel(test: &str) -> bool {
+    common::kernel_socket(test).is_some()
+}
+
+/// Kills the child when dropped, so that a failing test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Running {
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child, which we have not reaped.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the exit, at most `HANG`; `poke` runs between checks (to make events).
+    fn wait(&mut self, what: &str, mut poke: impl FnMut()) -> ExitStatus {
+        let end = Instant::now() + HANG;
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "{what}: still running after {HANG:?}");
+            poke();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the kernel shows the child stopped (after SIGSTOP).
+    fn wait_stopped(&self) {
+        let path = format!("/proc/{}/stat", self.pid());
+        let end = Instant::now() + HANG;
+        loop {
+            let stat = std::fs::read_to_string(&path).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            match state {
+                Some("T") => return,
+                Some("Z") | None => panic!("the child exited instead of stopping: {stat}"),
+                _ => {}
+            }
+            assert!(Instant::now() < end, "child did not stop: {stat}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Runs `program args` to completion (with the hang guard), stdin empty, outputs captured.
+fn run(program: &PathBuf, args: &[&OsStr]) -> Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = Running(child);
+    let (mut so, mut se) = (r.0.stdout.take().unwrap(), r.0.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let what = format!("{} {args:?}", program.display());
+    let status = r.wait(&what, || {});
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn os(args: &[&str]) -> Vec<&'static OsStr> {
+    args.iter()
+        .map(|a| OsStr::new(Box::leak(a.to_string().into_boxed_str())))
+        .collect()
+}
+
+/// `program args` must be a usage error: status 2, a message naming `expect`, no panic.
+fn usage_error(program: &PathBuf, args: &[&OsStr], expect: &str) {
+    let out = run(program, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = program.file_name().unwrap().to_string_lossy();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name} {args:?} is not a usage error ({}): {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{name} {args:?} panicked: {err}");
+    assert!(
+        err.contains(expect),
+        "{name} {args:?}: the message does not name {expect:?}: {err}"
+    );
+}
+
+/// Reads a child's stdout line by line on a thread.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Collects a child's stderr on a thread (so that it never blocks writing it).
+fn stderr_of(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut e = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Reads a child's stderr line by line on a thread.
+fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line that contains `what`, at most `HANG` away.
+fn line_with(rx: &mpsc::Receiver<String>, what: &str) -> String {
+    let end = Instant::now() + HANG;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {what:?}: {e}"),
+        }
+    }
+}
+
+/// The number after `key` in `line` (`"overruns: 3;"` → 3).
+fn count(line: &str, key: &str) -> u64 {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
+        + key.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key:?} in {line}"))
+}
+
+fn true_pid() -> u32 {
+    let mut c = Command::new("/bin/true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+fn datagram(id: CbId, seq: u32, payload: &[u8], pid: u32) -> Vec<u8> {
+    let mut d = DatagramBuilder::new(256).with_pid(pid);
+    d.push(&CnMsg::new(id, payload.to_vec()).with_seq(seq, 0))
+        .unwrap();
+    d.take()
+}
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+#[test]
+fn proctrace_rejects_hostile_arguments() {
+    let bin = PathBuf::from(PROCTRACE);
+    for (args, expect) in [
+        (&["--duration", "1e19"][..], "--duration"),
+        (&["--duration", "1e30"], "--duration"),
+        (&["--duration", "-1"], "--duration"),
+        (&["--duration", "NaN"], "--duration"),
+        (&["--duration", "inf"], "--duration"),
+        (&["--duration", ""], "--duration"),
+        (&["--duration"], "--duration"),
+        (&["--buffer", "2G"], "--buffer"),
+        (&["--buffer", "0"], "--buffer"),
+        (&["--buffer", "99999999999999999999"], "--buffer"),
+        (&["--json=yes"], "--json"),
+        (&["--bogus"], "--bogus"),
+        (&[""], "unknown option"),
+        (&["--events", ""], "--events"),
+    ] {
+        usage_error(&bin, &os(args), expect);
+    }
+    usage_error(&bin, &[OsStr::from_bytes(b"\xff")], "UTF-8");
+    usage_error(
+        &bin,
+        &[OsStr::new("--duration"), OsStr::from_bytes(b"1\xff")],
+        "UTF-8",
+    );
+}
+
+/// Arguments that must be a usage error, and what the message must name.
+type Case = (Vec<&'static str>, &'static str);
+
+/// Per example: its hostile cases.
+fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
+    let v = |a: &[&'static str], e: &'static str| (a.to_vec(), e);
+    vec![
+        (
+            "cn_publish",
+            vec![
+                v(&["--idx", "4294967296"], "--idx"),
+                v(&["--val=-1"], "--val"),
+                v(&["--group", "33"], "--group"),
+                v(&["--group", "11"], "--group"),
+                v(&["--size", "65536"], "--size"),
+                v(&["--count", "18446744073709551616"], "--count"),
+                v(&["--batch", "0"], "--batch"),
+                v(&["--interval-ms", "1e3"], "--interval-ms"),
+                v(&["--count"], "--count"),
+            ],
+        ),
+        (
+            "cn_subscribe",
+            vec![
+                v(&["--seconds", "18446744073709551615"], "--seconds"),
+                v(&["--seconds", "1e30"], "--seconds"),
+                v(&["--seconds", "NaN"], "--seconds"),
+                v(&["--idx", "0x100000000"], "--idx"),
+                v(&["--group", "0"], "--group"),
+                v(&["--count=-1"], "--count"),
+            ],
+        ),
+        (
+            "bus_producer",
+            vec![
+                v(&["--threads", "4294967297"], "--threads"),
+                v(&["--threads", "0"], "--threads"),
+                v(&["--count", "4294967296"], "--count"),
+                v(&["--latency-us", "18446744073709551615"], "--latency-us"),
+                v(&["--group", "4294967320"], "--group"),
+                v(&["--lanes=yes"], "--lanes"),
+            ],
+        ),
+        (
+            "bus_subscriber",
+            vec![
+                v(&["--group", "4294967320"], "--group"),
+                v(&["--idle-secs", "1e30"], "--idle-secs"),
+                v(&["--idle-secs=-1"], "--idle-secs"),
+                v(&["--buffer", "0"], "--buffer"),
+                v(&["--count", "x"], "--count"),
+            ],
+        ),
+        (
+            "proc_events",
+            vec![
+                v(&["--seconds", "1e19"], "--seconds"),
+                v(&["--count=-1"], "--count"),
+                v(&["--buffer", "5G"], "--buffer"),
+            ],
+        ),
+        (
+            "soak",
+            vec![
+                v(&["--seconds", "18446744073709551615"], "--seconds"),
+                v(&["--seconds", "0"], "--seconds"),
+                v(&["--receivers", "0"], "--receivers"),
+                v(&["--producers", "4294967297"], "--producers"),
+                v(&["--group", "99"], "--group"),
+            ],
+        ),
+        (
+            "agent",
+            vec![
+                v(&["--duration", "1e30"], "--duration"),
+                v(&["--duration=-1"], "--duration"),
+                v(&["--interval", "0"], "--interval"),
+                v(&["--interval", "1e19"], "--interval"),
+                v(
+                    &["--recent-exits", "18446744073709551616"],
+                    "--recent-exits",
+                ),
+                v(&["--buffer", "5G"], "--buffer"),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn every_example_rejects_unknown_flags_and_out_of_range_values_and_has_help() {
+    for (name, cases) in hostile_example_arguments() {
+        let bin = example(name);
+        let help = run(&bin, &os(&["--help"]));
+        assert!(help.status.success(), "{name} --help: {}", help.status);
+        let text = String::from_utf8_lossy(&help.stdout);
+        assert!(text.contains("Usage:"), "{name} --help: {text}");
+        usage_error(&bin, &os(&["--bogus"]), "--bogus");
+        usage_error(&bin, &[OsStr::from_bytes(b"--\xff")], "");
+        for (args, expect) in cases {
+            usage_error(&bin, &os(&args), expect);
+        }
+    }
+}
+
+#[test]
+fn a_full_stderr_panics_nothing_on_a_usage_error() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut programs = vec![PathBuf::from(PROCTRACE)];
+    programs.extend(hostile_example_arguments().iter().map(|(n, _)| example(n)));
+    for bin in programs {
+        let st = Command::new(&bin)
+            .arg("--bogus")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(full())
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(2), "{}: {st}", bin.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Output errors
+
+fn dev_full() -> Stdio {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap()
+        .into()
+}
+
+/// `bin args > /dev/full` must end with status 1 and say that writing failed.
+fn fails_on_a_full_disk(bin: &PathBuf, args: &[&str], expect: &str) {
+    let mut r = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(dev_full())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let st = r.wait(&format!("{} > /dev/full", bin.display()), || {
+        true_pid();
+    });
+    let err = err.join().unwrap();
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "{} > /dev/full: {st}: {err}",
+        bin.display()
+    );
+    assert!(err.contains(expect), "{}: {err}", bin.display());
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_failed_write_of_the_output_is_reported_with_status_1() {
+    if !kernel("a_failed_write_of_the_output_is_reported_with_status_1") {
+        return;
+    }
+    let pt = PathBuf::from(PROCTRACE);
+    fails_on_a_full_disk(
+        &pt,
+        &["--duration", "60"],
+        "proctrace: writing the events to stdout",
+    );
+    fails_on_a_full_disk(
+        &pt,
+        &["--json", "--duration", "60"],
+        "proctrace: writing the events to stdout",
+    );
+    fails_on_a_full_disk(
+        &example("agent"),
+        &["--duration", "60"],
+        "agent: writing the event log",
+    );
+    let g = GROUP.to_string();
+    fails_on_a_full_disk(
+        &example("bus_subscriber"),
+        &["--group", &g, "--idle-secs", "60"],
+        "bus_subscriber: writing to stdout",
+    );
+    fails_on_a_full_disk(
+        &example("bus_producer"),
+        &["--group", &g, "--threads", "1", "--count", "1"],
+        "bus_producer: writing to stdout",
+    );
+    fails_on_a_full_disk(
+        &example("proc_events"),
+        &["--seconds", "60"],
+        "proc_events: writing to stdout",
+    );
+}
+
+/// `bin args | head -1`: once the reader is gone the program must end quietly with 0.
+fn quiet_on_a_closed_pipe(bin: &PathBuf, args: &[&str]) {
+    let mut r = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let mut out = BufReader::new(r.0.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(!first.is_empty(), "{}: no output", bin.display());
+    drop(out);
+    // Every process started makes events to write, and the write fails with EPIPE.
+    let st = r.wait(&format!("{} | head -1", bin.display()), || {
+        true_pid();
+    });
+    let err = err.join().unwrap();
+    assert!(st.success(), "{} | head -1: {st}: {err}", bin.display());
+    assert!(!err.contains("writing"), "{}: {err}", bin.display());
+    assert!(!err.contains("panicked"), "{}: {err}", bin.display());
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly_with_status_0() {
+    if !kernel("a_closed_pipe_ends_quietly_with_status_0") {
+        return;
+    }
+    quiet_on_a_closed_pipe(&PathBuf::from(PROCTRACE), &["--duration", "60"]);
+    quiet_on_a_closed_pipe(&example("agent"), &["--duration", "60"]);
+    quiet_on_a_closed_pipe(
+        &example("proc_events"),
+        &["--count", "1000000000", "--seconds", "60"],
+    );
+}
+
+#[test]
+fn a_full_stderr_panics_nothing_while_running() {
+    if !kernel("a_full_stderr_panics_nothing_while_running") {
+        return;
+    }
+    for (bin, args) in [
+        (
+            PathBuf::from(PROCTRACE),
+            &["--duration", "0.5", "--stats"][..],
+        ),
+        (
+            example("agent"),
+            &["--duration", "0.5", "--interval", "0.05"][..],
+        ),
+        (example("proc_events"), &["--seconds", "0.5"][..]),
+    ] {
+        let mut r = Running(
+            Command::new(&bin)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(dev_full())
+                .spawn()
+                .unwrap(),
+        );
+        let st = r.wait(&format!("{} 2> /dev/full", bin.display()), || {});
+        assert!(
+            st.success(),
+            "{} {args:?} 2> /dev/full: {st}",
+            bin.display()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Receive loops
+
+#[test]
+fn bus_subscriber_counts_junk_and_overruns_and_keeps_going() {
+    let Some(evil) =
+        common::kernel_socket("bus_subscriber_counts_junk_and_overruns_and_keeps_going")
+    else {
+        return;
+    };
+    let idx = common::test_idx(0x31);
+    let id = CbId::new(idx, 1);
+    // Stops once `total` messages of the stream were received or counted lost.
+    let total: u32 = 2002;
+    let mut r = Running(
+        Command::new(example("bus_subscriber"))
+            .args(["--group", &GROUP.to_string(), "--idx", &idx.to_string()])
+            .args(["--count", &total.to_string(), "--buffer", "4096"])
+            .args(["--idle-secs", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let rx = lines(&mut r.0);
+    line_with(&rx, "listening on group");
+    let me = evil.port_id();
+    let send = |seq: u32| {
+        let mut p = [0u8; 8];
+        p[..4].copy_from_slice(&1u32.to_ne_bytes());
+        p[4..].copy_from_slice(&seq.to_ne_bytes());
+        evil.send(&datagram(id, seq, &p, me), Dest::Group(GROUP))
+            .unwrap();
+    };
+    // A datagram too short for a netlink header, then the stream's first message.
+    evil.send(&[1, 2], Dest::Group(GROUP)).unwrap();
+    send(0);
+    // Stopped, it cannot read: 2000 datagrams overflow its 4 KiB queue.
+    r.signal(libc::SIGSTOP);
+    r.wait_stopped();
+    for seq in 1..=2000 {
+        send(seq);
+    }
+    r.signal(libc::SIGCONT);
+    // The last messages: sent until one of them gets through and ends the run.
+    let mut seq = 2000;
+    let st = r.wait("bus_subscriber", || {
+        seq += 1;
+        send(seq);
+    });
+    let err = err.join().unwrap();
+    let out: Vec<String> = rx.try_iter().collect();
+    let summary = out
+        .iter()
+        .find(|l| l.starts_with("received "))
+        .unwrap_or_else(|| panic!("no summary: {out:?} {err}"));
+    // Loss makes the status 1, as documented; it is not a crash.
+    assert_eq!(st.code(), Some(1), "{st}: {out:?} {err}");
+    assert!(count(summary, "decode errors:") >= 1, "{summary}");
+    assert!(count(summary, "overruns:") >= 1, "{summary}");
+    let stream = out
+        .iter()
+        .find(|l| l.contains(&format!("port {me} thread 1:")))
+        .unwrap_or_else(|| panic!("no line for the test's stream: {out:?}"));
+    let received = count(stream, ":");
+    let lost = count(stream, "received,");
+    // The first message and at least one after the overflow arrived: it kept going.
+    assert!(received >= 2, "{stream}");
+    assert!(lost >= 1, "{stream}");
+    assert!(received + lost >= u64::from(total), "{stream}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn proc_events_counts_junk_spoofs_and_overruns_and_keeps_going() {
+    let Some(evil) =
+        common::kernel_socket("proc_events_counts_junk_spoofs_and_overruns_and_keeps_going")
+    else {
+        return;
+    };
+    let mut r = Running(
+        Command::new(example("proc_events"))
+            .args([
+                "--count",
+                "1000000000",
+                "--seconds",
+                "600",
+                "--buffer",
+                "4096",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err_rx = stderr_lines(&mut r.0);
+    let rx = lines(&mut r.0);
+    line_with(&rx, "listening for process events");
+    // A 2-byte datagram on group 1, and a fork event from user space, each sent until it is
+    // reported (its tiny queue may be full of other processes' events when it arrives).
+    let me = evil.port_id();
+    let junk = [1u8, 2];
+    let spoof = datagram(CbId::PROC, 1, &[0u8; 40], me);
+    for (d, report) in [
+        (&junk[..], format!("malformed datagram from port {me}:")),
+        (&spoof[..], format!("user-space port {me}")),
+    ] {
+        let end = Instant::now() + HANG;
+        'reported: loop {
+            assert!(Instant::now() < end, "never reported: {report}");
+            evil.send(d, Dest::Group(1)).unwrap();
+            let until = Instant::now() + Duration::from_millis(200);
+            while let Ok(l) = err_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                if l.contains(&report) {
+                    break 'reported;
+                }
+            }
+        }
+    }
+    // Stopped, it cannot read: a burst of processes overflows its queue.
+    r.signal(libc::SIGSTOP);
+    r.wait_stopped();
+    for _ in 0..100 {
+        true_pid();
+    }
+    r.signal(libc::SIGCONT);
+    // A process started now shows up once the queue has room again.
+    let end = Instant::now() + HANG;
+    'seen: loop {
+        assert!(Instant::now() < end, "no event of a new process arrived");
+        let pid = true_pid();
+        let wanted = format!(" pid {pid}:");
+        let until = Instant::now() + Duration::from_secs(1);
+        while let Ok(l) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if l.contains(&wanted) {
+                break 'seen;
+            }
+        }
+    }
+    r.signal(libc::SIGTERM);
+    let st = r.wait("proc_events", || {});
+    let err: Vec<String> = err_rx.try_iter().collect();
+    let err = err.join("\n");
+    assert!(st.success(), "{st}: {err}");
+    let summary = rx
+        .try_iter()
+        .find(|l| l.contains(" events; "))
+        .unwrap_or_else(|| panic!("no summary: {err}"));
+    assert!(count(&summary, "overruns (ENOBUFS):") >= 1, "{summary}");
+    assert!(count(&summary, "decode errors:") >= 1, "{summary}");
+    assert!(
+        count(&summary, "spoofed (not from the kernel):") >= 1,
+        "{summary}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
