@@ -11,13 +11,15 @@
 //! (`ENOBUFS`) and a cut datagram are counted, and reception goes on. Messages of other
 //! ids are counted and ignored.
 //!
-//! Stops once `--count` messages were received or counted lost, or when nothing arrived
-//! for `--idle-secs` after the first message, and prints the totals and one line per
-//! stream. Exits with status 1 if a stream lost messages or had them out of order, or if
-//! the receive queue overflowed. `--help` lists the options.
+//! Stops once `--count` messages were received or counted lost, when nothing arrived for
+//! `--idle-secs` after the first message, or on SIGINT / SIGTERM, and prints the totals and
+//! one line per stream. Exits with status 1 if a stream lost messages or had them out of
+//! order, or if the receive queue overflowed. `--help` lists the options.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -28,7 +30,7 @@ use clap::Parser;
 mod cli;
 
 use cnbus::codec::{messages, Message};
-use cnbus::sys::{poll_read, ConnectorSocket, EventFd};
+use cnbus::sys::{poll_read, ConnectorSocket, EventFd, TermSignals};
 
 /// Receives and checks the numbered streams of `bus_producer`.
 #[derive(Parser)]
@@ -49,6 +51,9 @@ struct Args {
     /// Socket receive buffer (bytes, or with a K, M or G suffix; at most 1G).
     #[arg(long, default_value = "32M", value_parser = cli::parse_size)]
     buffer: usize,
+    /// Print the first N messages.
+    #[arg(long, value_name = "N", default_value = "5", value_parser = cli::parse_u64)]
+    print: u64,
 }
 
 /// One sender's stream: (port, val).
@@ -76,15 +81,20 @@ struct Totals {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before any thread starts, so that only the waiter in `run` gets the signals.
+    let signals = match TermSignals::block() {
+        Ok(s) => s,
+        Err(e) => return cli::finish("bus_subscriber", Err(e.into())),
+    };
     let mut failed = false;
-    let r = run(&args, &mut failed);
+    let r = run(&args, signals, &mut failed);
     match cli::finish("bus_subscriber", r) {
         c if c == ExitCode::SUCCESS && failed => ExitCode::from(1),
         c => c,
     }
 }
 
-fn run(a: &Args, failed: &mut bool) -> Result<(), cli::Stop> {
+fn run(a: &Args, signals: TermSignals, failed: &mut bool) -> Result<(), cli::Stop> {
     let group = a.group;
     let idx = a.idx.unwrap_or(group);
     let sock = ConnectorSocket::open()?;
@@ -94,7 +104,17 @@ fn run(a: &Args, failed: &mut bool) -> Result<(), cli::Stop> {
         "listening on group {group} for idx {idx:#x} (port {}, receive buffer {rcvbuf} bytes)",
         sock.port_id()
     )?;
-    let never = EventFd::new()?;
+    // SIGINT / SIGTERM end the loop (through `wake`), with the totals.
+    let wake = Arc::new(EventFd::new()?);
+    let stopped = Arc::new(AtomicBool::new(false));
+    {
+        let (wake, stopped) = (wake.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            signals.wait();
+            stopped.store(true, Ordering::SeqCst);
+            let _ = wake.wake();
+        });
+    }
     let mut buf = BytesMut::with_capacity(1 << 17);
     let mut streams: BTreeMap<(u32, u32), Stream> = BTreeMap::new();
     let mut t = Totals::default();
@@ -102,11 +122,11 @@ fn run(a: &Args, failed: &mut bool) -> Result<(), cli::Stop> {
     let mut first: Option<Instant> = None;
     let mut last_msg = Instant::now();
     let mut last_report = Instant::now();
-    while a.count.map_or(true, |c| t.received + t.lost < c) {
+    while a.count.map_or(true, |c| t.received + t.lost < c) && !stopped.load(Ordering::SeqCst) {
         if first.is_some() && last_msg.elapsed() > a.idle_secs {
             break;
         }
-        if poll_read(&sock, &never, Some(Duration::from_millis(200)))?.socket {
+        if poll_read(&sock, &wake, Some(Duration::from_millis(200)))?.socket {
             buf.clear();
             buf.reserve(1 << 17);
             let meta = match sock.recv(&mut buf, true) {
@@ -170,7 +190,7 @@ fn run(a: &Args, failed: &mut bool) -> Result<(), cli::Stop> {
                 }
                 s.received += 1;
                 t.received += 1;
-                if printed < 5 {
+                if printed < a.print {
                     out!(
                         "[{}] [{}.{}] {} bytes from port {}, payload seq {seq}",
                         c.msg.id,
