@@ -11,7 +11,7 @@
 //! (`ENOBUFS`) and a cut datagram are counted, and reception goes on. Messages of other
 //! ids are counted and ignored.
 //!
-//! Stops once `--count` messages were received or counted lost, when nothing arrived for
+//! Stops once `--count` messages were received, when nothing arrived for
 //! `--idle-secs` after the first message, or on SIGINT / SIGTERM, and prints the totals and
 //! one line per stream. Exits with status 1 if a stream lost messages or had them out of
 //! order, or if the receive queue overflowed. `--help` lists the options.
@@ -42,7 +42,7 @@ struct Args {
     /// Connector idx of the messages (decimal or 0x hex; default: the group number).
     #[arg(long, value_parser = cli::parse_u32)]
     idx: Option<u32>,
-    /// Stop once this many messages were received or counted lost (default: no limit).
+    /// Stop once this many messages were received (default: no limit).
     #[arg(long, value_parser = cli::parse_u64)]
     count: Option<u64>,
     /// Stop when nothing arrived for this many seconds after the first message.
@@ -122,7 +122,7 @@ fn run(a: &Args, signals: TermSignals, failed: &mut bool) -> Result<(), cli::Sto
     let mut first: Option<Instant> = None;
     let mut last_msg = Instant::now();
     let mut last_report = Instant::now();
-    while a.count.map_or(true, |c| t.received + t.lost < c) && !stopped.load(Ordering::SeqCst) {
+    while a.count.map_or(true, |c| t.received < c) && !stopped.load(Ordering::SeqCst) {
         if first.is_some() && last_msg.elapsed() > a.idle_secs {
             break;
         }
