@@ -71,12 +71,15 @@ struct Args {
     /// Internal: the receivers' connector idx.
     #[arg(long, hide = true, default_value = "0", value_parser = cli::parse_u32)]
     idx: u32,
+    /// Internal: the producer's port id; the receivers count only its messages.
+    #[arg(long, hide = true, default_value = "0", value_parser = cli::parse_u32)]
+    from_port: u32,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
     if a.receiver {
-        return match receiver(a.idx, a.group, a.seconds) {
+        return match receiver(a.idx, a.from_port, a.group, a.seconds) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => cli::finish("soak receiver", Err(e)),
@@ -97,6 +100,15 @@ fn run(
     group: u32,
     idx: u32,
 ) -> Result<bool, cli::Stop> {
+    // The bus first: its port tells the receivers which messages are the soak's (any root
+    // process may send on the group, even replay the soak's own messages).
+    let bus = Arc::new(
+        Bus::builder(Dest::Group(group))
+            .on_full(FullPolicy::Block)
+            .build()
+            .expect("bus"),
+    );
+    let port = bus.socket().port_id();
     let exe = std::env::current_exe().expect("own path");
     let mut children = Vec::new();
     for _ in 0..receivers {
@@ -109,6 +121,7 @@ fn run(
                 &group.to_string(),
             ])
             .args(["--seconds", &seconds.to_string()])
+            .args(["--from-port", &port.to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn receiver");
@@ -119,12 +132,6 @@ fn run(
         children.push((child, out));
     }
 
-    let bus = Arc::new(
-        Bus::builder(Dest::Group(group))
-            .on_full(FullPolicy::Block)
-            .build()
-            .expect("bus"),
-    );
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for p in 0..producers {
@@ -174,15 +181,13 @@ fn run(
         .enumerate()
         .map(|(p, n)| format!("{}={n} ", p + 1))
         .collect();
-    let ctl = Connector::builder()
-        .recv_buffer(0)
-        .spawn()
-        .expect("control socket");
-    ctl.send(
-        &CnMsg::new(CbId::new(idx, 0), totals.clone().into_bytes()),
-        Dest::Group(group),
+    // The totals, from the bus's port like every soak message, on val 0.
+    bus.insert_msg(
+        CnMsg::new(CbId::new(idx, 0), totals.clone().into_bytes()),
+        FullPolicy::Block,
     )
-    .expect("send totals");
+    .expect("totals");
+    bus.flush().expect("send totals");
 
     let total: u64 = sent.iter().map(|&n| u64::from(n)).sum();
     let secs = start.elapsed().as_secs_f64();
@@ -213,16 +218,23 @@ fn run(
     Ok(ok)
 }
 
-/// One receiver process; `Ok(true)` when every check passed.
-fn receiver(idx: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
+/// One receiver process; `Ok(true)` when every check passed. It checks the messages of
+/// the producer's port `from` only: others (foreign senders on the group, replays) are
+/// counted and left out.
+fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
     let lost: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
-    let l = lost.clone();
+    let own_decode_errors = Arc::new(AtomicU64::new(0));
+    let (l, de) = (lost.clone(), own_decode_errors.clone());
     let bus = Connector::builder()
         .recv_buffer(32 << 20)
-        .on_event(move |e| {
-            if let Event::Lost { id, count, .. } = e {
+        .on_event(move |e| match e {
+            Event::Lost { port, id, count } if *port == from => {
                 *l.lock().entry(id.val).or_default() += u64::from(*count);
             }
+            Event::Decode { port, .. } if *port == from => {
+                de.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         })
         .spawn()
         .expect("receiver connector");
@@ -230,8 +242,27 @@ fn receiver(idx: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
     let delivered: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
     let totals: Arc<Mutex<Option<HashMap<u32, u64>>>> = Arc::default();
     let count = Arc::new(AtomicU64::new(0));
-    let (d, t, c) = (delivered.clone(), totals.clone(), count.clone());
+    let foreign = Arc::new(AtomicU64::new(0));
+    let reordered = Arc::new(AtomicU64::new(0));
+    let (d, t, c, f, r) = (
+        delivered.clone(),
+        totals.clone(),
+        count.clone(),
+        foreign.clone(),
+        reordered.clone(),
+    );
+    // Per val: the last seq seen from the producer.
+    let mut last: HashMap<u32, u32> = HashMap::new();
     let _reg = bus.register(Match::Idx(idx), move |m| {
+        if m.source.port != from {
+            f.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(prev) = last.insert(m.msg.id.val, m.msg.seq) {
+            if m.msg.seq <= prev {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if m.msg.id.val == 0 {
             let text = String::from_utf8_lossy(&m.msg.data).to_string();
             // Anyone may send on the group: what does not parse is left out.
@@ -277,7 +308,9 @@ fn receiver(idx: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
     }
     let s = bus.stats();
     let expected = totals.lock().clone().unwrap_or_default();
-    let mut ok = !expected.is_empty() && s.reordered == 0 && s.decode_errors == 0;
+    let own_reordered = reordered.load(Ordering::Relaxed);
+    let own_decode_errors = own_decode_errors.load(Ordering::Relaxed);
+    let mut ok = !expected.is_empty() && own_reordered == 0 && own_decode_errors == 0;
     let mut per = String::new();
     for (v, n) in &expected {
         let got = delivered.lock().get(v).copied().unwrap_or(0);
@@ -287,12 +320,12 @@ fn receiver(idx: u32, group: u32, seconds: u64) -> Result<bool, cli::Stop> {
     }
     ok &= flat(warm_rss, end_rss);
     out!(
-        "ok={ok} delivered={} lost={} overruns={} reordered={} decode_errors={} rss_warm={warm_rss}KiB rss_end={end_rss}KiB{per}",
+        "ok={ok} delivered={} lost={} overruns={} reordered={own_reordered} decode_errors={own_decode_errors} rss_warm={warm_rss}KiB rss_end={end_rss}KiB{per}; from other senders: {} messages ignored, {} decode errors",
         count.load(Ordering::Relaxed),
-        s.lost,
+        lost.lock().values().sum::<u64>(),
         s.overruns,
-        s.reordered,
-        s.decode_errors
+        foreign.load(Ordering::Relaxed),
+        s.decode_errors - own_decode_errors
     )?;
     Ok(ok)
 }

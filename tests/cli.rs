@@ -726,3 +726,47 @@ fn proc_events_counts_junk_spoofs_and_overruns_and_keeps_going() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn soak_checks_only_its_own_traffic_under_foreign_senders() {
+    let Some(evil) =
+        common::kernel_socket("soak_checks_only_its_own_traffic_under_foreign_senders")
+    else {
+        return;
+    };
+    // Group 32 (so that its flood does not reach the bus_subscriber test on group 31).
+    let mut r = Running(
+        Command::new(example("soak"))
+            .args(["--seconds", "2", "--producers", "1", "--receivers", "1"])
+            .args(["--group", "32"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let rx = lines(&mut r.0);
+    // The soak's idx, as it computes it; a foreign sender replays messages on it, with
+    // garbage sequence numbers, between malformed datagrams.
+    let idx = 0x5300_0000 | (r.0.id() & 0xffff);
+    let me = evil.port_id();
+    let mut n = 0u32;
+    let st = r.wait("soak", || {
+        for _ in 0..20 {
+            n += 1;
+            let _ = evil.send(&[1, 2], Dest::Group(32));
+            let fake = datagram(CbId::new(idx, 1), 4_000_000_000 - n, &[0u8; 64], me);
+            let _ = evil.send(&fake, Dest::Group(32));
+        }
+    });
+    let err = err.join().unwrap();
+    let out: Vec<String> = rx.try_iter().collect();
+    assert!(st.success(), "{st}: {out:?} {err}");
+    assert!(out.iter().any(|l| l.starts_with("soak PASSED")), "{out:?}");
+    let receiver = out
+        .iter()
+        .find(|l| l.contains("receiver 0:"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(count(receiver, "from other senders:") >= 1, "{receiver}");
+}
