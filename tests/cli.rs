@@ -354,6 +354,70 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
     ]
 }
 
+/// Every numeric option, by program.
+fn numeric_options(name: &str) -> &'static [&'static str] {
+    match name {
+        "proctrace" => &["--duration", "--buffer"],
+        "cn_publish" => &[
+            "--group",
+            "--idx",
+            "--val",
+            "--count",
+            "--size",
+            "--interval-ms",
+            "--batch",
+        ],
+        "cn_subscribe" => &["--group", "--idx", "--val", "--count", "--seconds"],
+        "bus_producer" => &["--group", "--idx", "--threads", "--count", "--latency-us"],
+        "bus_subscriber" => &[
+            "--group",
+            "--idx",
+            "--count",
+            "--idle-secs",
+            "--buffer",
+            "--print",
+        ],
+        "proc_events" => &["--count", "--seconds", "--buffer"],
+        "soak" => &["--seconds", "--producers", "--receivers", "--group"],
+        "agent" => &["--interval", "--duration", "--recent-exits", "--buffer"],
+        other => panic!("no options listed for {other}"),
+    }
+}
+
+/// The values no numeric option accepts: empty, negative, not a number, infinite, huge.
+const BAD_NUMBERS: &[&str] = &[
+    "",
+    "-1",
+    "-0.5",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e30",
+    "18446744073709551616",
+    "99999999999999999999999999",
+    "0x10000000000000000",
+    "12abc",
+];
+
+/// `option value` (as `--option=value`, so that a leading `-` is a value), and `option`
+/// with its value missing, are usage errors naming the option.
+fn rejects_bad_numbers(bin: &PathBuf, name: &str) {
+    for opt in numeric_options(name) {
+        for v in BAD_NUMBERS {
+            usage_error(bin, &os(&[&format!("{opt}={v}")]), opt);
+        }
+        usage_error(bin, &os(&[opt]), opt);
+    }
+}
+
+#[test]
+fn every_numeric_option_rejects_bad_numbers() {
+    rejects_bad_numbers(&PathBuf::from(PROCTRACE), "proctrace");
+    for (name, _) in hostile_example_arguments() {
+        rejects_bad_numbers(&example(name), name);
+    }
+}
+
 #[test]
 fn every_example_rejects_unknown_flags_and_out_of_range_values_and_has_help() {
     for (name, cases) in hostile_example_arguments() {
