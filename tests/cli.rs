@@ -834,3 +834,103 @@ fn soak_checks_only_its_own_traffic_under_foreign_senders() {
         .unwrap_or_else(|| panic!("{out:?}"));
     assert!(count(receiver, "from other senders:") >= 1, "{receiver}");
 }
+
+// ---------------------------------------------------------------------------------------
+// True figures
+
+#[test]
+fn bus_producer_prints_the_real_queue_bound() {
+    if !kernel("bus_producer_prints_the_real_queue_bound") {
+        return;
+    }
+    let idx = common::test_idx(0x32).to_string();
+    for lanes in [false, true] {
+        let mut args = vec!["--group", "32", "--idx", &idx, "--threads", "2"];
+        args.extend(["--count", "30000"]);
+        if lanes {
+            args.push("--lanes");
+        }
+        let out = run(&example("bus_producer"), &os(&args));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {}: {text}", out.status);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("queue high-water "))
+            .unwrap_or_else(|| panic!("{text}"));
+        let high = count(line, "high-water");
+        let bound = if lanes {
+            // "a lane holds B bytes = M messages of 100 bytes": 64-byte payloads.
+            let bytes = count(line, "a lane holds");
+            let msgs = count(line, "bytes =");
+            assert_eq!(count(line, "messages of"), 100, "{line}");
+            assert_eq!(msgs, bytes / 100, "{line}");
+            msgs
+        } else {
+            count(line, "a shard holds")
+        };
+        assert!(
+            high <= bound,
+            "the high-water mark exceeds the bound: {line}"
+        );
+    }
+}
+
+#[test]
+fn bus_subscriber_counts_each_senders_stream_truly() {
+    let Some(evil) = common::kernel_socket("bus_subscriber_counts_each_senders_stream_truly")
+    else {
+        return;
+    };
+    let idx = common::test_idx(0x33);
+    let mut r = Running(
+        Command::new(example("bus_subscriber"))
+            .args(["--group", &GROUP.to_string(), "--idx", &idx.to_string()])
+            .args(["--print", "1000000000", "--idle-secs", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let rx = lines(&mut r.0);
+    line_with(&rx, "listening on group");
+    let me = evil.port_id();
+    // A sender whose stream starts at 1000 (joined late), and one that skips seq 2.
+    let sent = [
+        (2u32, 1000u32),
+        (2, 1001),
+        (2, 1002),
+        (3, 0),
+        (3, 1),
+        (3, 3),
+    ];
+    for (val, seq) in sent {
+        let mut p = [0u8; 8];
+        p[..4].copy_from_slice(&val.to_ne_bytes());
+        p[4..].copy_from_slice(&seq.to_ne_bytes());
+        evil.send(
+            &datagram(CbId::new(idx, val), seq, &p, me),
+            Dest::Group(GROUP),
+        )
+        .unwrap();
+    }
+    for (val, seq) in sent {
+        line_with(
+            &rx,
+            &format!(".{val}] [{seq}.0] 8 bytes from port {me}, payload seq {seq}"),
+        );
+    }
+    r.signal(libc::SIGTERM);
+    let st = r.wait("bus_subscriber", || {});
+    let err = err.join().unwrap();
+    let out: Vec<String> = rx.try_iter().collect();
+    // The gaps are loss: status 1.
+    assert_eq!(st.code(), Some(1), "{st}: {out:?} {err}");
+    for want in [
+        format!("port {me} thread 2: 3 received, 1000 lost, 0 out of order"),
+        format!("port {me} thread 3: 3 received, 1 lost, 0 out of order"),
+    ] {
+        assert!(out.iter().any(|l| l.trim() == want), "{want}: {out:?}");
+    }
+}
