@@ -145,7 +145,7 @@ impl Inner {
         let (mut msgs, mut bad) = (0u64, None);
         {
             // The send lock: numbers follow wire order per id (see `drain`).
-            let mut seqs = self.seqs.lock();
+            let mut seqs = self.seqs().lock();
             let lim = Limits {
                 coalesce: self.cfg.coalesce(),
                 datagram: self.cfg.datagram_size,
