@@ -120,8 +120,8 @@ pub mod connector {
     #[allow(dead_code)] // the receiver's half is not used by the bus
     #[path = "loss.rs"]
     mod loss;
-    pub(crate) use loss::write_seq;
     pub use loss::SeqSource;
+    pub(crate) use loss::{write_seq, Aimed};
 }
 pub mod sys;
 #[cfg(feature = "tokio")]

@@ -137,7 +137,8 @@ impl AsyncConnector {
 
     /// Sends `data` on `id` with the next sequence number of `id`, as
     /// [`ConnectorHandle::send_numbered`](crate::connector::ConnectorHandle::send_numbered)
-    /// does (numbered and sent under the socket's numbering lock, so in wire order per id
+    /// does (the socket's sequence of `dest` and `id`, numbered and sent under the socket's
+    /// numbering lock, so in wire order
     /// among everything sending on the socket). A unicast to a peer whose queue is full
     /// waits asynchronously, using no number meanwhile. Returns the seq.
     pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {

@@ -1,9 +1,10 @@
-//! Sequence numbering is per socket: everything that sends on one socket (buses, their
-//! `Producer` lanes, a `Connector`'s `send_numbered`) shares one counter per id, so a
-//! receiver, which tracks gaps per `(port, id)`, sees one consecutive stream.
+//! Sequence numbering is per socket and destination: everything that sends on one socket
+//! (buses, their `Producer` lanes, a `Connector`'s `send_numbered`) shares one counter per
+//! destination and id, so a receiver, which tracks gaps per `(port, group, id)`, sees one
+//! consecutive stream per sender port and group (0: unicast).
 //!
-//! Every test here unicasts to its own receiver's port (no group, so no foreign traffic
-//! reaches it) and uses its own idx.
+//! The tests unicast to their own receivers' ports (no foreign traffic reaches them) and
+//! use their own idx; the one group test counts only its own sender port's messages.
 
 mod common;
 
@@ -142,8 +143,102 @@ fn a_bus_and_a_connector_sharing_a_socket_number_one_sequence() {
         }
     }
     rx.expect_consecutive(n, tx.port_id());
-    // The next number continues the shared sequence.
-    assert_eq!(tx.next_seq(id), n + 1);
+}
+
+/// Receives from `rx` until `want` messages of `id` from `port` arrived (messages from
+/// other ports, such as a busy host's foreign senders on a group, are skipped), and
+/// splits them by the group they came on (0: unicast).
+fn streams(
+    rx: &crossbeam::channel::Receiver<Received>,
+    port: u32,
+    id: CbId,
+    want: usize,
+) -> std::collections::BTreeMap<u32, Vec<u32>> {
+    let mut by_group = std::collections::BTreeMap::<u32, Vec<u32>>::new();
+    let mut n = 0;
+    while n < want {
+        let m = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{n} of {want} messages: {e}"));
+        if m.source.port == port && m.msg.id == id {
+            by_group.entry(m.source.group).or_default().push(m.msg.seq);
+            n += 1;
+        }
+    }
+    by_group
+}
+
+/// One socket sending one id to several destinations (a bus to a group, a bus to one
+/// port, the connector's `send_numbered` to another port): each destination gets its own
+/// sequence 1, 2, 3, ..., and a receiver that is both a group member and a unicast
+/// destination tracks the two streams apart, so no receiver counts a false loss or
+/// reordering.
+#[test]
+fn one_socket_numbers_each_destination_apart() {
+    let Some(_k) = kernel_socket("one_socket_numbers_each_destination_apart") else {
+        return;
+    };
+    const GROUP: u32 = 31;
+    let id = CbId::new(test_idx(0x64), 1);
+    let tx = Connector::builder().spawn().unwrap();
+    let tx_port = tx.port_id();
+    // Loss events of our stream (other ports' traffic on the group is not ours).
+    let ours = move |lost: Arc<AtomicU64>| {
+        move |e: &Event| {
+            if let Event::Lost {
+                port,
+                id: lid,
+                count,
+            } = e
+            {
+                if *port == tx_port && *lid == id {
+                    lost.fetch_add(u64::from(*count), Ordering::SeqCst);
+                }
+            }
+        }
+    };
+    let (lost1, lost2) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let rx1 = Connector::builder()
+        .on_event(ours(lost1.clone()))
+        .spawn()
+        .unwrap();
+    let _member = rx1.subscribe(GROUP).unwrap();
+    let (_r1, ch1) = rx1.channel(id, 1 << 16);
+    let rx2 = Connector::builder()
+        .on_event(ours(lost2.clone()))
+        .spawn()
+        .unwrap();
+    let (_r2, ch2) = rx2.channel(id, 1 << 16);
+    let to_group = Bus::builder(Dest::Group(GROUP))
+        .socket(tx.socket().clone())
+        .build()
+        .unwrap();
+    let to_rx1 = Bus::builder(Dest::Port(rx1.port_id()))
+        .socket(tx.socket().clone())
+        .build()
+        .unwrap();
+    let n = 200u32;
+    for i in 0..n {
+        let d = i.to_ne_bytes();
+        to_group.insert(id, &d).unwrap();
+        to_group.flush().unwrap();
+        to_rx1.insert(id, &d).unwrap();
+        to_rx1.flush().unwrap();
+        let seq = tx
+            .send_numbered(id, d.to_vec(), Dest::Port(rx2.port_id()))
+            .unwrap();
+        assert_eq!(seq, i + 1, "the connector's own destination");
+    }
+    let one_to_n: Vec<u32> = (1..=n).collect();
+    let s1 = streams(&ch1, tx_port, id, 2 * n as usize);
+    assert_eq!(s1.get(&GROUP), Some(&one_to_n), "rx1's group stream");
+    assert_eq!(s1.get(&0), Some(&one_to_n), "rx1's unicast stream");
+    let s2 = streams(&ch2, tx_port, id, n as usize);
+    assert_eq!(s2.get(&0), Some(&one_to_n), "rx2's unicast stream");
+    assert_eq!(lost1.load(Ordering::SeqCst), 0);
+    assert_eq!(lost2.load(Ordering::SeqCst), 0);
+    // rx2 hears no group: only our stream, nothing reordered.
+    assert_eq!(rx2.stats().reordered, 0);
 }
 
 /// Drains `rx` until `n` messages came or nothing comes for a while.
@@ -180,13 +275,10 @@ fn the_receivers_gap_tracker_is_bounded_and_counts_evictions() {
             .unwrap();
     }
     // The live stream skips 3 numbers: a real gap, counted although the tracker evicted.
-    let skipped = tx.next_seq(live);
-    for _ in 0..2 {
-        tx.next_seq(live);
-    }
-    tx.send_numbered(live, vec![0u8; 4], dest).unwrap();
+    let skipped = cnbus::CnMsg::new(live, vec![0u8; 4]).with_seq(streams + 4, 0);
+    tx.send(&skipped, dest).unwrap();
     let got = take(&ch, 2 * streams as usize + 1);
-    assert_eq!(got.last().unwrap().msg.seq, skipped + 3);
+    assert_eq!(got.last().unwrap().msg.seq, streams + 4);
     let s = rx.stats();
     assert!(
         s.tracker_evictions >= u64::from(streams) + 1 - 16,

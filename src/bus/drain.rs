@@ -17,14 +17,16 @@ use super::Inner;
 const TRANSIENT_RETRIES: u32 = 2;
 
 pub(crate) use crate::connector::write_seq;
-/// The per-id sequence counters: the socket's (see
+/// The counters of one destination (the bus's), by id.
+pub(crate) use crate::connector::Aimed as Seqs;
+/// The sequence counters: the socket's (see
 /// [`ConnectorSocket`](crate::sys::ConnectorSocket)), shared with every other bus and
-/// connector sending on it. Their lock is the send lock, held from numbering a batch
-/// until its `sendmmsg` returned, so numbers follow wire order per id whichever drainer
-/// (of whichever bus) sends.
-pub(crate) use crate::connector::SeqSource as Seqs;
+/// connector sending on it, one sequence per destination and id. Their lock is the send
+/// lock, held from numbering a batch until its `sendmmsg` returned, so numbers follow wire
+/// order per id whichever drainer (of whichever bus) sends.
+pub(crate) use crate::connector::SeqSource;
 
-impl Seqs {
+impl Seqs<'_> {
     /// Numbers the batch's messages: for each run of [`Entry::Slice`](super::shard::Entry)
     /// messages, consecutive numbers of its id (one counter look-up per run), written into
     /// `nlmsg_seq` and `cn_msg.seq`. Prebuilt messages keep theirs. A run's messages lie
@@ -96,7 +98,7 @@ impl Inner {
             // The send lock: numbering and sending of one batch are not interleaved with
             // another drainer's, so per-id numbers follow wire order.
             let mut seqs = self.seqs().lock();
-            seqs.number(b);
+            seqs.to(self.dest).number(b);
             let bytes = b.bytes();
             let slices: Vec<IoSlice<'_>> = b
                 .bounds
@@ -227,7 +229,9 @@ mod tests {
         push(Entry::Slice { id: a, data: b"x" }, UNTRACKED);
         let mut batch = Batch::with_capacity(4096, 16);
         sh.take(&mut batch);
-        let mut s = Seqs::default();
+        let mut src = SeqSource::default();
+        let dest = crate::sys::Dest::Group(20);
+        let mut s = src.to(dest);
         s.number(&mut batch);
         let seqs = |batch: &Batch| -> Vec<(u32, u32)> {
             messages_ref(batch.bytes())
@@ -245,6 +249,13 @@ mod tests {
         s.number(&mut batch);
         assert_eq!(seqs(&batch), [(4, 4)]);
         assert_eq!(s.next(b), 2);
+        assert_eq!(src.next_to(dest, b), 3);
+        assert_eq!(
+            src.next_to(crate::sys::Dest::Group(21), a),
+            1,
+            "per destination"
+        );
+        let mut s = src.to(dest);
         // Runs that claim more messages than the bytes hold end the walk, no panic.
         batch.runs[0].n = 1000;
         s.number(&mut batch);

@@ -180,7 +180,7 @@ fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<
     // goes on the wire in that order.
     let mut seqs = inner.seqs().lock();
     if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
-        drain::write_seq(m, seqs.next(*id));
+        drain::write_seq(m, seqs.next_to(inner.dest, *id));
     }
     Counters::add(&st.syscalls, 1);
     let sent = inner.sock.send(&buf, inner.dest);

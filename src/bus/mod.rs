@@ -18,8 +18,8 @@
 //! like a shard's.
 //!
 //! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
-//! 3, ... per [`CbId`] per socket (shared with every bus and connector sending on the
-//! socket), in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
+//! 3, ... per [`CbId`] and destination per socket (shared with every bus and connector
+//! sending on the socket), in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
 //! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
 //! keeps the message's own seq.
 //!
@@ -101,7 +101,7 @@ use crate::codec::{nlmsg_align, CbId, CnMsg, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SI
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use drain::Seqs;
+use drain::SeqSource;
 use insert::Shards;
 use lane::Lane;
 pub use lane::Producer;
@@ -277,19 +277,19 @@ impl BusBuilder {
     /// Sends through `socket` instead of a socket of the bus's own (for example to share
     /// one port id between several buses, or between a bus and a receiver). The socket's
     /// sequence numbering is shared too: everything sending on it numbers one sequence
-    /// per id.
+    /// per destination and id.
     pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
         self.socket = Some(socket);
         self
     }
 
-    /// How many ids the socket's sequence numbering remembers (default
+    /// How many `(destination, id)` sequences the socket's numbering remembers (default
     /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), at least 1). It
     /// belongs to the socket, so this sets it for everything sending on the socket. Past
-    /// it, the least recently used ids are forgotten and counted in
-    /// [`BusStats::numbering_evictions`]; a forgotten id starts again at 1, which
+    /// it, the least recently used sequences are forgotten and counted in
+    /// [`BusStats::numbering_evictions`]; a forgotten sequence starts again at 1, which
     /// receivers count as `reordered`, not as loss (see
-    /// [`SeqSource`](crate::connector::SeqSource)).
+    /// [`SeqSource`]).
     pub fn numbered_ids(mut self, n: usize) -> Self {
         self.numbered_ids = Some(n);
         self
@@ -507,11 +507,11 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// The send lock, with the per-id sequence counters: the socket's numbering (shared
+    /// The send lock, with the sequence counters: the socket's numbering (shared
     /// with everything else sending on the socket), held from numbering a batch until its
     /// send returned.
     #[inline]
-    pub(crate) fn seqs(&self) -> &Mutex<Seqs> {
+    pub(crate) fn seqs(&self) -> &Mutex<SeqSource> {
         self.sock.numbering()
     }
 
@@ -716,7 +716,7 @@ impl Bus {
     ///
     /// The message is encoded, headers included, straight into the shard's buffer (the
     /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
-    /// ... per id per bus, in wire order). On rejection the message comes back as a
+    /// ... per id and destination per socket, in wire order). On rejection the message comes back as a
     /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {

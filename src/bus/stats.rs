@@ -193,9 +193,9 @@ pub struct BusStats {
     pub flush_latency_last: Duration,
     /// Mean `flush()` duration.
     pub flush_latency_mean: Duration,
-    /// Ids the socket's sequence numbering forgot because it was full (see
+    /// `(destination, id)` sequences the socket's numbering forgot because it was full (see
     /// [`BusBuilder::numbered_ids`](super::BusBuilder::numbered_ids)); shared by
-    /// everything sending on the socket. A forgotten id starts again at 1, which receivers
+    /// everything sending on the socket. A forgotten one starts again at 1, which receivers
     /// count as `reordered`, not as loss.
     pub numbering_evictions: u64,
 }

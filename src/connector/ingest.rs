@@ -103,7 +103,7 @@ impl Ingest {
             Counters::add(&c.messages, 1);
             let msg = cm.msg;
             if self.track_seq && !source.is_kernel() {
-                match self.tracker.observe(meta.port, msg.id, msg.seq) {
+                match self.tracker.observe(meta.port, meta.group, msg.id, msg.seq) {
                     SeqVerdict::Gap(n) => {
                         Counters::add(&c.lost, u64::from(n));
                         sink(Err(Event::Lost {

@@ -11,7 +11,7 @@
 //! - [`ConnectorHandle::send`], [`ConnectorHandle::send_batch`] and
 //!   [`ConnectorHandle::request`]: to the kernel, a port or a group; replies matched by the
 //!   connector convention (same id and seq, `ack + 1`);
-//! - loss accounting: `ENOBUFS` overruns and per-`(port, idx, val)` sequence gaps are
+//! - loss accounting: `ENOBUFS` overruns and per-`(port, group, idx, val)` sequence gaps are
 //!   counted in [`Stats`] and reported as [`Event`]s.
 //!
 //! ```no_run
@@ -50,7 +50,7 @@ use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
 pub use groups::Subscription;
-pub(crate) use loss::write_seq;
+pub(crate) use loss::{write_seq, Aimed};
 pub use loss::{SeqSource, SeqTracker, SeqVerdict, DEFAULT_NUMBERED_IDS, DEFAULT_TRACKED_STREAMS};
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
@@ -201,14 +201,15 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Whether to count sequence gaps per `(port, idx, val)` of user-space senders as lost
+    /// Whether to count sequence gaps per `(port, group, idx, val)` (group 0: unicast) of
+    /// user-space senders as lost
     /// messages (default on). Turn it off when peers do not number their messages.
     pub fn track_seq_gaps(mut self, on: bool) -> Self {
         self.config.track_seq = on;
         self
     }
 
-    /// How many `(port, idx, val)` streams the gap tracker remembers (default
+    /// How many `(port, group, idx, val)` streams the gap tracker remembers (default
     /// [`DEFAULT_TRACKED_STREAMS`], at least 1). Past it, the least recently seen streams
     /// are forgotten and counted in [`Stats::tracker_evictions`]; a forgotten stream's
     /// next message is a new baseline, so a loss just before it is not counted (see
@@ -218,13 +219,13 @@ impl ConnectorBuilder {
         self
     }
 
-    /// How many ids the socket's sequence numbering remembers (default
+    /// How many `(destination, id)` sequences the socket's numbering remembers (default
     /// [`DEFAULT_NUMBERED_IDS`], at least 1). The numbering belongs to the socket and is
     /// shared by everything sending on it (a [`Bus`](crate::bus::Bus) given this
     /// connector's socket too), so this sets it for all of them. Past it, the least
-    /// recently used ids are forgotten and counted in [`Stats::numbering_evictions`]; a
-    /// forgotten id starts again at 1, which receivers count as `reordered`, not as loss
-    /// (see [`SeqSource`]).
+    /// recently used sequences are forgotten and counted in
+    /// [`Stats::numbering_evictions`]; a forgotten one starts again at 1, which receivers
+    /// count as `reordered`, not as loss (see [`SeqSource`]).
     pub fn numbered_ids(mut self, n: usize) -> Self {
         self.config.numbered_ids = Some(n);
         self
@@ -507,10 +508,13 @@ impl ConnectorHandle {
         self.inner.groups.count(group)
     }
 
-    /// Takes the next sequence number of `id` (numbers run from 1, per id, per socket:
-    /// shared with every bus sending through this connector's socket): use it to build
-    /// messages that receivers can check for gaps. Sending them in number order is up to
-    /// the caller; [`send_numbered`](Self::send_numbered) numbers and sends in one step.
+    /// Takes the next number of `id`'s sequence that belongs to no destination (numbers run
+    /// from 1; the socket's, so shared with everything sending through it): for requests
+    /// (see [`request`](Self::request)) and for messages you build yourself. It is apart
+    /// from the per-destination sequences of [`send_numbered`](Self::send_numbered) and of
+    /// the bus, so do not mix the two for one id and destination; and sending its numbers
+    /// in order is up to the caller. For numbered traffic, `send_numbered` numbers and
+    /// sends in one step.
     pub fn next_seq(&self, id: CbId) -> u32 {
         self.inner.outbox.next_seq(id)
     }
@@ -524,11 +528,14 @@ impl ConnectorHandle {
         self.inner.outbox.send(msg, dest)
     }
 
-    /// Sends `data` on `id` with the next sequence number of `id` (see
-    /// [`next_seq`](Self::next_seq)), so receivers can count gaps. Returns the seq used.
+    /// Sends `data` on `id` with the next number of `id`'s sequence to `dest`, so receivers
+    /// can count gaps. Returns the seq used.
     ///
+    /// The sequence is the socket's, one per destination and id, shared with every
+    /// [`Bus`](crate::bus::Bus) sending to `dest` through this socket: a receiver keeps one
+    /// baseline per sender port, group and id, which is what one such sequence reaches.
     /// The number is taken and the datagram handed to the kernel under the socket's
-    /// numbering lock, so numbers reach the wire in order per id, whichever thread, bus or
+    /// numbering lock, so numbers reach the wire in order, whichever thread, bus or
     /// connector sends on the socket. A unicast to a peer whose queue is full waits for
     /// room outside that lock (polling every millisecond at most), using no number
     /// meanwhile. A message the policy refuses uses no number; a failed send uses one (see

@@ -34,7 +34,8 @@ impl Outbox {
         }
     }
 
-    /// Takes the next number of `id` from the socket's numbering.
+    /// Takes the next number of `id`'s destination-less sequence from the socket's
+    /// numbering.
     pub(crate) fn next_seq(&self, id: CbId) -> u32 {
         self.socket.numbering().lock().next(id)
     }
@@ -58,8 +59,8 @@ impl Outbox {
     }
 
     /// Sends `datagram` (from [`frame_numbered`](Self::frame_numbered)) with the next
-    /// number of `id` written into it, without waiting: under the socket's numbering lock,
-    /// so that numbers follow wire order per id among everything sending on the socket.
+    /// number of `id` to `dest` written into it, without waiting: under the socket's numbering lock,
+    /// so that numbers follow wire order among everything sending on the socket.
     /// `Ok(None)`: the destination's queue is full, nothing sent and no number used (try
     /// again later, outside any lock). A failed send uses its number, as the bus's do: a
     /// multicast may have reached its members even when the kernel's part of the delivery
@@ -71,7 +72,7 @@ impl Outbox {
         dest: Dest,
     ) -> Result<Option<u32>> {
         let mut seqs = self.socket.numbering().lock();
-        let seq = seqs.peek(id);
+        let seq = seqs.peek_to(dest, id);
         if let Some(h) = crate::codec::array_mut::<28>(datagram) {
             write_seq(h, seq);
         }
@@ -79,7 +80,7 @@ impl Outbox {
         if matches!(r, Ok(None)) {
             return Ok(None);
         }
-        seqs.next(id);
+        seqs.next_to(dest, id);
         drop(seqs);
         self.account(&r, 1);
         r.map(|_| Some(seq))

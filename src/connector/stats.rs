@@ -100,11 +100,11 @@ pub struct Stats {
     pub sent_datagrams: u64,
     /// Failed sends.
     pub send_errors: u64,
-    /// Ids the socket's sequence numbering forgot because it was full (see
+    /// `(destination, id)` sequences the socket's numbering forgot because it was full (see
     /// [`ConnectorBuilder::numbered_ids`](super::ConnectorBuilder::numbered_ids)); shared
-    /// by everything sending on the socket. A forgotten id starts again at 1.
+    /// by everything sending on the socket. A forgotten one starts again at 1.
     pub numbering_evictions: u64,
-    /// `(port, idx, val)` streams the gap tracker forgot because it was full (see
+    /// `(port, group, idx, val)` streams the gap tracker forgot because it was full (see
     /// [`ConnectorBuilder::tracked_streams`](super::ConnectorBuilder::tracked_streams)).
     /// While this and the senders' `numbering_evictions` are 0, `lost` is exact.
     pub tracker_evictions: u64,

@@ -80,8 +80,9 @@ impl RecvMeta {
 /// takes `&self` and the kernel serialises concurrent calls.
 ///
 /// It also carries the sequence numbering of everything cnbus sends through it (one
-/// counter per id, see [`SeqSource`](crate::connector::SeqSource)), so that buses and
-/// connectors sharing one socket number one sequence per id.
+/// counter per destination and id, see [`SeqSource`](crate::connector::SeqSource)), so
+/// that buses and connectors sharing one socket number one sequence per destination and
+/// id.
 #[derive(Debug)]
 pub struct ConnectorSocket {
     inner: netlink_sys::Socket,
@@ -114,13 +115,13 @@ impl ConnectorSocket {
         self.port
     }
 
-    /// The per-id sequence numbers of this socket, which every numbered send through it
+    /// The sequence numbers of this socket, which every numbered send through it
     /// takes under this lock (see [`SeqSource`](crate::connector::SeqSource)).
     pub(crate) fn numbering(&self) -> &parking_lot::Mutex<crate::connector::SeqSource> {
         &self.numbering
     }
 
-    /// Ids the numbering forgot because it was full, read without its lock.
+    /// Sequences the numbering forgot because it was full, read without its lock.
     pub(crate) fn numbering_evictions(&self) -> u64 {
         self.numbering_evictions
             .load(std::sync::atomic::Ordering::Relaxed)
