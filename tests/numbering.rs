@@ -338,3 +338,91 @@ fn the_senders_numbering_is_bounded_and_counts_evictions() {
     assert_eq!(s.lost, 0, "a restart is not loss: {s:?}");
     assert_eq!(s.reordered, u64::from(ids), "one restart per id: {s:?}");
 }
+
+/// A receiver that stops reading while a numbered unicast stream comes: the senders wait
+/// for room (without holding the socket's numbering lock, and taking no number while they
+/// wait), and once it reads again it gets 1, 2, 3, ... with nothing lost. Through the
+/// connector and, with the `tokio` feature, the async connector.
+#[test]
+fn numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
+    let Some(_k) = kernel_socket("numbered_sends_to_a_full_receiver_wait_and_use_no_number") else {
+        return;
+    };
+    let id = CbId::new(test_idx(0x65), 1);
+    let lost = Arc::new(AtomicU64::new(0));
+    let l = lost.clone();
+    let rx = Connector::builder()
+        .recv_buffer(4 << 10)
+        .on_event(move |e| {
+            if let Event::Lost { count, .. } = e {
+                l.fetch_add(u64::from(*count), Ordering::SeqCst);
+            }
+        })
+        .spawn()
+        .unwrap();
+    // The first message stops the dispatcher until the gate opens: the queue fills.
+    let (open, gate) = crossbeam::channel::bounded::<()>(1);
+    let (tx_seen, seen) = crossbeam::channel::unbounded::<u32>();
+    let _reg = rx.register(id, move |m| {
+        if m.msg.seq == 1 {
+            let _ = gate.recv();
+        }
+        let _ = tx_seen.send(m.msg.seq);
+    });
+    let dest = Dest::Port(rx.port_id());
+    let n = 200u32;
+    let sender = std::thread::spawn(move || {
+        let tx = Connector::builder().spawn().unwrap();
+        for i in 0..n {
+            assert_eq!(tx.send_numbered(id, vec![0u8; 64], dest).unwrap(), i + 1);
+        }
+        tx.port_id()
+    });
+    // Not a timed assertion: the gate opens after the sender has had time to fill the
+    // queue and wait; the outcome does not depend on it.
+    std::thread::sleep(Duration::from_millis(200));
+    open.send(()).unwrap();
+    sender.join().unwrap();
+    let got: Vec<u32> = (0..n)
+        .map(|_| seen.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    assert_eq!(lost.load(Ordering::SeqCst), 0);
+    assert_eq!(rx.stats().reordered, 0);
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test]
+async fn async_numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
+    if kernel_socket("async_numbered_sends_to_a_full_receiver_wait_and_use_no_number").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(0x66), 1);
+    let rx = Connector::builder().recv_buffer(4 << 10).spawn().unwrap();
+    let (open, gate) = crossbeam::channel::bounded::<()>(1);
+    let (tx_seen, seen) = crossbeam::channel::unbounded::<u32>();
+    let _reg = rx.register(id, move |m| {
+        if m.msg.seq == 1 {
+            let _ = gate.recv();
+        }
+        let _ = tx_seen.send(m.msg.seq);
+    });
+    let dest = Dest::Port(rx.port_id());
+    let n = 200u32;
+    let sender = tokio::spawn(async move {
+        let tx = Connector::builder().build_async().unwrap();
+        for i in 0..n {
+            let seq = tx.send_numbered(id, vec![0u8; 64], dest).await.unwrap();
+            assert_eq!(seq, i + 1);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    open.send(()).unwrap();
+    sender.await.unwrap();
+    let got: Vec<u32> = (0..n)
+        .map(|_| seen.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    let s = rx.stats();
+    assert_eq!((s.lost, s.reordered), (0, 0), "{s:?}");
+}
