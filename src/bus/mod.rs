@@ -288,8 +288,7 @@ impl BusBuilder {
     /// belongs to the socket, so this sets it for everything sending on the socket. Past
     /// it, the least recently used sequences are forgotten and counted in
     /// [`BusStats::numbering_evictions`]; a forgotten sequence starts again at 1, which
-    /// receivers count as `reordered`, not as loss (see
-    /// [`SeqSource`]).
+    /// receivers count as `reordered`, not as loss (see [`SeqSource`]).
     pub fn numbered_ids(mut self, n: usize) -> Self {
         self.numbered_ids = Some(n);
         self
