@@ -113,6 +113,16 @@ pub mod proc;
 #[cfg(cnbus_loom)]
 #[path = "connector/registry.rs"]
 pub mod registry;
+/// Under `cfg(cnbus_loom)`, of the connector only the sequence numbering the bus and the
+/// socket use.
+#[cfg(cnbus_loom)]
+pub mod connector {
+    #[allow(dead_code)] // the receiver's half is not used by the bus
+    #[path = "loss.rs"]
+    mod loss;
+    pub use loss::SeqSource;
+    pub(crate) use loss::{write_seq, Aimed};
+}
 pub mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -91,21 +91,3 @@ mod loom_locks {
 
 #[cfg(cnbus_loom)]
 pub(crate) use loom_locks::{Condvar, Mutex, RwLock};
-
-#[cfg(not(cnbus_loom))]
-pub(crate) use std::thread::ThreadId;
-
-#[cfg(cnbus_loom)]
-pub(crate) use loom::thread::ThreadId;
-
-/// The calling thread's id (loom's model thread under `cfg(cnbus_loom)`).
-#[cfg(not(cnbus_loom))]
-pub(crate) fn current_thread_id() -> ThreadId {
-    std::thread::current().id()
-}
-
-/// The calling thread's id (loom's model thread under `cfg(cnbus_loom)`).
-#[cfg(cnbus_loom)]
-pub(crate) fn current_thread_id() -> ThreadId {
-    loom::thread::current().id()
-}

@@ -110,7 +110,7 @@ impl AsyncConnector {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.outbox.counters.snapshot()
+        self.outbox.stats()
     }
 
     /// Sends one message in a datagram of its own. A unicast to a peer whose queue is full
@@ -135,12 +135,20 @@ impl AsyncConnector {
         }
     }
 
-    /// Sends `data` on `id` with the next sequence number of `id`. Returns the seq.
+    /// Sends `data` on `id` with the next sequence number of `id`, as
+    /// [`ConnectorHandle::send_numbered`](crate::connector::ConnectorHandle::send_numbered)
+    /// does (the socket's sequence of `dest` and `id`, numbered and sent under the socket's
+    /// numbering lock, so in wire order
+    /// among everything sending on the socket). A unicast to a peer whose queue is full
+    /// waits asynchronously, using no number meanwhile. Returns the seq.
     pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
-        let seq = self.next_seq(id);
-        self.send(&CnMsg::new(id, data).with_seq(seq, 0), dest)
-            .await?;
-        Ok(seq)
+        let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
+        loop {
+            if let Some(seq) = self.outbox.try_send_numbered(&mut d, id, dest)? {
+                return Ok(seq);
+            }
+            ::tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Sends several messages packed into datagrams with one `sendmmsg`, as

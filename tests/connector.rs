@@ -404,3 +404,51 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
         s.lost, s.overruns
     );
 }
+
+/// A registry driven by hand (no dispatcher thread declared, or dispatched on another
+/// thread than the connector's): a callback that drops its own registration must not wait
+/// for itself. Before the fix, `unregister` took the callback's own mutex on the thread
+/// that held it and never returned.
+#[test]
+fn a_callback_dropping_its_own_registration_on_a_hand_driven_registry_does_not_deadlock() {
+    use cnbus::connector::{Received, Registration, Registry, Source};
+    let id = CbId::new(test_idx(0x70), 1);
+    let msg = Received {
+        msg: CnMsg::new(id, &b"x"[..]),
+        source: Source { port: 1, group: 0 },
+    };
+    let run = |registry: Registry| {
+        let slot: Arc<parking_lot::Mutex<Option<Registration>>> = Arc::default();
+        let calls = Arc::new(AtomicU64::new(0));
+        let (s, c) = (slot.clone(), calls.clone());
+        *slot.lock() = Some(registry.register(id, move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+            // Drop our own registration, from inside the call, on this (non-dispatcher)
+            // thread.
+            let reg = s.lock().take();
+            drop(reg);
+        }));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (r, m) = (registry.clone(), msg.clone());
+        std::thread::spawn(move || {
+            let first = r.dispatch(&m);
+            let second = r.dispatch(&m);
+            let _ = done_tx.send((first, second));
+        });
+        // Generous: the dispatch is two function calls; a deadlock never returns.
+        let (first, second) = done
+            .recv_timeout(Duration::from_secs(60))
+            .expect("dispatch deadlocked: unregister waited for its own callback");
+        assert_eq!(first.delivered, 1);
+        assert_eq!(second.delivered, 0, "unregistered: never called again");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(registry.is_empty());
+    };
+    // A bare registry.
+    run(Registry::new());
+    // A connector's registry, dispatched by hand on a thread other than its dispatcher.
+    if kernel_socket("hand_driven_connector_registry").is_some() {
+        let conn = Connector::builder().spawn().unwrap();
+        run(conn.registry().clone());
+    }
+}

@@ -4,12 +4,9 @@
 //! insert found its shard at the watermark (producer-assisted draining, see the module docs
 //! of [`super`]).
 
-use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::atomic::{fence, Ordering::*};
 use std::time::Duration;
-
-use crate::codec::CbId;
 
 use super::shard::{Batch, Drainer, UNTRACKED};
 use super::stats::Counters;
@@ -19,32 +16,17 @@ use super::Inner;
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
 
-/// The per-id sequence counters of one bus. Kept behind the bus's send lock, which is held
-/// from numbering a batch until its `sendmmsg` returned, so numbers follow wire order per
-/// id whichever drainer sends.
-#[derive(Debug, Default)]
-pub(crate) struct Seqs {
-    last: HashMap<CbId, u32>,
-}
+pub(crate) use crate::connector::write_seq;
+/// The counters of one destination (the bus's), by id.
+pub(crate) use crate::connector::Aimed as Seqs;
+/// The sequence counters: the socket's (see
+/// [`ConnectorSocket`](crate::sys::ConnectorSocket)), shared with every other bus and
+/// connector sending on it, one sequence per destination and id. Their lock is the send
+/// lock, held from numbering a batch until its `sendmmsg` returned, so numbers follow wire
+/// order per id whichever drainer (of whichever bus) sends.
+pub(crate) use crate::connector::SeqSource;
 
-impl Seqs {
-    /// The next number of `id` (1, 2, 3, ...; wraps after `u32::MAX` to 0).
-    pub(crate) fn next(&mut self, id: CbId) -> u32 {
-        let n = self.last.entry(id).or_insert(0);
-        *n = n.wrapping_add(1);
-        *n
-    }
-
-    /// The last number given to `id` (0 if none).
-    pub(crate) fn get(&self, id: CbId) -> u32 {
-        self.last.get(&id).copied().unwrap_or(0)
-    }
-
-    /// Records `n` as the last number given to `id`.
-    pub(crate) fn put(&mut self, id: CbId, n: u32) {
-        self.last.insert(id, n);
-    }
-
+impl Seqs<'_> {
     /// Numbers the batch's messages: for each run of [`Entry::Slice`](super::shard::Entry)
     /// messages, consecutive numbers of its id (one counter look-up per run), written into
     /// `nlmsg_seq` and `cn_msg.seq`. Prebuilt messages keep theirs. A run's messages lie
@@ -62,7 +44,7 @@ impl Seqs {
             if !r.numbered() || len < 28 {
                 continue;
             }
-            let counter = self.last.entry(r.id()).or_insert(0);
+            let counter = self.counter(r.id());
             for m in span.chunks_exact_mut(len) {
                 *counter = counter.wrapping_add(1);
                 if let Some(m) = crate::codec::array_mut::<28>(m) {
@@ -71,12 +53,6 @@ impl Seqs {
             }
         }
     }
-}
-
-/// Writes `seq` into a message's `nlmsg_seq` (offset 8) and `cn_msg.seq` (offset 24).
-pub(crate) fn write_seq(m: &mut [u8; 28], seq: u32) {
-    m[8..12].copy_from_slice(&seq.to_ne_bytes());
-    m[24..28].copy_from_slice(&seq.to_ne_bytes());
 }
 
 impl Inner {
@@ -121,8 +97,8 @@ impl Inner {
         {
             // The send lock: numbering and sending of one batch are not interleaved with
             // another drainer's, so per-id numbers follow wire order.
-            let mut seqs = self.seqs.lock();
-            seqs.number(b);
+            let mut seqs = self.seqs().lock();
+            seqs.to(self.dest).number(b);
             let bytes = b.bytes();
             let slices: Vec<IoSlice<'_>> = b
                 .bounds
@@ -224,6 +200,7 @@ fn publish_done(cells: &[std::sync::Arc<super::shard::Cell>], i: u32, n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::CbId;
 
     #[test]
     fn numbering_is_per_id_and_consecutive() {
@@ -252,7 +229,9 @@ mod tests {
         push(Entry::Slice { id: a, data: b"x" }, UNTRACKED);
         let mut batch = Batch::with_capacity(4096, 16);
         sh.take(&mut batch);
-        let mut s = Seqs::default();
+        let mut src = SeqSource::default();
+        let dest = crate::sys::Dest::Group(20);
+        let mut s = src.to(dest);
         s.number(&mut batch);
         let seqs = |batch: &Batch| -> Vec<(u32, u32)> {
             messages_ref(batch.bytes())
@@ -270,6 +249,13 @@ mod tests {
         s.number(&mut batch);
         assert_eq!(seqs(&batch), [(4, 4)]);
         assert_eq!(s.next(b), 2);
+        assert_eq!(src.next_to(dest, b), 3);
+        assert_eq!(
+            src.next_to(crate::sys::Dest::Group(21), a),
+            1,
+            "per destination"
+        );
+        let mut s = src.to(dest);
         // Runs that claim more messages than the bytes hold end the walk, no panic.
         batch.runs[0].n = 1000;
         s.number(&mut batch);

@@ -178,9 +178,9 @@ fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<
     let _ = e.encode_into(inner.pid, crate::codec::NLMSG_DONE, &mut buf);
     // Under the send lock, so that a numbered message gets the next number of its id and
     // goes on the wire in that order.
-    let mut seqs = inner.seqs.lock();
+    let mut seqs = inner.seqs().lock();
     if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
-        drain::write_seq(m, seqs.next(*id));
+        drain::write_seq(m, seqs.next_to(inner.dest, *id));
     }
     Counters::add(&st.syscalls, 1);
     let sent = inner.sock.send(&buf, inner.dest);

@@ -145,7 +145,8 @@ impl Inner {
         let (mut msgs, mut bad) = (0u64, None);
         {
             // The send lock: numbers follow wire order per id (see `drain`).
-            let mut seqs = self.seqs.lock();
+            let mut numbering = self.seqs().lock();
+            let mut seqs = numbering.to(self.dest);
             let lim = Limits {
                 coalesce: self.cfg.coalesce(),
                 datagram: self.cfg.datagram_size,
@@ -683,7 +684,8 @@ mod tests {
         bytes.extend(staged(a, b"x", true)); // 40
         bytes.extend((8u32 | PAD).to_ne_bytes());
         bytes.extend([0u8; 4]);
-        let mut seqs = super::super::drain::Seqs::default();
+        let mut src = super::super::drain::SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
         let lim = Limits {
             coalesce: true,
@@ -732,7 +734,8 @@ mod tests {
         }
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
-        let mut seqs = super::super::drain::Seqs::default();
+        let mut src = super::super::drain::SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
         let lim = Limits {
             coalesce: true,
@@ -763,7 +766,8 @@ mod tests {
 
     #[test]
     fn frame_stops_at_malformed_words() {
-        let mut seqs = super::super::drain::Seqs::default();
+        let mut src = super::super::drain::SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
         let lim = Limits {
             coalesce: true,
             datagram: 4096,

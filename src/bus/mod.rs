@@ -18,7 +18,8 @@
 //! like a shard's.
 //!
 //! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
-//! 3, ... per [`CbId`] per bus, in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
+//! 3, ... per [`CbId`] and destination per socket (shared with every bus and connector
+//! sending on the socket), in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
 //! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
 //! keeps the message's own seq.
 //!
@@ -100,7 +101,7 @@ use crate::codec::{nlmsg_align, CbId, CnMsg, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SI
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use drain::Seqs;
+use drain::SeqSource;
 use insert::Shards;
 use lane::Lane;
 pub use lane::Producer;
@@ -239,6 +240,7 @@ pub struct BusBuilder {
     socket: Option<Arc<ConnectorSocket>>,
     cfg: Config,
     watermark: Option<usize>,
+    numbered_ids: Option<usize>,
 }
 
 impl BusBuilder {
@@ -268,13 +270,27 @@ impl BusBuilder {
                 assist: !matches!(dest, Dest::Port(_)),
             },
             watermark: None,
+            numbered_ids: None,
         }
     }
 
     /// Sends through `socket` instead of a socket of the bus's own (for example to share
-    /// one port id between several buses, or between a bus and a receiver).
+    /// one port id between several buses, or between a bus and a receiver). The socket's
+    /// sequence numbering is shared too: everything sending on it numbers one sequence
+    /// per destination and id.
     pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
         self.socket = Some(socket);
+        self
+    }
+
+    /// How many `(destination, id)` sequences the socket's numbering remembers (default
+    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), at least 1). It
+    /// belongs to the socket, so this sets it for everything sending on the socket. Past
+    /// it, the least recently used sequences are forgotten and counted in
+    /// [`BusStats::numbering_evictions`]; a forgotten sequence starts again at 1, which
+    /// receivers count as `reordered`, not as loss (see [`SeqSource`]).
+    pub fn numbered_ids(mut self, n: usize) -> Self {
+        self.numbered_ids = Some(n);
         self
     }
 
@@ -377,6 +393,9 @@ impl BusBuilder {
             Some(s) => s,
             None => Arc::new(ConnectorSocket::open()?),
         };
+        if let Some(n) = self.numbered_ids {
+            sock.numbering().lock().set_capacity(n);
+        }
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             shards: (0..cfg.shards)
@@ -395,7 +414,6 @@ impl BusBuilder {
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
-            seqs: Mutex::new(Seqs::default()),
             lanes: Mutex::new(Vec::new()),
             lanes_gen: AtomicU64::new(0),
             stats: Counters::default(),
@@ -478,9 +496,6 @@ pub(crate) struct Inner {
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
-    /// The send lock, with the per-id sequence counters: held from numbering a batch until
-    /// its send returned.
-    pub(crate) seqs: Mutex<Seqs>,
     /// The [`Producer`] lanes, for the flusher (and the statistics); `lanes_gen` counts
     /// changes (`Release` under the lock), so the flusher copies the list only then.
     pub(crate) lanes: Mutex<Vec<Arc<Lane>>>,
@@ -491,6 +506,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The send lock, with the sequence counters: the socket's numbering (shared
+    /// with everything else sending on the socket), held from numbering a batch until its
+    /// send returned.
+    #[inline]
+    pub(crate) fn seqs(&self) -> &Mutex<SeqSource> {
+        self.sock.numbering()
+    }
+
     /// Nanoseconds since the bus started, never 0.
     #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
@@ -560,7 +583,7 @@ impl Inner {
         // Another drainer is sending: rather than wait for the send lock, go on inserting;
         // the next insert over the watermark tries again (a heuristic: the lock may still
         // be taken between this look and our send, and then we simply wait).
-        if self.seqs.is_locked() {
+        if self.seqs().is_locked() {
             return false;
         }
         let Some(mut d) = sh.drain.try_lock() else {
@@ -692,7 +715,7 @@ impl Bus {
     ///
     /// The message is encoded, headers included, straight into the shard's buffer (the
     /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
-    /// ... per id per bus, in wire order). On rejection the message comes back as a
+    /// ... per id and destination per socket, in wire order). On rejection the message comes back as a
     /// [`CnMsg`].
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
@@ -768,10 +791,12 @@ impl Bus {
         let inner = &*self.inner;
         let (lane_inserts, lane_queued) = inner.lane_inserts();
         let shard_queued: u64 = inner.shards.iter().map(|s| s.len() as u64).sum();
-        inner.stats.snapshot(
+        let mut s = inner.stats.snapshot(
             inner.registry.pushed_total() + lane_inserts,
             shard_queued + lane_queued,
-        )
+        );
+        s.numbering_evictions = inner.sock.numbering_evictions();
+        s
     }
 
     /// A [`Producer`]: this thread's (or task's) own lane into the bus, the fastest way to

@@ -105,6 +105,8 @@ impl Counters {
             flush_latency_mean: Duration::from_nanos(
                 g(&self.flush_total_ns).checked_div(flushes).unwrap_or(0),
             ),
+            // Filled in from the socket by `Bus::stats`.
+            numbering_evictions: 0,
         }
     }
 }
@@ -191,6 +193,11 @@ pub struct BusStats {
     pub flush_latency_last: Duration,
     /// Mean `flush()` duration.
     pub flush_latency_mean: Duration,
+    /// `(destination, id)` sequences the socket's numbering forgot because it was full (see
+    /// [`BusBuilder::numbered_ids`](super::BusBuilder::numbered_ids)); shared by
+    /// everything sending on the socket. A forgotten one starts again at 1, which receivers
+    /// count as `reordered`, not as loss.
+    pub numbering_evictions: u64,
 }
 
 impl BusStats {

@@ -15,7 +15,6 @@ const BATCH: usize = 256;
 
 /// Runs until `inner.shutdown` is set and the eventfd signalled.
 pub(super) fn run(inner: &Inner) {
-    inner.registry.set_dispatch_thread();
     let cap = inner.config.max_datagram;
     let c = &*inner.counters;
     let mut buf = BytesMut::with_capacity(cap * 4);

@@ -15,6 +15,8 @@ use crate::sys::{ConnectorSocket, RecvMeta};
 pub(crate) struct Ingest {
     tracker: SeqTracker,
     track_seq: bool,
+    /// The tracker's evictions already added to the counters.
+    evictions: u64,
 }
 
 impl Ingest {
@@ -22,6 +24,7 @@ impl Ingest {
         Self {
             tracker: SeqTracker::new(streams),
             track_seq,
+            evictions: 0,
         }
     }
 
@@ -100,7 +103,7 @@ impl Ingest {
             Counters::add(&c.messages, 1);
             let msg = cm.msg;
             if self.track_seq && !source.is_kernel() {
-                match self.tracker.observe(meta.port, msg.id, msg.seq) {
+                match self.tracker.observe(meta.port, meta.group, msg.id, msg.seq) {
                     SeqVerdict::Gap(n) => {
                         Counters::add(&c.lost, u64::from(n));
                         sink(Err(Event::Lost {
@@ -110,7 +113,14 @@ impl Ingest {
                         }));
                     }
                     SeqVerdict::Reordered => Counters::add(&c.reordered, 1),
-                    SeqVerdict::First | SeqVerdict::InOrder => {}
+                    SeqVerdict::First => {
+                        let e = self.tracker.evictions();
+                        if e != self.evictions {
+                            Counters::add(&c.tracker_evictions, e - self.evictions);
+                            self.evictions = e;
+                        }
+                    }
+                    SeqVerdict::InOrder => {}
                 }
             }
             sink(Ok(Received { msg, source }));

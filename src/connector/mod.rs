@@ -11,7 +11,7 @@
 //! - [`ConnectorHandle::send`], [`ConnectorHandle::send_batch`] and
 //!   [`ConnectorHandle::request`]: to the kernel, a port or a group; replies matched by the
 //!   connector convention (same id and seq, `ack + 1`);
-//! - loss accounting: `ENOBUFS` overruns and per-`(port, idx, val)` sequence gaps are
+//! - loss accounting: `ENOBUFS` overruns and per-`(port, group, idx, val)` sequence gaps are
 //!   counted in [`Stats`] and reported as [`Event`]s.
 //!
 //! ```no_run
@@ -50,7 +50,8 @@ use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
 pub use groups::Subscription;
-pub use loss::{SeqSource, SeqTracker, SeqVerdict};
+pub(crate) use loss::{write_seq, Aimed};
+pub use loss::{SeqSource, SeqTracker, SeqVerdict, DEFAULT_NUMBERED_IDS, DEFAULT_TRACKED_STREAMS};
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 
@@ -153,6 +154,7 @@ struct Config {
     track_seq: bool,
     allow_kernel_ids: bool,
     tracked_streams: usize,
+    numbered_ids: Option<usize>,
 }
 
 impl Default for Config {
@@ -162,7 +164,8 @@ impl Default for Config {
             max_datagram: 64 << 10,
             track_seq: true,
             allow_kernel_ids: false,
-            tracked_streams: 4096,
+            tracked_streams: DEFAULT_TRACKED_STREAMS,
+            numbered_ids: None,
         }
     }
 }
@@ -198,16 +201,33 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Whether to count sequence gaps per `(port, idx, val)` of user-space senders as lost
+    /// Whether to count sequence gaps per `(port, group, idx, val)` (group 0: unicast) of
+    /// user-space senders as lost
     /// messages (default on). Turn it off when peers do not number their messages.
     pub fn track_seq_gaps(mut self, on: bool) -> Self {
         self.config.track_seq = on;
         self
     }
 
-    /// How many `(port, idx, val)` streams the gap tracker remembers (default 4096).
+    /// How many `(port, group, idx, val)` streams the gap tracker remembers (default
+    /// [`DEFAULT_TRACKED_STREAMS`], at least 1). Past it, the least recently seen streams
+    /// are forgotten and counted in [`Stats::tracker_evictions`]; a forgotten stream's
+    /// next message is a new baseline, so a loss just before it is not counted (see
+    /// [`SeqTracker`]).
     pub fn tracked_streams(mut self, n: usize) -> Self {
         self.config.tracked_streams = n;
+        self
+    }
+
+    /// How many `(destination, id)` sequences the socket's numbering remembers (default
+    /// [`DEFAULT_NUMBERED_IDS`], at least 1). The numbering belongs to the socket and is
+    /// shared by everything sending on it (a [`Bus`](crate::bus::Bus) given this
+    /// connector's socket too), so this sets it for all of them. Past it, the least
+    /// recently used sequences are forgotten and counted in
+    /// [`Stats::numbering_evictions`]; a forgotten one starts again at 1, which receivers
+    /// count as `reordered`, not as loss (see [`SeqSource`]).
+    pub fn numbered_ids(mut self, n: usize) -> Self {
+        self.config.numbered_ids = Some(n);
         self
     }
 
@@ -219,7 +239,8 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Uses `socket` instead of opening one.
+    /// Uses `socket` instead of opening one. Its sequence numbering comes with it (see
+    /// [`numbered_ids`](Self::numbered_ids)).
     pub fn socket(mut self, socket: ConnectorSocket) -> Self {
         self.socket = Some(socket);
         self
@@ -239,6 +260,9 @@ impl ConnectorBuilder {
         };
         if self.config.recv_buffer > 0 {
             socket.set_recv_buffer(self.config.recv_buffer, true)?;
+        }
+        if let Some(n) = self.config.numbered_ids {
+            socket.numbering().lock().set_capacity(n);
         }
         Ok(Arc::new(socket))
     }
@@ -484,8 +508,13 @@ impl ConnectorHandle {
         self.inner.groups.count(group)
     }
 
-    /// The next sequence number this connector would give `id` (numbers run from 1, per
-    /// id): use it to build messages that receivers can check for gaps.
+    /// Takes the next number of `id`'s sequence that belongs to no destination (numbers run
+    /// from 1; the socket's, so shared with everything sending through it): for requests
+    /// (see [`request`](Self::request)) and for messages you build yourself. It is apart
+    /// from the per-destination sequences of [`send_numbered`](Self::send_numbered) and of
+    /// the bus, so do not mix the two for one id and destination; and sending its numbers
+    /// in order is up to the caller. For numbered traffic, `send_numbered` numbers and
+    /// sends in one step.
     pub fn next_seq(&self, id: CbId) -> u32 {
         self.inner.outbox.next_seq(id)
     }
@@ -499,12 +528,29 @@ impl ConnectorHandle {
         self.inner.outbox.send(msg, dest)
     }
 
-    /// Sends `data` on `id` with the next sequence number of `id` (see
-    /// [`next_seq`](Self::next_seq)), so receivers can count gaps. Returns the seq used.
+    /// Sends `data` on `id` with the next number of `id`'s sequence to `dest`, so receivers
+    /// can count gaps. Returns the seq used.
+    ///
+    /// The sequence is the socket's, one per destination and id, shared with every
+    /// [`Bus`](crate::bus::Bus) sending to `dest` through this socket: a receiver keeps one
+    /// baseline per sender port, group and id, which is what one such sequence reaches.
+    /// The number is taken and the datagram handed to the kernel under the socket's
+    /// numbering lock, so numbers reach the wire in order, whichever thread, bus or
+    /// connector sends on the socket. A unicast to a peer whose queue is full waits for
+    /// room outside that lock (polling every millisecond at most), using no number
+    /// meanwhile. A message the policy refuses uses no number; a failed send uses one (see
+    /// `docs/RELIABILITY.md`).
     pub fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
-        let seq = self.next_seq(id);
-        self.send(&CnMsg::new(id, data).with_seq(seq, 0), dest)?;
-        Ok(seq)
+        let outbox = &self.inner.outbox;
+        let mut d = outbox.frame_numbered(id, data.into(), dest)?;
+        let mut pause = Duration::from_micros(20);
+        loop {
+            if let Some(seq) = outbox.try_send_numbered(&mut d, id, dest)? {
+                return Ok(seq);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
     }
 
     /// Sends several messages to one destination, packing as many as fit into each
@@ -558,7 +604,7 @@ impl ConnectorHandle {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        self.inner.outbox.stats()
     }
 }
 

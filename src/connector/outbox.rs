@@ -3,10 +3,9 @@
 
 use std::io::IoSlice;
 
-use parking_lot::Mutex;
-
-use super::stats::Counters;
-use super::{SeqSource, FIRST_USER_GROUP};
+use super::loss::write_seq;
+use super::stats::{Counters, Stats};
+use super::FIRST_USER_GROUP;
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
 use crate::error::{Error, Result};
 use crate::sys::{ConnectorSocket, Dest};
@@ -18,7 +17,6 @@ pub(crate) struct Outbox {
     pub(crate) counters: Arc<Counters>,
     allow_kernel_ids: bool,
     max_datagram: usize,
-    seqs: Mutex<SeqSource>,
 }
 
 impl Outbox {
@@ -33,12 +31,59 @@ impl Outbox {
             counters,
             allow_kernel_ids,
             max_datagram,
-            seqs: Mutex::new(SeqSource::default()),
         }
     }
 
+    /// Takes the next number of `id`'s destination-less sequence from the socket's
+    /// numbering.
     pub(crate) fn next_seq(&self, id: CbId) -> u32 {
-        self.seqs.lock().next(id)
+        self.socket.numbering().lock().next(id)
+    }
+
+    /// The counters, with the socket's numbering evictions.
+    pub(crate) fn stats(&self) -> Stats {
+        let mut s = self.counters.snapshot();
+        s.numbering_evictions = self.socket.numbering_evictions();
+        s
+    }
+
+    /// Frames `data` on `id` for [`try_send_numbered`](Self::try_send_numbered) (seq 0 for
+    /// now), after the policy check, so that a refused message uses no number.
+    pub(crate) fn frame_numbered(
+        &self,
+        id: CbId,
+        data: bytes::Bytes,
+        dest: Dest,
+    ) -> Result<Vec<u8>> {
+        self.frame(&CnMsg::new(id, data), dest)
+    }
+
+    /// Sends `datagram` (from [`frame_numbered`](Self::frame_numbered)) with the next
+    /// number of `id` to `dest` written into it, without waiting: under the socket's numbering lock,
+    /// so that numbers follow wire order among everything sending on the socket.
+    /// `Ok(None)`: the destination's queue is full, nothing sent and no number used (try
+    /// again later, outside any lock). A failed send uses its number, as the bus's do: a
+    /// multicast may have reached its members even when the kernel's part of the delivery
+    /// fails, and a receiver then counts what did not arrive as lost.
+    pub(crate) fn try_send_numbered(
+        &self,
+        datagram: &mut [u8],
+        id: CbId,
+        dest: Dest,
+    ) -> Result<Option<u32>> {
+        let mut seqs = self.socket.numbering().lock();
+        let seq = seqs.peek_to(dest, id);
+        if let Some(h) = crate::codec::array_mut::<28>(datagram) {
+            write_seq(h, seq);
+        }
+        let r = self.socket.try_send(datagram, dest);
+        if matches!(r, Ok(None)) {
+            return Ok(None);
+        }
+        seqs.next_to(dest, id);
+        drop(seqs);
+        self.account(&r, 1);
+        r.map(|_| Some(seq))
     }
 
     /// The policy: no multicast on kernel-owned ids or groups unless allowed; nothing over

@@ -10,9 +10,12 @@
 //!
 //! Each registration's callback sits behind its own mutex, taken for the duration of each
 //! call. Unregistering clears the entry's `active` flag and then takes that mutex once, so
-//! when `unregister` returns on any thread other than the dispatching one, the callback is
-//! not running and will not run again. On the dispatching thread (from inside a callback)
-//! it cannot wait for itself; there the `active` flag alone stops later calls.
+//! when `unregister` returns outside a callback, the callback is not running and will not
+//! run again. Inside a callback (of any registry, on whatever thread dispatches: the
+//! connector's dispatcher or a thread driving a registry by hand), it does not wait: the
+//! running call may be its own, whose mutex this very thread holds, or another thread's
+//! callback that waits for this one; there the `active` flag alone stops later calls. A
+//! per-thread count of the callbacks running on it tells the two cases apart.
 //!
 //! `benches/dispatch.rs` compares this against holding a read lock during lookup.
 
@@ -21,7 +24,40 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
 use crate::codec::{CbId, CnMsg};
-use crate::sync::{current_thread_id, Arc, AtomicBool, AtomicU64, Mutex, RwLock, ThreadId};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, RwLock};
+
+#[cfg(not(cnbus_loom))]
+std::thread_local! {
+    /// How many registry callbacks the current thread is running (nested dispatches count
+    /// each).
+    static IN_CALLBACK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(cnbus_loom)]
+loom::thread_local! {
+    static IN_CALLBACK: std::cell::Cell<u32> = std::cell::Cell::new(0);
+}
+
+/// Marks the current thread as running a callback while it lives (also across a panic).
+struct InCallback;
+
+impl InCallback {
+    fn enter() -> Self {
+        IN_CALLBACK.with(|n| n.set(n.get() + 1));
+        InCallback
+    }
+
+    /// True when the current thread is running a registry callback.
+    fn here() -> bool {
+        IN_CALLBACK.with(|n| n.get() > 0)
+    }
+}
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
 
 /// Where a received message came from.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -86,6 +122,7 @@ impl Entry {
         if !self.active.load(Ordering::Acquire) {
             return Ok(false);
         }
+        let _inside = InCallback::enter();
         match catch_unwind(AssertUnwindSafe(|| (cb)(msg))) {
             Ok(()) => Ok(true),
             Err(p) => Err(panic_message(&*p)),
@@ -157,8 +194,6 @@ struct Shared {
     /// Serialises writers, so concurrent registrations do not lose each other's updates.
     writer: Mutex<()>,
     next_serial: AtomicU64,
-    /// The thread that runs callbacks, if any (set by the dispatcher at start).
-    dispatch_thread: RwLock<Option<ThreadId>>,
     /// Called with the id and message of each callback panic.
     on_panic: Mutex<Option<PanicHook>>,
 }
@@ -179,7 +214,6 @@ impl Default for Shared {
             table: RwLock::new(Arc::new(Table::default())),
             writer: Mutex::new(()),
             next_serial: AtomicU64::new(1),
-            dispatch_thread: RwLock::new(None),
             on_panic: Mutex::new(None),
         }
     }
@@ -192,8 +226,9 @@ impl Registry {
     }
 
     /// Registers `callback` for the messages `key` matches. The callback runs on the
-    /// dispatching thread; it may register, unregister and send, but should not block for
-    /// long, since it holds up every other delivery.
+    /// dispatching thread; it may register, unregister (itself or others, see
+    /// [`Registration::unregister`]) and send, but should not block for long, since it
+    /// holds up every other delivery.
     ///
     /// Several registrations may match one message; each is called, in registration order,
     /// exact matches before wildcards.
@@ -252,10 +287,11 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Declares the calling thread the one that runs callbacks (see [`Registration::unregister`]).
-    pub fn set_dispatch_thread(&self) {
-        *self.shared.dispatch_thread.write() = Some(current_thread_id());
-    }
+    /// Formerly declared the thread that runs callbacks. Not needed any more, and does
+    /// nothing: [`Registration::unregister`] knows by itself whether it runs inside a
+    /// callback, on whatever thread the registry is dispatched.
+    #[deprecated(note = "not needed: unregister knows whether it runs inside a callback")]
+    pub fn set_dispatch_thread(&self) {}
 
     /// Sets the function told about each callback panic (after it is caught).
     pub fn on_panic(&self, f: impl Fn(CbId, &str) + Send + Sync + 'static) {
@@ -276,9 +312,10 @@ impl Shared {
         // sees that the registration is over.
         entry.active.store(false, Ordering::Release);
         self.update(|t| t.remove(entry.key, entry.serial));
-        let on_dispatcher = *self.dispatch_thread.read() == Some(current_thread_id());
-        if !on_dispatcher {
-            // Wait out a call in progress; later calls see `active == false`.
+        if !InCallback::here() {
+            // Wait out a call in progress; later calls see `active == false`. Not from
+            // inside a callback: that call may be this thread's own (its mutex is held
+            // here), or another thread's callback waiting for ours.
             drop(entry.callback.lock());
         }
     }
@@ -350,10 +387,15 @@ impl Registration {
         self.entry.as_ref().map(|e| e.key)
     }
 
-    /// Unregisters. When this returns on any thread but the dispatching one, the callback
-    /// is not running and never runs again. Called from inside a callback (on the
-    /// dispatching thread), it stops every later call but cannot wait for the current one,
-    /// which is the caller itself.
+    /// Unregisters. Called outside any callback, it waits for a call in progress: when it
+    /// returns, the callback is not running and never runs again. Called from inside a
+    /// callback (of any registry, on whichever thread dispatches it: the connector's
+    /// dispatcher or a thread calling [`Registry::dispatch`] by hand), it stops every later
+    /// call but does not wait, since the call in progress may be the caller itself; so a
+    /// callback may drop its own registration, or another callback's, without deadlock.
+    ///
+    /// Outside a callback, the wait is for the callback to return: a callback must not
+    /// wait for a thread that is unregistering it.
     pub fn unregister(mut self) {
         self.release();
     }
@@ -438,6 +480,61 @@ mod loom_tests {
             assert_eq!(r.len(), 2);
             assert_eq!(r.dispatch(&msg(CbId::new(7, 2))).delivered, 1);
             drop((ra, rb));
+            assert!(r.is_empty());
+        });
+    }
+
+    /// A registry driven by hand on two threads: a callback that drops its own
+    /// registration does not wait for itself (loom reports a deadlock if it does), runs
+    /// once, and a dispatch racing it never calls it after the drop.
+    #[test]
+    fn a_callback_dropping_its_own_registration_does_not_deadlock() {
+        loom::model(|| {
+            let id = CbId::new(100, 2);
+            let r = Arc::new(Registry::new());
+            let slot: Arc<Mutex<Option<Registration>>> = Arc::new(Mutex::new(None));
+            let calls = Arc::new(AtomicU64::new(0));
+            let (s, c) = (slot.clone(), calls.clone());
+            let reg = r.register(id, move |_| {
+                c.fetch_add(1, SeqCst);
+                let mine = s.lock().take();
+                drop(mine);
+            });
+            *slot.lock() = Some(reg);
+            let r2 = r.clone();
+            let t = loom::thread::spawn(move || {
+                r2.dispatch(&msg(id));
+            });
+            r.dispatch(&msg(id));
+            t.join().unwrap();
+            assert_eq!(calls.load(SeqCst), 1);
+            assert!(r.is_empty());
+        });
+    }
+
+    /// Two callbacks, dispatched by hand on two threads, each dropping the other's
+    /// registration: neither waits inside a callback, so no deadlock.
+    #[test]
+    fn callbacks_dropping_each_others_registrations_do_not_deadlock() {
+        loom::model(|| {
+            let (a, b) = (CbId::new(100, 3), CbId::new(100, 4));
+            let r = Arc::new(Registry::new());
+            let slots: Arc<[Mutex<Option<Registration>>; 2]> =
+                Arc::new([Mutex::new(None), Mutex::new(None)]);
+            let (sa, sb) = (slots.clone(), slots.clone());
+            let ra = r.register(a, move |_| drop(sa[1].lock().take()));
+            let rb = r.register(b, move |_| drop(sb[0].lock().take()));
+            *slots[0].lock() = Some(ra);
+            *slots[1].lock() = Some(rb);
+            let r2 = r.clone();
+            let t = loom::thread::spawn(move || {
+                r2.dispatch(&msg(b));
+            });
+            r.dispatch(&msg(a));
+            t.join().unwrap();
+            assert!(r.len() <= 1);
+            drop(slots[0].lock().take());
+            drop(slots[1].lock().take());
             assert!(r.is_empty());
         });
     }

@@ -24,6 +24,7 @@ pub(crate) struct Counters {
     pub sent_messages: AtomicU64,
     pub sent_datagrams: AtomicU64,
     pub send_errors: AtomicU64,
+    pub tracker_evictions: AtomicU64,
 }
 
 impl Counters {
@@ -52,6 +53,9 @@ impl Counters {
             sent_messages: g(&self.sent_messages),
             sent_datagrams: g(&self.sent_datagrams),
             send_errors: g(&self.send_errors),
+            // Filled in from the socket by `Outbox::stats`.
+            numbering_evictions: 0,
+            tracker_evictions: g(&self.tracker_evictions),
         }
     }
 }
@@ -96,4 +100,12 @@ pub struct Stats {
     pub sent_datagrams: u64,
     /// Failed sends.
     pub send_errors: u64,
+    /// `(destination, id)` sequences the socket's numbering forgot because it was full (see
+    /// [`ConnectorBuilder::numbered_ids`](super::ConnectorBuilder::numbered_ids)); shared
+    /// by everything sending on the socket. A forgotten one starts again at 1.
+    pub numbering_evictions: u64,
+    /// `(port, group, idx, val)` streams the gap tracker forgot because it was full (see
+    /// [`ConnectorBuilder::tracked_streams`](super::ConnectorBuilder::tracked_streams)).
+    /// While this and the senders' `numbering_evictions` are 0, `lost` is exact.
+    pub tracker_evictions: u64,
 }

@@ -78,10 +78,20 @@ impl RecvMeta {
 /// (`netlink_sys::Socket`, which it wraps, derives `Clone` while also closing on drop, so a
 /// clone would close the descriptor under the other copy.) Share it with `Arc`: every method
 /// takes `&self` and the kernel serialises concurrent calls.
+///
+/// It also carries the sequence numbering of everything cnbus sends through it (one
+/// counter per destination and id, see [`SeqSource`](crate::connector::SeqSource)), so
+/// that buses and connectors sharing one socket number one sequence per destination and
+/// id.
 #[derive(Debug)]
 pub struct ConnectorSocket {
     inner: netlink_sys::Socket,
     port: u32,
+    /// The socket's numbering, and the send lock of numbered sends: held from taking
+    /// numbers until the datagrams carrying them were handed to the kernel.
+    numbering: parking_lot::Mutex<crate::connector::SeqSource>,
+    /// The numbering's eviction count, readable without its lock.
+    numbering_evictions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ConnectorSocket {
@@ -91,15 +101,30 @@ impl ConnectorSocket {
         let mut inner = netlink_sys::Socket::new(NETLINK_CONNECTOR as isize)
             .map_err(|e| Error::from_io(Op::Socket, e))?;
         let addr = inner.bind_auto().map_err(|e| Error::from_io(Op::Bind, e))?;
+        let numbering = crate::connector::SeqSource::default();
         Ok(Self {
             inner,
             port: addr.port_number(),
+            numbering_evictions: numbering.eviction_counter(),
+            numbering: parking_lot::Mutex::new(numbering),
         })
     }
 
     /// The port id the kernel assigned.
     pub fn port_id(&self) -> u32 {
         self.port
+    }
+
+    /// The sequence numbers of this socket, which every numbered send through it
+    /// takes under this lock (see [`SeqSource`](crate::connector::SeqSource)).
+    pub(crate) fn numbering(&self) -> &parking_lot::Mutex<crate::connector::SeqSource> {
+        &self.numbering
+    }
+
+    /// Sequences the numbering forgot because it was full, read without its lock.
+    pub(crate) fn numbering_evictions(&self) -> u64 {
+        self.numbering_evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Joins multicast group `group` (1..=32). Joining needs `CAP_NET_ADMIN` for most
