@@ -1027,3 +1027,62 @@ fn dropped_producers_messages_are_kept_and_counted() {
     let got = rx.collect(idx, 100, Duration::from_secs(5));
     assert_eq!(got.msgs.len(), 100, "drop lost a producer's messages");
 }
+
+/// Every builder number that is zero, out of range or too large to allocate makes `build`
+/// return an error: no panic, no abort on allocation, no silent clamping.
+#[test]
+fn absurd_builder_numbers_are_errors_not_panics() {
+    let port = Dest::Port(0x7ead_0001);
+    let huge = [usize::MAX, usize::MAX / 2, usize::MAX / 100, 1 << 50];
+    let mut cases: Vec<(&str, cnbus::bus::BusBuilder)> = vec![
+        ("shards 0", Bus::builder(port).shards(0)),
+        ("shards 65537", Bus::builder(port).shards(65_537)),
+        ("capacity 0", Bus::builder(port).capacity(0)),
+        ("watermark 0", Bus::builder(port).watermark(0)),
+        ("max_batch 0", Bus::builder(port).max_batch(0)),
+        ("max_batch 1025", Bus::builder(port).max_batch(1025)),
+        ("datagram_size 35", Bus::builder(port).datagram_size(35)),
+        ("datagram_size 0", Bus::builder(port).datagram_size(0)),
+    ];
+    for h in huge {
+        cases.push(("shards huge", Bus::builder(port).shards(h)));
+        cases.push(("capacity huge", Bus::builder(port).capacity(h)));
+        cases.push(("datagram_size huge", Bus::builder(port).datagram_size(h)));
+        cases.push((
+            "capacity huge, 1 shard",
+            Bus::builder(port).shards(1).capacity(h),
+        ));
+    }
+    // Each shard fits, all of them together do not.
+    cases.push((
+        "65536 shards of 2^40 bytes",
+        Bus::builder(port).shards(65_536).capacity(1 << 34),
+    ));
+    for (what, b) in cases {
+        match b.build() {
+            Err(cnbus::Error::InvalidArgument(why)) => eprintln!("{what}: {why}"),
+            Err(e) => panic!("{what}: unexpected error {e}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    // Huge durations and watermarks are meaningful ("never"), not errors.
+    let Some(_k) = kernel_socket("absurd_builder_numbers_are_errors_not_panics") else {
+        return;
+    };
+    let rx = ConnectorSocket::open().unwrap();
+    let bus = Bus::builder(Dest::Port(rx.port_id()))
+        .shards(1)
+        .capacity(4)
+        .watermark(usize::MAX)
+        .max_latency(Duration::MAX)
+        .on_full(FullPolicy::BlockFor(Duration::MAX))
+        .build()
+        .unwrap();
+    for i in 0..3u32 {
+        bus.insert(CbId::new(test_idx(60), 0), &i.to_ne_bytes())
+            .unwrap();
+    }
+    bus.flush().unwrap();
+    let st = bus.close().unwrap();
+    assert_eq!((st.inserted, st.sent_messages), (3, 3));
+}

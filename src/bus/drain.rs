@@ -236,7 +236,7 @@ mod tests {
             coalesce: true,
             datagram_size: 4096,
         };
-        let sh = Shard::new(16, 4096);
+        let sh = Shard::new(16, 4096).unwrap();
         let push = |e: Entry<'_>, cell| sh.push(&e, cell, lay, || 1).unwrap();
         // Data of 1 and 5 bytes: messages of 40 and 44 bytes, padding included.
         push(Entry::Slice { id: a, data: b"x" }, 0);
@@ -250,7 +250,7 @@ mod tests {
         push(Entry::Msg(CnMsg::new(a, &b"p"[..]).with_seq(777, 0)), 1);
         push(Entry::Slice { id: b, data: b"x" }, 1);
         push(Entry::Slice { id: a, data: b"x" }, UNTRACKED);
-        let mut batch = Batch::with_capacity(4096, 16);
+        let mut batch = Batch::with_capacity(4096, 16).unwrap();
         sh.take(&mut batch);
         let mut s = Seqs::default();
         s.number(&mut batch);

@@ -98,7 +98,8 @@ impl Flusher {
     fn sleep(&mut self) {
         let inner = Arc::clone(&self.inner);
         let wm = inner.cfg.watermark;
-        let max_latency = inner.cfg.max_latency.as_nanos() as u64;
+        // Saturating: a latency beyond u64 nanoseconds (584 years) is "never".
+        let max_latency = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
         // A stop, a flush request, or a blocked inserter waiting for space in a non-empty
         // shard: drain now.
         let urgent = |f: &Self| {

@@ -105,7 +105,8 @@ fn on_full<'a, 'e, Q: Queue<'a>>(
         }
         FullPolicy::BlockFor(t) => {
             Counters::add(&st.blocked, 1);
-            block(q, e, Some(Instant::now() + t))
+            // A timeout past what `Instant` can represent is no timeout.
+            block(q, e, Instant::now().checked_add(t))
         }
         FullPolicy::SendDirect => {
             Counters::add(&st.blocked, 1);

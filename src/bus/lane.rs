@@ -416,7 +416,8 @@ impl std::fmt::Debug for Producer<'_> {
 }
 
 impl<'b> Producer<'b> {
-    pub(crate) fn new(bus: &'b Bus) -> Self {
+    /// A new lane, or `None` when its ring cannot be allocated.
+    pub(crate) fn new(bus: &'b Bus) -> Option<Self> {
         let inner = &*bus.inner;
         // Registers the process before the first insert relies on `light`.
         let light = membarrier::init();
@@ -430,7 +431,7 @@ impl<'b> Producer<'b> {
         let bytes = (inner.cfg.capacity.saturating_mul(BYTES_PER_SLOT))
             .max(2 * max_msg)
             .min(MAX_RING);
-        let (writer, reader) = ring::ring(bytes);
+        let (writer, reader) = ring::ring(bytes)?;
         let lane = Arc::new(Lane {
             probe: writer.probe(),
             pushed: AtomicU64::new(0),
@@ -444,13 +445,13 @@ impl<'b> Producer<'b> {
             }),
         });
         inner.add_lane(Arc::clone(&lane));
-        Self {
+        Some(Self {
             bus,
             lane,
             writer,
             pushed: 0,
             light,
-        }
+        })
     }
 
     /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`,

@@ -112,6 +112,9 @@ use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
 
 static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Most shards a bus may have ([`BusBuilder::shards`]).
+const MAX_SHARDS: usize = 1 << 16;
+
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError<M> {
@@ -278,47 +281,54 @@ impl BusBuilder {
         self
     }
 
-    /// Number of shards (at least 1). A thread on CPU `c` uses shard `c % shards`.
+    /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
+    /// CPU `c` uses shard `c % shards`.
     pub fn shards(mut self, n: usize) -> Self {
-        self.cfg.shards = n.max(1);
+        self.cfg.shards = n;
         self
     }
 
-    /// Messages each shard holds (at least 1). A shard also holds at most
-    /// `capacity * 100` bytes of encoded messages (one 64-byte message with its headers
-    /// per slot; at least one datagram's worth), so larger messages fill it sooner. Memory
-    /// is about `shards * capacity * 260` bytes (the shard's buffer and its drainer's, with
-    /// their datagram bounds), allocated up front.
+    /// Messages each shard holds (at least 1: [`build`](Self::build) fails on 0). A shard
+    /// also holds at most `capacity * 100` bytes of encoded messages (one 64-byte message
+    /// with its headers per slot; at least one datagram's worth), so larger messages fill
+    /// it sooner. Memory is about `shards * capacity * 260` bytes (the shard's buffer and
+    /// its drainer's, with their datagram bounds), reserved up front (the kernel provides
+    /// the pages as they are first used); `build` fails, rather than aborting, when that
+    /// overflows or cannot be allocated.
     pub fn capacity(mut self, n: usize) -> Self {
-        self.cfg.capacity = n.max(1);
+        self.cfg.capacity = n;
         self
     }
 
     /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
-    /// or wakes the flusher, before the latency deadline (default capacity / 4). A value
-    /// above the capacity disables watermark drains and wake-ups.
+    /// or wakes the flusher, before the latency deadline (default capacity / 4, at least
+    /// 1; [`build`](Self::build) fails on 0). A value above the capacity disables watermark
+    /// drains and wake-ups.
     pub fn watermark(mut self, n: usize) -> Self {
-        self.watermark = Some(n.max(1));
+        self.watermark = Some(n);
         self
     }
 
     /// Longest time a message waits in a shard before the flusher takes it (default 1 ms),
-    /// give or take the scheduler's wake-up delay.
+    /// give or take the scheduler's wake-up delay. Any duration is accepted; beyond about
+    /// 584 years it means "never" (only the watermark, flushes and shutdown drain).
     pub fn max_latency(mut self, d: Duration) -> Self {
         self.cfg.max_latency = d;
         self
     }
 
-    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message). The
-    /// receivers' buffers must hold this much.
+    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
+    /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
+    /// much.
     pub fn datagram_size(mut self, bytes: usize) -> Self {
-        self.cfg.datagram_size = bytes.max(nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN));
+        self.cfg.datagram_size = bytes;
         self
     }
 
-    /// Datagrams per `sendmmsg` (1..=1024, default 64).
+    /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
+    /// otherwise).
     pub fn max_batch(mut self, n: usize) -> Self {
-        self.cfg.max_batch = n.clamp(1, 1024);
+        self.cfg.max_batch = n;
         self
     }
 
@@ -360,9 +370,31 @@ impl BusBuilder {
         self
     }
 
-    /// Opens the socket if none was given and starts the flusher thread.
+    /// Checks the configuration, allocates the shards, opens the socket if none was given
+    /// and starts the flusher thread.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when a number is out of range (see each
+    /// setter) or the shards' memory overflows `usize` or cannot be allocated: no setting
+    /// makes it panic or abort.
     pub fn build(self) -> Result<Bus> {
         let mut cfg = self.cfg;
+        if !(1..=MAX_SHARDS).contains(&cfg.shards) {
+            return Err(Error::InvalidArgument("bus shards must be in 1..=65536"));
+        }
+        if cfg.capacity == 0 {
+            return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if self.watermark == Some(0) {
+            return Err(Error::InvalidArgument("bus watermark must be at least 1"));
+        }
+        if !(1..=1024).contains(&cfg.max_batch) {
+            return Err(Error::InvalidArgument("bus max_batch must be in 1..=1024"));
+        }
+        if cfg.datagram_size < nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN) {
+            return Err(Error::InvalidArgument(
+                "bus datagram_size must hold one 36-byte message",
+            ));
+        }
         cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
         if self.dest == Dest::Kernel {
             cfg.framing = Framing::OnePerDatagram;
@@ -373,15 +405,37 @@ impl BusBuilder {
                 return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
             }
         }
+        let too_big = || {
+            Error::InvalidArgument(
+                "bus shards too large: shards x capacity x 100 bytes (or the datagram size) \
+                 overflows or cannot be allocated",
+            )
+        };
+        // Two buffers per shard; the total must be addressable before anything is tried.
+        let total = Shard::byte_limit(cfg.capacity, cfg.datagram_size)
+            .and_then(|b| b.checked_mul(2))
+            .and_then(|b| b.checked_mul(cfg.shards))
+            .filter(|&b| b <= isize::MAX as usize);
+        if total.is_none() {
+            return Err(too_big());
+        }
+        let mut shards = Vec::new();
+        if shards.try_reserve_exact(cfg.shards).is_err() {
+            return Err(too_big());
+        }
+        for _ in 0..cfg.shards {
+            match Shard::new(cfg.capacity, cfg.datagram_size) {
+                Some(sh) => shards.push(CachePadded::new(sh)),
+                None => return Err(too_big()),
+            }
+        }
         let sock = match self.socket {
             Some(s) => s,
             None => Arc::new(ConnectorSocket::open()?),
         };
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
-            shards: (0..cfg.shards)
-                .map(|_| CachePadded::new(Shard::new(cfg.capacity, cfg.datagram_size)))
-                .collect(),
+            shards: shards.into_boxed_slice(),
             registry: Registry::default(),
             pid: sock.port_id(),
             sock,
@@ -776,8 +830,25 @@ impl Bus {
 
     /// A [`Producer`]: this thread's (or task's) own lane into the bus, the fastest way to
     /// insert from a hot path; see its docs.
+    ///
+    /// # Panics
+    ///
+    /// If the lane's memory (`capacity * 100` bytes rounded up to a power of two, at most
+    /// 1 GiB) cannot be allocated; [`try_producer`](Self::try_producer) returns an error
+    /// instead.
     pub fn producer(&self) -> Producer<'_> {
-        Producer::new(self)
+        match Producer::new(self) {
+            Some(p) => p,
+            None => panic!("cnbus: could not allocate a bus producer's lane"),
+        }
+    }
+
+    /// [`producer`](Self::producer), or [`Error::InvalidArgument`] when the lane's memory
+    /// cannot be allocated.
+    pub fn try_producer(&self) -> Result<Producer<'_>> {
+        Producer::new(self).ok_or(Error::InvalidArgument(
+            "could not allocate a bus producer's lane (capacity x 100 bytes)",
+        ))
     }
 
     /// The socket the bus sends through.
