@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::sync::atomic::{fence, Ordering::*};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::codec::CbId;
 
@@ -18,6 +18,67 @@ use super::Inner;
 /// How often a transient send error (`ENOBUFS`, `EAGAIN`, `EINTR`, `ENOMEM`) is retried
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
+
+/// Longest sleep between two attempts to send to a full unicast receiver.
+const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
+
+/// A send's wait for room at a full unicast receiver ([`Dest::Port`](crate::sys::Dest)):
+/// the bus sends with `MSG_DONTWAIT` and, when the receiver's queue is full, sleeps a
+/// little and tries again, for at most [`BusBuilder::send_timeout`](super::BusBuilder::send_timeout)
+/// (and never past the shutdown deadline). A wait that times out marks the bus's receiver
+/// as stalled: later sends do not wait for it until one of them gets a datagram through.
+pub(crate) struct RoomWait {
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+impl RoomWait {
+    pub(crate) fn new() -> Self {
+        Self {
+            since: None,
+            pause: Duration::from_micros(20),
+        }
+    }
+
+    /// The receiver was full: sleeps before the next attempt and returns true, or returns
+    /// false when the send must give up (timeout, shutdown deadline, stalled receiver).
+    pub(crate) fn wait(&mut self, inner: &Inner) -> bool {
+        if inner.stalled.load(Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        let first = self.since.is_none();
+        let since = *self.since.get_or_insert(now);
+        let mut deadline = since.checked_add(inner.cfg.send_timeout);
+        if let Some(&stop) = inner.stop_deadline.get() {
+            deadline = Some(deadline.map_or(stop, |d| d.min(stop)));
+        }
+        let left = deadline.map_or(self.pause, |d| d.saturating_duration_since(now));
+        if left.is_zero() {
+            inner.stalled.store(true, Relaxed);
+            return false;
+        }
+        if first {
+            Counters::add(&inner.stats.full_receiver_waits, 1);
+        }
+        std::thread::sleep(self.pause.min(left));
+        self.pause = (self.pause * 2).min(MAX_ROOM_PAUSE);
+        true
+    }
+
+    /// A datagram got through: the receiver takes datagrams again.
+    pub(crate) fn done(&mut self, inner: &Inner) {
+        if self.since.take().is_some() || inner.stalled.load(Relaxed) {
+            inner.stalled.store(false, Relaxed);
+        }
+        self.pause = Duration::from_micros(20);
+    }
+}
+
+/// The error recorded for a datagram that a full unicast receiver did not take in time.
+pub(crate) fn receiver_full(op: crate::Op) -> crate::Error {
+    crate::Error::from_io(op, std::io::Error::from_raw_os_error(libc::EAGAIN))
+}
 
 /// The per-id sequence counters of one bus. Kept behind the bus's send lock, which is held
 /// from numbering a batch until its `sendmmsg` returned, so numbers follow wire order per
@@ -161,17 +222,21 @@ impl Inner {
     }
 
     /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
-    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times and
+    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times,
+    /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]), and
     /// counting everything. The caller holds the send lock.
     pub(crate) fn send_datagrams(&self, slices: &[IoSlice<'_>], msgs: impl Fn(usize) -> u64) {
         let st = &self.stats;
         let max_batch = self.cfg.max_batch.max(1);
+        let unicast = matches!(self.dest, crate::sys::Dest::Port(_));
+        let mut room = RoomWait::new();
         let mut off = 0;
         let mut tries = 0;
         while off < slices.len() {
             Counters::add(&st.syscalls, 1);
             let end = (off + max_batch).min(slices.len());
-            let r = self.sock.send_batch(&slices[off..end], self.dest);
+            // Never blocks: a full unicast receiver is waited for below, boundedly.
+            let r = self.sock.try_send_batch(&slices[off..end], self.dest);
             match r {
                 Ok(k) if k > 0 => {
                     let n: u64 = (off..off + k).map(&msgs).sum();
@@ -179,6 +244,21 @@ impl Inner {
                     Counters::add(&st.sent_messages, n);
                     off += k;
                     tries = 0;
+                    if unicast {
+                        room.done(self);
+                    }
+                }
+                Ok(_) if unicast => {
+                    if room.wait(self) {
+                        continue;
+                    }
+                    // The receiver took nothing in time: count the datagram as failed
+                    // (its numbers are used up, so a receiver counts them as lost).
+                    st.send_error(libc::EAGAIN);
+                    Counters::add(&st.failed_datagrams, 1);
+                    Counters::add(&st.failed_messages, msgs(off));
+                    self.record_error(receiver_full(crate::Op::SendBatch));
+                    off += 1;
                 }
                 other => {
                     let err = match other {

@@ -60,6 +60,11 @@
 //! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
 //!   has been handed to the kernel (or counted as failed). Dropping the bus, or
 //!   [`Bus::close`], flushes everything and joins the flusher.
+//! * **Bounded waits.** The bus never blocks in a send: a [`Dest::Port`] receiver whose
+//!   queue is full is waited for at most [`BusBuilder::send_timeout`] (default 1 s), then
+//!   what it does not take is counted as failed. So `flush` returns within about that
+//!   time when the receiver stops reading, and `drop`/`close` return within it after the
+//!   call whatever the receiver does.
 //! * **Errors.** A failed send is retried a bounded number of times for transient errors
 //!   (`ENOBUFS`, `EAGAIN`, `ENOMEM`), then the datagram is counted as failed
 //!   ([`BusStats::failed_messages`], [`BusStats::send_errors`]) and the error is kept for
@@ -114,6 +119,9 @@ static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most shards a bus may have ([`BusBuilder::shards`]).
 const MAX_SHARDS: usize = 1 << 16;
+
+/// Default of [`BusBuilder::send_timeout`].
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +235,8 @@ pub(crate) struct Config {
     pub flusher_cpu: Option<usize>,
     /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
     pub assist: bool,
+    /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
+    pub send_timeout: Duration,
 }
 
 impl Config {
@@ -269,6 +279,7 @@ impl BusBuilder {
                 policy: FullPolicy::Block,
                 flusher_cpu: None,
                 assist: !matches!(dest, Dest::Port(_)),
+                send_timeout: DEFAULT_SEND_TIMEOUT,
             },
             watermark: None,
         }
@@ -329,6 +340,34 @@ impl BusBuilder {
     /// otherwise).
     pub fn max_batch(mut self, n: usize) -> Self {
         self.cfg.max_batch = n;
+        self
+    }
+
+    /// How long a send waits for room when a [`Dest::Port`] receiver's queue is full
+    /// (default 1 s). This bounds every wait of the bus on a receiver that stopped reading.
+    ///
+    /// Netlink unicast has backpressure: a receiver whose queue is full makes the sender
+    /// wait. The bus sends without blocking (`MSG_DONTWAIT`) and, when the receiver is
+    /// full, retries with short sleeps (at most 1 ms apart) for up to `send_timeout`. If
+    /// the receiver has taken nothing by then, that datagram is counted as failed
+    /// ([`BusStats::failed_messages`], errno `EAGAIN`) and the receiver is treated as
+    /// stalled: until it takes a datagram again, the bus does not wait for it, each
+    /// datagram is tried once and counted as failed if it does not fit. So:
+    ///
+    /// * [`Bus::flush`] returns within about `send_timeout` (plus the time of the
+    ///   non-waiting attempts) when the receiver stops reading;
+    /// * dropping the bus, or [`Bus::close`], returns within `send_timeout` of the call
+    ///   (plus those attempts) whatever the receiver does: at shutdown no wait for room
+    ///   extends past that deadline;
+    /// * a receiver that keeps reading, however slowly, keeps the producers in step with
+    ///   it ([`FullPolicy`] applies when their shards fill up), as before.
+    ///
+    /// Direct sends ([`FullPolicy::SendDirect`]) wait the same way and hand the message
+    /// back as [`InsertError::Send`] on timeout. Groups and the kernel never wait (a full
+    /// multicast receiver drops and reports `ENOBUFS` to itself), so this setting does not
+    /// apply to them.
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.cfg.send_timeout = d;
         self
     }
 
@@ -445,6 +484,8 @@ impl BusBuilder {
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            stop_deadline: OnceLock::new(),
+            stalled: AtomicBool::new(false),
             tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
@@ -495,6 +536,13 @@ impl BusBuilder {
     }
 }
 
+/// An instant no deadline reaches (for timeouts too large for `Instant`).
+fn far_future() -> Instant {
+    let now = Instant::now();
+    // About 30 years: representable on every platform, and beyond any run.
+    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
+}
+
 /// Marks the bus dead when the flusher exits (normally or by panic) and releases every
 /// waiter.
 struct DeadGuard(Arc<Inner>);
@@ -527,6 +575,11 @@ pub(crate) struct Inner {
     pub(crate) stop: AtomicBool,
     /// The flusher has exited.
     dead: AtomicBool,
+    /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
+    pub(crate) stop_deadline: OnceLock<Instant>,
+    /// A wait for room at the unicast receiver timed out and no datagram has been taken
+    /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
+    pub(crate) stalled: AtomicBool,
     /// Flush generations requested and completed; see the `handshake` module.
     pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
@@ -875,17 +928,28 @@ impl Bus {
     /// or the first send error not yet taken (the statistics are then lost: call
     /// [`stats`](Self::stats) before if you need both). Dropping the bus does the same and
     /// ignores errors.
-    pub fn close(mut self) -> Result<BusStats> {
-        self.stop();
-        let stats = self.stats();
-        match self.take_error() {
-            Some(e) => Err(e),
-            None => Ok(stats),
+    pub fn close(self) -> Result<BusStats> {
+        match self.close_with_stats() {
+            (stats, None) => Ok(stats),
+            (_, Some(e)) => Err(e),
         }
+    }
+
+    /// [`close`](Self::close), returning both the final statistics and the first send
+    /// error not yet taken.
+    pub fn close_with_stats(mut self) -> (BusStats, Option<Error>) {
+        self.stop();
+        (self.stats(), self.take_error())
     }
 
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
+            // Waits for room at a full unicast receiver end by this deadline.
+            let _ = self.inner.stop_deadline.set(
+                Instant::now()
+                    .checked_add(self.inner.cfg.send_timeout)
+                    .unwrap_or_else(far_future),
+            );
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
             let _ = h.join();
