@@ -69,6 +69,11 @@
 //!   (`ENOBUFS`, `EAGAIN`, `ENOMEM`), then the datagram is counted as failed
 //!   ([`BusStats::failed_messages`], [`BusStats::send_errors`]) and the error is kept for
 //!   [`Bus::flush`] and [`Bus::take_error`] to return.
+//! * **Panics.** A panic in a drain (a bug) is caught there: the messages it had taken
+//!   and not sent are counted as failed, and the flusher goes on. A panic elsewhere in the
+//!   flusher ends it; `flush` and shutdown then drain on their own threads. Either way the
+//!   panic is counted ([`BusStats::panics`]) and returned once as [`Error::Panicked`], and
+//!   every accepted message is still sent or counted as failed.
 //!
 //! # Wake-up protocol and memory orderings
 //!
@@ -237,6 +242,9 @@ pub(crate) struct Config {
     pub assist: bool,
     /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
     pub send_timeout: Duration,
+    /// Test hook: where a panic is injected.
+    #[cfg(test)]
+    pub panic_at: Option<flusher::PanicAt>,
 }
 
 impl Config {
@@ -280,6 +288,8 @@ impl BusBuilder {
                 flusher_cpu: None,
                 assist: !matches!(dest, Dest::Port(_)),
                 send_timeout: DEFAULT_SEND_TIMEOUT,
+                #[cfg(test)]
+                panic_at: None,
             },
             watermark: None,
         }
@@ -513,7 +523,16 @@ impl BusBuilder {
                 // Deadlines to the microsecond rather than the default 50 µs slack (a
                 // failure only costs that slack).
                 let _ = sys::set_timer_slack_ns(1);
-                flusher::Flusher::new(worker).run();
+                // A panic in a drain is contained there; one elsewhere in the loop ends the
+                // flusher, is recorded here, and `flush`/`close` then drain on their own
+                // threads (the guard marks the bus dead and releases every waiter).
+                let w = Arc::clone(&worker);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    flusher::Flusher::new(w).run()
+                }));
+                if let Err(p) = run {
+                    worker.panicked("bus flusher", &*p);
+                }
                 drop(guard);
             })
             .map_err(|e| Error::from_io(Op::Spawn, e))?;
@@ -849,12 +868,17 @@ impl Bus {
     /// happens-before) has been handed to the kernel or counted as failed.
     ///
     /// Returns the first send error since the previous `flush`/[`take_error`](Self::take_error),
-    /// if any, and [`Error::Closed`] if the flusher is gone. Waits on a condition
-    /// variable; the duration is recorded in [`BusStats`].
+    /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain).
+    /// Waits on a condition variable; the duration is recorded in [`BusStats`].
+    ///
+    /// If the flusher is gone (it panicked), `flush` drains the queues on the calling
+    /// thread, so the guarantee above still holds, and returns the panic, or
+    /// [`Error::Closed`] once that was returned.
     pub fn flush(&self) -> Result<()> {
         let start = Instant::now();
         if !self.inner.wait_flushed() {
-            return Err(Error::Closed);
+            self.inner.drain_everything();
+            return Err(self.take_error().unwrap_or(Error::Closed));
         }
         self.inner
             .stats
@@ -952,7 +976,14 @@ impl Bus {
             );
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
-            let _ = h.join();
+            // The flusher catches its panics; a join error would be one in the guard.
+            if let Err(p) = h.join() {
+                self.inner.panicked("bus flusher", &*p);
+            }
+            // If the flusher died early (a panic), what it left is drained here: no insert
+            // can run any more (`&mut self`), so this is the last word on every message.
+            // After a normal exit everything is empty already and this only looks.
+            self.inner.drain_everything();
             self.inner.registry.retire();
         }
     }
@@ -980,6 +1011,164 @@ mod tests {
     fn bus_is_send_sync() {
         is_send_sync::<Bus>();
         is_send_sync::<InsertError<CnMsg>>();
+    }
+
+    /// A receiver for the panic tests: a unicast socket with a large buffer. `None` where
+    /// netlink sockets cannot be opened.
+    fn receiver() -> Option<ConnectorSocket> {
+        let rx = ConnectorSocket::open().ok()?;
+        rx.set_recv_buffer(8 << 20, true).ok()?;
+        Some(rx)
+    }
+
+    /// Messages of `idx` queued on `rx`.
+    fn count(rx: &ConnectorSocket, idx: u32) -> u64 {
+        let mut n = 0;
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        loop {
+            buf.reserve(1 << 16);
+            match rx.recv(&mut buf, true) {
+                Ok(Some(_)) => {
+                    for m in crate::codec::messages(buf.split().freeze()) {
+                        if let Ok(crate::codec::Message::Connector(c)) = m {
+                            n += u64::from(c.msg.id.idx == idx);
+                        }
+                    }
+                }
+                Ok(None) => return n,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    fn panicking_bus(rx: &ConnectorSocket, at: flusher::PanicAt) -> Bus {
+        let mut b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(64)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(60))
+            .framing(Framing::OnePerDatagram)
+            .max_batch(2);
+        b.cfg.panic_at = Some(at);
+        b.build().unwrap()
+    }
+
+    fn assert_panic(e: Error) {
+        assert!(
+            matches!(&e, Error::Panicked { message, .. } if message.contains("test hook")),
+            "{e}"
+        );
+    }
+
+    /// A drain that panics in the middle of its sends: the messages it sent are counted as
+    /// sent, the rest as failed, the panic is counted and returned by `flush`, and the
+    /// flusher goes on (before: the flusher died, the batch's messages were in no counter,
+    /// and `flush` returned `Closed`).
+    #[test]
+    fn a_panicking_drain_is_contained_and_accounted_exactly() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd1;
+        // Two datagrams of one message per sendmmsg: the 3rd call panics after 4 sent.
+        let bus = panicking_bus(&rx, flusher::PanicAt::Syscall(3));
+        for i in 0..20u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let st = bus.stats();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (20, 4, 16)
+        );
+        assert_eq!((st.sent_datagrams, st.failed_datagrams), (4, 16));
+        assert_eq!(st.panics, 1);
+        assert_eq!(count(&rx, idx), 4, "the receiver has exactly the sent ones");
+        // The flusher lives on.
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        bus.flush().unwrap();
+        let st = bus.close().unwrap();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (30, 14, 16)
+        );
+        assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// A panic in a producer lane's drain: the same accounting.
+    #[test]
+    fn a_panicking_lane_drain_is_contained_and_accounted_exactly() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd2;
+        let bus = panicking_bus(&rx, flusher::PanicAt::Syscall(2));
+        {
+            let mut p = bus.producer();
+            for i in 0..10u32 {
+                p.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let (st, err) = bus.close_with_stats();
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (10, 2, 8)
+        );
+        assert_eq!((st.queued, st.panics), (0, 1));
+        assert_eq!(count(&rx, idx), 2);
+    }
+
+    /// The flusher itself panics, outside any drain: it is gone, inserts are refused,
+    /// `flush` drains on the caller's thread and reports the panic, and nothing accepted
+    /// is lost (before: the queued messages stayed unsent and uncounted for good).
+    #[test]
+    fn a_dead_flusher_leaves_no_message_unaccounted() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd3;
+        let bus = panicking_bus(&rx, flusher::PanicAt::Pass(1));
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let st = bus.stats();
+        assert_eq!(
+            (st.inserted, st.sent_messages + st.failed_messages),
+            (10, 10)
+        );
+        assert_eq!(st.panics, 1);
+        assert!(matches!(
+            bus.insert(CbId::new(idx, 1), b"late"),
+            Err(InsertError::Closed(_))
+        ));
+        assert!(matches!(bus.flush(), Err(Error::Closed)));
+        let st = bus.close().unwrap();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.rejected_closed),
+            (10, 10, 1)
+        );
+        assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// Queued when the flusher dies and never flushed: `close` accounts for them.
+    #[test]
+    fn close_after_a_dead_flusher_accounts_for_everything() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd4;
+        let mut b = Bus::builder(Dest::Port(rx.port_id())).max_latency(Duration::from_millis(1));
+        b.cfg.panic_at = Some(flusher::PanicAt::Pass(1));
+        let bus = b.build().unwrap();
+        // The latency deadline wakes the flusher for its first pass: it panics then.
+        bus.insert(CbId::new(idx, 1), b"first").unwrap();
+        let dead = || bus.inner.dead.load(SeqCst);
+        let t = Instant::now();
+        while !dead() && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(dead());
+        let (st, err) = bus.close_with_stats();
+        assert_panic(err.expect("the panic is reported by close"));
+        assert_eq!((st.inserted, st.sent_messages, st.panics), (1, 1, 1));
+        assert_eq!(count(&rx, idx), 1);
     }
 
     #[test]
