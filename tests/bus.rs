@@ -1256,3 +1256,86 @@ fn a_receiver_that_never_reads_cannot_block_flush_close_or_drop() {
     assert_eq!(count.get(&1).copied().unwrap_or(0), st1.sent_messages);
     assert_eq!(count.get(&2).copied().unwrap_or(0), st2.sent_messages);
 }
+
+/// A thread-local whose destructor inserts into the bus: it runs after the bus's own
+/// thread-local state is gone (it was created first, so it is destroyed last).
+struct InsertOnExit {
+    bus: Arc<Bus>,
+    id: CbId,
+    seq: u32,
+}
+
+/// 0: not run yet, 1: inserted, 2: the insert failed.
+static ON_EXIT: AtomicU8 = AtomicU8::new(0);
+
+impl Drop for InsertOnExit {
+    fn drop(&mut self) {
+        let ok = self.bus.insert(self.id, &payload(0, self.seq)).is_ok();
+        ON_EXIT.store(if ok { 1 } else { 2 }, Ordering::SeqCst);
+    }
+}
+
+thread_local! {
+    static ON_EXIT_SLOT: std::cell::RefCell<Option<InsertOnExit>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Inserts made during thread-local teardown keep the thread's order: a thread queues
+/// messages in its CPU's shard (not shard 0), then a thread-local's destructor inserts one
+/// more after the bus's thread-local state is gone (so it goes to shard 0). Before the
+/// fix, the flush sent shard 0 first: the last message arrived first.
+#[test]
+fn inserts_during_thread_teardown_keep_the_threads_order() {
+    let Some(_k) = kernel_socket("inserts_during_thread_teardown_keep_the_threads_order") else {
+        return;
+    };
+    const GROUP: u32 = 28;
+    const N: u32 = 10;
+    let idx = test_idx(62);
+    let id = CbId::new(idx, 0);
+    let rx = Rx::open(Some(GROUP));
+    // Nothing is sent before the flush: 60 s latency, no watermark.
+    let bus = Arc::new(
+        Bus::builder(Dest::Group(GROUP))
+            .shards(2)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    );
+    rx.from(&bus);
+    let two_cpus = sys::num_cpus() > 1;
+    let b = Arc::clone(&bus);
+    thread::spawn(move || {
+        // First the slot (its destructor is registered first, so it runs last), then the
+        // bus's state, on CPU 1: shard 1.
+        ON_EXIT_SLOT.with(|s| {
+            *s.borrow_mut() = Some(InsertOnExit {
+                bus: Arc::clone(&b),
+                id,
+                seq: N,
+            })
+        });
+        if two_cpus {
+            sys::pin_current_thread(1).unwrap();
+        }
+        for seq in 0..N {
+            b.insert(id, &payload(0, seq)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(ON_EXIT.load(Ordering::SeqCst), 1, "the destructor's insert");
+    bus.flush().unwrap();
+    let got = rx.collect(idx, N as usize + 1, Duration::from_secs(10));
+    let seqs: Vec<u32> = got.msgs.iter().map(|m| parse(m).1).collect();
+    assert_eq!(
+        seqs,
+        (0..=N).collect::<Vec<_>>(),
+        "order across thread teardown"
+    );
+    let st = bus.stats();
+    assert_eq!(
+        (st.inserted, st.sent_messages),
+        (u64::from(N) + 1, u64::from(N) + 1)
+    );
+}

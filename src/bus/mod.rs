@@ -45,8 +45,10 @@
 //!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
 //!   sent all of its queued messages (see the `shard` module). There is no order between
 //!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
-//!   queued messages first). Messages inserted through one [`Producer`] are sent in the
-//!   order they were inserted, whichever thread used it.
+//!   queued messages first). Inserts made during the thread's teardown (from another
+//!   thread-local's destructor, after the bus's thread-local state is gone) keep the order
+//!   too, at the cost of a flush each. Messages inserted through one [`Producer`] are sent
+//!   in the order they were inserted, whichever thread used it.
 //! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
 //!   `capacity * 100` bytes of them); a [`Producer`]'s lane holds `capacity * 100` bytes
 //!   rounded up to a power of two. When the caller's
@@ -745,8 +747,17 @@ impl Inner {
             Some(Some(r)) => r,
             Some(None) => return false,
             None => {
-                // No thread-local state (thread teardown): always shard 0, which keeps
-                // this thread's order among its untracked messages.
+                // No thread-local state (thread teardown: a thread-local's destructor
+                // inserting after ours was destroyed). Shard 0 keeps this thread's order
+                // among such messages, but its earlier ones may still be queued in
+                // another shard (or in a drainer's hands): a flush first sends them, so
+                // that this message cannot overtake them. A blocked insert retries under
+                // `space_lock` (`help` false), where no flush may wait; its first
+                // attempt, with `help`, flushed already, and every later message of this
+                // thread goes to shard 0 too.
+                if help {
+                    self.wait_flushed();
+                }
                 let Some(len) = self
                     .shards
                     .first()

@@ -46,7 +46,8 @@ const HDR: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
 pub(crate) const BYTES_PER_SLOT: usize = HDR + 64;
 
 /// Cell index of a message pushed by a thread whose thread-local state is unavailable (the
-/// thread is being torn down). Such messages always go to shard 0.
+/// thread is being torn down). Such messages always go to shard 0, each after a flush that
+/// sends the thread's earlier messages (see `Inner::try_push`), so the order is kept.
 pub(crate) const UNTRACKED: u32 = u32::MAX;
 
 /// A message offered to the bus, not queued yet.
