@@ -1,8 +1,12 @@
 //! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
 //!
 //! [`Bus::insert`] encodes a message, headers included, straight into the buffer of the
-//! caller's CPU's shard (bounded, cache-padded, behind a lock that only threads on that
-//! CPU and a drainer ever take): no system call on the common path. The insert packs
+//! calling thread's shard (bounded, cache-padded, behind a short lock): no system call on
+//! the common path. A thread uses the shard of the CPU it runs on, but keeps the shard it
+//! has while any of its messages is queued or being sent (that keeps its order), so a
+//! thread that migrated can share its old shard's lock with the threads of that CPU
+//! until its messages are sent; drainers take the lock too, for the O(1) swap. The insert
+//! packs
 //! datagrams as it goes (up to [`BusBuilder::datagram_size`]), so a shard is always a run
 //! of ready datagrams. A *drainer* swaps the buffer for an empty one and hands the
 //! datagrams to `sendmmsg` where they lie, many per call. The drainer is the producer

@@ -3,7 +3,9 @@
 //!
 //! # Shards
 //!
-//! A shard is a buffer of wire bytes behind an uncontended lock (one shard per CPU): an
+//! A shard is a buffer of wire bytes behind a short, rarely contended lock (one shard per
+//! CPU; contended only by a drainer's swap, or by a thread that migrated and still has
+//! messages queued here, see below): an
 //! insert encodes its message straight into the buffer, packing datagrams as it goes (it
 //! closes the open datagram when the next message would not fit), so the buffer is at any
 //! time a run of ready datagrams. A drainer swaps the whole buffer for an empty one in
