@@ -603,6 +603,9 @@ fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
         .shards(1)
         .capacity(4)
         .datagram_size(128)
+        // The receiver pauses for ~100 ms at a time: the flusher must keep waiting for it
+        // (backpressure), however late a loaded host schedules the reader.
+        .send_timeout(Duration::from_secs(60))
         .build()
         .unwrap();
     // 0 = paused, 1 = reading, 2 = stop

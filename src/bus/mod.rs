@@ -381,7 +381,9 @@ impl BusBuilder {
     /// Direct sends ([`FullPolicy::SendDirect`]) wait the same way and hand the message
     /// back as [`InsertError::Send`] on timeout. Groups and the kernel never wait (a full
     /// multicast receiver drops and reports `ENOBUFS` to itself), so this setting does not
-    /// apply to them.
+    /// apply to them. A timeout too large for [`Instant`] (such as [`Duration::MAX`])
+    /// means no limit: the bus then waits for the receiver as long as it takes, shutdown
+    /// included.
     pub fn send_timeout(mut self, d: Duration) -> Self {
         self.cfg.send_timeout = d;
         self
@@ -800,7 +802,9 @@ impl Inner {
 /// A per-CPU batching queue in front of a connector socket; see the [module docs](self).
 ///
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
-/// Dropping it flushes every accepted message and joins the flusher thread.
+/// Dropping it flushes every accepted message (each is sent or counted as failed) and
+/// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
+/// [`Dest::Port`] receiver has stopped reading.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
@@ -964,9 +968,11 @@ impl Bus {
     }
 
     /// Flushes everything, stops and joins the flusher, and returns the final statistics,
-    /// or the first send error not yet taken (the statistics are then lost: call
-    /// [`stats`](Self::stats) before if you need both). Dropping the bus does the same and
-    /// ignores errors.
+    /// or the first send error not yet taken (the statistics are then lost: use
+    /// [`close_with_stats`](Self::close_with_stats) to have both). Dropping the bus does
+    /// the same and ignores errors. Returns within [`BusBuilder::send_timeout`] of the
+    /// call (plus the non-waiting send attempts) whatever the receiver does: what a full
+    /// [`Dest::Port`] receiver has not taken by then is counted as failed.
     pub fn close(self) -> Result<BusStats> {
         match self.close_with_stats() {
             (stats, None) => Ok(stats),
