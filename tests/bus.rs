@@ -1118,11 +1118,15 @@ fn absurd_builder_numbers_are_errors_not_panics() {
         return;
     };
     let rx = ConnectorSocket::open().unwrap();
+    // One slot, drained only on demand: the second insert finds the shard full and waits
+    // with a timeout `Instant` cannot represent (it overflowed before), until the blocked
+    // inserter's wake-up makes the flusher drain.
     let bus = Bus::builder(Dest::Port(rx.port_id()))
         .shards(1)
-        .capacity(4)
+        .capacity(1)
         .watermark(usize::MAX)
         .max_latency(Duration::MAX)
+        .send_timeout(Duration::MAX)
         .on_full(FullPolicy::BlockFor(Duration::MAX))
         .build()
         .unwrap();
@@ -1133,6 +1137,7 @@ fn absurd_builder_numbers_are_errors_not_panics() {
     bus.flush().unwrap();
     let st = bus.close().unwrap();
     assert_eq!((st.inserted, st.sent_messages), (3, 3));
+    assert!(st.blocked >= 1, "{st:?}");
 }
 
 /// Runs `f` on a thread of its own and returns its result, or fails the test if it has not
