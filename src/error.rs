@@ -45,6 +45,8 @@ pub enum Op {
     Spawn,
     /// Waiting for a reply to a request.
     Request,
+    /// `membarrier(2)`, the bus's asymmetric memory barrier.
+    Membarrier,
 }
 
 impl fmt::Display for Op {
@@ -66,6 +68,7 @@ impl fmt::Display for Op {
             Op::Wake => f.write_str("eventfd"),
             Op::Spawn => f.write_str("spawn thread"),
             Op::Request => f.write_str("request"),
+            Op::Membarrier => f.write_str("membarrier"),
         }
     }
 }
@@ -271,6 +274,15 @@ pub enum Error {
     /// The object has been shut down.
     #[error("shut down")]
     Closed,
+    /// A thread of cnbus panicked (a bug). The panic was caught and what it held was
+    /// accounted for (the bus counts the messages it could not send as failed).
+    #[error("{thread} panicked: {message}")]
+    Panicked {
+        /// Which thread or task: for example `"bus flusher"`.
+        thread: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// The proc connector cannot serve this process; `reason` says why (outside the initial
     /// pid or user namespace, no `cn_proc` in the kernel, no kernel-side filtering).
     #[error("proc connector: {reason}")]

@@ -69,7 +69,9 @@
 //! # fn main() -> cnbus::Result<()> {
 //! let bus = Bus::new(Dest::Group(20))?; // per-CPU shards, a flusher thread
 //! for i in 0..1000u32 {
-//!     // No system call, no lock: a copy into this CPU's shard.
+//!     // Usually no system call: a copy into this thread's shard under its short lock
+//!     // (one compare-exchange). The insert that brings the shard to the watermark sends
+//!     // the batch itself (`sendmmsg`), unless another thread is already sending it.
 //!     bus.insert(CbId::new(0x1000, 2), &i.to_ne_bytes()).expect("queued");
 //! }
 //! bus.flush()?; // everything inserted so far is handed to the kernel

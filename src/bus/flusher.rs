@@ -9,7 +9,22 @@ use super::handshake::{IDLE, TIMED};
 use super::lane::Lane;
 use super::stats::Counters;
 use super::Inner;
+use crate::error::{Error, Op};
 use crate::sys::membarrier;
+
+/// Longest idle sleep when `membarrier` failed (see [`Flusher::sleep`]).
+const BARRIER_FALLBACK: Duration = Duration::from_millis(10);
+
+/// Test hook ([`Config::panic_at`](super::Config)): where a panic is injected, to check
+/// that the bus contains it and still accounts for every message.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PanicAt {
+    /// In a drain, before the bus's `n`-th send system call (1-based).
+    Syscall(u64),
+    /// In the flusher's loop, outside any drain, at its `n`-th pass (1-based).
+    Pass(u64),
+}
 
 pub(crate) struct Flusher {
     inner: Arc<Inner>,
@@ -18,6 +33,11 @@ pub(crate) struct Flusher {
     /// Our copy of the producers' lanes, and the generation it was taken at.
     lanes: Vec<Arc<Lane>>,
     lanes_gen: u64,
+    /// `membarrier::heavy` failed once: its error was recorded, and the flusher no longer
+    /// parks without a timeout while lanes exist.
+    barrier_failed: bool,
+    #[cfg(test)]
+    passes: u64,
 }
 
 impl Flusher {
@@ -27,6 +47,9 @@ impl Flusher {
             inner,
             lanes: Vec::new(),
             lanes_gen: 0,
+            barrier_failed: false,
+            #[cfg(test)]
+            passes: 0,
         }
     }
 
@@ -41,6 +64,13 @@ impl Flusher {
             // of the tickets; reading them here (SeqCst) before the pass makes those pushes
             // visible to the pass's pops.
             let gen = self.inner.tickets.requested();
+            #[cfg(test)]
+            {
+                self.passes += 1;
+                if self.inner.cfg.panic_at == Some(PanicAt::Pass(self.passes)) {
+                    panic!("test hook: the flusher panics");
+                }
+            }
             self.drain_all(gen > self.published || stop);
             if !self.lanes.is_empty() {
                 self.inner.prune_lanes();
@@ -98,7 +128,8 @@ impl Flusher {
     fn sleep(&mut self) {
         let inner = Arc::clone(&self.inner);
         let wm = inner.cfg.watermark;
-        let max_latency = inner.cfg.max_latency.as_nanos() as u64;
+        // Saturating: a latency beyond u64 nanoseconds (584 years) is "never".
+        let max_latency = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
         // A stop, a flush request, or a blocked inserter waiting for space in a non-empty
         // shard: drain now.
         let urgent = |f: &Self| {
@@ -148,8 +179,17 @@ impl Flusher {
                 // state (a SeqCst store and a later Acquire load alone do not order).
                 std::sync::atomic::fence(SeqCst);
                 inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
+                // Without the barrier the last look at the lanes proves nothing: sleep
+                // with a timeout then, so that a missed lane message waits at most that.
+                let mut timeout = None;
                 if !self.lanes.is_empty() {
-                    membarrier::heavy();
+                    if let Err(e) = membarrier::heavy() {
+                        if !self.barrier_failed {
+                            self.barrier_failed = true;
+                            inner.record_error(Error::from_io(Op::Membarrier, e));
+                        }
+                        timeout = Some(inner.cfg.max_latency.min(BARRIER_FALLBACK));
+                    }
                 }
                 if inner.shards.iter().any(|s| s.len_locked() > 0)
                     || self.lanes.iter().any(|l| l.waiting())
@@ -158,7 +198,10 @@ impl Flusher {
                     inner.bell.awake();
                     continue;
                 }
-                std::thread::park();
+                match timeout {
+                    None => std::thread::park(),
+                    Some(t) => std::thread::park_timeout(t),
+                }
             } else {
                 let deadline = oldest.saturating_add(max_latency);
                 if now >= deadline {

@@ -105,7 +105,8 @@ fn on_full<'a, 'e, Q: Queue<'a>>(
         }
         FullPolicy::BlockFor(t) => {
             Counters::add(&st.blocked, 1);
-            block(q, e, Some(Instant::now() + t))
+            // A timeout past what `Instant` can represent is no timeout.
+            block(q, e, Instant::now().checked_add(t))
         }
         FullPolicy::SendDirect => {
             Counters::add(&st.blocked, 1);
@@ -182,11 +183,26 @@ fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<
     if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
         drain::write_seq(m, seqs.next_to(inner.dest, *id));
     }
-    Counters::add(&st.syscalls, 1);
-    let sent = inner.sock.send(&buf, inner.dest);
+    // Without blocking; a full unicast receiver is waited for as by the drainers.
+    let unicast = matches!(inner.dest, crate::sys::Dest::Port(_));
+    let mut room = drain::RoomWait::new();
+    let sent = loop {
+        Counters::add(&st.syscalls, 1);
+        match inner.sock.try_send(&buf, inner.dest) {
+            Ok(Some(_)) => {
+                if unicast {
+                    room.done(inner);
+                }
+                break Ok(());
+            }
+            Ok(None) if unicast && room.wait(inner) => {}
+            Ok(None) => break Err(drain::receiver_full(crate::Op::Send)),
+            Err(e) => break Err(e),
+        }
+    };
     drop(seqs);
     match sent {
-        Ok(_) => {
+        Ok(()) => {
             Counters::add(&st.direct, 1);
             Counters::add(&st.sent_messages, 1);
             Counters::add(&st.sent_datagrams, 1);

@@ -46,6 +46,7 @@ use crate::codec::{array_mut, nlmsg_align, CbId, CnMsg, NLMSG_DONE};
 use crate::sys::membarrier;
 use crate::sys::ring::{self, Probe, Reader, Short, Writer};
 
+use super::drain::Progress;
 use super::insert::{self, Queue};
 use super::shard::{Entry, BYTES_PER_SLOT};
 use super::stats::Counters;
@@ -142,8 +143,12 @@ impl Inner {
         }
         let since = lane.since.load(Relaxed);
         bounds.clear();
-        let (mut msgs, mut bad) = (0u64, None);
-        {
+        // Messages framed, once known: a panic after that point is contained (what was
+        // not sent is counted as failed); one while framing leaves the bytes in the lane,
+        // for the next drain (messages numbered by then keep their numbers).
+        let framed = std::cell::Cell::new(None);
+        let progress = Progress::default();
+        let sent = self.contain("bus drainer", || {
             // The send lock: numbers follow wire order per id (see `drain`).
             let mut numbering = self.seqs().lock();
             let mut seqs = numbering.to(self.dest);
@@ -151,18 +156,29 @@ impl Inner {
                 coalesce: self.cfg.coalesce(),
                 datagram: self.cfg.datagram_size,
             };
+            let (mut msgs, mut bad) = (0u64, None);
             for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
                 let w = frame(part, bytes, lim, &mut seqs, bounds);
                 msgs += w.msgs;
                 bad = bad.or(w.bad);
             }
+            framed.set(Some(msgs));
             let parts = [&*a, &*b];
             let slices: Vec<IoSlice<'_>> = bounds
                 .iter()
                 .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
                 .collect();
-            self.send_datagrams(&slices, |i| bounds.get(i).map_or(0, |x| x.msgs));
-        }
+            self.send_datagrams(&slices, |i| bounds.get(i).map_or(0, |x| x.msgs), &progress);
+            (msgs, bad)
+        });
+        let (msgs, bad) = match (sent, framed.get()) {
+            (Some(r), _) => r,
+            (None, Some(msgs)) => {
+                self.fail_rest(&progress, msgs, bounds.len() as u64);
+                (msgs, None)
+            }
+            (None, None) => return 0,
+        };
         if let Some(e) = bad {
             // Only a bug can put a malformed word in a lane; the rest of the part is
             // skipped so that the lane cannot wedge, and the error is counted and kept
@@ -417,7 +433,8 @@ impl std::fmt::Debug for Producer<'_> {
 }
 
 impl<'b> Producer<'b> {
-    pub(crate) fn new(bus: &'b Bus) -> Self {
+    /// A new lane, or `None` when its ring cannot be allocated.
+    pub(crate) fn new(bus: &'b Bus) -> Option<Self> {
         let inner = &*bus.inner;
         // Registers the process before the first insert relies on `light`.
         let light = membarrier::init();
@@ -431,7 +448,7 @@ impl<'b> Producer<'b> {
         let bytes = (inner.cfg.capacity.saturating_mul(BYTES_PER_SLOT))
             .max(2 * max_msg)
             .min(MAX_RING);
-        let (writer, reader) = ring::ring(bytes);
+        let (writer, reader) = ring::ring(bytes)?;
         let lane = Arc::new(Lane {
             probe: writer.probe(),
             pushed: AtomicU64::new(0),
@@ -445,13 +462,13 @@ impl<'b> Producer<'b> {
             }),
         });
         inner.add_lane(Arc::clone(&lane));
-        Self {
+        Some(Self {
             bus,
             lane,
             writer,
             pushed: 0,
             light,
-        }
+        })
     }
 
     /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`,

@@ -1,8 +1,12 @@
 //! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
 //!
 //! [`Bus::insert`] encodes a message, headers included, straight into the buffer of the
-//! caller's CPU's shard (bounded, cache-padded, behind a lock that only threads on that
-//! CPU and a drainer ever take): no system call on the common path. The insert packs
+//! calling thread's shard (bounded, cache-padded, behind a short lock): no system call on
+//! the common path. A thread uses the shard of the CPU it runs on, but keeps the shard it
+//! has while any of its messages is queued or being sent (that keeps its order), so a
+//! thread that migrated can share its old shard's lock with the threads of that CPU
+//! until its messages are sent; drainers take the lock too, for the O(1) swap. The insert
+//! packs
 //! datagrams as it goes (up to [`BusBuilder::datagram_size`]), so a shard is always a run
 //! of ready datagrams. A *drainer* swaps the buffer for an empty one and hands the
 //! datagrams to `sendmmsg` where they lie, many per call. The drainer is the producer
@@ -46,8 +50,10 @@
 //!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
 //!   sent all of its queued messages (see the `shard` module). There is no order between
 //!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
-//!   queued messages first). Messages inserted through one [`Producer`] are sent in the
-//!   order they were inserted, whichever thread used it.
+//!   queued messages first). Inserts made during the thread's teardown (from another
+//!   thread-local's destructor, after the bus's thread-local state is gone) keep the order
+//!   too, at the cost of a flush each. Messages inserted through one [`Producer`] are sent
+//!   in the order they were inserted, whichever thread used it.
 //! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
 //!   `capacity * 100` bytes of them); a [`Producer`]'s lane holds `capacity * 100` bytes
 //!   rounded up to a power of two. When the caller's
@@ -61,10 +67,20 @@
 //! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
 //!   has been handed to the kernel (or counted as failed). Dropping the bus, or
 //!   [`Bus::close`], flushes everything and joins the flusher.
+//! * **Bounded waits.** The bus never blocks in a send: a [`Dest::Port`] receiver whose
+//!   queue is full is waited for at most [`BusBuilder::send_timeout`] (default 1 s), then
+//!   what it does not take is counted as failed. So `flush` returns within about that
+//!   time when the receiver stops reading, and `drop`/`close` return within it after the
+//!   call whatever the receiver does.
 //! * **Errors.** A failed send is retried a bounded number of times for transient errors
 //!   (`ENOBUFS`, `EAGAIN`, `ENOMEM`), then the datagram is counted as failed
 //!   ([`BusStats::failed_messages`], [`BusStats::send_errors`]) and the error is kept for
 //!   [`Bus::flush`] and [`Bus::take_error`] to return.
+//! * **Panics.** A panic in a drain (a bug) is caught there: the messages it had taken
+//!   and not sent are counted as failed, and the flusher goes on. A panic elsewhere in the
+//!   flusher ends it; `flush` and shutdown then drain on their own threads. Either way the
+//!   panic is counted ([`BusStats::panics`]) and returned once as [`Error::Panicked`], and
+//!   every accepted message is still sent or counted as failed.
 //!
 //! # Wake-up protocol and memory orderings
 //!
@@ -112,6 +128,12 @@ pub use stats::{BusStats, SendErrors};
 use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
 
 static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Most shards a bus may have ([`BusBuilder::shards`]).
+const MAX_SHARDS: usize = 1 << 16;
+
+/// Default of [`BusBuilder::send_timeout`].
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +247,11 @@ pub(crate) struct Config {
     pub flusher_cpu: Option<usize>,
     /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
     pub assist: bool,
+    /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
+    pub send_timeout: Duration,
+    /// Test hook: where a panic is injected.
+    #[cfg(test)]
+    pub panic_at: Option<flusher::PanicAt>,
 }
 
 impl Config {
@@ -268,6 +295,9 @@ impl BusBuilder {
                 policy: FullPolicy::Block,
                 flusher_cpu: None,
                 assist: !matches!(dest, Dest::Port(_)),
+                send_timeout: DEFAULT_SEND_TIMEOUT,
+                #[cfg(test)]
+                panic_at: None,
             },
             watermark: None,
             numbered_ids: None,
@@ -294,47 +324,84 @@ impl BusBuilder {
         self
     }
 
-    /// Number of shards (at least 1). A thread on CPU `c` uses shard `c % shards`.
+    /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
+    /// CPU `c` uses shard `c % shards`.
     pub fn shards(mut self, n: usize) -> Self {
-        self.cfg.shards = n.max(1);
+        self.cfg.shards = n;
         self
     }
 
-    /// Messages each shard holds (at least 1). A shard also holds at most
-    /// `capacity * 100` bytes of encoded messages (one 64-byte message with its headers
-    /// per slot; at least one datagram's worth), so larger messages fill it sooner. Memory
-    /// is about `shards * capacity * 260` bytes (the shard's buffer and its drainer's, with
-    /// their datagram bounds), allocated up front.
+    /// Messages each shard holds (at least 1: [`build`](Self::build) fails on 0). A shard
+    /// also holds at most `capacity * 100` bytes of encoded messages (one 64-byte message
+    /// with its headers per slot; at least one datagram's worth), so larger messages fill
+    /// it sooner. Memory is about `shards * capacity * 260` bytes (the shard's buffer and
+    /// its drainer's, with their datagram bounds), reserved up front (the kernel provides
+    /// the pages as they are first used); `build` fails, rather than aborting, when that
+    /// overflows or cannot be allocated.
     pub fn capacity(mut self, n: usize) -> Self {
-        self.cfg.capacity = n.max(1);
+        self.cfg.capacity = n;
         self
     }
 
     /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
-    /// or wakes the flusher, before the latency deadline (default capacity / 4). A value
-    /// above the capacity disables watermark drains and wake-ups.
+    /// or wakes the flusher, before the latency deadline (default capacity / 4, at least
+    /// 1; [`build`](Self::build) fails on 0). A value above the capacity disables watermark
+    /// drains and wake-ups.
     pub fn watermark(mut self, n: usize) -> Self {
-        self.watermark = Some(n.max(1));
+        self.watermark = Some(n);
         self
     }
 
     /// Longest time a message waits in a shard before the flusher takes it (default 1 ms),
-    /// give or take the scheduler's wake-up delay.
+    /// give or take the scheduler's wake-up delay. Any duration is accepted; beyond about
+    /// 584 years it means "never" (only the watermark, flushes and shutdown drain).
     pub fn max_latency(mut self, d: Duration) -> Self {
         self.cfg.max_latency = d;
         self
     }
 
-    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message). The
-    /// receivers' buffers must hold this much.
+    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
+    /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
+    /// much.
     pub fn datagram_size(mut self, bytes: usize) -> Self {
-        self.cfg.datagram_size = bytes.max(nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN));
+        self.cfg.datagram_size = bytes;
         self
     }
 
-    /// Datagrams per `sendmmsg` (1..=1024, default 64).
+    /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
+    /// otherwise).
     pub fn max_batch(mut self, n: usize) -> Self {
-        self.cfg.max_batch = n.clamp(1, 1024);
+        self.cfg.max_batch = n;
+        self
+    }
+
+    /// How long a send waits for room when a [`Dest::Port`] receiver's queue is full
+    /// (default 1 s). This bounds every wait of the bus on a receiver that stopped reading.
+    ///
+    /// Netlink unicast has backpressure: a receiver whose queue is full makes the sender
+    /// wait. The bus sends without blocking (`MSG_DONTWAIT`) and, when the receiver is
+    /// full, retries with short sleeps (at most 1 ms apart) for up to `send_timeout`. If
+    /// the receiver has taken nothing by then, that datagram is counted as failed
+    /// ([`BusStats::failed_messages`], errno `EAGAIN`) and the receiver is treated as
+    /// stalled: until it takes a datagram again, the bus does not wait for it, each
+    /// datagram is tried once and counted as failed if it does not fit. So:
+    ///
+    /// * [`Bus::flush`] returns within about `send_timeout` (plus the time of the
+    ///   non-waiting attempts) when the receiver stops reading;
+    /// * dropping the bus, or [`Bus::close`], returns within `send_timeout` of the call
+    ///   (plus those attempts) whatever the receiver does: at shutdown no wait for room
+    ///   extends past that deadline;
+    /// * a receiver that keeps reading, however slowly, keeps the producers in step with
+    ///   it ([`FullPolicy`] applies when their shards fill up), as before.
+    ///
+    /// Direct sends ([`FullPolicy::SendDirect`]) wait the same way and hand the message
+    /// back as [`InsertError::Send`] on timeout. Groups and the kernel never wait (a full
+    /// multicast receiver drops and reports `ENOBUFS` to itself), so this setting does not
+    /// apply to them. A timeout too large for [`Instant`] (such as [`Duration::MAX`])
+    /// means no limit: the bus then waits for the receiver as long as it takes, shutdown
+    /// included.
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.cfg.send_timeout = d;
         self
     }
 
@@ -376,9 +443,31 @@ impl BusBuilder {
         self
     }
 
-    /// Opens the socket if none was given and starts the flusher thread.
+    /// Checks the configuration, allocates the shards, opens the socket if none was given
+    /// and starts the flusher thread.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when a number is out of range (see each
+    /// setter) or the shards' memory overflows `usize` or cannot be allocated: no setting
+    /// makes it panic or abort.
     pub fn build(self) -> Result<Bus> {
         let mut cfg = self.cfg;
+        if !(1..=MAX_SHARDS).contains(&cfg.shards) {
+            return Err(Error::InvalidArgument("bus shards must be in 1..=65536"));
+        }
+        if cfg.capacity == 0 {
+            return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if self.watermark == Some(0) {
+            return Err(Error::InvalidArgument("bus watermark must be at least 1"));
+        }
+        if !(1..=1024).contains(&cfg.max_batch) {
+            return Err(Error::InvalidArgument("bus max_batch must be in 1..=1024"));
+        }
+        if cfg.datagram_size < nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN) {
+            return Err(Error::InvalidArgument(
+                "bus datagram_size must hold one 36-byte message",
+            ));
+        }
         cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
         if self.dest == Dest::Kernel {
             cfg.framing = Framing::OnePerDatagram;
@@ -387,6 +476,30 @@ impl BusBuilder {
         if let Dest::Group(g) = self.dest {
             if !(1..=32).contains(&g) {
                 return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
+            }
+        }
+        let too_big = || {
+            Error::InvalidArgument(
+                "bus shards too large: shards x capacity x 100 bytes (or the datagram size) \
+                 overflows or cannot be allocated",
+            )
+        };
+        // Two buffers per shard; the total must be addressable before anything is tried.
+        let total = Shard::byte_limit(cfg.capacity, cfg.datagram_size)
+            .and_then(|b| b.checked_mul(2))
+            .and_then(|b| b.checked_mul(cfg.shards))
+            .filter(|&b| b <= isize::MAX as usize);
+        if total.is_none() {
+            return Err(too_big());
+        }
+        let mut shards = Vec::new();
+        if shards.try_reserve_exact(cfg.shards).is_err() {
+            return Err(too_big());
+        }
+        for _ in 0..cfg.shards {
+            match Shard::new(cfg.capacity, cfg.datagram_size) {
+                Some(sh) => shards.push(CachePadded::new(sh)),
+                None => return Err(too_big()),
             }
         }
         let sock = match self.socket {
@@ -398,9 +511,7 @@ impl BusBuilder {
         }
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
-            shards: (0..cfg.shards)
-                .map(|_| CachePadded::new(Shard::new(cfg.capacity, cfg.datagram_size)))
-                .collect(),
+            shards: shards.into_boxed_slice(),
             registry: Registry::default(),
             pid: sock.port_id(),
             sock,
@@ -410,6 +521,8 @@ impl BusBuilder {
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            stop_deadline: OnceLock::new(),
+            stalled: AtomicBool::new(false),
             tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
@@ -436,7 +549,16 @@ impl BusBuilder {
                 // Deadlines to the microsecond rather than the default 50 µs slack (a
                 // failure only costs that slack).
                 let _ = sys::set_timer_slack_ns(1);
-                flusher::Flusher::new(worker).run();
+                // A panic in a drain is contained there; one elsewhere in the loop ends the
+                // flusher, is recorded here, and `flush`/`close` then drain on their own
+                // threads (the guard marks the bus dead and releases every waiter).
+                let w = Arc::clone(&worker);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    flusher::Flusher::new(w).run()
+                }));
+                if let Err(p) = run {
+                    worker.panicked("bus flusher", &*p);
+                }
                 drop(guard);
             })
             .map_err(|e| Error::from_io(Op::Spawn, e))?;
@@ -457,6 +579,13 @@ impl BusBuilder {
             flusher: Some(handle),
         })
     }
+}
+
+/// An instant no deadline reaches (for timeouts too large for `Instant`).
+fn far_future() -> Instant {
+    let now = Instant::now();
+    // About 30 years: representable on every platform, and beyond any run.
+    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
 }
 
 /// Marks the bus dead when the flusher exits (normally or by panic) and releases every
@@ -491,6 +620,11 @@ pub(crate) struct Inner {
     pub(crate) stop: AtomicBool,
     /// The flusher has exited.
     dead: AtomicBool,
+    /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
+    pub(crate) stop_deadline: OnceLock<Instant>,
+    /// A wait for room at the unicast receiver timed out and no datagram has been taken
+    /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
+    pub(crate) stalled: AtomicBool,
     /// Flush generations requested and completed; see the `handshake` module.
     pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
@@ -642,8 +776,17 @@ impl Inner {
             Some(Some(r)) => r,
             Some(None) => return false,
             None => {
-                // No thread-local state (thread teardown): always shard 0, which keeps
-                // this thread's order among its untracked messages.
+                // No thread-local state (thread teardown: a thread-local's destructor
+                // inserting after ours was destroyed). Shard 0 keeps this thread's order
+                // among such messages, but its earlier ones may still be queued in
+                // another shard (or in a drainer's hands): a flush first sends them, so
+                // that this message cannot overtake them. A blocked insert retries under
+                // `space_lock` (`help` false), where no flush may wait; its first
+                // attempt, with `help`, flushed already, and every later message of this
+                // thread goes to shard 0 too.
+                if help {
+                    self.wait_flushed();
+                }
                 let Some(len) = self
                     .shards
                     .first()
@@ -682,7 +825,9 @@ impl Inner {
 /// A per-CPU batching queue in front of a connector socket; see the [module docs](self).
 ///
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
-/// Dropping it flushes every accepted message and joins the flusher thread.
+/// Dropping it flushes every accepted message (each is sent or counted as failed) and
+/// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
+/// [`Dest::Port`] receiver has stopped reading.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
@@ -765,12 +910,17 @@ impl Bus {
     /// happens-before) has been handed to the kernel or counted as failed.
     ///
     /// Returns the first send error since the previous `flush`/[`take_error`](Self::take_error),
-    /// if any, and [`Error::Closed`] if the flusher is gone. Waits on a condition
-    /// variable; the duration is recorded in [`BusStats`].
+    /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain).
+    /// Waits on a condition variable; the duration is recorded in [`BusStats`].
+    ///
+    /// If the flusher is gone (it panicked), `flush` drains the queues on the calling
+    /// thread, so the guarantee above still holds, and returns the panic, or
+    /// [`Error::Closed`] once that was returned.
     pub fn flush(&self) -> Result<()> {
         let start = Instant::now();
         if !self.inner.wait_flushed() {
-            return Err(Error::Closed);
+            self.inner.drain_everything();
+            return Err(self.take_error().unwrap_or(Error::Closed));
         }
         self.inner
             .stats
@@ -801,8 +951,25 @@ impl Bus {
 
     /// A [`Producer`]: this thread's (or task's) own lane into the bus, the fastest way to
     /// insert from a hot path; see its docs.
+    ///
+    /// # Panics
+    ///
+    /// If the lane's memory (`capacity * 100` bytes rounded up to a power of two, at most
+    /// 1 GiB) cannot be allocated; [`try_producer`](Self::try_producer) returns an error
+    /// instead.
     pub fn producer(&self) -> Producer<'_> {
-        Producer::new(self)
+        match Producer::new(self) {
+            Some(p) => p,
+            None => panic!("cnbus: could not allocate a bus producer's lane"),
+        }
+    }
+
+    /// [`producer`](Self::producer), or [`Error::InvalidArgument`] when the lane's memory
+    /// cannot be allocated.
+    pub fn try_producer(&self) -> Result<Producer<'_>> {
+        Producer::new(self).ok_or(Error::InvalidArgument(
+            "could not allocate a bus producer's lane (capacity x 100 bytes)",
+        ))
     }
 
     /// The socket the bus sends through.
@@ -826,23 +993,43 @@ impl Bus {
     }
 
     /// Flushes everything, stops and joins the flusher, and returns the final statistics,
-    /// or the first send error not yet taken (the statistics are then lost: call
-    /// [`stats`](Self::stats) before if you need both). Dropping the bus does the same and
-    /// ignores errors.
-    pub fn close(mut self) -> Result<BusStats> {
-        self.stop();
-        let stats = self.stats();
-        match self.take_error() {
-            Some(e) => Err(e),
-            None => Ok(stats),
+    /// or the first send error not yet taken (the statistics are then lost: use
+    /// [`close_with_stats`](Self::close_with_stats) to have both). Dropping the bus does
+    /// the same and ignores errors. Returns within [`BusBuilder::send_timeout`] of the
+    /// call (plus the non-waiting send attempts) whatever the receiver does: what a full
+    /// [`Dest::Port`] receiver has not taken by then is counted as failed.
+    pub fn close(self) -> Result<BusStats> {
+        match self.close_with_stats() {
+            (stats, None) => Ok(stats),
+            (_, Some(e)) => Err(e),
         }
+    }
+
+    /// [`close`](Self::close), returning both the final statistics and the first send
+    /// error not yet taken.
+    pub fn close_with_stats(mut self) -> (BusStats, Option<Error>) {
+        self.stop();
+        (self.stats(), self.take_error())
     }
 
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
+            // Waits for room at a full unicast receiver end by this deadline.
+            let _ = self.inner.stop_deadline.set(
+                Instant::now()
+                    .checked_add(self.inner.cfg.send_timeout)
+                    .unwrap_or_else(far_future),
+            );
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
-            let _ = h.join();
+            // The flusher catches its panics; a join error would be one in the guard.
+            if let Err(p) = h.join() {
+                self.inner.panicked("bus flusher", &*p);
+            }
+            // If the flusher died early (a panic), what it left is drained here: no insert
+            // can run any more (`&mut self`), so this is the last word on every message.
+            // After a normal exit everything is empty already and this only looks.
+            self.inner.drain_everything();
             self.inner.registry.retire();
         }
     }
@@ -870,6 +1057,164 @@ mod tests {
     fn bus_is_send_sync() {
         is_send_sync::<Bus>();
         is_send_sync::<InsertError<CnMsg>>();
+    }
+
+    /// A receiver for the panic tests: a unicast socket with a large buffer. `None` where
+    /// netlink sockets cannot be opened.
+    fn receiver() -> Option<ConnectorSocket> {
+        let rx = ConnectorSocket::open().ok()?;
+        rx.set_recv_buffer(8 << 20, true).ok()?;
+        Some(rx)
+    }
+
+    /// Messages of `idx` queued on `rx`.
+    fn count(rx: &ConnectorSocket, idx: u32) -> u64 {
+        let mut n = 0;
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        loop {
+            buf.reserve(1 << 16);
+            match rx.recv(&mut buf, true) {
+                Ok(Some(_)) => {
+                    for m in crate::codec::messages(buf.split().freeze()) {
+                        if let Ok(crate::codec::Message::Connector(c)) = m {
+                            n += u64::from(c.msg.id.idx == idx);
+                        }
+                    }
+                }
+                Ok(None) => return n,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    fn panicking_bus(rx: &ConnectorSocket, at: flusher::PanicAt) -> Bus {
+        let mut b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(64)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(60))
+            .framing(Framing::OnePerDatagram)
+            .max_batch(2);
+        b.cfg.panic_at = Some(at);
+        b.build().unwrap()
+    }
+
+    fn assert_panic(e: Error) {
+        assert!(
+            matches!(&e, Error::Panicked { message, .. } if message.contains("test hook")),
+            "{e}"
+        );
+    }
+
+    /// A drain that panics in the middle of its sends: the messages it sent are counted as
+    /// sent, the rest as failed, the panic is counted and returned by `flush`, and the
+    /// flusher goes on (before: the flusher died, the batch's messages were in no counter,
+    /// and `flush` returned `Closed`).
+    #[test]
+    fn a_panicking_drain_is_contained_and_accounted_exactly() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd1;
+        // Two datagrams of one message per sendmmsg: the 3rd call panics after 4 sent.
+        let bus = panicking_bus(&rx, flusher::PanicAt::Syscall(3));
+        for i in 0..20u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let st = bus.stats();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (20, 4, 16)
+        );
+        assert_eq!((st.sent_datagrams, st.failed_datagrams), (4, 16));
+        assert_eq!(st.panics, 1);
+        assert_eq!(count(&rx, idx), 4, "the receiver has exactly the sent ones");
+        // The flusher lives on.
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        bus.flush().unwrap();
+        let st = bus.close().unwrap();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (30, 14, 16)
+        );
+        assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// A panic in a producer lane's drain: the same accounting.
+    #[test]
+    fn a_panicking_lane_drain_is_contained_and_accounted_exactly() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd2;
+        let bus = panicking_bus(&rx, flusher::PanicAt::Syscall(2));
+        {
+            let mut p = bus.producer();
+            for i in 0..10u32 {
+                p.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let (st, err) = bus.close_with_stats();
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.failed_messages),
+            (10, 2, 8)
+        );
+        assert_eq!((st.queued, st.panics), (0, 1));
+        assert_eq!(count(&rx, idx), 2);
+    }
+
+    /// The flusher itself panics, outside any drain: it is gone, inserts are refused,
+    /// `flush` drains on the caller's thread and reports the panic, and nothing accepted
+    /// is lost (before: the queued messages stayed unsent and uncounted for good).
+    #[test]
+    fn a_dead_flusher_leaves_no_message_unaccounted() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd3;
+        let bus = panicking_bus(&rx, flusher::PanicAt::Pass(1));
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        assert_panic(bus.flush().expect_err("the panic is reported"));
+        let st = bus.stats();
+        assert_eq!(
+            (st.inserted, st.sent_messages + st.failed_messages),
+            (10, 10)
+        );
+        assert_eq!(st.panics, 1);
+        assert!(matches!(
+            bus.insert(CbId::new(idx, 1), b"late"),
+            Err(InsertError::Closed(_))
+        ));
+        assert!(matches!(bus.flush(), Err(Error::Closed)));
+        let st = bus.close().unwrap();
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.rejected_closed),
+            (10, 10, 1)
+        );
+        assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// Queued when the flusher dies and never flushed: `close` accounts for them.
+    #[test]
+    fn close_after_a_dead_flusher_accounts_for_everything() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd4;
+        let mut b = Bus::builder(Dest::Port(rx.port_id())).max_latency(Duration::from_millis(1));
+        b.cfg.panic_at = Some(flusher::PanicAt::Pass(1));
+        let bus = b.build().unwrap();
+        // The latency deadline wakes the flusher for its first pass: it panics then.
+        bus.insert(CbId::new(idx, 1), b"first").unwrap();
+        let dead = || bus.inner.dead.load(SeqCst);
+        let t = Instant::now();
+        while !dead() && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(dead());
+        let (st, err) = bus.close_with_stats();
+        assert_panic(err.expect("the panic is reported by close"));
+        assert_eq!((st.inserted, st.sent_messages, st.panics), (1, 1, 1));
+        assert_eq!(count(&rx, idx), 1);
     }
 
     #[test]

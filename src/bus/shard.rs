@@ -3,7 +3,9 @@
 //!
 //! # Shards
 //!
-//! A shard is a buffer of wire bytes behind an uncontended lock (one shard per CPU): an
+//! A shard is a buffer of wire bytes behind a short, rarely contended lock (one shard per
+//! CPU; contended only by a drainer's swap, or by a thread that migrated and still has
+//! messages queued here, see below): an
 //! insert encodes its message straight into the buffer, packing datagrams as it goes (it
 //! closes the open datagram when the next message would not fit), so the buffer is at any
 //! time a run of ready datagrams. A drainer swaps the whole buffer for an empty one in
@@ -46,7 +48,8 @@ const HDR: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
 pub(crate) const BYTES_PER_SLOT: usize = HDR + 64;
 
 /// Cell index of a message pushed by a thread whose thread-local state is unavailable (the
-/// thread is being torn down). Such messages always go to shard 0.
+/// thread is being torn down). Such messages always go to shard 0, each after a flush that
+/// sends the thread's earlier messages (see `Inner::try_push`), so the order is kept.
 pub(crate) const UNTRACKED: u32 = u32::MAX;
 
 /// A message offered to the bus, not queued yet.
@@ -224,16 +227,17 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// An empty batch that can hold `bytes` bytes of messages (about `msgs` of them).
-    pub(crate) fn with_capacity(bytes: usize, msgs: usize) -> Self {
-        Self {
-            buf: vec![0u8; bytes].into_boxed_slice(),
+    /// An empty batch that can hold `bytes` bytes of messages (about `msgs` of them), or
+    /// `None` when the bytes cannot be allocated.
+    pub(crate) fn with_capacity(bytes: usize, msgs: usize) -> Option<Self> {
+        Some(Self {
+            buf: crate::sys::ring::zeroed_bytes(bytes)?,
             bounds: Vec::with_capacity(msgs.min(1 << 16)),
             // Runs are few (one per stretch of one producer and id) and a batch keeps its
             // allocation across uses, so a small start is enough.
             runs: Vec::with_capacity(msgs.min(16)),
             ..Self::default()
-        }
+        })
     }
 
     /// The encoded messages.
@@ -342,20 +346,26 @@ pub(crate) struct Layout {
 }
 
 impl Shard {
-    /// A shard of `capacity` messages and at most `capacity * BYTES_PER_SLOT` bytes (but
-    /// room for one message of `max_msg` bytes at least), allocated now.
-    pub(crate) fn new(capacity: usize, max_msg: usize) -> Self {
-        let byte_limit = (capacity * BYTES_PER_SLOT).max(max_msg);
-        Self {
-            buf: CachePadded::new(ShortLock::new(Batch::with_capacity(byte_limit, capacity))),
+    /// Bytes of each of a shard's two buffers: `capacity * BYTES_PER_SLOT`, but room for
+    /// one message of `max_msg` bytes at least. `None` when that overflows.
+    pub(crate) fn byte_limit(capacity: usize, max_msg: usize) -> Option<usize> {
+        Some(capacity.checked_mul(BYTES_PER_SLOT)?.max(max_msg))
+    }
+
+    /// A shard of `capacity` messages and [`byte_limit`](Self::byte_limit) bytes,
+    /// allocated now; `None` when the size overflows or cannot be allocated.
+    pub(crate) fn new(capacity: usize, max_msg: usize) -> Option<Self> {
+        let byte_limit = Self::byte_limit(capacity, max_msg)?;
+        Some(Self {
+            buf: CachePadded::new(ShortLock::new(Batch::with_capacity(byte_limit, capacity)?)),
             len: CachePadded::new(AtomicUsize::new(0)),
             since: AtomicU64::new(0),
             drain: CachePadded::new(Mutex::new(Drainer {
-                batch: Batch::with_capacity(byte_limit, capacity),
+                batch: Batch::with_capacity(byte_limit, capacity)?,
                 cells: Vec::new(),
             })),
             capacity,
-        }
+        })
     }
 
     /// Appends `e` for producer `cell` unless the shard is full. Returns the number of
@@ -600,7 +610,7 @@ mod tests {
             coalesce: true,
             datagram_size: 250,
         };
-        let sh = Shard::new(4, 250);
+        let sh = Shard::new(4, 250).unwrap();
         let d = [0u8; 64];
         let e = Entry::Slice {
             id: CbId::new(1, 1),
@@ -612,7 +622,7 @@ mod tests {
         assert_eq!(sh.push(&e, 0, lay, || 6), None, "full at capacity");
         assert_eq!(sh.len(), 4);
         assert_eq!(sh.since(), 5);
-        let mut into = Batch::with_capacity(400, 4);
+        let mut into = Batch::with_capacity(400, 4).unwrap();
         assert_eq!(sh.take(&mut into), (4, 5));
         into.close_open();
         // 100-byte messages, 250-byte datagrams: 2 + 2.
@@ -633,6 +643,18 @@ mod tests {
             None,
             "byte bound: 300 + 236 > 400"
         );
+    }
+
+    #[test]
+    fn huge_shards_are_refused_not_aborted() {
+        assert_eq!(Shard::byte_limit(usize::MAX / 50, 0), None, "overflow");
+        assert!(Shard::new(usize::MAX / 50, 0).is_none());
+        assert!(
+            Shard::new(usize::MAX / BYTES_PER_SLOT, 0).is_none(),
+            "no allocator"
+        );
+        assert!(Shard::new(1, usize::MAX).is_none());
+        assert_eq!(Shard::byte_limit(3, 1000), Some(1000));
     }
 
     #[test]

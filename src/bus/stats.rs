@@ -19,6 +19,8 @@ pub(crate) struct Counters {
     pub rejected_closed: AtomicU64,
     pub rejected_too_large: AtomicU64,
     pub blocked: AtomicU64,
+    pub full_receiver_waits: AtomicU64,
+    pub panics: AtomicU64,
     pub sent_messages: AtomicU64,
     pub sent_datagrams: AtomicU64,
     pub syscalls: AtomicU64,
@@ -81,6 +83,8 @@ impl Counters {
             rejected_closed: g(&self.rejected_closed),
             rejected_too_large: g(&self.rejected_too_large),
             blocked: g(&self.blocked),
+            full_receiver_waits: g(&self.full_receiver_waits),
+            panics: g(&self.panics),
             sent_messages: g(&self.sent_messages),
             sent_datagrams: g(&self.sent_datagrams),
             syscalls: g(&self.syscalls),
@@ -157,6 +161,14 @@ pub struct BusStats {
     pub rejected_too_large: u64,
     /// Inserts that found the shard full and waited (blocking policy) or sent directly.
     pub blocked: u64,
+    /// Sends that found a [`Dest::Port`](crate::sys::Dest::Port) receiver's queue full and
+    /// waited for room (at most [`send_timeout`](super::BusBuilder::send_timeout) each).
+    pub full_receiver_waits: u64,
+    /// Panics caught in the flusher or in a drain (bugs in cnbus). The messages a
+    /// panicking drain had taken and not sent are in `failed_messages`; the panic is
+    /// returned once as [`Error::Panicked`](crate::Error::Panicked) by
+    /// [`Bus::flush`](super::Bus::flush) or [`Bus::close`](super::Bus::close).
+    pub panics: u64,
     /// Messages handed to the kernel (queued and direct).
     pub sent_messages: u64,
     /// Datagrams handed to the kernel.

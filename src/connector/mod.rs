@@ -355,8 +355,10 @@ pub(crate) struct Inner {
     /// Requests awaiting a reply, by (id, seq, expected ack).
     pending: Mutex<HashMap<ReplyKey, Sender<Received>>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
-    /// request is outstanding. Updated under the `pending` lock; a stale read only delays
-    /// the check to the lock, which is authoritative.
+    /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
+    /// map, but cannot be read for a reply: the count is stored before the request is
+    /// sent, and the kernel's queue locks order that send before the reply's receipt
+    /// (see docs/ARCHITECTURE.md, memory orderings).
     pending_count: AtomicUsize,
     outbox: Outbox,
     on_event: Option<Arc<EventFn>>,

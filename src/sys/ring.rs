@@ -70,16 +70,42 @@ impl Shared {
     }
 }
 
-/// A ring of at least `min_size` bytes (rounded up to a power of two, at least 64).
-pub(crate) fn ring(min_size: usize) -> (Writer, Reader) {
-    let size = min_size.max(64).next_power_of_two();
+/// `n` zero bytes on the heap, or `None` when the allocator refuses (or `n` exceeds what
+/// a slice can hold) instead of aborting the process as `vec![0; n]` does. The memory
+/// comes from `alloc_zeroed` (`calloc`), so large buffers are zeroed lazily by the kernel,
+/// page by page as they are first touched.
+pub(crate) fn zeroed_bytes(n: usize) -> Option<Box<[u8]>> {
+    if n == 0 {
+        return Some(Box::default());
+    }
+    let layout = std::alloc::Layout::array::<u8>(n).ok()?;
+    // SAFETY: the layout has a non-zero size (checked above).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a live allocation of `n` bytes from the global allocator with the
+    // layout of `[u8; n]` (align 1), all initialised (zeroed), owned by nothing else: the
+    // box takes ownership and frees it with the same layout.
+    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) })
+}
+
+/// A ring of at least `min_size` bytes (rounded up to a power of two, at least 64), or
+/// `None` when that size overflows or cannot be allocated.
+pub(crate) fn ring(min_size: usize) -> Option<(Writer, Reader)> {
+    let size = min_size.max(64).checked_next_power_of_two()?;
+    let bytes = Box::into_raw(zeroed_bytes(size)?);
+    // SAFETY: `UnsafeCell<u8>` is `repr(transparent)` over `u8`, so a `[u8]` allocation is
+    // a valid `[UnsafeCell<u8>]` of the same length and layout; the box is rebuilt from
+    // the pointer `Box::into_raw` just gave up.
+    let buf: Box<[UnsafeCell<u8>]> = unsafe { Box::from_raw(bytes as *mut [UnsafeCell<u8>]) };
     let s = Arc::new(Shared {
-        buf: (0..size).map(|_| UnsafeCell::new(0)).collect(),
+        buf,
         mask: size - 1,
         tail: CachePadded::new(AtomicUsize::new(0)),
         head: CachePadded::new(AtomicUsize::new(0)),
     });
-    (
+    Some((
         Writer {
             s: Arc::clone(&s),
             tail: 0,
@@ -91,7 +117,7 @@ pub(crate) fn ring(min_size: usize) -> (Writer, Reader) {
             head: 0,
             tail: 0,
         },
-    )
+    ))
 }
 
 /// The writing side of a [`ring`].
@@ -225,8 +251,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn huge_sizes_are_refused_not_aborted() {
+        assert!(ring(usize::MAX).is_none(), "power of two overflows");
+        assert!(ring(1 << 62).is_none(), "no allocator gives 4 EiB");
+        assert!(zeroed_bytes(isize::MAX as usize + 1).is_none());
+        assert!(zeroed_bytes(usize::MAX).is_none());
+        let b = zeroed_bytes(1 << 20).unwrap();
+        assert!(b.len() == 1 << 20 && b.iter().all(|&x| x == 0));
+        assert!(zeroed_bytes(0).unwrap().is_empty());
+    }
+
+    #[test]
     fn regions_are_contiguous_and_bounded() {
-        let (mut w, mut r) = ring(100);
+        let (mut w, mut r) = ring(100).unwrap();
         assert_eq!(w.size(), 128);
         w.write(100, |b| b.fill(1)).unwrap();
         // 28 bytes free: 40 do not fit.
@@ -255,7 +292,7 @@ mod tests {
     #[test]
     fn concurrent_stream_arrives_intact() {
         const N: u32 = 200_000;
-        let (mut w, mut r) = ring(256);
+        let (mut w, mut r) = ring(256).unwrap();
         let writer = std::thread::spawn(move || {
             let mut i = 0u32;
             while i < N {

@@ -241,8 +241,20 @@ impl ConnectorSocket {
     /// Sends a batch of datagrams to one destination with `sendmmsg`, as many per system
     /// call as the kernel takes (`UIO_MAXIOV`). Returns how many were sent; on an error
     /// after some were sent, returns the count so far (the caller can retry the rest), and
-    /// the error only if none was sent.
+    /// the error only if none was sent. A unicast to a user-space socket whose receive
+    /// queue is full waits until it has room (netlink's own behaviour).
     pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
+        self.sendmmsg(datagrams, dest, 0)
+    }
+
+    /// [`send_batch`](Self::send_batch) without waiting (`MSG_DONTWAIT`): returns how many
+    /// datagrams were sent, `Ok(0)` when the first one would have waited (a unicast
+    /// receiver's queue is full).
+    pub fn try_send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
+        self.sendmmsg(datagrams, dest, libc::MSG_DONTWAIT)
+    }
+
+    fn sendmmsg(&self, datagrams: &[IoSlice<'_>], dest: Dest, flags: libc::c_int) -> Result<usize> {
         const MAX_BATCH: usize = 1024;
         let mut sa = dest.sockaddr()?;
         let mut sent = 0;
@@ -265,7 +277,7 @@ impl ConnectorSocket {
                     self.as_raw_fd(),
                     hdrs.as_mut_ptr(),
                     hdrs.len() as libc::c_uint,
-                    libc::MSG_NOSIGNAL,
+                    libc::MSG_NOSIGNAL | flags,
                 )
             };
             match cvt(r) {
@@ -273,6 +285,11 @@ impl ConnectorSocket {
                 Ok(n) => sent += n as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && flags & libc::MSG_DONTWAIT != 0 =>
+                {
+                    break
+                }
                 Err(e) => return Err(Error::from_io(Op::SendBatch, e)),
             }
         }

@@ -9,6 +9,7 @@
 //! while idle.
 
 use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,9 +27,26 @@ pub(crate) struct ShortLock<T> {
 unsafe impl<T: Send> Sync for ShortLock<T> {}
 
 /// Exclusive access to a [`ShortLock`]'s value; releases the lock when dropped.
+///
+/// Like `std::sync::MutexGuard`, it is `Sync` only when `T: Sync` (a shared guard hands out
+/// `&T` on every thread that holds a reference to it), and it can be sent to another
+/// thread when `T: Send` (releasing the lock from there is one store). The unit test
+/// `guard_is_sync_only_for_sync_values` checks this at compile time.
 pub(crate) struct ShortGuard<'a, T> {
     lock: &'a ShortLock<T>,
+    /// Opts out of the auto `Send`/`Sync`, which would follow `&ShortLock<T>` (`Sync`
+    /// whenever `T: Send`); both are restated below with the right bounds.
+    _not_auto: PhantomData<*mut T>,
 }
+
+// SAFETY: moving the guard to another thread moves the exclusive access to `T` there
+// (`DerefMut`), which needs `T: Send`; releasing the lock is a Release store, valid from
+// any thread.
+unsafe impl<T: Send> Send for ShortGuard<'_, T> {}
+
+// SAFETY: a shared `&ShortGuard` gives out only `&T` (`Deref`), on every thread that holds
+// it, which is sound exactly when `T: Sync`, as for `std::sync::MutexGuard`.
+unsafe impl<T: Sync> Sync for ShortGuard<'_, T> {}
 
 impl<T> ShortLock<T> {
     pub(crate) fn new(value: T) -> Self {
@@ -48,7 +66,10 @@ impl<T> ShortLock<T> {
         {
             self.lock_contended();
         }
-        ShortGuard { lock: self }
+        ShortGuard {
+            lock: self,
+            _not_auto: PhantomData,
+        }
     }
 
     #[cold]
@@ -104,6 +125,25 @@ impl<T> Drop for ShortGuard<'_, T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// Compile-time check: `ShortGuard<T>` is `Sync` only when `T: Sync` (the guard of a
+    /// `Cell`, which is `Send` but not `Sync`, must not be). With `ShortGuard<Cell<u8>>:
+    /// Sync` the two impls below both apply and the call is ambiguous: the test does not
+    /// compile (that is how it failed before the fix).
+    #[test]
+    fn guard_is_sync_only_for_sync_values() {
+        trait AmbiguousIfSync<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfSync<()> for T {}
+        impl<T: ?Sized + Sync> AmbiguousIfSync<u8> for T {}
+        <ShortGuard<'static, std::cell::Cell<u8>> as AmbiguousIfSync<_>>::check();
+        fn is_sync<T: Sync>() {}
+        fn is_send<T: Send>() {}
+        is_sync::<ShortGuard<'static, u64>>();
+        is_send::<ShortGuard<'static, std::cell::Cell<u8>>>();
+        is_sync::<ShortLock<std::cell::Cell<u8>>>();
+    }
 
     #[test]
     fn excludes() {
