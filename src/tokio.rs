@@ -108,8 +108,10 @@ impl AsyncConnector {
         self.outbox.next_seq(id)
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters. Reads the socket's kernel drop counter
+    /// ([`Stats::kernel_drops`]).
     pub fn stats(&self) -> Stats {
+        self.outbox.counters.read_drops(&self.outbox.socket);
         self.outbox.counters.snapshot()
     }
 
@@ -290,9 +292,10 @@ impl futures_core::Stream for AsyncConnector {
 /// joined to group 1 after `LISTEN`, decoded by a [`ProcDecoder`](crate::proc::ProcDecoder).
 ///
 /// Items are [`proc::Received`](crate::proc::Received): events in the chosen set, and loss
-/// reports in stream order (an overrun as it happens, the exact per-CPU gaps when the next
-/// events arrive). The event set is applied in user space with the kernel's rules, so gap
-/// accounting stays exact. Dropping the stream sends `IGNORE`.
+/// reports in stream order (an overrun as it happens, the per-CPU gaps when the next
+/// events arrive; the exact total, tail included, is in [`stats`](Self::stats)). The event
+/// set is applied in user space with the kernel's rules, so gap accounting stays valid.
+/// Dropping the stream sends `IGNORE`.
 ///
 /// ```no_run
 /// # async fn demo() -> cnbus::Result<()> {
@@ -397,9 +400,14 @@ impl ProcStream {
         }
     }
 
-    /// Loss and event counters.
+    /// Loss and event counters. The socket is this stream's alone and joined to group 1
+    /// only, so its kernel drop counter ([`LossStats::kernel_drops`](crate::proc::LossStats::kernel_drops))
+    /// counts exactly the proc events it lost, the end of a run included.
     pub fn stats(&self) -> crate::proc::LossStats {
-        self.decoder.stats()
+        crate::proc::LossStats {
+            kernel_drops: self.conn.stats().kernel_drops,
+            ..self.decoder.stats()
+        }
     }
 }
 

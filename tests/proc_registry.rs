@@ -56,3 +56,37 @@ fn a_connector_callback_receives_typed_proc_events() {
     assert_eq!(st.seq_lost, Some(0), "{st:?}");
     drop(events);
 }
+
+/// Regression: dropping one of two proc registrations on one connector sent `IGNORE` on the
+/// shared socket, after which the kernel filtered every proc event out for it and the other
+/// registration silently received nothing. LISTEN / IGNORE are now counted per socket.
+#[test]
+fn dropping_one_of_two_registrations_keeps_the_other_receiving() {
+    if kernel_socket("dropping_one_of_two_registrations_keeps_the_other_receiving").is_none() {
+        return;
+    }
+    let bus = Connector::builder().recv_buffer(8 << 20).spawn().unwrap();
+    let exits = Arc::new(Mutex::new(Vec::new()));
+    let e = exits.clone();
+    let keep = proc::register(&bus, EventSet::EXIT, move |r| {
+        if let Received::Event(ev) = r {
+            if let EventBody::Exit { process, .. } = ev.body {
+                e.lock().push(process.tgid);
+            }
+        }
+    })
+    .unwrap();
+    let other = proc::register(&bus, EventSet::ALL, |_| {}).unwrap();
+    drop(other);
+    let (pid, _) = sh("exit 0");
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end && !exits.lock().contains(&pid) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        exits.lock().contains(&pid),
+        "the remaining registration did not see the exit of {pid}: {:?}",
+        keep.stats()
+    );
+    drop(keep);
+}

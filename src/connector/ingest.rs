@@ -42,6 +42,7 @@ impl Ingest {
             Ok(None) => Ok(None),
             Err(Error::Overrun { .. }) => {
                 Counters::add(&c.overruns, 1);
+                c.read_drops(socket);
                 event(Event::Overrun);
                 Ok(None)
             }

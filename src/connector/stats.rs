@@ -2,6 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
+
+use crate::sys::{ConnectorSocket, DropCounter};
+
 /// Live counters. Each is a monotonic event count written by one thread (the dispatcher)
 /// or by many (senders); snapshots use `Relaxed` loads because each counter is independent
 /// and no other memory is published through them.
@@ -24,12 +28,30 @@ pub(crate) struct Counters {
     pub sent_messages: AtomicU64,
     pub sent_datagrams: AtomicU64,
     pub send_errors: AtomicU64,
+    /// The socket's kernel drop counter since the connector started (`None` until the
+    /// baseline is taken, or when the kernel does not report drops).
+    drops: Mutex<Option<DropCounter>>,
 }
 
 impl Counters {
     #[inline]
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes the baseline of `socket`'s kernel drop counter: drops before it (a socket handed
+    /// over may have some) are not this connector's.
+    pub(crate) fn drops_baseline(&self, socket: &ConnectorSocket) {
+        *self.drops.lock() = DropCounter::baseline(socket).ok();
+    }
+
+    /// Reads `socket`'s kernel drop counter into [`Stats::kernel_drops`]. Called after every
+    /// overrun and by every `stats()`.
+    pub(crate) fn read_drops(&self, socket: &ConnectorSocket) {
+        if let Some(d) = self.drops.lock().as_mut() {
+            // A failed read (not expected on an open socket) keeps the last value.
+            let _ = d.update(socket);
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
@@ -52,6 +74,7 @@ impl Counters {
             sent_messages: g(&self.sent_messages),
             sent_datagrams: g(&self.sent_datagrams),
             send_errors: g(&self.send_errors),
+            kernel_drops: self.drops.lock().as_ref().and_then(DropCounter::total),
         }
     }
 }
@@ -75,7 +98,7 @@ pub struct Stats {
     /// Datagrams longer than the receive buffer, cut and dropped.
     pub truncated: u64,
     /// Receive-queue overflows reported by the kernel (`ENOBUFS`): each is one or more
-    /// dropped datagrams whose number the kernel does not say; see `lost`.
+    /// dropped datagrams; their exact number is in `kernel_drops`.
     pub overruns: u64,
     /// Messages known lost: the sum of sequence gaps from cnbus peers.
     pub lost: u64,
@@ -96,4 +119,13 @@ pub struct Stats {
     pub sent_datagrams: u64,
     /// Failed sends.
     pub send_errors: u64,
+    /// Datagrams the kernel dropped for this connector's socket because its receive queue was
+    /// full, since the connector started: the socket's `sk_drops` counter
+    /// ([`ConnectorSocket::drops`]), read after every overrun and by every `stats()` call.
+    /// Exact, in datagrams, whoever sent them: the counter belongs to the socket, so it
+    /// covers every group and every user of this connector (a datagram of a numbered peer
+    /// also shows up later as a gap in `lost`, in messages; one at the end of a stream, or
+    /// from an unnumbered sender or the kernel, shows only here). `None` when the kernel does
+    /// not report it.
+    pub kernel_drops: Option<u64>,
 }

@@ -1,6 +1,7 @@
 //! [`ProcListener`]: subscribing to the proc connector and receiving typed events, with
 //! kernel- or user-space filtering, loss accounting and a clean `IGNORE` on drop.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,8 @@ use super::seq::{SeqCheck, SeqTracker};
 use crate::codec::{messages_ref, CbId, CnHeader, DatagramBuilder, MessageRef};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{
-    kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, EventFd, RecvMeta,
+    kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, DropCounter, EventFd,
+    RecvMeta,
 };
 
 /// The receive buffer a listener asks for by default: 16 MiB (the kernel doubles it for its
@@ -84,9 +86,11 @@ pub enum Filtering {
 #[cfg_attr(feature = "serde", serde(tag = "cause", rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Loss {
-    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events. When gap
-    /// accounting is on, the exact number follows as [`Loss::Gap`] reports once the next
-    /// events arrive; with a kernel filter the number is unknown.
+    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events, and
+    /// goes on dropping them until the queue has been read empty. The exact number is the
+    /// kernel's drop counter, in [`LossStats::kernel_drops`] (read at this report and at
+    /// every [`stats`](ProcListener::stats) call); when gap accounting is on, the part of it
+    /// that later events reveal also follows as [`Loss::Gap`] reports, per CPU.
     Overrun,
     /// `count` events of CPU `cpu` never arrived (a per-CPU sequence gap).
     Gap {
@@ -132,16 +136,71 @@ pub struct LossStats {
     pub filtered: u64,
     /// Events dropped by the listener itself because its internal queue was full.
     pub dropped: u64,
+    /// Datagrams the kernel dropped for this listener's socket because its receive queue was
+    /// full, since the socket was opened: the socket's `sk_drops` counter
+    /// ([`ConnectorSocket::drops`](crate::sys::ConnectorSocket::drops)), read after every
+    /// overrun and by every `stats()` call. One proc event is one datagram, and the kernel
+    /// counts only what it actually sent to this socket (a kernel-side filter applies before
+    /// it), so this is exactly the number of events this socket lost, including those at the
+    /// end of a run that no later sequence number reveals. `None` when the kernel does not
+    /// report it, or for a receive path that does not own its socket (see
+    /// [`ProcRegistration::stats`](super::ProcRegistration::stats)).
+    ///
+    /// The kernel cannot tell a user-space multicast on group 1 from an event: such a
+    /// datagram dropped while the queue was full counts here too (had it arrived, it would
+    /// have been rejected as [`spoofed`](Self::spoofed)).
+    pub kernel_drops: Option<u64>,
+}
+
+/// How [`LossStats::lost`] knows its figure.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LossSource {
+    /// The kernel's drop counter of the socket ([`LossStats::kernel_drops`]): exact, in every
+    /// filter mode, tail included.
+    KernelCounter,
+    /// Per-CPU sequence gaps, with no overrun reported: exact (nothing was dropped for a full
+    /// queue; a gap then means the kernel failed to build a message).
+    SequenceNumbers,
+    /// No drop counter and no overrun, with a kernel filter: nothing was lost.
+    NoOverrun,
+    /// Overruns happened and no exact figure is available (no drop counter; the sequence
+    /// gaps, if tracked, miss the events lost at the end of each CPU's stream):
+    /// [`LossStats::lost_at_least`] is a lower bound.
+    Unknown,
 }
 
 impl LossStats {
-    /// The number of lost events, when it is known: exact with gap accounting; with a kernel
-    /// filter, `Some(0)` when no overrun happened and `None` (unknown) after one.
+    /// The number of lost events when it is exact, `None` when it is not known exactly (see
+    /// [`lost_source`](Self::lost_source) and [`lost_at_least`](Self::lost_at_least)).
+    ///
+    /// With the kernel's drop counter (every listener that owns its socket, on Linux 4.13+)
+    /// it is that counter, whatever the filter mode: a loss at the end of a run, which no
+    /// later sequence number reveals, is included. Where per-CPU gaps are tracked too and
+    /// exceed it (the kernel failed to build a message, which it does not count as a drop),
+    /// the larger figure is taken. Events the listener itself dropped
+    /// ([`dropped`](Self::dropped)) are added.
     pub fn lost(&self) -> Option<u64> {
-        match self.seq_lost {
-            Some(n) => Some(n + self.dropped),
-            None if self.overruns == 0 => Some(self.dropped),
-            None => None,
+        match self.lost_source() {
+            LossSource::Unknown => None,
+            _ => Some(self.lost_at_least()),
+        }
+    }
+
+    /// A lower bound of the lost events, exact when [`lost`](Self::lost) is `Some`.
+    pub fn lost_at_least(&self) -> u64 {
+        let k = self.kernel_drops.unwrap_or(0);
+        k.max(self.seq_lost.unwrap_or(0)) + self.dropped
+    }
+
+    /// Where the figure of [`lost`](Self::lost) comes from, and whether it is exact.
+    pub fn lost_source(&self) -> LossSource {
+        match (self.kernel_drops, self.seq_lost) {
+            (Some(_), _) => LossSource::KernelCounter,
+            _ if self.overruns > 0 => LossSource::Unknown,
+            (None, Some(_)) => LossSource::SequenceNumbers,
+            (None, None) => LossSource::NoOverrun,
         }
     }
 }
@@ -273,6 +332,7 @@ impl ProcListenerBuilder {
             return Err(Error::ProcConnector { reason });
         }
         let sock = ConnectorSocket::open()?;
+        let drops = Cell::new(DropCounter::baseline(&sock)?);
         sock.set_recv_buffer(self.recv_buffer, true)?;
         sock.join(PROC_GROUP)?;
         let want_filter = !events.is_all();
@@ -299,6 +359,7 @@ impl ProcListenerBuilder {
             ignored: false,
             warning: foreign,
             drained: false,
+            drops,
         };
         if foreign.is_some() {
             // The kernel drops the request; sending it costs nothing and keeps Drop simple.
@@ -472,6 +533,7 @@ impl ProcDecoder {
             decode_errors: self.decode_errors,
             filtered: self.filtered,
             dropped: 0,
+            kernel_drops: None,
         }
     }
 
@@ -620,6 +682,9 @@ pub struct ProcListener {
     warning: Option<&'static str>,
     /// The last read found the socket's queue empty.
     drained: bool,
+    /// The socket's kernel drop counter, from its value at open; read after every overrun
+    /// and by `stats()`.
+    drops: Cell<DropCounter>,
 }
 
 impl ProcListener {
@@ -665,12 +730,23 @@ impl ProcListener {
         ShutdownHandle(self.shared.clone())
     }
 
-    /// The counters so far.
+    /// The counters so far. Reads the socket's kernel drop counter
+    /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
         LossStats {
             dropped: self.core.dropped,
+            kernel_drops: self.read_drops(),
             ..self.core.dec.stats()
         }
+    }
+
+    /// Updates the drop counter from the socket (a failed read keeps the last value: the
+    /// socket is ours and open, so it does not fail in practice).
+    fn read_drops(&self) -> Option<u64> {
+        let mut d = self.drops.get();
+        let r = d.update(&self.sock).ok().flatten();
+        self.drops.set(d);
+        r.or(d.total())
     }
 
     /// The last decode error of a kernel message, if any (they are counted in
@@ -774,6 +850,7 @@ impl ProcListener {
             Ok(None) => Ok(false),
             Err(Error::Overrun { .. }) => {
                 self.core.dec.record_overrun();
+                self.read_drops();
                 self.core.push(Received::Lost(Loss::Overrun));
                 Ok(true)
             }

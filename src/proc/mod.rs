@@ -26,8 +26,9 @@ pub use event::{
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
 pub use listener::{
-    Decoded, FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcDecoder, ProcListener,
-    ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
+    Decoded, FilterMode, Filtering, Iter, Loss, LossSource, LossStats, ProcChannel, ProcDecoder,
+    ProcListener, ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT,
+    DEFAULT_RECV_BUFFER,
 };
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
