@@ -354,8 +354,8 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
         })
         .collect();
     assert_eq!(mine, want, "{test}: exactly the non-zero exits");
+    // (Other processes may multicast on group 1 meanwhile: `spoofed` is theirs, not ours.)
     let stats = l.stats();
-    assert_eq!(stats.spoofed, 0);
     assert_eq!(stats.decode_errors, 0);
 }
 
@@ -785,12 +785,24 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
     stop.store(true, Ordering::SeqCst);
     let kernel = stats.kernel_drops.unwrap();
     assert!(stats.overruns >= 1, "a burst into a 32 KiB queue overflows");
-    assert_eq!(stats.lost_source(), LossSource::KernelCounter);
-    assert_eq!(stats.lost(), Some(kernel.max(stats.seq_lost.unwrap())));
     eprintln!(
-        "{test}: kernel drops {kernel}, sequence gaps {:?}, overruns {}",
-        stats.seq_lost, stats.overruns
+        "{test}: kernel drops {kernel}, sequence gaps {:?}, overruns {}, spoofed {}, \
+         user-space datagrams not received {:?} (settled: {})",
+        stats.seq_lost,
+        stats.overruns,
+        stats.spoofed,
+        stats.foreign_unaccounted,
+        stats.foreign_settled
     );
+    // User-space senders multicast on group 1 on a busy host, and the kernel counts their
+    // dropped datagrams too: the witness takes them out (exact), or the figure is reported
+    // as bounded, not exact.
+    // close() read the queue empty after IGNORE, so the witness's count is settled.
+    let foreign = stats.foreign_unaccounted.expect("a witness on 6.6+");
+    assert!(foreign == 0 || stats.foreign_settled, "{stats:?}");
+    assert_eq!(stats.lost_source(), LossSource::KernelCounter, "{stats:?}");
+    let exact = stats.lost();
+    assert_eq!(exact, Some(kernel - foreign), "{stats:?}");
     let (seen, rstats) = drain.join().unwrap();
     if rstats.lost() != Some(0) {
         eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
@@ -802,9 +814,8 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
         .count() as u64;
     assert!(missed > 0, "the burst cost events");
     assert_eq!(
-        kernel - drops_before,
+        exact.unwrap() - drops_before,
         missed,
-        "kernel drops vs events the reference saw in the window and this listener missed"
+        "reported loss vs events the reference saw in the window and this listener missed"
     );
-    assert_eq!(stats.lost(), Some(kernel), "{stats:?}");
 }

@@ -52,7 +52,7 @@ fn a_connector_callback_receives_typed_proc_events() {
     assert_eq!(exit, Some(4));
     let st = events.stats();
     assert!(st.events >= 3);
-    assert_eq!(st.spoofed, 0);
+    // (`spoofed` may count other processes' multicasts on group 1: not asserted.)
     assert_eq!(st.seq_lost, Some(0), "{st:?}");
     drop(events);
 }

@@ -143,5 +143,6 @@ async fn the_proc_stream_receives_real_events() {
         }
     }
     assert_eq!(exit, Some(9));
-    assert_eq!(events.stats().spoofed, 0);
+    // (`spoofed` may count other processes' multicasts on group 1: not asserted.)
+    assert_eq!(events.stats().decode_errors, 0);
 }

@@ -148,8 +148,24 @@ pub struct LossStats {
     ///
     /// The kernel cannot tell a user-space multicast on group 1 from an event: such a
     /// datagram dropped while the queue was full counts here too (had it arrived, it would
-    /// have been rejected as [`spoofed`](Self::spoofed)).
+    /// have been rejected as [`spoofed`](Self::spoofed)); see
+    /// [`foreign_unaccounted`](Self::foreign_unaccounted).
     pub kernel_drops: Option<u64>,
+    /// User-space datagrams multicast on group 1 while this socket was a member that it did
+    /// not receive (so the kernel may have counted them in
+    /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that [`ProcListener`]
+    /// keeps in group 1 with the kernel's events switched off (`IGNORE`), so that it receives
+    /// exactly the user-space multicasts. `Some(0)`: no user-space datagram can be in
+    /// `kernel_drops`, which then counts lost events exactly. `None`: no witness (other
+    /// receive paths, kernels before 6.6, or the witness lost datagrams itself); the figure
+    /// is then exact only if no user-space datagram reached this socket
+    /// ([`spoofed`](Self::spoofed) = 0).
+    pub foreign_unaccounted: Option<u64>,
+    /// True when this socket's receive queue was empty as the counters were read (after the
+    /// witness): none of the [`foreign_unaccounted`](Self::foreign_unaccounted) datagrams
+    /// can still be waiting in it, so all of them are in
+    /// [`kernel_drops`](Self::kernel_drops), and the difference is exactly the lost events.
+    pub foreign_settled: bool,
 }
 
 /// How [`LossStats::lost`] knows its figure.
@@ -158,50 +174,147 @@ pub struct LossStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LossSource {
     /// The kernel's drop counter of the socket ([`LossStats::kernel_drops`]): exact, in every
-    /// filter mode, tail included.
+    /// filter mode, the end of the run included.
     KernelCounter,
     /// Per-CPU sequence gaps, with no overrun reported: exact (nothing was dropped for a full
     /// queue; a gap then means the kernel failed to build a message).
     SequenceNumbers,
     /// No drop counter and no overrun, with a kernel filter: nothing was lost.
     NoOverrun,
-    /// Overruns happened and no exact figure is available (no drop counter; the sequence
-    /// gaps, if tracked, miss the events lost at the end of each CPU's stream):
-    /// [`LossStats::lost_at_least`] is a lower bound.
+    /// Not exact, but bounded: the kernel's drop counter exceeds the sequence gaps, and
+    /// user-space senders multicast on group 1 during the run ([`LossStats::spoofed`] > 0).
+    /// The kernel counts their datagrams dropped for a full queue alike, so the lost
+    /// events are between [`LossStats::lost_at_least`] (the gaps) and
+    /// [`LossStats::lost_at_most`] (the counter).
+    Bounded,
+    /// Overruns happened and this receive path has no drop counter: the sequence gaps, if
+    /// tracked, miss the events lost at the end of each CPU's stream, so
+    /// [`LossStats::lost_at_least`] is only a lower bound.
     Unknown,
 }
 
 impl LossStats {
     /// The number of lost events when it is exact, `None` when it is not known exactly (see
-    /// [`lost_source`](Self::lost_source) and [`lost_at_least`](Self::lost_at_least)).
+    /// [`lost_source`](Self::lost_source), [`lost_at_least`](Self::lost_at_least) and
+    /// [`lost_at_most`](Self::lost_at_most)).
     ///
     /// With the kernel's drop counter (every listener that owns its socket, on Linux 4.13+)
     /// it is that counter, whatever the filter mode: a loss at the end of a run, which no
-    /// later sequence number reveals, is included. Where per-CPU gaps are tracked too and
-    /// exceed it (the kernel failed to build a message, which it does not count as a drop),
-    /// the larger figure is taken. Events the listener itself dropped
-    /// ([`dropped`](Self::dropped)) are added.
+    /// later sequence number reveals, is included. The counter counts user-space multicasts
+    /// on group 1 dropped with the events too; those are taken out when the witness knows
+    /// them ([`foreign_unaccounted`](Self::foreign_unaccounted),
+    /// [`foreign_settled`](Self::foreign_settled)), and otherwise the figure is not exact.
+    /// Where per-CPU gaps are tracked too and exceed it (the kernel failed to build a
+    /// message, which it does not count as a drop), the larger figure is taken. Events the
+    /// listener itself dropped ([`dropped`](Self::dropped)) are added.
     pub fn lost(&self) -> Option<u64> {
         match self.lost_source() {
-            LossSource::Unknown => None,
+            LossSource::Bounded | LossSource::Unknown => None,
             _ => Some(self.lost_at_least()),
         }
     }
 
-    /// A lower bound of the lost events, exact when [`lost`](Self::lost) is `Some`.
+    /// A lower bound of the lost events, equal to [`lost`](Self::lost) when that is `Some`.
     pub fn lost_at_least(&self) -> u64 {
-        let k = self.kernel_drops.unwrap_or(0);
-        k.max(self.seq_lost.unwrap_or(0)) + self.dropped
+        let gaps = self.seq_lost.unwrap_or(0);
+        let events = match (self.kernel_drops, self.foreign_unaccounted) {
+            // At most `u` of the counted drops were user-space datagrams.
+            (Some(k), Some(u)) => k.saturating_sub(u),
+            (Some(k), None) if self.lost_source() == LossSource::KernelCounter => k,
+            _ => 0,
+        };
+        events.max(gaps) + self.dropped
+    }
+
+    /// An upper bound of the lost events, when one is known (with the kernel's drop
+    /// counter, or when the figure is exact).
+    pub fn lost_at_most(&self) -> Option<u64> {
+        if self.lost_source() == LossSource::KernelCounter {
+            return self.lost();
+        }
+        match self.kernel_drops {
+            Some(k) => Some(k.max(self.seq_lost.unwrap_or(0)) + self.dropped),
+            None => self.lost(),
+        }
     }
 
     /// Where the figure of [`lost`](Self::lost) comes from, and whether it is exact.
     pub fn lost_source(&self) -> LossSource {
         match (self.kernel_drops, self.seq_lost) {
-            (Some(_), _) => LossSource::KernelCounter,
+            (Some(k), g) => {
+                let clean = match self.foreign_unaccounted {
+                    Some(u) => u == 0 || self.foreign_settled,
+                    None => self.spoofed == 0,
+                };
+                if clean || k <= g.unwrap_or(0) {
+                    LossSource::KernelCounter
+                } else {
+                    LossSource::Bounded
+                }
+            }
             _ if self.overruns > 0 => LossSource::Unknown,
             (None, Some(_)) => LossSource::SequenceNumbers,
             (None, None) => LossSource::NoOverrun,
         }
+    }
+}
+
+/// The witness of user-space multicasts on group 1: a socket in group 1 that sent
+/// `IGNORE` before joining, so the kernel sends it none of its events (its filter applies
+/// before delivery) while user-space multicasts, which no filter stops, all reach it. What it
+/// receives and drops is every user-space datagram on group 1; the listener's own socket
+/// received some of them, and the rest may be in its kernel drop counter.
+#[derive(Debug)]
+struct Witness {
+    sock: ConnectorSocket,
+    drops: Cell<DropCounter>,
+    /// User-space datagrams received since the baseline.
+    seen: Cell<u64>,
+}
+
+impl Witness {
+    /// Only on 6.6+: older kernels count a socket's first `IGNORE` as a listener leaving,
+    /// which would lower the kernel's listener count.
+    fn open() -> Option<Self> {
+        if !kernel_at_least(6, 6) {
+            return None;
+        }
+        let sock = ConnectorSocket::open().ok()?;
+        sock.set_recv_buffer(1 << 20, true).ok()?;
+        let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
+        d.push(&request(McastOp::Ignore, None, 0, sock.port_id()))
+            .ok()?;
+        sock.send(d.as_bytes(), Dest::Kernel).ok()?;
+        sock.join(PROC_GROUP).ok()?;
+        let drops = Cell::new(DropCounter::baseline(&sock).ok()?);
+        Some(Self {
+            sock,
+            drops,
+            seen: Cell::new(0),
+        })
+    }
+
+    /// Reads everything queued; returns the user-space datagrams seen plus those it lost
+    /// since the baseline, or `None` if it cannot tell.
+    fn total(&self) -> Option<u64> {
+        let mut buf = BytesMut::with_capacity(128);
+        loop {
+            buf.clear();
+            match self.sock.recv_max(&mut buf, 128, true) {
+                Ok(Some(meta)) if meta.port != 0 => self.seen.set(self.seen.get() + 1),
+                Ok(Some(_)) => {}
+                // No kernel proc datagram comes near 128 bytes: a user-space one.
+                Err(Error::Truncated { .. }) => self.seen.set(self.seen.get() + 1),
+                // What it dropped is in its drop counter.
+                Err(Error::Overrun { .. }) => {}
+                Ok(None) => break,
+                Err(_) => return None,
+            }
+        }
+        let mut d = self.drops.get();
+        let lost = d.update(&self.sock).ok().flatten()?;
+        self.drops.set(d);
+        Some(self.seen.get() + lost)
     }
 }
 
@@ -334,6 +447,13 @@ impl ProcListenerBuilder {
         let sock = ConnectorSocket::open()?;
         let drops = Cell::new(DropCounter::baseline(&sock)?);
         sock.set_recv_buffer(self.recv_buffer, true)?;
+        // The witness is in the group before this socket and its baseline is taken before
+        // this socket joins, so whatever it counts covers this socket's membership.
+        let witness = if foreign.is_none() {
+            Witness::open().and_then(|w| w.total().map(|base| (w, base)))
+        } else {
+            None
+        };
         sock.join(PROC_GROUP)?;
         let want_filter = !events.is_all();
         let mut l = ProcListener {
@@ -360,6 +480,9 @@ impl ProcListenerBuilder {
             warning: foreign,
             drained: false,
             drops,
+            witness,
+            foreign: 0,
+            discarded: 0,
         };
         if foreign.is_some() {
             // The kernel drops the request; sending it costs nothing and keeps Drop simple.
@@ -534,6 +657,8 @@ impl ProcDecoder {
             filtered: self.filtered,
             dropped: 0,
             kernel_drops: None,
+            foreign_unaccounted: None,
+            foreign_settled: false,
         }
     }
 
@@ -685,6 +810,13 @@ pub struct ProcListener {
     /// The socket's kernel drop counter, from its value at open; read after every overrun
     /// and by `stats()`.
     drops: Cell<DropCounter>,
+    /// The witness of user-space multicasts on group 1, with its count when this socket
+    /// joined the group.
+    witness: Option<(Witness, u64)>,
+    /// Datagrams from user-space senders this socket received.
+    foreign: u64,
+    /// Events decoded but discarded by `finish` (never handed out).
+    discarded: u64,
 }
 
 impl ProcListener {
@@ -733,20 +865,36 @@ impl ProcListener {
     /// The counters so far. Reads the socket's kernel drop counter
     /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
+        // The witness first, then this socket: a user-space datagram sent in between is in
+        // neither count, or is queued here (so the queue is not empty), or was dropped here
+        // while the queue was full (so, again, not empty).
+        let foreign_unaccounted = self.witness.as_ref().and_then(|(w, base)| {
+            let total = w.total()?.checked_sub(*base)?;
+            Some(total.saturating_sub(self.foreign))
+        });
+        let (kernel_drops, empty) = self.read_drops();
+        let dec = self.core.dec.stats();
         LossStats {
+            events: dec.events - self.discarded,
             dropped: self.core.dropped,
-            kernel_drops: self.read_drops(),
-            ..self.core.dec.stats()
+            kernel_drops,
+            foreign_unaccounted,
+            foreign_settled: foreign_unaccounted.is_some() && empty,
+            ..dec
         }
     }
 
-    /// Updates the drop counter from the socket (a failed read keeps the last value: the
-    /// socket is ours and open, so it does not fail in practice).
-    fn read_drops(&self) -> Option<u64> {
+    /// Updates the drop counter from the socket, and says whether its receive queue is
+    /// empty. A failed read (not expected: the socket is ours and open) keeps the last value
+    /// and says "not empty".
+    fn read_drops(&self) -> (Option<u64>, bool) {
         let mut d = self.drops.get();
-        let r = d.update(&self.sock).ok().flatten();
+        let (total, empty) = match self.sock.meminfo() {
+            Ok(m) => (d.observe(m.drops), m.rmem_alloc == 0),
+            Err(_) => (d.total(), false),
+        };
         self.drops.set(d);
-        r.or(d.total())
+        (total, empty)
     }
 
     /// The last decode error of a kernel message, if any (they are counted in
@@ -807,11 +955,43 @@ impl ProcListener {
         Iter { l: self }
     }
 
-    /// Sends `IGNORE` now and returns the final counters.
+    /// Sends `IGNORE` now and returns the final counters (see [`finish`](Self::finish)).
     pub fn close(mut self) -> Result<LossStats> {
-        self.ignored = true;
         self.send_request(McastOp::Ignore, None)?;
-        Ok(self.stats())
+        self.ignored = true;
+        Ok(self.finish())
+    }
+
+    /// Ends the subscription and returns the final counters: sends `IGNORE` (unless sent
+    /// already; the kernel then sends this socket no more events), and reads and discards
+    /// what is still queued, undelivered items included ([`LossStats::events`] counts only
+    /// what was handed out). With the queue read empty, the user-space datagrams the witness
+    /// counted are settled ([`LossStats::foreign_settled`]), so the loss figure is exact even
+    /// while other processes multicast on group 1. Nothing more is received afterwards.
+    pub fn finish(&mut self) -> LossStats {
+        if !self.ignored {
+            self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
+        }
+        let mut stats = self.stats();
+        // User-space multicasts still arrive after IGNORE: a few tries to find the queue
+        // empty as the counters are read.
+        for _ in 0..4 {
+            self.discard_pending();
+            while let Ok(true) = self.fill() {
+                self.discard_pending();
+            }
+            stats = self.stats();
+            if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
+                break;
+            }
+        }
+        stats
+    }
+
+    fn discard_pending(&mut self) {
+        for r in self.core.pending.drain(..) {
+            self.discarded += u64::from(matches!(r, Received::Event(_)));
+        }
     }
 
     /// Moves the listener to a reader thread that forwards what it receives into a bounded
@@ -844,19 +1024,21 @@ impl ProcListener {
         self.drained = matches!(r, Ok(None));
         match r {
             Ok(Some(meta)) => {
+                self.foreign += u64::from(meta.port != 0);
                 self.core.datagram(&self.buf[..meta.len], meta);
                 Ok(true)
             }
             Ok(None) => Ok(false),
             Err(Error::Overrun { .. }) => {
                 self.core.dec.record_overrun();
-                self.read_drops();
+                let _ = self.read_drops();
                 self.core.push(Received::Lost(Loss::Overrun));
                 Ok(true)
             }
             // No kernel proc datagram comes near 64 KiB: some user-space sender's.
             Err(Error::Truncated { .. }) => {
                 self.core.dec.spoofed += 1;
+                self.foreign += 1;
                 Ok(true)
             }
             Err(e) => Err(e),
@@ -1000,8 +1182,8 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
             break;
         }
     }
-    *stats.lock() = l.stats();
-    // Dropping `l` sends IGNORE.
+    // IGNORE, and the queue read empty: the final, settled figures.
+    *stats.lock() = l.finish();
 }
 
 /// A [`ProcListener`] running on its own thread, feeding a bounded channel (see
@@ -1052,7 +1234,8 @@ impl ProcChannel {
         self.shutdown.clone()
     }
 
-    /// Stops the reader (which sends `IGNORE`) and returns the final counters.
+    /// Stops the reader (which sends `IGNORE` and reads the queue empty, see
+    /// [`ProcListener::finish`]) and returns the final counters.
     pub fn close(mut self) -> LossStats {
         self.stop();
         self.stats()

@@ -467,13 +467,17 @@ impl DropCounter {
     /// Reads the socket's counter and adds what it dropped since the last read. Returns the
     /// total since the baseline, or `None` when unavailable.
     pub fn update(&mut self, socket: &ConnectorSocket) -> Result<Option<u64>> {
-        if let Some(last) = self.last {
-            if let Some(now) = socket.drops()? {
-                self.total += u64::from(now.wrapping_sub(last));
-                self.last = Some(now);
-            }
+        Ok(self.observe(socket.drops()?))
+    }
+
+    /// As [`update`](Self::update), with a value of the counter already read (for instance
+    /// [`MemInfo::drops`]).
+    pub fn observe(&mut self, now: Option<u32>) -> Option<u64> {
+        if let (Some(last), Some(now)) = (self.last, now) {
+            self.total += u64::from(now.wrapping_sub(last));
+            self.last = Some(now);
         }
-        Ok(self.total())
+        self.total()
     }
 
     /// Datagrams dropped since the baseline, as of the last [`update`](Self::update).
