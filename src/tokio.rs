@@ -111,7 +111,7 @@ impl AsyncConnector {
     /// A snapshot of the counters. Reads the socket's kernel drop counter
     /// ([`Stats::kernel_drops`]).
     pub fn stats(&self) -> Stats {
-        self.outbox.counters.read_drops(&self.outbox.socket);
+        let _ = self.outbox.counters.read_drops(&self.outbox.socket);
         self.outbox.counters.snapshot()
     }
 
@@ -315,6 +315,9 @@ pub struct ProcStream {
     conn: AsyncConnector,
     decoder: crate::proc::ProcDecoder,
     pending: VecDeque<crate::proc::Received>,
+    /// Counts the user-space multicasts on group 1 (see `LossStats::foreign_unaccounted`),
+    /// with this socket's count of them when it joined.
+    witness: Option<(crate::proc::Witness, u64)>,
     _group: Subscription,
 }
 
@@ -335,7 +338,9 @@ impl ProcStream {
         let conn = crate::connector::Connector::builder()
             .recv_buffer(DEFAULT_RECV_BUFFER)
             .build_async()?;
-        let group = conn.subscribe(1)?;
+        let foreign = &conn.outbox.counters.proc_group_foreign;
+        let base = foreign.load(std::sync::atomic::Ordering::Relaxed);
+        let (witness, group) = crate::proc::Witness::around(|| conn.subscribe(1))?;
         let token = crate::proc::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;
@@ -343,6 +348,7 @@ impl ProcStream {
             conn,
             decoder: crate::proc::ProcDecoder::new(events, true),
             pending: VecDeque::new(),
+            witness: witness.map(|w| (w, base)),
             _group: group,
         };
         let ack = async {
@@ -402,10 +408,24 @@ impl ProcStream {
 
     /// Loss and event counters. The socket is this stream's alone and joined to group 1
     /// only, so its kernel drop counter ([`LossStats::kernel_drops`](crate::proc::LossStats::kernel_drops))
-    /// counts exactly the proc events it lost, the end of a run included.
+    /// counts the proc events it lost, the end of a run included, plus any user-space
+    /// multicasts on group 1 dropped with them, which a witness socket accounts for
+    /// ([`LossStats::lost`](crate::proc::LossStats::lost) says when the figure is exact).
     pub fn stats(&self) -> crate::proc::LossStats {
+        let c = &self.conn.outbox.counters;
+        // The witness first, then the socket (see `proc::Witness`); this stream is the
+        // socket's only reader.
+        let foreign = self.witness.as_ref().and_then(|(w, base)| {
+            let got = c
+                .proc_group_foreign
+                .load(std::sync::atomic::Ordering::Relaxed);
+            w.unaccounted(got - base)
+        });
+        let empty = c.read_drops(&self.conn.outbox.socket);
         crate::proc::LossStats {
-            kernel_drops: self.conn.stats().kernel_drops,
+            kernel_drops: c.snapshot().kernel_drops,
+            foreign_unaccounted: foreign.map(|f| f.0),
+            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
             ..self.decoder.stats()
         }
     }

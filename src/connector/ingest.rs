@@ -42,13 +42,14 @@ impl Ingest {
             Ok(None) => Ok(None),
             Err(Error::Overrun { .. }) => {
                 Counters::add(&c.overruns, 1);
-                c.read_drops(socket);
+                let _ = c.read_drops(socket);
                 event(Event::Overrun);
                 Ok(None)
             }
             Err(Error::Truncated { len, capacity, .. }) => {
                 buf.clear();
                 Counters::add(&c.truncated, 1);
+                Counters::add(&c.proc_group_foreign, 1);
                 event(Event::Truncated { len, capacity });
                 Ok(None)
             }
@@ -70,6 +71,9 @@ impl Ingest {
     ) {
         Counters::add(&c.datagrams, 1);
         Counters::add(&c.bytes, datagram.len() as u64);
+        if meta.port != 0 && meta.group == 1 {
+            Counters::add(&c.proc_group_foreign, 1);
+        }
         let source = Source {
             port: meta.port,
             group: meta.group,

@@ -610,7 +610,7 @@ impl ConnectorHandle {
     /// A snapshot of the counters. Reads the socket's kernel drop counter
     /// ([`Stats::kernel_drops`]).
     pub fn stats(&self) -> Stats {
-        self.inner.counters.read_drops(&self.inner.socket);
+        let _ = self.inner.counters.read_drops(&self.inner.socket);
         self.inner.counters.snapshot()
     }
 }

@@ -31,6 +31,9 @@ pub(crate) struct Counters {
     /// The socket's kernel drop counter since the connector started (`None` until the
     /// baseline is taken, or when the kernel does not report drops).
     drops: Mutex<Option<DropCounter>>,
+    /// User-space multicasts on group 1 received (and datagrams cut for length, whose
+    /// sender is unknown): what a proc witness counts too (`proc::Witness`). Not in `Stats`.
+    pub proc_group_foreign: AtomicU64,
 }
 
 impl Counters {
@@ -46,12 +49,17 @@ impl Counters {
     }
 
     /// Reads `socket`'s kernel drop counter into [`Stats::kernel_drops`]. Called after every
-    /// overrun and by every `stats()`.
-    pub(crate) fn read_drops(&self, socket: &ConnectorSocket) {
+    /// overrun and by every `stats()`. Returns whether the socket's receive queue was empty
+    /// (false when the read failed, which is not expected on an open socket: the last value
+    /// is kept).
+    pub(crate) fn read_drops(&self, socket: &ConnectorSocket) -> bool {
+        let Ok(m) = socket.meminfo() else {
+            return false;
+        };
         if let Some(d) = self.drops.lock().as_mut() {
-            // A failed read (not expected on an open socket) keeps the last value.
-            let _ = d.update(socket);
+            d.observe(m.drops);
         }
+        m.rmem_alloc == 0
     }
 
     pub(crate) fn snapshot(&self) -> Stats {

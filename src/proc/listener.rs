@@ -1,7 +1,6 @@
 //! [`ProcListener`]: subscribing to the proc connector and receiving typed events, with
 //! kernel- or user-space filtering, loss accounting and a clean `IGNORE` on drop.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,13 +152,14 @@ pub struct LossStats {
     pub kernel_drops: Option<u64>,
     /// User-space datagrams multicast on group 1 while this socket was a member that it did
     /// not receive (so the kernel may have counted them in
-    /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that [`ProcListener`]
-    /// keeps in group 1 with the kernel's events switched off (`IGNORE`), so that it receives
-    /// exactly the user-space multicasts. `Some(0)`: no user-space datagram can be in
-    /// `kernel_drops`, which then counts lost events exactly. `None`: no witness (other
-    /// receive paths, kernels before 6.6, or the witness lost datagrams itself); the figure
-    /// is then exact only if no user-space datagram reached this socket
-    /// ([`spoofed`](Self::spoofed) = 0).
+    /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that
+    /// [`ProcListener`] and [`ProcStream`](crate::tokio::ProcStream) keep in group 1 with the
+    /// kernel's events switched off (`IGNORE`), so that it receives exactly the user-space
+    /// multicasts. `Some(0)`: no user-space datagram can be in `kernel_drops`, which then
+    /// counts lost events exactly. `None`: no witness (a [`ProcRegistration`](super::ProcRegistration),
+    /// whose socket is read by the connector's dispatcher; kernels before 6.6; a witness that
+    /// could not be read): the kernel's figure is then exact only where the per-CPU gaps
+    /// account for all of it.
     pub foreign_unaccounted: Option<u64>,
     /// True when this socket's receive queue was empty as the counters were read (after the
     /// witness): none of the [`foreign_unaccounted`](Self::foreign_unaccounted) datagrams
@@ -244,7 +244,9 @@ impl LossStats {
             (Some(k), g) => {
                 let clean = match self.foreign_unaccounted {
                     Some(u) => u == 0 || self.foreign_settled,
-                    None => self.spoofed == 0,
+                    // Without a witness, user-space datagrams the socket never saw may be
+                    // in the count (a spoofer's datagrams that met a full queue).
+                    None => false,
                 };
                 if clean || k <= g.unwrap_or(0) {
                     LossSource::KernelCounter
@@ -262,19 +264,48 @@ impl LossStats {
 /// The witness of user-space multicasts on group 1: a socket in group 1 that sent
 /// `IGNORE` before joining, so the kernel sends it none of its events (its filter applies
 /// before delivery) while user-space multicasts, which no filter stops, all reach it. What it
-/// receives and drops is every user-space datagram on group 1; the listener's own socket
-/// received some of them, and the rest may be in its kernel drop counter.
+/// receives and drops is every user-space datagram on group 1; the receiving socket got some
+/// of them, and the rest may be in its kernel drop counter.
+///
+/// Reading order makes the count sound: the witness is read first, then the receiving
+/// socket's counter and queue. A user-space datagram sent in between is in neither count,
+/// or waits in the receiving queue (not empty: not settled), or was dropped from a full
+/// queue (again not empty). The owner must be the only reader of the receiving socket.
 #[derive(Debug)]
-struct Witness {
+pub(crate) struct Witness {
     sock: ConnectorSocket,
-    drops: Cell<DropCounter>,
-    /// User-space datagrams received since the baseline.
-    seen: Cell<u64>,
+    drops: Mutex<DropCounter>,
+    /// User-space datagrams received.
+    seen: Mutex<u64>,
+    /// The count just before the receiving socket joined.
+    base: u64,
+    /// No user-space datagram reached the witness while the receiving socket joined (else
+    /// it cannot tell whether the receiving socket was a member for it: never settled).
+    sound: bool,
 }
 
 impl Witness {
-    /// Only on 6.6+: older kernels count a socket's first `IGNORE` as a listener leaving,
-    /// which would lower the kernel's listener count.
+    /// Opens a witness and runs `join` (the receiving socket joining group 1) between two
+    /// of its counts. No witness (`None`) on kernels before 6.6, which count a socket's first
+    /// `IGNORE` as a listener leaving (it would lower the kernel's listener count), or when
+    /// the witness cannot be set up; `join`'s error is returned as is.
+    pub(crate) fn around<R>(join: impl FnOnce() -> Result<R>) -> Result<(Option<Self>, R)> {
+        let Some(mut w) = Self::open() else {
+            return join().map(|r| (None, r));
+        };
+        let before = w.total();
+        let r = join()?;
+        let after = w.total();
+        Ok(match (before, after) {
+            (Some(b), Some(a)) => {
+                w.base = b;
+                w.sound = a == b;
+                (Some(w), r)
+            }
+            _ => (None, r),
+        })
+    }
+
     fn open() -> Option<Self> {
         if !kernel_at_least(6, 6) {
             return None;
@@ -286,35 +317,43 @@ impl Witness {
             .ok()?;
         sock.send(d.as_bytes(), Dest::Kernel).ok()?;
         sock.join(PROC_GROUP).ok()?;
-        let drops = Cell::new(DropCounter::baseline(&sock).ok()?);
+        let drops = Mutex::new(DropCounter::baseline(&sock).ok()?);
         Some(Self {
             sock,
             drops,
-            seen: Cell::new(0),
+            seen: Mutex::new(0),
+            base: 0,
+            sound: false,
         })
     }
 
-    /// Reads everything queued; returns the user-space datagrams seen plus those it lost
-    /// since the baseline, or `None` if it cannot tell.
+    /// Reads everything queued; returns the user-space datagrams seen plus those it lost,
+    /// or `None` if it cannot tell.
     fn total(&self) -> Option<u64> {
         let mut buf = BytesMut::with_capacity(128);
         loop {
             buf.clear();
             match self.sock.recv_max(&mut buf, 128, true) {
-                Ok(Some(meta)) if meta.port != 0 => self.seen.set(self.seen.get() + 1),
+                Ok(Some(meta)) if meta.port != 0 => *self.seen.lock() += 1,
                 Ok(Some(_)) => {}
                 // No kernel proc datagram comes near 128 bytes: a user-space one.
-                Err(Error::Truncated { .. }) => self.seen.set(self.seen.get() + 1),
+                Err(Error::Truncated { .. }) => *self.seen.lock() += 1,
                 // What it dropped is in its drop counter.
                 Err(Error::Overrun { .. }) => {}
                 Ok(None) => break,
                 Err(_) => return None,
             }
         }
-        let mut d = self.drops.get();
-        let lost = d.update(&self.sock).ok().flatten()?;
-        self.drops.set(d);
-        Some(self.seen.get() + lost)
+        let lost = self.drops.lock().update(&self.sock).ok().flatten()?;
+        Some(*self.seen.lock() + lost)
+    }
+
+    /// The user-space datagrams on group 1 since the receiving socket joined that it did
+    /// not receive (`received`: the ones it did), and whether that count can settle. Read
+    /// it before the receiving socket's counter and queue.
+    pub(crate) fn unaccounted(&self, received: u64) -> Option<(u64, bool)> {
+        let since = self.total()?.checked_sub(self.base)?;
+        Some((since.saturating_sub(received), self.sound))
     }
 }
 
@@ -445,16 +484,14 @@ impl ProcListenerBuilder {
             return Err(Error::ProcConnector { reason });
         }
         let sock = ConnectorSocket::open()?;
-        let drops = Cell::new(DropCounter::baseline(&sock)?);
+        let drops = Mutex::new(DropCounter::baseline(&sock)?);
         sock.set_recv_buffer(self.recv_buffer, true)?;
-        // The witness is in the group before this socket and its baseline is taken before
-        // this socket joins, so whatever it counts covers this socket's membership.
-        let witness = if foreign.is_none() {
-            Witness::open().and_then(|w| w.total().map(|base| (w, base)))
+        // The witness counts the user-space multicasts on group 1 from this socket's join.
+        let (witness, ()) = if foreign.is_none() {
+            Witness::around(|| sock.join(PROC_GROUP))?
         } else {
-            None
+            (None, sock.join(PROC_GROUP)?)
         };
-        sock.join(PROC_GROUP)?;
         let want_filter = !events.is_all();
         let mut l = ProcListener {
             sock,
@@ -809,11 +846,10 @@ pub struct ProcListener {
     drained: bool,
     /// The socket's kernel drop counter, from its value at open; read after every overrun
     /// and by `stats()`.
-    drops: Cell<DropCounter>,
-    /// The witness of user-space multicasts on group 1, with its count when this socket
-    /// joined the group.
-    witness: Option<(Witness, u64)>,
-    /// Datagrams from user-space senders this socket received.
+    drops: Mutex<DropCounter>,
+    /// The witness of user-space multicasts on group 1.
+    witness: Option<Witness>,
+    /// User-space multicasts on group 1 this socket received.
     foreign: u64,
     /// Events decoded but discarded by `finish` (never handed out).
     discarded: u64,
@@ -865,21 +901,19 @@ impl ProcListener {
     /// The counters so far. Reads the socket's kernel drop counter
     /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
-        // The witness first, then this socket: a user-space datagram sent in between is in
-        // neither count, or is queued here (so the queue is not empty), or was dropped here
-        // while the queue was full (so, again, not empty).
-        let foreign_unaccounted = self.witness.as_ref().and_then(|(w, base)| {
-            let total = w.total()?.checked_sub(*base)?;
-            Some(total.saturating_sub(self.foreign))
-        });
+        // The witness first, then this socket (see `Witness`).
+        let foreign = self
+            .witness
+            .as_ref()
+            .and_then(|w| w.unaccounted(self.foreign));
         let (kernel_drops, empty) = self.read_drops();
         let dec = self.core.dec.stats();
         LossStats {
             events: dec.events - self.discarded,
             dropped: self.core.dropped,
             kernel_drops,
-            foreign_unaccounted,
-            foreign_settled: foreign_unaccounted.is_some() && empty,
+            foreign_unaccounted: foreign.map(|f| f.0),
+            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
             ..dec
         }
     }
@@ -888,13 +922,11 @@ impl ProcListener {
     /// empty. A failed read (not expected: the socket is ours and open) keeps the last value
     /// and says "not empty".
     fn read_drops(&self) -> (Option<u64>, bool) {
-        let mut d = self.drops.get();
-        let (total, empty) = match self.sock.meminfo() {
+        let mut d = self.drops.lock();
+        match self.sock.meminfo() {
             Ok(m) => (d.observe(m.drops), m.rmem_alloc == 0),
             Err(_) => (d.total(), false),
-        };
-        self.drops.set(d);
-        (total, empty)
+        }
     }
 
     /// The last decode error of a kernel message, if any (they are counted in
@@ -1024,7 +1056,8 @@ impl ProcListener {
         self.drained = matches!(r, Ok(None));
         match r {
             Ok(Some(meta)) => {
-                self.foreign += u64::from(meta.port != 0);
+                // User-space multicasts on group 1: what the witness counts too.
+                self.foreign += u64::from(meta.port != 0 && meta.group == PROC_GROUP);
                 self.core.datagram(&self.buf[..meta.len], meta);
                 Ok(true)
             }
@@ -1259,6 +1292,84 @@ impl Drop for ProcChannel {
 mod tests {
     use super::*;
     use crate::codec::CnMsg;
+
+    /// `lost()` is `Some` only when the figure is exact, in every combination of sources.
+    #[test]
+    fn lost_is_exact_only_when_it_is() {
+        let base = LossStats {
+            overruns: 1,
+            ..LossStats::default()
+        };
+        // No drop counter: gaps miss the tail after an overrun; without an overrun they
+        // are exact; with a kernel filter and no overrun nothing was lost.
+        let gaps = LossStats {
+            seq_lost: Some(5),
+            ..base.clone()
+        };
+        assert_eq!(
+            (gaps.lost(), gaps.lost_source()),
+            (None, LossSource::Unknown)
+        );
+        assert_eq!(gaps.lost_at_least(), 5);
+        let quiet = LossStats {
+            overruns: 0,
+            ..gaps.clone()
+        };
+        assert_eq!(quiet.lost(), Some(5));
+        let filtered = LossStats::default();
+        assert_eq!(
+            (filtered.lost(), filtered.lost_source()),
+            (Some(0), LossSource::NoOverrun)
+        );
+        // The kernel counter with a witness that saw no user-space datagram: exact, the
+        // tail included (9 > 5 gaps), in every filter mode.
+        let k = LossStats {
+            kernel_drops: Some(9),
+            foreign_unaccounted: Some(0),
+            ..gaps.clone()
+        };
+        assert_eq!(
+            (k.lost(), k.lost_source()),
+            (Some(9), LossSource::KernelCounter)
+        );
+        let kf = LossStats {
+            seq_lost: None,
+            ..k.clone()
+        };
+        assert_eq!(kf.lost(), Some(9));
+        // User-space datagrams may be in the count: a range until they are settled...
+        let unsettled = LossStats {
+            foreign_unaccounted: Some(3),
+            ..k.clone()
+        };
+        assert_eq!(unsettled.lost(), None);
+        assert_eq!(unsettled.lost_source(), LossSource::Bounded);
+        assert_eq!(
+            (unsettled.lost_at_least(), unsettled.lost_at_most()),
+            (6, Some(9))
+        );
+        // ...then exact, without them.
+        let settled = LossStats {
+            foreign_settled: true,
+            ..unsettled.clone()
+        };
+        assert_eq!(settled.lost(), Some(6));
+        assert_eq!(settled.lost_at_most(), Some(6));
+        // No witness: exact only where the gaps account for the whole counter.
+        let blind = LossStats {
+            foreign_unaccounted: None,
+            ..k.clone()
+        };
+        assert_eq!((blind.lost(), blind.lost_at_least()), (None, 5));
+        let covered = LossStats {
+            kernel_drops: Some(5),
+            ..blind.clone()
+        };
+        assert_eq!(covered.lost(), Some(5));
+        // The listener's own drops are added.
+        let own = LossStats { dropped: 2, ..k };
+        assert_eq!(own.lost(), Some(11));
+    }
 
     fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
         let mut d = Vec::new();
