@@ -90,3 +90,52 @@ fn dropping_one_of_two_registrations_keeps_the_other_receiving() {
     );
     drop(keep);
 }
+
+/// The connector's `Stats::kernel_drops` and a registration's `LossStats::kernel_drops`
+/// come from the socket's kernel counter; the registration's figure is exact only where the
+/// gaps explain it (it has no witness of user-space multicasts), and it gives no drop count
+/// once the socket carries other groups.
+#[test]
+fn a_registration_reports_the_kernel_drops_of_its_socket() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if kernel_socket("a_registration_reports_the_kernel_drops_of_its_socket").is_none() {
+        return;
+    }
+    let bus = Connector::builder().recv_buffer(16 << 10).spawn().unwrap();
+    let stall = Arc::new(AtomicBool::new(false));
+    let (release, released) = crossbeam::channel::bounded::<()>(1);
+    let s = stall.clone();
+    let reg = proc::register(&bus, EventSet::ALL, move |_| {
+        // Stalls the dispatcher once, so the socket's queue overflows.
+        if s.swap(false, Ordering::SeqCst) {
+            let _ = released.recv();
+        }
+    })
+    .unwrap();
+    assert_eq!(bus.stats().kernel_drops, Some(0));
+    stall.store(true, Ordering::SeqCst);
+    for _ in 0..60 {
+        std::process::Command::new("/bin/true").status().unwrap();
+    }
+    release.send(()).unwrap();
+    // Until the dispatcher has read the queue empty.
+    let end = Instant::now() + Duration::from_secs(10);
+    while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = reg.stats();
+    let c = bus.stats();
+    assert!(c.overruns >= 1, "{c:?}");
+    let k = st.kernel_drops.expect("a proc-only socket gives its drops");
+    assert!(k > 0 && Some(k) <= c.kernel_drops, "{st:?} {c:?}");
+    let gaps = st.seq_lost.unwrap();
+    assert!(gaps <= k, "{st:?}");
+    match st.lost() {
+        Some(n) => assert_eq!((n, gaps), (k, k), "exact only where gaps explain it"),
+        None => assert_eq!(st.lost_at_most(), Some(k)),
+    }
+    // Another group on the socket: its drops are no longer proc events only.
+    let _other = bus.subscribe(20).unwrap();
+    assert_eq!(reg.stats().kernel_drops, None);
+    drop(reg);
+}
