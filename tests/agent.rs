@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
 
-/// The two tests each run a storm: one at a time.
+/// The tests that run a storm or an agent beside it: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn agent_bin() -> &'static Path {
@@ -395,6 +395,8 @@ fn duration_ends_it_with_counters_and_a_dump() {
     if common::kernel_socket("duration_ends_it_with_counters_and_a_dump").is_none() {
         return;
     }
+    // Not beside a storm test: its stale-entry check would see this agent exit.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("agent-duration");
     let stats = dir.join("stats.json");
     let out = Command::new(agent_bin())
@@ -613,6 +615,8 @@ fn spoofed_events_are_counted_not_applied() {
     if common::kernel_socket("spoofed_events_are_counted_not_applied").is_none() {
         return;
     }
+    // Not beside a storm test: its stale-entry check would see this agent exit.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("agent-spoofed");
     let agent = start_agent(&dir, &[]);
     // Fake FORKs whose child pid no process can have (above pid_max's limit of 2^22).
