@@ -39,7 +39,10 @@ impl Ingest {
         buf.reserve(max);
         match socket.recv_max(buf, max, true) {
             Ok(Some(meta)) => Ok(Some((buf.split().freeze(), meta))),
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                c.on_drained(socket);
+                Ok(None)
+            }
             Err(Error::Overrun { .. }) => {
                 Counters::add(&c.overruns, 1);
                 let _ = c.read_drops(socket);

@@ -530,6 +530,17 @@ impl ConnectorHandle {
         !self.inner.other_traffic.load(Ordering::Relaxed)
     }
 
+    /// A baseline slot for a proc registration's loss figures, filled when the dispatcher
+    /// next finds the queue empty (see `stats::Settled`); `None` without a witness.
+    pub(crate) fn proc_baseline(&self) -> Option<Arc<Mutex<Option<stats::Settled>>>> {
+        self.inner.counters.proc_baseline()
+    }
+
+    /// The last settled snapshot of the proc witness.
+    pub(crate) fn proc_settled(&self) -> Option<stats::Settled> {
+        self.inner.counters.proc_settled()
+    }
+
     /// How many live subscriptions `group` has.
     pub fn subscribers(&self, group: u32) -> u32 {
         self.inner.groups.count(group)

@@ -156,10 +156,10 @@ pub struct LossStats {
     /// [`ProcListener`] and [`ProcStream`](crate::tokio::ProcStream) keep in group 1 with the
     /// kernel's events switched off (`IGNORE`), so that it receives exactly the user-space
     /// multicasts. `Some(0)`: no user-space datagram can be in `kernel_drops`, which then
-    /// counts lost events exactly. `None`: no witness (a [`ProcRegistration`](super::ProcRegistration),
-    /// whose socket is read by the connector's dispatcher; kernels before 6.6; a witness that
-    /// could not be read): the kernel's figure is then exact only where the per-CPU gaps
-    /// account for all of it.
+    /// counts lost events exactly. `None`: no witness (kernels before 6.6; a witness that
+    /// could not be read; a [`ProcRegistration`](super::ProcRegistration) before its
+    /// connector's dispatcher found the queue empty, or after a drop since it last did): the
+    /// kernel's figure is then exact only where the per-CPU gaps account for all of it.
     pub foreign_unaccounted: Option<u64>,
     /// True when this socket's receive queue was empty as the counters were read (after the
     /// witness): none of the [`foreign_unaccounted`](Self::foreign_unaccounted) datagrams
@@ -304,6 +304,19 @@ impl Witness {
             }
             _ => (None, r),
         })
+    }
+
+    /// A witness for a receive path that takes its own baselines (with [`count`](Self::count))
+    /// at moments its socket's queue is empty (the connector's dispatcher).
+    #[cfg(not(cnbus_loom))]
+    pub(crate) fn standalone() -> Option<Self> {
+        Self::open()
+    }
+
+    /// The user-space datagrams on group 1 it received or dropped since it was opened.
+    #[cfg(not(cnbus_loom))]
+    pub(crate) fn count(&self) -> Option<u64> {
+        self.total()
     }
 
     fn open() -> Option<Self> {

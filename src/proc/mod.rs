@@ -25,7 +25,7 @@ pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
-#[cfg(feature = "tokio")]
+#[cfg(not(cnbus_loom))]
 pub(crate) use listener::Witness;
 pub use listener::{
     Decoded, FilterMode, Filtering, Iter, Loss, LossSource, LossStats, ProcChannel, ProcDecoder,

@@ -7,6 +7,7 @@ use parking_lot::Mutex;
 use super::listener::REASON_NO_ACK;
 use super::{request, EventSet, LossStats, McastOp, ProcDecoder, Received, DEFAULT_ACK_TIMEOUT};
 use crate::codec::CbId;
+use crate::connector::stats::Settled;
 use crate::connector::{ConnectorHandle, Registration, Subscription};
 use crate::error::{Error, Op, Result};
 use crate::sys::Dest;
@@ -32,6 +33,9 @@ pub struct ProcRegistration {
     decoder: Arc<Mutex<ProcDecoder>>,
     /// The connector's kernel drop count when this registration started.
     drops_base: Option<u64>,
+    /// The first settled snapshot after this registration started (see
+    /// [`stats`](Self::stats)), filled by the dispatcher; `None` inside without a witness.
+    settled_base: Option<Arc<Mutex<Option<Settled>>>>,
     reg: Option<Registration>,
     _group: Subscription,
 }
@@ -53,14 +57,40 @@ impl ProcRegistration {
     /// other traffic, whose drops the kernel counts alike) it is `None`, and after an
     /// overrun [`LossStats::lost`] is `None` too: the gaps are a lower bound, since the
     /// events lost at the end of each CPU's stream show no gap.
+    ///
+    /// User-space multicasts on group 1 are counted by the kernel alike. On Linux 6.6+ the
+    /// connector keeps a witness of them for its proc registrations, and the dispatcher
+    /// takes a snapshot each time it finds the socket's queue empty. From the first such
+    /// moment after this registration started, `kernel_drops` counts from that snapshot, and
+    /// while no drop happened since the last snapshot the figure is settled
+    /// ([`LossStats::foreign_settled`]): [`LossStats::lost`] is then exact.
     pub fn stats(&self) -> LossStats {
         let mut s = self.decoder.lock().stats();
         let c = self.handle.stats();
         s.overruns = c.overruns;
-        s.kernel_drops = match (self.handle.proc_only(), c.kernel_drops, self.drops_base) {
-            (true, Some(now), Some(base)) => Some(now.saturating_sub(base)),
-            _ => None,
-        };
+        if !self.handle.proc_only() {
+            return s;
+        }
+        let base = self.settled_base.as_ref().and_then(|b| *b.lock());
+        match (base, self.handle.proc_settled(), c.kernel_drops) {
+            (Some(b), Some(last), Some(now)) => {
+                s.kernel_drops = Some(now.saturating_sub(b.drops));
+                // Only while nothing was dropped since the last snapshot does it cover
+                // every drop.
+                if now == last.drops {
+                    let seen = last.witness.saturating_sub(b.witness);
+                    let got = last.foreign.saturating_sub(b.foreign);
+                    s.foreign_unaccounted = Some(seen.saturating_sub(got));
+                    s.foreign_settled = true;
+                }
+            }
+            (_, _, now) => {
+                s.kernel_drops = match (now, self.drops_base) {
+                    (Some(now), Some(base)) => Some(now.saturating_sub(base)),
+                    _ => None,
+                }
+            }
+        }
         s
     }
 }
@@ -129,6 +159,11 @@ where
         handle: connector.clone(),
         decoder,
         drops_base: connector.stats().kernel_drops,
+        settled_base: if connector.proc_only() {
+            connector.proc_baseline()
+        } else {
+            None
+        },
         reg: Some(reg),
         _group: group,
     };
