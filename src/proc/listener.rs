@@ -1022,8 +1022,12 @@ impl ProcListener {
         // empty as the counters are read.
         for _ in 0..4 {
             self.discard_pending();
-            while let Ok(true) = self.fill() {
+            // Bounded: a flood of user-space multicasts (which IGNORE does not stop) must
+            // not keep it here.
+            let mut n = 0;
+            while n < MAX_PENDING && matches!(self.fill(), Ok(true)) {
                 self.discard_pending();
+                n += 1;
             }
             stats = self.stats();
             if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
