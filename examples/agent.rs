@@ -36,7 +36,9 @@
 //!     100 ms. A fork onto a pid whose entry is older replaces it and counts `stale_replaced`.
 //! * **Losses.** The kernel drops events when the socket's queue overflows (`ENOBUFS`). The
 //!   listener reports that (`Received::Lost`) and, because the agent subscribes to every
-//!   event, also the exact number lost per CPU (sequence gaps). Each report becomes a
+//!   event, also the number lost per CPU (sequence gaps, as later events reveal them); the
+//!   exact total, the end of the run included, is the socket's kernel drop counter (in the
+//!   counters line). Each report becomes a
 //!   `"lost"` line and a counter, and schedules a **resync**: a `/proc` rescan (at most one
 //!   every 2 s, and one before the final dump if any is pending) that adds live processes
 //!   the table lacks, drops entries whose process is gone (they go to the recent exits; a
@@ -88,8 +90,13 @@
 //! # Counters line
 //!
 //! `ts`, `final`, `uptime_s`, `events` (object: count per event type, threads included),
-//! `events_total`, `events_per_s` (over the last interval), `lost_events` (exact count from
-//! sequence gaps), `overruns` (`ENOBUFS` reports), `lost_per_cpu` (object: CPU → count),
+//! `events_total`, `events_per_s` (over the last interval), `lost_events` (events lost: the
+//! exact count when `lost_exact` is true, else a lower bound), `lost_exact`,
+//! `lost_events_max` (an upper bound, or `null`), `kernel_drops` (the socket's kernel drop
+//! counter: datagrams dropped for a full queue, or `null`), `spoofed` (datagrams on the proc
+//! group from user-space senders, rejected), `decode_errors` (kernel messages that did not
+//! decode), `overruns` (`ENOBUFS` reports), `lost_per_cpu` (object: CPU → count, from
+//! sequence gaps),
 //! `live_processes` (table entries), `table_capacity` (slots allocated), `recent_exits`,
 //! `resyncs`, `resync_added`, `resync_removed`, `stale_replaced` (entries replaced by a fork
 //! onto their reused pid: their exit was lost), `fork_known` (forks of processes a scan had
@@ -109,7 +116,8 @@
 //! * The main loop alternates [`ProcListener::try_recv`] (drain what is queued) and
 //!   [`ProcListener::recv_timeout`] (wait, at most 100 ms so the signal flag and the counters
 //!   tick are checked). Each item is a [`Received::Event`] or a [`Received::Lost`].
-//! * [`ProcListener::stats`] gives the [`LossStats`] for the counters line.
+//! * [`ProcListener::stats`] gives the [`LossStats`] for the counters line, and
+//!   [`ProcListener::finish`] the final one.
 //! * [`TermSignals::block`] before any thread starts, and a thread waiting for the signals.
 //! * [`ProcEvent::timestamp_ns`](cnbus::proc::ProcEvent) is `CLOCK_MONOTONIC`: converted
 //!   with [`monotonic_ns`] / [`realtime_ns`]; `/proc` start times with [`boottime_ns`] and
@@ -850,8 +858,22 @@ impl Agent {
             "}},\"events_total\":{},\"events_per_s\":{rate:.1},\"lost_events\":",
             self.n.by_kind.iter().sum::<u64>()
         );
-        push_opt_num(&mut s, st.seq_lost.map(|n| n + st.dropped));
-        let _ = write!(s, ",\"overruns\":{},\"lost_per_cpu\":{{", st.overruns);
+        // `lost_exact` is true only when the figure is exact (see LossStats::lost); else
+        // `lost_events` is a lower bound and `lost_events_max` an upper one, if known.
+        let _ = write!(
+            s,
+            "{},\"lost_exact\":{},\"lost_events_max\":",
+            st.lost_at_least(),
+            st.lost().is_some()
+        );
+        push_opt_num(&mut s, st.lost_at_most());
+        s.push_str(",\"kernel_drops\":");
+        push_opt_num(&mut s, st.kernel_drops);
+        let _ = write!(
+            s,
+            ",\"spoofed\":{},\"decode_errors\":{},\"overruns\":{},\"lost_per_cpu\":{{",
+            st.spoofed, st.decode_errors, st.overruns
+        );
         for (i, (cpu, n)) in st.lost_per_cpu.iter().enumerate() {
             if i > 0 {
                 s.push(',');
@@ -1110,8 +1132,9 @@ fn main() -> ExitCode {
             failed |= log_error(&e);
         }
     }
-    let stats = listener.stats();
-    drop(listener); // sends IGNORE
+    // Sends IGNORE and reads the queue empty: the final, settled loss figures.
+    let stats = listener.finish();
+    drop(listener);
     let total: u64 = agent.n.by_kind.iter().sum();
     let rate = (total - last_total) as f64 / last_tick.elapsed().as_secs_f64().max(1e-3);
     let line = agent.stats_line(&stats, started, rate, true);

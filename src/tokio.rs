@@ -108,7 +108,8 @@ impl AsyncConnector {
         self.outbox.next_seq(id)
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters. Reads the socket's kernel drop counter
+    /// ([`Stats::kernel_drops`]).
     pub fn stats(&self) -> Stats {
         self.outbox.stats()
     }
@@ -298,9 +299,10 @@ impl futures_core::Stream for AsyncConnector {
 /// joined to group 1 after `LISTEN`, decoded by a [`ProcDecoder`](crate::proc::ProcDecoder).
 ///
 /// Items are [`proc::Received`](crate::proc::Received): events in the chosen set, and loss
-/// reports in stream order (an overrun as it happens, the exact per-CPU gaps when the next
-/// events arrive). The event set is applied in user space with the kernel's rules, so gap
-/// accounting stays exact. Dropping the stream sends `IGNORE`.
+/// reports in stream order (an overrun as it happens, the per-CPU gaps when the next
+/// events arrive; the exact total, tail included, is in [`stats`](Self::stats)). The event
+/// set is applied in user space with the kernel's rules, so gap accounting stays valid.
+/// Dropping the stream sends `IGNORE`.
 ///
 /// ```no_run
 /// # async fn demo() -> cnbus::Result<()> {
@@ -320,6 +322,9 @@ pub struct ProcStream {
     conn: AsyncConnector,
     decoder: crate::proc::ProcDecoder,
     pending: VecDeque<crate::proc::Received>,
+    /// Counts the user-space multicasts on group 1 (see `LossStats::foreign_unaccounted`),
+    /// with this socket's count of them when it joined.
+    witness: Option<(crate::proc::Witness, u64)>,
     _group: Subscription,
 }
 
@@ -340,7 +345,9 @@ impl ProcStream {
         let conn = crate::connector::Connector::builder()
             .recv_buffer(DEFAULT_RECV_BUFFER)
             .build_async()?;
-        let group = conn.subscribe(1)?;
+        let foreign = &conn.outbox.counters.proc_group_foreign;
+        let base = foreign.load(std::sync::atomic::Ordering::Relaxed);
+        let (witness, group) = crate::proc::Witness::around(|| conn.subscribe(1))?;
         let token = crate::proc::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;
@@ -348,6 +355,7 @@ impl ProcStream {
             conn,
             decoder: crate::proc::ProcDecoder::new(events, true),
             pending: VecDeque::new(),
+            witness: witness.map(|w| (w, base)),
             _group: group,
         };
         let ack = async {
@@ -405,9 +413,28 @@ impl ProcStream {
         }
     }
 
-    /// Loss and event counters.
+    /// Loss and event counters. The socket is this stream's alone and joined to group 1
+    /// only, so its kernel drop counter ([`LossStats::kernel_drops`](crate::proc::LossStats::kernel_drops))
+    /// counts the proc events it lost, the end of a run included, plus any user-space
+    /// multicasts on group 1 dropped with them, which a witness socket accounts for
+    /// ([`LossStats::lost`](crate::proc::LossStats::lost) says when the figure is exact).
     pub fn stats(&self) -> crate::proc::LossStats {
-        self.decoder.stats()
+        let c = &self.conn.outbox.counters;
+        // The witness first, then the socket (see `proc::Witness`); this stream is the
+        // socket's only reader.
+        let foreign = self.witness.as_ref().and_then(|(w, base)| {
+            let got = c
+                .proc_group_foreign
+                .load(std::sync::atomic::Ordering::Relaxed);
+            w.unaccounted(got - base)
+        });
+        let empty = c.read_drops(&self.conn.outbox.socket);
+        crate::proc::LossStats {
+            kernel_drops: c.snapshot().kernel_drops,
+            foreign_unaccounted: foreign.map(|f| f.0),
+            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
+            ..self.decoder.stats()
+        }
     }
 }
 

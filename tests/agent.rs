@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
 
-/// The two tests each run a storm: one at a time.
+/// The tests that run a storm or an agent beside it: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn agent_bin() -> &'static Path {
@@ -361,6 +361,8 @@ fn duration_ends_it_with_counters_and_a_dump() {
     if common::kernel_socket("duration_ends_it_with_counters_and_a_dump").is_none() {
         return;
     }
+    // Not beside a storm test: its stale-entry check would see this agent exit.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = temp_dir("agent-duration");
     let stats = dir.join("stats.json");
     let out = Command::new(agent_bin())
@@ -566,5 +568,65 @@ fn overruns_are_reported_and_survived() {
     assert_eq!(e["cmdline"], "sleep 60");
     let stale = stale_entries(&table, &exited_after);
     assert!(stale.is_empty(), "stale entries: {stale:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Regression: the agent dropped spoofed proc events (from user-space senders on group 1)
+/// without counting them; its counters line now has `spoofed` (and `decode_errors`), and the
+/// loss figures say whether they are exact.
+#[test]
+fn spoofed_events_are_counted_not_applied() {
+    use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
+    use cnbus::sys::{ConnectorSocket, Dest};
+    if common::kernel_socket("spoofed_events_are_counted_not_applied").is_none() {
+        return;
+    }
+    // Not beside a storm test: its stale-entry check would see this agent exit.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("agent-spoofed");
+    let agent = start_agent(&dir, &[]);
+    // Fake FORKs whose child pid no process can have (above pid_max's limit of 2^22).
+    let fake_pid: u32 = 0x7fff_0000 | (std::process::id() & 0xffff);
+    let mut data = Vec::new();
+    for w in [1u32, 0] {
+        data.extend_from_slice(&w.to_ne_bytes());
+    }
+    data.extend_from_slice(&cnbus::sys::monotonic_ns().to_ne_bytes());
+    for w in [1u32, 1, fake_pid, fake_pid, 0, 0] {
+        data.extend_from_slice(&w.to_ne_bytes());
+    }
+    let spoofer = ConnectorSocket::open().unwrap();
+    const SENT: u64 = 3;
+    for seq in 0..SENT as u32 {
+        let mut d = DatagramBuilder::new(256).with_pid(0);
+        d.push(&CnMsg::new(CbId::PROC, data.clone()).with_seq(seq, 0))
+            .unwrap();
+        spoofer.send(d.as_bytes(), Dest::Group(1)).unwrap();
+    }
+    // A real event after them: once it is in the log, the spoofs were read too.
+    let (sh, _) = common::sh("exit 0");
+    let events = dir.join("events.jsonl");
+    let exit = format!("\"event\":\"exit\",\"pid\":{sh},");
+    assert!(
+        common::wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&events).is_ok_and(|l| l.contains(&exit))
+        }),
+        "the agent logged the shell's exit"
+    );
+    let (status, stderr) = interrupt(agent);
+    assert!(status.success(), "agent: {status}\n{stderr}");
+    let stats = final_stats(&stderr);
+    // Other processes may multicast on group 1 too: at least ours.
+    assert!(
+        stats["spoofed"].as_u64().expect("a spoofed counter") >= SENT,
+        "{stats}"
+    );
+    assert_eq!(stats["decode_errors"], 0, "{stats}");
+    assert!(stats["lost_exact"].is_boolean(), "{stats}");
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        !log.contains(&format!("\"pid\":{fake_pid},")),
+        "a spoofed fork was applied"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

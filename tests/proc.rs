@@ -354,8 +354,8 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
         })
         .collect();
     assert_eq!(mine, want, "{test}: exactly the non-zero exits");
+    // (Other processes may multicast on group 1 meanwhile: `spoofed` is theirs, not ours.)
     let stats = l.stats();
-    assert_eq!(stats.spoofed, 0);
     assert_eq!(stats.decode_errors, 0);
 }
 
@@ -709,4 +709,113 @@ fn acks_are_numbered_in_the_per_cpu_sequence() {
     let s = l.stats();
     assert_eq!(s.seq_lost, Some(0), "{s:?}");
     assert_eq!(s.seq_backwards, 0, "{s:?}");
+}
+
+/// Regression (tail loss): a listener whose queue overflows during a burst and that stops
+/// right after reading its queue empty sees no event after the overflow on any CPU, so no
+/// sequence gap reveals the loss; `lost()` used to report the gaps (about 0) as exact. Now
+/// the loss is the socket's kernel drop counter, and it equals the events a lossless
+/// reference listener saw in the same window and this one did not.
+#[test]
+fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
+    use cnbus::proc::LossSource;
+    use cnbus::sys::monotonic_ns;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let test = "tail_loss_is_counted_exactly_by_the_kernel_drop_counter";
+    let Some(reference) = open(test, ProcListener::builder().include_acks(true)) else {
+        return;
+    };
+    // (cpu, seq) -> timestamp of everything the reference received.
+    type Seen = BTreeMap<(u32, u32), u64>;
+    let reference = reference.into_channel(1 << 12).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = Seen::new();
+            let mut until = None;
+            loop {
+                if let Some(Received::Event(e)) =
+                    reference.recv_timeout(Duration::from_millis(50)).unwrap()
+                {
+                    seen.insert((e.cpu, e.seq), e.timestamp_ns);
+                }
+                if stop.load(Ordering::SeqCst) {
+                    let u =
+                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
+                    if Instant::now() >= u {
+                        break;
+                    }
+                }
+            }
+            (seen, reference.close())
+        })
+    };
+    let mut small = ProcListener::builder()
+        .include_acks(true)
+        .recv_buffer(16 << 10)
+        .open()
+        .unwrap();
+    let mut got = BTreeSet::new();
+    // Reads until the queue is empty; returns the time just before the read that found it
+    // empty (every event stamped before it was either read or dropped).
+    let mut drain_small = |small: &mut ProcListener| loop {
+        let t = monotonic_ns();
+        match small.try_recv().unwrap() {
+            Some(Received::Event(e)) => {
+                got.insert((e.cpu, e.seq));
+            }
+            Some(Received::Lost(_)) => {}
+            None => return t,
+        }
+    };
+    drain_small(&mut small);
+    let from = monotonic_ns();
+    let drops_before = small.stats().kernel_drops.expect("SO_MEMINFO drop counter");
+    // A burst while the listener does not read: its queue overflows. Nothing is read after
+    // it except what was queued, so no event after the overflow reveals a gap.
+    for _ in 0..60 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    let to = drain_small(&mut small);
+    let stats = small.close().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let kernel = stats.kernel_drops.unwrap();
+    assert!(stats.overruns >= 1, "a burst into a 32 KiB queue overflows");
+    eprintln!(
+        "{test}: kernel drops {kernel}, sequence gaps {:?}, overruns {}, spoofed {}, \
+         user-space datagrams not received {:?} (settled: {})",
+        stats.seq_lost,
+        stats.overruns,
+        stats.spoofed,
+        stats.foreign_unaccounted,
+        stats.foreign_settled
+    );
+    // User-space senders multicast on group 1 on a busy host, and the kernel counts their
+    // dropped datagrams too: the witness takes them out (exact), or the figure is reported
+    // as bounded, not exact.
+    // close() read the queue empty after IGNORE, so the witness's count is settled.
+    let foreign = stats.foreign_unaccounted.expect("a witness on 6.6+");
+    assert!(foreign == 0 || stats.foreign_settled, "{stats:?}");
+    assert_eq!(stats.lost_source(), LossSource::KernelCounter, "{stats:?}");
+    let exact = stats.lost();
+    assert_eq!(exact, Some(kernel - foreign), "{stats:?}");
+    let (seen, rstats) = drain.join().unwrap();
+    if rstats.lost() != Some(0) {
+        eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
+        return;
+    }
+    let missed = seen
+        .iter()
+        .filter(|(k, ts)| (from..to).contains(*ts) && !got.contains(*k))
+        .count() as u64;
+    assert!(missed > 0, "the burst cost events");
+    assert_eq!(
+        exact.unwrap() - drops_before,
+        missed,
+        "reported loss vs events the reference saw in the window and this listener missed"
+    );
 }

@@ -3,7 +3,7 @@
 //! One line per event (time, event, pid, info, duration on exit, process name or command
 //! line), or one JSON object per line with `--json`. Event types are chosen with `--events`
 //! and filtered in the kernel where it can (Linux 6.6+). Lost events are reported in the
-//! stream and counted (exactly, from per-CPU sequence numbers, when no kernel filter is set);
+//! stream and counted (exactly, from the socket's kernel drop counter, in every filter mode);
 //! `--stats` prints per-process counts and loss totals at the end. SIGINT / SIGTERM / SIGHUP
 //! end it cleanly, with the summary.
 //!
@@ -735,13 +735,23 @@ impl Tracer {
 
     fn summary(&self, stats: &LossStats, elapsed: Duration, filtering: Filtering) -> String {
         let mut s = String::new();
-        let lost = match stats.lost() {
-            Some(n) if stats.seq_lost.is_some() => {
+        // "exact" only when the figure is: the kernel's drop counter (every filter mode, the
+        // end of the run included), or sequence gaps with no overflow.
+        let n = stats.lost_at_least();
+        let lost = match stats.lost_source() {
+            cnbus::proc::LossSource::KernelCounter => format!("{n} (exact, kernel drop counter)"),
+            cnbus::proc::LossSource::SequenceNumbers => {
                 format!("{n} (exact, from per-CPU sequence numbers)")
             }
-            Some(n) => format!("{n} (no overflow reported; kernel filter, so no sequence check)"),
-            None => format!(
-                "unknown: {} receive-queue overflows with a kernel filter (no sequence check)",
+            cnbus::proc::LossSource::NoOverrun => {
+                format!("{n} (exact: no overflow reported; kernel filter, so no sequence check)")
+            }
+            cnbus::proc::LossSource::Bounded => format!(
+                "between {n} and {} (not exact: user-space senders multicast on the proc group meanwhile, and the kernel's drop counter counts theirs too)",
+                stats.lost_at_most().unwrap_or(n)
+            ),
+            cnbus::proc::LossSource::Unknown => format!(
+                "at least {n} (not exact: {} receive-queue overflows and no kernel drop counter)",
                 stats.overruns
             ),
         };
@@ -768,8 +778,25 @@ impl Tracer {
                 .iter()
                 .map(|(c, n)| format!("cpu{c}={n}"))
                 .collect();
-            let _ = writeln!(s, "lost per CPU: {}", per.join(" "));
+            let _ = writeln!(s, "lost per CPU (sequence gaps): {}", per.join(" "));
         }
+        let _ = writeln!(
+            s,
+            "loss sources: kernel drop counter {} ({}); per-CPU sequence gaps {}; dropped by proctrace {}",
+            stats
+                .kernel_drops
+                .map_or("unavailable".to_string(), |n| n.to_string()),
+            match (stats.foreign_unaccounted, stats.foreign_settled) {
+                (Some(0), _) => "no user-space datagram among them".to_string(),
+                (Some(u), true) => format!("{u} of them user-space datagrams on the proc group"),
+                (Some(u), false) => format!("up to {u} of them user-space datagrams on the proc group"),
+                (None, _) => "user-space datagrams among them not known".to_string(),
+            },
+            stats
+                .seq_lost
+                .map_or("not tracked (kernel filter)".to_string(), |n| n.to_string()),
+            stats.dropped
+        );
         let kinds = &EventKind::ALL[1..];
         let mut rows: Vec<(&Arc<str>, &[u64; 10])> = self.counts.iter().collect();
         rows.sort_by(|a, b| {
@@ -980,9 +1007,9 @@ fn main() -> ExitCode {
         }
     }
     drop(out);
-    let stats = listener.stats();
     let elapsed = started.elapsed();
-    // Sends IGNORE.
+    // Sends IGNORE and reads the queue empty, so the loss figure is final (and exact).
+    let stats = listener.finish();
     drop(listener);
     // The summary line always goes to stderr; the tables only with --stats.
     let _ = io::stderr()

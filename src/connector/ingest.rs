@@ -42,15 +42,20 @@ impl Ingest {
         buf.reserve(max);
         match socket.recv_max(buf, max, true) {
             Ok(Some(meta)) => Ok(Some((buf.split().freeze(), meta))),
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                c.on_drained(socket);
+                Ok(None)
+            }
             Err(Error::Overrun { .. }) => {
                 Counters::add(&c.overruns, 1);
+                let _ = c.read_drops(socket);
                 event(Event::Overrun);
                 Ok(None)
             }
             Err(Error::Truncated { len, capacity, .. }) => {
                 buf.clear();
                 Counters::add(&c.truncated, 1);
+                Counters::add(&c.proc_group_foreign, 1);
                 event(Event::Truncated { len, capacity });
                 Ok(None)
             }
@@ -72,6 +77,9 @@ impl Ingest {
     ) {
         Counters::add(&c.datagrams, 1);
         Counters::add(&c.bytes, datagram.len() as u64);
+        if meta.port != 0 && meta.group == 1 {
+            Counters::add(&c.proc_group_foreign, 1);
+        }
         let source = Source {
             port: meta.port,
             group: meta.group,

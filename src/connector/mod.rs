@@ -68,7 +68,10 @@ use stats::Counters;
 #[non_exhaustive]
 pub enum Event {
     /// The receive queue overflowed (`ENOBUFS`): the kernel dropped datagrams for this
-    /// socket. How many is known only through sequence gaps ([`Event::Lost`]).
+    /// socket, and goes on dropping until the queue has been read empty. How many:
+    /// [`Stats::kernel_drops`] (the kernel's count, read at this event and by every
+    /// [`stats`](ConnectorHandle::stats) call), and per stream of a numbered peer the
+    /// sequence gaps ([`Event::Lost`]).
     Overrun,
     /// `count` messages from `port` on `id` were lost (a sequence gap).
     Lost {
@@ -174,6 +177,7 @@ impl Default for Config {
 pub struct ConnectorBuilder {
     config: Config,
     socket: Option<ConnectorSocket>,
+    handed_in: bool,
     on_event: Option<Box<EventFn>>,
 }
 
@@ -254,6 +258,7 @@ impl ConnectorBuilder {
 
     /// Opens the socket unless one was given, and sizes its receive buffer.
     fn open_socket(&mut self) -> Result<Arc<ConnectorSocket>> {
+        self.handed_in = self.socket.is_some();
         let socket = match self.socket.take() {
             Some(s) => s,
             None => ConnectorSocket::open()?,
@@ -274,6 +279,7 @@ impl ConnectorBuilder {
     pub fn build_async(mut self) -> Result<crate::tokio::AsyncConnector> {
         let socket = self.open_socket()?;
         let counters = Arc::new(Counters::default());
+        counters.drops_baseline(&socket);
         let c = &self.config;
         crate::tokio::AsyncConnector::new(
             Outbox::new(
@@ -293,6 +299,7 @@ impl ConnectorBuilder {
     pub fn spawn(mut self) -> Result<Connector> {
         let socket = self.open_socket()?;
         let counters = Arc::new(Counters::default());
+        counters.drops_baseline(&socket);
         let registry = Registry::new();
         let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);
         {
@@ -325,6 +332,8 @@ impl ConnectorBuilder {
             pending_count: AtomicUsize::new(0),
             on_event,
             config: self.config,
+            proc_listeners: Mutex::new(0),
+            other_traffic: AtomicBool::new(self.handed_in),
         });
         let thread = {
             let inner = inner.clone();
@@ -363,6 +372,13 @@ pub(crate) struct Inner {
     outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
+    /// Users of the proc connector on this socket (`proc::register`): the first sends
+    /// `LISTEN`, the last `IGNORE` (the kernel keeps one filter per socket, and `IGNORE`
+    /// stops every proc event for the socket).
+    proc_listeners: Mutex<u32>,
+    /// The socket may carry datagrams other than proc events: it was handed in, or a group
+    /// other than 1 was subscribed. Its kernel drop counter then is not a count of proc events.
+    other_traffic: AtomicBool,
 }
 
 impl Inner {
@@ -399,6 +415,7 @@ impl Connector {
         ConnectorBuilder {
             config: Config::default(),
             socket: None,
+            handed_in: false,
             on_event: None,
         }
     }
@@ -502,7 +519,52 @@ impl ConnectorHandle {
     /// Joins multicast `group` (1..=32) for as long as the returned guard lives. Several
     /// subscriptions to one group share the socket's single membership.
     pub fn subscribe(&self, group: u32) -> Result<Subscription> {
+        if group != 1 {
+            self.inner.other_traffic.store(true, Ordering::Relaxed);
+        }
         self.inner.groups.subscribe(group)
+    }
+
+    /// Counts one more user of the proc connector on this socket; the first one runs
+    /// `listen` (which sends `LISTEN`), under the lock that also serialises the last user's
+    /// `IGNORE`, so the two cannot cross. `Ok(true)` when this was the first. On error the
+    /// count is unchanged.
+    pub(crate) fn proc_listen(&self, listen: impl FnOnce() -> Result<()>) -> Result<bool> {
+        let mut n = self.inner.proc_listeners.lock();
+        let first = *n == 0;
+        if first {
+            listen()?;
+        }
+        *n += 1;
+        Ok(first)
+    }
+
+    /// Counts one user of the proc connector less; the last one runs `ignore` (which sends
+    /// `IGNORE`).
+    pub(crate) fn proc_unlisten(&self, ignore: impl FnOnce()) {
+        let mut n = self.inner.proc_listeners.lock();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            ignore();
+        }
+    }
+
+    /// True while the socket has carried nothing but the proc group (it was opened by the
+    /// connector and no other group was ever subscribed): its kernel drop counter then
+    /// counts proc events only.
+    pub(crate) fn proc_only(&self) -> bool {
+        !self.inner.other_traffic.load(Ordering::Relaxed)
+    }
+
+    /// A baseline slot for a proc registration's loss figures, filled when the dispatcher
+    /// next finds the queue empty (see `stats::Settled`); `None` without a witness.
+    pub(crate) fn proc_baseline(&self) -> Option<Arc<Mutex<Option<stats::Settled>>>> {
+        self.inner.counters.proc_baseline()
+    }
+
+    /// The last settled snapshot of the proc witness.
+    pub(crate) fn proc_settled(&self) -> Option<stats::Settled> {
+        self.inner.counters.proc_settled()
     }
 
     /// How many live subscriptions `group` has.
@@ -604,7 +666,8 @@ impl ConnectorHandle {
         }
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters. Reads the socket's kernel drop counter
+    /// ([`Stats::kernel_drops`]).
     pub fn stats(&self) -> Stats {
         self.inner.outbox.stats()
     }

@@ -42,6 +42,7 @@ impl Outbox {
 
     /// The counters, with the socket's numbering evictions.
     pub(crate) fn stats(&self) -> Stats {
+        let _ = self.counters.read_drops(&self.socket);
         let mut s = self.counters.snapshot();
         s.numbering_evictions = self.socket.numbering_evictions();
         s

@@ -1,6 +1,34 @@
 //! Counters of a connector.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::proc::Witness;
+use crate::sys::{ConnectorSocket, DropCounter};
+
+/// What the receive path saw at a moment its socket's queue was empty, for the proc
+/// registrations' loss figures: the witness's count of user-space multicasts on group 1,
+/// the socket's kernel drop count, and the user-space multicasts on group 1 it received.
+/// Between two such snapshots, the user-space multicasts the socket did not receive were
+/// all dropped (none can be waiting in an empty queue), so the proc events dropped are the
+/// drops less those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settled {
+    pub witness: u64,
+    pub drops: u64,
+    pub foreign: u64,
+}
+
+/// The proc registrations' witness and the last settled snapshot.
+#[derive(Debug)]
+struct ProcWitness {
+    witness: Witness,
+    last: Option<Settled>,
+    /// Baselines of new registrations, filled by the next snapshot.
+    waiting: Vec<Weak<Mutex<Option<Settled>>>>,
+}
 
 /// Live counters. Each is a monotonic event count written by one thread (the dispatcher)
 /// or by many (senders); snapshots use `Relaxed` loads because each counter is independent
@@ -25,12 +53,97 @@ pub(crate) struct Counters {
     pub sent_datagrams: AtomicU64,
     pub send_errors: AtomicU64,
     pub tracker_evictions: AtomicU64,
+    /// The socket's kernel drop counter since the connector started (`None` until the
+    /// baseline is taken, or when the kernel does not report drops).
+    drops: Mutex<Option<DropCounter>>,
+    /// User-space multicasts on group 1 received (and datagrams cut for length, whose
+    /// sender is unknown): what a proc witness counts too (`proc::Witness`). Not in `Stats`.
+    pub proc_group_foreign: AtomicU64,
+    /// `proc_witness` is set (checked without the lock on every empty read).
+    has_proc_witness: AtomicBool,
+    proc_witness: Mutex<Option<ProcWitness>>,
 }
 
 impl Counters {
     #[inline]
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes the baseline of `socket`'s kernel drop counter: drops before it (a socket handed
+    /// over may have some) are not this connector's.
+    pub(crate) fn drops_baseline(&self, socket: &ConnectorSocket) {
+        *self.drops.lock() = DropCounter::baseline(socket).ok();
+    }
+
+    /// Reads `socket`'s kernel drop counter into [`Stats::kernel_drops`]. Called after every
+    /// overrun and by every `stats()`. Returns whether the socket's receive queue was empty
+    /// (false when the read failed, which is not expected on an open socket: the last value
+    /// is kept).
+    pub(crate) fn read_drops(&self, socket: &ConnectorSocket) -> bool {
+        let Ok(m) = socket.meminfo() else {
+            return false;
+        };
+        if let Some(d) = self.drops.lock().as_mut() {
+            d.observe(m.drops);
+        }
+        m.rmem_alloc == 0
+    }
+
+    /// Attaches the proc registrations' witness (once; `None` when there can be none, see
+    /// `proc::Witness`) and returns a baseline slot that the next settled snapshot fills.
+    pub(crate) fn proc_baseline(&self) -> Option<Arc<Mutex<Option<Settled>>>> {
+        let mut g = self.proc_witness.lock();
+        if g.is_none() {
+            *g = Some(ProcWitness {
+                witness: Witness::standalone()?,
+                last: None,
+                waiting: Vec::new(),
+            });
+            self.has_proc_witness.store(true, Ordering::Release);
+        }
+        let slot = Arc::new(Mutex::new(None));
+        g.as_mut()?.waiting.push(Arc::downgrade(&slot));
+        Some(slot)
+    }
+
+    /// The last settled snapshot.
+    pub(crate) fn proc_settled(&self) -> Option<Settled> {
+        self.proc_witness.lock().as_ref()?.last
+    }
+
+    /// Called by the receive path (its only reader) each time it finds `socket`'s queue
+    /// empty: with a proc witness attached, takes a settled snapshot. The witness is read
+    /// first, then the socket: a user-space datagram sent in between is in neither count, or
+    /// waits in the queue (not empty: no snapshot), or was dropped from a full queue (not
+    /// empty either).
+    pub(crate) fn on_drained(&self, socket: &ConnectorSocket) {
+        if !self.has_proc_witness.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = self.proc_witness.lock();
+        let Some(pw) = g.as_mut() else { return };
+        let Some(witness) = pw.witness.count() else {
+            return;
+        };
+        let Ok(m) = socket.meminfo() else { return };
+        if m.rmem_alloc != 0 {
+            return;
+        }
+        let Some(drops) = self.drops.lock().as_mut().and_then(|d| d.observe(m.drops)) else {
+            return;
+        };
+        let s = Settled {
+            witness,
+            drops,
+            foreign: self.proc_group_foreign.load(Ordering::Relaxed),
+        };
+        pw.last = Some(s);
+        for slot in pw.waiting.drain(..) {
+            if let Some(slot) = slot.upgrade() {
+                *slot.lock() = Some(s);
+            }
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
@@ -56,6 +169,7 @@ impl Counters {
             // Filled in from the socket by `Outbox::stats`.
             numbering_evictions: 0,
             tracker_evictions: g(&self.tracker_evictions),
+            kernel_drops: self.drops.lock().as_ref().and_then(DropCounter::total),
         }
     }
 }
@@ -79,7 +193,7 @@ pub struct Stats {
     /// Datagrams longer than the receive buffer, cut and dropped.
     pub truncated: u64,
     /// Receive-queue overflows reported by the kernel (`ENOBUFS`): each is one or more
-    /// dropped datagrams whose number the kernel does not say; see `lost`.
+    /// dropped datagrams; their exact number is in `kernel_drops`.
     pub overruns: u64,
     /// Messages known lost: the sum of sequence gaps from cnbus peers.
     pub lost: u64,
@@ -108,4 +222,13 @@ pub struct Stats {
     /// [`ConnectorBuilder::tracked_streams`](super::ConnectorBuilder::tracked_streams)).
     /// While this and the senders' `numbering_evictions` are 0, `lost` is exact.
     pub tracker_evictions: u64,
+    /// Datagrams the kernel dropped for this connector's socket because its receive queue was
+    /// full, since the connector started: the socket's `sk_drops` counter
+    /// ([`ConnectorSocket::drops`]), read after every overrun and by every `stats()` call.
+    /// Exact, in datagrams, whoever sent them: the counter belongs to the socket, so it
+    /// covers every group and every user of this connector (a datagram of a numbered peer
+    /// also shows up later as a gap in `lost`, in messages; one at the end of a stream, or
+    /// from an unnumbered sender or the kernel, shows only here). `None` when the kernel does
+    /// not report it.
+    pub kernel_drops: Option<u64>,
 }

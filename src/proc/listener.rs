@@ -17,7 +17,8 @@ use super::seq::{SeqCheck, SeqTracker};
 use crate::codec::{messages_ref, CbId, CnHeader, DatagramBuilder, MessageRef};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{
-    kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, EventFd, RecvMeta,
+    kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, DropCounter, EventFd,
+    RecvMeta,
 };
 
 /// The receive buffer a listener asks for by default: 16 MiB (the kernel doubles it for its
@@ -84,9 +85,11 @@ pub enum Filtering {
 #[cfg_attr(feature = "serde", serde(tag = "cause", rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Loss {
-    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events. When gap
-    /// accounting is on, the exact number follows as [`Loss::Gap`] reports once the next
-    /// events arrive; with a kernel filter the number is unknown.
+    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events, and
+    /// goes on dropping them until the queue has been read empty. The exact number is the
+    /// kernel's drop counter, in [`LossStats::kernel_drops`] (read at this report and at
+    /// every [`stats`](ProcListener::stats) call); when gap accounting is on, the part of it
+    /// that later events reveal also follows as [`Loss::Gap`] reports, per CPU.
     Overrun,
     /// `count` events of CPU `cpu` never arrived (a per-CPU sequence gap).
     Gap {
@@ -132,17 +135,238 @@ pub struct LossStats {
     pub filtered: u64,
     /// Events dropped by the listener itself because its internal queue was full.
     pub dropped: u64,
+    /// Datagrams the kernel dropped for this listener's socket because its receive queue was
+    /// full, since the socket was opened: the socket's `sk_drops` counter
+    /// ([`ConnectorSocket::drops`](crate::sys::ConnectorSocket::drops)), read after every
+    /// overrun and by every `stats()` call. One proc event is one datagram, and the kernel
+    /// counts only what it actually sent to this socket (a kernel-side filter applies before
+    /// it), so this is exactly the number of events this socket lost, including those at the
+    /// end of a run that no later sequence number reveals. `None` when the kernel does not
+    /// report it, or for a receive path that does not own its socket (see
+    /// [`ProcRegistration::stats`](super::ProcRegistration::stats)).
+    ///
+    /// The kernel cannot tell a user-space multicast on group 1 from an event: such a
+    /// datagram dropped while the queue was full counts here too (had it arrived, it would
+    /// have been rejected as [`spoofed`](Self::spoofed)); see
+    /// [`foreign_unaccounted`](Self::foreign_unaccounted).
+    pub kernel_drops: Option<u64>,
+    /// User-space datagrams multicast on group 1 while this socket was a member that it did
+    /// not receive (so the kernel may have counted them in
+    /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that
+    /// [`ProcListener`] and [`ProcStream`](crate::tokio::ProcStream) keep in group 1 with the
+    /// kernel's events switched off (`IGNORE`), so that it receives exactly the user-space
+    /// multicasts. `Some(0)`: no user-space datagram can be in `kernel_drops`, which then
+    /// counts lost events exactly. `None`: no witness (kernels before 6.6; a witness that
+    /// could not be read; a [`ProcRegistration`](super::ProcRegistration) before its
+    /// connector's dispatcher found the queue empty, or after a drop since it last did): the
+    /// kernel's figure is then exact only where the per-CPU gaps account for all of it.
+    pub foreign_unaccounted: Option<u64>,
+    /// True when this socket's receive queue was empty as the counters were read (after the
+    /// witness): none of the [`foreign_unaccounted`](Self::foreign_unaccounted) datagrams
+    /// can still be waiting in it, so all of them are in
+    /// [`kernel_drops`](Self::kernel_drops), and the difference is exactly the lost events.
+    pub foreign_settled: bool,
+}
+
+/// How [`LossStats::lost`] knows its figure.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LossSource {
+    /// The kernel's drop counter of the socket ([`LossStats::kernel_drops`]): exact, in every
+    /// filter mode, the end of the run included.
+    KernelCounter,
+    /// Per-CPU sequence gaps, with no overrun reported: exact (nothing was dropped for a full
+    /// queue; a gap then means the kernel failed to build a message).
+    SequenceNumbers,
+    /// No drop counter and no overrun, with a kernel filter: nothing was lost.
+    NoOverrun,
+    /// Not exact, but bounded: the kernel's drop counter exceeds the sequence gaps, and
+    /// user-space senders multicast on group 1 during the run ([`LossStats::spoofed`] > 0).
+    /// The kernel counts their datagrams dropped for a full queue alike, so the lost
+    /// events are between [`LossStats::lost_at_least`] (the gaps) and
+    /// [`LossStats::lost_at_most`] (the counter).
+    Bounded,
+    /// Overruns happened and this receive path has no drop counter: the sequence gaps, if
+    /// tracked, miss the events lost at the end of each CPU's stream, so
+    /// [`LossStats::lost_at_least`] is only a lower bound.
+    Unknown,
 }
 
 impl LossStats {
-    /// The number of lost events, when it is known: exact with gap accounting; with a kernel
-    /// filter, `Some(0)` when no overrun happened and `None` (unknown) after one.
+    /// The number of lost events when it is exact, `None` when it is not known exactly (see
+    /// [`lost_source`](Self::lost_source), [`lost_at_least`](Self::lost_at_least) and
+    /// [`lost_at_most`](Self::lost_at_most)).
+    ///
+    /// With the kernel's drop counter (every listener that owns its socket, on Linux 4.13+)
+    /// it is that counter, whatever the filter mode: a loss at the end of a run, which no
+    /// later sequence number reveals, is included. The counter counts user-space multicasts
+    /// on group 1 dropped with the events too; those are taken out when the witness knows
+    /// them ([`foreign_unaccounted`](Self::foreign_unaccounted),
+    /// [`foreign_settled`](Self::foreign_settled)), and otherwise the figure is not exact.
+    /// Where per-CPU gaps are tracked too and exceed it (the kernel failed to build a
+    /// message, which it does not count as a drop), the larger figure is taken. Events the
+    /// listener itself dropped ([`dropped`](Self::dropped)) are added.
     pub fn lost(&self) -> Option<u64> {
-        match self.seq_lost {
-            Some(n) => Some(n + self.dropped),
-            None if self.overruns == 0 => Some(self.dropped),
-            None => None,
+        match self.lost_source() {
+            LossSource::Bounded | LossSource::Unknown => None,
+            _ => Some(self.lost_at_least()),
         }
+    }
+
+    /// A lower bound of the lost events, equal to [`lost`](Self::lost) when that is `Some`.
+    pub fn lost_at_least(&self) -> u64 {
+        let gaps = self.seq_lost.unwrap_or(0);
+        let events = match (self.kernel_drops, self.foreign_unaccounted) {
+            // At most `u` of the counted drops were user-space datagrams.
+            (Some(k), Some(u)) => k.saturating_sub(u),
+            (Some(k), None) if self.lost_source() == LossSource::KernelCounter => k,
+            _ => 0,
+        };
+        events.max(gaps) + self.dropped
+    }
+
+    /// An upper bound of the lost events, when one is known (with the kernel's drop
+    /// counter, or when the figure is exact).
+    pub fn lost_at_most(&self) -> Option<u64> {
+        if self.lost_source() == LossSource::KernelCounter {
+            return self.lost();
+        }
+        match self.kernel_drops {
+            Some(k) => Some(k.max(self.seq_lost.unwrap_or(0)) + self.dropped),
+            None => self.lost(),
+        }
+    }
+
+    /// Where the figure of [`lost`](Self::lost) comes from, and whether it is exact.
+    pub fn lost_source(&self) -> LossSource {
+        match (self.kernel_drops, self.seq_lost) {
+            (Some(k), g) => {
+                let clean = match self.foreign_unaccounted {
+                    Some(u) => u == 0 || self.foreign_settled,
+                    // Without a witness, user-space datagrams the socket never saw may be
+                    // in the count (a spoofer's datagrams that met a full queue).
+                    None => false,
+                };
+                if clean || k <= g.unwrap_or(0) {
+                    LossSource::KernelCounter
+                } else {
+                    LossSource::Bounded
+                }
+            }
+            _ if self.overruns > 0 => LossSource::Unknown,
+            (None, Some(_)) => LossSource::SequenceNumbers,
+            (None, None) => LossSource::NoOverrun,
+        }
+    }
+}
+
+/// The witness of user-space multicasts on group 1: a socket in group 1 that sent
+/// `IGNORE` before joining, so the kernel sends it none of its events (its filter applies
+/// before delivery) while user-space multicasts, which no filter stops, all reach it. What it
+/// receives and drops is every user-space datagram on group 1; the receiving socket got some
+/// of them, and the rest may be in its kernel drop counter.
+///
+/// Reading order makes the count sound: the witness is read first, then the receiving
+/// socket's counter and queue. A user-space datagram sent in between is in neither count,
+/// or waits in the receiving queue (not empty: not settled), or was dropped from a full
+/// queue (again not empty). The owner must be the only reader of the receiving socket.
+#[derive(Debug)]
+pub(crate) struct Witness {
+    sock: ConnectorSocket,
+    drops: Mutex<DropCounter>,
+    /// User-space datagrams received.
+    seen: Mutex<u64>,
+    /// The count just before the receiving socket joined.
+    base: u64,
+    /// No user-space datagram reached the witness while the receiving socket joined (else
+    /// it cannot tell whether the receiving socket was a member for it: never settled).
+    sound: bool,
+}
+
+impl Witness {
+    /// Opens a witness and runs `join` (the receiving socket joining group 1) between two
+    /// of its counts. No witness (`None`) on kernels before 6.6, which count a socket's first
+    /// `IGNORE` as a listener leaving (it would lower the kernel's listener count), or when
+    /// the witness cannot be set up; `join`'s error is returned as is.
+    pub(crate) fn around<R>(join: impl FnOnce() -> Result<R>) -> Result<(Option<Self>, R)> {
+        let Some(mut w) = Self::open() else {
+            return join().map(|r| (None, r));
+        };
+        let before = w.total();
+        let r = join()?;
+        let after = w.total();
+        Ok(match (before, after) {
+            (Some(b), Some(a)) => {
+                w.base = b;
+                w.sound = a == b;
+                (Some(w), r)
+            }
+            _ => (None, r),
+        })
+    }
+
+    /// A witness for a receive path that takes its own baselines (with [`count`](Self::count))
+    /// at moments its socket's queue is empty (the connector's dispatcher).
+    #[cfg(not(cnbus_loom))]
+    pub(crate) fn standalone() -> Option<Self> {
+        Self::open()
+    }
+
+    /// The user-space datagrams on group 1 it received or dropped since it was opened.
+    #[cfg(not(cnbus_loom))]
+    pub(crate) fn count(&self) -> Option<u64> {
+        self.total()
+    }
+
+    fn open() -> Option<Self> {
+        if !kernel_at_least(6, 6) {
+            return None;
+        }
+        let sock = ConnectorSocket::open().ok()?;
+        sock.set_recv_buffer(1 << 20, true).ok()?;
+        let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
+        d.push(&request(McastOp::Ignore, None, 0, sock.port_id()))
+            .ok()?;
+        sock.send(d.as_bytes(), Dest::Kernel).ok()?;
+        sock.join(PROC_GROUP).ok()?;
+        let drops = Mutex::new(DropCounter::baseline(&sock).ok()?);
+        Some(Self {
+            sock,
+            drops,
+            seen: Mutex::new(0),
+            base: 0,
+            sound: false,
+        })
+    }
+
+    /// Reads everything queued; returns the user-space datagrams seen plus those it lost,
+    /// or `None` if it cannot tell.
+    fn total(&self) -> Option<u64> {
+        let mut buf = BytesMut::with_capacity(128);
+        loop {
+            buf.clear();
+            match self.sock.recv_max(&mut buf, 128, true) {
+                Ok(Some(meta)) if meta.port != 0 => *self.seen.lock() += 1,
+                Ok(Some(_)) => {}
+                // No kernel proc datagram comes near 128 bytes: a user-space one.
+                Err(Error::Truncated { .. }) => *self.seen.lock() += 1,
+                // What it dropped is in its drop counter.
+                Err(Error::Overrun { .. }) => {}
+                Ok(None) => break,
+                Err(_) => return None,
+            }
+        }
+        let lost = self.drops.lock().update(&self.sock).ok().flatten()?;
+        Some(*self.seen.lock() + lost)
+    }
+
+    /// The user-space datagrams on group 1 since the receiving socket joined that it did
+    /// not receive (`received`: the ones it did), and whether that count can settle. Read
+    /// it before the receiving socket's counter and queue.
+    pub(crate) fn unaccounted(&self, received: u64) -> Option<(u64, bool)> {
+        let since = self.total()?.checked_sub(self.base)?;
+        Some((since.saturating_sub(received), self.sound))
     }
 }
 
@@ -273,8 +497,14 @@ impl ProcListenerBuilder {
             return Err(Error::ProcConnector { reason });
         }
         let sock = ConnectorSocket::open()?;
+        let drops = Mutex::new(DropCounter::baseline(&sock)?);
         sock.set_recv_buffer(self.recv_buffer, true)?;
-        sock.join(PROC_GROUP)?;
+        // The witness counts the user-space multicasts on group 1 from this socket's join.
+        let (witness, ()) = if foreign.is_none() {
+            Witness::around(|| sock.join(PROC_GROUP))?
+        } else {
+            (None, sock.join(PROC_GROUP)?)
+        };
         let want_filter = !events.is_all();
         let mut l = ProcListener {
             sock,
@@ -299,6 +529,10 @@ impl ProcListenerBuilder {
             ignored: false,
             warning: foreign,
             drained: false,
+            drops,
+            witness,
+            foreign: 0,
+            discarded: 0,
         };
         if foreign.is_some() {
             // The kernel drops the request; sending it costs nothing and keeps Drop simple.
@@ -472,6 +706,9 @@ impl ProcDecoder {
             decode_errors: self.decode_errors,
             filtered: self.filtered,
             dropped: 0,
+            kernel_drops: None,
+            foreign_unaccounted: None,
+            foreign_settled: false,
         }
     }
 
@@ -620,6 +857,15 @@ pub struct ProcListener {
     warning: Option<&'static str>,
     /// The last read found the socket's queue empty.
     drained: bool,
+    /// The socket's kernel drop counter, from its value at open; read after every overrun
+    /// and by `stats()`.
+    drops: Mutex<DropCounter>,
+    /// The witness of user-space multicasts on group 1.
+    witness: Option<Witness>,
+    /// User-space multicasts on group 1 this socket received.
+    foreign: u64,
+    /// Events decoded but discarded by `finish` (never handed out).
+    discarded: u64,
 }
 
 impl ProcListener {
@@ -665,11 +911,34 @@ impl ProcListener {
         ShutdownHandle(self.shared.clone())
     }
 
-    /// The counters so far.
+    /// The counters so far. Reads the socket's kernel drop counter
+    /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
+        // The witness first, then this socket (see `Witness`).
+        let foreign = self
+            .witness
+            .as_ref()
+            .and_then(|w| w.unaccounted(self.foreign));
+        let (kernel_drops, empty) = self.read_drops();
+        let dec = self.core.dec.stats();
         LossStats {
+            events: dec.events - self.discarded,
             dropped: self.core.dropped,
-            ..self.core.dec.stats()
+            kernel_drops,
+            foreign_unaccounted: foreign.map(|f| f.0),
+            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
+            ..dec
+        }
+    }
+
+    /// Updates the drop counter from the socket, and says whether its receive queue is
+    /// empty. A failed read (not expected: the socket is ours and open) keeps the last value
+    /// and says "not empty".
+    fn read_drops(&self) -> (Option<u64>, bool) {
+        let mut d = self.drops.lock();
+        match self.sock.meminfo() {
+            Ok(m) => (d.observe(m.drops), m.rmem_alloc == 0),
+            Err(_) => (d.total(), false),
         }
     }
 
@@ -731,11 +1000,47 @@ impl ProcListener {
         Iter { l: self }
     }
 
-    /// Sends `IGNORE` now and returns the final counters.
+    /// Sends `IGNORE` now and returns the final counters (see [`finish`](Self::finish)).
     pub fn close(mut self) -> Result<LossStats> {
-        self.ignored = true;
         self.send_request(McastOp::Ignore, None)?;
-        Ok(self.stats())
+        self.ignored = true;
+        Ok(self.finish())
+    }
+
+    /// Ends the subscription and returns the final counters: sends `IGNORE` (unless sent
+    /// already; the kernel then sends this socket no more events), and reads and discards
+    /// what is still queued, undelivered items included ([`LossStats::events`] counts only
+    /// what was handed out). With the queue read empty, the user-space datagrams the witness
+    /// counted are settled ([`LossStats::foreign_settled`]), so the loss figure is exact even
+    /// while other processes multicast on group 1. Nothing more is received afterwards.
+    pub fn finish(&mut self) -> LossStats {
+        if !self.ignored {
+            self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
+        }
+        let mut stats = self.stats();
+        // User-space multicasts still arrive after IGNORE: a few tries to find the queue
+        // empty as the counters are read.
+        for _ in 0..4 {
+            self.discard_pending();
+            // Bounded: a flood of user-space multicasts (which IGNORE does not stop) must
+            // not keep it here.
+            let mut n = 0;
+            while n < MAX_PENDING && matches!(self.fill(), Ok(true)) {
+                self.discard_pending();
+                n += 1;
+            }
+            stats = self.stats();
+            if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
+                break;
+            }
+        }
+        stats
+    }
+
+    fn discard_pending(&mut self) {
+        for r in self.core.pending.drain(..) {
+            self.discarded += u64::from(matches!(r, Received::Event(_)));
+        }
     }
 
     /// Moves the listener to a reader thread that forwards what it receives into a bounded
@@ -768,18 +1073,22 @@ impl ProcListener {
         self.drained = matches!(r, Ok(None));
         match r {
             Ok(Some(meta)) => {
+                // User-space multicasts on group 1: what the witness counts too.
+                self.foreign += u64::from(meta.port != 0 && meta.group == PROC_GROUP);
                 self.core.datagram(&self.buf[..meta.len], meta);
                 Ok(true)
             }
             Ok(None) => Ok(false),
             Err(Error::Overrun { .. }) => {
                 self.core.dec.record_overrun();
+                let _ = self.read_drops();
                 self.core.push(Received::Lost(Loss::Overrun));
                 Ok(true)
             }
             // No kernel proc datagram comes near 64 KiB: some user-space sender's.
             Err(Error::Truncated { .. }) => {
                 self.core.dec.spoofed += 1;
+                self.foreign += 1;
                 Ok(true)
             }
             Err(e) => Err(e),
@@ -923,8 +1232,8 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
             break;
         }
     }
-    *stats.lock() = l.stats();
-    // Dropping `l` sends IGNORE.
+    // IGNORE, and the queue read empty: the final, settled figures.
+    *stats.lock() = l.finish();
 }
 
 /// A [`ProcListener`] running on its own thread, feeding a bounded channel (see
@@ -975,7 +1284,8 @@ impl ProcChannel {
         self.shutdown.clone()
     }
 
-    /// Stops the reader (which sends `IGNORE`) and returns the final counters.
+    /// Stops the reader (which sends `IGNORE` and reads the queue empty, see
+    /// [`ProcListener::finish`]) and returns the final counters.
     pub fn close(mut self) -> LossStats {
         self.stop();
         self.stats()
@@ -999,6 +1309,84 @@ impl Drop for ProcChannel {
 mod tests {
     use super::*;
     use crate::codec::CnMsg;
+
+    /// `lost()` is `Some` only when the figure is exact, in every combination of sources.
+    #[test]
+    fn lost_is_exact_only_when_it_is() {
+        let base = LossStats {
+            overruns: 1,
+            ..LossStats::default()
+        };
+        // No drop counter: gaps miss the tail after an overrun; without an overrun they
+        // are exact; with a kernel filter and no overrun nothing was lost.
+        let gaps = LossStats {
+            seq_lost: Some(5),
+            ..base.clone()
+        };
+        assert_eq!(
+            (gaps.lost(), gaps.lost_source()),
+            (None, LossSource::Unknown)
+        );
+        assert_eq!(gaps.lost_at_least(), 5);
+        let quiet = LossStats {
+            overruns: 0,
+            ..gaps.clone()
+        };
+        assert_eq!(quiet.lost(), Some(5));
+        let filtered = LossStats::default();
+        assert_eq!(
+            (filtered.lost(), filtered.lost_source()),
+            (Some(0), LossSource::NoOverrun)
+        );
+        // The kernel counter with a witness that saw no user-space datagram: exact, the
+        // tail included (9 > 5 gaps), in every filter mode.
+        let k = LossStats {
+            kernel_drops: Some(9),
+            foreign_unaccounted: Some(0),
+            ..gaps.clone()
+        };
+        assert_eq!(
+            (k.lost(), k.lost_source()),
+            (Some(9), LossSource::KernelCounter)
+        );
+        let kf = LossStats {
+            seq_lost: None,
+            ..k.clone()
+        };
+        assert_eq!(kf.lost(), Some(9));
+        // User-space datagrams may be in the count: a range until they are settled...
+        let unsettled = LossStats {
+            foreign_unaccounted: Some(3),
+            ..k.clone()
+        };
+        assert_eq!(unsettled.lost(), None);
+        assert_eq!(unsettled.lost_source(), LossSource::Bounded);
+        assert_eq!(
+            (unsettled.lost_at_least(), unsettled.lost_at_most()),
+            (6, Some(9))
+        );
+        // ...then exact, without them.
+        let settled = LossStats {
+            foreign_settled: true,
+            ..unsettled.clone()
+        };
+        assert_eq!(settled.lost(), Some(6));
+        assert_eq!(settled.lost_at_most(), Some(6));
+        // No witness: exact only where the gaps account for the whole counter.
+        let blind = LossStats {
+            foreign_unaccounted: None,
+            ..k.clone()
+        };
+        assert_eq!((blind.lost(), blind.lost_at_least()), (None, 5));
+        let covered = LossStats {
+            kernel_drops: Some(5),
+            ..blind.clone()
+        };
+        assert_eq!(covered.lost(), Some(5));
+        // The listener's own drops are added.
+        let own = LossStats { dropped: 2, ..k };
+        assert_eq!(own.lost(), Some(11));
+    }
 
     fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
         let mut d = Vec::new();

@@ -25,9 +25,12 @@ pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
+#[cfg(not(cnbus_loom))]
+pub(crate) use listener::Witness;
 pub use listener::{
-    Decoded, FilterMode, Filtering, Iter, Loss, LossStats, ProcChannel, ProcDecoder, ProcListener,
-    ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
+    Decoded, FilterMode, Filtering, Iter, Loss, LossSource, LossStats, ProcChannel, ProcDecoder,
+    ProcListener, ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT,
+    DEFAULT_RECV_BUFFER,
 };
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};

@@ -7,23 +7,35 @@ use parking_lot::Mutex;
 use super::listener::REASON_NO_ACK;
 use super::{request, EventSet, LossStats, McastOp, ProcDecoder, Received, DEFAULT_ACK_TIMEOUT};
 use crate::codec::CbId;
+use crate::connector::stats::Settled;
 use crate::connector::{ConnectorHandle, Registration, Subscription};
 use crate::error::{Error, Op, Result};
 use crate::sys::Dest;
 
 /// A callback receiving proc events from a connector's dispatcher thread, for as long as
-/// this lives. Dropping it unregisters the callback and sends `IGNORE`.
+/// this lives. Dropping it unregisters the callback; dropping the last proc registration
+/// of the connector sends `IGNORE`.
 ///
 /// The connector's socket is shared with its other users, so the kernel is not asked to
 /// filter (the filter would apply to the whole socket): the event set is applied in user
-/// space with the kernel's rules, and per-CPU sequence gaps count lost events exactly.
+/// space with the kernel's rules, and per-CPU sequence gaps count lost events.
 /// Receive-queue overflows are counted by the connector ([`Stats::overruns`](crate::connector::Stats::overruns),
 /// copied into [`stats`](Self::stats)); the events they cost show up as
-/// [`Received::Lost`] gaps when each CPU's next event arrives.
+/// [`Received::Lost`] gaps when each CPU's next event arrives, and in full (the end of a
+/// run included) in the kernel's drop counter, see [`stats`](Self::stats).
+///
+/// The kernel keeps one proc subscription per socket, and `IGNORE` stops every proc event
+/// for the socket: the connector counts its proc registrations, sends `LISTEN` for the
+/// first and `IGNORE` when the last one drops.
 #[must_use = "dropping a ProcRegistration stops the events at once"]
 pub struct ProcRegistration {
     handle: ConnectorHandle,
     decoder: Arc<Mutex<ProcDecoder>>,
+    /// The connector's kernel drop count when this registration started.
+    drops_base: Option<u64>,
+    /// The first settled snapshot after this registration started (see
+    /// [`stats`](Self::stats)), filled by the dispatcher; `None` inside without a witness.
+    settled_base: Option<Arc<Mutex<Option<Settled>>>>,
     reg: Option<Registration>,
     _group: Subscription,
 }
@@ -38,9 +50,47 @@ impl std::fmt::Debug for ProcRegistration {
 
 impl ProcRegistration {
     /// Loss and event counters; `overruns` are the connector's.
+    ///
+    /// `kernel_drops` is the connector socket's kernel drop counter since this registration
+    /// started, when that counter counts proc events only: the connector opened its socket
+    /// itself and never subscribed a group other than 1. Otherwise (the socket also carries
+    /// other traffic, whose drops the kernel counts alike) it is `None`, and after an
+    /// overrun [`LossStats::lost`] is `None` too: the gaps are a lower bound, since the
+    /// events lost at the end of each CPU's stream show no gap.
+    ///
+    /// User-space multicasts on group 1 are counted by the kernel alike. On Linux 6.6+ the
+    /// connector keeps a witness of them for its proc registrations, and the dispatcher
+    /// takes a snapshot each time it finds the socket's queue empty. From the first such
+    /// moment after this registration started, `kernel_drops` counts from that snapshot, and
+    /// while no drop happened since the last snapshot the figure is settled
+    /// ([`LossStats::foreign_settled`]): [`LossStats::lost`] is then exact.
     pub fn stats(&self) -> LossStats {
         let mut s = self.decoder.lock().stats();
-        s.overruns = self.handle.stats().overruns;
+        let c = self.handle.stats();
+        s.overruns = c.overruns;
+        if !self.handle.proc_only() {
+            return s;
+        }
+        let base = self.settled_base.as_ref().and_then(|b| *b.lock());
+        match (base, self.handle.proc_settled(), c.kernel_drops) {
+            (Some(b), Some(last), Some(now)) => {
+                s.kernel_drops = Some(now.saturating_sub(b.drops));
+                // Only while nothing was dropped since the last snapshot does it cover
+                // every drop.
+                if now == last.drops {
+                    let seen = last.witness.saturating_sub(b.witness);
+                    let got = last.foreign.saturating_sub(b.foreign);
+                    s.foreign_unaccounted = Some(seen.saturating_sub(got));
+                    s.foreign_settled = true;
+                }
+            }
+            (_, _, now) => {
+                s.kernel_drops = match (now, self.drops_base) {
+                    (Some(now), Some(base)) => Some(now.saturating_sub(base)),
+                    _ => None,
+                }
+            }
+        }
         s
     }
 }
@@ -48,19 +98,22 @@ impl ProcRegistration {
 impl Drop for ProcRegistration {
     fn drop(&mut self) {
         drop(self.reg.take());
-        let ack = self.handle.next_seq(CbId::PROC);
-        // Best effort: if it fails the socket is gone, and with it the kernel's count.
-        let _ = self
-            .handle
-            .send(&request(McastOp::Ignore, None, 0, ack), Dest::Kernel);
+        let handle = &self.handle;
+        handle.proc_unlisten(|| {
+            let ack = handle.next_seq(CbId::PROC);
+            // Best effort: if it fails the socket is gone, and with it the kernel's count.
+            let _ = handle.send(&request(McastOp::Ignore, None, 0, ack), Dest::Kernel);
+        });
     }
 }
 
 /// Calls `callback` on `connector`'s dispatcher thread for each proc event in `events`
-/// (and each loss report), after joining group 1 and sending `LISTEN`.
+/// (and each loss report), after joining group 1 and, for the connector's first proc
+/// registration, sending `LISTEN`.
 ///
-/// Waits up to [`DEFAULT_ACK_TIMEOUT`] for the kernel's ACK, so it must not be called from
-/// inside another callback of the same connector (the ACK would wait behind it).
+/// The first registration waits up to [`DEFAULT_ACK_TIMEOUT`] for the kernel's ACK, so it
+/// must not be called from inside another callback of the same connector (the ACK would
+/// wait behind it). Later ones find the socket subscribed already and do not wait.
 ///
 /// ```no_run
 /// use cnbus::connector::Connector;
@@ -100,13 +153,23 @@ where
             cb(item);
         }
     });
-    connector.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)?;
+    let first = connector
+        .proc_listen(|| connector.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel))?;
     let registration = ProcRegistration {
         handle: connector.clone(),
         decoder,
+        drops_base: connector.stats().kernel_drops,
+        settled_base: if connector.proc_only() {
+            connector.proc_baseline()
+        } else {
+            None
+        },
         reg: Some(reg),
         _group: group,
     };
+    if !first {
+        return Ok(registration);
+    }
     match ack_rx.recv_timeout(DEFAULT_ACK_TIMEOUT) {
         Ok(0) => Ok(registration),
         Ok(errno) => Err(Error::from_io(

@@ -21,7 +21,7 @@ pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 pub use signal::TermSignals;
-pub use socket::{ConnectorSocket, Dest, RecvMeta, NETLINK_CONNECTOR};
+pub use socket::{ConnectorSocket, Dest, DropCounter, MemInfo, RecvMeta, NETLINK_CONNECTOR};
 pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 
