@@ -4,7 +4,7 @@
 use std::fs;
 
 /// Inode number of the initial pid namespace (`PROC_PID_INIT_INO`, fixed since Linux 3.8).
-const PID_INIT_INO: u64 = 0xEFFF_FFFC;
+pub(crate) const PID_INIT_INO: u64 = 0xEFFF_FFFC;
 /// Inode number of the initial user namespace (`PROC_USER_INIT_INO`, fixed since Linux 3.8).
 const USER_INIT_INO: u64 = 0xEFFF_FFFD;
 /// Inode number of the initial network namespace (`PROC_NET_INIT_INO`, fixed since Linux
@@ -25,7 +25,9 @@ pub struct NamespaceReport {
     pub initial_user: Option<bool>,
 }
 
-fn ns_inode(path: &str) -> Option<u64> {
+/// The inode number a namespace link (`/proc/<pid>/ns/<kind>`) names, from its text
+/// `kind:[inode]`; `None` when the link cannot be read (the task is gone).
+pub(crate) fn ns_inode(path: &str) -> Option<u64> {
     // The link reads like "net:[4026531833]".
     let link = fs::read_link(path).ok()?;
     let s = link.to_str()?;
