@@ -25,13 +25,19 @@ pub struct NamespaceReport {
     pub initial_user: Option<bool>,
 }
 
+fn ns_inode(path: &str) -> Option<u64> {
+    ns_inode_of(path).ok()
+}
+
 /// The inode number a namespace link (`/proc/<pid>/ns/<kind>`) names, from its text
-/// `kind:[inode]`; `None` when the link cannot be read (the task is gone).
-pub(crate) fn ns_inode(path: &str) -> Option<u64> {
+/// `kind:[inode]`. The error is `read_link`'s (`ENOENT` when the task is gone, `EACCES`
+/// when the ptrace access check refuses), or `InvalidData` for text of another shape.
+pub(crate) fn ns_inode_of(path: &str) -> std::io::Result<u64> {
     // The link reads like "net:[4026531833]".
-    let link = fs::read_link(path).ok()?;
-    let s = link.to_str()?;
-    s.split_once('[')?.1.strip_suffix(']')?.parse().ok()
+    let link = fs::read_link(path)?;
+    link.to_str()
+        .and_then(|s| s.split_once('[')?.1.strip_suffix(']')?.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a namespace link"))
 }
 
 /// Tells whether this thread is in the initial network and pid namespaces.

@@ -76,16 +76,21 @@ pub enum Source {
     Comm,
     /// The process was gone before it could be read: the value is `None`.
     Exited,
+    /// `/proc` refused the read (`EACCES`: `hidepid`, or the ptrace access check on a
+    /// namespace link, which even root can fail for a protected process): the value is
+    /// `None` although the process may be alive.
+    Denied,
 }
 
 impl Source {
-    /// `proc`, `inherited`, `comm` or `exited`.
+    /// `proc`, `inherited`, `comm`, `exited` or `denied`.
     pub const fn name(self) -> &'static str {
         match self {
             Source::Proc => "proc",
             Source::Inherited => "inherited",
             Source::Comm => "comm",
             Source::Exited => "exited",
+            Source::Denied => "denied",
         }
     }
 }
@@ -117,21 +122,22 @@ pub struct ProcessInfo {
     /// hybrid host, else the v2 `0::` line.
     #[cfg_attr(feature = "serde", serde(with = "opt_arc_str"))]
     pub cgroup: Option<Arc<str>>,
-    /// Where `cgroup` and `container_id` came from (`proc`, `inherited` or `exited`).
+    /// Where `cgroup` and `container_id` came from (`proc`, `inherited`, `exited` or
+    /// `denied`).
     pub cgroup_source: Source,
     /// The pid in the process's own (innermost) pid namespace: the last field of `NSpid`
     /// in `/proc/<pid>/status` (equal to the host pid in the initial namespace).
     pub ns_pid: Option<u32>,
     /// The inode number of the process's pid namespace (`/proc/<pid>/ns/pid`).
     pub pidns: Option<u64>,
-    /// Where `ns_pid` and `pidns` came from (`proc`, `inherited` or `exited`).
+    /// Where `ns_pid` and `pidns` came from (`proc`, `inherited`, `exited` or `denied`).
     pub pidns_source: Source,
     /// The command line, arguments joined by spaces (capped at
     /// [`EnrichConfig::max_cmdline`] bytes), or the task name when `cmdline_source` is
     /// `comm`.
     #[cfg_attr(feature = "serde", serde(with = "opt_arc_str"))]
     pub cmdline: Option<Arc<str>>,
-    /// Where `cmdline` came from: `proc`, `inherited`, `comm` or `exited`.
+    /// Where `cmdline` came from: `proc`, `inherited`, `comm`, `exited` or `denied`.
     pub cmdline_source: Source,
 }
 
@@ -345,7 +351,15 @@ impl Enricher {
             }
             EventBody::Exec { process } => self.exec(process.tgid),
             EventBody::Exit { process, .. } => {
-                let info = self.info(process.tgid);
+                // Never cached anew: no later exit would remove it (a process's threads
+                // can exit after its leader, whose exit removes the entry).
+                let info = match self.cached(process.tgid).map(|e| e.info.clone()) {
+                    Some(info) => {
+                        self.stats.hits += 1;
+                        info
+                    }
+                    None => self.read_uncached(process.tgid),
+                };
                 if !process.is_thread() {
                     self.cache.remove(process.tgid);
                 }
@@ -412,17 +426,19 @@ impl Enricher {
             self.stats.hits += 1;
             return info;
         }
-        self.stats.misses += 1;
-        match self.read_process(pid) {
-            Some(info) => {
-                self.insert(pid, info.clone());
-                info
-            }
-            None => {
-                self.stats.gone += 1;
-                ProcessInfo::unknown()
-            }
+        let info = self.read_uncached(pid);
+        if info.process_key.is_some() {
+            self.insert(pid, info.clone());
         }
+        info
+    }
+
+    fn read_uncached(&mut self, pid: u32) -> ProcessInfo {
+        self.stats.misses += 1;
+        self.read_process(pid).unwrap_or_else(|| {
+            self.stats.gone += 1;
+            ProcessInfo::unknown()
+        })
     }
 
     fn insert(&mut self, pid: u32, info: ProcessInfo) {
@@ -456,6 +472,9 @@ impl Enricher {
     /// Reads the cgroup into `info`; false (and `info` unchanged) when the process is gone.
     fn read_cgroup(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
         let Some(path) = self.fs.cgroup(pid) else {
+            if self.fs.denied && info.cgroup_source == Source::Exited {
+                info.cgroup_source = Source::Denied;
+            }
             return false;
         };
         info.container_id = container_id(&path).map(Arc::from);
@@ -468,6 +487,9 @@ impl Enricher {
     /// gone.
     fn read_pidns(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
         let Some(ns) = self.fs.pidns(pid) else {
+            if self.fs.denied && info.pidns_source == Source::Exited {
+                info.pidns_source = Source::Denied;
+            }
             return false;
         };
         info.pidns = Some(ns);
@@ -486,9 +508,18 @@ impl Enricher {
             Some(Some(c)) => (Some(c.into()), Source::Proc),
             Some(None) => match self.fs.comm(pid) {
                 Some(c) => (Some(c.into()), Source::Comm),
-                None => (None, Source::Exited),
+                None => (None, self.failure()),
             },
-            None => (None, Source::Exited),
+            None => (None, self.failure()),
+        }
+    }
+
+    /// The source of a value the last read could not give.
+    fn failure(&self) -> Source {
+        if self.fs.denied {
+            Source::Denied
+        } else {
+            Source::Exited
         }
     }
 

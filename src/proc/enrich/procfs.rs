@@ -69,8 +69,11 @@ pub(crate) struct ProcFs {
     buf: Vec<u8>,
     /// Files read successfully.
     pub reads: u64,
-    /// Files that could not be read (the process was gone, or never existed).
+    /// Files that could not be read (the process was gone, or never existed, or `/proc`
+    /// refused).
     pub failed: u64,
+    /// The last failed read was refused (`EACCES` / `EPERM`), not missing.
+    pub denied: bool,
 }
 
 impl ProcFs {
@@ -82,6 +85,7 @@ impl ProcFs {
             buf: Vec::with_capacity(4096),
             reads: 0,
             failed: 0,
+            denied: false,
         }
     }
 
@@ -94,16 +98,23 @@ impl ProcFs {
     pub fn read(&mut self, pid: u32, file: &str, max: usize) -> Option<&[u8]> {
         self.set_path(pid, file);
         self.buf.clear();
-        let ok = std::fs::File::open(&self.path)
-            .and_then(|f| f.take(max as u64).read_to_end(&mut self.buf))
-            .is_ok();
-        if ok {
-            self.reads += 1;
-            Some(&self.buf)
-        } else {
-            self.failed += 1;
-            None
+        let r = std::fs::File::open(&self.path)
+            .and_then(|f| f.take(max as u64).read_to_end(&mut self.buf));
+        match r {
+            Ok(_) => {
+                self.reads += 1;
+                Some(&self.buf)
+            }
+            Err(e) => {
+                self.fail(&e);
+                None
+            }
         }
+    }
+
+    fn fail(&mut self, e: &std::io::Error) {
+        self.failed += 1;
+        self.denied = e.kind() == std::io::ErrorKind::PermissionDenied;
     }
 
     /// Field 4 and 22 of `stat`.
@@ -136,12 +147,16 @@ impl ProcFs {
     /// The inode of the pid namespace (`ns/pid`).
     pub fn pidns(&mut self, pid: u32) -> Option<u64> {
         self.set_path(pid, "ns/pid");
-        let r = crate::sys::ns_inode(&self.path);
-        match r {
-            Some(_) => self.reads += 1,
-            None => self.failed += 1,
+        match crate::sys::ns_inode_of(&self.path) {
+            Ok(ino) => {
+                self.reads += 1;
+                Some(ino)
+            }
+            Err(e) => {
+                self.fail(&e);
+                None
+            }
         }
-        r
     }
 }
 
