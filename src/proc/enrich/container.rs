@@ -84,23 +84,29 @@ pub fn container_id(cgroup: &str) -> Option<&str> {
 
 /// The cgroup path in the text of `/proc/<pid>/cgroup`: the `name=systemd` line when there
 /// is one (cgroup v1 or a hybrid host, where that hierarchy tracks services and
-/// containers), else the cgroup v2 line `0::<path>`. `None` when neither is present.
-/// A path whose cgroup was removed ends in ` (deleted)`, kept as the kernel says it.
+/// containers), else the cgroup v2 line `0::<path>`. One exception: the kernel shows every
+/// *exiting* task in the root (`/`) of the v1 hierarchies while the v2 line keeps its
+/// cgroup (`proc_cgroup_show()` in kernel/cgroup/cgroup.c), so a `name=systemd` root with a
+/// deeper v2 path gives the v2 path. `None` when neither line is present. A path whose
+/// cgroup was removed ends in ` (deleted)`, kept as the kernel says it.
 pub fn parse_cgroup(text: &str) -> Option<&str> {
-    let mut unified = None;
+    let (mut systemd, mut unified) = (None, None);
     for line in text.lines() {
         let mut f = line.splitn(3, ':');
         let (Some(_id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
             continue;
         };
-        if ctl == "name=systemd" {
-            return Some(path);
-        }
-        if ctl.is_empty() && unified.is_none() {
+        if ctl == "name=systemd" && systemd.is_none() {
+            systemd = Some(path);
+        } else if ctl.is_empty() && unified.is_none() {
             unified = Some(path);
         }
     }
-    unified
+    match (systemd, unified) {
+        (Some("/"), Some(u)) if u != "/" => Some(u),
+        (Some(s), _) => Some(s),
+        (None, u) => u,
+    }
 }
 
 #[cfg(test)]
@@ -230,5 +236,10 @@ mod tests {
         assert_eq!(parse_cgroup(""), None);
         assert_eq!(parse_cgroup("garbage\n\n::\n"), Some(""));
         assert_eq!(container_id(parse_cgroup(&hybrid).unwrap()), Some(ID));
+        // An exiting task on a hybrid host: v1 says root, v2 keeps the cgroup.
+        let zombie = format!("9:name=systemd:/\n8:pids:/\n0::/{ID}\n");
+        assert_eq!(parse_cgroup(&zombie), Some(format!("/{ID}").as_str()));
+        assert_eq!(parse_cgroup("9:name=systemd:/\n0::/\n"), Some("/"));
+        assert_eq!(parse_cgroup("0::/a\n9:name=systemd:/b\n"), Some("/b"));
     }
 }

@@ -234,6 +234,10 @@ pub struct EnrichStats {
     /// Forks whose timestamp fell in the uncertain window after a clock tick, so the start
     /// time was read from `/proc/<pid>/stat`.
     pub start_time_reads: u64,
+    /// Forks whose child read as being in the root cgroup while its parent was not: read
+    /// before the kernel attached the child to its cgroup; the parent's cgroup was used
+    /// (marked inherited).
+    pub unattached_cgroup_reads: u64,
     /// Cache entries dropped to stay within [`EnrichConfig::capacity`].
     pub evictions: u64,
     /// Cache entries found stale (their pid was reused: an exit was lost) and replaced.
@@ -551,7 +555,21 @@ impl Enricher {
             ..ProcessInfo::unknown()
         };
         let read = self.cfg.read_at_fork || parent.is_none();
-        if !(read && self.read_cgroup(pid, &mut info)) {
+        let mut have_cgroup = read && self.read_cgroup(pid, &mut info);
+        // The kernel sends the fork event before `cgroup_post_fork()` attaches the child to
+        // its cgroups: until then the child is in the root cgroup of every hierarchy
+        // (`init_css_set`), and a read in that window says "/". A child is created in the
+        // cgroup of the task that forked it, so "/" under a parent elsewhere is that
+        // window: the parent's cgroup is the better answer, marked inherited.
+        if have_cgroup && info.cgroup.as_deref() == Some("/") {
+            if let Some(p) = parent.as_ref() {
+                if p.cgroup.as_deref().is_some_and(|c| c != "/") {
+                    self.stats.unattached_cgroup_reads += 1;
+                    have_cgroup = false;
+                }
+            }
+        }
+        if !have_cgroup {
             if let Some(p) = parent.as_ref().filter(|p| p.cgroup.is_some()) {
                 info.cgroup = p.cgroup.clone();
                 info.container_id = p.container_id.clone();
@@ -588,9 +606,21 @@ impl Enricher {
         self.stats.hits += 1;
         info.cmdline = cmdline;
         info.cmdline_source = source;
-        // The cgroup can change at any time (no event says so): refresh it. The pid
-        // namespace cannot; read it only if it was inherited.
-        self.read_cgroup(pid, &mut info);
+        // The cgroup can change at any time (no event says so): refresh it, unless the
+        // read says the root while the entry knew better (on a v1-only host an exiting
+        // task reads as in the root). The pid namespace cannot change; read it only if it
+        // was inherited.
+        let before = (
+            info.cgroup.clone(),
+            info.container_id.clone(),
+            info.cgroup_source,
+        );
+        if self.read_cgroup(pid, &mut info)
+            && info.cgroup.as_deref() == Some("/")
+            && before.0.as_deref().is_some_and(|c| c != "/")
+        {
+            (info.cgroup, info.container_id, info.cgroup_source) = before;
+        }
         if info.pidns_source != Source::Proc {
             self.read_pidns(pid, &mut info);
         }

@@ -348,3 +348,24 @@ fn serialised_field_names() {
     let back: ProcessInfo = serde_json::from_value(j).unwrap();
     assert_eq!(back, i);
 }
+
+#[test]
+fn a_child_read_before_its_cgroup_attach_gets_the_parents_cgroup() {
+    let p = FakeProc::new("attach");
+    p.add(100, 1, 500, b"sh\0", &format!("/{ID}"), CONTAINER_NS, 3);
+    // The kernel has not run cgroup_post_fork() for the child yet: root cgroup.
+    p.add(101, 100, 501, b"sh\0", "/", CONTAINER_NS, 4);
+    let mut e = p.enricher(true);
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    assert_eq!(f.container_id.as_deref(), Some(ID));
+    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(e.stats().unattached_cgroup_reads, 1);
+    // A parent in the root cgroup: "/" is simply the answer.
+    p.add(200, 1, 500, b"sh\0", "/", PID_INIT_INO, 200);
+    p.add(201, 200, 501, b"sh\0", "/", PID_INIT_INO, 201);
+    let f = e.enrich(&fork(7_005_000_000, 200, 201)).unwrap();
+    assert_eq!(
+        (f.cgroup.as_deref(), f.cgroup_source),
+        (Some("/"), Source::Proc)
+    );
+}
