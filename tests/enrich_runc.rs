@@ -365,6 +365,12 @@ fn container_processes_carry_their_container_id() {
             // Every other fork, exec and exit of the container's processes says the
             // container.
             if ev.kind() == EventKind::Fork && !proc.forked_inside && p != init {
+                eprintln!(
+                    "runc exec process {p} at its fork: container {:?}, cgroup {:?} ({})",
+                    info.container_id.is_some(),
+                    info.cgroup,
+                    info.cgroup_source
+                );
                 continue;
             }
             assert_eq!(
