@@ -13,14 +13,20 @@
 //!   [`CbId::PROC`](crate::CbId::PROC) on a [`Connector`](crate::connector::Connector);
 //!   [`ProcEvent::from_kernel`] and [`SeqTracker`] are its parts.
 //!
+//! * [`Enricher`] ([`enrich`]): process attribution for events: a pid-reuse-safe
+//!   [`ProcessKey`], cgroup and container id, pid namespace, command line, each with its
+//!   [`Source`].
+//!
 //! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
 
+pub mod enrich;
 pub mod event;
 mod listener;
 #[cfg(not(cnbus_loom))]
 mod registered;
 mod seq;
 
+pub use enrich::{EnrichConfig, EnrichStats, Enricher, ProcessInfo, ProcessKey, Source};
 pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,

@@ -4,7 +4,7 @@
 use std::fs;
 
 /// Inode number of the initial pid namespace (`PROC_PID_INIT_INO`, fixed since Linux 3.8).
-const PID_INIT_INO: u64 = 0xEFFF_FFFC;
+pub(crate) const PID_INIT_INO: u64 = 0xEFFF_FFFC;
 /// Inode number of the initial user namespace (`PROC_USER_INIT_INO`, fixed since Linux 3.8).
 const USER_INIT_INO: u64 = 0xEFFF_FFFD;
 /// Inode number of the initial network namespace (`PROC_NET_INIT_INO`, fixed since Linux
@@ -26,10 +26,18 @@ pub struct NamespaceReport {
 }
 
 fn ns_inode(path: &str) -> Option<u64> {
+    ns_inode_of(path).ok()
+}
+
+/// The inode number a namespace link (`/proc/<pid>/ns/<kind>`) names, from its text
+/// `kind:[inode]`. The error is `read_link`'s (`ENOENT` when the task is gone, `EACCES`
+/// when the ptrace access check refuses), or `InvalidData` for text of another shape.
+pub(crate) fn ns_inode_of(path: &str) -> std::io::Result<u64> {
     // The link reads like "net:[4026531833]".
-    let link = fs::read_link(path).ok()?;
-    let s = link.to_str()?;
-    s.split_once('[')?.1.strip_suffix(']')?.parse().ok()
+    let link = fs::read_link(path)?;
+    link.to_str()
+        .and_then(|s| s.split_once('[')?.1.strip_suffix(']')?.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not a namespace link"))
 }
 
 /// Tells whether this thread is in the initial network and pid namespaces.

@@ -1,0 +1,371 @@
+//! The enricher's rules on a fake `/proc` (a temporary directory laid out like it).
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::proc::event::{Comm, ExitStatus, Task};
+
+const ID: &str = "24401a492a2b41ba4d959b037c9eacc1a86c80f39f2af0193746b9afb7debd29";
+/// A container's pid namespace inode (any number other than the initial one).
+const CONTAINER_NS: u64 = 4026532180;
+
+struct FakeProc {
+    root: PathBuf,
+}
+
+impl FakeProc {
+    fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!(
+            "cnbus-enrich-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        FakeProc { root }
+    }
+
+    /// A process directory with stat, cmdline, comm, cgroup, status and ns/pid.
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &self,
+        pid: u32,
+        ppid: u32,
+        start: u64,
+        cmdline: &[u8],
+        cgroup: &str,
+        ns: u64,
+        nspid: u32,
+    ) {
+        let d = self.root.join(pid.to_string());
+        std::fs::create_dir_all(d.join("ns")).unwrap();
+        let stat = format!(
+            "{pid} (odd) comm) S {ppid} 1 1 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 10 0\n"
+        );
+        std::fs::write(d.join("stat"), stat).unwrap();
+        std::fs::write(d.join("cmdline"), cmdline).unwrap();
+        std::fs::write(d.join("comm"), b"odd) comm\n").unwrap();
+        std::fs::write(
+            d.join("cgroup"),
+            format!("9:name=systemd:{cgroup}\n0::{cgroup}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("status"),
+            format!("Name:\tx\nNSpid:\t{pid}\t{nspid}\n"),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(d.join("ns/pid"));
+        std::os::unix::fs::symlink(format!("pid:[{ns}]"), d.join("ns/pid")).unwrap();
+    }
+
+    fn remove(&self, pid: u32) {
+        std::fs::remove_dir_all(self.root.join(pid.to_string())).unwrap();
+    }
+
+    fn set(&self, pid: u32, file: &str, content: &[u8]) {
+        std::fs::write(self.root.join(pid.to_string()).join(file), content).unwrap();
+    }
+
+    fn enricher(&self, read_at_fork: bool) -> Enricher {
+        let cfg = EnrichConfig {
+            read_at_fork,
+            ..EnrichConfig::default()
+        };
+        Enricher::with_root(cfg, self.root.to_str().unwrap())
+    }
+}
+
+impl Drop for FakeProc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn ev(timestamp_ns: u64, body: EventBody) -> ProcEvent {
+    ProcEvent {
+        seq: 0,
+        ack: 0,
+        cpu: 0,
+        timestamp_ns,
+        body,
+    }
+}
+
+fn t(pid: u32) -> Task {
+    Task { pid, tgid: pid }
+}
+
+fn fork(ts: u64, parent: u32, child: u32) -> ProcEvent {
+    ev(
+        ts,
+        EventBody::Fork {
+            parent: t(parent),
+            child: t(child),
+        },
+    )
+}
+
+fn exec(pid: u32) -> ProcEvent {
+    ev(0, EventBody::Exec { process: t(pid) })
+}
+
+fn exit(pid: u32) -> ProcEvent {
+    ev(
+        0,
+        EventBody::Exit {
+            process: t(pid),
+            status: ExitStatus(0),
+            exit_signal: 17,
+            parent: None,
+        },
+    )
+}
+
+#[test]
+fn exec_of_a_gone_process_never_reports_the_pre_exec_command_line() {
+    let p = FakeProc::new("exec");
+    p.add(100, 1, 500, b"bash\0-l\0", "/user.slice", PID_INIT_INO, 100);
+    let mut e = p.enricher(true);
+    // The child is already gone at its fork: what is known is inherited, and says so.
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    assert_eq!(f.cmdline.as_deref(), Some("bash -l"));
+    assert_eq!(f.cmdline_source, Source::Inherited);
+    assert_eq!(f.cgroup.as_deref(), Some("/user.slice"));
+    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(f.pidns, Some(PID_INIT_INO));
+    assert_eq!(f.ns_pid, Some(101));
+    assert_eq!(f.pidns_source, Source::Inherited);
+    assert_eq!(f.parent_key.unwrap().start_ticks, 500);
+    assert_eq!(f.parent_key.unwrap().pid, 100);
+    // Its exec: the command line from before the exec is not this image's.
+    let x = e.enrich(&exec(101)).unwrap();
+    assert_eq!(x.cmdline, None);
+    assert_eq!(x.cmdline_source, Source::Exited);
+    assert_eq!(x.process_key, f.process_key);
+    assert_eq!(x.cgroup_source, Source::Inherited);
+    // Its exit: the same key, then the entry is gone.
+    let z = e.enrich(&exit(101)).unwrap();
+    assert_eq!(z.process_key, f.process_key);
+    assert_eq!(z.cmdline_source, Source::Exited);
+    assert_eq!(e.stats().cached, 1);
+}
+
+#[test]
+fn exec_reads_the_new_command_line_and_cgroup() {
+    let p = FakeProc::new("exec2");
+    p.add(100, 1, 500, b"runc\0run\0", "/", PID_INIT_INO, 100);
+    p.add(
+        101,
+        100,
+        501,
+        b"runc\0init\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        1,
+    );
+    let mut e = p.enricher(true);
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    // Read at fork: the child is in the container although its parent is not.
+    assert_eq!(f.container_id.as_deref(), Some(ID));
+    assert_eq!(f.cgroup_source, Source::Proc);
+    assert_eq!((f.pidns, f.ns_pid), (Some(CONTAINER_NS), Some(1)));
+    assert_eq!(f.pidns_source, Source::Proc);
+    assert_eq!(f.cmdline.as_deref(), Some("runc run"));
+    assert_eq!(f.cmdline_source, Source::Inherited);
+    p.set(101, "cmdline", b"/bin/sleep\x0030\x00");
+    let x = e.enrich(&exec(101)).unwrap();
+    assert_eq!(x.cmdline.as_deref(), Some("/bin/sleep 30"));
+    assert_eq!(x.cmdline_source, Source::Proc);
+    assert_eq!(x.container_id.as_deref(), Some(ID));
+    // A zombie has no command line left: its comm, said so.
+    p.set(101, "cmdline", b"");
+    let mut e2 = p.enricher(true);
+    let z = e2.enrich(&exit(101)).unwrap();
+    assert_eq!(z.cmdline.as_deref(), Some("odd) comm"));
+    assert_eq!(z.cmdline_source, Source::Comm);
+    assert_eq!(z.process_key.unwrap().start_ticks, 501);
+    assert_eq!(z.parent_key.unwrap().start_ticks, 500);
+}
+
+#[test]
+fn without_reads_at_fork_the_child_inherits_until_its_exec() {
+    let p = FakeProc::new("inherit");
+    p.add(100, 1, 500, b"sh\0", "/user.slice", PID_INIT_INO, 100);
+    p.add(101, 100, 501, b"sh\0", &format!("/{ID}"), CONTAINER_NS, 1);
+    let mut e = p.enricher(false);
+    let before = e.stats().proc_reads;
+    e.enrich(&exec(100)).unwrap();
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(f.container_id, None);
+    assert_eq!(f.pidns_source, Source::Inherited);
+    let x = e.enrich(&exec(101)).unwrap();
+    assert_eq!(x.cgroup_source, Source::Proc);
+    assert_eq!(x.container_id.as_deref(), Some(ID));
+    assert_eq!(
+        (x.pidns, x.ns_pid, x.pidns_source),
+        (Some(CONTAINER_NS), Some(1), Source::Proc)
+    );
+    assert!(e.stats().proc_reads > before);
+}
+
+#[test]
+fn thread_events_enrich_their_process_and_a_thread_exit_keeps_it() {
+    let p = FakeProc::new("thread");
+    p.add(100, 1, 500, b"srv\0", "/", PID_INIT_INO, 100);
+    let mut e = p.enricher(true);
+    let a = e.enrich(&exec(100)).unwrap();
+    let th = Task {
+        pid: 105,
+        tgid: 100,
+    };
+    let b = e
+        .enrich(&ev(
+            1,
+            EventBody::Fork {
+                parent: t(100),
+                child: th,
+            },
+        ))
+        .unwrap();
+    assert_eq!(a.process_key, b.process_key);
+    let thread_exit = ev(
+        2,
+        EventBody::Exit {
+            process: th,
+            status: ExitStatus(0),
+            exit_signal: -1,
+            parent: None,
+        },
+    );
+    e.enrich(&thread_exit).unwrap();
+    assert_eq!(e.stats().cached, 1);
+    e.enrich(&exit(100)).unwrap();
+    assert_eq!(e.stats().cached, 0);
+    assert!(e.enrich(&ev(0, EventBody::Ack { err: 0 })).is_none());
+}
+
+#[test]
+fn comm_change_renames_a_comm_only_process() {
+    let p = FakeProc::new("comm");
+    p.add(2, 0, 1, b"", "/", PID_INIT_INO, 2);
+    let mut e = p.enricher(true);
+    let k = e.enrich(&exec(2)).unwrap();
+    assert_eq!((k.cmdline_source, k.parent_key), (Source::Comm, None));
+    let c = e
+        .enrich(&ev(
+            0,
+            EventBody::Comm {
+                process: t(2),
+                comm: Comm::new(b"renamed"),
+            },
+        ))
+        .unwrap();
+    assert_eq!(c.cmdline.as_deref(), Some("renamed"));
+    assert_eq!(e.process(2).cmdline.as_deref(), Some("renamed"));
+}
+
+#[test]
+fn pid_reuse_gives_new_keys_and_a_missed_exit_is_caught_after_a_loss() {
+    let p = FakeProc::new("reuse");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    p.add(101, 100, 501, b"a\0", "/", PID_INIT_INO, 101);
+    let mut e = p.enricher(true);
+    let a = e.enrich(&exec(101)).unwrap().process_key.unwrap();
+    // Its exit is lost; pid 101 is reused by a process started later.
+    p.remove(101);
+    p.add(101, 100, 900, b"b\0", "/", PID_INIT_INO, 101);
+    // Without a loss report the cache still believes the old process...
+    assert_eq!(e.process(101).process_key, Some(a));
+    // ...after one, the start time is checked and the entry replaced.
+    e.note_loss();
+    let b = e.enrich(&exec(101)).unwrap();
+    assert_eq!(b.process_key.unwrap().start_ticks, 900);
+    assert_eq!(b.cmdline.as_deref(), Some("b"));
+    assert_eq!(e.stats().stale, 1);
+    // A fork of a cached pid replaces the entry too (the old process must be gone).
+    let f = e.enrich(&fork(19_005_000_000, 100, 101)).unwrap();
+    assert_ne!(f.process_key, b.process_key);
+    assert_eq!(e.stats().stale, 2);
+}
+
+#[test]
+fn unreadable_or_garbage_proc_files_give_unknown_never_a_panic() {
+    let p = FakeProc::new("garbage");
+    p.add(100, 1, 500, b"\xff\xfe\0", "/", PID_INIT_INO, 100);
+    p.set(100, "cgroup", b"\xff:\xff\n");
+    p.set(100, "status", b"NSpid:\n");
+    let mut e = p.enricher(true);
+    let i = e.enrich(&exec(100)).unwrap();
+    assert_eq!(i.cgroup, None);
+    assert_eq!(i.cmdline.as_deref(), Some("\u{fffd}\u{fffd}"));
+    p.set(100, "stat", b"100 (x");
+    let mut e = p.enricher(true);
+    assert_eq!(e.enrich(&exit(100)).unwrap(), ProcessInfo::unknown());
+    assert_eq!(e.enrich(&exec(4_000_000)).unwrap(), ProcessInfo::unknown());
+    assert_eq!(e.stats().gone, 2);
+}
+
+#[test]
+fn capacity_bounds_the_cache() {
+    let p = FakeProc::new("cap");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    let cfg = EnrichConfig {
+        capacity: 8,
+        ..EnrichConfig::default()
+    };
+    let mut e = Enricher::with_root(cfg, p.root.to_str().unwrap());
+    for pid in 1000..1100 {
+        e.enrich(&fork(7_005_000_000, 100, pid)).unwrap();
+        assert!(e.stats().cached <= 8);
+    }
+    assert!(e.stats().evictions >= 90);
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn serialised_field_names() {
+    let mut i = ProcessInfo::unknown();
+    i.process_key = Some(ProcessKey {
+        boot: 1,
+        pid: 2,
+        start_ticks: 3,
+    });
+    i.container_id = Some(ID.into());
+    i.cmdline_source = Source::Inherited;
+    let j = serde_json::to_value(&i).unwrap();
+    assert_eq!(j["process_key"], "00000000000000000000000000000001-2-3");
+    assert_eq!(j["parent_key"], serde_json::Value::Null);
+    assert_eq!(j["container_id"], ID);
+    assert_eq!(j["cgroup"], serde_json::Value::Null);
+    assert_eq!(j["ns_pid"], serde_json::Value::Null);
+    assert_eq!(j["pidns"], serde_json::Value::Null);
+    assert_eq!(j["cmdline"], serde_json::Value::Null);
+    assert_eq!(j["cmdline_source"], "inherited");
+    assert_eq!(j["cgroup_source"], "exited");
+    assert_eq!(j["pidns_source"], "exited");
+    let back: ProcessInfo = serde_json::from_value(j).unwrap();
+    assert_eq!(back, i);
+}
+
+#[test]
+fn a_child_read_before_its_cgroup_attach_gets_the_parents_cgroup() {
+    let p = FakeProc::new("attach");
+    p.add(100, 1, 500, b"sh\0", &format!("/{ID}"), CONTAINER_NS, 3);
+    // The kernel has not run cgroup_post_fork() for the child yet: root cgroup.
+    p.add(101, 100, 501, b"sh\0", "/", CONTAINER_NS, 4);
+    let mut e = p.enricher(true);
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    assert_eq!(f.container_id.as_deref(), Some(ID));
+    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(e.stats().unattached_cgroup_reads, 1);
+    // A parent in the root cgroup: "/" is simply the answer.
+    p.add(200, 1, 500, b"sh\0", "/", PID_INIT_INO, 200);
+    p.add(201, 200, 501, b"sh\0", "/", PID_INIT_INO, 201);
+    let f = e.enrich(&fork(7_005_000_000, 200, 201)).unwrap();
+    assert_eq!(
+        (f.cgroup.as_deref(), f.cgroup_source),
+        (Some("/"), Source::Proc)
+    );
+}

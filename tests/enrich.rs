@@ -1,0 +1,337 @@
+//! The enricher against the real kernel: keys derived from fork events equal the keys
+//! `/proc` gives, over thousands of this test's own children; keys stay unique when a pid
+//! is reused; host processes have no container.
+//!
+//! Group 1 is host-wide and other tests fork constantly: every assertion is about this
+//! test's own children (found by pid, with this process as the fork's parent). Every event
+//! is fed to the enricher, in order, as a user would.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use cnbus::proc::{
+    Enricher, EventBody, EventSet, ProcEvent, ProcListener, ProcessInfo, ProcessKey, Received,
+    Source,
+};
+use common::kernel_socket;
+
+fn open(test: &str, events: EventSet) -> Option<ProcListener> {
+    kernel_socket(test)?;
+    Some(
+        ProcListener::builder()
+            .events(events)
+            .open()
+            .unwrap_or_else(|e| panic!("{test}: open: {e}")),
+    )
+}
+
+fn my_pid() -> u32 {
+    std::process::id()
+}
+
+/// `fork()` a child that closes its copy of the write end `w` and blocks reading `r` until
+/// every write end is closed, then `_exit(0)`s; `r == -1` exits at once. Raw system calls
+/// only: the parent has threads.
+fn fork_child((r, w): (i32, i32)) -> u32 {
+    // SAFETY: the child runs only async-signal-safe system calls (read, _exit) on data
+    // prepared before the fork, as required after fork in a threaded process.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        if r >= 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: closes the child's copy of a descriptor; `b` is valid for one byte of
+            // writes.
+            unsafe {
+                libc::close(w);
+                libc::read(r, b.as_mut_ptr().cast(), 1)
+            };
+        }
+        // SAFETY: _exit ends the child without running Rust or libc atexit code.
+        unsafe { libc::_exit(0) };
+    }
+    pid as u32
+}
+
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` is valid for writes.
+    let r = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+    assert_eq!(
+        r,
+        pid as i32,
+        "waitpid: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (i32, i32) {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is valid for two ints of writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (fds[0], fds[1])
+}
+
+fn close(fd: i32) {
+    // SAFETY: closes a descriptor this test opened and no longer uses.
+    unsafe { libc::close(fd) };
+}
+
+/// What the enricher said about one of our children.
+#[derive(Default)]
+struct Seen {
+    fork: Option<(ProcEvent, ProcessInfo)>,
+    exit: Option<ProcessInfo>,
+}
+
+/// Feeds every queued event to the enricher; keeps what it said about `mine`.
+fn drain(
+    l: &mut ProcListener,
+    e: &mut Enricher,
+    mine: &HashSet<u32>,
+    seen: &mut HashMap<u32, Vec<Seen>>,
+    wait: Option<Duration>,
+) -> u64 {
+    let mut lost = 0;
+    let mut first = true;
+    loop {
+        let r = if first {
+            first = false;
+            l.recv_timeout(wait).unwrap()
+        } else {
+            l.try_recv().unwrap()
+        };
+        match r {
+            None => return lost,
+            Some(Received::Lost(loss)) => {
+                eprintln!("note: {loss:?}");
+                lost += 1;
+                e.note_loss();
+            }
+            Some(Received::Event(ev)) => {
+                let info = e.enrich(&ev);
+                match ev.body {
+                    EventBody::Fork { parent, child }
+                        if parent.tgid == my_pid() && mine.contains(&child.tgid) =>
+                    {
+                        let v = seen.entry(child.tgid).or_default();
+                        v.push(Seen {
+                            fork: Some((ev, info.unwrap())),
+                            exit: None,
+                        });
+                    }
+                    EventBody::Exit { process, .. }
+                        if !process.is_thread() && mine.contains(&process.tgid) =>
+                    {
+                        // Only the first exit after our fork: once it exited, the pid may
+                        // be reused by another test's process.
+                        if let Some(s) = seen.get_mut(&process.tgid).and_then(|v| v.last_mut()) {
+                            if s.exit.is_none() {
+                                s.exit = info;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The start ticks the fork timestamp alone gives (no guard window, no `/proc`): to measure
+/// how often the two kernel stamps fall in different ticks.
+fn naive_ticks(ev: &ProcEvent) -> u64 {
+    let off = cnbus::sys::boottime_ns().saturating_sub(cnbus::sys::monotonic_ns());
+    let tick = 1_000_000_000 / cnbus::sys::clock_ticks_per_sec();
+    (ev.timestamp_ns + off) / tick
+}
+
+#[test]
+fn fork_derived_keys_equal_proc_keys_over_thousands_of_children() {
+    // CNBUS_ENRICH_BATCHES raises the count for a longer measurement (docs/PROC.md).
+    let batches: usize = std::env::var("CNBUS_ENRICH_BATCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    const PER_BATCH: usize = 250;
+    let Some(mut l) = open("fork_keys", EventSet::FORK | EventSet::EXIT) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let mut reader = Enricher::new();
+    let me = reader.proc_key(my_pid()).expect("own key");
+    let tick = 1_000_000_000 / cnbus::sys::clock_ticks_per_sec();
+    let (mut compared, mut naive_mismatch, mut max_residual) = (0usize, 0usize, 0u64);
+    for _ in 0..batches {
+        let (r, w) = pipe();
+        let pids: Vec<u32> = (0..PER_BATCH).map(|_| fork_child((r, w))).collect();
+        // Every child is alive (blocked on the pipe): /proc's key for each.
+        let proc_keys: Vec<ProcessKey> = pids
+            .iter()
+            .map(|&p| reader.proc_key(p).expect("a blocked child is readable"))
+            .collect();
+        let mine: HashSet<u32> = pids.iter().copied().collect();
+        let mut seen = HashMap::new();
+        let mut lost = 0;
+        while seen.len() < pids.len() {
+            let before = seen.len();
+            lost += drain(
+                &mut l,
+                &mut e,
+                &mine,
+                &mut seen,
+                Some(Duration::from_secs(5)),
+            );
+            if seen.len() == before {
+                break;
+            }
+        }
+        close(w);
+        close(r);
+        for &p in &pids {
+            reap(p);
+        }
+        let mut exits = 0;
+        while exits < pids.len() {
+            lost += drain(
+                &mut l,
+                &mut e,
+                &mine,
+                &mut seen,
+                Some(Duration::from_secs(5)),
+            );
+            let now = seen.values().filter(|v| v[0].exit.is_some()).count();
+            if now == exits {
+                break;
+            }
+            exits = now;
+        }
+        if lost == 0 {
+            assert_eq!(seen.len(), pids.len(), "a fork event of ours is missing");
+        }
+        for (&p, want) in pids.iter().zip(&proc_keys) {
+            let Some(s) = seen.get(&p) else { continue };
+            let (ev, info) = s[0].fork.as_ref().unwrap();
+            let key = info.process_key.unwrap();
+            assert_eq!(key, *want, "fork-derived key of {p} differs from /proc's");
+            assert_eq!(info.parent_key, Some(me));
+            assert_eq!(info.container_id, None, "a host process");
+            assert_eq!(info.cmdline_source, Source::Inherited);
+            assert!(matches!(
+                info.cgroup_source,
+                Source::Proc | Source::Inherited
+            ));
+            if let Some(x) = &s[0].exit {
+                assert_eq!(x.process_key, Some(key), "exit key of {p}");
+                assert_eq!(x.container_id, None);
+            } else if lost == 0 {
+                panic!("exit of {p} not seen");
+            }
+            compared += 1;
+            let naive = naive_ticks(ev);
+            if naive != want.start_ticks {
+                naive_mismatch += 1;
+                let off = cnbus::sys::boottime_ns().saturating_sub(cnbus::sys::monotonic_ns());
+                max_residual = max_residual.max((ev.timestamp_ns + off) % tick);
+            }
+        }
+    }
+    let st = e.stats();
+    eprintln!(
+        "compared {compared} keys; timestamp alone would differ for {naive_mismatch} \
+         (largest distance past a tick boundary among them: {max_residual} ns); \
+         start-time reads {}; stats {st:?}",
+        st.start_time_reads
+    );
+    assert!(
+        compared >= batches * PER_BATCH * 9 / 10,
+        "compared only {compared}"
+    );
+}
+
+#[test]
+fn keys_stay_unique_when_a_pid_is_reused() {
+    let Some(mut l) = open("pid_reuse", EventSet::FORK | EventSet::EXIT) else {
+        return;
+    };
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let mut e = Enricher::new();
+    let mut mine = HashSet::new();
+    let mut seen: HashMap<u32, Vec<Seen>> = HashMap::new();
+    let mut reused = None;
+    // Pids are handed out cyclically: within pid_max forks one of ours comes back. Bounded
+    // by count, not time.
+    for i in 0..2 * pid_max {
+        let p = fork_child((-1, -1));
+        reap(p);
+        if !mine.insert(p) && reused.is_none() {
+            reused = Some((p, i));
+        }
+        drain(&mut l, &mut e, &mine, &mut seen, Some(Duration::ZERO));
+        if let Some((_, at)) = reused {
+            if i > at + 50 {
+                break;
+            }
+        }
+    }
+    drain(
+        &mut l,
+        &mut e,
+        &mine,
+        &mut seen,
+        Some(Duration::from_millis(500)),
+    );
+    let (pid, at) = reused.expect("no pid of ours was reused within 2 * pid_max forks");
+    eprintln!("pid {pid} reused after {at} forks; {:?}", e.stats());
+    let mut keys = HashSet::new();
+    let mut reused_keys = 0;
+    for (p, v) in &seen {
+        for s in v {
+            let Some((_, f)) = &s.fork else { continue };
+            let k = f.process_key.unwrap();
+            assert_eq!(k.pid, *p);
+            assert!(keys.insert(k), "key {k} given to two processes");
+            if let Some(x) = &s.exit {
+                assert_eq!(x.process_key, Some(k), "fork and exit keys of {p}");
+            }
+        }
+        if v.len() > 1 {
+            reused_keys += v.len();
+        }
+    }
+    assert!(
+        seen.get(&pid).map_or(0, Vec::len) >= 2,
+        "both forks of the reused pid {pid} were seen"
+    );
+    assert!(reused_keys >= 2);
+}
+
+#[test]
+fn host_processes_have_no_container() {
+    if kernel_socket("host_processes").is_none() {
+        return;
+    }
+    let mut e = Enricher::new();
+    for pid in [1, my_pid()] {
+        let i = e.process(pid);
+        assert!(i.process_key.is_some(), "pid {pid}");
+        assert_eq!(i.container_id, None, "pid {pid}: {:?}", i.cgroup);
+        assert_eq!(i.cgroup_source, Source::Proc);
+        // Some hosts protect pid 1's namespace links even from root (this one does).
+        if i.pidns_source != Source::Denied {
+            assert_eq!(i.pidns_source, Source::Proc);
+            assert_eq!(i.ns_pid, Some(pid));
+        }
+    }
+    let me = e.process(my_pid());
+    assert_eq!(me.pidns_source, Source::Proc);
+    assert_eq!(me.ns_pid, Some(my_pid()));
+    assert_eq!(me.cmdline_source, Source::Proc);
+    assert_eq!(me.process_key, e.proc_key(my_pid()));
+}
