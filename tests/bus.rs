@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use cnbus::bus::{Bus, Framing, FullPolicy, InsertError, Producer};
 use cnbus::codec::{messages, CbId, CnMsg, Message};
 use cnbus::sys::{self, poll_read, ConnectorSocket, Dest, EventFd};
-use common::{kernel_socket, test_idx};
+use common::{kernel_socket, own_port, test_idx};
 
 /// A receiving socket with a large buffer, so that tests lose nothing.
 struct Rx {
@@ -46,6 +46,7 @@ impl Rx {
 
     /// Receives messages with `idx` until `want` arrived or `timeout` passed.
     fn collect(&self, idx: u32, want: usize, timeout: Duration) -> Got {
+        common::remember_own_sockets();
         let mut got = Got::default();
         let deadline = Instant::now() + timeout;
         let mut buf = BytesMut::with_capacity(1 << 17);
@@ -67,6 +68,7 @@ impl Rx {
 
     /// Everything already queued on the socket (no waiting).
     fn collect_now(&self, idx: u32) -> Got {
+        common::remember_own_sockets();
         let mut got = Got::default();
         let mut buf = BytesMut::with_capacity(1 << 17);
         while self.recv_one(idx, &mut buf, &mut got) {}
@@ -77,8 +79,13 @@ impl Rx {
         buf.reserve(1 << 17);
         match self.sock.recv(buf, true) {
             Ok(Some(meta)) => {
+                let datagram = buf.split().freeze();
+                // On a busy host anyone may send anything on our group, even our ids.
+                if !own_port(meta.port) {
+                    return true;
+                }
                 let mut n = 0;
-                for m in messages(buf.split().freeze()) {
+                for m in messages(datagram) {
                     if let Message::Connector(c) = m.expect("well-formed datagram") {
                         if c.msg.id.idx == idx {
                             got.msgs.push(c.msg);
@@ -750,8 +757,8 @@ fn inserted_messages_are_numbered_per_id_in_wire_order() {
     let rx = Connector::builder()
         .recv_buffer(32 << 20)
         .on_event(move |e| {
-            if let Event::Lost { id, count, .. } = e {
-                if id.idx == idx {
+            if let Event::Lost { id, count, port } = e {
+                if id.idx == idx && own_port(*port) {
                     ol.fetch_add(u64::from(*count), Ordering::SeqCst);
                 }
             }
@@ -765,7 +772,9 @@ fn inserted_messages_are_numbered_per_id_in_wire_order() {
         .map(|id| {
             let seen = Arc::clone(&seen);
             rx.register(id, move |r| {
-                seen.lock().entry(r.msg.id.val).or_default().push(r.msg.seq)
+                if own_port(r.source.port) {
+                    seen.lock().entry(r.msg.id.val).or_default().push(r.msg.seq)
+                }
             })
         })
         .collect();
@@ -822,10 +831,9 @@ fn inserted_messages_are_numbered_per_id_in_wire_order() {
         }
     }
     assert_eq!(s[&3], vec![777], "prebuilt seq kept");
-    let st = rx.stats();
+    // Our streams lost and reordered nothing: the exact 1..=N above, and no gap counted.
+    // (`rx.stats()` also counts foreign senders' streams on the group, on a busy host.)
     assert_eq!(ours_lost.load(Ordering::SeqCst), 0);
-    assert_eq!(st.lost, 0, "{st:?}");
-    assert_eq!(st.reordered, 0, "{st:?}");
     let bs = bus.close().unwrap();
     assert_eq!(bs.sent_messages, 3 * PER as u64 + 1);
     eprintln!(
@@ -849,8 +857,13 @@ fn loss_at_a_small_receiver_is_counted_exactly() {
     let rx = Connector::builder()
         .recv_buffer(16 << 10)
         .on_event(move |e| {
-            if let Event::Lost { id: lid, count, .. } = e {
-                if *lid == id {
+            if let Event::Lost {
+                id: lid,
+                count,
+                port,
+            } = e
+            {
+                if *lid == id && own_port(*port) {
                     ol.fetch_add(u64::from(*count), Ordering::SeqCst);
                 }
             }
@@ -860,8 +873,8 @@ fn loss_at_a_small_receiver_is_counted_exactly() {
     let _sub = rx.subscribe(GROUP).unwrap();
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let d = Arc::clone(&delivered);
-    let _reg = rx.register(id, move |_| {
-        if d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
+    let _reg = rx.register(id, move |m| {
+        if own_port(m.source.port) && d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
             thread::sleep(Duration::from_millis(1));
         }
     });
@@ -1023,6 +1036,7 @@ fn dropped_producers_messages_are_kept_and_counted() {
             p.insert(CbId::new(idx, 2), &payload(2, seq)).unwrap();
         }
     }
+    common::remember_own_sockets();
     drop(bus2);
     let got = rx.collect(idx, 100, Duration::from_secs(5));
     assert_eq!(got.msgs.len(), 100, "drop lost a producer's messages");
