@@ -106,15 +106,33 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     }
     let mut tracer = Command::new(BIN)
         .args(["--stats"])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_subscribed(tracer.id());
-    Command::new("/bin/true").status().unwrap();
+    let mut child = Command::new("/bin/true").spawn().unwrap();
+    let pid = child.id().to_string();
+    child.wait().unwrap();
+    // On a busy host the tracer may be behind: signal it only once it has printed our
+    // child's exit (and keep draining its output so that it never blocks on the pipe).
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let stdout = tracer.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap_or_default();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 2 && f[1] == "exit" && f[2] == pid {
+                let _ = seen_tx.send(());
+            }
+        }
+    });
+    seen.recv_timeout(Duration::from_secs(30))
+        .expect("the tracer printed the exit of our /bin/true");
     // SAFETY: sends SIGTERM to our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
-    let status = tracer.wait().unwrap();
+    // Read stderr to its end before waiting: a busy host's table can outgrow a pipe.
     let mut err = String::new();
     tracer
         .stderr
@@ -122,6 +140,8 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    let status = tracer.wait().unwrap();
+    drain.join().unwrap();
     assert!(status.success(), "{status:?}: {err}");
     assert!(err.contains(" events in "), "{err}");
     assert!(err.contains("lost: 0 (exact"), "{err}");
