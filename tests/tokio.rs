@@ -28,6 +28,8 @@ async fn the_stream_yields_messages_and_loss_in_order() {
         )
         .unwrap();
     }
+    // tx's stream only: on a busy host others send (good and bad) on this group and id.
+    let txp = tx.port_id();
     let mut got = Vec::new();
     while got.len() < 5 {
         let item = tokio::time::timeout(Duration::from_secs(5), rx.next())
@@ -35,23 +37,26 @@ async fn the_stream_yields_messages_and_loss_in_order() {
             .expect("stream item")
             .expect("stream open");
         match item {
-            Ok(m) if m.msg.id == id => got.push(format!("msg {}", m.msg.seq)),
+            Ok(m) if m.source.port == txp => {
+                assert_eq!(m.msg.id, id);
+                got.push(format!("msg {}", m.msg.seq));
+            }
             Ok(_) => {}
             Err(Event::Lost {
                 id: lost_id,
                 count,
                 port,
-            }) => {
+            }) if port == txp => {
                 assert_eq!(lost_id, id);
-                assert_eq!(port, tx.port_id());
                 got.push(format!("lost {count}"));
             }
+            Err(Event::Lost { .. } | Event::Decode { .. }) => {}
             Err(e) => panic!("unexpected event {e}"),
         }
     }
     assert_eq!(got, ["msg 1", "msg 2", "lost 2", "msg 5", "msg 6"]);
     let s = rx.stats();
-    assert_eq!((s.messages, s.lost), (4, 2));
+    assert!(s.messages >= 4 && s.lost >= 2, "{s:?}");
 }
 
 #[tokio::test]
