@@ -214,11 +214,14 @@ pub fn remember_own_sockets() {
 /// after [`ForeignOnGroup1::start`] and stopped before [`ForeignOnGroup1::check_spoofed`]
 /// cannot have rejected more spoofed events than it counted: on a quiet host that is 0.
 pub struct ForeignOnGroup1 {
-    running: Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<(u64, u64)>,
-    )>,
+    running: Option<Counting>,
 }
+
+/// The stop flag and the counting thread (which returns foreign datagrams, overruns).
+type Counting = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<(u64, u64)>,
+);
 
 impl ForeignOnGroup1 {
     /// Starts counting (does nothing where the kernel connector is not reachable: the test
