@@ -139,7 +139,9 @@ fn fork_exec_and_exit_code() {
     assert_eq!(status.code(), Some(3));
     assert_eq!(status.signal(), None);
     assert_eq!(exit_signal, libc::SIGCHLD);
-    assert_eq!(parent.map(|p| p.tgid), Some(my_pid()));
+    // The kernel reads the parent after exit_notify(): on a busy host our wait() can reap
+    // the shell first, and then it sends 0 (`None`). Any parent it does send is us.
+    assert!(parent.map_or(true, |p| p.tgid == my_pid()), "{parent:?}");
     assert!(ev.timestamp_ns > 0);
     assert!(ev.cpu < 8192);
     // Event timestamps are CLOCK_MONOTONIC and in the past.
