@@ -111,11 +111,20 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
         .spawn()
         .unwrap();
     wait_subscribed(tracer.id());
-    let mut child = Command::new("/bin/true").spawn().unwrap();
+    // A child with a name of its own, alive until the tracer has printed its exec (a busy
+    // host's tracer lags, and a process gone before it reads /proc has no name to show);
+    // SIGTERM only once the tracer has printed its exit. Its output is drained throughout
+    // so that it never blocks on the pipe.
+    let name = format!("cnbus-sigterm-{}", std::process::id());
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new("/bin/sleep")
+            .arg0(&name)
+            .arg("60")
+            .spawn()
+            .unwrap()
+    };
     let pid = child.id().to_string();
-    child.wait().unwrap();
-    // On a busy host the tracer may be behind: signal it only once it has printed our
-    // child's exit (and keep draining its output so that it never blocks on the pipe).
     let (seen_tx, seen) = std::sync::mpsc::channel();
     let stdout = tracer.stdout.take().unwrap();
     let drain = std::thread::spawn(move || {
@@ -123,13 +132,19 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line.unwrap_or_default();
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 2 && f[1] == "exit" && f[2] == pid {
-                let _ = seen_tx.send(());
+            if f.len() > 2 && (f[1] == "exec" || f[1] == "exit") && f[2] == pid {
+                let _ = seen_tx.send(f[1].to_string());
             }
         }
     });
-    seen.recv_timeout(Duration::from_secs(30))
-        .expect("the tracer printed the exit of our /bin/true");
+    let next = || {
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("the tracer printed our child's events")
+    };
+    assert_eq!(next(), "exec");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(next(), "exit");
     // SAFETY: sends SIGTERM to our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
     // Read stderr to its end before waiting: a busy host's table can outgrow a pipe.
@@ -146,8 +161,8 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     assert!(err.contains(" events in "), "{err}");
     assert!(err.contains("lost: 0 (exact"), "{err}");
     assert!(
-        err.contains("true"),
-        "per-process table lists /bin/true: {err}"
+        err.contains(&name),
+        "per-process table lists our child {name}: {err}"
     );
     assert!(err.contains("stopped by signal 15"), "{err}");
 }
