@@ -217,40 +217,27 @@ pub struct ForeignOnGroup1 {
     running: Option<Counting>,
 }
 
-/// The stop flag and the counting thread (which returns foreign datagrams, overruns).
-type Counting = (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    std::thread::JoinHandle<(u64, u64)>,
-);
+/// The counting socket's port and thread (which returns foreign datagrams, overruns).
+type Counting = (u32, std::thread::JoinHandle<(u64, u64)>);
 
 impl ForeignOnGroup1 {
     /// Starts counting (does nothing where the kernel connector is not reachable: the test
     /// skips or fails on its own).
     pub fn start() -> ForeignOnGroup1 {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let Ok(sock) = ConnectorSocket::open().and_then(|s| s.join(1).map(|()| s)) else {
             return ForeignOnGroup1 { running: None };
         };
         sock.set_recv_buffer(32 << 20, true).unwrap();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let port = sock.port_id();
         let thread = std::thread::spawn(move || {
             let (mut foreign, mut overruns) = (0u64, 0u64);
-            let wake = cnbus::sys::EventFd::new().unwrap();
             let mut buf = BytesMut::with_capacity(1 << 16);
             loop {
-                // Stop only once the queue is empty after the stop flag was seen.
-                let stopping = s.load(Ordering::SeqCst);
-                let r = cnbus::sys::poll_read(&sock, &wake, Some(Duration::from_millis(20)));
-                if !r.unwrap().socket {
-                    if stopping {
-                        return (foreign, overruns);
-                    }
-                    continue;
-                }
                 buf.clear();
                 buf.reserve(1 << 16);
-                match sock.recv(&mut buf, true) {
+                match sock.recv(&mut buf, false) {
+                    // The unicast end marker: everything queued before it has been read.
+                    Ok(Some(meta)) if meta.group == 0 => return (foreign, overruns),
                     Ok(Some(meta)) if !meta.from_kernel() => foreign += 1,
                     Ok(_) => {}
                     Err(cnbus::Error::Overrun { .. }) => overruns += 1,
@@ -259,7 +246,7 @@ impl ForeignOnGroup1 {
             }
         });
         ForeignOnGroup1 {
-            running: Some((stop, thread)),
+            running: Some((port, thread)),
         }
     }
 
@@ -268,10 +255,14 @@ impl ForeignOnGroup1 {
     /// event is never taken for a spoof. (When this counter's own queue overflowed, its
     /// count is only a lower bound and the check is reported, not made.)
     pub fn check_spoofed(self, test: &str, spoofed: u64) {
-        let Some((stop, thread)) = self.running else {
+        let Some((port, thread)) = self.running else {
             return;
         };
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A unicast to the counter ends it once it has read everything queued before.
+        let marker = ConnectorSocket::open().unwrap();
+        marker
+            .send(&[0u8; 16], cnbus::sys::Dest::Port(port))
+            .unwrap();
         let (foreign, overruns) = thread.join().unwrap();
         if overruns > 0 {
             eprintln!("{test}: the spoof counter overflowed; spoofed {spoofed} not checked");
