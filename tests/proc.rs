@@ -434,8 +434,10 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     };
     let reference = reference.into_channel(1 << 12).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // The last seq the small listener got per CPU: the reference reads at least that far.
+    let upto = Arc::new(std::sync::Mutex::new(BTreeMap::<u32, u32>::new()));
     let drain = {
-        let stop = stop.clone();
+        let (stop, upto) = (stop.clone(), upto.clone());
         std::thread::spawn(move || {
             let mut seen = Seen::new();
             let mut until = None;
@@ -446,11 +448,16 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
                     }
                     Some(Received::Lost(_)) | None => {}
                 }
-                // Once the small listener is done, catch up for a moment longer.
+                // Once the small listener is done, catch up with it (a busy host's reference
+                // may be seconds behind), 10 s at most.
                 if stop.load(Ordering::SeqCst) {
-                    let u =
-                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
-                    if Instant::now() >= u {
+                    let caught_up = upto.lock().unwrap().iter().all(|(cpu, hi)| {
+                        seen.get(cpu)
+                            .and_then(|s| s.last())
+                            .is_some_and(|l| l >= hi)
+                    });
+                    let u = *until.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+                    if Instant::now() >= u || caught_up {
                         break;
                     }
                 }
@@ -499,6 +506,7 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     Command::new("/bin/true").status().unwrap();
     read(&mut small);
     let stats = small.close().unwrap();
+    *upto.lock().unwrap() = got.iter().map(|(c, s)| (*c, *s.last().unwrap())).collect();
     stop.store(true, Ordering::SeqCst);
     assert!(overruns >= 1, "a burst into the minimum buffer overflows");
     assert_eq!(stats.overruns, overruns);
