@@ -291,6 +291,22 @@ impl ExitWatch {
         ExitWatch { stop, seen, thread }
     }
 
+    /// As [`finish`](Self::finish), once the watch has seen the exit of every process of
+    /// `table` that is gone from /proc, or after 5 s. On a busy host the watch lags, and the
+    /// kernel sends an exit event only after `exit_notify()`, when the parent's `wait` may
+    /// already have returned: stopping at once would drop exits it is about to see.
+    fn finish_after_exits_of(self, table: &HashMap<u32, serde_json::Value>) -> HashSet<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let seen = self.seen.lock().unwrap().clone();
+            if stale_entries(table, &seen).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.finish()
+    }
+
     fn finish(self) -> HashSet<u32> {
         self.stop.shutdown();
         self.thread.join().unwrap();
@@ -442,7 +458,7 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     let stats = final_stats(&stderr);
     eprintln!("final counters: {stats}");
     let table = read_table(&dir);
-    let exited_after = watch.finish();
+    let exited_after = watch.finish_after_exits_of(&table);
 
     // Every child of ours, with its parent, command line and start time.
     for &(pid, spawned) in std::iter::once(&before).chain(&during) {
@@ -551,7 +567,7 @@ fn overruns_are_reported_and_survived() {
     assert!(status.success(), "agent: {status}\n{stderr}");
     let stats = final_stats(&stderr);
     eprintln!("final counters: {stats}");
-    let exited_after = watch.finish();
+    let exited_after = watch.finish_after_exits_of(&read_table(&dir));
     assert!(
         stats["overruns"].as_u64().unwrap() > 0,
         "no overrun with a 4 KiB queue: {stats}"

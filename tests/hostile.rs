@@ -41,19 +41,24 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
         return;
     }
     let (group, id) = (20, CbId::new(test_idx(30), 1));
+    // On a busy host others send (bad and good) on our group too: count `evil`'s only.
+    let evil = ConnectorSocket::open().unwrap();
+    let evil_port = evil.port_id();
     let errors = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let e2 = errors.clone();
+    let lost = Arc::new(AtomicU64::new(0));
+    let (e2, l2) = (errors.clone(), lost.clone());
     let bus = Connector::builder()
-        .on_event(move |e| {
-            if let Event::Decode { error, .. } = e {
-                e2.lock().push(error.kind);
+        .on_event(move |e| match e {
+            Event::Decode { error, port } if *port == evil_port => e2.lock().push(error.kind),
+            Event::Lost { port, count, .. } if *port == evil_port => {
+                l2.fetch_add(u64::from(*count), Ordering::SeqCst);
             }
+            _ => {}
         })
         .spawn()
         .unwrap();
     let _sub = bus.subscribe(group).unwrap();
     let (_reg, rx) = bus.channel(cnbus::connector::Match::Idx(id.idx), 1024);
-    let evil = ConnectorSocket::open().unwrap();
 
     let mut seq = 0u32;
     let mut next = || {
@@ -129,18 +134,18 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
         let m = rx
             .recv_timeout(Duration::from_secs(5))
             .expect("valid message");
-        assert_eq!(m.source.port, evil.port_id());
-        got.push(m.msg.seq);
+        if m.source.port == evil_port {
+            got.push(m.msg.seq);
+        }
     }
     assert_eq!(got, expected, "every valid message, in order");
-    assert!(
-        rx.recv_timeout(Duration::from_millis(100)).is_err(),
-        "nothing invalid delivered"
-    );
-    assert!(wait_for(Duration::from_secs(2), || bus
-        .stats()
-        .decode_errors
+    while let Ok(m) = rx.recv_timeout(Duration::from_millis(100)) {
+        assert_ne!(m.source.port, evil_port, "nothing invalid delivered");
+    }
+    assert!(wait_for(Duration::from_secs(2), || errors.lock().len()
+        as u64
         == bad));
+    assert!(bus.stats().decode_errors >= bad);
     let kinds = errors.lock().clone();
     assert_eq!(
         kinds.len() as u64,
@@ -165,7 +170,7 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
     assert!(kinds
         .iter()
         .any(|k| matches!(k, DecodeErrorKind::ShortConnectorHeader { .. })));
-    assert_eq!(bus.stats().lost, 0);
+    assert_eq!(lost.load(Ordering::SeqCst), 0);
 }
 
 #[test]
@@ -174,18 +179,32 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
         return;
     }
     let (group, id) = (21, CbId::new(test_idx(31), 1));
-    let bus = Connector::builder().recv_buffer(16 << 10).spawn().unwrap();
+    // Others may send on our group and id too: count `tx`'s stream only.
+    let tx = Connector::builder().spawn().unwrap();
+    let txp = tx.port_id();
+    let lost = Arc::new(AtomicU64::new(0));
+    let l = lost.clone();
+    let bus = Connector::builder()
+        .recv_buffer(16 << 10)
+        .on_event(move |e| {
+            if let Event::Lost { port, count, .. } = e {
+                if *port == txp {
+                    l.fetch_add(u64::from(*count), Ordering::SeqCst);
+                }
+            }
+        })
+        .spawn()
+        .unwrap();
     let _sub = bus.subscribe(group).unwrap();
     let stall = Arc::new(Barrier::new(2));
     let delivered = Arc::new(AtomicU64::new(0));
     let (s, d) = (stall.clone(), delivered.clone());
-    let _reg = bus.register(id, move |_| {
-        if d.fetch_add(1, Ordering::SeqCst) == 0 {
+    let _reg = bus.register(id, move |m| {
+        if m.source.port == txp && d.fetch_add(1, Ordering::SeqCst) == 0 {
             s.wait(); // the dispatcher stalls inside the first callback
             s.wait();
         }
     });
-    let tx = Connector::builder().spawn().unwrap();
     tx.send_numbered(id, vec![0u8; 64], Dest::Group(group))
         .unwrap();
     stall.wait(); // the receiver is now stalled
@@ -206,12 +225,13 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
         std::thread::sleep(Duration::from_micros(200));
     }
     assert!(wait_for(Duration::from_secs(5), || {
-        delivered.load(Ordering::SeqCst) + bus.stats().lost == sent
+        delivered.load(Ordering::SeqCst) + lost.load(Ordering::SeqCst) == sent
     }));
     let s = bus.stats();
     let got = delivered.load(Ordering::SeqCst);
-    assert_eq!(got + s.lost, sent, "{s:?}");
-    assert!(s.lost > 0 && s.overruns > 0, "{s:?}");
+    let lost = lost.load(Ordering::SeqCst);
+    assert_eq!(got + lost, sent, "{s:?}");
+    assert!(lost > 0 && s.lost >= lost && s.overruns > 0, "{s:?}");
     assert!(got >= 100, "the messages after the stall arrived: {got}");
 }
 

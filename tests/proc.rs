@@ -139,7 +139,9 @@ fn fork_exec_and_exit_code() {
     assert_eq!(status.code(), Some(3));
     assert_eq!(status.signal(), None);
     assert_eq!(exit_signal, libc::SIGCHLD);
-    assert_eq!(parent.map(|p| p.tgid), Some(my_pid()));
+    // The kernel reads the parent after exit_notify(): on a busy host our wait() can reap
+    // the shell first, and then it sends 0 (`None`). Any parent it does send is us.
+    assert!(parent.map_or(true, |p| p.tgid == my_pid()), "{parent:?}");
     assert!(ev.timestamp_ns > 0);
     assert!(ev.cpu < 8192);
     // Event timestamps are CLOCK_MONOTONIC and in the past.
@@ -314,6 +316,7 @@ fn coredump_event_and_core_flag() {
 
 /// Runs children exiting 0, 5, 0, by SIGKILL and 1, with a listener for non-zero exits only.
 fn nonzero_exits_only(test: &str, mode: FilterMode) {
+    let foreign = common::ForeignOnGroup1::start();
     let Some(mut l) = open(
         test,
         ProcListener::builder()
@@ -356,6 +359,7 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
     assert_eq!(mine, want, "{test}: exactly the non-zero exits");
     // (Other processes may multicast on group 1 meanwhile: `spoofed` is theirs, not ours.)
     let stats = l.stats();
+    foreign.check_spoofed(test, stats.spoofed);
     assert_eq!(stats.decode_errors, 0);
 }
 
@@ -431,8 +435,10 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     };
     let reference = reference.into_channel(1 << 12).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // The last seq the small listener got per CPU: the reference reads at least that far.
+    let upto = Arc::new(std::sync::Mutex::new(BTreeMap::<u32, u32>::new()));
     let drain = {
-        let stop = stop.clone();
+        let (stop, upto) = (stop.clone(), upto.clone());
         std::thread::spawn(move || {
             let mut seen = Seen::new();
             let mut until = None;
@@ -443,11 +449,16 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
                     }
                     Some(Received::Lost(_)) | None => {}
                 }
-                // Once the small listener is done, catch up for a moment longer.
+                // Once the small listener is done, catch up with it (a busy host's reference
+                // may be seconds behind), 10 s at most.
                 if stop.load(Ordering::SeqCst) {
-                    let u =
-                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
-                    if Instant::now() >= u {
+                    let caught_up = upto.lock().unwrap().iter().all(|(cpu, hi)| {
+                        seen.get(cpu)
+                            .and_then(|s| s.last())
+                            .is_some_and(|l| l >= hi)
+                    });
+                    let u = *until.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+                    if Instant::now() >= u || caught_up {
                         break;
                     }
                 }
@@ -496,6 +507,7 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     Command::new("/bin/true").status().unwrap();
     read(&mut small);
     let stats = small.close().unwrap();
+    *upto.lock().unwrap() = got.iter().map(|(c, s)| (*c, *s.last().unwrap())).collect();
     stop.store(true, Ordering::SeqCst);
     assert!(overruns >= 1, "a burst into the minimum buffer overflows");
     assert_eq!(stats.overruns, overruns);

@@ -15,6 +15,7 @@ fn a_connector_callback_receives_typed_proc_events() {
     if kernel_socket("a_connector_callback_receives_typed_proc_events").is_none() {
         return;
     }
+    let foreign = common::ForeignOnGroup1::start();
     let bus = Connector::builder().recv_buffer(8 << 20).spawn().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
@@ -52,9 +53,12 @@ fn a_connector_callback_receives_typed_proc_events() {
     assert_eq!(exit, Some(4));
     let st = events.stats();
     assert!(st.events >= 3);
-    // (`spoofed` may count other processes' multicasts on group 1: not asserted.)
     assert_eq!(st.seq_lost, Some(0), "{st:?}");
     drop(events);
+    foreign.check_spoofed(
+        "a_connector_callback_receives_typed_proc_events",
+        st.spoofed,
+    );
 }
 
 /// Regression: dropping one of two proc registrations on one connector sent `IGNORE` on the

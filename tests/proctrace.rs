@@ -107,21 +107,48 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     }
     let mut tracer = Command::new(BIN)
         .args(["--stats"])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_subscribed(tracer.id());
-    // A program that lives long enough for the tracer to read its command line at the exec
-    // (a /bin/true can be gone by then, and is then listed under its parent's name).
-    Command::new("/bin/sleep").arg("0.5").status().unwrap();
-    // Its events are queued before `status()` returns; once the queue is empty the tracer
-    // has read them (after SIGTERM it no longer reads, so on a busy host they could be left
-    // unread).
-    wait_drained(tracer.id());
+    // A child with a name of its own, alive until the tracer has printed its exec (a busy
+    // host's tracer lags, and a process gone before it reads /proc has no name to show);
+    // SIGTERM only once the tracer has printed its exit. Its output is drained throughout
+    // so that it never blocks on the pipe.
+    let name = format!("cnbus-sigterm-{}", std::process::id());
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new("/bin/sleep")
+            .arg0(&name)
+            .arg("60")
+            .spawn()
+            .unwrap()
+    };
+    let pid = child.id().to_string();
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let stdout = tracer.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap_or_default();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 2 && (f[1] == "exec" || f[1] == "exit") && f[2] == pid {
+                let _ = seen_tx.send(f[1].to_string());
+            }
+        }
+    });
+    let next = || {
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("the tracer printed our child's events")
+    };
+    assert_eq!(next(), "exec");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(next(), "exit");
     // SAFETY: sends SIGTERM to our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
-    let status = tracer.wait().unwrap();
+    // Read stderr to its end before waiting: a busy host's table can outgrow a pipe.
     let mut err = String::new();
     tracer
         .stderr
@@ -129,12 +156,14 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    let status = tracer.wait().unwrap();
+    drain.join().unwrap();
     assert!(status.success(), "{status:?}: {err}");
     assert!(err.contains(" events in "), "{err}");
     assert!(err.contains("lost: 0 (exact"), "{err}");
     assert!(
-        err.lines().any(|l| l.ends_with("  sleep")),
-        "per-process table lists the sleep: {err}"
+        err.contains(&name),
+        "per-process table lists our child {name}: {err}"
     );
     assert!(err.contains("stopped by signal 15"), "{err}");
 }

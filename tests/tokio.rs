@@ -28,6 +28,8 @@ async fn the_stream_yields_messages_and_loss_in_order() {
         )
         .unwrap();
     }
+    // tx's stream only: on a busy host others send (good and bad) on this group and id.
+    let txp = tx.port_id();
     let mut got = Vec::new();
     while got.len() < 5 {
         let item = tokio::time::timeout(Duration::from_secs(5), rx.next())
@@ -35,23 +37,26 @@ async fn the_stream_yields_messages_and_loss_in_order() {
             .expect("stream item")
             .expect("stream open");
         match item {
-            Ok(m) if m.msg.id == id => got.push(format!("msg {}", m.msg.seq)),
+            Ok(m) if m.source.port == txp => {
+                assert_eq!(m.msg.id, id);
+                got.push(format!("msg {}", m.msg.seq));
+            }
             Ok(_) => {}
             Err(Event::Lost {
                 id: lost_id,
                 count,
                 port,
-            }) => {
+            }) if port == txp => {
                 assert_eq!(lost_id, id);
-                assert_eq!(port, tx.port_id());
                 got.push(format!("lost {count}"));
             }
+            Err(Event::Lost { .. } | Event::Decode { .. }) => {}
             Err(e) => panic!("unexpected event {e}"),
         }
     }
     assert_eq!(got, ["msg 1", "msg 2", "lost 2", "msg 5", "msg 6"]);
     let s = rx.stats();
-    assert_eq!((s.messages, s.lost), (4, 2));
+    assert!(s.messages >= 4 && s.lost >= 2, "{s:?}");
 }
 
 #[tokio::test]
@@ -120,6 +125,7 @@ async fn the_proc_stream_receives_real_events() {
     if kernel_socket("the_proc_stream_receives_real_events").is_none() {
         return;
     }
+    let foreign = common::ForeignOnGroup1::start();
     let mut events = ProcStream::open(EventSet::EXEC | EventSet::EXIT)
         .await
         .unwrap();
@@ -143,7 +149,6 @@ async fn the_proc_stream_receives_real_events() {
         }
     }
     assert_eq!(exit, Some(9));
-    // (`spoofed` may count other processes' multicasts on group 1: not asserted.)
     let st = events.stats();
     assert_eq!(st.decode_errors, 0);
     // The kernel's drop counter of the stream's socket, and (6.6+) the witness of
@@ -152,4 +157,7 @@ async fn the_proc_stream_receives_real_events() {
     if cnbus::sys::kernel_at_least(6, 6) {
         assert!(st.foreign_unaccounted.is_some(), "{st:?}");
     }
+    let spoofed = events.stats().spoofed;
+    drop(events);
+    foreign.check_spoofed("the_proc_stream_receives_real_events", spoofed);
 }

@@ -157,3 +157,122 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// True when `port` is the port id of a netlink socket this test process holds: how a
+/// receiver tells its own traffic from a foreign sender's on a busy host, where anyone may
+/// send anything (even the very ids a test uses) to any group. Reads /proc/self/fd and
+/// /proc/net/netlink; ports found are remembered (a port id is unique while its socket
+/// lives, and this process's test sockets outlive the checks made on them).
+///
+/// A socket closed before its datagrams are checked is found only if some check (or
+/// [`remember_own_sockets`]) ran while it was open.
+pub fn own_port(port: u32) -> bool {
+    if own_ports().contains(&port) {
+        return true;
+    }
+    remember_own_sockets();
+    own_ports().contains(&port)
+}
+
+fn own_ports() -> std::sync::MutexGuard<'static, std::collections::HashSet<u32>> {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static OWN: OnceLock<Mutex<HashSet<u32>>> = OnceLock::new();
+    OWN.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remembers the port ids of every connector socket this process holds now (for
+/// [`own_port`]): call it before closing a sender whose datagrams are read afterwards.
+pub fn remember_own_sockets() {
+    use std::collections::HashSet;
+    // This process's socket inodes...
+    let inodes: HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| {
+                let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                let s = link.to_str()?;
+                s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    // ...and the ports of the connector sockets with those inodes. Columns: sk Eth Pid
+    // Groups Rmem Wmem Dump Locks Drops Inode.
+    let table = std::fs::read_to_string("/proc/net/netlink").unwrap_or_default();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 10 && f[1] == "11" && f[9].parse().is_ok_and(|i| inodes.contains(&i)) {
+            if let Ok(p) = f[2].parse::<u32>() {
+                own_ports().insert(p);
+            }
+        }
+    }
+}
+
+/// Counts what user-space processes multicast on group 1 (spoofed proc events) while it
+/// runs: a raw socket with a large buffer, drained by its own thread. A listener opened
+/// after [`ForeignOnGroup1::start`] and stopped before [`ForeignOnGroup1::check_spoofed`]
+/// cannot have rejected more spoofed events than it counted: on a quiet host that is 0.
+pub struct ForeignOnGroup1 {
+    running: Option<Counting>,
+}
+
+/// The counting socket's port and thread (which returns foreign datagrams, overruns).
+type Counting = (u32, std::thread::JoinHandle<(u64, u64)>);
+
+impl ForeignOnGroup1 {
+    /// Starts counting (does nothing where the kernel connector is not reachable: the test
+    /// skips or fails on its own).
+    pub fn start() -> ForeignOnGroup1 {
+        let Ok(sock) = ConnectorSocket::open().and_then(|s| s.join(1).map(|()| s)) else {
+            return ForeignOnGroup1 { running: None };
+        };
+        sock.set_recv_buffer(32 << 20, true).unwrap();
+        let port = sock.port_id();
+        let thread = std::thread::spawn(move || {
+            let (mut foreign, mut overruns) = (0u64, 0u64);
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            loop {
+                buf.clear();
+                buf.reserve(1 << 16);
+                match sock.recv(&mut buf, false) {
+                    // The unicast end marker: everything queued before it has been read.
+                    Ok(Some(meta)) if meta.group == 0 => return (foreign, overruns),
+                    Ok(Some(meta)) if !meta.from_kernel() => foreign += 1,
+                    Ok(_) => {}
+                    Err(cnbus::Error::Overrun { .. }) => overruns += 1,
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        });
+        ForeignOnGroup1 {
+            running: Some((port, thread)),
+        }
+    }
+
+    /// Stops counting and checks that a listener's `spoofed` count (read before this call)
+    /// is no more than the datagrams user space sent on group 1 since `start`: a kernel
+    /// event is never taken for a spoof. (When this counter's own queue overflowed, its
+    /// count is only a lower bound and the check is reported, not made.)
+    pub fn check_spoofed(self, test: &str, spoofed: u64) {
+        let Some((port, thread)) = self.running else {
+            return;
+        };
+        // A unicast to the counter ends it once it has read everything queued before.
+        let marker = ConnectorSocket::open().unwrap();
+        marker
+            .send(&[0u8; 16], cnbus::sys::Dest::Port(port))
+            .unwrap();
+        let (foreign, overruns) = thread.join().unwrap();
+        if overruns > 0 {
+            eprintln!("{test}: the spoof counter overflowed; spoofed {spoofed} not checked");
+            return;
+        }
+        assert!(
+            spoofed <= foreign,
+            "{test}: {spoofed} counted as spoofed, but user space sent only {foreign} on group 1"
+        );
+    }
+}
