@@ -115,16 +115,8 @@ pub mod proc;
 #[cfg(cnbus_loom)]
 #[path = "connector/registry.rs"]
 pub mod registry;
-/// Under `cfg(cnbus_loom)`, of the connector only the sequence numbering the bus and the
-/// socket use.
-#[cfg(cnbus_loom)]
-pub mod connector {
-    #[allow(dead_code)] // the receiver's half is not used by the bus
-    #[path = "loss.rs"]
-    mod loss;
-    pub use loss::SeqSource;
-    pub(crate) use loss::{write_seq, Aimed};
-}
+#[cfg_attr(cnbus_loom, allow(dead_code))] // under loom only the bus uses it
+mod seq;
 pub mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -18,15 +18,15 @@ use super::Inner;
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
 
-pub(crate) use crate::connector::write_seq;
+pub(crate) use crate::seq::write_seq;
 /// The counters of one destination (the bus's), by id.
-pub(crate) use crate::connector::Aimed as Seqs;
+pub(crate) use crate::seq::Aimed as Seqs;
 /// The sequence counters: the socket's (see
 /// [`ConnectorSocket`](crate::sys::ConnectorSocket)), shared with every other bus and
 /// connector sending on it, one sequence per destination and id. Their lock is the send
 /// lock, held from numbering a batch until its `sendmmsg` returned, so numbers follow wire
 /// order per id whichever drainer (of whichever bus) sends.
-pub(crate) use crate::connector::SeqSource;
+pub(crate) use crate::seq::SeqSource;
 
 /// Longest sleep between two attempts to send to a full unicast receiver.
 const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);

@@ -30,7 +30,7 @@ pub use datagram::{
     MessageRef, Messages, MessagesRef, NlError,
 };
 pub use netlink::{
-    nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
+    nlmsg_align, Dest, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
     NLMSG_OVERRUN,
 };
 

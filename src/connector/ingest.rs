@@ -3,11 +3,11 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::loss::{SeqTracker, SeqVerdict};
 use super::stats::Counters;
 use super::{Event, Received, Source};
 use crate::codec::{messages, Message};
 use crate::error::{Error, Result};
+use crate::seq::{SeqTracker, SeqVerdict};
 use crate::sys::{ConnectorSocket, RecvMeta};
 
 /// Per-receiver state: the sequence-gap tracker.

@@ -34,7 +34,6 @@
 mod dispatch;
 mod groups;
 pub(crate) mod ingest;
-mod loss;
 pub(crate) mod outbox;
 mod registry;
 pub(crate) mod stats;
@@ -49,9 +48,10 @@ use bytes::Bytes;
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
+pub use crate::seq::{
+    SeqSource, SeqTracker, SeqVerdict, DEFAULT_NUMBERED_IDS, DEFAULT_TRACKED_STREAMS,
+};
 pub use groups::Subscription;
-pub(crate) use loss::{write_seq, Aimed};
-pub use loss::{SeqSource, SeqTracker, SeqVerdict, DEFAULT_NUMBERED_IDS, DEFAULT_TRACKED_STREAMS};
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 

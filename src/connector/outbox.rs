@@ -3,11 +3,11 @@
 
 use std::io::IoSlice;
 
-use super::loss::write_seq;
 use super::stats::{Counters, Stats};
 use super::FIRST_USER_GROUP;
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
 use crate::error::{Error, Result};
+use crate::seq::write_seq;
 use crate::sys::{ConnectorSocket, Dest};
 use std::sync::Arc;
 

@@ -8,6 +8,7 @@ use bytes::BytesMut;
 
 use super::cvt;
 use crate::error::{Error, Op, Result};
+use crate::seq::SeqSource;
 
 /// The netlink protocol number of the connector.
 pub const NETLINK_CONNECTOR: i32 = 11;
@@ -19,30 +20,19 @@ pub const MAX_GROUP: u32 = 32;
 const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_NO_ENOBUFS: libc::c_int = 5;
 
-/// Where a datagram goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dest {
-    /// The kernel (port 0). The kernel reads only the first message of a datagram.
-    Kernel,
-    /// One socket, by port id.
-    Port(u32),
-    /// Every member of a multicast group (1..=32). Netlink also hands such a datagram to
-    /// the kernel side of the connector.
-    Group(u32),
-}
+pub use crate::codec::Dest;
 
-impl Dest {
-    fn sockaddr(self) -> Result<libc::sockaddr_nl> {
-        // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
-        let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        match self {
-            Dest::Kernel => {}
-            Dest::Port(p) => sa.nl_pid = p,
-            Dest::Group(g) => sa.nl_groups = group_mask(g)?,
-        }
-        Ok(sa)
+/// The socket address of `dest`.
+fn sockaddr(dest: Dest) -> Result<libc::sockaddr_nl> {
+    // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
+    let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    match dest {
+        Dest::Kernel => {}
+        Dest::Port(p) => sa.nl_pid = p,
+        Dest::Group(g) => sa.nl_groups = group_mask(g)?,
     }
+    Ok(sa)
 }
 
 fn group_mask(group: u32) -> Result<u32> {
@@ -89,7 +79,7 @@ pub struct ConnectorSocket {
     port: u32,
     /// The socket's numbering, and the send lock of numbered sends: held from taking
     /// numbers until the datagrams carrying them were handed to the kernel.
-    numbering: parking_lot::Mutex<crate::connector::SeqSource>,
+    numbering: parking_lot::Mutex<SeqSource>,
     /// The numbering's eviction count, readable without its lock.
     numbering_evictions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -101,7 +91,7 @@ impl ConnectorSocket {
         let mut inner = netlink_sys::Socket::new(NETLINK_CONNECTOR as isize)
             .map_err(|e| Error::from_io(Op::Socket, e))?;
         let addr = inner.bind_auto().map_err(|e| Error::from_io(Op::Bind, e))?;
-        let numbering = crate::connector::SeqSource::default();
+        let numbering = SeqSource::default();
         Ok(Self {
             inner,
             port: addr.port_number(),
@@ -117,7 +107,7 @@ impl ConnectorSocket {
 
     /// The sequence numbers of this socket, which every numbered send through it
     /// takes under this lock (see [`SeqSource`](crate::connector::SeqSource)).
-    pub(crate) fn numbering(&self) -> &parking_lot::Mutex<crate::connector::SeqSource> {
+    pub(crate) fn numbering(&self) -> &parking_lot::Mutex<SeqSource> {
         &self.numbering
     }
 
@@ -211,7 +201,7 @@ impl ConnectorSocket {
     }
 
     fn sendto(&self, datagram: &[u8], dest: Dest, flags: libc::c_int) -> Result<Option<usize>> {
-        let sa = dest.sockaddr()?;
+        let sa = sockaddr(dest)?;
         loop {
             // SAFETY: `datagram` is valid for reads of its length and `sa` is a valid
             // sockaddr_nl whose size is passed; both outlive the call.
@@ -256,7 +246,7 @@ impl ConnectorSocket {
 
     fn sendmmsg(&self, datagrams: &[IoSlice<'_>], dest: Dest, flags: libc::c_int) -> Result<usize> {
         const MAX_BATCH: usize = 1024;
-        let mut sa = dest.sockaddr()?;
+        let mut sa = sockaddr(dest)?;
         let mut sent = 0;
         while sent < datagrams.len() {
             let chunk = &datagrams[sent..(sent + MAX_BATCH).min(datagrams.len())];
