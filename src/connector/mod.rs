@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "tokio")]
+mod async_connector;
 mod dispatch;
 mod groups;
 pub(crate) mod ingest;
@@ -51,6 +53,8 @@ use parking_lot::Mutex;
 pub use crate::seq::{
     SeqSource, SeqTracker, SeqVerdict, DEFAULT_NUMBERED_IDS, DEFAULT_TRACKED_STREAMS,
 };
+#[cfg(feature = "tokio")]
+pub use async_connector::AsyncConnector;
 pub use groups::Subscription;
 pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
@@ -272,16 +276,16 @@ impl ConnectorBuilder {
         Ok(Arc::new(socket))
     }
 
-    /// Builds an [`AsyncConnector`](crate::tokio::AsyncConnector) with these settings
+    /// Builds an [`AsyncConnector`] with these settings
     /// instead of a thread: its messages and events are a `futures` `Stream`. Must be
     /// called inside a tokio runtime. `on_event` is not used: events come on the stream.
     #[cfg(feature = "tokio")]
-    pub fn build_async(mut self) -> Result<crate::tokio::AsyncConnector> {
+    pub fn build_async(mut self) -> Result<AsyncConnector> {
         let socket = self.open_socket()?;
         let counters = Arc::new(Counters::default());
         counters.drops_baseline(&socket);
         let c = &self.config;
-        crate::tokio::AsyncConnector::new(
+        AsyncConnector::new(
             Outbox::new(
                 socket.clone(),
                 counters.clone(),

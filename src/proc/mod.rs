@@ -25,6 +25,8 @@ mod listener;
 #[cfg(not(cnbus_loom))]
 mod registered;
 mod seq;
+#[cfg(all(feature = "tokio", not(cnbus_loom)))]
+mod stream;
 
 pub use enrich::{EnrichConfig, EnrichStats, Enricher, ProcessInfo, ProcessKey, Source};
 pub use event::{
@@ -41,6 +43,8 @@ pub use listener::{
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
 pub use seq::{SeqCheck, SeqTracker};
+#[cfg(all(feature = "tokio", not(cnbus_loom)))]
+pub use stream::ProcStream;
 
 /// An `ack` value for a proc-connector request that no other socket on the host uses: the
 /// kernel multicasts every ACK to every listener, so a requester recognises its own by
