@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cnbus::codec::{messages, DatagramBuilder, Message};
-use cnbus::connector::{Connector, Received, Registry, Source};
+use cnbus::connector::{Connector, Incoming, Registry, Source};
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
 use parking_lot::{Mutex, RwLock};
@@ -37,7 +37,7 @@ fn datagram(id: CbId) -> Bytes {
     Bytes::from(b.take())
 }
 
-type Cb = Arc<Mutex<Box<dyn FnMut(&Received) + Send>>>;
+type Cb = Arc<Mutex<Box<dyn FnMut(&Incoming) + Send>>>;
 
 /// The alternative design: a `parking_lot` read lock around the lookup.
 struct LockedRegistry {
@@ -47,7 +47,7 @@ struct LockedRegistry {
 impl LockedRegistry {
     /// Holds the read lock while calling: cheapest, but a callback that registers (takes
     /// the write lock) deadlocks, so it is shown for reference only.
-    fn dispatch_holding(&self, m: &Received) {
+    fn dispatch_holding(&self, m: &Incoming) {
         let map = self.map.read();
         if let Some(v) = map.get(&m.msg.id) {
             for cb in v {
@@ -57,7 +57,7 @@ impl LockedRegistry {
     }
 
     /// Copies the matching callbacks out under the read lock, then calls them unlocked.
-    fn dispatch_cloning(&self, m: &Received) {
+    fn dispatch_cloning(&self, m: &Incoming) {
         let v: Vec<Cb> = self.map.read().get(&m.msg.id).cloned().unwrap_or_default();
         for cb in v {
             (cb.lock())(m);
@@ -70,7 +70,7 @@ impl LockedRegistry {
 fn per_msg_ns<S>(
     rounds: usize,
     mut per_datagram: impl FnMut() -> S,
-    mut f: impl FnMut(&S, &Received),
+    mut f: impl FnMut(&S, &Incoming),
 ) -> f64 {
     let id = CbId::new(0x5000_0001, 1);
     let d = datagram(id);
@@ -84,7 +84,7 @@ fn per_msg_ns<S>(
             };
             f(
                 &s,
-                &Received {
+                &Incoming {
                     msg: c.msg,
                     source: src,
                 },
@@ -113,7 +113,7 @@ fn in_memory() {
             map: RwLock::new(HashMap::new()),
         });
         let c = count.clone();
-        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Received| {
+        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Incoming| {
             c.fetch_add(1, Ordering::Relaxed);
         })));
         locked.map.write().insert(id, vec![cb]);
@@ -126,7 +126,7 @@ fn in_memory() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     drop(cow.register(other, |_| {}));
-                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Received| {})));
+                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Incoming| {})));
                     locked.map.write().insert(other, vec![cb]);
                     locked.map.write().remove(&other);
                     n += 1;

@@ -118,7 +118,8 @@ impl<K: Hash + Eq + Copy> LastSeqs<K> {
 }
 
 /// Tracks the last sequence number per `(port, group, id)` stream, for receivers; bounded
-/// (see [`SeqSource`] for what forgetting a stream costs).
+/// (see [`SeqSource`] for what forgetting a stream costs). The proc connector's numbers are
+/// per CPU instead: [`CpuSeqTracker`](crate::proc::CpuSeqTracker) tracks those.
 #[derive(Debug)]
 pub struct SeqTracker {
     last: LastSeqs<(u32, u32, CbId)>,
@@ -238,7 +239,7 @@ impl SeqSource {
     /// Takes the next number of `id`'s sequence that belongs to no destination, starting
     /// at 1.
     pub fn next(&mut self, id: CbId) -> u32 {
-        Aimed::new(self, None).next(id)
+        DestSeqs::new(self, None).next(id)
     }
 
     /// Takes the next number of `id` for messages sent to `dest`, starting at 1.
@@ -253,8 +254,8 @@ impl SeqSource {
     }
 
     /// The numbers of the messages sent to `dest`.
-    pub(crate) fn to(&mut self, dest: Dest) -> Aimed<'_> {
-        Aimed::new(self, Some(dest))
+    pub(crate) fn to(&mut self, dest: Dest) -> DestSeqs<'_> {
+        DestSeqs::new(self, Some(dest))
     }
 
     /// Sequences forgotten because the source was full, since it was made.
@@ -292,12 +293,12 @@ impl SeqSource {
 
 /// The sequences of one destination of a [`SeqSource`] (or of none), by id.
 #[derive(Debug)]
-pub(crate) struct Aimed<'a> {
+pub(crate) struct DestSeqs<'a> {
     src: &'a mut SeqSource,
     dest: Option<Dest>,
 }
 
-impl<'a> Aimed<'a> {
+impl<'a> DestSeqs<'a> {
     fn new(src: &'a mut SeqSource, dest: Option<Dest>) -> Self {
         Self { src, dest }
     }

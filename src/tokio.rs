@@ -2,7 +2,7 @@
 //!
 //! [`AsyncConnector`] (from [`connector`](crate::connector)) reads its socket through
 //! [`tokio::io::unix::AsyncFd`]: no thread of its own, no thread per stream. It is a
-//! [`futures_core::Stream`] of `Result<Received, Event>`: `Ok` for each message, `Err`
+//! [`futures_core::Stream`] of `Result<Incoming, Event>`: `Ok` for each message, `Err`
 //! for each loss or fault the synchronous dispatcher would report as an
 //! [`Event`](crate::connector::Event) (overrun, sequence gap, malformed message,
 //! truncation). Events do not end the stream; a failing socket does, after one

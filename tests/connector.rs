@@ -411,7 +411,7 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
 /// that held it and never returned.
 #[test]
 fn a_callback_dropping_its_own_registration_on_a_hand_driven_registry_does_not_deadlock() {
-    use cnbus::connector::{Received, Registration, Registry, Source};
+    use cnbus::connector::{Incoming as Received, Registration, Registry, Source};
     let id = CbId::new(test_idx(0x70), 1);
     let msg = Received {
         msg: CnMsg::new(id, &b"x"[..]),

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::ingest::Ingest;
 use super::stats::Counters;
-use super::{Event, Groups, Outbox, Received, Stats, Subscription};
+use super::{Event, Groups, Incoming, Outbox, Stats, Subscription};
 use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest};
@@ -38,7 +38,7 @@ pub struct AsyncConnector {
     ingest: Ingest,
     buf: BytesMut,
     max_datagram: usize,
-    queue: VecDeque<Result<Received, Event>>,
+    queue: VecDeque<Result<Incoming, Event>>,
     done: bool,
 }
 
@@ -173,7 +173,7 @@ impl AsyncConnector {
         msg: &CnMsg,
         dest: Dest,
         timeout: Duration,
-    ) -> Result<Received> {
+    ) -> Result<Incoming> {
         let (id, seq, ack) = (msg.id, msg.seq, msg.ack.wrapping_add(1));
         self.send(msg, dest).await?;
         let parked = self.queue.len();
@@ -260,7 +260,7 @@ impl AsyncConnector {
     }
 
     /// The next message or event; `None` once the socket has failed.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Received, Event>>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, Event>>> {
         loop {
             if let Some(item) = self.queue.pop_front() {
                 return Poll::Ready(Some(item));
@@ -275,16 +275,16 @@ impl AsyncConnector {
     }
 
     /// The next message or event; `None` once the socket has failed.
-    pub async fn recv(&mut self) -> Option<Result<Received, Event>> {
+    pub async fn recv(&mut self) -> Option<Result<Incoming, Event>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 
 /// Queues `item`, dropping (and counting) the oldest when the queue is full.
 fn push(
-    queue: &mut VecDeque<Result<Received, Event>>,
+    queue: &mut VecDeque<Result<Incoming, Event>>,
     c: &Counters,
-    item: Result<Received, Event>,
+    item: Result<Incoming, Event>,
 ) {
     if queue.len() >= QUEUE_CAP {
         queue.pop_front();
@@ -294,7 +294,7 @@ fn push(
 }
 
 impl futures_core::Stream for AsyncConnector {
-    type Item = Result<Received, Event>;
+    type Item = Result<Incoming, Event>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)

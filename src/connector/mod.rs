@@ -56,8 +56,15 @@ pub use crate::seq::{
 #[cfg(feature = "tokio")]
 pub use async_connector::AsyncConnector;
 pub use groups::Subscription;
-pub use registry::{DispatchOutcome, Match, Received, Registration, Registry, Snapshot, Source};
+pub use registry::{DispatchOutcome, Incoming, Match, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
+
+/// The former name of [`Incoming`].
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `Incoming` (`proc::Received` is another type)"
+)]
+pub type Received = Incoming;
 
 use crate::codec::{CbId, CnMsg};
 use crate::error::{DecodeError, Error, Op, Result};
@@ -366,7 +373,7 @@ pub(crate) struct Inner {
     /// (Acquire) after every wake-up.
     shutdown: AtomicBool,
     /// Requests awaiting a reply, by (id, seq, expected ack).
-    pending: Mutex<HashMap<ReplyKey, Sender<Received>>>,
+    pending: Mutex<HashMap<ReplyKey, Sender<Incoming>>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
@@ -497,7 +504,7 @@ impl ConnectorHandle {
     /// returned guard is dropped. See [`Registry::register`].
     pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
     where
-        F: FnMut(&Received) + Send + 'static,
+        F: FnMut(&Incoming) + Send + 'static,
     {
         self.inner.registry.register(key, callback)
     }
@@ -509,7 +516,7 @@ impl ConnectorHandle {
         &self,
         key: impl Into<Match>,
         capacity: usize,
-    ) -> (Registration, Receiver<Received>) {
+    ) -> (Registration, Receiver<Incoming>) {
         let (tx, rx) = channel::bounded(capacity.max(1));
         let counters = self.inner.counters.clone();
         let reg = self.register(key, move |m| {
@@ -637,7 +644,7 @@ impl ConnectorHandle {
     ///
     /// The kernel's proc connector does not follow this convention (its ACK does not echo
     /// the seq); use [`crate::proc`] for it.
-    pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Received> {
+    pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
         let (tx, rx) = channel::bounded(1);
         {

@@ -546,10 +546,10 @@ pub enum EventBody {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProcEvent {
-    /// `cn_msg.seq`: the kernel's per-CPU message counter (see [`SeqTracker`]). 0 when
+    /// `cn_msg.seq`: the kernel's per-CPU message counter (see [`CpuSeqTracker`]). 0 when
     /// the event was decoded from bare `proc_event` bytes by [`ProcEvent::parse`].
     ///
-    /// [`SeqTracker`]: super::SeqTracker
+    /// [`CpuSeqTracker`]: super::CpuSeqTracker
     pub seq: u32,
     /// `cn_msg.ack`: 0 for events, the request's `ack + 1` for an ACK.
     pub ack: u32,

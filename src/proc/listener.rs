@@ -13,7 +13,7 @@ use crossbeam::channel::{self, Receiver, SendTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use super::event::{request, EventBody, EventSet, McastOp, ProcEvent};
-use super::seq::{SeqCheck, SeqTracker};
+use super::seq::{CpuSeqTracker, SeqCheck};
 use crate::codec::{messages_ref, CbId, CnHeader, DatagramBuilder, MessageRef};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{
@@ -605,7 +605,7 @@ impl ProcListenerBuilder {
 pub struct ProcDecoder {
     events: EventSet,
     acks: bool,
-    seq: Option<SeqTracker>,
+    seq: Option<CpuSeqTracker>,
     delivered: u64,
     overruns: u64,
     spoofed: u64,
@@ -649,7 +649,7 @@ impl ProcDecoder {
         Self {
             events,
             acks: false,
-            seq: track_gaps.then(SeqTracker::new),
+            seq: track_gaps.then(CpuSeqTracker::new),
             delivered: 0,
             overruns: 0,
             spoofed: 0,
@@ -699,9 +699,9 @@ impl ProcDecoder {
         LossStats {
             events: self.delivered,
             overruns: self.overruns,
-            seq_lost: seq.map(SeqTracker::lost),
-            lost_per_cpu: seq.map(SeqTracker::lost_per_cpu).unwrap_or_default(),
-            seq_backwards: seq.map(SeqTracker::backwards).unwrap_or(0),
+            seq_lost: seq.map(CpuSeqTracker::lost),
+            lost_per_cpu: seq.map(CpuSeqTracker::lost_per_cpu).unwrap_or_default(),
+            seq_backwards: seq.map(CpuSeqTracker::backwards).unwrap_or(0),
             spoofed: self.spoofed,
             decode_errors: self.decode_errors,
             filtered: self.filtered,

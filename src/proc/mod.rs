@@ -11,7 +11,7 @@
 //! * [`ProcDecoder`]: the listener's decoding half (sender check, decoding, gap tracking,
 //!   filtering, counters) for other receive paths, such as a callback registered for
 //!   [`CbId::PROC`](crate::CbId::PROC) on a [`Connector`](crate::connector::Connector);
-//!   [`ProcEvent::from_kernel`] and [`SeqTracker`] are its parts.
+//!   [`ProcEvent::from_kernel`] and [`CpuSeqTracker`] are its parts.
 //!
 //! * [`Enricher`] ([`enrich`]): process attribution for events: a pid-reuse-safe
 //!   [`ProcessKey`], cgroup and container id, pid namespace, command line, each with its
@@ -42,7 +42,14 @@ pub use listener::{
 };
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
-pub use seq::{SeqCheck, SeqTracker};
+pub use seq::{CpuSeqTracker, SeqCheck};
+
+/// The former name of [`CpuSeqTracker`].
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `CpuSeqTracker` (`connector::SeqTracker` tracks per-stream sequences)"
+)]
+pub type SeqTracker = CpuSeqTracker;
 #[cfg(all(feature = "tokio", not(cnbus_loom)))]
 pub use stream::ProcStream;
 

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use crate::codec::CbId;
-use crate::connector::{AsyncConnector, Event, Received, Subscription};
+use crate::connector::{AsyncConnector, Event, Incoming, Subscription};
 use crate::error::{Error, Op, Result};
 use crate::sys::Dest;
 
@@ -102,7 +102,7 @@ impl ProcStream {
 
     /// Feeds one connector item to the decoder, queueing what it yields; returns the ACK
     /// it carried, if any.
-    fn take(&mut self, item: Result<Received, Event>) -> Option<(u32, u32)> {
+    fn take(&mut self, item: Result<Incoming, Event>) -> Option<(u32, u32)> {
         use super::{Loss, Received as P};
         match item {
             Ok(m) if m.msg.id == CbId::PROC => {
