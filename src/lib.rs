@@ -110,6 +110,7 @@ pub mod codec;
 #[cfg(not(cnbus_loom))]
 pub mod connector;
 pub mod error;
+#[cfg(not(cnbus_loom))]
 pub mod proc;
 /// Under `cfg(cnbus_loom)` only the registry of [`connector`] is built, for its model checks.
 #[cfg(cnbus_loom)]

@@ -23,6 +23,7 @@
 mod connector;
 mod datagram;
 mod netlink;
+pub mod proc;
 
 pub use connector::{CbId, CnHeader, CnMsg, CnMsgBuffer, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE};
 pub use datagram::{

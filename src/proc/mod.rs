@@ -20,26 +20,28 @@
 //! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
 
 pub mod enrich;
-pub mod event;
+/// The proc wire format: [`crate::codec::proc`], under its former name.
+pub use crate::codec::proc as event;
+mod decoder;
 mod listener;
+mod loss;
 #[cfg(not(cnbus_loom))]
 mod registered;
 mod seq;
 #[cfg(all(feature = "tokio", not(cnbus_loom)))]
 mod stream;
 
+pub use decoder::{Decoded, ProcDecoder};
 pub use enrich::{EnrichConfig, EnrichStats, Enricher, ProcessInfo, ProcessKey, Source};
 pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
-#[cfg(not(cnbus_loom))]
-pub(crate) use listener::Witness;
 pub use listener::{
-    Decoded, FilterMode, Filtering, Iter, Loss, LossSource, LossStats, ProcChannel, ProcDecoder,
-    ProcListener, ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT,
-    DEFAULT_RECV_BUFFER,
+    FilterMode, Filtering, Iter, ProcChannel, ProcListener, ProcListenerBuilder, ShutdownHandle,
+    DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
 };
+pub use loss::{Loss, LossSource, LossStats, Received};
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
 pub use seq::{CpuSeqTracker, SeqCheck};

@@ -39,7 +39,7 @@ pub struct ProcStream {
     pending: VecDeque<super::Received>,
     /// Counts the user-space multicasts on group 1 (see `LossStats::foreign_unaccounted`),
     /// with this socket's count of them when it joined.
-    witness: Option<(super::Witness, u64)>,
+    witness: Option<(crate::connector::Witness, u64)>,
     _group: Subscription,
 }
 
@@ -62,7 +62,7 @@ impl ProcStream {
             .build_async()?;
         let foreign = &conn.outbox.counters.proc_group_foreign;
         let base = foreign.load(std::sync::atomic::Ordering::Relaxed);
-        let (witness, group) = super::Witness::around(|| conn.subscribe(1))?;
+        let (witness, group) = crate::connector::Witness::around(|| conn.subscribe(1))?;
         let token = super::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;
