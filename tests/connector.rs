@@ -309,9 +309,7 @@ fn request_gets_the_reply_by_seq_and_ack() {
     let server = Connector::builder().spawn().unwrap();
     let h = server.handle();
     let _svc = server.register(id, move |m| {
-        let mut reply = CnMsg::new(id, [&b"re: "[..], &m.msg.data[..]].concat());
-        reply.seq = m.msg.seq;
-        reply.ack = m.msg.ack + 1;
+        let reply = CnMsg::reply_to(&m.msg, [&b"re: "[..], &m.msg.data[..]].concat());
         h.send(&reply, Dest::Port(m.source.port)).unwrap();
     });
     let client = Connector::builder().spawn().unwrap();
