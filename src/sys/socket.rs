@@ -43,6 +43,30 @@ fn group_mask(group: u32) -> Result<u32> {
     }
 }
 
+/// The socket options of one of the two socket buffers.
+#[derive(Clone, Copy)]
+struct Buffer {
+    /// `SO_RCVBUF` / `SO_SNDBUF`: capped by `net.core.{r,w}mem_max`.
+    capped: libc::c_int,
+    /// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: not capped, needs `CAP_NET_ADMIN`.
+    force: libc::c_int,
+    /// The operation errors name.
+    op: Op,
+}
+
+impl Buffer {
+    const RECV: Self = Self {
+        capped: libc::SO_RCVBUF,
+        force: libc::SO_RCVBUFFORCE,
+        op: Op::SetRecvBuffer,
+    };
+    const SEND: Self = Self {
+        capped: libc::SO_SNDBUF,
+        force: libc::SO_SNDBUFFORCE,
+        op: Op::SetSendBuffer,
+    };
+}
+
 /// What `recv` learned about a datagram besides its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvMeta {
@@ -75,6 +99,13 @@ impl RecvMeta {
 /// id.
 #[derive(Debug)]
 pub struct ConnectorSocket {
+    /// Why `netlink_sys` stays: it opens the socket (`SOCK_CLOEXEC`), binds it to a
+    /// kernel-chosen port and reads the port back (`bind` + `getsockname`), joins and leaves
+    /// groups (`NETLINK_ADD/DROP_MEMBERSHIP`) and owns the descriptor; that is five system
+    /// calls, each an `unsafe` block more here, for a dependency that brings only `bytes`,
+    /// `libc` and `log`. Everything on the data path (`sendto`, `sendmmsg`, `recvmsg` with
+    /// `MSG_TRUNC` into spare capacity, `SO_MEMINFO`, buffer options) is this file's own,
+    /// because `netlink_sys` offers none of it.
     inner: netlink_sys::Socket,
     port: u32,
     /// The socket's numbering, and the send lock of numbered sends: held from taking
@@ -139,44 +170,43 @@ impl ConnectorSocket {
     /// when not permitted. Returns the size the kernel reports afterwards (it doubles the
     /// request to leave room for bookkeeping).
     pub fn set_recv_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
-        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        if force {
-            match self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v) {
-                Ok(()) => return self.recv_buffer(),
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-                Err(e) => return Err(Error::from_io(Op::SetRecvBuffer, e)),
-            }
-        }
-        self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, v)
-            .map_err(|e| Error::from_io(Op::SetRecvBuffer, e))?;
-        self.recv_buffer()
+        self.set_buffer(Buffer::RECV, bytes, force)
     }
 
     /// The receive buffer size the kernel reports (`SO_RCVBUF`).
     pub fn recv_buffer(&self) -> Result<usize> {
-        self.getsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF)
-            .map(|v| v as usize)
-            .map_err(|e| Error::from_io(Op::GetOption, e))
+        self.buffer(Buffer::RECV)
     }
 
     /// Sets the send buffer, as [`set_recv_buffer`](Self::set_recv_buffer) does.
     pub fn set_send_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
-        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        if force {
-            match self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v) {
-                Ok(()) => return self.send_buffer(),
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-                Err(e) => return Err(Error::from_io(Op::SetSendBuffer, e)),
-            }
-        }
-        self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF, v)
-            .map_err(|e| Error::from_io(Op::SetSendBuffer, e))?;
-        self.send_buffer()
+        self.set_buffer(Buffer::SEND, bytes, force)
     }
 
     /// The send buffer size the kernel reports (`SO_SNDBUF`).
     pub fn send_buffer(&self) -> Result<usize> {
-        self.getsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF)
+        self.buffer(Buffer::SEND)
+    }
+
+    /// Sets buffer `b` to `bytes`: `SO_*BUFFORCE` first with `force`, falling back to the
+    /// capped option when not permitted; returns the size the kernel reports afterwards.
+    fn set_buffer(&self, b: Buffer, bytes: usize, force: bool) -> Result<usize> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        if force {
+            match self.setsockopt(libc::SOL_SOCKET, b.force, v) {
+                Ok(()) => return self.buffer(b),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(Error::from_io(b.op, e)),
+            }
+        }
+        self.setsockopt(libc::SOL_SOCKET, b.capped, v)
+            .map_err(|e| Error::from_io(b.op, e))?;
+        self.buffer(b)
+    }
+
+    /// The size of buffer `b` the kernel reports.
+    fn buffer(&self, b: Buffer) -> Result<usize> {
+        self.getsockopt(libc::SOL_SOCKET, b.capped)
             .map(|v| v as usize)
             .map_err(|e| Error::from_io(Op::GetOption, e))
     }
