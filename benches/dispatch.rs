@@ -179,26 +179,26 @@ fn cpu_seconds() -> f64 {
 }
 
 fn sender(group: u32, idx: u32, n: usize) {
-    let bus = Connector::builder().recv_buffer(0).spawn().unwrap();
+    let conn = Connector::builder().recv_buffer(0).spawn().unwrap();
     let id = CbId::new(idx, 1);
     let mut left = n;
     let mut batch = Vec::with_capacity(PER_DATAGRAM * 64);
     while left > 0 {
         batch.clear();
         for _ in 0..(PER_DATAGRAM * 64).min(left) {
-            batch.push(CnMsg::new(id, vec![0u8; PAYLOAD]).with_seq(bus.next_seq(id), 0));
+            batch.push(CnMsg::new(id, vec![0u8; PAYLOAD]).with_seq(conn.next_seq(id), 0));
         }
-        left -= bus.send_batch(&batch, Dest::Group(group)).unwrap();
+        left -= conn.send_batch(&batch, Dest::Group(group)).unwrap();
     }
 }
 
 fn end_to_end() {
     let (group, idx, n) = (31, 0x5100_0000 | (std::process::id() & 0xffff), 2_000_000);
-    let bus = Connector::builder().recv_buffer(64 << 20).spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
+    let conn = Connector::builder().recv_buffer(64 << 20).spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    let _reg = bus.register(CbId::new(idx, 1), move |_| {
+    let _reg = conn.register(CbId::new(idx, 1), move |_| {
         c.fetch_add(1, Ordering::Relaxed);
     });
     let cpu0 = cpu_seconds();
@@ -217,7 +217,7 @@ fn end_to_end() {
     let mut last = (0, Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let now = count.load(Ordering::Relaxed) + bus.stats().lost;
+        let now = count.load(Ordering::Relaxed) + conn.stats().lost;
         if now == n as u64 || (now == last.0 && last.1.elapsed() > Duration::from_millis(500)) {
             break;
         }
@@ -227,7 +227,7 @@ fn end_to_end() {
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    let s = bus.stats();
+    let s = conn.stats();
     let got = count.load(Ordering::Relaxed);
     println!(
         "end-to-end: {n} messages of {PAYLOAD} B, {PER_DATAGRAM} per datagram, sender in another process: delivered {got} in {secs:.2} s = {:.2} M msg/s; lost {} (overruns {}); receiver CPU {:.0} ns/msg",

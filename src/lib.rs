@@ -48,14 +48,14 @@
 //!
 //! # fn main() -> cnbus::Result<()> {
 //! let id = CbId::new(0x1000, 1); // idx above the kernel's 1..=10
-//! let bus = Connector::builder().spawn()?;
-//! let _member = bus.subscribe(20)?; // groups 12..=32 are for user space
-//! let _reg = bus.register(id, |m| {
+//! let conn = Connector::builder().spawn()?;
+//! let _member = conn.subscribe(20)?; // groups 12..=32 are for user space
+//! let _reg = conn.register(id, |m| {
 //!     println!("[{}] [{}.{}] {} bytes from port {}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data.len(), m.source.port)
 //! });
-//! bus.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
+//! conn.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
 //! std::thread::sleep(Duration::from_millis(50));
-//! assert_eq!(bus.stats().lost, 0);
+//! assert_eq!(conn.stats().lost, 0);
 //! # Ok(()) }
 //! ```
 //!

@@ -21,13 +21,13 @@
 //! use cnbus::sys::Dest;
 //!
 //! # fn main() -> cnbus::Result<()> {
-//! let bus = Connector::builder().spawn()?;
+//! let conn = Connector::builder().spawn()?;
 //! let id = CbId::new(0x1000, 1);
-//! let _group = bus.subscribe(20)?;
-//! let _reg = bus.register(id, |m| println!("[{}] [{}.{}] {:?}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data));
-//! bus.send_numbered(id, &b"hello"[..], Dest::Group(20))?;
+//! let _group = conn.subscribe(20)?;
+//! let _reg = conn.register(id, |m| println!("[{}] [{}.{}] {:?}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data));
+//! conn.send_numbered(id, &b"hello"[..], Dest::Group(20))?;
 //! std::thread::sleep(Duration::from_millis(100));
-//! println!("{:?}", bus.stats());
+//! println!("{:?}", conn.stats());
 //! # Ok(()) }
 //! ```
 

@@ -22,10 +22,10 @@ use super::loss::{Loss, LossStats, Received};
 /// use cnbus::CbId;
 ///
 /// # fn main() -> cnbus::Result<()> {
-/// let bus = Connector::builder().spawn()?;
-/// let _group = bus.subscribe(1)?;
+/// let conn = Connector::builder().spawn()?;
+/// let _group = conn.subscribe(1)?;
 /// let mut dec = ProcDecoder::new(EventSet::ALL, true);
-/// let _reg = bus.register(CbId::PROC, move |r| {
+/// let _reg = conn.register(CbId::PROC, move |r| {
 ///     for item in dec.decode(r.source.port, &r.msg) {
 ///         match item {
 ///             Received::Event(ev) => println!("{:?}", ev.body),
