@@ -4,14 +4,17 @@
 //! [`crate::tokio`].
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use ::tokio::io::unix::AsyncFd;
+use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
 
 use super::ingest::Ingest;
 use super::stats::Counters;
@@ -35,18 +38,17 @@ pub struct AsyncConnector {
     fd: AsyncFd<Arc<ConnectorSocket>>,
     pub(crate) outbox: Outbox,
     groups: Arc<Groups>,
-    ingest: Ingest,
-    buf: BytesMut,
     max_datagram: usize,
-    queue: VecDeque<Result<Incoming, Event>>,
-    done: bool,
+    reader: Mutex<Reader>,
+    /// Names the requests' [`Pending`] entries.
+    tokens: AtomicU64,
 }
 
 impl std::fmt::Debug for AsyncConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncConnector")
             .field("port", &self.port_id())
-            .field("queued", &self.queue.len())
+            .field("queued", &self.reader.lock().queue.len())
             .finish()
     }
 }
@@ -64,11 +66,16 @@ impl AsyncConnector {
             fd,
             outbox,
             groups,
-            ingest,
-            buf: BytesMut::with_capacity(max_datagram * 4),
             max_datagram,
-            queue: VecDeque::new(),
-            done: false,
+            reader: Mutex::new(Reader {
+                ingest,
+                buf: BytesMut::with_capacity(max_datagram * 4),
+                queue: VecDeque::new(),
+                done: false,
+                pending: Vec::new(),
+                stream: None,
+            }),
+            tokens: AtomicU64::new(0),
         })
     }
 
@@ -167,35 +174,50 @@ impl AsyncConnector {
     }
 
     /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and
-    /// `ack + 1`. Messages that arrive meanwhile stay queued for the stream, in order.
-    pub async fn request(
-        &mut self,
-        msg: &CnMsg,
-        dest: Dest,
-        timeout: Duration,
-    ) -> Result<Incoming> {
-        let (id, seq, ack) = (msg.id, msg.seq, msg.ack.wrapping_add(1));
+    /// `ack + 1` (see [`CnMsg::reply_to`]). Takes `&self`: requests run beside the task that
+    /// reads the stream (share the connector with `Arc`), and any number at once. The reply
+    /// goes to the request, not to the stream; every other message that arrives meanwhile
+    /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
+    /// the stream.
+    pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
+        let token = self.tokens.fetch_add(1, Relaxed);
+        self.reader.lock().pending.push(Pending {
+            token,
+            key: (msg.id, msg.seq, msg.ack.wrapping_add(1)),
+            reply: None,
+            waker: None,
+        });
+        let _entry = PendingEntry { conn: self, token };
         self.send(msg, dest).await?;
-        let parked = self.queue.len();
         let wait = async {
-            loop {
-                // Only look at what arrives after the messages already queued.
-                let mut i = parked;
-                while i < self.queue.len() {
-                    if let Some(Ok(m)) = self.queue.get(i) {
-                        if m.msg.id == id && m.msg.seq == seq && m.msg.ack == ack {
-                            let Some(Ok(m)) = self.queue.remove(i) else {
-                                unreachable!()
-                            };
-                            Counters::add(&self.outbox.counters.replies, 1);
-                            return Ok(m);
-                        }
+            let mut readable = Box::pin(self.fd.readable());
+            std::future::poll_fn(|cx| {
+                let mut r = self.reader.lock();
+                loop {
+                    let Some(p) = r.pending.iter_mut().find(|p| p.token == token) else {
+                        return Poll::Ready(Err(Error::Closed));
+                    };
+                    if let Some(m) = p.reply.take() {
+                        return Poll::Ready(Ok(m));
                     }
-                    i += 1;
+                    if r.done {
+                        return Poll::Ready(Err(Error::Closed));
+                    }
+                    match readable.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            // Under the lock, so no reader can fill the entry in between.
+                            if let Some(p) = r.pending.iter_mut().find(|p| p.token == token) {
+                                p.waker = Some(cx.waker().clone());
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard),
+                        Poll::Ready(Err(e)) => self.failed(&mut r, e),
+                    }
+                    readable.set(self.fd.readable());
                 }
-                let before = self.queue.len();
-                std::future::poll_fn(|cx| self.fill(cx, before)).await?;
-            }
+            })
+            .await
         };
         match ::tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
@@ -203,80 +225,162 @@ impl AsyncConnector {
         }
     }
 
-    /// Reads datagrams until the queue grows past `len`. `Err` when the socket failed.
-    fn fill(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<Result<()>> {
-        let Self {
-            fd,
-            outbox,
+    /// Reads up to [`BATCH`] datagrams (its caller saw the socket readable): replies to
+    /// waiting requests go to them, everything else to the stream's queue; wakes whoever
+    /// got something. Clears the readiness once the socket is empty.
+    fn read(&self, r: &mut Reader, guard: &mut AsyncFdReadyGuard<'_, Arc<ConnectorSocket>>) {
+        let c = &*self.outbox.counters;
+        let Reader {
             ingest,
             buf,
-            max_datagram,
             queue,
             done,
-            ..
-        } = self;
-        if *done {
-            return Poll::Ready(Err(Error::Closed));
-        }
-        let c = &*outbox.counters;
-        loop {
-            let mut guard = match ready!(fd.poll_read_ready(cx)) {
-                Ok(g) => g,
-                Err(e) => {
-                    *done = true;
-                    push(
-                        queue,
-                        c,
-                        Err(Event::RecvFailed {
-                            errno: e.raw_os_error(),
-                        }),
-                    );
-                    return Poll::Ready(Ok(()));
+            pending,
+            stream,
+        } = r;
+        let mut queued = false;
+        for _ in 0..BATCH {
+            let mut got_event = false;
+            let res = ingest.recv(self.fd.get_ref(), buf, self.max_datagram, c, &mut |e| {
+                push(queue, c, Err(e));
+                got_event = true;
+            });
+            queued |= got_event;
+            match res {
+                Ok(Some((d, meta))) => ingest.datagram(c, d, meta, |item| {
+                    if let Ok(m) = &item {
+                        let key = (m.msg.id, m.msg.seq, m.msg.ack);
+                        if let Some(p) = pending
+                            .iter_mut()
+                            .find(|p| p.reply.is_none() && p.key == key)
+                        {
+                            Counters::add(&c.replies, 1);
+                            p.reply = item.ok();
+                            if let Some(w) = p.waker.take() {
+                                w.wake();
+                            }
+                            return;
+                        }
+                    }
+                    push(queue, c, item);
+                    queued = true;
+                }),
+                Ok(None) if got_event => {}
+                Ok(None) => {
+                    guard.clear_ready();
+                    break;
                 }
-            };
-            for _ in 0..BATCH {
-                let before = queue.len();
-                let r = ingest.recv(fd.get_ref(), buf, *max_datagram, c, &mut |e| {
-                    push(queue, c, Err(e))
-                });
-                let got_event = queue.len() != before;
-                match r {
-                    Ok(Some((d, meta))) => ingest.datagram(c, d, meta, |item| push(queue, c, item)),
-                    Ok(None) if got_event => {}
-                    Ok(None) => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Err(_) => {
-                        *done = true; // the RecvFailed event is queued
-                        return Poll::Ready(Ok(()));
-                    }
+                Err(_) => {
+                    *done = true; // the RecvFailed event is queued
+                    wake_all(pending);
+                    queued = true;
+                    break;
                 }
             }
-            if queue.len() > len {
-                return Poll::Ready(Ok(()));
+        }
+        if queued {
+            if let Some(w) = stream.take() {
+                w.wake();
             }
         }
     }
 
-    /// The next message or event; `None` once the socket has failed.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, Event>>> {
+    /// The socket's readiness failed: the stream ends after one [`Event::RecvFailed`].
+    fn failed(&self, r: &mut Reader, e: std::io::Error) {
+        r.done = true;
+        push(
+            &mut r.queue,
+            &self.outbox.counters,
+            Err(Event::RecvFailed {
+                errno: e.raw_os_error(),
+            }),
+        );
+        wake_all(&mut r.pending);
+        if let Some(w) = r.stream.take() {
+            w.wake();
+        }
+    }
+
+    /// The next message or event; `None` once the socket has failed. One task at a time
+    /// reads the stream (the last one to poll is the one woken); requests may run beside it.
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Incoming, Event>>> {
+        let mut r = self.reader.lock();
         loop {
-            if let Some(item) = self.queue.pop_front() {
+            if let Some(item) = r.queue.pop_front() {
                 return Poll::Ready(Some(item));
             }
-            if self.done {
+            if r.done {
                 return Poll::Ready(None);
             }
-            if ready!(self.fill(cx, 0)).is_err() {
-                return Poll::Ready(None);
+            match self.fd.poll_read_ready(cx) {
+                Poll::Pending => {
+                    // Under the lock: a request's task that later reads what is ours
+                    // wakes us.
+                    if !r.stream.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        r.stream = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard),
+                Poll::Ready(Err(e)) => self.failed(&mut r, e),
             }
         }
     }
 
     /// The next message or event; `None` once the socket has failed.
-    pub async fn recv(&mut self) -> Option<Result<Incoming, Event>> {
+    pub async fn recv(&self) -> Option<Result<Incoming, Event>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+/// What the stream and the requests share: the receive side, behind one lock that no
+/// `await` holds.
+struct Reader {
+    ingest: Ingest,
+    buf: BytesMut,
+    queue: VecDeque<Result<Incoming, Event>>,
+    done: bool,
+    /// The requests waiting for their replies.
+    pending: Vec<Pending>,
+    /// The task reading the stream, woken when a request's task queued something for it.
+    stream: Option<Waker>,
+}
+
+/// A request waiting for its reply.
+struct Pending {
+    token: u64,
+    /// `(id, seq, ack)` of the reply.
+    key: (CbId, u32, u32),
+    reply: Option<Incoming>,
+    waker: Option<Waker>,
+}
+
+/// Removes a request's [`Pending`] entry when the request ends, however it ends; a reply
+/// that came but was not taken (the request timed out meanwhile) goes to the stream.
+struct PendingEntry<'a> {
+    conn: &'a AsyncConnector,
+    token: u64,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        let mut r = self.conn.reader.lock();
+        if let Some(i) = r.pending.iter().position(|p| p.token == self.token) {
+            if let Some(m) = r.pending.swap_remove(i).reply {
+                push(&mut r.queue, &self.conn.outbox.counters, Ok(m));
+                if let Some(w) = r.stream.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+fn wake_all(pending: &mut [Pending]) {
+    for p in pending {
+        if let Some(w) = p.waker.take() {
+            w.wake();
+        }
     }
 }
 
@@ -294,6 +398,16 @@ fn push(
 }
 
 impl futures_core::Stream for AsyncConnector {
+    type Item = Result<Incoming, Event>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+/// The stream through a shared reference, so that one task reads it while others send and
+/// make requests (`let mut s = &*conn; s.next().await`).
+impl futures_core::Stream for &AsyncConnector {
     type Item = Result<Incoming, Event>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -359,5 +473,53 @@ mod tests {
             .recv_timeout(Duration::from_secs(120))
             .expect("send_batch blocked the runtime's thread");
         assert_eq!(got, N);
+    }
+
+    /// A request runs beside the task reading the stream (both through `&self`): the reply
+    /// goes to the request, the other message to the stream. (Before, `request` took
+    /// `&mut self`: this test did not compile.)
+    #[test]
+    fn request_runs_beside_the_stream() {
+        let rt = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let server = Connector::builder().spawn().unwrap();
+            let id = CbId::new(0x5a18, server.port_id());
+            let h = server.handle();
+            let _svc = server.register(id, move |m| {
+                // First a message that is not the reply, then the reply.
+                let other = CnMsg::new(id, &b"other"[..]).with_seq(m.msg.seq, 0);
+                h.send(&other, Dest::Port(m.source.port)).unwrap();
+                h.send(
+                    &CnMsg::reply_to(&m.msg, &b"pong"[..]),
+                    Dest::Port(m.source.port),
+                )
+                .unwrap();
+            });
+            let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+            let reader = conn.clone();
+            let stream = ::tokio::spawn(async move {
+                loop {
+                    match reader.recv().await {
+                        Some(Ok(m)) if m.msg.id == id => return m,
+                        Some(_) => {}
+                        None => panic!("the stream ended"),
+                    }
+                }
+            });
+            ::tokio::task::yield_now().await; // the stream's task is waiting on the socket
+            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 41);
+            let reply = conn
+                .request(&req, Dest::Port(server.port_id()), Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert!(reply.msg.is_reply_to(&req));
+            assert_eq!(&reply.msg.data[..], b"pong");
+            let other = stream.await.unwrap();
+            assert_eq!(&other.msg.data[..], b"other");
+            assert_eq!(conn.stats().replies, 1);
+        });
     }
 }
