@@ -9,13 +9,13 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`codec`] | the wire formats as plain data: checked views, no I/O, no `unsafe` |
+//! | [`codec`] | the wire formats as plain data (the proc connector's in [`codec::proc`]): checked views, no I/O, no `unsafe` |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on (operation + errno kept) |
 //! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
-//! | `tokio` (feature `tokio`) | the async connector and proc events as `futures` streams |
+//! | `tokio` (feature `tokio`) | re-exports the async connector ([`connector`]) and proc event stream ([`proc`]), `futures` streams |
 //!
 //! With the `serde` feature, ids, messages, statistics and proc events are
 //! `Serialize`/`Deserialize`. The repository's `docs/` explain the architecture, the
