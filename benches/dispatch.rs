@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cnbus::codec::{messages, DatagramBuilder, Message};
-use cnbus::connector::{Connector, Received, Registry, Source};
+use cnbus::connector::{Connector, Incoming, Registry, Source};
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
 use parking_lot::{Mutex, RwLock};
@@ -37,7 +37,7 @@ fn datagram(id: CbId) -> Bytes {
     Bytes::from(b.take())
 }
 
-type Cb = Arc<Mutex<Box<dyn FnMut(&Received) + Send>>>;
+type Cb = Arc<Mutex<Box<dyn FnMut(&Incoming) + Send>>>;
 
 /// The alternative design: a `parking_lot` read lock around the lookup.
 struct LockedRegistry {
@@ -47,7 +47,7 @@ struct LockedRegistry {
 impl LockedRegistry {
     /// Holds the read lock while calling: cheapest, but a callback that registers (takes
     /// the write lock) deadlocks, so it is shown for reference only.
-    fn dispatch_holding(&self, m: &Received) {
+    fn dispatch_holding(&self, m: &Incoming) {
         let map = self.map.read();
         if let Some(v) = map.get(&m.msg.id) {
             for cb in v {
@@ -57,7 +57,7 @@ impl LockedRegistry {
     }
 
     /// Copies the matching callbacks out under the read lock, then calls them unlocked.
-    fn dispatch_cloning(&self, m: &Received) {
+    fn dispatch_cloning(&self, m: &Incoming) {
         let v: Vec<Cb> = self.map.read().get(&m.msg.id).cloned().unwrap_or_default();
         for cb in v {
             (cb.lock())(m);
@@ -70,7 +70,7 @@ impl LockedRegistry {
 fn per_msg_ns<S>(
     rounds: usize,
     mut per_datagram: impl FnMut() -> S,
-    mut f: impl FnMut(&S, &Received),
+    mut f: impl FnMut(&S, &Incoming),
 ) -> f64 {
     let id = CbId::new(0x5000_0001, 1);
     let d = datagram(id);
@@ -84,7 +84,7 @@ fn per_msg_ns<S>(
             };
             f(
                 &s,
-                &Received {
+                &Incoming {
                     msg: c.msg,
                     source: src,
                 },
@@ -113,7 +113,7 @@ fn in_memory() {
             map: RwLock::new(HashMap::new()),
         });
         let c = count.clone();
-        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Received| {
+        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Incoming| {
             c.fetch_add(1, Ordering::Relaxed);
         })));
         locked.map.write().insert(id, vec![cb]);
@@ -126,7 +126,7 @@ fn in_memory() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     drop(cow.register(other, |_| {}));
-                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Received| {})));
+                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Incoming| {})));
                     locked.map.write().insert(other, vec![cb]);
                     locked.map.write().remove(&other);
                     n += 1;
@@ -179,26 +179,26 @@ fn cpu_seconds() -> f64 {
 }
 
 fn sender(group: u32, idx: u32, n: usize) {
-    let bus = Connector::builder().recv_buffer(0).spawn().unwrap();
+    let conn = Connector::builder().recv_buffer(0).spawn().unwrap();
     let id = CbId::new(idx, 1);
     let mut left = n;
     let mut batch = Vec::with_capacity(PER_DATAGRAM * 64);
     while left > 0 {
         batch.clear();
         for _ in 0..(PER_DATAGRAM * 64).min(left) {
-            batch.push(CnMsg::new(id, vec![0u8; PAYLOAD]).with_seq(bus.next_seq(id), 0));
+            batch.push(CnMsg::new(id, vec![0u8; PAYLOAD]).with_seq(conn.next_seq(id), 0));
         }
-        left -= bus.send_batch(&batch, Dest::Group(group)).unwrap();
+        left -= conn.send_batch(&batch, Dest::Group(group)).unwrap();
     }
 }
 
 fn end_to_end() {
     let (group, idx, n) = (31, 0x5100_0000 | (std::process::id() & 0xffff), 2_000_000);
-    let bus = Connector::builder().recv_buffer(64 << 20).spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
+    let conn = Connector::builder().recv_buffer(64 << 20).spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    let _reg = bus.register(CbId::new(idx, 1), move |_| {
+    let _reg = conn.register(CbId::new(idx, 1), move |_| {
         c.fetch_add(1, Ordering::Relaxed);
     });
     let cpu0 = cpu_seconds();
@@ -217,7 +217,7 @@ fn end_to_end() {
     let mut last = (0, Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let now = count.load(Ordering::Relaxed) + bus.stats().lost;
+        let now = count.load(Ordering::Relaxed) + conn.stats().lost;
         if now == n as u64 || (now == last.0 && last.1.elapsed() > Duration::from_millis(500)) {
             break;
         }
@@ -227,7 +227,7 @@ fn end_to_end() {
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    let s = bus.stats();
+    let s = conn.stats();
     let got = count.load(Ordering::Relaxed);
     println!(
         "end-to-end: {n} messages of {PAYLOAD} B, {PER_DATAGRAM} per datagram, sender in another process: delivered {got} in {secs:.2} s = {:.2} M msg/s; lost {} (overruns {}); receiver CPU {:.0} ns/msg",

@@ -58,25 +58,25 @@ fn main() -> ExitCode {
 fn run(a: &Args) -> Result<(), cli::Stop> {
     let id = CbId::new(a.idx, a.val);
     let interval = Duration::from_millis(a.interval_ms);
-    let bus = Connector::builder().spawn()?;
+    let conn = Connector::builder().spawn()?;
     let mut sent = 0;
     while sent < a.count {
         let n = a.batch.min(a.count - sent);
         let msgs: Vec<CnMsg> = (0..n)
-            .map(|_| CnMsg::new(id, vec![b'x'; usize::from(a.size)]).with_seq(bus.next_seq(id), 0))
+            .map(|_| CnMsg::new(id, vec![b'x'; usize::from(a.size)]).with_seq(conn.next_seq(id), 0))
             .collect();
-        bus.send_batch(&msgs, Dest::Group(a.group))?;
+        conn.send_batch(&msgs, Dest::Group(a.group))?;
         sent += n;
         if !interval.is_zero() {
             std::thread::sleep(interval);
         }
     }
-    let s = bus.stats();
+    let s = conn.stats();
     warn!(
         "sent {} messages in {} datagrams from port {} to group {}",
         s.sent_messages,
         s.sent_datagrams,
-        bus.port_id(),
+        conn.port_id(),
         a.group
     );
     Ok(())

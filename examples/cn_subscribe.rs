@@ -55,7 +55,7 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
         Some(v) => Match::Id(CbId::new(a.idx, v)),
         None => Match::Idx(a.idx),
     };
-    let bus = Connector::builder()
+    let conn = Connector::builder()
         .on_event(|e| match e {
             Event::Lost { port, id, count } => warn!(
                 "lost {count} messages of [{:x}.{:x}] from port {port}",
@@ -65,12 +65,12 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
             other => warn!("{other:?}"),
         })
         .spawn()?;
-    let _sub = bus.subscribe(a.group)?;
-    let (_reg, rx) = bus.channel(key, 4096);
+    let _sub = conn.subscribe(a.group)?;
+    let (_reg, rx) = conn.channel(key, 4096);
     warn!(
         "listening on group {} for {key:?} (port {})",
         a.group,
-        bus.port_id()
+        conn.port_id()
     );
     // MAX_SECS keeps this addition from overflowing.
     let end = a.seconds.map(|s| Instant::now() + s);
@@ -99,6 +99,6 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
         )?;
         n += 1;
     }
-    warn!("{:#?}", bus.stats());
+    warn!("{:#?}", conn.stats());
     Ok(())
 }

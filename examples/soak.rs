@@ -225,7 +225,7 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
     let lost: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
     let own_decode_errors = Arc::new(AtomicU64::new(0));
     let (l, de) = (lost.clone(), own_decode_errors.clone());
-    let bus = Connector::builder()
+    let conn = Connector::builder()
         .recv_buffer(32 << 20)
         .on_event(move |e| match e {
             Event::Lost { port, id, count } if *port == from => {
@@ -238,7 +238,7 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
         })
         .spawn()
         .expect("receiver connector");
-    let _sub = bus.subscribe(group).expect("subscribe");
+    let _sub = conn.subscribe(group).expect("subscribe");
     let delivered: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
     let totals: Arc<Mutex<Option<HashMap<u32, u64>>>> = Arc::default();
     let count = Arc::new(AtomicU64::new(0));
@@ -253,7 +253,7 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
     );
     // Per val: the last seq seen from the producer.
     let mut last: HashMap<u32, u32> = HashMap::new();
-    let _reg = bus.register(Match::Idx(idx), move |m| {
+    let _reg = conn.register(Match::Idx(idx), move |m| {
         if m.source.port != from {
             f.fetch_add(1, Ordering::Relaxed);
             return;
@@ -306,7 +306,7 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
             break;
         }
     }
-    let s = bus.stats();
+    let s = conn.stats();
     let expected = totals.lock().clone().unwrap_or_default();
     let own_reordered = reordered.load(Ordering::Relaxed);
     let own_decode_errors = own_decode_errors.load(Ordering::Relaxed);

@@ -9,13 +9,13 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`codec`] | the wire formats as plain data: checked views, no I/O, no `unsafe` |
+//! | [`codec`] | the wire formats as plain data (the proc connector's in [`codec::proc`]): checked views, no I/O, no `unsafe` |
 //! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`error`] | the error enum callers match on (operation + errno kept) |
 //! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |
-//! | `tokio` (feature `tokio`) | the async connector and proc events as `futures` streams |
+//! | `tokio` (feature `tokio`) | re-exports the async connector ([`connector`]) and proc event stream ([`proc`]), `futures` streams |
 //!
 //! With the `serde` feature, ids, messages, statistics and proc events are
 //! `Serialize`/`Deserialize`. The repository's `docs/` explain the architecture, the
@@ -48,14 +48,14 @@
 //!
 //! # fn main() -> cnbus::Result<()> {
 //! let id = CbId::new(0x1000, 1); // idx above the kernel's 1..=10
-//! let bus = Connector::builder().spawn()?;
-//! let _member = bus.subscribe(20)?; // groups 12..=32 are for user space
-//! let _reg = bus.register(id, |m| {
+//! let conn = Connector::builder().spawn()?;
+//! let _member = conn.subscribe(20)?; // groups 12..=32 are for user space
+//! let _reg = conn.register(id, |m| {
 //!     println!("[{}] [{}.{}] {} bytes from port {}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data.len(), m.source.port)
 //! });
-//! bus.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
+//! conn.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
 //! std::thread::sleep(Duration::from_millis(50));
-//! assert_eq!(bus.stats().lost, 0);
+//! assert_eq!(conn.stats().lost, 0);
 //! # Ok(()) }
 //! ```
 //!
@@ -110,21 +110,14 @@ pub mod codec;
 #[cfg(not(cnbus_loom))]
 pub mod connector;
 pub mod error;
+#[cfg(not(cnbus_loom))]
 pub mod proc;
 /// Under `cfg(cnbus_loom)` only the registry of [`connector`] is built, for its model checks.
 #[cfg(cnbus_loom)]
 #[path = "connector/registry.rs"]
 pub mod registry;
-/// Under `cfg(cnbus_loom)`, of the connector only the sequence numbering the bus and the
-/// socket use.
-#[cfg(cnbus_loom)]
-pub mod connector {
-    #[allow(dead_code)] // the receiver's half is not used by the bus
-    #[path = "loss.rs"]
-    mod loss;
-    pub use loss::SeqSource;
-    pub(crate) use loss::{write_seq, Aimed};
-}
+#[cfg_attr(cnbus_loom, allow(dead_code))] // under loom only the bus uses it
+mod seq;
 pub mod sys;
 #[cfg(feature = "tokio")]
 pub mod tokio;

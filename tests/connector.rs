@@ -343,9 +343,7 @@ fn request_gets_the_reply_by_seq_and_ack() {
     let server = Connector::builder().spawn().unwrap();
     let h = server.handle();
     let _svc = server.register(id, move |m| {
-        let mut reply = CnMsg::new(id, [&b"re: "[..], &m.msg.data[..]].concat());
-        reply.seq = m.msg.seq;
-        reply.ack = m.msg.ack + 1;
+        let reply = CnMsg::reply_to(&m.msg, [&b"re: "[..], &m.msg.data[..]].concat());
         h.send(&reply, Dest::Port(m.source.port)).unwrap();
     });
     let client = Connector::builder().spawn().unwrap();
@@ -462,7 +460,7 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
 /// that held it and never returned.
 #[test]
 fn a_callback_dropping_its_own_registration_on_a_hand_driven_registry_does_not_deadlock() {
-    use cnbus::connector::{Received, Registration, Registry, Source};
+    use cnbus::connector::{Incoming as Received, Registration, Registry, Source};
     let id = CbId::new(test_idx(0x70), 1);
     let msg = Received {
         msg: CnMsg::new(id, &b"x"[..]),

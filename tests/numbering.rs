@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnbus::bus::Bus;
-use cnbus::connector::{Connector, Event, Received};
+use cnbus::connector::{Connector, Event, Incoming as Received};
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::CbId;
 use common::{kernel_socket, test_idx};

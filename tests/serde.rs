@@ -1,7 +1,7 @@
 //! Serialize/Deserialize (feature `serde`): stable field names, data as bytes, round trips.
 #![cfg(feature = "serde")]
 
-use cnbus::connector::{Received, Source, Stats};
+use cnbus::connector::{Incoming as Received, Source, Stats};
 use cnbus::{CbId, CnMsg};
 use serde_json::json;
 

@@ -68,7 +68,7 @@ async fn async_send_and_request() {
     let server = Connector::builder().spawn().unwrap();
     let h = server.handle();
     let _svc = server.register(id, move |m| {
-        let reply = CnMsg::new(id, m.msg.data.clone()).with_seq(m.msg.seq, m.msg.ack + 1);
+        let reply = CnMsg::reply_to(&m.msg, m.msg.data.clone());
         h.send(&reply, Dest::Port(m.source.port)).unwrap();
     });
     let mut client = Connector::builder().build_async().unwrap();

@@ -18,15 +18,15 @@ use super::Inner;
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
 
-pub(crate) use crate::connector::write_seq;
+pub(crate) use crate::seq::write_seq;
 /// The counters of one destination (the bus's), by id.
-pub(crate) use crate::connector::Aimed as Seqs;
+pub(crate) use crate::seq::DestSeqs;
 /// The sequence counters: the socket's (see
 /// [`ConnectorSocket`](crate::sys::ConnectorSocket)), shared with every other bus and
 /// connector sending on it, one sequence per destination and id. Their lock is the send
 /// lock, held from numbering a batch until its `sendmmsg` returned, so numbers follow wire
 /// order per id whichever drainer (of whichever bus) sends.
-pub(crate) use crate::connector::SeqSource;
+pub(crate) use crate::seq::SeqSource;
 
 /// Longest sleep between two attempts to send to a full unicast receiver.
 const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
@@ -109,7 +109,7 @@ pub(crate) fn receiver_full(op: crate::Op) -> crate::Error {
     crate::Error::from_io(op, std::io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
-impl Seqs<'_> {
+impl DestSeqs<'_> {
     /// Numbers the batch's messages: for each run of [`Entry::Slice`](super::shard::Entry)
     /// messages, consecutive numbers of its id (one counter look-up per run), written into
     /// `nlmsg_seq` and `cn_msg.seq`. Prebuilt messages keep theirs. A run's messages lie

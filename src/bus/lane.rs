@@ -226,7 +226,7 @@ fn frame(
     part: usize,
     bytes: &mut [u8],
     lim: Limits,
-    seqs: &mut super::drain::Seqs,
+    seqs: &mut super::drain::DestSeqs,
     out: &mut Vec<Bound>,
 ) -> Walk {
     // Bytes a datagram may hold: 0 without coalescing (every message closes one).

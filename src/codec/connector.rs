@@ -216,6 +216,20 @@ impl CnMsg {
         super::nlmsg_align(super::NLMSG_HDRLEN + CN_MSG_HDRLEN + self.data.len())
     }
 
+    /// The reply to `request` by the connector convention: same id, same seq, `ack + 1`
+    /// (wrapping), carrying `data`; [`is_reply_to`](Self::is_reply_to) `request` is true.
+    ///
+    /// ```
+    /// # use cnbus::{CbId, CnMsg};
+    /// let request = CnMsg::new(CbId::new(0x1000, 1), &b"ping"[..]).with_seq(5, 7);
+    /// let reply = CnMsg::reply_to(&request, &b"pong"[..]);
+    /// assert_eq!((reply.id, reply.seq, reply.ack), (request.id, 5, 8));
+    /// assert!(reply.is_reply_to(&request));
+    /// ```
+    pub fn reply_to(request: &CnMsg, data: impl Into<Bytes>) -> Self {
+        Self::new(request.id, data).with_seq(request.seq, request.ack.wrapping_add(1))
+    }
+
     /// True when `self` answers `request` by the connector convention: same id, same seq,
     /// `ack == request.ack + 1`.
     pub fn is_reply_to(&self, request: &CnMsg) -> bool {

@@ -23,6 +23,7 @@
 mod connector;
 mod datagram;
 mod netlink;
+pub mod proc;
 
 pub use connector::{CbId, CnHeader, CnMsg, CnMsgBuffer, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE};
 pub use datagram::{
@@ -30,7 +31,7 @@ pub use datagram::{
     MessageRef, Messages, MessagesRef, NlError,
 };
 pub use netlink::{
-    nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
+    nlmsg_align, Dest, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
     NLMSG_OVERRUN,
 };
 

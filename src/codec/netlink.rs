@@ -23,6 +23,18 @@ pub const fn nlmsg_align(len: usize) -> usize {
     }
 }
 
+/// Where a datagram goes: the netlink address (`nl_pid`, `nl_groups`) of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// The kernel (port 0). The kernel reads only the first message of a datagram.
+    Kernel,
+    /// One socket, by port id.
+    Port(u32),
+    /// Every member of a multicast group (1..=32). Netlink also hands such a datagram to
+    /// the kernel side of the connector.
+    Group(u32),
+}
+
 /// The fields of a netlink message header.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

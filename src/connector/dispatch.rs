@@ -7,7 +7,7 @@ use bytes::BytesMut;
 
 use super::ingest::Ingest;
 use super::stats::Counters;
-use super::{Event, Inner, Received};
+use super::{Event, Incoming, Inner};
 use crate::sys::poll_read;
 
 /// Datagrams read per wake-up before looking at the shutdown flag again.
@@ -63,7 +63,7 @@ pub(super) fn run(inner: &Inner) {
 }
 
 /// Hands one message to the request waiting for it, or else to the registry.
-fn deliver(inner: &Inner, registry: &super::Snapshot<'_>, rx: Received) {
+fn deliver(inner: &Inner, registry: &super::Snapshot<'_>, rx: Incoming) {
     let c = &inner.counters;
     if inner.pending_count.load(Ordering::Relaxed) > 0 {
         let key = (rx.msg.id, rx.msg.seq, rx.msg.ack);

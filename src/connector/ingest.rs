@@ -3,11 +3,11 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::loss::{SeqTracker, SeqVerdict};
 use super::stats::Counters;
-use super::{Event, Received, Source};
+use super::{Event, Incoming, Source};
 use crate::codec::{messages, Message};
 use crate::error::{Error, Result};
+use crate::seq::{SeqTracker, SeqVerdict};
 use crate::sys::{ConnectorSocket, RecvMeta};
 
 /// Per-receiver state: the sequence-gap tracker.
@@ -73,7 +73,7 @@ impl Ingest {
         c: &Counters,
         datagram: Bytes,
         meta: RecvMeta,
-        mut sink: impl FnMut(std::result::Result<Received, Event>),
+        mut sink: impl FnMut(std::result::Result<Incoming, Event>),
     ) {
         Counters::add(&c.datagrams, 1);
         Counters::add(&c.bytes, datagram.len() as u64);
@@ -131,7 +131,7 @@ impl Ingest {
                     SeqVerdict::InOrder => {}
                 }
             }
-            sink(Ok(Received { msg, source }));
+            sink(Ok(Incoming { msg, source }));
         }
     }
 }

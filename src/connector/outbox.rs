@@ -3,11 +3,11 @@
 
 use std::io::IoSlice;
 
-use super::loss::write_seq;
 use super::stats::{Counters, Stats};
 use super::FIRST_USER_GROUP;
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
 use crate::error::{Error, Result};
+use crate::seq::write_seq;
 use crate::sys::{ConnectorSocket, Dest};
 use std::sync::Arc;
 
@@ -135,7 +135,9 @@ impl Outbox {
         r.map(drop)
     }
 
-    pub(crate) fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
+    /// Frames `msgs` for one `sendmmsg`, after the policy check: one message per datagram
+    /// to the kernel, else packed up to `max_datagram`. Each datagram with its message count.
+    pub(crate) fn frame_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<Vec<(Vec<u8>, usize)>> {
         for m in msgs {
             self.check(m, dest)?;
         }
@@ -162,21 +164,32 @@ impl Outbox {
                 datagrams.push((d.take(), n));
             }
         }
-        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
+        Ok(datagrams)
+    }
+
+    /// Counts a batch of which the first `sent` datagrams went out (a send error, or fewer
+    /// sent than framed, counts one send error); returns the messages sent.
+    pub(crate) fn account_batch(&self, datagrams: &[(Vec<u8>, usize)], sent: usize) -> usize {
         let c = &self.counters;
-        let sent = match self.socket.send_batch(&slices, dest) {
-            Ok(n) => n,
-            Err(e) => {
-                Counters::add(&c.send_errors, 1);
-                return Err(e);
-            }
-        };
         let msgs_sent: usize = datagrams[..sent].iter().map(|(_, n)| n).sum();
         Counters::add(&c.sent_datagrams, sent as u64);
         Counters::add(&c.sent_messages, msgs_sent as u64);
         if sent < datagrams.len() {
             Counters::add(&c.send_errors, 1);
         }
-        Ok(msgs_sent)
+        msgs_sent
+    }
+
+    pub(crate) fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
+        let datagrams = self.frame_batch(msgs, dest)?;
+        let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
+        let sent = match self.socket.send_batch(&slices, dest) {
+            Ok(n) => n,
+            Err(e) => {
+                Counters::add(&self.counters.send_errors, 1);
+                return Err(e);
+            }
+        };
+        Ok(self.account_batch(&datagrams, sent))
     }
 }

@@ -76,10 +76,11 @@ impl Source {
     }
 }
 
-/// A message as delivered to callbacks and channels.
+/// A connector message as delivered to callbacks and channels, with where it came from.
+/// (Not [`proc::Received`](crate::proc::Received), a proc receiver's event or loss report.)
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
+pub struct Incoming {
     /// The message; `data` is a slice of the datagram it arrived in.
     pub msg: CnMsg,
     /// Its sender.
@@ -101,7 +102,7 @@ impl From<CbId> for Match {
     }
 }
 
-type Callback = Box<dyn FnMut(&Received) + Send + 'static>;
+type Callback = Box<dyn FnMut(&Incoming) + Send + 'static>;
 type PanicHook = Box<dyn Fn(CbId, &str) + Send + Sync>;
 
 /// One registration.
@@ -117,7 +118,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// Calls the callback unless unregistered. Returns `Err(message)` if it panicked.
-    fn call(&self, msg: &Received) -> Result<bool, String> {
+    fn call(&self, msg: &Incoming) -> Result<bool, String> {
         let mut cb = self.callback.lock();
         if !self.active.load(Ordering::Acquire) {
             return Ok(false);
@@ -234,7 +235,7 @@ impl Registry {
     /// exact matches before wildcards.
     pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
     where
-        F: FnMut(&Received) + Send + 'static,
+        F: FnMut(&Incoming) + Send + 'static,
     {
         let key = key.into();
         let entry = Arc::new(Entry {
@@ -251,7 +252,7 @@ impl Registry {
     }
 
     /// Delivers `msg` to every active registration that matches it.
-    pub fn dispatch(&self, msg: &Received) -> DispatchOutcome {
+    pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
         self.snapshot().dispatch(msg)
     }
 
@@ -336,7 +337,7 @@ impl std::fmt::Debug for Snapshot<'_> {
 impl Snapshot<'_> {
     /// Delivers `msg` to every registration of the snapshot that matches it and is still
     /// active: exact matches first, then wildcards, each in registration order.
-    pub fn dispatch(&self, msg: &Received) -> DispatchOutcome {
+    pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
         let mut out = DispatchOutcome::default();
         let exact = self
             .table
@@ -421,8 +422,8 @@ mod loom_tests {
     use super::*;
     use loom::sync::atomic::Ordering::SeqCst;
 
-    fn msg(id: CbId) -> Received {
-        Received {
+    fn msg(id: CbId) -> Incoming {
+        Incoming {
             msg: CnMsg::new(id, bytes::Bytes::new()),
             source: Source { port: 1, group: 0 },
         }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::proc::Witness;
+use super::Witness;
 use crate::sys::{ConnectorSocket, DropCounter};
 
 /// What the receive path saw at a moment its socket's queue was empty, for the proc

@@ -11,7 +11,7 @@
 //! * [`ProcDecoder`]: the listener's decoding half (sender check, decoding, gap tracking,
 //!   filtering, counters) for other receive paths, such as a callback registered for
 //!   [`CbId::PROC`](crate::CbId::PROC) on a [`Connector`](crate::connector::Connector);
-//!   [`ProcEvent::from_kernel`] and [`SeqTracker`] are its parts.
+//!   [`ProcEvent::from_kernel`] and [`CpuSeqTracker`] are its parts.
 //!
 //! * [`Enricher`] ([`enrich`]): process attribution for events: a pid-reuse-safe
 //!   [`ProcessKey`], cgroup and container id, pid namespace, command line, each with its
@@ -20,27 +20,40 @@
 //! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
 
 pub mod enrich;
-pub mod event;
+/// The proc wire format: [`crate::codec::proc`], under its former name.
+pub use crate::codec::proc as event;
+mod decoder;
 mod listener;
+mod loss;
 #[cfg(not(cnbus_loom))]
 mod registered;
 mod seq;
+#[cfg(all(feature = "tokio", not(cnbus_loom)))]
+mod stream;
 
+pub use decoder::{Decoded, ProcDecoder};
 pub use enrich::{EnrichConfig, EnrichStats, Enricher, ProcessInfo, ProcessKey, Source};
 pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
 };
-#[cfg(not(cnbus_loom))]
-pub(crate) use listener::Witness;
 pub use listener::{
-    Decoded, FilterMode, Filtering, Iter, Loss, LossSource, LossStats, ProcChannel, ProcDecoder,
-    ProcListener, ProcListenerBuilder, Received, ShutdownHandle, DEFAULT_ACK_TIMEOUT,
-    DEFAULT_RECV_BUFFER,
+    FilterMode, Filtering, Iter, ProcChannel, ProcListener, ProcListenerBuilder, ShutdownHandle,
+    DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
 };
+pub use loss::{Loss, LossSource, LossStats, Received};
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
-pub use seq::{SeqCheck, SeqTracker};
+pub use seq::{CpuSeqTracker, SeqCheck};
+
+/// The former name of [`CpuSeqTracker`].
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `CpuSeqTracker` (`connector::SeqTracker` tracks per-stream sequences)"
+)]
+pub type SeqTracker = CpuSeqTracker;
+#[cfg(all(feature = "tokio", not(cnbus_loom)))]
+pub use stream::ProcStream;
 
 /// An `ack` value for a proc-connector request that no other socket on the host uses: the
 /// kernel multicasts every ACK to every listener, so a requester recognises its own by

@@ -120,8 +120,8 @@ impl Drop for ProcRegistration {
 /// use cnbus::proc::{self, EventSet, Received};
 ///
 /// # fn main() -> cnbus::Result<()> {
-/// let bus = Connector::builder().spawn()?;
-/// let _events = proc::register(&bus, EventSet::FORK | EventSet::EXIT, |r| match r {
+/// let conn = Connector::builder().spawn()?;
+/// let _events = proc::register(&conn, EventSet::FORK | EventSet::EXIT, |r| match r {
 ///     Received::Event(ev) => println!("{:?}", ev.body),
 ///     Received::Lost(loss) => eprintln!("lost: {loss:?}"),
 /// })?;

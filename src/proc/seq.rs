@@ -13,7 +13,7 @@
 //! A socket with a kernel-side filter legitimately misses numbers, so its gaps mean
 //! nothing: the listener disables gap accounting then, rather than report wrong numbers.
 
-/// What [`SeqTracker::observe`] concluded about one message.
+/// What [`CpuSeqTracker::observe`] concluded about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqCheck {
     /// The first message seen from this CPU: it sets the baseline. Losses before it cannot
@@ -32,14 +32,14 @@ pub enum SeqCheck {
 }
 
 /// Counts lost messages from per-CPU sequence gaps. Memory is bounded by
-/// [`SeqTracker::MAX_CPUS`].
+/// [`CpuSeqTracker::MAX_CPUS`].
 ///
 /// Rules: per CPU, the expected number is the last one + 1 (wrapping). A number `d` ahead of
 /// the expected one (wrapping distance `1 ..= 2^31 - 1`) counts `d` lost; a distance of
 /// `2^31` or more is taken as a step backwards (duplicate or restart), counted in
 /// [`backwards`](Self::backwards), never as loss. The first number per CPU is a baseline.
 #[derive(Debug, Clone, Default)]
-pub struct SeqTracker {
+pub struct CpuSeqTracker {
     next: Vec<Option<u32>>,
     lost: Vec<u64>,
     lost_total: u64,
@@ -47,7 +47,7 @@ pub struct SeqTracker {
     untracked: u64,
 }
 
-impl SeqTracker {
+impl CpuSeqTracker {
     /// Highest CPU number + 1 that is tracked (the kernel's `NR_CPUS` limit is 8192).
     pub const MAX_CPUS: usize = 8192;
 
@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn gaps_per_cpu() {
-        let mut t = SeqTracker::new();
+        let mut t = CpuSeqTracker::new();
         assert_eq!(t.observe(0, 10), SeqCheck::First);
         assert_eq!(t.observe(1, 500), SeqCheck::First);
         assert_eq!(t.observe(0, 11), SeqCheck::InOrder);
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn wraps_and_backwards() {
-        let mut t = SeqTracker::new();
+        let mut t = CpuSeqTracker::new();
         t.observe(2, u32::MAX - 1);
         assert_eq!(t.observe(2, u32::MAX), SeqCheck::InOrder);
         assert_eq!(t.observe(2, 0), SeqCheck::InOrder);
@@ -157,7 +157,7 @@ mod tests {
             start in proptest::num::u32::ANY,
             keep in proptest::collection::vec(proptest::bool::ANY, 1..300),
         ) {
-            let mut t = SeqTracker::new();
+            let mut t = CpuSeqTracker::new();
             let mut first = None;
             let mut last = None;
             for (i, k) in keep.iter().enumerate() {

@@ -20,6 +20,7 @@ pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
+#[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, DropCounter, MemInfo, RecvMeta, NETLINK_CONNECTOR};

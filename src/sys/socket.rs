@@ -8,6 +8,7 @@ use bytes::BytesMut;
 
 use super::cvt;
 use crate::error::{Error, Op, Result};
+use crate::seq::SeqSource;
 
 /// The netlink protocol number of the connector.
 pub const NETLINK_CONNECTOR: i32 = 11;
@@ -19,30 +20,19 @@ pub const MAX_GROUP: u32 = 32;
 const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_NO_ENOBUFS: libc::c_int = 5;
 
-/// Where a datagram goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dest {
-    /// The kernel (port 0). The kernel reads only the first message of a datagram.
-    Kernel,
-    /// One socket, by port id.
-    Port(u32),
-    /// Every member of a multicast group (1..=32). Netlink also hands such a datagram to
-    /// the kernel side of the connector.
-    Group(u32),
-}
+pub use crate::codec::Dest;
 
-impl Dest {
-    fn sockaddr(self) -> Result<libc::sockaddr_nl> {
-        // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
-        let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        match self {
-            Dest::Kernel => {}
-            Dest::Port(p) => sa.nl_pid = p,
-            Dest::Group(g) => sa.nl_groups = group_mask(g)?,
-        }
-        Ok(sa)
+/// The socket address of `dest`.
+fn sockaddr(dest: Dest) -> Result<libc::sockaddr_nl> {
+    // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
+    let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    match dest {
+        Dest::Kernel => {}
+        Dest::Port(p) => sa.nl_pid = p,
+        Dest::Group(g) => sa.nl_groups = group_mask(g)?,
     }
+    Ok(sa)
 }
 
 fn group_mask(group: u32) -> Result<u32> {
@@ -51,6 +41,30 @@ fn group_mask(group: u32) -> Result<u32> {
     } else {
         Err(Error::InvalidArgument("multicast group must be in 1..=32"))
     }
+}
+
+/// The socket options of one of the two socket buffers.
+#[derive(Clone, Copy)]
+struct Buffer {
+    /// `SO_RCVBUF` / `SO_SNDBUF`: capped by `net.core.{r,w}mem_max`.
+    capped: libc::c_int,
+    /// `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: not capped, needs `CAP_NET_ADMIN`.
+    force: libc::c_int,
+    /// The operation errors name.
+    op: Op,
+}
+
+impl Buffer {
+    const RECV: Self = Self {
+        capped: libc::SO_RCVBUF,
+        force: libc::SO_RCVBUFFORCE,
+        op: Op::SetRecvBuffer,
+    };
+    const SEND: Self = Self {
+        capped: libc::SO_SNDBUF,
+        force: libc::SO_SNDBUFFORCE,
+        op: Op::SetSendBuffer,
+    };
 }
 
 /// What `recv` learned about a datagram besides its bytes.
@@ -85,11 +99,18 @@ impl RecvMeta {
 /// id.
 #[derive(Debug)]
 pub struct ConnectorSocket {
+    /// Why `netlink_sys` stays: it opens the socket (`SOCK_CLOEXEC`), binds it to a
+    /// kernel-chosen port and reads the port back (`bind` + `getsockname`), joins and leaves
+    /// groups (`NETLINK_ADD/DROP_MEMBERSHIP`) and owns the descriptor; that is five system
+    /// calls, each an `unsafe` block more here, for a dependency that brings only `bytes`,
+    /// `libc` and `log`. Everything on the data path (`sendto`, `sendmmsg`, `recvmsg` with
+    /// `MSG_TRUNC` into spare capacity, `SO_MEMINFO`, buffer options) is this file's own,
+    /// because `netlink_sys` offers none of it.
     inner: netlink_sys::Socket,
     port: u32,
     /// The socket's numbering, and the send lock of numbered sends: held from taking
     /// numbers until the datagrams carrying them were handed to the kernel.
-    numbering: parking_lot::Mutex<crate::connector::SeqSource>,
+    numbering: parking_lot::Mutex<SeqSource>,
     /// The numbering's eviction count, readable without its lock.
     numbering_evictions: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -101,7 +122,7 @@ impl ConnectorSocket {
         let mut inner = netlink_sys::Socket::new(NETLINK_CONNECTOR as isize)
             .map_err(|e| Error::from_io(Op::Socket, e))?;
         let addr = inner.bind_auto().map_err(|e| Error::from_io(Op::Bind, e))?;
-        let numbering = crate::connector::SeqSource::default();
+        let numbering = SeqSource::default();
         Ok(Self {
             inner,
             port: addr.port_number(),
@@ -117,7 +138,7 @@ impl ConnectorSocket {
 
     /// The sequence numbers of this socket, which every numbered send through it
     /// takes under this lock (see [`SeqSource`](crate::connector::SeqSource)).
-    pub(crate) fn numbering(&self) -> &parking_lot::Mutex<crate::connector::SeqSource> {
+    pub(crate) fn numbering(&self) -> &parking_lot::Mutex<SeqSource> {
         &self.numbering
     }
 
@@ -149,44 +170,43 @@ impl ConnectorSocket {
     /// when not permitted. Returns the size the kernel reports afterwards (it doubles the
     /// request to leave room for bookkeeping).
     pub fn set_recv_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
-        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        if force {
-            match self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, v) {
-                Ok(()) => return self.recv_buffer(),
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-                Err(e) => return Err(Error::from_io(Op::SetRecvBuffer, e)),
-            }
-        }
-        self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF, v)
-            .map_err(|e| Error::from_io(Op::SetRecvBuffer, e))?;
-        self.recv_buffer()
+        self.set_buffer(Buffer::RECV, bytes, force)
     }
 
     /// The receive buffer size the kernel reports (`SO_RCVBUF`).
     pub fn recv_buffer(&self) -> Result<usize> {
-        self.getsockopt(libc::SOL_SOCKET, libc::SO_RCVBUF)
-            .map(|v| v as usize)
-            .map_err(|e| Error::from_io(Op::GetOption, e))
+        self.buffer(Buffer::RECV)
     }
 
     /// Sets the send buffer, as [`set_recv_buffer`](Self::set_recv_buffer) does.
     pub fn set_send_buffer(&self, bytes: usize, force: bool) -> Result<usize> {
-        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        if force {
-            match self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v) {
-                Ok(()) => return self.send_buffer(),
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-                Err(e) => return Err(Error::from_io(Op::SetSendBuffer, e)),
-            }
-        }
-        self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF, v)
-            .map_err(|e| Error::from_io(Op::SetSendBuffer, e))?;
-        self.send_buffer()
+        self.set_buffer(Buffer::SEND, bytes, force)
     }
 
     /// The send buffer size the kernel reports (`SO_SNDBUF`).
     pub fn send_buffer(&self) -> Result<usize> {
-        self.getsockopt(libc::SOL_SOCKET, libc::SO_SNDBUF)
+        self.buffer(Buffer::SEND)
+    }
+
+    /// Sets buffer `b` to `bytes`: `SO_*BUFFORCE` first with `force`, falling back to the
+    /// capped option when not permitted; returns the size the kernel reports afterwards.
+    fn set_buffer(&self, b: Buffer, bytes: usize, force: bool) -> Result<usize> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        if force {
+            match self.setsockopt(libc::SOL_SOCKET, b.force, v) {
+                Ok(()) => return self.buffer(b),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                Err(e) => return Err(Error::from_io(b.op, e)),
+            }
+        }
+        self.setsockopt(libc::SOL_SOCKET, b.capped, v)
+            .map_err(|e| Error::from_io(b.op, e))?;
+        self.buffer(b)
+    }
+
+    /// The size of buffer `b` the kernel reports.
+    fn buffer(&self, b: Buffer) -> Result<usize> {
+        self.getsockopt(libc::SOL_SOCKET, b.capped)
             .map(|v| v as usize)
             .map_err(|e| Error::from_io(Op::GetOption, e))
     }
@@ -211,7 +231,7 @@ impl ConnectorSocket {
     }
 
     fn sendto(&self, datagram: &[u8], dest: Dest, flags: libc::c_int) -> Result<Option<usize>> {
-        let sa = dest.sockaddr()?;
+        let sa = sockaddr(dest)?;
         loop {
             // SAFETY: `datagram` is valid for reads of its length and `sa` is a valid
             // sockaddr_nl whose size is passed; both outlive the call.
@@ -256,7 +276,7 @@ impl ConnectorSocket {
 
     fn sendmmsg(&self, datagrams: &[IoSlice<'_>], dest: Dest, flags: libc::c_int) -> Result<usize> {
         const MAX_BATCH: usize = 1024;
-        let mut sa = dest.sockaddr()?;
+        let mut sa = sockaddr(dest)?;
         let mut sent = 0;
         while sent < datagrams.len() {
             let chunk = &datagrams[sent..(sent + MAX_BATCH).min(datagrams.len())];

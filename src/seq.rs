@@ -1,8 +1,11 @@
 //! Sequence numbering and sequence-gap loss detection for traffic between cnbus processes.
 //!
+//! Pure data (no I/O, no `unsafe`), below [`sys`](crate::sys), which keeps a [`SeqSource`]
+//! in every socket; the public items are re-exported from [`connector`](crate::connector).
+//!
 //! A cnbus sender numbers the messages of each id consecutively **per socket and
 //! destination**: every sender on one [`ConnectorSocket`](crate::sys::ConnectorSocket) (a
-//! [`Connector`](super::Connector)'s `send_numbered`, the async connector, every
+//! [`Connector`](crate::connector::Connector)'s `send_numbered`, the async connector, every
 //! [`Bus`](crate::bus::Bus) and [`Producer`](crate::bus::Producer) sending through it) takes
 //! its numbers from that socket's one [`SeqSource`], one sequence per `(destination, id)`.
 //! A receiver keeps one baseline per `(port, group, idx, val)` (group 0 for a unicast),
@@ -22,8 +25,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::codec::CbId;
-use crate::sys::Dest;
+use crate::codec::{CbId, Dest};
 
 /// A forward jump larger than this is treated as a restart, not as loss.
 const MAX_GAP: u32 = 1 << 30;
@@ -116,7 +118,8 @@ impl<K: Hash + Eq + Copy> LastSeqs<K> {
 }
 
 /// Tracks the last sequence number per `(port, group, id)` stream, for receivers; bounded
-/// (see [`SeqSource`] for what forgetting a stream costs).
+/// (see [`SeqSource`] for what forgetting a stream costs). The proc connector's numbers are
+/// per CPU instead: [`CpuSeqTracker`](crate::proc::CpuSeqTracker) tracks those.
 #[derive(Debug)]
 pub struct SeqTracker {
     last: LastSeqs<(u32, u32, CbId)>,
@@ -196,8 +199,8 @@ impl SeqTracker {
 /// `val` as an object id cannot make them grow without limit. When a table is full and a
 /// new key arrives, it forgets the least recently used eighth of its keys at once and
 /// counts each one as an eviction
-/// ([`Stats::numbering_evictions`](super::Stats::numbering_evictions),
-/// [`Stats::tracker_evictions`](super::Stats::tracker_evictions),
+/// ([`Stats::numbering_evictions`](crate::connector::Stats::numbering_evictions),
+/// [`Stats::tracker_evictions`](crate::connector::Stats::tracker_evictions),
 /// [`BusStats::numbering_evictions`](crate::bus::BusStats::numbering_evictions)). What an
 /// eviction costs:
 ///
@@ -210,9 +213,9 @@ impl SeqTracker {
 ///   seen as a gap.
 ///
 /// So gap counting is exact while both counts stay 0: size the tables
-/// ([`ConnectorBuilder::numbered_ids`](super::ConnectorBuilder::numbered_ids),
+/// ([`ConnectorBuilder::numbered_ids`](crate::connector::ConnectorBuilder::numbered_ids),
 /// [`BusBuilder::numbered_ids`](crate::bus::BusBuilder::numbered_ids),
-/// [`ConnectorBuilder::tracked_streams`](super::ConnectorBuilder::tracked_streams)) for the
+/// [`ConnectorBuilder::tracked_streams`](crate::connector::ConnectorBuilder::tracked_streams)) for the
 /// sequences and streams that are live at one time. The kernel's drop counter, where available, stays exact.
 #[derive(Debug)]
 pub struct SeqSource {
@@ -236,7 +239,7 @@ impl SeqSource {
     /// Takes the next number of `id`'s sequence that belongs to no destination, starting
     /// at 1.
     pub fn next(&mut self, id: CbId) -> u32 {
-        Aimed::new(self, None).next(id)
+        DestSeqs::new(self, None).next(id)
     }
 
     /// Takes the next number of `id` for messages sent to `dest`, starting at 1.
@@ -251,8 +254,8 @@ impl SeqSource {
     }
 
     /// The numbers of the messages sent to `dest`.
-    pub(crate) fn to(&mut self, dest: Dest) -> Aimed<'_> {
-        Aimed::new(self, Some(dest))
+    pub(crate) fn to(&mut self, dest: Dest) -> DestSeqs<'_> {
+        DestSeqs::new(self, Some(dest))
     }
 
     /// Sequences forgotten because the source was full, since it was made.
@@ -290,12 +293,12 @@ impl SeqSource {
 
 /// The sequences of one destination of a [`SeqSource`] (or of none), by id.
 #[derive(Debug)]
-pub(crate) struct Aimed<'a> {
+pub(crate) struct DestSeqs<'a> {
     src: &'a mut SeqSource,
     dest: Option<Dest>,
 }
 
-impl<'a> Aimed<'a> {
+impl<'a> DestSeqs<'a> {
     fn new(src: &'a mut SeqSource, dest: Option<Dest>) -> Self {
         Self { src, dest }
     }

@@ -1,0 +1,213 @@
+//! Configuring and opening a [`ProcListener`]: filter mode, namespace policy, the
+//! `LISTEN` handshake.
+
+use super::*;
+
+/// Where the listener's event set is applied.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FilterMode {
+    /// In the kernel when it can (Linux 6.6+ `proc_input`, detected at run time), else in
+    /// user space.
+    #[default]
+    Auto,
+    /// In the kernel; opening fails on kernels without `proc_input`.
+    Kernel,
+    /// In user space: the kernel sends everything and the listener drops what was not asked
+    /// for. Costs more CPU, but keeps exact gap accounting.
+    UserSpace,
+}
+
+/// How the listener ended up filtering.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Filtering {
+    /// Subscribed to every event: nothing to filter.
+    None,
+    /// The kernel filters; sequence-gap accounting is disabled.
+    Kernel,
+    /// The kernel sends everything and the listener filters.
+    UserSpace,
+}
+
+/// Configures and opens a [`ProcListener`].
+#[derive(Debug, Clone)]
+pub struct ProcListenerBuilder {
+    events: EventSet,
+    recv_buffer: usize,
+    mode: FilterMode,
+    ack_timeout: Duration,
+    acks: bool,
+    allow_foreign_ns: bool,
+}
+
+impl Default for ProcListenerBuilder {
+    fn default() -> Self {
+        Self {
+            events: EventSet::ALL,
+            recv_buffer: DEFAULT_RECV_BUFFER,
+            mode: FilterMode::Auto,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            acks: false,
+            allow_foreign_ns: false,
+        }
+    }
+}
+
+impl ProcListenerBuilder {
+    /// A builder for every event, a [`DEFAULT_RECV_BUFFER`] buffer and automatic filtering.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The events to receive (default [`EventSet::ALL`]).
+    pub fn events(mut self, events: EventSet) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The receive buffer to ask for, in bytes (default [`DEFAULT_RECV_BUFFER`]). Set with
+    /// `SO_RCVBUFFORCE` when permitted (root), which ignores `net.core.rmem_max`; else with
+    /// `SO_RCVBUF`, capped by it.
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.recv_buffer = bytes;
+        self
+    }
+
+    /// Where to filter (default [`FilterMode::Auto`]).
+    pub fn filter_mode(mut self, mode: FilterMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// How long to wait for the kernel's ACK to `LISTEN` (default [`DEFAULT_ACK_TIMEOUT`]).
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
+    /// Also deliver the kernel's ACKs (to this and other sockets' requests) as events of kind
+    /// [`Ack`](crate::proc::EventKind::Ack). The kernel sends ACKs only to sockets subscribed to
+    /// every event, and the listener follows that rule in user space too. Default off.
+    pub fn include_acks(mut self, on: bool) -> Self {
+        self.acks = on;
+        self
+    }
+
+    /// Outside the initial pid or user namespace the kernel ignores `LISTEN`, and opening
+    /// fails with [`Error::ProcConnector`] saying so. With this on, the listener opens anyway
+    /// (it then hears events only while another process listens, and they carry host ids)
+    /// and [`ProcListener::namespace_warning`] says why.
+    pub fn allow_foreign_namespace(mut self, on: bool) -> Self {
+        self.allow_foreign_ns = on;
+        self
+    }
+
+    /// Opens the socket, joins the proc group, and subscribes.
+    ///
+    /// Filtering is chosen at run time. For a strict subset of events with
+    /// [`FilterMode::Auto`] or [`FilterMode::Kernel`] on a kernel whose release is 6.6 or
+    /// later, the listener first sends the 8-byte `proc_input` `LISTEN` for *all* events: a
+    /// kernel that understands `proc_input` acknowledges it (and an older one ignores it
+    /// silently), so the ACK proves support. It then sends the real filter, without waiting:
+    /// the kernel never sends an ACK to a filtered socket. Without that proof (an older
+    /// kernel, or no ACK), `Auto` falls back to the classic 4-byte `LISTEN` and filters in
+    /// user space with the kernel's own rules ([`EventSet::matches`]).
+    pub fn open(self) -> Result<ProcListener> {
+        let events = EventSet::from_bits_truncate(self.events.bits());
+        if events.is_empty() {
+            return Err(Error::InvalidArgument("the event set is empty"));
+        }
+        let ns = namespace_report();
+        if ns.initial_net == Some(false) {
+            return Err(Error::NoKernelConnector { op: Op::Send });
+        }
+        let foreign = if ns.initial_pid == Some(false) {
+            Some(REASON_PID_NS)
+        } else if ns.initial_user == Some(false) {
+            Some(REASON_USER_NS)
+        } else {
+            None
+        };
+        if let (Some(reason), false) = (foreign, self.allow_foreign_ns) {
+            return Err(Error::ProcConnector { reason });
+        }
+        let sock = ConnectorSocket::open()?;
+        let drops = Mutex::new(DropCounter::baseline(&sock)?);
+        sock.set_recv_buffer(self.recv_buffer, true)?;
+        // The witness counts the user-space multicasts on group 1 from this socket's join.
+        let (witness, ()) = if foreign.is_none() {
+            Witness::around(|| sock.join(PROC_GROUP))?
+        } else {
+            (None, sock.join(PROC_GROUP)?)
+        };
+        let want_filter = !events.is_all();
+        let mut l = ProcListener {
+            sock,
+            buf: BytesMut::with_capacity(RECV_CHUNK),
+            core: Core {
+                dec: ProcDecoder::new(events, true).with_acks(self.acks),
+                pending: VecDeque::new(),
+                dropped: 0,
+                awaiting_ack: None,
+                ack_result: None,
+            },
+            filtering: if want_filter {
+                Filtering::UserSpace
+            } else {
+                Filtering::None
+            },
+            shared: Arc::new(Shared {
+                stop: AtomicBool::new(false),
+                wake: EventFd::new()?,
+            }),
+            req_seq: 0,
+            ignored: false,
+            warning: foreign,
+            drained: false,
+            drops,
+            witness,
+            foreign: 0,
+            discarded: 0,
+        };
+        if foreign.is_some() {
+            // The kernel drops the request; sending it costs nothing and keeps Drop simple.
+            l.send_request(McastOp::Listen, None)?;
+            return Ok(l);
+        }
+        let try_kernel = want_filter
+            && match self.mode {
+                FilterMode::UserSpace => false,
+                FilterMode::Kernel => true,
+                FilterMode::Auto => kernel_at_least(6, 6),
+            };
+        if try_kernel {
+            if l.request_and_wait(Some(EventSet::ALL), self.ack_timeout)? {
+                l.send_request(McastOp::Listen, Some(events))?;
+                l.filtering = Filtering::Kernel;
+                l.core.dec.seq = None;
+                return Ok(l);
+            }
+            if self.mode == FilterMode::Kernel {
+                return Err(Error::ProcConnector {
+                    reason: REASON_NO_PROC_INPUT,
+                });
+            }
+        }
+        if !l.request_and_wait(None, self.ack_timeout)? {
+            let has_cn_proc = std::fs::read_to_string("/proc/net/connector")
+                .map(|s| s.lines().any(|l| l.starts_with("cn_proc")))
+                .unwrap_or(true);
+            return Err(Error::ProcConnector {
+                reason: if has_cn_proc {
+                    REASON_NO_ACK
+                } else {
+                    REASON_NO_CN_PROC
+                },
+            });
+        }
+        Ok(l)
+    }
+}

@@ -1,0 +1,500 @@
+//! [`ProcListener`]: subscribing to the proc connector and receiving typed events, with
+//! kernel- or user-space filtering, loss accounting and a clean `IGNORE` on drop.
+
+//!
+//! Files: the builder and the namespace policy (`builder.rs`), the thread feeding a channel
+//! ([`ProcChannel`], `threaded.rs`); the decoder is [`super::ProcDecoder`] (`proc/decoder.rs`).
+
+mod builder;
+#[cfg(test)]
+mod tests;
+mod threaded;
+
+pub use builder::{FilterMode, Filtering, ProcListenerBuilder};
+pub use threaded::ProcChannel;
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use crossbeam::channel::{self, Receiver, SendTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use super::event::{request, EventSet, McastOp};
+use crate::codec::{messages_ref, CnHeader, DatagramBuilder, MessageRef};
+use crate::error::{DecodeError, Error, Op, Result};
+use crate::sys::{
+    kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, DropCounter, EventFd,
+    RecvMeta,
+};
+
+use super::decoder::ProcDecoder;
+use super::loss::{Loss, LossStats, Received};
+use crate::codec::proc::PROC_GROUP;
+use crate::connector::Witness;
+
+/// The receive buffer a listener asks for by default: 16 MiB (the kernel doubles it for its
+/// bookkeeping). At roughly 1 KiB of kernel memory per queued event that is room for tens of
+/// thousands of events while the reader is descheduled.
+pub const DEFAULT_RECV_BUFFER: usize = 16 << 20;
+
+/// Default wait for the kernel's ACK to `LISTEN`. The kernel answers synchronously, inside
+/// the `sendto`, so the ACK is normally queued before the wait begins.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes read per `recv` (a kernel event datagram is 76 bytes).
+const RECV_CHUNK: usize = 64 << 10;
+/// Events held between receive and delivery (only while waiting for an ACK can there be more
+/// than a few).
+const MAX_PENDING: usize = 1 << 16;
+
+const REASON_PID_NS: &str = "this process is outside the initial pid namespace: the kernel \
+     ignores LISTEN requests from it, so events arrive only while another process in the \
+     initial namespaces listens, and every pid in them is a host pid, not a pid of this namespace";
+const REASON_USER_NS: &str = "this process is outside the initial user namespace: the kernel \
+     ignores LISTEN requests from it, so events arrive only while another process in the \
+     initial namespaces listens, and uids and gids in them are those of the initial namespace";
+const REASON_NO_CN_PROC: &str = "the kernel has no proc connector (no cn_proc in \
+     /proc/net/connector: it was built without CONFIG_PROC_EVENTS)";
+pub(super) const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
+const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this kernel does \
+     not understand struct proc_input (Linux 6.6+): use FilterMode::Auto to filter in user \
+     space instead";
+
+#[derive(Debug)]
+struct Shared {
+    stop: AtomicBool,
+    wake: EventFd,
+}
+
+/// Stops a [`ProcListener`] or [`ProcChannel`] from another thread (a signal handler thread,
+/// for example): its blocked and future `recv` calls return [`Error::Closed`].
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl ShutdownHandle {
+    /// Requests shutdown and wakes the receiver.
+    pub fn shutdown(&self) {
+        self.0.stop.store(true, Ordering::SeqCst);
+        let _ = self.0.wake.wake();
+    }
+
+    /// True once [`shutdown`](Self::shutdown) was called.
+    pub fn is_shutdown(&self) -> bool {
+        self.0.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The receive pipeline, apart from the socket and its buffer.
+#[derive(Debug)]
+struct Core {
+    dec: ProcDecoder,
+    pending: VecDeque<Received>,
+    dropped: u64,
+    /// The `cn_msg.ack` of the ACK being waited for.
+    awaiting_ack: Option<u32>,
+    /// The error code of that ACK, once it arrived.
+    ack_result: Option<u32>,
+}
+
+impl Core {
+    fn push(&mut self, r: Received) {
+        if self.pending.len() >= MAX_PENDING {
+            self.dropped += 1;
+        } else {
+            self.pending.push_back(r);
+        }
+    }
+
+    /// Handles one received datagram. A malformed message is counted and ends the
+    /// datagram, as everywhere in cnbus.
+    fn datagram(&mut self, d: &[u8], meta: RecvMeta) {
+        for m in messages_ref(d) {
+            match m {
+                Ok(MessageRef::Connector {
+                    cn,
+                    data,
+                    data_offset,
+                    ..
+                }) => self.message(meta, cn, data, data_offset),
+                Ok(_) => {} // netlink control messages carry no events
+                Err(e) => self.dec.record_decode_error(meta.port, e),
+            }
+        }
+    }
+
+    fn message(&mut self, meta: RecvMeta, h: CnHeader, data: &[u8], at: usize) {
+        let d = self
+            .dec
+            .decode_parts(meta.port, h.id, h.seq, h.ack, data, at);
+        if let Some((ack, err)) = d.ack {
+            if self.awaiting_ack == Some(ack) && self.ack_result.is_none() {
+                self.ack_result = Some(err);
+            }
+        }
+        for r in d {
+            self.push(r);
+        }
+    }
+}
+
+/// A subscription to the proc connector.
+///
+/// Receives typed [`ProcEvent`](crate::proc::ProcEvent)s, only from the kernel (port 0: user-space senders on group 1
+/// are rejected and counted in [`LossStats::spoofed`]), filtered to the chosen
+/// [`EventSet`], with losses reported in the stream ([`Received::Lost`]) and in
+/// [`stats`](Self::stats). Dropping it sends `IGNORE`, so the kernel's listener count does not
+/// leak.
+///
+/// ```no_run
+/// use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
+///
+/// # fn main() -> cnbus::Result<()> {
+/// let mut l = ProcListener::builder()
+///     .events(EventSet::EXEC | EventSet::NONZERO_EXIT)
+///     .open()?;
+/// for r in l.iter() {
+///     match r? {
+///         Received::Event(ev) => match ev.body {
+///             EventBody::Exec { process } => println!("exec {}", process.tgid),
+///             EventBody::Exit { process, status, .. } => println!("{} {status}", process.tgid),
+///             _ => {}
+///         },
+///         Received::Lost(loss) => eprintln!("lost: {loss:?}"),
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ProcListener {
+    sock: ConnectorSocket,
+    buf: BytesMut,
+    core: Core,
+    filtering: Filtering,
+    shared: Arc<Shared>,
+    req_seq: u32,
+    ignored: bool,
+    warning: Option<&'static str>,
+    /// The last read found the socket's queue empty.
+    drained: bool,
+    /// The socket's kernel drop counter, from its value at open; read after every overrun
+    /// and by `stats()`.
+    drops: Mutex<DropCounter>,
+    /// The witness of user-space multicasts on group 1.
+    witness: Option<Witness>,
+    /// User-space multicasts on group 1 this socket received.
+    foreign: u64,
+    /// Events decoded but discarded by `finish` (never handed out).
+    discarded: u64,
+}
+
+impl ProcListener {
+    /// A builder.
+    pub fn builder() -> ProcListenerBuilder {
+        ProcListenerBuilder::new()
+    }
+
+    /// A listener for every event, with the defaults.
+    pub fn open() -> Result<ProcListener> {
+        ProcListenerBuilder::new().open()
+    }
+
+    /// The event set.
+    pub fn events(&self) -> EventSet {
+        self.core.dec.events
+    }
+
+    /// How events are filtered (decided when opening).
+    pub fn filtering(&self) -> Filtering {
+        self.filtering
+    }
+
+    /// The socket's port id. Every request the listener sends to the kernel carries
+    /// `cn_msg.ack` = this port id, so its ACKs carry port id + 1.
+    pub fn port_id(&self) -> u32 {
+        self.sock.port_id()
+    }
+
+    /// The receive buffer size the kernel reports (twice what was asked for).
+    pub fn recv_buffer(&self) -> Result<usize> {
+        self.sock.recv_buffer()
+    }
+
+    /// Why events may be missing or carry foreign ids, when the listener was opened outside
+    /// the initial namespaces (see [`ProcListenerBuilder::allow_foreign_namespace`]).
+    pub fn namespace_warning(&self) -> Option<&'static str> {
+        self.warning
+    }
+
+    /// A handle that stops this listener from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
+    }
+
+    /// The counters so far. Reads the socket's kernel drop counter
+    /// ([`LossStats::kernel_drops`]).
+    pub fn stats(&self) -> LossStats {
+        // The witness first, then this socket (see `Witness`).
+        let foreign = self
+            .witness
+            .as_ref()
+            .and_then(|w| w.unaccounted(self.foreign));
+        let (kernel_drops, empty) = self.read_drops();
+        let dec = self.core.dec.stats();
+        LossStats {
+            events: dec.events - self.discarded,
+            dropped: self.core.dropped,
+            kernel_drops,
+            foreign_unaccounted: foreign.map(|f| f.0),
+            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
+            ..dec
+        }
+    }
+
+    /// Updates the drop counter from the socket, and says whether its receive queue is
+    /// empty. A failed read (not expected: the socket is ours and open) keeps the last value
+    /// and says "not empty".
+    fn read_drops(&self) -> (Option<u64>, bool) {
+        let mut d = self.drops.lock();
+        match self.sock.meminfo() {
+            Ok(m) => (d.observe(m.drops), m.rmem_alloc == 0),
+            Err(_) => (d.total(), false),
+        }
+    }
+
+    /// The last decode error of a kernel message, if any (they are counted in
+    /// [`LossStats::decode_errors`] and otherwise skipped).
+    pub fn last_decode_error(&self) -> Option<DecodeError> {
+        self.core.dec.last_decode_error()
+    }
+
+    /// Waits for the next event or loss report. Returns [`Error::Closed`] after
+    /// [`ShutdownHandle::shutdown`].
+    pub fn recv(&mut self) -> Result<Received> {
+        loop {
+            if let Some(r) = self.recv_timeout(None)? {
+                return Ok(r);
+            }
+        }
+    }
+
+    /// Returns what is already received, without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<Received>> {
+        self.recv_timeout(Some(Duration::ZERO))
+    }
+
+    /// Waits up to `timeout` (`None`: no limit) for the next event or loss report; `Ok(None)`
+    /// when the time ran out.
+    pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Received>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(r) = self.core.pending.pop_front() {
+                return Ok(Some(r));
+            }
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Err(Error::Closed);
+            }
+            // Read first and poll only when the queue is empty: under load, one system call
+            // per datagram. Right after a read found the queue empty, a blocking call polls
+            // straight away instead of reading again.
+            if (!self.drained || timeout == Some(Duration::ZERO)) && self.fill()? {
+                continue;
+            }
+            let left = match deadline {
+                None => None,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    Some(left)
+                }
+            };
+            poll_read(&self.sock, &self.shared.wake, left)?;
+            self.drained = false;
+        }
+    }
+
+    /// An iterator over [`recv`](Self::recv) results; it ends after shutdown.
+    pub fn iter(&mut self) -> Iter<'_> {
+        Iter { l: self }
+    }
+
+    /// Sends `IGNORE` now and returns the final counters (see [`finish`](Self::finish)).
+    pub fn close(mut self) -> Result<LossStats> {
+        self.send_request(McastOp::Ignore, None)?;
+        self.ignored = true;
+        Ok(self.finish())
+    }
+
+    /// Ends the subscription and returns the final counters: sends `IGNORE` (unless sent
+    /// already; the kernel then sends this socket no more events), and reads and discards
+    /// what is still queued, undelivered items included ([`LossStats::events`] counts only
+    /// what was handed out). With the queue read empty, the user-space datagrams the witness
+    /// counted are settled ([`LossStats::foreign_settled`]), so the loss figure is exact even
+    /// while other processes multicast on group 1. Nothing more is received afterwards.
+    pub fn finish(&mut self) -> LossStats {
+        if !self.ignored {
+            self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
+        }
+        let mut stats = self.stats();
+        // User-space multicasts still arrive after IGNORE: a few tries to find the queue
+        // empty as the counters are read.
+        for _ in 0..4 {
+            self.discard_pending();
+            // Bounded: a flood of user-space multicasts (which IGNORE does not stop) must
+            // not keep it here.
+            let mut n = 0;
+            while n < MAX_PENDING && matches!(self.fill(), Ok(true)) {
+                self.discard_pending();
+                n += 1;
+            }
+            stats = self.stats();
+            if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
+                break;
+            }
+        }
+        stats
+    }
+
+    fn discard_pending(&mut self) {
+        for r in self.core.pending.drain(..) {
+            self.discarded += u64::from(matches!(r, Received::Event(_)));
+        }
+    }
+
+    /// Reads one datagram if one is queued. `Ok(false)`: nothing queued.
+    fn fill(&mut self) -> Result<bool> {
+        self.buf.clear();
+        self.buf.reserve(RECV_CHUNK);
+        let r = self.sock.recv(&mut self.buf, true);
+        self.drained = matches!(r, Ok(None));
+        match r {
+            Ok(Some(meta)) => {
+                // User-space multicasts on group 1: what the witness counts too.
+                self.foreign += u64::from(meta.port != 0 && meta.group == PROC_GROUP);
+                self.core.datagram(&self.buf[..meta.len], meta);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(Error::Overrun { .. }) => {
+                self.core.dec.record_overrun();
+                let _ = self.read_drops();
+                self.core.push(Received::Lost(Loss::Overrun));
+                Ok(true)
+            }
+            // No kernel proc datagram comes near 64 KiB: some user-space sender's.
+            Err(Error::Truncated { .. }) => {
+                self.core.dec.spoofed += 1;
+                self.foreign += 1;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send_request(&mut self, op: McastOp, filter: Option<EventSet>) -> Result<u32> {
+        let ack = self.sock.port_id();
+        let msg = request(op, filter, self.req_seq, ack);
+        self.req_seq = self.req_seq.wrapping_add(1);
+        let mut d = DatagramBuilder::new(64).with_pid(self.sock.port_id());
+        d.push(&msg)?;
+        self.sock.send(d.as_bytes(), Dest::Kernel)?;
+        Ok(ack.wrapping_add(1))
+    }
+
+    /// Sends `LISTEN` and waits for its ACK. `Ok(false)`: no ACK before the timeout. Events
+    /// received meanwhile are kept for delivery.
+    ///
+    /// The ACK travels like an event, so a receive-queue overflow can drop it. When an
+    /// overrun was seen and no ACK came, the request is sent again (a repeated `LISTEN` only
+    /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
+    fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
+        for _ in 0..3 {
+            let overruns = self.core.dec.overruns;
+            if self.request_and_wait_once(filter, timeout)? {
+                return Ok(true);
+            }
+            if self.core.dec.overruns == overruns {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    fn request_and_wait_once(
+        &mut self,
+        filter: Option<EventSet>,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let want = self.send_request(McastOp::Listen, filter)?;
+        self.core.awaiting_ack = Some(want);
+        self.core.ack_result = None;
+        let deadline = Instant::now() + timeout;
+        let r = loop {
+            if let Some(err) = self.core.ack_result {
+                break if err == 0 {
+                    Ok(true)
+                } else {
+                    Err(Error::from_io(
+                        Op::Request,
+                        io::Error::from_raw_os_error(err as i32),
+                    ))
+                };
+            }
+            match self.fill() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Ok(false);
+            }
+            if let Err(e) = poll_read(&self.sock, &self.shared.wake, Some(left)) {
+                break Err(e);
+            }
+        };
+        self.core.awaiting_ack = None;
+        self.core.ack_result = None;
+        r
+    }
+}
+
+impl Drop for ProcListener {
+    fn drop(&mut self) {
+        if !self.ignored {
+            let _ = self.send_request(McastOp::Ignore, None);
+        }
+    }
+}
+
+/// Iterator returned by [`ProcListener::iter`].
+#[derive(Debug)]
+pub struct Iter<'a> {
+    l: &'a mut ProcListener,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = Result<Received>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.l.recv() {
+            Err(Error::Closed) => None,
+            r => Some(r),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a mut ProcListener {
+    type Item = Result<Received>;
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}

@@ -1,0 +1,185 @@
+//! What a proc receiver reports: [`Received`] (an event or a loss), [`Loss`], and the
+//! counters [`LossStats`].
+
+use super::event::ProcEvent;
+
+/// Events that could not be delivered.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "cause", rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Loss {
+    /// The socket's receive queue overflowed (`ENOBUFS`): the kernel dropped events, and
+    /// goes on dropping them until the queue has been read empty. The exact number is the
+    /// kernel's drop counter, in [`LossStats::kernel_drops`] (read at this report and at
+    /// every [`stats`](super::ProcListener::stats) call); when gap accounting is on, the part of it
+    /// that later events reveal also follows as [`Loss::Gap`] reports, per CPU.
+    Overrun,
+    /// `count` events of CPU `cpu` never arrived (a per-CPU sequence gap).
+    Gap {
+        /// The CPU whose sequence jumped.
+        cpu: u32,
+        /// Events lost.
+        count: u32,
+    },
+}
+
+/// What a listener receives: an event, or a report of lost events at that point in the
+/// stream.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Received {
+    /// An event that matched the listener's event set.
+    Event(ProcEvent),
+    /// Events were lost here.
+    Lost(Loss),
+}
+
+/// Counters of a listener: what it delivered, what was lost, what it rejected.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LossStats {
+    /// Events delivered.
+    pub events: u64,
+    /// `ENOBUFS` reports (receive-queue overflows; each covers one or more lost events).
+    pub overruns: u64,
+    /// Events lost according to per-CPU sequence gaps: exact when `Some`. `None` when gap
+    /// accounting is disabled (the kernel filters, so gaps are expected).
+    pub seq_lost: Option<u64>,
+    /// `(cpu, lost)` for each CPU with gaps.
+    pub lost_per_cpu: Vec<(u32, u64)>,
+    /// Sequence numbers that went backwards (duplicates or a restarted counter).
+    pub seq_backwards: u64,
+    /// Messages on the proc group from user-space senders (port id ≠ 0), rejected.
+    pub spoofed: u64,
+    /// Kernel messages that did not decode.
+    pub decode_errors: u64,
+    /// Events the kernel sent that the user-space filter dropped.
+    pub filtered: u64,
+    /// Events dropped by the listener itself because its internal queue was full.
+    pub dropped: u64,
+    /// Datagrams the kernel dropped for this listener's socket because its receive queue was
+    /// full, since the socket was opened: the socket's `sk_drops` counter
+    /// ([`ConnectorSocket::drops`](crate::sys::ConnectorSocket::drops)), read after every
+    /// overrun and by every `stats()` call. One proc event is one datagram, and the kernel
+    /// counts only what it actually sent to this socket (a kernel-side filter applies before
+    /// it), so this is exactly the number of events this socket lost, including those at the
+    /// end of a run that no later sequence number reveals. `None` when the kernel does not
+    /// report it, or for a receive path that does not own its socket (see
+    /// [`ProcRegistration::stats`](super::ProcRegistration::stats)).
+    ///
+    /// The kernel cannot tell a user-space multicast on group 1 from an event: such a
+    /// datagram dropped while the queue was full counts here too (had it arrived, it would
+    /// have been rejected as [`spoofed`](Self::spoofed)); see
+    /// [`foreign_unaccounted`](Self::foreign_unaccounted).
+    pub kernel_drops: Option<u64>,
+    /// User-space datagrams multicast on group 1 while this socket was a member that it did
+    /// not receive (so the kernel may have counted them in
+    /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that
+    /// [`ProcListener`](super::ProcListener) and [`ProcStream`](super::ProcStream) keep in group 1 with the
+    /// kernel's events switched off (`IGNORE`), so that it receives exactly the user-space
+    /// multicasts. `Some(0)`: no user-space datagram can be in `kernel_drops`, which then
+    /// counts lost events exactly. `None`: no witness (kernels before 6.6; a witness that
+    /// could not be read; a [`ProcRegistration`](super::ProcRegistration) before its
+    /// connector's dispatcher found the queue empty, or after a drop since it last did): the
+    /// kernel's figure is then exact only where the per-CPU gaps account for all of it.
+    pub foreign_unaccounted: Option<u64>,
+    /// True when this socket's receive queue was empty as the counters were read (after the
+    /// witness): none of the [`foreign_unaccounted`](Self::foreign_unaccounted) datagrams
+    /// can still be waiting in it, so all of them are in
+    /// [`kernel_drops`](Self::kernel_drops), and the difference is exactly the lost events.
+    pub foreign_settled: bool,
+}
+
+/// How [`LossStats::lost`] knows its figure.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LossSource {
+    /// The kernel's drop counter of the socket ([`LossStats::kernel_drops`]): exact, in every
+    /// filter mode, the end of the run included.
+    KernelCounter,
+    /// Per-CPU sequence gaps, with no overrun reported: exact (nothing was dropped for a full
+    /// queue; a gap then means the kernel failed to build a message).
+    SequenceNumbers,
+    /// No drop counter and no overrun, with a kernel filter: nothing was lost.
+    NoOverrun,
+    /// Not exact, but bounded: the kernel's drop counter exceeds the sequence gaps, and
+    /// user-space senders multicast on group 1 during the run ([`LossStats::spoofed`] > 0).
+    /// The kernel counts their datagrams dropped for a full queue alike, so the lost
+    /// events are between [`LossStats::lost_at_least`] (the gaps) and
+    /// [`LossStats::lost_at_most`] (the counter).
+    Bounded,
+    /// Overruns happened and this receive path has no drop counter: the sequence gaps, if
+    /// tracked, miss the events lost at the end of each CPU's stream, so
+    /// [`LossStats::lost_at_least`] is only a lower bound.
+    Unknown,
+}
+
+impl LossStats {
+    /// The number of lost events when it is exact, `None` when it is not known exactly (see
+    /// [`lost_source`](Self::lost_source), [`lost_at_least`](Self::lost_at_least) and
+    /// [`lost_at_most`](Self::lost_at_most)).
+    ///
+    /// With the kernel's drop counter (every listener that owns its socket, on Linux 4.13+)
+    /// it is that counter, whatever the filter mode: a loss at the end of a run, which no
+    /// later sequence number reveals, is included. The counter counts user-space multicasts
+    /// on group 1 dropped with the events too; those are taken out when the witness knows
+    /// them ([`foreign_unaccounted`](Self::foreign_unaccounted),
+    /// [`foreign_settled`](Self::foreign_settled)), and otherwise the figure is not exact.
+    /// Where per-CPU gaps are tracked too and exceed it (the kernel failed to build a
+    /// message, which it does not count as a drop), the larger figure is taken. Events the
+    /// listener itself dropped ([`dropped`](Self::dropped)) are added.
+    pub fn lost(&self) -> Option<u64> {
+        match self.lost_source() {
+            LossSource::Bounded | LossSource::Unknown => None,
+            _ => Some(self.lost_at_least()),
+        }
+    }
+
+    /// A lower bound of the lost events, equal to [`lost`](Self::lost) when that is `Some`.
+    pub fn lost_at_least(&self) -> u64 {
+        let gaps = self.seq_lost.unwrap_or(0);
+        let events = match (self.kernel_drops, self.foreign_unaccounted) {
+            // At most `u` of the counted drops were user-space datagrams.
+            (Some(k), Some(u)) => k.saturating_sub(u),
+            (Some(k), None) if self.lost_source() == LossSource::KernelCounter => k,
+            _ => 0,
+        };
+        events.max(gaps) + self.dropped
+    }
+
+    /// An upper bound of the lost events, when one is known (with the kernel's drop
+    /// counter, or when the figure is exact).
+    pub fn lost_at_most(&self) -> Option<u64> {
+        if self.lost_source() == LossSource::KernelCounter {
+            return self.lost();
+        }
+        match self.kernel_drops {
+            Some(k) => Some(k.max(self.seq_lost.unwrap_or(0)) + self.dropped),
+            None => self.lost(),
+        }
+    }
+
+    /// Where the figure of [`lost`](Self::lost) comes from, and whether it is exact.
+    pub fn lost_source(&self) -> LossSource {
+        match (self.kernel_drops, self.seq_lost) {
+            (Some(k), g) => {
+                let clean = match self.foreign_unaccounted {
+                    Some(u) => u == 0 || self.foreign_settled,
+                    // Without a witness, user-space datagrams the socket never saw may be
+                    // in the count (a spoofer's datagrams that met a full queue).
+                    None => false,
+                };
+                if clean || k <= g.unwrap_or(0) {
+                    LossSource::KernelCounter
+                } else {
+                    LossSource::Bounded
+                }
+            }
+            _ if self.overruns > 0 => LossSource::Unknown,
+            (None, Some(_)) => LossSource::SequenceNumbers,
+            (None, None) => LossSource::NoOverrun,
+        }
+    }
+}
