@@ -1057,7 +1057,7 @@ fn main() -> ExitCode {
         if agent.resync_pending
             && agent
                 .last_resync
-                .map_or(true, |t| t.elapsed() >= RESYNC_EVERY)
+                .is_none_or(|t| t.elapsed() >= RESYNC_EVERY)
         {
             let (a, r) = agent.resync("loss");
             agent.resync_line("loss", a, r);

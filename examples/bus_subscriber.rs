@@ -122,7 +122,7 @@ fn run(a: &Args, signals: TermSignals, failed: &mut bool) -> Result<(), cli::Sto
     let mut first: Option<Instant> = None;
     let mut last_msg = Instant::now();
     let mut last_report = Instant::now();
-    while a.count.map_or(true, |c| t.received < c) && !stopped.load(Ordering::SeqCst) {
+    while a.count.is_none_or(|c| t.received < c) && !stopped.load(Ordering::SeqCst) {
         if first.is_some() && last_msg.elapsed() > a.idle_secs {
             break;
         }

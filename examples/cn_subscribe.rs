@@ -75,7 +75,7 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
     // MAX_SECS keeps this addition from overflowing.
     let end = a.seconds.map(|s| Instant::now() + s);
     let mut n = 0;
-    while a.count.map_or(true, |c| n < c) {
+    while a.count.is_none_or(|c| n < c) {
         let left = end.map(|e| e.saturating_duration_since(Instant::now()));
         if left == Some(Duration::ZERO) {
             break;

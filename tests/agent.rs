@@ -324,7 +324,7 @@ fn stale_entries(
     for (pid, e) in table {
         let start = e["start"].as_str().map(parse_rfc3339);
         let ok = match proc_info(*pid) {
-            Some((_, s, _)) => start.map_or(true, |t| (t - s).abs() < 0.5),
+            Some((_, s, _)) => start.is_none_or(|t| (t - s).abs() < 0.5),
             None => false,
         };
         // /proc/<tid> exists for threads too (unlisted): an entry must be a process.

@@ -907,7 +907,7 @@ fn loss_at_a_small_receiver_is_counted_exactly() {
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let d = Arc::clone(&delivered);
     let _reg = rx.register(id, move |r| {
-        if r.source.port == port && d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
+        if r.source.port == port && d.fetch_add(1, Ordering::SeqCst).is_multiple_of(64) {
             thread::sleep(Duration::from_millis(1));
         }
     });

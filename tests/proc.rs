@@ -141,7 +141,7 @@ fn fork_exec_and_exit_code() {
     assert_eq!(exit_signal, libc::SIGCHLD);
     // The kernel reads the parent after exit_notify(): on a busy host our wait() can reap
     // the shell first, and then it sends 0 (`None`). Any parent it does send is us.
-    assert!(parent.map_or(true, |p| p.tgid == my_pid()), "{parent:?}");
+    assert!(parent.is_none_or(|p| p.tgid == my_pid()), "{parent:?}");
     assert!(ev.timestamp_ns > 0);
     assert!(ev.cpu < 8192);
     // Event timestamps are CLOCK_MONOTONIC and in the past.

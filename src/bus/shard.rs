@@ -529,7 +529,7 @@ pub(crate) fn with_local<R>(
         .try_with(|v| {
             let mut v = v.try_borrow_mut().ok()?;
             // The bus used last is kept first: the common case is one comparison.
-            if v.first().map_or(true, |l| l.bus != bus) {
+            if v.first().is_none_or(|l| l.bus != bus) {
                 match v.iter().position(|l| l.bus == bus) {
                     Some(p) => v.swap(0, p),
                     None => {
