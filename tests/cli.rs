@@ -167,6 +167,17 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// Every line still to come from a child that has exited: up to the end of its output
+/// (the reader thread may lag behind the exit), at most `HANG` away.
+fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let end = Instant::now() + HANG;
+    let mut out = Vec::new();
+    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        out.push(l);
+    }
+    out
+}
+
 /// Collects a child's stderr on a thread (so that it never blocks writing it).
 fn stderr_of(child: &mut Child) -> std::thread::JoinHandle<String> {
     let mut e = child.stderr.take().unwrap();
@@ -684,7 +695,7 @@ fn bus_subscriber_counts_junk_and_overruns_and_keeps_going() {
     r.signal(libc::SIGTERM);
     let st = r.wait("bus_subscriber", || {});
     let err = err.join().unwrap();
-    out.extend(rx.try_iter());
+    out.extend(rest(&rx));
     let summary = out
         .iter()
         .find(|l| l.starts_with("received "))
@@ -776,11 +787,11 @@ fn proc_events_counts_junk_spoofs_and_overruns_and_keeps_going() {
     }
     r.signal(libc::SIGTERM);
     let st = r.wait("proc_events", || {});
-    let err: Vec<String> = err_rx.try_iter().collect();
+    let err: Vec<String> = rest(&err_rx);
     let err = err.join("\n");
     assert!(st.success(), "{st}: {err}");
-    let summary = rx
-        .try_iter()
+    let summary = rest(&rx)
+        .into_iter()
         .find(|l| l.contains(" events; "))
         .unwrap_or_else(|| panic!("no summary: {err}"));
     assert!(count(&summary, "overruns (ENOBUFS):") >= 1, "{summary}");
@@ -826,7 +837,7 @@ fn soak_checks_only_its_own_traffic_under_foreign_senders() {
         }
     });
     let err = err.join().unwrap();
-    let out: Vec<String> = rx.try_iter().collect();
+    let out: Vec<String> = rest(&rx);
     assert!(st.success(), "{st}: {out:?} {err}");
     assert!(out.iter().any(|l| l.starts_with("soak PASSED")), "{out:?}");
     let receiver = out
@@ -925,7 +936,7 @@ fn bus_subscriber_counts_each_senders_stream_truly() {
     r.signal(libc::SIGTERM);
     let st = r.wait("bus_subscriber", || {});
     let err = err.join().unwrap();
-    let out: Vec<String> = rx.try_iter().collect();
+    let out: Vec<String> = rest(&rx);
     // The gaps are loss: status 1.
     assert_eq!(st.code(), Some(1), "{st}: {out:?} {err}");
     for want in [
