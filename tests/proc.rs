@@ -831,3 +831,49 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
         "reported loss vs events the reference saw in the window and this listener missed"
     );
 }
+
+/// Events that reached the listener before it was stopped are handed out by
+/// `drain_queued` (after `shutdown`, which ends `recv` at once), or, when a tool finishes
+/// without draining, counted in `LossStats::unread`: never discarded silently. (Before
+/// `unread` existed, `finish` dropped them and no counter showed it.)
+#[test]
+fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
+    let test = "events_queued_at_stop_are_handed_out_or_counted_as_unread";
+    let big = || ProcListener::builder().recv_buffer(8 << 20);
+    let Some(mut drained) = open(test, big()) else {
+        return;
+    };
+    let mut finished = open(test, big()).unwrap();
+    // Our own children, whose events are queued (unread) in both listeners once each has
+    // been reaped: the kernel sends them before wait() returns.
+    let mine: BTreeSet<u32> = (0..20).map(|_| sh("exit 0").0).collect();
+    for l in [&drained, &finished] {
+        l.shutdown_handle().shutdown();
+    }
+    assert!(
+        matches!(drained.try_recv(), Err(cnbus::Error::Closed)),
+        "{test}: shutdown ends recv"
+    );
+
+    let mut exits = BTreeSet::new();
+    for r in drained.drain_queued(1 << 20) {
+        if let Received::Event(ev) = r {
+            if let EventBody::Exit { process, .. } = ev.body {
+                if mine.contains(&process.tgid) {
+                    exits.insert(process.tgid);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        exits, mine,
+        "{test}: every exit queued at the stop is handed out"
+    );
+    let st = drained.finish();
+    assert_eq!(st.unread, 0, "{test}: {st:?}");
+
+    let st = finished.finish();
+    // At least our 20 forks, execs and exits were discarded: counted, not hidden.
+    assert!(st.unread >= 3 * mine.len() as u64, "{test}: {st:?}");
+    assert_eq!(st.lost(), Some(0), "{test}: not lost by the kernel: {st:?}");
+}

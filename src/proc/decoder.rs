@@ -143,6 +143,7 @@ impl ProcDecoder {
             kernel_drops: None,
             foreign_unaccounted: None,
             foreign_settled: false,
+            unread: 0,
         }
     }
 

@@ -89,6 +89,14 @@ pub struct LossStats {
     /// can still be waiting in it, so all of them are in
     /// [`kernel_drops`](Self::kernel_drops), and the difference is exactly the lost events.
     pub foreign_settled: bool,
+    /// Events that reached this listener but were never handed out, because
+    /// [`ProcListener::finish`](super::ProcListener::finish) (or `close`, or the end of a
+    /// [`ProcChannel`](super::ProcChannel)) discarded them: not lost by the kernel, and not in
+    /// [`events`](Self::events) either. A tool that stops on a signal keeps this at 0 by
+    /// handing them out with [`ProcListener::drain_queued`](super::ProcListener::drain_queued)
+    /// first; otherwise it should report them.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub unread: u64,
 }
 
 /// How [`LossStats::lost`] knows its figure.

@@ -247,6 +247,7 @@ impl ProcListener {
         let dec = self.core.dec.stats();
         LossStats {
             events: dec.events - self.discarded,
+            unread: self.discarded,
             dropped: self.core.dropped,
             kernel_drops,
             foreign_unaccounted: foreign.map(|f| f.0),
@@ -331,10 +332,59 @@ impl ProcListener {
         Ok(self.finish())
     }
 
+    /// Stops the kernel's events and hands out what had already reached this listener: sends
+    /// `IGNORE` (unless sent already), then yields every event and loss report still queued,
+    /// in the socket or in the listener, without waiting and whether or not
+    /// [`ShutdownHandle::shutdown`] was called. It ends at the first read that finds the
+    /// queue empty (user-space multicasts on group 1, which `IGNORE` does not stop, cannot
+    /// keep it going: at most `limit` items). Call it after the main loop ended, then
+    /// [`finish`](Self::finish): what a tool prints then covers every event that happened
+    /// before it stopped, and [`LossStats::unread`] stays 0.
+    ///
+    /// ```no_run
+    /// # use cnbus::proc::{ProcListener, Received};
+    /// # fn main() -> cnbus::Result<()> {
+    /// let mut events = ProcListener::builder().open()?;
+    /// let stop = events.shutdown_handle(); // e.g. moved to a signal-handling thread
+    /// # stop.shutdown();
+    /// for r in events.iter() {
+    ///     // ... until `stop.shutdown()` ends the iteration
+    /// #   let _ = r?;
+    /// }
+    /// for r in events.drain_queued(1 << 20) {
+    ///     if let Received::Event(ev) = r {
+    ///         println!("{:?}", ev.body);
+    ///     }
+    /// }
+    /// let stats = events.finish();
+    /// assert_eq!(stats.unread, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn drain_queued(&mut self, limit: usize) -> impl Iterator<Item = Received> + '_ {
+        if !self.ignored {
+            self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
+        }
+        let mut left = limit;
+        std::iter::from_fn(move || {
+            while left > 0 {
+                if let Some(r) = self.core.pending.pop_front() {
+                    left -= 1;
+                    return Some(r);
+                }
+                // A failed read (the overrun is already a pending loss report) ends it.
+                if !matches!(self.fill(), Ok(true)) {
+                    return None;
+                }
+            }
+            None
+        })
+    }
+
     /// Ends the subscription and returns the final counters: sends `IGNORE` (unless sent
     /// already; the kernel then sends this socket no more events), and reads and discards
     /// what is still queued, undelivered items included ([`LossStats::events`] counts only
-    /// what was handed out). With the queue read empty, the user-space datagrams the witness
+    /// what was handed out, [`LossStats::unread`] the events discarded here; use
+    /// [`drain_queued`](Self::drain_queued) first to hand them out instead). With the queue read empty, the user-space datagrams the witness
     /// counted are settled ([`LossStats::foreign_settled`]), so the loss figure is exact even
     /// while other processes multicast on group 1. Nothing more is received afterwards.
     pub fn finish(&mut self) -> LossStats {
