@@ -98,7 +98,11 @@ pub struct Container {
 impl Container {
     /// Builds the bundle (busybox as the rootfs's only program) with `args` as the init.
     pub fn bundle(runc: &Path, busybox: &Path, args: &[&str]) -> Container {
-        let id = random_id();
+        Container::bundle_with_id(runc, busybox, args, random_id())
+    }
+
+    /// [`Container::bundle`] with the given id.
+    pub fn bundle_with_id(runc: &Path, busybox: &Path, args: &[&str], id: String) -> Container {
         let dir = std::env::temp_dir().join(format!("cnbus-runc-{}", &id[..12]));
         let rootfs = dir.join("rootfs");
         for d in ["bin", "proc", "dev", "sys", "tmp", "state"] {
@@ -205,8 +209,13 @@ pub struct Scenario {
 /// until the init is gone (its exit event is then queued). Every program in the container
 /// carries [`MARKER`].
 pub fn run_scenario(runc: &Path, busybox: &Path) -> Scenario {
+    run_scenario_with_id(runc, busybox, random_id())
+}
+
+/// [`run_scenario`] with a container id chosen beforehand.
+pub fn run_scenario_with_id(runc: &Path, busybox: &Path, id: String) -> Scenario {
     let init_script = "while true; do /bin/sleep 0.1 | /bin/cat; done";
-    let c = Container::bundle(runc, busybox, &["/bin/sh", "-c", init_script, MARKER]);
+    let c = Container::bundle_with_id(runc, busybox, &["/bin/sh", "-c", init_script, MARKER], id);
     let mut host_pids = vec![c.run(&["run", "-d", "--bundle", c.dir.to_str().unwrap(), &c.id])];
     let init = c.init_pid();
     let short = "/bin/sleep 0.3 | /bin/cat; (/bin/true); /bin/true | /bin/cat";
