@@ -390,6 +390,15 @@ impl Enricher {
         self.info(pid)
     }
 
+    /// Reads `pid` from `/proc` again, replacing what the cache had (for a resync after a
+    /// loss: an exec may have been missed, and a cached command line would then be the
+    /// old image's); [`ProcessInfo::unknown`] (and the entry removed) when it is gone.
+    /// Everything is then [`Source::Proc`], and the parent key is the current parent's.
+    pub fn refresh(&mut self, pid: u32) -> ProcessInfo {
+        self.cache.remove(pid);
+        self.info(pid)
+    }
+
     fn key(&self, pid: u32, start_ticks: u64) -> ProcessKey {
         ProcessKey {
             boot: self.boot,
