@@ -45,10 +45,13 @@ OPTIONS:
     -b, --buffer BYTES   socket receive buffer to ask for (suffix K, M or G; 1 byte to 1G;
                          default 16M)
         --enrich MODE    process attribution (process key, container, cgroup, pid
-                         namespace, command line; see docs/PROC.md): 'full' (default),
-                         'lazy' (no /proc read at fork: a child's cgroup and namespace
-                         are its parent's, marked inherited, until its exec), or 'off'
-                         (none of these fields; the filters below need enrichment)
+                         namespace, command line; see docs/PROC.md):
+                         'full' (default): a child's cgroup and pid namespace are read
+                           at fork when its parent is a container runtime or namespace
+                           tool, else its parent's (marked inherited) until its exec;
+                         'eager': read at every fork (costs a /proc read per fork);
+                         'lazy': never read at fork;
+                         'off': none of these fields (the filters below need them)
         --container ID   only processes in a container whose id starts with ID (hex)
         --cgroup PATH    only processes whose cgroup path starts with PATH
         --host-only      only processes not in a container
@@ -107,6 +110,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Enrich {
     Full,
+    Eager,
     Lazy,
     Off,
 }
@@ -181,9 +185,10 @@ fn parse_cgroup_prefix(v: &str) -> Result<String, String> {
 fn parse_enrich(v: &str) -> Result<Enrich, String> {
     match v {
         "full" => Ok(Enrich::Full),
+        "eager" => Ok(Enrich::Eager),
         "lazy" => Ok(Enrich::Lazy),
         "off" => Ok(Enrich::Off),
-        _ => Err(format!("--enrich: {v:?} is not full, lazy or off")),
+        _ => Err(format!("--enrich: {v:?} is not full, eager, lazy or off")),
     }
 }
 
@@ -1148,7 +1153,12 @@ fn main() -> ExitCode {
         enricher: match args.enrich {
             Enrich::Off => None,
             mode => Some(Enricher::with_config(EnrichConfig {
-                read_at_fork: mode == Enrich::Full,
+                read_at_fork: mode == Enrich::Eager,
+                spawners: if mode == Enrich::Lazy {
+                    Vec::new()
+                } else {
+                    EnrichConfig::default().spawners
+                },
                 ..EnrichConfig::default()
             })),
         },
