@@ -152,8 +152,8 @@ use clap::Parser;
 mod cli;
 
 use cnbus::proc::{
-    Enricher, EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener, ProcessInfo,
-    ProcessKey, Received,
+    EnrichConfig, Enricher, EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener,
+    ProcessInfo, ProcessKey, Received,
 };
 use cnbus::sys::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
 
@@ -490,7 +490,12 @@ impl Agent {
         Agent {
             live: HashMap::new(),
             by_pid: HashMap::new(),
-            enricher: Enricher::new(),
+            // A /proc read at fork only for children of container runtimes and namespace
+            // tools (the others inherit, marked so, until their exec): see docs/PROC.md.
+            enricher: Enricher::with_config(EnrichConfig {
+                read_at_fork: false,
+                ..EnrichConfig::default()
+            }),
             exits: VecDeque::with_capacity(exits_cap.min(4096)),
             exits_cap,
             clocks: Clocks::new(),
