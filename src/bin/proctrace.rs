@@ -359,6 +359,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// Appends `v` in decimal, zero-padded to at least `width` digits. By hand: times are
+/// printed for every event, and `write!` with padding costs more than the rest of a line.
+fn push_digits(out: &mut String, v: u64, width: usize) {
+    let mut b = [b'0'; 20];
+    let mut v = v;
+    let mut i = b.len();
+    while v > 0 {
+        i -= 1;
+        b[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    let start = i.min(b.len() - width.min(b.len()));
+    out.push_str(std::str::from_utf8(&b[start..]).unwrap_or_default());
+}
+
 fn write_time(out: &mut String, wall_ns: i128, full: bool) {
     let secs = wall_ns.div_euclid(1_000_000_000) as i64;
     let micros = (wall_ns.rem_euclid(1_000_000_000) / 1000) as u32;
@@ -366,12 +381,29 @@ fn write_time(out: &mut String, wall_ns: i128, full: bool) {
     let (h, m, s) = (sod / 3600, sod / 60 % 60, sod % 60);
     if full {
         let (y, mo, d) = civil_from_days(days);
-        let _ = write!(
-            out,
-            "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"
-        );
-    } else {
-        let _ = write!(out, "{h:02}:{m:02}:{s:02}.{micros:06}");
+        if !(0..=9999).contains(&y) {
+            let _ = write!(
+                out,
+                "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"
+            );
+            return;
+        }
+        push_digits(out, y as u64, 4);
+        out.push('-');
+        push_digits(out, u64::from(mo), 2);
+        out.push('-');
+        push_digits(out, u64::from(d), 2);
+        out.push('T');
+    }
+    push_digits(out, h as u64, 2);
+    out.push(':');
+    push_digits(out, m as u64, 2);
+    out.push(':');
+    push_digits(out, s as u64, 2);
+    out.push('.');
+    push_digits(out, u64::from(micros), 6);
+    if full {
+        out.push('Z');
     }
 }
 
@@ -1270,6 +1302,15 @@ mod tests {
         s.clear();
         write_time(&mut s, 1_795_694_400_123_456_789, false);
         assert_eq!(s, "12:00:00.123456");
+        s.clear();
+        write_time(&mut s, 0, true);
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+        s.clear();
+        write_time(&mut s, 1_795_694_400_000_001_000 + 86_399_000_000_000, true);
+        assert_eq!(s, "2026-11-27T11:59:59.000001Z");
+        s.clear();
+        write_time(&mut s, -1_000, true);
+        assert_eq!(s, "1969-12-31T23:59:59.999999Z");
     }
 
     #[test]
