@@ -151,14 +151,12 @@ use clap::Parser;
 #[macro_use]
 mod cli;
 
-use cnbus::proc::{EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener, Received};
+use cnbus::proc::{
+    EnrichConfig, Enricher, EventBody, EventKind, Loss, LossStats, ProcEvent, ProcListener,
+    ProcessInfo, ProcessKey, Received,
+};
 use cnbus::sys::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
 
-/// How far apart two start times of the same process may be (one is a fork timestamp, the
-/// other `/proc/<pid>/stat`, which has clock-tick resolution).
-const SAME_START_NS: i128 = 100_000_000;
-/// Longest command line kept, in bytes.
-const MAX_CMDLINE: usize = 1024;
 /// Minimum time between two loss-triggered resyncs.
 const RESYNC_EVERY: Duration = Duration::from_secs(2);
 /// Longest wait in the main loop, so signals and ticks are noticed promptly.
@@ -363,7 +361,6 @@ struct Stat {
     ppid: u32,
     flags: u64,
     start_ticks: u64,
-    comm: String,
 }
 
 /// `PF_EXITING` in the task flags (`/proc/<pid>/stat` field 9).
@@ -380,7 +377,6 @@ fn read_stat(pid: u32) -> Option<Stat> {
     if close < open {
         return None;
     }
-    let comm = String::from_utf8_lossy(&s[open + 1..close]).into_owned();
     let rest = std::str::from_utf8(&s[close + 1..]).ok()?;
     let f: Vec<&str> = rest.split_ascii_whitespace().take(20).collect();
     if f.len() < 20 {
@@ -391,38 +387,7 @@ fn read_stat(pid: u32) -> Option<Stat> {
         ppid: f[1].parse().ok()?,
         flags: f[6].parse().ok()?,
         start_ticks: f[19].parse().ok()?,
-        comm,
     })
-}
-
-/// `/proc/<pid>/cmdline`, arguments joined by spaces and capped at [`MAX_CMDLINE`] bytes;
-/// `None` when it is empty or unreadable.
-fn read_cmdline(pid: u32) -> Option<Arc<str>> {
-    let mut buf = [0u8; MAX_CMDLINE];
-    let n = read_proc(&format!("/proc/{pid}/cmdline"), &mut buf)?;
-    let mut b = &buf[..n];
-    while let [rest @ .., 0] = b {
-        b = rest;
-    }
-    if b.is_empty() {
-        return None;
-    }
-    let text: String = String::from_utf8_lossy(b)
-        .chars()
-        .map(|c| if c == '\0' { ' ' } else { c })
-        .collect();
-    Some(text.into())
-}
-
-fn comm_name(comm: &str) -> Arc<str> {
-    format!("[{comm}]").into()
-}
-
-fn read_comm(pid: u32) -> Option<Arc<str>> {
-    let mut buf = [0u8; 64];
-    let n = read_proc(&format!("/proc/{pid}/comm"), &mut buf)?;
-    let c = String::from_utf8_lossy(&buf[..n]);
-    Some(comm_name(c.trim_end_matches('\n')))
 }
 
 /// `(user + system CPU seconds, resident set in KiB)` of this process.
@@ -470,11 +435,14 @@ impl Source {
     }
 }
 
+/// A live process: what the agent knows beyond the enricher's attribution.
 #[derive(Clone)]
 struct Entry {
+    pid: u32,
+    /// The parent at fork (or at the scan).
     ppid: u32,
-    /// Shared with the parent and siblings until an exec.
-    cmdline: Arc<str>,
+    /// The enricher's attribution (its `process_key` is the table's key).
+    info: ProcessInfo,
     /// Unix ns; `None` if `/proc` could not tell.
     start: Option<i128>,
     source: Source,
@@ -483,16 +451,9 @@ struct Entry {
 /// A process that left the table: by its exit event, or by a resync that found it gone
 /// (then `exit_seen` is false until a late exit event fills it in).
 struct Exited {
-    pid: u32,
+    key: ProcessKey,
     entry: Entry,
     exit_seen: bool,
-}
-
-fn same_start(a: Option<i128>, b: Option<i128>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => (a - b).abs() <= SAME_START_NS,
-        _ => true,
-    }
 }
 
 #[derive(Default)]
@@ -509,7 +470,11 @@ struct Counters {
 }
 
 struct Agent {
-    live: HashMap<u32, Entry>,
+    /// The live table, keyed by process key (boot id + pid + start time: never reused).
+    live: HashMap<ProcessKey, Entry>,
+    /// The live process of each pid.
+    by_pid: HashMap<u32, ProcessKey>,
+    enricher: Enricher,
     exits: VecDeque<Exited>,
     exits_cap: usize,
     clocks: Clocks,
@@ -524,6 +489,13 @@ impl Agent {
     fn new(exits_cap: usize) -> Self {
         Agent {
             live: HashMap::new(),
+            by_pid: HashMap::new(),
+            // A /proc read at fork only for children of container runtimes and namespace
+            // tools (the others inherit, marked so, until their exec): see docs/PROC.md.
+            enricher: Enricher::with_config(EnrichConfig {
+                read_at_fork: false,
+                ..EnrichConfig::default()
+            }),
             exits: VecDeque::with_capacity(exits_cap.min(4096)),
             exits_cap,
             clocks: Clocks::new(),
@@ -534,7 +506,7 @@ impl Agent {
         }
     }
 
-    fn remember_exit(&mut self, pid: u32, entry: Entry, exit_seen: bool) {
+    fn remember_exit(&mut self, key: ProcessKey, entry: Entry, exit_seen: bool) {
         if self.exits_cap == 0 {
             return;
         }
@@ -542,23 +514,52 @@ impl Agent {
             self.exits.pop_front();
         }
         self.exits.push_back(Exited {
-            pid,
+            key,
             entry,
             exit_seen,
         });
     }
 
+    /// Inserts `e` under `key`; an entry of another process on the same pid (its exit was
+    /// lost and the pid reused) is removed and returned.
+    fn insert(&mut self, key: ProcessKey, e: Entry) -> Option<Entry> {
+        let older = match self.by_pid.insert(e.pid, key) {
+            Some(k) if k != key => self.live.remove(&k),
+            _ => None,
+        };
+        self.live.insert(key, e);
+        older
+    }
+
+    fn remove(&mut self, key: ProcessKey) -> Option<Entry> {
+        let e = self.live.remove(&key)?;
+        if self.by_pid.get(&e.pid) == Some(&key) {
+            self.by_pid.remove(&e.pid);
+        }
+        Some(e)
+    }
+
     /// An entry for a process found in `/proc` (or `None` for zombies, exiting tasks and
-    /// vanished pids).
-    fn entry_from_proc(&self, pid: u32, source: Source) -> Option<Entry> {
+    /// vanished pids). `fresh`: read everything again (a resync after a loss: an exec may
+    /// have been missed), rather than trust the enricher's cache.
+    fn entry_from_proc(&mut self, pid: u32, source: Source, fresh: bool) -> Option<Entry> {
         let st = read_stat(pid)?;
         if matches!(st.state, b'Z' | b'X' | b'x') || st.flags & PF_EXITING != 0 {
             return None;
         }
-        let cmdline = read_cmdline(pid).unwrap_or_else(|| comm_name(&st.comm));
+        let info = if fresh {
+            self.enricher.refresh(pid)
+        } else {
+            self.enricher.process(pid)
+        };
+        // Gone meanwhile, or another process on the pid already.
+        if info.process_key.map(|k| k.start_ticks) != Some(st.start_ticks) {
+            return None;
+        }
         Some(Entry {
+            pid,
             ppid: st.ppid,
-            cmdline,
+            info,
             start: Some(self.clocks.wall_of_ticks(st.start_ticks)),
             source,
         })
@@ -572,54 +573,52 @@ impl Agent {
         } else {
             Source::Resync
         };
-        let mut seen: HashMap<u32, Entry> = HashMap::with_capacity(self.live.len() + 64);
+        let mut seen: HashMap<ProcessKey, Entry> = HashMap::with_capacity(self.live.len() + 64);
         if let Ok(dir) = std::fs::read_dir("/proc") {
             for d in dir.flatten() {
                 let Some(pid) = d.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                if let Some(e) = self.entry_from_proc(pid, source) {
-                    seen.insert(pid, e);
+                if let Some(e) = self.entry_from_proc(pid, source, source == Source::Resync) {
+                    if let Some(k) = e.info.process_key {
+                        seen.insert(k, e);
+                    }
                 }
             }
         }
         let (mut added, mut removed) = (0, 0);
-        let gone: Vec<u32> = self
+        let gone: Vec<ProcessKey> = self
             .live
-            .iter()
-            .filter(|(pid, e)| !seen.get(pid).is_some_and(|s| same_start(s.start, e.start)))
-            .map(|(pid, _)| *pid)
+            .keys()
+            .filter(|k| !seen.contains_key(k))
+            .copied()
             .collect();
-        for pid in gone {
-            if let Some(e) = self.live.remove(&pid) {
-                self.remember_exit(pid, e, false);
+        for k in gone {
+            if let Some(e) = self.remove(k) {
+                self.remember_exit(k, e, false);
                 removed += 1;
             }
         }
-        for (pid, s) in seen {
-            match self.live.get_mut(&pid) {
-                // The same process: an exec may have been lost, so take /proc's command line.
-                Some(e) => {
-                    if *e.cmdline != *s.cmdline {
-                        e.cmdline = s.cmdline;
-                    }
-                }
+        for (k, s) in seen {
+            match self.live.get_mut(&k) {
+                // The same process: an exec may have been lost, so take /proc's view.
+                Some(e) => e.info = s.info,
                 None => {
                     // Its exit was already applied (it is still tearing down): do not revive.
-                    let exited = self
-                        .exits
-                        .iter()
-                        .any(|x| x.pid == pid && x.exit_seen && same_start(x.entry.start, s.start));
+                    let exited = self.exits.iter().any(|x| x.key == k && x.exit_seen);
                     if !exited {
-                        self.live.insert(pid, s);
+                        if self.insert(k, s).is_some() {
+                            removed += 1;
+                        }
                         added += 1;
                     }
                 }
             }
         }
-        // After a storm the map keeps its peak capacity: give it back.
+        // After a storm the maps keep their peak capacity: give it back.
         if self.live.capacity() > 4 * self.live.len() + 1024 {
             self.live.shrink_to_fit();
+            self.by_pid.shrink_to_fit();
         }
         if source == Source::Resync {
             self.n.resyncs += 1;
@@ -650,70 +649,56 @@ impl Agent {
         if let Some(i) = EventKind::ALL.iter().position(|k| *k == kind) {
             self.n.by_kind[i] += 1;
         }
-        let Some(task) = ev.task() else {
+        let (Some(task), Some(info)) = (ev.task(), self.enricher.enrich(ev)) else {
             self.line.clear();
             return; // an ACK: the listener does not deliver them unless asked
         };
         let ts = self.clocks.wall_of_event(ev.timestamp_ns);
         let pid = task.tgid;
         let thread = task.is_thread();
+        let key = info.process_key;
         let mut extra = String::new();
-        // (ppid, cmdline) for the line.
-        let mut who: Option<(u32, Arc<str>)> = None;
+        let mut ppid: Option<u32> = None;
         match ev.body {
             EventBody::Fork { parent, child } if !child.is_thread() => {
-                let parent_cmd = self.live.get(&parent.tgid).map(|p| p.cmdline.clone());
-                let mut e = Entry {
-                    ppid: parent.tgid,
-                    cmdline: parent_cmd
-                        .or_else(|| read_cmdline(pid))
-                        .or_else(|| read_comm(pid))
-                        .unwrap_or_else(|| "[?]".into()),
-                    start: Some(ts),
-                    source: Source::Fork,
-                };
-                if let Some(old) = self.live.get(&pid) {
-                    if same_start(old.start, e.start) {
-                        // Seen by the scan as well: its command line may be newer (exec'd).
-                        e.cmdline = old.cmdline.clone();
+                ppid = Some(parent.tgid);
+                if let Some(k) = key {
+                    if let Some(old) = self.live.get_mut(&k) {
+                        // Seen by the scan as well (the same key): keep what the scan read
+                        // (an exec may have followed), take the fork's exact start time.
+                        old.start = Some(ts);
                         self.n.fork_known += 1;
                     } else {
-                        // The old process's exit was lost and its pid reused.
-                        self.n.stale_replaced += 1;
+                        let e = Entry {
+                            pid,
+                            ppid: parent.tgid,
+                            info: info.clone(),
+                            start: Some(ts),
+                            source: Source::Fork,
+                        };
+                        if self.insert(k, e).is_some() {
+                            // The old process's exit was lost and its pid reused.
+                            self.n.stale_replaced += 1;
+                        }
                     }
                 }
-                who = Some((e.ppid, e.cmdline.clone()));
-                self.live.insert(pid, e);
             }
             EventBody::Exec { .. } => {
-                let lagging = monotonic_ns().saturating_sub(ev.timestamp_ns) > 100_000_000;
-                let cmd = read_cmdline(pid).or_else(|| read_comm(pid));
-                // When far behind, make sure the pid still is this process before trusting
-                // what /proc says about it.
-                let cmd = match (lagging, cmd) {
-                    (true, Some(c)) => {
-                        let start =
-                            read_stat(pid).map(|s| self.clocks.wall_of_ticks(s.start_ticks));
-                        match self.live.get(&pid) {
-                            Some(e) if !same_start(e.start, start) => None,
-                            _ => Some(c),
-                        }
-                    }
-                    (_, c) => c,
-                };
-                match self.live.get_mut(&pid) {
+                match key.and_then(|k| self.live.get_mut(&k)) {
                     Some(e) => {
-                        if let Some(c) = cmd {
-                            e.cmdline = c;
-                        }
-                        who = Some((e.ppid, e.cmdline.clone()));
+                        e.info = info.clone();
+                        ppid = Some(e.ppid);
                     }
                     None => {
                         // Its fork was lost, or a non-main thread exec'd (the kernel then
                         // sends an exit for the old main thread first).
-                        if let Some(e) = self.entry_from_proc(pid, Source::Exec) {
-                            who = Some((e.ppid, e.cmdline.clone()));
-                            self.live.insert(pid, e);
+                        if let Some(e) = self.entry_from_proc(pid, Source::Exec, false) {
+                            ppid = Some(e.ppid);
+                            if let Some(k) = e.info.process_key {
+                                if self.insert(k, e).is_some() {
+                                    self.n.stale_replaced += 1;
+                                }
+                            }
                         }
                     }
                 }
@@ -723,9 +708,11 @@ impl Agent {
             } => {
                 let mut duration = None;
                 if !process.is_thread() {
-                    let entry = match self.live.remove(&pid) {
+                    let entry = match key.and_then(|k| self.remove(k)) {
                         Some(e) => {
-                            self.remember_exit(pid, e.clone(), true);
+                            if let Some(k) = key {
+                                self.remember_exit(k, e.clone(), true);
+                            }
                             Some(e)
                         }
                         // Removed by a resync before its exit event arrived?
@@ -733,7 +720,7 @@ impl Agent {
                             .exits
                             .iter_mut()
                             .rev()
-                            .find(|x| x.pid == pid && !x.exit_seen)
+                            .find(|x| Some(x.key) == key && !x.exit_seen)
                             .map(|x| {
                                 x.exit_seen = true;
                                 x.entry.clone()
@@ -742,12 +729,12 @@ impl Agent {
                     match entry {
                         Some(e) => {
                             duration = e.start.map(|s| (ts - s) as f64 / 1e6);
-                            who = Some((e.ppid, e.cmdline));
+                            ppid = Some(e.ppid);
                         }
                         None => self.n.exit_unknown += 1,
                     }
-                } else if let Some(e) = self.live.get(&pid) {
-                    who = Some((e.ppid, e.cmdline.clone()));
+                } else if let Some(e) = key.and_then(|k| self.live.get(&k)) {
+                    ppid = Some(e.ppid);
                 }
                 extra.push_str(",\"exit_code\":");
                 push_opt_num(&mut extra, status.code());
@@ -765,17 +752,8 @@ impl Agent {
             _ => {
                 match ev.body {
                     EventBody::Comm { comm, .. } => {
-                        let name = comm.to_string_lossy();
                         extra.push_str(",\"comm\":");
-                        push_json_str(&mut extra, &name);
-                        // A process without a command line is named by its comm.
-                        if !thread {
-                            if let Some(e) = self.live.get_mut(&pid) {
-                                if e.cmdline.starts_with('[') && e.cmdline.ends_with(']') {
-                                    e.cmdline = comm_name(&name);
-                                }
-                            }
-                        }
+                        push_json_str(&mut extra, &comm.to_string_lossy());
                     }
                     EventBody::Uid { ruid, euid, .. } => {
                         let _ = write!(extra, ",\"ruid\":{ruid},\"euid\":{euid}");
@@ -789,12 +767,17 @@ impl Agent {
                     }
                     _ => {} // thread creation, sid, coredump: nothing more
                 }
-                if let Some(e) = self.live.get(&pid) {
-                    who = Some((e.ppid, e.cmdline.clone()));
+                // The enricher's view is the current one (a comm change renames a
+                // process that has no command line).
+                if let Some(e) = key.and_then(|k| self.live.get_mut(&k)) {
+                    ppid = Some(e.ppid);
+                    if !thread {
+                        e.info = info.clone();
+                    }
                 }
             }
         }
-        // `ppid` and `cmdline` are the process's, for thread events too.
+        // `ppid` and the attribution are the process's, for thread events too.
         let l = &mut self.line;
         l.clear();
         l.push_str("{\"ts\":\"");
@@ -805,9 +788,8 @@ impl Agent {
             kind.name(),
             task.pid
         );
-        push_opt_num(l, who.as_ref().map(|w| w.0));
-        l.push_str(",\"cmdline\":");
-        push_opt_str(l, who.as_ref().map(|w| &*w.1));
+        push_opt_num(l, ppid);
+        push_info(l, &info);
         l.push_str(&extra);
         l.push('}');
     }
@@ -815,6 +797,9 @@ impl Agent {
     fn lost(&mut self, loss: Loss) {
         self.n.lost_reports += 1;
         self.resync_pending = true;
+        // An exit may be among the lost events and its pid reused: the enricher re-checks
+        // its cached processes against /proc before trusting them again.
+        self.enricher.note_loss();
         let now = self.clocks.now();
         let l = &mut self.line;
         l.clear();
@@ -881,9 +866,10 @@ impl Agent {
             let _ = write!(s, "\"{cpu}\":{n}");
         }
         let (cpu, rss) = self_usage(self.clocks.ticks);
+        let es = self.enricher.stats();
         let _ = write!(
             s,
-            "}},\"live_processes\":{},\"table_capacity\":{},\"recent_exits\":{},\"resyncs\":{},\"resync_added\":{},\"resync_removed\":{},\"stale_replaced\":{},\"fork_known\":{},\"exit_unknown\":{},\"cpu_s\":{cpu:.2},\"rss_kb\":{rss}}}",
+            "}},\"live_processes\":{},\"table_capacity\":{},\"recent_exits\":{},\"resyncs\":{},\"resync_added\":{},\"resync_removed\":{},\"stale_replaced\":{},\"fork_known\":{},\"exit_unknown\":{},\"enrich_proc_reads\":{},\"enrich_evictions\":{},\"enrich_stale\":{},\"cpu_s\":{cpu:.2},\"rss_kb\":{rss}}}",
             self.live.len(),
             self.live.capacity(),
             self.exits.len(),
@@ -893,19 +879,21 @@ impl Agent {
             self.n.stale_replaced,
             self.n.fork_known,
             self.n.exit_unknown,
+            es.proc_reads,
+            es.evictions,
+            es.stale,
         );
         s
     }
 
     /// The live table, one JSON object per line, by pid.
     fn table_dump(&self) -> String {
-        let mut pids: Vec<&u32> = self.live.keys().collect();
-        pids.sort_unstable();
-        let mut s = String::with_capacity(pids.len() * 96);
-        for pid in pids {
-            let e = &self.live[pid];
-            let _ = write!(s, "{{\"pid\":{pid},\"ppid\":{},\"cmdline\":", e.ppid);
-            push_json_str(&mut s, &e.cmdline);
+        let mut rows: Vec<&Entry> = self.live.values().collect();
+        rows.sort_unstable_by_key(|e| (e.pid, e.info.process_key));
+        let mut s = String::with_capacity(rows.len() * 256);
+        for e in rows {
+            let _ = write!(s, "{{\"pid\":{},\"ppid\":{}", e.pid, e.ppid);
+            push_info(&mut s, &e.info);
             s.push_str(",\"start\":");
             match e.start {
                 Some(t) => {
@@ -918,6 +906,40 @@ impl Agent {
             let _ = writeln!(s, ",\"source\":\"{}\"}}", e.source.name());
         }
         s
+    }
+}
+
+/// Appends the enricher's fields, each preceded by a comma: `process_key`, `parent_key`,
+/// `container_id`, `cgroup`, `cgroup_source`, `ns_pid`, `pidns`, `pidns_source`, `cmdline`,
+/// `cmdline_source` (`null` when unknown).
+fn push_info(out: &mut String, i: &ProcessInfo) {
+    out.push_str(",\"process_key\":");
+    push_opt_key(out, i.process_key);
+    out.push_str(",\"parent_key\":");
+    push_opt_key(out, i.parent_key);
+    out.push_str(",\"container_id\":");
+    push_opt_str(out, i.container_id.as_deref());
+    out.push_str(",\"cgroup\":");
+    push_opt_str(out, i.cgroup.as_deref());
+    let _ = write!(
+        out,
+        ",\"cgroup_source\":\"{}\",\"ns_pid\":",
+        i.cgroup_source
+    );
+    push_opt_num(out, i.ns_pid);
+    out.push_str(",\"pidns\":");
+    push_opt_num(out, i.pidns);
+    let _ = write!(out, ",\"pidns_source\":\"{}\",\"cmdline\":", i.pidns_source);
+    push_opt_str(out, i.cmdline.as_deref());
+    let _ = write!(out, ",\"cmdline_source\":\"{}\"", i.cmdline_source);
+}
+
+fn push_opt_key(out: &mut String, k: Option<ProcessKey>) {
+    match k {
+        Some(k) => {
+            let _ = write!(out, "\"{k}\"");
+        }
+        None => out.push_str("null"),
     }
 }
 

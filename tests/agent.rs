@@ -646,3 +646,67 @@ fn spoofed_events_are_counted_not_applied() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The agent against a real runc container: its event lines carry the enricher's fields
+/// (checked by `common::runc::check`: the container id on every fork/exec/exit of the
+/// container's processes except a `runc exec` program's fork, the init with ns_pid 1 in its
+/// own pid namespace, one key per process, the host's runc processes with container_id
+/// null, honest command lines), and its dump has them too, keyed by process_key.
+#[test]
+fn container_processes_are_attributed() {
+    let test = "agent_container_processes_are_attributed";
+    let Some((runc, busybox)) = common::runc::tools(test) else {
+        return;
+    };
+    if common::kernel_socket(test).is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("agent-runc");
+    let agent = start_agent(&dir, &[]);
+    let sc = common::runc::run_scenario(&runc, &busybox);
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, stderr) = interrupt(agent);
+    assert!(status.success(), "{status:?}: {stderr}");
+    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    let recs: Vec<common::runc::Rec> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| common::runc::rec_from_json(&v))
+        .collect();
+    common::runc::check(&recs, &sc);
+
+    // The dump: one row per process key, with the enricher's fields; this test process is
+    // there, on the host, with its own key.
+    let me = std::process::id();
+    let dump = std::fs::read_to_string(dir.join("table.jsonl")).unwrap();
+    let mut keys = HashSet::new();
+    let mut mine = None;
+    for l in dump.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for f in [
+            "process_key",
+            "parent_key",
+            "container_id",
+            "cgroup",
+            "cgroup_source",
+            "ns_pid",
+            "pidns",
+            "pidns_source",
+            "cmdline",
+            "cmdline_source",
+        ] {
+            assert!(v.get(f).is_some(), "{f} missing: {l}");
+        }
+        let k = v["process_key"].as_str().expect("a key").to_string();
+        assert!(keys.insert(k), "duplicate key: {l}");
+        if v["pid"] == me {
+            mine = Some(v);
+        }
+    }
+    let mine = mine.expect("this test process in the dump");
+    let key: cnbus::proc::ProcessKey = mine["process_key"].as_str().unwrap().parse().unwrap();
+    assert_eq!(key.pid, me);
+    assert!(mine["container_id"].is_null(), "{mine}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

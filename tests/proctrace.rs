@@ -401,3 +401,112 @@ fn stopped_during_a_burst_with_a_kernel_filter_it_reports_the_exact_loss() {
         cnbus::proc::EventSet::EXIT,
     );
 }
+
+/// A proctrace writing to a file (a pipe could fill up while the test is busy elsewhere).
+struct Traced {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Traced {
+    fn start(args: &[&str], tag: &str) -> Traced {
+        let out =
+            std::env::temp_dir().join(format!("cnbus-proctrace-{}-{tag}.out", std::process::id()));
+        let child = Command::new(BIN)
+            .args(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_subscribed(child.id());
+        Traced { child, out }
+    }
+
+    /// Lets it read what is queued, stops it; its output lines.
+    fn finish(mut self) -> Vec<String> {
+        wait_drained(self.child.id());
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+        assert!(status.success(), "{status:?}: {err}");
+        eprintln!("{err}");
+        let text = std::fs::read_to_string(&self.out).unwrap();
+        let _ = std::fs::remove_file(&self.out);
+        text.lines().map(String::from).collect()
+    }
+}
+
+/// proctrace against a real runc container: its JSON lines carry the enricher's fields
+/// (checked by `common::runc::check`: container id on every fork/exec/exit of the
+/// container's processes except a `runc exec` program's fork, init with ns_pid 1 in its
+/// own pid namespace, one key per process, host processes with container_id null, honest
+/// command lines), and the container filters and the text output's container column work.
+#[test]
+fn container_processes_are_attributed_and_filtered() {
+    let test = "container_processes_are_attributed_and_filtered";
+    let Some((runc, busybox)) = common::runc::tools(test) else {
+        return;
+    };
+    if !kernel(test) {
+        return;
+    }
+    let id = common::runc::random_id();
+    let all = Traced::start(&["--json", "-e", "fork,exec,exit", "--stats"], "all");
+    let by_id = Traced::start(&["--json", "--container", &id[..12]], "by-id");
+    let host = Traced::start(&["--json", "--host-only", "-e", "exec"], "host");
+    let text = Traced::start(&["--containers-only", "-e", "exec,exit"], "text");
+    let sc = common::runc::run_scenario_with_id(&runc, &busybox, id.clone());
+
+    let recs: Vec<common::runc::Rec> = all
+        .finish()
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| common::runc::rec_from_json(&v))
+        .collect();
+    common::runc::check(&recs, &sc);
+
+    // --container PREFIX: only the container's processes, and all kinds of their events.
+    let lines = by_id.finish();
+    let mut kinds = std::collections::HashSet::new();
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["event"] == "lost" {
+            continue;
+        }
+        assert_eq!(v["container_id"], id.as_str(), "{l}");
+        kinds.insert(v["event"].as_str().unwrap().to_string());
+    }
+    for k in ["fork", "exec", "exit"] {
+        assert!(kinds.contains(k), "no {k} in --container output: {kinds:?}");
+    }
+
+    // --host-only: no container process; the host's runc processes are there.
+    let lines = host.finish();
+    let mut runc_seen = false;
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["event"] == "lost" {
+            continue;
+        }
+        assert!(v["container_id"].is_null(), "{l}");
+        runc_seen |= v["pid"]
+            .as_u64()
+            .is_some_and(|p| sc.host_pids.contains(&(p as u32)));
+    }
+    assert!(runc_seen, "no exec of the host's runc commands");
+
+    // Text with --containers-only: a header with the container column, then each line
+    // with the short id.
+    let lines = text.finish();
+    assert!(lines[0].ends_with(" process") && !lines[0].contains("container"));
+    assert!(lines.len() > 2, "{lines:?}");
+    assert!(lines[1].contains(" container    process"), "{}", lines[1]);
+    for l in &lines[2..] {
+        if l.contains(" lost ") {
+            continue;
+        }
+        assert!(l.contains(&format!(" {} ", &id[..12])), "{l}");
+    }
+}

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnbus::proc::{
-    EventBody, EventKind, EventSet, Filtering, Loss, LossStats, ProcEvent, ProcListener, Received,
-    Task,
+    EnrichConfig, Enricher, EventBody, EventKind, EventSet, Filtering, Loss, LossStats, ProcEvent,
+    ProcListener, ProcessInfo, Received, Source, Task,
 };
 use cnbus::sys::{clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
 use cnbus::Error;
@@ -44,6 +44,19 @@ OPTIONS:
                          to stderr on exit)
     -b, --buffer BYTES   socket receive buffer to ask for (suffix K, M or G; 1 byte to 1G;
                          default 16M)
+        --enrich MODE    process attribution (process key, container, cgroup, pid
+                         namespace, command line; see docs/PROC.md):
+                         'full' (default): a child's cgroup and pid namespace are read
+                           at fork when its parent is a container runtime or namespace
+                           tool, else its parent's (marked inherited) until its exec;
+                         'eager': read at every fork (costs a /proc read per fork);
+                         'lazy': never read at fork;
+                         'off': none of these fields (the filters below need them)
+        --container ID   only processes in a container whose id starts with ID (hex)
+        --cgroup PATH    only processes whose cgroup path starts with PATH
+        --host-only      only processes not in a container
+        --containers-only
+                         only processes in a container
         --allow-foreign-namespace
                          run even outside the initial pid/user namespace (events then
                          arrive only while another process listens, with host ids)
@@ -53,7 +66,12 @@ OUTPUT:
     Text: time (UTC, from the event's kernel timestamp), event, pid, info, duration (on
     exit, since the fork or exec seen, or the process start time), process (command line,
     or [comm] for kernel threads; <unknown> when the process was gone before /proc could be
-    read). Lost events appear as 'lost' lines and in the totals.
+    read). Once a process in a container was seen, a 'container' column (the first 12 hex
+    digits of its id, '-' on the host) appears before the process, under a new header.
+    With --json, each event also has process_key, parent_key, container_id, cgroup,
+    cgroup_source, ns_pid, pidns, pidns_source, cmdline, cmdline_source (null when
+    unknown). The filters apply to the process an event is about (a fork's child).
+    Lost events appear as 'lost' lines and in the totals.
 
 EXIT STATUS:
     0 on --duration, SIGINT, SIGTERM, SIGHUP, or when the reader of the output closes the
@@ -84,6 +102,94 @@ struct Args {
     stats: bool,
     buffer: usize,
     allow_foreign_ns: bool,
+    enrich: Enrich,
+    filter: Filter,
+}
+
+/// How much process attribution (`--enrich`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enrich {
+    Full,
+    Eager,
+    Lazy,
+    Off,
+}
+
+/// Which processes' events are shown (`--container`, `--cgroup`, `--host-only`,
+/// `--containers-only`), decided on the enricher's attribution.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Filter {
+    container: Option<String>,
+    cgroup: Option<String>,
+    host_only: bool,
+    containers_only: bool,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        *self == Filter::default()
+    }
+
+    /// True when an event about a process with `info` is shown. Nothing known (`None`: an
+    /// ACK) passes only an empty filter.
+    fn matches(&self, info: Option<&ProcessInfo>) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Some(info) = info else {
+            return false;
+        };
+        let cid = info.container_id.as_deref();
+        if self.host_only && cid.is_some() {
+            return false;
+        }
+        if self.containers_only && cid.is_none() {
+            return false;
+        }
+        if let Some(p) = &self.container {
+            if !cid.is_some_and(|c| c.starts_with(p.as_str())) {
+                return false;
+            }
+        }
+        if let Some(p) = &self.cgroup {
+            if !info
+                .cgroup
+                .as_deref()
+                .is_some_and(|c| c.starts_with(p.as_str()))
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn parse_container(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "--container: {v:?} is not a container id or prefix (1 to 64 hex digits)"
+        ));
+    }
+    Ok(v.to_ascii_lowercase())
+}
+
+fn parse_cgroup_prefix(v: &str) -> Result<String, String> {
+    if !v.starts_with('/') || v.chars().any(char::is_control) {
+        return Err(format!(
+            "--cgroup: {v:?} is not a cgroup path (it starts with '/')"
+        ));
+    }
+    Ok(v.to_string())
+}
+
+fn parse_enrich(v: &str) -> Result<Enrich, String> {
+    match v {
+        "full" => Ok(Enrich::Full),
+        "eager" => Ok(Enrich::Eager),
+        "lazy" => Ok(Enrich::Lazy),
+        "off" => Ok(Enrich::Off),
+        _ => Err(format!("--enrich: {v:?} is not full, eager, lazy or off")),
+    }
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -137,6 +243,8 @@ fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         stats: false,
         buffer: cnbus::proc::DEFAULT_RECV_BUFFER,
         allow_foreign_ns: false,
+        enrich: Enrich::Full,
+        filter: Filter::default(),
     };
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
@@ -159,7 +267,14 @@ fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         };
         let is_switch = matches!(
             flag,
-            "-h" | "--help" | "-j" | "--json" | "-s" | "--stats" | "--allow-foreign-namespace"
+            "-h" | "--help"
+                | "-j"
+                | "--json"
+                | "-s"
+                | "--stats"
+                | "--allow-foreign-namespace"
+                | "--host-only"
+                | "--containers-only"
         );
         if let (true, Some(v)) = (is_switch, &inline) {
             return Err(format!("{flag} takes no value (got {v:?})"));
@@ -169,6 +284,11 @@ fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             "-j" | "--json" => a.json = true,
             "-s" | "--stats" => a.stats = true,
             "--allow-foreign-namespace" => a.allow_foreign_ns = true,
+            "--host-only" => a.filter.host_only = true,
+            "--containers-only" => a.filter.containers_only = true,
+            "--container" => a.filter.container = Some(parse_container(&value()?)?),
+            "--cgroup" => a.filter.cgroup = Some(parse_cgroup_prefix(&value()?)?),
+            "--enrich" => a.enrich = parse_enrich(&value()?)?,
             "-e" | "--events" => {
                 a.events = value()?.parse().map_err(|e| format!("{e}"))?;
                 if a.events.is_empty() {
@@ -179,6 +299,16 @@ fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             "-b" | "--buffer" => a.buffer = parse_buffer(&value()?)?,
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
+    }
+    let f = &a.filter;
+    if f.host_only && (f.containers_only || f.container.is_some()) {
+        return Err("--host-only excludes --containers-only and --container".into());
+    }
+    if a.enrich == Enrich::Off && !f.is_empty() {
+        return Err(
+            "--container, --cgroup, --host-only and --containers-only need enrichment (not --enrich off)"
+                .into(),
+        );
     }
     Ok(Cli::Run(a))
 }
@@ -229,6 +359,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// Appends `v` in decimal, zero-padded to at least `width` digits. By hand: times are
+/// printed for every event, and `write!` with padding costs more than the rest of a line.
+fn push_digits(out: &mut String, v: u64, width: usize) {
+    let mut b = [b'0'; 20];
+    let mut v = v;
+    let mut i = b.len();
+    while v > 0 {
+        i -= 1;
+        b[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    let start = i.min(b.len() - width.min(b.len()));
+    out.push_str(std::str::from_utf8(&b[start..]).unwrap_or_default());
+}
+
 fn write_time(out: &mut String, wall_ns: i128, full: bool) {
     let secs = wall_ns.div_euclid(1_000_000_000) as i64;
     let micros = (wall_ns.rem_euclid(1_000_000_000) / 1000) as u32;
@@ -236,12 +381,29 @@ fn write_time(out: &mut String, wall_ns: i128, full: bool) {
     let (h, m, s) = (sod / 3600, sod / 60 % 60, sod % 60);
     if full {
         let (y, mo, d) = civil_from_days(days);
-        let _ = write!(
-            out,
-            "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"
-        );
-    } else {
-        let _ = write!(out, "{h:02}:{m:02}:{s:02}.{micros:06}");
+        if !(0..=9999).contains(&y) {
+            let _ = write!(
+                out,
+                "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z"
+            );
+            return;
+        }
+        push_digits(out, y as u64, 4);
+        out.push('-');
+        push_digits(out, u64::from(mo), 2);
+        out.push('-');
+        push_digits(out, u64::from(d), 2);
+        out.push('T');
+    }
+    push_digits(out, h as u64, 2);
+    out.push(':');
+    push_digits(out, m as u64, 2);
+    out.push(':');
+    push_digits(out, s as u64, 2);
+    out.push('.');
+    push_digits(out, u64::from(micros), 6);
+    if full {
+        out.push('Z');
     }
 }
 
@@ -308,6 +470,9 @@ struct JsonEvent<'a> {
     #[serde(flatten)]
     detail: Detail,
     name: Option<&'a str>,
+    /// The enricher's fields (absent with `--enrich off`).
+    #[serde(flatten)]
+    process: Option<&'a ProcessInfo>,
 }
 
 /// One `--json` loss line.
@@ -328,6 +493,173 @@ fn write_json(line: &mut String, record: &impl serde::Serialize) {
     let mut buf = std::mem::take(line).into_bytes();
     serde_json::to_writer(&mut buf, record).expect("plain records serialise");
     *line = String::from_utf8(buf).expect("serde_json writes UTF-8");
+}
+
+/// Appends `v` as a JSON string, escaped exactly as serde_json does (`"`, `\\`, the
+/// control characters: `\b \f \n \r \t` or `\u00xx`).
+fn push_json_str(out: &mut String, v: &str) {
+    out.push('"');
+    if !v.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(v);
+    } else {
+        for c in v.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// Appends `,"key":` (the key needs no escaping).
+fn push_key(out: &mut String, key: &str) {
+    out.push_str(",\"");
+    out.push_str(key);
+    out.push_str("\":");
+}
+
+fn push_opt_json_str(out: &mut String, v: Option<&str>) {
+    match v {
+        Some(v) => push_json_str(out, v),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_opt_num(out: &mut String, v: Option<impl Into<u64>>) {
+    match v {
+        Some(v) => push_digits(out, v.into(), 1),
+        None => out.push_str("null"),
+    }
+}
+
+impl JsonEvent<'_> {
+    /// The same line as serialising it with serde_json (the unit tests compare the two),
+    /// written directly: serde's `flatten` and the UTF-8 check of the serialised bytes cost
+    /// a good part of the tracer's time per event.
+    fn write(&self, out: &mut String) {
+        out.clear();
+        out.push_str("{\"time\":");
+        push_json_str(out, self.time);
+        push_key(out, "timestamp_ns");
+        push_digits(out, self.timestamp_ns, 1);
+        push_key(out, "cpu");
+        push_digits(out, u64::from(self.cpu), 1);
+        push_key(out, "seq");
+        push_digits(out, u64::from(self.seq), 1);
+        push_key(out, "event");
+        push_json_str(out, self.event);
+        push_key(out, "pid");
+        push_digits(out, u64::from(self.pid), 1);
+        push_key(out, "tid");
+        push_digits(out, u64::from(self.tid), 1);
+        let d = &self.detail;
+        let nums = [
+            ("err", d.err),
+            ("ruid", d.ruid),
+            ("euid", d.euid),
+            ("rgid", d.rgid),
+            ("egid", d.egid),
+            ("sid", d.sid),
+        ];
+        for (k, v) in nums {
+            if let Some(v) = v {
+                push_key(out, k);
+                push_digits(out, u64::from(v), 1);
+            }
+        }
+        if let Some(a) = d.attach {
+            push_key(out, "attach");
+            out.push_str(if a { "true" } else { "false" });
+        }
+        for (k, v) in [("tracer_pid", d.tracer_pid), ("tracer_tid", d.tracer_tid)] {
+            if let Some(v) = v {
+                push_key(out, k);
+                push_digits(out, u64::from(v), 1);
+            }
+        }
+        for (k, v) in [("old_name", &d.old_name), ("comm", &d.comm)] {
+            if let Some(v) = v {
+                push_key(out, k);
+                push_json_str(out, v);
+            }
+        }
+        if let Some(v) = d.status {
+            push_key(out, "status");
+            push_digits(out, u64::from(v), 1);
+        }
+        for (k, v) in [("exit_code", d.exit_code), ("signal", d.signal)] {
+            if let Some(v) = v {
+                push_key(out, k);
+                push_opt_num(out, v);
+            }
+        }
+        if let Some(c) = d.core_dumped {
+            push_key(out, "core_dumped");
+            out.push_str(if c { "true" } else { "false" });
+        }
+        if let Some(v) = d.exit_signal {
+            push_key(out, "exit_signal");
+            let _ = write!(out, "{v}");
+        }
+        for (k, v) in [("parent_pid", d.parent_pid), ("parent_tid", d.parent_tid)] {
+            if let Some(v) = v {
+                push_key(out, k);
+                push_digits(out, u64::from(v), 1);
+            }
+        }
+        if let Some(v) = d.duration_s {
+            push_key(out, "duration_s");
+            // serde_json's float format (shortest round-trip, `ryu`).
+            match serde_json::to_string(&v) {
+                Ok(t) => out.push_str(&t),
+                Err(_) => out.push_str("null"),
+            }
+        }
+        push_key(out, "name");
+        push_opt_json_str(out, self.name);
+        if let Some(i) = self.process {
+            let key = |out: &mut String, k: &str, v: Option<cnbus::proc::ProcessKey>| {
+                push_key(out, k);
+                match v {
+                    Some(v) => {
+                        out.push('"');
+                        let _ = write!(out, "{v}");
+                        out.push('"');
+                    }
+                    None => out.push_str("null"),
+                }
+            };
+            key(out, "process_key", i.process_key);
+            key(out, "parent_key", i.parent_key);
+            push_key(out, "container_id");
+            push_opt_json_str(out, i.container_id.as_deref());
+            push_key(out, "cgroup");
+            push_opt_json_str(out, i.cgroup.as_deref());
+            push_key(out, "cgroup_source");
+            push_json_str(out, i.cgroup_source.name());
+            push_key(out, "ns_pid");
+            push_opt_num(out, i.ns_pid);
+            push_key(out, "pidns");
+            push_opt_num(out, i.pidns);
+            push_key(out, "pidns_source");
+            push_json_str(out, i.pidns_source.name());
+            push_key(out, "cmdline");
+            push_opt_json_str(out, i.cmdline.as_deref());
+            push_key(out, "cmdline_source");
+            push_json_str(out, i.cmdline_source.name());
+        }
+        out.push('}');
+    }
 }
 
 /// What the tracer remembers about a process.
@@ -448,9 +780,31 @@ struct Tracer {
     counts: HashMap<Arc<str>, [u64; 10]>,
     other_counts: [u64; 10],
     lost_reports: u64,
+    /// Process attribution (`None` with `--enrich off`).
+    enricher: Option<Enricher>,
+    /// A process in a container was shown: the text output has the container column.
+    containers_seen: bool,
+}
+
+/// The name shown for a process the enricher described: its command line, `[comm]` when
+/// only the task name was left, `<unknown>` when it was gone (or unreadable).
+fn enriched_name(info: &ProcessInfo) -> Arc<str> {
+    match (&info.cmdline, info.cmdline_source) {
+        (Some(c), Source::Comm) => format!("[{c}]").into(),
+        (Some(c), _) => c.clone(),
+        (None, _) => UNKNOWN.into(),
+    }
 }
 
 impl Tracer {
+    /// The enricher's name for the process when enriching, else [`Self::name_of`].
+    fn name_or(&mut self, known: &Option<Arc<str>>, tgid: u32) -> Arc<str> {
+        match known {
+            Some(n) => n.clone(),
+            None => self.name_of(tgid),
+        }
+    }
+
     fn name_of(&mut self, tgid: u32) -> Arc<str> {
         if let Some(i) = self.cache.get(tgid) {
             if !i.fresh {
@@ -493,9 +847,17 @@ impl Tracer {
         }
     }
 
-    /// Formats one event into `self.line` (without the newline).
+    /// Formats one event into `self.line` (without the newline); leaves it empty when the
+    /// filters exclude the event.
     fn event(&mut self, ev: &ProcEvent) {
         let json = self.args.json;
+        // Every event goes through the enricher (its cache follows forks, execs and exits
+        // whatever the filters show).
+        let pinfo = match self.enricher.as_mut() {
+            Some(e) => e.enrich(ev),
+            None => None,
+        };
+        let known = pinfo.as_ref().map(enriched_name);
         let mut info = String::new();
         let mut d = Detail::default();
         let mut duration: Option<f64> = None;
@@ -513,10 +875,10 @@ impl Tracer {
                     // A new thread of process child.tgid. (The kernel reports the process's
                     // own parent as the thread's parent.)
                     kind_name = "clone";
-                    name = self.name_of(child.tgid);
+                    name = self.name_or(&known, child.tgid);
                     let _ = write!(info, "thread {}", child.pid);
                 } else {
-                    let pname = self.name_of(parent.tgid);
+                    let pname = self.name_or(&known, parent.tgid);
                     let _ = write!(info, "parent {}", parent.tgid);
                     self.cache.insert(
                         child.tgid,
@@ -531,7 +893,10 @@ impl Tracer {
                 d.parent(parent);
             }
             EventBody::Exec { process } => {
-                let n = read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid));
+                let n = match &known {
+                    Some(n) => n.clone(),
+                    None => read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid)),
+                };
                 let start = self
                     .cache
                     .get(process.tgid)
@@ -552,7 +917,7 @@ impl Tracer {
                 ruid,
                 euid,
             } => {
-                name = self.name_of(subject.tgid);
+                name = self.name_or(&known, subject.tgid);
                 let _ = write!(info, "uid {ruid} euid {euid}");
                 (d.ruid, d.euid) = (Some(ruid), Some(euid));
             }
@@ -561,17 +926,17 @@ impl Tracer {
                 rgid,
                 egid,
             } => {
-                name = self.name_of(subject.tgid);
+                name = self.name_or(&known, subject.tgid);
                 let _ = write!(info, "gid {rgid} egid {egid}");
                 (d.rgid, d.egid) = (Some(rgid), Some(egid));
             }
             EventBody::Sid { process } => {
-                name = self.name_of(subject.tgid);
+                name = self.name_or(&known, subject.tgid);
                 let _ = write!(info, "sid {}", process.tgid);
                 d.sid = Some(process.tgid);
             }
             EventBody::Ptrace { process: _, tracer } => {
-                name = self.name_of(subject.tgid);
+                name = self.name_or(&known, subject.tgid);
                 match tracer {
                     Some(t) => {
                         let _ = write!(info, "attach by {}", t.tgid);
@@ -585,7 +950,11 @@ impl Tracer {
                 }
             }
             EventBody::Comm { process, comm } => {
-                let old = self.name_of(process.tgid);
+                // (The enricher already names a comm-only process by its new comm.)
+                let old = match (&known, self.cache.get(process.tgid)) {
+                    (Some(_), Some(i)) => i.name.clone(),
+                    _ => self.name_or(&known, process.tgid),
+                };
                 let new: Arc<str> = comm.to_string().into();
                 let _ = write!(info, "{} -> {}", program(&old), new);
                 if json {
@@ -606,7 +975,7 @@ impl Tracer {
                 name = new;
             }
             EventBody::Coredump { process: _, parent } => {
-                name = self.name_of(subject.tgid);
+                name = self.name_or(&known, subject.tgid);
                 if let Some(p) = parent {
                     let _ = write!(info, "parent {}", p.tgid);
                     d.parent(p);
@@ -619,16 +988,22 @@ impl Tracer {
                 parent,
             } => {
                 if process.is_thread() {
-                    name = self.name_of(process.tgid);
+                    name = self.name_or(&known, process.tgid);
                     let _ = write!(info, "thread {} ", process.pid);
                 } else {
-                    let known = self.cache.remove(process.tgid);
-                    let start = known
-                        .as_ref()
-                        .and_then(|i| i.start_ns)
-                        .or_else(|| read_start_ns(process.tgid, self.ticks));
+                    let cached = self.cache.remove(process.tgid);
+                    let start = cached.as_ref().and_then(|i| i.start_ns).or_else(|| {
+                        match &pinfo {
+                            // The start time is in the key: no read.
+                            Some(p) => p.process_key.map(|k| {
+                                k.start_ticks.saturating_mul(1_000_000_000) / self.ticks.max(1)
+                            }),
+                            None => read_start_ns(process.tgid, self.ticks),
+                        }
+                    });
                     duration = start.map(|s| ev.timestamp_ns.saturating_sub(s) as f64 / 1e9);
-                    name = match known {
+                    name = match cached {
+                        _ if known.is_some() => known.clone().unwrap_or_else(|| UNKNOWN.into()),
                         Some(i) if i.fresh && self.exec_traced => i.name,
                         // Without exec events any cached name may be stale: use what /proc
                         // still says (at exit the command line is gone but the comm is not,
@@ -664,10 +1039,21 @@ impl Tracer {
                 d.duration_s = duration.map(|s| (s * 1e6).round() / 1e6);
             }
         }
-        self.count(&name, ev.kind());
-        let wall = self.clock.wall_ns(ev.timestamp_ns);
         let line = &mut self.line;
         line.clear();
+        if !self.args.filter.matches(pinfo.as_ref()) {
+            return;
+        }
+        self.count(&name, ev.kind());
+        let wall = self.clock.wall_ns(ev.timestamp_ns);
+        let cid = pinfo.as_ref().and_then(|p| p.container_id.as_deref());
+        let line = &mut self.line;
+        if !json && cid.is_some() && !self.containers_seen {
+            // From now on the text lines have a container column, under a new header.
+            self.containers_seen = true;
+            push_header(line, true);
+            line.push('\n');
+        }
         if json {
             let mut time = String::with_capacity(32);
             write_time(&mut time, wall, true);
@@ -681,8 +1067,9 @@ impl Tracer {
                 tid: subject.pid,
                 detail: d,
                 name: (&*name != UNKNOWN).then_some(&*name),
+                process: pinfo.as_ref(),
             };
-            write_json(line, &record);
+            record.write(line);
         } else {
             write_time(line, wall, false);
             let dur = match duration {
@@ -691,16 +1078,24 @@ impl Tracer {
             };
             let _ = write!(
                 line,
-                " {kind_name:<8} {:>7} {:<24} {dur:>9} {}",
+                " {kind_name:<8} {:>7} {:<24} {dur:>9} ",
                 subject.tgid,
                 printable(&info),
-                printable(&name)
             );
+            if self.containers_seen {
+                let short = cid.map_or("-", |c| c.get(..12).unwrap_or(c));
+                let _ = write!(line, "{short:<12} ");
+            }
+            line.push_str(&printable(&name));
         }
     }
 
     fn lost(&mut self, loss: Loss) {
         self.lost_reports += 1;
+        // An exit may be among the lost: cached processes are re-checked before reuse.
+        if let Some(e) = self.enricher.as_mut() {
+            e.note_loss();
+        }
         let now = monotonic_ns();
         let wall = self.clock.wall_ns(now);
         let line = &mut self.line;
@@ -771,6 +1166,15 @@ impl Tracer {
         );
         if !self.args.stats {
             return s;
+        }
+        if let Some(e) = &self.enricher {
+            let st = e.stats();
+            let _ = writeln!(
+                s,
+                "enrichment: {} events, cache hits {}, misses {} (gone {}), /proc reads {} (failed {}), start-time reads {}, evictions {}, stale {}, cached {}",
+                st.events, st.hits, st.misses, st.gone, st.proc_reads, st.proc_read_failures,
+                st.start_time_reads, st.evictions, st.stale, st.cached
+            );
         }
         if !stats.lost_per_cpu.is_empty() {
             let per: Vec<String> = stats
@@ -862,6 +1266,20 @@ fn program(name: &str) -> &str {
     first.rsplit('/').next().unwrap_or(first)
 }
 
+/// The text output's column header (without the newline).
+fn push_header(out: &mut String, container: bool) {
+    let _ = write!(
+        out,
+        "{:<15} {:<8} {:>7} {:<24} {:>9} {}process",
+        "time (UTC)",
+        "event",
+        "pid",
+        "info",
+        "duration",
+        if container { "container    " } else { "" }
+    );
+}
+
 fn open_error(e: &Error) -> String {
     match e {
         Error::PermissionDenied { .. } => format!(
@@ -931,6 +1349,19 @@ fn main() -> ExitCode {
         counts: HashMap::new(),
         other_counts: [0; 10],
         lost_reports: 0,
+        enricher: match args.enrich {
+            Enrich::Off => None,
+            mode => Some(Enricher::with_config(EnrichConfig {
+                read_at_fork: mode == Enrich::Eager,
+                spawners: if mode == Enrich::Lazy {
+                    Vec::new()
+                } else {
+                    EnrichConfig::default().spawners
+                },
+                ..EnrichConfig::default()
+            })),
+        },
+        containers_seen: false,
         args,
     };
     let started = Instant::now();
@@ -938,11 +1369,9 @@ fn main() -> ExitCode {
     let stdout = io::stdout();
     let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
     if !t.args.json {
-        let _ = writeln!(
-            out,
-            "{:<15} {:<8} {:>7} {:<24} {:>9} process",
-            "time (UTC)", "event", "pid", "info", "duration"
-        );
+        let mut header = String::new();
+        push_header(&mut header, false);
+        let _ = writeln!(out, "{header}");
     }
     let mut status = ExitCode::SUCCESS;
     // A write of the events failed: no more attempts.
@@ -992,7 +1421,9 @@ fn main() -> ExitCode {
             Received::Event(ev) => t.event(&ev),
             Received::Lost(loss) => t.lost(loss),
         }
-        if let Err(e) = writeln!(out, "{}", t.line) {
+        if t.line.is_empty() {
+            // Filtered out.
+        } else if let Err(e) = writeln!(out, "{}", t.line) {
             status = output_failed("the events", &e);
             output_closed = true;
             break;
@@ -1038,6 +1469,15 @@ mod tests {
         s.clear();
         write_time(&mut s, 1_795_694_400_123_456_789, false);
         assert_eq!(s, "12:00:00.123456");
+        s.clear();
+        write_time(&mut s, 0, true);
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+        s.clear();
+        write_time(&mut s, 1_795_694_400_000_001_000 + 86_399_000_000_000, true);
+        assert_eq!(s, "2026-11-27T11:59:59.000001Z");
+        s.clear();
+        write_time(&mut s, -1_000, true);
+        assert_eq!(s, "1969-12-31T23:59:59.999999Z");
     }
 
     #[test]
@@ -1059,12 +1499,85 @@ mod tests {
             tid: 7,
             detail,
             name: Some("a\"b\\c\nd\u{1}é"),
+            process: None,
         };
         write_json(&mut line, &record);
+        let mut direct = String::new();
+        record.write(&mut direct);
+        assert_eq!(direct, line);
         assert_eq!(
             line,
             r#"{"time":"t","timestamp_ns":1,"cpu":0,"seq":2,"event":"exit","pid":7,"tid":7,"status":768,"exit_code":3,"signal":null,"name":"a\"b\\c\nd\u0001é"}"#
         );
+    }
+
+    #[test]
+    fn direct_json_equals_serde_json() {
+        let mut info = ProcessInfo::unknown();
+        info.process_key = Some(
+            "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-987654"
+                .parse()
+                .unwrap(),
+        );
+        info.cgroup = Some("/a\"b\\c\u{7f}\u{8}\u{c}\r\t/é".into());
+        info.container_id = Some("0123".into());
+        info.ns_pid = Some(1);
+        info.pidns = Some(u64::MAX);
+        info.cmdline = Some("sh -c 'x\ny'\u{1f}".into());
+        info.cmdline_source = Source::Comm;
+        let full = Detail {
+            err: Some(1),
+            ruid: Some(2),
+            euid: Some(3),
+            rgid: Some(4),
+            egid: Some(5),
+            sid: Some(6),
+            attach: Some(true),
+            tracer_pid: Some(7),
+            tracer_tid: Some(8),
+            old_name: Some("o\"ld".into()),
+            comm: Some("new".into()),
+            status: Some(u32::MAX),
+            exit_code: Some(None),
+            signal: Some(Some(9)),
+            core_dumped: Some(false),
+            exit_signal: Some(-1),
+            parent_pid: Some(10),
+            parent_tid: Some(11),
+            duration_s: Some(0.203001),
+        };
+        for (detail, process, name) in [
+            (full, Some(&info), Some("n\u{0}")),
+            (Detail::default(), None, None),
+            (
+                Detail {
+                    attach: Some(false),
+                    duration_s: Some(1e-7),
+                    exit_code: Some(Some(0)),
+                    ..Detail::default()
+                },
+                Some(&ProcessInfo::unknown()),
+                Some(""),
+            ),
+        ] {
+            let record = JsonEvent {
+                time: "2026-11-26T12:00:00.123456Z",
+                timestamp_ns: u64::MAX,
+                cpu: u32::MAX,
+                seq: 0,
+                event: "exit",
+                pid: 1,
+                tid: 2,
+                detail,
+                name,
+                process,
+            };
+            let mut serde = String::new();
+            write_json(&mut serde, &record);
+            let mut direct = String::from("leftover");
+            record.write(&mut direct);
+            assert_eq!(direct, serde);
+        }
     }
 
     #[test]
@@ -1126,6 +1639,21 @@ mod tests {
             &["-e"],
             &["--events="],
             &["--events", "forks"],
+            &["--container"],
+            &["--container", ""],
+            &["--container", "xyz"],
+            &["--container", &"a".repeat(65)],
+            &["--cgroup", "system.slice"],
+            &["--cgroup="],
+            &["--cgroup", "/a\nb"],
+            &["--host-only=1"],
+            &["--containers-only=yes"],
+            &["--host-only", "--containers-only"],
+            &["--host-only", "--container", "ab"],
+            &["--enrich"],
+            &["--enrich", "some"],
+            &["--enrich", "off", "--containers-only"],
+            &["--enrich=off", "--cgroup", "/"],
         ] {
             assert!(parse(args).is_err(), "{args:?} accepted");
         }
@@ -1144,6 +1672,63 @@ mod tests {
         assert_eq!(a.duration, Some(Duration::from_secs(1_000_000_000)));
         assert_eq!(a.buffer, 1 << 30);
         assert!(matches!(parse(&["--stats", "-h"]), Ok(Cli::Help)));
+        let Ok(Cli::Run(a)) = parse(&["--container=ABC0", "--cgroup", "/system.slice/"]) else {
+            panic!("rejected");
+        };
+        assert_eq!(a.enrich, Enrich::Full);
+        assert_eq!(a.filter.container.as_deref(), Some("abc0"));
+        assert_eq!(a.filter.cgroup.as_deref(), Some("/system.slice/"));
+        let Ok(Cli::Run(a)) = parse(&["--enrich", "lazy", "--host-only"]) else {
+            panic!("rejected");
+        };
+        assert_eq!(a.enrich, Enrich::Lazy);
+        assert!(a.filter.host_only);
+        let Ok(Cli::Run(a)) = parse(&["--enrich=off"]) else {
+            panic!("rejected");
+        };
+        assert_eq!(a.enrich, Enrich::Off);
+    }
+
+    #[test]
+    fn filters_apply_to_the_enriched_process() {
+        let mut host = ProcessInfo::unknown();
+        host.cgroup = Some("/user.slice/session-1.scope".into());
+        let mut ctr = host.clone();
+        let id = "0123456789abcdef".repeat(4);
+        ctr.cgroup = Some(format!("/system.slice/docker-{id}.scope").into());
+        ctr.container_id = Some(id.as_str().into());
+        let f = |filter: Filter, i: Option<&ProcessInfo>| filter.matches(i);
+        assert!(f(Filter::default(), None));
+        assert!(f(Filter::default(), Some(&host)));
+        let host_only = Filter {
+            host_only: true,
+            ..Filter::default()
+        };
+        assert!(f(host_only.clone(), Some(&host)));
+        assert!(!f(host_only.clone(), Some(&ctr)));
+        assert!(!f(host_only, None));
+        let containers = Filter {
+            containers_only: true,
+            ..Filter::default()
+        };
+        assert!(!f(containers.clone(), Some(&host)));
+        assert!(f(containers, Some(&ctr)));
+        let by_id = |p: &str| Filter {
+            container: Some(p.into()),
+            ..Filter::default()
+        };
+        assert!(f(by_id("0123"), Some(&ctr)));
+        assert!(f(by_id(&id), Some(&ctr)));
+        assert!(!f(by_id("1234"), Some(&ctr)));
+        assert!(!f(by_id("0123"), Some(&host)));
+        let by_cg = |p: &str| Filter {
+            cgroup: Some(p.into()),
+            ..Filter::default()
+        };
+        assert!(f(by_cg("/user.slice"), Some(&host)));
+        assert!(!f(by_cg("/user.slice"), Some(&ctr)));
+        assert!(f(by_cg("/"), Some(&ctr)));
+        assert!(!f(by_cg("/"), Some(&ProcessInfo::unknown())));
     }
 
     #[test]

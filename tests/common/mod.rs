@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod examples;
+pub mod runc;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,32 @@
 //! the old generation move the entry back to the young one, so processes with events stay.
 //! Constant time per operation, memory bounded by `capacity` entries.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hasher for pid keys: one multiplication (pids are small, dense, not chosen by an
+/// attacker in a way that matters: the map is bounded and a collision only costs time).
+/// SipHash costs more than the rest of a cache lookup.
+#[derive(Default)]
+pub(crate) struct PidHasher(u64);
+
+impl Hasher for PidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type HashMap<K, V> = StdHashMap<K, V, BuildHasherDefault<PidHasher>>;
 
 /// The bounded two-generation map.
 #[derive(Debug)]
@@ -20,8 +45,8 @@ impl<V> Cache<V> {
     pub fn new(capacity: usize) -> Self {
         let half = (capacity / 2).max(1);
         Cache {
-            young: HashMap::with_capacity(half.min(4096)),
-            old: HashMap::new(),
+            young: HashMap::with_capacity_and_hasher(half.min(4096), Default::default()),
+            old: HashMap::default(),
             half,
             evictions: 0,
         }
@@ -40,7 +65,10 @@ impl<V> Cache<V> {
     pub fn insert(&mut self, pid: u32, v: V) -> Option<V> {
         let prev = self.old.remove(&pid);
         if self.young.len() >= self.half && !self.young.contains_key(&pid) {
-            let young = std::mem::replace(&mut self.young, HashMap::with_capacity(self.half));
+            let young = std::mem::replace(
+                &mut self.young,
+                HashMap::with_capacity_and_hasher(self.half.min(4096), Default::default()),
+            );
             let dropped = std::mem::replace(&mut self.old, young);
             self.evictions += dropped.len() as u64;
         }

@@ -26,9 +26,44 @@ pub struct ProcessKey {
     pub start_ticks: u64,
 }
 
+/// The longest printed key: 32 hex digits, 2 dashes, a u32 and a u64 in decimal.
+const KEY_LEN: usize = 32 + 1 + 10 + 1 + 20;
+
+impl ProcessKey {
+    /// Prints the key into `buf` (no allocation, no formatting machinery: keys are printed
+    /// for every event a tracer writes); the text.
+    fn encode<'b>(&self, buf: &'b mut [u8; KEY_LEN]) -> &'b str {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in buf[..32].iter_mut().enumerate() {
+            *b = HEX[((self.boot >> (4 * (31 - i))) & 0xf) as usize];
+        }
+        let mut n = 32;
+        for v in [u64::from(self.pid), self.start_ticks] {
+            buf[n] = b'-';
+            n += 1;
+            let mut digits = [0u8; 20];
+            let mut d = digits.len();
+            let mut v = v;
+            loop {
+                d -= 1;
+                digits[d] = b'0' + (v % 10) as u8;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            let len = digits.len() - d;
+            buf[n..n + len].copy_from_slice(&digits[d..]);
+            n += len;
+        }
+        // Only ASCII digits, letters and dashes were written.
+        std::str::from_utf8(&buf[..n]).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for ProcessKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}-{}-{}", self.boot, self.pid, self.start_ticks)
+        f.write_str(self.encode(&mut [0; KEY_LEN]))
     }
 }
 
@@ -60,7 +95,7 @@ impl FromStr for ProcessKey {
 #[cfg(feature = "serde")]
 impl serde::Serialize for ProcessKey {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(self.encode(&mut [0; KEY_LEN]))
     }
 }
 
@@ -143,6 +178,17 @@ mod tests {
             start_ticks: 0,
         };
         assert_eq!(z.to_string().parse::<ProcessKey>().unwrap(), z);
+        let max = ProcessKey {
+            boot: u128::MAX,
+            pid: u32::MAX,
+            start_ticks: u64::MAX,
+        };
+        assert_eq!(
+            max.to_string(),
+            format!("{:032x}-{}-{}", u128::MAX, u32::MAX, u64::MAX)
+        );
+        assert_eq!(max.to_string().parse::<ProcessKey>().unwrap(), max);
+        assert_eq!(z.to_string(), "00000000000000000000000000000000-1-0");
         for bad in [
             "",
             "1-2-3",

@@ -201,8 +201,43 @@ pub struct EnrichConfig {
     /// namespace are the parent's, marked [`Source::Inherited`], until its exec re-reads
     /// them.
     pub read_at_fork: bool,
+    /// With `read_at_fork = false`: programs whose children are read at fork all the same
+    /// (default [`SPAWNERS`]): container runtimes, which fork with `CLONE_PARENT` (so the
+    /// parent a fork names did not make the child) and namespace tools, which enter or
+    /// create a pid namespace before they fork. A program is matched by the base name of
+    /// the first word of the parent's command line (or its comm): equal to an entry, or
+    /// starting with an entry that ends in `-` or `:`.
+    pub spawners: Vec<String>,
     /// Longest command line kept, in bytes (default 4096).
     pub max_cmdline: usize,
+}
+
+/// The default [`EnrichConfig::spawners`]: runc (also its `runc:[…]` stages), crun,
+/// youki, runsc, conmon, containerd shims, nsenter, unshare.
+pub const SPAWNERS: &[&str] = &[
+    "runc",
+    "runc:",
+    "crun",
+    "youki",
+    "runsc",
+    "conmon",
+    "containerd-shim",
+    "containerd-shim-",
+    "nsenter",
+    "unshare",
+];
+
+/// True when the command line `cmdline` is one of `spawners`' programs.
+fn is_spawner(spawners: &[String], cmdline: &str) -> bool {
+    let first = cmdline.split(' ').next().unwrap_or(cmdline);
+    let prog = first.rsplit('/').next().unwrap_or(first);
+    let prog = prog
+        .strip_prefix('[')
+        .and_then(|p| p.strip_suffix(']'))
+        .unwrap_or(prog);
+    spawners.iter().any(|s| {
+        prog == s || ((s.ends_with('-') || s.ends_with(':')) && prog.starts_with(s.as_str()))
+    })
 }
 
 impl Default for EnrichConfig {
@@ -210,6 +245,7 @@ impl Default for EnrichConfig {
         EnrichConfig {
             capacity: 65_536,
             read_at_fork: true,
+            spawners: SPAWNERS.iter().map(|s| s.to_string()).collect(),
             max_cmdline: 4096,
         }
     }
@@ -390,6 +426,15 @@ impl Enricher {
         self.info(pid)
     }
 
+    /// Reads `pid` from `/proc` again, replacing what the cache had (for a resync after a
+    /// loss: an exec may have been missed, and a cached command line would then be the
+    /// old image's); [`ProcessInfo::unknown`] (and the entry removed) when it is gone.
+    /// Everything is then [`Source::Proc`], and the parent key is the current parent's.
+    pub fn refresh(&mut self, pid: u32) -> ProcessInfo {
+        self.cache.remove(pid);
+        self.info(pid)
+    }
+
     fn key(&self, pid: u32, start_ticks: u64) -> ProcessKey {
         ProcessKey {
             boot: self.boot,
@@ -554,8 +599,19 @@ impl Enricher {
             parent_key: parent.as_ref().and_then(|p| p.process_key),
             ..ProcessInfo::unknown()
         };
-        let read = self.cfg.read_at_fork || parent.is_none();
+        let read = self.cfg.read_at_fork
+            || match parent.as_ref() {
+                None => true,
+                Some(p) => p
+                    .cmdline
+                    .as_deref()
+                    .is_some_and(|c| is_spawner(&self.cfg.spawners, c)),
+            };
+        let failed_before = self.fs.failed;
         let mut have_cgroup = read && self.read_cgroup(pid, &mut info);
+        // A child gone before its cgroup could be read is gone for its namespace too: one
+        // failed read is enough (most children of a fork storm are gone by then).
+        let gone = self.fs.failed > failed_before && !self.fs.denied;
         // The kernel sends the fork event before `cgroup_post_fork()` attaches the child to
         // its cgroups: until then the child is in the root cgroup of every hierarchy
         // (`init_css_set`), and a read in that window says "/". A child is created in the
@@ -576,7 +632,7 @@ impl Enricher {
                 info.cgroup_source = Source::Inherited;
             }
         }
-        if !(read && self.read_pidns(pid, &mut info)) {
+        if !(read && !gone && self.read_pidns(pid, &mut info)) {
             if let Some(p) = parent.as_ref().filter(|p| p.pidns.is_some()) {
                 info.pidns = p.pidns;
                 info.ns_pid = (p.pidns == Some(PID_INIT_INO)).then_some(pid);
@@ -633,3 +689,36 @@ impl Enricher {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod spawner_tests {
+    use super::*;
+
+    #[test]
+    fn spawners_by_program_name() {
+        let sp: Vec<String> = SPAWNERS.iter().map(|s| s.to_string()).collect();
+        for c in [
+            "runc --root /x run -d c1",
+            "/usr/sbin/runc exec c1 sh",
+            "runc:[1:CHILD]",
+            "[runc:[2:INIT]]",
+            "/usr/bin/containerd-shim-runc-v2 -namespace moby",
+            "containerd-shim",
+            "nsenter -t 1 -p sh",
+            "/usr/bin/unshare --pid --fork sh",
+            "crun run x",
+        ] {
+            assert!(is_spawner(&sp, c), "{c}");
+        }
+        for c in [
+            "bash",
+            "/usr/bin/runcible",
+            "sh -c runc",
+            "containerd",
+            "unshared",
+            "",
+        ] {
+            assert!(!is_spawner(&sp, c), "{c}");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! two reads, a comm can hold spaces and parentheses) and answers `None` rather than panic.
 
 use std::fmt::Write as _;
-use std::io::Read;
+use std::io::Read as _;
 
 /// What the enricher uses of `/proc/<pid>/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +98,25 @@ impl ProcFs {
     pub fn read(&mut self, pid: u32, file: &str, max: usize) -> Option<&[u8]> {
         self.set_path(pid, file);
         self.buf.clear();
-        let r = std::fs::File::open(&self.path)
-            .and_then(|f| f.take(max as u64).read_to_end(&mut self.buf));
+        let r = std::fs::File::open(&self.path).and_then(|mut f| {
+            // One read of the whole (small) file is the usual case: `/proc` fills a read
+            // as far as the file goes (seq_file and cmdline alike), so a read shorter than
+            // asked for is the end. Only a full one needs the loop (open + read + close:
+            // one system call fewer than reading on to the 0-byte end).
+            let first = self.buf.capacity().clamp(1, max.max(1));
+            self.buf.resize(first, 0);
+            let n = loop {
+                match f.read(&mut self.buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            self.buf.truncate(n);
+            if n == first && n < max {
+                f.take((max - n) as u64).read_to_end(&mut self.buf)?;
+            }
+            Ok(())
+        });
         match r {
             Ok(_) => {
                 self.reads += 1;
