@@ -856,8 +856,8 @@ impl Agent {
         push_opt_num(&mut s, st.kernel_drops);
         let _ = write!(
             s,
-            ",\"spoofed\":{},\"decode_errors\":{},\"overruns\":{},\"lost_per_cpu\":{{",
-            st.spoofed, st.decode_errors, st.overruns
+            ",\"spoofed\":{},\"decode_errors\":{},\"overruns\":{},\"unread\":{},\"lost_per_cpu\":{{",
+            st.spoofed, st.decode_errors, st.overruns, st.unread
         );
         for (i, (cpu, n)) in st.lost_per_cpu.iter().enumerate() {
             if i > 0 {
@@ -1131,17 +1131,20 @@ fn main() -> ExitCode {
         }
     }
 
-    // Apply what the kernel already queued, so the dump is as of the stop, not earlier.
-    let drain_until = Instant::now() + DRAIN_FOR;
-    while !failed && !log_closed && Instant::now() < drain_until {
-        match listener.try_recv() {
-            Ok(Some(r)) => {
-                if let Err(e) = handle(&mut agent, r, &mut out) {
-                    failed = log_error(&e);
-                    log_closed = true;
-                }
+    // Apply what had reached the agent before the stop (IGNORE first, so only that is
+    // left), so the log and the dump are as of the stop. Whatever the time bound leaves is
+    // counted as `unread` in the final counters.
+    if !failed && !log_closed {
+        let drain_until = Instant::now() + DRAIN_FOR;
+        for r in listener.drain_queued(usize::MAX) {
+            if let Err(e) = handle(&mut agent, r, &mut out) {
+                failed = log_error(&e);
+                log_closed = true;
+                break;
             }
-            _ => break,
+            if Instant::now() >= drain_until {
+                break;
+            }
         }
     }
     if agent.resync_pending {

@@ -766,6 +766,9 @@ const COALESCE_AFTER: u32 = 4;
 /// ...for this long, so that the next wake-up finds several events queued. The 16 MiB
 /// receive queue holds tens of thousands of events: far more than arrive in this time.
 const COALESCE_DELAY: Duration = Duration::from_micros(500);
+/// At most this many queued items are printed after the stop: far more than a 16 MiB
+/// receive queue holds, so it only bounds a flood of user-space datagrams on group 1.
+const DRAIN_LIMIT: usize = 1 << 20;
 const MAX_STAT_NAMES: usize = 4096;
 
 struct Tracer {
@@ -1164,6 +1167,14 @@ impl Tracer {
                 Filtering::UserSpace => "user space",
             }
         );
+        if stats.unread > 0 {
+            // Only when the output failed before the queue was drained (see main).
+            let _ = writeln!(
+                s,
+                "proctrace: {} events received before the stop were not printed (the output failed first)",
+                stats.unread
+            );
+        }
         if !self.args.stats {
             return s;
         }
@@ -1430,6 +1441,23 @@ fn main() -> ExitCode {
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
+        }
+    }
+    // Events that reached the tracer before the stop (a signal, --duration) are printed
+    // too: IGNORE first, so that only what is already queued is left, then all of it.
+    if !output_closed {
+        for r in listener.drain_queued(DRAIN_LIMIT) {
+            match r {
+                Received::Event(ev) => t.event(&ev),
+                Received::Lost(loss) => t.lost(loss),
+            }
+            if t.line.is_empty() {
+                // Filtered out.
+            } else if let Err(e) = writeln!(out, "{}", t.line) {
+                status = output_failed("the events", &e);
+                output_closed = true;
+                break;
+            }
         }
     }
     if !output_closed {

@@ -337,7 +337,8 @@ impl ProcListener {
     /// in the socket or in the listener, without waiting and whether or not
     /// [`ShutdownHandle::shutdown`] was called. It ends at the first read that finds the
     /// queue empty (user-space multicasts on group 1, which `IGNORE` does not stop, cannot
-    /// keep it going: at most `limit` items). Call it after the main loop ended, then
+    /// keep it going: at most `limit` items handed out and datagrams read together; what is
+    /// left then counts as [`LossStats::unread`]). Call it after the main loop ended, then
     /// [`finish`](Self::finish): what a tool prints then covers every event that happened
     /// before it stopped, and [`LossStats::unread`] stays 0.
     ///
@@ -364,19 +365,18 @@ impl ProcListener {
         if !self.ignored {
             self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
         }
+        // Items handed out and datagrams read, together: a datagram that yields nothing (a
+        // rejected user-space one) uses up the budget too.
         let mut left = limit;
-        std::iter::from_fn(move || {
-            while left > 0 {
-                if let Some(r) = self.core.pending.pop_front() {
-                    left -= 1;
-                    return Some(r);
-                }
-                // A failed read (the overrun is already a pending loss report) ends it.
-                if !matches!(self.fill(), Ok(true)) {
-                    return None;
-                }
+        std::iter::from_fn(move || loop {
+            left = left.checked_sub(1)?;
+            if let Some(r) = self.core.pending.pop_front() {
+                return Some(r);
             }
-            None
+            // An empty queue (or a failed read) ends it.
+            if !matches!(self.fill(), Ok(true)) {
+                return None;
+            }
         })
     }
 
