@@ -17,6 +17,8 @@ pub enum Op {
     Socket,
     /// `bind` to a kernel-assigned port id.
     Bind,
+    /// `connect` to the kernel (port id 0), so that user-space unicasts are refused.
+    Connect,
     /// `getsockname`, to learn the port id.
     LocalAddr,
     /// `NETLINK_ADD_MEMBERSHIP` for a multicast group.
@@ -54,6 +56,7 @@ impl fmt::Display for Op {
         match self {
             Op::Socket => f.write_str("socket"),
             Op::Bind => f.write_str("bind"),
+            Op::Connect => f.write_str("connect"),
             Op::LocalAddr => f.write_str("getsockname"),
             Op::Join(g) => write!(f, "join group {g}"),
             Op::Leave(g) => write!(f, "leave group {g}"),

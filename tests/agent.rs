@@ -295,22 +295,27 @@ impl ExitWatch {
     /// `table` that is gone from /proc, or after 5 s. On a busy host the watch lags, and the
     /// kernel sends an exit event only after `exit_notify()`, when the parent's `wait` may
     /// already have returned: stopping at once would drop exits it is about to see.
-    fn finish_after_exits_of(self, table: &HashMap<u32, serde_json::Value>) -> HashSet<u32> {
+    /// The table's stale entries (see [`stale_entries`]), judged while this watch still
+    /// runs: an entry's process may exit at any moment, and only a watch that is still
+    /// reading can see that exit. Retries for up to 5 s while some are stale (an exit event
+    /// can trail the process's disappearance from /proc), then returns the last verdict.
+    fn stale_in(self, table: &HashMap<u32, serde_json::Value>) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
+        let stale = loop {
             let seen = self.seen.lock().unwrap().clone();
-            if stale_entries(table, &seen).is_empty() {
-                break;
+            let stale = stale_entries(table, &seen);
+            if stale.is_empty() || Instant::now() >= deadline {
+                break stale;
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        self.finish()
+        };
+        self.finish();
+        stale
     }
 
-    fn finish(self) -> HashSet<u32> {
+    fn finish(self) {
         self.stop.shutdown();
         self.thread.join().unwrap();
-        Arc::try_unwrap(self.seen).unwrap().into_inner().unwrap()
     }
 }
 
@@ -458,7 +463,7 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     let stats = final_stats(&stderr);
     eprintln!("final counters: {stats}");
     let table = read_table(&dir);
-    let exited_after = watch.finish_after_exits_of(&table);
+    let stale = watch.stale_in(&table);
 
     // Every child of ours, with its parent, command line and start time.
     for &(pid, spawned) in std::iter::once(&before).chain(&during) {
@@ -481,7 +486,6 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     // Nothing stale: every entry is a live process with that start time, unless it exited
     // after the agent stopped (seen by our own listener).
     let lost = stats["lost_events"].as_u64().unwrap_or(0);
-    let stale = stale_entries(&table, &exited_after);
     for s in &stale {
         eprintln!("stale entry: {s}");
     }
@@ -567,7 +571,8 @@ fn overruns_are_reported_and_survived() {
     assert!(status.success(), "agent: {status}\n{stderr}");
     let stats = final_stats(&stderr);
     eprintln!("final counters: {stats}");
-    let exited_after = watch.finish_after_exits_of(&read_table(&dir));
+    let table = read_table(&dir);
+    let stale = watch.stale_in(&table);
     assert!(
         stats["overruns"].as_u64().unwrap() > 0,
         "no overrun with a 4 KiB queue: {stats}"
@@ -578,11 +583,9 @@ fn overruns_are_reported_and_survived() {
     assert!(log.contains("\"event\":\"lost\",\"cause\":\"overrun\""));
     assert!(log.contains("\"event\":\"lost\",\"cause\":\"seq_gap\""));
     // After the resyncs the table is right despite the losses.
-    let table = read_table(&dir);
     let e = table.get(&child).expect("the sleep is in the table");
     assert_eq!(e["ppid"], me);
     assert_eq!(e["cmdline"], "sleep 60");
-    let stale = stale_entries(&table, &exited_after);
     assert!(stale.is_empty(), "stale entries: {stale:#?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -877,3 +877,21 @@ fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
     assert!(st.unread >= 3 * mine.len() as u64, "{test}: {st:?}");
     assert_eq!(st.lost(), Some(0), "{test}: not lost by the kernel: {st:?}");
 }
+
+/// A stranger cannot fill a listener's queue by unicasting to its port id (visible in
+/// /proc/net/netlink), so the kernel drop counter, from which `lost()` is exact, counts
+/// only what the kernel and group 1 sent it. (Before the listener connected to the kernel,
+/// the unicasts were queued, and dropped from a full queue they counted as lost events.)
+#[test]
+fn unicasts_to_a_listener_are_refused() {
+    let test = "unicasts_to_a_listener_are_refused";
+    let Some(l) = open(test, ProcListener::builder().events(EventSet::EXIT)) else {
+        return;
+    };
+    let stranger = ConnectorSocket::open().unwrap();
+    let mut d = DatagramBuilder::new(128).with_pid(stranger.port_id());
+    d.push(&CnMsg::new(CbId::PROC, &[0u8; 40][..])).unwrap();
+    let r = stranger.send(d.as_bytes(), Dest::Port(l.port_id()));
+    assert!(r.is_err(), "{test}: a unicast to the listener was accepted");
+    assert_eq!(l.stats().kernel_drops, Some(0), "{test}");
+}

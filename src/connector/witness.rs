@@ -73,6 +73,8 @@ impl Witness {
             return None;
         }
         let sock = ConnectorSocket::open().ok()?;
+        // Unicasts refused: what it receives and drops is group 1's multicasts only.
+        sock.connect_kernel().ok()?;
         sock.set_recv_buffer(1 << 20, true).ok()?;
         let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
         d.push(&request(McastOp::Ignore, None, 0, sock.port_id()))
@@ -96,7 +98,9 @@ impl Witness {
         loop {
             buf.clear();
             match self.sock.recv_max(&mut buf, 128, true) {
-                Ok(Some(meta)) if meta.port != 0 => *self.seen.lock() += 1,
+                Ok(Some(meta)) if meta.port != 0 && meta.group == PROC_GROUP => {
+                    *self.seen.lock() += 1
+                }
                 Ok(Some(_)) => {}
                 // No kernel proc datagram comes near 128 bytes: a user-space one.
                 Err(Error::Truncated { .. }) => *self.seen.lock() += 1,

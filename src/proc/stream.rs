@@ -57,7 +57,12 @@ impl ProcStream {
     /// the kernel's ACK.
     pub async fn open(events: super::EventSet) -> Result<Self> {
         use super::{request, McastOp, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER};
+        // Connected to the kernel: a stranger's unicasts cannot fill its queue and count
+        // in its drop counter as lost events.
+        let sock = crate::sys::ConnectorSocket::open()?;
+        sock.connect_kernel()?;
         let conn = crate::connector::Connector::builder()
+            .socket(sock)
             .recv_buffer(DEFAULT_RECV_BUFFER)
             .build_async()?;
         let foreign = &conn.outbox.counters.proc_group_foreign;

@@ -148,6 +148,18 @@ impl ConnectorSocket {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Connects the socket to the kernel (port id 0). A connected netlink socket still
+    /// receives every multicast of its groups and the kernel's messages, but the kernel
+    /// refuses unicasts to it from any user-space port (their senders get
+    /// `ECONNREFUSED`): for a socket that listens only to the kernel and a group, such as
+    /// a proc-event listener, whose drop counter must not count datagrams that a stranger
+    /// unicast to it. Sends still go wherever they are addressed.
+    pub fn connect_kernel(&self) -> Result<()> {
+        self.inner
+            .connect(&netlink_sys::SocketAddr::new(0, 0))
+            .map_err(|e| Error::from_io(Op::Connect, e))
+    }
+
     /// Joins multicast group `group` (1..=32). Joining needs `CAP_NET_ADMIN` for most
     /// groups; the proc connector's group accepts unprivileged listeners on recent kernels.
     pub fn join(&self, group: u32) -> Result<()> {

@@ -135,6 +135,9 @@ impl ProcListenerBuilder {
             return Err(Error::ProcConnector { reason });
         }
         let sock = ConnectorSocket::open()?;
+        // Only the kernel and group 1 may fill its queue: a stranger's unicasts would
+        // otherwise count in its drop counter as lost events.
+        sock.connect_kernel()?;
         let drops = Mutex::new(DropCounter::baseline(&sock)?);
         sock.set_recv_buffer(self.recv_buffer, true)?;
         // The witness counts the user-space multicasts on group 1 from this socket's join.
