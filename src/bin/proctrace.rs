@@ -1137,7 +1137,14 @@ impl Tracer {
         // end of the run included), or sequence gaps with no overflow.
         let n = stats.lost_at_least();
         let lost = match stats.lost_source() {
-            cnbus::proc::LossSource::KernelCounter => format!("{n} (exact, kernel drop counter)"),
+            cnbus::proc::LossSource::KernelCounter if filtering == Filtering::Kernel => {
+                format!("{n} (exact, kernel drop counter)")
+            }
+            // Without a kernel filter the kernel's ACKs to anyone's LISTEN/IGNORE reach this
+            // socket too, and one that met the full queue is in the figure.
+            cnbus::proc::LossSource::KernelCounter => format!(
+                "{n} (exact, kernel drop counter; proc-connector messages: events, and any ACKs to other listeners' requests dropped with them)"
+            ),
             cnbus::proc::LossSource::SequenceNumbers => {
                 format!("{n} (exact, from per-CPU sequence numbers)")
             }

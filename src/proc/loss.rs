@@ -138,6 +138,17 @@ impl LossStats {
     /// Where per-CPU gaps are tracked too and exceed it (the kernel failed to build a
     /// message, which it does not count as a drop), the larger figure is taken. Events the
     /// listener itself dropped ([`dropped`](Self::dropped)) are added.
+    ///
+    /// What is counted is proc-connector messages. A listener to every event (with no
+    /// kernel filter: [`Filtering::None`](super::Filtering::None) and
+    /// [`Filtering::UserSpace`](super::Filtering::UserSpace)) also receives the kernel's
+    /// ACKs to every `LISTEN`/`IGNORE` anyone sends; an ACK that meets a full queue counts
+    /// here like an event (and in the per-CPU gaps: the kernel numbers ACKs with the events'
+    /// per-CPU sequence). Asking the kernel to leave ACKs out (a filter of every event kind
+    /// without `PROC_EVENT_ALL` itself) would not help: a filtered ACK still uses up its
+    /// sequence number, so every other listener's request would then show as a gap (seen on
+    /// Linux 6.18). With a kernel filter ([`Filtering::Kernel`](super::Filtering::Kernel))
+    /// ACKs are filtered and the figure is events only.
     pub fn lost(&self) -> Option<u64> {
         match self.lost_source() {
             LossSource::Bounded | LossSource::Unknown => None,

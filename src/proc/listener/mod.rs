@@ -291,7 +291,8 @@ impl ProcListener {
     /// Waits up to `timeout` (`None`: no limit) for the next event or loss report; `Ok(None)`
     /// when the time ran out.
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Received>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to add to the clock is no limit (never a panic).
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
             if let Some(r) = self.core.pending.pop_front() {
                 return Ok(Some(r));
@@ -484,7 +485,8 @@ impl ProcListener {
         let want = self.send_request(McastOp::Listen, filter)?;
         self.core.awaiting_ack = Some(want);
         self.core.ack_result = None;
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add to the clock is no limit (never a panic).
+        let deadline = Instant::now().checked_add(timeout);
         let r = loop {
             if let Some(err) = self.core.ack_result {
                 break if err == 0 {
@@ -501,11 +503,11 @@ impl ProcListener {
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
                 break Ok(false);
             }
-            if let Err(e) = poll_read(&self.sock, &self.shared.wake, Some(left)) {
+            if let Err(e) = poll_read(&self.sock, &self.shared.wake, left) {
                 break Err(e);
             }
         };
