@@ -1093,6 +1093,18 @@ impl Tracer {
         }
     }
 
+    /// Formats `r` and writes its line to `out` (nothing when the filters drop it).
+    fn print(&mut self, r: Received, out: &mut impl Write) -> io::Result<()> {
+        match r {
+            Received::Event(ev) => self.event(&ev),
+            Received::Lost(loss) => self.lost(loss),
+        }
+        if self.line.is_empty() {
+            return Ok(());
+        }
+        writeln!(out, "{}", self.line)
+    }
+
     fn lost(&mut self, loss: Loss) {
         self.lost_reports += 1;
         // An exit may be among the lost: cached processes are re-checked before reuse.
@@ -1435,13 +1447,7 @@ fn main() -> ExitCode {
                 break;
             }
         };
-        match r {
-            Received::Event(ev) => t.event(&ev),
-            Received::Lost(loss) => t.lost(loss),
-        }
-        if t.line.is_empty() {
-            // Filtered out.
-        } else if let Err(e) = writeln!(out, "{}", t.line) {
+        if let Err(e) = t.print(r, &mut out) {
             status = output_failed("the events", &e);
             output_closed = true;
             break;
@@ -1454,13 +1460,7 @@ fn main() -> ExitCode {
     // too: IGNORE first, so that only what is already queued is left, then all of it.
     if !output_closed {
         for r in listener.drain_queued(DRAIN_LIMIT) {
-            match r {
-                Received::Event(ev) => t.event(&ev),
-                Received::Lost(loss) => t.lost(loss),
-            }
-            if t.line.is_empty() {
-                // Filtered out.
-            } else if let Err(e) = writeln!(out, "{}", t.line) {
+            if let Err(e) = t.print(r, &mut out) {
                 status = output_failed("the events", &e);
                 output_closed = true;
                 break;
