@@ -321,7 +321,7 @@ fn stopped_during_a_burst(test: &str, events: &str, set: cnbus::proc::EventSet) 
     let final_drops = num(&err[at + sources.len()..]);
     assert!(final_drops >= drops, "{err}");
     let after = final_drops - drops;
-    let (lo, hi, is_exact) = if figure.contains("(exact, kernel drop counter)") {
+    let (lo, hi, is_exact) = if figure.contains("(exact, kernel drop counter") {
         let n = num(figure);
         (n, n, true)
     } else {
