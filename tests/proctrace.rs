@@ -215,7 +215,12 @@ fn wait_drained(pid: u32) {
 /// exact loss, from the kernel's drop counter, and that counter must equal the events (of
 /// the traced kinds) a lossless reference listener saw in the same window and proctrace did
 /// not print.
-fn stopped_during_a_burst(test: &str, events: &str, set: cnbus::proc::EventSet) {
+fn stopped_during_a_burst(
+    test: &str,
+    events: &str,
+    set: cnbus::proc::EventSet,
+    term_at_once: bool,
+) {
     use cnbus::proc::{ProcListener, Received};
     use cnbus::sys::monotonic_ns;
     use std::collections::{BTreeMap, BTreeSet};
@@ -277,13 +282,26 @@ fn stopped_during_a_burst(test: &str, events: &str, set: cnbus::proc::EventSet) 
     }
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    wait_drained(pid);
-    let to = monotonic_ns();
-    let (_, drops) = netlink_row(pid).unwrap();
-    // No process of ours after the burst; proctrace prints what it still had queued.
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: sends SIGTERM to our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // The window ends before the SIGTERM: proctrace sends IGNORE once it stops, and what
+    // the kernel sends after that is not for it.
+    let (to, drops) = if term_at_once {
+        // Terminated with its queue still full: it must print what had reached it before
+        // the stop (ProcListener::drain_queued), not drop it uncounted.
+        let to = monotonic_ns();
+        let (_, drops) = netlink_row(pid).unwrap();
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        (to, drops)
+    } else {
+        wait_drained(pid);
+        let to = monotonic_ns();
+        let (_, drops) = netlink_row(pid).unwrap();
+        // No process of ours after the burst; proctrace prints what it still had queued.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: sends SIGTERM to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        (to, drops)
+    };
     let status = tracer.wait().unwrap();
     let mut err = String::new();
     tracer
@@ -390,6 +408,19 @@ fn stopped_during_a_burst_it_reports_the_exact_loss() {
         "stopped_during_a_burst_it_reports_the_exact_loss",
         "all",
         cnbus::proc::EventSet::ALL,
+        false,
+    );
+}
+
+/// Regression: proctrace stopped on SIGTERM with events still queued discarded them, and
+/// its summary said `lost: N (exact...)` with N below what it failed to print.
+#[test]
+fn terminated_with_a_full_queue_it_prints_what_reached_it_and_reports_the_exact_loss() {
+    stopped_during_a_burst(
+        "terminated_with_a_full_queue_it_prints_what_reached_it_and_reports_the_exact_loss",
+        "all",
+        cnbus::proc::EventSet::ALL,
+        true,
     );
 }
 
@@ -399,6 +430,7 @@ fn stopped_during_a_burst_with_a_kernel_filter_it_reports_the_exact_loss() {
         "stopped_during_a_burst_with_a_kernel_filter_it_reports_the_exact_loss",
         "exit",
         cnbus::proc::EventSet::EXIT,
+        false,
     );
 }
 
