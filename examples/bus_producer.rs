@@ -38,8 +38,9 @@ struct Args {
     /// Multicast group (12..=32).
     #[arg(long, default_value = "24", value_parser = cli::parse_user_group)]
     group: u32,
-    /// Connector idx of the messages (decimal or 0x hex; default: the group number).
-    #[arg(long, value_parser = cli::parse_u32)]
+    /// Connector idx of the messages (decimal or 0x hex; above 10: 1..=10 belong to the
+    /// kernel; default: the group number).
+    #[arg(long, value_parser = cli::parse_user_idx)]
     idx: Option<u32>,
     /// Producer threads (1..=1024); thread t sends with val t.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]

@@ -31,7 +31,7 @@ struct Args {
     #[arg(long, default_value = "14", value_parser = cli::parse_user_group)]
     group: u32,
     /// Connector idx (decimal or 0x hex; above 10: 1..=10 belong to the kernel).
-    #[arg(long, default_value = "14", value_parser = cli::parse_u32)]
+    #[arg(long, default_value = "14", value_parser = cli::parse_user_idx)]
     idx: u32,
     /// Connector val (decimal or 0x hex).
     #[arg(long, default_value = "0x456", value_parser = cli::parse_u32)]

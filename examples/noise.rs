@@ -25,68 +25,44 @@
 //! Only user-space listeners are disturbed: the kernel reads the first message of each
 //! datagram, and it ignores user ids it has no callback for and proc payloads that are not a
 //! 4- or 8-byte `LISTEN` / `IGNORE` request (these never are). Needs root (sending to a
-//! multicast group). Stops by itself after `--seconds`; prints what it sent. Exits 2 on a
-//! bad argument, 1 when the socket cannot be opened.
+//! multicast group). Stops by itself after `--seconds`; prints what it sent on stderr.
+//! `--help` lists the options; a bad or out-of-range value is a usage error (exit status
+//! 2); a socket that cannot be opened or join the groups is exit status 1.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use clap::Parser;
+
+#[path = "common/cli.rs"]
+#[macro_use]
+mod cli;
+
 use cnbus::codec::{encode, messages_ref, DatagramBuilder, MessageRef, NlHeader, NLMSG_DONE};
 use cnbus::proc::{EventBody, ExitStatus, ProcEvent, Task};
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::{CbId, CnMsg};
-
-const USAGE: &str = "\
-usage: noise [--seconds S] [--rate N] [--proc-rate N]
-  --seconds S     stop after S seconds (1..=86400; default 60)
-  --rate N        datagrams a second on the user groups 12..=32 (0..=100000; default 2000)
-  --proc-rate N   spoofed proc events a second on group 1 (0..=100000; default 200)
-  -h, --help      this text";
 
 const TICK: Duration = Duration::from_millis(10);
 const TICKS_PER_SEC: u64 = 100;
 const FIRST_USER_GROUP: u32 = 12;
 const LAST_GROUP: u32 = 32;
 
-struct Config {
+/// A foreign sender of valid, malformed and spoofed connector traffic, for a bounded time.
+#[derive(Parser)]
+#[command(name = "noise")]
+struct Args {
+    /// Stop after this many seconds (1..=86400).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     seconds: u64,
+    /// Datagrams a second on the user groups 12..=32 (0..=100000).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     rate: u64,
+    /// Spoofed proc events a second on group 1 (0..=100000).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     proc_rate: u64,
-}
-
-fn bad_usage(msg: &str) -> ! {
-    eprintln!("noise: {msg}\n{USAGE}");
-    std::process::exit(2);
-}
-
-fn parse_args() -> Config {
-    let mut c = Config {
-        seconds: 60,
-        rate: 2000,
-        proc_rate: 200,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let (slot, max, min) = match a.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--seconds" => (&mut c.seconds, 86_400, 1),
-            "--rate" => (&mut c.rate, 100_000, 0),
-            "--proc-rate" => (&mut c.proc_rate, 100_000, 0),
-            other => bad_usage(&format!("unknown argument {other:?}")),
-        };
-        let v = args
-            .next()
-            .unwrap_or_else(|| bad_usage(&format!("{a} wants a value")));
-        match v.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => *slot = n,
-            _ => bad_usage(&format!("{a}: {v:?} is not a number in {min}..={max}")),
-        }
-    }
-    c
 }
 
 /// xorshift64*: enough randomness for noise, no dependency.
@@ -351,25 +327,20 @@ fn spoofed_event(rng: &mut Rng, h: &Heard, pids: &[u32], cpus: u32) -> (&'static
     (class, b.take())
 }
 
-fn main() {
-    let cfg = parse_args();
-    let sock = match ConnectorSocket::open() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("noise: {e}");
-            std::process::exit(1);
-        }
-    };
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::finish("noise", run(&args))
+}
+
+fn run(cfg: &Args) -> Result<(), cli::Stop> {
+    let sock = ConnectorSocket::open()?;
     let cpus = cnbus::sys::num_cpus().max(1) as u32;
     let seed = cnbus::sys::monotonic_ns() ^ (u64::from(std::process::id()) << 32);
     let mut rng = Rng(seed | 1);
     let mut sent: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for g in std::iter::once(1).chain(FIRST_USER_GROUP..=LAST_GROUP) {
-        if let Err(e) = sock.join(g) {
-            eprintln!("noise: {e}");
-            std::process::exit(1);
-        }
+        sock.join(g)?;
     }
     let mut heard = Heard::default();
     let mut buf = BytesMut::with_capacity(1 << 16);
@@ -378,7 +349,7 @@ fn main() {
     let start = Instant::now();
     let end = start + Duration::from_secs(cfg.seconds);
     let (mut tick, mut user_due, mut proc_due) = (0u64, 0u64, 0u64);
-    eprintln!(
+    warn!(
         "noise: pid {}, port {}, {} s, {} datagrams/s on groups {FIRST_USER_GROUP}..={LAST_GROUP}, \
          {} spoofed proc events/s on group 1",
         std::process::id(),
@@ -423,14 +394,15 @@ fn main() {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     let total: u64 = sent.values().sum();
-    eprintln!(
+    warn!(
         "noise: sent {total} datagrams in {:.1} s",
         start.elapsed().as_secs_f64()
     );
     for (class, n) in &sent {
-        eprintln!("  {class:<20} {n}");
+        warn!("  {class:<20} {n}");
     }
     for (what, n) in &errors {
-        eprintln!("  send error: {what} x{n}");
+        warn!("  send error: {what} x{n}");
     }
+    Ok(())
 }

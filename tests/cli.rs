@@ -289,6 +289,11 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
             "cn_publish",
             vec![
                 v(&["--idx", "4294967296"], "--idx"),
+                // Kernel idx 1..=10 and 0 (the help says above 10); the rest of the
+                // arguments keep a run as short as possible should one be accepted.
+                v(&["--idx", "0", "--group", "31", "--count", "1"], "--idx"),
+                v(&["--idx", "10", "--group", "31", "--count", "1"], "--idx"),
+                v(&["--idx=0x1", "--group", "31", "--count", "1"], "--idx"),
                 v(&["--val=-1"], "--val"),
                 v(&["--group", "33"], "--group"),
                 v(&["--group", "11"], "--group"),
@@ -314,6 +319,32 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
             "bus_producer",
             vec![
                 v(&["--threads", "4294967297"], "--threads"),
+                v(
+                    &[
+                        "--idx",
+                        "0",
+                        "--group",
+                        "31",
+                        "--threads",
+                        "1",
+                        "--count",
+                        "1",
+                    ],
+                    "--idx",
+                ),
+                v(
+                    &[
+                        "--idx",
+                        "1",
+                        "--group",
+                        "31",
+                        "--threads",
+                        "1",
+                        "--count",
+                        "1",
+                    ],
+                    "--idx",
+                ),
                 v(&["--threads", "0"], "--threads"),
                 v(&["--count", "4294967296"], "--count"),
                 v(&["--latency-us", "18446744073709551615"], "--latency-us"),
@@ -363,6 +394,18 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
                 v(&["--buffer", "5G"], "--buffer"),
             ],
         ),
+        (
+            "noise",
+            vec![
+                v(&["--seconds", "0"], "--seconds"),
+                v(&["--seconds", "86401"], "--seconds"),
+                v(&["--rate", "100001"], "--rate"),
+                v(&["--proc-rate", "100001"], "--proc-rate"),
+                v(&["--rate=-1"], "--rate"),
+                v(&["--seconds"], "--seconds"),
+                v(&["1"], "1"),
+            ],
+        ),
     ]
 }
 
@@ -392,6 +435,7 @@ fn numeric_options(name: &str) -> &'static [&'static str] {
         "proc_events" => &["--count", "--seconds", "--buffer"],
         "soak" => &["--seconds", "--producers", "--receivers", "--group"],
         "agent" => &["--interval", "--duration", "--recent-exits", "--buffer"],
+        "noise" => &["--seconds", "--rate", "--proc-rate"],
         other => panic!("no options listed for {other}"),
     }
 }
@@ -600,6 +644,11 @@ fn a_full_stderr_panics_nothing_while_running() {
             &["--duration", "0.5", "--interval", "0.05"][..],
         ),
         (example("proc_events"), &["--seconds", "0.5"][..]),
+        // Sends nothing (both rates 0): only its start and end lines, to a full stderr.
+        (
+            example("noise"),
+            &["--seconds", "1", "--rate", "0", "--proc-rate", "0"][..],
+        ),
     ] {
         let mut r = Running(
             Command::new(&bin)

@@ -44,6 +44,21 @@ pub fn parse_u32(s: &str) -> Result<u32, String> {
     u32::try_from(v).map_err(|_| format!("{s} is out of range (0..=4294967295, 0xffffffff)"))
 }
 
+/// A connector idx a user-space sender may use: above 10, as the kernel's convention
+/// (`CN_NETLINK_USERS` = 11) has it. 1..=10 belong to the kernel's own connector users
+/// (a multicast on one is also delivered to the kernel's handler, and the library refuses
+/// it unless `allow_kernel_ids`); 0 is none of them but no user id either.
+pub fn parse_user_idx(s: &str) -> Result<u32, String> {
+    let idx = parse_u32(s)?;
+    if idx > cnbus::CbId::KERNEL_IDX_MAX {
+        Ok(idx)
+    } else {
+        Err(format!(
+            "idx {idx} is out of range: use above 10 (1..=10 belong to the kernel)"
+        ))
+    }
+}
+
 /// A multicast group a user-space sender may use: 12..=32 (lower ones belong to the
 /// kernel's own connector users; 32 is the last group a socket can join).
 pub fn parse_user_group(s: &str) -> Result<u32, String> {
@@ -163,6 +178,11 @@ mod tests {
         assert!(parse_u32("").is_err());
         assert!(parse_u64("18446744073709551616").is_err());
         assert!(parse_user_group("11").is_err());
+        for bad in ["0", "1", "10", "0xa"] {
+            assert!(parse_user_idx(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_user_idx("11"), Ok(11));
+        assert_eq!(parse_user_idx("0xffffffff"), Ok(u32::MAX));
         assert!(parse_user_group("33").is_err());
         assert_eq!(parse_user_group("24"), Ok(24));
         assert_eq!(parse_secs("1.5"), Ok(Duration::from_millis(1500)));
