@@ -163,6 +163,7 @@ fn run(
         }
     }
     drop(tx);
+    out!("soak: {receivers} receivers ready on group {group}, producing for {seconds} s")?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();

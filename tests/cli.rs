@@ -890,14 +890,19 @@ fn soak_survives_a_receiver_that_lost_the_end_of_the_run() {
     let err = stderr_of(&mut r.0);
     let rx = lines(&mut r.0);
     let soak = r.0.id();
-    // The receiver is spawned (and has said "ready") before the producers start.
     let end = Instant::now() + HANG;
-    let receiver = loop {
-        if let [pid] = children_with_arg(soak, "--receiver")[..] {
-            break pid;
-        }
-        assert!(Instant::now() < end, "no receiver process");
-        std::thread::sleep(Duration::from_millis(5));
+    let mut out = Vec::new();
+    let next_line = |out: &mut Vec<String>| {
+        let l = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("soak output ended: {out:?}"));
+        out.push(l.clone());
+        l
+    };
+    // Stopped once it has started (the soak waits for that): its subscription stays.
+    while !next_line(&mut out).contains("receivers ready") {}
+    let [receiver] = children_with_arg(soak, "--receiver")[..] else {
+        panic!("not one receiver process");
     };
     /// Continues the stopped receiver whatever happens (it is not this test's child).
     struct Stopped(i32);
@@ -913,17 +918,7 @@ fn soak_survives_a_receiver_that_lost_the_end_of_the_run() {
     unsafe { libc::kill(receiver, libc::SIGSTOP) };
     let stopped = Stopped(receiver);
     // The summary line comes once the totals have been sent.
-    let mut out = Vec::new();
-    loop {
-        let l = rx
-            .recv_timeout(end.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no summary: {out:?}"));
-        let summary = l.starts_with("soak: ");
-        out.push(l);
-        if summary {
-            break;
-        }
-    }
+    while !next_line(&mut out).contains(" producers, ") {}
     drop(stopped);
     let st = r.wait("soak", || {});
     let err = err.join().unwrap();
