@@ -896,6 +896,92 @@ fn soak_checks_only_its_own_traffic_under_foreign_senders() {
     assert!(count(receiver, "from other senders:") >= 1, "{receiver}");
 }
 
+/// The pids of `parent`'s children whose command line contains `arg`.
+fn children_with_arg(parent: u32, arg: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && cmd.split(|&b| b == 0).any(|a| a == arg.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn soak_survives_a_receiver_that_lost_the_end_of_the_run() {
+    if !kernel("soak_survives_a_receiver_that_lost_the_end_of_the_run") {
+        return;
+    }
+    // A receiver that reads nothing while the producer runs (stopped, as a starved process
+    // on a loaded host): its queue overflows and the kernel drops the tail of the run, the
+    // final messages and the totals. It must still finish, with every message of every
+    // stream either delivered or counted lost.
+    let mut r = Running(
+        Command::new(example("soak"))
+            .args(["--seconds", "2", "--producers", "1", "--receivers", "1"])
+            .args(["--group", "32"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let rx = lines(&mut r.0);
+    let soak = r.0.id();
+    let end = Instant::now() + HANG;
+    let mut out = Vec::new();
+    let next_line = |out: &mut Vec<String>| {
+        let l = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("soak output ended: {out:?}"));
+        out.push(l.clone());
+        l
+    };
+    // Stopped once it has started (the soak waits for that): its subscription stays.
+    while !next_line(&mut out).contains("receivers ready") {}
+    let [receiver] = children_with_arg(soak, "--receiver")[..] else {
+        panic!("not one receiver process");
+    };
+    /// Continues the stopped receiver whatever happens (it is not this test's child).
+    struct Stopped(i32);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            // SAFETY: signals the soak's receiver, a process this test started (through the
+            // soak); a pid reused since then would be the soak's child no more, and would
+            // only get a harmless SIGCONT.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: stops the soak's receiver, a process this test started (through the soak).
+    unsafe { libc::kill(receiver, libc::SIGSTOP) };
+    let stopped = Stopped(receiver);
+    // The summary line comes once the totals have been sent.
+    while !next_line(&mut out).contains(" producers, ") {}
+    drop(stopped);
+    let st = r.wait("soak", || {});
+    let err = err.join().unwrap();
+    out.extend(rest(&rx));
+    assert!(st.success(), "{st}: {out:?} {err}");
+    assert!(out.iter().any(|l| l.starts_with("soak PASSED")), "{out:?}");
+    let line = out
+        .iter()
+        .find(|l| l.contains("receiver 0:"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    // The point of the test: the queue did overflow.
+    assert!(count(line, "overruns=") >= 1, "{line}");
+}
+
 // ---------------------------------------------------------------------------------------
 // True figures
 
