@@ -104,7 +104,8 @@ struct Core {
 impl Core {
     fn push(&mut self, r: Received) {
         if self.pending.len() >= MAX_PENDING {
-            self.dropped += 1;
+            // A loss report dropped here loses nothing: its loss stays in the counters.
+            self.dropped += u64::from(matches!(r, Received::Event(_)));
         } else {
             self.pending.push_back(r);
         }
@@ -246,7 +247,8 @@ impl ProcListener {
         let (kernel_drops, empty) = self.read_drops();
         let dec = self.core.dec.stats();
         LossStats {
-            events: dec.events - self.discarded,
+            // Handed out: not discarded by `finish`, not dropped from a full queue.
+            events: dec.events - self.discarded - self.core.dropped,
             unread: self.discarded,
             dropped: self.core.dropped,
             kernel_drops,

@@ -50,6 +50,8 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
                 Ok(()) => break,
                 Err(SendTimeoutError::Timeout(back)) => {
                     if l.shared.stop.load(Ordering::Relaxed) {
+                        // Stopped while the consumer was not taking: never handed out.
+                        l.discarded += u64::from(matches!(back, Ok(Received::Event(_))));
                         break 'run;
                     }
                     item = back;
