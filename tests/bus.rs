@@ -1353,3 +1353,42 @@ fn inserts_during_thread_teardown_keep_the_threads_order() {
         (u64::from(N) + 1, u64::from(N) + 1)
     );
 }
+
+/// A bus multicasts what the kernel's connector receives too: like a `Connector`, it
+/// refuses the kernel's groups (below 12) at build and hands back inserts on the kernel's
+/// ids (idx 1..=10), on a `Bus` and a `Producer`, unless `allow_kernel_ids` is on. (Before,
+/// a bus sent idx 1 on any group: a proc-connector request to the kernel, or a spoofed
+/// event to proc listeners on group 1.)
+#[test]
+fn kernel_ids_and_groups_are_refused_unless_allowed() {
+    if kernel_socket("kernel_ids_and_groups_are_refused_unless_allowed").is_none() {
+        return;
+    }
+    assert!(matches!(
+        Bus::builder(Dest::Group(1)).build(),
+        Err(cnbus::Error::KernelOwned { group: 1, .. })
+    ));
+    let bus = Bus::builder(Dest::Group(30)).build().unwrap();
+    for idx in [1, 10] {
+        match bus.insert(CbId::new(idx, 1), b"x") {
+            Err(InsertError::KernelOwned(m)) => assert_eq!(m.id, CbId::new(idx, 1)),
+            other => panic!("idx {idx}: {other:?}"),
+        }
+    }
+    let mut p = bus.producer();
+    assert!(matches!(
+        p.insert(CbId::PROC, b"x"),
+        Err(InsertError::KernelOwned(_))
+    ));
+    drop(p);
+    bus.insert(CbId::new(11, 1), b"x").unwrap();
+    assert_eq!(bus.stats().rejected_kernel_owned, 3);
+    bus.close().unwrap();
+
+    let allowed = Bus::builder(Dest::Group(30))
+        .allow_kernel_ids(true)
+        .build()
+        .unwrap();
+    allowed.insert(CbId::new(10, 1), b"x").unwrap();
+    allowed.close().unwrap();
+}

@@ -64,6 +64,9 @@ pub(crate) fn insert<'a, Q: Queue<'a>>(
     if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
         return Err(too_large(inner, e, len));
     }
+    if inner.cfg.refuse_kernel_ids && e.id().is_kernel_owned() {
+        return Err(kernel_owned(inner, e));
+    }
     if inner.dead.load(Relaxed) {
         Counters::add(&inner.stats.rejected_closed, 1);
         return Err(InsertError::Closed(e.into_msg()));
@@ -72,6 +75,12 @@ pub(crate) fn insert<'a, Q: Queue<'a>>(
         return Ok(());
     }
     on_full(q, e, policy).map_err(|err| err.map(Entry::into_msg))
+}
+
+#[cold]
+fn kernel_owned(inner: &Inner, e: Entry<'_>) -> InsertError<CnMsg> {
+    Counters::add(&inner.stats.rejected_kernel_owned, 1);
+    InsertError::KernelOwned(e.into_msg())
 }
 
 #[cold]

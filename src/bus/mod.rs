@@ -157,6 +157,12 @@ pub enum InsertError<M> {
         /// The bus's datagram size.
         limit: usize,
     },
+    /// The id's idx (1..=10) belongs to the kernel's connector users, and the bus sends to
+    /// a group, which the kernel receives too: refused unless
+    /// [`BusBuilder::allow_kernel_ids`] is on (as [`Connector`](crate::connector::Connector)
+    /// refuses it).
+    #[error("idx 1..=10 belongs to the kernel's connector users (BusBuilder::allow_kernel_ids)")]
+    KernelOwned(M),
     /// [`FullPolicy::SendDirect`]: the direct send failed. The failure is also counted in
     /// the bus's statistics.
     #[error("direct send failed: {error}")]
@@ -173,7 +179,7 @@ impl<M> InsertError<M> {
     /// The message that was not accepted.
     pub fn into_inner(self) -> M {
         match self {
-            Self::Full(m) | Self::Timeout(m) | Self::Closed(m) => m,
+            Self::Full(m) | Self::Timeout(m) | Self::Closed(m) | Self::KernelOwned(m) => m,
             Self::TooLarge { msg, .. } | Self::Send { msg, .. } => msg,
         }
     }
@@ -183,6 +189,7 @@ impl<M> InsertError<M> {
             Self::Full(m) => InsertError::Full(f(m)),
             Self::Timeout(m) => InsertError::Timeout(f(m)),
             Self::Closed(m) => InsertError::Closed(f(m)),
+            Self::KernelOwned(m) => InsertError::KernelOwned(f(m)),
             Self::TooLarge { msg, len, limit } => InsertError::TooLarge {
                 msg: f(msg),
                 len,
@@ -249,6 +256,11 @@ pub(crate) struct Config {
     pub assist: bool,
     /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
     pub send_timeout: Duration,
+    /// Kernel-owned ids and groups may be multicast ([`BusBuilder::allow_kernel_ids`]).
+    pub allow_kernel_ids: bool,
+    /// Inserts refuse kernel-owned ids: a group destination without `allow_kernel_ids`
+    /// (set by `build`).
+    pub refuse_kernel_ids: bool,
     /// Test hook: where a panic is injected.
     #[cfg(test)]
     pub panic_at: Option<flusher::PanicAt>,
@@ -296,6 +308,8 @@ impl BusBuilder {
                 flusher_cpu: None,
                 assist: !matches!(dest, Dest::Port(_)),
                 send_timeout: DEFAULT_SEND_TIMEOUT,
+                allow_kernel_ids: false,
+                refuse_kernel_ids: false,
                 #[cfg(test)]
                 panic_at: None,
             },
@@ -405,6 +419,17 @@ impl BusBuilder {
         self
     }
 
+    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12). A user
+    /// multicast reaches the kernel's connector too, which would take a message on idx 1
+    /// for a proc-connector request, and listeners of those groups for a kernel message.
+    /// Off by default: [`build`](Self::build) refuses a kernel group, and an insert on a
+    /// kernel id is handed back as [`InsertError::KernelOwned`], as
+    /// [`Connector`](crate::connector::Connector) refuses them.
+    pub fn allow_kernel_ids(mut self, on: bool) -> Self {
+        self.cfg.allow_kernel_ids = on;
+        self
+    }
+
     /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
     /// one message per datagram.
     pub fn framing(mut self, f: Framing) -> Self {
@@ -456,6 +481,15 @@ impl BusBuilder {
         }
         if cfg.capacity == 0 {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if let Dest::Group(g) = self.dest {
+            if !cfg.allow_kernel_ids && g < crate::connector::FIRST_USER_GROUP {
+                return Err(Error::KernelOwned {
+                    id: CbId::new(0, 0),
+                    group: g,
+                });
+            }
+            cfg.refuse_kernel_ids = !cfg.allow_kernel_ids;
         }
         if self.watermark == Some(0) {
             return Err(Error::InvalidArgument("bus watermark must be at least 1"));

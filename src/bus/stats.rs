@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     pub rejected_timeout: AtomicU64,
     pub rejected_closed: AtomicU64,
     pub rejected_too_large: AtomicU64,
+    pub rejected_kernel_owned: AtomicU64,
     pub blocked: AtomicU64,
     pub full_receiver_waits: AtomicU64,
     pub panics: AtomicU64,
@@ -82,6 +83,7 @@ impl Counters {
             rejected_timeout: g(&self.rejected_timeout),
             rejected_closed: g(&self.rejected_closed),
             rejected_too_large: g(&self.rejected_too_large),
+            rejected_kernel_owned: g(&self.rejected_kernel_owned),
             blocked: g(&self.blocked),
             full_receiver_waits: g(&self.full_receiver_waits),
             panics: g(&self.panics),
@@ -210,12 +212,19 @@ pub struct BusStats {
     /// everything sending on the socket. A forgotten one starts again at 1, which receivers
     /// count as `reordered`, not as loss.
     pub numbering_evictions: u64,
+    /// Messages handed back because their idx is the kernel's
+    /// ([`InsertError::KernelOwned`](super::InsertError::KernelOwned)).
+    pub rejected_kernel_owned: u64,
 }
 
 impl BusStats {
     /// All rejected messages, whatever the reason.
     pub fn rejected(&self) -> u64 {
-        self.rejected_full + self.rejected_timeout + self.rejected_closed + self.rejected_too_large
+        self.rejected_full
+            + self.rejected_timeout
+            + self.rejected_closed
+            + self.rejected_too_large
+            + self.rejected_kernel_owned
     }
 
     /// Average messages per datagram sent (0 when nothing was sent).
