@@ -732,40 +732,12 @@ fn acks_are_numbered_in_the_per_cpu_sequence() {
 fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
     use cnbus::proc::LossSource;
     use cnbus::sys::monotonic_ns;
-    use std::collections::BTreeMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     let test = "tail_loss_is_counted_exactly_by_the_kernel_drop_counter";
-    let Some(reference) = open(test, ProcListener::builder().include_acks(true)) else {
+    if kernel_socket(test).is_none() {
         return;
-    };
-    // (cpu, seq) -> timestamp of everything the reference received.
-    type Seen = BTreeMap<(u32, u32), u64>;
-    let reference = reference.into_channel(1 << 12).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let drain = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut seen = Seen::new();
-            let mut until = None;
-            loop {
-                if let Some(Received::Event(e)) =
-                    reference.recv_timeout(Duration::from_millis(50)).unwrap()
-                {
-                    seen.insert((e.cpu, e.seq), e.timestamp_ns);
-                }
-                if stop.load(Ordering::SeqCst) {
-                    let u =
-                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
-                    if Instant::now() >= u {
-                        break;
-                    }
-                }
-            }
-            (seen, reference.close())
-        })
-    };
+    }
+    let reference = common::Reference::start();
     let mut small = ProcListener::builder()
         .include_acks(true)
         .recv_buffer(16 << 10)
@@ -794,7 +766,7 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
     }
     let to = drain_small(&mut small);
     let stats = small.close().unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let (seen, rstats) = reference.finish();
     let kernel = stats.kernel_drops.unwrap();
     assert!(stats.overruns >= 1, "a burst into a 32 KiB queue overflows");
     eprintln!(
@@ -815,14 +787,13 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
     assert_eq!(stats.lost_source(), LossSource::KernelCounter, "{stats:?}");
     let exact = stats.lost();
     assert_eq!(exact, Some(kernel - foreign), "{stats:?}");
-    let (seen, rstats) = drain.join().unwrap();
     if rstats.lost() != Some(0) {
         eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
         return;
     }
     let missed = seen
         .iter()
-        .filter(|(k, ts)| (from..to).contains(*ts) && !got.contains(*k))
+        .filter(|(k, e)| (from..to).contains(&e.timestamp_ns) && !got.contains(*k))
         .count() as u64;
     assert!(missed > 0, "the burst cost events");
     assert_eq!(

@@ -103,44 +103,16 @@ fn dropping_one_of_two_registrations_keeps_the_other_receiving() {
 /// groups.
 #[test]
 fn a_registration_reports_the_kernel_drops_of_its_socket() {
-    use cnbus::proc::{EventBody, ProcListener};
+    use cnbus::proc::EventBody;
     use cnbus::sys::monotonic_ns;
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     let test = "a_registration_reports_the_kernel_drops_of_its_socket";
     if kernel_socket(test).is_none() {
         return;
     }
     // A lossless reference, drained on its own thread.
-    let reference = ProcListener::builder()
-        .include_acks(true)
-        .open()
-        .unwrap()
-        .into_channel(1 << 12)
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let collector = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut seen = BTreeMap::new();
-            let mut until = None;
-            loop {
-                if let Some(Received::Event(e)) =
-                    reference.recv_timeout(Duration::from_millis(50)).unwrap()
-                {
-                    seen.insert((e.cpu, e.seq), e);
-                }
-                if stop.load(Ordering::SeqCst) {
-                    let u =
-                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
-                    if Instant::now() >= u {
-                        break;
-                    }
-                }
-            }
-            (seen, reference.close())
-        })
-    };
+    let reference = common::Reference::start();
     let bus = Connector::builder().recv_buffer(16 << 10).spawn().unwrap();
     let stall = Arc::new(AtomicBool::new(false));
     let got = Arc::new(Mutex::new(BTreeSet::new()));
@@ -179,13 +151,12 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
     let to = monotonic_ns();
     let st = reg.stats();
     let c = bus.stats();
-    stop.store(true, Ordering::SeqCst);
+    let (seen, rstats) = reference.finish();
     eprintln!("{test}: {st:?}");
     assert!(c.overruns >= 1, "{c:?}");
     let k = st.kernel_drops.unwrap();
     assert!(k > before && Some(k) <= c.kernel_drops, "{st:?} {c:?}");
     assert!(st.seq_lost.unwrap() <= k, "{st:?}");
-    let (seen, rstats) = collector.join().unwrap();
     if rstats.lost() != Some(0) {
         eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
     } else {

@@ -221,11 +221,8 @@ fn stopped_during_a_burst(
     set: cnbus::proc::EventSet,
     term_at_once: bool,
 ) {
-    use cnbus::proc::{ProcListener, Received};
     use cnbus::sys::monotonic_ns;
-    use std::collections::{BTreeMap, BTreeSet};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::collections::BTreeSet;
 
     if !kernel(test) {
         return;
@@ -233,36 +230,7 @@ fn stopped_during_a_burst(
     // One burst at a time: each would overflow the other's tracer outside its window.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let reference = ProcListener::builder()
-        .include_acks(true)
-        .open()
-        .unwrap()
-        .into_channel(1 << 12)
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let collector = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut seen = BTreeMap::new();
-            let mut until = None;
-            loop {
-                if let Some(Received::Event(e)) =
-                    reference.recv_timeout(Duration::from_millis(50)).unwrap()
-                {
-                    seen.insert((e.cpu, e.seq), e);
-                }
-                if stop.load(Ordering::SeqCst) {
-                    let u = *until.get_or_insert_with(|| {
-                        std::time::Instant::now() + Duration::from_millis(300)
-                    });
-                    if std::time::Instant::now() >= u {
-                        break;
-                    }
-                }
-            }
-            (seen, reference.close())
-        })
-    };
+    let reference = common::Reference::start();
     let out_path = std::env::temp_dir().join(format!("cnbus-{test}-{}.jsonl", std::process::id()));
     let mut tracer = Command::new(BIN)
         .args(["--json", "--stats", "--events", events, "--buffer", "128K"])
@@ -287,8 +255,10 @@ fn stopped_during_a_burst(
     let (to, drops) = if term_at_once {
         // Terminated with its queue still full: it must print what had reached it before
         // the stop (ProcListener::drain_queued), not drop it uncounted.
-        let to = monotonic_ns();
+        // Its queue is still full, so the kernel keeps dropping: the counter is read
+        // first, so that no drop it counts falls after the window's end.
         let (_, drops) = netlink_row(pid).unwrap();
+        let to = monotonic_ns();
         // SAFETY: sends SIGTERM to our own child.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         (to, drops)
@@ -310,7 +280,7 @@ fn stopped_during_a_burst(
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    stop.store(true, Ordering::SeqCst);
+    let (seen, rstats) = reference.finish();
     assert!(status.success(), "{status:?}: {err}");
     let text = std::fs::read_to_string(&out_path).unwrap();
     let _ = std::fs::remove_file(&out_path);
@@ -363,7 +333,6 @@ fn stopped_during_a_burst(
             )
         })
         .collect();
-    let (seen, rstats) = collector.join().unwrap();
     if rstats.lost() != Some(0) {
         eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
         return;

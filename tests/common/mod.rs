@@ -277,3 +277,58 @@ impl ForeignOnGroup1 {
         );
     }
 }
+
+/// Every proc-connector message the kernel sent, by `(cpu, seq)`, with the reference's
+/// final counters: what a lossy listener is compared with.
+pub type Seen = std::collections::BTreeMap<(u32, u32), cnbus::proc::ProcEvent>;
+
+/// A lossless reference listener for loss tests: every event and ACK, a 16 MiB queue,
+/// drained on its own thread from `start` until 300 ms after `finish` was called.
+pub struct Reference {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Seen, cnbus::proc::LossStats)>,
+}
+
+impl Reference {
+    /// Opens and starts draining the reference (panics if the kernel connector is
+    /// unreachable: call it after the test's own `kernel_socket` check).
+    pub fn start() -> Self {
+        use cnbus::proc::{ProcListener, Received};
+        use std::sync::atomic::Ordering;
+        let reference = ProcListener::builder()
+            .include_acks(true)
+            .open()
+            .unwrap()
+            .into_channel(1 << 12)
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Seen::new();
+            let mut until = None;
+            loop {
+                if let Some(Received::Event(e)) =
+                    reference.recv_timeout(Duration::from_millis(50)).unwrap()
+                {
+                    seen.insert((e.cpu, e.seq), e);
+                }
+                if flag.load(Ordering::SeqCst) {
+                    let u =
+                        *until.get_or_insert_with(|| Instant::now() + Duration::from_millis(300));
+                    if Instant::now() >= u {
+                        break;
+                    }
+                }
+            }
+            (seen, reference.close())
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops the reference once what it had queued is read (300 ms from now) and returns
+    /// what it saw and its counters (check `lost() == Some(0)` before comparing).
+    pub fn finish(self) -> (Seen, cnbus::proc::LossStats) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
