@@ -483,7 +483,7 @@ impl BusBuilder {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
         }
         if let Dest::Group(g) = self.dest {
-            if !cfg.allow_kernel_ids && g < crate::connector::FIRST_USER_GROUP {
+            if !cfg.allow_kernel_ids && g < crate::codec::FIRST_USER_GROUP {
                 return Err(Error::KernelOwned {
                     id: CbId::new(0, 0),
                     group: g,

@@ -31,8 +31,8 @@ pub use datagram::{
     MessageRef, Messages, MessagesRef, NlError,
 };
 pub use netlink::{
-    nlmsg_align, Dest, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
-    NLMSG_OVERRUN,
+    nlmsg_align, Dest, NlHeader, NlmsgBuffer, FIRST_USER_GROUP, NLMSG_DONE, NLMSG_ERROR,
+    NLMSG_HDRLEN, NLMSG_NOOP, NLMSG_OVERRUN,
 };
 
 /// The first `N` bytes of `b` as an array, or `None` when `b` is shorter.

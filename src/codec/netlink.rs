@@ -23,6 +23,10 @@ pub const fn nlmsg_align(len: usize) -> usize {
     }
 }
 
+/// The lowest multicast group for custom buses: groups below it are left to the kernel's
+/// own connector users (group = idx for idx 1..=10, plus margin).
+pub const FIRST_USER_GROUP: u32 = 12;
+
 /// Where a datagram goes: the netlink address (`nl_pid`, `nl_groups`) of a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dest {

@@ -484,6 +484,4 @@ impl ConnectorHandle {
     }
 }
 
-/// The lowest multicast group for custom buses: groups below it are left to the kernel's
-/// own connector users (group = idx for idx 1..=10, plus margin).
-pub const FIRST_USER_GROUP: u32 = 12;
+pub use crate::codec::FIRST_USER_GROUP;
