@@ -504,10 +504,18 @@ fn container_processes_are_attributed_and_filtered() {
     assert!(lines[0].ends_with(" process") && !lines[0].contains("container"));
     assert!(lines.len() > 2, "{lines:?}");
     assert!(lines[1].contains(" container    process"), "{}", lines[1]);
+    // Every line is some container's (another test's container may run meanwhile), and
+    // ours are among them.
+    let mut ours = 0;
     for l in &lines[2..] {
         if l.contains(" lost ") {
             continue;
         }
-        assert!(l.contains(&format!(" {} ", &id[..12])), "{l}");
+        let short = l
+            .split_whitespace()
+            .find(|w| w.len() == 12 && w.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(short.is_some(), "no container column: {l}");
+        ours += usize::from(short == Some(&id[..12]));
     }
+    assert!(ours > 0, "none of our container's lines: {lines:?}");
 }

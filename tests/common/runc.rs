@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use cnbus::proc::{EventKind, ProcessInfo, Source};
 
-/// The argument every program the tests start in a container carries, so that the
-/// container's processes are told apart without the enricher's cgroup reading.
+/// The start of the argument every program the tests start in a container carries, so
+/// that the container's processes are told apart without the enricher's cgroup reading;
+/// each scenario appends its container id (see [`Scenario::marker`]), so that another
+/// test's container running at the same time is not taken for this one's.
 pub const MARKER: &str = "cnbus-enrich-marker";
 
 pub fn tool(name: &str, paths: &[&str]) -> Option<PathBuf> {
@@ -202,6 +204,8 @@ pub struct Scenario {
     pub init: u32,
     /// Host pids of the `runc` commands the test ran.
     pub host_pids: Vec<u32>,
+    /// The argument its programs carry: [`MARKER`], `-`, the container id.
+    pub marker: String,
 }
 
 /// Runs a container whose init forks short pipelines in a loop, three `runc exec` programs
@@ -215,11 +219,12 @@ pub fn run_scenario(runc: &Path, busybox: &Path) -> Scenario {
 /// [`run_scenario`] with a container id chosen beforehand.
 pub fn run_scenario_with_id(runc: &Path, busybox: &Path, id: String) -> Scenario {
     let init_script = "while true; do /bin/sleep 0.1 | /bin/cat; done";
-    let c = Container::bundle_with_id(runc, busybox, &["/bin/sh", "-c", init_script, MARKER], id);
+    let marker = format!("{MARKER}-{id}");
+    let c = Container::bundle_with_id(runc, busybox, &["/bin/sh", "-c", init_script, &marker], id);
     let mut host_pids = vec![c.run(&["run", "-d", "--bundle", c.dir.to_str().unwrap(), &c.id])];
     let init = c.init_pid();
     let short = "/bin/sleep 0.3 | /bin/cat; (/bin/true); /bin/true | /bin/cat";
-    host_pids.push(c.run(&["exec", &c.id, "/bin/sh", "-c", short, MARKER]));
+    host_pids.push(c.run(&["exec", &c.id, "/bin/sh", "-c", short, &marker]));
     host_pids.push(c.run(&[
         "exec",
         "-d",
@@ -227,7 +232,7 @@ pub fn run_scenario_with_id(runc: &Path, busybox: &Path, id: String) -> Scenario
         "/bin/sh",
         "-c",
         "/bin/sleep 2 | /bin/cat",
-        MARKER,
+        &marker,
     ]));
     host_pids.push(c.run(&[
         "exec",
@@ -235,7 +240,7 @@ pub fn run_scenario_with_id(runc: &Path, busybox: &Path, id: String) -> Scenario
         "/bin/sh",
         "-c",
         "(/bin/true) | /bin/cat",
-        MARKER,
+        &marker,
     ]));
     std::thread::sleep(Duration::from_millis(300));
     host_pids.push(c.run(&["kill", &c.id, "KILL"]));
@@ -251,6 +256,7 @@ pub fn run_scenario_with_id(runc: &Path, busybox: &Path, id: String) -> Scenario
         id,
         init,
         host_pids,
+        marker,
     }
 }
 
@@ -344,7 +350,7 @@ pub fn check(recs: &[Rec], sc: &Scenario) {
                     && info
                         .cmdline
                         .as_deref()
-                        .is_some_and(|c| c.starts_with("/bin/sh ") && c.contains(MARKER));
+                        .is_some_and(|c| c.starts_with("/bin/sh ") && c.contains(&sc.marker));
                 if marked || r.pid == sc.init {
                     procs[i].mine = true;
                 }
