@@ -240,7 +240,7 @@ fn recv_many_reads_a_batch_in_order_and_reports_truncation() {
     while seqs.len() + truncated.len() < 21 {
         // Blocking: waits for the first datagram only.
         let n = rx.recv_many(&mut batch, false).unwrap();
-        assert!(n >= 1 && n <= 8 && n == batch.len());
+        assert!((1..=8).contains(&n) && n == batch.len());
         for d in batch.iter() {
             match d {
                 Ok((bytes, meta)) => {
@@ -301,7 +301,7 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     }
     assert!(overruns >= 1, "the overflow is reported");
     assert!(
-        mine >= 1 && mine < 200,
+        (1..200).contains(&mine),
         "some arrived, some were dropped: {mine}"
     );
     // The socket goes on after it.
