@@ -779,6 +779,8 @@ struct Tracer {
     clock: WallClock,
     ticks: u64,
     line: String,
+    /// The JSON time field being formatted (reused).
+    time: String,
     /// Per process name: counts per event kind (indexed like `EventKind::ALL`).
     counts: HashMap<Arc<str>, [u64; 10]>,
     other_counts: [u64; 10],
@@ -861,7 +863,15 @@ impl Tracer {
             None => None,
         };
         let known = pinfo.as_ref().map(enriched_name);
+        // The info column: text lines only (a JSON line has the same facts in its fields).
         let mut info = String::new();
+        macro_rules! info {
+            ($($arg:tt)*) => {
+                if !json {
+                    let _ = write!(info, $($arg)*);
+                }
+            };
+        }
         let mut d = Detail::default();
         let mut duration: Option<f64> = None;
         let mut kind_name = ev.kind().name();
@@ -870,7 +880,7 @@ impl Tracer {
         match ev.body {
             EventBody::Ack { err } => {
                 name = "".into();
-                let _ = write!(info, "ack err {err}");
+                info!("ack err {err}");
                 d.err = Some(err);
             }
             EventBody::Fork { parent, child } => {
@@ -879,10 +889,10 @@ impl Tracer {
                     // own parent as the thread's parent.)
                     kind_name = "clone";
                     name = self.name_or(&known, child.tgid);
-                    let _ = write!(info, "thread {}", child.pid);
+                    info!("thread {}", child.pid);
                 } else {
                     let pname = self.name_or(&known, parent.tgid);
-                    let _ = write!(info, "parent {}", parent.tgid);
+                    info!("parent {}", parent.tgid);
                     self.cache.insert(
                         child.tgid,
                         ProcInfo {
@@ -921,7 +931,7 @@ impl Tracer {
                 euid,
             } => {
                 name = self.name_or(&known, subject.tgid);
-                let _ = write!(info, "uid {ruid} euid {euid}");
+                info!("uid {ruid} euid {euid}");
                 (d.ruid, d.euid) = (Some(ruid), Some(euid));
             }
             EventBody::Gid {
@@ -930,24 +940,24 @@ impl Tracer {
                 egid,
             } => {
                 name = self.name_or(&known, subject.tgid);
-                let _ = write!(info, "gid {rgid} egid {egid}");
+                info!("gid {rgid} egid {egid}");
                 (d.rgid, d.egid) = (Some(rgid), Some(egid));
             }
             EventBody::Sid { process } => {
                 name = self.name_or(&known, subject.tgid);
-                let _ = write!(info, "sid {}", process.tgid);
+                info!("sid {}", process.tgid);
                 d.sid = Some(process.tgid);
             }
             EventBody::Ptrace { process: _, tracer } => {
                 name = self.name_or(&known, subject.tgid);
                 match tracer {
                     Some(t) => {
-                        let _ = write!(info, "attach by {}", t.tgid);
+                        info!("attach by {}", t.tgid);
                         d.attach = Some(true);
                         (d.tracer_pid, d.tracer_tid) = (Some(t.tgid), Some(t.pid));
                     }
                     None => {
-                        info.push_str("detach");
+                        info!("detach");
                         d.attach = Some(false);
                     }
                 }
@@ -959,7 +969,7 @@ impl Tracer {
                     _ => self.name_or(&known, process.tgid),
                 };
                 let new: Arc<str> = comm.to_string().into();
-                let _ = write!(info, "{} -> {}", program(&old), new);
+                info!("{} -> {}", program(&old), new);
                 if json {
                     d.old_name = Some(old.to_string());
                     d.comm = Some(new.to_string());
@@ -980,7 +990,7 @@ impl Tracer {
             EventBody::Coredump { process: _, parent } => {
                 name = self.name_or(&known, subject.tgid);
                 if let Some(p) = parent {
-                    let _ = write!(info, "parent {}", p.tgid);
+                    info!("parent {}", p.tgid);
                     d.parent(p);
                 }
             }
@@ -992,7 +1002,7 @@ impl Tracer {
             } => {
                 if process.is_thread() {
                     name = self.name_or(&known, process.tgid);
-                    let _ = write!(info, "thread {} ", process.pid);
+                    info!("thread {} ", process.pid);
                 } else {
                     let cached = self.cache.remove(process.tgid);
                     let start = cached.as_ref().and_then(|i| i.start_ns).or_else(|| {
@@ -1017,17 +1027,16 @@ impl Tracer {
                 }
                 match (status.code(), status.signal()) {
                     (Some(c), _) => {
-                        let _ = write!(info, "{c}");
+                        info!("{c}");
                     }
                     (None, Some(s)) => {
-                        let _ = write!(
-                            info,
+                        info!(
                             "signal {s}{}",
                             if status.core_dumped() { " (core)" } else { "" }
                         );
                     }
                     _ => {
-                        let _ = write!(info, "status {:#x}", status.raw());
+                        info!("status {:#x}", status.raw());
                     }
                 }
                 d.status = Some(status.raw());
@@ -1058,10 +1067,11 @@ impl Tracer {
             line.push('\n');
         }
         if json {
-            let mut time = String::with_capacity(32);
-            write_time(&mut time, wall, true);
+            let time = &mut self.time;
+            time.clear();
+            write_time(time, wall, true);
             let record = JsonEvent {
-                time: &time,
+                time,
                 timestamp_ns: ev.timestamp_ns,
                 cpu: ev.cpu,
                 seq: ev.seq,
@@ -1376,6 +1386,7 @@ fn main() -> ExitCode {
         clock: WallClock::new(),
         ticks: clock_ticks_per_sec(),
         line: String::with_capacity(512),
+        time: String::with_capacity(32),
         counts: HashMap::new(),
         other_counts: [0; 10],
         lost_reports: 0,
