@@ -272,7 +272,7 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     if kernel_socket("recv_many_reports_an_overrun_once_then_goes_on").is_none() {
         return;
     }
-    let group = 21;
+    let group = 19;
     let rx = ConnectorSocket::open().unwrap();
     rx.set_recv_buffer(4096, true).unwrap();
     rx.join(group).unwrap();
