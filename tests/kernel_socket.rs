@@ -272,7 +272,7 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     if kernel_socket("recv_many_reports_an_overrun_once_then_goes_on").is_none() {
         return;
     }
-    let group = 19;
+    let group = 26;
     let rx = ConnectorSocket::open().unwrap();
     rx.set_recv_buffer(4096, true).unwrap();
     rx.join(group).unwrap();
@@ -281,7 +281,7 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     let mut d = DatagramBuilder::new(2048);
     d.push(&CnMsg::new(id, vec![0x5a; 1000])).unwrap();
     // A multicast never waits: the small queue overflows.
-    for _ in 0..200 {
+    for _ in 0..40 {
         let _ = tx.try_send(d.as_bytes(), Dest::Group(group));
     }
     let mut batch = cnbus::sys::RecvBatch::new(16, 4096);
@@ -301,7 +301,7 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     }
     assert!(overruns >= 1, "the overflow is reported");
     assert!(
-        (1..200).contains(&mine),
+        (1..40).contains(&mine),
         "some arrived, some were dropped: {mine}"
     );
     // The socket goes on after it.
