@@ -204,3 +204,108 @@ fn outside_the_initial_netns_the_error_says_why() {
     assert!(e.to_string().contains("initial network namespace"));
     assert_eq!(e.errno(), Some(libc::ECONNREFUSED));
 }
+
+#[test]
+fn recv_many_reads_a_batch_in_order_and_reports_truncation() {
+    if kernel_socket("recv_many_reads_a_batch_in_order_and_reports_truncation").is_none() {
+        return;
+    }
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(1 << 20, true).unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let id = CbId::new(test_idx(4), 1);
+    let mut dgrams: Vec<Vec<u8>> = (0..20u32)
+        .map(|i| {
+            let mut d = DatagramBuilder::new(256);
+            d.push(&CnMsg::new(id, i.to_ne_bytes().to_vec()).with_seq(i, 0))
+                .unwrap();
+            d.take()
+        })
+        .collect();
+    // The 11th is longer than a slot.
+    let mut big = DatagramBuilder::new(4096);
+    big.push(&CnMsg::new(id, vec![0xab; 1000]).with_seq(1000, 0))
+        .unwrap();
+    let big = big.take();
+    dgrams.insert(10, big.clone());
+    let slices: Vec<_> = dgrams.iter().map(|d| std::io::IoSlice::new(d)).collect();
+    assert_eq!(
+        tx.send_batch(&slices, Dest::Port(rx.port_id())).unwrap(),
+        21
+    );
+    let mut batch = cnbus::sys::RecvBatch::new(8, 256);
+    assert_eq!(batch.slots(), 8);
+    let mut seqs = Vec::new();
+    let mut truncated = Vec::new();
+    while seqs.len() + truncated.len() < 21 {
+        // Blocking: waits for the first datagram only.
+        let n = rx.recv_many(&mut batch, false).unwrap();
+        assert!((1..=8).contains(&n) && n == batch.len());
+        for d in batch.iter() {
+            match d {
+                Ok((bytes, meta)) => {
+                    if meta.port != tx.port_id() {
+                        continue;
+                    }
+                    assert_eq!(meta.group, 0);
+                    assert_eq!(meta.len, bytes.len());
+                    assert_eq!(bytes, &dgrams[seqs.len() + truncated.len()][..]);
+                    seqs.push(u32_at(bytes, 24));
+                }
+                Err(cnbus::Error::Truncated { len, capacity, .. }) => {
+                    assert_eq!((len, capacity), (big.len(), 256));
+                    truncated.push(seqs.len());
+                }
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+    }
+    assert_eq!(seqs, (0..20).collect::<Vec<_>>());
+    assert_eq!(truncated, vec![10]);
+    // Nothing left: a non-blocking call says so.
+    assert_eq!(rx.recv_many(&mut batch, true).unwrap(), 0);
+    assert!(batch.is_empty());
+}
+
+#[test]
+fn recv_many_reports_an_overrun_once_then_goes_on() {
+    if kernel_socket("recv_many_reports_an_overrun_once_then_goes_on").is_none() {
+        return;
+    }
+    let group = 26;
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(4096, true).unwrap();
+    rx.join(group).unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let id = CbId::new(test_idx(5), 1);
+    let mut d = DatagramBuilder::new(2048);
+    d.push(&CnMsg::new(id, vec![0x5a; 1000])).unwrap();
+    // A multicast never waits: the small queue overflows.
+    for _ in 0..40 {
+        let _ = tx.try_send(d.as_bytes(), Dest::Group(group));
+    }
+    let mut batch = cnbus::sys::RecvBatch::new(16, 4096);
+    let (mut mine, mut overruns) = (0, 0);
+    loop {
+        match rx.recv_many(&mut batch, true) {
+            Ok(0) => break,
+            Ok(_) => {
+                mine += batch
+                    .iter()
+                    .filter(|d| matches!(d, Ok((_, m)) if m.port == tx.port_id()))
+                    .count()
+            }
+            Err(cnbus::Error::Overrun { .. }) => overruns += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert!(overruns >= 1, "the overflow is reported");
+    assert!(
+        (1..40).contains(&mine),
+        "some arrived, some were dropped: {mine}"
+    );
+    // The socket goes on after it.
+    tx.send(d.as_bytes(), Dest::Group(group)).unwrap();
+    let n = rx.recv_many(&mut batch, false).unwrap();
+    assert!(n >= 1);
+}

@@ -23,7 +23,9 @@ pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 pub use signal::TermSignals;
-pub use socket::{ConnectorSocket, Dest, DropCounter, MemInfo, RecvMeta, NETLINK_CONNECTOR};
+pub use socket::{
+    ConnectorSocket, Dest, DropCounter, MemInfo, RecvBatch, RecvMeta, NETLINK_CONNECTOR,
+};
 pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 

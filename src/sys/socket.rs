@@ -86,6 +86,94 @@ impl RecvMeta {
     }
 }
 
+/// Receive buffers for [`ConnectorSocket::recv_many`]: a number of equal slots, one per
+/// datagram, and what the last call received in them.
+///
+/// The memory is allocated once, zeroed (for large batches the allocator maps fresh
+/// pages, and only the parts the kernel writes become resident).
+#[derive(Debug)]
+pub struct RecvBatch {
+    data: Vec<u8>,
+    slot: usize,
+    names: Vec<libc::sockaddr_nl>,
+    metas: Vec<Slot>,
+    got: usize,
+}
+
+/// One received datagram of a [`RecvBatch`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    len: usize,
+    real: usize,
+    truncated: bool,
+    port: u32,
+    group: u32,
+}
+
+impl RecvBatch {
+    /// The most slots a batch has (more are clamped to this).
+    pub const MAX_SLOTS: usize = 64;
+
+    /// A batch of `slots` buffers (1..=[`MAX_SLOTS`](Self::MAX_SLOTS); clamped) of
+    /// `slot_len` bytes each (at least 1; clamped): a datagram longer than `slot_len` is
+    /// reported as [`Error::Truncated`].
+    pub fn new(slots: usize, slot_len: usize) -> Self {
+        let slots = slots.clamp(1, Self::MAX_SLOTS);
+        let slot = slot_len.max(1);
+        // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
+        let name: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        RecvBatch {
+            data: vec![0; slots.saturating_mul(slot)],
+            slot,
+            names: vec![name; slots],
+            metas: vec![Slot::default(); slots],
+            got: 0,
+        }
+    }
+
+    /// The number of slots: the most datagrams one [`ConnectorSocket::recv_many`] reads.
+    pub fn slots(&self) -> usize {
+        self.metas.len()
+    }
+
+    /// The number of datagrams the last [`ConnectorSocket::recv_many`] received.
+    pub fn len(&self) -> usize {
+        self.got
+    }
+
+    /// True when the last [`ConnectorSocket::recv_many`] received nothing.
+    pub fn is_empty(&self) -> bool {
+        self.got == 0
+    }
+
+    /// The datagrams the last [`ConnectorSocket::recv_many`] received, in order: each its
+    /// bytes and [`RecvMeta`], or [`Error::Truncated`] (with its real length) for one longer
+    /// than a slot (consumed; its cut bytes are not handed out).
+    pub fn iter(&self) -> impl Iterator<Item = Result<(&[u8], RecvMeta)>> + '_ {
+        self.metas[..self.got]
+            .iter()
+            .zip(self.data.chunks(self.slot))
+            .map(|(m, d)| {
+                if m.truncated {
+                    Err(Error::Truncated {
+                        op: Op::Recv,
+                        len: m.real,
+                        capacity: self.slot,
+                    })
+                } else {
+                    Ok((
+                        &d[..m.len],
+                        RecvMeta {
+                            len: m.len,
+                            port: m.port,
+                            group: m.group,
+                        },
+                    ))
+                }
+            })
+    }
+}
+
 /// A `NETLINK_CONNECTOR` socket bound to a kernel-assigned port id.
 ///
 /// It is deliberately not `Clone`: it owns its file descriptor and closes it on drop.
@@ -392,6 +480,90 @@ impl ConnectorSocket {
                 m => m.trailing_zeros() + 1,
             },
         }))
+    }
+
+    /// Receives up to [`RecvBatch::slots`] datagrams with one `recvmmsg` system call,
+    /// each into its own slot of `batch` (read them with [`RecvBatch::iter`]). Returns how
+    /// many were received: `Ok(0)` only with `nonblocking` when nothing is queued. A
+    /// blocking call waits for the first datagram only (`MSG_WAITFORONE`).
+    ///
+    /// Every datagram is received as by [`recv`](Self::recv): one longer than a slot is cut,
+    /// consumed, and reported by the batch as [`Error::Truncated`] with its real length. A
+    /// receive-queue overflow is [`Error::Overrun`], at the same point of the stream as
+    /// `recv` reports it: the kernel returns the datagrams read before it and reports the
+    /// `ENOBUFS` on the next call.
+    pub fn recv_many(&self, batch: &mut RecvBatch, nonblocking: bool) -> Result<usize> {
+        batch.got = 0;
+        let n = batch.metas.len();
+        let slot = batch.slot;
+        let base = batch.data.as_mut_ptr();
+        // SAFETY: iovec and mmsghdr are plain data for which all-zero is valid.
+        let mut iovs: [libc::iovec; RecvBatch::MAX_SLOTS] = unsafe { mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; RecvBatch::MAX_SLOTS] = unsafe { mem::zeroed() };
+        for (i, ((iov, h), name)) in iovs
+            .iter_mut()
+            .zip(hdrs.iter_mut())
+            .zip(batch.names.iter_mut())
+            .enumerate()
+        {
+            // SAFETY: i < n <= data.len() / slot, so the slot [i * slot, (i + 1) * slot)
+            // lies inside `data`.
+            iov.iov_base = unsafe { base.add(i * slot) }.cast();
+            iov.iov_len = slot;
+            h.msg_hdr.msg_name = (name as *mut libc::sockaddr_nl).cast();
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        let flags = libc::MSG_TRUNC
+            | if nonblocking {
+                libc::MSG_DONTWAIT
+            } else {
+                libc::MSG_WAITFORONE
+            };
+        let got = loop {
+            // SAFETY: the first `n` headers point at their own iovec (one disjoint slot of
+            // `batch.data` each) and at their own sockaddr_nl in `batch.names`; all outlive
+            // the call. The kernel writes at most iov_len bytes per slot, at most
+            // msg_namelen bytes per name, and msg_len / msg_flags into `hdrs`. No timeout.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    flags,
+                    std::ptr::null_mut(),
+                )
+            };
+            match cvt(r) {
+                Ok(k) => break k as usize,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && nonblocking => return Ok(0),
+                Err(e) => return Err(Error::from_io(Op::Recv, e)),
+            }
+        };
+        for (m, (h, name)) in batch
+            .metas
+            .iter_mut()
+            .zip(hdrs.iter().zip(batch.names.iter()))
+            .take(got)
+        {
+            // With MSG_TRUNC, msg_len is the datagram's real length.
+            let real = h.msg_len as usize;
+            *m = Slot {
+                len: real.min(slot),
+                real,
+                truncated: real > slot || h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                port: name.nl_pid,
+                group: match name.nl_groups {
+                    0 => 0,
+                    g => g.trailing_zeros() + 1,
+                },
+            };
+        }
+        batch.got = got;
+        Ok(got)
     }
 
     fn setsockopt(&self, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {

@@ -149,7 +149,8 @@ impl ProcListenerBuilder {
         let want_filter = !events.is_all();
         let mut l = ProcListener {
             sock,
-            buf: BytesMut::with_capacity(RECV_CHUNK),
+            batch: RecvBatch::new(RECV_BATCH, RECV_CHUNK),
+            small: None,
             core: Core {
                 dec: ProcDecoder::new(events, true).with_acks(self.acks),
                 pending: VecDeque::new(),

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use crossbeam::channel::{self, Receiver, SendTimeoutError, Sender};
 use parking_lot::Mutex;
 
@@ -29,7 +28,7 @@ use crate::codec::{messages_ref, CnHeader, DatagramBuilder, MessageRef};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{
     kernel_at_least, namespace_report, poll_read, ConnectorSocket, Dest, DropCounter, EventFd,
-    RecvMeta,
+    RecvBatch, RecvMeta,
 };
 
 use super::decoder::ProcDecoder;
@@ -46,8 +45,12 @@ pub const DEFAULT_RECV_BUFFER: usize = 16 << 20;
 /// the `sendto`, so the ACK is normally queued before the wait begins.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Bytes read per `recv` (a kernel event datagram is 76 bytes).
+/// Bytes read per datagram (a kernel event datagram is 76 bytes): one longer is a user-space
+/// sender's, counted and skipped.
 const RECV_CHUNK: usize = 64 << 10;
+/// Datagrams read per system call (`recvmmsg`). The batch's 2 MiB are allocated once; only
+/// the pages the kernel writes become resident.
+const RECV_BATCH: usize = 32;
 /// Events held between receive and delivery (only while waiting for an ACK can there be more
 /// than a few).
 const MAX_PENDING: usize = 1 << 16;
@@ -173,7 +176,9 @@ impl Core {
 #[derive(Debug)]
 pub struct ProcListener {
     sock: ConnectorSocket,
-    buf: BytesMut,
+    batch: RecvBatch,
+    /// A smaller batch, for a read limited to fewer datagrams than [`RECV_BATCH`].
+    small: Option<RecvBatch>,
     core: Core,
     filtering: Filtering,
     shared: Arc<Shared>,
@@ -293,6 +298,10 @@ impl ProcListener {
     /// Waits up to `timeout` (`None`: no limit) for the next event or loss report; `Ok(None)`
     /// when the time ran out.
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Received>> {
+        // What is already received, without reading the clock.
+        if let Some(r) = self.core.pending.pop_front() {
+            return Ok(Some(r));
+        }
         // A timeout too long to add to the clock is no limit (never a panic).
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
@@ -303,7 +312,7 @@ impl ProcListener {
                 return Err(Error::Closed);
             }
             // Read first and poll only when the queue is empty: under load, one system call
-            // per datagram. Right after a read found the queue empty, a blocking call polls
+            // per batch of datagrams. Right after a read found the queue empty, a blocking call polls
             // straight away instead of reading again.
             if (!self.drained || timeout == Some(Duration::ZERO)) && self.fill()? {
                 continue;
@@ -376,9 +385,11 @@ impl ProcListener {
             if let Some(r) = self.core.pending.pop_front() {
                 return Some(r);
             }
-            // An empty queue (or a failed read) ends it.
-            if !matches!(self.fill(), Ok(true)) {
-                return None;
+            // An empty queue (or a failed read) ends it. Every datagram read uses up the
+            // budget: one is paid for above, the others here.
+            match self.fill_max(left + 1) {
+                Ok(n) if n > 0 => left -= n - 1,
+                _ => return None,
             }
         })
     }
@@ -402,9 +413,12 @@ impl ProcListener {
             // Bounded: a flood of user-space multicasts (which IGNORE does not stop) must
             // not keep it here.
             let mut n = 0;
-            while n < MAX_PENDING && matches!(self.fill(), Ok(true)) {
+            while n < MAX_PENDING {
+                match self.fill_max(MAX_PENDING - n) {
+                    Ok(k) if k > 0 => n += k,
+                    _ => break,
+                }
                 self.discard_pending();
-                n += 1;
             }
             stats = self.stats();
             if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
@@ -422,29 +436,54 @@ impl ProcListener {
 
     /// Reads one datagram if one is queued. `Ok(false)`: nothing queued.
     fn fill(&mut self) -> Result<bool> {
-        self.buf.clear();
-        self.buf.reserve(RECV_CHUNK);
-        let r = self.sock.recv(&mut self.buf, true);
-        self.drained = matches!(r, Ok(None));
-        match r {
-            Ok(Some(meta)) => {
-                // User-space multicasts on group 1: what the witness counts too.
-                self.foreign += u64::from(meta.port != 0 && meta.group == PROC_GROUP);
-                self.core.datagram(&self.buf[..meta.len], meta);
-                Ok(true)
+        self.fill_max(RECV_BATCH).map(|n| n > 0)
+    }
+
+    /// Reads the datagrams queued, up to `max` (and [`RECV_BATCH`]) in one system call;
+    /// returns how many were read, an overrun report counting as one. `Ok(0)`: nothing
+    /// queued.
+    fn fill_max(&mut self, max: usize) -> Result<usize> {
+        let max = max.min(RECV_BATCH);
+        if max == 0 {
+            return Ok(0);
+        }
+        let batch = if max == self.batch.slots() {
+            &mut self.batch
+        } else {
+            // Rare (a nearly spent `drain_queued` budget): a smaller batch of its own.
+            if self.small.as_ref().map(RecvBatch::slots) != Some(max) {
+                self.small = Some(RecvBatch::new(max, RECV_CHUNK));
             }
-            Ok(None) => Ok(false),
+            self.small
+                .get_or_insert_with(|| RecvBatch::new(max, RECV_CHUNK))
+        };
+        let r = self.sock.recv_many(batch, true);
+        // A short batch means the kernel's last read found the queue empty, or met an
+        // error it reports on the next call (which poll reports at once).
+        self.drained = matches!(r, Ok(n) if n < max);
+        match r {
+            Ok(n) => {
+                for d in batch.iter() {
+                    match d {
+                        Ok((bytes, meta)) => {
+                            // User-space multicasts on group 1: what the witness counts too.
+                            self.foreign += u64::from(meta.port != 0 && meta.group == PROC_GROUP);
+                            self.core.datagram(bytes, meta);
+                        }
+                        // No kernel proc datagram comes near 64 KiB: some user-space sender's.
+                        Err(_) => {
+                            self.core.dec.spoofed += 1;
+                            self.foreign += 1;
+                        }
+                    }
+                }
+                Ok(n)
+            }
             Err(Error::Overrun { .. }) => {
                 self.core.dec.record_overrun();
                 let _ = self.read_drops();
                 self.core.push(Received::Lost(Loss::Overrun));
-                Ok(true)
-            }
-            // No kernel proc datagram comes near 64 KiB: some user-space sender's.
-            Err(Error::Truncated { .. }) => {
-                self.core.dec.spoofed += 1;
-                self.foreign += 1;
-                Ok(true)
+                Ok(1)
             }
             Err(e) => Err(e),
         }
