@@ -45,6 +45,29 @@ fn kernel(test: &str) -> bool {
 /// Kills the child when dropped, so that a failing test leaves nothing running.
 struct Running(Child);
 
+impl Running {
+    /// Starts `cmd` with no stdin and piped outputs: the child, its stdout lines as they
+    /// come, and its whole stderr once it has exited.
+    fn piped(
+        cmd: &mut Command,
+    ) -> (
+        Self,
+        mpsc::Receiver<String>,
+        std::thread::JoinHandle<String>,
+    ) {
+        let mut r = Running(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let err = stderr_of(&mut r.0);
+        let rx = lines(&mut r.0);
+        (r, rx, err)
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -682,7 +705,7 @@ fn bus_subscriber_counts_junk_and_overruns_and_keeps_going() {
     let id = CbId::new(idx, 1);
     // It prints every message, and runs until SIGTERM. (Foreign senders may replay the
     // test's messages on the group, so neither --count nor --idle-secs can end it.)
-    let mut r = Running(
+    let (mut r, rx, err) = Running::piped(
         Command::new(example("bus_subscriber"))
             .args(["--group", &GROUP.to_string(), "--idx", &idx.to_string()])
             .args([
@@ -692,15 +715,8 @@ fn bus_subscriber_counts_junk_and_overruns_and_keeps_going() {
                 "1000000000",
                 "--idle-secs",
                 "600",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            ]),
     );
-    let err = stderr_of(&mut r.0);
-    let rx = lines(&mut r.0);
     line_with(&rx, "listening on group");
     let me = evil.port_id();
     let send = |seq: u32| {
@@ -860,18 +876,11 @@ fn soak_checks_only_its_own_traffic_under_foreign_senders() {
         return;
     };
     // Group 32 (so that its flood does not reach the bus_subscriber test on group 31).
-    let mut r = Running(
+    let (mut r, rx, err) = Running::piped(
         Command::new(example("soak"))
             .args(["--seconds", "2", "--producers", "1", "--receivers", "1"])
-            .args(["--group", "32"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--group", "32"]),
     );
-    let err = stderr_of(&mut r.0);
-    let rx = lines(&mut r.0);
     // The soak's idx, as it computes it; a foreign sender replays messages on it, with
     // garbage sequence numbers, between malformed datagrams.
     let idx = 0x5300_0000 | (r.0.id() & 0xffff);
@@ -926,18 +935,11 @@ fn soak_survives_a_receiver_that_lost_the_end_of_the_run() {
     // on a loaded host): its queue overflows and the kernel drops the tail of the run, the
     // final messages and the totals. It must still finish, with every message of every
     // stream either delivered or counted lost.
-    let mut r = Running(
+    let (mut r, rx, err) = Running::piped(
         Command::new(example("soak"))
             .args(["--seconds", "2", "--producers", "1", "--receivers", "1"])
-            .args(["--group", "32"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--group", "32"]),
     );
-    let err = stderr_of(&mut r.0);
-    let rx = lines(&mut r.0);
     let soak = r.0.id();
     let end = Instant::now() + HANG;
     let mut out = Vec::new();
@@ -1029,18 +1031,11 @@ fn bus_subscriber_counts_each_senders_stream_truly() {
         return;
     };
     let idx = common::test_idx(0x33);
-    let mut r = Running(
+    let (mut r, rx, err) = Running::piped(
         Command::new(example("bus_subscriber"))
             .args(["--group", &GROUP.to_string(), "--idx", &idx.to_string()])
-            .args(["--print", "1000000000", "--idle-secs", "600"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .args(["--print", "1000000000", "--idle-secs", "600"]),
     );
-    let err = stderr_of(&mut r.0);
-    let rx = lines(&mut r.0);
     line_with(&rx, "listening on group");
     let me = evil.port_id();
     // A sender whose stream starts at 1000 (joined late), and one that skips seq 2.
