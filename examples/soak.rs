@@ -400,6 +400,11 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
     if end_rss == 0 {
         end_rss = rss_kib(); // not scheduled before the end of the run (a starved process)
     }
+    if warm_rss == 0 {
+        // Its clock never reached the warm-up point (stopped, or starved, from the start of
+        // the run until the totals came): no growth to judge, so the baseline is now.
+        warm_rss = rss_kib().max(end_rss);
+    }
     let s = conn.stats();
     let (expected, tail) = totals.lock().clone().unwrap_or_default();
     let own_reordered = reordered.load(Ordering::Relaxed);
