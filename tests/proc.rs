@@ -398,13 +398,20 @@ fn spoofed_event_from_user_space_is_rejected_and_counted() {
     // A fake FORK whose child pid no process can have (above pid_max's limit of 2^22).
     let fake_pid: u32 = 0x7fff_0000 | (my_pid() & 0xffff);
     let mut data = Vec::new();
-    for w in [1u32, 0] {
-        data.extend_from_slice(&w.to_ne_bytes());
+    ProcEvent {
+        seq: 0,
+        ack: 0,
+        cpu: 0,
+        timestamp_ns: cnbus::sys::monotonic_ns(),
+        body: EventBody::Fork {
+            parent: Task { pid: 1, tgid: 1 },
+            child: Task {
+                pid: fake_pid,
+                tgid: fake_pid,
+            },
+        },
     }
-    data.extend_from_slice(&cnbus::sys::monotonic_ns().to_ne_bytes());
-    for w in [1u32, 1, fake_pid, fake_pid, 0, 0] {
-        data.extend_from_slice(&w.to_ne_bytes());
-    }
+    .emit(&mut data);
     let spoofer = ConnectorSocket::open().unwrap();
     let mut d = DatagramBuilder::new(256).with_pid(0);
     d.push(&CnMsg::new(CbId::PROC, data).with_seq(1, 0))
