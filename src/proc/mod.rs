@@ -46,12 +46,6 @@ pub use loss::{Loss, LossSource, LossStats, Received};
 pub use registered::{register, ProcRegistration};
 pub use seq::{CpuSeqTracker, SeqCheck};
 
-/// The former name of [`CpuSeqTracker`].
-#[deprecated(
-    since = "0.1.0",
-    note = "renamed `CpuSeqTracker` (`connector::SeqTracker` tracks per-stream sequences)"
-)]
-pub type SeqTracker = CpuSeqTracker;
 #[cfg(all(feature = "tokio", not(cnbus_loom)))]
 pub use stream::ProcStream;
 
