@@ -410,7 +410,10 @@ async fn async_numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
     let dest = Dest::Port(rx.port_id());
     let n = 200u32;
     let sender = tokio::spawn(async move {
-        let tx = Connector::builder().build_async().unwrap();
+        let tx = Connector::builder()
+            .send_timeout(Duration::from_secs(600)) // the receiver is held up on purpose
+            .build_async()
+            .unwrap();
         for i in 0..n {
             let seq = tx.send_numbered(id, vec![0u8; 64], dest).await.unwrap();
             assert_eq!(seq, i + 1);

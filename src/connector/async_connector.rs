@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use bytes::{Bytes, BytesMut};
@@ -31,6 +31,9 @@ const QUEUE_CAP: usize = 65536;
 /// Datagrams read per readiness before yielding to the runtime.
 const BATCH: usize = 64;
 
+/// Longest pause between two attempts to send to a unicast peer whose queue is full.
+const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
+
 /// An async connector: a socket whose messages and events are a `Stream`.
 ///
 /// Build it with [`ConnectorBuilder::build_async`](crate::connector::ConnectorBuilder::build_async).
@@ -39,6 +42,9 @@ pub struct AsyncConnector {
     pub(crate) outbox: Outbox,
     groups: Arc<Groups>,
     max_datagram: usize,
+    /// How long a send waits for room at a full unicast peer
+    /// ([`ConnectorBuilder::send_timeout`](crate::connector::ConnectorBuilder::send_timeout)).
+    send_timeout: Duration,
     reader: Mutex<Reader>,
     /// Names the requests' [`Pending`] entries.
     tokens: AtomicU64,
@@ -59,6 +65,7 @@ impl AsyncConnector {
         groups: Arc<Groups>,
         ingest: Ingest,
         max_datagram: usize,
+        send_timeout: Duration,
     ) -> Result<Self> {
         let fd = crate::sys::asyncfd::register(outbox.socket.clone())
             .map_err(|e| Error::from_io(Op::Poll, e))?;
@@ -67,6 +74,7 @@ impl AsyncConnector {
             outbox,
             groups,
             max_datagram,
+            send_timeout,
             reader: Mutex::new(Reader {
                 ingest,
                 buf: BytesMut::with_capacity(max_datagram * 4),
@@ -103,23 +111,20 @@ impl AsyncConnector {
     }
 
     /// Sends one message in a datagram of its own. A unicast to a peer whose queue is full
-    /// waits (asynchronously) for room instead of blocking the runtime.
+    /// waits (asynchronously, never blocking the runtime's thread) for room, at most
+    /// [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
+    /// [`Error::TimedOut`] (`Op::Send`), counted as a send error.
     pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
         let d = self.outbox.frame(msg, dest)?;
+        let wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.socket.try_send(&d, dest);
-            match r {
-                Ok(Some(_)) => {
-                    self.outbox.account(&r, 1);
-                    return Ok(());
-                }
-                // The peer's queue is full; netlink offers no readiness for that, so poll
-                // gently rather than spin.
-                Ok(None) => ::tokio::time::sleep(Duration::from_millis(1)).await,
-                Err(e) => {
-                    self.outbox.account(&Err::<(), _>(Error::Closed), 1);
-                    return Err(e);
-                }
+            if !matches!(r, Ok(None)) {
+                self.outbox.account(&r, 1);
+                return r.map(drop);
+            }
+            if !wait.pause().await {
+                return Err(self.timed_out(Op::Send));
             }
         }
     }
@@ -127,28 +132,38 @@ impl AsyncConnector {
     /// Sends `data` on `id` with the next sequence number of `id`, as
     /// [`ConnectorHandle::send_numbered`](crate::connector::ConnectorHandle::send_numbered)
     /// does (the socket's sequence of `dest` and `id`, numbered and sent under the socket's
-    /// numbering lock, so in wire order
-    /// among everything sending on the socket). A unicast to a peer whose queue is full
-    /// waits asynchronously, using no number meanwhile. Returns the seq.
+    /// numbering lock, so in wire order among everything sending on the socket). A unicast
+    /// to a peer whose queue is full waits asynchronously, using no number meanwhile, at
+    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
+    /// [`Error::TimedOut`] (`Op::Send`), counted as a send error, and no number used.
+    /// Returns the seq.
     pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
         let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
+        let wait = RoomWait::new(self.send_timeout);
         loop {
             if let Some(seq) = self.outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            ::tokio::time::sleep(Duration::from_millis(1)).await;
+            if !wait.pause().await {
+                return Err(self.timed_out(Op::Send));
+            }
         }
     }
 
     /// Sends several messages packed into datagrams with one `sendmmsg`, as
     /// [`ConnectorHandle::send_batch`](crate::connector::ConnectorHandle::send_batch) does.
     /// Multicasts and sends to the kernel never wait; a unicast to a user-space peer with a
-    /// full queue waits (asynchronously, never blocking the runtime's thread) for room.
-    /// Returns the messages sent (fewer than `msgs` when a send failed after some went out,
-    /// counted as a send error).
+    /// full queue waits (asynchronously, never blocking the runtime's thread) for room, at
+    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout) in all.
+    /// Returns the messages sent: fewer than `msgs` when a send failed or the wait timed
+    /// out after some went out (counted as one send error); [`Error::TimedOut`]
+    /// (`Op::SendBatch`) when none went out in time. Datagrams are counted in
+    /// [`stats`](Self::stats) as they go out, so a `send_batch` dropped while it waits
+    /// (a `tokio::time::timeout` around it) leaves the counters right.
     pub async fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
         let datagrams = self.outbox.frame_batch(msgs, dest)?;
-        let mut sent = 0;
+        let wait = RoomWait::new(self.send_timeout);
+        let (mut sent, mut msgs_sent) = (0, 0);
         while sent < datagrams.len() {
             let slices: Vec<IoSlice<'_>> = datagrams[sent..]
                 .iter()
@@ -157,20 +172,37 @@ impl AsyncConnector {
             match self.outbox.socket.try_send_batch(&slices, dest) {
                 Ok(0) => {
                     drop(slices);
-                    // The peer's queue is full; netlink offers no readiness for that.
-                    ::tokio::time::sleep(Duration::from_millis(1)).await
+                    if !wait.pause().await {
+                        if sent == 0 {
+                            return Err(self.timed_out(Op::SendBatch));
+                        }
+                        break;
+                    }
                 }
-                Ok(n) => sent += n,
+                Ok(n) => {
+                    let n = n.min(datagrams.len() - sent);
+                    msgs_sent += self.outbox.account_batch(&datagrams[sent..sent + n], n);
+                    sent += n;
+                }
                 // As the synchronous send_batch: an error after some datagrams went out
                 // ends the batch with what was sent (the error recurs on a retry).
                 Err(_) if sent > 0 => break,
                 Err(e) => {
-                    self.outbox.account_batch(&datagrams, sent); // counts the error
+                    self.outbox.account_batch(&datagrams, 0); // counts the error
                     return Err(e);
                 }
             }
         }
-        Ok(self.outbox.account_batch(&datagrams, sent))
+        if sent < datagrams.len() {
+            Counters::add(&self.outbox.counters.send_errors, 1);
+        }
+        Ok(msgs_sent)
+    }
+
+    /// A send that found no room in time: counted as a send error.
+    fn timed_out(&self, op: Op) -> Error {
+        Counters::add(&self.outbox.counters.send_errors, 1);
+        Error::TimedOut { op }
     }
 
     /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and
@@ -333,6 +365,39 @@ impl AsyncConnector {
     }
 }
 
+/// A send's wait for room at a unicast peer whose queue is full. Netlink offers no
+/// readiness for that (a sender's writability is its own send buffer's, which is why the
+/// socket is registered for read readiness only), so the send tries again after a pause of
+/// at most [`MAX_ROOM_PAUSE`], on tokio's timer, until the timeout has passed since the
+/// first attempt.
+struct RoomWait {
+    /// `None`: a timeout too long to represent, waits without end.
+    deadline: Option<Instant>,
+}
+
+impl RoomWait {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now().checked_add(timeout),
+        }
+    }
+
+    /// Sleeps before the next attempt; `false` (at once) when the time is up.
+    async fn pause(&self) -> bool {
+        let pause = match self.deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(MAX_ROOM_PAUSE),
+            None => MAX_ROOM_PAUSE,
+        };
+        if pause.is_zero() {
+            return false;
+        }
+        ::tokio::time::sleep(pause).await;
+        true
+    }
+}
+
 /// What the stream and the requests share: the receive side, behind one lock that no
 /// `await` holds.
 struct Reader {
@@ -423,7 +488,114 @@ mod tests {
 
     use crate::codec::{messages, CbId, CnMsg, Message};
     use crate::connector::Connector;
+    use crate::error::{Error, Op};
     use crate::sys::{ConnectorSocket, Dest};
+
+    /// Runs `f` on a one-thread runtime on a thread of its own and returns its result, or
+    /// panics with `hung` when it has not finished after two minutes (a watchdog for a
+    /// future that never completes, not a timing assertion).
+    fn on_runtime<T: Send + 'static>(
+        hung: &str,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = ::tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = done_tx.send(rt.block_on(f));
+        });
+        done_rx.recv_timeout(Duration::from_secs(120)).expect(hung)
+    }
+
+    /// A peer that never reads: a socket with the smallest receive buffer.
+    fn stalled_peer() -> ConnectorSocket {
+        let rx = ConnectorSocket::open().unwrap();
+        rx.set_recv_buffer(4096, false).unwrap();
+        rx
+    }
+
+    /// Reads everything queued at `rx` and counts the messages on `id`.
+    fn drain(rx: &ConnectorSocket, id: CbId) -> usize {
+        let mut got = 0;
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(1 << 17);
+            match rx.recv(&mut buf, true).unwrap() {
+                Some(_) => {
+                    for m in messages(buf.split().freeze()) {
+                        if let Ok(Message::Connector(c)) = m {
+                            got += usize::from(c.msg.id == id);
+                        }
+                    }
+                }
+                None => return got,
+            }
+        }
+    }
+
+    /// Every async send to a unicast peer that never reads gives up after the connector's
+    /// `send_timeout`, counted as a send error; a batch reports what went out, and a
+    /// numbered send that gave up used no number. (Before, each waited forever: the
+    /// watchdog fired.)
+    #[test]
+    fn sends_to_a_peer_that_never_reads_give_up_after_send_timeout() {
+        on_runtime("an async send to a stalled peer never returned", async {
+            const N: usize = 600;
+            let rx = stalled_peer();
+            let dest = Dest::Port(rx.port_id());
+            let tx = Connector::builder()
+                .send_timeout(Duration::from_millis(50))
+                .build_async()
+                .unwrap();
+            let id = CbId::new(0x5a19, tx.port_id());
+            let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
+            let sent = match tx.send_batch(&msgs, dest).await {
+                Ok(k) => k,
+                Err(Error::TimedOut { op: Op::SendBatch }) => 0,
+                Err(e) => panic!("{e}"),
+            };
+            assert!(sent < N, "{sent}");
+            let s = tx.stats();
+            assert_eq!((s.sent_messages, s.send_errors), (sent as u64, 1), "{s:?}");
+
+            let e = tx.send(&msgs[0], dest).await.unwrap_err();
+            assert!(matches!(e, Error::TimedOut { op: Op::Send }), "{e}");
+            let e = tx.send_numbered(id, vec![1u8], dest).await.unwrap_err();
+            assert!(matches!(e, Error::TimedOut { op: Op::Send }), "{e}");
+            assert_eq!(tx.stats().send_errors, 3);
+
+            assert_eq!(drain(&rx, id), sent);
+            assert_eq!(tx.send_numbered(id, vec![2u8], dest).await.unwrap(), 1);
+        });
+    }
+
+    /// A `send_batch` dropped while it waits for room (a timeout around it) has counted
+    /// what went out: the peer received exactly `sent_messages`. (Before, the batch was
+    /// counted only at its end, so a dropped one counted nothing.)
+    #[test]
+    fn a_send_batch_dropped_while_waiting_counted_what_went_out() {
+        on_runtime("the timeout around send_batch never fired", async {
+            const N: usize = 600;
+            let rx = stalled_peer();
+            let dest = Dest::Port(rx.port_id());
+            let tx = Connector::builder()
+                .send_timeout(Duration::from_secs(3600))
+                .build_async()
+                .unwrap();
+            let id = CbId::new(0x5a1a, tx.port_id());
+            let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
+            let r = ::tokio::time::timeout(Duration::from_millis(50), tx.send_batch(&msgs, dest));
+            assert!(
+                r.await.is_err(),
+                "the batch cannot fit a stalled 4 KiB queue"
+            );
+            let got = drain(&rx, id);
+            assert!(got > 0 && got < N, "{got}");
+            assert_eq!(tx.stats().sent_messages, got as u64);
+        });
+    }
 
     /// A batch to a unicast peer whose queue fills up waits without blocking the runtime:
     /// on a one-thread runtime, the task emptying the peer's queue still runs. (Before,

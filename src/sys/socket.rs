@@ -98,7 +98,7 @@ impl ConnectorSocket {
         let raw = cvt(unsafe {
             libc::socket(
                 libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
                 NETLINK_CONNECTOR,
             )
         })
@@ -128,7 +128,7 @@ impl ConnectorSocket {
                 &mut len,
             )
         })
-        .map_err(|e| Error::from_io(Op::Bind, e))?;
+        .map_err(|e| Error::from_io(Op::LocalAddr, e))?;
         let numbering = SeqSource::default();
         Ok(Self {
             fd,
