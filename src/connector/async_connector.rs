@@ -154,7 +154,8 @@ impl AsyncConnector {
     /// [`ConnectorHandle::send_batch`](crate::connector::ConnectorHandle::send_batch) does.
     /// Multicasts and sends to the kernel never wait; a unicast to a user-space peer with a
     /// full queue waits (asynchronously, never blocking the runtime's thread) for room, at
-    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout) in all.
+    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout) each time
+    /// (a peer that reads slowly but keeps reading gets the whole batch).
     /// Returns the messages sent: fewer than `msgs` when a send failed or the wait timed
     /// out after some went out (counted as one send error); [`Error::TimedOut`]
     /// (`Op::SendBatch`) when none went out in time. Datagrams are counted in
@@ -162,7 +163,7 @@ impl AsyncConnector {
     /// (a `tokio::time::timeout` around it) leaves the counters right.
     pub async fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
         let datagrams = self.outbox.frame_batch(msgs, dest)?;
-        let wait = RoomWait::new(self.send_timeout);
+        let mut wait = RoomWait::new(self.send_timeout);
         let (mut sent, mut msgs_sent) = (0, 0);
         while sent < datagrams.len() {
             let slices: Vec<IoSlice<'_>> = datagrams[sent..]
@@ -183,6 +184,7 @@ impl AsyncConnector {
                     let n = n.min(datagrams.len() - sent);
                     msgs_sent += self.outbox.account_batch(&datagrams[sent..sent + n], n);
                     sent += n;
+                    wait = RoomWait::new(self.send_timeout);
                 }
                 // As the synchronous send_batch: an error after some datagrams went out
                 // ends the batch with what was sent (the error recurs on a retry).
