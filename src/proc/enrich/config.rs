@@ -1,11 +1,14 @@
 //! The enricher's settings ([`EnrichConfig`]) and the programs whose children are read at
 //! fork ([`SPAWNERS`]).
 
-/// Settings of an [`Enricher`](super::Enricher).
+#[cfg(doc)] // names in doc links
+use super::{EnrichStats, Enricher, InfoSource};
+
+/// Settings of an [`Enricher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnrichConfig {
     /// Most processes kept (default 65 536). Beyond it the least recently used half is
-    /// dropped and counted in [`EnrichStats::evictions`](super::EnrichStats::evictions); a dropped process is read from
+    /// dropped and counted in [`EnrichStats::evictions`]; a dropped process is read from
     /// `/proc` again at its next event.
     pub capacity: usize,
     /// Read the child's cgroup and pid namespace at fork (default `true`). A child is
@@ -15,8 +18,8 @@ pub struct EnrichConfig {
     /// or that moved itself into another cgroup or pid namespace just before makes the
     /// child differ from that parent. With `false` a fork costs no `/proc` read (unless the
     /// start time is uncertain or the parent is unknown) and the child's cgroup and
-    /// namespace are the parent's, marked [`Source::Inherited`](super::Source::Inherited), until its exec re-reads
-    /// them.
+    /// namespace are the parent's, marked
+    /// [`InfoSource::Inherited`], until its exec re-reads them.
     pub read_at_fork: bool,
     /// With `read_at_fork = false`: programs whose children are read at fork all the same
     /// (default [`SPAWNERS`]): container runtimes, which fork with `CLONE_PARENT` (so the

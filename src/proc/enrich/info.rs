@@ -1,16 +1,18 @@
 //! What the enricher reports: a process's attributes ([`ProcessInfo`]), where each came
-//! from ([`Source`]), and the enricher's counters ([`EnrichStats`]).
+//! from ([`InfoSource`]), and the enricher's counters ([`EnrichStats`]).
 
 use std::fmt;
 use std::sync::Arc;
 
 use super::ProcessKey;
+#[cfg(doc)] // names in doc links
+use super::{container_id, EnrichConfig, Enricher, RUNTIME_PATTERNS};
 
 /// Where an attribute of a [`ProcessInfo`] came from. Serialised in lower case.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub enum InfoSource {
     /// Read from `/proc/<pid>/…` for this process (for the command line: for its current
     /// image, after the event's exec if any).
     Proc,
@@ -27,26 +29,26 @@ pub enum Source {
     Denied,
 }
 
-impl Source {
+impl InfoSource {
     /// `proc`, `inherited`, `comm`, `exited` or `denied`.
     pub const fn name(self) -> &'static str {
         match self {
-            Source::Proc => "proc",
-            Source::Inherited => "inherited",
-            Source::Comm => "comm",
-            Source::Exited => "exited",
-            Source::Denied => "denied",
+            InfoSource::Proc => "proc",
+            InfoSource::Inherited => "inherited",
+            InfoSource::Comm => "comm",
+            InfoSource::Exited => "exited",
+            InfoSource::Denied => "denied",
         }
     }
 }
 
-impl fmt::Display for Source {
+impl fmt::Display for InfoSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
 }
 
-/// What the [`Enricher`](super::Enricher) knows about the process an event is about. Serialised with these
+/// What the [`Enricher`] knows about the process an event is about. Serialised with these
 /// field names; `None` is `null`.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +61,7 @@ pub struct ProcessInfo {
     /// threads' parent 0, or when it could not be read.
     pub parent_key: Option<ProcessKey>,
     /// The 64-hex container id when `cgroup` is a known container runtime's path
-    /// ([`RUNTIME_PATTERNS`](super::RUNTIME_PATTERNS)); `None` on the host or when `cgroup` is `None`. Its source is
+    /// ([`RUNTIME_PATTERNS`]); `None` on the host or when `cgroup` is `None`. Its source is
     /// `cgroup_source`.
     #[cfg_attr(feature = "serde", serde(with = "opt_arc_str"))]
     pub container_id: Option<Arc<str>>,
@@ -69,37 +71,37 @@ pub struct ProcessInfo {
     pub cgroup: Option<Arc<str>>,
     /// Where `cgroup` and `container_id` came from (`proc`, `inherited`, `exited` or
     /// `denied`).
-    pub cgroup_source: Source,
+    pub cgroup_source: InfoSource,
     /// The pid in the process's own (innermost) pid namespace: the last field of `NSpid`
     /// in `/proc/<pid>/status` (equal to the host pid in the initial namespace).
     pub ns_pid: Option<u32>,
     /// The inode number of the process's pid namespace (`/proc/<pid>/ns/pid`).
     pub pidns: Option<u64>,
     /// Where `ns_pid` and `pidns` came from (`proc`, `inherited`, `exited` or `denied`).
-    pub pidns_source: Source,
+    pub pidns_source: InfoSource,
     /// The command line, arguments joined by spaces (capped at
-    /// [`EnrichConfig::max_cmdline`](super::EnrichConfig::max_cmdline) bytes), or the task name when `cmdline_source` is
+    /// [`EnrichConfig::max_cmdline`] bytes), or the task name when `cmdline_source` is
     /// `comm`.
     #[cfg_attr(feature = "serde", serde(with = "opt_arc_str"))]
     pub cmdline: Option<Arc<str>>,
     /// Where `cmdline` came from: `proc`, `inherited`, `comm`, `exited` or `denied`.
-    pub cmdline_source: Source,
+    pub cmdline_source: InfoSource,
 }
 
 impl ProcessInfo {
-    /// Nothing known: every attribute `None` with [`Source::Exited`].
+    /// Nothing known: every attribute `None` with [`InfoSource::Exited`].
     pub fn unknown() -> Self {
         ProcessInfo {
             process_key: None,
             parent_key: None,
             container_id: None,
             cgroup: None,
-            cgroup_source: Source::Exited,
+            cgroup_source: InfoSource::Exited,
             ns_pid: None,
             pidns: None,
-            pidns_source: Source::Exited,
+            pidns_source: InfoSource::Exited,
             cmdline: None,
-            cmdline_source: Source::Exited,
+            cmdline_source: InfoSource::Exited,
         }
     }
 
@@ -129,7 +131,7 @@ mod opt_arc_str {
     }
 }
 
-/// Counters of an [`Enricher`](super::Enricher).
+/// Counters of an [`Enricher`].
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EnrichStats {
@@ -152,7 +154,7 @@ pub struct EnrichStats {
     /// before the kernel attached the child to its cgroup; the parent's cgroup was used
     /// (marked inherited).
     pub unattached_cgroup_reads: u64,
-    /// Cache entries dropped to stay within [`EnrichConfig::capacity`](super::EnrichConfig::capacity).
+    /// Cache entries dropped to stay within [`EnrichConfig::capacity`].
     pub evictions: u64,
     /// Cache entries found stale (their pid was reused: an exit was lost) and replaced.
     pub stale: u64,

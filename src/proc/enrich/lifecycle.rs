@@ -93,14 +93,14 @@ impl Enricher {
     /// Reads the cgroup into `info`; false (and `info` unchanged) when the process is gone.
     pub(super) fn read_cgroup(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
         let Some(path) = self.fs.cgroup(pid) else {
-            if self.fs.denied && info.cgroup_source == Source::Exited {
-                info.cgroup_source = Source::Denied;
+            if self.fs.denied && info.cgroup_source == InfoSource::Exited {
+                info.cgroup_source = InfoSource::Denied;
             }
             return false;
         };
         info.container_id = container_id(&path).map(Arc::from);
         info.cgroup = Some(path.into());
-        info.cgroup_source = Source::Proc;
+        info.cgroup_source = InfoSource::Proc;
         true
     }
 
@@ -108,8 +108,8 @@ impl Enricher {
     /// gone.
     pub(super) fn read_pidns(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
         let Some(ns) = self.fs.pidns(pid) else {
-            if self.fs.denied && info.pidns_source == Source::Exited {
-                info.pidns_source = Source::Denied;
+            if self.fs.denied && info.pidns_source == InfoSource::Exited {
+                info.pidns_source = InfoSource::Denied;
             }
             return false;
         };
@@ -120,15 +120,15 @@ impl Enricher {
         } else {
             self.fs.ns_pid(pid)
         };
-        info.pidns_source = Source::Proc;
+        info.pidns_source = InfoSource::Proc;
         true
     }
 
-    pub(super) fn read_cmdline(&mut self, pid: u32) -> (Option<Arc<str>>, Source) {
+    pub(super) fn read_cmdline(&mut self, pid: u32) -> (Option<Arc<str>>, InfoSource) {
         match self.fs.cmdline(pid, self.cfg.max_cmdline) {
-            Some(Some(c)) => (Some(c.into()), Source::Proc),
+            Some(Some(c)) => (Some(c.into()), InfoSource::Proc),
             Some(None) => match self.fs.comm(pid) {
-                Some(c) => (Some(c.into()), Source::Comm),
+                Some(c) => (Some(c.into()), InfoSource::Comm),
                 None => (None, self.failure()),
             },
             None => (None, self.failure()),
@@ -136,11 +136,11 @@ impl Enricher {
     }
 
     /// The source of a value the last read could not give.
-    pub(super) fn failure(&self) -> Source {
+    pub(super) fn failure(&self) -> InfoSource {
         if self.fs.denied {
-            Source::Denied
+            InfoSource::Denied
         } else {
-            Source::Exited
+            InfoSource::Exited
         }
     }
 
@@ -201,19 +201,19 @@ impl Enricher {
             if let Some(p) = parent.as_ref().filter(|p| p.cgroup.is_some()) {
                 info.cgroup = p.cgroup.clone();
                 info.container_id = p.container_id.clone();
-                info.cgroup_source = Source::Inherited;
+                info.cgroup_source = InfoSource::Inherited;
             }
         }
         if !(read && !gone && self.read_pidns(pid, &mut info)) {
             if let Some(p) = parent.as_ref().filter(|p| p.pidns.is_some()) {
                 info.pidns = p.pidns;
                 info.ns_pid = (p.pidns == Some(PID_INIT_INO)).then_some(pid);
-                info.pidns_source = Source::Inherited;
+                info.pidns_source = InfoSource::Inherited;
             }
         }
         (info.cmdline, info.cmdline_source) = match parent.as_ref() {
-            Some(p) if matches!(p.cmdline_source, Source::Proc | Source::Inherited) => {
-                (p.cmdline.clone(), Source::Inherited)
+            Some(p) if matches!(p.cmdline_source, InfoSource::Proc | InfoSource::Inherited) => {
+                (p.cmdline.clone(), InfoSource::Inherited)
             }
             _ => self.read_cmdline(pid),
         };
@@ -249,7 +249,7 @@ impl Enricher {
         {
             (info.cgroup, info.container_id, info.cgroup_source) = before;
         }
-        if info.pidns_source != Source::Proc {
+        if info.pidns_source != InfoSource::Proc {
             self.read_pidns(pid, &mut info);
         }
         if let Some(e) = self.cache.get_mut(pid) {

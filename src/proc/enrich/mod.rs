@@ -1,6 +1,6 @@
 //! Process attribution for proc events: a pid-reuse-safe [`ProcessKey`], the cgroup and
 //! container, the pid namespace and the pid inside it, and the command line, each saying
-//! where it came from ([`Source`]).
+//! where it came from ([`InfoSource`]).
 //!
 //! The decoder ([`ProcEvent`]) stays pure; the [`Enricher`] is the part that reads `/proc`.
 //! It keeps what it knows about each live process in a bounded cache fed by fork, exec and
@@ -12,7 +12,7 @@
 //!   [`EnrichConfig::read_at_fork`]);
 //! * an **exec** re-reads the command line (the one from before the exec is never reported
 //!   for the new image: if the process is already gone, the command line is `None` with
-//!   [`Source::Exited`]) and the cgroup;
+//!   [`InfoSource::Exited`]) and the cgroup;
 //! * an **exit** is enriched from the cache, then its entry is removed;
 //! * any event of a process the cache does not know reads `/proc` once.
 //!
@@ -57,7 +57,7 @@ pub use config::{EnrichConfig, SPAWNERS};
 pub use container::{
     container_id, container_of, parse_cgroup, ContainerMatch, RuntimePattern, RUNTIME_PATTERNS,
 };
-pub use info::{EnrichStats, ProcessInfo, Source};
+pub use info::{EnrichStats, InfoSource, ProcessInfo};
 pub use key::{boot_id, BadProcessKey, ProcessKey};
 
 use self::cache::Cache;
@@ -191,7 +191,7 @@ impl Enricher {
             }
             EventBody::Comm { process, comm } => {
                 let mut info = self.info(process.tgid);
-                if info.cmdline_source == Source::Comm {
+                if info.cmdline_source == InfoSource::Comm {
                     let name: Arc<str> = comm.to_string_lossy().into();
                     info.cmdline = Some(name.clone());
                     if let Some(e) = self.cache.get_mut(process.tgid) {
@@ -213,7 +213,7 @@ impl Enricher {
     /// Reads `pid` from `/proc` again, replacing what the cache had (for a resync after a
     /// loss: an exec may have been missed, and a cached command line would then be the
     /// old image's); [`ProcessInfo::unknown`] (and the entry removed) when it is gone.
-    /// Everything is then [`Source::Proc`], and the parent key is the current parent's.
+    /// Everything is then [`InfoSource::Proc`], and the parent key is the current parent's.
     pub fn refresh(&mut self, pid: u32) -> ProcessInfo {
         self.cache.remove(pid);
         self.info(pid)
