@@ -3,7 +3,8 @@
 //! dependencies) a module of a layer above its own, and the peers of one layer that must
 //! stay independent (`bus` and `proc`) do not name each other.
 //!
-//! [`LAYERS`] is the one list of the layers; docs/ARCHITECTURE.md describes it.
+//! [`LAYERS`] is the one list of the layers; docs/ARCHITECTURE.md describes it. Also: no two
+//! public types share a name.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -266,4 +267,44 @@ fn the_checker_reads_paths_and_skips_comments() {
     assert!(allowed("proc", "connector").is_ok());
     assert!(allowed("codec", "error").is_ok());
     assert!(allowed("bus", "sync").is_ok());
+}
+
+/// One name per idea: no two `pub` types (struct, enum, type alias, trait) in `src/` share a
+/// name (two `Received`s, two `SeqTracker`s and two `Source`s were three such pairs).
+#[test]
+fn public_type_names_are_unique() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut twins = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).unwrap();
+        if rel.starts_with("bin") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let l = code(line).trim_start();
+            let Some(rest) = ["pub struct ", "pub enum ", "pub type ", "pub trait "]
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+            else {
+                continue;
+            };
+            let name = ident(rest).to_string();
+            let at = format!("src/{}:{}", rel.display(), n + 1);
+            if let Some((_, first)) = seen.iter().find(|(s, _)| *s == name) {
+                twins.push(format!("{name}: {first} and {at}"));
+            } else {
+                seen.push((name, at));
+            }
+        }
+    }
+    assert!(seen.len() > 50, "only {} public types found", seen.len());
+    assert!(
+        twins.is_empty(),
+        "public types sharing a name:\n{}",
+        twins.join("\n")
+    );
 }
