@@ -5,13 +5,15 @@
 //! register a callback per id, and by convention the multicast group of an id is its idx.
 //! The best-known user is the proc connector (id `1.1`), which streams process events.
 //!
-//! cnbus is organised in layers, each a module:
+//! cnbus is organised in layers, each a module, from the bottom up: a module uses only the
+//! ones listed before it in this table (`bus` and `proc` do not use each other;
+//! `tests/layers.rs` checks it):
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`codec`] | the wire formats as plain data (the proc connector's in [`codec::proc`]): checked views, no I/O, no `unsafe` |
-//! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
+//! | [`codec`] | the wire formats as plain data (the proc connector's in [`codec::proc`]): checked views, no I/O, no `unsafe`; its own errors ([`DecodeError`], [`codec::TooLarge`]) |
 //! | [`error`] | the error enum callers match on (operation + errno kept) |
+//! | [`sys`] | the connector socket and every system call; all of the crate's `unsafe` |
 //! | [`connector`] | the idx/val callback registry, the dispatcher thread, group subscriptions, sending, requests and loss accounting |
 //! | [`bus`] | CBUS: per-CPU batching queues and a flusher thread for hot-path senders |
 //! | [`proc`] | the proc connector: typed process events, filtered listeners, loss accounting |

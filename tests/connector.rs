@@ -460,9 +460,9 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
 /// that held it and never returned.
 #[test]
 fn a_callback_dropping_its_own_registration_on_a_hand_driven_registry_does_not_deadlock() {
-    use cnbus::connector::{Incoming as Received, Registration, Registry, Source};
+    use cnbus::connector::{Incoming, Registration, Registry, Source};
     let id = CbId::new(test_idx(0x70), 1);
-    let msg = Received {
+    let msg = Incoming {
         msg: CnMsg::new(id, &b"x"[..]),
         source: Source { port: 1, group: 0 },
     };

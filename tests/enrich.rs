@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use cnbus::proc::{
-    Enricher, EventBody, EventSet, ProcEvent, ProcListener, ProcessInfo, ProcessKey, Received,
-    Source,
+    Enricher, EventBody, EventSet, InfoSource, ProcEvent, ProcListener, ProcessInfo, ProcessKey,
+    Received,
 };
 use common::kernel_socket;
 
@@ -219,10 +219,10 @@ fn fork_derived_keys_equal_proc_keys_over_thousands_of_children() {
             assert_eq!(key, *want, "fork-derived key of {p} differs from /proc's");
             assert_eq!(info.parent_key, Some(me));
             assert_eq!(info.container_id, None, "a host process");
-            assert_eq!(info.cmdline_source, Source::Inherited);
+            assert_eq!(info.cmdline_source, InfoSource::Inherited);
             assert!(matches!(
                 info.cgroup_source,
-                Source::Proc | Source::Inherited
+                InfoSource::Proc | InfoSource::Inherited
             ));
             if let Some(x) = &s[0].exit {
                 assert_eq!(x.process_key, Some(key), "exit key of {p}");
@@ -322,16 +322,16 @@ fn host_processes_have_no_container() {
         let i = e.process(pid);
         assert!(i.process_key.is_some(), "pid {pid}");
         assert_eq!(i.container_id, None, "pid {pid}: {:?}", i.cgroup);
-        assert_eq!(i.cgroup_source, Source::Proc);
+        assert_eq!(i.cgroup_source, InfoSource::Proc);
         // Some hosts protect pid 1's namespace links even from root (this one does).
-        if i.pidns_source != Source::Denied {
-            assert_eq!(i.pidns_source, Source::Proc);
+        if i.pidns_source != InfoSource::Denied {
+            assert_eq!(i.pidns_source, InfoSource::Proc);
             assert_eq!(i.ns_pid, Some(pid));
         }
     }
     let me = e.process(my_pid());
-    assert_eq!(me.pidns_source, Source::Proc);
+    assert_eq!(me.pidns_source, InfoSource::Proc);
     assert_eq!(me.ns_pid, Some(my_pid()));
-    assert_eq!(me.cmdline_source, Source::Proc);
+    assert_eq!(me.cmdline_source, InfoSource::Proc);
     assert_eq!(me.process_key, e.proc_key(my_pid()));
 }

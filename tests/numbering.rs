@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnbus::bus::Bus;
-use cnbus::connector::{Connector, Event, Incoming as Received};
+use cnbus::connector::{Connector, Event, Incoming};
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::CbId;
 use common::{kernel_socket, test_idx};
@@ -21,7 +21,7 @@ use common::{kernel_socket, test_idx};
 /// A receiver counting the gaps of one stream.
 struct Rx {
     conn: Connector,
-    rx: crossbeam::channel::Receiver<Received>,
+    rx: crossbeam::channel::Receiver<Incoming>,
     lost: Arc<AtomicU64>,
     _reg: cnbus::connector::Registration,
 }
@@ -149,7 +149,7 @@ fn a_bus_and_a_connector_sharing_a_socket_number_one_sequence() {
 /// other ports, such as a busy host's foreign senders on a group, are skipped), and
 /// splits them by the group they came on (0: unicast).
 fn streams(
-    rx: &crossbeam::channel::Receiver<Received>,
+    rx: &crossbeam::channel::Receiver<Incoming>,
     port: u32,
     id: CbId,
     want: usize,
@@ -242,7 +242,7 @@ fn one_socket_numbers_each_destination_apart() {
 }
 
 /// Drains `rx` until `n` messages came or nothing comes for a while.
-fn take(rx: &crossbeam::channel::Receiver<Received>, n: usize) -> Vec<Received> {
+fn take(rx: &crossbeam::channel::Receiver<Incoming>, n: usize) -> Vec<Incoming> {
     let mut got = Vec::new();
     while got.len() < n {
         match rx.recv_timeout(Duration::from_secs(20)) {
@@ -410,7 +410,10 @@ async fn async_numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
     let dest = Dest::Port(rx.port_id());
     let n = 200u32;
     let sender = tokio::spawn(async move {
-        let tx = Connector::builder().build_async().unwrap();
+        let tx = Connector::builder()
+            .send_timeout(Duration::from_secs(600)) // the receiver is held up on purpose
+            .build_async()
+            .unwrap();
         for i in 0..n {
             let seq = tx.send_numbered(id, vec![0u8; 64], dest).await.unwrap();
             assert_eq!(seq, i + 1);

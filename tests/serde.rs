@@ -1,7 +1,7 @@
 //! Serialize/Deserialize (feature `serde`): stable field names, data as bytes, round trips.
 #![cfg(feature = "serde")]
 
-use cnbus::connector::{Incoming as Received, Source, Stats};
+use cnbus::connector::{Incoming, Source, Stats};
 use cnbus::{CbId, CnMsg};
 use serde_json::json;
 
@@ -19,13 +19,13 @@ fn ids_and_messages_have_stable_field_names() {
 
 #[test]
 fn received_messages_and_stats_round_trip() {
-    let r = Received {
+    let r = Incoming {
         msg: CnMsg::new(CbId::new(0x4000, 7), vec![0u8, 255, 7]),
         source: Source { port: 0, group: 1 },
     };
     let s = serde_json::to_string(&r).unwrap();
     assert!(s.contains(r#""source":{"port":0,"group":1}"#), "{s}");
-    assert_eq!(serde_json::from_str::<Received>(&s).unwrap(), r);
+    assert_eq!(serde_json::from_str::<Incoming>(&s).unwrap(), r);
     let stats = Stats {
         lost: 3,
         overruns: 1,

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnbus::proc::{
-    EnrichConfig, Enricher, EventBody, EventKind, EventSet, Filtering, Loss, LossStats, ProcEvent,
-    ProcListener, ProcessInfo, Received, Source, Task,
+    EnrichConfig, Enricher, EventBody, EventKind, EventSet, Filtering, InfoSource, Loss, LossStats,
+    ProcEvent, ProcListener, ProcessInfo, Received, Task,
 };
 use cnbus::sys::{clock_ticks_per_sec, monotonic_ns, realtime_ns, TermSignals};
 use cnbus::Error;
@@ -805,7 +805,7 @@ struct Tracer {
 /// only the task name was left, `<unknown>` when it was gone (or unreadable).
 fn enriched_name(info: &ProcessInfo) -> Arc<str> {
     match (&info.cmdline, info.cmdline_source) {
-        (Some(c), Source::Comm) => format!("[{c}]").into(),
+        (Some(c), InfoSource::Comm) => format!("[{c}]").into(),
         (Some(c), _) => c.clone(),
         (None, _) => UNKNOWN.into(),
     }
@@ -1584,7 +1584,7 @@ mod tests {
         info.ns_pid = Some(1);
         info.pidns = Some(u64::MAX);
         info.cmdline = Some("sh -c 'x\ny'\u{1f}".into());
-        info.cmdline_source = Source::Comm;
+        info.cmdline_source = InfoSource::Comm;
         let full = Detail {
             err: Some(1),
             ruid: Some(2),

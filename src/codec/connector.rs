@@ -5,7 +5,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::{get_u16, get_u32};
-use crate::error::{DecodeError, DecodeErrorKind};
+use crate::codec::{DecodeError, DecodeErrorKind, TooLarge};
 
 /// Size of the `cn_msg` header (`idx, val, seq, ack: u32; len, flags: u16`).
 pub const CN_MSG_HDRLEN: usize = 20;
@@ -197,8 +197,8 @@ impl CnMsg {
     }
 
     /// The header this message encodes to. Fails when `data` is longer than `u16::MAX`.
-    pub fn header(&self) -> Result<CnHeader, crate::Error> {
-        let len = u16::try_from(self.data.len()).map_err(|_| crate::Error::TooLarge {
+    pub fn header(&self) -> Result<CnHeader, TooLarge> {
+        let len = u16::try_from(self.data.len()).map_err(|_| TooLarge {
             len: self.data.len(),
             limit: Self::MAX_DATA,
         })?;

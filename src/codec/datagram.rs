@@ -8,7 +8,7 @@ use super::netlink::{
     nlmsg_align, NlHeader, NlmsgBuffer, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_NOOP,
     NLMSG_OVERRUN,
 };
-use crate::error::{DecodeError, DecodeErrorKind};
+use crate::codec::{DecodeError, DecodeErrorKind, TooLarge};
 
 /// A connector message as received, with the netlink header it came in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,7 +236,7 @@ impl std::iter::FusedIterator for Messages {}
 ///
 /// `nl` supplies type, flags, seq and pid; its `len` is ignored and computed. Fails only
 /// when the data is longer than `cn_msg.len` can say.
-pub fn encode(nl: NlHeader, msg: &CnMsg, out: &mut Vec<u8>) -> Result<(), crate::Error> {
+pub fn encode(nl: NlHeader, msg: &CnMsg, out: &mut Vec<u8>) -> Result<(), TooLarge> {
     let cn = msg.header()?;
     let start = out.len();
     out.resize(start + msg.encoded_len(), 0);
@@ -317,10 +317,10 @@ impl DatagramBuilder {
 
     /// Appends `msg` if it fits. Returns `Ok(false)`, leaving the datagram unchanged, when
     /// it does not fit in the space left; `Err(TooLarge)` when it could never fit.
-    pub fn push(&mut self, msg: &CnMsg) -> Result<bool, crate::Error> {
+    pub fn push(&mut self, msg: &CnMsg) -> Result<bool, TooLarge> {
         let need = msg.encoded_len();
         if need > self.limit || msg.data.len() > CnMsg::MAX_DATA {
-            return Err(crate::Error::TooLarge {
+            return Err(TooLarge {
                 len: need,
                 limit: self
                     .limit
@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(b.count(), 1);
         assert!(matches!(
             b.push(&CnMsg::new(CbId::new(20, 1), vec![0u8; 80])),
-            Err(crate::Error::TooLarge { .. })
+            Err(TooLarge { .. })
         ));
     }
 

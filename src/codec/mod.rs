@@ -22,6 +22,7 @@
 
 mod connector;
 mod datagram;
+mod error;
 mod netlink;
 pub mod proc;
 
@@ -30,6 +31,7 @@ pub use datagram::{
     encode, encode_into, messages, messages_ref, ConnectorMessage, DatagramBuilder, Message,
     MessageRef, Messages, MessagesRef, NlError,
 };
+pub use error::{DecodeError, DecodeErrorKind, TooLarge};
 pub use netlink::{
     nlmsg_align, Dest, NlHeader, NlmsgBuffer, FIRST_USER_GROUP, NLMSG_DONE, NLMSG_ERROR,
     NLMSG_HDRLEN, NLMSG_NOOP, NLMSG_OVERRUN,

@@ -1,7 +1,7 @@
 //! `struct nlmsghdr`.
 
 use super::{get_u16, get_u32};
-use crate::error::{DecodeError, DecodeErrorKind};
+use crate::codec::{DecodeError, DecodeErrorKind};
 
 /// Size of `struct nlmsghdr`.
 pub const NLMSG_HDRLEN: usize = 16;

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use bytes::{Bytes, BytesMut};
@@ -31,6 +31,9 @@ const QUEUE_CAP: usize = 65536;
 /// Datagrams read per readiness before yielding to the runtime.
 const BATCH: usize = 64;
 
+/// Longest pause between two attempts to send to a unicast peer whose queue is full.
+const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
+
 /// An async connector: a socket whose messages and events are a `Stream`.
 ///
 /// Build it with [`ConnectorBuilder::build_async`](crate::connector::ConnectorBuilder::build_async).
@@ -39,6 +42,9 @@ pub struct AsyncConnector {
     pub(crate) outbox: Outbox,
     groups: Arc<Groups>,
     max_datagram: usize,
+    /// How long a send waits for room at a full unicast peer
+    /// ([`ConnectorBuilder::send_timeout`](crate::connector::ConnectorBuilder::send_timeout)).
+    send_timeout: Duration,
     reader: Mutex<Reader>,
     /// Names the requests' [`Pending`] entries.
     tokens: AtomicU64,
@@ -59,6 +65,7 @@ impl AsyncConnector {
         groups: Arc<Groups>,
         ingest: Ingest,
         max_datagram: usize,
+        send_timeout: Duration,
     ) -> Result<Self> {
         let fd = crate::sys::asyncfd::register(outbox.socket.clone())
             .map_err(|e| Error::from_io(Op::Poll, e))?;
@@ -67,6 +74,7 @@ impl AsyncConnector {
             outbox,
             groups,
             max_datagram,
+            send_timeout,
             reader: Mutex::new(Reader {
                 ingest,
                 buf: BytesMut::with_capacity(max_datagram * 4),
@@ -103,23 +111,20 @@ impl AsyncConnector {
     }
 
     /// Sends one message in a datagram of its own. A unicast to a peer whose queue is full
-    /// waits (asynchronously) for room instead of blocking the runtime.
+    /// waits (asynchronously, never blocking the runtime's thread) for room, at most
+    /// [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
+    /// [`Error::TimedOut`] (`Op::Send`), counted as a send error.
     pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
         let d = self.outbox.frame(msg, dest)?;
+        let wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.socket.try_send(&d, dest);
-            match r {
-                Ok(Some(_)) => {
-                    self.outbox.account(&r, 1);
-                    return Ok(());
-                }
-                // The peer's queue is full; netlink offers no readiness for that, so poll
-                // gently rather than spin.
-                Ok(None) => ::tokio::time::sleep(Duration::from_millis(1)).await,
-                Err(e) => {
-                    self.outbox.account(&Err::<(), _>(Error::Closed), 1);
-                    return Err(e);
-                }
+            if !matches!(r, Ok(None)) {
+                self.outbox.account(&r, 1);
+                return r.map(drop);
+            }
+            if !wait.pause().await {
+                return Err(self.timed_out(Op::Send));
             }
         }
     }
@@ -127,28 +132,39 @@ impl AsyncConnector {
     /// Sends `data` on `id` with the next sequence number of `id`, as
     /// [`ConnectorHandle::send_numbered`](crate::connector::ConnectorHandle::send_numbered)
     /// does (the socket's sequence of `dest` and `id`, numbered and sent under the socket's
-    /// numbering lock, so in wire order
-    /// among everything sending on the socket). A unicast to a peer whose queue is full
-    /// waits asynchronously, using no number meanwhile. Returns the seq.
+    /// numbering lock, so in wire order among everything sending on the socket). A unicast
+    /// to a peer whose queue is full waits asynchronously, using no number meanwhile, at
+    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
+    /// [`Error::TimedOut`] (`Op::Send`), counted as a send error, and no number used.
+    /// Returns the seq.
     pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
         let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
+        let wait = RoomWait::new(self.send_timeout);
         loop {
             if let Some(seq) = self.outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            ::tokio::time::sleep(Duration::from_millis(1)).await;
+            if !wait.pause().await {
+                return Err(self.timed_out(Op::Send));
+            }
         }
     }
 
     /// Sends several messages packed into datagrams with one `sendmmsg`, as
     /// [`ConnectorHandle::send_batch`](crate::connector::ConnectorHandle::send_batch) does.
     /// Multicasts and sends to the kernel never wait; a unicast to a user-space peer with a
-    /// full queue waits (asynchronously, never blocking the runtime's thread) for room.
-    /// Returns the messages sent (fewer than `msgs` when a send failed after some went out,
-    /// counted as a send error).
+    /// full queue waits (asynchronously, never blocking the runtime's thread) for room, at
+    /// most [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout) each time
+    /// (a peer that reads slowly but keeps reading gets the whole batch).
+    /// Returns the messages sent: fewer than `msgs` when a send failed or the wait timed
+    /// out after some went out (counted as one send error); [`Error::TimedOut`]
+    /// (`Op::SendBatch`) when none went out in time. Datagrams are counted in
+    /// [`stats`](Self::stats) as they go out, so a `send_batch` dropped while it waits
+    /// (a `tokio::time::timeout` around it) leaves the counters right.
     pub async fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
         let datagrams = self.outbox.frame_batch(msgs, dest)?;
-        let mut sent = 0;
+        let mut wait = RoomWait::new(self.send_timeout);
+        let (mut sent, mut msgs_sent) = (0, 0);
         while sent < datagrams.len() {
             let slices: Vec<IoSlice<'_>> = datagrams[sent..]
                 .iter()
@@ -157,20 +173,38 @@ impl AsyncConnector {
             match self.outbox.socket.try_send_batch(&slices, dest) {
                 Ok(0) => {
                     drop(slices);
-                    // The peer's queue is full; netlink offers no readiness for that.
-                    ::tokio::time::sleep(Duration::from_millis(1)).await
+                    if !wait.pause().await {
+                        if sent == 0 {
+                            return Err(self.timed_out(Op::SendBatch));
+                        }
+                        break;
+                    }
                 }
-                Ok(n) => sent += n,
+                Ok(n) => {
+                    let n = n.min(datagrams.len() - sent);
+                    msgs_sent += self.outbox.account_batch(&datagrams[sent..sent + n], n);
+                    sent += n;
+                    wait = RoomWait::new(self.send_timeout);
+                }
                 // As the synchronous send_batch: an error after some datagrams went out
                 // ends the batch with what was sent (the error recurs on a retry).
                 Err(_) if sent > 0 => break,
                 Err(e) => {
-                    self.outbox.account_batch(&datagrams, sent); // counts the error
+                    self.outbox.account_batch(&datagrams, 0); // counts the error
                     return Err(e);
                 }
             }
         }
-        Ok(self.outbox.account_batch(&datagrams, sent))
+        if sent < datagrams.len() {
+            Counters::add(&self.outbox.counters.send_errors, 1);
+        }
+        Ok(msgs_sent)
+    }
+
+    /// A send that found no room in time: counted as a send error.
+    fn timed_out(&self, op: Op) -> Error {
+        Counters::add(&self.outbox.counters.send_errors, 1);
+        Error::TimedOut { op }
     }
 
     /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and
@@ -333,6 +367,39 @@ impl AsyncConnector {
     }
 }
 
+/// A send's wait for room at a unicast peer whose queue is full. Netlink offers no
+/// readiness for that (a sender's writability is its own send buffer's, which is why the
+/// socket is registered for read readiness only), so the send tries again after a pause of
+/// at most [`MAX_ROOM_PAUSE`], on tokio's timer, until the timeout has passed since the
+/// first attempt.
+struct RoomWait {
+    /// `None`: a timeout too long to represent, waits without end.
+    deadline: Option<Instant>,
+}
+
+impl RoomWait {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now().checked_add(timeout),
+        }
+    }
+
+    /// Sleeps before the next attempt; `false` (at once) when the time is up.
+    async fn pause(&self) -> bool {
+        let pause = match self.deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(MAX_ROOM_PAUSE),
+            None => MAX_ROOM_PAUSE,
+        };
+        if pause.is_zero() {
+            return false;
+        }
+        ::tokio::time::sleep(pause).await;
+        true
+    }
+}
+
 /// What the stream and the requests share: the receive side, behind one lock that no
 /// `await` holds.
 struct Reader {
@@ -416,110 +483,4 @@ impl futures_core::Stream for &AsyncConnector {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use bytes::BytesMut;
-
-    use crate::codec::{messages, CbId, CnMsg, Message};
-    use crate::connector::Connector;
-    use crate::sys::{ConnectorSocket, Dest};
-
-    /// A batch to a unicast peer whose queue fills up waits without blocking the runtime:
-    /// on a one-thread runtime, the task emptying the peer's queue still runs. (Before,
-    /// `send_batch` made a blocking `sendmmsg`, which held the runtime's only thread: the
-    /// reader never ran and the test hung until the watchdog.)
-    #[test]
-    fn send_batch_to_a_full_peer_does_not_block_the_runtime() {
-        const N: usize = 600;
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = ::tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let got = rt.block_on(async {
-                let rx = ConnectorSocket::open().unwrap();
-                rx.set_recv_buffer(4096, false).unwrap();
-                let dest = Dest::Port(rx.port_id());
-                let tx = Connector::builder().build_async().unwrap();
-                let id = CbId::new(0x5a17, tx.port_id());
-                let reader = ::tokio::spawn(async move {
-                    let mut got = 0;
-                    let mut buf = BytesMut::new();
-                    while got < N {
-                        buf.reserve(1 << 17);
-                        match rx.recv(&mut buf, true).unwrap() {
-                            Some(_) => {
-                                for m in messages(buf.split().freeze()) {
-                                    if let Ok(Message::Connector(c)) = m {
-                                        got += usize::from(c.msg.id == id);
-                                    }
-                                }
-                            }
-                            None => ::tokio::time::sleep(Duration::from_millis(1)).await,
-                        }
-                    }
-                    got
-                });
-                let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
-                assert_eq!(tx.send_batch(&msgs, dest).await.unwrap(), N);
-                reader.await.unwrap()
-            });
-            let _ = done_tx.send(got);
-        });
-        // A watchdog, not a timing assertion: the send blocked forever before the fix.
-        let got = done_rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("send_batch blocked the runtime's thread");
-        assert_eq!(got, N);
-    }
-
-    /// A request runs beside the task reading the stream (both through `&self`): the reply
-    /// goes to the request, the other message to the stream. (Before, `request` took
-    /// `&mut self`: this test did not compile.)
-    #[test]
-    fn request_runs_beside_the_stream() {
-        let rt = ::tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let server = Connector::builder().spawn().unwrap();
-            let id = CbId::new(0x5a18, server.port_id());
-            let h = server.handle();
-            let _svc = server.register(id, move |m| {
-                // First a message that is not the reply, then the reply.
-                let other = CnMsg::new(id, &b"other"[..]).with_seq(m.msg.seq, 0);
-                h.send(&other, Dest::Port(m.source.port)).unwrap();
-                h.send(
-                    &CnMsg::reply_to(&m.msg, &b"pong"[..]),
-                    Dest::Port(m.source.port),
-                )
-                .unwrap();
-            });
-            let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
-            let reader = conn.clone();
-            let stream = ::tokio::spawn(async move {
-                loop {
-                    match reader.recv().await {
-                        Some(Ok(m)) if m.msg.id == id => return m,
-                        Some(_) => {}
-                        None => panic!("the stream ended"),
-                    }
-                }
-            });
-            ::tokio::task::yield_now().await; // the stream's task is waiting on the socket
-            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 41);
-            let reply = conn
-                .request(&req, Dest::Port(server.port_id()), Duration::from_secs(30))
-                .await
-                .unwrap();
-            assert!(reply.msg.is_reply_to(&req));
-            assert_eq!(&reply.msg.data[..], b"pong");
-            let other = stream.await.unwrap();
-            assert_eq!(&other.msg.data[..], b"other");
-            assert_eq!(conn.stats().replies, 1);
-        });
-    }
-}
+mod tests;

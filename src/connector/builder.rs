@@ -12,6 +12,8 @@ pub(super) struct Config {
     pub(super) allow_kernel_ids: bool,
     pub(super) tracked_streams: usize,
     pub(super) numbered_ids: Option<usize>,
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // the async connector's only
+    pub(super) send_timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -23,6 +25,7 @@ impl Default for Config {
             allow_kernel_ids: false,
             tracked_streams: DEFAULT_TRACKED_STREAMS,
             numbered_ids: None,
+            send_timeout: ConnectorBuilder::DEFAULT_SEND_TIMEOUT,
         }
     }
 }
@@ -44,6 +47,9 @@ impl std::fmt::Debug for ConnectorBuilder {
 }
 
 impl ConnectorBuilder {
+    /// Default of `send_timeout` (feature `tokio`).
+    pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
     /// The defaults ([`Connector::builder`]).
     pub(super) fn new() -> Self {
         Self {
@@ -107,6 +113,19 @@ impl ConnectorBuilder {
         self
     }
 
+    /// How long a send of the [`AsyncConnector`] (built with
+    /// [`build_async`](Self::build_async)) waits for room at a unicast peer whose queue is
+    /// full (default [`DEFAULT_SEND_TIMEOUT`](Self::DEFAULT_SEND_TIMEOUT), 1 s, as the
+    /// bus's `send_timeout`). The wait never blocks the runtime; past it the send fails
+    /// with [`Error::TimedOut`] (a batch returns what it sent) and counts a send error.
+    /// The thread-based [`Connector`]'s sends wait as netlink does (blocking) and do not
+    /// use it.
+    #[cfg(feature = "tokio")]
+    pub fn send_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.config.send_timeout = timeout;
+        self
+    }
+
     /// Uses `socket` instead of opening one. Its sequence numbering comes with it (see
     /// [`numbered_ids`](Self::numbered_ids)).
     pub fn socket(mut self, socket: ConnectorSocket) -> Self {
@@ -155,6 +174,7 @@ impl ConnectorBuilder {
             Arc::new(Groups::new(socket)),
             ingest::Ingest::new(c.track_seq, c.tracked_streams),
             c.max_datagram,
+            c.send_timeout,
         )
     }
 

@@ -63,13 +63,6 @@ pub use groups::Subscription;
 pub use registry::{DispatchOutcome, Incoming, Match, Registration, Registry, Snapshot, Source};
 pub use stats::Stats;
 
-/// The former name of [`Incoming`].
-#[deprecated(
-    since = "0.1.0",
-    note = "renamed `Incoming` (`proc::Received` is another type)"
-)]
-pub type Received = Incoming;
-
 use crate::codec::{CbId, CnMsg};
 use crate::error::{DecodeError, Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest, EventFd};

@@ -76,7 +76,7 @@ pub struct LossStats {
     /// User-space datagrams multicast on group 1 while this socket was a member that it did
     /// not receive (so the kernel may have counted them in
     /// [`kernel_drops`](Self::kernel_drops)): counted by a witness socket that
-    /// [`ProcListener`](super::ProcListener) and [`ProcStream`](super::ProcStream) keep in group 1 with the
+    /// [`ProcListener`](super::ProcListener) and `ProcStream` (feature `tokio`) keep in group 1 with the
     /// kernel's events switched off (`IGNORE`), so that it receives exactly the user-space
     /// multicasts. `Some(0)`: no user-space datagram can be in `kernel_drops`, which then
     /// counts lost events exactly. `None`: no witness (kernels before 6.6; a witness that

@@ -15,7 +15,7 @@
 //!
 //! * [`Enricher`] ([`enrich`]): process attribution for events: a pid-reuse-safe
 //!   [`ProcessKey`], cgroup and container id, pid namespace, command line, each with its
-//!   [`Source`].
+//!   [`InfoSource`].
 //!
 //! The design notes, including the facts observed on Linux 6.18, are in `docs/PROC.md`.
 
@@ -32,7 +32,7 @@ mod seq;
 mod stream;
 
 pub use decoder::{Decoded, ProcDecoder};
-pub use enrich::{EnrichConfig, EnrichStats, Enricher, ProcessInfo, ProcessKey, Source};
+pub use enrich::{EnrichConfig, EnrichStats, Enricher, InfoSource, ProcessInfo, ProcessKey};
 pub use event::{
     request, Comm, EventBody, EventKind, EventSet, ExitStatus, McastOp, ProcEvent, Rejected, Task,
     UnknownEventName, PROC_EVENT_HEADER_LEN, PROC_EVENT_LEN,
@@ -46,12 +46,6 @@ pub use loss::{Loss, LossSource, LossStats, Received};
 pub use registered::{register, ProcRegistration};
 pub use seq::{CpuSeqTracker, SeqCheck};
 
-/// The former name of [`CpuSeqTracker`].
-#[deprecated(
-    since = "0.1.0",
-    note = "renamed `CpuSeqTracker` (`connector::SeqTracker` tracks per-stream sequences)"
-)]
-pub type SeqTracker = CpuSeqTracker;
 #[cfg(all(feature = "tokio", not(cnbus_loom)))]
 pub use stream::ProcStream;
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cnbus::proc::{EventKind, ProcessInfo, Source};
+use cnbus::proc::{EventKind, InfoSource, ProcessInfo};
 
 /// The start of the argument every program the tests start in a container carries, so
 /// that the container's processes are told apart without the enricher's cgroup reading;
@@ -318,7 +318,7 @@ pub fn check(recs: &[Rec], sc: &Scenario) {
         let info = &r.info;
         assert_eq!(
             info.cmdline.is_none(),
-            matches!(info.cmdline_source, Source::Exited | Source::Denied),
+            matches!(info.cmdline_source, InfoSource::Exited | InfoSource::Denied),
             "{r:?}"
         );
         if r.thread {
@@ -335,7 +335,7 @@ pub fn check(recs: &[Rec], sc: &Scenario) {
                 current.insert(r.pid, i);
             }
             EventKind::Exec => {
-                assert_ne!(info.cmdline_source, Source::Inherited, "exec: {r:?}");
+                assert_ne!(info.cmdline_source, InfoSource::Inherited, "exec: {r:?}");
                 let i = match current.get(&r.pid) {
                     Some(&i) => i,
                     None => {
@@ -346,7 +346,7 @@ pub fn check(recs: &[Rec], sc: &Scenario) {
                 };
                 // The program runc started in the container (runc's own command line also
                 // holds the marker, but starts with runc's path).
-                let marked = info.cmdline_source == Source::Proc
+                let marked = info.cmdline_source == InfoSource::Proc
                     && info
                         .cmdline
                         .as_deref()
@@ -428,7 +428,7 @@ pub fn check(recs: &[Rec], sc: &Scenario) {
         .unwrap()
         .info;
     assert_eq!(i.ns_pid, Some(1), "{i:?}");
-    assert_eq!(i.pidns_source, Source::Proc);
+    assert_eq!(i.pidns_source, InfoSource::Proc);
     assert!(i.pidns.is_some_and(|n| n != host_ns));
     let mut host_checked = 0;
     for proc in procs.iter().filter(|p| sc.host_pids.contains(&p.pid)) {

@@ -16,7 +16,7 @@
 use bytes::Bytes;
 
 use crate::codec::{get_u32, get_u64, CbId, CnMsg};
-use crate::error::{DecodeError, DecodeErrorKind};
+use crate::codec::{DecodeError, DecodeErrorKind};
 
 mod fields;
 mod kind;

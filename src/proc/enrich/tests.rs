@@ -130,24 +130,24 @@ fn exec_of_a_gone_process_never_reports_the_pre_exec_command_line() {
     // The child is already gone at its fork: what is known is inherited, and says so.
     let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
     assert_eq!(f.cmdline.as_deref(), Some("bash -l"));
-    assert_eq!(f.cmdline_source, Source::Inherited);
+    assert_eq!(f.cmdline_source, InfoSource::Inherited);
     assert_eq!(f.cgroup.as_deref(), Some("/user.slice"));
-    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(f.cgroup_source, InfoSource::Inherited);
     assert_eq!(f.pidns, Some(PID_INIT_INO));
     assert_eq!(f.ns_pid, Some(101));
-    assert_eq!(f.pidns_source, Source::Inherited);
+    assert_eq!(f.pidns_source, InfoSource::Inherited);
     assert_eq!(f.parent_key.unwrap().start_ticks, 500);
     assert_eq!(f.parent_key.unwrap().pid, 100);
     // Its exec: the command line from before the exec is not this image's.
     let x = e.enrich(&exec(101)).unwrap();
     assert_eq!(x.cmdline, None);
-    assert_eq!(x.cmdline_source, Source::Exited);
+    assert_eq!(x.cmdline_source, InfoSource::Exited);
     assert_eq!(x.process_key, f.process_key);
-    assert_eq!(x.cgroup_source, Source::Inherited);
+    assert_eq!(x.cgroup_source, InfoSource::Inherited);
     // Its exit: the same key, then the entry is gone.
     let z = e.enrich(&exit(101)).unwrap();
     assert_eq!(z.process_key, f.process_key);
-    assert_eq!(z.cmdline_source, Source::Exited);
+    assert_eq!(z.cmdline_source, InfoSource::Exited);
     assert_eq!(e.stats().cached, 1);
 }
 
@@ -168,22 +168,22 @@ fn exec_reads_the_new_command_line_and_cgroup() {
     let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
     // Read at fork: the child is in the container although its parent is not.
     assert_eq!(f.container_id.as_deref(), Some(ID));
-    assert_eq!(f.cgroup_source, Source::Proc);
+    assert_eq!(f.cgroup_source, InfoSource::Proc);
     assert_eq!((f.pidns, f.ns_pid), (Some(CONTAINER_NS), Some(1)));
-    assert_eq!(f.pidns_source, Source::Proc);
+    assert_eq!(f.pidns_source, InfoSource::Proc);
     assert_eq!(f.cmdline.as_deref(), Some("runc run"));
-    assert_eq!(f.cmdline_source, Source::Inherited);
+    assert_eq!(f.cmdline_source, InfoSource::Inherited);
     p.set(101, "cmdline", b"/bin/sleep\x0030\x00");
     let x = e.enrich(&exec(101)).unwrap();
     assert_eq!(x.cmdline.as_deref(), Some("/bin/sleep 30"));
-    assert_eq!(x.cmdline_source, Source::Proc);
+    assert_eq!(x.cmdline_source, InfoSource::Proc);
     assert_eq!(x.container_id.as_deref(), Some(ID));
     // A zombie has no command line left: its comm, said so.
     p.set(101, "cmdline", b"");
     let mut e2 = p.enricher(true);
     let z = e2.enrich(&exit(101)).unwrap();
     assert_eq!(z.cmdline.as_deref(), Some("odd) comm"));
-    assert_eq!(z.cmdline_source, Source::Comm);
+    assert_eq!(z.cmdline_source, InfoSource::Comm);
     assert_eq!(z.process_key.unwrap().start_ticks, 501);
     assert_eq!(z.parent_key.unwrap().start_ticks, 500);
 }
@@ -197,15 +197,15 @@ fn without_reads_at_fork_the_child_inherits_until_its_exec() {
     let before = e.stats().proc_reads;
     e.enrich(&exec(100)).unwrap();
     let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
-    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(f.cgroup_source, InfoSource::Inherited);
     assert_eq!(f.container_id, None);
-    assert_eq!(f.pidns_source, Source::Inherited);
+    assert_eq!(f.pidns_source, InfoSource::Inherited);
     let x = e.enrich(&exec(101)).unwrap();
-    assert_eq!(x.cgroup_source, Source::Proc);
+    assert_eq!(x.cgroup_source, InfoSource::Proc);
     assert_eq!(x.container_id.as_deref(), Some(ID));
     assert_eq!(
         (x.pidns, x.ns_pid, x.pidns_source),
-        (Some(CONTAINER_NS), Some(1), Source::Proc)
+        (Some(CONTAINER_NS), Some(1), InfoSource::Proc)
     );
     assert!(e.stats().proc_reads > before);
 }
@@ -252,7 +252,7 @@ fn comm_change_renames_a_comm_only_process() {
     p.add(2, 0, 1, b"", "/", PID_INIT_INO, 2);
     let mut e = p.enricher(true);
     let k = e.enrich(&exec(2)).unwrap();
-    assert_eq!((k.cmdline_source, k.parent_key), (Source::Comm, None));
+    assert_eq!((k.cmdline_source, k.parent_key), (InfoSource::Comm, None));
     let c = e
         .enrich(&ev(
             0,
@@ -333,7 +333,7 @@ fn serialised_field_names() {
         start_ticks: 3,
     });
     i.container_id = Some(ID.into());
-    i.cmdline_source = Source::Inherited;
+    i.cmdline_source = InfoSource::Inherited;
     let j = serde_json::to_value(&i).unwrap();
     assert_eq!(j["process_key"], "00000000000000000000000000000001-2-3");
     assert_eq!(j["parent_key"], serde_json::Value::Null);
@@ -358,7 +358,7 @@ fn a_child_read_before_its_cgroup_attach_gets_the_parents_cgroup() {
     let mut e = p.enricher(true);
     let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
     assert_eq!(f.container_id.as_deref(), Some(ID));
-    assert_eq!(f.cgroup_source, Source::Inherited);
+    assert_eq!(f.cgroup_source, InfoSource::Inherited);
     assert_eq!(e.stats().unattached_cgroup_reads, 1);
     // A parent in the root cgroup: "/" is simply the answer.
     p.add(200, 1, 500, b"sh\0", "/", PID_INIT_INO, 200);
@@ -366,6 +366,6 @@ fn a_child_read_before_its_cgroup_attach_gets_the_parents_cgroup() {
     let f = e.enrich(&fork(7_005_000_000, 200, 201)).unwrap();
     assert_eq!(
         (f.cgroup.as_deref(), f.cgroup_source),
-        (Some("/"), Source::Proc)
+        (Some("/"), InfoSource::Proc)
     );
 }

@@ -1,0 +1,215 @@
+//! The async connector against the real kernel: sends that wait without blocking the
+//! runtime and give up in time, and requests beside the stream.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use crate::codec::{messages, CbId, CnMsg, Message};
+use crate::connector::Connector;
+use crate::error::{Error, Op};
+use crate::sys::{ConnectorSocket, Dest};
+
+/// Runs `f` on a one-thread runtime on a thread of its own and returns its result, or
+/// panics with `hung` when it has not finished after two minutes (a watchdog for a
+/// future that never completes, not a timing assertion).
+fn on_runtime<T: Send + 'static>(
+    hung: &str,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = done_tx.send(rt.block_on(f));
+    });
+    done_rx.recv_timeout(Duration::from_secs(120)).expect(hung)
+}
+
+/// A peer that never reads: a socket with the smallest receive buffer.
+fn stalled_peer() -> ConnectorSocket {
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(4096, false).unwrap();
+    rx
+}
+
+/// Reads everything queued at `rx` and counts the messages on `id`.
+fn drain(rx: &ConnectorSocket, id: CbId) -> usize {
+    let mut got = 0;
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(1 << 17);
+        match rx.recv(&mut buf, true).unwrap() {
+            Some(_) => {
+                for m in messages(buf.split().freeze()) {
+                    if let Ok(Message::Connector(c)) = m {
+                        got += usize::from(c.msg.id == id);
+                    }
+                }
+            }
+            None => return got,
+        }
+    }
+}
+
+/// Every async send to a unicast peer that never reads gives up after the connector's
+/// `send_timeout`, counted as a send error; a batch reports what went out, and a
+/// numbered send that gave up used no number. (Before, each waited forever: the
+/// watchdog fired.)
+#[test]
+fn sends_to_a_peer_that_never_reads_give_up_after_send_timeout() {
+    on_runtime("an async send to a stalled peer never returned", async {
+        const N: usize = 600;
+        let rx = stalled_peer();
+        let dest = Dest::Port(rx.port_id());
+        let tx = Connector::builder()
+            .send_timeout(Duration::from_millis(50))
+            .build_async()
+            .unwrap();
+        let id = CbId::new(0x5a19, tx.port_id());
+        let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
+        let sent = match tx.send_batch(&msgs, dest).await {
+            Ok(k) => k,
+            Err(Error::TimedOut { op: Op::SendBatch }) => 0,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(sent < N, "{sent}");
+        let s = tx.stats();
+        assert_eq!((s.sent_messages, s.send_errors), (sent as u64, 1), "{s:?}");
+
+        let e = tx.send(&msgs[0], dest).await.unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Send }), "{e}");
+        let e = tx.send_numbered(id, vec![1u8], dest).await.unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Send }), "{e}");
+        assert_eq!(tx.stats().send_errors, 3);
+
+        assert_eq!(drain(&rx, id), sent);
+        assert_eq!(tx.send_numbered(id, vec![2u8], dest).await.unwrap(), 1);
+    });
+}
+
+/// A `send_batch` dropped while it waits for room (a timeout around it) has counted
+/// what went out: the peer received exactly `sent_messages`. (Before, the batch was
+/// counted only at its end, so a dropped one counted nothing.)
+#[test]
+fn a_send_batch_dropped_while_waiting_counted_what_went_out() {
+    on_runtime("the timeout around send_batch never fired", async {
+        const N: usize = 600;
+        let rx = stalled_peer();
+        let dest = Dest::Port(rx.port_id());
+        let tx = Connector::builder()
+            .send_timeout(Duration::from_secs(3600))
+            .build_async()
+            .unwrap();
+        let id = CbId::new(0x5a1a, tx.port_id());
+        let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
+        let r = ::tokio::time::timeout(Duration::from_millis(50), tx.send_batch(&msgs, dest));
+        assert!(
+            r.await.is_err(),
+            "the batch cannot fit a stalled 4 KiB queue"
+        );
+        let got = drain(&rx, id);
+        assert!(got > 0 && got < N, "{got}");
+        assert_eq!(tx.stats().sent_messages, got as u64);
+    });
+}
+
+/// A batch to a unicast peer whose queue fills up waits without blocking the runtime:
+/// on a one-thread runtime, the task emptying the peer's queue still runs. (Before,
+/// `send_batch` made a blocking `sendmmsg`, which held the runtime's only thread: the
+/// reader never ran and the test hung until the watchdog.)
+#[test]
+fn send_batch_to_a_full_peer_does_not_block_the_runtime() {
+    const N: usize = 600;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = ::tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let rx = ConnectorSocket::open().unwrap();
+            rx.set_recv_buffer(4096, false).unwrap();
+            let dest = Dest::Port(rx.port_id());
+            let tx = Connector::builder().build_async().unwrap();
+            let id = CbId::new(0x5a17, tx.port_id());
+            let reader = ::tokio::spawn(async move {
+                let mut got = 0;
+                let mut buf = BytesMut::new();
+                while got < N {
+                    buf.reserve(1 << 17);
+                    match rx.recv(&mut buf, true).unwrap() {
+                        Some(_) => {
+                            for m in messages(buf.split().freeze()) {
+                                if let Ok(Message::Connector(c)) = m {
+                                    got += usize::from(c.msg.id == id);
+                                }
+                            }
+                        }
+                        None => ::tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+                got
+            });
+            let msgs: Vec<CnMsg> = (0..N).map(|_| CnMsg::new(id, vec![7u8; 1000])).collect();
+            assert_eq!(tx.send_batch(&msgs, dest).await.unwrap(), N);
+            reader.await.unwrap()
+        });
+        let _ = done_tx.send(got);
+    });
+    // A watchdog, not a timing assertion: the send blocked forever before the fix.
+    let got = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("send_batch blocked the runtime's thread");
+    assert_eq!(got, N);
+}
+
+/// A request runs beside the task reading the stream (both through `&self`): the reply
+/// goes to the request, the other message to the stream. (Before, `request` took
+/// `&mut self`: this test did not compile.)
+#[test]
+fn request_runs_beside_the_stream() {
+    let rt = ::tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = Connector::builder().spawn().unwrap();
+        let id = CbId::new(0x5a18, server.port_id());
+        let h = server.handle();
+        let _svc = server.register(id, move |m| {
+            // First a message that is not the reply, then the reply.
+            let other = CnMsg::new(id, &b"other"[..]).with_seq(m.msg.seq, 0);
+            h.send(&other, Dest::Port(m.source.port)).unwrap();
+            h.send(
+                &CnMsg::reply_to(&m.msg, &b"pong"[..]),
+                Dest::Port(m.source.port),
+            )
+            .unwrap();
+        });
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let reader = conn.clone();
+        let stream = ::tokio::spawn(async move {
+            loop {
+                match reader.recv().await {
+                    Some(Ok(m)) if m.msg.id == id => return m,
+                    Some(_) => {}
+                    None => panic!("the stream ended"),
+                }
+            }
+        });
+        ::tokio::task::yield_now().await; // the stream's task is waiting on the socket
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 41);
+        let reply = conn
+            .request(&req, Dest::Port(server.port_id()), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(reply.msg.is_reply_to(&req));
+        assert_eq!(&reply.msg.data[..], b"pong");
+        let other = stream.await.unwrap();
+        assert_eq!(&other.msg.data[..], b"other");
+        assert_eq!(conn.stats().replies, 1);
+    });
+}

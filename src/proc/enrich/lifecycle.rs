@@ -1,0 +1,260 @@
+//! How the [`Enricher`] keeps its cache: what a fork, an exec and an unknown process read
+//! from `/proc`, what they inherit, and when a cached entry is checked again after a loss.
+
+use std::sync::Arc;
+
+use super::config::is_spawner;
+use super::*;
+
+impl Enricher {
+    pub(super) fn key(&self, pid: u32, start_ticks: u64) -> ProcessKey {
+        ProcessKey {
+            boot: self.boot,
+            pid,
+            start_ticks,
+        }
+    }
+
+    /// The cached entry of `pid`, checked against `/proc` if events were lost since it was
+    /// last known good.
+    pub(super) fn cached(&mut self, pid: u32) -> Option<&mut Entry> {
+        let epoch = self.epoch;
+        let stale = match self.cache.get_mut(pid) {
+            None => return None,
+            Some(e) if e.epoch == epoch => false,
+            Some(e) => {
+                let start = e.info.process_key.map(|k| k.start_ticks);
+                match self.fs.stat(pid) {
+                    Some(st) if Some(st.start_ticks) != start => true,
+                    // Same process, or gone (its exit is the likely event): keep it.
+                    _ => false,
+                }
+            }
+        };
+        if stale {
+            self.stats.stale += 1;
+            self.cache.remove(pid);
+            return None;
+        }
+        let e = self.cache.get_mut(pid)?;
+        e.epoch = epoch;
+        Some(e)
+    }
+
+    pub(super) fn info(&mut self, pid: u32) -> ProcessInfo {
+        if let Some(e) = self.cached(pid) {
+            let info = e.info.clone();
+            self.stats.hits += 1;
+            return info;
+        }
+        let info = self.read_uncached(pid);
+        if info.process_key.is_some() {
+            self.insert(pid, info.clone());
+        }
+        info
+    }
+
+    pub(super) fn read_uncached(&mut self, pid: u32) -> ProcessInfo {
+        self.stats.misses += 1;
+        self.read_process(pid).unwrap_or_else(|| {
+            self.stats.gone += 1;
+            ProcessInfo::unknown()
+        })
+    }
+
+    pub(super) fn insert(&mut self, pid: u32, info: ProcessInfo) {
+        let epoch = self.epoch;
+        if self.cache.insert(pid, Entry { info, epoch }).is_some() {
+            self.stats.stale += 1;
+        }
+    }
+
+    /// Everything about `pid` from `/proc`; `None` when its `stat` cannot be read.
+    pub(super) fn read_process(&mut self, pid: u32) -> Option<ProcessInfo> {
+        let st = self.fs.stat(pid)?;
+        let parent_key = match st.ppid {
+            0 => None,
+            ppid => match self.cached(ppid) {
+                Some(e) => e.info.process_key,
+                None => self.proc_key(ppid),
+            },
+        };
+        let mut info = ProcessInfo {
+            process_key: Some(self.key(pid, st.start_ticks)),
+            parent_key,
+            ..ProcessInfo::unknown()
+        };
+        self.read_cgroup(pid, &mut info);
+        self.read_pidns(pid, &mut info);
+        (info.cmdline, info.cmdline_source) = self.read_cmdline(pid);
+        Some(info)
+    }
+
+    /// Reads the cgroup into `info`; false (and `info` unchanged) when the process is gone.
+    pub(super) fn read_cgroup(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
+        let Some(path) = self.fs.cgroup(pid) else {
+            if self.fs.denied && info.cgroup_source == InfoSource::Exited {
+                info.cgroup_source = InfoSource::Denied;
+            }
+            return false;
+        };
+        info.container_id = container_id(&path).map(Arc::from);
+        info.cgroup = Some(path.into());
+        info.cgroup_source = InfoSource::Proc;
+        true
+    }
+
+    /// Reads the pid namespace into `info`; false (and `info` unchanged) when the process is
+    /// gone.
+    pub(super) fn read_pidns(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
+        let Some(ns) = self.fs.pidns(pid) else {
+            if self.fs.denied && info.pidns_source == InfoSource::Exited {
+                info.pidns_source = InfoSource::Denied;
+            }
+            return false;
+        };
+        info.pidns = Some(ns);
+        // In the initial namespace the inner pid is the host pid: no need for `status`.
+        info.ns_pid = if ns == PID_INIT_INO {
+            Some(pid)
+        } else {
+            self.fs.ns_pid(pid)
+        };
+        info.pidns_source = InfoSource::Proc;
+        true
+    }
+
+    pub(super) fn read_cmdline(&mut self, pid: u32) -> (Option<Arc<str>>, InfoSource) {
+        match self.fs.cmdline(pid, self.cfg.max_cmdline) {
+            Some(Some(c)) => (Some(c.into()), InfoSource::Proc),
+            Some(None) => match self.fs.comm(pid) {
+                Some(c) => (Some(c.into()), InfoSource::Comm),
+                None => (None, self.failure()),
+            },
+            None => (None, self.failure()),
+        }
+    }
+
+    /// The source of a value the last read could not give.
+    pub(super) fn failure(&self) -> InfoSource {
+        if self.fs.denied {
+            InfoSource::Denied
+        } else {
+            InfoSource::Exited
+        }
+    }
+
+    pub(super) fn fork(&mut self, timestamp_ns: u64, ppid: u32, pid: u32) -> ProcessInfo {
+        let parent = match self.cached(ppid) {
+            Some(e) => Some(e.info.clone()),
+            None => {
+                let p = self.read_process(ppid);
+                if let Some(p) = &p {
+                    self.insert(ppid, p.clone());
+                }
+                p
+            }
+        };
+        let offset = crate::sys::boottime_ns().saturating_sub(crate::sys::monotonic_ns());
+        let start_ticks = match self.clock.fork_ticks(timestamp_ns, offset) {
+            Some(t) => t,
+            None => {
+                self.stats.start_time_reads += 1;
+                match self.fs.stat(pid) {
+                    Some(st) => st.start_ticks,
+                    None => self.clock.ticks(timestamp_ns.saturating_add(offset)),
+                }
+            }
+        };
+        let mut info = ProcessInfo {
+            process_key: Some(self.key(pid, start_ticks)),
+            parent_key: parent.as_ref().and_then(|p| p.process_key),
+            ..ProcessInfo::unknown()
+        };
+        let read = self.cfg.read_at_fork
+            || match parent.as_ref() {
+                None => true,
+                Some(p) => p
+                    .cmdline
+                    .as_deref()
+                    .is_some_and(|c| is_spawner(&self.cfg.spawners, c)),
+            };
+        let failed_before = self.fs.failed;
+        let mut have_cgroup = read && self.read_cgroup(pid, &mut info);
+        // A child gone before its cgroup could be read is gone for its namespace too: one
+        // failed read is enough (most children of a fork storm are gone by then).
+        let gone = self.fs.failed > failed_before && !self.fs.denied;
+        // The kernel sends the fork event before `cgroup_post_fork()` attaches the child to
+        // its cgroups: until then the child is in the root cgroup of every hierarchy
+        // (`init_css_set`), and a read in that window says "/". A child is created in the
+        // cgroup of the task that forked it, so "/" under a parent elsewhere is that
+        // window: the parent's cgroup is the better answer, marked inherited.
+        if have_cgroup && info.cgroup.as_deref() == Some("/") {
+            if let Some(p) = parent.as_ref() {
+                if p.cgroup.as_deref().is_some_and(|c| c != "/") {
+                    self.stats.unattached_cgroup_reads += 1;
+                    have_cgroup = false;
+                }
+            }
+        }
+        if !have_cgroup {
+            if let Some(p) = parent.as_ref().filter(|p| p.cgroup.is_some()) {
+                info.cgroup = p.cgroup.clone();
+                info.container_id = p.container_id.clone();
+                info.cgroup_source = InfoSource::Inherited;
+            }
+        }
+        if !(read && !gone && self.read_pidns(pid, &mut info)) {
+            if let Some(p) = parent.as_ref().filter(|p| p.pidns.is_some()) {
+                info.pidns = p.pidns;
+                info.ns_pid = (p.pidns == Some(PID_INIT_INO)).then_some(pid);
+                info.pidns_source = InfoSource::Inherited;
+            }
+        }
+        (info.cmdline, info.cmdline_source) = match parent.as_ref() {
+            Some(p) if matches!(p.cmdline_source, InfoSource::Proc | InfoSource::Inherited) => {
+                (p.cmdline.clone(), InfoSource::Inherited)
+            }
+            _ => self.read_cmdline(pid),
+        };
+        self.insert(pid, info.clone());
+        info
+    }
+
+    pub(super) fn exec(&mut self, pid: u32) -> ProcessInfo {
+        if self.cached(pid).is_none() {
+            // Not cached: everything is read now.
+            return self.info(pid);
+        }
+        let (cmdline, source) = self.read_cmdline(pid);
+        let mut info = match self.cache.get_mut(pid) {
+            Some(e) => e.info.clone(),
+            None => return self.info(pid),
+        };
+        self.stats.hits += 1;
+        info.cmdline = cmdline;
+        info.cmdline_source = source;
+        // The cgroup can change at any time (no event says so): refresh it, unless the
+        // read says the root while the entry knew better (on a v1-only host an exiting
+        // task reads as in the root). The pid namespace cannot change; read it only if it
+        // was inherited.
+        let before = (
+            info.cgroup.clone(),
+            info.container_id.clone(),
+            info.cgroup_source,
+        );
+        if self.read_cgroup(pid, &mut info)
+            && info.cgroup.as_deref() == Some("/")
+            && before.0.as_deref().is_some_and(|c| c != "/")
+        {
+            (info.cgroup, info.container_id, info.cgroup_source) = before;
+        }
+        if info.pidns_source != InfoSource::Proc {
+            self.read_pidns(pid, &mut info);
+        }
+        if let Some(e) = self.cache.get_mut(pid) {
+            e.info = info.clone();
+        }
+        info
+    }
+}
