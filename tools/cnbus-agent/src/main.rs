@@ -147,7 +147,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-#[path = "common/cli.rs"]
+#[path = "../../../examples/common/cli.rs"]
 #[macro_use]
 mod cli;
 
@@ -167,7 +167,7 @@ const DRAIN_FOR: Duration = Duration::from_secs(1);
 /// A process-monitoring agent on the Linux proc connector (cnbus example).
 #[derive(Parser)]
 #[command(
-    name = "agent",
+    name = "cnbus-agent",
     after_help = "Every event is one JSON line (fields: ts, event, pid, tid, thread, ppid, cmdline, \
 and per event exit_code, signal, core_dumped, duration_ms, comm, ruid, euid, rgid, egid, \
 tracer_pid); lost events are {\"event\":\"lost\",...} lines and counters, and trigger a /proc \
@@ -969,7 +969,7 @@ fn log_error(e: &io::Error) -> bool {
     if e.kind() == io::ErrorKind::BrokenPipe {
         return false;
     }
-    warn!("agent: writing the event log: {e}");
+    warn!("cnbus-agent: writing the event log: {e}");
     true
 }
 
@@ -980,14 +980,14 @@ fn main() -> ExitCode {
     let signals = match TermSignals::block() {
         Ok(s) => s,
         Err(e) => {
-            warn!("agent: {e}");
+            warn!("cnbus-agent: {e}");
             return ExitCode::from(1);
         }
     };
     let mut out = match open_output(args.output.as_deref()) {
         Ok(w) => BufWriter::with_capacity(1 << 16, w),
         Err(e) => {
-            warn!("agent: --output: {e}");
+            warn!("cnbus-agent: --output: {e}");
             return ExitCode::from(1);
         }
     };
@@ -995,9 +995,9 @@ fn main() -> ExitCode {
     let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
         Ok(l) => l,
         Err(e) => {
-            warn!("agent: cannot subscribe to the proc connector: {e}");
+            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
             if matches!(e, cnbus::Error::PermissionDenied { .. }) {
-                warn!("agent: it needs root (CAP_NET_ADMIN)");
+                warn!("cnbus-agent: it needs root (CAP_NET_ADMIN)");
             }
             return ExitCode::from(1);
         }
@@ -1056,7 +1056,7 @@ fn main() -> ExitCode {
             let _ = out.flush();
             match open_output(args.output.as_deref()) {
                 Ok(w) => out = BufWriter::with_capacity(1 << 16, w),
-                Err(e) => warn!("agent: reopening --output: {e}"),
+                Err(e) => warn!("cnbus-agent: reopening --output: {e}"),
             }
         }
         if now >= next_tick {
@@ -1066,7 +1066,7 @@ fn main() -> ExitCode {
             match &args.stats_file {
                 Some(p) => {
                     if let Err(e) = write_atomic(p, format!("{line}\n").as_bytes()) {
-                        warn!("agent: --stats-file: {e}");
+                        warn!("cnbus-agent: --stats-file: {e}");
                     }
                 }
                 None => warn!("{line}"),
@@ -1124,7 +1124,7 @@ fn main() -> ExitCode {
             }
             Ok(None) => {}
             Err(e) => {
-                warn!("agent: receive failed: {e}");
+                warn!("cnbus-agent: receive failed: {e}");
                 failed = true;
                 break;
             }
@@ -1169,7 +1169,7 @@ fn main() -> ExitCode {
     warn!("{line}");
     if let Some(p) = &args.dump_table {
         if let Err(e) = write_atomic(p, agent.table_dump().as_bytes()) {
-            warn!("agent: --dump-table {}: {e}", p.display());
+            warn!("cnbus-agent: --dump-table {}: {e}", p.display());
             return ExitCode::from(1);
         }
     }
