@@ -92,3 +92,48 @@ fn a_full_stderr_panics_nothing_while_running() {
     }
     runs_with_a_full_stderr(&bin(), &["--duration", "0.5", "--stats"]);
 }
+
+#[test]
+fn help_version_completions_and_man_page() {
+    let bin = bin();
+    let help = run(&bin, &os(&["--help"]));
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for text in [
+        "--events",
+        "--json",
+        "--duration",
+        "--stats",
+        "--buffer",
+        "--enrich",
+        "--container",
+        "--cgroup",
+        "--host-only",
+        "--containers-only",
+        "--allow-foreign-namespace",
+        "--version",
+        "timestamp_ns",
+        "duration_s",
+        "cmdline_source",
+        "seq_gap",
+        "Exit status",
+    ] {
+        assert!(help.contains(text), "--help lacks {text}");
+    }
+    assert!(!help.contains("completions"), "{help}");
+    let v = run(&bin, &os(&["--version"]));
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("proctrace "));
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&bin, &os(&["completions", shell]));
+        assert!(out.status.success(), "{shell}: {}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for opt in ["events", "duration", "enrich", "containers-only"] {
+            assert!(text.contains(opt), "{shell} completions lack {opt}");
+        }
+    }
+    let man = run(&bin, &os(&["man"]));
+    assert!(man.status.success());
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH proctrace"), "{man}");
+    assert!(man.contains("process_key"), "{man}");
+}
