@@ -11,7 +11,7 @@
 //!   overflow, count both and keep going.
 //!
 //! The examples are built with the cargo running the tests (`common::examples`), so a
-//! plain `cargo test --all-features` from a fresh clone runs all of this. The tests that
+//! plain `cargo test --workspace --all-features` from a fresh clone runs all of this. The tests that
 //! need the kernel connector (root) skip without it, except under CI. Groups 31 and 32
 //! belong to this file; its traffic carries this process's own idx (`common::test_idx`) or
 //! is identified by its sender's port, and every count that foreign traffic could raise is

@@ -3,7 +3,7 @@
 //! Each is built by the test with the cargo that runs it (`CARGO`), for the same profile
 //! and features (a no-op when `cargo test` already built the examples, as it does), and
 //! located from cargo's JSON messages: this works from a fresh clone, with any target
-//! directory, under a plain `cargo test --all-features`.
+//! directory, under a plain `cargo test --workspace --all-features`.
 
 // The features named below are the root package's; compiled into a tool's tests (which do
 // not build examples) they are unknown there.

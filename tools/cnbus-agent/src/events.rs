@@ -36,6 +36,8 @@ impl Agent {
         push(&mut self.line, &line);
     }
 
+    /// Applies one event to the table and formats its log line into `self.line` (left
+    /// empty for an ACK).
     pub fn event(&mut self, ev: &ProcEvent) {
         let kind = ev.kind();
         if let Some(i) = EventKind::ALL.iter().position(|k| *k == kind) {

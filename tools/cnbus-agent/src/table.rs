@@ -49,6 +49,7 @@ pub struct Exited {
     pub exit_seen: bool,
 }
 
+/// The agent's own counters (the listener keeps the loss figures).
 #[derive(Default)]
 pub struct Counters {
     /// Indexed like `EventKind::ALL`.
@@ -62,6 +63,7 @@ pub struct Counters {
     pub exit_unknown: u64,
 }
 
+/// The agent's state: the table, the enricher, the counters and the line being written.
 pub struct Agent {
     /// The live table, keyed by process key (boot id + pid + start time: never reused).
     pub live: HashMap<ProcessKey, Entry>,
@@ -80,6 +82,7 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An empty table remembering up to `exits_cap` recent exits.
     pub fn new(exits_cap: usize) -> Self {
         Agent {
             live: HashMap::new(),

@@ -52,6 +52,15 @@ pub struct Tracer {
     pub containers_seen: bool,
 }
 
+/// Appends `record`'s JSON line to `line`. The tracer's records (strings, numbers,
+/// options) always serialise; should one ever not, that is said on stderr rather than
+/// written as a line that is not JSON.
+fn push_json(line: &mut Vec<u8>, record: &impl serde::Serialize) {
+    if let Err(e) = json::push_line(line, record) {
+        cnbus_cli::warn!("proctrace: an event line could not be serialised: {e}");
+    }
+}
+
 /// The name shown for a process the enricher described: its command line, `[comm]` when
 /// only the task name was left, `<unknown>` when it was gone (or unreadable).
 fn enriched_name(info: &ProcessInfo) -> Arc<str> {
@@ -310,7 +319,7 @@ impl Tracer {
                     d.parent(p);
                 }
                 // Microseconds are all the clocks behind it can tell.
-                d.duration_s = duration.map(|s| (s * 1e6).round() / 1e6);
+                d.duration_s = duration.map(|s| json::round(s, 6));
             }
         }
         self.line.clear();
@@ -340,12 +349,8 @@ impl Tracer {
                 name: (&*name != UNKNOWN).then_some(&*name),
                 process: pinfo.as_ref(),
             };
-            // Plain records always serialise; should one not, the event shows as text.
-            if json::push_line(line, &record).is_ok() {
-                return;
-            }
-        }
-        {
+            push_json(line, &record);
+        } else {
             push_time_of_day(line, wall);
             let dur = match duration {
                 Some(d) => format!("{d:.3}s"),
@@ -396,9 +401,8 @@ impl Tracer {
                 cpu,
                 count,
             };
-            if json::push_line(line, &record).is_ok() {
-                return;
-            }
+            push_json(line, &record);
+            return;
         }
         push_time_of_day(line, wall);
         let _ = match loss {
@@ -413,6 +417,7 @@ impl Tracer {
     }
 }
 
+/// `s` with control characters (a newline in an argument, say) shown as `?`, so that one
 /// event stays one line of text.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     if s.chars().any(char::is_control) {
