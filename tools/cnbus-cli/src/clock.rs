@@ -106,10 +106,14 @@ pub fn push_time_of_day(out: &mut Vec<u8>, unix_ns: i128) {
 pub struct Rfc3339(pub i128);
 
 impl Rfc3339 {
+    /// Calls `f` with the text, formatted into a stack buffer (no allocation: this runs
+    /// for every event line).
     fn with<R>(self, f: impl FnOnce(&str) -> R) -> R {
-        let mut buf = Vec::with_capacity(32);
-        push_rfc3339(&mut buf, self.0);
-        f(std::str::from_utf8(&buf).unwrap_or_default())
+        let mut buf = [0u8; 40]; // "-9999-12-31T23:59:59.999999Z" is 28 bytes
+        let mut rest = &mut buf[..];
+        let _ = datetime(self.0).format_into(&mut rest, RFC3339);
+        let len = 40 - rest.len();
+        f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
     }
 }
 
@@ -153,6 +157,7 @@ mod tests {
         assert_eq!(t(1_709_251_199_999_999_000), "2024-02-29T23:59:59.999999Z");
         assert_eq!(t(-1_000), "1969-12-31T23:59:59.999999Z");
         assert_eq!(t(i128::MAX), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(t(i128::MIN), "-9999-01-01T00:00:00.000000Z");
         assert_eq!(
             TimeOfDay(1_795_694_400_123_456_789).to_string(),
             "12:00:00.123456"
