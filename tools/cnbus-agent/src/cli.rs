@@ -40,8 +40,10 @@ Exit status: 0 after SIGINT/SIGTERM or --duration, or when the event log's reade
 the pipe; 1 when the proc connector cannot be used or writing the event log fails; 2 on a
 usage error.
 
-Needs CAP_NET_ADMIN (root) for the proc connector, and the initial network namespace. See
-docs/AGENT.md.";
+Privileges: on Linux 6.6+ any user can listen; CAP_SYS_PTRACE lets it read other users'
+pid namespaces (pidns_source is denied without it); before 6.6 it needs CAP_NET_ADMIN.
+It must run in the initial network namespace. See docs/AGENT.md (and the systemd unit
+cnbus-agent.service).";
 
 /// A process-monitoring agent on the Linux proc connector: a table of live processes, a
 /// JSON event log, counters, and loss that is reported and repaired.

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Err(e) => {
             warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
             if matches!(e, cnbus::Error::PermissionDenied { .. }) {
-                warn!("cnbus-agent: it needs root (CAP_NET_ADMIN)");
+                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
             }
             return ExitCode::from(1);
         }

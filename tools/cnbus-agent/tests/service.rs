@@ -106,7 +106,11 @@ fn kernel_version() -> (u32, u32) {
 fn agent_for_nobody(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let bin = dir.join("cnbus-agent");
-    std::fs::copy(BIN, &bin).unwrap();
+    // Copied by cp, not std::fs::copy: a write descriptor open in this process would be
+    // inherited by a child another test forks meanwhile, and exec would then fail with
+    // ETXTBSY.
+    let st = Command::new("cp").arg(BIN).arg(&bin).status().unwrap();
+    assert!(st.success(), "cp {BIN}: {st}");
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
@@ -145,28 +149,33 @@ fn it_runs_unprivileged_with_only_the_units_capabilities() {
             .args(["--interval", "60"]),
     );
     // Subscribed and scanned: its first line is the start resync.
-    let first = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    let Ok(first) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let st = r.wait("cnbus-agent as nobody", || {});
+        panic!("no output: {st}: {}", err.join().unwrap());
+    };
     assert!(
         first.contains("\"reason\":\"start\""),
         "first line: {first}"
     );
-    // A process of root (this test's user): its exec must be fully attributed.
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", "exec /bin/sleep 0.1"])
-        .spawn()
-        .unwrap();
+    // A process of root (this test's user): its exec must be fully attributed. (One exec:
+    // the spawn's; it lives long enough for its command line to be read.)
+    let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
     let pid = child.id();
-    child.wait().unwrap();
     let end = Instant::now() + Duration::from_secs(60);
     let exec = loop {
         let left = end.saturating_duration_since(Instant::now());
-        let l = rx.recv_timeout(left).expect("no exec line of the child");
+        let Ok(l) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("no exec line of the child {pid}");
+        };
         let v: serde_json::Value = serde_json::from_str(&l).unwrap();
         if v["event"] == "exec" && v["pid"] == pid {
             break v;
         }
     };
-    assert_eq!(exec["cmdline"], "/bin/sleep 0.1", "{exec}");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exec["cmdline"], "/bin/sleep 30", "{exec}");
     assert_eq!(exec["cmdline_source"], "proc", "{exec}");
     assert_eq!(exec["pidns_source"], "proc", "{exec}");
     assert!(exec["pidns"].is_u64(), "{exec}");
