@@ -17,7 +17,7 @@ if ! command -v forkstat >/dev/null || ! command -v stress-ng >/dev/null; then
   echo "installing forkstat and stress-ng..." >&2
   apt-get update -qq && apt-get install -y -qq forkstat stress-ng >/dev/null
 fi
-cargo build --release --quiet --bin proctrace
+cargo build --release --quiet -p proctrace
 PT=./target/release/proctrace
 
 out=$(mktemp -d)

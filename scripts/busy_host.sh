@@ -9,7 +9,7 @@
 #     well-formed spoofed FORK/EXEC/EXIT proc events on group 1 (BUSY_PROC_RATE a second).
 #
 # Usage (as root): scripts/busy_host.sh COMMAND [ARGS...]
-#   e.g. scripts/busy_host.sh cargo test --all-features
+#   e.g. scripts/busy_host.sh cargo test --workspace --all-features
 # Environment (defaults): BUSY_SECONDS=1800 BUSY_RATE=2000 BUSY_PROC_RATE=200 BUSY_FORKERS=1
 #
 # Exit status: the command's; 3 when the load was gone before the command ended (noise

@@ -1,5 +1,6 @@
-//! The command lines and outputs of `proctrace` and of every example, used the way a
-//! careless or hostile user would:
+//! The command lines and outputs of every example, used the way a careless or hostile user
+//! would (the tools' own are in `tools/*/tests/cli.rs`, with the same checks from
+//! `common::cli`):
 //!
 //! * hostile arguments (huge, negative, NaN, infinite, empty, missing values, unknown
 //!   flags, non-UTF-8) are usage errors: exit status 2 and a message, never a panic, never
@@ -10,7 +11,7 @@
 //!   overflow, count both and keep going.
 //!
 //! The examples are built with the cargo running the tests (`common::examples`), so a
-//! plain `cargo test --all-features` from a fresh clone runs all of this. The tests that
+//! plain `cargo test --workspace --all-features` from a fresh clone runs all of this. The tests that
 //! need the kernel connector (root) skip without it, except under CI. Groups 31 and 32
 //! belong to this file; its traffic carries this process's own idx (`common::test_idx`) or
 //! is identified by its sender's port, and every count that foreign traffic could raise is
@@ -18,248 +19,19 @@
 
 mod common;
 
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cnbus::codec::DatagramBuilder;
 use cnbus::sys::Dest;
 use cnbus::{CbId, CnMsg};
+use common::cli::*;
 use common::examples::example;
 
-const PROCTRACE: &str = env!("CARGO_BIN_EXE_proctrace");
 const GROUP: u32 = 31;
-/// Longest any program here may take to do what the test waits for. Only a guard against
-/// a hang (the old behaviour of several cases was to run on with defaults): never reached
-/// by a passing test.
-const HANG: Duration = Duration::from_secs(60);
 
 fn kernel(test: &str) -> bool {
     common::kernel_socket(test).is_some()
-}
-
-/// Kills the child when dropped, so that a failing test leaves nothing running.
-struct Running(Child);
-
-impl Running {
-    /// Starts `cmd` with no stdin and piped outputs: the child, its stdout lines as they
-    /// come, and its whole stderr once it has exited.
-    fn piped(
-        cmd: &mut Command,
-    ) -> (
-        Self,
-        mpsc::Receiver<String>,
-        std::thread::JoinHandle<String>,
-    ) {
-        let mut r = Running(
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let err = stderr_of(&mut r.0);
-        let rx = lines(&mut r.0);
-        (r, rx, err)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Running {
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: sends a signal to our own child, which we have not reaped.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    /// Waits for the exit, at most `HANG`; `poke` runs between checks (to make events).
-    fn wait(&mut self, what: &str, mut poke: impl FnMut()) -> ExitStatus {
-        let end = Instant::now() + HANG;
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < end, "{what}: still running after {HANG:?}");
-            poke();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until the kernel shows the child stopped (after SIGSTOP).
-    fn wait_stopped(&self) {
-        let path = format!("/proc/{}/stat", self.pid());
-        let end = Instant::now() + HANG;
-        loop {
-            let stat = std::fs::read_to_string(&path).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next());
-            match state {
-                Some("T") => return,
-                Some("Z") | None => panic!("the child exited instead of stopping: {stat}"),
-                _ => {}
-            }
-            assert!(Instant::now() < end, "child did not stop: {stat}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-/// Runs `program args` to completion (with the hang guard), stdin empty, outputs captured.
-fn run(program: &PathBuf, args: &[&OsStr]) -> Output {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut r = Running(child);
-    let (mut so, mut se) = (r.0.stdout.take().unwrap(), r.0.stderr.take().unwrap());
-    let out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let what = format!("{} {args:?}", program.display());
-    let status = r.wait(&what, || {});
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn os(args: &[&str]) -> Vec<&'static OsStr> {
-    args.iter()
-        .map(|a| OsStr::new(Box::leak(a.to_string().into_boxed_str())))
-        .collect()
-}
-
-/// `program args` must be a usage error: status 2, a message naming `expect`, no panic.
-fn usage_error(program: &PathBuf, args: &[&OsStr], expect: &str) {
-    let out = run(program, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    let name = program.file_name().unwrap().to_string_lossy();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{name} {args:?} is not a usage error ({}): {err}",
-        out.status
-    );
-    assert!(!err.contains("panicked"), "{name} {args:?} panicked: {err}");
-    assert!(
-        err.contains(expect),
-        "{name} {args:?}: the message does not name {expect:?}: {err}"
-    );
-}
-
-/// Reads a child's stdout line by line on a thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Every line still to come from a child that has exited: up to the end of its output
-/// (the reader thread may lag behind the exit), at most `HANG` away.
-fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
-    let end = Instant::now() + HANG;
-    let mut out = Vec::new();
-    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-        out.push(l);
-    }
-    out
-}
-
-/// Collects a child's stderr on a thread (so that it never blocks writing it).
-fn stderr_of(child: &mut Child) -> std::thread::JoinHandle<String> {
-    let mut e = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = e.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Reads a child's stderr line by line on a thread.
-fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// The next line that contains `what`, at most `HANG` away.
-fn line_with(rx: &mpsc::Receiver<String>, what: &str) -> String {
-    let end = Instant::now() + HANG;
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(what) => return l,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {what:?}: {e}"),
-        }
-    }
-}
-
-/// The number after `key` in `line` (`"overruns: 3;"` → 3).
-fn count(line: &str, key: &str) -> u64 {
-    let rest = &line[line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
-        + key.len()..];
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits
-        .parse()
-        .unwrap_or_else(|_| panic!("no number after {key:?} in {line}"))
-}
-
-fn true_pid() -> u32 {
-    let mut c = Command::new("/bin/true").spawn().unwrap();
-    let pid = c.id();
-    c.wait().unwrap();
-    pid
 }
 
 fn datagram(id: CbId, seq: u32, payload: &[u8], pid: u32) -> Vec<u8> {
@@ -271,35 +43,6 @@ fn datagram(id: CbId, seq: u32, payload: &[u8], pid: u32) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------
 // Arguments
-
-#[test]
-fn proctrace_rejects_hostile_arguments() {
-    let bin = PathBuf::from(PROCTRACE);
-    for (args, expect) in [
-        (&["--duration", "1e19"][..], "--duration"),
-        (&["--duration", "1e30"], "--duration"),
-        (&["--duration", "-1"], "--duration"),
-        (&["--duration", "NaN"], "--duration"),
-        (&["--duration", "inf"], "--duration"),
-        (&["--duration", ""], "--duration"),
-        (&["--duration"], "--duration"),
-        (&["--buffer", "2G"], "--buffer"),
-        (&["--buffer", "0"], "--buffer"),
-        (&["--buffer", "99999999999999999999"], "--buffer"),
-        (&["--json=yes"], "--json"),
-        (&["--bogus"], "--bogus"),
-        (&[""], "unknown option"),
-        (&["--events", ""], "--events"),
-    ] {
-        usage_error(&bin, &os(args), expect);
-    }
-    usage_error(&bin, &[OsStr::from_bytes(b"\xff")], "UTF-8");
-    usage_error(
-        &bin,
-        &[OsStr::new("--duration"), OsStr::from_bytes(b"1\xff")],
-        "UTF-8",
-    );
-}
 
 /// Arguments that must be a usage error, and what the message must name.
 type Case = (Vec<&'static str>, &'static str);
@@ -404,20 +147,6 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
             ],
         ),
         (
-            "agent",
-            vec![
-                v(&["--duration", "1e30"], "--duration"),
-                v(&["--duration=-1"], "--duration"),
-                v(&["--interval", "0"], "--interval"),
-                v(&["--interval", "1e19"], "--interval"),
-                v(
-                    &["--recent-exits", "18446744073709551616"],
-                    "--recent-exits",
-                ),
-                v(&["--buffer", "5G"], "--buffer"),
-            ],
-        ),
-        (
             "noise",
             vec![
                 v(&["--seconds", "0"], "--seconds"),
@@ -435,7 +164,6 @@ fn hostile_example_arguments() -> Vec<(&'static str, Vec<Case>)> {
 /// Every numeric option, by program.
 fn numeric_options(name: &str) -> &'static [&'static str] {
     match name {
-        "proctrace" => &["--duration", "--buffer"],
         "cn_publish" => &[
             "--group",
             "--idx",
@@ -457,143 +185,42 @@ fn numeric_options(name: &str) -> &'static [&'static str] {
         ],
         "proc_events" => &["--count", "--seconds", "--buffer"],
         "soak" => &["--seconds", "--producers", "--receivers", "--group"],
-        "agent" => &["--interval", "--duration", "--recent-exits", "--buffer"],
         "noise" => &["--seconds", "--rate", "--proc-rate"],
         other => panic!("no options listed for {other}"),
     }
 }
 
 /// The values no numeric option accepts: empty, negative, not a number, infinite, huge.
-const BAD_NUMBERS: &[&str] = &[
-    "",
-    "-1",
-    "-0.5",
-    "NaN",
-    "inf",
-    "-inf",
-    "1e30",
-    "18446744073709551616",
-    "99999999999999999999999999",
-    "0x10000000000000000",
-    "12abc",
-];
-
-/// `option value` (as `--option=value`, so that a leading `-` is a value), and `option`
-/// with its value missing, are usage errors naming the option.
-fn rejects_bad_numbers(bin: &PathBuf, name: &str) {
-    for opt in numeric_options(name) {
-        for v in BAD_NUMBERS {
-            usage_error(bin, &os(&[&format!("{opt}={v}")]), opt);
-        }
-        usage_error(bin, &os(&[opt]), opt);
-    }
-}
 
 #[test]
 fn every_numeric_option_rejects_bad_numbers() {
-    rejects_bad_numbers(&PathBuf::from(PROCTRACE), "proctrace");
     for (name, _) in hostile_example_arguments() {
-        rejects_bad_numbers(&example(name), name);
+        rejects_bad_numbers(&example(name), numeric_options(name));
     }
 }
 
 #[test]
 fn every_example_rejects_unknown_flags_and_out_of_range_values_and_has_help() {
     for (name, cases) in hostile_example_arguments() {
-        let bin = example(name);
-        let help = run(&bin, &os(&["--help"]));
-        assert!(help.status.success(), "{name} --help: {}", help.status);
-        let text = String::from_utf8_lossy(&help.stdout);
-        assert!(text.contains("Usage:"), "{name} --help: {text}");
-        usage_error(&bin, &os(&["--bogus"]), "--bogus");
-        usage_error(&bin, &[OsStr::from_bytes(b"--\xff")], "");
-        for (args, expect) in cases {
-            usage_error(&bin, &os(&args), expect);
-        }
+        help_and_usage_errors(&example(name), &cases);
     }
 }
 
 #[test]
 fn a_full_stderr_panics_nothing_on_a_usage_error() {
-    let full = || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/full")
-            .unwrap()
-    };
-    let mut programs = vec![PathBuf::from(PROCTRACE)];
-    programs.extend(hostile_example_arguments().iter().map(|(n, _)| example(n)));
-    for bin in programs {
-        let st = Command::new(&bin)
-            .arg("--bogus")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(full())
-            .status()
-            .unwrap();
-        assert_eq!(st.code(), Some(2), "{}: {st}", bin.display());
+    for (name, _) in hostile_example_arguments() {
+        usage_error_with_a_full_stderr(&example(name));
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Output errors
 
-fn dev_full() -> Stdio {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .unwrap()
-        .into()
-}
-
-/// `bin args > /dev/full` must end with status 1 and say that writing failed.
-fn fails_on_a_full_disk(bin: &PathBuf, args: &[&str], expect: &str) {
-    let mut r = Running(
-        Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(dev_full())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = stderr_of(&mut r.0);
-    let st = r.wait(&format!("{} > /dev/full", bin.display()), || {
-        true_pid();
-    });
-    let err = err.join().unwrap();
-    assert_eq!(
-        st.code(),
-        Some(1),
-        "{} > /dev/full: {st}: {err}",
-        bin.display()
-    );
-    assert!(err.contains(expect), "{}: {err}", bin.display());
-    assert!(err.contains("No space left on device"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
 #[test]
 fn a_failed_write_of_the_output_is_reported_with_status_1() {
     if !kernel("a_failed_write_of_the_output_is_reported_with_status_1") {
         return;
     }
-    let pt = PathBuf::from(PROCTRACE);
-    fails_on_a_full_disk(
-        &pt,
-        &["--duration", "60"],
-        "proctrace: writing the events to stdout",
-    );
-    fails_on_a_full_disk(
-        &pt,
-        &["--json", "--duration", "60"],
-        "proctrace: writing the events to stdout",
-    );
-    fails_on_a_full_disk(
-        &example("agent"),
-        &["--duration", "60"],
-        "agent: writing the event log",
-    );
     let g = GROUP.to_string();
     fails_on_a_full_disk(
         &example("bus_subscriber"),
@@ -612,40 +239,11 @@ fn a_failed_write_of_the_output_is_reported_with_status_1() {
     );
 }
 
-/// `bin args | head -1`: once the reader is gone the program must end quietly with 0.
-fn quiet_on_a_closed_pipe(bin: &PathBuf, args: &[&str]) {
-    let mut r = Running(
-        Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let err = stderr_of(&mut r.0);
-    let mut out = BufReader::new(r.0.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    assert!(!first.is_empty(), "{}: no output", bin.display());
-    drop(out);
-    // Every process started makes events to write, and the write fails with EPIPE.
-    let st = r.wait(&format!("{} | head -1", bin.display()), || {
-        true_pid();
-    });
-    let err = err.join().unwrap();
-    assert!(st.success(), "{} | head -1: {st}: {err}", bin.display());
-    assert!(!err.contains("writing"), "{}: {err}", bin.display());
-    assert!(!err.contains("panicked"), "{}: {err}", bin.display());
-}
-
 #[test]
 fn a_closed_pipe_ends_quietly_with_status_0() {
     if !kernel("a_closed_pipe_ends_quietly_with_status_0") {
         return;
     }
-    quiet_on_a_closed_pipe(&PathBuf::from(PROCTRACE), &["--duration", "60"]);
-    quiet_on_a_closed_pipe(&example("agent"), &["--duration", "60"]);
     quiet_on_a_closed_pipe(
         &example("proc_events"),
         &["--count", "1000000000", "--seconds", "60"],
@@ -657,38 +255,12 @@ fn a_full_stderr_panics_nothing_while_running() {
     if !kernel("a_full_stderr_panics_nothing_while_running") {
         return;
     }
-    for (bin, args) in [
-        (
-            PathBuf::from(PROCTRACE),
-            &["--duration", "0.5", "--stats"][..],
-        ),
-        (
-            example("agent"),
-            &["--duration", "0.5", "--interval", "0.05"][..],
-        ),
-        (example("proc_events"), &["--seconds", "0.5"][..]),
-        // Sends nothing (both rates 0): only its start and end lines, to a full stderr.
-        (
-            example("noise"),
-            &["--seconds", "1", "--rate", "0", "--proc-rate", "0"][..],
-        ),
-    ] {
-        let mut r = Running(
-            Command::new(&bin)
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(dev_full())
-                .spawn()
-                .unwrap(),
-        );
-        let st = r.wait(&format!("{} 2> /dev/full", bin.display()), || {});
-        assert!(
-            st.success(),
-            "{} {args:?} 2> /dev/full: {st}",
-            bin.display()
-        );
-    }
+    runs_with_a_full_stderr(&example("proc_events"), &["--seconds", "0.5"]);
+    // Sends nothing (both rates 0): only its start and end lines, to a full stderr.
+    runs_with_a_full_stderr(
+        &example("noise"),
+        &["--seconds", "1", "--rate", "0", "--proc-rate", "0"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2,41 +2,28 @@
 //! with `#[path = "common/cli.rs"] #[macro_use] mod cli;`).
 //!
 //! * Value parsers for `clap`: integers in decimal or `0x` hex, durations in seconds and
-//!   buffer sizes, each range-checked, so that an out-of-range value is a usage error (exit
+//!   buffer sizes (those three shared with the tools: `tools/cnbus-cli/src/args.rs`), each
+//!   range-checked, so that an out-of-range value is a usage error (exit
 //!   status 2) rather than a silently wrapped number or a panic.
 //! * [`out!`] writes a line to stdout and [`warn!`] one to stderr without panicking
 //!   (`println!` and `eprintln!` panic when the stream is closed or full). A failed write to
 //!   stdout becomes a [`Stop`]: [`Stop::ClosedPipe`] when the reader went away
 //!   (`example | head`), a quiet successful end; [`Stop::Failed`] otherwise (a full disk),
 //!   reported by [`finish`] with exit status 1.
-#![allow(dead_code, unused_macros)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::fmt;
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::time::Duration;
 
-/// Longest duration any example accepts, in seconds (about 31 years): far beyond any real
-/// run, and small enough that adding it to `Instant::now()` cannot overflow.
-pub const MAX_SECS: f64 = 1e9;
-
-/// Largest socket receive buffer the examples ask for (the kernel caps a buffer near 2 GiB).
-pub const MAX_BUFFER: usize = 1 << 30;
+// The range-checked parsers the tools use too, one copy (std only): integers, seconds,
+// sizes, and their limits.
+#[path = "../../tools/cnbus-cli/src/args.rs"]
+mod args;
+pub use args::{parse_secs, parse_size, parse_u64, MAX_BUFFER, MAX_SECS};
 
 /// The last multicast group a connector socket can join.
 const MAX_GROUP: u32 = 32;
-
-/// An unsigned integer in decimal or `0x` hex.
-pub fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse::<u64>(),
-    };
-    r.map_err(|e| match e.kind() {
-        std::num::IntErrorKind::PosOverflow => format!("{s} is too large (at most {})", u64::MAX),
-        _ => format!("{s:?} is not a whole number (decimal or 0x hex)"),
-    })
-}
 
 /// A `u32` in decimal or `0x` hex (connector idx and val, sequence numbers).
 pub fn parse_u32(s: &str) -> Result<u32, String> {
@@ -79,34 +66,6 @@ pub fn parse_group(s: &str) -> Result<u32, String> {
         Ok(g)
     } else {
         Err(format!("group {g} is out of range (1..=32)"))
-    }
-}
-
-/// A duration in seconds, fractions allowed: finite, not negative, at most [`MAX_SECS`].
-pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !v.is_finite() || !(0.0..=MAX_SECS).contains(&v) {
-        return Err(format!("{s} is out of range (0 to {MAX_SECS:e} seconds)"));
-    }
-    Ok(Duration::from_secs_f64(v))
-}
-
-/// A buffer size in bytes, with an optional `K`, `M` or `G` suffix: 1 byte to 1 GiB.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let (num, mult) = match s.as_bytes().last() {
-        Some(b'k' | b'K') => (&s[..s.len() - 1], 1 << 10),
-        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'g' | b'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let bad = || format!("{s:?} is not a size (bytes, or a number with K, M or G)");
-    let n: usize = num.parse().map_err(|_| bad())?;
-    match n.checked_mul(mult) {
-        Some(b) if (1..=MAX_BUFFER).contains(&b) => Ok(b),
-        _ => Err(format!("{s} is out of range (1 byte to 1G)")),
     }
 }
 
@@ -168,6 +127,7 @@ pub fn finish(name: &str, r: Result<(), Stop>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn numbers_are_range_checked() {

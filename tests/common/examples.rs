@@ -1,9 +1,13 @@
-//! The example programs, for tests that run them as a user would.
+//! The root package's example programs, for tests that run them as a user would.
 //!
 //! Each is built by the test with the cargo that runs it (`CARGO`), for the same profile
 //! and features (a no-op when `cargo test` already built the examples, as it does), and
 //! located from cargo's JSON messages: this works from a fresh clone, with any target
-//! directory, under a plain `cargo test --all-features`.
+//! directory, under a plain `cargo test --workspace --all-features`.
+
+// The features named below are the root package's; compiled into a tool's tests (which do
+// not build examples) they are unknown there.
+#![allow(unexpected_cfgs)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,14 +22,17 @@ pub fn example(name: &str) -> PathBuf {
         return p.clone();
     }
     let mut cmd = Command::new(env!("CARGO"));
+    let manifest = super::repo_root().join("Cargo.toml");
     cmd.args([
         "build",
+        "-p",
+        "cnbus",
         "--example",
         name,
         "--message-format=json-render-diagnostics",
         "--manifest-path",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
     ]);
+    cmd.arg(manifest);
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }

@@ -1,6 +1,9 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: the root package's (`mod common;`) and the
+//! tools' under `tools/*/tests/` (`#[path = "../../../tests/common/mod.rs"] mod common;`),
+//! one copy for all.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod examples;
 pub mod runc;
 
@@ -9,6 +12,16 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use cnbus::codec::{messages, ConnectorMessage, Message};
 use cnbus::sys::{ConnectorSocket, RecvMeta};
+
+/// The repository's root (the `cnbus` package's directory), from whichever workspace
+/// package's tests this is compiled in.
+pub fn repo_root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .find(|d| d.join("proto/fixtures").is_dir())
+        .unwrap_or(here)
+        .to_path_buf()
+}
 
 /// Opens a connector socket, or decides what to do when the kernel is not reachable:
 /// under CI (`CI` set) that is a failure; on a developer's machine without root the test is
@@ -82,7 +95,7 @@ pub struct Fixture {
 impl Fixture {
     /// Loads `proto/fixtures/<name>`.
     pub fn load(name: &str) -> Fixture {
-        let path = format!("{}/proto/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/proto/fixtures/{name}", repo_root().display());
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let mut bytes = Vec::new();
         let mut expect = Vec::new();
@@ -109,7 +122,7 @@ impl Fixture {
 
     /// Every fixture file name.
     pub fn all() -> Vec<String> {
-        let dir = format!("{}/proto/fixtures", env!("CARGO_MANIFEST_DIR"));
+        let dir = repo_root().join("proto/fixtures");
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -1,21 +1,21 @@
-//! The `agent` example end to end, on the real kernel: under a fork storm it keeps an exact
-//! table of live processes, stops cleanly on SIGINT with its final counters, and survives
-//! (and reports) receive-queue overruns.
+//! `cnbus-agent` end to end, on the real kernel: under a fork storm it keeps an exact table
+//! of live processes, stops cleanly on SIGINT with its final counters, and survives (and
+//! reports) receive-queue overruns.
 //!
-//! The example binary is built by this test with the cargo that runs it, for the same
-//! profile and features (a no-op when `cargo test` already built the examples), and located
-//! from cargo's JSON messages, so it works from a fresh clone and with any target dir.
+//! The binary is the one cargo builds for this package's tests (`CARGO_BIN_EXE_cnbus-agent`),
+//! so this works from a fresh clone and with any target dir.
 //!
 //! The storm is `stress-ng --fork 2`. Without stress-ng the test fails under CI (`CI` set)
 //! and otherwise falls back to two shell loops spawning `/bin/true`.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
@@ -24,8 +24,7 @@ use cnbus::proc::{EventBody, EventSet, ProcListener, Received};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn agent_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| common::examples::example("agent"))
+    Path::new(env!("CARGO_BIN_EXE_cnbus-agent"))
 }
 
 /// Kills the processes it holds when dropped, so a failing assertion leaves nothing behind.

@@ -2,6 +2,7 @@
 //! with its summary on SIGTERM, the error outside the initial pid namespace, and the exact
 //! loss count of a tracer stopped during a burst (with and without a kernel filter).
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::io::Read;

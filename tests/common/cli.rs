@@ -1,0 +1,371 @@
+//! Running the tools and examples as a user would, for the command-line tests (the root
+//! package's `tests/cli.rs` and the tools' `tests/cli.rs`): a child with a hang guard that is
+//! killed when dropped, its output line by line, and the checks every program must pass
+//! (usage errors, `> /dev/full`, `| head`).
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Longest any program here may take to do what the test waits for. Only a guard against
+/// a hang (the old behaviour of several cases was to run on with defaults): never reached
+/// by a passing test.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// Kills the child when dropped, so that a failing test leaves nothing running.
+pub struct Running(pub Child);
+
+impl Running {
+    /// Starts `cmd` with no stdin and piped outputs: the child, its stdout lines as they
+    /// come, and its whole stderr once it has exited.
+    pub fn piped(
+        cmd: &mut Command,
+    ) -> (
+        Self,
+        mpsc::Receiver<String>,
+        std::thread::JoinHandle<String>,
+    ) {
+        let mut r = Running(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let err = stderr_of(&mut r.0);
+        let rx = lines(&mut r.0);
+        (r, rx, err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child, which we have not reaped.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the exit, at most `HANG`; `poke` runs between checks (to make events).
+    pub fn wait(&mut self, what: &str, mut poke: impl FnMut()) -> ExitStatus {
+        let end = Instant::now() + HANG;
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "{what}: still running after {HANG:?}");
+            poke();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the kernel shows the child stopped (after SIGSTOP).
+    pub fn wait_stopped(&self) {
+        let path = format!("/proc/{}/stat", self.pid());
+        let end = Instant::now() + HANG;
+        loop {
+            let stat = std::fs::read_to_string(&path).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            match state {
+                Some("T") => return,
+                Some("Z") | None => panic!("the child exited instead of stopping: {stat}"),
+                _ => {}
+            }
+            assert!(Instant::now() < end, "child did not stop: {stat}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Runs `program args` to completion (with the hang guard), stdin empty, outputs captured.
+pub fn run(program: &PathBuf, args: &[&OsStr]) -> Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = Running(child);
+    let (mut so, mut se) = (r.0.stdout.take().unwrap(), r.0.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let what = format!("{} {args:?}", program.display());
+    let status = r.wait(&what, || {});
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+pub fn os(args: &[&str]) -> Vec<&'static OsStr> {
+    args.iter()
+        .map(|a| OsStr::new(Box::leak(a.to_string().into_boxed_str())))
+        .collect()
+}
+
+/// `program args` must be a usage error: status 2, a message naming `expect`, no panic.
+pub fn usage_error(program: &PathBuf, args: &[&OsStr], expect: &str) {
+    let out = run(program, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = program.file_name().unwrap().to_string_lossy();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name} {args:?} is not a usage error ({}): {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{name} {args:?} panicked: {err}");
+    assert!(
+        err.contains(expect),
+        "{name} {args:?}: the message does not name {expect:?}: {err}"
+    );
+}
+
+/// Reads a child's stdout line by line on a thread.
+pub fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Every line still to come from a child that has exited: up to the end of its output
+/// (the reader thread may lag behind the exit), at most `HANG` away.
+pub fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let end = Instant::now() + HANG;
+    let mut out = Vec::new();
+    while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        out.push(l);
+    }
+    out
+}
+
+/// Collects a child's stderr on a thread (so that it never blocks writing it).
+pub fn stderr_of(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut e = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = e.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Reads a child's stderr line by line on a thread.
+pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line that contains `what`, at most `HANG` away.
+pub fn line_with(rx: &mpsc::Receiver<String>, what: &str) -> String {
+    let end = Instant::now() + HANG;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {what:?}: {e}"),
+        }
+    }
+}
+
+/// The number after `key` in `line` (`"overruns: 3;"` → 3).
+pub fn count(line: &str, key: &str) -> u64 {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
+        + key.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {key:?} in {line}"))
+}
+
+pub fn true_pid() -> u32 {
+    let mut c = Command::new("/bin/true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+/// The values no numeric option accepts: empty, negative, not a number, infinite, huge.
+pub const BAD_NUMBERS: &[&str] = &[
+    "",
+    "-1",
+    "-0.5",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e30",
+    "18446744073709551616",
+    "99999999999999999999999999",
+    "0x10000000000000000",
+    "12abc",
+];
+
+/// `option value` (as `--option=value`, so that a leading `-` is a value), and `option`
+/// with its value missing, are usage errors naming the option.
+pub fn rejects_bad_numbers(bin: &PathBuf, options: &[&str]) {
+    for opt in options {
+        for v in BAD_NUMBERS {
+            usage_error(bin, &os(&[&format!("{opt}={v}")]), opt);
+        }
+        usage_error(bin, &os(&[opt]), opt);
+    }
+}
+
+pub fn dev_full() -> Stdio {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap()
+        .into()
+}
+
+/// `bin args > /dev/full` must end with status 1 and say that writing failed.
+pub fn fails_on_a_full_disk(bin: &PathBuf, args: &[&str], expect: &str) {
+    let mut r = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(dev_full())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let st = r.wait(&format!("{} > /dev/full", bin.display()), || {
+        true_pid();
+    });
+    let err = err.join().unwrap();
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "{} > /dev/full: {st}: {err}",
+        bin.display()
+    );
+    assert!(err.contains(expect), "{}: {err}", bin.display());
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `bin args | head -1`: once the reader is gone the program must end quietly with 0.
+pub fn quiet_on_a_closed_pipe(bin: &PathBuf, args: &[&str]) {
+    let mut r = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let err = stderr_of(&mut r.0);
+    let mut out = BufReader::new(r.0.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(!first.is_empty(), "{}: no output", bin.display());
+    drop(out);
+    // Every process started makes events to write, and the write fails with EPIPE.
+    let st = r.wait(&format!("{} | head -1", bin.display()), || {
+        true_pid();
+    });
+    let err = err.join().unwrap();
+    assert!(st.success(), "{} | head -1: {st}: {err}", bin.display());
+    assert!(!err.contains("writing"), "{}: {err}", bin.display());
+    assert!(!err.contains("panicked"), "{}: {err}", bin.display());
+}
+
+/// `bin --help` succeeds with clap's usage text; `--bogus`, a non-UTF-8 flag and each of
+/// `cases` (arguments, what the message must name) are usage errors.
+pub fn help_and_usage_errors(bin: &PathBuf, cases: &[(Vec<&str>, &str)]) {
+    let name = bin.display();
+    let help = run(bin, &os(&["--help"]));
+    assert!(help.status.success(), "{name} --help: {}", help.status);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("Usage:"), "{name} --help: {text}");
+    usage_error(bin, &os(&["--bogus"]), "--bogus");
+    usage_error(bin, &[OsStr::from_bytes(b"--\xff")], "");
+    for (args, expect) in cases {
+        usage_error(bin, &os(args), expect);
+    }
+}
+
+/// `bin --bogus 2> /dev/full`: still a usage error (status 2), no panic.
+pub fn usage_error_with_a_full_stderr(bin: &PathBuf) {
+    let st = Command::new(bin)
+        .arg("--bogus")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(dev_full())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(2), "{}: {st}", bin.display());
+}
+
+/// `bin args 2> /dev/full` runs to its end and succeeds.
+pub fn runs_with_a_full_stderr(bin: &PathBuf, args: &[&str]) {
+    let mut r = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(dev_full())
+            .spawn()
+            .unwrap(),
+    );
+    let st = r.wait(&format!("{} 2> /dev/full", bin.display()), || {});
+    assert!(
+        st.success(),
+        "{} {args:?} 2> /dev/full: {st}",
+        bin.display()
+    );
+}

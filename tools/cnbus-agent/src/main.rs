@@ -1,0 +1,261 @@
+//! `cnbus-agent`: a process-monitoring agent built on `cnbus::proc`, the way a real one
+//! embeds the library.
+//!
+//! It keeps a table of live processes from proc events (keyed by the enricher's
+//! `process_key`, with a pid index), writes every event as a JSON line for a log shipper,
+//! reports counters periodically, survives and reports lost events (a `/proc` resync
+//! repairs the table), and stops cleanly. `cnbus-agent --help` documents every option and
+//! output field; docs/AGENT.md has the rules, the guarantees and the systemd unit.
+//!
+//! How it uses cnbus: a [`ProcListener`] subscribed to every event (so that gaps are
+//! counted exactly); the loop alternates [`ProcListener::try_recv`] (drain what is queued)
+//! and [`ProcListener::recv_timeout`] (wait, at most 100 ms so that the signal flags and the
+//! counters tick are checked); [`ProcListener::stats`] and [`ProcListener::finish`] give the
+//! loss figures; an [`Enricher`](cnbus::proc::Enricher) attributes every event; and
+//! [`TermSignals::block`] runs before any thread starts, with a thread waiting for the
+//! signals.
+//!
+//! The files: `cli` (options and help), `table` (the table and the `/proc` scan), `events`
+//! (events to table changes and lines), `records` (the JSON lines), `output` (event log and
+//! snapshots), this one (the loop).
+
+mod cli;
+mod events;
+mod output;
+mod records;
+mod table;
+
+use std::io::{self, BufWriter, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{CommandFactory, Parser};
+use cnbus::proc::{ProcListener, Received};
+use cnbus::sys::TermSignals;
+use cnbus_cli::warn;
+
+use cli::Cli;
+use output::{log_error, open_output, write_atomic};
+use table::Agent;
+
+/// Minimum time between two loss-triggered resyncs.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(2);
+/// Longest wait in the main loop, so signals and ticks are noticed promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// How long the final drain of queued events may take.
+const DRAIN_FOR: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(g) = &cli.generate {
+        return match g.write(Cli::command(), &mut io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => cnbus_cli::output::write_failed("cnbus-agent", "to stdout", &e),
+        };
+    }
+    let args = cli.args;
+    // Before any thread exists: every thread inherits the blocked mask, so only the waiter
+    // below receives SIGINT / SIGTERM / SIGHUP.
+    let signals = match TermSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cnbus-agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = match open_output(args.output.as_deref()) {
+        Ok(w) => BufWriter::with_capacity(1 << 16, w),
+        Err(e) => {
+            warn!("cnbus-agent: --output: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Subscribe first, then scan: whatever happens during the scan is queued as events.
+    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
+            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
+                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let reopen = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, reopen) = (stop.clone(), reopen.clone());
+        std::thread::spawn(move || loop {
+            if signals.wait() == libc::SIGHUP {
+                reopen.store(true, Ordering::SeqCst);
+            } else {
+                stop.store(true, Ordering::SeqCst);
+                return;
+            }
+        });
+    }
+
+    let mut agent = Agent::new(args.recent_exits);
+    let started = Instant::now();
+    let (added, removed) = agent.resync("start");
+    agent.resync_line("start", added, removed);
+    let _ = out.write_all(&agent.line);
+
+    let deadline = args.duration.map(|d| started + d);
+    let mut next_tick = started + args.interval;
+    let mut last_total = 0u64;
+    let mut last_tick = started;
+    let mut burst = 0u32;
+    let mut failed = false;
+    // The event log cannot be written any more (its reader closed the pipe, or a write
+    // failed): the agent stops.
+    let mut log_closed = false;
+    let handle = |agent: &mut Agent,
+                  r: Received,
+                  out: &mut BufWriter<Box<dyn Write + Send>>|
+     -> io::Result<()> {
+        match r {
+            Received::Event(ev) => agent.event(&ev),
+            Received::Lost(loss) => agent.lost(loss),
+        }
+        out.write_all(&agent.line)
+    };
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        if reopen.swap(false, Ordering::SeqCst) && args.output.is_some() {
+            let _ = out.flush();
+            match open_output(args.output.as_deref()) {
+                Ok(w) => out = BufWriter::with_capacity(1 << 16, w),
+                Err(e) => warn!("cnbus-agent: reopening --output: {e}"),
+            }
+        }
+        if now >= next_tick {
+            let total: u64 = agent.n.by_kind.iter().sum();
+            let rate = (total - last_total) as f64 / now.duration_since(last_tick).as_secs_f64();
+            let line = agent.stats_line(&listener.stats(), started, rate, false);
+            match &args.stats_file {
+                Some(p) => {
+                    if let Err(e) = write_atomic(p, &line) {
+                        warn!("cnbus-agent: --stats-file: {e}");
+                    }
+                }
+                None => {
+                    let _ = io::stderr().lock().write_all(&line);
+                }
+            }
+            (last_total, last_tick) = (total, now);
+            while next_tick <= now {
+                next_tick += args.interval;
+            }
+        }
+        if agent.resync_pending
+            && agent
+                .last_resync
+                .is_none_or(|t| t.elapsed() >= RESYNC_EVERY)
+        {
+            let (a, r) = agent.resync("loss");
+            agent.resync_line("loss", a, r);
+            let _ = out.write_all(&agent.line);
+        }
+        let r = match listener.try_recv() {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => {
+                // Idle: flush the log before waiting, and re-read the clock offsets.
+                if let Err(e) = out.flush() {
+                    failed = log_error(&e);
+                    log_closed = true;
+                    break;
+                }
+                agent.clocks.sync();
+                if burst >= 4 {
+                    // Events come in bursts: let a few queue up rather than waking for each
+                    // (a wake-up costs more than handling an event). At most 0.5 ms late.
+                    burst = 0;
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+                burst = 0;
+                let mut wait = next_tick.saturating_duration_since(now).min(MAX_WAIT);
+                if let Some(d) = deadline {
+                    wait = wait.min(d.saturating_duration_since(now));
+                }
+                listener.recv_timeout(Some(wait))
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(Some(r)) => {
+                burst = burst.saturating_add(1);
+                if let Err(e) = handle(&mut agent, r, &mut out) {
+                    // The log's reader is gone (a closed pipe: quietly) or the disk is
+                    // full (loudly): stop.
+                    failed = log_error(&e);
+                    log_closed = true;
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!("cnbus-agent: receive failed: {e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+
+    // Apply what had reached the agent before the stop (IGNORE first, so only that is
+    // left), so the log and the dump are as of the stop. Whatever the time bound leaves is
+    // counted as `unread` in the final counters.
+    if !failed && !log_closed {
+        let drain_until = Instant::now() + DRAIN_FOR;
+        for r in listener.drain_queued(usize::MAX) {
+            if let Err(e) = handle(&mut agent, r, &mut out) {
+                failed = log_error(&e);
+                log_closed = true;
+                break;
+            }
+            if Instant::now() >= drain_until {
+                break;
+            }
+        }
+    }
+    if agent.resync_pending {
+        let (a, r) = agent.resync("shutdown");
+        agent.resync_line("shutdown", a, r);
+        let _ = out.write_all(&agent.line);
+    }
+    if !log_closed {
+        if let Err(e) = out.flush() {
+            failed |= log_error(&e);
+        }
+    }
+    // Sends IGNORE and reads the queue empty: the final, settled loss figures.
+    let stats = listener.finish();
+    drop(listener);
+    let total: u64 = agent.n.by_kind.iter().sum();
+    let rate = (total - last_total) as f64 / last_tick.elapsed().as_secs_f64().max(1e-3);
+    let line = agent.stats_line(&stats, started, rate, true);
+    if let Some(p) = &args.stats_file {
+        let _ = write_atomic(p, &line);
+    }
+    let _ = io::stderr().lock().write_all(&line);
+    if let Some(p) = &args.dump_table {
+        if let Err(e) = write_atomic(p, &agent.table_dump()) {
+            warn!("cnbus-agent: --dump-table {}: {e}", p.display());
+            return ExitCode::from(1);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

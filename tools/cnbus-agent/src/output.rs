@@ -1,0 +1,40 @@
+//! Where the agent's output goes: the event log (stdout or an appended file, reopened on
+//! SIGHUP), atomic snapshots (counters file, table dump), and what a failed write means.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use cnbus_cli::warn;
+
+/// Writes `data` to `path` atomically for readers: to `path.tmp`, then renamed over `path`
+/// (a reader sees the old or the new content, never a mix). No fsync: these are snapshots.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The event log: `path` appended, or stdout.
+pub fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
+        None => Box::new(io::stdout()),
+    })
+}
+
+/// Reports a failed write to the event log; true when it is a failure (exit status 1),
+/// false for a closed pipe (`cnbus-agent | head`), which ends the agent quietly and
+/// successfully.
+pub fn log_error(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        return false;
+    }
+    warn!("cnbus-agent: writing the event log: {e}");
+    true
+}

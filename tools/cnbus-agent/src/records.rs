@@ -1,0 +1,148 @@
+//! The agent's JSON lines as plain records, serialised with `serde_json`
+//! (`cnbus_cli::json`): event lines, loss and resync lines, the counters line and the table
+//! dump. The attribution fields are the library's own `Serialize` of `ProcessInfo`.
+
+use cnbus::proc::ProcessInfo;
+use cnbus_cli::clock::Rfc3339;
+use cnbus_cli::json::Ordered;
+
+/// One process event.
+#[derive(serde::Serialize)]
+pub struct EventLine<'a> {
+    pub ts: Rfc3339,
+    pub event: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub thread: bool,
+    pub ppid: Option<u32>,
+    #[serde(flatten)]
+    pub info: &'a ProcessInfo,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// The fields of one kind of event; absent ones are left out. (On an exit, `exit_code`,
+/// `signal` and `duration_ms` are present and `null` when they do not apply.)
+#[derive(serde::Serialize, Default)]
+pub struct Detail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<Option<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<Option<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub core_dumped: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ruid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub euid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rgid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracer_pid: Option<Option<u32>>,
+}
+
+/// A loss report.
+#[derive(serde::Serialize)]
+pub struct LostLine {
+    pub ts: Rfc3339,
+    pub event: &'static str,
+    pub cause: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    pub count: Option<u32>,
+}
+
+/// A `/proc` resync.
+#[derive(serde::Serialize)]
+pub struct ResyncLine<'a> {
+    pub ts: Rfc3339,
+    pub event: &'static str,
+    pub reason: &'a str,
+    pub added: u64,
+    pub removed: u64,
+    pub live: usize,
+}
+
+/// The counters line.
+#[derive(serde::Serialize)]
+pub struct StatsLine<'a> {
+    pub ts: Rfc3339,
+    #[serde(rename = "final")]
+    pub final_: bool,
+    pub uptime_s: f64,
+    pub events: Ordered<'a, &'static str, u64>,
+    pub events_total: u64,
+    pub events_per_s: f64,
+    pub lost_events: u64,
+    pub lost_exact: bool,
+    pub lost_events_max: Option<u64>,
+    pub kernel_drops: Option<u64>,
+    pub spoofed: u64,
+    pub decode_errors: u64,
+    pub overruns: u64,
+    pub unread: u64,
+    pub lost_per_cpu: Ordered<'a, u32, u64>,
+    pub live_processes: usize,
+    pub table_capacity: usize,
+    pub recent_exits: usize,
+    pub resyncs: u64,
+    pub resync_added: u64,
+    pub resync_removed: u64,
+    pub stale_replaced: u64,
+    pub fork_known: u64,
+    pub exit_unknown: u64,
+    pub enrich_proc_reads: u64,
+    pub enrich_evictions: u64,
+    pub enrich_stale: u64,
+    pub cpu_s: f64,
+    pub rss_kb: u64,
+}
+
+/// One row of the table dump.
+#[derive(serde::Serialize)]
+pub struct DumpRow<'a> {
+    pub pid: u32,
+    pub ppid: u32,
+    #[serde(flatten)]
+    pub info: &'a ProcessInfo,
+    pub start: Option<Rfc3339>,
+    pub source: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_lines_keep_their_field_order() {
+        let mut info = ProcessInfo::unknown();
+        info.cmdline = Some("a\"b\nc\u{7f}".into());
+        let line = EventLine {
+            ts: Rfc3339(1_709_251_199_999_999_000),
+            event: "exit",
+            pid: 7,
+            tid: 8,
+            thread: true,
+            ppid: None,
+            info: &info,
+            detail: Detail {
+                exit_code: Some(Some(0)),
+                signal: Some(None),
+                core_dumped: Some(false),
+                duration_ms: Some(Some(1002.117)),
+                ..Detail::default()
+            },
+        };
+        let mut out = Vec::new();
+        cnbus_cli::json::push_line(&mut out, &line).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("{\"ts\":\"2024-02-29T23:59:59.999999Z\",\"event\":\"exit\",\"pid\":7,\"tid\":8,\"thread\":true,\"ppid\":null,\"process_key\":null,"), "{s}");
+        assert!(s.ends_with(",\"cmdline\":\"a\\\"b\\nc\u{7f}\",\"cmdline_source\":\"exited\",\"exit_code\":0,\"signal\":null,\"core_dumped\":false,\"duration_ms\":1002.117}\n"), "{s}");
+    }
+}

@@ -1,0 +1,219 @@
+//! `proctrace`: a process tracer on the proc connector, in the spirit of `forkstat`.
+//!
+//! One line per event (time, event, pid, info, duration on exit, process name or command
+//! line), or one JSON object per line with `--json`. Event types are chosen with `--events`
+//! and filtered in the kernel where it can (Linux 6.6+). Lost events are reported in the
+//! stream and counted (exactly, from the socket's kernel drop counter, in every filter mode);
+//! `--stats` prints per-process counts and loss totals at the end. SIGINT / SIGTERM / SIGHUP
+//! end it cleanly, with the summary.
+//!
+//! Run `proctrace --help` for the options and output fields; `docs/PROC.md` has the design
+//! notes. The files: `cli` (options), `tracer` (one line per item), `records` (JSON
+//! lines), `cache` (names by pid), `summary` (the end-of-run report), this one (the loop).
+
+mod cache;
+mod cli;
+mod records;
+mod summary;
+mod tracer;
+
+use std::collections::HashMap;
+use std::io::{self, BufWriter, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::CommandFactory;
+use cnbus::proc::{EnrichConfig, Enricher, EventSet, ProcListener};
+use cnbus::sys::TermSignals;
+use cnbus::Error;
+use cnbus_cli::clock::Clocks;
+use cnbus_cli::warn;
+
+use cache::Cache;
+use cli::{Cli, Enrich};
+use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
+
+/// The exit status after a failed write to stdout: a closed pipe (`proctrace | head`) ends
+/// the run quietly and successfully; any other error (a full disk) is reported and is a
+/// failure.
+fn output_failed(e: &io::Error) -> ExitCode {
+    cnbus_cli::output::write_failed("proctrace", "the events to stdout", e)
+}
+
+fn open_error(e: &Error) -> String {
+    match e {
+        Error::PermissionDenied { .. } => format!(
+            "proctrace: {e}\nThe proc connector needs root (CAP_NET_ADMIN) here: run it with sudo."
+        ),
+        Error::NoKernelConnector { .. } => format!(
+            "proctrace: {e}\nRun it on the host (or in a container sharing the host network namespace)."
+        ),
+        Error::ProcConnector { .. } => format!("proctrace: {e}"),
+        _ => format!("proctrace: cannot subscribe to the proc connector: {e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_checked();
+    if let Some(g) = &cli.generate {
+        return match g.write(Cli::command(), &mut io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => output_failed(&e),
+        };
+    }
+    let args = cli.args;
+    // Block the termination signals before any thread exists, so only the waiter gets them.
+    let signals = match TermSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("proctrace: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut listener = match ProcListener::builder()
+        .events(args.events)
+        .recv_buffer(args.buffer)
+        .allow_foreign_namespace(args.allow_foreign_ns)
+        .open()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("{}", open_error(&e));
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(w) = listener.namespace_warning() {
+        warn!("proctrace: warning: {w}");
+    }
+    let caught = Arc::new(AtomicI32::new(0));
+    {
+        let stop = listener.shutdown_handle();
+        let caught = caught.clone();
+        std::thread::spawn(move || {
+            caught.store(signals.wait(), Ordering::SeqCst);
+            stop.shutdown();
+        });
+    }
+    let filtering = listener.filtering();
+    let mut t = Tracer {
+        json: args.json,
+        stats: args.stats,
+        filter: args.filter(),
+        exec_traced: args.events.contains(EventSet::EXEC),
+        cache: Cache::new(8192),
+        clocks: Clocks::new(),
+        line: Vec::with_capacity(512),
+        counts: HashMap::new(),
+        other_counts: [0; 10],
+        lost_reports: 0,
+        enricher: match args.enrich {
+            Enrich::Off => None,
+            mode => Some(Enricher::with_config(EnrichConfig {
+                read_at_fork: mode == Enrich::Eager,
+                spawners: if mode == Enrich::Lazy {
+                    Vec::new()
+                } else {
+                    EnrichConfig::default().spawners
+                },
+                ..EnrichConfig::default()
+            })),
+        },
+        containers_seen: false,
+    };
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    if !t.json {
+        push_header(&mut out, false);
+        let _ = writeln!(out);
+    }
+    let mut status = ExitCode::SUCCESS;
+    // A write of the events failed: no more attempts.
+    let mut output_closed = false;
+    // Events handled since the queue was last found empty.
+    let mut burst = 0u32;
+    loop {
+        let r = match listener.try_recv() {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => {
+                // Nothing queued: flush what was written before blocking. Between the
+                // short sleeps of a burst, only once FLUSH_IN_BURST bytes are waiting (a
+                // write system call per wake-up cost 5-10 % of the tracer's CPU).
+                let flush = burst < COALESCE_AFTER || out.buffer().len() >= FLUSH_IN_BURST;
+                if let Err(e) = if flush { out.flush() } else { Ok(()) } {
+                    status = output_failed(&e);
+                    output_closed = true;
+                    break;
+                }
+                t.clocks.sync();
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left == Some(Duration::ZERO) {
+                    break;
+                }
+                if burst >= COALESCE_AFTER {
+                    // Events are coming fast: let a few accumulate rather than waking up for
+                    // each one (a context switch per event costs more than handling it).
+                    // Adds at most COALESCE_DELAY of latency, only during bursts.
+                    burst = 0;
+                    std::thread::sleep(COALESCE_DELAY);
+                    continue;
+                }
+                burst = 0;
+                listener.recv_timeout(left)
+            }
+            Err(e) => Err(e),
+        };
+        burst = burst.saturating_add(1);
+        let r = match r {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(Error::Closed) => break,
+            Err(e) => {
+                warn!("proctrace: receive failed: {e}");
+                status = ExitCode::from(1);
+                break;
+            }
+        };
+        if let Err(e) = t.print(r, &mut out) {
+            status = output_failed(&e);
+            output_closed = true;
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    // Events that reached the tracer before the stop (a signal, --duration) are printed
+    // too: IGNORE first, so that only what is already queued is left, then all of it.
+    if !output_closed {
+        for r in listener.drain_queued(DRAIN_LIMIT) {
+            if let Err(e) = t.print(r, &mut out) {
+                status = output_failed(&e);
+                output_closed = true;
+                break;
+            }
+        }
+    }
+    if !output_closed {
+        if let Err(e) = out.flush() {
+            status = output_failed(&e);
+        }
+    }
+    drop(out);
+    let elapsed = started.elapsed();
+    // Sends IGNORE and reads the queue empty, so the loss figure is final (and exact).
+    let stats = listener.finish();
+    drop(listener);
+    // The summary line always goes to stderr; the tables only with --stats.
+    let _ = io::stderr()
+        .lock()
+        .write_all(t.summary(&stats, elapsed, filtering).as_bytes());
+    let sig = caught.load(Ordering::SeqCst);
+    if sig != 0 {
+        warn!("proctrace: stopped by signal {sig}");
+    }
+    status
+}
