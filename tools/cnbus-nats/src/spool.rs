@@ -127,11 +127,12 @@ pub(crate) fn record_len(item: &Item) -> u64 {
 }
 
 fn encode(item: &Item, out: &mut Vec<u8>) {
-    let payload_len = 4 + item.msg_id.len() + item.event.len() + item.line.len();
+    let payload_len = 5 + item.msg_id.len() + item.event.len() + item.line.len();
     out.reserve(8 + payload_len);
     let start = out.len();
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    out.push(u8::from(item.sent_before));
     out.extend_from_slice(&(item.msg_id.len() as u16).to_le_bytes());
     out.extend_from_slice(item.msg_id.as_bytes());
     out.extend_from_slice(&(item.event.len() as u16).to_le_bytes());
@@ -147,6 +148,10 @@ fn decode(payload: &[u8]) -> Option<Item> {
         let s = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
         Some((s.to_owned(), 2 + len))
     };
+    let (&flags, payload) = payload.split_first()?;
+    if flags > 1 {
+        return None;
+    }
     let (msg_id, used) = take_str(payload)?;
     let (event, used2) = take_str(&payload[used..])?;
     let line = Bytes::copy_from_slice(&payload[used + used2..]);
@@ -155,7 +160,7 @@ fn decode(payload: &[u8]) -> Option<Item> {
         msg_id,
         line,
         origin: None,
-        sent_before: false,
+        sent_before: flags == 1,
     })
 }
 

@@ -381,15 +381,40 @@ impl Worker {
         }
     }
 
-    /// Moves everything waiting in the queue to the spool (during an outage).
-    fn drain_queue_to_spool(&mut self) {
+    /// Moves everything waiting in the queue, and the records to send again, to the spool
+    /// (during an outage, and at shutdown).
+    fn drain_to_spool(&mut self) {
+        while let Some(item) = self.retry.pop_front() {
+            self.park(item);
+        }
         while self.rx_open {
             match self.rx.try_recv() {
-                Ok(item) => {
-                    self.shared.spool_or_drop(&item, false);
-                }
+                Ok(item) => self.park(item),
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => self.rx_open = false,
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+    }
+
+    /// Writes one record not acknowledged to the spool. A record read from the spool is written
+    /// again whatever the cap (it was on disk already) and released from its old segment. A
+    /// record published without acknowledgement is written whatever the cap too: it may be in
+    /// the stream already, so dropping it would break `in stream + dropped = published` (at
+    /// most [`Config::window`] records go over the cap so). Only a record never sent can be
+    /// dropped.
+    fn park(&mut self, item: Item) {
+        match item.origin {
+            Some(id) => {
+                let written = self.shared.spool.lock().append(&item, true);
+                if let Err(e) = written {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .set_error(format!("spool write failed, record dropped: {e}"));
+                }
+                self.shared.spool.lock().release(id);
+            }
+            None => {
+                self.shared.spool_or_drop(&item, item.sent_before);
             }
         }
     }
@@ -413,7 +438,7 @@ impl Worker {
                     acks.push(self.publish(item));
                 }
             } else if !up {
-                self.drain_queue_to_spool();
+                self.drain_to_spool();
             }
             self.shared
                 .counters
@@ -452,26 +477,10 @@ impl Worker {
         // Those read from the spool first, so that they keep their place.
         items.sort_by_key(|item| item.origin.is_none());
         for item in items {
-            match item.origin {
-                Some(id) => {
-                    // Counted as spooled once already: not again.
-                    let written = self.shared.spool.lock().append(&item, true);
-                    if let Err(e) = written {
-                        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                        self.shared.set_error(format!(
-                            "spool write failed at shutdown, record dropped: {e}"
-                        ));
-                    }
-                    self.shared.spool.lock().release(id);
-                }
-                None => {
-                    self.shared.spool_or_drop(&item, false);
-                }
-            }
+            self.park(item);
         }
-        while let Ok(item) = self.rx.try_recv() {
-            self.shared.spool_or_drop(&item, false);
-        }
+        self.rx_open = true;
+        self.drain_to_spool();
         if let Err(e) = self.shared.spool.lock().sync() {
             self.shared.set_error(format!("spool sync failed: {e}"));
         }
