@@ -232,7 +232,15 @@ async fn check_stream(config: &Config, client: &async_nats::Client) -> Result<()
             let not_found = matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref je)
                 if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND);
             if !not_found {
-                return Err(stream_err(e.to_string()));
+                let hint = if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::Request
+                ) {
+                    " (is JetStream enabled on the server: nats-server -js?)"
+                } else {
+                    ""
+                };
+                return Err(stream_err(format!("{e}{hint}")));
             }
             js.create_stream(async_nats::jetstream::stream::Config {
                 name: config.stream.clone(),

@@ -19,18 +19,25 @@ pub struct NatsServer {
     pub port: u16,
     pub dir: tempfile::TempDir,
     extra: Vec<String>,
+    js: bool,
 }
 
 impl NatsServer {
     /// Starts `nats-server -js` on 127.0.0.1 with a port it picks (`-p -1`, read back from its
     /// ports file). A missing nats-server fails the test.
     pub fn start(extra: &[&str]) -> NatsServer {
+        NatsServer::start_with(extra, true)
+    }
+
+    /// As [`NatsServer::start`], with JetStream only if `js`.
+    pub fn start_with(extra: &[&str], js: bool) -> NatsServer {
         let dir = tempfile::tempdir().unwrap();
         let mut server = NatsServer {
             child: None,
             port: 0,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            js,
         };
         let child = server.spawn("-1");
         let pid = child.id();
@@ -57,9 +64,12 @@ impl NatsServer {
     fn spawn(&self, port: &str) -> Child {
         let store = self.store();
         let log = self.dir.path().join("server.log");
-        Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", port, "-js", "-sd"])
-            .arg(&store)
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", port]);
+        if self.js {
+            command.arg("-js").arg("-sd").arg(&store);
+        }
+        command
             .arg("--ports_file_dir")
             .arg(self.dir.path())
             .arg("-l")
