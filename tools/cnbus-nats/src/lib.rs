@@ -67,6 +67,10 @@ pub struct Config {
     pub hostname: String,
     /// Stream name, [`DEFAULT_STREAM`] by default.
     pub stream: String,
+    /// The duplicate window of the stream when the sink creates it (`None`: the server's
+    /// default, 2 minutes). A record re-sent later than this after its first publish may be
+    /// stored twice; an existing stream keeps its own window.
+    pub duplicate_window: Option<Duration>,
     /// Most publishes waiting for their acknowledgement at once.
     pub window: usize,
     /// Records the in-memory queue between [`NatsSink::publish`] and the sink's thread holds;
@@ -103,6 +107,7 @@ impl Config {
             tls_client_cert: None,
             hostname: hostname.into(),
             stream: DEFAULT_STREAM.to_owned(),
+            duplicate_window: None,
             window: 256,
             queue: 8192,
             spool_dir: spool_dir.into(),
@@ -216,8 +221,10 @@ pub struct SinkStats {
     pub reconnects: u64,
     /// Connections lost.
     pub disconnects: u64,
-    /// Publishes waiting for their acknowledgement now.
+    /// Records published and not yet acknowledged now (waiting, or to be sent again).
     pub in_flight: u64,
+    /// Records in the in-memory queue now.
+    pub queued: u64,
     /// Bytes of spool files now.
     pub spool_bytes: u64,
     /// Records in the spool files not yet acknowledged.
@@ -436,6 +443,10 @@ impl NatsSink {
             reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
             disconnects: c.disconnects.load(Ordering::Relaxed),
             in_flight: c.in_flight.load(Ordering::Relaxed),
+            queued: self
+                .tx
+                .as_ref()
+                .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64),
             spool_bytes,
             spool_records,
             spool_torn_tails,

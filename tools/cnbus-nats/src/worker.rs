@@ -36,6 +36,8 @@ const TICK: Duration = Duration::from_millis(50);
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// Pause between stream checks after a failed one.
 const STREAM_RECHECK: Duration = Duration::from_secs(2);
+/// Bound of a JetStream API request (stream lookup, creation).
+const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn thread_main(
     config: Config,
@@ -71,6 +73,7 @@ pub(crate) fn thread_main(
             prefix: format!("{SUBJECT_PREFIX}.{}.", sanitize_token(&config.hostname)),
             window: config.window,
             stream: config.stream.clone(),
+            duplicate_window: config.duplicate_window,
             shared,
             rx,
             rx_open: true,
@@ -161,7 +164,7 @@ async fn connect(
         .await
     {
         Ok(client) => {
-            check_stream(config, &client).await?;
+            check_stream(&config.stream, config.duplicate_window, &client).await?;
             shared.counters.connected.store(true, Ordering::Relaxed);
             Ok((client, true))
         }
@@ -205,16 +208,20 @@ async fn connect(
 }
 
 /// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.
-async fn check_stream(config: &Config, client: &async_nats::Client) -> Result<(), SinkError> {
+async fn check_stream(
+    stream_name: &str,
+    duplicate_window: Option<Duration>,
+    client: &async_nats::Client,
+) -> Result<(), SinkError> {
     let js = async_nats::jetstream::context::ContextBuilder::new()
-        .timeout(config.ack_timeout.max(Duration::from_secs(5)))
+        .timeout(API_TIMEOUT)
         .build(client.clone());
     let wanted = format!("{SUBJECT_PREFIX}.>");
     let stream_err = |reason: String| SinkError::Stream {
-        stream: config.stream.clone(),
+        stream: stream_name.to_owned(),
         reason,
     };
-    match js.get_stream(&config.stream).await {
+    match js.get_stream(stream_name).await {
         Ok(mut stream) => {
             let info = stream.info().await.map_err(|e| stream_err(e.to_string()))?;
             let subjects = info.config.subjects.clone();
@@ -222,7 +229,7 @@ async fn check_stream(config: &Config, client: &async_nats::Client) -> Result<()
                 Ok(())
             } else {
                 Err(SinkError::StreamSubjects {
-                    stream: config.stream.clone(),
+                    stream: stream_name.to_owned(),
                     subjects,
                     wanted,
                 })
@@ -242,14 +249,18 @@ async fn check_stream(config: &Config, client: &async_nats::Client) -> Result<()
                 };
                 return Err(stream_err(format!("{e}{hint}")));
             }
-            js.create_stream(async_nats::jetstream::stream::Config {
-                name: config.stream.clone(),
+            let mut stream_config = async_nats::jetstream::stream::Config {
+                name: stream_name.to_owned(),
                 subjects: vec![wanted],
                 ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| stream_err(format!("cannot create it: {e}")))
+            };
+            if let Some(window) = duplicate_window {
+                stream_config.duplicate_window = window;
+            }
+            js.create_stream(stream_config)
+                .await
+                .map(|_| ())
+                .map_err(|e| stream_err(format!("cannot create it: {e}")))
         }
     }
 }
@@ -258,6 +269,7 @@ struct Worker {
     prefix: String,
     window: usize,
     stream: String,
+    duplicate_window: Option<Duration>,
     shared: Arc<Shared>,
     rx: Receiver<Item>,
     rx_open: bool,
@@ -276,18 +288,10 @@ struct Worker {
 
 impl Worker {
     /// Connected, with the stream checked (checking it when it was not yet).
-    async fn up(&mut self, config_stream_check: bool) -> bool {
+    async fn up(&mut self) -> bool {
         let connected = self.client.connection_state() == State::Connected;
-        if connected
-            && !self.stream_ok
-            && config_stream_check
-            && Instant::now() >= self.next_stream_check
-        {
-            let config = Config {
-                stream: self.stream.clone(),
-                ..Config::new("", "", "")
-            };
-            match check_stream(&config, &self.client).await {
+        if connected && !self.stream_ok && Instant::now() >= self.next_stream_check {
+            match check_stream(&self.stream, self.duplicate_window, &self.client).await {
                 Ok(()) => self.stream_ok = true,
                 Err(e) => {
                     self.shared
@@ -381,6 +385,10 @@ impl Worker {
                 }
             }
             Err(e) => {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    // Deleted, or not yet recovered: check (or create) it before sending again.
+                    self.stream_ok = false;
+                }
                 self.shared
                     .set_error(format!("publish not acknowledged, will be sent again: {e}"));
                 self.pause_until = Instant::now() + RETRY_PAUSE;
@@ -438,7 +446,7 @@ impl Worker {
     async fn run(&mut self) {
         let mut acks: FuturesUnordered<Ack> = FuturesUnordered::new();
         loop {
-            let up = self.up(true).await;
+            let up = self.up().await;
             let now = Instant::now();
             if up && now >= self.pause_until {
                 while acks.len() < self.window {
@@ -448,10 +456,11 @@ impl Worker {
             } else if !up {
                 self.drain_to_spool();
             }
+            let unacked = self.in_flight.len() + self.retry.len();
             self.shared
                 .counters
                 .in_flight
-                .store(acks.len() as u64, Ordering::Relaxed);
+                .store(unacked as u64, Ordering::Relaxed);
             let deadline = *self.shared.deadline.lock();
             if let Some(deadline) = deadline {
                 // Closed by shutdown: take what is still queued, then stop when all is sent.

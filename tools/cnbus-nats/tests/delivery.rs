@@ -61,3 +61,34 @@ fn the_same_msg_id_sent_twice_is_stored_once() {
     assert_eq!(stats.duplicates, 100);
     assert_eq!(read_stream(&server.url(), "CNBUS_EVENTS").len(), 100);
 }
+
+#[test]
+fn a_stream_deleted_while_running_is_created_again_and_nothing_is_lost() {
+    let server = NatsServer::start(&[]);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    config.ack_timeout = Duration::from_secs(2);
+    let sink = NatsSink::start(config).expect("start");
+    let send = |range: std::ops::Range<usize>| {
+        for i in range {
+            sink.publish(Record {
+                event: "fork",
+                msg_id: msg_id(i),
+                line: line(i),
+            });
+        }
+    };
+    send(0..100);
+    wait_for("acks", || sink.stats().acknowledged == 100);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        assert!(js.delete_stream("CNBUS_EVENTS").await.unwrap().success);
+    });
+    send(100..300);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (300, 0, 0));
+    let map = by_id(&read_stream(&server.url(), "CNBUS_EVENTS"));
+    assert_eq!(map.len(), 200);
+    assert!((100..300).all(|i| map.contains_key(&msg_id(i))));
+}
