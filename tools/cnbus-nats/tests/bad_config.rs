@@ -240,3 +240,29 @@ fn a_wrong_stream_found_after_an_unreachable_start_keeps_records_spooled_and_say
     let report = sink.shutdown(Duration::ZERO);
     assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
 }
+
+#[test]
+fn wrong_credentials_found_after_an_unreachable_start_keep_records_spooled_and_say_why() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    config.auth = Auth::UserPassword {
+        user: "agent".into(),
+        password: "wrong".into(),
+    };
+    let sink = NatsSink::start(config).expect("an unreachable server is not an error at start");
+    publish(&sink, 20);
+    let mut server = NatsServer::start(&["--user", "agent", "--pass", "s3cret"]);
+    server.port = port;
+    server.restart();
+    wait_for("the authorization error", || {
+        sink.stats()
+            .last_error
+            .is_some_and(|e| e.to_lowercase().contains("authorization"))
+    });
+    let stats = sink.stats();
+    assert!(!stats.connected);
+    assert_eq!((stats.acknowledged, stats.dropped), (0, 0));
+    let report = sink.shutdown(Duration::ZERO);
+    assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
+}
