@@ -294,6 +294,15 @@ impl Spool {
     /// Appends one record. `Ok(false)`: it does not fit under the cap (unless `force`) and was
     /// not written. On a write error the segment is cut back to its last whole record.
     pub(crate) fn append(&mut self, item: &Item, force: bool) -> io::Result<bool> {
+        if item.msg_id.len() > u16::MAX as usize
+            || item.event.len() > u16::MAX as usize
+            || record_len(item) - RECORD_OVERHEAD > MAX_PAYLOAD as u64
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "record too large for the spool (msg id or event over 65535 bytes, or over 64 MiB)",
+            ));
+        }
         let len = record_len(item);
         let needs_header = self
             .active
@@ -445,6 +454,16 @@ mod tests {
             origin: None,
             sent_before: false,
         }
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_not_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let mut it = item(1);
+        it.msg_id = "x".repeat(70_000);
+        assert!(s.append(&it, true).is_err());
+        assert_eq!((s.records(), s.bytes()), (0, 0));
     }
 
     #[test]
