@@ -29,8 +29,8 @@ pub const DEFAULT_STREAM: &str = "CNBUS_EVENTS";
 /// The first two tokens of every subject; the stream must cover `cnbus.events.>`.
 pub const SUBJECT_PREFIX: &str = "cnbus.events";
 
-/// How the sink authenticates to the server.
-#[derive(Debug, Clone, Default)]
+/// How the sink authenticates to the server. Its `Debug` output hides the secrets.
+#[derive(Clone, Default)]
 pub enum Auth {
     /// No credentials.
     #[default]
@@ -48,6 +48,22 @@ pub enum Auth {
     CredsFile(PathBuf),
     /// An NKey seed (`SU...`).
     NKey(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<hidden>")
+                .finish(),
+            Auth::Token(_) => f.write_str("Token(<hidden>)"),
+            Auth::CredsFile(path) => f.debug_tuple("CredsFile").field(path).finish(),
+            Auth::NKey(_) => f.write_str("NKey(<hidden>)"),
+        }
+    }
 }
 
 /// Configuration of a [`NatsSink`].
@@ -481,5 +497,28 @@ impl NatsSink {
 impl Drop for NatsSink {
     fn drop(&mut self) {
         self.stop(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let auth = Auth::UserPassword {
+            user: "agent".into(),
+            password: "s3cret".into(),
+        };
+        let text = format!(
+            "{auth:?} {:?} {:?}",
+            Auth::Token("t0k".into()),
+            Auth::NKey("SUabc".into())
+        );
+        assert!(text.contains("agent"));
+        assert!(
+            !text.contains("s3cret") && !text.contains("t0k") && !text.contains("SUabc"),
+            "{text}"
+        );
     }
 }
