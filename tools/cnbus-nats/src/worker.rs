@@ -168,6 +168,10 @@ async fn connect(
             shared.counters.connected.store(true, Ordering::Relaxed);
             Ok((client, true))
         }
+        Err(e) if e.kind() == ConnectErrorKind::Io && is_tls_failure(&e) => Err(SinkError::Tls {
+            url: config.url.clone(),
+            reason: e.to_string(),
+        }),
         Err(e) => match e.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
                 Err(SinkError::Auth {
@@ -205,6 +209,22 @@ async fn connect(
             }
         },
     }
+}
+
+/// Whether an I/O error of a connection attempt is a failed TLS handshake (rustls reports
+/// certificate and protocol errors as `InvalidData`), which is a configuration problem, not an
+/// outage.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.

@@ -266,3 +266,40 @@ fn wrong_credentials_found_after_an_unreachable_start_keep_records_spooled_and_s
     let report = sink.shutdown(Duration::ZERO);
     assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
 }
+
+/// Test certificates (tests/tls: a CA, and a server certificate for 127.0.0.1 signed by it, valid
+/// until 2126).
+fn tls_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tls")
+        .join(name)
+}
+
+#[test]
+fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
+    let cert = tls_file("server.pem");
+    let key = tls_file("server.key");
+    let server = NatsServer::start(&[
+        "--tls",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+    ]);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    config.tls_required = true;
+    let error = NatsSink::start(config.clone()).unwrap_err();
+    assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+    config.tls_root_ca = Some(tls_file("ca.pem"));
+    let sink = NatsSink::start(config).expect("TLS with the test CA");
+    publish(&sink, 50);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (50, 0, 0));
+    // TLS required, server without TLS.
+    let plain = NatsServer::start(&[]);
+    let mut config = Config::new(plain.url(), "h", spool.path());
+    config.tls_required = true;
+    let error = NatsSink::start(config).unwrap_err();
+    assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+}
