@@ -1,0 +1,524 @@
+//! A NATS JetStream sink for cnbus event lines.
+//!
+//! [`NatsSink::start`] spawns one thread running a tokio runtime and an `async-nats` client;
+//! [`NatsSink::publish`] is a plain synchronous call that hands a record (one JSON line, sent
+//! unchanged) to that thread through a bounded queue, or to the disk spool when the queue is
+//! full, and never drops a record without counting it. Each record is published to JetStream
+//! with the header `Nats-Msg-Id` set to its message id and waits for the stream's
+//! acknowledgement with at most [`Config::window`] publishes in flight; a publish that is not
+//! acknowledged (timeout, disconnect) is re-sent with the same id, and the stream's duplicate
+//! window makes it stored once. See README.md beside this crate for the guarantees.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+mod spool;
+mod subject;
+mod worker;
+
+pub use subject::{sanitize_token, subject_covers};
+
+/// The stream the sink publishes to unless told otherwise.
+pub const DEFAULT_STREAM: &str = "CNBUS_EVENTS";
+/// The first two tokens of every subject; the stream must cover `cnbus.events.>`.
+pub const SUBJECT_PREFIX: &str = "cnbus.events";
+
+/// How the sink authenticates to the server. Its `Debug` output hides the secrets.
+#[derive(Clone, Default)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// `--user`/`--pass` authorization.
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// Token authorization.
+    Token(String),
+    /// A `.creds` file (JWT + NKey seed), as written by `nsc`.
+    CredsFile(PathBuf),
+    /// An NKey seed (`SU...`).
+    NKey(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<hidden>")
+                .finish(),
+            Auth::Token(_) => f.write_str("Token(<hidden>)"),
+            Auth::CredsFile(path) => f.debug_tuple("CredsFile").field(path).finish(),
+            Auth::NKey(_) => f.write_str("NKey(<hidden>)"),
+        }
+    }
+}
+
+/// Configuration of a [`NatsSink`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Server URL, `nats://HOST:PORT` (or `tls://HOST:PORT`).
+    pub url: String,
+    /// Credentials.
+    pub auth: Auth,
+    /// Refuse a connection without TLS.
+    pub tls_required: bool,
+    /// PEM file of root certificates to trust besides the system ones.
+    pub tls_root_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_client_cert: Option<(PathBuf, PathBuf)>,
+    /// The host token of the subjects `cnbus.events.<hostname>.<event>` (sanitized).
+    pub hostname: String,
+    /// Stream name, [`DEFAULT_STREAM`] by default.
+    pub stream: String,
+    /// The duplicate window of the stream when the sink creates it (`None`: the server's
+    /// default, 2 minutes). A record re-sent later than this after its first publish may be
+    /// stored twice; an existing stream keeps its own window.
+    pub duplicate_window: Option<Duration>,
+    /// Most publishes waiting for their acknowledgement at once.
+    pub window: usize,
+    /// Records the in-memory queue between [`NatsSink::publish`] and the sink's thread holds;
+    /// past it records go to the spool.
+    pub queue: usize,
+    /// Spool directory (created if absent). Records left there by an earlier run are sent
+    /// first.
+    pub spool_dir: PathBuf,
+    /// Most bytes of spool files; a record that does not fit is dropped and counted (the
+    /// newest is dropped: see README.md).
+    pub spool_max_bytes: u64,
+    /// Size at which a spool segment file is closed and a new one started.
+    pub spool_segment_bytes: u64,
+    /// How long a publish waits for its acknowledgement before it is re-sent.
+    pub ack_timeout: Duration,
+    /// How long the first connection attempt at start may take.
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// A configuration with defaults: no credentials, stream [`DEFAULT_STREAM`], window 256,
+    /// queue 8192, spool 256 MiB in 4 MiB segments, acknowledgement timeout 5 s, connect
+    /// timeout 5 s.
+    pub fn new(
+        url: impl Into<String>,
+        hostname: impl Into<String>,
+        spool_dir: impl Into<PathBuf>,
+    ) -> Config {
+        Config {
+            url: url.into(),
+            auth: Auth::None,
+            tls_required: false,
+            tls_root_ca: None,
+            tls_client_cert: None,
+            hostname: hostname.into(),
+            stream: DEFAULT_STREAM.to_owned(),
+            duplicate_window: None,
+            window: 256,
+            queue: 8192,
+            spool_dir: spool_dir.into(),
+            spool_max_bytes: 256 << 20,
+            spool_segment_bytes: 4 << 20,
+            ack_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the sink could not start (or, for [`SinkError::Spool`], could not keep its spool).
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A configuration value is unusable.
+    #[error("invalid NATS sink configuration: {0}")]
+    Config(String),
+    /// The server refused the credentials: not an outage, so the sink does not start.
+    #[error("NATS server {url} refused the credentials: {reason}")]
+    Auth {
+        /// The server URL.
+        url: String,
+        /// What the client reported.
+        reason: String,
+    },
+    /// TLS could not be set up (certificate files, handshake, TLS required but not offered).
+    #[error("TLS with NATS server {url} failed: {reason}")]
+    Tls {
+        /// The server URL.
+        url: String,
+        /// What the client reported.
+        reason: String,
+    },
+    /// The stream exists, but its subjects do not cover `cnbus.events.>`.
+    #[error("stream {stream} exists with subjects {subjects:?}, which do not cover {wanted}; change the stream's subjects or pick another stream name")]
+    StreamSubjects {
+        /// Stream name.
+        stream: String,
+        /// Its subjects.
+        subjects: Vec<String>,
+        /// The subjects the sink publishes to.
+        wanted: String,
+    },
+    /// JetStream refused to look up or create the stream (JetStream disabled, subjects claimed
+    /// by another stream, ...).
+    #[error("JetStream stream {stream}: {reason}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// What the server or client reported.
+        reason: String,
+    },
+    /// A spool file operation failed.
+    #[error("spool: {op} {path}: {source}")]
+    Spool {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The sink's thread or runtime could not be started.
+    #[error("cannot start the NATS sink thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One event line to publish.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    /// The event type: the last subject token (sanitized: `.`, `*`, `>` and whitespace become
+    /// `_`).
+    pub event: &'a str,
+    /// The `Nats-Msg-Id`: unique per event and the same when the event is sent again.
+    pub msg_id: String,
+    /// The line, sent unchanged as the message payload.
+    pub line: Bytes,
+}
+
+/// Where [`NatsSink::publish`] put a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Queued in memory for the sink's thread.
+    Queued,
+    /// Written to the disk spool (queue full).
+    Spooled,
+    /// Dropped and counted: the queue and the spool were full (or the spool failed).
+    Dropped,
+}
+
+/// The sink's counters. Records: `published + replayed = acknowledged + dropped + unsent`,
+/// where `unsent` is `spool_records` after [`NatsSink::shutdown`] (while running it also
+/// includes the records queued or in flight).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Records handed to [`NatsSink::publish`].
+    pub published: u64,
+    /// Records found in the spool at start (sent first).
+    pub replayed: u64,
+    /// Records whose publish JetStream acknowledged (each record once).
+    pub acknowledged: u64,
+    /// Of those, acknowledgements flagged duplicate: the record was already in the stream.
+    pub duplicates: u64,
+    /// Publishes of records whose earlier publish was not acknowledged.
+    pub resent: u64,
+    /// Records written to the spool (queue full or server unreachable).
+    pub spooled: u64,
+    /// Records dropped: spool full, spool write failed, or rejected by the server (too large).
+    pub dropped: u64,
+    /// Connections after the first one.
+    pub reconnects: u64,
+    /// Connections lost.
+    pub disconnects: u64,
+    /// Records published and not yet acknowledged now (waiting, or to be sent again).
+    pub in_flight: u64,
+    /// Records in the in-memory queue now.
+    pub queued: u64,
+    /// Bytes of spool files now.
+    pub spool_bytes: u64,
+    /// Records in the spool files not yet acknowledged.
+    pub spool_records: u64,
+    /// Spool segments found with a damaged (torn) tail, cut off.
+    pub spool_torn_tails: u64,
+    /// Bytes cut off those segments.
+    pub spool_torn_bytes: u64,
+    /// Connected to the server with the stream checked.
+    pub connected: bool,
+    /// The last error (connection, stream, spool), if any.
+    pub last_error: Option<String>,
+}
+
+/// What [`NatsSink::shutdown`] could and could not send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Records acknowledged by JetStream over the sink's life.
+    pub sent: u64,
+    /// Records not acknowledged, kept in the spool for the next start.
+    pub unsent: u64,
+    /// Records dropped over the sink's life.
+    pub dropped: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub(crate) event: String,
+    pub(crate) msg_id: String,
+    pub(crate) line: Bytes,
+    /// The spool segment the item was read from.
+    pub(crate) origin: Option<u64>,
+    /// Published before without an acknowledgement.
+    pub(crate) sent_before: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) acknowledged: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) resent: AtomicU64,
+    pub(crate) spooled: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) connected: AtomicBool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    pub(crate) spool: Mutex<spool::Spool>,
+    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) deadline: Mutex<Option<Instant>>,
+    pub(crate) wake: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub(crate) fn set_error(&self, error: String) {
+        *self.last_error.lock() = Some(error);
+    }
+
+    /// Writes an item to the spool, or drops and counts it.
+    pub(crate) fn spool_or_drop(&self, item: &Item, force: bool) -> Accepted {
+        let result = self.spool.lock().append(item, force);
+        match result {
+            Ok(true) => {
+                self.counters.spooled.fetch_add(1, Ordering::Relaxed);
+                Accepted::Spooled
+            }
+            Ok(false) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                Accepted::Dropped
+            }
+            Err(e) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.set_error(format!("spool write failed, record dropped: {e}"));
+                Accepted::Dropped
+            }
+        }
+    }
+}
+
+/// A running JetStream sink. Dropping it is [`NatsSink::shutdown`] with a zero deadline.
+pub struct NatsSink {
+    shared: Arc<Shared>,
+    tx: Option<tokio::sync::mpsc::Sender<Item>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl NatsSink {
+    /// Opens the spool (records left there are replayed first), connects and checks (or
+    /// creates) the stream, then runs the sink on its own thread.
+    ///
+    /// Errors: wrong credentials ([`SinkError::Auth`]), TLS failures, a stream whose subjects
+    /// do not cover `cnbus.events.>`, JetStream refusing the stream, an unusable spool. An
+    /// unreachable server is not an error: the sink starts, spools and keeps reconnecting, and
+    /// [`SinkStats::last_error`] says why it is not connected.
+    pub fn start(config: Config) -> Result<NatsSink, SinkError> {
+        if config.window == 0 || config.queue == 0 {
+            return Err(SinkError::Config(
+                "window and queue must be at least 1".into(),
+            ));
+        }
+        if config.stream.is_empty()
+            || config
+                .stream
+                .contains(['.', '*', '>', ' ', '\t', '\n', '\r', '/', '\\'])
+        {
+            return Err(SinkError::Config(format!(
+                "invalid stream name {:?}",
+                config.stream
+            )));
+        }
+        if config.spool_segment_bytes < 4096 || config.spool_max_bytes < config.spool_segment_bytes
+        {
+            return Err(SinkError::Config(
+                "spool segments must be at least 4096 bytes and the spool cap at least one segment"
+                    .into(),
+            ));
+        }
+        let (spool, found) = spool::Spool::open(
+            &config.spool_dir,
+            config.spool_max_bytes,
+            config.spool_segment_bytes,
+        )?;
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            spool: Mutex::new(spool),
+            last_error: Mutex::new(None),
+            deadline: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        });
+        shared
+            .counters
+            .replayed
+            .store(found.records, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel(config.queue);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("cnbus-nats".into())
+            .spawn(move || worker::thread_main(config, worker_shared, rx, ready_tx))
+            .map_err(SinkError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(NatsSink {
+                shared,
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(SinkError::Thread(std::io::Error::other(
+                    "the sink thread ended at start",
+                )))
+            }
+        }
+    }
+
+    /// Hands a record to the sink. Never blocks on the network: when the in-memory queue is
+    /// full the record is written to the spool; when the spool is full too it is dropped and
+    /// counted ([`Accepted::Dropped`]).
+    pub fn publish(&self, record: Record<'_>) -> Accepted {
+        self.shared
+            .counters
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        let item = Item {
+            event: record.event.to_owned(),
+            msg_id: record.msg_id,
+            line: record.line,
+            origin: None,
+            sent_before: false,
+        };
+        let Some(tx) = &self.tx else {
+            return self.shared.spool_or_drop(&item, false);
+        };
+        match tx.try_send(item) {
+            Ok(()) => Accepted::Queued,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(item))
+            | Err(tokio::sync::mpsc::error::TrySendError::Closed(item)) => {
+                self.shared.spool_or_drop(&item, false)
+            }
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> SinkStats {
+        let c = &self.shared.counters;
+        let (spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes) = {
+            let s = self.shared.spool.lock();
+            (s.bytes(), s.records(), s.torn_tails, s.torn_bytes)
+        };
+        SinkStats {
+            published: c.published.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            acknowledged: c.acknowledged.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            resent: c.resent.load(Ordering::Relaxed),
+            spooled: c.spooled.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
+            disconnects: c.disconnects.load(Ordering::Relaxed),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            queued: self
+                .tx
+                .as_ref()
+                .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64),
+            spool_bytes,
+            spool_records,
+            spool_torn_tails,
+            spool_torn_bytes,
+            connected: c.connected.load(Ordering::Relaxed),
+            last_error: self.shared.last_error.lock().clone(),
+        }
+    }
+
+    /// Sends what it can within `deadline`, then writes every record not acknowledged to the
+    /// spool (for the next start) and stops the thread.
+    pub fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
+        self.stop(deadline)
+    }
+
+    fn stop(&mut self, deadline: Duration) -> ShutdownReport {
+        if let Some(thread) = self.thread.take() {
+            *self.shared.deadline.lock() = Some(Instant::now() + deadline);
+            self.tx = None;
+            self.shared.wake.notify_one();
+            let _ = thread.join();
+        }
+        let stats = self.stats();
+        ShutdownReport {
+            sent: stats.acknowledged,
+            unsent: stats.spool_records,
+            dropped: stats.dropped,
+        }
+    }
+}
+
+impl Drop for NatsSink {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let auth = Auth::UserPassword {
+            user: "agent".into(),
+            password: "s3cret".into(),
+        };
+        let text = format!(
+            "{auth:?} {:?} {:?}",
+            Auth::Token("t0k".into()),
+            Auth::NKey("SUabc".into())
+        );
+        assert!(text.contains("agent"));
+        assert!(
+            !text.contains("s3cret") && !text.contains("t0k") && !text.contains("SUabc"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,526 @@
+//! The sink's thread: connection, stream check, the publish window, the spool.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::{ConnectErrorKind, ConnectOptions, Event};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc::Receiver;
+use tokio::time::Instant;
+
+use crate::subject::{sanitize_token, subject_covers};
+use crate::{Auth, Config, Item, Shared, SinkError, SUBJECT_PREFIX};
+
+type Ack = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    u64,
+                    Result<PublishAck, async_nats::jetstream::context::PublishError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// How often the loop looks at the connection and the spool when nothing else wakes it.
+const TICK: Duration = Duration::from_millis(50);
+/// Pause after a failed publish before the next one.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// Pause between stream checks after a failed one.
+const STREAM_RECHECK: Duration = Duration::from_secs(2);
+/// Bound of a JetStream API request (stream lookup, creation).
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn thread_main(
+    config: Config,
+    shared: Arc<Shared>,
+    rx: Receiver<Item>,
+    ready: std::sync::mpsc::Sender<Result<(), SinkError>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(SinkError::Thread(e)));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let (client, stream_ok) = match connect(&config, &shared).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .max_ack_inflight(config.window.max(1))
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let mut worker = Worker {
+            prefix: format!("{SUBJECT_PREFIX}.{}.", sanitize_token(&config.hostname)),
+            window: config.window,
+            stream: config.stream.clone(),
+            duplicate_window: config.duplicate_window,
+            shared,
+            rx,
+            rx_open: true,
+            client,
+            js,
+            stream_ok,
+            next_stream_check: Instant::now(),
+            retry: VecDeque::new(),
+            from_spool: VecDeque::new(),
+            in_flight: HashMap::new(),
+            next_key: 0,
+            pause_until: Instant::now(),
+        };
+        worker.run().await;
+    });
+}
+
+fn options(config: &Config, shared: &Arc<Shared>, creds: Option<ConnectOptions>) -> ConnectOptions {
+    let mut o = match (&config.auth, creds) {
+        (_, Some(o)) => o,
+        (Auth::UserPassword { user, password }, None) => {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        (Auth::Token(t), None) => ConnectOptions::with_token(t.clone()),
+        (Auth::NKey(seed), None) => ConnectOptions::with_nkey(seed.clone()),
+        (Auth::None | Auth::CredsFile(_), None) => ConnectOptions::new(),
+    };
+    if config.tls_required {
+        o = o.require_tls(true);
+    }
+    if let Some(ca) = &config.tls_root_ca {
+        o = o.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls_client_cert {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    let events = Arc::clone(shared);
+    o.connection_timeout(config.connect_timeout)
+        .max_reconnects(None)
+        .name("cnbus-nats")
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((50u64 << attempts.min(6)).min(2000))
+        })
+        .event_callback(move |event| {
+            let shared = Arc::clone(&events);
+            async move {
+                match event {
+                    Event::Connected => {
+                        shared.counters.connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Event::Disconnected => {
+                        shared.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+                        shared.counters.connected.store(false, Ordering::Relaxed);
+                        shared.set_error(
+                            "disconnected from the NATS server; spooling and reconnecting".into(),
+                        );
+                    }
+                    Event::ServerError(e) => shared.set_error(format!("NATS server error: {e}")),
+                    Event::ClientError(e) => shared.set_error(format!("NATS client error: {e}")),
+                    _ => {}
+                }
+            }
+        })
+}
+
+/// Connects once; wrong credentials and TLS errors fail the start, an unreachable server
+/// starts a client that keeps retrying in the background (the fallback).
+async fn connect(
+    config: &Config,
+    shared: &Arc<Shared>,
+) -> Result<(async_nats::Client, bool), SinkError> {
+    let creds = match &config.auth {
+        Auth::CredsFile(path) => Some(
+            ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| {
+                    SinkError::Config(format!("credentials file {}: {e}", path.display()))
+                })?,
+        ),
+        _ => None,
+    };
+    let creds_again = match &config.auth {
+        Auth::CredsFile(path) => ConnectOptions::with_credentials_file(path).await.ok(),
+        _ => None,
+    };
+    match options(config, shared, creds)
+        .connect(config.url.as_str())
+        .await
+    {
+        Ok(client) => {
+            check_stream(&config.stream, config.duplicate_window, &client).await?;
+            shared.counters.connected.store(true, Ordering::Relaxed);
+            Ok((client, true))
+        }
+        Err(e) if e.kind() == ConnectErrorKind::Io && is_tls_failure(&e) => Err(SinkError::Tls {
+            url: config.url.clone(),
+            reason: e.to_string(),
+        }),
+        Err(e) => match e.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                Err(SinkError::Auth {
+                    url: config.url.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            ConnectErrorKind::Tls => Err(SinkError::Tls {
+                url: config.url.clone(),
+                reason: format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                ),
+            }),
+            ConnectErrorKind::ServerParse => Err(SinkError::Config(format!(
+                "server URL {:?}: {e}",
+                config.url
+            ))),
+            ConnectErrorKind::Io
+            | ConnectErrorKind::TimedOut
+            | ConnectErrorKind::Dns
+            | ConnectErrorKind::MaxReconnects => {
+                shared.set_error(format!(
+                    "NATS server {} unreachable at start ({e}); spooling and reconnecting",
+                    config.url
+                ));
+                let client = options(config, shared, creds_again)
+                    .retry_on_initial_connect()
+                    .connect(config.url.as_str())
+                    .await
+                    .map_err(|e| SinkError::Config(format!("server URL {:?}: {e}", config.url)))?;
+                Ok((client, false))
+            }
+        },
+    }
+}
+
+/// Whether an I/O error of a connection attempt is a failed TLS handshake (rustls reports
+/// certificate and protocol errors as `InvalidData`), which is a configuration problem, not an
+/// outage.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.
+async fn check_stream(
+    stream_name: &str,
+    duplicate_window: Option<Duration>,
+    client: &async_nats::Client,
+) -> Result<(), SinkError> {
+    let js = async_nats::jetstream::context::ContextBuilder::new()
+        .timeout(API_TIMEOUT)
+        .build(client.clone());
+    let wanted = format!("{SUBJECT_PREFIX}.>");
+    let stream_err = |reason: String| SinkError::Stream {
+        stream: stream_name.to_owned(),
+        reason,
+    };
+    match js.get_stream(stream_name).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.map_err(|e| stream_err(e.to_string()))?;
+            let subjects = info.config.subjects.clone();
+            if subjects.iter().any(|s| subject_covers(s, &wanted)) {
+                Ok(())
+            } else {
+                Err(SinkError::StreamSubjects {
+                    stream: stream_name.to_owned(),
+                    subjects,
+                    wanted,
+                })
+            }
+        }
+        Err(e) => {
+            let not_found = matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref je)
+                if je.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND);
+            if !not_found {
+                let hint = if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::Request
+                ) {
+                    " (is JetStream enabled on the server: nats-server -js?)"
+                } else {
+                    ""
+                };
+                return Err(stream_err(format!("{e}{hint}")));
+            }
+            let mut stream_config = async_nats::jetstream::stream::Config {
+                name: stream_name.to_owned(),
+                subjects: vec![wanted],
+                ..Default::default()
+            };
+            if let Some(window) = duplicate_window {
+                stream_config.duplicate_window = window;
+            }
+            js.create_stream(stream_config)
+                .await
+                .map(|_| ())
+                .map_err(|e| stream_err(format!("cannot create it: {e}")))
+        }
+    }
+}
+
+struct Worker {
+    prefix: String,
+    window: usize,
+    stream: String,
+    duplicate_window: Option<Duration>,
+    shared: Arc<Shared>,
+    rx: Receiver<Item>,
+    rx_open: bool,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    stream_ok: bool,
+    next_stream_check: Instant,
+    /// Published without an acknowledgement: sent again first.
+    retry: VecDeque<Item>,
+    /// Read from the spool, not yet published.
+    from_spool: VecDeque<Item>,
+    in_flight: HashMap<u64, Item>,
+    next_key: u64,
+    pause_until: Instant,
+}
+
+impl Worker {
+    /// Connected, with the stream checked (checking it when it was not yet).
+    async fn up(&mut self) -> bool {
+        let connected = self.client.connection_state() == State::Connected;
+        if connected && !self.stream_ok && Instant::now() >= self.next_stream_check {
+            match check_stream(&self.stream, self.duplicate_window, &self.client).await {
+                Ok(()) => self.stream_ok = true,
+                Err(e) => {
+                    self.shared
+                        .set_error(format!("{e}; spooling until it is fixed"));
+                    self.next_stream_check = Instant::now() + STREAM_RECHECK;
+                }
+            }
+        }
+        let up = connected && self.stream_ok;
+        self.shared.counters.connected.store(up, Ordering::Relaxed);
+        up
+    }
+
+    fn next_item(&mut self) -> Option<Item> {
+        if let Some(item) = self.retry.pop_front() {
+            return Some(item);
+        }
+        if let Some(item) = self.from_spool.pop_front() {
+            return Some(item);
+        }
+        let pending = self.shared.spool.lock().pending();
+        if pending > 0 {
+            let taken = self.shared.spool.lock().take_segment();
+            match taken {
+                Ok(items) => self.from_spool.extend(items),
+                Err(e) => self.shared.set_error(format!(
+                    "spool segment unreadable, its records are lost: {e}"
+                )),
+            }
+            if let Some(item) = self.from_spool.pop_front() {
+                return Some(item);
+            }
+        }
+        if self.rx_open {
+            match self.rx.try_recv() {
+                Ok(item) => return Some(item),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => self.rx_open = false,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
+        None
+    }
+
+    fn publish(&mut self, mut item: Item) -> Ack {
+        if item.sent_before {
+            self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
+        }
+        item.sent_before = true;
+        let key = self.next_key;
+        self.next_key += 1;
+        let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
+        let message = PublishMessage::build()
+            .payload(item.line.clone())
+            .message_id(&item.msg_id);
+        self.in_flight.insert(key, item);
+        let js = self.js.clone();
+        Box::pin(async move {
+            let result = match js.send_publish(subject, message).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            (key, result)
+        })
+    }
+
+    fn done(
+        &mut self,
+        key: u64,
+        result: Result<PublishAck, async_nats::jetstream::context::PublishError>,
+    ) {
+        let Some(item) = self.in_flight.remove(&key) else {
+            return;
+        };
+        let c = &self.shared.counters;
+        match result {
+            Ok(ack) => {
+                c.acknowledged.fetch_add(1, Ordering::Relaxed);
+                if ack.duplicate {
+                    c.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(id) = item.origin {
+                    self.shared.spool.lock().release(id);
+                }
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .set_error(format!("record {} dropped: {e}", item.msg_id));
+                if let Some(id) = item.origin {
+                    self.shared.spool.lock().release(id);
+                }
+            }
+            Err(e) => {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    // Deleted, or not yet recovered: check (or create) it before sending again.
+                    self.stream_ok = false;
+                }
+                self.shared
+                    .set_error(format!("publish not acknowledged, will be sent again: {e}"));
+                self.pause_until = Instant::now() + RETRY_PAUSE;
+                self.retry.push_back(item);
+            }
+        }
+    }
+
+    /// Moves everything waiting in the queue, and the records to send again, to the spool
+    /// (during an outage, and at shutdown).
+    fn drain_to_spool(&mut self) {
+        while let Some(item) = self.retry.pop_front() {
+            self.park(item);
+        }
+        while self.rx_open {
+            match self.rx.try_recv() {
+                Ok(item) => self.park(item),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => self.rx_open = false,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+    }
+
+    /// Writes one record not acknowledged to the spool. A record read from the spool is written
+    /// again whatever the cap (it was on disk already) and released from its old segment. A
+    /// record published without acknowledgement is written whatever the cap too: it may be in
+    /// the stream already, so dropping it would break `in stream + dropped = published` (at
+    /// most [`Config::window`] records go over the cap so). Only a record never sent can be
+    /// dropped.
+    fn park(&mut self, item: Item) {
+        match item.origin {
+            Some(id) => {
+                let written = self.shared.spool.lock().append(&item, true);
+                if let Err(e) = written {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .set_error(format!("spool write failed, record dropped: {e}"));
+                }
+                self.shared.spool.lock().release(id);
+            }
+            None => {
+                self.shared.spool_or_drop(&item, item.sent_before);
+            }
+        }
+    }
+
+    fn nothing_left(&self, in_flight: usize) -> bool {
+        in_flight == 0
+            && self.retry.is_empty()
+            && self.from_spool.is_empty()
+            && !self.rx_open
+            && self.shared.spool.lock().pending() == 0
+    }
+
+    async fn run(&mut self) {
+        let mut acks: FuturesUnordered<Ack> = FuturesUnordered::new();
+        loop {
+            let up = self.up().await;
+            let now = Instant::now();
+            if up && now >= self.pause_until {
+                while acks.len() < self.window {
+                    let Some(item) = self.next_item() else { break };
+                    acks.push(self.publish(item));
+                }
+            } else if !up {
+                self.drain_to_spool();
+            }
+            let unacked = self.in_flight.len() + self.retry.len();
+            self.shared
+                .counters
+                .in_flight
+                .store(unacked as u64, Ordering::Relaxed);
+            let deadline = *self.shared.deadline.lock();
+            if let Some(deadline) = deadline {
+                // Closed by shutdown: take what is still queued, then stop when all is sent.
+                self.rx.close();
+                if self.nothing_left(acks.len()) || std::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let room = up && acks.len() < self.window && Instant::now() >= self.pause_until;
+            tokio::select! {
+                Some((key, result)) = acks.next(), if !acks.is_empty() => self.done(key, result),
+                item = self.rx.recv(), if room && self.rx_open => match item {
+                    Some(item) => acks.push(self.publish(item)),
+                    None => self.rx_open = false,
+                },
+                _ = tokio::time::sleep(TICK) => {}
+                _ = self.shared.wake.notified() => {}
+            }
+        }
+        drop(acks);
+        self.finish();
+    }
+
+    /// Writes every record not acknowledged to the spool: records read from the spool are
+    /// written again (whatever the cap: they were on disk already) and their old segments
+    /// removed, so that the spool holds exactly the records not acknowledged.
+    fn finish(&mut self) {
+        let mut items: Vec<Item> = self.in_flight.drain().map(|(_, item)| item).collect();
+        items.extend(self.retry.drain(..));
+        items.extend(self.from_spool.drain(..));
+        // Those read from the spool first, so that they keep their place.
+        items.sort_by_key(|item| item.origin.is_none());
+        for item in items {
+            self.park(item);
+        }
+        self.rx_open = true;
+        self.drain_to_spool();
+        if let Err(e) = self.shared.spool.lock().sync() {
+            self.shared.set_error(format!("spool sync failed: {e}"));
+        }
+        self.shared.counters.in_flight.store(0, Ordering::Relaxed);
+    }
+}

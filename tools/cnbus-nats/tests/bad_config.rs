@@ -1,0 +1,305 @@
+//! Bad configurations give a clear error or the documented fallback, never a silent loss.
+
+mod common;
+
+use std::time::Duration;
+
+use cnbus_nats::{Auth, Config, NatsSink, Record, SinkError};
+use common::*;
+
+fn publish(sink: &NatsSink, n: usize) {
+    for i in 0..n {
+        sink.publish(Record {
+            event: "fork",
+            msg_id: msg_id(i),
+            line: line(i),
+        });
+    }
+}
+
+#[test]
+fn unreachable_at_start_spools_reports_and_delivers_once_the_server_is_up() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(
+        format!("nats://127.0.0.1:{port}"),
+        "h",
+        spool.path(),
+    ))
+    .expect("an unreachable server is not an error at start");
+    let stats = sink.stats();
+    assert!(!stats.connected);
+    let error = stats.last_error.unwrap_or_default();
+    assert!(error.contains("unreachable"), "{error}");
+    publish(&sink, 200);
+    wait_for("the records to be spooled", || {
+        sink.stats().spool_records == 200
+    });
+    // The server comes up on that port: the sink connects, creates the stream, sends the spool.
+    let mut server = NatsServer::start(&[]);
+    server.port = port;
+    server.restart();
+    wait_for("the spool to be sent", || sink.stats().acknowledged == 200);
+    let stats = sink.stats();
+    assert!(stats.connected);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (200, 0, 0));
+    assert_eq!(
+        by_id(&read_stream(&server.url(), "CNBUS_EVENTS")).len(),
+        200
+    );
+}
+
+#[test]
+fn wrong_credentials_are_a_clear_error_at_start() {
+    let server = NatsServer::start(&["--user", "agent", "--pass", "s3cret"]);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    match NatsSink::start(config.clone()) {
+        Err(SinkError::Auth { reason, .. }) => {
+            assert!(reason.contains("authorization"), "{reason}")
+        }
+        other => panic!("no credentials: {other:?}"),
+    }
+    config.auth = Auth::UserPassword {
+        user: "agent".into(),
+        password: "wrong".into(),
+    };
+    let error = NatsSink::start(config.clone()).unwrap_err();
+    assert!(matches!(error, SinkError::Auth { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("refused the credentials"),
+        "{error}"
+    );
+    config.auth = Auth::UserPassword {
+        user: "agent".into(),
+        password: "s3cret".into(),
+    };
+    let sink = NatsSink::start(config).expect("right credentials");
+    publish(&sink, 10);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent), (10, 0));
+}
+
+#[test]
+fn wrong_token_is_a_clear_error_at_start() {
+    let server = NatsServer::start(&["--auth", "tok3n"]);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    config.auth = Auth::Token("nope".into());
+    assert!(matches!(
+        NatsSink::start(config.clone()),
+        Err(SinkError::Auth { .. })
+    ));
+    config.auth = Auth::Token("tok3n".into());
+    let sink = NatsSink::start(config).expect("right token");
+    publish(&sink, 10);
+    assert_eq!(sink.shutdown(DEADLINE).sent, 10);
+}
+
+#[test]
+fn a_stream_with_other_subjects_is_a_clear_error() {
+    let server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "CNBUS_EVENTS".into(),
+            subjects: vec!["other.>".into(), "cnbus.events.*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let error = NatsSink::start(Config::new(server.url(), "h", spool.path())).unwrap_err();
+    match &error {
+        SinkError::StreamSubjects {
+            stream,
+            subjects,
+            wanted,
+        } => {
+            assert_eq!(stream, "CNBUS_EVENTS");
+            assert_eq!(subjects.len(), 2);
+            assert_eq!(wanted, "cnbus.events.>");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        error.to_string().contains("do not cover cnbus.events.>"),
+        "{error}"
+    );
+}
+
+#[test]
+fn subjects_claimed_by_another_stream_are_a_clear_error() {
+    let server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "SOMEONE_ELSE".into(),
+            subjects: vec!["cnbus.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let error = NatsSink::start(Config::new(server.url(), "h", spool.path())).unwrap_err();
+    assert!(error.to_string().contains("overlap"), "{error}");
+    assert!(matches!(error, SinkError::Stream { .. }), "{error:?}");
+}
+
+#[test]
+fn an_existing_stream_covering_the_subjects_is_used() {
+    let server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "CNBUS_EVENTS".into(),
+            subjects: vec!["cnbus.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    publish(&sink, 5);
+    assert_eq!(sink.shutdown(DEADLINE).sent, 5);
+}
+
+#[test]
+fn a_server_without_jetstream_is_a_clear_error() {
+    let server = NatsServer::start_with(&[], false);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    config.ack_timeout = Duration::from_secs(2);
+    let error = NatsSink::start(config).map(|_| ()).unwrap_err();
+    assert!(matches!(error, SinkError::Stream { .. }), "{error:?}");
+    assert!(error.to_string().contains("JetStream enabled"), "{error}");
+}
+
+#[test]
+fn invalid_settings_are_refused() {
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new("nats://127.0.0.1:1", "h", spool.path());
+    config.window = 0;
+    assert!(matches!(
+        NatsSink::start(config.clone()),
+        Err(SinkError::Config(_))
+    ));
+    config.window = 1;
+    config.stream = "a.b".into();
+    assert!(matches!(
+        NatsSink::start(config.clone()),
+        Err(SinkError::Config(_))
+    ));
+    config.stream = "S".into();
+    config.spool_max_bytes = 100;
+    assert!(matches!(NatsSink::start(config), Err(SinkError::Config(_))));
+}
+
+#[test]
+fn a_wrong_stream_found_after_an_unreachable_start_keeps_records_spooled_and_says_why() {
+    // A store holding CNBUS_EVENTS with other subjects.
+    let mut server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "CNBUS_EVENTS".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    server.kill();
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(
+        format!("nats://127.0.0.1:{port}"),
+        "h",
+        spool.path(),
+    ))
+    .expect("start");
+    publish(&sink, 20);
+    server.port = port;
+    server.restart();
+    wait_for("the stream error", || {
+        sink.stats()
+            .last_error
+            .is_some_and(|e| e.contains("do not cover"))
+    });
+    let stats = sink.stats();
+    assert!(!stats.connected);
+    assert_eq!((stats.acknowledged, stats.dropped), (0, 0));
+    let report = sink.shutdown(Duration::ZERO);
+    assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
+}
+
+#[test]
+fn wrong_credentials_found_after_an_unreachable_start_keep_records_spooled_and_say_why() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    config.auth = Auth::UserPassword {
+        user: "agent".into(),
+        password: "wrong".into(),
+    };
+    let sink = NatsSink::start(config).expect("an unreachable server is not an error at start");
+    publish(&sink, 20);
+    let mut server = NatsServer::start(&["--user", "agent", "--pass", "s3cret"]);
+    server.port = port;
+    server.restart();
+    wait_for("the authorization error", || {
+        sink.stats()
+            .last_error
+            .is_some_and(|e| e.to_lowercase().contains("authorization"))
+    });
+    let stats = sink.stats();
+    assert!(!stats.connected);
+    assert_eq!((stats.acknowledged, stats.dropped), (0, 0));
+    let report = sink.shutdown(Duration::ZERO);
+    assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
+}
+
+/// Test certificates (tests/tls: a CA, and a server certificate for 127.0.0.1 signed by it, valid
+/// until 2126).
+fn tls_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tls")
+        .join(name)
+}
+
+#[test]
+fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
+    let cert = tls_file("server.pem");
+    let key = tls_file("server.key");
+    let server = NatsServer::start(&[
+        "--tls",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+    ]);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(server.url(), "h", spool.path());
+    config.tls_required = true;
+    let error = NatsSink::start(config.clone()).unwrap_err();
+    assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+    config.tls_root_ca = Some(tls_file("ca.pem"));
+    let sink = NatsSink::start(config).expect("TLS with the test CA");
+    publish(&sink, 50);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (50, 0, 0));
+    // TLS required, server without TLS.
+    let plain = NatsServer::start(&[]);
+    let mut config = Config::new(plain.url(), "h", spool.path());
+    config.tls_required = true;
+    let error = NatsSink::start(config).unwrap_err();
+    assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+}
