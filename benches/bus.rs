@@ -38,7 +38,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, FullPolicy};
+use cnbus::bus::{Bus, FullPolicy, Insert};
 use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
 use cnbus::sys::{ConnectorSocket, Dest};
 

@@ -27,7 +27,7 @@ use clap::Parser;
 #[macro_use]
 mod cli;
 
-use cnbus::bus::Bus;
+use cnbus::bus::{Bus, Insert};
 use cnbus::codec::{CbId, CnMsg};
 use cnbus::sys::{self, Dest};
 

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, Framing, FullPolicy, InsertError, Producer};
+use cnbus::bus::{Bus, Framing, FullPolicy, Insert, InsertError};
 use cnbus::codec::{messages, CbId, CnMsg, Message};
 use cnbus::sys::{self, poll_read, ConnectorSocket, Dest, EventFd};
 use common::{kernel_socket, own_port, test_idx};
@@ -467,7 +467,7 @@ fn idle_then_single_messages(name: &str, salt: u32, group: u32, via_producer: bo
     rx.from(&bus);
     let mut bus_ref = &bus;
     let mut producer;
-    let ins: &mut dyn Inserter = if via_producer {
+    let ins: &mut dyn Insert = if via_producer {
         producer = bus.producer();
         &mut producer
     } else {
@@ -534,53 +534,6 @@ fn send_errors_are_counted_and_surfaced() {
     bus.flush().unwrap();
 }
 
-/// The insert calls of the policy test: through the bus (into a shard) or through a
-/// [`Producer`] (into its lane).
-trait Inserter {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>>;
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
-}
-
-impl Inserter for &Bus {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Bus::try_insert(self, id, d)
-    }
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>> {
-        Bus::insert_blocking(self, id, d, t)
-    }
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Bus::insert_or_send(self, id, d)
-    }
-}
-
-impl Inserter for Producer<'_> {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Producer::try_insert(self, id, d)
-    }
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>> {
-        Producer::insert_blocking(self, id, d, t)
-    }
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Producer::insert_or_send(self, id, d)
-    }
-}
-
 #[test]
 fn full_shard_follows_each_policy() {
     full_queue_follows_each_policy("full_shard_follows_each_policy", 9, false);
@@ -618,7 +571,7 @@ fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
     let mut seq = 0u32;
     let mut bus_ref = &bus;
     let mut producer;
-    let ins: &mut dyn Inserter = if via_producer {
+    let ins: &mut dyn Insert = if via_producer {
         producer = bus.producer();
         &mut producer
     } else {
@@ -661,7 +614,7 @@ fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
                 }
             }
         });
-        let fill = |ins: &mut dyn Inserter, seq: &mut u32| {
+        let fill = |ins: &mut dyn Insert, seq: &mut u32| {
             // Insert until the queue is full; the rejected message comes back intact.
             for _ in 0..10_000 {
                 match ins.try_insert(id, &payload(0, *seq)) {

@@ -1,8 +1,8 @@
 //! Counters and the [`BusStats`] snapshot.
 //!
 //! Counters the insert path would have to share between threads are avoided: accepted
-//! inserts are counted per producer (each thread's cell, written only by that thread) and
-//! summed when a snapshot is taken. Everything else is counted on slow paths (rejections,
+//! inserts are counted per ring (written by its writer only) and summed when a snapshot
+//! is taken. Everything else is counted on slow paths (rejections,
 //! direct sends) or by the flusher, with `Relaxed` atomics: they are statistics, and a
 //! snapshot is not an atomic cut across counters.
 
@@ -12,7 +12,6 @@ use std::time::Duration;
 /// Atomic counters behind [`BusStats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub untracked: AtomicU64,
     pub direct: AtomicU64,
     pub rejected_full: AtomicU64,
     pub rejected_timeout: AtomicU64,
@@ -41,8 +40,9 @@ pub(crate) struct Counters {
     pub flush_total_ns: AtomicU64,
     pub flush_max_ns: AtomicU64,
     pub flush_last_ns: AtomicU64,
-    /// Messages inserted through lanes the flusher has forgotten (their producer is gone).
-    pub retired_lane_inserts: AtomicU64,
+    /// Messages inserted through producers' rings the flusher has forgotten (their
+    /// producer is gone).
+    pub retired_inserts: AtomicU64,
 }
 
 impl Counters {
@@ -77,7 +77,7 @@ impl Counters {
         let direct = g(&self.direct);
         let flushes = g(&self.flushes);
         BusStats {
-            inserted: queued_inserts + g(&self.untracked) + direct,
+            inserted: queued_inserts + g(&self.retired_inserts) + direct,
             direct,
             rejected_full: g(&self.rejected_full),
             rejected_timeout: g(&self.rejected_timeout),

@@ -7,12 +7,10 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
-pub(crate) mod membarrier;
 mod ns;
 pub(crate) mod ring;
 mod signal;
 mod socket;
-mod spin;
 mod wake;
 
 pub(crate) use clock::set_timer_slack_ns;
@@ -26,7 +24,6 @@ pub use signal::TermSignals;
 pub use socket::{
     ConnectorSocket, Dest, DropCounter, MemInfo, RecvBatch, RecvMeta, NETLINK_CONNECTOR,
 };
-pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 
 use std::io;

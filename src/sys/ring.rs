@@ -26,8 +26,10 @@
 //! therefore sees at most two slices, before and after the end.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+// Loom's atomics under `cfg(cnbus_loom)`, so that the bus's loom model runs this ring.
+use crate::sync::{Arc, AtomicUsize};
 
 use crossbeam::utils::CachePadded;
 
@@ -182,6 +184,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Bytes published so far (a monotonic, wrapping position): the end of the last write.
+    #[inline(always)]
+    pub(crate) fn position(&self) -> usize {
+        self.tail
+    }
+
     /// A look at the ring from outside: for threads that hold neither side.
     pub(crate) fn probe(&self) -> Probe {
         Probe {
@@ -243,6 +251,14 @@ impl Probe {
         let head = self.s.head.load(Ordering::Acquire);
         let tail = self.s.tail.load(Ordering::Acquire);
         tail.wrapping_sub(head)
+    }
+
+    /// True once the reader has given back every byte up to position `end` (a
+    /// [`Writer::position`]). Acquire: what the reader did before giving them back (for the
+    /// bus, the send) happens-before the caller's next step.
+    #[inline(always)]
+    pub(crate) fn released(&self, end: usize) -> bool {
+        self.s.head.load(Ordering::Acquire).wrapping_sub(end) as isize >= 0
     }
 }
 
