@@ -147,8 +147,12 @@ mod loom_tests {
     use loom::thread;
 
     /// One ring as the flusher sees it: the real byte ring, its reading side behind the
-    /// drain right (a loom `Mutex`), and the "socket" (messages sent).
+    /// drain right, and the "socket" (messages sent). The drain right is an atomic flag
+    /// with a lock's orderings (Acquire take, Release give) in front of the `Mutex`, so
+    /// that the mutex is never contended: loom 0.7 can fail a contended lock spuriously
+    /// ("expected to be able to acquire lock", tokio-rs/loom#376).
     struct Model {
+        right: AtomicBool,
         reader: Mutex<Reader>,
         probe: crate::sys::ring::Probe,
         bell: Doorbell,
@@ -161,6 +165,7 @@ mod loom_tests {
         fn new() -> (Arc<Self>, Writer) {
             let (w, r) = ring(64).unwrap();
             let m = Self {
+                right: AtomicBool::new(false),
                 reader: Mutex::new(r),
                 probe: w.probe(),
                 bell: Doorbell::new(),
@@ -187,11 +192,22 @@ mod loom_tests {
 
         /// `Inner::drain` with the right held: take what is published, "send", give back.
         fn drain(&self) {
-            let mut r = self.reader.lock();
-            let (a, b) = r.readable();
-            let n = (a.len() + b.len()) as u64;
-            self.sent.fetch_add(n / 8, SeqCst);
-            r.release(n as usize);
+            while self
+                .right
+                .compare_exchange(false, true, std::sync::atomic::Ordering::Acquire, Relaxed)
+                .is_err()
+            {
+                thread::yield_now();
+            }
+            {
+                let mut r = self.reader.lock();
+                let (a, b) = r.readable();
+                let n = (a.len() + b.len()) as u64;
+                self.sent.fetch_add(n / 8, SeqCst);
+                r.release(n as usize);
+            }
+            self.right
+                .store(false, std::sync::atomic::Ordering::Release);
         }
 
         /// `Flusher::run` + `sleep` (IDLE; TIMED is the same handshake with a timeout).
