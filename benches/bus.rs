@@ -6,9 +6,9 @@
 //! 1. insert cost per message with the flusher running, 1 thread and 2 threads, through
 //!    `Bus::insert` and through a `Producer` per thread: bursts of 1000 inserts are timed
 //!    (median and p99 of the per-message cost), the bus is flushed between bursts outside
-//!    the timed region;
-//! 1b. single-message latency: one message at a time into an idle bus with the default
-//!    `max_latency` (1 ms), from the insert to its arrival at a receiver (median, p90, max);
+//!    the timed region; then single-message latency: one message at a time into an idle
+//!    bus with the default `max_latency` (1 ms), from the insert to its arrival at a
+//!    receiver (median, p90, max; phase `l`);
 //! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 1), in
 //!    `BENCH_ROUNDS` rounds (default 5) that interleave the modes:
 //!    (a) the bus, batched, through `Bus::insert` (32 messages of 64 B per datagram by
