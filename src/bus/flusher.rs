@@ -89,6 +89,17 @@ impl Flusher {
         }
     }
 
+    /// The look after announcing a sleep: true if a ring shows `why`. A shard's ring is
+    /// looked at after taking and releasing its lock (the writers' side of the handshake
+    /// there), a producer's after the fence of `announce`.
+    fn second_look(&self, why: impl Fn(&Ring) -> bool) -> bool {
+        let shards = &self.inner.shards;
+        for s in shards.iter() {
+            drop(s.tail.lock());
+        }
+        self.rings.iter().any(|r| why(r))
+    }
+
     /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
     /// queued message's deadline, a flush or stop request. Parks indefinitely when every
     /// ring is empty. See the `handshake` module for the wake-up protocol.
@@ -129,7 +140,7 @@ impl Flusher {
                 // IDLE and unparks us. A ring added after our copy wakes us (`add_ring`).
                 inner.bell.announce(IDLE);
                 inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
-                if self.rings.iter().any(|r| r.pending()) || urgent(self) {
+                if self.second_look(|r| r.pending()) || urgent(self) {
                     inner.bell.awake();
                     continue;
                 }
@@ -140,7 +151,7 @@ impl Flusher {
                     return;
                 }
                 inner.bell.announce(TIMED);
-                if self.rings.iter().any(|r| r.queued() >= wm) || urgent(self) {
+                if self.second_look(|r| r.queued() >= wm) || urgent(self) {
                     inner.bell.awake();
                     return;
                 }

@@ -233,7 +233,9 @@ impl Queue for Shards<'_> {
                 }
             }
         };
-        i.after_push(n, help, || {
+        // Pushed under the shard's lock and released it: the flusher's second look takes
+        // that lock, so no fence is needed (see the `handshake` module).
+        i.after_push(n, i.bell.state(), help, || {
             i.shards
                 .get(shard)
                 .is_some_and(|s| i.help(&s.ring).is_some())
@@ -347,9 +349,12 @@ impl Queue for Producer {
             return false;
         };
         let ring = &self.ring;
-        i.after_push(n, help, || i.help(ring).is_some());
+        // No lock here: the fence of the handshake (and of a close, see below).
+        i.after_push(n, i.bell.state_after_publish(), help, || {
+            i.help(ring).is_some()
+        });
         // The bus was closed while we pushed (a `Producer` outlives its `Bus`): the
-        // fence in `after_push` pairs with the one in `drain_everything`, so either the
+        // fence above pairs with the one in `drain_everything`, so either the
         // closing drain saw our message or we see `dead` and send it ourselves.
         if i.dead.load(Relaxed) {
             i.drain(ring, true);

@@ -604,7 +604,7 @@ impl Drop for DeadGuard {
 /// A per-CPU shard: a ring and the lock that lets the threads of its CPU share its
 /// writing side.
 pub(crate) struct Shard {
-    tail: CachePadded<Mutex<Tail>>,
+    pub(crate) tail: CachePadded<Mutex<Tail>>,
     ring: Arc<Ring>,
 }
 
@@ -674,12 +674,11 @@ impl Inner {
 
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
-    /// else wake the flusher if it sleeps and should not. `drain` drains the caller's ring
-    /// if no one else is; true if it did.
+    /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
+    /// loaded after the push as the `handshake` module says. `drain` drains the caller's
+    /// ring if no one else is; true if it did.
     #[inline(always)]
-    pub(crate) fn after_push(&self, len: u64, help: bool, drain: impl FnOnce() -> bool) {
-        // The fence of the wake-up protocol (see the `handshake` module).
-        let state = self.bell.state_after_publish();
+    pub(crate) fn after_push(&self, len: u64, state: u8, help: bool, drain: impl FnOnce() -> bool) {
         let assist = help && self.cfg.assist;
         let over = len >= self.cfg.watermark as u64;
         if assist && over {
