@@ -1484,7 +1484,7 @@ fn closing_while_producers_insert_loses_nothing() {
                         }
                         Err(e) => panic!("{e}"),
                     }
-                    if ok % 64 == 0 {
+                    if ok.is_multiple_of(64) {
                         thread::sleep(Duration::from_micros(200));
                     }
                 }
