@@ -497,7 +497,7 @@ impl BusBuilder {
         for _ in 0..cfg.shards {
             let (ring, tail) = Ring::new(ring_bytes).ok_or_else(too_big)?;
             shards.push(Shard {
-                tail: CachePadded::new(Mutex::new(tail)),
+                tail: CachePadded::new(crate::sys::ShortLock::new(tail)),
                 ring,
             });
         }
@@ -604,7 +604,7 @@ impl Drop for DeadGuard {
 /// A per-CPU shard: a ring and the lock that lets the threads of its CPU share its
 /// writing side.
 pub(crate) struct Shard {
-    pub(crate) tail: CachePadded<Mutex<Tail>>,
+    pub(crate) tail: CachePadded<crate::sys::ShortLock<Tail>>,
     ring: Arc<Ring>,
 }
 

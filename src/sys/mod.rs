@@ -11,6 +11,7 @@ mod ns;
 pub(crate) mod ring;
 mod signal;
 mod socket;
+mod spin;
 mod wake;
 
 pub(crate) use clock::set_timer_slack_ns;
@@ -24,6 +25,7 @@ pub use signal::TermSignals;
 pub use socket::{
     ConnectorSocket, Dest, DropCounter, MemInfo, RecvBatch, RecvMeta, NETLINK_CONNECTOR,
 };
+pub(crate) use spin::ShortLock;
 pub use wake::{poll_read, EventFd, Readiness};
 
 use std::io;
