@@ -233,6 +233,12 @@ fn main() {
             );
         }
     }
+    if let (Some(&rb), Some(&rc)) = (rates[2].first(), rates[3].first()) {
+        println!(
+            "  ratio raw sendmmsg / one-per-send = {:.1}x  (round 0: what batching alone gains on this host)",
+            rc / rb
+        );
+    }
     for (x, name, target) in [(0, "bus insert()", 0.85), (1, "bus Producer", 0.9)] {
         let r = ratios(x, 3);
         if !r.is_empty() {
