@@ -264,7 +264,7 @@ impl Queue for Shards<'_> {
     }
 }
 
-/// A hot-path producer's own [`Ring`] into a [`Bus`]: the fastest way to insert.
+/// A hot-path producer's own ring into a [`Bus`]: the fastest way to insert.
 ///
 /// [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under that
 /// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy, one
