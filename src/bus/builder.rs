@@ -29,11 +29,11 @@ const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError<M> {
-    /// The caller's shard is full ([`FullPolicy::Reject`]).
-    #[error("bus shard is full")]
+    /// The caller's ring is full ([`FullPolicy::Reject`]).
+    #[error("bus queue is full")]
     Full(M),
-    /// The shard stayed full until the blocking insert's timeout.
-    #[error("bus shard stayed full until the timeout")]
+    /// The ring stayed full until the blocking insert's timeout.
+    #[error("bus queue stayed full until the timeout")]
     Timeout(M),
     /// The bus's flusher is gone (it stopped or panicked): nothing would send the message.
     #[error("bus is closed")]
@@ -91,7 +91,7 @@ impl<M> InsertError<M> {
     }
 }
 
-/// What an insert does when the caller's shard is full.
+/// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FullPolicy {
     /// Hand the message back at once: [`InsertError::Full`].
@@ -219,11 +219,9 @@ impl BusBuilder {
     }
 
     /// How many `(destination, id)` sequences the socket's numbering remembers (default
-    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), at least 1). It
-    /// belongs to the socket, so this sets it for everything sending on the socket. Past
-    /// it, the least recently used sequences are forgotten and counted in
-    /// [`BusStats::numbering_evictions`](super::BusStats::numbering_evictions); a forgotten sequence starts again at 1, which
-    /// receivers count as `reordered`, not as loss.
+    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), for everything
+    /// sending on the socket). Past it the least recently used are forgotten (counted in
+    /// `BusStats::numbering_evictions`) and restart at 1: `reordered`, not loss.
     pub fn numbered_ids(mut self, n: usize) -> Self {
         self.numbered_ids = Some(n);
         self
@@ -236,30 +234,24 @@ impl BusBuilder {
         self
     }
 
-    /// Messages each shard holds (at least 1: [`build`](Self::build) fails on 0). A shard
-    /// also holds at most `capacity * 100` bytes of encoded messages (one 64-byte message
-    /// with its headers per slot; at least one datagram's worth), so larger messages fill
-    /// it sooner. Memory is about `shards * capacity * 260` bytes (the shard's buffer and
-    /// its drainer's, with their datagram bounds), reserved up front (the kernel provides
-    /// the pages as they are first used); `build` fails, rather than aborting, when that
-    /// overflows or cannot be allocated.
+    /// Messages each ring (a shard's or a [`Producer`](super::Producer)'s) holds (at least
+    /// 1). A ring also holds at most `capacity * 100` bytes, rounded up to a power of two
+    /// and at least two datagrams, at most 1 GiB: larger messages fill it sooner. Reserved
+    /// up front; `build` fails, rather than aborting, when that is too large.
     pub fn capacity(mut self, n: usize) -> Self {
         self.cfg.capacity = n;
         self
     }
 
-    /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
-    /// or wakes the flusher, before the latency deadline (default capacity / 4, at least
-    /// 1; [`build`](Self::build) fails on 0). A value above the capacity disables watermark
-    /// drains and wake-ups.
+    /// Ring occupancy at which an insert drains the ring itself ([`assist`](Self::assist))
+    /// or wakes the flusher (default capacity / 4; at least 1). Above the capacity: never.
     pub fn watermark(mut self, n: usize) -> Self {
         self.watermark = Some(n);
         self
     }
 
-    /// Longest time a message waits in a shard before the flusher takes it (default 1 ms),
-    /// give or take the scheduler's wake-up delay. Any duration is accepted; beyond about
-    /// 584 years it means "never" (only the watermark, flushes and shutdown drain).
+    /// Longest time a message waits in a ring (default 1 ms): the flusher aims a quarter of
+    /// it early (at most 1 ms) to absorb its wake-up delay. Beyond 584 years: never.
     pub fn max_latency(mut self, d: Duration) -> Self {
         self.cfg.max_latency = d;
         self
@@ -280,42 +272,22 @@ impl BusBuilder {
         self
     }
 
-    /// How long a send waits for room when a [`Dest::Port`] receiver's queue is full
-    /// (default 1 s). This bounds every wait of the bus on a receiver that stopped reading.
-    ///
-    /// Netlink unicast has backpressure: a receiver whose queue is full makes the sender
-    /// wait. The bus sends without blocking (`MSG_DONTWAIT`) and, when the receiver is
-    /// full, retries with short sleeps (at most 1 ms apart) for up to `send_timeout`. If
-    /// the receiver has taken nothing by then, that datagram is counted as failed
-    /// ([`BusStats::failed_messages`](super::BusStats::failed_messages), errno `EAGAIN`) and the receiver is treated as
-    /// stalled: until it takes a datagram again, the bus does not wait for it, each
-    /// datagram is tried once and counted as failed if it does not fit. So:
-    ///
-    /// * [`Bus::flush`] returns within about `send_timeout` (plus the time of the
-    ///   non-waiting attempts) when the receiver stops reading;
-    /// * dropping the bus, or [`Bus::close`], returns within `send_timeout` of the call
-    ///   (plus those attempts) whatever the receiver does: at shutdown no wait for room
-    ///   extends past that deadline;
-    /// * a receiver that keeps reading, however slowly, keeps the producers in step with
-    ///   it ([`FullPolicy`] applies when their shards fill up), as before.
-    ///
-    /// Direct sends ([`FullPolicy::SendDirect`]) wait the same way and hand the message
-    /// back as [`InsertError::Send`] on timeout. Groups and the kernel never wait (a full
-    /// multicast receiver drops and reports `ENOBUFS` to itself), so this setting does not
-    /// apply to them. A timeout too large for [`Instant`] (such as [`Duration::MAX`])
-    /// means no limit: the bus then waits for the receiver as long as it takes, shutdown
-    /// included.
+    /// How long a send waits for room at a full [`Dest::Port`] receiver (default 1 s). Sends
+    /// never block (`MSG_DONTWAIT`): a full receiver is retried with sleeps up to 1 ms
+    /// apart; if it takes nothing within `send_timeout`, the datagram is counted as failed
+    /// (`EAGAIN`) and the receiver as stalled (not waited for until it takes one again). So
+    /// [`Bus::flush`], [`Bus::close`] and drop return within about `send_timeout` whatever
+    /// the receiver does, while a slow reader still paces the producers. Direct sends wait
+    /// the same way ([`InsertError::Send`] on timeout). Groups and the kernel never wait.
+    /// A timeout too large for [`Instant`] means no limit.
     pub fn send_timeout(mut self, d: Duration) -> Self {
         self.cfg.send_timeout = d;
         self
     }
 
-    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12). A user
-    /// multicast reaches the kernel's connector too, which would take a message on idx 1
-    /// for a proc-connector request, and listeners of those groups for a kernel message.
-    /// Off by default: [`build`](Self::build) refuses a kernel group, and an insert on a
-    /// kernel id is handed back as [`InsertError::KernelOwned`], as
-    /// [`Connector`](crate::connector::Connector) refuses them.
+    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12), which
+    /// the kernel's connector and its listeners receive too. Off by default: `build`
+    /// refuses a kernel group and an insert on a kernel id is [`InsertError::KernelOwned`].
     pub fn allow_kernel_ids(mut self, on: bool) -> Self {
         self.cfg.allow_kernel_ids = on;
         self
@@ -334,37 +306,26 @@ impl BusBuilder {
         self
     }
 
-    /// Pins the flusher thread to `cpu` (by default it runs wherever the scheduler puts
-    /// it). Putting it on the CPU of a single hot producer keeps the queued messages in
-    /// that CPU's cache; putting it on a housekeeping CPU keeps it off the producers'.
+    /// Pins the flusher thread to `cpu` (by default the scheduler places it).
     pub fn flusher_cpu(mut self, cpu: usize) -> Self {
         self.cfg.flusher_cpu = Some(cpu);
         self
     }
 
-    /// Producer-assisted draining (default: on for groups and the kernel, off for
-    /// [`Dest::Port`]). When on, an insert that brings its shard to the
-    /// [`watermark`](Self::watermark), or a blocking insert that finds it full, drains the
-    /// shard on the caller's thread if no one else is draining it: it packs the queued
-    /// messages and sends them with `sendmmsg` itself, instead of waking the flusher. A
-    /// single fast producer then runs like a hand-written `sendmmsg` loop, and the flusher
-    /// is left with the latency deadline, [`Bus::flush`] and shutdown.
-    ///
-    /// The cost is that such an insert makes the system call (tens of microseconds for a
-    /// batch; every insert that does not cross the watermark stays system-call free), even
-    /// under [`FullPolicy::Reject`]. It is off by default for unicast because a full
-    /// receiver makes a unicast `sendmmsg` block, and the inserting thread with it.
+    /// Writer-assisted draining (default: on for groups and the kernel, off for
+    /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
+    /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
+    /// that finds it full, drains the ring itself if no one else is: a single fast
+    /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
+    /// deadline, flushes and shutdown. Such an insert pays the system call.
     pub fn assist(mut self, on: bool) -> Self {
         self.cfg.assist = on;
         self
     }
 
-    /// Checks the configuration, allocates the shards, opens the socket if none was given
-    /// and starts the flusher thread.
-    ///
-    /// Fails with [`Error::InvalidArgument`] when a number is out of range (see each
-    /// setter) or the shards' memory overflows `usize` or cannot be allocated: no setting
-    /// makes it panic or abort.
+    /// Checks the configuration, allocates the shards' rings, opens the socket if none was
+    /// given and starts the flusher. [`Error::InvalidArgument`] when a number is out of
+    /// range or the memory cannot be had: no setting makes it panic or abort.
     pub fn build(self) -> Result<Bus> {
         let mut cfg = self.cfg;
         if !(1..=MAX_SHARDS).contains(&cfg.shards) {
@@ -526,4 +487,3 @@ impl Drop for DeadGuard {
         i.space_cv.notify_all();
     }
 }
-

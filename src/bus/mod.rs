@@ -61,6 +61,9 @@
 //!
 //! The wake-up protocol, flush generations and their loom models are in the `handshake`
 //! module; docs/BUS.md follows one message from `insert` to `sendmmsg`.
+//!
+//! (Over 600 lines with its unit tests: the panic-containment tests need the private
+//! test hook of `Config`, so they live here.)
 
 // The policy paths hand a rejected message back by value in `InsertError`.
 #![allow(clippy::result_large_err)]
@@ -85,8 +88,8 @@ use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Result};
 use crate::sys::{ConnectorSocket, Dest};
 
-pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 use builder::{far_future, Config};
+pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 
 use insert::Shards;
 pub use insert::{Insert, Producer};

@@ -150,10 +150,10 @@ impl SendErrors {
 pub struct BusStats {
     /// Messages the bus accepted (queued, or sent directly on the caller's thread).
     pub inserted: u64,
-    /// Of `inserted`, messages sent directly by the caller because its shard was full
+    /// Of `inserted`, messages sent directly by the caller because its ring was full
     /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)).
     pub direct: u64,
-    /// Messages handed back because the shard was full ([`InsertError::Full`](super::InsertError::Full)).
+    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)).
     pub rejected_full: u64,
     /// Messages handed back after a blocking insert timed out.
     pub rejected_timeout: u64,
@@ -161,7 +161,7 @@ pub struct BusStats {
     pub rejected_closed: u64,
     /// Messages handed back because they can never fit in a datagram.
     pub rejected_too_large: u64,
-    /// Inserts that found the shard full and waited (blocking policy) or sent directly.
+    /// Inserts that found their ring full and waited (blocking policy) or sent directly.
     pub blocked: u64,
     /// Sends that found a [`Dest::Port`](crate::sys::Dest::Port) receiver's queue full and
     /// waited for room (at most [`send_timeout`](super::BusBuilder::send_timeout) each).
@@ -175,7 +175,7 @@ pub struct BusStats {
     pub sent_messages: u64,
     /// Datagrams handed to the kernel.
     pub sent_datagrams: u64,
-    /// Send system calls made (`sendmmsg` by the flusher, `sendto` for direct sends),
+    /// Send system calls made (`sendmmsg` by the drains, `sendto` for direct sends),
     /// failed ones included.
     pub syscalls: u64,
     /// Accepted messages that could not be sent (their datagram failed after retries).
@@ -184,17 +184,16 @@ pub struct BusStats {
     pub failed_datagrams: u64,
     /// Send failures by errno.
     pub send_errors: SendErrors,
-    /// Messages queued in the shards now.
+    /// Messages queued in the rings (shards and producers) now.
     pub queued: u64,
-    /// Highest shard occupancy seen (by the flusher when it drains a shard, and `capacity`
-    /// whenever an insert found its shard full).
+    /// Largest drain (messages taken at once from a ring), or `capacity` once an insert
+    /// found its ring full.
     pub high_water: u64,
-    /// Longest time a message waited in a shard before the flusher took it, as measured
-    /// from the shard's first-message stamp.
+    /// Longest time from a ring's oldest-message stamp to the drain that took it.
     pub max_queue_delay: Duration,
     /// Times the flusher thread woke up from a sleep.
     pub flusher_wakeups: u64,
-    /// Drains done by producers on their own thread
+    /// Drains done by writers on their own thread
     /// ([`BusBuilder::assist`](super::BusBuilder::assist)).
     pub assisted_drains: u64,
     /// Messages those drains took (sent or counted as failed).
