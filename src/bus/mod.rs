@@ -388,12 +388,13 @@ impl Bus {
     /// A snapshot of the counters.
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
-        let (mut pushed, mut queued) = (0, 0);
-        for r in inner.rings.lock().iter() {
-            pushed += r.pushed();
-            queued += r.queued();
-        }
+        // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
+        // ring's count to `retired_inserts`: each message is counted once.
+        let rings = inner.rings.lock();
+        let pushed = rings.iter().map(|r| r.pushed()).sum();
+        let queued = rings.iter().map(|r| r.queued()).sum();
         let mut s = inner.stats.snapshot(pushed, queued);
+        drop(rings);
         s.numbering_evictions = inner.sock.numbering_evictions();
         s
     }
