@@ -14,7 +14,7 @@
 //!    (a) the bus, batched, through `Bus::insert` (32 messages of 64 B per datagram by
 //!    default, `BENCH_PER_DGRAM` to change it for (a), (p) and (c) alike; many datagrams
 //!    per `sendmmsg`), (p) the same through a `Producer`,
-//!    (b) one message per `send` system call on the same socket, (c) a raw
+//!    (b) one message per `send` system call on its own socket, (c) a raw
 //!    libc loop that builds the same datagrams (32 x 64 B) and sends them with `sendmmsg`,
 //!    with no library around it.
 //!
@@ -186,8 +186,9 @@ fn main() {
     let mut rates: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds {
         for (k, phase) in ['a', 'p', 'b', 'c'].into_iter().enumerate() {
-            // (b) is 15-20x slower than the others: once is enough.
-            if !run(phase) || (phase == 'b' && round > 0) {
+            // Every mode in every round, (b) included, so that each ratio is a median of
+            // per-round ratios.
+            if !run(phase) {
                 continue;
             }
             // A val per round and mode: the receiver counts each apart.
@@ -225,19 +226,20 @@ fn main() {
         let n = rates[x].len().min(rates[y].len());
         (0..n).map(|i| rates[x][i] / rates[y][i]).collect()
     };
-    for (x, name) in [(0, "bus insert()"), (1, "bus Producer")] {
-        if let (Some(&rb), Some(&rx)) = (rates[2].first(), rates[x].first()) {
+    for (x, name, target) in [
+        (0, "bus insert()", "target >= 20x"),
+        (1, "bus Producer", "target >= 20x"),
+        (3, "raw sendmmsg", "what batching alone gains on this host"),
+    ] {
+        let r = ratios(x, 2);
+        if !r.is_empty() {
+            let each: Vec<String> = r.iter().map(|v| format!("{v:.1}")).collect();
             println!(
-                "  ratio {name} / one-per-send = {:.1}x  (target >= 20x; round 0)",
-                rx / rb
+                "  ratio {name} / one-per-send = {:.1}x median ({target}; per round: {})",
+                median(r.clone()),
+                each.join(", ")
             );
         }
-    }
-    if let (Some(&rb), Some(&rc)) = (rates[2].first(), rates[3].first()) {
-        println!(
-            "  ratio raw sendmmsg / one-per-send = {:.1}x  (round 0: what batching alone gains on this host)",
-            rc / rb
-        );
     }
     for (x, name, target) in [(0, "bus insert()", 0.85), (1, "bus Producer", 0.9)] {
         let r = ratios(x, 3);
