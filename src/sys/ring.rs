@@ -1,5 +1,6 @@
-//! A single-producer, single-consumer byte ring: the storage of a bus
-//! [`Producer`](crate::bus::Producer)'s lane.
+//! A single-producer, single-consumer byte ring: the storage of every bus ring (a per-CPU
+//! shard's, whose writers take turns under the shard's lock, and a
+//! [`Producer`](crate::bus::Producer)'s).
 //!
 //! One [`Writer`] and one [`Reader`] share a power-of-two buffer and two monotonic
 //! positions (wrapping `usize` byte counts):
@@ -22,7 +23,7 @@
 //!
 //! A region written is always contiguous: [`Writer::write`] fails when the bytes would
 //! cross the end of the buffer, and the caller then fills the rest of the buffer with a
-//! marker of its own (see the bus's lanes) and writes again at the start. The reader
+//! marker of its own (see the bus's rings) and writes again at the start. The reader
 //! therefore sees at most two slices, before and after the end.
 
 use std::cell::UnsafeCell;
