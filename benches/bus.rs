@@ -6,13 +6,15 @@
 //! 1. insert cost per message with the flusher running, 1 thread and 2 threads, through
 //!    `Bus::insert` and through a `Producer` per thread: bursts of 1000 inserts are timed
 //!    (median and p99 of the per-message cost), the bus is flushed between bursts outside
-//!    the timed region;
+//!    the timed region; then single-message latency: one message at a time into an idle
+//!    bus with the default `max_latency` (1 ms), from the insert to its arrival at a
+//!    receiver (median, p90, max; phase `l`);
 //! 2. end-to-end delivered messages/s, each mode for `BENCH_SECS` seconds (default 1), in
 //!    `BENCH_ROUNDS` rounds (default 5) that interleave the modes:
 //!    (a) the bus, batched, through `Bus::insert` (32 messages of 64 B per datagram by
 //!    default, `BENCH_PER_DGRAM` to change it for (a), (p) and (c) alike; many datagrams
 //!    per `sendmmsg`), (p) the same through a `Producer`,
-//!    (b) one message per `send` system call on the same socket, (c) a raw
+//!    (b) one message per `send` system call on its own socket, (c) a raw
 //!    libc loop that builds the same datagrams (32 x 64 B) and sends them with `sendmmsg`,
 //!    with no library around it.
 //!
@@ -24,7 +26,7 @@
 //! The ratios to the raw loop are computed per round (the modes of a round run back to
 //! back, so a change in the machine's load hits them alike) and their median is printed.
 //!
-//! Knobs: `BENCH_ONLY` (phases, default `iapbc`), `BENCH_SECS`, `BENCH_ROUNDS`, `BENCH_PER_DGRAM`,
+//! Knobs: `BENCH_ONLY` (phases, default `ilapbc`), `BENCH_SECS`, `BENCH_ROUNDS`, `BENCH_PER_DGRAM`,
 //! `BENCH_CAPACITY`, `BENCH_WATERMARK`, `BENCH_BATCH`, `BENCH_ASSIST=0` (no
 //! producer-assisted draining in (a) and (p)), `BENCH_FLUSHER_CPU`, `BENCH_PRODUCER_CPU`,
 //! `BENCH_DEBUG` (print the bus statistics of (a) and (p)).
@@ -38,7 +40,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, FullPolicy};
+use cnbus::bus::{Bus, FullPolicy, Insert};
 use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
 use cnbus::sys::{ConnectorSocket, Dest};
 
@@ -75,7 +77,7 @@ fn main() {
     let phase_len = Duration::from_secs_f64(secs);
     let idx = 0x4b00_0000 | (std::process::id() & 0xffff);
     // BENCH_ONLY=a (or b, c, i): run only those phases, for profiling.
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "iapbc".into());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "ilapbc".into());
     let run = |p: char| only.contains(p);
 
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -151,6 +153,21 @@ fn main() {
             st.avg_msgs_per_datagram()
         );
     }
+    // 1b. Single-message latency on an idle bus.
+    if run('l') {
+        for (via, name) in [(false, "Bus::insert"), (true, "Producer")] {
+            let mut l = latency(idx, 200, via);
+            l.sort();
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            println!(
+                "single-message latency, {name:<11}, idle bus, max_latency 1 ms: median {:.0} us, p90 {:.0} us, max {:.0} us ({} messages, each after 3 ms idle)",
+                us(l[l.len() / 2]),
+                us(l[l.len() * 9 / 10]),
+                us(l[l.len() - 1]),
+                l.len()
+            );
+        }
+    }
     // 2. End-to-end rates, in rounds that interleave the modes (BENCH_ROUNDS, default 5),
     // so that a change in the machine's load hits every mode alike; the ratios are
     // computed per round and their median is reported.
@@ -169,8 +186,9 @@ fn main() {
     let mut rates: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds {
         for (k, phase) in ['a', 'p', 'b', 'c'].into_iter().enumerate() {
-            // (b) is 15-20x slower than the others: once is enough.
-            if !run(phase) || (phase == 'b' && round > 0) {
+            // Every mode in every round, (b) included, so that each ratio is a median of
+            // per-round ratios.
+            if !run(phase) {
                 continue;
             }
             // A val per round and mode: the receiver counts each apart.
@@ -208,20 +226,27 @@ fn main() {
         let n = rates[x].len().min(rates[y].len());
         (0..n).map(|i| rates[x][i] / rates[y][i]).collect()
     };
-    for (x, name) in [(0, "bus insert()"), (1, "bus Producer")] {
-        if let (Some(&rb), Some(&rx)) = (rates[2].first(), rates[x].first()) {
+    for (x, name, target) in [
+        (0, "bus insert()", "target >= 20x"),
+        (1, "bus Producer", "target >= 20x"),
+        (3, "raw sendmmsg", "what batching alone gains on this host"),
+    ] {
+        let r = ratios(x, 2);
+        if !r.is_empty() {
+            let each: Vec<String> = r.iter().map(|v| format!("{v:.1}")).collect();
             println!(
-                "  ratio {name} / one-per-send = {:.1}x  (target >= 10x; round 0)",
-                rx / rb
+                "  ratio {name} / one-per-send = {:.1}x median ({target}; per round: {})",
+                median(r.clone()),
+                each.join(", ")
             );
         }
     }
-    for (x, name) in [(0, "bus insert()"), (1, "bus Producer")] {
+    for (x, name, target) in [(0, "bus insert()", 0.85), (1, "bus Producer", 0.9)] {
         let r = ratios(x, 3);
         if !r.is_empty() {
             let each: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
             println!(
-                "  ratio {name} / raw loop = {:.2}x median (target >= 0.8x; per round: {})",
+                "  ratio {name} / raw loop = {:.2}x median (target >= {target}x; per round: {})",
                 median(r.clone()),
                 each.join(", ")
             );
@@ -395,6 +420,35 @@ fn insert_cost(
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// Single-message latency: one message at a time into an idle bus with the default
+/// configuration (`max_latency` 1 ms), from the insert to its arrival at a unicast
+/// receiver in this process.
+fn latency(idx: u32, samples: usize, via_producer: bool) -> Vec<Duration> {
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(1 << 20, false).unwrap();
+    let bus = Bus::new(Dest::Port(rx.port_id())).unwrap();
+    let mut producer = bus.producer();
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    let mut out = Vec::new();
+    for i in 0..samples as u32 {
+        std::thread::sleep(Duration::from_millis(3));
+        let t = Instant::now();
+        let id = CbId::new(idx, 7);
+        if via_producer {
+            producer.insert(id, &i.to_ne_bytes()).unwrap();
+        } else {
+            bus.insert(id, &i.to_ne_bytes()).unwrap();
+        }
+        buf.clear();
+        buf.reserve(1 << 16);
+        rx.recv(&mut buf, false)
+            .unwrap()
+            .expect("a blocking recv returns a datagram");
+        out.push(t.elapsed());
+    }
+    out
 }
 
 /// Sends 32-message datagrams, 64 per `sendmmsg`, for `dur`, straight through libc.

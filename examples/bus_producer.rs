@@ -15,7 +15,7 @@
 //! the bus's statistics are printed.
 //!
 //! By default each thread calls `Bus::insert` (per-CPU shards); with `--lanes` each thread
-//! takes its own `Producer` (a lock-free lane, the fastest path) and inserts through it.
+//! takes its own `Producer` (a ring of its own, no lock: the fastest path) and inserts through it.
 //! `--help` lists the options; a value out of range is a usage error (exit status 2).
 
 use std::process::ExitCode;
@@ -27,7 +27,7 @@ use clap::Parser;
 #[macro_use]
 mod cli;
 
-use cnbus::bus::Bus;
+use cnbus::bus::{Bus, Insert};
 use cnbus::codec::{CbId, CnMsg};
 use cnbus::sys::{self, Dest};
 
@@ -51,7 +51,7 @@ struct Args {
     /// The bus's latency bound in microseconds (0..=1000000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     latency_us: u64,
-    /// Insert through one `Producer` lane per thread instead of `Bus::insert`.
+    /// Insert through one `Producer` (a ring of its own) per thread instead of `Bus::insert`.
     #[arg(long)]
     lanes: bool,
 }

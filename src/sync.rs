@@ -6,12 +6,12 @@
 //! convention (`lock()` returns the guard; no poisoning).
 
 #[cfg(not(cnbus_loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 #[cfg(not(cnbus_loom))]
 pub(crate) use std::sync::Arc;
 
 #[cfg(cnbus_loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 #[cfg(cnbus_loom)]
 pub(crate) use loom::sync::Arc;
 

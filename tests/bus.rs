@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, Framing, FullPolicy, InsertError, Producer};
+use cnbus::bus::{Bus, Framing, FullPolicy, Insert, InsertError, Producer};
 use cnbus::codec::{messages, CbId, CnMsg, Message};
 use cnbus::sys::{self, poll_read, ConnectorSocket, Dest, EventFd};
 use common::{kernel_socket, own_port, test_idx};
@@ -467,7 +467,7 @@ fn idle_then_single_messages(name: &str, salt: u32, group: u32, via_producer: bo
     rx.from(&bus);
     let mut bus_ref = &bus;
     let mut producer;
-    let ins: &mut dyn Inserter = if via_producer {
+    let ins: &mut dyn Insert = if via_producer {
         producer = bus.producer();
         &mut producer
     } else {
@@ -534,53 +534,6 @@ fn send_errors_are_counted_and_surfaced() {
     bus.flush().unwrap();
 }
 
-/// The insert calls of the policy test: through the bus (into a shard) or through a
-/// [`Producer`] (into its lane).
-trait Inserter {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>>;
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>>;
-}
-
-impl Inserter for &Bus {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Bus::try_insert(self, id, d)
-    }
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>> {
-        Bus::insert_blocking(self, id, d, t)
-    }
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Bus::insert_or_send(self, id, d)
-    }
-}
-
-impl Inserter for Producer<'_> {
-    fn try_insert(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Producer::try_insert(self, id, d)
-    }
-    fn insert_blocking(
-        &mut self,
-        id: CbId,
-        d: &[u8],
-        t: Option<Duration>,
-    ) -> Result<(), InsertError<CnMsg>> {
-        Producer::insert_blocking(self, id, d, t)
-    }
-    fn insert_or_send(&mut self, id: CbId, d: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        Producer::insert_or_send(self, id, d)
-    }
-}
-
 #[test]
 fn full_shard_follows_each_policy() {
     full_queue_follows_each_policy("full_shard_follows_each_policy", 9, false);
@@ -618,7 +571,7 @@ fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
     let mut seq = 0u32;
     let mut bus_ref = &bus;
     let mut producer;
-    let ins: &mut dyn Inserter = if via_producer {
+    let ins: &mut dyn Insert = if via_producer {
         producer = bus.producer();
         &mut producer
     } else {
@@ -661,7 +614,7 @@ fn full_queue_follows_each_policy(name: &str, salt: u32, via_producer: bool) {
                 }
             }
         });
-        let fill = |ins: &mut dyn Inserter, seq: &mut u32| {
+        let fill = |ins: &mut dyn Insert, seq: &mut u32| {
             // Insert until the queue is full; the rejected message comes back intact.
             for _ in 0..10_000 {
                 match ins.try_insert(id, &payload(0, *seq)) {
@@ -1391,4 +1344,229 @@ fn kernel_ids_and_groups_are_refused_unless_allowed() {
         .unwrap();
     allowed.insert(CbId::new(10, 1), b"x").unwrap();
     allowed.close().unwrap();
+}
+
+/// One generic body over every way to insert ([`Insert`]).
+fn publish(to: &mut impl Insert, id: CbId, thread: u32, n: u32) {
+    for seq in 0..n {
+        to.insert(id, &payload(thread, seq)).unwrap();
+    }
+}
+
+thread_local! {
+    static LOCAL_PRODUCER: std::cell::RefCell<Option<Producer>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A `Producer` is owned: it lives in a `'static` worker thread and in a thread-local, and
+/// the same generic body ([`Insert`]) drives it and the bus. Every message arrives, in
+/// order, numbered 1, 2, 3, ... per id.
+#[test]
+fn owned_producers_live_in_static_threads_and_thread_locals() {
+    let Some(_k) = kernel_socket("owned_producers_live_in_static_threads_and_thread_locals") else {
+        return;
+    };
+    const GROUP: u32 = 26;
+    const N: u32 = 3000;
+    let idx = test_idx(70);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Arc::new(Bus::new(Dest::Group(GROUP)).unwrap());
+    rx.from(&bus);
+    let mut p = bus.producer();
+    let worker = thread::spawn(move || {
+        publish(&mut p, CbId::new(idx, 0), 0, N);
+        p
+    });
+    let b = Arc::clone(&bus);
+    let local = thread::spawn(move || {
+        LOCAL_PRODUCER.with(|c| *c.borrow_mut() = Some(b.producer()));
+        LOCAL_PRODUCER.with(|c| publish(c.borrow_mut().as_mut().unwrap(), CbId::new(idx, 1), 1, N));
+        // The thread-local is dropped at thread exit, with messages perhaps still queued.
+    });
+    publish(&mut &*bus, CbId::new(idx, 2), 2, N);
+    let p = worker.join().unwrap();
+    local.join().unwrap();
+    drop(p);
+    bus.flush().unwrap();
+    let got = rx.collect(idx, 3 * N as usize, Duration::from_secs(30));
+    assert_eq!(got.msgs.len(), 3 * N as usize, "messages lost");
+    assert_per_thread_order(&got.msgs, 3, N);
+    let mut next: HashMap<u32, u32> = HashMap::new();
+    for m in &got.msgs {
+        let n = next.entry(m.id.val).or_insert(0);
+        *n += 1;
+        assert_eq!(m.seq, *n, "id {}: numbering", m.id);
+    }
+    let st = bus.stats();
+    assert_eq!(
+        (st.inserted, st.sent_messages),
+        (3 * N as u64, 3 * N as u64)
+    );
+}
+
+/// The per-thread FIFO rule: a thread whose messages wait in its old CPU's shard keeps
+/// using that shard after it moved. Here nothing drains before the flush, the thread
+/// queues in shard 1 (CPU 1), then moves to CPU 0; a flush drains shard 0 first, so its
+/// later messages would overtake the earlier ones if they went to shard 0.
+#[test]
+fn a_migrated_thread_keeps_its_shard_until_its_messages_are_sent() {
+    let Some(_k) = kernel_socket("a_migrated_thread_keeps_its_shard_until_its_messages_are_sent")
+    else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    let idx = test_idx(71);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .shards(2)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let ran = thread::scope(|s| {
+        s.spawn(|| {
+            let id = CbId::new(idx, 0);
+            let mut seq = 0;
+            for cpu in [1, 0, 1] {
+                if sys::pin_current_thread(cpu).is_err() || sys::current_cpu() != Some(cpu) {
+                    return false;
+                }
+                for _ in 0..100 {
+                    bus.insert(id, &payload(0, seq)).unwrap();
+                    seq += 1;
+                }
+            }
+            true
+        })
+        .join()
+        .unwrap()
+    });
+    if !ran {
+        eprintln!("skipped: cannot pin a thread to CPUs 0 and 1");
+        return;
+    }
+    bus.flush().unwrap();
+    let got = rx.collect(idx, 300, Duration::from_secs(10));
+    assert_eq!(got.msgs.len(), 300);
+    assert_per_thread_order(&got.msgs, 1, 300);
+}
+
+/// `Producer`s outlive their bus: closing it while they insert loses nothing. Every
+/// insert either is accepted and delivered (the closing drain takes it, or the producer
+/// sends it itself once it sees the bus closed) or comes back as `Closed`.
+#[test]
+fn closing_while_producers_insert_loses_nothing() {
+    let Some(_k) = kernel_socket("closing_while_producers_insert_loses_nothing") else {
+        return;
+    };
+    const THREADS: u32 = 3;
+    let idx = test_idx(72);
+    // Unicast: backpressure, so nothing is lost at the receiver.
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .capacity(64)
+        .send_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let mut p = bus.producer();
+            thread::spawn(move || {
+                let mut ok = 0u32;
+                loop {
+                    match p.insert(CbId::new(idx, t), &payload(t, ok)) {
+                        Ok(()) => ok += 1,
+                        Err(InsertError::Closed(m)) => {
+                            assert_eq!(parse(&m), (t, ok), "handed back intact");
+                            return ok;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    if ok.is_multiple_of(64) {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(50));
+    // The bus's socket closes with the last producer: remember its port now.
+    common::remember_own_sockets();
+    let (st, err) = bus.close_with_stats();
+    assert!(err.is_none(), "{err:?}");
+    eprintln!("close: {st:?}");
+    let accepted: Vec<u32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let total: u32 = accepted.iter().sum();
+    assert!(total > 0);
+    let got = rx.collect(idx, total as usize, Duration::from_secs(30));
+    assert_eq!(got.msgs.len(), total as usize, "accepted messages lost");
+    let mut next: HashMap<u32, u32> = HashMap::new();
+    for m in &got.msgs {
+        let (t, s) = parse(m);
+        let n = next.entry(t).or_insert(0);
+        assert_eq!(s, *n, "producer {t}: reordered or lost");
+        *n += 1;
+    }
+    for (t, &n) in accepted.iter().enumerate() {
+        assert_eq!(next.get(&(t as u32)).copied().unwrap_or(0), n);
+    }
+}
+
+/// The largest message a `cn_msg` can carry goes out whole through a shard and a
+/// producer; one byte more, or one byte past the datagram size, is handed back and
+/// counted.
+#[test]
+fn huge_messages_are_sent_whole_or_handed_back() {
+    let Some(_k) = kernel_socket("huge_messages_are_sent_whole_or_handed_back") else {
+        return;
+    };
+    const GROUP: u32 = 29;
+    let idx = test_idx(73);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .datagram_size(70_000)
+        .capacity(2)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let max = CnMsg::MAX_DATA;
+    let big: Vec<u8> = (0..max).map(|i| i as u8).collect();
+    let mut p = bus.producer();
+    for (k, ins) in [&mut &bus as &mut dyn Insert, &mut p]
+        .into_iter()
+        .enumerate()
+    {
+        let id = CbId::new(idx, k as u32);
+        ins.insert(id, &big).unwrap();
+        match ins.try_insert(id, &vec![0; max + 1]) {
+            Err(InsertError::TooLarge { msg, .. }) => assert_eq!(msg.data.len(), max + 1),
+            r => panic!("expected TooLarge, got {r:?}"),
+        }
+    }
+    // The default datagram size: one byte past it is refused.
+    let small = Bus::new(Dest::Group(GROUP)).unwrap();
+    rx.from(&small);
+    let fits = 8192 - 36;
+    small.insert(CbId::new(idx, 2), &big[..fits]).unwrap();
+    assert!(matches!(
+        small.insert(CbId::new(idx, 2), &big[..fits + 1]),
+        Err(InsertError::TooLarge {
+            len: 8196,
+            limit: 8192,
+            ..
+        })
+    ));
+    drop(p);
+    bus.flush().unwrap();
+    small.flush().unwrap();
+    let got = rx.collect(idx, 3, Duration::from_secs(10));
+    let mut lens: Vec<(u32, usize)> = got.msgs.iter().map(|m| (m.id.val, m.data.len())).collect();
+    lens.sort();
+    assert_eq!(lens, [(0, max), (1, max), (2, fits)]);
+    assert!(got.msgs.iter().all(|m| m.data[..] == big[..m.data.len()]));
+    let (st, small_st) = (bus.close().unwrap(), small.close().unwrap());
+    assert_eq!((st.inserted, st.rejected_too_large), (2, 2));
+    assert_eq!((small_st.inserted, small_st.rejected_too_large), (1, 1));
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cnbus::bus::Bus;
+use cnbus::bus::{Bus, Insert};
 use cnbus::connector::{Connector, Event, Incoming};
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::CbId;

@@ -1,19 +1,14 @@
-//! The flusher thread: drains every shard, packs datagrams, sends them with `sendmmsg`,
-//! and sleeps exactly as long as the oldest queued message allows.
+//! The flusher thread: drains every ring, and sleeps as long as the oldest queued message
+//! allows.
 
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::handshake::{IDLE, TIMED};
-use super::lane::Lane;
+use super::ring::Ring;
 use super::stats::Counters;
 use super::Inner;
-use crate::error::{Error, Op};
-use crate::sys::membarrier;
-
-/// Longest idle sleep when `membarrier` failed (see [`Flusher::sleep`]).
-const BARRIER_FALLBACK: Duration = Duration::from_millis(10);
 
 /// Test hook ([`Config::panic_at`](super::Config)): where a panic is injected, to check
 /// that the bus contains it and still accounts for every message.
@@ -30,12 +25,9 @@ pub(crate) struct Flusher {
     inner: Arc<Inner>,
     /// Highest flush generation completed.
     published: u64,
-    /// Our copy of the producers' lanes, and the generation it was taken at.
-    lanes: Vec<Arc<Lane>>,
-    lanes_gen: u64,
-    /// `membarrier::heavy` failed once: its error was recorded, and the flusher no longer
-    /// parks without a timeout while lanes exist.
-    barrier_failed: bool,
+    /// Our copy of the rings, and the generation it was taken at.
+    rings: Vec<Arc<Ring>>,
+    rings_gen: u64,
     #[cfg(test)]
     passes: u64,
 }
@@ -45,16 +37,15 @@ impl Flusher {
         Self {
             published: 0,
             inner,
-            lanes: Vec::new(),
-            lanes_gen: 0,
-            barrier_failed: false,
+            rings: Vec::new(),
+            rings_gen: u64::MAX,
             #[cfg(test)]
             passes: 0,
         }
     }
 
     /// The thread's main loop: sleep until there is a reason to drain, drain, repeat.
-    /// Returns after a stop request once every shard is empty.
+    /// Returns after a stop request once every ring is empty.
     pub(crate) fn run(mut self) {
         loop {
             self.sleep();
@@ -62,7 +53,7 @@ impl Flusher {
             let stop = self.inner.stop.load(SeqCst);
             // Every push that happened-before a flush() call happened-before its fetch_add
             // of the tickets; reading them here (SeqCst) before the pass makes those pushes
-            // visible to the pass's pops.
+            // visible to the pass.
             let gen = self.inner.tickets.requested();
             #[cfg(test)]
             {
@@ -72,9 +63,7 @@ impl Flusher {
                 }
             }
             self.drain_all(gen > self.published || stop);
-            if !self.lanes.is_empty() {
-                self.inner.prune_lanes();
-            }
+            self.inner.prune_rings();
             if gen > self.published {
                 self.published = gen;
                 self.inner.tickets.publish(gen);
@@ -85,140 +74,92 @@ impl Flusher {
         }
     }
 
-    /// One pass over the shards. Each shard is drained under its drain lock, one shard
-    /// per `sendmmsg` batch.
-    ///
-    /// For a flush (or stop) every shard's lock is taken, even when the shard looks
-    /// empty: a producer helping may have popped the flush's messages and not yet sent
-    /// them, and the lock is released only after its send. Other passes skip empty shards.
-    ///
-    /// Lanes likewise: for a flush every lane's drain right is taken (its producer may be
-    /// draining it), otherwise only lanes holding messages are drained.
+    /// One pass over the rings. For a flush (or stop) every ring's drain right is taken,
+    /// even when the ring looks empty: a writer helping may have framed the flush's
+    /// messages and not yet sent them, and it gives the right back only after its send.
+    /// Other passes skip empty rings.
     fn drain_all(&mut self, flushing: bool) {
         let inner = &*self.inner;
-        for (i, shard) in inner.shards.iter().enumerate() {
-            if !flushing && shard.len() == 0 {
-                continue;
+        // After the tickets were read: rings added before the flush request are in it.
+        inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
+        for ring in &self.rings {
+            if flushing || ring.pending() {
+                inner.drain(ring, true);
             }
-            let mut d = shard.drain.lock();
-            inner.drain_shard(i, &mut d);
-        }
-        // After the tickets were read: lanes added before the flush request are in the
-        // copy.
-        inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
-        for lane in &self.lanes {
-            let mut d = if flushing {
-                lane.drain.lock()
-            } else if !lane.has_pending() {
-                continue;
-            } else {
-                // Someone (its producer) is draining it and takes everything published.
-                let Some(d) = lane.drain.try_lock() else {
-                    continue;
-                };
-                d
-            };
-            inner.drain_lane(lane, &mut d);
         }
     }
 
-    /// Sleeps until there is a reason to drain: a shard past the watermark, the oldest
+    /// The look after announcing a sleep: true if a ring shows `why`. A shard's ring is
+    /// looked at after taking and releasing its lock (the writers' side of the handshake
+    /// there), a producer's after the fence of `announce`.
+    fn second_look(&self, why: impl Fn(&Ring) -> bool) -> bool {
+        let shards = &self.inner.shards;
+        for s in shards.iter() {
+            drop(s.tail.lock());
+        }
+        self.rings.iter().any(|r| why(r))
+    }
+
+    /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
     /// queued message's deadline, a flush or stop request. Parks indefinitely when every
-    /// shard is empty. See the module docs of [`super`] for the wake-up protocol.
+    /// ring is empty. See the `handshake` module for the wake-up protocol.
     fn sleep(&mut self) {
         let inner = Arc::clone(&self.inner);
-        let wm = inner.cfg.watermark;
-        // Saturating: a latency beyond u64 nanoseconds (584 years) is "never".
-        let max_latency = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
+        let wm = inner.cfg.watermark as u64;
+        // Aim a quarter of the bound early (at most 1 ms): the wake-up delay and the send
+        // then fit in the bound. Saturating: beyond u64 nanoseconds (584 years) is "never".
+        let bound = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
+        let aim = bound - (bound / 4).min(1_000_000);
         // A stop, a flush request, or a blocked inserter waiting for space in a non-empty
-        // shard: drain now.
+        // ring: drain now.
         let urgent = |f: &Self| {
             inner.stop.load(SeqCst)
                 || inner.tickets.requested() > f.published
-                || (inner.space_waiters.load(SeqCst) > 0 && !inner.all_empty())
+                || (inner.space_waiters.load(SeqCst) > 0 && f.rings.iter().any(|r| r.pending()))
         };
         loop {
+            inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
             if urgent(self) {
                 return;
             }
-            inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
             let now = inner.now_ns();
-            let mut oldest = u64::MAX;
-            let mut over = false;
-            let shards = inner.shards.iter().map(|s| (s.len(), s.since()));
-            // A lane being drained is in its drainer's hands (its `queued` still counts
-            // the messages being sent).
-            let lanes = self.lanes.iter().filter(|l| l.waiting()).map(|l| {
-                let q = (l.queued() as usize).max(1);
-                (q, l.since.load(Relaxed))
-            });
-            for (len, since) in shards.chain(lanes) {
-                if len > 0 {
-                    let t = match since {
-                        0 => now,
-                        t => t,
-                    };
-                    oldest = oldest.min(t);
-                    over |= len >= wm;
-                }
+            let (mut oldest, mut over) = (u64::MAX, false);
+            for r in self.rings.iter().filter(|r| r.pending()) {
+                oldest = oldest.min(match r.since() {
+                    0 => now,
+                    t => t,
+                });
+                over |= r.queued() >= wm;
             }
             if over {
                 return;
             }
-            if oldest == u64::MAX {
-                // Everything empty: park until a producer wakes us. Announce IDLE first,
-                // then look again under each shard's lock: a push either completed before
-                // our lock (we see it) or locks after us (it then loads `state` after our
-                // store and sees IDLE).
+            let timeout = if oldest == u64::MAX {
+                // Everything empty: park until a writer wakes us. Announce IDLE (with the
+                // fence), then look at every ring again: a push either is seen, or sees
+                // IDLE and unparks us. A ring added after our copy wakes us (`add_ring`).
                 inner.bell.announce(IDLE);
-                // Lanes have no lock to order against: pair with their producers'
-                // `light` fence (see the `lane` module), then look at every lane, a new
-                // one included.
-                // A lane added after this copy wakes us (`Inner::add_lane`): the SeqCst
-                // fence pairs with the one there, between its push and its look at the
-                // state (a SeqCst store and a later Acquire load alone do not order).
-                std::sync::atomic::fence(SeqCst);
-                inner.refresh_lanes(&mut self.lanes, &mut self.lanes_gen);
-                // Without the barrier the last look at the lanes proves nothing: sleep
-                // with a timeout then, so that a missed lane message waits at most that.
-                let mut timeout = None;
-                if !self.lanes.is_empty() {
-                    if let Err(e) = membarrier::heavy() {
-                        if !self.barrier_failed {
-                            self.barrier_failed = true;
-                            inner.record_error(Error::from_io(Op::Membarrier, e));
-                        }
-                        timeout = Some(inner.cfg.max_latency.min(BARRIER_FALLBACK));
-                    }
-                }
-                if inner.shards.iter().any(|s| s.len_locked() > 0)
-                    || self.lanes.iter().any(|l| l.waiting())
-                    || urgent(self)
-                {
+                inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
+                if self.second_look(|r| r.pending()) || urgent(self) {
                     inner.bell.awake();
                     continue;
                 }
-                match timeout {
-                    None => std::thread::park(),
-                    Some(t) => std::thread::park_timeout(t),
-                }
+                None
             } else {
-                let deadline = oldest.saturating_add(max_latency);
+                let deadline = oldest.saturating_add(aim);
                 if now >= deadline {
                     return;
                 }
                 inner.bell.announce(TIMED);
-                if inner.shards.iter().any(|s| s.len_locked() >= wm)
-                    || self
-                        .lanes
-                        .iter()
-                        .any(|l| l.waiting() && l.queued() >= wm as u64)
-                    || urgent(self)
-                {
+                if self.second_look(|r| r.queued() >= wm) || urgent(self) {
                     inner.bell.awake();
                     return;
                 }
-                std::thread::park_timeout(Duration::from_nanos(deadline - now));
+                Some(Duration::from_nanos(deadline - now))
+            };
+            match timeout {
+                None => std::thread::park(),
+                Some(t) => std::thread::park_timeout(t),
             }
             inner.bell.awake();
             Counters::add(&inner.stats.wakeups, 1);

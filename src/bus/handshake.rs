@@ -3,37 +3,45 @@
 //!
 //! # Sleep and wake-up
 //!
-//! The flusher announces how it is about to sleep (`TIMED` or `IDLE`, a SeqCst store),
-//! then looks at every shard again *under the shard's lock*, and parks only if that second
-//! look finds no reason to drain. A producer pushes under the shard's lock, releases it,
-//! then loads the state. The shard lock orders the two: either the flusher's locked look
-//! comes after the push's unlock (it sees the message and does not park), or the push's
-//! lock comes after the look's unlock, so the flusher's announcement happens-before the
-//! producer's load, which then sees `TIMED`/`IDLE` (or a later `AWAKE` set by whoever
-//! already woke it). A producer that sees a sleeper takes it with a compare-exchange to
-//! `AWAKE` (so at most one `unpark` per sleep) and unparks; `park` keeps an unpark that
-//! arrives before it, so a wake between the second look and `park` is not lost.
+//! The flusher announces how it is about to sleep (`TIMED` or `IDLE`: a `SeqCst` store and
+//! a `SeqCst` fence, [`Doorbell::announce`]), then takes and releases every shard's lock,
+//! then looks at every ring's tail again, and parks only if that second look finds no
+//! reason to drain. A writer publishes its message (the ring's tail, a `Release` store),
+//! then loads the state:
+//!
+//! * a `Producer` (no lock) runs a `SeqCst` fence first
+//!   ([`Doorbell::state_after_publish`]): Dekker's pattern with two fences, so either the
+//!   flusher's look sees the message or the writer's load sees the sleeper;
+//! * a shard's writer pushed under the shard's lock and released it
+//!   ([`Doorbell::state`], no fence): either the flusher's lock comes after that release
+//!   (its look sees the message) or the writer's lock came after the flusher's (the
+//!   announcement happens-before the writer's load, which sees it).
+//!
+//! A writer that sees a sleeper takes it with a compare-exchange to `AWAKE` (so at most one
+//! `unpark` per sleep) and unparks; `park` keeps an unpark that arrives before it.
+//! Measured (docs/BUS.md): the fence costs a `Producer` about 6 ns per insert and a shard
+//! writer, which already pays its lock, about as much again, hence the lock variant there;
+//! `membarrier(2)` could remove the producer's fence but is not worth its complexity.
 //!
 //! # Flush generations
 //!
 //! [`Bus::flush`](super::Bus::flush) takes a ticket (SeqCst `fetch_add`), wakes the
 //! flusher and waits until the completed generation reaches its ticket. The flusher reads
-//! the requested generation (SeqCst) *before* a pass; the pass takes every shard's drain
-//! right (so a producer that took messages and has not sent them yet finishes first) and
-//! empties every shard; then the generation read is published under the mutex. Every
-//! insert that happened before `flush()` happened before its ticket, so before the read,
-//! so it is in a shard when the pass reaches it or was taken by a drainer that released
-//! the drain right only after sending.
+//! the requested generation (SeqCst) *before* a pass; the pass takes every ring's drain
+//! right (so a writer that is draining its ring finishes first) and empties every ring;
+//! then the generation read is published under the mutex. Every insert that happened
+//! before `flush()` happened before its ticket, so before the read, so it is in a ring
+//! when the pass reaches it or in a drain that gives the right back only after sending.
 //!
 //! # Loom
 //!
-//! The real shards (a byte buffer behind `sys::ShortLock`) and the socket cannot run under
-//! loom, so the `loom_tests` below drive the real [`Doorbell`] and [`FlushTickets`] with a
-//! model shard: a `sync::Mutex<usize>` message count in place of the shard lock and buffer,
-//! a second `sync::Mutex` as the drain right, and an atomic counter as the socket. The
-//! orderings are the bus's own: the models use these types' methods.
+//! The loom models below run the real [`sys::ring`](crate::sys) (its positions are
+//! [`crate::sync`] atomics), the real [`Doorbell`] with its fences and the real
+//! [`FlushTickets`]; the socket is a counter and the flusher's loop is
+//! `Flusher::sleep`/`run` reduced to one ring. Run with
+//! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
 
-use crate::sync::{AtomicU64, AtomicU8, Condvar, Mutex};
+use crate::sync::{fence, AtomicU64, AtomicU8, Condvar, Mutex};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// The flusher is draining, or about to decide how to sleep.
@@ -56,9 +64,18 @@ impl Doorbell {
         }
     }
 
-    /// Producer side: the state, loaded after the push released the shard lock.
+    /// Writer side, after a push under a shard's lock released the lock: the state (the
+    /// flusher's second look takes that lock, which orders the two).
     #[inline]
     pub(crate) fn state(&self) -> u8 {
+        self.state.load(Relaxed)
+    }
+
+    /// Writer side, after a push published its message (the ring's tail): a full fence,
+    /// then the state. Pairs with the fence in [`announce`](Self::announce).
+    #[inline]
+    pub(crate) fn state_after_publish(&self) -> u8 {
+        fence(SeqCst);
         self.state.load(Relaxed)
     }
 
@@ -77,9 +94,11 @@ impl Doorbell {
         self.state.swap(AWAKE, SeqCst);
     }
 
-    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the second look follows.
+    /// Flusher side: about to sleep as `how` (TIMED or IDLE); a full fence, then the
+    /// second look at every ring follows.
     pub(crate) fn announce(&self, how: u8) {
         self.state.store(how, SeqCst);
+        fence(SeqCst);
     }
 
     /// Flusher side: awake (after a park, or when the second look found work).
@@ -135,85 +154,65 @@ impl FlushTickets {
 
 #[cfg(all(test, cnbus_loom))]
 mod loom_tests {
-    //! Models of the bus protocols on the real `Doorbell` and `FlushTickets` (see the
-    //! module docs for what is modelled). Run with
-    //! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
-
     use super::*;
     use crate::sync::{Arc, AtomicBool};
+    use crate::sys::ring::{ring, Reader, Writer};
     use loom::thread;
 
-    /// A shard as the protocols see it: a message count behind the shard lock, and the
-    /// drain right. The drain right is an atomic flag rather than a loom `Mutex`, because
-    /// loom 0.7's `Mutex::try_lock` can block other threads spuriously
-    /// (tokio-rs/loom#376); the flag has a lock's orderings (Acquire take, Release give).
-    struct ModelShard {
-        count: Mutex<usize>,
-        drain: AtomicBool,
-    }
-
-    impl ModelShard {
-        fn try_take_drain(&self) -> bool {
-            self.drain
-                .compare_exchange(false, true, SeqCst, Relaxed)
-                .is_ok()
-        }
-        fn take_drain(&self) {
-            while !self.try_take_drain() {
-                thread::yield_now();
-            }
-        }
-        fn give_drain(&self) {
-            self.drain
-                .store(false, std::sync::atomic::Ordering::Release);
-        }
-    }
-
-    /// A producer's lane as the protocols see it: messages published (the ring's tail,
-    /// stored only by its producer) and messages taken (the head), with no lock.
-    struct ModelLane {
-        tail: AtomicU64,
-        head: AtomicU64,
-    }
-
-    impl ModelLane {
-        fn pending(&self) -> bool {
-            self.tail.load(SeqCst) != self.head.load(SeqCst)
-        }
-    }
-
+    /// One ring as the flusher sees it: the real byte ring, its reading side behind the
+    /// drain right, and the "socket" (messages sent). The drain right is an atomic flag
+    /// with a lock's orderings (Acquire take, Release give) in front of the `Mutex`, so
+    /// that the mutex is never contended: loom 0.7 can fail a contended lock spuriously
+    /// ("expected to be able to acquire lock", tokio-rs/loom#376).
     struct Model {
-        shard: ModelShard,
-        lane: ModelLane,
+        right: AtomicBool,
+        reader: Mutex<Reader>,
+        /// A shard's lock: its writers push under it, the flusher's second look takes it.
+        shard: Mutex<()>,
+        probe: crate::sys::ring::Probe,
         bell: Doorbell,
         tickets: FlushTickets,
-        /// Messages handed to the "kernel".
         sent: AtomicU64,
         stop: AtomicBool,
     }
 
     impl Model {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                shard: ModelShard {
-                    count: Mutex::new(0),
-                    drain: AtomicBool::new(false),
-                },
-                lane: ModelLane {
-                    tail: AtomicU64::new(0),
-                    head: AtomicU64::new(0),
-                },
+        fn new() -> (Arc<Self>, Writer) {
+            let (w, r) = ring(64).unwrap();
+            let m = Self {
+                right: AtomicBool::new(false),
+                reader: Mutex::new(r),
+                shard: Mutex::new(()),
+                probe: w.probe(),
                 bell: Doorbell::new(),
                 tickets: FlushTickets::new(),
                 sent: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
-            })
+            };
+            (Arc::new(m), w)
         }
 
-        /// `Inner::try_push` + `after_push` without assistance: push under the shard
-        /// lock, release it, then look at the state (watermark 1: every push counts).
-        fn insert(&self, flusher: &thread::Thread) {
-            *self.shard.count.lock() += 1;
+        /// `Ring::push` + `Inner::after_push`: publish an 8-byte message, then the fence
+        /// and the look at the state (watermark 1: every push counts).
+        fn insert(&self, w: &mut Writer, flusher: &thread::Thread) {
+            w.write(8, |b| b.fill(1)).unwrap();
+            match self.bell.state_after_publish() {
+                AWAKE => {}
+                from => {
+                    if self.bell.take_sleeper(from) {
+                        flusher.unpark();
+                    }
+                }
+            }
+        }
+
+        /// The same through a shard: push under its lock, release it, load the state
+        /// without a fence.
+        fn shard_insert(&self, w: &mut Writer, flusher: &thread::Thread) {
+            {
+                let _g = self.shard.lock();
+                w.write(8, |b| b.fill(1)).unwrap();
+            }
             match self.bell.state() {
                 AWAKE => {}
                 from => {
@@ -224,88 +223,41 @@ mod loom_tests {
             }
         }
 
-        /// `Producer::try_push` + `after_push`: publish with a `Release` store and no lock,
-        /// the light fence, then look at the state. The light fence is modelled as the
-        /// `SeqCst` fence it is where membarrier is unavailable; where it is available it
-        /// is a compiler fence and the flusher's `heavy` gives the same guarantee (a full
-        /// barrier on the producer's CPU between its store and its load), which loom
-        /// cannot model directly.
-        fn lane_insert(&self, flusher: &thread::Thread) {
-            let t = self.lane.tail.load(Relaxed) + 1;
-            self.lane
-                .tail
-                .store(t, std::sync::atomic::Ordering::Release);
-            loom::sync::atomic::fence(SeqCst);
-            match self.bell.state() {
-                AWAKE => {}
-                from => {
-                    if self.bell.take_sleeper(from) {
-                        flusher.unpark();
-                    }
-                }
+        /// `Inner::drain` with the right held: take what is published, "send", give back.
+        fn drain(&self) {
+            while self
+                .right
+                .compare_exchange(false, true, std::sync::atomic::Ordering::Acquire, Relaxed)
+                .is_err()
+            {
+                thread::yield_now();
             }
-        }
-
-        /// `drain_shard` while holding the drain right: take (under the shard lock), then
-        /// send.
-        fn drain_held(&self) {
-            let n = std::mem::take(&mut *self.shard.count.lock());
-            thread::yield_now(); // taken, not sent yet
-            self.sent.fetch_add(n as u64, SeqCst);
-        }
-
-        /// A producer helping: try the drain right, drain if it got it.
-        fn help(&self) {
-            if self.shard.try_take_drain() {
-                self.drain_held();
-                self.shard.give_drain();
+            {
+                let mut r = self.reader.lock();
+                let (a, b) = r.readable();
+                let n = (a.len() + b.len()) as u64;
+                self.sent.fetch_add(n / 8, SeqCst);
+                r.release(n as usize);
             }
+            self.right
+                .store(false, std::sync::atomic::Ordering::Release);
         }
 
-        /// Starts the flusher thread; returns its handle and `Thread` (to unpark).
-        fn spawn_flusher(m: &Arc<Self>) -> (thread::JoinHandle<()>, thread::Thread) {
-            let m = Arc::clone(m);
-            let f = thread::spawn(move || m.flusher());
-            let t = f.thread().clone();
-            (f, t)
-        }
-
-        /// `Bus::stop` and the join in `Bus::drop`: set `stop`, wake the flusher, wait for
-        /// it to exit.
-        fn stop_flusher(&self, (f, t): (thread::JoinHandle<()>, thread::Thread)) {
-            self.stop.store(true, SeqCst);
-            self.bell.ring();
-            t.unpark();
-            f.join().unwrap();
-        }
-
-        /// `Bus::flush` (`wait_flushed`).
-        fn flush(&self, flusher: &thread::Thread) {
-            let gen = self.tickets.request();
-            self.bell.ring();
-            flusher.unpark();
-            self.tickets.wait(gen);
-        }
-
-        /// `Flusher::run` + `sleep` (IDLE only; TIMED is the same handshake with a
-        /// timeout), a flush pass taking the drain right even when the shard looks empty.
+        /// `Flusher::run` + `sleep` (IDLE; TIMED is the same handshake with a timeout).
         fn flusher(&self) {
             let mut published = 0;
             loop {
-                // sleep()
                 loop {
                     if self.stop.load(SeqCst) || self.tickets.requested() > published {
                         break;
                     }
-                    if *self.shard.count.lock() > 0 || self.lane.pending() {
+                    if self.probe.pending() > 0 {
                         break;
                     }
                     self.bell.announce(IDLE);
-                    // `membarrier::heavy` (a SeqCst fence here, see `lane_insert`).
-                    loom::sync::atomic::fence(SeqCst);
-                    // The second look, under the shard lock, and at the lane.
-                    if *self.shard.count.lock() > 0
-                        || self.lane.pending()
+                    // `Flusher::second_look`: each shard's lock, then every ring.
+                    drop(self.shard.lock());
+                    if self.probe.pending() > 0
                         || self.stop.load(SeqCst)
                         || self.tickets.requested() > published
                     {
@@ -317,23 +269,30 @@ mod loom_tests {
                 }
                 let stop = self.stop.load(SeqCst);
                 let gen = self.tickets.requested();
-                self.shard.take_drain();
-                self.drain_held();
-                self.shard.give_drain();
-                // `drain_lane`: take what is published, send, give the bytes back.
-                let t = self.lane.tail.load(SeqCst);
-                let h = self.lane.head.load(Relaxed);
-                self.sent.fetch_add(t - h, SeqCst);
-                self.lane.head.store(t, SeqCst);
+                self.drain();
                 if gen > published {
                     published = gen;
                     self.tickets.publish(gen);
                 }
-                if stop && *self.shard.count.lock() == 0 && !self.lane.pending() {
+                if stop && self.probe.pending() == 0 {
                     self.tickets.publish(u64::MAX);
                     return;
                 }
             }
+        }
+
+        fn spawn_flusher(m: &Arc<Self>) -> (thread::JoinHandle<()>, thread::Thread) {
+            let m = Arc::clone(m);
+            let f = thread::spawn(move || m.flusher());
+            let t = f.thread().clone();
+            (f, t)
+        }
+
+        fn stop_flusher(&self, (f, t): (thread::JoinHandle<()>, thread::Thread)) {
+            self.stop.store(true, SeqCst);
+            self.bell.ring();
+            t.unpark();
+            f.join().unwrap();
         }
     }
 
@@ -343,15 +302,14 @@ mod loom_tests {
         b
     }
 
-    /// Inserts one message with `insert` (a shard push or a lane publish) while the
-    /// flusher runs, and waits for the flusher to send it by itself. If the wake-up were
-    /// lost, the flusher would park forever and loom would report the deadlock (the main
-    /// thread waits for `sent`).
-    fn check_no_lost_wakeup(insert: fn(&Model, &thread::Thread)) {
+    /// No lost wake-up: a message published while the flusher goes to sleep is sent
+    /// without any flush or stop (a lost wake-up parks the flusher for good, and loom
+    /// reports the deadlock: the main thread waits for `sent`).
+    fn check_no_lost_wakeup(insert: fn(&Model, &mut Writer, &thread::Thread)) {
         bounded().check(move || {
-            let m = Model::new();
+            let (m, mut w) = Model::new();
             let f = Model::spawn_flusher(&m);
-            insert(&m, &f.1);
+            insert(&m, &mut w, &f.1);
             while m.sent.load(SeqCst) < 1 {
                 thread::yield_now();
             }
@@ -360,35 +318,35 @@ mod loom_tests {
         });
     }
 
-    /// (i) No lost wake-up: a message pushed while the flusher goes to sleep is sent
-    /// without any flush or stop.
+    /// Through a producer's ring: the fence pair.
     #[test]
-    fn loom_no_lost_wakeup_between_push_and_sleep() {
+    fn loom_no_lost_wakeup_between_publish_and_sleep() {
         check_no_lost_wakeup(Model::insert);
     }
 
-    /// (i') The same through a producer's lane, which has no lock to order the push and
-    /// the flusher's second look: the fence pair must.
+    /// Through a shard's ring: the shard lock.
     #[test]
-    fn loom_no_lost_wakeup_between_lane_publish_and_sleep() {
-        check_no_lost_wakeup(Model::lane_insert);
+    fn loom_no_lost_wakeup_between_shard_push_and_sleep() {
+        check_no_lost_wakeup(Model::shard_insert);
     }
 
-    /// (ii) flush() returns only after everything inserted before it was handed off,
-    /// even while another producer helping has taken those messages and not yet sent
-    /// them.
+    /// flush() returns only after everything inserted before it was sent, even while a
+    /// writer helping at the watermark holds the drain right.
     #[test]
     fn loom_flush_waits_for_everything_inserted_before_it() {
         bounded().check(|| {
-            let m = Model::new();
+            let (m, mut w) = Model::new();
             let f = Model::spawn_flusher(&m);
+            m.insert(&mut w, &f.1);
             let h = {
                 let m = Arc::clone(&m);
-                thread::spawn(move || m.help())
+                thread::spawn(move || m.drain())
             };
-            m.insert(&f.1);
-            m.insert(&f.1);
-            m.flush(&f.1);
+            m.insert(&mut w, &f.1);
+            let gen = m.tickets.request();
+            m.bell.ring();
+            f.1.unpark();
+            m.tickets.wait(gen);
             assert_eq!(m.sent.load(SeqCst), 2, "flush returned before the hand-off");
             h.join().unwrap();
             m.stop_flusher(f);

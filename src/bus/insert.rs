@@ -1,25 +1,130 @@
-//! The insert path above the queue: size and liveness checks, then the [`FullPolicy`] when
-//! the queue is full. Shared by [`Bus`](super::Bus) (per-CPU shards, see [`Shards`]) and
-//! [`Producer`](super::Producer) (its own lane), which differ only in the [`Queue`] below.
+//! The two entry points onto a [`Ring`], and the insert path above it: size and liveness
+//! checks, then the [`FullPolicy`] when the ring is full.
+//!
+//! * [`Bus::insert`](super::Bus::insert) (the per-CPU shards): the calling thread pushes
+//!   into the ring of a shard, under that shard's lock. Which shard: the one it last
+//!   inserted into while that ring still holds a message of this thread (its position is
+//!   not yet [released](Ring::released)), else the shard of the CPU it runs on. So all of a
+//!   thread's unsent messages are in one ring, in FIFO order, and one drain at a time sends
+//!   a ring in order: a thread's messages go on the wire in insertion order however it
+//!   migrates. The thread-local state is one small entry per bus the thread uses.
+//! * [`Producer`]: one writer owns the ring's writing side; no lock.
+//!
+//! [`Insert`] is the one interface over both.
 
+use std::cell::RefCell;
 use std::sync::atomic::{fence, Ordering::*};
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use crate::codec::CnMsg;
+use crate::codec::{CbId, CnMsg};
+use crate::sys;
 
-use super::drain;
-use super::shard::Entry;
+use super::ring::{Entry, Ring, Tail};
 use super::stats::Counters;
-use super::{FullPolicy, Inner, InsertError};
+use super::{send, Bus, FullPolicy, Inner, InsertError};
+
+/// Inserting into a bus: implemented by [`Bus`] (and `&Bus`: the per-CPU shards) and by
+/// [`Producer`] (a ring of its own), so that one generic body serves both.
+///
+/// ```no_run
+/// use cnbus::bus::{Bus, Insert};
+/// use cnbus::codec::CbId;
+/// # fn main() -> cnbus::Result<()> {
+/// fn publish(to: &mut impl Insert, n: u32) {
+///     for i in 0..n {
+///         to.insert(CbId::new(0x4000_0001, 1), &i.to_ne_bytes()).expect("accepted");
+///     }
+/// }
+/// let bus = Bus::builder(cnbus::sys::Dest::Group(24)).build()?;
+/// publish(&mut &bus, 10);
+/// publish(&mut bus.producer(), 10);
+/// bus.flush()?;
+/// # Ok(()) }
+/// ```
+pub trait Insert {
+    /// Queues a message with id `id`, ack 0, the next seq of `id` (assigned when it is
+    /// sent: 1, 2, 3, ... per id and destination per socket, in wire order) and a copy of
+    /// `data`, applying `policy` if the queue is full. On rejection the message comes back
+    /// as a [`CnMsg`] in the [`InsertError`], and the rejection is counted.
+    fn insert_with(
+        &mut self,
+        id: CbId,
+        data: &[u8],
+        policy: FullPolicy,
+    ) -> Result<(), InsertError<CnMsg>>;
+
+    /// Queues a prebuilt message (its seq, ack and flags are kept) with `policy`.
+    fn insert_msg(&mut self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>>;
+
+    /// The bus's default policy ([`BusBuilder::on_full`](super::BusBuilder::on_full)).
+    fn policy(&self) -> FullPolicy;
+
+    /// [`insert_with`](Self::insert_with) the bus's default policy.
+    #[inline]
+    fn insert(&mut self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        let p = self.policy();
+        self.insert_with(id, data, p)
+    }
+
+    /// [`insert_with`](Self::insert_with) [`FullPolicy::Reject`].
+    #[inline]
+    fn try_insert(&mut self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        self.insert_with(id, data, FullPolicy::Reject)
+    }
+
+    /// Waits for space at most `timeout` ([`FullPolicy::BlockFor`]), or without limit.
+    #[inline]
+    fn insert_blocking(
+        &mut self,
+        id: CbId,
+        data: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), InsertError<CnMsg>> {
+        self.insert_with(id, data, FullPolicy::blocking(timeout))
+    }
+
+    /// Sends on the caller's thread when the queue is full ([`FullPolicy::SendDirect`]).
+    #[inline]
+    fn insert_or_send(&mut self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
+        self.insert_with(id, data, FullPolicy::SendDirect)
+    }
+}
+
+impl Insert for &Bus {
+    #[inline]
+    fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        insert(&mut Shards(&self.inner), Entry::Slice { id, data: d }, p)
+    }
+    fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
+    }
+    fn policy(&self) -> FullPolicy {
+        self.inner.cfg.policy
+    }
+}
+
+impl Insert for Bus {
+    #[inline]
+    fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        (&*self).insert_with(id, d, p)
+    }
+    fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        Insert::insert_msg(&mut &*self, msg, p)
+    }
+    fn policy(&self) -> FullPolicy {
+        self.inner.cfg.policy
+    }
+}
 
 /// Where an insert puts its message.
-pub(crate) trait Queue<'a> {
+pub(crate) trait Queue {
     /// The bus.
-    fn inner(&self) -> &'a Inner;
+    fn inner(&self) -> &Arc<Inner>;
     /// One attempt to queue `e`; false when full. `help`: the caller may drain (it holds no
     /// bus lock).
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool;
-    /// Drains the caller's queue on this thread if no one else is draining it; true if it
+    /// Drains the caller's ring on this thread if no one else is draining it; true if it
     /// did.
     fn help_own(&mut self) -> bool;
     /// Waits until none of the caller's messages is queued or being sent; false when the
@@ -27,49 +132,273 @@ pub(crate) trait Queue<'a> {
     fn settle_own(&mut self) -> bool;
 }
 
-/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert).
-#[derive(Clone, Copy)]
-pub(crate) struct Shards<'a>(pub &'a Inner);
+/// A thread's shard of one bus: where its unsent messages are.
+struct Mine {
+    bus: u64,
+    shard: usize,
+    /// The ring's position after this thread's last message there.
+    end: usize,
+    /// To forget the entry once the bus is gone.
+    ring: Weak<Ring>,
+}
 
-impl<'a> Queue<'a> for Shards<'a> {
+thread_local! {
+    static MINE: RefCell<Vec<Mine>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert).
+pub(crate) struct Shards<'a>(pub &'a Arc<Inner>);
+
+impl Shards<'_> {
+    /// This thread's entry for the bus: (index in `MINE`, shard) if its last shard still
+    /// holds one of its messages.
     #[inline(always)]
-    fn inner(&self) -> &'a Inner {
+    fn pending(&self, v: &[Mine]) -> Option<(usize, usize)> {
+        let i = self.0;
+        let p = v.iter().position(|m| m.bus == i.id)?;
+        let m = v.get(p)?;
+        let ring = &i.shards.get(m.shard)?.ring;
+        Some((p, m.shard)).filter(|_| !ring.released(m.end))
+    }
+
+    /// The shard of the CPU the caller runs on.
+    #[inline]
+    fn cpu_shard(&self) -> usize {
+        sys::current_cpu().unwrap_or(0) % self.0.shards.len()
+    }
+
+    /// Pushes into `shard`: the messages held after the push and the new end position.
+    #[inline(always)]
+    fn push_into(&self, shard: usize, e: &Entry<'_>) -> Option<(u64, usize)> {
+        let i = self.0;
+        let sh = i.shards.get(shard)?;
+        let mut t = sh.tail.lock();
+        let n = sh
+            .ring
+            .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
+        Some((n, t.position()))
+    }
+}
+
+impl Queue for Shards<'_> {
+    #[inline(always)]
+    fn inner(&self) -> &Arc<Inner> {
         self.0
     }
 
     #[inline(always)]
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool {
-        self.0.try_push(e, help)
+        let i = self.0;
+        let r = MINE.try_with(|v| {
+            let mut v = v.try_borrow_mut().ok()?;
+            let (at, shard) = match self.pending(&v) {
+                Some((p, s)) => (Some(p), s),
+                None => (v.iter().position(|m| m.bus == i.id), self.cpu_shard()),
+            };
+            let Some((n, end)) = self.push_into(shard, e) else {
+                return Some(None);
+            };
+            match at.and_then(|p| v.get_mut(p)) {
+                Some(m) => (m.shard, m.end) = (shard, end),
+                None => {
+                    // A new bus for this thread: forget the buses that are gone.
+                    v.retain(|m| m.ring.strong_count() > 0);
+                    let ring = i.shards.get(shard).map(|s| Arc::downgrade(&s.ring));
+                    v.push(Mine {
+                        bus: i.id,
+                        shard,
+                        end,
+                        ring: ring.unwrap_or_default(),
+                    });
+                }
+            }
+            Some(Some((shard, n)))
+        });
+        let (shard, n) = match r {
+            Ok(Some(Some(r))) => r,
+            Ok(Some(None)) => return false,
+            _ => {
+                // No thread-local state (thread teardown: a thread-local's destructor
+                // inserting after ours was destroyed). Shard 0 keeps this thread's order
+                // among such messages, but its earlier ones may still be queued in another
+                // shard: a flush first sends them. A blocked insert retries under
+                // `space_lock` (`help` false), where no flush may wait; its first attempt
+                // flushed already.
+                if help {
+                    i.wait_flushed();
+                }
+                match self.push_into(0, e) {
+                    Some((n, _)) => (0, n),
+                    None => return false,
+                }
+            }
+        };
+        // Pushed under the shard's lock and released it: the flusher's second look takes
+        // that lock, so no fence is needed (see the `handshake` module).
+        i.after_push(n, i.bell.state(), help, || {
+            i.shards
+                .get(shard)
+                .is_some_and(|s| i.help(&s.ring).is_some())
+        });
+        true
     }
 
     fn help_own(&mut self) -> bool {
-        self.0.help(self.0.own_shard())
+        let i = self.0;
+        let shard = MINE
+            .try_with(|v| v.try_borrow().ok().and_then(|v| self.pending(&v)))
+            .ok()
+            .flatten()
+            .map_or_else(|| self.cpu_shard(), |(_, s)| s);
+        i.shards
+            .get(shard)
+            .is_some_and(|s| i.help(&s.ring).is_some())
     }
 
     fn settle_own(&mut self) -> bool {
-        // Our queued messages can be in any drainer's hands: a flush covers them all.
-        !self.0.has_own_pending() || self.0.wait_flushed()
+        let pending = MINE
+            .try_with(|v| v.try_borrow().map_or(true, |v| self.pending(&v).is_some()))
+            .unwrap_or(true);
+        // Our queued messages are in one ring, perhaps in a drain: a flush covers them.
+        !pending || self.0.wait_flushed()
+    }
+}
+
+/// A hot-path producer's own ring into a [`Bus`]: the fastest way to insert.
+///
+/// [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under that
+/// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy, one
+/// store and one fence, with no lock and no thread-local look-up. The bus's drains (this
+/// producer at the [watermark](super::BusBuilder::watermark), or the flusher at the
+/// latency deadline, on [`Bus::flush`] and at shutdown) send it like a shard's ring.
+/// Insert through the [`Insert`] trait.
+///
+/// * **Order**: messages inserted through one `Producer` are sent in insertion order,
+///   from whichever thread it is used (it is `Send`; inserts take `&mut self`).
+/// * **Bounds**: [`BusBuilder::capacity`](super::BusBuilder::capacity) messages and
+///   [`capacity_bytes`](Self::capacity_bytes) bytes, as a shard; when it is full the
+///   [`FullPolicy`] applies as for a shard, and every rejection is counted.
+/// * **Lifetime**: a `Producer` is owned (`'static`): it can live in a worker thread or a
+///   thread-local. It keeps the bus's socket open; once the bus is closed or dropped, its
+///   inserts are handed back as [`InsertError::Closed`]. Dropping it keeps its queued
+///   messages, which the flusher sends and [`Bus::flush`] and shutdown wait for.
+pub struct Producer {
+    inner: Arc<Inner>,
+    ring: Arc<Ring>,
+    tail: Tail,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("ring_bytes", &self.tail.size())
+            .field("queued", &self.queued())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    /// A new ring, or `None` when its memory cannot be allocated.
+    pub(crate) fn new(inner: &Arc<Inner>) -> Option<Self> {
+        let (ring, tail) = Ring::new(inner.ring_bytes)?;
+        inner.add_ring(Arc::clone(&ring));
+        Some(Self {
+            inner: Arc::clone(inner),
+            ring,
+            tail,
+        })
+    }
+
+    /// Messages of this producer not sent yet (queued or being sent).
+    pub fn queued(&self) -> u64 {
+        self.ring.queued()
+    }
+
+    /// Bytes this producer's ring holds; a message takes [`CnMsg::encoded_len`] of them.
+    pub fn capacity_bytes(&self) -> usize {
+        self.tail.size()
+    }
+}
+
+impl Insert for Producer {
+    #[inline]
+    fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        insert(self, Entry::Slice { id, data: d }, p)
+    }
+    fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
+        insert(self, Entry::Msg(msg), p)
+    }
+    fn policy(&self) -> FullPolicy {
+        self.inner.cfg.policy
+    }
+}
+
+impl Queue for Producer {
+    #[inline(always)]
+    fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    #[inline(always)]
+    fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool {
+        let i = &*self.inner;
+        let Some(n) = self
+            .ring
+            .push(&mut self.tail, e, i.pid, i.cfg.capacity, || i.now_ns())
+        else {
+            return false;
+        };
+        let ring = &self.ring;
+        // No lock here: the fence of the handshake (and of a close, see below).
+        i.after_push(n, i.bell.state_after_publish(), help, || {
+            i.help(ring).is_some()
+        });
+        // The bus was closed while we pushed (a `Producer` outlives its `Bus`): the
+        // fence above pairs with the one in `drain_everything`, so either the
+        // closing drain saw our message or we see `dead` and send it ourselves.
+        if i.dead.load(Relaxed) {
+            i.drain(ring, true);
+        }
+        true
+    }
+
+    fn help_own(&mut self) -> bool {
+        self.inner.help(&self.ring).is_some()
+    }
+
+    fn settle_own(&mut self) -> bool {
+        self.inner.drain(&self.ring, true);
+        true
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // The flusher sends what is left and then forgets the ring.
+        self.ring.retired.store(true, Release);
     }
 }
 
 /// Checks `e`, queues it, and applies `policy` if the queue is full.
 #[inline(always)]
-pub(crate) fn insert<'a, Q: Queue<'a>>(
+pub(crate) fn insert<Q: Queue>(
     q: &mut Q,
     e: Entry<'_>,
     policy: FullPolicy,
 ) -> Result<(), InsertError<CnMsg>> {
-    let inner = q.inner();
-    let len = e.encoded_len();
-    if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
-        return Err(too_large(inner, e, len));
-    }
-    if inner.cfg.refuse_kernel_ids && e.id().is_kernel_owned() {
-        return Err(kernel_owned(inner, e));
-    }
-    if inner.dead.load(Relaxed) {
-        Counters::add(&inner.stats.rejected_closed, 1);
-        return Err(InsertError::Closed(e.into_msg()));
+    {
+        let inner = q.inner();
+        let len = e.encoded_len();
+        if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
+            return Err(too_large(inner, e, len));
+        }
+        if inner.cfg.refuse_kernel_ids && e.id().is_kernel_owned() {
+            return Err(kernel_owned(inner, e));
+        }
+        if inner.dead.load(Relaxed) {
+            Counters::add(&inner.stats.rejected_closed, 1);
+            return Err(InsertError::Closed(e.into_msg()));
+        }
     }
     if q.try_push(&e, true) {
         return Ok(());
@@ -94,12 +423,12 @@ fn too_large(inner: &Inner, e: Entry<'_>, len: usize) -> InsertError<CnMsg> {
 }
 
 #[cold]
-fn on_full<'a, 'e, Q: Queue<'a>>(
+fn on_full<'e, Q: Queue>(
     q: &mut Q,
     e: Entry<'e>,
     policy: FullPolicy,
 ) -> Result<(), InsertError<Entry<'e>>> {
-    let inner = q.inner();
+    let inner = Arc::clone(q.inner());
     let st = &inner.stats;
     Counters::max(&st.high_water, inner.cfg.capacity as u64);
     match policy {
@@ -110,12 +439,12 @@ fn on_full<'a, 'e, Q: Queue<'a>>(
         }
         FullPolicy::Block => {
             Counters::add(&st.blocked, 1);
-            block(q, e, None)
+            block(q, &inner, e, None)
         }
         FullPolicy::BlockFor(t) => {
             Counters::add(&st.blocked, 1);
             // A timeout past what `Instant` can represent is no timeout.
-            block(q, e, Instant::now().checked_add(t))
+            block(q, &inner, e, Instant::now().checked_add(t))
         }
         FullPolicy::SendDirect => {
             Counters::add(&st.blocked, 1);
@@ -123,17 +452,17 @@ fn on_full<'a, 'e, Q: Queue<'a>>(
                 Counters::add(&st.rejected_closed, 1);
                 return Err(InsertError::Closed(e));
             }
-            send_direct(inner, e)
+            send_direct(&inner, e)
         }
     }
 }
 
-fn block<'a, 'e, Q: Queue<'a>>(
+fn block<'e, Q: Queue>(
     q: &mut Q,
+    inner: &Inner,
     e: Entry<'e>,
     deadline: Option<Instant>,
 ) -> Result<(), InsertError<Entry<'e>>> {
-    let inner = q.inner();
     // With assisted draining, first try to make the space ourselves.
     if inner.cfg.assist && q.help_own() && q.try_push(&e, true) {
         return Ok(());
@@ -141,22 +470,20 @@ fn block<'a, 'e, Q: Queue<'a>>(
     loop {
         let mut g = inner.space_lock.lock();
         inner.space_waiters.fetch_add(1, SeqCst);
-        // A drainer that frees space either sees the waiter (and notifies under
+        // A drain that frees space either sees the waiter (and notifies under
         // `space_lock`, which we hold until we wait) or freed it before our retry below
-        // looks. A shard's retry takes the shard lock, which orders it; a lane's retry is
-        // a plain Acquire load of the ring's head, so this fence pairs with the drainer's
-        // (`space_freed`).
+        // looks: this fence pairs with the drain's (`space_freed`).
         fence(SeqCst);
         // After the increment, so that the flusher either sees the waiter when it decides
         // how to sleep, or is unparked.
         inner.wake();
-        // No helping here: we hold `space_lock`, which a drainer takes to notify.
-        if q.try_push(&e, false) {
+        // No helping here: we hold `space_lock`, which a drain takes to notify.
+        let pushed = q.try_push(&e, false);
+        if pushed || inner.dead.load(SeqCst) {
             inner.space_waiters.fetch_sub(1, SeqCst);
-            return Ok(());
-        }
-        if inner.dead.load(SeqCst) {
-            inner.space_waiters.fetch_sub(1, SeqCst);
+            if pushed {
+                return Ok(());
+            }
             Counters::add(&inner.stats.rejected_closed, 1);
             return Err(InsertError::Closed(e));
         }
@@ -185,16 +512,17 @@ fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<
     let st = &inner.stats;
     let mut buf = vec![0u8; e.encoded_len()];
     // Fits: sized for it, and the data length was checked on entry.
-    let _ = e.encode_into(inner.pid, crate::codec::NLMSG_DONE, &mut buf);
+    let _ = e.encode_into(inner.pid, &mut buf);
     // Under the send lock, so that a numbered message gets the next number of its id and
     // goes on the wire in that order.
-    let mut seqs = inner.seqs().lock();
+    let mut seqs = inner.sock.numbering().lock();
     if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
-        drain::write_seq(m, seqs.next_to(inner.dest, *id));
+        crate::seq::write_seq(m, seqs.next_to(inner.dest, *id));
+        m[4..6].copy_from_slice(&crate::codec::NLMSG_DONE.to_ne_bytes());
     }
-    // Without blocking; a full unicast receiver is waited for as by the drainers.
-    let unicast = matches!(inner.dest, crate::sys::Dest::Port(_));
-    let mut room = drain::RoomWait::new();
+    // Without blocking; a full unicast receiver is waited for as by the drains.
+    let unicast = matches!(inner.dest, sys::Dest::Port(_));
+    let mut room = send::RoomWait::new();
     let sent = loop {
         Counters::add(&st.syscalls, 1);
         match inner.sock.try_send(&buf, inner.dest) {
@@ -205,7 +533,7 @@ fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<
                 break Ok(());
             }
             Ok(None) if unicast && room.wait(inner) => {}
-            Ok(None) => break Err(drain::receiver_full(crate::Op::Send)),
+            Ok(None) => break Err(send::receiver_full(crate::Op::Send)),
             Err(e) => break Err(e),
         }
     };

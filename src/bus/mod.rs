@@ -1,31 +1,23 @@
-//! CBUS: a per-CPU batching queue with a flusher thread, for hot-path senders.
+//! CBUS: per-CPU batching queues with a flusher thread, for hot-path senders.
 //!
-//! [`Bus::insert`] encodes a message, headers included, straight into the buffer of the
-//! calling thread's shard (bounded, cache-padded, behind a short lock): no system call on
-//! the common path. A thread uses the shard of the CPU it runs on, but keeps the shard it
-//! has while any of its messages is queued or being sent (that keeps its order), so a
-//! thread that migrated can share its old shard's lock with the threads of that CPU
-//! until its messages are sent; drainers take the lock too, for the O(1) swap. The insert
-//! packs
-//! datagrams as it goes (up to [`BusBuilder::datagram_size`]), so a shard is always a run
-//! of ready datagrams. A *drainer* swaps the buffer for an empty one and hands the
-//! datagrams to `sendmmsg` where they lie, many per call. The drainer is the producer
-//! itself when its insert brings the shard to the [`watermark`](BusBuilder::watermark)
-//! and no one else is draining it ([`BusBuilder::assist`]), otherwise the flusher thread,
-//! which keeps the latency deadline, [`Bus::flush`] and shutdown. For the kernel, which
-//! reads only the first message of a datagram, or with [`Framing::OnePerDatagram`], each
-//! message gets its own datagram, still many per `sendmmsg`.
+//! One queue type, `Ring`: a bounded ring of wire-framed messages, drained by one
+//! routine that frames them into datagrams, numbers them and hands them to `sendmmsg`
+//! where they lie. Two entry points write into rings:
 //!
-//! A hot path that inserts from one place at a time can take a [`Producer`]
-//! ([`Bus::producer`]): its own single-producer lane, where an insert is a copy and one
-//! store, with no lock and no atomic read-modify-write. Drainers send a lane's messages
-//! like a shard's.
+//! * [`Bus::insert`]: the ring of a per-CPU shard, behind a short lock shared by the
+//!   threads of that CPU (memory bounded by the CPU count, not the thread count). A thread
+//!   keeps the shard it last used while that ring still holds one of its messages, then
+//!   moves to its current CPU's shard, so its messages stay in insertion order.
+//! * [`Producer`] ([`Bus::producer`]): a ring owned by one producer, with no lock.
 //!
-//! Messages queued with [`Bus::insert`] (and its variants) are numbered per id: seq 1, 2,
-//! 3, ... per [`CbId`] and destination per socket (shared with every bus and connector
-//! sending on the socket), in wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus
-//! receiver ([`crate::connector::SeqTracker`]) counts losses exactly. [`Bus::insert_msg`]
-//! keeps the message's own seq.
+//! Both implement [`Insert`]. A *drain* runs on the flusher thread (latency deadline,
+//! [`Bus::flush`], shutdown) or on the inserting thread when its insert brings the ring
+//! to the [`watermark`](BusBuilder::watermark) ([`BusBuilder::assist`]).
+//!
+//! Messages queued with `insert` are numbered per id: seq 1, 2, 3, ... per [`CbId`] and
+//! destination per socket (shared with every bus and connector sending on the socket), in
+//! wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus receiver counts losses exactly.
+//! `insert_msg` keeps the message's own seq.
 //!
 //! ```no_run
 //! use cnbus::bus::Bus;
@@ -45,64 +37,43 @@
 //!
 //! # Guarantees
 //!
-//! * **Order.** Messages inserted by one thread are sent, and so delivered to each
-//!   receiver that does not lose them, in the order that thread inserted them, even when
-//!   the thread migrates between CPUs: a thread keeps its shard until the drainers have
-//!   sent all of its queued messages (see the `shard` module). There is no order between
-//!   threads. [`FullPolicy::SendDirect`] keeps the order too (it waits for the thread's
-//!   queued messages first). Inserts made during the thread's teardown (from another
-//!   thread-local's destructor, after the bus's thread-local state is gone) keep the order
-//!   too, at the cost of a flush each. Messages inserted through one [`Producer`] are sent
-//!   in the order they were inserted, whichever thread used it.
-//! * **Bounded.** Each shard holds [`BusBuilder::capacity`] messages (and at most
-//!   `capacity * 100` bytes of them); a [`Producer`]'s lane holds `capacity * 100` bytes
-//!   rounded up to a power of two. When the caller's
-//!   shard is full, [`FullPolicy`] decides: hand the message back, wait (optionally with a
-//!   timeout), or send it on the caller's thread. Every rejection is counted
-//!   ([`BusStats`]); nothing is dropped silently.
-//! * **Latency.** A shard is drained when it reaches [`BusBuilder::watermark`]
-//!   messages (by the inserting producer, or by the flusher it wakes), or when the oldest queued message has waited [`BusBuilder::max_latency`]
-//!   (default 1 ms), never on a fixed tick. An idle bus parks its flusher indefinitely and
-//!   costs no CPU.
+//! * **Order.** Messages inserted by one thread through `Bus::insert` are sent in the
+//!   order it inserted them, even when it migrates between CPUs (inserts during the
+//!   thread's teardown too, at the cost of a flush each); messages of one [`Producer`] in
+//!   the order they were inserted. There is no order between threads or producers.
+//!   [`FullPolicy::SendDirect`] keeps the order (it waits for the caller's queued messages).
+//! * **Bounded.** Each ring holds [`BusBuilder::capacity`] messages and `capacity * 100`
+//!   bytes (rounded up to a power of two, at least two datagrams' worth). When it is full,
+//!   [`FullPolicy`] decides; every rejection is counted ([`BusStats`]).
+//! * **Latency.** A ring is drained at the watermark, or when its oldest message has
+//!   waited about [`BusBuilder::max_latency`] (the flusher aims a quarter of it early, so
+//!   that its wake-up delay stays within the bound). An idle bus parks its flusher.
 //! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
 //!   has been handed to the kernel (or counted as failed). Dropping the bus, or
 //!   [`Bus::close`], flushes everything and joins the flusher.
-//! * **Bounded waits.** The bus never blocks in a send: a [`Dest::Port`] receiver whose
-//!   queue is full is waited for at most [`BusBuilder::send_timeout`] (default 1 s), then
-//!   what it does not take is counted as failed. So `flush` returns within about that
-//!   time when the receiver stops reading, and `drop`/`close` return within it after the
-//!   call whatever the receiver does.
-//! * **Errors.** A failed send is retried a bounded number of times for transient errors
-//!   (`ENOBUFS`, `EAGAIN`, `ENOMEM`), then the datagram is counted as failed
-//!   ([`BusStats::failed_messages`], [`BusStats::send_errors`]) and the error is kept for
-//!   [`Bus::flush`] and [`Bus::take_error`] to return.
-//! * **Panics.** A panic in a drain (a bug) is caught there: the messages it had taken
-//!   and not sent are counted as failed, and the flusher goes on. A panic elsewhere in the
-//!   flusher ends it; `flush` and shutdown then drain on their own threads. Either way the
-//!   panic is counted ([`BusStats::panics`]) and returned once as [`Error::Panicked`], and
-//!   every accepted message is still sent or counted as failed.
+//! * **Bounded waits.** A [`Dest::Port`] receiver whose queue is full is waited for at most
+//!   [`BusBuilder::send_timeout`] (default 1 s), then counted as failed.
+//! * **Errors and panics.** A failed send is retried a bounded number of times for
+//!   transient errors, then counted as failed and kept for [`Bus::flush`] and
+//!   [`Bus::take_error`]. A panic in a drain is caught there and its untaken messages are
+//!   counted as failed; a panic elsewhere in the flusher ends it, and `flush` and shutdown
+//!   then drain on their own threads.
 //!
-//! # Wake-up protocol and memory orderings
+//! The wake-up protocol, flush generations and their loom models are in the `handshake`
+//! module; docs/BUS.md follows one message from `insert` to `sendmmsg`.
 //!
-//! See the `handshake` module (sleep and wake-up, flush generations, their loom models)
-//! and `docs/BUS.md`. In short: the flusher announces its sleep, then looks at every shard
-//! again under the shard's lock; a producer pushes under that lock, then loads the state;
-//! the lock orders the two, so a push is either seen or sees the sleeper and wakes it. A
-//! lane has no lock: its producer's compiler fence and the flusher's `membarrier(2)`
-//! order them instead (see the `lane` module).
-//! One drainer at a time per shard holds the shard's drain right from the buffer swap
-//! until after the send, and a flush pass takes every shard's drain right, so `flush`
-//! also waits for messages a helping producer has taken but not yet sent.
+//! (Over 600 lines with its unit tests: the panic-containment tests need the private
+//! test hook of `Config`, so they live here.)
 
 // The policy paths hand a rejected message back by value in `InsertError`.
 #![allow(clippy::result_large_err)]
 
-mod drain;
+mod builder;
 mod flusher;
 mod handshake;
 mod insert;
-mod lane;
-mod shard;
+mod ring;
+mod send;
 mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -113,533 +84,38 @@ use std::time::{Duration, Instant};
 use crossbeam::utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
-use crate::codec::{nlmsg_align, CbId, CnMsg, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
-use crate::error::{Error, Op, Result};
-use crate::sys::{self, ConnectorSocket, Dest};
+use crate::codec::{CbId, CnMsg};
+use crate::error::{Error, Result};
+use crate::sys::{ConnectorSocket, Dest};
 
-use drain::SeqSource;
+use builder::{far_future, Config};
+pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
+
 use insert::Shards;
-use lane::Lane;
-pub use lane::Producer;
-use shard::{Entry, Layout, Registry, Shard, UNTRACKED};
+pub use insert::{Insert, Producer};
+use ring::{Entry, Ring, Tail};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
 use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
 
-static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Most shards a bus may have ([`BusBuilder::shards`]).
-const MAX_SHARDS: usize = 1 << 16;
-
-/// Default of [`BusBuilder::send_timeout`].
-const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// A message the bus did not accept, handed back to the caller.
-#[derive(Debug, thiserror::Error)]
-pub enum InsertError<M> {
-    /// The caller's shard is full ([`FullPolicy::Reject`]).
-    #[error("bus shard is full")]
-    Full(M),
-    /// The shard stayed full until the blocking insert's timeout.
-    #[error("bus shard stayed full until the timeout")]
-    Timeout(M),
-    /// The bus's flusher is gone (it stopped or panicked): nothing would send the message.
-    #[error("bus is closed")]
-    Closed(M),
-    /// The message can never fit in one datagram of this bus (or in `cn_msg.len`).
-    #[error("message of {len} bytes exceeds the bus's datagram size of {limit} bytes")]
-    TooLarge {
-        /// The message.
-        msg: M,
-        /// Its encoded size.
-        len: usize,
-        /// The bus's datagram size.
-        limit: usize,
-    },
-    /// The id's idx (1..=10) belongs to the kernel's connector users, and the bus sends to
-    /// a group, which the kernel receives too: refused unless
-    /// [`BusBuilder::allow_kernel_ids`] is on (as [`Connector`](crate::connector::Connector)
-    /// refuses it).
-    #[error("idx 1..=10 belongs to the kernel's connector users (BusBuilder::allow_kernel_ids)")]
-    KernelOwned(M),
-    /// [`FullPolicy::SendDirect`]: the direct send failed. The failure is also counted in
-    /// the bus's statistics.
-    #[error("direct send failed: {error}")]
-    Send {
-        /// The message.
-        msg: M,
-        /// Why.
-        #[source]
-        error: Error,
-    },
-}
-
-impl<M> InsertError<M> {
-    /// The message that was not accepted.
-    pub fn into_inner(self) -> M {
-        match self {
-            Self::Full(m) | Self::Timeout(m) | Self::Closed(m) | Self::KernelOwned(m) => m,
-            Self::TooLarge { msg, .. } | Self::Send { msg, .. } => msg,
-        }
-    }
-
-    fn map<N>(self, f: impl FnOnce(M) -> N) -> InsertError<N> {
-        match self {
-            Self::Full(m) => InsertError::Full(f(m)),
-            Self::Timeout(m) => InsertError::Timeout(f(m)),
-            Self::Closed(m) => InsertError::Closed(f(m)),
-            Self::KernelOwned(m) => InsertError::KernelOwned(f(m)),
-            Self::TooLarge { msg, len, limit } => InsertError::TooLarge {
-                msg: f(msg),
-                len,
-                limit,
-            },
-            Self::Send { msg, error } => InsertError::Send { msg: f(msg), error },
-        }
-    }
-}
-
-/// What an insert does when the caller's shard is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FullPolicy {
-    /// Hand the message back at once: [`InsertError::Full`].
-    Reject,
-    /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
-    /// on a condition variable; it does not spin. It fails only with
-    /// [`InsertError::Closed`] if the flusher is gone.
-    #[default]
-    Block,
-    /// Wait for space at most this long, then hand the message back as
-    /// [`InsertError::Timeout`].
-    BlockFor(Duration),
-    /// Send the message on the caller's thread, in a datagram of its own, after waiting
-    /// for the caller's own queued messages to be sent (so its order is kept). Costs one
-    /// system call, and the wait of a [`Bus::flush`] when the caller had messages queued.
-    SendDirect,
-}
-
-impl FullPolicy {
-    /// [`Block`](Self::Block) without a timeout, [`BlockFor`](Self::BlockFor) with one.
-    pub(crate) fn blocking(timeout: Option<Duration>) -> Self {
-        match timeout {
-            Some(t) => Self::BlockFor(t),
-            None => Self::Block,
-        }
-    }
-}
-
-/// How messages are packed into datagrams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Framing {
-    /// Many messages per datagram, up to the datagram size: for cnbus receivers (which
-    /// read every message of a datagram). The default for groups and ports.
-    #[default]
-    Coalesce,
-    /// One message per datagram (still many datagrams per `sendmmsg`): what the kernel
-    /// and receivers that read only the first message need. Forced for [`Dest::Kernel`].
-    OnePerDatagram,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub shards: usize,
-    pub capacity: usize,
-    pub watermark: usize,
-    pub max_latency: Duration,
-    pub datagram_size: usize,
-    pub max_batch: usize,
-    pub framing: Framing,
-    pub policy: FullPolicy,
-    pub flusher_cpu: Option<usize>,
-    /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
-    pub assist: bool,
-    /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
-    pub send_timeout: Duration,
-    /// Kernel-owned ids and groups may be multicast ([`BusBuilder::allow_kernel_ids`]).
-    pub allow_kernel_ids: bool,
-    /// Inserts refuse kernel-owned ids: a group destination without `allow_kernel_ids`
-    /// (set by `build`).
-    pub refuse_kernel_ids: bool,
-    /// Test hook: where a panic is injected.
-    #[cfg(test)]
-    pub panic_at: Option<flusher::PanicAt>,
-}
-
-impl Config {
-    pub(crate) fn coalesce(&self) -> bool {
-        self.framing == Framing::Coalesce
-    }
-}
-
-/// Configures and starts a [`Bus`].
-#[derive(Debug, Clone)]
-pub struct BusBuilder {
-    dest: Dest,
-    socket: Option<Arc<ConnectorSocket>>,
-    cfg: Config,
-    watermark: Option<usize>,
-    numbered_ids: Option<usize>,
-}
-
-impl BusBuilder {
-    /// A bus sending to `dest`, with the defaults: one shard per configured CPU, 1024
-    /// messages per shard, watermark a quarter of that, 1 ms maximum latency, 8 KiB
-    /// datagrams (16 KiB, `CONNECTOR_MAX_MSG_SIZE`, cap for the kernel), 64 datagrams per
-    /// `sendmmsg`, [`FullPolicy::Block`], [`Framing::Coalesce`] (one message per datagram
-    /// for [`Dest::Kernel`]).
-    pub fn new(dest: Dest) -> Self {
-        Self {
-            dest,
-            socket: None,
-            cfg: Config {
-                shards: sys::configured_cpus(),
-                capacity: 1024,
-                watermark: 256,
-                max_latency: Duration::from_millis(1),
-                datagram_size: 8192,
-                max_batch: 64,
-                framing: if dest == Dest::Kernel {
-                    Framing::OnePerDatagram
-                } else {
-                    Framing::Coalesce
-                },
-                policy: FullPolicy::Block,
-                flusher_cpu: None,
-                assist: !matches!(dest, Dest::Port(_)),
-                send_timeout: DEFAULT_SEND_TIMEOUT,
-                allow_kernel_ids: false,
-                refuse_kernel_ids: false,
-                #[cfg(test)]
-                panic_at: None,
-            },
-            watermark: None,
-            numbered_ids: None,
-        }
-    }
-
-    /// Sends through `socket` instead of a socket of the bus's own (for example to share
-    /// one port id between several buses, or between a bus and a receiver). The socket's
-    /// sequence numbering is shared too: everything sending on it numbers one sequence
-    /// per destination and id.
-    pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
-        self.socket = Some(socket);
-        self
-    }
-
-    /// How many `(destination, id)` sequences the socket's numbering remembers (default
-    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), at least 1). It
-    /// belongs to the socket, so this sets it for everything sending on the socket. Past
-    /// it, the least recently used sequences are forgotten and counted in
-    /// [`BusStats::numbering_evictions`]; a forgotten sequence starts again at 1, which
-    /// receivers count as `reordered`, not as loss (see [`SeqSource`]).
-    pub fn numbered_ids(mut self, n: usize) -> Self {
-        self.numbered_ids = Some(n);
-        self
-    }
-
-    /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
-    /// CPU `c` uses shard `c % shards`.
-    pub fn shards(mut self, n: usize) -> Self {
-        self.cfg.shards = n;
-        self
-    }
-
-    /// Messages each shard holds (at least 1: [`build`](Self::build) fails on 0). A shard
-    /// also holds at most `capacity * 100` bytes of encoded messages (one 64-byte message
-    /// with its headers per slot; at least one datagram's worth), so larger messages fill
-    /// it sooner. Memory is about `shards * capacity * 260` bytes (the shard's buffer and
-    /// its drainer's, with their datagram bounds), reserved up front (the kernel provides
-    /// the pages as they are first used); `build` fails, rather than aborting, when that
-    /// overflows or cannot be allocated.
-    pub fn capacity(mut self, n: usize) -> Self {
-        self.cfg.capacity = n;
-        self
-    }
-
-    /// Shard occupancy at which an insert drains the shard itself ([`assist`](Self::assist))
-    /// or wakes the flusher, before the latency deadline (default capacity / 4, at least
-    /// 1; [`build`](Self::build) fails on 0). A value above the capacity disables watermark
-    /// drains and wake-ups.
-    pub fn watermark(mut self, n: usize) -> Self {
-        self.watermark = Some(n);
-        self
-    }
-
-    /// Longest time a message waits in a shard before the flusher takes it (default 1 ms),
-    /// give or take the scheduler's wake-up delay. Any duration is accepted; beyond about
-    /// 584 years it means "never" (only the watermark, flushes and shutdown drain).
-    pub fn max_latency(mut self, d: Duration) -> Self {
-        self.cfg.max_latency = d;
-        self
-    }
-
-    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
-    /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
-    /// much.
-    pub fn datagram_size(mut self, bytes: usize) -> Self {
-        self.cfg.datagram_size = bytes;
-        self
-    }
-
-    /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
-    /// otherwise).
-    pub fn max_batch(mut self, n: usize) -> Self {
-        self.cfg.max_batch = n;
-        self
-    }
-
-    /// How long a send waits for room when a [`Dest::Port`] receiver's queue is full
-    /// (default 1 s). This bounds every wait of the bus on a receiver that stopped reading.
-    ///
-    /// Netlink unicast has backpressure: a receiver whose queue is full makes the sender
-    /// wait. The bus sends without blocking (`MSG_DONTWAIT`) and, when the receiver is
-    /// full, retries with short sleeps (at most 1 ms apart) for up to `send_timeout`. If
-    /// the receiver has taken nothing by then, that datagram is counted as failed
-    /// ([`BusStats::failed_messages`], errno `EAGAIN`) and the receiver is treated as
-    /// stalled: until it takes a datagram again, the bus does not wait for it, each
-    /// datagram is tried once and counted as failed if it does not fit. So:
-    ///
-    /// * [`Bus::flush`] returns within about `send_timeout` (plus the time of the
-    ///   non-waiting attempts) when the receiver stops reading;
-    /// * dropping the bus, or [`Bus::close`], returns within `send_timeout` of the call
-    ///   (plus those attempts) whatever the receiver does: at shutdown no wait for room
-    ///   extends past that deadline;
-    /// * a receiver that keeps reading, however slowly, keeps the producers in step with
-    ///   it ([`FullPolicy`] applies when their shards fill up), as before.
-    ///
-    /// Direct sends ([`FullPolicy::SendDirect`]) wait the same way and hand the message
-    /// back as [`InsertError::Send`] on timeout. Groups and the kernel never wait (a full
-    /// multicast receiver drops and reports `ENOBUFS` to itself), so this setting does not
-    /// apply to them. A timeout too large for [`Instant`] (such as [`Duration::MAX`])
-    /// means no limit: the bus then waits for the receiver as long as it takes, shutdown
-    /// included.
-    pub fn send_timeout(mut self, d: Duration) -> Self {
-        self.cfg.send_timeout = d;
-        self
-    }
-
-    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12). A user
-    /// multicast reaches the kernel's connector too, which would take a message on idx 1
-    /// for a proc-connector request, and listeners of those groups for a kernel message.
-    /// Off by default: [`build`](Self::build) refuses a kernel group, and an insert on a
-    /// kernel id is handed back as [`InsertError::KernelOwned`], as
-    /// [`Connector`](crate::connector::Connector) refuses them.
-    pub fn allow_kernel_ids(mut self, on: bool) -> Self {
-        self.cfg.allow_kernel_ids = on;
-        self
-    }
-
-    /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
-    /// one message per datagram.
-    pub fn framing(mut self, f: Framing) -> Self {
-        self.cfg.framing = f;
-        self
-    }
-
-    /// The policy of [`Bus::insert`] and [`Bus::insert_msg`] when the shard is full.
-    pub fn on_full(mut self, p: FullPolicy) -> Self {
-        self.cfg.policy = p;
-        self
-    }
-
-    /// Pins the flusher thread to `cpu` (by default it runs wherever the scheduler puts
-    /// it). Putting it on the CPU of a single hot producer keeps the queued messages in
-    /// that CPU's cache; putting it on a housekeeping CPU keeps it off the producers'.
-    pub fn flusher_cpu(mut self, cpu: usize) -> Self {
-        self.cfg.flusher_cpu = Some(cpu);
-        self
-    }
-
-    /// Producer-assisted draining (default: on for groups and the kernel, off for
-    /// [`Dest::Port`]). When on, an insert that brings its shard to the
-    /// [`watermark`](Self::watermark), or a blocking insert that finds it full, drains the
-    /// shard on the caller's thread if no one else is draining it: it packs the queued
-    /// messages and sends them with `sendmmsg` itself, instead of waking the flusher. A
-    /// single fast producer then runs like a hand-written `sendmmsg` loop, and the flusher
-    /// is left with the latency deadline, [`Bus::flush`] and shutdown.
-    ///
-    /// The cost is that such an insert makes the system call (tens of microseconds for a
-    /// batch; every insert that does not cross the watermark stays system-call free), even
-    /// under [`FullPolicy::Reject`]. It is off by default for unicast because a full
-    /// receiver makes a unicast `sendmmsg` block, and the inserting thread with it.
-    pub fn assist(mut self, on: bool) -> Self {
-        self.cfg.assist = on;
-        self
-    }
-
-    /// Checks the configuration, allocates the shards, opens the socket if none was given
-    /// and starts the flusher thread.
-    ///
-    /// Fails with [`Error::InvalidArgument`] when a number is out of range (see each
-    /// setter) or the shards' memory overflows `usize` or cannot be allocated: no setting
-    /// makes it panic or abort.
-    pub fn build(self) -> Result<Bus> {
-        let mut cfg = self.cfg;
-        if !(1..=MAX_SHARDS).contains(&cfg.shards) {
-            return Err(Error::InvalidArgument("bus shards must be in 1..=65536"));
-        }
-        if cfg.capacity == 0 {
-            return Err(Error::InvalidArgument("bus capacity must be at least 1"));
-        }
-        if let Dest::Group(g) = self.dest {
-            if !cfg.allow_kernel_ids && g < crate::codec::FIRST_USER_GROUP {
-                return Err(Error::KernelOwned {
-                    id: CbId::new(0, 0),
-                    group: g,
-                });
-            }
-            cfg.refuse_kernel_ids = !cfg.allow_kernel_ids;
-        }
-        if self.watermark == Some(0) {
-            return Err(Error::InvalidArgument("bus watermark must be at least 1"));
-        }
-        if !(1..=1024).contains(&cfg.max_batch) {
-            return Err(Error::InvalidArgument("bus max_batch must be in 1..=1024"));
-        }
-        if cfg.datagram_size < nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN) {
-            return Err(Error::InvalidArgument(
-                "bus datagram_size must hold one 36-byte message",
-            ));
-        }
-        cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
-        if self.dest == Dest::Kernel {
-            cfg.framing = Framing::OnePerDatagram;
-            cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
-        }
-        if let Dest::Group(g) = self.dest {
-            if !(1..=32).contains(&g) {
-                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
-            }
-        }
-        let too_big = || {
-            Error::InvalidArgument(
-                "bus shards too large: shards x capacity x 100 bytes (or the datagram size) \
-                 overflows or cannot be allocated",
-            )
-        };
-        // Two buffers per shard; the total must be addressable before anything is tried.
-        let total = Shard::byte_limit(cfg.capacity, cfg.datagram_size)
-            .and_then(|b| b.checked_mul(2))
-            .and_then(|b| b.checked_mul(cfg.shards))
-            .filter(|&b| b <= isize::MAX as usize);
-        if total.is_none() {
-            return Err(too_big());
-        }
-        let mut shards = Vec::new();
-        if shards.try_reserve_exact(cfg.shards).is_err() {
-            return Err(too_big());
-        }
-        for _ in 0..cfg.shards {
-            match Shard::new(cfg.capacity, cfg.datagram_size) {
-                Some(sh) => shards.push(CachePadded::new(sh)),
-                None => return Err(too_big()),
-            }
-        }
-        let sock = match self.socket {
-            Some(s) => s,
-            None => Arc::new(ConnectorSocket::open()?),
-        };
-        if let Some(n) = self.numbered_ids {
-            sock.numbering().lock().set_capacity(n);
-        }
-        let inner = Arc::new(Inner {
-            id: NEXT_BUS_ID.fetch_add(1, Relaxed),
-            shards: shards.into_boxed_slice(),
-            registry: Registry::default(),
-            pid: sock.port_id(),
-            sock,
-            dest: self.dest,
-            epoch: Instant::now(),
-            bell: CachePadded::new(Doorbell::new()),
-            flusher: OnceLock::new(),
-            stop: AtomicBool::new(false),
-            dead: AtomicBool::new(false),
-            stop_deadline: OnceLock::new(),
-            stalled: AtomicBool::new(false),
-            tickets: CachePadded::new(FlushTickets::new()),
-            space_waiters: AtomicUsize::new(0),
-            space_lock: Mutex::new(()),
-            space_cv: Condvar::new(),
-            lanes: Mutex::new(Vec::new()),
-            lanes_gen: AtomicU64::new(0),
-            stats: Counters::default(),
-            last_error: Mutex::new(None),
-            cfg,
-        });
-        let worker = Arc::clone(&inner);
-        let pin = inner.cfg.flusher_cpu;
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("cnbus-flusher".into())
-            .spawn(move || {
-                let guard = DeadGuard(Arc::clone(&worker));
-                let pinned = pin.map(sys::pin_current_thread).transpose();
-                let failed = pinned.is_err();
-                let _ = started_tx.send(pinned);
-                if failed {
-                    return;
-                }
-                // Deadlines to the microsecond rather than the default 50 µs slack (a
-                // failure only costs that slack).
-                let _ = sys::set_timer_slack_ns(1);
-                // A panic in a drain is contained there; one elsewhere in the loop ends the
-                // flusher, is recorded here, and `flush`/`close` then drain on their own
-                // threads (the guard marks the bus dead and releases every waiter).
-                let w = Arc::clone(&worker);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    flusher::Flusher::new(w).run()
-                }));
-                if let Err(p) = run {
-                    worker.panicked("bus flusher", &*p);
-                }
-                drop(guard);
-            })
-            .map_err(|e| Error::from_io(Op::Spawn, e))?;
-        let _ = inner.flusher.set(handle.thread().clone());
-        match started.recv() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                let _ = handle.join();
-                return Err(Error::from_io(Op::SetOption("sched_setaffinity"), e));
-            }
-            Err(_) => {
-                let _ = handle.join();
-                return Err(Error::Closed);
-            }
-        }
-        Ok(Bus {
-            inner,
-            flusher: Some(handle),
-        })
-    }
-}
-
-/// An instant no deadline reaches (for timeouts too large for `Instant`).
-fn far_future() -> Instant {
-    let now = Instant::now();
-    // About 30 years: representable on every platform, and beyond any run.
-    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
-}
-
-/// Marks the bus dead when the flusher exits (normally or by panic) and releases every
-/// waiter.
-struct DeadGuard(Arc<Inner>);
-
-impl Drop for DeadGuard {
-    fn drop(&mut self) {
-        let i = &self.0;
-        i.dead.store(true, SeqCst);
-        i.tickets.publish(u64::MAX);
-        let _g = i.space_lock.lock();
-        i.space_cv.notify_all();
-    }
+/// A per-CPU shard: a ring and the lock that lets the threads of its CPU share its
+/// writing side.
+pub(crate) struct Shard {
+    pub(crate) tail: CachePadded<crate::sys::ShortLock<Tail>>,
+    ring: Arc<Ring>,
 }
 
 pub(crate) struct Inner {
     id: u64,
-    pub(crate) shards: Box<[CachePadded<Shard>]>,
-    pub(crate) registry: Registry,
+    pub(crate) shards: Box<[Shard]>,
+    /// Every ring (the shards' first, then the producers'), for the flusher and the
+    /// statistics; `rings_gen` counts changes (`Release` under the lock), so the flusher
+    /// copies the list only then.
+    pub(crate) rings: Mutex<Vec<Arc<Ring>>>,
+    pub(crate) rings_gen: AtomicU64,
+    /// Bytes of each ring.
+    pub(crate) ring_bytes: usize,
     pub(crate) sock: Arc<ConnectorSocket>,
     /// The socket's port id, written into every message's `nlmsg_pid`.
     pub(crate) pid: u32,
@@ -649,11 +125,10 @@ pub(crate) struct Inner {
     /// The flusher's AWAKE / TIMED / IDLE; see the `handshake` module.
     pub(crate) bell: CachePadded<Doorbell>,
     flusher: OnceLock<Thread>,
-    /// Set (SeqCst) by `Bus::drop`/`close`, which have exclusive access: every insert
-    /// happened before it.
+    /// Set (SeqCst) by `Bus::drop`/`close`.
     pub(crate) stop: AtomicBool,
-    /// The flusher has exited.
-    dead: AtomicBool,
+    /// The flusher has exited: inserts are refused.
+    pub(crate) dead: AtomicBool,
     /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
     pub(crate) stop_deadline: OnceLock<Instant>,
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
@@ -664,24 +139,12 @@ pub(crate) struct Inner {
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
-    /// The [`Producer`] lanes, for the flusher (and the statistics); `lanes_gen` counts
-    /// changes (`Release` under the lock), so the flusher copies the list only then.
-    pub(crate) lanes: Mutex<Vec<Arc<Lane>>>,
-    pub(crate) lanes_gen: AtomicU64,
     pub(crate) stats: Counters,
     /// First send error not yet taken by `flush`/`take_error`.
     last_error: Mutex<Option<Error>>,
 }
 
 impl Inner {
-    /// The send lock, with the sequence counters: the socket's numbering (shared
-    /// with everything else sending on the socket), held from numbering a batch until its
-    /// send returned.
-    #[inline]
-    pub(crate) fn seqs(&self) -> &Mutex<SeqSource> {
-        self.sock.numbering()
-    }
-
     /// Nanoseconds since the bus started, never 0.
     #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
@@ -689,10 +152,10 @@ impl Inner {
     }
 
     pub(crate) fn all_empty(&self) -> bool {
-        self.shards.iter().all(|s| s.len() == 0) && self.lanes_empty()
+        self.rings.lock().iter().all(|r| !r.pending())
     }
 
-    /// Makes sure the flusher runs a pass soon (a flush, a stop, a full shard).
+    /// Makes sure the flusher runs a pass soon (a flush, a stop, a full ring).
     pub(crate) fn wake(&self) {
         self.bell.ring();
         if let Some(t) = self.flusher.get() {
@@ -707,68 +170,44 @@ impl Inner {
         }
     }
 
-    /// After a successful push into a shard or a lane that now holds `len` messages:
-    /// drain it on this thread if it reached the watermark and `help` allows (see
-    /// [`BusBuilder::assist`]), else wake the flusher if it sleeps and should not.
-    /// `drain` drains the caller's queue if no one else is; true if it did.
+    /// After a successful push into a ring that now holds `len` messages: drain it on this
+    /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
+    /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
+    /// loaded after the push as the `handshake` module says. `drain` drains the caller's
+    /// ring if no one else is; true if it did.
     #[inline(always)]
-    pub(crate) fn after_push(&self, len: usize, help: bool, drain: impl FnOnce() -> bool) {
-        // No fence: a shard push released the shard lock, and the flusher's second look
-        // before parking takes that lock (see the module docs), so either it sees the push
-        // or this load sees its TIMED/IDLE. (A lane push ran its fence before this call.)
+    pub(crate) fn after_push(&self, len: u64, state: u8, help: bool, drain: impl FnOnce() -> bool) {
         let assist = help && self.cfg.assist;
-        if assist && len >= self.cfg.watermark {
-            // Either we drain (our push is among the messages the drain takes), or someone
-            // holds the drain right and is draining: no wake-up is needed for the
-            // watermark. An IDLE flusher is still woken below, so a deadline is set for
-            // whatever the other drainer leaves behind.
-            if drain() {
-                return;
-            }
-            if self.bell.state() == IDLE {
+        let over = len >= self.cfg.watermark as u64;
+        if assist && over {
+            // Either we drain (our push is among the messages it takes), or someone holds
+            // the drain right and is draining. An IDLE flusher is still woken, so that a
+            // deadline is set for whatever that drain leaves behind.
+            if !drain() && state == IDLE {
                 self.wake_from_sleep(IDLE);
             }
             return;
         }
-        match self.bell.state() {
+        match state {
             AWAKE => {}
             IDLE => self.wake_from_sleep(IDLE),
-            _ => {
-                if !assist && len >= self.cfg.watermark {
-                    self.wake_from_sleep(TIMED);
-                }
-            }
+            _ if over => self.wake_from_sleep(TIMED),
+            _ => {}
         }
     }
 
-    /// Drains shard `i` on the calling thread if no one else is draining it. True if it
-    /// did.
+    /// Drains `ring` on the calling thread if no one else is draining it (and no other
+    /// drain holds the send lock: rather than wait for it, go on inserting; the next
+    /// insert over the watermark tries again). The messages taken, if it did.
     #[inline(never)]
-    pub(crate) fn help(&self, i: usize) -> bool {
-        let Some(sh) = self.shards.get(i) else {
-            return false;
-        };
-        // Another drainer is sending: rather than wait for the send lock, go on inserting;
-        // the next insert over the watermark tries again (a heuristic: the lock may still
-        // be taken between this look and our send, and then we simply wait).
-        if self.seqs().is_locked() {
-            return false;
+    pub(crate) fn help(&self, ring: &Ring) -> Option<u64> {
+        if self.sock.numbering().is_locked() {
+            return None;
         }
-        let Some(mut d) = sh.drain.try_lock() else {
-            return false;
-        };
-        let n = self.drain_shard(i, &mut d);
-        drop(d);
+        let n = self.drain(ring, false)?;
         Counters::add(&self.stats.assisted_drains, 1);
         Counters::add(&self.stats.assisted_messages, n);
-        true
-    }
-
-    /// The shard the calling thread pushes into.
-    pub(crate) fn own_shard(&self) -> usize {
-        let n = self.shards.len();
-        let cpu = || sys::current_cpu().unwrap_or(0) % n;
-        shard::with_local(self.id, &self.registry, cpu, |l| l.shard).unwrap_or(0)
+        Some(n)
     }
 
     #[cold]
@@ -780,62 +219,6 @@ impl Inner {
         }
     }
 
-    /// One attempt to queue `e` in the caller's shard; false when full. `help`: the caller
-    /// may drain the shard itself (it holds no bus lock). Takes `e` by reference so that
-    /// the caller keeps it for the full path and the entry is never copied on the hot path.
-    #[inline(always)]
-    pub(crate) fn try_push(&self, e: &Entry<'_>, help: bool) -> bool {
-        let n = self.shards.len();
-        let lay = Layout {
-            pid: self.pid,
-            coalesce: self.cfg.coalesce(),
-            datagram_size: self.cfg.datagram_size,
-        };
-        let now = || self.now_ns();
-        let cpu = || sys::current_cpu().unwrap_or(0) % n;
-        let r = shard::with_local(self.id, &self.registry, cpu, |l| {
-            // Move to the current CPU's shard only when none of our messages is queued
-            // or being sent (Acquire pairs with the drainers' Release of `done`). While
-            // some are, the thread must stay where it is anyway, so the CPU is not even
-            // read: a continuous producer makes no `sched_getcpu` call per insert.
-            if l.cell.done.load(Acquire) == l.pushed {
-                l.shard = cpu();
-            }
-            let len = self.shards.get(l.shard)?.push(e, l.idx, lay, now)?;
-            l.pushed += 1;
-            l.cell.pushed.store(l.pushed, Relaxed);
-            Some((l.shard, len))
-        });
-        let (shard, len) = match r {
-            Some(Some(r)) => r,
-            Some(None) => return false,
-            None => {
-                // No thread-local state (thread teardown: a thread-local's destructor
-                // inserting after ours was destroyed). Shard 0 keeps this thread's order
-                // among such messages, but its earlier ones may still be queued in
-                // another shard (or in a drainer's hands): a flush first sends them, so
-                // that this message cannot overtake them. A blocked insert retries under
-                // `space_lock` (`help` false), where no flush may wait; its first
-                // attempt, with `help`, flushed already, and every later message of this
-                // thread goes to shard 0 too.
-                if help {
-                    self.wait_flushed();
-                }
-                let Some(len) = self
-                    .shards
-                    .first()
-                    .and_then(|s| s.push(e, UNTRACKED, lay, now))
-                else {
-                    return false;
-                };
-                Counters::add(&self.stats.untracked, 1);
-                (0, len)
-            }
-        };
-        self.after_push(len, help, || self.help(shard));
-        true
-    }
-
     /// Requests a flush generation and waits for the flusher to complete it. False when
     /// the flusher is gone without a stop request (it panicked).
     pub(crate) fn wait_flushed(&self) -> bool {
@@ -845,14 +228,46 @@ impl Inner {
         !self.dead.load(SeqCst) || self.stop.load(SeqCst)
     }
 
-    /// True when the calling thread has messages queued or being sent.
-    pub(crate) fn has_own_pending(&self) -> bool {
-        let n = self.shards.len();
-        let cpu = || sys::current_cpu().unwrap_or(0) % n;
-        shard::with_local(self.id, &self.registry, cpu, |l| {
-            l.cell.done.load(Acquire) != l.pushed
-        })
-        .unwrap_or(true)
+    /// Makes a new producer's ring visible to the flusher.
+    fn add_ring(&self, ring: Arc<Ring>) {
+        {
+            let mut l = self.rings.lock();
+            l.push(ring);
+            self.rings_gen.fetch_add(1, Release);
+        }
+        // A flusher parked IDLE may have copied the list before this ring was added: wake
+        // it, so that it looks again (it announces IDLE before it copies the list; the
+        // fence in `state_after_publish` orders our push before our look).
+        if self.bell.state_after_publish() == IDLE {
+            self.wake_from_sleep(IDLE);
+        }
+    }
+
+    /// Refreshes the flusher's copy of the rings if they changed.
+    pub(crate) fn refresh_rings(&self, into: &mut Vec<Arc<Ring>>, gen: &mut u64) {
+        let g = self.rings_gen.load(Acquire);
+        if g != *gen {
+            let l = self.rings.lock();
+            into.clear();
+            into.extend(l.iter().cloned());
+            *gen = self.rings_gen.load(Relaxed);
+        }
+    }
+
+    /// Forgets the retired producers' rings that are empty, keeping their counts.
+    pub(crate) fn prune_rings(&self) {
+        let mut l = self.rings.lock();
+        let before = l.len();
+        l.retain(|r| {
+            let gone = r.retired.load(Acquire) && !r.pending();
+            if gone {
+                Counters::add(&self.stats.retired_inserts, r.pushed());
+            }
+            !gone
+        });
+        if l.len() != before {
+            self.rings_gen.fetch_add(1, Release);
+        }
     }
 }
 
@@ -973,36 +388,36 @@ impl Bus {
     /// A snapshot of the counters.
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
-        let (lane_inserts, lane_queued) = inner.lane_inserts();
-        let shard_queued: u64 = inner.shards.iter().map(|s| s.len() as u64).sum();
-        let mut s = inner.stats.snapshot(
-            inner.registry.pushed_total() + lane_inserts,
-            shard_queued + lane_queued,
-        );
+        // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
+        // ring's count to `retired_inserts`: each message is counted once.
+        let rings = inner.rings.lock();
+        let pushed = rings.iter().map(|r| r.pushed()).sum();
+        let queued = rings.iter().map(|r| r.queued()).sum();
+        let mut s = inner.stats.snapshot(pushed, queued);
+        drop(rings);
         s.numbering_evictions = inner.sock.numbering_evictions();
         s
     }
 
-    /// A [`Producer`]: this thread's (or task's) own lane into the bus, the fastest way to
-    /// insert from a hot path; see its docs.
+    /// A [`Producer`]: a ring of its own into the bus, the fastest way to insert from a
+    /// hot path; owned, so it can live in a worker thread or a thread-local.
     ///
     /// # Panics
     ///
-    /// If the lane's memory (`capacity * 100` bytes rounded up to a power of two, at most
-    /// 1 GiB) cannot be allocated; [`try_producer`](Self::try_producer) returns an error
-    /// instead.
-    pub fn producer(&self) -> Producer<'_> {
-        match Producer::new(self) {
+    /// If the ring's memory cannot be allocated; [`try_producer`](Self::try_producer)
+    /// returns an error instead.
+    pub fn producer(&self) -> Producer {
+        match Producer::new(&self.inner) {
             Some(p) => p,
-            None => panic!("cnbus: could not allocate a bus producer's lane"),
+            None => panic!("cnbus: could not allocate a bus producer's ring"),
         }
     }
 
-    /// [`producer`](Self::producer), or [`Error::InvalidArgument`] when the lane's memory
+    /// [`producer`](Self::producer), or [`Error::InvalidArgument`] when the ring's memory
     /// cannot be allocated.
-    pub fn try_producer(&self) -> Result<Producer<'_>> {
-        Producer::new(self).ok_or(Error::InvalidArgument(
-            "could not allocate a bus producer's lane (capacity x 100 bytes)",
+    pub fn try_producer(&self) -> Result<Producer> {
+        Producer::new(&self.inner).ok_or(Error::InvalidArgument(
+            "could not allocate a bus producer's ring (capacity x 100 bytes)",
         ))
     }
 
@@ -1064,7 +479,6 @@ impl Bus {
             // can run any more (`&mut self`), so this is the last word on every message.
             // After a normal exit everything is empty already and this only looks.
             self.inner.drain_everything();
-            self.inner.registry.retire();
         }
     }
 }
@@ -1084,7 +498,9 @@ mod tests {
     #[test]
     fn producer_is_send() {
         fn is_send<T: Send>() {}
-        is_send::<Producer<'static>>();
+        is_send::<Producer>();
+        fn is_static<T: 'static>() {}
+        is_static::<Producer>();
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Counters and the [`BusStats`] snapshot.
 //!
 //! Counters the insert path would have to share between threads are avoided: accepted
-//! inserts are counted per producer (each thread's cell, written only by that thread) and
-//! summed when a snapshot is taken. Everything else is counted on slow paths (rejections,
+//! inserts are counted per ring (written by its writer only) and summed when a snapshot
+//! is taken. Everything else is counted on slow paths (rejections,
 //! direct sends) or by the flusher, with `Relaxed` atomics: they are statistics, and a
 //! snapshot is not an atomic cut across counters.
 
@@ -12,7 +12,6 @@ use std::time::Duration;
 /// Atomic counters behind [`BusStats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub untracked: AtomicU64,
     pub direct: AtomicU64,
     pub rejected_full: AtomicU64,
     pub rejected_timeout: AtomicU64,
@@ -41,8 +40,9 @@ pub(crate) struct Counters {
     pub flush_total_ns: AtomicU64,
     pub flush_max_ns: AtomicU64,
     pub flush_last_ns: AtomicU64,
-    /// Messages inserted through lanes the flusher has forgotten (their producer is gone).
-    pub retired_lane_inserts: AtomicU64,
+    /// Messages inserted through producers' rings the flusher has forgotten (their
+    /// producer is gone).
+    pub retired_inserts: AtomicU64,
 }
 
 impl Counters {
@@ -77,7 +77,7 @@ impl Counters {
         let direct = g(&self.direct);
         let flushes = g(&self.flushes);
         BusStats {
-            inserted: queued_inserts + g(&self.untracked) + direct,
+            inserted: queued_inserts + g(&self.retired_inserts) + direct,
             direct,
             rejected_full: g(&self.rejected_full),
             rejected_timeout: g(&self.rejected_timeout),
@@ -150,10 +150,10 @@ impl SendErrors {
 pub struct BusStats {
     /// Messages the bus accepted (queued, or sent directly on the caller's thread).
     pub inserted: u64,
-    /// Of `inserted`, messages sent directly by the caller because its shard was full
+    /// Of `inserted`, messages sent directly by the caller because its ring was full
     /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)).
     pub direct: u64,
-    /// Messages handed back because the shard was full ([`InsertError::Full`](super::InsertError::Full)).
+    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)).
     pub rejected_full: u64,
     /// Messages handed back after a blocking insert timed out.
     pub rejected_timeout: u64,
@@ -161,7 +161,7 @@ pub struct BusStats {
     pub rejected_closed: u64,
     /// Messages handed back because they can never fit in a datagram.
     pub rejected_too_large: u64,
-    /// Inserts that found the shard full and waited (blocking policy) or sent directly.
+    /// Inserts that found their ring full and waited (blocking policy) or sent directly.
     pub blocked: u64,
     /// Sends that found a [`Dest::Port`](crate::sys::Dest::Port) receiver's queue full and
     /// waited for room (at most [`send_timeout`](super::BusBuilder::send_timeout) each).
@@ -175,7 +175,7 @@ pub struct BusStats {
     pub sent_messages: u64,
     /// Datagrams handed to the kernel.
     pub sent_datagrams: u64,
-    /// Send system calls made (`sendmmsg` by the flusher, `sendto` for direct sends),
+    /// Send system calls made (`sendmmsg` by the drains, `sendto` for direct sends),
     /// failed ones included.
     pub syscalls: u64,
     /// Accepted messages that could not be sent (their datagram failed after retries).
@@ -184,17 +184,16 @@ pub struct BusStats {
     pub failed_datagrams: u64,
     /// Send failures by errno.
     pub send_errors: SendErrors,
-    /// Messages queued in the shards now.
+    /// Messages queued in the rings (shards and producers) now.
     pub queued: u64,
-    /// Highest shard occupancy seen (by the flusher when it drains a shard, and `capacity`
-    /// whenever an insert found its shard full).
+    /// Largest drain (messages taken at once from a ring), or `capacity` once an insert
+    /// found its ring full.
     pub high_water: u64,
-    /// Longest time a message waited in a shard before the flusher took it, as measured
-    /// from the shard's first-message stamp.
+    /// Longest time from a ring's oldest-message stamp to the drain that took it.
     pub max_queue_delay: Duration,
     /// Times the flusher thread woke up from a sleep.
     pub flusher_wakeups: u64,
-    /// Drains done by producers on their own thread
+    /// Drains done by writers on their own thread
     /// ([`BusBuilder::assist`](super::BusBuilder::assist)).
     pub assisted_drains: u64,
     /// Messages those drains took (sent or counted as failed).

@@ -7,7 +7,6 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
-pub(crate) mod membarrier;
 mod meminfo;
 mod ns;
 mod recv;

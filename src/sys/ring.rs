@@ -1,5 +1,6 @@
-//! A single-producer, single-consumer byte ring: the storage of a bus
-//! [`Producer`](crate::bus::Producer)'s lane.
+//! A single-producer, single-consumer byte ring: the storage of every bus ring (a per-CPU
+//! shard's, whose writers take turns under the shard's lock, and a
+//! [`Producer`](crate::bus::Producer)'s).
 //!
 //! One [`Writer`] and one [`Reader`] share a power-of-two buffer and two monotonic
 //! positions (wrapping `usize` byte counts):
@@ -22,12 +23,14 @@
 //!
 //! A region written is always contiguous: [`Writer::write`] fails when the bytes would
 //! cross the end of the buffer, and the caller then fills the rest of the buffer with a
-//! marker of its own (see the bus's lanes) and writes again at the start. The reader
+//! marker of its own (see the bus's rings) and writes again at the start. The reader
 //! therefore sees at most two slices, before and after the end.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+// Loom's atomics under `cfg(cnbus_loom)`, so that the bus's loom model runs this ring.
+use crate::sync::{Arc, AtomicUsize};
 
 use crossbeam::utils::CachePadded;
 
@@ -182,6 +185,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Bytes published so far (a monotonic, wrapping position): the end of the last write.
+    #[inline(always)]
+    pub(crate) fn position(&self) -> usize {
+        self.tail
+    }
+
     /// A look at the ring from outside: for threads that hold neither side.
     pub(crate) fn probe(&self) -> Probe {
         Probe {
@@ -243,6 +252,14 @@ impl Probe {
         let head = self.s.head.load(Ordering::Acquire);
         let tail = self.s.tail.load(Ordering::Acquire);
         tail.wrapping_sub(head)
+    }
+
+    /// True once the reader has given back every byte up to position `end` (a
+    /// [`Writer::position`]). Acquire: what the reader did before giving them back (for the
+    /// bus, the send) happens-before the caller's next step.
+    #[inline(always)]
+    pub(crate) fn released(&self, end: usize) -> bool {
+        self.s.head.load(Ordering::Acquire).wrapping_sub(end) as isize >= 0
     }
 }
 

@@ -1,0 +1,489 @@
+//! The bus's public configuration and refusals: [`InsertError`], [`FullPolicy`],
+//! [`Framing`], and [`BusBuilder`], which checks the numbers, allocates the shards'
+//! rings and starts the flusher.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crossbeam::utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+
+use crate::codec::{nlmsg_align, CbId, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
+use crate::error::{Error, Op, Result};
+use crate::sys::{self, ConnectorSocket, Dest};
+
+use super::handshake::{Doorbell, FlushTickets};
+use super::ring::Ring;
+use super::stats::Counters;
+use super::{flusher, Bus, Inner, Shard};
+
+static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Most shards a bus may have ([`BusBuilder::shards`]).
+const MAX_SHARDS: usize = 1 << 16;
+
+/// Default of [`BusBuilder::send_timeout`].
+const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A message the bus did not accept, handed back to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError<M> {
+    /// The caller's ring is full ([`FullPolicy::Reject`]).
+    #[error("bus queue is full")]
+    Full(M),
+    /// The ring stayed full until the blocking insert's timeout.
+    #[error("bus queue stayed full until the timeout")]
+    Timeout(M),
+    /// The bus's flusher is gone (it stopped or panicked): nothing would send the message.
+    #[error("bus is closed")]
+    Closed(M),
+    /// The message can never fit in one datagram of this bus (or in `cn_msg.len`).
+    #[error("message of {len} bytes exceeds the bus's datagram size of {limit} bytes")]
+    TooLarge {
+        /// The message.
+        msg: M,
+        /// Its encoded size.
+        len: usize,
+        /// The bus's datagram size.
+        limit: usize,
+    },
+    /// The id's idx (1..=10) belongs to the kernel's connector users, and the bus sends to
+    /// a group, which the kernel receives too: refused unless
+    /// [`BusBuilder::allow_kernel_ids`] is on (as [`Connector`](crate::connector::Connector)
+    /// refuses it).
+    #[error("idx 1..=10 belongs to the kernel's connector users (BusBuilder::allow_kernel_ids)")]
+    KernelOwned(M),
+    /// [`FullPolicy::SendDirect`]: the direct send failed. The failure is also counted in
+    /// the bus's statistics.
+    #[error("direct send failed: {error}")]
+    Send {
+        /// The message.
+        msg: M,
+        /// Why.
+        #[source]
+        error: Error,
+    },
+}
+
+impl<M> InsertError<M> {
+    /// The message that was not accepted.
+    pub fn into_inner(self) -> M {
+        match self {
+            Self::Full(m) | Self::Timeout(m) | Self::Closed(m) | Self::KernelOwned(m) => m,
+            Self::TooLarge { msg, .. } | Self::Send { msg, .. } => msg,
+        }
+    }
+
+    pub(super) fn map<N>(self, f: impl FnOnce(M) -> N) -> InsertError<N> {
+        match self {
+            Self::Full(m) => InsertError::Full(f(m)),
+            Self::Timeout(m) => InsertError::Timeout(f(m)),
+            Self::Closed(m) => InsertError::Closed(f(m)),
+            Self::KernelOwned(m) => InsertError::KernelOwned(f(m)),
+            Self::TooLarge { msg, len, limit } => InsertError::TooLarge {
+                msg: f(msg),
+                len,
+                limit,
+            },
+            Self::Send { msg, error } => InsertError::Send { msg: f(msg), error },
+        }
+    }
+}
+
+/// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullPolicy {
+    /// Hand the message back at once: [`InsertError::Full`].
+    Reject,
+    /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
+    /// on a condition variable; it does not spin. It fails only with
+    /// [`InsertError::Closed`] if the flusher is gone.
+    #[default]
+    Block,
+    /// Wait for space at most this long, then hand the message back as
+    /// [`InsertError::Timeout`].
+    BlockFor(Duration),
+    /// Send the message on the caller's thread, in a datagram of its own, after waiting
+    /// for the caller's own queued messages to be sent (so its order is kept). Costs one
+    /// system call, and the wait of a [`Bus::flush`] when the caller had messages queued.
+    SendDirect,
+}
+
+impl FullPolicy {
+    /// [`Block`](Self::Block) without a timeout, [`BlockFor`](Self::BlockFor) with one.
+    pub(crate) fn blocking(timeout: Option<Duration>) -> Self {
+        match timeout {
+            Some(t) => Self::BlockFor(t),
+            None => Self::Block,
+        }
+    }
+}
+
+/// How messages are packed into datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// Many messages per datagram, up to the datagram size: for cnbus receivers (which
+    /// read every message of a datagram). The default for groups and ports.
+    #[default]
+    Coalesce,
+    /// One message per datagram (still many datagrams per `sendmmsg`): what the kernel
+    /// and receivers that read only the first message need. Forced for [`Dest::Kernel`].
+    OnePerDatagram,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub shards: usize,
+    pub capacity: usize,
+    pub watermark: usize,
+    pub max_latency: Duration,
+    pub datagram_size: usize,
+    pub max_batch: usize,
+    pub framing: Framing,
+    pub policy: FullPolicy,
+    pub flusher_cpu: Option<usize>,
+    /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
+    pub assist: bool,
+    /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
+    pub send_timeout: Duration,
+    /// Kernel-owned ids and groups may be multicast ([`BusBuilder::allow_kernel_ids`]).
+    pub allow_kernel_ids: bool,
+    /// Inserts refuse kernel-owned ids: a group destination without `allow_kernel_ids`
+    /// (set by `build`).
+    pub refuse_kernel_ids: bool,
+    /// Test hook: where a panic is injected.
+    #[cfg(test)]
+    pub panic_at: Option<flusher::PanicAt>,
+}
+
+impl Config {
+    pub(crate) fn coalesce(&self) -> bool {
+        self.framing == Framing::Coalesce
+    }
+}
+
+/// Configures and starts a [`Bus`].
+#[derive(Debug, Clone)]
+pub struct BusBuilder {
+    dest: Dest,
+    socket: Option<Arc<ConnectorSocket>>,
+    pub(super) cfg: Config,
+    watermark: Option<usize>,
+    numbered_ids: Option<usize>,
+}
+
+impl BusBuilder {
+    /// A bus sending to `dest`, with the defaults: one shard per configured CPU, 1024
+    /// messages per shard, watermark a quarter of that, 1 ms maximum latency, 8 KiB
+    /// datagrams (16 KiB, `CONNECTOR_MAX_MSG_SIZE`, cap for the kernel), 64 datagrams per
+    /// `sendmmsg`, [`FullPolicy::Block`], [`Framing::Coalesce`] (one message per datagram
+    /// for [`Dest::Kernel`]).
+    pub fn new(dest: Dest) -> Self {
+        Self {
+            dest,
+            socket: None,
+            cfg: Config {
+                shards: sys::configured_cpus(),
+                capacity: 1024,
+                watermark: 256,
+                max_latency: Duration::from_millis(1),
+                datagram_size: 8192,
+                max_batch: 64,
+                framing: if dest == Dest::Kernel {
+                    Framing::OnePerDatagram
+                } else {
+                    Framing::Coalesce
+                },
+                policy: FullPolicy::Block,
+                flusher_cpu: None,
+                assist: !matches!(dest, Dest::Port(_)),
+                send_timeout: DEFAULT_SEND_TIMEOUT,
+                allow_kernel_ids: false,
+                refuse_kernel_ids: false,
+                #[cfg(test)]
+                panic_at: None,
+            },
+            watermark: None,
+            numbered_ids: None,
+        }
+    }
+
+    /// Sends through `socket` instead of a socket of the bus's own (for example to share
+    /// one port id between several buses, or between a bus and a receiver). The socket's
+    /// sequence numbering is shared too: everything sending on it numbers one sequence
+    /// per destination and id.
+    pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// How many `(destination, id)` sequences the socket's numbering remembers (default
+    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), for everything
+    /// sending on the socket). Past it the least recently used are forgotten (counted in
+    /// `BusStats::numbering_evictions`) and restart at 1: `reordered`, not loss.
+    pub fn numbered_ids(mut self, n: usize) -> Self {
+        self.numbered_ids = Some(n);
+        self
+    }
+
+    /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
+    /// CPU `c` uses shard `c % shards`.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.cfg.shards = n;
+        self
+    }
+
+    /// Messages each ring (a shard's or a [`Producer`](super::Producer)'s) holds (at least
+    /// 1). A ring also holds at most `capacity * 100` bytes, rounded up to a power of two
+    /// and at least two datagrams, at most 1 GiB: larger messages fill it sooner. Reserved
+    /// up front; `build` fails, rather than aborting, when that is too large.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.cfg.capacity = n;
+        self
+    }
+
+    /// Ring occupancy at which an insert drains the ring itself ([`assist`](Self::assist))
+    /// or wakes the flusher (default capacity / 4; at least 1). Above the capacity: never.
+    pub fn watermark(mut self, n: usize) -> Self {
+        self.watermark = Some(n);
+        self
+    }
+
+    /// Longest time a message waits in a ring (default 1 ms): the flusher aims a quarter of
+    /// it early (at most 1 ms) to absorb its wake-up delay. Beyond 584 years: never.
+    pub fn max_latency(mut self, d: Duration) -> Self {
+        self.cfg.max_latency = d;
+        self
+    }
+
+    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
+    /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
+    /// much.
+    pub fn datagram_size(mut self, bytes: usize) -> Self {
+        self.cfg.datagram_size = bytes;
+        self
+    }
+
+    /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
+    /// otherwise).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.cfg.max_batch = n;
+        self
+    }
+
+    /// How long a send waits for room at a full [`Dest::Port`] receiver (default 1 s). Sends
+    /// never block (`MSG_DONTWAIT`): a full receiver is retried with sleeps up to 1 ms
+    /// apart; if it takes nothing within `send_timeout`, the datagram is counted as failed
+    /// (`EAGAIN`) and the receiver as stalled (not waited for until it takes one again). So
+    /// [`Bus::flush`], [`Bus::close`] and drop return within about `send_timeout` whatever
+    /// the receiver does, while a slow reader still paces the producers. Direct sends wait
+    /// the same way ([`InsertError::Send`] on timeout). Groups and the kernel never wait.
+    /// A timeout too large for [`Instant`] means no limit.
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.cfg.send_timeout = d;
+        self
+    }
+
+    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12), which
+    /// the kernel's connector and its listeners receive too. Off by default: `build`
+    /// refuses a kernel group and an insert on a kernel id is [`InsertError::KernelOwned`].
+    pub fn allow_kernel_ids(mut self, on: bool) -> Self {
+        self.cfg.allow_kernel_ids = on;
+        self
+    }
+
+    /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
+    /// one message per datagram.
+    pub fn framing(mut self, f: Framing) -> Self {
+        self.cfg.framing = f;
+        self
+    }
+
+    /// The policy of [`Bus::insert`] and [`Bus::insert_msg`] when the shard is full.
+    pub fn on_full(mut self, p: FullPolicy) -> Self {
+        self.cfg.policy = p;
+        self
+    }
+
+    /// Pins the flusher thread to `cpu` (by default the scheduler places it).
+    pub fn flusher_cpu(mut self, cpu: usize) -> Self {
+        self.cfg.flusher_cpu = Some(cpu);
+        self
+    }
+
+    /// Writer-assisted draining (default: on for groups and the kernel, off for
+    /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
+    /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
+    /// that finds it full, drains the ring itself if no one else is: a single fast
+    /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
+    /// deadline, flushes and shutdown. Such an insert pays the system call.
+    pub fn assist(mut self, on: bool) -> Self {
+        self.cfg.assist = on;
+        self
+    }
+
+    /// Checks the configuration, allocates the shards' rings, opens the socket if none was
+    /// given and starts the flusher. [`Error::InvalidArgument`] when a number is out of
+    /// range or the memory cannot be had: no setting makes it panic or abort.
+    pub fn build(self) -> Result<Bus> {
+        let mut cfg = self.cfg;
+        if !(1..=MAX_SHARDS).contains(&cfg.shards) {
+            return Err(Error::InvalidArgument("bus shards must be in 1..=65536"));
+        }
+        if cfg.capacity == 0 {
+            return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if let Dest::Group(g) = self.dest {
+            if !cfg.allow_kernel_ids && g < crate::codec::FIRST_USER_GROUP {
+                return Err(Error::KernelOwned {
+                    id: CbId::new(0, 0),
+                    group: g,
+                });
+            }
+            cfg.refuse_kernel_ids = !cfg.allow_kernel_ids;
+        }
+        if self.watermark == Some(0) {
+            return Err(Error::InvalidArgument("bus watermark must be at least 1"));
+        }
+        if !(1..=1024).contains(&cfg.max_batch) {
+            return Err(Error::InvalidArgument("bus max_batch must be in 1..=1024"));
+        }
+        if cfg.datagram_size < nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN) {
+            return Err(Error::InvalidArgument(
+                "bus datagram_size must hold one 36-byte message",
+            ));
+        }
+        cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
+        if self.dest == Dest::Kernel {
+            cfg.framing = Framing::OnePerDatagram;
+            cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
+        }
+        if let Dest::Group(g) = self.dest {
+            if !(1..=32).contains(&g) {
+                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
+            }
+        }
+        let too_big = || {
+            Error::InvalidArgument(
+                "bus shards too large: shards x capacity x 100 bytes (or the datagram size) \
+                 overflows, exceeds 1 GiB per ring or cannot be allocated",
+            )
+        };
+        // The total must be addressable before anything is tried.
+        let ring_bytes = Ring::bytes(cfg.capacity, cfg.datagram_size)
+            .filter(|b| {
+                b.checked_mul(cfg.shards)
+                    .is_some_and(|t| t <= isize::MAX as usize)
+            })
+            .ok_or_else(too_big)?;
+        let mut shards = Vec::new();
+        if shards.try_reserve_exact(cfg.shards).is_err() {
+            return Err(too_big());
+        }
+        for _ in 0..cfg.shards {
+            let (ring, tail) = Ring::new(ring_bytes).ok_or_else(too_big)?;
+            shards.push(Shard {
+                tail: CachePadded::new(crate::sys::ShortLock::new(tail)),
+                ring,
+            });
+        }
+        let sock = match self.socket {
+            Some(s) => s,
+            None => Arc::new(ConnectorSocket::open()?),
+        };
+        if let Some(n) = self.numbered_ids {
+            sock.numbering().lock().set_capacity(n);
+        }
+        let inner = Arc::new(Inner {
+            id: NEXT_BUS_ID.fetch_add(1, Relaxed),
+            rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
+            rings_gen: AtomicU64::new(0),
+            shards: shards.into_boxed_slice(),
+            ring_bytes,
+            pid: sock.port_id(),
+            sock,
+            dest: self.dest,
+            epoch: Instant::now(),
+            bell: CachePadded::new(Doorbell::new()),
+            flusher: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            stop_deadline: OnceLock::new(),
+            stalled: AtomicBool::new(false),
+            tickets: CachePadded::new(FlushTickets::new()),
+            space_waiters: AtomicUsize::new(0),
+            space_lock: Mutex::new(()),
+            space_cv: Condvar::new(),
+            stats: Counters::default(),
+            last_error: Mutex::new(None),
+            cfg,
+        });
+        let worker = Arc::clone(&inner);
+        let pin = inner.cfg.flusher_cpu;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("cnbus-flusher".into())
+            .spawn(move || {
+                let guard = DeadGuard(Arc::clone(&worker));
+                let pinned = pin.map(sys::pin_current_thread).transpose();
+                let failed = pinned.is_err();
+                let _ = started_tx.send(pinned);
+                if failed {
+                    return;
+                }
+                // Deadlines to the microsecond rather than the default 50 µs slack (a
+                // failure only costs that slack).
+                let _ = sys::set_timer_slack_ns(1);
+                // A panic in a drain is contained there; one elsewhere in the loop ends the
+                // flusher, is recorded here, and `flush`/`close` then drain on their own
+                // threads (the guard marks the bus dead and releases every waiter).
+                let w = Arc::clone(&worker);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    flusher::Flusher::new(w).run()
+                }));
+                if let Err(p) = run {
+                    worker.panicked("bus flusher", &*p);
+                }
+                drop(guard);
+            })
+            .map_err(|e| Error::from_io(Op::Spawn, e))?;
+        let _ = inner.flusher.set(handle.thread().clone());
+        match started.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(Error::from_io(Op::SetOption("sched_setaffinity"), e));
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(Error::Closed);
+            }
+        }
+        Ok(Bus {
+            inner,
+            flusher: Some(handle),
+        })
+    }
+}
+
+/// An instant no deadline reaches (for timeouts too large for `Instant`).
+pub(crate) fn far_future() -> Instant {
+    let now = Instant::now();
+    // About 30 years: representable on every platform, and beyond any run.
+    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
+}
+
+/// Marks the bus dead when the flusher exits (normally or by panic) and releases every
+/// waiter.
+pub(crate) struct DeadGuard(pub(crate) Arc<Inner>);
+
+impl Drop for DeadGuard {
+    fn drop(&mut self) {
+        let i = &self.0;
+        i.dead.store(true, SeqCst);
+        i.tickets.publish(u64::MAX);
+        let _g = i.space_lock.lock();
+        i.space_cv.notify_all();
+    }
+}

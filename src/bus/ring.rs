@@ -1,0 +1,755 @@
+//! [`Ring`]: the bus's one queue type, and its one drain.
+//!
+//! A ring is a bounded [`sys::ring`](crate::sys) byte ring of wire-framed messages. Its
+//! writing side ([`Tail`]) is held by one writer at a time: a [`Producer`](super::Producer)
+//! owns it; a per-CPU shard keeps it behind a short lock shared by the threads of that
+//! CPU. The reading side is the ring's drain right ([`Ring::drain`]): whoever holds it
+//! (the flusher, or a writer at the watermark) frames, numbers and sends everything
+//! published, then gives the bytes back.
+//!
+//! # Staged format
+//!
+//! A ring holds encoded messages back to back, each `nlmsg_align(nlmsg_len)` bytes, as the
+//! wire has them, with two differences the drain removes before sending:
+//! * a message whose seq the drain assigns has `nlmsg_type` [`STAGED`]; the drain writes
+//!   its seq (both fields) and sets the type to `NLMSG_DONE`. A prebuilt message
+//!   ([`Bus::insert_msg`](super::Bus::insert_msg)) is staged as `NLMSG_DONE` and keeps
+//!   its seq.
+//! * a message never wraps around the end of the ring: when one would, the writer fills
+//!   the rest with a skip word, [`PAD`] `| bytes` where a message has its `nlmsg_len`
+//!   (lengths are below 2^17, so the bit is free), and writes the message at the start.
+//!
+//! (Over 600 lines with its unit tests: the format is written by `push` and read by
+//! `frame` only, and both stay in this file with the tests of the format.)
+
+use std::cell::Cell;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::Arc;
+
+use crossbeam::utils::CachePadded;
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, NLMSG_DONE};
+use crate::error::{DecodeError, DecodeErrorKind};
+use crate::sys::ring::{self, Probe, Reader, Short, Writer};
+
+use super::send::Progress;
+use super::stats::Counters;
+use super::Inner;
+
+/// `nlmsg_type` of a staged message that the drain numbers.
+pub(crate) const STAGED: u16 = 0;
+
+/// High bit of a skip word (see the module docs).
+pub(crate) const PAD: u32 = 1 << 31;
+
+/// Netlink plus connector header: the shortest message.
+const HDR: usize = 36;
+
+/// Bytes a ring holds per message of capacity: one 64-byte message with its headers.
+pub(crate) const BYTES_PER_SLOT: usize = HDR + 64;
+
+/// The largest ring (bytes): a skip word's 31 bits hold any skip.
+const MAX_RING: usize = 1 << 30;
+
+/// A message offered to the bus, not queued yet.
+#[derive(Debug)]
+pub(crate) enum Entry<'a> {
+    /// `insert` and friends: seq assigned by the drain.
+    Slice {
+        /// The id.
+        id: CbId,
+        /// The data, copied into the ring.
+        data: &'a [u8],
+    },
+    /// `insert_msg`: seq, ack and flags kept.
+    Msg(CnMsg),
+}
+
+impl Entry<'_> {
+    /// Length of the data.
+    #[inline]
+    pub(crate) fn data_len(&self) -> usize {
+        match self {
+            Self::Slice { data, .. } => data.len(),
+            Self::Msg(m) => m.data.len(),
+        }
+    }
+
+    /// The id.
+    #[inline]
+    pub(crate) fn id(&self) -> CbId {
+        match self {
+            Self::Slice { id, .. } => *id,
+            Self::Msg(m) => m.id,
+        }
+    }
+
+    /// The message (for handing it back to the caller).
+    pub(crate) fn into_msg(self) -> CnMsg {
+        match self {
+            Self::Slice { id, data } => CnMsg::new(id, bytes::Bytes::copy_from_slice(data)),
+            Self::Msg(m) => m,
+        }
+    }
+
+    /// Bytes on the wire, netlink header and padding included.
+    #[inline]
+    pub(crate) fn encoded_len(&self) -> usize {
+        nlmsg_align(HDR + self.data_len())
+    }
+
+    /// Writes the encoded message (headers as [`crate::codec::DatagramBuilder`] writes
+    /// them, with `nlmsg_type` [`STAGED`] when the drain numbers it) at the start of `out`.
+    /// Returns the bytes written, or `None` when `out` is too short.
+    #[inline(always)]
+    pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
+        let (cn, ty, data) = match self {
+            Self::Slice { id, data } => (
+                CnHeader {
+                    id: *id,
+                    ..CnHeader::default()
+                },
+                STAGED,
+                *data,
+            ),
+            Self::Msg(m) => (
+                CnHeader {
+                    id: m.id,
+                    seq: m.seq,
+                    ack: m.ack,
+                    len: 0,
+                    flags: m.flags,
+                },
+                NLMSG_DONE,
+                &m.data[..],
+            ),
+        };
+        let nl = NlHeader {
+            len: 0,
+            ty,
+            flags: 0,
+            seq: cn.seq,
+            pid,
+        };
+        codec::encode_into(out, nl, cn, data)
+    }
+}
+
+/// The writing side of a [`Ring`]: one writer at a time (a `Producer`, or the thread
+/// holding a shard's lock).
+pub(crate) struct Tail {
+    writer: Writer,
+    /// Messages published (our copy of `Ring::pushed`).
+    pushed: u64,
+}
+
+impl Tail {
+    /// Position just past the last message published: the ring has sent it once
+    /// [`Ring::released`] says so.
+    #[inline(always)]
+    pub(crate) fn position(&self) -> usize {
+        self.writer.position()
+    }
+
+    /// The ring's size in bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.writer.size()
+    }
+
+    /// Fills the rest of the ring with a skip word, so that the next message goes at its
+    /// start; false when there is no room for the skip.
+    #[cold]
+    fn wrap(&mut self) -> bool {
+        let n = self.writer.until_end();
+        let skip = (n as u32 | PAD).to_ne_bytes();
+        self.writer
+            .write(n, |b| {
+                if let Some(w) = b.get_mut(..4) {
+                    w.copy_from_slice(&skip);
+                }
+            })
+            .is_ok()
+    }
+}
+
+/// The reading side of a ring and the drain's scratch state.
+pub(crate) struct Drainer {
+    reader: Reader,
+    /// Our copy of `Ring::done`.
+    done: u64,
+    /// Datagrams of the current drain.
+    bounds: Vec<Bound>,
+}
+
+/// One datagram of a drain: part (0: before the end of the ring, 1: after), byte range in
+/// that part, messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bound {
+    part: usize,
+    start: usize,
+    end: usize,
+    msgs: u64,
+}
+
+/// The bus's queue; see the module docs.
+pub(crate) struct Ring {
+    probe: Probe,
+    /// Messages published. Stored (`Relaxed`) only by the writer: a statistic and the
+    /// flusher's watermark hint; the ring's positions are what order memory.
+    pushed: AtomicU64,
+    /// Messages drains have finished with (sent or counted as failed). Stored (`Release`)
+    /// only by the drain right's holder, after the send; the writer loads it (`Acquire`)
+    /// to know how full the ring is.
+    done: CachePadded<AtomicU64>,
+    /// An enqueue stamp (ns since the bus epoch) no later than the oldest message's:
+    /// stored by the writer when it publishes into an empty ring, and by a drain as the
+    /// time it loaded the tail (everything it left behind is younger).
+    since: AtomicU64,
+    /// A `Producer`'s ring whose producer is gone: once empty, the flusher forgets it.
+    pub retired: AtomicBool,
+    drain: Mutex<Drainer>,
+}
+
+impl Ring {
+    /// Bytes of a ring for `capacity` messages: `capacity * BYTES_PER_SLOT`, at least two
+    /// datagrams (`datagram` bytes), as a power of two of at most 1 GiB. `None` when that
+    /// overflows or exceeds the maximum.
+    pub(crate) fn bytes(capacity: usize, datagram: usize) -> Option<usize> {
+        capacity
+            .checked_mul(BYTES_PER_SLOT)?
+            .max(datagram.checked_mul(2)?)
+            .checked_next_power_of_two()
+            .filter(|&b| b <= MAX_RING)
+    }
+
+    /// A ring of `bytes` bytes (see [`bytes`](Self::bytes)) and its writing side, or `None`
+    /// when the memory cannot be allocated.
+    pub(crate) fn new(bytes: usize) -> Option<(Arc<Ring>, Tail)> {
+        let (writer, reader) = ring::ring(bytes)?;
+        let r = Ring {
+            probe: writer.probe(),
+            pushed: AtomicU64::new(0),
+            done: CachePadded::new(AtomicU64::new(0)),
+            since: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            drain: Mutex::new(Drainer {
+                reader,
+                done: 0,
+                bounds: Vec::new(),
+            }),
+        };
+        Some((Arc::new(r), Tail { writer, pushed: 0 }))
+    }
+
+    /// Appends `e` (from port `pid`) unless the ring holds `cap` messages or has no room.
+    /// Returns the messages held after the push. `now` gives the enqueue stamp when the
+    /// ring was empty.
+    #[inline(always)]
+    pub(crate) fn push(
+        &self,
+        t: &mut Tail,
+        e: &Entry<'_>,
+        pid: u32,
+        cap: usize,
+        now: impl FnOnce() -> u64,
+    ) -> Option<u64> {
+        let queued = t.pushed.wrapping_sub(self.done.load(Acquire));
+        if queued >= cap as u64 {
+            return None;
+        }
+        if queued == 0 {
+            // Before the message is published: whoever sees it sees this stamp or later.
+            self.since.store(now(), Relaxed);
+        }
+        let len = e.encoded_len();
+        // Fits: the region has the encoded length, checked against the limits on entry.
+        let encode = |b: &mut [u8]| {
+            let _ = e.encode_into(pid, b);
+        };
+        match t.writer.write(len, encode) {
+            Ok(()) => {}
+            Err(Short::End) if t.wrap() && t.writer.write(len, encode).is_ok() => {}
+            Err(_) => return None,
+        }
+        t.pushed += 1;
+        self.pushed.store(t.pushed, Relaxed);
+        Some(queued + 1)
+    }
+
+    /// Messages ever published.
+    pub(crate) fn pushed(&self) -> u64 {
+        self.pushed.load(Relaxed)
+    }
+
+    /// Messages held, as seen now (approximate while a writer and a drain run).
+    pub(crate) fn queued(&self) -> u64 {
+        self.pushed().saturating_sub(self.done.load(Acquire))
+    }
+
+    /// True when published bytes are waiting (the flusher's look).
+    #[inline]
+    pub(crate) fn pending(&self) -> bool {
+        self.probe.pending() > 0
+    }
+
+    /// True once everything up to `end` (a [`Tail::position`]) was sent or counted as
+    /// failed (Acquire: that send happens-before the caller's next step).
+    #[inline(always)]
+    pub(crate) fn released(&self, end: usize) -> bool {
+        self.probe.released(end)
+    }
+
+    /// The oldest message's enqueue stamp (read while the ring holds messages).
+    pub(crate) fn since(&self) -> u64 {
+        self.since.load(Relaxed)
+    }
+
+    /// The drain right: waits for it if `wait`, else `None` when someone holds it.
+    pub(crate) fn drain_right(&self, wait: bool) -> Option<MutexGuard<'_, Drainer>> {
+        if wait {
+            Some(self.drain.lock())
+        } else {
+            self.drain.try_lock()
+        }
+    }
+}
+
+impl Inner {
+    /// Drains `ring` on the calling thread, waiting for its drain right if `wait` (else
+    /// returns `None` when someone else is draining it). Returns the messages taken.
+    pub(crate) fn drain(&self, ring: &Ring, wait: bool) -> Option<u64> {
+        let mut d = ring.drain_right(wait)?;
+        Some(self.drain_held(ring, &mut d))
+    }
+
+    /// The drain, its right held as `d`: everything published now is framed, numbered and
+    /// sent, `max_batch` datagrams per `sendmmsg`, then given back. A panic is contained
+    /// ([`contain`](Self::contain)): what was not sent is counted as failed.
+    fn drain_held(&self, ring: &Ring, d: &mut Drainer) -> u64 {
+        // Read before the tail: every message left behind is younger.
+        let t = self.now_ns();
+        let Drainer {
+            reader,
+            done,
+            bounds,
+        } = d;
+        let (a, b) = reader.readable();
+        if a.is_empty() {
+            return 0;
+        }
+        let since = ring.since();
+        bounds.clear();
+        // Messages framed, once known: a panic after that point is contained (what was
+        // not sent is counted as failed); one while framing leaves the bytes in the ring
+        // for the next drain (messages numbered by then keep their numbers).
+        let framed = Cell::new(None);
+        let progress = Progress::default();
+        let sent = self.contain("bus drainer", || {
+            // The send lock: numbering and sending of one drain are not interleaved with
+            // another drain's (of any ring, of any bus on this socket), so the numbers of
+            // each (destination, id) follow wire order.
+            let mut numbering = self.sock.numbering().lock();
+            let mut seqs = numbering.to(self.dest);
+            let lim = Limits {
+                coalesce: self.cfg.coalesce(),
+                datagram: self.cfg.datagram_size,
+            };
+            let (mut msgs, mut bad) = (0u64, None);
+            for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
+                let w = frame(part, bytes, lim, &mut seqs, bounds);
+                msgs += w.msgs;
+                bad = bad.or(w.bad);
+            }
+            framed.set(Some(msgs));
+            let parts = [&*a, &*b];
+            let slices: Vec<IoSlice<'_>> = bounds
+                .iter()
+                .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
+                .collect();
+            self.send_datagrams(&slices, |i| bounds.get(i).map_or(0, |x| x.msgs), &progress);
+            (msgs, bad)
+        });
+        let (msgs, bad) = match (sent, framed.get()) {
+            (Some(r), _) => r,
+            (None, Some(msgs)) => {
+                self.fail_rest(&progress, msgs, bounds.len() as u64);
+                (msgs, None)
+            }
+            (None, None) => return 0,
+        };
+        if let Some(e) = bad {
+            // Only a bug can put a malformed word in a ring; the rest of the part is
+            // skipped so that the ring cannot wedge, and the error is counted and kept.
+            Counters::add(&self.stats.failed_datagrams, 1);
+            self.record_error(e.into());
+        }
+        let taken = a.len() + b.len();
+        if since != 0 {
+            Counters::max(&self.stats.max_queue_delay_ns, t.saturating_sub(since));
+        }
+        Counters::max(&self.stats.high_water, msgs);
+        ring.since.store(t, Relaxed);
+        *done += msgs;
+        // Release: the send and `since` happen-before the writer's Acquire of `done`.
+        ring.done.store(*done, Release);
+        reader.release(taken);
+        self.space_freed();
+        msgs
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    coalesce: bool,
+    datagram: usize,
+}
+
+/// What [`frame`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Walk {
+    msgs: u64,
+    /// A malformed word ended the walk.
+    bad: Option<DecodeError>,
+}
+
+/// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
+/// words, and appends the datagrams (closed at `lim.datagram` bytes, after every message
+/// without coalescing, and at the end of the part) to `out`. Never reads out of bounds,
+/// always advances, and stops at the first malformed word. Reads each header once.
+fn frame(
+    part: usize,
+    bytes: &mut [u8],
+    lim: Limits,
+    seqs: &mut crate::seq::DestSeqs,
+    out: &mut Vec<Bound>,
+) -> Walk {
+    // Bytes a datagram may hold: 0 without coalescing (every message closes one).
+    let limit = if lim.coalesce { lim.datagram } else { 0 };
+    // The open datagram: start, the end beyond which a message closes it, messages.
+    let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
+    let mut total = 0u64;
+    // The id being numbered (`idx`, `val` as one word) and its last number, written back
+    // when the id changes.
+    let (mut key, mut n, mut numbering) = (0u64, 0u32, false);
+    let mut bad = None;
+    let mut p = 0usize;
+    let mut close = |out: &mut Vec<Bound>, start: usize, end: usize, msgs: &mut u64| {
+        if *msgs > 0 {
+            out.push(Bound {
+                part,
+                start,
+                end,
+                msgs: *msgs,
+            });
+            total += *msgs;
+            *msgs = 0;
+        }
+    };
+    while p < bytes.len() {
+        let rest = bytes.len() - p;
+        if let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) {
+            let word = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
+            let stride = nlmsg_align(word as usize);
+            // A message (not a skip word) that fits: the common case, one range check.
+            if (HDR as u32..PAD).contains(&word) && stride <= rest {
+                let staged = u16::from_ne_bytes([h[4], h[5]]) == STAGED;
+                let (head, k) = (word8(h, 0), word8(h, 16));
+                if staged {
+                    if !numbering || k != key {
+                        if numbering {
+                            seqs.put(id_of(key), n);
+                        }
+                        (key, n, numbering) = (k, seqs.get(id_of(k)), true);
+                    }
+                    n = n.wrapping_add(1);
+                    stamp(h, n);
+                }
+                if p + stride > close_at {
+                    close(out, start, p, &mut msgs);
+                    start = p;
+                    close_at = p + limit.max(stride);
+                }
+                msgs += 1;
+                p += stride;
+                // The common case, one writer's stream: the messages that follow repeat
+                // this one's length, type, flags and id. Number them with one comparison
+                // each, as long as they stay in the open datagram.
+                if staged {
+                    let end = close_at.min(bytes.len());
+                    while p + stride <= end {
+                        let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) else {
+                            break;
+                        };
+                        if word8(h, 0) != head || word8(h, 16) != k {
+                            break;
+                        }
+                        n = n.wrapping_add(1);
+                        stamp(h, n);
+                        msgs += 1;
+                        p += stride;
+                    }
+                }
+                continue;
+            }
+        }
+        // A skip word (a datagram never spans one), or a malformed word.
+        match skip(bytes.get(p..).unwrap_or_default(), p) {
+            Ok(k) => {
+                close(out, start, p, &mut msgs);
+                close_at = 0;
+                p += k;
+            }
+            Err(e) => {
+                bad = Some(e);
+                break;
+            }
+        }
+    }
+    close(out, start, p, &mut msgs);
+    if numbering {
+        seqs.put(id_of(key), n);
+    }
+    Walk { msgs: total, bad }
+}
+
+/// The length of the skip word at the start of `rest` (at offset `at` of its part), or why
+/// the bytes there are neither a skip word nor a message.
+#[cold]
+fn skip(rest: &[u8], at: usize) -> Result<usize, DecodeError> {
+    let err = |kind| Err(DecodeError::new(at, kind));
+    let Some(&[a, b, c, d]) = rest.get(..4) else {
+        return err(DecodeErrorKind::ShortHeader {
+            remaining: rest.len(),
+        });
+    };
+    let word = u32::from_ne_bytes([a, b, c, d]);
+    let n = (word & !PAD) as usize;
+    if word & PAD == 0 && (word as usize) < HDR {
+        err(DecodeErrorKind::NlmsgLenTooSmall { len: word })
+    } else if word & PAD == 0 || n < 4 || n > rest.len() {
+        err(DecodeErrorKind::NlmsgLenOverrun {
+            len: word,
+            remaining: rest.len(),
+        })
+    } else {
+        Ok(n)
+    }
+}
+
+/// Eight header bytes at `at` as one word (for comparisons only).
+#[inline(always)]
+fn word8(h: &[u8; HDR], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    if let Some(b) = h.get(at..at + 8) {
+        w.copy_from_slice(b);
+    }
+    u64::from_ne_bytes(w)
+}
+
+/// Writes seq `n` into a staged message's header (`nlmsg_seq`, `cn_msg.seq`) and makes
+/// it `NLMSG_DONE`.
+#[inline(always)]
+fn stamp(h: &mut [u8; HDR], n: u32) {
+    h[8..12].copy_from_slice(&n.to_ne_bytes());
+    h[24..28].copy_from_slice(&n.to_ne_bytes());
+    h[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+}
+
+/// The id of a header's `idx`, `val` read as one host-order word.
+fn id_of(key: u64) -> CbId {
+    let b = key.to_ne_bytes();
+    CbId::new(
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{messages_ref, DatagramBuilder, MessageRef};
+    use crate::seq::SeqSource;
+
+    fn staged(id: CbId, data: &[u8], numbered: bool) -> Vec<u8> {
+        let e = if numbered {
+            Entry::Slice { id, data }
+        } else {
+            Entry::Msg(CnMsg::new(id, data.to_vec()))
+        };
+        let mut v = vec![0u8; e.encoded_len()];
+        e.encode_into(7, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn encoding_matches_datagram_builder_once_framed() {
+        for n in [0usize, 1, 3, 63, 64, 65, 1000] {
+            let data: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let msg = CnMsg::new(CbId::new(0x4000_0001, 9), data.clone()).with_seq(7, 8);
+            let mut b = DatagramBuilder::new(4096).with_pid(42);
+            assert!(b.push(&msg).unwrap());
+            let e = Entry::Msg(msg.clone());
+            let mut out = vec![0xAAu8; e.encoded_len() + 8];
+            assert_eq!(e.encode_into(42, &mut out), Some(e.encoded_len()));
+            assert!(out[e.encoded_len()..].iter().all(|&b| b == 0xAA));
+            assert_eq!(
+                &out[..e.encoded_len()],
+                b.as_bytes(),
+                "payload of {n} bytes"
+            );
+            let mut short = vec![0xAAu8; e.encoded_len() - 1];
+            assert_eq!(e.encode_into(42, &mut short), None);
+            assert!(short.iter().all(|&b| b == 0xAA));
+            assert_eq!(e.into_msg(), msg);
+            // The slice path, once the drain numbered it (seq 1), against the builder.
+            let e2 = Entry::Slice {
+                id: msg.id,
+                data: &data,
+            };
+            let mut out = vec![0u8; e2.encoded_len()];
+            e2.encode_into(42, &mut out).unwrap();
+            let mut src = SeqSource::default();
+            let mut seqs = src.to(crate::sys::Dest::Group(20));
+            let lim = Limits {
+                coalesce: true,
+                datagram: 4096,
+            };
+            frame(0, &mut out, lim, &mut seqs, &mut Vec::new());
+            let mut b2 = DatagramBuilder::new(4096).with_pid(42);
+            assert!(b2
+                .push(&CnMsg::new(msg.id, data.clone()).with_seq(1, 0))
+                .unwrap());
+            assert_eq!(out, b2.as_bytes(), "slice payload of {n} bytes");
+        }
+    }
+
+    #[test]
+    fn push_bounds_by_count_and_bytes_and_wraps() {
+        let bytes = Ring::bytes(4, 128).unwrap();
+        assert_eq!(bytes, 512);
+        let (r, mut t) = Ring::new(bytes).unwrap();
+        let d = [0u8; 64];
+        let e = Entry::Slice {
+            id: CbId::new(1, 1),
+            data: &d,
+        };
+        for k in 1..=4 {
+            assert_eq!(r.push(&mut t, &e, 1, 4, || 5), Some(k));
+        }
+        assert_eq!(r.push(&mut t, &e, 1, 4, || 6), None, "full at capacity");
+        assert_eq!((r.queued(), r.since(), r.pushed()), (4, 5, 4));
+        assert!(!r.released(t.position()));
+        let big = [0u8; 200];
+        let eb = Entry::Slice {
+            id: CbId::new(1, 1),
+            data: &big,
+        };
+        assert_eq!(r.push(&mut t, &eb, 1, 9, || 6), None, "byte bound");
+        assert_eq!(Ring::bytes(usize::MAX / 50, 0), None, "overflow");
+        assert_eq!(Ring::bytes(1 << 30, 0), None, "over 1 GiB");
+        assert_eq!(Ring::bytes(3, 1000), Some(2048));
+    }
+
+    #[test]
+    fn frame_numbers_skips_pads_and_packs_datagrams() {
+        let a = CbId::new(0x4000_0001, 1);
+        let b = CbId::new(0x4000_0001, 2);
+        let mut bytes = Vec::new();
+        bytes.extend(staged(a, b"x", true)); // 40 bytes
+        bytes.extend(staged(a, b"hello", true)); // 44
+        bytes.extend(staged(b, b"x", false)); // 40, prebuilt: seq kept (0)
+        bytes.extend(staged(a, b"x", true)); // 40
+        bytes.extend((8u32 | PAD).to_ne_bytes());
+        bytes.extend([0u8; 4]);
+        let mut src = SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
+        let mut out = Vec::new();
+        let lim = Limits {
+            coalesce: true,
+            datagram: 100,
+        };
+        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        assert_eq!(w, Walk { msgs: 4, bad: None });
+        let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
+        assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
+        let got: Vec<_> = messages_ref(&bytes[..164])
+            .map(|m| match m {
+                Ok(MessageRef::Connector { nl, cn, .. }) => (nl.ty, nl.seq, cn.seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let d = NLMSG_DONE;
+        assert_eq!(got, [(d, 1, 1), (d, 2, 2), (d, 0, 0), (d, 3, 3)]);
+        assert_eq!(seqs.get(a), 3);
+        // One message per datagram without coalescing.
+        let mut out = Vec::new();
+        let mut again = staged(b, b"x", true);
+        let lim = Limits {
+            coalesce: false,
+            datagram: 100,
+        };
+        again.extend(staged(b, b"y", true));
+        frame(1, &mut again, lim, &mut seqs, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].part, 1);
+    }
+
+    #[test]
+    fn frame_runs_break_at_datagram_limits_and_id_changes() {
+        let a = CbId::new(0x4000_0001, 1);
+        let b = CbId::new(0x4000_0001, 2);
+        let mut bytes = Vec::new();
+        for _ in 0..10 {
+            bytes.extend(staged(a, b"abcd", true)); // 40 bytes each
+        }
+        bytes.extend(staged(b, b"abcd", true));
+        bytes.extend(staged(a, b"abcd", true));
+        let mut src = SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
+        let mut out = Vec::new();
+        let lim = Limits {
+            coalesce: true,
+            datagram: 120,
+        };
+        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        assert_eq!(w.msgs, 12);
+        let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
+        assert_eq!(per, [3, 3, 3, 3]);
+        assert!(out.windows(2).all(|w| w[0].end == w[1].start));
+        let got: Vec<_> = messages_ref(&bytes)
+            .map(|m| match m {
+                Ok(MessageRef::Connector { nl, cn, .. }) => (cn.id.val, nl.ty, nl.seq, cn.seq),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut want: Vec<_> = (1..=10).map(|n| (1, NLMSG_DONE, n, n)).collect();
+        want.push((2, NLMSG_DONE, 1, 1));
+        want.push((1, NLMSG_DONE, 11, 11));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn frame_stops_at_malformed_words() {
+        let mut src = SeqSource::default();
+        let mut seqs = src.to(crate::sys::Dest::Group(20));
+        let lim = Limits {
+            coalesce: true,
+            datagram: 4096,
+        };
+        for junk in [
+            vec![0u8; 8],                         // nlmsg_len 0
+            (12u32 | PAD).to_ne_bytes().to_vec(), // skip past the end
+            PAD.to_ne_bytes().to_vec(),           // skip of 0: would not advance
+            1000u32.to_ne_bytes().to_vec(),       // message past the end
+            vec![1, 2],                           // too short for a word
+        ] {
+            let mut b = junk.clone();
+            let mut out = Vec::new();
+            let w = frame(0, &mut b, lim, &mut seqs, &mut out);
+            assert!(w.bad.is_some(), "{junk:?}");
+            assert!(out.is_empty());
+        }
+    }
+}
