@@ -338,20 +338,40 @@ impl Snapshot<'_> {
     /// Delivers `msg` to every registration of the snapshot that matches it and is still
     /// active: exact matches first, then wildcards, each in registration order.
     pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
-        let mut out = DispatchOutcome::default();
-        let exact = self
-            .table
-            .exact
-            .get(&msg.msg.id)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        self.targets(msg.msg.id).dispatch(msg)
+    }
+
+    /// The registrations of the snapshot that match `id`: one lookup for a run of messages
+    /// of one id.
+    pub(crate) fn targets(&self, id: CbId) -> Targets<'_> {
+        let exact = self.table.exact.get(&id).map(Vec::as_slice).unwrap_or(&[]);
         let wild = self
             .table
             .wildcard
-            .get(&msg.msg.id.idx)
+            .get(&id.idx)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for e in exact.iter().chain(wild) {
+        Targets {
+            registry: self.registry,
+            exact,
+            wild,
+        }
+    }
+}
+
+/// The registrations of a [`Snapshot`] that match one id.
+pub(crate) struct Targets<'a> {
+    registry: &'a Shared,
+    exact: &'a [Arc<Entry>],
+    wild: &'a [Arc<Entry>],
+}
+
+impl Targets<'_> {
+    /// Delivers `msg` (of the id these targets were looked up for) to each registration
+    /// still active: exact matches first, then wildcards, each in registration order.
+    pub(crate) fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
+        let mut out = DispatchOutcome::default();
+        for e in self.exact.iter().chain(self.wild) {
             match e.call(msg) {
                 Ok(true) => out.delivered += 1,
                 Ok(false) => {}
