@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::stats::Counters;
 use super::{Event, Incoming, Source};
-use crate::codec::{messages, CbId, CnMsg, Message};
+use crate::codec::{messages_ref, CbId, CnMsg, MessageRef};
 use crate::error::{Error, Result};
 use crate::seq::{SeqTracker, SeqVerdict};
 use crate::sys::{ConnectorSocket, RecvMeta};
@@ -126,10 +126,19 @@ impl Ingest {
         // is brought up to date once, when the run ends, instead of once per message.
         let mut run: Option<(CbId, u32, bool)> = None;
         let mut count = 0u64;
-        for m in messages(datagram) {
-            let cm = match m {
-                Ok(Message::Connector(cm)) => cm,
-                Ok(Message::Error(e)) => {
+        // Parsed in place; each message's data is a `Bytes` slice of the datagram.
+        for m in messages_ref(&datagram) {
+            let msg = match m {
+                Ok(MessageRef::Connector {
+                    cn, data_offset, ..
+                }) => CnMsg {
+                    id: cn.id,
+                    seq: cn.seq,
+                    ack: cn.ack,
+                    flags: cn.flags,
+                    data: datagram.slice(data_offset..data_offset + usize::from(cn.len)),
+                },
+                Ok(MessageRef::Error(e)) => {
                     Counters::add(&c.control, 1);
                     sink(Err(Event::NetlinkError {
                         port: meta.port,
@@ -137,7 +146,7 @@ impl Ingest {
                     }));
                     continue;
                 }
-                Ok(Message::Noop(_)) | Ok(Message::Overrun(_)) => {
+                Ok(MessageRef::Noop(_)) | Ok(MessageRef::Overrun(_)) => {
                     Counters::add(&c.control, 1);
                     continue;
                 }
@@ -151,7 +160,6 @@ impl Ingest {
                 }
             };
             count += 1;
-            let msg = cm.msg;
             if self.track_seq && !source.is_kernel() {
                 match run {
                     Some((id, last, _)) if id == msg.id && msg.seq == last.wrapping_add(1) => {
