@@ -58,7 +58,13 @@ pub(super) fn run(inner: &Inner) {
                                 d.deliver(&registry, &mut targets, &rx);
                             }
                         }
-                        Err(e) => inner.event(e),
+                        Err(e) => {
+                            // The event handler is user code: no callback lock held.
+                            if let Some((_, t)) = &mut targets {
+                                t.release();
+                            }
+                            inner.event(e);
+                        }
                     });
                     Counters::add(&c.dispatched, d.dispatched);
                     Counters::add(&c.unmatched, d.unmatched);
@@ -115,7 +121,11 @@ impl Delivery {
         let id = rx.msg.id;
         let t = match targets {
             Some((last, t)) if *last == id => t,
-            _ => &targets.insert((id, registry.targets(id))).1,
+            _ => {
+                // The previous id's run ends here (its lock, if held, is released).
+                *targets = None;
+                &mut targets.insert((id, registry.targets(id))).1
+            }
         };
         let out = t.dispatch(rx);
         self.dispatched += out.delivered as u64;
