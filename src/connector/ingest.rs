@@ -17,6 +17,20 @@ pub(crate) struct Ingest {
     track_seq: bool,
     /// The tracker's evictions already added to the counters.
     evictions: u64,
+    /// The stream of the last message and its seq: the next message of that stream, if
+    /// in order, is checked here, and the tracker, which may still hold an older seq of it
+    /// (`stale`), is brought up to date once, when another stream comes, instead of
+    /// hashing every message.
+    run: Option<Run>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    port: u32,
+    group: u32,
+    id: CbId,
+    last: u32,
+    stale: bool,
 }
 
 impl Ingest {
@@ -25,6 +39,7 @@ impl Ingest {
             tracker: SeqTracker::new(streams),
             track_seq,
             evictions: 0,
+            run: None,
         }
     }
 
@@ -66,11 +81,11 @@ impl Ingest {
         }
     }
 
-    /// Hands the tracker the last seq of a run of in-order messages it has not seen (its
-    /// verdict, a gap the length of the run, is not one: those messages were checked).
-    fn settle(&mut self, meta: RecvMeta, run: Option<(CbId, u32, bool)>) {
-        if let Some((id, last, true)) = run {
-            self.tracker.observe(meta.port, meta.group, id, last);
+    /// Hands the tracker the last seq of the run if it has not seen it (its verdict, a
+    /// gap the length of the run, is not one: those messages were checked).
+    fn settle(&mut self) {
+        if let Some(r) = self.run.take().filter(|r| r.stale) {
+            self.tracker.observe(r.port, r.group, r.id, r.last);
         }
     }
 
@@ -121,10 +136,6 @@ impl Ingest {
             port: meta.port,
             group: meta.group,
         };
-        // The stream of the last message, its seq, and whether the tracker still holds an
-        // older seq of it: in-order messages of one stream are checked here and the tracker
-        // is brought up to date once, when the run ends, instead of once per message.
-        let mut run: Option<(CbId, u32, bool)> = None;
         let mut count = 0u64;
         // Parsed in place; each message's data is a `Bytes` slice of the datagram.
         for m in messages_ref(&datagram) {
@@ -161,20 +172,30 @@ impl Ingest {
             };
             count += 1;
             if self.track_seq && !source.is_kernel() {
-                match run {
-                    Some((id, last, _)) if id == msg.id && msg.seq == last.wrapping_add(1) => {
-                        run = Some((id, msg.seq, true));
+                match &mut self.run {
+                    Some(r)
+                        if r.id == msg.id
+                            && msg.seq == r.last.wrapping_add(1)
+                            && (r.port, r.group) == (meta.port, meta.group) =>
+                    {
+                        r.last = msg.seq;
+                        r.stale = true;
                     }
                     _ => {
-                        self.settle(meta, run);
+                        self.settle();
                         self.observe(c, meta, &msg, &mut sink);
-                        run = Some((msg.id, msg.seq, false));
+                        self.run = Some(Run {
+                            port: meta.port,
+                            group: meta.group,
+                            id: msg.id,
+                            last: msg.seq,
+                            stale: false,
+                        });
                     }
                 }
             }
             sink(Ok(Incoming { msg, source }));
         }
-        self.settle(meta, run);
         Counters::add(&c.messages, count);
     }
 }
