@@ -353,10 +353,15 @@ impl Snapshot<'_> {
             .get(&id.idx)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let lone = match (exact, wild) {
+            ([e], []) | ([], [e]) => Some(&**e),
+            _ => None,
+        };
         Targets {
             registry: self.registry,
             exact,
             wild,
+            lone,
             held: None,
         }
     }
@@ -380,6 +385,8 @@ pub(crate) struct Targets<'a> {
     registry: &'a Shared,
     exact: &'a [Arc<Entry>],
     wild: &'a [Arc<Entry>],
+    /// The registration, when exactly one matches.
+    lone: Option<&'a Entry>,
     held: Option<(Guard<'a, Callback>, InCallback)>,
 }
 
@@ -388,11 +395,7 @@ impl<'a> Targets<'a> {
     /// still active: exact matches first, then wildcards, each in registration order.
     pub(crate) fn dispatch(&mut self, msg: &Incoming) -> DispatchOutcome {
         let mut out = DispatchOutcome::default();
-        let lone = match (self.exact, self.wild) {
-            ([e], []) | ([], [e]) => Some(e),
-            _ => None,
-        };
-        if let Some(e) = lone {
+        if let Some(e) = self.lone {
             let (cb, _) = self
                 .held
                 .get_or_insert_with(|| (e.callback.lock(), InCallback::enter()));
