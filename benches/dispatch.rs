@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cnbus::codec::{messages, DatagramBuilder, Message};
-use cnbus::connector::{Connector, Incoming, Registry, Source};
+use cnbus::connector::{Connector, Event, Incoming, Registry, Source};
 use cnbus::{CbId, CnMsg};
 use parking_lot::{Mutex, RwLock};
 
@@ -286,11 +286,10 @@ impl Drop for Raw {
     }
 }
 
-/// Multicasts `n` messages of `id` (64 B each, seq from 1) to `group` from a socket of its
-/// own: 32 messages per datagram, 64 datagrams per `sendmmsg`. Returns when the kernel has
+/// Multicasts `n` messages of `id` (64 B each, seq from 1) to `group` from socket `s`:
+/// 32 messages per datagram, 64 datagrams per `sendmmsg`. Returns when the kernel has
 /// queued (or dropped) them all at every member.
-fn fill(group: u32, id: CbId, n: usize) {
-    let s = Raw::open();
+fn fill(s: &Raw, group: u32, id: CbId, n: usize) {
     // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
     let mut dst: libc::sockaddr_nl = unsafe { mem::zeroed() };
     dst.nl_family = libc::AF_NETLINK as u16;
@@ -406,7 +405,8 @@ fn raw_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
         "join",
     );
     let d0 = r.drops();
-    fill(group, id, n);
+    let sender = Raw::open();
+    fill(&sender, group, id, n);
     let drops = u64::from(r.drops().wrapping_sub(d0));
     let mut buf = vec![0u8; SLOTS * SLOT_LEN];
     // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
@@ -447,8 +447,16 @@ fn raw_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
                 e => panic!("recvmmsg: errno {e:?}"),
             }
         }
-        for (h, d) in hdrs.iter().zip(buf.chunks(SLOT_LEN)).take(k as usize) {
-            delivered += count_in(&d[..(h.msg_len as usize).min(SLOT_LEN)], id);
+        for ((h, d), name) in hdrs
+            .iter()
+            .zip(buf.chunks(SLOT_LEN))
+            .zip(names.iter())
+            .take(k as usize)
+        {
+            // Only the bench's sender: others may multicast on the group too.
+            if name.nl_pid == sender.port {
+                delivered += count_in(&d[..(h.msg_len as usize).min(SLOT_LEN)], id);
+            }
         }
     }
     Round {
@@ -472,7 +480,22 @@ struct Probe {
 
 /// The Connector: one counting callback registered for the id.
 fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
-    let conn = Connector::builder().recv_buffer(rcvbuf).spawn().unwrap();
+    let sender = Raw::open();
+    let port = sender.port;
+    // The sequence gaps of the bench's own stream (other senders' gaps are in Stats::lost).
+    let lost = Arc::new(AtomicU64::new(0));
+    let l = lost.clone();
+    let conn = Connector::builder()
+        .recv_buffer(rcvbuf)
+        .on_event(move |e| {
+            if let Event::Lost { port: p, count, .. } = e {
+                if *p == port {
+                    l.fetch_add(u64::from(*count), Ordering::Relaxed);
+                }
+            }
+        })
+        .spawn()
+        .unwrap();
     let _sub = conn.subscribe(group).unwrap();
     let probe = Arc::new(Probe {
         gate: Barrier::new(2),
@@ -483,7 +506,10 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
     });
     let p = probe.clone();
     let mut mine = 0u64;
-    let _reg = conn.register(id, move |_| {
+    let _reg = conn.register(id, move |m| {
+        if m.source.port != port {
+            return; // not the bench's sender
+        }
         if mine == 0 {
             // The first message holds the dispatcher until the queue is full.
             p.gate.wait();
@@ -495,7 +521,7 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
             *p.end.lock() = Some((Instant::now(), thread_cpu_ns()));
         }
     });
-    fill(group, id, n);
+    fill(&sender, group, id, n);
     let drops = conn.stats().kernel_drops.unwrap_or(0);
     probe
         .expected
@@ -520,7 +546,7 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
     Round {
         delivered: probe.count.load(Ordering::Relaxed),
         drops: s.kernel_drops.unwrap_or(0),
-        lost: s.lost,
+        lost: lost.load(Ordering::Relaxed),
         secs: end.0.duration_since(start.0).as_secs_f64(),
         cpu_ns: end.1.saturating_sub(start.1),
     }
@@ -536,7 +562,12 @@ fn receive_side() {
     let rounds = knob("BENCH_ROUNDS", 5).max(1);
     let group = knob("BENCH_GROUP", 22) as u32;
     let rcvbuf = knob("BENCH_RCVBUF_MB", 256) << 20;
-    let id = CbId::new(0x5100_0000 | (std::process::id() & 0xffff), 1);
+    // An id of this run's own; each receiver also counts only its sender's port.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let salt = std::process::id().wrapping_mul(0x9e37_79b9) ^ now.subsec_nanos();
+    let id = CbId::new(0x5000_0000 | (salt & 0x0fff_ffff), 1);
     println!(
         "receive side: {n} messages of {PAYLOAD} B ({PER_DATAGRAM} per datagram) multicast to group {group} and queued first (SO_RCVBUFFORCE {} MiB), then read until the queue is empty; {rounds} interleaved rounds",
         rcvbuf >> 20
@@ -546,7 +577,7 @@ fn receive_side() {
         SLOT_LEN >> 10
     );
     println!(
-        "  receiver CPU = CLOCK_THREAD_CPUTIME_ID of the reading thread over the drain; drops = the socket's kernel drop counter (datagrams); lost = the Connector's sequence gaps (messages)"
+        "  receiver CPU = CLOCK_THREAD_CPUTIME_ID of the reading thread over the drain; drops = the socket's kernel drop counter (datagrams); lost = the Connector's sequence gaps of the bench's stream (messages); only the bench sender's messages count"
     );
     println!(
         "{:>5} | {:>10} {:>8} {:>9} {:>6} | {:>10} {:>8} {:>9} {:>6} {:>6} | {:>10} {:>9}",
