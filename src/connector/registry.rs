@@ -529,6 +529,36 @@ mod loom_tests {
         });
     }
 
+    /// The dispatcher's way: a run of two messages through one `Targets` (the lone
+    /// registration's lock taken once) against `unregister` on another thread: after it
+    /// returns, the callback is not running and never runs again.
+    #[test]
+    fn unregister_waits_out_a_run() {
+        loom::model(|| {
+            let id = CbId::new(100, 5);
+            let r = Arc::new(Registry::new());
+            let gone = Arc::new(AtomicBool::new(false));
+            let late = Arc::new(AtomicBool::new(false));
+            let (g, l) = (gone.clone(), late.clone());
+            let reg = r.register(id, move |_| {
+                if g.load(SeqCst) {
+                    l.store(true, SeqCst);
+                }
+            });
+            let r2 = r.clone();
+            let t = loom::thread::spawn(move || {
+                let snap = r2.snapshot();
+                let mut run = snap.targets(id);
+                run.dispatch(&msg(id));
+                run.dispatch(&msg(id));
+            });
+            reg.unregister();
+            gone.store(true, SeqCst);
+            t.join().unwrap();
+            assert!(!late.load(SeqCst), "callback ran after unregister returned");
+        });
+    }
+
     /// Concurrent registrations are never lost, and a dispatch racing them sees each one
     /// either entirely or not at all.
     #[test]
