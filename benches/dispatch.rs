@@ -376,16 +376,18 @@ struct Round {
     drops: u64,
     /// Sequence gaps the Connector counted (messages; raw loop: not tracked).
     lost: u64,
+    /// The messages `secs` and `cpu_ns` cover (all delivered, unless the receiver stalled).
+    timed: u64,
     secs: f64,
     cpu_ns: u64,
 }
 
 impl Round {
     fn rate(&self) -> f64 {
-        self.delivered as f64 / self.secs / 1e6
+        self.timed as f64 / self.secs / 1e6
     }
     fn ns_per_msg(&self) -> f64 {
-        self.cpu_ns as f64 / self.delivered.max(1) as f64
+        self.cpu_ns as f64 / self.timed.max(1) as f64
     }
 }
 
@@ -463,6 +465,7 @@ fn raw_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
         delivered,
         drops,
         lost: 0,
+        timed: delivered,
         secs: t0.elapsed().as_secs_f64(),
         cpu_ns: thread_cpu_ns() - c0,
     }
@@ -475,7 +478,10 @@ struct Probe {
     expected: AtomicU64,
     count: AtomicU64,
     start: Mutex<Option<(Instant, u64)>>,
-    end: Mutex<Option<(Instant, u64)>>,
+    /// The latest progress mark (time, thread CPU, messages), every 8192 messages and at
+    /// the expected count.
+    mark: Mutex<Option<(Instant, u64, u64)>>,
+    done: AtomicBool,
 }
 
 /// The Connector: one counting callback registered for the id.
@@ -502,7 +508,8 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
         expected: AtomicU64::new(u64::MAX),
         count: AtomicU64::new(0),
         start: Mutex::new(None),
-        end: Mutex::new(None),
+        mark: Mutex::new(None),
+        done: AtomicBool::new(false),
     });
     let p = probe.clone();
     let mut mine = 0u64;
@@ -517,8 +524,12 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
         }
         mine += 1;
         p.count.store(mine, Ordering::Relaxed);
-        if mine == p.expected.load(Ordering::Relaxed) {
-            *p.end.lock() = Some((Instant::now(), thread_cpu_ns()));
+        let end = mine == p.expected.load(Ordering::Relaxed);
+        if end || mine.is_multiple_of(8192) {
+            *p.mark.lock() = Some((Instant::now(), thread_cpu_ns(), mine));
+            if end {
+                p.done.store(true, Ordering::Release);
+            }
         }
     });
     fill(&sender, group, id, n);
@@ -528,25 +539,24 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
         .store(n as u64 - drops * PER_DATAGRAM as u64, Ordering::Relaxed);
     probe.gate.wait();
     let mut last = (0, Instant::now());
-    let end = loop {
+    while !probe.done.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(5));
-        if let Some(e) = *probe.end.lock() {
-            break e;
-        }
         let now = probe.count.load(Ordering::Relaxed);
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(2) {
-            eprintln!("connector: stalled at {now} messages");
-            break (last.1, thread_cpu_ns());
+            println!("  ! connector: stalled at {now} messages; timed up to the last mark");
+            break;
         }
-    };
+    }
     let start = probe.start.lock().unwrap();
+    let end = probe.mark.lock().unwrap_or((start.0, start.1, 0));
     let s = conn.stats();
     Round {
         delivered: probe.count.load(Ordering::Relaxed),
         drops: s.kernel_drops.unwrap_or(0),
         lost: lost.load(Ordering::Relaxed),
+        timed: end.2,
         secs: end.0.duration_since(start.0).as_secs_f64(),
         cpu_ns: end.1.saturating_sub(start.1),
     }
