@@ -6,8 +6,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::ingest::Ingest;
+use super::registry::Targets;
 use super::stats::Counters;
-use super::{Event, Incoming, Inner};
+use super::{Event, Incoming, Inner, Snapshot};
+use crate::codec::CbId;
 use crate::sys::poll_read;
 
 /// Datagrams read per wake-up before looking at the shutdown flag again.
@@ -42,12 +44,30 @@ pub(super) fn run(inner: &Inner) {
         for _ in 0..BATCH {
             match ingest.recv(&inner.socket, &mut buf, cap, c, &mut event) {
                 Ok(Some((datagram, meta))) => {
-                    // One look at the registry per datagram, not per message.
+                    // One look at the registry per datagram, one lookup per run of
+                    // messages of one id, and the counters added once per datagram.
                     let registry = inner.registry.snapshot();
+                    let mut d = Delivery::default();
+                    let mut targets: Option<(CbId, Targets<'_>)> = None;
                     ingest.datagram(c, datagram, meta, |item| match item {
-                        Ok(rx) => deliver(inner, &registry, rx),
-                        Err(e) => inner.event(e),
+                        Ok(rx) => {
+                            if inner.pending_count.load(Ordering::Relaxed) > 0 {
+                                let Some(rx) = reply(inner, rx) else { return };
+                                d.deliver(&registry, &mut targets, &rx);
+                            } else {
+                                d.deliver(&registry, &mut targets, &rx);
+                            }
+                        }
+                        Err(e) => {
+                            // The event handler is user code: no callback lock held.
+                            if let Some((_, t)) = &mut targets {
+                                t.release();
+                            }
+                            inner.event(e);
+                        }
                     });
+                    Counters::add(&c.dispatched, d.dispatched);
+                    Counters::add(&c.unmatched, d.unmatched);
                 }
                 // Nothing queued, or an overrun/truncation already counted and reported:
                 // poll again (an overrun leaves the queue readable, so no wait is lost).
@@ -62,26 +82,55 @@ pub(super) fn run(inner: &Inner) {
     }
 }
 
-/// Hands one message to the request waiting for it, or else to the registry.
-fn deliver(inner: &Inner, registry: &super::Snapshot<'_>, rx: Incoming) {
-    let c = &inner.counters;
-    if inner.pending_count.load(Ordering::Relaxed) > 0 {
-        let key = (rx.msg.id, rx.msg.seq, rx.msg.ack);
-        let waiter = {
-            let mut p = inner.pending.lock();
-            let w = p.remove(&key);
-            inner.pending_count.store(p.len(), Ordering::Relaxed);
-            w
-        };
-        if let Some(tx) = waiter {
+/// Hands `rx` to the request waiting for it, if any; else gives it back.
+fn reply(inner: &Inner, rx: Incoming) -> Option<Incoming> {
+    let key = (rx.msg.id, rx.msg.seq, rx.msg.ack);
+    let waiter = {
+        let mut p = inner.pending.lock();
+        let w = p.remove(&key);
+        inner.pending_count.store(p.len(), Ordering::Relaxed);
+        w
+    };
+    match waiter {
+        Some(tx) => {
+            // Counted before the requester can wake up and read the counters.
+            Counters::add(&inner.counters.replies, 1);
             let _ = tx.try_send(rx);
-            Counters::add(&c.replies, 1);
-            return;
+            None
         }
+        None => Some(rx),
     }
-    let out = registry.dispatch(&rx);
-    Counters::add(&c.dispatched, out.delivered as u64);
-    if out.delivered == 0 && out.panicked == 0 {
-        Counters::add(&c.unmatched, 1);
+}
+
+/// What the registry did with one datagram's messages, added to the counters at its end.
+#[derive(Default)]
+struct Delivery {
+    dispatched: u64,
+    unmatched: u64,
+}
+
+impl Delivery {
+    /// Hands one message to the registry, looking its id up only when it differs from the
+    /// previous message's.
+    fn deliver<'s>(
+        &mut self,
+        registry: &'s Snapshot<'_>,
+        targets: &mut Option<(CbId, Targets<'s>)>,
+        rx: &Incoming,
+    ) {
+        let id = rx.msg.id;
+        let t = match targets {
+            Some((last, t)) if *last == id => t,
+            _ => {
+                // The previous id's run ends here (its lock, if held, is released).
+                *targets = None;
+                &mut targets.insert((id, registry.targets(id))).1
+            }
+        };
+        let out = t.dispatch(rx);
+        self.dispatched += out.delivered as u64;
+        if out.delivered == 0 && out.panicked == 0 {
+            self.unmatched += 1;
+        }
     }
 }

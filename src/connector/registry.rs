@@ -9,7 +9,9 @@
 //! and registering or unregistering from inside a callback cannot deadlock.
 //!
 //! Each registration's callback sits behind its own mutex, taken for the duration of each
-//! call. Unregistering clears the entry's `active` flag and then takes that mutex once, so
+//! call; the connector's dispatcher, delivering a run of messages of one id that exactly
+//! one registration matches, takes it once for the run (see `Targets`), checking `active`
+//! before every call. Unregistering clears the entry's `active` flag and then takes that mutex once, so
 //! when `unregister` returns outside a callback, the callback is not running and will not
 //! run again. Inside a callback (of any registry, on whatever thread dispatches: the
 //! connector's dispatcher or a thread driving a registry by hand), it does not wait: the
@@ -338,32 +340,101 @@ impl Snapshot<'_> {
     /// Delivers `msg` to every registration of the snapshot that matches it and is still
     /// active: exact matches first, then wildcards, each in registration order.
     pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
-        let mut out = DispatchOutcome::default();
-        let exact = self
-            .table
-            .exact
-            .get(&msg.msg.id)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        self.targets(msg.msg.id).dispatch(msg)
+    }
+
+    /// The registrations of the snapshot that match `id`: one lookup for a run of messages
+    /// of one id.
+    pub(crate) fn targets(&self, id: CbId) -> Targets<'_> {
+        let exact = self.table.exact.get(&id).map(Vec::as_slice).unwrap_or(&[]);
         let wild = self
             .table
             .wildcard
-            .get(&msg.msg.id.idx)
+            .get(&id.idx)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for e in exact.iter().chain(wild) {
+        let lone = match (exact, wild) {
+            ([e], []) | ([], [e]) => Some(&**e),
+            _ => None,
+        };
+        Targets {
+            registry: self.registry,
+            exact,
+            wild,
+            lone,
+            held: None,
+        }
+    }
+}
+
+#[cfg(not(cnbus_loom))]
+type Guard<'a, T> = crate::sync::MutexGuard<'a, T>;
+#[cfg(cnbus_loom)]
+type Guard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+/// The registrations of a [`Snapshot`] that match one id, for a run of messages of that id.
+///
+/// When exactly one registration matches (the common case), its callback's lock is taken
+/// at the first call and held, with the thread marked as running a callback, until the
+/// run ends ([`release`](Self::release) or drop) or the callback panics: one lock for the
+/// run instead of one per message. Each call still checks that the registration is
+/// active, so an `unregister` on another thread stops the next call at once and returns
+/// when the run ends. The caller must release before running any other user code (an
+/// event handler), which could otherwise wait for this very lock.
+pub(crate) struct Targets<'a> {
+    registry: &'a Shared,
+    exact: &'a [Arc<Entry>],
+    wild: &'a [Arc<Entry>],
+    /// The registration, when exactly one matches.
+    lone: Option<&'a Entry>,
+    held: Option<(Guard<'a, Callback>, InCallback)>,
+}
+
+impl<'a> Targets<'a> {
+    /// Delivers `msg` (of the id these targets were looked up for) to each registration
+    /// still active: exact matches first, then wildcards, each in registration order.
+    pub(crate) fn dispatch(&mut self, msg: &Incoming) -> DispatchOutcome {
+        let mut out = DispatchOutcome::default();
+        if let Some(e) = self.lone {
+            let (cb, _) = self
+                .held
+                .get_or_insert_with(|| (e.callback.lock(), InCallback::enter()));
+            if !e.active.load(Ordering::Acquire) {
+                return out;
+            }
+            match catch_unwind(AssertUnwindSafe(|| (cb)(msg))) {
+                Ok(()) => out.delivered = 1,
+                Err(p) => {
+                    // Unlocked before the hook runs someone else's code.
+                    self.held = None;
+                    out.panicked = 1;
+                    self.panicked(msg.msg.id, &panic_message(&*p));
+                }
+            }
+            return out;
+        }
+        for e in self.exact.iter().chain(self.wild) {
             match e.call(msg) {
                 Ok(true) => out.delivered += 1,
                 Ok(false) => {}
                 Err(text) => {
                     out.panicked += 1;
-                    if let Some(f) = &*self.registry.on_panic.lock() {
-                        f(msg.msg.id, &text);
-                    }
+                    self.panicked(msg.msg.id, &text);
                 }
             }
         }
         out
+    }
+
+    /// Ends the run: unlocks the lone registration's callback.
+    pub(crate) fn release(&mut self) {
+        self.held = None;
+    }
+
+    fn panicked(&self, id: CbId, text: &str) {
+        if let Some(f) = &*self.registry.on_panic.lock() {
+            f(id, text);
+        }
     }
 }
 
@@ -455,6 +526,36 @@ mod loom_tests {
             t.join().unwrap();
             assert!(!late.load(SeqCst), "callback ran after unregister returned");
             assert!(r.is_empty());
+        });
+    }
+
+    /// The dispatcher's way: a run of two messages through one `Targets` (the lone
+    /// registration's lock taken once) against `unregister` on another thread: after it
+    /// returns, the callback is not running and never runs again.
+    #[test]
+    fn unregister_waits_out_a_run() {
+        loom::model(|| {
+            let id = CbId::new(100, 5);
+            let r = Arc::new(Registry::new());
+            let gone = Arc::new(AtomicBool::new(false));
+            let late = Arc::new(AtomicBool::new(false));
+            let (g, l) = (gone.clone(), late.clone());
+            let reg = r.register(id, move |_| {
+                if g.load(SeqCst) {
+                    l.store(true, SeqCst);
+                }
+            });
+            let r2 = r.clone();
+            let t = loom::thread::spawn(move || {
+                let snap = r2.snapshot();
+                let mut run = snap.targets(id);
+                run.dispatch(&msg(id));
+                run.dispatch(&msg(id));
+            });
+            reg.unregister();
+            gone.store(true, SeqCst);
+            t.join().unwrap();
+            assert!(!late.load(SeqCst), "callback ran after unregister returned");
         });
     }
 
@@ -560,5 +661,83 @@ mod loom_tests {
             assert!(r.is_empty());
             assert_eq!(r.dispatch(&msg(id)).delivered, 0);
         });
+    }
+}
+
+#[cfg(all(test, not(cnbus_loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc;
+
+    fn msg(id: CbId) -> Incoming {
+        Incoming {
+            msg: CnMsg::new(id, bytes::Bytes::new()),
+            source: Source { port: 1, group: 0 },
+        }
+    }
+
+    /// A run holds the lone registration's lock: an `unregister` on another thread stops
+    /// the next call of the run at once, and returns only when the run is released.
+    #[test]
+    fn unregister_during_a_run_stops_the_next_call_and_waits_for_the_run_to_end() {
+        let id = CbId::new(100, 7);
+        let r = Registry::new();
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let reg = r.register(id, move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        let snap = r.snapshot();
+        let mut run = snap.targets(id);
+        assert_eq!(run.dispatch(&msg(id)).delivered, 1);
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let (tx, rx) = mpsc::channel();
+        let unregistering = std::thread::spawn(move || {
+            tx.send(()).unwrap();
+            reg.unregister();
+            d.store(true, Ordering::SeqCst);
+        });
+        rx.recv().unwrap();
+        // Calls go on until the other thread has cleared the registration's flag; then
+        // none, while it waits for the run.
+        while run.dispatch(&msg(id)).delivered == 1 {
+            std::thread::yield_now();
+        }
+        let before = calls.load(Ordering::SeqCst);
+        assert_eq!(run.dispatch(&msg(id)), DispatchOutcome::default());
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "unregister returned inside the run"
+        );
+        run.release();
+        unregistering.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        assert_eq!(calls.load(Ordering::SeqCst), before);
+        assert!(r.is_empty());
+    }
+
+    /// The panic hook runs with the run's lock released, so it may wait for another thread
+    /// that unregisters the registration that panicked (which waits for that lock).
+    #[test]
+    fn the_panic_hook_may_wait_for_a_thread_unregistering_the_registration_that_panicked() {
+        let id = CbId::new(100, 8);
+        let r = Registry::new();
+        let slot: Arc<Mutex<Option<Registration>>> = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        r.on_panic(move |_, _| {
+            let s = s.clone();
+            std::thread::spawn(move || drop(s.lock().take()))
+                .join()
+                .unwrap();
+        });
+        *slot.lock() = Some(r.register(id, |_| panic!("boom")));
+        let snap = r.snapshot();
+        let mut run = snap.targets(id);
+        let out = run.dispatch(&msg(id));
+        assert_eq!((out.delivered, out.panicked), (0, 1));
+        assert_eq!(run.dispatch(&msg(id)), DispatchOutcome::default());
+        assert!(r.is_empty());
     }
 }
