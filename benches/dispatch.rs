@@ -154,14 +154,14 @@ fn in_memory() {
             rounds,
             || cow.snapshot(),
             |s, m| {
-                s.dispatch(m);
+                s.dispatch(&m.as_delivery());
             },
         );
         let cow_msg = per_msg_ns(
             rounds,
             || (),
             |_, m| {
-                cow.dispatch(m);
+                cow.dispatch(&m.as_delivery());
             },
         );
         let cloning = per_msg_ns(rounds, || (), |_, m| locked.dispatch_cloning(m));
@@ -514,7 +514,7 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
     let p = probe.clone();
     let mut mine = 0u64;
     let _reg = conn.register(id, move |m| {
-        if m.source.port != port {
+        if m.source().port != port {
             return; // not the bench's sender
         }
         if mine == 0 {
