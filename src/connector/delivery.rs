@@ -71,7 +71,7 @@ impl Incoming {
 /// });
 /// # drop(rx);
 /// ```
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Delivery<'a> {
     /// Read for id, seq, ack and flags; its `len` is not (see `data`).
     cn: CnHeader,
@@ -80,6 +80,20 @@ pub struct Delivery<'a> {
     /// The buffer `data` lies in, for `to_incoming`.
     owner: &'a Bytes,
     source: Source,
+}
+
+impl std::fmt::Debug for Delivery<'_> {
+    /// The fields a callback sees (not the whole datagram the data lies in).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.cn.id)
+            .field("seq", &self.cn.seq)
+            .field("ack", &self.cn.ack)
+            .field("flags", &self.cn.flags)
+            .field("data", &self.data)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl<'a> Delivery<'a> {
@@ -144,6 +158,49 @@ impl<'a> Delivery<'a> {
                 data: self.owner.slice_ref(self.data),
             },
             source: self.source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{messages, messages_ref, DatagramBuilder, Message, MessageRef};
+
+    /// A view's owned form is the message the owned codec iterator yields, its data a
+    /// slice of the same datagram (no copy), and an owned message's view gives it back.
+    #[test]
+    fn to_incoming_is_the_owned_message_sharing_the_datagram() {
+        let mut b = DatagramBuilder::new(4096);
+        for (i, n) in [3usize, 0, 64].into_iter().enumerate() {
+            let m = CnMsg::new(CbId::new(0x4000, i as u32), vec![i as u8 + 1; n])
+                .with_seq(10 + i as u32, 20 + i as u32);
+            b.push(&CnMsg { flags: 7, ..m }).unwrap();
+        }
+        let datagram = Bytes::from(b.take());
+        let source = Source { port: 9, group: 30 };
+        let owned = messages(datagram.clone()).map(|m| match m {
+            Ok(Message::Connector(c)) => c.msg,
+            other => panic!("{other:?}"),
+        });
+        let views = messages_ref(&datagram).map(|m| match m {
+            Ok(MessageRef::Connector { cn, data, .. }) => {
+                Delivery::new(cn, data, &datagram, source)
+            }
+            other => panic!("{other:?}"),
+        });
+        for (want, view) in owned.zip(views) {
+            assert_eq!(
+                (view.id(), view.seq(), view.ack(), view.flags(), view.data()),
+                (want.id, want.seq, want.ack, want.flags, &want.data[..])
+            );
+            let got = view.to_incoming();
+            assert_eq!(got.msg, want);
+            assert_eq!(got.source, source);
+            if !got.msg.data.is_empty() {
+                assert!(datagram.as_ptr_range().contains(&got.msg.data.as_ptr()));
+            }
+            assert_eq!(got.as_delivery().to_incoming(), got);
         }
     }
 }
