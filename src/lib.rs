@@ -111,6 +111,11 @@ pub mod bus;
 pub mod codec;
 #[cfg(not(cnbus_loom))]
 pub mod connector;
+/// What the registry's callbacks get, beside it under `cfg(cnbus_loom)`.
+#[cfg(cnbus_loom)]
+#[path = "connector/delivery.rs"]
+#[allow(dead_code)]
+pub mod delivery;
 pub mod error;
 #[cfg(not(cnbus_loom))]
 pub mod proc;

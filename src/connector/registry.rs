@@ -25,8 +25,11 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
+#[cfg(not(cnbus_loom))]
 use super::Delivery;
 use crate::codec::CbId;
+#[cfg(cnbus_loom)]
+use crate::delivery::Delivery;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, RwLock};
 
 #[cfg(not(cnbus_loom))]
@@ -464,7 +467,7 @@ impl Drop for Registration {
 #[cfg(all(test, cnbus_loom))]
 mod loom_tests {
     use super::*;
-    use crate::connector::{Incoming, Source};
+    use crate::delivery::{Incoming, Source};
     use loom::sync::atomic::Ordering::SeqCst;
 
     fn msg(id: CbId) -> Incoming {
