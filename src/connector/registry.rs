@@ -229,7 +229,8 @@ impl Registry {
         }
     }
 
-    /// Delivers `msg` to every active registration that matches it.
+    /// Delivers `msg` to every active registration that matches it. An owned message is
+    /// delivered as its view, [`Incoming::as_delivery`](super::Incoming::as_delivery).
     pub fn dispatch(&self, msg: &Delivery<'_>) -> DispatchOutcome {
         self.snapshot().dispatch(msg)
     }
