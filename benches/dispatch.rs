@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cnbus::codec::{messages, DatagramBuilder, Message};
-use cnbus::connector::{Connector, Event, Incoming, Registry, Source};
+use cnbus::connector::{Connector, Delivery, Event, Incoming, Registry, Source};
 use cnbus::{CbId, CnMsg};
 use parking_lot::{Mutex, RwLock};
 
@@ -49,7 +49,7 @@ fn datagram(id: CbId) -> Bytes {
     Bytes::from(b.take())
 }
 
-type Cb = Arc<Mutex<Box<dyn FnMut(&Incoming) + Send>>>;
+type Cb = Arc<Mutex<Box<dyn FnMut(&Delivery<'_>) + Send>>>;
 
 /// The alternative design: a `parking_lot` read lock around the lookup.
 struct LockedRegistry {
@@ -59,9 +59,9 @@ struct LockedRegistry {
 impl LockedRegistry {
     /// Holds the read lock while calling: cheapest, but a callback that registers (takes
     /// the write lock) deadlocks, so it is shown for reference only.
-    fn dispatch_holding(&self, m: &Incoming) {
+    fn dispatch_holding(&self, m: &Delivery<'_>) {
         let map = self.map.read();
-        if let Some(v) = map.get(&m.msg.id) {
+        if let Some(v) = map.get(&m.id()) {
             for cb in v {
                 (cb.lock())(m);
             }
@@ -69,20 +69,21 @@ impl LockedRegistry {
     }
 
     /// Copies the matching callbacks out under the read lock, then calls them unlocked.
-    fn dispatch_cloning(&self, m: &Incoming) {
-        let v: Vec<Cb> = self.map.read().get(&m.msg.id).cloned().unwrap_or_default();
+    fn dispatch_cloning(&self, m: &Delivery<'_>) {
+        let v: Vec<Cb> = self.map.read().get(&m.id()).cloned().unwrap_or_default();
         for cb in v {
             (cb.lock())(m);
         }
     }
 }
 
-/// ns per message to parse datagrams of 32 messages and hand each to `f`; `per_datagram`
-/// runs once per datagram and its result is passed along (for per-datagram snapshots).
+/// ns per message to parse datagrams of 32 messages and hand each to `f`, as a hand-fed
+/// registry is fed (an owned `Incoming` per message and its view); `per_datagram` runs
+/// once per datagram and its result is passed along (for per-datagram snapshots).
 fn per_msg_ns<S>(
     rounds: usize,
     mut per_datagram: impl FnMut() -> S,
-    mut f: impl FnMut(&S, &Incoming),
+    mut f: impl FnMut(&S, &Delivery<'_>),
 ) -> f64 {
     let id = CbId::new(0x5000_0001, 1);
     let d = datagram(id);
@@ -94,13 +95,11 @@ fn per_msg_ns<S>(
             let Ok(Message::Connector(c)) = m else {
                 unreachable!()
             };
-            f(
-                &s,
-                &Incoming {
-                    msg: c.msg,
-                    source: src,
-                },
-            );
+            let m = Incoming {
+                msg: c.msg,
+                source: src,
+            };
+            f(&s, &m.as_delivery());
         }
     }
     t.elapsed().as_nanos() as f64 / (rounds * PER_DATAGRAM) as f64
@@ -125,7 +124,7 @@ fn in_memory() {
             map: RwLock::new(HashMap::new()),
         });
         let c = count.clone();
-        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Incoming| {
+        let cb: Cb = Arc::new(Mutex::new(Box::new(move |_: &Delivery<'_>| {
             c.fetch_add(1, Ordering::Relaxed);
         })));
         locked.map.write().insert(id, vec![cb]);
@@ -138,7 +137,7 @@ fn in_memory() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     drop(cow.register(other, |_| {}));
-                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Incoming| {})));
+                    let cb: Cb = Arc::new(Mutex::new(Box::new(|_: &Delivery<'_>| {})));
                     locked.map.write().insert(other, vec![cb]);
                     locked.map.write().remove(&other);
                     n += 1;
@@ -514,7 +513,7 @@ fn connector_round(group: u32, id: CbId, n: usize, rcvbuf: usize) -> Round {
     let p = probe.clone();
     let mut mine = 0u64;
     let _reg = conn.register(id, move |m| {
-        if m.source.port != port {
+        if m.source().port != port {
             return; // not the bench's sender
         }
         if mine == 0 {

@@ -331,21 +331,21 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
     // Per val: the last seq seen from the producer.
     let mut last: HashMap<u32, u32> = HashMap::new();
     let _reg = conn.register(Match::Idx(idx), move |m| {
-        if m.source.port != from {
+        if m.source().port != from {
             f.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(prev) = last.insert(m.msg.id.val, m.msg.seq) {
-            if m.msg.seq <= prev {
+        if let Some(prev) = last.insert(m.id().val, m.seq()) {
+            if m.seq() <= prev {
                 r.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if m.msg.id.val == 0 {
+        if m.id().val == 0 {
             let mut t = t.lock();
             if t.is_some() {
                 return; // sent again for a receiver that lost it
             }
-            let text = String::from_utf8_lossy(&m.msg.data).to_string();
+            let text = String::from_utf8_lossy(m.data()).to_string();
             // Anyone may send on the group: what does not parse is left out.
             let map: HashMap<u32, u64> = text
                 .split_whitespace()
@@ -366,7 +366,7 @@ fn receiver(idx: u32, from: u32, group: u32, seconds: u64) -> Result<bool, cli::
             }
             *t = Some((map, tail));
         } else {
-            *d.lock().entry(m.msg.id.val).or_default() += 1;
+            *d.lock().entry(m.id().val).or_default() += 1;
             c.fetch_add(1, Ordering::Relaxed);
         }
     });

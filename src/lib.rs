@@ -53,7 +53,7 @@
 //! let conn = Connector::builder().spawn()?;
 //! let _member = conn.subscribe(20)?; // groups 12..=32 are for user space
 //! let _reg = conn.register(id, |m| {
-//!     println!("[{}] [{}.{}] {} bytes from port {}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data.len(), m.source.port)
+//!     println!("[{}] [{}.{}] {} bytes from port {}", m.id(), m.seq(), m.ack(), m.data().len(), m.source().port)
 //! });
 //! conn.send_numbered(id, &b"hello"[..], Dest::Group(20))?; // numbered: gaps are counted
 //! std::thread::sleep(Duration::from_millis(50));
@@ -111,6 +111,11 @@ pub mod bus;
 pub mod codec;
 #[cfg(not(cnbus_loom))]
 pub mod connector;
+/// What the registry's callbacks get, beside it under `cfg(cnbus_loom)`.
+#[cfg(cnbus_loom)]
+#[path = "connector/delivery.rs"]
+#[allow(dead_code)]
+pub mod delivery;
 pub mod error;
 #[cfg(not(cnbus_loom))]
 pub mod proc;

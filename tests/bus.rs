@@ -764,8 +764,8 @@ fn inserted_messages_are_numbered_per_id_in_wire_order() {
         .map(|id| {
             let seen = Arc::clone(&seen);
             rx.register(id, move |r| {
-                if r.source.port == port {
-                    seen.lock().entry(r.msg.id.val).or_default().push(r.msg.seq)
+                if r.source().port == port {
+                    seen.lock().entry(r.id().val).or_default().push(r.seq())
                 }
             })
         })
@@ -860,7 +860,7 @@ fn loss_at_a_small_receiver_is_counted_exactly() {
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let d = Arc::clone(&delivered);
     let _reg = rx.register(id, move |r| {
-        if r.source.port == port && d.fetch_add(1, Ordering::SeqCst).is_multiple_of(64) {
+        if r.source().port == port && d.fetch_add(1, Ordering::SeqCst).is_multiple_of(64) {
             thread::sleep(Duration::from_millis(1));
         }
     });

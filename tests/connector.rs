@@ -137,7 +137,7 @@ fn a_dropped_registration_stops_receiving_mid_stream() {
     let counted = Arc::new(AtomicU64::new(0));
     let c = counted.clone();
     let reg = bus.register(id, move |m| {
-        if m.source.port == txp {
+        if m.source().port == txp {
             c.fetch_add(1, Ordering::SeqCst);
         }
     });
@@ -190,13 +190,13 @@ fn registering_and_unregistering_from_inside_a_callback_does_not_deadlock() {
     let (s2, seen) = (slot.clone(), Arc::new(AtomicU64::new(0)));
     let seen2 = seen.clone();
     let first = bus.register(CbId::new(idx, 1), move |m| {
-        if m.source.port != txp {
+        if m.source().port != txp {
             return;
         }
         // Each message registers a fresh callback and drops the previous one.
         let s = seen2.clone();
         let reg = h.register(CbId::new(idx, 2), move |m| {
-            if m.source.port == txp {
+            if m.source().port == txp {
                 s.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -237,8 +237,8 @@ fn a_panicking_callback_does_not_stop_the_others() {
     let tx = Connector::builder().spawn().unwrap();
     let txp = tx.port_id();
     let _bad = bus.register(id, move |m| {
-        if m.source.port == txp && m.msg.data[0] % 2 == 0 {
-            panic!("callback fault on {}", m.msg.data[0]);
+        if m.source().port == txp && m.data()[0] % 2 == 0 {
+            panic!("callback fault on {}", m.data()[0]);
         }
     });
     let (_good, rx) = bus.channel(id, 64);
@@ -343,6 +343,7 @@ fn request_gets_the_reply_by_seq_and_ack() {
     let server = Connector::builder().spawn().unwrap();
     let h = server.handle();
     let _svc = server.register(id, move |m| {
+        let m = m.to_incoming();
         let reply = CnMsg::reply_to(&m.msg, [&b"re: "[..], &m.msg.data[..]].concat());
         h.send(&reply, Dest::Port(m.source.port)).unwrap();
     });
@@ -408,13 +409,13 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
     let (d, r) = (delivered.clone(), reordered.clone());
     let mut last = None;
     let _reg = rx_bus.register(id, move |m| {
-        if m.source.port != txp {
+        if m.source().port != txp {
             return;
         }
-        if last.is_some_and(|l| m.msg.seq <= l) {
+        if last.is_some_and(|l| m.seq() <= l) {
             r.fetch_add(1, Ordering::SeqCst);
         }
-        last = Some(m.msg.seq);
+        last = Some(m.seq());
         if d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -480,8 +481,8 @@ fn a_callback_dropping_its_own_registration_on_a_hand_driven_registry_does_not_d
         let (done_tx, done) = std::sync::mpsc::channel();
         let (r, m) = (registry.clone(), msg.clone());
         std::thread::spawn(move || {
-            let first = r.dispatch(&m);
-            let second = r.dispatch(&m);
+            let first = r.dispatch(&m.as_delivery());
+            let second = r.dispatch(&m.as_delivery());
             let _ = done_tx.send((first, second));
         });
         // Generous: the dispatch is two function calls; a deadlock never returns.

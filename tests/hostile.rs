@@ -200,7 +200,7 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
     let delivered = Arc::new(AtomicU64::new(0));
     let (s, d) = (stall.clone(), delivered.clone());
     let _reg = bus.register(id, move |m| {
-        if m.source.port == txp && d.fetch_add(1, Ordering::SeqCst) == 0 {
+        if m.source().port == txp && d.fetch_add(1, Ordering::SeqCst) == 0 {
             s.wait(); // the dispatcher stalls inside the first callback
             s.wait();
         }

@@ -364,10 +364,10 @@ fn numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
     let (open, gate) = crossbeam::channel::bounded::<()>(1);
     let (tx_seen, seen) = crossbeam::channel::unbounded::<u32>();
     let _reg = rx.register(id, move |m| {
-        if m.msg.seq == 1 {
+        if m.seq() == 1 {
             let _ = gate.recv();
         }
-        let _ = tx_seen.send(m.msg.seq);
+        let _ = tx_seen.send(m.seq());
     });
     let dest = Dest::Port(rx.port_id());
     let n = 200u32;
@@ -402,10 +402,10 @@ async fn async_numbered_sends_to_a_full_receiver_wait_and_use_no_number() {
     let (open, gate) = crossbeam::channel::bounded::<()>(1);
     let (tx_seen, seen) = crossbeam::channel::unbounded::<u32>();
     let _reg = rx.register(id, move |m| {
-        if m.msg.seq == 1 {
+        if m.seq() == 1 {
             let _ = gate.recv();
         }
-        let _ = tx_seen.send(m.msg.seq);
+        let _ = tx_seen.send(m.seq());
     });
     let dest = Dest::Port(rx.port_id());
     let n = 200u32;

@@ -68,6 +68,7 @@ async fn async_send_and_request() {
     let server = Connector::builder().spawn().unwrap();
     let h = server.handle();
     let _svc = server.register(id, move |m| {
+        let m = m.to_incoming();
         let reply = CnMsg::reply_to(&m.msg, m.msg.data.clone());
         h.send(&reply, Dest::Port(m.source.port)).unwrap();
     });

@@ -97,7 +97,49 @@ impl<'a> MessagesRef<'a> {
         self.buf.len().saturating_sub(self.pos)
     }
 
-    #[inline]
+    /// The common case, checked and decoded in one step: a whole `NLMSG_DONE` message at
+    /// `pos` (`nlmsg_len` at least both headers and within the buffer, `cn_msg.len` within
+    /// `nlmsg_len`). `None` for anything else, which [`next_message`](Self::next_message)
+    /// then checks field by field and reports. Accepts exactly what it accepts.
+    #[inline(always)]
+    fn next_connector(&mut self) -> Option<MessageRef<'a>> {
+        const HDRS: usize = NLMSG_HDRLEN + CN_MSG_HDRLEN;
+        let base = self.pos;
+        let rest = self.buf.get(base..)?;
+        let h: &[u8; HDRS] = rest.first_chunk()?;
+        let word = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        let half = |at: usize| u16::from_ne_bytes([h[at], h[at + 1]]);
+        let len = word(0) as usize;
+        let dlen = usize::from(half(NLMSG_HDRLEN + 16));
+        if half(4) != NLMSG_DONE || len < HDRS || len > rest.len() || dlen > len - HDRS {
+            return None;
+        }
+        let data = rest.get(HDRS..HDRS + dlen)?;
+        // Progress as in `next_message`: len >= 36, so the position strictly increases.
+        self.pos = base.saturating_add(nlmsg_align(len)).min(self.buf.len());
+        Some(MessageRef::Connector {
+            nl: NlHeader {
+                len: word(0),
+                ty: NLMSG_DONE,
+                flags: half(6),
+                seq: word(8),
+                pid: word(12),
+            },
+            cn: CnHeader {
+                id: super::CbId::new(word(16), word(20)),
+                seq: word(24),
+                ack: word(28),
+                len: half(32),
+                flags: half(34),
+            },
+            data,
+            offset: base,
+            data_offset: base + HDRS,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
     fn next_message(&mut self) -> Result<MessageRef<'a>, DecodeError> {
         let base = self.pos;
         let nl = NlmsgBuffer::checked_at(&self.buf[base..], base)?;
@@ -155,6 +197,9 @@ impl<'a> Iterator for MessagesRef<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed || self.pos >= self.buf.len() {
             return None;
+        }
+        if let Some(m) = self.next_connector() {
+            return Some(Ok(m));
         }
         let r = self.next_message();
         self.failed = r.is_err();
@@ -387,6 +432,56 @@ mod tests {
         seq: 0,
         pid: 0,
     };
+
+    /// The datagram walked by the field-by-field checks alone, without the fast path.
+    fn checked_slowly(d: &[u8]) -> Vec<Result<MessageRef<'_>, DecodeError>> {
+        let mut it = messages_ref(d);
+        let mut out = Vec::new();
+        while !it.failed && it.pos < it.buf.len() {
+            let r = it.next_message();
+            it.failed = r.is_err();
+            out.push(r);
+        }
+        out
+    }
+
+    /// The fast path for whole `NLMSG_DONE` messages accepts exactly what the
+    /// field-by-field checks accept, with the same views, positions and errors: datagrams
+    /// with random lengths, types, `cn_msg.len`s, bytes and truncations.
+    #[test]
+    fn the_fast_path_agrees_with_the_checks() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut b = DatagramBuilder::new(1 << 12);
+            for i in 0..1 + rnd(6) {
+                let m = CnMsg::new(CbId::new(7, i as u32), vec![i as u8; rnd(40)]);
+                b.push(&m).unwrap();
+            }
+            let mut d = b.take();
+            for _ in 0..rnd(4) {
+                let (at, last) = (rnd(d.len()), d.len() - 1);
+                // Mostly the length and type fields of the headers.
+                match rnd(4) {
+                    0 => d[at] = rnd(256) as u8,
+                    1 => d[(at & !3).min(last)] = rnd(80) as u8,
+                    2 => d[((at & !3) + 4).min(last)] = rnd(5) as u8,
+                    _ => d[((at & !3) + 32).min(last)] = rnd(60) as u8,
+                }
+            }
+            d.truncate(d.len() - rnd(3) * rnd(20).min(d.len() / 3));
+            let fast: Vec<_> = messages_ref(&d).collect();
+            assert_eq!(fast, checked_slowly(&d), "datagram {d:?}");
+            accepted += fast.iter().filter(|m| m.is_ok()).count();
+        }
+        assert!(accepted > 20_000);
+    }
 
     #[test]
     fn pack_and_iterate() {

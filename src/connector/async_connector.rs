@@ -281,7 +281,8 @@ impl AsyncConnector {
             });
             queued |= got_event;
             match res {
-                Ok(Some((d, meta))) => ingest.datagram(c, d, meta, |item| {
+                Ok(Some((d, meta))) => ingest.datagram(c, &d, meta, |item| {
+                    let item = item.map(|m| m.to_incoming());
                     if let Ok(m) = &item {
                         let key = (m.msg.id, m.msg.seq, m.msg.ack);
                         if let Some(p) = pending

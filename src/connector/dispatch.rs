@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use super::ingest::Ingest;
 use super::registry::Targets;
 use super::stats::Counters;
-use super::{Event, Incoming, Inner, Snapshot};
+use super::{Delivery, Event, Inner, Snapshot};
 use crate::codec::CbId;
 use crate::sys::poll_read;
 
@@ -47,16 +47,14 @@ pub(super) fn run(inner: &Inner) {
                     // One look at the registry per datagram, one lookup per run of
                     // messages of one id, and the counters added once per datagram.
                     let registry = inner.registry.snapshot();
-                    let mut d = Delivery::default();
+                    let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
-                    ingest.datagram(c, datagram, meta, |item| match item {
-                        Ok(rx) => {
-                            if inner.pending_count.load(Ordering::Relaxed) > 0 {
-                                let Some(rx) = reply(inner, rx) else { return };
-                                d.deliver(&registry, &mut targets, &rx);
-                            } else {
-                                d.deliver(&registry, &mut targets, &rx);
+                    ingest.datagram(c, &datagram, meta, |item| match item {
+                        Ok(m) => {
+                            if inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, &m) {
+                                return;
                             }
+                            d.deliver(&registry, &mut targets, &m);
                         }
                         Err(e) => {
                             // The event handler is user code: no callback lock held.
@@ -82,9 +80,9 @@ pub(super) fn run(inner: &Inner) {
     }
 }
 
-/// Hands `rx` to the request waiting for it, if any; else gives it back.
-fn reply(inner: &Inner, rx: Incoming) -> Option<Incoming> {
-    let key = (rx.msg.id, rx.msg.seq, rx.msg.ack);
+/// Hands `m` to the request waiting for it, if any (true), as an owned message.
+fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
+    let key = (m.id(), m.seq(), m.ack());
     let waiter = {
         let mut p = inner.pending.lock();
         let w = p.remove(&key);
@@ -95,30 +93,30 @@ fn reply(inner: &Inner, rx: Incoming) -> Option<Incoming> {
         Some(tx) => {
             // Counted before the requester can wake up and read the counters.
             Counters::add(&inner.counters.replies, 1);
-            let _ = tx.try_send(rx);
-            None
+            let _ = tx.try_send(m.to_incoming());
+            true
         }
-        None => Some(rx),
+        None => false,
     }
 }
 
 /// What the registry did with one datagram's messages, added to the counters at its end.
 #[derive(Default)]
-struct Delivery {
+struct Tally {
     dispatched: u64,
     unmatched: u64,
 }
 
-impl Delivery {
+impl Tally {
     /// Hands one message to the registry, looking its id up only when it differs from the
     /// previous message's.
     fn deliver<'s>(
         &mut self,
         registry: &'s Snapshot<'_>,
         targets: &mut Option<(CbId, Targets<'s>)>,
-        rx: &Incoming,
+        m: &Delivery<'_>,
     ) {
-        let id = rx.msg.id;
+        let id = m.id();
         let t = match targets {
             Some((last, t)) if *last == id => t,
             _ => {
@@ -127,7 +125,7 @@ impl Delivery {
                 &mut targets.insert((id, registry.targets(id))).1
             }
         };
-        let out = t.dispatch(rx);
+        let out = t.dispatch(m);
         self.dispatched += out.delivered as u64;
         if out.delivered == 0 && out.panicked == 0 {
             self.unmatched += 1;

@@ -4,8 +4,8 @@
 use bytes::{Bytes, BytesMut};
 
 use super::stats::Counters;
-use super::{Event, Incoming, Source};
-use crate::codec::{messages_ref, CbId, CnMsg, MessageRef};
+use super::{Delivery, Event, Source};
+use crate::codec::{messages_ref, CbId, MessageRef};
 use crate::error::{Error, Result};
 use crate::seq::{SeqTracker, SeqVerdict};
 use crate::sys::{ConnectorSocket, RecvMeta};
@@ -90,19 +90,20 @@ impl Ingest {
     }
 
     /// Checks one message against its stream's last seq, counting and reporting a gap.
-    fn observe(
+    fn observe<'d>(
         &mut self,
         c: &Counters,
         meta: RecvMeta,
-        msg: &CnMsg,
-        sink: &mut impl FnMut(std::result::Result<Incoming, Event>),
+        id: CbId,
+        seq: u32,
+        sink: &mut impl FnMut(std::result::Result<Delivery<'d>, Event>),
     ) {
-        match self.tracker.observe(meta.port, meta.group, msg.id, msg.seq) {
+        match self.tracker.observe(meta.port, meta.group, id, seq) {
             SeqVerdict::Gap(n) => {
                 Counters::add(&c.lost, u64::from(n));
                 sink(Err(Event::Lost {
                     port: meta.port,
-                    id: msg.id,
+                    id,
                     count: n,
                 }));
             }
@@ -118,14 +119,14 @@ impl Ingest {
         }
     }
 
-    /// Parses one datagram, passing each connector message (`Ok`) and every fault or loss
-    /// (`Err`) to `sink`, in the order they occur.
-    pub(crate) fn datagram(
+    /// Parses one datagram, passing each connector message (`Ok`, a view into `datagram`)
+    /// and every fault or loss (`Err`) to `sink`, in the order they occur.
+    pub(crate) fn datagram<'d>(
         &mut self,
         c: &Counters,
-        datagram: Bytes,
+        datagram: &'d Bytes,
         meta: RecvMeta,
-        mut sink: impl FnMut(std::result::Result<Incoming, Event>),
+        mut sink: impl FnMut(std::result::Result<Delivery<'d>, Event>),
     ) {
         Counters::add(&c.datagrams, 1);
         Counters::add(&c.bytes, datagram.len() as u64);
@@ -137,18 +138,10 @@ impl Ingest {
             group: meta.group,
         };
         let mut count = 0u64;
-        // Parsed in place; each message's data is a `Bytes` slice of the datagram.
-        for m in messages_ref(&datagram) {
-            let msg = match m {
-                Ok(MessageRef::Connector {
-                    cn, data_offset, ..
-                }) => CnMsg {
-                    id: cn.id,
-                    seq: cn.seq,
-                    ack: cn.ack,
-                    flags: cn.flags,
-                    data: datagram.slice(data_offset..data_offset + usize::from(cn.len)),
-                },
+        // Parsed in place; each message is handed on as a view into the datagram.
+        for m in messages_ref(datagram) {
+            let (cn, data) = match m {
+                Ok(MessageRef::Connector { cn, data, .. }) => (cn, data),
                 Ok(MessageRef::Error(e)) => {
                     Counters::add(&c.control, 1);
                     sink(Err(Event::NetlinkError {
@@ -174,27 +167,27 @@ impl Ingest {
             if self.track_seq && !source.is_kernel() {
                 match &mut self.run {
                     Some(r)
-                        if r.id == msg.id
-                            && msg.seq == r.last.wrapping_add(1)
+                        if r.id == cn.id
+                            && cn.seq == r.last.wrapping_add(1)
                             && (r.port, r.group) == (meta.port, meta.group) =>
                     {
-                        r.last = msg.seq;
+                        r.last = cn.seq;
                         r.stale = true;
                     }
                     _ => {
                         self.settle();
-                        self.observe(c, meta, &msg, &mut sink);
+                        self.observe(c, meta, cn.id, cn.seq, &mut sink);
                         self.run = Some(Run {
                             port: meta.port,
                             group: meta.group,
-                            id: msg.id,
-                            last: msg.seq,
+                            id: cn.id,
+                            last: cn.seq,
                             stale: false,
                         });
                     }
                 }
             }
-            sink(Ok(Incoming { msg, source }));
+            sink(Ok(Delivery::new(cn, data, datagram, source)));
         }
         Counters::add(&c.messages, count);
     }
@@ -203,7 +196,7 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::DatagramBuilder;
+    use crate::codec::{CnMsg, DatagramBuilder};
 
     /// The per-run shortcut of `datagram` reaches the same verdicts as asking the tracker
     /// about every message: same gaps (events, in the same place), same counters, over
@@ -254,9 +247,9 @@ mod tests {
                 want.push(Ok(seq));
             }
             let mut got = Vec::new();
-            ingest.datagram(&c, Bytes::from(d.take()), meta, |item| {
+            ingest.datagram(&c, &Bytes::from(d.take()), meta, |item| {
                 got.push(match item {
-                    Ok(rx) => Ok(rx.msg.seq),
+                    Ok(rx) => Ok(rx.seq()),
                     Err(Event::Lost { count, .. }) => Err(count),
                     Err(e) => panic!("unexpected {e:?}"),
                 })

@@ -24,7 +24,7 @@
 //! let conn = Connector::builder().spawn()?;
 //! let id = CbId::new(0x1000, 1);
 //! let _group = conn.subscribe(20)?;
-//! let _reg = conn.register(id, |m| println!("[{}] [{}.{}] {:?}", m.msg.id, m.msg.seq, m.msg.ack, m.msg.data));
+//! let _reg = conn.register(id, |m| println!("[{}] [{}.{}] {:?}", m.id(), m.seq(), m.ack(), m.data()));
 //! conn.send_numbered(id, &b"hello"[..], Dest::Group(20))?;
 //! std::thread::sleep(Duration::from_millis(100));
 //! println!("{:?}", conn.stats());
@@ -34,6 +34,7 @@
 #[cfg(feature = "tokio")]
 mod async_connector;
 mod builder;
+mod delivery;
 mod dispatch;
 mod groups;
 pub(crate) mod ingest;
@@ -59,8 +60,9 @@ pub use crate::seq::{
 pub use async_connector::AsyncConnector;
 use builder::Config;
 pub use builder::ConnectorBuilder;
+pub use delivery::{Delivery, Incoming, Source};
 pub use groups::Subscription;
-pub use registry::{DispatchOutcome, Incoming, Match, Registration, Registry, Snapshot, Source};
+pub use registry::{DispatchOutcome, Match, Registration, Registry, Snapshot};
 pub use stats::Stats;
 
 use crate::codec::{CbId, CnMsg};
@@ -294,10 +296,12 @@ impl ConnectorHandle {
     }
 
     /// Calls `callback` on the dispatcher thread for every message `key` matches, until the
-    /// returned guard is dropped. See [`Registry::register`].
+    /// returned guard is dropped. The callback gets a [`Delivery`], a view of the message in
+    /// the datagram it arrived in; [`Delivery::to_incoming`] makes the owned message for a
+    /// callback that keeps it. See [`Registry::register`].
     pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
     where
-        F: FnMut(&Incoming) + Send + 'static,
+        F: FnMut(&Delivery<'_>) + Send + 'static,
     {
         self.inner.registry.register(key, callback)
     }
@@ -313,7 +317,7 @@ impl ConnectorHandle {
         let (tx, rx) = channel::bounded(capacity.max(1));
         let counters = self.inner.counters.clone();
         let reg = self.register(key, move |m| {
-            if let Err(TrySendError::Full(_)) = tx.try_send(m.clone()) {
+            if let Err(TrySendError::Full(_)) = tx.try_send(m.to_incoming()) {
                 Counters::add(&counters.channel_full, 1);
             }
         });

@@ -25,7 +25,11 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
-use crate::codec::{CbId, CnMsg};
+#[cfg(not(cnbus_loom))]
+use super::Delivery;
+use crate::codec::CbId;
+#[cfg(cnbus_loom)]
+use crate::delivery::Delivery;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, RwLock};
 
 #[cfg(not(cnbus_loom))]
@@ -61,34 +65,6 @@ impl Drop for InCallback {
     }
 }
 
-/// Where a received message came from.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Source {
-    /// The sender's port id; 0 is the kernel (no user-space socket can have port 0).
-    pub port: u32,
-    /// The multicast group it was sent to; 0 for a unicast.
-    pub group: u32,
-}
-
-impl Source {
-    /// True when the kernel sent the message.
-    pub fn is_kernel(&self) -> bool {
-        self.port == 0
-    }
-}
-
-/// A connector message as delivered to callbacks and channels, with where it came from.
-/// (Not [`proc::Received`](crate::proc::Received), a proc receiver's event or loss report.)
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Incoming {
-    /// The message; `data` is a slice of the datagram it arrived in.
-    pub msg: CnMsg,
-    /// Its sender.
-    pub source: Source,
-}
-
 /// Which messages a registration receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Match {
@@ -104,7 +80,7 @@ impl From<CbId> for Match {
     }
 }
 
-type Callback = Box<dyn FnMut(&Incoming) + Send + 'static>;
+type Callback = Box<dyn FnMut(&Delivery<'_>) + Send + 'static>;
 type PanicHook = Box<dyn Fn(CbId, &str) + Send + Sync>;
 
 /// One registration.
@@ -120,7 +96,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// Calls the callback unless unregistered. Returns `Err(message)` if it panicked.
-    fn call(&self, msg: &Incoming) -> Result<bool, String> {
+    fn call(&self, msg: &Delivery<'_>) -> Result<bool, String> {
         let mut cb = self.callback.lock();
         if !self.active.load(Ordering::Acquire) {
             return Ok(false);
@@ -237,7 +213,7 @@ impl Registry {
     /// exact matches before wildcards.
     pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
     where
-        F: FnMut(&Incoming) + Send + 'static,
+        F: FnMut(&Delivery<'_>) + Send + 'static,
     {
         let key = key.into();
         let entry = Arc::new(Entry {
@@ -253,8 +229,9 @@ impl Registry {
         }
     }
 
-    /// Delivers `msg` to every active registration that matches it.
-    pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
+    /// Delivers `msg` to every active registration that matches it. An owned message is
+    /// delivered as its view, [`Incoming::as_delivery`](super::Incoming::as_delivery).
+    pub fn dispatch(&self, msg: &Delivery<'_>) -> DispatchOutcome {
         self.snapshot().dispatch(msg)
     }
 
@@ -339,8 +316,8 @@ impl std::fmt::Debug for Snapshot<'_> {
 impl Snapshot<'_> {
     /// Delivers `msg` to every registration of the snapshot that matches it and is still
     /// active: exact matches first, then wildcards, each in registration order.
-    pub fn dispatch(&self, msg: &Incoming) -> DispatchOutcome {
-        self.targets(msg.msg.id).dispatch(msg)
+    pub fn dispatch(&self, msg: &Delivery<'_>) -> DispatchOutcome {
+        self.targets(msg.id()).dispatch(msg)
     }
 
     /// The registrations of the snapshot that match `id`: one lookup for a run of messages
@@ -393,7 +370,7 @@ pub(crate) struct Targets<'a> {
 impl<'a> Targets<'a> {
     /// Delivers `msg` (of the id these targets were looked up for) to each registration
     /// still active: exact matches first, then wildcards, each in registration order.
-    pub(crate) fn dispatch(&mut self, msg: &Incoming) -> DispatchOutcome {
+    pub(crate) fn dispatch(&mut self, msg: &Delivery<'_>) -> DispatchOutcome {
         let mut out = DispatchOutcome::default();
         if let Some(e) = self.lone {
             let (cb, _) = self
@@ -408,7 +385,7 @@ impl<'a> Targets<'a> {
                     // Unlocked before the hook runs someone else's code.
                     self.held = None;
                     out.panicked = 1;
-                    self.panicked(msg.msg.id, &panic_message(&*p));
+                    self.panicked(msg.id(), &panic_message(&*p));
                 }
             }
             return out;
@@ -419,7 +396,7 @@ impl<'a> Targets<'a> {
                 Ok(false) => {}
                 Err(text) => {
                     out.panicked += 1;
-                    self.panicked(msg.msg.id, &text);
+                    self.panicked(msg.id(), &text);
                 }
             }
         }
@@ -491,11 +468,12 @@ impl Drop for Registration {
 #[cfg(all(test, cnbus_loom))]
 mod loom_tests {
     use super::*;
+    use crate::delivery::{Incoming, Source};
     use loom::sync::atomic::Ordering::SeqCst;
 
     fn msg(id: CbId) -> Incoming {
         Incoming {
-            msg: CnMsg::new(id, bytes::Bytes::new()),
+            msg: crate::codec::CnMsg::new(id, bytes::Bytes::new()),
             source: Source { port: 1, group: 0 },
         }
     }
@@ -518,8 +496,8 @@ mod loom_tests {
             });
             let r2 = r.clone();
             let t = loom::thread::spawn(move || {
-                r2.dispatch(&msg(id));
-                r2.dispatch(&msg(id));
+                r2.dispatch(&msg(id).as_delivery());
+                r2.dispatch(&msg(id).as_delivery());
             });
             reg.unregister();
             gone.store(true, SeqCst);
@@ -549,8 +527,8 @@ mod loom_tests {
             let t = loom::thread::spawn(move || {
                 let snap = r2.snapshot();
                 let mut run = snap.targets(id);
-                run.dispatch(&msg(id));
-                run.dispatch(&msg(id));
+                run.dispatch(&msg(id).as_delivery());
+                run.dispatch(&msg(id).as_delivery());
             });
             reg.unregister();
             gone.store(true, SeqCst);
@@ -576,11 +554,11 @@ mod loom_tests {
             };
             let a = spawn_reg(1);
             let b = spawn_reg(2);
-            let seen = r.dispatch(&msg(CbId::new(7, 1))).delivered;
+            let seen = r.dispatch(&msg(CbId::new(7, 1)).as_delivery()).delivered;
             assert!(seen <= 1);
             let (ra, rb) = (a.join().unwrap(), b.join().unwrap());
             assert_eq!(r.len(), 2);
-            assert_eq!(r.dispatch(&msg(CbId::new(7, 2))).delivered, 1);
+            assert_eq!(r.dispatch(&msg(CbId::new(7, 2)).as_delivery()).delivered, 1);
             drop((ra, rb));
             assert!(r.is_empty());
         });
@@ -605,9 +583,9 @@ mod loom_tests {
             *slot.lock() = Some(reg);
             let r2 = r.clone();
             let t = loom::thread::spawn(move || {
-                r2.dispatch(&msg(id));
+                r2.dispatch(&msg(id).as_delivery());
             });
-            r.dispatch(&msg(id));
+            r.dispatch(&msg(id).as_delivery());
             t.join().unwrap();
             assert_eq!(calls.load(SeqCst), 1);
             assert!(r.is_empty());
@@ -630,9 +608,9 @@ mod loom_tests {
             *slots[1].lock() = Some(rb);
             let r2 = r.clone();
             let t = loom::thread::spawn(move || {
-                r2.dispatch(&msg(b));
+                r2.dispatch(&msg(b).as_delivery());
             });
-            r.dispatch(&msg(a));
+            r.dispatch(&msg(a).as_delivery());
             t.join().unwrap();
             assert!(r.len() <= 1);
             drop(slots[0].lock().take());
@@ -654,12 +632,12 @@ mod loom_tests {
                 drop(w);
             });
             let e = r.register(id, |_| {});
-            let d = r.dispatch(&msg(id));
+            let d = r.dispatch(&msg(id).as_delivery());
             assert!(d.delivered >= 1 && d.delivered <= 2);
             drop(e);
             t.join().unwrap();
             assert!(r.is_empty());
-            assert_eq!(r.dispatch(&msg(id)).delivered, 0);
+            assert_eq!(r.dispatch(&msg(id).as_delivery()).delivered, 0);
         });
     }
 }
@@ -667,12 +645,13 @@ mod loom_tests {
 #[cfg(all(test, not(cnbus_loom)))]
 mod tests {
     use super::*;
+    use crate::connector::{Incoming, Source};
     use std::sync::atomic::AtomicU32;
     use std::sync::mpsc;
 
     fn msg(id: CbId) -> Incoming {
         Incoming {
-            msg: CnMsg::new(id, bytes::Bytes::new()),
+            msg: crate::codec::CnMsg::new(id, bytes::Bytes::new()),
             source: Source { port: 1, group: 0 },
         }
     }
@@ -690,7 +669,7 @@ mod tests {
         });
         let snap = r.snapshot();
         let mut run = snap.targets(id);
-        assert_eq!(run.dispatch(&msg(id)).delivered, 1);
+        assert_eq!(run.dispatch(&msg(id).as_delivery()).delivered, 1);
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let (tx, rx) = mpsc::channel();
@@ -702,11 +681,14 @@ mod tests {
         rx.recv().unwrap();
         // Calls go on until the other thread has cleared the registration's flag; then
         // none, while it waits for the run.
-        while run.dispatch(&msg(id)).delivered == 1 {
+        while run.dispatch(&msg(id).as_delivery()).delivered == 1 {
             std::thread::yield_now();
         }
         let before = calls.load(Ordering::SeqCst);
-        assert_eq!(run.dispatch(&msg(id)), DispatchOutcome::default());
+        assert_eq!(
+            run.dispatch(&msg(id).as_delivery()),
+            DispatchOutcome::default()
+        );
         assert!(
             !done.load(Ordering::SeqCst),
             "unregister returned inside the run"
@@ -735,9 +717,12 @@ mod tests {
         *slot.lock() = Some(r.register(id, |_| panic!("boom")));
         let snap = r.snapshot();
         let mut run = snap.targets(id);
-        let out = run.dispatch(&msg(id));
+        let out = run.dispatch(&msg(id).as_delivery());
         assert_eq!((out.delivered, out.panicked), (0, 1));
-        assert_eq!(run.dispatch(&msg(id)), DispatchOutcome::default());
+        assert_eq!(
+            run.dispatch(&msg(id).as_delivery()),
+            DispatchOutcome::default()
+        );
         assert!(r.is_empty());
     }
 }

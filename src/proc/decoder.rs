@@ -26,7 +26,7 @@ use super::loss::{Loss, LossStats, Received};
 /// let _group = conn.subscribe(1)?;
 /// let mut dec = ProcDecoder::new(EventSet::ALL, true);
 /// let _reg = conn.register(CbId::PROC, move |r| {
-///     for item in dec.decode(r.source.port, &r.msg) {
+///     for item in dec.decode(r.source().port, &r.to_incoming().msg) {
 ///         match item {
 ///             Received::Event(ev) => println!("{:?}", ev.body),
 ///             Received::Lost(loss) => eprintln!("lost {loss:?}"),

@@ -143,7 +143,9 @@ where
     let (ack_tx, ack_rx) = crossbeam::channel::bounded(1);
     let (d, mut cb) = (decoder.clone(), callback);
     let reg = connector.register(CbId::PROC, move |r| {
-        let decoded = d.lock().decode(r.source.port, &r.msg);
+        let decoded = d
+            .lock()
+            .decode_parts(r.source().port, r.id(), r.seq(), r.ack(), r.data(), 0);
         if let Some((ack, err)) = decoded.ack {
             if ack == token.wrapping_add(1) {
                 let _ = ack_tx.try_send(err);

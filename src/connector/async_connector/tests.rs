@@ -180,6 +180,7 @@ fn request_runs_beside_the_stream() {
         let id = CbId::new(0x5a18, server.port_id());
         let h = server.handle();
         let _svc = server.register(id, move |m| {
+            let m = m.to_incoming();
             // First a message that is not the reply, then the reply.
             let other = CnMsg::new(id, &b"other"[..]).with_seq(m.msg.seq, 0);
             h.send(&other, Dest::Port(m.source.port)).unwrap();
