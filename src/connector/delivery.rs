@@ -146,6 +146,28 @@ impl<'a> Delivery<'a> {
         self.source
     }
 
+    /// The reply to this message by the connector convention (same id, same seq,
+    /// `ack + 1`), carrying `data`: what [`CnMsg::reply_to`] builds from an owned request,
+    /// without making this view owned first.
+    ///
+    /// ```no_run
+    /// # use cnbus::connector::Connector;
+    /// # use cnbus::{CbId, sys::Dest};
+    /// # fn main() -> cnbus::error::Result<()> {
+    /// let conn = Connector::builder().spawn()?;
+    /// let handle = conn.handle();
+    /// let _reg = conn.register(CbId::new(0x1000, 1), move |m| {
+    ///     let reply = m.reply(&b"pong"[..]);
+    ///     // A failed send is counted in the connector's statistics.
+    ///     let _ = handle.send(&reply, Dest::Port(m.source().port));
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reply(&self, data: impl Into<Bytes>) -> CnMsg {
+        CnMsg::new(self.cn.id, data).with_seq(self.cn.seq, self.cn.ack.wrapping_add(1))
+    }
+
     /// The owned message, for keeping it past the callback: its data is a [`Bytes`] slice
     /// of the datagram (a reference count, no copy).
     pub fn to_incoming(&self) -> Incoming {
@@ -166,6 +188,19 @@ impl<'a> Delivery<'a> {
 mod tests {
     use super::*;
     use crate::codec::{messages, messages_ref, DatagramBuilder, Message, MessageRef};
+
+    /// A view's reply is the reply `CnMsg::reply_to` builds from the owned request.
+    #[test]
+    fn a_views_reply_is_the_owned_messages_reply() {
+        let req = CnMsg::new(CbId::new(0x1000, 2), &b"ping"[..]).with_seq(9, u32::MAX);
+        let incoming = Incoming {
+            msg: req.clone(),
+            source: Source { port: 7, group: 0 },
+        };
+        let reply = incoming.as_delivery().reply(&b"pong"[..]);
+        assert_eq!(reply, CnMsg::reply_to(&req, &b"pong"[..]));
+        assert!(reply.is_reply_to(&req));
+    }
 
     /// A view's owned form is the message the owned codec iterator yields, its data a
     /// slice of the same datagram (no copy), and an owned message's view gives it back.
