@@ -29,13 +29,13 @@ fn child_publisher() {
     };
     let v: Vec<u32> = spec.split(',').map(|x| x.parse().unwrap()).collect();
     let (group, idx, count) = (v[0], v[1], v[2]);
-    let bus = Connector::builder().spawn().unwrap();
+    let conn = Connector::builder().spawn().unwrap();
     for i in 0..count {
         let id = CbId::new(idx, 1 + i % 3);
-        bus.send_numbered(id, format!("msg {i}").into_bytes(), Dest::Group(group))
+        conn.send_numbered(id, format!("msg {i}").into_bytes(), Dest::Group(group))
             .unwrap();
     }
-    println!("child port {}", bus.port_id());
+    println!("child port {}", conn.port_id());
 }
 
 #[test]
@@ -44,9 +44,9 @@ fn two_processes_exchange_through_a_group() {
         return;
     }
     let (group, idx) = (12, test_idx(10));
-    let bus = Connector::builder().spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
-    let (_reg, rx) = bus.channel(Match::Idx(idx), 1024);
+    let conn = Connector::builder().spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
+    let (_reg, rx) = conn.channel(Match::Idx(idx), 1024);
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -93,10 +93,10 @@ fn wildcard_sees_every_val_and_exact_sees_one() {
         return;
     }
     let (group, idx) = (13, test_idx(11));
-    let bus = Connector::builder().spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
-    let (_w, wild) = bus.channel(Match::Idx(idx), 64);
-    let (_e, exact) = bus.channel(CbId::new(idx, 2), 64);
+    let conn = Connector::builder().spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
+    let (_w, wild) = conn.channel(Match::Idx(idx), 64);
+    let (_e, exact) = conn.channel(CbId::new(idx, 2), 64);
     let tx = Connector::builder().spawn().unwrap();
     let msgs: Vec<CnMsg> = (1..=5)
         .map(|v| CnMsg::new(CbId::new(idx, v), vec![v as u8]))
@@ -129,19 +129,19 @@ fn a_dropped_registration_stops_receiving_mid_stream() {
         return;
     }
     let (group, id) = (14, CbId::new(test_idx(12), 1));
-    let bus = Connector::builder().spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
+    let conn = Connector::builder().spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
     // tx's messages only: on a busy host others may send on this group and id.
     let tx = Connector::builder().spawn().unwrap();
     let txp = tx.port_id();
     let counted = Arc::new(AtomicU64::new(0));
     let c = counted.clone();
-    let reg = bus.register(id, move |m| {
+    let reg = conn.register(id, move |m| {
         if m.source().port == txp {
             c.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let (_keep, all) = bus.channel(id, 4096);
+    let (_keep, all) = conn.channel(id, 4096);
     let recv_mine = |n: usize| {
         let mut k = 0;
         while k < n {
@@ -180,16 +180,16 @@ fn registering_and_unregistering_from_inside_a_callback_does_not_deadlock() {
         return;
     }
     let (group, idx) = (14, test_idx(13));
-    let bus = Connector::builder().spawn().unwrap();
-    let _sub = bus.subscribe(group).unwrap();
-    let h = bus.handle();
+    let conn = Connector::builder().spawn().unwrap();
+    let _sub = conn.subscribe(group).unwrap();
+    let h = conn.handle();
     // tx's messages only: on a busy host others may send on this group and idx.
     let tx = Connector::builder().spawn().unwrap();
     let txp = tx.port_id();
     let slot = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let (s2, seen) = (slot.clone(), Arc::new(AtomicU64::new(0)));
     let seen2 = seen.clone();
-    let first = bus.register(CbId::new(idx, 1), move |m| {
+    let first = conn.register(CbId::new(idx, 1), move |m| {
         if m.source().port != txp {
             return;
         }
@@ -215,9 +215,9 @@ fn registering_and_unregistering_from_inside_a_callback_does_not_deadlock() {
         .load(Ordering::SeqCst)
         == 2));
     drop(first);
-    assert_eq!(bus.registry().len(), 1);
+    assert_eq!(conn.registry().len(), 1);
     slot.lock().clear();
-    assert!(bus.registry().is_empty());
+    assert!(conn.registry().is_empty());
 }
 
 #[test]
@@ -228,20 +228,20 @@ fn a_panicking_callback_does_not_stop_the_others() {
     let (group, id) = (15, CbId::new(test_idx(14), 1));
     let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let ev = events.clone();
-    let bus = Connector::builder()
+    let conn = Connector::builder()
         .on_event(move |e| ev.lock().push(e.clone()))
         .spawn()
         .unwrap();
-    let _sub = bus.subscribe(group).unwrap();
+    let _sub = conn.subscribe(group).unwrap();
     // Only our sender's messages count: on a busy host others may send on our id.
     let tx = Connector::builder().spawn().unwrap();
     let txp = tx.port_id();
-    let _bad = bus.register(id, move |m| {
+    let _bad = conn.register(id, move |m| {
         if m.source().port == txp && m.data()[0] % 2 == 0 {
             panic!("callback fault on {}", m.data()[0]);
         }
     });
-    let (_good, rx) = bus.channel(id, 64);
+    let (_good, rx) = conn.channel(id, 64);
     for i in 0..10u8 {
         tx.send_numbered(id, vec![i], Dest::Group(group)).unwrap();
     }
@@ -251,7 +251,7 @@ fn a_panicking_callback_does_not_stop_the_others() {
         .map(|m| m.msg.data[0])
         .collect();
     assert_eq!(got, (0..10).collect::<Vec<_>>());
-    assert_eq!(bus.stats().callback_panics, 5);
+    assert_eq!(conn.stats().callback_panics, 5);
     let panics = events
         .lock()
         .iter()
@@ -265,11 +265,11 @@ fn shutdown_returns_within_100ms_when_idle() {
     if !need_kernel("shutdown_returns_within_100ms_when_idle") {
         return;
     }
-    let bus = Connector::builder().spawn().unwrap();
-    let _sub = bus.subscribe(16).unwrap();
+    let conn = Connector::builder().spawn().unwrap();
+    let _sub = conn.subscribe(16).unwrap();
     std::thread::sleep(Duration::from_millis(50)); // let the dispatcher block in poll
     let t = Instant::now();
-    bus.shutdown();
+    conn.shutdown();
     let took = t.elapsed();
     assert!(took < Duration::from_millis(100), "shutdown took {took:?}");
 }
@@ -280,11 +280,11 @@ fn groups_are_reference_counted() {
         return;
     }
     let (group, id) = (17, CbId::new(test_idx(15), 1));
-    let bus = Connector::builder().spawn().unwrap();
-    let (_r, rx) = bus.channel(id, 64);
-    let a = bus.subscribe(group).unwrap();
-    let b = bus.subscribe(group).unwrap();
-    assert_eq!(bus.subscribers(group), 2);
+    let conn = Connector::builder().spawn().unwrap();
+    let (_r, rx) = conn.channel(id, 64);
+    let a = conn.subscribe(group).unwrap();
+    let b = conn.subscribe(group).unwrap();
+    assert_eq!(conn.subscribers(group), 2);
     let tx = Connector::builder().spawn().unwrap();
     // tx's messages only: on a busy host others may send on this group and id.
     let txp = tx.port_id();
@@ -297,7 +297,7 @@ fn groups_are_reference_counted() {
         "still a member"
     );
     drop(b);
-    assert_eq!(bus.subscribers(group), 0);
+    assert_eq!(conn.subscribers(group), 0);
     tx.send(&CnMsg::new(id, &b"2"[..]), Dest::Group(group))
         .unwrap();
     assert!(
@@ -306,7 +306,7 @@ fn groups_are_reference_counted() {
         "left the group"
     );
     assert!(matches!(
-        bus.subscribe(0),
+        conn.subscribe(0),
         Err(cnbus::Error::InvalidArgument(_))
     ));
 }
@@ -316,12 +316,12 @@ fn kernel_owned_ids_and_groups_are_refused_for_multicast() {
     if !need_kernel("kernel_owned_ids_and_groups_are_refused_for_multicast") {
         return;
     }
-    let bus = Connector::builder().spawn().unwrap();
-    let e = bus
+    let conn = Connector::builder().spawn().unwrap();
+    let e = conn
         .send(&CnMsg::new(CbId::new(1, 1), &b"x"[..]), Dest::Group(18))
         .unwrap_err();
     assert!(matches!(e, cnbus::Error::KernelOwned { .. }), "{e}");
-    let e = bus
+    let e = conn
         .send(
             &CnMsg::new(CbId::new(test_idx(16), 1), &b"x"[..]),
             Dest::Group(5),
@@ -331,7 +331,7 @@ fn kernel_owned_ids_and_groups_are_refused_for_multicast() {
         matches!(e, cnbus::Error::KernelOwned { group: 5, .. }),
         "{e}"
     );
-    assert_eq!(bus.stats().sent_messages, 0);
+    assert_eq!(conn.stats().sent_messages, 0);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Hostile peers on the real kernel: another socket multicasts malformed datagrams on the
-//! bus's group; a stalled receiver overflows. The connector keeps running, delivers every
+//! connector's group; a stalled receiver overflows. The connector keeps running, delivers every
 //! valid message, counts every bad one, and accounts for every lost one.
 //!
 //! Groups 20..=22 belong to this file.
@@ -47,7 +47,7 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
     let errors = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let lost = Arc::new(AtomicU64::new(0));
     let (e2, l2) = (errors.clone(), lost.clone());
-    let bus = Connector::builder()
+    let conn = Connector::builder()
         .on_event(move |e| match e {
             Event::Decode { error, port } if *port == evil_port => e2.lock().push(error.kind),
             Event::Lost { port, count, .. } if *port == evil_port => {
@@ -57,8 +57,8 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
         })
         .spawn()
         .unwrap();
-    let _sub = bus.subscribe(group).unwrap();
-    let (_reg, rx) = bus.channel(cnbus::connector::Match::Idx(id.idx), 1024);
+    let _sub = conn.subscribe(group).unwrap();
+    let (_reg, rx) = conn.channel(cnbus::connector::Match::Idx(id.idx), 1024);
 
     let mut seq = 0u32;
     let mut next = || {
@@ -145,7 +145,7 @@ fn malformed_datagrams_are_counted_and_valid_ones_delivered() {
     assert!(wait_for(Duration::from_secs(2), || errors.lock().len()
         as u64
         == bad));
-    assert!(bus.stats().decode_errors >= bad);
+    assert!(conn.stats().decode_errors >= bad);
     let kinds = errors.lock().clone();
     assert_eq!(
         kinds.len() as u64,
@@ -184,7 +184,7 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
     let txp = tx.port_id();
     let lost = Arc::new(AtomicU64::new(0));
     let l = lost.clone();
-    let bus = Connector::builder()
+    let conn = Connector::builder()
         .recv_buffer(16 << 10)
         .on_event(move |e| {
             if let Event::Lost { port, count, .. } = e {
@@ -195,11 +195,11 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
         })
         .spawn()
         .unwrap();
-    let _sub = bus.subscribe(group).unwrap();
+    let _sub = conn.subscribe(group).unwrap();
     let stall = Arc::new(Barrier::new(2));
     let delivered = Arc::new(AtomicU64::new(0));
     let (s, d) = (stall.clone(), delivered.clone());
-    let _reg = bus.register(id, move |m| {
+    let _reg = conn.register(id, move |m| {
         if m.source().port == txp && d.fetch_add(1, Ordering::SeqCst) == 0 {
             s.wait(); // the dispatcher stalls inside the first callback
             s.wait();
@@ -215,7 +215,7 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
         sent += 1;
     }
     stall.wait(); // release it
-    assert!(wait_for(Duration::from_secs(5), || bus.stats().overruns > 0));
+    assert!(wait_for(Duration::from_secs(5), || conn.stats().overruns > 0));
     // After the stall, reception resumes on the same socket with nothing reopened.
     std::thread::sleep(Duration::from_millis(100));
     for _ in 0..100 {
@@ -227,7 +227,7 @@ fn a_stalled_receiver_counts_its_loss_exactly_and_resumes() {
     assert!(wait_for(Duration::from_secs(5), || {
         delivered.load(Ordering::SeqCst) + lost.load(Ordering::SeqCst) == sent
     }));
-    let s = bus.stats();
+    let s = conn.stats();
     let got = delivered.load(Ordering::SeqCst);
     let lost = lost.load(Ordering::SeqCst);
     assert_eq!(got + lost, sent, "{s:?}");
@@ -241,24 +241,24 @@ fn an_oversized_datagram_is_dropped_and_counted() {
         return;
     }
     let id = CbId::new(test_idx(32), 1);
-    let bus = Connector::builder().max_datagram(256).spawn().unwrap();
-    let (_reg, rx) = bus.channel(id, 16);
+    let conn = Connector::builder().max_datagram(256).spawn().unwrap();
+    let (_reg, rx) = conn.channel(id, 16);
     let tx = ConnectorSocket::open().unwrap();
     let mut big = DatagramBuilder::new(4096);
     big.push(&CnMsg::new(id, vec![7u8; 1000]).with_seq(2, 0))
         .unwrap();
-    tx.send(&valid(id, 1), Dest::Port(bus.port_id())).unwrap();
-    tx.send(big.as_bytes(), Dest::Port(bus.port_id())).unwrap();
-    tx.send(&valid(id, 3), Dest::Port(bus.port_id())).unwrap();
+    tx.send(&valid(id, 1), Dest::Port(conn.port_id())).unwrap();
+    tx.send(big.as_bytes(), Dest::Port(conn.port_id())).unwrap();
+    tx.send(&valid(id, 3), Dest::Port(conn.port_id())).unwrap();
     let seqs: Vec<u32> = (0..2)
         .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap().msg.seq)
         .collect();
     assert_eq!(seqs, [1, 3]);
-    assert_eq!(bus.stats().truncated, 1);
+    assert_eq!(conn.stats().truncated, 1);
     assert_eq!(
-        bus.stats().lost,
+        conn.stats().lost,
         1,
         "the gap in seq shows the dropped message: {:?}",
-        bus.stats()
+        conn.stats()
     );
 }
