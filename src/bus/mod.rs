@@ -88,7 +88,7 @@ use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Result};
 use crate::sys::{ConnectorSocket, Dest};
 
-use builder::{far_future, Config};
+use builder::Config;
 pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 
 use insert::Shards;
@@ -173,17 +173,16 @@ impl Inner {
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
     /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
-    /// loaded after the push as the `handshake` module says. `drain` drains the caller's
-    /// ring if no one else is; true if it did.
+    /// loaded after the push as the `handshake` module says.
     #[inline(always)]
-    pub(crate) fn after_push(&self, len: u64, state: u8, help: bool, drain: impl FnOnce() -> bool) {
+    pub(crate) fn after_push(&self, ring: &Ring, len: u64, state: u8, help: bool) {
         let assist = help && self.cfg.assist;
         let over = len >= self.cfg.watermark as u64;
         if assist && over {
             // Either we drain (our push is among the messages it takes), or someone holds
             // the drain right and is draining. An IDLE flusher is still woken, so that a
             // deadline is set for whatever that drain leaves behind.
-            if !drain() && state == IDLE {
+            if self.help(ring).is_none() && state == IDLE {
                 self.wake_from_sleep(IDLE);
             }
             return;
@@ -464,11 +463,10 @@ impl Bus {
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
             // Waits for room at a full unicast receiver end by this deadline.
-            let _ = self.inner.stop_deadline.set(
-                Instant::now()
-                    .checked_add(self.inner.cfg.send_timeout)
-                    .unwrap_or_else(far_future),
-            );
+            // (None past what `Instant` holds: no limit, as `send_timeout` says.)
+            if let Some(d) = Instant::now().checked_add(self.inner.cfg.send_timeout) {
+                let _ = self.inner.stop_deadline.set(d);
+            }
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
             // The flusher catches its panics; a join error would be one in the guard.

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
 
 use crossbeam::utils::CachePadded;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, NLMSG_DONE};
 use crate::error::{DecodeError, DecodeErrorKind};
@@ -305,22 +305,17 @@ impl Ring {
     pub(crate) fn since(&self) -> u64 {
         self.since.load(Relaxed)
     }
-
-    /// The drain right: waits for it if `wait`, else `None` when someone holds it.
-    pub(crate) fn drain_right(&self, wait: bool) -> Option<MutexGuard<'_, Drainer>> {
-        if wait {
-            Some(self.drain.lock())
-        } else {
-            self.drain.try_lock()
-        }
-    }
 }
 
 impl Inner {
     /// Drains `ring` on the calling thread, waiting for its drain right if `wait` (else
     /// returns `None` when someone else is draining it). Returns the messages taken.
     pub(crate) fn drain(&self, ring: &Ring, wait: bool) -> Option<u64> {
-        let mut d = ring.drain_right(wait)?;
+        let mut d = if wait {
+            ring.drain.lock()
+        } else {
+            ring.drain.try_lock()?
+        };
         Some(self.drain_held(ring, &mut d))
     }
 
@@ -368,7 +363,12 @@ impl Inner {
                 .iter()
                 .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
                 .collect();
-            self.send_datagrams(&slices, |i| bounds.get(i).map_or(0, |x| x.msgs), &progress);
+            let per = |i: usize| bounds.get(i).map_or(0, |x| x.msgs);
+            self.send_datagrams(&slices, per, &progress, |n, err| {
+                Counters::add(&self.stats.failed_datagrams, 1);
+                Counters::add(&self.stats.failed_messages, n);
+                self.record_error(err);
+            });
             (msgs, bad)
         });
         let (msgs, bad) = match (sent, framed.get()) {
@@ -551,7 +551,7 @@ fn word8(h: &[u8; HDR], at: usize) -> u64 {
 /// Writes seq `n` into a staged message's header (`nlmsg_seq`, `cn_msg.seq`) and makes
 /// it `NLMSG_DONE`.
 #[inline(always)]
-fn stamp(h: &mut [u8; HDR], n: u32) {
+pub(crate) fn stamp(h: &mut [u8; HDR], n: u32) {
     h[8..12].copy_from_slice(&n.to_ne_bytes());
     h[24..28].copy_from_slice(&n.to_ne_bytes());
     h[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());

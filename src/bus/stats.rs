@@ -175,7 +175,7 @@ pub struct BusStats {
     pub sent_messages: u64,
     /// Datagrams handed to the kernel.
     pub sent_datagrams: u64,
-    /// Send system calls made (`sendmmsg` by the drains, `sendto` for direct sends),
+    /// Send system calls made (`sendmmsg`, by the drains and direct sends),
     /// failed ones included.
     pub syscalls: u64,
     /// Accepted messages that could not be sent (their datagram failed after retries).
