@@ -102,7 +102,7 @@ impl Flusher {
 
     /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
     /// queued message's deadline, a flush or stop request. Parks indefinitely when every
-    /// ring is empty. See the `handshake` module for the wake-up protocol.
+    /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
     fn sleep(&mut self) {
         let inner = Arc::clone(&self.inner);
         let wm = inner.cfg.watermark as u64;

@@ -1,16 +1,10 @@
 //! The two entry points onto a [`Ring`], and the insert path above it: size and liveness
 //! checks, then the [`FullPolicy`] when the ring is full.
 //!
-//! * [`Bus::insert`](super::Bus::insert) (the per-CPU shards): the calling thread pushes
-//!   into the ring of a shard, under that shard's lock. Which shard: the one it last
-//!   inserted into while that ring still holds a message of this thread (its position is
-//!   not yet [released](Ring::released)), else the shard of the CPU it runs on. So all of a
-//!   thread's unsent messages are in one ring, in FIFO order, and one drain at a time sends
-//!   a ring in order: a thread's messages go on the wire in insertion order however it
-//!   migrates. The thread-local state is one small entry per bus the thread uses.
-//! * [`Producer`]: one writer owns the ring's writing side; no lock.
-//!
-//! [`Insert`] is the one interface over both.
+//! [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under its lock,
+//! a [`Producer`] into its own ring without one; [`Insert`] is the one interface over both.
+//! Which shard a thread uses, and why its order survives migration: docs/BUS.md, "Design"
+//! step 2 and "Ordering".
 
 use std::cell::RefCell;
 use std::io::IoSlice;
@@ -235,7 +229,7 @@ impl Queue for Shards<'_> {
             }
         };
         // Pushed under the shard's lock and released it: the flusher's second look takes
-        // that lock, so no fence is needed (see the `handshake` module).
+        // that lock, so no fence is needed (docs/BUS.md, "Memory orderings").
         if let Some(s) = i.shards.get(shard) {
             i.after_push(&s.ring, n, i.bell.state(), help);
         }

@@ -59,8 +59,8 @@
 //!   counted as failed; a panic elsewhere in the flusher ends it, and `flush` and shutdown
 //!   then drain on their own threads.
 //!
-//! The wake-up protocol, flush generations and their loom models are in the `handshake`
-//! module; docs/BUS.md follows one message from `insert` to `sendmmsg`.
+//! docs/BUS.md follows one message from `insert` to `sendmmsg`, with the memory orderings
+//! and their loom models.
 //!
 //! (Over 600 lines with its unit tests: the panic-containment tests need the private
 //! test hook of `Config`, so they live here.)
@@ -122,7 +122,7 @@ pub(crate) struct Inner {
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
-    /// The flusher's AWAKE / TIMED / IDLE; see the `handshake` module.
+    /// The flusher's AWAKE / TIMED / IDLE.
     pub(crate) bell: CachePadded<Doorbell>,
     flusher: OnceLock<Thread>,
     /// Set (SeqCst) by `Bus::drop`/`close`.
@@ -134,7 +134,7 @@ pub(crate) struct Inner {
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
-    /// Flush generations requested and completed; see the `handshake` module.
+    /// Flush generations requested and completed.
     pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
@@ -173,7 +173,7 @@ impl Inner {
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
     /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
-    /// loaded after the push as the `handshake` module says.
+    /// loaded after the push (docs/BUS.md, "Memory orderings").
     #[inline(always)]
     pub(crate) fn after_push(&self, ring: &Ring, len: u64, state: u8, help: bool) {
         let assist = help && self.cfg.assist;

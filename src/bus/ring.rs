@@ -7,17 +7,9 @@
 //! (the flusher, or a writer at the watermark) frames, numbers and sends everything
 //! published, then gives the bytes back.
 //!
-//! # Staged format
-//!
-//! A ring holds encoded messages back to back, each `nlmsg_align(nlmsg_len)` bytes, as the
-//! wire has them, with two differences the drain removes before sending:
-//! * a message whose seq the drain assigns has `nlmsg_type` [`STAGED`]; the drain writes
-//!   its seq (both fields) and sets the type to `NLMSG_DONE`. A prebuilt message
-//!   ([`Bus::insert_msg`](super::Bus::insert_msg)) is staged as `NLMSG_DONE` and keeps
-//!   its seq.
-//! * a message never wraps around the end of the ring: when one would, the writer fills
-//!   the rest with a skip word, [`PAD`] `| bytes` where a message has its `nlmsg_len`
-//!   (lengths are below 2^17, so the bit is free), and writes the message at the start.
+//! A ring holds messages encoded as on the wire, except that a message the drain numbers
+//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`PAD`]):
+//! docs/BUS.md, "Design" steps 3 and 5.
 //!
 //! (Over 600 lines with its unit tests: the format is written by `push` and read by
 //! `frame` only, and both stay in this file with the tests of the format.)
@@ -41,7 +33,8 @@ use super::Inner;
 /// `nlmsg_type` of a staged message that the drain numbers.
 pub(crate) const STAGED: u16 = 0;
 
-/// High bit of a skip word (see the module docs).
+/// High bit of a skip word `PAD | bytes`, where a message has its `nlmsg_len` (lengths are
+/// below 2^17, so the bit is free).
 pub(crate) const PAD: u32 = 1 << 31;
 
 /// Netlink plus connector header: the shortest message.
@@ -583,6 +576,21 @@ mod tests {
         v
     }
 
+    /// `frame` over `bytes` as part `part`, with a fresh numbering.
+    fn walk(part: usize, bytes: &mut [u8], coalesce: bool, datagram: usize) -> (Walk, Vec<Bound>) {
+        let mut src = SeqSource::default();
+        let mut out = Vec::new();
+        let lim = Limits { coalesce, datagram };
+        let w = frame(
+            part,
+            bytes,
+            lim,
+            &mut src.to(crate::sys::Dest::Group(20)),
+            &mut out,
+        );
+        (w, out)
+    }
+
     #[test]
     fn encoding_matches_datagram_builder_once_framed() {
         for n in [0usize, 1, 3, 63, 64, 65, 1000] {
@@ -610,13 +618,7 @@ mod tests {
             };
             let mut out = vec![0u8; e2.encoded_len()];
             e2.encode_into(42, &mut out).unwrap();
-            let mut src = SeqSource::default();
-            let mut seqs = src.to(crate::sys::Dest::Group(20));
-            let lim = Limits {
-                coalesce: true,
-                datagram: 4096,
-            };
-            frame(0, &mut out, lim, &mut seqs, &mut Vec::new());
+            walk(0, &mut out, true, 4096);
             let mut b2 = DatagramBuilder::new(4096).with_pid(42);
             assert!(b2
                 .push(&CnMsg::new(msg.id, data.clone()).with_seq(1, 0))
@@ -684,14 +686,9 @@ mod tests {
         assert_eq!(got, [(d, 1, 1), (d, 2, 2), (d, 0, 0), (d, 3, 3)]);
         assert_eq!(seqs.get(a), 3);
         // One message per datagram without coalescing.
-        let mut out = Vec::new();
         let mut again = staged(b, b"x", true);
-        let lim = Limits {
-            coalesce: false,
-            datagram: 100,
-        };
         again.extend(staged(b, b"y", true));
-        frame(1, &mut again, lim, &mut seqs, &mut out);
+        let (_, out) = walk(1, &mut again, false, 100);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].part, 1);
     }
@@ -706,14 +703,7 @@ mod tests {
         }
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
-        let mut src = SeqSource::default();
-        let mut seqs = src.to(crate::sys::Dest::Group(20));
-        let mut out = Vec::new();
-        let lim = Limits {
-            coalesce: true,
-            datagram: 120,
-        };
-        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        let (w, out) = walk(0, &mut bytes, true, 120);
         assert_eq!(w.msgs, 12);
         let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
         assert_eq!(per, [3, 3, 3, 3]);
@@ -732,12 +722,6 @@ mod tests {
 
     #[test]
     fn frame_stops_at_malformed_words() {
-        let mut src = SeqSource::default();
-        let mut seqs = src.to(crate::sys::Dest::Group(20));
-        let lim = Limits {
-            coalesce: true,
-            datagram: 4096,
-        };
         for junk in [
             vec![0u8; 8],                         // nlmsg_len 0
             (12u32 | PAD).to_ne_bytes().to_vec(), // skip past the end
@@ -745,9 +729,7 @@ mod tests {
             1000u32.to_ne_bytes().to_vec(),       // message past the end
             vec![1, 2],                           // too short for a word
         ] {
-            let mut b = junk.clone();
-            let mut out = Vec::new();
-            let w = frame(0, &mut b, lim, &mut seqs, &mut out);
+            let (w, out) = walk(0, &mut junk.clone(), true, 4096);
             assert!(w.bad.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }

@@ -23,11 +23,7 @@ const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
 /// little and tries again, for at most [`BusBuilder::send_timeout`](super::BusBuilder::send_timeout)
 /// (and never past the shutdown deadline). A wait that times out marks the bus's receiver
 /// as stalled: later sends do not wait for it until one of them gets a datagram through.
-///
-/// Sleeping, not `poll`: a netlink sender's `POLLOUT` reflects its own send buffer, which
-/// a unicast does not hold on to (the datagram is charged to the receiver at once), so it
-/// stays set while the receiver is full (checked on Linux 6.18: `EAGAIN`, then `poll`
-/// reports `POLLOUT`). Nothing the sender can wait on says when the receiver reads.
+/// Why it sleeps rather than `poll`s: docs/BUS.md, "Flush, shutdown, errors".
 pub(crate) struct RoomWait {
     since: Option<Instant>,
     pause: Duration,
