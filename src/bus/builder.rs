@@ -312,6 +312,9 @@ impl BusBuilder {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
         }
         if let Dest::Group(g) = self.dest {
+            if !(1..=32).contains(&g) {
+                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
+            }
             if !cfg.allow_kernel_ids && g < crate::codec::FIRST_USER_GROUP {
                 return Err(Error::KernelOwned {
                     id: CbId::new(0, 0),
@@ -335,11 +338,6 @@ impl BusBuilder {
         if self.dest == Dest::Kernel {
             cfg.framing = Framing::OnePerDatagram;
             cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
-        }
-        if let Dest::Group(g) = self.dest {
-            if !(1..=32).contains(&g) {
-                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
-            }
         }
         let too_big = || {
             Error::InvalidArgument(
@@ -375,7 +373,6 @@ impl BusBuilder {
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
-            rings_gen: AtomicU64::new(0),
             shards: shards.into_boxed_slice(),
             ring_bytes,
             pid: sock.port_id(),

@@ -19,8 +19,8 @@ use super::ring::{self, Entry, Ring, Tail};
 use super::stats::Counters;
 use super::{send, Bus, FullPolicy, Inner, InsertError};
 
-/// Inserting into a bus: implemented by [`Bus`] (and `&Bus`: the per-CPU shards) and by
-/// [`Producer`] (a ring of its own), so that one generic body serves both.
+/// Inserting into a bus: implemented by `&Bus` (the per-CPU shards) and by [`Producer`]
+/// (a ring of its own), so that one generic body serves both.
 ///
 /// ```no_run
 /// use cnbus::bus::{Bus, Insert};
@@ -93,19 +93,6 @@ impl Insert for &Bus {
     }
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
-    }
-    fn policy(&self) -> FullPolicy {
-        self.inner.cfg.policy
-    }
-}
-
-impl Insert for Bus {
-    #[inline]
-    fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        (&*self).insert_with(id, d, p)
-    }
-    fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        Insert::insert_msg(&mut &*self, msg, p)
     }
     fn policy(&self) -> FullPolicy {
         self.inner.cfg.policy

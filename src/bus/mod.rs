@@ -76,7 +76,7 @@ mod ring;
 mod send;
 mod stats;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -110,10 +110,8 @@ pub(crate) struct Inner {
     id: u64,
     pub(crate) shards: Box<[Shard]>,
     /// Every ring (the shards' first, then the producers'), for the flusher and the
-    /// statistics; `rings_gen` counts changes (`Release` under the lock), so the flusher
-    /// copies the list only then.
+    /// statistics.
     pub(crate) rings: Mutex<Vec<Arc<Ring>>>,
-    pub(crate) rings_gen: AtomicU64,
     /// Bytes of each ring.
     pub(crate) ring_bytes: usize,
     pub(crate) sock: Arc<ConnectorSocket>,
@@ -149,10 +147,6 @@ impl Inner {
     #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64 + 1
-    }
-
-    pub(crate) fn all_empty(&self) -> bool {
-        self.rings.lock().iter().all(|r| !r.pending())
     }
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full ring).
@@ -229,11 +223,7 @@ impl Inner {
 
     /// Makes a new producer's ring visible to the flusher.
     fn add_ring(&self, ring: Arc<Ring>) {
-        {
-            let mut l = self.rings.lock();
-            l.push(ring);
-            self.rings_gen.fetch_add(1, Release);
-        }
+        self.rings.lock().push(ring);
         // A flusher parked IDLE may have copied the list before this ring was added: wake
         // it, so that it looks again (it announces IDLE before it copies the list; the
         // fence in `state_after_publish` orders our push before our look).
@@ -242,31 +232,15 @@ impl Inner {
         }
     }
 
-    /// Refreshes the flusher's copy of the rings if they changed.
-    pub(crate) fn refresh_rings(&self, into: &mut Vec<Arc<Ring>>, gen: &mut u64) {
-        let g = self.rings_gen.load(Acquire);
-        if g != *gen {
-            let l = self.rings.lock();
-            into.clear();
-            into.extend(l.iter().cloned());
-            *gen = self.rings_gen.load(Relaxed);
-        }
-    }
-
     /// Forgets the retired producers' rings that are empty, keeping their counts.
     pub(crate) fn prune_rings(&self) {
-        let mut l = self.rings.lock();
-        let before = l.len();
-        l.retain(|r| {
+        self.rings.lock().retain(|r| {
             let gone = r.retired.load(Acquire) && !r.pending();
             if gone {
                 Counters::add(&self.stats.retired_inserts, r.pushed());
             }
             !gone
         });
-        if l.len() != before {
-            self.rings_gen.fetch_add(1, Release);
-        }
     }
 }
 

@@ -340,13 +340,15 @@ impl Inner {
             // each (destination, id) follow wire order.
             let mut numbering = self.sock.numbering().lock();
             let mut seqs = numbering.to(self.dest);
-            let lim = Limits {
-                coalesce: self.cfg.coalesce(),
-                datagram: self.cfg.datagram_size,
+            // Bytes a datagram may hold: 0 without coalescing (every message closes one).
+            let limit = if self.cfg.coalesce() {
+                self.cfg.datagram_size
+            } else {
+                0
             };
             let (mut msgs, mut bad) = (0u64, None);
             for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
-                let w = frame(part, bytes, lim, &mut seqs, bounds);
+                let w = frame(part, bytes, limit, &mut seqs, bounds);
                 msgs += w.msgs;
                 bad = bad.or(w.bad);
             }
@@ -393,12 +395,6 @@ impl Inner {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    coalesce: bool,
-    datagram: usize,
-}
-
 /// What [`frame`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Walk {
@@ -408,18 +404,16 @@ struct Walk {
 }
 
 /// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
-/// words, and appends the datagrams (closed at `lim.datagram` bytes, after every message
-/// without coalescing, and at the end of the part) to `out`. Never reads out of bounds,
+/// words, and appends the datagrams (closed at `limit` bytes, or after every message when
+/// `limit` is 0, and at the end of the part) to `out`. Never reads out of bounds,
 /// always advances, and stops at the first malformed word. Reads each header once.
 fn frame(
     part: usize,
     bytes: &mut [u8],
-    lim: Limits,
+    limit: usize,
     seqs: &mut crate::seq::DestSeqs,
     out: &mut Vec<Bound>,
 ) -> Walk {
-    // Bytes a datagram may hold: 0 without coalescing (every message closes one).
-    let limit = if lim.coalesce { lim.datagram } else { 0 };
     // The open datagram: start, the end beyond which a message closes it, messages.
     let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
     let mut total = 0u64;
@@ -577,14 +571,13 @@ mod tests {
     }
 
     /// `frame` over `bytes` as part `part`, with a fresh numbering.
-    fn walk(part: usize, bytes: &mut [u8], coalesce: bool, datagram: usize) -> (Walk, Vec<Bound>) {
+    fn walk(part: usize, bytes: &mut [u8], limit: usize) -> (Walk, Vec<Bound>) {
         let mut src = SeqSource::default();
         let mut out = Vec::new();
-        let lim = Limits { coalesce, datagram };
         let w = frame(
             part,
             bytes,
-            lim,
+            limit,
             &mut src.to(crate::sys::Dest::Group(20)),
             &mut out,
         );
@@ -618,7 +611,7 @@ mod tests {
             };
             let mut out = vec![0u8; e2.encoded_len()];
             e2.encode_into(42, &mut out).unwrap();
-            walk(0, &mut out, true, 4096);
+            walk(0, &mut out, 4096);
             let mut b2 = DatagramBuilder::new(4096).with_pid(42);
             assert!(b2
                 .push(&CnMsg::new(msg.id, data.clone()).with_seq(1, 0))
@@ -668,11 +661,7 @@ mod tests {
         let mut src = SeqSource::default();
         let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
-        let lim = Limits {
-            coalesce: true,
-            datagram: 100,
-        };
-        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        let w = frame(0, &mut bytes, 100, &mut seqs, &mut out);
         assert_eq!(w, Walk { msgs: 4, bad: None });
         let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
         assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
@@ -688,7 +677,7 @@ mod tests {
         // One message per datagram without coalescing.
         let mut again = staged(b, b"x", true);
         again.extend(staged(b, b"y", true));
-        let (_, out) = walk(1, &mut again, false, 100);
+        let (_, out) = walk(1, &mut again, 0);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].part, 1);
     }
@@ -703,7 +692,7 @@ mod tests {
         }
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
-        let (w, out) = walk(0, &mut bytes, true, 120);
+        let (w, out) = walk(0, &mut bytes, 120);
         assert_eq!(w.msgs, 12);
         let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
         assert_eq!(per, [3, 3, 3, 3]);
@@ -729,7 +718,7 @@ mod tests {
             1000u32.to_ne_bytes().to_vec(),       // message past the end
             vec![1, 2],                           // too short for a word
         ] {
-            let (w, out) = walk(0, &mut junk.clone(), true, 4096);
+            let (w, out) = walk(0, &mut junk.clone(), 4096);
             assert!(w.bad.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }
