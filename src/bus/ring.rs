@@ -98,32 +98,22 @@ impl Entry<'_> {
     /// Returns the bytes written, or `None` when `out` is too short.
     #[inline(always)]
     pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
-        let (cn, ty, data) = match self {
-            Self::Slice { id, data } => (
-                CnHeader {
-                    id: *id,
-                    ..CnHeader::default()
-                },
-                STAGED,
-                *data,
-            ),
-            Self::Msg(m) => (
-                CnHeader {
-                    id: m.id,
-                    seq: m.seq,
-                    ack: m.ack,
-                    len: 0,
-                    flags: m.flags,
-                },
-                NLMSG_DONE,
-                &m.data[..],
-            ),
+        let (id, seq, ack, flags, ty, data) = match self {
+            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, *data),
+            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
+        };
+        let cn = CnHeader {
+            id,
+            seq,
+            ack,
+            len: 0,
+            flags,
         };
         let nl = NlHeader {
             len: 0,
             ty,
             flags: 0,
-            seq: cn.seq,
+            seq,
             pid,
         };
         codec::encode_into(out, nl, cn, data)
