@@ -74,21 +74,6 @@ impl<M> InsertError<M> {
             Self::TooLarge { msg, .. } | Self::Send { msg, .. } => msg,
         }
     }
-
-    pub(super) fn map<N>(self, f: impl FnOnce(M) -> N) -> InsertError<N> {
-        match self {
-            Self::Full(m) => InsertError::Full(f(m)),
-            Self::Timeout(m) => InsertError::Timeout(f(m)),
-            Self::Closed(m) => InsertError::Closed(f(m)),
-            Self::KernelOwned(m) => InsertError::KernelOwned(f(m)),
-            Self::TooLarge { msg, len, limit } => InsertError::TooLarge {
-                msg: f(msg),
-                len,
-                limit,
-            },
-            Self::Send { msg, error } => InsertError::Send { msg: f(msg), error },
-        }
-    }
 }
 
 /// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
@@ -142,7 +127,6 @@ pub(crate) struct Config {
     pub max_batch: usize,
     pub framing: Framing,
     pub policy: FullPolicy,
-    pub flusher_cpu: Option<usize>,
     /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
     pub assist: bool,
     /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
@@ -196,7 +180,6 @@ impl BusBuilder {
                     Framing::Coalesce
                 },
                 policy: FullPolicy::Block,
-                flusher_cpu: None,
                 assist: !matches!(dest, Dest::Port(_)),
                 send_timeout: DEFAULT_SEND_TIMEOUT,
                 allow_kernel_ids: false,
@@ -306,12 +289,6 @@ impl BusBuilder {
         self
     }
 
-    /// Pins the flusher thread to `cpu` (by default the scheduler places it).
-    pub fn flusher_cpu(mut self, cpu: usize) -> Self {
-        self.cfg.flusher_cpu = Some(cpu);
-        self
-    }
-
     /// Writer-assisted draining (default: on for groups and the kernel, off for
     /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
     /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
@@ -335,6 +312,9 @@ impl BusBuilder {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
         }
         if let Dest::Group(g) = self.dest {
+            if !(1..=32).contains(&g) {
+                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
+            }
             if !cfg.allow_kernel_ids && g < crate::codec::FIRST_USER_GROUP {
                 return Err(Error::KernelOwned {
                     id: CbId::new(0, 0),
@@ -358,11 +338,6 @@ impl BusBuilder {
         if self.dest == Dest::Kernel {
             cfg.framing = Framing::OnePerDatagram;
             cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
-        }
-        if let Dest::Group(g) = self.dest {
-            if !(1..=32).contains(&g) {
-                return Err(Error::InvalidArgument("multicast group must be in 1..=32"));
-            }
         }
         let too_big = || {
             Error::InvalidArgument(
@@ -398,7 +373,6 @@ impl BusBuilder {
         let inner = Arc::new(Inner {
             id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
-            rings_gen: AtomicU64::new(0),
             shards: shards.into_boxed_slice(),
             ring_bytes,
             pid: sock.port_id(),
@@ -420,18 +394,10 @@ impl BusBuilder {
             cfg,
         });
         let worker = Arc::clone(&inner);
-        let pin = inner.cfg.flusher_cpu;
-        let (started_tx, started) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("cnbus-flusher".into())
             .spawn(move || {
                 let guard = DeadGuard(Arc::clone(&worker));
-                let pinned = pin.map(sys::pin_current_thread).transpose();
-                let failed = pinned.is_err();
-                let _ = started_tx.send(pinned);
-                if failed {
-                    return;
-                }
                 // Deadlines to the microsecond rather than the default 50 µs slack (a
                 // failure only costs that slack).
                 let _ = sys::set_timer_slack_ns(1);
@@ -449,29 +415,11 @@ impl BusBuilder {
             })
             .map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
-        match started.recv() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                let _ = handle.join();
-                return Err(Error::from_io(Op::SetOption("sched_setaffinity"), e));
-            }
-            Err(_) => {
-                let _ = handle.join();
-                return Err(Error::Closed);
-            }
-        }
         Ok(Bus {
             inner,
             flusher: Some(handle),
         })
     }
-}
-
-/// An instant no deadline reaches (for timeouts too large for `Instant`).
-pub(crate) fn far_future() -> Instant {
-    let now = Instant::now();
-    // About 30 years: representable on every platform, and beyond any run.
-    now.checked_add(Duration::from_secs(1 << 30)).unwrap_or(now)
 }
 
 /// Marks the bus dead when the flusher exits (normally or by panic) and releases every

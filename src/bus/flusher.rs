@@ -25,9 +25,9 @@ pub(crate) struct Flusher {
     inner: Arc<Inner>,
     /// Highest flush generation completed.
     published: u64,
-    /// Our copy of the rings, and the generation it was taken at.
+    /// Our copy of the rings (taken before each look, so that the drains run without
+    /// the rings' lock).
     rings: Vec<Arc<Ring>>,
-    rings_gen: u64,
     #[cfg(test)]
     passes: u64,
 }
@@ -38,7 +38,6 @@ impl Flusher {
             published: 0,
             inner,
             rings: Vec::new(),
-            rings_gen: u64::MAX,
             #[cfg(test)]
             passes: 0,
         }
@@ -68,7 +67,7 @@ impl Flusher {
                 self.published = gen;
                 self.inner.tickets.publish(gen);
             }
-            if stop && self.inner.all_empty() {
+            if stop && self.inner.rings.lock().iter().all(|r| !r.pending()) {
                 break;
             }
         }
@@ -81,7 +80,7 @@ impl Flusher {
     fn drain_all(&mut self, flushing: bool) {
         let inner = &*self.inner;
         // After the tickets were read: rings added before the flush request are in it.
-        inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
+        self.rings.clone_from(&inner.rings.lock());
         for ring in &self.rings {
             if flushing || ring.pending() {
                 inner.drain(ring, true);
@@ -102,7 +101,7 @@ impl Flusher {
 
     /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
     /// queued message's deadline, a flush or stop request. Parks indefinitely when every
-    /// ring is empty. See the `handshake` module for the wake-up protocol.
+    /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
     fn sleep(&mut self) {
         let inner = Arc::clone(&self.inner);
         let wm = inner.cfg.watermark as u64;
@@ -118,7 +117,7 @@ impl Flusher {
                 || (inner.space_waiters.load(SeqCst) > 0 && f.rings.iter().any(|r| r.pending()))
         };
         loop {
-            inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
+            self.rings.clone_from(&inner.rings.lock());
             if urgent(self) {
                 return;
             }
@@ -139,7 +138,7 @@ impl Flusher {
                 // fence), then look at every ring again: a push either is seen, or sees
                 // IDLE and unparks us. A ring added after our copy wakes us (`add_ring`).
                 inner.bell.announce(IDLE);
-                inner.refresh_rings(&mut self.rings, &mut self.rings_gen);
+                self.rings.clone_from(&inner.rings.lock());
                 if self.second_look(|r| r.pending()) || urgent(self) {
                     inner.bell.awake();
                     continue;

@@ -1,44 +1,8 @@
 //! The flusher's sleep/wake state ([`Doorbell`]) and the flush generations
 //! ([`FlushTickets`]), on [`crate::sync`] types so that loom can check them.
 //!
-//! # Sleep and wake-up
-//!
-//! The flusher announces how it is about to sleep (`TIMED` or `IDLE`: a `SeqCst` store and
-//! a `SeqCst` fence, [`Doorbell::announce`]), then takes and releases every shard's lock,
-//! then looks at every ring's tail again, and parks only if that second look finds no
-//! reason to drain. A writer publishes its message (the ring's tail, a `Release` store),
-//! then loads the state:
-//!
-//! * a `Producer` (no lock) runs a `SeqCst` fence first
-//!   ([`Doorbell::state_after_publish`]): Dekker's pattern with two fences, so either the
-//!   flusher's look sees the message or the writer's load sees the sleeper;
-//! * a shard's writer pushed under the shard's lock and released it
-//!   ([`Doorbell::state`], no fence): either the flusher's lock comes after that release
-//!   (its look sees the message) or the writer's lock came after the flusher's (the
-//!   announcement happens-before the writer's load, which sees it).
-//!
-//! A writer that sees a sleeper takes it with a compare-exchange to `AWAKE` (so at most one
-//! `unpark` per sleep) and unparks; `park` keeps an unpark that arrives before it.
-//! Measured (docs/BUS.md): the fence costs a `Producer` about 6 ns per insert and a shard
-//! writer, which already pays its lock, about as much again, hence the lock variant there;
-//! `membarrier(2)` could remove the producer's fence but is not worth its complexity.
-//!
-//! # Flush generations
-//!
-//! [`Bus::flush`](super::Bus::flush) takes a ticket (SeqCst `fetch_add`), wakes the
-//! flusher and waits until the completed generation reaches its ticket. The flusher reads
-//! the requested generation (SeqCst) *before* a pass; the pass takes every ring's drain
-//! right (so a writer that is draining its ring finishes first) and empties every ring;
-//! then the generation read is published under the mutex. Every insert that happened
-//! before `flush()` happened before its ticket, so before the read, so it is in a ring
-//! when the pass reaches it or in a drain that gives the right back only after sending.
-//!
-//! # Loom
-//!
-//! The loom models below run the real [`sys::ring`](crate::sys) (its positions are
-//! [`crate::sync`] atomics), the real [`Doorbell`] with its fences and the real
-//! [`FlushTickets`]; the socket is a counter and the flusher's loop is
-//! `Flusher::sleep`/`run` reduced to one ring. Run with
+//! The protocol (sleep and wake-up, flush generations), why each side orders as it does,
+//! and what the loom models below check: docs/BUS.md, "Memory orderings". Run them with
 //! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
 
 use crate::sync::{fence, AtomicU64, AtomicU8, Condvar, Mutex};
@@ -51,7 +15,7 @@ pub(crate) const TIMED: u8 = 1;
 /// The flusher is parked with nothing queued.
 pub(crate) const IDLE: u8 = 2;
 
-/// What the flusher is doing; see the module docs.
+/// What the flusher is doing (docs/BUS.md, "Memory orderings").
 #[derive(Debug)]
 pub(crate) struct Doorbell {
     state: AtomicU8,
@@ -107,7 +71,9 @@ impl Doorbell {
     }
 }
 
-/// Flush generations requested and completed; see the module docs.
+/// Flush generations requested and completed. Every insert that happened before `flush()`
+/// happened before its ticket, so before the flusher's read of `requested` that starts a
+/// pass taking every drain right: it is sent by the time that generation is published.
 #[derive(Debug)]
 pub(crate) struct FlushTickets {
     requested: AtomicU64,
@@ -196,14 +162,7 @@ mod loom_tests {
         /// and the look at the state (watermark 1: every push counts).
         fn insert(&self, w: &mut Writer, flusher: &thread::Thread) {
             w.write(8, |b| b.fill(1)).unwrap();
-            match self.bell.state_after_publish() {
-                AWAKE => {}
-                from => {
-                    if self.bell.take_sleeper(from) {
-                        flusher.unpark();
-                    }
-                }
-            }
+            self.wake(self.bell.state_after_publish(), flusher);
         }
 
         /// The same through a shard: push under its lock, release it, load the state
@@ -213,13 +172,12 @@ mod loom_tests {
                 let _g = self.shard.lock();
                 w.write(8, |b| b.fill(1)).unwrap();
             }
-            match self.bell.state() {
-                AWAKE => {}
-                from => {
-                    if self.bell.take_sleeper(from) {
-                        flusher.unpark();
-                    }
-                }
+            self.wake(self.bell.state(), flusher);
+        }
+
+        fn wake(&self, state: u8, flusher: &thread::Thread) {
+            if state != AWAKE && self.bell.take_sleeper(state) {
+                flusher.unpark();
             }
         }
 

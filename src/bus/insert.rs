@@ -1,18 +1,13 @@
 //! The two entry points onto a [`Ring`], and the insert path above it: size and liveness
 //! checks, then the [`FullPolicy`] when the ring is full.
 //!
-//! * [`Bus::insert`](super::Bus::insert) (the per-CPU shards): the calling thread pushes
-//!   into the ring of a shard, under that shard's lock. Which shard: the one it last
-//!   inserted into while that ring still holds a message of this thread (its position is
-//!   not yet [released](Ring::released)), else the shard of the CPU it runs on. So all of a
-//!   thread's unsent messages are in one ring, in FIFO order, and one drain at a time sends
-//!   a ring in order: a thread's messages go on the wire in insertion order however it
-//!   migrates. The thread-local state is one small entry per bus the thread uses.
-//! * [`Producer`]: one writer owns the ring's writing side; no lock.
-//!
-//! [`Insert`] is the one interface over both.
+//! [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under its lock,
+//! a [`Producer`] into its own ring without one; [`Insert`] is the one interface over both.
+//! Which shard a thread uses, and why its order survives migration: docs/BUS.md, "Design"
+//! step 2 and "Ordering".
 
 use std::cell::RefCell;
+use std::io::IoSlice;
 use std::sync::atomic::{fence, Ordering::*};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -20,12 +15,12 @@ use std::time::{Duration, Instant};
 use crate::codec::{CbId, CnMsg};
 use crate::sys;
 
-use super::ring::{Entry, Ring, Tail};
+use super::ring::{self, Entry, Ring, Tail};
 use super::stats::Counters;
 use super::{send, Bus, FullPolicy, Inner, InsertError};
 
-/// Inserting into a bus: implemented by [`Bus`] (and `&Bus`: the per-CPU shards) and by
-/// [`Producer`] (a ring of its own), so that one generic body serves both.
+/// Inserting into a bus: implemented by `&Bus` (the per-CPU shards) and by [`Producer`]
+/// (a ring of its own), so that one generic body serves both.
 ///
 /// ```no_run
 /// use cnbus::bus::{Bus, Insert};
@@ -98,19 +93,6 @@ impl Insert for &Bus {
     }
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
-    }
-    fn policy(&self) -> FullPolicy {
-        self.inner.cfg.policy
-    }
-}
-
-impl Insert for Bus {
-    #[inline]
-    fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        (&*self).insert_with(id, d, p)
-    }
-    fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        Insert::insert_msg(&mut &*self, msg, p)
     }
     fn policy(&self) -> FullPolicy {
         self.inner.cfg.policy
@@ -234,12 +216,10 @@ impl Queue for Shards<'_> {
             }
         };
         // Pushed under the shard's lock and released it: the flusher's second look takes
-        // that lock, so no fence is needed (see the `handshake` module).
-        i.after_push(n, i.bell.state(), help, || {
-            i.shards
-                .get(shard)
-                .is_some_and(|s| i.help(&s.ring).is_some())
-        });
+        // that lock, so no fence is needed (docs/BUS.md, "Memory orderings").
+        if let Some(s) = i.shards.get(shard) {
+            i.after_push(&s.ring, n, i.bell.state(), help);
+        }
         true
     }
 
@@ -350,9 +330,7 @@ impl Queue for Producer {
         };
         let ring = &self.ring;
         // No lock here: the fence of the handshake (and of a close, see below).
-        i.after_push(n, i.bell.state_after_publish(), help, || {
-            i.help(ring).is_some()
-        });
+        i.after_push(ring, n, i.bell.state_after_publish(), help);
         // The bus was closed while we pushed (a `Producer` outlives its `Bus`): the
         // fence above pairs with the one in `drain_everything`, so either the
         // closing drain saw our message or we see `dead` and send it ourselves.
@@ -403,7 +381,7 @@ pub(crate) fn insert<Q: Queue>(
     if q.try_push(&e, true) {
         return Ok(());
     }
-    on_full(q, e, policy).map_err(|err| err.map(Entry::into_msg))
+    on_full(q, e, policy)
 }
 
 #[cold]
@@ -423,11 +401,11 @@ fn too_large(inner: &Inner, e: Entry<'_>, len: usize) -> InsertError<CnMsg> {
 }
 
 #[cold]
-fn on_full<'e, Q: Queue>(
+fn on_full<Q: Queue>(
     q: &mut Q,
-    e: Entry<'e>,
+    e: Entry<'_>,
     policy: FullPolicy,
-) -> Result<(), InsertError<Entry<'e>>> {
+) -> Result<(), InsertError<CnMsg>> {
     let inner = Arc::clone(q.inner());
     let st = &inner.stats;
     Counters::max(&st.high_water, inner.cfg.capacity as u64);
@@ -435,7 +413,7 @@ fn on_full<'e, Q: Queue>(
         FullPolicy::Reject => {
             Counters::add(&st.rejected_full, 1);
             inner.wake();
-            Err(InsertError::Full(e))
+            Err(InsertError::Full(e.into_msg()))
         }
         FullPolicy::Block => {
             Counters::add(&st.blocked, 1);
@@ -450,19 +428,19 @@ fn on_full<'e, Q: Queue>(
             Counters::add(&st.blocked, 1);
             if !q.settle_own() {
                 Counters::add(&st.rejected_closed, 1);
-                return Err(InsertError::Closed(e));
+                return Err(InsertError::Closed(e.into_msg()));
             }
             send_direct(&inner, e)
         }
     }
 }
 
-fn block<'e, Q: Queue>(
+fn block<Q: Queue>(
     q: &mut Q,
     inner: &Inner,
-    e: Entry<'e>,
+    e: Entry<'_>,
     deadline: Option<Instant>,
-) -> Result<(), InsertError<Entry<'e>>> {
+) -> Result<(), InsertError<CnMsg>> {
     // With assisted draining, first try to make the space ourselves.
     if inner.cfg.assist && q.help_own() && q.try_push(&e, true) {
         return Ok(());
@@ -485,7 +463,7 @@ fn block<'e, Q: Queue>(
                 return Ok(());
             }
             Counters::add(&inner.stats.rejected_closed, 1);
-            return Err(InsertError::Closed(e));
+            return Err(InsertError::Closed(e.into_msg()));
         }
         let timed_out = match deadline {
             Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
@@ -501,53 +479,37 @@ fn block<'e, Q: Queue>(
                 return Ok(());
             }
             Counters::add(&inner.stats.rejected_timeout, 1);
-            return Err(InsertError::Timeout(e));
+            return Err(InsertError::Timeout(e.into_msg()));
         }
     }
 }
 
 /// Sends `e` on the caller's thread in a datagram of its own (the caller has made sure
-/// none of its earlier messages is still queued).
-fn send_direct<'e>(inner: &Inner, e: Entry<'e>) -> Result<(), InsertError<Entry<'e>>> {
-    let st = &inner.stats;
+/// none of its earlier messages is still queued), as a drain sends.
+fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
     let mut buf = vec![0u8; e.encoded_len()];
     // Fits: sized for it, and the data length was checked on entry.
     let _ = e.encode_into(inner.pid, &mut buf);
-    // Under the send lock, so that a numbered message gets the next number of its id and
-    // goes on the wire in that order.
-    let mut seqs = inner.sock.numbering().lock();
-    if let (Entry::Slice { id, .. }, Some(m)) = (&e, crate::codec::array_mut::<28>(&mut buf)) {
-        crate::seq::write_seq(m, seqs.next_to(inner.dest, *id));
-        m[4..6].copy_from_slice(&crate::codec::NLMSG_DONE.to_ne_bytes());
-    }
-    // Without blocking; a full unicast receiver is waited for as by the drains.
-    let unicast = matches!(inner.dest, sys::Dest::Port(_));
-    let mut room = send::RoomWait::new();
-    let sent = loop {
-        Counters::add(&st.syscalls, 1);
-        match inner.sock.try_send(&buf, inner.dest) {
-            Ok(Some(_)) => {
-                if unicast {
-                    room.done(inner);
-                }
-                break Ok(());
-            }
-            Ok(None) if unicast && room.wait(inner) => {}
-            Ok(None) => break Err(send::receiver_full(crate::Op::Send)),
-            Err(e) => break Err(e),
+    let mut failed = None;
+    {
+        // Under the send lock, so that a numbered message gets the next number of its id
+        // and goes on the wire in that order.
+        let mut seqs = inner.sock.numbering().lock();
+        if let (Entry::Slice { id, .. }, Some(h)) = (&e, crate::codec::array_mut(&mut buf)) {
+            ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
-    };
-    drop(seqs);
-    match sent {
-        Ok(()) => {
-            Counters::add(&st.direct, 1);
-            Counters::add(&st.sent_messages, 1);
-            Counters::add(&st.sent_datagrams, 1);
+        let one = [IoSlice::new(&buf)];
+        let progress = send::Progress::default();
+        inner.send_datagrams(&one, |_| 1, &progress, |_, err| failed = Some(err));
+    }
+    match failed {
+        None => {
+            Counters::add(&inner.stats.direct, 1);
             Ok(())
         }
-        Err(error) => {
-            st.send_error(error.errno().unwrap_or(libc::EIO));
-            Err(InsertError::Send { msg: e, error })
-        }
+        Some(error) => Err(InsertError::Send {
+            msg: e.into_msg(),
+            error,
+        }),
     }
 }

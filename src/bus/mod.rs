@@ -59,8 +59,8 @@
 //!   counted as failed; a panic elsewhere in the flusher ends it, and `flush` and shutdown
 //!   then drain on their own threads.
 //!
-//! The wake-up protocol, flush generations and their loom models are in the `handshake`
-//! module; docs/BUS.md follows one message from `insert` to `sendmmsg`.
+//! docs/BUS.md follows one message from `insert` to `sendmmsg`, with the memory orderings
+//! and their loom models.
 //!
 //! (Over 600 lines with its unit tests: the panic-containment tests need the private
 //! test hook of `Config`, so they live here.)
@@ -76,7 +76,7 @@ mod ring;
 mod send;
 mod stats;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Result};
 use crate::sys::{ConnectorSocket, Dest};
 
-use builder::{far_future, Config};
+use builder::Config;
 pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 
 use insert::Shards;
@@ -110,10 +110,8 @@ pub(crate) struct Inner {
     id: u64,
     pub(crate) shards: Box<[Shard]>,
     /// Every ring (the shards' first, then the producers'), for the flusher and the
-    /// statistics; `rings_gen` counts changes (`Release` under the lock), so the flusher
-    /// copies the list only then.
+    /// statistics.
     pub(crate) rings: Mutex<Vec<Arc<Ring>>>,
-    pub(crate) rings_gen: AtomicU64,
     /// Bytes of each ring.
     pub(crate) ring_bytes: usize,
     pub(crate) sock: Arc<ConnectorSocket>,
@@ -122,7 +120,7 @@ pub(crate) struct Inner {
     pub(crate) dest: Dest,
     pub(crate) cfg: Config,
     epoch: Instant,
-    /// The flusher's AWAKE / TIMED / IDLE; see the `handshake` module.
+    /// The flusher's AWAKE / TIMED / IDLE.
     pub(crate) bell: CachePadded<Doorbell>,
     flusher: OnceLock<Thread>,
     /// Set (SeqCst) by `Bus::drop`/`close`.
@@ -134,7 +132,7 @@ pub(crate) struct Inner {
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
-    /// Flush generations requested and completed; see the `handshake` module.
+    /// Flush generations requested and completed.
     pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
@@ -149,10 +147,6 @@ impl Inner {
     #[inline]
     pub(crate) fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64 + 1
-    }
-
-    pub(crate) fn all_empty(&self) -> bool {
-        self.rings.lock().iter().all(|r| !r.pending())
     }
 
     /// Makes sure the flusher runs a pass soon (a flush, a stop, a full ring).
@@ -173,17 +167,16 @@ impl Inner {
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
     /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
-    /// loaded after the push as the `handshake` module says. `drain` drains the caller's
-    /// ring if no one else is; true if it did.
+    /// loaded after the push (docs/BUS.md, "Memory orderings").
     #[inline(always)]
-    pub(crate) fn after_push(&self, len: u64, state: u8, help: bool, drain: impl FnOnce() -> bool) {
+    pub(crate) fn after_push(&self, ring: &Ring, len: u64, state: u8, help: bool) {
         let assist = help && self.cfg.assist;
         let over = len >= self.cfg.watermark as u64;
         if assist && over {
             // Either we drain (our push is among the messages it takes), or someone holds
             // the drain right and is draining. An IDLE flusher is still woken, so that a
             // deadline is set for whatever that drain leaves behind.
-            if !drain() && state == IDLE {
+            if self.help(ring).is_none() && state == IDLE {
                 self.wake_from_sleep(IDLE);
             }
             return;
@@ -230,11 +223,7 @@ impl Inner {
 
     /// Makes a new producer's ring visible to the flusher.
     fn add_ring(&self, ring: Arc<Ring>) {
-        {
-            let mut l = self.rings.lock();
-            l.push(ring);
-            self.rings_gen.fetch_add(1, Release);
-        }
+        self.rings.lock().push(ring);
         // A flusher parked IDLE may have copied the list before this ring was added: wake
         // it, so that it looks again (it announces IDLE before it copies the list; the
         // fence in `state_after_publish` orders our push before our look).
@@ -243,31 +232,15 @@ impl Inner {
         }
     }
 
-    /// Refreshes the flusher's copy of the rings if they changed.
-    pub(crate) fn refresh_rings(&self, into: &mut Vec<Arc<Ring>>, gen: &mut u64) {
-        let g = self.rings_gen.load(Acquire);
-        if g != *gen {
-            let l = self.rings.lock();
-            into.clear();
-            into.extend(l.iter().cloned());
-            *gen = self.rings_gen.load(Relaxed);
-        }
-    }
-
     /// Forgets the retired producers' rings that are empty, keeping their counts.
     pub(crate) fn prune_rings(&self) {
-        let mut l = self.rings.lock();
-        let before = l.len();
-        l.retain(|r| {
+        self.rings.lock().retain(|r| {
             let gone = r.retired.load(Acquire) && !r.pending();
             if gone {
                 Counters::add(&self.stats.retired_inserts, r.pushed());
             }
             !gone
         });
-        if l.len() != before {
-            self.rings_gen.fetch_add(1, Release);
-        }
     }
 }
 
@@ -464,11 +437,10 @@ impl Bus {
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
             // Waits for room at a full unicast receiver end by this deadline.
-            let _ = self.inner.stop_deadline.set(
-                Instant::now()
-                    .checked_add(self.inner.cfg.send_timeout)
-                    .unwrap_or_else(far_future),
-            );
+            // (None past what `Instant` holds: no limit, as `send_timeout` says.)
+            if let Some(d) = Instant::now().checked_add(self.inner.cfg.send_timeout) {
+                let _ = self.inner.stop_deadline.set(d);
+            }
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
             // The flusher catches its panics; a join error would be one in the guard.
@@ -493,21 +465,8 @@ impl Drop for Bus {
 mod tests {
     use super::*;
 
-    fn is_send_sync<T: Send + Sync>() {}
-
-    #[test]
-    fn producer_is_send() {
-        fn is_send<T: Send>() {}
-        is_send::<Producer>();
-        fn is_static<T: 'static>() {}
-        is_static::<Producer>();
-    }
-
-    #[test]
-    fn bus_is_send_sync() {
-        is_send_sync::<Bus>();
-        is_send_sync::<InsertError<CnMsg>>();
-    }
+    // `Bus: Send + Sync` and `Producer: Send + 'static` are compiled in tests/bus.rs
+    // (`owned_producers_live_in_static_threads_and_thread_locals`).
 
     /// A receiver for the panic tests: a unicast socket with a large buffer. `None` where
     /// netlink sockets cannot be opened.
@@ -669,6 +628,8 @@ mod tests {
 
     #[test]
     fn insert_error_hands_the_message_back() {
+        fn is_send_sync<T: Send + Sync>() {}
+        is_send_sync::<InsertError<CnMsg>>();
         let m = CnMsg::new(CbId::new(99, 1), &b"x"[..]);
         for e in [
             InsertError::Full(m.clone()),

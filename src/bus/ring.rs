@@ -7,17 +7,9 @@
 //! (the flusher, or a writer at the watermark) frames, numbers and sends everything
 //! published, then gives the bytes back.
 //!
-//! # Staged format
-//!
-//! A ring holds encoded messages back to back, each `nlmsg_align(nlmsg_len)` bytes, as the
-//! wire has them, with two differences the drain removes before sending:
-//! * a message whose seq the drain assigns has `nlmsg_type` [`STAGED`]; the drain writes
-//!   its seq (both fields) and sets the type to `NLMSG_DONE`. A prebuilt message
-//!   ([`Bus::insert_msg`](super::Bus::insert_msg)) is staged as `NLMSG_DONE` and keeps
-//!   its seq.
-//! * a message never wraps around the end of the ring: when one would, the writer fills
-//!   the rest with a skip word, [`PAD`] `| bytes` where a message has its `nlmsg_len`
-//!   (lengths are below 2^17, so the bit is free), and writes the message at the start.
+//! A ring holds messages encoded as on the wire, except that a message the drain numbers
+//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`PAD`]):
+//! docs/BUS.md, "Design" steps 3 and 5.
 //!
 //! (Over 600 lines with its unit tests: the format is written by `push` and read by
 //! `frame` only, and both stay in this file with the tests of the format.)
@@ -28,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
 
 use crossbeam::utils::CachePadded;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, NLMSG_DONE};
 use crate::error::{DecodeError, DecodeErrorKind};
@@ -41,7 +33,8 @@ use super::Inner;
 /// `nlmsg_type` of a staged message that the drain numbers.
 pub(crate) const STAGED: u16 = 0;
 
-/// High bit of a skip word (see the module docs).
+/// High bit of a skip word `PAD | bytes`, where a message has its `nlmsg_len` (lengths are
+/// below 2^17, so the bit is free).
 pub(crate) const PAD: u32 = 1 << 31;
 
 /// Netlink plus connector header: the shortest message.
@@ -105,32 +98,22 @@ impl Entry<'_> {
     /// Returns the bytes written, or `None` when `out` is too short.
     #[inline(always)]
     pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
-        let (cn, ty, data) = match self {
-            Self::Slice { id, data } => (
-                CnHeader {
-                    id: *id,
-                    ..CnHeader::default()
-                },
-                STAGED,
-                *data,
-            ),
-            Self::Msg(m) => (
-                CnHeader {
-                    id: m.id,
-                    seq: m.seq,
-                    ack: m.ack,
-                    len: 0,
-                    flags: m.flags,
-                },
-                NLMSG_DONE,
-                &m.data[..],
-            ),
+        let (id, seq, ack, flags, ty, data) = match self {
+            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, *data),
+            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
+        };
+        let cn = CnHeader {
+            id,
+            seq,
+            ack,
+            len: 0,
+            flags,
         };
         let nl = NlHeader {
             len: 0,
             ty,
             flags: 0,
-            seq: cn.seq,
+            seq,
             pid,
         };
         codec::encode_into(out, nl, cn, data)
@@ -305,22 +288,17 @@ impl Ring {
     pub(crate) fn since(&self) -> u64 {
         self.since.load(Relaxed)
     }
-
-    /// The drain right: waits for it if `wait`, else `None` when someone holds it.
-    pub(crate) fn drain_right(&self, wait: bool) -> Option<MutexGuard<'_, Drainer>> {
-        if wait {
-            Some(self.drain.lock())
-        } else {
-            self.drain.try_lock()
-        }
-    }
 }
 
 impl Inner {
     /// Drains `ring` on the calling thread, waiting for its drain right if `wait` (else
     /// returns `None` when someone else is draining it). Returns the messages taken.
     pub(crate) fn drain(&self, ring: &Ring, wait: bool) -> Option<u64> {
-        let mut d = ring.drain_right(wait)?;
+        let mut d = if wait {
+            ring.drain.lock()
+        } else {
+            ring.drain.try_lock()?
+        };
         Some(self.drain_held(ring, &mut d))
     }
 
@@ -352,13 +330,15 @@ impl Inner {
             // each (destination, id) follow wire order.
             let mut numbering = self.sock.numbering().lock();
             let mut seqs = numbering.to(self.dest);
-            let lim = Limits {
-                coalesce: self.cfg.coalesce(),
-                datagram: self.cfg.datagram_size,
+            // Bytes a datagram may hold: 0 without coalescing (every message closes one).
+            let limit = if self.cfg.coalesce() {
+                self.cfg.datagram_size
+            } else {
+                0
             };
             let (mut msgs, mut bad) = (0u64, None);
             for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
-                let w = frame(part, bytes, lim, &mut seqs, bounds);
+                let w = frame(part, bytes, limit, &mut seqs, bounds);
                 msgs += w.msgs;
                 bad = bad.or(w.bad);
             }
@@ -368,7 +348,12 @@ impl Inner {
                 .iter()
                 .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
                 .collect();
-            self.send_datagrams(&slices, |i| bounds.get(i).map_or(0, |x| x.msgs), &progress);
+            let per = |i: usize| bounds.get(i).map_or(0, |x| x.msgs);
+            self.send_datagrams(&slices, per, &progress, |n, err| {
+                Counters::add(&self.stats.failed_datagrams, 1);
+                Counters::add(&self.stats.failed_messages, n);
+                self.record_error(err);
+            });
             (msgs, bad)
         });
         let (msgs, bad) = match (sent, framed.get()) {
@@ -400,12 +385,6 @@ impl Inner {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Limits {
-    coalesce: bool,
-    datagram: usize,
-}
-
 /// What [`frame`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Walk {
@@ -415,18 +394,16 @@ struct Walk {
 }
 
 /// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
-/// words, and appends the datagrams (closed at `lim.datagram` bytes, after every message
-/// without coalescing, and at the end of the part) to `out`. Never reads out of bounds,
+/// words, and appends the datagrams (closed at `limit` bytes, or after every message when
+/// `limit` is 0, and at the end of the part) to `out`. Never reads out of bounds,
 /// always advances, and stops at the first malformed word. Reads each header once.
 fn frame(
     part: usize,
     bytes: &mut [u8],
-    lim: Limits,
+    limit: usize,
     seqs: &mut crate::seq::DestSeqs,
     out: &mut Vec<Bound>,
 ) -> Walk {
-    // Bytes a datagram may hold: 0 without coalescing (every message closes one).
-    let limit = if lim.coalesce { lim.datagram } else { 0 };
     // The open datagram: start, the end beyond which a message closes it, messages.
     let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
     let mut total = 0u64;
@@ -551,7 +528,7 @@ fn word8(h: &[u8; HDR], at: usize) -> u64 {
 /// Writes seq `n` into a staged message's header (`nlmsg_seq`, `cn_msg.seq`) and makes
 /// it `NLMSG_DONE`.
 #[inline(always)]
-fn stamp(h: &mut [u8; HDR], n: u32) {
+pub(crate) fn stamp(h: &mut [u8; HDR], n: u32) {
     h[8..12].copy_from_slice(&n.to_ne_bytes());
     h[24..28].copy_from_slice(&n.to_ne_bytes());
     h[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -583,6 +560,20 @@ mod tests {
         v
     }
 
+    /// `frame` over `bytes` as part `part`, with a fresh numbering.
+    fn walk(part: usize, bytes: &mut [u8], limit: usize) -> (Walk, Vec<Bound>) {
+        let mut src = SeqSource::default();
+        let mut out = Vec::new();
+        let w = frame(
+            part,
+            bytes,
+            limit,
+            &mut src.to(crate::sys::Dest::Group(20)),
+            &mut out,
+        );
+        (w, out)
+    }
+
     #[test]
     fn encoding_matches_datagram_builder_once_framed() {
         for n in [0usize, 1, 3, 63, 64, 65, 1000] {
@@ -610,13 +601,7 @@ mod tests {
             };
             let mut out = vec![0u8; e2.encoded_len()];
             e2.encode_into(42, &mut out).unwrap();
-            let mut src = SeqSource::default();
-            let mut seqs = src.to(crate::sys::Dest::Group(20));
-            let lim = Limits {
-                coalesce: true,
-                datagram: 4096,
-            };
-            frame(0, &mut out, lim, &mut seqs, &mut Vec::new());
+            walk(0, &mut out, 4096);
             let mut b2 = DatagramBuilder::new(4096).with_pid(42);
             assert!(b2
                 .push(&CnMsg::new(msg.id, data.clone()).with_seq(1, 0))
@@ -666,11 +651,7 @@ mod tests {
         let mut src = SeqSource::default();
         let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
-        let lim = Limits {
-            coalesce: true,
-            datagram: 100,
-        };
-        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        let w = frame(0, &mut bytes, 100, &mut seqs, &mut out);
         assert_eq!(w, Walk { msgs: 4, bad: None });
         let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
         assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
@@ -684,14 +665,9 @@ mod tests {
         assert_eq!(got, [(d, 1, 1), (d, 2, 2), (d, 0, 0), (d, 3, 3)]);
         assert_eq!(seqs.get(a), 3);
         // One message per datagram without coalescing.
-        let mut out = Vec::new();
         let mut again = staged(b, b"x", true);
-        let lim = Limits {
-            coalesce: false,
-            datagram: 100,
-        };
         again.extend(staged(b, b"y", true));
-        frame(1, &mut again, lim, &mut seqs, &mut out);
+        let (_, out) = walk(1, &mut again, 0);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].part, 1);
     }
@@ -706,14 +682,7 @@ mod tests {
         }
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
-        let mut src = SeqSource::default();
-        let mut seqs = src.to(crate::sys::Dest::Group(20));
-        let mut out = Vec::new();
-        let lim = Limits {
-            coalesce: true,
-            datagram: 120,
-        };
-        let w = frame(0, &mut bytes, lim, &mut seqs, &mut out);
+        let (w, out) = walk(0, &mut bytes, 120);
         assert_eq!(w.msgs, 12);
         let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
         assert_eq!(per, [3, 3, 3, 3]);
@@ -732,12 +701,6 @@ mod tests {
 
     #[test]
     fn frame_stops_at_malformed_words() {
-        let mut src = SeqSource::default();
-        let mut seqs = src.to(crate::sys::Dest::Group(20));
-        let lim = Limits {
-            coalesce: true,
-            datagram: 4096,
-        };
         for junk in [
             vec![0u8; 8],                         // nlmsg_len 0
             (12u32 | PAD).to_ne_bytes().to_vec(), // skip past the end
@@ -745,9 +708,7 @@ mod tests {
             1000u32.to_ne_bytes().to_vec(),       // message past the end
             vec![1, 2],                           // too short for a word
         ] {
-            let mut b = junk.clone();
-            let mut out = Vec::new();
-            let w = frame(0, &mut b, lim, &mut seqs, &mut out);
+            let (w, out) = walk(0, &mut junk.clone(), 4096);
             assert!(w.bad.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }

@@ -23,11 +23,7 @@ const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
 /// little and tries again, for at most [`BusBuilder::send_timeout`](super::BusBuilder::send_timeout)
 /// (and never past the shutdown deadline). A wait that times out marks the bus's receiver
 /// as stalled: later sends do not wait for it until one of them gets a datagram through.
-///
-/// Sleeping, not `poll`: a netlink sender's `POLLOUT` reflects its own send buffer, which
-/// a unicast does not hold on to (the datagram is charged to the receiver at once), so it
-/// stays set while the receiver is full (checked on Linux 6.18: `EAGAIN`, then `poll`
-/// reports `POLLOUT`). Nothing the sender can wait on says when the receiver reads.
+/// Why it sleeps rather than `poll`s: docs/BUS.md, "Flush, shutdown, errors".
 pub(crate) struct RoomWait {
     since: Option<Instant>,
     pause: Duration,
@@ -162,13 +158,14 @@ impl Inner {
     /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
     /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times,
     /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]), and
-    /// counting everything (and recording it in `progress`). The caller holds the send
-    /// lock.
+    /// counting everything (and recording it in `progress`). A datagram given up on is
+    /// passed to `failed` with its error. The caller holds the send lock.
     pub(crate) fn send_datagrams(
         &self,
         slices: &[IoSlice<'_>],
         msgs: impl Fn(usize) -> u64,
         progress: &Progress,
+        mut failed: impl FnMut(u64, crate::Error),
     ) {
         let st = &self.stats;
         let max_batch = self.cfg.max_batch.max(1);
@@ -186,61 +183,40 @@ impl Inner {
                 panic!("test hook: a drainer panics");
             }
             // Never blocks: a full unicast receiver is waited for below, boundedly.
-            let r = self.sock.try_send_batch(&slices[off..end], self.dest);
-            match r {
+            let (err, retry) = match self.sock.try_send_batch(&slices[off..end], self.dest) {
                 Ok(k) if k > 0 => {
                     let n: u64 = (off..off + k).map(&msgs).sum();
                     Counters::add(&st.sent_datagrams, k as u64);
                     Counters::add(&st.sent_messages, n);
                     progress.add(n, k as u64);
-                    off += k;
-                    tries = 0;
+                    (off, tries) = (off + k, 0);
                     if unicast {
                         room.done(self);
                     }
+                    continue;
                 }
-                Ok(_) if unicast => {
-                    if room.wait(self) {
-                        continue;
-                    }
-                    // The receiver took nothing in time: count the datagram as failed
-                    // (its numbers are used up, so a receiver counts them as lost).
-                    st.send_error(libc::EAGAIN);
-                    Counters::add(&st.failed_datagrams, 1);
-                    Counters::add(&st.failed_messages, msgs(off));
-                    progress.add(msgs(off), 1);
-                    self.record_error(receiver_full(crate::Op::SendBatch));
-                    off += 1;
-                }
-                other => {
-                    let err = match other {
-                        Err(e) => e,
-                        Ok(_) => crate::Error::from_io(
-                            crate::Op::SendBatch,
-                            std::io::Error::from_raw_os_error(libc::EAGAIN),
-                        ),
-                    };
-                    let errno = err.errno().unwrap_or(libc::EIO);
-                    st.send_error(errno);
-                    let transient = matches!(
-                        errno,
-                        libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ENOMEM
-                    );
-                    if transient && tries < TRANSIENT_RETRIES {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_micros(50 << tries));
-                        continue;
-                    }
-                    // Give up on this datagram: count it, keep the error, go on. Its
-                    // numbers are used up, so a receiver counts its messages as lost.
-                    Counters::add(&st.failed_datagrams, 1);
-                    Counters::add(&st.failed_messages, msgs(off));
-                    progress.add(msgs(off), 1);
-                    self.record_error(err);
-                    off += 1;
-                    tries = 0;
-                }
+                Ok(_) if unicast && room.wait(self) => continue,
+                // The receiver took nothing in time: no further retry.
+                Ok(_) if unicast => (receiver_full(crate::Op::SendBatch), false),
+                Ok(_) => (receiver_full(crate::Op::SendBatch), true),
+                Err(e) => (e, true),
+            };
+            let errno = err.errno().unwrap_or(libc::EIO);
+            st.send_error(errno);
+            let transient = matches!(
+                errno,
+                libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ENOMEM
+            );
+            if retry && transient && tries < TRANSIENT_RETRIES {
+                tries += 1;
+                std::thread::sleep(Duration::from_micros(50 << tries));
+                continue;
             }
+            // Give up on this datagram: its numbers are used up, so a receiver counts its
+            // messages as lost.
+            progress.add(msgs(off), 1);
+            failed(msgs(off), err);
+            (off, tries) = (off + 1, 0);
         }
     }
 }

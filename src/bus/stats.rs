@@ -175,7 +175,7 @@ pub struct BusStats {
     pub sent_messages: u64,
     /// Datagrams handed to the kernel.
     pub sent_datagrams: u64,
-    /// Send system calls made (`sendmmsg` by the drains, `sendto` for direct sends),
+    /// Send system calls made (`sendmmsg`, by the drains and direct sends),
     /// failed ones included.
     pub syscalls: u64,
     /// Accepted messages that could not be sent (their datagram failed after retries).
@@ -228,19 +228,20 @@ impl BusStats {
 
     /// Average messages per datagram sent (0 when nothing was sent).
     pub fn avg_msgs_per_datagram(&self) -> f64 {
-        if self.sent_datagrams == 0 {
-            0.0
-        } else {
-            self.sent_messages as f64 / self.sent_datagrams as f64
-        }
+        per(self.sent_messages, self.sent_datagrams)
     }
 
     /// Average messages per send system call (0 when none was made).
     pub fn avg_msgs_per_syscall(&self) -> f64 {
-        if self.syscalls == 0 {
-            0.0
-        } else {
-            self.sent_messages as f64 / self.syscalls as f64
-        }
+        per(self.sent_messages, self.syscalls)
+    }
+}
+
+/// `n / d`, 0 when `d` is 0.
+fn per(n: u64, d: u64) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 / d as f64
     }
 }
