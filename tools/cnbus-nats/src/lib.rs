@@ -505,6 +505,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sink_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<NatsSink>();
+    }
+
+    #[test]
     fn debug_hides_secrets() {
         let auth = Auth::UserPassword {
             user: "agent".into(),

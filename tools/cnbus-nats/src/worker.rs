@@ -1,34 +1,19 @@
 //! The sink's thread: connection, stream check, the publish window, the spool.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::{ConnectErrorKind, ConnectOptions, Event};
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, HeaderMap, StatusCode, Subscriber};
+use futures_util::stream::StreamExt;
 use tokio::sync::mpsc::Receiver;
 use tokio::time::Instant;
 
 use crate::subject::{sanitize_token, subject_covers};
 use crate::{Auth, Config, Item, Shared, SinkError, SUBJECT_PREFIX};
-
-type Ack = Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    u64,
-                    Result<PublishAck, async_nats::jetstream::context::PublishError>,
-                ),
-            > + Send,
-    >,
->;
 
 /// How often the loop looks at the connection and the spool when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(50);
@@ -63,12 +48,19 @@ pub(crate) fn thread_main(
                 return;
             }
         };
+        // One subscription receives every PubAck: the reply subject of a publish is
+        // `<inbox>.<key>`, which costs far less than one request (and one timer) per record.
+        let inbox = client.new_inbox();
+        let acks = match client.subscribe(format!("{inbox}.*")).await {
+            Ok(acks) => acks,
+            Err(e) => {
+                let _ = ready.send(Err(SinkError::Thread(std::io::Error::other(format!(
+                    "cannot subscribe to the acknowledgement inbox: {e}"
+                )))));
+                return;
+            }
+        };
         let _ = ready.send(Ok(()));
-        let js = async_nats::jetstream::context::ContextBuilder::new()
-            .timeout(config.ack_timeout)
-            .max_ack_inflight(config.window.max(1))
-            .backpressure_on_inflight(true)
-            .build(client.clone());
         let mut worker = Worker {
             prefix: format!("{SUBJECT_PREFIX}.{}.", sanitize_token(&config.hostname)),
             window: config.window,
@@ -78,7 +70,9 @@ pub(crate) fn thread_main(
             rx,
             rx_open: true,
             client,
-            js,
+            inbox,
+            acks,
+            ack_timeout: config.ack_timeout,
             stream_ok,
             next_stream_check: Instant::now(),
             retry: VecDeque::new(),
@@ -294,14 +288,18 @@ struct Worker {
     rx: Receiver<Item>,
     rx_open: bool,
     client: async_nats::Client,
-    js: async_nats::jetstream::Context,
+    /// Reply subjects are `<inbox>.<key>`.
+    inbox: String,
+    acks: Subscriber,
+    ack_timeout: Duration,
     stream_ok: bool,
     next_stream_check: Instant,
     /// Published without an acknowledgement: sent again first.
     retry: VecDeque<Item>,
     /// Read from the spool, not yet published.
     from_spool: VecDeque<Item>,
-    in_flight: HashMap<u64, Item>,
+    /// Published, waiting for the acknowledgement: key → (record, when sent).
+    in_flight: HashMap<u64, (Item, Instant)>,
     next_key: u64,
     pause_until: Instant,
 }
@@ -355,7 +353,7 @@ impl Worker {
         None
     }
 
-    fn publish(&mut self, mut item: Item) -> Ack {
+    async fn publish(&mut self, mut item: Item) {
         if item.sent_before {
             self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
         }
@@ -363,31 +361,59 @@ impl Worker {
         let key = self.next_key;
         self.next_key += 1;
         let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
-        let message = PublishMessage::build()
-            .payload(item.line.clone())
-            .message_id(&item.msg_id);
-        self.in_flight.insert(key, item);
-        let js = self.js.clone();
-        Box::pin(async move {
-            let result = match js.send_publish(subject, message).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            (key, result)
-        })
+        let reply = format!("{}.{key}", self.inbox);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", item.msg_id.as_str());
+        let sent = self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, item.line.clone())
+            .await;
+        match sent {
+            Ok(()) => {
+                self.in_flight.insert(key, (item, Instant::now()));
+            }
+            Err(e) => match e.kind() {
+                async_nats::client::PublishErrorKind::MaxPayloadExceeded
+                | async_nats::client::PublishErrorKind::InvalidSubject => {
+                    // Never sent, never sendable: dropped and counted.
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .set_error(format!("record {} dropped: {e}", item.msg_id));
+                    if let Some(id) = item.origin {
+                        self.shared.spool.lock().release(id);
+                    }
+                }
+                async_nats::client::PublishErrorKind::Send => {
+                    self.not_acknowledged(item, format!("{e}"));
+                }
+            },
+        }
     }
 
-    fn done(
-        &mut self,
-        key: u64,
-        result: Result<PublishAck, async_nats::jetstream::context::PublishError>,
-    ) {
-        let Some(item) = self.in_flight.remove(&key) else {
+    /// A message on the acknowledgement inbox.
+    fn on_ack(&mut self, message: async_nats::Message) {
+        let Some(key) = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|k| k.parse::<u64>().ok())
+        else {
             return;
         };
-        let c = &self.shared.counters;
-        match result {
+        // Unknown keys: acknowledgements arriving after their publish timed out (the record
+        // was sent again under another key).
+        let Some((item, _)) = self.in_flight.remove(&key) else {
+            return;
+        };
+        if message.status == Some(StatusCode::NO_RESPONDERS) {
+            // Deleted, or not yet recovered: check (or create) it before sending again.
+            self.stream_ok = false;
+            self.not_acknowledged(item, "no stream for the subject".into());
+            return;
+        }
+        match serde_json::from_slice::<PublishAck>(&message.payload) {
             Ok(ack) => {
+                let c = &self.shared.counters;
                 c.acknowledged.fetch_add(1, Ordering::Relaxed);
                 if ack.duplicate {
                     c.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -396,25 +422,38 @@ impl Worker {
                     self.shared.spool.lock().release(id);
                 }
             }
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                c.dropped.fetch_add(1, Ordering::Relaxed);
-                self.shared
-                    .set_error(format!("record {} dropped: {e}", item.msg_id));
-                if let Some(id) = item.origin {
-                    self.shared.spool.lock().release(id);
-                }
-            }
-            Err(e) => {
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    // Deleted, or not yet recovered: check (or create) it before sending again.
-                    self.stream_ok = false;
-                }
-                self.shared
-                    .set_error(format!("publish not acknowledged, will be sent again: {e}"));
-                self.pause_until = Instant::now() + RETRY_PAUSE;
-                self.retry.push_back(item);
+            Err(_) => {
+                let text =
+                    String::from_utf8_lossy(&message.payload[..message.payload.len().min(300)])
+                        .into_owned();
+                self.not_acknowledged(item, format!("JetStream refused the publish: {text}"));
             }
         }
+    }
+
+    /// Records whose acknowledgement did not come within the timeout are sent again.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let timeout = self.ack_timeout;
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, sent))| now.duration_since(*sent) >= timeout)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            if let Some((item, _)) = self.in_flight.remove(&key) {
+                self.not_acknowledged(item, format!("no acknowledgement within {timeout:?}"));
+            }
+        }
+    }
+
+    fn not_acknowledged(&mut self, item: Item, why: String) {
+        self.shared.set_error(format!(
+            "publish not acknowledged, will be sent again: {why}"
+        ));
+        self.pause_until = Instant::now() + RETRY_PAUSE;
+        self.retry.push_back(item);
     }
 
     /// Moves everything waiting in the queue, and the records to send again, to the spool
@@ -455,8 +494,8 @@ impl Worker {
         }
     }
 
-    fn nothing_left(&self, in_flight: usize) -> bool {
-        in_flight == 0
+    fn nothing_left(&self) -> bool {
+        self.in_flight.is_empty()
             && self.retry.is_empty()
             && self.from_spool.is_empty()
             && !self.rx_open
@@ -464,14 +503,14 @@ impl Worker {
     }
 
     async fn run(&mut self) {
-        let mut acks: FuturesUnordered<Ack> = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let up = self.up().await;
-            let now = Instant::now();
-            if up && now >= self.pause_until {
-                while acks.len() < self.window {
+            if up && Instant::now() >= self.pause_until {
+                while self.in_flight.len() < self.window {
                     let Some(item) = self.next_item() else { break };
-                    acks.push(self.publish(item));
+                    self.publish(item).await;
                 }
             } else if !up {
                 self.drain_to_spool();
@@ -485,22 +524,22 @@ impl Worker {
             if let Some(deadline) = deadline {
                 // Closed by shutdown: take what is still queued, then stop when all is sent.
                 self.rx.close();
-                if self.nothing_left(acks.len()) || std::time::Instant::now() >= deadline {
+                if self.nothing_left() || std::time::Instant::now() >= deadline {
                     break;
                 }
             }
-            let room = up && acks.len() < self.window && Instant::now() >= self.pause_until;
+            let room =
+                up && self.in_flight.len() < self.window && Instant::now() >= self.pause_until;
             tokio::select! {
-                Some((key, result)) = acks.next(), if !acks.is_empty() => self.done(key, result),
+                Some(message) = self.acks.next() => self.on_ack(message),
                 item = self.rx.recv(), if room && self.rx_open => match item {
-                    Some(item) => acks.push(self.publish(item)),
+                    Some(item) => self.publish(item).await,
                     None => self.rx_open = false,
                 },
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tick.tick() => self.expire(),
                 _ = self.shared.wake.notified() => {}
             }
         }
-        drop(acks);
         self.finish();
     }
 
@@ -508,7 +547,7 @@ impl Worker {
     /// written again (whatever the cap: they were on disk already) and their old segments
     /// removed, so that the spool holds exactly the records not acknowledged.
     fn finish(&mut self) {
-        let mut items: Vec<Item> = self.in_flight.drain().map(|(_, item)| item).collect();
+        let mut items: Vec<Item> = self.in_flight.drain().map(|(_, (item, _))| item).collect();
         items.extend(self.retry.drain(..));
         items.extend(self.from_spool.drain(..));
         // Those read from the spool first, so that they keep their place.
