@@ -1,0 +1,288 @@
+//! `cnbus-agent --nats` against a real nats-server (each test starts its own on 127.0.0.1,
+//! with a port the server picks and a temporary store, and kills it when done; the helper is
+//! cnbus-nats's own tests/common).
+//!
+//! The agent sees every process of the machine (other tests fork too), so the tests compare
+//! the agent's own local log (`--output`) with the stream: as multisets of lines, each msg id
+//! stored once. The storm is the test's own short children; that they show in the log is
+//! checked too.
+
+#[path = "../../cnbus-nats/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{read_stream, NatsServer, Stored, DEADLINE};
+
+/// One storm at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const BIN: &str = env!("CARGO_BIN_EXE_cnbus-agent");
+const HOST: &str = "test-host.example";
+const HOST_TOKEN: &str = "test-host_example";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running agent; killed if the test fails before stopping it.
+struct Agent {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Agent {
+    /// Starts the agent publishing to `url`, with a local log, a stats file and a spool in a
+    /// temporary directory; returns once its first line (the start resync) is in the log.
+    fn start(url: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(BIN)
+            // --duration: a safety net should the test die without stopping it.
+            .args(["--duration", "600", "--interval", "0.5", "--nats", url])
+            .args(["--nats-hostname", HOST, "--shutdown-deadline", "120"])
+            .arg("--spool")
+            .arg(dir.path().join("spool"))
+            .arg("--output")
+            .arg(dir.path().join("events.jsonl"))
+            .arg("--stats-file")
+            .arg(dir.path().join("stats.json"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the agent");
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let mut a = Agent {
+            child,
+            stderr: Some(stderr),
+            dir,
+        };
+        let start = Instant::now();
+        while !a.log().contains("\"reason\":\"start\"") {
+            if let Ok(Some(st)) = a.child.try_wait() {
+                let err = a.stderr.take().unwrap().join().unwrap_or_default();
+                panic!("the agent exited early ({st}): {err}");
+            }
+            assert!(start.elapsed() < DEADLINE, "the agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The latest counters of the stats file (`None` before the first).
+    fn stats(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("stats.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Polls the stats file until `f` holds.
+    fn wait_stats(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+        let start = Instant::now();
+        loop {
+            if self.stats().is_some_and(|s| f(&s)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}: {:?}",
+                self.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then wait: the exit status, stderr and the final counters.
+    fn stop(mut self) -> (ExitStatus, String, serde_json::Value, Vec<String>) {
+        // SAFETY: sends SIGTERM to our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < DEADLINE, "the agent did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = self.stderr.take().unwrap().join().unwrap();
+        let last = stderr
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no counters on stderr:\n{stderr}"));
+        let fin: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(fin["final"], true, "{last}");
+        let lines = self.log().lines().map(|l| format!("{l}\n")).collect();
+        (status, stderr, fin, lines)
+    }
+}
+
+/// Short children spawned by two threads until stopped: their pids.
+struct Storm {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<u32>>>,
+}
+
+impl Storm {
+    fn start() -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut pids = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut c = Command::new("/bin/true")
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .expect("spawn /bin/true");
+                        pids.push(c.id());
+                        let _ = c.wait();
+                    }
+                    pids
+                })
+            })
+            .collect();
+        Storm { stop, threads }
+    }
+
+    fn finish(mut self) -> HashSet<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The storm's children that exited in the log (each must have its exit line).
+fn children_in_log(lines: &[String], children: &HashSet<u32>) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"exit\""))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["thread"] == false)
+        .filter(|v| children.contains(&(v["pid"].as_u64().unwrap() as u32)))
+        .count()
+}
+
+fn multiset<'a>(it: impl IntoIterator<Item = &'a [u8]>) -> HashMap<&'a [u8], u64> {
+    let mut m = HashMap::new();
+    for l in it {
+        *m.entry(l).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Checks the stream against the local log: each msg id once, each stored message one of the
+/// log's lines (as a multiset: `stream ⊆ local`) on its subject; returns how many local lines
+/// are not in the stream.
+fn compare(stored: &[Stored], local: &[String]) -> u64 {
+    let _ = common::by_id(stored); // panics on a msg id stored twice
+    for s in stored {
+        let v: serde_json::Value = serde_json::from_slice(&s.payload).unwrap_or_else(|e| {
+            panic!("{e}: {:?}", String::from_utf8_lossy(&s.payload));
+        });
+        let event = v["event"].as_str().unwrap();
+        assert_eq!(
+            s.subject,
+            format!("cnbus.events.{HOST_TOKEN}.{event}"),
+            "{}",
+            s.msg_id
+        );
+        let own = ["lost", "resync", "dropped"].contains(&event);
+        assert_eq!(s.msg_id.contains(".agent."), own, "{}", s.msg_id);
+    }
+    let mut local_set = multiset(local.iter().map(|l| l.as_bytes()));
+    for (line, n) in multiset(stored.iter().map(|s| &s.payload[..])) {
+        let have = local_set.get_mut(line).unwrap_or_else(|| {
+            panic!(
+                "stored but not in the local log: {:?}",
+                String::from_utf8_lossy(line)
+            )
+        });
+        assert!(
+            *have >= n,
+            "stored {n} times, {have} in the log: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        *have -= n;
+    }
+    local_set.values().sum()
+}
+
+fn nats(fin: &serde_json::Value, key: &str) -> u64 {
+    fin["nats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no nats.{key} in {fin}"))
+}
+
+/// The agent with --nats under a storm of its own children: afterwards the stream holds
+/// exactly the lines of the local log, each once, unchanged, on its subject.
+#[test]
+fn every_line_of_the_local_log_is_in_the_stream_exactly_once() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &[]);
+    let storm = Storm::start();
+    // Until the stats show a few hundred lines acknowledged (no timed assertion).
+    agent.wait_stats("acknowledged lines", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 500
+    });
+    let children = storm.finish();
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of the storm's {} children in the log",
+        children.len()
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    assert_eq!(missing, 0, "lines of the local log not in the stream");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!(
+        (nats(&fin, "dropped"), nats(&fin, "unsent")),
+        (0, 0),
+        "{fin}"
+    );
+    assert!(stderr.contains("NATS sink: sent"), "{stderr}");
+}
