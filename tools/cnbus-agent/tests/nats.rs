@@ -286,3 +286,99 @@ fn every_line_of_the_local_log_is_in_the_stream_exactly_once() {
     );
     assert!(stderr.contains("NATS sink: sent"), "{stderr}");
 }
+
+/// The `count`s of the log's `dropped` lines, and the drops the final warning adds (made by
+/// the sink's shutdown, after the last `dropped` line).
+fn dropped_reported(local: &[String], stderr: &str) -> u64 {
+    let in_lines: u64 = local
+        .iter()
+        .filter(|l| l.contains("\"event\":\"dropped\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["count"].as_u64().unwrap()
+        })
+        .sum();
+    let after: u64 = stderr
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("cnbus-agent: the NATS sink dropped ")?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    in_lines + after
+}
+
+/// kill -9 of the server in the middle of the storm, 4 s down, restarted on the same port
+/// and store: every line of the local log is in the stream once, or counted as dropped, and
+/// `local = in stream + dropped` exactly.
+#[test]
+fn a_server_killed_mid_storm_loses_nothing_silently() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &[]);
+    let storm = Storm::start();
+    agent.wait_stats("lines acknowledged before the kill", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 200
+    });
+    server.kill();
+    let before = agent.log().lines().count();
+    // Down for several seconds, with the storm going on (and lines written meanwhile).
+    std::thread::sleep(Duration::from_secs(4));
+    agent.wait_stats("the sink to notice the outage", |s| {
+        s["nats"]["connected"] == false
+    });
+    let during = agent.log().lines().count();
+    assert!(during > before, "no lines during the outage");
+    server.restart();
+    agent.wait_stats("the reconnection", |s| {
+        s["nats"]["connected"] == true && s["nats"]["reconnects"].as_u64().unwrap_or(0) >= 1
+    });
+    let children = storm.finish();
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    assert!(nats(&fin, "spooled") + nats(&fin, "resent") > 0, "{fin}");
+    assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    let dropped = nats(&fin, "dropped");
+    assert_eq!(missing, dropped, "local - in stream = dropped: {fin}");
+    assert_eq!(local.len() as u64, stored.len() as u64 + dropped);
+    assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
+    assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
+}
+
+/// A 16 KiB spool during a long outage: the sink drops lines, and the count is exact: the
+/// `dropped` lines (and the final counters) say how many local lines are not in the stream.
+#[test]
+fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &["--spool-max", "16K"]);
+    agent.wait_stats("the first counters", |s| s["nats"]["connected"] == true);
+    server.kill();
+    let storm = Storm::start();
+    // Long enough for the 16 KiB spool (a few dozen lines) to overflow.
+    agent.wait_stats("lines dropped", |s| {
+        s["nats"]["dropped"].as_u64().unwrap_or(0) >= 100
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let children = storm.finish();
+    server.restart();
+    agent.wait_stats("the reconnection", |s| s["nats"]["connected"] == true);
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
+    let dropped = nats(&fin, "dropped");
+    assert!(dropped >= 100, "{fin}");
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    assert_eq!(missing, dropped, "local - in stream = dropped: {fin}");
+    assert_eq!(local.len() as u64, stored.len() as u64 + dropped);
+    assert!(local.iter().any(|l| l.contains("\"event\":\"dropped\"")));
+    assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
+}
