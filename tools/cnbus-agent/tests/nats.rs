@@ -382,3 +382,135 @@ fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
     assert!(local.iter().any(|l| l.contains("\"event\":\"dropped\"")));
     assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
 }
+
+/// Runs the agent expecting it to refuse to start: its exit status and stderr.
+fn refused(url: &str, extra: &[&str]) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--duration", "600", "--nats", url])
+        .arg("--spool")
+        .arg(dir.path().join("spool"))
+        .arg("--output")
+        .arg(dir.path().join("events.jsonl"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the agent started although it should not have");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+/// A server down at start: the documented fallback (a warning, lines spooled, `connected`
+/// false with the reason), then everything delivered once the server is up.
+#[test]
+fn an_unreachable_server_at_start_spools_warns_and_delivers_later() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    server.kill();
+    let agent = Agent::start(&server.url(), &[]);
+    for _ in 0..20 {
+        let _ = Command::new("/bin/true").status();
+    }
+    agent.wait_stats("lines spooled while unreachable", |s| {
+        s["nats"]["connected"] == false
+            && s["nats"]["spooled"].as_u64().unwrap_or(0) >= 1
+            && s["nats"]["last_error"].is_string()
+    });
+    server.restart();
+    agent.wait_stats("the connection", |s| s["nats"]["connected"] == true);
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("is not reachable at start") && stderr.contains("spooled in"),
+        "{stderr}"
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
+}
+
+/// Credentials the server refuses are a clear error at start (exit status 1), and the
+/// secret is never echoed; the right ones deliver.
+#[test]
+fn wrong_credentials_are_a_clear_error_and_exit_1() {
+    let _serial = serial();
+    let server = NatsServer::start(&["--user", "agent", "--pass", "right-pw"]);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "wrong-s3cret\n").unwrap();
+    let wrong = wrong.to_str().unwrap();
+    let (status, stderr) = refused(
+        &server.url(),
+        &["--nats-user", "agent", "--nats-password-file", wrong],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(!stderr.contains("wrong-s3cret"), "{stderr}");
+    // No password at all: said so before connecting.
+    let (status, stderr) = refused(&server.url(), &["--nats-user", "agent"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--nats-password-file"), "{stderr}");
+    // The right password, from a file: delivered.
+    let right = dir.path().join("right");
+    std::fs::write(&right, "right-pw\n").unwrap();
+    let agent = Agent::start(
+        &server.url(),
+        &[
+            "--nats-user",
+            "agent",
+            "--nats-password-file",
+            right.to_str().unwrap(),
+        ],
+    );
+    agent.wait_stats("a line acknowledged", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 1
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("right-pw"), "{stderr}");
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+}
+
+/// A stream CNBUS_EVENTS that exists with other subjects: exit status 1 and why.
+#[test]
+fn a_stream_with_other_subjects_is_a_clear_error_and_exit_1() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    common::runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "CNBUS_EVENTS".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let (status, stderr) = refused(&server.url(), &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CNBUS_EVENTS") && stderr.contains("do not cover"),
+        "{stderr}"
+    );
+}
