@@ -203,7 +203,7 @@ fn main() -> ExitCode {
         if now >= next_tick {
             let total: u64 = agent.n.by_kind.iter().sum();
             let rate = (total - last_total) as f64 / now.duration_since(last_tick).as_secs_f64();
-            let nats = shipper.as_ref().map(|s| nats::counters(&s.stats(), None));
+            let nats = shipper.as_mut().map(|s| nats::counters(&s.stats(), None));
             let line = agent.stats_line(&listener.stats(), started, rate, false, nats);
             match &args.stats_file {
                 Some(p) => {
@@ -232,7 +232,11 @@ fn main() -> ExitCode {
         let r = match listener.try_recv() {
             Ok(Some(r)) => Ok(Some(r)),
             Ok(None) => {
-                // Idle: flush the log before waiting, and re-read the clock offsets.
+                // Idle: flush the log (and hand its lines to the NATS sink) before waiting,
+                // and re-read the clock offsets.
+                if let Some(s) = &mut shipper {
+                    s.flush();
+                }
                 if let Err(e) = out.flush() {
                     failed = log_error(&e);
                     log_closed = true;
