@@ -107,7 +107,7 @@ pub struct Args {
 #[command(next_help_heading = "NATS JetStream sink (docs/AGENT.md)")]
 pub struct NatsArgs {
     /// Also publish every event-log line to NATS JetStream at URL (nats://HOST:PORT or
-    /// tls://HOST:PORT): stream CNBUS_EVENTS, subject cnbus.events.<hostname>.<event>
+    /// tls://HOST:PORT): stream CNBUS_EVENTS, subject cnbus.events.HOSTNAME.EVENT
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
     /// The stream (created if absent with subjects cnbus.events.>)
