@@ -12,8 +12,8 @@ use cnbus_cli::generate::Generate;
 const AFTER_LONG_HELP: &str = "\
 Event log (stdout, or --output FILE, appended): one JSON object per line.
   Every line: ts (RFC 3339 UTC, microseconds; the kernel's timestamp, or when the agent
-  noticed for lost and resync), event (fork exec exit comm uid gid sid ptrace coredump, or
-  the agent's own lost and resync).
+  noticed for lost, resync and dropped), event (fork exec exit comm uid gid sid ptrace
+  coredump, or the agent's own lost, resync and dropped).
   Process events: pid, tid, thread (a non-main thread's event; a new thread is a fork with
   thread true), ppid (null when unknown), the enricher's attribution: process_key,
   parent_key, container_id, cgroup, cgroup_source, ns_pid, pidns, pidns_source, cmdline,
@@ -22,13 +22,18 @@ Event log (stdout, or --output FILE, appended): one JSON object per line.
   comm: comm; uid: ruid, euid; gid: rgid, egid; ptrace: tracer_pid (null on detach).
   lost: cause (overrun with count null, or seq_gap with cpu and the exact count).
   resync: reason (start, loss, shutdown), added, removed, live.
+  dropped (with --nats; at most one a second): sink (nats), count (lines the NATS sink
+  dropped since the last dropped line: its spool was full), dropped_total.
 
 Counters (stderr every --interval, or --stats-file; the last one, final true, always on
 stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, lost_events,
 lost_exact, lost_events_max, kernel_drops, spoofed, decode_errors, overruns, unread,
 lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_added,
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
-enrich_evictions, enrich_stale, cpu_s, rss_kb.
+enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
+acknowledged, resent, spooled, dropped, reconnects, disconnects, duplicates, replayed,
+in_flight, queued, spool_bytes, spool_records, connected, last_error}, plus sent and unsent
+in the final one (unsent: lines left in the spool for the next start).
 
 Table dump (--dump-table): one object per live process, by pid: pid, ppid, the
 attribution fields, start (RFC 3339 or null), source (scan, fork, exec, resync).
@@ -37,8 +42,10 @@ Signals: SIGINT and SIGTERM stop it (queued events applied, final counters, dump
 reopens --output.
 
 Exit status: 0 after SIGINT/SIGTERM or --duration, or when the event log's reader closes
-the pipe; 1 when the proc connector cannot be used or writing the event log fails; 2 on a
-usage error.
+the pipe; 1 when the proc connector cannot be used, writing the event log fails, or the
+NATS sink cannot start (credentials or TLS refused, a stream with other subjects; an
+unreachable server is not an error: lines are spooled until it is back); 2 on a usage
+error.
 
 Privileges: on Linux 6.6+ any user can listen; CAP_SYS_PTRACE lets it read other users'
 pid namespaces (pidns_source is denied without it); before 6.6 it needs CAP_NET_ADMIN.
@@ -91,6 +98,102 @@ pub struct Args {
     #[arg(short, long, value_name = "BYTES", default_value = "16M", value_parser = parse_size,
           allow_negative_numbers = true)]
     pub buffer: usize,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// The NATS JetStream sink's options (all but `--nats` need it).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "NATS JetStream sink (docs/AGENT.md)")]
+pub struct NatsArgs {
+    /// Also publish every event-log line to NATS JetStream at URL (nats://HOST:PORT or
+    /// tls://HOST:PORT): stream CNBUS_EVENTS, subject cnbus.events.HOSTNAME.EVENT
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// The stream (created if absent with subjects cnbus.events.>)
+    #[arg(long, value_name = "NAME", default_value = cnbus_nats::DEFAULT_STREAM, requires = "nats")]
+    pub nats_stream: String,
+    /// The host token of the subjects (default: the host's name; `.`, `*`, `>` and blanks
+    /// become `_`)
+    #[arg(long, value_name = "NAME", requires = "nats")]
+    pub nats_hostname: Option<String>,
+    /// User name for user/password authorization (the password from --nats-password-file or
+    /// the environment variable CNBUS_NATS_PASSWORD)
+    #[arg(long, value_name = "USER", requires = "nats", conflicts_with_all = ["nats_token_file", "nats_creds", "nats_nkey_file"])]
+    pub nats_user: Option<String>,
+    /// File holding the password of --nats-user (first line)
+    #[arg(long, value_name = "FILE", requires = "nats_user")]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a token for token authorization (first line; or the environment
+    /// variable CNBUS_NATS_TOKEN)
+    #[arg(long, value_name = "FILE", requires = "nats", conflicts_with_all = ["nats_creds", "nats_nkey_file"])]
+    pub nats_token_file: Option<PathBuf>,
+    /// A .creds file (JWT and NKey seed, as written by nsc)
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "nats",
+        conflicts_with = "nats_nkey_file"
+    )]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an NKey seed (SU...)
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// Refuse a connection without TLS
+    #[arg(long, requires = "nats")]
+    pub nats_tls_required: bool,
+    /// PEM file of root certificates to trust besides the system ones
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with --nats-tls-key), for servers that verify clients
+    #[arg(long, value_name = "FILE", requires_all = ["nats", "nats_tls_key"])]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM key of --nats-tls-cert
+    #[arg(long, value_name = "FILE", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Spool directory: records wait there while the server is unreachable, and the next
+    /// start sends what a stop left (the systemd unit's StateDirectory)
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SPOOL, requires = "nats")]
+    pub spool: PathBuf,
+    /// Most bytes the spool may hold; past it the newest records are dropped and counted
+    /// (a `dropped` line). 16K to 1G
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_spool_max,
+          allow_negative_numbers = true, requires = "nats")]
+    pub spool_max: u64,
+    /// Most publishes waiting for JetStream's acknowledgement at once (1..=65536)
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_window,
+          allow_negative_numbers = true, requires = "nats")]
+    pub nats_window: usize,
+    /// At exit, how long the sink may go on sending before what is left stays in the spool
+    /// (0 to 3600)
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_deadline,
+          allow_negative_numbers = true, requires = "nats")]
+    pub shutdown_deadline: Duration,
+}
+
+/// The spool directory unless `--spool` says otherwise.
+pub const DEFAULT_SPOOL: &str = "/var/lib/cnbus-agent/spool";
+
+fn parse_spool_max(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        n if n >= 16 << 10 => Ok(n as u64),
+        _ => Err(format!("{s} is too small (at least 16K)")),
+    }
+}
+
+fn parse_window(s: &str) -> Result<usize, String> {
+    match parse_u64(s)? {
+        n @ 1..=65536 => Ok(n as usize),
+        n => Err(format!("{n} is out of range (1..=65536)")),
+    }
+}
+
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!("{s} is out of range (0 to 3600 seconds)"));
+    }
+    Ok(d)
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -138,6 +241,20 @@ mod tests {
             &["--duration", "1e10"],
             &["completions"],
             &["-d", "1", "man"],
+            &["--spool", "/tmp/x"],
+            &["--nats", "nats://h:1", "--spool-max", "1K"],
+            &["--nats", "nats://h:1", "--nats-window", "0"],
+            &["--nats", "nats://h:1", "--shutdown-deadline", "3601"],
+            &["--nats", "nats://h:1", "--nats-password-file", "/p"],
+            &["--nats", "nats://h:1", "--nats-tls-cert", "/c"],
+            &[
+                "--nats",
+                "nats://h:1",
+                "--nats-user",
+                "u",
+                "--nats-creds",
+                "/c",
+            ],
         ] {
             let e = parse(bad)
                 .err()
@@ -145,5 +262,21 @@ mod tests {
             assert_eq!(e.exit_code(), 2, "{bad:?}");
         }
         assert_eq!(parse(&["man"]).unwrap().generate, Some(Generate::Man),);
+        let n = parse(&[
+            "--nats",
+            "nats://127.0.0.1:4222",
+            "--spool-max",
+            "16K",
+            "--nats-window",
+            "65536",
+            "--shutdown-deadline",
+            "0",
+        ])
+        .unwrap()
+        .args
+        .nats;
+        assert_eq!((n.spool_max, n.nats_window), (16 << 10, 65536));
+        assert_eq!(n.shutdown_deadline, Duration::ZERO);
+        assert_eq!(n.spool, PathBuf::from(DEFAULT_SPOOL));
     }
 }

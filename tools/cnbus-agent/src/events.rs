@@ -10,7 +10,9 @@ use cnbus_cli::json::{self, Ordered};
 use cnbus_cli::procfs::self_usage;
 use cnbus_cli::warn;
 
-use crate::records::{Detail, DumpRow, EventLine, LostLine, ResyncLine, StatsLine};
+use crate::records::{
+    Detail, DroppedLine, DumpRow, EventLine, LostLine, NatsCounters, ResyncLine, StatsLine,
+};
 use crate::table::{Agent, Entry, Source};
 
 /// Appends `record`'s line to `out`. The agent's records (strings, numbers, options, maps
@@ -31,6 +33,20 @@ impl Agent {
             added,
             removed,
             live: self.live.len(),
+        };
+        self.line.clear();
+        push(&mut self.line, &line);
+    }
+
+    /// Formats a `dropped` line into `self.line`: `count` lines the NATS sink dropped since
+    /// the last one, `total` over its life.
+    pub fn dropped_line(&mut self, count: u64, total: u64) {
+        let line = DroppedLine {
+            ts: Rfc3339(self.clocks.now()),
+            event: "dropped",
+            sink: "nats",
+            count,
+            dropped_total: total,
         };
         self.line.clear();
         push(&mut self.line, &line);
@@ -196,7 +212,14 @@ impl Agent {
     }
 
     /// The counters line (with its newline).
-    pub fn stats_line(&self, st: &LossStats, started: Instant, rate: f64, final_: bool) -> Vec<u8> {
+    pub fn stats_line(
+        &self,
+        st: &LossStats,
+        started: Instant,
+        rate: f64,
+        final_: bool,
+        nats: Option<NatsCounters>,
+    ) -> Vec<u8> {
         let events: Vec<(&'static str, u64)> = EventKind::ALL
             .iter()
             .zip(self.n.by_kind)
@@ -237,6 +260,7 @@ impl Agent {
             enrich_stale: es.stale,
             cpu_s: json::round(cpu, 2),
             rss_kb: rss,
+            nats,
         };
         let mut out = Vec::with_capacity(1024);
         push(&mut out, &line);

@@ -17,10 +17,11 @@
 //!
 //! The files: `cli` (options and help), `table` (the table and the `/proc` scan), `events`
 //! (events to table changes and lines), `records` (the JSON lines), `output` (event log and
-//! snapshots), this one (the loop).
+//! snapshots), `nats` (the JetStream sink of `--nats`), this one (the loop).
 
 mod cli;
 mod events;
+mod nats;
 mod output;
 mod records;
 mod table;
@@ -35,6 +36,7 @@ use clap::{CommandFactory, Parser};
 use cnbus::proc::{ProcListener, Received};
 use cnbus::sys::TermSignals;
 use cnbus_cli::warn;
+use nats::{Ship, Shipper};
 
 use cli::Cli;
 use output::{log_error, open_output, write_atomic};
@@ -46,6 +48,36 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(2);
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How long the final drain of queued events may take.
 const DRAIN_FOR: Duration = Duration::from_secs(1);
+
+type Log = BufWriter<Box<dyn Write + Send>>;
+
+/// Writes one line to the event log and, once written, hands it to the NATS sink.
+fn emit(
+    out: &mut Log,
+    shipper: &mut Option<Shipper>,
+    line: &[u8],
+    what: Ship<'_>,
+) -> io::Result<()> {
+    out.write_all(line)?;
+    if let Some(s) = shipper {
+        s.ship(line, what);
+    }
+    Ok(())
+}
+
+/// Writes a `dropped` line when the NATS sink dropped lines since the last one (`now`:
+/// at most once a second; `None`: now).
+fn report_drops(
+    agent: &mut Agent,
+    out: &mut Log,
+    shipper: &mut Option<Shipper>,
+    now: Option<Instant>,
+) {
+    if let Some((count, total)) = shipper.as_mut().and_then(|s| s.drops_due(now)) {
+        agent.dropped_line(count, total);
+        let _ = emit(out, shipper, &agent.line, Ship::Own("dropped"));
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -63,6 +95,30 @@ fn main() -> ExitCode {
         Err(e) => {
             warn!("cnbus-agent: {e}");
             return ExitCode::from(1);
+        }
+    };
+    // The sink before the listener: a configuration it refuses ends the agent before it
+    // subscribes; its thread inherits the blocked signal mask.
+    let mut shipper = match &args.nats.nats {
+        None => None,
+        Some(url) => {
+            let boot = cnbus::proc::enrich::boot_id().unwrap_or(0);
+            match Shipper::start(&args.nats, url, boot) {
+                Ok(s) => {
+                    if let Some(why) = s.unreachable() {
+                        warn!(
+                            "cnbus-agent: warning: NATS server {url} is not reachable at start \
+                             ({why}): lines are spooled in {} and sent once it is",
+                            s.spool.display()
+                        );
+                    }
+                    Some(s)
+                }
+                Err(e) => {
+                    warn!("cnbus-agent: --nats: {e}");
+                    return ExitCode::from(1);
+                }
+            }
         }
     };
     let mut out = match open_output(args.output.as_deref()) {
@@ -101,7 +157,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let (added, removed) = agent.resync("start");
     agent.resync_line("start", added, removed);
-    let _ = out.write_all(&agent.line);
+    let _ = emit(&mut out, &mut shipper, &agent.line, Ship::Own("resync"));
 
     let deadline = args.duration.map(|d| started + d);
     let mut next_tick = started + args.interval;
@@ -114,13 +170,19 @@ fn main() -> ExitCode {
     let mut log_closed = false;
     let handle = |agent: &mut Agent,
                   r: Received,
-                  out: &mut BufWriter<Box<dyn Write + Send>>|
+                  out: &mut Log,
+                  shipper: &mut Option<Shipper>|
      -> io::Result<()> {
         match r {
-            Received::Event(ev) => agent.event(&ev),
-            Received::Lost(loss) => agent.lost(loss),
+            Received::Event(ev) => {
+                agent.event(&ev);
+                emit(out, shipper, &agent.line, Ship::Event(&ev))
+            }
+            Received::Lost(loss) => {
+                agent.lost(loss);
+                emit(out, shipper, &agent.line, Ship::Own("lost"))
+            }
         }
-        out.write_all(&agent.line)
     };
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -137,10 +199,12 @@ fn main() -> ExitCode {
                 Err(e) => warn!("cnbus-agent: reopening --output: {e}"),
             }
         }
+        report_drops(&mut agent, &mut out, &mut shipper, Some(now));
         if now >= next_tick {
             let total: u64 = agent.n.by_kind.iter().sum();
             let rate = (total - last_total) as f64 / now.duration_since(last_tick).as_secs_f64();
-            let line = agent.stats_line(&listener.stats(), started, rate, false);
+            let nats = shipper.as_mut().map(|s| nats::counters(&s.stats(), None));
+            let line = agent.stats_line(&listener.stats(), started, rate, false, nats);
             match &args.stats_file {
                 Some(p) => {
                     if let Err(e) = write_atomic(p, &line) {
@@ -163,12 +227,16 @@ fn main() -> ExitCode {
         {
             let (a, r) = agent.resync("loss");
             agent.resync_line("loss", a, r);
-            let _ = out.write_all(&agent.line);
+            let _ = emit(&mut out, &mut shipper, &agent.line, Ship::Own("resync"));
         }
         let r = match listener.try_recv() {
             Ok(Some(r)) => Ok(Some(r)),
             Ok(None) => {
-                // Idle: flush the log before waiting, and re-read the clock offsets.
+                // Idle: flush the log (and hand its lines to the NATS sink) before waiting,
+                // and re-read the clock offsets.
+                if let Some(s) = &mut shipper {
+                    s.flush();
+                }
                 if let Err(e) = out.flush() {
                     failed = log_error(&e);
                     log_closed = true;
@@ -194,7 +262,7 @@ fn main() -> ExitCode {
         match r {
             Ok(Some(r)) => {
                 burst = burst.saturating_add(1);
-                if let Err(e) = handle(&mut agent, r, &mut out) {
+                if let Err(e) = handle(&mut agent, r, &mut out, &mut shipper) {
                     // The log's reader is gone (a closed pipe: quietly) or the disk is
                     // full (loudly): stop.
                     failed = log_error(&e);
@@ -217,7 +285,7 @@ fn main() -> ExitCode {
     if !failed && !log_closed {
         let drain_until = Instant::now() + DRAIN_FOR;
         for r in listener.drain_queued(usize::MAX) {
-            if let Err(e) = handle(&mut agent, r, &mut out) {
+            if let Err(e) = handle(&mut agent, r, &mut out, &mut shipper) {
                 failed = log_error(&e);
                 log_closed = true;
                 break;
@@ -230,7 +298,12 @@ fn main() -> ExitCode {
     if agent.resync_pending {
         let (a, r) = agent.resync("shutdown");
         agent.resync_line("shutdown", a, r);
-        let _ = out.write_all(&agent.line);
+        let _ = emit(&mut out, &mut shipper, &agent.line, Ship::Own("resync"));
+    }
+    // The drops so far in a last `dropped` line; the sink's shutdown below can still drop
+    // (spool full), which only the final counters and a warning can then tell.
+    if !log_closed {
+        report_drops(&mut agent, &mut out, &mut shipper, None);
     }
     if !log_closed {
         if let Err(e) = out.flush() {
@@ -240,9 +313,33 @@ fn main() -> ExitCode {
     // Sends IGNORE and reads the queue empty: the final, settled loss figures.
     let stats = listener.finish();
     drop(listener);
+    let nats = shipper.map(|s| {
+        let deadline = args.nats.shutdown_deadline;
+        let reported = s.reported_dropped();
+        let spool = s.spool.clone();
+        let (st, report) = s.shutdown(deadline);
+        if report.dropped > reported {
+            warn!(
+                "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full)",
+                report.dropped - reported
+            );
+        }
+        if report.unsent > 0 {
+            warn!(
+                "cnbus-agent: {} lines not acknowledged by NATS within --shutdown-deadline are kept in {} for the next start",
+                report.unsent,
+                spool.display()
+            );
+        }
+        warn!(
+            "cnbus-agent: NATS sink: sent {}, unsent {}, dropped {}",
+            report.sent, report.unsent, report.dropped
+        );
+        nats::counters(&st, Some(&report))
+    });
     let total: u64 = agent.n.by_kind.iter().sum();
     let rate = (total - last_total) as f64 / last_tick.elapsed().as_secs_f64().max(1e-3);
-    let line = agent.stats_line(&stats, started, rate, true);
+    let line = agent.stats_line(&stats, started, rate, true, nats);
     if let Some(p) = &args.stats_file {
         let _ = write_atomic(p, &line);
     }

@@ -102,6 +102,44 @@ pub struct StatsLine<'a> {
     pub enrich_stale: u64,
     pub cpu_s: f64,
     pub rss_kb: u64,
+    /// With `--nats` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsCounters>,
+}
+
+/// The NATS sink's counters (cnbus_nats::SinkStats), in the counters line.
+#[derive(serde::Serialize)]
+pub struct NatsCounters {
+    pub published: u64,
+    pub acknowledged: u64,
+    pub resent: u64,
+    pub spooled: u64,
+    pub dropped: u64,
+    pub reconnects: u64,
+    pub disconnects: u64,
+    pub duplicates: u64,
+    pub replayed: u64,
+    pub in_flight: u64,
+    pub queued: u64,
+    pub spool_bytes: u64,
+    pub spool_records: u64,
+    pub connected: bool,
+    pub last_error: Option<String>,
+    /// The final line only: acknowledged over the sink's life, and left in the spool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsent: Option<u64>,
+}
+
+/// Lines the NATS sink dropped (its spool was full).
+#[derive(serde::Serialize)]
+pub struct DroppedLine {
+    pub ts: Rfc3339,
+    pub event: &'static str,
+    pub sink: &'static str,
+    pub count: u64,
+    pub dropped_total: u64,
 }
 
 /// One row of the table dump.

@@ -40,7 +40,14 @@ fn the_unit_restarts_on_failure_and_keeps_what_the_agent_needs() {
     assert_eq!(values(&u, "ProtectSystem"), ["strict"]);
     assert_eq!(values(&u, "CapabilityBoundingSet"), ["CAP_SYS_PTRACE"]);
     assert_eq!(values(&u, "AmbientCapabilities"), ["CAP_SYS_PTRACE"]);
-    assert!(values(&u, "RestrictAddressFamilies")[0].contains("AF_NETLINK"));
+    let families = &values(&u, "RestrictAddressFamilies")[0];
+    // Netlink for the connector, IP for the NATS sink.
+    for f in ["AF_NETLINK", "AF_INET", "AF_INET6"] {
+        assert!(families.split_whitespace().any(|x| x == f), "{families}");
+    }
+    // The NATS sink's spool: the default --spool is under the state directory.
+    assert_eq!(values(&u, "StateDirectory"), ["cnbus-agent"]);
+    assert_eq!(values(&u, "EnvironmentFile"), ["-/etc/default/cnbus-agent"]);
     // Each of these would hide the connector (initial network namespace only) or the
     // processes the agent is there to see.
     for key in [
@@ -55,7 +62,13 @@ fn the_unit_restarts_on_failure_and_keeps_what_the_agent_needs() {
     let exec = &values(&u, "ExecStart")[0];
     assert!(exec.starts_with("/usr/local/bin/cnbus-agent "), "{exec}");
     // The options it passes exist (clap rejects anything else with status 2).
-    let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
+    // ($CNBUS_AGENT_OPTS, from the environment file, is empty unless an operator sets it.)
+    let args: Vec<&str> = exec
+        .split_whitespace()
+        .skip(1)
+        .filter(|a| !a.starts_with('$'))
+        .collect();
+    assert!(exec.ends_with(" $CNBUS_AGENT_OPTS"), "{exec}");
     let st = Command::new(BIN)
         .args(&args)
         .arg("--help")

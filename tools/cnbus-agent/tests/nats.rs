@@ -1,0 +1,516 @@
+//! `cnbus-agent --nats` against a real nats-server (each test starts its own on 127.0.0.1,
+//! with a port the server picks and a temporary store, and kills it when done; the helper is
+//! cnbus-nats's own tests/common).
+//!
+//! The agent sees every process of the machine (other tests fork too), so the tests compare
+//! the agent's own local log (`--output`) with the stream: as multisets of lines, each msg id
+//! stored once. The storm is the test's own short children; that they show in the log is
+//! checked too.
+
+#[path = "../../cnbus-nats/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{read_stream, NatsServer, Stored, DEADLINE};
+
+/// One storm at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const BIN: &str = env!("CARGO_BIN_EXE_cnbus-agent");
+const HOST: &str = "test-host.example";
+const HOST_TOKEN: &str = "test-host_example";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running agent; killed if the test fails before stopping it.
+struct Agent {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Agent {
+    /// Starts the agent publishing to `url`, with a local log, a stats file and a spool in a
+    /// temporary directory; returns once its first line (the start resync) is in the log.
+    fn start(url: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(BIN)
+            // --duration: a safety net should the test die without stopping it.
+            .args(["--duration", "600", "--interval", "0.5", "--nats", url])
+            .args(["--nats-hostname", HOST, "--shutdown-deadline", "120"])
+            .arg("--spool")
+            .arg(dir.path().join("spool"))
+            .arg("--output")
+            .arg(dir.path().join("events.jsonl"))
+            .arg("--stats-file")
+            .arg(dir.path().join("stats.json"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the agent");
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let mut a = Agent {
+            child,
+            stderr: Some(stderr),
+            dir,
+        };
+        let start = Instant::now();
+        while !a.log().contains("\"reason\":\"start\"") {
+            if let Ok(Some(st)) = a.child.try_wait() {
+                let err = a.stderr.take().unwrap().join().unwrap_or_default();
+                panic!("the agent exited early ({st}): {err}");
+            }
+            assert!(start.elapsed() < DEADLINE, "the agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The latest counters of the stats file (`None` before the first).
+    fn stats(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("stats.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Polls the stats file until `f` holds.
+    fn wait_stats(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+        let start = Instant::now();
+        loop {
+            if self.stats().is_some_and(|s| f(&s)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}: {:?}",
+                self.stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then wait: the exit status, stderr and the final counters.
+    fn stop(mut self) -> (ExitStatus, String, serde_json::Value, Vec<String>) {
+        // SAFETY: sends SIGTERM to our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(start.elapsed() < DEADLINE, "the agent did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = self.stderr.take().unwrap().join().unwrap();
+        let last = stderr
+            .lines()
+            .rfind(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no counters on stderr:\n{stderr}"));
+        let fin: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert_eq!(fin["final"], true, "{last}");
+        let lines = self.log().lines().map(|l| format!("{l}\n")).collect();
+        (status, stderr, fin, lines)
+    }
+}
+
+/// Short children spawned by two threads until stopped: their pids.
+struct Storm {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<u32>>>,
+}
+
+impl Storm {
+    fn start() -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut pids = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut c = Command::new("/bin/true")
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .expect("spawn /bin/true");
+                        pids.push(c.id());
+                        let _ = c.wait();
+                    }
+                    pids
+                })
+            })
+            .collect();
+        Storm { stop, threads }
+    }
+
+    fn finish(mut self) -> HashSet<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Storm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The storm's children that exited in the log (each must have its exit line).
+fn children_in_log(lines: &[String], children: &HashSet<u32>) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.contains("\"event\":\"exit\""))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["thread"] == false)
+        .filter(|v| children.contains(&(v["pid"].as_u64().unwrap() as u32)))
+        .count()
+}
+
+fn multiset<'a>(it: impl IntoIterator<Item = &'a [u8]>) -> HashMap<&'a [u8], u64> {
+    let mut m = HashMap::new();
+    for l in it {
+        *m.entry(l).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Checks the stream against the local log: each msg id once, each stored message one of the
+/// log's lines (as a multiset: `stream ⊆ local`) on its subject; returns how many local lines
+/// are not in the stream.
+fn compare(stored: &[Stored], local: &[String]) -> u64 {
+    let _ = common::by_id(stored); // panics on a msg id stored twice
+    for s in stored {
+        let v: serde_json::Value = serde_json::from_slice(&s.payload).unwrap_or_else(|e| {
+            panic!("{e}: {:?}", String::from_utf8_lossy(&s.payload));
+        });
+        let event = v["event"].as_str().unwrap();
+        assert_eq!(
+            s.subject,
+            format!("cnbus.events.{HOST_TOKEN}.{event}"),
+            "{}",
+            s.msg_id
+        );
+        let own = ["lost", "resync", "dropped"].contains(&event);
+        assert_eq!(s.msg_id.contains(".agent."), own, "{}", s.msg_id);
+    }
+    let mut local_set = multiset(local.iter().map(|l| l.as_bytes()));
+    for (line, n) in multiset(stored.iter().map(|s| &s.payload[..])) {
+        let have = local_set.get_mut(line).unwrap_or_else(|| {
+            panic!(
+                "stored but not in the local log: {:?}",
+                String::from_utf8_lossy(line)
+            )
+        });
+        assert!(
+            *have >= n,
+            "stored {n} times, {have} in the log: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        *have -= n;
+    }
+    local_set.values().sum()
+}
+
+fn nats(fin: &serde_json::Value, key: &str) -> u64 {
+    fin["nats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no nats.{key} in {fin}"))
+}
+
+/// The agent with --nats under a storm of its own children: afterwards the stream holds
+/// exactly the lines of the local log, each once, unchanged, on its subject.
+#[test]
+fn every_line_of_the_local_log_is_in_the_stream_exactly_once() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &[]);
+    let storm = Storm::start();
+    // Until the stats show a few hundred lines acknowledged (no timed assertion).
+    agent.wait_stats("acknowledged lines", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 500
+    });
+    let children = storm.finish();
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of the storm's {} children in the log",
+        children.len()
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    assert_eq!(missing, 0, "lines of the local log not in the stream");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!(
+        (nats(&fin, "dropped"), nats(&fin, "unsent")),
+        (0, 0),
+        "{fin}"
+    );
+    assert!(stderr.contains("NATS sink: sent"), "{stderr}");
+}
+
+/// The `count`s of the log's `dropped` lines, and the drops the final warning adds (made by
+/// the sink's shutdown, after the last `dropped` line).
+fn dropped_reported(local: &[String], stderr: &str) -> u64 {
+    let in_lines: u64 = local
+        .iter()
+        .filter(|l| l.contains("\"event\":\"dropped\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["count"].as_u64().unwrap()
+        })
+        .sum();
+    let after: u64 = stderr
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("cnbus-agent: the NATS sink dropped ")?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    in_lines + after
+}
+
+/// kill -9 of the server in the middle of the storm, 4 s down, restarted on the same port
+/// and store: every line of the local log is in the stream once, or counted as dropped, and
+/// `local = in stream + dropped` exactly.
+#[test]
+fn a_server_killed_mid_storm_loses_nothing_silently() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &[]);
+    let storm = Storm::start();
+    agent.wait_stats("lines acknowledged before the kill", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 200
+    });
+    server.kill();
+    let before = agent.log().lines().count();
+    // Down for several seconds, with the storm going on (and lines written meanwhile).
+    std::thread::sleep(Duration::from_secs(4));
+    agent.wait_stats("the sink to notice the outage", |s| {
+        s["nats"]["connected"] == false
+    });
+    let during = agent.log().lines().count();
+    assert!(during > before, "no lines during the outage");
+    server.restart();
+    agent.wait_stats("the reconnection", |s| {
+        s["nats"]["connected"] == true && s["nats"]["reconnects"].as_u64().unwrap_or(0) >= 1
+    });
+    let children = storm.finish();
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    assert!(nats(&fin, "spooled") + nats(&fin, "resent") > 0, "{fin}");
+    assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    let dropped = nats(&fin, "dropped");
+    assert_eq!(missing, dropped, "local - in stream = dropped: {fin}");
+    assert_eq!(local.len() as u64, stored.len() as u64 + dropped);
+    assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
+    assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
+}
+
+/// A 16 KiB spool during a long outage: the sink drops lines, and the count is exact: the
+/// `dropped` lines (and the final counters) say how many local lines are not in the stream.
+#[test]
+fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &["--spool-max", "16K"]);
+    agent.wait_stats("the first counters", |s| s["nats"]["connected"] == true);
+    server.kill();
+    let storm = Storm::start();
+    // Long enough for the 16 KiB spool (a few dozen lines) to overflow.
+    agent.wait_stats("lines dropped", |s| {
+        s["nats"]["dropped"].as_u64().unwrap_or(0) >= 100
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let children = storm.finish();
+    server.restart();
+    agent.wait_stats("the reconnection", |s| s["nats"]["connected"] == true);
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
+    let dropped = nats(&fin, "dropped");
+    assert!(dropped >= 100, "{fin}");
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let missing = compare(&stored, &local);
+    assert_eq!(missing, dropped, "local - in stream = dropped: {fin}");
+    assert_eq!(local.len() as u64, stored.len() as u64 + dropped);
+    assert!(local.iter().any(|l| l.contains("\"event\":\"dropped\"")));
+    assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
+}
+
+/// Runs the agent expecting it to refuse to start: its exit status and stderr.
+fn refused(url: &str, extra: &[&str]) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--duration", "600", "--nats", url])
+        .arg("--spool")
+        .arg(dir.path().join("spool"))
+        .arg("--output")
+        .arg(dir.path().join("events.jsonl"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the agent started although it should not have");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+/// A server down at start: the documented fallback (a warning, lines spooled, `connected`
+/// false with the reason), then everything delivered once the server is up.
+#[test]
+fn an_unreachable_server_at_start_spools_warns_and_delivers_later() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    server.kill();
+    let agent = Agent::start(&server.url(), &[]);
+    for _ in 0..20 {
+        let _ = Command::new("/bin/true").status();
+    }
+    agent.wait_stats("lines spooled while unreachable", |s| {
+        s["nats"]["connected"] == false
+            && s["nats"]["spooled"].as_u64().unwrap_or(0) >= 1
+            && s["nats"]["last_error"].is_string()
+    });
+    server.restart();
+    agent.wait_stats("the connection", |s| s["nats"]["connected"] == true);
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("is not reachable at start") && stderr.contains("spooled in"),
+        "{stderr}"
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
+}
+
+/// Credentials the server refuses are a clear error at start (exit status 1), and the
+/// secret is never echoed; the right ones deliver.
+#[test]
+fn wrong_credentials_are_a_clear_error_and_exit_1() {
+    let _serial = serial();
+    let server = NatsServer::start(&["--user", "agent", "--pass", "right-pw"]);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "wrong-s3cret\n").unwrap();
+    let wrong = wrong.to_str().unwrap();
+    let (status, stderr) = refused(
+        &server.url(),
+        &["--nats-user", "agent", "--nats-password-file", wrong],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(!stderr.contains("wrong-s3cret"), "{stderr}");
+    // No password at all: said so before connecting.
+    let (status, stderr) = refused(&server.url(), &["--nats-user", "agent"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--nats-password-file"), "{stderr}");
+    // The right password, from a file: delivered.
+    let right = dir.path().join("right");
+    std::fs::write(&right, "right-pw\n").unwrap();
+    let agent = Agent::start(
+        &server.url(),
+        &[
+            "--nats-user",
+            "agent",
+            "--nats-password-file",
+            right.to_str().unwrap(),
+        ],
+    );
+    agent.wait_stats("a line acknowledged", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 1
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("right-pw"), "{stderr}");
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+}
+
+/// A stream CNBUS_EVENTS that exists with other subjects: exit status 1 and why.
+#[test]
+fn a_stream_with_other_subjects_is_a_clear_error_and_exit_1() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    common::runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "CNBUS_EVENTS".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let (status, stderr) = refused(&server.url(), &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CNBUS_EVENTS") && stderr.contains("do not cover"),
+        "{stderr}"
+    );
+}
