@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     if let Some(g) = &cli.generate {
         return match g.write(Cli::command(), &mut io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => output_failed(&e),
+            Err(e) => cnbus_cli::output::write_failed("proctrace", g.what(), &e),
         };
     }
     let args = cli.args;
