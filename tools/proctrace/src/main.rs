@@ -20,7 +20,7 @@ mod tracer;
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,66 @@ use cnbus_cli::warn;
 use cache::Cache;
 use cli::{Cli, Enrich};
 use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
+
+/// After a stop signal, the longest the output may accept nothing before proctrace gives up
+/// on it (a reader that stopped reading: `proctrace | less` left at a prompt, a stalled
+/// pipeline) and exits with status 1 and a message, rather than never.
+const STALLED_OUTPUT: Duration = Duration::from_secs(2);
+
+/// Stdout, counting the bytes it accepted (for the watchdog of [`STALLED_OUTPUT`]).
+struct Counted<W> {
+    inner: W,
+    written: Arc<AtomicU64>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Once the run is to stop (a signal in `caught`, or the `deadline`): exits the process
+/// (status 1, a message) if the output accepts nothing for [`STALLED_OUTPUT`] before
+/// `done` (the output is finished with) is set. The main thread cannot be interrupted in a
+/// blocking `write`, and a reader that never reads again would otherwise keep proctrace
+/// alive forever after SIGTERM or the end of `--duration`.
+fn watch_the_output(
+    caught: &AtomicI32,
+    deadline: Option<Instant>,
+    written: &AtomicU64,
+    done: &AtomicBool,
+) {
+    const TICK: Duration = Duration::from_millis(50);
+    while caught.load(Ordering::SeqCst) == 0 && deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(TICK);
+    }
+    let mut last = written.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(TICK);
+        let now = written.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= STALLED_OUTPUT && !done.load(Ordering::SeqCst) {
+            let why = match caught.load(Ordering::SeqCst) {
+                0 => "at the end of --duration".to_string(),
+                sig => format!("stopped by signal {sig}"),
+            };
+            warn!(
+                "proctrace: {why}, but the output accepted nothing for {} s (its reader is \
+                 not reading): exiting without the rest of the events and without the summary",
+                STALLED_OUTPUT.as_secs()
+            );
+            std::process::exit(1);
+        }
+    }
+}
 
 /// The exit status after a failed write to stdout: a closed pipe (`proctrace | head`) ends
 /// the run quietly and successfully; any other error (a full disk) is reported and is a
@@ -88,6 +148,8 @@ fn main() -> ExitCode {
         warn!("proctrace: warning: {w}");
     }
     let caught = Arc::new(AtomicI32::new(0));
+    let written = Arc::new(AtomicU64::new(0));
+    let output_done = Arc::new(AtomicBool::new(false));
     {
         let stop = listener.shutdown_handle();
         let caught = caught.clone();
@@ -124,8 +186,15 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
-    let stdout = io::stdout();
-    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    {
+        let (caught, written, done) = (caught.clone(), written.clone(), output_done.clone());
+        std::thread::spawn(move || watch_the_output(&caught, deadline, &written, &done));
+    }
+    let stdout = Counted {
+        inner: io::stdout().lock(),
+        written,
+    };
+    let mut out = BufWriter::with_capacity(1 << 16, stdout);
     if !t.json {
         push_header(&mut out, false);
         let _ = writeln!(out);
@@ -203,6 +272,7 @@ fn main() -> ExitCode {
         }
     }
     drop(out);
+    output_done.store(true, Ordering::SeqCst);
     let elapsed = started.elapsed();
     // Sends IGNORE and reads the queue empty, so the loss figure is final (and exact).
     let stats = listener.finish();

@@ -329,3 +329,59 @@ fn positional_junk_subcommand_junk_and_list_junk_are_usage_errors() {
         "UTF-8",
     );
 }
+
+/// A proctrace whose reader holds the pipe open and never reads: once its output blocks
+/// (the kernel shows it waiting in a pipe write), `stop` ends the run (a signal, or
+/// nothing for `--duration`); it must exit within the hang guard, with status 1 and a
+/// message.
+fn stalled_reader(args: &[&str], stop: Option<i32>) {
+    use std::process::{Command, Stdio};
+    let mut r = Running(
+        Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _reader = r.0.stdout.take().unwrap(); // held open, never read
+    let err = stderr_of(&mut r.0);
+    let wchan = format!("/proc/{}/wchan", r.pid());
+    let blocked = || std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("pipe_write"));
+    for _ in 0..20_000 {
+        if blocked() {
+            break;
+        }
+        true_pid();
+    }
+    assert!(blocked(), "proctrace's output never blocked");
+    if let Some(sig) = stop {
+        r.signal(sig);
+    }
+    let st = r.wait(&format!("proctrace {args:?} with a stalled reader"), || {});
+    let err = err.join().unwrap();
+    assert_eq!(st.code(), Some(1), "{st}: {err}");
+    assert!(err.contains("the output accepted nothing"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Regression: with a reader that stopped reading (`proctrace | less` left alone, a
+/// stalled pipeline), SIGTERM never ended proctrace: its main thread sat in a blocking
+/// `write` of the events forever (and `--duration` never ended either).
+#[test]
+fn a_reader_that_stopped_reading_does_not_keep_it_alive_after_sigterm() {
+    if !kernel("a_reader_that_stopped_reading_does_not_keep_it_alive_after_sigterm") {
+        return;
+    }
+    stalled_reader(&["--json"], Some(libc::SIGTERM));
+    stalled_reader(&[], Some(libc::SIGINT));
+}
+
+#[test]
+fn a_reader_that_stopped_reading_does_not_keep_it_alive_after_its_duration() {
+    if !kernel("a_reader_that_stopped_reading_does_not_keep_it_alive_after_its_duration") {
+        return;
+    }
+    stalled_reader(&["--json", "--duration", "1"], None);
+}
