@@ -35,22 +35,32 @@ use cache::Cache;
 use cli::{Cli, Enrich};
 use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
 
-/// After a stop signal, the longest the output may accept nothing before proctrace gives up
-/// on it (a reader that stopped reading: `proctrace | less` left at a prompt, a stalled
-/// pipeline) and exits with status 1 and a message, rather than never.
+/// After a stop (a signal, the end of `--duration`), the longest one `write` of the events
+/// may block before proctrace gives up on its output (a reader that holds the pipe but
+/// stopped reading: `proctrace | less` left alone, a stalled pipeline) and exits with
+/// status 1 and a message, rather than never.
 const STALLED_OUTPUT: Duration = Duration::from_secs(2);
 
-/// Stdout, counting the bytes it accepted (for the watchdog of [`STALLED_OUTPUT`]).
-struct Counted<W> {
+/// Stdout, noting when a `write` to it began (for the watchdog of [`STALLED_OUTPUT`]).
+struct Watched<W> {
     inner: W,
-    written: Arc<AtomicU64>,
+    /// Milliseconds since `base` at which the current `write` began, plus 1; 0 when none
+    /// is in progress.
+    writing_since: Arc<AtomicU64>,
+    base: Instant,
 }
 
-impl<W: Write> Write for Counted<W> {
+fn millis_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
+
+impl<W: Write> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        self.writing_since
+            .store(millis_since(self.base), Ordering::SeqCst);
+        let r = self.inner.write(buf);
+        self.writing_since.store(0, Ordering::SeqCst);
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -59,28 +69,30 @@ impl<W: Write> Write for Counted<W> {
 }
 
 /// Once the run is to stop (a signal in `caught`, or the `deadline`): exits the process
-/// (status 1, a message) if the output accepts nothing for [`STALLED_OUTPUT`] before
-/// `done` (the output is finished with) is set. The main thread cannot be interrupted in a
-/// blocking `write`, and a reader that never reads again would otherwise keep proctrace
-/// alive forever after SIGTERM or the end of `--duration`.
+/// (status 1, a message) if a `write` of the output blocks for [`STALLED_OUTPUT`] (counted
+/// from the stop at the earliest) before `done` (the output is finished with) is set. The
+/// main thread cannot be interrupted in a blocking `write`, and a reader that never reads
+/// again would otherwise keep proctrace alive forever after SIGTERM or `--duration`. (Time
+/// spent without writing, in the final drain of a queue whose events the filters drop, is
+/// not a stall.)
 fn watch_the_output(
     caught: &AtomicI32,
     deadline: Option<Instant>,
-    written: &AtomicU64,
+    writing_since: &AtomicU64,
+    base: Instant,
     done: &AtomicBool,
 ) {
     const TICK: Duration = Duration::from_millis(50);
     while caught.load(Ordering::SeqCst) == 0 && deadline.is_none_or(|d| Instant::now() < d) {
         std::thread::sleep(TICK);
     }
-    let mut last = written.load(Ordering::Relaxed);
-    let mut since = Instant::now();
+    let stopped_at = millis_since(base);
+    let grace = u64::try_from(STALLED_OUTPUT.as_millis()).unwrap_or(u64::MAX);
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(TICK);
-        let now = written.load(Ordering::Relaxed);
-        if now != last {
-            (last, since) = (now, Instant::now());
-        } else if since.elapsed() >= STALLED_OUTPUT && !done.load(Ordering::SeqCst) {
+        let since = writing_since.load(Ordering::SeqCst);
+        let blocked = since != 0 && millis_since(base) - since.max(stopped_at) >= grace;
+        if blocked && !done.load(Ordering::SeqCst) {
             let why = match caught.load(Ordering::SeqCst) {
                 0 => "at the end of --duration".to_string(),
                 sig => format!("stopped by signal {sig}"),
@@ -148,7 +160,7 @@ fn main() -> ExitCode {
         warn!("proctrace: warning: {w}");
     }
     let caught = Arc::new(AtomicI32::new(0));
-    let written = Arc::new(AtomicU64::new(0));
+    let writing_since = Arc::new(AtomicU64::new(0));
     let output_done = Arc::new(AtomicBool::new(false));
     {
         let stop = listener.shutdown_handle();
@@ -187,12 +199,13 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
     {
-        let (caught, written, done) = (caught.clone(), written.clone(), output_done.clone());
-        std::thread::spawn(move || watch_the_output(&caught, deadline, &written, &done));
+        let (caught, since, done) = (caught.clone(), writing_since.clone(), output_done.clone());
+        std::thread::spawn(move || watch_the_output(&caught, deadline, &since, started, &done));
     }
-    let stdout = Counted {
+    let stdout = Watched {
         inner: io::stdout().lock(),
-        written,
+        writing_since,
+        base: started,
     };
     let mut out = BufWriter::with_capacity(1 << 16, stdout);
     if !t.json {
