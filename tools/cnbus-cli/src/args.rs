@@ -36,12 +36,15 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 /// A buffer size in bytes, with an optional `K`, `M` or `G` suffix: 1 byte to 1 GiB.
+/// Surrounding white space is ignored (as by [`parse_secs`], and by proctrace's parser
+/// before clap).
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let (num, mult) = match s.as_bytes().last() {
-        Some(b'k' | b'K') => (&s[..s.len() - 1], 1 << 10),
-        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'g' | b'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
+    let t = s.trim();
+    let (num, mult) = match t.as_bytes().last() {
+        Some(b'k' | b'K') => (&t[..t.len() - 1], 1 << 10),
+        Some(b'm' | b'M') => (&t[..t.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
     };
     let bad = || format!("{s:?} is not a size (bytes, or a number with K, M or G)");
     let n: usize = num.parse().map_err(|_| bad())?;
@@ -68,6 +71,9 @@ mod tests {
         assert_eq!(parse_size("16M"), Ok(16 << 20));
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
+        // Regression: " 1K" was a usage error after the move to clap (accepted before).
+        assert_eq!(parse_size(" 1K"), Ok(1 << 10));
+        assert_eq!(parse_size("2M\n"), Ok(2 << 20));
         for bad in [
             "0",
             "2G",
@@ -76,6 +82,9 @@ mod tests {
             "-5",
             "",
             "K",
+            " ",
+            "1 K",
+            "1G+1",
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }

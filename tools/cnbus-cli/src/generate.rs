@@ -28,15 +28,27 @@ pub enum Generate {
 
 impl Generate {
     /// Writes what was asked for `cmd` (the tool's whole command, from
-    /// `CommandFactory::command`) to `out`.
+    /// `CommandFactory::command`) to `out`, and flushes it. A failed write (`> /dev/full`)
+    /// is returned: the text is made in memory first, because `clap_complete` panics when
+    /// its writer fails.
     pub fn write(&self, mut cmd: Command, out: &mut impl Write) -> io::Result<()> {
+        let mut text = Vec::with_capacity(16 << 10);
         match self {
             Generate::Completions { shell } => {
                 let name = cmd.get_name().to_string();
-                clap_complete::generate(*shell, &mut cmd, name, out);
-                Ok(())
+                clap_complete::generate(*shell, &mut cmd, name, &mut text);
             }
-            Generate::Man => clap_mangen::Man::new(cmd).render(out),
+            Generate::Man => clap_mangen::Man::new(cmd).render(&mut text)?,
+        }
+        out.write_all(&text)?;
+        out.flush()
+    }
+
+    /// What [`Generate::write`] writes, for a message about a failed write.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Generate::Completions { .. } => "the completion script to stdout",
+            Generate::Man => "the man page to stdout",
         }
     }
 }
@@ -77,5 +89,31 @@ mod tests {
         assert!(text.contains(".TH tool"), "{text}");
         assert!(text.contains("duration"), "{text}");
         assert!(Cli::try_parse_from(["tool", "completions", "tcsh"]).is_err());
+    }
+
+    /// A writer that is always full, like `/dev/full`.
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(28))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Regression: `clap_complete::generate` panicked ("failed to write completion file")
+    /// when its writer failed (`proctrace completions bash > /dev/full`).
+    #[test]
+    fn a_failed_write_is_an_error_not_a_panic() {
+        for g in [
+            Generate::Completions { shell: Shell::Bash },
+            Generate::Completions { shell: Shell::Zsh },
+            Generate::Man,
+        ] {
+            let e = g.write(Cli::command(), &mut Full).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(28), "{g:?}");
+        }
     }
 }

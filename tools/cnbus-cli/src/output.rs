@@ -23,3 +23,37 @@ pub fn write_failed(program: &str, what: &str, e: &io::Error) -> ExitCode {
     warn!("{program}: writing {what}: {e}");
     ExitCode::from(1)
 }
+
+/// Parses the command line with clap. On `--help` or `--version` the text goes to stdout
+/// and the tool exits 0, or 1 with a message when writing it fails (`--help > /dev/full`;
+/// clap's own `exit` ignores that), quietly 0 on a closed pipe. Any other error is clap's
+/// usage message on stderr (ignoring a failure to write it) and status 2.
+pub fn parse_args<P: clap::Parser>(program: &str) -> P {
+    match P::try_parse() {
+        Ok(p) => p,
+        Err(e) => exit_on_parse_error(program, &e),
+    }
+}
+
+/// Ends the tool for clap's `e` as [`parse_args`] describes.
+pub fn exit_on_parse_error(program: &str, e: &clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    use std::io::Write as _;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let what = if e.kind() == ErrorKind::DisplayHelp {
+            "the help to stdout"
+        } else {
+            "the version to stdout"
+        };
+        let r = e.print().and_then(|()| io::stdout().lock().flush());
+        std::process::exit(match r {
+            Ok(()) => 0,
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => 0,
+            Err(err) => {
+                warn!("{program}: writing {what}: {err}");
+                1
+            }
+        });
+    }
+    e.exit()
+}

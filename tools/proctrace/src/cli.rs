@@ -48,7 +48,8 @@ See docs/PROC.md.";
     version,
     after_help = "Output fields and exit status: see --help.",
     after_long_help = AFTER_LONG_HELP,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -128,9 +129,9 @@ impl Args {
 
 impl Cli {
     /// Parses the command line; a usage error (or `--help`, `--version`) exits here, with
-    /// clap's message and status 2 (0 for help and version).
+    /// clap's message and status 2 (0 for help and version, 1 when writing them fails).
     pub fn parse_checked() -> Cli {
-        let cli = Cli::parse();
+        let cli: Cli = cnbus_cli::output::parse_args("proctrace");
         if let Err(msg) = cli.check() {
             Cli::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, msg)
@@ -317,6 +318,19 @@ mod tests {
             parse(&["completions", "zsh"]).unwrap().generate,
             Some(Generate::Completions { .. })
         ));
+        // Repeated options: the last one wins, as with the parser before clap.
+        let a = parse(&[
+            "-e", "fork", "-e", "exit", "-b", "1K", "-b", " 16M", "-j", "-j",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(a.events, EventSet::EXIT);
+        assert_eq!(a.buffer, 16 << 20);
+        assert!(a.json);
+        let a = parse(&["--enrich=off", "--enrich", "lazy", "--host-only"])
+            .unwrap()
+            .args;
+        assert_eq!(a.enrich, Enrich::Lazy);
         Cli::command().debug_assert();
     }
 

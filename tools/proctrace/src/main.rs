@@ -20,7 +20,7 @@ mod tracer;
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,78 @@ use cnbus_cli::warn;
 use cache::Cache;
 use cli::{Cli, Enrich};
 use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
+
+/// After a stop (a signal, the end of `--duration`), the longest one `write` of the events
+/// may block before proctrace gives up on its output (a reader that holds the pipe but
+/// stopped reading: `proctrace | less` left alone, a stalled pipeline) and exits with
+/// status 1 and a message, rather than never.
+const STALLED_OUTPUT: Duration = Duration::from_secs(2);
+
+/// Stdout, noting when a `write` to it began (for the watchdog of [`STALLED_OUTPUT`]).
+struct Watched<W> {
+    inner: W,
+    /// Milliseconds since `base` at which the current `write` began, plus 1; 0 when none
+    /// is in progress.
+    writing_since: Arc<AtomicU64>,
+    base: Instant,
+}
+
+fn millis_since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
+
+impl<W: Write> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writing_since
+            .store(millis_since(self.base), Ordering::SeqCst);
+        let r = self.inner.write(buf);
+        self.writing_since.store(0, Ordering::SeqCst);
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Once the run is to stop (a signal in `caught`, or the `deadline`): exits the process
+/// (status 1, a message) if a `write` of the output blocks for [`STALLED_OUTPUT`] (counted
+/// from the stop at the earliest) before `done` (the output is finished with) is set. The
+/// main thread cannot be interrupted in a blocking `write`, and a reader that never reads
+/// again would otherwise keep proctrace alive forever after SIGTERM or `--duration`. (Time
+/// spent without writing, in the final drain of a queue whose events the filters drop, is
+/// not a stall.)
+fn watch_the_output(
+    caught: &AtomicI32,
+    deadline: Option<Instant>,
+    writing_since: &AtomicU64,
+    base: Instant,
+    done: &AtomicBool,
+) {
+    const TICK: Duration = Duration::from_millis(50);
+    while caught.load(Ordering::SeqCst) == 0 && deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(TICK);
+    }
+    let stopped_at = millis_since(base);
+    let grace = u64::try_from(STALLED_OUTPUT.as_millis()).unwrap_or(u64::MAX);
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(TICK);
+        let since = writing_since.load(Ordering::SeqCst);
+        let blocked = since != 0 && millis_since(base) - since.max(stopped_at) >= grace;
+        if blocked && !done.load(Ordering::SeqCst) {
+            let why = match caught.load(Ordering::SeqCst) {
+                0 => "at the end of --duration".to_string(),
+                sig => format!("stopped by signal {sig}"),
+            };
+            warn!(
+                "proctrace: {why}, but the output accepted nothing for {} s (its reader is \
+                 not reading): exiting without the rest of the events and without the summary",
+                STALLED_OUTPUT.as_secs()
+            );
+            std::process::exit(1);
+        }
+    }
+}
 
 /// The exit status after a failed write to stdout: a closed pipe (`proctrace | head`) ends
 /// the run quietly and successfully; any other error (a full disk) is reported and is a
@@ -60,7 +132,7 @@ fn main() -> ExitCode {
     if let Some(g) = &cli.generate {
         return match g.write(Cli::command(), &mut io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => output_failed(&e),
+            Err(e) => cnbus_cli::output::write_failed("proctrace", g.what(), &e),
         };
     }
     let args = cli.args;
@@ -88,6 +160,8 @@ fn main() -> ExitCode {
         warn!("proctrace: warning: {w}");
     }
     let caught = Arc::new(AtomicI32::new(0));
+    let writing_since = Arc::new(AtomicU64::new(0));
+    let output_done = Arc::new(AtomicBool::new(false));
     {
         let stop = listener.shutdown_handle();
         let caught = caught.clone();
@@ -124,8 +198,16 @@ fn main() -> ExitCode {
     };
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
-    let stdout = io::stdout();
-    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    {
+        let (caught, since, done) = (caught.clone(), writing_since.clone(), output_done.clone());
+        std::thread::spawn(move || watch_the_output(&caught, deadline, &since, started, &done));
+    }
+    let stdout = Watched {
+        inner: io::stdout().lock(),
+        writing_since,
+        base: started,
+    };
+    let mut out = BufWriter::with_capacity(1 << 16, stdout);
     if !t.json {
         push_header(&mut out, false);
         let _ = writeln!(out);
@@ -203,6 +285,7 @@ fn main() -> ExitCode {
         }
     }
     drop(out);
+    output_done.store(true, Ordering::SeqCst);
     let elapsed = started.elapsed();
     // Sends IGNORE and reads the queue empty, so the loss figure is final (and exact).
     let stats = listener.finish();

@@ -137,3 +137,251 @@ fn help_version_completions_and_man_page() {
     assert!(man.contains(".TH proctrace"), "{man}");
     assert!(man.contains("process_key"), "{man}");
 }
+
+/// `bin args > /dev/full`: status 1, a message naming `what`, no panic.
+fn full_stdout(bin: &PathBuf, args: &[&str], what: &str) {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(dev_full())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} > /dev/full: {err}");
+    assert!(!err.contains("panicked"), "{args:?} > /dev/full: {err}");
+    assert!(
+        err.contains(&format!(
+            "proctrace: writing {what} to stdout: No space left"
+        )),
+        "{args:?} > /dev/full: {err}"
+    );
+}
+
+/// Regression: `proctrace completions bash > /dev/full` panicked (status 101, a backtrace
+/// from clap_complete: "failed to write completion file"); `--help > /dev/full` and
+/// `--version > /dev/full` exited 0 having written nothing (clap ignores the error; the
+/// hand-written parser before clap said so and exited 1); `man > /dev/full` blamed "the
+/// events".
+#[test]
+fn help_version_completions_and_man_page_to_a_full_disk_fail_with_status_1() {
+    let bin = bin();
+    full_stdout(&bin, &["--help"], "the help");
+    full_stdout(&bin, &["-h"], "the help");
+    full_stdout(&bin, &["help"], "the help");
+    full_stdout(&bin, &["--version"], "the version");
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        full_stdout(&bin, &["completions", shell], "the completion script");
+    }
+    full_stdout(&bin, &["man"], "the man page");
+}
+
+/// With stdout closed (`>&-`) Rust's runtime opens /dev/null on it, so what is written
+/// there is discarded and the run succeeds, as with `> /dev/null` (docs/PROC.md); nothing
+/// panics and nothing is written to the wrong file.
+#[test]
+fn a_closed_stdout_is_dev_null() {
+    let bin = bin();
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["completions", "bash"],
+        &["man"],
+    ] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" >&-")
+            .arg(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?} >&-: {}: {err}", out.status);
+        assert!(err.is_empty(), "{args:?} >&-: {err}");
+    }
+    if !kernel("a_closed_stdout_is_dev_null") {
+        return;
+    }
+    for args in [&["--duration", "0.3"][..], &["--json", "--duration", "0.3"]] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" >&-")
+            .arg(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?} >&-: {}: {err}", out.status);
+        assert!(err.contains(" events in "), "{args:?} >&-: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// Regression: clap rejected a repeated option ("cannot be used multiple times": `-j -j`,
+/// `-e fork -e exit`, `-b 1K -b 16M`, an alias plus the same option), which the parser
+/// before clap accepted, the last value winning; and it rejected `-b " 1K"` (white space
+/// around a size), which that parser trimmed. `--help` at the end ends the parse after
+/// the options were accepted.
+#[test]
+fn repeated_options_are_accepted_and_the_last_one_wins() {
+    let bin = bin();
+    for args in [
+        &["-j", "-j", "--help"][..],
+        &["--json", "-j", "-s", "--stats", "--help"],
+        &["-e", "fork", "--events=exit", "--help"],
+        &["-b", "1K", "-b", "16M", "--help"],
+        &["-b", " 1K", "--help"],
+        &["-d", "1", "--duration=2", "--help"],
+        &["--enrich", "lazy", "--enrich=off", "--help"],
+        &["--container", "ab", "--container", "cd", "--help"],
+        &["--cgroup", "/a", "--cgroup=/b", "--help"],
+        &["--host-only", "--host-only", "--help"],
+        &[
+            "--allow-foreign-namespace",
+            "--allow-foreign-namespace",
+            "--help",
+        ],
+    ] {
+        let out = run(&bin, &os(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}: {err}", out.status);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: proctrace"),
+            "{args:?}"
+        );
+    }
+    // A bad value is an error wherever it is, even when a good one follows.
+    usage_error(&bin, &os(&["-b", "0", "-b", "1K"]), "--buffer");
+    usage_error(&bin, &os(&["-b", "1K", "-b", "0"]), "--buffer");
+    usage_error(&bin, &os(&["-b", "1 K"]), "--buffer");
+    if !kernel("repeated_options_are_accepted_and_the_last_one_wins") {
+        return;
+    }
+    let out = run(
+        &bin,
+        &os(&["-j", "-j", "-b", "1K", "-b", "16M", "-d", "9", "-d", "0"]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert!(
+        err.contains(" events in 0.0 s"),
+        "the last --duration (0) won: {err}"
+    );
+}
+
+/// Hostile arguments of every kind the brief of issue #15 listed: usage errors (status 2,
+/// a message naming the culprit, no panic).
+#[test]
+fn positional_junk_subcommand_junk_and_list_junk_are_usage_errors() {
+    let bin = bin();
+    for (args, expect) in [
+        (&["junk"][..], "junk"),
+        (&["-d", "1", "junk"], "junk"),
+        (&["--", "-d", "1"], "-d"),
+        (&["-d", "1", "--", "junk"], "junk"),
+        (&["-j", "completions", "bash"], "completions"),
+        (&["completions"], "SHELL"),
+        (&["completions", ""], "SHELL"),
+        (&["completions", "tcsh"], "tcsh"),
+        (&["completions", "BASH"], "BASH"),
+        (&["completions", "bash", "zsh"], "zsh"),
+        (&["completions", "bash", "-j"], "-j"),
+        (&["man", "extra"], "extra"),
+        (&["man", "--json"], "--json"),
+        (&["-e", ","], "--events"),
+        (&["-e", "fork,junk"], "junk"),
+        (&["-e", "fork;exit"], "fork;exit"),
+        (&["-e", "-1"], "-1"),
+        (&["--container", "0xab"], "--container"),
+        (&["--container", " ab"], "--container"),
+        (&["--container", "g"], "--container"),
+        (&["--cgroup", "system.slice"], "--cgroup"),
+        (&["--cgroup", "./x"], "--cgroup"),
+        (&["--cgroup", ""], "--cgroup"),
+        (&["--enrich", "FULL"], "--enrich"),
+        (&["--enrich="], "--enrich"),
+        (&["-d", "1e9.5"], "--duration"),
+        (&["-d", "0x10"], "--duration"),
+        (&["-d", "1_0"], "--duration"),
+        (&["-d", "1e10"], "--duration"),
+        (&["-d", "-0.000001"], "--duration"),
+        (&["-b", "1G+1"], "--buffer"),
+        (&["-b", "1073741825"], "--buffer"),
+        (&["-b", "1T"], "--buffer"),
+        (&["-b", "1.5K"], "--buffer"),
+        (&["-b", "1KB"], "--buffer"),
+        (&["-b", "0K"], "--buffer"),
+        (&["-b", "1e3"], "--buffer"),
+        (&["-jx"], "-x"),
+        (&["--json=", "-d", "0"], "--json"),
+    ] {
+        usage_error(&bin, &os(args), expect);
+    }
+    usage_error(
+        &bin,
+        &[OsStr::new("completions"), OsStr::from_bytes(b"b\xffsh")],
+        "SHELL",
+    );
+    usage_error(&bin, &[OsStr::from_bytes(b"--\xff")], "--");
+    usage_error(
+        &bin,
+        &[OsStr::new("--cgroup"), OsStr::from_bytes(b"/\xff")],
+        "UTF-8",
+    );
+}
+
+/// A proctrace whose reader holds the pipe open and never reads: once its output blocks
+/// (the kernel shows it waiting in a pipe write), `stop` ends the run (a signal, or
+/// nothing for `--duration`); it must exit within the hang guard, with status 1 and a
+/// message.
+fn stalled_reader(args: &[&str], stop: Option<i32>) {
+    use std::process::{Command, Stdio};
+    let mut r = Running(
+        Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _reader = r.0.stdout.take().unwrap(); // held open, never read
+    let err = stderr_of(&mut r.0);
+    let wchan = format!("/proc/{}/wchan", r.pid());
+    let blocked = || std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("pipe_write"));
+    for _ in 0..20_000 {
+        if blocked() {
+            break;
+        }
+        true_pid();
+    }
+    assert!(blocked(), "proctrace's output never blocked");
+    if let Some(sig) = stop {
+        r.signal(sig);
+    }
+    let st = r.wait(&format!("proctrace {args:?} with a stalled reader"), || {});
+    let err = err.join().unwrap();
+    assert_eq!(st.code(), Some(1), "{st}: {err}");
+    assert!(err.contains("the output accepted nothing"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Regression: with a reader that stopped reading (`proctrace | less` left alone, a
+/// stalled pipeline), SIGTERM never ended proctrace: its main thread sat in a blocking
+/// `write` of the events forever (and `--duration` never ended either).
+#[test]
+fn a_reader_that_stopped_reading_does_not_keep_it_alive_after_sigterm() {
+    if !kernel("a_reader_that_stopped_reading_does_not_keep_it_alive_after_sigterm") {
+        return;
+    }
+    stalled_reader(&["--json"], Some(libc::SIGTERM));
+    stalled_reader(&[], Some(libc::SIGINT));
+}
+
+#[test]
+fn a_reader_that_stopped_reading_does_not_keep_it_alive_after_its_duration() {
+    if !kernel("a_reader_that_stopped_reading_does_not_keep_it_alive_after_its_duration") {
+        return;
+    }
+    stalled_reader(&["--json", "--duration", "1"], None);
+}

@@ -520,3 +520,230 @@ fn container_processes_are_attributed_and_filtered() {
     }
     assert!(ours > 0, "none of our container's lines: {lines:?}");
 }
+
+/// The `--json` fields of docs/PROC.md ("--json" and "Fields"): every line has the common
+/// ones and the attribution ones, and per event only its own.
+fn check_json_fields(line: &str, v: &serde_json::Value) {
+    const COMMON: &[&str] = &[
+        "time",
+        "timestamp_ns",
+        "cpu",
+        "seq",
+        "event",
+        "pid",
+        "tid",
+        "name",
+    ];
+    const ENRICH: &[&str] = &[
+        "process_key",
+        "parent_key",
+        "container_id",
+        "cgroup",
+        "cgroup_source",
+        "ns_pid",
+        "pidns",
+        "pidns_source",
+        "cmdline",
+        "cmdline_source",
+    ];
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {line}"));
+    let event = v["event"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no event: {line}"));
+    let t = v["time"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no time: {line}"));
+    assert!(
+        t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+        "time {t:?}: {line}"
+    );
+    if event == "lost" {
+        // (serde_json's Value sorts the keys)
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        match v["cause"].as_str() {
+            Some("overrun") => {
+                assert_eq!(keys, ["cause", "count", "event", "time"], "{line}");
+                assert!(v["count"].is_null(), "{line}");
+            }
+            Some("seq_gap") => {
+                assert_eq!(keys, ["cause", "count", "cpu", "event", "time"], "{line}");
+                assert!(v["count"].as_u64().is_some_and(|n| n > 0), "{line}");
+            }
+            _ => panic!("lost line with cause {:?}: {line}", v["cause"]),
+        }
+        return;
+    }
+    let (required, optional): (&[&str], &[&str]) = match event {
+        "fork" | "clone" => (&["parent_pid", "parent_tid"], &[]),
+        "exec" => (&[], &[]),
+        "exit" => (
+            &[
+                "status",
+                "exit_code",
+                "signal",
+                "core_dumped",
+                "exit_signal",
+            ],
+            &["parent_pid", "parent_tid", "duration_s"],
+        ),
+        "uid" => (&["ruid", "euid"], &[]),
+        "gid" => (&["rgid", "egid"], &[]),
+        "sid" => (&["sid"], &[]),
+        "ptrace" => (&["attach"], &["tracer_pid", "tracer_tid"]),
+        "comm" => (&["old_name", "comm"], &[]),
+        "coredump" => (&[], &["parent_pid", "parent_tid"]),
+        other => panic!("unknown event {other:?}: {line}"),
+    };
+    for k in COMMON.iter().chain(ENRICH).chain(required) {
+        assert!(obj.contains_key(*k), "{event} line without {k}: {line}");
+    }
+    for k in obj.keys() {
+        let k = k.as_str();
+        assert!(
+            COMMON.contains(&k)
+                || ENRICH.contains(&k)
+                || required.contains(&k)
+                || optional.contains(&k),
+            "{event} line with a field of another event, {k}: {line}"
+        );
+    }
+    for k in ["timestamp_ns", "cpu", "seq", "pid", "tid"] {
+        assert!(v[k].as_u64().is_some(), "{k} not a number: {line}");
+    }
+    assert!(v["name"].is_null() || v["name"].is_string(), "{line}");
+}
+
+/// Every line of a `--json` run is valid JSON (parsed with serde_json, never skipped) with
+/// the fields docs/PROC.md lists, for every kind of event this test can make: fork, clone,
+/// exec, exit, comm, sid, coredump, uid, gid, ptrace (the last three when setpriv and
+/// strace are installed); and a process name and command line full of bytes JSON must
+/// escape (quotes, backslashes, control characters, invalid UTF-8) come out escaped and
+/// decoded as the kernel had them (invalid UTF-8 as U+FFFD).
+#[test]
+fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    if !kernel("json_lines_of_every_kind_are_valid_json_with_the_documented_fields") {
+        return;
+    }
+    let tag = format!("odd{}", std::process::id());
+    let traced = Traced::start(&["--json"], "every-kind");
+    // An exec with an odd argv[0] and argument; the shell then renames itself (comm) to
+    // odd bytes and exits with 3.
+    let argv0 = [b"x\"q\\\n\t\x01\x7f\xff", tag.as_bytes()].concat();
+    // It waits on its stdin until proctrace has printed its exec (so that its command
+    // line was read while it was alive).
+    let mut odd = Command::new("/bin/sh");
+    odd.arg0(std::ffi::OsStr::from_bytes(&argv0))
+        .arg("-c")
+        .arg("printf 'c\\001\"\\\\\\377' > /proc/self/comm; read x; exit 3")
+        .arg(std::ffi::OsStr::from_bytes(b"arg\xe2\x82\"end"))
+        .stdin(Stdio::piped());
+    let odd_pid = {
+        let mut c = odd.spawn().unwrap();
+        let pid = c.id();
+        let exec = format!("\"event\":\"exec\",\"pid\":{pid},");
+        let printed = common::wait_for(Duration::from_secs(60), || {
+            std::fs::read_to_string(&traced.out).is_ok_and(|t| t.contains(&exec))
+        });
+        assert!(printed, "proctrace printed no exec of {pid}");
+        drop(c.stdin.take());
+        assert_eq!(c.wait().unwrap().code(), Some(3));
+        pid
+    };
+    // A thread of this process (clone), and its exit.
+    std::thread::spawn(|| ()).join().unwrap();
+    common::sh("setsid /bin/true");
+    common::sh("ulimit -c 0; kill -SEGV $$");
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let (setpriv, strace) = (have("setpriv"), have("strace"));
+    if setpriv {
+        common::sh("setpriv --reuid=65534 --regid=65534 --clear-groups /bin/true");
+    }
+    if strace {
+        common::sh("strace -o /dev/null /bin/true");
+    }
+    let lines = traced.finish();
+    let mut kinds = std::collections::BTreeSet::new();
+    let (mut odd_exec, mut odd_comm) = (false, false);
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+        check_json_fields(l, &v);
+        kinds.insert(v["event"].as_str().unwrap_or_default().to_string());
+        if v["pid"] != odd_pid {
+            continue;
+        }
+        if v["event"] == "exec" {
+            let cmdline = v["cmdline"]
+                .as_str()
+                .expect("the odd process's command line");
+            assert_eq!(
+                cmdline,
+                format!(
+                    "x\"q\\\n\t\u{1}\u{7f}\u{fffd}{tag} -c printf 'c\\001\"\\\\\\377' > /proc/self/comm; read x; exit 3 arg\u{fffd}\"end"
+                ),
+                "{l}"
+            );
+            assert_eq!(v["name"], v["cmdline"], "{l}");
+            odd_exec = true;
+        }
+        if v["event"] == "comm" {
+            assert_eq!(v["comm"], "c\u{1}\"\\\u{fffd}", "{l}");
+            odd_comm = true;
+        }
+    }
+    assert!(
+        odd_exec && odd_comm,
+        "the odd process's exec and comm lines"
+    );
+    let mut want = vec!["fork", "clone", "exec", "exit", "comm", "sid", "coredump"];
+    if setpriv {
+        want.extend(["uid", "gid"]);
+    }
+    if strace {
+        want.push("ptrace");
+    }
+    for k in want {
+        assert!(kinds.contains(k), "no {k} line: {kinds:?}");
+    }
+}
+
+/// The `lost` lines too are valid JSON with their documented fields: proctrace with a
+/// tiny queue stopped during a burst.
+#[test]
+fn json_lost_lines_are_valid_json_with_the_documented_fields() {
+    if !kernel("json_lost_lines_are_valid_json_with_the_documented_fields") {
+        return;
+    }
+    let traced = Traced::start(&["--json", "--buffer", "4K"], "lost-lines");
+    let pid = traced.child.id() as i32;
+    // SAFETY: stops and resumes our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for _ in 0..300 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Events after the overflow reveal the gaps.
+    for _ in 0..50 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    let lines = traced.finish();
+    let mut lost = 0;
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
+        check_json_fields(l, &v);
+        lost += usize::from(v["event"] == "lost");
+    }
+    assert!(lost > 0, "no lost line after an overflow of a 4K queue");
+}
