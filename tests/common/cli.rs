@@ -369,3 +369,25 @@ pub fn runs_with_a_full_stderr(bin: &PathBuf, args: &[&str]) {
         bin.display()
     );
 }
+
+/// `bin args > /dev/full`: status 1, the message `program: writing {what} to stdout: No
+/// space left...`, no panic (help, version, completions and man pages included: clap alone
+/// would exit 0 having written nothing, or panic in clap_complete).
+pub fn full_stdout(bin: &PathBuf, program: &str, args: &[&str], what: &str) {
+    let out = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(dev_full())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} > /dev/full: {err}");
+    assert!(!err.contains("panicked"), "{args:?} > /dev/full: {err}");
+    assert!(
+        err.contains(&format!(
+            "{program}: writing {what} to stdout: No space left"
+        )),
+        "{args:?} > /dev/full: {err}"
+    );
+}

@@ -80,11 +80,11 @@ fn report_drops(
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = cnbus_cli::output::parse_args("cnbus-agent");
     if let Some(g) = &cli.generate {
         return match g.write(Cli::command(), &mut io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cnbus_cli::output::write_failed("cnbus-agent", "to stdout", &e),
+            Err(e) => cnbus_cli::output::write_failed("cnbus-agent", g.what(), &e),
         };
     }
     let args = cli.args;

@@ -77,3 +77,20 @@ fn a_full_stderr_panics_nothing_while_running() {
     }
     runs_with_a_full_stderr(&bin(), &["--duration", "0.5", "--interval", "0.05"]);
 }
+
+/// Regression: `cnbus-agent --help > /dev/full` exited 0 having written nothing (clap's
+/// `Cli::parse` ignores the write error); now status 1 with a message, as proctrace.
+#[test]
+fn help_version_completions_and_man_page_to_a_full_disk_fail_with_status_1() {
+    let bin = bin();
+    full_stdout(&bin, "cnbus-agent", &["--help"], "the help");
+    full_stdout(&bin, "cnbus-agent", &["-h"], "the help");
+    full_stdout(&bin, "cnbus-agent", &["--version"], "the version");
+    full_stdout(
+        &bin,
+        "cnbus-agent",
+        &["completions", "bash"],
+        "the completion script",
+    );
+    full_stdout(&bin, "cnbus-agent", &["man"], "the man page");
+}
