@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use cnbus::proc::{ProcListener, Received};
 use cnbus::sys::TermSignals;
 use cnbus_cli::warn;
