@@ -17,8 +17,8 @@ pub struct EnrichConfig {
     /// forks with `CLONE_PARENT` (runc does, for a container's init and every `runc exec`)
     /// or that moved itself into another cgroup or pid namespace just before makes the
     /// child differ from that parent. With `false` a fork costs no `/proc` read (unless the
-    /// start time is uncertain or the parent is unknown) and the child's cgroup and
-    /// namespace are the parent's, marked
+    /// start time is uncertain, the parent is a spawner, or the parent's program is
+    /// unknown) and the child's cgroup and namespace are the parent's, marked
     /// [`InfoSource::Inherited`], until its exec re-reads them.
     pub read_at_fork: bool,
     /// With `read_at_fork = false`: programs whose children are read at fork all the same
@@ -26,7 +26,10 @@ pub struct EnrichConfig {
     /// parent a fork names did not make the child) and namespace tools, which enter or
     /// create a pid namespace before they fork. A program is matched by the base name of
     /// the first word of the parent's command line (or its comm): equal to an entry, or
-    /// starting with an entry that ends in `-` or `:`.
+    /// starting with an entry that ends in `-` or `:`. A parent whose program is unknown
+    /// (not cached and gone, or its command line could not be read: `runc run -d` has
+    /// often exited before a lagging reader enriches its exec) may be one of them, so its
+    /// children are read too.
     pub spawners: Vec<String>,
     /// Longest command line kept, in bytes (default 4096).
     pub max_cmdline: usize,

@@ -171,13 +171,17 @@ impl Enricher {
             parent_key: parent.as_ref().and_then(|p| p.process_key),
             ..ProcessInfo::unknown()
         };
+        // Without reads at every fork the child is still read when its parent may have not
+        // made it where the parent is: the parent is a spawner, or its program is unknown
+        // (no entry, or a command line that could not be read), so that it cannot be ruled
+        // out. The second case is common: `runc run -d` has often exited before a reader
+        // that lags behind gets to its exec event, so its exec finds no command line, and
+        // the container's init (forked with `CLONE_PARENT`, so the event names `runc run`
+        // as its parent) would otherwise inherit runc's host cgroup and pid namespace.
         let read = self.cfg.read_at_fork
-            || match parent.as_ref() {
-                None => true,
-                Some(p) => p
-                    .cmdline
-                    .as_deref()
-                    .is_some_and(|c| is_spawner(&self.cfg.spawners, c)),
+            || match parent.as_ref().map(|p| p.cmdline.as_deref()) {
+                None | Some(None) => true,
+                Some(Some(c)) => is_spawner(&self.cfg.spawners, c),
             };
         let failed_before = self.fs.failed;
         let mut have_cgroup = read && self.read_cgroup(pid, &mut info);

@@ -369,3 +369,50 @@ fn a_child_read_before_its_cgroup_attach_gets_the_parents_cgroup() {
         (Some("/"), InfoSource::Proc)
     );
 }
+
+/// The agent's flake (one CI run in a few, more under load): `runc run -d` (100) had exited
+/// before the enricher got to its exec, so its entry had no command line and was not known
+/// as a spawner; the container's init (102, forked with `CLONE_PARENT`: the event names
+/// runc as its parent) inherited runc's host cgroup and pid namespace although its own
+/// `/proc` was readable (its command line was read from there).
+#[test]
+fn a_child_of_a_parent_whose_program_is_unknown_is_read_at_fork() {
+    let p = FakeProc::new("unknown-parent");
+    p.add(50, 1, 400, b"agent-test\0", "/", PID_INIT_INO, 50);
+    p.add(
+        102,
+        50,
+        502,
+        b"/bin/sh\0-c\0loop\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        1,
+    );
+    let mut e = p.enricher(false);
+    e.enrich(&exec(50)).unwrap();
+    // runc run: forked by the test, gone before its exec is enriched.
+    let f = e.enrich(&fork(7_005_000_000, 50, 100)).unwrap();
+    assert_eq!(f.cmdline_source, InfoSource::Inherited);
+    let x = e.enrich(&exec(100)).unwrap();
+    assert_eq!(
+        (x.cmdline.as_deref(), x.cmdline_source),
+        (None, InfoSource::Exited)
+    );
+    // The init's fork names runc as its parent.
+    let i = e.enrich(&fork(7_015_000_000, 100, 102)).unwrap();
+    assert_eq!(i.container_id.as_deref(), Some(ID), "{i:?}");
+    assert_eq!(i.cgroup_source, InfoSource::Proc);
+    assert_eq!(
+        (i.pidns, i.ns_pid, i.pidns_source),
+        (Some(CONTAINER_NS), Some(1), InfoSource::Proc)
+    );
+    assert_eq!(i.cmdline.as_deref(), Some("/bin/sh -c loop"));
+    assert_eq!(i.cmdline_source, InfoSource::Proc);
+    // A known program that is not a spawner: its child still inherits, marked so.
+    p.add(103, 50, 503, b"sh\0", &format!("/{ID}"), CONTAINER_NS, 2);
+    let c = e.enrich(&fork(7_025_000_000, 50, 103)).unwrap();
+    assert_eq!(
+        (c.cgroup.as_deref(), c.cgroup_source, c.pidns_source),
+        (Some("/"), InfoSource::Inherited, InfoSource::Inherited)
+    );
+}
