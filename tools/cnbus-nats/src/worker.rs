@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::{ConnectErrorKind, ConnectOptions, Event, HeaderMap, StatusCode, Subscriber};
+use async_nats::{
+    ConnectErrorKind, ConnectOptions, Event, HeaderMap, StatusCode, Subject, Subscriber,
+};
 use futures_util::stream::StreamExt;
+use futures_util::FutureExt;
 use tokio::sync::mpsc::Receiver;
 use tokio::time::Instant;
 
@@ -77,6 +80,8 @@ pub(crate) fn thread_main(
             next_stream_check: Instant::now(),
             retry: VecDeque::new(),
             from_spool: VecDeque::new(),
+            subjects: HashMap::new(),
+            reply: String::new(),
             in_flight: HashMap::new(),
             next_key: 0,
             pause_until: Instant::now(),
@@ -108,6 +113,9 @@ fn options(config: &Config, shared: &Arc<Shared>, creds: Option<ConnectOptions>)
     o.connection_timeout(config.connect_timeout)
         .max_reconnects(None)
         .name("cnbus-nats")
+        // Subjects are built from sanitized tokens (no whitespace or control characters) and
+        // the inbox: valid by construction, not checked again per publish.
+        .skip_subject_validation(true)
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((50u64 << attempts.min(6)).min(2000))
         })
@@ -221,6 +229,25 @@ fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
     false
 }
 
+/// Whether `payload` is a JetStream acknowledgement (`Some(duplicate)`) or not (an error).
+/// The usual `{"stream":"NAME","seq":N}` is recognised without a full JSON parse; anything
+/// else (a duplicate's `"duplicate": true`, an error) goes through [`PublishAck`]'s parser.
+/// In the JSON text a `"` inside a string is escaped, so no key can be matched inside a value.
+fn parse_ack(payload: &[u8]) -> Option<bool> {
+    let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
+    if payload.starts_with(br#"{"stream":""#)
+        && payload.ends_with(b"}")
+        && has(br#""seq":"#)
+        && !has(br#""error""#)
+        && !has(br#""duplicate""#)
+    {
+        return Some(false);
+    }
+    serde_json::from_slice::<PublishAck>(payload)
+        .ok()
+        .map(|ack| ack.duplicate)
+}
+
 /// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.
 async fn check_stream(
     stream_name: &str,
@@ -298,6 +325,10 @@ struct Worker {
     retry: VecDeque<Item>,
     /// Read from the spool, not yet published.
     from_spool: VecDeque<Item>,
+    /// The subject of each event type seen, built once (a clone shares its bytes).
+    subjects: HashMap<String, Subject>,
+    /// Scratch for the reply subject.
+    reply: String,
     /// Published, waiting for the acknowledgement: key → (record, when sent).
     in_flight: HashMap<u64, (Item, Instant)>,
     next_key: u64,
@@ -330,9 +361,11 @@ impl Worker {
         if let Some(item) = self.from_spool.pop_front() {
             return Some(item);
         }
-        let pending = self.shared.spool.lock().pending();
-        if pending > 0 {
-            let taken = self.shared.spool.lock().take_segment();
+        let taken = {
+            let mut spool = self.shared.spool.lock();
+            (spool.pending() > 0).then(|| spool.take_segment())
+        };
+        if let Some(taken) = taken {
             match taken {
                 Ok(items) => self.from_spool.extend(items),
                 Err(e) => self.shared.set_error(format!(
@@ -360,10 +393,23 @@ impl Worker {
         item.sent_before = true;
         let key = self.next_key;
         self.next_key += 1;
-        let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
-        let reply = format!("{}.{key}", self.inbox);
+        let subject = match self.subjects.get(item.event.as_str()) {
+            Some(subject) => subject.clone(),
+            None => {
+                let subject =
+                    Subject::from(format!("{}{}", self.prefix, sanitize_token(&item.event)));
+                self.subjects.insert(item.event.clone(), subject.clone());
+                subject
+            }
+        };
+        let reply = {
+            use std::fmt::Write;
+            self.reply.clear();
+            let _ = write!(self.reply, "{}.{key}", self.inbox);
+            Subject::from(self.reply.as_str())
+        };
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", item.msg_id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, item.msg_id.as_str());
         let sent = self
             .client
             .publish_with_reply_and_headers(subject, reply, headers, item.line.clone())
@@ -411,18 +457,18 @@ impl Worker {
             self.not_acknowledged(item, "no stream for the subject".into());
             return;
         }
-        match serde_json::from_slice::<PublishAck>(&message.payload) {
-            Ok(ack) => {
+        match parse_ack(&message.payload) {
+            Some(duplicate) => {
                 let c = &self.shared.counters;
                 c.acknowledged.fetch_add(1, Ordering::Relaxed);
-                if ack.duplicate {
+                if duplicate {
                     c.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(id) = item.origin {
                     self.shared.spool.lock().release(id);
                 }
             }
-            Err(_) => {
+            None => {
                 let text =
                     String::from_utf8_lossy(&message.payload[..message.payload.len().min(300)])
                         .into_owned();
@@ -531,7 +577,13 @@ impl Worker {
             let room =
                 up && self.in_flight.len() < self.window && Instant::now() >= self.pause_until;
             tokio::select! {
-                Some(message) = self.acks.next() => self.on_ack(message),
+                Some(message) = self.acks.next() => {
+                    self.on_ack(message);
+                    // Every acknowledgement already received, in this wake-up.
+                    while let Some(Some(message)) = self.acks.next().now_or_never() {
+                        self.on_ack(message);
+                    }
+                }
                 item = self.rx.recv(), if room && self.rx_open => match item {
                     Some(item) => self.publish(item).await,
                     None => self.rx_open = false,
@@ -561,5 +613,44 @@ impl Worker {
             self.shared.set_error(format!("spool sync failed: {e}"));
         }
         self.shared.counters.in_flight.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ack;
+
+    #[test]
+    fn acknowledgements_are_read_like_the_json_parser_reads_them() {
+        for (payload, want) in [
+            (r#"{"stream":"CNBUS_EVENTS","seq":12}"#, Some(false)),
+            // As nats-server 2.9 writes it.
+            (
+                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate": true}"#,
+                Some(true),
+            ),
+            (
+                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate":true}"#,
+                Some(true),
+            ),
+            (
+                r#"{"stream":"S","domain":"d","seq":1,"duplicate":false}"#,
+                Some(false),
+            ),
+            (r#"{"stream":"a\"duplicate\":true","seq":3}"#, Some(false)),
+            (r#"{"seq":4,"stream":"S"}"#, Some(false)),
+            (
+                r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+                None,
+            ),
+            (
+                r#"{"stream":"S","error":{"code":400,"description":"x"}}"#,
+                None,
+            ),
+            ("", None),
+            ("+OK", None),
+        ] {
+            assert_eq!(parse_ack(payload.as_bytes()), want, "{payload}");
+        }
     }
 }
