@@ -35,11 +35,11 @@ enum Independent {
     No,
 }
 
-/// The top-level module `name` belongs to, by file: `registry` is `connector/registry.rs`
-/// built alone under `cfg(cnbus_loom)`.
+/// The top-level module `name` belongs to, by file: `registry` and `delivery` are
+/// `connector/registry.rs` and `connector/delivery.rs` built alone under `cfg(cnbus_loom)`.
 fn canonical(name: &str) -> &str {
     match name {
-        "registry" => "connector",
+        "registry" | "delivery" => "connector",
         n => n,
     }
 }
