@@ -112,6 +112,10 @@ pub(crate) trait Queue {
     /// Waits until none of the caller's messages is queued or being sent; false when the
     /// bus is closed.
     fn settle_own(&mut self) -> bool;
+    /// After a push made with `help` false (under `space_lock`) and that lock released:
+    /// sends what the caller's own ring still holds if the bus was closed meanwhile (see
+    /// `Producer::try_push`). Shards need nothing: the closing drain takes each shard's lock.
+    fn send_own_if_closed(&mut self) {}
 }
 
 /// A thread's shard of one bus: where its unsent messages are.
@@ -333,11 +337,19 @@ impl Queue for Producer {
         i.after_push(ring, n, i.bell.state_after_publish(), help);
         // The bus was closed while we pushed (a `Producer` outlives its `Bus`): the
         // fence above pairs with the one in `drain_everything`, so either the
-        // closing drain saw our message or we see `dead` and send it ourselves.
-        if i.dead.load(Relaxed) {
+        // closing drain saw our message or we see `dead` and send it ourselves. Not
+        // with `help` false: the caller holds `space_lock`, which a drain takes to
+        // notify waiters (a self-deadlock); it calls `send_own_if_closed` once it let go.
+        if help && i.dead.load(Relaxed) {
             i.drain(ring, true);
         }
         true
+    }
+
+    fn send_own_if_closed(&mut self) {
+        if self.inner.dead.load(SeqCst) {
+            self.inner.drain(&self.ring, true);
+        }
     }
 
     fn help_own(&mut self) -> bool {
@@ -459,7 +471,9 @@ fn block<Q: Queue>(
         let pushed = q.try_push(&e, false);
         if pushed || inner.dead.load(SeqCst) {
             inner.space_waiters.fetch_sub(1, SeqCst);
+            drop(g);
             if pushed {
+                q.send_own_if_closed();
                 return Ok(());
             }
             Counters::add(&inner.stats.rejected_closed, 1);
