@@ -496,17 +496,7 @@ fn wrong_credentials_are_a_clear_error_and_exit_1() {
 fn a_stream_with_other_subjects_is_a_clear_error_and_exit_1() {
     let _serial = serial();
     let server = NatsServer::start(&[]);
-    common::runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "CNBUS_EVENTS".into(),
-            subjects: vec!["other.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    server.create_stream("CNBUS_EVENTS", &["other.>"]);
     let (status, stderr) = refused(&server.url(), &[]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(

@@ -100,17 +100,7 @@ fn wrong_token_is_a_clear_error_at_start() {
 #[test]
 fn a_stream_with_other_subjects_is_a_clear_error() {
     let server = NatsServer::start(&[]);
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "CNBUS_EVENTS".into(),
-            subjects: vec!["other.>".into(), "cnbus.events.*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    server.create_stream("CNBUS_EVENTS", &["other.>", "cnbus.events.*"]);
     let spool = tempfile::tempdir().unwrap();
     let error = NatsSink::start(Config::new(server.url(), "h", spool.path())).unwrap_err();
     match &error {
@@ -134,17 +124,7 @@ fn a_stream_with_other_subjects_is_a_clear_error() {
 #[test]
 fn subjects_claimed_by_another_stream_are_a_clear_error() {
     let server = NatsServer::start(&[]);
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "SOMEONE_ELSE".into(),
-            subjects: vec!["cnbus.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    server.create_stream("SOMEONE_ELSE", &["cnbus.>"]);
     let spool = tempfile::tempdir().unwrap();
     let error = NatsSink::start(Config::new(server.url(), "h", spool.path())).unwrap_err();
     assert!(error.to_string().contains("overlap"), "{error}");
@@ -154,17 +134,7 @@ fn subjects_claimed_by_another_stream_are_a_clear_error() {
 #[test]
 fn an_existing_stream_covering_the_subjects_is_used() {
     let server = NatsServer::start(&[]);
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "CNBUS_EVENTS".into(),
-            subjects: vec!["cnbus.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    server.create_stream("CNBUS_EVENTS", &["cnbus.>"]);
     let spool = tempfile::tempdir().unwrap();
     let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
     publish(&sink, 5);
@@ -206,17 +176,7 @@ fn invalid_settings_are_refused() {
 fn a_wrong_stream_found_after_an_unreachable_start_keeps_records_spooled_and_says_why() {
     // A store holding CNBUS_EVENTS with other subjects.
     let mut server = NatsServer::start(&[]);
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "CNBUS_EVENTS".into(),
-            subjects: vec!["other.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    });
+    server.create_stream("CNBUS_EVENTS", &["other.>"]);
     server.kill();
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();

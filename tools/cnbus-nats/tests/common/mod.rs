@@ -90,6 +90,22 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Creates the JetStream stream `name` with `subjects` on this server, as another user
+    /// of the server would have (the bad-configuration cases).
+    pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        runtime().block_on(async {
+            let client = async_nats::connect(self.url()).await.unwrap();
+            async_nats::jetstream::new(client)
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.into(),
+                    subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        });
+    }
+
     fn check_alive(&mut self) {
         if let Some(child) = &mut self.child {
             if let Ok(Some(status)) = child.try_wait() {
