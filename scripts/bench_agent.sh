@@ -7,6 +7,8 @@
 #
 #   scripts/bench_agent.sh [SECONDS (default 10)]
 #
+# NATS_ARGS adds options to the agent with the sink (e.g. NATS_ARGS="--nats-linger 0").
+#
 # Needs nats-server and stress-ng. Target (issue #15): the sink adds no more than the
 # agent's own per-event cost (ratio <= 2) and no proc-event loss.
 set -euo pipefail
@@ -41,7 +43,7 @@ done
 plain=$!
 pids+=("$plain")
 "$bin" --interval 3600 --output "$tmp/nats.jsonl" --nats "nats://127.0.0.1:$port" \
-    --spool "$tmp/spool" --shutdown-deadline 60 2>"$tmp/nats.err" &
+    --spool "$tmp/spool" --shutdown-deadline 60 ${NATS_ARGS:-} 2>"$tmp/nats.err" &
 sink=$!
 pids+=("$sink")
 for f in plain nats; do

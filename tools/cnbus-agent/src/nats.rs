@@ -114,6 +114,7 @@ pub fn config(a: &NatsArgs, url: &str) -> Result<Config, String> {
     c.tls_client_cert = a.nats_tls_cert.clone().zip(a.nats_tls_key.clone());
     c.stream = a.nats_stream.clone();
     c.window = a.nats_window;
+    c.linger = Duration::from_millis(a.nats_linger);
     c.spool_max_bytes = a.spool_max;
     // At least four segments in the spool, so that a small cap still spools in steps.
     c.spool_segment_bytes = (a.spool_max / 4).clamp(4096, 4 << 20);

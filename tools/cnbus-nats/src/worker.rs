@@ -76,6 +76,7 @@ pub(crate) fn thread_main(
             inbox,
             acks,
             ack_timeout: config.ack_timeout,
+            linger: config.linger,
             stream_ok,
             next_stream_check: Instant::now(),
             retry: VecDeque::new(),
@@ -319,6 +320,7 @@ struct Worker {
     inbox: String,
     acks: Subscriber,
     ack_timeout: Duration,
+    linger: Duration,
     stream_ok: bool,
     next_stream_check: Instant,
     /// Published without an acknowledgement: sent again first.
@@ -554,9 +556,16 @@ impl Worker {
         loop {
             let up = self.up().await;
             if up && Instant::now() >= self.pause_until {
+                let mut published = false;
                 while self.in_flight.len() < self.window {
                     let Some(item) = self.next_item() else { break };
                     self.publish(item).await;
+                    published = true;
+                }
+                if published && !self.linger.is_zero() {
+                    // On the wire before the thread lingers (a flush waits for the write, not
+                    // for the server).
+                    let _ = self.client.flush().await;
                 }
             } else if !up {
                 self.drain_to_spool();
@@ -573,6 +582,17 @@ impl Worker {
                 if self.nothing_left() || std::time::Instant::now() >= deadline {
                     break;
                 }
+            }
+            if !self.linger.is_zero()
+                && !self.in_flight.is_empty()
+                && self.in_flight.len() < self.window
+            {
+                // Acknowledgements due: let them (and new records) gather for a moment, so that
+                // one wake-up handles many instead of one each. A blocking sleep on purpose: the
+                // runtime is this thread's own, and a sleep inside it would wake at every
+                // packet from the server. Not with a full window: then the sender waits for
+                // acknowledgements anyway, and each wake-up finds many.
+                std::thread::sleep(self.linger);
             }
             let room =
                 up && self.in_flight.len() < self.window && Instant::now() >= self.pause_until;

@@ -9,10 +9,18 @@ use common::*;
 
 #[test]
 fn every_record_is_in_the_stream_once_and_unchanged() {
+    // Woken by every packet (0), the default, and a linger longer than a burst of publishes.
+    for linger in [0, 5, 200] {
+        every_record_is_in_the_stream_once_and_unchanged_with(Duration::from_millis(linger));
+    }
+}
+
+fn every_record_is_in_the_stream_once_and_unchanged_with(linger: Duration) {
     let server = NatsServer::start(&[]);
     let spool = tempfile::tempdir().unwrap();
     let mut config = Config::new(server.url(), "test host.example", spool.path());
     config.window = 64;
+    config.linger = linger;
     let sink = NatsSink::start(config).expect("start");
     let events = ["fork", "exec", "lost", "exit.x"];
     const N: usize = 3000;
