@@ -130,17 +130,20 @@ fn an_nkey_user_delivers_and_a_wrong_or_damaged_seed_is_a_clear_error_at_start()
         "{error}"
     );
     assert_error_hides(&stranger, &error, &config);
-    // The right seed, damaged: not a key at all (async-nats cannot sign the server's nonce).
+    // The right seed, damaged (its checksum fails), and the user's public key instead of its
+    // seed: not seeds at all, said so (async-nats alone reports "failed signing nonce").
     let bad = damaged(&seed);
-    config.auth = Auth::NKey(bad.clone());
-    let error = start_error(&config);
-    assert!(matches!(error, SinkError::Auth { .. }), "{error:?}");
-    assert_error_hides(&bad, &error, &config);
-    assert_error_hides(&seed, &error, &config);
-    // The user's public key instead of its seed.
-    config.auth = Auth::NKey(user.public_key());
-    let error = start_error(&config);
-    assert!(matches!(error, SinkError::Auth { .. }), "{error:?}");
+    for (what, value) in [("damaged", bad.clone()), ("public key", user.public_key())] {
+        config.auth = Auth::NKey(value.clone());
+        let error = start_error(&config);
+        assert!(
+            matches!(error, SinkError::Config(_))
+                && error.to_string().contains("NKey seed is not a valid seed"),
+            "{what}: {error:?}"
+        );
+        assert_error_hides(&value, &error, &config);
+        assert_error_hides(&seed, &error, &config);
+    }
     // The right seed.
     config.auth = Auth::NKey(seed.clone());
     assert_hidden(&seed, &[format!("{config:?}")]);
@@ -453,4 +456,24 @@ fn no_or_an_untrusted_client_certificate_is_a_clear_error_at_start() {
     config.tls_client_cert = Some((tls_file("client.pem"), tls_file("stranger.key")));
     let error = start_error(&config);
     assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+    // Files that are not there: the error names the file.
+    config.tls_client_cert = Some((tls_file("absent.pem"), tls_file("client.key")));
+    let error = start_error(&config);
+    assert!(
+        matches!(error, SinkError::Tls { .. }) && error.to_string().contains("absent.pem"),
+        "{error:?}"
+    );
+    config.tls_client_cert = Some((tls_file("client.pem"), tls_file("absent.key")));
+    let error = start_error(&config);
+    assert!(
+        matches!(error, SinkError::Tls { .. }) && error.to_string().contains("absent.key"),
+        "{error:?}"
+    );
+    config.tls_client_cert = Some((tls_file("client.pem"), tls_file("client.key")));
+    config.tls_root_ca = Some(tls_file("absent-ca.pem"));
+    let error = start_error(&config);
+    assert!(
+        matches!(error, SinkError::Tls { .. }) && error.to_string().contains("absent-ca.pem"),
+        "{error:?}"
+    );
 }
