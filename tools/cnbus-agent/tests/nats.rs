@@ -571,19 +571,66 @@ fn a_client_certificate_delivers_and_a_missing_or_untrusted_one_is_a_clear_error
     assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
 }
 
-/// `--nats-nkey-file` holding something that is not an NKey seed (a damaged one): exit 1 at
-/// start, said so, its content never printed.
+/// A test NKey of the sink's tests (tools/cnbus-nats/tests/nkey/README.md).
+fn nkey_file(name: &str) -> String {
+    format!(
+        "{}/../cnbus-nats/tests/nkey/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// An NKey user: `--nats-nkey-file` delivers every line once; a file that holds something
+/// other than a seed (a damaged one) exits 1 at start, said so, its content never printed.
 #[test]
-fn a_file_that_is_not_an_nkey_seed_is_a_clear_error_and_exit_1() {
+fn an_nkey_file_delivers_and_a_file_that_is_not_a_seed_is_a_clear_error_and_exit_1() {
     let _serial = serial();
+    let public = std::fs::read_to_string(nkey_file("user.pub")).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("agent.nk");
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            public.trim()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start(&["-c", conf.to_str().unwrap()]);
+    // No credentials.
+    let (status, stderr) = refused(&server.url(), &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
     // Shaped like a user seed (SU..., 58 base32 characters), its checksum wrong.
+    let file = dir.path().join("damaged.nk");
     let not_a_seed = "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBA";
     std::fs::write(&file, format!("{not_a_seed}\n")).unwrap();
-    let url = format!("nats://127.0.0.1:{}", common::free_port());
-    let (status, stderr) = refused(&url, &["--nats-nkey-file", file.to_str().unwrap()]);
+    let (status, stderr) = refused(&server.url(), &["--nats-nkey-file", file.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("NKey seed is not a valid seed"), "{stderr}");
     assert!(!stderr.contains(&not_a_seed[4..20]), "{stderr}");
+    // The right seed.
+    let seed_file = nkey_file("user.nk");
+    let seed = std::fs::read_to_string(&seed_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let agent = Agent::start(&server.url(), &["--nats-nkey-file", &seed_file]);
+    for _ in 0..20 {
+        let _ = Command::new("/bin/true").status();
+    }
+    agent.wait_stats("acknowledged lines", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 20
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains(&seed[4..20]), "{stderr}");
+    let stored = common::read_stream_with(
+        async_nats::ConnectOptions::with_nkey(seed),
+        &server.url(),
+        "CNBUS_EVENTS",
+    );
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
 }
