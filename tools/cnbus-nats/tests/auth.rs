@@ -296,7 +296,7 @@ fn a_creds_file_delivers_and_creds_of_another_account_or_key_are_a_clear_error_a
     // No credentials.
     let error = start_error(&config);
     assert!(matches!(error, SinkError::Auth { .. }), "{error:?}");
-    // A user of an account this server does not know (signed by the same operator).
+    // A user of an account this server does not know (no JWT of it in the resolver).
     let other_account = KeyPair::new_account();
     let other_user = KeyPair::new_user();
     let other_seed = other_user.seed().unwrap();
