@@ -504,3 +504,133 @@ fn a_stream_with_other_subjects_is_a_clear_error_and_exit_1() {
         "{stderr}"
     );
 }
+
+/// A test certificate of the sink's tests (tools/cnbus-nats/tests/tls/README.md).
+fn tls_file(name: &str) -> String {
+    format!(
+        "{}/../cnbus-nats/tests/tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A server that verifies client certificates (mutual TLS): `--nats-tls-cert/--nats-tls-key`
+/// with the right certificate deliver every line; without one, or with one the server does
+/// not trust, the agent says so and exits 1.
+#[test]
+fn a_client_certificate_delivers_and_a_missing_or_untrusted_one_is_a_clear_error() {
+    let _serial = serial();
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+            tls_file("server.pem"),
+            tls_file("server.key"),
+            tls_file("client-ca.pem"),
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start(&["-c", conf.to_str().unwrap()]);
+    let ca = tls_file("ca.pem");
+    let tls = ["--nats-tls-required", "--nats-tls-ca", &ca];
+    let (status, stderr) = refused(&server.url(), &tls);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TLS with NATS server"), "{stderr}");
+    let (stranger, stranger_key) = (tls_file("stranger.pem"), tls_file("stranger.key"));
+    let mut args = tls.to_vec();
+    args.extend([
+        "--nats-tls-cert",
+        &stranger,
+        "--nats-tls-key",
+        &stranger_key,
+    ]);
+    let (status, stderr) = refused(&server.url(), &args);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TLS with NATS server"), "{stderr}");
+    let (cert, key) = (tls_file("client.pem"), tls_file("client.key"));
+    let mut args = tls.to_vec();
+    args.extend(["--nats-tls-cert", &cert, "--nats-tls-key", &key]);
+    let agent = Agent::start(&server.url(), &args);
+    let storm = Storm::start();
+    agent.wait_stats("acknowledged lines", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 100
+    });
+    let children = storm.finish();
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    let read = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.into())
+        .add_client_certificate(cert.into(), key.into());
+    let stored = common::read_stream_with(read, &server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
+}
+
+/// A test NKey of the sink's tests (tools/cnbus-nats/tests/nkey/README.md).
+fn nkey_file(name: &str) -> String {
+    format!(
+        "{}/../cnbus-nats/tests/nkey/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// An NKey user: `--nats-nkey-file` delivers every line once; a file that holds something
+/// other than a seed (a damaged one) exits 1 at start, said so, its content never printed.
+#[test]
+fn an_nkey_file_delivers_and_a_file_that_is_not_a_seed_is_a_clear_error_and_exit_1() {
+    let _serial = serial();
+    let public = std::fs::read_to_string(nkey_file("user.pub")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            public.trim()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start(&["-c", conf.to_str().unwrap()]);
+    // No credentials.
+    let (status, stderr) = refused(&server.url(), &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    // Shaped like a user seed (SU..., 58 base32 characters), its checksum wrong.
+    let file = dir.path().join("damaged.nk");
+    let not_a_seed = "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBA";
+    std::fs::write(&file, format!("{not_a_seed}\n")).unwrap();
+    let (status, stderr) = refused(&server.url(), &["--nats-nkey-file", file.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NKey seed is not a valid seed"), "{stderr}");
+    assert!(!stderr.contains(&not_a_seed[4..20]), "{stderr}");
+    // The right seed.
+    let seed_file = nkey_file("user.nk");
+    let seed = std::fs::read_to_string(&seed_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let agent = Agent::start(&server.url(), &["--nats-nkey-file", &seed_file]);
+    for _ in 0..20 {
+        let _ = Command::new("/bin/true").status();
+    }
+    agent.wait_stats("acknowledged lines", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 20
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains(&seed[4..20]), "{stderr}");
+    let stored = common::read_stream_with(
+        async_nats::ConnectOptions::with_nkey(seed),
+        &server.url(),
+        "CNBUS_EVENTS",
+    );
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
+    assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
+}

@@ -347,6 +347,30 @@ impl std::fmt::Debug for NatsSink {
     }
 }
 
+/// Checks at start what the client would report without saying which file or value is wrong:
+/// an unreadable TLS file (async-nats gives only the I/O error) and an NKey seed that is not
+/// one (async-nats reports "failed signing nonce", as if the server had refused it). The
+/// seed is never part of the message.
+fn check_credential_files(config: &Config) -> Result<(), SinkError> {
+    let client = config.tls_client_cert.iter().flat_map(|(c, k)| [c, k]);
+    for path in config.tls_root_ca.iter().chain(client) {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(SinkError::Tls {
+                url: config.url.clone(),
+                reason: format!("cannot read {}: {e}", path.display()),
+            });
+        }
+    }
+    if let Auth::NKey(seed) = &config.auth {
+        if let Err(e) = nkeys::KeyPair::from_seed(seed) {
+            return Err(SinkError::Config(format!(
+                "the NKey seed is not a valid seed: {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl NatsSink {
     /// Opens the spool (records left there are replayed first), connects and checks (or
     /// creates) the stream, then runs the sink on its own thread.
@@ -378,6 +402,7 @@ impl NatsSink {
                     .into(),
             ));
         }
+        check_credential_files(&config)?;
         let (spool, found) = spool::Spool::open(
             &config.spool_dir,
             config.spool_max_bytes,

@@ -198,8 +198,17 @@ pub struct Stored {
 
 /// Every message of the stream, read with a JetStream pull consumer.
 pub fn read_stream(url: &str, stream: &str) -> Vec<Stored> {
+    read_stream_with(async_nats::ConnectOptions::new(), url, stream)
+}
+
+/// As [`read_stream`], connecting with `options` (credentials, TLS).
+pub fn read_stream_with(
+    options: async_nats::ConnectOptions,
+    url: &str,
+    stream: &str,
+) -> Vec<Stored> {
     runtime().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = options.connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let mut stream = js.get_stream(stream).await.unwrap();
         let total = stream.info().await.unwrap().state.messages;
