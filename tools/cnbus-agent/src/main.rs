@@ -317,7 +317,7 @@ fn main() -> ExitCode {
         let deadline = args.nats.shutdown_deadline;
         let reported = s.reported_dropped();
         let spool = s.spool.clone();
-        let (st, report) = s.shutdown(deadline);
+        let report = s.shutdown(deadline);
         if report.dropped > reported {
             warn!(
                 "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full)",
@@ -335,7 +335,7 @@ fn main() -> ExitCode {
             "cnbus-agent: NATS sink: sent {}, unsent {}, dropped {}",
             report.sent, report.unsent, report.dropped
         );
-        nats::counters(&st, Some(&report))
+        nats::counters(&report.stats, Some(&report))
     });
     let total: u64 = agent.n.by_kind.iter().sum();
     let rate = (total - last_total) as f64 / last_tick.elapsed().as_secs_f64().max(1e-3);

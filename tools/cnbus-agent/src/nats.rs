@@ -220,18 +220,11 @@ impl Shipper {
         self.sink.stats()
     }
 
-    /// Sends what it can within `deadline`; the rest stays in the spool. The final counters
-    /// (the sink's, read just before, with the report's sent, unsent and dropped).
-    pub fn shutdown(mut self, deadline: Duration) -> (SinkStats, ShutdownReport) {
+    /// Sends what it can within `deadline`; the rest stays in the spool. The report carries
+    /// the final counters (`ShutdownReport::stats`).
+    pub fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         self.flush();
-        let mut stats = self.sink.stats();
-        let report = self.sink.shutdown(deadline);
-        stats.acknowledged = report.sent;
-        stats.dropped = report.dropped;
-        stats.spool_records = report.unsent;
-        stats.in_flight = 0;
-        stats.queued = 0;
-        (stats, report)
+        self.sink.shutdown(deadline)
     }
 
     /// Drops reported in `dropped` lines so far.

@@ -262,7 +262,7 @@ pub struct SinkStats {
 }
 
 /// What [`NatsSink::shutdown`] could and could not send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShutdownReport {
     /// Records acknowledged by JetStream over the sink's life.
     pub sent: u64,
@@ -270,6 +270,9 @@ pub struct ShutdownReport {
     pub unsent: u64,
     /// Records dropped over the sink's life.
     pub dropped: u64,
+    /// Every counter once the sink's thread has stopped: the final figures (nothing in
+    /// flight or queued; `sent`, `unsent` and `dropped` above are taken from them).
+    pub stats: SinkStats,
 }
 
 #[derive(Debug)]
@@ -521,6 +524,7 @@ impl NatsSink {
             sent: stats.acknowledged,
             unsent: stats.spool_records,
             dropped: stats.dropped,
+            stats,
         }
     }
 }
