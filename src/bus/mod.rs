@@ -626,6 +626,59 @@ mod tests {
         assert_eq!(count(&rx, idx), 1);
     }
 
+    /// A `Producer` blocked on its full ring (`FullPolicy::Block`) while the bus closes:
+    /// woken by the drain that frees its space, its retry under `space_lock` pushes and
+    /// finds the bus dead. Before 226244e it then drained its ring under that lock, and
+    /// the drain's `space_freed` took `space_lock` again: a self-deadlock (this test hung
+    /// and its watchdog failed it). The drain right is held by the test until `dead` is
+    /// set, so the interleaving is forced, not raced for.
+    #[test]
+    fn a_producer_blocked_on_a_full_ring_survives_the_bus_closing() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd5;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(4)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(60))
+            .assist(false)
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..4u32 {
+            p.try_insert(id, &i.to_ne_bytes()).unwrap();
+        }
+        let inner = Arc::clone(&bus.inner);
+        let ring = Arc::clone(inner.rings.lock().last().unwrap());
+        // Nobody drains the ring (the flusher, woken by the blocked insert, waits here).
+        let right = ring.drain.lock();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = p.insert(id, b"blocked");
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        // The inserter counted itself as a waiter under `space_lock` and holds it until
+        // it waits on the condvar: once we get the lock, it waits.
+        while inner.space_waiters.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        drop(inner.space_lock.lock());
+        // The bus closes (what the flusher's exit does), then the space is freed.
+        inner.dead.store(true, SeqCst);
+        drop(right);
+        inner.drain(&ring, true);
+        // A watchdog instead of a hang (a deadlocked bus cannot be dropped either).
+        let Ok(r) = done.recv_timeout(Duration::from_secs(120)) else {
+            std::mem::forget(bus);
+            panic!("deadlock: the blocked Producer never returned");
+        };
+        assert_eq!(r, Ok(()));
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages), (5, 5));
+        assert_eq!(count(&rx, idx), 5);
+    }
+
     #[test]
     fn insert_error_hands_the_message_back() {
         fn is_send_sync<T: Send + Sync>() {}

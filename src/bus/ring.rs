@@ -192,7 +192,8 @@ pub(crate) struct Ring {
     since: AtomicU64,
     /// A `Producer`'s ring whose producer is gone: once empty, the flusher forgets it.
     pub retired: AtomicBool,
-    drain: Mutex<Drainer>,
+    /// The drain right (`pub(super)` for a test that holds it).
+    pub(super) drain: Mutex<Drainer>,
 }
 
 impl Ring {
