@@ -161,7 +161,7 @@ impl Flusher {
                 Some(t) => std::thread::park_timeout(t),
             }
             inner.bell.awake();
-            Counters::add(&inner.stats.wakeups, 1);
+            Counters::add(&inner.stats.flusher_wakeups, 1);
         }
     }
 }

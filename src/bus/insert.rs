@@ -519,6 +519,7 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
     match failed {
         None => {
             Counters::add(&inner.stats.direct, 1);
+            Counters::add(&inner.stats.inserted, 1);
             Ok(())
         }
         Some(error) => Err(InsertError::Send {

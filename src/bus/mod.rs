@@ -237,7 +237,7 @@ impl Inner {
         self.rings.lock().retain(|r| {
             let gone = r.retired.load(Acquire) && !r.pending();
             if gone {
-                Counters::add(&self.stats.retired_inserts, r.pushed());
+                Counters::add(&self.stats.inserted, r.pushed());
             }
             !gone
         });

@@ -373,7 +373,7 @@ impl Inner {
         }
         let taken = a.len() + b.len();
         if since != 0 {
-            Counters::max(&self.stats.max_queue_delay_ns, t.saturating_sub(since));
+            Counters::max(&self.stats.max_queue_delay, t.saturating_sub(since));
         }
         Counters::max(&self.stats.high_water, msgs);
         ring.since.store(t, Relaxed);
