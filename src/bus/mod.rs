@@ -1,23 +1,11 @@
 //! CBUS: per-CPU batching queues with a flusher thread, for hot-path senders.
 //!
-//! One queue type, `Ring`: a bounded ring of wire-framed messages, drained by one
-//! routine that frames them into datagrams, numbers them and hands them to `sendmmsg`
-//! where they lie. Two entry points write into rings:
-//!
-//! * [`Bus::insert`]: the ring of a per-CPU shard, behind a short lock shared by the
-//!   threads of that CPU (memory bounded by the CPU count, not the thread count). A thread
-//!   keeps the shard it last used while that ring still holds one of its messages, then
-//!   moves to its current CPU's shard, so its messages stay in insertion order.
-//! * [`Producer`] ([`Bus::producer`]): a ring owned by one producer, with no lock.
-//!
-//! Both implement [`Insert`]. A *drain* runs on the flusher thread (latency deadline,
-//! [`Bus::flush`], shutdown) or on the inserting thread when its insert brings the ring
-//! to the [`watermark`](BusBuilder::watermark) ([`BusBuilder::assist`]).
-//!
-//! Messages queued with `insert` are numbered per id: seq 1, 2, 3, ... per [`CbId`] and
-//! destination per socket (shared with every bus and connector sending on the socket), in
-//! wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus receiver counts losses exactly.
-//! `insert_msg` keeps the message's own seq.
+//! [`Bus::insert`] copies a message, encoded as on the wire, into the ring of the caller's
+//! per-CPU shard; a [`Producer`] ([`Bus::producer`]) has a ring of its own. Both implement
+//! [`Insert`]. A drain (the flusher thread at the latency deadline, on [`Bus::flush`] and
+//! at shutdown, or the inserting thread at the [watermark](BusBuilder::watermark)) numbers
+//! the messages (seq 1, 2, 3, ... per [`CbId`] and destination per socket, in wire order)
+//! and hands them to `sendmmsg` where they lie.
 //!
 //! ```no_run
 //! use cnbus::bus::Bus;
@@ -35,32 +23,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Guarantees
-//!
-//! * **Order.** Messages inserted by one thread through `Bus::insert` are sent in the
-//!   order it inserted them, even when it migrates between CPUs (inserts during the
-//!   thread's teardown too, at the cost of a flush each); messages of one [`Producer`] in
-//!   the order they were inserted. There is no order between threads or producers.
-//!   [`FullPolicy::SendDirect`] keeps the order (it waits for the caller's queued messages).
-//! * **Bounded.** Each ring holds [`BusBuilder::capacity`] messages and `capacity * 100`
-//!   bytes (rounded up to a power of two, at least two datagrams' worth). When it is full,
-//!   [`FullPolicy`] decides; every rejection is counted ([`BusStats`]).
-//! * **Latency.** A ring is drained at the watermark, or when its oldest message has
-//!   waited about [`BusBuilder::max_latency`] (the flusher aims a quarter of it early, so
-//!   that its wake-up delay stays within the bound). An idle bus parks its flusher.
-//! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
-//!   has been handed to the kernel (or counted as failed). Dropping the bus, or
-//!   [`Bus::close`], flushes everything and joins the flusher.
-//! * **Bounded waits.** A [`Dest::Port`] receiver whose queue is full is waited for at most
-//!   [`BusBuilder::send_timeout`] (default 1 s), then counted as failed.
-//! * **Errors and panics.** A failed send is retried a bounded number of times for
-//!   transient errors, then counted as failed and kept for [`Bus::flush`] and
-//!   [`Bus::take_error`]. A panic in a drain is caught there and its untaken messages are
-//!   counted as failed; a panic elsewhere in the flusher ends it, and `flush` and shutdown
-//!   then drain on their own threads.
-//!
-//! docs/BUS.md follows one message from `insert` to `sendmmsg`, with the memory orderings
-//! and their loom models.
+//! The guarantees (per-thread order across CPU migration, bounded rings with a
+//! [`FullPolicy`], the latency bound, flush and shutdown, bounded waits at a stopped
+//! [`Dest::Port`] receiver, exact numbering, panic containment), the path of one message
+//! from `insert` to `sendmmsg`, and the memory orderings with their loom models are in
+//! docs/BUS.md.
 //!
 //! (Over 600 lines with its unit tests: the panic-containment tests need the private
 //! test hook of `Config`, so they live here.)
