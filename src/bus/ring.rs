@@ -8,7 +8,7 @@
 //! published, then gives the bytes back.
 //!
 //! A ring holds messages encoded as on the wire, except that a message the drain numbers
-//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`PAD`]):
+//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`SKIP`]):
 //! docs/BUS.md, "Design" steps 3 and 5.
 //!
 //! (Over 600 lines with its unit tests: the format is written by `push` and read by
@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, NLMSG_DONE};
 use crate::error::{DecodeError, DecodeErrorKind};
-use crate::sys::ring::{self, Probe, Reader, Short, Writer};
+use crate::sys::ring::{self, Probe, Reader, Writer, SKIP};
 
 use super::send::Progress;
 use super::stats::Counters;
@@ -32,10 +32,6 @@ use super::Inner;
 
 /// `nlmsg_type` of a staged message that the drain numbers.
 pub(crate) const STAGED: u16 = 0;
-
-/// High bit of a skip word `PAD | bytes`, where a message has its `nlmsg_len` (lengths are
-/// below 2^17, so the bit is free).
-pub(crate) const PAD: u32 = 1 << 31;
 
 /// Netlink plus connector header: the shortest message.
 const HDR: usize = 36;
@@ -140,21 +136,6 @@ impl Tail {
     pub(crate) fn size(&self) -> usize {
         self.writer.size()
     }
-
-    /// Fills the rest of the ring with a skip word, so that the next message goes at its
-    /// start; false when there is no room for the skip.
-    #[cold]
-    fn wrap(&mut self) -> bool {
-        let n = self.writer.until_end();
-        let skip = (n as u32 | PAD).to_ne_bytes();
-        self.writer
-            .write(n, |b| {
-                if let Some(w) = b.get_mut(..4) {
-                    w.copy_from_slice(&skip);
-                }
-            })
-            .is_ok()
-    }
 }
 
 /// The reading side of a ring and the drain's scratch state.
@@ -252,10 +233,8 @@ impl Ring {
         let encode = |b: &mut [u8]| {
             let _ = e.encode_into(pid, b);
         };
-        match t.writer.write(len, encode) {
-            Ok(()) => {}
-            Err(Short::End) if t.wrap() && t.writer.write(len, encode).is_ok() => {}
-            Err(_) => return None,
+        if !t.writer.write(len, encode) {
+            return None;
         }
         t.pushed += 1;
         self.pushed.store(t.pushed, Relaxed);
@@ -431,7 +410,7 @@ fn frame(
             let word = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
             let stride = nlmsg_align(word as usize);
             // A message (not a skip word) that fits: the common case, one range check.
-            if (HDR as u32..PAD).contains(&word) && stride <= rest {
+            if (HDR as u32..SKIP).contains(&word) && stride <= rest {
                 let staged = u16::from_ne_bytes([h[4], h[5]]) == STAGED;
                 let (head, k) = (word8(h, 0), word8(h, 16));
                 if staged {
@@ -503,10 +482,10 @@ fn skip(rest: &[u8], at: usize) -> Result<usize, DecodeError> {
         });
     };
     let word = u32::from_ne_bytes([a, b, c, d]);
-    let n = (word & !PAD) as usize;
-    if word & PAD == 0 && (word as usize) < HDR {
+    let n = (word & !SKIP) as usize;
+    if word & SKIP == 0 && (word as usize) < HDR {
         err(DecodeErrorKind::NlmsgLenTooSmall { len: word })
-    } else if word & PAD == 0 || n < 4 || n > rest.len() {
+    } else if word & SKIP == 0 || n < 4 || n > rest.len() {
         err(DecodeErrorKind::NlmsgLenOverrun {
             len: word,
             remaining: rest.len(),
@@ -647,7 +626,7 @@ mod tests {
         bytes.extend(staged(a, b"hello", true)); // 44
         bytes.extend(staged(b, b"x", false)); // 40, prebuilt: seq kept (0)
         bytes.extend(staged(a, b"x", true)); // 40
-        bytes.extend((8u32 | PAD).to_ne_bytes());
+        bytes.extend((8u32 | SKIP).to_ne_bytes());
         bytes.extend([0u8; 4]);
         let mut src = SeqSource::default();
         let mut seqs = src.to(crate::sys::Dest::Group(20));
@@ -703,11 +682,11 @@ mod tests {
     #[test]
     fn frame_stops_at_malformed_words() {
         for junk in [
-            vec![0u8; 8],                         // nlmsg_len 0
-            (12u32 | PAD).to_ne_bytes().to_vec(), // skip past the end
-            PAD.to_ne_bytes().to_vec(),           // skip of 0: would not advance
-            1000u32.to_ne_bytes().to_vec(),       // message past the end
-            vec![1, 2],                           // too short for a word
+            vec![0u8; 8],                          // nlmsg_len 0
+            (12u32 | SKIP).to_ne_bytes().to_vec(), // skip past the end
+            SKIP.to_ne_bytes().to_vec(),           // skip of 0: would not advance
+            1000u32.to_ne_bytes().to_vec(),        // message past the end
+            vec![1, 2],                            // too short for a word
         ] {
             let (w, out) = walk(0, &mut junk.clone(), 4096);
             assert!(w.bad.is_some(), "{junk:?}");
