@@ -124,7 +124,7 @@ impl Flusher {
             let now = inner.now_ns();
             let (mut oldest, mut over) = (u64::MAX, false);
             for r in self.rings.iter().filter(|r| r.pending()) {
-                oldest = oldest.min(match r.since() {
+                oldest = oldest.min(match r.since.load(Relaxed) {
                     0 => now,
                     t => t,
                 });

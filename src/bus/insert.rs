@@ -141,7 +141,7 @@ impl Shards<'_> {
             Some(m)
                 if i.shards
                     .get(m.shard)
-                    .is_some_and(|s| !s.ring.released(m.end)) =>
+                    .is_some_and(|s| !s.ring.probe.released(m.end)) =>
             {
                 (at, m.shard)
             }
@@ -158,7 +158,7 @@ impl Shards<'_> {
         let n = sh
             .ring
             .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
-        Some((n, t.position()))
+        Some((n, t.writer.position()))
     }
 
     /// Pushes as [`choose`](Self::choose) says and records where: (shard, messages held).
@@ -257,7 +257,7 @@ pub struct Producer {
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("ring_bytes", &self.tail.size())
+            .field("ring_bytes", &self.tail.writer.size())
             .field("queued", &self.queued())
             .finish_non_exhaustive()
     }
@@ -282,7 +282,7 @@ impl Producer {
 
     /// Bytes this producer's ring holds; a message takes [`CnMsg::encoded_len`] of them.
     pub fn capacity_bytes(&self) -> usize {
-        self.tail.size()
+        self.tail.writer.size()
     }
 }
 

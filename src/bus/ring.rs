@@ -119,23 +119,11 @@ impl Entry<'_> {
 /// The writing side of a [`Ring`]: one writer at a time (a `Producer`, or the thread
 /// holding a shard's lock).
 pub(crate) struct Tail {
-    writer: Writer,
+    /// Its position is just past the last message published: the ring has sent it once
+    /// `Ring::probe` says so.
+    pub(crate) writer: Writer,
     /// Messages published (our copy of `Ring::pushed`).
     pushed: u64,
-}
-
-impl Tail {
-    /// Position just past the last message published: the ring has sent it once
-    /// [`Ring::released`] says so.
-    #[inline(always)]
-    pub(crate) fn position(&self) -> usize {
-        self.writer.position()
-    }
-
-    /// The ring's size in bytes.
-    pub(crate) fn size(&self) -> usize {
-        self.writer.size()
-    }
 }
 
 /// The reading side of a ring and the drain's scratch state.
@@ -159,7 +147,9 @@ struct Bound {
 
 /// The bus's queue; see the module docs.
 pub(crate) struct Ring {
-    probe: Probe,
+    /// `released(end)`: true once everything up to `end` (the writer's position after a
+    /// message) was sent or counted as failed (Acquire: that send happens-before).
+    pub(crate) probe: Probe,
     /// Messages published. Stored (`Relaxed`) only by the writer: a statistic and the
     /// flusher's watermark hint; the ring's positions are what order memory.
     pushed: AtomicU64,
@@ -170,7 +160,7 @@ pub(crate) struct Ring {
     /// An enqueue stamp (ns since the bus epoch) no later than the oldest message's:
     /// stored by the writer when it publishes into an empty ring, and by a drain as the
     /// time it loaded the tail (everything it left behind is younger).
-    since: AtomicU64,
+    pub(crate) since: AtomicU64,
     /// A `Producer`'s ring whose producer is gone: once empty, the flusher forgets it.
     pub retired: AtomicBool,
     /// The drain right (`pub(super)` for a test that holds it).
@@ -256,18 +246,6 @@ impl Ring {
     pub(crate) fn pending(&self) -> bool {
         self.probe.pending() > 0
     }
-
-    /// True once everything up to `end` (a [`Tail::position`]) was sent or counted as
-    /// failed (Acquire: that send happens-before the caller's next step).
-    #[inline(always)]
-    pub(crate) fn released(&self, end: usize) -> bool {
-        self.probe.released(end)
-    }
-
-    /// The oldest message's enqueue stamp (read while the ring holds messages).
-    pub(crate) fn since(&self) -> u64 {
-        self.since.load(Relaxed)
-    }
 }
 
 impl Inner {
@@ -297,7 +275,7 @@ impl Inner {
         if a.is_empty() {
             return 0;
         }
-        let since = ring.since();
+        let since = ring.since.load(Relaxed);
         bounds.clear();
         // Messages framed, once known: a panic after that point is contained (what was
         // not sent is counted as failed); one while framing leaves the bytes in the ring
@@ -451,48 +429,26 @@ fn frame(
                 continue;
             }
         }
-        // A skip word (a datagram never spans one), or a malformed word.
-        match skip(bytes.get(p..).unwrap_or_default(), p) {
-            Ok(k) => {
-                close(out, start, p, &mut msgs);
-                close_at = 0;
-                p += k;
-            }
-            Err(e) => {
-                bad = Some(e);
-                break;
-            }
+        // A skip word (a datagram never spans one), or a malformed word: only a bug can
+        // put one in a ring; the walk stops there, so that the ring cannot wedge.
+        let word = bytes.get(p..p + 4).and_then(|w| w.try_into().ok());
+        let word = word.map_or(0, u32::from_ne_bytes);
+        let n = (word & !SKIP) as usize;
+        if word & SKIP == 0 || n < 4 || n > rest {
+            let (len, remaining) = (word, rest);
+            let kind = DecodeErrorKind::NlmsgLenOverrun { len, remaining };
+            bad = Some(DecodeError::new(p, kind));
+            break;
         }
+        close(out, start, p, &mut msgs);
+        close_at = 0;
+        p += n;
     }
     close(out, start, p, &mut msgs);
     if numbering {
         seqs.put(id_of(key), n);
     }
     Walk { msgs: total, bad }
-}
-
-/// The length of the skip word at the start of `rest` (at offset `at` of its part), or why
-/// the bytes there are neither a skip word nor a message.
-#[cold]
-fn skip(rest: &[u8], at: usize) -> Result<usize, DecodeError> {
-    let err = |kind| Err(DecodeError::new(at, kind));
-    let Some(&[a, b, c, d]) = rest.get(..4) else {
-        return err(DecodeErrorKind::ShortHeader {
-            remaining: rest.len(),
-        });
-    };
-    let word = u32::from_ne_bytes([a, b, c, d]);
-    let n = (word & !SKIP) as usize;
-    if word & SKIP == 0 && (word as usize) < HDR {
-        err(DecodeErrorKind::NlmsgLenTooSmall { len: word })
-    } else if word & SKIP == 0 || n < 4 || n > rest.len() {
-        err(DecodeErrorKind::NlmsgLenOverrun {
-            len: word,
-            remaining: rest.len(),
-        })
-    } else {
-        Ok(n)
-    }
 }
 
 /// Eight header bytes at `at` as one word (for comparisons only).
@@ -604,8 +560,8 @@ mod tests {
             assert_eq!(r.push(&mut t, &e, 1, 4, || 5), Some(k));
         }
         assert_eq!(r.push(&mut t, &e, 1, 4, || 6), None, "full at capacity");
-        assert_eq!((r.queued(), r.since(), r.pushed()), (4, 5, 4));
-        assert!(!r.released(t.position()));
+        assert_eq!((r.queued(), r.since.load(Relaxed), r.pushed()), (4, 5, 4));
+        assert!(!r.probe.released(t.writer.position()));
         let big = [0u8; 200];
         let eb = Entry::Slice {
             id: CbId::new(1, 1),
