@@ -351,14 +351,15 @@ pub(crate) fn insert<Q: Queue>(
 ) -> Result<(), InsertError<CnMsg>> {
     let inner = q.inner();
     let (len, limit) = (e.encoded_len(), inner.cfg.datagram_size);
-    if len > limit || e.data_len() > CnMsg::MAX_DATA {
+    let (id, .., data) = e.fields();
+    if len > limit || data.len() > CnMsg::MAX_DATA {
         return Err(refuse(inner, e, |msg| InsertError::TooLarge {
             msg,
             len,
             limit,
         }));
     }
-    if inner.cfg.refuse_kernel_ids && e.id().is_kernel_owned() {
+    if inner.cfg.refuse_kernel_ids && id.is_kernel_owned() {
         return Err(refuse(inner, e, InsertError::KernelOwned));
     }
     if inner.dead.load(Relaxed) {

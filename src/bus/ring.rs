@@ -57,21 +57,12 @@ pub(crate) enum Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// Length of the data.
-    #[inline]
-    pub(crate) fn data_len(&self) -> usize {
+    /// Id, seq, ack, flags, `nlmsg_type` ([`STAGED`] when the drain numbers it), data.
+    #[inline(always)]
+    pub(crate) fn fields(&self) -> (CbId, u32, u32, u16, u16, &[u8]) {
         match self {
-            Self::Slice { data, .. } => data.len(),
-            Self::Msg(m) => m.data.len(),
-        }
-    }
-
-    /// The id.
-    #[inline]
-    pub(crate) fn id(&self) -> CbId {
-        match self {
-            Self::Slice { id, .. } => *id,
-            Self::Msg(m) => m.id,
+            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, data),
+            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
         }
     }
 
@@ -86,18 +77,15 @@ impl Entry<'_> {
     /// Bytes on the wire, netlink header and padding included.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        nlmsg_align(HDR + self.data_len())
+        nlmsg_align(HDR + self.fields().5.len())
     }
 
     /// Writes the encoded message (headers as [`crate::codec::DatagramBuilder`] writes
-    /// them, with `nlmsg_type` [`STAGED`] when the drain numbers it) at the start of `out`.
+    /// them) at the start of `out`.
     /// Returns the bytes written, or `None` when `out` is too short.
     #[inline(always)]
     pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
-        let (id, seq, ack, flags, ty, data) = match self {
-            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, *data),
-            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
-        };
+        let (id, seq, ack, flags, ty, data) = self.fields();
         let cn = CnHeader {
             id,
             seq,
@@ -296,9 +284,9 @@ impl Inner {
             };
             let (mut msgs, mut bad) = (0u64, None);
             for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
-                let w = frame(part, bytes, limit, &mut seqs, bounds);
-                msgs += w.msgs;
-                bad = bad.or(w.bad);
+                let (n, e) = frame(part, bytes, limit, &mut seqs, bounds);
+                msgs += n;
+                bad = bad.or(e);
             }
             framed.set(Some(msgs));
             let parts = [&*a, &*b];
@@ -343,25 +331,18 @@ impl Inner {
     }
 }
 
-/// What [`frame`] found.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Walk {
-    msgs: u64,
-    /// A malformed word ended the walk.
-    bad: Option<DecodeError>,
-}
-
 /// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
 /// words, and appends the datagrams (closed at `limit` bytes, or after every message when
 /// `limit` is 0, and at the end of the part) to `out`. Never reads out of bounds,
-/// always advances, and stops at the first malformed word. Reads each header once.
+/// always advances, and stops at the first malformed word (returned with the messages
+/// found). Reads each header once.
 fn frame(
     part: usize,
     bytes: &mut [u8],
     limit: usize,
     seqs: &mut crate::seq::DestSeqs,
     out: &mut Vec<Bound>,
-) -> Walk {
+) -> (u64, Option<DecodeError>) {
     // The open datagram: start, the end beyond which a message closes it, messages.
     let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
     let mut total = 0u64;
@@ -448,7 +429,7 @@ fn frame(
     if numbering {
         seqs.put(id_of(key), n);
     }
-    Walk { msgs: total, bad }
+    (total, bad)
 }
 
 /// Eight header bytes at `at` as one word (for comparisons only).
@@ -497,7 +478,11 @@ mod tests {
     }
 
     /// `frame` over `bytes` as part `part`, with a fresh numbering.
-    fn walk(part: usize, bytes: &mut [u8], limit: usize) -> (Walk, Vec<Bound>) {
+    fn walk(
+        part: usize,
+        bytes: &mut [u8],
+        limit: usize,
+    ) -> ((u64, Option<DecodeError>), Vec<Bound>) {
         let mut src = SeqSource::default();
         let mut out = Vec::new();
         let w = frame(
@@ -588,7 +573,7 @@ mod tests {
         let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
         let w = frame(0, &mut bytes, 100, &mut seqs, &mut out);
-        assert_eq!(w, Walk { msgs: 4, bad: None });
+        assert_eq!(w, (4, None));
         let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
         assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
         let got: Vec<_> = messages_ref(&bytes[..164])
@@ -619,7 +604,7 @@ mod tests {
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
         let (w, out) = walk(0, &mut bytes, 120);
-        assert_eq!(w.msgs, 12);
+        assert_eq!(w.0, 12);
         let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
         assert_eq!(per, [3, 3, 3, 3]);
         assert!(out.windows(2).all(|w| w[0].end == w[1].start));
@@ -645,7 +630,7 @@ mod tests {
             vec![1, 2],                            // too short for a word
         ] {
             let (w, out) = walk(0, &mut junk.clone(), 4096);
-            assert!(w.bad.is_some(), "{junk:?}");
+            assert!(w.1.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }
     }
