@@ -14,7 +14,7 @@ use crate::sys;
 
 use super::ring::{self, Entry, Ring, Tail};
 use super::stats::Counters;
-use super::{send, Bus, FullPolicy, Inner, InsertError};
+use super::{Bus, FullPolicy, Inner, InsertError};
 
 /// Inserting into a bus: implemented by `&Bus` (the per-CPU shards) and by [`Producer`]
 /// (a ring of its own), so that one generic body serves both.
@@ -490,8 +490,7 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
         let one = [IoSlice::new(&buf)];
-        let progress = send::Progress::default();
-        inner.send_datagrams(&one, |_| 1, &progress, |_, err| failed = Some(err));
+        inner.send_datagrams(&one, |_| 1, |_, _, err| failed = failed.take().or(err));
     }
     if let Some(error) = failed {
         return Err(InsertError::Send {

@@ -26,7 +26,6 @@ use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader
 use crate::error::{DecodeError, DecodeErrorKind};
 use crate::sys::ring::{self, Probe, Reader, Writer, SKIP};
 
-use super::send::Progress;
 use super::stats::Counters;
 use super::Inner;
 
@@ -269,7 +268,8 @@ impl Inner {
         // not sent is counted as failed); one while framing leaves the bytes in the ring
         // for the next drain (messages numbered by then keep their numbers).
         let framed = Cell::new(None);
-        let progress = Progress::default();
+        // Messages and datagrams sent or counted as failed so far.
+        let progress = Cell::new((0u64, 0u64));
         let sent = self.contain("bus drainer", || {
             // The send lock: numbering and sending of one drain are not interleaved with
             // another drain's (of any ring, of any bus on this socket), so the numbers of
@@ -295,17 +295,26 @@ impl Inner {
                 .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
                 .collect();
             let per = |i: usize| bounds.get(i).map_or(0, |x| x.msgs);
-            self.send_datagrams(&slices, per, &progress, |n, err| {
-                Counters::add(&self.stats.failed_datagrams, 1);
-                Counters::add(&self.stats.failed_messages, n);
-                self.record_error(err);
+            self.send_datagrams(&slices, per, |m, d, err| {
+                let (pm, pd) = progress.get();
+                progress.set((pm + m, pd + d));
+                if let Some(err) = err {
+                    Counters::add(&self.stats.failed_datagrams, d);
+                    Counters::add(&self.stats.failed_messages, m);
+                    self.record_error(err);
+                }
             });
             (msgs, bad)
         });
         let (msgs, bad) = match (sent, framed.get()) {
             (Some(r), _) => r,
             (None, Some(msgs)) => {
-                self.fail_rest(&progress, msgs, bounds.len() as u64);
+                let ((m, d), st) = (progress.get(), &self.stats);
+                Counters::add(&st.failed_messages, msgs.saturating_sub(m));
+                Counters::add(
+                    &st.failed_datagrams,
+                    (bounds.len() as u64).saturating_sub(d),
+                );
                 (msgs, None)
             }
             (None, None) => return 0,
