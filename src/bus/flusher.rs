@@ -88,17 +88,6 @@ impl Flusher {
         }
     }
 
-    /// The look after announcing a sleep: true if a ring shows `why`. A shard's ring is
-    /// looked at after taking and releasing its lock (the writers' side of the handshake
-    /// there), a producer's after the fence of `announce`.
-    fn second_look(&self, why: impl Fn(&Ring) -> bool) -> bool {
-        let shards = &self.inner.shards;
-        for s in shards.iter() {
-            drop(s.tail.lock());
-        }
-        self.rings.iter().any(|r| why(r))
-    }
-
     /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
     /// queued message's deadline, a flush or stop request. Parks indefinitely when every
     /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
@@ -133,29 +122,27 @@ impl Flusher {
             if over {
                 return;
             }
-            let timeout = if oldest == u64::MAX {
-                // Everything empty: park until a writer wakes us. Announce IDLE (with the
-                // fence), then look at every ring again: a push either is seen, or sees
-                // IDLE and unparks us. A ring added after our copy wakes us (`add_ring`).
-                inner.bell.announce(IDLE);
-                self.rings.clone_from(&inner.rings.lock());
-                if self.second_look(|r| r.pending()) || urgent(self) {
-                    inner.bell.awake();
-                    continue;
-                }
-                None
-            } else {
-                let deadline = oldest.saturating_add(aim);
-                if now >= deadline {
-                    return;
-                }
-                inner.bell.announce(TIMED);
-                if self.second_look(|r| r.queued() >= wm) || urgent(self) {
-                    inner.bell.awake();
-                    return;
-                }
-                Some(Duration::from_nanos(deadline - now))
+            // Everything empty: park until a writer wakes us (IDLE); else until the
+            // oldest message's deadline (TIMED).
+            let (how, timeout) = match oldest.checked_add(aim) {
+                _ if oldest == u64::MAX => (IDLE, None),
+                Some(d) if d <= now => return,
+                d => (TIMED, d.map(|d| Duration::from_nanos(d - now))),
             };
+            // Announce (with the fence), then look again: a push either is seen, or sees
+            // the announcement and unparks us. A shard's ring is looked at after taking and
+            // releasing its lock (the writers' side of the handshake there), a producer's
+            // after the fence; a ring added after our copy wakes us (`add_ring`).
+            inner.bell.announce(how);
+            self.rings.clone_from(&inner.rings.lock());
+            for s in inner.shards.iter() {
+                drop(s.tail.lock());
+            }
+            let wm_or_any = |r: &Arc<Ring>| r.pending() && (how == IDLE || r.queued() >= wm);
+            if self.rings.iter().any(wm_or_any) || urgent(self) {
+                inner.bell.awake();
+                continue;
+            }
             match timeout {
                 None => std::thread::park(),
                 Some(t) => std::thread::park_timeout(t),
