@@ -393,45 +393,11 @@ impl BusBuilder {
             last_error: Mutex::new(None),
             cfg,
         });
-        let worker = Arc::clone(&inner);
-        let handle = std::thread::Builder::new()
-            .name("cnbus-flusher".into())
-            .spawn(move || {
-                let guard = DeadGuard(Arc::clone(&worker));
-                // Deadlines to the microsecond rather than the default 50 µs slack (a
-                // failure only costs that slack).
-                let _ = sys::set_timer_slack_ns(1);
-                // A panic in a drain is contained there; one elsewhere in the loop ends the
-                // flusher, is recorded here, and `flush`/`close` then drain on their own
-                // threads (the guard marks the bus dead and releases every waiter).
-                let w = Arc::clone(&worker);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    flusher::Flusher::new(w).run()
-                }));
-                if let Err(p) = run {
-                    worker.panicked("bus flusher", &*p);
-                }
-                drop(guard);
-            })
-            .map_err(|e| Error::from_io(Op::Spawn, e))?;
+        let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
         Ok(Bus {
             inner,
             flusher: Some(handle),
         })
-    }
-}
-
-/// Marks the bus dead when the flusher exits (normally or by panic) and releases every
-/// waiter.
-pub(crate) struct DeadGuard(pub(crate) Arc<Inner>);
-
-impl Drop for DeadGuard {
-    fn drop(&mut self) {
-        let i = &self.0;
-        i.dead.store(true, SeqCst);
-        i.tickets.publish(u64::MAX);
-        let _g = i.space_lock.lock();
-        i.space_cv.notify_all();
     }
 }

@@ -410,7 +410,7 @@ impl Bus {
             }
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
-            // The flusher catches its panics; a join error would be one in the guard.
+            // The flusher contains its panics; a join error would be one after that.
             if let Err(p) = h.join() {
                 self.inner.panicked("bus flusher", &*p);
             }
