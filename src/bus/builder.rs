@@ -13,7 +13,7 @@ use crate::codec::{nlmsg_align, CbId, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLM
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use super::handshake::{Doorbell, FlushTickets};
+use super::handshake::Doorbell;
 use super::ring::Ring;
 use super::stats::Counters;
 use super::{flusher, Bus, Inner, Shard};
@@ -385,7 +385,6 @@ impl BusBuilder {
             dead: AtomicBool::new(false),
             stop_deadline: OnceLock::new(),
             stalled: AtomicBool::new(false),
-            tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),

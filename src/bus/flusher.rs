@@ -34,28 +34,25 @@ pub(crate) fn spawn(inner: &Arc<Inner>) -> std::io::Result<std::thread::JoinHand
             let _ = crate::sys::set_timer_slack_ns(1);
             inner.contain("bus flusher", || run(&inner));
             inner.dead.store(true, SeqCst);
-            inner.tickets.publish(u64::MAX);
             let _g = inner.space_lock.lock();
             inner.space_cv.notify_all();
         })
 }
 
 /// The thread's main loop: sleep until there is a reason to drain, drain, repeat. Returns
-/// after a stop request once every ring is empty.
+/// at a stop request: the closing thread drains what is left (`Bus::stop`).
 fn run(inner: &Inner) {
-    // The highest flush generation completed, and our copy of the rings (taken before
-    // each look, so that the drains run without the rings' lock).
-    let (mut published, mut rings) = (0, Vec::new());
+    // Our copy of the rings (taken before each look, so that the drains run without the
+    // rings' lock).
+    let mut rings = Vec::new();
     #[cfg(test)]
     let mut passes = 0;
     loop {
-        sleep(inner, &mut rings, published);
+        sleep(inner, &mut rings);
         inner.bell.awake();
-        let stop = inner.stop.load(SeqCst);
-        // Every push that happened-before a flush() call happened-before its fetch_add of
-        // the tickets; reading them here (SeqCst) before the pass makes those pushes
-        // visible to the pass.
-        let gen = inner.tickets.requested();
+        if inner.stop.load(SeqCst) {
+            return;
+        }
         #[cfg(test)]
         {
             passes += 1;
@@ -63,41 +60,26 @@ fn run(inner: &Inner) {
                 panic!("test hook: the flusher panics");
             }
         }
-        // After the tickets were read: rings added before the flush request are in it.
         rings.clone_from(&inner.rings.lock());
-        for ring in &rings {
-            // For a flush (or stop) every ring's drain right is taken, even when the ring
-            // looks empty: a writer helping may have framed the flush's messages and not
-            // yet sent them, and it gives the right back only after its send.
-            if gen > published || stop || ring.pending() {
-                inner.drain(ring, true);
-            }
+        for ring in rings.iter().filter(|r| r.pending()) {
+            inner.drain(ring, true);
         }
         inner.prune_rings();
-        if gen > published {
-            published = gen;
-            inner.tickets.publish(gen);
-        }
-        if stop && inner.rings.lock().iter().all(|r| !r.pending()) {
-            return;
-        }
     }
 }
 
 /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
-/// queued message's deadline, a flush or stop request. Parks indefinitely when every
+/// queued message's deadline, a stop request, a blocked inserter. Parks indefinitely when every
 /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
-fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>, published: u64) {
+fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
     let wm = inner.cfg.watermark as u64;
     // Aim a quarter of the bound early (at most 1 ms): the wake-up delay and the send
     // then fit in the bound. Saturating: beyond u64 nanoseconds (584 years) is "never".
     let bound = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
     let aim = bound - (bound / 4).min(1_000_000);
-    // A stop, a flush request, or a blocked inserter waiting for space in a non-empty
-    // ring: drain now.
+    // A stop, or a blocked inserter waiting for space in a non-empty ring: drain now.
     let urgent = |rings: &[Arc<Ring>]| {
         inner.stop.load(SeqCst)
-            || inner.tickets.requested() > published
             || (inner.space_waiters.load(SeqCst) > 0 && rings.iter().any(|r| r.pending()))
     };
     loop {

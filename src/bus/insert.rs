@@ -104,7 +104,7 @@ pub(crate) trait Queue {
     /// bus lock).
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool;
     /// The ring that holds the caller's unsent messages and takes its next one; `None`
-    /// when unknown (a shard writer's thread-local state is gone: a flush covers them).
+    /// when unknown (a shard writer's thread-local state is gone: drain every ring).
     fn own(&self) -> Option<&Ring>;
     /// After a successful push, holding no bus lock: sends what the caller's own ring
     /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: the
@@ -204,10 +204,10 @@ impl Queue for Shards<'_> {
                 // inserting after ours was destroyed). Shard 0 keeps this thread's order
                 // among such messages, but its earlier ones may still be queued in another
                 // shard: a flush first sends them. A blocked insert retries under
-                // `space_lock` (`help` false), where no flush may wait; its first attempt
+                // `space_lock` (`help` false), where no drain may run; its first attempt
                 // flushed already.
                 if help {
-                    i.wait_flushed();
+                    i.drain_everything();
                 }
                 match self.push_into(0, e) {
                     Some((n, _)) => (0, n),
@@ -416,10 +416,7 @@ fn on_full<Q: Queue>(
             // waited for returns, they are sent (unknown ring: a flush covers them).
             match q.own() {
                 Some(r) => drop(inner.drain(r, true)),
-                None if !inner.wait_flushed() => {
-                    return Err(refuse(&inner, e, InsertError::Closed))
-                }
-                None => {}
+                None => inner.drain_everything(),
             }
             send_direct(&inner, e)
         }
