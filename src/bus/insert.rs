@@ -84,13 +84,15 @@ pub trait Insert {
 }
 
 impl Insert for &Bus {
-    #[inline]
+    #[inline(always)]
     fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Slice { id, data: d }, p)
     }
+    #[inline]
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
     }
+    #[inline(always)]
     fn policy(&self) -> FullPolicy {
         self.inner.cfg.policy
     }

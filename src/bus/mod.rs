@@ -58,9 +58,8 @@ use crate::sys::{ConnectorSocket, Dest};
 use builder::Config;
 pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 
-use insert::Shards;
 pub use insert::{Insert, Producer};
-use ring::{Entry, Ring, Tail};
+use ring::{Ring, Tail};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
@@ -233,27 +232,22 @@ impl Bus {
         BusBuilder::new(dest)
     }
 
-    /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`, applying the
-    /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
-    ///
-    /// The message is encoded, headers included, straight into the shard's buffer (the
-    /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
-    /// ... per id and destination per socket, in wire order). On rejection the message comes back as a
-    /// [`CnMsg`].
+    /// [`Insert::insert`] into the calling thread's per-CPU shard: `data` is encoded,
+    /// headers included, straight into the shard's ring (the only copy the bus makes) and
+    /// numbered when it is sent. The five methods are those of [`Insert`] for `&Bus`,
+    /// callable on a shared `Bus` (or `Arc<Bus>`) without an import.
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, self.inner.cfg.policy)
+        Insert::insert(&mut &*self, id, data)
     }
 
-    /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
-    /// back at once as [`InsertError::Full`].
+    /// [`Insert::try_insert`]: a full shard hands the message back as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::Reject)
+        Insert::try_insert(&mut &*self, id, data)
     }
 
-    /// [`insert`](Self::insert) that waits for space when the shard is full, at most
-    /// `timeout` (then [`InsertError::Timeout`]), or without limit.
+    /// [`Insert::insert_blocking`]: waits for space at most `timeout`, or without limit.
     #[inline]
     pub fn insert_blocking(
         &self,
@@ -261,27 +255,19 @@ impl Bus {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::blocking(timeout))
+        Insert::insert_blocking(&mut &*self, id, data, timeout)
     }
 
-    /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
-    /// caller's thread ([`FullPolicy::SendDirect`]).
+    /// [`Insert::insert_or_send`]: a full shard makes the caller send the message itself.
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::SendDirect)
+        Insert::insert_or_send(&mut &*self, id, data)
     }
 
-    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
-    /// into the shard's buffer), with the given policy for a full shard.
+    /// [`Insert::insert_msg`]: a prebuilt message (seq, ack and flags kept).
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Msg(msg), policy)
-    }
-
-    /// Queues `e` into the calling thread's shard, applying `policy` if it is full.
-    #[inline(always)]
-    fn queue(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(&mut Shards(&self.inner), e, policy)
+        Insert::insert_msg(&mut &*self, msg, policy)
     }
 
     /// Waits until every message inserted before this call (by any thread, as ordered by
@@ -316,7 +302,7 @@ impl Bus {
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
-        // ring's count to `retired_inserts`: each message is counted once.
+        // ring's count to `inserted`: each message is counted once.
         let rings = inner.rings.lock();
         let pushed = rings.iter().map(|r| r.pushed()).sum();
         let queued = rings.iter().map(|r| r.queued()).sum();
@@ -401,9 +387,8 @@ impl Bus {
             if let Err(p) = h.join() {
                 self.inner.panicked("bus flusher", &*p);
             }
-            // If the flusher died early (a panic), what it left is drained here: no insert
-            // can run any more (`&mut self`), so this is the last word on every message.
-            // After a normal exit everything is empty already and this only looks.
+            // What is left is drained here: no `Bus` insert can run any more (`&mut self`),
+            // and a `Producer` sees `dead` (`send_own_if_closed`).
             self.inner.drain_everything();
         }
     }
