@@ -95,16 +95,6 @@ pub enum FullPolicy {
     SendDirect,
 }
 
-impl FullPolicy {
-    /// [`Block`](Self::Block) without a timeout, [`BlockFor`](Self::BlockFor) with one.
-    pub(crate) fn blocking(timeout: Option<Duration>) -> Self {
-        match timeout {
-            Some(t) => Self::BlockFor(t),
-            None => Self::Block,
-        }
-    }
-}
-
 /// How messages are packed into datagrams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Framing {
@@ -139,12 +129,6 @@ pub(crate) struct Config {
     /// Test hook: where a panic is injected.
     #[cfg(test)]
     pub panic_at: Option<flusher::PanicAt>,
-}
-
-impl Config {
-    pub(crate) fn coalesce(&self) -> bool {
-        self.framing == Framing::Coalesce
-    }
 }
 
 /// Configures and starts a [`Bus`].

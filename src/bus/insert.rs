@@ -73,7 +73,11 @@ pub trait Insert {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        self.insert_with(id, data, FullPolicy::blocking(timeout))
+        self.insert_with(
+            id,
+            data,
+            timeout.map_or(FullPolicy::Block, FullPolicy::BlockFor),
+        )
     }
 
     /// Sends on the caller's thread when the queue is full ([`FullPolicy::SendDirect`]).

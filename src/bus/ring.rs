@@ -277,7 +277,7 @@ impl Inner {
             let mut numbering = self.sock.numbering().lock();
             let mut seqs = numbering.to(self.dest);
             // Bytes a datagram may hold: 0 without coalescing (every message closes one).
-            let limit = if self.cfg.coalesce() {
+            let limit = if self.cfg.framing == super::Framing::Coalesce {
                 self.cfg.datagram_size
             } else {
                 0

@@ -71,11 +71,6 @@ impl RoomWait {
     }
 }
 
-/// The error recorded for a datagram that a full unicast receiver did not take in time.
-pub(crate) fn receiver_full(op: crate::Op) -> crate::Error {
-    crate::Error::from_io(op, std::io::Error::from_raw_os_error(libc::EAGAIN))
-}
-
 impl Inner {
     /// Runs `f`; if it panics, the panic is caught, counted ([`BusStats::panics`]) and kept
     /// as [`Error::Panicked`](crate::Error::Panicked) for `flush`/`close`, and `None` is
@@ -146,6 +141,11 @@ impl Inner {
         let max_batch = self.cfg.max_batch.max(1);
         let unicast = matches!(self.dest, crate::sys::Dest::Port(_));
         let mut room = RoomWait::new();
+        // What a datagram that a full unicast receiver did not take in time fails with.
+        let full = || {
+            let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+            crate::Error::from_io(crate::Op::SendBatch, eagain)
+        };
         let mut off = 0;
         let mut tries = 0;
         while off < slices.len() {
@@ -172,8 +172,8 @@ impl Inner {
                 }
                 Ok(_) if unicast && room.wait(self) => continue,
                 // The receiver took nothing in time: no further retry.
-                Ok(_) if unicast => (receiver_full(crate::Op::SendBatch), false),
-                Ok(_) => (receiver_full(crate::Op::SendBatch), true),
+                Ok(_) if unicast => (full(), false),
+                Ok(_) => (full(), true),
                 Err(e) => (e, true),
             };
             let errno = err.errno().unwrap_or(libc::EIO);
