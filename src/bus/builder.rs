@@ -2,7 +2,7 @@
 //! [`Framing`], and [`BusBuilder`], which checks the numbers, allocates the shards'
 //! rings and starts the flusher.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,6 @@ use super::handshake::Doorbell;
 use super::ring::Ring;
 use super::stats::Counters;
 use super::{flusher, Bus, Inner, Shard};
-
-static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most shards a bus may have ([`BusBuilder::shards`]).
 const MAX_SHARDS: usize = 1 << 16;
@@ -355,7 +353,6 @@ impl BusBuilder {
             sock.numbering().lock().set_capacity(n);
         }
         let inner = Arc::new(Inner {
-            id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
             shards: shards.into_boxed_slice(),
             ring_bytes,

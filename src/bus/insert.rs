@@ -120,12 +120,11 @@ pub(crate) trait Queue {
 
 /// A thread's shard of one bus: where its unsent messages are.
 struct Mine {
-    bus: u64,
+    /// The bus: its identity, and to forget the entry once it is gone.
+    bus: Weak<Inner>,
     shard: usize,
     /// The ring's position after this thread's last message there.
     end: usize,
-    /// To forget the entry once the bus is gone.
-    ring: Weak<Ring>,
 }
 
 thread_local! {
@@ -142,7 +141,7 @@ impl Shards<'_> {
     #[inline(always)]
     fn choose(&self, v: &[Mine]) -> (Option<usize>, usize) {
         let i = self.0;
-        let at = v.iter().position(|m| m.bus == i.id);
+        let at = v.iter().position(|m| std::ptr::eq(m.bus.as_ptr(), &**i));
         match at.and_then(|p| v.get(p)) {
             Some(m)
                 if i.shards
@@ -177,15 +176,9 @@ impl Shards<'_> {
             Some(m) => (m.shard, m.end) = (shard, end),
             None => {
                 // A new bus for this thread: forget the buses that are gone.
-                v.retain(|m| m.ring.strong_count() > 0);
-                let ring = i.shards.get(shard).map(|s| Arc::downgrade(&s.ring));
-                let ring = ring.unwrap_or_default();
-                v.push(Mine {
-                    bus: i.id,
-                    shard,
-                    end,
-                    ring,
-                });
+                v.retain(|m| m.bus.strong_count() > 0);
+                let bus = Arc::downgrade(i);
+                v.push(Mine { bus, shard, end });
             }
         }
         Some((shard, n))

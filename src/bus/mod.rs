@@ -73,7 +73,6 @@ pub(crate) struct Shard {
 }
 
 pub(crate) struct Inner {
-    id: u64,
     pub(crate) shards: Box<[Shard]>,
     /// Every ring (the shards' first, then the producers'), for the flusher and the
     /// statistics.
