@@ -112,7 +112,8 @@ impl Inner {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
-    /// Makes sure the flusher runs a pass soon (a flush, a stop, a full ring).
+    /// Wakes the flusher whatever its state (a stop, a blocked or rejected insert): it
+    /// looks at the rings again.
     pub(crate) fn wake(&self) {
         self.bell.ring();
         if let Some(t) = self.flusher.get() {

@@ -1,15 +1,7 @@
-//! [`Ring`]: the bus's one queue type, and its one drain.
-//!
-//! A ring is a bounded [`sys::ring`](crate::sys) byte ring of wire-framed messages. Its
-//! writing side ([`Tail`]) is held by one writer at a time: a [`Producer`](super::Producer)
-//! owns it; a per-CPU shard keeps it behind a short lock shared by the threads of that
-//! CPU. The reading side is the ring's drain right ([`Ring::drain`]): whoever holds it
-//! (the flusher, or a writer at the watermark) frames, numbers and sends everything
-//! published, then gives the bytes back.
-//!
-//! A ring holds messages encoded as on the wire, except that a message the drain numbers
-//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`SKIP`]):
-//! docs/BUS.md, "Design" steps 3 and 5.
+//! [`Ring`]: the bus's one queue type, and its one drain. A [`sys::ring`](crate::sys) byte
+//! ring of messages encoded as on the wire (`nlmsg_type` [`STAGED`] when the drain numbers
+//! them), written through its [`Tail`] by one writer at a time (a `Producer`, or the holder
+//! of a shard's lock), drained by the holder of its drain right: docs/BUS.md, "Design".
 //!
 //! (Over 600 lines with its unit tests: the format is written by `push` and read by
 //! `frame` only, and both stay in this file with the tests of the format.)

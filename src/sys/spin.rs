@@ -1,12 +1,7 @@
-//! A short-section lock for the bus's shards: acquiring is one compare-exchange, releasing
-//! is one plain `Release` store (no read-modify-write), which halves the atomic
-//! read-modify-writes of an insert compared with a parking mutex, whose release must look
-//! for sleepers.
-//!
-//! Waiters spin briefly, then yield the CPU (`sched_yield`) between attempts: the sections
-//! it guards are a few tens of nanoseconds, so a waiter only yields when the holder was
-//! preempted inside one. It never sleeps on a timer and an uncontended lock costs nothing
-//! while idle.
+//! A short-section lock for the bus's shards: taking it is one compare-exchange, releasing
+//! it one plain `Release` store (a parking mutex's release must look for sleepers). Waiters
+//! spin briefly, then yield (`sched_yield`): the sections are a few tens of nanoseconds, so
+//! a waiter only yields when the holder was preempted inside one.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
