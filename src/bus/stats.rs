@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 macro_rules! bus_stats {
-    ($(#[$sm:meta])* pub struct BusStats { $($(#[$m:meta])* pub $f:ident: $t:ident,)* }) => {
+    ($(#[$sm:meta])* pub struct $name:ident { $($(#[$m:meta])* pub $f:ident: $t:ident,)* }) => {
         $(#[$sm])*
-        pub struct BusStats {
+        pub struct $name {
             $($(#[$m])* pub $f: $t,)*
             /// Send failures by errno.
             pub send_errors: SendErrors,
@@ -26,9 +26,9 @@ macro_rules! bus_stats {
         }
 
         impl Counters {
-            fn load(&self) -> BusStats {
+            fn load(&self) -> $name {
                 let e = self.errors.each_ref().map(|c| c.load(Relaxed));
-                BusStats {
+                $name {
                     $($f: bus_stats!(@$t self.$f.load(Relaxed)),)*
                     send_errors: SendErrors {
                         enobufs: e[0],
