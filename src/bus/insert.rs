@@ -234,8 +234,8 @@ impl Queue for Shards<'_> {
 /// [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under that
 /// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy, one
 /// store and one fence, with no lock and no thread-local look-up. The bus's drains (this
-/// producer at the [watermark](super::BusBuilder::watermark), or the flusher at the
-/// latency deadline, on [`Bus::flush`] and at shutdown) send it like a shard's ring.
+/// producer at the [watermark](super::BusBuilder::watermark), the flusher at the latency
+/// deadline, [`Bus::flush`], shutdown) send it like a shard's ring.
 /// Insert through the [`Insert`] trait.
 ///
 /// * **Order**: messages inserted through one `Producer` are sent in insertion order,
@@ -246,7 +246,7 @@ impl Queue for Shards<'_> {
 /// * **Lifetime**: a `Producer` is owned (`'static`): it can live in a worker thread or a
 ///   thread-local. It keeps the bus's socket open; once the bus is closed or dropped, its
 ///   inserts are handed back as [`InsertError::Closed`]. Dropping it keeps its queued
-///   messages, which the flusher sends and [`Bus::flush`] and shutdown wait for.
+///   messages, which the flusher, [`Bus::flush`] and shutdown send.
 pub struct Producer {
     inner: Arc<Inner>,
     ring: Arc<Ring>,
