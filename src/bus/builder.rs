@@ -13,7 +13,6 @@ use crate::codec::{nlmsg_align, CbId, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLM
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use super::handshake::Doorbell;
 use super::ring::Ring;
 use super::stats::Counters;
 use super::{flusher, Bus, Inner, Shard};
@@ -321,7 +320,7 @@ impl BusBuilder {
             sock,
             dest: self.dest,
             epoch: Instant::now(),
-            bell: CachePadded::new(Doorbell::new()),
+            bell: CachePadded::default(),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),

@@ -15,19 +15,13 @@ pub(crate) const TIMED: u8 = 1;
 /// The flusher is parked with nothing queued.
 pub(crate) const IDLE: u8 = 2;
 
-/// What the flusher is doing (docs/BUS.md, "Memory orderings").
-#[derive(Debug)]
+/// What the flusher is doing (docs/BUS.md, "Memory orderings"); `AWAKE` (0) at first.
+#[derive(Debug, Default)]
 pub(crate) struct Doorbell {
     state: AtomicU8,
 }
 
 impl Doorbell {
-    pub(crate) fn new() -> Self {
-        Self {
-            state: AtomicU8::new(AWAKE),
-        }
-    }
-
     /// Writer side, after a push under a shard's lock released the lock: the state (the
     /// flusher's second look takes that lock, which orders the two).
     #[inline]
@@ -102,7 +96,7 @@ mod loom_tests {
                 reader: Mutex::new(r),
                 shard: Mutex::new(()),
                 probe: w.probe(),
-                bell: Doorbell::new(),
+                bell: Doorbell::default(),
                 sent: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
             };
