@@ -18,26 +18,6 @@ pub(crate) use loom::sync::Arc;
 #[cfg(not(cnbus_loom))]
 pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
 
-/// `parking_lot::Condvar` with a by-value `wait`, the signature loom's can offer too.
-#[cfg(not(cnbus_loom))]
-#[derive(Debug, Default)]
-pub(crate) struct Condvar(parking_lot::Condvar);
-
-#[cfg(not(cnbus_loom))]
-impl Condvar {
-    pub(crate) fn new() -> Self {
-        Self(parking_lot::Condvar::new())
-    }
-    /// Releases the guard's lock, waits for a notification, relocks.
-    pub(crate) fn wait<'a, T>(&self, mut g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-        self.0.wait(&mut g);
-        g
-    }
-    pub(crate) fn notify_all(&self) {
-        self.0.notify_all();
-    }
-}
-
 #[cfg(cnbus_loom)]
 mod loom_locks {
     /// `loom::sync::Mutex` with `parking_lot`'s signature.
@@ -50,25 +30,6 @@ mod loom_locks {
         }
         pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
-        }
-    }
-
-    /// `loom::sync::Condvar` with the shim's by-value `wait`.
-    #[derive(Debug, Default)]
-    pub(crate) struct Condvar(loom::sync::Condvar);
-
-    impl Condvar {
-        pub(crate) fn new() -> Self {
-            Self(loom::sync::Condvar::new())
-        }
-        pub(crate) fn wait<'a, T>(
-            &self,
-            g: loom::sync::MutexGuard<'a, T>,
-        ) -> loom::sync::MutexGuard<'a, T> {
-            self.0.wait(g).unwrap_or_else(|e| e.into_inner())
-        }
-        pub(crate) fn notify_all(&self) {
-            self.0.notify_all();
         }
     }
 
@@ -90,4 +51,4 @@ mod loom_locks {
 }
 
 #[cfg(cnbus_loom)]
-pub(crate) use loom_locks::{Condvar, Mutex, RwLock};
+pub(crate) use loom_locks::{Mutex, RwLock};

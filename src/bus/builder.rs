@@ -2,7 +2,7 @@
 //! [`Framing`], and [`BusBuilder`], which checks the numbers, allocates the shards'
 //! rings and starts the flusher.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -13,12 +13,9 @@ use crate::codec::{nlmsg_align, CbId, CN_MSG_HDRLEN, CONNECTOR_MAX_MSG_SIZE, NLM
 use crate::error::{Error, Op, Result};
 use crate::sys::{self, ConnectorSocket, Dest};
 
-use super::handshake::{Doorbell, FlushTickets};
 use super::ring::Ring;
 use super::stats::Counters;
 use super::{flusher, Bus, Inner, Shard};
-
-static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most shards a bus may have ([`BusBuilder::shards`]).
 const MAX_SHARDS: usize = 1 << 16;
@@ -95,16 +92,6 @@ pub enum FullPolicy {
     SendDirect,
 }
 
-impl FullPolicy {
-    /// [`Block`](Self::Block) without a timeout, [`BlockFor`](Self::BlockFor) with one.
-    pub(crate) fn blocking(timeout: Option<Duration>) -> Self {
-        match timeout {
-            Some(t) => Self::BlockFor(t),
-            None => Self::Block,
-        }
-    }
-}
-
 /// How messages are packed into datagrams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Framing {
@@ -141,10 +128,14 @@ pub(crate) struct Config {
     pub panic_at: Option<flusher::PanicAt>,
 }
 
-impl Config {
-    pub(crate) fn coalesce(&self) -> bool {
-        self.framing == Framing::Coalesce
-    }
+/// The builder's setters: `name(arg: Type) => field = value;`, each with its rustdoc.
+macro_rules! setters {
+    ($($(#[$m:meta])* $name:ident($v:ident: $t:ty) => $($f:ident).+ = $val:expr;)*) => {
+        $($(#[$m])* pub fn $name(mut self, $v: $t) -> Self {
+            self.$($f).+ = $val;
+            self
+        })*
+    };
 }
 
 /// Configures and starts a [`Bus`].
@@ -192,112 +183,63 @@ impl BusBuilder {
         }
     }
 
-    /// Sends through `socket` instead of a socket of the bus's own (for example to share
-    /// one port id between several buses, or between a bus and a receiver). The socket's
-    /// sequence numbering is shared too: everything sending on it numbers one sequence
-    /// per destination and id.
-    pub fn socket(mut self, socket: Arc<ConnectorSocket>) -> Self {
-        self.socket = Some(socket);
-        self
-    }
-
-    /// How many `(destination, id)` sequences the socket's numbering remembers (default
-    /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), for everything
-    /// sending on the socket). Past it the least recently used are forgotten (counted in
-    /// `BusStats::numbering_evictions`) and restart at 1: `reordered`, not loss.
-    pub fn numbered_ids(mut self, n: usize) -> Self {
-        self.numbered_ids = Some(n);
-        self
-    }
-
-    /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
-    /// CPU `c` uses shard `c % shards`.
-    pub fn shards(mut self, n: usize) -> Self {
-        self.cfg.shards = n;
-        self
-    }
-
-    /// Messages each ring (a shard's or a [`Producer`](super::Producer)'s) holds (at least
-    /// 1). A ring also holds at most `capacity * 100` bytes, rounded up to a power of two
-    /// and at least two datagrams, at most 1 GiB: larger messages fill it sooner. Reserved
-    /// up front; `build` fails, rather than aborting, when that is too large.
-    pub fn capacity(mut self, n: usize) -> Self {
-        self.cfg.capacity = n;
-        self
-    }
-
-    /// Ring occupancy at which an insert drains the ring itself ([`assist`](Self::assist))
-    /// or wakes the flusher (default capacity / 4; at least 1). Above the capacity: never.
-    pub fn watermark(mut self, n: usize) -> Self {
-        self.watermark = Some(n);
-        self
-    }
-
-    /// Longest time a message waits in a ring (default 1 ms): the flusher aims a quarter of
-    /// it early (at most 1 ms) to absorb its wake-up delay. Beyond 584 years: never.
-    pub fn max_latency(mut self, d: Duration) -> Self {
-        self.cfg.max_latency = d;
-        self
-    }
-
-    /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
-    /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
-    /// much.
-    pub fn datagram_size(mut self, bytes: usize) -> Self {
-        self.cfg.datagram_size = bytes;
-        self
-    }
-
-    /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
-    /// otherwise).
-    pub fn max_batch(mut self, n: usize) -> Self {
-        self.cfg.max_batch = n;
-        self
-    }
-
-    /// How long a send waits for room at a full [`Dest::Port`] receiver (default 1 s). Sends
-    /// never block (`MSG_DONTWAIT`): a full receiver is retried with sleeps up to 1 ms
-    /// apart; if it takes nothing within `send_timeout`, the datagram is counted as failed
-    /// (`EAGAIN`) and the receiver as stalled (not waited for until it takes one again). So
-    /// [`Bus::flush`], [`Bus::close`] and drop return within about `send_timeout` whatever
-    /// the receiver does, while a slow reader still paces the producers. Direct sends wait
-    /// the same way ([`InsertError::Send`] on timeout). Groups and the kernel never wait.
-    /// A timeout too large for [`Instant`] means no limit.
-    pub fn send_timeout(mut self, d: Duration) -> Self {
-        self.cfg.send_timeout = d;
-        self
-    }
-
-    /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12), which
-    /// the kernel's connector and its listeners receive too. Off by default: `build`
-    /// refuses a kernel group and an insert on a kernel id is [`InsertError::KernelOwned`].
-    pub fn allow_kernel_ids(mut self, on: bool) -> Self {
-        self.cfg.allow_kernel_ids = on;
-        self
-    }
-
-    /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
-    /// one message per datagram.
-    pub fn framing(mut self, f: Framing) -> Self {
-        self.cfg.framing = f;
-        self
-    }
-
-    /// The policy of [`Bus::insert`] and [`Bus::insert_msg`] when the shard is full.
-    pub fn on_full(mut self, p: FullPolicy) -> Self {
-        self.cfg.policy = p;
-        self
-    }
-
-    /// Writer-assisted draining (default: on for groups and the kernel, off for
-    /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
-    /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
-    /// that finds it full, drains the ring itself if no one else is: a single fast
-    /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
-    /// deadline, flushes and shutdown. Such an insert pays the system call.
-    pub fn assist(mut self, on: bool) -> Self {
-        self.cfg.assist = on;
-        self
+    setters! {
+        /// Sends through `socket` instead of a socket of the bus's own (for example to share
+        /// one port id between several buses, or between a bus and a receiver). The socket's
+        /// sequence numbering is shared too: everything sending on it numbers one sequence
+        /// per destination and id.
+        socket(socket: Arc<ConnectorSocket>) => socket = Some(socket);
+        /// How many `(destination, id)` sequences the socket's numbering remembers (default
+        /// [`DEFAULT_NUMBERED_IDS`](crate::connector::DEFAULT_NUMBERED_IDS), for everything
+        /// sending on the socket). Past it the least recently used are forgotten (counted in
+        /// `BusStats::numbering_evictions`) and restart at 1: `reordered`, not loss.
+        numbered_ids(n: usize) => numbered_ids = Some(n);
+        /// Number of shards, 1 to 65 536 ([`build`](Self::build) fails otherwise). A thread on
+        /// CPU `c` uses shard `c % shards`.
+        shards(n: usize) => cfg.shards = n;
+        /// Messages each ring (a shard's or a [`Producer`](super::Producer)'s) holds (at least
+        /// 1). A ring also holds at most `capacity * 100` bytes, rounded up to a power of two
+        /// and at least two datagrams, at most 1 GiB: larger messages fill it sooner. Reserved
+        /// up front; `build` fails, rather than aborting, when that is too large.
+        capacity(n: usize) => cfg.capacity = n;
+        /// Ring occupancy at which an insert drains the ring itself ([`assist`](Self::assist))
+        /// or wakes the flusher (default capacity / 4; at least 1). Above the capacity: never.
+        watermark(n: usize) => watermark = Some(n);
+        /// Longest time a message waits in a ring (default 1 ms): the flusher aims a quarter of
+        /// it early (at most 1 ms) to absorb its wake-up delay. Beyond 584 years: never.
+        max_latency(d: Duration) => cfg.max_latency = d;
+        /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
+        /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
+        /// much.
+        datagram_size(bytes: usize) => cfg.datagram_size = bytes;
+        /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
+        /// otherwise).
+        max_batch(n: usize) => cfg.max_batch = n;
+        /// How long a send waits for room at a full [`Dest::Port`] receiver (default 1 s). Sends
+        /// never block (`MSG_DONTWAIT`): a full receiver is retried with sleeps up to 1 ms
+        /// apart; if it takes nothing within `send_timeout`, the datagram is counted as failed
+        /// (`EAGAIN`) and the receiver as stalled (not waited for until it takes one again). So
+        /// [`Bus::flush`], [`Bus::close`] and drop return within about `send_timeout` whatever
+        /// the receiver does, while a slow reader still paces the producers. Direct sends wait
+        /// the same way ([`InsertError::Send`] on timeout). Groups and the kernel never wait.
+        /// A timeout too large for [`Instant`] means no limit.
+        send_timeout(d: Duration) => cfg.send_timeout = d;
+        /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12), which
+        /// the kernel's connector and its listeners receive too. Off by default: `build`
+        /// refuses a kernel group and an insert on a kernel id is [`InsertError::KernelOwned`].
+        allow_kernel_ids(on: bool) => cfg.allow_kernel_ids = on;
+        /// Packing of messages into datagrams. Ignored for [`Dest::Kernel`], which always gets
+        /// one message per datagram.
+        framing(f: Framing) => cfg.framing = f;
+        /// The policy of [`Bus::insert`] and [`Bus::insert_msg`] when the shard is full.
+        on_full(p: FullPolicy) => cfg.policy = p;
+        /// Writer-assisted draining (default: on for groups and the kernel, off for
+        /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
+        /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
+        /// that finds it full, drains the ring itself if no one else is: a single fast
+        /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
+        /// latency deadline. Such an insert pays the system call.
+        assist(on: bool) => cfg.assist = on;
     }
 
     /// Checks the configuration, allocates the shards' rings, opens the socket if none was
@@ -371,7 +313,6 @@ impl BusBuilder {
             sock.numbering().lock().set_capacity(n);
         }
         let inner = Arc::new(Inner {
-            id: NEXT_BUS_ID.fetch_add(1, Relaxed),
             rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
             shards: shards.into_boxed_slice(),
             ring_bytes,
@@ -379,13 +320,12 @@ impl BusBuilder {
             sock,
             dest: self.dest,
             epoch: Instant::now(),
-            bell: CachePadded::new(Doorbell::new()),
+            bell: CachePadded::default(),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             stop_deadline: OnceLock::new(),
             stalled: AtomicBool::new(false),
-            tickets: CachePadded::new(FlushTickets::new()),
             space_waiters: AtomicUsize::new(0),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
@@ -393,45 +333,11 @@ impl BusBuilder {
             last_error: Mutex::new(None),
             cfg,
         });
-        let worker = Arc::clone(&inner);
-        let handle = std::thread::Builder::new()
-            .name("cnbus-flusher".into())
-            .spawn(move || {
-                let guard = DeadGuard(Arc::clone(&worker));
-                // Deadlines to the microsecond rather than the default 50 µs slack (a
-                // failure only costs that slack).
-                let _ = sys::set_timer_slack_ns(1);
-                // A panic in a drain is contained there; one elsewhere in the loop ends the
-                // flusher, is recorded here, and `flush`/`close` then drain on their own
-                // threads (the guard marks the bus dead and releases every waiter).
-                let w = Arc::clone(&worker);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    flusher::Flusher::new(w).run()
-                }));
-                if let Err(p) = run {
-                    worker.panicked("bus flusher", &*p);
-                }
-                drop(guard);
-            })
-            .map_err(|e| Error::from_io(Op::Spawn, e))?;
+        let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
         Ok(Bus {
             inner,
             flusher: Some(handle),
         })
-    }
-}
-
-/// Marks the bus dead when the flusher exits (normally or by panic) and releases every
-/// waiter.
-pub(crate) struct DeadGuard(pub(crate) Arc<Inner>);
-
-impl Drop for DeadGuard {
-    fn drop(&mut self) {
-        let i = &self.0;
-        i.dead.store(true, SeqCst);
-        i.tickets.publish(u64::MAX);
-        let _g = i.space_lock.lock();
-        i.space_cv.notify_all();
     }
 }

@@ -21,147 +21,110 @@ pub(crate) enum PanicAt {
     Pass(u64),
 }
 
-pub(crate) struct Flusher {
-    inner: Arc<Inner>,
-    /// Highest flush generation completed.
-    published: u64,
-    /// Our copy of the rings (taken before each look, so that the drains run without
-    /// the rings' lock).
-    rings: Vec<Arc<Ring>>,
-    #[cfg(test)]
-    passes: u64,
+/// Starts the flusher thread. A panic in a drain is contained there; one elsewhere in the
+/// loop ends the flusher and is recorded, and `flush`/`close` then drain on their own
+/// threads. Either way the bus is then dead and every waiter released.
+pub(crate) fn spawn(inner: &Arc<Inner>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let inner = Arc::clone(inner);
+    std::thread::Builder::new()
+        .name("cnbus-flusher".into())
+        .spawn(move || {
+            // Deadlines to the microsecond rather than the default 50 µs slack (a failure
+            // only costs that slack).
+            let _ = crate::sys::set_timer_slack_ns(1);
+            inner.contain("bus flusher", || run(&inner));
+            inner.dead.store(true, SeqCst);
+            let _g = inner.space_lock.lock();
+            inner.space_cv.notify_all();
+        })
 }
 
-impl Flusher {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
-        Self {
-            published: 0,
-            inner,
-            rings: Vec::new(),
-            #[cfg(test)]
-            passes: 0,
+/// The thread's main loop: sleep until there is a reason to drain, drain, repeat. Returns
+/// at a stop request: the closing thread drains what is left (`Bus::stop`).
+fn run(inner: &Inner) {
+    // Our copy of the rings (taken before each look, so that the drains run without the
+    // rings' lock).
+    let mut rings = Vec::new();
+    #[cfg(test)]
+    let mut passes = 0;
+    loop {
+        sleep(inner, &mut rings);
+        inner.bell.awake();
+        if inner.stop.load(SeqCst) {
+            return;
         }
-    }
-
-    /// The thread's main loop: sleep until there is a reason to drain, drain, repeat.
-    /// Returns after a stop request once every ring is empty.
-    pub(crate) fn run(mut self) {
-        loop {
-            self.sleep();
-            self.inner.bell.awake();
-            let stop = self.inner.stop.load(SeqCst);
-            // Every push that happened-before a flush() call happened-before its fetch_add
-            // of the tickets; reading them here (SeqCst) before the pass makes those pushes
-            // visible to the pass.
-            let gen = self.inner.tickets.requested();
-            #[cfg(test)]
-            {
-                self.passes += 1;
-                if self.inner.cfg.panic_at == Some(PanicAt::Pass(self.passes)) {
-                    panic!("test hook: the flusher panics");
-                }
-            }
-            self.drain_all(gen > self.published || stop);
-            self.inner.prune_rings();
-            if gen > self.published {
-                self.published = gen;
-                self.inner.tickets.publish(gen);
-            }
-            if stop && self.inner.rings.lock().iter().all(|r| !r.pending()) {
-                break;
+        #[cfg(test)]
+        {
+            passes += 1;
+            if inner.cfg.panic_at == Some(PanicAt::Pass(passes)) {
+                panic!("test hook: the flusher panics");
             }
         }
-    }
-
-    /// One pass over the rings. For a flush (or stop) every ring's drain right is taken,
-    /// even when the ring looks empty: a writer helping may have framed the flush's
-    /// messages and not yet sent them, and it gives the right back only after its send.
-    /// Other passes skip empty rings.
-    fn drain_all(&mut self, flushing: bool) {
-        let inner = &*self.inner;
-        // After the tickets were read: rings added before the flush request are in it.
-        self.rings.clone_from(&inner.rings.lock());
-        for ring in &self.rings {
-            if flushing || ring.pending() {
-                inner.drain(ring, true);
-            }
+        rings.clone_from(&inner.rings.lock());
+        for ring in rings.iter().filter(|r| r.pending()) {
+            inner.drain(ring, true);
         }
+        inner.prune_rings();
     }
+}
 
-    /// The look after announcing a sleep: true if a ring shows `why`. A shard's ring is
-    /// looked at after taking and releasing its lock (the writers' side of the handshake
-    /// there), a producer's after the fence of `announce`.
-    fn second_look(&self, why: impl Fn(&Ring) -> bool) -> bool {
-        let shards = &self.inner.shards;
-        for s in shards.iter() {
+/// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
+/// queued message's deadline, a stop request, a blocked inserter. Parks indefinitely when every
+/// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
+fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
+    let wm = inner.cfg.watermark as u64;
+    // Aim a quarter of the bound early (at most 1 ms): the wake-up delay and the send
+    // then fit in the bound. Saturating: beyond u64 nanoseconds (584 years) is "never".
+    let bound = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
+    let aim = bound - (bound / 4).min(1_000_000);
+    // A stop, or a blocked inserter waiting for space in a non-empty ring: drain now.
+    let urgent = |rings: &[Arc<Ring>]| {
+        inner.stop.load(SeqCst)
+            || (inner.space_waiters.load(SeqCst) > 0 && rings.iter().any(|r| r.pending()))
+    };
+    loop {
+        rings.clone_from(&inner.rings.lock());
+        if urgent(rings) {
+            return;
+        }
+        let now = inner.now_ns();
+        let (mut oldest, mut over) = (u64::MAX, false);
+        for r in rings.iter().filter(|r| r.pending()) {
+            oldest = oldest.min(match r.since.load(Relaxed) {
+                0 => now,
+                t => t,
+            });
+            over |= r.queued() >= wm;
+        }
+        if over {
+            return;
+        }
+        // Everything empty: park until a writer wakes us (IDLE); else until the
+        // oldest message's deadline (TIMED).
+        let (how, timeout) = match oldest.checked_add(aim) {
+            _ if oldest == u64::MAX => (IDLE, None),
+            Some(d) if d <= now => return,
+            d => (TIMED, d.map(|d| Duration::from_nanos(d - now))),
+        };
+        // Announce (with the fence), then look again: a push either is seen, or sees
+        // the announcement and unparks us. A shard's ring is looked at after taking and
+        // releasing its lock (the writers' side of the handshake there), a producer's
+        // after the fence; a ring added after our copy wakes us (`add_ring`).
+        inner.bell.announce(how);
+        rings.clone_from(&inner.rings.lock());
+        for s in inner.shards.iter() {
             drop(s.tail.lock());
         }
-        self.rings.iter().any(|r| why(r))
-    }
-
-    /// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
-    /// queued message's deadline, a flush or stop request. Parks indefinitely when every
-    /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
-    fn sleep(&mut self) {
-        let inner = Arc::clone(&self.inner);
-        let wm = inner.cfg.watermark as u64;
-        // Aim a quarter of the bound early (at most 1 ms): the wake-up delay and the send
-        // then fit in the bound. Saturating: beyond u64 nanoseconds (584 years) is "never".
-        let bound = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
-        let aim = bound - (bound / 4).min(1_000_000);
-        // A stop, a flush request, or a blocked inserter waiting for space in a non-empty
-        // ring: drain now.
-        let urgent = |f: &Self| {
-            inner.stop.load(SeqCst)
-                || inner.tickets.requested() > f.published
-                || (inner.space_waiters.load(SeqCst) > 0 && f.rings.iter().any(|r| r.pending()))
-        };
-        loop {
-            self.rings.clone_from(&inner.rings.lock());
-            if urgent(self) {
-                return;
-            }
-            let now = inner.now_ns();
-            let (mut oldest, mut over) = (u64::MAX, false);
-            for r in self.rings.iter().filter(|r| r.pending()) {
-                oldest = oldest.min(match r.since() {
-                    0 => now,
-                    t => t,
-                });
-                over |= r.queued() >= wm;
-            }
-            if over {
-                return;
-            }
-            let timeout = if oldest == u64::MAX {
-                // Everything empty: park until a writer wakes us. Announce IDLE (with the
-                // fence), then look at every ring again: a push either is seen, or sees
-                // IDLE and unparks us. A ring added after our copy wakes us (`add_ring`).
-                inner.bell.announce(IDLE);
-                self.rings.clone_from(&inner.rings.lock());
-                if self.second_look(|r| r.pending()) || urgent(self) {
-                    inner.bell.awake();
-                    continue;
-                }
-                None
-            } else {
-                let deadline = oldest.saturating_add(aim);
-                if now >= deadline {
-                    return;
-                }
-                inner.bell.announce(TIMED);
-                if self.second_look(|r| r.queued() >= wm) || urgent(self) {
-                    inner.bell.awake();
-                    return;
-                }
-                Some(Duration::from_nanos(deadline - now))
-            };
-            match timeout {
-                None => std::thread::park(),
-                Some(t) => std::thread::park_timeout(t),
-            }
+        let wm_or_any = |r: &Arc<Ring>| r.pending() && (how == IDLE || r.queued() >= wm);
+        if rings.iter().any(wm_or_any) || urgent(rings) {
             inner.bell.awake();
-            Counters::add(&inner.stats.wakeups, 1);
+            continue;
         }
+        match timeout {
+            None => std::thread::park(),
+            Some(t) => std::thread::park_timeout(t),
+        }
+        inner.bell.awake();
+        Counters::add(&inner.stats.flusher_wakeups, 1);
     }
 }

@@ -1,11 +1,11 @@
-//! The flusher's sleep/wake state ([`Doorbell`]) and the flush generations
-//! ([`FlushTickets`]), on [`crate::sync`] types so that loom can check them.
+//! The flusher's sleep/wake state ([`Doorbell`]), on [`crate::sync`] types so that loom
+//! can check it.
 //!
-//! The protocol (sleep and wake-up, flush generations), why each side orders as it does,
-//! and what the loom models below check: docs/BUS.md, "Memory orderings". Run them with
+//! The protocol (sleep and wake-up; flush as a drain of every ring), why each side orders
+//! as it does, and what the loom models below check: docs/BUS.md, "Memory orderings". Run them with
 //! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
 
-use crate::sync::{fence, AtomicU64, AtomicU8, Condvar, Mutex};
+use crate::sync::{fence, AtomicU8};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// The flusher is draining, or about to decide how to sleep.
@@ -15,19 +15,13 @@ pub(crate) const TIMED: u8 = 1;
 /// The flusher is parked with nothing queued.
 pub(crate) const IDLE: u8 = 2;
 
-/// What the flusher is doing (docs/BUS.md, "Memory orderings").
-#[derive(Debug)]
+/// What the flusher is doing (docs/BUS.md, "Memory orderings"); `AWAKE` (0) at first.
+#[derive(Debug, Default)]
 pub(crate) struct Doorbell {
     state: AtomicU8,
 }
 
 impl Doorbell {
-    pub(crate) fn new() -> Self {
-        Self {
-            state: AtomicU8::new(AWAKE),
-        }
-    }
-
     /// Writer side, after a push under a shard's lock released the lock: the state (the
     /// flusher's second look takes that lock, which orders the two).
     #[inline]
@@ -71,57 +65,10 @@ impl Doorbell {
     }
 }
 
-/// Flush generations requested and completed. Every insert that happened before `flush()`
-/// happened before its ticket, so before the flusher's read of `requested` that starts a
-/// pass taking every drain right: it is sent by the time that generation is published.
-#[derive(Debug)]
-pub(crate) struct FlushTickets {
-    requested: AtomicU64,
-    /// Highest generation completed; `u64::MAX` once the flusher exited.
-    done: Mutex<u64>,
-    cv: Condvar,
-}
-
-impl FlushTickets {
-    pub(crate) fn new() -> Self {
-        Self {
-            requested: AtomicU64::new(0),
-            done: Mutex::new(0),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// `flush()`: a new generation; wait for it with [`wait`](Self::wait) after waking
-    /// the flusher.
-    pub(crate) fn request(&self) -> u64 {
-        self.requested.fetch_add(1, SeqCst) + 1
-    }
-
-    /// Flusher: the generation a pass starting now completes (read before the pass).
-    pub(crate) fn requested(&self) -> u64 {
-        self.requested.load(SeqCst)
-    }
-
-    /// Flusher: generation `gen` is complete (`u64::MAX`: it exited, release everyone).
-    pub(crate) fn publish(&self, gen: u64) {
-        let mut d = self.done.lock();
-        *d = (*d).max(gen);
-        self.cv.notify_all();
-    }
-
-    /// Waits until generation `gen` is complete.
-    pub(crate) fn wait(&self, gen: u64) {
-        let mut d = self.done.lock();
-        while *d < gen {
-            d = self.cv.wait(d);
-        }
-    }
-}
-
 #[cfg(all(test, cnbus_loom))]
 mod loom_tests {
     use super::*;
-    use crate::sync::{Arc, AtomicBool};
+    use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex};
     use crate::sys::ring::{ring, Reader, Writer};
     use loom::thread;
 
@@ -137,7 +84,6 @@ mod loom_tests {
         shard: Mutex<()>,
         probe: crate::sys::ring::Probe,
         bell: Doorbell,
-        tickets: FlushTickets,
         sent: AtomicU64,
         stop: AtomicBool,
     }
@@ -150,8 +96,7 @@ mod loom_tests {
                 reader: Mutex::new(r),
                 shard: Mutex::new(()),
                 probe: w.probe(),
-                bell: Doorbell::new(),
-                tickets: FlushTickets::new(),
+                bell: Doorbell::default(),
                 sent: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
             };
@@ -161,7 +106,7 @@ mod loom_tests {
         /// `Ring::push` + `Inner::after_push`: publish an 8-byte message, then the fence
         /// and the look at the state (watermark 1: every push counts).
         fn insert(&self, w: &mut Writer, flusher: &thread::Thread) {
-            w.write(8, |b| b.fill(1)).unwrap();
+            assert!(w.write(8, |b| b.fill(1)));
             self.wake(self.bell.state_after_publish(), flusher);
         }
 
@@ -170,7 +115,7 @@ mod loom_tests {
         fn shard_insert(&self, w: &mut Writer, flusher: &thread::Thread) {
             {
                 let _g = self.shard.lock();
-                w.write(8, |b| b.fill(1)).unwrap();
+                assert!(w.write(8, |b| b.fill(1)));
             }
             self.wake(self.bell.state(), flusher);
         }
@@ -201,41 +146,27 @@ mod loom_tests {
                 .store(false, std::sync::atomic::Ordering::Release);
         }
 
-        /// `Flusher::run` + `sleep` (IDLE; TIMED is the same handshake with a timeout).
+        /// `flusher::run` + `sleep` (IDLE; TIMED is the same handshake with a timeout).
         fn flusher(&self) {
-            let mut published = 0;
             loop {
                 loop {
-                    if self.stop.load(SeqCst) || self.tickets.requested() > published {
-                        break;
-                    }
-                    if self.probe.pending() > 0 {
+                    if self.stop.load(SeqCst) || self.probe.pending() > 0 {
                         break;
                     }
                     self.bell.announce(IDLE);
-                    // `Flusher::second_look`: each shard's lock, then every ring.
+                    // The second look: each shard's lock, then every ring.
                     drop(self.shard.lock());
-                    if self.probe.pending() > 0
-                        || self.stop.load(SeqCst)
-                        || self.tickets.requested() > published
-                    {
+                    if self.probe.pending() > 0 || self.stop.load(SeqCst) {
                         self.bell.awake();
                         break;
                     }
                     thread::park();
                     self.bell.awake();
                 }
-                let stop = self.stop.load(SeqCst);
-                let gen = self.tickets.requested();
-                self.drain();
-                if gen > published {
-                    published = gen;
-                    self.tickets.publish(gen);
-                }
-                if stop && self.probe.pending() == 0 {
-                    self.tickets.publish(u64::MAX);
+                if self.stop.load(SeqCst) {
                     return;
                 }
+                self.drain();
             }
         }
 
@@ -262,7 +193,8 @@ mod loom_tests {
 
     /// No lost wake-up: a message published while the flusher goes to sleep is sent
     /// without any flush or stop (a lost wake-up parks the flusher for good, and loom
-    /// reports the deadlock: the main thread waits for `sent`).
+    /// reports the deadlock: the main thread waits for `sent`). The stop leaves the rest
+    /// to the closing thread, as `Bus::stop` does.
     fn check_no_lost_wakeup(insert: fn(&Model, &mut Writer, &thread::Thread)) {
         bounded().check(move || {
             let (m, mut w) = Model::new();
@@ -288,26 +220,25 @@ mod loom_tests {
         check_no_lost_wakeup(Model::shard_insert);
     }
 
-    /// flush() returns only after everything inserted before it was sent, even while a
-    /// writer helping at the watermark holds the drain right.
+    /// flush() (a drain of every ring on the caller's thread, waiting for each drain right)
+    /// returns only after everything inserted before it was sent, even while a writer
+    /// helping at the watermark holds the drain right.
     #[test]
     fn loom_flush_waits_for_everything_inserted_before_it() {
         bounded().check(|| {
+            // No flusher: a flush does not involve it (and its state stays AWAKE, so the
+            // inserts unpark nobody).
             let (m, mut w) = Model::new();
-            let f = Model::spawn_flusher(&m);
-            m.insert(&mut w, &f.1);
+            let me = thread::current();
+            m.insert(&mut w, &me);
             let h = {
                 let m = Arc::clone(&m);
                 thread::spawn(move || m.drain())
             };
-            m.insert(&mut w, &f.1);
-            let gen = m.tickets.request();
-            m.bell.ring();
-            f.1.unpark();
-            m.tickets.wait(gen);
+            m.insert(&mut w, &me);
+            m.drain();
             assert_eq!(m.sent.load(SeqCst), 2, "flush returned before the hand-off");
             h.join().unwrap();
-            m.stop_flusher(f);
         });
     }
 }

@@ -1,10 +1,7 @@
-//! The two entry points onto a [`Ring`], and the insert path above it: size and liveness
-//! checks, then the [`FullPolicy`] when the ring is full.
-//!
-//! [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under its lock,
-//! a [`Producer`] into its own ring without one; [`Insert`] is the one interface over both.
-//! Which shard a thread uses, and why its order survives migration: docs/BUS.md, "Design"
-//! step 2 and "Ordering".
+//! The insert path: [`Insert`], the two writers of a [`Ring`] (a per-CPU shard's, shared
+//! under its lock by the threads of that CPU, and a [`Producer`]'s own), the checks, and
+//! the [`FullPolicy`] when the ring is full. Which shard a thread uses, and why its order
+//! survives migration: docs/BUS.md, "Design" step 2 and "Ordering".
 
 use std::cell::RefCell;
 use std::io::IoSlice;
@@ -17,7 +14,7 @@ use crate::sys;
 
 use super::ring::{self, Entry, Ring, Tail};
 use super::stats::Counters;
-use super::{send, Bus, FullPolicy, Inner, InsertError};
+use super::{Bus, FullPolicy, Inner, InsertError};
 
 /// Inserting into a bus: implemented by `&Bus` (the per-CPU shards) and by [`Producer`]
 /// (a ring of its own), so that one generic body serves both.
@@ -76,7 +73,11 @@ pub trait Insert {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        self.insert_with(id, data, FullPolicy::blocking(timeout))
+        self.insert_with(
+            id,
+            data,
+            timeout.map_or(FullPolicy::Block, FullPolicy::BlockFor),
+        )
     }
 
     /// Sends on the caller's thread when the queue is full ([`FullPolicy::SendDirect`]).
@@ -87,13 +88,15 @@ pub trait Insert {
 }
 
 impl Insert for &Bus {
-    #[inline]
+    #[inline(always)]
     fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Slice { id, data: d }, p)
     }
+    #[inline]
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
         insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
     }
+    #[inline(always)]
     fn policy(&self) -> FullPolicy {
         self.inner.cfg.policy
     }
@@ -106,26 +109,22 @@ pub(crate) trait Queue {
     /// One attempt to queue `e`; false when full. `help`: the caller may drain (it holds no
     /// bus lock).
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool;
-    /// Drains the caller's ring on this thread if no one else is draining it; true if it
-    /// did.
-    fn help_own(&mut self) -> bool;
-    /// Waits until none of the caller's messages is queued or being sent; false when the
-    /// bus is closed.
-    fn settle_own(&mut self) -> bool;
-    /// After a push made with `help` false (under `space_lock`) and that lock released:
-    /// sends what the caller's own ring still holds if the bus was closed meanwhile (see
-    /// `Producer::try_push`). Shards need nothing: the closing drain takes each shard's lock.
+    /// The ring that holds the caller's unsent messages and takes its next one; `None`
+    /// when unknown (a shard writer's thread-local state is gone: drain every ring).
+    fn own(&self) -> Option<&Ring>;
+    /// After a successful push, holding no bus lock: sends what the caller's own ring
+    /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: the
+    /// closing drain takes each shard's lock.
     fn send_own_if_closed(&mut self) {}
 }
 
 /// A thread's shard of one bus: where its unsent messages are.
 struct Mine {
-    bus: u64,
+    /// The bus: its identity, and to forget the entry once it is gone.
+    bus: Weak<Inner>,
     shard: usize,
     /// The ring's position after this thread's last message there.
     end: usize,
-    /// To forget the entry once the bus is gone.
-    ring: Weak<Ring>,
 }
 
 thread_local! {
@@ -136,21 +135,23 @@ thread_local! {
 pub(crate) struct Shards<'a>(pub &'a Arc<Inner>);
 
 impl Shards<'_> {
-    /// This thread's entry for the bus: (index in `MINE`, shard) if its last shard still
-    /// holds one of its messages.
+    /// This thread's entry for the bus (its index in `MINE`) and the shard to push into:
+    /// the one it last used while that ring still holds one of its messages, else the
+    /// shard of the CPU it runs on.
     #[inline(always)]
-    fn pending(&self, v: &[Mine]) -> Option<(usize, usize)> {
+    fn choose(&self, v: &[Mine]) -> (Option<usize>, usize) {
         let i = self.0;
-        let p = v.iter().position(|m| m.bus == i.id)?;
-        let m = v.get(p)?;
-        let ring = &i.shards.get(m.shard)?.ring;
-        Some((p, m.shard)).filter(|_| !ring.released(m.end))
-    }
-
-    /// The shard of the CPU the caller runs on.
-    #[inline]
-    fn cpu_shard(&self) -> usize {
-        sys::current_cpu().unwrap_or(0) % self.0.shards.len()
+        let at = v.iter().position(|m| std::ptr::eq(m.bus.as_ptr(), &**i));
+        match at.and_then(|p| v.get(p)) {
+            Some(m)
+                if i.shards
+                    .get(m.shard)
+                    .is_some_and(|s| !s.ring.probe.released(m.end)) =>
+            {
+                (at, m.shard)
+            }
+            _ => (at, sys::current_cpu().unwrap_or(0) % i.shards.len()),
+        }
     }
 
     /// Pushes into `shard`: the messages held after the push and the new end position.
@@ -162,7 +163,25 @@ impl Shards<'_> {
         let n = sh
             .ring
             .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
-        Some((n, t.position()))
+        Some((n, t.writer.position()))
+    }
+
+    /// Pushes as [`choose`](Self::choose) says and records where: (shard, messages held).
+    #[inline(always)]
+    fn push_mine(&self, v: &mut Vec<Mine>, e: &Entry<'_>) -> Option<(usize, u64)> {
+        let i = self.0;
+        let (at, shard) = self.choose(v);
+        let (n, end) = self.push_into(shard, e)?;
+        match at.and_then(|p| v.get_mut(p)) {
+            Some(m) => (m.shard, m.end) = (shard, end),
+            None => {
+                // A new bus for this thread: forget the buses that are gone.
+                v.retain(|m| m.bus.strong_count() > 0);
+                let bus = Arc::downgrade(i);
+                v.push(Mine { bus, shard, end });
+            }
+        }
+        Some((shard, n))
     }
 }
 
@@ -175,31 +194,7 @@ impl Queue for Shards<'_> {
     #[inline(always)]
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool {
         let i = self.0;
-        let r = MINE.try_with(|v| {
-            let mut v = v.try_borrow_mut().ok()?;
-            let (at, shard) = match self.pending(&v) {
-                Some((p, s)) => (Some(p), s),
-                None => (v.iter().position(|m| m.bus == i.id), self.cpu_shard()),
-            };
-            let Some((n, end)) = self.push_into(shard, e) else {
-                return Some(None);
-            };
-            match at.and_then(|p| v.get_mut(p)) {
-                Some(m) => (m.shard, m.end) = (shard, end),
-                None => {
-                    // A new bus for this thread: forget the buses that are gone.
-                    v.retain(|m| m.ring.strong_count() > 0);
-                    let ring = i.shards.get(shard).map(|s| Arc::downgrade(&s.ring));
-                    v.push(Mine {
-                        bus: i.id,
-                        shard,
-                        end,
-                        ring: ring.unwrap_or_default(),
-                    });
-                }
-            }
-            Some(Some((shard, n)))
-        });
+        let r = MINE.try_with(|v| Some(self.push_mine(&mut *v.try_borrow_mut().ok()?, e)));
         let (shard, n) = match r {
             Ok(Some(Some(r))) => r,
             Ok(Some(None)) => return false,
@@ -208,10 +203,10 @@ impl Queue for Shards<'_> {
                 // inserting after ours was destroyed). Shard 0 keeps this thread's order
                 // among such messages, but its earlier ones may still be queued in another
                 // shard: a flush first sends them. A blocked insert retries under
-                // `space_lock` (`help` false), where no flush may wait; its first attempt
+                // `space_lock` (`help` false), where no drain may run; its first attempt
                 // flushed already.
                 if help {
-                    i.wait_flushed();
+                    i.drain_everything();
                 }
                 match self.push_into(0, e) {
                     Some((n, _)) => (0, n),
@@ -227,24 +222,10 @@ impl Queue for Shards<'_> {
         true
     }
 
-    fn help_own(&mut self) -> bool {
+    fn own(&self) -> Option<&Ring> {
         let i = self.0;
-        let shard = MINE
-            .try_with(|v| v.try_borrow().ok().and_then(|v| self.pending(&v)))
-            .ok()
-            .flatten()
-            .map_or_else(|| self.cpu_shard(), |(_, s)| s);
-        i.shards
-            .get(shard)
-            .is_some_and(|s| i.help(&s.ring).is_some())
-    }
-
-    fn settle_own(&mut self) -> bool {
-        let pending = MINE
-            .try_with(|v| v.try_borrow().map_or(true, |v| self.pending(&v).is_some()))
-            .unwrap_or(true);
-        // Our queued messages are in one ring, perhaps in a drain: a flush covers them.
-        !pending || self.0.wait_flushed()
+        let shard = MINE.try_with(|v| Some(self.choose(&v.try_borrow().ok()?).1));
+        Some(&i.shards.get(shard.ok().flatten()?)?.ring)
     }
 }
 
@@ -253,8 +234,8 @@ impl Queue for Shards<'_> {
 /// [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under that
 /// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy, one
 /// store and one fence, with no lock and no thread-local look-up. The bus's drains (this
-/// producer at the [watermark](super::BusBuilder::watermark), or the flusher at the
-/// latency deadline, on [`Bus::flush`] and at shutdown) send it like a shard's ring.
+/// producer at the [watermark](super::BusBuilder::watermark), the flusher at the latency
+/// deadline, [`Bus::flush`], shutdown) send it like a shard's ring.
 /// Insert through the [`Insert`] trait.
 ///
 /// * **Order**: messages inserted through one `Producer` are sent in insertion order,
@@ -265,7 +246,7 @@ impl Queue for Shards<'_> {
 /// * **Lifetime**: a `Producer` is owned (`'static`): it can live in a worker thread or a
 ///   thread-local. It keeps the bus's socket open; once the bus is closed or dropped, its
 ///   inserts are handed back as [`InsertError::Closed`]. Dropping it keeps its queued
-///   messages, which the flusher sends and [`Bus::flush`] and shutdown wait for.
+///   messages, which the flusher, [`Bus::flush`] and shutdown send.
 pub struct Producer {
     inner: Arc<Inner>,
     ring: Arc<Ring>,
@@ -275,7 +256,7 @@ pub struct Producer {
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Producer")
-            .field("ring_bytes", &self.tail.size())
+            .field("ring_bytes", &self.tail.writer.size())
             .field("queued", &self.queued())
             .finish_non_exhaustive()
     }
@@ -300,7 +281,7 @@ impl Producer {
 
     /// Bytes this producer's ring holds; a message takes [`CnMsg::encoded_len`] of them.
     pub fn capacity_bytes(&self) -> usize {
-        self.tail.size()
+        self.tail.writer.size()
     }
 }
 
@@ -332,33 +313,24 @@ impl Queue for Producer {
         else {
             return false;
         };
-        let ring = &self.ring;
         // No lock here: the fence of the handshake (and of a close, see below).
-        i.after_push(ring, n, i.bell.state_after_publish(), help);
-        // The bus was closed while we pushed (a `Producer` outlives its `Bus`): the
-        // fence above pairs with the one in `drain_everything`, so either the
-        // closing drain saw our message or we see `dead` and send it ourselves. Not
-        // with `help` false: the caller holds `space_lock`, which a drain takes to
-        // notify waiters (a self-deadlock); it calls `send_own_if_closed` once it let go.
-        if help && i.dead.load(Relaxed) {
-            i.drain(ring, true);
-        }
+        i.after_push(&self.ring, n, i.bell.state_after_publish(), help);
         true
     }
 
+    fn own(&self) -> Option<&Ring> {
+        Some(&self.ring)
+    }
+
+    /// The bus was closed while we pushed (a `Producer` outlives its `Bus`): the fence
+    /// after our push pairs with the one in `drain_everything`, so either the closing
+    /// drain saw our message or we see `dead` here and send it ourselves. Not under
+    /// `space_lock`, which the drain takes to notify waiters.
+    #[inline(always)]
     fn send_own_if_closed(&mut self) {
-        if self.inner.dead.load(SeqCst) {
+        if self.inner.dead.load(Relaxed) {
             self.inner.drain(&self.ring, true);
         }
-    }
-
-    fn help_own(&mut self) -> bool {
-        self.inner.help(&self.ring).is_some()
-    }
-
-    fn settle_own(&mut self) -> bool {
-        self.inner.drain(&self.ring, true);
-        true
     }
 }
 
@@ -376,40 +348,47 @@ pub(crate) fn insert<Q: Queue>(
     e: Entry<'_>,
     policy: FullPolicy,
 ) -> Result<(), InsertError<CnMsg>> {
-    {
-        let inner = q.inner();
-        let len = e.encoded_len();
-        if len > inner.cfg.datagram_size || e.data_len() > CnMsg::MAX_DATA {
-            return Err(too_large(inner, e, len));
-        }
-        if inner.cfg.refuse_kernel_ids && e.id().is_kernel_owned() {
-            return Err(kernel_owned(inner, e));
-        }
-        if inner.dead.load(Relaxed) {
-            Counters::add(&inner.stats.rejected_closed, 1);
-            return Err(InsertError::Closed(e.into_msg()));
-        }
+    let inner = q.inner();
+    let (len, limit) = (e.encoded_len(), inner.cfg.datagram_size);
+    let (id, .., data) = e.fields();
+    if len > limit || data.len() > CnMsg::MAX_DATA {
+        return Err(refuse(inner, e, |msg| InsertError::TooLarge {
+            msg,
+            len,
+            limit,
+        }));
     }
-    if q.try_push(&e, true) {
-        return Ok(());
+    if inner.cfg.refuse_kernel_ids && id.is_kernel_owned() {
+        return Err(refuse(inner, e, InsertError::KernelOwned));
     }
-    on_full(q, e, policy)
+    if inner.dead.load(Relaxed) {
+        return Err(refuse(inner, e, InsertError::Closed));
+    }
+    if !q.try_push(&e, true) {
+        return on_full(q, e, policy);
+    }
+    q.send_own_if_closed();
+    Ok(())
 }
 
+/// Counts a refusal in its `rejected_*` counter and hands the message back in it.
 #[cold]
-fn kernel_owned(inner: &Inner, e: Entry<'_>) -> InsertError<CnMsg> {
-    Counters::add(&inner.stats.rejected_kernel_owned, 1);
-    InsertError::KernelOwned(e.into_msg())
-}
-
-#[cold]
-fn too_large(inner: &Inner, e: Entry<'_>, len: usize) -> InsertError<CnMsg> {
-    Counters::add(&inner.stats.rejected_too_large, 1);
-    InsertError::TooLarge {
-        msg: e.into_msg(),
-        len,
-        limit: inner.cfg.datagram_size,
-    }
+fn refuse(
+    inner: &Inner,
+    e: Entry<'_>,
+    err: impl FnOnce(CnMsg) -> InsertError<CnMsg>,
+) -> InsertError<CnMsg> {
+    let (err, st) = (err(e.into_msg()), &inner.stats);
+    let c = match &err {
+        InsertError::Full(_) => &st.rejected_full,
+        InsertError::Timeout(_) => &st.rejected_timeout,
+        InsertError::Closed(_) => &st.rejected_closed,
+        InsertError::TooLarge { .. } => &st.rejected_too_large,
+        InsertError::KernelOwned(_) => &st.rejected_kernel_owned,
+        InsertError::Send { .. } => return err,
+    };
+    Counters::add(c, 1);
+    err
 }
 
 #[cold]
@@ -419,28 +398,24 @@ fn on_full<Q: Queue>(
     policy: FullPolicy,
 ) -> Result<(), InsertError<CnMsg>> {
     let inner = Arc::clone(q.inner());
-    let st = &inner.stats;
-    Counters::max(&st.high_water, inner.cfg.capacity as u64);
+    Counters::max(&inner.stats.high_water, inner.cfg.capacity as u64);
+    if policy != FullPolicy::Reject {
+        Counters::add(&inner.stats.blocked, 1);
+    }
     match policy {
         FullPolicy::Reject => {
-            Counters::add(&st.rejected_full, 1);
             inner.wake();
-            Err(InsertError::Full(e.into_msg()))
+            Err(refuse(&inner, e, InsertError::Full))
         }
-        FullPolicy::Block => {
-            Counters::add(&st.blocked, 1);
-            block(q, &inner, e, None)
-        }
-        FullPolicy::BlockFor(t) => {
-            Counters::add(&st.blocked, 1);
-            // A timeout past what `Instant` can represent is no timeout.
-            block(q, &inner, e, Instant::now().checked_add(t))
-        }
+        FullPolicy::Block => block(q, &inner, e, None),
+        // A timeout past what `Instant` can represent is no timeout.
+        FullPolicy::BlockFor(t) => block(q, &inner, e, Instant::now().checked_add(t)),
         FullPolicy::SendDirect => {
-            Counters::add(&st.blocked, 1);
-            if !q.settle_own() {
-                Counters::add(&st.rejected_closed, 1);
-                return Err(InsertError::Closed(e.into_msg()));
+            // Our queued messages are all in our own ring: once a drain of it that we
+            // waited for returns, they are sent (unknown ring: a flush covers them).
+            match q.own() {
+                Some(r) => drop(inner.drain(r, true)),
+                None => inner.drain_everything(),
             }
             send_direct(&inner, e)
         }
@@ -454,48 +429,46 @@ fn block<Q: Queue>(
     deadline: Option<Instant>,
 ) -> Result<(), InsertError<CnMsg>> {
     // With assisted draining, first try to make the space ourselves.
-    if inner.cfg.assist && q.help_own() && q.try_push(&e, true) {
-        return Ok(());
-    }
-    loop {
-        let mut g = inner.space_lock.lock();
-        inner.space_waiters.fetch_add(1, SeqCst);
-        // A drain that frees space either sees the waiter (and notifies under
-        // `space_lock`, which we hold until we wait) or freed it before our retry below
-        // looks: this fence pairs with the drain's (`space_freed`).
-        fence(SeqCst);
-        // After the increment, so that the flusher either sees the waiter when it decides
-        // how to sleep, or is unparked.
-        inner.wake();
-        // No helping here: we hold `space_lock`, which a drain takes to notify.
-        let pushed = q.try_push(&e, false);
-        if pushed || inner.dead.load(SeqCst) {
+    let helped = inner.cfg.assist && q.own().is_some_and(|r| inner.help(r).is_some());
+    if !helped || !q.try_push(&e, true) {
+        loop {
+            let mut g = inner.space_lock.lock();
+            inner.space_waiters.fetch_add(1, SeqCst);
+            // A drain that frees space either sees the waiter (and notifies under
+            // `space_lock`, which we hold until we wait) or freed it before our retry
+            // below looks: this fence pairs with the drain's (`space_freed`).
+            fence(SeqCst);
+            // After the increment, so that the flusher either sees the waiter when it
+            // decides how to sleep, or is unparked.
+            inner.wake();
+            // No helping here: we hold `space_lock`, which a drain takes to notify.
+            let pushed = q.try_push(&e, false);
+            let dead = !pushed && inner.dead.load(SeqCst);
+            let timed_out = match deadline {
+                _ if pushed || dead => false,
+                Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
+                None => {
+                    inner.space_cv.wait(&mut g);
+                    false
+                }
+            };
             inner.space_waiters.fetch_sub(1, SeqCst);
             drop(g);
-            if pushed {
-                q.send_own_if_closed();
-                return Ok(());
+            if pushed || (timed_out && q.try_push(&e, true)) {
+                break;
             }
-            Counters::add(&inner.stats.rejected_closed, 1);
-            return Err(InsertError::Closed(e.into_msg()));
-        }
-        let timed_out = match deadline {
-            Some(d) => inner.space_cv.wait_until(&mut g, d).timed_out(),
-            None => {
-                inner.space_cv.wait(&mut g);
-                false
+            if dead || timed_out {
+                let err = if dead {
+                    InsertError::Closed
+                } else {
+                    InsertError::Timeout
+                };
+                return Err(refuse(inner, e, err));
             }
-        };
-        inner.space_waiters.fetch_sub(1, SeqCst);
-        drop(g);
-        if timed_out {
-            if q.try_push(&e, true) {
-                return Ok(());
-            }
-            Counters::add(&inner.stats.rejected_timeout, 1);
-            return Err(InsertError::Timeout(e.into_msg()));
         }
     }
+    q.send_own_if_closed();
+    Ok(())
 }
 
 /// Sends `e` on the caller's thread in a datagram of its own (the caller has made sure
@@ -513,17 +486,15 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
         let one = [IoSlice::new(&buf)];
-        let progress = send::Progress::default();
-        inner.send_datagrams(&one, |_| 1, &progress, |_, err| failed = Some(err));
+        inner.send_datagrams(&one, |_| 1, |_, _, err| failed = failed.take().or(err));
     }
-    match failed {
-        None => {
-            Counters::add(&inner.stats.direct, 1);
-            Ok(())
-        }
-        Some(error) => Err(InsertError::Send {
+    if let Some(error) = failed {
+        return Err(InsertError::Send {
             msg: e.into_msg(),
             error,
-        }),
+        });
     }
+    Counters::add(&inner.stats.direct, 1);
+    Counters::add(&inner.stats.inserted, 1);
+    Ok(())
 }

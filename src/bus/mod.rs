@@ -1,23 +1,11 @@
 //! CBUS: per-CPU batching queues with a flusher thread, for hot-path senders.
 //!
-//! One queue type, `Ring`: a bounded ring of wire-framed messages, drained by one
-//! routine that frames them into datagrams, numbers them and hands them to `sendmmsg`
-//! where they lie. Two entry points write into rings:
-//!
-//! * [`Bus::insert`]: the ring of a per-CPU shard, behind a short lock shared by the
-//!   threads of that CPU (memory bounded by the CPU count, not the thread count). A thread
-//!   keeps the shard it last used while that ring still holds one of its messages, then
-//!   moves to its current CPU's shard, so its messages stay in insertion order.
-//! * [`Producer`] ([`Bus::producer`]): a ring owned by one producer, with no lock.
-//!
-//! Both implement [`Insert`]. A *drain* runs on the flusher thread (latency deadline,
-//! [`Bus::flush`], shutdown) or on the inserting thread when its insert brings the ring
-//! to the [`watermark`](BusBuilder::watermark) ([`BusBuilder::assist`]).
-//!
-//! Messages queued with `insert` are numbered per id: seq 1, 2, 3, ... per [`CbId`] and
-//! destination per socket (shared with every bus and connector sending on the socket), in
-//! wire order, in `nlmsg_seq` and `cn_msg.seq`, so a cnbus receiver counts losses exactly.
-//! `insert_msg` keeps the message's own seq.
+//! [`Bus::insert`] copies a message, encoded as on the wire, into the ring of the caller's
+//! per-CPU shard; a [`Producer`] ([`Bus::producer`]) has a ring of its own. Both implement
+//! [`Insert`]. A drain (the flusher thread at the latency deadline, on [`Bus::flush`] and
+//! at shutdown, or the inserting thread at the [watermark](BusBuilder::watermark)) numbers
+//! the messages (seq 1, 2, 3, ... per [`CbId`] and destination per socket, in wire order)
+//! and hands them to `sendmmsg` where they lie.
 //!
 //! ```no_run
 //! use cnbus::bus::Bus;
@@ -35,32 +23,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Guarantees
-//!
-//! * **Order.** Messages inserted by one thread through `Bus::insert` are sent in the
-//!   order it inserted them, even when it migrates between CPUs (inserts during the
-//!   thread's teardown too, at the cost of a flush each); messages of one [`Producer`] in
-//!   the order they were inserted. There is no order between threads or producers.
-//!   [`FullPolicy::SendDirect`] keeps the order (it waits for the caller's queued messages).
-//! * **Bounded.** Each ring holds [`BusBuilder::capacity`] messages and `capacity * 100`
-//!   bytes (rounded up to a power of two, at least two datagrams' worth). When it is full,
-//!   [`FullPolicy`] decides; every rejection is counted ([`BusStats`]).
-//! * **Latency.** A ring is drained at the watermark, or when its oldest message has
-//!   waited about [`BusBuilder::max_latency`] (the flusher aims a quarter of it early, so
-//!   that its wake-up delay stays within the bound). An idle bus parks its flusher.
-//! * **Flush and shutdown.** [`Bus::flush`] returns once every message inserted before it
-//!   has been handed to the kernel (or counted as failed). Dropping the bus, or
-//!   [`Bus::close`], flushes everything and joins the flusher.
-//! * **Bounded waits.** A [`Dest::Port`] receiver whose queue is full is waited for at most
-//!   [`BusBuilder::send_timeout`] (default 1 s), then counted as failed.
-//! * **Errors and panics.** A failed send is retried a bounded number of times for
-//!   transient errors, then counted as failed and kept for [`Bus::flush`] and
-//!   [`Bus::take_error`]. A panic in a drain is caught there and its untaken messages are
-//!   counted as failed; a panic elsewhere in the flusher ends it, and `flush` and shutdown
-//!   then drain on their own threads.
-//!
-//! docs/BUS.md follows one message from `insert` to `sendmmsg`, with the memory orderings
-//! and their loom models.
+//! The guarantees (per-thread order across CPU migration, bounded rings with a
+//! [`FullPolicy`], the latency bound, flush and shutdown, bounded waits at a stopped
+//! [`Dest::Port`] receiver, exact numbering, panic containment), the path of one message
+//! from `insert` to `sendmmsg`, and the memory orderings with their loom models are in
+//! docs/BUS.md.
 //!
 //! (Over 600 lines with its unit tests: the panic-containment tests need the private
 //! test hook of `Config`, so they live here.)
@@ -91,13 +58,12 @@ use crate::sys::{ConnectorSocket, Dest};
 use builder::Config;
 pub use builder::{BusBuilder, Framing, FullPolicy, InsertError};
 
-use insert::Shards;
 pub use insert::{Insert, Producer};
-use ring::{Entry, Ring, Tail};
+use ring::{Ring, Tail};
 use stats::Counters;
 pub use stats::{BusStats, SendErrors};
 
-use handshake::{Doorbell, FlushTickets, AWAKE, IDLE, TIMED};
+use handshake::{Doorbell, AWAKE, IDLE, TIMED};
 
 /// A per-CPU shard: a ring and the lock that lets the threads of its CPU share its
 /// writing side.
@@ -107,7 +73,6 @@ pub(crate) struct Shard {
 }
 
 pub(crate) struct Inner {
-    id: u64,
     pub(crate) shards: Box<[Shard]>,
     /// Every ring (the shards' first, then the producers'), for the flusher and the
     /// statistics.
@@ -132,8 +97,6 @@ pub(crate) struct Inner {
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
-    /// Flush generations requested and completed.
-    pub(crate) tickets: CachePadded<FlushTickets>,
     pub(crate) space_waiters: AtomicUsize,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
@@ -149,7 +112,8 @@ impl Inner {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
-    /// Makes sure the flusher runs a pass soon (a flush, a stop, a full ring).
+    /// Wakes the flusher whatever its state (a stop, a blocked or rejected insert): it
+    /// looks at the rings again.
     pub(crate) fn wake(&self) {
         self.bell.ring();
         if let Some(t) = self.flusher.get() {
@@ -212,15 +176,6 @@ impl Inner {
         }
     }
 
-    /// Requests a flush generation and waits for the flusher to complete it. False when
-    /// the flusher is gone without a stop request (it panicked).
-    pub(crate) fn wait_flushed(&self) -> bool {
-        let my = self.tickets.request();
-        self.wake();
-        self.tickets.wait(my);
-        !self.dead.load(SeqCst) || self.stop.load(SeqCst)
-    }
-
     /// Makes a new producer's ring visible to the flusher.
     fn add_ring(&self, ring: Arc<Ring>) {
         self.rings.lock().push(ring);
@@ -237,7 +192,7 @@ impl Inner {
         self.rings.lock().retain(|r| {
             let gone = r.retired.load(Acquire) && !r.pending();
             if gone {
-                Counters::add(&self.stats.retired_inserts, r.pushed());
+                Counters::add(&self.stats.inserted, r.pushed());
             }
             !gone
         });
@@ -277,27 +232,22 @@ impl Bus {
         BusBuilder::new(dest)
     }
 
-    /// Queues a message with id `id`, ack 0, the next seq of `id`, and a copy of `data`, applying the
-    /// bus's [`FullPolicy`] (set with [`BusBuilder::on_full`]) if the shard is full.
-    ///
-    /// The message is encoded, headers included, straight into the shard's buffer (the
-    /// only copy of `data` the bus makes); its seq is assigned when it is sent (1, 2, 3,
-    /// ... per id and destination per socket, in wire order). On rejection the message comes back as a
-    /// [`CnMsg`].
+    /// [`Insert::insert`] into the calling thread's per-CPU shard: `data` is encoded,
+    /// headers included, straight into the shard's ring (the only copy the bus makes) and
+    /// numbered when it is sent. The five methods are those of [`Insert`] for `&Bus`,
+    /// callable on a shared `Bus` (or `Arc<Bus>`) without an import.
     #[inline]
     pub fn insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, self.inner.cfg.policy)
+        Insert::insert(&mut &*self, id, data)
     }
 
-    /// [`insert`](Self::insert) with [`FullPolicy::Reject`]: a full shard hands the message
-    /// back at once as [`InsertError::Full`].
+    /// [`Insert::try_insert`]: a full shard hands the message back as [`InsertError::Full`].
     #[inline]
     pub fn try_insert(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::Reject)
+        Insert::try_insert(&mut &*self, id, data)
     }
 
-    /// [`insert`](Self::insert) that waits for space when the shard is full, at most
-    /// `timeout` (then [`InsertError::Timeout`]), or without limit.
+    /// [`Insert::insert_blocking`]: waits for space at most `timeout`, or without limit.
     #[inline]
     pub fn insert_blocking(
         &self,
@@ -305,50 +255,40 @@ impl Bus {
         data: &[u8],
         timeout: Option<Duration>,
     ) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::blocking(timeout))
+        Insert::insert_blocking(&mut &*self, id, data, timeout)
     }
 
-    /// [`insert`](Self::insert) that, when the shard is full, sends the message on the
-    /// caller's thread ([`FullPolicy::SendDirect`]).
+    /// [`Insert::insert_or_send`]: a full shard makes the caller send the message itself.
     #[inline]
     pub fn insert_or_send(&self, id: CbId, data: &[u8]) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Slice { id, data }, FullPolicy::SendDirect)
+        Insert::insert_or_send(&mut &*self, id, data)
     }
 
-    /// Queues a prebuilt message (its seq, ack and flags are kept; its data is copied
-    /// into the shard's buffer), with the given policy for a full shard.
+    /// [`Insert::insert_msg`]: a prebuilt message (seq, ack and flags kept).
     #[inline]
     pub fn insert_msg(&self, msg: CnMsg, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        self.queue(Entry::Msg(msg), policy)
-    }
-
-    /// Queues `e` into the calling thread's shard, applying `policy` if it is full.
-    #[inline(always)]
-    fn queue(&self, e: Entry<'_>, policy: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert::insert(&mut Shards(&self.inner), e, policy)
+        Insert::insert_msg(&mut &*self, msg, policy)
     }
 
     /// Waits until every message inserted before this call (by any thread, as ordered by
-    /// happens-before) has been handed to the kernel or counted as failed.
+    /// happens-before) has been handed to the kernel or counted as failed: drains every
+    /// ring on the calling thread, after any drain already running on it.
     ///
     /// Returns the first send error since the previous `flush`/[`take_error`](Self::take_error),
-    /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain).
-    /// Waits on a condition variable; the duration is recorded in [`BusStats`].
-    ///
-    /// If the flusher is gone (it panicked), `flush` drains the queues on the calling
-    /// thread, so the guarantee above still holds, and returns the panic, or
-    /// [`Error::Closed`] once that was returned.
+    /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain), then
+    /// [`Error::Closed`] if the flusher is gone (it panicked). The duration is recorded in
+    /// [`BusStats`].
     pub fn flush(&self) -> Result<()> {
         let start = Instant::now();
-        if !self.inner.wait_flushed() {
-            self.inner.drain_everything();
-            return Err(self.take_error().unwrap_or(Error::Closed));
+        self.inner.drain_everything();
+        let dead = self.inner.dead.load(SeqCst);
+        if !dead {
+            let ns = start.elapsed().as_nanos() as u64;
+            self.inner.stats.flush_done(ns);
         }
-        self.inner
-            .stats
-            .flush_done(start.elapsed().as_nanos() as u64);
         match self.take_error() {
             Some(e) => Err(e),
+            None if dead => Err(Error::Closed),
             None => Ok(()),
         }
     }
@@ -362,7 +302,7 @@ impl Bus {
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
-        // ring's count to `retired_inserts`: each message is counted once.
+        // ring's count to `inserted`: each message is counted once.
         let rings = inner.rings.lock();
         let pushed = rings.iter().map(|r| r.pushed()).sum();
         let queued = rings.iter().map(|r| r.queued()).sum();
@@ -443,13 +383,12 @@ impl Bus {
             }
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
-            // The flusher catches its panics; a join error would be one in the guard.
+            // The flusher contains its panics; a join error would be one after that.
             if let Err(p) = h.join() {
                 self.inner.panicked("bus flusher", &*p);
             }
-            // If the flusher died early (a panic), what it left is drained here: no insert
-            // can run any more (`&mut self`), so this is the last word on every message.
-            // After a normal exit everything is empty already and this only looks.
+            // What is left is drained here: no `Bus` insert can run any more (`&mut self`),
+            // and a `Producer` sees `dead` (`send_own_if_closed`).
             self.inner.drain_everything();
         }
     }
@@ -506,6 +445,15 @@ mod tests {
             .max_batch(2);
         b.cfg.panic_at = Some(at);
         b.build().unwrap()
+    }
+
+    /// Waits for the flusher to die (a hang detector: fails after 30 s, not a timing).
+    fn wait_dead(bus: &Bus) {
+        let t = Instant::now();
+        while !bus.inner.dead.load(SeqCst) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(bus.inner.dead.load(SeqCst));
     }
 
     fn assert_panic(e: Error) {
@@ -580,10 +528,17 @@ mod tests {
     fn a_dead_flusher_leaves_no_message_unaccounted() {
         let Some(rx) = receiver() else { return };
         let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd3;
-        let bus = panicking_bus(&rx, flusher::PanicAt::Pass(1));
+        // Its first pass comes when the ring reaches the watermark, at the 10th message.
+        let mut b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(10)
+            .max_latency(Duration::from_secs(60));
+        b.cfg.panic_at = Some(flusher::PanicAt::Pass(1));
+        let bus = b.build().unwrap();
         for i in 0..10u32 {
             bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
         }
+        wait_dead(&bus);
         assert_panic(bus.flush().expect_err("the panic is reported"));
         let st = bus.stats();
         assert_eq!(
@@ -614,16 +569,64 @@ mod tests {
         let bus = b.build().unwrap();
         // The latency deadline wakes the flusher for its first pass: it panics then.
         bus.insert(CbId::new(idx, 1), b"first").unwrap();
-        let dead = || bus.inner.dead.load(SeqCst);
-        let t = Instant::now();
-        while !dead() && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(dead());
+        wait_dead(&bus);
         let (st, err) = bus.close_with_stats();
         assert_panic(err.expect("the panic is reported by close"));
         assert_eq!((st.inserted, st.sent_messages, st.panics), (1, 1, 1));
         assert_eq!(count(&rx, idx), 1);
+    }
+
+    /// A `Producer` blocked on its full ring (`FullPolicy::Block`) while the bus closes:
+    /// woken by the drain that frees its space, its retry under `space_lock` pushes and
+    /// finds the bus dead. Before 226244e it then drained its ring under that lock, and
+    /// the drain's `space_freed` took `space_lock` again: a self-deadlock (this test hung
+    /// and its watchdog failed it). The drain right is held by the test until `dead` is
+    /// set, so the interleaving is forced, not raced for.
+    #[test]
+    fn a_producer_blocked_on_a_full_ring_survives_the_bus_closing() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd5;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(4)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(60))
+            .assist(false)
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..4u32 {
+            p.try_insert(id, &i.to_ne_bytes()).unwrap();
+        }
+        let inner = Arc::clone(&bus.inner);
+        let ring = Arc::clone(inner.rings.lock().last().unwrap());
+        // Nobody drains the ring (the flusher, woken by the blocked insert, waits here).
+        let right = ring.drain.lock();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = p.insert(id, b"blocked");
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        // The inserter counted itself as a waiter under `space_lock` and holds it until
+        // it waits on the condvar: once we get the lock, it waits.
+        while inner.space_waiters.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        drop(inner.space_lock.lock());
+        // The bus closes (what the flusher's exit does), then the space is freed.
+        inner.dead.store(true, SeqCst);
+        drop(right);
+        inner.drain(&ring, true);
+        // A watchdog instead of a hang (a deadlocked bus cannot be dropped either).
+        let Ok(r) = done.recv_timeout(Duration::from_secs(120)) else {
+            std::mem::forget(bus);
+            panic!("deadlock: the blocked Producer never returned");
+        };
+        assert_eq!(r, Ok(()));
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages), (5, 5));
+        assert_eq!(count(&rx, idx), 5);
     }
 
     #[test]

@@ -1,15 +1,7 @@
-//! [`Ring`]: the bus's one queue type, and its one drain.
-//!
-//! A ring is a bounded [`sys::ring`](crate::sys) byte ring of wire-framed messages. Its
-//! writing side ([`Tail`]) is held by one writer at a time: a [`Producer`](super::Producer)
-//! owns it; a per-CPU shard keeps it behind a short lock shared by the threads of that
-//! CPU. The reading side is the ring's drain right ([`Ring::drain`]): whoever holds it
-//! (the flusher, or a writer at the watermark) frames, numbers and sends everything
-//! published, then gives the bytes back.
-//!
-//! A ring holds messages encoded as on the wire, except that a message the drain numbers
-//! has `nlmsg_type` [`STAGED`] and that the end of the buffer may hold a skip word ([`PAD`]):
-//! docs/BUS.md, "Design" steps 3 and 5.
+//! [`Ring`]: the bus's one queue type, and its one drain. A [`sys::ring`](crate::sys) byte
+//! ring of messages encoded as on the wire (`nlmsg_type` [`STAGED`] when the drain numbers
+//! them), written through its [`Tail`] by one writer at a time (a `Producer`, or the holder
+//! of a shard's lock), drained by the holder of its drain right: docs/BUS.md, "Design".
 //!
 //! (Over 600 lines with its unit tests: the format is written by `push` and read by
 //! `frame` only, and both stay in this file with the tests of the format.)
@@ -24,18 +16,13 @@ use parking_lot::Mutex;
 
 use crate::codec::{self, array_mut, nlmsg_align, CbId, CnHeader, CnMsg, NlHeader, NLMSG_DONE};
 use crate::error::{DecodeError, DecodeErrorKind};
-use crate::sys::ring::{self, Probe, Reader, Short, Writer};
+use crate::sys::ring::{self, Probe, Reader, Writer, SKIP};
 
-use super::send::Progress;
 use super::stats::Counters;
 use super::Inner;
 
 /// `nlmsg_type` of a staged message that the drain numbers.
 pub(crate) const STAGED: u16 = 0;
-
-/// High bit of a skip word `PAD | bytes`, where a message has its `nlmsg_len` (lengths are
-/// below 2^17, so the bit is free).
-pub(crate) const PAD: u32 = 1 << 31;
 
 /// Netlink plus connector header: the shortest message.
 const HDR: usize = 36;
@@ -61,21 +48,12 @@ pub(crate) enum Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// Length of the data.
-    #[inline]
-    pub(crate) fn data_len(&self) -> usize {
+    /// Id, seq, ack, flags, `nlmsg_type` ([`STAGED`] when the drain numbers it), data.
+    #[inline(always)]
+    pub(crate) fn fields(&self) -> (CbId, u32, u32, u16, u16, &[u8]) {
         match self {
-            Self::Slice { data, .. } => data.len(),
-            Self::Msg(m) => m.data.len(),
-        }
-    }
-
-    /// The id.
-    #[inline]
-    pub(crate) fn id(&self) -> CbId {
-        match self {
-            Self::Slice { id, .. } => *id,
-            Self::Msg(m) => m.id,
+            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, data),
+            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
         }
     }
 
@@ -90,18 +68,15 @@ impl Entry<'_> {
     /// Bytes on the wire, netlink header and padding included.
     #[inline]
     pub(crate) fn encoded_len(&self) -> usize {
-        nlmsg_align(HDR + self.data_len())
+        nlmsg_align(HDR + self.fields().5.len())
     }
 
     /// Writes the encoded message (headers as [`crate::codec::DatagramBuilder`] writes
-    /// them, with `nlmsg_type` [`STAGED`] when the drain numbers it) at the start of `out`.
+    /// them) at the start of `out`.
     /// Returns the bytes written, or `None` when `out` is too short.
     #[inline(always)]
     pub(crate) fn encode_into(&self, pid: u32, out: &mut [u8]) -> Option<usize> {
-        let (id, seq, ack, flags, ty, data) = match self {
-            Self::Slice { id, data } => (*id, 0, 0, 0, STAGED, *data),
-            Self::Msg(m) => (m.id, m.seq, m.ack, m.flags, NLMSG_DONE, &m.data[..]),
-        };
+        let (id, seq, ack, flags, ty, data) = self.fields();
         let cn = CnHeader {
             id,
             seq,
@@ -123,38 +98,11 @@ impl Entry<'_> {
 /// The writing side of a [`Ring`]: one writer at a time (a `Producer`, or the thread
 /// holding a shard's lock).
 pub(crate) struct Tail {
-    writer: Writer,
+    /// Its position is just past the last message published: the ring has sent it once
+    /// `Ring::probe` says so.
+    pub(crate) writer: Writer,
     /// Messages published (our copy of `Ring::pushed`).
     pushed: u64,
-}
-
-impl Tail {
-    /// Position just past the last message published: the ring has sent it once
-    /// [`Ring::released`] says so.
-    #[inline(always)]
-    pub(crate) fn position(&self) -> usize {
-        self.writer.position()
-    }
-
-    /// The ring's size in bytes.
-    pub(crate) fn size(&self) -> usize {
-        self.writer.size()
-    }
-
-    /// Fills the rest of the ring with a skip word, so that the next message goes at its
-    /// start; false when there is no room for the skip.
-    #[cold]
-    fn wrap(&mut self) -> bool {
-        let n = self.writer.until_end();
-        let skip = (n as u32 | PAD).to_ne_bytes();
-        self.writer
-            .write(n, |b| {
-                if let Some(w) = b.get_mut(..4) {
-                    w.copy_from_slice(&skip);
-                }
-            })
-            .is_ok()
-    }
 }
 
 /// The reading side of a ring and the drain's scratch state.
@@ -178,7 +126,9 @@ struct Bound {
 
 /// The bus's queue; see the module docs.
 pub(crate) struct Ring {
-    probe: Probe,
+    /// `released(end)`: true once everything up to `end` (the writer's position after a
+    /// message) was sent or counted as failed (Acquire: that send happens-before).
+    pub(crate) probe: Probe,
     /// Messages published. Stored (`Relaxed`) only by the writer: a statistic and the
     /// flusher's watermark hint; the ring's positions are what order memory.
     pushed: AtomicU64,
@@ -189,10 +139,11 @@ pub(crate) struct Ring {
     /// An enqueue stamp (ns since the bus epoch) no later than the oldest message's:
     /// stored by the writer when it publishes into an empty ring, and by a drain as the
     /// time it loaded the tail (everything it left behind is younger).
-    since: AtomicU64,
+    pub(crate) since: AtomicU64,
     /// A `Producer`'s ring whose producer is gone: once empty, the flusher forgets it.
     pub retired: AtomicBool,
-    drain: Mutex<Drainer>,
+    /// The drain right (`pub(super)` for a test that holds it).
+    pub(super) drain: Mutex<Drainer>,
 }
 
 impl Ring {
@@ -251,10 +202,8 @@ impl Ring {
         let encode = |b: &mut [u8]| {
             let _ = e.encode_into(pid, b);
         };
-        match t.writer.write(len, encode) {
-            Ok(()) => {}
-            Err(Short::End) if t.wrap() && t.writer.write(len, encode).is_ok() => {}
-            Err(_) => return None,
+        if !t.writer.write(len, encode) {
+            return None;
         }
         t.pushed += 1;
         self.pushed.store(t.pushed, Relaxed);
@@ -275,18 +224,6 @@ impl Ring {
     #[inline]
     pub(crate) fn pending(&self) -> bool {
         self.probe.pending() > 0
-    }
-
-    /// True once everything up to `end` (a [`Tail::position`]) was sent or counted as
-    /// failed (Acquire: that send happens-before the caller's next step).
-    #[inline(always)]
-    pub(crate) fn released(&self, end: usize) -> bool {
-        self.probe.released(end)
-    }
-
-    /// The oldest message's enqueue stamp (read while the ring holds messages).
-    pub(crate) fn since(&self) -> u64 {
-        self.since.load(Relaxed)
     }
 }
 
@@ -317,13 +254,14 @@ impl Inner {
         if a.is_empty() {
             return 0;
         }
-        let since = ring.since();
+        let since = ring.since.load(Relaxed);
         bounds.clear();
         // Messages framed, once known: a panic after that point is contained (what was
         // not sent is counted as failed); one while framing leaves the bytes in the ring
         // for the next drain (messages numbered by then keep their numbers).
         let framed = Cell::new(None);
-        let progress = Progress::default();
+        // Messages and datagrams sent or counted as failed so far.
+        let progress = Cell::new((0u64, 0u64));
         let sent = self.contain("bus drainer", || {
             // The send lock: numbering and sending of one drain are not interleaved with
             // another drain's (of any ring, of any bus on this socket), so the numbers of
@@ -331,16 +269,16 @@ impl Inner {
             let mut numbering = self.sock.numbering().lock();
             let mut seqs = numbering.to(self.dest);
             // Bytes a datagram may hold: 0 without coalescing (every message closes one).
-            let limit = if self.cfg.coalesce() {
+            let limit = if self.cfg.framing == super::Framing::Coalesce {
                 self.cfg.datagram_size
             } else {
                 0
             };
             let (mut msgs, mut bad) = (0u64, None);
             for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
-                let w = frame(part, bytes, limit, &mut seqs, bounds);
-                msgs += w.msgs;
-                bad = bad.or(w.bad);
+                let (n, e) = frame(part, bytes, limit, &mut seqs, bounds);
+                msgs += n;
+                bad = bad.or(e);
             }
             framed.set(Some(msgs));
             let parts = [&*a, &*b];
@@ -349,17 +287,26 @@ impl Inner {
                 .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
                 .collect();
             let per = |i: usize| bounds.get(i).map_or(0, |x| x.msgs);
-            self.send_datagrams(&slices, per, &progress, |n, err| {
-                Counters::add(&self.stats.failed_datagrams, 1);
-                Counters::add(&self.stats.failed_messages, n);
-                self.record_error(err);
+            self.send_datagrams(&slices, per, |m, d, err| {
+                let (pm, pd) = progress.get();
+                progress.set((pm + m, pd + d));
+                if let Some(err) = err {
+                    Counters::add(&self.stats.failed_datagrams, d);
+                    Counters::add(&self.stats.failed_messages, m);
+                    self.record_error(err);
+                }
             });
             (msgs, bad)
         });
         let (msgs, bad) = match (sent, framed.get()) {
             (Some(r), _) => r,
             (None, Some(msgs)) => {
-                self.fail_rest(&progress, msgs, bounds.len() as u64);
+                let ((m, d), st) = (progress.get(), &self.stats);
+                Counters::add(&st.failed_messages, msgs.saturating_sub(m));
+                Counters::add(
+                    &st.failed_datagrams,
+                    (bounds.len() as u64).saturating_sub(d),
+                );
                 (msgs, None)
             }
             (None, None) => return 0,
@@ -372,7 +319,7 @@ impl Inner {
         }
         let taken = a.len() + b.len();
         if since != 0 {
-            Counters::max(&self.stats.max_queue_delay_ns, t.saturating_sub(since));
+            Counters::max(&self.stats.max_queue_delay, t.saturating_sub(since));
         }
         Counters::max(&self.stats.high_water, msgs);
         ring.since.store(t, Relaxed);
@@ -385,25 +332,18 @@ impl Inner {
     }
 }
 
-/// What [`frame`] found.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Walk {
-    msgs: u64,
-    /// A malformed word ended the walk.
-    bad: Option<DecodeError>,
-}
-
 /// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
 /// words, and appends the datagrams (closed at `limit` bytes, or after every message when
 /// `limit` is 0, and at the end of the part) to `out`. Never reads out of bounds,
-/// always advances, and stops at the first malformed word. Reads each header once.
+/// always advances, and stops at the first malformed word (returned with the messages
+/// found). Reads each header once.
 fn frame(
     part: usize,
     bytes: &mut [u8],
     limit: usize,
     seqs: &mut crate::seq::DestSeqs,
     out: &mut Vec<Bound>,
-) -> Walk {
+) -> (u64, Option<DecodeError>) {
     // The open datagram: start, the end beyond which a message closes it, messages.
     let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
     let mut total = 0u64;
@@ -430,7 +370,7 @@ fn frame(
             let word = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
             let stride = nlmsg_align(word as usize);
             // A message (not a skip word) that fits: the common case, one range check.
-            if (HDR as u32..PAD).contains(&word) && stride <= rest {
+            if (HDR as u32..SKIP).contains(&word) && stride <= rest {
                 let staged = u16::from_ne_bytes([h[4], h[5]]) == STAGED;
                 let (head, k) = (word8(h, 0), word8(h, 16));
                 if staged {
@@ -471,48 +411,26 @@ fn frame(
                 continue;
             }
         }
-        // A skip word (a datagram never spans one), or a malformed word.
-        match skip(bytes.get(p..).unwrap_or_default(), p) {
-            Ok(k) => {
-                close(out, start, p, &mut msgs);
-                close_at = 0;
-                p += k;
-            }
-            Err(e) => {
-                bad = Some(e);
-                break;
-            }
+        // A skip word (a datagram never spans one), or a malformed word: only a bug can
+        // put one in a ring; the walk stops there, so that the ring cannot wedge.
+        let word = bytes.get(p..p + 4).and_then(|w| w.try_into().ok());
+        let word = word.map_or(0, u32::from_ne_bytes);
+        let n = (word & !SKIP) as usize;
+        if word & SKIP == 0 || n < 4 || n > rest {
+            let (len, remaining) = (word, rest);
+            let kind = DecodeErrorKind::NlmsgLenOverrun { len, remaining };
+            bad = Some(DecodeError::new(p, kind));
+            break;
         }
+        close(out, start, p, &mut msgs);
+        close_at = 0;
+        p += n;
     }
     close(out, start, p, &mut msgs);
     if numbering {
         seqs.put(id_of(key), n);
     }
-    Walk { msgs: total, bad }
-}
-
-/// The length of the skip word at the start of `rest` (at offset `at` of its part), or why
-/// the bytes there are neither a skip word nor a message.
-#[cold]
-fn skip(rest: &[u8], at: usize) -> Result<usize, DecodeError> {
-    let err = |kind| Err(DecodeError::new(at, kind));
-    let Some(&[a, b, c, d]) = rest.get(..4) else {
-        return err(DecodeErrorKind::ShortHeader {
-            remaining: rest.len(),
-        });
-    };
-    let word = u32::from_ne_bytes([a, b, c, d]);
-    let n = (word & !PAD) as usize;
-    if word & PAD == 0 && (word as usize) < HDR {
-        err(DecodeErrorKind::NlmsgLenTooSmall { len: word })
-    } else if word & PAD == 0 || n < 4 || n > rest.len() {
-        err(DecodeErrorKind::NlmsgLenOverrun {
-            len: word,
-            remaining: rest.len(),
-        })
-    } else {
-        Ok(n)
-    }
+    (total, bad)
 }
 
 /// Eight header bytes at `at` as one word (for comparisons only).
@@ -561,7 +479,11 @@ mod tests {
     }
 
     /// `frame` over `bytes` as part `part`, with a fresh numbering.
-    fn walk(part: usize, bytes: &mut [u8], limit: usize) -> (Walk, Vec<Bound>) {
+    fn walk(
+        part: usize,
+        bytes: &mut [u8],
+        limit: usize,
+    ) -> ((u64, Option<DecodeError>), Vec<Bound>) {
         let mut src = SeqSource::default();
         let mut out = Vec::new();
         let w = frame(
@@ -624,8 +546,8 @@ mod tests {
             assert_eq!(r.push(&mut t, &e, 1, 4, || 5), Some(k));
         }
         assert_eq!(r.push(&mut t, &e, 1, 4, || 6), None, "full at capacity");
-        assert_eq!((r.queued(), r.since(), r.pushed()), (4, 5, 4));
-        assert!(!r.released(t.position()));
+        assert_eq!((r.queued(), r.since.load(Relaxed), r.pushed()), (4, 5, 4));
+        assert!(!r.probe.released(t.writer.position()));
         let big = [0u8; 200];
         let eb = Entry::Slice {
             id: CbId::new(1, 1),
@@ -646,13 +568,13 @@ mod tests {
         bytes.extend(staged(a, b"hello", true)); // 44
         bytes.extend(staged(b, b"x", false)); // 40, prebuilt: seq kept (0)
         bytes.extend(staged(a, b"x", true)); // 40
-        bytes.extend((8u32 | PAD).to_ne_bytes());
+        bytes.extend((8u32 | SKIP).to_ne_bytes());
         bytes.extend([0u8; 4]);
         let mut src = SeqSource::default();
         let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
         let w = frame(0, &mut bytes, 100, &mut seqs, &mut out);
-        assert_eq!(w, Walk { msgs: 4, bad: None });
+        assert_eq!(w, (4, None));
         let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
         assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
         let got: Vec<_> = messages_ref(&bytes[..164])
@@ -683,7 +605,7 @@ mod tests {
         bytes.extend(staged(b, b"abcd", true));
         bytes.extend(staged(a, b"abcd", true));
         let (w, out) = walk(0, &mut bytes, 120);
-        assert_eq!(w.msgs, 12);
+        assert_eq!(w.0, 12);
         let per: Vec<u64> = out.iter().map(|x| x.msgs).collect();
         assert_eq!(per, [3, 3, 3, 3]);
         assert!(out.windows(2).all(|w| w[0].end == w[1].start));
@@ -702,14 +624,14 @@ mod tests {
     #[test]
     fn frame_stops_at_malformed_words() {
         for junk in [
-            vec![0u8; 8],                         // nlmsg_len 0
-            (12u32 | PAD).to_ne_bytes().to_vec(), // skip past the end
-            PAD.to_ne_bytes().to_vec(),           // skip of 0: would not advance
-            1000u32.to_ne_bytes().to_vec(),       // message past the end
-            vec![1, 2],                           // too short for a word
+            vec![0u8; 8],                          // nlmsg_len 0
+            (12u32 | SKIP).to_ne_bytes().to_vec(), // skip past the end
+            SKIP.to_ne_bytes().to_vec(),           // skip of 0: would not advance
+            1000u32.to_ne_bytes().to_vec(),        // message past the end
+            vec![1, 2],                            // too short for a word
         ] {
             let (w, out) = walk(0, &mut junk.clone(), 4096);
-            assert!(w.bad.is_some(), "{junk:?}");
+            assert!(w.1.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }
     }

@@ -2,7 +2,6 @@
 //! receiver, and the containment of panics, for every drain ([`Ring`](super::ring::Ring))
 //! and direct send.
 
-use std::cell::Cell;
 use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{fence, Ordering::*};
@@ -72,26 +71,6 @@ impl RoomWait {
     }
 }
 
-/// Messages and datagrams of one drain accounted for so far (sent, or counted as failed):
-/// what a panic in the middle of the drain leaves to count as failed.
-#[derive(Debug, Default)]
-pub(crate) struct Progress {
-    msgs: Cell<u64>,
-    dgrams: Cell<u64>,
-}
-
-impl Progress {
-    fn add(&self, msgs: u64, dgrams: u64) {
-        self.msgs.set(self.msgs.get() + msgs);
-        self.dgrams.set(self.dgrams.get() + dgrams);
-    }
-}
-
-/// The error recorded for a datagram that a full unicast receiver did not take in time.
-pub(crate) fn receiver_full(op: crate::Op) -> crate::Error {
-    crate::Error::from_io(op, std::io::Error::from_raw_os_error(libc::EAGAIN))
-}
-
 impl Inner {
     /// Runs `f`; if it panics, the panic is caught, counted ([`BusStats::panics`]) and kept
     /// as [`Error::Panicked`](crate::Error::Panicked) for `flush`/`close`, and `None` is
@@ -124,14 +103,6 @@ impl Inner {
         }
     }
 
-    /// After a panic in the middle of a drain of `msgs` messages in `dgrams` datagrams:
-    /// counts those `p` does not cover as failed.
-    pub(crate) fn fail_rest(&self, p: &Progress, msgs: u64, dgrams: u64) {
-        let st = &self.stats;
-        Counters::add(&st.failed_messages, msgs.saturating_sub(p.msgs.get()));
-        Counters::add(&st.failed_datagrams, dgrams.saturating_sub(p.dgrams.get()));
-    }
-
     /// Drains every ring on the calling thread (waiting for each drain right), as a flush
     /// pass does: for `flush` and shutdown when the flusher is gone. The fence pairs with
     /// the one a `Producer` runs after its push and before it looks at `dead` (see
@@ -156,21 +127,25 @@ impl Inner {
     }
 
     /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
-    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times,
-    /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]), and
-    /// counting everything (and recording it in `progress`). A datagram given up on is
-    /// passed to `failed` with its error. The caller holds the send lock.
+    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times and
+    /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]). Tells
+    /// `done(messages, datagrams, error)` of each batch sent (`None`: counted here) and of
+    /// each datagram given up on (its error). The caller holds the send lock.
     pub(crate) fn send_datagrams(
         &self,
         slices: &[IoSlice<'_>],
         msgs: impl Fn(usize) -> u64,
-        progress: &Progress,
-        mut failed: impl FnMut(u64, crate::Error),
+        mut done: impl FnMut(u64, u64, Option<crate::Error>),
     ) {
         let st = &self.stats;
         let max_batch = self.cfg.max_batch.max(1);
         let unicast = matches!(self.dest, crate::sys::Dest::Port(_));
         let mut room = RoomWait::new();
+        // What a datagram that a full unicast receiver did not take in time fails with.
+        let full = || {
+            let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+            crate::Error::from_io(crate::Op::SendBatch, eagain)
+        };
         let mut off = 0;
         let mut tries = 0;
         while off < slices.len() {
@@ -188,7 +163,7 @@ impl Inner {
                     let n: u64 = (off..off + k).map(&msgs).sum();
                     Counters::add(&st.sent_datagrams, k as u64);
                     Counters::add(&st.sent_messages, n);
-                    progress.add(n, k as u64);
+                    done(n, k as u64, None);
                     (off, tries) = (off + k, 0);
                     if unicast {
                         room.done(self);
@@ -197,8 +172,8 @@ impl Inner {
                 }
                 Ok(_) if unicast && room.wait(self) => continue,
                 // The receiver took nothing in time: no further retry.
-                Ok(_) if unicast => (receiver_full(crate::Op::SendBatch), false),
-                Ok(_) => (receiver_full(crate::Op::SendBatch), true),
+                Ok(_) if unicast => (full(), false),
+                Ok(_) => (full(), true),
                 Err(e) => (e, true),
             };
             let errno = err.errno().unwrap_or(libc::EIO);
@@ -214,8 +189,7 @@ impl Inner {
             }
             // Give up on this datagram: its numbers are used up, so a receiver counts its
             // messages as lost.
-            progress.add(msgs(off), 1);
-            failed(msgs(off), err);
+            done(msgs(off), 1, Some(err));
             (off, tries) = (off + 1, 0);
         }
     }

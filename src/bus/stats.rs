@@ -1,48 +1,48 @@
-//! Counters and the [`BusStats`] snapshot.
+//! Counters and the [`BusStats`] snapshot: one list of fields, from which the macro below
+//! makes both the public snapshot and its atomic counters (durations in nanoseconds).
 //!
-//! Counters the insert path would have to share between threads are avoided: accepted
-//! inserts are counted per ring (written by its writer only) and summed when a snapshot
-//! is taken. Everything else is counted on slow paths (rejections,
-//! direct sends) or by the flusher, with `Relaxed` atomics: they are statistics, and a
-//! snapshot is not an atomic cut across counters.
+//! Accepted inserts are counted per ring (written by its writer only) and summed when a
+//! snapshot is taken; everything else is counted on slow paths or by the drains, with
+//! `Relaxed` atomics: they are statistics, and a snapshot is not an atomic cut.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Atomic counters behind [`BusStats`].
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub direct: AtomicU64,
-    pub rejected_full: AtomicU64,
-    pub rejected_timeout: AtomicU64,
-    pub rejected_closed: AtomicU64,
-    pub rejected_too_large: AtomicU64,
-    pub rejected_kernel_owned: AtomicU64,
-    pub blocked: AtomicU64,
-    pub full_receiver_waits: AtomicU64,
-    pub panics: AtomicU64,
-    pub sent_messages: AtomicU64,
-    pub sent_datagrams: AtomicU64,
-    pub syscalls: AtomicU64,
-    pub failed_messages: AtomicU64,
-    pub failed_datagrams: AtomicU64,
-    pub err_enobufs: AtomicU64,
-    pub err_eperm: AtomicU64,
-    pub err_econnrefused: AtomicU64,
-    pub err_other: AtomicU64,
-    pub last_errno: AtomicU64,
-    pub high_water: AtomicU64,
-    pub max_queue_delay_ns: AtomicU64,
-    pub wakeups: AtomicU64,
-    pub assisted_drains: AtomicU64,
-    pub assisted_messages: AtomicU64,
-    pub flushes: AtomicU64,
-    pub flush_total_ns: AtomicU64,
-    pub flush_max_ns: AtomicU64,
-    pub flush_last_ns: AtomicU64,
-    /// Messages inserted through producers' rings the flusher has forgotten (their
-    /// producer is gone).
-    pub retired_inserts: AtomicU64,
+macro_rules! bus_stats {
+    ($(#[$sm:meta])* pub struct $name:ident { $($(#[$m:meta])* pub $f:ident: $t:ident,)* }) => {
+        $(#[$sm])*
+        pub struct $name {
+            $($(#[$m])* pub $f: $t,)*
+            /// Send failures by errno.
+            pub send_errors: SendErrors,
+        }
+
+        /// The atomic counters behind [`BusStats`], one per field.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub $f: AtomicU64,)*
+            /// `ENOBUFS`, `EPERM`/`EACCES`, `ECONNREFUSED`, any other errno, the last errno.
+            errors: [AtomicU64; 5],
+        }
+
+        impl Counters {
+            fn load(&self) -> $name {
+                let e = self.errors.each_ref().map(|c| c.load(Relaxed));
+                $name {
+                    $($f: bus_stats!(@$t self.$f.load(Relaxed)),)*
+                    send_errors: SendErrors {
+                        enobufs: e[0],
+                        eperm: e[1],
+                        econnrefused: e[2],
+                        other: e[3],
+                        last_errno: e[4] as i32,
+                    },
+                }
+            }
+        }
+    };
+    (@u64 $e:expr) => { $e };
+    (@Duration $e:expr) => { Duration::from_nanos($e) };
 }
 
 impl Counters {
@@ -55,65 +55,33 @@ impl Counters {
     }
 
     pub(crate) fn send_error(&self, errno: i32) {
-        let c = match errno {
-            libc::ENOBUFS => &self.err_enobufs,
-            libc::EPERM | libc::EACCES => &self.err_eperm,
-            libc::ECONNREFUSED => &self.err_econnrefused,
-            _ => &self.err_other,
+        let i = match errno {
+            libc::ENOBUFS => 0,
+            libc::EPERM | libc::EACCES => 1,
+            libc::ECONNREFUSED => 2,
+            _ => 3,
         };
-        Self::add(c, 1);
-        self.last_errno.store(errno as u64, Relaxed);
+        Self::add(&self.errors[i], 1);
+        self.errors[4].store(errno as u64, Relaxed);
     }
 
     pub(crate) fn flush_done(&self, ns: u64) {
         Self::add(&self.flushes, 1);
-        Self::add(&self.flush_total_ns, ns);
-        Self::max(&self.flush_max_ns, ns);
-        self.flush_last_ns.store(ns, Relaxed);
+        // The total, until `snapshot` divides it.
+        Self::add(&self.flush_latency_mean, ns);
+        Self::max(&self.flush_latency_max, ns);
+        self.flush_latency_last.store(ns, Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, queued_inserts: u64, queued_now: u64) -> BusStats {
-        let g = |c: &AtomicU64| c.load(Relaxed);
-        let direct = g(&self.direct);
-        let flushes = g(&self.flushes);
-        BusStats {
-            inserted: queued_inserts + g(&self.retired_inserts) + direct,
-            direct,
-            rejected_full: g(&self.rejected_full),
-            rejected_timeout: g(&self.rejected_timeout),
-            rejected_closed: g(&self.rejected_closed),
-            rejected_too_large: g(&self.rejected_too_large),
-            rejected_kernel_owned: g(&self.rejected_kernel_owned),
-            blocked: g(&self.blocked),
-            full_receiver_waits: g(&self.full_receiver_waits),
-            panics: g(&self.panics),
-            sent_messages: g(&self.sent_messages),
-            sent_datagrams: g(&self.sent_datagrams),
-            syscalls: g(&self.syscalls),
-            failed_messages: g(&self.failed_messages),
-            failed_datagrams: g(&self.failed_datagrams),
-            send_errors: SendErrors {
-                enobufs: g(&self.err_enobufs),
-                eperm: g(&self.err_eperm),
-                econnrefused: g(&self.err_econnrefused),
-                other: g(&self.err_other),
-                last_errno: g(&self.last_errno) as i32,
-            },
-            queued: queued_now,
-            high_water: g(&self.high_water),
-            max_queue_delay: Duration::from_nanos(g(&self.max_queue_delay_ns)),
-            flusher_wakeups: g(&self.wakeups),
-            assisted_drains: g(&self.assisted_drains),
-            assisted_messages: g(&self.assisted_messages),
-            flushes,
-            flush_latency_max: Duration::from_nanos(g(&self.flush_max_ns)),
-            flush_latency_last: Duration::from_nanos(g(&self.flush_last_ns)),
-            flush_latency_mean: Duration::from_nanos(
-                g(&self.flush_total_ns).checked_div(flushes).unwrap_or(0),
-            ),
-            // Filled in from the socket by `Bus::stats`.
-            numbering_evictions: 0,
-        }
+    /// The snapshot, given the messages the live rings have taken (`inserted` counts only
+    /// the forgotten rings' and the direct sends) and hold now.
+    pub(crate) fn snapshot(&self, pushed: u64, queued: u64) -> BusStats {
+        let mut s = self.load();
+        s.inserted += pushed;
+        s.queued = queued;
+        let total = s.flush_latency_mean.as_nanos() as u64;
+        s.flush_latency_mean = Duration::from_nanos(total.checked_div(s.flushes).unwrap_or(0));
+        s
     }
 }
 
@@ -140,6 +108,7 @@ impl SendErrors {
     }
 }
 
+bus_stats! {
 /// A snapshot of a bus's counters ([`Bus::stats`](super::Bus::stats)).
 ///
 /// Accounting identity, once the bus is flushed:
@@ -182,8 +151,6 @@ pub struct BusStats {
     pub failed_messages: u64,
     /// Datagrams that could not be sent.
     pub failed_datagrams: u64,
-    /// Send failures by errno.
-    pub send_errors: SendErrors,
     /// Messages queued in the rings (shards and producers) now.
     pub queued: u64,
     /// Largest drain (messages taken at once from a ring), or `capacity` once an insert
@@ -214,6 +181,7 @@ pub struct BusStats {
     /// Messages handed back because their idx is the kernel's
     /// ([`InsertError::KernelOwned`](super::InsertError::KernelOwned)).
     pub rejected_kernel_owned: u64,
+}
 }
 
 impl BusStats {

@@ -21,10 +21,9 @@
 //! plain moves. The writer caches `head` and reloads it only when its cached view is
 //! short of space.
 //!
-//! A region written is always contiguous: [`Writer::write`] fails when the bytes would
-//! cross the end of the buffer, and the caller then fills the rest of the buffer with a
-//! marker of its own (see the bus's rings) and writes again at the start. The reader
-//! therefore sees at most two slices, before and after the end.
+//! A region written is always contiguous: one that would cross the end of the buffer goes
+//! at its start, after a skip word ([`SKIP`]` | n`) filling the `n` bytes up to the end.
+//! The reader therefore sees at most two slices, before and after the end.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::Ordering;
@@ -73,23 +72,27 @@ impl Shared {
     }
 }
 
-/// `n` zero bytes on the heap, or `None` when the allocator refuses (or `n` exceeds what
-/// a slice can hold) instead of aborting the process as `vec![0; n]` does. The memory
-/// comes from `alloc_zeroed` (`calloc`), so large buffers are zeroed lazily by the kernel,
-/// page by page as they are first touched.
-pub(crate) fn zeroed_bytes(n: usize) -> Option<Box<[u8]>> {
+/// High bit of a skip word `SKIP | n`: the next `n` bytes (up to the end of the buffer) hold
+/// nothing. Written in host order at the start of a region; the writer's regions start
+/// with a length word of their own, below this bit.
+pub(crate) const SKIP: u32 = 1 << 31;
+
+/// `n` zeroed cells, or `None` when the allocator refuses (or `n` exceeds what a slice can
+/// hold) instead of aborting the process as `vec![0; n]` does. From `alloc_zeroed`
+/// (`calloc`): large buffers are zeroed lazily by the kernel, page by page.
+fn zeroed(n: usize) -> Option<Box<[UnsafeCell<u8>]>> {
+    let layout = std::alloc::Layout::array::<UnsafeCell<u8>>(n).ok()?;
     if n == 0 {
-        return Some(Box::default());
+        return None;
     }
-    let layout = std::alloc::Layout::array::<u8>(n).ok()?;
     // SAFETY: the layout has a non-zero size (checked above).
-    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<UnsafeCell<u8>>();
     if p.is_null() {
         return None;
     }
-    // SAFETY: `p` is a live allocation of `n` bytes from the global allocator with the
-    // layout of `[u8; n]` (align 1), all initialised (zeroed), owned by nothing else: the
-    // box takes ownership and frees it with the same layout.
+    // SAFETY: `p` is a live allocation of `n` cells from the global allocator with the
+    // layout of `[UnsafeCell<u8>; n]` (`repr(transparent)` over `u8`), all initialised
+    // (zeroed), owned by nothing else: the box takes it and frees it with that layout.
     Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) })
 }
 
@@ -97,13 +100,8 @@ pub(crate) fn zeroed_bytes(n: usize) -> Option<Box<[u8]>> {
 /// `None` when that size overflows or cannot be allocated.
 pub(crate) fn ring(min_size: usize) -> Option<(Writer, Reader)> {
     let size = min_size.max(64).checked_next_power_of_two()?;
-    let bytes = Box::into_raw(zeroed_bytes(size)?);
-    // SAFETY: `UnsafeCell<u8>` is `repr(transparent)` over `u8`, so a `[u8]` allocation is
-    // a valid `[UnsafeCell<u8>]` of the same length and layout; the box is rebuilt from
-    // the pointer `Box::into_raw` just gave up.
-    let buf: Box<[UnsafeCell<u8>]> = unsafe { Box::from_raw(bytes as *mut [UnsafeCell<u8>]) };
     let s = Arc::new(Shared {
-        buf,
+        buf: zeroed(size)?,
         mask: size - 1,
         tail: CachePadded::new(AtomicUsize::new(0)),
         head: CachePadded::new(AtomicUsize::new(0)),
@@ -134,55 +132,46 @@ pub(crate) struct Writer {
     size: usize,
 }
 
-/// Why [`Writer::write`] wrote nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Short {
-    /// Not enough free bytes.
-    Full,
-    /// The bytes would cross the end of the buffer: fill the rest
-    /// ([`Writer::until_end`] bytes) first.
-    End,
-}
-
 impl Writer {
     /// The buffer's size in bytes.
     pub(crate) fn size(&self) -> usize {
         self.size
     }
 
-    /// Bytes from the tail to the end of the buffer: the most one region can hold now.
+    /// Writes `len` contiguous bytes (a multiple of 4) with `f` and publishes them, after
+    /// a skip word if they would cross the end of the buffer. False, calling nothing, when
+    /// the free bytes (after loading `head` once) are too few. `f` finds whatever the
+    /// bytes held before.
     #[inline(always)]
-    pub(crate) fn until_end(&self) -> usize {
-        self.size - (self.tail & (self.size - 1))
-    }
-
-    /// Writes `len` contiguous bytes at the tail with `f` and publishes them. Fails,
-    /// calling nothing, when fewer than `len` bytes are free (after loading `head` once:
-    /// [`Short::Full`]), or else when the bytes would cross the end of the buffer
-    /// ([`Short::End`], see [`until_end`](Self::until_end)). `f` finds whatever the bytes
-    /// held before.
-    #[inline(always)]
-    pub(crate) fn write(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> Result<(), Short> {
+    pub(crate) fn write(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> bool {
         let (tail, size) = (self.tail, self.size);
-        if tail.wrapping_sub(self.head) + len > size {
+        let at = tail & (size - 1);
+        let skip = if len > size - at { size - at } else { 0 };
+        let need = len.saturating_add(skip);
+        if tail.wrapping_sub(self.head).saturating_add(need) > size {
             // Acquire: the reader's accesses to these bytes happen-before our writes.
             self.head = self.s.head.load(Ordering::Acquire);
-            if tail.wrapping_sub(self.head) + len > size {
-                return Err(Short::Full);
+            if tail.wrapping_sub(self.head).saturating_add(need) > size {
+                return false;
             }
         }
-        // SAFETY: the `len` bytes from `tail` are free (checked against `head` above), so
-        // the reader does not own them; the slice lives only for the call of `f`, and we
-        // make no other slice meanwhile. `None`: they would cross the end.
-        let Some(region) = (unsafe { self.s.slice_mut(tail & (size - 1), len) }) else {
-            return Err(Short::End);
-        };
-        f(region);
-        let end = tail.wrapping_add(len);
+        // SAFETY: the `need` bytes from `tail` are free (checked against `head` above), so
+        // the reader does not own them; each slice lives only for its statement (or the
+        // call of `f`), and we make no other slice meanwhile.
+        unsafe {
+            if let Some(w) = self.s.slice_mut(at, skip).and_then(|b| b.get_mut(..4)) {
+                w.copy_from_slice(&(SKIP | skip as u32).to_ne_bytes());
+            }
+            match self.s.slice_mut(tail.wrapping_add(skip) & (size - 1), len) {
+                Some(region) => f(region),
+                None => return false,
+            }
+        }
+        let end = tail.wrapping_add(need);
         self.tail = end;
         // Release: our writes of these bytes happen-before the reader's Acquire load.
         self.s.tail.store(end, Ordering::Release);
-        Ok(())
+        true
     }
 
     /// Bytes published so far (a monotonic, wrapping position): the end of the last write.
@@ -271,35 +260,33 @@ mod tests {
     fn huge_sizes_are_refused_not_aborted() {
         assert!(ring(usize::MAX).is_none(), "power of two overflows");
         assert!(ring(1 << 62).is_none(), "no allocator gives 4 EiB");
-        assert!(zeroed_bytes(isize::MAX as usize + 1).is_none());
-        assert!(zeroed_bytes(usize::MAX).is_none());
-        let b = zeroed_bytes(1 << 20).unwrap();
-        assert!(b.len() == 1 << 20 && b.iter().all(|&x| x == 0));
-        assert!(zeroed_bytes(0).unwrap().is_empty());
+        assert!(zeroed(isize::MAX as usize + 1).is_none());
+        assert!(zeroed(usize::MAX).is_none());
+        let b = zeroed(1 << 20).unwrap();
+        assert!(b.len() == 1 << 20 && b.iter().all(|x| unsafe { *x.get() } == 0));
     }
 
     #[test]
     fn regions_are_contiguous_and_bounded() {
         let (mut w, mut r) = ring(100).unwrap();
         assert_eq!(w.size(), 128);
-        w.write(100, |b| b.fill(1)).unwrap();
+        assert!(w.write(100, |b| b.fill(1)));
         // 28 bytes free: 40 do not fit.
-        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::Full));
+        assert!(!w.write(40, |_| unreachable!()));
         let (a, b) = r.readable();
         assert_eq!((a.len(), b.len()), (100, 0));
         assert!(a.iter().all(|&x| x == 1));
         r.release(100);
-        // All free now, but 40 bytes from offset 100 would cross the end.
-        assert_eq!(w.until_end(), 28);
-        assert_eq!(w.write(40, |_| unreachable!()), Err(Short::End));
-        w.write(28, |b| b.fill(2)).unwrap();
-        w.write(100, |b| b.fill(3)).unwrap();
-        assert_eq!(w.probe().pending(), 128);
+        // All free now, but 40 bytes from offset 100 would cross the end: a skip of 28.
+        assert!(w.write(40, |b| b.fill(3)));
+        assert_eq!(w.probe().pending(), 68);
         // Full: nothing fits until the reader gives bytes back.
-        assert_eq!(w.write(4, |_| unreachable!()), Err(Short::Full));
+        assert!(w.write(60, |b| b.fill(4)));
+        assert!(!w.write(4, |_| unreachable!()));
         let (a, b) = r.readable();
         assert_eq!((a.len(), b.len()), (28, 100));
-        assert!(a.iter().all(|&x| x == 2) && b.iter().all(|&x| x == 3));
+        assert_eq!(a[..4], (SKIP | 28).to_ne_bytes());
+        assert!(b[..40].iter().all(|&x| x == 3) && b[40..].iter().all(|&x| x == 4));
         r.release(usize::MAX); // clamped to what is readable
         assert_eq!(w.probe().pending(), 0);
     }
@@ -314,27 +301,16 @@ mod tests {
             let mut i = 0u32;
             while i < N {
                 let len = 8 + (i as usize % 5) * 4;
-                let n = w.until_end();
-                let r = w.write(len, |rec| {
+                let ok = w.write(len, |rec| {
                     rec[..4].copy_from_slice(&(len as u32).to_ne_bytes());
                     rec[4..8].copy_from_slice(&i.to_ne_bytes());
                     rec[8..].fill(i as u8);
                 });
-                match r {
-                    Ok(()) => {}
-                    Err(Short::End) => {
-                        // Fill the rest with a skip record (length with the high bit).
-                        let _ = w.write(n, |rec| {
-                            rec[..4].copy_from_slice(&(n as u32 | 1 << 31).to_ne_bytes())
-                        });
-                        continue;
-                    }
-                    Err(Short::Full) => {
-                        std::hint::spin_loop();
-                        continue;
-                    }
+                if ok {
+                    i += 1;
+                } else {
+                    std::hint::spin_loop();
                 }
-                i += 1;
             }
         });
         let mut next = 0u32;
@@ -345,8 +321,8 @@ mod tests {
                 let mut p = 0;
                 while p < part.len() {
                     let word = u32::from_ne_bytes(part[p..p + 4].try_into().unwrap());
-                    let n = (word & !(1 << 31)) as usize;
-                    if word & 1 << 31 == 0 {
+                    let n = (word & !SKIP) as usize;
+                    if word & SKIP == 0 {
                         let rec = &part[p..p + n];
                         assert_eq!(u32::from_ne_bytes(rec[4..8].try_into().unwrap()), next);
                         assert!(rec[8..].iter().all(|&x| x == next as u8));

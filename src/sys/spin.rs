@@ -1,12 +1,7 @@
-//! A short-section lock for the bus's shards: acquiring is one compare-exchange, releasing
-//! is one plain `Release` store (no read-modify-write), which halves the atomic
-//! read-modify-writes of an insert compared with a parking mutex, whose release must look
-//! for sleepers.
-//!
-//! Waiters spin briefly, then yield the CPU (`sched_yield`) between attempts: the sections
-//! it guards are a few tens of nanoseconds, so a waiter only yields when the holder was
-//! preempted inside one. It never sleeps on a timer and an uncontended lock costs nothing
-//! while idle.
+//! A short-section lock for the bus's shards: taking it is one compare-exchange, releasing
+//! it one plain `Release` store (a parking mutex's release must look for sleepers). Waiters
+//! spin briefly, then yield (`sched_yield`): the sections are a few tens of nanoseconds, so
+//! a waiter only yields when the holder was preempted inside one.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
@@ -26,27 +21,13 @@ pub(crate) struct ShortLock<T> {
 // from one thread to another, which needs `T: Send`.
 unsafe impl<T: Send> Sync for ShortLock<T> {}
 
-/// Exclusive access to a [`ShortLock`]'s value; releases the lock when dropped.
-///
-/// Like `std::sync::MutexGuard`, it is `Sync` only when `T: Sync` (a shared guard hands out
-/// `&T` on every thread that holds a reference to it), and it can be sent to another
-/// thread when `T: Send` (releasing the lock from there is one store). The unit test
-/// `guard_is_sync_only_for_sync_values` checks this at compile time.
+/// Exclusive access to a [`ShortLock`]'s value; releases the lock when dropped. Neither
+/// `Send` nor `Sync` (`PhantomData<*mut T>`): it stays on the thread that took the lock,
+/// so that no bound on `T` has to be argued for sharing or sending it.
 pub(crate) struct ShortGuard<'a, T> {
     lock: &'a ShortLock<T>,
-    /// Opts out of the auto `Send`/`Sync`, which would follow `&ShortLock<T>` (`Sync`
-    /// whenever `T: Send`); both are restated below with the right bounds.
     _not_auto: PhantomData<*mut T>,
 }
-
-// SAFETY: moving the guard to another thread moves the exclusive access to `T` there
-// (`DerefMut`), which needs `T: Send`; releasing the lock is a Release store, valid from
-// any thread.
-unsafe impl<T: Send> Send for ShortGuard<'_, T> {}
-
-// SAFETY: a shared `&ShortGuard` gives out only `&T` (`Deref`), on every thread that holds
-// it, which is sound exactly when `T: Sync`, as for `std::sync::MutexGuard`.
-unsafe impl<T: Sync> Sync for ShortGuard<'_, T> {}
 
 impl<T> ShortLock<T> {
     pub(crate) fn new(value: T) -> Self {
@@ -59,23 +40,11 @@ impl<T> ShortLock<T> {
     /// Takes the lock, spinning then yielding while another thread holds it.
     #[inline]
     pub(crate) fn lock(&self) -> ShortGuard<'_, T> {
-        if self
-            .locked
+        let mut spins = 0u32;
+        while (self.locked)
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            self.lock_contended();
-        }
-        ShortGuard {
-            lock: self,
-            _not_auto: PhantomData,
-        }
-    }
-
-    #[cold]
-    fn lock_contended(&self) {
-        let mut spins = 0u32;
-        loop {
             // Wait for a release before trying again, reading only (no cache-line
             // ping-pong from failed compare-exchanges).
             while self.locked.load(Ordering::Relaxed) {
@@ -86,13 +55,10 @@ impl<T> ShortLock<T> {
                     std::thread::yield_now();
                 }
             }
-            if self
-                .locked
-                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return;
-            }
+        }
+        ShortGuard {
+            lock: self,
+            _not_auto: PhantomData,
         }
     }
 }
@@ -126,22 +92,19 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// Compile-time check: `ShortGuard<T>` is `Sync` only when `T: Sync` (the guard of a
-    /// `Cell`, which is `Send` but not `Sync`, must not be). With `ShortGuard<Cell<u8>>:
-    /// Sync` the two impls below both apply and the call is ambiguous: the test does not
-    /// compile (that is how it failed before the fix).
+    /// Compile-time check: `ShortGuard<T>` is not `Sync`, even for a `Sync` value (the
+    /// guard of a `Cell`, `Send` but not `Sync`, was before a fix). With the guard `Sync`
+    /// the two impls below both apply and the call is ambiguous: the test does not compile.
     #[test]
-    fn guard_is_sync_only_for_sync_values() {
+    fn guard_is_not_sync() {
         trait AmbiguousIfSync<A> {
             fn check() {}
         }
         impl<T: ?Sized> AmbiguousIfSync<()> for T {}
         impl<T: ?Sized + Sync> AmbiguousIfSync<u8> for T {}
         <ShortGuard<'static, std::cell::Cell<u8>> as AmbiguousIfSync<_>>::check();
+        <ShortGuard<'static, u64> as AmbiguousIfSync<_>>::check();
         fn is_sync<T: Sync>() {}
-        fn is_send<T: Send>() {}
-        is_sync::<ShortGuard<'static, u64>>();
-        is_send::<ShortGuard<'static, std::cell::Cell<u8>>>();
         is_sync::<ShortLock<std::cell::Cell<u8>>>();
     }
 
