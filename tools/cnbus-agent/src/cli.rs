@@ -32,8 +32,9 @@ lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_adde
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
 enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
 acknowledged, resent, spooled, dropped, reconnects, disconnects, duplicates, replayed,
-in_flight, queued, spool_bytes, spool_records, connected, last_error}, plus sent and unsent
-in the final one (unsent: lines left in the spool for the next start).
+in_flight, queued, spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes,
+connected, last_error}, plus sent and unsent in the final one (unsent: lines left in the
+spool for the next start).
 
 Table dump (--dump-table): one object per live process, by pid: pid, ppid, the
 attribution fields, start (RFC 3339 or null), source (scan, fork, exec, resync).
