@@ -203,9 +203,15 @@ fn parse_linger(s: &str) -> Result<u64, String> {
 }
 
 fn parse_deadline(s: &str) -> Result<Duration, String> {
-    let d = parse_secs(s)?;
+    let out_of_range = || format!("{s} is out of range (0 to 3600 seconds)");
+    // A number parse_secs refuses (negative, NaN, infinite, huge) is out of this range, not
+    // of parse_secs' own.
+    let d = parse_secs(s).map_err(|e| match s.trim().parse::<f64>() {
+        Ok(_) => out_of_range(),
+        Err(_) => e,
+    })?;
     if d > Duration::from_secs(3600) {
-        return Err(format!("{s} is out of range (0 to 3600 seconds)"));
+        return Err(out_of_range());
     }
     Ok(d)
 }
@@ -277,6 +283,13 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        for v in ["-1", "NaN", "inf", "1e400", "3600.5"] {
+            let e = parse(&["--nats", "nats://h:1", "--shutdown-deadline", v])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("(0 to 3600 seconds)"), "{v}: {e}");
         }
         assert_eq!(parse(&["man"]).unwrap().generate, Some(Generate::Man),);
         let n = parse(&[
