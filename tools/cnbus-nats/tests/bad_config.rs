@@ -263,3 +263,33 @@ fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
     let error = NatsSink::start(config).unwrap_err();
     assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
 }
+
+/// Two sinks on one spool directory (a second agent started by hand beside the service, both
+/// with the default --spool) would replay, cut and delete each other's segments, losing
+/// records without a count: the second start is refused, and the directory is free again once
+/// the first has stopped.
+#[test]
+fn a_spool_directory_in_use_by_another_sink_is_refused() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    let first = NatsSink::start(cfg.clone()).expect("an unreachable server is not an error");
+    first.publish(Record {
+        event: "fork",
+        msg_id: msg_id(0),
+        line: line(0),
+    });
+    match NatsSink::start(cfg.clone()) {
+        Err(e @ SinkError::Spool { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("in use"), "{text}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a second sink started on a spool directory in use"),
+    }
+    let report = first.shutdown(Duration::ZERO);
+    assert_eq!((report.unsent, report.dropped), (1, 0));
+    let second = NatsSink::start(cfg).expect("the directory is free again");
+    assert_eq!(second.stats().replayed, 1);
+    second.shutdown(Duration::ZERO);
+}
