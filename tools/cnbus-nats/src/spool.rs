@@ -75,6 +75,9 @@ pub(crate) struct Spool {
     /// Damage found while reading (at open and later).
     pub(crate) torn_tails: u64,
     pub(crate) torn_bytes: u64,
+    /// Records written to (or found in) the spool that a later read could not give back (a
+    /// segment damaged or removed while the spool was open): lost, to be counted as dropped.
+    pub(crate) lost: u64,
     /// The directory, locked (flock) while the spool is open: one spool per directory,
     /// released when the spool is dropped or the process ends.
     _lock: File,
@@ -251,6 +254,7 @@ impl Spool {
             pending: 0,
             torn_tails: 0,
             torn_bytes: 0,
+            lost: 0,
             _lock: lock,
         };
         let mut found = Found::default();
@@ -405,6 +409,7 @@ impl Spool {
                 self.bytes -= seg.bytes;
                 self.torn_tails += 1;
                 self.torn_bytes += seg.bytes;
+                self.lost += seg.records;
                 return Err(e);
             }
         };
@@ -415,6 +420,7 @@ impl Spool {
         }
         let lost = seg.records.saturating_sub(items.len() as u64);
         self.records -= lost;
+        self.lost += lost;
         if items.is_empty() {
             let _ = fs::remove_file(&path);
             self.bytes -= seg.bytes;

@@ -386,10 +386,22 @@ impl Worker {
         if let Some(item) = self.from_spool.pop_front() {
             return Some(item);
         }
-        let taken = {
+        let (taken, lost) = {
             let mut spool = self.shared.spool.lock();
-            (spool.pending() > 0).then(|| spool.take_segment())
+            let before = spool.lost;
+            let taken = (spool.pending() > 0).then(|| spool.take_segment());
+            (taken, spool.lost - before)
         };
+        if lost > 0 {
+            // Records the damaged segment could not give back: never to be sent, counted.
+            self.shared
+                .counters
+                .dropped
+                .fetch_add(lost, Ordering::Relaxed);
+            self.shared.set_error(format!(
+                "{lost} records lost from a damaged spool segment (counted as dropped)"
+            ));
+        }
         if let Some(taken) = taken {
             match taken {
                 Ok(items) => self.from_spool.extend(items),
