@@ -115,7 +115,7 @@ pub struct NatsArgs {
     #[arg(long, value_name = "NAME", default_value = cnbus_nats::DEFAULT_STREAM, requires = "nats")]
     pub nats_stream: String,
     /// The host token of the subjects (default: the host's name; `.`, `*`, `>` and blanks
-    /// become `_`)
+    /// become `_`; at most 255 bytes)
     #[arg(long, value_name = "NAME", requires = "nats")]
     pub nats_hostname: Option<String>,
     /// User name for user/password authorization (the password from --nats-password-file or

@@ -169,7 +169,22 @@ fn invalid_settings_are_refused() {
     ));
     config.stream = "S".into();
     config.spool_max_bytes = 100;
-    assert!(matches!(NatsSink::start(config), Err(SinkError::Config(_))));
+    assert!(matches!(
+        NatsSink::start(config.clone()),
+        Err(SinkError::Config(_))
+    ));
+    // A subject longer than the server's protocol line (4096 bytes) closes the connection at
+    // every publish: nothing would ever be delivered.
+    config.spool_max_bytes = 256 << 20;
+    config.hostname = "h".repeat(256);
+    match NatsSink::start(config.clone()) {
+        Err(SinkError::Config(why)) => assert!(why.contains("host name"), "{why}"),
+        other => panic!("a 256-byte host name: {other:?}"),
+    }
+    config.hostname = "é".repeat(127);
+    NatsSink::start(config)
+        .expect("a 254-byte host name is fine")
+        .shutdown(Duration::ZERO);
 }
 
 #[test]
