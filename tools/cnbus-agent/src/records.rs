@@ -135,7 +135,7 @@ pub struct NatsCounters {
     pub unsent: Option<u64>,
 }
 
-/// Lines the NATS sink dropped (its spool was full).
+/// Lines the NATS sink dropped (its spool was full or failed).
 #[derive(serde::Serialize)]
 pub struct DroppedLine {
     pub ts: Rfc3339,
