@@ -231,7 +231,9 @@ impl Spool {
                     "in use by another process (another cnbus-agent?); each needs its own --spool",
                 )))
             }
-            Err(fs::TryLockError::Error(e)) => return Err(ctx("lock spool directory", dir)(e)),
+            // A file system without flock (some network or FUSE ones): the spool works, only
+            // unguarded against a second process.
+            Err(fs::TryLockError::Error(_)) => {}
         }
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
