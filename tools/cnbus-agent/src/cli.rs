@@ -23,7 +23,8 @@ Event log (stdout, or --output FILE, appended): one JSON object per line.
   lost: cause (overrun with count null, or seq_gap with cpu and the exact count).
   resync: reason (start, loss, shutdown), added, removed, live.
   dropped (with --nats; at most one a second): sink (nats), count (lines the NATS sink
-  dropped since the last dropped line: its spool was full), dropped_total.
+  dropped since the last dropped line: its spool was full, a spool write failed or a spool
+  segment was damaged), dropped_total.
 
 Counters (stderr every --interval, or --stats-file; the last one, final true, always on
 stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, lost_events,
@@ -32,8 +33,9 @@ lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_adde
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
 enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
 acknowledged, resent, spooled, dropped, reconnects, disconnects, duplicates, replayed,
-in_flight, queued, spool_bytes, spool_records, connected, last_error}, plus sent and unsent
-in the final one (unsent: lines left in the spool for the next start).
+in_flight, queued, spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes,
+connected, last_error}, plus sent and unsent in the final one (unsent: lines left in the
+spool for the next start).
 
 Table dump (--dump-table): one object per live process, by pid: pid, ppid, the
 attribution fields, start (RFC 3339 or null), source (scan, fork, exec, resync).
@@ -114,7 +116,7 @@ pub struct NatsArgs {
     #[arg(long, value_name = "NAME", default_value = cnbus_nats::DEFAULT_STREAM, requires = "nats")]
     pub nats_stream: String,
     /// The host token of the subjects (default: the host's name; `.`, `*`, `>` and blanks
-    /// become `_`)
+    /// become `_`; at most 255 bytes)
     #[arg(long, value_name = "NAME", requires = "nats")]
     pub nats_hostname: Option<String>,
     /// User name for user/password authorization (the password from --nats-password-file or
@@ -202,9 +204,15 @@ fn parse_linger(s: &str) -> Result<u64, String> {
 }
 
 fn parse_deadline(s: &str) -> Result<Duration, String> {
-    let d = parse_secs(s)?;
+    let out_of_range = || format!("{s} is out of range (0 to 3600 seconds)");
+    // A number parse_secs refuses (negative, NaN, infinite, huge) is out of this range, not
+    // of parse_secs' own.
+    let d = parse_secs(s).map_err(|e| match s.trim().parse::<f64>() {
+        Ok(_) => out_of_range(),
+        Err(_) => e,
+    })?;
     if d > Duration::from_secs(3600) {
-        return Err(format!("{s} is out of range (0 to 3600 seconds)"));
+        return Err(out_of_range());
     }
     Ok(d)
 }
@@ -276,6 +284,13 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        for v in ["-1", "NaN", "inf", "1e400", "3600.5"] {
+            let e = parse(&["--nats", "nats://h:1", "--shutdown-deadline", v])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("(0 to 3600 seconds)"), "{v}: {e}");
         }
         assert_eq!(parse(&["man"]).unwrap().generate, Some(Generate::Man),);
         let n = parse(&[

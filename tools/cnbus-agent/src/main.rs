@@ -320,7 +320,7 @@ fn main() -> ExitCode {
         let report = s.shutdown(deadline);
         if report.dropped > reported {
             warn!(
-                "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full)",
+                "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full or failed)",
                 report.dropped - reported
             );
         }

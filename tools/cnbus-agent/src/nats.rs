@@ -79,6 +79,19 @@ fn hostname() -> String {
 
 /// The sink's configuration from the options; errors name the option (never a secret).
 pub fn config(a: &NatsArgs, url: &str) -> Result<Config, String> {
+    if url.trim().is_empty() {
+        return Err("the server URL is empty (nats://HOST:PORT)".into());
+    }
+    // `nats://user:password@host`: async-nats would use it, and the URL is in every message
+    // about the server (the journal, the counters' last_error). Not printed here either.
+    if url.contains('@') {
+        return Err(
+            "the server URL carries credentials (USER:PASSWORD@ or TOKEN@), which \
+                    would be shown in messages and in the counters: use --nats-user with \
+                    --nats-password-file, or --nats-token-file"
+                .into(),
+        );
+    }
     let mut c = Config::new(
         url,
         a.nats_hostname.clone().unwrap_or_else(hostname),
@@ -249,9 +262,55 @@ pub fn counters(s: &SinkStats, report: Option<&ShutdownReport>) -> NatsCounters 
         queued: s.queued,
         spool_bytes: s.spool_bytes,
         spool_records: s.spool_records,
+        spool_torn_tails: s.spool_torn_tails,
+        spool_torn_bytes: s.spool_torn_bytes,
         connected: s.connected,
         last_error: s.last_error.clone(),
         sent: report.map(|r| r.sent),
         unsent: report.map(|r| r.unsent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::Cli;
+
+    fn config_of(url: &str) -> Result<cnbus_nats::Config, String> {
+        let cli = Cli::try_parse_from(["cnbus-agent", "--nats", url]).unwrap();
+        super::config(&cli.args.nats, url)
+    }
+
+    #[test]
+    fn a_url_with_credentials_or_an_empty_url_is_refused_without_printing_the_secret() {
+        for url in [
+            "nats://agent:s3cret@127.0.0.1:4222",
+            "nats://s3cret@127.0.0.1:4222",
+            "nats://127.0.0.1:4222,nats://agent:s3cret@127.0.0.2:4222",
+        ] {
+            let e = config_of(url).expect_err(url);
+            assert!(e.contains("credentials") && !e.contains("s3cret"), "{e}");
+        }
+        for url in ["", "  "] {
+            let e = config_of(url).expect_err(url);
+            assert!(e.contains("empty"), "{e}");
+        }
+        let c = config_of("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(c.url, "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn the_counters_line_says_how_much_of_the_spool_was_torn() {
+        let stats = cnbus_nats::SinkStats {
+            spool_torn_tails: 1,
+            spool_torn_bytes: 77,
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&super::counters(&stats, None)).unwrap();
+        assert!(
+            text.contains(r#""spool_torn_tails":1,"spool_torn_bytes":77"#),
+            "{text}"
+        );
     }
 }

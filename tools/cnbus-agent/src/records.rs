@@ -123,6 +123,9 @@ pub struct NatsCounters {
     pub queued: u64,
     pub spool_bytes: u64,
     pub spool_records: u64,
+    /// Damaged spool tails cut off at start (a crash in the middle of a write), and their bytes.
+    pub spool_torn_tails: u64,
+    pub spool_torn_bytes: u64,
     pub connected: bool,
     pub last_error: Option<String>,
     /// The final line only: acknowledged over the sink's life, and left in the spool.
@@ -132,7 +135,7 @@ pub struct NatsCounters {
     pub unsent: Option<u64>,
 }
 
-/// Lines the NATS sink dropped (its spool was full).
+/// Lines the NATS sink dropped (its spool was full or failed).
 #[derive(serde::Serialize)]
 pub struct DroppedLine {
     pub ts: Rfc3339,

@@ -195,18 +195,9 @@ fn read_table(dir: &Path) -> HashMap<u32, serde_json::Value> {
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` to Unix seconds.
 fn parse_rfc3339(s: &str) -> f64 {
-    let n = |r: std::ops::Range<usize>| -> i64 { s[r].parse().unwrap() };
-    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
-    // Days from civil (Howard Hinnant).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
-    secs as f64 + s[19..s.len() - 1].parse::<f64>().unwrap_or(0.0)
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"));
+    t.unix_timestamp_nanos() as f64 / 1e9
 }
 
 /// What /proc says about a live (non-zombie) process: (ppid, start as Unix seconds, cmdline).

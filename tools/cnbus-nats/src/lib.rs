@@ -28,6 +28,9 @@ pub use subject::{sanitize_token, subject_covers};
 pub const DEFAULT_STREAM: &str = "CNBUS_EVENTS";
 /// The first two tokens of every subject; the stream must cover `cnbus.events.>`.
 pub const SUBJECT_PREFIX: &str = "cnbus.events";
+/// Most bytes of the subjects' host token (after [`sanitize_token`]); a host name is at most
+/// 64 bytes on Linux, and a DNS name 253.
+pub const MAX_HOST_TOKEN: usize = 255;
 
 /// How the sink authenticates to the server. Its `Debug` output hides the secrets.
 #[derive(Clone, Default)]
@@ -79,7 +82,8 @@ pub struct Config {
     pub tls_root_ca: Option<PathBuf>,
     /// PEM client certificate and key, for servers that verify clients.
     pub tls_client_cert: Option<(PathBuf, PathBuf)>,
-    /// The host token of the subjects `cnbus.events.<hostname>.<event>` (sanitized).
+    /// The host token of the subjects `cnbus.events.<hostname>.<event>` (sanitized; at most
+    /// [`MAX_HOST_TOKEN`] bytes).
     pub hostname: String,
     /// Stream name, [`DEFAULT_STREAM`] by default.
     pub stream: String,
@@ -396,6 +400,15 @@ impl NatsSink {
             return Err(SinkError::Config(format!(
                 "invalid stream name {:?}",
                 config.stream
+            )));
+        }
+        // The subject `cnbus.events.<host>.<event>` and the reply subject go on one protocol
+        // line, which the server caps (4096 bytes by default) by closing the connection: a
+        // longer host token would make every publish fail, forever.
+        if sanitize_token(&config.hostname).len() > MAX_HOST_TOKEN {
+            return Err(SinkError::Config(format!(
+                "the host name is {} bytes long; at most {MAX_HOST_TOKEN} fit in a subject",
+                config.hostname.len()
             )));
         }
         if config.spool_segment_bytes < 4096 || config.spool_max_bytes < config.spool_segment_bytes

@@ -75,6 +75,12 @@ pub(crate) struct Spool {
     /// Damage found while reading (at open and later).
     pub(crate) torn_tails: u64,
     pub(crate) torn_bytes: u64,
+    /// Records written to (or found in) the spool that a later read could not give back (a
+    /// segment damaged or removed while the spool was open): lost, to be counted as dropped.
+    pub(crate) lost: u64,
+    /// The directory, locked (flock) while the spool is open: one spool per directory,
+    /// released when the spool is dropped or the process ends.
+    _lock: File,
 }
 
 fn seg_name(id: u64) -> String {
@@ -215,6 +221,20 @@ impl Spool {
         segment_max: u64,
     ) -> Result<(Spool, Found), crate::SinkError> {
         fs::create_dir_all(dir).map_err(ctx("create spool directory", dir))?;
+        // Two spools on one directory would read, cut and delete each other's segments.
+        // The lock is the directory's own (flock on the directory): no file of its own.
+        let lock = File::open(dir).map_err(ctx("open spool directory", dir))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(ctx("lock spool directory", dir)(io::Error::other(
+                    "in use by another process (another cnbus-agent?); each needs its own --spool",
+                )))
+            }
+            // A file system without flock (some network or FUSE ones): the spool works, only
+            // unguarded against a second process.
+            Err(fs::TryLockError::Error(_)) => {}
+        }
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
             let entry = entry.map_err(ctx("read spool directory", dir))?;
@@ -236,6 +256,8 @@ impl Spool {
             pending: 0,
             torn_tails: 0,
             torn_bytes: 0,
+            lost: 0,
+            _lock: lock,
         };
         let mut found = Found::default();
         for id in ids {
@@ -389,6 +411,7 @@ impl Spool {
                 self.bytes -= seg.bytes;
                 self.torn_tails += 1;
                 self.torn_bytes += seg.bytes;
+                self.lost += seg.records;
                 return Err(e);
             }
         };
@@ -399,6 +422,7 @@ impl Spool {
         }
         let lost = seg.records.saturating_sub(items.len() as u64);
         self.records -= lost;
+        self.lost += lost;
         if items.is_empty() {
             let _ = fs::remove_file(&path);
             self.bytes -= seg.bytes;

@@ -26,6 +26,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 const STREAM_RECHECK: Duration = Duration::from_secs(2);
 /// Bound of a JetStream API request (stream lookup, creation).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the client to take a publish or a flush. Both wait for the network when
+/// the connection's socket is full (a server that stopped reading without closing the
+/// connection) or the connection is being re-established, and async-nats keeps such a flush
+/// waiting until a reconnect succeeds: unbounded, the thread would stop looking at the queue,
+/// the spool and the shutdown deadline for as long as the server does not answer.
+const CLIENT_WAIT: Duration = Duration::from_millis(50);
 
 pub(crate) fn thread_main(
     config: Config,
@@ -342,7 +348,24 @@ impl Worker {
     async fn up(&mut self) -> bool {
         let connected = self.client.connection_state() == State::Connected;
         if connected && !self.stream_ok && Instant::now() >= self.next_stream_check {
-            match check_stream(&self.stream, self.duplicate_window, &self.client).await {
+            // At shutdown, no longer than the deadline leaves (each request may take
+            // API_TIMEOUT when the server does not answer).
+            let budget = match *self.shared.deadline.lock() {
+                Some(deadline) => deadline.saturating_duration_since(std::time::Instant::now()),
+                None => 2 * API_TIMEOUT,
+            };
+            let checked = tokio::time::timeout(
+                budget,
+                check_stream(&self.stream, self.duplicate_window, &self.client),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(SinkError::Stream {
+                    stream: self.stream.clone(),
+                    reason: "no answer before the shutdown deadline".into(),
+                })
+            });
+            match checked {
                 Ok(()) => self.stream_ok = true,
                 Err(e) => {
                     self.shared
@@ -363,10 +386,22 @@ impl Worker {
         if let Some(item) = self.from_spool.pop_front() {
             return Some(item);
         }
-        let taken = {
+        let (taken, lost) = {
             let mut spool = self.shared.spool.lock();
-            (spool.pending() > 0).then(|| spool.take_segment())
+            let before = spool.lost;
+            let taken = (spool.pending() > 0).then(|| spool.take_segment());
+            (taken, spool.lost - before)
         };
+        if lost > 0 {
+            // Records the damaged segment could not give back: never to be sent, counted.
+            self.shared
+                .counters
+                .dropped
+                .fetch_add(lost, Ordering::Relaxed);
+            self.shared.set_error(format!(
+                "{lost} records lost from a damaged spool segment (counted as dropped)"
+            ));
+        }
         if let Some(taken) = taken {
             match taken {
                 Ok(items) => self.from_spool.extend(items),
@@ -389,10 +424,6 @@ impl Worker {
     }
 
     async fn publish(&mut self, mut item: Item) {
-        if item.sent_before {
-            self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
-        }
-        item.sent_before = true;
         let key = self.next_key;
         self.next_key += 1;
         let subject = match self.subjects.get(item.event.as_str()) {
@@ -412,12 +443,24 @@ impl Worker {
         };
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, item.msg_id.as_str());
-        let sent = self
-            .client
-            .publish_with_reply_and_headers(subject, reply, headers, item.line.clone())
-            .await;
+        let sent = tokio::time::timeout(
+            CLIENT_WAIT,
+            self.client
+                .publish_with_reply_and_headers(subject, reply, headers, item.line.clone()),
+        )
+        .await;
+        let Ok(sent) = sent else {
+            // The client's command queue stayed full: not sent (a send that did not complete
+            // is not queued), tried again after the pause.
+            self.not_acknowledged(item, "the NATS client takes no more publishes".into());
+            return;
+        };
         match sent {
             Ok(()) => {
+                if item.sent_before {
+                    self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
+                }
+                item.sent_before = true;
                 self.in_flight.insert(key, (item, Instant::now()));
             }
             Err(e) => match e.kind() {
@@ -557,7 +600,9 @@ impl Worker {
             let up = self.up().await;
             if up && Instant::now() >= self.pause_until {
                 let mut published = false;
-                while self.in_flight.len() < self.window {
+                // A publish the client did not take pauses the sending (RETRY_PAUSE), so that
+                // the loop below comes back to the deadline and the queue.
+                while self.in_flight.len() < self.window && Instant::now() >= self.pause_until {
                     let Some(item) = self.next_item() else { break };
                     self.publish(item).await;
                     published = true;
@@ -565,7 +610,7 @@ impl Worker {
                 if published && !self.linger.is_zero() {
                     // On the wire before the thread lingers (a flush waits for the write, not
                     // for the server).
-                    let _ = self.client.flush().await;
+                    let _ = tokio::time::timeout(CLIENT_WAIT, self.client.flush()).await;
                 }
             } else if !up {
                 self.drain_to_spool();
@@ -592,7 +637,12 @@ impl Worker {
                 // runtime is this thread's own, and a sleep inside it would wake at every
                 // packet from the server. Not with a full window: then the sender waits for
                 // acknowledgements anyway, and each wake-up finds many.
-                std::thread::sleep(self.linger);
+                let mut linger = self.linger;
+                if let Some(deadline) = deadline {
+                    linger =
+                        linger.min(deadline.saturating_duration_since(std::time::Instant::now()));
+                }
+                std::thread::sleep(linger);
             }
             let room =
                 up && self.in_flight.len() < self.window && Instant::now() >= self.pause_until;

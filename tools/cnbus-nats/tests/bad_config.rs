@@ -169,7 +169,22 @@ fn invalid_settings_are_refused() {
     ));
     config.stream = "S".into();
     config.spool_max_bytes = 100;
-    assert!(matches!(NatsSink::start(config), Err(SinkError::Config(_))));
+    assert!(matches!(
+        NatsSink::start(config.clone()),
+        Err(SinkError::Config(_))
+    ));
+    // A subject longer than the server's protocol line (4096 bytes) closes the connection at
+    // every publish: nothing would ever be delivered.
+    config.spool_max_bytes = 256 << 20;
+    config.hostname = "h".repeat(256);
+    match NatsSink::start(config.clone()) {
+        Err(SinkError::Config(why)) => assert!(why.contains("host name"), "{why}"),
+        other => panic!("a 256-byte host name: {other:?}"),
+    }
+    config.hostname = "é".repeat(127);
+    NatsSink::start(config)
+        .expect("a 254-byte host name is fine")
+        .shutdown(Duration::ZERO);
 }
 
 #[test]
@@ -262,4 +277,34 @@ fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
     config.tls_required = true;
     let error = NatsSink::start(config).unwrap_err();
     assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
+}
+
+/// Two sinks on one spool directory (a second agent started by hand beside the service, both
+/// with the default --spool) would replay, cut and delete each other's segments, losing
+/// records without a count: the second start is refused, and the directory is free again once
+/// the first has stopped.
+#[test]
+fn a_spool_directory_in_use_by_another_sink_is_refused() {
+    let port = free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    let first = NatsSink::start(cfg.clone()).expect("an unreachable server is not an error");
+    first.publish(Record {
+        event: "fork",
+        msg_id: msg_id(0),
+        line: line(0),
+    });
+    match NatsSink::start(cfg.clone()) {
+        Err(e @ SinkError::Spool { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("in use"), "{text}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a second sink started on a spool directory in use"),
+    }
+    let report = first.shutdown(Duration::ZERO);
+    assert_eq!((report.unsent, report.dropped), (1, 0));
+    let second = NatsSink::start(cfg).expect("the directory is free again");
+    assert_eq!(second.stats().replayed, 1);
+    second.shutdown(Duration::ZERO);
 }

@@ -205,3 +205,42 @@ fn a_torn_spool_tail_is_counted_and_cut_never_parsed() {
     }
     server.kill();
 }
+
+/// A spool segment damaged on disk while the sink runs (a bad sector, a hand that cut a
+/// file): the records it loses are counted as dropped, so that `published = acknowledged +
+/// dropped + unsent` still holds exactly and the agent writes a `dropped` line for them.
+#[test]
+fn records_lost_from_a_segment_damaged_while_running_are_counted_as_dropped() {
+    let mut server = NatsServer::start(&[]);
+    server.kill();
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(config(&server, spool.path())).expect("unreachable is no error");
+    const N: usize = 2000;
+    let dropped_at_publish = publish_range(&sink, 0, N, false);
+    assert!(dropped_at_publish.is_empty());
+    wait_for("every record in the spool", || {
+        sink.stats().spool_records == N as u64
+    });
+    let files = spool_files(spool.path());
+    assert!(files.len() >= 3, "{files:?}");
+    // Flip a byte in the middle of the second segment: its records from there on are lost.
+    let mut data = std::fs::read(&files[1]).unwrap();
+    let at = data.len() / 2;
+    data[at] ^= 0x55;
+    std::fs::write(&files[1], &data).unwrap();
+    server.restart();
+    let report = sink.shutdown(DEADLINE);
+    let stats = &report.stats;
+    assert_eq!(report.unsent, 0, "{stats:?}");
+    assert!(stats.spool_torn_tails >= 1, "{stats:?}");
+    assert!(
+        report.dropped > 0,
+        "the lost records are not counted: {stats:?}"
+    );
+    assert_eq!(
+        report.sent + report.dropped,
+        N as u64,
+        "published = acknowledged + dropped + unsent: {stats:?}"
+    );
+    check_stream(&server, N, report.dropped, &HashSet::new());
+}

@@ -129,6 +129,18 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("the server runs").id() as i32
+    }
+
+    /// Sends `signal` to the server (SIGSTOP: a server that stops reading and answering
+    /// without closing its connections; SIGCONT resumes it).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the test's own child.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
