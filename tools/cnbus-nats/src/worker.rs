@@ -250,9 +250,26 @@ fn parse_ack(payload: &[u8]) -> Option<bool> {
     {
         return Some(false);
     }
-    serde_json::from_slice::<PublishAck>(payload)
+    // A refusal carries `"stream"` and `"seq": 0` beside its `"error"` (nats-server 2.9), so
+    // a parser that ignores unknown keys would take it for an acknowledgement.
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if value.get("error").is_some() {
+        return None;
+    }
+    serde_json::from_value::<PublishAck>(value)
         .ok()
         .map(|ack| ack.duplicate)
+}
+
+/// Whether a refusal from JetStream will be the same at every attempt, so that sending the
+/// record again would only hold up the ones behind it: the record is larger than the
+/// stream's `max_msg_size` (error code 10054). Other refusals (a full stream, a stream being
+/// recovered, limits an operator may lift) are retried.
+fn refused_for_good(payload: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("error")?.get("err_code")?.as_u64())
+        == Some(async_nats::jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM.0)
 }
 
 /// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.
@@ -467,12 +484,7 @@ impl Worker {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded
                 | async_nats::client::PublishErrorKind::InvalidSubject => {
                     // Never sent, never sendable: dropped and counted.
-                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    self.shared
-                        .set_error(format!("record {} dropped: {e}", item.msg_id));
-                    if let Some(id) = item.origin {
-                        self.shared.spool.lock().release(id);
-                    }
+                    self.drop_record(item, e.to_string());
                 }
                 async_nats::client::PublishErrorKind::Send => {
                     self.not_acknowledged(item, format!("{e}"));
@@ -517,8 +529,22 @@ impl Worker {
                 let text =
                     String::from_utf8_lossy(&message.payload[..message.payload.len().min(300)])
                         .into_owned();
-                self.not_acknowledged(item, format!("JetStream refused the publish: {text}"));
+                if refused_for_good(&message.payload) {
+                    self.drop_record(item, format!("JetStream refuses it for good: {text}"));
+                } else {
+                    self.not_acknowledged(item, format!("JetStream refused the publish: {text}"));
+                }
             }
+        }
+    }
+
+    /// A record that can never be stored: dropped, counted, said why, released from the spool.
+    fn drop_record(&mut self, item: Item, why: String) {
+        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .set_error(format!("record {} dropped: {why}", item.msg_id));
+        if let Some(id) = item.origin {
+            self.shared.spool.lock().release(id);
         }
     }
 
@@ -717,10 +743,32 @@ mod tests {
                 r#"{"stream":"S","error":{"code":400,"description":"x"}}"#,
                 None,
             ),
+            // As nats-server 2.9 refuses a record over the stream's max_msg_size.
+            (
+                r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"},"stream":"CNBUS_EVENTS","seq":0}"#,
+                None,
+            ),
             ("", None),
             ("+OK", None),
         ] {
             assert_eq!(parse_ack(payload.as_bytes()), want, "{payload}");
+        }
+    }
+
+    #[test]
+    fn only_a_record_over_the_streams_size_limit_is_refused_for_good() {
+        use super::refused_for_good;
+        let over = r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#;
+        assert!(refused_for_good(over.as_bytes()));
+        for payload in [
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+            r#"{"error":{"code":400,"err_code":"10054"}}"#,
+            r#"{"stream":"S","seq":1}"#,
+            r#"{"err_code":10054}"#,
+            "",
+            "{",
+        ] {
+            assert!(!refused_for_good(payload.as_bytes()), "{payload}");
         }
     }
 }

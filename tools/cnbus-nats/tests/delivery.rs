@@ -100,3 +100,59 @@ fn a_stream_deleted_while_running_is_created_again_and_nothing_is_lost() {
     assert_eq!(map.len(), 200);
     assert!((100..300).all(|i| map.contains_key(&msg_id(i))));
 }
+
+#[test]
+fn a_record_the_stream_refuses_for_good_is_dropped_and_counted_and_the_rest_delivered() {
+    let server = NatsServer::start(&[]);
+    // An operator's stream with a size limit per message: JetStream refuses a larger record
+    // at every attempt (it is not over the server's max_payload, which the client checks).
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "CNBUS_EVENTS".into(),
+                subjects: vec!["cnbus.events.>".into()],
+                max_message_size: 300,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    const N: usize = 200;
+    let big = |i: usize| i % 50 == 7;
+    for i in 0..N {
+        let line = if big(i) {
+            bytes::Bytes::from(format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(400)))
+        } else {
+            line(i)
+        };
+        sink.publish(Record {
+            event: "fork",
+            msg_id: msg_id(i),
+            line,
+        });
+    }
+    let n_big = (0..N).filter(|&i| big(i)).count() as u64;
+    wait_for("every record acknowledged or dropped", || {
+        let s = sink.stats();
+        s.acknowledged + s.dropped == N as u64
+    });
+    let stats = sink.stats();
+    assert_eq!(
+        (stats.acknowledged, stats.dropped),
+        (N as u64 - n_big, n_big)
+    );
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains("maximum"), "{error}");
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!(
+        (report.sent, report.unsent, report.dropped),
+        (N as u64 - n_big, 0, n_big)
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    let map = by_id(&stored);
+    assert_eq!(stored.len(), N - n_big as usize);
+    assert!((0..N).all(|i| map.contains_key(&msg_id(i)) != big(i)));
+}
