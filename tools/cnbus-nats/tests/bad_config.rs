@@ -7,16 +7,6 @@ use std::time::Duration;
 use cnbus_nats::{Auth, Config, NatsSink, Record, SinkError};
 use common::*;
 
-fn publish(sink: &NatsSink, n: usize) {
-    for i in 0..n {
-        sink.publish(Record {
-            event: "fork",
-            msg_id: msg_id(i),
-            line: line(i),
-        });
-    }
-}
-
 #[test]
 fn unreachable_at_start_spools_reports_and_delivers_once_the_server_is_up() {
     let port = free_port();
@@ -230,16 +220,7 @@ fn wrong_credentials_found_after_an_unreachable_start_keep_records_spooled_and_s
     let mut server = NatsServer::start(&["--user", "agent", "--pass", "s3cret"]);
     server.port = port;
     server.restart();
-    wait_for("the authorization error", || {
-        sink.stats()
-            .last_error
-            .is_some_and(|e| e.to_lowercase().contains("authorization"))
-    });
-    let stats = sink.stats();
-    assert!(!stats.connected);
-    assert_eq!((stats.acknowledged, stats.dropped), (0, 0));
-    let report = sink.shutdown(Duration::ZERO);
-    assert_eq!((report.sent, report.unsent, report.dropped), (0, 20, 0));
+    refused_after_an_unreachable_start(sink, 20);
 }
 
 /// Test certificates (tests/tls: a CA, and a server certificate for 127.0.0.1 signed by it, valid

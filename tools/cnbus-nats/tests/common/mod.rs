@@ -295,3 +295,33 @@ pub fn spool_files(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// For a sink started while its server was unreachable, with credentials the server refuses
+/// once it is up: waits for the authorization error, checks that the `n` records published
+/// stay spooled (nothing sent, nothing dropped, not connected), and returns the `Debug` text
+/// of the counters and of the sink as they were before its shutdown (to look for secrets).
+pub fn refused_after_an_unreachable_start(sink: cnbus_nats::NatsSink, n: u64) -> [String; 2] {
+    wait_for("the authorization error", || {
+        sink.stats()
+            .last_error
+            .is_some_and(|e| e.to_lowercase().contains("authorization"))
+    });
+    let stats = sink.stats();
+    assert!(!stats.connected);
+    assert_eq!((stats.acknowledged, stats.dropped), (0, 0));
+    let texts = [format!("{stats:?}"), format!("{sink:?}")];
+    let report = sink.shutdown(Duration::ZERO);
+    assert_eq!((report.sent, report.unsent, report.dropped), (0, n, 0));
+    texts
+}
+
+/// Hands records 0..n (`msg_id(i)`, `line(i)`, event `fork`) to the sink.
+pub fn publish(sink: &cnbus_nats::NatsSink, n: usize) {
+    for i in 0..n {
+        sink.publish(cnbus_nats::Record {
+            event: "fork",
+            msg_id: msg_id(i),
+            line: line(i),
+        });
+    }
+}
