@@ -1680,7 +1680,8 @@ fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message()
     assert_eq!(st.inserted, sum(|t| t.0), "accepted = inserted");
     assert_eq!(st.rejected_full, sum(|t| t.1));
     assert_eq!(st.rejected_timeout, sum(|t| t.2));
-    assert_eq!(st.rejected(), sum(|t| t.1 + t.2), "no other refusal");
+    assert_eq!(st.rejected_send, sum(|t| t.3));
+    assert_eq!(st.rejected(), sum(|t| t.1 + t.2 + t.3), "no other refusal");
     assert_eq!(st.queued, 0, "flushed");
     assert_eq!(st.inserted, st.sent_messages + st.failed_messages, "{st:?}");
     assert!(
@@ -1727,4 +1728,45 @@ fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message()
         }
         last.insert(w, seq);
     }
+}
+
+/// A `SendDirect` insert whose own send fails hands the message back
+/// (`InsertError::Send`) and counts it, so that every offered message is in `inserted` or
+/// a refusal counter (before, it was in neither: offered 3, inserted 2, rejected 0).
+#[test]
+fn a_failed_direct_send_is_handed_back_and_counted() {
+    let Some(_k) = kernel_socket("a_failed_direct_send_is_handed_back_and_counted") else {
+        return;
+    };
+    let idx = test_idx(75);
+    // A port id no socket has: every send fails with ECONNREFUSED.
+    let nobody = 0x7eae_0000 | (std::process::id() & 0xffff);
+    let bus = Bus::builder(Dest::Port(nobody))
+        .shards(1)
+        .capacity(2)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    for lane in [None, Some(bus.producer())] {
+        let mut lane = lane;
+        let mut offer = |seq| match &mut lane {
+            Some(p) => p.insert_or_send(CbId::new(idx, 1), &payload(1, seq)),
+            None => bus.insert_or_send(CbId::new(idx, 0), &payload(0, seq)),
+        };
+        offer(0).unwrap();
+        offer(1).unwrap();
+        match offer(2) {
+            Err(InsertError::Send { msg, error }) => {
+                assert_eq!(error.errno(), Some(libc::ECONNREFUSED), "{error}");
+                assert_eq!(parse(&msg).1, 2, "handed back intact");
+            }
+            r => panic!("expected a failed direct send, got {r:?}"),
+        }
+    }
+    let _ = bus.flush();
+    let st = bus.stats();
+    assert_eq!((st.inserted, st.failed_messages, st.direct), (4, 4, 0));
+    assert_eq!(st.rejected_send, 2, "{st:?}");
+    assert_eq!(st.inserted + st.rejected(), 6, "every offer counted once");
 }
