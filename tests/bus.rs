@@ -1770,3 +1770,57 @@ fn a_failed_direct_send_is_handed_back_and_counted() {
     assert_eq!(st.rejected_send, 2, "{st:?}");
     assert_eq!(st.inserted + st.rejected(), 6, "every offer counted once");
 }
+
+/// `SendDirect` drains only the caller's own ring, and that must be the ring holding its
+/// queued messages, not its current CPU's shard: a thread queues on CPU 1, moves to CPU 0,
+/// keeps filling shard 1 (its messages are there) until it is full; the direct send
+/// must come after the queued messages. Draining the CPU's shard instead would put
+/// message 8 first.
+#[test]
+fn a_direct_send_after_migrating_follows_the_threads_queued_messages() {
+    let Some(_k) =
+        kernel_socket("a_direct_send_after_migrating_follows_the_threads_queued_messages")
+    else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    let idx = test_idx(76);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .shards(2)
+        .capacity(8)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(3600))
+        .assist(false)
+        .on_full(FullPolicy::SendDirect)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let ran = thread::scope(|s| {
+        s.spawn(|| {
+            let id = CbId::new(idx, 0);
+            for (cpu, seqs) in [(1, 0..5), (0, 5..20)] {
+                if sys::pin_current_thread(cpu).is_err() || sys::current_cpu() != Some(cpu) {
+                    return false;
+                }
+                for seq in seqs {
+                    bus.insert(id, &payload(0, seq)).unwrap();
+                }
+            }
+            true
+        })
+        .join()
+        .unwrap()
+    });
+    if !ran {
+        eprintln!("skipped: cannot pin a thread to CPUs 0 and 1");
+        return;
+    }
+    bus.flush().unwrap();
+    let st = bus.stats();
+    // Message 8 (shard 1 full), then 17 (shard 0 full).
+    assert_eq!((st.inserted, st.direct), (20, 2), "{st:?}");
+    let got = rx.collect(idx, 20, Duration::from_secs(10));
+    assert_eq!(got.msgs.len(), 20);
+    assert_per_thread_order(&got.msgs, 1, 20);
+}
