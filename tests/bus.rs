@@ -1579,6 +1579,9 @@ fn huge_messages_are_sent_whole_or_handed_back() {
 /// its counter, every accepted message is sent or counted as failed, the receiver holds
 /// exactly the sent ones, each writer's in its order. Then the bus closes while the
 /// producers still insert.
+///
+/// Twice: with the writers draining their own rings at the watermark (`assist`) and
+/// without.
 #[test]
 fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message() {
     let Some(_k) = kernel_socket(
@@ -1586,7 +1589,12 @@ fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message()
     ) else {
         return;
     };
-    let idx = test_idx(74);
+    for (salt, assist) in [(74, false), (77, true)] {
+        flushes_inserts_and_a_stalled_receiver(test_idx(salt), assist);
+    }
+}
+
+fn flushes_inserts_and_a_stalled_receiver(idx: u32, assist: bool) {
     let sock = ConnectorSocket::open().unwrap();
     // The smallest queue: it fills at once and is read only at the end.
     sock.set_recv_buffer(0, false).unwrap();
@@ -1602,6 +1610,8 @@ fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message()
             .datagram_size(1024)
             .send_timeout(Duration::from_millis(20))
             .max_latency(Duration::from_micros(200))
+            .watermark(8)
+            .assist(assist)
             .build()
             .unwrap(),
     );
@@ -1688,6 +1698,7 @@ fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message()
         st.failed_messages > 0,
         "the receiver stopped reading: {st:?}"
     );
+    assert_eq!(st.assisted_drains > 0, assist, "{st:?}");
 
     // Close while producers insert; their accepted messages reach the receiver's queue or
     // are counted as failed, which the final statistics cannot see (they come after the
