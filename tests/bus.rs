@@ -1570,3 +1570,268 @@ fn huge_messages_are_sent_whole_or_handed_back() {
     assert_eq!((st.inserted, st.rejected_too_large), (2, 2));
     assert_eq!((small_st.inserted, small_st.rejected_too_large), (1, 1));
 }
+
+/// Everything at once against a `Dest::Port` receiver that stopped reading: shard writers
+/// (each policy in turn), `Producer`s and several threads calling `flush` concurrently
+/// (each flush drains every ring on its own thread, so flushes, the flusher and the
+/// inserters' own drains all compete for the same drain rights and send lock). Nothing
+/// blocks, and the books balance exactly: every offer is accepted or handed back with
+/// its counter, every accepted message is sent or counted as failed, the receiver holds
+/// exactly the sent ones, each writer's in its order. Then the bus closes while the
+/// producers still insert.
+///
+/// Twice: with the writers draining their own rings at the watermark (`assist`) and
+/// without.
+#[test]
+fn concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message() {
+    let Some(_k) = kernel_socket(
+        "concurrent_flushes_inserts_and_a_stalled_receiver_account_for_every_message",
+    ) else {
+        return;
+    };
+    for (salt, assist) in [(74, false), (77, true)] {
+        flushes_inserts_and_a_stalled_receiver(test_idx(salt), assist);
+    }
+}
+
+fn flushes_inserts_and_a_stalled_receiver(idx: u32, assist: bool) {
+    let sock = ConnectorSocket::open().unwrap();
+    // The smallest queue: it fills at once and is read only at the end.
+    sock.set_recv_buffer(0, false).unwrap();
+    let rx = Rx {
+        sock,
+        wake: EventFd::new().unwrap(),
+        ports: Default::default(),
+    };
+    let bus = Arc::new(
+        Bus::builder(Dest::Port(rx.sock.port_id()))
+            .shards(2)
+            .capacity(32)
+            .datagram_size(1024)
+            .send_timeout(Duration::from_millis(20))
+            .max_latency(Duration::from_micros(200))
+            .watermark(8)
+            .assist(assist)
+            .build()
+            .unwrap(),
+    );
+    rx.from(&bus);
+    const WRITERS: u32 = 4;
+    const PER: u32 = 1500;
+    // Per writer: (accepted, full, timeout, direct send failed); writers 0, 1 are shard
+    // writers, 2, 3 producers.
+    type Tally = (u32, u32, u32, u32);
+    fn offer(r: Result<(), InsertError<CnMsg>>, t: &mut Tally) {
+        match r {
+            Ok(()) => t.0 += 1,
+            Err(InsertError::Full(_)) => t.1 += 1,
+            Err(InsertError::Timeout(_)) => t.2 += 1,
+            Err(InsertError::Send { .. }) => t.3 += 1,
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    fn policy(seq: u32) -> FullPolicy {
+        match seq % 4 {
+            0 => FullPolicy::Reject,
+            1 => FullPolicy::Block,
+            2 => FullPolicy::BlockFor(Duration::from_micros(300)),
+            _ => FullPolicy::SendDirect,
+        }
+    }
+    let (stop_flushing, limit) = (Arc::new(AtomicBool::new(false)), Duration::from_secs(120));
+    let (bus, tallies, flushes) = returns_within("concurrent inserts and flushes", limit, {
+        move || {
+            let flushers: Vec<_> = (0..3)
+                .map(|_| {
+                    let (bus, stop) = (Arc::clone(&bus), Arc::clone(&stop_flushing));
+                    thread::spawn(move || {
+                        let mut n = 0u32;
+                        while !stop.load(Ordering::Relaxed) {
+                            match bus.flush() {
+                                Ok(()) => {}
+                                Err(e) if e.errno() == Some(libc::EAGAIN) => {}
+                                Err(e) => panic!("flush: {e}"),
+                            }
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let bus = Arc::clone(&bus);
+                    let mut p = (w >= 2).then(|| bus.producer());
+                    thread::spawn(move || {
+                        let mut t: Tally = (0, 0, 0, 0);
+                        for seq in 0..PER {
+                            let (id, data) = (CbId::new(idx, w), payload(w, seq));
+                            let r = match &mut p {
+                                Some(p) => p.insert_with(id, &data, policy(seq)),
+                                None => (&mut &*bus).insert_with(id, &data, policy(seq)),
+                            };
+                            offer(r, &mut t);
+                        }
+                        t
+                    })
+                })
+                .collect();
+            let tallies: Vec<Tally> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+            stop_flushing.store(true, Ordering::Relaxed);
+            let flushes: u32 = flushers.into_iter().map(|h| h.join().unwrap()).sum();
+            (bus, tallies, flushes)
+        }
+    });
+    let bus = Arc::into_inner(bus).expect("every other handle is gone");
+    let _ = bus.flush();
+    let st = bus.stats();
+    eprintln!("{flushes} flushes, tallies {tallies:?}, {st:?}");
+    let sum = |f: fn(&Tally) -> u32| tallies.iter().map(|t| u64::from(f(t))).sum::<u64>();
+    assert_eq!(st.inserted, sum(|t| t.0), "accepted = inserted");
+    assert_eq!(st.rejected_full, sum(|t| t.1));
+    assert_eq!(st.rejected_timeout, sum(|t| t.2));
+    assert_eq!(st.rejected_send, sum(|t| t.3));
+    assert_eq!(st.rejected(), sum(|t| t.1 + t.2 + t.3), "no other refusal");
+    assert_eq!(st.queued, 0, "flushed");
+    assert_eq!(st.inserted, st.sent_messages + st.failed_messages, "{st:?}");
+    assert!(
+        st.failed_messages > 0,
+        "the receiver stopped reading: {st:?}"
+    );
+    assert_eq!(st.assisted_drains > 0, assist, "{st:?}");
+
+    // Close while producers insert; their accepted messages reach the receiver's queue or
+    // are counted as failed, which the final statistics cannot see (they come after the
+    // close): only the identities at the close are checked here.
+    let producers: Vec<_> = (0..2u32)
+        .map(|k| {
+            let mut p = bus.producer();
+            thread::spawn(move || loop {
+                match p.insert(CbId::new(idx, 10 + k), &payload(10 + k, 0)) {
+                    Ok(()) => thread::yield_now(),
+                    Err(InsertError::Closed(_)) => return,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    common::remember_own_sockets();
+    let (closed, err) = returns_within("close", limit, move || bus.close_with_stats());
+    eprintln!("close: {closed:?} {err:?}");
+    assert!(closed.inserted >= st.inserted && closed.sent_messages >= st.sent_messages);
+    for p in producers {
+        p.join().unwrap();
+    }
+    // Exactly the messages the bus counted as sent before the close are in the queue, in
+    // each writer's order (the failed ones are gaps).
+    let got = rx.collect_now(idx);
+    let ours: Vec<&CnMsg> = got.msgs.iter().filter(|m| m.id.val < WRITERS).collect();
+    assert_eq!(
+        ours.len() as u64,
+        st.sent_messages,
+        "the receiver holds the sent ones"
+    );
+    let mut last: HashMap<u32, u32> = HashMap::new();
+    for m in ours {
+        let (w, seq) = parse(m);
+        if let Some(&prev) = last.get(&w) {
+            assert!(seq > prev, "writer {w}: {seq} after {prev}");
+        }
+        last.insert(w, seq);
+    }
+}
+
+/// A `SendDirect` insert whose own send fails hands the message back
+/// (`InsertError::Send`) and counts it, so that every offered message is in `inserted` or
+/// a refusal counter (before, it was in neither: offered 3, inserted 2, rejected 0).
+#[test]
+fn a_failed_direct_send_is_handed_back_and_counted() {
+    let Some(_k) = kernel_socket("a_failed_direct_send_is_handed_back_and_counted") else {
+        return;
+    };
+    let idx = test_idx(75);
+    // A port id no socket has: every send fails with ECONNREFUSED.
+    let nobody = 0x7eae_0000 | (std::process::id() & 0xffff);
+    let bus = Bus::builder(Dest::Port(nobody))
+        .shards(1)
+        .capacity(2)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    for lane in [None, Some(bus.producer())] {
+        let mut lane = lane;
+        let mut offer = |seq| match &mut lane {
+            Some(p) => p.insert_or_send(CbId::new(idx, 1), &payload(1, seq)),
+            None => bus.insert_or_send(CbId::new(idx, 0), &payload(0, seq)),
+        };
+        offer(0).unwrap();
+        offer(1).unwrap();
+        match offer(2) {
+            Err(InsertError::Send { msg, error }) => {
+                assert_eq!(error.errno(), Some(libc::ECONNREFUSED), "{error}");
+                assert_eq!(parse(&msg).1, 2, "handed back intact");
+            }
+            r => panic!("expected a failed direct send, got {r:?}"),
+        }
+    }
+    let _ = bus.flush();
+    let st = bus.stats();
+    assert_eq!((st.inserted, st.failed_messages, st.direct), (4, 4, 0));
+    assert_eq!(st.rejected_send, 2, "{st:?}");
+    assert_eq!(st.inserted + st.rejected(), 6, "every offer counted once");
+}
+
+/// `SendDirect` drains only the caller's own ring, and that must be the ring holding its
+/// queued messages, not its current CPU's shard: a thread queues on CPU 1, moves to CPU 0,
+/// keeps filling shard 1 (its messages are there) until it is full; the direct send
+/// must come after the queued messages. Draining the CPU's shard instead would put
+/// message 8 first.
+#[test]
+fn a_direct_send_after_migrating_follows_the_threads_queued_messages() {
+    let Some(_k) =
+        kernel_socket("a_direct_send_after_migrating_follows_the_threads_queued_messages")
+    else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    let idx = test_idx(76);
+    let rx = Rx::open(Some(GROUP));
+    let bus = Bus::builder(Dest::Group(GROUP))
+        .shards(2)
+        .capacity(8)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(3600))
+        .assist(false)
+        .on_full(FullPolicy::SendDirect)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let ran = thread::scope(|s| {
+        s.spawn(|| {
+            let id = CbId::new(idx, 0);
+            for (cpu, seqs) in [(1, 0..5), (0, 5..20)] {
+                if sys::pin_current_thread(cpu).is_err() || sys::current_cpu() != Some(cpu) {
+                    return false;
+                }
+                for seq in seqs {
+                    bus.insert(id, &payload(0, seq)).unwrap();
+                }
+            }
+            true
+        })
+        .join()
+        .unwrap()
+    });
+    if !ran {
+        eprintln!("skipped: cannot pin a thread to CPUs 0 and 1");
+        return;
+    }
+    bus.flush().unwrap();
+    let st = bus.stats();
+    // Message 8 (shard 1 full), then 17 (shard 0 full).
+    assert_eq!((st.inserted, st.direct), (20, 2), "{st:?}");
+    let got = rx.collect(idx, 20, Duration::from_secs(10));
+    assert_eq!(got.msgs.len(), 20);
+    assert_per_thread_order(&got.msgs, 1, 20);
+}

@@ -51,8 +51,9 @@ pub enum InsertError<M> {
     /// refuses it).
     #[error("idx 1..=10 belongs to the kernel's connector users (BusBuilder::allow_kernel_ids)")]
     KernelOwned(M),
-    /// [`FullPolicy::SendDirect`]: the direct send failed. The failure is also counted in
-    /// the bus's statistics.
+    /// [`FullPolicy::SendDirect`]: the direct send failed. Counted in
+    /// [`BusStats::rejected_send`](super::BusStats::rejected_send) (and its errno in
+    /// `send_errors`).
     #[error("direct send failed: {error}")]
     Send {
         /// The message.

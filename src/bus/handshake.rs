@@ -46,7 +46,7 @@ impl Doorbell {
             .is_ok()
     }
 
-    /// A flush, a stop or a blocked inserter: the caller unparks the flusher after this,
+    /// A stop, a blocked or rejected insert: the caller unparks the flusher after this,
     /// whatever the state was.
     pub(crate) fn ring(&self) {
         self.state.swap(AWAKE, SeqCst);

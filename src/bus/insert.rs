@@ -385,7 +385,7 @@ fn refuse(
         InsertError::Closed(_) => &st.rejected_closed,
         InsertError::TooLarge { .. } => &st.rejected_too_large,
         InsertError::KernelOwned(_) => &st.rejected_kernel_owned,
-        InsertError::Send { .. } => return err,
+        InsertError::Send { .. } => &st.rejected_send,
     };
     Counters::add(c, 1);
     err
@@ -489,10 +489,7 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
         inner.send_datagrams(&one, |_| 1, |_, _, err| failed = failed.take().or(err));
     }
     if let Some(error) = failed {
-        return Err(InsertError::Send {
-            msg: e.into_msg(),
-            error,
-        });
+        return Err(refuse(inner, e, |msg| InsertError::Send { msg, error }));
     }
     Counters::add(&inner.stats.direct, 1);
     Counters::add(&inner.stats.inserted, 1);

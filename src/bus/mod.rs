@@ -629,6 +629,32 @@ mod tests {
         assert_eq!(count(&rx, idx), 5);
     }
 
+    /// A `Producer` per task, dropped before each `flush`: the flush forgets its ring
+    /// once sent (before, only a flusher pass did, and a flush no longer makes one: with
+    /// the flusher asleep until a far deadline, every retired ring (`capacity` x 100
+    /// bytes) stayed in the bus's list for good).
+    #[test]
+    fn flush_forgets_the_rings_of_dropped_producers() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd6;
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(64)
+            .max_latency(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        for i in 0..50u32 {
+            let mut p = bus.producer();
+            p.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            drop(p);
+            bus.flush().unwrap();
+            assert_eq!(bus.inner.rings.lock().len(), 1, "retired rings kept");
+        }
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages, st.queued), (50, 50, 0));
+        assert_eq!(count(&rx, idx), 50);
+    }
+
     #[test]
     fn insert_error_hands_the_message_back() {
         fn is_send_sync<T: Send + Sync>() {}

@@ -181,6 +181,10 @@ pub struct BusStats {
     /// Messages handed back because their idx is the kernel's
     /// ([`InsertError::KernelOwned`](super::InsertError::KernelOwned)).
     pub rejected_kernel_owned: u64,
+    /// Messages a [`FullPolicy::SendDirect`](super::FullPolicy::SendDirect) insert could
+    /// not send on the caller's thread, handed back as
+    /// [`InsertError::Send`](super::InsertError::Send) (their errno is in `send_errors`).
+    pub rejected_send: u64,
 }
 }
 
@@ -192,6 +196,7 @@ impl BusStats {
             + self.rejected_closed
             + self.rejected_too_large
             + self.rejected_kernel_owned
+            + self.rejected_send
     }
 
     /// Average messages per datagram sent (0 when nothing was sent).
