@@ -23,8 +23,9 @@ Event log (stdout, or --output FILE, appended): one JSON object per line.
   lost: cause (overrun with count null, or seq_gap with cpu and the exact count).
   resync: reason (start, loss, shutdown), added, removed, live.
   dropped (with --nats; at most one a second): sink (nats), count (lines the NATS sink
-  dropped since the last dropped line: its spool was full, a spool write failed or a spool
-  segment was damaged), dropped_total.
+  dropped since the last dropped line: its spool was full, a spool write failed, a spool
+  segment was damaged, or the line was over the server's max_payload or the stream's
+  max_msg_size), dropped_total.
 
 Counters (stderr every --interval, or --stats-file; the last one, final true, always on
 stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, lost_events,

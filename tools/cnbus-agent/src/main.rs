@@ -320,7 +320,7 @@ fn main() -> ExitCode {
         let report = s.shutdown(deadline);
         if report.dropped > reported {
             warn!(
-                "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full or failed)",
+                "cnbus-agent: the NATS sink dropped {} lines after the last dropped line (spool full or failed, or lines the server or stream refuses)",
                 report.dropped - reported
             );
         }
