@@ -27,9 +27,13 @@ use std::sync::atomic::Ordering;
 
 #[cfg(not(cnbus_loom))]
 use super::Delivery;
+#[cfg(all(test, not(cnbus_loom)))]
+use super::{Incoming, Source};
 use crate::codec::CbId;
 #[cfg(cnbus_loom)]
 use crate::delivery::Delivery;
+#[cfg(all(test, cnbus_loom))]
+use crate::delivery::{Incoming, Source};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, RwLock};
 
 #[cfg(not(cnbus_loom))]
@@ -462,21 +466,23 @@ impl Drop for Registration {
     }
 }
 
+/// An empty message of `id` from port 1, for the tests and the loom models (the connector's
+/// `Incoming`, which the loom build has as `crate::delivery`).
+#[cfg(test)]
+fn msg(id: CbId) -> Incoming {
+    Incoming {
+        msg: crate::codec::CnMsg::new(id, bytes::Bytes::new()),
+        source: Source { port: 1, group: 0 },
+    }
+}
+
 /// Model checks of the registry's concurrency protocol: every interleaving of the real
 /// code, explored by loom. Run with
 /// `RUSTFLAGS="--cfg cnbus_loom" cargo test --release --lib loom`.
 #[cfg(all(test, cnbus_loom))]
 mod loom_tests {
     use super::*;
-    use crate::delivery::{Incoming, Source};
     use loom::sync::atomic::Ordering::SeqCst;
-
-    fn msg(id: CbId) -> Incoming {
-        Incoming {
-            msg: crate::codec::CnMsg::new(id, bytes::Bytes::new()),
-            source: Source { port: 1, group: 0 },
-        }
-    }
 
     /// After `unregister` returns on another thread, the callback is not running and
     /// never runs again.
@@ -645,16 +651,8 @@ mod loom_tests {
 #[cfg(all(test, not(cnbus_loom)))]
 mod tests {
     use super::*;
-    use crate::connector::{Incoming, Source};
     use std::sync::atomic::AtomicU32;
     use std::sync::mpsc;
-
-    fn msg(id: CbId) -> Incoming {
-        Incoming {
-            msg: crate::codec::CnMsg::new(id, bytes::Bytes::new()),
-            source: Source { port: 1, group: 0 },
-        }
-    }
 
     /// A run holds the lone registration's lock: an `unregister` on another thread stops
     /// the next call of the run at once, and returns only when the run is released.
