@@ -6,17 +6,40 @@
 //! convention (`lock()` returns the guard; no poisoning).
 
 #[cfg(not(cnbus_loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+pub(crate) use std::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize,
+};
 #[cfg(not(cnbus_loom))]
 pub(crate) use std::sync::Arc;
 
 #[cfg(cnbus_loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+pub(crate) use loom::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize,
+};
 #[cfg(cnbus_loom)]
 pub(crate) use loom::sync::Arc;
 
 #[cfg(not(cnbus_loom))]
 pub(crate) use parking_lot::{Mutex, MutexGuard, RwLock};
+
+/// One step of a wait for another thread: a spin hint for the first 100 calls (`n` counts
+/// them), then `sched_yield`, so that a waiter whose peer was preempted lets it run.
+#[cfg(not(cnbus_loom))]
+#[inline]
+pub(crate) fn spin_wait(n: &mut u32) {
+    if *n < 100 {
+        *n += 1;
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Under loom every wait step yields, so that the model can run the peer.
+#[cfg(cnbus_loom)]
+pub(crate) fn spin_wait(_: &mut u32) {
+    loom::thread::yield_now();
+}
 
 #[cfg(cnbus_loom)]
 mod loom_locks {

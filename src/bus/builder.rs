@@ -302,7 +302,7 @@ impl BusBuilder {
         for _ in 0..cfg.shards {
             let (ring, tail) = Ring::new(ring_bytes).ok_or_else(too_big)?;
             shards.push(Shard {
-                tail: CachePadded::new(crate::sys::ShortLock::new(tail)),
+                tail: CachePadded::new(crate::sys::BiasedLock::new(tail)),
                 ring,
             });
         }
@@ -322,6 +322,7 @@ impl BusBuilder {
             dest: self.dest,
             epoch: Instant::now(),
             bell: CachePadded::default(),
+            light: crate::sys::membarrier::init(),
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),

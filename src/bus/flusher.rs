@@ -68,7 +68,8 @@ fn run(inner: &Inner) {
     }
 }
 
-/// Sleeps until there is a reason to drain: a ring past the watermark, the oldest
+/// Sleeps until there is a reason to drain: a ring past the watermark (unless its writers
+/// drain it themselves, [`assist`](super::BusBuilder::assist)), the oldest
 /// queued message's deadline, a stop request, a blocked inserter. Parks indefinitely when every
 /// ring is empty. Wake-up protocol: docs/BUS.md, "Memory orderings".
 fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
@@ -94,28 +95,28 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
                 0 => now,
                 t => t,
             });
-            over |= r.queued() >= wm;
+            over |= !inner.cfg.assist && r.queued() >= wm;
         }
         if over {
             return;
         }
         // Everything empty: park until a writer wakes us (IDLE); else until the
         // oldest message's deadline (TIMED).
-        let (how, timeout) = match oldest.checked_add(aim) {
+        let (how, mut timeout) = match oldest.checked_add(aim) {
             _ if oldest == u64::MAX => (IDLE, None),
             Some(d) if d <= now => return,
             d => (TIMED, d.map(|d| Duration::from_nanos(d - now))),
         };
-        // Announce (with the fence), then look again: a push either is seen, or sees
-        // the announcement and unparks us. A shard's ring is looked at after taking and
-        // releasing its lock (the writers' side of the handshake there), a producer's
-        // after the fence; a ring added after our copy wakes us (`add_ring`).
-        inner.bell.announce(how);
-        rings.clone_from(&inner.rings.lock());
-        for s in inner.shards.iter() {
-            drop(s.tail.lock());
+        // Announce (with the heavy barrier), then look again: a push either is seen, or
+        // sees the announcement and unparks us; a ring added after our copy wakes us
+        // (`add_ring`). Without the barrier (never seen), look again after `aim`.
+        if inner.bell.announce(how).is_err() {
+            let aim = Duration::from_nanos(aim);
+            timeout = Some(timeout.map_or(aim, |t| t.min(aim)));
         }
-        let wm_or_any = |r: &Arc<Ring>| r.pending() && (how == IDLE || r.queued() >= wm);
+        rings.clone_from(&inner.rings.lock());
+        let wm_or_any =
+            |r: &Arc<Ring>| r.pending() && (how == IDLE || (!inner.cfg.assist && r.queued() >= wm));
         if rings.iter().any(wm_or_any) || urgent(rings) {
             inner.bell.awake();
             continue;

@@ -5,7 +5,8 @@
 //! as it does, and what the loom models below check: docs/BUS.md, "Memory orderings". Run them with
 //! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
 
-use crate::sync::{fence, AtomicU8};
+use crate::sync::AtomicU8;
+use crate::sys::membarrier::{self, Light};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// The flusher is draining, or about to decide how to sleep.
@@ -22,18 +23,11 @@ pub(crate) struct Doorbell {
 }
 
 impl Doorbell {
-    /// Writer side, after a push under a shard's lock released the lock: the state (the
-    /// flusher's second look takes that lock, which orders the two).
-    #[inline]
-    pub(crate) fn state(&self) -> u8 {
-        self.state.load(Relaxed)
-    }
-
-    /// Writer side, after a push published its message (the ring's tail): a full fence,
-    /// then the state. Pairs with the fence in [`announce`](Self::announce).
-    #[inline]
-    pub(crate) fn state_after_publish(&self) -> u8 {
-        fence(SeqCst);
+    /// Writer side, after a push published its message (the ring's tail): the light
+    /// fence, then the state. Pairs with the heavy barrier in [`announce`](Self::announce).
+    #[inline(always)]
+    pub(crate) fn state_after_publish(&self, light: Light) -> u8 {
+        light.fence();
         self.state.load(Relaxed)
     }
 
@@ -52,11 +46,12 @@ impl Doorbell {
         self.state.swap(AWAKE, SeqCst);
     }
 
-    /// Flusher side: about to sleep as `how` (TIMED or IDLE); a full fence, then the
-    /// second look at every ring follows.
-    pub(crate) fn announce(&self, how: u8) {
+    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the heavy barrier, then the
+    /// second look at every ring follows. An error (the barrier was not established) means
+    /// the look may miss a push: the caller must not sleep without a timeout.
+    pub(crate) fn announce(&self, how: u8) -> std::io::Result<()> {
         self.state.store(how, SeqCst);
-        fence(SeqCst);
+        membarrier::heavy()
     }
 
     /// Flusher side: awake (after a park, or when the second look found work).
@@ -80,12 +75,11 @@ mod loom_tests {
     struct Model {
         right: AtomicBool,
         reader: Mutex<Reader>,
-        /// A shard's lock: its writers push under it, the flusher's second look takes it.
-        shard: Mutex<()>,
         probe: crate::sys::ring::Probe,
         bell: Doorbell,
         sent: AtomicU64,
         stop: AtomicBool,
+        light: Light,
     }
 
     impl Model {
@@ -94,7 +88,7 @@ mod loom_tests {
             let m = Self {
                 right: AtomicBool::new(false),
                 reader: Mutex::new(r),
-                shard: Mutex::new(()),
+                light: membarrier::init(),
                 probe: w.probe(),
                 bell: Doorbell::default(),
                 sent: AtomicU64::new(0),
@@ -103,21 +97,11 @@ mod loom_tests {
             (Arc::new(m), w)
         }
 
-        /// `Ring::push` + `Inner::after_push`: publish an 8-byte message, then the fence
-        /// and the look at the state (watermark 1: every push counts).
+        /// `Ring::push` + `Inner::after_push`: publish an 8-byte message, then the light
+        /// fence and the look at the state (watermark 1: every push counts).
         fn insert(&self, w: &mut Writer, flusher: &thread::Thread) {
             assert!(w.write(8, |b| b.fill(1)));
-            self.wake(self.bell.state_after_publish(), flusher);
-        }
-
-        /// The same through a shard: push under its lock, release it, load the state
-        /// without a fence.
-        fn shard_insert(&self, w: &mut Writer, flusher: &thread::Thread) {
-            {
-                let _g = self.shard.lock();
-                assert!(w.write(8, |b| b.fill(1)));
-            }
-            self.wake(self.bell.state(), flusher);
+            self.wake(self.bell.state_after_publish(self.light), flusher);
         }
 
         fn wake(&self, state: u8, flusher: &thread::Thread) {
@@ -153,9 +137,7 @@ mod loom_tests {
                     if self.stop.load(SeqCst) || self.probe.pending() > 0 {
                         break;
                     }
-                    self.bell.announce(IDLE);
-                    // The second look: each shard's lock, then every ring.
-                    drop(self.shard.lock());
+                    self.bell.announce(IDLE).unwrap();
                     if self.probe.pending() > 0 || self.stop.load(SeqCst) {
                         self.bell.awake();
                         break;
@@ -208,16 +190,11 @@ mod loom_tests {
         });
     }
 
-    /// Through a producer's ring: the fence pair.
+    /// Through any ring (a shard's writer pushes under its lock, then does the same):
+    /// the light fence and the heavy barrier, both `SeqCst` fences under loom.
     #[test]
     fn loom_no_lost_wakeup_between_publish_and_sleep() {
         check_no_lost_wakeup(Model::insert);
-    }
-
-    /// Through a shard's ring: the shard lock.
-    #[test]
-    fn loom_no_lost_wakeup_between_shard_push_and_sleep() {
-        check_no_lost_wakeup(Model::shard_insert);
     }
 
     /// flush() (a drain of every ring on the caller's thread, waiting for each drain right)

@@ -127,15 +127,26 @@ struct Mine {
     end: usize,
 }
 
+/// A thread's state for [`Bus::insert`]: its holder for the shards' locks (owned here,
+/// so that it is given up only when nothing of this thread can insert with it any more)
+/// and an entry per bus it inserted into.
+struct Local {
+    me: sys::HolderSlot,
+    buses: Vec<Mine>,
+}
+
 thread_local! {
-    static MINE: RefCell<Vec<Mine>> = const { RefCell::new(Vec::new()) };
+    static LOCAL: RefCell<Local> = RefCell::new(Local {
+        me: sys::HolderSlot::new(),
+        buses: Vec::new(),
+    });
 }
 
 /// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert).
 pub(crate) struct Shards<'a>(pub &'a Arc<Inner>);
 
 impl Shards<'_> {
-    /// This thread's entry for the bus (its index in `MINE`) and the shard to push into:
+    /// This thread's entry for the bus (its index in `buses`) and the shard to push into:
     /// the one it last used while that ring still holds one of its messages, else the
     /// shard of the CPU it runs on.
     #[inline(always)]
@@ -154,24 +165,46 @@ impl Shards<'_> {
         }
     }
 
-    /// Pushes into `shard`: the messages held after the push and the new end position.
+    /// Pushes into `shard` as the thread holding `me` (if any): the messages held after
+    /// the push and the new end position.
     #[inline(always)]
-    fn push_into(&self, shard: usize, e: &Entry<'_>) -> Option<(u64, usize)> {
+    fn push_into(
+        &self,
+        shard: usize,
+        e: &Entry<'_>,
+        me: Option<&'static sys::Holder>,
+    ) -> Option<(u64, usize)> {
         let i = self.0;
         let sh = i.shards.get(shard)?;
-        let mut t = sh.tail.lock();
+        let mut t = sh.tail.lock(me, i.light);
         let n = sh
             .ring
             .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
         Some((n, t.writer.position()))
     }
 
-    /// Pushes as [`choose`](Self::choose) says and records where: (shard, messages held).
+    /// Pushes and records where: (shard, messages held). Into the shard this thread used
+    /// last if that shard's lock is biased to it (staying there keeps its order, and
+    /// another thread that needs the shard takes the bias away); else as
+    /// [`choose`](Self::choose) says.
     #[inline(always)]
-    fn push_mine(&self, v: &mut Vec<Mine>, e: &Entry<'_>) -> Option<(usize, u64)> {
-        let i = self.0;
+    fn push_mine(&self, l: &mut Local, e: &Entry<'_>) -> Option<(usize, u64)> {
+        let (i, me) = (self.0, l.me.get());
+        let v = &mut l.buses;
+        // The fast path: no position check, no CPU number, no read-modify-write.
+        if let Some(m) = v.first_mut().filter(|m| std::ptr::eq(m.bus.as_ptr(), &**i)) {
+            if let Some(sh) = i.shards.get(m.shard) {
+                if let Some(mut t) = sh.tail.try_biased(me, i.light) {
+                    let n = sh
+                        .ring
+                        .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
+                    m.end = t.writer.position();
+                    return Some((m.shard, n));
+                }
+            }
+        }
         let (at, shard) = self.choose(v);
-        let (n, end) = self.push_into(shard, e)?;
+        let (n, end) = self.push_into(shard, e, Some(me))?;
         match at.and_then(|p| v.get_mut(p)) {
             Some(m) => (m.shard, m.end) = (shard, end),
             None => {
@@ -181,6 +214,9 @@ impl Shards<'_> {
                 v.push(Mine { bus, shard, end });
             }
         }
+        // The bus used last goes first, where the fast path looks.
+        let last = v.len() - 1;
+        v.swap(0, at.unwrap_or(last).min(last));
         Some((shard, n))
     }
 }
@@ -194,7 +230,7 @@ impl Queue for Shards<'_> {
     #[inline(always)]
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool {
         let i = self.0;
-        let r = MINE.try_with(|v| Some(self.push_mine(&mut *v.try_borrow_mut().ok()?, e)));
+        let r = LOCAL.try_with(|l| Some(self.push_mine(&mut *l.try_borrow_mut().ok()?, e)));
         let (shard, n) = match r {
             Ok(Some(Some(r))) => r,
             Ok(Some(None)) => return false,
@@ -208,23 +244,23 @@ impl Queue for Shards<'_> {
                 if help {
                     i.drain_everything();
                 }
-                match self.push_into(0, e) {
+                match self.push_into(0, e, None) {
                     Some((n, _)) => (0, n),
                     None => return false,
                 }
             }
         };
-        // Pushed under the shard's lock and released it: the flusher's second look takes
-        // that lock, so no fence is needed (docs/BUS.md, "Memory orderings").
+        // The handshake with the flusher as for a `Producer` (docs/BUS.md, "Memory
+        // orderings").
         if let Some(s) = i.shards.get(shard) {
-            i.after_push(&s.ring, n, i.bell.state(), help);
+            i.after_push(&s.ring, n, i.bell.state_after_publish(i.light), help);
         }
         true
     }
 
     fn own(&self) -> Option<&Ring> {
         let i = self.0;
-        let shard = MINE.try_with(|v| Some(self.choose(&v.try_borrow().ok()?).1));
+        let shard = LOCAL.try_with(|l| Some(self.choose(&l.try_borrow().ok()?.buses).1));
         Some(&i.shards.get(shard.ok().flatten()?)?.ring)
     }
 }
@@ -313,8 +349,8 @@ impl Queue for Producer {
         else {
             return false;
         };
-        // No lock here: the fence of the handshake (and of a close, see below).
-        i.after_push(&self.ring, n, i.bell.state_after_publish(), help);
+        // The light fence of the handshake (and of a close, see below).
+        i.after_push(&self.ring, n, i.bell.state_after_publish(i.light), help);
         true
     }
 

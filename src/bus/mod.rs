@@ -68,7 +68,7 @@ use handshake::{Doorbell, AWAKE, IDLE, TIMED};
 /// A per-CPU shard: a ring and the lock that lets the threads of its CPU share its
 /// writing side.
 pub(crate) struct Shard {
-    pub(crate) tail: CachePadded<crate::sys::ShortLock<Tail>>,
+    pub(crate) tail: CachePadded<crate::sys::BiasedLock<Tail>>,
     ring: Arc<Ring>,
 }
 
@@ -87,6 +87,8 @@ pub(crate) struct Inner {
     epoch: Instant,
     /// The flusher's AWAKE / TIMED / IDLE.
     pub(crate) bell: CachePadded<Doorbell>,
+    /// The writers' side of the handshake with the flusher and with a close.
+    pub(crate) light: crate::sys::membarrier::Light,
     flusher: OnceLock<Thread>,
     /// Set (SeqCst) by `Bus::drop`/`close`.
     pub(crate) stop: AtomicBool,
@@ -182,7 +184,7 @@ impl Inner {
         // A flusher parked IDLE may have copied the list before this ring was added: wake
         // it, so that it looks again (it announces IDLE before it copies the list; the
         // fence in `state_after_publish` orders our push before our look).
-        if self.bell.state_after_publish() == IDLE {
+        if self.bell.state_after_publish(self.light) == IDLE {
             self.wake_from_sleep(IDLE);
         }
     }
@@ -388,7 +390,13 @@ impl Bus {
                 self.inner.panicked("bus flusher", &*p);
             }
             // What is left is drained here: no `Bus` insert can run any more (`&mut self`),
-            // and a `Producer` sees `dead` (`send_own_if_closed`).
+            // and a `Producer` pushing now sees `dead` (`send_own_if_closed`): the heavy
+            // barrier pairs with its light fence, so either it sees `dead` or this drain
+            // sees its message. (An error, never seen, is retried.)
+            let mut spins = 0;
+            while crate::sys::membarrier::heavy().is_err() {
+                crate::sync::spin_wait(&mut spins);
+            }
             self.inner.drain_everything();
         }
     }

@@ -105,11 +105,8 @@ impl Inner {
 
     /// Drains every ring on the calling thread (waiting for each drain right), for `flush`
     /// and shutdown, then forgets the retired producers' rings it emptied (the flusher may
-    /// not make a pass for a long time). The fence pairs with the one a `Producer` runs
-    /// after its push and before it looks at `dead` (see `Producer::try_push`): either
-    /// this pass sees its message, or it drains it itself.
+    /// not make a pass for a long time).
     pub(crate) fn drain_everything(&self) {
-        fence(SeqCst);
         let rings: Vec<_> = self.rings.lock().clone();
         for r in &rings {
             self.drain(r, true);

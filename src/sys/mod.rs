@@ -7,6 +7,7 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
+pub(crate) mod membarrier;
 mod meminfo;
 mod ns;
 mod recv;
@@ -28,7 +29,7 @@ pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 pub use recv::{RecvBatch, RecvMeta};
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
-pub(crate) use spin::ShortLock;
+pub(crate) use spin::{BiasedLock, Holder, HolderSlot};
 pub use wake::{poll_read, EventFd, Readiness};
 
 use std::io;
