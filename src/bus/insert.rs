@@ -113,8 +113,8 @@ pub(crate) trait Queue {
     /// when unknown (a shard writer's thread-local state is gone: drain every ring).
     fn own(&self) -> Option<&Ring>;
     /// After a successful push, holding no bus lock: sends what the caller's own ring
-    /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: the
-    /// closing drain takes each shard's lock.
+    /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: a
+    /// `Bus::insert` borrows the bus, which a close takes by value.
     fn send_own_if_closed(&mut self) {}
 }
 
@@ -268,8 +268,8 @@ impl Queue for Shards<'_> {
 /// A hot-path producer's own ring into a [`Bus`]: the fastest way to insert.
 ///
 /// [`Bus::insert`](super::Bus::insert) pushes into a per-CPU shard's ring under that
-/// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy, one
-/// store and one fence, with no lock and no thread-local look-up. The bus's drains (this
+/// shard's lock; a `Producer` owns a ring of the same kind, so an insert is a copy and a
+/// store, with no lock, no fence and no thread-local look-up. The bus's drains (this
 /// producer at the [watermark](super::BusBuilder::watermark), the flusher at the latency
 /// deadline, [`Bus::flush`], shutdown) send it like a shard's ring.
 /// Insert through the [`Insert`] trait.
@@ -358,9 +358,10 @@ impl Queue for Producer {
         Some(&self.ring)
     }
 
-    /// The bus was closed while we pushed (a `Producer` outlives its `Bus`): the fence
-    /// after our push pairs with the one in `drain_everything`, so either the closing
-    /// drain saw our message or we see `dead` here and send it ourselves. Not under
+    /// The bus was closed while we pushed (a `Producer` outlives its `Bus`): the light
+    /// fence after our push pairs with the heavy barrier before the closing drain
+    /// (`Bus::stop`), so either that drain saw our message or we see `dead` here and
+    /// send it ourselves. Not under
     /// `space_lock`, which the drain takes to notify waiters.
     #[inline(always)]
     fn send_own_if_closed(&mut self) {

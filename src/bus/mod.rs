@@ -183,7 +183,7 @@ impl Inner {
         self.rings.lock().push(ring);
         // A flusher parked IDLE may have copied the list before this ring was added: wake
         // it, so that it looks again (it announces IDLE before it copies the list; the
-        // fence in `state_after_publish` orders our push before our look).
+        // light fence against its heavy barrier orders our push before our look).
         if self.bell.state_after_publish(self.light) == IDLE {
             self.wake_from_sleep(IDLE);
         }
