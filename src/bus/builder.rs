@@ -313,7 +313,9 @@ impl BusBuilder {
         if let Some(n) = self.numbered_ids {
             sock.numbering().lock().set_capacity(n);
         }
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let inner = Arc::new(Inner {
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             rings: Mutex::new(shards.iter().map(|s| Arc::clone(&s.ring)).collect()),
             shards: shards.into_boxed_slice(),
             ring_bytes,

@@ -46,12 +46,16 @@ impl Doorbell {
         self.state.swap(AWAKE, SeqCst);
     }
 
-    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the heavy barrier, then the
-    /// second look at every ring follows. An error (the barrier was not established) means
-    /// the look may miss a push: the caller must not sleep without a timeout.
-    pub(crate) fn announce(&self, how: u8) -> std::io::Result<()> {
+    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the heavy barrier if
+    /// `barrier` (some writer may rely on seeing `how`), then the second look at every
+    /// ring follows. An error (the barrier was not established) means the look may miss a
+    /// push: the caller must not sleep without a timeout.
+    pub(crate) fn announce(&self, how: u8, barrier: bool) -> std::io::Result<()> {
         self.state.store(how, SeqCst);
-        membarrier::heavy()
+        if barrier {
+            membarrier::heavy()?;
+        }
+        Ok(())
     }
 
     /// Flusher side: awake (after a park, or when the second look found work).
@@ -137,7 +141,7 @@ mod loom_tests {
                     if self.stop.load(SeqCst) || self.probe.pending() > 0 {
                         break;
                     }
-                    self.bell.announce(IDLE).unwrap();
+                    self.bell.announce(IDLE, true).unwrap();
                     if self.probe.pending() > 0 || self.stop.load(SeqCst) {
                         self.bell.awake();
                         break;

@@ -120,8 +120,10 @@ pub(crate) trait Queue {
 
 /// A thread's shard of one bus: where its unsent messages are.
 struct Mine {
-    /// The bus: its identity, and to forget the entry once it is gone.
+    /// The bus, to forget the entry once it is gone.
     bus: Weak<Inner>,
+    /// The bus's identity (`Inner::id`: one compare, where the `Weak` needs two).
+    id: u64,
     shard: usize,
     /// The ring's position after this thread's last message there.
     end: usize,
@@ -152,7 +154,7 @@ impl Shards<'_> {
     #[inline(always)]
     fn choose(&self, v: &[Mine]) -> (Option<usize>, usize) {
         let i = self.0;
-        let at = v.iter().position(|m| std::ptr::eq(m.bus.as_ptr(), &**i));
+        let at = v.iter().position(|m| m.id == i.id);
         match at.and_then(|p| v.get(p)) {
             Some(m)
                 if i.shards
@@ -192,7 +194,7 @@ impl Shards<'_> {
         let (i, me) = (self.0, l.me.get());
         let v = &mut l.buses;
         // The fast path: no position check, no CPU number, no read-modify-write.
-        if let Some(m) = v.first_mut().filter(|m| std::ptr::eq(m.bus.as_ptr(), &**i)) {
+        if let Some(m) = v.first_mut().filter(|m| m.id == i.id) {
             if let Some(sh) = i.shards.get(m.shard) {
                 if let Some(mut t) = sh.tail.try_biased(me, i.light) {
                     let n = sh
@@ -210,8 +212,13 @@ impl Shards<'_> {
             None => {
                 // A new bus for this thread: forget the buses that are gone.
                 v.retain(|m| m.bus.strong_count() > 0);
-                let bus = Arc::downgrade(i);
-                v.push(Mine { bus, shard, end });
+                let (bus, id) = (Arc::downgrade(i), i.id);
+                v.push(Mine {
+                    bus,
+                    id,
+                    shard,
+                    end,
+                });
             }
         }
         // The bus used last goes first, where the fast path looks.

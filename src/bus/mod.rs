@@ -73,6 +73,8 @@ pub(crate) struct Shard {
 }
 
 pub(crate) struct Inner {
+    /// This bus among the process's buses (a thread's insert state names it), never 0.
+    pub(crate) id: u64,
     pub(crate) shards: Box<[Shard]>,
     /// Every ring (the shards' first, then the producers'), for the flusher and the
     /// statistics.
