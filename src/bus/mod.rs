@@ -717,6 +717,42 @@ mod tests {
         assert_eq!(count(&rx, idx), 9);
     }
 
+    /// With `assist` on, a writer that crossed the watermark while another drain held the
+    /// send lock (so it could not drain) and then stopped inserting: its ring is left to
+    /// the latency deadline, which the flusher still keeps (it leaves assisted rings to
+    /// their writers only until then).
+    #[test]
+    fn an_assisted_ring_its_writer_could_not_drain_goes_at_the_deadline() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd8;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(64)
+            .watermark(2)
+            .max_latency(Duration::from_millis(100))
+            .assist(true)
+            .build()
+            .unwrap();
+        {
+            let _send = bus.inner.sock.numbering().lock();
+            for i in 0..3u32 {
+                bus.insert(id, &i.to_ne_bytes()).unwrap();
+            }
+        }
+        // A watchdog, not a timing: the deadline is 75 ms away.
+        let start = Instant::now();
+        while bus.stats().sent_messages < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the assisted ring was never drained"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(bus.stats().assisted_drains, 0);
+        assert_eq!(count(&rx, idx), 3);
+    }
+
     #[test]
     fn insert_error_hands_the_message_back() {
         fn is_send_sync<T: Send + Sync>() {}
