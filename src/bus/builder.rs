@@ -331,6 +331,7 @@ impl BusBuilder {
             stop_deadline: OnceLock::new(),
             stalled: AtomicBool::new(false),
             space_waiters: AtomicUsize::new(0),
+            full_rejected: AtomicBool::new(false),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
             stats: Counters::default(),

@@ -201,6 +201,33 @@ mod loom_tests {
         check_no_lost_wakeup(Model::insert);
     }
 
+    /// A close racing a `Producer`'s insert (`Bus::stop`: `dead` set, the heavy barrier,
+    /// the closing drain; the producer: publish, the light fence in
+    /// `state_after_publish`, then the look at `dead` of `send_own_if_closed`, here
+    /// `stop`): either the closing drain sends the message or the producer sees `dead`
+    /// and drains its own ring. Fails without either barrier.
+    #[test]
+    fn loom_a_close_racing_a_producer_loses_nothing() {
+        bounded().check(|| {
+            let (m, mut w) = Model::new();
+            let p = {
+                let m = Arc::clone(&m);
+                thread::spawn(move || {
+                    assert!(w.write(8, |b| b.fill(1)));
+                    let _ = m.bell.state_after_publish(m.light);
+                    if m.stop.load(Relaxed) {
+                        m.drain();
+                    }
+                })
+            };
+            m.stop.store(true, SeqCst);
+            membarrier::heavy().unwrap();
+            m.drain();
+            p.join().unwrap();
+            assert_eq!(m.sent.load(SeqCst), 1, "the message was left in the ring");
+        });
+    }
+
     /// flush() (a drain of every ring on the caller's thread, waiting for each drain right)
     /// returns only after everything inserted before it was sent, even while a writer
     /// helping at the watermark holds the drain right.

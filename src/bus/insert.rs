@@ -448,6 +448,7 @@ fn on_full<Q: Queue>(
     }
     match policy {
         FullPolicy::Reject => {
+            inner.full_rejected.store(true, SeqCst);
             inner.wake();
             Err(refuse(&inner, e, InsertError::Full))
         }

@@ -102,6 +102,10 @@ pub(crate) struct Inner {
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
     pub(crate) space_waiters: AtomicUsize,
+    /// An insert was rejected on a full ring (`FullPolicy::Reject`): the flusher drains
+    /// at once, as for a blocked inserter, rather than leave an assisted ring to writers
+    /// that could not drain it (SeqCst; cleared by the flusher before its pass).
+    pub(crate) full_rejected: AtomicBool,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
     pub(crate) stats: Counters,
@@ -663,6 +667,92 @@ mod tests {
         let st = bus.close().unwrap();
         assert_eq!((st.inserted, st.sent_messages, st.queued), (50, 50, 0));
         assert_eq!(count(&rx, idx), 50);
+    }
+
+    /// With `assist` on, a ring filled while another drain held the send lock (so its
+    /// writer could not drain it at the watermark) is drained once a rejected insert wakes
+    /// the flusher. Before the fix the flusher, which leaves assisted rings to their
+    /// writers, went back to sleep until the latency deadline (here 450 s): every
+    /// `try_insert` was `Full` meanwhile (the watchdog below failed the test).
+    #[test]
+    fn a_rejected_insert_gets_a_full_assisted_ring_drained() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd7;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(8)
+            .watermark(2)
+            .max_latency(Duration::from_secs(600))
+            .assist(true)
+            .build()
+            .unwrap();
+        {
+            // Another drain holds the send lock: the writer cannot help at the watermark.
+            let _send = bus.inner.sock.numbering().lock();
+            for i in 0..8u32 {
+                bus.try_insert(id, &i.to_ne_bytes()).unwrap();
+            }
+            assert!(matches!(
+                bus.try_insert(id, b"full"),
+                Err(InsertError::Full(_))
+            ));
+        }
+        // A watchdog, not a timing: the drain comes right after a rejection.
+        let start = Instant::now();
+        let mut rejected = 1;
+        loop {
+            match bus.try_insert(id, b"again") {
+                Ok(()) => break,
+                Err(InsertError::Full(_)) => rejected += 1,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the full ring was not drained after {rejected} rejected inserts"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages), (9, 9));
+        assert_eq!(st.rejected_full, rejected);
+        assert_eq!(count(&rx, idx), 9);
+    }
+
+    /// With `assist` on, a writer that crossed the watermark while another drain held the
+    /// send lock (so it could not drain) and then stopped inserting: its ring is left to
+    /// the latency deadline, which the flusher still keeps (it leaves assisted rings to
+    /// their writers only until then).
+    #[test]
+    fn an_assisted_ring_its_writer_could_not_drain_goes_at_the_deadline() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd8;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(64)
+            .watermark(2)
+            .max_latency(Duration::from_millis(100))
+            .assist(true)
+            .build()
+            .unwrap();
+        {
+            let _send = bus.inner.sock.numbering().lock();
+            for i in 0..3u32 {
+                bus.insert(id, &i.to_ne_bytes()).unwrap();
+            }
+        }
+        // A watchdog, not a timing: the deadline is 75 ms away.
+        let start = Instant::now();
+        while bus.stats().sent_messages < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the assisted ring was never drained"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(bus.stats().assisted_drains, 0);
+        assert_eq!(count(&rx, idx), 3);
     }
 
     #[test]
