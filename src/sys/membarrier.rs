@@ -41,9 +41,14 @@ pub(crate) fn init() -> Light {
             let ok = !cfg!(cnbus_loom)
                 && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
                 && membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
-            // Release: a thread that loads 1 also sees the registration done.
-            STATE.store(if ok { 1 } else { 2 }, Ordering::Release);
-            ok
+            // Release: a thread that loads 1 also sees the registration done. The first
+            // result stands (a thread under a seccomp filter of its own may fail where
+            // another succeeded), so that every `Light` handed out agrees with `heavy`.
+            let mine = if ok { 1 } else { 2 };
+            match STATE.compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => ok,
+                Err(first) => first == 1,
+            }
         }
     };
     Light { compiler_only: ok }
