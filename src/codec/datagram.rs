@@ -1,5 +1,8 @@
 //! Datagrams: iterating over the messages of a received datagram, and packing messages
 //! into one for sending.
+//!
+//! (Over 600 lines with its unit tests, about 420 without: reading and writing a datagram
+//! are tested against each other here.)
 
 use bytes::Bytes;
 
