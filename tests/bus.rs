@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use cnbus::bus::{Bus, Framing, FullPolicy, Insert, InsertError, Producer};
+use cnbus::bus::{Bus, BusStats, Framing, FullPolicy, Insert, InsertError, Producer};
 use cnbus::codec::{messages, CbId, CnMsg, Message};
 use cnbus::sys::{self, poll_read, ConnectorSocket, Dest, EventFd};
 use common::{kernel_socket, own_port, test_idx};
@@ -157,6 +157,45 @@ fn assert_per_thread_order(msgs: &[CnMsg], threads: u32, per_thread: u32) {
     }
 }
 
+/// A receiver on `group` and a bus to it of `capacity` messages per ring that blocks
+/// when full, for the order tests.
+fn order_bus(group: u32, capacity: usize) -> (Rx, Bus) {
+    let rx = Rx::open(Some(group));
+    let bus = Bus::builder(Dest::Group(group))
+        .capacity(capacity)
+        .on_full(FullPolicy::Block)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    (rx, bus)
+}
+
+/// Runs `produce` (threads `0..threads` inserting `per` messages each, id `(idx, t)`,
+/// payload `payload(t, seq)`) while `rx` collects, then flushes and checks that every
+/// message arrived, in each thread's order, and that the bus accounts for all of them.
+fn assert_all_arrive_in_order(
+    rx: &Rx,
+    bus: &Bus,
+    idx: u32,
+    (threads, per): (u32, u32),
+    produce: impl FnOnce(),
+) -> BusStats {
+    let want = (threads * per) as usize;
+    let got = thread::scope(|s| {
+        let receiver = s.spawn(|| rx.collect(idx, want, Duration::from_secs(30)));
+        produce();
+        bus.flush().unwrap();
+        receiver.join().unwrap()
+    });
+    assert_eq!(got.msgs.len(), want, "messages lost");
+    assert_per_thread_order(&got.msgs, threads, per);
+    let st = bus.stats();
+    assert_eq!(st.inserted, want as u64);
+    assert_eq!(st.sent_messages, st.inserted);
+    assert_eq!(st.failed_messages, 0);
+    st
+}
+
 #[test]
 fn per_thread_order_survives_migration() {
     let Some(_k) = kernel_socket("per_thread_order_survives_migration") else {
@@ -166,55 +205,41 @@ fn per_thread_order_survives_migration() {
     const THREADS: u32 = 4;
     const PER: u32 = 25_000;
     let idx = test_idx(1);
-    let rx = Rx::open(Some(GROUP));
-    let bus = Bus::builder(Dest::Group(GROUP))
-        .capacity(256)
-        .on_full(FullPolicy::Block)
-        .build()
-        .unwrap();
-    rx.from(&bus);
+    let (rx, bus) = order_bus(GROUP, 256);
     let ncpu = sys::num_cpus().min(8);
-    let got = thread::scope(|s| {
-        let receiver =
-            s.spawn(|| rx.collect(idx, (THREADS * PER) as usize, Duration::from_secs(30)));
-        let mut moved = 0;
-        let producers: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let bus = &bus;
-                s.spawn(move || {
-                    let id = CbId::new(idx, t);
-                    let mut moves = 0;
-                    for seq in 0..PER {
-                        // Pin to CPU 0, then 1, then back, every 500 messages.
-                        if seq % 500 == 0 && ncpu > 1 {
-                            let cpu = ((seq / 500 + t) as usize) % ncpu;
-                            sys::pin_current_thread(cpu).unwrap();
-                            moves += usize::from(sys::current_cpu() == Some(cpu));
+    let st = assert_all_arrive_in_order(&rx, &bus, idx, (THREADS, PER), || {
+        thread::scope(|s| {
+            let mut moved = 0;
+            let producers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let bus = &bus;
+                    s.spawn(move || {
+                        let id = CbId::new(idx, t);
+                        let mut moves = 0;
+                        for seq in 0..PER {
+                            // Pin to CPU 0, then 1, then back, every 500 messages.
+                            if seq % 500 == 0 && ncpu > 1 {
+                                let cpu = ((seq / 500 + t) as usize) % ncpu;
+                                sys::pin_current_thread(cpu).unwrap();
+                                moves += usize::from(sys::current_cpu() == Some(cpu));
+                            }
+                            bus.insert(id, &payload(t, seq)).unwrap();
                         }
-                        bus.insert(id, &payload(t, seq)).unwrap();
-                    }
-                    moves
+                        moves
+                    })
                 })
-            })
-            .collect();
-        for p in producers {
-            moved += p.join().unwrap();
-        }
-        bus.flush().unwrap();
-        if ncpu > 1 {
-            assert!(
-                moved > 0,
-                "threads never ran on the CPU they were pinned to"
-            );
-        }
-        receiver.join().unwrap()
+                .collect();
+            for p in producers {
+                moved += p.join().unwrap();
+            }
+            if ncpu > 1 {
+                assert!(
+                    moved > 0,
+                    "threads never ran on the CPU they were pinned to"
+                );
+            }
+        })
     });
-    assert_eq!(got.msgs.len(), (THREADS * PER) as usize, "messages lost");
-    assert_per_thread_order(&got.msgs, THREADS, PER);
-    let st = bus.stats();
-    assert_eq!(st.inserted, u64::from(THREADS * PER));
-    assert_eq!(st.sent_messages, st.inserted);
-    assert_eq!(st.failed_messages, 0);
     eprintln!("order: {st:?}");
 }
 
@@ -1874,46 +1899,33 @@ fn short_lived_threads_taking_over_biased_shards_keep_order_and_lose_nothing() {
     const PER_WAVE: u32 = 4;
     const PER: u32 = 700;
     let idx = test_idx(77);
-    let rx = Rx::open(Some(GROUP));
-    let bus = Bus::builder(Dest::Group(GROUP))
-        .capacity(512)
-        .on_full(FullPolicy::Block)
-        .build()
-        .unwrap();
-    rx.from(&bus);
+    let (rx, bus) = order_bus(GROUP, 512);
     let ncpu = sys::num_cpus().min(8);
     let threads = WAVES * PER_WAVE;
-    let got = thread::scope(|s| {
-        let receiver =
-            s.spawn(|| rx.collect(idx, (threads * PER) as usize, Duration::from_secs(30)));
-        for wave in 0..WAVES {
-            let ts: Vec<_> = (0..PER_WAVE)
-                .map(|k| {
-                    let (bus, t) = (&bus, wave * PER_WAVE + k);
-                    s.spawn(move || {
-                        let id = CbId::new(idx, t);
-                        for seq in 0..PER {
-                            // Move every 300 messages (a pin that fails leaves it where
-                            // it is: the order must hold either way).
-                            if seq % 300 == 0 && ncpu > 1 {
-                                let _ = sys::pin_current_thread(((seq / 300 + t) as usize) % ncpu);
+    assert_all_arrive_in_order(&rx, &bus, idx, (threads, PER), || {
+        thread::scope(|s| {
+            for wave in 0..WAVES {
+                let ts: Vec<_> = (0..PER_WAVE)
+                    .map(|k| {
+                        let (bus, t) = (&bus, wave * PER_WAVE + k);
+                        s.spawn(move || {
+                            let id = CbId::new(idx, t);
+                            for seq in 0..PER {
+                                // Move every 300 messages (a pin that fails leaves it where
+                                // it is: the order must hold either way).
+                                if seq % 300 == 0 && ncpu > 1 {
+                                    let _ =
+                                        sys::pin_current_thread(((seq / 300 + t) as usize) % ncpu);
+                                }
+                                bus.insert(id, &payload(t, seq)).unwrap();
                             }
-                            bus.insert(id, &payload(t, seq)).unwrap();
-                        }
+                        })
                     })
-                })
-                .collect();
-            for t in ts {
-                t.join().unwrap();
+                    .collect();
+                for t in ts {
+                    t.join().unwrap();
+                }
             }
-        }
-        bus.flush().unwrap();
-        receiver.join().unwrap()
+        })
     });
-    assert_eq!(got.msgs.len(), (threads * PER) as usize, "messages lost");
-    assert_per_thread_order(&got.msgs, threads, PER);
-    let st = bus.stats();
-    assert_eq!(st.inserted, u64::from(threads * PER));
-    assert_eq!(st.sent_messages, st.inserted);
-    assert_eq!(st.failed_messages, 0);
 }
