@@ -421,12 +421,24 @@ mod tests {
     // `Bus: Send + Sync` and `Producer: Send + 'static` are compiled in tests/bus.rs
     // (`owned_producers_live_in_static_threads_and_thread_locals`).
 
-    /// A receiver for the panic tests: a unicast socket with a large buffer. `None` where
-    /// netlink sockets cannot be opened.
+    /// A receiver for these tests: a unicast socket with a large buffer. `None` (the test
+    /// is skipped, and says so) where netlink sockets cannot be opened; under CI that is a
+    /// failure, as for the kernel tests in tests/.
     fn receiver() -> Option<ConnectorSocket> {
-        let rx = ConnectorSocket::open().ok()?;
-        rx.set_recv_buffer(8 << 20, true).ok()?;
-        Some(rx)
+        let rx = ConnectorSocket::open().and_then(|rx| {
+            rx.set_recv_buffer(8 << 20, true)?;
+            Ok(rx)
+        });
+        match rx {
+            Ok(rx) => Some(rx),
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("a netlink connector socket is required under CI: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: no netlink connector socket: {e}");
+                None
+            }
+        }
     }
 
     /// Messages of `idx` queued on `rx`.
