@@ -87,6 +87,8 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
             || ((inner.space_waiters.load(SeqCst) > 0 || inner.full_rejected.load(SeqCst))
                 && rings.iter().any(|r| r.pending()))
     };
+    // A ring the flusher drains at the watermark (writers that `assist` drain their own).
+    let past_wm = |r: &Ring| !inner.cfg.assist && r.queued() >= wm;
     loop {
         rings.clone_from(&inner.rings.lock());
         if urgent(rings) {
@@ -99,7 +101,7 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
                 0 => now,
                 t => t,
             });
-            over |= !inner.cfg.assist && r.queued() >= wm;
+            over |= past_wm(r);
         }
         if over {
             return;
@@ -124,8 +126,7 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
             timeout = Some(timeout.map_or(aim, |t| t.min(aim)));
         }
         rings.clone_from(&inner.rings.lock());
-        let wm_or_any =
-            |r: &Arc<Ring>| r.pending() && (how == IDLE || (!inner.cfg.assist && r.queued() >= wm));
+        let wm_or_any = |r: &Arc<Ring>| r.pending() && (how == IDLE || past_wm(r));
         if rings.iter().any(wm_or_any) || urgent(rings) {
             inner.bell.awake();
             continue;

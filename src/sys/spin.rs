@@ -169,36 +169,32 @@ impl<T> BiasedLock<T> {
     fn lock_slow(&self, me: Option<&'static Holder>) -> BiasedGuard<'_, T> {
         let mut spins = 0u32;
         loop {
+            // Free, or biased to another thread: take it.
             let cur = self.owner.load(Relaxed);
-            if cur.is_null() {
-                if (self.owner)
-                    .compare_exchange(cur, locked(), Acquire, Relaxed)
-                    .is_ok()
-                {
-                    break;
-                }
-            } else if cur != locked() {
-                // Biased to another thread: take it away, then wait until that thread is
-                // outside its section.
-                if (self.owner)
-                    .compare_exchange(cur, locked(), Acquire, Relaxed)
-                    .is_ok()
-                {
-                    while heavy().is_err() {
-                        spin_wait(&mut spins);
-                    }
-                    // SAFETY: a biased owner word is a holder, and holders are never
-                    // freed (module docs).
-                    let prev = unsafe { &*cur };
-                    // Acquire: its section happens-before ours.
-                    while prev.busy.load(Acquire) {
-                        spin_wait(&mut spins);
-                    }
-                    break;
-                }
-            } else {
+            if cur == locked() {
                 spin_wait(&mut spins);
+                continue;
             }
+            if (self.owner)
+                .compare_exchange(cur, locked(), Acquire, Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            if !cur.is_null() {
+                // It was biased: wait until that thread is outside its section.
+                while heavy().is_err() {
+                    spin_wait(&mut spins);
+                }
+                // SAFETY: a biased owner word is a holder, and holders are never freed
+                // (module docs).
+                let prev = unsafe { &*cur };
+                // Acquire: its section happens-before ours.
+                while prev.busy.load(Acquire) {
+                    spin_wait(&mut spins);
+                }
+            }
+            break;
         }
         BiasedGuard {
             lock: self,
