@@ -97,8 +97,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // The sink before the listener: a configuration it refuses ends the agent before it
-    // subscribes; its thread inherits the blocked signal mask.
+    // Subscribe first, then start the sink, then scan: the sink's start can wait for the
+    // server (up to its connect timeout, 5 s), and whatever happens meanwhile and during the
+    // scan is queued as events (or counted as lost if the socket's queue overflows).
+    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
+            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
+                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    // A configuration the sink refuses ends the agent before it writes its log; the sink's
+    // thread inherits the blocked signal mask.
     let mut shipper = match &args.nats.nats {
         None => None,
         Some(url) => {
@@ -128,27 +141,22 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Subscribe first, then scan: whatever happens during the scan is queued as events.
-    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
-            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
-                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
-            }
-            return ExitCode::from(1);
-        }
-    };
+    // SIGHUP reopens the log; the first SIGINT / SIGTERM stops the agent, a second one
+    // stops its waiting for the NATS server (whatever is not sent stays in the spool).
     let stop = Arc::new(AtomicBool::new(false));
     let reopen = Arc::new(AtomicBool::new(false));
+    let aborted = Arc::new(AtomicBool::new(false));
     {
-        let (stop, reopen) = (stop.clone(), reopen.clone());
+        let (stop, reopen, aborted) = (stop.clone(), reopen.clone(), aborted.clone());
+        let abort = shipper.as_ref().map(Shipper::abort_handle);
         std::thread::spawn(move || loop {
             if signals.wait() == libc::SIGHUP {
                 reopen.store(true, Ordering::SeqCst);
-            } else {
-                stop.store(true, Ordering::SeqCst);
-                return;
+            } else if stop.swap(true, Ordering::SeqCst) {
+                aborted.store(true, Ordering::SeqCst);
+                if let Some(a) = &abort {
+                    a.abort();
+                }
             }
         });
     }
@@ -290,7 +298,7 @@ fn main() -> ExitCode {
                 log_closed = true;
                 break;
             }
-            if Instant::now() >= drain_until {
+            if Instant::now() >= drain_until || aborted.load(Ordering::SeqCst) {
                 break;
             }
         }
@@ -313,10 +321,19 @@ fn main() -> ExitCode {
     // Sends IGNORE and reads the queue empty: the final, settled loss figures.
     let stats = listener.finish();
     drop(listener);
-    let nats = shipper.map(|s| {
+    let nats = shipper.map(|mut s| {
         let deadline = args.nats.shutdown_deadline;
         let reported = s.reported_dropped();
         let spool = s.spool.clone();
+        let left = s.left();
+        if left > 0 && !deadline.is_zero() && !aborted.load(Ordering::SeqCst) {
+            warn!(
+                "cnbus-agent: sending the last {left} lines to NATS (at most {} s, \
+                 --shutdown-deadline; a second SIGINT or SIGTERM stops waiting and keeps them \
+                 in the spool)",
+                deadline.as_secs_f64()
+            );
+        }
         let report = s.shutdown(deadline);
         if report.dropped > reported {
             warn!(
@@ -325,8 +342,13 @@ fn main() -> ExitCode {
             );
         }
         if report.unsent > 0 {
+            let within = if aborted.load(Ordering::SeqCst) {
+                "before the second signal"
+            } else {
+                "within --shutdown-deadline"
+            };
             warn!(
-                "cnbus-agent: {} lines not acknowledged by NATS within --shutdown-deadline are kept in {} for the next start",
+                "cnbus-agent: {} lines not acknowledged by NATS {within} are kept in {} for the next start",
                 report.unsent,
                 spool.display()
             );
