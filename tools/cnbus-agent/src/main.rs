@@ -12,8 +12,9 @@
 //! and [`ProcListener::recv_timeout`] (wait, at most 100 ms so that the signal flags and the
 //! counters tick are checked); [`ProcListener::stats`] and [`ProcListener::finish`] give the
 //! loss figures; an [`Enricher`](cnbus::proc::Enricher) attributes every event; and
-//! [`TermSignals::block`] runs before any thread starts, with a thread waiting for the
-//! signals.
+//! [`TermSignals::block`](cnbus::sys::TermSignals::block) (through
+//! `cnbus_cli::output::block_term_signals`) runs before any thread starts, with a thread
+//! waiting for the signals.
 //!
 //! The files: `cli` (options and help), `table` (the table and the `/proc` scan), `events`
 //! (events to table changes and lines), `records` (the JSON lines), `output` (event log and
@@ -34,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 use cnbus::proc::{ProcListener, Received};
-use cnbus::sys::TermSignals;
 use cnbus_cli::warn;
 use nats::{Ship, Shipper};
 
@@ -82,20 +82,14 @@ fn report_drops(
 fn main() -> ExitCode {
     let cli: Cli = cnbus_cli::output::parse_args("cnbus-agent");
     if let Some(g) = &cli.generate {
-        return match g.write(Cli::command(), &mut io::stdout().lock()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cnbus_cli::output::write_failed("cnbus-agent", g.what(), &e),
-        };
+        return g.run("cnbus-agent", Cli::command());
     }
     let args = cli.args;
     // Before any thread exists: every thread inherits the blocked mask, so only the waiter
     // below receives SIGINT / SIGTERM / SIGHUP.
-    let signals = match TermSignals::block() {
+    let signals = match cnbus_cli::output::block_term_signals("cnbus-agent") {
         Ok(s) => s,
-        Err(e) => {
-            warn!("cnbus-agent: {e}");
-            return ExitCode::from(1);
-        }
+        Err(status) => return status,
     };
     // Subscribe first, then start the sink, then scan: the sink's start can wait for the
     // server (up to its connect timeout, 5 s), and whatever happens meanwhile and during the

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 use cnbus::proc::{EnrichConfig, Enricher, EventSet, ProcListener};
-use cnbus::sys::TermSignals;
 use cnbus::Error;
 use cnbus_cli::clock::Clocks;
 use cnbus_cli::warn;
@@ -171,19 +170,13 @@ fn open_error(e: &Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse_checked();
     if let Some(g) = &cli.generate {
-        return match g.write(Cli::command(), &mut io::stdout().lock()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cnbus_cli::output::write_failed("proctrace", g.what(), &e),
-        };
+        return g.run("proctrace", Cli::command());
     }
     let args = cli.args;
     // Block the termination signals before any thread exists, so only the waiter gets them.
-    let signals = match TermSignals::block() {
+    let signals = match cnbus_cli::output::block_term_signals("proctrace") {
         Ok(s) => s,
-        Err(e) => {
-            warn!("proctrace: {e}");
-            return ExitCode::from(1);
-        }
+        Err(status) => return status,
     };
     let mut listener = match ProcListener::builder()
         .events(args.events)
