@@ -41,8 +41,10 @@ spool for the next start).
 Table dump (--dump-table): one object per live process, by pid: pid, ppid, the
 attribution fields, start (RFC 3339 or null), source (scan, fork, exec, resync).
 
-Signals: SIGINT and SIGTERM stop it (queued events applied, final counters, dump); SIGHUP
-reopens --output.
+Signals: SIGINT and SIGTERM stop it (queued events applied, final counters, dump); with
+--nats it then sends for at most --shutdown-deadline, and a second SIGINT or SIGTERM ends
+that wait at once (what is not acknowledged stays in the spool, counted as unsent).
+SIGHUP reopens --output.
 
 Exit status: 0 after SIGINT/SIGTERM or --duration, or when the event log's reader closes
 the pipe; 1 when the proc connector cannot be used, writing the event log fails, or the

@@ -196,16 +196,9 @@ impl Agent {
         // An exit may be among the lost events and its pid reused: the enricher re-checks
         // its cached processes against /proc before trusting them again.
         self.enricher.note_loss();
-        let (cause, cpu, count) = match loss {
-            Loss::Overrun => ("overrun", None, None),
-            Loss::Gap { cpu, count } => ("seq_gap", Some(cpu), Some(count)),
-        };
         let line = LostLine {
             ts: Rfc3339(self.clocks.now()),
-            event: "lost",
-            cause,
-            cpu,
-            count,
+            lost: loss.into(),
         };
         self.line.clear();
         push(&mut self.line, &line);

@@ -12,8 +12,9 @@
 //! and [`ProcListener::recv_timeout`] (wait, at most 100 ms so that the signal flags and the
 //! counters tick are checked); [`ProcListener::stats`] and [`ProcListener::finish`] give the
 //! loss figures; an [`Enricher`](cnbus::proc::Enricher) attributes every event; and
-//! [`TermSignals::block`] runs before any thread starts, with a thread waiting for the
-//! signals.
+//! [`TermSignals::block`](cnbus::sys::TermSignals::block) (through
+//! `cnbus_cli::output::block_term_signals`) runs before any thread starts, with a thread
+//! waiting for the signals.
 //!
 //! The files: `cli` (options and help), `table` (the table and the `/proc` scan), `events`
 //! (events to table changes and lines), `records` (the JSON lines), `output` (event log and
@@ -34,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 use cnbus::proc::{ProcListener, Received};
-use cnbus::sys::TermSignals;
 use cnbus_cli::warn;
 use nats::{Ship, Shipper};
 
@@ -82,23 +82,30 @@ fn report_drops(
 fn main() -> ExitCode {
     let cli: Cli = cnbus_cli::output::parse_args("cnbus-agent");
     if let Some(g) = &cli.generate {
-        return match g.write(Cli::command(), &mut io::stdout().lock()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cnbus_cli::output::write_failed("cnbus-agent", g.what(), &e),
-        };
+        return g.run("cnbus-agent", Cli::command());
     }
     let args = cli.args;
     // Before any thread exists: every thread inherits the blocked mask, so only the waiter
     // below receives SIGINT / SIGTERM / SIGHUP.
-    let signals = match TermSignals::block() {
+    let signals = match cnbus_cli::output::block_term_signals("cnbus-agent") {
         Ok(s) => s,
+        Err(status) => return status,
+    };
+    // Subscribe first, then start the sink, then scan: the sink's start can wait for the
+    // server (up to its connect timeout, 5 s), and whatever happens meanwhile and during the
+    // scan is queued as events (or counted as lost if the socket's queue overflows).
+    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
+        Ok(l) => l,
         Err(e) => {
-            warn!("cnbus-agent: {e}");
+            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
+            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
+                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
+            }
             return ExitCode::from(1);
         }
     };
-    // The sink before the listener: a configuration it refuses ends the agent before it
-    // subscribes; its thread inherits the blocked signal mask.
+    // A configuration the sink refuses ends the agent before it writes its log; the sink's
+    // thread inherits the blocked signal mask.
     let mut shipper = match &args.nats.nats {
         None => None,
         Some(url) => {
@@ -128,27 +135,22 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Subscribe first, then scan: whatever happens during the scan is queued as events.
-    let mut listener = match ProcListener::builder().recv_buffer(args.buffer).open() {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("cnbus-agent: cannot subscribe to the proc connector: {e}");
-            if matches!(e, cnbus::Error::PermissionDenied { .. }) {
-                warn!("cnbus-agent: on this kernel the proc connector needs CAP_NET_ADMIN (root)");
-            }
-            return ExitCode::from(1);
-        }
-    };
+    // SIGHUP reopens the log; the first SIGINT / SIGTERM stops the agent, a second one
+    // stops its waiting for the NATS server (whatever is not sent stays in the spool).
     let stop = Arc::new(AtomicBool::new(false));
     let reopen = Arc::new(AtomicBool::new(false));
+    let aborted = Arc::new(AtomicBool::new(false));
     {
-        let (stop, reopen) = (stop.clone(), reopen.clone());
+        let (stop, reopen, aborted) = (stop.clone(), reopen.clone(), aborted.clone());
+        let abort = shipper.as_ref().map(Shipper::abort_handle);
         std::thread::spawn(move || loop {
             if signals.wait() == libc::SIGHUP {
                 reopen.store(true, Ordering::SeqCst);
-            } else {
-                stop.store(true, Ordering::SeqCst);
-                return;
+            } else if stop.swap(true, Ordering::SeqCst) {
+                aborted.store(true, Ordering::SeqCst);
+                if let Some(a) = &abort {
+                    a.abort();
+                }
             }
         });
     }
@@ -290,7 +292,7 @@ fn main() -> ExitCode {
                 log_closed = true;
                 break;
             }
-            if Instant::now() >= drain_until {
+            if Instant::now() >= drain_until || aborted.load(Ordering::SeqCst) {
                 break;
             }
         }
@@ -313,10 +315,19 @@ fn main() -> ExitCode {
     // Sends IGNORE and reads the queue empty: the final, settled loss figures.
     let stats = listener.finish();
     drop(listener);
-    let nats = shipper.map(|s| {
+    let nats = shipper.map(|mut s| {
         let deadline = args.nats.shutdown_deadline;
         let reported = s.reported_dropped();
         let spool = s.spool.clone();
+        let left = s.left();
+        if left > 0 && !deadline.is_zero() && !aborted.load(Ordering::SeqCst) {
+            warn!(
+                "cnbus-agent: sending the last {left} lines to NATS (at most {} s, \
+                 --shutdown-deadline; a second SIGINT or SIGTERM stops waiting and keeps them \
+                 in the spool)",
+                deadline.as_secs_f64()
+            );
+        }
         let report = s.shutdown(deadline);
         if report.dropped > reported {
             warn!(
@@ -325,8 +336,13 @@ fn main() -> ExitCode {
             );
         }
         if report.unsent > 0 {
+            let within = if aborted.load(Ordering::SeqCst) {
+                "before the second signal"
+            } else {
+                "within --shutdown-deadline"
+            };
             warn!(
-                "cnbus-agent: {} lines not acknowledged by NATS within --shutdown-deadline are kept in {} for the next start",
+                "cnbus-agent: {} lines not acknowledged by NATS {within} are kept in {} for the next start",
                 report.unsent,
                 spool.display()
             );

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cnbus::proc::ProcEvent;
-use cnbus_nats::{Accepted, Auth, Config, NatsSink, Record, ShutdownReport, SinkStats};
+use cnbus_nats::{
+    AbortHandle, Accepted, Auth, Config, NatsSink, Record, ShutdownReport, SinkStats,
+};
 
 use crate::cli::NatsArgs;
 use crate::records::NatsCounters;
@@ -238,6 +240,18 @@ impl Shipper {
     pub fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         self.flush();
         self.sink.shutdown(deadline)
+    }
+
+    /// A handle that cuts [`Shipper::shutdown`] short (a second SIGINT or SIGTERM).
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.sink.abort_handle()
+    }
+
+    /// Lines handed over and not yet acknowledged nor dropped: in flight, queued, spooled
+    /// (after a flush).
+    pub fn left(&mut self) -> u64 {
+        let s = self.stats();
+        s.in_flight + s.queued + s.spool_records
     }
 
     /// Drops reported in `dropped` lines so far.

@@ -4,7 +4,7 @@
 
 use cnbus::proc::ProcessInfo;
 use cnbus_cli::clock::Rfc3339;
-use cnbus_cli::json::Ordered;
+use cnbus_cli::json::{LostFields, Ordered};
 
 /// One process event.
 #[derive(serde::Serialize)]
@@ -51,11 +51,8 @@ pub struct Detail {
 #[derive(serde::Serialize)]
 pub struct LostLine {
     pub ts: Rfc3339,
-    pub event: &'static str,
-    pub cause: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<u32>,
-    pub count: Option<u32>,
+    #[serde(flatten)]
+    pub lost: LostFields,
 }
 
 /// A `/proc` resync.

@@ -35,6 +35,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 struct Agent {
     child: Child,
     stderr: Option<std::thread::JoinHandle<String>>,
+    /// Its stderr so far.
+    said: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
 }
 
@@ -51,11 +53,23 @@ impl Agent {
     /// Starts the agent publishing to `url`, with a local log, a stats file and a spool in a
     /// temporary directory; returns once its first line (the start resync) is in the log.
     fn start(url: &str, extra: &[&str]) -> Agent {
+        let mut a = Agent::spawn(url, extra);
+        a.wait_started();
+        a
+    }
+
+    /// Starts the agent as [`Agent::start`] does, without waiting for anything.
+    fn spawn(url: &str, extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(BIN)
             // --duration: a safety net should the test die without stopping it.
             .args(["--duration", "600", "--interval", "0.5", "--nats", url])
-            .args(["--nats-hostname", HOST, "--shutdown-deadline", "120"])
+            .args(["--nats-hostname", HOST])
+            .args(if extra.contains(&"--shutdown-deadline") {
+                &[][..]
+            } else {
+                &["--shutdown-deadline", "120"][..]
+            })
             .arg("--spool")
             .arg(dir.path().join("spool"))
             .arg("--output")
@@ -68,27 +82,45 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the agent");
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let mut a = Agent {
+        let err = child.stderr.take().unwrap();
+        let said = Arc::new(Mutex::new(String::new()));
+        let stderr = {
+            let said = said.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    let mut s = said.lock().unwrap_or_else(|e| e.into_inner());
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                said.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            })
+        };
+        Agent {
             child,
             stderr: Some(stderr),
+            said,
             dir,
-        };
+        }
+    }
+
+    /// Waits until its first line (the start resync) is in the log.
+    fn wait_started(&mut self) {
         let start = Instant::now();
-        while !a.log().contains("\"reason\":\"start\"") {
-            if let Ok(Some(st)) = a.child.try_wait() {
-                let err = a.stderr.take().unwrap().join().unwrap_or_default();
+        while !self.log().contains("\"reason\":\"start\"") {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let err = self.stderr.take().unwrap().join().unwrap_or_default();
                 panic!("the agent exited early ({st}): {err}");
             }
             assert!(start.elapsed() < DEADLINE, "the agent did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        a
+    }
+
+    /// What it wrote to stderr so far.
+    fn stderr_so_far(&self) -> String {
+        self.said.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn log_path(&self) -> PathBuf {
@@ -121,10 +153,19 @@ impl Agent {
         }
     }
 
-    /// SIGTERM, then wait: the exit status, stderr and the final counters.
-    fn stop(mut self) -> (ExitStatus, String, serde_json::Value, Vec<String>) {
-        // SAFETY: sends SIGTERM to our own child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    fn signal(&self, signal: i32) {
+        // SAFETY: sends a signal to our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// SIGTERM, then wait: the exit status, stderr, the final counters and the local log.
+    fn stop(self) -> (ExitStatus, String, serde_json::Value, Vec<String>) {
+        self.signal(libc::SIGTERM);
+        self.finish()
+    }
+
+    /// Waits for the exit (at most [`DEADLINE`]): as [`Agent::stop`].
+    fn finish(mut self) -> (ExitStatus, String, serde_json::Value, Vec<String>) {
         let start = Instant::now();
         let status = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -632,5 +673,128 @@ fn an_nkey_file_delivers_and_a_file_that_is_not_a_seed_is_a_clear_error_and_exit
     assert_eq!(compare(&stored, &local), 0, "{fin}");
     assert_eq!(stored.len(), local.len());
     assert_eq!(nats(&fin, "acknowledged"), local.len() as u64, "{fin}");
+    assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
+}
+
+/// Regression: a second SIGINT/SIGTERM during the sink's shutdown was ignored, and the agent
+/// waited its whole `--shutdown-deadline` for a server that does not answer. Now it stops
+/// waiting at once, and what was not sent is counted (`unsent`, kept in the spool; local =
+/// sent + unsent + dropped). The server is stopped (SIGSTOP): connected, never acknowledging.
+#[test]
+fn a_second_signal_ends_the_shutdown_wait_and_counts_what_was_not_sent() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    let agent = Agent::start(&server.url(), &["--shutdown-deadline", "3600"]);
+    agent.wait_stats("a line acknowledged", |s| {
+        s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 1
+    });
+    server.signal(libc::SIGSTOP);
+    struct Resume<'a>(&'a NatsServer);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal(libc::SIGCONT);
+        }
+    }
+    let _resume = Resume(&server);
+    // Lines the server will not acknowledge: our own children's.
+    for _ in 0..20 {
+        let _ = Command::new("/bin/true").status();
+    }
+    agent.wait_stats("lines waiting for the stopped server", |s| {
+        s["nats"]["published"].as_u64().unwrap_or(0)
+            > s["nats"]["acknowledged"].as_u64().unwrap_or(0) + 20
+    });
+    agent.signal(libc::SIGTERM);
+    let start = Instant::now();
+    while !agent.stderr_so_far().contains("sending the last") {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the agent did not begin its shutdown: {}",
+            agent.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An operator's second Ctrl-C: it must not wait the hour out (finish waits at most
+    // DEADLINE, 120 s).
+    agent.signal(libc::SIGINT);
+    let (status, stderr, fin, local) = agent.finish();
+    assert!(status.success(), "{status}: {stderr}");
+    let unsent = nats(&fin, "unsent");
+    assert!(unsent > 0, "{fin}");
+    assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
+    assert_eq!(
+        nats(&fin, "sent") + unsent + nats(&fin, "dropped"),
+        local.len() as u64,
+        "local = sent + unsent + dropped: {fin}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{unsent} lines not acknowledged by NATS before the second signal are kept in"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "NATS sink: sent {}, unsent {unsent}",
+            nats(&fin, "sent")
+        )),
+        "{stderr}"
+    );
+}
+
+/// Regression: processes that began and ended while the sink's start waited for the server
+/// (up to its 5 s connect timeout: a server that accepts the connection and says nothing)
+/// were in neither the log nor the stream: the agent subscribed to the proc connector only
+/// after the sink's start. Now their lines are in the log, spooled, and delivered once the
+/// server is there.
+#[test]
+fn processes_that_ran_while_the_sink_was_connecting_are_logged_and_delivered() {
+    let _serial = serial();
+    let mut server = NatsServer::start(&[]);
+    server.kill();
+    // On the server's port, a listener that accepts and never answers.
+    let silent = std::net::TcpListener::bind(("127.0.0.1", server.port)).unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let mut agent = Agent::spawn(&server.url(), &[]);
+    let start = Instant::now();
+    let held = loop {
+        match silent.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(start.elapsed() < DEADLINE, "the agent never connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    // The sink's start is waiting for the server: our children start and end now.
+    let children: HashSet<u32> = (0..3)
+        .map(|_| {
+            let mut c = Command::new("/bin/true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        })
+        .collect();
+    assert!(
+        !agent.log().contains("\"reason\":\"start\""),
+        "the children were not made during the sink's start (the host is too slow?)"
+    );
+    agent.wait_started();
+    drop(held);
+    drop(silent);
+    server.restart();
+    agent.wait_stats("the connection", |s| s["nats"]["connected"] == true);
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("is not reachable at start"), "{stderr}");
+    assert_eq!(
+        children_in_log(&local, &children),
+        children.len(),
+        "the children that ran during the sink's start are not in the log"
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0, "{fin}");
+    assert_eq!(stored.len(), local.len());
     assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
 }

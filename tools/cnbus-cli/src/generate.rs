@@ -8,6 +8,7 @@
 //! ```
 
 use std::io::{self, Write};
+use std::process::ExitCode;
 
 use clap::{Command, Subcommand};
 use clap_complete::Shell;
@@ -44,6 +45,16 @@ impl Generate {
         out.flush()
     }
 
+    /// Writes what was asked for `cmd` to stdout: the tool's exit status (0, or 1 with a
+    /// message from `program` when the write fails; a closed pipe is a quiet 0, as
+    /// [`write_failed`](crate::output::write_failed) says).
+    pub fn run(&self, program: &str, cmd: Command) -> ExitCode {
+        match self.write(cmd, &mut io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => crate::output::write_failed(program, self.what(), &e),
+        }
+    }
+
     /// What [`Generate::write`] writes, for a message about a failed write.
     pub fn what(&self) -> &'static str {
         match self {
@@ -71,21 +82,18 @@ mod tests {
 
     #[test]
     fn completions_and_man_page() {
-        let cli = Cli::try_parse_from(["tool", "completions", "bash"]).unwrap();
-        let mut out = Vec::new();
-        cli.generate
-            .unwrap()
-            .write(Cli::command(), &mut out)
-            .unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let generated = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let mut out = Vec::new();
+            cli.generate
+                .unwrap()
+                .write(Cli::command(), &mut out)
+                .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let text = generated(&["tool", "completions", "bash"]);
         assert!(text.contains("--duration"), "{text}");
-        let cli = Cli::try_parse_from(["tool", "man"]).unwrap();
-        let mut out = Vec::new();
-        cli.generate
-            .unwrap()
-            .write(Cli::command(), &mut out)
-            .unwrap();
-        let text = String::from_utf8(out).unwrap();
+        let text = generated(&["tool", "man"]);
         assert!(text.contains(".TH tool"), "{text}");
         assert!(text.contains("duration"), "{text}");
         assert!(Cli::try_parse_from(["tool", "completions", "tcsh"]).is_err());

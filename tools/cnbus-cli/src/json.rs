@@ -37,6 +37,35 @@ impl<K: Serialize, V: Serialize> Serialize for Ordered<'_, K, V> {
     }
 }
 
+/// The fields of a `lost` line after its time, as both tools write them: `event` (`lost`),
+/// `cause` (`overrun`, or `seq_gap` with `cpu`), `count` (the exact gap, `null` for an
+/// overrun, whose count only the totals know). Flattened into each tool's record, which
+/// names its time field (`time` for proctrace, `ts` for the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LostFields {
+    pub event: &'static str,
+    pub cause: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    pub count: Option<u32>,
+}
+
+impl From<cnbus::proc::Loss> for LostFields {
+    fn from(loss: cnbus::proc::Loss) -> Self {
+        use cnbus::proc::Loss;
+        let (cause, cpu, count) = match loss {
+            Loss::Overrun => ("overrun", None, None),
+            Loss::Gap { cpu, count } => ("seq_gap", Some(cpu), Some(count)),
+        };
+        LostFields {
+            event: "lost",
+            cause,
+            cpu,
+            count,
+        }
+    }
+}
+
 /// A float rounded to `decimals` places for output (`duration_ms`, rates): fewer digits
 /// than the clocks behind it cannot tell.
 pub fn round(v: f64, decimals: i32) -> f64 {
@@ -69,5 +98,18 @@ mod tests {
             "x\n{\"name\":\"a\\\"b\\\\c\\nd\\u0001\u{7f}é\",\"n\":null,\"m\":{\"3\":1,\"1\":2}}\n"
         );
         assert_eq!(round(1.23456, 3), 1.235);
+    }
+
+    #[test]
+    fn lost_fields_of_a_gap_and_an_overrun() {
+        use cnbus::proc::Loss;
+        let mut out = Vec::new();
+        push_line(&mut out, &LostFields::from(Loss::Gap { cpu: 3, count: 7 })).unwrap();
+        push_line(&mut out, &LostFields::from(Loss::Overrun)).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"event\":\"lost\",\"cause\":\"seq_gap\",\"cpu\":3,\"count\":7}\n\
+             {\"event\":\"lost\",\"cause\":\"overrun\",\"count\":null}\n"
+        );
     }
 }

@@ -3,8 +3,10 @@
 //! * [`args`]: range-checked value parsers for `clap` (seconds, sizes, integers);
 //! * [`clock`]: kernel clocks to wall-clock time, and its RFC 3339 form (the `time` crate);
 //! * [`procfs`]: small `/proc` reads (`stat`, command line, the tool's own usage);
-//! * [`json`]: one JSON object per line, written with `serde_json`;
-//! * [`output`]: [`warn!`] (stderr that never panics) and how a failed write ends a tool;
+//! * [`json`]: one JSON object per line, written with `serde_json`, and the fields of a
+//!   `lost` line;
+//! * [`output`]: [`warn!`] (stderr that never panics), how a failed write ends a tool, and
+//!   the termination signals blocked at start;
 //! * [`generate`]: the hidden `completions SHELL` and `man` subcommands (`clap_complete`,
 //!   `clap_mangen`).
 //!

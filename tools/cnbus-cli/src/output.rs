@@ -1,4 +1,5 @@
-//! Writing to stderr without panicking, and how a failed write of the output ends a tool.
+//! Writing to stderr without panicking, how a failed write of the output ends a tool, and
+//! the termination signals every tool blocks at start.
 
 use std::io;
 use std::process::ExitCode;
@@ -22,6 +23,16 @@ pub fn write_failed(program: &str, what: &str, e: &io::Error) -> ExitCode {
     }
     warn!("{program}: writing {what}: {e}");
     ExitCode::from(1)
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP ([`cnbus::sys::TermSignals`]), to be waited for by a
+/// thread of the tool's own. Call it before any thread exists (threads inherit the mask).
+/// A failure is reported (`program: error`) and is exit status 1.
+pub fn block_term_signals(program: &str) -> Result<cnbus::sys::TermSignals, ExitCode> {
+    cnbus::sys::TermSignals::block().map_err(|e| {
+        warn!("{program}: {e}");
+        ExitCode::from(1)
+    })
 }
 
 /// Parses the command line with clap. On `--help` or `--version` the text goes to stdout

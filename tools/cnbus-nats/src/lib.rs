@@ -339,6 +339,30 @@ impl Shared {
     }
 }
 
+/// Cuts a [`NatsSink::shutdown`] short from another thread (an operator's second Ctrl-C):
+/// from [`NatsSink::abort_handle`].
+#[derive(Clone)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbortHandle").finish_non_exhaustive()
+    }
+}
+
+impl AbortHandle {
+    /// Stops the sending now, as if the shutdown deadline had passed: a shutdown in progress
+    /// stops waiting for the server and writes every record not acknowledged to the spool
+    /// (`unsent` in its report); before a shutdown, the sink stops sending and records
+    /// published afterwards go to the spool (or are dropped and counted when it is full).
+    pub fn abort(&self) {
+        *self.shared.deadline.lock() = Some(Instant::now());
+        self.shared.wake.notify_one();
+    }
+}
+
 /// A running JetStream sink. Dropping it is [`NatsSink::shutdown`] with a zero deadline.
 pub struct NatsSink {
     shared: Arc<Shared>,
@@ -520,14 +544,27 @@ impl NatsSink {
     }
 
     /// Sends what it can within `deadline`, then writes every record not acknowledged to the
-    /// spool (for the next start) and stops the thread.
+    /// spool (for the next start) and stops the thread. [`AbortHandle::abort`] ends the wait
+    /// early.
     pub fn shutdown(mut self, deadline: Duration) -> ShutdownReport {
         self.stop(deadline)
     }
 
+    /// A handle that cuts the shutdown short ([`AbortHandle::abort`]).
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     fn stop(&mut self, deadline: Duration) -> ShutdownReport {
         if let Some(thread) = self.thread.take() {
-            *self.shared.deadline.lock() = Some(Instant::now() + deadline);
+            {
+                // Not later than an abort that came first.
+                let until = Instant::now() + deadline;
+                let mut d = self.shared.deadline.lock();
+                *d = Some(d.map_or(until, |earlier| earlier.min(until)));
+            }
             self.tx = None;
             self.shared.wake.notify_one();
             let _ = thread.join();

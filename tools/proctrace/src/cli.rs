@@ -34,9 +34,12 @@ Output:
   overflows, spoofed datagrams rejected, decode errors, filtering; --stats adds tables.
 
 Exit status:
-  0 on --duration, SIGINT, SIGTERM, SIGHUP, or when the reader of the output closes the
-  pipe (proctrace | head); 1 when the proc connector cannot be used or writing the events
-  fails (a full disk), with a message; 2 on a usage error.
+  0 on --duration, SIGINT, SIGTERM, SIGHUP, when the reader of the output closes the pipe
+  (proctrace | head), or when its terminal hangs up (SIGHUP, and writes to the terminal
+  fail with EIO: the rest of the events and the summary go nowhere); 1 when the proc
+  connector cannot be used or writing the events fails (a full disk), with a message, or
+  when after the stop a write of the events or of the summary makes no progress for 2 s
+  (a reader that stopped reading); 2 on a usage error.
 
 Needs root (CAP_NET_ADMIN) on kernels before 6.6, and the initial network namespace.
 See docs/PROC.md.";

@@ -18,15 +18,14 @@ mod summary;
 mod tracer;
 
 use std::collections::HashMap;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 use cnbus::proc::{EnrichConfig, Enricher, EventSet, ProcListener};
-use cnbus::sys::TermSignals;
 use cnbus::Error;
 use cnbus_cli::clock::Clocks;
 use cnbus_cli::warn;
@@ -36,12 +35,26 @@ use cli::{Cli, Enrich};
 use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
 
 /// After a stop (a signal, the end of `--duration`), the longest one `write` of the events
-/// may block before proctrace gives up on its output (a reader that holds the pipe but
-/// stopped reading: `proctrace | less` left alone, a stalled pipeline) and exits with
-/// status 1 and a message, rather than never.
+/// or of the summary may block before proctrace gives up on its output (a reader that holds
+/// the pipe but stopped reading: `proctrace | less` left alone, a stalled pipeline) and
+/// exits with status 1 and a message, rather than never.
 const STALLED_OUTPUT: Duration = Duration::from_secs(2);
 
-/// Stdout, noting when a `write` to it began (for the watchdog of [`STALLED_OUTPUT`]).
+/// How long the watchdog waits for its own message to be written before it exits anyway:
+/// stderr can be stalled as well (`proctrace 2>&1 | less`: the same pipe as the events).
+const MESSAGE_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the run is, for the watchdog of [`STALLED_OUTPUT`].
+const RUNNING: u8 = 0;
+/// The loop has ended: the rest of the events are being written.
+const ENDING: u8 = 1;
+/// The summary is being written to stderr.
+const SUMMARY: u8 = 2;
+/// Everything written (or given up): nothing left to watch.
+const DONE: u8 = 3;
+
+/// Stdout or stderr, noting when a `write` to it began (for the watchdog of
+/// [`STALLED_OUTPUT`]).
 struct Watched<W> {
     inner: W,
     /// Milliseconds since `base` at which the current `write` began, plus 1; 0 when none
@@ -68,49 +81,76 @@ impl<W: Write> Write for Watched<W> {
     }
 }
 
-/// Once the run is to stop (a signal in `caught`, or the `deadline`): exits the process
-/// (status 1, a message) if a `write` of the output blocks for [`STALLED_OUTPUT`] (counted
-/// from the stop at the earliest) before `done` (the output is finished with) is set. The
-/// main thread cannot be interrupted in a blocking `write`, and a reader that never reads
-/// again would otherwise keep proctrace alive forever after SIGTERM or `--duration`. (Time
-/// spent without writing, in the final drain of a queue whose events the filters drop, is
-/// not a stall.)
+/// Once the run is to stop (a signal in `caught`, the `deadline`, or the loop's end in
+/// `stage`): exits the process (status 1, a message) if a `write` of the events or of the
+/// summary blocks for [`STALLED_OUTPUT`] (counted from the stop at the earliest) before
+/// `stage` is [`DONE`]. The main thread cannot be interrupted in a blocking `write`, and a
+/// reader that never reads again would otherwise keep proctrace alive forever after
+/// SIGTERM or `--duration`. (Time spent without writing, in the final drain of a queue
+/// whose events the filters drop, is not a stall.) The message itself is given at most
+/// [`MESSAGE_WAIT`]: stderr may be the stalled pipe.
 fn watch_the_output(
     caught: &AtomicI32,
     deadline: Option<Instant>,
     writing_since: &AtomicU64,
     base: Instant,
-    done: &AtomicBool,
+    stage: &AtomicU8,
 ) {
     const TICK: Duration = Duration::from_millis(50);
-    while caught.load(Ordering::SeqCst) == 0 && deadline.is_none_or(|d| Instant::now() < d) {
+    while caught.load(Ordering::SeqCst) == 0
+        && deadline.is_none_or(|d| Instant::now() < d)
+        && stage.load(Ordering::SeqCst) == RUNNING
+    {
         std::thread::sleep(TICK);
     }
     let stopped_at = millis_since(base);
     let grace = u64::try_from(STALLED_OUTPUT.as_millis()).unwrap_or(u64::MAX);
-    while !done.load(Ordering::SeqCst) {
+    while stage.load(Ordering::SeqCst) != DONE {
         std::thread::sleep(TICK);
         let since = writing_since.load(Ordering::SeqCst);
         let blocked = since != 0 && millis_since(base) - since.max(stopped_at) >= grace;
-        if blocked && !done.load(Ordering::SeqCst) {
+        let at = stage.load(Ordering::SeqCst);
+        if blocked && at != DONE {
             let why = match caught.load(Ordering::SeqCst) {
-                0 => "at the end of --duration".to_string(),
+                0 if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    "at the end of --duration".to_string()
+                }
+                0 => "at the end of the run".to_string(),
                 sig => format!("stopped by signal {sig}"),
             };
-            warn!(
-                "proctrace: {why}, but the output accepted nothing for {} s (its reader is \
-                 not reading): exiting without the rest of the events and without the summary",
+            let (what, without) = if at == SUMMARY {
+                ("stderr", "the rest of the summary")
+            } else {
+                (
+                    "the output",
+                    "the rest of the events and without the summary",
+                )
+            };
+            let message = format!(
+                "proctrace: {why}, but {what} accepted nothing for {} s (its reader is not \
+                 reading): exiting without {without}",
                 STALLED_OUTPUT.as_secs()
             );
+            let (said, written) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                warn!("{message}");
+                let _ = said.send(());
+            });
+            let _ = written.recv_timeout(MESSAGE_WAIT);
             std::process::exit(1);
         }
     }
 }
 
 /// The exit status after a failed write to stdout: a closed pipe (`proctrace | head`) ends
-/// the run quietly and successfully; any other error (a full disk) is reported and is a
-/// failure.
-fn output_failed(e: &io::Error) -> ExitCode {
+/// the run quietly and successfully, and so does a terminal that hung up (`terminal`: stdout
+/// was one at start; a closed terminal window or a dropped ssh session fails every write
+/// with EIO, and SIGHUP comes with it or soon after): the reader is gone either way. Any
+/// other error (a full disk) is reported and is a failure.
+fn output_failed(e: &io::Error, terminal: bool) -> ExitCode {
+    if terminal && e.raw_os_error() == Some(libc::EIO) {
+        return ExitCode::SUCCESS;
+    }
     cnbus_cli::output::write_failed("proctrace", "the events to stdout", e)
 }
 
@@ -130,19 +170,13 @@ fn open_error(e: &Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse_checked();
     if let Some(g) = &cli.generate {
-        return match g.write(Cli::command(), &mut io::stdout().lock()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => cnbus_cli::output::write_failed("proctrace", g.what(), &e),
-        };
+        return g.run("proctrace", Cli::command());
     }
     let args = cli.args;
     // Block the termination signals before any thread exists, so only the waiter gets them.
-    let signals = match TermSignals::block() {
+    let signals = match cnbus_cli::output::block_term_signals("proctrace") {
         Ok(s) => s,
-        Err(e) => {
-            warn!("proctrace: {e}");
-            return ExitCode::from(1);
-        }
+        Err(status) => return status,
     };
     let mut listener = match ProcListener::builder()
         .events(args.events)
@@ -161,7 +195,7 @@ fn main() -> ExitCode {
     }
     let caught = Arc::new(AtomicI32::new(0));
     let writing_since = Arc::new(AtomicU64::new(0));
-    let output_done = Arc::new(AtomicBool::new(false));
+    let stage = Arc::new(AtomicU8::new(RUNNING));
     {
         let stop = listener.shutdown_handle();
         let caught = caught.clone();
@@ -199,12 +233,13 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
     {
-        let (caught, since, done) = (caught.clone(), writing_since.clone(), output_done.clone());
-        std::thread::spawn(move || watch_the_output(&caught, deadline, &since, started, &done));
+        let (caught, since, stage) = (caught.clone(), writing_since.clone(), stage.clone());
+        std::thread::spawn(move || watch_the_output(&caught, deadline, &since, started, &stage));
     }
+    let terminal = io::stdout().is_terminal();
     let stdout = Watched {
         inner: io::stdout().lock(),
-        writing_since,
+        writing_since: writing_since.clone(),
         base: started,
     };
     let mut out = BufWriter::with_capacity(1 << 16, stdout);
@@ -226,7 +261,7 @@ fn main() -> ExitCode {
                 // write system call per wake-up cost 5-10 % of the tracer's CPU).
                 let flush = burst < COALESCE_AFTER || out.buffer().len() >= FLUSH_IN_BURST;
                 if let Err(e) = if flush { out.flush() } else { Ok(()) } {
-                    status = output_failed(&e);
+                    status = output_failed(&e, terminal);
                     output_closed = true;
                     break;
                 }
@@ -260,7 +295,7 @@ fn main() -> ExitCode {
             }
         };
         if let Err(e) = t.print(r, &mut out) {
-            status = output_failed(&e);
+            status = output_failed(&e, terminal);
             output_closed = true;
             break;
         }
@@ -268,12 +303,13 @@ fn main() -> ExitCode {
             break;
         }
     }
+    stage.store(ENDING, Ordering::SeqCst);
     // Events that reached the tracer before the stop (a signal, --duration) are printed
     // too: IGNORE first, so that only what is already queued is left, then all of it.
     if !output_closed {
         for r in listener.drain_queued(DRAIN_LIMIT) {
             if let Err(e) = t.print(r, &mut out) {
-                status = output_failed(&e);
+                status = output_failed(&e, terminal);
                 output_closed = true;
                 break;
             }
@@ -281,22 +317,29 @@ fn main() -> ExitCode {
     }
     if !output_closed {
         if let Err(e) = out.flush() {
-            status = output_failed(&e);
+            status = output_failed(&e, terminal);
         }
     }
     drop(out);
-    output_done.store(true, Ordering::SeqCst);
     let elapsed = started.elapsed();
     // Sends IGNORE and reads the queue empty, so the loss figure is final (and exact).
     let stats = listener.finish();
     drop(listener);
-    // The summary line always goes to stderr; the tables only with --stats.
-    let _ = io::stderr()
-        .lock()
-        .write_all(t.summary(&stats, elapsed, filtering).as_bytes());
-    let sig = caught.load(Ordering::SeqCst);
-    if sig != 0 {
-        warn!("proctrace: stopped by signal {sig}");
+    // The summary line always goes to stderr; the tables only with --stats. Watched as
+    // the events were: a stderr that accepts nothing ends the run too.
+    stage.store(SUMMARY, Ordering::SeqCst);
+    {
+        let mut err = Watched {
+            inner: io::stderr().lock(),
+            writing_since,
+            base: started,
+        };
+        let _ = err.write_all(t.summary(&stats, elapsed, filtering).as_bytes());
+        let sig = caught.load(Ordering::SeqCst);
+        if sig != 0 {
+            let _ = writeln!(err, "proctrace: stopped by signal {sig}");
+        }
     }
+    stage.store(DONE, Ordering::SeqCst);
     status
 }

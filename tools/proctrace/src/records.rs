@@ -2,6 +2,7 @@
 
 use cnbus::proc::{ProcessInfo, Task};
 use cnbus_cli::clock::Rfc3339;
+use cnbus_cli::json::LostFields;
 
 /// The event-specific fields of a JSON line, in output order; absent ones are left out.
 /// (`exit_code` and `signal` are present on exits, `null` when they do not apply.)
@@ -75,11 +76,8 @@ pub struct JsonEvent<'a> {
 #[derive(serde::Serialize)]
 pub struct JsonLost {
     pub time: Rfc3339,
-    pub event: &'static str,
-    pub cause: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<u32>,
-    pub count: Option<u32>,
+    #[serde(flatten)]
+    pub lost: LostFields,
 }
 
 #[cfg(test)]

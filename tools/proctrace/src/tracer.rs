@@ -392,16 +392,9 @@ impl Tracer {
         let line = &mut self.line;
         line.clear();
         if self.json {
-            let (cause, cpu, count) = match loss {
-                Loss::Overrun => ("overrun", None, None),
-                Loss::Gap { cpu, count } => ("seq_gap", Some(cpu), Some(count)),
-            };
             let record = JsonLost {
                 time: Rfc3339(wall),
-                event: "lost",
-                cause,
-                cpu,
-                count,
+                lost: loss.into(),
             };
             push_json(line, &record);
             return;
