@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use cnbus::codec::{encode, DatagramBuilder, NlHeader, NLMSG_DONE};
 use cnbus::connector::{Connector, Event};
+use cnbus::error::Op;
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::{CbId, CnMsg, DecodeErrorKind};
 use common::{kernel_socket, test_idx, wait_for};
@@ -260,5 +261,189 @@ fn an_oversized_datagram_is_dropped_and_counted() {
         1,
         "the gap in seq shows the dropped message: {:?}",
         conn.stats()
+    );
+}
+
+/// A unicast that a port refuses (`ECONNREFUSED`: nobody holds the port, or the socket
+/// there takes only the kernel's messages) is `Error::Refused` naming the port, with its
+/// errno, for `send` and `send_batch`. (Before, it was `NoKernelConnector`, whose message
+/// sends the user looking for a network namespace problem.)
+#[test]
+fn a_unicast_refused_by_a_port_is_not_blamed_on_the_namespace() {
+    if kernel_socket("a_unicast_refused_by_a_port_is_not_blamed_on_the_namespace").is_none() {
+        return;
+    }
+    let conn = Connector::builder().spawn().unwrap();
+    let closed = ConnectorSocket::open().unwrap();
+    closed.connect_kernel().unwrap();
+    let (port, id) = (closed.port_id(), CbId::new(test_idx(33), 1));
+    let msg = CnMsg::new(id, &b"x"[..]);
+    let one = conn.send(&msg, Dest::Port(port)).unwrap_err();
+    let batch = conn
+        .send_batch(&[msg.clone(), msg], Dest::Port(port))
+        .unwrap_err();
+    for (e, op) in [(one, Op::Send), (batch, Op::SendBatch)] {
+        assert!(
+            matches!(e, cnbus::Error::Refused { op: o, port: p } if o == op && p == port),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), Some(libc::ECONNREFUSED));
+        assert!(!e.to_string().contains("namespace"), "{e}");
+    }
+    assert_eq!(conn.stats().send_errors, 2);
+}
+
+/// A request made on the dispatcher thread (from a callback) fails at once with
+/// `Error::WouldDeadlock`: the reply could only be read by the thread that waits for it.
+/// The connector goes on, and a request from another thread gets its reply. (Before, the
+/// request waited out its whole timeout, holding up every delivery; with `Duration::MAX`
+/// forever: the watchdog fired.)
+#[test]
+fn a_request_from_a_callback_fails_at_once_instead_of_waiting_for_nothing() {
+    if kernel_socket("a_request_from_a_callback_fails_at_once_instead_of_waiting_for_nothing")
+        .is_none()
+    {
+        return;
+    }
+    let (id, trigger) = (CbId::new(test_idx(34), 1), CbId::new(test_idx(34), 2));
+    let server = Connector::builder().spawn().unwrap();
+    let h = server.handle();
+    let _svc = server.register(id, move |m| {
+        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    let client = Connector::builder().spawn().unwrap();
+    let (ch, to) = (client.handle(), Dest::Port(server.port_id()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _reg = client.register(trigger, move |_| {
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(ch.next_seq(id), 0);
+        let _ = tx.send(ch.request(&req, to, Duration::MAX));
+    });
+    let poke = CnMsg::new(trigger, &b"go"[..]);
+    server.send(&poke, Dest::Port(client.port_id())).unwrap();
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the request inside the callback never returned");
+    let e = r.unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::WouldDeadlock { op: Op::Request }),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), Some(libc::EDEADLK));
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 0);
+    let r = client.request(&req, to, Duration::MAX).unwrap();
+    assert_eq!(&r.msg.data[..], b"pong");
+}
+
+/// A message with a request's id, seq and ack from a port other than the one the request
+/// went to is not its reply: it goes to the callbacks, and the request takes the real one.
+/// A request to the kernel takes no reply from user space. (Before, any local process
+/// could answer in the server's name, or in the kernel's.)
+#[test]
+fn a_reply_from_another_port_is_not_taken_for_the_reply() {
+    if kernel_socket("a_reply_from_another_port_is_not_taken_for_the_reply").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(35), 1);
+    let client = Arc::new(Connector::builder().spawn().unwrap());
+    let (_reg, others) = client.channel(id, 16);
+    let server = ConnectorSocket::open().unwrap();
+    let evil = ConnectorSocket::open().unwrap();
+    let reply = |req: &CnMsg, data: &'static [u8]| {
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(req, data)).unwrap();
+        d.take()
+    };
+    let to_client = Dest::Port(client.port_id());
+
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 3);
+    let (c, r, to) = (client.clone(), req.clone(), Dest::Port(server.port_id()));
+    let request = std::thread::spawn(move || c.request(&r, to, Duration::from_secs(60)));
+    // Out (so waiting) once the server has it.
+    let wake = cnbus::sys::EventFd::new().unwrap();
+    cnbus::sys::poll_read(&server, &wake, None).unwrap();
+    evil.send(&reply(&req, b"forged"), to_client).unwrap();
+    server.send(&reply(&req, b"real"), to_client).unwrap();
+    let r = request.join().unwrap().unwrap();
+    assert_eq!(
+        (r.source.port, &r.msg.data[..]),
+        (server.port_id(), &b"real"[..])
+    );
+    let forged = others.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (forged.source.port, &forged.msg.data[..]),
+        (evil.port_id(), &b"forged"[..])
+    );
+
+    // To the kernel (no handler for this idx: no answer comes), a user-space look-alike
+    // is no reply either.
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 7);
+    let (c, r) = (client.clone(), req.clone());
+    let request = std::thread::spawn(move || c.request(&r, Dest::Kernel, Duration::from_secs(2)));
+    while client.stats().sent_messages < 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    evil.send(&reply(&req, b"forged"), to_client).unwrap();
+    let forged = others.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(forged.source.port, evil.port_id());
+    let e = request.join().unwrap().unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::TimedOut { op: Op::Request }),
+        "{e:?}"
+    );
+    assert_eq!(client.stats().replies, 1);
+}
+
+/// No builder number or channel capacity panics or aborts: a `max_datagram` the receive
+/// path could not allocate is an error at `spawn`/`build_async`, a channel of any capacity
+/// (`usize::MAX` included) works and counts exactly what does not fit. (Before,
+/// `max_datagram(usize::MAX)` killed the dispatcher thread with an overflow while the
+/// `Connector` looked alive, `max_datagram(1 << 40)` aborted the process on an allocation
+/// failure, and `channel(id, usize::MAX)` panicked.)
+#[test]
+fn absurd_connector_numbers_are_errors_not_panics() {
+    if kernel_socket("absurd_connector_numbers_are_errors_not_panics").is_none() {
+        return;
+    }
+    let max = cnbus::connector::ConnectorBuilder::MAX_DATAGRAM;
+    for n in [usize::MAX, 1 << 40, max + 1] {
+        let e = Connector::builder().max_datagram(n).spawn().unwrap_err();
+        assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{n}: {e:?}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let e = Connector::builder()
+            .max_datagram(usize::MAX)
+            .build_async()
+            .unwrap_err();
+        assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{e:?}");
+    });
+
+    let conn = Connector::builder()
+        .max_datagram(max)
+        .recv_buffer(32 << 20)
+        .spawn()
+        .unwrap();
+    let tx = Connector::builder().spawn().unwrap();
+    let id = CbId::new(test_idx(36), 1);
+    let (_all, all) = conn.channel(id, usize::MAX);
+    let cap = cnbus::connector::ConnectorHandle::EAGER_CHANNEL + 10;
+    let (_some, some) = conn.channel(id, cap);
+    let n = cap + 20;
+    let msgs: Vec<CnMsg> = (1..=n as u32)
+        .map(|s| CnMsg::new(id, &b""[..]).with_seq(s, 0))
+        .collect();
+    assert_eq!(tx.send_batch(&msgs, Dest::Port(conn.port_id())).unwrap(), n);
+    assert!(wait_for(Duration::from_secs(60), || all.len() == n));
+    let s = conn.stats();
+    assert_eq!((some.len(), s.channel_full), (cap, 20), "{s:?}");
+    assert_eq!((s.lost, s.kernel_drops), (0, Some(0)), "{s:?}");
+    let seqs: Vec<u32> = some.try_iter().map(|m| m.msg.seq).collect();
+    assert!(
+        seqs.iter().copied().eq(1..=cap as u32),
+        "the first {cap}, in order"
     );
 }

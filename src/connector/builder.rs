@@ -47,6 +47,11 @@ impl std::fmt::Debug for ConnectorBuilder {
 }
 
 impl ConnectorBuilder {
+    /// The largest [`max_datagram`](Self::max_datagram) accepted: 64 MiB. (Larger would
+    /// have the receive path allocate buffers of that size; a longer datagram is dropped and
+    /// counted as truncated anyway.)
+    pub const MAX_DATAGRAM: usize = 64 << 20;
+
     /// Default of `send_timeout` (feature `tokio`).
     pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -67,7 +72,9 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Largest datagram received whole (default 64 KiB) and largest datagram
+    /// Largest datagram received whole (default 64 KiB, at least 64 bytes, at most
+    /// [`MAX_DATAGRAM`](Self::MAX_DATAGRAM): more makes `spawn` and `build_async` fail with
+    /// [`Error::InvalidArgument`]) and largest datagram
     /// [`send_batch`](ConnectorHandle::send_batch) packs. A longer datagram is dropped and
     /// counted as truncated.
     pub fn max_datagram(mut self, bytes: usize) -> Self {
@@ -139,8 +146,14 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Opens the socket unless one was given, and sizes its receive buffer.
+    /// Checks the settings, opens the socket unless one was given, and sizes its receive
+    /// buffer.
     fn open_socket(&mut self) -> Result<Arc<ConnectorSocket>> {
+        if self.config.max_datagram > Self::MAX_DATAGRAM {
+            return Err(Error::InvalidArgument(
+                "max_datagram must be at most ConnectorBuilder::MAX_DATAGRAM (64 MiB)",
+            ));
+        }
         self.handed_in = self.socket.is_some();
         let socket = match self.socket.take() {
             Some(s) => s,
@@ -218,6 +231,7 @@ impl ConnectorBuilder {
             config: self.config,
             proc_listeners: Mutex::new(0),
             other_traffic: AtomicBool::new(self.handed_in),
+            dispatcher: std::sync::OnceLock::new(),
         });
         let thread = {
             let inner = inner.clone();

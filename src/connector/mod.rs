@@ -162,6 +162,23 @@ type EventFn = dyn Fn(&Event) + Send + Sync;
 
 type ReplyKey = (CbId, u32, u32);
 
+/// A request waiting for its reply: where the reply goes, and the one port it may come
+/// from (`None`: anyone, for a request multicast to a group).
+struct Waiter {
+    from: Option<u32>,
+    tx: Sender<Incoming>,
+}
+
+/// The port a reply to a request sent to `dest` must come from: the kernel's (0) or the
+/// addressed port's; any member's for a group.
+pub(crate) fn reply_port(dest: Dest) -> Option<u32> {
+    match dest {
+        Dest::Kernel => Some(0),
+        Dest::Port(p) => Some(p),
+        Dest::Group(_) => None,
+    }
+}
+
 pub(crate) struct Inner {
     socket: Arc<ConnectorSocket>,
     registry: Registry,
@@ -173,7 +190,7 @@ pub(crate) struct Inner {
     /// (Acquire) after every wake-up.
     shutdown: AtomicBool,
     /// Requests awaiting a reply, by (id, seq, expected ack).
-    pending: Mutex<HashMap<ReplyKey, Sender<Incoming>>>,
+    pending: Mutex<HashMap<ReplyKey, Waiter>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
@@ -190,6 +207,9 @@ pub(crate) struct Inner {
     /// The socket may carry datagrams other than proc events: it was handed in, or a group
     /// other than 1 was subscribed. Its kernel drop counter then is not a count of proc events.
     other_traffic: AtomicBool,
+    /// The dispatcher thread, set by itself before it runs any callback: a request made on
+    /// it would wait for a reply only it could read.
+    dispatcher: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 impl Inner {
@@ -307,22 +327,41 @@ impl ConnectorHandle {
     }
 
     /// Pull-style delivery: messages `key` matches go into a bounded channel of `capacity`
-    /// that the caller reads on its own thread. A message that finds the channel full is
-    /// not delivered and is counted in [`Stats::channel_full`].
+    /// (at least 1) that the caller reads on its own thread. A message that finds the
+    /// channel full is not delivered and is counted in [`Stats::channel_full`]. Memory for
+    /// up to [`EAGER_CHANNEL`](Self::EAGER_CHANNEL) messages is taken at once; a larger
+    /// channel grows as it fills (any `capacity` is fine, `usize::MAX` means unbounded).
     pub fn channel(
         &self,
         key: impl Into<Match>,
         capacity: usize,
     ) -> (Registration, Receiver<Incoming>) {
-        let (tx, rx) = channel::bounded(capacity.max(1));
+        let capacity = capacity.max(1);
         let counters = self.inner.counters.clone();
+        if capacity <= Self::EAGER_CHANNEL {
+            let (tx, rx) = channel::bounded(capacity);
+            let reg = self.register(key, move |m| {
+                if let Err(TrySendError::Full(_)) = tx.try_send(m.to_incoming()) {
+                    Counters::add(&counters.channel_full, 1);
+                }
+            });
+            return (reg, rx);
+        }
+        // A list channel, bounded here: this callback is its only sender, so what it sees
+        // queued can only shrink before its send.
+        let (tx, rx) = channel::unbounded();
         let reg = self.register(key, move |m| {
-            if let Err(TrySendError::Full(_)) = tx.try_send(m.to_incoming()) {
+            if tx.len() >= capacity {
                 Counters::add(&counters.channel_full, 1);
+            } else {
+                let _ = tx.send(m.to_incoming());
             }
         });
         (reg, rx)
     }
+
+    /// The largest [`channel`](Self::channel) capacity allocated in full at once.
+    pub const EAGER_CHANNEL: usize = 1 << 16;
 
     /// Joins multicast `group` (1..=32) for as long as the returned guard lives. Several
     /// subscriptions to one group share the socket's single membership.
@@ -435,13 +474,23 @@ impl ConnectorHandle {
     }
 
     /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and
-    /// seq and `ack == msg.ack + 1`, from anyone. The reply goes to the caller, not to
-    /// registered callbacks. Choose a seq that is unique among outstanding requests (for
+    /// seq and `ack == msg.ack + 1`, from the destination: the kernel (port 0) for
+    /// [`Dest::Kernel`], port `p` for [`Dest::Port(p)`](Dest::Port), any member for a
+    /// [`Dest::Group`]. The reply goes to the caller, not to registered callbacks; a
+    /// message that looks like the reply but comes from another port is not taken for it
+    /// (it goes to the callbacks as any message does), so no other process can answer in
+    /// the destination's name. Choose a seq that is unique among outstanding requests (for
     /// example [`next_seq`](Self::next_seq)).
+    ///
+    /// Made on the dispatcher thread (from a callback or the event handler), it fails at
+    /// once with [`Error::WouldDeadlock`]: that thread is the one that would read the reply.
     ///
     /// The kernel's proc connector does not follow this convention (its ACK does not echo
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
+        if self.inner.dispatcher.get() == Some(&std::thread::current().id()) {
+            return Err(Error::WouldDeadlock { op: Op::Request });
+        }
         let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
         let (tx, rx) = channel::bounded(1);
         {
@@ -449,11 +498,13 @@ impl ConnectorHandle {
             if self.inner.shutdown.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            if p.insert(key, tx).is_some() {
+            if p.contains_key(&key) {
                 return Err(Error::InvalidArgument(
                     "a request with this id, seq and ack is already outstanding",
                 ));
             }
+            let from = reply_port(dest);
+            p.insert(key, Waiter { from, tx });
             self.inner.pending_count.store(p.len(), Ordering::Relaxed);
         }
         let unpend = || {
@@ -469,7 +520,12 @@ impl ConnectorHandle {
         unpend();
         match r {
             Ok(m) => Ok(m),
-            Err(channel::RecvTimeoutError::Timeout) => Err(Error::TimedOut { op: Op::Request }),
+            // The dispatcher hands a reply over under the lock `unpend` took: one that came
+            // just after the deadline is in the channel now, not lost.
+            Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(_) => Err(Error::TimedOut { op: Op::Request }),
+            },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }
     }
