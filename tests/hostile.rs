@@ -447,3 +447,60 @@ fn absurd_connector_numbers_are_errors_not_panics() {
         "the first {cap}, in order"
     );
 }
+
+/// In a child forked from a process with a running `Connector`, dropping it neither panics
+/// nor waits for the parent's dispatcher thread, and a request fails with `Error::Closed`
+/// (only the parent's dispatcher reads the shared socket); the parent's connector goes on
+/// receiving. (Before, the drop in the child panicked: "threads should not terminate
+/// unexpectedly", joining a thread that only the parent has.)
+#[test]
+fn a_connector_used_in_a_forked_child_neither_panics_nor_hangs() {
+    if kernel_socket("a_connector_used_in_a_forked_child_neither_panics_nor_hangs").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(37), 1);
+    let conn = Connector::builder().spawn().unwrap();
+    let (_reg, rx) = conn.channel(id, 16);
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(1, 0);
+    let to = Dest::Port(conn.port_id());
+    // SAFETY: the child only drops what it owns and calls `_exit`; it takes no lock another
+    // thread of the parent could have held at the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = conn.request(&req, to, Duration::MAX);
+            drop(conn);
+            r
+        })) {
+            Ok(Err(cnbus::Error::Closed)) => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        };
+        // SAFETY: ends the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    let exited = wait_for(Duration::from_secs(60), || {
+        // SAFETY: `status` is valid for writes; `pid` is our child.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+    });
+    if !exited {
+        // SAFETY: our child, which is hung; reaped right after.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        panic!("the child hung dropping its copy of the connector");
+    }
+    assert!(libc::WIFEXITED(status), "{status:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "1: the child's request did not fail with Closed; 2: it panicked"
+    );
+    let tx = ConnectorSocket::open().unwrap();
+    tx.send(&valid(id, 5), Dest::Port(conn.port_id())).unwrap();
+    let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!((m.source.port, m.msg.seq), (tx.port_id(), 5));
+}

@@ -210,6 +210,16 @@ pub(crate) struct Inner {
     /// The dispatcher thread, set by itself before it runs any callback: a request made on
     /// it would wait for a reply only it could read.
     dispatcher: std::sync::OnceLock<std::thread::ThreadId>,
+    /// The process that started the dispatcher: in a child forked from it, the thread does
+    /// not exist (see [`Connector`]).
+    pid: u32,
+}
+
+impl Inner {
+    /// True in a process forked from the one that started the dispatcher.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
 }
 
 impl Inner {
@@ -226,6 +236,12 @@ impl Inner {
 /// be cloned into callbacks and other threads. Dropping the `Connector` (or calling
 /// [`shutdown`](Connector::shutdown)) stops and joins the dispatcher; handles stay usable
 /// for sending.
+///
+/// After `fork(2)`, the child has the socket (the same port, shared with the parent) but not
+/// the dispatcher thread: in the child, a `Connector` can send, its callbacks never run,
+/// [`request`](ConnectorHandle::request) fails with [`Error::Closed`] (the parent's
+/// dispatcher reads the replies), and dropping it leaves the parent's dispatcher alone.
+/// Open a new connector in the child to receive there.
 pub struct Connector {
     handle: ConnectorHandle,
     thread: Option<JoinHandle<()>>,
@@ -261,6 +277,12 @@ impl Connector {
     fn stop(&mut self) {
         let Some(t) = self.thread.take() else { return };
         let inner = &self.handle.inner;
+        if inner.forked() {
+            // The thread is the parent's: nothing to stop or join here (joining it panics),
+            // and the shared eventfd and flag are not this process's to touch.
+            std::mem::forget(t);
+            return;
+        }
         // Release: pairs with the dispatcher's Acquire load after its wake-up.
         inner.shutdown.store(true, Ordering::Release);
         if inner.wake.wake().is_ok() && t.thread().id() != std::thread::current().id() {
@@ -490,6 +512,9 @@ impl ConnectorHandle {
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         if self.inner.dispatcher.get() == Some(&std::thread::current().id()) {
             return Err(Error::WouldDeadlock { op: Op::Request });
+        }
+        if self.inner.forked() {
+            return Err(Error::Closed);
         }
         let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
         let (tx, rx) = channel::bounded(1);
