@@ -504,3 +504,50 @@ fn a_connector_used_in_a_forked_child_neither_panics_nor_hangs() {
     let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!((m.source.port, m.msg.seq), (tx.port_id(), 5));
 }
+
+/// A panic payload whose own `Drop` panics.
+struct DropBomb;
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        panic!("the panic payload's drop panicked too");
+    }
+}
+
+/// User code that panics in the worst places does not kill the dispatcher: an event
+/// handler panicking on `Event::Lost` and on `Event::CallbackPanic`, and a callback
+/// panicking with a payload whose drop panics. Each panic is counted, and every message
+/// after them is delivered. (Before, each killed the dispatcher thread: nothing was
+/// received any more, and the `Connector` looked alive.)
+#[test]
+fn panics_in_event_handlers_and_panic_payloads_do_not_kill_the_dispatcher() {
+    if kernel_socket("panics_in_event_handlers_and_panic_payloads_do_not_kill_the_dispatcher")
+        .is_none()
+    {
+        return;
+    }
+    let (id, bomb) = (CbId::new(test_idx(38), 1), CbId::new(test_idx(38), 2));
+    let tx = ConnectorSocket::open().unwrap();
+    let txp = tx.port_id();
+    let conn = Connector::builder()
+        .on_event(move |e| match e {
+            Event::Lost { port, .. } if *port == txp => panic!("handler panics on a loss"),
+            Event::CallbackPanic { .. } => panic!("handler panics on a callback panic"),
+            _ => {}
+        })
+        .spawn()
+        .unwrap();
+    let (_reg, rx) = conn.channel(id, 16);
+    let _bomb = conn.register(bomb, |_| std::panic::panic_any(DropBomb));
+    let to = Dest::Port(conn.port_id());
+    for (m, seq) in [(id, 1), (id, 5), (bomb, 1), (id, 6)] {
+        tx.send(&valid(m, seq), to).unwrap();
+    }
+    let seqs: Vec<u32> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().msg.seq)
+        .collect();
+    assert_eq!(seqs, [1, 5, 6]);
+    let s = conn.stats();
+    // The bomb's panic, then the handler's on the loss and on that panic.
+    assert_eq!((s.callback_panics, s.lost), (3, 3), "{s:?}");
+}

@@ -140,7 +140,8 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Sets the function told about every [`Event`]. It runs on the dispatcher thread.
+    /// Sets the function told about every [`Event`]. It runs on the dispatcher thread; a
+    /// panic in it is caught and counted in [`Stats::callback_panics`].
     pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.on_event = Some(Box::new(f));
         self
@@ -205,10 +206,11 @@ impl ConnectorBuilder {
             registry.on_panic(move |id, message| {
                 Counters::add(&counters.callback_panics, 1);
                 if let Some(f) = &on_event {
-                    f(&Event::CallbackPanic {
+                    let e = Event::CallbackPanic {
                         id,
                         message: message.to_string(),
-                    });
+                    };
+                    call_event_handler(&**f, &e, &counters);
                 }
             });
         }

@@ -225,8 +225,18 @@ impl Inner {
 impl Inner {
     fn event(&self, e: Event) {
         if let Some(f) = &self.on_event {
-            f(&e);
+            call_event_handler(&**f, &e, &self.counters);
         }
+    }
+}
+
+/// Runs the user's event handler on the dispatcher thread; a panic in it is caught and
+/// counted in [`Stats::callback_panics`] (and not reported as an event, which would run
+/// the handler again), so the dispatcher goes on.
+fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(e))) {
+        registry::caught(p);
+        Counters::add(&counters.callback_panics, 1);
     }
 }
 

@@ -111,9 +111,20 @@ impl Entry {
         let _inside = InCallback::enter();
         match catch_unwind(AssertUnwindSafe(|| (cb)(msg))) {
             Ok(()) => Ok(true),
-            Err(p) => Err(panic_message(&*p)),
+            Err(p) => Err(caught(p)),
         }
     }
+}
+
+/// The message of a caught panic's payload, which is then dropped without letting a panic
+/// in its `Drop` escape (`panic_any` of a value whose drop panics would otherwise unwind out
+/// of the dispatcher after all): such a payload's own payload is leaked.
+pub(crate) fn caught(p: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic_message(&*p);
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(p))) {
+        std::mem::forget(again);
+    }
+    message
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -392,7 +403,7 @@ impl<'a> Targets<'a> {
                     // Unlocked before the hook runs someone else's code.
                     self.held = None;
                     out.panicked = 1;
-                    self.panicked(msg.id(), &panic_message(&*p));
+                    self.panicked(msg.id(), &caught(p));
                 }
             }
             return out;
