@@ -551,3 +551,27 @@ fn panics_in_event_handlers_and_panic_payloads_do_not_kill_the_dispatcher() {
     // The bomb's panic, then the handler's on the loss and on that panic.
     assert_eq!((s.callback_panics, s.lost), (3, 3), "{s:?}");
 }
+
+/// Two connectors with the default settings exchange the largest message the API sends
+/// (`CnMsg::MAX_DATA` bytes of data, 65 572 bytes framed), by `send` and by `send_batch`.
+/// (Before, the default `max_datagram` was 64 KiB: `send` sent it, the receiver dropped it
+/// as truncated, and `send_batch` refused it as too large.)
+#[test]
+fn default_connectors_exchange_the_largest_message() {
+    if kernel_socket("default_connectors_exchange_the_largest_message").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(39), 1);
+    let rx = Connector::builder().spawn().unwrap();
+    let (_reg, got) = rx.channel(id, 4);
+    let tx = Connector::builder().spawn().unwrap();
+    let to = Dest::Port(rx.port_id());
+    let big = CnMsg::new(id, vec![0x5a; CnMsg::MAX_DATA]);
+    tx.send(&big.clone().with_seq(1, 0), to).unwrap();
+    assert_eq!(tx.send_batch(&[big.clone().with_seq(2, 0)], to).unwrap(), 1);
+    for seq in 1..=2 {
+        let m = got.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((m.msg.seq, &m.msg.data), (seq, &big.data));
+    }
+    assert_eq!(rx.stats().truncated, 0);
+}

@@ -20,7 +20,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             recv_buffer: 4 << 20,
-            max_datagram: 64 << 10,
+            max_datagram: CnMsg::MAX_ENCODED,
             track_seq: true,
             allow_kernel_ids: false,
             tracked_streams: DEFAULT_TRACKED_STREAMS,
@@ -72,7 +72,8 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Largest datagram received whole (default 64 KiB, at least 64 bytes, at most
+    /// Largest datagram received whole (default [`CnMsg::MAX_ENCODED`], 65 572 bytes: any
+    /// one message, the largest a `send` or a bus sends alone; at least 64 bytes, at most
     /// [`MAX_DATAGRAM`](Self::MAX_DATAGRAM): more makes `spawn` and `build_async` fail with
     /// [`Error::InvalidArgument`]) and largest datagram
     /// [`send_batch`](ConnectorHandle::send_batch) packs. A longer datagram is dropped and
