@@ -214,8 +214,9 @@ impl AsyncConnector {
     /// `ack + 1` (see [`CnMsg::reply_to`]) from the destination (the kernel, the port, or
     /// any member of the group), as
     /// [`ConnectorHandle::request`](crate::connector::ConnectorHandle::request) does: a
-    /// look-alike from another port is no reply and goes to the stream. Takes `&self`: requests run beside the task that
-    /// reads the stream (share the connector with `Arc`), and any number at once. The reply
+    /// look-alike from another port is no reply and goes to the stream. Takes `&self`:
+    /// requests run beside the task that reads the stream (share the connector with
+    /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
     /// the stream.
