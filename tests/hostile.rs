@@ -575,3 +575,33 @@ fn default_connectors_exchange_the_largest_message() {
     }
     assert_eq!(rx.stats().truncated, 0);
 }
+
+/// `Dest::Port(0)` is the kernel's address: `send_batch` gives each message its own
+/// datagram there too (the kernel reads only the first of a datagram), and the kernel's
+/// size limit applies. (Before, `send_batch` packed the messages into one datagram for
+/// port 0, so the kernel silently ignored all but the first while the call returned them
+/// all as sent, and an oversized message went out unchecked.)
+#[test]
+fn port_zero_is_the_kernel_for_batching_and_limits() {
+    if kernel_socket("port_zero_is_the_kernel_for_batching_and_limits").is_none() {
+        return;
+    }
+    // An idx no kernel module serves: the kernel reads and drops these.
+    let id = CbId::new(test_idx(40), 1);
+    let conn = Connector::builder().spawn().unwrap();
+    let msgs: Vec<CnMsg> = (1..=3)
+        .map(|s| CnMsg::new(id, &b"x"[..]).with_seq(s, 0))
+        .collect();
+    assert_eq!(conn.send_batch(&msgs, Dest::Port(0)).unwrap(), 3);
+    assert_eq!(conn.send_batch(&msgs, Dest::Kernel).unwrap(), 3);
+    let s = conn.stats();
+    assert_eq!((s.sent_datagrams, s.sent_messages), (6, 6), "{s:?}");
+    let big = CnMsg::new(id, vec![0u8; cnbus::codec::CONNECTOR_MAX_MSG_SIZE]);
+    for dest in [Dest::Kernel, Dest::Port(0)] {
+        let e = conn.send(&big, dest).unwrap_err();
+        assert!(
+            matches!(e, cnbus::Error::TooLarge { .. }),
+            "{dest:?}: {e:?}"
+        );
+    }
+}

@@ -99,7 +99,7 @@ impl Outbox {
                     group: g,
                 })
             }
-            Dest::Kernel if msg.encoded_len() - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE => {
+            d if d.is_kernel() && msg.encoded_len() - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE => {
                 Err(Error::TooLarge {
                     len: msg.encoded_len() - NLMSG_HDRLEN,
                     limit: CONNECTOR_MAX_MSG_SIZE,
@@ -136,14 +136,15 @@ impl Outbox {
     }
 
     /// Frames `msgs` for one `sendmmsg`, after the policy check: one message per datagram
-    /// to the kernel, else packed up to `max_datagram`. Each datagram with its message count.
+    /// to the kernel (`Dest::Kernel` or its port, `Dest::Port(0)`), else packed up to
+    /// `max_datagram`. Each datagram with its message count.
     pub(crate) fn frame_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<Vec<(Vec<u8>, usize)>> {
         for m in msgs {
             self.check(m, dest)?;
         }
         let pid = self.socket.port_id();
         let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
-        if dest == Dest::Kernel {
+        if dest.is_kernel() {
             for m in msgs {
                 let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
                 d.push(m)?;
