@@ -410,17 +410,18 @@ fn absurd_connector_numbers_are_errors_not_panics() {
         let e = Connector::builder().max_datagram(n).spawn().unwrap_err();
         assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{n}: {e:?}");
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
+    #[cfg(feature = "tokio")]
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
-        let e = Connector::builder()
-            .max_datagram(usize::MAX)
-            .build_async()
-            .unwrap_err();
-        assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{e:?}");
-    });
+        .unwrap()
+        .block_on(async {
+            let e = Connector::builder()
+                .max_datagram(usize::MAX)
+                .build_async()
+                .unwrap_err();
+            assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{e:?}");
+        });
 
     let conn = Connector::builder()
         .max_datagram(max)
@@ -604,4 +605,60 @@ fn port_zero_is_the_kernel_for_batching_and_limits() {
             "{dest:?}: {e:?}"
         );
     }
+}
+
+/// A local process that sends requests and never reads cannot stall a server whose
+/// callback replies to each sender (the pattern `Delivery::reply` shows): on the
+/// dispatcher thread a send waits at most `send_timeout` for room, fails with
+/// `TimedOut` and counts a send error; an honest client is served meanwhile, and the server
+/// shuts down. (Before, the first reply to the full queue blocked the dispatcher for good:
+/// the honest request timed out and the server could not be dropped.)
+#[test]
+fn a_peer_that_never_reads_cannot_stall_a_replying_server() {
+    if kernel_socket("a_peer_that_never_reads_cannot_stall_a_replying_server").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(41), 1);
+    let server = Connector::builder()
+        .send_timeout(Duration::from_millis(20))
+        .spawn()
+        .unwrap();
+    let h = server.handle();
+    let timed_out = Arc::new(AtomicU64::new(0));
+    let t = timed_out.clone();
+    let _svc = server.register(id, move |m| {
+        let to = Dest::Port(m.source().port);
+        // One way each: send, send_numbered, send_batch.
+        let r = match m.seq() % 3 {
+            0 => h.send(&m.reply(vec![0u8; 1000]), to),
+            1 => h.send_numbered(id, vec![0u8; 1000], to).map(drop),
+            _ => h.send_batch(&[m.reply(vec![0u8; 1000])], to).map(drop),
+        };
+        if let Err(cnbus::Error::TimedOut { .. }) = r {
+            t.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let evil = ConnectorSocket::open().unwrap();
+    evil.set_recv_buffer(1, false).unwrap();
+    for seq in 0..12 {
+        evil.send(&valid(id, seq), Dest::Port(server.port_id()))
+            .unwrap();
+    }
+    let client = Connector::builder().spawn().unwrap();
+    let req = CnMsg::new(id, &b"q"[..]).with_seq(3 << 20, 0); // answered by `send`
+    let r = client
+        .request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+        .expect("the honest client was served");
+    assert_eq!(r.source.port, server.port_id());
+    let n = timed_out.load(Ordering::SeqCst);
+    assert!(n >= 3, "the replies to the full queue timed out: {n}");
+    assert!(server.stats().send_errors >= n);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.shutdown();
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server shut down");
 }

@@ -206,8 +206,7 @@ impl AsyncConnector {
 
     /// A send that found no room in time: counted as a send error.
     fn timed_out(&self, op: Op) -> Error {
-        Counters::add(&self.outbox.counters.send_errors, 1);
-        Error::TimedOut { op }
+        self.outbox.timed_out(op)
     }
 
     /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and

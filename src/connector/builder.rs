@@ -12,7 +12,6 @@ pub(super) struct Config {
     pub(super) allow_kernel_ids: bool,
     pub(super) tracked_streams: usize,
     pub(super) numbered_ids: Option<usize>,
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // the async connector's only
     pub(super) send_timeout: std::time::Duration,
 }
 
@@ -52,7 +51,7 @@ impl ConnectorBuilder {
     /// counted as truncated anyway.)
     pub const MAX_DATAGRAM: usize = 64 << 20;
 
-    /// Default of `send_timeout` (feature `tokio`).
+    /// Default of [`send_timeout`](Self::send_timeout).
     pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
     /// The defaults ([`Connector::builder`]).
@@ -121,14 +120,14 @@ impl ConnectorBuilder {
         self
     }
 
-    /// How long a send of the [`AsyncConnector`] (built with
-    /// [`build_async`](Self::build_async)) waits for room at a unicast peer whose queue is
-    /// full (default [`DEFAULT_SEND_TIMEOUT`](Self::DEFAULT_SEND_TIMEOUT), 1 s, as the
-    /// bus's `send_timeout`). The wait never blocks the runtime; past it the send fails
-    /// with [`Error::TimedOut`] (a batch returns what it sent) and counts a send error.
-    /// The thread-based [`Connector`]'s sends wait as netlink does (blocking) and do not
-    /// use it.
-    #[cfg(feature = "tokio")]
+    /// How long a send waits for room at a unicast peer whose queue is full (default
+    /// [`DEFAULT_SEND_TIMEOUT`](Self::DEFAULT_SEND_TIMEOUT), 1 s, as the bus's
+    /// `send_timeout`), for the sends of the `AsyncConnector` (built with `build_async`,
+    /// feature `tokio`; the wait never blocks the runtime) and for the [`Connector`]'s sends
+    /// made on its dispatcher thread (from callbacks: a peer that never reads must not
+    /// stall every delivery). Past it the send fails with [`Error::TimedOut`] (a batch
+    /// returns what it sent) and counts a send error. The `Connector`'s sends from other
+    /// threads wait as netlink does (blocking) and do not use it.
     pub fn send_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.config.send_timeout = timeout;
         self

@@ -467,8 +467,23 @@ impl ConnectorHandle {
     /// Multicasting on a kernel-owned id (idx 1..=10) or a group below 12 is refused with
     /// [`Error::KernelOwned`] unless the builder allowed it, because netlink also hands
     /// every multicast to the kernel's handler for that idx.
+    ///
+    /// A unicast to a peer whose queue is full waits for room, as netlink does; on the
+    /// dispatcher thread (from a callback), at most `ConnectorBuilder::send_timeout`
+    /// (then [`Error::TimedOut`]), so that a peer that never reads cannot stall every
+    /// delivery. The same holds for [`send_numbered`](Self::send_numbered) and
+    /// [`send_batch`](Self::send_batch).
     pub fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        self.inner.outbox.send(msg, dest)
+        match self.dispatcher_send_timeout() {
+            Some(t) => self.inner.outbox.send_within(msg, dest, t),
+            None => self.inner.outbox.send(msg, dest),
+        }
+    }
+
+    /// On the dispatcher thread, how long a send may wait for room at a full peer.
+    fn dispatcher_send_timeout(&self) -> Option<Duration> {
+        (self.inner.dispatcher.get() == Some(&std::thread::current().id()))
+            .then_some(self.inner.config.send_timeout)
     }
 
     /// Sends `data` on `id` with the next number of `id`'s sequence to `dest`, so receivers
@@ -486,13 +501,15 @@ impl ConnectorHandle {
     pub fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
         let outbox = &self.inner.outbox;
         let mut d = outbox.frame_numbered(id, data.into(), dest)?;
-        let mut pause = Duration::from_micros(20);
+        let mut wait =
+            outbox::Patience::new(self.dispatcher_send_timeout().unwrap_or(Duration::MAX));
         loop {
             if let Some(seq) = outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
+            if !wait.pause() {
+                return Err(outbox.timed_out(Op::Send));
+            }
         }
     }
 
@@ -502,7 +519,10 @@ impl ConnectorHandle {
     /// message goes in a datagram of its own. Returns the number of messages sent; on an
     /// error after some were sent, that count (the rest were not sent).
     pub fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
-        self.inner.outbox.send_batch(msgs, dest)
+        match self.dispatcher_send_timeout() {
+            Some(t) => self.inner.outbox.send_batch_within(msgs, dest, t),
+            None => self.inner.outbox.send_batch(msgs, dest),
+        }
     }
 
     /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and
@@ -520,7 +540,7 @@ impl ConnectorHandle {
     /// The kernel's proc connector does not follow this convention (its ACK does not echo
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
-        if self.inner.dispatcher.get() == Some(&std::thread::current().id()) {
+        if self.dispatcher_send_timeout().is_some() {
             return Err(Error::WouldDeadlock { op: Op::Request });
         }
         if self.inner.forked() {
