@@ -122,6 +122,20 @@ pub enum Error {
         /// What cnbus was doing.
         op: Op,
     },
+    /// A unicast to a user-space port was refused (`ECONNREFUSED`): no socket holds that
+    /// port id (its owner closed it or exited), or the socket there is connected to the
+    /// kernel and takes only the kernel's messages (as proc listeners are). Not a
+    /// namespace problem: that is [`Error::NoKernelConnector`], for sends to the kernel.
+    #[error(
+        "{op}: port {port} refused the message (ECONNREFUSED): no socket holds that port id \
+         (its owner closed it or exited), or the socket there takes only the kernel's messages"
+    )]
+    Refused {
+        /// What cnbus was doing.
+        op: Op,
+        /// The destination port id.
+        port: u32,
+    },
     /// A received datagram was longer than the receive buffer and was cut (`MSG_TRUNC`).
     #[error("{op}: datagram of {len} bytes truncated to the {capacity}-byte receive buffer")]
     Truncated {
@@ -144,7 +158,8 @@ pub enum Error {
     /// hands every multicast to the kernel's connector too, which would run the kernel's
     /// handler for that idx; allow it explicitly if that is intended.
     #[error(
-        "refusing to multicast id {id} on group {group}: idx 1..=10 and groups below 12 belong          to the kernel's connector users (use idx > 10 and groups 12..=32, or allow it explicitly)"
+        "refusing to multicast id {id} on group {group}: idx 1..=10 and groups below 12 belong \
+         to the kernel's connector users (use idx > 10 and groups 12..=32, or allow it explicitly)"
     )]
     KernelOwned {
         /// The message's id.
@@ -162,6 +177,15 @@ pub enum Error {
     #[error("{op}: no reply before the deadline")]
     TimedOut {
         /// What cnbus was doing.
+        op: Op,
+    },
+    /// The call would wait for something only the calling thread can do: a
+    /// [`request`](crate::connector::ConnectorHandle::request) made on the connector's
+    /// dispatcher thread (from a callback or the event handler) would wait for a reply that
+    /// only that thread reads. Make the request from another thread.
+    #[error("{op}: made on the dispatcher thread, the one that reads the reply: it would wait for nothing")]
+    WouldDeadlock {
+        /// What cnbus was asked to do.
         op: Op,
     },
     /// The object has been shut down.
@@ -195,6 +219,18 @@ impl From<TooLarge> for Error {
 }
 
 impl Error {
+    /// Classifies an OS error from a send to `dest`: as [`from_io`](Self::from_io), but
+    /// a unicast refused by a user-space port is [`Error::Refused`], not a missing kernel
+    /// connector.
+    pub fn from_send(op: Op, dest: crate::codec::Dest, source: io::Error) -> Self {
+        match (dest, source.raw_os_error()) {
+            (crate::codec::Dest::Port(port), Some(libc::ECONNREFUSED)) if port != 0 => {
+                Error::Refused { op, port }
+            }
+            _ => Self::from_io(op, source),
+        }
+    }
+
     /// Classifies an OS error from `op`: the errnos callers care about get their own variant.
     pub fn from_io(op: Op, source: io::Error) -> Self {
         match source.raw_os_error() {
@@ -211,8 +247,9 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error(),
             Error::Overrun { .. } => Some(libc::ENOBUFS),
             Error::PermissionDenied { errno, .. } => Some(*errno),
-            Error::NoKernelConnector { .. } => Some(libc::ECONNREFUSED),
+            Error::NoKernelConnector { .. } | Error::Refused { .. } => Some(libc::ECONNREFUSED),
             Error::TimedOut { .. } => Some(libc::ETIMEDOUT),
+            Error::WouldDeadlock { .. } => Some(libc::EDEADLK),
             _ => None,
         }
     }
@@ -224,8 +261,10 @@ impl Error {
             | Error::Overrun { op }
             | Error::PermissionDenied { op, .. }
             | Error::NoKernelConnector { op }
+            | Error::Refused { op, .. }
             | Error::Truncated { op, .. }
-            | Error::TimedOut { op } => Some(*op),
+            | Error::TimedOut { op }
+            | Error::WouldDeadlock { op } => Some(*op),
             _ => None,
         }
     }

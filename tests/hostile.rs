@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use cnbus::codec::{encode, DatagramBuilder, NlHeader, NLMSG_DONE};
 use cnbus::connector::{Connector, Event};
+use cnbus::error::Op;
 use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::{CbId, CnMsg, DecodeErrorKind};
 use common::{kernel_socket, test_idx, wait_for};
@@ -261,4 +262,403 @@ fn an_oversized_datagram_is_dropped_and_counted() {
         "the gap in seq shows the dropped message: {:?}",
         conn.stats()
     );
+}
+
+/// A unicast that a port refuses (`ECONNREFUSED`: nobody holds the port, or the socket
+/// there takes only the kernel's messages) is `Error::Refused` naming the port, with its
+/// errno, for `send` and `send_batch`. (Before, it was `NoKernelConnector`, whose message
+/// sends the user looking for a network namespace problem.)
+#[test]
+fn a_unicast_refused_by_a_port_is_not_blamed_on_the_namespace() {
+    if kernel_socket("a_unicast_refused_by_a_port_is_not_blamed_on_the_namespace").is_none() {
+        return;
+    }
+    let conn = Connector::builder().spawn().unwrap();
+    let closed = ConnectorSocket::open().unwrap();
+    closed.connect_kernel().unwrap();
+    let (port, id) = (closed.port_id(), CbId::new(test_idx(33), 1));
+    let msg = CnMsg::new(id, &b"x"[..]);
+    let one = conn.send(&msg, Dest::Port(port)).unwrap_err();
+    let batch = conn
+        .send_batch(&[msg.clone(), msg], Dest::Port(port))
+        .unwrap_err();
+    for (e, op) in [(one, Op::Send), (batch, Op::SendBatch)] {
+        assert!(
+            matches!(e, cnbus::Error::Refused { op: o, port: p } if o == op && p == port),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), Some(libc::ECONNREFUSED));
+        assert!(!e.to_string().contains("namespace"), "{e}");
+    }
+    assert_eq!(conn.stats().send_errors, 2);
+}
+
+/// A request made on the dispatcher thread (from a callback) fails at once with
+/// `Error::WouldDeadlock`: the reply could only be read by the thread that waits for it.
+/// The connector goes on, and a request from another thread gets its reply. (Before, the
+/// request waited out its whole timeout, holding up every delivery; with `Duration::MAX`
+/// forever: the watchdog fired.)
+#[test]
+fn a_request_from_a_callback_fails_at_once_instead_of_waiting_for_nothing() {
+    if kernel_socket("a_request_from_a_callback_fails_at_once_instead_of_waiting_for_nothing")
+        .is_none()
+    {
+        return;
+    }
+    let (id, trigger) = (CbId::new(test_idx(34), 1), CbId::new(test_idx(34), 2));
+    let server = Connector::builder().spawn().unwrap();
+    let h = server.handle();
+    let _svc = server.register(id, move |m| {
+        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    let client = Connector::builder().spawn().unwrap();
+    let (ch, to) = (client.handle(), Dest::Port(server.port_id()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _reg = client.register(trigger, move |_| {
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(ch.next_seq(id), 0);
+        let _ = tx.send(ch.request(&req, to, Duration::MAX));
+    });
+    let poke = CnMsg::new(trigger, &b"go"[..]);
+    server.send(&poke, Dest::Port(client.port_id())).unwrap();
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the request inside the callback never returned");
+    let e = r.unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::WouldDeadlock { op: Op::Request }),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), Some(libc::EDEADLK));
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 0);
+    let r = client.request(&req, to, Duration::MAX).unwrap();
+    assert_eq!(&r.msg.data[..], b"pong");
+}
+
+/// A message with a request's id, seq and ack from a port other than the one the request
+/// went to is not its reply: it goes to the callbacks, and the request takes the real one.
+/// A request to the kernel takes no reply from user space. (Before, any local process
+/// could answer in the server's name, or in the kernel's.)
+#[test]
+fn a_reply_from_another_port_is_not_taken_for_the_reply() {
+    if kernel_socket("a_reply_from_another_port_is_not_taken_for_the_reply").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(35), 1);
+    let client = Arc::new(Connector::builder().spawn().unwrap());
+    let (_reg, others) = client.channel(id, 16);
+    let server = ConnectorSocket::open().unwrap();
+    let evil = ConnectorSocket::open().unwrap();
+    let reply = |req: &CnMsg, data: &'static [u8]| {
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(req, data)).unwrap();
+        d.take()
+    };
+    let to_client = Dest::Port(client.port_id());
+
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 3);
+    let (c, r, to) = (client.clone(), req.clone(), Dest::Port(server.port_id()));
+    let request = std::thread::spawn(move || c.request(&r, to, Duration::from_secs(60)));
+    // Out (so waiting) once the server has it.
+    let wake = cnbus::sys::EventFd::new().unwrap();
+    cnbus::sys::poll_read(&server, &wake, None).unwrap();
+    evil.send(&reply(&req, b"forged"), to_client).unwrap();
+    server.send(&reply(&req, b"real"), to_client).unwrap();
+    let r = request.join().unwrap().unwrap();
+    assert_eq!(
+        (r.source.port, &r.msg.data[..]),
+        (server.port_id(), &b"real"[..])
+    );
+    let forged = others.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (forged.source.port, &forged.msg.data[..]),
+        (evil.port_id(), &b"forged"[..])
+    );
+
+    // To the kernel (no handler for this idx: no answer comes), a user-space look-alike
+    // is no reply either.
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 7);
+    let (c, r) = (client.clone(), req.clone());
+    let request = std::thread::spawn(move || c.request(&r, Dest::Kernel, Duration::from_secs(2)));
+    while client.stats().sent_messages < 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    evil.send(&reply(&req, b"forged"), to_client).unwrap();
+    let forged = others.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(forged.source.port, evil.port_id());
+    let e = request.join().unwrap().unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::TimedOut { op: Op::Request }),
+        "{e:?}"
+    );
+    assert_eq!(client.stats().replies, 1);
+}
+
+/// No builder number or channel capacity panics or aborts: a `max_datagram` the receive
+/// path could not allocate is an error at `spawn`/`build_async`, a channel of any capacity
+/// (`usize::MAX` included) works and counts exactly what does not fit. (Before,
+/// `max_datagram(usize::MAX)` killed the dispatcher thread with an overflow while the
+/// `Connector` looked alive, `max_datagram(1 << 40)` aborted the process on an allocation
+/// failure, and `channel(id, usize::MAX)` panicked.)
+#[test]
+fn absurd_connector_numbers_are_errors_not_panics() {
+    if kernel_socket("absurd_connector_numbers_are_errors_not_panics").is_none() {
+        return;
+    }
+    let max = cnbus::connector::ConnectorBuilder::MAX_DATAGRAM;
+    for n in [usize::MAX, 1 << 40, max + 1] {
+        let e = Connector::builder().max_datagram(n).spawn().unwrap_err();
+        assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{n}: {e:?}");
+    }
+    #[cfg(feature = "tokio")]
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let e = Connector::builder()
+                .max_datagram(usize::MAX)
+                .build_async()
+                .unwrap_err();
+            assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{e:?}");
+        });
+
+    let conn = Connector::builder()
+        .max_datagram(max)
+        .recv_buffer(32 << 20)
+        .spawn()
+        .unwrap();
+    let tx = Connector::builder().spawn().unwrap();
+    let id = CbId::new(test_idx(36), 1);
+    let (_all, all) = conn.channel(id, usize::MAX);
+    let cap = cnbus::connector::ConnectorHandle::EAGER_CHANNEL + 10;
+    let (_some, some) = conn.channel(id, cap);
+    let n = cap + 20;
+    let msgs: Vec<CnMsg> = (1..=n as u32)
+        .map(|s| CnMsg::new(id, &b""[..]).with_seq(s, 0))
+        .collect();
+    assert_eq!(tx.send_batch(&msgs, Dest::Port(conn.port_id())).unwrap(), n);
+    assert!(wait_for(Duration::from_secs(60), || all.len() == n));
+    let s = conn.stats();
+    assert_eq!((some.len(), s.channel_full), (cap, 20), "{s:?}");
+    assert_eq!((s.lost, s.kernel_drops), (0, Some(0)), "{s:?}");
+    let seqs: Vec<u32> = some.try_iter().map(|m| m.msg.seq).collect();
+    assert!(
+        seqs.iter().copied().eq(1..=cap as u32),
+        "the first {cap}, in order"
+    );
+}
+
+/// In a child forked from a process with a running `Connector`, dropping it neither panics
+/// nor waits for the parent's dispatcher thread, and a request fails with `Error::Closed`
+/// (only the parent's dispatcher reads the shared socket); the parent's connector goes on
+/// receiving. (Before, the drop in the child panicked: "threads should not terminate
+/// unexpectedly", joining a thread that only the parent has.)
+#[test]
+fn a_connector_used_in_a_forked_child_neither_panics_nor_hangs() {
+    if kernel_socket("a_connector_used_in_a_forked_child_neither_panics_nor_hangs").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(37), 1);
+    let conn = Connector::builder().spawn().unwrap();
+    let (_reg, rx) = conn.channel(id, 16);
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(1, 0);
+    let to = Dest::Port(conn.port_id());
+    // SAFETY: the child only drops what it owns and calls `_exit`; it takes no lock another
+    // thread of the parent could have held at the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = conn.request(&req, to, Duration::MAX);
+            drop(conn);
+            r
+        })) {
+            Ok(Err(cnbus::Error::Closed)) => 0,
+            Ok(_) => 1,
+            Err(_) => 2,
+        };
+        // SAFETY: ends the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    let exited = wait_for(Duration::from_secs(60), || {
+        // SAFETY: `status` is valid for writes; `pid` is our child.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+    });
+    if !exited {
+        // SAFETY: our child, which is hung; reaped right after.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        panic!("the child hung dropping its copy of the connector");
+    }
+    assert!(libc::WIFEXITED(status), "{status:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "1: the child's request did not fail with Closed; 2: it panicked"
+    );
+    let tx = ConnectorSocket::open().unwrap();
+    tx.send(&valid(id, 5), Dest::Port(conn.port_id())).unwrap();
+    let m = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!((m.source.port, m.msg.seq), (tx.port_id(), 5));
+}
+
+/// A panic payload whose own `Drop` panics.
+struct DropBomb;
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        panic!("the panic payload's drop panicked too");
+    }
+}
+
+/// User code that panics in the worst places does not kill the dispatcher: an event
+/// handler panicking on `Event::Lost` and on `Event::CallbackPanic`, and a callback
+/// panicking with a payload whose drop panics. Each panic is counted, and every message
+/// after them is delivered. (Before, each killed the dispatcher thread: nothing was
+/// received any more, and the `Connector` looked alive.)
+#[test]
+fn panics_in_event_handlers_and_panic_payloads_do_not_kill_the_dispatcher() {
+    if kernel_socket("panics_in_event_handlers_and_panic_payloads_do_not_kill_the_dispatcher")
+        .is_none()
+    {
+        return;
+    }
+    let (id, bomb) = (CbId::new(test_idx(38), 1), CbId::new(test_idx(38), 2));
+    let tx = ConnectorSocket::open().unwrap();
+    let txp = tx.port_id();
+    let conn = Connector::builder()
+        .on_event(move |e| match e {
+            Event::Lost { port, .. } if *port == txp => panic!("handler panics on a loss"),
+            Event::CallbackPanic { .. } => panic!("handler panics on a callback panic"),
+            _ => {}
+        })
+        .spawn()
+        .unwrap();
+    let (_reg, rx) = conn.channel(id, 16);
+    let _bomb = conn.register(bomb, |_| std::panic::panic_any(DropBomb));
+    let to = Dest::Port(conn.port_id());
+    for (m, seq) in [(id, 1), (id, 5), (bomb, 1), (id, 6)] {
+        tx.send(&valid(m, seq), to).unwrap();
+    }
+    let seqs: Vec<u32> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().msg.seq)
+        .collect();
+    assert_eq!(seqs, [1, 5, 6]);
+    let s = conn.stats();
+    // The bomb's panic, then the handler's on the loss and on that panic.
+    assert_eq!((s.callback_panics, s.lost), (3, 3), "{s:?}");
+}
+
+/// Two connectors with the default settings exchange the largest message the API sends
+/// (`CnMsg::MAX_DATA` bytes of data, 65 572 bytes framed), by `send` and by `send_batch`.
+/// (Before, the default `max_datagram` was 64 KiB: `send` sent it, the receiver dropped it
+/// as truncated, and `send_batch` refused it as too large.)
+#[test]
+fn default_connectors_exchange_the_largest_message() {
+    if kernel_socket("default_connectors_exchange_the_largest_message").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(39), 1);
+    let rx = Connector::builder().spawn().unwrap();
+    let (_reg, got) = rx.channel(id, 4);
+    let tx = Connector::builder().spawn().unwrap();
+    let to = Dest::Port(rx.port_id());
+    let big = CnMsg::new(id, vec![0x5a; CnMsg::MAX_DATA]);
+    tx.send(&big.clone().with_seq(1, 0), to).unwrap();
+    assert_eq!(tx.send_batch(&[big.clone().with_seq(2, 0)], to).unwrap(), 1);
+    for seq in 1..=2 {
+        let m = got.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((m.msg.seq, &m.msg.data), (seq, &big.data));
+    }
+    assert_eq!(rx.stats().truncated, 0);
+}
+
+/// `Dest::Port(0)` is the kernel's address: `send_batch` gives each message its own
+/// datagram there too (the kernel reads only the first of a datagram), and the kernel's
+/// size limit applies. (Before, `send_batch` packed the messages into one datagram for
+/// port 0, so the kernel silently ignored all but the first while the call returned them
+/// all as sent, and an oversized message went out unchecked.)
+#[test]
+fn port_zero_is_the_kernel_for_batching_and_limits() {
+    if kernel_socket("port_zero_is_the_kernel_for_batching_and_limits").is_none() {
+        return;
+    }
+    // An idx no kernel module serves: the kernel reads and drops these.
+    let id = CbId::new(test_idx(40), 1);
+    let conn = Connector::builder().spawn().unwrap();
+    let msgs: Vec<CnMsg> = (1..=3)
+        .map(|s| CnMsg::new(id, &b"x"[..]).with_seq(s, 0))
+        .collect();
+    assert_eq!(conn.send_batch(&msgs, Dest::Port(0)).unwrap(), 3);
+    assert_eq!(conn.send_batch(&msgs, Dest::Kernel).unwrap(), 3);
+    let s = conn.stats();
+    assert_eq!((s.sent_datagrams, s.sent_messages), (6, 6), "{s:?}");
+    let big = CnMsg::new(id, vec![0u8; cnbus::codec::CONNECTOR_MAX_MSG_SIZE]);
+    for dest in [Dest::Kernel, Dest::Port(0)] {
+        let e = conn.send(&big, dest).unwrap_err();
+        assert!(
+            matches!(e, cnbus::Error::TooLarge { .. }),
+            "{dest:?}: {e:?}"
+        );
+    }
+}
+
+/// A local process that sends requests and never reads cannot stall a server whose
+/// callback replies to each sender (the pattern `Delivery::reply` shows): on the
+/// dispatcher thread a send waits at most `send_timeout` for room, fails with
+/// `TimedOut` and counts a send error; an honest client is served meanwhile, and the server
+/// shuts down. (Before, the first reply to the full queue blocked the dispatcher for good:
+/// the honest request timed out and the server could not be dropped.)
+#[test]
+fn a_peer_that_never_reads_cannot_stall_a_replying_server() {
+    if kernel_socket("a_peer_that_never_reads_cannot_stall_a_replying_server").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(41), 1);
+    let server = Connector::builder()
+        .send_timeout(Duration::from_millis(20))
+        .spawn()
+        .unwrap();
+    let h = server.handle();
+    let timed_out = Arc::new(AtomicU64::new(0));
+    let t = timed_out.clone();
+    let _svc = server.register(id, move |m| {
+        let to = Dest::Port(m.source().port);
+        // One way each: send, send_numbered, send_batch.
+        let r = match m.seq() % 3 {
+            0 => h.send(&m.reply(vec![0u8; 1000]), to),
+            1 => h.send_numbered(id, vec![0u8; 1000], to).map(drop),
+            _ => h.send_batch(&[m.reply(vec![0u8; 1000])], to).map(drop),
+        };
+        if let Err(cnbus::Error::TimedOut { .. }) = r {
+            t.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let evil = ConnectorSocket::open().unwrap();
+    evil.set_recv_buffer(1, false).unwrap();
+    for seq in 0..12 {
+        evil.send(&valid(id, seq), Dest::Port(server.port_id()))
+            .unwrap();
+    }
+    let client = Connector::builder().spawn().unwrap();
+    let req = CnMsg::new(id, &b"q"[..]).with_seq(3 << 20, 0); // answered by `send`
+    let r = client
+        .request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+        .expect("the honest client was served");
+    assert_eq!(r.source.port, server.port_id());
+    let n = timed_out.load(Ordering::SeqCst);
+    assert!(n >= 3, "the replies to the full queue timed out: {n}");
+    assert!(server.stats().send_errors >= n);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.shutdown();
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server shut down");
 }

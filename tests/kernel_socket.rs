@@ -309,3 +309,44 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
     let n = rx.recv_many(&mut batch, false).unwrap();
     assert!(n >= 1);
 }
+
+/// A `RecvBatch` of any requested size is made (clamped, never an overflow or a failed
+/// allocation) and reads. (Before, `RecvBatch::new(1, usize::MAX)` panicked with a capacity
+/// overflow and `RecvBatch::new(64, 1 << 40)` aborted the process, out of memory.)
+#[test]
+fn a_recv_batch_of_any_size_is_made_and_reads() {
+    use cnbus::sys::RecvBatch;
+    for (slots, len) in [
+        (1, usize::MAX),
+        (64, 1 << 40),
+        (usize::MAX, usize::MAX),
+        (0, 0),
+    ] {
+        let b = RecvBatch::new(slots, len);
+        assert!((1..=RecvBatch::MAX_SLOTS).contains(&b.slots()), "{slots}");
+        assert!(b.slot_len() >= 1 && b.slots() * b.slot_len() <= RecvBatch::MAX_BYTES);
+    }
+    assert_eq!(
+        RecvBatch::new(usize::MAX, usize::MAX).slots(),
+        RecvBatch::MAX_SLOTS
+    );
+    assert_eq!(
+        RecvBatch::new(1, usize::MAX).slot_len(),
+        RecvBatch::MAX_BYTES
+    );
+    if kernel_socket("a_recv_batch_of_any_size_is_made_and_reads").is_none() {
+        return;
+    }
+    let (rx, tx) = (
+        ConnectorSocket::open().unwrap(),
+        ConnectorSocket::open().unwrap(),
+    );
+    let id = CbId::new(test_idx(5), 1);
+    let mut d = DatagramBuilder::new(256);
+    d.push(&CnMsg::new(id, &b"hi"[..]).with_seq(7, 0)).unwrap();
+    tx.send(d.as_bytes(), Dest::Port(rx.port_id())).unwrap();
+    let mut batch = RecvBatch::new(usize::MAX, usize::MAX);
+    assert_eq!(rx.recv_many(&mut batch, false).unwrap(), 1);
+    let (got, meta) = batch.iter().next().unwrap().unwrap();
+    assert_eq!((got, meta.port), (d.as_bytes(), tx.port_id()));
+}

@@ -178,6 +178,13 @@ impl CnMsg {
     /// The largest `data` a `cn_msg` can describe.
     pub const MAX_DATA: usize = u16::MAX as usize;
 
+    /// The largest encoded message, netlink header and padding included: 65 572 bytes, the
+    /// smallest datagram that holds any one message. (Receivers that accept less, such as
+    /// a `Connector` whose `max_datagram` is below it, drop some messages that senders may
+    /// send.)
+    pub const MAX_ENCODED: usize =
+        super::nlmsg_align(super::NLMSG_HDRLEN + CN_MSG_HDRLEN + Self::MAX_DATA);
+
     /// A message with seq, ack and flags zero.
     pub fn new(id: CbId, data: impl Into<Bytes>) -> Self {
         Self {

@@ -370,9 +370,7 @@ impl DatagramBuilder {
         if need > self.limit || msg.data.len() > CnMsg::MAX_DATA {
             return Err(TooLarge {
                 len: need,
-                limit: self
-                    .limit
-                    .min(nlmsg_align(NLMSG_HDRLEN + CN_MSG_HDRLEN + CnMsg::MAX_DATA)),
+                limit: self.limit.min(CnMsg::MAX_ENCODED),
             });
         }
         if self.buf.len() + need > self.limit {

@@ -39,6 +39,15 @@ pub enum Dest {
     Group(u32),
 }
 
+impl Dest {
+    /// True when the datagram goes to the kernel: [`Dest::Kernel`], or [`Dest::Port`] 0,
+    /// the kernel's port id, which is the same address (the kernel reads only the first
+    /// message of a datagram, whichever way it is named).
+    pub fn is_kernel(&self) -> bool {
+        matches!(self, Dest::Kernel | Dest::Port(0))
+    }
+}
+
 /// The fields of a netlink message header.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

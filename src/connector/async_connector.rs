@@ -23,9 +23,10 @@ use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Op, Result};
 use crate::sys::{ConnectorSocket, Dest};
 
-/// Messages parsed but not yet taken, at most; past it the oldest is dropped and counted in
-/// [`Stats::channel_full`]. Only [`AsyncConnector::request`] parks messages here beyond one
-/// datagram's worth.
+/// Messages and events parsed but not yet taken, at most (or room for two datagrams' worth,
+/// if more); past it the oldest is dropped and counted in [`Stats::channel_full`]. The
+/// stream reads no datagram that might not fit: only [`AsyncConnector::request`], which
+/// must read on to find its reply, parks messages here while nobody reads the stream.
 const QUEUE_CAP: usize = 65536;
 
 /// Datagrams read per readiness before yielding to the runtime.
@@ -76,6 +77,8 @@ impl AsyncConnector {
             max_datagram,
             send_timeout,
             reader: Mutex::new(Reader {
+                per_datagram: items_per_datagram(max_datagram),
+                cap: QUEUE_CAP.max(2 * items_per_datagram(max_datagram)),
                 ingest,
                 buf: BytesMut::with_capacity(max_datagram * 4),
                 queue: VecDeque::new(),
@@ -203,13 +206,16 @@ impl AsyncConnector {
 
     /// A send that found no room in time: counted as a send error.
     fn timed_out(&self, op: Op) -> Error {
-        Counters::add(&self.outbox.counters.send_errors, 1);
-        Error::TimedOut { op }
+        self.outbox.timed_out(op)
     }
 
     /// Sends `msg` and waits up to `timeout` for the message with the same id and seq and
-    /// `ack + 1` (see [`CnMsg::reply_to`]). Takes `&self`: requests run beside the task that
-    /// reads the stream (share the connector with `Arc`), and any number at once. The reply
+    /// `ack + 1` (see [`CnMsg::reply_to`]) from the destination (the kernel, the port, or
+    /// any member of the group), as
+    /// [`ConnectorHandle::request`](crate::connector::ConnectorHandle::request) does: a
+    /// look-alike from another port is no reply and goes to the stream. Takes `&self`:
+    /// requests run beside the task that reads the stream (share the connector with
+    /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
     /// the stream.
@@ -218,6 +224,7 @@ impl AsyncConnector {
         self.reader.lock().pending.push(Pending {
             token,
             key: (msg.id, msg.seq, msg.ack.wrapping_add(1)),
+            from: super::reply_port(dest),
             reply: None,
             waker: None,
         });
@@ -245,7 +252,7 @@ impl AsyncConnector {
                             }
                             return Poll::Pending;
                         }
-                        Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard),
+                        Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard, false),
                         Poll::Ready(Err(e)) => self.failed(&mut r, e),
                     }
                     readable.set(self.fd.readable());
@@ -261,10 +268,20 @@ impl AsyncConnector {
 
     /// Reads up to [`BATCH`] datagrams (its caller saw the socket readable): replies to
     /// waiting requests go to them, everything else to the stream's queue; wakes whoever
-    /// got something. Clears the readiness once the socket is empty.
-    fn read(&self, r: &mut Reader, guard: &mut AsyncFdReadyGuard<'_, Arc<ConnectorSocket>>) {
+    /// got something. Clears the readiness once the socket is empty. For the stream
+    /// (`for_stream`), it stops before a datagram whose messages might not all fit in the
+    /// queue (the socket stays readable: the stream reads on once it has taken them); a
+    /// request reads on, since its reply may be behind them.
+    fn read(
+        &self,
+        r: &mut Reader,
+        guard: &mut AsyncFdReadyGuard<'_, Arc<ConnectorSocket>>,
+        for_stream: bool,
+    ) {
         let c = &*self.outbox.counters;
         let Reader {
+            per_datagram,
+            cap,
             ingest,
             buf,
             queue,
@@ -272,11 +289,15 @@ impl AsyncConnector {
             pending,
             stream,
         } = r;
+        let (per_datagram, cap) = (*per_datagram, *cap);
         let mut queued = false;
         for _ in 0..BATCH {
+            if for_stream && queue.len() + per_datagram > cap {
+                break;
+            }
             let mut got_event = false;
             let res = ingest.recv(self.fd.get_ref(), buf, self.max_datagram, c, &mut |e| {
-                push(queue, c, Err(e));
+                push(queue, cap, c, Err(e));
                 got_event = true;
             });
             queued |= got_event;
@@ -285,10 +306,12 @@ impl AsyncConnector {
                     let item = item.map(|m| m.to_incoming());
                     if let Ok(m) = &item {
                         let key = (m.msg.id, m.msg.seq, m.msg.ack);
-                        if let Some(p) = pending
-                            .iter_mut()
-                            .find(|p| p.reply.is_none() && p.key == key)
-                        {
+                        let port = m.source.port;
+                        if let Some(p) = pending.iter_mut().find(|p| {
+                            p.reply.is_none()
+                                && p.key == key
+                                && p.from.is_none_or(|from| from == port)
+                        }) {
                             Counters::add(&c.replies, 1);
                             p.reply = item.ok();
                             if let Some(w) = p.waker.take() {
@@ -297,7 +320,7 @@ impl AsyncConnector {
                             return;
                         }
                     }
-                    push(queue, c, item);
+                    push(queue, cap, c, item);
                     queued = true;
                 }),
                 Ok(None) if got_event => {}
@@ -325,6 +348,7 @@ impl AsyncConnector {
         r.done = true;
         push(
             &mut r.queue,
+            r.cap,
             &self.outbox.counters,
             Err(Event::RecvFailed {
                 errno: e.raw_os_error(),
@@ -356,7 +380,7 @@ impl AsyncConnector {
                     }
                     return Poll::Pending;
                 }
-                Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard),
+                Poll::Ready(Ok(mut guard)) => self.read(&mut r, &mut guard, true),
                 Poll::Ready(Err(e)) => self.failed(&mut r, e),
             }
         }
@@ -404,6 +428,10 @@ impl RoomWait {
 /// What the stream and the requests share: the receive side, behind one lock that no
 /// `await` holds.
 struct Reader {
+    /// [`items_per_datagram`] of the connector's `max_datagram`.
+    per_datagram: usize,
+    /// How many items the queue holds at most: [`QUEUE_CAP`], or two datagrams' worth.
+    cap: usize,
     ingest: Ingest,
     buf: BytesMut,
     queue: VecDeque<Result<Incoming, Event>>,
@@ -419,6 +447,8 @@ struct Pending {
     token: u64,
     /// `(id, seq, ack)` of the reply.
     key: (CbId, u32, u32),
+    /// The port the reply must come from (`None`: any member of the group it went to).
+    from: Option<u32>,
     reply: Option<Incoming>,
     waker: Option<Waker>,
 }
@@ -435,7 +465,8 @@ impl Drop for PendingEntry<'_> {
         let mut r = self.conn.reader.lock();
         if let Some(i) = r.pending.iter().position(|p| p.token == self.token) {
             if let Some(m) = r.pending.swap_remove(i).reply {
-                push(&mut r.queue, &self.conn.outbox.counters, Ok(m));
+                let cap = r.cap;
+                push(&mut r.queue, cap, &self.conn.outbox.counters, Ok(m));
                 if let Some(w) = r.stream.take() {
                     w.wake();
                 }
@@ -452,13 +483,21 @@ fn wake_all(pending: &mut [Pending]) {
     }
 }
 
-/// Queues `item`, dropping (and counting) the oldest when the queue is full.
+/// The most items (messages, and a loss or fault event before each, and one at the end)
+/// one datagram of at most `max_datagram` bytes can put in the queue.
+fn items_per_datagram(max_datagram: usize) -> usize {
+    let smallest = crate::codec::NLMSG_HDRLEN + crate::codec::CN_MSG_HDRLEN;
+    2 * (max_datagram / smallest) + 2
+}
+
+/// Queues `item`, dropping (and counting) the oldest when the queue holds `cap` items.
 fn push(
     queue: &mut VecDeque<Result<Incoming, Event>>,
+    cap: usize,
     c: &Counters,
     item: Result<Incoming, Event>,
 ) {
-    if queue.len() >= QUEUE_CAP {
+    if queue.len() >= cap {
         queue.pop_front();
         Counters::add(&c.channel_full, 1);
     }

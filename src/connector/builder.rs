@@ -12,7 +12,6 @@ pub(super) struct Config {
     pub(super) allow_kernel_ids: bool,
     pub(super) tracked_streams: usize,
     pub(super) numbered_ids: Option<usize>,
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))] // the async connector's only
     pub(super) send_timeout: std::time::Duration,
 }
 
@@ -20,7 +19,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             recv_buffer: 4 << 20,
-            max_datagram: 64 << 10,
+            max_datagram: CnMsg::MAX_ENCODED,
             track_seq: true,
             allow_kernel_ids: false,
             tracked_streams: DEFAULT_TRACKED_STREAMS,
@@ -47,7 +46,12 @@ impl std::fmt::Debug for ConnectorBuilder {
 }
 
 impl ConnectorBuilder {
-    /// Default of `send_timeout` (feature `tokio`).
+    /// The largest [`max_datagram`](Self::max_datagram) accepted: 64 MiB. (Larger would
+    /// have the receive path allocate buffers of that size; a longer datagram is dropped and
+    /// counted as truncated anyway.)
+    pub const MAX_DATAGRAM: usize = 64 << 20;
+
+    /// Default of [`send_timeout`](Self::send_timeout).
     pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
     /// The defaults ([`Connector::builder`]).
@@ -67,7 +71,10 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Largest datagram received whole (default 64 KiB) and largest datagram
+    /// Largest datagram received whole (default [`CnMsg::MAX_ENCODED`], 65 572 bytes: any
+    /// one message, the largest a `send` or a bus sends alone; at least 64 bytes, at most
+    /// [`MAX_DATAGRAM`](Self::MAX_DATAGRAM): more makes `spawn` and `build_async` fail with
+    /// [`Error::InvalidArgument`]) and largest datagram
     /// [`send_batch`](ConnectorHandle::send_batch) packs. A longer datagram is dropped and
     /// counted as truncated.
     pub fn max_datagram(mut self, bytes: usize) -> Self {
@@ -113,14 +120,14 @@ impl ConnectorBuilder {
         self
     }
 
-    /// How long a send of the [`AsyncConnector`] (built with
-    /// [`build_async`](Self::build_async)) waits for room at a unicast peer whose queue is
-    /// full (default [`DEFAULT_SEND_TIMEOUT`](Self::DEFAULT_SEND_TIMEOUT), 1 s, as the
-    /// bus's `send_timeout`). The wait never blocks the runtime; past it the send fails
-    /// with [`Error::TimedOut`] (a batch returns what it sent) and counts a send error.
-    /// The thread-based [`Connector`]'s sends wait as netlink does (blocking) and do not
-    /// use it.
-    #[cfg(feature = "tokio")]
+    /// How long a send waits for room at a unicast peer whose queue is full (default
+    /// [`DEFAULT_SEND_TIMEOUT`](Self::DEFAULT_SEND_TIMEOUT), 1 s, as the bus's
+    /// `send_timeout`), for the sends of the `AsyncConnector` (built with `build_async`,
+    /// feature `tokio`; the wait never blocks the runtime) and for the [`Connector`]'s sends
+    /// made on its dispatcher thread (from callbacks: a peer that never reads must not
+    /// stall every delivery). Past it the send fails with [`Error::TimedOut`] (a batch
+    /// returns what it sent) and counts a send error. The `Connector`'s sends from other
+    /// threads wait as netlink does (blocking) and do not use it.
     pub fn send_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.config.send_timeout = timeout;
         self
@@ -133,14 +140,21 @@ impl ConnectorBuilder {
         self
     }
 
-    /// Sets the function told about every [`Event`]. It runs on the dispatcher thread.
+    /// Sets the function told about every [`Event`]. It runs on the dispatcher thread; a
+    /// panic in it is caught and counted in [`Stats::callback_panics`].
     pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.on_event = Some(Box::new(f));
         self
     }
 
-    /// Opens the socket unless one was given, and sizes its receive buffer.
+    /// Checks the settings, opens the socket unless one was given, and sizes its receive
+    /// buffer.
     fn open_socket(&mut self) -> Result<Arc<ConnectorSocket>> {
+        if self.config.max_datagram > Self::MAX_DATAGRAM {
+            return Err(Error::InvalidArgument(
+                "max_datagram must be at most ConnectorBuilder::MAX_DATAGRAM (64 MiB)",
+            ));
+        }
         self.handed_in = self.socket.is_some();
         let socket = match self.socket.take() {
             Some(s) => s,
@@ -192,10 +206,11 @@ impl ConnectorBuilder {
             registry.on_panic(move |id, message| {
                 Counters::add(&counters.callback_panics, 1);
                 if let Some(f) = &on_event {
-                    f(&Event::CallbackPanic {
+                    let e = Event::CallbackPanic {
                         id,
                         message: message.to_string(),
-                    });
+                    };
+                    call_event_handler(&**f, &e, &counters);
                 }
             });
         }
@@ -218,6 +233,8 @@ impl ConnectorBuilder {
             config: self.config,
             proc_listeners: Mutex::new(0),
             other_traffic: AtomicBool::new(self.handed_in),
+            dispatcher: std::sync::OnceLock::new(),
+            pid: std::process::id(),
         });
         let thread = {
             let inner = inner.clone();

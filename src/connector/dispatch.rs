@@ -17,6 +17,7 @@ const BATCH: usize = 256;
 
 /// Runs until `inner.shutdown` is set and the eventfd signalled.
 pub(super) fn run(inner: &Inner) {
+    let _ = inner.dispatcher.set(std::thread::current().id());
     let cap = inner.config.max_datagram;
     let c = &*inner.counters;
     let mut buf = BytesMut::with_capacity(cap * 4);
@@ -80,24 +81,26 @@ pub(super) fn run(inner: &Inner) {
     }
 }
 
-/// Hands `m` to the request waiting for it, if any (true), as an owned message.
+/// Hands `m` to the request waiting for it, if any (true), as an owned message: a message
+/// with the request's id, seq and ack from the port the request went to (anyone's for a
+/// group).
 fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     let key = (m.id(), m.seq(), m.ack());
-    let waiter = {
-        let mut p = inner.pending.lock();
-        let w = p.remove(&key);
-        inner.pending_count.store(p.len(), Ordering::Relaxed);
-        w
-    };
-    match waiter {
-        Some(tx) => {
-            // Counted before the requester can wake up and read the counters.
-            Counters::add(&inner.counters.replies, 1);
-            let _ = tx.try_send(m.to_incoming());
-            true
-        }
-        None => false,
+    let mut p = inner.pending.lock();
+    match p.get(&key) {
+        Some(w) if w.from.is_none_or(|port| port == m.source().port) => {}
+        _ => return false,
     }
+    let Some(w) = p.remove(&key) else {
+        return false;
+    };
+    inner.pending_count.store(p.len(), Ordering::Relaxed);
+    // Counted before the requester can wake up and read the counters.
+    Counters::add(&inner.counters.replies, 1);
+    // Under the lock (a bounded(1) channel, empty: never waits): a requester that timed
+    // out and then takes the lock to withdraw finds either its entry or the reply.
+    let _ = w.tx.try_send(m.to_incoming());
+    true
 }
 
 /// What the registry did with one datagram's messages, added to the counters at its end.

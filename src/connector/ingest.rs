@@ -200,9 +200,15 @@ mod tests {
 
     /// The per-run shortcut of `datagram` reaches the same verdicts as asking the tracker
     /// about every message: same gaps (events, in the same place), same counters, over
-    /// interleaved streams, runs that cross datagrams, gaps, repeats and backward jumps.
+    /// interleaved streams, runs that cross datagrams, gaps, repeats and backward jumps;
+    /// and with a tracker too small for the streams, the same evictions.
     #[test]
     fn runs_are_checked_as_the_tracker_checks_each_message() {
+        runs_match_the_tracker(64);
+        runs_match_the_tracker(2);
+    }
+
+    fn runs_match_the_tracker(capacity: usize) {
         let ids = [CbId::new(100, 1), CbId::new(100, 2), CbId::new(101, 1)];
         let mut next = [1u32; 3];
         let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -212,8 +218,8 @@ mod tests {
             x ^= x << 17;
             x % n
         };
-        let (c, mut ingest) = (Counters::default(), Ingest::new(true, 64));
-        let mut reference = SeqTracker::new(64);
+        let (c, mut ingest) = (Counters::default(), Ingest::new(true, capacity));
+        let mut reference = SeqTracker::new(capacity);
         let (mut want_lost, mut want_reordered) = (0u64, 0u64);
         for _ in 0..2000 {
             let port = 7 + rnd(2) as u32;
@@ -258,6 +264,8 @@ mod tests {
         }
         let s = c.snapshot();
         assert_eq!((s.lost, s.reordered), (want_lost, want_reordered));
+        assert_eq!(s.tracker_evictions, reference.evictions());
         assert!(want_lost > 0 && want_reordered > 0);
+        assert_eq!(reference.evictions() > 0, capacity < 6, "{capacity}");
     }
 }

@@ -162,6 +162,23 @@ type EventFn = dyn Fn(&Event) + Send + Sync;
 
 type ReplyKey = (CbId, u32, u32);
 
+/// A request waiting for its reply: where the reply goes, and the one port it may come
+/// from (`None`: anyone, for a request multicast to a group).
+struct Waiter {
+    from: Option<u32>,
+    tx: Sender<Incoming>,
+}
+
+/// The port a reply to a request sent to `dest` must come from: the kernel's (0) or the
+/// addressed port's; any member's for a group.
+pub(crate) fn reply_port(dest: Dest) -> Option<u32> {
+    match dest {
+        Dest::Kernel => Some(0),
+        Dest::Port(p) => Some(p),
+        Dest::Group(_) => None,
+    }
+}
+
 pub(crate) struct Inner {
     socket: Arc<ConnectorSocket>,
     registry: Registry,
@@ -173,7 +190,7 @@ pub(crate) struct Inner {
     /// (Acquire) after every wake-up.
     shutdown: AtomicBool,
     /// Requests awaiting a reply, by (id, seq, expected ack).
-    pending: Mutex<HashMap<ReplyKey, Sender<Incoming>>>,
+    pending: Mutex<HashMap<ReplyKey, Waiter>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
@@ -190,13 +207,36 @@ pub(crate) struct Inner {
     /// The socket may carry datagrams other than proc events: it was handed in, or a group
     /// other than 1 was subscribed. Its kernel drop counter then is not a count of proc events.
     other_traffic: AtomicBool,
+    /// The dispatcher thread, set by itself before it runs any callback: a request made on
+    /// it would wait for a reply only it could read.
+    dispatcher: std::sync::OnceLock<std::thread::ThreadId>,
+    /// The process that started the dispatcher: in a child forked from it, the thread does
+    /// not exist (see [`Connector`]).
+    pid: u32,
+}
+
+impl Inner {
+    /// True in a process forked from the one that started the dispatcher.
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
 }
 
 impl Inner {
     fn event(&self, e: Event) {
         if let Some(f) = &self.on_event {
-            f(&e);
+            call_event_handler(&**f, &e, &self.counters);
         }
+    }
+}
+
+/// Runs the user's event handler on the dispatcher thread; a panic in it is caught and
+/// counted in [`Stats::callback_panics`] (and not reported as an event, which would run
+/// the handler again), so the dispatcher goes on.
+fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(e))) {
+        registry::caught(p);
+        Counters::add(&counters.callback_panics, 1);
     }
 }
 
@@ -206,6 +246,12 @@ impl Inner {
 /// be cloned into callbacks and other threads. Dropping the `Connector` (or calling
 /// [`shutdown`](Connector::shutdown)) stops and joins the dispatcher; handles stay usable
 /// for sending.
+///
+/// After `fork(2)`, the child has the socket (the same port, shared with the parent) but not
+/// the dispatcher thread: in the child, a `Connector` can send, its callbacks never run,
+/// [`request`](ConnectorHandle::request) fails with [`Error::Closed`] (the parent's
+/// dispatcher reads the replies), and dropping it leaves the parent's dispatcher alone.
+/// Open a new connector in the child to receive there.
 pub struct Connector {
     handle: ConnectorHandle,
     thread: Option<JoinHandle<()>>,
@@ -241,6 +287,12 @@ impl Connector {
     fn stop(&mut self) {
         let Some(t) = self.thread.take() else { return };
         let inner = &self.handle.inner;
+        if inner.forked() {
+            // The thread is the parent's: nothing to stop or join here (joining it panics),
+            // and the shared eventfd and flag are not this process's to touch.
+            std::mem::forget(t);
+            return;
+        }
         // Release: pairs with the dispatcher's Acquire load after its wake-up.
         inner.shutdown.store(true, Ordering::Release);
         if inner.wake.wake().is_ok() && t.thread().id() != std::thread::current().id() {
@@ -307,22 +359,41 @@ impl ConnectorHandle {
     }
 
     /// Pull-style delivery: messages `key` matches go into a bounded channel of `capacity`
-    /// that the caller reads on its own thread. A message that finds the channel full is
-    /// not delivered and is counted in [`Stats::channel_full`].
+    /// (at least 1) that the caller reads on its own thread. A message that finds the
+    /// channel full is not delivered and is counted in [`Stats::channel_full`]. Memory for
+    /// up to [`EAGER_CHANNEL`](Self::EAGER_CHANNEL) messages is taken at once; a larger
+    /// channel grows as it fills (any `capacity` is fine, `usize::MAX` means unbounded).
     pub fn channel(
         &self,
         key: impl Into<Match>,
         capacity: usize,
     ) -> (Registration, Receiver<Incoming>) {
-        let (tx, rx) = channel::bounded(capacity.max(1));
+        let capacity = capacity.max(1);
         let counters = self.inner.counters.clone();
+        if capacity <= Self::EAGER_CHANNEL {
+            let (tx, rx) = channel::bounded(capacity);
+            let reg = self.register(key, move |m| {
+                if let Err(TrySendError::Full(_)) = tx.try_send(m.to_incoming()) {
+                    Counters::add(&counters.channel_full, 1);
+                }
+            });
+            return (reg, rx);
+        }
+        // A list channel, bounded here: this callback is its only sender, so what it sees
+        // queued can only shrink before its send.
+        let (tx, rx) = channel::unbounded();
         let reg = self.register(key, move |m| {
-            if let Err(TrySendError::Full(_)) = tx.try_send(m.to_incoming()) {
+            if tx.len() >= capacity {
                 Counters::add(&counters.channel_full, 1);
+            } else {
+                let _ = tx.send(m.to_incoming());
             }
         });
         (reg, rx)
     }
+
+    /// The largest [`channel`](Self::channel) capacity allocated in full at once.
+    pub const EAGER_CHANNEL: usize = 1 << 16;
 
     /// Joins multicast `group` (1..=32) for as long as the returned guard lives. Several
     /// subscriptions to one group share the socket's single membership.
@@ -396,8 +467,23 @@ impl ConnectorHandle {
     /// Multicasting on a kernel-owned id (idx 1..=10) or a group below 12 is refused with
     /// [`Error::KernelOwned`] unless the builder allowed it, because netlink also hands
     /// every multicast to the kernel's handler for that idx.
+    ///
+    /// A unicast to a peer whose queue is full waits for room, as netlink does; on the
+    /// dispatcher thread (from a callback), at most `ConnectorBuilder::send_timeout`
+    /// (then [`Error::TimedOut`]), so that a peer that never reads cannot stall every
+    /// delivery. The same holds for [`send_numbered`](Self::send_numbered) and
+    /// [`send_batch`](Self::send_batch).
     pub fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
-        self.inner.outbox.send(msg, dest)
+        match self.dispatcher_send_timeout() {
+            Some(t) => self.inner.outbox.send_within(msg, dest, t),
+            None => self.inner.outbox.send(msg, dest),
+        }
+    }
+
+    /// On the dispatcher thread, how long a send may wait for room at a full peer.
+    fn dispatcher_send_timeout(&self) -> Option<Duration> {
+        (self.inner.dispatcher.get() == Some(&std::thread::current().id()))
+            .then_some(self.inner.config.send_timeout)
     }
 
     /// Sends `data` on `id` with the next number of `id`'s sequence to `dest`, so receivers
@@ -415,13 +501,15 @@ impl ConnectorHandle {
     pub fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
         let outbox = &self.inner.outbox;
         let mut d = outbox.frame_numbered(id, data.into(), dest)?;
-        let mut pause = Duration::from_micros(20);
+        let mut wait =
+            outbox::Patience::new(self.dispatcher_send_timeout().unwrap_or(Duration::MAX));
         loop {
             if let Some(seq) = outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
+            if !wait.pause() {
+                return Err(outbox.timed_out(Op::Send));
+            }
         }
     }
 
@@ -431,17 +519,33 @@ impl ConnectorHandle {
     /// message goes in a datagram of its own. Returns the number of messages sent; on an
     /// error after some were sent, that count (the rest were not sent).
     pub fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
-        self.inner.outbox.send_batch(msgs, dest)
+        match self.dispatcher_send_timeout() {
+            Some(t) => self.inner.outbox.send_batch_within(msgs, dest, t),
+            None => self.inner.outbox.send_batch(msgs, dest),
+        }
     }
 
     /// Sends `msg` and waits up to `timeout` for its reply: a message with the same id and
-    /// seq and `ack == msg.ack + 1`, from anyone. The reply goes to the caller, not to
-    /// registered callbacks. Choose a seq that is unique among outstanding requests (for
+    /// seq and `ack == msg.ack + 1`, from the destination: the kernel (port 0) for
+    /// [`Dest::Kernel`], port `p` for [`Dest::Port(p)`](Dest::Port), any member for a
+    /// [`Dest::Group`]. The reply goes to the caller, not to registered callbacks; a
+    /// message that looks like the reply but comes from another port is not taken for it
+    /// (it goes to the callbacks as any message does), so no other process can answer in
+    /// the destination's name. Choose a seq that is unique among outstanding requests (for
     /// example [`next_seq`](Self::next_seq)).
+    ///
+    /// Made on the dispatcher thread (from a callback or the event handler), it fails at
+    /// once with [`Error::WouldDeadlock`]: that thread is the one that would read the reply.
     ///
     /// The kernel's proc connector does not follow this convention (its ACK does not echo
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
+        if self.dispatcher_send_timeout().is_some() {
+            return Err(Error::WouldDeadlock { op: Op::Request });
+        }
+        if self.inner.forked() {
+            return Err(Error::Closed);
+        }
         let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
         let (tx, rx) = channel::bounded(1);
         {
@@ -449,11 +553,13 @@ impl ConnectorHandle {
             if self.inner.shutdown.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            if p.insert(key, tx).is_some() {
+            if p.contains_key(&key) {
                 return Err(Error::InvalidArgument(
                     "a request with this id, seq and ack is already outstanding",
                 ));
             }
+            let from = reply_port(dest);
+            p.insert(key, Waiter { from, tx });
             self.inner.pending_count.store(p.len(), Ordering::Relaxed);
         }
         let unpend = || {
@@ -469,7 +575,12 @@ impl ConnectorHandle {
         unpend();
         match r {
             Ok(m) => Ok(m),
-            Err(channel::RecvTimeoutError::Timeout) => Err(Error::TimedOut { op: Op::Request }),
+            // The dispatcher hands a reply over under the lock `unpend` took: one that came
+            // just after the deadline is in the channel now, not lost.
+            Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
+                Ok(m) => Ok(m),
+                Err(_) => Err(Error::TimedOut { op: Op::Request }),
+            },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }
     }

@@ -2,11 +2,12 @@
 //! connector: id/group policy, framing, batching and send counters.
 
 use std::io::IoSlice;
+use std::time::{Duration, Instant};
 
 use super::stats::{Counters, Stats};
 use super::FIRST_USER_GROUP;
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
-use crate::error::{Error, Result};
+use crate::error::{Error, Op, Result};
 use crate::seq::write_seq;
 use crate::sys::{ConnectorSocket, Dest};
 use std::sync::Arc;
@@ -99,7 +100,7 @@ impl Outbox {
                     group: g,
                 })
             }
-            Dest::Kernel if msg.encoded_len() - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE => {
+            d if d.is_kernel() && msg.encoded_len() - NLMSG_HDRLEN > CONNECTOR_MAX_MSG_SIZE => {
                 Err(Error::TooLarge {
                     len: msg.encoded_len() - NLMSG_HDRLEN,
                     limit: CONNECTOR_MAX_MSG_SIZE,
@@ -136,14 +137,15 @@ impl Outbox {
     }
 
     /// Frames `msgs` for one `sendmmsg`, after the policy check: one message per datagram
-    /// to the kernel, else packed up to `max_datagram`. Each datagram with its message count.
+    /// to the kernel (`Dest::Kernel` or its port, `Dest::Port(0)`), else packed up to
+    /// `max_datagram`. Each datagram with its message count.
     pub(crate) fn frame_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<Vec<(Vec<u8>, usize)>> {
         for m in msgs {
             self.check(m, dest)?;
         }
         let pid = self.socket.port_id();
         let mut datagrams: Vec<(Vec<u8>, usize)> = Vec::new();
-        if dest == Dest::Kernel {
+        if dest.is_kernel() {
             for m in msgs {
                 let mut d = DatagramBuilder::new(m.encoded_len()).with_pid(pid);
                 d.push(m)?;
@@ -180,6 +182,69 @@ impl Outbox {
         msgs_sent
     }
 
+    /// Sends one message without waiting more than `timeout` for room at a full unicast
+    /// peer: then [`Error::TimedOut`], counted as a send error.
+    pub(crate) fn send_within(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<()> {
+        let d = self.frame(msg, dest)?;
+        let mut wait = Patience::new(timeout);
+        loop {
+            let r = self.socket.try_send(&d, dest);
+            if !matches!(r, Ok(None)) {
+                self.account(&r, 1);
+                return r.map(drop);
+            }
+            if !wait.pause() {
+                return Err(self.timed_out(Op::Send));
+            }
+        }
+    }
+
+    /// As [`send_batch`](Self::send_batch), waiting at most `timeout` for room at a full
+    /// unicast peer each time (a peer that keeps reading gets the whole batch): the
+    /// messages sent, or [`Error::TimedOut`] when none went out in time.
+    pub(crate) fn send_batch_within(
+        &self,
+        msgs: &[CnMsg],
+        dest: Dest,
+        timeout: Duration,
+    ) -> Result<usize> {
+        let datagrams = self.frame_batch(msgs, dest)?;
+        let mut wait = Patience::new(timeout);
+        let (mut sent, mut msgs_sent) = (0, 0);
+        while sent < datagrams.len() {
+            let slices: Vec<IoSlice<'_>> = datagrams[sent..]
+                .iter()
+                .map(|(d, _)| IoSlice::new(d))
+                .collect();
+            match self.socket.try_send_batch(&slices, dest) {
+                Ok(0) if wait.pause() => {}
+                Ok(0) if sent == 0 => return Err(self.timed_out(Op::SendBatch)),
+                Ok(0) => break,
+                Ok(n) => {
+                    let n = n.min(datagrams.len() - sent);
+                    msgs_sent += self.account_batch(&datagrams[sent..sent + n], n);
+                    sent += n;
+                    wait = Patience::new(timeout);
+                }
+                Err(_) if sent > 0 => break,
+                Err(e) => {
+                    self.account_batch(&datagrams, 0); // counts the error
+                    return Err(e);
+                }
+            }
+        }
+        if sent < datagrams.len() {
+            Counters::add(&self.counters.send_errors, 1);
+        }
+        Ok(msgs_sent)
+    }
+
+    /// A send that found no room in time: counted as a send error.
+    pub(crate) fn timed_out(&self, op: Op) -> Error {
+        Counters::add(&self.counters.send_errors, 1);
+        Error::TimedOut { op }
+    }
+
     pub(crate) fn send_batch(&self, msgs: &[CnMsg], dest: Dest) -> Result<usize> {
         let datagrams = self.frame_batch(msgs, dest)?;
         let slices: Vec<IoSlice<'_>> = datagrams.iter().map(|(d, _)| IoSlice::new(d)).collect();
@@ -191,5 +256,36 @@ impl Outbox {
             }
         };
         Ok(self.account_batch(&datagrams, sent))
+    }
+}
+
+/// A synchronous wait for room at a unicast peer whose queue is full: pauses of 20 us
+/// doubling up to 1 ms, until `timeout` has passed since it began (`None`: a timeout too
+/// long to represent, no end).
+pub(crate) struct Patience {
+    deadline: Option<Instant>,
+    pause: Duration,
+}
+
+impl Patience {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now().checked_add(timeout),
+            pause: Duration::from_micros(20),
+        }
+    }
+
+    /// Sleeps before the next attempt; `false` (at once) when the time is up.
+    pub(crate) fn pause(&mut self) -> bool {
+        let pause = match self.deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()).min(self.pause),
+            None => self.pause,
+        };
+        if pause.is_zero() {
+            return false;
+        }
+        std::thread::sleep(pause);
+        self.pause = (self.pause * 2).min(Duration::from_millis(1));
+        true
     }
 }

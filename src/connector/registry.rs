@@ -64,6 +64,12 @@ impl InCallback {
     fn here() -> bool {
         IN_CALLBACK.with(|n| n.get() > 0)
     }
+
+    /// A token of the current thread, never 0, distinct among live threads (the address of
+    /// its `IN_CALLBACK`), for [`Entry::holder`].
+    fn thread_token() -> u64 {
+        IN_CALLBACK.with(|n| n as *const std::cell::Cell<u32> as usize as u64)
+    }
 }
 
 impl Drop for InCallback {
@@ -99,21 +105,81 @@ pub(crate) struct Entry {
     /// Release on the store pairs with the Acquire load in `call`.
     active: AtomicBool,
     callback: Mutex<Callback>,
+    /// The [`InCallback::thread_token`] of the thread holding `callback`'s lock, 0 when
+    /// none: a dispatch that this very callback makes (re-entering the registry with a
+    /// message its own registration matches) skips it instead of waiting for its own lock
+    /// forever. Only ever compared with the reader's own token, which only the reader
+    /// writes, so `Relaxed` is enough.
+    holder: AtomicU64,
 }
 
 impl Entry {
-    /// Calls the callback unless unregistered. Returns `Err(message)` if it panicked.
+    /// True when the current thread holds this entry's callback lock (is running it).
+    fn held_here(&self) -> bool {
+        self.holder.load(Ordering::Relaxed) == InCallback::thread_token()
+    }
+
+    /// Calls the callback unless unregistered, or running on this thread already (a
+    /// re-entrant dispatch). Returns `Err(message)` if it panicked.
     fn call(&self, msg: &Delivery<'_>) -> Result<bool, String> {
+        if self.held_here() {
+            return Ok(false);
+        }
         let mut cb = self.callback.lock();
         if !self.active.load(Ordering::Acquire) {
             return Ok(false);
         }
         let _inside = InCallback::enter();
-        match catch_unwind(AssertUnwindSafe(|| (cb)(msg))) {
+        self.holder
+            .store(InCallback::thread_token(), Ordering::Relaxed);
+        let r = catch_unwind(AssertUnwindSafe(|| (cb)(msg)));
+        self.holder.store(0, Ordering::Relaxed);
+        match r {
             Ok(()) => Ok(true),
-            Err(p) => Err(panic_message(&*p)),
+            Err(p) => Err(caught(p)),
         }
     }
+}
+
+/// The lock of a lone registration's callback, held for a run (see [`Targets`]), with the
+/// thread marked as running a callback and as the entry's holder.
+struct Held<'a> {
+    entry: &'a Entry,
+    guard: Guard<'a, Callback>,
+    _inside: InCallback,
+}
+
+impl<'a> Held<'a> {
+    fn take(entry: &'a Entry) -> Self {
+        let guard = entry.callback.lock();
+        let inside = InCallback::enter();
+        entry
+            .holder
+            .store(InCallback::thread_token(), Ordering::Relaxed);
+        Held {
+            entry,
+            guard,
+            _inside: inside,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Before the lock goes (the fields drop after this).
+        self.entry.holder.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The message of a caught panic's payload, which is then dropped without letting a panic
+/// in its `Drop` escape (`panic_any` of a value whose drop panics would otherwise unwind out
+/// of the dispatcher after all): such a payload's own payload is leaked.
+pub(crate) fn caught(p: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic_message(&*p);
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(p))) {
+        std::mem::forget(again);
+    }
+    message
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -217,7 +283,9 @@ impl Registry {
     /// holds up every other delivery.
     ///
     /// Several registrations may match one message; each is called, in registration order,
-    /// exact matches before wildcards.
+    /// exact matches before wildcards. A callback that dispatches a message its own
+    /// registration matches (re-entering the registry) does not reach itself: it is
+    /// running, and the nested dispatch skips it.
     pub fn register<F>(&self, key: impl Into<Match>, callback: F) -> Registration
     where
         F: FnMut(&Delivery<'_>) + Send + 'static,
@@ -228,6 +296,7 @@ impl Registry {
             serial: self.shared.next_serial.fetch_add(1, Ordering::Relaxed),
             active: AtomicBool::new(true),
             callback: Mutex::new(Box::new(callback)),
+            holder: AtomicU64::new(0),
         });
         self.shared.update(|t| t.slot(key).push(entry.clone()));
         Registration {
@@ -371,7 +440,7 @@ pub(crate) struct Targets<'a> {
     wild: &'a [Arc<Entry>],
     /// The registration, when exactly one matches.
     lone: Option<&'a Entry>,
-    held: Option<(Guard<'a, Callback>, InCallback)>,
+    held: Option<Held<'a>>,
 }
 
 impl<'a> Targets<'a> {
@@ -380,9 +449,11 @@ impl<'a> Targets<'a> {
     pub(crate) fn dispatch(&mut self, msg: &Delivery<'_>) -> DispatchOutcome {
         let mut out = DispatchOutcome::default();
         if let Some(e) = self.lone {
-            let (cb, _) = self
-                .held
-                .get_or_insert_with(|| (e.callback.lock(), InCallback::enter()));
+            if self.held.is_none() && e.held_here() {
+                // A dispatch from inside this very callback: it is running.
+                return out;
+            }
+            let cb = &mut self.held.get_or_insert_with(|| Held::take(e)).guard;
             if !e.active.load(Ordering::Acquire) {
                 return out;
             }
@@ -392,7 +463,7 @@ impl<'a> Targets<'a> {
                     // Unlocked before the hook runs someone else's code.
                     self.held = None;
                     out.panicked = 1;
-                    self.panicked(msg.id(), &panic_message(&*p));
+                    self.panicked(msg.id(), &caught(p));
                 }
             }
             return out;
@@ -699,6 +770,51 @@ mod tests {
         assert!(done.load(Ordering::SeqCst));
         assert_eq!(calls.load(Ordering::SeqCst), before);
         assert!(r.is_empty());
+    }
+
+    /// A callback that dispatches a message its own registration matches (re-entering the
+    /// registry) does not reach itself again, whether it is the one registration for the
+    /// id (a run's lock) or one of several: the nested dispatch skips it and reaches the
+    /// others. (Before, the nested dispatch waited for the lock its own thread held: the
+    /// thread hung for good, and the watchdog fired.)
+    #[test]
+    fn a_callback_re_entering_the_registry_does_not_wait_for_itself() {
+        for others in [false, true] {
+            let id = CbId::new(100, 9);
+            let r = Registry::new();
+            let (r2, calls) = (r.clone(), Arc::new(AtomicU32::new(0)));
+            let (c, nested) = (calls.clone(), Arc::new(Mutex::new(Vec::new())));
+            let n = nested.clone();
+            let _reg = r.register(id, move |m| {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    n.lock().push(r2.dispatch(m));
+                }
+            });
+            let wild = Arc::new(AtomicU32::new(0));
+            let w = wild.clone();
+            let _other = others.then(|| {
+                r.register(Match::Idx(100), move |_| {
+                    w.fetch_add(1, Ordering::SeqCst);
+                })
+            });
+            let (tx, rx) = mpsc::channel();
+            let r3 = r.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(r3.dispatch(&msg(id).as_delivery()));
+            });
+            let out = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the re-entrant dispatch hung");
+            let inner = nested.lock()[0];
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "it did not reach itself");
+            assert_eq!(out.delivered, 1 + usize::from(others));
+            assert_eq!(
+                inner.delivered,
+                usize::from(others),
+                "the others are reached"
+            );
+            assert_eq!(wild.load(Ordering::SeqCst), 2 * u32::from(others));
+        }
     }
 
     /// The panic hook runs with the run's lock released, so it may wait for another thread

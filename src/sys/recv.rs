@@ -58,12 +58,18 @@ impl RecvBatch {
     /// The most slots a batch has (more are clamped to this).
     pub const MAX_SLOTS: usize = 64;
 
+    /// The most bytes all slots of a batch have together (256 MiB): `slot_len` is clamped
+    /// to this divided by the number of slots, so that no request makes the batch
+    /// overflow or fail to allocate.
+    pub const MAX_BYTES: usize = 256 << 20;
+
     /// A batch of `slots` buffers (1..=[`MAX_SLOTS`](Self::MAX_SLOTS); clamped) of
-    /// `slot_len` bytes each (at least 1; clamped): a datagram longer than `slot_len` is
-    /// reported as [`Error::Truncated`].
+    /// `slot_len` bytes each (at least 1, at most [`MAX_BYTES`](Self::MAX_BYTES) / slots;
+    /// clamped, see [`slot_len`](Self::slot_len)): a datagram longer than a slot is reported
+    /// as [`Error::Truncated`].
     pub fn new(slots: usize, slot_len: usize) -> Self {
         let slots = slots.clamp(1, Self::MAX_SLOTS);
-        let slot = slot_len.max(1);
+        let slot = slot_len.clamp(1, Self::MAX_BYTES / slots);
         // SAFETY: sockaddr_nl is plain data for which all-zero is valid.
         let name: libc::sockaddr_nl = unsafe { mem::zeroed() };
         RecvBatch {
@@ -78,6 +84,11 @@ impl RecvBatch {
     /// The number of slots: the most datagrams one [`ConnectorSocket::recv_many`] reads.
     pub fn slots(&self) -> usize {
         self.metas.len()
+    }
+
+    /// The size of each slot: the longest datagram received whole.
+    pub fn slot_len(&self) -> usize {
+        self.slot
     }
 
     /// The number of datagrams the last [`ConnectorSocket::recv_many`] received.

@@ -45,7 +45,7 @@ impl ConnectorSocket {
                 {
                     return Ok(None)
                 }
-                Err(e) => return Err(Error::from_io(Op::Send, e)),
+                Err(e) => return Err(Error::from_send(Op::Send, dest, e)),
             }
         }
     }
@@ -102,7 +102,7 @@ impl ConnectorSocket {
                 {
                     break
                 }
-                Err(e) => return Err(Error::from_io(Op::SendBatch, e)),
+                Err(e) => return Err(Error::from_send(Op::SendBatch, dest, e)),
             }
         }
         Ok(sent)

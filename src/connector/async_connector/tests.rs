@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::codec::{messages, CbId, CnMsg, Message};
+use crate::codec::{messages, CbId, CnMsg, DatagramBuilder, Message};
 use crate::connector::Connector;
 use crate::error::{Error, Op};
 use crate::sys::{ConnectorSocket, Dest};
@@ -211,6 +211,99 @@ fn request_runs_beside_the_stream() {
         assert_eq!(&reply.msg.data[..], b"pong");
         let other = stream.await.unwrap();
         assert_eq!(&other.msg.data[..], b"other");
+        assert_eq!(conn.stats().replies, 1);
+    });
+}
+
+/// A stream read promptly loses nothing: 50 datagrams of 1 820 empty messages each, queued
+/// at the socket before the first read, all come out of the stream. (Before, one wake-up
+/// read 64 datagrams into the stream's queue at once and dropped the oldest past 65 536:
+/// 25 464 of 91 000 lost, counted as `channel_full`, with the reader doing nothing wrong.)
+#[test]
+fn a_stream_read_promptly_loses_nothing_to_its_own_queue() {
+    on_runtime("the stream stopped delivering", async {
+        let conn = Connector::builder()
+            .recv_buffer(64 << 20)
+            .build_async()
+            .unwrap();
+        let id = CbId::new(0x5a1b, conn.port_id());
+        let tx = ConnectorSocket::open().unwrap();
+        let (mut sent, mut seq) = (0u64, 0u32);
+        for _ in 0..50 {
+            let mut d = DatagramBuilder::new(1 << 16).with_pid(tx.port_id());
+            while d
+                .push(&CnMsg::new(id, &b""[..]).with_seq(seq + 1, 0))
+                .unwrap()
+            {
+                seq += 1;
+                sent += 1;
+            }
+            tx.send(d.as_bytes(), Dest::Port(conn.port_id())).unwrap();
+        }
+        let mut got = 0u64;
+        while got < sent {
+            match conn.recv().await {
+                Some(Ok(m)) if m.source.port == tx.port_id() => {
+                    assert_eq!(m.msg.seq as u64, got + 1, "in order, none missing");
+                    got += 1;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{e}"),
+                None => panic!("the stream ended"),
+            }
+        }
+        let s = conn.stats();
+        assert_eq!(
+            (s.channel_full, s.lost, s.kernel_drops),
+            (0, 0, Some(0)),
+            "{s:?}"
+        );
+    });
+}
+
+/// A message with a request's id, seq and ack from a port other than the one the request
+/// went to is not its reply: it goes to the stream, and the request takes the real
+/// one. (Before, any port could answer in the server's name.)
+#[test]
+fn a_reply_from_another_port_is_not_taken_for_the_reply() {
+    on_runtime("the request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let server = ConnectorSocket::open().unwrap();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a1c, conn.port_id());
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 9);
+        let (c, r, to) = (conn.clone(), req.clone(), Dest::Port(server.port_id()));
+        let request =
+            ::tokio::spawn(async move { c.request(&r, to, Duration::from_secs(60)).await });
+        // The request is out (and waiting) once the server has it.
+        let got = ::tokio::task::spawn_blocking(move || {
+            crate::sys::poll_read(&server, &crate::sys::EventFd::new().unwrap(), None).unwrap();
+            server
+        });
+        let server = got.await.unwrap();
+        let reply = |data: &'static [u8]| {
+            let mut d = DatagramBuilder::new(256);
+            d.push(&CnMsg::reply_to(&req, data)).unwrap();
+            d.take()
+        };
+        let to_conn = Dest::Port(conn.port_id());
+        evil.send(&reply(b"forged"), to_conn).unwrap();
+        server.send(&reply(b"real"), to_conn).unwrap();
+        let r = request.await.unwrap().unwrap();
+        assert_eq!(
+            (r.source.port, &r.msg.data[..]),
+            (server.port_id(), &b"real"[..])
+        );
+        loop {
+            match conn.recv().await {
+                Some(Ok(m)) if m.source.port == evil.port_id() => {
+                    assert_eq!(&m.msg.data[..], b"forged");
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("the stream ended"),
+            }
+        }
         assert_eq!(conn.stats().replies, 1);
     });
 }
