@@ -1929,3 +1929,116 @@ fn short_lived_threads_taking_over_biased_shards_keep_order_and_lose_nothing() {
         })
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// A hostile user's probes of the public API.
+
+/// What a forked child did with its copy of a bus: bits of its exit code.
+const CHILD_INSERT_NOT_CLOSED: i32 = 1;
+const CHILD_PRODUCER_NOT_CLOSED: i32 = 2;
+const CHILD_FLUSH_NOT_CLOSED: i32 = 4;
+const CHILD_PANICKED: i32 = 8;
+
+/// Waits for our child `pid` at most `limit` (a hang detector, not a timing): its exit
+/// status, or `None` after killing it when it has not exited by then.
+fn wait_child(pid: i32, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child without blocking; `status` is valid for writes.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if r == pid {
+            assert!(libc::WIFEXITED(status), "child status {status:#x}");
+            return Some(libc::WEXITSTATUS(status));
+        }
+        if start.elapsed() > limit {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `fork()` while a bus lives (its flusher thread, and any thread whose shard lock is
+/// biased, exist only in the parent): in the child the bus is closed. Its inserts and its
+/// producers' come back as `Closed`, `flush` is `Err(Closed)`, and `close` (or drop)
+/// returns at once without sending the parent's queued messages a second time. Before
+/// the fix the child's `close` joined a flusher that does not exist in it and hung for
+/// good (and a drop would have sent the parent's copies: duplicates on the wire).
+#[test]
+fn a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates() {
+    let Some(_k) =
+        kernel_socket("a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates")
+    else {
+        return;
+    };
+    const N: u32 = 20;
+    let idx = test_idx(144);
+    let rx = Rx::open(None);
+    // Nothing is sent before the parent's flush: no watermark, a far deadline.
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .shards(1)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let mut p = bus.producer();
+    for i in 0..N {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+        p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+    }
+    // Another thread holds shard 0's bias when the process forks.
+    thread::scope(|s| {
+        s.spawn(|| {
+            for i in N..N + 300 {
+                bus.insert(CbId::new(idx, 2), &payload(2, i - N)).unwrap();
+            }
+        });
+    });
+    // SAFETY: the child uses only its copy of the bus (what this test is about; glibc's
+    // malloc is usable after fork) and ends with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let child = std::panic::AssertUnwindSafe(|| {
+            let mut code = 0;
+            let closed = |r| matches!(r, Err(InsertError::Closed(_)));
+            if !closed(bus.insert(CbId::new(idx, 3), b"child")) {
+                code |= CHILD_INSERT_NOT_CLOSED;
+            }
+            if !closed(p.insert(CbId::new(idx, 3), b"child")) {
+                code |= CHILD_PRODUCER_NOT_CLOSED;
+            }
+            if !matches!(bus.flush(), Err(cnbus::Error::Closed)) {
+                code |= CHILD_FLUSH_NOT_CLOSED;
+            }
+            drop(p);
+            let _ = bus.close_with_stats();
+            code
+        });
+        let code = std::panic::catch_unwind(child).unwrap_or(CHILD_PANICKED);
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let code = wait_child(pid, Duration::from_secs(60))
+        .expect("the forked child's use of the bus hung (it was killed)");
+    assert_eq!(code, 0, "child: insert/producer/flush/panic bits {code:#b}");
+    // The parent's bus is untouched: everything arrives once.
+    drop(p);
+    bus.insert(CbId::new(idx, 4), &payload(4, 0)).unwrap();
+    bus.flush().unwrap();
+    let want = (2 * N + 300 + 1) as usize;
+    let mut got = rx.collect(idx, want, Duration::from_secs(30));
+    // Whatever a child wrongly sent would be queued by now, after ours.
+    thread::sleep(Duration::from_millis(100));
+    got.msgs.extend(rx.collect_now(idx).msgs);
+    assert_eq!(got.msgs.len(), want, "lost or duplicated");
+    let st = bus.close().unwrap();
+    assert_eq!((st.inserted, st.sent_messages), (want as u64, want as u64));
+}

@@ -328,6 +328,7 @@ impl BusBuilder {
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            fork: crate::sys::ForkStamp::now(),
             stop_deadline: OnceLock::new(),
             stalled: AtomicBool::new(false),
             space_waiters: AtomicUsize::new(0),

@@ -96,6 +96,8 @@ pub(crate) struct Inner {
     pub(crate) stop: AtomicBool,
     /// The flusher has exited: inserts are refused.
     pub(crate) dead: AtomicBool,
+    /// The process that built the bus: in a forked child the bus is closed (`Bus::flush`).
+    pub(crate) fork: crate::sys::ForkStamp,
     /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
     pub(crate) stop_deadline: OnceLock<Instant>,
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
@@ -195,6 +197,16 @@ impl Inner {
         }
     }
 
+    /// `m` locked, or `None` in a forked child where it is held: the thread that held it
+    /// at the fork does not exist there, so it would never be released.
+    fn lock_here<'a, T>(&self, m: &'a Mutex<T>) -> Option<parking_lot::MutexGuard<'a, T>> {
+        if self.fork.forked_cold() {
+            m.try_lock()
+        } else {
+            Some(m.lock())
+        }
+    }
+
     /// Forgets the retired producers' rings that are empty, keeping their counts.
     pub(crate) fn prune_rings(&self) {
         self.rings.lock().retain(|r| {
@@ -286,7 +298,19 @@ impl Bus {
     /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain), then
     /// [`Error::Closed`] if the flusher is gone (it panicked). The duration is recorded in
     /// [`BusStats`].
+    ///
+    /// # Fork
+    ///
+    /// A bus does not survive `fork()`: the child has none of the parent's other threads
+    /// (the flusher, a thread that held a shard's lock), and its rings are copies of
+    /// messages the parent sends. In the child the bus is closed: inserts (its producers'
+    /// too) are [`InsertError::Closed`], `flush` is [`Error::Closed`] and sends nothing,
+    /// [`close`](Self::close) and drop return at once without sending, and
+    /// [`stats`](Self::stats) are the parent's as of the fork. Build a new bus in the child.
     pub fn flush(&self) -> Result<()> {
+        if self.inner.fork.forked_cold() {
+            return Err(Error::Closed);
+        }
         let start = Instant::now();
         self.inner.drain_everything();
         let dead = self.inner.dead.load(SeqCst);
@@ -303,19 +327,20 @@ impl Bus {
 
     /// Takes the first send error recorded since the last call (or the last `flush`).
     pub fn take_error(&self) -> Option<Error> {
-        self.inner.last_error.lock().take()
+        self.inner.lock_here(&self.inner.last_error)?.take()
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters (in a forked child: the parent's as of the fork, without
+    /// the rings' counts if another thread held their list at the fork).
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
         // ring's count to `inserted`: each message is counted once.
-        let rings = inner.rings.lock();
+        let rings = inner.lock_here(&inner.rings);
+        let rings = rings.as_deref().map_or(&[][..], |r| &r[..]);
         let pushed = rings.iter().map(|r| r.pushed()).sum();
         let queued = rings.iter().map(|r| r.queued()).sum();
         let mut s = inner.stats.snapshot(pushed, queued);
-        drop(rings);
         s.numbering_evictions = inner.sock.numbering_evictions();
         s
     }
@@ -384,6 +409,13 @@ impl Bus {
 
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
+            if self.inner.fork.forked_cold() {
+                // A forked child's copy (see `flush`): its flusher does not exist here (a
+                // join would fail or wait for good) and its rings hold the parent's
+                // messages, which the parent sends.
+                std::mem::forget(h);
+                return;
+            }
             // Waits for room at a full unicast receiver end by this deadline.
             // (None past what `Instant` holds: no limit, as `send_timeout` says.)
             if let Some(d) = Instant::now().checked_add(self.inner.cfg.send_timeout) {

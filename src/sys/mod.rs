@@ -7,6 +7,7 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
+mod fork;
 pub(crate) mod membarrier;
 mod meminfo;
 mod ns;
@@ -22,6 +23,7 @@ pub(crate) use clock::set_timer_slack_ns;
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
+pub(crate) use fork::ForkStamp;
 pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
