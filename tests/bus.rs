@@ -2042,3 +2042,64 @@ fn a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates() {
     let st = bus.close().unwrap();
     assert_eq!((st.inserted, st.sent_messages), (want as u64, want as u64));
 }
+
+/// A `datagram_size` above what the socket may send (its send buffer less 32 bytes, about
+/// 200 KiB by default) is honoured: `build` raises the send buffer. Before the fix `build`
+/// accepted 1 MiB and every datagram then failed with `EMSGSIZE` (all 20,000 messages
+/// counted as failed, `flush` returned the error): a setting that could never work.
+#[test]
+fn datagrams_above_the_default_send_buffer_go_out_whole() {
+    let Some(_k) = kernel_socket("datagrams_above_the_default_send_buffer_go_out_whole") else {
+        return;
+    };
+    const N: u32 = 20_000;
+    const SIZE: usize = 1 << 20;
+    let idx = test_idx(145);
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(32 << 20, true).unwrap();
+    let bus = Bus::builder(Dest::Port(rx.port_id()))
+        .shards(1)
+        .capacity(N as usize)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .datagram_size(SIZE)
+        .build()
+        .unwrap();
+    for i in 0..N {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+    }
+    bus.flush().unwrap();
+    assert!(bus.socket().send_buffer().unwrap() >= SIZE + 32);
+    let st = bus.close().unwrap();
+    assert_eq!(
+        (st.sent_messages, st.failed_messages),
+        (N as u64, 0),
+        "{st:?}"
+    );
+    assert!(st.sent_datagrams < 10, "coalesced: {st:?}");
+    let (mut got, mut largest) = (0u32, 0);
+    let mut buf = BytesMut::with_capacity(2 * SIZE);
+    loop {
+        buf.reserve(2 * SIZE);
+        match rx.recv(&mut buf, true) {
+            Ok(Some(meta)) => {
+                largest = largest.max(meta.len);
+                for m in messages(buf.split().freeze()) {
+                    if let Ok(Message::Connector(c)) = m {
+                        if c.msg.id.idx == idx {
+                            assert_eq!(parse(&c.msg), (0, got), "lost or reordered");
+                            got += 1;
+                        }
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    assert_eq!(got, N);
+    assert!(
+        largest > 512 << 10 && largest <= SIZE,
+        "largest datagram {largest}"
+    );
+}
