@@ -2103,3 +2103,76 @@ fn datagrams_above_the_default_send_buffer_go_out_whole() {
         "largest datagram {largest}"
     );
 }
+
+/// The bus of [`a_bus_never_dropped_sends_its_messages_at_exit`]'s child in its `static`
+/// mode.
+static STATIC_BUS: std::sync::OnceLock<Bus> = std::sync::OnceLock::new();
+
+/// A bus that is never dropped (in a `static` when `main` returns, or on the stack when
+/// `std::process::exit` is called: Rust drops neither) sends what it holds at exit. Before
+/// the fix the 20 messages inserted with `Ok` (no watermark, a far deadline) vanished
+/// uncounted: the receiver got none. The child is this test binary run again.
+#[test]
+fn a_bus_never_dropped_sends_its_messages_at_exit() {
+    if let Ok(mode) = std::env::var("CNBUS_TEST_EXIT_MODE") {
+        let var = |k| std::env::var(k).unwrap().parse::<u32>().unwrap();
+        let (port, idx) = (var("CNBUS_TEST_EXIT_PORT"), var("CNBUS_TEST_EXIT_IDX"));
+        let bus = Bus::builder(Dest::Port(port))
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..10 {
+            bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+            p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+        }
+        if mode == "exit" {
+            std::process::exit(0);
+        }
+        // Returns normally: the test harness's `main` returns, and the statics stay.
+        std::mem::forget(p);
+        assert!(STATIC_BUS.set(bus).is_ok());
+        return;
+    }
+    let Some(_k) = kernel_socket("a_bus_never_dropped_sends_its_messages_at_exit") else {
+        return;
+    };
+    for (mode, salt) in [("exit", 148), ("static", 149)] {
+        let idx = test_idx(salt);
+        let rx = ConnectorSocket::open().unwrap();
+        rx.set_recv_buffer(1 << 20, true).unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_bus_never_dropped_sends_its_messages_at_exit"])
+            .args(["--test-threads", "1", "-q"])
+            .env("CNBUS_TEST_EXIT_MODE", mode)
+            .env("CNBUS_TEST_EXIT_PORT", rx.port_id().to_string())
+            .env("CNBUS_TEST_EXIT_IDX", idx.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{mode}: child {status}");
+        let mut got = HashMap::<u32, Vec<u32>>::new();
+        let mut buf = BytesMut::with_capacity(1 << 16);
+        loop {
+            buf.reserve(1 << 16);
+            match rx.recv(&mut buf, true) {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => panic!("recv: {e}"),
+            }
+            for m in messages(buf.split().freeze()) {
+                if let Ok(Message::Connector(c)) = m {
+                    if c.msg.id.idx == idx {
+                        let (t, seq) = parse(&c.msg);
+                        got.entry(t).or_default().push(seq);
+                    }
+                }
+            }
+        }
+        for t in 0..2 {
+            let seqs = got.remove(&t).unwrap_or_default();
+            assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "{mode}: lane {t}");
+        }
+    }
+}

@@ -361,6 +361,7 @@ impl BusBuilder {
         });
         let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
+        super::register(&inner);
         Ok(Bus {
             inner,
             flusher: Some(handle),

@@ -207,6 +207,18 @@ impl Inner {
         }
     }
 
+    /// At `exit()`: sends what the rings hold, as a close would (waits for a full
+    /// unicast receiver end `send_timeout` from now), unless this is a forked child's copy.
+    fn drain_at_exit(&self) {
+        if self.fork.forked_cold() {
+            return;
+        }
+        if let Some(d) = Instant::now().checked_add(self.cfg.send_timeout) {
+            let _ = self.stop_deadline.set(d);
+        }
+        self.drain_everything();
+    }
+
     /// Forgets the retired producers' rings that are empty, keeping their counts.
     pub(crate) fn prune_rings(&self) {
         self.rings.lock().retain(|r| {
@@ -219,12 +231,41 @@ impl Inner {
     }
 }
 
+/// Every bus of the process (their shared state), for [`at_exit`].
+static BUSES: Mutex<Vec<std::sync::Weak<Inner>>> = Mutex::new(Vec::new());
+
+/// Makes `inner` one of the buses [`at_exit`] sends for.
+pub(crate) fn register(inner: &Arc<Inner>) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // Not registered (the C library is out of memory): only `close` and drop send.
+        let _ = crate::sys::at_exit(at_exit);
+    });
+    let mut l = BUSES.lock();
+    l.retain(|w| w.strong_count() > 0);
+    l.push(Arc::downgrade(inner));
+}
+
+/// The `exit()` hook: a bus in a static, or on the stack of a thread that calls
+/// `std::process::exit`, is never dropped; without this its queued messages, accepted
+/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would.
+extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
+        for inner in live {
+            inner.drain_at_exit();
+        }
+    });
+}
+
 /// A per-CPU batching queue in front of a connector socket; see the [module docs](self).
 ///
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
 /// Dropping it flushes every accepted message (each is sent or counted as failed) and
 /// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
-/// [`Dest::Port`] receiver has stopped reading.
+/// [`Dest::Port`] receiver has stopped reading. A bus that is never dropped (in a
+/// `static`, leaked, or on a stack when `std::process::exit` is called) sends what it
+/// holds at `exit()` (an `atexit` hook), within `send_timeout` too.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,

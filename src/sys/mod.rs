@@ -7,10 +7,10 @@
 pub mod asyncfd;
 mod clock;
 mod cpu;
-mod fork;
 pub(crate) mod membarrier;
 mod meminfo;
 mod ns;
+mod process;
 mod recv;
 pub(crate) mod ring;
 mod send;
@@ -23,11 +23,11 @@ pub(crate) use clock::set_timer_slack_ns;
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
-pub(crate) use fork::ForkStamp;
 pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
+pub(crate) use process::{at_exit, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};

@@ -1,8 +1,8 @@
-//! Fork detection for the bus: a `pthread_atfork` child handler counts the forks, so that
-//! a bus copied into a child process (which has none of the parent's other threads: not
-//! its flusher, nor a thread holding or biasing a shard's lock) can tell, with one load,
-//! that it is a copy, and refuse to be used rather than hang or send the parent's
-//! messages again.
+//! The process's life as the bus sees it: fork detection (a `pthread_atfork` child
+//! handler counts the forks, so that a bus copied into a child process, which has none of
+//! the parent's other threads (not its flusher, nor a thread holding or biasing a shard's
+//! lock), can tell with one load that it is a copy and refuse to be used rather than hang
+//! or send the parent's messages again), and a hook at `exit()`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Once;
@@ -49,6 +49,15 @@ impl ForkStamp {
     pub(crate) fn forked_cold(&self) -> bool {
         self.forked() || std::process::id() != self.pid
     }
+}
+
+/// Has `f` run at `exit()` (`atexit(3)`: after `main` returns, or at
+/// `std::process::exit`, neither of which drops what a static or a stack holds). False
+/// when it could not be registered.
+pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a `'static` function taking nothing; `atexit` only stores it and
+    // calls it once at exit, on the exiting thread.
+    unsafe { libc::atexit(f) == 0 }
 }
 
 #[cfg(all(test, not(cnbus_loom)))]
