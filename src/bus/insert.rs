@@ -536,12 +536,21 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
         let one = [IoSlice::new(&buf)];
-        inner.send_datagrams(&one, |_| 1, |_, _, err| failed = failed.take().or(err));
+        inner.send_datagrams(
+            &one,
+            |_| 1,
+            |_, _, err| match err {
+                // Counted in before it is counted as sent (`Counters::snapshot`).
+                None => {
+                    Counters::add(&inner.stats.direct, 1);
+                    Counters::add(&inner.stats.inserted, 1);
+                }
+                err => failed = failed.take().or(err),
+            },
+        );
     }
     if let Some(error) = failed {
         return Err(refuse(inner, e, |msg| InsertError::Send { msg, error }));
     }
-    Counters::add(&inner.stats.direct, 1);
-    Counters::add(&inner.stats.inserted, 1);
     Ok(())
 }

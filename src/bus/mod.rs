@@ -376,12 +376,13 @@ impl Bus {
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
-        // ring's count to `inserted`: each message is counted once.
+        // ring's count to `inserted`: each message is counted once. What was finished
+        // first, then what was accepted (`Counters::snapshot`).
         let rings = inner.lock_here(&inner.rings);
+        let finished = inner.stats.finished();
         let rings = rings.as_deref().map_or(&[][..], |r| &r[..]);
         let pushed = rings.iter().map(|r| r.pushed()).sum();
-        let queued = rings.iter().map(|r| r.queued()).sum();
-        let mut s = inner.stats.snapshot(pushed, queued);
+        let mut s = inner.stats.snapshot(finished, pushed);
         s.numbering_evictions = inner.sock.numbering_evictions();
         s
     }

@@ -73,12 +73,30 @@ impl Counters {
         self.flush_latency_last.store(ns, Relaxed);
     }
 
-    /// The snapshot, given the messages the live rings have taken (`inserted` counts only
-    /// the forgotten rings' and the direct sends) and hold now.
-    pub(crate) fn snapshot(&self, pushed: u64, queued: u64) -> BusStats {
+    /// Messages sent and messages failed so far: what a snapshot loads first (see
+    /// [`snapshot`](Self::snapshot)).
+    pub(crate) fn finished(&self) -> (u64, u64) {
+        let f = (
+            self.sent_messages.load(Relaxed),
+            self.failed_messages.load(Relaxed),
+        );
+        // Before the loads of what was accepted.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        f
+    }
+
+    /// The snapshot, given the messages sent and failed ([`finished`](Self::finished)),
+    /// loaded before everything else, and then the messages the live rings have taken
+    /// (`inserted` counts only the forgotten rings' and the direct sends). A message is
+    /// counted in when accepted, before it can be finished (a drain takes only published
+    /// messages; a direct send counts itself in before its send is counted), so every
+    /// finished message is in `inserted` too, and `queued` is the difference: each
+    /// snapshot has `inserted == sent + failed + queued`.
+    pub(crate) fn snapshot(&self, (sent, failed): (u64, u64), pushed: u64) -> BusStats {
         let mut s = self.load();
         s.inserted += pushed;
-        s.queued = queued;
+        (s.sent_messages, s.failed_messages) = (sent, failed);
+        s.queued = s.inserted.saturating_sub(sent + failed);
         let total = s.flush_latency_mean.as_nanos() as u64;
         s.flush_latency_mean = Duration::from_nanos(total.checked_div(s.flushes).unwrap_or(0));
         s
@@ -111,9 +129,10 @@ impl SendErrors {
 bus_stats! {
 /// A snapshot of a bus's counters ([`Bus::stats`](super::Bus::stats)).
 ///
-/// Accounting identity, once the bus is flushed:
-/// `inserted == sent_messages + failed_messages`; every message offered to the bus is
-/// either in `inserted` or in one of the `rejected_*` counters.
+/// Accounting identity, in every snapshot: `inserted == sent_messages + failed_messages +
+/// queued` (`queued` is 0 once the bus is flushed); every message offered to the bus is
+/// either in `inserted` or in one of the `rejected_*` counters. A snapshot taken while
+/// the bus runs is not an atomic cut of the other counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BusStats {
@@ -151,7 +170,8 @@ pub struct BusStats {
     pub failed_messages: u64,
     /// Datagrams that could not be sent.
     pub failed_datagrams: u64,
-    /// Messages queued in the rings (shards and producers) now.
+    /// Accepted messages not sent or counted as failed yet (queued in a ring, or being
+    /// sent): `inserted - sent_messages - failed_messages`, in every snapshot.
     pub queued: u64,
     /// Largest drain (messages taken at once from a ring), or `capacity` once an insert
     /// found its ring full.
