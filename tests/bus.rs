@@ -1938,6 +1938,7 @@ const CHILD_INSERT_NOT_CLOSED: i32 = 1;
 const CHILD_PRODUCER_NOT_CLOSED: i32 = 2;
 const CHILD_FLUSH_NOT_CLOSED: i32 = 4;
 const CHILD_PANICKED: i32 = 8;
+const CHILD_NEW_BUS_FAILED: i32 = 16;
 
 /// Waits for our child `pid` at most `limit` (a hang detector, not a timing): its exit
 /// status, or `None` after killing it when it has not exited by then.
@@ -2019,7 +2020,14 @@ fn a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates() {
                 code |= CHILD_FLUSH_NOT_CLOSED;
             }
             drop(p);
+            let (dest, sock) = (bus.dest(), Arc::clone(bus.socket()));
             let _ = bus.close_with_stats();
+            // A bus built in the child works (on the inherited socket: the same port).
+            let fresh = Bus::builder(dest).socket(sock).build().unwrap();
+            fresh.insert(CbId::new(idx, 5), &payload(5, 0)).unwrap();
+            if fresh.close().map(|st| st.sent_messages).ok() != Some(1) {
+                code |= CHILD_NEW_BUS_FAILED;
+            }
             code
         });
         let code = std::panic::catch_unwind(child).unwrap_or(CHILD_PANICKED);
@@ -2033,14 +2041,16 @@ fn a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates() {
     drop(p);
     bus.insert(CbId::new(idx, 4), &payload(4, 0)).unwrap();
     bus.flush().unwrap();
-    let want = (2 * N + 300 + 1) as usize;
+    // Ours, and the one message of the child's own bus.
+    let want = (2 * N + 300 + 1 + 1) as usize;
     let mut got = rx.collect(idx, want, Duration::from_secs(30));
     // Whatever a child wrongly sent would be queued by now, after ours.
     thread::sleep(Duration::from_millis(100));
     got.msgs.extend(rx.collect_now(idx).msgs);
     assert_eq!(got.msgs.len(), want, "lost or duplicated");
     let st = bus.close().unwrap();
-    assert_eq!((st.inserted, st.sent_messages), (want as u64, want as u64));
+    let ours = want as u64 - 1;
+    assert_eq!((st.inserted, st.sent_messages), (ours, ours));
 }
 
 /// A `datagram_size` above what the socket may send (its send buffer less 32 bytes, about
@@ -2274,4 +2284,110 @@ fn every_snapshot_under_load_accounts_for_every_message() {
     assert_eq!(st.queued, 0);
     assert_eq!(st.inserted, st.sent_messages + st.failed_messages);
     assert_eq!(st.inserted + st.rejected(), offered, "{st:?}");
+}
+
+/// Pins the edges of a message: a prebuilt message keeps an odd seq, ack and flags and an
+/// empty payload; an empty `insert` is numbered like any other; a payload that fills the
+/// datagram exactly goes out, one byte more is handed back (through a shard and a
+/// producer).
+#[test]
+fn prebuilt_empty_and_exactly_fitting_messages_go_out_as_given() {
+    let Some(_k) = kernel_socket("prebuilt_empty_and_exactly_fitting_messages_go_out_as_given")
+    else {
+        return;
+    };
+    const SIZE: usize = 128;
+    let idx = test_idx(146);
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .datagram_size(SIZE)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let fits = [0x5au8; SIZE - 36];
+    let mut p = bus.producer();
+    // val 0: through a shard, val 1: through a producer.
+    for (val, ins) in [&mut &bus as &mut dyn Insert, &mut p]
+        .into_iter()
+        .enumerate()
+    {
+        let id = CbId::new(idx, val as u32);
+        let mut odd = CnMsg::new(id, bytes::Bytes::new());
+        (odd.seq, odd.ack, odd.flags) = (u32::MAX, 0xdead_beef, 0xffff);
+        ins.insert_msg(odd, FullPolicy::Reject).unwrap();
+        ins.insert(id, &[]).unwrap();
+        ins.insert(id, &fits).unwrap();
+        match ins.insert(id, &[0x5a; SIZE - 35]) {
+            Err(InsertError::TooLarge { msg, len, limit }) => {
+                assert_eq!((msg.data.len(), len, limit), (SIZE - 35, SIZE + 4, SIZE));
+            }
+            r => panic!("expected TooLarge, got {r:?}"),
+        }
+    }
+    drop(p);
+    bus.flush().unwrap();
+    let got = rx.collect(idx, 6, Duration::from_secs(30)).msgs;
+    for val in 0..2 {
+        let lane: Vec<_> = got
+            .iter()
+            .filter(|m| m.id.val == val)
+            .map(|m| (m.seq, m.ack, m.flags, m.data.len()))
+            .collect();
+        let want = [
+            (u32::MAX, 0xdead_beef, 0xffff, 0),
+            (1, 0, 0, 0),
+            (2, 0, 0, SIZE - 36),
+        ];
+        assert_eq!(lane, want, "val {val}");
+    }
+    let st = bus.close().unwrap();
+    assert_eq!(
+        (st.inserted, st.sent_messages, st.rejected_too_large),
+        (6, 6, 2)
+    );
+}
+
+/// Every policy against a port that no socket has (each send fails with `ECONNREFUSED`,
+/// nothing waits): inserts return, `flush` reports the errno, and every offer is accepted
+/// and failed, or handed back and counted.
+#[test]
+fn every_policy_against_a_missing_port_returns_and_accounts_for_every_offer() {
+    let Some(_k) =
+        kernel_socket("every_policy_against_a_missing_port_returns_and_accounts_for_every_offer")
+    else {
+        return;
+    };
+    let idx = test_idx(147);
+    let nobody = 0x7eaf_0000 | (std::process::id() & 0xffff);
+    for policy in [
+        FullPolicy::Reject,
+        FullPolicy::Block,
+        FullPolicy::BlockFor(Duration::ZERO),
+        FullPolicy::BlockFor(Duration::MAX),
+        FullPolicy::SendDirect,
+    ] {
+        let bus = Bus::builder(Dest::Port(nobody))
+            .shards(1)
+            .capacity(2)
+            .send_timeout(Duration::ZERO)
+            .on_full(policy)
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        let offered = returns_within("inserts", Duration::from_secs(60), move || {
+            for i in 0..200u32 {
+                let _ = bus.insert(CbId::new(idx, 0), &i.to_ne_bytes());
+                let _ = p.insert(CbId::new(idx, 1), &i.to_ne_bytes());
+            }
+            drop(p);
+            let err = bus.flush().expect_err("nobody takes them");
+            assert_eq!(err.errno(), Some(libc::ECONNREFUSED), "{policy:?}: {err}");
+            let (st, _) = bus.close_with_stats();
+            (400, st)
+        });
+        let (offered, st) = offered;
+        assert_eq!(st.inserted + st.rejected(), offered, "{policy:?}: {st:?}");
+        assert_eq!(st.inserted, st.failed_messages, "{policy:?}: {st:?}");
+        assert_eq!((st.sent_messages, st.queued), (0, 0), "{policy:?}: {st:?}");
+    }
 }
