@@ -231,19 +231,31 @@ impl Inner {
     }
 }
 
-/// Every bus of the process (their shared state), for [`at_exit`].
+/// Every bus of the process (their shared state), for [`at_exit`]; and the process that
+/// registered the hook.
 static BUSES: Mutex<Vec<std::sync::Weak<Inner>>> = Mutex::new(Vec::new());
+static HOOK: OnceLock<crate::sys::ForkStamp> = OnceLock::new();
+
+/// The list of buses, locked; `None` in a forked child where another thread held it at
+/// the fork (that thread does not exist there).
+fn buses() -> Option<parking_lot::MutexGuard<'static, Vec<std::sync::Weak<Inner>>>> {
+    match HOOK.get() {
+        Some(s) if s.forked_cold() => BUSES.try_lock(),
+        _ => Some(BUSES.lock()),
+    }
+}
 
 /// Makes `inner` one of the buses [`at_exit`] sends for.
 pub(crate) fn register(inner: &Arc<Inner>) {
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
+    HOOK.get_or_init(|| {
         // Not registered (the C library is out of memory): only `close` and drop send.
         let _ = crate::sys::at_exit(at_exit);
+        crate::sys::ForkStamp::now()
     });
-    let mut l = BUSES.lock();
-    l.retain(|w| w.strong_count() > 0);
-    l.push(Arc::downgrade(inner));
+    if let Some(mut l) = buses() {
+        l.retain(|w| w.strong_count() > 0);
+        l.push(Arc::downgrade(inner));
+    }
 }
 
 /// The `exit()` hook: a bus in a static, or on the stack of a thread that calls
@@ -251,7 +263,9 @@ pub(crate) fn register(inner: &Arc<Inner>) {
 /// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would.
 extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
-        let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
+        let live: Vec<_> = buses()
+            .map(|l| l.iter().filter_map(|w| w.upgrade()).collect())
+            .unwrap_or_default();
         for inner in live {
             inner.drain_at_exit();
         }
