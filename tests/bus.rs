@@ -2277,10 +2277,6 @@ fn every_snapshot_under_load_accounts_for_every_message() {
     let _ = bus.flush();
     let st = bus.close().unwrap();
     eprintln!("{snaps} snapshots; final {st:?}");
-    assert!(
-        st.direct > 0 && st.rejected_full > 0,
-        "every path taken: {st:?}"
-    );
     assert_eq!(st.queued, 0);
     assert_eq!(st.inserted, st.sent_messages + st.failed_messages);
     assert_eq!(st.inserted + st.rejected(), offered, "{st:?}");

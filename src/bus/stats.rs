@@ -1,11 +1,16 @@
 //! Counters and the [`BusStats`] snapshot: one list of fields, from which the macro below
 //! makes both the public snapshot and its atomic counters (durations in nanoseconds).
 //!
-//! Accepted inserts are counted per ring (written by its writer only) and summed when a
-//! snapshot is taken; everything else is counted on slow paths or by the drains, with
-//! `Relaxed` atomics: they are statistics, and a snapshot is not an atomic cut.
+//! Accepted inserts are counted per ring (written by its writer only, before the message
+//! is published) and summed when a snapshot is taken; everything else is counted on slow
+//! paths or by the drains, with `Release` additions. A snapshot is not an atomic cut, but
+//! it loads what was finished before what was accepted, so that it never shows more
+//! finished than accepted (`Counters::snapshot`).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Duration;
 
 macro_rules! bus_stats {
@@ -46,8 +51,11 @@ macro_rules! bus_stats {
 }
 
 impl Counters {
+    /// Release: what was done before counting (a drain's Acquire of the ring's tail,
+    /// after the writer counted the message in) happens-before a snapshot that sees the
+    /// count (`finished`).
     pub(crate) fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Relaxed);
+        c.fetch_add(n, Release);
     }
 
     pub(crate) fn max(c: &AtomicU64, v: u64) {
@@ -77,8 +85,8 @@ impl Counters {
     /// [`snapshot`](Self::snapshot)).
     pub(crate) fn finished(&self) -> (u64, u64) {
         let f = (
-            self.sent_messages.load(Relaxed),
-            self.failed_messages.load(Relaxed),
+            self.sent_messages.load(Acquire),
+            self.failed_messages.load(Acquire),
         );
         // Before the loads of what was accepted.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
