@@ -176,6 +176,18 @@ impl Inner {
                 // The receiver took nothing in time: no further retry.
                 Ok(_) if unicast => (full(), false),
                 Ok(_) => (full(), true),
+                // To a port, `ECONNREFUSED` means that no socket has that port id, not
+                // that the kernel's connector is unreachable (what the error says).
+                Err(crate::Error::NoKernelConnector { op }) if unicast => {
+                    let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+                    (
+                        crate::Error::Io {
+                            op,
+                            source: refused,
+                        },
+                        true,
+                    )
+                }
                 Err(e) => (e, true),
             };
             let errno = err.errno().unwrap_or(libc::EIO);
