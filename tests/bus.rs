@@ -1122,6 +1122,29 @@ fn absurd_builder_numbers_are_errors_not_panics() {
     let st = bus.close().unwrap();
     assert_eq!((st.inserted, st.sent_messages), (3, 3));
     assert!(st.blocked >= 1, "{st:?}");
+    // Zero durations and a watermark above the capacity are meaningful too: every message
+    // is due at once, a full receiver is not waited for, the watermark is never reached.
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .capacity(8)
+        .watermark(9)
+        .max_latency(Duration::ZERO)
+        .send_timeout(Duration::ZERO)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let idx = test_idx(151);
+    let mut p = bus.producer();
+    for i in 0..100u32 {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+        p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+    }
+    // Sent without a flush (the flusher's deadline is now).
+    let got = rx.collect(idx, 200, Duration::from_secs(30));
+    assert_eq!(got.msgs.len(), 200);
+    assert_per_thread_order(&got.msgs, 2, 100);
+    let st = bus.close().unwrap();
+    assert_eq!((st.inserted, st.sent_messages), (200, 200));
 }
 
 /// Runs `f` on a thread of its own and returns its result, or fails the test if it has not
