@@ -1122,6 +1122,29 @@ fn absurd_builder_numbers_are_errors_not_panics() {
     let st = bus.close().unwrap();
     assert_eq!((st.inserted, st.sent_messages), (3, 3));
     assert!(st.blocked >= 1, "{st:?}");
+    // Zero durations and a watermark above the capacity are meaningful too: every message
+    // is due at once, a full receiver is not waited for, the watermark is never reached.
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .capacity(8)
+        .watermark(9)
+        .max_latency(Duration::ZERO)
+        .send_timeout(Duration::ZERO)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let idx = test_idx(151);
+    let mut p = bus.producer();
+    for i in 0..100u32 {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+        p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+    }
+    // Sent without a flush (the flusher's deadline is now).
+    let got = rx.collect(idx, 200, Duration::from_secs(30));
+    assert_eq!(got.msgs.len(), 200);
+    assert_per_thread_order(&got.msgs, 2, 100);
+    let st = bus.close().unwrap();
+    assert_eq!((st.inserted, st.sent_messages), (200, 200));
 }
 
 /// Runs `f` on a thread of its own and returns its result, or fails the test if it has not
@@ -1928,4 +1951,466 @@ fn short_lived_threads_taking_over_biased_shards_keep_order_and_lose_nothing() {
             }
         })
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// A hostile user's probes of the public API.
+
+/// What a forked child did with its copy of a bus: bits of its exit code.
+const CHILD_INSERT_NOT_CLOSED: i32 = 1;
+const CHILD_PRODUCER_NOT_CLOSED: i32 = 2;
+const CHILD_FLUSH_NOT_CLOSED: i32 = 4;
+const CHILD_PANICKED: i32 = 8;
+const CHILD_NEW_BUS_FAILED: i32 = 16;
+
+/// Waits for our child `pid` at most `limit` (a hang detector, not a timing): its exit
+/// status, or `None` after killing it when it has not exited by then.
+fn wait_child(pid: i32, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child without blocking; `status` is valid for writes.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if r == pid {
+            assert!(libc::WIFEXITED(status), "child status {status:#x}");
+            return Some(libc::WEXITSTATUS(status));
+        }
+        if start.elapsed() > limit {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `fork()` while a bus lives (its flusher thread, and any thread whose shard lock is
+/// biased, exist only in the parent): in the child the bus is closed. Its inserts and its
+/// producers' come back as `Closed`, `flush` is `Err(Closed)`, and `close` (or drop)
+/// returns at once without sending the parent's queued messages a second time. Before
+/// the fix the child's `close` joined a flusher that does not exist in it and hung for
+/// good (and a drop would have sent the parent's copies: duplicates on the wire).
+#[test]
+fn a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates() {
+    let Some(_k) =
+        kernel_socket("a_forked_child_finds_the_bus_closed_and_neither_hangs_nor_duplicates")
+    else {
+        return;
+    };
+    const N: u32 = 20;
+    let idx = test_idx(144);
+    let rx = Rx::open(None);
+    // Nothing is sent before the parent's flush: no watermark, a far deadline.
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .shards(1)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let mut p = bus.producer();
+    for i in 0..N {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+        p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+    }
+    // Another thread holds shard 0's bias when the process forks.
+    thread::scope(|s| {
+        s.spawn(|| {
+            for i in N..N + 300 {
+                bus.insert(CbId::new(idx, 2), &payload(2, i - N)).unwrap();
+            }
+        });
+    });
+    // SAFETY: the child uses only its copy of the bus (what this test is about; glibc's
+    // malloc is usable after fork) and ends with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let child = std::panic::AssertUnwindSafe(|| {
+            let mut code = 0;
+            let closed = |r| matches!(r, Err(InsertError::Closed(_)));
+            if !closed(bus.insert(CbId::new(idx, 3), b"child")) {
+                code |= CHILD_INSERT_NOT_CLOSED;
+            }
+            if !closed(p.insert(CbId::new(idx, 3), b"child")) {
+                code |= CHILD_PRODUCER_NOT_CLOSED;
+            }
+            if !matches!(bus.flush(), Err(cnbus::Error::Closed)) {
+                code |= CHILD_FLUSH_NOT_CLOSED;
+            }
+            drop(p);
+            let (dest, sock) = (bus.dest(), Arc::clone(bus.socket()));
+            let _ = bus.close_with_stats();
+            // A bus built in the child works (on the inherited socket: the same port).
+            let fresh = Bus::builder(dest).socket(sock).build().unwrap();
+            fresh.insert(CbId::new(idx, 5), &payload(5, 0)).unwrap();
+            if fresh.close().map(|st| st.sent_messages).ok() != Some(1) {
+                code |= CHILD_NEW_BUS_FAILED;
+            }
+            code
+        });
+        let code = std::panic::catch_unwind(child).unwrap_or(CHILD_PANICKED);
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let code = wait_child(pid, Duration::from_secs(60))
+        .expect("the forked child's use of the bus hung (it was killed)");
+    assert_eq!(code, 0, "child: insert/producer/flush/panic bits {code:#b}");
+    // The parent's bus is untouched: everything arrives once.
+    drop(p);
+    bus.insert(CbId::new(idx, 4), &payload(4, 0)).unwrap();
+    bus.flush().unwrap();
+    // Ours, and the one message of the child's own bus.
+    let want = (2 * N + 300 + 1 + 1) as usize;
+    let mut got = rx.collect(idx, want, Duration::from_secs(30));
+    // Whatever a child wrongly sent would be queued by now, after ours.
+    thread::sleep(Duration::from_millis(100));
+    got.msgs.extend(rx.collect_now(idx).msgs);
+    assert_eq!(got.msgs.len(), want, "lost or duplicated");
+    let st = bus.close().unwrap();
+    let ours = want as u64 - 1;
+    assert_eq!((st.inserted, st.sent_messages), (ours, ours));
+}
+
+/// A `datagram_size` above what the socket may send (its send buffer less 32 bytes, about
+/// 200 KiB by default) is honoured: `build` raises the send buffer. Before the fix `build`
+/// accepted 1 MiB and every datagram then failed with `EMSGSIZE` (all 20,000 messages
+/// counted as failed, `flush` returned the error): a setting that could never work.
+#[test]
+fn datagrams_above_the_default_send_buffer_go_out_whole() {
+    let Some(_k) = kernel_socket("datagrams_above_the_default_send_buffer_go_out_whole") else {
+        return;
+    };
+    const N: u32 = 20_000;
+    const SIZE: usize = 1 << 20;
+    let idx = test_idx(145);
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(32 << 20, true).unwrap();
+    let bus = Bus::builder(Dest::Port(rx.port_id()))
+        .shards(1)
+        .capacity(N as usize)
+        .watermark(usize::MAX)
+        .max_latency(Duration::from_secs(600))
+        .datagram_size(SIZE)
+        .build()
+        .unwrap();
+    for i in 0..N {
+        bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+    }
+    bus.flush().unwrap();
+    assert!(bus.socket().send_buffer().unwrap() >= SIZE + 32);
+    let st = bus.close().unwrap();
+    assert_eq!(
+        (st.sent_messages, st.failed_messages),
+        (N as u64, 0),
+        "{st:?}"
+    );
+    assert!(st.sent_datagrams < 10, "coalesced: {st:?}");
+    let (mut got, mut largest) = (0u32, 0);
+    let mut buf = BytesMut::with_capacity(2 * SIZE);
+    loop {
+        buf.reserve(2 * SIZE);
+        match rx.recv(&mut buf, true) {
+            Ok(Some(meta)) => {
+                largest = largest.max(meta.len);
+                for m in messages(buf.split().freeze()) {
+                    if let Ok(Message::Connector(c)) = m {
+                        if c.msg.id.idx == idx {
+                            assert_eq!(parse(&c.msg), (0, got), "lost or reordered");
+                            got += 1;
+                        }
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    assert_eq!(got, N);
+    assert!(
+        largest > 512 << 10 && largest <= SIZE,
+        "largest datagram {largest}"
+    );
+}
+
+/// The bus of [`a_bus_never_dropped_sends_its_messages_at_exit`]'s child in its `static`
+/// mode.
+static STATIC_BUS: std::sync::OnceLock<Bus> = std::sync::OnceLock::new();
+
+/// A bus that is never dropped (in a `static` when `main` returns, or on the stack when
+/// `std::process::exit` is called: Rust drops neither) sends what it holds at exit. Before
+/// the fix the 20 messages inserted with `Ok` (no watermark, a far deadline) vanished
+/// uncounted: the receiver got none. The child is this test binary run again.
+#[test]
+fn a_bus_never_dropped_sends_its_messages_at_exit() {
+    if let Ok(mode) = std::env::var("CNBUS_TEST_EXIT_MODE") {
+        let var = |k| std::env::var(k).unwrap().parse::<u32>().unwrap();
+        let (port, idx) = (var("CNBUS_TEST_EXIT_PORT"), var("CNBUS_TEST_EXIT_IDX"));
+        let bus = Bus::builder(Dest::Port(port))
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..10 {
+            bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+            p.insert(CbId::new(idx, 1), &payload(1, i)).unwrap();
+        }
+        if mode == "exit" {
+            std::process::exit(0);
+        }
+        // Returns normally: the test harness's `main` returns, and the statics stay.
+        std::mem::forget(p);
+        assert!(STATIC_BUS.set(bus).is_ok());
+        return;
+    }
+    let Some(_k) = kernel_socket("a_bus_never_dropped_sends_its_messages_at_exit") else {
+        return;
+    };
+    for (mode, salt) in [("exit", 148), ("static", 149)] {
+        let idx = test_idx(salt);
+        let rx = ConnectorSocket::open().unwrap();
+        rx.set_recv_buffer(1 << 20, true).unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_bus_never_dropped_sends_its_messages_at_exit"])
+            .args(["--test-threads", "1", "-q"])
+            .env("CNBUS_TEST_EXIT_MODE", mode)
+            .env("CNBUS_TEST_EXIT_PORT", rx.port_id().to_string())
+            .env("CNBUS_TEST_EXIT_IDX", idx.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{mode}: child {status}");
+        let mut got = HashMap::<u32, Vec<u32>>::new();
+        let mut buf = BytesMut::with_capacity(1 << 16);
+        loop {
+            buf.reserve(1 << 16);
+            match rx.recv(&mut buf, true) {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => panic!("recv: {e}"),
+            }
+            for m in messages(buf.split().freeze()) {
+                if let Ok(Message::Connector(c)) = m {
+                    if c.msg.id.idx == idx {
+                        let (t, seq) = parse(&c.msg);
+                        got.entry(t).or_default().push(seq);
+                    }
+                }
+            }
+        }
+        for t in 0..2 {
+            let seqs = got.remove(&t).unwrap_or_default();
+            assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "{mode}: lane {t}");
+        }
+    }
+}
+
+/// Every snapshot taken while threads insert (through shards and producers, with every
+/// policy, direct sends included) and drains run is consistent: `sent + failed <=
+/// inserted`, `queued == inserted - sent - failed`, and no counter goes back between two
+/// snapshots; once quiescent and flushed, every offer is accounted for exactly. Before
+/// the fix the snapshot read the rings' counts before the drains' (and a direct send
+/// counted itself in after its send): about 5 % of the snapshots had `sent + failed +
+/// queued > inserted`, so a monitor computing `inserted - sent - failed` underflowed.
+#[test]
+fn every_snapshot_under_load_accounts_for_every_message() {
+    let Some(_k) = kernel_socket("every_snapshot_under_load_accounts_for_every_message") else {
+        return;
+    };
+    const THREADS: u32 = 3;
+    let idx = test_idx(150);
+    let rx = ConnectorSocket::open().unwrap();
+    rx.set_recv_buffer(64 << 20, true).unwrap();
+    let bus = Bus::builder(Dest::Port(rx.port_id()))
+        .capacity(64)
+        .watermark(8)
+        .assist(true)
+        .build()
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let policy = |i: u32| match i % 4 {
+        0 => FullPolicy::Reject,
+        1 => FullPolicy::SendDirect,
+        2 => FullPolicy::BlockFor(Duration::ZERO),
+        _ => FullPolicy::Block,
+    };
+    let (mut snaps, mut prev) = (0u64, BusStats::default());
+    let offered: u64 = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (bus, stop) = (&bus, &stop);
+                s.spawn(move || {
+                    let mut p = bus.producer();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ =
+                            (&mut &*bus).insert_with(CbId::new(idx, t), &payload(t, i), policy(i));
+                        let _ = p.insert_with(CbId::new(idx, t + 10), &payload(t, i), policy(i));
+                        i += 1;
+                    }
+                    u64::from(i) * 2
+                })
+            })
+            .collect();
+        // Drains the receiver now and then, so that nothing fails.
+        let reader = s.spawn(|| {
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            while !stop.load(Ordering::Relaxed) {
+                buf.reserve(1 << 16);
+                if rx.recv(&mut buf, true).unwrap().is_none() {
+                    thread::sleep(Duration::from_micros(100));
+                }
+                buf.clear();
+            }
+        });
+        // The first inconsistent snapshot, checked once the threads are stopped.
+        let mut bad = None;
+        while snaps < 200_000 && bad.is_none() {
+            let st = bus.stats();
+            snaps += 1;
+            let finished = st.sent_messages + st.failed_messages;
+            if finished > st.inserted || st.queued != st.inserted - finished {
+                bad = Some(format!("snapshot {snaps}: {st:?}"));
+            }
+            for (now, before, what) in [
+                (st.inserted, prev.inserted, "inserted"),
+                (st.sent_messages, prev.sent_messages, "sent"),
+                (st.failed_messages, prev.failed_messages, "failed"),
+                (st.rejected(), prev.rejected(), "rejected"),
+            ] {
+                if now < before {
+                    bad = Some(format!("{what} went back: {prev:?} then {st:?}"));
+                }
+            }
+            prev = st;
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+        let offered = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        if let Some(bad) = bad {
+            panic!("inconsistent: {bad}");
+        }
+        offered
+    });
+    let _ = bus.flush();
+    let st = bus.close().unwrap();
+    eprintln!("{snaps} snapshots; final {st:?}");
+    assert_eq!(st.queued, 0);
+    assert_eq!(st.inserted, st.sent_messages + st.failed_messages);
+    assert_eq!(st.inserted + st.rejected(), offered, "{st:?}");
+}
+
+/// Pins the edges of a message: a prebuilt message keeps an odd seq, ack and flags and an
+/// empty payload; an empty `insert` is numbered like any other; a payload that fills the
+/// datagram exactly goes out, one byte more is handed back (through a shard and a
+/// producer).
+#[test]
+fn prebuilt_empty_and_exactly_fitting_messages_go_out_as_given() {
+    let Some(_k) = kernel_socket("prebuilt_empty_and_exactly_fitting_messages_go_out_as_given")
+    else {
+        return;
+    };
+    const SIZE: usize = 128;
+    let idx = test_idx(146);
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .datagram_size(SIZE)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let fits = [0x5au8; SIZE - 36];
+    let mut p = bus.producer();
+    // val 0: through a shard, val 1: through a producer.
+    for (val, ins) in [&mut &bus as &mut dyn Insert, &mut p]
+        .into_iter()
+        .enumerate()
+    {
+        let id = CbId::new(idx, val as u32);
+        let mut odd = CnMsg::new(id, bytes::Bytes::new());
+        (odd.seq, odd.ack, odd.flags) = (u32::MAX, 0xdead_beef, 0xffff);
+        ins.insert_msg(odd, FullPolicy::Reject).unwrap();
+        ins.insert(id, &[]).unwrap();
+        ins.insert(id, &fits).unwrap();
+        match ins.insert(id, &[0x5a; SIZE - 35]) {
+            Err(InsertError::TooLarge { msg, len, limit }) => {
+                assert_eq!((msg.data.len(), len, limit), (SIZE - 35, SIZE + 4, SIZE));
+            }
+            r => panic!("expected TooLarge, got {r:?}"),
+        }
+    }
+    drop(p);
+    bus.flush().unwrap();
+    let got = rx.collect(idx, 6, Duration::from_secs(30)).msgs;
+    for val in 0..2 {
+        let lane: Vec<_> = got
+            .iter()
+            .filter(|m| m.id.val == val)
+            .map(|m| (m.seq, m.ack, m.flags, m.data.len()))
+            .collect();
+        let want = [
+            (u32::MAX, 0xdead_beef, 0xffff, 0),
+            (1, 0, 0, 0),
+            (2, 0, 0, SIZE - 36),
+        ];
+        assert_eq!(lane, want, "val {val}");
+    }
+    let st = bus.close().unwrap();
+    assert_eq!(
+        (st.inserted, st.sent_messages, st.rejected_too_large),
+        (6, 6, 2)
+    );
+}
+
+/// Every policy against a port that no socket has (each send fails with `ECONNREFUSED`,
+/// nothing waits): inserts return, `flush` reports the errno, and every offer is accepted
+/// and failed, or handed back and counted. The error is a plain `ECONNREFUSED`: before,
+/// it was `Error::NoKernelConnector`, which tells the user the process is in another
+/// network namespace.
+#[test]
+fn every_policy_against_a_missing_port_returns_and_accounts_for_every_offer() {
+    let Some(_k) =
+        kernel_socket("every_policy_against_a_missing_port_returns_and_accounts_for_every_offer")
+    else {
+        return;
+    };
+    let idx = test_idx(147);
+    let nobody = 0x7eaf_0000 | (std::process::id() & 0xffff);
+    for policy in [
+        FullPolicy::Reject,
+        FullPolicy::Block,
+        FullPolicy::BlockFor(Duration::ZERO),
+        FullPolicy::BlockFor(Duration::MAX),
+        FullPolicy::SendDirect,
+    ] {
+        let bus = Bus::builder(Dest::Port(nobody))
+            .shards(1)
+            .capacity(2)
+            .send_timeout(Duration::ZERO)
+            .on_full(policy)
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        let offered = returns_within("inserts", Duration::from_secs(60), move || {
+            for i in 0..200u32 {
+                let _ = bus.insert(CbId::new(idx, 0), &i.to_ne_bytes());
+                let _ = p.insert(CbId::new(idx, 1), &i.to_ne_bytes());
+            }
+            drop(p);
+            let err = bus.flush().expect_err("nobody takes them");
+            assert_eq!(err.errno(), Some(libc::ECONNREFUSED), "{policy:?}: {err}");
+            // Not "the kernel connector is unreachable, are you in a container?".
+            assert!(matches!(err, cnbus::Error::Io { .. }), "{policy:?}: {err}");
+            let (st, _) = bus.close_with_stats();
+            (400, st)
+        });
+        let (offered, st) = offered;
+        assert_eq!(st.inserted + st.rejected(), offered, "{policy:?}: {st:?}");
+        assert_eq!(st.inserted, st.failed_messages, "{policy:?}: {st:?}");
+        assert_eq!((st.sent_messages, st.queued), (0, 0), "{policy:?}: {st:?}");
+    }
 }

@@ -20,6 +20,10 @@ use super::{flusher, Bus, Inner, Shard};
 /// Most shards a bus may have ([`BusBuilder::shards`]).
 const MAX_SHARDS: usize = 1 << 16;
 
+/// What the kernel keeps of a netlink sender's send buffer: a datagram longer than
+/// `SO_SNDBUF` less this fails with `EMSGSIZE` (`netlink_sendmsg`).
+const SNDBUF_OVERHEAD: usize = 32;
+
 /// Default of [`BusBuilder::send_timeout`].
 const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -211,7 +215,10 @@ impl BusBuilder {
         max_latency(d: Duration) => cfg.max_latency = d;
         /// Largest datagram the flusher builds, in bytes (at least one 36-byte message:
         /// [`build`](Self::build) fails below that). The receivers' buffers must hold this
-        /// much.
+        /// much. Above about 200 KiB (the default send buffer, less 32 bytes) `build` raises
+        /// the socket's send buffer to hold one datagram (beyond `net.core.wmem_max` only
+        /// with `CAP_NET_ADMIN`), or fails: the kernel would refuse every datagram
+        /// (`EMSGSIZE`).
         datagram_size(bytes: usize) => cfg.datagram_size = bytes;
         /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
         /// otherwise).
@@ -310,6 +317,19 @@ impl BusBuilder {
             Some(s) => s,
             None => Arc::new(ConnectorSocket::open()?),
         };
+        // The kernel refuses a datagram longer than the sender's send buffer less 32 bytes
+        // (`EMSGSIZE`): every datagram would fail. Raise the buffer to hold one, or refuse.
+        let need = cfg.datagram_size.saturating_add(SNDBUF_OVERHEAD);
+        if sock.send_buffer()? < need {
+            // The kernel doubles the request.
+            let _ = sock.set_send_buffer(need.div_ceil(2), true);
+            if sock.send_buffer()? < need {
+                return Err(Error::InvalidArgument(
+                    "bus datagram_size exceeds what the socket can send (its send buffer less \
+                     32 bytes) and the send buffer could not be raised",
+                ));
+            }
+        }
         if let Some(n) = self.numbered_ids {
             sock.numbering().lock().set_capacity(n);
         }
@@ -328,6 +348,7 @@ impl BusBuilder {
             flusher: OnceLock::new(),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            fork: crate::sys::ForkStamp::now(),
             stop_deadline: OnceLock::new(),
             stalled: AtomicBool::new(false),
             space_waiters: AtomicUsize::new(0),
@@ -340,6 +361,7 @@ impl BusBuilder {
         });
         let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
+        super::register(&inner);
         Ok(Bus {
             inner,
             flusher: Some(handle),

@@ -309,7 +309,11 @@ impl Producer {
     /// A new ring, or `None` when its memory cannot be allocated.
     pub(crate) fn new(inner: &Arc<Inner>) -> Option<Self> {
         let (ring, tail) = Ring::new(inner.ring_bytes)?;
-        inner.add_ring(Arc::clone(&ring));
+        // In a forked child its inserts are refused: the rings' lock is not taken (another
+        // thread of the parent may have held it at the fork).
+        if !inner.fork.forked_cold() {
+            inner.add_ring(Arc::clone(&ring));
+        }
         Some(Self {
             inner: Arc::clone(inner),
             ring,
@@ -405,7 +409,8 @@ pub(crate) fn insert<Q: Queue>(
     if inner.cfg.refuse_kernel_ids && id.is_kernel_owned() {
         return Err(refuse(inner, e, InsertError::KernelOwned));
     }
-    if inner.dead.load(Relaxed) {
+    // A copy of the bus in a forked child is closed (see `Bus::flush`).
+    if inner.dead.load(Relaxed) || inner.fork.forked() {
         return Err(refuse(inner, e, InsertError::Closed));
     }
     if !q.try_push(&e, true) {
@@ -531,12 +536,21 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
         let one = [IoSlice::new(&buf)];
-        inner.send_datagrams(&one, |_| 1, |_, _, err| failed = failed.take().or(err));
+        inner.send_datagrams(
+            &one,
+            |_| 1,
+            |_, _, err| match err {
+                // Counted in before it is counted as sent (`Counters::snapshot`).
+                None => {
+                    Counters::add(&inner.stats.direct, 1);
+                    Counters::add(&inner.stats.inserted, 1);
+                }
+                err => failed = failed.take().or(err),
+            },
+        );
     }
     if let Some(error) = failed {
         return Err(refuse(inner, e, |msg| InsertError::Send { msg, error }));
     }
-    Counters::add(&inner.stats.direct, 1);
-    Counters::add(&inner.stats.inserted, 1);
     Ok(())
 }

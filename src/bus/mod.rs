@@ -96,6 +96,8 @@ pub(crate) struct Inner {
     pub(crate) stop: AtomicBool,
     /// The flusher has exited: inserts are refused.
     pub(crate) dead: AtomicBool,
+    /// The process that built the bus: in a forked child the bus is closed (`Bus::flush`).
+    pub(crate) fork: crate::sys::ForkStamp,
     /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
     pub(crate) stop_deadline: OnceLock<Instant>,
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
@@ -195,6 +197,28 @@ impl Inner {
         }
     }
 
+    /// `m` locked, or `None` in a forked child where it is held: the thread that held it
+    /// at the fork does not exist there, so it would never be released.
+    fn lock_here<'a, T>(&self, m: &'a Mutex<T>) -> Option<parking_lot::MutexGuard<'a, T>> {
+        if self.fork.forked_cold() {
+            m.try_lock()
+        } else {
+            Some(m.lock())
+        }
+    }
+
+    /// At `exit()`: sends what the rings hold, as a close would (waits for a full
+    /// unicast receiver end `send_timeout` from now), unless this is a forked child's copy.
+    fn drain_at_exit(&self) {
+        if self.fork.forked_cold() {
+            return;
+        }
+        if let Some(d) = Instant::now().checked_add(self.cfg.send_timeout) {
+            let _ = self.stop_deadline.set(d);
+        }
+        self.drain_everything();
+    }
+
     /// Forgets the retired producers' rings that are empty, keeping their counts.
     pub(crate) fn prune_rings(&self) {
         self.rings.lock().retain(|r| {
@@ -207,12 +231,55 @@ impl Inner {
     }
 }
 
+/// Every bus of the process (their shared state), for [`at_exit`]; and the process that
+/// registered the hook.
+static BUSES: Mutex<Vec<std::sync::Weak<Inner>>> = Mutex::new(Vec::new());
+static HOOK: OnceLock<crate::sys::ForkStamp> = OnceLock::new();
+
+/// The list of buses, locked; `None` in a forked child where another thread held it at
+/// the fork (that thread does not exist there).
+fn buses() -> Option<parking_lot::MutexGuard<'static, Vec<std::sync::Weak<Inner>>>> {
+    match HOOK.get() {
+        Some(s) if s.forked_cold() => BUSES.try_lock(),
+        _ => Some(BUSES.lock()),
+    }
+}
+
+/// Makes `inner` one of the buses [`at_exit`] sends for.
+pub(crate) fn register(inner: &Arc<Inner>) {
+    HOOK.get_or_init(|| {
+        // Not registered (the C library is out of memory): only `close` and drop send.
+        let _ = crate::sys::at_exit(at_exit);
+        crate::sys::ForkStamp::now()
+    });
+    if let Some(mut l) = buses() {
+        l.retain(|w| w.strong_count() > 0);
+        l.push(Arc::downgrade(inner));
+    }
+}
+
+/// The `exit()` hook: a bus in a static, or on the stack of a thread that calls
+/// `std::process::exit`, is never dropped; without this its queued messages, accepted
+/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would.
+extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let live: Vec<_> = buses()
+            .map(|l| l.iter().filter_map(|w| w.upgrade()).collect())
+            .unwrap_or_default();
+        for inner in live {
+            inner.drain_at_exit();
+        }
+    });
+}
+
 /// A per-CPU batching queue in front of a connector socket; see the [module docs](self).
 ///
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
 /// Dropping it flushes every accepted message (each is sent or counted as failed) and
 /// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
-/// [`Dest::Port`] receiver has stopped reading.
+/// [`Dest::Port`] receiver has stopped reading. A bus that is never dropped (in a
+/// `static`, leaked, or on a stack when `std::process::exit` is called) sends what it
+/// holds at `exit()` (an `atexit` hook), within `send_timeout` too.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
@@ -286,7 +353,19 @@ impl Bus {
     /// if any ([`Error::Panicked`] first: a panic caught in the flusher or a drain), then
     /// [`Error::Closed`] if the flusher is gone (it panicked). The duration is recorded in
     /// [`BusStats`].
+    ///
+    /// # Fork
+    ///
+    /// A bus does not survive `fork()`: the child has none of the parent's other threads
+    /// (the flusher, a thread that held a shard's lock), and its rings are copies of
+    /// messages the parent sends. In the child the bus is closed: inserts (its producers'
+    /// too) are [`InsertError::Closed`], `flush` is [`Error::Closed`] and sends nothing,
+    /// [`close`](Self::close) and drop return at once without sending, and
+    /// [`stats`](Self::stats) are the parent's as of the fork. Build a new bus in the child.
     pub fn flush(&self) -> Result<()> {
+        if self.inner.fork.forked_cold() {
+            return Err(Error::Closed);
+        }
         let start = Instant::now();
         self.inner.drain_everything();
         let dead = self.inner.dead.load(SeqCst);
@@ -303,19 +382,21 @@ impl Bus {
 
     /// Takes the first send error recorded since the last call (or the last `flush`).
     pub fn take_error(&self) -> Option<Error> {
-        self.inner.last_error.lock().take()
+        self.inner.lock_here(&self.inner.last_error)?.take()
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters (in a forked child: the parent's as of the fork, without
+    /// the rings' counts if another thread held their list at the fork).
     pub fn stats(&self) -> BusStats {
         let inner = &*self.inner;
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
-        // ring's count to `inserted`: each message is counted once.
-        let rings = inner.rings.lock();
+        // ring's count to `inserted`: each message is counted once. What was finished
+        // first, then what was accepted (`Counters::snapshot`).
+        let rings = inner.lock_here(&inner.rings);
+        let finished = inner.stats.finished();
+        let rings = rings.as_deref().map_or(&[][..], |r| &r[..]);
         let pushed = rings.iter().map(|r| r.pushed()).sum();
-        let queued = rings.iter().map(|r| r.queued()).sum();
-        let mut s = inner.stats.snapshot(pushed, queued);
-        drop(rings);
+        let mut s = inner.stats.snapshot(finished, pushed);
         s.numbering_evictions = inner.sock.numbering_evictions();
         s
     }
@@ -384,6 +465,13 @@ impl Bus {
 
     fn stop(&mut self) {
         if let Some(h) = self.flusher.take() {
+            if self.inner.fork.forked_cold() {
+                // A forked child's copy (see `flush`): its flusher does not exist here (a
+                // join would fail or wait for good) and its rings hold the parent's
+                // messages, which the parent sends.
+                std::mem::forget(h);
+                return;
+            }
             // Waits for room at a full unicast receiver end by this deadline.
             // (None past what `Instant` holds: no limit, as `send_timeout` says.)
             if let Some(d) = Instant::now().checked_add(self.inner.cfg.send_timeout) {

@@ -198,15 +198,19 @@ impl Ring {
             self.since.store(now(), Relaxed);
         }
         let len = e.encoded_len();
+        let next = t.pushed + 1;
         // Fits: the region has the encoded length, checked against the limits on entry.
+        // Counted before it is published (`write` calls this only when it publishes): a
+        // drain takes, and a stats snapshot counts as sent, only messages already counted
+        // here (`Counters::snapshot`).
         let encode = |b: &mut [u8]| {
             let _ = e.encode_into(pid, b);
+            self.pushed.store(next, Relaxed);
         };
         if !t.writer.write(len, encode) {
             return None;
         }
-        t.pushed += 1;
-        self.pushed.store(t.pushed, Relaxed);
+        t.pushed = next;
         Some(queued + 1)
     }
 

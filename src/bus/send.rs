@@ -128,8 +128,9 @@ impl Inner {
     /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
     /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times and
     /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]). Tells
-    /// `done(messages, datagrams, error)` of each batch sent (`None`: counted here) and of
-    /// each datagram given up on (its error). The caller holds the send lock.
+    /// `done(messages, datagrams, error)` of each batch sent (`None`: counted here, after
+    /// the call) and of each datagram given up on (its error). The caller holds the send
+    /// lock.
     pub(crate) fn send_datagrams(
         &self,
         slices: &[IoSlice<'_>],
@@ -160,9 +161,11 @@ impl Inner {
             let (err, retry) = match self.sock.try_send_batch(&slices[off..end], self.dest) {
                 Ok(k) if k > 0 => {
                     let n: u64 = (off..off + k).map(&msgs).sum();
+                    // First: a direct send counts itself in there, before it is counted
+                    // as sent (`Counters::snapshot`).
+                    done(n, k as u64, None);
                     Counters::add(&st.sent_datagrams, k as u64);
                     Counters::add(&st.sent_messages, n);
-                    done(n, k as u64, None);
                     (off, tries) = (off + k, 0);
                     if unicast {
                         room.done(self);
@@ -173,6 +176,18 @@ impl Inner {
                 // The receiver took nothing in time: no further retry.
                 Ok(_) if unicast => (full(), false),
                 Ok(_) => (full(), true),
+                // To a port, `ECONNREFUSED` means that no socket has that port id, not
+                // that the kernel's connector is unreachable (what the error says).
+                Err(crate::Error::NoKernelConnector { op }) if unicast => {
+                    let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+                    (
+                        crate::Error::Io {
+                            op,
+                            source: refused,
+                        },
+                        true,
+                    )
+                }
                 Err(e) => (e, true),
             };
             let errno = err.errno().unwrap_or(libc::EIO);

@@ -1,11 +1,16 @@
 //! Counters and the [`BusStats`] snapshot: one list of fields, from which the macro below
 //! makes both the public snapshot and its atomic counters (durations in nanoseconds).
 //!
-//! Accepted inserts are counted per ring (written by its writer only) and summed when a
-//! snapshot is taken; everything else is counted on slow paths or by the drains, with
-//! `Relaxed` atomics: they are statistics, and a snapshot is not an atomic cut.
+//! Accepted inserts are counted per ring (written by its writer only, before the message
+//! is published) and summed when a snapshot is taken; everything else is counted on slow
+//! paths or by the drains, with `Release` additions. A snapshot is not an atomic cut, but
+//! it loads what was finished before what was accepted, so that it never shows more
+//! finished than accepted (`Counters::snapshot`).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Duration;
 
 macro_rules! bus_stats {
@@ -46,8 +51,11 @@ macro_rules! bus_stats {
 }
 
 impl Counters {
+    /// Release: what was done before counting (a drain's Acquire of the ring's tail,
+    /// after the writer counted the message in) happens-before a snapshot that sees the
+    /// count (`finished`).
     pub(crate) fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Relaxed);
+        c.fetch_add(n, Release);
     }
 
     pub(crate) fn max(c: &AtomicU64, v: u64) {
@@ -73,12 +81,30 @@ impl Counters {
         self.flush_latency_last.store(ns, Relaxed);
     }
 
-    /// The snapshot, given the messages the live rings have taken (`inserted` counts only
-    /// the forgotten rings' and the direct sends) and hold now.
-    pub(crate) fn snapshot(&self, pushed: u64, queued: u64) -> BusStats {
+    /// Messages sent and messages failed so far: what a snapshot loads first (see
+    /// [`snapshot`](Self::snapshot)).
+    pub(crate) fn finished(&self) -> (u64, u64) {
+        let f = (
+            self.sent_messages.load(Acquire),
+            self.failed_messages.load(Acquire),
+        );
+        // Before the loads of what was accepted.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        f
+    }
+
+    /// The snapshot, given the messages sent and failed ([`finished`](Self::finished)),
+    /// loaded before everything else, and then the messages the live rings have taken
+    /// (`inserted` counts only the forgotten rings' and the direct sends). A message is
+    /// counted in when accepted, before it can be finished (a drain takes only published
+    /// messages; a direct send counts itself in before its send is counted), so every
+    /// finished message is in `inserted` too, and `queued` is the difference: each
+    /// snapshot has `inserted == sent + failed + queued`.
+    pub(crate) fn snapshot(&self, (sent, failed): (u64, u64), pushed: u64) -> BusStats {
         let mut s = self.load();
         s.inserted += pushed;
-        s.queued = queued;
+        (s.sent_messages, s.failed_messages) = (sent, failed);
+        s.queued = s.inserted.saturating_sub(sent + failed);
         let total = s.flush_latency_mean.as_nanos() as u64;
         s.flush_latency_mean = Duration::from_nanos(total.checked_div(s.flushes).unwrap_or(0));
         s
@@ -111,9 +137,10 @@ impl SendErrors {
 bus_stats! {
 /// A snapshot of a bus's counters ([`Bus::stats`](super::Bus::stats)).
 ///
-/// Accounting identity, once the bus is flushed:
-/// `inserted == sent_messages + failed_messages`; every message offered to the bus is
-/// either in `inserted` or in one of the `rejected_*` counters.
+/// Accounting identity, in every snapshot: `inserted == sent_messages + failed_messages +
+/// queued` (`queued` is 0 once the bus is flushed); every message offered to the bus is
+/// either in `inserted` or in one of the `rejected_*` counters. A snapshot taken while
+/// the bus runs is not an atomic cut of the other counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BusStats {
@@ -151,7 +178,8 @@ pub struct BusStats {
     pub failed_messages: u64,
     /// Datagrams that could not be sent.
     pub failed_datagrams: u64,
-    /// Messages queued in the rings (shards and producers) now.
+    /// Accepted messages not sent or counted as failed yet (queued in a ring, or being
+    /// sent): `inserted - sent_messages - failed_messages`, in every snapshot.
     pub queued: u64,
     /// Largest drain (messages taken at once from a ring), or `capacity` once an insert
     /// found its ring full.

@@ -10,6 +10,7 @@ mod cpu;
 pub(crate) mod membarrier;
 mod meminfo;
 mod ns;
+mod process;
 mod recv;
 pub(crate) mod ring;
 mod send;
@@ -26,6 +27,7 @@ pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
+pub(crate) use process::{at_exit, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
