@@ -455,6 +455,18 @@ fn classic_framing_and_kernel_get_one_message_per_datagram() {
     let st = kbus.stats();
     assert_eq!((st.sent_messages, st.sent_datagrams), (N as u64, N as u64));
     assert!(st.syscalls < N as u64);
+
+    // Port 0 is the kernel under another name: the same framing.
+    let pbus = Bus::builder(Dest::Port(0))
+        .framing(Framing::Coalesce)
+        .build()
+        .unwrap();
+    for seq in 0..N as u32 {
+        pbus.insert(CbId::new(idx, 2), &payload(0, seq)).unwrap();
+    }
+    pbus.flush().unwrap();
+    let st = pbus.stats();
+    assert_eq!((st.sent_messages, st.sent_datagrams), (N as u64, N as u64));
 }
 
 #[test]
@@ -2404,7 +2416,10 @@ fn every_policy_against_a_missing_port_returns_and_accounts_for_every_offer() {
             let err = bus.flush().expect_err("nobody takes them");
             assert_eq!(err.errno(), Some(libc::ECONNREFUSED), "{policy:?}: {err}");
             // Not "the kernel connector is unreachable, are you in a container?".
-            assert!(matches!(err, cnbus::Error::Io { .. }), "{policy:?}: {err}");
+            assert!(
+                matches!(err, cnbus::Error::Refused { .. }),
+                "{policy:?}: {err}"
+            );
             let (st, _) = bus.close_with_stats();
             (400, st)
         });

@@ -170,13 +170,13 @@ impl BusBuilder {
                 max_latency: Duration::from_millis(1),
                 datagram_size: 8192,
                 max_batch: 64,
-                framing: if dest == Dest::Kernel {
+                framing: if dest.is_kernel() {
                     Framing::OnePerDatagram
                 } else {
                     Framing::Coalesce
                 },
                 policy: FullPolicy::Block,
-                assist: !matches!(dest, Dest::Port(_)),
+                assist: !matches!(dest, Dest::Port(p) if p != 0),
                 send_timeout: DEFAULT_SEND_TIMEOUT,
                 allow_kernel_ids: false,
                 refuse_kernel_ids: false,
@@ -285,7 +285,7 @@ impl BusBuilder {
             ));
         }
         cfg.watermark = self.watermark.unwrap_or((cfg.capacity / 4).max(1));
-        if self.dest == Dest::Kernel {
+        if self.dest.is_kernel() {
             cfg.framing = Framing::OnePerDatagram;
             cfg.datagram_size = cfg.datagram_size.min(CONNECTOR_MAX_MSG_SIZE);
         }

@@ -139,7 +139,7 @@ impl Inner {
     ) {
         let st = &self.stats;
         let max_batch = self.cfg.max_batch.max(1);
-        let unicast = matches!(self.dest, crate::sys::Dest::Port(_));
+        let unicast = matches!(self.dest, crate::sys::Dest::Port(p) if p != 0);
         let mut room = RoomWait::new();
         // What a datagram that a full unicast receiver did not take in time fails with.
         let full = || {
@@ -176,18 +176,6 @@ impl Inner {
                 // The receiver took nothing in time: no further retry.
                 Ok(_) if unicast => (full(), false),
                 Ok(_) => (full(), true),
-                // To a port, `ECONNREFUSED` means that no socket has that port id, not
-                // that the kernel's connector is unreachable (what the error says).
-                Err(crate::Error::NoKernelConnector { op }) if unicast => {
-                    let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
-                    (
-                        crate::Error::Io {
-                            op,
-                            source: refused,
-                        },
-                        true,
-                    )
-                }
                 Err(e) => (e, true),
             };
             let errno = err.errno().unwrap_or(libc::EIO);

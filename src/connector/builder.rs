@@ -234,7 +234,7 @@ impl ConnectorBuilder {
             proc_listeners: Mutex::new(0),
             other_traffic: AtomicBool::new(self.handed_in),
             dispatcher: std::sync::OnceLock::new(),
-            pid: std::process::id(),
+            born: crate::sys::ForkStamp::now(),
         });
         let thread = {
             let inner = inner.clone();

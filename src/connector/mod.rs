@@ -212,13 +212,13 @@ pub(crate) struct Inner {
     dispatcher: std::sync::OnceLock<std::thread::ThreadId>,
     /// The process that started the dispatcher: in a child forked from it, the thread does
     /// not exist (see [`Connector`]).
-    pid: u32,
+    born: crate::sys::ForkStamp,
 }
 
 impl Inner {
     /// True in a process forked from the one that started the dispatcher.
     fn forked(&self) -> bool {
-        std::process::id() != self.pid
+        self.born.forked_cold()
     }
 }
 
