@@ -335,3 +335,80 @@ fn host_processes_have_no_container() {
     assert_eq!(me.cmdline_source, InfoSource::Proc);
     assert_eq!(me.process_key, e.proc_key(my_pid()));
 }
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on a v2 host, `/sys/fs/cgroup/unified` on a
+/// hybrid one), from `/proc/self/mounts`.
+fn cgroup2_mount() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+    })
+}
+
+/// Waits until our child `pid` is a zombie, without reaping it.
+fn wait_zombie(pid: u32) {
+    // SAFETY: `info` is valid for writes; WNOWAIT leaves the child waitable.
+    let r = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+    };
+    assert_eq!(r, 0, "waitid: {}", std::io::Error::last_os_error());
+}
+
+/// A zombie whose container cgroup was already removed (the runtime deletes the cgroup once
+/// no live task is left in it): the kernel shows its cgroup v2 path with ` (deleted)`
+/// appended. It is still the container's process. Before the fix the suffix made the last
+/// component no container id: `container_id` was `null` for such exits read from `/proc`.
+#[test]
+fn a_zombie_in_a_removed_container_cgroup_keeps_its_container() {
+    if kernel_socket("removed_cgroup").is_none() {
+        return;
+    }
+    let Some(root) = cgroup2_mount() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no cgroup2 mount under CI"
+        );
+        eprintln!("removed_cgroup: SKIPPED, no cgroup2 mount");
+        return;
+    };
+    // A 64-hex directory name of our own, like runc's default `cgroupsPath`.
+    let id = format!(
+        "{:032x}{:032x}",
+        u128::from(my_pid()),
+        u128::from(cnbus::sys::monotonic_ns())
+    );
+    let dir = std::path::Path::new(&root).join(&id);
+    std::fs::create_dir(&dir).unwrap();
+    let (r, w) = pipe();
+    let child = fork_child((r, w));
+    std::fs::write(dir.join("cgroup.procs"), child.to_string()).unwrap();
+    let alive = Enricher::new().process(child);
+    // SAFETY: signals our own child.
+    assert_eq!(unsafe { libc::kill(child as i32, libc::SIGKILL) }, 0);
+    wait_zombie(child);
+    let removed = std::fs::remove_dir(&dir);
+    let zombie = Enricher::new().process(child);
+    reap(child);
+    close(w);
+    close(r);
+    if removed.is_err() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    removed.unwrap();
+    assert_eq!(
+        alive.container_id.as_deref(),
+        Some(id.as_str()),
+        "{alive:?}"
+    );
+    let cgroup = zombie.cgroup.as_deref().unwrap_or_default();
+    assert!(cgroup.ends_with(" (deleted)"), "{zombie:?}");
+    assert_eq!(zombie.cgroup_source, InfoSource::Proc);
+    assert_eq!(
+        zombie.container_id.as_deref(),
+        Some(id.as_str()),
+        "{zombie:?}"
+    );
+    assert_eq!(zombie.process_key, alive.process_key);
+}
