@@ -412,3 +412,136 @@ fn a_zombie_in_a_removed_container_cgroup_keeps_its_container() {
     );
     assert_eq!(zombie.process_key, alive.process_key);
 }
+
+/// Feeds every queued event to `e`; returns the info of the first exec of `pid` (if any).
+fn drain_execs(
+    l: &mut ProcListener,
+    e: &mut Enricher,
+    pid: u32,
+    wait: Duration,
+) -> Option<ProcessInfo> {
+    let mut first = true;
+    let mut found = None;
+    loop {
+        let r = if first {
+            first = false;
+            l.recv_timeout(Some(wait)).unwrap()
+        } else {
+            l.try_recv().unwrap()
+        };
+        match r {
+            None => return found,
+            Some(Received::Lost(loss)) => {
+                eprintln!("note: {loss:?}");
+                e.note_loss();
+            }
+            Some(Received::Event(ev)) => {
+                let info = e.enrich(&ev);
+                if let EventBody::Exec { process } = ev.body {
+                    if process.tgid == pid && found.is_none() {
+                        found = info;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stream without forks and exits (`proctrace -e exec`, the kernel filtering): the cache
+/// never hears that a process exited, so when its pid comes back the entry is another
+/// process's. Before the fix the new process's exec got the old process's key (and parent
+/// key and pid namespace): two processes with one key. An exec now checks the start time.
+#[test]
+fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
+    let Some(mut l) = open("exec_only_reuse", EventSet::EXEC) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let mut old = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .expect("/bin/sleep");
+    let target = old.id();
+    let mut first = None;
+    for _ in 0..100 {
+        first = first.or(drain_execs(
+            &mut l,
+            &mut e,
+            target,
+            Duration::from_millis(100),
+        ));
+        if first.is_some() {
+            break;
+        }
+    }
+    let first = first.expect("the exec of /bin/sleep was not seen");
+    let old_key = first.process_key.expect("sleep is alive: its key is read");
+    old.kill().unwrap();
+    old.wait().unwrap();
+    // Cycle the pids until one of our children gets `target` again; that one execs sleep.
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let args = [
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("1000").unwrap(),
+    ];
+    let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let mut reused = false;
+    for i in 0..4 * pid_max {
+        // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
+        // data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: as above; `argv` is a NULL-terminated array of C strings.
+            unsafe {
+                if libc::getpid() as u32 == target {
+                    libc::execv(path.as_ptr(), argv.as_ptr());
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid as u32 == target {
+            reused = true;
+            break;
+        }
+        reap(pid as u32);
+        if i % 512 == 0 {
+            drain_execs(&mut l, &mut e, target, Duration::ZERO);
+        }
+    }
+    if !reused {
+        eprintln!("exec_only_reuse: SKIPPED, pid {target} did not come back to this test");
+        return;
+    }
+    let new_key = e.proc_key(target);
+    let mut second = None;
+    for _ in 0..100 {
+        second = second.or(drain_execs(
+            &mut l,
+            &mut e,
+            target,
+            Duration::from_millis(100),
+        ));
+        if second.is_some() {
+            break;
+        }
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(target as i32, libc::SIGKILL) };
+    reap(target);
+    let second = second.expect("the exec of the reused pid was not seen");
+    eprintln!(
+        "pid {target}: {old_key} then {:?}; {:?}",
+        second.process_key,
+        e.stats()
+    );
+    assert!(new_key.is_some());
+    assert_ne!(second.process_key, Some(old_key), "two processes, one key");
+    assert_eq!(second.process_key, new_key);
+    assert_eq!(second.cmdline.as_deref(), Some("sleep 1000"));
+    assert_eq!(second.parent_key, e.proc_key(my_pid()));
+}

@@ -16,19 +16,24 @@ impl Enricher {
     }
 
     /// The cached entry of `pid`, checked against `/proc` if events were lost since it was
-    /// last known good.
+    /// last known good, or if the stream has shown no fork yet.
+    ///
+    /// An entry can only be trusted while every new holder of its pid would be announced:
+    /// a process gets its pid at a fork, whose event replaces the entry. A stream without
+    /// forks (the kernel filtering, `proctrace -e exec`, `-e exec,nonzero-exit`) announces
+    /// none, and exits may be missing from it too, so an exited process's entry would be
+    /// taken for the process that has its pid now: another process's key, parent, pid
+    /// namespace. Until a fork is seen every entry is checked at each use (one read of
+    /// `stat`, what a loss costs once per entry).
     pub(super) fn cached(&mut self, pid: u32) -> Option<&mut Entry> {
         let epoch = self.epoch;
+        let trusted = self.forks_seen;
         let stale = match self.cache.get_mut(pid) {
             None => return None,
-            Some(e) if e.epoch == epoch => false,
+            Some(e) if e.epoch == epoch && trusted => false,
             Some(e) => {
                 let start = e.info.process_key.map(|k| k.start_ticks);
-                match self.fs.stat(pid) {
-                    Some(st) if Some(st.start_ticks) != start => true,
-                    // Same process, or gone (its exit is the likely event): keep it.
-                    _ => false,
-                }
+                self.pid_reused(pid, start)
             }
         };
         if stale {
@@ -39,6 +44,20 @@ impl Enricher {
         let e = self.cache.get_mut(pid)?;
         e.epoch = epoch;
         Some(e)
+    }
+
+    /// True when `/proc/<pid>/stat` shows a process started after the one whose start
+    /// ticks the cache holds (`start`): the cached one is gone and its pid reused. A
+    /// process gone now (its exit is the likely next event) is not. Neither is an earlier
+    /// start: a key derived from a fork event can only be later than the kernel's start
+    /// time (the event is stamped after it, see "Process keys" in `docs/PROC.md`), so
+    /// that is the same process, whose key stays the one its fork gave.
+    fn pid_reused(&mut self, pid: u32, start: Option<u64>) -> bool {
+        match (self.fs.stat(pid), start) {
+            (Some(st), Some(start)) => st.start_ticks > start,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
     }
 
     pub(super) fn info(&mut self, pid: u32) -> ProcessInfo {

@@ -75,7 +75,10 @@ struct Entry {
 /// Enriches proc events with process attributes. See the [module documentation](self).
 ///
 /// One enricher per event stream, fed every event in order (fork, exec and exit at least;
-/// events of other kinds are enriched from the cache). Single-threaded: `&mut self`.
+/// events of other kinds are enriched from the cache). A stream filtered to fewer kinds
+/// works too, at a cost: until it shows a fork, every cached process is checked against
+/// `/proc/<pid>/stat` at each of its events, since its exit and its pid's next holder may
+/// both be missing from the stream. Single-threaded: `&mut self`.
 pub struct Enricher {
     boot: u128,
     clock: TickClock,
@@ -84,6 +87,9 @@ pub struct Enricher {
     cfg: EnrichConfig,
     stats: EnrichStats,
     epoch: u64,
+    /// A fork event was seen: the stream announces every new holder of a pid (see
+    /// `cached`).
+    forks_seen: bool,
 }
 
 impl fmt::Debug for Enricher {
@@ -130,6 +136,7 @@ impl Enricher {
             cfg,
             stats: EnrichStats::default(),
             epoch: 0,
+            forks_seen: false,
         }
     }
 
@@ -169,6 +176,7 @@ impl Enricher {
     pub fn enrich(&mut self, ev: &ProcEvent) -> Option<ProcessInfo> {
         let task = ev.task()?;
         self.stats.events += 1;
+        self.forks_seen |= matches!(ev.body, EventBody::Fork { .. });
         Some(match ev.body {
             EventBody::Fork { parent, child } if !child.is_thread() => {
                 self.fork(ev.timestamp_ns, parent.tgid, child.tgid)

@@ -272,6 +272,17 @@ fn pid_reuse_gives_new_keys_and_a_missed_exit_is_caught_after_a_loss() {
     p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
     p.add(101, 100, 501, b"a\0", "/", PID_INIT_INO, 101);
     let mut e = p.enricher(true);
+    // The stream carries forks (a thread's, here): cached entries are trusted.
+    e.enrich(&ev(
+        1,
+        EventBody::Fork {
+            parent: t(100),
+            child: Task {
+                pid: 105,
+                tgid: 100,
+            },
+        },
+    ));
     let a = e.enrich(&exec(101)).unwrap().process_key.unwrap();
     // Its exit is lost; pid 101 is reused by a process started later.
     p.remove(101);
@@ -415,4 +426,93 @@ fn a_child_of_a_parent_whose_program_is_unknown_is_read_at_fork() {
         (c.cgroup.as_deref(), c.cgroup_source, c.pidns_source),
         (Some("/"), InfoSource::Inherited, InfoSource::Inherited)
     );
+}
+
+/// A stream filtered to execs has no forks and no exits: without a loss the cache would
+/// still believe an exited process holds its pid. Until a fork is seen, entries are checked.
+#[test]
+fn an_exec_checks_that_the_cached_entry_is_still_its_process() {
+    let p = FakeProc::new("exec-reuse");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    p.add(101, 100, 501, b"a\0", "/", PID_INIT_INO, 101);
+    let mut e = p.enricher(true);
+    let a = e.enrich(&exec(101)).unwrap();
+    // Its exit is not in the stream; pid 101 is reused by a process in a container.
+    p.remove(101);
+    p.add(101, 100, 900, b"b\0", &format!("/{ID}"), CONTAINER_NS, 7);
+    let b = e.enrich(&exec(101)).unwrap();
+    assert_ne!(b.process_key, a.process_key);
+    assert_eq!(b.process_key.unwrap().start_ticks, 900);
+    assert_eq!(b.cmdline.as_deref(), Some("b"));
+    assert_eq!((b.pidns, b.ns_pid), (Some(CONTAINER_NS), Some(7)));
+    assert_eq!(b.container_id.as_deref(), Some(ID));
+    assert_eq!(e.stats().stale, 1);
+    // The same process execs again: its key stays.
+    let c = e.enrich(&exec(101)).unwrap();
+    assert_eq!(c.process_key, b.process_key);
+    assert_eq!(e.stats().stale, 1);
+}
+
+/// A key derived from a fork event can be a tick later than `/proc`'s start time (the
+/// event is stamped after the start time; the window after a tick boundary only makes it
+/// rare). That is the same process: a check of the entry (after a loss, at an exec) keeps
+/// the key its fork gave rather than taking it for a reused pid and changing the key
+/// between the process's events.
+#[test]
+fn a_fork_key_a_tick_late_is_not_a_reused_pid() {
+    let p = FakeProc::new("late-key");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    let mut e = p.enricher(true);
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    let key = f.process_key.unwrap();
+    p.add(
+        101,
+        100,
+        key.start_ticks - 1,
+        b"sh\0",
+        "/",
+        PID_INIT_INO,
+        101,
+    );
+    e.note_loss();
+    let x = e.enrich(&exec(101)).unwrap();
+    assert_eq!(x.process_key, Some(key));
+    let z = e.enrich(&exit(101)).unwrap();
+    assert_eq!(z.process_key, Some(key));
+    assert_eq!(e.stats().stale, 0);
+}
+
+/// `-e exec,nonzero-exit`: a process that exec'd and exited with status 0 left its entry;
+/// its pid's next holder never execs and exits with status 1. Its exit must not be
+/// reported as the first process's.
+#[test]
+fn a_stream_without_forks_checks_every_entry_at_use() {
+    let p = FakeProc::new("no-forks");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    p.add(101, 100, 501, b"a\0", "/", PID_INIT_INO, 101);
+    let mut e = p.enricher(false);
+    let a = e.enrich(&exec(101)).unwrap();
+    p.remove(101);
+    p.add(101, 100, 900, b"sh\0", &format!("/{ID}"), CONTAINER_NS, 3);
+    let z = e.enrich(&exit(101)).unwrap();
+    assert_ne!(z.process_key, a.process_key);
+    assert_eq!(z.process_key.unwrap().start_ticks, 900);
+    assert_eq!(z.container_id.as_deref(), Some(ID));
+    assert_eq!(z.cmdline.as_deref(), Some("sh"));
+    // Other kinds too (a uid change), and the same process is not taken for another.
+    p.add(102, 100, 600, b"b\0", "/", PID_INIT_INO, 102);
+    let u = ev(
+        0,
+        EventBody::Uid {
+            process: t(102),
+            ruid: 0,
+            euid: 1000,
+        },
+    );
+    let b = e.enrich(&u).unwrap();
+    assert_eq!(e.enrich(&u).unwrap().process_key, b.process_key);
+    p.remove(102);
+    p.add(102, 100, 950, b"c\0", "/", PID_INIT_INO, 102);
+    assert_eq!(e.enrich(&u).unwrap().process_key.unwrap().start_ticks, 950);
+    assert_eq!(e.stats().stale, 2);
 }
