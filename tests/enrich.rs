@@ -545,3 +545,120 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
     assert_eq!(second.cmdline.as_deref(), Some("sleep 1000"));
     assert_eq!(second.parent_key, e.proc_key(my_pid()));
 }
+
+/// The second thread of `leader_exits_first`'s child: waits for EOF on the pipe, then ends
+/// the process with status 3. Raw system calls only (it shares the exited leader's TLS).
+extern "C" fn last_thread(fd: *mut libc::c_void) -> libc::c_int {
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is valid for one byte of writes; exit_group ends the process.
+    unsafe {
+        libc::read(fd as usize as i32, b.as_mut_ptr().cast(), 1);
+        libc::syscall(libc::SYS_exit_group, 3);
+    }
+    0
+}
+
+/// `fork()` a child whose leader starts a second thread (raw `clone`) and exits alone
+/// (`SYS_exit`, as `pthread_exit` does); the thread ends the process when every write end
+/// of `r`'s pipe is closed.
+fn leader_exits_first((r, w): (i32, i32), stack: &mut [u8]) -> u32 {
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs only async-signal-safe system calls (close, clone, exit) on
+    // data prepared before the fork; the thread gets its own stack, a copy of `stack`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(w);
+            let flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            if libc::clone(
+                last_thread,
+                top as *mut libc::c_void,
+                flags,
+                r as usize as *mut libc::c_void,
+            ) < 0
+            {
+                libc::_exit(9);
+            }
+            libc::syscall(libc::SYS_exit, 0);
+        }
+        unreachable!();
+    }
+    pid as u32
+}
+
+/// A leader that exits before its process's other thread (`pthread_exit` in `main`): the
+/// kernel sends a process exit for the leader, and the last thread's exit (a thread's
+/// event) ends the process with its status. By then `/proc/<pid>` is the zombie leader's,
+/// without a command line. Before the fix the last exit, the one with the exit status,
+/// was read from there: the comm instead of the command line (and on a cgroup v1 host the
+/// root cgroup, so no container).
+#[test]
+fn threads_that_outlive_their_leader_keep_the_process_info() {
+    let Some(mut l) = open("leader_exit", EventSet::FORK | EventSet::EXIT) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let (r, w) = pipe();
+    let mut stack = vec![0u8; 256 << 10];
+    let child = leader_exits_first((r, w), &mut stack);
+    close(r);
+    let (mut fork, mut leader_exit, mut last_exit) = (None, None, None);
+    let mut w_open = true;
+    for _ in 0..200 {
+        if last_exit.is_some() {
+            break;
+        }
+        // The thread ends the process once the leader's exit has been enriched.
+        if leader_exit.is_some() && w_open {
+            close(w);
+            w_open = false;
+        }
+        let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        else {
+            continue;
+        };
+        let info = e.enrich(&ev);
+        match ev.body {
+            EventBody::Fork { parent, child: c } if c.tgid == child && !c.is_thread() => {
+                assert_eq!(parent.tgid, my_pid());
+                fork = info;
+            }
+            EventBody::Exit {
+                process, status, ..
+            } if process.tgid == child => {
+                if process.is_thread() {
+                    assert_eq!(status.code(), Some(3));
+                    last_exit = info;
+                } else {
+                    leader_exit = info;
+                }
+            }
+            _ => {}
+        }
+    }
+    if w_open {
+        close(w);
+    }
+    let mut st = 0;
+    // SAFETY: waits for our own child; `st` is valid for writes.
+    unsafe { libc::waitpid(child as i32, &mut st, 0) };
+    let fork = fork.expect("fork seen");
+    let leader_exit = leader_exit.expect("leader exit seen");
+    let last_exit = last_exit.expect("last thread's exit seen");
+    assert_eq!(libc::WEXITSTATUS(st), 3);
+    assert_eq!(leader_exit.process_key, fork.process_key);
+    assert_eq!(last_exit.process_key, fork.process_key);
+    assert_eq!(
+        (last_exit.cmdline.as_deref(), last_exit.cmdline_source),
+        (fork.cmdline.as_deref(), InfoSource::Inherited),
+        "{last_exit:?}"
+    );
+    assert_eq!(last_exit.cgroup, fork.cgroup);
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::config::is_spawner;
 use super::*;
+use crate::proc::event::Task;
 
 impl Enricher {
     pub(super) fn key(&self, pid: u32, start_ticks: u64) -> ProcessKey {
@@ -61,16 +62,44 @@ impl Enricher {
     }
 
     pub(super) fn info(&mut self, pid: u32) -> ProcessInfo {
-        if let Some(e) = self.cached(pid) {
-            let info = e.info.clone();
-            self.stats.hits += 1;
+        self.task_info(Task { pid, tgid: pid })
+    }
+
+    /// The attributes of `task`'s process: from the cache (see `known`), else read from
+    /// `/proc` and cached.
+    pub(super) fn task_info(&mut self, task: Task) -> ProcessInfo {
+        if let Some(info) = self.known(task) {
             return info;
         }
-        let info = self.read_uncached(pid);
+        let info = self.read_uncached(task.tgid);
         if info.process_key.is_some() {
-            self.insert(pid, info.clone());
+            self.insert(task.tgid, info.clone());
         }
         info
+    }
+
+    /// What the cache knows of `task`'s process. For a thread of a process that is not
+    /// cached, that can be a process whose leader already exited: a leader may end
+    /// (`pthread_exit`) before the process's other threads, and the last of them ends
+    /// the process with its exit status. `/proc/<tgid>` is then the zombie leader's,
+    /// with no command line left (only the comm) and, on cgroup v1, the root cgroup, so
+    /// the process's info from before the leader's exit is the answer, unless its pid
+    /// now belongs to a later process.
+    pub(super) fn known(&mut self, task: Task) -> Option<ProcessInfo> {
+        let info = match self.cached(task.tgid) {
+            Some(e) => e.info.clone(),
+            None if task.is_thread() => {
+                let start = self.exited.get_mut(task.tgid)?.process_key;
+                if self.pid_reused(task.tgid, start.map(|k| k.start_ticks)) {
+                    self.exited.remove(task.tgid);
+                    return None;
+                }
+                self.exited.get_mut(task.tgid)?.clone()
+            }
+            None => return None,
+        };
+        self.stats.hits += 1;
+        Some(info)
     }
 
     pub(super) fn read_uncached(&mut self, pid: u32) -> ProcessInfo {
@@ -164,6 +193,8 @@ impl Enricher {
     }
 
     pub(super) fn fork(&mut self, timestamp_ns: u64, ppid: u32, pid: u32) -> ProcessInfo {
+        // A new process has the pid: any earlier holder's info is over.
+        self.exited.remove(pid);
         let parent = match self.cached(ppid) {
             Some(e) => Some(e.info.clone()),
             None => {

@@ -13,7 +13,8 @@
 //! * an **exec** re-reads the command line (the one from before the exec is never reported
 //!   for the new image: if the process is already gone, the command line is `None` with
 //!   [`InfoSource::Exited`]) and the cgroup;
-//! * an **exit** is enriched from the cache, then its entry is removed;
+//! * an **exit** is enriched from the cache, then its entry is removed (a process whose
+//!   leader exits first stays known to its remaining threads' events);
 //! * any event of a process the cache does not know reads `/proc` once.
 //!
 //! ```no_run
@@ -84,6 +85,9 @@ pub struct Enricher {
     clock: TickClock,
     fs: ProcFs,
     cache: Cache<Entry>,
+    /// The last processes whose leader exited (see `known`): their other threads can
+    /// outlive the leader.
+    exited: Cache<ProcessInfo>,
     cfg: EnrichConfig,
     stats: EnrichStats,
     epoch: u64,
@@ -112,6 +116,10 @@ impl Default for Enricher {
 /// `docs/PROC.md`, "Process keys"): far above the delay between the kernel's two stamps.
 const START_GUARD_NS: u64 = 1_000_000;
 
+/// How many processes are remembered after their leader's exit, for threads that outlive
+/// it.
+const EXITED_LEADERS: usize = 1024;
+
 impl Enricher {
     /// An enricher with the default [`EnrichConfig`].
     pub fn new() -> Self {
@@ -133,6 +141,7 @@ impl Enricher {
             },
             fs: ProcFs::new(root),
             cache: Cache::new(cfg.capacity.max(2)),
+            exited: Cache::new(EXITED_LEADERS),
             cfg,
             stats: EnrichStats::default(),
             epoch: 0,
@@ -185,20 +194,19 @@ impl Enricher {
             EventBody::Exit { process, .. } => {
                 // Never cached anew: no later exit would remove it (a process's threads
                 // can exit after its leader, whose exit removes the entry).
-                let info = match self.cached(process.tgid).map(|e| e.info.clone()) {
-                    Some(info) => {
-                        self.stats.hits += 1;
-                        info
-                    }
-                    None => self.read_uncached(process.tgid),
-                };
+                let info = self
+                    .known(process)
+                    .unwrap_or_else(|| self.read_uncached(process.tgid));
                 if !process.is_thread() {
                     self.cache.remove(process.tgid);
+                    if info.process_key.is_some() {
+                        self.exited.insert(process.tgid, info.clone());
+                    }
                 }
                 info
             }
             EventBody::Comm { process, comm } => {
-                let mut info = self.info(process.tgid);
+                let mut info = self.task_info(process);
                 if info.cmdline_source == InfoSource::Comm {
                     let name: Arc<str> = comm.to_string_lossy().into();
                     info.cmdline = Some(name.clone());
@@ -208,7 +216,7 @@ impl Enricher {
                 }
                 info
             }
-            _ => self.info(task.tgid),
+            _ => self.task_info(task),
         })
     }
 

@@ -516,3 +516,76 @@ fn a_stream_without_forks_checks_every_entry_at_use() {
     assert_eq!(e.enrich(&u).unwrap().process_key.unwrap().start_ticks, 950);
     assert_eq!(e.stats().stale, 2);
 }
+
+/// A leader that calls `pthread_exit` before its other threads: its exit event is a
+/// process's (pid = tgid), the last thread's exit ends the process. By then
+/// `/proc/<tgid>` is the zombie leader's: no command line (only the comm), and on a
+/// cgroup v1 host the root cgroup. The threads' events keep the process's info.
+#[test]
+fn threads_that_outlive_their_leader_keep_the_process_info() {
+    let p = FakeProc::new("leader-exit");
+    p.add(
+        100,
+        1,
+        500,
+        b"srv\0-x\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        1,
+    );
+    let mut e = p.enricher(true);
+    let a = e.enrich(&exec(100)).unwrap();
+    assert_eq!(a.container_id.as_deref(), Some(ID));
+    let leader_exit = e.enrich(&exit(100)).unwrap();
+    assert_eq!(leader_exit, a);
+    // The zombie leader, as a v1-only host shows it.
+    p.set(100, "cmdline", b"");
+    p.set(100, "cgroup", b"9:name=systemd:/\n");
+    let th = Task {
+        pid: 105,
+        tgid: 100,
+    };
+    let thread_exit = ev(
+        2,
+        EventBody::Exit {
+            process: th,
+            status: ExitStatus(3 << 8),
+            exit_signal: -1,
+            parent: None,
+        },
+    );
+    let z = e.enrich(&thread_exit).unwrap();
+    assert_eq!(z, a, "{z:?}");
+    assert_eq!(e.stats().cached, 0);
+    // A later process with the pid: a thread of it is not the old process's.
+    p.remove(100);
+    p.add(100, 1, 900, b"new\0", "/", PID_INIT_INO, 100);
+    let n = e.enrich(&thread_exit).unwrap();
+    assert_eq!(n.process_key.unwrap().start_ticks, 900);
+    assert_eq!(n.cmdline.as_deref(), Some("new"));
+    // Nor after a fork gave the pid to a new process.
+    let mut e = p.enricher(true);
+    p.add(200, 1, 500, b"old\0", "/", PID_INIT_INO, 200);
+    e.enrich(&exec(200)).unwrap();
+    e.enrich(&exit(200)).unwrap();
+    let f = e.enrich(&fork(7_005_000_000, 100, 200)).unwrap();
+    e.cache.remove(200); // evicted, say
+    p.remove(200);
+    let n = e.enrich(&thread_exit_of(200)).unwrap();
+    assert_ne!(n.cmdline.as_deref(), Some("old"), "{f:?} {n:?}");
+}
+
+fn thread_exit_of(tgid: u32) -> ProcEvent {
+    ev(
+        2,
+        EventBody::Exit {
+            process: Task {
+                pid: tgid + 5,
+                tgid,
+            },
+            status: ExitStatus(0),
+            exit_signal: -1,
+            parent: None,
+        },
+    )
+}
