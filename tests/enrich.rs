@@ -662,3 +662,104 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
     );
     assert_eq!(last_exit.cgroup, fork.cgroup);
 }
+
+/// Cycles the pids with children that exit at once until one gets `target`; that one execs
+/// `/bin/sleep 999` and is returned (`None` if the pid never came back to this test).
+fn take_pid(target: u32) -> Option<u32> {
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let args = [
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("999").unwrap(),
+    ];
+    let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    for _ in 0..4 * pid_max {
+        // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
+        // data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: as above; `argv` is a NULL-terminated array of C strings.
+            unsafe {
+                if libc::getpid() as u32 == target {
+                    libc::execv(path.as_ptr(), argv.as_ptr());
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid as u32 == target {
+            return Some(target);
+        }
+        reap(pid as u32);
+    }
+    None
+}
+
+/// An enricher a whole pid cycle behind (a big receive buffer, a fork storm): when it gets
+/// to a process's fork and exec, the process is gone and its pid belongs to another. What
+/// `/proc/<pid>` says then is the other process's: before the fix the fork was given its
+/// cgroup and pid namespace and the exec its command line, under the first process's key.
+/// Now a late event's reads are checked against the process's start time (the event's
+/// process started before the event; a fork's child no later than the event's tick).
+#[test]
+fn a_late_event_never_reads_the_next_holder_of_its_pid() {
+    let Some(mut l) = open(
+        "late_reads",
+        EventSet::FORK | EventSet::EXEC | EventSet::EXIT,
+    ) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let mut old = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .expect("/bin/sleep");
+    let target = old.id();
+    let old_key = e.proc_key(target).expect("sleep is alive");
+    // Its fork and exec, kept for later.
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        if let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        {
+            let mine = ev.task().is_some_and(|t| t.tgid == target);
+            let exec = matches!(ev.body, EventBody::Exec { .. });
+            kept.push(ev);
+            if mine && exec {
+                break;
+            }
+        }
+    }
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let Some(new) = take_pid(target) else {
+        eprintln!("late_reads: SKIPPED, pid {target} did not come back to this test");
+        return;
+    };
+    let new_key = e.proc_key(new);
+    // Now the enricher gets to the old events.
+    let (mut fork, mut exec) = (None, None);
+    for ev in &kept {
+        let info = e.enrich(ev);
+        match ev.body {
+            EventBody::Fork { child, .. } if child.tgid == target => fork = info,
+            EventBody::Exec { process } if process.tgid == target => exec = info,
+            _ => {}
+        }
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(new as i32, libc::SIGKILL) };
+    reap(new);
+    let fork = fork.expect("fork kept");
+    let exec = exec.expect("exec kept");
+    eprintln!("old {old_key}, new {new_key:?}\nfork {fork:?}\nexec {exec:?}");
+    assert_ne!(new_key, Some(old_key));
+    assert_eq!(fork.process_key, Some(old_key));
+    assert_ne!(fork.cgroup_source, InfoSource::Proc, "{fork:?}");
+    assert_ne!(fork.pidns_source, InfoSource::Proc, "{fork:?}");
+    assert_eq!(exec.process_key, Some(old_key));
+    assert_ne!(exec.cmdline.as_deref(), Some("sleep 999"));
+    assert_eq!(exec.cmdline_source, InfoSource::Exited, "{exec:?}");
+}

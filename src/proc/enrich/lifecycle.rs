@@ -47,6 +47,24 @@ impl Enricher {
         Some(e)
     }
 
+    /// The event being enriched in clock ticks on `/proc`'s start-time clock (see
+    /// `TickClock`); `None` outside `enrich`. The offset between the clocks is read now: it
+    /// only grows (suspends), so this is never earlier than the event.
+    fn event_ticks(&self) -> Option<u64> {
+        let ts = self.event_ns?;
+        let offset = crate::sys::boottime_ns().saturating_sub(crate::sys::monotonic_ns());
+        Some(self.clock.ticks(ts.saturating_add(offset)))
+    }
+
+    /// True when the event being enriched is older than the least time in which its pid
+    /// could have been freed and handed out again (`pid_max` forks): its process may be
+    /// gone and `/proc/<pid>` another process's, so reads for it are checked against the
+    /// start time first (one more read of `stat`, only for an enricher that far behind).
+    fn late(&self) -> bool {
+        self.event_ns
+            .is_some_and(|ts| crate::sys::monotonic_ns().saturating_sub(ts) > self.pid_cycle_ns)
+    }
+
     /// True when `/proc/<pid>/stat` shows a process started after the one whose start
     /// ticks the cache holds (`start`): the cached one is gone and its pid reused. A
     /// process gone now (its exit is the likely next event) is not. Neither is an earlier
@@ -120,6 +138,15 @@ impl Enricher {
     /// Everything about `pid` from `/proc`; `None` when its `stat` cannot be read.
     pub(super) fn read_process(&mut self, pid: u32) -> Option<ProcessInfo> {
         let st = self.fs.stat(pid)?;
+        // The event's process started before the event: a later start is the next holder
+        // of the pid, found by an enricher a pid cycle behind. (One tick of slack: the
+        // clocks are read apart; a pid cannot go round within a tick.)
+        if self
+            .event_ticks()
+            .is_some_and(|t| st.start_ticks > t.saturating_add(1))
+        {
+            return None;
+        }
         let parent_key = match st.ppid {
             0 => None,
             ppid => match self.cached(ppid) {
@@ -206,13 +233,16 @@ impl Enricher {
             }
         };
         let offset = crate::sys::boottime_ns().saturating_sub(crate::sys::monotonic_ns());
+        let derived = self.clock.ticks(timestamp_ns.saturating_add(offset));
         let start_ticks = match self.clock.fork_ticks(timestamp_ns, offset) {
             Some(t) => t,
             None => {
                 self.stats.start_time_reads += 1;
                 match self.fs.stat(pid) {
-                    Some(st) => st.start_ticks,
-                    None => self.clock.ticks(timestamp_ns.saturating_add(offset)),
+                    // The child started no later than its fork event: a later start is
+                    // the pid's next holder (the child is gone).
+                    Some(st) if st.start_ticks <= derived => st.start_ticks,
+                    _ => derived,
                 }
             }
         };
@@ -233,6 +263,14 @@ impl Enricher {
                 None | Some(None) => true,
                 Some(Some(c)) => is_spawner(&self.cfg.spawners, c),
             };
+        let inherit_cmdline = parent
+            .as_ref()
+            .is_some_and(|p| matches!(p.cmdline_source, InfoSource::Proc | InfoSource::Inherited));
+        // Late, the child may be gone and its pid another process's: then nothing of
+        // `/proc/<pid>` is the child's.
+        let reused =
+            (read || !inherit_cmdline) && self.late() && self.pid_reused(pid, Some(start_ticks));
+        let read = read && !reused;
         let failed_before = self.fs.failed;
         let mut have_cgroup = read && self.read_cgroup(pid, &mut info);
         // A child gone before its cgroup could be read is gone for its namespace too: one
@@ -266,9 +304,8 @@ impl Enricher {
             }
         }
         (info.cmdline, info.cmdline_source) = match parent.as_ref() {
-            Some(p) if matches!(p.cmdline_source, InfoSource::Proc | InfoSource::Inherited) => {
-                (p.cmdline.clone(), InfoSource::Inherited)
-            }
+            Some(p) if inherit_cmdline => (p.cmdline.clone(), InfoSource::Inherited),
+            _ if reused => (None, InfoSource::Exited),
             _ => self.read_cmdline(pid),
         };
         self.insert(pid, info.clone());
@@ -276,11 +313,21 @@ impl Enricher {
     }
 
     pub(super) fn exec(&mut self, pid: u32) -> ProcessInfo {
-        if self.cached(pid).is_none() {
+        let Some(start) = self
+            .cached(pid)
+            .map(|e| e.info.process_key.map(|k| k.start_ticks))
+        else {
             // Not cached: everything is read now.
             return self.info(pid);
-        }
-        let (cmdline, source) = self.read_cmdline(pid);
+        };
+        // Late, the process may be gone and its pid another's: then it is an exec of a
+        // gone process, whose new command line nobody can read any more.
+        let reused = self.late() && self.pid_reused(pid, start);
+        let (cmdline, source) = if reused {
+            (None, InfoSource::Exited)
+        } else {
+            self.read_cmdline(pid)
+        };
         let mut info = match self.cache.get_mut(pid) {
             Some(e) => e.info.clone(),
             None => return self.info(pid),
@@ -288,6 +335,12 @@ impl Enricher {
         self.stats.hits += 1;
         info.cmdline = cmdline;
         info.cmdline_source = source;
+        if reused {
+            if let Some(e) = self.cache.get_mut(pid) {
+                e.info = info.clone();
+            }
+            return info;
+        }
         // The cgroup can change at any time (no event says so): refresh it, unless the
         // read says the root while the entry knew better (on a v1-only host an exiting
         // task reads as in the root). The pid namespace cannot change; read it only if it

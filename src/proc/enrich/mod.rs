@@ -64,7 +64,7 @@ pub use key::{boot_id, BadProcessKey, ProcessKey};
 use self::cache::Cache;
 use self::key::TickClock;
 use self::procfs::ProcFs;
-use super::event::{EventBody, ProcEvent};
+use super::event::{EventBody, ProcEvent, Task};
 use crate::sys::PID_INIT_INO;
 
 struct Entry {
@@ -94,6 +94,10 @@ pub struct Enricher {
     /// A fork event was seen: the stream announces every new holder of a pid (see
     /// `cached`).
     forks_seen: bool,
+    /// The timestamp of the event being enriched (`None` outside `enrich`): see `late`.
+    event_ns: Option<u64>,
+    /// The least time in which the pids can go round once (see `late`).
+    pid_cycle_ns: u64,
 }
 
 impl fmt::Debug for Enricher {
@@ -119,6 +123,21 @@ const START_GUARD_NS: u64 = 1_000_000;
 /// How many processes are remembered after their leader's exit, for threads that outlive
 /// it.
 const EXITED_LEADERS: usize = 1024;
+
+/// The least time in which a host hands out one pid: a million forks a second, far beyond
+/// what hosts do (this 2-core one: about 12 000 a second under `stress-ng --fork`, and the
+/// kernel's default `pid_max` grows with the CPUs). `pid_max` times this is the least time
+/// in which a pid can be freed and handed out again (see `late`): 33 ms here.
+const NS_PER_PID: u64 = 1000;
+
+/// `/proc/sys/kernel/pid_max`; when unreadable, the least the kernel allows (301), which
+/// makes every event count as late.
+fn pid_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(301)
+}
 
 impl Enricher {
     /// An enricher with the default [`EnrichConfig`].
@@ -146,6 +165,8 @@ impl Enricher {
             stats: EnrichStats::default(),
             epoch: 0,
             forks_seen: false,
+            event_ns: None,
+            pid_cycle_ns: pid_max().saturating_mul(NS_PER_PID),
         }
     }
 
@@ -185,8 +206,15 @@ impl Enricher {
     pub fn enrich(&mut self, ev: &ProcEvent) -> Option<ProcessInfo> {
         let task = ev.task()?;
         self.stats.events += 1;
+        self.event_ns = Some(ev.timestamp_ns);
+        let info = self.enrich_task(ev, task);
+        self.event_ns = None;
+        Some(info)
+    }
+
+    fn enrich_task(&mut self, ev: &ProcEvent, task: Task) -> ProcessInfo {
         self.forks_seen |= matches!(ev.body, EventBody::Fork { .. });
-        Some(match ev.body {
+        match ev.body {
             EventBody::Fork { parent, child } if !child.is_thread() => {
                 self.fork(ev.timestamp_ns, parent.tgid, child.tgid)
             }
@@ -217,7 +245,7 @@ impl Enricher {
                 info
             }
             _ => self.task_info(task),
-        })
+        }
     }
 
     /// The attributes of `pid` from the cache, or read from `/proc` (and cached) when it is

@@ -82,6 +82,10 @@ impl Drop for FakeProc {
     }
 }
 
+/// A time for events other than forks: after every fake process started (start ticks
+/// below 10 000, 100 s).
+const LATER: u64 = 100_000_000_000;
+
 fn ev(timestamp_ns: u64, body: EventBody) -> ProcEvent {
     ProcEvent {
         seq: 0,
@@ -107,12 +111,12 @@ fn fork(ts: u64, parent: u32, child: u32) -> ProcEvent {
 }
 
 fn exec(pid: u32) -> ProcEvent {
-    ev(0, EventBody::Exec { process: t(pid) })
+    ev(LATER, EventBody::Exec { process: t(pid) })
 }
 
 fn exit(pid: u32) -> ProcEvent {
     ev(
-        0,
+        LATER,
         EventBody::Exit {
             process: t(pid),
             status: ExitStatus(0),
@@ -222,7 +226,7 @@ fn thread_events_enrich_their_process_and_a_thread_exit_keeps_it() {
     };
     let b = e
         .enrich(&ev(
-            1,
+            LATER,
             EventBody::Fork {
                 parent: t(100),
                 child: th,
@@ -231,7 +235,7 @@ fn thread_events_enrich_their_process_and_a_thread_exit_keeps_it() {
         .unwrap();
     assert_eq!(a.process_key, b.process_key);
     let thread_exit = ev(
-        2,
+        LATER,
         EventBody::Exit {
             process: th,
             status: ExitStatus(0),
@@ -255,7 +259,7 @@ fn comm_change_renames_a_comm_only_process() {
     assert_eq!((k.cmdline_source, k.parent_key), (InfoSource::Comm, None));
     let c = e
         .enrich(&ev(
-            0,
+            LATER,
             EventBody::Comm {
                 process: t(2),
                 comm: Comm::new(b"renamed"),
@@ -274,7 +278,7 @@ fn pid_reuse_gives_new_keys_and_a_missed_exit_is_caught_after_a_loss() {
     let mut e = p.enricher(true);
     // The stream carries forks (a thread's, here): cached entries are trusted.
     e.enrich(&ev(
-        1,
+        LATER,
         EventBody::Fork {
             parent: t(100),
             child: Task {
@@ -502,7 +506,7 @@ fn a_stream_without_forks_checks_every_entry_at_use() {
     // Other kinds too (a uid change), and the same process is not taken for another.
     p.add(102, 100, 600, b"b\0", "/", PID_INIT_INO, 102);
     let u = ev(
-        0,
+        LATER,
         EventBody::Uid {
             process: t(102),
             ruid: 0,
@@ -546,7 +550,7 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
         tgid: 100,
     };
     let thread_exit = ev(
-        2,
+        LATER,
         EventBody::Exit {
             process: th,
             status: ExitStatus(3 << 8),
@@ -577,7 +581,7 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
 
 fn thread_exit_of(tgid: u32) -> ProcEvent {
     ev(
-        2,
+        LATER,
         EventBody::Exit {
             process: Task {
                 pid: tgid + 5,
@@ -588,4 +592,94 @@ fn thread_exit_of(tgid: u32) -> ProcEvent {
             parent: None,
         },
     )
+}
+
+/// The start ticks `/proc` would show for a process started `ns` after boot in monotonic
+/// time (the host may have been suspended: the offset between the clocks).
+fn ticks_at(e: &Enricher, ns: u64) -> u64 {
+    let offset = crate::sys::boottime_ns().saturating_sub(crate::sys::monotonic_ns());
+    e.clock.ticks(ns + offset)
+}
+
+/// An enricher a whole pid cycle behind finds the event's process gone and its pid held by
+/// a later process: nothing of that one is reported for the event's process. (Every fake
+/// event is late: stamped seconds after boot, enriched hours later.)
+#[test]
+fn a_late_event_never_reads_the_next_holder_of_its_pid() {
+    let p = FakeProc::new("late");
+    let mut e = p.enricher(true);
+    // Processes started at 1 s; the pid's next holders at 20 s, after every event below.
+    let (early, later) = (ticks_at(&e, 1_000_000_000), ticks_at(&e, 20_000_000_000));
+    p.add(100, 1, early, b"sh\0", "/", PID_INIT_INO, 100);
+    p.add(101, 100, early, b"sh\0", "/", PID_INIT_INO, 101);
+    let f = e.enrich(&fork(7_005_000_000, 100, 101)).unwrap();
+    assert_eq!(f.cgroup_source, InfoSource::Proc);
+    p.remove(101);
+    p.add(
+        101,
+        1,
+        later,
+        b"other\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        1,
+    );
+    let x = e
+        .enrich(&ev(7_500_000_000, EventBody::Exec { process: t(101) }))
+        .unwrap();
+    assert_eq!((x.cmdline, x.cmdline_source), (None, InfoSource::Exited));
+    assert_eq!((x.cgroup.as_deref(), x.container_id), (Some("/"), None));
+    assert_eq!(x.pidns, Some(PID_INIT_INO));
+    assert_eq!(x.process_key, f.process_key);
+    // An exit of a process not cached: read from /proc, found to be a later process.
+    p.add(
+        102,
+        1,
+        later,
+        b"other\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        2,
+    );
+    let gone = e.stats().gone;
+    let z = e
+        .enrich(&ev(
+            7_600_000_000,
+            EventBody::Exit {
+                process: t(102),
+                status: ExitStatus(0),
+                exit_signal: 17,
+                parent: None,
+            },
+        ))
+        .unwrap();
+    assert_eq!(z, ProcessInfo::unknown());
+    assert_eq!(e.stats().gone, gone + 1);
+    // A fork whose child's pid already has a later holder: the parent's values, inherited.
+    p.add(
+        103,
+        1,
+        later,
+        b"other\0",
+        &format!("/{ID}"),
+        CONTAINER_NS,
+        3,
+    );
+    let g = e.enrich(&fork(7_705_000_000, 100, 103)).unwrap();
+    assert_eq!(
+        (
+            g.cgroup.as_deref(),
+            g.container_id.as_deref(),
+            g.cgroup_source
+        ),
+        (Some("/"), None, InfoSource::Inherited)
+    );
+    assert_eq!(
+        (g.pidns, g.pidns_source),
+        (Some(PID_INIT_INO), InfoSource::Inherited)
+    );
+    assert_eq!(g.cmdline.as_deref(), Some("sh"));
+    assert!(g.process_key.unwrap().start_ticks < later);
+    // Not late (a process read outside `enrich`): /proc is the answer.
+    assert_eq!(e.refresh(103).container_id.as_deref(), Some(ID));
 }
