@@ -763,3 +763,81 @@ fn a_late_event_never_reads_the_next_holder_of_its_pid() {
     assert_ne!(exec.cmdline.as_deref(), Some("sleep 999"));
     assert_eq!(exec.cmdline_source, InfoSource::Exited, "{exec:?}");
 }
+
+/// Mount points of the cgroup v1 hierarchies with `controller` among their options.
+fn cgroup1_mount(controller: &str) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == controller))
+            .then(|| f[1].to_string())
+    })
+}
+
+/// Creates `path` (relative, `/`-separated) under `root`, moves `pid` there; the
+/// directories made, deepest first, for removal.
+fn enter_cgroup(root: &str, path: &str, pid: u32) -> Vec<std::path::PathBuf> {
+    let mut made = Vec::new();
+    let mut dir = std::path::PathBuf::from(root);
+    for comp in path.split('/').filter(|c| !c.is_empty()) {
+        dir.push(comp);
+        std::fs::create_dir(&dir).unwrap();
+        made.push(dir.clone());
+    }
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    made.reverse();
+    made
+}
+
+/// On a cgroup v1 (hybrid) host, deep paths in a few hierarchies make `/proc/<pid>/cgroup`
+/// longer than the 8 KiB the enricher read: the v2 line, last, was cut and the prefix of
+/// its path was reported as the process's cgroup (read from `/proc`), without its
+/// container.
+#[test]
+fn a_long_proc_cgroup_file_is_read_whole() {
+    if kernel_socket("long_cgroup").is_none() {
+        return;
+    }
+    let v1: Vec<String> = ["pids", "cpu", "blkio"]
+        .iter()
+        .filter_map(|c| cgroup1_mount(c))
+        .collect();
+    let (Some(v2root), 3) = (cgroup2_mount(), v1.len()) else {
+        eprintln!("long_cgroup: SKIPPED, not a hybrid host with pids, cpu and blkio on v1");
+        return;
+    };
+    let tag = format!("cnbus-long-{}", my_pid());
+    // 12 components of 250 bytes: 3000 bytes per line.
+    let deep: String = (0..12)
+        .map(|i| format!("/{tag}-{i}-{}", "x".repeat(230)))
+        .collect();
+    let id = format!(
+        "{:032x}{:032x}",
+        u128::from(my_pid()),
+        u128::from(cnbus::sys::monotonic_ns())
+    );
+    let (r, w) = pipe();
+    let child = fork_child((r, w));
+    let mut made = Vec::new();
+    for root in &v1 {
+        made.extend(enter_cgroup(root, &deep, child));
+    }
+    let v2path = format!("{deep}/{id}");
+    made.extend(enter_cgroup(&v2root, &v2path, child));
+    let text = std::fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap();
+    let info = Enricher::new().process(child);
+    close(w);
+    close(r);
+    reap(child);
+    for d in &made {
+        let _ = std::fs::remove_dir(d);
+    }
+    assert!(text.len() > 8192, "{}", text.len());
+    assert_eq!(
+        info.cgroup.as_deref(),
+        Some(v2path.as_str()),
+        "{:?}",
+        info.cgroup.as_deref().map(str::len)
+    );
+    assert_eq!(info.container_id.as_deref(), Some(id.as_str()));
+}

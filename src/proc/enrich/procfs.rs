@@ -61,6 +61,11 @@ pub(crate) fn parse_comm(buf: &[u8]) -> Option<String> {
     (!b.is_empty()).then(|| String::from_utf8_lossy(b).into_owned())
 }
 
+/// The most of `/proc/<pid>/cgroup` read: one line per hierarchy, each path up to
+/// `PATH_MAX` (4096) bytes, and a v1 host has a dozen hierarchies or more (this one: ten
+/// lines). Only a cgroup tree made for it comes near.
+const CGROUP_MAX: usize = 64 << 10;
+
 /// A reader of small `/proc/<pid>/…` files with reused buffers.
 #[derive(Debug)]
 pub(crate) struct ProcFs {
@@ -103,7 +108,7 @@ impl ProcFs {
             // as far as the file goes (seq_file and cmdline alike), so a read shorter than
             // asked for is the end. Only a full one needs the loop (open + read + close:
             // one system call fewer than reading on to the 0-byte end).
-            let first = self.buf.capacity().clamp(1, max.max(1));
+            let first = self.buf.capacity().max(1).min(max);
             self.buf.resize(first, 0);
             let n = loop {
                 match f.read(&mut self.buf) {
@@ -151,8 +156,15 @@ impl ProcFs {
 
     /// The cgroup path (see [`parse_cgroup`](super::container::parse_cgroup)).
     pub fn cgroup(&mut self, pid: u32) -> Option<String> {
-        let b = self.read(pid, "cgroup", 8192)?;
-        let text = String::from_utf8_lossy(b);
+        let b = self.read(pid, "cgroup", CGROUP_MAX)?;
+        // A file cut at the limit ends in part of a line, whose path would be a wrong
+        // one (a prefix of the real path): only whole lines count.
+        let whole = if b.len() >= CGROUP_MAX {
+            b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
+        } else {
+            b.len()
+        };
+        let text = String::from_utf8_lossy(&b[..whole]);
         super::container::parse_cgroup(&text).map(str::to_string)
     }
 
@@ -253,6 +265,9 @@ mod tests {
         assert!(p.cgroup(me).is_some());
         assert!(p.pidns(me).is_some());
         assert!(p.ns_pid(me).is_some());
+        // A limit of 0 reads nothing (before, one byte); a small one cuts the text.
+        assert_eq!(p.cmdline(me, 0), Some(None));
+        assert!(p.cmdline(me, 3).unwrap().unwrap().len() <= 3);
         // pid_max is at most 2^22: this pid never exists.
         assert_eq!(p.stat(u32::MAX), None);
         assert_eq!(p.pidns(u32::MAX), None);

@@ -683,3 +683,34 @@ fn a_late_event_never_reads_the_next_holder_of_its_pid() {
     // Not late (a process read outside `enrich`): /proc is the answer.
     assert_eq!(e.refresh(103).container_id.as_deref(), Some(ID));
 }
+
+/// `/proc/<pid>/cgroup` longer than the enricher read (8 KiB before): the v2 line, last,
+/// was cut, and the prefix of its path was reported as the cgroup, read from `/proc`.
+/// Deep paths in a dozen v1 hierarchies make such a file (each path up to 4 KiB).
+#[test]
+fn a_long_cgroup_file_is_read_whole_and_never_cut_mid_line() {
+    let p = FakeProc::new("long-cgroup");
+    p.add(100, 1, 500, b"sh\0", "/", PID_INIT_INO, 100);
+    let deep = format!("/{}", "d".repeat(3000));
+    let mut text = String::from("9:name=systemd:/\n");
+    for (i, ctl) in ["pids", "memory", "cpu"].iter().enumerate() {
+        text += &format!("{}:{ctl}:{deep}\n", i + 1);
+    }
+    let v2 = format!("{deep}/{ID}");
+    text += &format!("0::{v2}\n");
+    assert!(text.len() > 8192);
+    p.set(100, "cgroup", text.as_bytes());
+    let mut e = p.enricher(true);
+    let i = e.enrich(&exec(100)).unwrap();
+    assert_eq!(i.cgroup.as_deref(), Some(v2.as_str()));
+    assert_eq!(i.container_id.as_deref(), Some(ID));
+    // Beyond even the larger limit: the cut line is not used.
+    let first_line = text.find('\n').unwrap() + 1;
+    for k in 0..30 {
+        text.insert_str(first_line, &format!("{}:name=x{k}:{deep}\n", 10 + k));
+    }
+    assert!(text.len() > 64 << 10);
+    p.set(100, "cgroup", text.as_bytes());
+    let i = e.refresh(100);
+    assert_eq!(i.cgroup.as_deref(), Some("/"));
+}
