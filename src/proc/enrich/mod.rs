@@ -235,7 +235,9 @@ impl Enricher {
             }
             EventBody::Comm { process, comm } => {
                 let mut info = self.task_info(process);
-                if info.cmdline_source == InfoSource::Comm {
+                // The comm that stands for a command line is the leader's (what
+                // `/proc/<tgid>/comm` shows): a thread naming itself does not rename it.
+                if info.cmdline_source == InfoSource::Comm && !process.is_thread() {
                     let name: Arc<str> = comm.to_string_lossy().into();
                     info.cmdline = Some(name.clone());
                     if let Some(e) = self.cache.get_mut(process.tgid) {

@@ -714,3 +714,33 @@ fn a_long_cgroup_file_is_read_whole_and_never_cut_mid_line() {
     let i = e.refresh(100);
     assert_eq!(i.cgroup.as_deref(), Some("/"));
 }
+
+/// A process without a command line stands as its comm, the leader's. Its threads name
+/// themselves (`prctl(PR_SET_NAME)`, a comm event for the thread): before, each such name
+/// replaced the process's.
+#[test]
+fn a_threads_new_name_does_not_rename_its_process() {
+    let p = FakeProc::new("thread-comm");
+    p.add(300, 1, 500, b"", "/", PID_INIT_INO, 300);
+    let mut e = p.enricher(true);
+    let k = e.enrich(&exec(300)).unwrap();
+    assert_eq!(
+        (k.cmdline.as_deref(), k.cmdline_source),
+        (Some("odd) comm"), InfoSource::Comm)
+    );
+    let rename = |pid, name: &[u8]| {
+        ev(
+            LATER,
+            EventBody::Comm {
+                process: Task { pid, tgid: 300 },
+                comm: Comm::new(name),
+            },
+        )
+    };
+    let c = e.enrich(&rename(301, b"worker-1")).unwrap();
+    assert_eq!(c.cmdline.as_deref(), Some("odd) comm"));
+    assert_eq!(e.process(300).cmdline.as_deref(), Some("odd) comm"));
+    let c = e.enrich(&rename(300, b"daemon")).unwrap();
+    assert_eq!(c.cmdline.as_deref(), Some("daemon"));
+    assert_eq!(e.process(300).cmdline.as_deref(), Some("daemon"));
+}
