@@ -841,3 +841,65 @@ fn a_long_proc_cgroup_file_is_read_whole() {
     );
     assert_eq!(info.container_id.as_deref(), Some(id.as_str()));
 }
+
+/// A fork storm (`stress-ng --fork 2`) read through a small receive buffer, so that exits
+/// are lost and their entries would stay: the cache never holds more than its capacity,
+/// and what it dropped is counted.
+#[test]
+fn the_cache_stays_bounded_in_a_fork_storm_with_lost_exits() {
+    let Some(_) = kernel_socket("storm_bound") else {
+        return;
+    };
+    if std::process::Command::new("stress-ng")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "stress-ng is required under CI"
+        );
+        eprintln!("storm_bound: SKIPPED, no stress-ng");
+        return;
+    }
+    let mut l = ProcListener::builder()
+        .events(EventSet::FORK | EventSet::EXEC | EventSet::EXIT)
+        .recv_buffer(64 << 10)
+        .open()
+        .unwrap();
+    const CAPACITY: usize = 16;
+    let mut e = Enricher::with_config(cnbus::proc::EnrichConfig {
+        capacity: CAPACITY,
+        read_at_fork: false,
+        ..Default::default()
+    });
+    let mut storm = std::process::Command::new("stress-ng")
+        .args(["--fork", "2", "--timeout", "2", "--quiet"])
+        .spawn()
+        .unwrap();
+    let (mut max_cached, mut losses, mut events) = (0, 0, 0u64);
+    loop {
+        let done = storm.try_wait().unwrap().is_some();
+        match l.recv_timeout(Some(Duration::from_millis(20))).unwrap() {
+            Some(Received::Event(ev)) => {
+                events += 1;
+                e.enrich(&ev);
+                max_cached = max_cached.max(e.stats().cached);
+            }
+            Some(Received::Lost(_)) => {
+                losses += 1;
+                e.note_loss();
+            }
+            None if done => break,
+            None => {}
+        }
+        // The storm's events are read slower than they come: some are lost.
+        if events % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let st = e.stats();
+    eprintln!("{events} events, {losses} loss reports, most cached {max_cached}, {st:?}");
+    assert!(events > 1000, "a storm: {events}");
+    assert!(max_cached <= CAPACITY as u64, "{max_cached}");
+}

@@ -125,7 +125,7 @@ const START_GUARD_NS: u64 = 1_000_000;
 const EXITED_LEADERS: usize = 1024;
 
 /// The least time in which a host hands out one pid: a million forks a second, far beyond
-/// what hosts do (this 2-core one: about 12 000 a second under `stress-ng --fork`, and the
+/// what hosts do (this 2-core one: about 7 000 a second under `stress-ng --fork 2`, and the
 /// kernel's default `pid_max` grows with the CPUs). `pid_max` times this is the least time
 /// in which a pid can be freed and handed out again (see `late`): 33 ms here.
 const NS_PER_PID: u64 = 1000;
