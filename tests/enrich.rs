@@ -463,7 +463,8 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
         .expect("/bin/sleep");
     let target = old.id();
     let mut first = None;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while first.is_none() && std::time::Instant::now() < deadline {
         first = first.or(drain_execs(
             &mut l,
             &mut e,
@@ -519,7 +520,8 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
     }
     let new_key = e.proc_key(target);
     let mut second = None;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while second.is_none() && std::time::Instant::now() < deadline {
         second = second.or(drain_execs(
             &mut l,
             &mut e,
@@ -611,10 +613,8 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
     close(r);
     let (mut fork, mut leader_exit, mut last_exit) = (None, None, None);
     let mut w_open = true;
-    for _ in 0..200 {
-        if last_exit.is_some() {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while last_exit.is_none() && std::time::Instant::now() < deadline {
         // The thread ends the process once the leader's exit has been enriched.
         if leader_exit.is_some() && w_open {
             close(w);
@@ -721,7 +721,8 @@ fn a_late_event_never_reads_the_next_holder_of_its_pid() {
     let old_key = e.proc_key(target).expect("sleep is alive");
     // Its fork and exec, kept for later.
     let mut kept = Vec::new();
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         if let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
         {
             let mine = ev.task().is_some_and(|t| t.tgid == target);
@@ -902,4 +903,121 @@ fn the_cache_stays_bounded_in_a_fork_storm_with_lost_exits() {
     eprintln!("{events} events, {losses} loss reports, most cached {max_cached}, {st:?}");
     assert!(events > 1000, "a storm: {events}");
     assert!(max_cached <= CAPACITY as u64, "{max_cached}");
+}
+
+/// What `thread_execs`' second thread runs: waits for EOF on the pipe, then execs
+/// `/bin/sleep 1` (raw system calls only).
+extern "C" fn exec_from_thread(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ExecArgs the parent prepared before the fork, alive in
+    // the child's copy of its memory; `b` is valid for one byte of writes.
+    unsafe {
+        let a = &*(arg as *const ExecArgs);
+        let mut b = [0u8; 1];
+        libc::read(a.fd, b.as_mut_ptr().cast(), 1);
+        libc::execv(a.path, a.argv.as_ptr());
+        libc::syscall(libc::SYS_exit_group, 9);
+    }
+    0
+}
+
+struct ExecArgs {
+    fd: i32,
+    path: *const libc::c_char,
+    argv: [*const libc::c_char; 3],
+}
+
+/// A process whose second thread execs (Go's `syscall.Exec` runs on any thread): the
+/// kernel ends the leader (an exit event for the process's pid), gives the thread the
+/// leader's pid and start time, then sends the exec. The key stays the same through all of
+/// it, and the exec reads the new image.
+#[test]
+fn an_exec_from_a_thread_keeps_the_key_and_reads_the_new_image() {
+    let Some(mut l) = open(
+        "thread_exec",
+        EventSet::FORK | EventSet::EXEC | EventSet::EXIT,
+    ) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let (r, w) = pipe();
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let (a0, a1) = (
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("1").unwrap(),
+    );
+    let args = ExecArgs {
+        fd: r,
+        path: path.as_ptr(),
+        argv: [a0.as_ptr(), a1.as_ptr(), std::ptr::null()],
+    };
+    let mut stack = vec![0u8; 256 << 10];
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs only async-signal-safe system calls (close, clone, pause,
+    // read, execv) on data prepared before the fork; the thread has its own stack.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(w);
+            let flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            let arg = &args as *const ExecArgs as *mut libc::c_void;
+            if libc::clone(exec_from_thread, top as *mut libc::c_void, flags, arg) < 0 {
+                libc::_exit(9);
+            }
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let child = child as u32;
+    close(r);
+    let (mut fork, mut exec, mut exits) = (None, None, Vec::new());
+    let mut w_open = true;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while exits.len() < 2 && std::time::Instant::now() < deadline {
+        // The thread execs once the fork has been enriched.
+        if fork.is_some() && w_open {
+            close(w);
+            w_open = false;
+        }
+        let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        else {
+            continue;
+        };
+        let info = e.enrich(&ev);
+        match ev.body {
+            EventBody::Fork { child: c, .. } if c.tgid == child && !c.is_thread() => fork = info,
+            EventBody::Exec { process } if process.tgid == child => exec = info,
+            EventBody::Exit { process, .. } if process.tgid == child && !process.is_thread() => {
+                exits.push(info.unwrap())
+            }
+            _ => {}
+        }
+    }
+    if w_open {
+        close(w);
+    }
+    reap(child);
+    let fork = fork.expect("fork seen");
+    let exec = exec.expect("exec seen");
+    assert_eq!(
+        exits.len(),
+        2,
+        "the leader's end and the process's: {exits:?}"
+    );
+    assert_eq!(exec.process_key, fork.process_key);
+    assert_eq!(
+        (exec.cmdline.as_deref(), exec.cmdline_source),
+        (Some("sleep 1"), InfoSource::Proc)
+    );
+    assert_eq!(exits[0].process_key, fork.process_key);
+    assert_eq!(exits[0].cmdline, fork.cmdline);
+    assert_eq!(exits[1].process_key, fork.process_key);
+    assert_eq!(exits[1].cmdline.as_deref(), Some("sleep 1"));
 }
