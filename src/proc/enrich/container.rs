@@ -111,6 +111,24 @@ fn component_container(comp: &str) -> Option<ContainerMatch<'_>> {
         .and_then(|p| found(p.runtime, id))
 }
 
+/// The paths of the `name=systemd` line and of the cgroup v2 line (`0::`) of the text of
+/// `/proc/<pid>/cgroup`.
+pub(super) fn cgroup_lines(text: &str) -> (Option<&str>, Option<&str>) {
+    let (mut systemd, mut unified) = (None, None);
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if ctl == "name=systemd" && systemd.is_none() {
+            systemd = Some(path);
+        } else if ctl.is_empty() && unified.is_none() {
+            unified = Some(path);
+        }
+    }
+    (systemd, unified)
+}
+
 /// The 64-hex container id of a cgroup path (see [`container_of`]).
 pub fn container_id(cgroup: &str) -> Option<&str> {
     container_of(cgroup).map(|m| m.id)
@@ -124,19 +142,7 @@ pub fn container_id(cgroup: &str) -> Option<&str> {
 /// deeper v2 path gives the v2 path. `None` when neither line is present. A path whose
 /// cgroup was removed ends in ` (deleted)`, kept as the kernel says it.
 pub fn parse_cgroup(text: &str) -> Option<&str> {
-    let (mut systemd, mut unified) = (None, None);
-    for line in text.lines() {
-        let mut f = line.splitn(3, ':');
-        let (Some(_id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if ctl == "name=systemd" && systemd.is_none() {
-            systemd = Some(path);
-        } else if ctl.is_empty() && unified.is_none() {
-            unified = Some(path);
-        }
-    }
-    match (systemd, unified) {
+    match cgroup_lines(text) {
         (Some("/"), Some(u)) if u != "/" => Some(u),
         (Some(s), _) => Some(s),
         (None, u) => u,

@@ -159,15 +159,17 @@ impl Enricher {
             parent_key,
             ..ProcessInfo::unknown()
         };
-        self.read_cgroup(pid, &mut info);
+        self.read_cgroup(pid, st.exiting, &mut info);
         self.read_pidns(pid, &mut info);
         (info.cmdline, info.cmdline_source) = self.read_cmdline(pid);
         Some(info)
     }
 
     /// Reads the cgroup into `info`; false (and `info` unchanged) when the process is gone.
-    pub(super) fn read_cgroup(&mut self, pid: u32, info: &mut ProcessInfo) -> bool {
-        let Some(path) = self.fs.cgroup(pid) else {
+    /// An `exiting` task has only its cgroup v2 line to go by (see `ProcFs::cgroup`):
+    /// without one, its cgroup is gone with it.
+    pub(super) fn read_cgroup(&mut self, pid: u32, exiting: bool, info: &mut ProcessInfo) -> bool {
+        let Some(path) = self.fs.cgroup(pid, exiting) else {
             if self.fs.denied && info.cgroup_source == InfoSource::Exited {
                 info.cgroup_source = InfoSource::Denied;
             }
@@ -272,7 +274,7 @@ impl Enricher {
             (read || !inherit_cmdline) && self.late() && self.pid_reused(pid, Some(start_ticks));
         let read = read && !reused;
         let failed_before = self.fs.failed;
-        let mut have_cgroup = read && self.read_cgroup(pid, &mut info);
+        let mut have_cgroup = read && self.read_cgroup(pid, false, &mut info);
         // A child gone before its cgroup could be read is gone for its namespace too: one
         // failed read is enough (most children of a fork storm are gone by then).
         let gone = self.fs.failed > failed_before && !self.fs.denied;
@@ -350,7 +352,7 @@ impl Enricher {
             info.container_id.clone(),
             info.cgroup_source,
         );
-        if self.read_cgroup(pid, &mut info)
+        if self.read_cgroup(pid, false, &mut info)
             && info.cgroup.as_deref() == Some("/")
             && before.0.as_deref().is_some_and(|c| c != "/")
         {

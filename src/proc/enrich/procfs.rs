@@ -12,7 +12,13 @@ pub(crate) struct Stat {
     pub ppid: u32,
     /// Field 22: start time in clock ticks since boot.
     pub start_ticks: u64,
+    /// Field 9 (the task's flags) has `PF_EXITING`: the task is exiting or a zombie, and
+    /// the kernel shows it in the root of every cgroup v1 hierarchy.
+    pub exiting: bool,
 }
+
+/// `PF_EXITING` in include/linux/sched.h.
+const PF_EXITING: u64 = 0x4;
 
 /// Parses `/proc/<pid>/stat`: `pid (comm) state ppid …`. The comm may hold spaces and
 /// parentheses, so fields are counted after the **last** `)`.
@@ -20,10 +26,15 @@ pub(crate) fn parse_stat(buf: &[u8]) -> Option<Stat> {
     let close = buf.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&buf[close + 1..]).ok()?;
     let mut f = rest.split_ascii_whitespace();
-    // After the comm: state(3) ppid(4) … starttime(22) is the 20th.
+    // After the comm: state(3) ppid(4) … flags(9) … starttime(22) is the 20th.
     let ppid = f.nth(1)?.parse().ok()?;
-    let start_ticks = f.nth(17)?.parse().ok()?;
-    Some(Stat { ppid, start_ticks })
+    let flags: u64 = f.nth(4)?.parse().ok()?;
+    let start_ticks = f.nth(12)?.parse().ok()?;
+    Some(Stat {
+        ppid,
+        start_ticks,
+        exiting: flags & PF_EXITING != 0,
+    })
 }
 
 /// The last field of the `NSpid:` line of `/proc/<pid>/status`: the pid as seen in the
@@ -77,7 +88,7 @@ pub(crate) struct ProcFs {
     /// Files that could not be read (the process was gone, or never existed, or `/proc`
     /// refused).
     pub failed: u64,
-    /// The last failed read was refused (`EACCES` / `EPERM`), not missing.
+    /// The last read failed because it was refused (`EACCES` / `EPERM`), not missing.
     pub denied: bool,
 }
 
@@ -125,6 +136,7 @@ impl ProcFs {
         match r {
             Ok(_) => {
                 self.reads += 1;
+                self.denied = false;
                 Some(&self.buf)
             }
             Err(e) => {
@@ -154,8 +166,9 @@ impl ProcFs {
         self.read(pid, "comm", 64).and_then(parse_comm)
     }
 
-    /// The cgroup path (see [`parse_cgroup`](super::container::parse_cgroup)).
-    pub fn cgroup(&mut self, pid: u32) -> Option<String> {
+    /// The cgroup path (see [`parse_cgroup`](super::container::parse_cgroup)); of an
+    /// `exiting` task only the cgroup v2 line, since the v1 lines show it in the root.
+    pub fn cgroup(&mut self, pid: u32, exiting: bool) -> Option<String> {
         let b = self.read(pid, "cgroup", CGROUP_MAX)?;
         // A file cut at the limit ends in part of a line, whose path would be a wrong
         // one (a prefix of the real path): only whole lines count.
@@ -165,7 +178,12 @@ impl ProcFs {
             b.len()
         };
         let text = String::from_utf8_lossy(&b[..whole]);
-        super::container::parse_cgroup(&text).map(str::to_string)
+        let path = if exiting {
+            super::container::cgroup_lines(&text).1
+        } else {
+            super::container::parse_cgroup(&text)
+        };
+        path.map(str::to_string)
     }
 
     /// The innermost pid-namespace pid (`NSpid` of `status`).
@@ -179,6 +197,7 @@ impl ProcFs {
         match crate::sys::ns_inode_of(&self.path) {
             Ok(ino) => {
                 self.reads += 1;
+                self.denied = false;
                 Some(ino)
             }
             Err(e) => {
@@ -202,11 +221,15 @@ mod tests {
                 parse_stat(s.as_bytes()),
                 Some(Stat {
                     ppid: 77,
-                    start_ticks: 123456
+                    start_ticks: 123456,
+                    exiting: false,
                 }),
                 "{comm:?}"
             );
         }
+        // A zombie's flags (seen here: 0x40804c).
+        let z = "42 (sh) Z 77 1 1 0 -1 4227148 100 0 0 0 1 2 0 0 20 0 1 0 123456 0 0 0\n";
+        assert!(parse_stat(z.as_bytes()).unwrap().exiting);
         // Invalid UTF-8 in the comm does not matter.
         let mut b = b"42 (\xff\xfe) ".to_vec();
         b.extend_from_slice(tail.as_bytes());
@@ -262,7 +285,8 @@ mod tests {
         assert_eq!(st.ppid, std::os::unix::process::parent_id());
         assert!(p.cmdline(me, 4096).unwrap().is_some());
         assert!(p.comm(me).is_some());
-        assert!(p.cgroup(me).is_some());
+        assert!(p.cgroup(me, false).is_some());
+        assert!(!st.exiting);
         assert!(p.pidns(me).is_some());
         assert!(p.ns_pid(me).is_some());
         // A limit of 0 reads nothing (before, one byte); a small one cuts the text.

@@ -744,3 +744,38 @@ fn a_threads_new_name_does_not_rename_its_process() {
     assert_eq!(c.cmdline.as_deref(), Some("daemon"));
     assert_eq!(e.process(300).cmdline.as_deref(), Some("daemon"));
 }
+
+/// The kernel shows an exiting task (a zombie, `PF_EXITING` in its flags) in the root of
+/// every cgroup v1 hierarchy; only the v2 line keeps its cgroup. A process first read at
+/// its exit on a host with no v2 line was reported in `/`, read from `/proc`: a container's
+/// process as the host's. Its cgroup is now unknown, said so (`exited`).
+#[test]
+fn an_exiting_process_read_on_cgroup_v1_is_not_put_in_the_root() {
+    let p = FakeProc::new("exiting-v1");
+    p.add(100, 1, 500, b"", "/", PID_INIT_INO, 100);
+    // A zombie (flags 0x40804c, as seen here) on a v1-only host: the root everywhere.
+    let zombie = "100 (sh) Z 1 1 1 0 -1 4227148 100 0 0 0 1 2 0 0 20 0 1 0 500 0 0 0\n";
+    p.set(100, "stat", zombie.as_bytes());
+    p.set(100, "cgroup", b"9:name=systemd:/\n4:memory:/\n");
+    let mut e = p.enricher(true);
+    let z = e.enrich(&exit(100)).unwrap();
+    assert_eq!(z.process_key.unwrap().start_ticks, 500);
+    assert_eq!(
+        (z.cgroup, z.container_id, z.cgroup_source),
+        (None, None, InfoSource::Exited)
+    );
+    // With a v2 line, that line is the answer, the root included.
+    p.set(
+        100,
+        "cgroup",
+        format!("9:name=systemd:/\n0::/{ID}\n").as_bytes(),
+    );
+    let z = e.enrich(&exit(100)).unwrap();
+    assert_eq!(z.container_id.as_deref(), Some(ID));
+    p.set(100, "cgroup", b"9:name=systemd:/\n0::/\n");
+    let z = e.enrich(&exit(100)).unwrap();
+    assert_eq!(
+        (z.cgroup.as_deref(), z.cgroup_source),
+        (Some("/"), InfoSource::Proc)
+    );
+}
