@@ -58,8 +58,9 @@ impl Enricher {
 
     /// True when the event being enriched is older than the least time in which its pid
     /// could have been freed and handed out again (`pid_max` forks): its process may be
-    /// gone and `/proc/<pid>` another process's, so reads for it are checked against the
-    /// start time first (one more read of `stat`, only for an enricher that far behind).
+    /// gone and `/proc/<pid>` another process's, so reads for it that succeeded are
+    /// checked against the start time (one more read of `stat`, only for an enricher that
+    /// far behind).
     fn late(&self) -> bool {
         self.event_ns
             .is_some_and(|ts| crate::sys::monotonic_ns().saturating_sub(ts) > self.pid_cycle_ns)
@@ -77,6 +78,14 @@ impl Enricher {
             (Some(_), None) => true,
             (None, _) => false,
         }
+    }
+
+    /// True when `/proc/<pid>/stat` shows the process whose start ticks are `start` (or
+    /// one started earlier: a fork-derived key can be a tick late). Checked after reads
+    /// for a late event: the process was there when it was checked, so it was there for
+    /// the reads before; gone, or a later process, and the reads may have been another's.
+    fn same_process(&mut self, pid: u32, start: Option<u64>) -> bool {
+        matches!((self.fs.stat(pid), start), (Some(st), Some(s)) if st.start_ticks <= s)
     }
 
     pub(super) fn info(&mut self, pid: u32) -> ProcessInfo {
@@ -268,12 +277,7 @@ impl Enricher {
         let inherit_cmdline = parent
             .as_ref()
             .is_some_and(|p| matches!(p.cmdline_source, InfoSource::Proc | InfoSource::Inherited));
-        // Late, the child may be gone and its pid another process's: then nothing of
-        // `/proc/<pid>` is the child's.
-        let reused =
-            (read || !inherit_cmdline) && self.late() && self.pid_reused(pid, Some(start_ticks));
-        let read = read && !reused;
-        let failed_before = self.fs.failed;
+        let (reads_before, failed_before) = (self.fs.reads, self.fs.failed);
         let mut have_cgroup = read && self.read_cgroup(pid, false, &mut info);
         // A child gone before its cgroup could be read is gone for its namespace too: one
         // failed read is enough (most children of a fork storm are gone by then).
@@ -291,6 +295,25 @@ impl Enricher {
                 }
             }
         }
+        let mut have_pidns = read && !gone && self.read_pidns(pid, &mut info);
+        (info.cmdline, info.cmdline_source) = match parent.as_ref() {
+            Some(p) if inherit_cmdline => (p.cmdline.clone(), InfoSource::Inherited),
+            _ => self.read_cmdline(pid),
+        };
+        // Late, the child may be gone and its pid another process's: then nothing read
+        // from `/proc/<pid>` is the child's.
+        if self.fs.reads > reads_before && self.late() && !self.same_process(pid, Some(start_ticks))
+        {
+            let unknown = ProcessInfo::unknown();
+            (info.cgroup, info.container_id, info.cgroup_source) =
+                (unknown.cgroup, unknown.container_id, unknown.cgroup_source);
+            (info.pidns, info.ns_pid, info.pidns_source) =
+                (unknown.pidns, unknown.ns_pid, unknown.pidns_source);
+            if !inherit_cmdline {
+                (info.cmdline, info.cmdline_source) = (None, InfoSource::Exited);
+            }
+            (have_cgroup, have_pidns) = (false, false);
+        }
         if !have_cgroup {
             if let Some(p) = parent.as_ref().filter(|p| p.cgroup.is_some()) {
                 info.cgroup = p.cgroup.clone();
@@ -298,18 +321,13 @@ impl Enricher {
                 info.cgroup_source = InfoSource::Inherited;
             }
         }
-        if !(read && !gone && self.read_pidns(pid, &mut info)) {
+        if !have_pidns {
             if let Some(p) = parent.as_ref().filter(|p| p.pidns.is_some()) {
                 info.pidns = p.pidns;
                 info.ns_pid = (p.pidns == Some(PID_INIT_INO)).then_some(pid);
                 info.pidns_source = InfoSource::Inherited;
             }
         }
-        (info.cmdline, info.cmdline_source) = match parent.as_ref() {
-            Some(p) if inherit_cmdline => (p.cmdline.clone(), InfoSource::Inherited),
-            _ if reused => (None, InfoSource::Exited),
-            _ => self.read_cmdline(pid),
-        };
         self.insert(pid, info.clone());
         info
     }
@@ -322,27 +340,16 @@ impl Enricher {
             // Not cached: everything is read now.
             return self.info(pid);
         };
-        // Late, the process may be gone and its pid another's: then it is an exec of a
-        // gone process, whose new command line nobody can read any more.
-        let reused = self.late() && self.pid_reused(pid, start);
-        let (cmdline, source) = if reused {
-            (None, InfoSource::Exited)
-        } else {
-            self.read_cmdline(pid)
-        };
+        let reads_before = self.fs.reads;
+        let (cmdline, source) = self.read_cmdline(pid);
         let mut info = match self.cache.get_mut(pid) {
             Some(e) => e.info.clone(),
             None => return self.info(pid),
         };
         self.stats.hits += 1;
+        let cached = info.clone();
         info.cmdline = cmdline;
         info.cmdline_source = source;
-        if reused {
-            if let Some(e) = self.cache.get_mut(pid) {
-                e.info = info.clone();
-            }
-            return info;
-        }
         // The cgroup can change at any time (no event says so): refresh it, unless the
         // read says the root while the entry knew better (on a v1-only host an exiting
         // task reads as in the root). The pid namespace cannot change; read it only if it
@@ -360,6 +367,16 @@ impl Enricher {
         }
         if info.pidns_source != InfoSource::Proc {
             self.read_pidns(pid, &mut info);
+        }
+        // Late, the process may be gone and its pid another's: then it is an exec of a
+        // gone process, whose new command line nobody can read any more, and nothing read
+        // is its.
+        if self.fs.reads > reads_before && self.late() && !self.same_process(pid, start) {
+            info = ProcessInfo {
+                cmdline: None,
+                cmdline_source: InfoSource::Exited,
+                ..cached
+            };
         }
         if let Some(e) = self.cache.get_mut(pid) {
             e.info = info.clone();
