@@ -111,7 +111,7 @@ impl Enricher {
     /// the process with its exit status. `/proc/<tgid>` is then the zombie leader's,
     /// with no command line left (only the comm) and, on cgroup v1, the root cgroup, so
     /// the process's info from before the leader's exit is the answer, unless its pid
-    /// now belongs to a later process.
+    /// now belongs to a later process. (Kept for processes seen creating a thread.)
     pub(super) fn known(&mut self, task: Task) -> Option<ProcessInfo> {
         let info = match self.cached(task.tgid) {
             Some(e) => e.info.clone(),
@@ -139,7 +139,12 @@ impl Enricher {
 
     pub(super) fn insert(&mut self, pid: u32, info: ProcessInfo) {
         let epoch = self.epoch;
-        if self.cache.insert(pid, Entry { info, epoch }).is_some() {
+        let entry = Entry {
+            info,
+            epoch,
+            threaded: false,
+        };
+        if self.cache.insert(pid, entry).is_some() {
             self.stats.stale += 1;
         }
     }

@@ -71,6 +71,8 @@ struct Entry {
     info: ProcessInfo,
     /// The loss epoch in which the entry was last known good.
     epoch: u64,
+    /// A thread of the process was seen created: its threads may outlive its leader.
+    threaded: bool,
 }
 
 /// Enriches proc events with process attributes. See the [module documentation](self).
@@ -226,10 +228,19 @@ impl Enricher {
                     .known(process)
                     .unwrap_or_else(|| self.read_uncached(process.tgid));
                 if !process.is_thread() {
-                    self.cache.remove(process.tgid);
-                    if info.process_key.is_some() {
+                    // A process seen making threads is remembered for them; the others
+                    // (most, and every child of a fork storm) cost nothing more.
+                    let threaded = self.cache.remove(process.tgid).is_some_and(|e| e.threaded);
+                    if threaded && info.process_key.is_some() {
                         self.exited.insert(process.tgid, info.clone());
                     }
+                }
+                info
+            }
+            EventBody::Fork { child, .. } => {
+                let info = self.task_info(child);
+                if let Some(e) = self.cache.get_mut(child.tgid) {
+                    e.threaded = true;
                 }
                 info
             }

@@ -540,6 +540,18 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
     let mut e = p.enricher(true);
     let a = e.enrich(&exec(100)).unwrap();
     assert_eq!(a.container_id.as_deref(), Some(ID));
+    // Its second thread.
+    let thread_fork = ev(
+        LATER,
+        EventBody::Fork {
+            parent: t(100),
+            child: Task {
+                pid: 105,
+                tgid: 100,
+            },
+        },
+    );
+    assert_eq!(e.enrich(&thread_fork).unwrap(), a);
     let leader_exit = e.enrich(&exit(100)).unwrap();
     assert_eq!(leader_exit, a);
     // The zombie leader, as a v1-only host shows it.
@@ -571,6 +583,16 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
     let mut e = p.enricher(true);
     p.add(200, 1, 500, b"old\0", "/", PID_INIT_INO, 200);
     e.enrich(&exec(200)).unwrap();
+    e.enrich(&ev(
+        LATER,
+        EventBody::Fork {
+            parent: t(200),
+            child: Task {
+                pid: 205,
+                tgid: 200,
+            },
+        },
+    ));
     e.enrich(&exit(200)).unwrap();
     let f = e.enrich(&fork(7_005_000_000, 100, 200)).unwrap();
     e.cache.remove(200); // evicted, say
