@@ -335,3 +335,694 @@ fn host_processes_have_no_container() {
     assert_eq!(me.cmdline_source, InfoSource::Proc);
     assert_eq!(me.process_key, e.proc_key(my_pid()));
 }
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on a v2 host, `/sys/fs/cgroup/unified` on a
+/// hybrid one), from `/proc/self/mounts`.
+fn cgroup2_mount() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+    })
+}
+
+/// Waits until our child `pid` is a zombie, without reaping it.
+fn wait_zombie(pid: u32) {
+    // SAFETY: `info` is valid for writes; WNOWAIT leaves the child waitable.
+    let r = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+    };
+    assert_eq!(r, 0, "waitid: {}", std::io::Error::last_os_error());
+}
+
+/// A zombie whose container cgroup was already removed (the runtime deletes the cgroup once
+/// no live task is left in it): the kernel shows its cgroup v2 path with ` (deleted)`
+/// appended. It is still the container's process. Before the fix the suffix made the last
+/// component no container id: `container_id` was `null` for such exits read from `/proc`.
+#[test]
+fn a_zombie_in_a_removed_container_cgroup_keeps_its_container() {
+    if kernel_socket("removed_cgroup").is_none() {
+        return;
+    }
+    let Some(root) = cgroup2_mount() else {
+        // A host fact, not a failure: without cgroup v2 there is no ` (deleted)`.
+        eprintln!("removed_cgroup: SKIPPED, no cgroup2 mount");
+        return;
+    };
+    // A 64-hex directory name of our own, like runc's default `cgroupsPath`.
+    let id = format!(
+        "{:032x}{:032x}",
+        u128::from(my_pid()),
+        u128::from(cnbus::sys::monotonic_ns())
+    );
+    let dir = std::path::Path::new(&root).join(&id);
+    std::fs::create_dir(&dir).unwrap();
+    let (r, w) = pipe();
+    let child = fork_child((r, w));
+    std::fs::write(dir.join("cgroup.procs"), child.to_string()).unwrap();
+    let alive = Enricher::new().process(child);
+    // SAFETY: signals our own child.
+    assert_eq!(unsafe { libc::kill(child as i32, libc::SIGKILL) }, 0);
+    wait_zombie(child);
+    let removed = std::fs::remove_dir(&dir);
+    let zombie = Enricher::new().process(child);
+    reap(child);
+    close(w);
+    close(r);
+    if removed.is_err() {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    removed.unwrap();
+    assert_eq!(
+        alive.container_id.as_deref(),
+        Some(id.as_str()),
+        "{alive:?}"
+    );
+    let cgroup = zombie.cgroup.as_deref().unwrap_or_default();
+    assert!(cgroup.ends_with(" (deleted)"), "{zombie:?}");
+    assert_eq!(zombie.cgroup_source, InfoSource::Proc);
+    assert_eq!(
+        zombie.container_id.as_deref(),
+        Some(id.as_str()),
+        "{zombie:?}"
+    );
+    assert_eq!(zombie.process_key, alive.process_key);
+}
+
+/// Feeds every queued event to `e`; returns the info of the first exec of `pid` (if any).
+fn drain_execs(
+    l: &mut ProcListener,
+    e: &mut Enricher,
+    pid: u32,
+    wait: Duration,
+) -> Option<ProcessInfo> {
+    let mut first = true;
+    let mut found = None;
+    loop {
+        let r = if first {
+            first = false;
+            l.recv_timeout(Some(wait)).unwrap()
+        } else {
+            l.try_recv().unwrap()
+        };
+        match r {
+            None => return found,
+            Some(Received::Lost(loss)) => {
+                eprintln!("note: {loss:?}");
+                e.note_loss();
+            }
+            Some(Received::Event(ev)) => {
+                let info = e.enrich(&ev);
+                if let EventBody::Exec { process } = ev.body {
+                    if process.tgid == pid && found.is_none() {
+                        found = info;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stream without forks and exits (`proctrace -e exec`, the kernel filtering): the cache
+/// never hears that a process exited, so when its pid comes back the entry is another
+/// process's. Before the fix the new process's exec got the old process's key (and parent
+/// key and pid namespace): two processes with one key. An exec now checks the start time.
+#[test]
+fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
+    let Some(mut l) = open("exec_only_reuse", EventSet::EXEC) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let mut old = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .expect("/bin/sleep");
+    let target = old.id();
+    let mut first = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while first.is_none() && std::time::Instant::now() < deadline {
+        first = first.or(drain_execs(
+            &mut l,
+            &mut e,
+            target,
+            Duration::from_millis(100),
+        ));
+        if first.is_some() {
+            break;
+        }
+    }
+    let first = first.expect("the exec of /bin/sleep was not seen");
+    let old_key = first.process_key.expect("sleep is alive: its key is read");
+    old.kill().unwrap();
+    old.wait().unwrap();
+    // Cycle the pids until one of our children gets `target` again; that one execs sleep.
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let args = [
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("1000").unwrap(),
+    ];
+    let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let mut reused = false;
+    for i in 0..4 * pid_max {
+        // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
+        // data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: as above; `argv` is a NULL-terminated array of C strings.
+            unsafe {
+                if libc::getpid() as u32 == target {
+                    libc::execv(path.as_ptr(), argv.as_ptr());
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid as u32 == target {
+            reused = true;
+            break;
+        }
+        reap(pid as u32);
+        if i % 512 == 0 {
+            drain_execs(&mut l, &mut e, target, Duration::ZERO);
+        }
+    }
+    if !reused {
+        eprintln!("exec_only_reuse: SKIPPED, pid {target} did not come back to this test");
+        return;
+    }
+    let new_key = e.proc_key(target);
+    let mut second = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while second.is_none() && std::time::Instant::now() < deadline {
+        second = second.or(drain_execs(
+            &mut l,
+            &mut e,
+            target,
+            Duration::from_millis(100),
+        ));
+        if second.is_some() {
+            break;
+        }
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(target as i32, libc::SIGKILL) };
+    reap(target);
+    let second = second.expect("the exec of the reused pid was not seen");
+    eprintln!(
+        "pid {target}: {old_key} then {:?}; {:?}",
+        second.process_key,
+        e.stats()
+    );
+    assert!(new_key.is_some());
+    assert_ne!(second.process_key, Some(old_key), "two processes, one key");
+    assert_eq!(second.process_key, new_key);
+    assert_eq!(second.cmdline.as_deref(), Some("sleep 1000"));
+    assert_eq!(second.parent_key, e.proc_key(my_pid()));
+}
+
+/// The second thread of `leader_exits_first`'s child: waits for EOF on the pipe, then ends
+/// the process with status 3. Raw system calls only (it shares the exited leader's TLS).
+extern "C" fn last_thread(fd: *mut libc::c_void) -> libc::c_int {
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is valid for one byte of writes; exit_group ends the process.
+    unsafe {
+        libc::read(fd as usize as i32, b.as_mut_ptr().cast(), 1);
+        libc::syscall(libc::SYS_exit_group, 3);
+    }
+    0
+}
+
+/// `fork()` a child whose leader starts a second thread (raw `clone`) and exits alone
+/// (`SYS_exit`, as `pthread_exit` does); the thread ends the process when every write end
+/// of `r`'s pipe is closed.
+fn leader_exits_first((r, w): (i32, i32), stack: &mut [u8]) -> u32 {
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs only async-signal-safe system calls (close, clone, exit) on
+    // data prepared before the fork; the thread gets its own stack, a copy of `stack`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(w);
+            let flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            if libc::clone(
+                last_thread,
+                top as *mut libc::c_void,
+                flags,
+                r as usize as *mut libc::c_void,
+            ) < 0
+            {
+                libc::_exit(9);
+            }
+            libc::syscall(libc::SYS_exit, 0);
+        }
+        unreachable!();
+    }
+    pid as u32
+}
+
+/// A leader that exits before its process's other thread (`pthread_exit` in `main`): the
+/// kernel sends a process exit for the leader, and the last thread's exit (a thread's
+/// event) ends the process with its status. By then `/proc/<pid>` is the zombie leader's,
+/// without a command line. Before the fix the last exit, the one with the exit status,
+/// was read from there: the comm instead of the command line (and on a cgroup v1 host the
+/// root cgroup, so no container).
+#[test]
+fn threads_that_outlive_their_leader_keep_the_process_info() {
+    let Some(mut l) = open("leader_exit", EventSet::FORK | EventSet::EXIT) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let (r, w) = pipe();
+    let mut stack = vec![0u8; 256 << 10];
+    let child = leader_exits_first((r, w), &mut stack);
+    close(r);
+    let (mut fork, mut leader_exit, mut last_exit) = (None, None, None);
+    let mut w_open = true;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while last_exit.is_none() && std::time::Instant::now() < deadline {
+        // The thread ends the process once the leader's exit has been enriched.
+        if leader_exit.is_some() && w_open {
+            close(w);
+            w_open = false;
+        }
+        let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        else {
+            continue;
+        };
+        let info = e.enrich(&ev);
+        match ev.body {
+            EventBody::Fork { parent, child: c } if c.tgid == child && !c.is_thread() => {
+                assert_eq!(parent.tgid, my_pid());
+                fork = info;
+            }
+            EventBody::Exit {
+                process, status, ..
+            } if process.tgid == child => {
+                if process.is_thread() {
+                    assert_eq!(status.code(), Some(3));
+                    last_exit = info;
+                } else {
+                    leader_exit = info;
+                }
+            }
+            _ => {}
+        }
+    }
+    if w_open {
+        close(w);
+    }
+    let mut st = 0;
+    // SAFETY: waits for our own child; `st` is valid for writes.
+    unsafe { libc::waitpid(child as i32, &mut st, 0) };
+    let fork = fork.expect("fork seen");
+    let leader_exit = leader_exit.expect("leader exit seen");
+    let last_exit = last_exit.expect("last thread's exit seen");
+    assert_eq!(libc::WEXITSTATUS(st), 3);
+    assert_eq!(leader_exit.process_key, fork.process_key);
+    assert_eq!(last_exit.process_key, fork.process_key);
+    assert_eq!(
+        (last_exit.cmdline.as_deref(), last_exit.cmdline_source),
+        (fork.cmdline.as_deref(), InfoSource::Inherited),
+        "{last_exit:?}"
+    );
+    assert_eq!(last_exit.cgroup, fork.cgroup);
+}
+
+/// Cycles the pids with children that exit at once until one gets `target`; that one execs
+/// `/bin/sleep 999` and is returned (`None` if the pid never came back to this test).
+fn take_pid(target: u32) -> Option<u32> {
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let args = [
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("999").unwrap(),
+    ];
+    let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
+    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    for _ in 0..4 * pid_max {
+        // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
+        // data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: as above; `argv` is a NULL-terminated array of C strings.
+            unsafe {
+                if libc::getpid() as u32 == target {
+                    libc::execv(path.as_ptr(), argv.as_ptr());
+                }
+                libc::_exit(0);
+            }
+        }
+        if pid as u32 == target {
+            return Some(target);
+        }
+        reap(pid as u32);
+    }
+    None
+}
+
+/// An enricher a whole pid cycle behind (a big receive buffer, a fork storm): when it gets
+/// to a process's fork and exec, the process is gone and its pid belongs to another. What
+/// `/proc/<pid>` says then is the other process's: before the fix the fork was given its
+/// cgroup and pid namespace and the exec its command line, under the first process's key.
+/// Now a late event's reads are checked against the process's start time (the event's
+/// process started before the event; a fork's child no later than the event's tick).
+#[test]
+fn a_late_event_never_reads_the_next_holder_of_its_pid() {
+    let Some(mut l) = open(
+        "late_reads",
+        EventSet::FORK | EventSet::EXEC | EventSet::EXIT,
+    ) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let mut old = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .expect("/bin/sleep");
+    let target = old.id();
+    let old_key = e.proc_key(target).expect("sleep is alive");
+    // Its fork and exec, kept for later.
+    let mut kept = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        {
+            let mine = ev.task().is_some_and(|t| t.tgid == target);
+            let exec = matches!(ev.body, EventBody::Exec { .. });
+            kept.push(ev);
+            if mine && exec {
+                break;
+            }
+        }
+    }
+    old.kill().unwrap();
+    old.wait().unwrap();
+    let Some(new) = take_pid(target) else {
+        eprintln!("late_reads: SKIPPED, pid {target} did not come back to this test");
+        return;
+    };
+    let new_key = e.proc_key(new);
+    // Now the enricher gets to the old events.
+    let (mut fork, mut exec) = (None, None);
+    for ev in &kept {
+        let info = e.enrich(ev);
+        match ev.body {
+            EventBody::Fork { child, .. } if child.tgid == target => fork = info,
+            EventBody::Exec { process } if process.tgid == target => exec = info,
+            _ => {}
+        }
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(new as i32, libc::SIGKILL) };
+    reap(new);
+    let fork = fork.expect("fork kept");
+    let exec = exec.expect("exec kept");
+    eprintln!("old {old_key}, new {new_key:?}\nfork {fork:?}\nexec {exec:?}");
+    assert_ne!(new_key, Some(old_key));
+    assert_eq!(fork.process_key, Some(old_key));
+    assert_ne!(fork.cgroup_source, InfoSource::Proc, "{fork:?}");
+    assert_ne!(fork.pidns_source, InfoSource::Proc, "{fork:?}");
+    assert_eq!(exec.process_key, Some(old_key));
+    assert_ne!(exec.cmdline.as_deref(), Some("sleep 999"));
+    assert_eq!(exec.cmdline_source, InfoSource::Exited, "{exec:?}");
+}
+
+/// Mount points of the cgroup v1 hierarchies with `controller` among their options.
+fn cgroup1_mount(controller: &str) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == controller))
+            .then(|| f[1].to_string())
+    })
+}
+
+/// Creates `path` (relative, `/`-separated) under `root`, moves `pid` there; the
+/// directories made, deepest first, for removal.
+fn enter_cgroup(root: &str, path: &str, pid: u32) -> Vec<std::path::PathBuf> {
+    let mut made = Vec::new();
+    let mut dir = std::path::PathBuf::from(root);
+    for comp in path.split('/').filter(|c| !c.is_empty()) {
+        dir.push(comp);
+        std::fs::create_dir(&dir).unwrap();
+        made.push(dir.clone());
+    }
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    made.reverse();
+    made
+}
+
+/// On a cgroup v1 (hybrid) host, deep paths in a few hierarchies make `/proc/<pid>/cgroup`
+/// longer than the 8 KiB the enricher read: the v2 line, last, was cut and the prefix of
+/// its path was reported as the process's cgroup (read from `/proc`), without its
+/// container.
+#[test]
+fn a_long_proc_cgroup_file_is_read_whole() {
+    if kernel_socket("long_cgroup").is_none() {
+        return;
+    }
+    let v1: Vec<String> = ["pids", "cpu", "blkio"]
+        .iter()
+        .filter_map(|c| cgroup1_mount(c))
+        .collect();
+    let (Some(v2root), 3) = (cgroup2_mount(), v1.len()) else {
+        eprintln!("long_cgroup: SKIPPED, not a hybrid host with pids, cpu and blkio on v1");
+        return;
+    };
+    let tag = format!("cnbus-long-{}", my_pid());
+    // 12 components of 250 bytes: 3000 bytes per line.
+    let deep: String = (0..12)
+        .map(|i| format!("/{tag}-{i}-{}", "x".repeat(230)))
+        .collect();
+    let id = format!(
+        "{:032x}{:032x}",
+        u128::from(my_pid()),
+        u128::from(cnbus::sys::monotonic_ns())
+    );
+    let (r, w) = pipe();
+    let child = fork_child((r, w));
+    let mut made = Vec::new();
+    for root in &v1 {
+        made.extend(enter_cgroup(root, &deep, child));
+    }
+    let v2path = format!("{deep}/{id}");
+    made.extend(enter_cgroup(&v2root, &v2path, child));
+    let text = std::fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap();
+    let info = Enricher::new().process(child);
+    close(w);
+    close(r);
+    reap(child);
+    for d in &made {
+        let _ = std::fs::remove_dir(d);
+    }
+    assert!(text.len() > 8192, "{}", text.len());
+    assert_eq!(
+        info.cgroup.as_deref(),
+        Some(v2path.as_str()),
+        "{:?}",
+        info.cgroup.as_deref().map(str::len)
+    );
+    assert_eq!(info.container_id.as_deref(), Some(id.as_str()));
+}
+
+/// A fork storm (`stress-ng --fork 2`) read slowly through a small receive buffer, so that
+/// exits are lost (most runs; how many is the host's doing) and their entries would stay:
+/// the cache never holds more than its capacity, and what it dropped is counted.
+#[test]
+fn the_cache_stays_bounded_in_a_fork_storm_with_lost_exits() {
+    let Some(_) = kernel_socket("storm_bound") else {
+        return;
+    };
+    if std::process::Command::new("stress-ng")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "stress-ng is required under CI"
+        );
+        eprintln!("storm_bound: SKIPPED, no stress-ng");
+        return;
+    }
+    let mut l = ProcListener::builder()
+        .events(EventSet::FORK | EventSet::EXEC | EventSet::EXIT)
+        .recv_buffer(64 << 10)
+        .open()
+        .unwrap();
+    const CAPACITY: usize = 16;
+    let mut e = Enricher::with_config(cnbus::proc::EnrichConfig {
+        capacity: CAPACITY,
+        read_at_fork: false,
+        ..Default::default()
+    });
+    let mut storm = std::process::Command::new("stress-ng")
+        .args(["--fork", "2", "--timeout", "2", "--quiet"])
+        .spawn()
+        .unwrap();
+    let (mut max_cached, mut losses, mut events) = (0, 0, 0u64);
+    let mut done_at: Option<std::time::Instant> = None;
+    loop {
+        if done_at.is_none() && storm.try_wait().unwrap().is_some() {
+            done_at = Some(std::time::Instant::now());
+        }
+        let done = done_at.is_some();
+        // Other tests' events may keep the queue busy after the storm: a bound.
+        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        match l.recv_timeout(Some(Duration::from_millis(20))).unwrap() {
+            Some(Received::Event(ev)) => {
+                events += 1;
+                e.enrich(&ev);
+                max_cached = max_cached.max(e.stats().cached);
+            }
+            Some(Received::Lost(_)) => {
+                losses += 1;
+                e.note_loss();
+            }
+            None if done => break,
+            None => {}
+        }
+        // The storm's events are read slower than they come: some are lost.
+        if !done && events % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let st = e.stats();
+    eprintln!("{events} events, {losses} loss reports, most cached {max_cached}, {st:?}");
+    assert!(events > 1000, "a storm: {events}");
+    assert!(max_cached <= CAPACITY as u64, "{max_cached}");
+}
+
+/// What `thread_execs`' second thread runs: waits for EOF on the pipe, then execs
+/// `/bin/sleep 1` (raw system calls only).
+extern "C" fn exec_from_thread(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the ExecArgs the parent prepared before the fork, alive in
+    // the child's copy of its memory; `b` is valid for one byte of writes.
+    unsafe {
+        let a = &*(arg as *const ExecArgs);
+        let mut b = [0u8; 1];
+        libc::read(a.fd, b.as_mut_ptr().cast(), 1);
+        libc::execv(a.path, a.argv.as_ptr());
+        libc::syscall(libc::SYS_exit_group, 9);
+    }
+    0
+}
+
+struct ExecArgs {
+    fd: i32,
+    path: *const libc::c_char,
+    argv: [*const libc::c_char; 3],
+}
+
+/// A process whose second thread execs (Go's `syscall.Exec` runs on any thread): the
+/// kernel ends the leader (an exit event for the process's pid), gives the thread the
+/// leader's pid and start time, then sends the exec. The key stays the same through all of
+/// it, and the exec reads the new image.
+#[test]
+fn an_exec_from_a_thread_keeps_the_key_and_reads_the_new_image() {
+    let Some(mut l) = open(
+        "thread_exec",
+        EventSet::FORK | EventSet::EXEC | EventSet::EXIT,
+    ) else {
+        return;
+    };
+    let mut e = Enricher::new();
+    let (r, w) = pipe();
+    let path = std::ffi::CString::new("/bin/sleep").unwrap();
+    let (a0, a1) = (
+        std::ffi::CString::new("sleep").unwrap(),
+        std::ffi::CString::new("1").unwrap(),
+    );
+    let args = ExecArgs {
+        fd: r,
+        path: path.as_ptr(),
+        argv: [a0.as_ptr(), a1.as_ptr(), std::ptr::null()],
+    };
+    let mut stack = vec![0u8; 256 << 10];
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs only async-signal-safe system calls (close, clone, pause,
+    // read, execv) on data prepared before the fork; the thread has its own stack.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(w);
+            let flags = libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM;
+            let arg = &args as *const ExecArgs as *mut libc::c_void;
+            if libc::clone(exec_from_thread, top as *mut libc::c_void, flags, arg) < 0 {
+                libc::_exit(9);
+            }
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let child = child as u32;
+    close(r);
+    let (mut fork, mut exec, mut exits) = (None, None, Vec::new());
+    let mut w_open = true;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while exits.len() < 2 && std::time::Instant::now() < deadline {
+        // The thread execs once the fork has been enriched.
+        if fork.is_some() && w_open {
+            close(w);
+            w_open = false;
+        }
+        let Some(Received::Event(ev)) = l.recv_timeout(Some(Duration::from_millis(50))).unwrap()
+        else {
+            continue;
+        };
+        let info = e.enrich(&ev);
+        match ev.body {
+            EventBody::Fork { child: c, .. } if c.tgid == child && !c.is_thread() => fork = info,
+            EventBody::Exec { process } if process.tgid == child => exec = info,
+            EventBody::Exit { process, .. } if process.tgid == child && !process.is_thread() => {
+                exits.push(info.unwrap())
+            }
+            _ => {}
+        }
+    }
+    if w_open {
+        close(w);
+    }
+    reap(child);
+    let fork = fork.expect("fork seen");
+    let exec = exec.expect("exec seen");
+    assert_eq!(
+        exits.len(),
+        2,
+        "the leader's end and the process's: {exits:?}"
+    );
+    assert_eq!(exec.process_key, fork.process_key);
+    assert_eq!(
+        (exec.cmdline.as_deref(), exec.cmdline_source),
+        (Some("sleep 1"), InfoSource::Proc)
+    );
+    assert_eq!(exits[0].process_key, fork.process_key);
+    assert_eq!(exits[0].cmdline, fork.cmdline);
+    assert_eq!(exits[1].process_key, fork.process_key);
+    assert_eq!(exits[1].cmdline.as_deref(), Some("sleep 1"));
+}

@@ -31,7 +31,8 @@ pub struct EnrichConfig {
     /// often exited before a lagging reader enriches its exec) may be one of them, so its
     /// children are read too.
     pub spawners: Vec<String>,
-    /// Longest command line kept, in bytes (default 4096).
+    /// Longest command line kept, in bytes (default 4096). With 0 none is kept: the
+    /// process's comm stands for it ([`InfoSource::Comm`]).
     pub max_cmdline: usize,
 }
 

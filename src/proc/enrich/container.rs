@@ -34,6 +34,15 @@ const fn pat(runtime: &'static str, prefix: &'static str, suffix: &'static str) 
 /// | Podman (libpod) | `/libpod_parent/libpod-<id>` | `/machine.slice/libpod-<id>.scope` (and `…/container` below it) |
 /// | runc | `/<id>` (its default `cgroupsPath`) | `/system.slice/runc-<id>.scope` |
 /// | Kubernetes with Docker | `/kubepods/…/pod<uid>/<id>` | `/kubepods.slice/…/docker-<id>.scope` |
+/// | nerdctl | `/<namespace>/<id>` | `/system.slice/nerdctl-<id>.scope` |
+/// | crun, gVisor (`runsc`), youki | `/<id>` | `/system.slice/{crun,runsc,youki}-<id>.scope` |
+/// | any runtime given a systemd `cgroupsPath` without a prefix | | `/…/<id>.scope` |
+///
+/// One more shape is recognised without a row of its own: a systemd `cgroupsPath`
+/// (`<slice>:<prefix>:<id>`) that a cgroupfs driver took literally as a directory name,
+/// as containerd does under a systemd kubelet when `SystemdCgroup` is off (k3s):
+/// `/kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>`. It is the container whose
+/// systemd unit would be `<prefix>-<id>.scope`, and matches when that unit does.
 pub const RUNTIME_PATTERNS: &[RuntimePattern] = &[
     pat("docker", "docker-", ".scope"),
     pat("containerd", "cri-containerd-", ".scope"),
@@ -42,9 +51,19 @@ pub const RUNTIME_PATTERNS: &[RuntimePattern] = &[
     pat("podman", "libpod-", ".scope"),
     pat("podman", "libpod-", ""),
     pat("runc", "runc-", ".scope"),
+    pat("nerdctl", "nerdctl-", ".scope"),
+    pat("crun", "crun-", ".scope"),
+    pat("gvisor", "runsc-", ".scope"),
+    pat("youki", "youki-", ".scope"),
+    // A unit named after the id alone (a systemd `cgroupsPath` with an empty prefix).
+    pat("systemd", "", ".scope"),
     // A bare id: Docker and Kubernetes cgroupfs paths, plain runc, containerd (`ctr`).
     pat("cgroupfs", "", ""),
 ];
+
+/// What the kernel appends to a cgroup v2 path whose cgroup was removed while a task (a
+/// zombie: a live task keeps its cgroup populated) was still in it.
+const DELETED: &str = " (deleted)";
 
 /// A container found in a cgroup path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,22 +78,55 @@ fn is_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The container a cgroup path belongs to, by [`RUNTIME_PATTERNS`]; `None` on the host.
+/// The container a cgroup path belongs to, by [`RUNTIME_PATTERNS`]; `None` on the host. A
+/// path ending in ` (deleted)` (a zombie whose container's cgroup was already removed, as
+/// `/proc/<pid>/cgroup` shows it) is still that container's.
 pub fn container_of(cgroup: &str) -> Option<ContainerMatch<'_>> {
-    for comp in cgroup.rsplit('/') {
-        for p in RUNTIME_PATTERNS {
-            let id = comp
-                .strip_prefix(p.prefix)
-                .and_then(|rest| rest.strip_suffix(p.suffix));
-            if let Some(id) = id.filter(|id| is_id(id)) {
-                return Some(ContainerMatch {
-                    runtime: p.runtime,
-                    id,
-                });
-            }
+    let path = cgroup.strip_suffix(DELETED).unwrap_or(cgroup);
+    path.rsplit('/').find_map(component_container)
+}
+
+/// The container one path component names, by [`RUNTIME_PATTERNS`], or in the
+/// `<slice>:<prefix>:<id>` form (see there).
+fn component_container(comp: &str) -> Option<ContainerMatch<'_>> {
+    let found = |runtime, id| Some(ContainerMatch { runtime, id });
+    for p in RUNTIME_PATTERNS {
+        let id = comp
+            .strip_prefix(p.prefix)
+            .and_then(|rest| rest.strip_suffix(p.suffix));
+        if let Some(id) = id.filter(|id| is_id(id)) {
+            return found(p.runtime, id);
         }
     }
-    None
+    let mut f = comp.rsplitn(3, ':');
+    let (Some(id), Some(prefix), Some(_slice)) = (f.next(), f.next(), f.next()) else {
+        return None;
+    };
+    if !is_id(id) || prefix.is_empty() {
+        return None;
+    }
+    RUNTIME_PATTERNS
+        .iter()
+        .find(|p| p.suffix == ".scope" && p.prefix.strip_suffix('-') == Some(prefix))
+        .and_then(|p| found(p.runtime, id))
+}
+
+/// The paths of the `name=systemd` line and of the cgroup v2 line (`0::`) of the text of
+/// `/proc/<pid>/cgroup`.
+pub(super) fn cgroup_lines(text: &str) -> (Option<&str>, Option<&str>) {
+    let (mut systemd, mut unified) = (None, None);
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if ctl == "name=systemd" && systemd.is_none() {
+            systemd = Some(path);
+        } else if ctl.is_empty() && unified.is_none() {
+            unified = Some(path);
+        }
+    }
+    (systemd, unified)
 }
 
 /// The 64-hex container id of a cgroup path (see [`container_of`]).
@@ -90,19 +142,7 @@ pub fn container_id(cgroup: &str) -> Option<&str> {
 /// deeper v2 path gives the v2 path. `None` when neither line is present. A path whose
 /// cgroup was removed ends in ` (deleted)`, kept as the kernel says it.
 pub fn parse_cgroup(text: &str) -> Option<&str> {
-    let (mut systemd, mut unified) = (None, None);
-    for line in text.lines() {
-        let mut f = line.splitn(3, ':');
-        let (Some(_id), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if ctl == "name=systemd" && systemd.is_none() {
-            systemd = Some(path);
-        } else if ctl.is_empty() && unified.is_none() {
-            unified = Some(path);
-        }
-    }
-    match (systemd, unified) {
+    match cgroup_lines(text) {
         (Some("/"), Some(u)) if u != "/" => Some(u),
         (Some(s), _) => Some(s),
         (None, u) => u,
@@ -201,6 +241,79 @@ mod tests {
         assert_eq!(rt(&p), Some(("docker", ID.into())));
         let p = format!("/kubepods/pod2a9b7d4e-1c3f-4e5a-9b8c-7d6e5f4a3b2c/{ID}");
         assert_eq!(rt(&p), Some(("cgroupfs", ID.into())));
+    }
+
+    #[test]
+    fn other_runtimes_systemd_scopes() {
+        // nerdctl's systemd `cgroupsPath` is `system.slice:nerdctl:<id>` (user.slice when
+        // rootless); crun's default unit is `crun-<id>.scope`, runsc's `:runsc:<id>`,
+        // youki's `youki-<id>.scope`; an empty prefix makes the unit `<id>.scope`.
+        for (p, runtime) in [
+            (format!("/system.slice/nerdctl-{ID}.scope"), "nerdctl"),
+            (
+                format!(
+                    "/user.slice/user-1000.slice/user@1000.service/user.slice/nerdctl-{ID}.scope"
+                ),
+                "nerdctl",
+            ),
+            (format!("/machine.slice/crun-{ID}.scope"), "crun"),
+            (format!("/system.slice/runsc-{ID}.scope"), "gvisor"),
+            (format!("/system.slice/youki-{ID}.scope"), "youki"),
+            (format!("/system.slice/{ID}.scope"), "systemd"),
+        ] {
+            assert_eq!(rt(&p), Some((runtime, ID.into())), "{p}");
+        }
+    }
+
+    #[test]
+    fn systemd_cgroups_path_taken_literally_by_cgroupfs() {
+        // containerd without `SystemdCgroup = true` under a systemd kubelet (k3s): runc's
+        // cgroupfs driver makes the `slice:prefix:name` a directory name.
+        let p = format!(
+            "/kubepods-besteffort-pod72f7f152_440c_66ac_9084_e0fc1d8a910c.slice:cri-containerd:{ID}"
+        );
+        assert_eq!(rt(&p), Some(("containerd", ID.into())));
+        let p = format!(
+            "/system.slice/containerd.service/kubepods-burstable-pod2c4b2241_5c01_11e9_8e4e_42010a800002.slice:cri-containerd:{ID}"
+        );
+        assert_eq!(rt(&p), Some(("containerd", ID.into())));
+        assert_eq!(
+            rt(&format!("/system.slice:docker:{ID}")),
+            Some(("docker", ID.into()))
+        );
+        assert_eq!(
+            rt(&format!("/user.slice:nerdctl:{ID}")),
+            Some(("nerdctl", ID.into()))
+        );
+        // Not ids, unknown prefixes, the monitor: nothing.
+        for p in [
+            format!("/a.slice:cri-containerd:{}", &ID[1..]),
+            format!("/a.slice:cri-containerd:{ID}:x"),
+            format!("/a.slice:unknown:{ID}"),
+            format!("/a.slice::{ID}"),
+            format!("/a.slice:crio-conmon:{ID}"),
+            format!("/a.slice:cri-containerd{ID}"),
+        ] {
+            assert_eq!(rt(&p), None, "{p}");
+        }
+    }
+
+    #[test]
+    fn a_removed_cgroup_is_still_the_containers() {
+        // `/proc/<pid>/cgroup` of a zombie whose cgroup v2 was removed (seen on this host:
+        // a killed, unreaped child of a removed cgroup).
+        let zombie = format!("9:name=systemd:/\n8:pids:/\n0::/{ID} (deleted)\n");
+        let path = parse_cgroup(&zombie).unwrap();
+        assert_eq!(path, format!("/{ID} (deleted)"));
+        assert_eq!(container_id(path), Some(ID));
+        assert_eq!(
+            rt(&format!("/system.slice/docker-{ID}.scope (deleted)")),
+            Some(("docker", ID.into()))
+        );
+        assert_eq!(rt("/user.slice (deleted)"), None);
+        // Only as the kernel writes it: at the end, once.
+        assert_eq!(rt(&format!("/{ID} (deleted) (deleted)")), None);
+        assert_eq!(rt(&format!("/{ID}(deleted)")), None);
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::str::FromStr;
 /// the kernel's `start_boottime` divided by `1e9 / sysconf(_SC_CLK_TCK)`).
 ///
 /// Printed (and serialised) as one string, `<boot id, 32 hex>-<pid>-<start ticks>`, e.g.
-/// `3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-987654`; [`FromStr`] reads it back.
+/// `3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-987654`; [`FromStr`] reads it back, and only
+/// it: one key has one text (no `+`, leading zeros or upper-case hex).
 ///
 /// Two processes never share a key: a pid is reused only after its process is gone, and a
 /// process started within the same clock tick as an earlier holder of its pid would need
@@ -84,11 +85,17 @@ impl FromStr for ProcessKey {
         if b.len() != 32 || !b.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad());
         }
-        Ok(ProcessKey {
+        let key = ProcessKey {
             boot: u128::from_str_radix(b, 16).map_err(|_| bad())?,
             pid: p.parse().map_err(|_| bad())?,
             start_ticks: t.parse().map_err(|_| bad())?,
-        })
+        };
+        // One key, one text: no `+` signs, leading zeros or upper-case hex, which would
+        // make two strings of one process (keys are compared and indexed as text).
+        if key.encode(&mut [0; KEY_LEN]) != s {
+            return Err(bad());
+        }
+        Ok(key)
     }
 }
 
@@ -194,6 +201,11 @@ mod tests {
             "1-2-3",
             "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-x-1",
             "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-1-2-3",
+            // Other spellings of 3f1c…-4242-987654: accepted before.
+            "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-+4242-987654",
+            "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-04242-987654",
+            "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-+987654",
+            "3F1C0B2E9A6D4B7F8E5A1C2D3E4F5A6B-4242-987654",
         ] {
             assert!(bad.parse::<ProcessKey>().is_err(), "{bad}");
         }

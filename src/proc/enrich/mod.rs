@@ -13,7 +13,8 @@
 //! * an **exec** re-reads the command line (the one from before the exec is never reported
 //!   for the new image: if the process is already gone, the command line is `None` with
 //!   [`InfoSource::Exited`]) and the cgroup;
-//! * an **exit** is enriched from the cache, then its entry is removed;
+//! * an **exit** is enriched from the cache, then its entry is removed (a process whose
+//!   leader exits first stays known to its remaining threads' events);
 //! * any event of a process the cache does not know reads `/proc` once.
 //!
 //! ```no_run
@@ -63,27 +64,42 @@ pub use key::{boot_id, BadProcessKey, ProcessKey};
 use self::cache::Cache;
 use self::key::TickClock;
 use self::procfs::ProcFs;
-use super::event::{EventBody, ProcEvent};
+use super::event::{EventBody, ProcEvent, Task};
 use crate::sys::PID_INIT_INO;
 
 struct Entry {
     info: ProcessInfo,
     /// The loss epoch in which the entry was last known good.
     epoch: u64,
+    /// A thread of the process was seen created: its threads may outlive its leader.
+    threaded: bool,
 }
 
 /// Enriches proc events with process attributes. See the [module documentation](self).
 ///
 /// One enricher per event stream, fed every event in order (fork, exec and exit at least;
-/// events of other kinds are enriched from the cache). Single-threaded: `&mut self`.
+/// events of other kinds are enriched from the cache). A stream filtered to fewer kinds
+/// works too, at a cost: until it shows a fork, every cached process is checked against
+/// `/proc/<pid>/stat` at each of its events, since its exit and its pid's next holder may
+/// both be missing from the stream. Single-threaded: `&mut self`.
 pub struct Enricher {
     boot: u128,
     clock: TickClock,
     fs: ProcFs,
     cache: Cache<Entry>,
+    /// The last processes whose leader exited (see `known`): their other threads can
+    /// outlive the leader.
+    exited: Cache<ProcessInfo>,
     cfg: EnrichConfig,
     stats: EnrichStats,
     epoch: u64,
+    /// A fork event was seen: the stream announces every new holder of a pid (see
+    /// `cached`).
+    forks_seen: bool,
+    /// The timestamp of the event being enriched (`None` outside `enrich`): see `late`.
+    event_ns: Option<u64>,
+    /// The least time in which the pids can go round once (see `late`).
+    pid_cycle_ns: u64,
 }
 
 impl fmt::Debug for Enricher {
@@ -106,6 +122,25 @@ impl Default for Enricher {
 /// `docs/PROC.md`, "Process keys"): far above the delay between the kernel's two stamps.
 const START_GUARD_NS: u64 = 1_000_000;
 
+/// How many processes are remembered after their leader's exit, for threads that outlive
+/// it.
+const EXITED_LEADERS: usize = 1024;
+
+/// The least time in which a host hands out one pid: a million forks a second, far beyond
+/// what hosts do (this 2-core one: about 7 000 a second under `stress-ng --fork 2`, and the
+/// kernel's default `pid_max` grows with the CPUs). `pid_max` times this is the least time
+/// in which a pid can be freed and handed out again (see `late`): 33 ms here.
+const NS_PER_PID: u64 = 1000;
+
+/// `/proc/sys/kernel/pid_max`; when unreadable, the least the kernel allows (301), which
+/// makes every event count as late.
+fn pid_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(301)
+}
+
 impl Enricher {
     /// An enricher with the default [`EnrichConfig`].
     pub fn new() -> Self {
@@ -127,9 +162,13 @@ impl Enricher {
             },
             fs: ProcFs::new(root),
             cache: Cache::new(cfg.capacity.max(2)),
+            exited: Cache::new(EXITED_LEADERS),
             cfg,
             stats: EnrichStats::default(),
             epoch: 0,
+            forks_seen: false,
+            event_ns: None,
+            pid_cycle_ns: pid_max().saturating_mul(NS_PER_PID),
         }
     }
 
@@ -169,7 +208,15 @@ impl Enricher {
     pub fn enrich(&mut self, ev: &ProcEvent) -> Option<ProcessInfo> {
         let task = ev.task()?;
         self.stats.events += 1;
-        Some(match ev.body {
+        self.event_ns = Some(ev.timestamp_ns);
+        let info = self.enrich_task(ev, task);
+        self.event_ns = None;
+        Some(info)
+    }
+
+    fn enrich_task(&mut self, ev: &ProcEvent, task: Task) -> ProcessInfo {
+        self.forks_seen |= matches!(ev.body, EventBody::Fork { .. });
+        match ev.body {
             EventBody::Fork { parent, child } if !child.is_thread() => {
                 self.fork(ev.timestamp_ns, parent.tgid, child.tgid)
             }
@@ -177,21 +224,31 @@ impl Enricher {
             EventBody::Exit { process, .. } => {
                 // Never cached anew: no later exit would remove it (a process's threads
                 // can exit after its leader, whose exit removes the entry).
-                let info = match self.cached(process.tgid).map(|e| e.info.clone()) {
-                    Some(info) => {
-                        self.stats.hits += 1;
-                        info
-                    }
-                    None => self.read_uncached(process.tgid),
-                };
+                let info = self
+                    .known(process)
+                    .unwrap_or_else(|| self.read_uncached(process.tgid));
                 if !process.is_thread() {
-                    self.cache.remove(process.tgid);
+                    // A process seen making threads is remembered for them; the others
+                    // (most, and every child of a fork storm) cost nothing more.
+                    let threaded = self.cache.remove(process.tgid).is_some_and(|e| e.threaded);
+                    if threaded && info.process_key.is_some() {
+                        self.exited.insert(process.tgid, info.clone());
+                    }
+                }
+                info
+            }
+            EventBody::Fork { child, .. } => {
+                let info = self.task_info(child);
+                if let Some(e) = self.cache.get_mut(child.tgid) {
+                    e.threaded = true;
                 }
                 info
             }
             EventBody::Comm { process, comm } => {
-                let mut info = self.info(process.tgid);
-                if info.cmdline_source == InfoSource::Comm {
+                let mut info = self.task_info(process);
+                // The comm that stands for a command line is the leader's (what
+                // `/proc/<tgid>/comm` shows): a thread naming itself does not rename it.
+                if info.cmdline_source == InfoSource::Comm && !process.is_thread() {
                     let name: Arc<str> = comm.to_string_lossy().into();
                     info.cmdline = Some(name.clone());
                     if let Some(e) = self.cache.get_mut(process.tgid) {
@@ -200,8 +257,8 @@ impl Enricher {
                 }
                 info
             }
-            _ => self.info(task.tgid),
-        })
+            _ => self.task_info(task),
+        }
     }
 
     /// The attributes of `pid` from the cache, or read from `/proc` (and cached) when it is

@@ -12,7 +12,13 @@ pub(crate) struct Stat {
     pub ppid: u32,
     /// Field 22: start time in clock ticks since boot.
     pub start_ticks: u64,
+    /// Field 9 (the task's flags) has `PF_EXITING`: the task is exiting or a zombie, and
+    /// the kernel shows it in the root of every cgroup v1 hierarchy.
+    pub exiting: bool,
 }
+
+/// `PF_EXITING` in include/linux/sched.h.
+const PF_EXITING: u64 = 0x4;
 
 /// Parses `/proc/<pid>/stat`: `pid (comm) state ppid …`. The comm may hold spaces and
 /// parentheses, so fields are counted after the **last** `)`.
@@ -20,10 +26,15 @@ pub(crate) fn parse_stat(buf: &[u8]) -> Option<Stat> {
     let close = buf.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&buf[close + 1..]).ok()?;
     let mut f = rest.split_ascii_whitespace();
-    // After the comm: state(3) ppid(4) … starttime(22) is the 20th.
+    // After the comm: state(3) ppid(4) … flags(9) … starttime(22) is the 20th.
     let ppid = f.nth(1)?.parse().ok()?;
-    let start_ticks = f.nth(17)?.parse().ok()?;
-    Some(Stat { ppid, start_ticks })
+    let flags: u64 = f.nth(4)?.parse().ok()?;
+    let start_ticks = f.nth(12)?.parse().ok()?;
+    Some(Stat {
+        ppid,
+        start_ticks,
+        exiting: flags & PF_EXITING != 0,
+    })
 }
 
 /// The last field of the `NSpid:` line of `/proc/<pid>/status`: the pid as seen in the
@@ -61,6 +72,11 @@ pub(crate) fn parse_comm(buf: &[u8]) -> Option<String> {
     (!b.is_empty()).then(|| String::from_utf8_lossy(b).into_owned())
 }
 
+/// The most of `/proc/<pid>/cgroup` read: one line per hierarchy, each path up to
+/// `PATH_MAX` (4096) bytes, and a v1 host has a dozen hierarchies or more (this one: ten
+/// lines). Only a cgroup tree made for it comes near.
+const CGROUP_MAX: usize = 64 << 10;
+
 /// A reader of small `/proc/<pid>/…` files with reused buffers.
 #[derive(Debug)]
 pub(crate) struct ProcFs {
@@ -72,7 +88,7 @@ pub(crate) struct ProcFs {
     /// Files that could not be read (the process was gone, or never existed, or `/proc`
     /// refused).
     pub failed: u64,
-    /// The last failed read was refused (`EACCES` / `EPERM`), not missing.
+    /// The last read failed because it was refused (`EACCES` / `EPERM`), not missing.
     pub denied: bool,
 }
 
@@ -103,7 +119,7 @@ impl ProcFs {
             // as far as the file goes (seq_file and cmdline alike), so a read shorter than
             // asked for is the end. Only a full one needs the loop (open + read + close:
             // one system call fewer than reading on to the 0-byte end).
-            let first = self.buf.capacity().clamp(1, max.max(1));
+            let first = self.buf.capacity().max(1).min(max);
             self.buf.resize(first, 0);
             let n = loop {
                 match f.read(&mut self.buf) {
@@ -120,6 +136,7 @@ impl ProcFs {
         match r {
             Ok(_) => {
                 self.reads += 1;
+                self.denied = false;
                 Some(&self.buf)
             }
             Err(e) => {
@@ -149,11 +166,24 @@ impl ProcFs {
         self.read(pid, "comm", 64).and_then(parse_comm)
     }
 
-    /// The cgroup path (see [`parse_cgroup`](super::container::parse_cgroup)).
-    pub fn cgroup(&mut self, pid: u32) -> Option<String> {
-        let b = self.read(pid, "cgroup", 8192)?;
-        let text = String::from_utf8_lossy(b);
-        super::container::parse_cgroup(&text).map(str::to_string)
+    /// The cgroup path (see [`parse_cgroup`](super::container::parse_cgroup)); of an
+    /// `exiting` task only the cgroup v2 line, since the v1 lines show it in the root.
+    pub fn cgroup(&mut self, pid: u32, exiting: bool) -> Option<String> {
+        let b = self.read(pid, "cgroup", CGROUP_MAX)?;
+        // A file cut at the limit ends in part of a line, whose path would be a wrong
+        // one (a prefix of the real path): only whole lines count.
+        let whole = if b.len() >= CGROUP_MAX {
+            b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1)
+        } else {
+            b.len()
+        };
+        let text = String::from_utf8_lossy(&b[..whole]);
+        let path = if exiting {
+            super::container::cgroup_lines(&text).1
+        } else {
+            super::container::parse_cgroup(&text)
+        };
+        path.map(str::to_string)
     }
 
     /// The innermost pid-namespace pid (`NSpid` of `status`).
@@ -167,6 +197,7 @@ impl ProcFs {
         match crate::sys::ns_inode_of(&self.path) {
             Ok(ino) => {
                 self.reads += 1;
+                self.denied = false;
                 Some(ino)
             }
             Err(e) => {
@@ -190,11 +221,15 @@ mod tests {
                 parse_stat(s.as_bytes()),
                 Some(Stat {
                     ppid: 77,
-                    start_ticks: 123456
+                    start_ticks: 123456,
+                    exiting: false,
                 }),
                 "{comm:?}"
             );
         }
+        // A zombie's flags (seen here: 0x40804c).
+        let z = "42 (sh) Z 77 1 1 0 -1 4227148 100 0 0 0 1 2 0 0 20 0 1 0 123456 0 0 0\n";
+        assert!(parse_stat(z.as_bytes()).unwrap().exiting);
         // Invalid UTF-8 in the comm does not matter.
         let mut b = b"42 (\xff\xfe) ".to_vec();
         b.extend_from_slice(tail.as_bytes());
@@ -250,9 +285,13 @@ mod tests {
         assert_eq!(st.ppid, std::os::unix::process::parent_id());
         assert!(p.cmdline(me, 4096).unwrap().is_some());
         assert!(p.comm(me).is_some());
-        assert!(p.cgroup(me).is_some());
+        assert!(p.cgroup(me, false).is_some());
+        assert!(!st.exiting);
         assert!(p.pidns(me).is_some());
         assert!(p.ns_pid(me).is_some());
+        // A limit of 0 reads nothing (before, one byte); a small one cuts the text.
+        assert_eq!(p.cmdline(me, 0), Some(None));
+        assert!(p.cmdline(me, 3).unwrap().unwrap().len() <= 3);
         // pid_max is at most 2^22: this pid never exists.
         assert_eq!(p.stat(u32::MAX), None);
         assert_eq!(p.pidns(u32::MAX), None);
