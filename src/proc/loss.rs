@@ -56,6 +56,50 @@ impl Settling {
     }
 }
 
+/// Tries of [`join_witnessed`] at most.
+const JOIN_TRIES: u32 = 16;
+
+/// Joins a receiving socket to group 1 with the witness counting just before and after
+/// (`Witness::around`), again while a user-space multicast on group 1 fell between the two
+/// counts: the witness then cannot tell whether the socket was a member for it, and the
+/// socket's loss figure could never settle. `leave` takes the socket out of the group (a
+/// barrier: no multicast reaches it afterwards) and empties its queue (see
+/// [`discard_queue`]; nothing was received from it yet) before the next try. At most
+/// [`JOIN_TRIES`] tries, one right after the other (the window is a system call wide):
+/// under a flood the last witness is kept, unsettleable, and the figure stays a range.
+pub(crate) fn join_witnessed<R>(
+    mut join: impl FnMut() -> crate::Result<R>,
+    mut leave: impl FnMut(R) -> crate::Result<()>,
+) -> crate::Result<(Option<Witness>, R)> {
+    let mut tries = 1;
+    loop {
+        let (w, r) = Witness::around(&mut join)?;
+        // `unaccounted` reads the witness's queue: what it counts, nothing else.
+        let unsound = w
+            .as_ref()
+            .is_some_and(|w| w.unaccounted(0).is_some_and(|(_, sound)| !sound));
+        if !unsound || tries >= JOIN_TRIES {
+            return Ok((w, r));
+        }
+        leave(r)?;
+        tries += 1;
+    }
+}
+
+/// Reads and discards everything queued on `sock` (a socket that has left group 1 and gets
+/// nothing else: it ends).
+pub(crate) fn discard_queue(sock: &ConnectorSocket) -> crate::Result<()> {
+    let mut buf = bytes::BytesMut::with_capacity(128);
+    loop {
+        buf.clear();
+        match sock.recv_max(&mut buf, 128, true) {
+            Ok(Some(_)) | Err(crate::Error::Truncated { .. } | crate::Error::Overrun { .. }) => {}
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// True when trying to settle `stats` again can change nothing: settled, no witness, or no
 /// user-space datagram among the kernel's drops (`foreign_unaccounted == Some(0)`: the
 /// figure is exact already).

@@ -71,7 +71,19 @@ impl ProcStream {
             .build_async()?;
         let foreign = &conn.outbox.counters.proc_group_foreign;
         let base = foreign.load(std::sync::atomic::Ordering::Relaxed);
-        let (witness, group) = crate::connector::Witness::around(|| conn.subscribe(1))?;
+        // The connector reads nothing before the stream is polled: `discard_queue` may read
+        // the socket directly, and `base` stays this socket's count.
+        let (witness, group) = super::loss::join_witnessed(
+            || conn.subscribe(1),
+            |group| {
+                drop(group);
+                let socket = &conn.outbox.socket;
+                super::loss::discard_queue(socket)?;
+                // Out of the group and emptied, the socket is as new: so is its baseline.
+                conn.outbox.counters.drops_baseline(socket);
+                Ok(())
+            },
+        )?;
         let token = super::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;

@@ -32,7 +32,9 @@ use crate::sys::{
 };
 
 use super::decoder::ProcDecoder;
-use super::loss::{settled_enough, witnessed, Loss, LossStats, Received, Settling};
+use super::loss::{
+    discard_queue, join_witnessed, settled_enough, witnessed, Loss, LossStats, Received, Settling,
+};
 use crate::codec::proc::PROC_GROUP;
 use crate::connector::Witness;
 

@@ -374,3 +374,66 @@ fn finish_returns_under_a_flood_of_user_space_multicasts() {
         None => assert_eq!(stats.lost_source(), LossSource::Bounded, "{stats:?}"),
     }
 }
+
+/// Regression: a user-space multicast on group 1 while a listener's socket joined the group
+/// (between the witness's two counts) left the witness unable to tell whether the socket
+/// was a member for it, so the listener's loss figure could never settle, however long
+/// `finish` tried. `join_witnessed` (used by `ProcListenerBuilder::open` and
+/// `ProcStream::open`) leaves, empties the queue and joins again. Here a spoofer socket
+/// of our own multicasts during each of the first three joins (deterministically: a
+/// multicast reaches the witness before `send` returns); the fourth must give a sound
+/// witness that counts from it.
+#[test]
+fn a_user_space_multicast_during_the_join_is_joined_again() {
+    let test = "a_user_space_multicast_during_the_join_is_joined_again";
+    let _one = spoofing();
+    if !kernel_at_least(6, 6) {
+        eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
+        return;
+    }
+    let sock = match ConnectorSocket::open().and_then(|s| s.connect_kernel().map(|()| s)) {
+        Ok(s) => s,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("{test}: the kernel connector is required under CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("{test}: SKIPPED, kernel connector not reachable: {e}");
+            return;
+        }
+    };
+    let spoofer = ConnectorSocket::open().unwrap();
+    let d = spoofed(&spoofer);
+    let mut spoiled = 0;
+    let (witness, ()) = join_witnessed(
+        || {
+            if spoiled < 3 {
+                spoofer.send(&d, Dest::Group(PROC_GROUP)).unwrap();
+                spoiled += 1;
+            }
+            sock.join(PROC_GROUP)
+        },
+        |()| {
+            sock.leave(PROC_GROUP)?;
+            discard_queue(&sock)
+        },
+    )
+    .unwrap();
+    let witness = witness.expect("a witness on 6.6+");
+    let (_, sound) = witness.unaccounted(0).unwrap();
+    assert!(
+        sound,
+        "the witness cannot settle after {spoiled} spoiled joins"
+    );
+    assert_eq!(spoiled, 3);
+    // The spoofed datagrams of the abandoned joins are gone from the socket's queue: none
+    // of them can be taken for one the witness counted since the last join.
+    let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+    while let Ok(Some(meta)) = sock.recv(&mut buf, true) {
+        assert_ne!(
+            meta.port,
+            spoofer.port_id(),
+            "a datagram of an abandoned join"
+        );
+        buf.clear();
+    }
+}
