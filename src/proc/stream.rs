@@ -223,11 +223,7 @@ impl ProcStream {
     async fn discard_queued(&mut self) {
         std::future::poll_fn(|cx| {
             for _ in 0..super::listener::MAX_PENDING {
-                self.unread += self
-                    .pending
-                    .drain(..)
-                    .filter(|r| matches!(r, super::Received::Event(_)))
-                    .count() as u64;
+                self.discard_pending();
                 match self.conn.poll_recv(cx) {
                     Poll::Ready(Some(item)) => {
                         self.take(item);
@@ -235,14 +231,16 @@ impl ProcStream {
                     Poll::Ready(None) | Poll::Pending => break,
                 }
             }
-            self.unread += self
-                .pending
-                .drain(..)
-                .filter(|r| matches!(r, super::Received::Event(_)))
-                .count() as u64;
+            self.discard_pending();
             Poll::Ready(())
         })
         .await
+    }
+
+    fn discard_pending(&mut self) {
+        for r in self.pending.drain(..) {
+            self.unread += u64::from(matches!(r, super::Received::Event(_)));
+        }
     }
 
     /// Sends `IGNORE` without waiting (messages to the kernel never wait); true when sent.
