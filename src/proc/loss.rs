@@ -1,7 +1,151 @@
 //! What a proc receiver reports: [`Received`] (an event or a loss), [`Loss`], and the
-//! counters [`LossStats`].
+//! counters [`LossStats`]; and how a receiver reads the witness and settles its figure at
+//! the end ([`witnessed`], [`Settling`]), one implementation for `ProcListener` (and so
+//! `ProcChannel`) and `ProcStream`.
+
+use std::time::{Duration, Instant};
 
 use super::event::ProcEvent;
+use crate::codec::proc::PROC_GROUP;
+use crate::connector::Witness;
+use crate::sys::ConnectorSocket;
+
+/// How long [`ProcListener::finish`](super::ProcListener::finish) (and `ProcStream::finish`,
+/// feature `tokio`) keeps trying to settle the loss figure, that is to find the receive
+/// queue empty as it reads the counters, while user-space senders (which `IGNORE` does not
+/// stop) keep multicasting on group 1. Past it, under a flood that leaves no gap, the figure
+/// stays a range ([`LossSource::Bounded`]).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tries at once before the first pause: a steady sender leaves gaps between its datagrams.
+const SETTLE_AT_ONCE: u32 = 4;
+/// The longest pause between two tries (the pauses double from 1 ms): a burst passes.
+const SETTLE_MAX_PAUSE: Duration = Duration::from_millis(64);
+
+/// The schedule of the tries to settle a receiver's loss figure at its end: a few at once,
+/// then after pauses that double up to [`SETTLE_MAX_PAUSE`], until [`SETTLE_TIMEOUT`] has
+/// passed since the first. Each receiver waits in its own way (a sleep, tokio's timer).
+#[derive(Debug)]
+pub(crate) struct Settling {
+    start: Instant,
+    tries: u32,
+}
+
+impl Settling {
+    /// Starts the schedule (the first try is due now).
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            tries: 0,
+        }
+    }
+
+    /// After a try that did not settle: the pause before the next try, or `None` when the
+    /// time is up.
+    pub(crate) fn retry(&mut self) -> Option<Duration> {
+        self.tries += 1;
+        let left = SETTLE_TIMEOUT.checked_sub(self.start.elapsed())?;
+        if left.is_zero() {
+            return None;
+        }
+        let pause = match self.tries.checked_sub(SETTLE_AT_ONCE) {
+            None => Duration::ZERO,
+            Some(n) => Duration::from_millis(1 << n.min(6)).min(SETTLE_MAX_PAUSE),
+        };
+        Some(pause.min(left))
+    }
+}
+
+/// Tries of [`join_witnessed`] at most.
+const JOIN_TRIES: u32 = 16;
+
+/// Joins a receiving socket to group 1 with the witness counting just before and after
+/// (`Witness::around`), again while a user-space multicast on group 1 fell between the two
+/// counts: the witness then cannot tell whether the socket was a member for it, and the
+/// socket's loss figure could never settle. `leave` takes the socket out of the group (a
+/// barrier: no multicast reaches it afterwards) and empties its queue (see
+/// [`discard_queue`]; nothing was received from it yet) before the next try. At most
+/// [`JOIN_TRIES`] tries, one right after the other (the window is a system call wide):
+/// under a flood the last witness is kept, unsettleable, and the figure stays a range.
+pub(crate) fn join_witnessed<R>(
+    mut join: impl FnMut() -> crate::Result<R>,
+    mut leave: impl FnMut(R) -> crate::Result<()>,
+) -> crate::Result<(Option<Witness>, R)> {
+    let mut tries = 1;
+    loop {
+        let (w, r) = Witness::around(&mut join)?;
+        // `unaccounted` reads the witness's queue: what it counts, nothing else.
+        let unsound = w
+            .as_ref()
+            .is_some_and(|w| w.unaccounted(0).is_some_and(|(_, sound)| !sound));
+        if !unsound || tries >= JOIN_TRIES {
+            return Ok((w, r));
+        }
+        leave(r)?;
+        tries += 1;
+    }
+}
+
+/// Reads and discards everything queued on `sock` (a socket that has left group 1 and gets
+/// nothing else: it ends).
+pub(crate) fn discard_queue(sock: &ConnectorSocket) -> crate::Result<()> {
+    let mut buf = bytes::BytesMut::with_capacity(128);
+    loop {
+        buf.clear();
+        match sock.recv_max(&mut buf, 128, true) {
+            Ok(Some(_)) | Err(crate::Error::Truncated { .. } | crate::Error::Overrun { .. }) => {}
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// True when trying to settle `stats` again can change nothing: settled, no witness, or no
+/// user-space datagram among the kernel's drops (`foreign_unaccounted == Some(0)`: the
+/// figure is exact already).
+pub(crate) fn settled_enough(stats: &LossStats) -> bool {
+    stats.foreign_settled || matches!(stats.foreign_unaccounted, None | Some(0))
+}
+
+/// What the witness says of a receiving socket: `(foreign_unaccounted, foreign_settled)`
+/// for [`LossStats`]. `received`: the user-space multicasts on group 1 the socket's reader
+/// took from its queue, all of them read before this call; its kernel drop counter must be
+/// read just before this call too (that is the figure the result qualifies).
+///
+/// The order makes the figure exact. The kernel delivers one multicast to every member of
+/// the group in one pass, holding the netlink table for reading, and a membership change
+/// (here `sock` joining the group it is already in, a no-op otherwise) waits for every
+/// pass under way: a barrier. So:
+/// 1. the drop counter (read by the caller), then a barrier: every user-space datagram the
+///    socket received or dropped until then has reached the witness too (it visits the
+///    members in list order, so without the barrier the socket may have one the witness has
+///    not counted yet, and the loss figure would be one too high);
+/// 2. the witness, then a barrier: every datagram the witness counted has reached the
+///    socket, queued or dropped;
+/// 3. the socket's queue: empty means every datagram the witness counted was received
+///    (`received`) or dropped before the queue was last read empty (a drop afterwards needs
+///    a full queue), so exactly `foreign_unaccounted` of them are in the drop counter:
+///    settled. Not empty: they may still be waiting in it, and the figure is a range; but
+///    `Some(0)` still means that none of the counted drops is a user-space datagram (each
+///    one dropped by step 1 was counted in step 2 and is not in `received`).
+pub(crate) fn witnessed(
+    sock: &ConnectorSocket,
+    witness: Option<&Witness>,
+    received: u64,
+) -> (Option<u64>, bool) {
+    let Some(w) = witness else {
+        return (None, false);
+    };
+    if sock.join(PROC_GROUP).is_err() {
+        return (None, false);
+    }
+    let Some((unaccounted, sound)) = w.unaccounted(received) else {
+        return (None, false);
+    };
+    let settled =
+        sound && sock.join(PROC_GROUP).is_ok() && sock.meminfo().is_ok_and(|m| m.rmem_alloc == 0);
+    (Some(unaccounted), settled)
+}
 
 /// Events that could not be delivered.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]

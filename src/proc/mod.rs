@@ -41,7 +41,7 @@ pub use listener::{
     FilterMode, Filtering, Iter, ProcChannel, ProcListener, ProcListenerBuilder, ShutdownHandle,
     DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER,
 };
-pub use loss::{Loss, LossSource, LossStats, Received};
+pub use loss::{Loss, LossSource, LossStats, Received, SETTLE_TIMEOUT};
 #[cfg(not(cnbus_loom))]
 pub use registered::{register, ProcRegistration};
 pub use seq::{CpuSeqTracker, SeqCheck};

@@ -40,6 +40,10 @@ pub struct ProcStream {
     /// Counts the user-space multicasts on group 1 (see `LossStats::foreign_unaccounted`),
     /// with this socket's count of them when it joined.
     witness: Option<(crate::connector::Witness, u64)>,
+    /// Events discarded by [`finish`](Self::finish), never handed out.
+    unread: u64,
+    /// `IGNORE` was sent ([`finish`](Self::finish)).
+    ignored: bool,
     _group: Subscription,
 }
 
@@ -67,7 +71,19 @@ impl ProcStream {
             .build_async()?;
         let foreign = &conn.outbox.counters.proc_group_foreign;
         let base = foreign.load(std::sync::atomic::Ordering::Relaxed);
-        let (witness, group) = crate::connector::Witness::around(|| conn.subscribe(1))?;
+        // The connector reads nothing before the stream is polled: `discard_queue` may read
+        // the socket directly, and `base` stays this socket's count.
+        let (witness, group) = super::loss::join_witnessed(
+            || conn.subscribe(1),
+            |group| {
+                drop(group);
+                let socket = &conn.outbox.socket;
+                super::loss::discard_queue(socket)?;
+                // Out of the group and emptied, the socket is as new: so is its baseline.
+                conn.outbox.counters.drops_baseline(socket);
+                Ok(())
+            },
+        )?;
         let token = super::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
         conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
             .await?;
@@ -76,6 +92,8 @@ impl ProcStream {
             decoder: super::ProcDecoder::new(events, true),
             pending: VecDeque::new(),
             witness: witness.map(|w| (w, base)),
+            unread: 0,
+            ignored: false,
             _group: group,
         };
         let ack = async {
@@ -140,35 +158,107 @@ impl ProcStream {
     /// ([`LossStats::lost`](super::LossStats::lost) says when the figure is exact).
     pub fn stats(&self) -> super::LossStats {
         let c = &self.conn.outbox.counters;
-        // The witness first, then the socket (see `proc::Witness`); this stream is the
-        // socket's only reader.
-        let foreign = self.witness.as_ref().and_then(|(w, base)| {
-            let got = c
-                .proc_group_foreign
-                .load(std::sync::atomic::Ordering::Relaxed);
-            w.unaccounted(got - base)
-        });
-        let empty = c.read_drops(&self.conn.outbox.socket);
+        // The socket's drop counter, then the witness (see `proc::loss::witnessed`); this
+        // stream is the socket's only reader.
+        c.read_drops(&self.conn.outbox.socket);
+        let (foreign_unaccounted, foreign_settled) = match &self.witness {
+            Some((w, base)) => {
+                let got = c
+                    .proc_group_foreign
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                super::loss::witnessed(&self.conn.outbox.socket, Some(w), got - base)
+            }
+            None => (None, false),
+        };
+        let dec = self.decoder.stats();
         super::LossStats {
+            // Handed out: not discarded by `finish`.
+            events: dec.events - self.unread,
+            unread: self.unread,
             kernel_drops: c.snapshot().kernel_drops,
-            foreign_unaccounted: foreign.map(|f| f.0),
-            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
-            ..self.decoder.stats()
+            foreign_unaccounted,
+            foreign_settled,
+            ..dec
         }
+    }
+
+    /// Ends the subscription and returns the final counters, as
+    /// [`ProcListener::finish`](super::ProcListener::finish) does: sends `IGNORE` (the kernel
+    /// then sends this socket no more events), reads and discards what is still queued
+    /// (counted in [`LossStats::unread`](super::LossStats::unread)), and tries for up to
+    /// [`SETTLE_TIMEOUT`](super::SETTLE_TIMEOUT) to find the queue empty as the counters are
+    /// read, so that the user-space multicasts among the kernel's drops are settled and the
+    /// loss figure is exact; past it the figure is left a range. The pauses between tries
+    /// are on tokio's timer. The kernel sends the stream no more events afterwards.
+    pub async fn finish(&mut self) -> super::LossStats {
+        self.finish_with(|| {}).await
+    }
+
+    /// [`finish`](Self::finish), calling `before_read` before each try reads the counters
+    /// (tests send a user-space multicast there, as a busy host does at the worst moment).
+    async fn finish_with(&mut self, mut before_read: impl FnMut()) -> super::LossStats {
+        use super::loss::{settled_enough, Settling};
+        if !self.ignored {
+            self.ignored = self.send_ignore();
+        }
+        let mut settling = Settling::new();
+        loop {
+            self.discard_queued().await;
+            before_read();
+            let stats = self.stats();
+            if settled_enough(&stats) {
+                return stats;
+            }
+            match settling.retry() {
+                Some(pause) if !pause.is_zero() => ::tokio::time::sleep(pause).await,
+                Some(_) => ::tokio::task::yield_now().await,
+                None => return stats,
+            }
+        }
+    }
+
+    /// Reads everything queued, without waiting, and discards it (events count as
+    /// `unread`). Bounded, as `ProcListener::finish` is: a flood of user-space multicasts
+    /// must not keep it here.
+    async fn discard_queued(&mut self) {
+        std::future::poll_fn(|cx| {
+            for _ in 0..super::listener::MAX_PENDING {
+                self.discard_pending();
+                match self.conn.poll_recv(cx) {
+                    Poll::Ready(Some(item)) => {
+                        self.take(item);
+                    }
+                    Poll::Ready(None) | Poll::Pending => break,
+                }
+            }
+            self.discard_pending();
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    fn discard_pending(&mut self) {
+        for r in self.pending.drain(..) {
+            self.unread += u64::from(matches!(r, super::Received::Event(_)));
+        }
+    }
+
+    /// Sends `IGNORE` without waiting (messages to the kernel never wait); true when sent.
+    fn send_ignore(&self) -> bool {
+        use super::{request, McastOp};
+        let token = self.conn.next_seq(CbId::PROC);
+        self.conn
+            .outbox
+            .frame(&request(McastOp::Ignore, None, 0, token), Dest::Kernel)
+            .and_then(|d| self.conn.outbox.socket.try_send(&d, Dest::Kernel))
+            .is_ok()
     }
 }
 
 impl Drop for ProcStream {
     fn drop(&mut self) {
-        use super::{request, McastOp};
-        let token = self.conn.next_seq(CbId::PROC);
-        // Messages to the kernel never wait, so a non-blocking send is enough here.
-        if let Ok(d) = self
-            .conn
-            .outbox
-            .frame(&request(McastOp::Ignore, None, 0, token), Dest::Kernel)
-        {
-            let _ = self.conn.outbox.socket.try_send(&d, Dest::Kernel);
+        if !self.ignored {
+            self.send_ignore();
         }
     }
 }
@@ -189,5 +279,65 @@ impl futures_core::Stream for ProcStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proc::listener::tests::{overflow_with_spoofs, spoofed, spoofing};
+    use crate::proc::{EventSet, LossSource};
+    use crate::sys::ConnectorSocket;
+
+    /// `ProcStream::finish` settles as `ProcListener::finish` does (the same
+    /// `proc::loss::Settling` and `witnessed`): a spoofer socket of our own overflows the
+    /// stream's queue (made small here), so that user-space datagrams are among the kernel's
+    /// drops, and multicasts on group 1 right before each of the first six tries reads the
+    /// counters. The seventh must settle the figure, exact. (Before, the stream had no
+    /// `finish` at all: its figure settled only if a `stats()` call found the queue empty.)
+    #[tokio::test]
+    // The lock serializes whole tests, each on a runtime of its own: no task waits for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn finish_settles_after_user_space_multicasts_spoil_its_first_tries() {
+        let test = "stream::finish_settles_after_user_space_multicasts_spoil_its_first_tries";
+        let _one = spoofing();
+        let mut s = match ProcStream::open(EventSet::ALL).await {
+            Ok(s) => s,
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("{test}: the proc connector is required under CI: {e}")
+            }
+            Err(e) => {
+                eprintln!("{test}: SKIPPED, proc connector not reachable: {e}");
+                return;
+            }
+        };
+        if s.witness.is_none() {
+            eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
+            return;
+        }
+        s.conn
+            .outbox
+            .socket
+            .set_recv_buffer(64 << 10, true)
+            .unwrap();
+        let spoofer = ConnectorSocket::open().unwrap();
+        let d = spoofed(&spoofer);
+        overflow_with_spoofs(&s.conn.outbox.socket, &spoofer, &d);
+        let mut spoiled = 0;
+        let stats = s
+            .finish_with(|| {
+                if spoiled < 6 {
+                    spoofer.send(&d, Dest::Group(1)).unwrap();
+                    spoiled += 1;
+                }
+            })
+            .await;
+        let foreign = stats.foreign_unaccounted.unwrap();
+        assert!(foreign > 0, "no user-space datagram dropped: {stats:?}");
+        assert!(stats.foreign_settled, "not settled: {stats:?}");
+        assert_eq!(spoiled, 6, "{stats:?}");
+        let lost = stats.lost().expect("exact once settled");
+        assert_eq!(lost, stats.kernel_drops.unwrap() - foreign, "{stats:?}");
+        assert_eq!(stats.lost_source(), LossSource::KernelCounter);
     }
 }

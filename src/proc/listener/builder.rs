@@ -138,14 +138,24 @@ impl ProcListenerBuilder {
         // Only the kernel and group 1 may fill its queue: a stranger's unicasts would
         // otherwise count in its drop counter as lost events.
         sock.connect_kernel()?;
-        let drops = Mutex::new(DropCounter::baseline(&sock)?);
+        let mut baseline = DropCounter::baseline(&sock)?;
         sock.set_recv_buffer(self.recv_buffer, true)?;
         // The witness counts the user-space multicasts on group 1 from this socket's join.
         let (witness, ()) = if foreign.is_none() {
-            Witness::around(|| sock.join(PROC_GROUP))?
+            join_witnessed(
+                || sock.join(PROC_GROUP),
+                |()| {
+                    // Out of the group and emptied, the socket is as new: so is its baseline.
+                    sock.leave(PROC_GROUP)?;
+                    discard_queue(&sock)?;
+                    baseline = DropCounter::baseline(&sock)?;
+                    Ok(())
+                },
+            )?
         } else {
             (None, sock.join(PROC_GROUP)?)
         };
+        let drops = Mutex::new(baseline);
         let want_filter = !events.is_all();
         let mut l = ProcListener {
             sock,

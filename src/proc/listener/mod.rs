@@ -7,7 +7,7 @@
 
 mod builder;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 mod threaded;
 
 pub use builder::{FilterMode, Filtering, ProcListenerBuilder};
@@ -32,7 +32,9 @@ use crate::sys::{
 };
 
 use super::decoder::ProcDecoder;
-use super::loss::{Loss, LossStats, Received};
+use super::loss::{
+    discard_queue, join_witnessed, settled_enough, witnessed, Loss, LossStats, Received, Settling,
+};
 use crate::codec::proc::PROC_GROUP;
 use crate::connector::Witness;
 
@@ -53,7 +55,7 @@ const RECV_CHUNK: usize = 64 << 10;
 const RECV_BATCH: usize = 32;
 /// Events held between receive and delivery (only while waiting for an ACK can there be more
 /// than a few).
-const MAX_PENDING: usize = 1 << 16;
+pub(super) const MAX_PENDING: usize = 1 << 16;
 
 const REASON_PID_NS: &str = "this process is outside the initial pid namespace: the kernel \
      ignores LISTEN requests from it, so events arrive only while another process in the \
@@ -244,12 +246,10 @@ impl ProcListener {
     /// The counters so far. Reads the socket's kernel drop counter
     /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
-        // The witness first, then this socket (see `Witness`).
-        let foreign = self
-            .witness
-            .as_ref()
-            .and_then(|w| w.unaccounted(self.foreign));
-        let (kernel_drops, empty) = self.read_drops();
+        // This socket's drop counter, then the witness (see `proc::loss::witnessed`).
+        let kernel_drops = self.read_drops();
+        let (foreign_unaccounted, foreign_settled) =
+            witnessed(&self.sock, self.witness.as_ref(), self.foreign);
         let dec = self.core.dec.stats();
         LossStats {
             // Handed out: not discarded by `finish`, not dropped from a full queue.
@@ -257,20 +257,19 @@ impl ProcListener {
             unread: self.discarded,
             dropped: self.core.dropped,
             kernel_drops,
-            foreign_unaccounted: foreign.map(|f| f.0),
-            foreign_settled: foreign.is_some_and(|f| f.1) && empty,
+            foreign_unaccounted,
+            foreign_settled,
             ..dec
         }
     }
 
-    /// Updates the drop counter from the socket, and says whether its receive queue is
-    /// empty. A failed read (not expected: the socket is ours and open) keeps the last value
-    /// and says "not empty".
-    fn read_drops(&self) -> (Option<u64>, bool) {
+    /// Updates the drop counter from the socket. A failed read (not expected: the socket is
+    /// ours and open) keeps the last value.
+    fn read_drops(&self) -> Option<u64> {
         let mut d = self.drops.lock();
         match self.sock.meminfo() {
-            Ok(m) => (d.observe(m.drops), m.rmem_alloc == 0),
-            Err(_) => (d.total(), false),
+            Ok(m) => d.observe(m.drops),
+            Err(_) => d.total(),
         }
     }
 
@@ -400,18 +399,26 @@ impl ProcListener {
     /// what was handed out, [`LossStats::unread`] the events discarded here; use
     /// [`drain_queued`](Self::drain_queued) first to hand them out instead). With the queue read empty, the user-space datagrams the witness
     /// counted are settled ([`LossStats::foreign_settled`]), so the loss figure is exact even
-    /// while other processes multicast on group 1. Nothing more is received afterwards.
+    /// while other processes multicast on group 1. User-space multicasts, which `IGNORE`
+    /// does not stop, can keep the queue from being found empty: it tries again, at once and
+    /// then after growing pauses, for up to [`SETTLE_TIMEOUT`](super::SETTLE_TIMEOUT); past
+    /// it (a flood that leaves no gap), the figure is left a range
+    /// ([`LossSource::Bounded`](super::LossSource::Bounded)). Nothing more is received
+    /// afterwards.
     pub fn finish(&mut self) -> LossStats {
+        self.finish_with(|_| {})
+    }
+
+    /// [`finish`](Self::finish), calling `before_read` before each try reads the counters
+    /// (tests send a user-space multicast there, as a busy host does at the worst moment).
+    fn finish_with(&mut self, mut before_read: impl FnMut(&Self)) -> LossStats {
         if !self.ignored {
             self.ignored = self.send_request(McastOp::Ignore, None).is_ok();
         }
-        let mut stats = self.stats();
-        // User-space multicasts still arrive after IGNORE: a few tries to find the queue
-        // empty as the counters are read.
-        for _ in 0..4 {
+        let mut settling = Settling::new();
+        loop {
             self.discard_pending();
-            // Bounded: a flood of user-space multicasts (which IGNORE does not stop) must
-            // not keep it here.
+            // Bounded: a flood of user-space multicasts must not keep one try here.
             let mut n = 0;
             while n < MAX_PENDING {
                 match self.fill_max(MAX_PENDING - n) {
@@ -420,12 +427,17 @@ impl ProcListener {
                 }
                 self.discard_pending();
             }
-            stats = self.stats();
-            if stats.foreign_settled || stats.foreign_unaccounted.is_none() {
-                break;
+            before_read(self);
+            let stats = self.stats();
+            if settled_enough(&stats) {
+                return stats;
+            }
+            match settling.retry() {
+                Some(pause) if !pause.is_zero() => std::thread::sleep(pause),
+                Some(_) => {}
+                None => return stats,
             }
         }
-        stats
     }
 
     fn discard_pending(&mut self) {
