@@ -5,7 +5,7 @@
 use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{fence, Ordering::*};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::stats::Counters;
 use super::Inner;
@@ -14,26 +14,18 @@ use super::Inner;
 /// before the datagram is counted as failed.
 const TRANSIENT_RETRIES: u32 = 2;
 
-/// Longest sleep between two attempts to send to a full unicast receiver.
-const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
-
 /// A send's wait for room at a full unicast receiver ([`Dest::Port`](crate::sys::Dest)):
-/// the bus sends with `MSG_DONTWAIT` and, when the receiver's queue is full, sleeps a
-/// little and tries again, for at most [`BusBuilder::send_timeout`](super::BusBuilder::send_timeout)
-/// (and never past the shutdown deadline). A wait that times out marks the bus's receiver
-/// as stalled: later sends do not wait for it until one of them gets a datagram through.
+/// the bus sends with `MSG_DONTWAIT` and, when the receiver's queue is full, waits as
+/// every sender does ([`sys::RoomWait`](crate::sys)) for at most
+/// [`BusBuilder::send_timeout`](super::BusBuilder::send_timeout), never past the shutdown
+/// deadline. A wait that times out marks the bus's receiver as stalled: later sends do not
+/// wait for it until one of them gets a datagram through.
 /// Why it sleeps rather than `poll`s: docs/BUS.md, "Flush, shutdown, errors".
-pub(crate) struct RoomWait {
-    since: Option<Instant>,
-    pause: Duration,
-}
+pub(crate) struct RoomWait(Option<crate::sys::RoomWait>);
 
 impl RoomWait {
     pub(crate) fn new() -> Self {
-        Self {
-            since: None,
-            pause: Duration::from_micros(20),
-        }
+        Self(None)
     }
 
     /// The receiver was full: sleeps before the next attempt and returns true, or returns
@@ -42,32 +34,28 @@ impl RoomWait {
         if inner.stalled.load(Relaxed) {
             return false;
         }
-        let now = Instant::now();
-        let first = self.since.is_none();
-        let since = *self.since.get_or_insert(now);
-        let mut deadline = since.checked_add(inner.cfg.send_timeout);
+        let first = self.0.is_none();
+        let w = self
+            .0
+            .get_or_insert_with(|| crate::sys::RoomWait::new(inner.cfg.send_timeout));
         if let Some(&stop) = inner.stop_deadline.get() {
-            deadline = Some(deadline.map_or(stop, |d| d.min(stop)));
+            w.end_by(stop);
         }
-        let left = deadline.map_or(self.pause, |d| d.saturating_duration_since(now));
-        if left.is_zero() {
+        if !w.sleep() {
             inner.stalled.store(true, Relaxed);
             return false;
         }
         if first {
             Counters::add(&inner.stats.full_receiver_waits, 1);
         }
-        std::thread::sleep(self.pause.min(left));
-        self.pause = (self.pause * 2).min(MAX_ROOM_PAUSE);
         true
     }
 
     /// A datagram got through: the receiver takes datagrams again.
     pub(crate) fn done(&mut self, inner: &Inner) {
-        if self.since.take().is_some() || inner.stalled.load(Relaxed) {
+        if self.0.take().is_some() || inner.stalled.load(Relaxed) {
             inner.stalled.store(false, Relaxed);
         }
-        self.pause = Duration::from_micros(20);
     }
 }
 

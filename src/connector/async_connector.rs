@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ::tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use bytes::{Bytes, BytesMut};
@@ -21,7 +21,7 @@ use super::stats::Counters;
 use super::{Event, Groups, Incoming, Outbox, Stats, Subscription};
 use crate::codec::{CbId, CnMsg};
 use crate::error::{Error, Op, Result};
-use crate::sys::{ConnectorSocket, Dest};
+use crate::sys::{ConnectorSocket, Dest, RoomWait};
 
 /// Messages and events parsed but not yet taken, at most (or room for two datagrams' worth,
 /// if more); past it the oldest is dropped and counted in [`Stats::channel_full`]. The
@@ -31,9 +31,6 @@ const QUEUE_CAP: usize = 65536;
 
 /// Datagrams read per readiness before yielding to the runtime.
 const BATCH: usize = 64;
-
-/// Longest pause between two attempts to send to a unicast peer whose queue is full.
-const MAX_ROOM_PAUSE: Duration = Duration::from_millis(1);
 
 /// An async connector: a socket whose messages and events are a `Stream`.
 ///
@@ -119,14 +116,14 @@ impl AsyncConnector {
     /// [`Error::TimedOut`] (`Op::Send`), counted as a send error.
     pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
         let d = self.outbox.frame(msg, dest)?;
-        let wait = RoomWait::new(self.send_timeout);
+        let mut wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.socket.try_send(&d, dest);
             if !matches!(r, Ok(None)) {
                 self.outbox.account(&r, 1);
                 return r.map(drop);
             }
-            if !wait.pause().await {
+            if !room(&mut wait).await {
                 return Err(self.timed_out(Op::Send));
             }
         }
@@ -142,12 +139,12 @@ impl AsyncConnector {
     /// Returns the seq.
     pub async fn send_numbered(&self, id: CbId, data: impl Into<Bytes>, dest: Dest) -> Result<u32> {
         let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
-        let wait = RoomWait::new(self.send_timeout);
+        let mut wait = RoomWait::new(self.send_timeout);
         loop {
             if let Some(seq) = self.outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            if !wait.pause().await {
+            if !room(&mut wait).await {
                 return Err(self.timed_out(Op::Send));
             }
         }
@@ -176,7 +173,7 @@ impl AsyncConnector {
             match self.outbox.socket.try_send_batch(&slices, dest) {
                 Ok(0) => {
                     drop(slices);
-                    if !wait.pause().await {
+                    if !room(&mut wait).await {
                         if sent == 0 {
                             return Err(self.timed_out(Op::SendBatch));
                         }
@@ -392,36 +389,15 @@ impl AsyncConnector {
     }
 }
 
-/// A send's wait for room at a unicast peer whose queue is full. Netlink offers no
-/// readiness for that (a sender's writability is its own send buffer's, which is why the
-/// socket is registered for read readiness only), so the send tries again after a pause of
-/// at most [`MAX_ROOM_PAUSE`], on tokio's timer, until the timeout has passed since the
-/// first attempt.
-struct RoomWait {
-    /// `None`: a timeout too long to represent, waits without end.
-    deadline: Option<Instant>,
-}
-
-impl RoomWait {
-    fn new(timeout: Duration) -> Self {
-        Self {
-            deadline: Instant::now().checked_add(timeout),
+/// Waits (on tokio's timer) for the next attempt of `wait`: `false` (at once) when its
+/// time is up.
+async fn room(wait: &mut RoomWait) -> bool {
+    match wait.next_pause() {
+        Some(pause) => {
+            ::tokio::time::sleep(pause).await;
+            true
         }
-    }
-
-    /// Sleeps before the next attempt; `false` (at once) when the time is up.
-    async fn pause(&self) -> bool {
-        let pause = match self.deadline {
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .min(MAX_ROOM_PAUSE),
-            None => MAX_ROOM_PAUSE,
-        };
-        if pause.is_zero() {
-            return false;
-        }
-        ::tokio::time::sleep(pause).await;
-        true
+        None => false,
     }
 }
 

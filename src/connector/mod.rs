@@ -502,12 +502,12 @@ impl ConnectorHandle {
         let outbox = &self.inner.outbox;
         let mut d = outbox.frame_numbered(id, data.into(), dest)?;
         let mut wait =
-            outbox::Patience::new(self.dispatcher_send_timeout().unwrap_or(Duration::MAX));
+            crate::sys::RoomWait::new(self.dispatcher_send_timeout().unwrap_or(Duration::MAX));
         loop {
             if let Some(seq) = outbox.try_send_numbered(&mut d, id, dest)? {
                 return Ok(seq);
             }
-            if !wait.pause() {
+            if !wait.sleep() {
                 return Err(outbox.timed_out(Op::Send));
             }
         }

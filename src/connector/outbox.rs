@@ -2,14 +2,14 @@
 //! connector: id/group policy, framing, batching and send counters.
 
 use std::io::IoSlice;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::stats::{Counters, Stats};
 use super::FIRST_USER_GROUP;
 use crate::codec::{CbId, CnMsg, DatagramBuilder, CONNECTOR_MAX_MSG_SIZE, NLMSG_HDRLEN};
 use crate::error::{Error, Op, Result};
 use crate::seq::write_seq;
-use crate::sys::{ConnectorSocket, Dest};
+use crate::sys::{ConnectorSocket, Dest, RoomWait};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -186,14 +186,14 @@ impl Outbox {
     /// peer: then [`Error::TimedOut`], counted as a send error.
     pub(crate) fn send_within(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<()> {
         let d = self.frame(msg, dest)?;
-        let mut wait = Patience::new(timeout);
+        let mut wait = RoomWait::new(timeout);
         loop {
             let r = self.socket.try_send(&d, dest);
             if !matches!(r, Ok(None)) {
                 self.account(&r, 1);
                 return r.map(drop);
             }
-            if !wait.pause() {
+            if !wait.sleep() {
                 return Err(self.timed_out(Op::Send));
             }
         }
@@ -209,7 +209,7 @@ impl Outbox {
         timeout: Duration,
     ) -> Result<usize> {
         let datagrams = self.frame_batch(msgs, dest)?;
-        let mut wait = Patience::new(timeout);
+        let mut wait = RoomWait::new(timeout);
         let (mut sent, mut msgs_sent) = (0, 0);
         while sent < datagrams.len() {
             let slices: Vec<IoSlice<'_>> = datagrams[sent..]
@@ -217,14 +217,14 @@ impl Outbox {
                 .map(|(d, _)| IoSlice::new(d))
                 .collect();
             match self.socket.try_send_batch(&slices, dest) {
-                Ok(0) if wait.pause() => {}
+                Ok(0) if wait.sleep() => {}
                 Ok(0) if sent == 0 => return Err(self.timed_out(Op::SendBatch)),
                 Ok(0) => break,
                 Ok(n) => {
                     let n = n.min(datagrams.len() - sent);
                     msgs_sent += self.account_batch(&datagrams[sent..sent + n], n);
                     sent += n;
-                    wait = Patience::new(timeout);
+                    wait = RoomWait::new(timeout);
                 }
                 Err(_) if sent > 0 => break,
                 Err(e) => {
@@ -256,36 +256,5 @@ impl Outbox {
             }
         };
         Ok(self.account_batch(&datagrams, sent))
-    }
-}
-
-/// A synchronous wait for room at a unicast peer whose queue is full: pauses of 20 us
-/// doubling up to 1 ms, until `timeout` has passed since it began (`None`: a timeout too
-/// long to represent, no end).
-pub(crate) struct Patience {
-    deadline: Option<Instant>,
-    pause: Duration,
-}
-
-impl Patience {
-    pub(crate) fn new(timeout: Duration) -> Self {
-        Self {
-            deadline: Instant::now().checked_add(timeout),
-            pause: Duration::from_micros(20),
-        }
-    }
-
-    /// Sleeps before the next attempt; `false` (at once) when the time is up.
-    pub(crate) fn pause(&mut self) -> bool {
-        let pause = match self.deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()).min(self.pause),
-            None => self.pause,
-        };
-        if pause.is_zero() {
-            return false;
-        }
-        std::thread::sleep(pause);
-        self.pause = (self.pause * 2).min(Duration::from_millis(1));
-        true
     }
 }

@@ -29,6 +29,7 @@ pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 pub(crate) use process::{at_exit, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
+pub(crate) use send::RoomWait;
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 pub(crate) use spin::{BiasedLock, Holder, HolderSlot};

@@ -4,6 +4,7 @@
 use std::io::{self, IoSlice};
 use std::mem;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use super::socket::sockaddr;
 use super::{cvt, ConnectorSocket, Dest};
@@ -106,5 +107,50 @@ impl ConnectorSocket {
             }
         }
         Ok(sent)
+    }
+}
+
+/// A sender's wait for room at a unicast peer whose receive queue is full: netlink offers no
+/// readiness for that (a sender's writability is its own send buffer's), so the sender
+/// tries again (with `MSG_DONTWAIT`) after a pause, 20 µs doubling up to 1 ms, never past
+/// the wait's deadline. The one schedule of every such wait: the connector's sends
+/// (blocking, and async on tokio's timer) and the bus's drains.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomWait {
+    /// `None`: no end (a timeout too long to represent).
+    deadline: Option<Instant>,
+    pause: Duration,
+}
+
+impl RoomWait {
+    const FIRST_PAUSE: Duration = Duration::from_micros(20);
+    const MAX_PAUSE: Duration = Duration::from_millis(1);
+
+    /// A wait that ends `timeout` from now.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now().checked_add(timeout),
+            pause: Self::FIRST_PAUSE,
+        }
+    }
+
+    /// Ends the wait by `deadline` if that is sooner (a shutdown's).
+    pub(crate) fn end_by(&mut self, deadline: Instant) {
+        self.deadline = Some(self.deadline.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    /// The pause before the next attempt, or `None` when the time is up.
+    pub(crate) fn next_pause(&mut self) -> Option<Duration> {
+        let pause = match self.deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()).min(self.pause),
+            None => self.pause,
+        };
+        self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        (!pause.is_zero()).then_some(pause)
+    }
+
+    /// Sleeps the next pause: `false` (at once) when the time is up.
+    pub(crate) fn sleep(&mut self) -> bool {
+        self.next_pause().map(std::thread::sleep).is_some()
     }
 }
