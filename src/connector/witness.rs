@@ -10,16 +10,26 @@ use crate::sys::{kernel_at_least, ConnectorSocket, Dest, DropCounter};
 
 use crate::codec::proc::PROC_GROUP;
 
+/// Datagrams [`Witness::total`] reads at most in one call: about 50 times what its 1 MiB
+/// queue holds of the smallest user-space multicasts.
+const MAX_READ: usize = 1 << 16;
+
 /// The witness of user-space multicasts on group 1: a socket in group 1 that sent
 /// `IGNORE` before joining, so the kernel sends it none of its events (its filter applies
 /// before delivery) while user-space multicasts, which no filter stops, all reach it. What it
 /// receives and drops is every user-space datagram on group 1; the receiving socket got some
 /// of them, and the rest may be in its kernel drop counter.
 ///
-/// Reading order makes the count sound: the witness is read first, then the receiving
-/// socket's counter and queue. A user-space datagram sent in between is in neither count,
-/// or waits in the receiving queue (not empty: not settled), or was dropped from a full
-/// queue (again not empty). The owner must be the only reader of the receiving socket.
+/// Reading order makes the count sound. `ProcListener` and `ProcStream` read the receiving
+/// socket's drop counter, then the witness, then the socket's queue, with a membership
+/// barrier between each (`proc::loss::witnessed`: a multicast reaches the group's members
+/// one after the other, and the barrier waits for one under way). The connector's
+/// statistics (`Counters::on_drained`) read the witness first, then the socket's counter
+/// and queue, without barriers (it runs whenever the dispatcher empties its queue): a
+/// user-space datagram sent in between is in neither count, or waits in the receiving
+/// queue (not empty: not settled), or was dropped from a full queue (again not empty);
+/// only one under way as the witness is read can make that figure one off. The owner must
+/// be the only reader of the receiving socket.
 #[derive(Debug)]
 pub(crate) struct Witness {
     sock: ConnectorSocket,
@@ -92,10 +102,12 @@ impl Witness {
     }
 
     /// Reads everything queued; returns the user-space datagrams seen plus those it lost,
-    /// or `None` if it cannot tell.
+    /// or `None` if it cannot tell: also when the queue did not run empty within
+    /// [`MAX_READ`] datagrams (a sender faster than this reader: what is still queued is in
+    /// no count, and a call must not be kept here for good).
     fn total(&self) -> Option<u64> {
         let mut buf = BytesMut::with_capacity(128);
-        loop {
+        for _ in 0..=MAX_READ {
             buf.clear();
             match self.sock.recv_max(&mut buf, 128, true) {
                 Ok(Some(meta)) if meta.port != 0 && meta.group == PROC_GROUP => {
@@ -106,12 +118,14 @@ impl Witness {
                 Err(Error::Truncated { .. }) => *self.seen.lock() += 1,
                 // What it dropped is in its drop counter.
                 Err(Error::Overrun { .. }) => {}
-                Ok(None) => break,
+                Ok(None) => {
+                    let lost = self.drops.lock().update(&self.sock).ok().flatten()?;
+                    return Some(*self.seen.lock() + lost);
+                }
                 Err(_) => return None,
             }
         }
-        let lost = self.drops.lock().update(&self.sock).ok().flatten()?;
-        Some(*self.seen.lock() + lost)
+        None
     }
 
     /// The user-space datagrams on group 1 since the receiving socket joined that it did
