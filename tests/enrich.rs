@@ -480,41 +480,10 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
     old.kill().unwrap();
     old.wait().unwrap();
     // Cycle the pids until one of our children gets `target` again; that one execs sleep.
-    let path = std::ffi::CString::new("/bin/sleep").unwrap();
-    let args = [
-        std::ffi::CString::new("sleep").unwrap(),
-        std::ffi::CString::new("1000").unwrap(),
-    ];
-    let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
-    let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(32768);
-    let mut reused = false;
-    for i in 0..4 * pid_max {
-        // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
-        // data prepared before the fork.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-        if pid == 0 {
-            // SAFETY: as above; `argv` is a NULL-terminated array of C strings.
-            unsafe {
-                if libc::getpid() as u32 == target {
-                    libc::execv(path.as_ptr(), argv.as_ptr());
-                }
-                libc::_exit(0);
-            }
-        }
-        if pid as u32 == target {
-            reused = true;
-            break;
-        }
-        reap(pid as u32);
-        if i % 512 == 0 {
-            drain_execs(&mut l, &mut e, target, Duration::ZERO);
-        }
-    }
-    if !reused {
+    let reused = take_pid(target, "1000", || {
+        drain_execs(&mut l, &mut e, target, Duration::ZERO);
+    });
+    if reused.is_none() {
         eprintln!("exec_only_reuse: SKIPPED, pid {target} did not come back to this test");
         return;
     }
@@ -664,19 +633,20 @@ fn threads_that_outlive_their_leader_keep_the_process_info() {
 }
 
 /// Cycles the pids with children that exit at once until one gets `target`; that one execs
-/// `/bin/sleep 999` and is returned (`None` if the pid never came back to this test).
-fn take_pid(target: u32) -> Option<u32> {
+/// `/bin/sleep <secs>` and is returned (`None` if the pid never came back to this test).
+/// `every_512` runs every 512 children (to keep reading events meanwhile).
+fn take_pid(target: u32, secs: &str, mut every_512: impl FnMut()) -> Option<u32> {
     let path = std::ffi::CString::new("/bin/sleep").unwrap();
     let args = [
         std::ffi::CString::new("sleep").unwrap(),
-        std::ffi::CString::new("999").unwrap(),
+        std::ffi::CString::new(secs).unwrap(),
     ];
     let argv = [args[0].as_ptr(), args[1].as_ptr(), std::ptr::null()];
     let pid_max: usize = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(32768);
-    for _ in 0..4 * pid_max {
+    for i in 0..4 * pid_max {
         // SAFETY: the child runs only async-signal-safe calls (getpid, execv, _exit) on
         // data prepared before the fork.
         let pid = unsafe { libc::fork() };
@@ -694,6 +664,9 @@ fn take_pid(target: u32) -> Option<u32> {
             return Some(target);
         }
         reap(pid as u32);
+        if i % 512 == 0 {
+            every_512();
+        }
     }
     None
 }
@@ -735,7 +708,7 @@ fn a_late_event_never_reads_the_next_holder_of_its_pid() {
     }
     old.kill().unwrap();
     old.wait().unwrap();
-    let Some(new) = take_pid(target) else {
+    let Some(new) = take_pid(target, "999", || {}) else {
         eprintln!("late_reads: SKIPPED, pid {target} did not come back to this test");
         return;
     };
