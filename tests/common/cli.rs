@@ -391,3 +391,95 @@ pub fn full_stdout(bin: &PathBuf, program: &str, args: &[&str], what: &str) {
         "{args:?} > /dev/full: {err}"
     );
 }
+
+/// Whether the main thread of `pid` sleeps in a `write(2)` (`/proc/PID/syscall` starts
+/// with the number of the call it is blocked in).
+pub fn blocked_in_write(pid: i32) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let sleeping = state
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+        == Some("S");
+    let call = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    sleeping && call.split_whitespace().next() == Some(&libc::SYS_write.to_string())
+}
+
+/// Makes events (our own short children) until `pid` is blocked writing them.
+pub fn until_blocked_in_write(pid: i32) {
+    for _ in 0..20_000 {
+        if blocked_in_write(pid) {
+            return;
+        }
+        true_pid();
+    }
+    panic!("the output of {pid} never blocked");
+}
+
+/// The master side of a pseudo-terminal that a child runs on ([`on_a_terminal`]). Dropping
+/// it hangs the terminal up (a closed terminal window, a dropped ssh session): the kernel
+/// makes every operation on the child's side fail with EIO and sends SIGHUP to the child,
+/// the terminal's session leader.
+pub struct Terminal(std::fs::File);
+
+impl Terminal {
+    /// Reads what the child wrote until a whole line has come (and whatever came with it).
+    pub fn read_line(&mut self) -> String {
+        let mut seen = Vec::new();
+        while !seen.contains(&b'\n') {
+            let mut buf = [0u8; 4096];
+            let n = self.0.read(&mut buf).unwrap();
+            assert!(n > 0, "no line on the terminal");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+}
+
+/// Starts `cmd` (stdin empty) as the session leader of a new pseudo-terminal, its stdout and
+/// stderr on it and it its controlling terminal, as a tool run in the foreground of a
+/// terminal window or an ssh session. Both ends are close-on-exec (`openpty`'s are not): no
+/// other child of the test process holds the terminal open, so dropping the [`Terminal`]
+/// hangs it up.
+pub fn on_a_terminal(cmd: &mut Command) -> (Running, Terminal) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open("/dev/ptmx")
+        .unwrap();
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int; `master` is an open pseudo-terminal master.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) };
+    assert_eq!(r, 0, "unlock: {}", std::io::Error::last_os_error());
+    // SAFETY: TIOCGPTPEER opens the slave side and returns a new descriptor (or -1).
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    assert!(slave >= 0, "slave: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    cmd.stdin(Stdio::null())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap());
+    // SAFETY: only async-signal-safe calls between fork and exec: a new session, with the
+    // pseudo-terminal (its stdout by then) as the controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(1, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let r = Running(cmd.spawn().unwrap());
+    drop(slave);
+    (r, Terminal(master))
+}

@@ -44,10 +44,12 @@ attribution fields, start (RFC 3339 or null), source (scan, fork, exec, resync).
 Signals: SIGINT and SIGTERM stop it (queued events applied, final counters, dump); with
 --nats it then sends for at most --shutdown-deadline, and a second SIGINT or SIGTERM ends
 that wait at once (what is not acknowledged stays in the spool, counted as unsent).
-SIGHUP reopens --output.
+SIGHUP reopens --output, except the SIGHUP of a terminal that hangs up (stdout or stderr
+was a terminal at start: a closed window, a dropped ssh session): that one stops it as
+SIGTERM does.
 
-Exit status: 0 after SIGINT/SIGTERM or --duration, or when the event log's reader closes
-the pipe; 1 when the proc connector cannot be used, writing the event log fails, or the
+Exit status: 0 after SIGINT/SIGTERM or --duration, when the event log's reader closes
+the pipe, or when the terminal it runs on hangs up (final counters, as on SIGTERM); 1 when the proc connector cannot be used, writing the event log fails, or the
 NATS sink cannot start (credentials or TLS refused, a stream with other subjects; an
 unreachable server is not an error: lines are spooled until it is back); 2 on a usage
 error.

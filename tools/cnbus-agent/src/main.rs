@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
 use cnbus::proc::{ProcListener, Received};
+use cnbus_cli::output::Terminals;
 use cnbus_cli::warn;
 use nats::{Ship, Shipper};
 
@@ -136,7 +137,13 @@ fn main() -> ExitCode {
         }
     };
     // SIGHUP reopens the log; the first SIGINT / SIGTERM stops the agent, a second one
-    // stops its waiting for the NATS server (whatever is not sent stays in the spool).
+    // stops its waiting for the NATS server (whatever is not sent stays in the spool). A
+    // SIGHUP from the hang-up of the terminal the agent runs on (stdout or stderr was a
+    // terminal at start and is none any more: a dropped ssh session) stops it too, as
+    // SIGTERM would: nobody reads that terminal again, and the agent must not run on
+    // unseen; it never counts as the second signal.
+    let terminals = Terminals::at_start();
+    let log_on_stdout = args.output.is_none().then_some(&terminals);
     let stop = Arc::new(AtomicBool::new(false));
     let reopen = Arc::new(AtomicBool::new(false));
     let aborted = Arc::new(AtomicBool::new(false));
@@ -145,7 +152,11 @@ fn main() -> ExitCode {
         let abort = shipper.as_ref().map(Shipper::abort_handle);
         std::thread::spawn(move || loop {
             if signals.wait() == libc::SIGHUP {
-                reopen.store(true, Ordering::SeqCst);
+                if terminals.hung_up() {
+                    stop.store(true, Ordering::SeqCst);
+                } else {
+                    reopen.store(true, Ordering::SeqCst);
+                }
             } else if stop.swap(true, Ordering::SeqCst) {
                 aborted.store(true, Ordering::SeqCst);
                 if let Some(a) = &abort {
@@ -240,7 +251,7 @@ fn main() -> ExitCode {
                     s.flush();
                 }
                 if let Err(e) = out.flush() {
-                    failed = log_error(&e);
+                    failed = log_error(&e, log_on_stdout);
                     log_closed = true;
                     break;
                 }
@@ -267,7 +278,7 @@ fn main() -> ExitCode {
                 if let Err(e) = handle(&mut agent, r, &mut out, &mut shipper) {
                     // The log's reader is gone (a closed pipe: quietly) or the disk is
                     // full (loudly): stop.
-                    failed = log_error(&e);
+                    failed = log_error(&e, log_on_stdout);
                     log_closed = true;
                     break;
                 }
@@ -288,7 +299,7 @@ fn main() -> ExitCode {
         let drain_until = Instant::now() + DRAIN_FOR;
         for r in listener.drain_queued(usize::MAX) {
             if let Err(e) = handle(&mut agent, r, &mut out, &mut shipper) {
-                failed = log_error(&e);
+                failed = log_error(&e, log_on_stdout);
                 log_closed = true;
                 break;
             }
@@ -309,7 +320,7 @@ fn main() -> ExitCode {
     }
     if !log_closed {
         if let Err(e) = out.flush() {
-            failed |= log_error(&e);
+            failed |= log_error(&e, log_on_stdout);
         }
     }
     // Sends IGNORE and reads the queue empty: the final, settled loss figures.

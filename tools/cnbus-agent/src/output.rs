@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use cnbus_cli::output::{reader_gone, Terminals};
 use cnbus_cli::warn;
 
 /// Writes `data` to `path` atomically for readers: to `path.tmp`, then renamed over `path`
@@ -29,10 +30,11 @@ pub fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
 }
 
 /// Reports a failed write to the event log; true when it is a failure (exit status 1),
-/// false for a closed pipe (`cnbus-agent | head`), which ends the agent quietly and
-/// successfully.
-pub fn log_error(e: &io::Error) -> bool {
-    if e.kind() == io::ErrorKind::BrokenPipe {
+/// false when the log's reader is gone, which ends the agent quietly and successfully: a
+/// closed pipe (`cnbus-agent | head`), or, for a log on stdout (`stdout`: what stdout was at
+/// start), a terminal that hung up.
+pub fn log_error(e: &io::Error, stdout: Option<&Terminals>) -> bool {
+    if reader_gone(e, stdout) {
         return false;
     }
     warn!("cnbus-agent: writing the event log: {e}");

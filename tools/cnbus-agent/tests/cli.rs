@@ -94,3 +94,111 @@ fn help_version_completions_and_man_page_to_a_full_disk_fail_with_status_1() {
     );
     full_stdout(&bin, "cnbus-agent", &["man"], "the man page");
 }
+
+/// The final counters in `path` (`--stats-file`), once the agent has exited.
+fn final_counters(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["final"], true, "not the final counters: {text}");
+    v
+}
+
+/// Regression: an agent whose event log is a terminal that hangs up (an ssh session that
+/// dies while it runs in the foreground) exited with status 1 and `writing the event log:
+/// Input/output error`; it now stops as on SIGTERM: status 0 and its final counters, as
+/// proctrace does. The agent runs as the session leader of a pseudo-terminal of its own,
+/// blocked in a write because nobody reads the terminal; closing the master hangs it up.
+#[test]
+fn a_terminal_that_hangs_up_under_the_event_log_stops_it_with_status_0() {
+    if !kernel("a_terminal_that_hangs_up_under_the_event_log_stops_it_with_status_0") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let (mut r, mut term) = on_a_terminal(
+        std::process::Command::new(bin())
+            .args(["--interval", "1e9", "--stats-file"])
+            .arg(&stats),
+    );
+    // The start resync's line is on the terminal once it has subscribed.
+    let seen = term.read_line();
+    assert!(seen.contains("resync"), "{seen}");
+    // Nobody reads the terminal any more: its buffer fills and the agent blocks in a write.
+    until_blocked_in_write(r.pid());
+    drop(term);
+    let st = r.wait("cnbus-agent on a terminal that hung up", || {
+        true_pid();
+    });
+    assert_eq!(st.code(), Some(0), "{st}");
+    final_counters(&stats);
+}
+
+/// Regression: the SIGHUP of a terminal that hangs up under an agent logging to `--output`
+/// (started in the foreground of an ssh session that then dies) only reopened the log, and
+/// the agent ran on forever, unseen; now it stops as on SIGTERM (status 0, final counters).
+/// Nothing is written to the terminal here, so only the SIGHUP tells.
+#[test]
+fn the_sighup_of_a_terminal_that_hangs_up_stops_it_even_with_output() {
+    if !kernel("the_sighup_of_a_terminal_that_hangs_up_stops_it_even_with_output") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, stats) = (
+        dir.path().join("events.jsonl"),
+        dir.path().join("stats.json"),
+    );
+    let (mut r, term) = on_a_terminal(
+        std::process::Command::new(bin())
+            .args(["--interval", "1e9", "--output"])
+            .arg(&log)
+            .arg("--stats-file")
+            .arg(&stats),
+    );
+    assert!(
+        common::wait_for(HANG, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("\"resync\""))),
+        "no start resync in the log"
+    );
+    drop(term);
+    let st = r.wait(
+        "cnbus-agent with --output on a terminal that hung up",
+        || {},
+    );
+    assert_eq!(st.code(), Some(0), "{st}");
+    final_counters(&stats);
+}
+
+/// A SIGHUP that is not a hang-up (`kill -HUP`, `systemctl reload`) still only reopens
+/// `--output`: after the log is moved away (rotated), new lines go to a new file at the
+/// path, and the agent runs on, even on a terminal (that did not hang up).
+#[test]
+fn a_plain_sighup_reopens_the_output_and_does_not_stop_it() {
+    if !kernel("a_plain_sighup_reopens_the_output_and_does_not_stop_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, rotated) = (
+        dir.path().join("events.jsonl"),
+        dir.path().join("old.jsonl"),
+    );
+    let (mut r, _term) = on_a_terminal(
+        std::process::Command::new(bin())
+            .args(["--interval", "1e9", "--output"])
+            .arg(&log),
+    );
+    let has_lines = |p: &std::path::Path| std::fs::read_to_string(p).is_ok_and(|l| !l.is_empty());
+    assert!(common::wait_for(HANG, || has_lines(&log)), "no log");
+    std::fs::rename(&log, &rotated).unwrap();
+    r.signal(libc::SIGHUP);
+    assert!(
+        common::wait_for(HANG, || {
+            true_pid();
+            has_lines(&log)
+        }),
+        "the log was not reopened"
+    );
+    assert!(r.0.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+    r.signal(libc::SIGTERM);
+    let st = r.wait("cnbus-agent after SIGTERM", || {});
+    assert_eq!(st.code(), Some(0), "{st}");
+}

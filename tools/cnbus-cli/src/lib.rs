@@ -5,7 +5,8 @@
 //! * [`procfs`]: small `/proc` reads (`stat`, command line, the tool's own usage);
 //! * [`json`]: one JSON object per line, written with `serde_json`, and the fields of a
 //!   `lost` line;
-//! * [`output`]: [`warn!`] (stderr that never panics), how a failed write ends a tool, and
+//! * [`output`]: [`warn!`] (stderr that never panics), how a failed write ends a tool (a
+//!   closed pipe or a terminal that hung up: quietly, status 0), and
 //!   the termination signals blocked at start;
 //! * [`generate`]: the hidden `completions SHELL` and `man` subcommands (`clap_complete`,
 //!   `clap_mangen`).

@@ -14,15 +14,74 @@ macro_rules! warn {
     }};
 }
 
+/// True when the failed write `e` says that the output's reader is gone: a closed pipe
+/// (`tool | head`), or, when the output is stdout (`stdout`: what it was at start), a
+/// terminal that hung up ([`Terminals::stdout_hung_up`]). A tool then ends quietly and
+/// successfully, as on SIGHUP.
+pub fn reader_gone(e: &io::Error, stdout: Option<&Terminals>) -> bool {
+    e.kind() == io::ErrorKind::BrokenPipe || stdout.is_some_and(|t| t.stdout_hung_up(e))
+}
+
 /// The exit status after a failed write of `what` by `program`: a closed pipe (`tool |
 /// head`) ends the run quietly and successfully; any other error (a full disk) is reported
 /// on stderr and is a failure (status 1).
 pub fn write_failed(program: &str, what: &str, e: &io::Error) -> ExitCode {
-    if e.kind() == io::ErrorKind::BrokenPipe {
+    if reader_gone(e, None) {
         return ExitCode::SUCCESS;
     }
     warn!("{program}: writing {what}: {e}");
     ExitCode::from(1)
+}
+
+/// Whether stdout and stderr were terminals when the tool started, to tell a terminal that
+/// hung up (a closed terminal window, a dropped ssh session) from other failures. When a
+/// terminal hangs up, the kernel first makes every operation on it fail with EIO (so it is
+/// no terminal any more for `isatty`), then sends SIGHUP: the reader is gone, and a tool
+/// stops as on SIGHUP, quietly and with status 0, rather than failing.
+#[derive(Debug, Clone, Copy)]
+pub struct Terminals {
+    stdout: bool,
+    stderr: bool,
+}
+
+impl Terminals {
+    /// What stdout and stderr are now (call it at start).
+    pub fn at_start() -> Terminals {
+        use std::io::IsTerminal as _;
+        Terminals {
+            stdout: io::stdout().is_terminal(),
+            stderr: io::stderr().is_terminal(),
+        }
+    }
+
+    /// True when `e`, from a write to stdout, says that its terminal hung up: stdout was a
+    /// terminal at start and the write failed with EIO.
+    pub fn stdout_hung_up(&self, e: &io::Error) -> bool {
+        self.stdout && e.raw_os_error() == Some(libc::EIO)
+    }
+
+    /// True when stdout or stderr was a terminal at start and is not one any more: its
+    /// terminal hung up. A SIGHUP seen with this true came from the hang-up, not from
+    /// `kill -HUP`.
+    pub fn hung_up(&self) -> bool {
+        use std::io::IsTerminal as _;
+        (self.stdout && !io::stdout().is_terminal()) || (self.stderr && !io::stderr().is_terminal())
+    }
+}
+
+/// The exit status after a failed write of `what` to stdout by `program`: as
+/// [`write_failed`], and a terminal that hung up ([`Terminals::stdout_hung_up`]) ends the
+/// run quietly and successfully too (the reader is gone, as with a closed pipe).
+pub fn stdout_write_failed(
+    program: &str,
+    what: &str,
+    e: &io::Error,
+    terminals: &Terminals,
+) -> ExitCode {
+    if reader_gone(e, Some(terminals)) {
+        return ExitCode::SUCCESS;
+    }
+    write_failed(program, what, e)
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP ([`cnbus::sys::TermSignals`]), to be waited for by a

@@ -18,7 +18,7 @@ mod summary;
 mod tracer;
 
 use std::collections::HashMap;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use clap::CommandFactory;
 use cnbus::proc::{EnrichConfig, Enricher, EventSet, ProcListener};
 use cnbus::Error;
 use cnbus_cli::clock::Clocks;
+use cnbus_cli::output::Terminals;
 use cnbus_cli::warn;
 
 use cache::Cache;
@@ -143,15 +144,12 @@ fn watch_the_output(
 }
 
 /// The exit status after a failed write to stdout: a closed pipe (`proctrace | head`) ends
-/// the run quietly and successfully, and so does a terminal that hung up (`terminal`: stdout
-/// was one at start; a closed terminal window or a dropped ssh session fails every write
-/// with EIO, and SIGHUP comes with it or soon after): the reader is gone either way. Any
-/// other error (a full disk) is reported and is a failure.
-fn output_failed(e: &io::Error, terminal: bool) -> ExitCode {
-    if terminal && e.raw_os_error() == Some(libc::EIO) {
-        return ExitCode::SUCCESS;
-    }
-    cnbus_cli::output::write_failed("proctrace", "the events to stdout", e)
+/// the run quietly and successfully, and so does a terminal that hung up (a closed terminal
+/// window or a dropped ssh session fails every write with EIO, and SIGHUP comes with it or
+/// soon after): the reader is gone either way. Any other error (a full disk) is reported
+/// and is a failure.
+fn output_failed(e: &io::Error, terminals: &Terminals) -> ExitCode {
+    cnbus_cli::output::stdout_write_failed("proctrace", "the events to stdout", e, terminals)
 }
 
 fn open_error(e: &Error) -> String {
@@ -236,7 +234,7 @@ fn main() -> ExitCode {
         let (caught, since, stage) = (caught.clone(), writing_since.clone(), stage.clone());
         std::thread::spawn(move || watch_the_output(&caught, deadline, &since, started, &stage));
     }
-    let terminal = io::stdout().is_terminal();
+    let terminal = Terminals::at_start();
     let stdout = Watched {
         inner: io::stdout().lock(),
         writing_since: writing_since.clone(),
@@ -261,7 +259,7 @@ fn main() -> ExitCode {
                 // write system call per wake-up cost 5-10 % of the tracer's CPU).
                 let flush = burst < COALESCE_AFTER || out.buffer().len() >= FLUSH_IN_BURST;
                 if let Err(e) = if flush { out.flush() } else { Ok(()) } {
-                    status = output_failed(&e, terminal);
+                    status = output_failed(&e, &terminal);
                     output_closed = true;
                     break;
                 }
@@ -295,7 +293,7 @@ fn main() -> ExitCode {
             }
         };
         if let Err(e) = t.print(r, &mut out) {
-            status = output_failed(&e, terminal);
+            status = output_failed(&e, &terminal);
             output_closed = true;
             break;
         }
@@ -309,7 +307,7 @@ fn main() -> ExitCode {
     if !output_closed {
         for r in listener.drain_queued(DRAIN_LIMIT) {
             if let Err(e) = t.print(r, &mut out) {
-                status = output_failed(&e, terminal);
+                status = output_failed(&e, &terminal);
                 output_closed = true;
                 break;
             }
@@ -317,7 +315,7 @@ fn main() -> ExitCode {
     }
     if !output_closed {
         if let Err(e) = out.flush() {
-            status = output_failed(&e, terminal);
+            status = output_failed(&e, &terminal);
         }
     }
     drop(out);

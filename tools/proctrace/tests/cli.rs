@@ -371,30 +371,6 @@ fn a_reader_that_stopped_reading_does_not_keep_it_alive_after_its_duration() {
     stalled_reader(&["--json", "--duration", "1"], None);
 }
 
-/// Whether the main thread of `pid` sleeps in a `write(2)` (`/proc/PID/syscall` starts
-/// with the number of the call it is blocked in).
-fn blocked_in_write(pid: i32) -> bool {
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let sleeping = state
-        .rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().next())
-        == Some("S");
-    let call = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-    sleeping && call.split_whitespace().next() == Some(&libc::SYS_write.to_string())
-}
-
-/// Makes events (our own short children) until `pid` is blocked writing them.
-fn until_blocked_in_write(pid: i32) {
-    for _ in 0..20_000 {
-        if blocked_in_write(pid) {
-            return;
-        }
-        true_pid();
-    }
-    panic!("proctrace's output never blocked");
-}
-
 /// Regression: a proctrace on a terminal that hangs up (its window closed, its ssh
 /// session dropped) exited with status 1 and `writing the events to stdout: Input/output
 /// error`, though SIGHUP is documented as a clean stop with status 0: the kernel sends
@@ -404,67 +380,13 @@ fn until_blocked_in_write(pid: i32) {
 /// up.
 #[test]
 fn a_terminal_that_hangs_up_stops_it_like_sighup_with_status_0() {
-    use std::io::Read;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
     if !kernel("a_terminal_that_hangs_up_stops_it_like_sighup_with_status_0") {
         return;
     }
-    // Both ends close-on-exec (openpty's are not): no other child of this test process
-    // may hold the terminal open, or closing it here would not hang it up.
-    let master = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open("/dev/ptmx")
-        .unwrap();
-    let unlock: libc::c_int = 0;
-    // SAFETY: TIOCSPTLCK reads an int; `master` is an open pseudo-terminal master.
-    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) };
-    assert_eq!(r, 0, "unlock: {}", std::io::Error::last_os_error());
-    // SAFETY: TIOCGPTPEER opens the slave side and returns a new descriptor (or -1).
-    let slave = unsafe {
-        libc::ioctl(
-            master.as_raw_fd(),
-            libc::TIOCGPTPEER,
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    assert!(slave >= 0, "slave: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
-    let mut cmd = Command::new(bin());
-    cmd.stdin(Stdio::null())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave.try_clone().unwrap());
-    // SAFETY: only async-signal-safe calls between fork and exec: a new session, with the
-    // pseudo-terminal (its stdout by then) as the controlling terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(1, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut r = Running(cmd.spawn().unwrap());
-    drop(slave);
+    let (mut r, mut term) = on_a_terminal(&mut std::process::Command::new(bin()));
     // The header is on the terminal once it has subscribed.
-    let mut term = master;
-    let mut seen = Vec::new();
-    while !seen.contains(&b'\n') {
-        let mut buf = [0u8; 4096];
-        let n = term.read(&mut buf).unwrap();
-        assert!(n > 0, "no header on the terminal");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        String::from_utf8_lossy(&seen).contains("event"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
+    let seen = term.read_line();
+    assert!(seen.contains("event"), "{seen}");
     // Nobody reads the terminal any more: its buffer fills and proctrace blocks in a write.
     until_blocked_in_write(r.pid());
     drop(term);
