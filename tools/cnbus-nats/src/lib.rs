@@ -8,6 +8,40 @@
 //! acknowledgement with at most [`Config::window`] publishes in flight; a publish that is not
 //! acknowledged (timeout, disconnect) is re-sent with the same id, and the stream's duplicate
 //! window makes it stored once. See README.md beside this crate for the guarantees.
+//!
+//! [`NatsSink::shutdown`] sends what is left for at most its deadline, then keeps every
+//! record not acknowledged in the spool for the next start. An [`AbortHandle`]
+//! ([`NatsSink::abort_handle`], cloneable, usable from any thread) cuts that wait short at
+//! once, as if the deadline had passed: how `cnbus-agent` ends the shutdown on an operator's
+//! second Ctrl-C. Nothing is dropped for it; what was not sent is counted as `unsent`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use cnbus_nats::{Config, NatsSink, Record};
+//!
+//! # fn main() -> Result<(), cnbus_nats::SinkError> {
+//! let config = Config::new("nats://127.0.0.1:4222", "host1", "/var/lib/cnbus-agent/spool");
+//! // Refused credentials or a stream with other subjects are errors here; an unreachable
+//! // server is not (records are spooled until it is back).
+//! let sink = NatsSink::start(config)?;
+//! sink.publish(Record {
+//!     event: "exec",
+//!     msg_id: "host1-exec-42".into(),
+//!     line: bytes::Bytes::from_static(b"{\"event\":\"exec\",\"pid\":42}\n"),
+//! });
+//! // Another thread (a signal waiter) can end the shutdown below early.
+//! let abort = sink.abort_handle();
+//! std::thread::spawn(move || {
+//!     // ... on the second SIGINT:
+//!     abort.abort();
+//! });
+//! let report = sink.shutdown(Duration::from_secs(5));
+//! // Every record published is sent, kept in the spool (unsent), or dropped and counted.
+//! println!("sent {}, unsent {}, dropped {}", report.sent, report.unsent, report.dropped);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -593,6 +627,7 @@ mod tests {
     fn the_sink_can_be_shared_between_threads() {
         fn shared<T: Send + Sync>() {}
         shared::<NatsSink>();
+        shared::<AbortHandle>();
     }
 
     #[test]
