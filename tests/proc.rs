@@ -868,6 +868,50 @@ fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
     assert_eq!(st.lost(), Some(0), "{test}: not lost by the kernel: {st:?}");
 }
 
+/// Regression: the events still in a `ProcChannel`'s channel when it was closed were
+/// counted as handed out (`LossStats::events`), although no consumer took them. They are
+/// now `unread`: the final `events` is exactly what the consumer received.
+#[test]
+fn events_left_in_a_channel_at_close_are_counted_as_unread() {
+    const CAP: usize = 8;
+    const TAKE: usize = 3;
+    let test = "events_left_in_a_channel_at_close_are_counted_as_unread";
+    let b = ProcListener::builder()
+        .events(EventSet::EXIT)
+        .recv_buffer(8 << 20);
+    let Some(l) = open(test, b) else {
+        return;
+    };
+    let ch = l.into_channel(CAP).unwrap();
+    // Our own children's exits (each sent before wait() returns) fill the channel, with
+    // whatever other processes add.
+    let mine = 20u64;
+    for _ in 0..mine {
+        sh("exit 0");
+    }
+    assert!(
+        common::wait_for(WAIT, || ch.receiver().len() == CAP),
+        "{test}: the channel fills"
+    );
+    let mut taken = 0u64;
+    for _ in 0..TAKE {
+        taken += u64::from(matches!(ch.recv().unwrap(), Received::Event(_)));
+    }
+    let st = ch.close();
+    eprintln!("{test}: took {taken}: {st:?}");
+    assert_eq!(
+        st.events, taken,
+        "{test}: only what was taken was handed out"
+    );
+    let lost = st.lost().expect("an exact figure");
+    if lost == 0 {
+        // No loss report in the channel: at least the rest of it was unread.
+        assert!(st.unread >= (CAP - TAKE) as u64, "{test}: {st:?}");
+    }
+    // Every exit of ours was handed out, left unread, or lost.
+    assert!(st.events + st.unread + lost >= mine, "{test}: {st:?}");
+}
+
 /// A stranger cannot fill a listener's queue by unicasting to its port id (visible in
 /// /proc/net/netlink), so the kernel drop counter, from which `lost()` is exact, counts
 /// only what the kernel and group 1 sent it. (Before the listener connected to the kernel,

@@ -142,6 +142,9 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         .stats()
         .kernel_drops
         .expect("a proc-only socket gives its drops");
+    // Overruns before the burst (a busy host): drops before the registration's baseline
+    // may show as gaps later, which the counter from the baseline does not hold.
+    let early = bus.stats().overruns;
     stall.store(true, Ordering::SeqCst);
     for _ in 0..60 {
         std::process::Command::new("/bin/true").status().unwrap();
@@ -156,7 +159,9 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
     assert!(c.overruns >= 1, "{c:?}");
     let k = st.kernel_drops.unwrap();
     assert!(k > before && Some(k) <= c.kernel_drops, "{st:?} {c:?}");
-    assert!(st.seq_lost.unwrap() <= k, "{st:?}");
+    if early == 0 {
+        assert!(st.seq_lost.unwrap() <= k, "{st:?}");
+    }
     if rstats.lost() != Some(0) {
         eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
     } else {
@@ -181,11 +186,202 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         );
         // The dispatcher found the queue empty after the burst and nothing was dropped
         // since: the figure is settled and exact.
-        let n = st.lost().expect("an exact figure");
-        assert!((missed..=missed + acks).contains(&(n - before)), "{st:?}");
+        // (Unless a busy host overflowed the queue again since.)
+        match st.lost() {
+            Some(n) => assert!((missed..=missed + acks).contains(&(n - before)), "{st:?}"),
+            None => eprintln!("{test}: dropped again since the last empty queue: {st:?}"),
+        }
     }
     // Another group on the socket: its drops are no longer proc events only.
     let _other = bus.subscribe(20).unwrap();
     assert_eq!(reg.stats().kernel_drops, None);
     drop(reg);
+}
+
+/// What the overrun test's callback and event handler saw, in the order they saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// The callback stalled the dispatcher here (and went on once released).
+    Stalled,
+    Event(u32, u32),
+    Overrun,
+    Gap(u32),
+    /// The connector's event handler got `Event::Overrun`.
+    Handler,
+}
+
+/// Regression: an overflow of the connector's socket reached a proc registration's callback
+/// as nothing at all (the connector counted it and its event handler got `Event::Overrun`,
+/// but the callback saw only the `Loss::Gap` reports of later events, and no sign of the
+/// loss at the end of each CPU's stream). It now gets one `Received::Lost(Loss::Overrun)`
+/// per overrun, at the point of the stream where the connector reports it (just before its
+/// event handler, which the user set here), before the events and gaps that follow; a
+/// registration of another id hears nothing of it; and the counters still add up: per CPU,
+/// the gaps reported are the events a lossless reference saw and the callback missed.
+#[test]
+fn an_overrun_reaches_the_callback_in_stream_order() {
+    use cnbus::connector::Event;
+    use cnbus::proc::{EventBody, Loss};
+    use cnbus::CbId;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let test = "an_overrun_reaches_the_callback_in_stream_order";
+    if kernel_socket(test).is_none() {
+        return;
+    }
+    let reference = common::Reference::start();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let h = seen.clone();
+    let bus = Connector::builder()
+        .recv_buffer(16 << 10)
+        .on_event(move |e| {
+            if *e == Event::Overrun {
+                h.lock().push(Seen::Handler);
+            }
+        })
+        .spawn()
+        .unwrap();
+    let other_calls = Arc::new(AtomicU64::new(0));
+    let o = other_calls.clone();
+    let _other = bus.register(CbId::new(common::test_idx(7), 1), move |_| {
+        o.fetch_add(1, Ordering::SeqCst);
+    });
+    let stall = Arc::new(AtomicBool::new(false));
+    let (release, released) = crossbeam::channel::bounded::<()>(1);
+    let (s, g) = (stall.clone(), seen.clone());
+    let reg = proc::register(&bus, EventSet::ALL, move |r| {
+        g.lock().push(match r {
+            Received::Event(e) => Seen::Event(e.cpu, e.seq),
+            Received::Lost(Loss::Overrun) => Seen::Overrun,
+            Received::Lost(Loss::Gap { count, .. }) => Seen::Gap(count),
+        });
+        // Stalls the dispatcher once, at an event, so the socket's queue overflows.
+        if matches!(r, Received::Event(_)) && s.swap(false, Ordering::SeqCst) {
+            let _ = released.recv();
+            g.lock().push(Seen::Stalled);
+        }
+    })
+    .unwrap();
+    // The queue read empty (10 s at most), and the dispatcher's look at it: the
+    // registration's baseline before the burst, its settled figure after.
+    let drained = |bus: &Connector| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drained(&bus);
+    // This thread and its children stay on one CPU, so the events after the burst reveal
+    // its loss as a gap on the CPU where it happened.
+    let cpu = cnbus::sys::current_cpu().unwrap_or(0);
+    cnbus::sys::pin_current_thread(cpu).unwrap();
+    stall.store(true, Ordering::SeqCst);
+    for _ in 0..60 {
+        std::process::Command::new("/bin/true").status().unwrap();
+    }
+    release.send(()).unwrap();
+    drained(&bus);
+    std::process::Command::new("/bin/true").status().unwrap();
+    drained(&bus);
+    // Nothing runs on the dispatcher any more: what it counted and what it reported are final.
+    let handle = bus.handle();
+    bus.shutdown();
+    let c = handle.stats();
+    let fin = reg.stats();
+    drop(reg);
+    let (refseen, rstats) = reference.finish();
+    let seen = seen.lock().clone();
+    eprintln!("{test}: {fin:?} {c:?}");
+
+    let count = |x: Seen| seen.iter().filter(|s| **s == x).count() as u64;
+    let overruns = count(Seen::Overrun);
+    assert!(
+        c.overruns >= 1,
+        "{test}: the stall overflowed the queue: {c:?}"
+    );
+    assert_eq!(overruns, c.overruns, "{test}: one report per overrun");
+    assert_eq!(count(Seen::Handler), c.overruns, "{test}");
+    // Each report comes where the connector reports the overrun: right before its handler.
+    for (i, s) in seen.iter().enumerate() {
+        let next = seen.get(i + 1);
+        match s {
+            Seen::Overrun => assert_eq!(next, Some(&Seen::Handler), "{test}: {seen:?}"),
+            Seen::Handler => assert_eq!(
+                i.checked_sub(1).map(|j| seen[j]),
+                Some(Seen::Overrun),
+                "{test}: {seen:?}"
+            ),
+            _ => {}
+        }
+    }
+    // The stall's overrun comes after the stall, before the events read after it; every gap
+    // comes after an overrun (nothing else loses events).
+    let stalled = seen.iter().position(|s| *s == Seen::Stalled).unwrap();
+    let first = stalled
+        + seen[stalled..]
+            .iter()
+            .position(|s| *s == Seen::Overrun)
+            .unwrap_or_else(|| panic!("{test}: no overrun reported after the stall: {seen:?}"));
+    assert!(
+        seen[first..].iter().any(|s| matches!(s, Seen::Event(..))),
+        "{test}: events follow the overrun: {seen:?}"
+    );
+    let first_gap = seen.iter().position(|s| matches!(s, Seen::Gap(_)));
+    let first_overrun = seen.iter().position(|s| *s == Seen::Overrun).unwrap();
+    assert!(
+        first_gap.is_none_or(|g| g > first_overrun),
+        "{test}: {seen:?}"
+    );
+    let gaps: u64 = seen
+        .iter()
+        .map(|s| match s {
+            Seen::Gap(n) => u64::from(*n),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(fin.seq_lost, Some(gaps), "{test}: every gap was reported");
+    assert_eq!(
+        other_calls.load(Ordering::SeqCst),
+        0,
+        "{test}: another id heard it"
+    );
+
+    // Delivered + lost = sent, against a lossless reference: per CPU, over the sequence
+    // numbers the callback got, the gaps it was told of are the events the reference saw
+    // there and the callback did not get (ACKs aside: the callback never gets them, and one
+    // dropped counts as a gap).
+    if rstats.lost() != Some(0) {
+        eprintln!("{test}: the reference lost events too ({rstats:?}); cross-check skipped");
+        return;
+    }
+    let mut got: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for s in &seen {
+        if let Seen::Event(cpu, seq) = s {
+            got.entry(*cpu).or_default().insert(*seq);
+        }
+    }
+    let per_cpu: BTreeMap<u32, u64> = fin.lost_per_cpu.iter().copied().collect();
+    let mut all_missed = 0;
+    for (cpu, mine) in &got {
+        let (lo, hi) = (*mine.first().unwrap(), *mine.last().unwrap());
+        let (mut missed, mut acks) = (0u64, 0u64);
+        for ((_, q), e) in refseen.range((*cpu, lo)..=(*cpu, hi)) {
+            if !mine.contains(q) {
+                if matches!(e.body, EventBody::Ack { .. }) {
+                    acks += 1;
+                } else {
+                    missed += 1;
+                }
+            }
+        }
+        let gaps = per_cpu.get(cpu).copied().unwrap_or(0);
+        eprintln!("{test}: cpu {cpu}: missed {missed} (+{acks} ACKs), gaps {gaps}");
+        assert!(
+            (missed..=missed + acks).contains(&gaps),
+            "{test}: cpu {cpu}: gaps {gaps}, missed {missed} (+{acks} ACKs)"
+        );
+        all_missed += missed;
+    }
+    assert!(all_missed > 0, "{test}: the burst cost events");
 }

@@ -200,19 +200,9 @@ impl ConnectorBuilder {
         counters.drops_baseline(&socket);
         let registry = Registry::new();
         let on_event: Option<Arc<EventFn>> = self.on_event.map(Arc::from);
-        {
-            let counters = counters.clone();
-            let on_event = on_event.clone();
-            registry.on_panic(move |id, message| {
-                Counters::add(&counters.callback_panics, 1);
-                if let Some(f) = &on_event {
-                    let e = Event::CallbackPanic {
-                        id,
-                        message: message.to_string(),
-                    };
-                    call_event_handler(&**f, &e, &counters);
-                }
-            });
+        let overrun_watchers = Registry::new();
+        for r in [&registry, &overrun_watchers] {
+            super::report_panics(r, &counters, &on_event);
         }
         let inner = Arc::new(Inner {
             outbox: Outbox::new(
@@ -232,6 +222,7 @@ impl ConnectorBuilder {
             on_event,
             config: self.config,
             proc_listeners: Mutex::new(0),
+            overrun_watchers,
             other_traffic: AtomicBool::new(self.handed_in),
             dispatcher: std::sync::OnceLock::new(),
             born: crate::sys::ForkStamp::now(),

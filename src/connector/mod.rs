@@ -204,6 +204,10 @@ pub(crate) struct Inner {
     /// `LISTEN`, the last `IGNORE` (the kernel keeps one filter per socket, and `IGNORE`
     /// stops every proc event for the socket).
     proc_listeners: Mutex<u32>,
+    /// What proc registrations run at each overrun ([`ConnectorHandle::on_overrun`]): a
+    /// registry of its own, so that the notice (an empty message of id
+    /// [`CbId::PROC`] from no one) reaches no registration of the connector's.
+    overrun_watchers: Registry,
     /// The socket may carry datagrams other than proc events: it was handed in, or a group
     /// other than 1 was subscribed. Its kernel drop counter then is not a count of proc events.
     other_traffic: AtomicBool,
@@ -224,10 +228,33 @@ impl Inner {
 
 impl Inner {
     fn event(&self, e: Event) {
+        if e == Event::Overrun {
+            let notice = Incoming {
+                msg: CnMsg::new(CbId::PROC, Bytes::new()),
+                source: Source { port: 0, group: 0 },
+            };
+            self.overrun_watchers.dispatch(&notice.as_delivery());
+        }
         if let Some(f) = &self.on_event {
             call_event_handler(&**f, &e, &self.counters);
         }
     }
+}
+
+/// Makes `registry` count each callback panic in [`Stats::callback_panics`] and report it
+/// to the event handler as [`Event::CallbackPanic`].
+fn report_panics(registry: &Registry, counters: &Arc<Counters>, on_event: &Option<Arc<EventFn>>) {
+    let (counters, on_event) = (counters.clone(), on_event.clone());
+    registry.on_panic(move |id, message| {
+        Counters::add(&counters.callback_panics, 1);
+        if let Some(f) = &on_event {
+            let e = Event::CallbackPanic {
+                id,
+                message: message.to_string(),
+            };
+            call_event_handler(&**f, &e, &counters);
+        }
+    });
 }
 
 /// Runs the user's event handler on the dispatcher thread; a panic in it is caught and
@@ -426,6 +453,16 @@ impl ConnectorHandle {
         if *n == 0 {
             ignore();
         }
+    }
+
+    /// Calls `f` on the dispatcher thread at each overrun of the socket (each
+    /// [`Event::Overrun`], just before the event handler gets it, at that point of the
+    /// stream), until the returned guard is dropped, with the unregistering rules of
+    /// [`Registration`]. For proc registrations, whose callback reports the overrun.
+    pub(crate) fn on_overrun(&self, mut f: impl FnMut() + Send + 'static) -> Registration {
+        self.inner
+            .overrun_watchers
+            .register(CbId::PROC, move |_: &Delivery<'_>| f())
     }
 
     /// True while the socket has carried nothing but the proc group (it was opened by the

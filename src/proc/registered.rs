@@ -5,7 +5,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::listener::REASON_NO_ACK;
-use super::{request, EventSet, LossStats, McastOp, ProcDecoder, Received, DEFAULT_ACK_TIMEOUT};
+use super::{
+    request, EventSet, Loss, LossStats, McastOp, ProcDecoder, Received, DEFAULT_ACK_TIMEOUT,
+};
 use crate::codec::CbId;
 use crate::connector::stats::Settled;
 use crate::connector::{ConnectorHandle, Registration, Subscription};
@@ -19,10 +21,15 @@ use crate::sys::Dest;
 /// The connector's socket is shared with its other users, so the kernel is not asked to
 /// filter (the filter would apply to the whole socket): the event set is applied in user
 /// space with the kernel's rules, and per-CPU sequence gaps count lost events.
-/// Receive-queue overflows are counted by the connector ([`Stats::overruns`](crate::connector::Stats::overruns),
-/// copied into [`stats`](Self::stats)); the events they cost show up as
-/// [`Received::Lost`] gaps when each CPU's next event arrives, and in full (the end of a
-/// run included) in the kernel's drop counter, see [`stats`](Self::stats).
+/// Each overflow of the connector's receive queue (`ENOBUFS`, which may have cost proc
+/// events, whatever traffic filled the queue) reaches the callback as one
+/// [`Received::Lost`] of [`Loss::Overrun`] at that point of the stream, as with a
+/// [`ProcListener`](super::ProcListener), whether or not the connector has an event handler
+/// (which gets its [`Event::Overrun`](crate::connector::Event::Overrun) right after). The
+/// connector counts them ([`Stats::overruns`](crate::connector::Stats::overruns), copied
+/// into [`stats`](Self::stats)); the events they cost show up as [`Loss::Gap`] reports when
+/// each CPU's next event arrives, and in full (the end of a run included) in the kernel's
+/// drop counter, see [`stats`](Self::stats).
 ///
 /// The kernel keeps one proc subscription per socket, and `IGNORE` stops every proc event
 /// for the socket: the connector counts its proc registrations, sends `LISTEN` for the
@@ -37,6 +44,8 @@ pub struct ProcRegistration {
     /// [`stats`](Self::stats)), filled by the dispatcher; `None` inside without a witness.
     settled_base: Option<Arc<Mutex<Option<Settled>>>>,
     reg: Option<Registration>,
+    /// Reports each overrun to the callback.
+    overruns: Option<Registration>,
     _group: Subscription,
 }
 
@@ -98,6 +107,7 @@ impl ProcRegistration {
 impl Drop for ProcRegistration {
     fn drop(&mut self) {
         drop(self.reg.take());
+        drop(self.overruns.take());
         let handle = &self.handle;
         handle.proc_unlisten(|| {
             let ack = handle.next_seq(CbId::PROC);
@@ -108,7 +118,8 @@ impl Drop for ProcRegistration {
 }
 
 /// Calls `callback` on `connector`'s dispatcher thread for each proc event in `events`
-/// (and each loss report), after joining group 1 and, for the connector's first proc
+/// (and each loss report: [`Loss::Overrun`] at each overrun of the connector's socket,
+/// [`Loss::Gap`] at each per-CPU sequence gap), after joining group 1 and, for the connector's first proc
 /// registration, sending `LISTEN`.
 ///
 /// The first registration waits up to [`DEFAULT_ACK_TIMEOUT`] for the kernel's ACK, so it
@@ -135,13 +146,19 @@ pub fn register<F>(
 where
     F: FnMut(Received) + Send + 'static,
 {
+    // One callback, for the events and for the overrun reports: both come on the
+    // dispatcher thread, one at a time. Overruns are watched before the group is joined,
+    // so that every overrun of the socket from then on is reported.
+    let callback = Arc::new(Mutex::new(callback));
+    let cb = callback.clone();
+    let overruns = connector.on_overrun(move || (cb.lock())(Received::Lost(Loss::Overrun)));
     let group = connector.subscribe(1)?;
     let decoder = Arc::new(Mutex::new(ProcDecoder::new(events, true)));
     // The kernel multicasts every ACK to every listener: make ours recognisable by mixing
     // this socket's port id (unique on the host) into the ack we send.
     let token = super::ack_token(connector.port_id(), connector.next_seq(CbId::PROC));
     let (ack_tx, ack_rx) = crossbeam::channel::bounded(1);
-    let (d, mut cb) = (decoder.clone(), callback);
+    let (d, cb) = (decoder.clone(), callback);
     let reg = connector.register(CbId::PROC, move |r| {
         let decoded = d
             .lock()
@@ -151,8 +168,9 @@ where
                 let _ = ack_tx.try_send(err);
             }
         }
+        let mut cb = cb.lock();
         for item in decoded {
-            cb(item);
+            (*cb)(item);
         }
     });
     let first = connector
@@ -167,6 +185,7 @@ where
             None
         },
         reg: Some(reg),
+        overruns: Some(overruns),
         _group: group,
     };
     if !first {

@@ -105,7 +105,10 @@ impl ProcChannel {
     }
 
     /// The reader's counters, as of its last update (every 64 items, every loss, and every
-    /// 200 ms of quiet).
+    /// 200 ms of quiet). Until the end, [`LossStats::events`] counts the events the reader
+    /// put into the channel; at the end ([`close`](Self::close)), those still in it, which
+    /// no one took, move to [`LossStats::unread`], so the final `events` is what the
+    /// consumer received.
     pub fn stats(&self) -> LossStats {
         self.stats.lock().clone()
     }
@@ -116,7 +119,9 @@ impl ProcChannel {
     }
 
     /// Stops the reader (which sends `IGNORE` and reads the queue empty, see
-    /// [`ProcListener::finish`]) and returns the final counters.
+    /// [`ProcListener::finish`]) and returns the final counters. The events still in the
+    /// channel are discarded and counted in [`LossStats::unread`], not in
+    /// [`LossStats::events`].
     pub fn close(mut self) -> LossStats {
         self.stop();
         self.stats()
@@ -126,6 +131,17 @@ impl ProcChannel {
         self.shutdown.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            // The reader is gone, and its sender with it: the events still in the channel
+            // were counted as handed out, but no consumer took them (taking them here also
+            // takes them from any clone of the receiver).
+            let unread = self
+                .rx
+                .try_iter()
+                .filter(|r| matches!(r, Ok(Received::Event(_))))
+                .count() as u64;
+            let mut s = self.stats.lock();
+            s.events = s.events.saturating_sub(unread);
+            s.unread += unread;
         }
     }
 }
