@@ -447,6 +447,17 @@ fn drain_execs(
     }
 }
 
+/// The next exec of `target` the listener brings, enriched, waiting up to 20 s.
+fn next_exec(l: &mut ProcListener, e: &mut Enricher, target: u32) -> Option<ProcessInfo> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Some(i) = drain_execs(l, e, target, Duration::from_millis(100)) {
+            return Some(i);
+        }
+    }
+    None
+}
+
 /// A stream without forks and exits (`proctrace -e exec`, the kernel filtering): the cache
 /// never hears that a process exited, so when its pid comes back the entry is another
 /// process's. Before the fix the new process's exec got the old process's key (and parent
@@ -462,20 +473,7 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
         .spawn()
         .expect("/bin/sleep");
     let target = old.id();
-    let mut first = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while first.is_none() && std::time::Instant::now() < deadline {
-        first = first.or(drain_execs(
-            &mut l,
-            &mut e,
-            target,
-            Duration::from_millis(100),
-        ));
-        if first.is_some() {
-            break;
-        }
-    }
-    let first = first.expect("the exec of /bin/sleep was not seen");
+    let first = next_exec(&mut l, &mut e, target).expect("the exec of /bin/sleep was not seen");
     let old_key = first.process_key.expect("sleep is alive: its key is read");
     old.kill().unwrap();
     old.wait().unwrap();
@@ -488,19 +486,7 @@ fn an_exec_only_stream_gives_a_reused_pid_a_new_key() {
         return;
     }
     let new_key = e.proc_key(target);
-    let mut second = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while second.is_none() && std::time::Instant::now() < deadline {
-        second = second.or(drain_execs(
-            &mut l,
-            &mut e,
-            target,
-            Duration::from_millis(100),
-        ));
-        if second.is_some() {
-            break;
-        }
-    }
+    let second = next_exec(&mut l, &mut e, target);
     // SAFETY: signals our own child.
     unsafe { libc::kill(target as i32, libc::SIGKILL) };
     reap(target);
