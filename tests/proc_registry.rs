@@ -315,20 +315,19 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
             _ => {}
         }
     }
-    // The stall's overrun comes after the stall, before the events read after it; every gap
-    // comes after an overrun (nothing else loses events).
-    let stalled = seen.iter().position(|s| *s == Seen::Stalled).unwrap();
-    let first = stalled
-        + seen[stalled..]
-            .iter()
-            .position(|s| *s == Seen::Overrun)
-            .unwrap_or_else(|| panic!("{test}: no overrun reported after the stall: {seen:?}"));
+    // The overrun comes where the connector reports it, before the events read after it:
+    // after the stall, or before it when the queue was congested already (a busy host; the
+    // kernel reports one ENOBUFS per congestion, which ends only when the queue is read
+    // empty). Every gap comes after an overrun (nothing else loses events).
+    let first_overrun = seen.iter().position(|s| *s == Seen::Overrun).unwrap();
     assert!(
-        seen[first..].iter().any(|s| matches!(s, Seen::Event(..))),
+        seen[first_overrun..]
+            .iter()
+            .any(|s| matches!(s, Seen::Event(..))),
         "{test}: events follow the overrun: {seen:?}"
     );
+    assert!(seen.contains(&Seen::Stalled), "{test}: {seen:?}");
     let first_gap = seen.iter().position(|s| matches!(s, Seen::Gap(_)));
-    let first_overrun = seen.iter().position(|s| *s == Seen::Overrun).unwrap();
     assert!(
         first_gap.is_none_or(|g| g > first_overrun),
         "{test}: {seen:?}"
