@@ -197,16 +197,6 @@ impl Inner {
         }
     }
 
-    /// `m` locked, or `None` in a forked child where it is held: the thread that held it
-    /// at the fork does not exist there, so it would never be released.
-    fn lock_here<'a, T>(&self, m: &'a Mutex<T>) -> Option<parking_lot::MutexGuard<'a, T>> {
-        if self.fork.forked_cold() {
-            m.try_lock()
-        } else {
-            Some(m.lock())
-        }
-    }
-
     /// At `exit()`: sends what the rings hold, as a close would (waits for a full
     /// unicast receiver end `send_timeout` from now), unless this is a forked child's copy.
     fn drain_at_exit(&self) {
@@ -240,8 +230,8 @@ static HOOK: OnceLock<crate::sys::ForkStamp> = OnceLock::new();
 /// the fork (that thread does not exist there).
 fn buses() -> Option<parking_lot::MutexGuard<'static, Vec<std::sync::Weak<Inner>>>> {
     match HOOK.get() {
-        Some(s) if s.forked_cold() => BUSES.try_lock(),
-        _ => Some(BUSES.lock()),
+        Some(s) => s.lock(&BUSES),
+        None => Some(BUSES.lock()),
     }
 }
 
@@ -382,7 +372,7 @@ impl Bus {
 
     /// Takes the first send error recorded since the last call (or the last `flush`).
     pub fn take_error(&self) -> Option<Error> {
-        self.inner.lock_here(&self.inner.last_error)?.take()
+        self.inner.fork.lock(&self.inner.last_error)?.take()
     }
 
     /// A snapshot of the counters (in a forked child: the parent's as of the fork, without
@@ -392,7 +382,7 @@ impl Bus {
         // Under the rings' lock, which `prune_rings` holds while it moves a forgotten
         // ring's count to `inserted`: each message is counted once. What was finished
         // first, then what was accepted (`Counters::snapshot`).
-        let rings = inner.lock_here(&inner.rings);
+        let rings = inner.fork.lock(&inner.rings);
         let finished = inner.stats.finished();
         let rings = rings.as_deref().map_or(&[][..], |r| &r[..]);
         let pushed = rings.iter().map(|r| r.pushed()).sum();

@@ -49,6 +49,20 @@ impl ForkStamp {
     pub(crate) fn forked_cold(&self) -> bool {
         self.forked() || std::process::id() != self.pid
     }
+
+    /// `m` locked; in a child forked since the stamp only if it is free (`None` when held:
+    /// the thread that held it at the fork does not exist there, so it would never be
+    /// released).
+    pub(crate) fn lock<'a, T>(
+        &self,
+        m: &'a parking_lot::Mutex<T>,
+    ) -> Option<parking_lot::MutexGuard<'a, T>> {
+        if self.forked_cold() {
+            m.try_lock()
+        } else {
+            Some(m.lock())
+        }
+    }
 }
 
 /// Has `f` run at `exit()` (`atexit(3)`: after `main` returns, or at
