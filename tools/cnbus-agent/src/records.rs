@@ -112,6 +112,8 @@ pub struct NatsCounters {
     pub resent: u64,
     pub spooled: u64,
     pub dropped: u64,
+    /// Of `dropped`, lines refused for good and kept in the spool directory's dead-letter file.
+    pub dead_lettered: u64,
     pub reconnects: u64,
     pub disconnects: u64,
     pub duplicates: u64,
