@@ -510,6 +510,16 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
         assert!(v["ts"].is_string(), "{l}");
         let ev = v["event"].as_str().unwrap().to_string();
+        // The one event schema (shared with proctrace --json) and the agent's own `ppid`.
+        if ev != "resync" && ev != "dropped" {
+            if let Err(e) = cnbus_cli::event::check_line(&v, true, &["ppid"]) {
+                panic!("{e}: {l}");
+            }
+            assert!(
+                ev == "lost" || v["ppid"].is_null() || v["ppid"].is_u64(),
+                "{l}"
+            );
+        }
         if ev == "fork" && v["ppid"] == me && v["thread"] == false {
             forked.insert(v["pid"].as_u64().unwrap() as u32);
         }
