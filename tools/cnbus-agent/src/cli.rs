@@ -9,23 +9,20 @@ use cnbus_cli::args::{parse_secs, parse_size, parse_u64};
 use cnbus_cli::generate::Generate;
 
 /// The long help's tail: every output field, signals, exit status.
-const AFTER_LONG_HELP: &str = "\
-Event log (stdout, or --output FILE, appended): one JSON object per line.
-  Every line: ts (RFC 3339 UTC, microseconds; the kernel's timestamp, or when the agent
-  noticed for lost, resync and dropped), event (fork exec exit comm uid gid sid ptrace
-  coredump, or the agent's own lost, resync and dropped).
-  Process events: pid, tid, thread (a non-main thread's event; a new thread is a fork with
-  thread true), ppid (null when unknown), the enricher's attribution: process_key,
-  parent_key, container_id, cgroup, cgroup_source, ns_pid, pidns, pidns_source, cmdline,
-  cmdline_source (null when unknown; sources: proc, inherited, comm, exited, denied); and
-  exit: exit_code, signal, core_dumped, duration_ms (null when not applicable or unknown);
-  comm: comm; uid: ruid, euid; gid: rgid, egid; ptrace: tracer_pid (null on detach).
-  lost: cause (overrun with count null, or seq_gap with cpu and the exact count).
+const AFTER_LONG_HELP: &str = concat!(
+    "\
+Event log (stdout, or --output FILE, appended): one JSON object per line (docs/AGENT.md,
+\"JSON event lines\").
+",
+    cnbus_cli::event_fields_help!(),
+    "  The agent's own field: ppid (the parent from the fork event or the table; null when
+  unknown). Its own lines (ts: when it noticed; event lost, resync, dropped):
   resync: reason (start, loss, shutdown), added, removed, live.
   dropped (with --nats; at most one a second): sink (nats), count (lines the NATS sink
   dropped since the last dropped line: its spool was full, a spool write failed, a spool
-  segment was damaged, or the line was over the server's max_payload or the stream's
-  max_msg_size), dropped_total.
+  segment was damaged, or the line is refused for good: over the server's max_payload or
+  the stream's max_msg_size, a bad request, a sealed stream; those are kept in
+  SPOOL/dead-letter.jsonl), dropped_total.
 
 Counters (stderr every --interval, or --stats-file; the last one, final true, always on
 stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, lost_events,
@@ -33,7 +30,8 @@ lost_exact, lost_events_max, kernel_drops, spoofed, decode_errors, overruns, unr
 lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_added,
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
 enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
-acknowledged, resent, spooled, dropped, reconnects, disconnects, duplicates, replayed,
+acknowledged, resent, spooled, dropped, dead_lettered, reconnects, disconnects,
+duplicates, replayed,
 in_flight, queued, spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes,
 connected, last_error}, plus sent and unsent in the final one (unsent: lines left in the
 spool for the next start).
@@ -57,7 +55,8 @@ error.
 Privileges: on Linux 6.6+ any user can listen; CAP_SYS_PTRACE lets it read other users'
 pid namespaces (pidns_source is denied without it); before 6.6 it needs CAP_NET_ADMIN.
 It must run in the initial network namespace. See docs/AGENT.md (and the systemd unit
-cnbus-agent.service).";
+cnbus-agent.service)."
+);
 
 /// A process-monitoring agent on the Linux proc connector: a table of live processes, a
 /// JSON event log, counters, and loss that is reported and repaired.

@@ -10,9 +10,9 @@ use cnbus_cli::json::{self, Ordered};
 use cnbus_cli::procfs::self_usage;
 use cnbus_cli::warn;
 
-use crate::records::{
-    Detail, DroppedLine, DumpRow, EventLine, LostLine, NatsCounters, ResyncLine, StatsLine,
-};
+use cnbus_cli::event::{EventLine, LostLine};
+
+use crate::records::{AgentFields, DroppedLine, DumpRow, NatsCounters, ResyncLine, StatsLine};
 use crate::table::{Agent, Entry, Source};
 
 /// Appends `record`'s line to `out`. The agent's records (strings, numbers, options, maps
@@ -67,7 +67,7 @@ impl Agent {
         let pid = task.tgid;
         let thread = task.is_thread();
         let key = info.process_key;
-        let mut d = Detail::default();
+        let mut duration_ns: Option<u64> = None;
         let mut ppid: Option<u32> = None;
         match ev.body {
             EventBody::Fork { parent, child } if !child.is_thread() => {
@@ -113,10 +113,7 @@ impl Agent {
                     }
                 }
             }
-            EventBody::Exit {
-                status, process, ..
-            } => {
-                let mut duration = None;
+            EventBody::Exit { process, .. } => {
                 if !process.is_thread() {
                     let entry = match key.and_then(|k| self.remove(k)) {
                         Some(e) => {
@@ -138,7 +135,7 @@ impl Agent {
                     };
                     match entry {
                         Some(e) => {
-                            duration = e.start.map(|s| (ts - s) as f64 / 1e6);
+                            duration_ns = e.start.and_then(|s| u64::try_from(ts - s).ok());
                             ppid = Some(e.ppid);
                         }
                         None => self.n.exit_unknown += 1,
@@ -146,24 +143,10 @@ impl Agent {
                 } else if let Some(e) = key.and_then(|k| self.live.get(&k)) {
                     ppid = Some(e.ppid);
                 }
-                d.exit_code = Some(status.code());
-                d.signal = Some(status.signal());
-                d.core_dumped = Some(status.core_dumped());
-                // Microseconds: all the clocks behind it can tell.
-                d.duration_ms = Some(duration.map(|ms| json::round(ms, 3)));
             }
             _ => {
-                match ev.body {
-                    EventBody::Comm { comm, .. } => d.comm = Some(comm.to_string_lossy()),
-                    EventBody::Uid { ruid, euid, .. } => {
-                        (d.ruid, d.euid) = (Some(ruid), Some(euid))
-                    }
-                    EventBody::Gid { rgid, egid, .. } => {
-                        (d.rgid, d.egid) = (Some(rgid), Some(egid))
-                    }
-                    EventBody::Ptrace { tracer, .. } => d.tracer_pid = Some(tracer.map(|t| t.tgid)),
-                    _ => {} // thread creation, sid, coredump: nothing more
-                }
+                // (Thread creation, comm, uid, gid, sid, ptrace, coredump: the event's own
+                // fields are the shared schema's, `EventData::of`.)
                 // The enricher's view is the current one (a comm change renames a
                 // process that has no command line).
                 if let Some(e) = key.and_then(|k| self.live.get_mut(&k)) {
@@ -175,16 +158,8 @@ impl Agent {
             }
         }
         // `ppid` and the attribution are the process's, for thread events too.
-        let line = EventLine {
-            ts: Rfc3339(ts),
-            event: kind.name(),
-            pid,
-            tid: task.pid,
-            thread,
-            ppid,
-            info: &info,
-            detail: d,
-        };
+        let mut line = EventLine::new(ev, ts, AgentFields { ppid }, Some(&info));
+        line.data.duration(duration_ns);
         self.line.clear();
         push(&mut self.line, &line);
     }
@@ -196,10 +171,7 @@ impl Agent {
         // An exit may be among the lost events and its pid reused: the enricher re-checks
         // its cached processes against /proc before trusting them again.
         self.enricher.note_loss();
-        let line = LostLine {
-            ts: Rfc3339(self.clocks.now()),
-            lost: loss.into(),
-        };
+        let line = LostLine::new(loss, self.clocks.now());
         self.line.clear();
         push(&mut self.line, &line);
     }

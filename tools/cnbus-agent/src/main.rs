@@ -346,6 +346,13 @@ fn main() -> ExitCode {
                 report.dropped - reported
             );
         }
+        if report.stats.dead_lettered > 0 {
+            warn!(
+                "cnbus-agent: {} lines refused for good by NATS (over the stream's size limit, a bad request) are kept in {}",
+                report.stats.dead_lettered,
+                spool.join(cnbus_nats::DEAD_LETTER_FILE).display()
+            );
+        }
         if report.unsent > 0 {
             let within = if aborted.load(Ordering::SeqCst) {
                 "before the second signal"

@@ -268,6 +268,7 @@ pub fn counters(s: &SinkStats, report: Option<&ShutdownReport>) -> NatsCounters 
         resent: s.resent,
         spooled: s.spooled,
         dropped: s.dropped,
+        dead_lettered: s.dead_lettered,
         reconnects: s.reconnects,
         disconnects: s.disconnects,
         duplicates: s.duplicates,

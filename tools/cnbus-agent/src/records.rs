@@ -4,55 +4,13 @@
 
 use cnbus::proc::ProcessInfo;
 use cnbus_cli::clock::Rfc3339;
-use cnbus_cli::json::{LostFields, Ordered};
+use cnbus_cli::json::Ordered;
 
-/// One process event.
+/// The agent's own fields in an event line (`cnbus_cli::event::EventLine`, the schema it
+/// shares with proctrace): the process's parent from the fork event or the table.
 #[derive(serde::Serialize)]
-pub struct EventLine<'a> {
-    pub ts: Rfc3339,
-    pub event: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub thread: bool,
+pub struct AgentFields {
     pub ppid: Option<u32>,
-    #[serde(flatten)]
-    pub info: &'a ProcessInfo,
-    #[serde(flatten)]
-    pub detail: Detail,
-}
-
-/// The fields of one kind of event; absent ones are left out. (On an exit, `exit_code`,
-/// `signal` and `duration_ms` are present and `null` when they do not apply.)
-#[derive(serde::Serialize, Default)]
-pub struct Detail {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<Option<u8>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<Option<u8>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub core_dumped: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<Option<f64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ruid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub euid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rgid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub egid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracer_pid: Option<Option<u32>>,
-}
-
-/// A loss report.
-#[derive(serde::Serialize)]
-pub struct LostLine {
-    pub ts: Rfc3339,
-    #[serde(flatten)]
-    pub lost: LostFields,
 }
 
 /// A `/proc` resync.
@@ -112,6 +70,8 @@ pub struct NatsCounters {
     pub resent: u64,
     pub spooled: u64,
     pub dropped: u64,
+    /// Of `dropped`, lines refused for good and kept in the spool directory's dead-letter file.
+    pub dead_lettered: u64,
     pub reconnects: u64,
     pub disconnects: u64,
     pub duplicates: u64,
@@ -156,31 +116,36 @@ pub struct DumpRow<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cnbus::proc::{EventBody, ExitStatus, ProcEvent, Task};
+    use cnbus_cli::event::EventLine;
 
     #[test]
     fn event_lines_keep_their_field_order() {
         let mut info = ProcessInfo::unknown();
         info.cmdline = Some("a\"b\nc\u{7f}".into());
-        let line = EventLine {
-            ts: Rfc3339(1_709_251_199_999_999_000),
-            event: "exit",
-            pid: 7,
-            tid: 8,
-            thread: true,
-            ppid: None,
-            info: &info,
-            detail: Detail {
-                exit_code: Some(Some(0)),
-                signal: Some(None),
-                core_dumped: Some(false),
-                duration_ms: Some(Some(1002.117)),
-                ..Detail::default()
+        let ev = ProcEvent {
+            seq: 3,
+            ack: 0,
+            cpu: 1,
+            timestamp_ns: 42,
+            body: EventBody::Exit {
+                process: Task { pid: 8, tgid: 7 },
+                status: ExitStatus(0),
+                exit_signal: -1,
+                parent: Some(Task { pid: 1, tgid: 1 }),
             },
         };
+        let mut line = EventLine::new(
+            &ev,
+            1_709_251_199_999_999_000,
+            AgentFields { ppid: None },
+            Some(&info),
+        );
+        line.data.duration(Some(1_002_117_000));
         let mut out = Vec::new();
         cnbus_cli::json::push_line(&mut out, &line).unwrap();
         let s = String::from_utf8(out).unwrap();
-        assert!(s.starts_with("{\"ts\":\"2024-02-29T23:59:59.999999Z\",\"event\":\"exit\",\"pid\":7,\"tid\":8,\"thread\":true,\"ppid\":null,\"process_key\":null,"), "{s}");
-        assert!(s.ends_with(",\"cmdline\":\"a\\\"b\\nc\u{7f}\",\"cmdline_source\":\"exited\",\"exit_code\":0,\"signal\":null,\"core_dumped\":false,\"duration_ms\":1002.117}\n"), "{s}");
+        assert!(s.starts_with("{\"ts\":\"2024-02-29T23:59:59.999999Z\",\"event\":\"exit\",\"pid\":7,\"tid\":8,\"thread\":true,\"cpu\":1,\"seq\":3,\"timestamp_ns\":42,\"ppid\":null,\"process_key\":null,"), "{s}");
+        assert!(s.ends_with(",\"cmdline\":\"a\\\"b\\nc\u{7f}\",\"cmdline_source\":\"exited\",\"parent_pid\":1,\"parent_tid\":1,\"status\":0,\"exit_code\":0,\"signal\":null,\"core_dumped\":false,\"exit_signal\":-1,\"duration_ms\":1002.117}\n"), "{s}");
     }
 }

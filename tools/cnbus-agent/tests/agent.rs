@@ -510,6 +510,16 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
         assert!(v["ts"].is_string(), "{l}");
         let ev = v["event"].as_str().unwrap().to_string();
+        // The one event schema (shared with proctrace --json) and the agent's own `ppid`.
+        if ev != "resync" && ev != "dropped" {
+            if let Err(e) = cnbus_cli::event::check_line(&v, true, &["ppid"]) {
+                panic!("{e}: {l}");
+            }
+            assert!(
+                ev == "lost" || v["ppid"].is_null() || v["ppid"].is_u64(),
+                "{l}"
+            );
+        }
         if ev == "fork" && v["ppid"] == me && v["thread"] == false {
             forked.insert(v["pid"].as_u64().unwrap() as u32);
         }
@@ -702,4 +712,123 @@ fn container_processes_are_attributed() {
     assert_eq!(key.pid, me);
     assert!(mine["container_id"].is_null(), "{mine}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same kernel event, seen by `proctrace --json` and by the agent side by side, is the
+/// same line but for each tool's own fields (proctrace's `name`, `old_name`; the agent's
+/// `ppid`) and the attribution read from `/proc` at slightly different moments: same
+/// fields, same values (`duration_ms` from each tool's own start time: both numbers). The
+/// events are the test's own children's (a fork, an exec, a comm change, an exit with 3),
+/// matched by `(cpu, seq)`. proctrace is the binary cargo built beside the agent (a
+/// workspace test run builds both); without it the test fails under CI and is skipped
+/// elsewhere.
+#[test]
+fn proctrace_and_the_agent_write_the_same_line_for_the_same_event() {
+    if common::kernel_socket("proctrace_and_the_agent_write_the_same_line").is_none() {
+        return;
+    }
+    let proctrace = agent_bin().with_file_name("proctrace");
+    if !proctrace.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} not built (cargo test --workspace builds it)",
+            proctrace.display()
+        );
+        eprintln!("SKIPPED: {} not built", proctrace.display());
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("agent-vs-proctrace");
+    let agent = start_agent(&dir, &[]);
+    let out = std::fs::File::create(dir.join("proctrace.jsonl")).unwrap();
+    let mut reaper = Reaper::default();
+    let pt = reaper.add(
+        Command::new(&proctrace)
+            .args(["--json", "--duration", "60"])
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // proctrace has joined the proc connector's group once /proc/net/netlink says so.
+    assert!(
+        common::wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string("/proc/net/netlink")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[1] == "11" && f[2] == pt.to_string() && f[3] == "00000001"
+                })
+        }),
+        "proctrace did not subscribe"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let children: HashSet<u64> = (0..3)
+        .map(|_| u64::from(common::sh("printf cnbus-same > /proc/self/comm; exit 3").0))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: SIGINT to our own child.
+    unsafe { libc::kill(pt as i32, libc::SIGINT) };
+    let status = reaper.0[0].wait().unwrap();
+    assert!(status.success(), "proctrace: {status}");
+    let (status, _) = interrupt(agent);
+    assert!(status.success(), "agent: {status}");
+
+    type Key = (u64, u64);
+    let read = |file: &str| -> (HashMap<Key, serde_json::Value>, bool) {
+        let mut lines = HashMap::new();
+        let mut lost = false;
+        for l in std::fs::read_to_string(dir.join(file)).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            lost |= v["event"] == "lost";
+            if v["pid"].as_u64().is_some_and(|p| children.contains(&p)) {
+                let key = (v["cpu"].as_u64().unwrap(), v["seq"].as_u64().unwrap());
+                lines.insert(key, v);
+            }
+        }
+        (lines, lost)
+    };
+    let (pt_lines, pt_lost) = read("proctrace.jsonl");
+    let (agent_lines, agent_lost) = read("events.jsonl");
+    let own = |tool: &str, k: &str| match tool {
+        "proctrace" => k == "name" || k == "old_name",
+        _ => k == "ppid",
+    };
+    let mut kinds = HashSet::new();
+    for (key, p) in &pt_lines {
+        let Some(a) = agent_lines.get(key) else {
+            assert!(agent_lost, "the agent has no line for {p}");
+            continue;
+        };
+        let fields = |v: &serde_json::Value, tool: &str| -> HashSet<String> {
+            v.as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| !own(tool, k))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(fields(p, "proctrace"), fields(a, "agent"), "{p}\n{a}");
+        for k in fields(p, "proctrace") {
+            let from_proc = cnbus_cli::event::ATTRIBUTION_FIELDS.contains(&k.as_str())
+                && k != "process_key"
+                && k != "parent_key";
+            match k.as_str() {
+                _ if from_proc => {}
+                "duration_ms" => assert!(p[&k].is_f64() == a[&k].is_f64(), "{p}\n{a}"),
+                _ => assert_eq!(p[&k], a[&k], "{k}: {p}\n{a}"),
+            }
+        }
+        kinds.insert(p["event"].as_str().unwrap().to_owned());
+    }
+    eprintln!(
+        "compared {} events of kinds {kinds:?} (lost: proctrace {pt_lost}, agent {agent_lost})",
+        pt_lines.len()
+    );
+    if !pt_lost {
+        for want in ["fork", "exec", "comm", "exit"] {
+            assert!(kinds.contains(want), "no {want} compared: {kinds:?}");
+        }
+    }
 }

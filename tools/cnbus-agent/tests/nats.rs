@@ -392,6 +392,71 @@ fn a_server_killed_mid_storm_loses_nothing_silently() {
     assert_eq!(nats(&fin, "published"), local.len() as u64, "{fin}");
 }
 
+/// A stream an operator made with `max_msg_size` 300: JetStream refuses the event lines
+/// (longer) for good and takes the agent's own short lines. The refused lines hold nothing
+/// up, are counted (`dropped` lines, `nats.dropped` = `nats.dead_lettered`), kept unchanged
+/// in the spool directory's `dead-letter.jsonl`, and said on stderr at exit: local log =
+/// in stream + dead-lettered, exactly.
+#[test]
+fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
+    let _serial = serial();
+    let server = NatsServer::start(&[]);
+    common::runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "CNBUS_EVENTS".into(),
+                subjects: vec!["cnbus.events.>".into()],
+                max_message_size: 300,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let mut agent = Agent::start(&server.url(), &[]);
+    let storm = Storm::start();
+    agent.wait_stats("lines refused and kept", |s| {
+        s["nats"]["dead_lettered"].as_u64().unwrap_or(0) >= 200
+            && s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= 1
+    });
+    let children = storm.finish();
+    // The agent's directory outlives it (stop drops the agent's).
+    let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
+    let spool = dir.path().join("spool");
+    let (status, stderr, fin, _) = agent.stop();
+    let local: Vec<String> = std::fs::read_to_string(dir.path().join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(children_in_log(&local, &children) > 0);
+    let dropped = nats(&fin, "dropped");
+    assert_eq!(nats(&fin, "dead_lettered"), dropped, "{fin}");
+    assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
+    assert_eq!(dropped_reported(&local, &stderr), dropped, "{stderr}");
+    assert!(stderr.contains("dead-letter.jsonl"), "{stderr}");
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), dropped);
+    // The dead-letter file holds exactly the local lines that are not in the stream.
+    let kept: Vec<String> = std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["reason"].as_str().unwrap().contains("10054"), "{l}");
+            v["line"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(kept.len() as u64, dropped);
+    let mut all = multiset(stored.iter().map(|s| &s.payload[..]));
+    for l in &kept {
+        assert!(l.len() > 300, "{l}");
+        *all.entry(l.as_bytes()).or_insert(0) += 1;
+    }
+    assert_eq!(all, multiset(local.iter().map(|l| l.as_bytes())));
+}
+
 /// A 16 KiB spool during a long outage: the sink drops lines, and the count is exact: the
 /// `dropped` lines (and the final counters) say how many local lines are not in the stream.
 #[test]

@@ -52,10 +52,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+mod dead_letter;
 mod spool;
 mod subject;
 mod worker;
 
+pub use dead_letter::DEAD_LETTER_FILE;
 pub use subject::{sanitize_token, subject_covers};
 
 /// The stream the sink publishes to unless told otherwise.
@@ -147,12 +149,15 @@ pub struct Config {
     /// record, at the cost of at most this much latency per round trip. Zero: woken by every
     /// packet from the server.
     pub linger: Duration,
+    /// Most bytes of the dead-letter file ([`DEAD_LETTER_FILE`] in the spool directory), where
+    /// records JetStream refuses for good are kept; past it they are only counted as dropped.
+    pub dead_letter_max_bytes: u64,
 }
 
 impl Config {
     /// A configuration with defaults: no credentials, stream [`DEFAULT_STREAM`], window 256,
     /// queue 8192, spool 256 MiB in 4 MiB segments, acknowledgement timeout 5 s, connect
-    /// timeout 5 s, linger 5 ms.
+    /// timeout 5 s, linger 5 ms, dead-letter file 64 MiB.
     pub fn new(
         url: impl Into<String>,
         hostname: impl Into<String>,
@@ -175,6 +180,7 @@ impl Config {
             ack_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             linger: Duration::from_millis(5),
+            dead_letter_max_bytes: 64 << 20,
         }
     }
 }
@@ -275,8 +281,13 @@ pub struct SinkStats {
     pub resent: u64,
     /// Records written to the spool (queue full or server unreachable).
     pub spooled: u64,
-    /// Records dropped: spool full, spool write failed, or rejected by the server (too large).
+    /// Records dropped (not in the stream, never sent again): spool full, spool write failed,
+    /// or refused for good (over the server's `max_payload` or the stream's `max_msg_size`, a
+    /// bad request: see [`SinkStats::dead_lettered`]).
     pub dropped: u64,
+    /// Of the dropped records, those refused for good and kept in the dead-letter file
+    /// ([`DEAD_LETTER_FILE`] in the spool directory) for an operator to re-publish.
+    pub dead_lettered: u64,
     /// Connections after the first one.
     pub reconnects: u64,
     /// Connections lost.
@@ -333,6 +344,7 @@ pub(crate) struct Counters {
     pub(crate) resent: AtomicU64,
     pub(crate) spooled: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) disconnects: AtomicU64,
     pub(crate) in_flight: AtomicU64,
@@ -561,6 +573,7 @@ impl NatsSink {
             resent: c.resent.load(Ordering::Relaxed),
             spooled: c.spooled.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
             disconnects: c.disconnects.load(Ordering::Relaxed),
             in_flight: c.in_flight.load(Ordering::Relaxed),

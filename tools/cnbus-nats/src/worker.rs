@@ -15,13 +15,18 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc::Receiver;
 use tokio::time::Instant;
 
+use crate::dead_letter::DeadLetter;
 use crate::subject::{sanitize_token, subject_covers};
 use crate::{Auth, Config, Item, Shared, SinkError, SUBJECT_PREFIX};
 
 /// How often the loop looks at the connection and the spool when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(50);
-/// Pause after a failed publish before the next one.
+/// Pause after a failed publish before the next one; it doubles with each failed round in a
+/// row (a transient refusal, a timeout, a publish the client did not take) up to
+/// [`MAX_RETRY_PAUSE`], and is back to this at the next acknowledgement.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// The longest pause between failed rounds.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(4);
 /// Pause between stream checks after a failed one.
 const STREAM_RECHECK: Duration = Duration::from_secs(2);
 /// Bound of a JetStream API request (stream lookup, creation).
@@ -92,6 +97,8 @@ pub(crate) fn thread_main(
             in_flight: HashMap::new(),
             next_key: 0,
             pause_until: Instant::now(),
+            failures: 0,
+            dead_letter: DeadLetter::new(&config.spool_dir, config.dead_letter_max_bytes),
         };
         worker.run().await;
     });
@@ -236,11 +243,47 @@ fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
     false
 }
 
-/// Whether `payload` is a JetStream acknowledgement (`Some(duplicate)`) or not (an error).
-/// The usual `{"stream":"NAME","seq":N}` is recognised without a full JSON parse; anything
-/// else (a duplicate's `"duplicate": true`, an error) goes through [`PublishAck`]'s parser.
-/// In the JSON text a `"` inside a string is escaped, so no key can be matched inside a value.
-fn parse_ack(payload: &[u8]) -> Option<bool> {
+/// What JetStream's reply to one publish means: the one place that reads a reply (its status
+/// and payload) and decides what to do with the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    /// Stored; `duplicate`: it was already in the stream (de-duplicated by its msg id).
+    Stored { duplicate: bool },
+    /// Not stored: what kind of refusal, and the server's words (for `last_error`).
+    Refused { class: Refusal, reason: String },
+}
+
+/// The classes of JetStream refusals, by what sending the same record again would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// No stream took the subject (no responders, stream not found): check the stream
+    /// (creating it when it is gone; spooling everything while its subjects do not cover
+    /// ours), then send again.
+    NoStream,
+    /// Will likely pass later (cluster or stream unavailable, leader election, insufficient
+    /// resources, a full stream with the `new` discard policy, a timeout, a reply the sink
+    /// cannot read): sent again after a bounded backoff.
+    Transient,
+    /// The same at every attempt (the record is over the stream's `max_msg_size`, a bad
+    /// request, a sealed stream: every 400-class refusal): never sent again; kept in the
+    /// dead-letter file, counted and reported, and the records behind it are not held up.
+    Permanent,
+}
+
+/// Reads JetStream's reply to a publish. The usual `{"stream":"NAME","seq":N}` is recognised
+/// without a JSON parse; anything else is parsed once: an `"error"` object is a refusal,
+/// classified by [`refusal_class`] (a refusal also carries `"stream"` and `"seq": 0`,
+/// nats-server 2.9, so it must never be taken for an acknowledgement), else a
+/// [`PublishAck`]. In the JSON text a `"` inside a string is escaped, so no key can be
+/// matched inside a value.
+fn read_reply(status: Option<StatusCode>, payload: &[u8]) -> Reply {
+    let refused = |class, reason: String| Reply::Refused { class, reason };
+    if status == Some(StatusCode::NO_RESPONDERS) {
+        return refused(
+            Refusal::NoStream,
+            "no stream for the subject (no responders)".into(),
+        );
+    }
     let has = |needle: &[u8]| payload.windows(needle.len()).any(|w| w == needle);
     if payload.starts_with(br#"{"stream":""#)
         && payload.ends_with(b"}")
@@ -248,28 +291,63 @@ fn parse_ack(payload: &[u8]) -> Option<bool> {
         && !has(br#""error""#)
         && !has(br#""duplicate""#)
     {
-        return Some(false);
+        return Reply::Stored { duplicate: false };
     }
-    // A refusal carries `"stream"` and `"seq": 0` beside its `"error"` (nats-server 2.9), so
-    // a parser that ignores unknown keys would take it for an acknowledgement.
-    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    if value.get("error").is_some() {
-        return None;
+    let text = || String::from_utf8_lossy(&payload[..payload.len().min(300)]).into_owned();
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        let status = status.map(|s| format!("status {s}: ")).unwrap_or_default();
+        return refused(
+            Refusal::Transient,
+            format!("unreadable reply ({status}{:?})", text()),
+        );
+    };
+    if let Some(error) = value.get("error") {
+        return match serde_json::from_value::<async_nats::jetstream::Error>(error.clone()) {
+            Ok(error) => refused(refusal_class(&error), error.to_string()),
+            Err(_) => refused(Refusal::Transient, format!("unreadable refusal {}", text())),
+        };
     }
-    serde_json::from_value::<PublishAck>(value)
-        .ok()
-        .map(|ack| ack.duplicate)
+    match serde_json::from_value::<PublishAck>(value) {
+        Ok(ack) => Reply::Stored {
+            duplicate: ack.duplicate,
+        },
+        Err(_) => refused(Refusal::Transient, format!("unreadable reply {}", text())),
+    }
 }
 
-/// Whether a refusal from JetStream will be the same at every attempt, so that sending the
-/// record again would only hold up the ones behind it: the record is larger than the
-/// stream's `max_msg_size` (error code 10054). Other refusals (a full stream, a stream being
-/// recovered, limits an operator may lift) are retried.
-fn refused_for_good(payload: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
-        .and_then(|v| v.get("error")?.get("err_code")?.as_u64())
-        == Some(async_nats::jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM.0)
+/// The class of a JetStream refusal: by its error code where the code says more than its
+/// HTTP-like status, else by the status (400: the request itself is refused, so it will be
+/// again; 404: no stream; anything else, 503 first: the server cannot take it now).
+fn refusal_class(error: &async_nats::jetstream::Error) -> Refusal {
+    use async_nats::jetstream::ErrorCode;
+    match error.error_code() {
+        ErrorCode::STREAM_NOT_FOUND => Refusal::NoStream,
+        ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+        | ErrorCode::BAD_REQUEST
+        | ErrorCode::INVALID_JSON
+        | ErrorCode::STREAM_NOT_MATCH
+        | ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID
+        | ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+        | ErrorCode::STREAM_SEALED => Refusal::Permanent,
+        ErrorCode::CLUSTER_NOT_AVAILABLE
+        | ErrorCode::CLUSTER_NOT_LEADER
+        | ErrorCode::INSUFFICIENT_RESOURCES
+        | ErrorCode::STREAM_STORE_FAILED
+        | ErrorCode::JETSTREAM_NOT_ENABLED => Refusal::Transient,
+        _ => match error.code() {
+            400 | 413 => Refusal::Permanent,
+            404 => Refusal::NoStream,
+            _ => Refusal::Transient,
+        },
+    }
+}
+
+/// The pause before the next publish after `failures` failed rounds in a row: [`RETRY_PAUSE`]
+/// doubling up to [`MAX_RETRY_PAUSE`].
+fn backoff(failures: u32) -> Duration {
+    RETRY_PAUSE
+        .saturating_mul(1u32 << failures.min(16))
+        .min(MAX_RETRY_PAUSE)
 }
 
 /// Checks that the stream exists with subjects covering `cnbus.events.>`, or creates it.
@@ -358,6 +436,10 @@ struct Worker {
     in_flight: HashMap<u64, (Item, Instant)>,
     next_key: u64,
     pause_until: Instant,
+    /// Failed rounds since the last acknowledgement (the backoff's exponent).
+    failures: u32,
+    /// Where records refused for good are kept.
+    dead_letter: DeadLetter,
 }
 
 impl Worker {
@@ -483,8 +565,8 @@ impl Worker {
             Err(e) => match e.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded
                 | async_nats::client::PublishErrorKind::InvalidSubject => {
-                    // Never sent, never sendable: dropped and counted.
-                    self.drop_record(item, e.to_string());
+                    // Never sent, never sendable: kept aside, counted.
+                    self.refuse(item, format!("the NATS client refuses it: {e}"));
                 }
                 async_nats::client::PublishErrorKind::Send => {
                     self.not_acknowledged(item, format!("{e}"));
@@ -508,14 +590,8 @@ impl Worker {
         let Some((item, _)) = self.in_flight.remove(&key) else {
             return;
         };
-        if message.status == Some(StatusCode::NO_RESPONDERS) {
-            // Deleted, or not yet recovered: check (or create) it before sending again.
-            self.stream_ok = false;
-            self.not_acknowledged(item, "no stream for the subject".into());
-            return;
-        }
-        match parse_ack(&message.payload) {
-            Some(duplicate) => {
+        match read_reply(message.status, &message.payload) {
+            Reply::Stored { duplicate } => {
                 let c = &self.shared.counters;
                 c.acknowledged.fetch_add(1, Ordering::Relaxed);
                 if duplicate {
@@ -524,25 +600,46 @@ impl Worker {
                 if let Some(id) = item.origin {
                     self.shared.spool.lock().release(id);
                 }
+                self.failures = 0;
             }
-            None => {
-                let text =
-                    String::from_utf8_lossy(&message.payload[..message.payload.len().min(300)])
-                        .into_owned();
-                if refused_for_good(&message.payload) {
-                    self.drop_record(item, format!("JetStream refuses it for good: {text}"));
-                } else {
-                    self.not_acknowledged(item, format!("JetStream refused the publish: {text}"));
-                }
+            Reply::Refused {
+                class: Refusal::NoStream,
+                reason,
+            } => {
+                // Deleted, not yet recovered, or its subjects changed: check (or create) it
+                // before sending again; while its subjects do not cover ours, `up` is false
+                // and everything is spooled.
+                self.stream_ok = false;
+                self.not_acknowledged(item, reason);
             }
+            Reply::Refused {
+                class: Refusal::Transient,
+                reason,
+            } => self.not_acknowledged(item, format!("JetStream refused the publish: {reason}")),
+            Reply::Refused {
+                class: Refusal::Permanent,
+                reason,
+            } => self.refuse(item, format!("JetStream refuses it for good: {reason}")),
         }
     }
 
-    /// A record that can never be stored: dropped, counted, said why, released from the spool.
-    fn drop_record(&mut self, item: Item, why: String) {
-        self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    /// A record that can never be stored (refused for good): kept in the dead-letter file,
+    /// counted as dropped (it is not in the stream and is never sent again) and said why,
+    /// released from the spool; the records behind it go on.
+    fn refuse(&mut self, item: Item, why: String) {
+        let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
+        let c = &self.shared.counters;
+        c.dropped.fetch_add(1, Ordering::Relaxed);
+        let kept = match self.dead_letter.keep(&item, &subject, &why) {
+            Ok(true) => {
+                c.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                format!("kept in {}", self.dead_letter.path().display())
+            }
+            Ok(false) => "the dead-letter file is full, not kept".to_owned(),
+            Err(e) => format!("not kept: dead-letter write failed: {e}"),
+        };
         self.shared
-            .set_error(format!("record {} dropped: {why}", item.msg_id));
+            .set_error(format!("record {} dropped ({kept}): {why}", item.msg_id));
         if let Some(id) = item.origin {
             self.shared.spool.lock().release(id);
         }
@@ -569,7 +666,13 @@ impl Worker {
         self.shared.set_error(format!(
             "publish not acknowledged, will be sent again: {why}"
         ));
-        self.pause_until = Instant::now() + RETRY_PAUSE;
+        // One failed round makes the pause longer, not every record of it (a disconnect fails
+        // a whole window at once).
+        let now = Instant::now();
+        if now >= self.pause_until {
+            self.pause_until = now + backoff(self.failures);
+            self.failures = self.failures.saturating_add(1);
+        }
         self.retry.push_back(item);
     }
 
@@ -714,61 +817,123 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_ack;
+    use super::{backoff, read_reply, Refusal, Reply, MAX_RETRY_PAUSE, RETRY_PAUSE};
+    use async_nats::StatusCode;
 
-    #[test]
-    fn acknowledgements_are_read_like_the_json_parser_reads_them() {
-        for (payload, want) in [
-            (r#"{"stream":"CNBUS_EVENTS","seq":12}"#, Some(false)),
-            // As nats-server 2.9 writes it.
-            (
-                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate": true}"#,
-                Some(true),
-            ),
-            (
-                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate":true}"#,
-                Some(true),
-            ),
-            (
-                r#"{"stream":"S","domain":"d","seq":1,"duplicate":false}"#,
-                Some(false),
-            ),
-            (r#"{"stream":"a\"duplicate\":true","seq":3}"#, Some(false)),
-            (r#"{"seq":4,"stream":"S"}"#, Some(false)),
-            (
-                r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
-                None,
-            ),
-            (
-                r#"{"stream":"S","error":{"code":400,"description":"x"}}"#,
-                None,
-            ),
-            // As nats-server 2.9 refuses a record over the stream's max_msg_size.
-            (
-                r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"},"stream":"CNBUS_EVENTS","seq":0}"#,
-                None,
-            ),
-            ("", None),
-            ("+OK", None),
-        ] {
-            assert_eq!(parse_ack(payload.as_bytes()), want, "{payload}");
+    fn class(status: Option<StatusCode>, payload: &str) -> Option<Refusal> {
+        match read_reply(status, payload.as_bytes()) {
+            Reply::Stored { .. } => None,
+            Reply::Refused { class, .. } => Some(class),
         }
     }
 
     #[test]
-    fn only_a_record_over_the_streams_size_limit_is_refused_for_good() {
-        use super::refused_for_good;
-        let over = r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"}}"#;
-        assert!(refused_for_good(over.as_bytes()));
-        for payload in [
-            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
-            r#"{"error":{"code":400,"err_code":"10054"}}"#,
-            r#"{"stream":"S","seq":1}"#,
-            r#"{"err_code":10054}"#,
-            "",
-            "{",
+    fn acknowledgements_are_read_like_the_json_parser_reads_them() {
+        for (payload, want) in [
+            (r#"{"stream":"CNBUS_EVENTS","seq":12}"#, false),
+            // As nats-server 2.9 writes it.
+            (
+                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate": true}"#,
+                true,
+            ),
+            (
+                r#"{"stream":"CNBUS_EVENTS","seq":12,"duplicate":true}"#,
+                true,
+            ),
+            (
+                r#"{"stream":"S","domain":"d","seq":1,"duplicate":false}"#,
+                false,
+            ),
+            (r#"{"stream":"a\"duplicate\":true","seq":3}"#, false),
+            (r#"{"seq":4,"stream":"S"}"#, false),
         ] {
-            assert!(!refused_for_good(payload.as_bytes()), "{payload}");
+            assert_eq!(
+                read_reply(None, payload.as_bytes()),
+                Reply::Stored { duplicate: want },
+                "{payload}"
+            );
         }
+    }
+
+    /// One reading of a reply decides what a refusal means: the table of JetStream's answers
+    /// to a publish, by class.
+    #[test]
+    fn each_refusal_has_one_class() {
+        use Refusal::*;
+        for (status, payload, want) in [
+            // No stream takes the subject (deleted, or its subjects changed).
+            (Some(StatusCode::NO_RESPONDERS), "", NoStream),
+            (
+                None,
+                r#"{"error":{"code":404,"err_code":10059,"description":"stream not found"}}"#,
+                NoStream,
+            ),
+            // As nats-server 2.9 refuses a record over the stream's max_msg_size: with
+            // "stream" and "seq":0, never an acknowledgement.
+            (
+                None,
+                r#"{"error":{"code":400,"err_code":10054,"description":"message size exceeds maximum allowed"},"stream":"CNBUS_EVENTS","seq":0}"#,
+                Permanent,
+            ),
+            (
+                None,
+                r#"{"error":{"code":400,"err_code":10003,"description":"bad request"}}"#,
+                Permanent,
+            ),
+            // A sealed stream: nothing is ever stored in it again.
+            (
+                None,
+                r#"{"error":{"code":400,"err_code":10109,"description":"invalid operation on sealed stream"},"stream":"S","seq":0}"#,
+                Permanent,
+            ),
+            (
+                None,
+                r#"{"stream":"S","error":{"code":400,"description":"x"}}"#,
+                Permanent,
+            ),
+            // A full stream with the `new` discard policy: an operator may lift the limit,
+            // and an age limit frees room.
+            (
+                None,
+                r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+                Transient,
+            ),
+            (
+                None,
+                r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
+                Transient,
+            ),
+            (
+                None,
+                r#"{"error":{"code":500,"err_code":10009,"description":"JetStream cluster can not handle request"}}"#,
+                Transient,
+            ),
+            (
+                None,
+                r#"{"error":{"code":503,"err_code":10023,"description":"insufficient resources"}}"#,
+                Transient,
+            ),
+            // Unreadable: never an acknowledgement, never dropped for it.
+            (
+                None,
+                r#"{"error":{"description":"no code"},"stream":"S","seq":0}"#,
+                Transient,
+            ),
+            (None, r#"{"error":"text","stream":"S","seq":0}"#, Transient),
+            (None, "", Transient),
+            (None, "+OK", Transient),
+            (Some(StatusCode::TIMEOUT), "", Transient),
+        ] {
+            assert_eq!(class(status, payload), Some(want), "{status:?} {payload}");
+        }
+    }
+
+    #[test]
+    fn the_retry_pause_doubles_up_to_its_bound() {
+        assert_eq!(backoff(0), RETRY_PAUSE);
+        assert_eq!(backoff(1), 2 * RETRY_PAUSE);
+        assert_eq!(backoff(3), 8 * RETRY_PAUSE);
+        assert_eq!(backoff(4), MAX_RETRY_PAUSE);
+        assert_eq!(backoff(u32::MAX), MAX_RETRY_PAUSE);
     }
 }

@@ -102,7 +102,7 @@ fn a_stream_deleted_while_running_is_created_again_and_nothing_is_lost() {
 }
 
 #[test]
-fn a_record_the_stream_refuses_for_good_is_dropped_and_counted_and_the_rest_delivered() {
+fn a_record_the_stream_refuses_for_good_is_kept_counted_and_the_rest_delivered() {
     let server = NatsServer::start(&[]);
     // An operator's stream with a size limit per message: JetStream refuses a larger record
     // at every attempt (it is not over the server's max_payload, which the client checks).
@@ -151,8 +151,165 @@ fn a_record_the_stream_refuses_for_good_is_dropped_and_counted_and_the_rest_deli
         (report.sent, report.unsent, report.dropped),
         (N as u64 - n_big, 0, n_big)
     );
+    assert_eq!(report.stats.dead_lettered, n_big);
     let stored = read_stream(&server.url(), "CNBUS_EVENTS");
     let map = by_id(&stored);
     assert_eq!(stored.len(), N - n_big as usize);
     assert!((0..N).all(|i| map.contains_key(&msg_id(i)) != big(i)));
+    // Each refused record is kept, unchanged, with its subject and the server's reason.
+    let kept = dead_letters(spool.path());
+    assert_eq!(kept.len() as u64, n_big, "{kept:?}");
+    for (k, i) in kept.iter().zip((0..N).filter(|&i| big(i))) {
+        assert_eq!(k["msg_id"], msg_id(i).as_str());
+        assert_eq!(k["subject"], "cnbus.events.h.fork");
+        let want = format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(400));
+        assert_eq!(k["line"], want.as_str());
+        let reason = k["reason"].as_str().unwrap();
+        assert!(reason.contains("10054"), "{reason}");
+    }
+}
+
+/// The records of the dead-letter file in `spool`, in order.
+fn dead_letters(spool: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Changes the stream's configuration as an operator would.
+fn update_stream(server: &NatsServer, f: impl FnOnce(&mut async_nats::jetstream::stream::Config)) {
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut config = js
+            .get_stream("CNBUS_EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        f(&mut config);
+        js.update_stream(config).await.unwrap();
+    });
+}
+
+fn send(sink: &NatsSink, range: std::ops::Range<usize>) {
+    for i in range {
+        sink.publish(Record {
+            event: "fork",
+            msg_id: msg_id(i),
+            line: line(i),
+        });
+    }
+}
+
+/// A refusal of the bad-request class other than the size limit (a sealed stream refuses
+/// every publish with code 400): before, every refusal but error 10054 was sent again every
+/// 250 ms forever, holding up every record behind it and counting none.
+#[test]
+fn a_stream_that_refuses_every_record_for_good_holds_nothing_up_and_keeps_every_record() {
+    let server = NatsServer::start(&[]);
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    send(&sink, 0..50);
+    wait_for("acks", || sink.stats().acknowledged == 50);
+    update_stream(&server, |c| c.sealed = true);
+    send(&sink, 50..150);
+    wait_for("every record acknowledged or refused", || {
+        let s = sink.stats();
+        s.acknowledged + s.dropped == 150
+    });
+    let stats = sink.stats();
+    assert_eq!(
+        (stats.acknowledged, stats.dropped, stats.dead_lettered),
+        (50, 100, 100)
+    );
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains("sealed"), "{error}");
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (50, 0, 100));
+    let kept = dead_letters(spool.path());
+    let mut got: Vec<String> = kept
+        .iter()
+        .map(|k| k["msg_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut want: Vec<String> = (50..150).map(msg_id).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    assert_eq!(read_stream(&server.url(), "CNBUS_EVENTS").len(), 50);
+}
+
+/// A full stream (`max_msgs` with the `new` discard policy) refuses with 503: transient, an
+/// operator may lift the limit. The records are sent again with a bounded backoff, none is
+/// dropped, and once the limit is lifted every one is stored once.
+#[test]
+fn a_full_stream_is_retried_and_delivers_everything_once_the_limit_is_lifted() {
+    let server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "CNBUS_EVENTS".into(),
+                subjects: vec!["cnbus.events.>".into()],
+                max_messages: 40,
+                discard: async_nats::jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    send(&sink, 0..100);
+    wait_for("the stream full and the rest retried", || {
+        let s = sink.stats();
+        s.acknowledged == 40 && s.resent > 0
+    });
+    let stats = sink.stats();
+    assert_eq!((stats.dropped, stats.dead_lettered), (0, 0));
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains("maximum messages"), "{error}");
+    update_stream(&server, |c| c.max_messages = -1);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (100, 0, 0));
+    assert_eq!(
+        by_id(&read_stream(&server.url(), "CNBUS_EVENTS")).len(),
+        100
+    );
+    assert!(dead_letters(spool.path()).is_empty());
+}
+
+/// No stream covers the subjects any more (an operator changed them while the sink runs):
+/// the publishes get no responders, the sink checks the stream, finds it does not cover
+/// `cnbus.events.>`, says so and keeps every record in the spool (nothing dropped, nothing
+/// sent again and again: one check every 2 s); once the subjects are back, every record is
+/// stored once.
+#[test]
+fn records_for_a_subject_no_stream_covers_are_spooled_reported_and_delivered_once_it_is_covered() {
+    let server = NatsServer::start(&[]);
+    let spool = tempfile::tempdir().unwrap();
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    send(&sink, 0..50);
+    wait_for("acks", || sink.stats().acknowledged == 50);
+    update_stream(&server, |c| c.subjects = vec!["other.>".into()]);
+    send(&sink, 50..150);
+    wait_for("the records spooled and the cause said", || {
+        let s = sink.stats();
+        s.spool_records == 100 && s.last_error.is_some_and(|e| e.contains("do not cover"))
+    });
+    let stats = sink.stats();
+    assert_eq!((stats.acknowledged, stats.dropped), (50, 0));
+    assert!(!stats.connected);
+    update_stream(&server, |c| c.subjects = vec!["cnbus.events.>".into()]);
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (150, 0, 0));
+    assert_eq!(
+        by_id(&read_stream(&server.url(), "CNBUS_EVENTS")).len(),
+        150
+    );
 }

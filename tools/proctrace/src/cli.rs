@@ -9,7 +9,8 @@ use cnbus_cli::args::{parse_secs, parse_size};
 use cnbus_cli::generate::Generate;
 
 /// The long help's tail: output fields and exit status.
-const AFTER_LONG_HELP: &str = "\
+const AFTER_LONG_HELP: &str = concat!(
+    "\
 Output:
   Text: time (UTC, from the event's kernel timestamp), event, pid, info, duration (on exit,
   since the fork or exec seen, or the process start time), process (command line, or
@@ -17,18 +18,12 @@ Output:
   read). Once a process in a container was seen, a 'container' column (the first 12 hex
   digits of its id, '-' on the host) appears before the process, under a new header.
 
-  --json: one object per line with time (RFC 3339 UTC, microseconds), timestamp_ns (the
-  kernel's CLOCK_MONOTONIC), cpu, seq (the kernel's per-CPU sequence number), event (fork,
-  clone for a new thread, exec, exit, uid, gid, sid, ptrace, comm, coredump, ack), pid,
-  tid; per event: err (ack), ruid euid (uid), rgid egid (gid), sid (sid), attach
-  tracer_pid tracer_tid (ptrace), old_name comm (comm), status exit_code signal
-  core_dumped exit_signal duration_s (exit), parent_pid parent_tid (fork, exit,
-  coredump); name (as in the text output, null when unknown); and, unless --enrich off,
-  process_key, parent_key, container_id, cgroup, cgroup_source, ns_pid, pidns,
-  pidns_source, cmdline, cmdline_source (null when unknown; sources: proc, inherited,
-  comm, exited, denied). Lost events are lines with event \"lost\", cause (overrun, or
-  seq_gap with cpu and count). The filters apply to the process an event is about (a
-  fork's child).
+  --json: one object per line (docs/AGENT.md, \"JSON event lines\").
+",
+    cnbus_cli::event_fields_help!(),
+    "  proctrace's own fields: name (as in the text output, null when unknown), and on comm
+  old_name (the name before). Without enrichment (--enrich off) the attribution fields
+  are absent. The filters apply to the process an event is about (a fork's child).
 
   On exit, a summary line on stderr: events, lost (and whether the figure is exact),
   overflows, spoofed datagrams rejected, decode errors, filtering; --stats adds tables.
@@ -42,7 +37,8 @@ Exit status:
   (a reader that stopped reading); 2 on a usage error.
 
 Needs root (CAP_NET_ADMIN) on kernels before 6.6, and the initial network namespace.
-See docs/PROC.md.";
+See docs/PROC.md."
+);
 
 /// Trace process events from the Linux proc connector.
 #[derive(Debug, Parser)]

@@ -1,89 +1,21 @@
-//! `--json` lines: plain records serialised with `serde_json` (`cnbus_cli::json`).
+//! `--json` lines: the one event schema of `cnbus_cli::event` (shared with `cnbus-agent`,
+//! docs/AGENT.md "JSON event lines") with proctrace's own fields, serialised with
+//! `serde_json` (`cnbus_cli::json`).
 
-use cnbus::proc::{ProcessInfo, Task};
-use cnbus_cli::clock::Rfc3339;
-use cnbus_cli::json::LostFields;
-
-/// The event-specific fields of a JSON line, in output order; absent ones are left out.
-/// (`exit_code` and `signal` are present on exits, `null` when they do not apply.)
-#[derive(serde::Serialize, Default)]
-pub struct Detail {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub err: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ruid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub euid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rgid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub egid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attach: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracer_pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracer_tid: Option<u32>,
+/// proctrace's own fields in an event line: the name it shows for the process (`null` when
+/// unknown), and on a `comm` event the name before it.
+#[derive(serde::Serialize)]
+pub struct ProctraceFields<'a> {
+    pub name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<Option<u8>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<Option<u8>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub core_dumped: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_signal: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent_pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent_tid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_s: Option<f64>,
-}
-
-impl Detail {
-    pub fn parent(&mut self, t: Task) {
-        (self.parent_pid, self.parent_tid) = (Some(t.tgid), Some(t.pid));
-    }
-}
-
-/// One `--json` event line.
-#[derive(serde::Serialize)]
-pub struct JsonEvent<'a> {
-    pub time: Rfc3339,
-    pub timestamp_ns: u64,
-    pub cpu: u32,
-    pub seq: u32,
-    pub event: &'a str,
-    pub pid: u32,
-    pub tid: u32,
-    #[serde(flatten)]
-    pub detail: Detail,
-    pub name: Option<&'a str>,
-    /// The enricher's fields (absent with `--enrich off`): the library's own serialisation.
-    #[serde(flatten)]
-    pub process: Option<&'a ProcessInfo>,
-}
-
-/// One `--json` loss line.
-#[derive(serde::Serialize)]
-pub struct JsonLost {
-    pub time: Rfc3339,
-    #[serde(flatten)]
-    pub lost: LostFields,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cnbus::proc::InfoSource;
+    use cnbus::proc::{EventBody, ExitStatus, InfoSource, ProcEvent, ProcessInfo, Task};
+    use cnbus_cli::event::EventLine;
 
     fn line(r: &impl serde::Serialize) -> String {
         let mut out = Vec::new();
@@ -91,34 +23,37 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    fn ev(body: EventBody) -> ProcEvent {
+        ProcEvent {
+            seq: 2,
+            ack: 0,
+            cpu: 0,
+            timestamp_ns: 1,
+            body,
+        }
+    }
+
     #[test]
     fn json_lines_escape_names_and_keep_field_order() {
-        let detail = Detail {
-            status: Some(0x300),
-            exit_code: Some(Some(3)),
-            signal: Some(None),
-            ..Detail::default()
-        };
-        let record = JsonEvent {
-            time: Rfc3339(0),
-            timestamp_ns: 1,
-            cpu: 0,
-            seq: 2,
-            event: "exit",
-            pid: 7,
-            tid: 7,
-            detail,
+        let exit = ev(EventBody::Exit {
+            process: Task { pid: 7, tgid: 7 },
+            status: ExitStatus(0x300),
+            exit_signal: 17,
+            parent: Some(Task { pid: 1, tgid: 1 }),
+        });
+        let extra = ProctraceFields {
             name: Some("a\"b\\c\nd\u{1}é"),
-            process: None,
+            old_name: None,
         };
+        let record = EventLine::new(&exit, 0, extra, None);
         assert_eq!(
             line(&record),
-            "{\"time\":\"1970-01-01T00:00:00.000000Z\",\"timestamp_ns\":1,\"cpu\":0,\"seq\":2,\"event\":\"exit\",\"pid\":7,\"tid\":7,\"status\":768,\"exit_code\":3,\"signal\":null,\"name\":\"a\\\"b\\\\c\\nd\\u0001é\"}\n"
+            "{\"ts\":\"1970-01-01T00:00:00.000000Z\",\"event\":\"exit\",\"pid\":7,\"tid\":7,\"thread\":false,\"cpu\":0,\"seq\":2,\"timestamp_ns\":1,\"name\":\"a\\\"b\\\\c\\nd\\u0001é\",\"parent_pid\":1,\"parent_tid\":1,\"status\":768,\"exit_code\":3,\"signal\":null,\"core_dumped\":false,\"exit_signal\":17,\"duration_ms\":null}\n"
         );
     }
 
     #[test]
-    fn attribution_fields_follow_the_event_fields() {
+    fn attribution_fields_follow_proctraces_own() {
         let mut info = ProcessInfo::unknown();
         info.process_key = Some(
             "3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-987654"
@@ -128,23 +63,23 @@ mod tests {
         info.container_id = Some("0123".into());
         info.cmdline = Some("sh".into());
         info.cmdline_source = InfoSource::Comm;
-        let record = JsonEvent {
-            time: Rfc3339(0),
+        let exec = ProcEvent {
             timestamp_ns: u64::MAX,
             cpu: u32::MAX,
             seq: 0,
-            event: "exec",
-            pid: 1,
-            tid: 2,
-            detail: Detail::default(),
-            name: None,
-            process: Some(&info),
+            ..ev(EventBody::Exec {
+                process: Task { pid: 2, tgid: 1 },
+            })
         };
-        let l = line(&record);
+        let extra = ProctraceFields {
+            name: None,
+            old_name: None,
+        };
+        let l = line(&EventLine::new(&exec, 0, extra, Some(&info)));
         let keys: Vec<String> = serde_json::from_str::<serde_json::Value>(&l)
             .map(|v| v.as_object().unwrap().keys().cloned().collect())
             .unwrap();
-        assert_eq!(keys.len(), 18, "{l}");
+        assert_eq!(keys.len(), 19, "{l}");
         assert!(l.contains(",\"name\":null,\"process_key\":\"3f1c0b2e9a6d4b7f8e5a1c2d3e4f5a6b-4242-987654\",\"parent_key\":null,\"container_id\":\"0123\",\"cgroup\":null,\"cgroup_source\":"), "{l}");
         assert!(
             l.ends_with("\"cmdline\":\"sh\",\"cmdline_source\":\"comm\"}\n"),

@@ -10,13 +10,14 @@ use std::time::Duration;
 use cnbus::proc::{
     Enricher, EventBody, EventKind, InfoSource, Loss, ProcEvent, ProcessInfo, Received,
 };
-use cnbus_cli::clock::{push_time_of_day, Clocks, Rfc3339};
+use cnbus_cli::clock::{push_time_of_day, Clocks};
+use cnbus_cli::event::{EventLine, LostLine};
 use cnbus_cli::json;
 use cnbus_cli::procfs::{read_name, read_stat};
 
 use crate::cache::{Cache, ProcInfo};
 use crate::cli::Filter;
-use crate::records::{Detail, JsonEvent, JsonLost};
+use crate::records::ProctraceFields;
 
 pub const UNKNOWN: &str = "<unknown>";
 /// A burst of at least this many events makes the tracer pause before its next wait...
@@ -144,8 +145,9 @@ impl Tracer {
                 }
             };
         }
-        let mut d = Detail::default();
-        let mut duration: Option<f64> = None;
+        // The JSON line's own fields (the shared schema takes the rest from the event).
+        let mut old_name: Option<String> = None;
+        let mut duration_ns: Option<u64> = None;
         let mut kind_name = ev.kind().name();
         let subject = ev.task().unwrap_or_default();
         let name: Arc<str>;
@@ -153,7 +155,6 @@ impl Tracer {
             EventBody::Ack { err } => {
                 name = "".into();
                 info!("ack err {err}");
-                d.err = Some(err);
             }
             EventBody::Fork { parent, child } => {
                 if child.is_thread() {
@@ -175,7 +176,6 @@ impl Tracer {
                     );
                     name = pname;
                 }
-                d.parent(parent);
             }
             EventBody::Exec { process } => {
                 let n = match &known {
@@ -204,7 +204,6 @@ impl Tracer {
             } => {
                 name = self.name_or(&known, subject.tgid);
                 info!("uid {ruid} euid {euid}");
-                (d.ruid, d.euid) = (Some(ruid), Some(euid));
             }
             EventBody::Gid {
                 process: _,
@@ -213,24 +212,19 @@ impl Tracer {
             } => {
                 name = self.name_or(&known, subject.tgid);
                 info!("gid {rgid} egid {egid}");
-                (d.rgid, d.egid) = (Some(rgid), Some(egid));
             }
             EventBody::Sid { process } => {
                 name = self.name_or(&known, subject.tgid);
                 info!("sid {}", process.tgid);
-                d.sid = Some(process.tgid);
             }
             EventBody::Ptrace { process: _, tracer } => {
                 name = self.name_or(&known, subject.tgid);
                 match tracer {
                     Some(t) => {
                         info!("attach by {}", t.tgid);
-                        d.attach = Some(true);
-                        (d.tracer_pid, d.tracer_tid) = (Some(t.tgid), Some(t.pid));
                     }
                     None => {
                         info!("detach");
-                        d.attach = Some(false);
                     }
                 }
             }
@@ -243,8 +237,7 @@ impl Tracer {
                 let new: Arc<str> = comm.to_string().into();
                 info!("{} -> {}", program(&old), new);
                 if json {
-                    d.old_name = Some(old.to_string());
-                    d.comm = Some(new.to_string());
+                    old_name = Some(old.to_string());
                 }
                 if !process.is_thread() {
                     let start = self.cache.get(process.tgid).and_then(|i| i.start_ns);
@@ -263,14 +256,10 @@ impl Tracer {
                 name = self.name_or(&known, subject.tgid);
                 if let Some(p) = parent {
                     info!("parent {}", p.tgid);
-                    d.parent(p);
                 }
             }
             EventBody::Exit {
-                process,
-                status,
-                exit_signal,
-                parent,
+                process, status, ..
             } => {
                 if process.is_thread() {
                     name = self.name_or(&known, process.tgid);
@@ -287,7 +276,7 @@ impl Tracer {
                                 .map(|s| self.clocks.boot_ns_of_ticks(s.start_ticks)),
                         }
                     });
-                    duration = start.map(|s| ev.timestamp_ns.saturating_sub(s) as f64 / 1e9);
+                    duration_ns = start.map(|s| ev.timestamp_ns.saturating_sub(s));
                     name = match cached {
                         _ if known.is_some() => known.clone().unwrap_or_else(|| UNKNOWN.into()),
                         Some(i) if i.fresh && self.exec_traced => i.name,
@@ -312,16 +301,6 @@ impl Tracer {
                         info!("status {:#x}", status.raw());
                     }
                 }
-                d.status = Some(status.raw());
-                d.exit_code = Some(status.code());
-                d.signal = Some(status.signal());
-                d.core_dumped = Some(status.core_dumped());
-                d.exit_signal = Some(exit_signal);
-                if let Some(p) = parent {
-                    d.parent(p);
-                }
-                // Microseconds are all the clocks behind it can tell.
-                d.duration_s = duration.map(|s| json::round(s, 6));
             }
         }
         self.line.clear();
@@ -339,23 +318,17 @@ impl Tracer {
             line.push(b'\n');
         }
         if json {
-            let record = JsonEvent {
-                time: Rfc3339(wall),
-                timestamp_ns: ev.timestamp_ns,
-                cpu: ev.cpu,
-                seq: ev.seq,
-                event: kind_name,
-                pid: subject.tgid,
-                tid: subject.pid,
-                detail: d,
+            let extra = ProctraceFields {
                 name: (&*name != UNKNOWN).then_some(&*name),
-                process: pinfo.as_ref(),
+                old_name,
             };
+            let mut record = EventLine::new(ev, wall, extra, pinfo.as_ref());
+            record.data.duration(duration_ns);
             push_json(line, &record);
         } else {
             push_time_of_day(line, wall);
-            let dur = match duration {
-                Some(d) => format!("{d:.3}s"),
+            let dur = match duration_ns {
+                Some(ns) => format!("{:.3}s", ns as f64 / 1e9),
                 None => String::new(),
             };
             let _ = write!(
@@ -392,11 +365,7 @@ impl Tracer {
         let line = &mut self.line;
         line.clear();
         if self.json {
-            let record = JsonLost {
-                time: Rfc3339(wall),
-                lost: loss.into(),
-            };
-            push_json(line, &record);
+            push_json(line, &LostLine::new(loss, wall));
             return;
         }
         push_time_of_day(line, wall);

@@ -113,8 +113,9 @@ fn help_version_completions_and_man_page() {
         "--allow-foreign-namespace",
         "--version",
         "timestamp_ns",
-        "duration_s",
+        "duration_ms",
         "cmdline_source",
+        "JSON event lines",
         "seq_gap",
         "Exit status",
     ] {

@@ -76,7 +76,7 @@ fn json_lines_with_kernel_filtered_events() {
     assert!(!lines.is_empty());
     for l in &lines {
         assert!(
-            l.starts_with("{\"time\":\"") && l.ends_with('}'),
+            l.starts_with("{\"ts\":\"") && l.ends_with('}'),
             "not a JSON object: {l}"
         );
         assert!(
@@ -521,98 +521,23 @@ fn container_processes_are_attributed_and_filtered() {
     assert!(ours > 0, "none of our container's lines: {lines:?}");
 }
 
-/// The `--json` fields of docs/PROC.md ("--json" and "Fields"): every line has the common
-/// ones and the attribution ones, and per event only its own.
+/// The `--json` fields: the one event schema both tools write (docs/AGENT.md, "JSON event
+/// lines"; checked by `cnbus_cli::event::check_line`, which the agent's tests use too), with
+/// the enricher's fields, and proctrace's own `name` (on every event line) and `old_name`
+/// (comm lines only).
 fn check_json_fields(line: &str, v: &serde_json::Value) {
-    const COMMON: &[&str] = &[
-        "time",
-        "timestamp_ns",
-        "cpu",
-        "seq",
-        "event",
-        "pid",
-        "tid",
-        "name",
-    ];
-    const ENRICH: &[&str] = &[
-        "process_key",
-        "parent_key",
-        "container_id",
-        "cgroup",
-        "cgroup_source",
-        "ns_pid",
-        "pidns",
-        "pidns_source",
-        "cmdline",
-        "cmdline_source",
-    ];
-    let obj = v
-        .as_object()
-        .unwrap_or_else(|| panic!("not an object: {line}"));
-    let event = v["event"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no event: {line}"));
-    let t = v["time"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no time: {line}"));
-    assert!(
-        t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
-        "time {t:?}: {line}"
-    );
-    if event == "lost" {
-        // (serde_json's Value sorts the keys)
-        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        match v["cause"].as_str() {
-            Some("overrun") => {
-                assert_eq!(keys, ["cause", "count", "event", "time"], "{line}");
-                assert!(v["count"].is_null(), "{line}");
-            }
-            Some("seq_gap") => {
-                assert_eq!(keys, ["cause", "count", "cpu", "event", "time"], "{line}");
-                assert!(v["count"].as_u64().is_some_and(|n| n > 0), "{line}");
-            }
-            _ => panic!("lost line with cause {:?}: {line}", v["cause"]),
-        }
+    if let Err(e) = cnbus_cli::event::check_line(v, true, &["name", "old_name"]) {
+        panic!("{e}: {line}");
+    }
+    if v["event"] == "lost" {
         return;
     }
-    let (required, optional): (&[&str], &[&str]) = match event {
-        "fork" | "clone" => (&["parent_pid", "parent_tid"], &[]),
-        "exec" => (&[], &[]),
-        "exit" => (
-            &[
-                "status",
-                "exit_code",
-                "signal",
-                "core_dumped",
-                "exit_signal",
-            ],
-            &["parent_pid", "parent_tid", "duration_s"],
-        ),
-        "uid" => (&["ruid", "euid"], &[]),
-        "gid" => (&["rgid", "egid"], &[]),
-        "sid" => (&["sid"], &[]),
-        "ptrace" => (&["attach"], &["tracer_pid", "tracer_tid"]),
-        "comm" => (&["old_name", "comm"], &[]),
-        "coredump" => (&[], &["parent_pid", "parent_tid"]),
-        other => panic!("unknown event {other:?}: {line}"),
-    };
-    for k in COMMON.iter().chain(ENRICH).chain(required) {
-        assert!(obj.contains_key(*k), "{event} line without {k}: {line}");
-    }
-    for k in obj.keys() {
-        let k = k.as_str();
-        assert!(
-            COMMON.contains(&k)
-                || ENRICH.contains(&k)
-                || required.contains(&k)
-                || optional.contains(&k),
-            "{event} line with a field of another event, {k}: {line}"
-        );
-    }
-    for k in ["timestamp_ns", "cpu", "seq", "pid", "tid"] {
-        assert!(v[k].as_u64().is_some(), "{k} not a number: {line}");
-    }
     assert!(v["name"].is_null() || v["name"].is_string(), "{line}");
+    assert_eq!(
+        v.get("old_name").is_some(),
+        v["event"] == "comm",
+        "old_name on comm lines only: {line}"
+    );
 }
 
 /// Every line of a `--json` run is valid JSON (parsed with serde_json, never skipped) with
@@ -679,6 +604,9 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
         check_json_fields(l, &v);
         kinds.insert(v["event"].as_str().unwrap_or_default().to_string());
+        if v["event"] == "fork" && v["thread"] == true {
+            kinds.insert("thread fork".to_string());
+        }
         if v["pid"] != odd_pid {
             continue;
         }
@@ -705,7 +633,16 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
         odd_exec && odd_comm,
         "the odd process's exec and comm lines"
     );
-    let mut want = vec!["fork", "clone", "exec", "exit", "comm", "sid", "coredump"];
+    // ("thread fork": a fork with thread true, the text output's `clone`.)
+    let mut want = vec![
+        "fork",
+        "thread fork",
+        "exec",
+        "exit",
+        "comm",
+        "sid",
+        "coredump",
+    ];
     if setpriv {
         want.extend(["uid", "gid"]);
     }

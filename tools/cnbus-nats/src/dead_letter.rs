@@ -1,0 +1,119 @@
+//! The dead-letter file: records JetStream refuses for good (or the server's `max_payload`
+//! makes unsendable), kept for an operator instead of being sent again forever.
+//!
+//! `<spool dir>/dead-letter.jsonl`, appended: one JSON object per record,
+//! `{"msg_id":…,"subject":…,"reason":…,"line":…}`, `line` the record's line as a JSON string
+//! (with its newline; the agent's lines are UTF-8, other bytes would be replaced by U+FFFD).
+//! Never read back by the sink: an operator re-publishes them once the cause is fixed (a
+//! stream limit raised, say). Capped: past [`Config::dead_letter_max_bytes`] a refused record
+//! is only counted as dropped.
+//!
+//! [`Config::dead_letter_max_bytes`]: crate::Config::dead_letter_max_bytes
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::Item;
+
+/// The file's name in the spool directory.
+pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+
+pub(crate) struct DeadLetter {
+    path: PathBuf,
+    file: Option<File>,
+    /// The file's size (what an earlier run left counts against the cap).
+    bytes: u64,
+    cap: u64,
+}
+
+impl DeadLetter {
+    pub(crate) fn new(dir: &Path, cap: u64) -> DeadLetter {
+        let path = dir.join(DEAD_LETTER_FILE);
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        DeadLetter {
+            path,
+            file: None,
+            bytes,
+            cap,
+        }
+    }
+
+    /// Appends `item` with the subject it was sent to and why it was refused, in one
+    /// `write(2)`. `Ok(false)`: the file is at its cap, nothing written.
+    pub(crate) fn keep(&mut self, item: &Item, subject: &str, reason: &str) -> io::Result<bool> {
+        let mut record = serde_json::to_vec(&serde_json::json!({
+            "msg_id": item.msg_id,
+            "subject": subject,
+            "reason": reason,
+            "line": String::from_utf8_lossy(&item.line),
+        }))
+        .map_err(io::Error::other)?;
+        record.push(b'\n');
+        if self.bytes + record.len() as u64 > self.cap {
+            return Ok(false);
+        }
+        if self.file.is_none() {
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let file = self.file.as_mut().expect("opened above");
+        match file.write_all(&record) {
+            Ok(()) => {
+                self.bytes += record.len() as u64;
+                Ok(true)
+            }
+            Err(e) => {
+                // A partial record (disk full) is cut off, so that the file stays one record
+                // per line.
+                if let Ok(len) = file.metadata().map(|m| m.len()) {
+                    if len > self.bytes {
+                        let _ = file.set_len(self.bytes);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_json_lines_and_the_cap_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let item = |line: &'static str| Item {
+            event: "fork".into(),
+            msg_id: "m\"1".into(),
+            line: bytes::Bytes::from_static(line.as_bytes()),
+            origin: None,
+            sent_before: false,
+        };
+        let mut dl = DeadLetter::new(dir.path(), 200);
+        assert!(dl
+            .keep(&item("{\"a\":1}\n"), "cnbus.events.h.fork", "too big")
+            .unwrap());
+        let text = std::fs::read_to_string(dl.path()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["msg_id"], "m\"1");
+        assert_eq!(v["line"], "{\"a\":1}\n");
+        assert_eq!(v["reason"], "too big");
+        // Over the cap: refused, the file unchanged.
+        let long: &'static str = Box::leak("x".repeat(300).into_boxed_str());
+        assert!(!dl.keep(&item(long), "s", "r").unwrap());
+        assert_eq!(std::fs::read_to_string(dl.path()).unwrap(), text);
+        // A new run counts what is there against the cap.
+        let again = DeadLetter::new(dir.path(), 200);
+        assert_eq!(again.bytes, text.len() as u64);
+    }
+}
