@@ -261,6 +261,13 @@ pub struct LossStats {
     /// first; otherwise it should report them.
     #[cfg_attr(feature = "serde", serde(default))]
     pub unread: u64,
+    /// Events a [`ProcChannel`](super::ProcChannel)'s reader put into its channel that the
+    /// consumer has not taken yet, as of a mid-run [`ProcChannel::stats`](super::ProcChannel::stats)
+    /// (they are not in [`events`](Self::events), which counts what the consumer took). 0 in
+    /// final figures (what is left in the channel at the end moves to
+    /// [`unread`](Self::unread)) and for every other receiver.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub queued: u64,
 }
 
 /// How [`LossStats::lost`] knows its figure.
