@@ -177,6 +177,17 @@ pub enum Loss {
     /// kernel's drop counter, in [`LossStats::kernel_drops`] (read at this report and at
     /// every [`stats`](super::ProcListener::stats) call); when gap accounting is on, the part of it
     /// that later events reveal also follows as [`Loss::Gap`] reports, per CPU.
+    ///
+    /// It carries no count because none is exact here: the kernel reports the overflow
+    /// once, when the first datagram meets the full queue, and ahead of the datagrams
+    /// queued before it; from then on it drops everything that comes for the socket, room
+    /// in the queue or not, until a read finds the queue empty. The drops of this overflow
+    /// are therefore not over when it is reported (the counter read here is a lower bound
+    /// of them, mixed with the tail of the previous overflow), and the kernel's counter
+    /// also counts user-space multicasts on group 1 it dropped. The exact figure of the
+    /// events lost is [`LossStats::lost`], from a [`stats`](super::ProcListener::stats)
+    /// call made after the queue was read empty, and in the final counters
+    /// ([`finish`](super::ProcListener::finish)).
     Overrun,
     /// `count` events of CPU `cpu` never arrived (a per-CPU sequence gap).
     Gap {
