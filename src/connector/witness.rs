@@ -78,9 +78,8 @@ impl Witness {
         })
     }
 
-    /// A witness for a receive path that takes its own baselines (with [`count`](Self::count))
-    /// at moments its socket's queue is empty (the connector's dispatcher, with
-    /// [`read`](Self::read)).
+    /// A witness for a receive path that takes its own baselines at moments its socket's
+    /// queue is empty (the connector's dispatcher, with [`read`](Self::read)).
     #[cfg(not(cnbus_loom))]
     pub(crate) fn standalone() -> Option<Self> {
         Self::open()
@@ -181,9 +180,11 @@ impl Witness {
     /// The barriers take the netlink table's write lock (two `setsockopt` calls), which
     /// stalls every netlink multicast on the host for a moment; so the same three reads are
     /// made first without them, and if drops, witness and `received` are what the last
-    /// barriered reading found, nothing reached the socket or the witness since, and that
-    /// reading (with the queue read now) is the answer: no barrier on a host without
-    /// user-space multicasts and drops. Otherwise the barriered reading is taken and kept.
+    /// barriered reading found, that reading still holds, with the queue read now: no
+    /// user-space multicast reached the witness, none was dropped and none was received
+    /// since, and one under way that reached only the socket waits in its queue (not
+    /// settled). So no barrier on a host without user-space multicasts and drops.
+    /// Otherwise the barriered reading is taken and kept.
     pub(crate) fn read(
         &self,
         sock: &ConnectorSocket,
