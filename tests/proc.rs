@@ -912,6 +912,47 @@ fn events_left_in_a_channel_at_close_are_counted_as_unread() {
     assert!(st.events + st.unread + lost >= mine, "{test}: {st:?}");
 }
 
+/// Regression: a mid-run `ProcChannel::stats()` counted the events sitting in the channel
+/// as handed out (`events` was what the reader had put into it, as of its last update):
+/// a snapshot could not tell what the consumer took from what waits for it. Now `events`
+/// is what the consumer took and `queued` what is still in the channel, at the call. The
+/// channel is filled (the reader then waits: its content stays put), and the items in it
+/// are the next ones taken (first in, first out): a snapshot before taking them must count
+/// them as queued and none as taken, and one after, every event among them as taken.
+#[test]
+fn a_channel_snapshot_tells_queued_events_from_taken_ones() {
+    const CAP: usize = 8;
+    let test = "a_channel_snapshot_tells_queued_events_from_taken_ones";
+    let b = ProcListener::builder()
+        .events(EventSet::EXIT)
+        .recv_buffer(8 << 20);
+    let Some(l) = open(test, b) else {
+        return;
+    };
+    let ch = l.into_channel(CAP).unwrap();
+    for _ in 0..20 {
+        sh("exit 0");
+    }
+    assert!(
+        common::wait_for(WAIT, || ch.receiver().len() == CAP),
+        "{test}: the channel fills"
+    );
+    let full = ch.stats();
+    let mut taken = 0u64;
+    for _ in 0..CAP {
+        taken += u64::from(matches!(ch.recv().unwrap(), Received::Event(_)));
+    }
+    let after = ch.stats();
+    let st = ch.close();
+    eprintln!("{test}: full {full:?}, after taking {taken}: {after:?}, final {st:?}");
+    assert_eq!(full.events, 0, "{test}: nothing was taken yet: {full:?}");
+    assert_eq!(full.queued, taken, "{test}: the channel's events: {full:?}");
+    assert_eq!(after.events, taken, "{test}: {after:?}");
+    assert!(after.queued <= CAP as u64, "{test}: {after:?}");
+    assert_eq!(st.events, taken, "{test}: {st:?}");
+    assert_eq!(st.queued, 0, "{test}: {st:?}");
+}
+
 /// A stranger cannot fill a listener's queue by unicasting to its port id (visible in
 /// /proc/net/netlink), so the kernel drop counter, from which `lost()` is exact, counts
 /// only what the kernel and group 1 sent it. (Before the listener connected to the kernel,

@@ -84,10 +84,14 @@ impl Counters {
         let Ok(m) = socket.meminfo() else {
             return false;
         };
-        if let Some(d) = self.drops.lock().as_mut() {
-            d.observe(m.drops);
-        }
+        self.observe_drops(m.drops);
         m.rmem_alloc == 0
+    }
+
+    /// Adds a value of the socket's raw kernel drop counter ([`MemInfo::drops`](crate::sys::MemInfo::drops));
+    /// returns the total since the baseline (`None` without one).
+    pub(crate) fn observe_drops(&self, raw: Option<u32>) -> Option<u64> {
+        self.drops.lock().as_mut().and_then(|d| d.observe(raw))
     }
 
     /// Attaches the proc registrations' witness (once; `None` when there can be none, see
@@ -113,30 +117,31 @@ impl Counters {
     }
 
     /// Called by the receive path (its only reader) each time it finds `socket`'s queue
-    /// empty: with a proc witness attached, takes a settled snapshot. The witness is read
-    /// first, then the socket: a user-space datagram sent in between is in neither count, or
-    /// waits in the queue (not empty: no snapshot), or was dropped from a full queue (not
-    /// empty either).
+    /// empty: with a proc witness attached, takes a settled snapshot, exact: the socket's
+    /// drop counter, the witness and the queue are read in the order of `Witness::read`
+    /// (with membership barriers whenever a user-space multicast or a drop came since its
+    /// last barriered reading), so a multicast under way cannot make it one off.
     pub(crate) fn on_drained(&self, socket: &ConnectorSocket) {
         if !self.has_proc_witness.load(Ordering::Acquire) {
             return;
         }
         let mut g = self.proc_witness.lock();
         let Some(pw) = g.as_mut() else { return };
-        let Some(witness) = pw.witness.count() else {
+        // Only this thread adds to it, and it is not reading now.
+        let foreign = self.proc_group_foreign.load(Ordering::Relaxed);
+        let Some(r) = pw
+            .witness
+            .read(socket, foreign, |raw| self.observe_drops(raw))
+        else {
             return;
         };
-        let Ok(m) = socket.meminfo() else { return };
-        if m.rmem_alloc != 0 {
-            return;
-        }
-        let Some(drops) = self.drops.lock().as_mut().and_then(|d| d.observe(m.drops)) else {
+        let (true, Some(drops)) = (r.settled, r.drops) else {
             return;
         };
         let s = Settled {
-            witness,
+            witness: r.witness,
             drops,
-            foreign: self.proc_group_foreign.load(Ordering::Relaxed),
+            foreign,
         };
         pw.last = Some(s);
         for slot in pw.waiting.drain(..) {

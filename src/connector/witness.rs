@@ -20,16 +20,11 @@ const MAX_READ: usize = 1 << 16;
 /// receives and drops is every user-space datagram on group 1; the receiving socket got some
 /// of them, and the rest may be in its kernel drop counter.
 ///
-/// Reading order makes the count sound. `ProcListener` and `ProcStream` read the receiving
-/// socket's drop counter, then the witness, then the socket's queue, with a membership
-/// barrier between each (`proc::loss::witnessed`: a multicast reaches the group's members
-/// one after the other, and the barrier waits for one under way). The connector's
-/// statistics (`Counters::on_drained`) read the witness first, then the socket's counter
-/// and queue, without barriers (it runs whenever the dispatcher empties its queue): a
-/// user-space datagram sent in between is in neither count, or waits in the receiving
-/// queue (not empty: not settled), or was dropped from a full queue (again not empty);
-/// only one under way as the witness is read can make that figure one off. The owner must
-/// be the only reader of the receiving socket.
+/// Reading order makes the count sound: [`read`](Witness::read) reads the receiving socket's
+/// drop counter, then the witness, then the socket's queue, with a membership barrier
+/// between each, for `ProcListener`, `ProcStream` and the connector's settled snapshots
+/// (`Counters::on_drained`) alike; it skips the barriers when nothing changed since its last
+/// barriered reading. The owner must be the only reader of the receiving socket.
 #[derive(Debug)]
 pub(crate) struct Witness {
     sock: ConnectorSocket,
@@ -41,6 +36,24 @@ pub(crate) struct Witness {
     /// No user-space datagram reached the witness while the receiving socket joined (else
     /// it cannot tell whether the receiving socket was a member for it: never settled).
     sound: bool,
+    /// The last reading taken with the barriers.
+    last: Mutex<Option<Reading>>,
+}
+
+/// One reading of a receiving socket against the witness ([`Witness::read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reading {
+    /// The receiving socket's drop count (its owner's `DropCounter`), read first.
+    pub drops: Option<u64>,
+    /// The witness's count since it was opened: the user-space datagrams on group 1 it
+    /// received or dropped.
+    pub witness: u64,
+    /// The user-space multicasts on group 1 the receiving socket's reader took (the
+    /// caller's count, all read before the reading).
+    pub received: u64,
+    /// The receiving socket's queue was empty and its drop counter unchanged when read
+    /// last: every datagram the witness counted was received or is in `drops`.
+    pub settled: bool,
 }
 
 impl Witness {
@@ -65,17 +78,11 @@ impl Witness {
         })
     }
 
-    /// A witness for a receive path that takes its own baselines (with [`count`](Self::count))
-    /// at moments its socket's queue is empty (the connector's dispatcher).
+    /// A witness for a receive path that takes its own baselines at moments its socket's
+    /// queue is empty (the connector's dispatcher, with [`read`](Self::read)).
     #[cfg(not(cnbus_loom))]
     pub(crate) fn standalone() -> Option<Self> {
         Self::open()
-    }
-
-    /// The user-space datagrams on group 1 it received or dropped since it was opened.
-    #[cfg(not(cnbus_loom))]
-    pub(crate) fn count(&self) -> Option<u64> {
-        self.total()
     }
 
     fn open() -> Option<Self> {
@@ -98,6 +105,7 @@ impl Witness {
             seen: Mutex::new(0),
             base: 0,
             sound: false,
+            last: Mutex::new(None),
         })
     }
 
@@ -129,10 +137,87 @@ impl Witness {
     }
 
     /// The user-space datagrams on group 1 since the receiving socket joined that it did
-    /// not receive (`received`: the ones it did), and whether that count can settle. Read
-    /// it before the receiving socket's counter and queue.
+    /// not receive (`received`: the ones it did), and whether that count can settle. Reads
+    /// the witness only (no receiving socket: for checking the join).
     pub(crate) fn unaccounted(&self, received: u64) -> Option<(u64, bool)> {
         let since = self.total()?.checked_sub(self.base)?;
         Some((since.saturating_sub(received), self.sound))
+    }
+
+    /// What `r` says of the receiving socket since it joined: the user-space datagrams on
+    /// group 1 it did not receive, and whether that count can settle (the join was sound).
+    pub(crate) fn unaccounted_in(&self, r: &Reading) -> Option<(u64, bool)> {
+        let since = r.witness.checked_sub(self.base)?;
+        Some((since.saturating_sub(r.received), self.sound))
+    }
+
+    /// A membership barrier: the witness joins group 1 again (a no-op for its membership).
+    /// A membership change takes the netlink table for writing, which waits for every
+    /// multicast under way (each holds it for reading while it visits the group's members,
+    /// on any netlink socket): whatever was multicast before has reached every member.
+    fn barrier(&self) -> bool {
+        self.sock.join(PROC_GROUP).is_ok()
+    }
+
+    /// Reads the receiving socket `sock` against the witness, in the order that makes the
+    /// figure exact; `received` is the user-space multicasts on group 1 its reader took, all
+    /// of them read before this call, and `observe` turns the socket's raw kernel drop
+    /// counter into its owner's count. `None` when the witness cannot tell (see `total`) or
+    /// the socket cannot be read.
+    ///
+    /// The order (`proc::loss::witnessed` gives why each step is needed):
+    /// 1. the socket's drop counter, then a barrier: every user-space datagram the socket
+    ///    dropped until then has reached the witness too (it visits the members one after
+    ///    the other);
+    /// 2. the witness, then a barrier: every datagram the witness counted has reached the
+    ///    socket, queued or dropped;
+    /// 3. the socket's queue and drop counter: empty and unchanged means every datagram the
+    ///    witness counted was received or is in the count of step 1 (settled). The drop
+    ///    counter is checked too because a multicast under way as the owner's read emptied
+    ///    the queue can still be dropped afterwards, and leave the socket congested (the
+    ///    kernel then drops what comes, queue empty or not, until the next read).
+    ///
+    /// The barriers take the netlink table's write lock (two `setsockopt` calls), which
+    /// stalls every netlink multicast on the host for a moment; so the same three reads are
+    /// made first without them, and if drops, witness and `received` are what the last
+    /// barriered reading found, that reading still holds, with the queue read now: no
+    /// user-space multicast reached the witness, none was dropped and none was received
+    /// since, and one under way that reached only the socket waits in its queue (not
+    /// settled). So no barrier on a host without user-space multicasts and drops.
+    /// Otherwise the barriered reading is taken and kept.
+    pub(crate) fn read(
+        &self,
+        sock: &ConnectorSocket,
+        received: u64,
+        observe: impl Fn(Option<u32>) -> Option<u64>,
+    ) -> Option<Reading> {
+        let once = |barriers: bool| {
+            let before = sock.meminfo().ok()?;
+            let drops = observe(before.drops);
+            if barriers && !self.barrier() {
+                return None;
+            }
+            let witness = self.total()?;
+            if barriers && !self.barrier() {
+                return None;
+            }
+            let after = sock.meminfo().ok()?;
+            Some(Reading {
+                drops,
+                witness,
+                received,
+                settled: after.rmem_alloc == 0 && after.drops == before.drops,
+            })
+        };
+        let quick = once(false)?;
+        let same = |l: &Reading| {
+            (l.drops, l.witness, l.received) == (quick.drops, quick.witness, quick.received)
+        };
+        if self.last.lock().as_ref().is_some_and(same) {
+            return Some(quick);
+        }
+        let r = once(true)?;
+        *self.last.lock() = Some(r);
+        Some(r)
     }
 }

@@ -144,6 +144,7 @@ impl ProcDecoder {
             foreign_unaccounted: None,
             foreign_settled: false,
             unread: 0,
+            queued: 0,
         }
     }
 

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use super::event::ProcEvent;
-use crate::codec::proc::PROC_GROUP;
 use crate::connector::Witness;
 use crate::sys::ConnectorSocket;
 
@@ -107,44 +106,65 @@ pub(crate) fn settled_enough(stats: &LossStats) -> bool {
     stats.foreign_settled || matches!(stats.foreign_unaccounted, None | Some(0))
 }
 
-/// What the witness says of a receiving socket: `(foreign_unaccounted, foreign_settled)`
-/// for [`LossStats`]. `received`: the user-space multicasts on group 1 the socket's reader
-/// took from its queue, all of them read before this call; its kernel drop counter must be
-/// read just before this call too (that is the figure the result qualifies).
+/// What a proc receiver reports of its socket's kernel drops: [`LossStats::kernel_drops`],
+/// [`LossStats::foreign_unaccounted`] and [`LossStats::foreign_settled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Witnessed {
+    pub kernel_drops: Option<u64>,
+    pub foreign_unaccounted: Option<u64>,
+    pub foreign_settled: bool,
+}
+
+/// Reads a receiving socket's kernel drop counter and what the witness says of it.
+/// `received`: the user-space multicasts on group 1 the socket's reader took from its
+/// queue, all of them read before this call; `observe` turns the socket's raw drop counter
+/// into its owner's count (`DropCounter::observe`).
 ///
-/// The order makes the figure exact. The kernel delivers one multicast to every member of
-/// the group in one pass, holding the netlink table for reading, and a membership change
-/// (here `sock` joining the group it is already in, a no-op otherwise) waits for every
-/// pass under way: a barrier. So:
-/// 1. the drop counter (read by the caller), then a barrier: every user-space datagram the
-///    socket received or dropped until then has reached the witness too (it visits the
-///    members in list order, so without the barrier the socket may have one the witness has
-///    not counted yet, and the loss figure would be one too high);
+/// The order of [`Witness::read`] makes the figure exact. The kernel delivers one
+/// multicast to every member of the group in one pass, holding the netlink table for
+/// reading, and a membership change waits for every pass under way: a barrier. So:
+/// 1. the drop counter, then a barrier: every user-space datagram the socket received or
+///    dropped until then has reached the witness too (it visits the members in list order,
+///    so without the barrier the socket may have one the witness has not counted yet, and
+///    the loss figure would be one too high);
 /// 2. the witness, then a barrier: every datagram the witness counted has reached the
-///    socket, queued or dropped;
-/// 3. the socket's queue: empty means every datagram the witness counted was received
-///    (`received`) or dropped before the queue was last read empty (a drop afterwards needs
-///    a full queue), so exactly `foreign_unaccounted` of them are in the drop counter:
-///    settled. Not empty: they may still be waiting in it, and the figure is a range; but
-///    `Some(0)` still means that none of the counted drops is a user-space datagram (each
-///    one dropped by step 1 was counted in step 2 and is not in `received`).
+///    socket, queued or dropped (without it, one the witness counted may reach the socket
+///    after its queue was found empty, and the figure would be one too low, settled);
+/// 3. the socket's queue and drop counter: empty, and no drop since step 1, means every
+///    datagram the witness counted was received (`received`) or is in the count of step 1,
+///    so exactly `foreign_unaccounted` of them are in the drop counter: settled. Otherwise
+///    they may still be waiting in it, and the figure is a range; but `Some(0)` still means
+///    that none of the counted drops is a user-space datagram (each one dropped by step 1
+///    was counted in step 2 and is not in `received`).
+///
+/// The barriers are skipped when nothing changed since the last barriered reading (see
+/// [`Witness::read`]): the figure is exact at every call, mid-run snapshots included.
 pub(crate) fn witnessed(
     sock: &ConnectorSocket,
     witness: Option<&Witness>,
     received: u64,
-) -> (Option<u64>, bool) {
+    observe: impl Fn(Option<u32>) -> Option<u64>,
+) -> Witnessed {
+    let plain = || Witnessed {
+        kernel_drops: sock.meminfo().ok().and_then(|m| observe(m.drops)),
+        foreign_unaccounted: None,
+        foreign_settled: false,
+    };
     let Some(w) = witness else {
-        return (None, false);
+        return plain();
     };
-    if sock.join(PROC_GROUP).is_err() {
-        return (None, false);
+    let Some(r) = w.read(sock, received, &observe) else {
+        return plain();
+    };
+    let (foreign_unaccounted, foreign_settled) = match w.unaccounted_in(&r) {
+        Some((u, sound)) => (Some(u), sound && r.settled),
+        None => (None, false),
+    };
+    Witnessed {
+        kernel_drops: r.drops,
+        foreign_unaccounted,
+        foreign_settled,
     }
-    let Some((unaccounted, sound)) = w.unaccounted(received) else {
-        return (None, false);
-    };
-    let settled =
-        sound && sock.join(PROC_GROUP).is_ok() && sock.meminfo().is_ok_and(|m| m.rmem_alloc == 0);
-    (Some(unaccounted), settled)
 }
 
 /// Events that could not be delivered.
@@ -157,6 +177,17 @@ pub enum Loss {
     /// kernel's drop counter, in [`LossStats::kernel_drops`] (read at this report and at
     /// every [`stats`](super::ProcListener::stats) call); when gap accounting is on, the part of it
     /// that later events reveal also follows as [`Loss::Gap`] reports, per CPU.
+    ///
+    /// It carries no count because none is exact here: the kernel reports the overflow
+    /// once, when the first datagram meets the full queue, and ahead of the datagrams
+    /// queued before it; from then on it drops everything that comes for the socket, room
+    /// in the queue or not, until a read finds the queue empty. The drops of this overflow
+    /// are therefore not over when it is reported (the counter read here is a lower bound
+    /// of them, mixed with the tail of the previous overflow), and the kernel's counter
+    /// also counts user-space multicasts on group 1 it dropped. The exact figure of the
+    /// events lost is [`LossStats::lost`], from a [`stats`](super::ProcListener::stats)
+    /// call made after the queue was read empty, and in the final counters
+    /// ([`finish`](super::ProcListener::finish)).
     Overrun,
     /// `count` events of CPU `cpu` never arrived (a per-CPU sequence gap).
     Gap {
@@ -241,6 +272,13 @@ pub struct LossStats {
     /// first; otherwise it should report them.
     #[cfg_attr(feature = "serde", serde(default))]
     pub unread: u64,
+    /// Events a [`ProcChannel`](super::ProcChannel)'s reader put into its channel that the
+    /// consumer has not taken yet, as of a mid-run [`ProcChannel::stats`](super::ProcChannel::stats)
+    /// (they are not in [`events`](Self::events), which counts what the consumer took). 0 in
+    /// final figures (what is left in the channel at the end moves to
+    /// [`unread`](Self::unread)) and for every other receiver.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub queued: u64,
 }
 
 /// How [`LossStats::lost`] knows its figure.

@@ -160,24 +160,26 @@ impl ProcStream {
         let c = &self.conn.outbox.counters;
         // The socket's drop counter, then the witness (see `proc::loss::witnessed`); this
         // stream is the socket's only reader.
-        c.read_drops(&self.conn.outbox.socket);
-        let (foreign_unaccounted, foreign_settled) = match &self.witness {
+        let (witness, got) = match &self.witness {
             Some((w, base)) => {
                 let got = c
                     .proc_group_foreign
                     .load(std::sync::atomic::Ordering::Relaxed);
-                super::loss::witnessed(&self.conn.outbox.socket, Some(w), got - base)
+                (Some(w), got - base)
             }
-            None => (None, false),
+            None => (None, 0),
         };
+        let w = super::loss::witnessed(&self.conn.outbox.socket, witness, got, |raw| {
+            c.observe_drops(raw)
+        });
         let dec = self.decoder.stats();
         super::LossStats {
             // Handed out: not discarded by `finish`.
             events: dec.events - self.unread,
             unread: self.unread,
-            kernel_drops: c.snapshot().kernel_drops,
-            foreign_unaccounted,
-            foreign_settled,
+            kernel_drops: w.kernel_drops.or_else(|| c.snapshot().kernel_drops),
+            foreign_unaccounted: w.foreign_unaccounted,
+            foreign_settled: w.foreign_settled,
             ..dec
         }
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, SendTimeoutError, Sender};
+use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::event::{request, EventSet, McastOp};
@@ -247,18 +247,19 @@ impl ProcListener {
     /// ([`LossStats::kernel_drops`]).
     pub fn stats(&self) -> LossStats {
         // This socket's drop counter, then the witness (see `proc::loss::witnessed`).
-        let kernel_drops = self.read_drops();
-        let (foreign_unaccounted, foreign_settled) =
-            witnessed(&self.sock, self.witness.as_ref(), self.foreign);
+        let w = witnessed(&self.sock, self.witness.as_ref(), self.foreign, |raw| {
+            self.drops.lock().observe(raw)
+        });
         let dec = self.core.dec.stats();
         LossStats {
             // Handed out: not discarded by `finish`, not dropped from a full queue.
             events: dec.events - self.discarded - self.core.dropped,
             unread: self.discarded,
             dropped: self.core.dropped,
-            kernel_drops,
-            foreign_unaccounted,
-            foreign_settled,
+            // A failed read (not expected: the socket is ours and open) keeps the last value.
+            kernel_drops: w.kernel_drops.or_else(|| self.drops.lock().total()),
+            foreign_unaccounted: w.foreign_unaccounted,
+            foreign_settled: w.foreign_settled,
             ..dec
         }
     }

@@ -9,30 +9,116 @@ impl ProcListener {
     pub fn into_channel(self, capacity: usize) -> Result<ProcChannel> {
         let shutdown = self.shutdown_handle();
         let filtering = self.filtering;
-        let stats = Arc::new(Mutex::new(self.stats()));
+        let fed = Arc::new(Mutex::new(Fed {
+            stats: self.stats(),
+            ..Fed::default()
+        }));
         let (tx, rx) = channel::bounded(capacity.max(1));
-        let st = stats.clone();
+        let f = fed.clone();
         let thread = std::thread::Builder::new()
             .name("cnbus-proc".into())
-            .spawn(move || reader(self, tx, st))
+            .spawn(move || reader(self, tx, f))
             .map_err(|e| Error::from_io(Op::Spawn, e))?;
         Ok(ProcChannel {
             rx,
             shutdown,
-            stats,
+            fed,
             filtering,
             thread: Some(thread),
         })
     }
 }
 
-fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<LossStats>>) {
+/// What the reader thread shares with its [`ProcChannel`]: its counters, and what it put
+/// into the channel, so that a snapshot can tell the events the consumer took from those
+/// still queued.
+#[derive(Debug, Default)]
+struct Fed {
+    /// The reader's counters as of its last update.
+    stats: LossStats,
+    /// Items put into the channel.
+    items: u64,
+    /// Events among them.
+    events: u64,
+    /// The numbers (from 0, in channel order) of the items put into the channel that are
+    /// not events (loss reports, an error), until they are known to be taken.
+    others: VecDeque<u64>,
+    /// Such items known to be taken.
+    others_taken: u64,
+    /// The reader has stopped and the channel was emptied: `stats` is final.
+    closed: bool,
+}
+
+impl Fed {
+    /// The counters with `events` (taken by the consumer) and `queued` (still in the
+    /// channel) as of `in_channel` items in the channel, read while this is locked (the
+    /// reader puts items in only under the lock, so none came in meanwhile). The channel
+    /// is first in, first out: the items taken are the first `items - in_channel`.
+    fn snapshot(&mut self, in_channel: usize) -> LossStats {
+        if self.closed {
+            return self.stats.clone();
+        }
+        let taken = self.items.saturating_sub(in_channel as u64);
+        while self.others.front().is_some_and(|&n| n < taken) {
+            self.others.pop_front();
+            self.others_taken += 1;
+        }
+        let events = taken - self.others_taken;
+        LossStats {
+            events,
+            queued: self.events - events,
+            ..self.stats.clone()
+        }
+    }
+}
+
+/// Puts `item` into the channel, under `fed`'s lock (so that a snapshot sees the channel
+/// and the count of what was put into it at one instant), waiting for room while it is
+/// full without holding the lock (pauses of 20 µs doubling to 1 ms). `Err(item)` when
+/// the listener was stopped while the consumer was not taking, `Ok(false)` when the
+/// channel is gone.
+fn put(
+    l: &ProcListener,
+    tx: &Sender<Result<Received>>,
+    fed: &Mutex<Fed>,
+    mut item: Result<Received>,
+) -> std::result::Result<bool, Result<Received>> {
+    let event = matches!(item, Ok(Received::Event(_)));
+    let mut wait = crate::sys::RoomWait::new(STOP_CHECK);
+    loop {
+        let mut f = fed.lock();
+        match tx.try_send(item) {
+            Ok(()) => {
+                if !event {
+                    let n = f.items;
+                    f.others.push_back(n);
+                }
+                f.items += 1;
+                f.events += u64::from(event);
+                return Ok(true);
+            }
+            Err(channel::TrySendError::Disconnected(_)) => return Ok(false),
+            Err(channel::TrySendError::Full(back)) => item = back,
+        }
+        drop(f);
+        match wait.next_pause() {
+            Some(pause) => std::thread::sleep(pause),
+            None if l.shared.stop.load(Ordering::Relaxed) => return Err(item),
+            None => wait = crate::sys::RoomWait::new(STOP_CHECK),
+        }
+    }
+}
+
+/// How often a reader waiting for room in a full channel checks for a shutdown.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, fed: Arc<Mutex<Fed>>) {
     let mut since = 0u32;
-    'run: loop {
+    loop {
         let item = match l.recv_timeout(Some(Duration::from_millis(200))) {
             Ok(Some(r)) => Ok(r),
             Ok(None) => {
-                *stats.lock() = l.stats();
+                fed.lock().stats = l.stats();
                 continue;
             }
             Err(Error::Closed) => break,
@@ -41,22 +127,16 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
         let fatal = item.is_err();
         since += 1;
         if fatal || since >= 64 || matches!(item, Ok(Received::Lost(_))) {
-            *stats.lock() = l.stats();
+            fed.lock().stats = l.stats();
             since = 0;
         }
-        let mut item = item;
-        loop {
-            match tx.send_timeout(item, Duration::from_millis(100)) {
-                Ok(()) => break,
-                Err(SendTimeoutError::Timeout(back)) => {
-                    if l.shared.stop.load(Ordering::Relaxed) {
-                        // Stopped while the consumer was not taking: never handed out.
-                        l.discarded += u64::from(matches!(back, Ok(Received::Event(_))));
-                        break 'run;
-                    }
-                    item = back;
-                }
-                Err(SendTimeoutError::Disconnected(_)) => break 'run,
+        match put(&l, &tx, &fed, item) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(back) => {
+                // Stopped while the consumer was not taking: never handed out.
+                l.discarded += u64::from(matches!(back, Ok(Received::Event(_))));
+                break;
             }
         }
         if fatal {
@@ -64,7 +144,7 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
         }
     }
     // IGNORE, and the queue read empty: the final, settled figures.
-    *stats.lock() = l.finish();
+    fed.lock().stats = l.finish();
 }
 
 /// A [`ProcListener`] running on its own thread, feeding a bounded channel (see
@@ -73,7 +153,7 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, stats: Arc<Mutex<Lo
 pub struct ProcChannel {
     rx: Receiver<Result<Received>>,
     shutdown: ShutdownHandle,
-    stats: Arc<Mutex<LossStats>>,
+    fed: Arc<Mutex<Fed>>,
     filtering: Filtering,
     thread: Option<JoinHandle<()>>,
 }
@@ -105,12 +185,18 @@ impl ProcChannel {
     }
 
     /// The reader's counters, as of its last update (every 64 items, every loss, and every
-    /// 200 ms of quiet). Until the end, [`LossStats::events`] counts the events the reader
-    /// put into the channel; at the end ([`close`](Self::close)), those still in it, which
-    /// no one took, move to [`LossStats::unread`], so the final `events` is what the
-    /// consumer received.
+    /// 200 ms of quiet), with the channel's part as of this call: [`LossStats::events`] is
+    /// the events the consumer has taken from the channel (through [`recv`](Self::recv),
+    /// [`recv_timeout`](Self::recv_timeout) or [`receiver`](Self::receiver)), and
+    /// [`LossStats::queued`] those the reader put into it that are still there. At the end
+    /// ([`close`](Self::close)), those still in it, which no one took, move to
+    /// [`LossStats::unread`], so the final `events` is what the consumer received and the
+    /// final `queued` is 0. The loss figure is exact at every call (see
+    /// [`ProcListener::stats`]), as of the reader's last update.
     pub fn stats(&self) -> LossStats {
-        self.stats.lock().clone()
+        let mut f = self.fed.lock();
+        let in_channel = self.rx.len();
+        f.snapshot(in_channel)
     }
 
     /// A handle that stops the reader.
@@ -132,16 +218,20 @@ impl ProcChannel {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
             // The reader is gone, and its sender with it: the events still in the channel
-            // were counted as handed out, but no consumer took them (taking them here also
-            // takes them from any clone of the receiver).
+            // were put into it, but no consumer took them (taking them here also takes them
+            // from any clone of the receiver).
             let unread = self
                 .rx
                 .try_iter()
                 .filter(|r| matches!(r, Ok(Received::Event(_))))
                 .count() as u64;
-            let mut s = self.stats.lock();
-            s.events = s.events.saturating_sub(unread);
+            let mut f = self.fed.lock();
+            let all = f.events;
+            let s = &mut f.stats;
+            s.events = all - unread;
+            s.queued = 0;
             s.unread += unread;
+            f.closed = true;
         }
     }
 }
