@@ -197,15 +197,19 @@ impl Inner {
         }
     }
 
-    /// At `exit()`: sends what the rings hold, as a close would (waits for a full
-    /// unicast receiver end `send_timeout` from now), unless this is a forked child's copy.
-    fn drain_at_exit(&self) {
+    /// At `exit()`: sends what the rings hold, as a close would, unless this is a forked
+    /// child's copy. Waits for a full unicast receiver end `send_timeout` from now, and
+    /// never past `end` (the hook's [`EXIT_BUDGET`]): what the receiver has not taken by
+    /// then is counted as failed.
+    fn drain_at_exit(&self, end: Instant) {
         if self.fork.forked_cold() {
             return;
         }
-        if let Some(d) = Instant::now().checked_add(self.cfg.send_timeout) {
-            let _ = self.stop_deadline.set(d);
-        }
+        let d = Instant::now()
+            .checked_add(self.cfg.send_timeout)
+            .map_or(end, |d| d.min(end));
+        // (Already set by a close running on another thread: its own `send_timeout`.)
+        let _ = self.stop_deadline.set(d);
         self.drain_everything();
     }
 
@@ -248,16 +252,24 @@ pub(crate) fn register(inner: &Arc<Inner>) {
     }
 }
 
+/// The longest the `exit()` hook waits, all buses together, for full [`Dest::Port`]
+/// receivers: a process never hangs at exit because of a receiver that stopped reading,
+/// whatever [`BusBuilder::send_timeout`] says (`Duration::MAX` included).
+pub const EXIT_BUDGET: Duration = Duration::from_secs(1);
+
 /// The `exit()` hook: a bus in a static, or on the stack of a thread that calls
 /// `std::process::exit`, is never dropped; without this its queued messages, accepted
-/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would.
+/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would, within
+/// [`EXIT_BUDGET`] (and its `send_timeout`); what a full receiver did not take by then is
+/// counted as failed.
 extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
+        let end = Instant::now() + EXIT_BUDGET;
         let live: Vec<_> = buses()
             .map(|l| l.iter().filter_map(|w| w.upgrade()).collect())
             .unwrap_or_default();
         for inner in live {
-            inner.drain_at_exit();
+            inner.drain_at_exit(end);
         }
     });
 }
@@ -267,9 +279,11 @@ extern "C" fn at_exit() {
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
 /// Dropping it flushes every accepted message (each is sent or counted as failed) and
 /// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
-/// [`Dest::Port`] receiver has stopped reading. A bus that is never dropped (in a
-/// `static`, leaked, or on a stack when `std::process::exit` is called) sends what it
-/// holds at `exit()` (an `atexit` hook), within `send_timeout` too.
+/// [`Dest::Port`] receiver has stopped reading (with `send_timeout` `Duration::MAX`, no
+/// limit: see [`close`](Self::close)). A bus that is never dropped (in a `static`,
+/// leaked, or on a stack when `std::process::exit` is called) sends what it holds at
+/// `exit()` (an `atexit` hook), within `send_timeout` and at most [`EXIT_BUDGET`] for
+/// all buses: the process never hangs at exit because of a bus.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
@@ -439,6 +453,10 @@ impl Bus {
     /// the same and ignores errors. Returns within [`BusBuilder::send_timeout`] of the
     /// call (plus the non-waiting send attempts) whatever the receiver does: what a full
     /// [`Dest::Port`] receiver has not taken by then is counted as failed.
+    ///
+    /// With `send_timeout` `Duration::MAX` (no limit) that wait has no end, by design: a
+    /// close (or drop) waits for a full receiver that stopped reading until it reads
+    /// again, forever if it never does. Only the `exit()` hook bounds it ([`EXIT_BUDGET`]).
     pub fn close(self) -> Result<BusStats> {
         match self.close_with_stats() {
             (stats, None) => Ok(stats),
