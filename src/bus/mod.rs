@@ -225,31 +225,25 @@ impl Inner {
     }
 }
 
-/// Every bus of the process (their shared state), for [`at_exit`]; and the process that
-/// registered the hook.
-static BUSES: Mutex<Vec<std::sync::Weak<Inner>>> = Mutex::new(Vec::new());
-static HOOK: OnceLock<crate::sys::ForkStamp> = OnceLock::new();
-
-/// The list of buses, locked; `None` in a forked child where another thread held it at
-/// the fork (that thread does not exist there).
-fn buses() -> Option<parking_lot::MutexGuard<'static, Vec<std::sync::Weak<Inner>>>> {
-    match HOOK.get() {
-        Some(s) => s.lock(&BUSES),
-        None => Some(BUSES.lock()),
-    }
-}
+/// Every bus of the process (their shared state), for [`at_exit`]. Fork-safe: a child
+/// forked while another thread held the list starts an empty one of its own (the
+/// parent's buses are closed copies there, which the hook skips anyway), so that a bus
+/// built in the child is registered (before, it was silently left out: not sent at exit).
+static BUSES: crate::sys::ForkSafe<Vec<std::sync::Weak<Inner>>> =
+    crate::sys::ForkSafe::new(Vec::new(), Vec::new);
 
 /// Makes `inner` one of the buses [`at_exit`] sends for.
 pub(crate) fn register(inner: &Arc<Inner>) {
-    HOOK.get_or_init(|| {
-        // Not registered (the C library is out of memory): only `close` and drop send.
+    // Registered once, never waiting for another thread (as a `Once` would, for good in
+    // a child forked while another thread registered). Not registered (the C library is
+    // out of memory): only `close` and drop send.
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.load(Relaxed) && !HOOKED.swap(true, AcqRel) {
         let _ = crate::sys::at_exit(at_exit);
-        crate::sys::ForkStamp::now()
-    });
-    if let Some(mut l) = buses() {
-        l.retain(|w| w.strong_count() > 0);
-        l.push(Arc::downgrade(inner));
     }
+    let mut l = BUSES.lock();
+    l.retain(|w| w.strong_count() > 0);
+    l.push(Arc::downgrade(inner));
 }
 
 /// The longest the `exit()` hook waits, all buses together, for full [`Dest::Port`]
@@ -265,9 +259,7 @@ pub const EXIT_BUDGET: Duration = Duration::from_secs(1);
 extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
         let end = Instant::now() + EXIT_BUDGET;
-        let live: Vec<_> = buses()
-            .map(|l| l.iter().filter_map(|w| w.upgrade()).collect())
-            .unwrap_or_default();
+        let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
         for inner in live {
             inner.drain_at_exit(end);
         }
@@ -861,6 +853,73 @@ mod tests {
         }
         assert_eq!(bus.stats().assisted_drains, 0);
         assert_eq!(count(&rx, idx), 3);
+    }
+
+    /// A thread holds the list of buses and the shard locks' spare-holder list while
+    /// another thread, which never inserted (its first insert takes a holder from that
+    /// list), forks. In the child a new bus builds, is registered for the exit hook,
+    /// takes inserts from the forking thread and from a new thread (whose end gives its
+    /// holder back), flushes, and sends them. Before the fix the child's first insert
+    /// waited for good on the spare list (killed by the watchdog), and with the list of
+    /// buses held its bus was silently not registered. The child reports each failed
+    /// check in its exit code (a panic is 99).
+    #[test]
+    fn a_bus_built_in_a_forked_child_works_though_a_parent_thread_held_the_global_locks() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd9;
+        let port = rx.port_id();
+        let (held, go) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let code = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _buses = BUSES.hold();
+                let _spare = crate::sys::hold_spare();
+                held.wait();
+                go.wait();
+            });
+            held.wait();
+            // From a thread that never inserted: the child's first insert needs a holder.
+            let code = std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::sys::in_forked_child(
+                        || {
+                            let Ok(bus) = Bus::builder(Dest::Port(port)).shards(1).build() else {
+                                return 1;
+                            };
+                            let mine = |w: &std::sync::Weak<Inner>| {
+                                w.upgrade().is_some_and(|i| Arc::ptr_eq(&i, &bus.inner))
+                            };
+                            let mut code = 0;
+                            if !BUSES.lock().iter().any(mine) {
+                                code |= 2;
+                            }
+                            for i in 0..10u32 {
+                                code |= i32::from(
+                                    bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).is_err(),
+                                ) << 2;
+                            }
+                            let b = &bus;
+                            let t = std::thread::scope(|s| {
+                                s.spawn(|| b.insert(CbId::new(idx, 2), b"thread").is_ok())
+                                    .join()
+                            });
+                            code |= i32::from(t.ok() != Some(true)) << 3;
+                            code |= i32::from(bus.flush().is_err()) << 4;
+                            match bus.close() {
+                                Ok(st) if (st.inserted, st.sent_messages) == (11, 11) => code,
+                                _ => code | 1 << 5,
+                            }
+                        },
+                        Duration::from_secs(60),
+                    )
+                })
+                .join()
+                .unwrap()
+            });
+            go.wait();
+            code
+        });
+        assert_eq!(code, Some(0), "None: the child hung (it was killed)");
+        assert_eq!(count(&rx, idx), 11, "the child's messages arrived");
     }
 
     #[test]

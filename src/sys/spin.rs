@@ -54,13 +54,18 @@ pub(crate) struct Holder {
 #[derive(Debug)]
 pub(crate) struct HolderSlot(&'static Holder);
 
-/// Holders of ended threads, for reuse.
-static SPARE: std::sync::Mutex<Vec<&'static Holder>> = std::sync::Mutex::new(Vec::new());
+/// Holders of ended threads, for reuse. Fork-safe: a child forked while another thread
+/// held the list starts an empty one of its own (those holders are only not reused).
+static SPARE: super::ForkSafe<Vec<&'static Holder>> = super::ForkSafe::new(Vec::new(), Vec::new);
 
-fn spare() -> std::sync::MutexGuard<'static, Vec<&'static Holder>> {
-    SPARE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn spare() -> parking_lot::MutexGuard<'static, Vec<&'static Holder>> {
+    SPARE.lock()
+}
+
+/// Test hook: the spare list, held (as by a thread starting or ending when another forks).
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) fn hold_spare() -> parking_lot::MutexGuard<'static, Vec<&'static Holder>> {
+    SPARE.hold()
 }
 
 impl HolderSlot {
