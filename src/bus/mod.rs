@@ -131,6 +131,19 @@ impl Inner {
         }
     }
 
+    /// A `membarrier` failed (after its bounded tries): counted, and kept for
+    /// `flush`/`close` as [`Error::Io`] with [`Op::Membarrier`](crate::Op::Membarrier).
+    #[cold]
+    pub(crate) fn barrier_failed(&self, e: std::io::Error) {
+        Counters::add(&self.stats.barrier_failures, 1);
+        // Not `from_io`: its `EPERM` is the connector's missing privilege, where here it
+        // is a seccomp filter's errno.
+        self.record_error(Error::Io {
+            op: crate::Op::Membarrier,
+            source: e,
+        });
+    }
+
     pub(crate) fn record_error(&self, e: Error) {
         let mut l = self.last_error.lock();
         if l.is_none() {
@@ -449,6 +462,11 @@ impl Bus {
     /// With `send_timeout` `Duration::MAX` (no limit) that wait has no end, by design: a
     /// close (or drop) waits for a full receiver that stopped reading until it reads
     /// again, forever if it never does. Only the `exit()` hook bounds it ([`EXIT_BUDGET`]).
+    ///
+    /// [`Error::Io`] with [`Op::Membarrier`](crate::Op::Membarrier): the close's memory
+    /// barrier failed (docs/BUS.md, "Memory orderings"); it sent everything it saw, and a
+    /// [`Producer`] inserting during the close sends what the close may have missed when
+    /// it is dropped.
     pub fn close(self) -> Result<BusStats> {
         match self.close_with_stats() {
             (stats, None) => Ok(stats),
@@ -486,10 +504,15 @@ impl Bus {
             // What is left is drained here: no `Bus` insert can run any more (`&mut self`),
             // and a `Producer` pushing now sees `dead` (`send_own_if_closed`): the heavy
             // barrier pairs with its light fence, so either it sees `dead` or this drain
-            // sees its message. (An error, never seen, is retried.)
-            let mut spins = 0;
-            while crate::sys::membarrier::heavy().is_err() {
-                crate::sync::spin_wait(&mut spins);
+            // sees its message. (`dead` was stored by the flusher; stored again here, so
+            // that the barrier's own SeqCst fence comes after it on this thread.)
+            self.inner.dead.store(true, SeqCst);
+            if let Err(e) = self.inner.light.heavy() {
+                // Not established: a push racing this drain may be missed, and its
+                // producer may not see `dead`. Its `Producer` then sends it when it is
+                // dropped (a SeqCst fence there pairs with the one `heavy` made above), or
+                // the exit hook does; the close says so with the error.
+                self.inner.barrier_failed(e);
             }
             self.inner.drain_everything();
         }
@@ -864,6 +887,7 @@ mod tests {
     /// buses held its bus was silently not registered. The child reports each failed
     /// check in its exit code (a panic is 99).
     #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_bus_built_in_a_forked_child_works_though_a_parent_thread_held_the_global_locks() {
         let Some(rx) = receiver() else { return };
         let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd9;
@@ -920,6 +944,123 @@ mod tests {
         });
         assert_eq!(code, Some(0), "None: the child hung (it was killed)");
         assert_eq!(count(&rx, idx), 11, "the child's messages arrived");
+    }
+
+    /// The close's barrier fails (fault injection: `membarrier` returns `EPERM` on the
+    /// closing thread, as under a seccomp filter installed after registration): the close
+    /// returns at once (a bounded number of tries) with `Error::Io` of `Op::Membarrier`,
+    /// still drains and sends everything (`inserted == sent`), counts the failure, and a
+    /// `Producer` that outlives it is refused and sends nothing twice when dropped. Before
+    /// the fix the close retried the barrier without end (this test hung; its watchdog
+    /// failed it).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_close_whose_barrier_fails_reports_it_and_loses_nothing() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xda;
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            p.insert(CbId::new(idx, 2), &i.to_ne_bytes()).unwrap();
+        }
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::EPERM));
+            let r = bus.close_with_stats();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let (st, err) = done
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the close hung retrying the barrier");
+        if crate::sys::membarrier::init().compiler_only_for_tests() {
+            assert!(
+                matches!(&err, Some(Error::Io { op: crate::Op::Membarrier, source })
+                    if source.raw_os_error() == Some(libc::EPERM)),
+                "{err:?}"
+            );
+            assert_eq!(st.barrier_failures, 1);
+        }
+        assert_eq!((st.inserted, st.sent_messages, st.queued), (20, 20, 0));
+        assert!(matches!(
+            p.insert(CbId::new(idx, 2), b"late"),
+            Err(InsertError::Closed(_))
+        ));
+        drop(p);
+        assert_eq!(count(&rx, idx), 20);
+    }
+
+    /// A shard's lock biased to one thread, wanted by another whose revocation barrier
+    /// fails (fault injection, `ENOMEM`): the revocation does not proceed (the holder
+    /// keeps its bias), and the other thread's inserts are accepted and sent on its own
+    /// thread, in order, counted in `direct`, the failure counted and returned by `flush`.
+    /// Before the fix the inserting thread retried the barrier without end (it hung; the
+    /// watchdog failed the test).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn an_insert_whose_revocation_barrier_fails_is_sent_on_its_own_thread() {
+        let Some(rx) = receiver() else { return };
+        if !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return; // no membarrier: revocations need no barrier
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdb;
+        let bus = Arc::new(
+            Bus::builder(Dest::Port(rx.port_id()))
+                .shards(1)
+                .capacity(4096)
+                .watermark(usize::MAX)
+                .max_latency(Duration::from_secs(600))
+                .build()
+                .unwrap(),
+        );
+        // One thread takes the shard's lock often enough in a row to keep it.
+        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let (tx_go, go) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            for i in 0..2 * crate::sys::BIAS_AFTER {
+                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+            let _ = tx.send(());
+            // Alive (its holder stays its own) until the other thread is done.
+            let _ = go.recv();
+        });
+        biased.recv().unwrap();
+        let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let other = std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
+            let r: Vec<bool> = (0..5u32)
+                .map(|i| b.insert(CbId::new(idx, 2), &i.to_ne_bytes()).is_ok())
+                .collect();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let Ok(r) = done.recv_timeout(Duration::from_secs(120)) else {
+            panic!("the insert hung retrying the revocation's barrier");
+        };
+        assert_eq!(r, [true; 5]);
+        let st = bus.stats();
+        assert_eq!((st.direct, st.barrier_failures), (5, 5), "{st:?}");
+        assert!(matches!(
+            bus.flush(),
+            Err(Error::Io {
+                op: crate::Op::Membarrier,
+                ..
+            })
+        ));
+        let _ = tx_go.send(());
+        holder.join().unwrap();
+        other.join().unwrap();
+        let bus = Arc::into_inner(bus).unwrap();
+        let st = bus.close().unwrap();
+        let n = 2 * u64::from(crate::sys::BIAS_AFTER) + 5;
+        assert_eq!((st.inserted, st.sent_messages), (n, n));
+        assert_eq!(count(&rx, idx), n);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub(crate) use send::RoomWait;
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 #[cfg(all(test, not(cnbus_loom)))]
-pub(crate) use spin::hold_spare;
+pub(crate) use spin::{hold_spare, BIAS_AFTER};
 pub(crate) use spin::{BiasedLock, Holder, HolderSlot};
 pub use wake::{poll_read, EventFd, Readiness};
 
