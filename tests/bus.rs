@@ -2222,6 +2222,92 @@ fn a_bus_never_dropped_sends_its_messages_at_exit() {
     }
 }
 
+/// The bus (and its never-read receiver) of
+/// [`a_bus_never_dropped_never_hangs_the_exit_at_a_stopped_receiver`]'s child.
+static STALLED_BUS: std::sync::OnceLock<(Bus, ConnectorSocket)> = std::sync::OnceLock::new();
+
+/// The child's report, at exit after cnbus's hook (registered before the first bus, so
+/// run after it): its bus's final counters.
+extern "C" fn report_stalled_bus() {
+    if let Some((bus, _)) = STALLED_BUS.get() {
+        let st = bus.stats();
+        let (i, s, f, q) = (st.inserted, st.sent_messages, st.failed_messages, st.queued);
+        eprintln!("CNBUS_EXIT_STATS {i} {s} {f} {q}");
+    }
+}
+
+/// A bus never dropped, with `send_timeout(Duration::MAX)`, unicasting to a receiver that
+/// never reads: at `exit()` its hook sends what the receiver takes, stops waiting at
+/// `EXIT_BUDGET`, and counts the rest as failed (`inserted == sent + failed`, nothing
+/// queued). Before the fix the hook waited for room without limit: the child never
+/// exited (killed by the watchdog below, a hang detector, not a timing).
+#[test]
+fn a_bus_never_dropped_never_hangs_the_exit_at_a_stopped_receiver() {
+    const N: u64 = 200;
+    if std::env::var_os("CNBUS_TEST_EXIT_STALLED").is_some() {
+        // SAFETY: registers a `'static` function taking nothing, before the first bus (so
+        // it runs after cnbus's hook).
+        assert_eq!(unsafe { libc::atexit(report_stalled_bus) }, 0);
+        let rx = ConnectorSocket::open().unwrap();
+        rx.set_recv_buffer(1, false).unwrap();
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .framing(Framing::OnePerDatagram)
+            .send_timeout(Duration::MAX)
+            .build()
+            .unwrap();
+        let idx = test_idx(151);
+        for i in 0..N as u32 {
+            bus.insert(CbId::new(idx, 0), &payload(0, i)).unwrap();
+        }
+        assert!(STALLED_BUS.set((bus, rx)).is_ok());
+        std::process::exit(0);
+    }
+    let Some(_k) = kernel_socket("a_bus_never_dropped_never_hangs_the_exit_at_a_stopped_receiver")
+    else {
+        return;
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_bus_never_dropped_never_hangs_the_exit_at_a_stopped_receiver",
+        ])
+        .args(["--test-threads", "1", "-q"])
+        .env("CNBUS_TEST_EXIT_STALLED", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child hung at exit (killed after 60 s)");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "child {status}: {err}");
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("CNBUS_EXIT_STATS "))
+        .unwrap_or_else(|| panic!("no report from the child: {err}"));
+    let n: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+    let [inserted, sent, failed, queued] = n[..] else {
+        panic!("{line}")
+    };
+    assert_eq!((inserted, queued), (N, 0), "{line}");
+    assert_eq!(sent + failed, N, "{line}");
+    assert!(failed > 0, "the receiver never read, yet took all: {line}");
+}
+
 /// Every snapshot taken while threads insert (through shards and producers, with every
 /// policy, direct sends included) and drains run is consistent: `sent + failed <=
 /// inserted`, `queued == inserted - sent - failed`, and no counter goes back between two

@@ -230,7 +230,10 @@ impl BusBuilder {
         /// [`Bus::flush`], [`Bus::close`] and drop return within about `send_timeout` whatever
         /// the receiver does, while a slow reader still paces the producers. Direct sends wait
         /// the same way ([`InsertError::Send`] on timeout). Groups and the kernel never wait.
-        /// A timeout too large for [`Instant`] means no limit.
+        /// A timeout too large for [`Instant`] (`Duration::MAX`) means no limit: then a
+        /// flush, close or drop waits for a receiver that stopped reading until it reads
+        /// again, forever if it never does; only the `exit()` hook still ends its wait, at
+        /// [`EXIT_BUDGET`](super::EXIT_BUDGET).
         send_timeout(d: Duration) => cfg.send_timeout = d;
         /// Allows multicasting on the kernel's ids (idx 1..=10) and groups (below 12), which
         /// the kernel's connector and its listeners receive too. Off by default: `build`

@@ -115,13 +115,15 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
         };
         // Announce (with the heavy barrier), then look again: a push either is seen, or
         // sees the announcement and unparks us; a ring added after our copy wakes us
-        // (`add_ring`). Without the barrier (never seen), look again after `aim`. Writers
+        // (`add_ring`). Without the barrier (it failed: counted), look again after `aim`,
+        // which keeps the latency bound without relying on a wake-up. Writers
         // wake a TIMED flusher only at the watermark without `assist` (`after_push`): a
         // TIMED sleep with it needs no barrier (under a steady stream, the flusher sleeps
         // TIMED once per deadline, and the barrier interrupts every CPU running the
         // process).
         let barrier = how == IDLE || !inner.cfg.assist;
-        if inner.bell.announce(how, barrier).is_err() {
+        if inner.bell.announce(how, barrier, inner.light).is_err() {
+            Counters::add(&inner.stats.barrier_failures, 1);
             let aim = Duration::from_nanos(aim);
             timeout = Some(timeout.map_or(aim, |t| t.min(aim)));
         }

@@ -6,7 +6,7 @@
 //! `RUSTFLAGS="--cfg cnbus_loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom`.
 
 use crate::sync::AtomicU8;
-use crate::sys::membarrier::{self, Light};
+use crate::sys::membarrier::Light;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
 /// The flusher is draining, or about to decide how to sleep.
@@ -46,14 +46,14 @@ impl Doorbell {
         self.state.swap(AWAKE, SeqCst);
     }
 
-    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the heavy barrier if
-    /// `barrier` (some writer may rely on seeing `how`), then the second look at every
-    /// ring follows. An error (the barrier was not established) means the look may miss a
-    /// push: the caller must not sleep without a timeout.
-    pub(crate) fn announce(&self, how: u8, barrier: bool) -> std::io::Result<()> {
+    /// Flusher side: about to sleep as `how` (TIMED or IDLE); the heavy barrier against
+    /// the writers' `light` if `barrier` (some writer may rely on seeing `how`), then the
+    /// second look at every ring follows. An error (the barrier was not established) means
+    /// the look may miss a push: the caller must not sleep without a timeout.
+    pub(crate) fn announce(&self, how: u8, barrier: bool, light: Light) -> std::io::Result<()> {
         self.state.store(how, SeqCst);
         if barrier {
-            membarrier::heavy()?;
+            light.heavy()?;
         }
         Ok(())
     }
@@ -92,7 +92,7 @@ mod loom_tests {
             let m = Self {
                 right: AtomicBool::new(false),
                 reader: Mutex::new(r),
-                light: membarrier::init(),
+                light: crate::sys::membarrier::init(),
                 probe: w.probe(),
                 bell: Doorbell::default(),
                 sent: AtomicU64::new(0),
@@ -141,7 +141,7 @@ mod loom_tests {
                     if self.stop.load(SeqCst) || self.probe.pending() > 0 {
                         break;
                     }
-                    self.bell.announce(IDLE, true).unwrap();
+                    self.bell.announce(IDLE, true, self.light).unwrap();
                     if self.probe.pending() > 0 || self.stop.load(SeqCst) {
                         self.bell.awake();
                         break;
@@ -221,7 +221,41 @@ mod loom_tests {
                 })
             };
             m.stop.store(true, SeqCst);
-            membarrier::heavy().unwrap();
+            m.light.heavy().unwrap();
+            m.drain();
+            p.join().unwrap();
+            assert_eq!(m.sent.load(SeqCst), 1, "the message was left in the ring");
+        });
+    }
+
+    /// The same race when the close's barrier failed (`Bus::stop`'s fallback): the
+    /// producer's light side is then only program order (no fence at all here), the
+    /// close has only the SeqCst fence that `heavy` makes before the system call. The
+    /// closing drain may miss the push and the producer may not see `dead` after it; the
+    /// producer's drop (a SeqCst fence, then `dead`) then sends it. Fails without the
+    /// drop's check.
+    #[test]
+    fn loom_a_close_without_its_barrier_leaves_a_missed_push_to_the_producers_drop() {
+        bounded().check(|| {
+            let (m, mut w) = Model::new();
+            let p = {
+                let m = Arc::clone(&m);
+                thread::spawn(move || {
+                    assert!(w.write(8, |b| b.fill(1)));
+                    // `send_own_if_closed` after a compiler fence only.
+                    if m.stop.load(Relaxed) {
+                        m.drain();
+                    }
+                    // `Producer::drop`.
+                    crate::sync::fence(SeqCst);
+                    if m.stop.load(Relaxed) {
+                        m.drain();
+                    }
+                })
+            };
+            m.stop.store(true, SeqCst);
+            // `heavy`'s fence, then its failed system call.
+            crate::sync::fence(SeqCst);
             m.drain();
             p.join().unwrap();
             assert_eq!(m.sent.load(SeqCst), 1, "the message was left in the ring");

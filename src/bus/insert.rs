@@ -168,29 +168,38 @@ impl Shards<'_> {
     }
 
     /// Pushes into `shard` as the thread holding `me` (if any): the messages held after
-    /// the push and the new end position.
+    /// the push and the new end position (`None`: full). An error when the shard's lock
+    /// stays with another thread (see [`unproven`]).
     #[inline(always)]
     fn push_into(
         &self,
         shard: usize,
         e: &Entry<'_>,
         me: Option<&'static sys::Holder>,
-    ) -> Option<(u64, usize)> {
+    ) -> std::io::Result<Option<(u64, usize)>> {
         let i = self.0;
-        let sh = i.shards.get(shard)?;
-        let mut t = sh.tail.lock(me, i.light);
+        let Some(sh) = i.shards.get(shard) else {
+            return Ok(None);
+        };
+        let mut t = sh.tail.lock(me, i.light)?;
         let n = sh
             .ring
-            .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
-        Some((n, t.writer.position()))
+            .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns());
+        Ok(n.map(|n| (n, t.writer.position())))
     }
 
     /// Pushes and records where: (shard, messages held). Into the shard this thread used
     /// last if that shard's lock is biased to it (staying there keeps its order, and
     /// another thread that needs the shard takes the bias away); else as
-    /// [`choose`](Self::choose) says.
+    /// [`choose`](Self::choose) says. `None`: full; an error: as for
+    /// [`push_into`](Self::push_into), with whether this thread may still have messages
+    /// queued (in that shard).
     #[inline(always)]
-    fn push_mine(&self, l: &mut Local, e: &Entry<'_>) -> Option<(usize, u64)> {
+    fn push_mine(
+        &self,
+        l: &mut Local,
+        e: &Entry<'_>,
+    ) -> Result<Option<(usize, u64)>, (std::io::Error, bool)> {
         let (i, me) = (self.0, l.me.get());
         let v = &mut l.buses;
         // The fast path: no position check, no CPU number, no read-modify-write.
@@ -199,14 +208,28 @@ impl Shards<'_> {
                 if let Some(mut t) = sh.tail.try_biased(me, i.light) {
                     let n = sh
                         .ring
-                        .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns())?;
+                        .push(&mut t, e, i.pid, i.cfg.capacity, || i.now_ns());
+                    let Some(n) = n else { return Ok(None) };
                     m.end = t.writer.position();
-                    return Some((m.shard, n));
+                    return Ok(Some((m.shard, n)));
                 }
             }
         }
         let (at, shard) = self.choose(v);
-        let (n, end) = self.push_into(shard, e, Some(me))?;
+        let (n, end) = match self.push_into(shard, e, Some(me)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(None),
+            Err(err) => {
+                // `choose` keeps us on the shard that still holds one of our messages.
+                let queued = at.and_then(|p| v.get(p)).is_some_and(|m| {
+                    m.shard == shard
+                        && i.shards
+                            .get(shard)
+                            .is_some_and(|s| !s.ring.probe.released(m.end))
+                });
+                return Err((err, queued));
+            }
+        };
         match at.and_then(|p| v.get_mut(p)) {
             Some(m) => (m.shard, m.end) = (shard, end),
             None => {
@@ -224,7 +247,7 @@ impl Shards<'_> {
         // The bus used last goes first, where the fast path looks.
         let last = v.len() - 1;
         v.swap(0, at.unwrap_or(last).min(last));
-        Some((shard, n))
+        Ok(Some((shard, n)))
     }
 }
 
@@ -239,8 +262,9 @@ impl Queue for Shards<'_> {
         let i = self.0;
         let r = LOCAL.try_with(|l| Some(self.push_mine(&mut *l.try_borrow_mut().ok()?, e)));
         let (shard, n) = match r {
-            Ok(Some(Some(r))) => r,
-            Ok(Some(None)) => return false,
+            Ok(Some(Ok(Some(r)))) => r,
+            Ok(Some(Ok(None))) => return false,
+            Ok(Some(Err((err, queued)))) => return unproven(i, e, err, queued, help),
             _ => {
                 // No thread-local state (thread teardown: a thread-local's destructor
                 // inserting after ours was destroyed). Shard 0 keeps this thread's order
@@ -252,8 +276,13 @@ impl Queue for Shards<'_> {
                     i.drain_everything();
                 }
                 match self.push_into(0, e, None) {
-                    Some((n, _)) => (0, n),
-                    None => return false,
+                    Ok(Some((n, _))) => (0, n),
+                    Ok(None) => return false,
+                    Err(err) => {
+                        // Unknown where our messages are: out for sure once no ring holds any.
+                        let queued = i.rings.lock().iter().any(|r| r.pending());
+                        return unproven(i, e, err, queued && !help, help);
+                    }
                 }
             }
         };
@@ -386,6 +415,16 @@ impl Drop for Producer {
     fn drop(&mut self) {
         // The flusher sends what is left and then forgets the ring.
         self.ring.retired.store(true, Release);
+        // Unless the bus is closed: a close whose barrier failed may have missed our last
+        // push, which we did not see `dead` after. This fence pairs with the SeqCst fence
+        // that the close made after storing `dead` and before its drain: either that drain
+        // saw our push, or we see `dead` here and send it (docs/BUS.md, "Memory
+        // orderings"). Nothing to send after a close with the barrier.
+        // (Not in a forked child: the parent's producer sends it.)
+        fence(SeqCst);
+        if self.inner.dead.load(Relaxed) && !self.inner.fork.forked_cold() {
+            self.inner.drain(&self.ring, true);
+        }
     }
 }
 
@@ -521,9 +560,42 @@ fn block<Q: Queue>(
     Ok(())
 }
 
+/// The shard's lock stayed with another thread (the barrier of the revocation failed:
+/// `err`, counted and kept for `flush`): the message goes out on the caller's thread,
+/// after the caller's messages still `queued`, and is accepted (sent, or counted as
+/// failed, as a drain would). With `help` false (a blocked insert under `space_lock`, where
+/// no drain may run) and messages queued: not pushed, the insert waits for the flusher to
+/// drain them (they are pending and it has a waiter) and tries again.
+#[cold]
+fn unproven(i: &Inner, e: &Entry<'_>, err: std::io::Error, queued: bool, help: bool) -> bool {
+    i.barrier_failed(err);
+    if queued {
+        if !help {
+            return false;
+        }
+        i.drain_everything();
+    }
+    if let Some(error) = send_one(i, e) {
+        // Counted in before it is counted as failed (`Counters::snapshot`).
+        Counters::add(&i.stats.inserted, 1);
+        Counters::add(&i.stats.failed_datagrams, 1);
+        Counters::add(&i.stats.failed_messages, 1);
+        i.record_error(error);
+    }
+    true
+}
+
 /// Sends `e` on the caller's thread in a datagram of its own (the caller has made sure
 /// none of its earlier messages is still queued), as a drain sends.
 fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
+    match send_one(inner, &e) {
+        None => Ok(()),
+        Some(error) => Err(refuse(inner, e, |msg| InsertError::Send { msg, error })),
+    }
+}
+
+/// [`send_direct`]'s send: counted in `direct` and `inserted` once sent; the error if not.
+fn send_one(inner: &Inner, e: &Entry<'_>) -> Option<crate::Error> {
     let mut buf = vec![0u8; e.encoded_len()];
     // Fits: sized for it, and the data length was checked on entry.
     let _ = e.encode_into(inner.pid, &mut buf);
@@ -532,7 +604,7 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
         // Under the send lock, so that a numbered message gets the next number of its id
         // and goes on the wire in that order.
         let mut seqs = inner.sock.numbering().lock();
-        if let (Entry::Slice { id, .. }, Some(h)) = (&e, crate::codec::array_mut(&mut buf)) {
+        if let (Entry::Slice { id, .. }, Some(h)) = (e, crate::codec::array_mut(&mut buf)) {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
         let one = [IoSlice::new(&buf)];
@@ -549,8 +621,5 @@ fn send_direct(inner: &Inner, e: Entry<'_>) -> Result<(), InsertError<CnMsg>> {
             },
         );
     }
-    if let Some(error) = failed {
-        return Err(refuse(inner, e, |msg| InsertError::Send { msg, error }));
-    }
-    Ok(())
+    failed
 }

@@ -131,6 +131,19 @@ impl Inner {
         }
     }
 
+    /// A `membarrier` failed (after its bounded tries): counted, and kept for
+    /// `flush`/`close` as [`Error::Io`] with [`Op::Membarrier`](crate::Op::Membarrier).
+    #[cold]
+    pub(crate) fn barrier_failed(&self, e: std::io::Error) {
+        Counters::add(&self.stats.barrier_failures, 1);
+        // Not `from_io`: its `EPERM` is the connector's missing privilege, where here it
+        // is a seccomp filter's errno.
+        self.record_error(Error::Io {
+            op: crate::Op::Membarrier,
+            source: e,
+        });
+    }
+
     pub(crate) fn record_error(&self, e: Error) {
         let mut l = self.last_error.lock();
         if l.is_none() {
@@ -197,15 +210,19 @@ impl Inner {
         }
     }
 
-    /// At `exit()`: sends what the rings hold, as a close would (waits for a full
-    /// unicast receiver end `send_timeout` from now), unless this is a forked child's copy.
-    fn drain_at_exit(&self) {
+    /// At `exit()`: sends what the rings hold, as a close would, unless this is a forked
+    /// child's copy. Waits for a full unicast receiver end `send_timeout` from now, and
+    /// never past `end` (the hook's [`EXIT_BUDGET`]): what the receiver has not taken by
+    /// then is counted as failed.
+    fn drain_at_exit(&self, end: Instant) {
         if self.fork.forked_cold() {
             return;
         }
-        if let Some(d) = Instant::now().checked_add(self.cfg.send_timeout) {
-            let _ = self.stop_deadline.set(d);
-        }
+        let d = Instant::now()
+            .checked_add(self.cfg.send_timeout)
+            .map_or(end, |d| d.min(end));
+        // (Already set by a close running on another thread: its own `send_timeout`.)
+        let _ = self.stop_deadline.set(d);
         self.drain_everything();
     }
 
@@ -221,43 +238,43 @@ impl Inner {
     }
 }
 
-/// Every bus of the process (their shared state), for [`at_exit`]; and the process that
-/// registered the hook.
-static BUSES: Mutex<Vec<std::sync::Weak<Inner>>> = Mutex::new(Vec::new());
-static HOOK: OnceLock<crate::sys::ForkStamp> = OnceLock::new();
-
-/// The list of buses, locked; `None` in a forked child where another thread held it at
-/// the fork (that thread does not exist there).
-fn buses() -> Option<parking_lot::MutexGuard<'static, Vec<std::sync::Weak<Inner>>>> {
-    match HOOK.get() {
-        Some(s) => s.lock(&BUSES),
-        None => Some(BUSES.lock()),
-    }
-}
+/// Every bus of the process (their shared state), for [`at_exit`]. Fork-safe: a child
+/// forked while another thread held the list starts an empty one of its own (the
+/// parent's buses are closed copies there, which the hook skips anyway), so that a bus
+/// built in the child is registered (before, it was silently left out: not sent at exit).
+static BUSES: crate::sys::ForkSafe<Vec<std::sync::Weak<Inner>>> =
+    crate::sys::ForkSafe::new(Vec::new(), Vec::new);
 
 /// Makes `inner` one of the buses [`at_exit`] sends for.
 pub(crate) fn register(inner: &Arc<Inner>) {
-    HOOK.get_or_init(|| {
-        // Not registered (the C library is out of memory): only `close` and drop send.
+    // Registered once, never waiting for another thread (as a `Once` would, for good in
+    // a child forked while another thread registered). Not registered (the C library is
+    // out of memory): only `close` and drop send.
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.load(Relaxed) && !HOOKED.swap(true, AcqRel) {
         let _ = crate::sys::at_exit(at_exit);
-        crate::sys::ForkStamp::now()
-    });
-    if let Some(mut l) = buses() {
-        l.retain(|w| w.strong_count() > 0);
-        l.push(Arc::downgrade(inner));
     }
+    let mut l = BUSES.lock();
+    l.retain(|w| w.strong_count() > 0);
+    l.push(Arc::downgrade(inner));
 }
+
+/// The longest the `exit()` hook waits, all buses together, for full [`Dest::Port`]
+/// receivers: a process never hangs at exit because of a receiver that stopped reading,
+/// whatever [`BusBuilder::send_timeout`] says (`Duration::MAX` included).
+pub const EXIT_BUDGET: Duration = Duration::from_secs(1);
 
 /// The `exit()` hook: a bus in a static, or on the stack of a thread that calls
 /// `std::process::exit`, is never dropped; without this its queued messages, accepted
-/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would.
+/// with `Ok`, would vanish uncounted. Every live bus sends them, as a close would, within
+/// [`EXIT_BUDGET`] (and its `send_timeout`); what a full receiver did not take by then is
+/// counted as failed.
 extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
-        let live: Vec<_> = buses()
-            .map(|l| l.iter().filter_map(|w| w.upgrade()).collect())
-            .unwrap_or_default();
+        let end = Instant::now() + EXIT_BUDGET;
+        let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
         for inner in live {
-            inner.drain_at_exit();
+            inner.drain_at_exit(end);
         }
     });
 }
@@ -267,9 +284,11 @@ extern "C" fn at_exit() {
 /// `Bus` is `Send + Sync`: share it with `Arc` (or by reference in scoped threads).
 /// Dropping it flushes every accepted message (each is sent or counted as failed) and
 /// joins the flusher thread, within [`BusBuilder::send_timeout`] of the drop even when a
-/// [`Dest::Port`] receiver has stopped reading. A bus that is never dropped (in a
-/// `static`, leaked, or on a stack when `std::process::exit` is called) sends what it
-/// holds at `exit()` (an `atexit` hook), within `send_timeout` too.
+/// [`Dest::Port`] receiver has stopped reading (with `send_timeout` `Duration::MAX`, no
+/// limit: see [`close`](Self::close)). A bus that is never dropped (in a `static`,
+/// leaked, or on a stack when `std::process::exit` is called) sends what it holds at
+/// `exit()` (an `atexit` hook), within `send_timeout` and at most [`EXIT_BUDGET`] for
+/// all buses: the process never hangs at exit because of a bus.
 pub struct Bus {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
@@ -439,6 +458,15 @@ impl Bus {
     /// the same and ignores errors. Returns within [`BusBuilder::send_timeout`] of the
     /// call (plus the non-waiting send attempts) whatever the receiver does: what a full
     /// [`Dest::Port`] receiver has not taken by then is counted as failed.
+    ///
+    /// With `send_timeout` `Duration::MAX` (no limit) that wait has no end, by design: a
+    /// close (or drop) waits for a full receiver that stopped reading until it reads
+    /// again, forever if it never does. Only the `exit()` hook bounds it ([`EXIT_BUDGET`]).
+    ///
+    /// [`Error::Io`] with [`Op::Membarrier`](crate::Op::Membarrier): the close's memory
+    /// barrier failed (docs/BUS.md, "Memory orderings"); it sent everything it saw, and a
+    /// [`Producer`] inserting during the close sends what the close may have missed when
+    /// it is dropped.
     pub fn close(self) -> Result<BusStats> {
         match self.close_with_stats() {
             (stats, None) => Ok(stats),
@@ -476,10 +504,15 @@ impl Bus {
             // What is left is drained here: no `Bus` insert can run any more (`&mut self`),
             // and a `Producer` pushing now sees `dead` (`send_own_if_closed`): the heavy
             // barrier pairs with its light fence, so either it sees `dead` or this drain
-            // sees its message. (An error, never seen, is retried.)
-            let mut spins = 0;
-            while crate::sys::membarrier::heavy().is_err() {
-                crate::sync::spin_wait(&mut spins);
+            // sees its message. (`dead` was stored by the flusher; stored again here, so
+            // that the barrier's own SeqCst fence comes after it on this thread.)
+            self.inner.dead.store(true, SeqCst);
+            if let Err(e) = self.inner.light.heavy() {
+                // Not established: a push racing this drain may be missed, and its
+                // producer may not see `dead`. Its `Producer` then sends it when it is
+                // dropped (a SeqCst fence there pairs with the one `heavy` made above), or
+                // the exit hook does; the close says so with the error.
+                self.inner.barrier_failed(e);
             }
             self.inner.drain_everything();
         }
@@ -843,6 +876,191 @@ mod tests {
         }
         assert_eq!(bus.stats().assisted_drains, 0);
         assert_eq!(count(&rx, idx), 3);
+    }
+
+    /// A thread holds the list of buses and the shard locks' spare-holder list while
+    /// another thread, which never inserted (its first insert takes a holder from that
+    /// list), forks. In the child a new bus builds, is registered for the exit hook,
+    /// takes inserts from the forking thread and from a new thread (whose end gives its
+    /// holder back), flushes, and sends them. Before the fix the child's first insert
+    /// waited for good on the spare list (killed by the watchdog), and with the list of
+    /// buses held its bus was silently not registered. The child reports each failed
+    /// check in its exit code (a panic is 99).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_bus_built_in_a_forked_child_works_though_a_parent_thread_held_the_global_locks() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xd9;
+        let port = rx.port_id();
+        let (held, go) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let code = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _buses = BUSES.hold();
+                let _spare = crate::sys::hold_spare();
+                held.wait();
+                go.wait();
+            });
+            held.wait();
+            // From a thread that never inserted: the child's first insert needs a holder.
+            let code = std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::sys::in_forked_child(
+                        || {
+                            let Ok(bus) = Bus::builder(Dest::Port(port)).shards(1).build() else {
+                                return 1;
+                            };
+                            let mine = |w: &std::sync::Weak<Inner>| {
+                                w.upgrade().is_some_and(|i| Arc::ptr_eq(&i, &bus.inner))
+                            };
+                            let mut code = 0;
+                            if !BUSES.lock().iter().any(mine) {
+                                code |= 2;
+                            }
+                            for i in 0..10u32 {
+                                code |= i32::from(
+                                    bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).is_err(),
+                                ) << 2;
+                            }
+                            let b = &bus;
+                            let t = std::thread::scope(|s| {
+                                s.spawn(|| b.insert(CbId::new(idx, 2), b"thread").is_ok())
+                                    .join()
+                            });
+                            code |= i32::from(t.ok() != Some(true)) << 3;
+                            code |= i32::from(bus.flush().is_err()) << 4;
+                            match bus.close() {
+                                Ok(st) if (st.inserted, st.sent_messages) == (11, 11) => code,
+                                _ => code | 1 << 5,
+                            }
+                        },
+                        Duration::from_secs(60),
+                    )
+                })
+                .join()
+                .unwrap()
+            });
+            go.wait();
+            code
+        });
+        assert_eq!(code, Some(0), "None: the child hung (it was killed)");
+        assert_eq!(count(&rx, idx), 11, "the child's messages arrived");
+    }
+
+    /// The close's barrier fails (fault injection: `membarrier` returns `EPERM` on the
+    /// closing thread, as under a seccomp filter installed after registration): the close
+    /// returns at once (a bounded number of tries) with `Error::Io` of `Op::Membarrier`,
+    /// still drains and sends everything (`inserted == sent`), counts the failure, and a
+    /// `Producer` that outlives it is refused and sends nothing twice when dropped. Before
+    /// the fix the close retried the barrier without end (this test hung; its watchdog
+    /// failed it).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_close_whose_barrier_fails_reports_it_and_loses_nothing() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xda;
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            p.insert(CbId::new(idx, 2), &i.to_ne_bytes()).unwrap();
+        }
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::EPERM));
+            let r = bus.close_with_stats();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let (st, err) = done
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the close hung retrying the barrier");
+        if crate::sys::membarrier::init().compiler_only_for_tests() {
+            assert!(
+                matches!(&err, Some(Error::Io { op: crate::Op::Membarrier, source })
+                    if source.raw_os_error() == Some(libc::EPERM)),
+                "{err:?}"
+            );
+            assert_eq!(st.barrier_failures, 1);
+        }
+        assert_eq!((st.inserted, st.sent_messages, st.queued), (20, 20, 0));
+        assert!(matches!(
+            p.insert(CbId::new(idx, 2), b"late"),
+            Err(InsertError::Closed(_))
+        ));
+        drop(p);
+        assert_eq!(count(&rx, idx), 20);
+    }
+
+    /// A shard's lock biased to one thread, wanted by another whose revocation barrier
+    /// fails (fault injection, `ENOMEM`): the revocation does not proceed (the holder
+    /// keeps its bias), and the other thread's inserts are accepted and sent on its own
+    /// thread, in order, counted in `direct`, the failure counted and returned by `flush`.
+    /// Before the fix the inserting thread retried the barrier without end (it hung; the
+    /// watchdog failed the test).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn an_insert_whose_revocation_barrier_fails_is_sent_on_its_own_thread() {
+        let Some(rx) = receiver() else { return };
+        if !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return; // no membarrier: revocations need no barrier
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdb;
+        let bus = Arc::new(
+            Bus::builder(Dest::Port(rx.port_id()))
+                .shards(1)
+                .capacity(4096)
+                .watermark(usize::MAX)
+                .max_latency(Duration::from_secs(600))
+                .build()
+                .unwrap(),
+        );
+        // One thread takes the shard's lock often enough in a row to keep it.
+        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let (tx_go, go) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            for i in 0..2 * crate::sys::BIAS_AFTER {
+                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+            let _ = tx.send(());
+            // Alive (its holder stays its own) until the other thread is done.
+            let _ = go.recv();
+        });
+        biased.recv().unwrap();
+        let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let other = std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
+            let r: Vec<bool> = (0..5u32)
+                .map(|i| b.insert(CbId::new(idx, 2), &i.to_ne_bytes()).is_ok())
+                .collect();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let Ok(r) = done.recv_timeout(Duration::from_secs(120)) else {
+            panic!("the insert hung retrying the revocation's barrier");
+        };
+        assert_eq!(r, [true; 5]);
+        let st = bus.stats();
+        assert_eq!((st.direct, st.barrier_failures), (5, 5), "{st:?}");
+        assert!(matches!(
+            bus.flush(),
+            Err(Error::Io {
+                op: crate::Op::Membarrier,
+                ..
+            })
+        ));
+        let _ = tx_go.send(());
+        holder.join().unwrap();
+        other.join().unwrap();
+        let bus = Arc::into_inner(bus).unwrap();
+        let st = bus.close().unwrap();
+        let n = 2 * u64::from(crate::sys::BIAS_AFTER) + 5;
+        assert_eq!((st.inserted, st.sent_messages), (n, n));
+        assert_eq!(count(&rx, idx), n);
     }
 
     #[test]

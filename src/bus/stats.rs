@@ -147,7 +147,8 @@ pub struct BusStats {
     /// Messages the bus accepted (queued, or sent directly on the caller's thread).
     pub inserted: u64,
     /// Of `inserted`, messages sent directly by the caller because its ring was full
-    /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)).
+    /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)), or because its
+    /// shard's lock could not be taken from another thread (`barrier_failures`).
     pub direct: u64,
     /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)).
     pub rejected_full: u64,
@@ -213,6 +214,14 @@ pub struct BusStats {
     /// not send on the caller's thread, handed back as
     /// [`InsertError::Send`](super::InsertError::Send) (their errno is in `send_errors`).
     pub rejected_send: u64,
+    /// `membarrier(2)` barriers that failed after the process registered for them (each
+    /// after a few tries; docs/BUS.md, "Memory orderings"): a flusher that then slept at
+    /// most its latency aim, a close that then left a racing `Producer`'s push to that
+    /// producer (returned as [`Error::Io`](crate::Error::Io) with
+    /// [`Op::Membarrier`](crate::Op::Membarrier)), an insert whose shard's lock stayed
+    /// with another thread, sent on the caller's thread instead (counted in `direct`;
+    /// the error returned by the next `flush`).
+    pub barrier_failures: u64,
 }
 }
 

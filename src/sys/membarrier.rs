@@ -12,9 +12,17 @@
 //! executes no fence at all.
 //!
 //! Where registration fails (kernels before 4.14, a seccomp filter), [`Light::fence`] is
-//! a real `SeqCst` fence and [`heavy`] a fence too: the pattern stays correct everywhere
-//! and is only cheaper where the kernel helps. Under loom both sides are `SeqCst` fences,
-//! the symmetric form that the barrier stands for.
+//! a real `SeqCst` fence and [`Light::heavy`] a fence too: the pattern stays correct
+//! everywhere and is only cheaper where the kernel helps. Under loom both sides are
+//! `SeqCst` fences, the symmetric form that the barrier stands for.
+//!
+//! Should the system call fail *after* registration (`ENOMEM` for its CPU mask, or a
+//! seccomp filter installed later returning an errno), [`Light::heavy`] tries
+//! [`HEAVY_TRIES`] times with short pauses and then returns the error: the barrier is
+//! then not established, and the caller must not go on as if it were (each caller has a
+//! path that does not need it: docs/BUS.md, "Memory orderings"). Never an unbounded
+//! retry. A real failure also makes every later [`init`] hand out a real fence, so that
+//! what is built afterwards never depends on the barrier.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -22,9 +30,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 
-/// 0: not tried yet; 1: registered, [`heavy`] is a membarrier; 2: unavailable, both sides
-/// use fences. Set once (`Release`), read with `Acquire`.
+/// 0: not tried yet; 1: registered, [`Light::heavy`] is a membarrier; 2: unavailable,
+/// both sides use fences; 3: registered, but a barrier failed since: lights handed out
+/// from now on use fences (those handed out before keep the barrier, and may see it
+/// fail). Set (`Release`) from 0 once, and from 1 to 3; read with `Acquire`.
 static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Attempts of [`Light::heavy`] before it gives up (50 µs, then 100 µs apart).
+pub(crate) const HEAVY_TRIES: u32 = 3;
 
 fn membarrier(cmd: libc::c_int) -> bool {
     // SAFETY: membarrier(2) takes two integers and touches no memory of ours.
@@ -36,7 +49,7 @@ fn membarrier(cmd: libc::c_int) -> bool {
 pub(crate) fn init() -> Light {
     let ok = match STATE.load(Ordering::Acquire) {
         1 => true,
-        2 => false,
+        2 | 3 => false,
         _ => {
             let ok = !cfg!(cnbus_loom)
                 && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
@@ -61,6 +74,12 @@ pub(crate) struct Light {
 }
 
 impl Light {
+    /// Test hook: whether the light side is only a compiler fence (membarrier registered).
+    #[cfg(test)]
+    pub(crate) fn compiler_only_for_tests(self) -> bool {
+        self.compiler_only
+    }
+
     /// Orders the caller's earlier stores before its later loads, as seen by a thread that
     /// runs [`heavy`] between its own store and load.
     #[inline(always)]
@@ -73,19 +92,71 @@ impl Light {
     }
 }
 
-/// The rare side's barrier: a `SeqCst` fence, then (when registered) a full barrier on
-/// every running thread of the process, a system call of a few microseconds.
-///
-/// Fails only if the system call fails after registration succeeded, which the kernel
-/// does not do (its errors are for an unregistered process). The barrier is then *not*
-/// established and the caller must not rely on it (the bus's flusher then sleeps with a
-/// timeout rather than trusting its last look); it is never silently weakened.
-pub(crate) fn heavy() -> std::io::Result<()> {
-    crate::sync::fence(Ordering::SeqCst);
-    if STATE.load(Ordering::Acquire) == 1 && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
-        return Err(std::io::Error::last_os_error());
+impl Light {
+    /// The rare side's barrier against this light side: a `SeqCst` fence, then, if this
+    /// light side is only a compiler fence, a full barrier on every running thread of the
+    /// process (`membarrier`, a system call of a few microseconds).
+    ///
+    /// Fails if that system call fails [`HEAVY_TRIES`] times (see the module docs). The
+    /// barrier is then *not* established and the caller must not rely on it; it is never
+    /// silently weakened. A light side that is a real fence never fails.
+    pub(crate) fn heavy(self) -> std::io::Result<()> {
+        crate::sync::fence(Ordering::SeqCst);
+        if !self.compiler_only {
+            return Ok(());
+        }
+        let mut n = 0;
+        loop {
+            let e = match barrier() {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            n += 1;
+            if n >= HEAVY_TRIES {
+                if !injected(&e) {
+                    let _ = STATE.compare_exchange(1, 3, Ordering::AcqRel, Ordering::Acquire);
+                }
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(25 << n));
+        }
     }
-    Ok(())
+}
+
+/// One `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (or the failure a test injected).
+fn barrier() -> std::io::Result<()> {
+    #[cfg(all(test, not(cnbus_loom)))]
+    if let Some(errno) = FAIL_HERE.get() {
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
+    if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// True for a failure injected by a test ([`fail_heavy_here`]): it does not switch the
+/// process to fences (other tests run in the same process).
+fn injected(_e: &std::io::Error) -> bool {
+    #[cfg(all(test, not(cnbus_loom)))]
+    if FAIL_HERE.get().is_some() {
+        return true;
+    }
+    false
+}
+
+#[cfg(all(test, not(cnbus_loom)))]
+thread_local! {
+    static FAIL_HERE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Test hook (fault injection): every `membarrier` of [`Light::heavy`] on the calling
+/// thread fails with `errno` from now on (as under a seccomp filter installed after the
+/// registration); `None` lifts it.
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) fn fail_heavy_here(errno: Option<i32>) {
+    FAIL_HERE.set(errno);
 }
 
 #[cfg(all(test, not(cnbus_loom)))]
@@ -113,10 +184,29 @@ mod tests {
                 b2.load(Ordering::Relaxed)
             });
             b.store(true, Ordering::Relaxed);
-            heavy().unwrap();
+            light.heavy().unwrap();
             let rare_saw = a.load(Ordering::Relaxed);
             let hot_saw = hot.join().unwrap();
             assert!(rare_saw || hot_saw, "neither side saw the other");
         }
+    }
+
+    /// A failing barrier is retried `HEAVY_TRIES` times, then reported (never retried
+    /// without end); a light side that is a real fence needs no barrier and never fails.
+    #[test]
+    fn a_failing_barrier_is_reported_after_bounded_tries() {
+        let light = init();
+        fail_heavy_here(Some(libc::EPERM));
+        let r = light.heavy();
+        let fenced = Light {
+            compiler_only: false,
+        }
+        .heavy();
+        fail_heavy_here(None);
+        if light.compiler_only {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        }
+        fenced.unwrap();
+        light.heavy().unwrap();
     }
 }

@@ -27,11 +27,15 @@ pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
-pub(crate) use process::{at_exit, ForkStamp};
+#[cfg(test)]
+pub(crate) use process::in_forked_child;
+pub(crate) use process::{at_exit, ForkSafe, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
 pub(crate) use send::RoomWait;
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) use spin::{hold_spare, BIAS_AFTER};
 pub(crate) use spin::{BiasedLock, Holder, HolderSlot};
 pub use wake::{poll_read, EventFd, Readiness};
 

@@ -6,14 +6,18 @@
 //! spin lock), or a [`Holder`]: the lock is *biased* to that thread. The biased thread
 //! enters by storing its own `busy` flag, a [`Light`] fence, and loading the owner word:
 //! if it still names it, it is in. Another thread takes a biased lock away by a
-//! compare-exchange from that holder to `LOCKED`, then a [`heavy`](super::membarrier::heavy)
+//! compare-exchange from that holder to `LOCKED`, then a [`heavy`](Light::heavy)
 //! barrier, then waiting until the holder's `busy` is clear: the asymmetric Dekker pair of
 //! `sys::membarrier` (either the holder's load sees `LOCKED` and it backs off, or the
 //! taker's load sees `busy` and waits for its `Release` clear), so a revocation costs a
 //! system call and the biased path none. A thread that went through the slow path keeps
 //! the lock when it leaves only after [`BIAS_AFTER`] sections in a row of its own, so
 //! threads taking turns on one shard pay a compare-exchange each and at most one
-//! revocation per `BIAS_AFTER` sections.
+//! revocation per `BIAS_AFTER` sections. A revocation whose barrier fails (see
+//! `sys::membarrier`) cannot be proven safe, so it does not proceed: the bias is given
+//! back to its holder, untouched, and [`BiasedLock::lock`] returns the error (the bus
+//! then sends the message on the caller's thread). A thread finding the lock biased to
+//! itself takes it without a barrier (its own sections are in program order).
 //!
 //! `busy` lives in the thread's [`Holder`], written only by that thread (so no other
 //! thread's retreat can clear it). Holders are never freed: a thread's goes back to a
@@ -32,7 +36,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use crossbeam::utils::CachePadded;
 
-use super::membarrier::{heavy, Light};
+use super::membarrier::Light;
 use crate::sync::{spin_wait, AtomicBool, AtomicPtr};
 
 /// Sections in a row by one thread, through the slow path, after which it keeps the lock
@@ -54,13 +58,18 @@ pub(crate) struct Holder {
 #[derive(Debug)]
 pub(crate) struct HolderSlot(&'static Holder);
 
-/// Holders of ended threads, for reuse.
-static SPARE: std::sync::Mutex<Vec<&'static Holder>> = std::sync::Mutex::new(Vec::new());
+/// Holders of ended threads, for reuse. Fork-safe: a child forked while another thread
+/// held the list starts an empty one of its own (those holders are only not reused).
+static SPARE: super::ForkSafe<Vec<&'static Holder>> = super::ForkSafe::new(Vec::new(), Vec::new);
 
-fn spare() -> std::sync::MutexGuard<'static, Vec<&'static Holder>> {
-    SPARE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn spare() -> parking_lot::MutexGuard<'static, Vec<&'static Holder>> {
+    SPARE.lock()
+}
+
+/// Test hook: the spare list, held (as by a thread starting or ending when another forks).
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) fn hold_spare() -> parking_lot::MutexGuard<'static, Vec<&'static Holder>> {
+    SPARE.hold()
 }
 
 impl HolderSlot {
@@ -134,12 +143,18 @@ impl<T> BiasedLock<T> {
     }
 
     /// Takes the lock for the thread `me` (its [`HolderSlot`]'s holder; `None`: a thread
-    /// without one, which never biases the lock).
+    /// without one, which never biases the lock). Fails only when the lock is biased to
+    /// another thread and the barrier of the revocation failed: the bias is left to that
+    /// thread (see the module docs).
     #[inline(always)]
-    pub(crate) fn lock(&self, me: Option<&'static Holder>, light: Light) -> BiasedGuard<'_, T> {
+    pub(crate) fn lock(
+        &self,
+        me: Option<&'static Holder>,
+        light: Light,
+    ) -> std::io::Result<BiasedGuard<'_, T>> {
         match me.and_then(|h| self.try_biased(h, light)) {
-            Some(g) => g,
-            None => self.lock_slow(me),
+            Some(g) => Ok(g),
+            None => self.lock_slow(me, light),
         }
     }
 
@@ -166,8 +181,13 @@ impl<T> BiasedLock<T> {
     }
 
     #[cold]
-    fn lock_slow(&self, me: Option<&'static Holder>) -> BiasedGuard<'_, T> {
+    fn lock_slow(
+        &self,
+        me: Option<&'static Holder>,
+        light: Light,
+    ) -> std::io::Result<BiasedGuard<'_, T>> {
         let mut spins = 0u32;
+        let mine = me.map_or(ptr::null(), ptr::from_ref);
         loop {
             // Free, or biased to another thread: take it.
             let cur = self.owner.load(Relaxed);
@@ -181,10 +201,13 @@ impl<T> BiasedLock<T> {
             {
                 continue;
             }
-            if !cur.is_null() {
-                // It was biased: wait until that thread is outside its section.
-                while heavy().is_err() {
-                    spin_wait(&mut spins);
+            if !cur.is_null() && !ptr::eq(cur, mine) {
+                // It was biased to another thread: wait until that thread is outside its
+                // section. Without the barrier that cannot be proven: give the bias back
+                // (while `LOCKED` no other thread stores the word) and fail.
+                if let Err(e) = light.heavy() {
+                    self.owner.store(cur, Release);
+                    return Err(e);
                 }
                 // SAFETY: a biased owner word is a holder, and holders are never freed
                 // (module docs).
@@ -196,12 +219,12 @@ impl<T> BiasedLock<T> {
             }
             break;
         }
-        BiasedGuard {
+        Ok(BiasedGuard {
             lock: self,
             me,
             biased: false,
             _not_auto: PhantomData,
-        }
+        })
     }
 }
 
@@ -289,7 +312,7 @@ mod tests {
                     let mut done = 0;
                     while done < per {
                         for _ in 0..burst.min(per - done) {
-                            *l.lock(me, light) += 1;
+                            *l.lock(me, light).unwrap() += 1;
                             done += 1;
                         }
                         std::thread::yield_now();
@@ -300,7 +323,7 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(*l.lock(None, light), 4 * per);
+        assert_eq!(*l.lock(None, light).unwrap(), 4 * per);
     }
 
     /// A lone thread's lock is biased to it after `BIAS_AFTER` sections; another thread's
@@ -312,18 +335,54 @@ mod tests {
         let slot = HolderSlot::new();
         let me = Some(slot.get());
         for _ in 0..BIAS_AFTER {
-            drop(l.lock(me, light));
+            drop(l.lock(me, light).unwrap());
         }
-        let g = l.lock(me, light);
+        let g = l.lock(me, light).unwrap();
         assert!(g.biased, "the lock is biased to its only user");
         drop(g);
         std::thread::scope(|s| {
-            s.spawn(|| drop(l.lock(Some(HolderSlot::new().get()), light)));
+            s.spawn(|| drop(l.lock(Some(HolderSlot::new().get()), light).unwrap()));
         });
         assert!(
-            !l.lock(me, light).biased,
+            !l.lock(me, light).unwrap().biased,
             "another thread took the bias away"
         );
+    }
+
+    /// A revocation whose barrier fails does not proceed: the taker gets the error (at
+    /// once: a bounded number of tries), the lock stays biased to its holder, who enters
+    /// it as before, and once the barrier works the revocation goes through. Before the
+    /// fix the taker retried the barrier without end (this test hung).
+    #[test]
+    fn a_revocation_whose_barrier_fails_does_not_proceed() {
+        use super::super::membarrier::{fail_heavy_here, init};
+        let light = init();
+        if !light.compiler_only_for_tests() {
+            return; // no membarrier: a revocation needs no barrier here
+        }
+        let l = BiasedLock::new(0u32);
+        let slot = HolderSlot::new();
+        let me = Some(slot.get());
+        for _ in 0..BIAS_AFTER {
+            *l.lock(me, light).unwrap() += 1;
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let other = HolderSlot::new();
+                fail_heavy_here(Some(libc::ENOMEM));
+                let r = l.lock(Some(other.get()), light).map(|_| ());
+                fail_heavy_here(None);
+                assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOMEM));
+            });
+        });
+        {
+            let mut g = l.try_biased(slot.get(), light).expect("still biased to us");
+            *g += 1;
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| *l.lock(Some(HolderSlot::new().get()), light).unwrap() += 1);
+        });
+        assert_eq!(*l.lock(me, light).unwrap(), BIAS_AFTER + 2);
     }
 }
 
@@ -353,12 +412,16 @@ mod loom_tests {
             let l2 = Arc::clone(&l);
             let t = thread::spawn(move || {
                 for _ in 0..2 {
-                    l2.lock(Some(a), light).with_mut(|v| unsafe { *v += 1 });
+                    l2.lock(Some(a), light)
+                        .unwrap()
+                        .with_mut(|v| unsafe { *v += 1 });
                 }
             });
-            l.lock(Some(c), light).with_mut(|v| unsafe { *v += 1 });
+            l.lock(Some(c), light)
+                .unwrap()
+                .with_mut(|v| unsafe { *v += 1 });
             t.join().unwrap();
-            let n = l.lock(None, light).with(|v| unsafe { *v });
+            let n = l.lock(None, light).unwrap().with(|v| unsafe { *v });
             assert_eq!(n, 3);
         });
     }
@@ -378,15 +441,19 @@ mod loom_tests {
             let t = thread::spawn(move || {
                 let a = holder();
                 for _ in 0..2 {
-                    l2.lock(Some(a), light).with_mut(|v| unsafe { *v += 1 });
+                    l2.lock(Some(a), light)
+                        .unwrap()
+                        .with_mut(|v| unsafe { *v += 1 });
                 }
             });
             let c = holder();
             for _ in 0..2 {
-                l.lock(Some(c), light).with_mut(|v| unsafe { *v += 1 });
+                l.lock(Some(c), light)
+                    .unwrap()
+                    .with_mut(|v| unsafe { *v += 1 });
             }
             t.join().unwrap();
-            let n = l.lock(None, light).with(|v| unsafe { *v });
+            let n = l.lock(None, light).unwrap().with(|v| unsafe { *v });
             assert_eq!(n, 4);
         });
     }
