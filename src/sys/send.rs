@@ -51,51 +51,92 @@ impl ConnectorSocket {
         }
     }
 
-    /// Sends a batch of datagrams to one destination with `sendmmsg`, as many per system
-    /// call as the kernel takes (`UIO_MAXIOV`). Returns how many were sent; on an error
-    /// after some were sent, returns the count so far (the caller can retry the rest), and
-    /// the error only if none was sent. A unicast to a user-space socket whose receive
-    /// queue is full waits until it has room (netlink's own behaviour).
+    /// Datagrams per `sendmmsg` system call: their headers live on the stack, as
+    /// [`recv_many`](Self::recv_many)'s do ([`RecvBatch::MAX_SLOTS`](super::RecvBatch)).
+    pub(crate) const SENDMMSG_MAX: usize = 64;
+
+    /// Sends a batch of datagrams to one destination with `sendmmsg`, 64 per system call.
+    /// Returns how many were sent; on an error after some were sent, returns the count so
+    /// far (the caller can retry the rest), and the error only if none was sent. A unicast
+    /// to a user-space socket whose receive queue is full waits until it has room
+    /// (netlink's own behaviour).
     pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams, dest, 0)
+        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0)
     }
 
     /// [`send_batch`](Self::send_batch) without waiting (`MSG_DONTWAIT`): returns how many
     /// datagrams were sent, `Ok(0)` when the first one would have waited (a unicast
     /// receiver's queue is full).
     pub fn try_send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams, dest, libc::MSG_DONTWAIT)
+        self.sendmmsg(
+            datagrams.len(),
+            |i| [&datagrams[i], &[]],
+            dest,
+            libc::MSG_DONTWAIT,
+        )
     }
 
-    fn sendmmsg(&self, datagrams: &[IoSlice<'_>], dest: Dest, flags: libc::c_int) -> Result<usize> {
-        const MAX_BATCH: usize = 1024;
+    /// [`try_send_batch`](Self::try_send_batch) of the `count` datagrams `datagram(0..count)`
+    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX): one system call), each given in two
+    /// pieces that go out as one datagram, the first followed by the second (netlink copies
+    /// a message's iovecs into one buffer); the second piece may be empty. For the bus's
+    /// datagrams that continue past the end of its ring.
+    pub(crate) fn try_send_pieces<'a>(
+        &self,
+        count: usize,
+        datagram: impl Fn(usize) -> [&'a [u8]; 2],
+        dest: Dest,
+    ) -> Result<usize> {
+        let count = count.min(Self::SENDMMSG_MAX);
+        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT)
+    }
+
+    /// Sends `datagram(0..count)` (each in up to two pieces), [`SENDMMSG_MAX`] per system
+    /// call: see [`send_batch`](Self::send_batch).
+    ///
+    /// [`SENDMMSG_MAX`]: Self::SENDMMSG_MAX
+    fn sendmmsg<'a>(
+        &self,
+        count: usize,
+        datagram: impl Fn(usize) -> [&'a [u8]; 2],
+        dest: Dest,
+        flags: libc::c_int,
+    ) -> Result<usize> {
+        const MAX: usize = ConnectorSocket::SENDMMSG_MAX;
         let mut sa = sockaddr(dest)?;
+        // SAFETY: iovec and mmsghdr are plain data for which all-zero is valid.
+        let mut iovs: [[libc::iovec; 2]; MAX] = unsafe { mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; MAX] = unsafe { mem::zeroed() };
         let mut sent = 0;
-        while sent < datagrams.len() {
-            let chunk = &datagrams[sent..(sent + MAX_BATCH).min(datagrams.len())];
-            // SAFETY: mmsghdr is plain data for which all-zero is valid.
-            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
-            for (h, d) in hdrs.iter_mut().zip(chunk) {
+        while sent < count {
+            let n = (count - sent).min(MAX);
+            for (i, (h, iov)) in hdrs.iter_mut().zip(iovs.iter_mut()).take(n).enumerate() {
+                let pieces = datagram(sent + i);
+                for (v, piece) in iov.iter_mut().zip(pieces) {
+                    v.iov_base = piece.as_ptr().cast_mut().cast();
+                    v.iov_len = piece.len();
+                }
                 h.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
                 h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-                // IoSlice is ABI-compatible with iovec (guaranteed by std on Unix).
-                h.msg_hdr.msg_iov = (d as *const IoSlice<'_>).cast_mut().cast();
-                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_iov = iov.as_mut_ptr();
+                h.msg_hdr.msg_iovlen = if pieces[1].is_empty() { 1 } else { 2 };
             }
-            // SAFETY: every header points at `sa` and at one IoSlice of `chunk`, all alive
-            // for the call; the kernel only reads the iovecs and the name, and writes
-            // msg_len into `hdrs`, which we own. The count passed is hdrs.len().
+            // SAFETY: each of the first `n` headers points at `sa` and at its own iovecs,
+            // which point at the pieces `datagram` returned (borrowed for 'a, beyond the
+            // call); all alive for the call. The kernel only reads the iovecs, the bytes and
+            // the name, and writes msg_len into `hdrs`, which we own.
             let r = unsafe {
                 libc::sendmmsg(
                     self.as_raw_fd(),
                     hdrs.as_mut_ptr(),
-                    hdrs.len() as libc::c_uint,
+                    n as libc::c_uint,
                     libc::MSG_NOSIGNAL | flags,
                 )
             };
             match cvt(r) {
                 Ok(0) => break,
-                Ok(n) => sent += n as usize,
+                Ok(k) => sent += k as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
                 Err(e)
