@@ -426,18 +426,9 @@ fn frame(
                     // comparison each, as long as they stay in the open datagram.
                     if staged {
                         let end = close_at.min(bytes.len());
-                        while p + stride <= end {
-                            let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) else {
-                                break;
-                            };
-                            if word8(h, 0) != head || word8(h, 16) != k {
-                                break;
-                            }
-                            n = n.wrapping_add(1);
-                            stamp(h, n);
-                            msgs += 1;
-                            p += stride;
-                        }
+                        let taken;
+                        (p, n, taken) = run(bytes, p, end, stride, [head, k], n);
+                        msgs += taken;
                     }
                     end = p;
                     continue;
@@ -468,6 +459,34 @@ fn frame(
         seqs.put(id_of(key), n);
     }
     (total, bad)
+}
+
+/// Numbers the messages from `p` that repeat the header words `same` (length, type, flags;
+/// id) and end by `end`, their seqs following `n`. Returns the position after them, the
+/// last seq and how many. Out of line: with its few variables in registers, one message
+/// costs about a dozen instructions.
+#[inline(never)]
+fn run(
+    bytes: &mut [u8],
+    mut p: usize,
+    end: usize,
+    stride: usize,
+    same: [u64; 2],
+    mut n: u32,
+) -> (usize, u32, u64) {
+    let from = n;
+    while p + stride <= end {
+        let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) else {
+            break;
+        };
+        if word8(h, 0) != same[0] || word8(h, 16) != same[1] {
+            break;
+        }
+        n = n.wrapping_add(1);
+        stamp(h, n);
+        p += stride;
+    }
+    (p, n, u64::from(n.wrapping_sub(from)))
 }
 
 /// Eight header bytes at `at` as one word (for comparisons only).

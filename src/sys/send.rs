@@ -2,7 +2,7 @@
 //! or not.
 
 use std::io::{self, IoSlice};
-use std::mem;
+use std::mem::{self, MaybeUninit};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -104,32 +104,36 @@ impl ConnectorSocket {
     ) -> Result<usize> {
         const MAX: usize = ConnectorSocket::SENDMMSG_MAX;
         let mut sa = sockaddr(dest)?;
-        // SAFETY: iovec and mmsghdr are plain data for which all-zero is valid.
-        let mut iovs: [[libc::iovec; 2]; MAX] = unsafe { mem::zeroed() };
-        // SAFETY: as above.
-        let mut hdrs: [libc::mmsghdr; MAX] = unsafe { mem::zeroed() };
+        // Only the first `n` of each are written (and read by the kernel): a call for a few
+        // datagrams does not clear 6 KiB.
+        let mut iovs = [const { MaybeUninit::<[libc::iovec; 2]>::uninit() }; MAX];
+        let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; MAX];
         let mut sent = 0;
         while sent < count {
             let n = (count - sent).min(MAX);
-            for (i, (h, iov)) in hdrs.iter_mut().zip(iovs.iter_mut()).take(n).enumerate() {
+            for (i, h) in hdrs.iter_mut().take(n).enumerate() {
                 let pieces = datagram(sent + i);
-                for (v, piece) in iov.iter_mut().zip(pieces) {
-                    v.iov_base = piece.as_ptr().cast_mut().cast();
-                    v.iov_len = piece.len();
-                }
-                h.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
-                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = iov.as_mut_ptr();
-                h.msg_hdr.msg_iovlen = if pieces[1].is_empty() { 1 } else { 2 };
+                let iov = iovs[i].write(pieces.map(|piece| libc::iovec {
+                    iov_base: piece.as_ptr().cast_mut().cast(),
+                    iov_len: piece.len(),
+                }));
+                // SAFETY: mmsghdr is plain data for which all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
+                m.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
+                m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = iov.as_mut_ptr();
+                m.msg_hdr.msg_iovlen = if pieces[1].is_empty() { 1 } else { 2 };
+                h.write(m);
             }
-            // SAFETY: each of the first `n` headers points at `sa` and at its own iovecs,
-            // which point at the pieces `datagram` returned (borrowed for 'a, beyond the
-            // call); all alive for the call. The kernel only reads the iovecs, the bytes and
-            // the name, and writes msg_len into `hdrs`, which we own.
+            // SAFETY: the first `n` headers (the `n` passed) are written; each points at `sa`
+            // and at its own two iovecs in `iovs` (written, not moved since), which point at
+            // the pieces `datagram` returned (borrowed for 'a, beyond the call); all alive for
+            // the call. The kernel reads `msg_iovlen` iovecs of each, their bytes and the
+            // name, and writes msg_len into `hdrs`, which we own.
             let r = unsafe {
                 libc::sendmmsg(
                     self.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
+                    hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
                     n as libc::c_uint,
                     libc::MSG_NOSIGNAL | flags,
                 )
