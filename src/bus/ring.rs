@@ -819,11 +819,20 @@ mod tests {
         };
         rx.set_recv_buffer(1 << 20, true).unwrap();
         // Our own port: every datagram there is ours.
-        let datagrams = || {
+        let mut seen = Vec::new();
+        let mut datagrams = || {
             let mut per = Vec::new();
             let mut buf = bytes::BytesMut::with_capacity(1 << 16);
             while rx.recv(&mut buf, true).unwrap().is_some() {
-                per.push(messages_ref(&buf).count());
+                // Every message whole and numbered in order (a cut one would be an error).
+                let seqs: Vec<u32> = messages_ref(&buf)
+                    .map(|m| match m {
+                        Ok(MessageRef::Connector { cn, .. }) => cn.seq,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                seen.extend(seqs.iter().copied());
+                per.push(seqs.len());
                 buf.clear();
             }
             per
@@ -856,5 +865,7 @@ mod tests {
             "one full datagram across the end of the ring"
         );
         assert_eq!(bus.stats().sent_datagrams - before, 1);
+        drop(datagrams);
+        assert_eq!(seen, (1..=25).collect::<Vec<u32>>());
     }
 }
