@@ -199,3 +199,64 @@ impl RoomWait {
         self.next_pause().map(std::thread::sleep).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{messages_ref, CbId, CnMsg, DatagramBuilder, MessageRef};
+
+    /// More datagrams than one `sendmmsg` takes (the headers are reused for each 64), and
+    /// datagrams in two pieces: every one arrives whole, in order, as one datagram.
+    #[test]
+    fn batches_beyond_one_call_and_datagrams_in_two_pieces_arrive_whole_in_order() {
+        let (rx, tx) = match (ConnectorSocket::open(), ConnectorSocket::open()) {
+            (Ok(rx), Ok(tx)) => (rx, tx),
+            (Err(e), _) | (_, Err(e)) if std::env::var_os("CI").is_some() => {
+                panic!("no netlink socket: {e}")
+            }
+            _ => return eprintln!("SKIPPED: no netlink connector socket"),
+        };
+        rx.set_recv_buffer(4 << 20, true).unwrap();
+        let to = Dest::Port(rx.port_id());
+        let id = CbId::new(0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe2, 1);
+        let dgram = |seqs: std::ops::Range<u32>| {
+            let mut d = DatagramBuilder::new(4096);
+            for s in seqs {
+                assert!(d
+                    .push(&CnMsg::new(id, vec![s as u8; 5]).with_seq(s, 0))
+                    .unwrap());
+            }
+            d.take()
+        };
+        // 150 datagrams of one message: three calls (64, 64, 22).
+        let one: Vec<Vec<u8>> = (0..150).map(|s| dgram(s..s + 1)).collect();
+        let slices: Vec<_> = one.iter().map(|d| IoSlice::new(d)).collect();
+        assert_eq!(tx.send_batch(&slices, to).unwrap(), 150);
+        // 70 datagrams of two messages each, cut between them (at most 64 per call).
+        let two: Vec<Vec<u8>> = (0..70).map(|i| dgram(1000 + 2 * i..1002 + 2 * i)).collect();
+        let half = |i: usize| {
+            let (a, b) = two[i].split_at(two[i].len() / 2);
+            [a, b]
+        };
+        assert_eq!(tx.try_send_pieces(70, half, to).unwrap(), 64);
+        let rest = |i: usize| half(64 + i);
+        assert_eq!(tx.try_send_pieces(6, rest, to).unwrap(), 6);
+        let mut per = Vec::new();
+        let mut seqs = Vec::new();
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        while rx.recv(&mut buf, true).unwrap().is_some() {
+            let before = seqs.len();
+            for m in messages_ref(&buf) {
+                match m {
+                    Ok(MessageRef::Connector { cn, .. }) => seqs.push(cn.seq),
+                    other => panic!("{other:?}"),
+                }
+            }
+            per.push(seqs.len() - before);
+            buf.clear();
+        }
+        let want: Vec<u32> = (0..150).chain(1000..1140).collect();
+        assert_eq!(seqs, want);
+        assert_eq!(per, [vec![1; 150], vec![2; 70]].concat());
+    }
+}
