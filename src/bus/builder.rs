@@ -221,7 +221,8 @@ impl BusBuilder {
         /// (`EMSGSIZE`).
         datagram_size(bytes: usize) => cfg.datagram_size = bytes;
         /// Datagrams per `sendmmsg` (1..=1024, default 64; [`build`](Self::build) fails
-        /// otherwise).
+        /// otherwise). One call takes at most 64 (its headers are on the stack): more acts
+        /// as 64.
         max_batch(n: usize) => cfg.max_batch = n;
         /// How long a send waits for room at a full [`Dest::Port`] receiver (default 1 s). Sends
         /// never block (`MSG_DONTWAIT`): a full receiver is retried with sleeps up to 1 ms

@@ -4,7 +4,6 @@
 //! survives migration: docs/BUS.md, "Design" step 2 and "Ordering".
 
 use std::cell::RefCell;
-use std::io::IoSlice;
 use std::sync::atomic::{fence, Ordering::*};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -607,9 +606,9 @@ fn send_one(inner: &Inner, e: &Entry<'_>) -> Option<crate::Error> {
         if let (Entry::Slice { id, .. }, Some(h)) = (e, crate::codec::array_mut(&mut buf)) {
             ring::stamp(h, seqs.next_to(inner.dest, *id));
         }
-        let one = [IoSlice::new(&buf)];
         inner.send_datagrams(
-            &one,
+            1,
+            |_| [&buf, &[]],
             |_| 1,
             |_, _, err| match err {
                 // Counted in before it is counted as sent (`Counters::snapshot`).

@@ -7,7 +7,6 @@
 //! `frame` only, and both stay in this file with the tests of the format.)
 
 use std::cell::Cell;
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::Arc;
 
@@ -114,13 +113,15 @@ pub(crate) struct Drainer {
     bounds: Vec<Bound>,
 }
 
-/// One datagram of a drain: part (0: before the end of the ring, 1: after), byte range in
-/// that part, messages.
+/// One datagram of a drain: bytes `start..end` of part `part` (0: before the end of the
+/// ring, 1: after), then the first `more` bytes of part 1 (a datagram of part 0 that
+/// continues past the end of the ring; 0 otherwise); its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Bound {
     part: usize,
     start: usize,
     end: usize,
+    more: usize,
     msgs: u64,
 }
 
@@ -278,20 +279,22 @@ impl Inner {
             } else {
                 0
             };
-            let (mut msgs, mut bad) = (0u64, None);
-            for (part, bytes) in [(0, &mut *a), (1, &mut *b)] {
-                let (n, e) = frame(part, bytes, limit, &mut seqs, bounds);
-                msgs += n;
-                bad = bad.or(e);
-            }
+            let (msgs, bad) = frame([&mut *a, &mut *b], limit, &mut seqs, bounds);
             framed.set(Some(msgs));
-            let parts = [&*a, &*b];
-            let slices: Vec<IoSlice<'_>> = bounds
-                .iter()
-                .filter_map(|x| parts.get(x.part)?.get(x.start..x.end).map(IoSlice::new))
-                .collect();
+            let parts: [&[u8]; 2] = [a, b];
+            // A datagram's bytes: one range, or two when it continues past the end of the
+            // ring (sent as one datagram from two iovecs).
+            let pieces = |i: usize| {
+                bounds.get(i).map_or([&[][..], &[]], |x| {
+                    let first = parts[x.part & 1].get(x.start..x.end);
+                    [
+                        first.unwrap_or_default(),
+                        parts[1].get(..x.more).unwrap_or_default(),
+                    ]
+                })
+            };
             let per = |i: usize| bounds.get(i).map_or(0, |x| x.msgs);
-            self.send_datagrams(&slices, per, |m, d, err| {
+            self.send_datagrams(bounds.len(), pieces, per, |m, d, err| {
                 let (pm, pd) = progress.get();
                 progress.set((pm + m, pd + d));
                 if let Some(err) = err {
@@ -336,105 +339,154 @@ impl Inner {
     }
 }
 
-/// Walks one part of a ring's published bytes: numbers the staged messages, skips pad
-/// words, and appends the datagrams (closed at `limit` bytes, or after every message when
-/// `limit` is 0, and at the end of the part) to `out`. Never reads out of bounds,
-/// always advances, and stops at the first malformed word (returned with the messages
-/// found). Reads each header once.
+/// Walks a ring's published bytes, its two parts in order: numbers the staged messages,
+/// skips pad words, and appends the datagrams to `out`, each closed at `limit` bytes (after
+/// every message when `limit` is 0), at a skip word inside a part, and at the end. A
+/// datagram open at the end of part 0 (the writer's skip word, if any, reaches that end)
+/// continues into part 1 (`Bound::more`), so that a drain across the end of the ring cuts
+/// no datagram short; every message stays whole and aligned in its datagram, since each
+/// piece is a run of whole messages. Never reads out of bounds, always advances, and stops
+/// a part at its first malformed word (returned, with the messages found). Reads each
+/// header once.
 fn frame(
-    part: usize,
-    bytes: &mut [u8],
+    parts: [&mut [u8]; 2],
     limit: usize,
     seqs: &mut crate::seq::DestSeqs,
     out: &mut Vec<Bound>,
 ) -> (u64, Option<DecodeError>) {
-    // The open datagram: start, the end beyond which a message closes it, messages.
-    let (mut start, mut close_at, mut msgs) = (0usize, 0usize, 0u64);
     let mut total = 0u64;
     // The id being numbered (`idx`, `val` as one word) and its last number, written back
     // when the id changes.
     let (mut key, mut n, mut numbering) = (0u64, 0u32, false);
     let mut bad = None;
-    let mut p = 0usize;
-    let mut close = |out: &mut Vec<Bound>, start: usize, end: usize, msgs: &mut u64| {
-        if *msgs > 0 {
+    // Part 0's last datagram while it may continue into part 1: its index in `out`.
+    let mut open: Option<usize> = None;
+    // Closes the datagram `start..end` of `part` (`msgs` messages): extends `open` with
+    // it, or appends it. With `carry`, leaves it open and returns its bytes.
+    let mut close = |part, start, end: usize, msgs: &mut u64, carry: bool| {
+        let mut carried = 0;
+        if let Some(b) = open.take().and_then(|i| out.get_mut(i)) {
+            b.more = end;
+            b.msgs += *msgs;
+        } else if *msgs > 0 {
             out.push(Bound {
                 part,
                 start,
                 end,
+                more: 0,
                 msgs: *msgs,
             });
-            total += *msgs;
-            *msgs = 0;
+            if carry {
+                (open, carried) = (Some(out.len() - 1), end - start);
+            }
         }
+        total += *msgs;
+        *msgs = 0;
+        carried
     };
-    while p < bytes.len() {
-        let rest = bytes.len() - p;
-        if let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) {
-            let word = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
-            let stride = nlmsg_align(word as usize);
-            // A message (not a skip word) that fits: the common case, one range check.
-            if (HDR as u32..SKIP).contains(&word) && stride <= rest {
-                let staged = u16::from_ne_bytes([h[4], h[5]]) == STAGED;
-                let (head, k) = (word8(h, 0), word8(h, 16));
-                if staged {
-                    if !numbering || k != key {
-                        if numbering {
-                            seqs.put(id_of(key), n);
-                        }
-                        (key, n, numbering) = (k, seqs.get(id_of(k)), true);
-                    }
-                    n = n.wrapping_add(1);
-                    stamp(h, n);
-                }
-                if p + stride > close_at {
-                    close(out, start, p, &mut msgs);
-                    start = p;
-                    close_at = p + limit.max(stride);
-                }
-                msgs += 1;
-                p += stride;
-                // The common case, one writer's stream: the messages that follow repeat
-                // this one's length, type, flags and id. Number them with one comparison
-                // each, as long as they stay in the open datagram.
-                if staged {
-                    let end = close_at.min(bytes.len());
-                    while p + stride <= end {
-                        let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) else {
-                            break;
-                        };
-                        if word8(h, 0) != head || word8(h, 16) != k {
-                            break;
+    let mut carried = 0;
+    for (part, bytes) in parts.into_iter().enumerate() {
+        // The open datagram: start, end of its last message, the end beyond which a
+        // message closes it (one carried over from part 0 has its bytes less), messages.
+        let (mut start, mut end, mut msgs) = (0usize, 0usize, 0u64);
+        let mut close_at = if carried > 0 {
+            limit.saturating_sub(carried)
+        } else {
+            0
+        };
+        let mut p = 0usize;
+        while p < bytes.len() {
+            let rest = bytes.len() - p;
+            if let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) {
+                let word = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
+                let stride = nlmsg_align(word as usize);
+                // A message (not a skip word) that fits: the common case, one range check.
+                if (HDR as u32..SKIP).contains(&word) && stride <= rest {
+                    let staged = u16::from_ne_bytes([h[4], h[5]]) == STAGED;
+                    let (head, k) = (word8(h, 0), word8(h, 16));
+                    if staged {
+                        if !numbering || k != key {
+                            if numbering {
+                                seqs.put(id_of(key), n);
+                            }
+                            (key, n, numbering) = (k, seqs.get(id_of(k)), true);
                         }
                         n = n.wrapping_add(1);
                         stamp(h, n);
-                        msgs += 1;
-                        p += stride;
                     }
+                    if p + stride > close_at {
+                        close(part, start, end, &mut msgs, false);
+                        start = p;
+                        close_at = p + limit.max(stride);
+                    }
+                    msgs += 1;
+                    p += stride;
+                    // The common case, one writer's stream: the messages that follow
+                    // repeat this one's length, type, flags and id. Number them with one
+                    // comparison each, as long as they stay in the open datagram.
+                    if staged {
+                        let end = close_at.min(bytes.len());
+                        let taken;
+                        (p, n, taken) = run(bytes, p, end, stride, [head, k], n);
+                        msgs += taken;
+                    }
+                    end = p;
+                    continue;
                 }
-                continue;
             }
+            // A skip word, or a malformed word: only a bug can put one in a ring; the walk
+            // of this part stops there, so that the ring cannot wedge.
+            let word = bytes.get(p..p + 4).and_then(|w| w.try_into().ok());
+            let word = word.map_or(0, u32::from_ne_bytes);
+            let skip = (word & !SKIP) as usize;
+            if word & SKIP == 0 || skip < 4 || skip > rest {
+                let (len, remaining) = (word, rest);
+                let kind = DecodeErrorKind::NlmsgLenOverrun { len, remaining };
+                bad = Some(DecodeError::new(p, kind));
+                break;
+            }
+            // The writer's skip word fills part 0 up to the end of the ring, where the
+            // datagram goes on (in part 1); a datagram never spans any other.
+            if part != 0 || skip != rest {
+                close(part, start, end, &mut msgs, false);
+                close_at = 0;
+            }
+            p += skip;
         }
-        // A skip word (a datagram never spans one), or a malformed word: only a bug can
-        // put one in a ring; the walk stops there, so that the ring cannot wedge.
-        let word = bytes.get(p..p + 4).and_then(|w| w.try_into().ok());
-        let word = word.map_or(0, u32::from_ne_bytes);
-        let n = (word & !SKIP) as usize;
-        if word & SKIP == 0 || n < 4 || n > rest {
-            let (len, remaining) = (word, rest);
-            let kind = DecodeErrorKind::NlmsgLenOverrun { len, remaining };
-            bad = Some(DecodeError::new(p, kind));
-            break;
-        }
-        close(out, start, p, &mut msgs);
-        close_at = 0;
-        p += n;
+        carried = close(part, start, end, &mut msgs, part == 0 && p == bytes.len());
     }
-    close(out, start, p, &mut msgs);
     if numbering {
         seqs.put(id_of(key), n);
     }
     (total, bad)
+}
+
+/// Numbers the messages from `p` that repeat the header words `same` (length, type, flags;
+/// id) and end by `end`, their seqs following `n`. Returns the position after them, the
+/// last seq and how many. Out of line: with its few variables in registers, one message
+/// costs about a dozen instructions.
+#[inline(never)]
+fn run(
+    bytes: &mut [u8],
+    mut p: usize,
+    end: usize,
+    stride: usize,
+    same: [u64; 2],
+    mut n: u32,
+) -> (usize, u32, u64) {
+    let from = n;
+    while p + stride <= end {
+        let Some(h) = bytes.get_mut(p..).and_then(array_mut::<HDR>) else {
+            break;
+        };
+        if word8(h, 0) != same[0] || word8(h, 16) != same[1] {
+            break;
+        }
+        n = n.wrapping_add(1);
+        stamp(h, n);
+        p += stride;
+    }
+    (p, n, u64::from(n.wrapping_sub(from)))
 }
 
 /// Eight header bytes at `at` as one word (for comparisons only).
@@ -482,17 +534,26 @@ mod tests {
         v
     }
 
-    /// `frame` over `bytes` as part `part`, with a fresh numbering.
+    /// `frame` over `bytes` as part `part` (the other one empty), with a fresh numbering.
     fn walk(
         part: usize,
         bytes: &mut [u8],
         limit: usize,
     ) -> ((u64, Option<DecodeError>), Vec<Bound>) {
+        let mut none = [0u8; 0];
+        let parts = match part {
+            0 => [bytes, &mut none[..]],
+            _ => [&mut none[..], bytes],
+        };
+        walk2(parts, limit)
+    }
+
+    /// `frame` over both parts, with a fresh numbering.
+    fn walk2(parts: [&mut [u8]; 2], limit: usize) -> ((u64, Option<DecodeError>), Vec<Bound>) {
         let mut src = SeqSource::default();
         let mut out = Vec::new();
         let w = frame(
-            part,
-            bytes,
+            parts,
             limit,
             &mut src.to(crate::sys::Dest::Group(20)),
             &mut out,
@@ -577,7 +638,7 @@ mod tests {
         let mut src = SeqSource::default();
         let mut seqs = src.to(crate::sys::Dest::Group(20));
         let mut out = Vec::new();
-        let w = frame(0, &mut bytes, 100, &mut seqs, &mut out);
+        let w = frame([&mut bytes, &mut []], 100, &mut seqs, &mut out);
         assert_eq!(w, (4, None));
         let spans: Vec<_> = out.iter().map(|x| (x.start, x.end, x.msgs)).collect();
         assert_eq!(spans, [(0, 84, 2), (84, 164, 2)]);
@@ -638,5 +699,172 @@ mod tests {
             assert!(w.1.is_some(), "{junk:?}");
             assert!(out.is_empty());
         }
+    }
+
+    /// Each datagram of `out` as the bytes it sends (its pieces joined), and its messages'
+    /// (`cn_msg.val`, seq), parsed as a receiver does.
+    fn sent(parts: [&[u8]; 2], out: &[Bound]) -> Vec<Vec<(u32, u32)>> {
+        out.iter()
+            .map(|x| {
+                let mut d = parts[x.part][x.start..x.end].to_vec();
+                d.extend(&parts[1][..x.more]);
+                let msgs: Vec<_> = messages_ref(&d)
+                    .map(|m| match m {
+                        Ok(MessageRef::Connector { nl, cn, .. }) => {
+                            assert_eq!(nl.seq, cn.seq);
+                            (cn.id.val, cn.seq)
+                        }
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                assert_eq!(x.msgs as usize, msgs.len());
+                msgs
+            })
+            .collect()
+    }
+
+    /// A drain across the end of the ring: the datagram open at the end of part 0 goes on
+    /// in part 1 (two iovecs, one datagram), full up to the limit, every message whole and
+    /// numbered in wire order. (Before, each part was framed alone: a datagram was cut at
+    /// the end of the ring.)
+    #[test]
+    fn frame_continues_a_datagram_past_the_end_of_the_ring() {
+        let a = CbId::new(0x4000_0001, 1);
+        let msg = |n: usize| {
+            (0..n)
+                .flat_map(|_| staged(a, b"abcd", true))
+                .collect::<Vec<u8>>()
+        };
+        // Part 0: 3 messages of 40 bytes and the writer's skip word to the end; part 1: 4.
+        let mut p0 = msg(3);
+        p0.extend((8u32 | SKIP).to_ne_bytes());
+        p0.extend([0u8; 4]);
+        let mut p1 = msg(4);
+        let (w, out) = walk2([&mut p0, &mut p1], 200);
+        assert_eq!(w, (7, None));
+        let want = [
+            Bound {
+                part: 0,
+                start: 0,
+                end: 120,
+                more: 80,
+                msgs: 5,
+            },
+            Bound {
+                part: 1,
+                start: 80,
+                end: 160,
+                more: 0,
+                msgs: 2,
+            },
+        ];
+        assert_eq!(out, want);
+        let got = sent([&p0, &p1], &out);
+        let seqs: Vec<u32> = got.iter().flatten().map(|m| m.1).collect();
+        assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+        // Part 0 ending at the end of the ring without a skip word: the same.
+        let (mut p0, mut p1) = (msg(3), msg(4));
+        let (_, out) = walk2([&mut p0, &mut p1], 200);
+        assert_eq!((out.len(), out[0].more, out[0].msgs), (2, 80, 5));
+        // Part 0's last datagram already full (120 of 120 bytes): part 1 starts a new one.
+        let (mut p0, mut p1) = (msg(3), msg(4));
+        let (_, out) = walk2([&mut p0, &mut p1], 120);
+        let spans: Vec<_> = out.iter().map(|x| (x.part, x.more, x.msgs)).collect();
+        assert_eq!(spans, [(0, 0, 3), (1, 0, 3), (1, 0, 1)]);
+        // Room for less than a message: the same.
+        let (mut p0, mut p1) = (msg(3), msg(4));
+        let (_, out) = walk2([&mut p0, &mut p1], 159);
+        let spans: Vec<_> = out.iter().map(|x| (x.part, x.more, x.msgs)).collect();
+        assert_eq!(spans, [(0, 0, 3), (1, 0, 3), (1, 0, 1)]);
+        // One message per datagram: nothing continues.
+        let (mut p0, mut p1) = (msg(3), msg(4));
+        let (w, out) = walk2([&mut p0, &mut p1], 0);
+        assert_eq!((w.0, out.len()), (7, 7));
+        assert!(out.iter().all(|x| x.more == 0 && x.msgs == 1));
+        assert_eq!(sent([&p0, &p1], &out).concat().len(), 7);
+        // A malformed word in part 0 ends its datagram there (counted), part 1 its own.
+        let mut p0 = msg(2);
+        p0.extend(1000u32.to_ne_bytes());
+        let mut p1 = msg(2);
+        let (w, out) = walk2([&mut p0, &mut p1], 4096);
+        assert_eq!((w.0, w.1.is_some()), (4, true));
+        let spans: Vec<_> = out
+            .iter()
+            .map(|x| (x.part, x.end, x.more, x.msgs))
+            .collect();
+        assert_eq!(spans, [(0, 80, 0, 2), (1, 80, 0, 2)]);
+        // A skip word inside part 0 (no writer makes one) ends the datagram too.
+        let mut p0 = msg(1);
+        p0.extend((8u32 | SKIP).to_ne_bytes());
+        p0.extend([0u8; 4]);
+        p0.extend(msg(1));
+        let mut p1 = msg(1);
+        let (_, out) = walk2([&mut p0, &mut p1], 4096);
+        let spans: Vec<_> = out
+            .iter()
+            .map(|x| (x.part, x.start, x.end, x.more))
+            .collect();
+        assert_eq!(spans, [(0, 0, 40, 0), (0, 48, 88, 40)]);
+    }
+
+    /// The same through a bus, counted at a receiver: 10 messages of 100 bytes queued across
+    /// the end of a 2 KiB ring (5 before it, 5 after) go out as one datagram of 1000 bytes
+    /// (at most 1024). Before: two datagrams of 5.
+    #[test]
+    fn a_drain_across_the_end_of_the_ring_sends_full_datagrams() {
+        let rx = match crate::sys::ConnectorSocket::open() {
+            Ok(rx) => rx,
+            Err(e) if std::env::var_os("CI").is_some() => panic!("no netlink socket: {e}"),
+            Err(e) => return eprintln!("SKIPPED: no netlink connector socket: {e}"),
+        };
+        rx.set_recv_buffer(1 << 20, true).unwrap();
+        // Our own port: every datagram there is ours.
+        let mut seen = Vec::new();
+        let mut datagrams = || {
+            let mut per = Vec::new();
+            let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+            while rx.recv(&mut buf, true).unwrap().is_some() {
+                // Every message whole and numbered in order (a cut one would be an error).
+                let seqs: Vec<u32> = messages_ref(&buf)
+                    .map(|m| match m {
+                        Ok(MessageRef::Connector { cn, .. }) => cn.seq,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                seen.extend(seqs.iter().copied());
+                per.push(seqs.len());
+                buf.clear();
+            }
+            per
+        };
+        let bus = super::super::Bus::builder(crate::sys::Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(16)
+            .datagram_size(1024)
+            .watermark(usize::MAX)
+            .max_latency(std::time::Duration::from_secs(60))
+            .assist(false)
+            .build()
+            .unwrap();
+        let mut p = bus.producer();
+        let id = CbId::new(0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1, 1);
+        let data = [7u8; 64];
+        for _ in 0..15 {
+            super::super::Insert::insert(&mut p, id, &data).unwrap();
+        }
+        bus.flush().unwrap();
+        assert_eq!(datagrams().iter().sum::<usize>(), 15);
+        let before = bus.stats().sent_datagrams;
+        for _ in 0..10 {
+            super::super::Insert::insert(&mut p, id, &data).unwrap();
+        }
+        bus.flush().unwrap();
+        assert_eq!(
+            datagrams(),
+            [10],
+            "one full datagram across the end of the ring"
+        );
+        assert_eq!(bus.stats().sent_datagrams - before, 1);
+        assert_eq!(seen, (1..=25).collect::<Vec<u32>>());
     }
 }

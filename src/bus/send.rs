@@ -2,13 +2,13 @@
 //! receiver, and the containment of panics, for every drain ([`Ring`](super::ring::Ring))
 //! and direct send.
 
-use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{fence, Ordering::*};
 use std::time::Duration;
 
 use super::stats::Counters;
 use super::Inner;
+use crate::sys::ConnectorSocket;
 
 /// How often a transient send error (`ENOBUFS`, `EAGAIN`, `EINTR`, `ENOMEM`) is retried
 /// before the datagram is counted as failed.
@@ -113,20 +113,23 @@ impl Inner {
         }
     }
 
-    /// Sends `slices`, one datagram each (datagram `i` holds `msgs(i)` messages),
-    /// `max_batch` per `sendmmsg`, retrying transient errors a bounded number of times and
-    /// waiting a bounded time for room at a full unicast receiver ([`RoomWait`]). Tells
+    /// Sends the `count` datagrams `datagram(0..count)` (each in one or two pieces,
+    /// [`ConnectorSocket::try_send_pieces`](crate::sys::ConnectorSocket); datagram `i`
+    /// holds `msgs(i)` messages), `max_batch` (at most 64) per `sendmmsg`, retrying
+    /// transient errors a bounded number of times and waiting a bounded time for room at a
+    /// full unicast receiver ([`RoomWait`]). Tells
     /// `done(messages, datagrams, error)` of each batch sent (`None`: counted here, after
     /// the call) and of each datagram given up on (its error). The caller holds the send
     /// lock.
-    pub(crate) fn send_datagrams(
+    pub(crate) fn send_datagrams<'a>(
         &self,
-        slices: &[IoSlice<'_>],
+        count: usize,
+        datagram: impl Fn(usize) -> [&'a [u8]; 2],
         msgs: impl Fn(usize) -> u64,
         mut done: impl FnMut(u64, u64, Option<crate::Error>),
     ) {
         let st = &self.stats;
-        let max_batch = self.cfg.max_batch.max(1);
+        let max_batch = self.cfg.max_batch.clamp(1, ConnectorSocket::SENDMMSG_MAX);
         let unicast = matches!(self.dest, crate::sys::Dest::Port(p) if p != 0);
         let mut room = RoomWait::new();
         // What a datagram that a full unicast receiver did not take in time fails with.
@@ -136,9 +139,9 @@ impl Inner {
         };
         let mut off = 0;
         let mut tries = 0;
-        while off < slices.len() {
+        while off < count {
             Counters::add(&st.syscalls, 1);
-            let end = (off + max_batch).min(slices.len());
+            let n = max_batch.min(count - off);
             #[cfg(test)]
             if self.cfg.panic_at
                 == Some(super::flusher::PanicAt::Syscall(st.syscalls.load(Relaxed)))
@@ -146,7 +149,8 @@ impl Inner {
                 panic!("test hook: a drainer panics");
             }
             // Never blocks: a full unicast receiver is waited for below, boundedly.
-            let (err, retry) = match self.sock.try_send_batch(&slices[off..end], self.dest) {
+            let pieces = |i| datagram(off + i);
+            let (err, retry) = match self.sock.try_send_pieces(n, pieces, self.dest) {
                 Ok(k) if k > 0 => {
                     let n: u64 = (off..off + k).map(&msgs).sum();
                     // First: a direct send counts itself in there, before it is counted

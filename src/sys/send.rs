@@ -2,7 +2,7 @@
 //! or not.
 
 use std::io::{self, IoSlice};
-use std::mem;
+use std::mem::{self, MaybeUninit};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -51,51 +51,96 @@ impl ConnectorSocket {
         }
     }
 
-    /// Sends a batch of datagrams to one destination with `sendmmsg`, as many per system
-    /// call as the kernel takes (`UIO_MAXIOV`). Returns how many were sent; on an error
-    /// after some were sent, returns the count so far (the caller can retry the rest), and
-    /// the error only if none was sent. A unicast to a user-space socket whose receive
-    /// queue is full waits until it has room (netlink's own behaviour).
+    /// Datagrams per `sendmmsg` system call: their headers live on the stack, as
+    /// [`recv_many`](Self::recv_many)'s do ([`RecvBatch::MAX_SLOTS`](super::RecvBatch)).
+    pub(crate) const SENDMMSG_MAX: usize = 64;
+
+    /// Sends a batch of datagrams to one destination with `sendmmsg`, 64 per system call.
+    /// Returns how many were sent; on an error after some were sent, returns the count so
+    /// far (the caller can retry the rest), and the error only if none was sent. A unicast
+    /// to a user-space socket whose receive queue is full waits until it has room
+    /// (netlink's own behaviour).
     pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams, dest, 0)
+        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0)
     }
 
     /// [`send_batch`](Self::send_batch) without waiting (`MSG_DONTWAIT`): returns how many
     /// datagrams were sent, `Ok(0)` when the first one would have waited (a unicast
     /// receiver's queue is full).
     pub fn try_send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams, dest, libc::MSG_DONTWAIT)
+        self.sendmmsg(
+            datagrams.len(),
+            |i| [&datagrams[i], &[]],
+            dest,
+            libc::MSG_DONTWAIT,
+        )
     }
 
-    fn sendmmsg(&self, datagrams: &[IoSlice<'_>], dest: Dest, flags: libc::c_int) -> Result<usize> {
-        const MAX_BATCH: usize = 1024;
+    /// [`try_send_batch`](Self::try_send_batch) of the `count` datagrams `datagram(0..count)`
+    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX): one system call), each given in two
+    /// pieces that go out as one datagram, the first followed by the second (netlink copies
+    /// a message's iovecs into one buffer); the second piece may be empty. For the bus's
+    /// datagrams that continue past the end of its ring.
+    pub(crate) fn try_send_pieces<'a>(
+        &self,
+        count: usize,
+        datagram: impl Fn(usize) -> [&'a [u8]; 2],
+        dest: Dest,
+    ) -> Result<usize> {
+        let count = count.min(Self::SENDMMSG_MAX);
+        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT)
+    }
+
+    /// Sends `datagram(0..count)` (each in up to two pieces), [`SENDMMSG_MAX`] per system
+    /// call: see [`send_batch`](Self::send_batch).
+    ///
+    /// [`SENDMMSG_MAX`]: Self::SENDMMSG_MAX
+    fn sendmmsg<'a>(
+        &self,
+        count: usize,
+        datagram: impl Fn(usize) -> [&'a [u8]; 2],
+        dest: Dest,
+        flags: libc::c_int,
+    ) -> Result<usize> {
+        const MAX: usize = ConnectorSocket::SENDMMSG_MAX;
         let mut sa = sockaddr(dest)?;
+        // Only the first `n` of each are written (and read by the kernel): a call for a few
+        // datagrams does not clear 6 KiB.
+        let mut iovs = [const { MaybeUninit::<[libc::iovec; 2]>::uninit() }; MAX];
+        let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; MAX];
         let mut sent = 0;
-        while sent < datagrams.len() {
-            let chunk = &datagrams[sent..(sent + MAX_BATCH).min(datagrams.len())];
-            // SAFETY: mmsghdr is plain data for which all-zero is valid.
-            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; chunk.len()];
-            for (h, d) in hdrs.iter_mut().zip(chunk) {
-                h.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
-                h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-                // IoSlice is ABI-compatible with iovec (guaranteed by std on Unix).
-                h.msg_hdr.msg_iov = (d as *const IoSlice<'_>).cast_mut().cast();
-                h.msg_hdr.msg_iovlen = 1;
+        while sent < count {
+            let n = (count - sent).min(MAX);
+            for (i, h) in hdrs.iter_mut().take(n).enumerate() {
+                let pieces = datagram(sent + i);
+                let iov = iovs[i].write(pieces.map(|piece| libc::iovec {
+                    iov_base: piece.as_ptr().cast_mut().cast(),
+                    iov_len: piece.len(),
+                }));
+                // SAFETY: mmsghdr is plain data for which all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
+                m.msg_hdr.msg_name = (&mut sa as *mut libc::sockaddr_nl).cast();
+                m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = iov.as_mut_ptr();
+                m.msg_hdr.msg_iovlen = if pieces[1].is_empty() { 1 } else { 2 };
+                h.write(m);
             }
-            // SAFETY: every header points at `sa` and at one IoSlice of `chunk`, all alive
-            // for the call; the kernel only reads the iovecs and the name, and writes
-            // msg_len into `hdrs`, which we own. The count passed is hdrs.len().
+            // SAFETY: the first `n` headers (the `n` passed) are written; each points at `sa`
+            // and at its own two iovecs in `iovs` (written, not moved since), which point at
+            // the pieces `datagram` returned (borrowed for 'a, beyond the call); all alive for
+            // the call. The kernel reads `msg_iovlen` iovecs of each, their bytes and the
+            // name, and writes msg_len into `hdrs`, which we own.
             let r = unsafe {
                 libc::sendmmsg(
                     self.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    hdrs.len() as libc::c_uint,
+                    hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
+                    n as libc::c_uint,
                     libc::MSG_NOSIGNAL | flags,
                 )
             };
             match cvt(r) {
                 Ok(0) => break,
-                Ok(n) => sent += n as usize,
+                Ok(k) => sent += k as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
                 Err(e)
@@ -152,5 +197,66 @@ impl RoomWait {
     /// Sleeps the next pause: `false` (at once) when the time is up.
     pub(crate) fn sleep(&mut self) -> bool {
         self.next_pause().map(std::thread::sleep).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{messages_ref, CbId, CnMsg, DatagramBuilder, MessageRef};
+
+    /// More datagrams than one `sendmmsg` takes (the headers are reused for each 64), and
+    /// datagrams in two pieces: every one arrives whole, in order, as one datagram.
+    #[test]
+    fn batches_beyond_one_call_and_datagrams_in_two_pieces_arrive_whole_in_order() {
+        let (rx, tx) = match (ConnectorSocket::open(), ConnectorSocket::open()) {
+            (Ok(rx), Ok(tx)) => (rx, tx),
+            (Err(e), _) | (_, Err(e)) if std::env::var_os("CI").is_some() => {
+                panic!("no netlink socket: {e}")
+            }
+            _ => return eprintln!("SKIPPED: no netlink connector socket"),
+        };
+        rx.set_recv_buffer(4 << 20, true).unwrap();
+        let to = Dest::Port(rx.port_id());
+        let id = CbId::new(0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe2, 1);
+        let dgram = |seqs: std::ops::Range<u32>| {
+            let mut d = DatagramBuilder::new(4096);
+            for s in seqs {
+                assert!(d
+                    .push(&CnMsg::new(id, vec![s as u8; 5]).with_seq(s, 0))
+                    .unwrap());
+            }
+            d.take()
+        };
+        // 150 datagrams of one message: three calls (64, 64, 22).
+        let one: Vec<Vec<u8>> = (0..150).map(|s| dgram(s..s + 1)).collect();
+        let slices: Vec<_> = one.iter().map(|d| IoSlice::new(d)).collect();
+        assert_eq!(tx.send_batch(&slices, to).unwrap(), 150);
+        // 70 datagrams of two messages each, cut between them (at most 64 per call).
+        let two: Vec<Vec<u8>> = (0..70).map(|i| dgram(1000 + 2 * i..1002 + 2 * i)).collect();
+        let half = |i: usize| {
+            let (a, b) = two[i].split_at(two[i].len() / 2);
+            [a, b]
+        };
+        assert_eq!(tx.try_send_pieces(70, half, to).unwrap(), 64);
+        let rest = |i: usize| half(64 + i);
+        assert_eq!(tx.try_send_pieces(6, rest, to).unwrap(), 6);
+        let mut per = Vec::new();
+        let mut seqs = Vec::new();
+        let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+        while rx.recv(&mut buf, true).unwrap().is_some() {
+            let before = seqs.len();
+            for m in messages_ref(&buf) {
+                match m {
+                    Ok(MessageRef::Connector { cn, .. }) => seqs.push(cn.seq),
+                    other => panic!("{other:?}"),
+                }
+            }
+            per.push(seqs.len() - before);
+            buf.clear();
+        }
+        let want: Vec<u32> = (0..150).chain(1000..1140).collect();
+        assert_eq!(seqs, want);
+        assert_eq!(per, [vec![1; 150], vec![2; 70]].concat());
     }
 }
