@@ -687,18 +687,7 @@ fn container_processes_are_attributed() {
     let mut mine = None;
     for l in dump.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        for f in [
-            "process_key",
-            "parent_key",
-            "container_id",
-            "cgroup",
-            "cgroup_source",
-            "ns_pid",
-            "pidns",
-            "pidns_source",
-            "cmdline",
-            "cmdline_source",
-        ] {
+        for f in cnbus_cli::event::ATTRIBUTION_FIELDS {
             assert!(v.get(f).is_some(), "{f} missing: {l}");
         }
         let k = v["process_key"].as_str().expect("a key").to_string();
