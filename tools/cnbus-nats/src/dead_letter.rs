@@ -4,7 +4,8 @@
 //! `<spool dir>/dead-letter.jsonl`, appended: one JSON object per record,
 //! `{"msg_id":…,"subject":…,"reason":…,"line":…}`, `line` the record's line as a JSON string
 //! (with its newline; the agent's lines are UTF-8, other bytes would be replaced by U+FFFD).
-//! Never read back by the sink: an operator re-publishes them once the cause is fixed (a
+//! A last line left unfinished (a crash in the middle of a write) is cut off when the file
+//! is opened. Never read back by the sink: an operator re-publishes them once the cause is fixed (a
 //! stream limit raised, say). Capped: past [`Config::dead_letter_max_bytes`] a refused record
 //! is only counted as dropped.
 //!
@@ -54,12 +55,17 @@ impl DeadLetter {
             return Ok(false);
         }
         if self.file.is_none() {
-            self.file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            let mut file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&self.path)?;
+            self.bytes = cut_partial_line(&mut file)?;
+            if self.bytes + record.len() as u64 > self.cap {
+                self.file = Some(file);
+                return Ok(false);
+            }
+            self.file = Some(file);
         }
         let file = self.file.as_mut().expect("opened above");
         match file.write_all(&record) {
@@ -75,6 +81,9 @@ impl DeadLetter {
                         let _ = file.set_len(self.bytes);
                     }
                 }
+                // Opened again for the next record, which cuts off what is left of this one
+                // if the cut above failed.
+                self.file = None;
                 Err(e)
             }
         }
@@ -83,6 +92,33 @@ impl DeadLetter {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Cuts off an unfinished last line (a run that crashed, or lost power, in the middle of a
+/// write), so that the next record starts a line of its own instead of being glued to the
+/// fragment (one line that parses as no record). The fragment is no record: the sink
+/// releases a record from the spool only after its line is written, so that record is sent
+/// again, refused again, and written whole. Returns the file's length.
+fn cut_partial_line(file: &mut File) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        file.set_len(end)?;
+    }
+    Ok(end)
 }
 
 #[cfg(test)]
@@ -115,5 +151,47 @@ mod tests {
         // A new run counts what is there against the cap.
         let again = DeadLetter::new(dir.path(), 200);
         assert_eq!(again.bytes, text.len() as u64);
+    }
+
+    /// Regression: a run that crashed in the middle of writing a record left a partial last
+    /// line, and the next run appended its first record to it: one line that parses as
+    /// nothing, the record in it lost to any reader of the file. Now the fragment is cut off
+    /// when the file is opened (the record it was is still in the spool, and is written
+    /// again whole when refused again), and every line is one record.
+    #[test]
+    fn a_partial_line_left_by_a_crash_is_cut_off_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let item = Item {
+            event: "exec".into(),
+            msg_id: "h-1-2".into(),
+            line: bytes::Bytes::from_static(b"{\"event\":\"exec\"}\n"),
+            origin: None,
+            sent_before: false,
+        };
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(dl.keep(&item, "s", "r").unwrap());
+        let whole = std::fs::read(dl.path()).unwrap();
+        drop(dl);
+        // The crash: the start of a second record, long enough to span read chunks.
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"{\"msg_id\":\"h-1-3\",\"subject\":\"");
+        torn.extend(std::iter::repeat_n(b'x', 10_000));
+        std::fs::write(dir.path().join(DEAD_LETTER_FILE), &torn).unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(dl.keep(&item, "s", "r").unwrap());
+        let text = std::fs::read_to_string(dl.path()).unwrap();
+        assert!(text.ends_with('\n'), "{text}");
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not one record: {e}: {line:.200}"));
+            assert_eq!(v["msg_id"], "h-1-2");
+        }
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(dl.bytes, text.len() as u64);
+        // A file that is nothing but a fragment is emptied.
+        std::fs::write(dl.path(), b"{\"msg_id\"").unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(dl.keep(&item, "s", "r").unwrap());
+        assert_eq!(std::fs::read(dl.path()).unwrap(), whole);
     }
 }
