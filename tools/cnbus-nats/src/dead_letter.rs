@@ -51,9 +51,7 @@ impl DeadLetter {
         }))
         .map_err(io::Error::other)?;
         record.push(b'\n');
-        if self.bytes + record.len() as u64 > self.cap {
-            return Ok(false);
-        }
+        self.follow_path();
         if self.file.is_none() {
             let mut file = OpenOptions::new()
                 .create(true)
@@ -61,11 +59,10 @@ impl DeadLetter {
                 .append(true)
                 .open(&self.path)?;
             self.bytes = cut_partial_line(&mut file)?;
-            if self.bytes + record.len() as u64 > self.cap {
-                self.file = Some(file);
-                return Ok(false);
-            }
             self.file = Some(file);
+        }
+        if self.bytes + record.len() as u64 > self.cap {
+            return Ok(false);
         }
         let file = self.file.as_mut().expect("opened above");
         match file.write_all(&record) {
@@ -86,6 +83,21 @@ impl DeadLetter {
                 self.file = None;
                 Err(e)
             }
+        }
+    }
+
+    /// Keeps the open file only while the path still names it, and counts its size as it is
+    /// now: an operator who took the records may have moved the file away, removed it or
+    /// emptied it. (Appending to a removed file would lose every record written after,
+    /// reported as kept; a file emptied would stay "full" for the cap.)
+    fn follow_path(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(file) = &self.file else { return };
+        match (std::fs::metadata(&self.path), file.metadata()) {
+            (Ok(named), Ok(open)) if (named.dev(), named.ino()) == (open.dev(), open.ino()) => {
+                self.bytes = open.len();
+            }
+            _ => self.file = None,
         }
     }
 
@@ -151,6 +163,51 @@ mod tests {
         // A new run counts what is there against the cap.
         let again = DeadLetter::new(dir.path(), 200);
         assert_eq!(again.bytes, text.len() as u64);
+    }
+
+    /// Regression: the file was opened once and written through that handle for good, so
+    /// after an operator took the records away (moved or removed the file) every later
+    /// record went into a file no one can open again, counted and reported as kept; and a
+    /// file emptied stayed at its cap. Now the path is followed: a new file is made, and the
+    /// cap counts what is there.
+    #[test]
+    fn a_file_moved_away_removed_or_emptied_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let item = |id: &str| Item {
+            event: "exec".into(),
+            msg_id: id.into(),
+            line: bytes::Bytes::from_static(b"{\"event\":\"exec\"}\n"),
+            origin: None,
+            sent_before: false,
+        };
+        let ids = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["msg_id"].to_string()
+                })
+                .collect()
+        };
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(dl.keep(&item("a"), "s", "r").unwrap());
+        // Room for two records, not three.
+        let one = std::fs::metadata(dl.path()).unwrap().len();
+        dl.cap = 2 * one + one / 2;
+        let taken = dir.path().join("taken.jsonl");
+        std::fs::rename(dl.path(), &taken).unwrap();
+        assert!(dl.keep(&item("b"), "s", "r").unwrap());
+        assert_eq!(ids(&taken), ["\"a\""]);
+        assert_eq!(ids(dl.path()), ["\"b\""]);
+        std::fs::remove_file(dl.path()).unwrap();
+        assert!(dl.keep(&item("c"), "s", "r").unwrap());
+        assert_eq!(ids(dl.path()), ["\"c\""]);
+        // At the cap, then emptied by an operator.
+        assert!(dl.keep(&item("d"), "s", "r").unwrap());
+        assert!(!dl.keep(&item("e"), "s", "r").unwrap());
+        std::fs::File::create(dl.path()).unwrap();
+        assert!(dl.keep(&item("f"), "s", "r").unwrap());
+        assert_eq!(ids(dl.path()), ["\"f\""]);
     }
 
     /// Regression: a run that crashed in the middle of writing a record left a partial last
