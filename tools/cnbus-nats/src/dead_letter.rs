@@ -3,7 +3,8 @@
 //!
 //! `<spool dir>/dead-letter.jsonl`, appended: one JSON object per record,
 //! `{"msg_id":…,"subject":…,"reason":…,"line":…}`, `line` the record's line as a JSON string
-//! (with its newline; the agent's lines are UTF-8, other bytes would be replaced by U+FFFD).
+//! (with its newline); a line that is not UTF-8 (never the agent's) is kept as `line_hex`
+//! instead, its bytes in hex, unchanged.
 //! A last line left unfinished (a crash in the middle of a write) is cut off when the file
 //! is opened. Never read back by the sink: an operator re-publishes them once the cause is fixed (a
 //! stream limit raised, say). Capped: past [`Config::dead_letter_max_bytes`] a refused record
@@ -43,13 +44,18 @@ impl DeadLetter {
     /// Appends `item` with the subject it was sent to and why it was refused, in one
     /// `write(2)`. `Ok(false)`: the file is at its cap, nothing written.
     pub(crate) fn keep(&mut self, item: &Item, subject: &str, reason: &str) -> io::Result<bool> {
-        let mut record = serde_json::to_vec(&serde_json::json!({
+        let mut record = serde_json::json!({
             "msg_id": item.msg_id,
             "subject": subject,
             "reason": reason,
-            "line": String::from_utf8_lossy(&item.line),
-        }))
-        .map_err(io::Error::other)?;
+        });
+        // The record's bytes unchanged: as text when they are UTF-8, else in hex (a lossy
+        // conversion would keep something else than what was refused).
+        match std::str::from_utf8(&item.line) {
+            Ok(text) => record["line"] = text.into(),
+            Err(_) => record["line_hex"] = hex(&item.line).into(),
+        }
+        let mut record = serde_json::to_vec(&record).map_err(io::Error::other)?;
         record.push(b'\n');
         self.follow_path();
         if self.file.is_none() {
@@ -104,6 +110,16 @@ impl DeadLetter {
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 /// Cuts off an unfinished last line (a run that crashed, or lost power, in the middle of a
@@ -163,6 +179,43 @@ mod tests {
         // A new run counts what is there against the cap.
         let again = DeadLetter::new(dir.path(), 200);
         assert_eq!(again.bytes, text.len() as u64);
+    }
+
+    /// Regression: a line that is not UTF-8 was kept with its bad bytes replaced (U+FFFD),
+    /// so the dead-letter file held something else than what was refused, and the record
+    /// was gone from the spool. Now such a line is kept in hex, byte for byte; a UTF-8 line
+    /// (newlines, quotes, control characters) as text, unchanged.
+    #[test]
+    fn every_line_is_kept_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        let lines: [&'static [u8]; 3] = [b"a\xff\xfe\x00b\n", "é\"\\\n\x01x\n".as_bytes(), b""];
+        for line in lines {
+            let item = Item {
+                event: "exec".into(),
+                msg_id: "m".into(),
+                line: bytes::Bytes::from_static(line),
+                origin: None,
+                sent_before: false,
+            };
+            assert!(dl.keep(&item, "s", "r").unwrap());
+        }
+        let text = std::fs::read_to_string(dl.path()).unwrap();
+        let back: Vec<Vec<u8>> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                match (v["line"].as_str(), v["line_hex"].as_str()) {
+                    (Some(t), None) => t.as_bytes().to_vec(),
+                    (None, Some(h)) => (0..h.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                        .collect(),
+                    _ => panic!("{l}"),
+                }
+            })
+            .collect();
+        assert_eq!(back, lines.map(<[u8]>::to_vec));
     }
 
     /// Regression: the file was opened once and written through that handle for good, so
