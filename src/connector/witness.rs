@@ -36,8 +36,26 @@ pub(crate) struct Witness {
     /// No user-space datagram reached the witness while the receiving socket joined (else
     /// it cannot tell whether the receiving socket was a member for it: never settled).
     sound: bool,
-    /// The last reading taken with the barriers.
+    /// The last reading taken with the barriers; held through each [`read`](Self::read), so
+    /// that readings do not interleave (a quick one checked against a barriered one taken
+    /// meanwhile would not be backed by its barriers).
     last: Mutex<Option<Reading>>,
+    /// Called once, in [`total`](Self::total), between the receipt of a datagram and its
+    /// count (tests: a second caller comes in there).
+    #[cfg(test)]
+    pub(crate) after_recv: Hook,
+}
+
+/// A test's hook: called once, then gone.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Hook(pub(crate) Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+#[cfg(test)]
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 /// One reading of a receiving socket against the witness ([`Witness::read`]).
@@ -106,6 +124,8 @@ impl Witness {
             base: 0,
             sound: false,
             last: Mutex::new(None),
+            #[cfg(test)]
+            after_recv: Hook::default(),
         })
     }
 
@@ -113,22 +133,32 @@ impl Witness {
     /// or `None` if it cannot tell: also when the queue did not run empty within
     /// [`MAX_READ`] datagrams (a sender faster than this reader: what is still queued is in
     /// no count, and a call must not be kept here for good).
+    ///
+    /// One caller at a time (the count is locked throughout): otherwise a second one could
+    /// find the queue empty while the first holds a datagram it took and has not counted
+    /// yet, and return a count short of it.
     fn total(&self) -> Option<u64> {
+        let mut seen = self.seen.lock();
         let mut buf = BytesMut::with_capacity(128);
         for _ in 0..=MAX_READ {
             buf.clear();
-            match self.sock.recv_max(&mut buf, 128, true) {
-                Ok(Some(meta)) if meta.port != 0 && meta.group == PROC_GROUP => {
-                    *self.seen.lock() += 1
+            let r = self.sock.recv_max(&mut buf, 128, true);
+            #[cfg(test)]
+            if matches!(r, Ok(Some(_)) | Err(Error::Truncated { .. })) {
+                if let Some(hook) = self.after_recv.0.lock().take() {
+                    hook();
                 }
+            }
+            match r {
+                Ok(Some(meta)) if meta.port != 0 && meta.group == PROC_GROUP => *seen += 1,
                 Ok(Some(_)) => {}
                 // No kernel proc datagram comes near 128 bytes: a user-space one.
-                Err(Error::Truncated { .. }) => *self.seen.lock() += 1,
+                Err(Error::Truncated { .. }) => *seen += 1,
                 // What it dropped is in its drop counter.
                 Err(Error::Overrun { .. }) => {}
                 Ok(None) => {
                     let lost = self.drops.lock().update(&self.sock).ok().flatten()?;
-                    return Some(*self.seen.lock() + lost);
+                    return Some(*seen + lost);
                 }
                 Err(_) => return None,
             }
@@ -191,6 +221,9 @@ impl Witness {
         received: u64,
         observe: impl Fn(Option<u32>) -> Option<u64>,
     ) -> Option<Reading> {
+        // One reading at a time: a quick reading is checked against the last barriered one,
+        // which must have been complete before it started.
+        let mut last = self.last.lock();
         let once = |barriers: bool| {
             let before = sock.meminfo().ok()?;
             let drops = observe(before.drops);
@@ -213,11 +246,11 @@ impl Witness {
         let same = |l: &Reading| {
             (l.drops, l.witness, l.received) == (quick.drops, quick.witness, quick.received)
         };
-        if self.last.lock().as_ref().is_some_and(same) {
+        if last.as_ref().is_some_and(same) {
             return Some(quick);
         }
         let r = once(true)?;
-        *self.last.lock() = Some(r);
+        *last = Some(r);
         Some(r)
     }
 }

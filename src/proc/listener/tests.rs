@@ -612,3 +612,69 @@ fn an_overflow_goes_on_dropping_after_its_report_until_the_queue_is_read_empty()
     // Nothing came into the queue (the kernel's events of the host were dropped too).
     assert_eq!(m.rmem_alloc, queued, "{test}: a multicast was queued");
 }
+
+/// Regression: two callers reading the witness at once (two threads calling `stats()` of a
+/// shared listener, which is `Sync`) could get a count short of a datagram: the second found
+/// the witness's queue empty while the first held a datagram it had taken and not counted
+/// yet, and returned the count without it (so a user-space multicast the listener dropped
+/// would be taken for a lost event, settled). Deterministic: the witness's hook runs just
+/// after the first caller takes a datagram of our spoofer, and starts a second caller there,
+/// waiting until it has either returned (before the fix: short by one) or is parked waiting
+/// for the first (the fix: one caller at a time).
+#[test]
+fn two_callers_reading_the_witness_at_once_both_count_every_datagram() {
+    use std::sync::atomic::AtomicU64;
+    let test = "two_callers_reading_the_witness_at_once_both_count_every_datagram";
+    let _one = spoofing();
+    if !kernel_at_least(6, 6) {
+        eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
+        return;
+    }
+    let Some(w) = Witness::standalone() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: the kernel connector is required under CI");
+        }
+        eprintln!("{test}: SKIPPED, kernel connector not reachable");
+        return;
+    };
+    let w = Arc::new(w);
+    let spoofer = ConnectorSocket::open().unwrap();
+    spoofer
+        .send(&spoofed(&spoofer), Dest::Group(PROC_GROUP))
+        .unwrap();
+    // The second caller's result (u64::MAX: none yet), and its thread's /proc path.
+    let second = Arc::new(AtomicU64::new(u64::MAX));
+    let (w2, s2) = (w.clone(), second.clone());
+    let (tx, rx) = channel::bounded::<std::thread::JoinHandle<()>>(1);
+    *w.after_recv.0.lock() = Some(Box::new(move || {
+        let (path_tx, path_rx) = channel::bounded(1);
+        let s3 = s2.clone();
+        let t = std::thread::spawn(move || {
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            path_tx.send(me).unwrap();
+            let n = w2.unaccounted(0).map_or(u64::MAX - 1, |(n, _)| n);
+            s3.store(n, Ordering::SeqCst);
+        });
+        let me = path_rx.recv().unwrap();
+        let stat = std::path::Path::new("/proc").join(me).join("stat");
+        // Returned, or asleep (parked on the witness's lock: no other wait on its path).
+        while s2.load(Ordering::SeqCst) == u64::MAX {
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            let state = state.rsplit(") ").next().and_then(|r| r.chars().next());
+            if state == Some('S') {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        tx.send(t).unwrap();
+    }));
+    let (first, _) = w.unaccounted(0).expect("the witness can tell");
+    rx.recv().unwrap().join().unwrap();
+    let second = second.load(Ordering::SeqCst);
+    eprintln!("{test}: first {first}, second {second}");
+    assert!(first >= 1, "{test}: our datagram was not counted");
+    assert!(
+        second >= first && second < u64::MAX - 1,
+        "{test}: the second caller counted {second}, the first {first}"
+    );
+}

@@ -4,7 +4,8 @@ use super::*;
 
 impl ProcListener {
     /// Moves the listener to a reader thread that forwards what it receives into a bounded
-    /// channel of `capacity` items. When the consumer falls behind, the reader waits, the
+    /// channel of `capacity` items (at least 1: 0 makes a channel of one item, not a
+    /// rendezvous, so that the reader can put an item in without a consumer waiting). When the consumer falls behind, the reader waits, the
     /// socket's queue fills, and the kernel's drops are reported as losses like any other.
     pub fn into_channel(self, capacity: usize) -> Result<ProcChannel> {
         let shutdown = self.shutdown_handle();
@@ -58,11 +59,7 @@ impl Fed {
         if self.closed {
             return self.stats.clone();
         }
-        let taken = self.items.saturating_sub(in_channel as u64);
-        while self.others.front().is_some_and(|&n| n < taken) {
-            self.others.pop_front();
-            self.others_taken += 1;
-        }
+        let taken = self.taken(in_channel);
         let events = taken - self.others_taken;
         LossStats {
             events,
@@ -72,13 +69,27 @@ impl Fed {
     }
 }
 
+impl Fed {
+    /// The items taken by the consumer with `in_channel` items in the channel (read while
+    /// this is locked); forgets the numbers of the non-events among them, so that `others`
+    /// never holds more than the channel does.
+    fn taken(&mut self, in_channel: usize) -> u64 {
+        let taken = self.items.saturating_sub(in_channel as u64);
+        while self.others.front().is_some_and(|&n| n < taken) {
+            self.others.pop_front();
+            self.others_taken += 1;
+        }
+        taken
+    }
+}
+
 /// Puts `item` into the channel, under `fed`'s lock (so that a snapshot sees the channel
 /// and the count of what was put into it at one instant), waiting for room while it is
 /// full without holding the lock (pauses of 20 µs doubling to 1 ms). `Err(item)` when
 /// the listener was stopped while the consumer was not taking, `Ok(false)` when the
 /// channel is gone.
 fn put(
-    l: &ProcListener,
+    stop: &AtomicBool,
     tx: &Sender<Result<Received>>,
     fed: &Mutex<Fed>,
     mut item: Result<Received>,
@@ -95,6 +106,8 @@ fn put(
                 }
                 f.items += 1;
                 f.events += u64::from(event);
+                // Bounded by the channel, even if no one ever asks for a snapshot.
+                f.taken(tx.len());
                 return Ok(true);
             }
             Err(channel::TrySendError::Disconnected(_)) => return Ok(false),
@@ -103,7 +116,7 @@ fn put(
         drop(f);
         match wait.next_pause() {
             Some(pause) => std::thread::sleep(pause),
-            None if l.shared.stop.load(Ordering::Relaxed) => return Err(item),
+            None if stop.load(Ordering::Relaxed) => return Err(item),
             None => wait = crate::sys::RoomWait::new(STOP_CHECK),
         }
     }
@@ -130,7 +143,7 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, fed: Arc<Mutex<Fed>
             fed.lock().stats = l.stats();
             since = 0;
         }
-        match put(&l, &tx, &fed, item) {
+        match put(&l.shared.stop, &tx, &fed, item) {
             Ok(true) => {}
             Ok(false) => break,
             Err(back) => {
@@ -239,5 +252,47 @@ impl ProcChannel {
 impl Drop for ProcChannel {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the numbers of the loss reports put into the channel were forgotten only
+    /// by a `stats()` snapshot, so a run with many loss reports (an overloaded host) and no
+    /// snapshot kept every one of them: memory growing without bound. Now each put forgets
+    /// those taken: never more than the channel holds. The snapshot still counts right.
+    #[test]
+    fn the_reports_put_are_forgotten_once_taken_without_any_snapshot() {
+        let stop = AtomicBool::new(false);
+        let fed = Mutex::new(Fed::default());
+        let (tx, rx) = channel::bounded(4);
+        for i in 0..10_000u64 {
+            let item = if i % 3 == 0 {
+                Ok(Received::Lost(Loss::Overrun))
+            } else {
+                Ok(Received::Event(crate::proc::ProcEvent {
+                    seq: 0,
+                    ack: 0,
+                    cpu: 0,
+                    timestamp_ns: 0,
+                    body: crate::proc::EventBody::Ack { err: 0 },
+                }))
+            };
+            assert!(matches!(put(&stop, &tx, &fed, item), Ok(true)));
+            rx.recv().unwrap().unwrap();
+            assert!(
+                fed.lock().others.len() <= 4,
+                "{i}: {}",
+                fed.lock().others.len()
+            );
+        }
+        assert!(matches!(
+            put(&stop, &tx, &fed, Ok(Received::Lost(Loss::Overrun))),
+            Ok(true)
+        ));
+        let s = fed.lock().snapshot(rx.len());
+        assert_eq!((s.events, s.queued), (6_666, 0));
     }
 }

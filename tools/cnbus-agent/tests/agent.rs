@@ -706,11 +706,18 @@ fn container_processes_are_attributed() {
 /// The same kernel event, seen by `proctrace --json` and by the agent side by side, is the
 /// same line but for each tool's own fields (proctrace's `name`, `old_name`; the agent's
 /// `ppid`) and the attribution read from `/proc` at slightly different moments: same
-/// fields, same values (`duration_ms` from each tool's own start time: both numbers). The
+/// fields, same values (`duration_ms` from each tool's own start time: both numbers; `ts`
+/// from each tool's own reading of the wall clock: within [`TS_APART`], the kernel's
+/// `timestamp_ns` equal). The
 /// events are the test's own children's (a fork, an exec, a comm change, an exit with 3),
 /// matched by `(cpu, seq)`. proctrace is the binary cargo built beside the agent (a
 /// workspace test run builds both); without it the test fails under CI and is skipped
 /// elsewhere.
+/// How far apart two tools' `ts` of one kernel event may be: each converts the kernel's
+/// timestamp with its own reading of the clocks' offset (a slewing NTP moves it by at most
+/// 0.5 ms per second between the two readings; a preempted reading is off by the pause).
+const TS_APART: f64 = 0.05;
+
 #[test]
 fn proctrace_and_the_agent_write_the_same_line_for_the_same_event() {
     if common::kernel_socket("proctrace_and_the_agent_write_the_same_line").is_none() {
@@ -806,6 +813,14 @@ fn proctrace_and_the_agent_write_the_same_line_for_the_same_event() {
             match k.as_str() {
                 _ if from_proc => {}
                 "duration_ms" => assert!(p[&k].is_f64() == a[&k].is_f64(), "{p}\n{a}"),
+                // Each tool turns the kernel's timestamp (equal, checked) into wall-clock
+                // time with its own reading of CLOCK_REALTIME - CLOCK_MONOTONIC, taken at its
+                // own moments (NTP slews it in between): a microsecond or a few apart.
+                "ts" => {
+                    let (tp, ta) = (p[&k].as_str().unwrap(), a[&k].as_str().unwrap());
+                    let apart = (parse_rfc3339(tp) - parse_rfc3339(ta)).abs();
+                    assert!(apart <= TS_APART, "ts {apart} s apart: {p}\n{a}");
+                }
                 _ => assert_eq!(p[&k], a[&k], "{k}: {p}\n{a}"),
             }
         }
