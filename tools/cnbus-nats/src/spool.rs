@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -27,6 +28,9 @@ pub(crate) const HEADER_LEN: u64 = 12;
 pub(crate) const RECORD_OVERHEAD: u64 = 8;
 /// A payload length above this is damage, not data.
 const MAX_PAYLOAD: u32 = 64 << 20;
+/// How long a spool directory's lock held by someone else is waited for before the spool
+/// is refused as in use (see `Spool::open`).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// What opening the spool found on disk.
 #[derive(Debug, Default, Clone, Copy)]
@@ -224,16 +228,27 @@ impl Spool {
         // Two spools on one directory would read, cut and delete each other's segments.
         // The lock is the directory's own (flock on the directory): no file of its own.
         let lock = File::open(dir).map_err(ctx("open spool directory", dir))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(ctx("lock spool directory", dir)(io::Error::other(
-                    "in use by another process (another cnbus-agent?); each needs its own --spool",
-                )))
+        // A lock held a moment after its owner let it go is waited for, up to LOCK_WAIT: a
+        // process being spawned (by any thread of the owner's process) holds a copy of every
+        // descriptor, this lock's too, until its `exec` closes them, so a spool closed and
+        // opened again in one process could find its own lock still held (it failed so in
+        // CI, beside tests starting servers). Another live sink holds it for longer.
+        let waited = Instant::now();
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if waited.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(ctx("lock spool directory", dir)(io::Error::other(
+                        "in use by another process (another cnbus-agent?); each needs its own --spool",
+                    )))
+                }
+                // A file system without flock (some network or FUSE ones): the spool works,
+                // only unguarded against a second process.
+                Err(fs::TryLockError::Error(_)) => break,
             }
-            // A file system without flock (some network or FUSE ones): the spool works, only
-            // unguarded against a second process.
-            Err(fs::TryLockError::Error(_)) => {}
         }
         let mut ids = Vec::new();
         for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {

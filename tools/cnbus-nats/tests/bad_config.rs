@@ -264,6 +264,55 @@ fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
 /// with the default --spool) would replay, cut and delete each other's segments, losing
 /// records without a count: the second start is refused, and the directory is free again once
 /// the first has stopped.
+/// Regression: a process being spawned holds a copy of every descriptor of its parent, the
+/// spool directory's lock included, until its `exec`; a sink started again on the spool
+/// right after the first one ended, while another thread's spawn was in flight, was
+/// refused as "in use" (`wrong_credentials_are_a_clear_error_at_start` failed so in CI
+/// beside the tests starting servers). Here the child is held before its exec until the
+/// first sink has ended; the second start must wait for the lock, not fail.
+#[test]
+fn a_spool_lock_kept_for_a_moment_by_a_spawn_in_flight_is_waited_for() {
+    use std::os::unix::process::CommandExt;
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config::new(
+        format!("nats://127.0.0.1:{}", free_port()),
+        "h",
+        spool.path(),
+    );
+    let first = NatsSink::start(cfg.clone()).expect("an unreachable server is not an error");
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe` writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let [forked_r, forked_w] = fds;
+    let spawner = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new("true");
+        // SAFETY: the hook runs in the forked child and makes only async-signal-safe calls
+        // (write, nanosleep) before the exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::write(forked_w, [1u8].as_ptr().cast(), 1);
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+        };
+        cmd.status().unwrap()
+    });
+    let mut b = [0u8];
+    // SAFETY: reads one byte into `b` from the pipe we own.
+    assert_eq!(unsafe { libc::read(forked_r, b.as_mut_ptr().cast(), 1) }, 1);
+    // The child exists now, holding a copy of the lock; the first sink ends.
+    let report = first.shutdown(Duration::ZERO);
+    assert_eq!((report.unsent, report.dropped), (0, 0));
+    let second = NatsSink::start(cfg).expect("the lock is free once the spawn has exec'd");
+    second.shutdown(Duration::ZERO);
+    assert!(spawner.join().unwrap().success());
+    // SAFETY: closes the pipe's two ends, ours.
+    unsafe {
+        libc::close(forked_r);
+        libc::close(forked_w);
+    }
+}
+
 #[test]
 fn a_spool_directory_in_use_by_another_sink_is_refused() {
     let port = free_port();
