@@ -30,7 +30,7 @@ lost_exact, lost_events_max, kernel_drops, spoofed, decode_errors, overruns, unr
 lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_added,
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
 enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
-acknowledged, resent, spooled, dropped, dead_lettered, reconnects, disconnects,
+acknowledged, resent, spooled, dropped, maybe_stored, dead_lettered, reconnects, disconnects,
 duplicates, replayed,
 in_flight, queued, spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes,
 connected, last_error}, plus sent and unsent in the final one (unsent: lines left in the

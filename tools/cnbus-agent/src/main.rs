@@ -346,6 +346,12 @@ fn main() -> ExitCode {
                 report.dropped - reported
             );
         }
+        if report.stats.maybe_stored > 0 {
+            warn!(
+                "cnbus-agent: {} lines refused for good by NATS after an unacknowledged publish may be in the stream (not counted as dropped; kept in the dead-letter file)",
+                report.stats.maybe_stored
+            );
+        }
         if report.stats.dead_lettered > 0 {
             warn!(
                 "cnbus-agent: {} lines refused for good by NATS (over the stream's size limit, a bad request) are kept in {}",

@@ -268,6 +268,7 @@ pub fn counters(s: &SinkStats, report: Option<&ShutdownReport>) -> NatsCounters 
         resent: s.resent,
         spooled: s.spooled,
         dropped: s.dropped,
+        maybe_stored: s.maybe_stored,
         dead_lettered: s.dead_lettered,
         reconnects: s.reconnects,
         disconnects: s.disconnects,

@@ -70,7 +70,11 @@ pub struct NatsCounters {
     pub resent: u64,
     pub spooled: u64,
     pub dropped: u64,
-    /// Of `dropped`, lines refused for good and kept in the spool directory's dead-letter file.
+    /// Lines refused for good after an earlier publish went unacknowledged: they may be in
+    /// the stream (not counted in `dropped`); kept in the dead-letter file.
+    pub maybe_stored: u64,
+    /// Of `dropped` and `maybe_stored`, lines refused for good and kept in the spool
+    /// directory's dead-letter file.
     pub dead_lettered: u64,
     pub reconnects: u64,
     pub disconnects: u64,

@@ -264,9 +264,9 @@ pub enum Accepted {
     Dropped,
 }
 
-/// The sink's counters. Records: `published + replayed = acknowledged + dropped + unsent`,
-/// where `unsent` is `spool_records` after [`NatsSink::shutdown`] (while running it also
-/// includes the records queued or in flight).
+/// The sink's counters. Records: `published + replayed = acknowledged + dropped +
+/// maybe_stored + unsent`, where `unsent` is `spool_records` after [`NatsSink::shutdown`]
+/// (while running it also includes the records queued or in flight).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkStats {
     /// Records handed to [`NatsSink::publish`].
@@ -285,8 +285,15 @@ pub struct SinkStats {
     /// or refused for good (over the server's `max_payload` or the stream's `max_msg_size`, a
     /// bad request: see [`SinkStats::dead_lettered`]).
     pub dropped: u64,
-    /// Of the dropped records, those refused for good and kept in the dead-letter file
-    /// ([`DEAD_LETTER_FILE`] in the spool directory) for an operator to re-publish.
+    /// Records refused for good after an earlier publish of theirs went unacknowledged, so
+    /// that they may be in the stream after all (the acknowledgement was lost, and the
+    /// stream was sealed since, or its size limit lowered past the duplicate window: a
+    /// refusal comes before de-duplication): not sent again, kept in the dead-letter file,
+    /// and neither counted as dropped nor as acknowledged, since the sink cannot tell.
+    pub maybe_stored: u64,
+    /// Of the records refused for good (`dropped` and `maybe_stored`), those kept in the
+    /// dead-letter file ([`DEAD_LETTER_FILE`] in the spool directory) for an operator to
+    /// re-publish.
     pub dead_lettered: u64,
     /// Connections after the first one.
     pub reconnects: u64,
@@ -344,6 +351,7 @@ pub(crate) struct Counters {
     pub(crate) resent: AtomicU64,
     pub(crate) spooled: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) maybe_stored: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) disconnects: AtomicU64,
@@ -573,6 +581,7 @@ impl NatsSink {
             resent: c.resent.load(Ordering::Relaxed),
             spooled: c.spooled.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            maybe_stored: c.maybe_stored.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
             disconnects: c.disconnects.load(Ordering::Relaxed),

@@ -432,8 +432,9 @@ struct Worker {
     subjects: HashMap<String, Subject>,
     /// Scratch for the reply subject.
     reply: String,
-    /// Published, waiting for the acknowledgement: key → (record, when sent).
-    in_flight: HashMap<u64, (Item, Instant)>,
+    /// Published, waiting for the acknowledgement: key → (record, when sent, whether an
+    /// earlier publish of it went unacknowledged: it may be stored already).
+    in_flight: HashMap<u64, (Item, Instant, bool)>,
     next_key: u64,
     pause_until: Instant,
     /// Failed rounds since the last acknowledgement (the backoff's exponent).
@@ -556,17 +557,19 @@ impl Worker {
         };
         match sent {
             Ok(()) => {
-                if item.sent_before {
+                let resent = item.sent_before;
+                if resent {
                     self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
                 }
                 item.sent_before = true;
-                self.in_flight.insert(key, (item, Instant::now()));
+                self.in_flight.insert(key, (item, Instant::now(), resent));
             }
             Err(e) => match e.kind() {
                 async_nats::client::PublishErrorKind::MaxPayloadExceeded
                 | async_nats::client::PublishErrorKind::InvalidSubject => {
-                    // Never sent, never sendable: kept aside, counted.
-                    self.refuse(item, format!("the NATS client refuses it: {e}"));
+                    // Not sent now, never sendable: kept aside, counted.
+                    let earlier = item.sent_before;
+                    self.refuse(item, format!("the NATS client refuses it: {e}"), earlier);
                 }
                 async_nats::client::PublishErrorKind::Send => {
                     self.not_acknowledged(item, format!("{e}"));
@@ -587,7 +590,7 @@ impl Worker {
         };
         // Unknown keys: acknowledgements arriving after their publish timed out (the record
         // was sent again under another key).
-        let Some((item, _)) = self.in_flight.remove(&key) else {
+        let Some((item, _, resent)) = self.in_flight.remove(&key) else {
             return;
         };
         match read_reply(message.status, &message.payload) {
@@ -619,17 +622,33 @@ impl Worker {
             Reply::Refused {
                 class: Refusal::Permanent,
                 reason,
-            } => self.refuse(item, format!("JetStream refuses it for good: {reason}")),
+            } => self.refuse(
+                item,
+                format!("JetStream refuses it for good: {reason}"),
+                resent,
+            ),
         }
     }
 
     /// A record that can never be stored (refused for good): kept in the dead-letter file,
-    /// counted as dropped (it is not in the stream and is never sent again) and said why,
-    /// released from the spool; the records behind it go on.
-    fn refuse(&mut self, item: Item, why: String) {
+    /// counted and said why, released from the spool; the records behind it go on. Counted
+    /// as dropped (not in the stream, never sent again), unless `earlier`: an earlier
+    /// publish of it went unacknowledged, so it may be in the stream after all (its
+    /// acknowledgement was lost; a stream sealed since, or a size limit lowered past the
+    /// duplicate window, refuses the publish before de-duplication), counted as
+    /// `maybe_stored` rather than claimed lost.
+    fn refuse(&mut self, item: Item, why: String, earlier: bool) {
         let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
         let c = &self.shared.counters;
-        c.dropped.fetch_add(1, Ordering::Relaxed);
+        let why = if earlier {
+            c.maybe_stored.fetch_add(1, Ordering::Relaxed);
+            format!(
+                "{why} (an earlier publish of it was not acknowledged: it may be in the stream)"
+            )
+        } else {
+            c.dropped.fetch_add(1, Ordering::Relaxed);
+            why
+        };
         let kept = match self.dead_letter.keep(&item, &subject, &why) {
             Ok(true) => {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -638,8 +657,9 @@ impl Worker {
             Ok(false) => "the dead-letter file is full, not kept".to_owned(),
             Err(e) => format!("not kept: dead-letter write failed: {e}"),
         };
+        let fate = if earlier { "given up" } else { "dropped" };
         self.shared
-            .set_error(format!("record {} dropped ({kept}): {why}", item.msg_id));
+            .set_error(format!("record {} {fate} ({kept}): {why}", item.msg_id));
         if let Some(id) = item.origin {
             self.shared.spool.lock().release(id);
         }
@@ -652,11 +672,11 @@ impl Worker {
         let expired: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, (_, sent))| now.duration_since(*sent) >= timeout)
+            .filter(|(_, (_, sent, _))| now.duration_since(*sent) >= timeout)
             .map(|(key, _)| *key)
             .collect();
         for key in expired {
-            if let Some((item, _)) = self.in_flight.remove(&key) {
+            if let Some((item, _, _)) = self.in_flight.remove(&key) {
                 self.not_acknowledged(item, format!("no acknowledgement within {timeout:?}"));
             }
         }
@@ -798,7 +818,11 @@ impl Worker {
     /// written again (whatever the cap: they were on disk already) and their old segments
     /// removed, so that the spool holds exactly the records not acknowledged.
     fn finish(&mut self) {
-        let mut items: Vec<Item> = self.in_flight.drain().map(|(_, (item, _))| item).collect();
+        let mut items: Vec<Item> = self
+            .in_flight
+            .drain()
+            .map(|(_, (item, _, _))| item)
+            .collect();
         items.extend(self.retry.drain(..));
         items.extend(self.from_spool.drain(..));
         // Those read from the spool first, so that they keep their place.

@@ -244,6 +244,57 @@ fn a_stream_that_refuses_every_record_for_good_holds_nothing_up_and_keeps_every_
     assert_eq!(read_stream(&server.url(), "CNBUS_EVENTS").len(), 50);
 }
 
+/// A record stored whose acknowledgement was lost, then refused for good when sent again
+/// (the stream sealed in between: JetStream checks that before de-duplication), may be in
+/// the stream: it is counted as `maybe_stored`, kept in the dead-letter file, and not
+/// claimed dropped. Before, it was counted as dropped (not in the stream) while the stream
+/// held it. A proxy holds the server's replies while the record is sent, stored, the
+/// stream sealed and the record sent again.
+#[test]
+fn a_record_refused_after_an_unacknowledged_publish_may_be_stored_and_is_not_counted_dropped() {
+    let server = NatsServer::start(&[]);
+    let proxy = HoldingProxy::start(server.port);
+    let spool = tempfile::tempdir().unwrap();
+    let mut config = Config::new(proxy.url(), "h", spool.path());
+    config.ack_timeout = Duration::from_millis(300);
+    let sink = NatsSink::start(config).expect("start");
+    send(&sink, 0..1);
+    wait_for("the first acknowledgement", || {
+        sink.stats().acknowledged == 1
+    });
+    proxy.hold(true);
+    send(&sink, 1..2);
+    wait_for("record 1 in the stream", || {
+        read_stream(&server.url(), "CNBUS_EVENTS").len() == 2
+    });
+    update_stream(&server, |c| c.sealed = true);
+    wait_for("record 1 sent again", || sink.stats().resent >= 1);
+    proxy.hold(false);
+    wait_for("record 1 given up", || {
+        let s = sink.stats();
+        s.dropped + s.maybe_stored >= 1
+    });
+    let stats = sink.stats();
+    assert_eq!(
+        (
+            stats.acknowledged,
+            stats.dropped,
+            stats.maybe_stored,
+            stats.dead_lettered
+        ),
+        (1, 0, 1, 1),
+        "{stats:?}"
+    );
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains("may be in the stream"), "{error}");
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (1, 0, 0));
+    let kept = dead_letters(spool.path());
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["msg_id"].as_str(), Some(msg_id(1).as_str()));
+    assert_eq!(read_stream(&server.url(), "CNBUS_EVENTS").len(), 2);
+}
+
 /// A full stream (`max_msgs` with the `new` discard policy) refuses with 503: transient, an
 /// operator may lift the limit. The records are sent again with a bounded backoff, none is
 /// dropped, and once the limit is lifted every one is stored once.

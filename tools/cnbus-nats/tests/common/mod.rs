@@ -325,3 +325,71 @@ pub fn publish(sink: &cnbus_nats::NatsSink, n: usize) {
         });
     }
 }
+
+/// A TCP proxy in front of a server (for a test to lose what the server says): what the
+/// client sends goes through; what the server sends waits in the proxy while `hold` is on,
+/// and goes on, in order, once it is off.
+pub struct HoldingProxy {
+    port: u16,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HoldingProxy {
+    pub fn start(server_port: u16) -> HoldingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = hold.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
+                forward(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                forward(server, client, Some(h.clone()));
+            }
+        });
+        HoldingProxy { port, hold }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds (true) or lets go (false) what the server sends.
+    pub fn hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn forward(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    hold: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            while hold
+                .as_ref()
+                .is_some_and(|h| h.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
+}
