@@ -98,8 +98,9 @@ pub(crate) struct Inner {
     pub(crate) dead: AtomicBool,
     /// The process that built the bus: in a forked child the bus is closed (`Bus::flush`).
     pub(crate) fork: crate::sys::ForkStamp,
-    /// Set by `stop`: no wait for room at a full unicast receiver goes past it.
-    pub(crate) stop_deadline: OnceLock<Instant>,
+    /// Set by `stop` and by the exit hook, the earlier standing ([`end_by`](Self::end_by)):
+    /// no wait for room at a full unicast receiver goes past it.
+    stop_deadline: Mutex<Option<Instant>>,
     /// A wait for room at the unicast receiver timed out and no datagram has been taken
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
@@ -142,6 +143,19 @@ impl Inner {
             op: crate::Op::Membarrier,
             source: e,
         });
+    }
+
+    /// No wait for room at a full unicast receiver goes past `d` from now on, nor past
+    /// an earlier deadline set before (a close's and the exit hook's: the earlier stands,
+    /// so that the hook's [`EXIT_BUDGET`] bounds a close running on another thread).
+    pub(crate) fn end_by(&self, d: Instant) {
+        let mut l = self.stop_deadline.lock();
+        *l = Some(l.map_or(d, |e| e.min(d)));
+    }
+
+    /// The deadline of [`end_by`](Self::end_by), if any.
+    pub(crate) fn stop_deadline(&self) -> Option<Instant> {
+        *self.stop_deadline.lock()
     }
 
     pub(crate) fn record_error(&self, e: Error) {
@@ -215,15 +229,23 @@ impl Inner {
     /// never past `end` (the hook's [`EXIT_BUDGET`]): what the receiver has not taken by
     /// then is counted as failed.
     fn drain_at_exit(&self, end: Instant) {
+        if self.end_at_exit(end) {
+            self.drain_everything();
+        }
+    }
+
+    /// The exit hook's deadline (`send_timeout` from now, at most `end`), for this bus's
+    /// waits and those of a close or drain already running on another thread (the
+    /// earlier deadline stands). False in a forked child's copy, which the hook skips.
+    fn end_at_exit(&self, end: Instant) -> bool {
         if self.fork.forked_cold() {
-            return;
+            return false;
         }
         let d = Instant::now()
             .checked_add(self.cfg.send_timeout)
             .map_or(end, |d| d.min(end));
-        // (Already set by a close running on another thread: its own `send_timeout`.)
-        let _ = self.stop_deadline.set(d);
-        self.drain_everything();
+        self.end_by(d);
+        true
     }
 
     /// Forgets the retired producers' rings that are empty, keeping their counts.
@@ -273,8 +295,11 @@ extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
         let end = Instant::now() + EXIT_BUDGET;
         let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
+        // Every deadline first: a drain of one bus may wait for the send lock of a socket
+        // it shares with another, whose drain on another thread waits for its receiver.
+        let live: Vec<_> = live.into_iter().filter(|i| i.end_at_exit(end)).collect();
         for inner in live {
-            inner.drain_at_exit(end);
+            inner.drain_everything();
         }
     });
 }
@@ -493,7 +518,7 @@ impl Bus {
             // Waits for room at a full unicast receiver end by this deadline.
             // (None past what `Instant` holds: no limit, as `send_timeout` says.)
             if let Some(d) = Instant::now().checked_add(self.inner.cfg.send_timeout) {
-                let _ = self.inner.stop_deadline.set(d);
+                self.inner.end_by(d);
             }
             self.inner.stop.store(true, SeqCst);
             self.inner.wake();
@@ -1061,6 +1086,61 @@ mod tests {
         let n = 2 * u64::from(crate::sys::BIAS_AFTER) + 5;
         assert_eq!((st.inserted, st.sent_messages), (n, n));
         assert_eq!(count(&rx, idx), n);
+    }
+
+    /// The exit hook while a close runs on another thread, its `send_timeout` an hour,
+    /// its drain waiting for room at a full receiver that never reads: the hook's wait
+    /// ends by its own deadline (`EXIT_BUDGET`), the close's wait with it, and what the
+    /// receiver did not take is counted as failed. Before the fix the close's deadline,
+    /// set first, stood (`stop_deadline` was a `OnceLock`): the hook waited the hour for
+    /// the drain right (the watchdog failed the test).
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn the_exit_hook_cuts_short_a_close_waiting_on_another_thread() {
+        let rx = match ConnectorSocket::open() {
+            Ok(rx) => rx,
+            Err(e) if std::env::var_os("CI").is_some() => panic!("no netlink socket: {e}"),
+            Err(e) => return eprintln!("SKIPPED: no netlink connector socket: {e}"),
+        };
+        // A small receive queue, never read.
+        rx.set_recv_buffer(4096, true).unwrap();
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdc;
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(512)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600))
+            .framing(Framing::OnePerDatagram)
+            .send_timeout(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        for i in 0..200u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        let inner = Arc::clone(&bus.inner);
+        let (tx, closed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(bus.close_with_stats().0);
+        });
+        // The close's drain is waiting for room.
+        while inner.stats.full_receiver_waits.load(SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx2, hooked) = std::sync::mpsc::channel();
+        let i2 = Arc::clone(&inner);
+        std::thread::spawn(move || {
+            i2.drain_at_exit(Instant::now() + Duration::from_millis(200));
+            let _ = tx2.send(());
+        });
+        hooked
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the exit hook waited for the close's deadline");
+        let st = closed
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the close kept waiting after the exit hook's deadline");
+        assert!(st.failed_messages > 0, "{st:?}");
+        assert_eq!(st.sent_messages + st.failed_messages, 200, "{st:?}");
+        assert_eq!(st.queued, 0, "{st:?}");
     }
 
     #[test]
