@@ -224,17 +224,10 @@ impl Inner {
         }
     }
 
-    /// At `exit()`: sends what the rings hold, as a close would, unless this is a forked
-    /// child's copy. Waits for a full unicast receiver end `send_timeout` from now, and
-    /// never past `end` (the hook's [`EXIT_BUDGET`]): what the receiver has not taken by
-    /// then is counted as failed.
-    fn drain_at_exit(&self, end: Instant) {
-        if self.end_at_exit(end) {
-            self.drain_everything();
-        }
-    }
-
-    /// The exit hook's deadline (`send_timeout` from now, at most `end`), for this bus's
+    /// At `exit()`, before the hook sends what the rings hold (as a close would, unless
+    /// this is a forked child's copy): the hook's deadline (`send_timeout` from now, at
+    /// most `end`, its [`EXIT_BUDGET`]), after which what a full unicast receiver has not
+    /// taken is counted as failed; for this bus's
     /// waits and those of a close or drain already running on another thread (the
     /// earlier deadline stands). False in a forked child's copy, which the hook skips.
     fn end_at_exit(&self, end: Instant) -> bool {
@@ -1129,7 +1122,10 @@ mod tests {
         let (tx2, hooked) = std::sync::mpsc::channel();
         let i2 = Arc::clone(&inner);
         std::thread::spawn(move || {
-            i2.drain_at_exit(Instant::now() + Duration::from_millis(200));
+            // `at_exit`'s two steps.
+            if i2.end_at_exit(Instant::now() + Duration::from_millis(200)) {
+                i2.drain_everything();
+            }
             let _ = tx2.send(());
         });
         hooked
