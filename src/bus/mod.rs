@@ -266,9 +266,7 @@ pub(crate) fn register(inner: &Arc<Inner>) {
     // a child forked while another thread registered). Not registered (the C library is
     // out of memory): only `close` and drop send.
     static HOOKED: AtomicBool = AtomicBool::new(false);
-    if !HOOKED.load(Relaxed) && !HOOKED.swap(true, AcqRel) {
-        let _ = crate::sys::at_exit(at_exit);
-    }
+    crate::sys::register_once(&HOOKED, || crate::sys::at_exit(at_exit));
     let mut l = BUSES.lock();
     l.retain(|w| w.strong_count() > 0);
     l.push(Arc::downgrade(inner));
