@@ -32,6 +32,8 @@ pub(crate) use process::in_forked_child;
 pub(crate) use process::{at_exit, register_once, ForkSafe, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
 pub(crate) use send::RoomWait;
+#[cfg(test)]
+pub(crate) use send::SENDMMSG_CALLS;
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 #[cfg(all(test, not(cnbus_loom)))]

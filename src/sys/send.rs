@@ -61,7 +61,7 @@ impl ConnectorSocket {
     /// to a user-space socket whose receive queue is full waits until it has room
     /// (netlink's own behaviour).
     pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0)
+        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0, false)
     }
 
     /// [`send_batch`](Self::send_batch) without waiting (`MSG_DONTWAIT`): returns how many
@@ -73,11 +73,13 @@ impl ConnectorSocket {
             |i| [&datagrams[i], &[]],
             dest,
             libc::MSG_DONTWAIT,
+            false,
         )
     }
 
     /// [`try_send_batch`](Self::try_send_batch) of the `count` datagrams `datagram(0..count)`
-    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX): one system call), each given in two
+    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX)) in exactly one system call, even when
+    /// it sends only some of them (then their count: the caller tries the rest), each given in two
     /// pieces that go out as one datagram, the first followed by the second (netlink copies
     /// a message's iovecs into one buffer); the second piece may be empty. For the bus's
     /// datagrams that continue past the end of its ring.
@@ -88,11 +90,12 @@ impl ConnectorSocket {
         dest: Dest,
     ) -> Result<usize> {
         let count = count.min(Self::SENDMMSG_MAX);
-        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT)
+        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT, true)
     }
 
     /// Sends `datagram(0..count)` (each in up to two pieces), [`SENDMMSG_MAX`] per system
-    /// call: see [`send_batch`](Self::send_batch).
+    /// call: see [`send_batch`](Self::send_batch). With `once`, one system call whatever it
+    /// sends (the caller counts its calls and handles a partial result).
     ///
     /// [`SENDMMSG_MAX`]: Self::SENDMMSG_MAX
     fn sendmmsg<'a>(
@@ -101,6 +104,7 @@ impl ConnectorSocket {
         datagram: impl Fn(usize) -> [&'a [u8]; 2],
         dest: Dest,
         flags: libc::c_int,
+        once: bool,
     ) -> Result<usize> {
         const MAX: usize = ConnectorSocket::SENDMMSG_MAX;
         let mut sa = sockaddr(dest)?;
@@ -130,6 +134,8 @@ impl ConnectorSocket {
             // the pieces `datagram` returned (borrowed for 'a, beyond the call); all alive for
             // the call. The kernel reads `msg_iovlen` iovecs of each, their bytes and the
             // name, and writes msg_len into `hdrs`, which we own.
+            #[cfg(test)]
+            SENDMMSG_CALLS.set(SENDMMSG_CALLS.get() + 1);
             let r = unsafe {
                 libc::sendmmsg(
                     self.as_raw_fd(),
@@ -140,6 +146,7 @@ impl ConnectorSocket {
             };
             match cvt(r) {
                 Ok(0) => break,
+                Ok(k) if once => return Ok(k as usize),
                 Ok(k) => sent += k as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
@@ -153,6 +160,12 @@ impl ConnectorSocket {
         }
         Ok(sent)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: `sendmmsg` system calls made by this thread.
+    pub(crate) static SENDMMSG_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// A sender's wait for room at a unicast peer whose receive queue is full: netlink offers no
