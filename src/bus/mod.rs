@@ -283,6 +283,12 @@ pub const EXIT_BUDGET: Duration = Duration::from_secs(1);
 /// [`EXIT_BUDGET`] (and its `send_timeout`); what a full receiver did not take by then is
 /// counted as failed.
 extern "C" fn at_exit() {
+    // Once: the few threads that raced to register it may have registered it twice
+    // (`sys::register_once`), and a second run must not take a second budget.
+    static RAN: AtomicBool = AtomicBool::new(false);
+    if RAN.swap(true, AcqRel) {
+        return;
+    }
     let _ = std::panic::catch_unwind(|| {
         let end = Instant::now() + EXIT_BUDGET;
         let live: Vec<_> = BUSES.lock().iter().filter_map(|w| w.upgrade()).collect();
