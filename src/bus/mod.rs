@@ -283,10 +283,12 @@ pub const EXIT_BUDGET: Duration = Duration::from_secs(1);
 /// [`EXIT_BUDGET`] (and its `send_timeout`); what a full receiver did not take by then is
 /// counted as failed.
 extern "C" fn at_exit() {
-    // Once: the few threads that raced to register it may have registered it twice
-    // (`sys::register_once`), and a second run must not take a second budget.
-    static RAN: AtomicBool = AtomicBool::new(false);
-    if RAN.swap(true, AcqRel) {
+    // Once per process: the few threads that raced to register it may have registered it
+    // twice (`sys::register_once`), and a second run must not take a second budget. (A
+    // child forked while the parent exits still runs it: the pid, not a flag.)
+    static RAN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let pid = std::process::id();
+    if RAN.swap(pid, AcqRel) == pid {
         return;
     }
     let _ = std::panic::catch_unwind(|| {
