@@ -150,6 +150,9 @@ impl ConnectorSocket {
                 Ok(k) => sent += k as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
+                // A signal while waiting for room: wait on, as `sendto` does (a single call,
+                // `once`, leaves it to its caller, which retries transient errors).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && !once => continue,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock && flags & libc::MSG_DONTWAIT != 0 =>
                 {
@@ -217,6 +220,83 @@ impl RoomWait {
 mod tests {
     use super::*;
     use crate::codec::{messages_ref, CbId, CnMsg, DatagramBuilder, MessageRef};
+
+    /// A blocking `send_batch` to a full unicast receiver, interrupted by a signal whose
+    /// handler does not restart system calls: it goes on waiting (as `send` does), and
+    /// sends once the receiver has room. Before the fix it returned `EINTR` with nothing
+    /// sent (exit code 1). In a forked child: the handler is the child's own.
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_blocking_batch_interrupted_by_a_signal_goes_on_waiting() {
+        extern "C" fn on_signal(_: libc::c_int) {}
+        if ConnectorSocket::open().is_err() && std::env::var_os("CI").is_none() {
+            return eprintln!("SKIPPED: no netlink connector socket");
+        }
+        let code = crate::sys::in_forked_child(
+            || {
+                // SAFETY: installs a handler that does nothing (async-signal-safe), without
+                // SA_RESTART, for SIGUSR1 in this child only; `sa` is valid for reads.
+                unsafe {
+                    let mut sa: libc::sigaction = mem::zeroed();
+                    sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                    libc::sigemptyset(&mut sa.sa_mask);
+                    libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+                }
+                let (Ok(rx), Ok(tx)) = (ConnectorSocket::open(), ConnectorSocket::open()) else {
+                    return 3;
+                };
+                let _ = rx.set_recv_buffer(4096, true);
+                // Open until the send returned (a closed one refuses it).
+                let rx = std::sync::Arc::new(rx);
+                let rx2 = std::sync::Arc::clone(&rx);
+                let to = Dest::Port(rx.port_id());
+                let id = CbId::new(0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe3, 1);
+                let mut b = DatagramBuilder::new(4096);
+                let _ = b.push(&CnMsg::new(id, vec![1u8; 64]));
+                let d = b.take();
+                while let Ok(Some(_)) = tx.try_send(&d, to) {}
+                // SAFETY: gettid takes nothing.
+                let tid = unsafe { libc::gettid() };
+                // SAFETY: pthread_self takes nothing.
+                let me = unsafe { libc::pthread_self() } as usize;
+                let kicker = std::thread::spawn(move || {
+                    // Once this thread sleeps (in the send), interrupt it a few times.
+                    let stat = format!("/proc/self/task/{tid}/stat");
+                    let asleep = || {
+                        std::fs::read_to_string(&stat)
+                            .ok()
+                            .and_then(|s| {
+                                s.rsplit_once(')')
+                                    .map(|(_, r)| r.trim_start().starts_with('S'))
+                            })
+                            .unwrap_or(false)
+                    };
+                    while !asleep() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    for _ in 0..20 {
+                        // SAFETY: `me` is the child's main thread, alive until we are joined.
+                        unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    // Then room.
+                    let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+                    while let Ok(Some(_)) = rx2.recv(&mut buf, true) {
+                        buf.clear();
+                    }
+                });
+                let r = tx.send_batch(&[IoSlice::new(&d)], to);
+                let _ = kicker.join();
+                match r {
+                    Ok(1) => 0,
+                    Err(e) if e.errno() == Some(libc::EINTR) => 1,
+                    _ => 2,
+                }
+            },
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(0), "None: the child hung (killed)");
+    }
 
     /// More datagrams than one `sendmmsg` takes (the headers are reused for each 64), and
     /// datagrams in two pieces: every one arrives whole, in order, as one datagram.
