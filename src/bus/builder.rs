@@ -353,7 +353,7 @@ impl BusBuilder {
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             fork: crate::sys::ForkStamp::now(),
-            stop_deadline: OnceLock::new(),
+            stop_deadline: Mutex::new(None),
             stalled: AtomicBool::new(false),
             space_waiters: AtomicUsize::new(0),
             full_rejected: AtomicBool::new(false),

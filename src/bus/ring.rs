@@ -807,6 +807,90 @@ mod tests {
         assert_eq!(spans, [(0, 0, 40, 0), (0, 48, 88, 40)]);
     }
 
+    /// Random message sizes (up to the largest a datagram takes) through a ring of the
+    /// minimum size (two datagrams), drained at random points, so that drains start and
+    /// end everywhere, skip words and messages lie exactly at the end of the ring: every
+    /// datagram framed is whole messages, at most the limit (a lone larger message
+    /// excepted: none here), numbered 1, 2, 3, ... in wire order, with and without
+    /// coalescing; every message taken once.
+    #[test]
+    fn frame_over_random_wraps_of_a_minimum_ring_keeps_every_datagram_whole() {
+        for limit in [0usize, 256, 1024] {
+            let d = 1024;
+            let bytes = Ring::bytes(1, d).unwrap();
+            assert_eq!(bytes, 2 * d);
+            let (r, mut t) = Ring::new(bytes).unwrap();
+            let mut src = SeqSource::default();
+            let id = CbId::new(0x4000_0001, 7);
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut rnd = |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let (mut pushed, mut seen, mut across) = (0u64, 0u32, 0);
+            let data = vec![5u8; d];
+            for _ in 0..4000 {
+                // Sizes: often small, sometimes exactly the largest.
+                let len = match rnd(8) {
+                    0 => d - HDR,
+                    1 => rnd((d - HDR) as u64) as usize,
+                    _ => rnd(64) as usize,
+                };
+                let e = Entry::Slice {
+                    id,
+                    data: &data[..len],
+                };
+                if r.push(&mut t, &e, 1, usize::MAX, || 1).is_some() {
+                    pushed += 1;
+                }
+                if rnd(4) != 0 {
+                    continue;
+                }
+                let mut dr = r.drain.lock();
+                let (a, b) = dr.reader.readable();
+                let taken = a.len() + b.len();
+                let mut out = Vec::new();
+                let (n, bad) = frame(
+                    [&mut *a, &mut *b],
+                    limit,
+                    &mut src.to(crate::sys::Dest::Group(20)),
+                    &mut out,
+                );
+                assert!(bad.is_none());
+                let got = sent([&*a, &*b], &out);
+                for (x, msgs) in out.iter().zip(&got) {
+                    let len = x.end - x.start + x.more;
+                    across += usize::from(x.more > 0);
+                    if limit == 0 {
+                        assert_eq!(msgs.len(), 1);
+                    } else {
+                        assert!(len <= limit || msgs.len() == 1, "{x:?}");
+                    }
+                    for m in msgs {
+                        seen += 1;
+                        assert_eq!(m.1, seen);
+                    }
+                }
+                assert_eq!(n, got.iter().map(Vec::len).sum::<usize>() as u64);
+                dr.reader.release(taken);
+            }
+            let mut dr = r.drain.lock();
+            let (a, b) = dr.reader.readable();
+            let mut out = Vec::new();
+            frame(
+                [&mut *a, &mut *b],
+                limit,
+                &mut src.to(crate::sys::Dest::Group(20)),
+                &mut out,
+            );
+            seen += sent([&*a, &*b], &out).concat().len() as u32;
+            assert_eq!(u64::from(seen), pushed);
+            assert_eq!(across > 0, limit > 0, "datagrams across the end: {across}");
+        }
+    }
+
     /// The same through a bus, counted at a receiver: 10 messages of 100 bytes queued across
     /// the end of a 2 KiB ring (5 before it, 5 after) go out as one datagram of 1000 bytes
     /// (at most 1024). Before: two datagrams of 5.

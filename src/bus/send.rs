@@ -38,7 +38,7 @@ impl RoomWait {
         let w = self
             .0
             .get_or_insert_with(|| crate::sys::RoomWait::new(inner.cfg.send_timeout));
-        if let Some(&stop) = inner.stop_deadline.get() {
+        if let Some(stop) = inner.stop_deadline() {
             w.end_by(stop);
         }
         if !w.sleep() {

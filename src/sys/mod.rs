@@ -29,9 +29,11 @@ pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 #[cfg(test)]
 pub(crate) use process::in_forked_child;
-pub(crate) use process::{at_exit, ForkSafe, ForkStamp};
+pub(crate) use process::{at_exit, register_once, ForkSafe, ForkStamp};
 pub use recv::{RecvBatch, RecvMeta};
 pub(crate) use send::RoomWait;
+#[cfg(test)]
+pub(crate) use send::SENDMMSG_CALLS;
 pub use signal::TermSignals;
 pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 #[cfg(all(test, not(cnbus_loom)))]

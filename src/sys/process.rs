@@ -62,17 +62,37 @@ impl ForkStamp {
     }
 }
 
-/// Registers the fork handler, once. Never waits for another thread (as a `Once` would:
-/// in a child forked while another thread was registering, that thread does not exist
-/// and the wait would never end); a thread that finds it being registered goes on (a fork
-/// in that window is still told by the pid, see [`ForkStamp::forked_cold`]).
+/// Registers the fork handler ([`register_once`]: never waiting, and in place when this
+/// returns, unless `pthread_atfork` failed, when the pid comparison of
+/// [`ForkStamp::forked_cold`] still tells a child).
 fn register() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
-    if !REGISTERED.load(Relaxed) && !REGISTERED.swap(true, AcqRel) {
-        // SAFETY: `in_child` is a `'static` function that only adds to an atomic, which
-        // is allowed in a forked child of a multi-threaded process. (On failure,
-        // `ENOMEM`, the pid comparison of `forked_cold` still detects the child.)
-        let _ = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    register_once(&REGISTERED, || at_fork_child(in_child));
+}
+
+/// Has `f` run in the child of every later `fork` (`pthread_atfork`'s child handler).
+/// False when it could not be registered (`ENOMEM`).
+fn at_fork_child(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a `'static` function taking nothing; the handlers given to this
+    // crate's callers only add to an atomic, which is allowed in a forked child of a
+    // multi-threaded process.
+    unsafe { libc::pthread_atfork(None, None, Some(f)) == 0 }
+}
+
+/// Runs `register` (the registration of a process-wide hook, inherited by forked
+/// children) unless one succeeded already (`done`); returns only once a registration is
+/// in place, or failed here. Never waits for another thread (as a `Once` would: in a
+/// child forked while another thread was registering, that thread does not exist and
+/// the wait would never end). A thread that finds another one registering registers
+/// too, rather than go on before the hook is in place (a fork in that window would be
+/// missed: its stamp taken, its child without the handler); so does the first user in a
+/// child forked during a registration. The cost: the few threads of that window register
+/// the hook more than once (each fork handler adds to `FORKS`, which only needs to
+/// change; the exit hook's second run finds nothing left to send).
+pub(crate) fn register_once(done: &AtomicBool, register: impl FnOnce() -> bool) {
+    // Acquire: a thread that sees `done` sees the registration in place.
+    if !done.load(Acquire) && register() {
+        done.store(true, Release);
     }
 }
 
@@ -254,6 +274,51 @@ mod tests {
     fn a_stamp_is_not_forked_in_its_own_process() {
         let s = ForkStamp::now();
         assert!(!s.forked() && !s.forked_cold());
+    }
+
+    /// A thread that finds the fork handler being registered by another thread takes a
+    /// stamp and forks before that registration ends: the child must still be told from
+    /// the parent by the hot path (its count changed); and such a child, whose copy of
+    /// the registration never ended, must have the handler for its own children. Before
+    /// the fix the thread went on without a handler (the child's count was the stamp's:
+    /// bit 0), and the child never registered one (bit 1).
+    #[test]
+    fn a_registration_in_progress_elsewhere_does_not_leave_a_fork_unseen() {
+        static DONE: AtomicBool = AtomicBool::new(false);
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        extern "C" fn bump() {
+            COUNT.fetch_add(1, Relaxed);
+        }
+        let (reached, go) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                register_once(&DONE, || {
+                    reached.wait();
+                    go.wait();
+                    at_fork_child(bump)
+                })
+            });
+            // The other thread is registering.
+            reached.wait();
+            register_once(&DONE, || at_fork_child(bump));
+            let stamp = COUNT.load(Relaxed);
+            let limit = std::time::Duration::from_secs(60);
+            let code = in_forked_child(
+                || {
+                    let mut code = i32::from(COUNT.load(Relaxed) == stamp);
+                    // Its own first use registers what the fork cut short.
+                    register_once(&DONE, || at_fork_child(bump));
+                    let mine = COUNT.load(Relaxed);
+                    let grandchild =
+                        in_forked_child(|| i32::from(COUNT.load(Relaxed) == mine), limit);
+                    code |= i32::from(grandchild != Some(0)) << 1;
+                    code
+                },
+                limit,
+            );
+            go.wait();
+            assert_eq!(code, Some(0), "None: the child hung (killed)");
+        });
     }
 
     /// A `ForkSafe` whose lock a thread holds when another forks: the child gets a fresh

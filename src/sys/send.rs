@@ -61,7 +61,7 @@ impl ConnectorSocket {
     /// to a user-space socket whose receive queue is full waits until it has room
     /// (netlink's own behaviour).
     pub fn send_batch(&self, datagrams: &[IoSlice<'_>], dest: Dest) -> Result<usize> {
-        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0)
+        self.sendmmsg(datagrams.len(), |i| [&datagrams[i], &[]], dest, 0, false)
     }
 
     /// [`send_batch`](Self::send_batch) without waiting (`MSG_DONTWAIT`): returns how many
@@ -73,11 +73,13 @@ impl ConnectorSocket {
             |i| [&datagrams[i], &[]],
             dest,
             libc::MSG_DONTWAIT,
+            false,
         )
     }
 
     /// [`try_send_batch`](Self::try_send_batch) of the `count` datagrams `datagram(0..count)`
-    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX): one system call), each given in two
+    /// (at most [`SENDMMSG_MAX`](Self::SENDMMSG_MAX)) in exactly one system call, even when
+    /// it sends only some of them (then their count: the caller tries the rest), each given in two
     /// pieces that go out as one datagram, the first followed by the second (netlink copies
     /// a message's iovecs into one buffer); the second piece may be empty. For the bus's
     /// datagrams that continue past the end of its ring.
@@ -88,11 +90,12 @@ impl ConnectorSocket {
         dest: Dest,
     ) -> Result<usize> {
         let count = count.min(Self::SENDMMSG_MAX);
-        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT)
+        self.sendmmsg(count, datagram, dest, libc::MSG_DONTWAIT, true)
     }
 
     /// Sends `datagram(0..count)` (each in up to two pieces), [`SENDMMSG_MAX`] per system
-    /// call: see [`send_batch`](Self::send_batch).
+    /// call: see [`send_batch`](Self::send_batch). With `once`, one system call whatever it
+    /// sends (the caller counts its calls and handles a partial result).
     ///
     /// [`SENDMMSG_MAX`]: Self::SENDMMSG_MAX
     fn sendmmsg<'a>(
@@ -101,6 +104,7 @@ impl ConnectorSocket {
         datagram: impl Fn(usize) -> [&'a [u8]; 2],
         dest: Dest,
         flags: libc::c_int,
+        once: bool,
     ) -> Result<usize> {
         const MAX: usize = ConnectorSocket::SENDMMSG_MAX;
         let mut sa = sockaddr(dest)?;
@@ -130,6 +134,8 @@ impl ConnectorSocket {
             // the pieces `datagram` returned (borrowed for 'a, beyond the call); all alive for
             // the call. The kernel reads `msg_iovlen` iovecs of each, their bytes and the
             // name, and writes msg_len into `hdrs`, which we own.
+            #[cfg(test)]
+            SENDMMSG_CALLS.set(SENDMMSG_CALLS.get() + 1);
             let r = unsafe {
                 libc::sendmmsg(
                     self.as_raw_fd(),
@@ -140,9 +146,13 @@ impl ConnectorSocket {
             };
             match cvt(r) {
                 Ok(0) => break,
+                Ok(k) if once => return Ok(k as usize),
                 Ok(k) => sent += k as usize,
                 // The error will recur on the caller's retry of the rest.
                 Err(_) if sent > 0 => break,
+                // A signal while waiting for room: wait on, as `sendto` does (a single call,
+                // `once`, leaves it to its caller, which retries transient errors).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && !once => continue,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock && flags & libc::MSG_DONTWAIT != 0 =>
                 {
@@ -153,6 +163,12 @@ impl ConnectorSocket {
         }
         Ok(sent)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: `sendmmsg` system calls made by this thread.
+    pub(crate) static SENDMMSG_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// A sender's wait for room at a unicast peer whose receive queue is full: netlink offers no
@@ -204,6 +220,83 @@ impl RoomWait {
 mod tests {
     use super::*;
     use crate::codec::{messages_ref, CbId, CnMsg, DatagramBuilder, MessageRef};
+
+    /// A blocking `send_batch` to a full unicast receiver, interrupted by a signal whose
+    /// handler does not restart system calls: it goes on waiting (as `send` does), and
+    /// sends once the receiver has room. Before the fix it returned `EINTR` with nothing
+    /// sent (exit code 1). In a forked child: the handler is the child's own.
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_blocking_batch_interrupted_by_a_signal_goes_on_waiting() {
+        extern "C" fn on_signal(_: libc::c_int) {}
+        if ConnectorSocket::open().is_err() && std::env::var_os("CI").is_none() {
+            return eprintln!("SKIPPED: no netlink connector socket");
+        }
+        let code = crate::sys::in_forked_child(
+            || {
+                // SAFETY: installs a handler that does nothing (async-signal-safe), without
+                // SA_RESTART, for SIGUSR1 in this child only; `sa` is valid for reads.
+                unsafe {
+                    let mut sa: libc::sigaction = mem::zeroed();
+                    sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                    libc::sigemptyset(&mut sa.sa_mask);
+                    libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+                }
+                let (Ok(rx), Ok(tx)) = (ConnectorSocket::open(), ConnectorSocket::open()) else {
+                    return 3;
+                };
+                let _ = rx.set_recv_buffer(4096, true);
+                // Open until the send returned (a closed one refuses it).
+                let rx = std::sync::Arc::new(rx);
+                let rx2 = std::sync::Arc::clone(&rx);
+                let to = Dest::Port(rx.port_id());
+                let id = CbId::new(0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe3, 1);
+                let mut b = DatagramBuilder::new(4096);
+                let _ = b.push(&CnMsg::new(id, vec![1u8; 64]));
+                let d = b.take();
+                while let Ok(Some(_)) = tx.try_send(&d, to) {}
+                // SAFETY: gettid takes nothing.
+                let tid = unsafe { libc::gettid() };
+                // SAFETY: pthread_self takes nothing.
+                let me = unsafe { libc::pthread_self() } as usize;
+                let kicker = std::thread::spawn(move || {
+                    // Once this thread sleeps (in the send), interrupt it a few times.
+                    let stat = format!("/proc/self/task/{tid}/stat");
+                    let asleep = || {
+                        std::fs::read_to_string(&stat)
+                            .ok()
+                            .and_then(|s| {
+                                s.rsplit_once(')')
+                                    .map(|(_, r)| r.trim_start().starts_with('S'))
+                            })
+                            .unwrap_or(false)
+                    };
+                    while !asleep() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    for _ in 0..20 {
+                        // SAFETY: `me` is the child's main thread, alive until we are joined.
+                        unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    // Then room.
+                    let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+                    while let Ok(Some(_)) = rx2.recv(&mut buf, true) {
+                        buf.clear();
+                    }
+                });
+                let r = tx.send_batch(&[IoSlice::new(&d)], to);
+                let _ = kicker.join();
+                match r {
+                    Ok(1) => 0,
+                    Err(e) if e.errno() == Some(libc::EINTR) => 1,
+                    _ => 2,
+                }
+            },
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(0), "None: the child hung (killed)");
+    }
 
     /// More datagrams than one `sendmmsg` takes (the headers are reused for each 64), and
     /// datagrams in two pieces: every one arrives whole, in order, as one datagram.
