@@ -523,8 +523,12 @@ fn the_connectors_settled_snapshots_are_exact_under_user_space_multicasts() {
     let add = |a: &AtomicU64| Counters::add(a, 1);
     let mut buf = bytes::BytesMut::with_capacity(256);
     let (mut checked, mut last, mut reads) = (0u64, None, 0u64);
-    let end = Instant::now() + Duration::from_secs(5);
-    while checked < 2_000 && Instant::now() < end {
+    // 5 s, or longer (up to 60 s) until 100 snapshots have settled: on a busy host few do
+    // (85 in 5 s once in .ci/run).
+    let start = Instant::now();
+    while checked < 2_000
+        && start.elapsed() < Duration::from_secs(if checked > 100 { 5 } else { 60 })
+    {
         buf.clear();
         match sock.recv_max(&mut buf, 256, true) {
             Ok(Some(meta)) if meta.port != 0 && meta.group == PROC_GROUP => {
