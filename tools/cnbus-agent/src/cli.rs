@@ -166,6 +166,11 @@ pub struct NatsArgs {
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_spool_max,
           allow_negative_numbers = true, requires = "nats")]
     pub spool_max: u64,
+    /// Most bytes of the spool directory's dead-letter file (lines JetStream refuses for
+    /// good, kept for an operator); past it such lines are only counted. 0 (keep none) to 1G
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_dead_letter_max,
+          allow_negative_numbers = true, requires = "nats")]
+    pub dead_letter_max: u64,
     /// Most publishes waiting for JetStream's acknowledgement at once (1..=65536)
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_window,
           allow_negative_numbers = true, requires = "nats")]
@@ -190,6 +195,14 @@ fn parse_spool_max(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         n if n >= 16 << 10 => Ok(n as u64),
         _ => Err(format!("{s} is too small (at least 16K)")),
+    }
+}
+
+fn parse_dead_letter_max(s: &str) -> Result<u64, String> {
+    // parse_size's range starts at 1 byte; 0 here means "keep none".
+    match s.trim() {
+        "0" | "0K" | "0k" | "0M" | "0m" | "0G" | "0g" => Ok(0),
+        _ => parse_size(s).map(|n| n as u64),
     }
 }
 
@@ -268,6 +281,10 @@ mod tests {
             &["-d", "1", "man"],
             &["--spool", "/tmp/x"],
             &["--nats", "nats://h:1", "--spool-max", "1K"],
+            &["--nats", "nats://h:1", "--dead-letter-max", "-1"],
+            &["--nats", "nats://h:1", "--dead-letter-max", "2G"],
+            &["--nats", "nats://h:1", "--dead-letter-max", "x"],
+            &["--dead-letter-max", "1M"],
             &["--nats", "nats://h:1", "--nats-window", "0"],
             &["--nats", "nats://h:1", "--nats-linger", "1001"],
             &["--nats", "nats://h:1", "--nats-linger", "-1"],
@@ -311,6 +328,14 @@ mod tests {
         .args
         .nats;
         assert_eq!((n.spool_max, n.nats_window), (16 << 10, 65536));
+        assert_eq!(n.dead_letter_max, 64 << 20);
+        for (v, want) in [("0", 0), ("1", 1), ("3M", 3 << 20), ("1G", 1 << 30)] {
+            let n = parse(&["--nats", "nats://h:1", "--dead-letter-max", v])
+                .unwrap()
+                .args
+                .nats;
+            assert_eq!(n.dead_letter_max, want, "{v}");
+        }
         assert_eq!(n.shutdown_deadline, Duration::ZERO);
         assert_eq!(n.spool, PathBuf::from(DEFAULT_SPOOL));
     }

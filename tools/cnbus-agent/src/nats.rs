@@ -131,6 +131,7 @@ pub fn config(a: &NatsArgs, url: &str) -> Result<Config, String> {
     c.window = a.nats_window;
     c.linger = Duration::from_millis(a.nats_linger);
     c.spool_max_bytes = a.spool_max;
+    c.dead_letter_max_bytes = a.dead_letter_max;
     // At least four segments in the spool, so that a small cap still spools in steps.
     c.spool_segment_bytes = (a.spool_max / 4).clamp(4096, 4 << 20);
     Ok(c)
@@ -314,6 +315,28 @@ mod tests {
         }
         let c = config_of("nats://127.0.0.1:4222").unwrap();
         assert_eq!(c.url, "nats://127.0.0.1:4222");
+    }
+
+    #[test]
+    fn the_spool_and_dead_letter_caps_reach_the_sink() {
+        let url = "nats://127.0.0.1:4222";
+        let c = config_of(url).unwrap();
+        assert_eq!(
+            (c.spool_max_bytes, c.dead_letter_max_bytes),
+            (256 << 20, 64 << 20)
+        );
+        let cli = Cli::try_parse_from([
+            "cnbus-agent",
+            "--nats",
+            url,
+            "--spool-max",
+            "1M",
+            "--dead-letter-max",
+            "0",
+        ])
+        .unwrap();
+        let c = super::config(&cli.args.nats, url).unwrap();
+        assert_eq!((c.spool_max_bytes, c.dead_letter_max_bytes), (1 << 20, 0));
     }
 
     #[test]
