@@ -188,6 +188,29 @@ fn kernel_listener(test: &str, recv_buffer: usize) -> Option<ProcListener> {
     }
 }
 
+/// A socket connected to the kernel for the kernel tests below; `None` (the test is
+/// skipped, and says so) where the connector cannot be reached; under CI that is a failure.
+fn kernel_socket(test: &str) -> Option<ConnectorSocket> {
+    match ConnectorSocket::open().and_then(|s| s.connect_kernel().map(|()| s)) {
+        Ok(s) => Some(s),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("{test}: the kernel connector is required under CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("{test}: SKIPPED, kernel connector not reachable: {e}");
+            None
+        }
+    }
+}
+
+/// Tells the kernel to send `sock` no proc events (`IGNORE`).
+fn ignore(sock: &ConnectorSocket) {
+    let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
+    d.push(&request(McastOp::Ignore, None, 0, sock.port_id()))
+        .unwrap();
+    sock.send(d.as_bytes(), Dest::Kernel).unwrap();
+}
+
 /// A user-space sender on group 1 with a port id of its own: a thread multicasting a
 /// well-formed spoofed proc event as fast as it can while `on` is set, until stopped.
 struct Spoofer {
@@ -391,15 +414,8 @@ fn a_user_space_multicast_during_the_join_is_joined_again() {
         eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
         return;
     }
-    let sock = match ConnectorSocket::open().and_then(|s| s.connect_kernel().map(|()| s)) {
-        Ok(s) => s,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("{test}: the kernel connector is required under CI: {e}")
-        }
-        Err(e) => {
-            eprintln!("{test}: SKIPPED, kernel connector not reachable: {e}");
-            return;
-        }
+    let Some(sock) = kernel_socket(test) else {
+        return;
     };
     let spoofer = ConnectorSocket::open().unwrap();
     let d = spoofed(&spoofer);
@@ -463,21 +479,11 @@ fn the_connectors_settled_snapshots_are_exact_under_user_space_multicasts() {
         eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
         return;
     }
-    let sock = match ConnectorSocket::open().and_then(|s| s.connect_kernel().map(|()| s)) {
-        Ok(s) => s,
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("{test}: the kernel connector is required under CI: {e}")
-        }
-        Err(e) => {
-            eprintln!("{test}: SKIPPED, kernel connector not reachable: {e}");
-            return;
-        }
+    let Some(sock) = kernel_socket(test) else {
+        return;
     };
     sock.set_recv_buffer(16 << 10, true).unwrap();
-    let mut d = DatagramBuilder::new(64).with_pid(sock.port_id());
-    d.push(&request(McastOp::Ignore, None, 0, sock.port_id()))
-        .unwrap();
-    sock.send(d.as_bytes(), Dest::Kernel).unwrap();
+    ignore(&sock);
     let c = Counters::default();
     c.drops_baseline(&sock);
     sock.join(PROC_GROUP).unwrap();
@@ -489,10 +495,7 @@ fn the_connectors_settled_snapshots_are_exact_under_user_space_multicasts() {
         .map(|_| {
             let m = ConnectorSocket::open().unwrap();
             m.connect_kernel().unwrap();
-            let mut d = DatagramBuilder::new(64).with_pid(m.port_id());
-            d.push(&request(McastOp::Ignore, None, 0, m.port_id()))
-                .unwrap();
-            m.send(d.as_bytes(), Dest::Kernel).unwrap();
+            ignore(&m);
             m.join(PROC_GROUP).unwrap();
             m
         })
