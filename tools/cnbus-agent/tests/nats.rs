@@ -60,7 +60,11 @@ impl Agent {
 
     /// Starts the agent as [`Agent::start`] does, without waiting for anything.
     fn spawn(url: &str, extra: &[&str]) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
+        Agent::spawn_in(tempfile::tempdir().unwrap(), url, extra)
+    }
+
+    /// As [`Agent::spawn`], in `dir` (a directory an earlier agent left: its spool and log).
+    fn spawn_in(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Agent {
         let mut child = Command::new(BIN)
             // --duration: a safety net should the test die without stopping it.
             .args(["--duration", "600", "--interval", "0.5", "--nats", url])
@@ -455,6 +459,108 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
         *all.entry(l.as_bytes()).or_insert(0) += 1;
     }
     assert_eq!(all, multiset(local.iter().map(|l| l.as_bytes())));
+
+    // The operator lifts the limit and requeues the dead letters: the next start stores
+    // each of them once, with its msg id and subject, and the stream holds every local line
+    // of both runs (the log is appended to) exactly once.
+    common::runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("CNBUS_EVENTS").await.unwrap();
+        let mut config = stream.info().await.unwrap().config.clone();
+        config.max_message_size = -1;
+        js.update_stream(config).await.unwrap();
+    });
+    let requeue = Command::new(BIN)
+        .arg("requeue-dead-letters")
+        .arg("--spool")
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&requeue.stdout);
+    assert!(requeue.status.success(), "{requeue:?}");
+    assert!(
+        said.contains(&format!("requeued {dropped} dead letters"))
+            && said.contains("kept 0 malformed"),
+        "{said}"
+    );
+    assert!(!spool.join(cnbus_nats::DEAD_LETTER_FILE).exists());
+    let agent = Agent::spawn_in(dir, &server.url(), &[]);
+    agent.wait_stats("the requeued lines sent", |s| {
+        s["nats"]["replayed"].as_u64() == Some(dropped)
+            && s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= dropped
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(
+        (
+            nats(&fin, "dropped"),
+            nats(&fin, "dead_lettered"),
+            nats(&fin, "unsent")
+        ),
+        (0, 0, 0),
+        "{fin}"
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0);
+    for l in &kept {
+        assert!(
+            stored.iter().any(|s| s.payload == l.as_bytes()),
+            "requeued line not stored: {l}"
+        );
+    }
+}
+
+/// `cnbus-agent requeue-dead-letters` without a server or the kernel: a summary line
+/// (requeued N, kept M malformed, and why the first is), the malformed line kept aside;
+/// refused, status 1 and the dead-letter file untouched, while the spool is in use (its
+/// lock held, as by a running agent) or when the directory does not exist.
+#[test]
+fn requeue_dead_letters_says_what_it_did_and_refuses_a_spool_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join(cnbus_nats::DEAD_LETTER_FILE);
+    let record =
+        r#"{"msg_id":"b.1.2.3.exec","subject":"cnbus.events.h.exec","reason":"r","line":"{}\n"}"#;
+    let text = format!("{record}\n{{\"msg_id\":\n");
+    std::fs::write(&dead, &text).unwrap();
+    let run = |spool: &std::path::Path| {
+        Command::new(BIN)
+            .arg("requeue-dead-letters")
+            .arg("--spool")
+            .arg(spool)
+            .output()
+            .unwrap()
+    };
+    let lock = std::fs::File::open(dir.path()).unwrap();
+    lock.try_lock().unwrap();
+    let out = run(dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(std::fs::read_to_string(&dead).unwrap(), text);
+    drop(lock);
+    let out = run(&dir.path().join("missing"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = run(dir.path());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("requeued 1 dead letters")
+            && said.contains("kept 1 malformed")
+            && said.contains("line 2: not JSON"),
+        "{said}"
+    );
+    assert!(!dead.exists());
+    assert_eq!(
+        std::fs::read(dir.path().join(cnbus_nats::DEAD_LETTER_MALFORMED_FILE)).unwrap(),
+        b"{\"msg_id\":\n"
+    );
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".spool")));
 }
 
 /// A 16 KiB spool during a long outage: the sink drops lines, and the count is exact: the

@@ -364,3 +364,109 @@ fn records_for_a_subject_no_stream_covers_are_spooled_reported_and_delivered_onc
         150
     );
 }
+
+/// The operator's way back for dead letters: records the stream refuses for good (over its
+/// `max_msg_size`; one of them not UTF-8, kept as `line_hex`) land in the dead-letter file;
+/// the operator raises the limit and runs `requeue_dead_letters`; the next start, under
+/// another host name, stores each exactly once with its own msg id, subject and bytes.
+/// Requeued again (a crash before the dead-letter file was removed, simulated by putting
+/// it back), they are sent with the same ids and de-duplicated: still once in the stream.
+/// Before, there was no way back but re-publishing `jq -j .line` by hand, under new ids
+/// and the re-publisher's subjects.
+#[test]
+fn dead_letters_requeued_once_the_cause_is_fixed_are_stored_once_with_their_ids_and_subjects() {
+    let server = NatsServer::start(&[]);
+    runtime().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "CNBUS_EVENTS".into(),
+                subjects: vec!["cnbus.events.>".into()],
+                max_message_size: 300,
+                duplicate_window: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let spool = tempfile::tempdir().unwrap();
+    const N: usize = 100;
+    let big = |i: usize| i % 25 == 3;
+    let line_of = |i: usize| {
+        if !big(i) {
+            return line(i);
+        }
+        let mut l = format!("{{\"n\":{i},\"pad\":\"{}\"", "x".repeat(400)).into_bytes();
+        if i == 3 {
+            // Not UTF-8 (never the agent's, but a library user's line may be anything).
+            l.extend_from_slice(b",\"raw\":\"\xff\xfe\"");
+        }
+        l.extend_from_slice(b"}\n");
+        bytes::Bytes::from(l)
+    };
+    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    let events = ["fork", "exec"];
+    for i in 0..N {
+        sink.publish(Record {
+            event: events[i % 2],
+            msg_id: msg_id(i),
+            line: line_of(i),
+        });
+    }
+    let n_big = (0..N).filter(|&i| big(i)).count() as u64;
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!(
+        (report.sent, report.unsent, report.dropped),
+        (N as u64 - n_big, 0, n_big)
+    );
+    assert_eq!(report.stats.dead_lettered, n_big);
+    let kept = std::fs::read(spool.path().join(cnbus_nats::DEAD_LETTER_FILE)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&kept).contains("line_hex"),
+        "the non-UTF-8 line is kept in hex"
+    );
+    // The operator fixes the cause, then requeues.
+    update_stream(&server, |c| c.max_message_size = -1);
+    let done = cnbus_nats::requeue_dead_letters(spool.path()).unwrap();
+    assert_eq!((done.requeued, done.malformed), (n_big, 0));
+    assert!(!spool.path().join(cnbus_nats::DEAD_LETTER_FILE).exists());
+    let check_stream = || {
+        let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+        assert_eq!(stored.len(), N);
+        let map = by_id(&stored);
+        for i in 0..N {
+            let s = &map[&msg_id(i)];
+            assert_eq!(s.payload, line_of(i), "{i}");
+            let subject = format!("cnbus.events.h.{}", events[i % 2]);
+            assert_eq!(s.subject, subject, "{i}");
+        }
+    };
+    // The next start: another host name, which requeued records do not take.
+    let restart = || {
+        let sink =
+            NatsSink::start(Config::new(server.url(), "other", spool.path())).expect("start");
+        sink.shutdown(DEADLINE)
+    };
+    let report = restart();
+    assert_eq!((report.sent, report.unsent, report.dropped), (n_big, 0, 0));
+    assert_eq!(
+        (
+            report.stats.replayed,
+            report.stats.duplicates,
+            report.stats.dead_lettered
+        ),
+        (n_big, 0, 0)
+    );
+    check_stream();
+    assert!(spool_files(spool.path()).is_empty());
+    // The crash case: the dead-letter file back, requeued again, sent again with the same ids.
+    std::fs::write(spool.path().join(cnbus_nats::DEAD_LETTER_FILE), &kept).unwrap();
+    let done = cnbus_nats::requeue_dead_letters(spool.path()).unwrap();
+    assert_eq!(done.requeued, n_big);
+    let report = restart();
+    assert_eq!(
+        (report.sent, report.stats.duplicates, report.dropped),
+        (n_big, n_big, 0)
+    );
+    check_stream();
+}
