@@ -31,6 +31,22 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The agent publishing to `url`, its spool and its log (`--output`) in `dir`, stderr piped.
+fn agent_command(dir: &std::path::Path, url: &str) -> Command {
+    let mut command = Command::new(BIN);
+    // --duration: a safety net should the test die without stopping it.
+    command
+        .args(["--duration", "600", "--nats", url])
+        .arg("--spool")
+        .arg(dir.join("spool"))
+        .arg("--output")
+        .arg(dir.join("events.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A running agent; killed if the test fails before stopping it.
 struct Agent {
     child: Child,
@@ -65,25 +81,16 @@ impl Agent {
 
     /// As [`Agent::spawn`], in `dir` (a directory an earlier agent left: its spool and log).
     fn spawn_in(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Agent {
-        let mut child = Command::new(BIN)
-            // --duration: a safety net should the test die without stopping it.
-            .args(["--duration", "600", "--interval", "0.5", "--nats", url])
-            .args(["--nats-hostname", HOST])
+        let mut child = agent_command(dir.path(), url)
+            .args(["--interval", "0.5", "--nats-hostname", HOST])
             .args(if extra.contains(&"--shutdown-deadline") {
                 &[][..]
             } else {
                 &["--shutdown-deadline", "120"][..]
             })
-            .arg("--spool")
-            .arg(dir.path().join("spool"))
-            .arg("--output")
-            .arg(dir.path().join("events.jsonl"))
             .arg("--stats-file")
             .arg(dir.path().join("stats.json"))
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the agent");
         let err = child.stderr.take().unwrap();
@@ -405,17 +412,8 @@ fn a_server_killed_mid_storm_loses_nothing_silently() {
 fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
     let _serial = serial();
     let server = NatsServer::start(&[]);
-    common::runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        async_nats::jetstream::new(client)
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: "CNBUS_EVENTS".into(),
-                subjects: vec!["cnbus.events.>".into()],
-                max_message_size: 300,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+    server.create_stream_with("CNBUS_EVENTS", &["cnbus.events.>"], |c| {
+        c.max_message_size = 300
     });
     let mut agent = Agent::start(&server.url(), &[]);
     let storm = Storm::start();
@@ -443,12 +441,10 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
     let stored = read_stream(&server.url(), "CNBUS_EVENTS");
     assert_eq!(compare(&stored, &local), dropped);
     // The dead-letter file holds exactly the local lines that are not in the stream.
-    let kept: Vec<String> = std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            assert!(v["reason"].as_str().unwrap().contains("10054"), "{l}");
+    let kept: Vec<String> = common::dead_letters(&spool)
+        .iter()
+        .map(|v| {
+            assert!(v["reason"].as_str().unwrap().contains("10054"), "{v}");
             v["line"].as_str().unwrap().to_owned()
         })
         .collect();
@@ -463,14 +459,7 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
     // The operator lifts the limit and requeues the dead letters: the next start stores
     // each of them once, with its msg id and subject, and the stream holds every local line
     // of both runs (the log is appended to) exactly once.
-    common::runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream("CNBUS_EVENTS").await.unwrap();
-        let mut config = stream.info().await.unwrap().config.clone();
-        config.max_message_size = -1;
-        js.update_stream(config).await.unwrap();
-    });
+    server.update_stream(|c| c.max_message_size = -1);
     let requeue = Command::new(BIN)
         .arg("requeue-dead-letters")
         .arg("--spool")
@@ -598,16 +587,8 @@ fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
 /// Runs the agent expecting it to refuse to start: its exit status and stderr.
 fn refused(url: &str, extra: &[&str]) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--duration", "600", "--nats", url])
-        .arg("--spool")
-        .arg(dir.path().join("spool"))
-        .arg("--output")
-        .arg(dir.path().join("events.jsonl"))
+    let mut child = agent_command(dir.path(), url)
         .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the agent");
     let start = Instant::now();
