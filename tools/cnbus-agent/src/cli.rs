@@ -22,7 +22,8 @@ Event log (stdout, or --output FILE, appended): one JSON object per line (docs/A
   dropped since the last dropped line: its spool was full, a spool write failed, a spool
   segment was damaged, or the line is refused for good: over the server's max_payload or
   the stream's max_msg_size, a bad request, a sealed stream; those are kept in
-  SPOOL/dead-letter.jsonl), dropped_total.
+  SPOOL/dead-letter.jsonl, and `cnbus-agent requeue-dead-letters` puts them back in the
+  spool once the cause is fixed), dropped_total.
 
 Counters (stderr every --interval, or --stats-file; the last one, final true, always on
 stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, lost_events,
@@ -70,9 +71,34 @@ cnbus-agent.service)."
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub generate: Option<Generate>,
+    pub command: Option<Command>,
     #[command(flatten)]
     pub args: Args,
+}
+
+/// What the agent does instead of running.
+#[derive(Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Put the lines JetStream refused for good back in the spool, for the next start to send
+    ///
+    /// Moves every record of DIR/dead-letter.jsonl back into the spool DIR, each with its own
+    /// subject and msg id, for the next `cnbus-agent --nats` start on DIR to send first
+    /// (de-duplicated by msg id). Run it once the cause is fixed, while no agent runs on DIR.
+    /// Lines that are no record are kept aside in DIR/dead-letter.malformed.
+    #[command(
+        after_help = "Prints one line: requeued N, kept M malformed. Exit status: 0 when \
+                            every line was requeued or kept aside; 1 on an error (DIR missing \
+                            or in use by a running agent, a failed write), the dead-letter \
+                            file then left as it was. See docs/AGENT.md, \"Sending dead \
+                            letters again\"."
+    )]
+    RequeueDeadLetters {
+        /// The agent's spool directory (its --spool)
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_SPOOL)]
+        spool: PathBuf,
+    },
+    #[command(flatten)]
+    Generate(Generate),
 }
 
 /// What the agent does.
@@ -313,7 +339,10 @@ mod tests {
                 .to_string();
             assert!(e.contains("(0 to 3600 seconds)"), "{v}: {e}");
         }
-        assert_eq!(parse(&["man"]).unwrap().generate, Some(Generate::Man),);
+        assert_eq!(
+            parse(&["man"]).unwrap().command,
+            Some(Command::Generate(Generate::Man))
+        );
         let n = parse(&[
             "--nats",
             "nats://127.0.0.1:4222",
@@ -338,5 +367,31 @@ mod tests {
         }
         assert_eq!(n.shutdown_deadline, Duration::ZERO);
         assert_eq!(n.spool, PathBuf::from(DEFAULT_SPOOL));
+    }
+
+    #[test]
+    fn requeue_dead_letters_takes_the_spool_and_nothing_of_the_agent() {
+        let requeue = |spool: &str| {
+            Some(Command::RequeueDeadLetters {
+                spool: PathBuf::from(spool),
+            })
+        };
+        let c = parse(&["requeue-dead-letters"]).unwrap().command;
+        assert_eq!(c, requeue(DEFAULT_SPOOL));
+        let c = parse(&["requeue-dead-letters", "--spool", "/s"])
+            .unwrap()
+            .command;
+        assert_eq!(c, requeue("/s"));
+        for bad in [
+            &["requeue-dead-letters", "--nats", "nats://h:1"][..],
+            &["--duration", "1", "requeue-dead-letters"],
+            &["requeue-dead-letters", "/s"],
+            &["requeue-dead-letters", "--spool"],
+        ] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
     }
 }

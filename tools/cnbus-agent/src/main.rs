@@ -39,7 +39,7 @@ use cnbus_cli::output::Terminals;
 use cnbus_cli::warn;
 use nats::{Ship, Shipper};
 
-use cli::Cli;
+use cli::{Cli, Command};
 use output::{log_error, open_output, write_atomic};
 use table::Agent;
 
@@ -82,8 +82,10 @@ fn report_drops(
 
 fn main() -> ExitCode {
     let cli: Cli = cnbus_cli::output::parse_args("cnbus-agent");
-    if let Some(g) = &cli.generate {
-        return g.run("cnbus-agent", Cli::command());
+    match &cli.command {
+        Some(Command::Generate(g)) => return g.run("cnbus-agent", Cli::command()),
+        Some(Command::RequeueDeadLetters { spool }) => return nats::requeue_dead_letters(spool),
+        None => {}
     }
     let args = cli.args;
     // Before any thread exists: every thread inherits the blocked mask, so only the waiter

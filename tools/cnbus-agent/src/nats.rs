@@ -14,17 +14,53 @@
 //! writes (and ships) a `dropped` line with the increase of that counter, at most once a
 //! second ([`Shipper::drops_due`]).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cnbus::proc::ProcEvent;
+use cnbus_cli::warn;
 use cnbus_nats::{
     AbortHandle, Accepted, Auth, Config, NatsSink, Record, ShutdownReport, SinkStats,
 };
 
 use crate::cli::NatsArgs;
 use crate::records::NatsCounters;
+
+/// `cnbus-agent requeue-dead-letters --spool DIR`: moves the dead letters of `spool` back
+/// into it ([`cnbus_nats::requeue_dead_letters`]) and prints one line saying how many, and
+/// how many lines were kept aside as malformed (and why the first one is). Status 1 on an
+/// error (the directory missing or in use, a failed write).
+pub fn requeue_dead_letters(spool: &Path) -> ExitCode {
+    let done = match cnbus_nats::requeue_dead_letters(spool) {
+        Ok(done) => done,
+        Err(e) => {
+            warn!("cnbus-agent: requeue-dead-letters: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut summary = format!(
+        "cnbus-agent: requeued {} dead letters from {} into the spool {} (the next start sends them), kept {} malformed",
+        done.requeued,
+        spool.join(cnbus_nats::DEAD_LETTER_FILE).display(),
+        spool.display(),
+        done.malformed,
+    );
+    if let Some(first) = &done.first_malformed {
+        summary += &format!(
+            " in {} (first: {first})",
+            spool.join(cnbus_nats::DEAD_LETTER_MALFORMED_FILE).display()
+        );
+    }
+    summary.push('\n');
+    let mut out = std::io::stdout().lock();
+    match out.write_all(summary.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cnbus_cli::output::write_failed("cnbus-agent", "the summary to stdout", &e),
+    }
+}
 
 /// How often the sink's drop counter is compared with what the `dropped` lines reported.
 pub const DROP_CHECK_EVERY: Duration = Duration::from_secs(1);

@@ -31,6 +31,22 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The agent publishing to `url`, its spool and its log (`--output`) in `dir`, stderr piped.
+fn agent_command(dir: &std::path::Path, url: &str) -> Command {
+    let mut command = Command::new(BIN);
+    // --duration: a safety net should the test die without stopping it.
+    command
+        .args(["--duration", "600", "--nats", url])
+        .arg("--spool")
+        .arg(dir.join("spool"))
+        .arg("--output")
+        .arg(dir.join("events.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A running agent; killed if the test fails before stopping it.
 struct Agent {
     child: Child,
@@ -60,26 +76,21 @@ impl Agent {
 
     /// Starts the agent as [`Agent::start`] does, without waiting for anything.
     fn spawn(url: &str, extra: &[&str]) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(BIN)
-            // --duration: a safety net should the test die without stopping it.
-            .args(["--duration", "600", "--interval", "0.5", "--nats", url])
-            .args(["--nats-hostname", HOST])
+        Agent::spawn_in(tempfile::tempdir().unwrap(), url, extra)
+    }
+
+    /// As [`Agent::spawn`], in `dir` (a directory an earlier agent left: its spool and log).
+    fn spawn_in(dir: tempfile::TempDir, url: &str, extra: &[&str]) -> Agent {
+        let mut child = agent_command(dir.path(), url)
+            .args(["--interval", "0.5", "--nats-hostname", HOST])
             .args(if extra.contains(&"--shutdown-deadline") {
                 &[][..]
             } else {
                 &["--shutdown-deadline", "120"][..]
             })
-            .arg("--spool")
-            .arg(dir.path().join("spool"))
-            .arg("--output")
-            .arg(dir.path().join("events.jsonl"))
             .arg("--stats-file")
             .arg(dir.path().join("stats.json"))
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the agent");
         let err = child.stderr.take().unwrap();
@@ -401,17 +412,8 @@ fn a_server_killed_mid_storm_loses_nothing_silently() {
 fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
     let _serial = serial();
     let server = NatsServer::start(&[]);
-    common::runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        async_nats::jetstream::new(client)
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: "CNBUS_EVENTS".into(),
-                subjects: vec!["cnbus.events.>".into()],
-                max_message_size: 300,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+    server.create_stream_with("CNBUS_EVENTS", &["cnbus.events.>"], |c| {
+        c.max_message_size = 300
     });
     let mut agent = Agent::start(&server.url(), &[]);
     let storm = Storm::start();
@@ -439,12 +441,10 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
     let stored = read_stream(&server.url(), "CNBUS_EVENTS");
     assert_eq!(compare(&stored, &local), dropped);
     // The dead-letter file holds exactly the local lines that are not in the stream.
-    let kept: Vec<String> = std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            assert!(v["reason"].as_str().unwrap().contains("10054"), "{l}");
+    let kept: Vec<String> = common::dead_letters(&spool)
+        .iter()
+        .map(|v| {
+            assert!(v["reason"].as_str().unwrap().contains("10054"), "{v}");
             v["line"].as_str().unwrap().to_owned()
         })
         .collect();
@@ -455,6 +455,101 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
         *all.entry(l.as_bytes()).or_insert(0) += 1;
     }
     assert_eq!(all, multiset(local.iter().map(|l| l.as_bytes())));
+
+    // The operator lifts the limit and requeues the dead letters: the next start stores
+    // each of them once, with its msg id and subject, and the stream holds every local line
+    // of both runs (the log is appended to) exactly once.
+    server.update_stream(|c| c.max_message_size = -1);
+    let requeue = Command::new(BIN)
+        .arg("requeue-dead-letters")
+        .arg("--spool")
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&requeue.stdout);
+    assert!(requeue.status.success(), "{requeue:?}");
+    assert!(
+        said.contains(&format!("requeued {dropped} dead letters"))
+            && said.contains("kept 0 malformed"),
+        "{said}"
+    );
+    assert!(!spool.join(cnbus_nats::DEAD_LETTER_FILE).exists());
+    let agent = Agent::spawn_in(dir, &server.url(), &[]);
+    agent.wait_stats("the requeued lines sent", |s| {
+        s["nats"]["replayed"].as_u64() == Some(dropped)
+            && s["nats"]["acknowledged"].as_u64().unwrap_or(0) >= dropped
+    });
+    let (status, stderr, fin, local) = agent.stop();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(
+        (
+            nats(&fin, "dropped"),
+            nats(&fin, "dead_lettered"),
+            nats(&fin, "unsent")
+        ),
+        (0, 0, 0),
+        "{fin}"
+    );
+    let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+    assert_eq!(compare(&stored, &local), 0);
+    for l in &kept {
+        assert!(
+            stored.iter().any(|s| s.payload == l.as_bytes()),
+            "requeued line not stored: {l}"
+        );
+    }
+}
+
+/// `cnbus-agent requeue-dead-letters` without a server or the kernel: a summary line
+/// (requeued N, kept M malformed, and why the first is), the malformed line kept aside;
+/// refused, status 1 and the dead-letter file untouched, while the spool is in use (its
+/// lock held, as by a running agent) or when the directory does not exist.
+#[test]
+fn requeue_dead_letters_says_what_it_did_and_refuses_a_spool_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join(cnbus_nats::DEAD_LETTER_FILE);
+    let record =
+        r#"{"msg_id":"b.1.2.3.exec","subject":"cnbus.events.h.exec","reason":"r","line":"{}\n"}"#;
+    let text = format!("{record}\n{{\"msg_id\":\n");
+    std::fs::write(&dead, &text).unwrap();
+    let run = |spool: &std::path::Path| {
+        Command::new(BIN)
+            .arg("requeue-dead-letters")
+            .arg("--spool")
+            .arg(spool)
+            .output()
+            .unwrap()
+    };
+    let lock = std::fs::File::open(dir.path()).unwrap();
+    lock.try_lock().unwrap();
+    let out = run(dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(std::fs::read_to_string(&dead).unwrap(), text);
+    drop(lock);
+    let out = run(&dir.path().join("missing"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = run(dir.path());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("requeued 1 dead letters")
+            && said.contains("kept 1 malformed")
+            && said.contains("line 2: not JSON"),
+        "{said}"
+    );
+    assert!(!dead.exists());
+    assert_eq!(
+        std::fs::read(dir.path().join(cnbus_nats::DEAD_LETTER_MALFORMED_FILE)).unwrap(),
+        b"{\"msg_id\":\n"
+    );
+    assert!(std::fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".spool")));
 }
 
 /// A 16 KiB spool during a long outage: the sink drops lines, and the count is exact: the
@@ -492,16 +587,8 @@ fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
 /// Runs the agent expecting it to refuse to start: its exit status and stderr.
 fn refused(url: &str, extra: &[&str]) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--duration", "600", "--nats", url])
-        .arg("--spool")
-        .arg(dir.path().join("spool"))
-        .arg("--output")
-        .arg(dir.path().join("events.jsonl"))
+    let mut child = agent_command(dir.path(), url)
         .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the agent");
     let start = Instant::now();

@@ -6,20 +6,30 @@
 //! (with its newline); a line that is not UTF-8 (never the agent's) is kept as `line_hex`
 //! instead, its bytes in hex, unchanged.
 //! A last line left unfinished (a crash in the middle of a write) is cut off when the file
-//! is opened. Never read back by the sink: an operator re-publishes them once the cause is fixed (a
-//! stream limit raised, say). Capped: past [`Config::dead_letter_max_bytes`] a refused record
-//! is only counted as dropped.
+//! is opened. Never read back by the sink while it runs: once the cause is fixed (a stream
+//! limit raised, say), an operator moves the records back into the spool with
+//! [`requeue_dead_letters`] (`cnbus-agent requeue-dead-letters`), and the next start sends
+//! them with their own msg ids and subjects. Capped: past
+//! [`Config::dead_letter_max_bytes`] a refused record is only counted as dropped.
 //!
 //! [`Config::dead_letter_max_bytes`]: crate::Config::dead_letter_max_bytes
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use crate::Item;
+use bytes::Bytes;
+
+use crate::spool::{self, NewSegments};
+use crate::{sanitize_token, Item, SinkError, MAX_HOST_TOKEN, SUBJECT_PREFIX};
 
 /// The file's name in the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+
+/// What the `reason` of a record refused after an unacknowledged publish of it says (it may
+/// be in the stream: counted as `maybe_stored`); a requeue keeps that for the next refusal.
+pub(crate) const MAYBE_STORED_NOTE: &str =
+    "an earlier publish of it was not acknowledged: it may be in the stream";
 
 pub(crate) struct DeadLetter {
     path: PathBuf,
@@ -122,6 +132,179 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The bytes of `hex` (an even number of hex digits, either case); `None` if it is not that.
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    let hex = hex.as_bytes();
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    hex.chunks_exact(2)
+        .map(|pair| Some((digit(pair[0])? << 4 | digit(pair[1])?) as u8))
+        .collect()
+}
+
+/// Where [`requeue_dead_letters`] keeps the lines of the dead-letter file that are no
+/// record (in the spool directory, appended, each line unchanged and ended by a newline).
+pub const DEAD_LETTER_MALFORMED_FILE: &str = "dead-letter.malformed";
+
+/// What [`requeue_dead_letters`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Records moved into the spool, each with its msg id, subject and line unchanged.
+    pub requeued: u64,
+    /// Lines that are no record (a torn last line, not JSON, a field missing or unusable),
+    /// appended unchanged to [`DEAD_LETTER_MALFORMED_FILE`].
+    pub malformed: u64,
+    /// Why the first of those is no record, with its line number.
+    pub first_malformed: Option<String>,
+    /// Spool segments written.
+    pub segments: u64,
+}
+
+/// Moves every record of the dead-letter file of spool directory `spool_dir`
+/// ([`DEAD_LETTER_FILE`]) back into the spool, for the next [`NatsSink::start`] on that
+/// directory to send (after what the spool already holds, before new records). Each record
+/// keeps its msg id (the `Nats-Msg-Id`: de-duplicated by the stream as the first time), its
+/// subject (whatever host name the next start has) and its line byte for byte (`line_hex`
+/// too). For an operator who fixed why they were refused (raised the stream's
+/// `max_msg_size` or the server's `max_payload`, say): a record refused again goes back to
+/// the dead-letter file.
+///
+/// Lines that are no record (a torn last line left by a crash, anything that is not one JSON
+/// object with a string `msg_id`, a `cnbus.events.<host>.<event>` `subject` and exactly one
+/// of `line` or `line_hex`) are never dropped: counted ([`Requeued::malformed`]) and
+/// appended, unchanged, to [`DEAD_LETTER_MALFORMED_FILE`]. The dead-letter file is removed
+/// at the end. A missing dead-letter file requeues nothing.
+///
+/// Crash-safe: the records go into new spool segments, each written aside, synced and
+/// then renamed into the spool (a crash leaves whole segments, never a torn one), and the
+/// dead-letter file is removed only once every segment is on disk. A crash in between
+/// leaves records both in the spool and in the dead-letter file: a second requeue queues
+/// them again with the same msg ids, which the stream de-duplicates (within its duplicate
+/// window); no record is lost, none gets another id.
+///
+/// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
+/// sink, an agent), or a file operation failed; the dead-letter file is then left as it
+/// was (records already requeued in whole segments are in the spool too).
+///
+/// [`NatsSink::start`]: crate::NatsSink::start
+pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
+    let ctx = |op: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| SinkError::Spool { op, path, source }
+    };
+    // No sink on the directory meanwhile: it would append to the file being emptied.
+    let _lock = spool::lock_dir(spool_dir)?;
+    let path = spool_dir.join(DEAD_LETTER_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Requeued::default()),
+        Err(e) => return Err(ctx("open dead-letter file", &path)(e)),
+    };
+    let mut reader = io::BufReader::new(file);
+    let mut segments = NewSegments::new(spool_dir, spool::DEFAULT_SEGMENT_BYTES)?;
+    let malformed_path = spool_dir.join(DEAD_LETTER_MALFORMED_FILE);
+    let mut malformed_file: Option<File> = None;
+    let mut done = Requeued::default();
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        reader
+            .read_until(b'\n', &mut line)
+            .map_err(ctx("read dead-letter file", &path))?;
+        if line.is_empty() {
+            break;
+        }
+        let record = match line.strip_suffix(b"\n") {
+            Some(text) => parse_record(text),
+            // Even one that parses: the write was cut short, and the record is still in
+            // the spool (released only once its line is written).
+            None => Err("torn: no newline at its end (a write cut short)".to_owned()),
+        };
+        match record {
+            Ok(item) => {
+                segments.push(&item)?;
+                done.requeued += 1;
+            }
+            Err(why) => {
+                done.malformed += 1;
+                done.first_malformed
+                    .get_or_insert_with(|| format!("line {number}: {why}"));
+                if malformed_file.is_none() {
+                    let file = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&malformed_path)
+                        .map_err(ctx("open", &malformed_path))?;
+                    malformed_file = Some(file);
+                }
+                let out = malformed_file.as_mut().expect("opened above");
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                out.write_all(&line)
+                    .map_err(ctx("write", &malformed_path))?;
+            }
+        }
+    }
+    if let Some(file) = malformed_file {
+        file.sync_all().map_err(ctx("sync", &malformed_path))?;
+    }
+    // Every record on disk in the spool (and every other line kept aside) before the file
+    // goes.
+    done.segments = segments.finish()?;
+    std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path))?;
+    spool::sync_dir(spool_dir)?;
+    Ok(done)
+}
+
+/// One line of the dead-letter file (without its newline) as the spool record it was, or
+/// why it is none.
+fn parse_record(text: &[u8]) -> Result<Item, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
+    let record = value.as_object().ok_or("not a JSON object")?;
+    let field = |name: &'static str| record.get(name).map(|v| v.as_str().ok_or(name));
+    let msg_id = match field("msg_id") {
+        Some(Ok(id)) if !id.is_empty() && !id.chars().any(char::is_control) => id,
+        _ => return Err("no msg_id (a non-empty string without control characters)".into()),
+    };
+    let Some(Ok(subject)) = field("subject") else {
+        return Err("no subject string".into());
+    };
+    let event = subject_event(subject).ok_or_else(|| {
+        format!("subject {subject:?} is not one the sink publishes to ({SUBJECT_PREFIX}.<host>.<event>)")
+    })?;
+    let line = match (field("line"), field("line_hex")) {
+        (Some(Ok(text)), None) => Bytes::copy_from_slice(text.as_bytes()),
+        (None, Some(Ok(hex))) => Bytes::from(unhex(hex).ok_or("line_hex is not hex")?),
+        _ => return Err("not exactly one of line and line_hex (a string)".into()),
+    };
+    // A record that may be in the stream is counted so again if it is refused again.
+    let sent_before = matches!(field("reason"), Some(Ok(r)) if r.contains(MAYBE_STORED_NOTE));
+    let item = Item {
+        event,
+        msg_id: msg_id.to_owned(),
+        line,
+        origin: None,
+        sent_before,
+        subject: Some(subject.to_owned()),
+    };
+    spool::check_fits(&item).map_err(|e| e.to_string())?;
+    Ok(item)
+}
+
+/// The event token of `subject` if it is one the sink publishes to,
+/// `cnbus.events.<host>.<event>` with both tokens as [`sanitize_token`] leaves them (the sink
+/// does not check subjects again when it publishes).
+fn subject_event(subject: &str) -> Option<String> {
+    let rest = subject.strip_prefix(SUBJECT_PREFIX)?.strip_prefix('.')?;
+    let (host, event) = rest.split_once('.')?;
+    let token = |t: &str| !t.is_empty() && sanitize_token(t) == t;
+    (token(host) && token(event) && host.len() <= MAX_HOST_TOKEN).then(|| event.to_owned())
+}
+
 /// Cuts off an unfinished last line (a run that crashed, or lost power, in the middle of a
 /// write), so that the next record starts a line of its own instead of being glued to the
 /// fragment (one line that parses as no record). The fragment is no record: the sink
@@ -162,6 +345,7 @@ mod tests {
             line: bytes::Bytes::from_static(line.as_bytes()),
             origin: None,
             sent_before: false,
+            subject: None,
         };
         let mut dl = DeadLetter::new(dir.path(), 200);
         assert!(dl
@@ -197,6 +381,7 @@ mod tests {
                 line: bytes::Bytes::from_static(line),
                 origin: None,
                 sent_before: false,
+                subject: None,
             };
             assert!(dl.keep(&item, "s", "r").unwrap());
         }
@@ -232,6 +417,7 @@ mod tests {
             line: bytes::Bytes::from_static(b"{\"event\":\"exec\"}\n"),
             origin: None,
             sent_before: false,
+            subject: None,
         };
         let ids = |p: &Path| -> Vec<String> {
             std::fs::read_to_string(p)
@@ -277,6 +463,7 @@ mod tests {
             line: bytes::Bytes::from_static(b"{\"event\":\"exec\"}\n"),
             origin: None,
             sent_before: false,
+            subject: None,
         };
         let mut dl = DeadLetter::new(dir.path(), 1 << 20);
         assert!(dl.keep(&item, "s", "r").unwrap());
@@ -303,5 +490,248 @@ mod tests {
         let mut dl = DeadLetter::new(dir.path(), 1 << 20);
         assert!(dl.keep(&item, "s", "r").unwrap());
         assert_eq!(std::fs::read(dl.path()).unwrap(), whole);
+    }
+}
+
+#[cfg(test)]
+mod requeue_tests {
+    use super::*;
+    use crate::spool::Spool;
+
+    fn item(id: &str, event: &str, line: &'static [u8]) -> Item {
+        Item {
+            event: event.into(),
+            msg_id: id.into(),
+            line: Bytes::from_static(line),
+            origin: None,
+            sent_before: false,
+            subject: None,
+        }
+    }
+
+    /// What the spool in `dir` holds, oldest first: (msg id, subject, line, sent before).
+    fn spooled(dir: &Path) -> Vec<(String, Option<String>, Vec<u8>, bool)> {
+        let (mut spool, found) = Spool::open(dir, 1 << 30, 1 << 20).unwrap();
+        assert_eq!(found.torn_tails, 0);
+        let mut out = Vec::new();
+        loop {
+            let items = spool.take_segment().unwrap();
+            if items.is_empty() {
+                break;
+            }
+            for it in items {
+                out.push((it.msg_id, it.subject, it.line.to_vec(), it.sent_before));
+            }
+        }
+        out
+    }
+
+    fn dead_letter_path(dir: &Path) -> PathBuf {
+        dir.join(DEAD_LETTER_FILE)
+    }
+
+    /// Records kept by the sink's own writer come back into the spool with their msg id,
+    /// subject and bytes (a non-UTF-8 line through `line_hex`), in order, after what the
+    /// spool held; the dead-letter file is gone, nothing is malformed.
+    #[test]
+    fn records_go_back_into_the_spool_with_their_ids_subjects_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // A record the spool held already: the requeued ones come after it.
+        {
+            let (mut spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+            assert!(spool
+                .append(&item("old", "fork", b"{\"old\":1}\n"), false)
+                .unwrap());
+        }
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        let lines: [&'static [u8]; 3] = [b"{\"a\":1}\n", b"a\xff\xfe\x00b\n", b""];
+        for (i, line) in lines.iter().enumerate() {
+            let it = item(&format!("h-{i}"), "exec", line);
+            assert!(dl
+                .keep(&it, &format!("cnbus.events.host{i}.exec"), "too big")
+                .unwrap());
+        }
+        // Refused after an unacknowledged publish: still "may be stored" once requeued.
+        let maybe = format!("sealed ({MAYBE_STORED_NOTE})");
+        assert!(dl
+            .keep(&item("h-3", "exit", b"{}\n"), "cnbus.events.h.exit", &maybe)
+            .unwrap());
+        drop(dl);
+        let text = std::fs::read_to_string(dead_letter_path(dir.path())).unwrap();
+        assert!(text.contains("line_hex"), "{text}");
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.malformed, done.segments), (4, 0, 1));
+        assert_eq!(done.first_malformed, None);
+        assert!(!dead_letter_path(dir.path()).exists());
+        assert!(!dir.path().join(DEAD_LETTER_MALFORMED_FILE).exists());
+        let mut want = vec![("old".to_owned(), None, b"{\"old\":1}\n".to_vec(), false)];
+        for (i, line) in lines.iter().enumerate() {
+            let subject = format!("cnbus.events.host{i}.exec");
+            want.push((format!("h-{i}"), Some(subject), line.to_vec(), false));
+        }
+        want.push((
+            "h-3".into(),
+            Some("cnbus.events.h.exit".into()),
+            b"{}\n".to_vec(),
+            true,
+        ));
+        assert_eq!(spooled(dir.path()), want);
+    }
+
+    /// A torn last line and lines that are no record are counted and kept aside byte for
+    /// byte, never dropped; the records around them are requeued.
+    #[test]
+    fn malformed_and_torn_lines_are_counted_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = |id: &str| {
+            format!(
+                "{{\"msg_id\":\"{id}\",\"subject\":\"cnbus.events.h.fork\",\"reason\":\"r\",\"line\":\"x\\n\"}}\n"
+            )
+            .into_bytes()
+        };
+        let bad: [&[u8]; 12] = [
+            b"not json\n",
+            b"[1,2]\n",
+            b"\n",
+            b"{\"subject\":\"cnbus.events.h.fork\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"\",\"subject\":\"cnbus.events.h.fork\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"a\\r\\nX: y\",\"subject\":\"cnbus.events.h.fork\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"other.h.fork\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"cnbus.events.h h.fork\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"cnbus.events.h.>\",\"line\":\"x\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"cnbus.events.h.fork\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"cnbus.events.h.fork\",\"line\":\"x\",\"line_hex\":\"78\"}\n",
+            b"{\"msg_id\":\"m\",\"subject\":\"cnbus.events.h.fork\",\"line_hex\":\"7g\"}\n",
+        ];
+        let mut file = good("g-0");
+        for b in bad {
+            file.extend_from_slice(b);
+        }
+        file.extend(good("g-1"));
+        // Not UTF-8 at all.
+        file.extend_from_slice(b"\xff\xfe\n");
+        // The crash: a last line cut short, even one that parses.
+        let torn = &good("g-2")[..];
+        file.extend_from_slice(&torn[..torn.len() - 1]);
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.malformed), (2, bad.len() as u64 + 2));
+        let first = done.first_malformed.unwrap();
+        assert!(first.starts_with("line 2: not JSON"), "{first}");
+        let ids: Vec<_> = spooled(dir.path()).into_iter().map(|s| s.0).collect();
+        assert_eq!(ids, ["g-0", "g-1"]);
+        let mut kept = Vec::new();
+        for b in bad {
+            kept.extend_from_slice(b);
+        }
+        kept.extend_from_slice(b"\xff\xfe\n");
+        kept.extend_from_slice(torn);
+        let aside = dir.path().join(DEAD_LETTER_MALFORMED_FILE);
+        assert_eq!(std::fs::read(&aside).unwrap(), kept);
+        assert!(!dead_letter_path(dir.path()).exists());
+        // Appended: a second run keeps what the first kept aside.
+        std::fs::write(dead_letter_path(dir.path()), b"junk\n").unwrap();
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.malformed), (0, 1));
+        kept.extend_from_slice(b"junk\n");
+        assert_eq!(std::fs::read(&aside).unwrap(), kept);
+    }
+
+    /// No dead-letter file, or an empty one: nothing requeued, no spool file made; a spool
+    /// directory that does not exist is an error (a mistyped --spool), not "nothing".
+    #[test]
+    fn a_missing_or_empty_file_requeues_nothing_and_a_missing_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            requeue_dead_letters(dir.path()).unwrap(),
+            Requeued::default()
+        );
+        std::fs::write(dead_letter_path(dir.path()), b"").unwrap();
+        assert_eq!(
+            requeue_dead_letters(dir.path()).unwrap(),
+            Requeued::default()
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let missing = dir.path().join("nope");
+        let e = requeue_dead_letters(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("open spool directory") && e.contains("nope"),
+            "{e}"
+        );
+        assert!(!missing.exists());
+    }
+
+    /// A running sink holds the spool's lock: the requeue refuses, as a second sink would,
+    /// and leaves the dead-letter file as it was.
+    #[test]
+    fn a_spool_in_use_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        assert!(dl
+            .keep(&item("m", "fork", b"x\n"), "cnbus.events.h.fork", "r")
+            .unwrap());
+        let before = std::fs::read(dl.path()).unwrap();
+        let (spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let e = requeue_dead_letters(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("in use by another process"), "{e}");
+        assert_eq!(std::fs::read(dl.path()).unwrap(), before);
+        drop(spool);
+        assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 1);
+    }
+
+    /// A crash after the records reached the spool and before the dead-letter file went
+    /// (simulated: the file put back) makes the next requeue queue them again with the same
+    /// msg ids and subjects, never others (the stream de-duplicates them); a segment left
+    /// half-written (`.tmp`) by a crash is removed, never read as part of the spool.
+    #[test]
+    fn a_requeue_repeated_after_a_crash_keeps_the_same_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        for id in ["a", "b"] {
+            assert!(dl
+                .keep(&item(id, "fork", b"x\n"), "cnbus.events.h.fork", "r")
+                .unwrap());
+        }
+        drop(dl);
+        let file = std::fs::read(dead_letter_path(dir.path())).unwrap();
+        assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 2);
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        let stale = dir.path().join("seg-00000000000000000007.spool.tmp");
+        std::fs::write(&stale, b"CNBSPOOL half").unwrap();
+        assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 2);
+        assert!(!stale.exists());
+        let got: Vec<_> = spooled(dir.path())
+            .into_iter()
+            .map(|s| (s.0, s.1.unwrap()))
+            .collect();
+        let s = "cnbus.events.h.fork".to_owned();
+        let want =
+            [("a", &s), ("b", &s), ("a", &s), ("b", &s)].map(|(a, s)| (a.to_owned(), s.clone()));
+        assert_eq!(got, want);
+    }
+
+    /// Many records fill several segments (each at most the segment size, unless one
+    /// record is larger), all read back in order.
+    #[test]
+    fn many_records_fill_several_segments_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 30);
+        let big: &'static [u8] = Box::leak(vec![b'y'; 3 << 20].into_boxed_slice());
+        let n = 6;
+        for i in 0..n {
+            let it = item(&format!("m{i}"), "fork", big);
+            assert!(dl.keep(&it, "cnbus.events.h.fork", "r").unwrap());
+        }
+        drop(dl);
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.segments), (n, n));
+        let got = spooled(dir.path());
+        assert_eq!(got.len() as u64, n);
+        for (i, s) in got.iter().enumerate() {
+            assert_eq!(
+                (s.0.as_str(), s.2.as_slice()),
+                (format!("m{i}").as_str(), big)
+            );
+        }
     }
 }

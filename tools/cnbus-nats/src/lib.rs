@@ -57,7 +57,9 @@ mod spool;
 mod subject;
 mod worker;
 
-pub use dead_letter::DEAD_LETTER_FILE;
+pub use dead_letter::{
+    requeue_dead_letters, Requeued, DEAD_LETTER_FILE, DEAD_LETTER_MALFORMED_FILE,
+};
 pub use subject::{sanitize_token, subject_covers};
 
 /// The stream the sink publishes to unless told otherwise.
@@ -176,7 +178,7 @@ impl Config {
             queue: 8192,
             spool_dir: spool_dir.into(),
             spool_max_bytes: 256 << 20,
-            spool_segment_bytes: 4 << 20,
+            spool_segment_bytes: spool::DEFAULT_SEGMENT_BYTES,
             ack_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             linger: Duration::from_millis(5),
@@ -340,6 +342,9 @@ pub(crate) struct Item {
     pub(crate) origin: Option<u64>,
     /// Published before without an acknowledgement.
     pub(crate) sent_before: bool,
+    /// The subject to publish to, when not the sink's own `cnbus.events.<host>.<event>`: a
+    /// dead letter requeued keeps the subject it was refused on.
+    pub(crate) subject: Option<String>,
 }
 
 #[derive(Default)]
@@ -553,6 +558,7 @@ impl NatsSink {
             line: record.line,
             origin: None,
             sent_before: false,
+            subject: None,
         };
         let Some(tx) = &self.tx else {
             return self.shared.spool_or_drop(&item, false);

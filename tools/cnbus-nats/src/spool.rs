@@ -2,9 +2,12 @@
 //!
 //! A segment file `seg-<20 digits>.spool` starts with the 12-byte header `CNBSPOOL` + u32 LE
 //! version (1), then records: u32 LE payload length, u32 LE CRC-32 (IEEE) of the payload, the
-//! payload (u16 LE msg-id length, msg id, u16 LE event length, event, the line). Segments are
-//! read oldest first; a segment file is deleted once every record read from it was
-//! acknowledged (or rewritten into a newer segment at shutdown).
+//! payload (u8 flags, u16 LE msg-id length, msg id, u16 LE event length, event, then with flag
+//! 2 a u16 LE subject length and the subject, then the line). Flag 1: published before without
+//! an acknowledgement; flag 2: the record carries its own subject (a dead letter requeued by
+//! [`requeue_dead_letters`](crate::requeue_dead_letters), sent to the subject it was refused
+//! on). Segments are read oldest first; a segment file is deleted once every record read from
+//! it was acknowledged (or rewritten into a newer segment at shutdown).
 //!
 //! A record that is short, longer than what is left of its file, or whose checksum does not
 //! match ends its segment: it and every byte after it are counted (`torn_tails`, `torn_bytes`)
@@ -28,6 +31,13 @@ pub(crate) const HEADER_LEN: u64 = 12;
 pub(crate) const RECORD_OVERHEAD: u64 = 8;
 /// A payload length above this is damage, not data.
 const MAX_PAYLOAD: u32 = 64 << 20;
+/// The size at which a segment is closed and a new one started unless configured otherwise
+/// ([`Config::spool_segment_bytes`](crate::Config::spool_segment_bytes)).
+pub(crate) const DEFAULT_SEGMENT_BYTES: u64 = 4 << 20;
+/// Flag: published before without an acknowledgement.
+const FLAG_SENT_BEFORE: u8 = 1;
+/// Flag: the record carries its own subject.
+const FLAG_SUBJECT: u8 = 2;
 /// How long a spool directory's lock held by someone else is waited for before the spool
 /// is refused as in use (see `Spool::open`).
 const LOCK_WAIT: Duration = Duration::from_secs(1);
@@ -127,26 +137,58 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-/// The encoded size of an item's record, overhead included.
-pub(crate) fn record_len(item: &Item) -> u64 {
-    RECORD_OVERHEAD
-        + 4
-        + item.msg_id.len() as u64
+/// The encoded size of an item's payload (flags, fields, line).
+fn payload_len(item: &Item) -> u64 {
+    5 + item.msg_id.len() as u64
         + item.event.len() as u64
+        + item.subject.as_ref().map_or(0, |s| 2 + s.len() as u64)
         + item.line.len() as u64
 }
 
+/// The encoded size of an item's record, overhead included.
+pub(crate) fn record_len(item: &Item) -> u64 {
+    RECORD_OVERHEAD + payload_len(item)
+}
+
+/// Whether `item` can be a spool record: its msg id, event and subject at most 65535 bytes
+/// each, its payload at most 64 MiB.
+pub(crate) fn check_fits(item: &Item) -> io::Result<()> {
+    let long = |s: &str| s.len() > u16::MAX as usize;
+    if long(&item.msg_id)
+        || long(&item.event)
+        || item.subject.as_deref().is_some_and(long)
+        || payload_len(item) > MAX_PAYLOAD as u64
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "record too large for the spool (msg id, event or subject over 65535 bytes, or over 64 MiB)",
+        ));
+    }
+    Ok(())
+}
+
 fn encode(item: &Item, out: &mut Vec<u8>) {
-    let payload_len = 5 + item.msg_id.len() + item.event.len() + item.line.len();
+    let payload_len = payload_len(item) as usize;
     out.reserve(8 + payload_len);
     let start = out.len();
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    out.push(u8::from(item.sent_before));
+    let mut flags = 0;
+    if item.sent_before {
+        flags |= FLAG_SENT_BEFORE;
+    }
+    if item.subject.is_some() {
+        flags |= FLAG_SUBJECT;
+    }
+    out.push(flags);
     out.extend_from_slice(&(item.msg_id.len() as u16).to_le_bytes());
     out.extend_from_slice(item.msg_id.as_bytes());
     out.extend_from_slice(&(item.event.len() as u16).to_le_bytes());
     out.extend_from_slice(item.event.as_bytes());
+    if let Some(subject) = &item.subject {
+        out.extend_from_slice(&(subject.len() as u16).to_le_bytes());
+        out.extend_from_slice(subject.as_bytes());
+    }
     out.extend_from_slice(&item.line);
     let crc = crc32(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -159,18 +201,27 @@ fn decode(payload: &[u8]) -> Option<Item> {
         Some((s.to_owned(), 2 + len))
     };
     let (&flags, payload) = payload.split_first()?;
-    if flags > 1 {
+    if flags & !(FLAG_SENT_BEFORE | FLAG_SUBJECT) != 0 {
         return None;
     }
-    let (msg_id, used) = take_str(payload)?;
-    let (event, used2) = take_str(&payload[used..])?;
-    let line = Bytes::copy_from_slice(&payload[used + used2..]);
+    let (msg_id, mut used) = take_str(payload)?;
+    let (event, n) = take_str(&payload[used..])?;
+    used += n;
+    let subject = if flags & FLAG_SUBJECT != 0 {
+        let (subject, n) = take_str(&payload[used..])?;
+        used += n;
+        Some(subject)
+    } else {
+        None
+    };
+    let line = Bytes::copy_from_slice(&payload[used..]);
     Some(Item {
         event,
         msg_id,
         line,
         origin: None,
-        sent_before: flags == 1,
+        sent_before: flags & FLAG_SENT_BEFORE != 0,
+        subject,
     })
 }
 
@@ -216,6 +267,155 @@ fn ctx<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> crate:
     }
 }
 
+/// Locks the spool directory `dir` (which must exist) for this process: the lock is held while
+/// the returned file is open. Two spools on one directory would read, cut and delete each
+/// other's segments; the lock is the directory's own (flock on the directory), no file of its
+/// own. Another holder (a running sink) is an error, "in use".
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, crate::SinkError> {
+    let lock = File::open(dir).map_err(ctx("open spool directory", dir))?;
+    // A lock held a moment after its owner let it go is waited for, up to LOCK_WAIT: a
+    // process being spawned (by any thread of the owner's process) holds a copy of every
+    // descriptor, this lock's too, until its `exec` closes them, so a spool closed and
+    // opened again in one process could find its own lock still held (it failed so in
+    // CI, beside tests starting servers). Another live sink holds it for longer.
+    let waited = Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(fs::TryLockError::WouldBlock) if waited.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(ctx("lock spool directory", dir)(io::Error::other(
+                    "in use by another process (another cnbus-agent?); each needs its own --spool",
+                )))
+            }
+            // A file system without flock (some network or FUSE ones): the spool works,
+            // only unguarded against a second process.
+            Err(fs::TryLockError::Error(_)) => return Ok(lock),
+        }
+    }
+}
+
+/// The ids of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>, crate::SinkError> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
+        let entry = entry.map_err(ctx("read spool directory", dir))?;
+        if let Some(id) = entry.file_name().to_str().and_then(parse_seg_name) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The suffix of a segment being written by [`NewSegments`], not yet part of the spool.
+const TMP_SUFFIX: &str = ".tmp";
+
+/// New whole segments added after every segment of a spool directory, for records that come
+/// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`,
+/// synced, and only then renamed to its name, so that a crash leaves whole segments or none
+/// (never a torn one) and the spool never sees a half-written one. For a directory locked
+/// ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by a crash are removed
+/// when the next one starts: their records were not yet taken from where they came from.
+pub(crate) struct NewSegments {
+    dir: PathBuf,
+    segment_max: u64,
+    next_id: u64,
+    /// The segment being filled (header and records), written out when full or at
+    /// [`NewSegments::finish`].
+    buf: Vec<u8>,
+    records: u64,
+    /// Segments made part of the spool.
+    pub(crate) segments: u64,
+}
+
+impl NewSegments {
+    /// Starts after the newest segment of `dir`, removing `.tmp` segments left by a crash.
+    pub(crate) fn new(dir: &Path, segment_max: u64) -> Result<NewSegments, crate::SinkError> {
+        for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
+            let entry = entry.map_err(ctx("read spool directory", dir))?;
+            let name = entry.file_name();
+            let stale = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(TMP_SUFFIX))
+                .and_then(parse_seg_name)
+                .is_some();
+            if stale {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(ctx("remove unfinished spool segment", &path))?;
+            }
+        }
+        let next_id = segment_ids(dir)?.last().map_or(0, |id| id + 1);
+        Ok(NewSegments {
+            dir: dir.to_owned(),
+            segment_max,
+            next_id,
+            buf: Vec::new(),
+            records: 0,
+            segments: 0,
+        })
+    }
+
+    /// Adds `item` (its `origin` is not kept) to the segment being filled, writing that one
+    /// out first when `item` would take it past the segment size. An item that is no
+    /// record ([`check_fits`]) is an `InvalidInput` error, nothing added.
+    pub(crate) fn push(&mut self, item: &Item) -> Result<(), crate::SinkError> {
+        check_fits(item).map_err(ctx("add to spool", &self.dir))?;
+        if self.records > 0 && self.buf.len() as u64 + record_len(item) > self.segment_max {
+            self.write_out()?;
+        }
+        if self.buf.is_empty() {
+            self.buf.extend_from_slice(MAGIC);
+            self.buf.extend_from_slice(&VERSION.to_le_bytes());
+        }
+        encode(item, &mut self.buf);
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Writes the segment being filled out, then syncs the directory: every record pushed
+    /// is in the spool, on disk, when this returns.
+    pub(crate) fn finish(mut self) -> Result<u64, crate::SinkError> {
+        if self.records > 0 {
+            self.write_out()?;
+        }
+        sync_dir(&self.dir)?;
+        Ok(self.segments)
+    }
+
+    fn write_out(&mut self) -> Result<(), crate::SinkError> {
+        let path = self.dir.join(seg_name(self.next_id));
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(TMP_SUFFIX);
+        let tmp = PathBuf::from(tmp);
+        let write = || -> io::Result<()> {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            file.write_all(&self.buf)?;
+            file.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(ctx("write spool segment", &tmp)(e));
+        }
+        fs::rename(&tmp, &path).map_err(ctx("rename spool segment", &path))?;
+        self.next_id += 1;
+        self.segments += 1;
+        self.buf.clear();
+        self.records = 0;
+        Ok(())
+    }
+}
+
+/// Syncs directory `dir` (its entries: files created, renamed or removed), so that what
+/// was done in it is on disk.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), crate::SinkError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ctx("sync spool directory", dir))
+}
+
 impl Spool {
     /// Opens (creating) the spool directory and checks every segment left there: damaged
     /// tails are counted and cut off, empty segments removed.
@@ -225,39 +425,8 @@ impl Spool {
         segment_max: u64,
     ) -> Result<(Spool, Found), crate::SinkError> {
         fs::create_dir_all(dir).map_err(ctx("create spool directory", dir))?;
-        // Two spools on one directory would read, cut and delete each other's segments.
-        // The lock is the directory's own (flock on the directory): no file of its own.
-        let lock = File::open(dir).map_err(ctx("open spool directory", dir))?;
-        // A lock held a moment after its owner let it go is waited for, up to LOCK_WAIT: a
-        // process being spawned (by any thread of the owner's process) holds a copy of every
-        // descriptor, this lock's too, until its `exec` closes them, so a spool closed and
-        // opened again in one process could find its own lock still held (it failed so in
-        // CI, beside tests starting servers). Another live sink holds it for longer.
-        let waited = Instant::now();
-        loop {
-            match lock.try_lock() {
-                Ok(()) => break,
-                Err(fs::TryLockError::WouldBlock) if waited.elapsed() < LOCK_WAIT => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(ctx("lock spool directory", dir)(io::Error::other(
-                        "in use by another process (another cnbus-agent?); each needs its own --spool",
-                    )))
-                }
-                // A file system without flock (some network or FUSE ones): the spool works,
-                // only unguarded against a second process.
-                Err(fs::TryLockError::Error(_)) => break,
-            }
-        }
-        let mut ids = Vec::new();
-        for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
-            let entry = entry.map_err(ctx("read spool directory", dir))?;
-            if let Some(id) = entry.file_name().to_str().and_then(parse_seg_name) {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
+        let lock = lock_dir(dir)?;
+        let ids = segment_ids(dir)?;
         let mut spool = Spool {
             dir: dir.to_owned(),
             cap,
@@ -331,15 +500,7 @@ impl Spool {
     /// Appends one record. `Ok(false)`: it does not fit under the cap (unless `force`) and was
     /// not written. On a write error the segment is cut back to its last whole record.
     pub(crate) fn append(&mut self, item: &Item, force: bool) -> io::Result<bool> {
-        if item.msg_id.len() > u16::MAX as usize
-            || item.event.len() > u16::MAX as usize
-            || record_len(item) - RECORD_OVERHEAD > MAX_PAYLOAD as u64
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "record too large for the spool (msg id or event over 65535 bytes, or over 64 MiB)",
-            ));
-        }
+        check_fits(item)?;
         let len = record_len(item);
         let needs_header = self
             .active
@@ -492,6 +653,7 @@ mod tests {
             line: Bytes::from(format!("{{\"n\":{i}}}\n")),
             origin: None,
             sent_before: false,
+            subject: None,
         }
     }
 

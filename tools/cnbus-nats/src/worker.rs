@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc::Receiver;
 use tokio::time::Instant;
 
-use crate::dead_letter::DeadLetter;
+use crate::dead_letter::{DeadLetter, MAYBE_STORED_NOTE};
 use crate::subject::{sanitize_token, subject_covers};
 use crate::{Auth, Config, Item, Shared, SinkError, SUBJECT_PREFIX};
 
@@ -526,9 +526,11 @@ impl Worker {
     async fn publish(&mut self, mut item: Item) {
         let key = self.next_key;
         self.next_key += 1;
-        let subject = match self.subjects.get(item.event.as_str()) {
-            Some(subject) => subject.clone(),
-            None => {
+        let subject = match (&item.subject, self.subjects.get(item.event.as_str())) {
+            // A dead letter requeued: the subject it was refused on.
+            (Some(own), _) => Subject::from(own.as_str()),
+            (None, Some(subject)) => subject.clone(),
+            (None, None) => {
                 let subject =
                     Subject::from(format!("{}{}", self.prefix, sanitize_token(&item.event)));
                 self.subjects.insert(item.event.clone(), subject.clone());
@@ -638,13 +640,14 @@ impl Worker {
     /// duplicate window, refuses the publish before de-duplication), counted as
     /// `maybe_stored` rather than claimed lost.
     fn refuse(&mut self, item: Item, why: String, earlier: bool) {
-        let subject = format!("{}{}", self.prefix, sanitize_token(&item.event));
+        let subject = match &item.subject {
+            Some(own) => own.clone(),
+            None => format!("{}{}", self.prefix, sanitize_token(&item.event)),
+        };
         let c = &self.shared.counters;
         let why = if earlier {
             c.maybe_stored.fetch_add(1, Ordering::Relaxed);
-            format!(
-                "{why} (an earlier publish of it was not acknowledged: it may be in the stream)"
-            )
+            format!("{why} ({MAYBE_STORED_NOTE})")
         } else {
             c.dropped.fetch_add(1, Ordering::Relaxed);
             why

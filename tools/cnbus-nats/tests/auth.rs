@@ -21,7 +21,7 @@ fn delivers(config: Config, read: ConnectOptions, n: usize) {
     let url = config.url.clone();
     let sink = NatsSink::start(config).expect("the right credentials start the sink");
     assert!(sink.stats().connected);
-    publish(&sink, n);
+    publish(&sink, 0..n);
     let report = sink.shutdown(DEADLINE);
     assert_eq!(
         (report.sent, report.unsent, report.dropped),
@@ -150,7 +150,7 @@ fn a_wrong_nkey_found_after_an_unreachable_start_keeps_records_spooled_and_says_
     let stranger = KeyPair::new_user().seed().unwrap();
     config.auth = Auth::NKey(stranger.clone());
     let sink = NatsSink::start(config).expect("an unreachable server is not an error at start");
-    publish(&sink, 20);
+    publish(&sink, 0..20);
     server.restart();
     assert_hidden(&stranger, &refused_after_an_unreachable_start(sink, 20));
 }

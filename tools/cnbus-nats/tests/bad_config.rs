@@ -11,17 +11,13 @@ use common::*;
 fn unreachable_at_start_spools_reports_and_delivers_once_the_server_is_up() {
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(
-        format!("nats://127.0.0.1:{port}"),
-        "h",
-        spool.path(),
-    ))
-    .expect("an unreachable server is not an error at start");
+    let sink = NatsSink::start(Config::new(local_url(port), "h", spool.path()))
+        .expect("an unreachable server is not an error at start");
     let stats = sink.stats();
     assert!(!stats.connected);
     let error = stats.last_error.unwrap_or_default();
     assert!(error.contains("unreachable"), "{error}");
-    publish(&sink, 200);
+    publish(&sink, 0..200);
     wait_for("the records to be spooled", || {
         sink.stats().spool_records == 200
     });
@@ -66,7 +62,7 @@ fn wrong_credentials_are_a_clear_error_at_start() {
         password: "s3cret".into(),
     };
     let sink = NatsSink::start(config).expect("right credentials");
-    publish(&sink, 10);
+    publish(&sink, 0..10);
     let report = sink.shutdown(DEADLINE);
     assert_eq!((report.sent, report.unsent), (10, 0));
 }
@@ -83,7 +79,7 @@ fn wrong_token_is_a_clear_error_at_start() {
     ));
     config.auth = Auth::Token("tok3n".into());
     let sink = NatsSink::start(config).expect("right token");
-    publish(&sink, 10);
+    publish(&sink, 0..10);
     assert_eq!(sink.shutdown(DEADLINE).sent, 10);
 }
 
@@ -126,8 +122,8 @@ fn an_existing_stream_covering_the_subjects_is_used() {
     let server = NatsServer::start(&[]);
     server.create_stream("CNBUS_EVENTS", &["cnbus.>"]);
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
-    publish(&sink, 5);
+    let sink = start_sink(server.url(), spool.path());
+    publish(&sink, 0..5);
     assert_eq!(sink.shutdown(DEADLINE).sent, 5);
 }
 
@@ -185,13 +181,8 @@ fn a_wrong_stream_found_after_an_unreachable_start_keeps_records_spooled_and_say
     server.kill();
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(
-        format!("nats://127.0.0.1:{port}"),
-        "h",
-        spool.path(),
-    ))
-    .expect("start");
-    publish(&sink, 20);
+    let sink = NatsSink::start(Config::new(local_url(port), "h", spool.path())).expect("start");
+    publish(&sink, 0..20);
     server.port = port;
     server.restart();
     wait_for("the stream error", || {
@@ -210,13 +201,13 @@ fn a_wrong_stream_found_after_an_unreachable_start_keeps_records_spooled_and_say
 fn wrong_credentials_found_after_an_unreachable_start_keep_records_spooled_and_say_why() {
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let mut config = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    let mut config = Config::new(local_url(port), "h", spool.path());
     config.auth = Auth::UserPassword {
         user: "agent".into(),
         password: "wrong".into(),
     };
     let sink = NatsSink::start(config).expect("an unreachable server is not an error at start");
-    publish(&sink, 20);
+    publish(&sink, 0..20);
     let mut server = NatsServer::start(&["--user", "agent", "--pass", "s3cret"]);
     server.port = port;
     server.restart();
@@ -249,7 +240,7 @@ fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
     assert!(matches!(error, SinkError::Tls { .. }), "{error:?}");
     config.tls_root_ca = Some(tls_file("ca.pem"));
     let sink = NatsSink::start(config).expect("TLS with the test CA");
-    publish(&sink, 50);
+    publish(&sink, 0..50);
     let report = sink.shutdown(DEADLINE);
     assert_eq!((report.sent, report.unsent, report.dropped), (50, 0, 0));
     // TLS required, server without TLS.
@@ -274,11 +265,7 @@ fn tls_with_the_right_root_ca_delivers_and_tls_failures_are_clear_errors() {
 fn a_spool_lock_kept_for_a_moment_by_a_spawn_in_flight_is_waited_for() {
     use std::os::unix::process::CommandExt;
     let spool = tempfile::tempdir().unwrap();
-    let cfg = Config::new(
-        format!("nats://127.0.0.1:{}", free_port()),
-        "h",
-        spool.path(),
-    );
+    let cfg = Config::new(local_url(free_port()), "h", spool.path());
     let first = NatsSink::start(cfg.clone()).expect("an unreachable server is not an error");
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors `pipe` writes.
@@ -317,7 +304,7 @@ fn a_spool_lock_kept_for_a_moment_by_a_spawn_in_flight_is_waited_for() {
 fn a_spool_directory_in_use_by_another_sink_is_refused() {
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let cfg = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    let cfg = Config::new(local_url(port), "h", spool.path());
     let first = NatsSink::start(cfg.clone()).expect("an unreachable server is not an error");
     first.publish(Record {
         event: "fork",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use cnbus_nats::{Config, NatsSink, Record};
+use cnbus_nats::{Config, NatsSink};
 use common::*;
 
 const N: usize = 20_000;
@@ -22,13 +22,7 @@ fn config(url: &str, spool: &std::path::Path) -> Config {
 fn child(spec: &str) -> ! {
     let (url, spool) = spec.split_once(' ').unwrap();
     let sink = NatsSink::start(config(url, std::path::Path::new(spool))).expect("start");
-    for i in 0..N {
-        sink.publish(Record {
-            event: "fork",
-            msg_id: msg_id(i),
-            line: line(i),
-        });
-    }
+    publish(&sink, 0..N);
     wait_for("some acknowledgements", || {
         sink.stats().acknowledged >= 1000
     });

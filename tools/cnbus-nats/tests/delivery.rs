@@ -52,15 +52,9 @@ fn every_record_is_in_the_stream_once_and_unchanged_with(linger: Duration) {
 fn the_same_msg_id_sent_twice_is_stored_once() {
     let server = NatsServer::start(&[]);
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    let sink = start_sink(server.url(), spool.path());
     for round in 1..=2u64 {
-        for i in 0..100 {
-            sink.publish(Record {
-                event: "fork",
-                msg_id: msg_id(i),
-                line: line(i),
-            });
-        }
+        publish(&sink, 0..100);
         wait_for("acks", || sink.stats().acknowledged == 100 * round);
     }
     let stats = sink.stats();
@@ -77,23 +71,14 @@ fn a_stream_deleted_while_running_is_created_again_and_nothing_is_lost() {
     let mut config = Config::new(server.url(), "h", spool.path());
     config.ack_timeout = Duration::from_secs(2);
     let sink = NatsSink::start(config).expect("start");
-    let send = |range: std::ops::Range<usize>| {
-        for i in range {
-            sink.publish(Record {
-                event: "fork",
-                msg_id: msg_id(i),
-                line: line(i),
-            });
-        }
-    };
-    send(0..100);
+    publish(&sink, 0..100);
     wait_for("acks", || sink.stats().acknowledged == 100);
     runtime().block_on(async {
         let client = async_nats::connect(server.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);
         assert!(js.delete_stream("CNBUS_EVENTS").await.unwrap().success);
     });
-    send(100..300);
+    publish(&sink, 100..300);
     let report = sink.shutdown(DEADLINE);
     assert_eq!((report.sent, report.unsent, report.dropped), (300, 0, 0));
     let map = by_id(&read_stream(&server.url(), "CNBUS_EVENTS"));
@@ -106,20 +91,11 @@ fn a_record_the_stream_refuses_for_good_is_kept_counted_and_the_rest_delivered()
     let server = NatsServer::start(&[]);
     // An operator's stream with a size limit per message: JetStream refuses a larger record
     // at every attempt (it is not over the server's max_payload, which the client checks).
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        async_nats::jetstream::new(client)
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: "CNBUS_EVENTS".into(),
-                subjects: vec!["cnbus.events.>".into()],
-                max_message_size: 300,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+    server.create_stream_with("CNBUS_EVENTS", &["cnbus.events.>"], |c| {
+        c.max_message_size = 300
     });
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
+    let sink = start_sink(server.url(), spool.path());
     const N: usize = 200;
     let big = |i: usize| i % 50 == 7;
     for i in 0..N {
@@ -169,44 +145,6 @@ fn a_record_the_stream_refuses_for_good_is_kept_counted_and_the_rest_delivered()
     }
 }
 
-/// The records of the dead-letter file in `spool`, in order.
-fn dead_letters(spool: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Changes the stream's configuration as an operator would.
-fn update_stream(server: &NatsServer, f: impl FnOnce(&mut async_nats::jetstream::stream::Config)) {
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut config = js
-            .get_stream("CNBUS_EVENTS")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .config
-            .clone();
-        f(&mut config);
-        js.update_stream(config).await.unwrap();
-    });
-}
-
-fn send(sink: &NatsSink, range: std::ops::Range<usize>) {
-    for i in range {
-        sink.publish(Record {
-            event: "fork",
-            msg_id: msg_id(i),
-            line: line(i),
-        });
-    }
-}
-
 /// A refusal of the bad-request class other than the size limit (a sealed stream refuses
 /// every publish with code 400): before, every refusal but error 10054 was sent again every
 /// 250 ms forever, holding up every record behind it and counting none.
@@ -214,11 +152,11 @@ fn send(sink: &NatsSink, range: std::ops::Range<usize>) {
 fn a_stream_that_refuses_every_record_for_good_holds_nothing_up_and_keeps_every_record() {
     let server = NatsServer::start(&[]);
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
-    send(&sink, 0..50);
+    let sink = start_sink(server.url(), spool.path());
+    publish(&sink, 0..50);
     wait_for("acks", || sink.stats().acknowledged == 50);
-    update_stream(&server, |c| c.sealed = true);
-    send(&sink, 50..150);
+    server.update_stream(|c| c.sealed = true);
+    publish(&sink, 50..150);
     wait_for("every record acknowledged or refused", || {
         let s = sink.stats();
         s.acknowledged + s.dropped == 150
@@ -258,16 +196,16 @@ fn a_record_refused_after_an_unacknowledged_publish_may_be_stored_and_is_not_cou
     let mut config = Config::new(proxy.url(), "h", spool.path());
     config.ack_timeout = Duration::from_millis(300);
     let sink = NatsSink::start(config).expect("start");
-    send(&sink, 0..1);
+    publish(&sink, 0..1);
     wait_for("the first acknowledgement", || {
         sink.stats().acknowledged == 1
     });
     proxy.hold(true);
-    send(&sink, 1..2);
+    publish(&sink, 1..2);
     wait_for("record 1 in the stream", || {
         read_stream(&server.url(), "CNBUS_EVENTS").len() == 2
     });
-    update_stream(&server, |c| c.sealed = true);
+    server.update_stream(|c| c.sealed = true);
     wait_for("record 1 sent again", || sink.stats().resent >= 1);
     proxy.hold(false);
     wait_for("record 1 given up", || {
@@ -301,22 +239,13 @@ fn a_record_refused_after_an_unacknowledged_publish_may_be_stored_and_is_not_cou
 #[test]
 fn a_full_stream_is_retried_and_delivers_everything_once_the_limit_is_lifted() {
     let server = NatsServer::start(&[]);
-    runtime().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        async_nats::jetstream::new(client)
-            .create_stream(async_nats::jetstream::stream::Config {
-                name: "CNBUS_EVENTS".into(),
-                subjects: vec!["cnbus.events.>".into()],
-                max_messages: 40,
-                discard: async_nats::jetstream::stream::DiscardPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+    server.create_stream_with("CNBUS_EVENTS", &["cnbus.events.>"], |c| {
+        c.max_messages = 40;
+        c.discard = async_nats::jetstream::stream::DiscardPolicy::New;
     });
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
-    send(&sink, 0..100);
+    let sink = start_sink(server.url(), spool.path());
+    publish(&sink, 0..100);
     wait_for("the stream full and the rest retried", || {
         let s = sink.stats();
         s.acknowledged == 40 && s.resent > 0
@@ -325,7 +254,7 @@ fn a_full_stream_is_retried_and_delivers_everything_once_the_limit_is_lifted() {
     assert_eq!((stats.dropped, stats.dead_lettered), (0, 0));
     let error = stats.last_error.clone().unwrap_or_default();
     assert!(error.contains("maximum messages"), "{error}");
-    update_stream(&server, |c| c.max_messages = -1);
+    server.update_stream(|c| c.max_messages = -1);
     let report = sink.shutdown(DEADLINE);
     assert_eq!((report.sent, report.unsent, report.dropped), (100, 0, 0));
     assert_eq!(
@@ -344,11 +273,11 @@ fn a_full_stream_is_retried_and_delivers_everything_once_the_limit_is_lifted() {
 fn records_for_a_subject_no_stream_covers_are_spooled_reported_and_delivered_once_it_is_covered() {
     let server = NatsServer::start(&[]);
     let spool = tempfile::tempdir().unwrap();
-    let sink = NatsSink::start(Config::new(server.url(), "h", spool.path())).expect("start");
-    send(&sink, 0..50);
+    let sink = start_sink(server.url(), spool.path());
+    publish(&sink, 0..50);
     wait_for("acks", || sink.stats().acknowledged == 50);
-    update_stream(&server, |c| c.subjects = vec!["other.>".into()]);
-    send(&sink, 50..150);
+    server.update_stream(|c| c.subjects = vec!["other.>".into()]);
+    publish(&sink, 50..150);
     wait_for("the records spooled and the cause said", || {
         let s = sink.stats();
         s.spool_records == 100 && s.last_error.is_some_and(|e| e.contains("do not cover"))
@@ -356,11 +285,108 @@ fn records_for_a_subject_no_stream_covers_are_spooled_reported_and_delivered_onc
     let stats = sink.stats();
     assert_eq!((stats.acknowledged, stats.dropped), (50, 0));
     assert!(!stats.connected);
-    update_stream(&server, |c| c.subjects = vec!["cnbus.events.>".into()]);
+    server.update_stream(|c| c.subjects = vec!["cnbus.events.>".into()]);
     let report = sink.shutdown(DEADLINE);
     assert_eq!((report.sent, report.unsent, report.dropped), (150, 0, 0));
     assert_eq!(
         by_id(&read_stream(&server.url(), "CNBUS_EVENTS")).len(),
         150
     );
+}
+
+/// The operator's way back for dead letters: records the stream refuses for good (over its
+/// `max_msg_size`; one of them not UTF-8, kept as `line_hex`) land in the dead-letter file;
+/// the operator raises the limit and runs `requeue_dead_letters`; the next start, under
+/// another host name, stores each exactly once with its own msg id, subject and bytes.
+/// Requeued again (a crash before the dead-letter file was removed, simulated by putting
+/// it back), they are sent with the same ids and de-duplicated: still once in the stream.
+/// Before, there was no way back but re-publishing `jq -j .line` by hand, under new ids
+/// and the re-publisher's subjects.
+#[test]
+fn dead_letters_requeued_once_the_cause_is_fixed_are_stored_once_with_their_ids_and_subjects() {
+    let server = NatsServer::start(&[]);
+    server.create_stream_with("CNBUS_EVENTS", &["cnbus.events.>"], |c| {
+        c.max_message_size = 300;
+        c.duplicate_window = Duration::from_secs(3600);
+    });
+    let spool = tempfile::tempdir().unwrap();
+    const N: usize = 100;
+    let big = |i: usize| i % 25 == 3;
+    let line_of = |i: usize| {
+        if !big(i) {
+            return line(i);
+        }
+        let mut l = format!("{{\"n\":{i},\"pad\":\"{}\"", "x".repeat(400)).into_bytes();
+        if i == 3 {
+            // Not UTF-8 (never the agent's, but a library user's line may be anything).
+            l.extend_from_slice(b",\"raw\":\"\xff\xfe\"");
+        }
+        l.extend_from_slice(b"}\n");
+        bytes::Bytes::from(l)
+    };
+    let sink = start_sink(server.url(), spool.path());
+    let events = ["fork", "exec"];
+    for i in 0..N {
+        sink.publish(Record {
+            event: events[i % 2],
+            msg_id: msg_id(i),
+            line: line_of(i),
+        });
+    }
+    let n_big = (0..N).filter(|&i| big(i)).count() as u64;
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!(
+        (report.sent, report.unsent, report.dropped),
+        (N as u64 - n_big, 0, n_big)
+    );
+    assert_eq!(report.stats.dead_lettered, n_big);
+    let kept = std::fs::read(spool.path().join(cnbus_nats::DEAD_LETTER_FILE)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&kept).contains("line_hex"),
+        "the non-UTF-8 line is kept in hex"
+    );
+    // The operator fixes the cause, then requeues.
+    server.update_stream(|c| c.max_message_size = -1);
+    let done = cnbus_nats::requeue_dead_letters(spool.path()).unwrap();
+    assert_eq!((done.requeued, done.malformed), (n_big, 0));
+    assert!(!spool.path().join(cnbus_nats::DEAD_LETTER_FILE).exists());
+    let check_stream = || {
+        let stored = read_stream(&server.url(), "CNBUS_EVENTS");
+        assert_eq!(stored.len(), N);
+        let map = by_id(&stored);
+        for i in 0..N {
+            let s = &map[&msg_id(i)];
+            assert_eq!(s.payload, line_of(i), "{i}");
+            let subject = format!("cnbus.events.h.{}", events[i % 2]);
+            assert_eq!(s.subject, subject, "{i}");
+        }
+    };
+    // The next start: another host name, which requeued records do not take.
+    let restart = || {
+        let sink =
+            NatsSink::start(Config::new(server.url(), "other", spool.path())).expect("start");
+        sink.shutdown(DEADLINE)
+    };
+    let report = restart();
+    assert_eq!((report.sent, report.unsent, report.dropped), (n_big, 0, 0));
+    assert_eq!(
+        (
+            report.stats.replayed,
+            report.stats.duplicates,
+            report.stats.dead_lettered
+        ),
+        (n_big, 0, 0)
+    );
+    check_stream();
+    assert!(spool_files(spool.path()).is_empty());
+    // The crash case: the dead-letter file back, requeued again, sent again with the same ids.
+    std::fs::write(spool.path().join(cnbus_nats::DEAD_LETTER_FILE), &kept).unwrap();
+    let done = cnbus_nats::requeue_dead_letters(spool.path()).unwrap();
+    assert_eq!(done.requeued, n_big);
+    let report = restart();
+    assert_eq!(
+        (report.sent, report.stats.duplicates, report.dropped),
+        (n_big, n_big, 0)
+    );
+    check_stream();
 }

@@ -167,7 +167,7 @@ fn a_torn_spool_tail_is_counted_and_cut_never_parsed() {
     // No server at first: everything goes to the spool.
     let port = free_port();
     let spool = tempfile::tempdir().unwrap();
-    let mut cfg = Config::new(format!("nats://127.0.0.1:{port}"), "h", spool.path());
+    let mut cfg = Config::new(local_url(port), "h", spool.path());
     cfg.spool_segment_bytes = 1 << 20;
     let sink =
         NatsSink::start(cfg.clone()).expect("an unreachable server is not an error at start");

@@ -38,13 +38,7 @@ fn stopped_server_then_shutdown(window: usize) {
     let mut cfg = Config::new(server.url(), "h", spool.path());
     cfg.window = window;
     let sink = NatsSink::start(cfg).expect("start");
-    for i in 0..10 {
-        sink.publish(Record {
-            event: "fork",
-            msg_id: msg_id(i),
-            line: line(i),
-        });
-    }
+    publish(&sink, 0..10);
     wait_for("the first acknowledgements", || {
         sink.stats().acknowledged == 10
     });
@@ -64,14 +58,8 @@ fn stopped_server_then_shutdown(window: usize) {
         });
         published += 1;
     }
-    for i in 70..4070 {
-        sink.publish(Record {
-            event: "fork",
-            msg_id: msg_id(i),
-            line: line(i),
-        });
-        published += 1;
-    }
+    publish(&sink, 70..4070);
+    published += 4000;
     // Time for the sink's thread to publish them (into full sockets).
     std::thread::sleep(Duration::from_secs(2));
 

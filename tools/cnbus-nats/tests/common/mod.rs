@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::stream::Config as StreamConfig;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -87,22 +88,54 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        local_url(self.port)
     }
 
     /// Creates the JetStream stream `name` with `subjects` on this server, as another user
     /// of the server would have (the bad-configuration cases).
     pub fn create_stream(&self, name: &str, subjects: &[&str]) {
+        self.create_stream_with(name, subjects, |_| {});
+    }
+
+    /// As [`NatsServer::create_stream`], with the limits `f` sets (an operator's stream:
+    /// `max_message_size`, `max_messages`, `duplicate_window`, ...).
+    pub fn create_stream_with(
+        &self,
+        name: &str,
+        subjects: &[&str],
+        f: impl FnOnce(&mut StreamConfig),
+    ) {
+        let mut config = StreamConfig {
+            name: name.into(),
+            subjects: subjects.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        f(&mut config);
         runtime().block_on(async {
             let client = async_nats::connect(self.url()).await.unwrap();
             async_nats::jetstream::new(client)
-                .create_stream(async_nats::jetstream::stream::Config {
-                    name: name.into(),
-                    subjects: subjects.iter().map(|s| s.to_string()).collect(),
-                    ..Default::default()
-                })
+                .create_stream(config)
                 .await
                 .unwrap();
+        });
+    }
+
+    /// Changes the configuration of the stream `CNBUS_EVENTS` as an operator would.
+    pub fn update_stream(&self, f: impl FnOnce(&mut StreamConfig)) {
+        runtime().block_on(async {
+            let client = async_nats::connect(self.url()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut config = js
+                .get_stream("CNBUS_EVENTS")
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .clone();
+            f(&mut config);
+            js.update_stream(config).await.unwrap();
         });
     }
 
@@ -185,6 +218,11 @@ fn parse_port(text: &str) -> Option<u16> {
         .take_while(|c| c.is_ascii_digit())
         .collect();
     digits.parse().ok()
+}
+
+/// The URL of a server on 127.0.0.1 at `port`.
+pub fn local_url(port: u16) -> String {
+    format!("nats://127.0.0.1:{port}")
 }
 
 /// A port nothing listens on (bound and released).
@@ -315,9 +353,24 @@ pub fn refused_after_an_unreachable_start(sink: cnbus_nats::NatsSink, n: u64) ->
     texts
 }
 
-/// Hands records 0..n (`msg_id(i)`, `line(i)`, event `fork`) to the sink.
-pub fn publish(sink: &cnbus_nats::NatsSink, n: usize) {
-    for i in 0..n {
+/// Starts a sink on `url` with host name `h` and spool `spool`, its other settings the
+/// defaults.
+pub fn start_sink(url: impl Into<String>, spool: &Path) -> cnbus_nats::NatsSink {
+    cnbus_nats::NatsSink::start(cnbus_nats::Config::new(url, "h", spool)).expect("start")
+}
+
+/// The records of the dead-letter file in `spool`, in order (none without the file).
+pub fn dead_letters(spool: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(spool.join(cnbus_nats::DEAD_LETTER_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Hands the records of `range` (`msg_id(i)`, `line(i)`, event `fork`) to the sink.
+pub fn publish(sink: &cnbus_nats::NatsSink, range: std::ops::Range<usize>) {
+    for i in range {
         sink.publish(cnbus_nats::Record {
             event: "fork",
             msg_id: msg_id(i),
