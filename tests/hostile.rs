@@ -662,3 +662,87 @@ fn a_peer_that_never_reads_cannot_stall_a_replying_server() {
         .recv_timeout(Duration::from_secs(60))
         .expect("the server shut down");
 }
+
+/// A request whose reply the kernel drops for a full receive queue fails with
+/// `Error::Overrun` (`Op::Request`), not with a plain timeout: a peer floods the group
+/// while the requester's dispatcher is held up, the reply (multicast to the group the
+/// request went to) comes while the queue is congested, and the request says the reply may
+/// have been lost. (Before, it returned `TimedOut` like a request nobody answered, and the
+/// loss showed only in the counters.)
+#[test]
+fn a_reply_dropped_for_a_full_queue_is_reported_as_an_overrun_not_a_timeout() {
+    if kernel_socket("a_reply_dropped_for_a_full_queue_is_reported_as_an_overrun_not_a_timeout")
+        .is_none()
+    {
+        return;
+    }
+    let group = 21;
+    let (flood, asked) = (CbId::new(test_idx(42), 1), CbId::new(test_idx(42), 2));
+    let conn = Arc::new(Connector::builder().recv_buffer(4096).spawn().unwrap());
+    let _sub = conn.subscribe(group).unwrap();
+    // The first flood message holds the dispatcher until the gate opens.
+    let (gate, held) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let first = Arc::new(AtomicU64::new(0));
+    let (g, h, f) = (gate.clone(), held.clone(), first.clone());
+    let _hold = conn.register(flood, move |_| {
+        if f.fetch_add(1, Ordering::SeqCst) == 0 {
+            h.wait();
+            g.wait();
+        }
+    });
+    // The server hears the request; `evil`, in no group, floods and answers.
+    let server = ConnectorSocket::open().unwrap();
+    server.join(group).unwrap();
+    let evil = ConnectorSocket::open().unwrap();
+    let frame = |m: &CnMsg| {
+        let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+        d.push(m).unwrap();
+        d.take()
+    };
+    // Inconclusive when the request ends before its reply was dropped (a very slow host):
+    // then again with a longer timeout.
+    let mut timeout = Duration::from_secs(2);
+    let e = loop {
+        let req = CnMsg::new(asked, &b"q"[..]).with_seq(conn.next_seq(asked), 7);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, r, e2) = (conn.clone(), req.clone(), ended.clone());
+        let request = std::thread::spawn(move || {
+            let res = c.request(&r, Dest::Group(group), timeout);
+            e2.store(true, Ordering::SeqCst);
+            res
+        });
+        let seen = common::recv_until(&server, Duration::from_secs(60), |_, m| {
+            (m.msg.id, m.msg.seq) == (asked, req.seq)
+        });
+        assert!(seen.iter().any(|(_, m)| m.msg.id == asked), "request out");
+        first.store(0, Ordering::SeqCst);
+        evil.send(&frame(&CnMsg::new(flood, &b"hold"[..])), Dest::Group(group))
+            .unwrap();
+        held.wait();
+        let drops = || conn.socket().drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            evil.send(&frame(&CnMsg::new(flood, vec![0; 200])), Dest::Group(group))
+                .unwrap();
+        }
+        // Congested: the kernel drops every multicast to the socket until it is read empty.
+        evil.send(
+            &frame(&CnMsg::reply_to(&req, &b"a"[..])),
+            Dest::Group(group),
+        )
+        .unwrap();
+        let conclusive = !ended.load(Ordering::SeqCst);
+        let r = request.join().unwrap();
+        gate.wait();
+        if conclusive {
+            break r.unwrap_err();
+        }
+        timeout *= 2;
+    };
+    assert!(
+        matches!(e, cnbus::Error::Overrun { op: Op::Request }),
+        "{e:?}"
+    );
+    assert!(conn.stats().kernel_drops.unwrap() > 0);
+    assert_eq!(conn.stats().replies, 0);
+}

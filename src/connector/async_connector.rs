@@ -215,7 +215,9 @@ impl AsyncConnector {
     /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
-    /// the stream.
+    /// the stream. No reply in time is [`Error::TimedOut`], or [`Error::Overrun`]
+    /// (`Op::Request`) when the kernel dropped datagrams for the socket's full queue
+    /// meanwhile (the reply may have been one of them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
         self.reader.lock().pending.push(Pending {
@@ -226,6 +228,8 @@ impl AsyncConnector {
             waker: None,
         });
         let _entry = PendingEntry { conn: self, token };
+        // Before the send: a drop of the reply comes after it.
+        let drops = self.outbox.socket.drops().ok().flatten();
         self.send(msg, dest).await?;
         let wait = async {
             let mut readable = Box::pin(self.fd.readable());
@@ -259,7 +263,7 @@ impl AsyncConnector {
         };
         match ::tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(Error::TimedOut { op: Op::Request }),
+            Err(_) => Err(super::no_reply(&self.outbox.socket, drops)),
         }
     }
 

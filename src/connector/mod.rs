@@ -267,6 +267,17 @@ fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
     }
 }
 
+/// Why a request's reply did not come in time: [`Error::Overrun`] when the socket's kernel
+/// drop counter moved since `before` (read before the request was sent), since the reply
+/// may have been one of the datagrams the kernel dropped for a full queue; else
+/// [`Error::TimedOut`].
+pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>) -> Error {
+    match (before, socket.drops().ok().flatten()) {
+        (Some(b), Some(now)) if now != b => Error::Overrun { op: Op::Request },
+        _ => Error::TimedOut { op: Op::Request },
+    }
+}
+
 /// A connector: a socket, a registry and the dispatcher thread that feeds it.
 ///
 /// All operations are on [`ConnectorHandle`], which `Connector` dereferences to; a handle can
@@ -571,6 +582,14 @@ impl ConnectorHandle {
     /// the destination's name. Choose a seq that is unique among outstanding requests (for
     /// example [`next_seq`](Self::next_seq)).
     ///
+    /// No reply in time is [`Error::TimedOut`], or [`Error::Overrun`] (`Op::Request`) when
+    /// the kernel dropped datagrams for this socket's full receive queue meanwhile (its drop
+    /// counter, [`Stats::kernel_drops`], moved): the reply may have been one of them, so
+    /// waiting longer or a slow peer is not the likely cause. (A reply a user-space peer
+    /// unicasts is not dropped for a full queue: the peer's send waits for room, and a
+    /// peer that gives up, as a callback's send does after `send_timeout`, counts a send
+    /// error there, not a drop here.)
+    ///
     /// Made on the dispatcher thread (from a callback or the event handler), it fails at
     /// once with [`Error::WouldDeadlock`]: that thread is the one that would read the reply.
     ///
@@ -604,6 +623,8 @@ impl ConnectorHandle {
             p.remove(&key);
             self.inner.pending_count.store(p.len(), Ordering::Relaxed);
         };
+        // Before the send: a drop of the reply comes after it.
+        let drops = self.inner.socket.drops().ok().flatten();
         if let Err(e) = self.send(msg, dest) {
             unpend();
             return Err(e);
@@ -616,7 +637,7 @@ impl ConnectorHandle {
             // just after the deadline is in the channel now, not lost.
             Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
                 Ok(m) => Ok(m),
-                Err(_) => Err(Error::TimedOut { op: Op::Request }),
+                Err(_) => Err(no_reply(&self.inner.socket, drops)),
             },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }

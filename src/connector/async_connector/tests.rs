@@ -307,3 +307,71 @@ fn a_reply_from_another_port_is_not_taken_for_the_reply() {
         assert_eq!(conn.stats().replies, 1);
     });
 }
+
+/// A request whose reply the kernel drops for a full receive queue fails with
+/// `Error::Overrun` (`Op::Request`), not with a plain timeout: the runtime's one thread
+/// floods the group the request went to until the socket drops, then multicasts the reply
+/// into the congested queue, before the request's task can read. (Before, the request
+/// returned `TimedOut` like one nobody answered.)
+#[test]
+fn a_reply_dropped_for_a_full_queue_is_an_overrun_not_a_timeout() {
+    on_runtime("the request never returned", async {
+        let group = 22;
+        let conn = std::sync::Arc::new(
+            Connector::builder()
+                .recv_buffer(4096)
+                .build_async()
+                .unwrap(),
+        );
+        let _sub = conn.subscribe(group).unwrap();
+        let server = ConnectorSocket::open().unwrap();
+        server.join(group).unwrap();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a1d, conn.port_id());
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 5);
+        let (c, r) = (conn.clone(), req.clone());
+        let request = ::tokio::spawn(async move {
+            c.request(&r, Dest::Group(group), Duration::from_secs(1))
+                .await
+        });
+        // The request is out once the server has it.
+        let (seq, server) = (req.seq, server);
+        ::tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::new();
+            loop {
+                crate::sys::poll_read(&server, &crate::sys::EventFd::new().unwrap(), None).unwrap();
+                buf.reserve(1 << 16);
+                if let Ok(Some(_)) = server.recv(&mut buf, true) {
+                    let found = messages(buf.split().freeze()).any(|m| {
+                        matches!(m, Ok(Message::Connector(c)) if (c.msg.id, c.msg.seq) == (id, seq))
+                    });
+                    if found {
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+        // No await from here to the reply: the request's task cannot read meanwhile.
+        let frame = |m: &CnMsg| {
+            let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+            d.push(m).unwrap();
+            d.take()
+        };
+        let drops = || conn.outbox.socket.drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            let junk = CnMsg::new(CbId::new(0x5a1e, conn.port_id()), vec![0; 200]);
+            evil.send(&frame(&junk), Dest::Group(group)).unwrap();
+        }
+        evil.send(
+            &frame(&CnMsg::reply_to(&req, &b"pong"[..])),
+            Dest::Group(group),
+        )
+        .unwrap();
+        let e = request.await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::Overrun { op: Op::Request }), "{e:?}");
+        assert_eq!(conn.stats().replies, 0);
+    });
+}
