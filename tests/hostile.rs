@@ -746,3 +746,60 @@ fn a_reply_dropped_for_a_full_queue_is_reported_as_an_overrun_not_a_timeout() {
     assert!(conn.stats().kernel_drops.unwrap() > 0);
     assert_eq!(conn.stats().replies, 0);
 }
+
+/// The socket's kernel membership (`NETLINK_LIST_MEMBERSHIPS`) is exactly the groups with
+/// a live subscription: after many threads subscribe and drop subscriptions to three
+/// groups at once, and once the connector is gone while a subscription and the socket
+/// (shared, as with a bus) outlive it, the socket is in no group. (Before, the socket
+/// stayed in the group for good: the late subscription's drop could not reach the
+/// connector's counts any more, and nothing else left the group.)
+#[test]
+fn the_kernel_membership_is_exactly_the_live_subscriptions() {
+    if kernel_socket("the_kernel_membership_is_exactly_the_live_subscriptions").is_none() {
+        return;
+    }
+    let groups = [26u32, 27, 28];
+    let mask = |held: &[cnbus::connector::Subscription]| {
+        held.iter().fold(0u32, |m, s| m | 1 << (s.group() - 1))
+    };
+    for _ in 0..10 {
+        let conn = Connector::builder().spawn().unwrap();
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (h, start) = (conn.handle(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let mut held = Vec::new();
+                    for j in 0..300 {
+                        let s = h.subscribe(groups[(i + j) % 3]).unwrap();
+                        if j % 5 == 0 {
+                            held.push(s);
+                        } else if j % 7 == 0 && !held.is_empty() {
+                            drop(held.swap_remove(0));
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        let held: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        for g in groups {
+            let n = held.iter().filter(|s| s.group() == g).count();
+            assert_eq!(conn.subscribers(g) as usize, n);
+        }
+        let sock = conn.socket().clone();
+        assert_eq!(sock.memberships().unwrap(), mask(&held));
+        let mut held = held;
+        let late = held.pop().expect("some subscriptions are held");
+        drop(held);
+        assert_eq!(sock.memberships().unwrap(), 1 << (late.group() - 1));
+        drop(conn);
+        assert_eq!(sock.memberships().unwrap(), 0, "the connector is gone");
+        drop(late);
+        assert_eq!(sock.memberships().unwrap(), 0);
+    }
+}
