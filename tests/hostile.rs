@@ -803,3 +803,87 @@ fn the_kernel_membership_is_exactly_the_live_subscriptions() {
         assert_eq!(sock.memberships().unwrap(), 0);
     }
 }
+
+std::thread_local! {
+    /// Dropped with the thread that set it: tells a test that the thread has ended.
+    static ON_EXIT: std::cell::RefCell<Option<std::sync::mpsc::Sender<()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Shutdown stops deliveries at once: no callback starts after `shutdown` (from another
+/// thread) has set its flag, though the queue holds many messages, nor after the
+/// `Connector` was dropped inside a callback. (Before, the dispatcher delivered the rest
+/// of its batch, up to 256 datagrams, first: 49 more calls in each case here, and with a
+/// slow callback `shutdown` waited for all of them.)
+#[test]
+fn no_callback_starts_after_shutdown_or_a_drop_inside_a_callback() {
+    if kernel_socket("no_callback_starts_after_shutdown_or_a_drop_inside_a_callback").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(43), 1);
+    let tx = ConnectorSocket::open().unwrap();
+    let sink = ConnectorSocket::open().unwrap();
+    for inside in [true, false] {
+        let conn = Connector::builder().spawn().unwrap();
+        let port = conn.port_id();
+        let h = conn.handle();
+        let slot = Arc::new(parking_lot::Mutex::new(Some(conn)));
+        let (held, gate) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let (calls, after) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, hd, g, c, a) = (
+            slot.clone(),
+            held.clone(),
+            gate.clone(),
+            calls.clone(),
+            after.clone(),
+        );
+        // Disconnected once the dispatcher thread has ended (its thread-locals dropped).
+        let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
+        let mut exit_tx = Some(exit_tx);
+        let reg = h.register(id, move |_| {
+            if c.fetch_add(1, Ordering::SeqCst) > 0 {
+                a.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            ON_EXIT.with(|e| *e.borrow_mut() = exit_tx.take());
+            hd.wait();
+            g.wait();
+            if inside {
+                drop(s.lock().take()); // the last `Connector`, dropped here
+            }
+        });
+        for seq in 1..=50 {
+            tx.send(&valid(id, seq), Dest::Port(port)).unwrap();
+        }
+        held.wait(); // the first call is running, 49 messages queued behind it
+        let stopper = (!inside).then(|| {
+            let conn = slot.lock().take().unwrap();
+            std::thread::spawn(move || conn.shutdown())
+        });
+        if !inside {
+            // The shutdown flag is set once a request is refused as `Closed`.
+            let probe = CnMsg::new(CbId::new(test_idx(43), 2), &b"?"[..]);
+            while !matches!(
+                h.request(&probe, Dest::Port(sink.port_id()), Duration::from_millis(1)),
+                Err(cnbus::Error::Closed)
+            ) {}
+        }
+        gate.wait();
+        if let Some(t) = stopper {
+            t.join().unwrap();
+        }
+        // After a drop inside the callback, the dispatcher ends by itself.
+        assert_eq!(
+            exited.recv_timeout(Duration::from_secs(60)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+            "the dispatcher thread ended"
+        );
+        drop(reg);
+        assert_eq!(
+            after.load(Ordering::SeqCst),
+            0,
+            "calls after the shutdown (inside: {inside})"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

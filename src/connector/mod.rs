@@ -316,7 +316,10 @@ impl Connector {
     }
 
     /// Stops the dispatcher: wakes it through its eventfd (the socket is not touched) and
-    /// joins it. Returns promptly; a callback running at that moment is waited for.
+    /// joins it. Returns promptly; a callback running at that moment is waited for, and no
+    /// callback starts after it (the messages still queued are not delivered). Called (or
+    /// the `Connector` dropped) inside a callback, it cannot wait for the dispatcher, whose
+    /// thread it runs on: the callback in progress finishes and no other starts.
     /// Outstanding requests fail with [`Error::Closed`].
     pub fn shutdown(mut self) {
         self.stop();
