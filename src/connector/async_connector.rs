@@ -303,27 +303,28 @@ impl AsyncConnector {
             });
             queued |= got_event;
             match res {
-                Ok(Some((d, meta))) => ingest.datagram(c, &d, meta, |item| {
-                    let item = item.map(|m| m.to_incoming());
-                    if let Ok(m) = &item {
-                        let key = (m.msg.id, m.msg.seq, m.msg.ack);
-                        let port = m.source.port;
-                        if let Some(p) = pending.iter_mut().find(|p| {
+                Ok(Some((d, meta))) => {
+                    let is_reply = |m: &super::Delivery<'_>| {
+                        let (key, port) = ((m.id(), m.seq(), m.ack()), m.source().port);
+                        let Some(p) = pending.iter_mut().find(|p| {
                             p.reply.is_none()
                                 && p.key == key
                                 && p.from.is_none_or(|from| from == port)
-                        }) {
-                            Counters::add(&c.replies, 1);
-                            p.reply = item.ok();
-                            if let Some(w) = p.waker.take() {
-                                w.wake();
-                            }
-                            return;
+                        }) else {
+                            return false;
+                        };
+                        Counters::add(&c.replies, 1);
+                        p.reply = Some(m.to_incoming());
+                        if let Some(w) = p.waker.take() {
+                            w.wake();
                         }
-                    }
-                    push(queue, cap, c, item);
-                    queued = true;
-                }),
+                        true
+                    };
+                    ingest.datagram(c, &d, meta, is_reply, |item| {
+                        push(queue, cap, c, item.map(|m| m.to_incoming()));
+                        queued = true;
+                    })
+                }
                 Ok(None) if got_event => {}
                 Ok(None) => {
                     guard.clear_ready();

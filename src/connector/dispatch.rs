@@ -55,13 +55,13 @@ pub(super) fn run(inner: &Inner) {
                     let registry = inner.registry.snapshot();
                     let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
-                    ingest.datagram(c, &datagram, meta, |item| match item {
+                    let is_reply = |m: &Delivery<'_>| {
+                        inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
+                    };
+                    ingest.datagram(c, &datagram, meta, is_reply, |item| match item {
                         Ok(m) => {
                             if inner.shutdown.load(Ordering::Acquire) {
                                 return; // the rest of the datagram: nobody takes it
-                            }
-                            if inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, &m) {
-                                return;
                             }
                             d.deliver(&registry, &mut targets, &m);
                         }
