@@ -220,17 +220,73 @@ impl AsyncConnector {
     /// meanwhile (the reply may have been one of them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
-        self.reader.lock().pending.push(Pending {
-            token,
-            key: (msg.id, msg.seq, msg.ack.wrapping_add(1)),
-            from: super::reply_port(dest),
-            reply: None,
-            waker: None,
-        });
+        self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest);
         let _entry = PendingEntry { conn: self, token };
         // Before the send: a drop of the reply comes after it.
         let drops = self.outbox.socket.drops().ok().flatten();
         self.send(msg, dest).await?;
+        self.await_reply(token, drops, timeout).await
+    }
+
+    /// Sends `data` on `id` as a request numbered as
+    /// [`send_numbered`](Self::send_numbered) numbers (the socket's sequence of `dest` and
+    /// `id`; ack 0) and waits up to `timeout` for its reply (same id and seq, ack 1), as
+    /// [`request`](Self::request) does; see
+    /// [`ConnectorHandle::request_numbered`](crate::connector::ConnectorHandle::request_numbered)
+    /// for why. A unicast to a full peer waits for room as `send_numbered` does. The
+    /// reply's `seq` is the number used.
+    pub async fn request_numbered(
+        &self,
+        id: CbId,
+        data: impl Into<Bytes>,
+        dest: Dest,
+        timeout: Duration,
+    ) -> Result<Incoming> {
+        let token = self.tokens.fetch_add(1, Relaxed);
+        let _entry = PendingEntry { conn: self, token };
+        let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
+        let drops = self.outbox.socket.drops().ok().flatten();
+        let mut wait = RoomWait::new(self.send_timeout);
+        loop {
+            let r = self.outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
+                self.pend(token, (id, seq, 1), dest);
+                Ok(())
+            });
+            if r?.is_some() {
+                break;
+            }
+            self.unpend(token);
+            if !room(&mut wait).await {
+                return Err(self.timed_out(Op::Send));
+            }
+        }
+        self.await_reply(token, drops, timeout).await
+    }
+
+    /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack).
+    fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) {
+        self.reader.lock().pending.push(Pending {
+            token,
+            key,
+            from: super::reply_port(dest),
+            reply: None,
+            waker: None,
+        });
+    }
+
+    /// Withdraws the request `token` (not sent: it has no reply).
+    fn unpend(&self, token: u64) {
+        self.reader.lock().pending.retain(|p| p.token != token);
+    }
+
+    /// Waits for the reply of the request `token` (sent); `drops`: the socket's drop
+    /// counter before the send.
+    async fn await_reply(
+        &self,
+        token: u64,
+        drops: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Incoming> {
         let wait = async {
             let mut readable = Box::pin(self.fd.readable());
             std::future::poll_fn(|cx| {

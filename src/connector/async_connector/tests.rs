@@ -405,3 +405,36 @@ fn replies_to_requests_are_not_counted_as_gaps() {
         assert_eq!((s.replies, s.lost, s.reordered), (10, 0, 0), "{s:?}");
     });
 }
+
+/// Async `request_numbered`: one sequence per destination, so servers that each get some
+/// of a client's requests on one id count no loss.
+#[test]
+fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
+    on_runtime("a request never returned", async {
+        let conn = Connector::builder().build_async().unwrap();
+        let id = CbId::new(0x5a20, conn.port_id());
+        let server = || {
+            let s = Connector::builder().spawn().unwrap();
+            let h = s.handle();
+            let reg = s.register(id, move |m| {
+                h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+                    .unwrap();
+            });
+            (s, reg)
+        };
+        let (a, _ra) = server();
+        let (b, _rb) = server();
+        for i in 0..10 {
+            let to = Dest::Port([a.port_id(), b.port_id()][i % 2]);
+            let r = conn
+                .request_numbered(id, &b"ping"[..], to, Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!((r.msg.seq, r.msg.ack), (i as u32 / 2 + 1, 1));
+        }
+        for s in [a.stats(), b.stats(), conn.stats()] {
+            assert_eq!((s.lost, s.reordered), (0, 0), "{s:?}");
+        }
+        assert_eq!(conn.stats().replies, 10);
+    });
+}
