@@ -35,6 +35,12 @@ const BATCH: usize = 64;
 /// An async connector: a socket whose messages and events are a `Stream`.
 ///
 /// Build it with [`ConnectorBuilder::build_async`](crate::connector::ConnectorBuilder::build_async).
+///
+/// Its socket is registered with the runtime it was built in: once that runtime has shut
+/// down, the stream yields one [`Event::RecvFailed`] and ends and requests fail with
+/// [`Error::Closed`] (sends still work). A request dropped before its reply came (a
+/// `timeout` around it, a cancelled task) leaves nothing behind: a reply that comes later
+/// goes to the stream as any message.
 pub struct AsyncConnector {
     fd: AsyncFd<Arc<ConnectorSocket>>,
     pub(crate) outbox: Outbox,
@@ -220,7 +226,7 @@ impl AsyncConnector {
     /// meanwhile (the reply may have been one of them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
-        self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest);
+        self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest)?;
         let _entry = PendingEntry { conn: self, token };
         // Before the send: a drop of the reply comes after it.
         let drops = self.outbox.socket.drops().ok().flatten();
@@ -249,8 +255,7 @@ impl AsyncConnector {
         let mut wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
-                self.pend(token, (id, seq, 1), dest);
-                Ok(())
+                self.pend(token, (id, seq, 1), dest)
             });
             if r?.is_some() {
                 break;
@@ -263,15 +268,24 @@ impl AsyncConnector {
         self.await_reply(token, drops, timeout).await
     }
 
-    /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack).
-    fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) {
-        self.reader.lock().pending.push(Pending {
+    /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack). Refused
+    /// when a request with that key is outstanding already (its reply would go to one of
+    /// the two, the other would wait in vain), as the synchronous connector refuses it.
+    fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) -> Result<()> {
+        let mut r = self.reader.lock();
+        if r.pending.iter().any(|p| p.key == key) {
+            return Err(Error::InvalidArgument(
+                "a request with this id, seq and ack is already outstanding",
+            ));
+        }
+        r.pending.push(Pending {
             token,
             key,
             from: super::reply_port(dest),
             reply: None,
             waker: None,
         });
+        Ok(())
     }
 
     /// Withdraws the request `token` (not sent: it has no reply).

@@ -438,3 +438,37 @@ fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
         assert_eq!(conn.stats().replies, 10);
     });
 }
+
+/// A second request with the id, seq and ack of one outstanding fails at once with
+/// `InvalidArgument`, as in the synchronous connector; the first gets the reply. (Before,
+/// both waited, the reply went to the first, and the second timed out as if nobody had
+/// answered.)
+#[test]
+fn a_second_request_with_an_outstanding_key_is_refused() {
+    on_runtime("the request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let server = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a21, conn.port_id());
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+        let (c, r, to) = (conn.clone(), req.clone(), Dest::Port(server.port_id()));
+        let first = ::tokio::spawn(async move { c.request(&r, to, Duration::from_secs(60)).await });
+        let server = ::tokio::task::spawn_blocking(move || {
+            crate::sys::poll_read(&server, &crate::sys::EventFd::new().unwrap(), None).unwrap();
+            server
+        })
+        .await
+        .unwrap();
+        let e = conn
+            .request(&req, to, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(&req, &b"pong"[..])).unwrap();
+        server
+            .send(d.as_bytes(), Dest::Port(conn.port_id()))
+            .unwrap();
+        let r = first.await.unwrap().unwrap();
+        assert_eq!(&r.msg.data[..], b"pong");
+    });
+}
