@@ -966,3 +966,108 @@ fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
     }
     assert_eq!(client.stats().replies, 10);
 }
+
+/// Edge values go through: netlink control messages (`NLMSG_NOOP`, `NLMSG_ERROR`,
+/// `NLMSG_OVERRUN`) between connector messages of one datagram are counted (the error
+/// reported) and the messages around them delivered, a `NLM_F_MULTI` flag changes nothing;
+/// ids `0.0` and `u32::MAX.u32::MAX` (exact and wildcard) are delivered; a sequence that
+/// wraps from `u32::MAX` to 0 counts no loss; an `nlmsg_len` of `u32::MAX` is one decode
+/// error; a request whose ack is `u32::MAX` takes the reply with ack 0.
+#[test]
+fn edge_values_and_control_messages_between_messages() {
+    if kernel_socket("edge_values_and_control_messages_between_messages").is_none() {
+        return;
+    }
+    let tx = ConnectorSocket::open().unwrap();
+    let txp = tx.port_id();
+    let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let conn = Connector::builder()
+        .on_event(move |e| match e {
+            Event::NetlinkError { port, .. }
+            | Event::Decode { port, .. }
+            | Event::Lost { port, .. }
+                if *port == txp =>
+            {
+                ev.lock().push(e.clone())
+            }
+            _ => {}
+        })
+        .spawn()
+        .unwrap();
+    let (max, zero) = (CbId::new(u32::MAX, u32::MAX), CbId::new(0, 0));
+    let (_w, wild) = conn.channel(cnbus::connector::Match::Idx(u32::MAX), 64);
+    let (_e, exact) = conn.channel(max, 64);
+    let (_z, zeros) = conn.channel(zero, 64);
+    let to = Dest::Port(conn.port_id());
+    let msg = |id: CbId, seq: u32, flags: u16| {
+        let mut d = Vec::new();
+        let nl = NlHeader {
+            ty: NLMSG_DONE,
+            flags,
+            ..Default::default()
+        };
+        encode(nl, &CnMsg::new(id, &b"x"[..]).with_seq(seq, 0), &mut d).unwrap();
+        d
+    };
+    let control = |ty: u16, payload: &[u8]| {
+        let mut d = Vec::new();
+        NlHeader {
+            len: 16 + payload.len() as u32,
+            ty,
+            ..Default::default()
+        }
+        .emit(&mut d);
+        d.extend_from_slice(payload);
+        d
+    };
+    let error = [(-5i32).to_ne_bytes().to_vec(), vec![0; 16]].concat();
+    let multi = 2; // NLM_F_MULTI
+    let d = [
+        msg(max, u32::MAX - 1, 0),
+        control(1, &[]),
+        control(2, &error),
+        control(4, &[]),
+        msg(max, u32::MAX, multi),
+    ]
+    .concat();
+    tx.send(&d, to).unwrap();
+    tx.send(&msg(max, 0, 0), to).unwrap();
+    tx.send(&msg(max, 1, 0), to).unwrap();
+    let mut bad = msg(max, 2, 0);
+    bad[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+    tx.send(&bad, to).unwrap();
+    tx.send(&msg(zero, 1, 0), to).unwrap();
+    let z = zeros.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!((z.msg.id, z.source.port), (zero, txp));
+    let seqs = |rx: &crossbeam::channel::Receiver<cnbus::connector::Incoming>| {
+        rx.try_iter()
+            .filter(|m| m.source.port == txp)
+            .map(|m| m.msg.seq)
+            .collect::<Vec<_>>()
+    };
+    let want = vec![u32::MAX - 1, u32::MAX, 0, 1];
+    assert_eq!(seqs(&exact), want);
+    assert_eq!(seqs(&wild), want);
+    let events = events.lock().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(matches!(events[0], Event::NetlinkError { error: -5, .. }));
+    assert!(matches!(
+        &events[1],
+        Event::Decode { error, .. } if matches!(error.kind, DecodeErrorKind::NlmsgLenOverrun { len: u32::MAX, .. })
+    ));
+    let s = conn.stats();
+    assert!(s.control >= 3 && s.decode_errors >= 1, "{s:?}");
+
+    let server = Connector::builder().spawn().unwrap();
+    let h = server.handle();
+    let _svc = server.register(max, move |m| {
+        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    let req = CnMsg::new(max, &b"ping"[..]).with_seq(7, u32::MAX);
+    let r = conn
+        .request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+        .unwrap();
+    assert_eq!((r.msg.seq, r.msg.ack), (7, 0));
+}
