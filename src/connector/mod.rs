@@ -595,6 +595,9 @@ impl ConnectorHandle {
     /// peer that gives up, as a callback's send does after `send_timeout`, counts a send
     /// error there, not a drop here.)
     ///
+    /// The dispatcher thread reads the reply: a callback that blocks holds it up, and a
+    /// reply queued behind it past the deadline is a timeout like any other.
+    ///
     /// Made on the dispatcher thread (from a callback or the event handler), it fails at
     /// once with [`Error::WouldDeadlock`]: that thread is the one that would read the reply.
     ///
