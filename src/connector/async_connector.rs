@@ -35,6 +35,12 @@ const BATCH: usize = 64;
 /// An async connector: a socket whose messages and events are a `Stream`.
 ///
 /// Build it with [`ConnectorBuilder::build_async`](crate::connector::ConnectorBuilder::build_async).
+///
+/// Its socket is registered with the runtime it was built in: once that runtime has shut
+/// down, the stream yields one [`Event::RecvFailed`] and ends and requests fail with
+/// [`Error::Closed`] (sends still work). A request dropped before its reply came (a
+/// `timeout` around it, a cancelled task) leaves nothing behind: a reply that comes later
+/// goes to the stream as any message.
 pub struct AsyncConnector {
     fd: AsyncFd<Arc<ConnectorSocket>>,
     pub(crate) outbox: Outbox,
@@ -215,18 +221,86 @@ impl AsyncConnector {
     /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
-    /// the stream.
+    /// the stream. No reply in time is [`Error::TimedOut`], or [`Error::Overrun`]
+    /// (`Op::Request`) when the kernel dropped datagrams for the socket's full queue
+    /// meanwhile (the reply may have been one of them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
-        self.reader.lock().pending.push(Pending {
+        self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest)?;
+        let _entry = PendingEntry { conn: self, token };
+        // Before the send: a drop of the reply comes after it.
+        let drops = self.outbox.socket.drops().ok().flatten();
+        self.send(msg, dest).await?;
+        self.await_reply(token, drops, timeout).await
+    }
+
+    /// Sends `data` on `id` as a request numbered as
+    /// [`send_numbered`](Self::send_numbered) numbers (the socket's sequence of `dest` and
+    /// `id`; ack 0) and waits up to `timeout` for its reply (same id and seq, ack 1), as
+    /// [`request`](Self::request) does; see
+    /// [`ConnectorHandle::request_numbered`](crate::connector::ConnectorHandle::request_numbered)
+    /// for why. A unicast to a full peer waits for room as `send_numbered` does. The
+    /// reply's `seq` is the number used.
+    pub async fn request_numbered(
+        &self,
+        id: CbId,
+        data: impl Into<Bytes>,
+        dest: Dest,
+        timeout: Duration,
+    ) -> Result<Incoming> {
+        let token = self.tokens.fetch_add(1, Relaxed);
+        let _entry = PendingEntry { conn: self, token };
+        let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
+        let drops = self.outbox.socket.drops().ok().flatten();
+        let mut wait = RoomWait::new(self.send_timeout);
+        loop {
+            let r = self.outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
+                self.pend(token, (id, seq, 1), dest)
+            });
+            if r?.is_some() {
+                break;
+            }
+            self.unpend(token);
+            if !room(&mut wait).await {
+                return Err(self.timed_out(Op::Send));
+            }
+        }
+        self.await_reply(token, drops, timeout).await
+    }
+
+    /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack). Refused
+    /// when a request with that key is outstanding already (its reply would go to one of
+    /// the two, the other would wait in vain), as the synchronous connector refuses it.
+    fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) -> Result<()> {
+        let mut r = self.reader.lock();
+        if r.pending.iter().any(|p| p.key == key) {
+            return Err(Error::InvalidArgument(
+                "a request with this id, seq and ack is already outstanding",
+            ));
+        }
+        r.pending.push(Pending {
             token,
-            key: (msg.id, msg.seq, msg.ack.wrapping_add(1)),
+            key,
             from: super::reply_port(dest),
             reply: None,
             waker: None,
         });
-        let _entry = PendingEntry { conn: self, token };
-        self.send(msg, dest).await?;
+        Ok(())
+    }
+
+    /// Withdraws the request `token` (not sent: it has no reply).
+    fn unpend(&self, token: u64) {
+        self.reader.lock().pending.retain(|p| p.token != token);
+    }
+
+    /// Waits for the reply of the request `token` (sent); `drops`: the socket's drop
+    /// counter before the send.
+    async fn await_reply(
+        &self,
+        token: u64,
+        drops: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Incoming> {
         let wait = async {
             let mut readable = Box::pin(self.fd.readable());
             std::future::poll_fn(|cx| {
@@ -259,7 +333,7 @@ impl AsyncConnector {
         };
         match ::tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(Error::TimedOut { op: Op::Request }),
+            Err(_) => Err(super::no_reply(&self.outbox.socket, drops)),
         }
     }
 
@@ -299,27 +373,28 @@ impl AsyncConnector {
             });
             queued |= got_event;
             match res {
-                Ok(Some((d, meta))) => ingest.datagram(c, &d, meta, |item| {
-                    let item = item.map(|m| m.to_incoming());
-                    if let Ok(m) = &item {
-                        let key = (m.msg.id, m.msg.seq, m.msg.ack);
-                        let port = m.source.port;
-                        if let Some(p) = pending.iter_mut().find(|p| {
+                Ok(Some((d, meta))) => {
+                    let is_reply = |m: &super::Delivery<'_>| {
+                        let (key, port) = ((m.id(), m.seq(), m.ack()), m.source().port);
+                        let Some(p) = pending.iter_mut().find(|p| {
                             p.reply.is_none()
                                 && p.key == key
                                 && p.from.is_none_or(|from| from == port)
-                        }) {
-                            Counters::add(&c.replies, 1);
-                            p.reply = item.ok();
-                            if let Some(w) = p.waker.take() {
-                                w.wake();
-                            }
-                            return;
+                        }) else {
+                            return false;
+                        };
+                        Counters::add(&c.replies, 1);
+                        p.reply = Some(m.to_incoming());
+                        if let Some(w) = p.waker.take() {
+                            w.wake();
                         }
-                    }
-                    push(queue, cap, c, item);
-                    queued = true;
-                }),
+                        true
+                    };
+                    ingest.datagram(c, &d, meta, is_reply, |item| {
+                        push(queue, cap, c, item.map(|m| m.to_incoming()));
+                        queued = true;
+                    })
+                }
                 Ok(None) if got_event => {}
                 Ok(None) => {
                     guard.clear_ready();

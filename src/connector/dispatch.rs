@@ -12,7 +12,7 @@ use super::{Delivery, Event, Inner, Snapshot};
 use crate::codec::CbId;
 use crate::sys::poll_read;
 
-/// Datagrams read per wake-up before looking at the shutdown flag again.
+/// Datagrams read per wake-up before polling again.
 const BATCH: usize = 256;
 
 /// Runs until `inner.shutdown` is set and the eventfd signalled.
@@ -43,6 +43,11 @@ pub(super) fn run(inner: &Inner) {
             continue;
         }
         for _ in 0..BATCH {
+            // Between datagrams too: a shutdown (from another thread, or a callback that
+            // dropped the `Connector`) stops deliveries at once, not after a batch.
+            if inner.shutdown.load(Ordering::Acquire) {
+                return;
+            }
             match ingest.recv(&inner.socket, &mut buf, cap, c, &mut event) {
                 Ok(Some((datagram, meta))) => {
                     // One look at the registry per datagram, one lookup per run of
@@ -50,10 +55,13 @@ pub(super) fn run(inner: &Inner) {
                     let registry = inner.registry.snapshot();
                     let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
-                    ingest.datagram(c, &datagram, meta, |item| match item {
+                    let is_reply = |m: &Delivery<'_>| {
+                        inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
+                    };
+                    ingest.datagram(c, &datagram, meta, is_reply, |item| match item {
                         Ok(m) => {
-                            if inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, &m) {
-                                return;
+                            if inner.shutdown.load(Ordering::Acquire) {
+                                return; // the rest of the datagram: nobody takes it
                             }
                             d.deliver(&registry, &mut targets, &m);
                         }

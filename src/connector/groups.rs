@@ -56,8 +56,23 @@ impl Groups {
     }
 }
 
+impl Drop for Groups {
+    /// The connector is gone (its last handle): nobody reads the socket any more, so it
+    /// leaves the groups it joined, even though a [`Subscription`] outlives it or the
+    /// socket lives on elsewhere (shared with a bus, or a clone kept): else the socket
+    /// stayed in them for good, no subscription left to end it.
+    fn drop(&mut self) {
+        for (group, n) in self.counts.get_mut().iter().enumerate().skip(1) {
+            if *n > 0 {
+                let _ = self.socket.leave(group as u32);
+            }
+        }
+    }
+}
+
 /// Membership of one multicast group, shared by reference count: the socket joined the
-/// group when the first subscription was made and leaves it when the last one drops.
+/// group when the first subscription was made and leaves it when the last one drops, or
+/// when the connector that made it goes (its last handle dropped), whichever comes first.
 #[must_use = "dropping a Subscription leaves the group at once"]
 #[derive(Debug)]
 pub struct Subscription {

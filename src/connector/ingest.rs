@@ -120,12 +120,16 @@ impl Ingest {
     }
 
     /// Parses one datagram, passing each connector message (`Ok`, a view into `datagram`)
-    /// and every fault or loss (`Err`) to `sink`, in the order they occur.
+    /// and every fault or loss (`Err`) to `sink`, in the order they occur. Each message is
+    /// first offered to `reply`: one it takes (a reply to a waiting request) goes no
+    /// further and is no part of its sender's numbered stream (it carries the requester's
+    /// seq, not the sender's), so the gap tracker does not see it.
     pub(crate) fn datagram<'d>(
         &mut self,
         c: &Counters,
         datagram: &'d Bytes,
         meta: RecvMeta,
+        mut reply: impl FnMut(&Delivery<'d>) -> bool,
         mut sink: impl FnMut(std::result::Result<Delivery<'d>, Event>),
     ) {
         Counters::add(&c.datagrams, 1);
@@ -164,6 +168,10 @@ impl Ingest {
                 }
             };
             count += 1;
+            let m = Delivery::new(cn, data, datagram, source);
+            if reply(&m) {
+                continue;
+            }
             if self.track_seq && !source.is_kernel() {
                 match &mut self.run {
                     Some(r)
@@ -187,7 +195,7 @@ impl Ingest {
                     }
                 }
             }
-            sink(Ok(Delivery::new(cn, data, datagram, source)));
+            sink(Ok(m));
         }
         Counters::add(&c.messages, count);
     }
@@ -253,13 +261,19 @@ mod tests {
                 want.push(Ok(seq));
             }
             let mut got = Vec::new();
-            ingest.datagram(&c, &Bytes::from(d.take()), meta, |item| {
-                got.push(match item {
-                    Ok(rx) => Ok(rx.seq()),
-                    Err(Event::Lost { count, .. }) => Err(count),
-                    Err(e) => panic!("unexpected {e:?}"),
-                })
-            });
+            ingest.datagram(
+                &c,
+                &Bytes::from(d.take()),
+                meta,
+                |_| false,
+                |item| {
+                    got.push(match item {
+                        Ok(rx) => Ok(rx.seq()),
+                        Err(Event::Lost { count, .. }) => Err(count),
+                        Err(e) => panic!("unexpected {e:?}"),
+                    })
+                },
+            );
             assert_eq!(got, want);
         }
         let s = c.snapshot();

@@ -267,6 +267,17 @@ fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
     }
 }
 
+/// Why a request's reply did not come in time: [`Error::Overrun`] when the socket's kernel
+/// drop counter moved since `before` (read before the request was sent), since the reply
+/// may have been one of the datagrams the kernel dropped for a full queue; else
+/// [`Error::TimedOut`].
+pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>) -> Error {
+    match (before, socket.drops().ok().flatten()) {
+        (Some(b), Some(now)) if now != b => Error::Overrun { op: Op::Request },
+        _ => Error::TimedOut { op: Op::Request },
+    }
+}
+
 /// A connector: a socket, a registry and the dispatcher thread that feeds it.
 ///
 /// All operations are on [`ConnectorHandle`], which `Connector` dereferences to; a handle can
@@ -305,7 +316,10 @@ impl Connector {
     }
 
     /// Stops the dispatcher: wakes it through its eventfd (the socket is not touched) and
-    /// joins it. Returns promptly; a callback running at that moment is waited for.
+    /// joins it. Returns promptly; a callback running at that moment is waited for, and no
+    /// callback starts after it (the messages still queued are not delivered). Called (or
+    /// the `Connector` dropped) inside a callback, it cannot wait for the dispatcher, whose
+    /// thread it runs on: the callback in progress finishes and no other starts.
     /// Outstanding requests fail with [`Error::Closed`].
     pub fn shutdown(mut self) {
         self.stop();
@@ -569,7 +583,20 @@ impl ConnectorHandle {
     /// message that looks like the reply but comes from another port is not taken for it
     /// (it goes to the callbacks as any message does), so no other process can answer in
     /// the destination's name. Choose a seq that is unique among outstanding requests (for
-    /// example [`next_seq`](Self::next_seq)).
+    /// example [`next_seq`](Self::next_seq)), or let
+    /// [`request_numbered`](Self::request_numbered) number it as the receiver's gap
+    /// tracker expects.
+    ///
+    /// No reply in time is [`Error::TimedOut`], or [`Error::Overrun`] (`Op::Request`) when
+    /// the kernel dropped datagrams for this socket's full receive queue meanwhile (its drop
+    /// counter, [`Stats::kernel_drops`], moved): the reply may have been one of them, so
+    /// waiting longer or a slow peer is not the likely cause. (A reply a user-space peer
+    /// unicasts is not dropped for a full queue: the peer's send waits for room, and a
+    /// peer that gives up, as a callback's send does after `send_timeout`, counts a send
+    /// error there, not a drop here.)
+    ///
+    /// The dispatcher thread reads the reply: a callback that blocks holds it up, and a
+    /// reply queued behind it past the deadline is a timeout like any other.
     ///
     /// Made on the dispatcher thread (from a callback or the event handler), it fails at
     /// once with [`Error::WouldDeadlock`]: that thread is the one that would read the reply.
@@ -577,46 +604,128 @@ impl ConnectorHandle {
     /// The kernel's proc connector does not follow this convention (its ACK does not echo
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
+        self.may_request()?;
+        let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
+        let rx = self.pend(key, dest)?;
+        // Before the send: a drop of the reply comes after it.
+        let drops = self.inner.socket.drops().ok().flatten();
+        if let Err(e) = self.send(msg, dest) {
+            self.unpend(key);
+            return Err(e);
+        }
+        self.await_reply(key, &rx, drops, timeout)
+    }
+
+    /// Sends `data` on `id` as a request numbered as
+    /// [`send_numbered`](Self::send_numbered) numbers (the next number of the socket's
+    /// sequence of `dest` and `id`, taken and sent under the numbering lock; ack 0) and
+    /// waits up to `timeout` for its reply (same id and seq, ack 1), as
+    /// [`request`](Self::request) does. The receiver's gap tracker sees one sequence from
+    /// this socket, requests and numbered messages alike, however many destinations the
+    /// id is used with: requests numbered with [`next_seq`](Self::next_seq), whose
+    /// sequence belongs to no destination, look like losses to a server that gets only
+    /// some of them. The reply's `seq` is the number used.
+    pub fn request_numbered(
+        &self,
+        id: CbId,
+        data: impl Into<Bytes>,
+        dest: Dest,
+        timeout: Duration,
+    ) -> Result<Incoming> {
+        self.may_request()?;
+        let outbox = &self.inner.outbox;
+        let mut d = outbox.frame_numbered(id, data.into(), dest)?;
+        let drops = self.inner.socket.drops().ok().flatten();
+        let mut wait = crate::sys::RoomWait::new(Duration::MAX);
+        loop {
+            let mut pended = None;
+            let r = outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
+                let key = (id, seq, 1);
+                pended = Some((key, self.pend(key, dest)?));
+                Ok(())
+            });
+            match (r, pended) {
+                (Ok(Some(_)), Some((key, rx))) => {
+                    return self.await_reply(key, &rx, drops, timeout)
+                }
+                (Ok(None), pended) => {
+                    if let Some((key, _)) = pended {
+                        self.unpend(key);
+                    }
+                    if !wait.sleep() {
+                        return Err(outbox.timed_out(Op::Send));
+                    }
+                }
+                (r, pended) => {
+                    if let Some((key, _)) = pended {
+                        self.unpend(key);
+                    }
+                    r?;
+                    return Err(Error::Closed); // not reached: sent means pended
+                }
+            }
+        }
+    }
+
+    /// Refuses a request on the dispatcher thread, or in a forked child.
+    fn may_request(&self) -> Result<()> {
         if self.dispatcher_send_timeout().is_some() {
             return Err(Error::WouldDeadlock { op: Op::Request });
         }
         if self.inner.forked() {
             return Err(Error::Closed);
         }
-        let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Makes the request `key` (id, seq and the reply's ack) to `dest` outstanding: the
+    /// dispatcher hands its reply to the returned channel.
+    fn pend(&self, key: ReplyKey, dest: Dest) -> Result<Receiver<Incoming>> {
         let (tx, rx) = channel::bounded(1);
-        {
-            let mut p = self.inner.pending.lock();
-            if self.inner.shutdown.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            if p.contains_key(&key) {
-                return Err(Error::InvalidArgument(
-                    "a request with this id, seq and ack is already outstanding",
-                ));
-            }
-            let from = reply_port(dest);
-            p.insert(key, Waiter { from, tx });
-            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        let mut p = self.inner.pending.lock();
+        if self.inner.shutdown.load(Ordering::Acquire) {
+            return Err(Error::Closed);
         }
-        let unpend = || {
-            let mut p = self.inner.pending.lock();
-            p.remove(&key);
-            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
-        };
-        if let Err(e) = self.send(msg, dest) {
-            unpend();
-            return Err(e);
+        if p.contains_key(&key) {
+            return Err(Error::InvalidArgument(
+                "a request with this id, seq and ack is already outstanding",
+            ));
         }
+        p.insert(
+            key,
+            Waiter {
+                from: reply_port(dest),
+                tx,
+            },
+        );
+        self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        Ok(rx)
+    }
+
+    fn unpend(&self, key: ReplyKey) {
+        let mut p = self.inner.pending.lock();
+        p.remove(&key);
+        self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+    }
+
+    /// Waits for the reply of the request `key` (sent), then withdraws it. `drops`: the
+    /// socket's drop counter before the send.
+    fn await_reply(
+        &self,
+        key: ReplyKey,
+        rx: &Receiver<Incoming>,
+        drops: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Incoming> {
         let r = rx.recv_timeout(timeout);
-        unpend();
+        self.unpend(key);
         match r {
             Ok(m) => Ok(m),
             // The dispatcher hands a reply over under the lock `unpend` took: one that came
             // just after the deadline is in the channel now, not lost.
             Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
                 Ok(m) => Ok(m),
-                Err(_) => Err(Error::TimedOut { op: Op::Request }),
+                Err(_) => Err(no_reply(&self.inner.socket, drops)),
             },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }

@@ -73,11 +73,25 @@ impl Outbox {
         id: CbId,
         dest: Dest,
     ) -> Result<Option<u32>> {
+        self.try_send_numbered_then(datagram, id, dest, |_| Ok(()))
+    }
+
+    /// As [`try_send_numbered`](Self::try_send_numbered), calling `before` with the number
+    /// just before the datagram goes out, under the numbering lock (a request waits for its
+    /// reply from there on); its error ends the call, nothing sent and no number used.
+    pub(crate) fn try_send_numbered_then(
+        &self,
+        datagram: &mut [u8],
+        id: CbId,
+        dest: Dest,
+        before: impl FnOnce(u32) -> Result<()>,
+    ) -> Result<Option<u32>> {
         let mut seqs = self.socket.numbering().lock();
         let seq = seqs.peek_to(dest, id);
         if let Some(h) = crate::codec::array_mut::<28>(datagram) {
             write_seq(h, seq);
         }
+        before(seq)?;
         let r = self.socket.try_send(datagram, dest);
         if matches!(r, Ok(None)) {
             return Ok(None);

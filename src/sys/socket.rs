@@ -198,6 +198,15 @@ impl ConnectorSocket {
         .map_err(|e| Error::from_io(Op::Leave(group), e))
     }
 
+    /// The multicast groups the socket is a member of, as the kernel says
+    /// (`NETLINK_LIST_MEMBERSHIPS`): bit `g - 1` set for group `g`, groups 1..=32.
+    pub fn memberships(&self) -> Result<u32> {
+        let mut v = [0u32];
+        self.getsockopt_u32s(libc::SOL_NETLINK, libc::NETLINK_LIST_MEMBERSHIPS, &mut v)
+            .map(|_| v[0])
+            .map_err(|e| Error::from_io(Op::GetOption, e))
+    }
+
     /// Sets the receive buffer to `bytes`. With `force`, tries `SO_RCVBUFFORCE` first (which
     /// needs `CAP_NET_ADMIN` and ignores `net.core.rmem_max`) and falls back to `SO_RCVBUF`
     /// when not permitted. Returns the size the kernel reports afterwards (it doubles the
@@ -327,7 +336,9 @@ mod tests {
         assert!(flags >= 0 && flags & libc::FD_CLOEXEC != 0, "{flags}");
 
         a.join(27).unwrap();
+        assert_eq!(a.memberships().unwrap(), 1 << 26);
         a.leave(27).unwrap();
+        assert_eq!(a.memberships().unwrap(), 0);
         assert!(a.join(0).is_err() && a.join(MAX_GROUP + 1).is_err());
 
         // Before connecting, a unicast from b gets through; after, the kernel refuses it.
