@@ -147,6 +147,46 @@ fn decoder_checks_sender_gaps_filter_and_acks() {
     assert_eq!(k.stats().lost(), None);
 }
 
+/// Regression: a user-space sender's netlink control messages on group 1 (`NLMSG_NOOP`,
+/// `NLMSG_ERROR`, `NLMSG_OVERRUN`) were skipped without being counted, although everything
+/// a user-space port sends there is rejected and counted in `spoofed` (docs/PROC.md, "Only
+/// the kernel is believed"); the same messages from the kernel (port 0) are not spoofed,
+/// and none of them is an event or a loss.
+#[test]
+fn control_messages_from_user_space_are_counted_as_spoofed() {
+    let mut core = Core {
+        dec: ProcDecoder::new(EventSet::ALL, true),
+        pending: VecDeque::new(),
+        dropped: 0,
+        awaiting_ack: None,
+        ack_result: None,
+    };
+    // One message of each control type, then all three in one datagram.
+    let control = |ty: u16| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        // NLMSG_ERROR's payload: an errno and the request's header.
+        m.extend_from_slice(&(-5i32).to_ne_bytes());
+        m.extend_from_slice(&[0; 16]);
+        m
+    };
+    let all: Vec<u8> = [1, 2, 4].iter().flat_map(|&ty| control(ty)).collect();
+    let from = |port| RecvMeta {
+        len: 0,
+        port,
+        group: PROC_GROUP,
+    };
+    for d in [control(1), control(2), control(4), all.clone()] {
+        core.datagram(&d, from(4242));
+    }
+    core.datagram(&all, from(0));
+    let s = core.dec.stats();
+    assert_eq!((s.spoofed, s.decode_errors, s.overruns), (6, 0, 0), "{s:?}");
+    assert!(core.pending.is_empty(), "{:?}", core.pending);
+}
+
 /// One at a time, the kernel tests of this file and of `proc::stream` that multicast on
 /// group 1: each one's spoofer would spoil the others' tries, legitimately.
 pub(crate) static SPOOFING: std::sync::Mutex<()> = std::sync::Mutex::new(());
