@@ -12,7 +12,7 @@ pub struct ProctraceFields<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cnbus::proc::{EventBody, ExitStatus, InfoSource, ProcEvent, ProcessInfo, Task};
     use cnbus_cli::event::EventLine;
@@ -23,7 +23,8 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    fn ev(body: EventBody) -> ProcEvent {
+    /// An event of `body` (the other tests of the crate use it too).
+    pub(crate) fn ev(body: EventBody) -> ProcEvent {
         ProcEvent {
             seq: 2,
             ack: 0,

@@ -357,10 +357,13 @@ impl Tracer {
 
     pub fn lost(&mut self, loss: Loss) {
         self.lost_reports += 1;
-        // An exit may be among the lost: cached processes are re-checked before reuse.
+        // An exit may be among the lost, and the fork of the next process given the same
+        // pid: the enricher re-checks its cached processes before reuse, and the tracer's
+        // own names and start times are forgotten (read again from /proc where needed).
         if let Some(e) = self.enricher.as_mut() {
             e.note_loss();
         }
+        self.cache.clear();
         let wall = self.clocks.now();
         let line = &mut self.line;
         line.clear();
@@ -416,4 +419,90 @@ pub fn push_header(out: &mut impl Write, container: bool) {
         "duration",
         if container { "container    " } else { "" }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnbus::proc::{ExitStatus, Task};
+
+    fn tracer() -> Tracer {
+        Tracer {
+            json: true,
+            stats: false,
+            filter: Filter::default(),
+            exec_traced: true,
+            cache: Cache::new(8192),
+            clocks: Clocks::new(),
+            line: Vec::new(),
+            counts: HashMap::new(),
+            other_counts: [0; 10],
+            lost_reports: 0,
+            enricher: None,
+            containers_seen: false,
+        }
+    }
+
+    fn event(timestamp_ns: u64, body: EventBody) -> ProcEvent {
+        ProcEvent {
+            timestamp_ns,
+            ..crate::records::tests::ev(body)
+        }
+    }
+
+    /// The JSON line of `r`, parsed.
+    fn line(t: &mut Tracer, r: Received) -> serde_json::Value {
+        let mut out = Vec::new();
+        t.print(r, &mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    /// Regression: what the tracer remembered of a process (its name, and the time of its
+    /// fork or exec for the exit's duration) outlived a loss. The lost events can be the
+    /// process's exit and the fork of the next process given its pid (a fork storm while
+    /// proctrace is stopped or descheduled cycles the pids), so that process's exit was
+    /// shown with the name and the start time of the one before: a wrong `duration_ms`
+    /// (here 4 s; the process really is unknown: its pid, above `pid_max`, is nobody's).
+    #[test]
+    fn nothing_remembered_before_a_loss_is_used_after_it() {
+        let gone = 0x7fff_0000 | (std::process::id() & 0xffff);
+        let me = std::process::id();
+        let fork = EventBody::Fork {
+            parent: Task { pid: me, tgid: me },
+            child: Task {
+                pid: gone,
+                tgid: gone,
+            },
+        };
+        let exit = EventBody::Exit {
+            process: Task {
+                pid: gone,
+                tgid: gone,
+            },
+            status: ExitStatus(0),
+            exit_signal: 17,
+            parent: None,
+        };
+        // Without a loss, the fork's time and name are the exit's.
+        let mut t = tracer();
+        line(&mut t, Received::Event(event(1_000_000_000, fork)));
+        let v = line(&mut t, Received::Event(event(5_000_000_000, exit)));
+        assert_eq!(v["duration_ms"].as_f64(), Some(4000.0), "{v}");
+        assert!(v["name"].is_string(), "{v}");
+        // With a loss in between, neither: the exit may be another process's.
+        for loss in [
+            Loss::Gap {
+                cpu: 0,
+                count: 40_000,
+            },
+            Loss::Overrun,
+        ] {
+            let mut t = tracer();
+            line(&mut t, Received::Event(event(1_000_000_000, fork)));
+            line(&mut t, Received::Lost(loss));
+            let v = line(&mut t, Received::Event(event(5_000_000_000, exit)));
+            assert!(v["duration_ms"].is_null(), "{loss:?}: {v}");
+            assert!(v["name"].is_null(), "{loss:?}: {v}");
+        }
+    }
 }
