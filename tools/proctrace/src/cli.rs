@@ -33,6 +33,7 @@ Exit status:
   (proctrace | head), or when its terminal hangs up (SIGHUP, and writes to the terminal
   fail with EIO: the rest of the events and the summary go nowhere); 1 when the proc
   connector cannot be used or writing the events fails (a full disk), with a message, or
+  when a filter is asked for where /proc is another pid namespace's, or
   when after the stop a write of the events or of the summary makes no progress for 2 s
   (a reader that stopped reading); 2 on a usage error.
 
@@ -95,7 +96,8 @@ pub struct Args {
     #[arg(long)]
     pub containers_only: bool,
     /// Run even outside the initial pid/user namespace (events then arrive only while
-    /// another process listens, with host ids)
+    /// another process listens, with host ids; where /proc is that namespace's, without
+    /// names, attribution or filters)
     #[arg(long = "allow-foreign-namespace")]
     pub allow_foreign_ns: bool,
 }

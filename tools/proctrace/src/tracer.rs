@@ -13,7 +13,7 @@ use cnbus::proc::{
 use cnbus_cli::clock::{push_time_of_day, Clocks};
 use cnbus_cli::event::{EventLine, LostLine};
 use cnbus_cli::json;
-use cnbus_cli::procfs::{read_name, read_stat};
+use cnbus_cli::procfs::{read_name, read_stat, Stat};
 
 use crate::cache::{Cache, ProcInfo};
 use crate::cli::Filter;
@@ -35,6 +35,24 @@ pub const FLUSH_IN_BURST: usize = 32 << 10;
 pub const DRAIN_LIMIT: usize = 1 << 20;
 pub const MAX_STAT_NAMES: usize = 4096;
 
+/// Where the tracer reads what it shows of a process by itself (names, start times):
+/// `/proc`, unless that belongs to another pid namespace, where the events' pids (the
+/// initial namespace's) name other processes: then nothing is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Procfs {
+    pub usable: bool,
+}
+
+impl Procfs {
+    fn name(self, pid: u32) -> Option<Arc<str>> {
+        self.usable.then(|| read_name(pid)).flatten()
+    }
+
+    fn stat(self, pid: u32) -> Option<Stat> {
+        self.usable.then(|| read_stat(pid)).flatten()
+    }
+}
+
 pub struct Tracer {
     pub json: bool,
     pub stats: bool,
@@ -53,6 +71,7 @@ pub struct Tracer {
     pub enricher: Option<Enricher>,
     /// A process in a container was shown: the text output has the container column.
     pub containers_seen: bool,
+    pub procfs: Procfs,
 }
 
 /// Appends `record`'s JSON line to `line`. The tracer's records (strings, numbers,
@@ -87,13 +106,13 @@ impl Tracer {
         if let Some(i) = self.cache.get(tgid) {
             if !i.fresh {
                 i.fresh = true;
-                if let Some(n) = read_name(tgid) {
+                if let Some(n) = self.procfs.name(tgid) {
                     i.name = n;
                 }
             }
             return i.name.clone();
         }
-        match read_name(tgid) {
+        match self.procfs.name(tgid) {
             Some(name) => {
                 self.cache.insert(
                     tgid,
@@ -180,7 +199,10 @@ impl Tracer {
             EventBody::Exec { process } => {
                 let n = match &known {
                     Some(n) => n.clone(),
-                    None => read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid)),
+                    None => self
+                        .procfs
+                        .name(process.tgid)
+                        .unwrap_or_else(|| self.name_of(process.tgid)),
                 };
                 let start = self
                     .cache
@@ -272,7 +294,9 @@ impl Tracer {
                             Some(p) => p
                                 .process_key
                                 .map(|k| self.clocks.boot_ns_of_ticks(k.start_ticks)),
-                            None => read_stat(process.tgid)
+                            None => self
+                                .procfs
+                                .stat(process.tgid)
                                 .map(|s| self.clocks.boot_ns_of_ticks(s.start_ticks)),
                         }
                     });
@@ -283,8 +307,11 @@ impl Tracer {
                         // Without exec events any cached name may be stale: use what /proc
                         // still says (at exit the command line is gone but the comm is not,
                         // shown as [comm] like ps does), else the cached name.
-                        Some(i) => read_name(process.tgid).unwrap_or(i.name),
-                        None => read_name(process.tgid).unwrap_or_else(|| UNKNOWN.into()),
+                        Some(i) => self.procfs.name(process.tgid).unwrap_or(i.name),
+                        None => self
+                            .procfs
+                            .name(process.tgid)
+                            .unwrap_or_else(|| UNKNOWN.into()),
                     };
                 }
                 match (status.code(), status.signal()) {
@@ -440,6 +467,7 @@ mod tests {
             lost_reports: 0,
             enricher: None,
             containers_seen: false,
+            procfs: Procfs { usable: true },
         }
     }
 
