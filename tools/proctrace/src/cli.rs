@@ -22,8 +22,9 @@ Output:
 ",
     cnbus_cli::event_fields_help!(),
     "  proctrace's own fields: name (as in the text output, null when unknown), and on comm
-  old_name (the name before). Without enrichment (--enrich off) the attribution fields
-  are absent. The filters apply to the process an event is about (a fork's child).
+  old_name (the name before, null when unknown). Without enrichment (--enrich off) the
+  attribution fields are absent. The filters apply to the process an event is about (a
+  fork's child).
 
   On exit, a summary line on stderr: events, lost (and whether the figure is exact),
   overflows, spoofed datagrams rejected, decode errors, filtering; --stats adds tables.

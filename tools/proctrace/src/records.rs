@@ -3,12 +3,12 @@
 //! `serde_json` (`cnbus_cli::json`).
 
 /// proctrace's own fields in an event line: the name it shows for the process (`null` when
-/// unknown), and on a `comm` event the name before it.
+/// unknown), and on a `comm` event the name before it (`Some(None)`: `null`, unknown).
 #[derive(serde::Serialize)]
 pub struct ProctraceFields<'a> {
     pub name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub old_name: Option<String>,
+    pub old_name: Option<Option<String>>,
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ impl Tracer {
             };
         }
         // The JSON line's own fields (the shared schema takes the rest from the event).
-        let mut old_name: Option<String> = None;
+        let mut old_name: Option<Option<String>> = None;
         let mut duration_ns: Option<u64> = None;
         let mut kind_name = ev.kind().name();
         let subject = ev.task().unwrap_or_default();
@@ -259,7 +259,7 @@ impl Tracer {
                 let new: Arc<str> = comm.to_string().into();
                 info!("{} -> {}", program(&old), new);
                 if json {
-                    old_name = Some(old.to_string());
+                    old_name = Some((&*old != UNKNOWN).then(|| old.to_string()));
                 }
                 if !process.is_thread() {
                     let start = self.cache.get(process.tgid).and_then(|i| i.start_ns);
@@ -483,6 +483,25 @@ mod tests {
         let mut out = Vec::new();
         t.print(r, &mut out).unwrap();
         serde_json::from_slice(&out).unwrap()
+    }
+
+    /// Regression: a comm event of a process whose name was unknown said
+    /// `"old_name": "<unknown>"` (the text output's placeholder), where every unknown name
+    /// in a JSON line is `null`.
+    #[test]
+    fn an_unknown_old_name_is_null() {
+        let gone = 0x7fff_0000 | (std::process::id() & 0xffff);
+        let body = EventBody::Comm {
+            process: Task {
+                pid: gone,
+                tgid: gone,
+            },
+            comm: cnbus::proc::Comm::new(b"new"),
+        };
+        let v = line(&mut tracer(), Received::Event(event(1, body)));
+        assert_eq!(v["name"], "new", "{v}");
+        assert!(v["old_name"].is_null(), "{v}");
+        assert!(v.as_object().unwrap().contains_key("old_name"), "{v}");
     }
 
     /// Regression: what the tracer remembered of a process (its name, and the time of its
