@@ -19,6 +19,7 @@ mod tracer;
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -74,11 +75,22 @@ fn millis_since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
-impl<W: Write> Write for Watched<W> {
+impl<W: Write + AsFd> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.writing_since
             .store(millis_since(self.base), Ordering::SeqCst);
-        let r = self.inner.write(buf);
+        let r = loop {
+            match self.inner.write(buf) {
+                // Non-blocking (set by another process sharing the pipe or terminal): wait
+                // until it takes more, as a blocking write does, rather than fail.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = cnbus::sys::poll_write(&self.inner) {
+                        break Err(io::Error::other(e));
+                    }
+                }
+                r => break r,
+            }
+        };
         self.writing_since.store(0, Ordering::SeqCst);
         r
     }

@@ -263,6 +263,52 @@ fn in_another_pid_namespaces_proc_it_reads_nothing_there() {
     assert!(err.contains("cannot be applied"), "{test}: {err}");
 }
 
+/// Regression: a stdout made non-blocking by another process sharing it (`O_NONBLOCK`
+/// belongs to the open pipe or terminal, and shells or runtimes such as node set it) failed
+/// the first write that met a full pipe with `EAGAIN`: proctrace stopped at once, status 1,
+/// "writing the events to stdout: Resource temporarily unavailable". Now it waits for the
+/// reader, as with a blocking stdout. Our children's events fill the pipe (64 KiB) before
+/// anything is read; then everything is read, and every line is whole JSON.
+#[test]
+fn a_non_blocking_stdout_is_waited_for() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let test = "a_non_blocking_stdout_is_waited_for";
+    if !kernel(test) {
+        return;
+    }
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    // The write end opened again with O_NONBLOCK: a description of its own, proctrace's.
+    let stdout = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap();
+    drop(writer);
+    let tracer = Command::new(BIN)
+        .args(["--json", "--events", "exec,exit", "--duration", "4"])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_subscribed(tracer.id());
+    // 300 children: an exec and an exit each, some 200 KiB of lines.
+    for _ in 0..300 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).unwrap();
+    let done = tracer.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{test}: {err}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.len() > 64 << 10, "{test}: only {} bytes", text.len());
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        check_json_fields(line, &v);
+    }
+}
+
 /// `(Rmem, Drops)` of the connector socket whose port id is `port`, from
 /// `/proc/net/netlink` (the kernel's own figures).
 fn netlink_row(port: u32) -> Option<(u64, u64)> {
