@@ -449,11 +449,12 @@ pub fn push_header(out: &mut impl Write, container: bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cnbus::proc::{ExitStatus, Task};
 
-    fn tracer() -> Tracer {
+    /// A tracer of JSON lines without enrichment (the summary's tests use it too).
+    pub(crate) fn tracer() -> Tracer {
         Tracer {
             json: true,
             stats: false,
