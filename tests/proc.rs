@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use cnbus::codec::{CbId, CnMsg, DatagramBuilder};
 use cnbus::proc::{
-    EventBody, EventSet, FilterMode, Filtering, Loss, ProcEvent, ProcListener, ProcListenerBuilder,
-    Received, Task,
+    EventBody, EventSet, FilterMode, Filtering, Loss, ProcChannel, ProcEvent, ProcListener,
+    ProcListenerBuilder, Received, Task,
 };
 use cnbus::sys::{ConnectorSocket, Dest};
 use common::{kernel_socket, recv_until, sh};
@@ -868,6 +868,28 @@ fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
     assert_eq!(st.lost(), Some(0), "{test}: not lost by the kernel: {st:?}");
 }
 
+/// Children of ours whose exits [`full_exit_channel`] waits for.
+const CHANNEL_CHILDREN: u64 = 20;
+
+/// A `ProcChannel` of `cap` items on a listener of exits, filled: our own
+/// [`CHANNEL_CHILDREN`] children's exits (each sent before wait() returns), with whatever
+/// other processes add, until the channel is full (the reader then waits: its content
+/// stays put). `None`: skipped (see [`open`]).
+fn full_exit_channel(test: &str, cap: usize) -> Option<ProcChannel> {
+    let b = ProcListener::builder()
+        .events(EventSet::EXIT)
+        .recv_buffer(8 << 20);
+    let ch = open(test, b)?.into_channel(cap).unwrap();
+    for _ in 0..CHANNEL_CHILDREN {
+        sh("exit 0");
+    }
+    assert!(
+        common::wait_for(WAIT, || ch.receiver().len() == cap),
+        "{test}: the channel fills"
+    );
+    Some(ch)
+}
+
 /// Regression: the events still in a `ProcChannel`'s channel when it was closed were
 /// counted as handed out (`LossStats::events`), although no consumer took them. They are
 /// now `unread`: the final `events` is exactly what the consumer received.
@@ -876,23 +898,10 @@ fn events_left_in_a_channel_at_close_are_counted_as_unread() {
     const CAP: usize = 8;
     const TAKE: usize = 3;
     let test = "events_left_in_a_channel_at_close_are_counted_as_unread";
-    let b = ProcListener::builder()
-        .events(EventSet::EXIT)
-        .recv_buffer(8 << 20);
-    let Some(l) = open(test, b) else {
+    let Some(ch) = full_exit_channel(test, CAP) else {
         return;
     };
-    let ch = l.into_channel(CAP).unwrap();
-    // Our own children's exits (each sent before wait() returns) fill the channel, with
-    // whatever other processes add.
-    let mine = 20u64;
-    for _ in 0..mine {
-        sh("exit 0");
-    }
-    assert!(
-        common::wait_for(WAIT, || ch.receiver().len() == CAP),
-        "{test}: the channel fills"
-    );
+    let mine = CHANNEL_CHILDREN;
     let mut taken = 0u64;
     for _ in 0..TAKE {
         taken += u64::from(matches!(ch.recv().unwrap(), Received::Event(_)));
@@ -923,20 +932,9 @@ fn events_left_in_a_channel_at_close_are_counted_as_unread() {
 fn a_channel_snapshot_tells_queued_events_from_taken_ones() {
     const CAP: usize = 8;
     let test = "a_channel_snapshot_tells_queued_events_from_taken_ones";
-    let b = ProcListener::builder()
-        .events(EventSet::EXIT)
-        .recv_buffer(8 << 20);
-    let Some(l) = open(test, b) else {
+    let Some(ch) = full_exit_channel(test, CAP) else {
         return;
     };
-    let ch = l.into_channel(CAP).unwrap();
-    for _ in 0..20 {
-        sh("exit 0");
-    }
-    assert!(
-        common::wait_for(WAIT, || ch.receiver().len() == CAP),
-        "{test}: the channel fills"
-    );
     let full = ch.stats();
     let mut taken = 0u64;
     for _ in 0..CAP {

@@ -225,7 +225,8 @@ pub struct LossStats {
     pub lost_per_cpu: Vec<(u32, u64)>,
     /// Sequence numbers that went backwards (duplicates or a restarted counter).
     pub seq_backwards: u64,
-    /// Messages on the proc group from user-space senders (port id ≠ 0), rejected.
+    /// Messages on the proc group from user-space senders (port id ≠ 0), rejected: netlink
+    /// control messages and malformed ones included.
     pub spoofed: u64,
     /// Kernel messages that did not decode.
     pub decode_errors: u64,

@@ -24,7 +24,7 @@ pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
 pub(crate) use cpu::configured_cpus;
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use meminfo::{DropCounter, MemInfo};
-pub use ns::{kernel_at_least, namespace_report, NamespaceReport};
+pub use ns::{kernel_at_least, namespace_report, proc_is_initial_pid_ns, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
 #[cfg(test)]
@@ -39,7 +39,7 @@ pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 #[cfg(all(test, not(cnbus_loom)))]
 pub(crate) use spin::{hold_spare, BIAS_AFTER};
 pub(crate) use spin::{BiasedLock, Holder, HolderSlot};
-pub use wake::{poll_read, EventFd, Readiness};
+pub use wake::{poll_read, poll_write, EventFd, Readiness};
 
 use std::io;
 

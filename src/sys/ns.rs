@@ -65,6 +65,15 @@ pub fn namespace_report() -> NamespaceReport {
     }
 }
 
+/// Tells whether the `/proc` mounted here belongs to the initial pid namespace (its pid 1
+/// is there). Proc events carry pids of the initial namespace: in another namespace's
+/// `/proc` (`unshare -pf --mount-proc`, a container's) those pids name other processes, or
+/// none, so nothing read there about an event's pid can be trusted. `None` when it cannot
+/// be told (`/proc/1/ns/pid` unreadable).
+pub fn proc_is_initial_pid_ns() -> Option<bool> {
+    ns_inode("/proc/1/ns/pid").map(|i| i == PID_INIT_INO)
+}
+
 /// True when this kernel numbers the initial network namespace with its fixed inode
 /// (Linux 6.18 and later; earlier kernels allocate it like any other namespace).
 fn fixed_net_inode() -> bool {

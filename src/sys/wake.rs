@@ -101,3 +101,22 @@ pub fn poll_read(
         wake: ready(&fds[1]),
     })
 }
+
+/// Waits until `fd` accepts a write, or reports an error or a hang-up (which the next
+/// write then says). For a writer whose descriptor another process sharing it made
+/// non-blocking (`O_NONBLOCK` is a property of the open file, which a shell or a runtime
+/// such as node may set on a pipe or terminal it shares): a write then fails with `EAGAIN`
+/// where it would have waited. An interrupted wait returns early.
+pub fn poll_write(fd: &impl AsFd) -> Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd and the count passed is 1.
+    match cvt(unsafe { libc::poll(&mut p, 1, -1) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+        Err(e) => Err(Error::from_io(Op::Poll, e)),
+    }
+}

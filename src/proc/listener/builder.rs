@@ -116,6 +116,12 @@ impl ProcListenerBuilder {
     /// kernel, or no ACK), `Auto` falls back to the classic 4-byte `LISTEN` and filters in
     /// user space with the kernel's own rules ([`EventSet::matches`]).
     pub fn open(self) -> Result<ProcListener> {
+        self.open_with(|_| {})
+    }
+
+    /// [`open`](Self::open), calling `probed` once the kernel acknowledged the probe for
+    /// kernel-side filtering, before the filter is sent (tests overflow the socket there).
+    pub(super) fn open_with(self, probed: impl FnOnce(&ConnectorSocket)) -> Result<ProcListener> {
         let events = EventSet::from_bits_truncate(self.events.bits());
         if events.is_empty() {
             return Err(Error::InvalidArgument("the event set is empty"));
@@ -138,22 +144,13 @@ impl ProcListenerBuilder {
         // Only the kernel and group 1 may fill its queue: a stranger's unicasts would
         // otherwise count in its drop counter as lost events.
         sock.connect_kernel()?;
-        let mut baseline = DropCounter::baseline(&sock)?;
         sock.set_recv_buffer(self.recv_buffer, true)?;
-        // The witness counts the user-space multicasts on group 1 from this socket's join.
-        let (witness, ()) = if foreign.is_none() {
-            join_witnessed(
-                || sock.join(PROC_GROUP),
-                |()| {
-                    // Out of the group and emptied, the socket is as new: so is its baseline.
-                    sock.leave(PROC_GROUP)?;
-                    discard_queue(&sock)?;
-                    baseline = DropCounter::baseline(&sock)?;
-                    Ok(())
-                },
-            )?
+        let (witness, baseline) = if foreign.is_none() {
+            join_counted(&sock)?
         } else {
-            (None, sock.join(PROC_GROUP)?)
+            let baseline = DropCounter::baseline(&sock)?;
+            sock.join(PROC_GROUP)?;
+            (None, baseline)
         };
         let drops = Mutex::new(baseline);
         let want_filter = !events.is_all();
@@ -199,9 +196,27 @@ impl ProcListenerBuilder {
             };
         if try_kernel {
             if l.request_and_wait(Some(EventSet::ALL), self.ack_timeout)? {
+                probed(&l.sock);
                 l.send_request(McastOp::Listen, Some(events))?;
+                // Until now the socket got every event: what it queued or dropped (its
+                // drop counter counts events outside `events` too) is the probe's, not the
+                // subscription's. Out of the group and emptied, it starts anew, filtered
+                // from its first datagram, with its baseline and witness taken then.
+                l.sock.leave(PROC_GROUP)?;
+                discard_queue(&l.sock)?;
+                let (witness, baseline) = join_counted(&l.sock)?;
+                l.witness = witness;
+                *l.drops.lock() = baseline;
+                l.core = Core {
+                    dec: ProcDecoder::new(events, false).with_acks(self.acks),
+                    pending: VecDeque::new(),
+                    dropped: 0,
+                    awaiting_ack: None,
+                    ack_result: None,
+                };
+                l.foreign = 0;
+                l.drained = false;
                 l.filtering = Filtering::Kernel;
-                l.core.dec.seq = None;
                 return Ok(l);
             }
             if self.mode == FilterMode::Kernel {
@@ -224,4 +239,21 @@ impl ProcListenerBuilder {
         }
         Ok(l)
     }
+}
+
+/// Joins `sock` to group 1 with a witness of the user-space multicasts there (see
+/// `join_witnessed`), and the socket's drop counter as it joined (taken again whenever the
+/// join is repeated: out of the group and emptied, the socket is as new).
+fn join_counted(sock: &ConnectorSocket) -> Result<(Option<Witness>, DropCounter)> {
+    let mut baseline = DropCounter::baseline(sock)?;
+    let (witness, ()) = join_witnessed(
+        || sock.join(PROC_GROUP),
+        |()| {
+            sock.leave(PROC_GROUP)?;
+            discard_queue(sock)?;
+            baseline = DropCounter::baseline(sock)?;
+            Ok(())
+        },
+    )?;
+    Ok((witness, baseline))
 }

@@ -127,7 +127,9 @@ impl Core {
                     data_offset,
                     ..
                 }) => self.message(meta, cn, data, data_offset),
-                Ok(_) => {} // netlink control messages carry no events
+                // Netlink control messages carry no events; a user-space sender's are
+                // rejected and counted like its other messages.
+                Ok(_) => self.dec.spoofed += u64::from(meta.port != 0),
                 Err(e) => self.dec.record_decode_error(meta.port, e),
             }
         }

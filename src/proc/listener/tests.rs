@@ -147,6 +147,81 @@ fn decoder_checks_sender_gaps_filter_and_acks() {
     assert_eq!(k.stats().lost(), None);
 }
 
+/// Regression: a user-space sender's netlink control messages on group 1 (`NLMSG_NOOP`,
+/// `NLMSG_ERROR`, `NLMSG_OVERRUN`) were skipped without being counted, although everything
+/// a user-space port sends there is rejected and counted in `spoofed` (docs/PROC.md, "Only
+/// the kernel is believed"); the same messages from the kernel (port 0) are not spoofed,
+/// and none of them is an event or a loss.
+#[test]
+fn control_messages_from_user_space_are_counted_as_spoofed() {
+    let mut core = Core {
+        dec: ProcDecoder::new(EventSet::ALL, true),
+        pending: VecDeque::new(),
+        dropped: 0,
+        awaiting_ack: None,
+        ack_result: None,
+    };
+    // One message of each control type, then all three in one datagram.
+    let control = |ty: u16| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        // NLMSG_ERROR's payload: an errno and the request's header.
+        m.extend_from_slice(&(-5i32).to_ne_bytes());
+        m.extend_from_slice(&[0; 16]);
+        m
+    };
+    let all: Vec<u8> = [1, 2, 4].iter().flat_map(|&ty| control(ty)).collect();
+    let from = |port| RecvMeta {
+        len: 0,
+        port,
+        group: PROC_GROUP,
+    };
+    for d in [control(1), control(2), control(4), all.clone()] {
+        core.datagram(&d, from(4242));
+    }
+    core.datagram(&all, from(0));
+    let s = core.dec.stats();
+    assert_eq!((s.spoofed, s.decode_errors, s.overruns), (6, 0, 0), "{s:?}");
+    assert!(core.pending.is_empty(), "{:?}", core.pending);
+}
+
+/// Regression: a kernel-filtered listener probes first with a subscription to every event
+/// (the ACK proves the kernel understands filters), so until the filter was set its socket
+/// got every event, and what its full queue dropped then stayed in its drop counter: events
+/// the listener never asked for, counted as its lost events (`lost()`, "exact", > 0 with
+/// nothing of its own lost; seen as `proctrace -b 1 -e exit` under a fork storm). Here the
+/// probe's socket, on a tiny queue, is overflowed with our own children's events before the
+/// filter is sent; the listener, for coredumps only, must start with no drop.
+#[test]
+fn what_the_kernel_filters_probe_dropped_is_not_counted_as_lost() {
+    let test = "what_the_kernel_filters_probe_dropped_is_not_counted_as_lost";
+    if kernel_socket(test).is_none() || !crate::sys::kernel_at_least(6, 6) {
+        return;
+    }
+    let mut forced = 0;
+    let l = ProcListener::builder()
+        .events(EventSet::COREDUMP)
+        .recv_buffer(1)
+        .filter_mode(FilterMode::Kernel)
+        .open_with(|sock| {
+            let drops = || sock.meminfo().unwrap().drops.unwrap_or(0);
+            let before = drops();
+            while drops() == before {
+                std::process::Command::new("true").status().unwrap();
+            }
+            forced = drops() - before;
+        })
+        .unwrap();
+    assert!(forced > 0, "{test}: the probe's queue did not overflow");
+    assert_eq!(l.filtering(), Filtering::Kernel);
+    let st = l.stats();
+    assert_eq!(st.kernel_drops, Some(0), "{test}: {forced} forced: {st:?}");
+    assert_eq!(st.overruns, 0, "{test}: {st:?}");
+    assert_eq!(st.lost(), Some(0), "{test}: {st:?}");
+}
+
 /// One at a time, the kernel tests of this file and of `proc::stream` that multicast on
 /// group 1: each one's spoofer would spoil the others' tries, legitimately.
 pub(crate) static SPOOFING: std::sync::Mutex<()> = std::sync::Mutex::new(());

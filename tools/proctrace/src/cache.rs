@@ -49,6 +49,13 @@ impl Cache {
         self.young.insert(pid, v);
     }
 
+    /// Forgets everything (after a loss: any entry may be of a process that is gone, its
+    /// pid another's).
+    pub fn clear(&mut self) {
+        self.young.clear();
+        self.old = HashMap::new();
+    }
+
     pub fn remove(&mut self, pid: u32) -> Option<ProcInfo> {
         self.young.remove(&pid).or_else(|| self.old.remove(&pid))
     }

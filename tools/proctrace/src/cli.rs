@@ -22,8 +22,9 @@ Output:
 ",
     cnbus_cli::event_fields_help!(),
     "  proctrace's own fields: name (as in the text output, null when unknown), and on comm
-  old_name (the name before). Without enrichment (--enrich off) the attribution fields
-  are absent. The filters apply to the process an event is about (a fork's child).
+  old_name (the name before, null when unknown). Without enrichment (--enrich off) the
+  attribution fields are absent. The filters apply to the process an event is about (a
+  fork's child).
 
   On exit, a summary line on stderr: events, lost (and whether the figure is exact),
   overflows, spoofed datagrams rejected, decode errors, filtering; --stats adds tables.
@@ -33,6 +34,7 @@ Exit status:
   (proctrace | head), or when its terminal hangs up (SIGHUP, and writes to the terminal
   fail with EIO: the rest of the events and the summary go nowhere); 1 when the proc
   connector cannot be used or writing the events fails (a full disk), with a message, or
+  when a filter is asked for where /proc is another pid namespace's, or
   when after the stop a write of the events or of the summary makes no progress for 2 s
   (a reader that stopped reading); 2 on a usage error.
 
@@ -95,7 +97,8 @@ pub struct Args {
     #[arg(long)]
     pub containers_only: bool,
     /// Run even outside the initial pid/user namespace (events then arrive only while
-    /// another process listens, with host ids)
+    /// another process listens, with host ids; where /proc is that namespace's, without
+    /// names, attribution or filters)
     #[arg(long = "allow-foreign-namespace")]
     pub allow_foreign_ns: bool,
 }

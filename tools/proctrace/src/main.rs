@@ -19,6 +19,7 @@ mod tracer;
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -33,7 +34,9 @@ use cnbus_cli::warn;
 
 use cache::Cache;
 use cli::{Cli, Enrich};
-use tracer::{push_header, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST};
+use tracer::{
+    push_header, Procfs, Tracer, COALESCE_AFTER, COALESCE_DELAY, DRAIN_LIMIT, FLUSH_IN_BURST,
+};
 
 /// After a stop (a signal, the end of `--duration`), the longest one `write` of the events
 /// or of the summary may block before proctrace gives up on its output (a reader that holds
@@ -44,6 +47,10 @@ const STALLED_OUTPUT: Duration = Duration::from_secs(2);
 /// How long the watchdog waits for its own message to be written before it exits anyway:
 /// stderr can be stalled as well (`proctrace 2>&1 | less`: the same pipe as the events).
 const MESSAGE_WAIT: Duration = Duration::from_secs(1);
+
+/// Why nothing is read from `/proc` in another pid namespace's `/proc`.
+const FOREIGN_PROC: &str = "/proc here belongs to another pid namespace, in which the \
+     events' pids (the initial namespace's) are other processes or none";
 
 /// Where the run is, for the watchdog of [`STALLED_OUTPUT`].
 const RUNNING: u8 = 0;
@@ -68,11 +75,22 @@ fn millis_since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
-impl<W: Write> Write for Watched<W> {
+impl<W: Write + AsFd> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.writing_since
             .store(millis_since(self.base), Ordering::SeqCst);
-        let r = self.inner.write(buf);
+        let r = loop {
+            match self.inner.write(buf) {
+                // Non-blocking (set by another process sharing the pipe or terminal): wait
+                // until it takes more, as a blocking write does, rather than fail.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = cnbus::sys::poll_write(&self.inner) {
+                        break Err(io::Error::other(e));
+                    }
+                }
+                r => break r,
+            }
+        };
         self.writing_since.store(0, Ordering::SeqCst);
         r
     }
@@ -191,6 +209,18 @@ fn main() -> ExitCode {
     if let Some(w) = listener.namespace_warning() {
         warn!("proctrace: warning: {w}");
     }
+    // Names and attribution are read from /proc by the events' pids, the initial pid
+    // namespace's: another namespace's /proc would describe other processes under them.
+    let procfs = Procfs {
+        usable: cnbus::sys::proc_is_initial_pid_ns() != Some(false),
+    };
+    if !procfs.usable {
+        if !args.filter().is_empty() {
+            warn!("proctrace: {FOREIGN_PROC}: --container, --cgroup, --host-only and --containers-only cannot be applied");
+            return ExitCode::from(1);
+        }
+        warn!("proctrace: warning: {FOREIGN_PROC}: no process names or attribution are shown");
+    }
     let caught = Arc::new(AtomicI32::new(0));
     let writing_since = Arc::new(AtomicU64::new(0));
     let stage = Arc::new(AtomicU8::new(RUNNING));
@@ -215,6 +245,7 @@ fn main() -> ExitCode {
         other_counts: [0; 10],
         lost_reports: 0,
         enricher: match args.enrich {
+            _ if !procfs.usable => None,
             Enrich::Off => None,
             mode => Some(Enricher::with_config(EnrichConfig {
                 read_at_fork: mode == Enrich::Eager,
@@ -227,6 +258,7 @@ fn main() -> ExitCode {
             })),
         },
         containers_seen: false,
+        procfs,
     };
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);

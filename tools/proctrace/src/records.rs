@@ -3,16 +3,16 @@
 //! `serde_json` (`cnbus_cli::json`).
 
 /// proctrace's own fields in an event line: the name it shows for the process (`null` when
-/// unknown), and on a `comm` event the name before it.
+/// unknown), and on a `comm` event the name before it (`Some(None)`: `null`, unknown).
 #[derive(serde::Serialize)]
 pub struct ProctraceFields<'a> {
     pub name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub old_name: Option<String>,
+    pub old_name: Option<Option<String>>,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cnbus::proc::{EventBody, ExitStatus, InfoSource, ProcEvent, ProcessInfo, Task};
     use cnbus_cli::event::EventLine;
@@ -23,7 +23,8 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    fn ev(body: EventBody) -> ProcEvent {
+    /// An event of `body` (the other tests of the crate use it too).
+    pub(crate) fn ev(body: EventBody) -> ProcEvent {
         ProcEvent {
             seq: 2,
             ack: 0,

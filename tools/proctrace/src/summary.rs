@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cnbus::proc::{EventKind, Filtering, LossStats};
 
-use crate::tracer::Tracer;
+use crate::tracer::{printable, Tracer};
 
 impl Tracer {
     /// The summary lines.
@@ -120,15 +120,12 @@ impl Tracer {
             let _ = writeln!(s, "  {name}");
         };
         for (name, c) in rows {
-            row(
-                &mut s,
-                if name.is_empty() {
-                    "(kernel ack)"
-                } else {
-                    name
-                },
-                c,
-            );
+            let name = if name.is_empty() {
+                "(kernel ack)".into()
+            } else {
+                printable(name)
+            };
+            row(&mut s, &name, c);
         }
         if self.other_counts.iter().any(|&n| n > 0) {
             row(
@@ -138,5 +135,26 @@ impl Tracer {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `--stats`' table printed program names as they came (the base name of a
+    /// command line, a comm): a name with a newline or an escape sequence broke its row in
+    /// two and wrote the escape to the terminal. Names are shown as in the event lines,
+    /// control characters as `?`.
+    #[test]
+    fn the_table_shows_names_without_control_characters() {
+        let mut t = crate::tracer::tests::tracer();
+        t.stats = true;
+        t.counts
+            .insert("evil\n\u{1b}[31mX".into(), [0, 0, 1, 0, 0, 0, 0, 0, 0, 1]);
+        let s = t.summary(&LossStats::default(), Duration::ZERO, Filtering::None);
+        assert!(!s.chars().any(|c| c.is_control() && c != '\n'), "{s:?}");
+        let row = s.lines().find(|l| l.contains("evil")).unwrap();
+        assert!(row.ends_with("  evil??[31mX"), "{s:?}");
     }
 }

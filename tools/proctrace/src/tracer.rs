@@ -13,7 +13,7 @@ use cnbus::proc::{
 use cnbus_cli::clock::{push_time_of_day, Clocks};
 use cnbus_cli::event::{EventLine, LostLine};
 use cnbus_cli::json;
-use cnbus_cli::procfs::{read_name, read_stat};
+use cnbus_cli::procfs::{read_name, read_stat, Stat};
 
 use crate::cache::{Cache, ProcInfo};
 use crate::cli::Filter;
@@ -35,6 +35,24 @@ pub const FLUSH_IN_BURST: usize = 32 << 10;
 pub const DRAIN_LIMIT: usize = 1 << 20;
 pub const MAX_STAT_NAMES: usize = 4096;
 
+/// Where the tracer reads what it shows of a process by itself (names, start times):
+/// `/proc`, unless that belongs to another pid namespace, where the events' pids (the
+/// initial namespace's) name other processes: then nothing is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Procfs {
+    pub usable: bool,
+}
+
+impl Procfs {
+    fn name(self, pid: u32) -> Option<Arc<str>> {
+        self.usable.then(|| read_name(pid)).flatten()
+    }
+
+    fn stat(self, pid: u32) -> Option<Stat> {
+        self.usable.then(|| read_stat(pid)).flatten()
+    }
+}
+
 pub struct Tracer {
     pub json: bool,
     pub stats: bool,
@@ -53,6 +71,7 @@ pub struct Tracer {
     pub enricher: Option<Enricher>,
     /// A process in a container was shown: the text output has the container column.
     pub containers_seen: bool,
+    pub procfs: Procfs,
 }
 
 /// Appends `record`'s JSON line to `line`. The tracer's records (strings, numbers,
@@ -87,13 +106,13 @@ impl Tracer {
         if let Some(i) = self.cache.get(tgid) {
             if !i.fresh {
                 i.fresh = true;
-                if let Some(n) = read_name(tgid) {
+                if let Some(n) = self.procfs.name(tgid) {
                     i.name = n;
                 }
             }
             return i.name.clone();
         }
-        match read_name(tgid) {
+        match self.procfs.name(tgid) {
             Some(name) => {
                 self.cache.insert(
                     tgid,
@@ -146,7 +165,7 @@ impl Tracer {
             };
         }
         // The JSON line's own fields (the shared schema takes the rest from the event).
-        let mut old_name: Option<String> = None;
+        let mut old_name: Option<Option<String>> = None;
         let mut duration_ns: Option<u64> = None;
         let mut kind_name = ev.kind().name();
         let subject = ev.task().unwrap_or_default();
@@ -180,7 +199,10 @@ impl Tracer {
             EventBody::Exec { process } => {
                 let n = match &known {
                     Some(n) => n.clone(),
-                    None => read_name(process.tgid).unwrap_or_else(|| self.name_of(process.tgid)),
+                    None => self
+                        .procfs
+                        .name(process.tgid)
+                        .unwrap_or_else(|| self.name_of(process.tgid)),
                 };
                 let start = self
                     .cache
@@ -237,7 +259,7 @@ impl Tracer {
                 let new: Arc<str> = comm.to_string().into();
                 info!("{} -> {}", program(&old), new);
                 if json {
-                    old_name = Some(old.to_string());
+                    old_name = Some((&*old != UNKNOWN).then(|| old.to_string()));
                 }
                 if !process.is_thread() {
                     let start = self.cache.get(process.tgid).and_then(|i| i.start_ns);
@@ -272,7 +294,9 @@ impl Tracer {
                             Some(p) => p
                                 .process_key
                                 .map(|k| self.clocks.boot_ns_of_ticks(k.start_ticks)),
-                            None => read_stat(process.tgid)
+                            None => self
+                                .procfs
+                                .stat(process.tgid)
                                 .map(|s| self.clocks.boot_ns_of_ticks(s.start_ticks)),
                         }
                     });
@@ -283,8 +307,11 @@ impl Tracer {
                         // Without exec events any cached name may be stale: use what /proc
                         // still says (at exit the command line is gone but the comm is not,
                         // shown as [comm] like ps does), else the cached name.
-                        Some(i) => read_name(process.tgid).unwrap_or(i.name),
-                        None => read_name(process.tgid).unwrap_or_else(|| UNKNOWN.into()),
+                        Some(i) => self.procfs.name(process.tgid).unwrap_or(i.name),
+                        None => self
+                            .procfs
+                            .name(process.tgid)
+                            .unwrap_or_else(|| UNKNOWN.into()),
                     };
                 }
                 match (status.code(), status.signal()) {
@@ -357,10 +384,13 @@ impl Tracer {
 
     pub fn lost(&mut self, loss: Loss) {
         self.lost_reports += 1;
-        // An exit may be among the lost: cached processes are re-checked before reuse.
+        // An exit may be among the lost, and the fork of the next process given the same
+        // pid: the enricher re-checks its cached processes before reuse, and the tracer's
+        // own names and start times are forgotten (read again from /proc where needed).
         if let Some(e) = self.enricher.as_mut() {
             e.note_loss();
         }
+        self.cache.clear();
         let wall = self.clocks.now();
         let line = &mut self.line;
         line.clear();
@@ -416,4 +446,111 @@ pub fn push_header(out: &mut impl Write, container: bool) {
         "duration",
         if container { "container    " } else { "" }
     );
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use cnbus::proc::{ExitStatus, Task};
+
+    /// A tracer of JSON lines without enrichment (the summary's tests use it too).
+    pub(crate) fn tracer() -> Tracer {
+        Tracer {
+            json: true,
+            stats: false,
+            filter: Filter::default(),
+            exec_traced: true,
+            cache: Cache::new(8192),
+            clocks: Clocks::new(),
+            line: Vec::new(),
+            counts: HashMap::new(),
+            other_counts: [0; 10],
+            lost_reports: 0,
+            enricher: None,
+            containers_seen: false,
+            procfs: Procfs { usable: true },
+        }
+    }
+
+    fn event(timestamp_ns: u64, body: EventBody) -> ProcEvent {
+        ProcEvent {
+            timestamp_ns,
+            ..crate::records::tests::ev(body)
+        }
+    }
+
+    /// The JSON line of `r`, parsed.
+    fn line(t: &mut Tracer, r: Received) -> serde_json::Value {
+        let mut out = Vec::new();
+        t.print(r, &mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    /// Regression: a comm event of a process whose name was unknown said
+    /// `"old_name": "<unknown>"` (the text output's placeholder), where every unknown name
+    /// in a JSON line is `null`.
+    #[test]
+    fn an_unknown_old_name_is_null() {
+        let gone = 0x7fff_0000 | (std::process::id() & 0xffff);
+        let body = EventBody::Comm {
+            process: Task {
+                pid: gone,
+                tgid: gone,
+            },
+            comm: cnbus::proc::Comm::new(b"new"),
+        };
+        let v = line(&mut tracer(), Received::Event(event(1, body)));
+        assert_eq!(v["name"], "new", "{v}");
+        assert!(v["old_name"].is_null(), "{v}");
+        assert!(v.as_object().unwrap().contains_key("old_name"), "{v}");
+    }
+
+    /// Regression: what the tracer remembered of a process (its name, and the time of its
+    /// fork or exec for the exit's duration) outlived a loss. The lost events can be the
+    /// process's exit and the fork of the next process given its pid (a fork storm while
+    /// proctrace is stopped or descheduled cycles the pids), so that process's exit was
+    /// shown with the name and the start time of the one before: a wrong `duration_ms`
+    /// (here 4 s; the process really is unknown: its pid, above `pid_max`, is nobody's).
+    #[test]
+    fn nothing_remembered_before_a_loss_is_used_after_it() {
+        let gone = 0x7fff_0000 | (std::process::id() & 0xffff);
+        let me = std::process::id();
+        let fork = EventBody::Fork {
+            parent: Task { pid: me, tgid: me },
+            child: Task {
+                pid: gone,
+                tgid: gone,
+            },
+        };
+        let exit = EventBody::Exit {
+            process: Task {
+                pid: gone,
+                tgid: gone,
+            },
+            status: ExitStatus(0),
+            exit_signal: 17,
+            parent: None,
+        };
+        // Without a loss, the fork's time and name are the exit's.
+        let mut t = tracer();
+        line(&mut t, Received::Event(event(1_000_000_000, fork)));
+        let v = line(&mut t, Received::Event(event(5_000_000_000, exit)));
+        assert_eq!(v["duration_ms"].as_f64(), Some(4000.0), "{v}");
+        assert!(v["name"].is_string(), "{v}");
+        // With a loss in between, neither: the exit may be another process's.
+        for loss in [
+            Loss::Gap {
+                cpu: 0,
+                count: 40_000,
+            },
+            Loss::Overrun,
+        ] {
+            let mut t = tracer();
+            line(&mut t, Received::Event(event(1_000_000_000, fork)));
+            line(&mut t, Received::Lost(loss));
+            let v = line(&mut t, Received::Event(event(5_000_000_000, exit)));
+            assert!(v["duration_ms"].is_null(), "{loss:?}: {v}");
+            assert!(v["name"].is_null(), "{loss:?}: {v}");
+        }
+    }
 }

@@ -187,6 +187,128 @@ fn outside_the_initial_pid_namespace_it_says_why() {
     assert!(err.contains("host pid"), "{err}");
 }
 
+/// Regression: run in another pid namespace with that namespace's `/proc`
+/// (`--allow-foreign-namespace` under `unshare -pf --mount-proc`), proctrace read names and
+/// attribution there by the events' pids, which are the initial namespace's: a host
+/// process was shown as whichever process of the namespace had its number. Here a host
+/// child of ours forks in a loop, and a process of the namespace is given the child's pid
+/// (`ns_last_pid`, its number in the namespace): the child's forks came out named after it
+/// (`"name": "sleep 1000.<pid>"`, its pid namespace, its start time in the keys). Now
+/// proctrace says why and shows no names or attribution; the filters, which need them, are
+/// refused (status 1). With the host's `/proc` (no `--mount-proc`), attribution stays.
+#[test]
+fn in_another_pid_namespaces_proc_it_reads_nothing_there() {
+    let test = "in_another_pid_namespaces_proc_it_reads_nothing_there";
+    if !kernel(test) {
+        return;
+    }
+    // The kernel builds events only while a process of the initial namespaces listens.
+    let _host = cnbus::proc::ProcListener::builder()
+        .recv_buffer(64 << 10)
+        .open()
+        .unwrap();
+    let mut forker = Command::new("sh")
+        .args(["-c", "while :; do /bin/true; sleep 0.02; done"])
+        .spawn()
+        .unwrap();
+    let host = forker.id();
+    let marker = format!("sleep 1000.{}", std::process::id());
+    let script = format!(
+        "echo {} > /proc/sys/kernel/ns_last_pid; {marker} & echo \"ns pid $!\" >&2; \
+         exec {BIN} --allow-foreign-namespace --json --duration 2 \"$@\"",
+        host - 1
+    );
+    let run = |extra: &[&str]| {
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script, "sh"])
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("unshare (util-linux) is needed for this test: {e}"))
+    };
+    let out = run(&[]);
+    let refused = run(&["--host-only"]);
+    let _ = forker.kill();
+    let _ = forker.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{test}: {err}");
+    assert!(
+        err.contains(&format!("ns pid {host}\n")),
+        "{test}: the namespace's process did not get pid {host}: {err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = text.lines().find(|l| l.contains(&marker)) {
+        panic!("{test}: misattributed: {line}");
+    }
+    let mut about_host = 0;
+    let mut comms = std::collections::HashSet::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Err(e) = cnbus_cli::event::check_line(&v, false, &["name", "old_name"]) {
+            panic!("{test}: {e}: {line}");
+        }
+        // No name but those comm events carried (kept for the process and its children).
+        if v["event"] == "comm" {
+            comms.insert(v["comm"].to_string());
+        }
+        assert!(
+            v["name"].is_null() || comms.contains(&v["name"].to_string()),
+            "{test}: a name not from a comm event: {line}"
+        );
+        about_host += usize::from(v["pid"] == host || v["parent_pid"] == host);
+    }
+    assert!(about_host > 0, "{test}: no event of pid {host}: {err}");
+    assert!(err.contains("belongs to another pid namespace"), "{err}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{test}: {err}");
+    assert!(err.contains("cannot be applied"), "{test}: {err}");
+}
+
+/// Regression: a stdout made non-blocking by another process sharing it (`O_NONBLOCK`
+/// belongs to the open pipe or terminal, and shells or runtimes such as node set it) failed
+/// the first write that met a full pipe with `EAGAIN`: proctrace stopped at once, status 1,
+/// "writing the events to stdout: Resource temporarily unavailable". Now it waits for the
+/// reader, as with a blocking stdout. Our children's events fill the pipe (64 KiB) before
+/// anything is read; then everything is read, and every line is whole JSON.
+#[test]
+fn a_non_blocking_stdout_is_waited_for() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let test = "a_non_blocking_stdout_is_waited_for";
+    if !kernel(test) {
+        return;
+    }
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    // The write end opened again with O_NONBLOCK: a description of its own, proctrace's.
+    let stdout = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap();
+    drop(writer);
+    let tracer = Command::new(BIN)
+        .args(["--json", "--events", "exec,exit", "--duration", "4"])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_subscribed(tracer.id());
+    // 300 children: an exec and an exit each, some 200 KiB of lines.
+    for _ in 0..300 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).unwrap();
+    let done = tracer.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{test}: {err}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.len() > 64 << 10, "{test}: only {} bytes", text.len());
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        check_json_fields(line, &v);
+    }
+}
+
 /// `(Rmem, Drops)` of the connector socket whose port id is `port`, from
 /// `/proc/net/netlink` (the kernel's own figures).
 fn netlink_row(port: u32) -> Option<(u64, u64)> {
