@@ -967,6 +967,73 @@ fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
     assert_eq!(client.stats().replies, 10);
 }
 
+/// Numbered requests on one id to two servers at once: each destination has its own
+/// sequence, so both are request 1; the reply's source port tells them apart, so the
+/// second is not refused as a duplicate of the first, and each takes its own reply. A
+/// request to a group (whose reply may come from any port) and one to a port with the
+/// same id, seq and ack cannot both be outstanding: the second is refused. (Before, the
+/// second numbered request failed with `InvalidArgument` while the first was out.)
+#[test]
+fn concurrent_numbered_requests_to_two_servers_are_not_duplicates() {
+    if kernel_socket("concurrent_numbered_requests_to_two_servers_are_not_duplicates").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(46), 1);
+    let client = Arc::new(Connector::builder().spawn().unwrap());
+    let slow = ConnectorSocket::open().unwrap();
+    let fast = Connector::builder().spawn().unwrap();
+    let h = fast.handle();
+    let _reg = fast.register(id, move |m| {
+        h.send(&m.reply(&b"fast"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    let (c, to) = (client.clone(), Dest::Port(slow.port_id()));
+    let first = std::thread::spawn(move || {
+        c.request_numbered(id, &b"ping"[..], to, Duration::from_secs(60))
+    });
+    // Out (so outstanding) once the slow server has it.
+    let wake = cnbus::sys::EventFd::new().unwrap();
+    cnbus::sys::poll_read(&slow, &wake, None).unwrap();
+    let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+    slow.recv(&mut buf, true).unwrap().unwrap();
+    let req = match cnbus::codec::messages(buf.split().freeze()).next() {
+        Some(Ok(cnbus::codec::Message::Connector(c))) => c.msg,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((req.id, req.seq, req.ack), (id, 1, 0));
+    let r = client
+        .request_numbered(
+            id,
+            &b"ping"[..],
+            Dest::Port(fast.port_id()),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.source.port, r.msg.seq, &r.msg.data[..]),
+        (fast.port_id(), 1, &b"fast"[..])
+    );
+    // A group request with the key of the one outstanding is ambiguous: refused.
+    let e = client
+        .request(
+            &CnMsg::new(id, &b"ping"[..]).with_seq(1, 0),
+            Dest::Group(25),
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+    assert!(matches!(e, cnbus::Error::InvalidArgument(_)), "{e:?}");
+    let mut d = DatagramBuilder::new(256);
+    d.push(&CnMsg::reply_to(&req, &b"slow"[..])).unwrap();
+    slow.send(&d.take(), Dest::Port(client.port_id())).unwrap();
+    let r = first.join().unwrap().unwrap();
+    assert_eq!(
+        (r.source.port, r.msg.seq, &r.msg.data[..]),
+        (slow.port_id(), 1, &b"slow"[..])
+    );
+    let s = client.stats();
+    assert_eq!((s.replies, s.lost, s.reordered), (2, 0, 0), "{s:?}");
+}
+
 /// Edge values go through: netlink control messages (`NLMSG_NOOP`, `NLMSG_ERROR`,
 /// `NLMSG_OVERRUN`) between connector messages of one datagram are counted (the error
 /// reported) and the messages around them delivered, a `NLM_F_MULTI` flag changes nothing;

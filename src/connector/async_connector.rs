@@ -269,11 +269,16 @@ impl AsyncConnector {
     }
 
     /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack). Refused
-    /// when a request with that key is outstanding already (its reply would go to one of
-    /// the two, the other would wait in vain), as the synchronous connector refuses it.
+    /// when one outstanding has that key and its reply could be taken for this one's
+    /// ([`replies_clash`](super::replies_clash): its reply would go to one of the two, the
+    /// other would wait in vain), as the synchronous connector refuses it.
     fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) -> Result<()> {
+        let from = super::reply_port(dest);
         let mut r = self.reader.lock();
-        if r.pending.iter().any(|p| p.key == key) {
+        if r.pending
+            .iter()
+            .any(|p| p.key == key && super::replies_clash(p.from, from))
+        {
             return Err(Error::InvalidArgument(
                 "a request with this id, seq and ack is already outstanding",
             ));
@@ -281,7 +286,7 @@ impl AsyncConnector {
         r.pending.push(Pending {
             token,
             key,
-            from: super::reply_port(dest),
+            from,
             reply: None,
             waker: None,
         });

@@ -95,11 +95,11 @@ pub(super) fn run(inner: &Inner) {
 fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     let key = (m.id(), m.seq(), m.ack());
     let mut p = inner.pending.lock();
-    match p.get(&key) {
-        Some(w) if w.from.is_none_or(|port| port == m.source().port) => {}
-        _ => return false,
-    }
-    let Some(w) = p.remove(&key) else {
+    // At most one of the two is outstanding (`replies_clash`).
+    let Some(tx) = p
+        .remove(&(key, Some(m.source().port)))
+        .or_else(|| p.remove(&(key, None)))
+    else {
         return false;
     };
     inner.pending_count.store(p.len(), Ordering::Relaxed);
@@ -107,7 +107,7 @@ fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     Counters::add(&inner.counters.replies, 1);
     // Under the lock (a bounded(1) channel, empty: never waits): a requester that timed
     // out and then takes the lock to withdraw finds either its entry or the reply.
-    let _ = w.tx.try_send(m.to_incoming());
+    let _ = tx.try_send(m.to_incoming());
     true
 }
 

@@ -162,11 +162,17 @@ type EventFn = dyn Fn(&Event) + Send + Sync;
 
 type ReplyKey = (CbId, u32, u32);
 
-/// A request waiting for its reply: where the reply goes, and the one port it may come
-/// from (`None`: anyone, for a request multicast to a group).
-struct Waiter {
-    from: Option<u32>,
-    tx: Sender<Incoming>,
+/// An outstanding request: its reply's id, seq and ack, and the one port the reply may
+/// come from (`None`: anyone, for a request multicast to a group).
+type PendKey = (ReplyKey, Option<u32>);
+
+/// Whether replies to two requests with one reply key, expected from `a` and from `b`
+/// ([`reply_port`]), could be taken for each other: unless they come from two known,
+/// different ports (a port's sequence numbers its requests apart from another port's, so
+/// numbered requests to two servers often share a key), the two cannot both be
+/// outstanding.
+pub(crate) fn replies_clash(a: Option<u32>, b: Option<u32>) -> bool {
+    a.is_none() || b.is_none() || a == b
 }
 
 /// The port a reply to a request sent to `dest` must come from: the kernel's (0) or the
@@ -189,8 +195,9 @@ pub(crate) struct Inner {
     /// Set once by `Connector::shutdown` (Release) before `wake`; the dispatcher reads it
     /// (Acquire) after every wake-up.
     shutdown: AtomicBool,
-    /// Requests awaiting a reply, by (id, seq, expected ack).
-    pending: Mutex<HashMap<ReplyKey, Waiter>>,
+    /// Requests awaiting a reply, by (id, seq, expected ack) and the port it must come
+    /// from; no two whose replies [clash](replies_clash).
+    pending: Mutex<HashMap<PendKey, Sender<Incoming>>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
@@ -583,7 +590,9 @@ impl ConnectorHandle {
     /// message that looks like the reply but comes from another port is not taken for it
     /// (it goes to the callbacks as any message does), so no other process can answer in
     /// the destination's name. Choose a seq that is unique among outstanding requests (for
-    /// example [`next_seq`](Self::next_seq)), or let
+    /// example [`next_seq`](Self::next_seq)); two with one id, seq and ack may be
+    /// outstanding only when their replies come from two different ports (requests to two
+    /// ports, not to a group): else the second is refused ([`Error::InvalidArgument`]). Or let
     /// [`request_numbered`](Self::request_numbered) number it as the receiver's gap
     /// tracker expects.
     ///
@@ -605,8 +614,8 @@ impl ConnectorHandle {
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         self.may_request()?;
-        let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
-        let rx = self.pend(key, dest)?;
+        let key = ((msg.id, msg.seq, msg.ack.wrapping_add(1)), reply_port(dest));
+        let rx = self.pend(key)?;
         // Before the send: a drop of the reply comes after it.
         let drops = self.inner.socket.drops().ok().flatten();
         if let Err(e) = self.send(msg, dest) {
@@ -640,8 +649,8 @@ impl ConnectorHandle {
         loop {
             let mut pended = None;
             let r = outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
-                let key = (id, seq, 1);
-                pended = Some((key, self.pend(key, dest)?));
+                let key = ((id, seq, 1), reply_port(dest));
+                pended = Some((key, self.pend(key)?));
                 Ok(())
             });
             match (r, pended) {
@@ -678,31 +687,31 @@ impl ConnectorHandle {
         Ok(())
     }
 
-    /// Makes the request `key` (id, seq and the reply's ack) to `dest` outstanding: the
-    /// dispatcher hands its reply to the returned channel.
-    fn pend(&self, key: ReplyKey, dest: Dest) -> Result<Receiver<Incoming>> {
+    /// Makes the request `key` (id, seq and the reply's ack; the port the reply comes
+    /// from) outstanding: the dispatcher hands its reply to the returned channel. Refused
+    /// when the reply of one outstanding could be taken for it ([`replies_clash`]).
+    fn pend(&self, key: PendKey) -> Result<Receiver<Incoming>> {
         let (tx, rx) = channel::bounded(1);
         let mut p = self.inner.pending.lock();
         if self.inner.shutdown.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if p.contains_key(&key) {
+        let clash = match key.1 {
+            // A port's reply clashes with that port's or a group's only: two lookups.
+            Some(_) => p.contains_key(&key) || p.contains_key(&(key.0, None)),
+            None => p.keys().any(|(k, _)| *k == key.0),
+        };
+        if clash {
             return Err(Error::InvalidArgument(
                 "a request with this id, seq and ack is already outstanding",
             ));
         }
-        p.insert(
-            key,
-            Waiter {
-                from: reply_port(dest),
-                tx,
-            },
-        );
+        p.insert(key, tx);
         self.inner.pending_count.store(p.len(), Ordering::Relaxed);
         Ok(rx)
     }
 
-    fn unpend(&self, key: ReplyKey) {
+    fn unpend(&self, key: PendKey) {
         let mut p = self.inner.pending.lock();
         p.remove(&key);
         self.inner.pending_count.store(p.len(), Ordering::Relaxed);
@@ -712,7 +721,7 @@ impl ConnectorHandle {
     /// socket's drop counter before the send.
     fn await_reply(
         &self,
-        key: ReplyKey,
+        key: PendKey,
         rx: &Receiver<Incoming>,
         drops: Option<u32>,
         timeout: Duration,

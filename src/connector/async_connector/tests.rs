@@ -472,3 +472,73 @@ fn a_second_request_with_an_outstanding_key_is_refused() {
         assert_eq!(&r.msg.data[..], b"pong");
     });
 }
+
+/// Async numbered requests on one id to two servers at once: both are request 1 of their
+/// destination's sequence, told apart by the reply's port, so the second is not refused
+/// as a duplicate; a group request with that key is (its reply could come from either
+/// port). (Before, the second numbered request failed with `InvalidArgument`.)
+#[test]
+fn concurrent_numbered_requests_to_two_servers_are_not_duplicates() {
+    on_runtime("a request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let id = CbId::new(0x5a22, conn.port_id());
+        let slow = ConnectorSocket::open().unwrap();
+        let fast = Connector::builder().spawn().unwrap();
+        let h = fast.handle();
+        let _reg = fast.register(id, move |m| {
+            h.send(&m.reply(&b"fast"[..]), Dest::Port(m.source().port))
+                .unwrap();
+        });
+        let (c, to) = (conn.clone(), Dest::Port(slow.port_id()));
+        let first = ::tokio::spawn(async move {
+            c.request_numbered(id, &b"ping"[..], to, Duration::from_secs(60))
+                .await
+        });
+        // Out (so outstanding) once the slow server has it.
+        let (slow, req) = ::tokio::task::spawn_blocking(move || {
+            crate::sys::poll_read(&slow, &crate::sys::EventFd::new().unwrap(), None).unwrap();
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            slow.recv(&mut buf, true).unwrap().unwrap();
+            let req = match messages(buf.split().freeze()).next() {
+                Some(Ok(Message::Connector(c))) => c.msg,
+                other => panic!("{other:?}"),
+            };
+            (slow, req)
+        })
+        .await
+        .unwrap();
+        assert_eq!((req.id, req.seq, req.ack), (id, 1, 0));
+        let r = conn
+            .request_numbered(
+                id,
+                &b"ping"[..],
+                Dest::Port(fast.port_id()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.source.port, r.msg.seq, &r.msg.data[..]),
+            (fast.port_id(), 1, &b"fast"[..])
+        );
+        let e = conn
+            .request(
+                &CnMsg::new(id, &b"ping"[..]).with_seq(1, 0),
+                Dest::Group(25),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(&req, &b"slow"[..])).unwrap();
+        slow.send(d.as_bytes(), Dest::Port(conn.port_id())).unwrap();
+        let r = first.await.unwrap().unwrap();
+        assert_eq!(
+            (r.source.port, r.msg.seq, &r.msg.data[..]),
+            (slow.port_id(), 1, &b"slow"[..])
+        );
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (2, 0, 0), "{s:?}");
+    });
+}
