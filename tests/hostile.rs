@@ -888,6 +888,61 @@ fn no_callback_starts_after_shutdown_or_a_drop_inside_a_callback() {
     }
 }
 
+/// The event handler is user code too: once a callback has dropped the last `Connector`,
+/// the rest of the datagram starts neither a callback nor the event handler (a gap after
+/// the message being delivered is still counted in `lost`, not reported). (Before, the
+/// handler was called with the `Event::Lost` of the next message after the drop.)
+#[test]
+fn no_event_handler_call_after_a_drop_inside_a_callback() {
+    if kernel_socket("no_event_handler_call_after_a_drop_inside_a_callback").is_none() {
+        return;
+    }
+    let id = CbId::new(test_idx(47), 1);
+    let tx = ConnectorSocket::open().unwrap();
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late = Arc::new(AtomicU64::new(0));
+    let (d, l) = (dropped.clone(), late.clone());
+    let conn = Connector::builder()
+        .on_event(move |_| {
+            if d.load(Ordering::SeqCst) {
+                l.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .spawn()
+        .unwrap();
+    let port = conn.port_id();
+    let h = conn.handle();
+    let slot = Arc::new(parking_lot::Mutex::new(Some(conn)));
+    let (s, dd) = (slot.clone(), dropped.clone());
+    // Disconnected once the dispatcher thread has ended (its thread-locals dropped).
+    let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
+    let mut exit_tx = Some(exit_tx);
+    let reg = h.register(id, move |_| {
+        ON_EXIT.with(|e| *e.borrow_mut() = exit_tx.take());
+        dd.store(true, Ordering::SeqCst);
+        drop(s.lock().take()); // the last `Connector`, dropped here
+    });
+    // One datagram: seq 1 (its callback drops the connector), then seq 5 (3 lost).
+    let mut b = DatagramBuilder::new(1024).with_pid(tx.port_id());
+    for seq in [1, 5] {
+        b.push(&CnMsg::new(id, &b"x"[..]).with_seq(seq, 0)).unwrap();
+    }
+    tx.send(&b.take(), Dest::Port(port)).unwrap();
+    assert_eq!(
+        exited.recv_timeout(Duration::from_secs(60)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+        "the dispatcher thread ended"
+    );
+    assert!(dropped.load(Ordering::SeqCst));
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "event handler calls after the drop"
+    );
+    assert_eq!(h.stats().lost, 3);
+    drop(reg);
+}
+
 /// Replies taken by requests are no part of their sender's numbered stream (they carry
 /// the requester's seq): a client whose requests, numbered with `next_seq` as the docs
 /// advise, alternate between two servers, all answered, counts no loss. (Before, the gap

@@ -58,19 +58,21 @@ pub(super) fn run(inner: &Inner) {
                     let is_reply = |m: &Delivery<'_>| {
                         inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
                     };
-                    ingest.datagram(c, &datagram, meta, is_reply, |item| match item {
-                        Ok(m) => {
-                            if inner.shutdown.load(Ordering::Acquire) {
-                                return; // the rest of the datagram: nobody takes it
-                            }
-                            d.deliver(&registry, &mut targets, &m);
+                    ingest.datagram(c, &datagram, meta, is_reply, |item| {
+                        // The rest of the datagram: nobody takes it, and neither a callback
+                        // nor the event handler starts (counters still count it).
+                        if inner.shutdown.load(Ordering::Acquire) {
+                            return;
                         }
-                        Err(e) => {
-                            // The event handler is user code: no callback lock held.
-                            if let Some((_, t)) = &mut targets {
-                                t.release();
+                        match item {
+                            Ok(m) => d.deliver(&registry, &mut targets, &m),
+                            Err(e) => {
+                                // The event handler is user code: no callback lock held.
+                                if let Some((_, t)) = &mut targets {
+                                    t.release();
+                                }
+                                inner.event(e);
                             }
-                            inner.event(e);
                         }
                     });
                     Counters::add(&c.dispatched, d.dispatched);
