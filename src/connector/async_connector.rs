@@ -121,9 +121,16 @@ impl AsyncConnector {
     /// [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
     /// [`Error::TimedOut`] (`Op::Send`), counted as a send error.
     pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        self.send_then(msg, dest, || {}).await
+    }
+
+    /// As [`send`](Self::send), calling `before` just before each attempt to hand the
+    /// datagram to the kernel.
+    async fn send_then(&self, msg: &CnMsg, dest: Dest, mut before: impl FnMut()) -> Result<()> {
         let d = self.outbox.frame(msg, dest)?;
         let mut wait = RoomWait::new(self.send_timeout);
         loop {
+            before();
             let r = self.outbox.socket.try_send(&d, dest);
             if !matches!(r, Ok(None)) {
                 self.outbox.account(&r, 1);
@@ -228,9 +235,13 @@ impl AsyncConnector {
         let token = self.tokens.fetch_add(1, Relaxed);
         self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest)?;
         let _entry = PendingEntry { conn: self, token };
-        // Before the send: a drop of the reply comes after it.
-        let drops = self.outbox.socket.drops().ok().flatten();
-        self.send(msg, dest).await?;
+        // Just before the datagram goes out (after any wait for room at a full peer): a
+        // drop of the reply comes after it.
+        let mut drops = None;
+        self.send_then(msg, dest, || {
+            drops = self.outbox.socket.drops().ok().flatten();
+        })
+        .await?;
         self.await_reply(token, drops, timeout).await
     }
 
@@ -251,11 +262,14 @@ impl AsyncConnector {
         let token = self.tokens.fetch_add(1, Relaxed);
         let _entry = PendingEntry { conn: self, token };
         let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
-        let drops = self.outbox.socket.drops().ok().flatten();
+        let mut drops = None;
         let mut wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
-                self.pend(token, (id, seq, 1), dest)
+                self.pend(token, (id, seq, 1), dest)?;
+                // Just before the datagram goes out, not before a wait for room.
+                drops = self.outbox.socket.drops().ok().flatten();
+                Ok(())
             });
             if r?.is_some() {
                 break;

@@ -616,9 +616,16 @@ impl ConnectorHandle {
         self.may_request()?;
         let key = ((msg.id, msg.seq, msg.ack.wrapping_add(1)), reply_port(dest));
         let rx = self.pend(key)?;
-        // Before the send: a drop of the reply comes after it.
-        let drops = self.inner.socket.drops().ok().flatten();
-        if let Err(e) = self.send(msg, dest) {
+        // Just before the datagram goes out (after any wait for room at a full peer): a
+        // drop of the reply comes after it.
+        let mut drops = None;
+        let sent = self
+            .inner
+            .outbox
+            .send_within_then(msg, dest, Duration::MAX, || {
+                drops = self.inner.socket.drops().ok().flatten();
+            });
+        if let Err(e) = sent {
             self.unpend(key);
             return Err(e);
         }
@@ -644,13 +651,15 @@ impl ConnectorHandle {
         self.may_request()?;
         let outbox = &self.inner.outbox;
         let mut d = outbox.frame_numbered(id, data.into(), dest)?;
-        let drops = self.inner.socket.drops().ok().flatten();
+        let mut drops = None;
         let mut wait = crate::sys::RoomWait::new(Duration::MAX);
         loop {
             let mut pended = None;
             let r = outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
                 let key = ((id, seq, 1), reply_port(dest));
                 pended = Some((key, self.pend(key)?));
+                // Just before the datagram goes out, not before a wait for room.
+                drops = self.inner.socket.drops().ok().flatten();
                 Ok(())
             });
             match (r, pended) {

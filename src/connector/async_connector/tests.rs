@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::codec::{messages, CbId, CnMsg, DatagramBuilder, Message};
-use crate::connector::Connector;
+use crate::connector::{Connector, Incoming};
 use crate::error::{Error, Op};
 use crate::sys::{ConnectorSocket, Dest};
 
@@ -540,5 +540,73 @@ fn concurrent_numbered_requests_to_two_servers_are_not_duplicates() {
         );
         let s = conn.stats();
         assert_eq!((s.replies, s.lost, s.reordered), (2, 0, 0), "{s:?}");
+    });
+}
+
+/// Drops while a request waits for room at a full peer happen before it is sent: no
+/// reply of its can be among them, so a request nobody answers is `TimedOut`, not
+/// `Overrun`. The request is polled once (it waits for room at a peer whose queue is
+/// full), the socket is flooded until it drops, it leaves the group (no more traffic),
+/// then the peer reads everything and never replies; `request` and `request_numbered`.
+/// (Before, the drop counter was read before the wait for room and the request failed
+/// with `Overrun`.)
+#[test]
+fn drops_while_a_request_waits_for_room_are_not_an_overrun() {
+    for numbered in [false, true] {
+        drops_while_waiting_for_room(numbered);
+    }
+}
+
+fn drops_while_waiting_for_room(numbered: bool) {
+    on_runtime("the request never returned", async move {
+        use std::future::Future;
+        let group = 23;
+        let conn = Connector::builder()
+            .recv_buffer(4096)
+            .build_async()
+            .unwrap();
+        let sub = conn.subscribe(group).unwrap();
+        let peer = stalled_peer();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a23, conn.port_id());
+        let frame = |m: &CnMsg| {
+            let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+            d.push(m).unwrap();
+            d.take()
+        };
+        let junk = frame(&CnMsg::new(CbId::new(0x5a24, conn.port_id()), vec![0; 200]));
+        while evil
+            .try_send(&junk, Dest::Port(peer.port_id()))
+            .unwrap()
+            .is_some()
+        {}
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+        let to = Dest::Port(peer.port_id());
+        let timeout = Duration::from_millis(300);
+        type Request<'a> =
+            std::pin::Pin<Box<dyn Future<Output = crate::Result<Incoming>> + Send + 'a>>;
+        let mut request: Request<'_> = if numbered {
+            Box::pin(conn.request_numbered(id, &b"ping"[..], to, timeout))
+        } else {
+            Box::pin(conn.request(&req, to, timeout))
+        };
+        std::future::poll_fn(|cx| {
+            assert!(request.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let drops = || conn.outbox.socket.drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            evil.send(&junk, Dest::Group(group)).unwrap();
+        }
+        drop(sub);
+        assert!(drain(&peer, CbId::new(0x5a24, conn.port_id())) > 0);
+        let e = request.await.unwrap_err();
+        assert!(
+            matches!(e, Error::TimedOut { op: Op::Request }),
+            "{e:?} (numbered: {numbered})"
+        );
+        assert!(drain(&peer, id) == 1, "the request went out");
     });
 }
