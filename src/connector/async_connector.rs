@@ -87,6 +87,7 @@ impl AsyncConnector {
                 queue: VecDeque::new(),
                 done: false,
                 pending: Vec::new(),
+                withdrawn: Default::default(),
                 stream: None,
             }),
             tokens: AtomicU64::new(0),
@@ -377,6 +378,7 @@ impl AsyncConnector {
             queue,
             done,
             pending,
+            withdrawn,
             stream,
         } = r;
         let (per_datagram, cap) = (*per_datagram, *cap);
@@ -409,7 +411,8 @@ impl AsyncConnector {
                         }
                         true
                     };
-                    ingest.datagram(c, &d, meta, is_reply, |item| {
+                    let is_late = |m: &super::Delivery<'_>| withdrawn.is_late_reply(m);
+                    ingest.datagram(c, &d, meta, is_reply, is_late, |item| {
                         push(queue, cap, c, item.map(|m| m.to_incoming()));
                         queued = true;
                     })
@@ -508,6 +511,8 @@ struct Reader {
     done: bool,
     /// The requests waiting for their replies.
     pending: Vec<Pending>,
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips.
+    withdrawn: super::ingest::Withdrawn,
     /// The task reading the stream, woken when a request's task queued something for it.
     stream: Option<Waker>,
 }
@@ -534,12 +539,17 @@ impl Drop for PendingEntry<'_> {
     fn drop(&mut self) {
         let mut r = self.conn.reader.lock();
         if let Some(i) = r.pending.iter().position(|p| p.token == self.token) {
-            if let Some(m) = r.pending.swap_remove(i).reply {
-                let cap = r.cap;
-                push(&mut r.queue, cap, &self.conn.outbox.counters, Ok(m));
-                if let Some(w) = r.stream.take() {
-                    w.wake();
+            let p = r.pending.swap_remove(i);
+            match p.reply {
+                Some(m) => {
+                    let cap = r.cap;
+                    push(&mut r.queue, cap, &self.conn.outbox.counters, Ok(m));
+                    if let Some(w) = r.stream.take() {
+                        w.wake();
+                    }
                 }
+                // Timed out or cancelled: a reply that comes later is late.
+                None => r.withdrawn.add(p.key, p.from),
             }
         }
     }

@@ -58,7 +58,15 @@ pub(super) fn run(inner: &Inner) {
                     let is_reply = |m: &Delivery<'_>| {
                         inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
                     };
-                    ingest.datagram(c, &datagram, meta, is_reply, |item| {
+                    let is_late = |m: &Delivery<'_>| {
+                        inner.late_count.load(Ordering::Relaxed) > 0 && {
+                            let mut w = inner.late.lock();
+                            let late = w.is_late_reply(m);
+                            inner.late_count.store(w.len(), Ordering::Relaxed);
+                            late
+                        }
+                    };
+                    ingest.datagram(c, &datagram, meta, is_reply, is_late, |item| {
                         // The rest of the datagram: nobody takes it, and neither a callback
                         // nor the event handler starts (counters still count it).
                         if inner.shutdown.load(Ordering::Acquire) {

@@ -204,6 +204,11 @@ pub(crate) struct Inner {
     /// sent, and the kernel's queue locks order that send before the reply's receipt
     /// (see docs/ARCHITECTURE.md, memory orderings).
     pending_count: AtomicUsize,
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips;
+    /// added to under the `pending` lock.
+    late: Mutex<ingest::Withdrawn>,
+    /// `late.len()`, readable without the lock.
+    late_count: AtomicUsize,
     outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
@@ -736,12 +741,24 @@ impl ConnectorHandle {
         timeout: Duration,
     ) -> Result<Incoming> {
         let r = rx.recv_timeout(timeout);
-        self.unpend(key);
+        let late = {
+            let mut p = self.inner.pending.lock();
+            p.remove(&key);
+            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+            // The dispatcher hands a reply over under this lock: one that came just after
+            // the deadline is in the channel now, not lost. If none is, a reply that comes
+            // later is remembered as late (under the lock, so before it can be read).
+            let late = rx.try_recv();
+            if matches!(r, Err(channel::RecvTimeoutError::Timeout)) && late.is_err() {
+                let mut w = self.inner.late.lock();
+                w.add(key.0, key.1);
+                self.inner.late_count.store(w.len(), Ordering::Relaxed);
+            }
+            late
+        };
         match r {
             Ok(m) => Ok(m),
-            // The dispatcher hands a reply over under the lock `unpend` took: one that came
-            // just after the deadline is in the channel now, not lost.
-            Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
+            Err(channel::RecvTimeoutError::Timeout) => match late {
                 Ok(m) => Ok(m),
                 Err(_) => Err(no_reply(&self.inner.socket, drops)),
             },

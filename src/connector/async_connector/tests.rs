@@ -610,3 +610,51 @@ fn drops_while_waiting_for_room(numbered: bool) {
         assert!(drain(&peer, id) == 1, "the request went out");
     });
 }
+
+/// Async: a reply that comes after its request timed out goes to the stream, and the
+/// gap tracker skips it (it carries the requester's seq): requests 1 and 3 time out and
+/// their replies come late, request 2's in time; no loss, nothing reordered. (Before,
+/// the late replies 1 and 3 were one stream with a gap: 1 counted as lost.)
+#[test]
+fn late_replies_are_not_counted_as_gaps() {
+    on_runtime("a request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let id = CbId::new(0x5a25, conn.port_id());
+        let server = std::sync::Arc::new(ConnectorSocket::open().unwrap());
+        let (to, to_client) = (Dest::Port(server.port_id()), Dest::Port(conn.port_id()));
+        // Reads the request (it went out), then replies.
+        let reply_to = |req: CnMsg| {
+            let server = server.clone();
+            ::tokio::task::spawn_blocking(move || {
+                crate::sys::poll_read(&*server, &crate::sys::EventFd::new().unwrap(), None)
+                    .unwrap();
+                let mut buf = BytesMut::with_capacity(1 << 16);
+                server.recv(&mut buf, true).unwrap().unwrap();
+                let mut d = DatagramBuilder::new(256);
+                d.push(&CnMsg::reply_to(&req, &b"pong"[..])).unwrap();
+                server.send(d.as_bytes(), to_client).unwrap();
+            })
+        };
+        for i in 0..3 {
+            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+            if i == 1 {
+                let (c, r) = (conn.clone(), req.clone());
+                let t =
+                    ::tokio::spawn(async move { c.request(&r, to, Duration::from_secs(60)).await });
+                reply_to(req.clone()).await.unwrap();
+                assert!(t.await.unwrap().unwrap().msg.is_reply_to(&req));
+            } else {
+                let e = conn
+                    .request(&req, to, Duration::from_millis(1))
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+                reply_to(req.clone()).await.unwrap();
+                let m = conn.recv().await.unwrap().unwrap();
+                assert!(m.msg.is_reply_to(&req));
+            }
+        }
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (1, 0, 0), "{s:?}");
+    });
+}
