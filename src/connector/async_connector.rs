@@ -229,9 +229,10 @@ impl AsyncConnector {
     /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
-    /// the stream. No reply in time is [`Error::TimedOut`], or [`Error::Overrun`]
-    /// (`Op::Request`) when the kernel dropped datagrams for the socket's full queue
-    /// meanwhile (the reply may have been one of them), as for the synchronous request.
+    /// the stream. No reply in time is [`Error::TimedOut`], or, for a request to the
+    /// kernel or a group, [`Error::Overrun`] (`Op::Request`) when the kernel dropped
+    /// datagrams for the socket's full queue meanwhile (the reply may have been one of
+    /// them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
         self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest)?;
@@ -243,7 +244,8 @@ impl AsyncConnector {
             drops = self.outbox.socket.drops().ok().flatten();
         })
         .await?;
-        self.await_reply(token, drops, timeout).await
+        self.await_reply(token, drops, super::reply_port(dest), timeout)
+            .await
     }
 
     /// Sends `data` on `id` as a request numbered as
@@ -280,7 +282,8 @@ impl AsyncConnector {
                 return Err(self.timed_out(Op::Send));
             }
         }
-        self.await_reply(token, drops, timeout).await
+        self.await_reply(token, drops, super::reply_port(dest), timeout)
+            .await
     }
 
     /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack). Refused
@@ -314,11 +317,12 @@ impl AsyncConnector {
     }
 
     /// Waits for the reply of the request `token` (sent); `drops`: the socket's drop
-    /// counter before the send.
+    /// counter before the send; `from`: the port the reply comes from.
     async fn await_reply(
         &self,
         token: u64,
         drops: Option<u32>,
+        from: Option<u32>,
         timeout: Duration,
     ) -> Result<Incoming> {
         let wait = async {
@@ -353,7 +357,7 @@ impl AsyncConnector {
         };
         match ::tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(super::no_reply(&self.outbox.socket, drops)),
+            Err(_) => Err(super::no_reply(&self.outbox.socket, drops, from)),
         }
     }
 

@@ -280,12 +280,16 @@ fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
 }
 
 /// Why a request's reply did not come in time: [`Error::Overrun`] when the socket's kernel
-/// drop counter moved since `before` (read before the request was sent), since the reply
-/// may have been one of the datagrams the kernel dropped for a full queue; else
-/// [`Error::TimedOut`].
-pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>) -> Error {
+/// drop counter moved since `before` (read just before the request was sent), since the
+/// reply may have been one of the datagrams the kernel dropped for a full queue; else
+/// [`Error::TimedOut`]. `from` is the port the reply comes from ([`reply_port`]): a reply
+/// unicast by a user-space peer (a port other than 0) is never one of those drops (the
+/// peer's send waits for room, or fails on its side without counting here), so for it
+/// the counter says nothing and the error is `TimedOut`.
+pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>, from: Option<u32>) -> Error {
+    let droppable = from.is_none_or(|port| port == 0);
     match (before, socket.drops().ok().flatten()) {
-        (Some(b), Some(now)) if now != b => Error::Overrun { op: Op::Request },
+        (Some(b), Some(now)) if droppable && now != b => Error::Overrun { op: Op::Request },
         _ => Error::TimedOut { op: Op::Request },
     }
 }
@@ -601,13 +605,14 @@ impl ConnectorHandle {
     /// [`request_numbered`](Self::request_numbered) number it as the receiver's gap
     /// tracker expects.
     ///
-    /// No reply in time is [`Error::TimedOut`], or [`Error::Overrun`] (`Op::Request`) when
-    /// the kernel dropped datagrams for this socket's full receive queue meanwhile (its drop
-    /// counter, [`Stats::kernel_drops`], moved): the reply may have been one of them, so
-    /// waiting longer or a slow peer is not the likely cause. (A reply a user-space peer
-    /// unicasts is not dropped for a full queue: the peer's send waits for room, and a
-    /// peer that gives up, as a callback's send does after `send_timeout`, counts a send
-    /// error there, not a drop here.)
+    /// No reply in time is [`Error::TimedOut`], or, for a request to the kernel or a group,
+    /// [`Error::Overrun`] (`Op::Request`) when the kernel dropped datagrams for this
+    /// socket's full receive queue meanwhile (its drop counter, [`Stats::kernel_drops`],
+    /// moved between the send and the deadline): the reply may have been one of them, so
+    /// waiting longer or a slow peer is not the likely cause. A request to a user-space
+    /// port is always `TimedOut`: the reply a peer unicasts is never dropped for a full
+    /// queue (the peer's send waits for room, and a peer that gives up, as a callback's
+    /// send does after `send_timeout`, counts a send error there, not a drop here).
     ///
     /// The dispatcher thread reads the reply: a callback that blocks holds it up, and a
     /// reply queued behind it past the deadline is a timeout like any other.
@@ -760,7 +765,7 @@ impl ConnectorHandle {
             Ok(m) => Ok(m),
             Err(channel::RecvTimeoutError::Timeout) => match late {
                 Ok(m) => Ok(m),
-                Err(_) => Err(no_reply(&self.inner.socket, drops)),
+                Err(_) => Err(no_reply(&self.inner.socket, drops, key.1)),
             },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }

@@ -658,3 +658,45 @@ fn late_replies_are_not_counted_as_gaps() {
         assert_eq!((s.replies, s.lost, s.reordered), (1, 0, 0), "{s:?}");
     });
 }
+
+/// A request to a user-space port whose reply does not come is `TimedOut` even when the
+/// socket dropped datagrams meanwhile: a peer's unicast reply is never one of those drops
+/// (its send waits for room), so the drop counter says nothing about it. The request
+/// is polled once (sent, waiting), the socket flooded on a group until it drops, then
+/// the request times out. (Before, it failed with `Overrun`.)
+#[test]
+fn drops_do_not_make_a_request_to_a_port_an_overrun() {
+    on_runtime("the request never returned", async {
+        use std::future::Future;
+        let group = 24;
+        let conn = Connector::builder()
+            .recv_buffer(4096)
+            .build_async()
+            .unwrap();
+        let sub = conn.subscribe(group).unwrap();
+        let server = ConnectorSocket::open().unwrap();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a26, conn.port_id());
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+        let to = Dest::Port(server.port_id());
+        let mut request = Box::pin(conn.request(&req, to, Duration::from_millis(300)));
+        std::future::poll_fn(|cx| {
+            assert!(request.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        assert_eq!(drain(&server, id), 1, "the request went out");
+        let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+        d.push(&CnMsg::new(CbId::new(0x5a27, conn.port_id()), vec![0; 200]))
+            .unwrap();
+        let junk = d.take();
+        let drops = || conn.outbox.socket.drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            evil.send(&junk, Dest::Group(group)).unwrap();
+        }
+        drop(sub);
+        let e = request.await.unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+    });
+}
