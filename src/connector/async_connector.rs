@@ -87,6 +87,7 @@ impl AsyncConnector {
                 queue: VecDeque::new(),
                 done: false,
                 pending: Vec::new(),
+                withdrawn: Default::default(),
                 stream: None,
             }),
             tokens: AtomicU64::new(0),
@@ -121,9 +122,16 @@ impl AsyncConnector {
     /// [`send_timeout`](crate::connector::ConnectorBuilder::send_timeout): then
     /// [`Error::TimedOut`] (`Op::Send`), counted as a send error.
     pub async fn send(&self, msg: &CnMsg, dest: Dest) -> Result<()> {
+        self.send_then(msg, dest, || {}).await
+    }
+
+    /// As [`send`](Self::send), calling `before` just before each attempt to hand the
+    /// datagram to the kernel.
+    async fn send_then(&self, msg: &CnMsg, dest: Dest, mut before: impl FnMut()) -> Result<()> {
         let d = self.outbox.frame(msg, dest)?;
         let mut wait = RoomWait::new(self.send_timeout);
         loop {
+            before();
             let r = self.outbox.socket.try_send(&d, dest);
             if !matches!(r, Ok(None)) {
                 self.outbox.account(&r, 1);
@@ -221,17 +229,23 @@ impl AsyncConnector {
     /// `Arc`), and any number at once. The reply
     /// goes to the request, not to the stream; every other message that arrives meanwhile
     /// stays queued for the stream, in order. A reply that arrives after the timeout goes to
-    /// the stream. No reply in time is [`Error::TimedOut`], or [`Error::Overrun`]
-    /// (`Op::Request`) when the kernel dropped datagrams for the socket's full queue
-    /// meanwhile (the reply may have been one of them), as for the synchronous request.
+    /// the stream. No reply in time is [`Error::TimedOut`], or, for a request to the
+    /// kernel or a group, [`Error::Overrun`] (`Op::Request`) when the kernel dropped
+    /// datagrams for the socket's full queue meanwhile (the reply may have been one of
+    /// them), as for the synchronous request.
     pub async fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         let token = self.tokens.fetch_add(1, Relaxed);
         self.pend(token, (msg.id, msg.seq, msg.ack.wrapping_add(1)), dest)?;
         let _entry = PendingEntry { conn: self, token };
-        // Before the send: a drop of the reply comes after it.
-        let drops = self.outbox.socket.drops().ok().flatten();
-        self.send(msg, dest).await?;
-        self.await_reply(token, drops, timeout).await
+        // Just before the datagram goes out (after any wait for room at a full peer): a
+        // drop of the reply comes after it.
+        let mut drops = None;
+        self.send_then(msg, dest, || {
+            drops = self.outbox.socket.drops().ok().flatten();
+        })
+        .await?;
+        self.await_reply(token, drops, super::reply_port(dest), timeout)
+            .await
     }
 
     /// Sends `data` on `id` as a request numbered as
@@ -251,11 +265,14 @@ impl AsyncConnector {
         let token = self.tokens.fetch_add(1, Relaxed);
         let _entry = PendingEntry { conn: self, token };
         let mut d = self.outbox.frame_numbered(id, data.into(), dest)?;
-        let drops = self.outbox.socket.drops().ok().flatten();
+        let mut drops = None;
         let mut wait = RoomWait::new(self.send_timeout);
         loop {
             let r = self.outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
-                self.pend(token, (id, seq, 1), dest)
+                self.pend(token, (id, seq, 1), dest)?;
+                // Just before the datagram goes out, not before a wait for room.
+                drops = self.outbox.socket.drops().ok().flatten();
+                Ok(())
             });
             if r?.is_some() {
                 break;
@@ -265,15 +282,21 @@ impl AsyncConnector {
                 return Err(self.timed_out(Op::Send));
             }
         }
-        self.await_reply(token, drops, timeout).await
+        self.await_reply(token, drops, super::reply_port(dest), timeout)
+            .await
     }
 
     /// Makes the request `token` outstanding: `key` is the reply's (id, seq, ack). Refused
-    /// when a request with that key is outstanding already (its reply would go to one of
-    /// the two, the other would wait in vain), as the synchronous connector refuses it.
+    /// when one outstanding has that key and its reply could be taken for this one's
+    /// ([`replies_clash`](super::replies_clash): its reply would go to one of the two, the
+    /// other would wait in vain), as the synchronous connector refuses it.
     fn pend(&self, token: u64, key: (CbId, u32, u32), dest: Dest) -> Result<()> {
+        let from = super::reply_port(dest);
         let mut r = self.reader.lock();
-        if r.pending.iter().any(|p| p.key == key) {
+        if r.pending
+            .iter()
+            .any(|p| p.key == key && super::replies_clash(p.from, from))
+        {
             return Err(Error::InvalidArgument(
                 "a request with this id, seq and ack is already outstanding",
             ));
@@ -281,7 +304,7 @@ impl AsyncConnector {
         r.pending.push(Pending {
             token,
             key,
-            from: super::reply_port(dest),
+            from,
             reply: None,
             waker: None,
         });
@@ -294,11 +317,12 @@ impl AsyncConnector {
     }
 
     /// Waits for the reply of the request `token` (sent); `drops`: the socket's drop
-    /// counter before the send.
+    /// counter before the send; `from`: the port the reply comes from.
     async fn await_reply(
         &self,
         token: u64,
         drops: Option<u32>,
+        from: Option<u32>,
         timeout: Duration,
     ) -> Result<Incoming> {
         let wait = async {
@@ -333,7 +357,7 @@ impl AsyncConnector {
         };
         match ::tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
-            Err(_) => Err(super::no_reply(&self.outbox.socket, drops)),
+            Err(_) => Err(super::no_reply(&self.outbox.socket, drops, from)),
         }
     }
 
@@ -358,6 +382,7 @@ impl AsyncConnector {
             queue,
             done,
             pending,
+            withdrawn,
             stream,
         } = r;
         let (per_datagram, cap) = (*per_datagram, *cap);
@@ -390,7 +415,8 @@ impl AsyncConnector {
                         }
                         true
                     };
-                    ingest.datagram(c, &d, meta, is_reply, |item| {
+                    let is_late = |m: &super::Delivery<'_>| withdrawn.is_late_reply(m);
+                    ingest.datagram(c, &d, meta, is_reply, is_late, |item| {
                         push(queue, cap, c, item.map(|m| m.to_incoming()));
                         queued = true;
                     })
@@ -489,6 +515,8 @@ struct Reader {
     done: bool,
     /// The requests waiting for their replies.
     pending: Vec<Pending>,
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips.
+    withdrawn: super::ingest::Withdrawn,
     /// The task reading the stream, woken when a request's task queued something for it.
     stream: Option<Waker>,
 }
@@ -515,12 +543,17 @@ impl Drop for PendingEntry<'_> {
     fn drop(&mut self) {
         let mut r = self.conn.reader.lock();
         if let Some(i) = r.pending.iter().position(|p| p.token == self.token) {
-            if let Some(m) = r.pending.swap_remove(i).reply {
-                let cap = r.cap;
-                push(&mut r.queue, cap, &self.conn.outbox.counters, Ok(m));
-                if let Some(w) = r.stream.take() {
-                    w.wake();
+            let p = r.pending.swap_remove(i);
+            match p.reply {
+                Some(m) => {
+                    let cap = r.cap;
+                    push(&mut r.queue, cap, &self.conn.outbox.counters, Ok(m));
+                    if let Some(w) = r.stream.take() {
+                        w.wake();
+                    }
                 }
+                // Timed out or cancelled: a reply that comes later is late.
+                None => r.withdrawn.add(p.key, p.from),
             }
         }
     }

@@ -219,6 +219,8 @@ impl ConnectorBuilder {
             shutdown: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             pending_count: AtomicUsize::new(0),
+            late: Mutex::new(Default::default()),
+            late_count: AtomicUsize::new(0),
             on_event,
             config: self.config,
             proc_listeners: Mutex::new(0),

@@ -58,19 +58,29 @@ pub(super) fn run(inner: &Inner) {
                     let is_reply = |m: &Delivery<'_>| {
                         inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
                     };
-                    ingest.datagram(c, &datagram, meta, is_reply, |item| match item {
-                        Ok(m) => {
-                            if inner.shutdown.load(Ordering::Acquire) {
-                                return; // the rest of the datagram: nobody takes it
-                            }
-                            d.deliver(&registry, &mut targets, &m);
+                    let is_late = |m: &Delivery<'_>| {
+                        inner.late_count.load(Ordering::Relaxed) > 0 && {
+                            let mut w = inner.late.lock();
+                            let late = w.is_late_reply(m);
+                            inner.late_count.store(w.len(), Ordering::Relaxed);
+                            late
                         }
-                        Err(e) => {
-                            // The event handler is user code: no callback lock held.
-                            if let Some((_, t)) = &mut targets {
-                                t.release();
+                    };
+                    ingest.datagram(c, &datagram, meta, is_reply, is_late, |item| {
+                        // The rest of the datagram: nobody takes it, and neither a callback
+                        // nor the event handler starts (counters still count it).
+                        if inner.shutdown.load(Ordering::Acquire) {
+                            return;
+                        }
+                        match item {
+                            Ok(m) => d.deliver(&registry, &mut targets, &m),
+                            Err(e) => {
+                                // The event handler is user code: no callback lock held.
+                                if let Some((_, t)) = &mut targets {
+                                    t.release();
+                                }
+                                inner.event(e);
                             }
-                            inner.event(e);
                         }
                     });
                     Counters::add(&c.dispatched, d.dispatched);
@@ -95,11 +105,11 @@ pub(super) fn run(inner: &Inner) {
 fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     let key = (m.id(), m.seq(), m.ack());
     let mut p = inner.pending.lock();
-    match p.get(&key) {
-        Some(w) if w.from.is_none_or(|port| port == m.source().port) => {}
-        _ => return false,
-    }
-    let Some(w) = p.remove(&key) else {
+    // At most one of the two is outstanding (`replies_clash`).
+    let Some(tx) = p
+        .remove(&(key, Some(m.source().port)))
+        .or_else(|| p.remove(&(key, None)))
+    else {
         return false;
     };
     inner.pending_count.store(p.len(), Ordering::Relaxed);
@@ -107,7 +117,7 @@ fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     Counters::add(&inner.counters.replies, 1);
     // Under the lock (a bounded(1) channel, empty: never waits): a requester that timed
     // out and then takes the lock to withdraw finds either its entry or the reply.
-    let _ = w.tx.try_send(m.to_incoming());
+    let _ = tx.try_send(m.to_incoming());
     true
 }
 

@@ -10,6 +10,51 @@ use crate::error::{Error, Result};
 use crate::seq::{SeqTracker, SeqVerdict};
 use crate::sys::{ConnectorSocket, RecvMeta};
 
+/// How many withdrawn requests [`Withdrawn`] remembers.
+const WITHDRAWN: usize = 256;
+
+/// Requests withdrawn before their reply came (timed out, cancelled), the last
+/// [`WITHDRAWN`] of them: a reply that comes later goes to the callbacks or the stream as
+/// any message, but it carries the requester's seq, not its sender's, so the gap tracker
+/// must not count it against the sender's numbered stream (a late reply seemed to lose
+/// the replies taken in time between two late ones).
+#[derive(Debug, Default)]
+pub(crate) struct Withdrawn {
+    /// The reply's (id, seq, ack) and the port it may come from (`None`: any).
+    keys: std::collections::VecDeque<((CbId, u32, u32), Option<u32>)>,
+}
+
+impl Withdrawn {
+    /// Remembers the request whose reply has `key` and comes from `from`.
+    pub(crate) fn add(&mut self, key: (CbId, u32, u32), from: Option<u32>) {
+        if self.keys.len() == WITHDRAWN {
+            self.keys.pop_front();
+        }
+        self.keys.push_back((key, from));
+    }
+
+    /// True if `m` is the reply of a withdrawn request; one from a port (a request to a
+    /// port has one reply) is forgotten then, a group's is kept for other members' replies.
+    pub(crate) fn is_late_reply(&mut self, m: &Delivery<'_>) -> bool {
+        let (key, port) = ((m.id(), m.seq(), m.ack()), m.source().port);
+        let Some(i) = self
+            .keys
+            .iter()
+            .rposition(|(k, from)| *k == key && from.is_none_or(|f| f == port))
+        else {
+            return false;
+        };
+        if self.keys[i].1.is_some() {
+            self.keys.remove(i);
+        }
+        true
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
 /// Per-receiver state: the sequence-gap tracker.
 #[derive(Debug)]
 pub(crate) struct Ingest {
@@ -123,13 +168,17 @@ impl Ingest {
     /// and every fault or loss (`Err`) to `sink`, in the order they occur. Each message is
     /// first offered to `reply`: one it takes (a reply to a waiting request) goes no
     /// further and is no part of its sender's numbered stream (it carries the requester's
-    /// seq, not the sender's), so the gap tracker does not see it.
+    /// seq, not the sender's), so the gap tracker does not see it. Nor does it see a
+    /// message `late` says is the reply of a request withdrawn before it came (asked only
+    /// of a message that does not continue the stream of the one before, so not for
+    /// every message); that one goes on to `sink`.
     pub(crate) fn datagram<'d>(
         &mut self,
         c: &Counters,
         datagram: &'d Bytes,
         meta: RecvMeta,
         mut reply: impl FnMut(&Delivery<'d>) -> bool,
+        mut late: impl FnMut(&Delivery<'d>) -> bool,
         mut sink: impl FnMut(std::result::Result<Delivery<'d>, Event>),
     ) {
         Counters::add(&c.datagrams, 1);
@@ -182,6 +231,7 @@ impl Ingest {
                         r.last = cn.seq;
                         r.stale = true;
                     }
+                    _ if late(&m) => {}
                     _ => {
                         self.settle();
                         self.observe(c, meta, cn.id, cn.seq, &mut sink);
@@ -265,6 +315,7 @@ mod tests {
                 &c,
                 &Bytes::from(d.take()),
                 meta,
+                |_| false,
                 |_| false,
                 |item| {
                     got.push(match item {

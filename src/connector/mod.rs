@@ -162,11 +162,17 @@ type EventFn = dyn Fn(&Event) + Send + Sync;
 
 type ReplyKey = (CbId, u32, u32);
 
-/// A request waiting for its reply: where the reply goes, and the one port it may come
-/// from (`None`: anyone, for a request multicast to a group).
-struct Waiter {
-    from: Option<u32>,
-    tx: Sender<Incoming>,
+/// An outstanding request: its reply's id, seq and ack, and the one port the reply may
+/// come from (`None`: anyone, for a request multicast to a group).
+type PendKey = (ReplyKey, Option<u32>);
+
+/// Whether replies to two requests with one reply key, expected from `a` and from `b`
+/// ([`reply_port`]), could be taken for each other: unless they come from two known,
+/// different ports (a port's sequence numbers its requests apart from another port's, so
+/// numbered requests to two servers often share a key), the two cannot both be
+/// outstanding.
+pub(crate) fn replies_clash(a: Option<u32>, b: Option<u32>) -> bool {
+    a.is_none() || b.is_none() || a == b
 }
 
 /// The port a reply to a request sent to `dest` must come from: the kernel's (0) or the
@@ -189,14 +195,20 @@ pub(crate) struct Inner {
     /// Set once by `Connector::shutdown` (Release) before `wake`; the dispatcher reads it
     /// (Acquire) after every wake-up.
     shutdown: AtomicBool,
-    /// Requests awaiting a reply, by (id, seq, expected ack).
-    pending: Mutex<HashMap<ReplyKey, Waiter>>,
+    /// Requests awaiting a reply, by (id, seq, expected ack) and the port it must come
+    /// from; no two whose replies [clash](replies_clash).
+    pending: Mutex<HashMap<PendKey, Sender<Incoming>>>,
     /// `pending.len()`, readable without the lock so the dispatcher skips the map when no
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
     /// sent, and the kernel's queue locks order that send before the reply's receipt
     /// (see docs/ARCHITECTURE.md, memory orderings).
     pending_count: AtomicUsize,
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips;
+    /// added to under the `pending` lock.
+    late: Mutex<ingest::Withdrawn>,
+    /// `late.len()`, readable without the lock.
+    late_count: AtomicUsize,
     outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
@@ -268,12 +280,16 @@ fn call_event_handler(f: &EventFn, e: &Event, counters: &Counters) {
 }
 
 /// Why a request's reply did not come in time: [`Error::Overrun`] when the socket's kernel
-/// drop counter moved since `before` (read before the request was sent), since the reply
-/// may have been one of the datagrams the kernel dropped for a full queue; else
-/// [`Error::TimedOut`].
-pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>) -> Error {
+/// drop counter moved since `before` (read just before the request was sent), since the
+/// reply may have been one of the datagrams the kernel dropped for a full queue; else
+/// [`Error::TimedOut`]. `from` is the port the reply comes from ([`reply_port`]): a reply
+/// unicast by a user-space peer (a port other than 0) is never one of those drops (the
+/// peer's send waits for room, or fails on its side without counting here), so for it
+/// the counter says nothing and the error is `TimedOut`.
+pub(crate) fn no_reply(socket: &ConnectorSocket, before: Option<u32>, from: Option<u32>) -> Error {
+    let droppable = from.is_none_or(|port| port == 0);
     match (before, socket.drops().ok().flatten()) {
-        (Some(b), Some(now)) if now != b => Error::Overrun { op: Op::Request },
+        (Some(b), Some(now)) if droppable && now != b => Error::Overrun { op: Op::Request },
         _ => Error::TimedOut { op: Op::Request },
     }
 }
@@ -583,17 +599,20 @@ impl ConnectorHandle {
     /// message that looks like the reply but comes from another port is not taken for it
     /// (it goes to the callbacks as any message does), so no other process can answer in
     /// the destination's name. Choose a seq that is unique among outstanding requests (for
-    /// example [`next_seq`](Self::next_seq)), or let
+    /// example [`next_seq`](Self::next_seq)); two with one id, seq and ack may be
+    /// outstanding only when their replies come from two different ports (requests to two
+    /// ports, not to a group): else the second is refused ([`Error::InvalidArgument`]). Or let
     /// [`request_numbered`](Self::request_numbered) number it as the receiver's gap
     /// tracker expects.
     ///
-    /// No reply in time is [`Error::TimedOut`], or [`Error::Overrun`] (`Op::Request`) when
-    /// the kernel dropped datagrams for this socket's full receive queue meanwhile (its drop
-    /// counter, [`Stats::kernel_drops`], moved): the reply may have been one of them, so
-    /// waiting longer or a slow peer is not the likely cause. (A reply a user-space peer
-    /// unicasts is not dropped for a full queue: the peer's send waits for room, and a
-    /// peer that gives up, as a callback's send does after `send_timeout`, counts a send
-    /// error there, not a drop here.)
+    /// No reply in time is [`Error::TimedOut`], or, for a request to the kernel or a group,
+    /// [`Error::Overrun`] (`Op::Request`) when the kernel dropped datagrams for this
+    /// socket's full receive queue meanwhile (its drop counter, [`Stats::kernel_drops`],
+    /// moved between the send and the deadline): the reply may have been one of them, so
+    /// waiting longer or a slow peer is not the likely cause. A request to a user-space
+    /// port is always `TimedOut`: the reply a peer unicasts is never dropped for a full
+    /// queue (the peer's send waits for room, and a peer that gives up, as a callback's
+    /// send does after `send_timeout`, counts a send error there, not a drop here).
     ///
     /// The dispatcher thread reads the reply: a callback that blocks holds it up, and a
     /// reply queued behind it past the deadline is a timeout like any other.
@@ -605,11 +624,18 @@ impl ConnectorHandle {
     /// the seq); use [`crate::proc`] for it.
     pub fn request(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<Incoming> {
         self.may_request()?;
-        let key = (msg.id, msg.seq, msg.ack.wrapping_add(1));
-        let rx = self.pend(key, dest)?;
-        // Before the send: a drop of the reply comes after it.
-        let drops = self.inner.socket.drops().ok().flatten();
-        if let Err(e) = self.send(msg, dest) {
+        let key = ((msg.id, msg.seq, msg.ack.wrapping_add(1)), reply_port(dest));
+        let rx = self.pend(key)?;
+        // Just before the datagram goes out (after any wait for room at a full peer): a
+        // drop of the reply comes after it.
+        let mut drops = None;
+        let sent = self
+            .inner
+            .outbox
+            .send_within_then(msg, dest, Duration::MAX, || {
+                drops = self.inner.socket.drops().ok().flatten();
+            });
+        if let Err(e) = sent {
             self.unpend(key);
             return Err(e);
         }
@@ -635,13 +661,15 @@ impl ConnectorHandle {
         self.may_request()?;
         let outbox = &self.inner.outbox;
         let mut d = outbox.frame_numbered(id, data.into(), dest)?;
-        let drops = self.inner.socket.drops().ok().flatten();
+        let mut drops = None;
         let mut wait = crate::sys::RoomWait::new(Duration::MAX);
         loop {
             let mut pended = None;
             let r = outbox.try_send_numbered_then(&mut d, id, dest, |seq| {
-                let key = (id, seq, 1);
-                pended = Some((key, self.pend(key, dest)?));
+                let key = ((id, seq, 1), reply_port(dest));
+                pended = Some((key, self.pend(key)?));
+                // Just before the datagram goes out, not before a wait for room.
+                drops = self.inner.socket.drops().ok().flatten();
                 Ok(())
             });
             match (r, pended) {
@@ -678,31 +706,31 @@ impl ConnectorHandle {
         Ok(())
     }
 
-    /// Makes the request `key` (id, seq and the reply's ack) to `dest` outstanding: the
-    /// dispatcher hands its reply to the returned channel.
-    fn pend(&self, key: ReplyKey, dest: Dest) -> Result<Receiver<Incoming>> {
+    /// Makes the request `key` (id, seq and the reply's ack; the port the reply comes
+    /// from) outstanding: the dispatcher hands its reply to the returned channel. Refused
+    /// when the reply of one outstanding could be taken for it ([`replies_clash`]).
+    fn pend(&self, key: PendKey) -> Result<Receiver<Incoming>> {
         let (tx, rx) = channel::bounded(1);
         let mut p = self.inner.pending.lock();
         if self.inner.shutdown.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        if p.contains_key(&key) {
+        let clash = match key.1 {
+            // A port's reply clashes with that port's or a group's only: two lookups.
+            Some(_) => p.contains_key(&key) || p.contains_key(&(key.0, None)),
+            None => p.keys().any(|(k, _)| *k == key.0),
+        };
+        if clash {
             return Err(Error::InvalidArgument(
                 "a request with this id, seq and ack is already outstanding",
             ));
         }
-        p.insert(
-            key,
-            Waiter {
-                from: reply_port(dest),
-                tx,
-            },
-        );
+        p.insert(key, tx);
         self.inner.pending_count.store(p.len(), Ordering::Relaxed);
         Ok(rx)
     }
 
-    fn unpend(&self, key: ReplyKey) {
+    fn unpend(&self, key: PendKey) {
         let mut p = self.inner.pending.lock();
         p.remove(&key);
         self.inner.pending_count.store(p.len(), Ordering::Relaxed);
@@ -712,20 +740,32 @@ impl ConnectorHandle {
     /// socket's drop counter before the send.
     fn await_reply(
         &self,
-        key: ReplyKey,
+        key: PendKey,
         rx: &Receiver<Incoming>,
         drops: Option<u32>,
         timeout: Duration,
     ) -> Result<Incoming> {
         let r = rx.recv_timeout(timeout);
-        self.unpend(key);
+        let late = {
+            let mut p = self.inner.pending.lock();
+            p.remove(&key);
+            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+            // The dispatcher hands a reply over under this lock: one that came just after
+            // the deadline is in the channel now, not lost. If none is, a reply that comes
+            // later is remembered as late (under the lock, so before it can be read).
+            let late = rx.try_recv();
+            if matches!(r, Err(channel::RecvTimeoutError::Timeout)) && late.is_err() {
+                let mut w = self.inner.late.lock();
+                w.add(key.0, key.1);
+                self.inner.late_count.store(w.len(), Ordering::Relaxed);
+            }
+            late
+        };
         match r {
             Ok(m) => Ok(m),
-            // The dispatcher hands a reply over under the lock `unpend` took: one that came
-            // just after the deadline is in the channel now, not lost.
-            Err(channel::RecvTimeoutError::Timeout) => match rx.try_recv() {
+            Err(channel::RecvTimeoutError::Timeout) => match late {
                 Ok(m) => Ok(m),
-                Err(_) => Err(no_reply(&self.inner.socket, drops)),
+                Err(_) => Err(no_reply(&self.inner.socket, drops, key.1)),
             },
             Err(channel::RecvTimeoutError::Disconnected) => Err(Error::Closed),
         }

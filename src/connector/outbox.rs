@@ -199,9 +199,23 @@ impl Outbox {
     /// Sends one message without waiting more than `timeout` for room at a full unicast
     /// peer: then [`Error::TimedOut`], counted as a send error.
     pub(crate) fn send_within(&self, msg: &CnMsg, dest: Dest, timeout: Duration) -> Result<()> {
+        self.send_within_then(msg, dest, timeout, || {})
+    }
+
+    /// As [`send_within`](Self::send_within), calling `before` just before each attempt
+    /// to hand the datagram to the kernel (a request reads the socket's drop counter
+    /// there: drops while it waited for room are no part of its reply's fate).
+    pub(crate) fn send_within_then(
+        &self,
+        msg: &CnMsg,
+        dest: Dest,
+        timeout: Duration,
+        mut before: impl FnMut(),
+    ) -> Result<()> {
         let d = self.frame(msg, dest)?;
         let mut wait = RoomWait::new(timeout);
         loop {
+            before();
             let r = self.socket.try_send(&d, dest);
             if !matches!(r, Ok(None)) {
                 self.account(&r, 1);

@@ -199,7 +199,9 @@ impl ConnectorSocket {
     }
 
     /// The multicast groups the socket is a member of, as the kernel says
-    /// (`NETLINK_LIST_MEMBERSHIPS`): bit `g - 1` set for group `g`, groups 1..=32.
+    /// (`NETLINK_LIST_MEMBERSHIPS`): bit `g - 1` set for group `g`, groups 1..=32 (the
+    /// connector has no others). Kernels before Linux 4.2 lack the option:
+    /// an error with `ENOPROTOOPT` there.
     pub fn memberships(&self) -> Result<u32> {
         let mut v = [0u32];
         self.getsockopt_u32s(libc::SOL_NETLINK, libc::NETLINK_LIST_MEMBERSHIPS, &mut v)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::codec::{messages, CbId, CnMsg, DatagramBuilder, Message};
-use crate::connector::Connector;
+use crate::connector::{Connector, Incoming};
 use crate::error::{Error, Op};
 use crate::sys::{ConnectorSocket, Dest};
 
@@ -470,5 +470,233 @@ fn a_second_request_with_an_outstanding_key_is_refused() {
             .unwrap();
         let r = first.await.unwrap().unwrap();
         assert_eq!(&r.msg.data[..], b"pong");
+    });
+}
+
+/// Async numbered requests on one id to two servers at once: both are request 1 of their
+/// destination's sequence, told apart by the reply's port, so the second is not refused
+/// as a duplicate; a group request with that key is (its reply could come from either
+/// port). (Before, the second numbered request failed with `InvalidArgument`.)
+#[test]
+fn concurrent_numbered_requests_to_two_servers_are_not_duplicates() {
+    on_runtime("a request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let id = CbId::new(0x5a22, conn.port_id());
+        let slow = ConnectorSocket::open().unwrap();
+        let fast = Connector::builder().spawn().unwrap();
+        let h = fast.handle();
+        let _reg = fast.register(id, move |m| {
+            h.send(&m.reply(&b"fast"[..]), Dest::Port(m.source().port))
+                .unwrap();
+        });
+        let (c, to) = (conn.clone(), Dest::Port(slow.port_id()));
+        let first = ::tokio::spawn(async move {
+            c.request_numbered(id, &b"ping"[..], to, Duration::from_secs(60))
+                .await
+        });
+        // Out (so outstanding) once the slow server has it.
+        let (slow, req) = ::tokio::task::spawn_blocking(move || {
+            crate::sys::poll_read(&slow, &crate::sys::EventFd::new().unwrap(), None).unwrap();
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            slow.recv(&mut buf, true).unwrap().unwrap();
+            let req = match messages(buf.split().freeze()).next() {
+                Some(Ok(Message::Connector(c))) => c.msg,
+                other => panic!("{other:?}"),
+            };
+            (slow, req)
+        })
+        .await
+        .unwrap();
+        assert_eq!((req.id, req.seq, req.ack), (id, 1, 0));
+        let r = conn
+            .request_numbered(
+                id,
+                &b"ping"[..],
+                Dest::Port(fast.port_id()),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.source.port, r.msg.seq, &r.msg.data[..]),
+            (fast.port_id(), 1, &b"fast"[..])
+        );
+        let e = conn
+            .request(
+                &CnMsg::new(id, &b"ping"[..]).with_seq(1, 0),
+                Dest::Group(25),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(&req, &b"slow"[..])).unwrap();
+        slow.send(d.as_bytes(), Dest::Port(conn.port_id())).unwrap();
+        let r = first.await.unwrap().unwrap();
+        assert_eq!(
+            (r.source.port, r.msg.seq, &r.msg.data[..]),
+            (slow.port_id(), 1, &b"slow"[..])
+        );
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (2, 0, 0), "{s:?}");
+    });
+}
+
+/// Drops while a request waits for room at a full peer happen before it is sent: no
+/// reply of its can be among them, so a request nobody answers is `TimedOut`, not
+/// `Overrun`. The request is polled once (it waits for room at a peer whose queue is
+/// full), the socket is flooded until it drops, it leaves the group (no more traffic),
+/// then the peer reads everything and never replies; `request` and `request_numbered`.
+/// (Before, the drop counter was read before the wait for room and the request failed
+/// with `Overrun`.)
+#[test]
+fn drops_while_a_request_waits_for_room_are_not_an_overrun() {
+    for numbered in [false, true] {
+        drops_while_waiting_for_room(numbered);
+    }
+}
+
+fn drops_while_waiting_for_room(numbered: bool) {
+    on_runtime("the request never returned", async move {
+        use std::future::Future;
+        let group = 23;
+        let conn = Connector::builder()
+            .recv_buffer(4096)
+            .build_async()
+            .unwrap();
+        let sub = conn.subscribe(group).unwrap();
+        let peer = stalled_peer();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a23, conn.port_id());
+        let frame = |m: &CnMsg| {
+            let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+            d.push(m).unwrap();
+            d.take()
+        };
+        let junk = frame(&CnMsg::new(CbId::new(0x5a24, conn.port_id()), vec![0; 200]));
+        while evil
+            .try_send(&junk, Dest::Port(peer.port_id()))
+            .unwrap()
+            .is_some()
+        {}
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+        let to = Dest::Port(peer.port_id());
+        let timeout = Duration::from_millis(300);
+        type Request<'a> =
+            std::pin::Pin<Box<dyn Future<Output = crate::Result<Incoming>> + Send + 'a>>;
+        let mut request: Request<'_> = if numbered {
+            Box::pin(conn.request_numbered(id, &b"ping"[..], to, timeout))
+        } else {
+            Box::pin(conn.request(&req, to, timeout))
+        };
+        std::future::poll_fn(|cx| {
+            assert!(request.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let drops = || conn.outbox.socket.drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            evil.send(&junk, Dest::Group(group)).unwrap();
+        }
+        drop(sub);
+        assert!(drain(&peer, CbId::new(0x5a24, conn.port_id())) > 0);
+        let e = request.await.unwrap_err();
+        assert!(
+            matches!(e, Error::TimedOut { op: Op::Request }),
+            "{e:?} (numbered: {numbered})"
+        );
+        assert!(drain(&peer, id) == 1, "the request went out");
+    });
+}
+
+/// Async: a reply that comes after its request timed out goes to the stream, and the
+/// gap tracker skips it (it carries the requester's seq): requests 1 and 3 time out and
+/// their replies come late, request 2's in time; no loss, nothing reordered. (Before,
+/// the late replies 1 and 3 were one stream with a gap: 1 counted as lost.)
+#[test]
+fn late_replies_are_not_counted_as_gaps() {
+    on_runtime("a request never returned", async {
+        let conn = std::sync::Arc::new(Connector::builder().build_async().unwrap());
+        let id = CbId::new(0x5a25, conn.port_id());
+        let server = std::sync::Arc::new(ConnectorSocket::open().unwrap());
+        let (to, to_client) = (Dest::Port(server.port_id()), Dest::Port(conn.port_id()));
+        // Reads the request (it went out), then replies.
+        let reply_to = |req: CnMsg| {
+            let server = server.clone();
+            ::tokio::task::spawn_blocking(move || {
+                crate::sys::poll_read(&*server, &crate::sys::EventFd::new().unwrap(), None)
+                    .unwrap();
+                let mut buf = BytesMut::with_capacity(1 << 16);
+                server.recv(&mut buf, true).unwrap().unwrap();
+                let mut d = DatagramBuilder::new(256);
+                d.push(&CnMsg::reply_to(&req, &b"pong"[..])).unwrap();
+                server.send(d.as_bytes(), to_client).unwrap();
+            })
+        };
+        for i in 0..3 {
+            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+            if i == 1 {
+                let (c, r) = (conn.clone(), req.clone());
+                let t =
+                    ::tokio::spawn(async move { c.request(&r, to, Duration::from_secs(60)).await });
+                reply_to(req.clone()).await.unwrap();
+                assert!(t.await.unwrap().unwrap().msg.is_reply_to(&req));
+            } else {
+                let e = conn
+                    .request(&req, to, Duration::from_millis(1))
+                    .await
+                    .unwrap_err();
+                assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+                reply_to(req.clone()).await.unwrap();
+                let m = conn.recv().await.unwrap().unwrap();
+                assert!(m.msg.is_reply_to(&req));
+            }
+        }
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (1, 0, 0), "{s:?}");
+    });
+}
+
+/// A request to a user-space port whose reply does not come is `TimedOut` even when the
+/// socket dropped datagrams meanwhile: a peer's unicast reply is never one of those drops
+/// (its send waits for room), so the drop counter says nothing about it. The request
+/// is polled once (sent, waiting), the socket flooded on a group until it drops, then
+/// the request times out. (Before, it failed with `Overrun`.)
+#[test]
+fn drops_do_not_make_a_request_to_a_port_an_overrun() {
+    on_runtime("the request never returned", async {
+        use std::future::Future;
+        let group = 24;
+        let conn = Connector::builder()
+            .recv_buffer(4096)
+            .build_async()
+            .unwrap();
+        let sub = conn.subscribe(group).unwrap();
+        let server = ConnectorSocket::open().unwrap();
+        let evil = ConnectorSocket::open().unwrap();
+        let id = CbId::new(0x5a26, conn.port_id());
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+        let to = Dest::Port(server.port_id());
+        let mut request = Box::pin(conn.request(&req, to, Duration::from_millis(300)));
+        std::future::poll_fn(|cx| {
+            assert!(request.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        assert_eq!(drain(&server, id), 1, "the request went out");
+        let mut d = DatagramBuilder::new(1024).with_pid(evil.port_id());
+        d.push(&CnMsg::new(CbId::new(0x5a27, conn.port_id()), vec![0; 200]))
+            .unwrap();
+        let junk = d.take();
+        let drops = || conn.outbox.socket.drops().unwrap().unwrap();
+        let before = drops();
+        while drops() == before {
+            evil.send(&junk, Dest::Group(group)).unwrap();
+        }
+        drop(sub);
+        let e = request.await.unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
     });
 }
