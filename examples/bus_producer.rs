@@ -51,6 +51,10 @@ struct Args {
     /// The bus's latency bound in microseconds (0..=1000000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     latency_us: u64,
+    /// Busy work between two inserts of a thread, in nanoseconds (a CPU-bound producer
+    /// that inserts now and then; 0..=1000000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    work_ns: u64,
     /// Insert through one `Producer` (a ring of its own) per thread instead of `Bus::insert`.
     #[arg(long)]
     lanes: bool,
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
 
 fn run(a: &Args) -> Result<(), cli::Stop> {
     let (group, threads, count, lanes) = (a.group, a.threads, a.count, a.lanes);
+    let work = Duration::from_nanos(a.work_ns);
     let idx = a.idx.unwrap_or(group);
     let bus = Bus::builder(Dest::Group(group))
         .max_latency(Duration::from_micros(a.latency_us))
@@ -94,6 +99,12 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
                             let _ = sys::pin_current_thread(
                                 (t as usize + (seq / 10_000) as usize) % ncpu,
                             );
+                        }
+                        if !work.is_zero() {
+                            let t0 = Instant::now();
+                            while t0.elapsed() < work {
+                                std::hint::spin_loop();
+                            }
                         }
                         payload[4..8].copy_from_slice(&seq.to_ne_bytes());
                         // The default policy blocks while the queue is full: backpressure,
