@@ -131,6 +131,10 @@ pub(crate) struct Config {
     /// Test hook: where a panic is injected.
     #[cfg(test)]
     pub panic_at: Option<flusher::PanicAt>,
+    /// Test hook: the flusher's barriers fail with this errno (fault injection), each
+    /// system call counted in the counter.
+    #[cfg(test)]
+    pub flusher_barrier_fails: Option<(i32, Arc<std::sync::atomic::AtomicU64>)>,
 }
 
 /// The builder's setters: `name(arg: Type) => field = value;`, each with its rustdoc.
@@ -182,6 +186,8 @@ impl BusBuilder {
                 refuse_kernel_ids: false,
                 #[cfg(test)]
                 panic_at: None,
+                #[cfg(test)]
+                flusher_barrier_fails: None,
             },
             watermark: None,
             numbered_ids: None,

@@ -1273,6 +1273,50 @@ mod tests {
         assert_eq!(got, (0..6u32).map(|i| (i + 1, i)).collect::<Vec<_>>());
     }
 
+    /// The flusher's barrier failing for good (fault injection on its thread, `EPERM` as
+    /// from a seccomp filter installed after the registration) while the bus idles: the
+    /// flusher then sleeps at most its aim and announces again at each sleep. One system
+    /// call in all: every later barrier of that thread fails at once, and is still counted
+    /// in `barrier_failures` (one per barrier the flusher needed and did not get); messages
+    /// still go out at the deadline. Before the fix each sleep made three failed calls
+    /// with 50 and 100 µs pauses (`calls` was 3 per failure: the assertion failed).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_permanent_barrier_failure_is_not_retried_at_each_flusher_sleep() {
+        let Some(rx) = receiver() else { return };
+        if !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return; // no membarrier: fences on both sides, no barrier to fail
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdc;
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .max_latency(Duration::from_millis(1));
+        b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+        let bus = b.build().unwrap();
+        let until = |what: &str, done: &dyn Fn(&BusStats) -> bool| {
+            let start = Instant::now();
+            while !done(&bus.stats()) {
+                assert!(start.elapsed() < Duration::from_secs(120), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        until("the flusher never slept", &|st| st.barrier_failures >= 5);
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        until("nothing sent at the deadline", &|st| st.sent_messages == 10);
+        let before = bus.stats().barrier_failures;
+        until("the flusher stopped sleeping", &|st| {
+            st.barrier_failures >= before + 5
+        });
+        let st = bus.close().unwrap();
+        assert_eq!(calls.load(Relaxed), 1, "{st:?}");
+        assert!(st.barrier_failures >= 10, "{st:?}");
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
+    }
+
     #[test]
     fn insert_error_hands_the_message_back() {
         fn is_send_sync<T: Send + Sync>() {}

@@ -220,7 +220,9 @@ pub struct BusStats {
     /// producer (returned as [`Error::Io`](crate::Error::Io) with
     /// [`Op::Membarrier`](crate::Op::Membarrier)), an insert whose shard's lock stayed
     /// with another thread, sent on the caller's thread instead (counted in `direct`;
-    /// the error returned by the next `flush`).
+    /// the error returned by the next `flush`). One per barrier needed and not
+    /// established, also once a thread's barrier failed for good and is no longer
+    /// attempted (`EPERM` and the like: the flusher then counts one per sleep).
     pub barrier_failures: u64,
 }
 }
