@@ -30,7 +30,10 @@ const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError<M> {
-    /// The caller's ring is full ([`FullPolicy::Reject`]).
+    /// The caller's ring is full ([`FullPolicy::Reject`]); or, for that policy, its
+    /// shard's lock stays with another thread, which only a failed `membarrier(2)` causes
+    /// (the other policies then send on the caller's thread: docs/BUS.md, "Memory
+    /// orderings"), so that a rejecting insert never blocks.
     #[error("bus queue is full")]
     Full(M),
     /// The ring stayed full until the blocking insert's timeout.
@@ -81,7 +84,8 @@ impl<M> InsertError<M> {
 /// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FullPolicy {
-    /// Hand the message back at once: [`InsertError::Full`].
+    /// Hand the message back at once: [`InsertError::Full`]. Never blocks: also when the
+    /// shard's lock cannot be taken without a failed barrier (see [`InsertError::Full`]).
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with

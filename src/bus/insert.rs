@@ -89,11 +89,15 @@ pub trait Insert {
 impl Insert for &Bus {
     #[inline(always)]
     fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert(&mut Shards(&self.inner), Entry::Slice { id, data: d }, p)
+        insert(
+            &mut Shards::new(&self.inner, p),
+            Entry::Slice { id, data: d },
+            p,
+        )
     }
     #[inline]
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
+        insert(&mut Shards::new(&self.inner, p), Entry::Msg(msg), p)
     }
     #[inline(always)]
     fn policy(&self) -> FullPolicy {
@@ -115,6 +119,11 @@ pub(crate) trait Queue {
     /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: a
     /// `Bus::insert` borrows the bus, which a close takes by value.
     fn send_own_if_closed(&mut self) {}
+    /// The last failed push failed because the ring could not be taken without blocking
+    /// (see [`unproven`]), not because it was full.
+    fn refused(&self) -> bool {
+        false
+    }
 }
 
 /// A thread's shard of one bus: where its unsent messages are.
@@ -143,10 +152,16 @@ thread_local! {
     });
 }
 
-/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert).
-pub(crate) struct Shards<'a>(pub &'a Arc<Inner>);
+/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert)
+/// with a policy.
+pub(crate) struct Shards<'a>(pub &'a Arc<Inner>, FullPolicy, bool);
 
-impl Shards<'_> {
+impl<'a> Shards<'a> {
+    /// For an insert into `inner` with `policy`.
+    #[inline(always)]
+    pub(crate) fn new(inner: &'a Arc<Inner>, policy: FullPolicy) -> Self {
+        Self(inner, policy, false)
+    }
     /// This thread's entry for the bus (its index in `buses`) and the shard to push into:
     /// the one it last used while that ring still holds one of its messages, else the
     /// shard of the CPU it runs on.
@@ -263,7 +278,15 @@ impl Queue for Shards<'_> {
         let (shard, n) = match r {
             Ok(Some(Ok(Some(r)))) => r,
             Ok(Some(Ok(None))) => return false,
-            Ok(Some(Err((err, queued)))) => return unproven(i, e, err, queued, help),
+            Ok(Some(Err((err, queued)))) => {
+                if self.1 == FullPolicy::Reject {
+                    // A `try_insert` does not block: no drain, no direct send.
+                    i.barrier_failed(err);
+                    self.2 = true;
+                    return false;
+                }
+                return unproven(i, e, err, queued, help);
+            }
             _ => {
                 // No thread-local state (thread teardown: a thread-local's destructor
                 // inserting after ours was destroyed). Shard 0 keeps this thread's order
@@ -277,6 +300,11 @@ impl Queue for Shards<'_> {
                 match self.push_into(0, e, None) {
                     Ok(Some((n, _))) => (0, n),
                     Ok(None) => return false,
+                    Err(err) if self.1 == FullPolicy::Reject => {
+                        i.barrier_failed(err);
+                        self.2 = true;
+                        return false;
+                    }
                     Err(err) => {
                         // Unknown where our messages are: out for sure once no ring holds any.
                         let queued = i.rings.lock().iter().any(|r| r.pending());
@@ -297,6 +325,10 @@ impl Queue for Shards<'_> {
         let i = self.0;
         let shard = LOCAL.try_with(|l| Some(self.choose(&l.try_borrow().ok()?.buses).1));
         Some(&i.shards.get(shard.ok().flatten()?)?.ring)
+    }
+
+    fn refused(&self) -> bool {
+        self.2
     }
 }
 
@@ -485,7 +517,9 @@ fn on_full<Q: Queue>(
     policy: FullPolicy,
 ) -> Result<(), InsertError<CnMsg>> {
     let inner = Arc::clone(q.inner());
-    Counters::max(&inner.stats.high_water, inner.cfg.capacity as u64);
+    if !q.refused() {
+        Counters::max(&inner.stats.high_water, inner.cfg.capacity as u64);
+    }
     if policy != FullPolicy::Reject {
         Counters::add(&inner.stats.blocked, 1);
     }

@@ -1087,6 +1087,80 @@ mod tests {
         assert_eq!(count(&rx, idx), n);
     }
 
+    /// As above, but the other thread's inserts are `try_insert`s, while the test holds
+    /// the socket's send lock: a rejecting insert must not block, so each is handed back
+    /// at once as `Full`, counted in `rejected_full` and `barrier_failures`, nothing sent
+    /// directly, and `high_water` does not claim a full ring. Before the fix each was sent
+    /// on its own thread (`unproven`), which waits for the send lock: the thread blocked
+    /// until the watchdog failed the test.
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_rejecting_insert_whose_revocation_barrier_fails_does_not_block() {
+        let Some(rx) = receiver() else { return };
+        if !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return; // no membarrier: revocations need no barrier
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdd;
+        let bus = Arc::new(
+            Bus::builder(Dest::Port(rx.port_id()))
+                .shards(1)
+                .capacity(4096)
+                .watermark(usize::MAX)
+                .max_latency(Duration::from_secs(600))
+                .build()
+                .unwrap(),
+        );
+        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let (tx_go, go) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            for i in 0..2 * crate::sys::BIAS_AFTER {
+                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+            let _ = tx.send(());
+            let _ = go.recv();
+        });
+        biased.recv().unwrap();
+        let send_lock = bus.inner.sock.numbering().lock();
+        let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let other = std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
+            let r: Vec<bool> = (0..5u32)
+                .map(|i| {
+                    let r = b.try_insert(CbId::new(idx, 2), &i.to_ne_bytes());
+                    matches!(r, Err(InsertError::Full(m)) if m.data[..] == i.to_ne_bytes())
+                })
+                .collect();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let r = done.recv_timeout(Duration::from_secs(60));
+        drop(send_lock);
+        let Ok(r) = r else {
+            panic!("a try_insert blocked on the send lock");
+        };
+        assert_eq!(r, [true; 5]);
+        let st = bus.stats();
+        let n = 2 * u64::from(crate::sys::BIAS_AFTER);
+        assert_eq!(
+            (
+                st.rejected_full,
+                st.barrier_failures,
+                st.direct,
+                st.inserted
+            ),
+            (5, 5, 0, n),
+            "{st:?}"
+        );
+        assert!(st.high_water < 4096, "{st:?}");
+        let _ = tx_go.send(());
+        holder.join().unwrap();
+        other.join().unwrap();
+        let bus = Arc::into_inner(bus).unwrap();
+        let (st, _) = bus.close_with_stats();
+        assert_eq!((st.inserted, st.sent_messages), (n, n));
+        assert_eq!(count(&rx, idx), n);
+    }
+
     /// The exit hook while a close runs on another thread, its `send_timeout` an hour,
     /// its drain waiting for room at a full receiver that never reads: the hook's wait
     /// ends by its own deadline (`EXIT_BUDGET`), the close's wait with it, and what the

@@ -150,7 +150,9 @@ pub struct BusStats {
     /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)), or because its
     /// shard's lock could not be taken from another thread (`barrier_failures`).
     pub direct: u64,
-    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)).
+    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)),
+    /// or, for a rejecting insert, because its shard's lock stayed with another thread
+    /// (a failed barrier, also counted in `barrier_failures`).
     pub rejected_full: u64,
     /// Messages handed back after a blocking insert timed out.
     pub rejected_timeout: u64,
