@@ -55,6 +55,10 @@ struct Args {
     /// that inserts now and then; 0..=1000000).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     work_ns: u64,
+    /// Writers never drain at the watermark (`BusBuilder::assist(false)`): only the flusher,
+    /// `flush` and shutdown send.
+    #[arg(long)]
+    no_assist: bool,
     /// Insert through one `Producer` (a ring of its own) per thread instead of `Bus::insert`.
     #[arg(long)]
     lanes: bool,
@@ -71,6 +75,7 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
     let idx = a.idx.unwrap_or(group);
     let bus = Bus::builder(Dest::Group(group))
         .max_latency(Duration::from_micros(a.latency_us))
+        .assist(!a.no_assist)
         .build()?;
     let ncpu = sys::num_cpus();
     out!(
