@@ -152,15 +152,30 @@ thread_local! {
     });
 }
 
-/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert)
-/// with a policy.
-pub(crate) struct Shards<'a>(pub &'a Arc<Inner>, FullPolicy, bool);
+/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert):
+/// the bus, and whether the insert rejects rather than blocks ([`FullPolicy::Reject`]).
+pub(crate) struct Shards<'a>(pub &'a Arc<Inner>, bool);
+
+thread_local! {
+    /// This thread's last failed push into a shard was refused, not full (see
+    /// [`Queue::refused`]); read and cleared by `on_full`.
+    static REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 impl<'a> Shards<'a> {
     /// For an insert into `inner` with `policy`.
     #[inline(always)]
     pub(crate) fn new(inner: &'a Arc<Inner>, policy: FullPolicy) -> Self {
-        Self(inner, policy, false)
+        Self(inner, matches!(policy, FullPolicy::Reject))
+    }
+
+    /// A rejecting insert's shard lock stayed with another thread (`err`, counted): the
+    /// push is refused, not sent on this thread (which could block; see [`unproven`]).
+    #[cold]
+    fn refuse_unproven(&self, err: std::io::Error) -> bool {
+        self.0.barrier_failed(err);
+        let _ = REFUSED.try_with(|r| r.set(true));
+        false
     }
     /// This thread's entry for the bus (its index in `buses`) and the shard to push into:
     /// the one it last used while that ring still holds one of its messages, else the
@@ -278,15 +293,9 @@ impl Queue for Shards<'_> {
         let (shard, n) = match r {
             Ok(Some(Ok(Some(r)))) => r,
             Ok(Some(Ok(None))) => return false,
-            Ok(Some(Err((err, queued)))) => {
-                if self.1 == FullPolicy::Reject {
-                    // A `try_insert` does not block: no drain, no direct send.
-                    i.barrier_failed(err);
-                    self.2 = true;
-                    return false;
-                }
-                return unproven(i, e, err, queued, help);
-            }
+            // A `try_insert` does not block: no drain, no direct send.
+            Ok(Some(Err((err, _)))) if self.1 => return self.refuse_unproven(err),
+            Ok(Some(Err((err, queued)))) => return unproven(i, e, err, queued, help),
             _ => {
                 // No thread-local state (thread teardown: a thread-local's destructor
                 // inserting after ours was destroyed). Shard 0 keeps this thread's order
@@ -300,11 +309,7 @@ impl Queue for Shards<'_> {
                 match self.push_into(0, e, None) {
                     Ok(Some((n, _))) => (0, n),
                     Ok(None) => return false,
-                    Err(err) if self.1 == FullPolicy::Reject => {
-                        i.barrier_failed(err);
-                        self.2 = true;
-                        return false;
-                    }
+                    Err(err) if self.1 => return self.refuse_unproven(err),
                     Err(err) => {
                         // Unknown where our messages are: out for sure once no ring holds any.
                         let queued = i.rings.lock().iter().any(|r| r.pending());
@@ -328,7 +333,7 @@ impl Queue for Shards<'_> {
     }
 
     fn refused(&self) -> bool {
-        self.2
+        REFUSED.try_with(|r| r.replace(false)).unwrap_or(false)
     }
 }
 
