@@ -59,6 +59,10 @@ struct Args {
     /// `flush` and shutdown send.
     #[arg(long)]
     no_assist: bool,
+    /// Run the bus's flusher under SCHED_FIFO at this priority (1..=99;
+    /// `BusBuilder::flusher_realtime`; needs CAP_SYS_NICE).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    flusher_realtime: Option<u8>,
     /// Insert through one `Producer` (a ring of its own) per thread instead of `Bus::insert`.
     #[arg(long)]
     lanes: bool,
@@ -76,6 +80,7 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
     let bus = Bus::builder(Dest::Group(group))
         .max_latency(Duration::from_micros(a.latency_us))
         .assist(!a.no_assist)
+        .flusher_realtime(a.flusher_realtime.unwrap_or(0))
         .build()?;
     let ncpu = sys::num_cpus();
     out!(

@@ -125,6 +125,9 @@ pub(crate) struct Config {
     pub policy: FullPolicy,
     /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
     pub assist: bool,
+    /// The flusher's `SCHED_FIFO` priority, 0: the normal scheduler
+    /// ([`BusBuilder::flusher_realtime`]).
+    pub flusher_realtime: u8,
     /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
     pub send_timeout: Duration,
     /// Kernel-owned ids and groups may be multicast ([`BusBuilder::allow_kernel_ids`]).
@@ -139,6 +142,22 @@ pub(crate) struct Config {
     /// system call counted in the counter.
     #[cfg(test)]
     pub flusher_barrier_fails: Option<(i32, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+/// Moves the flusher to `SCHED_FIFO` if the configuration asks for it. Not `from_io`:
+/// its `EPERM` is the connector's missing `CAP_NET_ADMIN`, where here `CAP_SYS_NICE` is
+/// missing.
+fn cfg_realtime(cfg: &Config, flusher: &std::thread::JoinHandle<()>) -> Result<()> {
+    use std::os::unix::thread::JoinHandleExt;
+    if cfg.flusher_realtime == 0 {
+        return Ok(());
+    }
+    crate::sys::set_realtime(flusher.as_pthread_t(), cfg.flusher_realtime).map_err(|source| {
+        Error::Io {
+            op: Op::Spawn,
+            source,
+        }
+    })
 }
 
 /// The builder's setters: `name(arg: Type) => field = value;`, each with its rustdoc.
@@ -185,6 +204,7 @@ impl BusBuilder {
                 },
                 policy: FullPolicy::Block,
                 assist: !matches!(dest, Dest::Port(p) if p != 0),
+                flusher_realtime: 0,
                 send_timeout: DEFAULT_SEND_TIMEOUT,
                 allow_kernel_ids: false,
                 refuse_kernel_ids: false,
@@ -262,6 +282,17 @@ impl BusBuilder {
         /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
         /// latency deadline. Such an insert pays the system call.
         assist(on: bool) => cfg.assist = on;
+        /// Runs the flusher thread under `SCHED_FIFO` at `priority` (1..=99; 0, the default:
+        /// the normal scheduler). Where CPU-bound threads (of this process or others) keep
+        /// the CPUs busy, a normal flusher waits for a CPU after each wake-up, and messages
+        /// then wait well past [`max_latency`](Self::max_latency) (tens of milliseconds
+        /// measured on a loaded 2-CPU host: docs/BUS.md, "Latency under CPU overload"); a
+        /// real-time flusher runs at once. It still waits for a send lock held by an
+        /// inserting thread that was preempted while draining
+        /// ([`assist`](Self::assist)). `build` fails with [`Error::Io`] of
+        /// [`Op::Spawn`](crate::Op::Spawn) (`EPERM`) without `CAP_SYS_NICE` or an
+        /// `RLIMIT_RTPRIO` of at least `priority`.
+        flusher_realtime(priority: u8) => cfg.flusher_realtime = priority;
     }
 
     /// Checks the configuration, allocates the shards' rings, opens the socket if none was
@@ -274,6 +305,11 @@ impl BusBuilder {
         }
         if cfg.capacity == 0 {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if cfg.flusher_realtime > 99 {
+            return Err(Error::InvalidArgument(
+                "bus flusher_realtime priority must be in 0..=99",
+            ));
         }
         if let Dest::Group(g) = self.dest {
             if !(1..=32).contains(&g) {
@@ -376,9 +412,12 @@ impl BusBuilder {
         let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
         super::register(&inner);
-        Ok(Bus {
+        let realtime = cfg_realtime(&inner.cfg, &handle);
+        let bus = Bus {
             inner,
             flusher: Some(handle),
-        })
+        };
+        // On failure the bus (empty) is dropped: its flusher stops and is joined.
+        realtime.map(|()| bus)
     }
 }

@@ -1391,6 +1391,46 @@ mod tests {
         assert_eq!(count(&rx, idx), 10);
     }
 
+    /// `flusher_realtime(p)`: the flusher thread runs under `SCHED_FIFO` at `p` and sends
+    /// as usual; a priority above 99 is refused. Where the process may not use
+    /// `SCHED_FIFO` (no `CAP_SYS_NICE`, no real-time budget in its cgroup) `build` fails
+    /// with `Op::Spawn` and `EPERM` (then the rest is skipped).
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_realtime_flusher_runs_under_sched_fifo() {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xde;
+        assert!(matches!(
+            Bus::builder(Dest::Port(rx.port_id()))
+                .flusher_realtime(100)
+                .build(),
+            Err(Error::InvalidArgument(_))
+        ));
+        let bus = match Bus::builder(Dest::Port(rx.port_id()))
+            .flusher_realtime(3)
+            .build()
+        {
+            Ok(bus) => bus,
+            Err(Error::Io {
+                op: crate::Op::Spawn,
+                source,
+            }) if source.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("SKIPPED: SCHED_FIFO not permitted here");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let t = bus.flusher.as_ref().unwrap().as_pthread_t();
+        assert_eq!(crate::sys::sched_of(t).unwrap(), (libc::SCHED_FIFO, 3));
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
+    }
+
     #[test]
     fn insert_error_hands_the_message_back() {
         fn is_send_sync<T: Send + Sync>() {}
