@@ -596,6 +596,48 @@ mod tests {
         }
     }
 
+    /// The fault-injection tests' bus: a receiver and a one-shard bus to it that only a
+    /// flush or close drains (no watermark, a 600 s deadline), `more` applied to its
+    /// builder, and the test's idx (`tag`: its low byte). `None`: skipped, without a
+    /// netlink socket or, with `barrier`, without `membarrier` (fences on both sides: no
+    /// barrier to fail).
+    fn injection_bus(
+        tag: u32,
+        barrier: bool,
+        more: impl FnOnce(BusBuilder) -> BusBuilder,
+    ) -> Option<(ConnectorSocket, Bus, u32)> {
+        let rx = receiver()?;
+        if barrier && !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return None;
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | tag;
+        let b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600));
+        Some((rx, more(b).build().unwrap(), idx))
+    }
+
+    /// A thread that takes `bus`'s shard lock often enough in a row to keep it (its
+    /// `2 * BIAS_AFTER` inserts of id `(idx, 1)`), then lives on (its holder stays its
+    /// own) until the returned sender sends or is dropped.
+    fn bias_holder(
+        bus: &Arc<Bus>,
+        idx: u32,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let (b, (tx, biased)) = (Arc::clone(bus), std::sync::mpsc::channel());
+        let (tx_go, go) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            for i in 0..2 * crate::sys::BIAS_AFTER {
+                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+            let _ = tx.send(());
+            let _ = go.recv();
+        });
+        biased.recv().unwrap();
+        (holder, tx_go)
+    }
+
     fn panicking_bus(rx: &ConnectorSocket, at: flusher::PanicAt) -> Bus {
         let mut b = Bus::builder(Dest::Port(rx.port_id()))
             .shards(1)
@@ -980,14 +1022,9 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_close_whose_barrier_fails_reports_it_and_loses_nothing() {
-        let Some(rx) = receiver() else { return };
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xda;
-        let bus = Bus::builder(Dest::Port(rx.port_id()))
-            .shards(1)
-            .watermark(usize::MAX)
-            .max_latency(Duration::from_secs(600))
-            .build()
-            .unwrap();
+        let Some((rx, bus, idx)) = injection_bus(0xda, false, |b| b) else {
+            return;
+        };
         let mut p = bus.producer();
         for i in 0..10u32 {
             bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
@@ -1029,32 +1066,12 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn an_insert_whose_revocation_barrier_fails_is_sent_on_its_own_thread() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: revocations need no barrier
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdb;
-        let bus = Arc::new(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .shards(1)
-                .capacity(4096)
-                .watermark(usize::MAX)
-                .max_latency(Duration::from_secs(600))
-                .build()
-                .unwrap(),
-        );
-        // One thread takes the shard's lock often enough in a row to keep it.
-        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
-        let (tx_go, go) = std::sync::mpsc::channel::<()>();
-        let holder = std::thread::spawn(move || {
-            for i in 0..2 * crate::sys::BIAS_AFTER {
-                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
-            }
-            let _ = tx.send(());
-            // Alive (its holder stays its own) until the other thread is done.
-            let _ = go.recv();
-        });
-        biased.recv().unwrap();
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let Some((rx, bus, idx)) = injection_bus(0xdb, true, |b| b.capacity(4096)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (holder, tx_go) = bias_holder(&bus, idx);
         let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
         let other = std::thread::spawn(move || {
             crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
@@ -1096,30 +1113,12 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_rejecting_insert_whose_revocation_barrier_fails_does_not_block() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: revocations need no barrier
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdd;
-        let bus = Arc::new(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .shards(1)
-                .capacity(4096)
-                .watermark(usize::MAX)
-                .max_latency(Duration::from_secs(600))
-                .build()
-                .unwrap(),
-        );
-        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
-        let (tx_go, go) = std::sync::mpsc::channel::<()>();
-        let holder = std::thread::spawn(move || {
-            for i in 0..2 * crate::sys::BIAS_AFTER {
-                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
-            }
-            let _ = tx.send(());
-            let _ = go.recv();
-        });
-        biased.recv().unwrap();
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let Some((rx, bus, idx)) = injection_bus(0xdf, true, |b| b.capacity(4096)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (holder, tx_go) = bias_holder(&bus, idx);
         let send_lock = bus.inner.sock.numbering().lock();
         let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
         let other = std::thread::spawn(move || {
@@ -1277,21 +1276,12 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_failed_revocation_keeps_the_threads_queued_messages_first() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: revocations need no barrier
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xde;
-        let bus = Arc::new(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .shards(1)
-                .capacity(4096)
-                .watermark(usize::MAX)
-                .max_latency(Duration::from_secs(600))
-                .assist(false)
-                .build()
-                .unwrap(),
-        );
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let more = |b: BusBuilder| b.capacity(4096).assist(false);
+        let Some((rx, bus, idx)) = injection_bus(0xde, true, more) else {
+            return;
+        };
+        let bus = Arc::new(bus);
         let (to_t, t_rx) = std::sync::mpsc::channel::<()>();
         let (t_tx, from_t) = std::sync::mpsc::channel::<()>();
         let b = Arc::clone(&bus);
@@ -1308,18 +1298,8 @@ mod tests {
             crate::sys::membarrier::fail_heavy_here(None);
         });
         from_t.recv().unwrap();
-        // Another thread takes the shard's lock often enough in a row to keep it, and
-        // lives on (its holder stays its own) until the first thread is done.
-        let (b, (u_tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
-        let (go_tx, go) = std::sync::mpsc::channel::<()>();
-        let u = std::thread::spawn(move || {
-            for i in 0..2 * crate::sys::BIAS_AFTER {
-                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
-            }
-            u_tx.send(()).unwrap();
-            let _ = go.recv();
-        });
-        biased.recv().unwrap();
+        // Another thread takes the shard's lock, until the first thread is done.
+        let (u, go_tx) = bias_holder(&bus, idx);
         to_t.send(()).unwrap();
         t.join().unwrap();
         let st = bus.stats();
@@ -1357,17 +1337,14 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_permanent_barrier_failure_is_not_retried_at_each_flusher_sleep() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: fences on both sides, no barrier to fail
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdc;
         let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut b = Bus::builder(Dest::Port(rx.port_id()))
-            .shards(1)
-            .max_latency(Duration::from_millis(1));
-        b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
-        let bus = b.build().unwrap();
+        let more = |mut b: BusBuilder| {
+            b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+            b.max_latency(Duration::from_millis(1))
+        };
+        let Some((rx, bus, idx)) = injection_bus(0xe0, true, more) else {
+            return;
+        };
         let until = |what: &str, done: &dyn Fn(&BusStats) -> bool| {
             let start = Instant::now();
             while !done(&bus.stats()) {
@@ -1400,7 +1377,7 @@ mod tests {
     fn a_realtime_flusher_runs_under_sched_fifo() {
         use std::os::unix::thread::JoinHandleExt;
         let Some(rx) = receiver() else { return };
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xde;
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1;
         assert!(matches!(
             Bus::builder(Dest::Port(rx.port_id()))
                 .flusher_realtime(100)
