@@ -596,6 +596,7 @@ mod tests {
         }
     }
 
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     /// The fault-injection tests' bus: a receiver and a one-shard bus to it that only a
     /// flush or close drains (no watermark, a 600 s deadline), `more` applied to its
     /// builder, and the test's idx (`tag`: its low byte). `None`: skipped, without a
@@ -618,6 +619,7 @@ mod tests {
         Some((rx, more(b).build().unwrap(), idx))
     }
 
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     /// A thread that takes `bus`'s shard lock often enough in a row to keep it (its
     /// `2 * BIAS_AFTER` inserts of id `(idx, 1)`), then lives on (its holder stays its
     /// own) until the returned sender sends or is dropped.

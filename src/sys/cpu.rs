@@ -46,7 +46,7 @@ pub(crate) fn set_realtime(thread: libc::pthread_t, priority: u8) -> io::Result<
 }
 
 /// The scheduling policy and priority of `thread` (`pthread_getschedparam`).
-#[cfg(test)]
+#[cfg(all(test, not(cnbus_loom)))]
 pub(crate) fn sched_of(thread: libc::pthread_t) -> io::Result<(i32, i32)> {
     let mut policy = 0;
     let mut p = libc::sched_param { sched_priority: 0 };

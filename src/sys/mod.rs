@@ -21,7 +21,7 @@ mod wake;
 
 pub(crate) use clock::set_timer_slack_ns;
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
-#[cfg(test)]
+#[cfg(all(test, not(cnbus_loom)))]
 pub(crate) use cpu::sched_of;
 pub(crate) use cpu::{configured_cpus, set_realtime};
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
