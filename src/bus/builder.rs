@@ -140,7 +140,7 @@ pub(crate) struct Config {
     pub panic_at: Option<flusher::PanicAt>,
     /// Test hook: the flusher's barriers fail with this errno (fault injection), each
     /// system call counted in the counter.
-    #[cfg(test)]
+    #[cfg(all(test, not(cnbus_loom)))]
     pub flusher_barrier_fails: Option<(i32, Arc<std::sync::atomic::AtomicU64>)>,
 }
 
@@ -210,7 +210,7 @@ impl BusBuilder {
                 refuse_kernel_ids: false,
                 #[cfg(test)]
                 panic_at: None,
-                #[cfg(test)]
+                #[cfg(all(test, not(cnbus_loom)))]
                 flusher_barrier_fails: None,
             },
             watermark: None,
