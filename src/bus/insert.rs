@@ -603,7 +603,8 @@ fn block<Q: Queue>(
 /// after the caller's messages still `queued`, and is accepted (sent, or counted as
 /// failed, as a drain would). With `help` false (a blocked insert under `space_lock`, where
 /// no drain may run) and messages queued: not pushed, the insert waits for the flusher to
-/// drain them (they are pending and it has a waiter) and tries again.
+/// drain them (they are pending and it has a waiter) and tries again. A rejecting insert
+/// never comes here: it may not block (`Shards::refuse_unproven`).
 #[cold]
 fn unproven(i: &Inner, e: &Entry<'_>, err: std::io::Error, queued: bool, help: bool) -> bool {
     i.barrier_failed(err);
