@@ -51,6 +51,18 @@ struct Args {
     /// The bus's latency bound in microseconds (0..=1000000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     latency_us: u64,
+    /// Busy work between two inserts of a thread, in nanoseconds (a CPU-bound producer
+    /// that inserts now and then; 0..=1000000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    work_ns: u64,
+    /// Writers never drain at the watermark (`BusBuilder::assist(false)`): only the flusher,
+    /// `flush` and shutdown send.
+    #[arg(long)]
+    no_assist: bool,
+    /// Run the bus's flusher under SCHED_FIFO at this priority (1..=99;
+    /// `BusBuilder::flusher_realtime`; needs CAP_SYS_NICE).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    flusher_realtime: Option<u8>,
     /// Insert through one `Producer` (a ring of its own) per thread instead of `Bus::insert`.
     #[arg(long)]
     lanes: bool,
@@ -63,9 +75,12 @@ fn main() -> ExitCode {
 
 fn run(a: &Args) -> Result<(), cli::Stop> {
     let (group, threads, count, lanes) = (a.group, a.threads, a.count, a.lanes);
+    let work = Duration::from_nanos(a.work_ns);
     let idx = a.idx.unwrap_or(group);
     let bus = Bus::builder(Dest::Group(group))
         .max_latency(Duration::from_micros(a.latency_us))
+        .assist(!a.no_assist)
+        .flusher_realtime(a.flusher_realtime.unwrap_or(0))
         .build()?;
     let ncpu = sys::num_cpus();
     out!(
@@ -94,6 +109,12 @@ fn run(a: &Args) -> Result<(), cli::Stop> {
                             let _ = sys::pin_current_thread(
                                 (t as usize + (seq / 10_000) as usize) % ncpu,
                             );
+                        }
+                        if !work.is_zero() {
+                            let t0 = Instant::now();
+                            while t0.elapsed() < work {
+                                std::hint::spin_loop();
+                            }
                         }
                         payload[4..8].copy_from_slice(&seq.to_ne_bytes());
                         // The default policy blocks while the queue is full: backpressure,

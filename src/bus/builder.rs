@@ -30,7 +30,10 @@ const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A message the bus did not accept, handed back to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError<M> {
-    /// The caller's ring is full ([`FullPolicy::Reject`]).
+    /// The caller's ring is full ([`FullPolicy::Reject`]); or, for that policy, its
+    /// shard's lock stays with another thread, which only a failed `membarrier(2)` causes
+    /// (the other policies then send on the caller's thread: docs/BUS.md, "Memory
+    /// orderings"), so that a rejecting insert never blocks.
     #[error("bus queue is full")]
     Full(M),
     /// The ring stayed full until the blocking insert's timeout.
@@ -81,7 +84,8 @@ impl<M> InsertError<M> {
 /// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FullPolicy {
-    /// Hand the message back at once: [`InsertError::Full`].
+    /// Hand the message back at once: [`InsertError::Full`]. Never blocks: also when the
+    /// shard's lock cannot be taken without a failed barrier (see [`InsertError::Full`]).
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with
@@ -121,6 +125,9 @@ pub(crate) struct Config {
     pub policy: FullPolicy,
     /// Producers drain their own shard at the watermark (see [`BusBuilder::assist`]).
     pub assist: bool,
+    /// The flusher's `SCHED_FIFO` priority, 0: the normal scheduler
+    /// ([`BusBuilder::flusher_realtime`]).
+    pub flusher_realtime: u8,
     /// How long a send waits for room at a full unicast receiver ([`BusBuilder::send_timeout`]).
     pub send_timeout: Duration,
     /// Kernel-owned ids and groups may be multicast ([`BusBuilder::allow_kernel_ids`]).
@@ -131,6 +138,26 @@ pub(crate) struct Config {
     /// Test hook: where a panic is injected.
     #[cfg(test)]
     pub panic_at: Option<flusher::PanicAt>,
+    /// Test hook: the flusher's barriers fail with this errno (fault injection), each
+    /// system call counted in the counter.
+    #[cfg(all(test, not(cnbus_loom)))]
+    pub flusher_barrier_fails: Option<(i32, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+/// Moves the flusher to `SCHED_FIFO` if the configuration asks for it. Not `from_io`:
+/// its `EPERM` is the connector's missing `CAP_NET_ADMIN`, where here `CAP_SYS_NICE` is
+/// missing.
+fn cfg_realtime(cfg: &Config, flusher: &std::thread::JoinHandle<()>) -> Result<()> {
+    use std::os::unix::thread::JoinHandleExt;
+    if cfg.flusher_realtime == 0 {
+        return Ok(());
+    }
+    crate::sys::set_realtime(flusher.as_pthread_t(), cfg.flusher_realtime).map_err(|source| {
+        Error::Io {
+            op: Op::Spawn,
+            source,
+        }
+    })
 }
 
 /// The builder's setters: `name(arg: Type) => field = value;`, each with its rustdoc.
@@ -177,11 +204,14 @@ impl BusBuilder {
                 },
                 policy: FullPolicy::Block,
                 assist: !matches!(dest, Dest::Port(p) if p != 0),
+                flusher_realtime: 0,
                 send_timeout: DEFAULT_SEND_TIMEOUT,
                 allow_kernel_ids: false,
                 refuse_kernel_ids: false,
                 #[cfg(test)]
                 panic_at: None,
+                #[cfg(all(test, not(cnbus_loom)))]
+                flusher_barrier_fails: None,
             },
             watermark: None,
             numbered_ids: None,
@@ -252,6 +282,17 @@ impl BusBuilder {
         /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
         /// latency deadline. Such an insert pays the system call.
         assist(on: bool) => cfg.assist = on;
+        /// Runs the flusher thread under `SCHED_FIFO` at `priority` (1..=99; 0, the default:
+        /// the normal scheduler). Where CPU-bound threads (of this process or others) keep
+        /// the CPUs busy, a normal flusher waits for a CPU after each wake-up, and messages
+        /// then wait well past [`max_latency`](Self::max_latency) (tens of milliseconds
+        /// measured on a loaded 2-CPU host: docs/BUS.md, "Latency under CPU overload"); a
+        /// real-time flusher runs at once. It still waits for a send lock held by an
+        /// inserting thread that was preempted while draining
+        /// ([`assist`](Self::assist)). `build` fails with [`Error::Io`] of
+        /// [`Op::Spawn`](crate::Op::Spawn) (`EPERM`) without `CAP_SYS_NICE` or an
+        /// `RLIMIT_RTPRIO` of at least `priority`.
+        flusher_realtime(priority: u8) => cfg.flusher_realtime = priority;
     }
 
     /// Checks the configuration, allocates the shards' rings, opens the socket if none was
@@ -264,6 +305,11 @@ impl BusBuilder {
         }
         if cfg.capacity == 0 {
             return Err(Error::InvalidArgument("bus capacity must be at least 1"));
+        }
+        if cfg.flusher_realtime > 99 {
+            return Err(Error::InvalidArgument(
+                "bus flusher_realtime priority must be in 0..=99",
+            ));
         }
         if let Dest::Group(g) = self.dest {
             if !(1..=32).contains(&g) {
@@ -366,9 +412,12 @@ impl BusBuilder {
         let handle = flusher::spawn(&inner).map_err(|e| Error::from_io(Op::Spawn, e))?;
         let _ = inner.flusher.set(handle.thread().clone());
         super::register(&inner);
-        Ok(Bus {
+        let realtime = cfg_realtime(&inner.cfg, &handle);
+        let bus = Bus {
             inner,
             flusher: Some(handle),
-        })
+        };
+        // On failure the bus (empty) is dropped: its flusher stops and is joined.
+        realtime.map(|()| bus)
     }
 }

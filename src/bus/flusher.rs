@@ -32,6 +32,11 @@ pub(crate) fn spawn(inner: &Arc<Inner>) -> std::io::Result<std::thread::JoinHand
             // Deadlines to the microsecond rather than the default 50 µs slack (a failure
             // only costs that slack).
             let _ = crate::sys::set_timer_slack_ns(1);
+            #[cfg(all(test, not(cnbus_loom)))]
+            if let Some((errno, calls)) = &inner.cfg.flusher_barrier_fails {
+                crate::sys::membarrier::fail_heavy_here(Some(*errno));
+                crate::sys::membarrier::count_calls_here(Arc::clone(calls));
+            }
             inner.contain("bus flusher", || run(&inner));
             inner.dead.store(true, SeqCst);
             let _g = inner.space_lock.lock();

@@ -89,11 +89,15 @@ pub trait Insert {
 impl Insert for &Bus {
     #[inline(always)]
     fn insert_with(&mut self, id: CbId, d: &[u8], p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert(&mut Shards(&self.inner), Entry::Slice { id, data: d }, p)
+        insert(
+            &mut Shards::new(&self.inner, p),
+            Entry::Slice { id, data: d },
+            p,
+        )
     }
     #[inline]
     fn insert_msg(&mut self, msg: CnMsg, p: FullPolicy) -> Result<(), InsertError<CnMsg>> {
-        insert(&mut Shards(&self.inner), Entry::Msg(msg), p)
+        insert(&mut Shards::new(&self.inner, p), Entry::Msg(msg), p)
     }
     #[inline(always)]
     fn policy(&self) -> FullPolicy {
@@ -115,6 +119,11 @@ pub(crate) trait Queue {
     /// holds if the bus was closed meanwhile (see `Producer`). Shards need nothing: a
     /// `Bus::insert` borrows the bus, which a close takes by value.
     fn send_own_if_closed(&mut self) {}
+    /// The last failed push failed because the ring could not be taken without blocking
+    /// (see [`unproven`]), not because it was full.
+    fn refused(&self) -> bool {
+        false
+    }
 }
 
 /// A thread's shard of one bus: where its unsent messages are.
@@ -143,10 +152,31 @@ thread_local! {
     });
 }
 
-/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert).
-pub(crate) struct Shards<'a>(pub &'a Arc<Inner>);
+/// The per-CPU shards, as seen by a thread calling [`Bus::insert`](super::Bus::insert):
+/// the bus, and whether the insert rejects rather than blocks ([`FullPolicy::Reject`]).
+pub(crate) struct Shards<'a>(pub &'a Arc<Inner>, bool);
 
-impl Shards<'_> {
+thread_local! {
+    /// This thread's last failed push into a shard was refused, not full (see
+    /// [`Queue::refused`]); read and cleared by `on_full`.
+    static REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl<'a> Shards<'a> {
+    /// For an insert into `inner` with `policy`.
+    #[inline(always)]
+    pub(crate) fn new(inner: &'a Arc<Inner>, policy: FullPolicy) -> Self {
+        Self(inner, matches!(policy, FullPolicy::Reject))
+    }
+
+    /// A rejecting insert's shard lock stayed with another thread (`err`, counted): the
+    /// push is refused, not sent on this thread (which could block; see [`unproven`]).
+    #[cold]
+    fn refuse_unproven(&self, err: std::io::Error) -> bool {
+        self.0.barrier_failed(err);
+        let _ = REFUSED.try_with(|r| r.set(true));
+        false
+    }
     /// This thread's entry for the bus (its index in `buses`) and the shard to push into:
     /// the one it last used while that ring still holds one of its messages, else the
     /// shard of the CPU it runs on.
@@ -263,6 +293,8 @@ impl Queue for Shards<'_> {
         let (shard, n) = match r {
             Ok(Some(Ok(Some(r)))) => r,
             Ok(Some(Ok(None))) => return false,
+            // A `try_insert` does not block: no drain, no direct send.
+            Ok(Some(Err((err, _)))) if self.1 => return self.refuse_unproven(err),
             Ok(Some(Err((err, queued)))) => return unproven(i, e, err, queued, help),
             _ => {
                 // No thread-local state (thread teardown: a thread-local's destructor
@@ -277,6 +309,7 @@ impl Queue for Shards<'_> {
                 match self.push_into(0, e, None) {
                     Ok(Some((n, _))) => (0, n),
                     Ok(None) => return false,
+                    Err(err) if self.1 => return self.refuse_unproven(err),
                     Err(err) => {
                         // Unknown where our messages are: out for sure once no ring holds any.
                         let queued = i.rings.lock().iter().any(|r| r.pending());
@@ -297,6 +330,10 @@ impl Queue for Shards<'_> {
         let i = self.0;
         let shard = LOCAL.try_with(|l| Some(self.choose(&l.try_borrow().ok()?.buses).1));
         Some(&i.shards.get(shard.ok().flatten()?)?.ring)
+    }
+
+    fn refused(&self) -> bool {
+        REFUSED.try_with(|r| r.replace(false)).unwrap_or(false)
     }
 }
 
@@ -485,7 +522,9 @@ fn on_full<Q: Queue>(
     policy: FullPolicy,
 ) -> Result<(), InsertError<CnMsg>> {
     let inner = Arc::clone(q.inner());
-    Counters::max(&inner.stats.high_water, inner.cfg.capacity as u64);
+    if !q.refused() {
+        Counters::max(&inner.stats.high_water, inner.cfg.capacity as u64);
+    }
     if policy != FullPolicy::Reject {
         Counters::add(&inner.stats.blocked, 1);
     }
@@ -564,7 +603,8 @@ fn block<Q: Queue>(
 /// after the caller's messages still `queued`, and is accepted (sent, or counted as
 /// failed, as a drain would). With `help` false (a blocked insert under `space_lock`, where
 /// no drain may run) and messages queued: not pushed, the insert waits for the flusher to
-/// drain them (they are pending and it has a waiter) and tries again.
+/// drain them (they are pending and it has a waiter) and tries again. A rejecting insert
+/// never comes here: it may not block (`Shards::refuse_unproven`).
 #[cold]
 fn unproven(i: &Inner, e: &Entry<'_>, err: std::io::Error, queued: bool, help: bool) -> bool {
     i.barrier_failed(err);

@@ -596,6 +596,50 @@ mod tests {
         }
     }
 
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    /// The fault-injection tests' bus: a receiver and a one-shard bus to it that only a
+    /// flush or close drains (no watermark, a 600 s deadline), `more` applied to its
+    /// builder, and the test's idx (`tag`: its low byte). `None`: skipped, without a
+    /// netlink socket or, with `barrier`, without `membarrier` (fences on both sides: no
+    /// barrier to fail).
+    fn injection_bus(
+        tag: u32,
+        barrier: bool,
+        more: impl FnOnce(BusBuilder) -> BusBuilder,
+    ) -> Option<(ConnectorSocket, Bus, u32)> {
+        let rx = receiver()?;
+        if barrier && !crate::sys::membarrier::init().compiler_only_for_tests() {
+            return None;
+        }
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | tag;
+        let b = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .watermark(usize::MAX)
+            .max_latency(Duration::from_secs(600));
+        Some((rx, more(b).build().unwrap(), idx))
+    }
+
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    /// A thread that takes `bus`'s shard lock often enough in a row to keep it (its
+    /// `2 * BIAS_AFTER` inserts of id `(idx, 1)`), then lives on (its holder stays its
+    /// own) until the returned sender sends or is dropped.
+    fn bias_holder(
+        bus: &Arc<Bus>,
+        idx: u32,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let (b, (tx, biased)) = (Arc::clone(bus), std::sync::mpsc::channel());
+        let (tx_go, go) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            for i in 0..2 * crate::sys::BIAS_AFTER {
+                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+            }
+            let _ = tx.send(());
+            let _ = go.recv();
+        });
+        biased.recv().unwrap();
+        (holder, tx_go)
+    }
+
     fn panicking_bus(rx: &ConnectorSocket, at: flusher::PanicAt) -> Bus {
         let mut b = Bus::builder(Dest::Port(rx.port_id()))
             .shards(1)
@@ -980,14 +1024,9 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_close_whose_barrier_fails_reports_it_and_loses_nothing() {
-        let Some(rx) = receiver() else { return };
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xda;
-        let bus = Bus::builder(Dest::Port(rx.port_id()))
-            .shards(1)
-            .watermark(usize::MAX)
-            .max_latency(Duration::from_secs(600))
-            .build()
-            .unwrap();
+        let Some((rx, bus, idx)) = injection_bus(0xda, false, |b| b) else {
+            return;
+        };
         let mut p = bus.producer();
         for i in 0..10u32 {
             bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
@@ -1029,32 +1068,12 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn an_insert_whose_revocation_barrier_fails_is_sent_on_its_own_thread() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: revocations need no barrier
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xdb;
-        let bus = Arc::new(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .shards(1)
-                .capacity(4096)
-                .watermark(usize::MAX)
-                .max_latency(Duration::from_secs(600))
-                .build()
-                .unwrap(),
-        );
-        // One thread takes the shard's lock often enough in a row to keep it.
-        let (b, (tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
-        let (tx_go, go) = std::sync::mpsc::channel::<()>();
-        let holder = std::thread::spawn(move || {
-            for i in 0..2 * crate::sys::BIAS_AFTER {
-                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
-            }
-            let _ = tx.send(());
-            // Alive (its holder stays its own) until the other thread is done.
-            let _ = go.recv();
-        });
-        biased.recv().unwrap();
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let Some((rx, bus, idx)) = injection_bus(0xdb, true, |b| b.capacity(4096)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (holder, tx_go) = bias_holder(&bus, idx);
         let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
         let other = std::thread::spawn(move || {
             crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
@@ -1083,6 +1102,62 @@ mod tests {
         let bus = Arc::into_inner(bus).unwrap();
         let st = bus.close().unwrap();
         let n = 2 * u64::from(crate::sys::BIAS_AFTER) + 5;
+        assert_eq!((st.inserted, st.sent_messages), (n, n));
+        assert_eq!(count(&rx, idx), n);
+    }
+
+    /// As above, but the other thread's inserts are `try_insert`s, while the test holds
+    /// the socket's send lock: a rejecting insert must not block, so each is handed back
+    /// at once as `Full`, counted in `rejected_full` and `barrier_failures`, nothing sent
+    /// directly, and `high_water` does not claim a full ring. Before the fix each was sent
+    /// on its own thread (`unproven`), which waits for the send lock: the thread blocked
+    /// until the watchdog failed the test.
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_rejecting_insert_whose_revocation_barrier_fails_does_not_block() {
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let Some((rx, bus, idx)) = injection_bus(0xdf, true, |b| b.capacity(4096)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (holder, tx_go) = bias_holder(&bus, idx);
+        let send_lock = bus.inner.sock.numbering().lock();
+        let (b, (tx, done)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let other = std::thread::spawn(move || {
+            crate::sys::membarrier::fail_heavy_here(Some(libc::ENOMEM));
+            let r: Vec<bool> = (0..5u32)
+                .map(|i| {
+                    let r = b.try_insert(CbId::new(idx, 2), &i.to_ne_bytes());
+                    matches!(r, Err(InsertError::Full(m)) if m.data[..] == i.to_ne_bytes())
+                })
+                .collect();
+            crate::sys::membarrier::fail_heavy_here(None);
+            let _ = tx.send(r);
+        });
+        let r = done.recv_timeout(Duration::from_secs(60));
+        drop(send_lock);
+        let Ok(r) = r else {
+            panic!("a try_insert blocked on the send lock");
+        };
+        assert_eq!(r, [true; 5]);
+        let st = bus.stats();
+        let n = 2 * u64::from(crate::sys::BIAS_AFTER);
+        assert_eq!(
+            (
+                st.rejected_full,
+                st.barrier_failures,
+                st.direct,
+                st.inserted
+            ),
+            (5, 5, 0, n),
+            "{st:?}"
+        );
+        assert!(st.high_water < 4096, "{st:?}");
+        let _ = tx_go.send(());
+        holder.join().unwrap();
+        other.join().unwrap();
+        let bus = Arc::into_inner(bus).unwrap();
+        let (st, _) = bus.close_with_stats();
         assert_eq!((st.inserted, st.sent_messages), (n, n));
         assert_eq!(count(&rx, idx), n);
     }
@@ -1203,21 +1278,12 @@ mod tests {
     #[test]
     #[cfg(not(cnbus_loom))] // its hooks are not built under loom
     fn a_failed_revocation_keeps_the_threads_queued_messages_first() {
-        let Some(rx) = receiver() else { return };
-        if !crate::sys::membarrier::init().compiler_only_for_tests() {
-            return; // no membarrier: revocations need no barrier
-        }
-        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xde;
-        let bus = Arc::new(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .shards(1)
-                .capacity(4096)
-                .watermark(usize::MAX)
-                .max_latency(Duration::from_secs(600))
-                .assist(false)
-                .build()
-                .unwrap(),
-        );
+        // (Without membarrier, revocations need no barrier: skipped.)
+        let more = |b: BusBuilder| b.capacity(4096).assist(false);
+        let Some((rx, bus, idx)) = injection_bus(0xde, true, more) else {
+            return;
+        };
+        let bus = Arc::new(bus);
         let (to_t, t_rx) = std::sync::mpsc::channel::<()>();
         let (t_tx, from_t) = std::sync::mpsc::channel::<()>();
         let b = Arc::clone(&bus);
@@ -1234,18 +1300,8 @@ mod tests {
             crate::sys::membarrier::fail_heavy_here(None);
         });
         from_t.recv().unwrap();
-        // Another thread takes the shard's lock often enough in a row to keep it, and
-        // lives on (its holder stays its own) until the first thread is done.
-        let (b, (u_tx, biased)) = (Arc::clone(&bus), std::sync::mpsc::channel());
-        let (go_tx, go) = std::sync::mpsc::channel::<()>();
-        let u = std::thread::spawn(move || {
-            for i in 0..2 * crate::sys::BIAS_AFTER {
-                b.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
-            }
-            u_tx.send(()).unwrap();
-            let _ = go.recv();
-        });
-        biased.recv().unwrap();
+        // Another thread takes the shard's lock, until the first thread is done.
+        let (u, go_tx) = bias_holder(&bus, idx);
         to_t.send(()).unwrap();
         t.join().unwrap();
         let st = bus.stats();
@@ -1271,6 +1327,87 @@ mod tests {
             buf.clear();
         }
         assert_eq!(got, (0..6u32).map(|i| (i + 1, i)).collect::<Vec<_>>());
+    }
+
+    /// The flusher's barrier failing for good (fault injection on its thread, `EPERM` as
+    /// from a seccomp filter installed after the registration) while the bus idles: the
+    /// flusher then sleeps at most its aim and announces again at each sleep. One system
+    /// call in all: every later barrier of that thread fails at once, and is still counted
+    /// in `barrier_failures` (one per barrier the flusher needed and did not get); messages
+    /// still go out at the deadline. Before the fix each sleep made three failed calls
+    /// with 50 and 100 µs pauses (`calls` was 3 per failure: the assertion failed).
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_permanent_barrier_failure_is_not_retried_at_each_flusher_sleep() {
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let more = |mut b: BusBuilder| {
+            b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+            b.max_latency(Duration::from_millis(1))
+        };
+        let Some((rx, bus, idx)) = injection_bus(0xe0, true, more) else {
+            return;
+        };
+        let until = |what: &str, done: &dyn Fn(&BusStats) -> bool| {
+            let start = Instant::now();
+            while !done(&bus.stats()) {
+                assert!(start.elapsed() < Duration::from_secs(120), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        until("the flusher never slept", &|st| st.barrier_failures >= 5);
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        until("nothing sent at the deadline", &|st| st.sent_messages == 10);
+        let before = bus.stats().barrier_failures;
+        until("the flusher stopped sleeping", &|st| {
+            st.barrier_failures >= before + 5
+        });
+        let st = bus.close().unwrap();
+        assert_eq!(calls.load(Relaxed), 1, "{st:?}");
+        assert!(st.barrier_failures >= 10, "{st:?}");
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// `flusher_realtime(p)`: the flusher thread runs under `SCHED_FIFO` at `p` and sends
+    /// as usual; a priority above 99 is refused. Where the process may not use
+    /// `SCHED_FIFO` (no `CAP_SYS_NICE`, no real-time budget in its cgroup) `build` fails
+    /// with `Op::Spawn` and `EPERM` (then the rest is skipped).
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_realtime_flusher_runs_under_sched_fifo() {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1;
+        assert!(matches!(
+            Bus::builder(Dest::Port(rx.port_id()))
+                .flusher_realtime(100)
+                .build(),
+            Err(Error::InvalidArgument(_))
+        ));
+        let bus = match Bus::builder(Dest::Port(rx.port_id()))
+            .flusher_realtime(3)
+            .build()
+        {
+            Ok(bus) => bus,
+            Err(Error::Io {
+                op: crate::Op::Spawn,
+                source,
+            }) if source.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("SKIPPED: SCHED_FIFO not permitted here");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let t = bus.flusher.as_ref().unwrap().as_pthread_t();
+        assert_eq!(crate::sys::sched_of(t).unwrap(), (libc::SCHED_FIFO, 3));
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
     }
 
     #[test]

@@ -150,7 +150,9 @@ pub struct BusStats {
     /// ([`FullPolicy::SendDirect`](super::FullPolicy::SendDirect)), or because its
     /// shard's lock could not be taken from another thread (`barrier_failures`).
     pub direct: u64,
-    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)).
+    /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)),
+    /// or, for a rejecting insert, because its shard's lock stayed with another thread
+    /// (a failed barrier, also counted in `barrier_failures`).
     pub rejected_full: u64,
     /// Messages handed back after a blocking insert timed out.
     pub rejected_timeout: u64,
@@ -220,7 +222,9 @@ pub struct BusStats {
     /// producer (returned as [`Error::Io`](crate::Error::Io) with
     /// [`Op::Membarrier`](crate::Op::Membarrier)), an insert whose shard's lock stayed
     /// with another thread, sent on the caller's thread instead (counted in `direct`;
-    /// the error returned by the next `flush`).
+    /// the error returned by the next `flush`). One per barrier needed and not
+    /// established, also once a thread's barrier failed for good and is no longer
+    /// attempted (`EPERM` and the like: the flusher then counts one per sleep).
     pub barrier_failures: u64,
 }
 }

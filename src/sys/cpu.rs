@@ -28,6 +28,37 @@ pub(crate) fn configured_cpus() -> usize {
     usize::try_from(r).unwrap_or(1).max(1)
 }
 
+/// Runs `thread` under `SCHED_FIFO` at `priority` (1..=99, `pthread_setschedparam`): it
+/// then runs the moment it wakes, ahead of every normal (`SCHED_OTHER`) thread. Needs
+/// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least `priority` (else `EPERM`), and a
+/// real-time budget in the thread's cgroup.
+pub(crate) fn set_realtime(thread: libc::pthread_t, priority: u8) -> io::Result<()> {
+    let p = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: the caller holds `thread`'s JoinHandle, so it is a live or joinable thread;
+    // `p` is a valid sched_param for the call to read.
+    let r = unsafe { libc::pthread_setschedparam(thread, libc::SCHED_FIFO, &p) };
+    match r {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// The scheduling policy and priority of `thread` (`pthread_getschedparam`).
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) fn sched_of(thread: libc::pthread_t) -> io::Result<(i32, i32)> {
+    let mut policy = 0;
+    let mut p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `thread` is live (the caller holds its JoinHandle); both out-pointers are
+    // valid for the call to write.
+    let r = unsafe { libc::pthread_getschedparam(thread, &mut policy, &mut p) };
+    match r {
+        0 => Ok((policy, p.sched_priority)),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Pins the calling thread to `cpu` (`sched_setaffinity`). Used by tests and benchmarks that
 /// move threads between CPUs on purpose.
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {

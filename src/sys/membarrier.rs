@@ -22,7 +22,10 @@
 //! then not established, and the caller must not go on as if it were (each caller has a
 //! path that does not need it: docs/BUS.md, "Memory orderings"). Never an unbounded
 //! retry. A real failure also makes every later [`init`] hand out a real fence, so that
-//! what is built afterwards never depends on the barrier.
+//! what is built afterwards never depends on the barrier. An errno that cannot pass on a
+//! second try (`EPERM`, `EACCES`, `EINVAL`, `ENOSYS`: see `is_permanent`) is not tried
+//! again, and the thread remembers it: its later barriers fail at once with that errno,
+//! without the system call.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -97,13 +100,19 @@ impl Light {
     /// light side is only a compiler fence, a full barrier on every running thread of the
     /// process (`membarrier`, a system call of a few microseconds).
     ///
-    /// Fails if that system call fails [`HEAVY_TRIES`] times (see the module docs). The
+    /// Fails if that system call fails [`HEAVY_TRIES`] times, or once with a permanent
+    /// errno, and from then on at once on this thread (see the module docs). The
     /// barrier is then *not* established and the caller must not rely on it; it is never
     /// silently weakened. A light side that is a real fence never fails.
     pub(crate) fn heavy(self) -> std::io::Result<()> {
         crate::sync::fence(Ordering::SeqCst);
         if !self.compiler_only {
             return Ok(());
+        }
+        // This thread's barrier failed for good before: no system call (see `LOST`).
+        let lost = lost_here();
+        if lost != 0 {
+            return Err(std::io::Error::from_raw_os_error(lost));
         }
         let mut n = 0;
         loop {
@@ -112,9 +121,13 @@ impl Light {
                 Err(e) => e,
             };
             n += 1;
-            if n >= HEAVY_TRIES {
+            let permanent = e.raw_os_error().filter(|&errno| is_permanent(errno));
+            if n >= HEAVY_TRIES || permanent.is_some() {
                 if !injected(&e) {
                     let _ = STATE.compare_exchange(1, 3, Ordering::AcqRel, Ordering::Acquire);
+                }
+                if let Some(errno) = permanent {
+                    set_lost_here(errno);
                 }
                 return Err(e);
             }
@@ -123,10 +136,44 @@ impl Light {
     }
 }
 
+/// An errno with which `MEMBARRIER_CMD_PRIVATE_EXPEDITED` fails every time it is tried
+/// again on this thread: `EPERM`/`EACCES` (a seccomp filter, which applies to the thread
+/// that installed it and the threads it starts later), `EINVAL`/`ENOSYS` (the command is
+/// not there). `ENOMEM` (the kernel's CPU mask) and any other errno may pass, and are
+/// tried again at the next barrier.
+fn is_permanent(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EPERM | libc::EACCES | libc::EINVAL | libc::ENOSYS
+    )
+}
+
+#[cfg(not(cnbus_loom))]
+thread_local! {
+    /// The errno of this thread's permanent barrier failure ([`is_permanent`]), 0 if
+    /// none: its later [`Light::heavy`] calls fail at once with it, without the system
+    /// call and its pauses (before, a bus's flusher made three failed calls, about
+    /// 150 µs, at each of its sleeps). Per thread, as a seccomp filter is.
+    static LOST: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+fn lost_here() -> i32 {
+    #[cfg(not(cnbus_loom))]
+    return LOST.get();
+    #[cfg(cnbus_loom)]
+    0
+}
+
+fn set_lost_here(_errno: i32) {
+    #[cfg(not(cnbus_loom))]
+    LOST.set(_errno);
+}
+
 /// One `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (or the failure a test injected).
 fn barrier() -> std::io::Result<()> {
     #[cfg(all(test, not(cnbus_loom)))]
     if let Some(errno) = FAIL_HERE.get() {
+        CALLS_HERE.with_borrow(|c| c.as_ref().map(|c| c.fetch_add(1, Ordering::Relaxed)));
         return Err(std::io::Error::from_raw_os_error(errno));
     }
     if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
@@ -149,14 +196,27 @@ fn injected(_e: &std::io::Error) -> bool {
 #[cfg(all(test, not(cnbus_loom)))]
 thread_local! {
     static FAIL_HERE: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+    /// Counts the injected failures' system calls ([`count_calls_here`]).
+    static CALLS_HERE: std::cell::RefCell<Option<std::sync::Arc<std::sync::atomic::AtomicU64>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Test hook (fault injection): every `membarrier` of [`Light::heavy`] on the calling
 /// thread fails with `errno` from now on (as under a seccomp filter installed after the
-/// registration); `None` lifts it.
+/// registration); `None` lifts it, and forgets the thread's permanent failure (`LOST`).
 #[cfg(all(test, not(cnbus_loom)))]
 pub(crate) fn fail_heavy_here(errno: Option<i32>) {
     FAIL_HERE.set(errno);
+    if errno.is_none() {
+        LOST.set(0);
+    }
+}
+
+/// Test hook: counts in `calls` each system call that [`fail_heavy_here`] makes fail on
+/// the calling thread.
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) fn count_calls_here(calls: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    CALLS_HERE.set(Some(calls));
 }
 
 #[cfg(all(test, not(cnbus_loom)))]

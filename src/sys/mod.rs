@@ -21,7 +21,9 @@ mod wake;
 
 pub(crate) use clock::set_timer_slack_ns;
 pub use clock::{boottime_ns, clock_ticks_per_sec, monotonic_ns, realtime_ns};
-pub(crate) use cpu::configured_cpus;
+#[cfg(all(test, not(cnbus_loom)))]
+pub(crate) use cpu::sched_of;
+pub(crate) use cpu::{configured_cpus, set_realtime};
 pub use cpu::{current_cpu, num_cpus, pin_current_thread};
 pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, proc_is_initial_pid_ns, NamespaceReport};
