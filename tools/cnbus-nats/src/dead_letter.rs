@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::spool::{self, NewSegments};
-use crate::{sanitize_token, Item, SinkError, MAX_HOST_TOKEN, SUBJECT_PREFIX};
+use crate::{sanitize_token, Item, SinkError, MAX_HOST_TOKEN, MAX_SUBJECT, SUBJECT_PREFIX};
 
 /// The file's name in the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
@@ -296,13 +296,14 @@ fn parse_record(text: &[u8]) -> Result<Item, String> {
 }
 
 /// The event token of `subject` if it is one the sink publishes to,
-/// `cnbus.events.<host>.<event>` with both tokens as [`sanitize_token`] leaves them (the sink
-/// does not check subjects again when it publishes).
+/// `cnbus.events.<host>.<event>` with both tokens as [`sanitize_token`] leaves them, at most
+/// [`MAX_SUBJECT`] bytes (the sink refuses a longer one for good when it publishes).
 fn subject_event(subject: &str) -> Option<String> {
     let rest = subject.strip_prefix(SUBJECT_PREFIX)?.strip_prefix('.')?;
     let (host, event) = rest.split_once('.')?;
     let token = |t: &str| !t.is_empty() && sanitize_token(t) == t;
-    (token(host) && token(event) && host.len() <= MAX_HOST_TOKEN).then(|| event.to_owned())
+    (token(host) && token(event) && host.len() <= MAX_HOST_TOKEN && subject.len() <= MAX_SUBJECT)
+        .then(|| event.to_owned())
 }
 
 /// Cuts off an unfinished last line (a run that crashed, or lost power, in the middle of a
@@ -708,6 +709,44 @@ mod requeue_tests {
         let want =
             [("a", &s), ("b", &s), ("a", &s), ("b", &s)].map(|(a, s)| (a.to_owned(), s.clone()));
         assert_eq!(got, want);
+    }
+
+    /// Regression: a subject of any length up to 65535 bytes was requeued; the sink sent it,
+    /// the server closed the connection at each publish of it (its protocol line is capped
+    /// at 4096 bytes), and the record was sent again and again, forever, the sink
+    /// disconnecting each time. Now a subject over `MAX_SUBJECT` is no record: kept aside.
+    /// (Failed before the fix: both lines requeued.)
+    #[test]
+    fn a_subject_too_long_for_the_server_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let subject = |len: usize| {
+            let head = "cnbus.events.h.";
+            format!("{head}{}", "e".repeat(len - head.len()))
+        };
+        let mut text = String::new();
+        for (id, len) in [
+            ("fits", MAX_SUBJECT),
+            ("long", MAX_SUBJECT + 1),
+            ("huge", 60000),
+        ] {
+            let record = serde_json::json!({
+                "msg_id": id, "subject": subject(len), "reason": "r", "line": "x\n",
+            });
+            text += &format!("{record}\n");
+        }
+        std::fs::write(dead_letter_path(dir.path()), &text).unwrap();
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.malformed), (1, 2));
+        let first = done.first_malformed.unwrap();
+        assert!(first.starts_with("line 2: subject"), "{first}");
+        let got = spooled(dir.path());
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].0.as_str(), got[0].1.as_deref()),
+            ("fits", Some(subject(MAX_SUBJECT).as_str()))
+        );
+        let aside = std::fs::read_to_string(dir.path().join(DEAD_LETTER_MALFORMED_FILE)).unwrap();
+        assert_eq!(aside.lines().count(), 2);
     }
 
     /// Many records fill several segments (each at most the segment size, unless one
