@@ -185,8 +185,12 @@ pub struct Requeued {
 /// window); no record is lost, none gets another id.
 ///
 /// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
-/// sink, an agent), or a file operation failed; the dead-letter file is then left as it
-/// was (records already requeued in whole segments are in the spool too).
+/// sink, an agent), or a file operation failed (disk full, say); the dead-letter file is
+/// then left as it was, and what this requeue had done is undone: its segments removed
+/// from the spool, the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off (a
+/// sink started next, or a second requeue, would otherwise send those records a second
+/// time). The one exception: syncing the directory after the dead-letter file was
+/// removed fails; the requeue is then done, its last step maybe not yet on disk.
 ///
 /// [`NatsSink::start`]: crate::NatsSink::start
 pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
@@ -204,15 +208,94 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
     };
     let mut reader = io::BufReader::new(file);
     let mut segments = NewSegments::new(spool_dir, spool::DEFAULT_SEGMENT_BYTES)?;
-    let malformed_path = spool_dir.join(DEAD_LETTER_MALFORMED_FILE);
-    let mut malformed_file: Option<File> = None;
+    let mut aside = Aside {
+        path: spool_dir.join(DEAD_LETTER_MALFORMED_FILE),
+        file: None,
+    };
     let mut done = Requeued::default();
+    let moved = move_records(&mut reader, &path, &mut segments, &mut aside, &mut done)
+        .and_then(|()| aside.sync())
+        // Every record on disk in the spool (and every other line kept aside) before the
+        // file goes.
+        .and_then(|()| segments.finish())
+        .and_then(|()| std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path)));
+    if let Err(e) = moved {
+        // Nothing done: the dead-letter file is still there, so the records put in the
+        // spool so far (a sink could send them, and a second requeue queue them again)
+        // and the lines kept aside so far come out again.
+        segments.abandon();
+        aside.abandon();
+        return Err(e);
+    }
+    done.segments = segments.segments;
+    spool::sync_dir(spool_dir)?;
+    Ok(done)
+}
+
+/// [`DEAD_LETTER_MALFORMED_FILE`] while a requeue appends to it: opened at the first line
+/// kept aside, with its length then, to cut back to if the requeue fails.
+struct Aside {
+    path: PathBuf,
+    file: Option<(File, u64)>,
+}
+
+impl Aside {
+    fn keep(&mut self, line: &[u8]) -> Result<(), SinkError> {
+        let ctx = |op| {
+            let path = self.path.clone();
+            move |source| SinkError::Spool { op, path, source }
+        };
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(ctx("open"))?;
+            let len = file.metadata().map_err(ctx("open"))?.len();
+            self.file = Some((file, len));
+        }
+        let (out, _) = self.file.as_mut().expect("opened above");
+        out.write_all(line).map_err(ctx("write"))
+    }
+
+    fn sync(&self) -> Result<(), SinkError> {
+        match &self.file {
+            Some((file, _)) => file.sync_all().map_err(|source| SinkError::Spool {
+                op: "sync",
+                path: self.path.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Cuts the file back to what it held before (best effort: the requeue fails anyway).
+    fn abandon(&mut self) {
+        if let Some((file, len)) = self.file.take() {
+            let _ = file.set_len(len).and_then(|()| file.sync_all());
+        }
+    }
+}
+
+/// Reads the dead-letter file at `path` through `reader` to its end: records into
+/// `segments`, other lines into `aside`, counted in `done`.
+fn move_records(
+    reader: &mut impl BufRead,
+    path: &Path,
+    segments: &mut NewSegments,
+    aside: &mut Aside,
+    done: &mut Requeued,
+) -> Result<(), SinkError> {
     let mut line = Vec::new();
     for number in 1.. {
         line.clear();
         reader
             .read_until(b'\n', &mut line)
-            .map_err(ctx("read dead-letter file", &path))?;
+            .map_err(|source| SinkError::Spool {
+                op: "read dead-letter file",
+                path: path.to_owned(),
+                source,
+            })?;
         if line.is_empty() {
             break;
         }
@@ -231,32 +314,14 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
                 done.malformed += 1;
                 done.first_malformed
                     .get_or_insert_with(|| format!("line {number}: {why}"));
-                if malformed_file.is_none() {
-                    let file = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&malformed_path)
-                        .map_err(ctx("open", &malformed_path))?;
-                    malformed_file = Some(file);
-                }
-                let out = malformed_file.as_mut().expect("opened above");
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
-                out.write_all(&line)
-                    .map_err(ctx("write", &malformed_path))?;
+                aside.keep(&line)?;
             }
         }
     }
-    if let Some(file) = malformed_file {
-        file.sync_all().map_err(ctx("sync", &malformed_path))?;
-    }
-    // Every record on disk in the spool (and every other line kept aside) before the file
-    // goes.
-    done.segments = segments.finish()?;
-    std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path))?;
-    spool::sync_dir(spool_dir)?;
-    Ok(done)
+    Ok(())
 }
 
 /// One line of the dead-letter file (without its newline) as the spool record it was, or
@@ -747,6 +812,68 @@ mod requeue_tests {
         );
         let aside = std::fs::read_to_string(dir.path().join(DEAD_LETTER_MALFORMED_FILE)).unwrap();
         assert_eq!(aside.lines().count(), 2);
+    }
+
+    /// Regression: a requeue that failed part way (here: the file for malformed lines cannot
+    /// be opened, after a first segment of records went into the spool) returned an error
+    /// with the dead-letter file as it was, yet left that segment in the spool: the next
+    /// start sent those records, and the requeue run again once the error was fixed queued
+    /// them a second time, stored twice once the stream's duplicate window had passed. Now
+    /// an error undoes what the requeue did: no segment of it left, the malformed lines it
+    /// kept aside cut off. (Failed before the fix: one segment left in the spool.)
+    #[test]
+    fn a_requeue_that_fails_part_way_leaves_the_spool_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 30);
+        let big: &'static [u8] = Box::leak(vec![b'y'; 3 << 20].into_boxed_slice());
+        for i in 0..2 {
+            let it = item(&format!("m{i}"), "fork", big);
+            assert!(dl.keep(&it, "cnbus.events.h.fork", "r").unwrap());
+        }
+        drop(dl);
+        let mut file = std::fs::read(dead_letter_path(dir.path())).unwrap();
+        file.extend_from_slice(b"junk\n");
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        // Where the junk line would go: a directory, which cannot be opened for writing.
+        let aside = dir.path().join(DEAD_LETTER_MALFORMED_FILE);
+        std::fs::create_dir(&aside).unwrap();
+        let e = requeue_dead_letters(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(DEAD_LETTER_MALFORMED_FILE), "{e}");
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names(dir.path()),
+            [DEAD_LETTER_FILE, DEAD_LETTER_MALFORMED_FILE]
+        );
+        assert_eq!(std::fs::read(dead_letter_path(dir.path())).unwrap(), file);
+        // Malformed lines kept aside before the error are cut off too: a junk line first,
+        // then a failure at the second segment (no segment id left after the first: the
+        // newest segment in the directory is the one before the last id).
+        std::fs::remove_dir(&aside).unwrap();
+        std::fs::write(&aside, b"kept before\n").unwrap();
+        let mut file2 = b"junk first\n".to_vec();
+        file2.extend_from_slice(&file[..file.len() - b"junk\n".len()]);
+        std::fs::write(dead_letter_path(dir.path()), &file2).unwrap();
+        let newest = format!("seg-{:020}.spool", u64::MAX - 2);
+        std::fs::write(dir.path().join(&newest), b"").unwrap();
+        let e = requeue_dead_letters(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("no spool segment id left"), "{e}");
+        assert_eq!(std::fs::read(&aside).unwrap(), b"kept before\n");
+        assert_eq!(std::fs::read(dead_letter_path(dir.path())).unwrap(), file2);
+        assert_eq!(
+            names(dir.path()),
+            [
+                DEAD_LETTER_FILE,
+                DEAD_LETTER_MALFORMED_FILE,
+                newest.as_str()
+            ]
+        );
     }
 
     /// Many records fill several segments (each at most the segment size, unless one
