@@ -177,12 +177,14 @@ pub struct Requeued {
 /// appended, unchanged, to [`DEAD_LETTER_MALFORMED_FILE`]. The dead-letter file is removed
 /// at the end. A missing dead-letter file requeues nothing.
 ///
-/// Crash-safe: the records go into new spool segments, each written aside, synced and
-/// then renamed into the spool (a crash leaves whole segments, never a torn one), and the
-/// dead-letter file is removed only once every segment is on disk. A crash in between
-/// leaves records both in the spool and in the dead-letter file: a second requeue queues
-/// them again with the same msg ids, which the stream de-duplicates (within its duplicate
-/// window); no record is lost, none gets another id.
+/// Crash-safe: the records go into new spool segments, each written aside (`.tmp`) and
+/// synced as it fills; only once every record is written are they renamed into the spool,
+/// and the dead-letter file is removed only once every segment is on disk. A crash while
+/// they are written (nearly all the time a requeue takes) leaves the spool as it was (the
+/// `.tmp` segments are removed by the next requeue). A crash in the short step between the
+/// first rename and the removal leaves records both in the spool and in the dead-letter
+/// file: a second requeue queues them again with the same msg ids, which the stream
+/// de-duplicates (within its duplicate window). No record is lost, none gets another id.
 ///
 /// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
 /// sink, an agent), or a file operation failed (disk full, say); the dead-letter file is

@@ -328,11 +328,13 @@ fn next_segment_id(dir: &Path, ids: &[u64]) -> Result<u64, crate::SinkError> {
 const TMP_SUFFIX: &str = ".tmp";
 
 /// New whole segments added after every segment of a spool directory, for records that come
-/// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`,
-/// synced, and only then renamed to its name, so that a crash leaves whole segments or none
-/// (never a torn one) and the spool never sees a half-written one. For a directory locked
-/// ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by a crash are removed
-/// when the next one starts: their records were not yet taken from where they came from.
+/// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`
+/// and synced as it fills; only [`NewSegments::finish`] renames them all to their names, one
+/// after the other, so that a crash while they are written (the long part) leaves none in
+/// the spool, and a crash at any time leaves whole segments or none (never a torn one). For
+/// a directory locked ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by
+/// a crash are removed when the next one starts: their records were not yet taken from
+/// where they came from.
 pub(crate) struct NewSegments {
     dir: PathBuf,
     segment_max: u64,
@@ -341,10 +343,10 @@ pub(crate) struct NewSegments {
     /// [`NewSegments::finish`].
     buf: Vec<u8>,
     records: u64,
-    /// Segments made part of the spool.
+    /// Segments written (`.tmp` until [`NewSegments::finish`]).
     pub(crate) segments: u64,
-    /// Their paths.
-    written: Vec<PathBuf>,
+    /// Their paths, `.tmp` and final, and whether renamed.
+    written: Vec<(PathBuf, PathBuf, bool)>,
 }
 
 impl NewSegments {
@@ -392,20 +394,25 @@ impl NewSegments {
         Ok(())
     }
 
-    /// Writes the segment being filled out, then syncs the directory: every record pushed
-    /// is in the spool, on disk, when this returns.
+    /// Writes the segment being filled out, renames every segment written into the spool,
+    /// oldest first, then syncs the directory: every record pushed is in the spool, on disk,
+    /// when this returns.
     pub(crate) fn finish(&mut self) -> Result<(), crate::SinkError> {
         if self.records > 0 {
             self.write_out()?;
         }
+        for (tmp, path, renamed) in &mut self.written {
+            fs::rename(&*tmp, &*path).map_err(ctx("rename spool segment", path))?;
+            *renamed = true;
+        }
         sync_dir(&self.dir)
     }
 
-    /// Takes every segment made part of the spool back out (best effort, for a caller that
-    /// failed and keeps the records where they came from): removed, the directory synced.
+    /// Takes every segment written back out (best effort, for a caller that failed and
+    /// keeps the records where they came from): removed, the directory synced.
     pub(crate) fn abandon(&mut self) {
-        for path in self.written.drain(..) {
-            let _ = fs::remove_file(path);
+        for (tmp, path, renamed) in self.written.drain(..) {
+            let _ = fs::remove_file(if renamed { path } else { tmp });
         }
         let _ = sync_dir(&self.dir);
         self.buf.clear();
@@ -428,11 +435,7 @@ impl NewSegments {
             let _ = fs::remove_file(&tmp);
             return Err(ctx("write spool segment", &tmp)(e));
         }
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(ctx("rename spool segment", &path)(e));
-        }
-        self.written.push(path);
+        self.written.push((tmp, path, false));
         self.next_id = next;
         self.segments += 1;
         self.buf.clear();
