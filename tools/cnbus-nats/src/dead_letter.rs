@@ -189,7 +189,7 @@ pub struct Requeued {
 /// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
 /// sink, an agent), or a file operation failed (disk full, say); the dead-letter file is
 /// then left as it was, and what this requeue had done is undone: its segments removed
-/// from the spool, the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off (a
+/// from the spool, the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off, the file removed if it made it (a
 /// sink started next, or a second requeue, would otherwise send those records a second
 /// time). The one exception: syncing the directory after the dead-letter file was
 /// removed fails; the requeue is then done, its last step maybe not yet on disk.
@@ -235,10 +235,11 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
 }
 
 /// [`DEAD_LETTER_MALFORMED_FILE`] while a requeue appends to it: opened at the first line
-/// kept aside, with its length then, to cut back to if the requeue fails.
+/// kept aside, with its length then (`None`: made by this requeue), to cut back to (or to
+/// remove) if the requeue fails.
 struct Aside {
     path: PathBuf,
-    file: Option<(File, u64)>,
+    file: Option<(File, Option<u64>)>,
 }
 
 impl Aside {
@@ -248,13 +249,22 @@ impl Aside {
             move |source| SinkError::Spool { op, path, source }
         };
         if self.file.is_none() {
-            let file = OpenOptions::new()
-                .create(true)
+            let made = OpenOptions::new()
+                .create_new(true)
                 .append(true)
-                .open(&self.path)
-                .map_err(ctx("open"))?;
-            let len = file.metadata().map_err(ctx("open"))?.len();
-            self.file = Some((file, len));
+                .open(&self.path);
+            self.file = Some(match made {
+                Ok(file) => (file, None),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let file = OpenOptions::new()
+                        .append(true)
+                        .open(&self.path)
+                        .map_err(ctx("open"))?;
+                    let len = file.metadata().map_err(ctx("open"))?.len();
+                    (file, Some(len))
+                }
+                Err(e) => return Err(ctx("open")(e)),
+            });
         }
         let (out, _) = self.file.as_mut().expect("opened above");
         out.write_all(line).map_err(ctx("write"))
@@ -271,10 +281,17 @@ impl Aside {
         }
     }
 
-    /// Cuts the file back to what it held before (best effort: the requeue fails anyway).
+    /// Cuts the file back to what it held before, or removes it if this requeue made it
+    /// (best effort: the requeue fails anyway).
     fn abandon(&mut self) {
-        if let Some((file, len)) = self.file.take() {
-            let _ = file.set_len(len).and_then(|()| file.sync_all());
+        match self.file.take() {
+            Some((file, Some(len))) => {
+                let _ = file.set_len(len).and_then(|()| file.sync_all());
+            }
+            Some((_, None)) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            None => {}
         }
     }
 }
@@ -876,6 +893,10 @@ mod requeue_tests {
                 newest.as_str()
             ]
         );
+        // A malformed file this requeue made is removed, not left empty.
+        std::fs::remove_file(&aside).unwrap();
+        assert!(requeue_dead_letters(dir.path()).is_err());
+        assert_eq!(names(dir.path()), [DEAD_LETTER_FILE, newest.as_str()]);
     }
 
     /// Many records fill several segments (each at most the segment size, unless one
