@@ -15,7 +15,7 @@
 //! [`Config::dead_letter_max_bytes`]: crate::Config::dead_letter_max_bytes
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -196,6 +196,16 @@ pub struct Requeued {
 ///
 /// [`NatsSink::start`]: crate::NatsSink::start
 pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
+    requeue(spool_dir, MAX_LINE)
+}
+
+/// The longest line of the dead-letter file that can be a record: a line of the largest
+/// spool payload (64 MiB) with every byte escaped as `\u00XX`, and room for the rest.
+/// A longer line is kept aside without ever being whole in memory.
+const MAX_LINE: usize = 6 * (64 << 20) + (1 << 20);
+
+/// [`requeue_dead_letters`], lines over `max_line` bytes kept aside as they are read.
+fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
     let ctx = |op: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| SinkError::Spool { op, path, source }
@@ -215,12 +225,19 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
         file: None,
     };
     let mut done = Requeued::default();
-    let moved = move_records(&mut reader, &path, &mut segments, &mut aside, &mut done)
-        .and_then(|()| aside.sync())
-        // Every record on disk in the spool (and every other line kept aside) before the
-        // file goes.
-        .and_then(|()| segments.finish())
-        .and_then(|()| std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path)));
+    let moved = move_records(
+        &mut reader,
+        &path,
+        max_line,
+        &mut segments,
+        &mut aside,
+        &mut done,
+    )
+    .and_then(|()| aside.sync())
+    // Every record on disk in the spool (and every other line kept aside) before the
+    // file goes.
+    .and_then(|()| segments.finish())
+    .and_then(|()| std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path)));
     if let Err(e) = moved {
         // Nothing done: the dead-letter file is still there, so the records put in the
         // spool so far (a sink could send them, and a second requeue queue them again)
@@ -297,28 +314,33 @@ impl Aside {
 }
 
 /// Reads the dead-letter file at `path` through `reader` to its end: records into
-/// `segments`, other lines into `aside`, counted in `done`.
+/// `segments`, other lines into `aside`, counted in `done`. A line over `max_line` bytes
+/// (no record) goes aside piece by piece, never whole in memory.
 fn move_records(
     reader: &mut impl BufRead,
     path: &Path,
+    max_line: usize,
     segments: &mut NewSegments,
     aside: &mut Aside,
     done: &mut Requeued,
 ) -> Result<(), SinkError> {
+    let read_error = |source| SinkError::Spool {
+        op: "read dead-letter file",
+        path: path.to_owned(),
+        source,
+    };
     let mut line = Vec::new();
     for number in 1.. {
         line.clear();
-        reader
+        (&mut *reader)
+            .take(max_line as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(|source| SinkError::Spool {
-                op: "read dead-letter file",
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(read_error)?;
         if line.is_empty() {
             break;
         }
         let record = match line.strip_suffix(b"\n") {
+            _ if line.len() > max_line => Err(format!("longer than {max_line} bytes")),
             Some(text) => parse_record(text),
             // Even one that parses: the write was cut short, and the record is still in
             // the spool (released only once its line is written).
@@ -333,6 +355,30 @@ fn move_records(
                 done.malformed += 1;
                 done.first_malformed
                     .get_or_insert_with(|| format!("line {number}: {why}"));
+                if line.len() > max_line && !line.ends_with(b"\n") {
+                    // The rest of that line, up to its newline (or the end of the file).
+                    aside.keep(&line)?;
+                    loop {
+                        let buf = reader.fill_buf().map_err(read_error)?;
+                        if buf.is_empty() {
+                            aside.keep(b"\n")?;
+                            break;
+                        }
+                        match buf.iter().position(|&b| b == b'\n') {
+                            Some(i) => {
+                                aside.keep(&buf[..=i])?;
+                                reader.consume(i + 1);
+                                break;
+                            }
+                            None => {
+                                let n = buf.len();
+                                aside.keep(buf)?;
+                                reader.consume(n);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
@@ -897,6 +943,42 @@ mod requeue_tests {
         std::fs::remove_file(&aside).unwrap();
         assert!(requeue_dead_letters(dir.path()).is_err());
         assert_eq!(names(dir.path()), [DEAD_LETTER_FILE, newest.as_str()]);
+    }
+
+    /// Regression: a line was read whole whatever its length, so a dead-letter file of one
+    /// endless line (not the sink's: it caps its lines) took all memory, an abort. Now a
+    /// line over the longest a record can be is kept aside piece by piece, never whole in
+    /// memory (here with a 200-byte bound), byte for byte, and the records around it are
+    /// requeued. (Failed before the fix: the reason was "not JSON", the line read whole.)
+    #[test]
+    fn a_line_longer_than_any_record_is_kept_aside_piece_by_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = |id: &str| {
+            format!(
+                "{{\"msg_id\":\"{id}\",\"subject\":\"cnbus.events.h.fork\",\"reason\":\"r\",\"line\":\"x\\n\"}}\n"
+            )
+            .into_bytes()
+        };
+        let long = [b'z'; 100_000];
+        let mut file = good("a");
+        file.extend_from_slice(&long);
+        file.push(b'\n');
+        file.extend(good("b"));
+        // A torn endless last line.
+        file.extend_from_slice(&long);
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        let done = requeue(dir.path(), 200).unwrap();
+        assert_eq!((done.requeued, done.malformed), (2, 2));
+        let first = done.first_malformed.unwrap();
+        assert_eq!(first, "line 2: longer than 200 bytes");
+        let ids: Vec<_> = spooled(dir.path()).into_iter().map(|s| s.0).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let mut kept = long.to_vec();
+        kept.push(b'\n');
+        kept.extend_from_slice(&long);
+        kept.push(b'\n');
+        let aside = std::fs::read(dir.path().join(DEAD_LETTER_MALFORMED_FILE)).unwrap();
+        assert!(aside == kept, "kept aside: {} bytes", aside.len());
     }
 
     /// Many records fill several segments (each at most the segment size, unless one
