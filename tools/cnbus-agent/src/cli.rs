@@ -89,7 +89,8 @@ pub enum Command {
         after_help = "Prints one line: requeued N, kept M malformed. Exit status: 0 when \
                             every line was requeued or kept aside; 1 on an error (DIR missing \
                             or in use by a running agent, a failed write), the dead-letter \
-                            file then left as it was. See docs/AGENT.md, \"Sending dead \
+                            file then left as it was and the spool too (what the run had \
+                            written is taken out again). See docs/AGENT.md, \"Sending dead \
                             letters again\"."
     )]
     RequeueDeadLetters {

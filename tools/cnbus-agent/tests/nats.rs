@@ -950,3 +950,81 @@ fn processes_that_ran_while_the_sink_was_connecting_are_logged_and_delivered() {
     assert_eq!(stored.len(), local.len());
     assert_eq!((nats(&fin, "dropped"), nats(&fin, "unsent")), (0, 0));
 }
+
+/// Regression: `requeue-dead-letters` renamed each spool segment into the spool as soon as
+/// it was full, so a crash while it wrote (`kill -9` here, once a second segment is begun)
+/// left the records of the first ones in the spool and in the dead-letter file: the next
+/// start sent them, and the requeue run again queued them a second time (stored twice once
+/// the stream's duplicate window had passed). Now the segments stay `.tmp` until every
+/// record is written: a crash then leaves the spool as it was, and the run again requeues
+/// each record once. (Failed before the fix: `seg-00000000000000000000.spool` in the spool
+/// after the kill.)
+#[test]
+fn a_requeue_killed_while_it_writes_leaves_the_spool_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join(cnbus_nats::DEAD_LETTER_FILE);
+    const N: usize = 12_000;
+    let mut text = String::new();
+    for i in 0..N {
+        let record = serde_json::json!({
+            "msg_id": format!("b.{i}.exec"),
+            "subject": "cnbus.events.h.exec",
+            "reason": "r",
+            "line": format!("{{\"i\":{i},\"pad\":\"{}\"}}\n", "x".repeat(3000)),
+        });
+        text += &format!("{record}\n");
+    }
+    std::fs::write(&dead, &text).unwrap();
+    let segment_files = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seg-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut child = Command::new(BIN)
+        .arg("requeue-dead-letters")
+        .arg("--spool")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    // A second segment begun: the first is whole.
+    while segment_files().len() < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the requeue ended before it could be killed"
+        );
+        assert!(start.elapsed() < DEADLINE, "no second segment");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = segment_files();
+    assert!(
+        left.iter().all(|n| n.ends_with(".spool.tmp")),
+        "a killed requeue left segments in the spool: {left:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&dead).unwrap(), text);
+    let out = Command::new(BIN)
+        .arg("requeue-dead-letters")
+        .arg("--spool")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains(&format!("requeued {N} dead letters")),
+        "{said}"
+    );
+    let left = segment_files();
+    assert!(
+        !left.is_empty() && left.iter().all(|n| n.ends_with(".spool")),
+        "{left:?}"
+    );
+    assert!(!dead.exists());
+}

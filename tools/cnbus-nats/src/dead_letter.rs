@@ -15,13 +15,13 @@
 //! [`Config::dead_letter_max_bytes`]: crate::Config::dead_letter_max_bytes
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use crate::spool::{self, NewSegments};
-use crate::{sanitize_token, Item, SinkError, MAX_HOST_TOKEN, SUBJECT_PREFIX};
+use crate::{sanitize_token, Item, SinkError, MAX_HOST_TOKEN, MAX_SUBJECT, SUBJECT_PREFIX};
 
 /// The file's name in the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
@@ -177,19 +177,35 @@ pub struct Requeued {
 /// appended, unchanged, to [`DEAD_LETTER_MALFORMED_FILE`]. The dead-letter file is removed
 /// at the end. A missing dead-letter file requeues nothing.
 ///
-/// Crash-safe: the records go into new spool segments, each written aside, synced and
-/// then renamed into the spool (a crash leaves whole segments, never a torn one), and the
-/// dead-letter file is removed only once every segment is on disk. A crash in between
-/// leaves records both in the spool and in the dead-letter file: a second requeue queues
-/// them again with the same msg ids, which the stream de-duplicates (within its duplicate
-/// window); no record is lost, none gets another id.
+/// Crash-safe: the records go into new spool segments, each written aside (`.tmp`) and
+/// synced as it fills; only once every record is written are they renamed into the spool,
+/// and the dead-letter file is removed only once every segment is on disk. A crash while
+/// they are written (nearly all the time a requeue takes) leaves the spool as it was (the
+/// `.tmp` segments are removed by the next requeue). A crash in the short step between the
+/// first rename and the removal leaves records both in the spool and in the dead-letter
+/// file: a second requeue queues them again with the same msg ids, which the stream
+/// de-duplicates (within its duplicate window). No record is lost, none gets another id.
 ///
 /// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
-/// sink, an agent), or a file operation failed; the dead-letter file is then left as it
-/// was (records already requeued in whole segments are in the spool too).
+/// sink, an agent), or a file operation failed (disk full, say); the dead-letter file is
+/// then left as it was, and what this requeue had done is undone: its segments removed
+/// from the spool, the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off, the file removed if it made it (a
+/// sink started next, or a second requeue, would otherwise send those records a second
+/// time). The one exception: syncing the directory after the dead-letter file was
+/// removed fails; the requeue is then done, its last step maybe not yet on disk.
 ///
 /// [`NatsSink::start`]: crate::NatsSink::start
 pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
+    requeue(spool_dir, MAX_LINE)
+}
+
+/// The longest line of the dead-letter file that can be a record: a line of the largest
+/// spool payload (64 MiB) with every byte escaped as `\u00XX`, and room for the rest.
+/// A longer line is kept aside without ever being whole in memory.
+const MAX_LINE: usize = 6 * (64 << 20) + (1 << 20);
+
+/// [`requeue_dead_letters`], lines over `max_line` bytes kept aside as they are read.
+fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
     let ctx = |op: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| SinkError::Spool { op, path, source }
@@ -204,19 +220,127 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
     };
     let mut reader = io::BufReader::new(file);
     let mut segments = NewSegments::new(spool_dir, spool::DEFAULT_SEGMENT_BYTES)?;
-    let malformed_path = spool_dir.join(DEAD_LETTER_MALFORMED_FILE);
-    let mut malformed_file: Option<File> = None;
+    let mut aside = Aside {
+        path: spool_dir.join(DEAD_LETTER_MALFORMED_FILE),
+        file: None,
+    };
     let mut done = Requeued::default();
+    let moved = move_records(
+        &mut reader,
+        &path,
+        max_line,
+        &mut segments,
+        &mut aside,
+        &mut done,
+    )
+    .and_then(|()| aside.sync())
+    // Every record on disk in the spool (and every other line kept aside) before the
+    // file goes.
+    .and_then(|()| segments.finish())
+    .and_then(|()| std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path)));
+    if let Err(e) = moved {
+        // Nothing done: the dead-letter file is still there, so the records put in the
+        // spool so far (a sink could send them, and a second requeue queue them again)
+        // and the lines kept aside so far come out again.
+        segments.abandon();
+        aside.abandon();
+        return Err(e);
+    }
+    done.segments = segments.segments;
+    spool::sync_dir(spool_dir)?;
+    Ok(done)
+}
+
+/// [`DEAD_LETTER_MALFORMED_FILE`] while a requeue appends to it: opened at the first line
+/// kept aside, with its length then (`None`: made by this requeue), to cut back to (or to
+/// remove) if the requeue fails.
+struct Aside {
+    path: PathBuf,
+    file: Option<(File, Option<u64>)>,
+}
+
+impl Aside {
+    fn keep(&mut self, line: &[u8]) -> Result<(), SinkError> {
+        let ctx = |op| {
+            let path = self.path.clone();
+            move |source| SinkError::Spool { op, path, source }
+        };
+        if self.file.is_none() {
+            let made = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&self.path);
+            self.file = Some(match made {
+                Ok(file) => (file, None),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let file = OpenOptions::new()
+                        .append(true)
+                        .open(&self.path)
+                        .map_err(ctx("open"))?;
+                    let len = file.metadata().map_err(ctx("open"))?.len();
+                    (file, Some(len))
+                }
+                Err(e) => return Err(ctx("open")(e)),
+            });
+        }
+        let (out, _) = self.file.as_mut().expect("opened above");
+        out.write_all(line).map_err(ctx("write"))
+    }
+
+    fn sync(&self) -> Result<(), SinkError> {
+        match &self.file {
+            Some((file, _)) => file.sync_all().map_err(|source| SinkError::Spool {
+                op: "sync",
+                path: self.path.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Cuts the file back to what it held before, or removes it if this requeue made it
+    /// (best effort: the requeue fails anyway).
+    fn abandon(&mut self) {
+        match self.file.take() {
+            Some((file, Some(len))) => {
+                let _ = file.set_len(len).and_then(|()| file.sync_all());
+            }
+            Some((_, None)) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reads the dead-letter file at `path` through `reader` to its end: records into
+/// `segments`, other lines into `aside`, counted in `done`. A line over `max_line` bytes
+/// (no record) goes aside piece by piece, never whole in memory.
+fn move_records(
+    reader: &mut impl BufRead,
+    path: &Path,
+    max_line: usize,
+    segments: &mut NewSegments,
+    aside: &mut Aside,
+    done: &mut Requeued,
+) -> Result<(), SinkError> {
+    let read_error = |source| SinkError::Spool {
+        op: "read dead-letter file",
+        path: path.to_owned(),
+        source,
+    };
     let mut line = Vec::new();
     for number in 1.. {
         line.clear();
-        reader
+        (&mut *reader)
+            .take(max_line as u64 + 1)
             .read_until(b'\n', &mut line)
-            .map_err(ctx("read dead-letter file", &path))?;
+            .map_err(read_error)?;
         if line.is_empty() {
             break;
         }
         let record = match line.strip_suffix(b"\n") {
+            _ if line.len() > max_line => Err(format!("longer than {max_line} bytes")),
             Some(text) => parse_record(text),
             // Even one that parses: the write was cut short, and the record is still in
             // the spool (released only once its line is written).
@@ -231,32 +355,38 @@ pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
                 done.malformed += 1;
                 done.first_malformed
                     .get_or_insert_with(|| format!("line {number}: {why}"));
-                if malformed_file.is_none() {
-                    let file = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&malformed_path)
-                        .map_err(ctx("open", &malformed_path))?;
-                    malformed_file = Some(file);
+                if line.len() > max_line && !line.ends_with(b"\n") {
+                    // The rest of that line, up to its newline (or the end of the file).
+                    aside.keep(&line)?;
+                    loop {
+                        let buf = reader.fill_buf().map_err(read_error)?;
+                        if buf.is_empty() {
+                            aside.keep(b"\n")?;
+                            break;
+                        }
+                        match buf.iter().position(|&b| b == b'\n') {
+                            Some(i) => {
+                                aside.keep(&buf[..=i])?;
+                                reader.consume(i + 1);
+                                break;
+                            }
+                            None => {
+                                let n = buf.len();
+                                aside.keep(buf)?;
+                                reader.consume(n);
+                            }
+                        }
+                    }
+                    continue;
                 }
-                let out = malformed_file.as_mut().expect("opened above");
                 if !line.ends_with(b"\n") {
                     line.push(b'\n');
                 }
-                out.write_all(&line)
-                    .map_err(ctx("write", &malformed_path))?;
+                aside.keep(&line)?;
             }
         }
     }
-    if let Some(file) = malformed_file {
-        file.sync_all().map_err(ctx("sync", &malformed_path))?;
-    }
-    // Every record on disk in the spool (and every other line kept aside) before the file
-    // goes.
-    done.segments = segments.finish()?;
-    std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path))?;
-    spool::sync_dir(spool_dir)?;
-    Ok(done)
+    Ok(())
 }
 
 /// One line of the dead-letter file (without its newline) as the spool record it was, or
@@ -296,13 +426,14 @@ fn parse_record(text: &[u8]) -> Result<Item, String> {
 }
 
 /// The event token of `subject` if it is one the sink publishes to,
-/// `cnbus.events.<host>.<event>` with both tokens as [`sanitize_token`] leaves them (the sink
-/// does not check subjects again when it publishes).
+/// `cnbus.events.<host>.<event>` with both tokens as [`sanitize_token`] leaves them, at most
+/// [`MAX_SUBJECT`] bytes (the sink refuses a longer one for good when it publishes).
 fn subject_event(subject: &str) -> Option<String> {
     let rest = subject.strip_prefix(SUBJECT_PREFIX)?.strip_prefix('.')?;
     let (host, event) = rest.split_once('.')?;
     let token = |t: &str| !t.is_empty() && sanitize_token(t) == t;
-    (token(host) && token(event) && host.len() <= MAX_HOST_TOKEN).then(|| event.to_owned())
+    (token(host) && token(event) && host.len() <= MAX_HOST_TOKEN && subject.len() <= MAX_SUBJECT)
+        .then(|| event.to_owned())
 }
 
 /// Cuts off an unfinished last line (a run that crashed, or lost power, in the middle of a
@@ -708,6 +839,146 @@ mod requeue_tests {
         let want =
             [("a", &s), ("b", &s), ("a", &s), ("b", &s)].map(|(a, s)| (a.to_owned(), s.clone()));
         assert_eq!(got, want);
+    }
+
+    /// Regression: a subject of any length up to 65535 bytes was requeued; the sink sent it,
+    /// the server closed the connection at each publish of it (its protocol line is capped
+    /// at 4096 bytes), and the record was sent again and again, forever, the sink
+    /// disconnecting each time. Now a subject over `MAX_SUBJECT` is no record: kept aside.
+    /// (Failed before the fix: both lines requeued.)
+    #[test]
+    fn a_subject_too_long_for_the_server_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let subject = |len: usize| {
+            let head = "cnbus.events.h.";
+            format!("{head}{}", "e".repeat(len - head.len()))
+        };
+        let mut text = String::new();
+        for (id, len) in [
+            ("fits", MAX_SUBJECT),
+            ("long", MAX_SUBJECT + 1),
+            ("huge", 60000),
+        ] {
+            let record = serde_json::json!({
+                "msg_id": id, "subject": subject(len), "reason": "r", "line": "x\n",
+            });
+            text += &format!("{record}\n");
+        }
+        std::fs::write(dead_letter_path(dir.path()), &text).unwrap();
+        let done = requeue_dead_letters(dir.path()).unwrap();
+        assert_eq!((done.requeued, done.malformed), (1, 2));
+        let first = done.first_malformed.unwrap();
+        assert!(first.starts_with("line 2: subject"), "{first}");
+        let got = spooled(dir.path());
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].0.as_str(), got[0].1.as_deref()),
+            ("fits", Some(subject(MAX_SUBJECT).as_str()))
+        );
+        let aside = std::fs::read_to_string(dir.path().join(DEAD_LETTER_MALFORMED_FILE)).unwrap();
+        assert_eq!(aside.lines().count(), 2);
+    }
+
+    /// Regression: a requeue that failed part way (here: the file for malformed lines cannot
+    /// be opened, after a first segment of records went into the spool) returned an error
+    /// with the dead-letter file as it was, yet left that segment in the spool: the next
+    /// start sent those records, and the requeue run again once the error was fixed queued
+    /// them a second time, stored twice once the stream's duplicate window had passed. Now
+    /// an error undoes what the requeue did: no segment of it left, the malformed lines it
+    /// kept aside cut off. (Failed before the fix: one segment left in the spool.)
+    #[test]
+    fn a_requeue_that_fails_part_way_leaves_the_spool_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 30);
+        let big: &'static [u8] = Box::leak(vec![b'y'; 3 << 20].into_boxed_slice());
+        for i in 0..2 {
+            let it = item(&format!("m{i}"), "fork", big);
+            assert!(dl.keep(&it, "cnbus.events.h.fork", "r").unwrap());
+        }
+        drop(dl);
+        let mut file = std::fs::read(dead_letter_path(dir.path())).unwrap();
+        file.extend_from_slice(b"junk\n");
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        // Where the junk line would go: a directory, which cannot be opened for writing.
+        let aside = dir.path().join(DEAD_LETTER_MALFORMED_FILE);
+        std::fs::create_dir(&aside).unwrap();
+        let e = requeue_dead_letters(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(DEAD_LETTER_MALFORMED_FILE), "{e}");
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            names(dir.path()),
+            [DEAD_LETTER_FILE, DEAD_LETTER_MALFORMED_FILE]
+        );
+        assert_eq!(std::fs::read(dead_letter_path(dir.path())).unwrap(), file);
+        // Malformed lines kept aside before the error are cut off too: a junk line first,
+        // then a failure at the second segment (no segment id left after the first: the
+        // newest segment in the directory is the one before the last id).
+        std::fs::remove_dir(&aside).unwrap();
+        std::fs::write(&aside, b"kept before\n").unwrap();
+        let mut file2 = b"junk first\n".to_vec();
+        file2.extend_from_slice(&file[..file.len() - b"junk\n".len()]);
+        std::fs::write(dead_letter_path(dir.path()), &file2).unwrap();
+        let newest = format!("seg-{:020}.spool", u64::MAX - 2);
+        std::fs::write(dir.path().join(&newest), b"").unwrap();
+        let e = requeue_dead_letters(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("no spool segment id left"), "{e}");
+        assert_eq!(std::fs::read(&aside).unwrap(), b"kept before\n");
+        assert_eq!(std::fs::read(dead_letter_path(dir.path())).unwrap(), file2);
+        assert_eq!(
+            names(dir.path()),
+            [
+                DEAD_LETTER_FILE,
+                DEAD_LETTER_MALFORMED_FILE,
+                newest.as_str()
+            ]
+        );
+        // A malformed file this requeue made is removed, not left empty.
+        std::fs::remove_file(&aside).unwrap();
+        assert!(requeue_dead_letters(dir.path()).is_err());
+        assert_eq!(names(dir.path()), [DEAD_LETTER_FILE, newest.as_str()]);
+    }
+
+    /// Regression: a line was read whole whatever its length, so a dead-letter file of one
+    /// endless line (not the sink's: it caps its lines) took all memory, an abort. Now a
+    /// line over the longest a record can be is kept aside piece by piece, never whole in
+    /// memory (here with a 200-byte bound), byte for byte, and the records around it are
+    /// requeued. (Failed before the fix: the reason was "not JSON", the line read whole.)
+    #[test]
+    fn a_line_longer_than_any_record_is_kept_aside_piece_by_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = |id: &str| {
+            format!(
+                "{{\"msg_id\":\"{id}\",\"subject\":\"cnbus.events.h.fork\",\"reason\":\"r\",\"line\":\"x\\n\"}}\n"
+            )
+            .into_bytes()
+        };
+        let long = [b'z'; 100_000];
+        let mut file = good("a");
+        file.extend_from_slice(&long);
+        file.push(b'\n');
+        file.extend(good("b"));
+        // A torn endless last line.
+        file.extend_from_slice(&long);
+        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
+        let done = requeue(dir.path(), 200).unwrap();
+        assert_eq!((done.requeued, done.malformed), (2, 2));
+        let first = done.first_malformed.unwrap();
+        assert_eq!(first, "line 2: longer than 200 bytes");
+        let ids: Vec<_> = spooled(dir.path()).into_iter().map(|s| s.0).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let mut kept = long.to_vec();
+        kept.push(b'\n');
+        kept.extend_from_slice(&long);
+        kept.push(b'\n');
+        let aside = std::fs::read(dir.path().join(DEAD_LETTER_MALFORMED_FILE)).unwrap();
+        assert!(aside == kept, "kept aside: {} bytes", aside.len());
     }
 
     /// Many records fill several segments (each at most the segment size, unless one

@@ -69,6 +69,13 @@ pub const SUBJECT_PREFIX: &str = "cnbus.events";
 /// Most bytes of the subjects' host token (after [`sanitize_token`]); a host name is at most
 /// 64 bytes on Linux, and a DNS name 253.
 pub const MAX_HOST_TOKEN: usize = 255;
+/// Most bytes of a subject the sink publishes to (`cnbus.events.`, a host token of at most
+/// [`MAX_HOST_TOKEN`] bytes, `.`, an event token of up to 255 bytes). The subject and the
+/// reply subject go on one protocol line, which the server caps (4096 bytes by default) by
+/// closing the connection: a record with a longer subject (a very long event name, or a
+/// requeued dead letter's subject) is refused for good (dead-lettered) instead of making
+/// the sink disconnect at every publish of it, forever.
+pub const MAX_SUBJECT: usize = SUBJECT_PREFIX.len() + 1 + MAX_HOST_TOKEN + 1 + 255;
 
 /// How the sink authenticates to the server. Its `Debug` output hides the secrets.
 #[derive(Clone, Default)]

@@ -310,15 +310,31 @@ fn segment_ids(dir: &Path) -> Result<Vec<u64>, crate::SinkError> {
     Ok(ids)
 }
 
+/// The id after the newest of `ids` (sorted), 0 for none; an error when the newest is the
+/// last id there is (a file named so by hand: ids count up from 0).
+fn next_segment_id(dir: &Path, ids: &[u64]) -> Result<u64, crate::SinkError> {
+    match ids.last() {
+        None => Ok(0),
+        Some(id) => id.checked_add(1).ok_or_else(|| {
+            ctx("name spool segment", dir)(io::Error::other(format!(
+                "no spool segment id left after {}",
+                seg_name(*id)
+            )))
+        }),
+    }
+}
+
 /// The suffix of a segment being written by [`NewSegments`], not yet part of the spool.
 const TMP_SUFFIX: &str = ".tmp";
 
 /// New whole segments added after every segment of a spool directory, for records that come
-/// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`,
-/// synced, and only then renamed to its name, so that a crash leaves whole segments or none
-/// (never a torn one) and the spool never sees a half-written one. For a directory locked
-/// ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by a crash are removed
-/// when the next one starts: their records were not yet taken from where they came from.
+/// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`
+/// and synced as it fills; only [`NewSegments::finish`] renames them all to their names, one
+/// after the other, so that a crash while they are written (the long part) leaves none in
+/// the spool, and a crash at any time leaves whole segments or none (never a torn one). For
+/// a directory locked ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by
+/// a crash are removed when the next one starts: their records were not yet taken from
+/// where they came from.
 pub(crate) struct NewSegments {
     dir: PathBuf,
     segment_max: u64,
@@ -327,8 +343,10 @@ pub(crate) struct NewSegments {
     /// [`NewSegments::finish`].
     buf: Vec<u8>,
     records: u64,
-    /// Segments made part of the spool.
+    /// Segments written (`.tmp` until [`NewSegments::finish`]).
     pub(crate) segments: u64,
+    /// Their paths, `.tmp` and final, and whether renamed.
+    written: Vec<(PathBuf, PathBuf, bool)>,
 }
 
 impl NewSegments {
@@ -347,7 +365,7 @@ impl NewSegments {
                 fs::remove_file(&path).map_err(ctx("remove unfinished spool segment", &path))?;
             }
         }
-        let next_id = segment_ids(dir)?.last().map_or(0, |id| id + 1);
+        let next_id = next_segment_id(dir, &segment_ids(dir)?)?;
         Ok(NewSegments {
             dir: dir.to_owned(),
             segment_max,
@@ -355,6 +373,7 @@ impl NewSegments {
             buf: Vec::new(),
             records: 0,
             segments: 0,
+            written: Vec::new(),
         })
     }
 
@@ -375,17 +394,34 @@ impl NewSegments {
         Ok(())
     }
 
-    /// Writes the segment being filled out, then syncs the directory: every record pushed
-    /// is in the spool, on disk, when this returns.
-    pub(crate) fn finish(mut self) -> Result<u64, crate::SinkError> {
+    /// Writes the segment being filled out, renames every segment written into the spool,
+    /// oldest first, then syncs the directory: every record pushed is in the spool, on disk,
+    /// when this returns.
+    pub(crate) fn finish(&mut self) -> Result<(), crate::SinkError> {
         if self.records > 0 {
             self.write_out()?;
         }
-        sync_dir(&self.dir)?;
-        Ok(self.segments)
+        for (tmp, path, renamed) in &mut self.written {
+            fs::rename(&*tmp, &*path).map_err(ctx("rename spool segment", path))?;
+            *renamed = true;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Takes every segment written back out (best effort, for a caller that failed and
+    /// keeps the records where they came from): removed, the directory synced.
+    pub(crate) fn abandon(&mut self) {
+        for (tmp, path, renamed) in self.written.drain(..) {
+            let _ = fs::remove_file(if renamed { path } else { tmp });
+        }
+        let _ = sync_dir(&self.dir);
+        self.buf.clear();
+        self.records = 0;
+        self.segments = 0;
     }
 
     fn write_out(&mut self) -> Result<(), crate::SinkError> {
+        let next = next_segment_id(&self.dir, &[self.next_id])?;
         let path = self.dir.join(seg_name(self.next_id));
         let mut tmp = path.clone().into_os_string();
         tmp.push(TMP_SUFFIX);
@@ -399,8 +435,8 @@ impl NewSegments {
             let _ = fs::remove_file(&tmp);
             return Err(ctx("write spool segment", &tmp)(e));
         }
-        fs::rename(&tmp, &path).map_err(ctx("rename spool segment", &path))?;
-        self.next_id += 1;
+        self.written.push((tmp, path, false));
+        self.next_id = next;
         self.segments += 1;
         self.buf.clear();
         self.records = 0;
@@ -434,7 +470,7 @@ impl Spool {
             sealed: VecDeque::new(),
             active: None,
             loaded: HashMap::new(),
-            next_id: ids.last().map_or(0, |id| id + 1),
+            next_id: next_segment_id(dir, &ids)?,
             bytes: 0,
             records: 0,
             pending: 0,
@@ -511,9 +547,11 @@ impl Spool {
             return Ok(false);
         }
         if needs_header {
-            self.seal_active();
             let id = self.next_id;
-            self.next_id += 1;
+            self.next_id = id
+                .checked_add(1)
+                .ok_or_else(|| io::Error::other("no spool segment id left"))?;
+            self.seal_active();
             let path = self.dir.join(seg_name(id));
             let mut file = OpenOptions::new()
                 .create_new(true)
@@ -740,5 +778,31 @@ mod tests {
         let (_, found) = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         assert!(found.records < 10);
         assert_eq!(found.torn_tails, 1);
+    }
+
+    /// Regression: a segment file named with the last id there is (by hand: ids count up
+    /// from 0) made the next id overflow, a panic in a debug build (in a release build it
+    /// wrapped to 0, before every other segment). Now the spool refuses to open, and
+    /// appending past the last id is an error. (Failed before the fix: "attempt to add
+    /// with overflow".)
+    #[test]
+    fn the_last_segment_id_is_an_error_not_an_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = dir.path().join(seg_name(u64::MAX));
+        fs::write(&last, b"").unwrap();
+        let e = Spool::open(dir.path(), 1 << 20, 1 << 20)
+            .err()
+            .expect("opened")
+            .to_string();
+        assert!(e.contains("no spool segment id left"), "{e}");
+        fs::remove_file(&last).unwrap();
+        let mut data = MAGIC.to_vec();
+        data.extend_from_slice(&VERSION.to_le_bytes());
+        encode(&item(1), &mut data);
+        fs::write(dir.path().join(seg_name(u64::MAX - 1)), &data).unwrap();
+        let (mut spool, found) = Spool::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(found.records, 1);
+        let e = spool.append(&item(2), false).unwrap_err().to_string();
+        assert!(e.contains("no spool segment id left"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::dead_letter::{DeadLetter, MAYBE_STORED_NOTE};
 use crate::subject::{sanitize_token, subject_covers};
-use crate::{Auth, Config, Item, Shared, SinkError, SUBJECT_PREFIX};
+use crate::{Auth, Config, Item, Shared, SinkError, MAX_SUBJECT, SUBJECT_PREFIX};
 
 /// How often the loop looks at the connection and the spool when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(50);
@@ -537,6 +537,15 @@ impl Worker {
                 subject
             }
         };
+        if subject.len() > MAX_SUBJECT {
+            let earlier = item.sent_before;
+            let why = format!(
+                "its subject is {} bytes long, over {MAX_SUBJECT}: the server would close the connection at each publish of it",
+                subject.len()
+            );
+            self.refuse(item, why, earlier);
+            return;
+        }
         let reply = {
             use std::fmt::Write;
             self.reply.clear();

@@ -390,3 +390,38 @@ fn dead_letters_requeued_once_the_cause_is_fixed_are_stored_once_with_their_ids_
     );
     check_stream();
 }
+
+/// Regression: a record whose subject is too long for the server's protocol line (4096
+/// bytes by default; here a requeued dead letter's subject, or a library user's very long
+/// event name) made the server close the connection at each publish of it: sent again and
+/// again, forever, the sink disconnecting each time, the record never stored nor counted.
+/// Now a subject over `MAX_SUBJECT` is refused for good: dead-lettered, counted as
+/// dropped, the records around it stored, no disconnect. (Failed before the fix: the
+/// long-subject record stayed unsent, with disconnects.)
+#[test]
+fn a_subject_too_long_for_the_server_is_refused_for_good_without_disconnecting() {
+    let server = NatsServer::start(&[]);
+    server.create_stream("CNBUS_EVENTS", &["cnbus.events.>"]);
+    let spool = tempfile::tempdir().unwrap();
+    let sink = start_sink(server.url(), spool.path());
+    let long_event = "e".repeat(5000);
+    for i in 0..3 {
+        sink.publish(Record {
+            event: if i == 1 { &long_event } else { "fork" },
+            msg_id: msg_id(i),
+            line: line(i),
+        });
+    }
+    let report = sink.shutdown(DEADLINE);
+    assert_eq!((report.sent, report.unsent, report.dropped), (2, 0, 1));
+    assert_eq!(
+        (report.stats.dead_lettered, report.stats.disconnects),
+        (1, 0)
+    );
+    let kept = dead_letters(spool.path());
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["msg_id"], msg_id(1));
+    let stored = by_id(&read_stream(&server.url(), "CNBUS_EVENTS"));
+    assert_eq!(stored.len(), 2);
+    assert!(!stored.contains_key(&msg_id(1)));
+}
