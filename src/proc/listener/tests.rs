@@ -252,7 +252,7 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
     let mut m = std::process::Command::new("true").spawn().unwrap();
     let marker = m.id();
     m.wait().unwrap();
-    let mut seen = 0;
+    let (mut seen, mut lost) = (0, false);
     loop {
         match exits.recv().unwrap() {
             Received::Event(ev) => {
@@ -262,10 +262,18 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
                     break;
                 }
             }
-            Received::Lost(l) => panic!("{test}: {l:?}"),
+            // A busy host overflowed the queue: ours (the marker too) may be among the lost.
+            Received::Lost(_) => {
+                lost = true;
+                break;
+            }
         }
     }
-    assert_eq!(seen, ours.len(), "{test}");
+    assert!(
+        lost || seen == ours.len(),
+        "{test}: {seen} of {}",
+        ours.len()
+    );
     while let Some(r) = core.try_recv().unwrap() {
         if let Received::Event(ev) = r {
             assert_eq!(ev.kind(), EventKind::Coredump, "{test}: {ev:?}");
