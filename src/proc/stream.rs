@@ -147,6 +147,17 @@ impl ProcStream {
                 self.decoder.record_decode_error(port, error);
                 None
             }
+            // Everything a user-space port sends on group 1 is rejected and counted, as
+            // `ProcListener` does: its `NLMSG_ERROR`, and a datagram too long for the
+            // buffer (no kernel proc datagram comes near 64 KiB).
+            Err(Event::NetlinkError { port, .. }) => {
+                self.decoder.spoofed += u64::from(port != 0);
+                None
+            }
+            Err(Event::Truncated { .. }) => {
+                self.decoder.spoofed += 1;
+                None
+            }
             Err(_) => None,
         }
     }
@@ -290,6 +301,40 @@ mod tests {
     use crate::proc::listener::tests::{overflow_with_spoofs, spoofed, spoofing};
     use crate::proc::{EventSet, LossSource};
     use crate::sys::ConnectorSocket;
+
+    /// Regression: what a user-space sender put on group 1 that the connector reports as
+    /// an event rather than a message, a netlink `NLMSG_ERROR` or a datagram too long for
+    /// the buffer, was skipped uncounted by the stream, where `ProcListener` counts it in
+    /// `spoofed` (everything a user-space port sends there is rejected and counted). The
+    /// kernel's own `NLMSG_ERROR` (port 0) is not spoofed. (User-space `NLMSG_NOOP` and
+    /// `NLMSG_OVERRUN` are counted by the connector only, in `Stats::control`.)
+    #[tokio::test]
+    async fn user_space_errors_and_oversized_datagrams_are_counted_as_spoofed() {
+        let test = "stream::user_space_errors_and_oversized_datagrams_are_counted_as_spoofed";
+        let mut s = match ProcStream::open(EventSet::ALL).await {
+            Ok(s) => s,
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("{test}: the proc connector is required under CI: {e}")
+            }
+            Err(e) => {
+                eprintln!("{test}: SKIPPED, proc connector not reachable: {e}");
+                return;
+            }
+        };
+        // The stream is not polled: its decoder sees only what is handed to it here.
+        let before = s.stats().spoofed;
+        for port in [4242, 0] {
+            assert_eq!(s.take(Err(Event::NetlinkError { port, error: -5 })), None);
+        }
+        let long = Event::Truncated {
+            len: 70_000,
+            capacity: 65_572,
+        };
+        assert_eq!(s.take(Err(long)), None);
+        let st = s.stats();
+        assert_eq!(st.spoofed - before, 2, "{test}: {st:?}");
+        assert!(s.pending.is_empty(), "{test}");
+    }
 
     /// `ProcStream::finish` settles as `ProcListener::finish` does (the same
     /// `proc::loss::Settling` and `witnessed`): a spoofer socket of our own overflows the

@@ -115,6 +115,13 @@ impl ProcListenerBuilder {
     /// the kernel never sends an ACK to a filtered socket. Without that proof (an older
     /// kernel, or no ACK), `Auto` falls back to the classic 4-byte `LISTEN` and filters in
     /// user space with the kernel's own rules ([`EventSet::matches`]).
+    ///
+    /// The listener's life starts before `open` returns, at its last join to group 1: it
+    /// gets every event the kernel sends after that moment. Kernel-filtered, that is the
+    /// join after the probe (the socket leaves group 1, is read empty and joins again, so
+    /// that what the probe received or dropped, any kind of event, is neither delivered nor
+    /// counted as lost); with every event or user-space filtering, the first join, and the
+    /// events that came while the ACK was awaited are delivered.
     pub fn open(self) -> Result<ProcListener> {
         self.open_with(|_| {})
     }

@@ -222,6 +222,70 @@ fn what_the_kernel_filters_probe_dropped_is_not_counted_as_lost() {
     assert_eq!(st.lost(), Some(0), "{test}: {st:?}");
 }
 
+/// The kernel's filter (`sk_user_data`, set by the 8-byte `LISTEN`) outlives the socket's
+/// leave and rejoin of group 1 after the probe (the connector frees it only when the socket
+/// is closed): our own children's forks and exits, which a listener for coredumps must not
+/// be sent, never reach it (none filtered in user space), and an exit listener opened the
+/// same way gets theirs. Evidence for the rejoin, not a regression test.
+#[test]
+fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
+    let test = "the_kernel_filter_survives_the_rejoin_after_the_probe";
+    if kernel_socket(test).is_none() || !crate::sys::kernel_at_least(6, 6) {
+        return;
+    }
+    let open = |events| {
+        ProcListener::builder()
+            .events(events)
+            .filter_mode(FilterMode::Kernel)
+            .open()
+            .unwrap()
+    };
+    let mut core = open(EventSet::COREDUMP);
+    let mut exits = open(EventSet::EXIT);
+    let mut ours = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        ours.insert(c.id());
+        c.wait().unwrap();
+    }
+    // Our children's exits came before the marker's: read up to it.
+    let mut m = std::process::Command::new("true").spawn().unwrap();
+    let marker = m.id();
+    m.wait().unwrap();
+    let (mut seen, mut lost) = (0, false);
+    loop {
+        match exits.recv().unwrap() {
+            Received::Event(ev) => {
+                let pid = ev.task().unwrap_or_default().tgid;
+                seen += usize::from(ours.contains(&pid));
+                if pid == marker {
+                    break;
+                }
+            }
+            // A busy host overflowed the queue: ours (the marker too) may be among the lost.
+            Received::Lost(_) => {
+                lost = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        lost || seen == ours.len(),
+        "{test}: {seen} of {}",
+        ours.len()
+    );
+    while let Some(r) = core.try_recv().unwrap() {
+        if let Received::Event(ev) = r {
+            assert_eq!(ev.kind(), EventKind::Coredump, "{test}: {ev:?}");
+        }
+    }
+    let st = core.stats();
+    assert_eq!(
+        st.filtered, 0,
+        "{test}: the kernel sent what it should filter: {st:?}"
+    );
+}
+
 /// One at a time, the kernel tests of this file and of `proc::stream` that multicast on
 /// group 1: each one's spoofer would spoil the others' tries, legitimately.
 pub(crate) static SPOOFING: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -75,14 +75,16 @@ fn millis_since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
-impl<W: Write + AsFd> Write for Watched<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl<W: Write + AsFd> Watched<W> {
+    /// Runs `op` (a write or a flush) noting when it began. On a non-blocking descriptor
+    /// (set by another process sharing the pipe or terminal) it waits until the descriptor
+    /// takes more, as a blocking write does, rather than fail: in `write`, and in `flush`
+    /// too, where Rust's stdout (a `LineWriter`) writes what it kept after a short write.
+    fn waiting<T>(&mut self, mut op: impl FnMut(&mut W) -> io::Result<T>) -> io::Result<T> {
         self.writing_since
             .store(millis_since(self.base), Ordering::SeqCst);
         let r = loop {
-            match self.inner.write(buf) {
-                // Non-blocking (set by another process sharing the pipe or terminal): wait
-                // until it takes more, as a blocking write does, rather than fail.
+            match op(&mut self.inner) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = cnbus::sys::poll_write(&self.inner) {
                         break Err(io::Error::other(e));
@@ -94,9 +96,15 @@ impl<W: Write + AsFd> Write for Watched<W> {
         self.writing_since.store(0, Ordering::SeqCst);
         r
     }
+}
+
+impl<W: Write + AsFd> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.waiting(|w| w.write(buf))
+    }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.waiting(|w| w.flush())
     }
 }
 
@@ -372,4 +380,60 @@ fn main() -> ExitCode {
     }
     stage.store(DONE, Ordering::SeqCst);
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{BorrowedFd, OwnedFd};
+
+    /// A writer like a non-blocking stdout's `LineWriter` after a short write: it holds
+    /// bytes, and its `flush` fails with `EAGAIN` while the pipe is full (here: the first
+    /// `busy` times), although the pipe (`fd`) accepts writes again.
+    struct Holding {
+        fd: OwnedFd,
+        busy: u32,
+    }
+
+    impl Write for Holding {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            if self.busy > 0 {
+                self.busy -= 1;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        }
+    }
+
+    impl AsFd for Holding {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+    }
+
+    /// Regression: a non-blocking stdout was waited for in `write` only. Rust's stdout is a
+    /// `LineWriter`, which keeps up to 1 KiB of lines after a short write to a non-blocking
+    /// pipe and writes them at the next `flush`: that `flush` met the full pipe, failed
+    /// with `EAGAIN`, and ended the run with status 1 ("Resource temporarily
+    /// unavailable"), as before the wait in `write`. Now `flush` waits as `write` does.
+    #[test]
+    fn a_flush_that_meets_a_full_non_blocking_pipe_waits() {
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let mut w = Watched {
+            inner: Holding {
+                fd: writer.into(),
+                busy: 3,
+            },
+            writing_since: Arc::new(AtomicU64::new(0)),
+            base: Instant::now(),
+        };
+        w.write_all(b"line\n").unwrap();
+        w.flush().unwrap();
+        assert_eq!(w.inner.busy, 0);
+        assert_eq!(w.writing_since.load(Ordering::SeqCst), 0);
+    }
 }

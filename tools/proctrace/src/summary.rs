@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cnbus::proc::{EventKind, Filtering, LossStats};
 
-use crate::tracer::{printable, Tracer};
+use crate::tracer::{printable, Tracer, NO_NAME_ROW};
 
 impl Tracer {
     /// The summary lines.
@@ -121,7 +121,7 @@ impl Tracer {
         };
         for (name, c) in rows {
             let name = if name.is_empty() {
-                "(kernel ack)".into()
+                NO_NAME_ROW.into()
             } else {
                 printable(name)
             };
@@ -156,5 +156,28 @@ mod tests {
         assert!(!s.chars().any(|c| c.is_control() && c != '\n'), "{s:?}");
         let row = s.lines().find(|l| l.contains("evil")).unwrap();
         assert!(row.ends_with("  evil??[31mX"), "{s:?}");
+    }
+
+    /// Regression: the kernel's ACKs were counted under the empty program name, and so
+    /// was every process whose program name is empty (an empty `argv[0]`, one ending in
+    /// `/`, an empty comm): such a process's events were shown in the row
+    /// "(kernel ack)". The ACKs now have a key no program name can be (it has a space, at
+    /// which `program` cuts), and an empty name has a row of its own.
+    #[test]
+    fn a_process_without_a_program_name_is_not_a_kernel_ack() {
+        let mut t = crate::tracer::tests::tracer();
+        t.stats = true;
+        t.count("", EventKind::Ack);
+        for name in [" -x", "/usr/bin/", ""] {
+            t.count(name, EventKind::Exit);
+        }
+        let s = t.summary(&LossStats::default(), Duration::ZERO, Filtering::None);
+        let row = |label: &str| {
+            let l = s.lines().find(|l| l.ends_with(&format!("  {label}")));
+            l.unwrap_or_else(|| panic!("no row {label}: {s}"))
+                .to_string()
+        };
+        assert!(row("(kernel ack)").trim_start().starts_with("1 "), "{s}");
+        assert!(row("(no name)").trim_start().starts_with("3 "), "{s}");
     }
 }

@@ -34,6 +34,12 @@ pub const FLUSH_IN_BURST: usize = 32 << 10;
 /// receive queue holds, so it only bounds a flood of user-space datagrams on group 1.
 pub const DRAIN_LIMIT: usize = 1 << 20;
 pub const MAX_STAT_NAMES: usize = 4096;
+/// The `--stats` table's key (and row) for the kernel's ACKs: no program name can be it,
+/// since [`program`] cuts a name at its first space.
+pub const ACK_ROW: &str = "(kernel ack)";
+/// The `--stats` table's row for the processes whose program name is empty (an empty
+/// `argv[0]`, one ending in `/`, an empty comm); no program name can be it either.
+pub const NO_NAME_ROW: &str = "(no name)";
 
 /// Where the tracer reads what it shows of a process by itself (names, start times):
 /// `/proc`, unless that belongs to another pid namespace, where the events' pids (the
@@ -132,7 +138,11 @@ impl Tracer {
     /// storm are all different; the program is what a reader wants totals for).
     pub fn count(&mut self, name: &str, kind: EventKind) {
         let k = EventKind::ALL.iter().position(|x| *x == kind).unwrap_or(0);
-        let prog = program(name);
+        let prog = if kind == EventKind::Ack {
+            ACK_ROW
+        } else {
+            program(name)
+        };
         if let Some(c) = self.counts.get_mut(prog) {
             c[k] += 1;
         } else if self.counts.len() < MAX_STAT_NAMES {
