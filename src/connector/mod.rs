@@ -715,12 +715,9 @@ impl ConnectorHandle {
         if self.inner.shutdown.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let clash = match key.1 {
-            // A port's reply clashes with that port's or a group's only: two lookups.
-            Some(_) => p.contains_key(&key) || p.contains_key(&(key.0, None)),
-            None => p.keys().any(|(k, _)| *k == key.0),
-        };
-        if clash {
+        if p.keys()
+            .any(|(k, from)| *k == key.0 && replies_clash(*from, key.1))
+        {
             return Err(Error::InvalidArgument(
                 "a request with this id, seq and ack is already outstanding",
             ));

@@ -483,3 +483,59 @@ pub fn on_a_terminal(cmd: &mut Command) -> (Running, Terminal) {
     drop(slave);
     (r, Terminal(master))
 }
+
+/// Waits until the process `pid` has joined the proc connector's group (its connector
+/// socket's port is its pid: its first netlink socket), then a moment more for the
+/// subscription to take effect.
+pub fn wait_subscribed(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let table = std::fs::read_to_string("/proc/net/netlink").unwrap_or_default();
+        let joined = table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == "11" && f[2] == pid.to_string() && f[3] == "00000001"
+        });
+        if joined {
+            std::thread::sleep(Duration::from_millis(100));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("process {pid} did not join the proc connector's group");
+}
+
+/// Runs `bin args` (a process-event tool that ends by itself) with its stdout the write
+/// end of a pipe opened again with `O_NONBLOCK`: a description of its own, as a shell or
+/// node sharing the pipe would set it. Once it has subscribed, 300 `/bin/true` children
+/// give it some 200 KiB of lines, more than the pipe holds. Returns its exit status, its
+/// stdout and its stderr.
+pub fn with_a_non_blocking_stdout(bin: &PathBuf, args: &[&str]) -> (ExitStatus, String, String) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let stdout = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap();
+    drop(writer);
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_subscribed(child.id());
+    for _ in 0..300 {
+        Command::new("/bin/true").status().unwrap();
+    }
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).unwrap();
+    let done = child.wait_with_output().unwrap();
+    (
+        done.status,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8_lossy(&done.stderr).into_owned(),
+    )
+}

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use cnbus_cli::output::{reader_gone, Terminals};
+use cnbus_cli::output::{reader_gone, Patient, Terminals};
 use cnbus_cli::warn;
 
 /// Writes `data` to `path` atomically for readers: to `path.tmp`, then renamed over `path`
@@ -21,11 +21,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The event log: `path` appended, or stdout.
+/// The event log: `path` appended, or stdout; waited for when another process made it
+/// non-blocking ([`Patient`]), as proctrace's output is.
 pub fn open_output(path: Option<&Path>) -> io::Result<Box<dyn Write + Send>> {
     Ok(match path {
-        Some(p) => Box::new(OpenOptions::new().create(true).append(true).open(p)?),
-        None => Box::new(io::stdout()),
+        Some(p) => Box::new(Patient(
+            OpenOptions::new().create(true).append(true).open(p)?,
+        )),
+        None => Box::new(Patient(io::stdout())),
     })
 }
 

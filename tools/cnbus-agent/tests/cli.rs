@@ -95,6 +95,31 @@ fn help_version_completions_and_man_page_to_a_full_disk_fail_with_status_1() {
     full_stdout(&bin, "cnbus-agent", &["man"], "the man page");
 }
 
+/// Regression: an event log on a stdout that another process sharing it made non-blocking
+/// (a shell, node) ended the agent with status 1 and "Resource temporarily unavailable" at
+/// the first full pipe; it now waits for the reader as with a blocking stdout, as
+/// proctrace does (`cnbus_cli::output::Patient`).
+#[test]
+fn a_non_blocking_stdout_is_waited_for() {
+    let test = "a_non_blocking_stdout_is_waited_for";
+    if !kernel(test) {
+        return;
+    }
+    let args = ["--duration", "4", "--interval", "60"];
+    let (status, text, err) = with_a_non_blocking_stdout(&bin(), &args);
+    assert_eq!(status.code(), Some(0), "{test}: {err}");
+    assert!(text.len() > 64 << 10, "{test}: only {} bytes", text.len());
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{test}: {e}: {line}"));
+        // The event schema (and the agent's own `ppid`); its own lines are not events.
+        if !matches!(v["event"].as_str(), Some("resync" | "dropped")) {
+            cnbus_cli::event::check_line(&v, true, &["ppid"])
+                .unwrap_or_else(|e| panic!("{test}: {e}: {line}"));
+        }
+    }
+}
+
 /// The final counters in `path` (`--stats-file`), once the agent has exited.
 fn final_counters(path: &std::path::Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap();

@@ -1,7 +1,9 @@
-//! Writing to stderr without panicking, how a failed write of the output ends a tool, and
-//! the termination signals every tool blocks at start.
+//! Writing to stderr without panicking, waiting on an output another process made
+//! non-blocking, how a failed write of the output ends a tool, and the termination signals
+//! every tool blocks at start.
 
-use std::io;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::process::ExitCode;
 
 /// `warn!("fmt", args)`: one line to stderr, ignoring errors. (`eprintln!` panics when
@@ -12,6 +14,47 @@ macro_rules! warn {
         use ::std::io::Write as _;
         let _ = writeln!(::std::io::stderr().lock(), $($t)*);
     }};
+}
+
+/// A writer that waits for its descriptor when another process sharing it made it
+/// non-blocking, as a blocking one would, instead of failing with `EAGAIN`.
+///
+/// `O_NONBLOCK` belongs to the open file, not to the process: a shell or a runtime such as
+/// node that shares a tool's pipe or terminal may set it. A write (or a `flush`, where
+/// Rust's stdout writes what it kept after a short write) that would block is retried once
+/// [`cnbus::sys::poll_write`] says the descriptor takes more; an error or a hang-up that
+/// the poll reports is what the next write then returns. A tool's own timeout on a stalled
+/// reader applies as for a blocking output.
+#[derive(Debug)]
+pub struct Patient<W>(pub W);
+
+impl<W: Write + AsFd> Patient<W> {
+    fn retry<T>(&mut self, mut op: impl FnMut(&mut W) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            match op(&mut self.0) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    cnbus::sys::poll_write(&self.0).map_err(io::Error::other)?;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<W: Write + AsFd> Write for Patient<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(|w| w.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.retry(|w| w.flush())
+    }
+}
+
+impl<W: AsFd> AsFd for Patient<W> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
 /// True when the failed write `e` says that the output's reader is gone: a closed pipe
@@ -108,7 +151,6 @@ pub fn parse_args<P: clap::Parser>(program: &str) -> P {
 /// Ends the tool for clap's `e` as [`parse_args`] describes.
 pub fn exit_on_parse_error(program: &str, e: &clap::Error) -> ! {
     use clap::error::ErrorKind;
-    use std::io::Write as _;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let what = if e.kind() == ErrorKind::DisplayHelp {
             "the help to stdout"
@@ -126,4 +168,61 @@ pub fn exit_on_parse_error(program: &str, e: &clap::Error) -> ! {
         });
     }
     e.exit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// The write end of a pipe opened again with `O_NONBLOCK` (a description of its own),
+    /// and the read end.
+    fn non_blocking_pipe() -> (std::fs::File, io::PipeReader) {
+        use std::os::fd::AsRawFd;
+        let (reader, writer) = io::pipe().unwrap();
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+            .unwrap();
+        (w, reader)
+    }
+
+    #[test]
+    fn a_patient_writer_waits_for_a_full_non_blocking_pipe() {
+        const LEN: usize = 1 << 20;
+        // What it guards against: the plain writer fails once the pipe is full.
+        let (mut plain, _r) = non_blocking_pipe();
+        let err = plain.write_all(&vec![1u8; LEN]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+
+        let (w, mut r) = non_blocking_pipe();
+        let writer = std::thread::spawn(move || {
+            let mut w = io::BufWriter::new(Patient(w));
+            for chunk in vec![7u8; LEN].chunks(1000) {
+                w.write_all(chunk).unwrap();
+            }
+            w.flush().unwrap();
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < LEN {
+            // A slow reader: the writer meets a full pipe again and again.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            let n = r.read(&mut buf).unwrap();
+            assert!(n > 0, "the writer ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.join().unwrap();
+        assert!(got.len() == LEN && got.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn a_patient_writer_reports_a_reader_gone() {
+        let (w, r) = non_blocking_pipe();
+        drop(r);
+        let err = Patient(w).write_all(b"x").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
 }

@@ -29,7 +29,7 @@ use clap::CommandFactory;
 use cnbus::proc::{EnrichConfig, Enricher, EventSet, ProcListener};
 use cnbus::Error;
 use cnbus_cli::clock::Clocks;
-use cnbus_cli::output::Terminals;
+use cnbus_cli::output::{Patient, Terminals};
 use cnbus_cli::warn;
 
 use cache::Cache;
@@ -62,9 +62,10 @@ const SUMMARY: u8 = 2;
 const DONE: u8 = 3;
 
 /// Stdout or stderr, noting when a `write` to it began (for the watchdog of
-/// [`STALLED_OUTPUT`]).
+/// [`STALLED_OUTPUT`]); a non-blocking one is waited for ([`Patient`]), and that wait is
+/// watched too.
 struct Watched<W> {
-    inner: W,
+    inner: Patient<W>,
     /// Milliseconds since `base` at which the current `write` began, plus 1; 0 when none
     /// is in progress.
     writing_since: Arc<AtomicU64>,
@@ -76,23 +77,11 @@ fn millis_since(base: Instant) -> u64 {
 }
 
 impl<W: Write + AsFd> Watched<W> {
-    /// Runs `op` (a write or a flush) noting when it began. On a non-blocking descriptor
-    /// (set by another process sharing the pipe or terminal) it waits until the descriptor
-    /// takes more, as a blocking write does, rather than fail: in `write`, and in `flush`
-    /// too, where Rust's stdout (a `LineWriter`) writes what it kept after a short write.
-    fn waiting<T>(&mut self, mut op: impl FnMut(&mut W) -> io::Result<T>) -> io::Result<T> {
+    /// Runs `op` (a write or a flush) noting when it began.
+    fn watched<T>(&mut self, op: impl FnOnce(&mut Patient<W>) -> io::Result<T>) -> io::Result<T> {
         self.writing_since
             .store(millis_since(self.base), Ordering::SeqCst);
-        let r = loop {
-            match op(&mut self.inner) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = cnbus::sys::poll_write(&self.inner) {
-                        break Err(io::Error::other(e));
-                    }
-                }
-                r => break r,
-            }
-        };
+        let r = op(&mut self.inner);
         self.writing_since.store(0, Ordering::SeqCst);
         r
     }
@@ -100,11 +89,11 @@ impl<W: Write + AsFd> Watched<W> {
 
 impl<W: Write + AsFd> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.waiting(|w| w.write(buf))
+        self.watched(|w| w.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.waiting(|w| w.flush())
+        self.watched(|w| w.flush())
     }
 }
 
@@ -276,7 +265,7 @@ fn main() -> ExitCode {
     }
     let terminal = Terminals::at_start();
     let stdout = Watched {
-        inner: io::stdout().lock(),
+        inner: Patient(io::stdout().lock()),
         writing_since: writing_since.clone(),
         base: started,
     };
@@ -368,7 +357,7 @@ fn main() -> ExitCode {
     stage.store(SUMMARY, Ordering::SeqCst);
     {
         let mut err = Watched {
-            inner: io::stderr().lock(),
+            inner: Patient(io::stderr().lock()),
             writing_since,
             base: started,
         };
@@ -424,16 +413,16 @@ mod tests {
     fn a_flush_that_meets_a_full_non_blocking_pipe_waits() {
         let (_reader, writer) = std::io::pipe().unwrap();
         let mut w = Watched {
-            inner: Holding {
+            inner: Patient(Holding {
                 fd: writer.into(),
                 busy: 3,
-            },
+            }),
             writing_since: Arc::new(AtomicU64::new(0)),
             base: Instant::now(),
         };
         w.write_all(b"line\n").unwrap();
         w.flush().unwrap();
-        assert_eq!(w.inner.busy, 0);
+        assert_eq!(w.inner.0.busy, 0);
         assert_eq!(w.writing_since.load(Ordering::SeqCst), 0);
     }
 }

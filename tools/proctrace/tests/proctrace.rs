@@ -9,30 +9,12 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::cli::wait_subscribed;
+
 const BIN: &str = env!("CARGO_BIN_EXE_proctrace");
 
 fn kernel(test: &str) -> bool {
     common::kernel_socket(test).is_some()
-}
-
-/// Waits until process `pid` has a connector socket in group 1 (`/proc/net/netlink`: the
-/// first socket of a process gets the pid as its port id), then a little longer for its
-/// LISTEN, which follows the join immediately.
-fn wait_subscribed(pid: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        let table = std::fs::read_to_string("/proc/net/netlink").unwrap_or_default();
-        let joined = table.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == "11" && f[2] == pid.to_string() && f[3] == "00000001"
-        });
-        if joined {
-            std::thread::sleep(Duration::from_millis(100));
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("proctrace {pid} did not join the proc connector's group");
 }
 
 #[test]
@@ -271,37 +253,13 @@ fn in_another_pid_namespaces_proc_it_reads_nothing_there() {
 /// anything is read; then everything is read, and every line is whole JSON.
 #[test]
 fn a_non_blocking_stdout_is_waited_for() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     let test = "a_non_blocking_stdout_is_waited_for";
     if !kernel(test) {
         return;
     }
-    let (mut reader, writer) = std::io::pipe().unwrap();
-    // The write end opened again with O_NONBLOCK: a description of its own, proctrace's.
-    let stdout = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
-        .unwrap();
-    drop(writer);
-    let tracer = Command::new(BIN)
-        .args(["--json", "--events", "exec,exit", "--duration", "4"])
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_subscribed(tracer.id());
-    // 300 children: an exec and an exit each, some 200 KiB of lines.
-    for _ in 0..300 {
-        Command::new("/bin/true").status().unwrap();
-    }
-    let mut out = Vec::new();
-    reader.read_to_end(&mut out).unwrap();
-    let done = tracer.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&done.stderr);
-    assert_eq!(done.status.code(), Some(0), "{test}: {err}");
-    let text = String::from_utf8(out).unwrap();
+    let args = ["--json", "--events", "exec,exit", "--duration", "4"];
+    let (status, text, err) = common::cli::with_a_non_blocking_stdout(&BIN.into(), &args);
+    assert_eq!(status.code(), Some(0), "{test}: {err}");
     assert!(text.len() > 64 << 10, "{test}: only {} bytes", text.len());
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
