@@ -1370,6 +1370,51 @@ mod tests {
         assert_eq!(count(&rx, idx), 10);
     }
 
+    /// The flusher's barrier failing for good with a `max_latency` of 0 (its aim 0): it
+    /// polls without the barrier, but no more often than `flusher::BARRIERLESS_POLL`
+    /// (every failed barrier, one per sleep, is followed by a park of at least that, so
+    /// the count of failures is bounded by the time elapsed; only an early unpark could
+    /// add one, none is made here); messages still go out. Before the fix the flusher
+    /// parked for 0 ns after each failure, a loop without a sleep that kept a CPU busy
+    /// (and a `SCHED_FIFO` flusher starved every normal thread of it): tens of thousands
+    /// of failures in the window (5,164 in one debug run), against a bound of about 1,000.
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_flusher_without_its_barrier_does_not_spin_at_a_zero_latency() {
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let more = |mut b: BusBuilder| {
+            b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+            b.max_latency(Duration::ZERO)
+        };
+        let Some((rx, bus, idx)) = injection_bus(0xe2, true, more) else {
+            return;
+        };
+        let start = Instant::now();
+        while bus.stats().barrier_failures < 5 {
+            assert!(start.elapsed() < Duration::from_secs(120), "no sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (t0, f0) = (Instant::now(), bus.stats().barrier_failures);
+        std::thread::sleep(Duration::from_millis(200));
+        let f1 = bus.stats().barrier_failures;
+        let elapsed = t0.elapsed();
+        // Each failure parks at least the poll period before the next one: at most
+        // elapsed / period + 1 of them, and the two snapshots' own slack.
+        let bound = (elapsed.as_nanos() / flusher::BARRIERLESS_POLL.as_nanos()) as u64 + 3;
+        assert!(
+            f1 - f0 <= bound,
+            "{} failed barriers in {elapsed:?} (bound {bound}): the flusher spins",
+            f1 - f0
+        );
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        let st = bus.close().unwrap();
+        assert_eq!(calls.load(Relaxed), 1, "{st:?}");
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
+    }
+
     /// `flusher_realtime(p)`: the flusher thread runs under `SCHED_FIFO` at `p` and sends
     /// as usual; a priority above 99 is refused. Where the process may not use
     /// `SCHED_FIFO` (no `CAP_SYS_NICE`, no real-time budget in its cgroup) `build` fails
