@@ -1162,6 +1162,69 @@ mod tests {
         assert_eq!(count(&rx, idx), n);
     }
 
+    /// A `try_insert` from a thread-local's destructor that runs after the bus's
+    /// thread-local state is gone (the teardown path: shard 0), while the thread's earlier
+    /// message is queued and the test holds the socket's send lock: it returns (`Ok`, or
+    /// `Full` with the message intact when the earlier one may be in another shard, which
+    /// keeps the thread's order), and everything is accounted for. Before the fix it
+    /// flushed every ring first, waiting for the send lock: it blocked until the watchdog
+    /// failed the test.
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_rejecting_insert_during_thread_teardown_does_not_block() {
+        struct OnExit(Arc<Bus>, u32, std::sync::mpsc::Sender<Option<bool>>);
+        impl Drop for OnExit {
+            fn drop(&mut self) {
+                let data = 7u32.to_ne_bytes();
+                let r = match self.0.try_insert(CbId::new(self.1, 2), &data) {
+                    Ok(()) => Some(true),
+                    Err(InsertError::Full(m)) if m.data[..] == data => Some(false),
+                    Err(_) => None,
+                };
+                let _ = self.2.send(r);
+            }
+        }
+        thread_local! {
+            static SLOT: std::cell::RefCell<Option<OnExit>> = const { std::cell::RefCell::new(None) };
+        }
+        let Some((rx, bus, idx)) = injection_bus(0xe4, false, |b| b.shards(2)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (tx, done) = std::sync::mpsc::channel();
+        let (b, (queued_tx, queued)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let send_lock_held = Arc::new(std::sync::Barrier::new(2));
+        let held = Arc::clone(&send_lock_held);
+        let t = std::thread::spawn(move || {
+            // The slot first: its destructor is registered first, so it runs last.
+            SLOT.with(|s| *s.borrow_mut() = Some(OnExit(Arc::clone(&b), idx, tx)));
+            b.insert(CbId::new(idx, 1), b"first").unwrap();
+            queued_tx.send(()).unwrap();
+            held.wait();
+        });
+        queued.recv().unwrap();
+        let send_lock = bus.inner.sock.numbering().lock();
+        send_lock_held.wait();
+        let r = done.recv_timeout(Duration::from_secs(60));
+        drop(send_lock);
+        let Ok(r) = r else {
+            panic!("a try_insert during thread teardown blocked on the send lock");
+        };
+        t.join().unwrap();
+        let Some(accepted) = r else {
+            panic!("neither accepted nor handed back as Full");
+        };
+        let bus = Arc::into_inner(bus).unwrap();
+        let st = bus.close().unwrap();
+        let n = 1 + u64::from(accepted);
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.rejected_full),
+            (n, n, u64::from(!accepted)),
+            "{st:?}"
+        );
+        assert_eq!(count(&rx, idx), n);
+    }
+
     /// The exit hook while a close runs on another thread, its `send_timeout` an hour,
     /// its drain waiting for room at a full receiver that never reads: the hook's wait
     /// ends by its own deadline (`EXIT_BUDGET`), the close's wait with it, and what the
