@@ -294,7 +294,8 @@ impl BusBuilder {
         /// inserting thread that was preempted while draining
         /// ([`assist`](Self::assist)). `build` fails with [`Error::Io`] of
         /// [`Op::Spawn`](crate::Op::Spawn) (`EPERM`) without `CAP_SYS_NICE` or an
-        /// `RLIMIT_RTPRIO` of at least `priority`.
+        /// `RLIMIT_RTPRIO` of at least `priority` (the flusher it started stopped and
+        /// joined), and with [`Error::InvalidArgument`] for a `priority` above 99.
         flusher_realtime(priority: u8) => cfg.flusher_realtime = priority;
     }
 

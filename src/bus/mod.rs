@@ -1488,12 +1488,14 @@ mod tests {
         use std::os::unix::thread::JoinHandleExt;
         let Some(rx) = receiver() else { return };
         let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1;
-        assert!(matches!(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .flusher_realtime(100)
-                .build(),
-            Err(Error::InvalidArgument(_))
-        ));
+        for p in [100, u8::MAX] {
+            assert!(matches!(
+                Bus::builder(Dest::Port(rx.port_id()))
+                    .flusher_realtime(p)
+                    .build(),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
         let bus = match Bus::builder(Dest::Port(rx.port_id()))
             .flusher_realtime(3)
             .build()
