@@ -86,9 +86,11 @@ impl<M> InsertError<M> {
 /// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FullPolicy {
-    /// Hand the message back at once: [`InsertError::Full`]. Never waits for another
-    /// thread: also when the shard's lock cannot be taken without a failed barrier, or
-    /// during thread teardown (see [`InsertError::Full`]).
+    /// Hand the message back at once: [`InsertError::Full`]. Never blocks on another
+    /// thread's drain or send: also when the shard's lock cannot be taken without a
+    /// failed barrier, or during thread teardown (see [`InsertError::Full`]). (With
+    /// [`assist`](BusBuilder::assist), an accepted insert that crosses the watermark
+    /// drains its ring itself, as every insert does.)
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with
