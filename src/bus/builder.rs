@@ -33,7 +33,9 @@ pub enum InsertError<M> {
     /// The caller's ring is full ([`FullPolicy::Reject`]); or, for that policy, its
     /// shard's lock stays with another thread, which only a failed `membarrier(2)` causes
     /// (the other policies then send on the caller's thread: docs/BUS.md, "Memory
-    /// orderings"), so that a rejecting insert never blocks.
+    /// orderings"), or, from a thread-local's destructor after the bus's own thread-local
+    /// state is gone, other shards still hold messages (the other policies flush them
+    /// first, to keep the thread's order), so that a rejecting insert never blocks.
     #[error("bus queue is full")]
     Full(M),
     /// The ring stayed full until the blocking insert's timeout.
@@ -84,8 +86,11 @@ impl<M> InsertError<M> {
 /// What an insert does when the caller's ring (its shard's, or its Producer's) is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FullPolicy {
-    /// Hand the message back at once: [`InsertError::Full`]. Never blocks: also when the
-    /// shard's lock cannot be taken without a failed barrier (see [`InsertError::Full`]).
+    /// Hand the message back at once: [`InsertError::Full`]. Never blocks on another
+    /// thread's drain or send: also when the shard's lock cannot be taken without a
+    /// failed barrier, or during thread teardown (see [`InsertError::Full`]). (With
+    /// [`assist`](BusBuilder::assist), an accepted insert that crosses the watermark
+    /// drains its ring itself, as every insert does.)
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with
@@ -291,7 +296,8 @@ impl BusBuilder {
         /// inserting thread that was preempted while draining
         /// ([`assist`](Self::assist)). `build` fails with [`Error::Io`] of
         /// [`Op::Spawn`](crate::Op::Spawn) (`EPERM`) without `CAP_SYS_NICE` or an
-        /// `RLIMIT_RTPRIO` of at least `priority`.
+        /// `RLIMIT_RTPRIO` of at least `priority` (the flusher it started stopped and
+        /// joined), and with [`Error::InvalidArgument`] for a `priority` above 99.
         flusher_realtime(priority: u8) => cfg.flusher_realtime = priority;
     }
 

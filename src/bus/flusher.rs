@@ -21,6 +21,13 @@ pub(crate) enum PanicAt {
     Pass(u64),
 }
 
+/// The shortest sleep of a flusher whose barrier failed (see `sleep`): without the
+/// barrier it polls at its aim, which a `max_latency` of 0 (or a few microseconds) makes
+/// a loop without a sleep, a busy CPU (every normal thread's on it starved, under
+/// [`flusher_realtime`](super::BusBuilder::flusher_realtime)). A push that such a flusher
+/// misses waits at most this long past its deadline (docs/BUS.md, "Memory orderings").
+pub(crate) const BARRIERLESS_POLL: Duration = Duration::from_micros(200);
+
 /// Starts the flusher thread. A panic in a drain is contained there; one elsewhere in the
 /// loop ends the flusher and is recorded, and `flush`/`close` then drain on their own
 /// threads. Either way the bus is then dead and every waiter released.
@@ -120,8 +127,9 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
         };
         // Announce (with the heavy barrier), then look again: a push either is seen, or
         // sees the announcement and unparks us; a ring added after our copy wakes us
-        // (`add_ring`). Without the barrier (it failed: counted), look again after `aim`,
-        // which keeps the latency bound without relying on a wake-up. Writers
+        // (`add_ring`). Without the barrier (it failed: counted), look again after `aim`
+        // (at least `BARRIERLESS_POLL`), which keeps the latency bound (that much late at
+        // most) without relying on a wake-up. Writers
         // wake a TIMED flusher only at the watermark without `assist` (`after_push`): a
         // TIMED sleep with it needs no barrier (under a steady stream, the flusher sleeps
         // TIMED once per deadline, and the barrier interrupts every CPU running the
@@ -129,8 +137,8 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
         let barrier = how == IDLE || !inner.cfg.assist;
         if inner.bell.announce(how, barrier, inner.light).is_err() {
             Counters::add(&inner.stats.barrier_failures, 1);
-            let aim = Duration::from_nanos(aim);
-            timeout = Some(timeout.map_or(aim, |t| t.min(aim)));
+            let poll = Duration::from_nanos(aim).max(BARRIERLESS_POLL);
+            timeout = Some(timeout.map_or(poll, |t| t.min(poll)));
         }
         rings.clone_from(&inner.rings.lock());
         let wm_or_any = |r: &Arc<Ring>| r.pending() && (how == IDLE || past_wm(r));

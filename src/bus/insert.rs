@@ -158,7 +158,8 @@ pub(crate) struct Shards<'a>(pub &'a Arc<Inner>, bool);
 
 thread_local! {
     /// This thread's last failed push into a shard was refused, not full (see
-    /// [`Queue::refused`]); read and cleared by `on_full`.
+    /// [`Queue::refused`]); read and cleared by `on_full`. Without a destructor: there
+    /// during thread teardown too.
     static REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -302,8 +303,15 @@ impl Queue for Shards<'_> {
                 // among such messages, but its earlier ones may still be queued in another
                 // shard: a flush first sends them. A blocked insert retries under
                 // `space_lock` (`help` false), where no drain may run; its first attempt
-                // flushed already.
-                if help {
+                // flushed already. A rejecting insert may not wait for a flush (the send
+                // lock, a full receiver): it is refused while another shard holds
+                // messages, which may be its earlier ones.
+                if help && self.1 {
+                    if i.shards.iter().skip(1).any(|s| s.ring.pending()) {
+                        let _ = REFUSED.try_with(|r| r.set(true));
+                        return false;
+                    }
+                } else if help {
                     i.drain_everything();
                 }
                 match self.push_into(0, e, None) {

@@ -1162,6 +1162,69 @@ mod tests {
         assert_eq!(count(&rx, idx), n);
     }
 
+    /// A `try_insert` from a thread-local's destructor that runs after the bus's
+    /// thread-local state is gone (the teardown path: shard 0), while the thread's earlier
+    /// message is queued and the test holds the socket's send lock: it returns (`Ok`, or
+    /// `Full` with the message intact when the earlier one may be in another shard, which
+    /// keeps the thread's order), and everything is accounted for. Before the fix it
+    /// flushed every ring first, waiting for the send lock: it blocked until the watchdog
+    /// failed the test.
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_rejecting_insert_during_thread_teardown_does_not_block() {
+        struct OnExit(Arc<Bus>, u32, std::sync::mpsc::Sender<Option<bool>>);
+        impl Drop for OnExit {
+            fn drop(&mut self) {
+                let data = 7u32.to_ne_bytes();
+                let r = match self.0.try_insert(CbId::new(self.1, 2), &data) {
+                    Ok(()) => Some(true),
+                    Err(InsertError::Full(m)) if m.data[..] == data => Some(false),
+                    Err(_) => None,
+                };
+                let _ = self.2.send(r);
+            }
+        }
+        thread_local! {
+            static SLOT: std::cell::RefCell<Option<OnExit>> = const { std::cell::RefCell::new(None) };
+        }
+        let Some((rx, bus, idx)) = injection_bus(0xe4, false, |b| b.shards(2)) else {
+            return;
+        };
+        let bus = Arc::new(bus);
+        let (tx, done) = std::sync::mpsc::channel();
+        let (b, (queued_tx, queued)) = (Arc::clone(&bus), std::sync::mpsc::channel());
+        let send_lock_held = Arc::new(std::sync::Barrier::new(2));
+        let held = Arc::clone(&send_lock_held);
+        let t = std::thread::spawn(move || {
+            // The slot first: its destructor is registered first, so it runs last.
+            SLOT.with(|s| *s.borrow_mut() = Some(OnExit(Arc::clone(&b), idx, tx)));
+            b.insert(CbId::new(idx, 1), b"first").unwrap();
+            queued_tx.send(()).unwrap();
+            held.wait();
+        });
+        queued.recv().unwrap();
+        let send_lock = bus.inner.sock.numbering().lock();
+        send_lock_held.wait();
+        let r = done.recv_timeout(Duration::from_secs(60));
+        drop(send_lock);
+        let Ok(r) = r else {
+            panic!("a try_insert during thread teardown blocked on the send lock");
+        };
+        t.join().unwrap();
+        let Some(accepted) = r else {
+            panic!("neither accepted nor handed back as Full");
+        };
+        let bus = Arc::into_inner(bus).unwrap();
+        let st = bus.close().unwrap();
+        let n = 1 + u64::from(accepted);
+        assert_eq!(
+            (st.inserted, st.sent_messages, st.rejected_full),
+            (n, n, u64::from(!accepted)),
+            "{st:?}"
+        );
+        assert_eq!(count(&rx, idx), n);
+    }
+
     /// The exit hook while a close runs on another thread, its `send_timeout` an hour,
     /// its drain waiting for room at a full receiver that never reads: the hook's wait
     /// ends by its own deadline (`EXIT_BUDGET`), the close's wait with it, and what the
@@ -1370,6 +1433,51 @@ mod tests {
         assert_eq!(count(&rx, idx), 10);
     }
 
+    /// The flusher's barrier failing for good with a `max_latency` of 0 (its aim 0): it
+    /// polls without the barrier, but no more often than `flusher::BARRIERLESS_POLL`
+    /// (every failed barrier, one per sleep, is followed by a park of at least that, so
+    /// the count of failures is bounded by the time elapsed; only an early unpark could
+    /// add one, none is made here); messages still go out. Before the fix the flusher
+    /// parked for 0 ns after each failure, a loop without a sleep that kept a CPU busy
+    /// (and a `SCHED_FIFO` flusher starved every normal thread of it): tens of thousands
+    /// of failures in the window (5,164 in one debug run), against a bound of about 1,000.
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_flusher_without_its_barrier_does_not_spin_at_a_zero_latency() {
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let more = |mut b: BusBuilder| {
+            b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+            b.max_latency(Duration::ZERO)
+        };
+        let Some((rx, bus, idx)) = injection_bus(0xe2, true, more) else {
+            return;
+        };
+        let start = Instant::now();
+        while bus.stats().barrier_failures < 5 {
+            assert!(start.elapsed() < Duration::from_secs(120), "no sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (t0, f0) = (Instant::now(), bus.stats().barrier_failures);
+        std::thread::sleep(Duration::from_millis(200));
+        let f1 = bus.stats().barrier_failures;
+        let elapsed = t0.elapsed();
+        // Each failure parks at least the poll period before the next one: at most
+        // elapsed / period + 1 of them, and the two snapshots' own slack.
+        let bound = (elapsed.as_nanos() / flusher::BARRIERLESS_POLL.as_nanos()) as u64 + 3;
+        assert!(
+            f1 - f0 <= bound,
+            "{} failed barriers in {elapsed:?} (bound {bound}): the flusher spins",
+            f1 - f0
+        );
+        for i in 0..10u32 {
+            bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
+        }
+        let st = bus.close().unwrap();
+        assert_eq!(calls.load(Relaxed), 1, "{st:?}");
+        assert_eq!((st.inserted, st.sent_messages), (10, 10));
+        assert_eq!(count(&rx, idx), 10);
+    }
+
     /// `flusher_realtime(p)`: the flusher thread runs under `SCHED_FIFO` at `p` and sends
     /// as usual; a priority above 99 is refused. Where the process may not use
     /// `SCHED_FIFO` (no `CAP_SYS_NICE`, no real-time budget in its cgroup) `build` fails
@@ -1380,12 +1488,14 @@ mod tests {
         use std::os::unix::thread::JoinHandleExt;
         let Some(rx) = receiver() else { return };
         let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1;
-        assert!(matches!(
-            Bus::builder(Dest::Port(rx.port_id()))
-                .flusher_realtime(100)
-                .build(),
-            Err(Error::InvalidArgument(_))
-        ));
+        for p in [100, u8::MAX] {
+            assert!(matches!(
+                Bus::builder(Dest::Port(rx.port_id()))
+                    .flusher_realtime(p)
+                    .build(),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
         let bus = match Bus::builder(Dest::Port(rx.port_id()))
             .flusher_realtime(3)
             .build()
@@ -1408,6 +1518,45 @@ mod tests {
         let st = bus.close().unwrap();
         assert_eq!((st.inserted, st.sent_messages), (10, 10));
         assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// `flusher_realtime` where `SCHED_FIFO` is not permitted (a forked child that gave up
+    /// root, with an `RLIMIT_RTPRIO` of 0): `build` fails with `Op::Spawn` and `EPERM`,
+    /// and leaves nothing behind: its flusher was started, and is stopped and joined (the
+    /// child's only thread is again the one that forked). (Passed when written: no
+    /// defect, the proof the docs lacked.)
+    #[test]
+    #[cfg(not(cnbus_loom))]
+    fn a_realtime_flusher_refused_leaves_no_thread_behind() {
+        let Some(rx) = receiver() else { return };
+        let port = rx.port_id();
+        let code = crate::sys::in_forked_child(
+            || {
+                if crate::sys::become_nobody_without_realtime().is_err() {
+                    return 10; // not root: cannot set this up
+                }
+                let threads = crate::sys::thread_count;
+                if threads().ok() != Some(1) {
+                    return 2;
+                }
+                match Bus::builder(Dest::Port(port)).flusher_realtime(1).build() {
+                    Err(Error::Io {
+                        op: crate::Op::Spawn,
+                        source,
+                    }) if source.raw_os_error() == Some(libc::EPERM) => {}
+                    _ => return 3,
+                }
+                if threads().ok() != Some(1) {
+                    return 4;
+                }
+                0
+            },
+            Duration::from_secs(60),
+        );
+        if code == Some(10) {
+            return eprintln!("SKIPPED: cannot give up root here");
+        }
+        assert_eq!(code, Some(0));
     }
 
     #[test]

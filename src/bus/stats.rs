@@ -152,7 +152,8 @@ pub struct BusStats {
     pub direct: u64,
     /// Messages handed back because the ring was full ([`InsertError::Full`](super::InsertError::Full)),
     /// or, for a rejecting insert, because its shard's lock stayed with another thread
-    /// (a failed barrier, also counted in `barrier_failures`).
+    /// (a failed barrier, also counted in `barrier_failures`) or it came during thread
+    /// teardown while other shards held messages.
     pub rejected_full: u64,
     /// Messages handed back after a blocking insert timed out.
     pub rejected_timeout: u64,

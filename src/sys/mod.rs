@@ -29,9 +29,9 @@ pub use meminfo::{DropCounter, MemInfo};
 pub use ns::{kernel_at_least, namespace_report, proc_is_initial_pid_ns, NamespaceReport};
 #[cfg_attr(cnbus_loom, allow(unused_imports))] // used by proc, not built under loom
 pub(crate) use ns::{ns_inode_of, PID_INIT_INO};
-#[cfg(test)]
-pub(crate) use process::in_forked_child;
 pub(crate) use process::{at_exit, register_once, ForkSafe, ForkStamp};
+#[cfg(test)]
+pub(crate) use process::{become_nobody_without_realtime, in_forked_child, thread_count};
 pub use recv::{RecvBatch, RecvMeta};
 pub(crate) use send::RoomWait;
 #[cfg(test)]

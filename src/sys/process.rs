@@ -257,6 +257,38 @@ pub(crate) fn in_forked_child(
     }
 }
 
+/// Test hook, for a forked child only: the calling process gives up root for `nobody`
+/// (uid and gid 65534: every capability dropped, `CAP_SYS_NICE` among them) with an
+/// `RLIMIT_RTPRIO` of 0, so that it may not use `SCHED_FIFO`.
+#[cfg(test)]
+pub(crate) fn become_nobody_without_realtime() -> std::io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on the calling process; `zero` is valid for reads.
+    let r = unsafe {
+        if libc::setrlimit(libc::RLIMIT_RTPRIO, &zero) != 0
+            || libc::setresgid(65534, 65534, 65534) != 0
+            || libc::setresuid(65534, 65534, 65534) != 0
+        {
+            -1
+        } else {
+            0
+        }
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Test hook: the calling process's threads (`/proc/self/task`).
+#[cfg(test)]
+pub(crate) fn thread_count() -> std::io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
 /// Has `f` run at `exit()` (`atexit(3)`: after `main` returns, or at
 /// `std::process::exit`, neither of which drops what a static or a stack holds). False
 /// when it could not be registered.
