@@ -114,7 +114,10 @@ impl ProcListenerBuilder {
     /// silently), so the ACK proves support. It then sends the real filter, without waiting:
     /// the kernel never sends an ACK to a filtered socket. Without that proof (an older
     /// kernel, or no ACK), `Auto` falls back to the classic 4-byte `LISTEN` and filters in
-    /// user space with the kernel's own rules ([`EventSet::matches`]).
+    /// user space with the kernel's own rules ([`EventSet::matches`]). The probe runs with a
+    /// receive queue of at least 1 MiB, so that its ACK is not lost behind a fork storm's
+    /// events in a small one; the socket gets [`recv_buffer`](Self::recv_buffer) once the
+    /// probe is answered or given up.
     ///
     /// The listener's life starts before `open` returns, at its last join to group 1: it
     /// gets every event the kernel sends after that moment. Kernel-filtered, that is the
@@ -151,7 +154,23 @@ impl ProcListenerBuilder {
         // Only the kernel and group 1 may fill its queue: a stranger's unicasts would
         // otherwise count in its drop counter as lost events.
         sock.connect_kernel()?;
-        sock.set_recv_buffer(self.recv_buffer, true)?;
+        let want_filter = !events.is_all();
+        let try_kernel = want_filter
+            && foreign.is_none()
+            && match self.mode {
+                FilterMode::UserSpace => false,
+                FilterMode::Kernel => true,
+                FilterMode::Auto => kernel_at_least(6, 6),
+            };
+        // The probe's queue from the first join: a small one may be congested (dropping
+        // everything until read empty) before the probe is even sent.
+        let probe_buffer = try_kernel && self.recv_buffer < PROBE_RECV_BUFFER;
+        let first_buffer = if probe_buffer {
+            PROBE_RECV_BUFFER
+        } else {
+            self.recv_buffer
+        };
+        sock.set_recv_buffer(first_buffer, true)?;
         let (witness, baseline) = if foreign.is_none() {
             join_counted(&sock)?
         } else {
@@ -160,7 +179,6 @@ impl ProcListenerBuilder {
             (None, baseline)
         };
         let drops = Mutex::new(baseline);
-        let want_filter = !events.is_all();
         let mut l = ProcListener {
             sock,
             batch: RecvBatch::new(RECV_BATCH, RECV_CHUNK),
@@ -195,14 +213,12 @@ impl ProcListenerBuilder {
             l.send_request(McastOp::Listen, None)?;
             return Ok(l);
         }
-        let try_kernel = want_filter
-            && match self.mode {
-                FilterMode::UserSpace => false,
-                FilterMode::Kernel => true,
-                FilterMode::Auto => kernel_at_least(6, 6),
-            };
         if try_kernel {
-            if l.request_and_wait(Some(EventSet::ALL), self.ack_timeout)? {
+            let acked = l.request_and_wait(Some(EventSet::ALL), self.ack_timeout);
+            if probe_buffer {
+                l.sock.set_recv_buffer(self.recv_buffer, true)?;
+            }
+            if acked? {
                 probed(&l.sock);
                 l.send_request(McastOp::Listen, Some(events))?;
                 // Until now the socket got every event: what it queued or dropped (its

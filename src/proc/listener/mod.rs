@@ -47,6 +47,13 @@ pub const DEFAULT_RECV_BUFFER: usize = 16 << 20;
 /// the `sendto`, so the ACK is normally queued before the wait begins.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The smallest receive queue the probe for kernel-side filtering runs with (see
+/// [`ProcListenerBuilder::open`]): its ACK waits in the queue behind the events of every
+/// process, and a smaller queue (`recv_buffer(1)`) under a fork storm could drop it on every
+/// try, which would look like a kernel without `proc_input`. The listener gets the size it
+/// asked for once the probe is answered.
+const PROBE_RECV_BUFFER: usize = 1 << 20;
+
 /// Bytes read per datagram (a kernel event datagram is 76 bytes): one longer is a user-space
 /// sender's, counted and skipped.
 const RECV_CHUNK: usize = 64 << 10;

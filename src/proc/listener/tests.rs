@@ -824,3 +824,62 @@ fn two_callers_reading_the_witness_at_once_both_count_every_datagram() {
         "{test}: the second caller counted {second}, the first {first}"
     );
 }
+
+/// Regression: the probe for kernel-side filtering waited for its ACK in the listener's own
+/// queue; a tiny one (`recv_buffer(1)`, `proctrace -b 1`) under a fork storm dropped the
+/// ACK three times running and `FilterMode::Kernel` failed with "no proc_input" (`Auto`
+/// fell back to user space) on a kernel that has it. The probe now runs with a queue of
+/// at least `PROBE_RECV_BUFFER`, and the listener gets the size it asked for afterwards.
+#[test]
+fn a_tiny_queue_under_a_fork_storm_does_not_defeat_the_filter_probe() {
+    let test = "a_tiny_queue_under_a_fork_storm_does_not_defeat_the_filter_probe";
+    if kernel_socket(test).is_none() || !crate::sys::kernel_at_least(6, 6) {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+    let (stop, spawned) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let storm: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, spawned) = (stop.clone(), spawned.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    let _ = std::process::Command::new("true").status();
+                    spawned.fetch_add(1, Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for i in 0..40 {
+        // Each open in the storm: some of our children between two opens.
+        let at = spawned.load(Relaxed);
+        while spawned.load(Relaxed) < at + 5 {
+            std::thread::yield_now();
+        }
+        let r = ProcListener::builder()
+            .events(EventSet::EXIT)
+            .recv_buffer(1)
+            .filter_mode(FilterMode::Kernel)
+            .open();
+        match r {
+            Ok(l) => {
+                assert_eq!(l.filtering(), Filtering::Kernel);
+                let small = l.sock.recv_buffer().unwrap();
+                assert!(small < 64 << 10, "{test}: the queue stayed {small} bytes");
+            }
+            Err(e) => failed.push((i, e.to_string())),
+        }
+    }
+    stop.store(true, Relaxed);
+    for t in storm {
+        t.join().unwrap();
+    }
+    assert!(
+        failed.is_empty(),
+        "{test}: {} of 40 failed: {failed:?}",
+        failed.len()
+    );
+}
