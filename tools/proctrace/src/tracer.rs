@@ -421,12 +421,19 @@ impl Tracer {
     }
 }
 
-/// `s` with control characters (a newline in an argument, say) shown as `?`, so that one
-/// event stays one line of text.
+/// `s` with control characters (a newline in an argument, say) and the Unicode characters
+/// that reorder text on a terminal (bidirectional embeddings, overrides and isolates: a
+/// command line with U+202E reads backwards and can make the rest of the line, or a pid,
+/// look like something else) shown as `?`, so that one event stays one line of text that
+/// reads as it is.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
+    fn hidden(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if s.chars().any(hidden) {
         s.chars()
-            .map(|c| if c.is_control() { '?' } else { c })
+            .map(|c| if hidden(c) { '?' } else { c })
             .collect::<String>()
             .into()
     } else {
@@ -462,6 +469,20 @@ pub fn push_header(out: &mut impl Write, container: bool) {
 pub(crate) mod tests {
     use super::*;
     use cnbus::proc::{ExitStatus, Task};
+
+    /// Regression: a command line with a right-to-left override (U+202E) or an isolate
+    /// reached the text output as it was, and a terminal showed the rest of the line
+    /// reversed ("Trojan Source" style): now shown as `?`, as control characters are.
+    #[test]
+    fn bidirectional_controls_are_shown_as_question_marks() {
+        assert_eq!(printable("ls \u{202e}txt.exe"), "ls ?txt.exe");
+        assert_eq!(
+            printable("a\u{2066}b\u{2069}c\u{200f}d\u{061c}e\nf"),
+            "a?b?c?d?e?f"
+        );
+        // Other non-ASCII text stays as it is.
+        assert_eq!(printable("café 日本 \u{1f600}"), "café 日本 \u{1f600}");
+    }
 
     /// A tracer of JSON lines without enrichment (the summary's tests use it too).
     pub(crate) fn tracer() -> Tracer {
