@@ -17,6 +17,18 @@ use cnbus::sys::{ConnectorSocket, Dest};
 use cnbus::{CbId, CnMsg, DecodeErrorKind};
 use common::{kernel_socket, test_idx, wait_for};
 
+/// A connector that answers every message on `id` with a "pong" reply to its sender's
+/// port, and its registration (the server runs while both are kept).
+fn pong_server(id: CbId) -> (Connector, cnbus::connector::Registration) {
+    let s = Connector::builder().spawn().unwrap();
+    let h = s.handle();
+    let reg = s.register(id, move |m| {
+        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    (s, reg)
+}
+
 fn done(seq: u32) -> NlHeader {
     NlHeader {
         ty: NLMSG_DONE,
@@ -306,12 +318,7 @@ fn a_request_from_a_callback_fails_at_once_instead_of_waiting_for_nothing() {
         return;
     }
     let (id, trigger) = (CbId::new(test_idx(34), 1), CbId::new(test_idx(34), 2));
-    let server = Connector::builder().spawn().unwrap();
-    let h = server.handle();
-    let _svc = server.register(id, move |m| {
-        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-            .unwrap();
-    });
+    let (server, _svc) = pong_server(id);
     let client = Connector::builder().spawn().unwrap();
     let (ch, to) = (client.handle(), Dest::Port(server.port_id()));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -953,17 +960,8 @@ fn replies_to_requests_are_not_counted_as_gaps() {
         return;
     }
     let id = CbId::new(test_idx(44), 1);
-    let server = || {
-        let s = Connector::builder().spawn().unwrap();
-        let h = s.handle();
-        let reg = s.register(id, move |m| {
-            h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-                .unwrap();
-        });
-        (s, reg)
-    };
-    let (a, _ra) = server();
-    let (b, _rb) = server();
+    let (a, _ra) = pong_server(id);
+    let (b, _rb) = pong_server(id);
     let lost = Arc::new(AtomicU64::new(0));
     let l = lost.clone();
     let client = Connector::builder()
@@ -997,17 +995,8 @@ fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
         return;
     }
     let id = CbId::new(test_idx(45), 1);
-    let server = || {
-        let s = Connector::builder().spawn().unwrap();
-        let h = s.handle();
-        let reg = s.register(id, move |m| {
-            h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-                .unwrap();
-        });
-        (s, reg)
-    };
-    let (a, _ra) = server();
-    let (b, _rb) = server();
+    let (a, _ra) = pong_server(id);
+    let (b, _rb) = pong_server(id);
     let client = Connector::builder().spawn().unwrap();
     for i in 0..10 {
         let to = Dest::Port([a.port_id(), b.port_id()][i % 2]);
@@ -1232,12 +1221,7 @@ fn edge_values_and_control_messages_between_messages() {
     let s = conn.stats();
     assert!(s.control >= 3 && s.decode_errors >= 1, "{s:?}");
 
-    let server = Connector::builder().spawn().unwrap();
-    let h = server.handle();
-    let _svc = server.register(max, move |m| {
-        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-            .unwrap();
-    });
+    let (server, _svc) = pong_server(max);
     let req = CnMsg::new(max, &b"ping"[..]).with_seq(7, u32::MAX);
     let r = conn
         .request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))

@@ -10,6 +10,18 @@ use crate::connector::{Connector, Incoming};
 use crate::error::{Error, Op};
 use crate::sys::{ConnectorSocket, Dest};
 
+/// A (sync) connector that answers every message on `id` with a "pong" reply to its
+/// sender's port, and its registration (the server runs while both are kept).
+fn pong_server(id: CbId) -> (Connector, crate::connector::Registration) {
+    let s = Connector::builder().spawn().unwrap();
+    let h = s.handle();
+    let reg = s.register(id, move |m| {
+        h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
+            .unwrap();
+    });
+    (s, reg)
+}
+
 /// Runs `f` on a one-thread runtime on a thread of its own and returns its result, or
 /// panics with `hung` when it has not finished after two minutes (a watchdog for a
 /// future that never completes, not a timing assertion).
@@ -384,17 +396,8 @@ fn replies_to_requests_are_not_counted_as_gaps() {
     on_runtime("a request never returned", async {
         let conn = Connector::builder().build_async().unwrap();
         let id = CbId::new(0x5a1f, conn.port_id());
-        let server = || {
-            let s = Connector::builder().spawn().unwrap();
-            let h = s.handle();
-            let reg = s.register(id, move |m| {
-                h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-                    .unwrap();
-            });
-            (s, reg)
-        };
-        let (a, _ra) = server();
-        let (b, _rb) = server();
+        let (a, _ra) = pong_server(id);
+        let (b, _rb) = pong_server(id);
         for i in 0..10 {
             let to = Dest::Port([a.port_id(), b.port_id()][i % 2]);
             let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
@@ -413,17 +416,8 @@ fn numbered_requests_to_several_servers_count_no_loss_at_the_servers() {
     on_runtime("a request never returned", async {
         let conn = Connector::builder().build_async().unwrap();
         let id = CbId::new(0x5a20, conn.port_id());
-        let server = || {
-            let s = Connector::builder().spawn().unwrap();
-            let h = s.handle();
-            let reg = s.register(id, move |m| {
-                h.send(&m.reply(&b"pong"[..]), Dest::Port(m.source().port))
-                    .unwrap();
-            });
-            (s, reg)
-        };
-        let (a, _ra) = server();
-        let (b, _rb) = server();
+        let (a, _ra) = pong_server(id);
+        let (b, _rb) = pong_server(id);
         for i in 0..10 {
             let to = Dest::Port([a.port_id(), b.port_id()][i % 2]);
             let r = conn
