@@ -302,6 +302,21 @@ mod tests {
     use crate::proc::{EventSet, LossSource};
     use crate::sys::ConnectorSocket;
 
+    /// A stream of every event for `test`; `None` (the test is skipped, and says so) where
+    /// the proc connector cannot be reached; under CI that is a failure.
+    async fn open_all(test: &str) -> Option<ProcStream> {
+        match ProcStream::open(EventSet::ALL).await {
+            Ok(s) => Some(s),
+            Err(e) if std::env::var_os("CI").is_some() => {
+                panic!("{test}: the proc connector is required under CI: {e}")
+            }
+            Err(e) => {
+                eprintln!("{test}: SKIPPED, proc connector not reachable: {e}");
+                None
+            }
+        }
+    }
+
     /// Regression: what a user-space sender put on group 1 that the connector reports as
     /// an event rather than a message, a netlink `NLMSG_ERROR` or a datagram too long for
     /// the buffer, was skipped uncounted by the stream, where `ProcListener` counts it in
@@ -311,15 +326,8 @@ mod tests {
     #[tokio::test]
     async fn user_space_errors_and_oversized_datagrams_are_counted_as_spoofed() {
         let test = "stream::user_space_errors_and_oversized_datagrams_are_counted_as_spoofed";
-        let mut s = match ProcStream::open(EventSet::ALL).await {
-            Ok(s) => s,
-            Err(e) if std::env::var_os("CI").is_some() => {
-                panic!("{test}: the proc connector is required under CI: {e}")
-            }
-            Err(e) => {
-                eprintln!("{test}: SKIPPED, proc connector not reachable: {e}");
-                return;
-            }
+        let Some(mut s) = open_all(test).await else {
+            return;
         };
         // The stream is not polled: its decoder sees only what is handed to it here.
         let before = s.stats().spoofed;
@@ -348,15 +356,8 @@ mod tests {
     async fn finish_settles_after_user_space_multicasts_spoil_its_first_tries() {
         let test = "stream::finish_settles_after_user_space_multicasts_spoil_its_first_tries";
         let _one = spoofing();
-        let mut s = match ProcStream::open(EventSet::ALL).await {
-            Ok(s) => s,
-            Err(e) if std::env::var_os("CI").is_some() => {
-                panic!("{test}: the proc connector is required under CI: {e}")
-            }
-            Err(e) => {
-                eprintln!("{test}: SKIPPED, proc connector not reachable: {e}");
-                return;
-            }
+        let Some(mut s) = open_all(test).await else {
+            return;
         };
         if s.witness.is_none() {
             eprintln!("{test}: SKIPPED, no witness on this kernel (before 6.6)");
