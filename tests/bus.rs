@@ -1284,6 +1284,86 @@ fn a_receiver_that_never_reads_cannot_block_flush_close_or_drop() {
     assert_eq!(count.get(&2).copied().unwrap_or(0), st2.sent_messages);
 }
 
+/// `try_insert` never waits for a send (docs/BUS.md, the `Reject` row), also with
+/// `assist` on, against a `Dest::Port` receiver that does not read and a `send_timeout`
+/// of an hour: the inserts past the watermark return (accepted, or `Full` once the ring is
+/// full) while the receiver still reads nothing, and ask the flusher to drain (it waits
+/// for the receiver, the writer does not). Then the receiver reads: every accepted
+/// message arrives, in order and numbered 1, 2, 3, ..., and the statistics account for
+/// every offer. Through a shard (`Bus::try_insert`) and a `Producer`. Before the fix the
+/// insert that crossed the watermark drained its ring itself and waited for the receiver
+/// (the watchdog below failed the test).
+#[test]
+fn a_rejecting_insert_never_waits_for_a_full_receiver_even_with_assist() {
+    let Some(_k) =
+        kernel_socket("a_rejecting_insert_never_waits_for_a_full_receiver_even_with_assist")
+    else {
+        return;
+    };
+    let idx = test_idx(63);
+    const N: u32 = 2000;
+    for (val, via_producer) in [(1, false), (2, true)] {
+        let sock = ConnectorSocket::open().unwrap();
+        sock.set_recv_buffer(0, false).unwrap();
+        let rx = Rx {
+            sock,
+            wake: EventFd::new().unwrap(),
+            ports: Default::default(),
+        };
+        let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+            .shards(1)
+            .capacity(16)
+            .watermark(4)
+            .send_timeout(Duration::from_secs(3600))
+            .assist(true)
+            .build()
+            .unwrap();
+        rx.from(&bus);
+        let id = CbId::new(idx, val);
+        // A hang detector with a wide margin, not a timing: the old code waited an hour.
+        let (bus, accepted) = returns_within(
+            "try_insert past the watermark",
+            Duration::from_secs(60),
+            move || {
+                let mut p = via_producer.then(|| bus.producer());
+                let mut accepted = Vec::new();
+                for seq in 0..N {
+                    let r = match &mut p {
+                        Some(p) => p.try_insert(id, &payload(val, seq)),
+                        None => bus.try_insert(id, &payload(val, seq)),
+                    };
+                    match r {
+                        Ok(()) => accepted.push(seq),
+                        Err(InsertError::Full(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                drop(p);
+                (bus, accepted)
+            },
+        );
+        let st = bus.stats();
+        let n = accepted.len() as u64;
+        // The receiver holds a few datagrams and the ring 16 messages: most were refused.
+        assert!(n < u64::from(N) / 2, "{st:?}");
+        assert_eq!((st.inserted, st.rejected_full), (n, u64::from(N) - n));
+        assert_eq!(st.assisted_drains, 0, "{st:?}");
+        // Now the receiver reads: the flusher's wait ends, everything accepted arrives.
+        let got = thread::scope(|s| {
+            let r = s.spawn(|| rx.collect(idx, n as usize, Duration::from_secs(60)));
+            let st = returns_within("close", Duration::from_secs(60), move || bus.close());
+            let st = st.unwrap();
+            assert_eq!((st.inserted, st.sent_messages), (n, n), "{st:?}");
+            assert_eq!((st.failed_messages, st.queued), (0, 0), "{st:?}");
+            r.join().unwrap()
+        });
+        let seqs: Vec<u32> = got.msgs.iter().map(|m| parse(m).1).collect();
+        assert_eq!(seqs, accepted, "accepted messages lost or reordered");
+        let numbers: Vec<u32> = got.msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(numbers, (1..=n as u32).collect::<Vec<_>>(), "numbering");
+    }
+}
+
 /// A thread-local whose destructor inserts into the bus: it runs after the bus's own
 /// thread-local state is gone (it was created first, so it is destroyed last).
 struct InsertOnExit {

@@ -105,10 +105,10 @@ pub(crate) struct Inner {
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
     pub(crate) space_waiters: AtomicUsize,
-    /// An insert was rejected on a full ring (`FullPolicy::Reject`): the flusher drains
-    /// at once, as for a blocked inserter, rather than leave an assisted ring to writers
-    /// that could not drain it (SeqCst; cleared by the flusher before its pass).
-    pub(crate) full_rejected: AtomicBool,
+    /// An insert asked for a drain now ([`ask_drain`](Self::ask_drain)): the flusher
+    /// drains at once, as for a blocked inserter, rather than leave an assisted ring to
+    /// writers that could not drain it (SeqCst; cleared by the flusher before its pass).
+    pub(crate) drain_asked: AtomicBool,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
     pub(crate) stats: Counters,
@@ -165,15 +165,33 @@ impl Inner {
         }
     }
 
+    /// Asks the flusher for a pass now, whatever its state: an insert was rejected on a
+    /// full ring, or crossed the watermark of an assisted ring it may not drain itself (a
+    /// rejecting insert never waits for a send). Never blocks.
+    #[cold]
+    pub(crate) fn ask_drain(&self) {
+        self.drain_asked.store(true, SeqCst);
+        self.wake();
+    }
+
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
     /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
     /// loaded after the push (docs/BUS.md, "Memory orderings").
     #[inline(always)]
     pub(crate) fn after_push(&self, ring: &Ring, len: u64, state: u8, help: bool) {
-        let assist = help && self.cfg.assist;
         let over = len >= self.cfg.watermark as u64;
-        if assist && over {
+        if over && self.cfg.assist {
+            if !help {
+                // A writer that may not drain (a rejecting insert, which never waits for a
+                // send, or a blocked one under `space_lock`): the flusher drains the ring
+                // now. Asked once per pass (the flag is cleared before it): if we miss its
+                // clearing, the ring still goes at its deadline, or when it is full.
+                if !self.drain_asked.load(Relaxed) {
+                    self.ask_drain();
+                }
+                return;
+            }
             // Either we drain (our push is among the messages it takes), or someone holds
             // the drain right and is draining. An IDLE flusher is still woken, so that a
             // deadline is set for whatever that drain leaves behind.
