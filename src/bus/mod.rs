@@ -878,8 +878,9 @@ mod tests {
         assert_eq!(count(&rx, idx), 50);
     }
 
-    /// With `assist` on, a ring filled while another drain held the send lock (so its
-    /// writer could not drain it at the watermark) is drained once a rejected insert wakes
+    /// With `assist` on, a ring filled while another drain held the send lock (so that
+    /// nobody could drain it at the watermark: a rejecting writer asks the flusher, which
+    /// waits for that lock) is drained once the lock is free and a rejected insert wakes
     /// the flusher. Before the fix the flusher, which leaves assisted rings to their
     /// writers, went back to sleep until the latency deadline (here 450 s): every
     /// `try_insert` was `Full` meanwhile (the watchdog below failed the test).
