@@ -182,7 +182,8 @@ fn assert_all_arrive_in_order(
 ) -> BusStats {
     let want = (threads * per) as usize;
     let got = thread::scope(|s| {
-        let receiver = s.spawn(|| rx.collect(idx, want, Duration::from_secs(30)));
+        // A watchdog, not a timing: it returns once everything came.
+        let receiver = s.spawn(|| rx.collect(idx, want, Duration::from_secs(120)));
         produce();
         bus.flush().unwrap();
         receiver.join().unwrap()
@@ -315,11 +316,11 @@ fn drop_flushes_everything() {
     const N: u32 = 5000;
     let idx = test_idx(3);
     let rx = Rx::open(Some(GROUP));
-    // Nothing would be sent before a minute passes: only the drop can send.
+    // Nothing would be sent before an hour passes: only the drop can send.
     let bus = Bus::builder(Dest::Group(GROUP))
         .capacity(8192)
         .watermark(usize::MAX)
-        .max_latency(Duration::from_secs(60))
+        .max_latency(Duration::from_secs(3600))
         .build()
         .unwrap();
     rx.from(&bus);
@@ -333,13 +334,10 @@ fn drop_flushes_everything() {
         "sent before the deadline or the drop"
     );
     assert_eq!(bus.stats().queued, u64::from(N));
-    let t = Instant::now();
-    drop(bus);
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "drop waited for the latency deadline"
-    );
-    let got = rx.collect(idx, N as usize, Duration::from_secs(5));
+    // A watchdog, not a timing: a drop that waited for the deadline would take the hour.
+    common::remember_own_sockets();
+    returns_within("drop", Duration::from_secs(120), move || drop(bus));
+    let got = rx.collect(idx, N as usize, Duration::from_secs(60));
     assert_eq!(got.msgs.len(), N as usize, "drop lost messages");
     assert_per_thread_order(&got.msgs, 1, N);
 }
@@ -470,9 +468,9 @@ fn classic_framing_and_kernel_get_one_message_per_datagram() {
 }
 
 #[test]
-fn idle_bus_sleeps_and_delivers_within_the_latency_bound() {
+fn idle_bus_sleeps_and_sends_single_messages_without_a_flush() {
     idle_then_single_messages(
-        "idle_bus_sleeps_and_delivers_within_the_latency_bound",
+        "idle_bus_sleeps_and_sends_single_messages_without_a_flush",
         7,
         27,
         false,
@@ -480,9 +478,9 @@ fn idle_bus_sleeps_and_delivers_within_the_latency_bound() {
 }
 
 #[test]
-fn idle_producer_wakes_the_flusher_within_the_latency_bound() {
+fn idle_producer_wakes_the_flusher_for_single_messages() {
     idle_then_single_messages(
-        "idle_producer_wakes_the_flusher_within_the_latency_bound",
+        "idle_producer_wakes_the_flusher_for_single_messages",
         52,
         26,
         true,
@@ -491,8 +489,11 @@ fn idle_producer_wakes_the_flusher_within_the_latency_bound() {
 
 /// An idle bus (with a producer that inserts nothing, `via_producer`) must not wake its
 /// flusher; then single messages, each finding the flusher parked with nothing queued
-/// (for a lane: its lock-free wake-up path), must go out without a flush, within the
-/// latency bound.
+/// (for a lane: its lock-free wake-up path), must go out without a flush, each waking
+/// the flusher a few times at most. The latency is printed, not asserted: on a busy host
+/// the flusher's wake-up waits for a CPU (docs/BUS.md, "Latency under CPU overload"; the
+/// bound is measured by `cargo bench --bench bus`). Before, a median under 20 ms and a
+/// `max_queue_delay` under 100 ms were asserted, which a loaded 2-CPU host can miss.
 fn idle_then_single_messages(name: &str, salt: u32, group: u32, via_producer: bool) {
     let Some(_k) = kernel_socket(name) else {
         return;
@@ -518,7 +519,8 @@ fn idle_then_single_messages(name: &str, salt: u32, group: u32, via_producer: bo
     for seq in 0..N as u32 {
         let t = Instant::now();
         ins.try_insert(CbId::new(idx, 0), &payload(0, seq)).unwrap();
-        let got = rx.collect(idx, 1, Duration::from_secs(2));
+        // A watchdog, not a timing: without the flusher's wake-up it never comes.
+        let got = rx.collect(idx, 1, Duration::from_secs(30));
         assert_eq!(
             got.msgs.len(),
             1,
@@ -534,13 +536,7 @@ fn idle_then_single_messages(name: &str, salt: u32, group: u32, via_producer: bo
         lat[N / 2],
         lat[N - 1]
     );
-    // 1 ms max latency; generous margins for a loaded shared machine.
-    assert!(
-        lat[N / 2] < Duration::from_millis(20),
-        "median latency {:?}",
-        lat[N / 2]
-    );
-    assert!(st.max_queue_delay < Duration::from_millis(100), "{st:?}");
+    assert_eq!((st.inserted, st.sent_messages), (N as u64, N as u64));
     assert!(
         st.flusher_wakeups < N as u64 * 4,
         "too many wake-ups: {st:?}"
@@ -837,7 +833,7 @@ fn inserted_messages_are_numbered_per_id_in_wire_order() {
         _ => 1,
     };
     assert!(
-        wait_for(Duration::from_secs(20), || {
+        wait_for(Duration::from_secs(120), || {
             let s = seen.lock();
             (1..=3).all(|v| s.get(&v).map_or(0, Vec::len) >= want(v))
         }),
@@ -961,7 +957,7 @@ fn producers_keep_order_number_per_id_and_account_exactly() {
     let ncpu = sys::num_cpus().min(8);
     let got = thread::scope(|s| {
         let want = (THREADS * PER + PER) as usize;
-        let receiver = s.spawn(move || rx.collect(idx, want, Duration::from_secs(30)));
+        let receiver = s.spawn(move || rx.collect(idx, want, Duration::from_secs(120)));
         let producers: Vec<_> = (0..THREADS)
             .map(|t| {
                 let bus = &bus;
@@ -1030,7 +1026,7 @@ fn dropped_producers_messages_are_kept_and_counted() {
         .unwrap();
     rx.from(&bus);
     let got = thread::scope(|s| {
-        let receiver = s.spawn(|| rx.collect(idx, 2 * N as usize, Duration::from_secs(30)));
+        let receiver = s.spawn(|| rx.collect(idx, 2 * N as usize, Duration::from_secs(120)));
         for t in 0..2 {
             // A producer per thread, dropped with messages still queued.
             let bus = &bus;
@@ -1282,6 +1278,86 @@ fn a_receiver_that_never_reads_cannot_block_flush_close_or_drop() {
     }
     assert_eq!(count.get(&1).copied().unwrap_or(0), st1.sent_messages);
     assert_eq!(count.get(&2).copied().unwrap_or(0), st2.sent_messages);
+}
+
+/// `try_insert` never waits for a send (docs/BUS.md, the `Reject` row), also with
+/// `assist` on, against a `Dest::Port` receiver that does not read and a `send_timeout`
+/// of an hour: the inserts past the watermark return (accepted, or `Full` once the ring is
+/// full) while the receiver still reads nothing, and ask the flusher to drain (it waits
+/// for the receiver, the writer does not). Then the receiver reads: every accepted
+/// message arrives, in order and numbered 1, 2, 3, ..., and the statistics account for
+/// every offer. Through a shard (`Bus::try_insert`) and a `Producer`. Before the fix the
+/// insert that crossed the watermark drained its ring itself and waited for the receiver
+/// (the watchdog below failed the test).
+#[test]
+fn a_rejecting_insert_never_waits_for_a_full_receiver_even_with_assist() {
+    let Some(_k) =
+        kernel_socket("a_rejecting_insert_never_waits_for_a_full_receiver_even_with_assist")
+    else {
+        return;
+    };
+    let idx = test_idx(63);
+    const N: u32 = 2000;
+    for (val, via_producer) in [(1, false), (2, true)] {
+        let sock = ConnectorSocket::open().unwrap();
+        sock.set_recv_buffer(0, false).unwrap();
+        let rx = Rx {
+            sock,
+            wake: EventFd::new().unwrap(),
+            ports: Default::default(),
+        };
+        let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+            .shards(1)
+            .capacity(16)
+            .watermark(4)
+            .send_timeout(Duration::from_secs(3600))
+            .assist(true)
+            .build()
+            .unwrap();
+        rx.from(&bus);
+        let id = CbId::new(idx, val);
+        // A hang detector with a wide margin, not a timing: the old code waited an hour.
+        let (bus, accepted) = returns_within(
+            "try_insert past the watermark",
+            Duration::from_secs(60),
+            move || {
+                let mut p = via_producer.then(|| bus.producer());
+                let mut accepted = Vec::new();
+                for seq in 0..N {
+                    let r = match &mut p {
+                        Some(p) => p.try_insert(id, &payload(val, seq)),
+                        None => bus.try_insert(id, &payload(val, seq)),
+                    };
+                    match r {
+                        Ok(()) => accepted.push(seq),
+                        Err(InsertError::Full(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                drop(p);
+                (bus, accepted)
+            },
+        );
+        let st = bus.stats();
+        let n = accepted.len() as u64;
+        // The receiver holds a few datagrams and the ring 16 messages: most were refused.
+        assert!(n < u64::from(N) / 2, "{st:?}");
+        assert_eq!((st.inserted, st.rejected_full), (n, u64::from(N) - n));
+        assert_eq!(st.assisted_drains, 0, "{st:?}");
+        // Now the receiver reads: the flusher's wait ends, everything accepted arrives.
+        let got = thread::scope(|s| {
+            let r = s.spawn(|| rx.collect(idx, n as usize, Duration::from_secs(60)));
+            let st = returns_within("close", Duration::from_secs(60), move || bus.close());
+            let st = st.unwrap();
+            assert_eq!((st.inserted, st.sent_messages), (n, n), "{st:?}");
+            assert_eq!((st.failed_messages, st.queued), (0, 0), "{st:?}");
+            r.join().unwrap()
+        });
+        let seqs: Vec<u32> = got.msgs.iter().map(|m| parse(m).1).collect();
+        assert_eq!(seqs, accepted, "accepted messages lost or reordered");
+        let numbers: Vec<u32> = got.msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(numbers, (1..=n as u32).collect::<Vec<_>>(), "numbering");
+    }
 }
 
 /// A thread-local whose destructor inserts into the bus: it runs after the bus's own
@@ -1571,7 +1647,12 @@ fn closing_while_producers_insert_loses_nothing() {
             })
         })
         .collect();
-    thread::sleep(Duration::from_millis(50));
+    // Close once the producers are inserting (a wait for them, not a fixed sleep: on a
+    // busy host they may not have run yet after 50 ms, and then nothing was accepted).
+    assert!(
+        wait_for(Duration::from_secs(60), || bus.stats().inserted >= 64),
+        "the producers never inserted"
+    );
     // The bus's socket closes with the last producer: remember its port now.
     common::remember_own_sockets();
     let (st, err) = bus.close_with_stats();

@@ -88,9 +88,10 @@ impl<M> InsertError<M> {
 pub enum FullPolicy {
     /// Hand the message back at once: [`InsertError::Full`]. Never blocks on another
     /// thread's drain or send: also when the shard's lock cannot be taken without a
-    /// failed barrier, or during thread teardown (see [`InsertError::Full`]). (With
-    /// [`assist`](BusBuilder::assist), an accepted insert that crosses the watermark
-    /// drains its ring itself, as every insert does.)
+    /// failed barrier, or during thread teardown (see [`InsertError::Full`]), and with
+    /// [`assist`](BusBuilder::assist): an accepted insert that brings its ring to the
+    /// watermark does not drain it (which may wait for the send lock or a full
+    /// [`Dest::Port`] receiver) but wakes the flusher to drain it at once.
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with
@@ -283,7 +284,8 @@ impl BusBuilder {
         /// Writer-assisted draining (default: on for groups and the kernel, off for
         /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
         /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
-        /// that finds it full, drains the ring itself if no one else is: a single fast
+        /// that finds it full, drains the ring itself if no one else is (a rejecting one,
+        /// [`FullPolicy::Reject`], never waits: it wakes the flusher instead): a single fast
         /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
         /// latency deadline. Such an insert pays the system call.
         assist(on: bool) => cfg.assist = on;
@@ -408,7 +410,7 @@ impl BusBuilder {
             stop_deadline: Mutex::new(None),
             stalled: AtomicBool::new(false),
             space_waiters: AtomicUsize::new(0),
-            full_rejected: AtomicBool::new(false),
+            drain_asked: AtomicBool::new(false),
             space_lock: Mutex::new(()),
             space_cv: Condvar::new(),
             stats: Counters::default(),

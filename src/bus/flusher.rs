@@ -72,8 +72,8 @@ fn run(inner: &Inner) {
                 panic!("test hook: the flusher panics");
             }
         }
-        // Before the pass: a rejection after this point asks for another one.
-        inner.full_rejected.store(false, SeqCst);
+        // Before the pass: a request after this point asks for another one.
+        inner.drain_asked.store(false, SeqCst);
         rings.clone_from(&inner.rings.lock());
         for ring in rings.iter().filter(|r| r.pending()) {
             inner.drain(ring, true);
@@ -84,7 +84,8 @@ fn run(inner: &Inner) {
 
 /// Sleeps until there is a reason to drain: a ring past the watermark (unless its writers
 /// drain it themselves, [`assist`](super::BusBuilder::assist)), the oldest queued
-/// message's deadline, a stop request, an inserter blocked or rejected on a full ring.
+/// message's deadline, a stop request, an inserter blocked or rejected on a full ring or
+/// asking for a drain at the watermark ([`Inner::ask_drain`]).
 /// Parks indefinitely when every ring is empty. Wake-up protocol: docs/BUS.md, "Memory
 /// orderings".
 fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
@@ -93,10 +94,10 @@ fn sleep(inner: &Inner, rings: &mut Vec<Arc<Ring>>) {
     // then fit in the bound. Saturating: beyond u64 nanoseconds (584 years) is "never".
     let bound = u64::try_from(inner.cfg.max_latency.as_nanos()).unwrap_or(u64::MAX);
     let aim = bound - (bound / 4).min(1_000_000);
-    // A stop, or a blocked or rejected inserter and a non-empty ring: drain now.
+    // A stop, or a blocked inserter or a request for a drain and a non-empty ring: now.
     let urgent = |rings: &[Arc<Ring>]| {
         inner.stop.load(SeqCst)
-            || ((inner.space_waiters.load(SeqCst) > 0 || inner.full_rejected.load(SeqCst))
+            || ((inner.space_waiters.load(SeqCst) > 0 || inner.drain_asked.load(SeqCst))
                 && rings.iter().any(|r| r.pending()))
     };
     // A ring the flusher drains at the watermark (writers that `assist` drain their own).

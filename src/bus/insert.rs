@@ -110,7 +110,8 @@ pub(crate) trait Queue {
     /// The bus.
     fn inner(&self) -> &Arc<Inner>;
     /// One attempt to queue `e`; false when full. `help`: the caller may drain (it holds no
-    /// bus lock).
+    /// bus lock, and may wait for a send: not a rejecting insert); else, at the watermark of
+    /// an assisted ring, it asks the flusher to (`Inner::after_push`).
     fn try_push(&mut self, e: &Entry<'_>, help: bool) -> bool;
     /// The ring that holds the caller's unsent messages and takes its next one; `None`
     /// when unknown (a shard writer's thread-local state is gone: drain every ring).
@@ -306,7 +307,7 @@ impl Queue for Shards<'_> {
                 // flushed already. A rejecting insert may not wait for a flush (the send
                 // lock, a full receiver): it is refused while another shard holds
                 // messages, which may be its earlier ones.
-                if help && self.1 {
+                if self.1 {
                     if i.shards.iter().skip(1).any(|s| s.ring.pending()) {
                         let _ = REFUSED.try_with(|r| r.set(true));
                         return false;
@@ -496,7 +497,9 @@ pub(crate) fn insert<Q: Queue>(
     if inner.dead.load(Relaxed) || inner.fork.forked() {
         return Err(refuse(inner, e, InsertError::Closed));
     }
-    if !q.try_push(&e, true) {
+    // A rejecting insert never drains (a drain may wait for the send lock or for a full
+    // unicast receiver): at the watermark of an assisted ring it asks the flusher.
+    if !q.try_push(&e, policy != FullPolicy::Reject) {
         return on_full(q, e, policy);
     }
     q.send_own_if_closed();
@@ -538,8 +541,7 @@ fn on_full<Q: Queue>(
     }
     match policy {
         FullPolicy::Reject => {
-            inner.full_rejected.store(true, SeqCst);
-            inner.wake();
+            inner.ask_drain();
             Err(refuse(&inner, e, InsertError::Full))
         }
         FullPolicy::Block => block(q, &inner, e, None),

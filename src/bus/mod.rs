@@ -105,10 +105,10 @@ pub(crate) struct Inner {
     /// since: sends do not wait (see [`BusBuilder::send_timeout`]).
     pub(crate) stalled: AtomicBool,
     pub(crate) space_waiters: AtomicUsize,
-    /// An insert was rejected on a full ring (`FullPolicy::Reject`): the flusher drains
-    /// at once, as for a blocked inserter, rather than leave an assisted ring to writers
-    /// that could not drain it (SeqCst; cleared by the flusher before its pass).
-    pub(crate) full_rejected: AtomicBool,
+    /// An insert asked for a drain now ([`ask_drain`](Self::ask_drain)): the flusher
+    /// drains at once, as for a blocked inserter, rather than leave an assisted ring to
+    /// writers that could not drain it (SeqCst; cleared by the flusher before its pass).
+    pub(crate) drain_asked: AtomicBool,
     pub(crate) space_lock: Mutex<()>,
     pub(crate) space_cv: Condvar,
     pub(crate) stats: Counters,
@@ -165,15 +165,33 @@ impl Inner {
         }
     }
 
+    /// Asks the flusher for a pass now, whatever its state: an insert was rejected on a
+    /// full ring, or crossed the watermark of an assisted ring it may not drain itself (a
+    /// rejecting insert never waits for a send). Never blocks.
+    #[cold]
+    pub(crate) fn ask_drain(&self) {
+        self.drain_asked.store(true, SeqCst);
+        self.wake();
+    }
+
     /// After a successful push into a ring that now holds `len` messages: drain it on this
     /// thread if it reached the watermark and `help` allows (see [`BusBuilder::assist`]),
     /// else wake the flusher if it sleeps and should not. `state` is the flusher's state,
     /// loaded after the push (docs/BUS.md, "Memory orderings").
     #[inline(always)]
     pub(crate) fn after_push(&self, ring: &Ring, len: u64, state: u8, help: bool) {
-        let assist = help && self.cfg.assist;
         let over = len >= self.cfg.watermark as u64;
-        if assist && over {
+        if over && self.cfg.assist {
+            if !help {
+                // A writer that may not drain (a rejecting insert, which never waits for a
+                // send, or a blocked one under `space_lock`): the flusher drains the ring
+                // now. Asked once per pass (the flag is cleared before it): if we miss its
+                // clearing, the ring still goes at its deadline, or when it is full.
+                if !self.drain_asked.load(Relaxed) {
+                    self.ask_drain();
+                }
+                return;
+            }
             // Either we drain (our push is among the messages it takes), or someone holds
             // the drain right and is draining. An IDLE flusher is still woken, so that a
             // deadline is set for whatever that drain leaves behind.
@@ -860,8 +878,9 @@ mod tests {
         assert_eq!(count(&rx, idx), 50);
     }
 
-    /// With `assist` on, a ring filled while another drain held the send lock (so its
-    /// writer could not drain it at the watermark) is drained once a rejected insert wakes
+    /// With `assist` on, a ring filled while another drain held the send lock (so that
+    /// nobody could drain it at the watermark: a rejecting writer asks the flusher, which
+    /// waits for that lock) is drained once the lock is free and a rejected insert wakes
     /// the flusher. Before the fix the flusher, which leaves assisted rings to their
     /// writers, went back to sleep until the latency deadline (here 450 s): every
     /// `try_insert` was `Full` meanwhile (the watchdog below failed the test).
@@ -1478,14 +1497,40 @@ mod tests {
         assert_eq!(count(&rx, idx), 10);
     }
 
+    /// `b.flusher_realtime(priority)` built, its flusher checked to run under
+    /// `SCHED_FIFO` at `priority`. `None` (the test is skipped, and says so) where the
+    /// process may not use `SCHED_FIFO` (`build` fails with `Op::Spawn` and `EPERM`: no
+    /// `CAP_SYS_NICE`, no real-time budget in its cgroup); under CI that is a failure.
+    #[cfg(not(cnbus_loom))]
+    fn realtime(b: BusBuilder, priority: u8) -> Option<Bus> {
+        use std::os::unix::thread::JoinHandleExt;
+        let bus = match b.flusher_realtime(priority).build() {
+            Ok(bus) => bus,
+            Err(Error::Io {
+                op: crate::Op::Spawn,
+                source,
+            }) if source.raw_os_error() == Some(libc::EPERM) => {
+                if std::env::var_os("CI").is_some() {
+                    panic!("SCHED_FIFO is required under CI: {source}");
+                }
+                eprintln!("SKIPPED: SCHED_FIFO not permitted here");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let t = bus.flusher.as_ref().unwrap().as_pthread_t();
+        let want = (libc::SCHED_FIFO, i32::from(priority));
+        assert_eq!(crate::sys::sched_of(t).unwrap(), want);
+        Some(bus)
+    }
+
     /// `flusher_realtime(p)`: the flusher thread runs under `SCHED_FIFO` at `p` and sends
     /// as usual; a priority above 99 is refused. Where the process may not use
     /// `SCHED_FIFO` (no `CAP_SYS_NICE`, no real-time budget in its cgroup) `build` fails
-    /// with `Op::Spawn` and `EPERM` (then the rest is skipped).
+    /// with `Op::Spawn` and `EPERM` (then the rest is skipped, except under CI).
     #[test]
     #[cfg(not(cnbus_loom))]
     fn a_realtime_flusher_runs_under_sched_fifo() {
-        use std::os::unix::thread::JoinHandleExt;
         let Some(rx) = receiver() else { return };
         let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe1;
         for p in [100, u8::MAX] {
@@ -1496,28 +1541,157 @@ mod tests {
                 Err(Error::InvalidArgument(_))
             ));
         }
-        let bus = match Bus::builder(Dest::Port(rx.port_id()))
-            .flusher_realtime(3)
-            .build()
-        {
-            Ok(bus) => bus,
-            Err(Error::Io {
-                op: crate::Op::Spawn,
-                source,
-            }) if source.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("SKIPPED: SCHED_FIFO not permitted here");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(bus) = realtime(Bus::builder(Dest::Port(rx.port_id())), 3) else {
+            return;
         };
-        let t = bus.flusher.as_ref().unwrap().as_pthread_t();
-        assert_eq!(crate::sys::sched_of(t).unwrap(), (libc::SCHED_FIFO, 3));
         for i in 0..10u32 {
             bus.insert(CbId::new(idx, 1), &i.to_ne_bytes()).unwrap();
         }
         let st = bus.close().unwrap();
         assert_eq!((st.inserted, st.sent_messages), (10, 10));
         assert_eq!(count(&rx, idx), 10);
+    }
+
+    /// A `SCHED_FIFO` flusher against a `Dest::Port` receiver that never reads (its queue
+    /// at the minimum size): a thread offers 2,000 messages through a shard and a
+    /// `Producer`, each policy in turn, `assist` on. The bus keeps its bounds: no ring
+    /// holds more than its capacity, `Full` and `Timeout` hand the message back, a failed
+    /// direct send too, a blocked insert returns once the flusher has drained (the
+    /// receiver's datagrams are counted as failed after one `send_timeout` of 50 ms); the
+    /// offers and the close end (watchdogs of 60 s, not timings) and every message is
+    /// accounted for exactly (the receiver holds exactly `sent_messages`). The flusher
+    /// does not spin: it wakes at most once per unpark (at most a few per offer) or per
+    /// 200 µs of poll (`flusher::BARRIERLESS_POLL`), and with nothing queued it parks
+    /// (no wake-up while the bus is idle), also with its barrier failing for good and a
+    /// `max_latency` of 0 (the barrierless poll). (Passed when written: the proof the
+    /// docs lacked that a real-time flusher, which no normal thread on its CPU can
+    /// preempt, keeps the bounds at a stalled receiver.)
+    #[test]
+    #[cfg(not(cnbus_loom))] // its hooks are not built under loom
+    fn a_realtime_flusher_against_a_receiver_that_never_reads_keeps_the_bounds_and_does_not_spin() {
+        const OFFERS: u32 = 2000;
+        const CAPACITY: usize = 64;
+        let watchdog = Duration::from_secs(60);
+        for barrierless in [false, true] {
+            let Some(rx) = receiver() else { return };
+            rx.set_recv_buffer(0, false).unwrap();
+            let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe3;
+            let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let mut b = Bus::builder(Dest::Port(rx.port_id()))
+                .shards(1)
+                .capacity(CAPACITY)
+                .watermark(16)
+                .datagram_size(512)
+                .send_timeout(Duration::from_millis(50))
+                .assist(true);
+            if barrierless {
+                b.cfg.flusher_barrier_fails = Some((libc::EPERM, Arc::clone(&calls)));
+                b = b.max_latency(Duration::ZERO);
+            }
+            let Some(bus) = realtime(b, 1) else { return };
+            let bus = Arc::new(bus);
+            let start = Instant::now();
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let offerer = Arc::clone(&bus);
+            std::thread::spawn(move || {
+                let policies = [
+                    FullPolicy::Reject,
+                    FullPolicy::Block,
+                    FullPolicy::BlockFor(Duration::from_millis(1)),
+                    FullPolicy::SendDirect,
+                ];
+                let mut p = offerer.producer();
+                let (mut accepted, mut handed_back) = (0u64, 0u64);
+                for i in 0..OFFERS {
+                    let (id, data) = (CbId::new(idx, i % 2), i.to_ne_bytes());
+                    let policy = policies[(i / 2) as usize % policies.len()];
+                    let r = if i % 2 == 0 {
+                        (&*offerer).insert_with(id, &data, policy)
+                    } else {
+                        p.insert_with(id, &data, policy)
+                    };
+                    match r {
+                        Ok(()) => accepted += 1,
+                        Err(e) => {
+                            assert!(
+                                matches!(
+                                    (&e, policy),
+                                    (InsertError::Full(_), FullPolicy::Reject)
+                                        | (InsertError::Timeout(_), FullPolicy::BlockFor(_))
+                                        | (InsertError::Send { .. }, FullPolicy::SendDirect)
+                                ),
+                                "{policy:?}: {e}"
+                            );
+                            assert_eq!(e.into_inner().data, &data[..], "handed back");
+                            handed_back += 1;
+                        }
+                    }
+                }
+                drop((p, offerer));
+                let _ = done_tx.send((accepted, handed_back));
+            });
+            let (accepted, handed_back) = done_rx
+                .recv_timeout(watchdog)
+                .expect("the offers did not end: the bus blocks");
+            let active = start.elapsed();
+            let st = bus.stats();
+            eprintln!("barrierless {barrierless}, {active:?}: {st:?}");
+            // Bounds: no ring past its capacity; the receiver is full, so sends failed.
+            assert!(st.high_water <= CAPACITY as u64, "{st:?}");
+            assert!(
+                st.failed_messages > 0 && st.full_receiver_waits > 0,
+                "{st:?}"
+            );
+            assert_eq!(st.inserted, accepted, "{st:?}");
+            assert_eq!(st.rejected(), handed_back, "{st:?}");
+            // No spin while inserting: every wake-up is an unpark (an offer makes a few at
+            // most: a push, a rejection, each turn of a blocked insert, a new producer) or
+            // the end of a sleep of at least `BARRIERLESS_POLL` (a ceiling that load only
+            // makes looser; a flusher parking for 0 ns makes hundreds of thousands a second).
+            let polls = (active.as_nanos() / flusher::BARRIERLESS_POLL.as_nanos()) as u64;
+            let bound = polls + 4 * u64::from(OFFERS) + 10;
+            assert!(
+                st.flusher_wakeups <= bound,
+                "{} wake-ups in {active:?} (bound {bound}): the flusher spins",
+                st.flusher_wakeups
+            );
+            // Idle: everything taken, nothing queued: the flusher parks (IDLE, no timeout;
+            // without its barrier, a poll of `BARRIERLESS_POLL`).
+            bus.flush()
+                .expect_err("the receiver is full: failures are reported");
+            let (t0, w0) = (Instant::now(), bus.stats().flusher_wakeups);
+            std::thread::sleep(Duration::from_millis(100));
+            let (w1, idle) = (bus.stats().flusher_wakeups, t0.elapsed());
+            let polls = (idle.as_nanos() / flusher::BARRIERLESS_POLL.as_nanos()) as u64;
+            let bound = if barrierless { polls + 3 } else { 3 };
+            assert!(
+                w1 - w0 <= bound,
+                "{} wake-ups idle in {idle:?} (bound {bound}): the flusher spins",
+                w1 - w0
+            );
+            // Shutdown ends, and accounts for every offer and every accepted message.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let bus = Arc::into_inner(bus).expect("the offering thread dropped its handle");
+                let _ = done_tx.send(bus.close_with_stats());
+            });
+            let (st, _) = done_rx
+                .recv_timeout(watchdog)
+                .expect("the close did not end: the bus blocks");
+            assert_eq!(st.inserted + st.rejected(), u64::from(OFFERS), "{st:?}");
+            assert_eq!(
+                (st.inserted, st.queued),
+                (st.sent_messages + st.failed_messages, 0),
+                "{st:?}"
+            );
+            assert_eq!(count(&rx, idx), st.sent_messages, "{st:?}");
+            if barrierless {
+                assert!(
+                    calls.load(Relaxed) >= 1 && st.barrier_failures > 0,
+                    "{st:?}"
+                );
+            }
+        }
     }
 
     /// `flusher_realtime` where `SCHED_FIFO` is not permitted (a forked child that gave up
