@@ -1252,3 +1252,81 @@ fn edge_values_and_control_messages_between_messages() {
         .unwrap();
     assert_eq!((r.msg.seq, r.msg.ack), (7, 0));
 }
+
+/// Every message the dispatcher reads lands in exactly one outcome counter, so
+/// `messages == replies + delivered + unmatched + shutdown_discards`: a reply taken by a
+/// request, messages a callback completed or panicked on, one no registration matches, and
+/// the rest of a datagram left undelivered because `shutdown` began while a callback ran.
+/// (Before, the message whose only callback panicked and the three skipped at shutdown
+/// were in no counter: the outcome counters there were, replies 1 + dispatched 2 +
+/// unmatched 1, added up to 4 of 8 messages.)
+#[test]
+fn every_message_read_lands_in_one_outcome_counter() {
+    if kernel_socket("every_message_read_lands_in_one_outcome_counter").is_none() {
+        return;
+    }
+    let salt = 49;
+    let [asked, fine, bad, nobody, hold] = [1, 2, 3, 4, 5].map(|v| CbId::new(test_idx(salt), v));
+    let (server, _svc) = pong_server(asked);
+    let conn = Connector::builder().spawn().unwrap();
+    let h = conn.handle();
+    let _fine = conn.register(fine, |_| {});
+    let _bad = conn.register(bad, |_| panic!("the only callback of its id panics"));
+    let (held, gate) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let (hd, g) = (held.clone(), gate.clone());
+    let _hold = conn.register(hold, move |_| {
+        hd.wait();
+        g.wait();
+    });
+    // A reply taken by a request.
+    let req = CnMsg::new(asked, &b"ping"[..]).with_seq(conn.next_seq(asked), 0);
+    conn.request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+        .unwrap();
+    let tx = ConnectorSocket::open().unwrap();
+    let to = Dest::Port(conn.port_id());
+    let datagram = |ids: &[CbId]| {
+        let mut d = DatagramBuilder::new(1024).with_pid(tx.port_id());
+        for (seq, id) in (1..).zip(ids) {
+            d.push(&CnMsg::new(*id, &b"x"[..]).with_seq(seq, 0))
+                .unwrap();
+        }
+        d.take()
+    };
+    // Completed, panicked, unmatched.
+    tx.send(&datagram(&[fine, bad, nobody]), to).unwrap();
+    assert!(wait_for(Duration::from_secs(60), || {
+        let s = conn.stats();
+        s.delivered + s.unmatched == 3
+    }));
+    // The first callback holds the dispatcher while `shutdown` begins: the other three
+    // are read (in its datagram) and left.
+    tx.send(&datagram(&[hold, fine, fine, nobody]), to).unwrap();
+    held.wait();
+    let stopper = std::thread::spawn(move || conn.shutdown());
+    // The shutdown flag is set once a request is refused as `Closed`.
+    let sink = ConnectorSocket::open().unwrap();
+    let probe = CnMsg::new(CbId::new(test_idx(salt), 6), &b"?"[..]);
+    while !matches!(
+        h.request(&probe, Dest::Port(sink.port_id()), Duration::from_millis(1)),
+        Err(cnbus::Error::Closed)
+    ) {}
+    gate.wait();
+    stopper.join().unwrap();
+    let s = h.stats();
+    assert_eq!(
+        (
+            s.messages,
+            s.replies,
+            s.delivered,
+            s.unmatched,
+            s.shutdown_discards
+        ),
+        (8, 1, 3, 1, 3),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.messages,
+        s.replies + s.delivered + s.unmatched + s.shutdown_discards
+    );
+    assert_eq!((s.dispatched, s.callback_panics), (2, 1), "{s:?}");
+}

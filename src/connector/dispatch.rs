@@ -68,8 +68,9 @@ pub(super) fn run(inner: &Inner) {
                     };
                     ingest.datagram(c, &datagram, meta, is_reply, is_late, |item| {
                         // The rest of the datagram: nobody takes it, and neither a callback
-                        // nor the event handler starts (counters still count it).
+                        // nor the event handler starts (counted as discarded).
                         if inner.shutdown.load(Ordering::Acquire) {
+                            d.shutdown_discards += u64::from(item.is_ok());
                             return;
                         }
                         match item {
@@ -84,7 +85,9 @@ pub(super) fn run(inner: &Inner) {
                         }
                     });
                     Counters::add(&c.dispatched, d.dispatched);
+                    Counters::add(&c.delivered, d.delivered);
                     Counters::add(&c.unmatched, d.unmatched);
+                    Counters::add(&c.shutdown_discards, d.shutdown_discards);
                 }
                 // Nothing queued, or an overrun/truncation already counted and reported:
                 // poll again (an overrun leaves the queue readable, so no wait is lost).
@@ -121,11 +124,15 @@ fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     true
 }
 
-/// What the registry did with one datagram's messages, added to the counters at its end.
+/// What the registry did with one datagram's messages, added to the counters at its end:
+/// each message not taken as a reply is in exactly one of `delivered`, `unmatched` and
+/// `shutdown_discards`.
 #[derive(Default)]
 struct Tally {
     dispatched: u64,
+    delivered: u64,
     unmatched: u64,
+    shutdown_discards: u64,
 }
 
 impl Tally {
@@ -150,6 +157,8 @@ impl Tally {
         self.dispatched += out.delivered as u64;
         if out.delivered == 0 && out.panicked == 0 {
             self.unmatched += 1;
+        } else {
+            self.delivered += 1;
         }
     }
 }

@@ -270,6 +270,12 @@ fn a_stream_read_promptly_loses_nothing_to_its_own_queue() {
             (0, 0, Some(0)),
             "{s:?}"
         );
+        // Every message read went to the stream (`delivered`), none elsewhere.
+        assert_eq!((s.messages, s.delivered), (sent, sent), "{s:?}");
+        assert_eq!(
+            s.messages,
+            s.replies + s.delivered + s.unmatched + s.shutdown_discards
+        );
     });
 }
 
