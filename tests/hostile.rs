@@ -1330,3 +1330,52 @@ fn every_message_read_lands_in_one_outcome_counter() {
     );
     assert_eq!((s.dispatched, s.callback_panics), (2, 1), "{s:?}");
 }
+
+/// A reply that comes after its request timed out is no part of its sender's numbered
+/// stream, even when its seq is exactly one past that stream's last: a server's stream
+/// 1, 2, 3 to the client, the late reply to the client's request 4, then the stream's own
+/// 4 and 5 count no loss and nothing reordered. (Before, the receive path asked whether
+/// a message was a late reply only when it did not continue the stream of the message
+/// before: the reply was taken for the stream's 4, and the real 4 counted as reordered.)
+#[test]
+fn a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it() {
+    if kernel_socket("a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it")
+        .is_none()
+    {
+        return;
+    }
+    let id = CbId::new(test_idx(50), 1);
+    let client = Connector::builder().spawn().unwrap();
+    let (_reg, got) = client.channel(id, 16);
+    let server = ConnectorSocket::open().unwrap();
+    let to_client = Dest::Port(client.port_id());
+    let send = |m: CnMsg| {
+        let mut d = DatagramBuilder::new(256).with_pid(server.port_id());
+        d.push(&m).unwrap();
+        server.send(&d.take(), to_client).unwrap();
+    };
+    let stream = |seq: u32| CnMsg::new(id, &b"stream"[..]).with_seq(seq, 0);
+    for seq in 1..=3 {
+        send(stream(seq));
+    }
+    let req = CnMsg::new(id, &b"ping"[..]).with_seq(4, 0);
+    let e = client
+        .request(&req, Dest::Port(server.port_id()), Duration::from_millis(1))
+        .unwrap_err();
+    assert!(
+        matches!(e, cnbus::Error::TimedOut { op: Op::Request }),
+        "{e:?}"
+    );
+    send(CnMsg::reply_to(&req, &b"late"[..]));
+    send(stream(4));
+    send(stream(5));
+    let seen: Vec<(u32, u32)> = (0..6)
+        .map(|_| {
+            let m = got.recv_timeout(Duration::from_secs(60)).unwrap();
+            (m.msg.seq, m.msg.ack)
+        })
+        .collect();
+    assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1), (4, 0), (5, 0)]);
+    let s = client.stats();
+    assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 0), "{s:?}");
+}

@@ -23,6 +23,9 @@ pub(super) fn run(inner: &Inner) {
     let mut buf = BytesMut::with_capacity(cap * 4);
     let mut ingest = Ingest::new(inner.config.track_seq, inner.config.tracked_streams);
     let mut event = |e: Event| inner.event(e);
+    // An id found in no withdrawn request, and the generation of the requests then
+    // (`ingest::Withdrawn::clear_of`): its messages are no late replies, without the lock.
+    let mut clear: Option<(CbId, u64)> = None;
     loop {
         let ready = match poll_read(&*inner.socket, &inner.wake, None) {
             Ok(r) => r,
@@ -56,15 +59,20 @@ pub(super) fn run(inner: &Inner) {
                     let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
                     let is_reply = |m: &Delivery<'_>| {
-                        inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
+                        // Acquire: pairs with the Release store in `await_reply`.
+                        inner.pending_count.load(Ordering::Acquire) > 0 && reply(inner, m)
                     };
                     let is_late = |m: &Delivery<'_>| {
-                        inner.late_count.load(Ordering::Relaxed) > 0 && {
-                            let mut w = inner.late.lock();
-                            let late = w.is_late_reply(m);
-                            inner.late_count.store(w.len(), Ordering::Relaxed);
-                            late
-                        }
+                        inner.late_count.load(Ordering::Relaxed) > 0
+                            && clear
+                                != Some((m.id(), inner.late_generation.load(Ordering::Relaxed)))
+                            && {
+                                let mut w = inner.late.lock();
+                                let late = w.is_late_reply(m);
+                                inner.late_count.store(w.len(), Ordering::Relaxed);
+                                clear = w.clear_of(m.id()).map(|g| (m.id(), g));
+                                late
+                            }
                     };
                     ingest.datagram(c, &datagram, meta, is_reply, is_late, |item| {
                         // The rest of the datagram: nobody takes it, and neither a callback
