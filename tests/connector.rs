@@ -260,18 +260,54 @@ fn a_panicking_callback_does_not_stop_the_others() {
     assert_eq!(panics, 5);
 }
 
+/// Shutdown wakes the dispatcher out of `poll` (which has no timeout: only the eventfd can
+/// end the wait) and joins it, idle and while datagrams keep coming. A watchdog, not a
+/// timing assertion: a busy host may leave the thread unscheduled for a while, but a
+/// shutdown that did not wake it would never return. The time taken is printed. (Before,
+/// the test demanded 100 ms while subscribed to group 16, where a busy host's senders
+/// multicast: a time bound on a loaded machine, and not idle.)
 #[test]
-fn shutdown_returns_within_100ms_when_idle() {
-    if !need_kernel("shutdown_returns_within_100ms_when_idle") {
+fn shutdown_wakes_the_dispatcher_and_returns() {
+    if !need_kernel("shutdown_wakes_the_dispatcher_and_returns") {
         return;
     }
-    let conn = Connector::builder().spawn().unwrap();
-    let _sub = conn.subscribe(16).unwrap();
-    std::thread::sleep(Duration::from_millis(50)); // let the dispatcher block in poll
-    let t = Instant::now();
-    conn.shutdown();
-    let took = t.elapsed();
-    assert!(took < Duration::from_millis(100), "shutdown took {took:?}");
+    for busy in [false, true] {
+        let conn = Connector::builder().spawn().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = busy.then(|| {
+            let (to, stop) = (Dest::Port(conn.port_id()), stop.clone());
+            let tx = cnbus::sys::ConnectorSocket::open().unwrap();
+            let mut d = cnbus::codec::DatagramBuilder::new(256).with_pid(tx.port_id());
+            d.push(&CnMsg::new(CbId::new(test_idx(20), 1), &b"x"[..]))
+                .unwrap();
+            let d = d.take();
+            std::thread::spawn(move || {
+                // Without waiting for room: the receiver stops reading.
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(None) = tx.try_send(&d, to) {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        });
+        // Most likely blocked in poll (idle) or reading (busy) by now; either way it must
+        // stop.
+        std::thread::sleep(Duration::from_millis(50));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            conn.shutdown();
+            let _ = done_tx.send(t.elapsed());
+        });
+        let took = done
+            .recv_timeout(Duration::from_secs(60))
+            .expect("shutdown never returned: the dispatcher was not woken");
+        stop.store(true, Ordering::SeqCst);
+        if let Some(t) = flood {
+            t.join().unwrap();
+        }
+        eprintln!("shutdown (busy: {busy}) took {took:?}");
+    }
 }
 
 #[test]
@@ -406,7 +442,8 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
     let _sub = rx_bus.subscribe(group).unwrap();
     let delivered = Arc::new(AtomicU64::new(0));
     let reordered = Arc::new(AtomicU64::new(0));
-    let (d, r) = (delivered.clone(), reordered.clone());
+    let last_seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (d, r, ls) = (delivered.clone(), reordered.clone(), last_seen.clone());
     let mut last = None;
     let _reg = rx_bus.register(id, move |m| {
         if m.source().port != txp {
@@ -416,6 +453,7 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
             r.fetch_add(1, Ordering::SeqCst);
         }
         last = Some(m.seq());
+        ls.store(m.seq(), Ordering::SeqCst);
         if d.fetch_add(1, Ordering::SeqCst) % 64 == 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -425,14 +463,24 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
         tx.send_numbered(id, vec![0u8; 64], Dest::Group(group))
             .unwrap();
     }
-    // A final message once the receiver has drained, so a loss at the tail shows as a gap.
-    std::thread::sleep(Duration::from_millis(300));
-    tx.send_numbered(id, vec![1u8; 64], Dest::Group(group))
-        .unwrap();
-    let sent = n + 1;
-    assert!(wait_for(Duration::from_secs(10), || {
-        delivered.load(Ordering::SeqCst) + lost.load(Ordering::SeqCst) == sent
-    }));
+    // Closing messages until the receiver has one, so a loss at the tail shows as a gap
+    // (on a busy host the receiver may still be draining, or drop a lone final message).
+    let closing = common::close_stream(
+        || {
+            tx.send_numbered(id, vec![1u8; 64], Dest::Group(group))
+                .unwrap()
+        },
+        || last_seen.load(Ordering::SeqCst),
+        Duration::from_secs(1),
+    );
+    let sent = n + closing;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            delivered.load(Ordering::SeqCst) + lost.load(Ordering::SeqCst) == sent
+        }),
+        "sent {sent}, delivered {delivered:?}, lost {lost:?}: {:?}",
+        rx_bus.stats()
+    );
     let s = rx_bus.stats();
     let got = delivered.load(Ordering::SeqCst);
     let lost = lost.load(Ordering::SeqCst);
@@ -443,10 +491,14 @@ fn loss_is_counted_exactly_with_a_small_buffer() {
         sent,
         "delivered {got} + lost {lost} != sent {sent}"
     );
-    assert_eq!(
+    // Every overrun counted is reported (just after it is counted; a busy host's senders
+    // on our group may overrun the small queue again at any time, so no equality).
+    assert!(
+        wait_for(Duration::from_secs(10), || overruns.load(Ordering::SeqCst)
+            >= s.overruns),
+        "every overrun is reported: {} of {}",
         overruns.load(Ordering::SeqCst),
-        s.overruns,
-        "every overrun is reported"
+        s.overruns
     );
     assert_eq!(reordered.load(Ordering::SeqCst), 0);
     eprintln!(

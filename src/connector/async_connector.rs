@@ -416,10 +416,13 @@ impl AsyncConnector {
                         true
                     };
                     let is_late = |m: &super::Delivery<'_>| withdrawn.is_late_reply(m);
+                    let mut delivered = 0;
                     ingest.datagram(c, &d, meta, is_reply, is_late, |item| {
+                        delivered += u64::from(item.is_ok());
                         push(queue, cap, c, item.map(|m| m.to_incoming()));
                         queued = true;
-                    })
+                    });
+                    Counters::add(&c.delivered, delivered);
                 }
                 Ok(None) if got_event => {}
                 Ok(None) => {

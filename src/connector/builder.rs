@@ -221,6 +221,7 @@ impl ConnectorBuilder {
             pending_count: AtomicUsize::new(0),
             late: Mutex::new(Default::default()),
             late_count: AtomicUsize::new(0),
+            late_generation: AtomicU64::new(0),
             on_event,
             config: self.config,
             proc_listeners: Mutex::new(0),

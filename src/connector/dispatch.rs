@@ -23,6 +23,9 @@ pub(super) fn run(inner: &Inner) {
     let mut buf = BytesMut::with_capacity(cap * 4);
     let mut ingest = Ingest::new(inner.config.track_seq, inner.config.tracked_streams);
     let mut event = |e: Event| inner.event(e);
+    // An id found in no withdrawn request, and the generation of the requests then
+    // (`ingest::Withdrawn::clear_of`): its messages are no late replies, without the lock.
+    let mut clear: Option<(CbId, u64)> = None;
     loop {
         let ready = match poll_read(&*inner.socket, &inner.wake, None) {
             Ok(r) => r,
@@ -56,20 +59,26 @@ pub(super) fn run(inner: &Inner) {
                     let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
                     let is_reply = |m: &Delivery<'_>| {
-                        inner.pending_count.load(Ordering::Relaxed) > 0 && reply(inner, m)
+                        // Acquire: pairs with the Release store in `await_reply`.
+                        inner.pending_count.load(Ordering::Acquire) > 0 && reply(inner, m)
                     };
                     let is_late = |m: &Delivery<'_>| {
-                        inner.late_count.load(Ordering::Relaxed) > 0 && {
-                            let mut w = inner.late.lock();
-                            let late = w.is_late_reply(m);
-                            inner.late_count.store(w.len(), Ordering::Relaxed);
-                            late
-                        }
+                        inner.late_count.load(Ordering::Relaxed) > 0
+                            && clear
+                                != Some((m.id(), inner.late_generation.load(Ordering::Relaxed)))
+                            && {
+                                let mut w = inner.late.lock();
+                                let late = w.is_late_reply(m);
+                                inner.late_count.store(w.len(), Ordering::Relaxed);
+                                clear = w.clear_of(m.id()).map(|g| (m.id(), g));
+                                late
+                            }
                     };
                     ingest.datagram(c, &datagram, meta, is_reply, is_late, |item| {
                         // The rest of the datagram: nobody takes it, and neither a callback
-                        // nor the event handler starts (counters still count it).
+                        // nor the event handler starts (counted as discarded).
                         if inner.shutdown.load(Ordering::Acquire) {
+                            d.shutdown_discards += u64::from(item.is_ok());
                             return;
                         }
                         match item {
@@ -84,7 +93,9 @@ pub(super) fn run(inner: &Inner) {
                         }
                     });
                     Counters::add(&c.dispatched, d.dispatched);
+                    Counters::add(&c.delivered, d.delivered);
                     Counters::add(&c.unmatched, d.unmatched);
+                    Counters::add(&c.shutdown_discards, d.shutdown_discards);
                 }
                 // Nothing queued, or an overrun/truncation already counted and reported:
                 // poll again (an overrun leaves the queue readable, so no wait is lost).
@@ -121,11 +132,15 @@ fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     true
 }
 
-/// What the registry did with one datagram's messages, added to the counters at its end.
+/// What the registry did with one datagram's messages, added to the counters at its end:
+/// each message not taken as a reply is in exactly one of `delivered`, `unmatched` and
+/// `shutdown_discards`.
 #[derive(Default)]
 struct Tally {
     dispatched: u64,
+    delivered: u64,
     unmatched: u64,
+    shutdown_discards: u64,
 }
 
 impl Tally {
@@ -150,6 +165,8 @@ impl Tally {
         self.dispatched += out.delivered as u64;
         if out.delivered == 0 && out.panicked == 0 {
             self.unmatched += 1;
+        } else {
+            self.delivered += 1;
         }
     }
 }

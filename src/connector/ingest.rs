@@ -18,10 +18,20 @@ const WITHDRAWN: usize = 256;
 /// any message, but it carries the requester's seq, not its sender's, so the gap tracker
 /// must not count it against the sender's numbered stream (a late reply seemed to lose
 /// the replies taken in time between two late ones).
+///
+/// Every message a receiver tracks is asked about (a late reply may continue its sender's
+/// numbered stream exactly, seq one past the last), so the common answer is kept cheap: the
+/// id last found in no withdrawn request is remembered until the next [`add`](Self::add)
+/// (its [`generation`](Self::generation)), and a message of that id is answered without
+/// a look at the requests.
 #[derive(Debug, Default)]
 pub(crate) struct Withdrawn {
     /// The reply's (id, seq, ack) and the port it may come from (`None`: any).
     keys: std::collections::VecDeque<((CbId, u32, u32), Option<u32>)>,
+    /// Bumped by every `add`.
+    generation: u64,
+    /// An id no request in `keys` has, found at the current generation.
+    clear: Option<CbId>,
 }
 
 impl Withdrawn {
@@ -31,17 +41,38 @@ impl Withdrawn {
             self.keys.pop_front();
         }
         self.keys.push_back((key, from));
+        self.generation += 1;
+        self.clear = None;
+    }
+
+    /// How many requests were added so far: while it is unchanged, an id
+    /// [`clear_of`](Self::clear_of) names stays in no withdrawn request.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// `Some(generation)` when no withdrawn request has `id` (as last found by
+    /// [`is_late_reply`](Self::is_late_reply)): no message of `id` is a late reply until
+    /// the generation changes.
+    pub(crate) fn clear_of(&self, id: CbId) -> Option<u64> {
+        (self.clear == Some(id)).then_some(self.generation)
     }
 
     /// True if `m` is the reply of a withdrawn request; one from a port (a request to a
     /// port has one reply) is forgotten then, a group's is kept for other members' replies.
     pub(crate) fn is_late_reply(&mut self, m: &Delivery<'_>) -> bool {
+        if self.keys.is_empty() || self.clear == Some(m.id()) {
+            return false;
+        }
         let (key, port) = ((m.id(), m.seq(), m.ack()), m.source().port);
         let Some(i) = self
             .keys
             .iter()
             .rposition(|(k, from)| *k == key && from.is_none_or(|f| f == port))
         else {
+            if !self.keys.iter().any(|((id, _, _), _)| *id == key.0) {
+                self.clear = Some(key.0);
+            }
             return false;
         };
         if self.keys[i].1.is_some() {
@@ -169,9 +200,9 @@ impl Ingest {
     /// first offered to `reply`: one it takes (a reply to a waiting request) goes no
     /// further and is no part of its sender's numbered stream (it carries the requester's
     /// seq, not the sender's), so the gap tracker does not see it. Nor does it see a
-    /// message `late` says is the reply of a request withdrawn before it came (asked only
-    /// of a message that does not continue the stream of the one before, so not for
-    /// every message); that one goes on to `sink`.
+    /// message `late` says is the reply of a request withdrawn before it came (asked of
+    /// every message the tracker would see, since a late reply's seq may continue its
+    /// sender's stream; [`Withdrawn`] keeps that cheap); that one goes on to `sink`.
     pub(crate) fn datagram<'d>(
         &mut self,
         c: &Counters,
@@ -221,7 +252,9 @@ impl Ingest {
             if reply(&m) {
                 continue;
             }
-            if self.track_seq && !source.is_kernel() {
+            // A late reply is skipped even when its seq happens to continue its sender's
+            // stream (one past the last): it carries the requester's seq.
+            if self.track_seq && !source.is_kernel() && !late(&m) {
                 match &mut self.run {
                     Some(r)
                         if r.id == cn.id
@@ -231,7 +264,6 @@ impl Ingest {
                         r.last = cn.seq;
                         r.stale = true;
                     }
-                    _ if late(&m) => {}
                     _ => {
                         self.settle();
                         self.observe(c, meta, cn.id, cn.seq, &mut sink);
@@ -255,6 +287,40 @@ impl Ingest {
 mod tests {
     use super::*;
     use crate::codec::{CnMsg, DatagramBuilder};
+
+    /// The memo of an id no withdrawn request has holds until the next request is added:
+    /// then a reply of that id is found again.
+    #[test]
+    fn an_id_found_clear_is_asked_again_after_a_new_withdrawn_request() {
+        let (x, y) = (CbId::new(100, 1), CbId::new(100, 2));
+        let owner = Bytes::new();
+        let msg = |id: CbId, seq: u32, ack: u32| {
+            let cn = crate::codec::CnHeader {
+                id,
+                seq,
+                ack,
+                len: 0,
+                flags: 0,
+            };
+            Delivery::new(cn, &[], &owner, Source { port: 7, group: 0 })
+        };
+        let mut w = Withdrawn::default();
+        assert!(!w.is_late_reply(&msg(y, 9, 1)), "nothing withdrawn");
+        w.add((x, 4, 1), Some(7));
+        assert_eq!(w.clear_of(y), None);
+        assert!(!w.is_late_reply(&msg(y, 9, 1)));
+        assert_eq!(w.clear_of(y), Some(w.generation()));
+        assert!(!w.is_late_reply(&msg(x, 5, 1)), "another seq");
+        assert_eq!(w.clear_of(x), None, "x has a withdrawn request");
+        w.add((y, 9, 1), Some(7));
+        assert_eq!(w.clear_of(y), None, "a new request of y");
+        assert!(w.is_late_reply(&msg(y, 9, 1)));
+        assert!(w.is_late_reply(&msg(x, 4, 1)));
+        assert!(
+            !w.is_late_reply(&msg(x, 4, 1)),
+            "a port's reply is taken once"
+        );
+    }
 
     /// The per-run shortcut of `datagram` reaches the same verdicts as asking the tracker
     /// about every message: same gaps (events, in the same place), same counters, over

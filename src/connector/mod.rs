@@ -44,7 +44,7 @@ pub(crate) mod stats;
 mod witness;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -209,6 +209,8 @@ pub(crate) struct Inner {
     late: Mutex<ingest::Withdrawn>,
     /// `late.len()`, readable without the lock.
     late_count: AtomicUsize,
+    /// `late.generation()`, readable without the lock.
+    late_generation: AtomicU64,
     outbox: Outbox,
     on_event: Option<Arc<EventFn>>,
     config: Config,
@@ -746,16 +748,21 @@ impl ConnectorHandle {
         let late = {
             let mut p = self.inner.pending.lock();
             p.remove(&key);
-            self.inner.pending_count.store(p.len(), Ordering::Relaxed);
             // The dispatcher hands a reply over under this lock: one that came just after
             // the deadline is in the channel now, not lost. If none is, a reply that comes
-            // later is remembered as late (under the lock, so before it can be read).
+            // later is remembered as late (under the lock, so before it can be read),
+            // before the count of requests drops: a dispatcher that sees the new count
+            // without the lock (Acquire) sees the late request too.
             let late = rx.try_recv();
             if matches!(r, Err(channel::RecvTimeoutError::Timeout)) && late.is_err() {
                 let mut w = self.inner.late.lock();
                 w.add(key.0, key.1);
                 self.inner.late_count.store(w.len(), Ordering::Relaxed);
+                self.inner
+                    .late_generation
+                    .store(w.generation(), Ordering::Relaxed);
             }
+            self.inner.pending_count.store(p.len(), Ordering::Release);
             late
         };
         match r {

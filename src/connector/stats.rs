@@ -39,7 +39,9 @@ pub(crate) struct Counters {
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
     pub dispatched: AtomicU64,
+    pub delivered: AtomicU64,
     pub unmatched: AtomicU64,
+    pub shutdown_discards: AtomicU64,
     pub decode_errors: AtomicU64,
     pub truncated: AtomicU64,
     pub overruns: AtomicU64,
@@ -158,7 +160,9 @@ impl Counters {
             messages: g(&self.messages),
             bytes: g(&self.bytes),
             dispatched: g(&self.dispatched),
+            delivered: g(&self.delivered),
             unmatched: g(&self.unmatched),
+            shutdown_discards: g(&self.shutdown_discards),
             decode_errors: g(&self.decode_errors),
             truncated: g(&self.truncated),
             overruns: g(&self.overruns),
@@ -185,14 +189,25 @@ impl Counters {
 pub struct Stats {
     /// Datagrams received.
     pub datagrams: u64,
-    /// Connector messages decoded from them.
+    /// Connector messages decoded from them. Each lands in exactly one of `replies`,
+    /// `delivered`, `unmatched` and `shutdown_discards`: once the receive path has finished
+    /// the datagram it is reading (between datagrams; after `shutdown`),
+    /// `messages == replies + delivered + unmatched + shutdown_discards`.
     pub messages: u64,
     /// Bytes received.
     pub bytes: u64,
     /// Callback invocations that completed (one message may reach several callbacks).
     pub dispatched: u64,
+    /// Messages handed to at least one callback, which completed or panicked (the async
+    /// connector: messages queued for its stream): one per message, however many
+    /// callbacks it reached.
+    pub delivered: u64,
     /// Messages no registration matched (and no request awaited).
     pub unmatched: u64,
+    /// Messages read but neither delivered nor looked up because the connector was shutting
+    /// down: the rest of the datagram being delivered when `shutdown` (or the drop of the
+    /// last `Connector`) began. (Datagrams still queued then are not read, so in no count.)
+    pub shutdown_discards: u64,
     /// Malformed messages (each ends its datagram; see `codec::messages`).
     pub decode_errors: u64,
     /// Datagrams longer than the receive buffer, cut and dropped.

@@ -172,6 +172,27 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Ends a numbered stream so that a loss at its tail shows as a gap: sends one more
+/// message (`send` returns its seq) and waits up to `patience` for the receiver to have
+/// delivered it (`last_seen`: the highest seq of the stream delivered so far), again with
+/// the next one until one is. Once the receiver has delivered the last message sent, every
+/// earlier one was delivered or counted in a gap, whatever a busy host dropped (a fixed
+/// sleep before one final message assumed the receiver had drained by then, and lost that
+/// message too when it had not). Returns how many were sent (at most 100, then panics).
+pub fn close_stream(
+    mut send: impl FnMut() -> u32,
+    last_seen: impl Fn() -> u32,
+    patience: Duration,
+) -> u64 {
+    for sent in 1..=100 {
+        let seq = send();
+        if wait_for(patience, || last_seen() == seq) {
+            return sent;
+        }
+    }
+    panic!("the receiver delivered none of 100 closing messages");
+}
+
 /// True when `port` is the port id of a netlink socket this test process holds: how a
 /// receiver tells its own traffic from a foreign sender's on a busy host, where anyone may
 /// send anything (even the very ids a test uses) to any group. Reads /proc/self/fd and

@@ -270,6 +270,12 @@ fn a_stream_read_promptly_loses_nothing_to_its_own_queue() {
             (0, 0, Some(0)),
             "{s:?}"
         );
+        // Every message read went to the stream (`delivered`), none elsewhere.
+        assert_eq!((s.messages, s.delivered), (sent, sent), "{s:?}");
+        assert_eq!(
+            s.messages,
+            s.replies + s.delivered + s.unmatched + s.shutdown_discards
+        );
     });
 }
 
@@ -692,5 +698,48 @@ fn drops_do_not_make_a_request_to_a_port_an_overrun() {
         drop(sub);
         let e = request.await.unwrap_err();
         assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+    });
+}
+
+/// Async: a late reply whose seq is one past its sender's stream is no part of it: the
+/// server's stream 1, 2, 3, the late reply to request 4, then the stream's 4 and 5 count
+/// no loss and nothing reordered. (Before, the reply was taken for the stream's 4 and the
+/// real 4 counted as reordered.)
+#[test]
+fn a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it() {
+    on_runtime("the stream stopped delivering", async {
+        let conn = Connector::builder().build_async().unwrap();
+        let id = CbId::new(0x5a28, conn.port_id());
+        let server = ConnectorSocket::open().unwrap();
+        let to_conn = Dest::Port(conn.port_id());
+        let send = |m: CnMsg| {
+            let mut d = DatagramBuilder::new(256).with_pid(server.port_id());
+            d.push(&m).unwrap();
+            server.send(d.as_bytes(), to_conn).unwrap();
+        };
+        let stream = |seq: u32| CnMsg::new(id, &b"stream"[..]).with_seq(seq, 0);
+        for seq in 1..=3 {
+            send(stream(seq));
+        }
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(4, 0);
+        let e = conn
+            .request(&req, Dest::Port(server.port_id()), Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+        send(CnMsg::reply_to(&req, &b"late"[..]));
+        send(stream(4));
+        send(stream(5));
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            match conn.recv().await {
+                Some(Ok(m)) => seen.push((m.msg.seq, m.msg.ack)),
+                Some(Err(e)) => panic!("{e}"),
+                None => panic!("the stream ended"),
+            }
+        }
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1), (4, 0), (5, 0)]);
+        let s = conn.stats();
+        assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 0), "{s:?}");
     });
 }
