@@ -34,6 +34,35 @@ fn received_messages_and_stats_round_trip() {
     let v = serde_json::to_value(stats).unwrap();
     assert_eq!(v["lost"], 3);
     assert_eq!(v["overruns"], 1);
+    // Every key, as docs/ARCHITECTURE.md lists them ("Serialised forms").
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| &k[..]).collect();
+    keys.sort_unstable();
+    let mut documented = vec![
+        "datagrams",
+        "messages",
+        "bytes",
+        "dispatched",
+        "delivered",
+        "unmatched",
+        "shutdown_discards",
+        "decode_errors",
+        "truncated",
+        "overruns",
+        "lost",
+        "reordered",
+        "callback_panics",
+        "channel_full",
+        "replies",
+        "control",
+        "sent_messages",
+        "sent_datagrams",
+        "send_errors",
+        "numbering_evictions",
+        "tracker_evictions",
+        "kernel_drops",
+    ];
+    documented.sort_unstable();
+    assert_eq!(keys, documented);
     assert_eq!(serde_json::from_value::<Stats>(v).unwrap(), stats);
 }
 
