@@ -35,13 +35,20 @@ fn a_connector_callback_receives_typed_proc_events() {
     let (mut fork, mut exec, mut exit) = (false, false, None);
     while Instant::now() < end && !(fork && exec && exit.is_some()) {
         std::thread::sleep(Duration::from_millis(10));
+        // From our fork of the child on: an earlier holder of its pid (pid_max is 32768,
+        // the host forks all the time) may have exited after the registration.
+        (fork, exec, exit) = (false, false, None);
         for body in seen.lock().iter() {
             match *body {
-                EventBody::Fork { child, .. } if child.tgid == pid => fork = true,
-                EventBody::Exec { process } if process.tgid == pid => exec = true,
+                EventBody::Fork { parent, child }
+                    if parent.tgid == std::process::id() && child.tgid == pid =>
+                {
+                    fork = true
+                }
+                EventBody::Exec { process } if fork && process.tgid == pid => exec = true,
                 EventBody::Exit {
                     process, status, ..
-                } if process.tgid == pid => exit = status.code(),
+                } if fork && process.pid == pid && exit.is_none() => exit = status.code(),
                 EventBody::Comm { .. } | EventBody::Uid { .. } => {
                     panic!("an event outside the set was delivered: {body:?}")
                 }
@@ -53,7 +60,10 @@ fn a_connector_callback_receives_typed_proc_events() {
     assert_eq!(exit, Some(4));
     let st = events.stats();
     assert!(st.events >= 3);
-    assert_eq!(st.seq_lost, Some(0), "{st:?}");
+    // No gap without a loss (a busy host's burst can overflow even an 8 MiB queue).
+    if st.overruns == 0 {
+        assert_eq!(st.seq_lost, Some(0), "{st:?}");
+    }
     drop(events);
     foreign.check_spoofed(
         "a_connector_callback_receives_typed_proc_events",

@@ -217,9 +217,16 @@ fn what_the_kernel_filters_probe_dropped_is_not_counted_as_lost() {
     assert!(forced > 0, "{test}: the probe's queue did not overflow");
     assert_eq!(l.filtering(), Filtering::Kernel);
     let st = l.stats();
-    assert_eq!(st.kernel_drops, Some(0), "{test}: {forced} forced: {st:?}");
+    // On a busy host user-space senders multicast on group 1 (no kernel filter stops
+    // them), and the tiny queue may drop some of theirs since the rejoin: the witness
+    // counts them, and none of the drops may be an event (the probe's were).
+    assert!(
+        st.kernel_drops.is_some() && st.foreign_unaccounted.is_some(),
+        "{test}: {st:?}"
+    );
+    assert_eq!(st.lost_at_least(), 0, "{test}: {forced} forced: {st:?}");
+    assert_eq!(st.lost().unwrap_or(0), 0, "{test}: {st:?}");
     assert_eq!(st.overruns, 0, "{test}: {st:?}");
-    assert_eq!(st.lost(), Some(0), "{test}: {st:?}");
 }
 
 /// The kernel's filter (`sk_user_data`, set by the 8-byte `LISTEN`) outlives the socket's
@@ -252,13 +259,27 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
     let mut m = std::process::Command::new("true").spawn().unwrap();
     let marker = m.id();
     m.wait().unwrap();
-    let (mut seen, mut lost) = (0, false);
+    // Exits of our children only: a pid's earlier holder (pid_max is 32768, the host forks
+    // all the time) has another parent. (The kernel sends no parent when our wait() reaped
+    // the child first.) A set, so that such an earlier exit cannot count twice.
+    let me = std::process::id();
+    let (mut seen, mut lost) = (std::collections::HashSet::new(), false);
     loop {
         match exits.recv().unwrap() {
             Received::Event(ev) => {
-                let pid = ev.task().unwrap_or_default().tgid;
-                seen += usize::from(ours.contains(&pid));
-                if pid == marker {
+                let EventBody::Exit {
+                    process, parent, ..
+                } = ev.body
+                else {
+                    continue;
+                };
+                if parent.is_some_and(|p| p.tgid != me) {
+                    continue;
+                }
+                if ours.contains(&process.tgid) {
+                    seen.insert(process.tgid);
+                }
+                if process.tgid == marker {
                     break;
                 }
             }
@@ -270,8 +291,9 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
         }
     }
     assert!(
-        lost || seen == ours.len(),
-        "{test}: {seen} of {}",
+        lost || seen == ours,
+        "{test}: {} of {}",
+        seen.len(),
         ours.len()
     );
     while let Some(r) = core.try_recv().unwrap() {
