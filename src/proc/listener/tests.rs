@@ -83,7 +83,8 @@ fn lost_is_exact_only_when_it_is() {
     assert_eq!(own.lost(), Some(11));
 }
 
-fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
+/// A kernel-like proc message: `what`, `cpu`, `seq`, the event body's words.
+pub(crate) fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
     let mut d = Vec::new();
     d.extend_from_slice(&what.to_ne_bytes());
     d.extend_from_slice(&cpu.to_ne_bytes());
@@ -156,8 +157,7 @@ fn decoder_checks_sender_gaps_filter_and_acks() {
 fn control_messages_from_user_space_are_counted_as_spoofed() {
     let mut core = Core {
         dec: ProcDecoder::new(EventSet::ALL, true),
-        pending: VecDeque::new(),
-        dropped: 0,
+        pending: Pending::default(),
         awaiting_ack: None,
         ack_result: None,
     };
@@ -184,7 +184,7 @@ fn control_messages_from_user_space_are_counted_as_spoofed() {
     core.datagram(&all, from(0));
     let s = core.dec.stats();
     assert_eq!((s.spoofed, s.decode_errors, s.overruns), (6, 0, 0), "{s:?}");
-    assert!(core.pending.is_empty(), "{:?}", core.pending);
+    assert_eq!(core.pending.len(), 0, "{:?}", core.pending);
 }
 
 /// Regression: a kernel-filtered listener probes first with a subscription to every event
