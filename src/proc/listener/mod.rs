@@ -55,9 +55,11 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// asked for once the probe is answered.
 const PROBE_RECV_BUFFER: usize = 1 << 20;
 
-/// Bytes read per datagram (a kernel event datagram is 76 bytes): one longer is a user-space
-/// sender's, counted and skipped.
-const RECV_CHUNK: usize = 64 << 10;
+/// Bytes read per datagram (a kernel event datagram is 76 bytes): the largest connector
+/// message, as a `Connector` reads by default (so `ProcStream` counts what this counts: each
+/// message of a user-space datagram up to this size, one for a longer one, which is
+/// counted and skipped).
+const RECV_CHUNK: usize = crate::codec::CnMsg::MAX_ENCODED;
 /// Datagrams read per system call (`recvmmsg`). The batch's 2 MiB are allocated once; only
 /// the pages the kernel writes become resident.
 const RECV_BATCH: usize = 32;
