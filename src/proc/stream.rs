@@ -56,8 +56,21 @@ impl std::fmt::Debug for ProcStream {
 
 impl ProcStream {
     /// Opens a socket (16 MiB receive buffer), joins group 1, sends `LISTEN` and waits for
-    /// the kernel's ACK.
+    /// the kernel's ACK. The ACK travels like an event, so an overflow of the queue can drop
+    /// it: when an overrun was seen and no ACK came, `LISTEN` is sent again (a repeated one
+    /// only replaces the socket's filter), up to 3 times, as
+    /// [`ProcListener`](super::ProcListener) does.
     pub async fn open(events: super::EventSet) -> Result<Self> {
+        Self::open_with(events, |_, _| {}).await
+    }
+
+    /// [`open`](Self::open), calling `before_listen(socket, attempt)` before each `LISTEN`
+    /// is sent (tests overflow the queue there).
+    async fn open_with(
+        events: super::EventSet,
+        mut before_listen: impl FnMut(&crate::sys::ConnectorSocket, u32),
+    ) -> Result<Self> {
+        use super::listener::{LISTEN_TRIES, REASON_NO_ACK};
         use super::{request, McastOp, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER};
         // Connected to the kernel: a stranger's unicasts cannot fill its queue and count
         // in its drop counter as lost events.
@@ -82,9 +95,6 @@ impl ProcStream {
                 Ok(())
             },
         )?;
-        let token = super::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
-        conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
-            .await?;
         let mut stream = Self {
             conn,
             decoder: super::ProcDecoder::new(events, true),
@@ -93,30 +103,47 @@ impl ProcStream {
             ignored: false,
             _group: group,
         };
-        let ack = async {
-            loop {
-                match stream.conn.recv().await {
-                    None => return Err(Error::Closed),
-                    Some(item) => {
-                        if let Some((ack, err)) = stream.take(item) {
-                            if ack == token.wrapping_add(1) {
-                                return Ok(err);
-                            }
+        for attempt in 0..LISTEN_TRIES {
+            before_listen(&stream.conn.outbox.socket, attempt);
+            let token = super::ack_token(stream.conn.port_id(), stream.conn.next_seq(CbId::PROC));
+            stream
+                .conn
+                .send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
+                .await?;
+            let overruns = stream.decoder.overruns;
+            match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, stream.ack(token)).await {
+                Ok(Ok(0)) => return Ok(stream),
+                Ok(Ok(errno)) => {
+                    return Err(Error::from_io(
+                        Op::Request,
+                        std::io::Error::from_raw_os_error(errno as i32),
+                    ))
+                }
+                Ok(Err(e)) => return Err(e),
+                // The ACK may have been dropped with the overflow: ask again.
+                Err(_) if stream.decoder.overruns != overruns => {}
+                Err(_) => break,
+            }
+        }
+        Err(Error::ProcConnector {
+            reason: REASON_NO_ACK,
+        })
+    }
+
+    /// Reads (keeping what it decodes) until the kernel's ACK to the request sent with
+    /// `token`; its error code.
+    async fn ack(&mut self, token: u32) -> Result<u32> {
+        loop {
+            match self.conn.recv().await {
+                None => return Err(Error::Closed),
+                Some(item) => {
+                    if let Some((ack, err)) = self.take(item) {
+                        if ack == token.wrapping_add(1) {
+                            return Ok(err);
                         }
                     }
                 }
             }
-        };
-        match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, ack).await {
-            Ok(Ok(0)) => Ok(stream),
-            Ok(Ok(errno)) => Err(Error::from_io(
-                Op::Request,
-                std::io::Error::from_raw_os_error(errno as i32),
-            )),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::ProcConnector {
-                reason: "the kernel did not acknowledge LISTEN before the timeout",
-            }),
         }
     }
 
@@ -430,6 +457,41 @@ mod tests {
             "{test}: {st:?}"
         );
         assert!(st.lost_at_least() >= st.dropped, "{test}: {st:?}");
+    }
+
+    /// Regression: `ProcStream::open` sent `LISTEN` once, and failed ("the kernel did not
+    /// acknowledge LISTEN") when an overflow of its queue dropped the ACK, where
+    /// `ProcListener` asks again after an overrun, up to 3 times. Here a spoofer of our own
+    /// overflows the stream's queue (made small) before the first `LISTEN`: the socket is
+    /// congested, so the kernel drops its ACK; the second `LISTEN` (the queue back to its
+    /// size) must be acknowledged.
+    #[tokio::test]
+    // The lock serializes whole tests, each on a runtime of its own: no task waits for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_listen_ack_dropped_by_an_overflow_is_asked_for_again() {
+        let test = "stream::a_listen_ack_dropped_by_an_overflow_is_asked_for_again";
+        let _one = spoofing();
+        if open_all(test).await.is_none() {
+            return;
+        }
+        let spoofer = ConnectorSocket::open().unwrap();
+        let d = spoofed(&spoofer);
+        let mut tries = 0;
+        let s = ProcStream::open_with(EventSet::ALL, |sock, attempt| {
+            tries = attempt + 1;
+            if attempt == 0 {
+                sock.set_recv_buffer(64 << 10, true).unwrap();
+                overflow_with_spoofs(sock, &spoofer, &d);
+            } else {
+                sock.set_recv_buffer(crate::proc::DEFAULT_RECV_BUFFER, true)
+                    .unwrap();
+            }
+        })
+        .await;
+        let s = s.unwrap_or_else(|e| panic!("{test}: after {tries} LISTEN: {e}"));
+        let st = s.stats();
+        assert!(tries >= 2, "{test}: the first ACK was not dropped: {st:?}");
+        assert!(st.overruns >= 1, "{test}: {st:?}");
     }
 
     /// `ProcStream::finish` settles as `ProcListener::finish` does (the same

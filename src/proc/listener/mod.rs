@@ -72,6 +72,9 @@ const REASON_USER_NS: &str = "this process is outside the initial user namespace
      initial namespaces listens, and uids and gids in them are those of the initial namespace";
 const REASON_NO_CN_PROC: &str = "the kernel has no proc connector (no cn_proc in \
      /proc/net/connector: it was built without CONFIG_PROC_EVENTS)";
+/// `LISTEN` requests sent at most while overruns keep dropping their ACK (a repeated `LISTEN`
+/// only replaces the socket's filter; the kernel counts the listener once).
+pub(super) const LISTEN_TRIES: u32 = 3;
 pub(super) const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
 const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this kernel does \
      not understand struct proc_input (Linux 6.6+): use FilterMode::Auto to filter in user \
@@ -505,7 +508,7 @@ impl ProcListener {
     /// overrun was seen and no ACK came, the request is sent again (a repeated `LISTEN` only
     /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
     fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
-        for _ in 0..3 {
+        for _ in 0..LISTEN_TRIES {
             let overruns = self.core.dec.overruns;
             if self.request_and_wait_once(filter, timeout)? {
                 return Ok(true);
