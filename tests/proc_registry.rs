@@ -6,9 +6,43 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnbus::connector::Connector;
-use cnbus::proc::{self, EventBody, EventSet, Received};
+use cnbus::proc::{self, EventBody, EventSet, ProcRegistration, Received};
 use common::{kernel_socket, sh};
 use parking_lot::Mutex;
+
+/// Waits (10 s at most each) until `bus`'s dispatcher has read its queue empty and handled
+/// everything that was in it (a marker unicast to the connector's own port once the queue
+/// was found empty reaches its callback after all of that), then until `reg`'s loss figure
+/// is exact (the dispatcher's snapshot at an empty queue since the last drop). A fixed
+/// 50 ms pause stood for both before: too short for a dispatcher descheduled on a busy host.
+fn drained(bus: &Connector, reg: &ProcRegistration) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let id = cnbus::CbId::new(common::test_idx(9), 9);
+    let marker = cnbus::sys::ConnectorSocket::open().unwrap();
+    let from = marker.port_id();
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let _reg = bus.register(id, move |m| {
+        if m.source().port == from {
+            let _ = tx.send(());
+        }
+    });
+    let mut d = cnbus::codec::DatagramBuilder::new(128);
+    d.push(&cnbus::CnMsg::new(id, &b"marker"[..])).unwrap();
+    marker
+        .send(d.as_bytes(), cnbus::sys::Dest::Port(bus.port_id()))
+        .unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the dispatcher never reached the marker"
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while reg.stats().lost().is_none() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 #[test]
 fn a_connector_callback_receives_typed_proc_events() {
@@ -149,14 +183,6 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         }
     })
     .unwrap();
-    let drained = |bus: &Connector| {
-        let end = Instant::now() + Duration::from_secs(10);
-        while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Time for the dispatcher's look at the empty queue.
-        std::thread::sleep(Duration::from_millis(50));
-    };
     // An event of ours on every CPU, received: the per-CPU marks below exist. (The
     // children inherit this thread's CPU.)
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -168,7 +194,7 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         }
     };
     on_every_cpu();
-    drained(&bus);
+    drained(&bus, &reg);
     let before = reg.stats();
     let before_lost = before
         .lost()
@@ -193,10 +219,10 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
     }
     bus.socket().set_recv_buffer(8 << 20, true).unwrap();
     release.send(()).unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     // Each CPU's next event reveals what it lost at the end of the burst.
     on_every_cpu();
-    drained(&bus);
+    drained(&bus, &reg);
     let st = reg.stats();
     let c = bus.stats();
     let (seen, rstats) = reference.finish();
@@ -306,16 +332,9 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
         }
     })
     .unwrap();
-    // The queue read empty (10 s at most), and the dispatcher's look at it: the
-    // registration's baseline before the burst, its settled figure after.
-    let drained = |bus: &Connector| {
-        let end = Instant::now() + Duration::from_secs(10);
-        while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drained(&bus);
+    // The queue read empty, and the dispatcher's look at it: the registration's baseline
+    // before the burst, its settled figure after.
+    drained(&bus, &reg);
     // This thread and its children stay on one CPU, so the events after the burst reveal
     // its loss as a gap on the CPU where it happened.
     let cpu = cnbus::sys::current_cpu().unwrap_or(0);
@@ -325,9 +344,9 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
         std::process::Command::new("/bin/true").status().unwrap();
     }
     release.send(()).unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     std::process::Command::new("/bin/true").status().unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     // Nothing runs on the dispatcher any more: what it counted and what it reported are final.
     let handle = bus.handle();
     bus.shutdown();
