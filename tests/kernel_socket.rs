@@ -52,6 +52,8 @@ fn proc_connector_listen_ack_events_ignore() {
     let (pid, status) = sh("exit 3");
     assert_eq!(status.code(), Some(3));
 
+    // From our fork of the child on: an earlier holder of its pid (pid_max is 32768, the
+    // host forks all the time) may have exited after the LISTEN.
     let (mut fork, mut exec, mut exit) = (false, false, None);
     recv_until(&sock, Duration::from_secs(5), |meta, c| {
         if !meta.from_kernel() || c.msg.id != CbId::PROC || c.msg.data.len() < 40 {
@@ -59,9 +61,10 @@ fn proc_connector_listen_ack_events_ignore() {
         }
         let d = &c.msg.data;
         match u32_at(d, 0) {
-            WHAT_FORK if u32_at(d, 24) == pid => fork = true,
-            WHAT_EXEC if u32_at(d, 16) == pid => exec = true,
-            WHAT_EXIT if u32_at(d, 16) == pid => exit = Some(u32_at(d, 24)),
+            // parent tgid, child pid
+            WHAT_FORK if u32_at(d, 20) == std::process::id() && u32_at(d, 24) == pid => fork = true,
+            WHAT_EXEC if fork && u32_at(d, 16) == pid => exec = true,
+            WHAT_EXIT if fork && u32_at(d, 16) == pid => exit = Some(u32_at(d, 24)),
             _ => {}
         }
         fork && exec && exit.is_some()
@@ -99,11 +102,16 @@ fn two_sockets_in_one_process_hear_the_same_multicast() {
     d.push(&CnMsg::new(id, &b"twice"[..]).with_seq(8, 0))
         .unwrap();
     tx.send(d.as_bytes(), Dest::Group(group)).unwrap();
+    // Ours by the sender's port: a busy host's noise copies the ids (and seq numbers) it
+    // hears on the user groups.
     for s in [&a, &b] {
-        let got = recv_until(s, Duration::from_secs(5), |_, c| {
-            c.msg.id == id && c.msg.seq == 8
+        let got = recv_until(s, Duration::from_secs(5), |m, c| {
+            m.port == tx.port_id() && c.msg.id == id && c.msg.seq == 8
         });
-        let mine: Vec<_> = got.iter().filter(|(_, c)| c.msg.id == id).collect();
+        let mine: Vec<_> = got
+            .iter()
+            .filter(|(m, c)| m.port == tx.port_id() && c.msg.id == id)
+            .collect();
         assert_eq!(mine.len(), 2, "both messages of the datagram arrive");
         assert_eq!(&mine[0].1.msg.data[..], b"both");
         assert_eq!(mine[0].0.port, tx.port_id());
@@ -285,11 +293,12 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
         let _ = tx.try_send(d.as_bytes(), Dest::Group(group));
     }
     let mut batch = cnbus::sys::RecvBatch::new(16, 4096);
-    let (mut mine, mut overruns) = (0, 0);
+    let (mut mine, mut all, mut overruns) = (0, 0, 0);
     loop {
         match rx.recv_many(&mut batch, true) {
             Ok(0) => break,
-            Ok(_) => {
+            Ok(n) => {
+                all += n;
                 mine += batch
                     .iter()
                     .filter(|d| matches!(d, Ok((_, m)) if m.port == tx.port_id()))
@@ -300,9 +309,11 @@ fn recv_many_reports_an_overrun_once_then_goes_on() {
         }
     }
     assert!(overruns >= 1, "the overflow is reported");
+    // Some arrived (on a busy host, other senders' multicasts on the group may have taken
+    // the room before ours), some of ours were dropped.
     assert!(
-        (1..40).contains(&mine),
-        "some arrived, some were dropped: {mine}"
+        all >= 1 && mine < 40,
+        "some arrived, some were dropped: {mine} of {all}"
     );
     // The socket goes on after it.
     tx.send(d.as_bytes(), Dest::Group(group)).unwrap();

@@ -58,6 +58,33 @@ fn exit_of(evs: &[ProcEvent], tgid: u32) -> Option<ProcEvent> {
         .copied()
 }
 
+/// The events from `parent`'s fork of `pid` up to `pid`'s exit (included). Events of `pid`
+/// before that fork are an earlier holder's: pid_max is 32768 and a busy host forks all the
+/// time, so a pid of ours may have exited as another process's after the listener opened.
+fn life_of(evs: &[ProcEvent], parent: u32, pid: u32) -> &[ProcEvent] {
+    let Some(from) = evs.iter().position(|e| {
+        matches!(e.body, EventBody::Fork { parent: p, child } if p.tgid == parent && child.pid == pid)
+    }) else {
+        return &[];
+    };
+    let life = &evs[from..];
+    match life
+        .iter()
+        .position(|e| matches!(e.body, EventBody::Exit { process, .. } if process.pid == pid))
+    {
+        Some(end) => &life[..=end],
+        None => life,
+    }
+}
+
+/// The exit of our child `pid` (for a listener without fork events): an exit of that pid
+/// whose parent is not us is an earlier holder's. The kernel sends no parent when our
+/// wait() reaped the child first.
+fn is_our_childs_exit(e: &ProcEvent, pid: u32) -> bool {
+    matches!(e.body, EventBody::Exit { process, parent, .. }
+        if process.pid == pid && parent.is_none_or(|p| p.tgid == my_pid()))
+}
+
 /// `fork()` a child that runs `child` (raw system calls only: the parent has threads) and
 /// `_exit`s with its result.
 fn fork_child(child: impl FnOnce() -> i32) -> u32 {
@@ -94,7 +121,10 @@ fn fork_exec_and_exit_code() {
     assert_eq!(l.filtering(), Filtering::None);
     let (sh, status) = sh("/bin/true; exit 3");
     assert_eq!(status.code(), Some(3));
-    let evs = collect(&mut l, |evs| exit_of(evs, sh).is_some());
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, my_pid(), sh), sh).is_some()
+    });
+    let evs = life_of(&evs, my_pid(), sh);
 
     let fork = evs
         .iter()
@@ -119,12 +149,15 @@ fn fork_exec_and_exit_code() {
     assert!(evs
         .iter()
         .any(|e| matches!(e.body, EventBody::Exec { process } if process.tgid == t)));
-    let EventBody::Exit { status, .. } = exit_of(&evs, t).expect("exit of /bin/true").body else {
+    let EventBody::Exit { status, .. } = exit_of(life_of(evs, sh, t), t)
+        .expect("exit of /bin/true")
+        .body
+    else {
         unreachable!()
     };
     assert!(status.success());
 
-    let ev = exit_of(&evs, sh).unwrap();
+    let ev = exit_of(evs, sh).unwrap();
     let EventBody::Exit {
         process,
         status,
@@ -167,7 +200,10 @@ fn comm_sid_gid_uid_and_nonzero_exit() {
     });
     let status = waitpid(pid);
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7);
-    let evs = collect(&mut l, |evs| exit_of(evs, pid).is_some());
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, my_pid(), pid), pid).is_some()
+    });
+    let evs = life_of(&evs, my_pid(), pid);
     let mine: Vec<_> = evs
         .iter()
         .filter(|e| e.task().map(|t| t.tgid) == Some(pid))
@@ -204,7 +240,7 @@ fn comm_sid_gid_uid_and_nonzero_exit() {
         )),
         "no uid event: {mine:?}"
     );
-    let EventBody::Exit { status, .. } = exit_of(&evs, pid).unwrap().body else {
+    let EventBody::Exit { status, .. } = exit_of(evs, pid).unwrap().body else {
         unreachable!()
     };
     assert_eq!(status.code(), Some(7));
@@ -247,7 +283,10 @@ fn ptrace_attach_and_detach() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let st = waitpid(pid);
     assert!(libc::WIFSIGNALED(st));
-    let evs = collect(&mut l, |evs| exit_of(evs, pid).is_some());
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, my_pid(), pid), pid).is_some()
+    });
+    let evs = life_of(&evs, my_pid(), pid);
     let tracers: Vec<Option<Task>> = evs
         .iter()
         .filter_map(|e| match e.body {
@@ -266,7 +305,7 @@ fn ptrace_attach_and_detach() {
         ],
         "attach by this thread, then detach"
     );
-    let EventBody::Exit { status, .. } = exit_of(&evs, pid).unwrap().body else {
+    let EventBody::Exit { status, .. } = exit_of(evs, pid).unwrap().body else {
         unreachable!()
     };
     assert_eq!(status.signal(), Some(libc::SIGKILL as u8));
@@ -291,7 +330,10 @@ fn coredump_event_and_core_flag() {
     let sh = child.id();
     let st = child.wait().unwrap();
     assert_eq!(st.signal(), Some(libc::SIGSEGV));
-    let evs = collect(&mut l, |evs| exit_of(evs, sh).is_some());
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, my_pid(), sh), sh).is_some()
+    });
+    let evs = life_of(&evs, my_pid(), sh);
     let dump = evs
         .iter()
         .find(|e| matches!(e.body, EventBody::Coredump { process, .. } if process.tgid == sh))
@@ -300,7 +342,7 @@ fn coredump_event_and_core_flag() {
         unreachable!()
     };
     assert_eq!(parent.map(|p| p.tgid), Some(my_pid()));
-    let EventBody::Exit { status, .. } = exit_of(&evs, sh).unwrap().body else {
+    let EventBody::Exit { status, .. } = exit_of(evs, sh).unwrap().body else {
         unreachable!()
     };
     assert_eq!(status.signal(), Some(libc::SIGSEGV as u8));
@@ -330,7 +372,9 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
         pids.insert(sh(script).0, script);
     }
     let last = *pids.iter().find(|(_, s)| **s == "exit 1").unwrap().0;
-    let evs = collect(&mut l, |evs| exit_of(evs, last).is_some());
+    let evs = collect(&mut l, |evs| {
+        evs.iter().any(|e| is_our_childs_exit(e, last))
+    });
     for e in &evs {
         // Nothing but non-zero exits reaches this listener, from anyone on the host.
         let EventBody::Exit { status, .. } = e.body else {
@@ -343,7 +387,9 @@ fn nonzero_exits_only(test: &str, mode: FilterMode) {
         .filter_map(|e| match e.body {
             EventBody::Exit {
                 process, status, ..
-            } if pids.contains_key(&process.pid) => Some((process.pid, status.to_string())),
+            } if pids.contains_key(&process.pid) && is_our_childs_exit(e, process.pid) => {
+                Some((process.pid, status.to_string()))
+            }
             _ => None,
         })
         .collect();
@@ -419,8 +465,13 @@ fn spoofed_event_from_user_space_is_rejected_and_counted() {
     spoofer.send(d.as_bytes(), Dest::Group(1)).unwrap();
     // A real event after it: once it arrives, the spoof has been processed.
     let (sh, _) = sh("exit 0");
-    let evs = collect(&mut l, |evs| exit_of(evs, sh).is_some());
-    assert!(exit_of(&evs, sh).is_some(), "the real exit arrives");
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, my_pid(), sh), sh).is_some()
+    });
+    assert!(
+        exit_of(life_of(&evs, my_pid(), sh), sh).is_some(),
+        "the real exit arrives"
+    );
     assert!(
         !evs.iter()
             .any(|e| e.task().map(|t| t.pid) == Some(fake_pid)),
@@ -523,7 +574,14 @@ fn overrun_is_reported_and_gaps_count_exactly_the_missed_events() {
     *upto.lock().unwrap() = got.iter().map(|(c, s)| (*c, *s.last().unwrap())).collect();
     stop.store(true, Ordering::SeqCst);
     assert!(overruns >= 1, "a burst into the minimum buffer overflows");
-    assert_eq!(stats.overruns, overruns);
+    // `close` reads the queue once more after the IGNORE: on a busy host user-space
+    // senders' multicasts on group 1 (which IGNORE does not stop) may overflow the tiny
+    // queue meanwhile, an overrun counted there and never handed out. No kernel event
+    // comes after the IGNORE, so the gaps are all handed out.
+    assert!(
+        stats.overruns >= overruns,
+        "{stats:?}: {overruns} handed out"
+    );
     assert_eq!(stats.seq_lost, Some(gap_sum));
     assert!(gap_sum > 0);
     // Every gap of the small listener, against what the reference saw on the same CPU in the
@@ -594,11 +652,8 @@ fn channel_delivers_and_stops() {
     let mut found = None;
     while found.is_none() && Instant::now() < deadline {
         if let Some(Received::Event(e)) = ch.recv_timeout(Duration::from_millis(200)).unwrap() {
-            if let EventBody::Exit {
-                process, status, ..
-            } = e.body
-            {
-                if process.pid == sh {
+            if let EventBody::Exit { status, .. } = e.body {
+                if is_our_childs_exit(&e, sh) {
                     found = Some(status);
                 }
             }
@@ -663,7 +718,12 @@ fn thread_creation_and_exit() {
     let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32)
         .join()
         .unwrap();
-    let evs = collect(&mut l, |evs| exit_of(evs, tid).is_some());
+    // SAFETY: getppid has no arguments.
+    let ppid = unsafe { libc::getppid() } as u32;
+    let evs = collect(&mut l, |evs| {
+        exit_of(life_of(evs, ppid, tid), tid).is_some()
+    });
+    let evs = life_of(&evs, ppid, tid);
     let (parent, child) = evs
         .iter()
         .find_map(|e| match e.body {
@@ -681,7 +741,7 @@ fn thread_creation_and_exit() {
         status,
         exit_signal,
         ..
-    } = exit_of(&evs, tid).unwrap().body
+    } = exit_of(evs, tid).unwrap().body
     else {
         unreachable!()
     };
@@ -732,7 +792,13 @@ fn acks_are_numbered_in_the_per_cpu_sequence() {
         );
     }
     let s = l.stats();
-    assert_eq!(s.seq_lost, Some(0), "{s:?}");
+    // No gap around the ACKs, unless the kernel dropped something for this listener (a busy
+    // host's burst can overflow even a large queue while the test thread waits).
+    if s.kernel_drops == Some(0) {
+        assert_eq!(s.seq_lost, Some(0), "{s:?}");
+    } else {
+        eprintln!("acks_are_numbered_in_the_per_cpu_sequence: the listener lost events: {s:?}");
+    }
     assert_eq!(s.seq_backwards, 0, "{s:?}");
 }
 
@@ -769,9 +835,25 @@ fn tail_loss_is_counted_exactly_by_the_kernel_drop_counter() {
             None => return t,
         }
     };
-    drain_small(&mut small);
-    let from = monotonic_ns();
-    let drops_before = small.stats().kernel_drops.expect("SO_MEMINFO drop counter");
+    // The baseline is the exact loss so far, not the raw drop counter: on a busy host the
+    // small queue may have dropped user-space multicasts on group 1 before the burst, which
+    // the final figure takes out (with the raw counter, the burst's loss came out short by
+    // them). Exact once a reading finds the queue empty (or no user-space datagram missing).
+    let mut baseline = None;
+    for _ in 0..1000 {
+        drain_small(&mut small);
+        let from = monotonic_ns();
+        let st = small.stats();
+        assert!(st.kernel_drops.is_some(), "{test}: SO_MEMINFO drop counter");
+        if let Some(lost) = st.lost() {
+            baseline = Some((from, lost));
+            break;
+        }
+    }
+    let Some((from, drops_before)) = baseline else {
+        eprintln!("{test}: SKIPPED, the loss figure never settled before the burst");
+        return;
+    };
     // A burst while the listener does not read: its queue overflows. Nothing is read after
     // it except what was queued, so no event after the overflow reveals a gap.
     for _ in 0..60 {
@@ -846,7 +928,9 @@ fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
     }
 
     let mut exits = BTreeSet::new();
+    let mut reports = 0;
     for r in held.into_iter().chain(drained.drain_queued(1 << 20)) {
+        reports += u32::from(matches!(r, Received::Lost(_)));
         if let Received::Event(ev) = r {
             if let EventBody::Exit { process, .. } = ev.body {
                 if mine.contains(&process.tgid) {
@@ -855,17 +939,29 @@ fn events_queued_at_stop_are_handed_out_or_counted_as_unread() {
             }
         }
     }
-    assert_eq!(
-        exits, mine,
-        "{test}: every exit queued at the stop is handed out"
-    );
     let st = drained.finish();
     assert_eq!(st.unread, 0, "{test}: {st:?}");
+    // A busy host's fork storm may overflow even an 8 MiB queue left unread: then some of
+    // our exits may be among the kernel's drops (reported, and counted exactly).
+    if reports == 0 {
+        assert_eq!(
+            exits, mine,
+            "{test}: every exit queued at the stop is handed out: {st:?}"
+        );
+    } else {
+        assert!(exits.is_subset(&mine), "{test}");
+        assert!(st.kernel_drops > Some(0), "{test}: {st:?}");
+    }
 
     let st = finished.finish();
-    // At least our 20 forks, execs and exits were discarded: counted, not hidden.
-    assert!(st.unread >= 3 * mine.len() as u64, "{test}: {st:?}");
-    assert_eq!(st.lost(), Some(0), "{test}: not lost by the kernel: {st:?}");
+    let lost = st.lost().expect("settled, exact");
+    // At least our 20 forks, execs and exits were discarded (or, on a busy host, lost by
+    // the kernel): counted, not hidden; and what was discarded is not counted as lost.
+    assert!(st.unread + lost >= 3 * mine.len() as u64, "{test}: {st:?}");
+    assert!(Some(lost) <= st.kernel_drops, "{test}: {st:?}");
+    if st.kernel_drops == Some(0) {
+        assert_eq!(lost, 0, "{test}: not lost by the kernel: {st:?}");
+    }
 }
 
 /// Children of ours whose exits [`full_exit_channel`] waits for.

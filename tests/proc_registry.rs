@@ -6,9 +6,43 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnbus::connector::Connector;
-use cnbus::proc::{self, EventBody, EventSet, Received};
+use cnbus::proc::{self, EventBody, EventSet, ProcRegistration, Received};
 use common::{kernel_socket, sh};
 use parking_lot::Mutex;
+
+/// Waits (10 s at most each) until `bus`'s dispatcher has read its queue empty and handled
+/// everything that was in it (a marker unicast to the connector's own port once the queue
+/// was found empty reaches its callback after all of that), then until `reg`'s loss figure
+/// is settled (the dispatcher's snapshot at an empty queue since the last drop). A fixed
+/// 50 ms pause stood for both before: too short for a dispatcher descheduled on a busy host.
+fn drained(bus: &Connector, reg: &ProcRegistration) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let id = cnbus::CbId::new(common::test_idx(9), 9);
+    let marker = cnbus::sys::ConnectorSocket::open().unwrap();
+    let from = marker.port_id();
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let _reg = bus.register(id, move |m| {
+        if m.source().port == from {
+            let _ = tx.send(());
+        }
+    });
+    let mut d = cnbus::codec::DatagramBuilder::new(128);
+    d.push(&cnbus::CnMsg::new(id, &b"marker"[..])).unwrap();
+    marker
+        .send(d.as_bytes(), cnbus::sys::Dest::Port(bus.port_id()))
+        .unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the dispatcher never reached the marker"
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while !reg.stats().foreign_settled && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 #[test]
 fn a_connector_callback_receives_typed_proc_events() {
@@ -35,13 +69,20 @@ fn a_connector_callback_receives_typed_proc_events() {
     let (mut fork, mut exec, mut exit) = (false, false, None);
     while Instant::now() < end && !(fork && exec && exit.is_some()) {
         std::thread::sleep(Duration::from_millis(10));
+        // From our fork of the child on: an earlier holder of its pid (pid_max is 32768,
+        // the host forks all the time) may have exited after the registration.
+        (fork, exec, exit) = (false, false, None);
         for body in seen.lock().iter() {
             match *body {
-                EventBody::Fork { child, .. } if child.tgid == pid => fork = true,
-                EventBody::Exec { process } if process.tgid == pid => exec = true,
+                EventBody::Fork { parent, child }
+                    if parent.tgid == std::process::id() && child.tgid == pid =>
+                {
+                    fork = true
+                }
+                EventBody::Exec { process } if fork && process.tgid == pid => exec = true,
                 EventBody::Exit {
                     process, status, ..
-                } if process.tgid == pid => exit = status.code(),
+                } if fork && process.pid == pid && exit.is_none() => exit = status.code(),
                 EventBody::Comm { .. } | EventBody::Uid { .. } => {
                     panic!("an event outside the set was delivered: {body:?}")
                 }
@@ -53,7 +94,10 @@ fn a_connector_callback_receives_typed_proc_events() {
     assert_eq!(exit, Some(4));
     let st = events.stats();
     assert!(st.events >= 3);
-    assert_eq!(st.seq_lost, Some(0), "{st:?}");
+    // No gap without a loss (a busy host's burst can overflow even an 8 MiB queue).
+    if st.overruns == 0 {
+        assert_eq!(st.seq_lost, Some(0), "{st:?}");
+    }
     drop(events);
     foreign.check_spoofed(
         "a_connector_callback_receives_typed_proc_events",
@@ -139,14 +183,6 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         }
     })
     .unwrap();
-    let drained = |bus: &Connector| {
-        let end = Instant::now() + Duration::from_secs(10);
-        while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // Time for the dispatcher's look at the empty queue.
-        std::thread::sleep(Duration::from_millis(50));
-    };
     // An event of ours on every CPU, received: the per-CPU marks below exist. (The
     // children inherit this thread's CPU.)
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -158,8 +194,16 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
         }
     };
     on_every_cpu();
-    drained(&bus);
+    drained(&bus, &reg);
     let before = reg.stats();
+    if !before.foreign_settled {
+        // A host so busy that the dispatcher never found its 8 MiB queue empty for 10 s:
+        // it dropped events before the registration's baseline, and no exact figure
+        // exists to start from (seen once: 100 188 events in gaps, 912 counted drops since
+        // the baseline, the first settled snapshot came that late).
+        eprintln!("{test}: SKIPPED, the loss figure never settled before the burst: {before:?}");
+        return;
+    }
     let before_lost = before
         .lost()
         .expect("exact: nothing dropped before the burst");
@@ -183,10 +227,10 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
     }
     bus.socket().set_recv_buffer(8 << 20, true).unwrap();
     release.send(()).unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     // Each CPU's next event reveals what it lost at the end of the burst.
     on_every_cpu();
-    drained(&bus);
+    drained(&bus, &reg);
     let st = reg.stats();
     let c = bus.stats();
     let (seen, rstats) = reference.finish();
@@ -194,8 +238,12 @@ fn a_registration_reports_the_kernel_drops_of_its_socket() {
     assert!(c.overruns >= 1, "{c:?}");
     let k = st.kernel_drops.unwrap();
     assert!(k > before_k && Some(k) <= c.kernel_drops, "{st:?} {c:?}");
-    // Every gap is a drop: nothing was dropped before the registration's baseline.
-    assert!(st.seq_lost.unwrap() <= k, "{st:?}");
+    // Every gap since `before` is a drop since then (the events of ours on every CPU,
+    // handled before it, revealed the earlier ones).
+    assert!(
+        st.seq_lost.unwrap() - before.seq_lost.unwrap() <= k - before_k,
+        "{before:?} -> {st:?}"
+    );
     // The dispatcher found the queue empty after the burst and nothing was dropped since:
     // the figure is settled and exact.
     let lost = st.lost().expect("an exact figure") - before_lost;
@@ -296,16 +344,9 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
         }
     })
     .unwrap();
-    // The queue read empty (10 s at most), and the dispatcher's look at it: the
-    // registration's baseline before the burst, its settled figure after.
-    let drained = |bus: &Connector| {
-        let end = Instant::now() + Duration::from_secs(10);
-        while bus.socket().meminfo().unwrap().rmem_alloc > 0 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drained(&bus);
+    // The queue read empty, and the dispatcher's look at it: the registration's baseline
+    // before the burst, its settled figure after.
+    drained(&bus, &reg);
     // This thread and its children stay on one CPU, so the events after the burst reveal
     // its loss as a gap on the CPU where it happened.
     let cpu = cnbus::sys::current_cpu().unwrap_or(0);
@@ -315,9 +356,9 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
         std::process::Command::new("/bin/true").status().unwrap();
     }
     release.send(()).unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     std::process::Command::new("/bin/true").status().unwrap();
-    drained(&bus);
+    drained(&bus, &reg);
     // Nothing runs on the dispatcher any more: what it counted and what it reported are final.
     let handle = bus.handle();
     bus.shutdown();

@@ -236,6 +236,12 @@ impl Ingest {
                 }
                 Ok(MessageRef::Noop(_)) | Ok(MessageRef::Overrun(_)) => {
                     Counters::add(&c.control, 1);
+                    // No event reports them (they carry nothing, and a sender's
+                    // `NLMSG_OVERRUN` is no overflow of this socket); a proc receiver
+                    // counts a user-space sender's on group 1 as spoofed.
+                    if meta.port != 0 && meta.group == 1 {
+                        Counters::add(&c.proc_group_control, 1);
+                    }
                     continue;
                 }
                 Err(error) => {

@@ -61,6 +61,10 @@ pub(crate) struct Counters {
     /// User-space multicasts on group 1 received (and datagrams cut for length, whose
     /// sender is unknown): what a proc witness counts too (`proc::Witness`). Not in `Stats`.
     pub proc_group_foreign: AtomicU64,
+    /// `NLMSG_NOOP` and `NLMSG_OVERRUN` messages from user-space senders on group 1, which
+    /// no [`Event`](super::Event) reports: `ProcStream` counts them as spoofed, as
+    /// `ProcListener` does. Not in `Stats` (they are in `control`).
+    pub proc_group_control: AtomicU64,
     /// `proc_witness` is set (checked without the lock on every empty read).
     has_proc_witness: AtomicBool,
     proc_witness: Mutex<Option<ProcWitness>>,

@@ -55,6 +55,68 @@ impl Settling {
     }
 }
 
+/// Items (events and loss reports) a receiver holds between receive and delivery, at most:
+/// only while it waits for an ACK can there be more than a few.
+pub(crate) const MAX_PENDING: usize = 1 << 16;
+
+/// What a receiver decoded and has not handed out yet, at most [`MAX_PENDING`] items, with
+/// the events it never handed out: those a full queue dropped ([`LossStats::dropped`]) and
+/// those its end discarded ([`LossStats::unread`]). One implementation for `ProcListener`
+/// (and so `ProcChannel`) and `ProcStream`.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    items: std::collections::VecDeque<Received>,
+    dropped: u64,
+    unread: u64,
+}
+
+impl Pending {
+    /// Queues `r`; with the queue full, an event is dropped and counted (a loss report
+    /// dropped here loses nothing: its loss stays in the counters).
+    pub(crate) fn push(&mut self, r: Received) {
+        if self.items.len() >= MAX_PENDING {
+            self.dropped += u64::from(matches!(r, Received::Event(_)));
+        } else {
+            self.items.push_back(r);
+        }
+    }
+
+    /// The oldest item.
+    pub(crate) fn pop(&mut self) -> Option<Received> {
+        self.items.pop_front()
+    }
+
+    /// Items held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Discards every item held; the events among them count as unread.
+    pub(crate) fn discard(&mut self) {
+        for r in self.items.drain(..) {
+            self.unread += u64::from(matches!(r, Received::Event(_)));
+        }
+    }
+
+    /// An event taken from the queue that its receiver could not hand out after all (a
+    /// `ProcChannel` stopped while its consumer was not taking): unread.
+    pub(crate) fn unread(&mut self, r: &Received) {
+        self.unread += u64::from(matches!(r, Received::Event(_)));
+    }
+
+    /// The decoder's counters `dec` as the receiver's: `events` is what was handed out (not
+    /// dropped here, not discarded), with `dropped` and `unread`.
+    pub(crate) fn account(&self, dec: LossStats) -> LossStats {
+        LossStats {
+            events: dec.events - self.dropped - self.unread,
+            dropped: self.dropped,
+            unread: self.unread,
+            ..dec
+        }
+    }
+}
+
 /// Tries of [`join_witnessed`] at most.
 const JOIN_TRIES: u32 = 16;
 

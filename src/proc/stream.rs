@@ -1,7 +1,6 @@
 //! Typed proc events as an async `Stream` (cargo feature `tokio`), re-exported as
 //! [`cnbus::tokio::ProcStream`](crate::tokio::ProcStream).
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -36,12 +35,11 @@ use crate::sys::Dest;
 pub struct ProcStream {
     conn: AsyncConnector,
     decoder: super::ProcDecoder,
-    pending: VecDeque<super::Received>,
+    /// Decoded and not handed out yet (bounded), with the events dropped or discarded.
+    pending: super::loss::Pending,
     /// Counts the user-space multicasts on group 1 (see `LossStats::foreign_unaccounted`),
     /// with this socket's count of them when it joined.
     witness: Option<(crate::connector::Witness, u64)>,
-    /// Events discarded by [`finish`](Self::finish), never handed out.
-    unread: u64,
     /// `IGNORE` was sent ([`finish`](Self::finish)).
     ignored: bool,
     _group: Subscription,
@@ -58,8 +56,21 @@ impl std::fmt::Debug for ProcStream {
 
 impl ProcStream {
     /// Opens a socket (16 MiB receive buffer), joins group 1, sends `LISTEN` and waits for
-    /// the kernel's ACK.
+    /// the kernel's ACK. The ACK travels like an event, so an overflow of the queue can drop
+    /// it: when an overrun was seen and no ACK came, `LISTEN` is sent again (a repeated one
+    /// only replaces the socket's filter), up to 3 times, as
+    /// [`ProcListener`](super::ProcListener) does.
     pub async fn open(events: super::EventSet) -> Result<Self> {
+        Self::open_with(events, |_, _| {}).await
+    }
+
+    /// [`open`](Self::open), calling `before_listen(socket, attempt)` before each `LISTEN`
+    /// is sent (tests overflow the queue there).
+    async fn open_with(
+        events: super::EventSet,
+        mut before_listen: impl FnMut(&crate::sys::ConnectorSocket, u32),
+    ) -> Result<Self> {
+        use super::listener::{LISTEN_TRIES, REASON_NO_ACK};
         use super::{request, McastOp, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER};
         // Connected to the kernel: a stranger's unicasts cannot fill its queue and count
         // in its drop counter as lost events.
@@ -84,42 +95,55 @@ impl ProcStream {
                 Ok(())
             },
         )?;
-        let token = super::ack_token(conn.port_id(), conn.next_seq(CbId::PROC));
-        conn.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
-            .await?;
         let mut stream = Self {
             conn,
             decoder: super::ProcDecoder::new(events, true),
-            pending: VecDeque::new(),
+            pending: super::loss::Pending::default(),
             witness: witness.map(|w| (w, base)),
-            unread: 0,
             ignored: false,
             _group: group,
         };
-        let ack = async {
-            loop {
-                match stream.conn.recv().await {
-                    None => return Err(Error::Closed),
-                    Some(item) => {
-                        if let Some((ack, err)) = stream.take(item) {
-                            if ack == token.wrapping_add(1) {
-                                return Ok(err);
-                            }
+        for attempt in 0..LISTEN_TRIES {
+            before_listen(&stream.conn.outbox.socket, attempt);
+            let token = super::ack_token(stream.conn.port_id(), stream.conn.next_seq(CbId::PROC));
+            stream
+                .conn
+                .send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
+                .await?;
+            let overruns = stream.decoder.overruns;
+            match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, stream.ack(token)).await {
+                Ok(Ok(0)) => return Ok(stream),
+                Ok(Ok(errno)) => {
+                    return Err(Error::from_io(
+                        Op::Request,
+                        std::io::Error::from_raw_os_error(errno as i32),
+                    ))
+                }
+                Ok(Err(e)) => return Err(e),
+                // The ACK may have been dropped with the overflow: ask again.
+                Err(_) if stream.decoder.overruns != overruns => {}
+                Err(_) => break,
+            }
+        }
+        Err(Error::ProcConnector {
+            reason: REASON_NO_ACK,
+        })
+    }
+
+    /// Reads (keeping what it decodes) until the kernel's ACK to the request sent with
+    /// `token`; its error code.
+    async fn ack(&mut self, token: u32) -> Result<u32> {
+        loop {
+            match self.conn.recv().await {
+                None => return Err(Error::Closed),
+                Some(item) => {
+                    if let Some((ack, err)) = self.take(item) {
+                        if ack == token.wrapping_add(1) {
+                            return Ok(err);
                         }
                     }
                 }
             }
-        };
-        match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, ack).await {
-            Ok(Ok(0)) => Ok(stream),
-            Ok(Ok(errno)) => Err(Error::from_io(
-                Op::Request,
-                std::io::Error::from_raw_os_error(errno as i32),
-            )),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::ProcConnector {
-                reason: "the kernel did not acknowledge LISTEN before the timeout",
-            }),
         }
     }
 
@@ -130,7 +154,9 @@ impl ProcStream {
         match item {
             Ok(m) if m.msg.id == CbId::PROC => {
                 let d = self.decoder.decode(m.source.port, &m.msg);
-                self.pending.extend(d);
+                for r in d {
+                    self.pending.push(r);
+                }
                 d.ack
             }
             Ok(m) => {
@@ -140,7 +166,7 @@ impl ProcStream {
             }
             Err(Event::Overrun) => {
                 self.decoder.record_overrun();
-                self.pending.push_back(P::Lost(Loss::Overrun));
+                self.pending.push(P::Lost(Loss::Overrun));
                 None
             }
             Err(Event::Decode { port, error }) => {
@@ -183,15 +209,17 @@ impl ProcStream {
         let w = super::loss::witnessed(&self.conn.outbox.socket, witness, got, |raw| {
             c.observe_drops(raw)
         });
-        let dec = self.decoder.stats();
+        let mut dec = self.decoder.stats();
+        // A user-space sender's `NLMSG_NOOP` and `NLMSG_OVERRUN` on group 1, which the
+        // connector reports in no event: rejected and counted, as `ProcListener` does.
+        dec.spoofed += c
+            .proc_group_control
+            .load(std::sync::atomic::Ordering::Relaxed);
         super::LossStats {
-            // Handed out: not discarded by `finish`.
-            events: dec.events - self.unread,
-            unread: self.unread,
             kernel_drops: w.kernel_drops.or_else(|| c.snapshot().kernel_drops),
             foreign_unaccounted: w.foreign_unaccounted,
             foreign_settled: w.foreign_settled,
-            ..dec
+            ..self.pending.account(dec)
         }
     }
 
@@ -235,8 +263,8 @@ impl ProcStream {
     /// must not keep it here.
     async fn discard_queued(&mut self) {
         std::future::poll_fn(|cx| {
-            for _ in 0..super::listener::MAX_PENDING {
-                self.discard_pending();
+            for _ in 0..super::loss::MAX_PENDING {
+                self.pending.discard();
                 match self.conn.poll_recv(cx) {
                     Poll::Ready(Some(item)) => {
                         self.take(item);
@@ -244,16 +272,10 @@ impl ProcStream {
                     Poll::Ready(None) | Poll::Pending => break,
                 }
             }
-            self.discard_pending();
+            self.pending.discard();
             Poll::Ready(())
         })
         .await
-    }
-
-    fn discard_pending(&mut self) {
-        for r in self.pending.drain(..) {
-            self.unread += u64::from(matches!(r, super::Received::Event(_)));
-        }
     }
 
     /// Sends `IGNORE` without waiting (messages to the kernel never wait); true when sent.
@@ -282,7 +304,7 @@ impl futures_core::Stream for ProcStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(r) = this.pending.pop_front() {
+            if let Some(r) = this.pending.pop() {
                 return Poll::Ready(Some(r));
             }
             match ready!(this.conn.poll_recv(cx)) {
@@ -344,6 +366,132 @@ mod tests {
         let st = s.stats();
         assert_eq!(st.spoofed - before, 2, "{test}: {st:?}");
         assert_eq!(s.pending.len(), queued, "{test}: nothing was queued");
+    }
+
+    /// Regression: a user-space sender's netlink `NLMSG_NOOP` and `NLMSG_OVERRUN` on group 1
+    /// were counted by the stream's connector only (`Stats::control`), where `ProcListener`
+    /// counts them in `spoofed` with everything else a user-space port sends there
+    /// (`proc::listener::tests::control_messages_from_user_space_are_counted_as_spoofed`);
+    /// and a sender's `NLMSG_OVERRUN` is no overflow of the stream's queue. A spoofer of our
+    /// own multicasts one datagram: `NOOP`, `OVERRUN`, a spoofed proc event. Every other
+    /// user-space datagram on group 1 (a busy host's noise, other tests' spoofers) is one
+    /// spoofed message, like the datagrams the connector counts in `proc_group_foreign`: so
+    /// the spoofed count grows by the datagrams plus our two control messages (it grew by the
+    /// datagrams alone before).
+    #[tokio::test]
+    // The lock serializes whole tests, each on a runtime of its own: no task waits for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn control_messages_from_user_space_are_counted_as_spoofed() {
+        use crate::codec::NlHeader;
+        use std::sync::atomic::Ordering::Relaxed;
+        let test = "stream::control_messages_from_user_space_are_counted_as_spoofed";
+        let _one = spoofing();
+        let Some(mut s) = open_all(test).await else {
+            return;
+        };
+        let datagrams = |s: &ProcStream| s.conn.outbox.counters.proc_group_foreign.load(Relaxed);
+        s.discard_queued().await;
+        let (before, foreign) = (s.stats(), datagrams(&s));
+        let spoofer = ConnectorSocket::open().unwrap();
+        let mut d = Vec::new();
+        for ty in [crate::codec::NLMSG_NOOP, crate::codec::NLMSG_OVERRUN] {
+            NlHeader {
+                len: 16,
+                ty,
+                pid: spoofer.port_id(),
+                ..Default::default()
+            }
+            .emit(&mut d);
+        }
+        d.extend_from_slice(&spoofed(&spoofer));
+        spoofer.send(&d, Dest::Group(1)).unwrap();
+        // Read until our datagram was counted (the queue is read as the stream would).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let extra = |s: &ProcStream| {
+            let spoofed = s.stats().spoofed - before.spoofed;
+            spoofed as i64 - (datagrams(s) - foreign) as i64
+        };
+        while extra(&s) < 2 && std::time::Instant::now() < deadline {
+            s.discard_queued().await;
+            ::tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let st = s.stats();
+        // (More only if another sender put several messages in a datagram meanwhile.)
+        assert!(extra(&s) >= 2, "{test}: {before:?} -> {st:?}");
+        assert_eq!(st.overruns, before.overruns, "{test}: {st:?}");
+    }
+
+    /// Regression: the stream held what it decoded without bound (while `open` waited for
+    /// the ACK, a fork storm's events piled up), where `ProcListener` holds at most
+    /// `MAX_PENDING` items and counts the events it drops past it in `LossStats::dropped`.
+    /// Both now keep one bounded queue (`proc::loss::Pending`). The stream is not polled:
+    /// it holds what is handed to it here, and what came before the ACK.
+    #[tokio::test]
+    async fn a_full_pending_queue_drops_and_counts_events() {
+        use crate::connector::{Incoming, Source};
+        use crate::proc::listener::tests::msg;
+        let test = "stream::a_full_pending_queue_drops_and_counts_events";
+        let Some(mut s) = open_all(test).await else {
+            return;
+        };
+        let before = s.stats();
+        let kernel = Source { port: 0, group: 1 };
+        // Forks on a CPU number no real CPU has (no gap with the host's events).
+        let n = crate::proc::loss::MAX_PENDING as u32 + 100;
+        for seq in 0..n {
+            let m = msg(1, 8000, seq, &[1, 1, 2, 2]);
+            assert_eq!(
+                s.take(Ok(Incoming {
+                    msg: m,
+                    source: kernel
+                })),
+                None
+            );
+        }
+        let st = s.stats();
+        assert_eq!(s.pending.len(), crate::proc::loss::MAX_PENDING, "{test}");
+        assert!(st.dropped >= 100, "{test}: {st:?}");
+        assert_eq!(
+            st.events + st.dropped,
+            before.events + before.dropped + u64::from(n),
+            "{test}: {st:?}"
+        );
+        assert!(st.lost_at_least() >= st.dropped, "{test}: {st:?}");
+    }
+
+    /// Regression: `ProcStream::open` sent `LISTEN` once, and failed ("the kernel did not
+    /// acknowledge LISTEN") when an overflow of its queue dropped the ACK, where
+    /// `ProcListener` asks again after an overrun, up to 3 times. Here a spoofer of our own
+    /// overflows the stream's queue (made small) before the first `LISTEN`: the socket is
+    /// congested, so the kernel drops its ACK; the second `LISTEN` (the queue back to its
+    /// size) must be acknowledged.
+    #[tokio::test]
+    // The lock serializes whole tests, each on a runtime of its own: no task waits for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_listen_ack_dropped_by_an_overflow_is_asked_for_again() {
+        let test = "stream::a_listen_ack_dropped_by_an_overflow_is_asked_for_again";
+        let _one = spoofing();
+        if open_all(test).await.is_none() {
+            return;
+        }
+        let spoofer = ConnectorSocket::open().unwrap();
+        let d = spoofed(&spoofer);
+        let mut tries = 0;
+        let s = ProcStream::open_with(EventSet::ALL, |sock, attempt| {
+            tries = attempt + 1;
+            if attempt == 0 {
+                sock.set_recv_buffer(64 << 10, true).unwrap();
+                overflow_with_spoofs(sock, &spoofer, &d);
+            } else {
+                sock.set_recv_buffer(crate::proc::DEFAULT_RECV_BUFFER, true)
+                    .unwrap();
+            }
+        })
+        .await;
+        let s = s.unwrap_or_else(|e| panic!("{test}: after {tries} LISTEN: {e}"));
+        let st = s.stats();
+        assert!(tries >= 2, "{test}: the first ACK was not dropped: {st:?}");
+        assert!(st.overruns >= 1, "{test}: {st:?}");
     }
 
     /// `ProcStream::finish` settles as `ProcListener::finish` does (the same

@@ -275,9 +275,16 @@ impl ForeignOnGroup1 {
                 match sock.recv(&mut buf, false) {
                     // The unicast end marker: everything queued before it has been read.
                     Ok(Some(meta)) if meta.group == 0 => return (foreign, overruns),
-                    Ok(Some(meta)) if !meta.from_kernel() => foreign += 1,
+                    // Counted as a listener counts its spoofed messages: each message of the
+                    // datagram (control messages and a malformed one included).
+                    Ok(Some(meta)) if !meta.from_kernel() => {
+                        foreign += cnbus::codec::messages_ref(&buf).count().max(1) as u64
+                    }
                     Ok(_) => {}
                     Err(cnbus::Error::Overrun { .. }) => overruns += 1,
+                    // No kernel datagram comes near 64 KiB: a user-space sender's (a
+                    // listener counts it as one spoofed datagram too).
+                    Err(cnbus::Error::Truncated { .. }) => foreign += 1,
                     Err(e) => panic!("recv: {e}"),
                 }
             }
@@ -288,7 +295,7 @@ impl ForeignOnGroup1 {
     }
 
     /// Stops counting and checks that a listener's `spoofed` count (read before this call)
-    /// is no more than the datagrams user space sent on group 1 since `start`: a kernel
+    /// is no more than the messages user space sent on group 1 since `start`: a kernel
     /// event is never taken for a spoof. (When this counter's own queue overflowed, its
     /// count is only a lower bound and the check is reported, not made.)
     pub fn check_spoofed(self, test: &str, spoofed: u64) {
@@ -307,7 +314,7 @@ impl ForeignOnGroup1 {
         }
         assert!(
             spoofed <= foreign,
-            "{test}: {spoofed} counted as spoofed, but user space sent only {foreign} on group 1"
+            "{test}: {spoofed} counted as spoofed, but user space sent only {foreign} messages on group 1"
         );
     }
 }

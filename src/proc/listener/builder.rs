@@ -185,8 +185,7 @@ impl ProcListenerBuilder {
             small: None,
             core: Core {
                 dec: ProcDecoder::new(events, true).with_acks(self.acks),
-                pending: VecDeque::new(),
-                dropped: 0,
+                pending: Pending::default(),
                 awaiting_ack: None,
                 ack_result: None,
             },
@@ -206,7 +205,6 @@ impl ProcListenerBuilder {
             drops,
             witness,
             foreign: 0,
-            discarded: 0,
         };
         if foreign.is_some() {
             // The kernel drops the request; sending it costs nothing and keeps Drop simple.
@@ -232,8 +230,7 @@ impl ProcListenerBuilder {
                 *l.drops.lock() = baseline;
                 l.core = Core {
                     dec: ProcDecoder::new(events, false).with_acks(self.acks),
-                    pending: VecDeque::new(),
-                    dropped: 0,
+                    pending: Pending::default(),
                     awaiting_ack: None,
                     ack_result: None,
                 };

@@ -33,7 +33,8 @@ use crate::sys::{
 
 use super::decoder::ProcDecoder;
 use super::loss::{
-    discard_queue, join_witnessed, settled_enough, witnessed, Loss, LossStats, Received, Settling,
+    discard_queue, join_witnessed, settled_enough, witnessed, Loss, LossStats, Pending, Received,
+    Settling, MAX_PENDING,
 };
 use crate::codec::proc::PROC_GROUP;
 use crate::connector::Witness;
@@ -54,15 +55,14 @@ pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// asked for once the probe is answered.
 const PROBE_RECV_BUFFER: usize = 1 << 20;
 
-/// Bytes read per datagram (a kernel event datagram is 76 bytes): one longer is a user-space
-/// sender's, counted and skipped.
-const RECV_CHUNK: usize = 64 << 10;
+/// Bytes read per datagram (a kernel event datagram is 76 bytes): the largest connector
+/// message, as a `Connector` reads by default (so `ProcStream` counts what this counts: each
+/// message of a user-space datagram up to this size, one for a longer one, which is
+/// counted and skipped).
+const RECV_CHUNK: usize = crate::codec::CnMsg::MAX_ENCODED;
 /// Datagrams read per system call (`recvmmsg`). The batch's 2 MiB are allocated once; only
 /// the pages the kernel writes become resident.
 const RECV_BATCH: usize = 32;
-/// Events held between receive and delivery (only while waiting for an ACK can there be more
-/// than a few).
-pub(super) const MAX_PENDING: usize = 1 << 16;
 
 const REASON_PID_NS: &str = "this process is outside the initial pid namespace: the kernel \
      ignores LISTEN requests from it, so events arrive only while another process in the \
@@ -72,6 +72,9 @@ const REASON_USER_NS: &str = "this process is outside the initial user namespace
      initial namespaces listens, and uids and gids in them are those of the initial namespace";
 const REASON_NO_CN_PROC: &str = "the kernel has no proc connector (no cn_proc in \
      /proc/net/connector: it was built without CONFIG_PROC_EVENTS)";
+/// `LISTEN` requests sent at most while overruns keep dropping their ACK (a repeated `LISTEN`
+/// only replaces the socket's filter; the kernel counts the listener once).
+pub(super) const LISTEN_TRIES: u32 = 3;
 pub(super) const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
 const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this kernel does \
      not understand struct proc_input (Linux 6.6+): use FilterMode::Auto to filter in user \
@@ -105,8 +108,7 @@ impl ShutdownHandle {
 #[derive(Debug)]
 struct Core {
     dec: ProcDecoder,
-    pending: VecDeque<Received>,
-    dropped: u64,
+    pending: Pending,
     /// The `cn_msg.ack` of the ACK being waited for.
     awaiting_ack: Option<u32>,
     /// The error code of that ACK, once it arrived.
@@ -114,15 +116,6 @@ struct Core {
 }
 
 impl Core {
-    fn push(&mut self, r: Received) {
-        if self.pending.len() >= MAX_PENDING {
-            // A loss report dropped here loses nothing: its loss stays in the counters.
-            self.dropped += u64::from(matches!(r, Received::Event(_)));
-        } else {
-            self.pending.push_back(r);
-        }
-    }
-
     /// Handles one received datagram. A malformed message is counted and ends the
     /// datagram, as everywhere in cnbus.
     fn datagram(&mut self, d: &[u8], meta: RecvMeta) {
@@ -152,7 +145,7 @@ impl Core {
             }
         }
         for r in d {
-            self.push(r);
+            self.pending.push(r);
         }
     }
 }
@@ -205,8 +198,6 @@ pub struct ProcListener {
     witness: Option<Witness>,
     /// User-space multicasts on group 1 this socket received.
     foreign: u64,
-    /// Events decoded but discarded by `finish` (never handed out).
-    discarded: u64,
 }
 
 impl ProcListener {
@@ -259,17 +250,12 @@ impl ProcListener {
         let w = witnessed(&self.sock, self.witness.as_ref(), self.foreign, |raw| {
             self.drops.lock().observe(raw)
         });
-        let dec = self.core.dec.stats();
         LossStats {
-            // Handed out: not discarded by `finish`, not dropped from a full queue.
-            events: dec.events - self.discarded - self.core.dropped,
-            unread: self.discarded,
-            dropped: self.core.dropped,
             // A failed read (not expected: the socket is ours and open) keeps the last value.
             kernel_drops: w.kernel_drops.or_else(|| self.drops.lock().total()),
             foreign_unaccounted: w.foreign_unaccounted,
             foreign_settled: w.foreign_settled,
-            ..dec
+            ..self.core.pending.account(self.core.dec.stats())
         }
     }
 
@@ -308,13 +294,13 @@ impl ProcListener {
     /// when the time ran out.
     pub fn recv_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Received>> {
         // What is already received, without reading the clock.
-        if let Some(r) = self.core.pending.pop_front() {
+        if let Some(r) = self.core.pending.pop() {
             return Ok(Some(r));
         }
         // A timeout too long to add to the clock is no limit (never a panic).
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
-            if let Some(r) = self.core.pending.pop_front() {
+            if let Some(r) = self.core.pending.pop() {
                 return Ok(Some(r));
             }
             if self.shared.stop.load(Ordering::Relaxed) {
@@ -391,7 +377,7 @@ impl ProcListener {
         let mut left = limit;
         std::iter::from_fn(move || loop {
             left = left.checked_sub(1)?;
-            if let Some(r) = self.core.pending.pop_front() {
+            if let Some(r) = self.core.pending.pop() {
                 return Some(r);
             }
             // An empty queue (or a failed read) ends it. Every datagram read uses up the
@@ -427,7 +413,7 @@ impl ProcListener {
         }
         let mut settling = Settling::new();
         loop {
-            self.discard_pending();
+            self.core.pending.discard();
             // Bounded: a flood of user-space multicasts must not keep one try here.
             let mut n = 0;
             while n < MAX_PENDING {
@@ -435,7 +421,7 @@ impl ProcListener {
                     Ok(k) if k > 0 => n += k,
                     _ => break,
                 }
-                self.discard_pending();
+                self.core.pending.discard();
             }
             before_read(self);
             let stats = self.stats();
@@ -447,12 +433,6 @@ impl ProcListener {
                 Some(_) => {}
                 None => return stats,
             }
-        }
-    }
-
-    fn discard_pending(&mut self) {
-        for r in self.core.pending.drain(..) {
-            self.discarded += u64::from(matches!(r, Received::Event(_)));
         }
     }
 
@@ -504,7 +484,7 @@ impl ProcListener {
             Err(Error::Overrun { .. }) => {
                 self.core.dec.record_overrun();
                 let _ = self.read_drops();
-                self.core.push(Received::Lost(Loss::Overrun));
+                self.core.pending.push(Received::Lost(Loss::Overrun));
                 Ok(1)
             }
             Err(e) => Err(e),
@@ -528,7 +508,7 @@ impl ProcListener {
     /// overrun was seen and no ACK came, the request is sent again (a repeated `LISTEN` only
     /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
     fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
-        for _ in 0..3 {
+        for _ in 0..LISTEN_TRIES {
             let overruns = self.core.dec.overruns;
             if self.request_and_wait_once(filter, timeout)? {
                 return Ok(true);

@@ -83,7 +83,8 @@ fn lost_is_exact_only_when_it_is() {
     assert_eq!(own.lost(), Some(11));
 }
 
-fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
+/// A kernel-like proc message: `what`, `cpu`, `seq`, the event body's words.
+pub(crate) fn msg(what: u32, cpu: u32, seq: u32, body: &[u32]) -> CnMsg {
     let mut d = Vec::new();
     d.extend_from_slice(&what.to_ne_bytes());
     d.extend_from_slice(&cpu.to_ne_bytes());
@@ -156,8 +157,7 @@ fn decoder_checks_sender_gaps_filter_and_acks() {
 fn control_messages_from_user_space_are_counted_as_spoofed() {
     let mut core = Core {
         dec: ProcDecoder::new(EventSet::ALL, true),
-        pending: VecDeque::new(),
-        dropped: 0,
+        pending: Pending::default(),
         awaiting_ack: None,
         ack_result: None,
     };
@@ -184,7 +184,7 @@ fn control_messages_from_user_space_are_counted_as_spoofed() {
     core.datagram(&all, from(0));
     let s = core.dec.stats();
     assert_eq!((s.spoofed, s.decode_errors, s.overruns), (6, 0, 0), "{s:?}");
-    assert!(core.pending.is_empty(), "{:?}", core.pending);
+    assert_eq!(core.pending.len(), 0, "{:?}", core.pending);
 }
 
 /// Regression: a kernel-filtered listener probes first with a subscription to every event
@@ -217,9 +217,16 @@ fn what_the_kernel_filters_probe_dropped_is_not_counted_as_lost() {
     assert!(forced > 0, "{test}: the probe's queue did not overflow");
     assert_eq!(l.filtering(), Filtering::Kernel);
     let st = l.stats();
-    assert_eq!(st.kernel_drops, Some(0), "{test}: {forced} forced: {st:?}");
+    // On a busy host user-space senders multicast on group 1 (no kernel filter stops
+    // them), and the tiny queue may drop some of theirs since the rejoin: the witness
+    // counts them, and none of the drops may be an event (the probe's were).
+    assert!(
+        st.kernel_drops.is_some() && st.foreign_unaccounted.is_some(),
+        "{test}: {st:?}"
+    );
+    assert_eq!(st.lost_at_least(), 0, "{test}: {forced} forced: {st:?}");
+    assert_eq!(st.lost().unwrap_or(0), 0, "{test}: {st:?}");
     assert_eq!(st.overruns, 0, "{test}: {st:?}");
-    assert_eq!(st.lost(), Some(0), "{test}: {st:?}");
 }
 
 /// The kernel's filter (`sk_user_data`, set by the 8-byte `LISTEN`) outlives the socket's
@@ -252,13 +259,27 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
     let mut m = std::process::Command::new("true").spawn().unwrap();
     let marker = m.id();
     m.wait().unwrap();
-    let (mut seen, mut lost) = (0, false);
+    // Exits of our children only: a pid's earlier holder (pid_max is 32768, the host forks
+    // all the time) has another parent. (The kernel sends no parent when our wait() reaped
+    // the child first.) A set, so that such an earlier exit cannot count twice.
+    let me = std::process::id();
+    let (mut seen, mut lost) = (std::collections::HashSet::new(), false);
     loop {
         match exits.recv().unwrap() {
             Received::Event(ev) => {
-                let pid = ev.task().unwrap_or_default().tgid;
-                seen += usize::from(ours.contains(&pid));
-                if pid == marker {
+                let EventBody::Exit {
+                    process, parent, ..
+                } = ev.body
+                else {
+                    continue;
+                };
+                if parent.is_some_and(|p| p.tgid != me) {
+                    continue;
+                }
+                if ours.contains(&process.tgid) {
+                    seen.insert(process.tgid);
+                }
+                if process.tgid == marker {
                     break;
                 }
             }
@@ -270,8 +291,9 @@ fn the_kernel_filter_survives_the_rejoin_after_the_probe() {
         }
     }
     assert!(
-        lost || seen == ours.len(),
-        "{test}: {seen} of {}",
+        lost || seen == ours,
+        "{test}: {} of {}",
+        seen.len(),
         ours.len()
     );
     while let Some(r) = core.try_recv().unwrap() {
@@ -424,6 +446,24 @@ pub(crate) fn spoofed(sock: &ConnectorSocket) -> Vec<u8> {
     let mut d = DatagramBuilder::new(128).with_pid(sock.port_id());
     d.push(&msg(1, 0, 1, &[1, 1, 2, 2])).unwrap();
     d.as_bytes().to_vec()
+}
+
+/// Regression: the listener read 64 KiB of a datagram, the connector under `ProcStream` the
+/// largest connector message (65 572 bytes, `CnMsg::MAX_ENCODED`, its default
+/// `max_datagram`): a user-space datagram on group 1 in between was one spoofed datagram,
+/// cut, for the listener, and a spoofed message each for the stream. Both now read whole
+/// what a connector reads whole: the listener's receive slots hold the largest message.
+/// (Checked on the slots, not with such a multicast: other listeners on the host, other
+/// tests' among them, would get it too.)
+#[test]
+fn a_datagram_a_connector_reads_whole_is_read_whole() {
+    let batch = RecvBatch::new(RECV_BATCH, RECV_CHUNK);
+    assert!(
+        batch.slot_len() >= CnMsg::MAX_ENCODED,
+        "slots of {} bytes cut a message of {}",
+        batch.slot_len(),
+        CnMsg::MAX_ENCODED
+    );
 }
 
 /// Regression: `finish` tried only four times, one right after the other, to find the

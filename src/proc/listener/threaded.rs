@@ -148,7 +148,9 @@ fn reader(mut l: ProcListener, tx: Sender<Result<Received>>, fed: Arc<Mutex<Fed>
             Ok(false) => break,
             Err(back) => {
                 // Stopped while the consumer was not taking: never handed out.
-                l.discarded += u64::from(matches!(back, Ok(Received::Event(_))));
+                if let Ok(r) = &back {
+                    l.core.pending.unread(r);
+                }
                 break;
             }
         }
