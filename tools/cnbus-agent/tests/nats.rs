@@ -197,13 +197,18 @@ impl Agent {
     }
 }
 
-/// Short children spawned by two threads until stopped: their pids.
+/// Short children spawned by two threads until stopped, at least [`Storm::MIN`] each: their
+/// pids. (On a busy host the condition a test waits for can hold before a storm thread ran
+/// at all: a storm of no children then proved nothing, and `children_in_log` found none.)
 struct Storm {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<Vec<u32>>>,
 }
 
 impl Storm {
+    /// Children each thread spawns whatever the stop flag says.
+    const MIN: usize = 100;
+
     fn start() -> Storm {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..2)
@@ -211,7 +216,7 @@ impl Storm {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
                     let mut pids = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
+                    while pids.len() < Storm::MIN || !stop.load(Ordering::Relaxed) {
                         let mut c = Command::new("/bin/true")
                             .stdin(Stdio::null())
                             .stdout(Stdio::null())
@@ -391,7 +396,11 @@ fn a_server_killed_mid_storm_loses_nothing_silently() {
     let children = storm.finish();
     let (status, stderr, fin, local) = agent.stop();
     assert!(status.success(), "{status}: {stderr}");
-    assert!(children_in_log(&local, &children) > 0);
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of {} children in the log: {fin}",
+        children.len()
+    );
     assert!(nats(&fin, "spooled") + nats(&fin, "resent") > 0, "{fin}");
     assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
     let stored = read_stream(&server.url(), "CNBUS_EVENTS");
@@ -432,7 +441,11 @@ fn lines_the_stream_refuses_for_good_are_kept_counted_and_reported() {
         .map(|l| format!("{l}\n"))
         .collect();
     assert!(status.success(), "{status}: {stderr}");
-    assert!(children_in_log(&local, &children) > 0);
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of {} children in the log: {fin}",
+        children.len()
+    );
     let dropped = nats(&fin, "dropped");
     assert_eq!(nats(&fin, "dead_lettered"), dropped, "{fin}");
     assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
@@ -572,7 +585,11 @@ fn a_small_spool_during_a_long_outage_drops_an_exact_count() {
     agent.wait_stats("the reconnection", |s| s["nats"]["connected"] == true);
     let (status, stderr, fin, local) = agent.stop();
     assert!(status.success(), "{status}: {stderr}");
-    assert!(children_in_log(&local, &children) > 0);
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of {} children in the log: {fin}",
+        children.len()
+    );
     assert_eq!(nats(&fin, "unsent"), 0, "{fin}");
     let dropped = nats(&fin, "dropped");
     assert!(dropped >= 100, "{fin}");
@@ -752,7 +769,11 @@ fn a_client_certificate_delivers_and_a_missing_or_untrusted_one_is_a_clear_error
     let children = storm.finish();
     let (status, stderr, fin, local) = agent.stop();
     assert!(status.success(), "{status}: {stderr}");
-    assert!(children_in_log(&local, &children) > 0);
+    assert!(
+        children_in_log(&local, &children) > 0,
+        "none of {} children in the log: {fin}",
+        children.len()
+    );
     let read = async_nats::ConnectOptions::new()
         .require_tls(true)
         .add_root_certificates(ca.into())
