@@ -122,12 +122,22 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     let pid = child.id().to_string();
     let (seen_tx, seen) = std::sync::mpsc::channel();
     let stdout = tracer.stdout.take().unwrap();
+    let child_name = name.clone();
     let drain = std::thread::spawn(move || {
         use std::io::BufRead;
+        // Our child's exec names it; an exit of that pid before it is an earlier
+        // process's (a fork storm reuses pids): not ours.
+        let mut execd = false;
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line.unwrap_or_default();
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 2 && (f[1] == "exec" || f[1] == "exit") && f[2] == pid {
+            let ours = if f.len() > 2 && f[1] == "exec" {
+                line.contains(&child_name)
+            } else {
+                f.len() > 2 && f[1] == "exit" && execd
+            };
+            if ours && f[2] == pid {
+                execd = true;
                 let _ = seen_tx.send(f[1].to_string());
             }
         }
@@ -695,6 +705,10 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
     let lines = traced.finish();
     let mut kinds = std::collections::BTreeSet::new();
     let (mut odd_exec, mut odd_comm) = (false, false);
+    let me = std::process::id();
+    // The odd process's lines are those from our fork of it to its exit: a fork storm
+    // reuses its pid within seconds, before and after.
+    let mut odd_alive = false;
     for l in &lines {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
@@ -704,6 +718,13 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
             kinds.insert("thread fork".to_string());
         }
         if v["pid"] != odd_pid {
+            continue;
+        }
+        if v["event"] == "fork" && v["parent_pid"] == me && v["thread"] == false {
+            odd_alive = true;
+        }
+        if v["event"] == "exit" || !odd_alive {
+            odd_alive = false;
             continue;
         }
         if v["event"] == "exec" {
