@@ -395,6 +395,11 @@ pub fn full_stdout(bin: &PathBuf, program: &str, args: &[&str], what: &str) {
 /// Whether the main thread of `pid` sleeps in a `write(2)` (`/proc/PID/syscall` starts
 /// with the number of the call it is blocked in).
 pub fn blocked_in_write(pid: i32) -> bool {
+    blocked_in(pid, &[libc::SYS_write])
+}
+
+/// Whether the main thread of `pid` sleeps in one of the system calls `calls`.
+pub fn blocked_in(pid: i32, calls: &[libc::c_long]) -> bool {
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let sleeping = state
         .rsplit(')')
@@ -402,7 +407,8 @@ pub fn blocked_in_write(pid: i32) -> bool {
         .and_then(|r| r.split_whitespace().next())
         == Some("S");
     let call = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-    sleeping && call.split_whitespace().next() == Some(&libc::SYS_write.to_string())
+    let first = call.split_whitespace().next().unwrap_or_default();
+    sleeping && calls.iter().any(|c| first == c.to_string())
 }
 
 /// Makes events (our own short children) until `pid` is blocked writing them.
@@ -538,4 +544,58 @@ pub fn with_a_non_blocking_stdout(bin: &PathBuf, args: &[&str]) -> (ExitStatus, 
         String::from_utf8(out).unwrap(),
         String::from_utf8_lossy(&done.stderr).into_owned(),
     )
+}
+
+/// Runs `cmd` (stdin empty, stdout discarded) with its stderr the write end of a pipe
+/// opened again with `O_NONBLOCK` (a description of its own, as a shell or node sharing the
+/// pipe would set it) and already full: whatever the program writes to stderr meets
+/// `EAGAIN` at first. Nothing is read until the program has exited or waits for its stderr
+/// (sleeps in `poll`); then everything is. Returns its exit status and what it wrote to
+/// stderr (after the filling).
+pub fn with_a_full_non_blocking_stderr(cmd: &mut Command) -> (ExitStatus, String) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let mut stderr = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap();
+    drop(writer);
+    let mut filled = 0usize;
+    for chunk in [4096usize, 1] {
+        loop {
+            match stderr.write(&vec![b'.'; chunk]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the pipe: {e}"),
+            }
+        }
+    }
+    let mut r = Running(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    // The command keeps its stderr (our write end) until told otherwise.
+    cmd.stderr(Stdio::null());
+    let end = Instant::now() + HANG;
+    while r.0.try_wait().unwrap().is_none()
+        && !blocked_in(r.pid(), &[libc::SYS_poll, libc::SYS_ppoll])
+    {
+        assert!(
+            Instant::now() < end,
+            "{cmd:?}: still running after {HANG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The child holds the only write end left: the read ends when it exits.
+    let mut all = Vec::new();
+    reader.read_to_end(&mut all).unwrap();
+    let status = r.wait(&format!("{cmd:?}"), || {});
+    assert!(all.len() >= filled && all[..filled].iter().all(|&b| b == b'.'));
+    (status, String::from_utf8_lossy(&all[filled..]).into_owned())
 }

@@ -30,7 +30,7 @@ stderr): ts, final, uptime_s, events (per type), events_total, events_per_s, los
 lost_exact, lost_events_max, kernel_drops, spoofed, decode_errors, overruns, unread,
 lost_per_cpu, live_processes, table_capacity, recent_exits, resyncs, resync_added,
 resync_removed, stale_replaced, fork_known, exit_unknown, enrich_proc_reads,
-enrich_evictions, enrich_stale, cpu_s, rss_kb, and with --nats: nats {published,
+enrich_evictions, enrich_stale, cpu_s, rss_kb, stderr_lines_lost, and with --nats: nats {published,
 acknowledged, resent, spooled, dropped, maybe_stored, dead_lettered, reconnects, disconnects,
 duplicates, replayed,
 in_flight, queued, spool_bytes, spool_records, spool_torn_tails, spool_torn_bytes,

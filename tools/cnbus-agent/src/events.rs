@@ -225,6 +225,7 @@ impl Agent {
             enrich_stale: es.stale,
             cpu_s: json::round(cpu, 2),
             rss_kb: rss,
+            stderr_lines_lost: cnbus_cli::output::stderr_lines_lost(),
             nats,
         };
         let mut out = Vec::with_capacity(1024);

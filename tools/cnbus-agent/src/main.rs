@@ -227,7 +227,7 @@ fn main() -> ExitCode {
                     }
                 }
                 None => {
-                    let _ = io::stderr().lock().write_all(&line);
+                    cnbus_cli::output::to_stderr(&line);
                 }
             }
             (last_total, last_tick) = (total, now);
@@ -385,7 +385,7 @@ fn main() -> ExitCode {
     if let Some(p) = &args.stats_file {
         let _ = write_atomic(p, &line);
     }
-    let _ = io::stderr().lock().write_all(&line);
+    cnbus_cli::output::to_stderr(&line);
     if let Some(p) = &args.dump_table {
         if let Err(e) = write_atomic(p, &agent.table_dump()) {
             warn!("cnbus-agent: --dump-table {}: {e}", p.display());

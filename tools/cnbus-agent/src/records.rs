@@ -57,6 +57,8 @@ pub struct StatsLine<'a> {
     pub enrich_stale: u64,
     pub cpu_s: f64,
     pub rss_kb: u64,
+    /// Lines of messages and counters that could not be written to stderr (it failed).
+    pub stderr_lines_lost: u64,
     /// With `--nats` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsCounters>,

@@ -48,12 +48,15 @@ impl Drop for Reaper {
     }
 }
 
-fn sleep60(reaper: &mut Reaper) -> (u32, f64) {
+/// A `sleep 60` child: its pid and when it was spawned (wall-clock seconds before and after
+/// the spawn, which a busy host can make long).
+fn sleep60(reaper: &mut Reaper) -> (u32, (f64, f64)) {
+    let before = now_s();
     let c = Command::new("sleep")
         .arg("60")
         .spawn()
         .expect("spawn sleep");
-    (reaper.add(c), now_s())
+    (reaper.add(c), (before, now_s()))
 }
 
 fn now_s() -> f64 {
@@ -435,11 +438,12 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
     let tid = tid_rx.recv().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     // Through a shell that execs: the table must follow the exec.
+    let spawning = now_s();
     let sh = Command::new("/bin/sh")
         .args(["-c", "exec sleep 60"])
         .spawn()
         .unwrap();
-    during.push((reaper.add(sh), now_s()));
+    during.push((reaper.add(sh), (spawning, now_s())));
     std::thread::sleep(Duration::from_secs(2));
     during.push(sleep60(&mut reaper));
     let _ = stress.wait();
@@ -462,10 +466,14 @@ fn tracks_live_processes_under_a_fork_storm_and_stops_on_sigint() {
             .unwrap_or_else(|| panic!("sleep {pid} is not in the dumped table"));
         assert_eq!(e["ppid"], me, "{e}");
         assert_eq!(e["cmdline"], "sleep 60", "{e}");
+        // Within the spawn, give or take 1 s (the start time's conversion to wall-clock
+        // time), however long the spawn took.
         let start = parse_rfc3339(e["start"].as_str().expect("a start time"));
         assert!(
-            (start - spawned).abs() < 1.0,
-            "{e}: spawned at {spawned:.3}"
+            spawned.0 - 1.0 < start && start < spawned.1 + 1.0,
+            "{e}: spawned between {:.3} and {:.3}",
+            spawned.0,
+            spawned.1
         );
     }
     assert_eq!(table[&before.0]["source"], "scan");

@@ -5,15 +5,37 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// `warn!("fmt", args)`: one line to stderr, ignoring errors. (`eprintln!` panics when
-/// stderr is closed or full, and then there is nowhere left to report anything.)
+/// `warn!("fmt", args)`: one line to stderr with [`to_stderr`] (waited for when stderr is
+/// non-blocking; a failed write counted, never a panic: `eprintln!` panics when stderr is
+/// closed or full, and then there is nowhere left to report anything).
 #[macro_export]
 macro_rules! warn {
     ($($t:tt)*) => {{
-        use ::std::io::Write as _;
-        let _ = writeln!(::std::io::stderr().lock(), $($t)*);
+        $crate::output::to_stderr(::std::format!("{}\n", ::std::format_args!($($t)*)).as_bytes());
     }};
+}
+
+/// Lines [`to_stderr`] failed to write, for the tools' final report.
+static STDERR_LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `text` (whole lines) to stderr, the one way both tools write their messages and
+/// counters there: a stderr another process made non-blocking is waited for ([`Patient`]),
+/// as a blocking one would be, so that no line is lost to a full pipe (`EAGAIN`); a write
+/// that fails (`2> /dev/full`, a reader gone) stops nothing, and its lines are counted
+/// ([`stderr_lines_lost`]), which the tools report at exit.
+pub fn to_stderr(text: &[u8]) {
+    let mut err = Patient(io::stderr().lock());
+    if err.write_all(text).and_then(|()| err.flush()).is_err() {
+        let lines = text.iter().filter(|&&b| b == b'\n').count().max(1);
+        STDERR_LOST.fetch_add(lines as u64, Ordering::Relaxed);
+    }
+}
+
+/// The lines [`to_stderr`] (and [`warn!`]) could not write so far.
+pub fn stderr_lines_lost() -> u64 {
+    STDERR_LOST.load(Ordering::Relaxed)
 }
 
 /// A writer that waits for its descriptor when another process sharing it made it

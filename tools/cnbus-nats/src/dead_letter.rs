@@ -144,6 +144,13 @@ fn unhex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The dead-letter file's name while [`requeue_dead_letters`] moves its records into the
+/// spool: renamed so once every record is on disk in new (`.tmp`) segments, removed once
+/// they are all renamed into the spool. Found at a start (the next requeue, a sink's), it
+/// means that a crash interrupted that step, which is then finished
+/// (`spool::finish_commit`).
+pub(crate) const REQUEUING_FILE: &str = "dead-letter.jsonl.requeuing";
+
 /// Where [`requeue_dead_letters`] keeps the lines of the dead-letter file that are no
 /// record (in the spool directory, appended, each line unchanged and ended by a newline).
 pub const DEAD_LETTER_MALFORMED_FILE: &str = "dead-letter.malformed";
@@ -177,22 +184,26 @@ pub struct Requeued {
 /// appended, unchanged, to [`DEAD_LETTER_MALFORMED_FILE`]. The dead-letter file is removed
 /// at the end. A missing dead-letter file requeues nothing.
 ///
-/// Crash-safe: the records go into new spool segments, each written aside (`.tmp`) and
-/// synced as it fills; only once every record is written are they renamed into the spool,
-/// and the dead-letter file is removed only once every segment is on disk. A crash while
-/// they are written (nearly all the time a requeue takes) leaves the spool as it was (the
-/// `.tmp` segments are removed by the next requeue). A crash in the short step between the
-/// first rename and the removal leaves records both in the spool and in the dead-letter
-/// file: a second requeue queues them again with the same msg ids, which the stream
-/// de-duplicates (within its duplicate window). No record is lost, none gets another id.
+/// Crash-safe and idempotent: the records go into new spool segments, each written aside
+/// (`.tmp`) and synced as it fills; only once every record is written is the dead-letter
+/// file renamed (the commit, synced) to a name of its own (`dead-letter.jsonl.requeuing`),
+/// then the segments renamed into the spool, then that file removed. A crash before the
+/// commit (nearly all the time a requeue takes) leaves the spool as it was (the `.tmp`
+/// segments are removed by the next requeue); a crash after it is finished by the next
+/// requeue or the next sink start on the directory, which renames the `.tmp` segments left
+/// into the spool and removes the renamed file. Either way each record is queued exactly
+/// once: none is lost, none queued twice (before, a crash between the first rename and the
+/// removal left the records both in the spool and in the dead-letter file, and a second
+/// requeue queued them again).
 ///
 /// Errors ([`SinkError::Spool`]): the directory is missing or in use (locked by a running
 /// sink, an agent), or a file operation failed (disk full, say); the dead-letter file is
-/// then left as it was, and what this requeue had done is undone: its segments removed
-/// from the spool, the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off, the file removed if it made it (a
-/// sink started next, or a second requeue, would otherwise send those records a second
-/// time). The one exception: syncing the directory after the dead-letter file was
-/// removed fails; the requeue is then done, its last step maybe not yet on disk.
+/// then left as it was, and what this requeue had done is undone: its segments removed,
+/// the lines it appended to [`DEAD_LETTER_MALFORMED_FILE`] cut off, the file removed if it
+/// made it (a sink started next, or a second requeue, would otherwise send those records a
+/// second time). The exception: an error after the commit (renaming a segment, removing
+/// the renamed file, syncing the directory) leaves the requeue decided, finished as after
+/// a crash by the next requeue or sink start.
 ///
 /// [`NatsSink::start`]: crate::NatsSink::start
 pub fn requeue_dead_letters(spool_dir: &Path) -> Result<Requeued, SinkError> {
@@ -212,6 +223,8 @@ fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
     };
     // No sink on the directory meanwhile: it would append to the file being emptied.
     let _lock = spool::lock_dir(spool_dir)?;
+    // A requeue a crash interrupted after its commit is finished first.
+    spool::finish_commit(spool_dir)?;
     let path = spool_dir.join(DEAD_LETTER_FILE);
     let file = match File::open(&path) {
         Ok(file) => file,
@@ -225,7 +238,8 @@ fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
         file: None,
     };
     let mut done = Requeued::default();
-    let moved = move_records(
+    let requeuing = spool_dir.join(REQUEUING_FILE);
+    let written = move_records(
         &mut reader,
         &path,
         max_line,
@@ -234,18 +248,31 @@ fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
         &mut done,
     )
     .and_then(|()| aside.sync())
-    // Every record on disk in the spool (and every other line kept aside) before the
-    // file goes.
-    .and_then(|()| segments.finish())
-    .and_then(|()| std::fs::remove_file(&path).map_err(ctx("remove dead-letter file", &path)));
-    if let Err(e) = moved {
-        // Nothing done: the dead-letter file is still there, so the records put in the
-        // spool so far (a sink could send them, and a second requeue queue them again)
-        // and the lines kept aside so far come out again.
+    // Every record on disk in `.tmp` segments (and every other line kept aside) before
+    // the commit.
+    .and_then(|()| segments.seal())
+    // The commit: the dead-letter file renamed (on disk) to the marker that the `.tmp`
+    // segments belong in the spool. A crash from here on is finished by the next requeue
+    // or sink start (`spool::finish_commit`); none finds the records a second time.
+    .and_then(|()| {
+        std::fs::rename(&path, &requeuing).map_err(ctx("rename dead-letter file", &path))
+    })
+    .and_then(|()| {
+        spool::sync_dir(spool_dir).inspect_err(|_| {
+            let _ = std::fs::rename(&requeuing, &path);
+        })
+    });
+    if let Err(e) = written {
+        // Nothing done: the dead-letter file is still there, so the records put in
+        // segments so far and the lines kept aside so far come out again.
         segments.abandon();
         aside.abandon();
         return Err(e);
     }
+    spool::crash_point("after the commit", &requeuing)?;
+    segments.commit()?;
+    spool::crash_point("after the segments renamed", &requeuing)?;
+    std::fs::remove_file(&requeuing).map_err(ctx("remove dead-letter file", &requeuing))?;
     done.segments = segments.segments;
     spool::sync_dir(spool_dir)?;
     Ok(done)
@@ -810,35 +837,60 @@ mod requeue_tests {
         assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 1);
     }
 
-    /// A crash after the records reached the spool and before the dead-letter file went
-    /// (simulated: the file put back) makes the next requeue queue them again with the same
-    /// msg ids and subjects, never others (the stream de-duplicates them); a segment left
-    /// half-written (`.tmp`) by a crash is removed, never read as part of the spool.
+    /// Regression: a crash in the last step of a requeue, after the first segment was
+    /// renamed into the spool and before the dead-letter file was removed, left the records
+    /// both in the spool and in the dead-letter file; the next requeue queued them a second
+    /// time (the same msg ids: only the stream's duplicate window, 2 min, hid it). Now the
+    /// dead-letter file is renamed aside first (the commit), and the next requeue or sink
+    /// start finishes the step: at every crash point, each record is queued exactly once,
+    /// in order, after what the spool held, and no dead-letter file is left. (Failed
+    /// before the fix: `a b c a b c`.) A segment left half-written (`.tmp`) by a crash
+    /// before the commit is removed, never read as part of the spool.
     #[test]
-    fn a_requeue_repeated_after_a_crash_keeps_the_same_ids() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
-        for id in ["a", "b"] {
-            assert!(dl
-                .keep(&item(id, "fork", b"x\n"), "cnbus.events.h.fork", "r")
-                .unwrap());
-        }
-        drop(dl);
-        let file = std::fs::read(dead_letter_path(dir.path())).unwrap();
-        assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 2);
-        std::fs::write(dead_letter_path(dir.path()), &file).unwrap();
-        let stale = dir.path().join("seg-00000000000000000007.spool.tmp");
-        std::fs::write(&stale, b"CNBSPOOL half").unwrap();
-        assert_eq!(requeue_dead_letters(dir.path()).unwrap().requeued, 2);
-        assert!(!stale.exists());
-        let got: Vec<_> = spooled(dir.path())
-            .into_iter()
-            .map(|s| (s.0, s.1.unwrap()))
-            .collect();
+    fn a_requeue_crashed_in_its_last_step_queues_each_record_once() {
+        use crate::spool::CRASH_AT;
         let s = "cnbus.events.h.fork".to_owned();
-        let want =
-            [("a", &s), ("b", &s), ("a", &s), ("b", &s)].map(|(a, s)| (a.to_owned(), s.clone()));
-        assert_eq!(got, want);
+        for (point, then_requeue) in [
+            ("after the commit", true),
+            ("after the commit", false),
+            ("after a segment renamed", true),
+            ("after a segment renamed", false),
+            ("after the segments renamed", true),
+            ("after the segments renamed", false),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut dl = DeadLetter::new(dir.path(), 1 << 30);
+            // One record a segment (4 MiB), so that a crash falls between renames.
+            let big: &'static [u8] = Box::leak(vec![b'x'; 3 << 20].into_boxed_slice());
+            for id in ["a", "b", "c"] {
+                assert!(dl.keep(&item(id, "fork", big), &s, "r").unwrap());
+            }
+            drop(dl);
+            let stale = dir.path().join("seg-00000000000000000007.spool.tmp");
+            std::fs::write(&stale, b"CNBSPOOL half").unwrap();
+            CRASH_AT.with(|c| c.set(Some(point)));
+            let crashed = requeue_dead_letters(dir.path());
+            CRASH_AT.with(|c| c.set(None));
+            assert!(crashed.is_err(), "{point}: no crash");
+            assert!(!stale.exists());
+            // The next requeue finds nothing left to queue; or a sink starts at once.
+            if then_requeue {
+                let again = requeue_dead_letters(dir.path()).unwrap();
+                assert_eq!(again.requeued, 0, "{point}: queued again");
+            }
+            let got: Vec<_> = spooled(dir.path())
+                .into_iter()
+                .map(|s| (s.0, s.1.unwrap(), s.2.len()))
+                .collect();
+            let want = ["a", "b", "c"].map(|a| (a.to_owned(), s.clone(), big.len()));
+            assert_eq!(got, want, "{point}, then a requeue: {then_requeue}");
+            let left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.starts_with("dead-letter") || n.ends_with(".tmp"))
+                .collect();
+            assert!(left.is_empty(), "{point}: {left:?} left");
+        }
     }
 
     /// Regression: a subject of any length up to 65535 bytes was requeued; the sink sent it,

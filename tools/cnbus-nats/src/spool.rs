@@ -329,29 +329,37 @@ const TMP_SUFFIX: &str = ".tmp";
 
 /// New whole segments added after every segment of a spool directory, for records that come
 /// from elsewhere (dead letters requeued): each segment is written as `seg-<id>.spool.tmp`
-/// and synced as it fills; only [`NewSegments::finish`] renames them all to their names, one
-/// after the other, so that a crash while they are written (the long part) leaves none in
-/// the spool, and a crash at any time leaves whole segments or none (never a torn one). For
-/// a directory locked ([`lock_dir`]) with no [`Spool`] open on it. Segments left `.tmp` by
-/// a crash are removed when the next one starts: their records were not yet taken from
-/// where they came from.
+/// and synced as it fills ([`NewSegments::seal`] writes the last one); only
+/// [`NewSegments::commit`] renames them all to their names, one after the other, so that a
+/// crash while they are written (the long part) leaves none in the spool, and a crash at
+/// any time leaves whole segments or none (never a torn one). For a directory locked
+/// ([`lock_dir`]) with no [`Spool`] open on it. The caller makes the commit durable before
+/// the renames with a marker file (the requeue: the dead-letter file renamed to
+/// [`REQUEUING_FILE`]): while the marker exists, the `.tmp` segments belong in the spool and
+/// [`finish_commit`] (at the next [`NewSegments::new`] or [`Spool::open`]) renames those a
+/// crash left; without it, segments left `.tmp` are removed when the next one starts: their
+/// records were not yet taken from where they came from.
+///
+/// [`REQUEUING_FILE`]: crate::dead_letter::REQUEUING_FILE
 pub(crate) struct NewSegments {
     dir: PathBuf,
     segment_max: u64,
     next_id: u64,
     /// The segment being filled (header and records), written out when full or at
-    /// [`NewSegments::finish`].
+    /// [`NewSegments::seal`].
     buf: Vec<u8>,
     records: u64,
-    /// Segments written (`.tmp` until [`NewSegments::finish`]).
+    /// Segments written (`.tmp` until [`NewSegments::commit`]).
     pub(crate) segments: u64,
     /// Their paths, `.tmp` and final, and whether renamed.
     written: Vec<(PathBuf, PathBuf, bool)>,
 }
 
 impl NewSegments {
-    /// Starts after the newest segment of `dir`, removing `.tmp` segments left by a crash.
+    /// Starts after the newest segment of `dir`, first finishing a commit a crash
+    /// interrupted ([`finish_commit`]), then removing `.tmp` segments left by a crash.
     pub(crate) fn new(dir: &Path, segment_max: u64) -> Result<NewSegments, crate::SinkError> {
+        finish_commit(dir)?;
         for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
             let entry = entry.map_err(ctx("read spool directory", dir))?;
             let name = entry.file_name();
@@ -394,16 +402,23 @@ impl NewSegments {
         Ok(())
     }
 
-    /// Writes the segment being filled out, renames every segment written into the spool,
-    /// oldest first, then syncs the directory: every record pushed is in the spool, on disk,
-    /// when this returns.
-    pub(crate) fn finish(&mut self) -> Result<(), crate::SinkError> {
+    /// Writes the segment being filled out: every record pushed is on disk, in `.tmp`
+    /// segments, when this returns.
+    pub(crate) fn seal(&mut self) -> Result<(), crate::SinkError> {
         if self.records > 0 {
             self.write_out()?;
         }
+        Ok(())
+    }
+
+    /// Renames every segment written ([`NewSegments::seal`] first) into the spool, oldest
+    /// first, then syncs the directory: every record pushed is in the spool, on disk, when
+    /// this returns.
+    pub(crate) fn commit(&mut self) -> Result<(), crate::SinkError> {
         for (tmp, path, renamed) in &mut self.written {
             fs::rename(&*tmp, &*path).map_err(ctx("rename spool segment", path))?;
             *renamed = true;
+            crash_point("after a segment renamed", path)?;
         }
         sync_dir(&self.dir)
     }
@@ -444,6 +459,62 @@ impl NewSegments {
     }
 }
 
+/// Finishes the commit of [`NewSegments`] that a crash interrupted in spool directory `dir`
+/// (locked): when the marker [`REQUEUING_FILE`] exists, every `.tmp` segment left is renamed
+/// into the spool, oldest first, and the marker removed (the directory synced after each
+/// step). Nothing to do without the marker. True when there was a commit to finish.
+///
+/// [`REQUEUING_FILE`]: crate::dead_letter::REQUEUING_FILE
+pub(crate) fn finish_commit(dir: &Path) -> Result<bool, crate::SinkError> {
+    let marker = dir.join(crate::dead_letter::REQUEUING_FILE);
+    if !marker.exists() {
+        return Ok(false);
+    }
+    let mut left = Vec::new();
+    for entry in fs::read_dir(dir).map_err(ctx("read spool directory", dir))? {
+        let entry = entry.map_err(ctx("read spool directory", dir))?;
+        let name = entry.file_name();
+        if let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(TMP_SUFFIX))
+            .and_then(parse_seg_name)
+        {
+            left.push(id);
+        }
+    }
+    left.sort_unstable();
+    for id in left {
+        let path = dir.join(seg_name(id));
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(TMP_SUFFIX);
+        fs::rename(&tmp, &path).map_err(ctx("rename spool segment", &path))?;
+    }
+    sync_dir(dir)?;
+    fs::remove_file(&marker).map_err(ctx("remove the requeued dead-letter file", &marker))?;
+    sync_dir(dir)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Fault injection for the tests: the [`crash_point`] at which a requeue on this thread
+    /// stops as if its process had died there.
+    pub(crate) static CRASH_AT: std::cell::Cell<Option<&'static str>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// A point where a test may simulate a crash ([`CRASH_AT`] in the tests; never otherwise):
+/// an error the caller returns at once, undoing nothing, as a process killed there would
+/// leave things.
+pub(crate) fn crash_point(point: &'static str, path: &Path) -> Result<(), crate::SinkError> {
+    #[cfg(test)]
+    if CRASH_AT.with(|c| c.get()) == Some(point) {
+        return Err(ctx(point, path)(io::Error::other("simulated crash")));
+    }
+    let _ = (point, path);
+    Ok(())
+}
+
 /// Syncs directory `dir` (its entries: files created, renamed or removed), so that what
 /// was done in it is on disk.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), crate::SinkError> {
@@ -462,6 +533,8 @@ impl Spool {
     ) -> Result<(Spool, Found), crate::SinkError> {
         fs::create_dir_all(dir).map_err(ctx("create spool directory", dir))?;
         let lock = lock_dir(dir)?;
+        // Records a requeue had committed to the spool when a crash stopped it.
+        finish_commit(dir)?;
         let ids = segment_ids(dir)?;
         let mut spool = Spool {
             dir: dir.to_owned(),

@@ -54,6 +54,15 @@ impl Tracer {
                 Filtering::UserSpace => "user space",
             }
         );
+        let lost_messages = cnbus_cli::output::stderr_lines_lost();
+        if lost_messages > 0 {
+            // Only when a write to stderr failed (a full disk, a reader gone): said here in
+            // case stderr works again.
+            let _ = writeln!(
+                s,
+                "proctrace: {lost_messages} lines of messages could not be written to stderr"
+            );
+        }
         if stats.unread > 0 {
             // Only when the output failed before the queue was drained (see main).
             let _ = writeln!(

@@ -463,3 +463,19 @@ fn a_stalled_stderr_does_not_keep_it_alive_at_the_summary() {
     drop(reader);
     assert_eq!(st.code(), Some(1), "{st}");
 }
+
+/// Regression: messages (`warn!`) to a stderr another process made non-blocking were
+/// lost when the pipe was full (`EAGAIN`, ignored): here proctrace, in a network namespace
+/// of its own (no proc connector there), ended with status 1 and no word of why. Now its
+/// messages are waited for as on a blocking stderr (`cnbus_cli::output::to_stderr`, the
+/// writer both tools use). (Failed before: nothing after the filling.)
+#[test]
+fn messages_to_a_full_non_blocking_stderr_are_waited_for() {
+    let test = "messages_to_a_full_non_blocking_stderr_are_waited_for";
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("--net").arg(bin()).args(["--duration", "1"]);
+    let (status, err) = with_a_full_non_blocking_stderr(&mut cmd);
+    assert_eq!(status.code(), Some(1), "{test}: {err}");
+    assert!(err.starts_with("proctrace: "), "{test}: {err:?}");
+    assert!(err.contains("Run it on the host"), "{test}: {err:?}");
+}

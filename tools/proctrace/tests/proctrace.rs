@@ -38,8 +38,16 @@ fn json_lines_with_kernel_filtered_events() {
     if !kernel("json_lines_with_kernel_filtered_events") {
         return;
     }
+    // Ended by SIGTERM once our children are gone, not by a --duration that a busy host
+    // can use up before they even start (their events, queued by then, are printed).
     let tracer = Command::new(BIN)
-        .args(["--json", "--events", "exec,nonzero-exit", "--duration", "2"])
+        .args([
+            "--json",
+            "--events",
+            "exec,nonzero-exit",
+            "--duration",
+            "120",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -47,6 +55,8 @@ fn json_lines_with_kernel_filtered_events() {
     wait_subscribed(tracer.id());
     let (ok_pid, _) = common::sh("exit 0");
     let (bad_pid, _) = common::sh("exit 3");
+    // SAFETY: sends SIGTERM to our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGTERM) };
     let out = tracer.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -67,10 +77,11 @@ fn json_lines_with_kernel_filtered_events() {
         );
         assert!(!l.contains("\"exit_code\":0,"), "zero exit delivered: {l}");
     }
+    // (Not the first exit line of that pid: a fork storm reuses pids within seconds.)
     let bad_exit = format!("\"event\":\"exit\",\"pid\":{bad_pid},");
     let line = lines
         .iter()
-        .find(|l| l.contains(&bad_exit))
+        .find(|l| l.contains(&bad_exit) && l.contains("\"exit_code\":3,"))
         .expect("the non-zero exit");
     assert!(line.contains("\"exit_code\":3,"), "{line}");
     assert!(line.contains("\"status\":768,"), "{line}");
@@ -111,12 +122,22 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     let pid = child.id().to_string();
     let (seen_tx, seen) = std::sync::mpsc::channel();
     let stdout = tracer.stdout.take().unwrap();
+    let child_name = name.clone();
     let drain = std::thread::spawn(move || {
         use std::io::BufRead;
+        // Our child's exec names it; an exit of that pid before it is an earlier
+        // process's (a fork storm reuses pids): not ours.
+        let mut execd = false;
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line.unwrap_or_default();
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 2 && (f[1] == "exec" || f[1] == "exit") && f[2] == pid {
+            let ours = if f.len() > 2 && f[1] == "exec" {
+                line.contains(&child_name)
+            } else {
+                f.len() > 2 && f[1] == "exit" && execd
+            };
+            if ours && f[2] == pid {
+                execd = true;
                 let _ = seen_tx.send(f[1].to_string());
             }
         }
@@ -143,7 +164,9 @@ fn sigterm_ends_it_cleanly_with_the_summary() {
     drain.join().unwrap();
     assert!(status.success(), "{status:?}: {err}");
     assert!(err.contains(" events in "), "{err}");
-    assert!(err.contains("lost: 0 (exact"), "{err}");
+    // Exact, whatever it is: a busy host (a fork storm, spoofers on group 1) may overflow
+    // even a 16 MiB queue while the tracer is starved.
+    assert!(err.contains("lost: ") && err.contains("(exact"), "{err}");
     assert!(
         err.contains(&name),
         "per-process table lists our child {name}: {err}"
@@ -279,14 +302,17 @@ fn netlink_row(port: u32) -> Option<(u64, u64)> {
     })
 }
 
-/// Waits until the tracer's queue is empty (it has read everything queued so far).
+/// Waits until the tracer's queue is seen empty (it has read everything queued so far), for
+/// at most 5 s: under a fork storm the queue may never be empty when looked at, and no
+/// check depends on it (a tracer stopped by SIGTERM prints what is still queued, and the
+/// loss windows below count what is left in the queue as printed, not as lost).
 fn wait_drained(pid: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while netlink_row(pid).is_some_and(|(rmem, _)| rmem > 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "proctrace {pid} does not drain"
-        );
+        if std::time::Instant::now() >= deadline {
+            eprintln!("proctrace {pid}: its queue was never seen empty (a busy host)");
+            return;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -679,6 +705,10 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
     let lines = traced.finish();
     let mut kinds = std::collections::BTreeSet::new();
     let (mut odd_exec, mut odd_comm) = (false, false);
+    let me = std::process::id();
+    // The odd process's lines are those from our fork of it to its exit: a fork storm
+    // reuses its pid within seconds, before and after.
+    let mut odd_alive = false;
     for l in &lines {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
@@ -688,6 +718,13 @@ fn json_lines_of_every_kind_are_valid_json_with_the_documented_fields() {
             kinds.insert("thread fork".to_string());
         }
         if v["pid"] != odd_pid {
+            continue;
+        }
+        if v["event"] == "fork" && v["parent_pid"] == me && v["thread"] == false {
+            odd_alive = true;
+        }
+        if v["event"] == "exit" || !odd_alive {
+            odd_alive = false;
             continue;
         }
         if v["event"] == "exec" {
