@@ -1592,3 +1592,78 @@ fn a_request_withdrawn_after_its_id_was_found_clear_has_its_late_reply_found() {
     let s = client.stats();
     assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 0), "{s:?}");
 }
+
+/// A request to a group may be answered by every member: the first reply is taken, and
+/// the others, which come after the request returned, carry the requester's seq, not
+/// their senders', so the gap tracker skips them as it skips a late reply. Ten requests
+/// numbered with `next_seq` to a group of two servers, each answered by both, first by
+/// one server then by the other in turn: no loss, nothing reordered, and the second
+/// replies go to the callbacks. (Before, only a request that timed out had its other
+/// members' replies skipped: each server's second replies, every other request's seq,
+/// were a stream with a gap of 1 each time, 8 counted as lost.)
+#[test]
+fn other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps() {
+    if kernel_socket("other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps")
+        .is_none()
+    {
+        return;
+    }
+    let (group, id) = (21, CbId::new(test_idx(53), 1));
+    let client = Arc::new(Connector::builder().spawn().unwrap());
+    let (_reg, others) = client.channel(id, 64);
+    let servers = [
+        ConnectorSocket::open().unwrap(),
+        ConnectorSocket::open().unwrap(),
+    ];
+    for s in &servers {
+        s.join(group).unwrap();
+    }
+    let wake = cnbus::sys::EventFd::new().unwrap();
+    let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+    let client_port = client.port_id();
+    // The next of the client's requests on `id` a server has (a busy host's senders
+    // multicast on the group too: theirs are skipped).
+    let mut read_request = |s: &ConnectorSocket| loop {
+        cnbus::sys::poll_read(s, &wake, None).unwrap();
+        buf.clear();
+        // (An overrun, from a busy host's traffic, is skipped too.)
+        let Ok(Some(meta)) = s.recv(&mut buf, true) else {
+            continue;
+        };
+        if meta.port != client_port {
+            continue;
+        }
+        if let Some(Ok(cnbus::codec::Message::Connector(c))) =
+            cnbus::codec::messages(buf.split().freeze()).next()
+        {
+            if c.msg.id == id {
+                return c.msg;
+            }
+        }
+    };
+    let answer = |s: &ConnectorSocket, req: &CnMsg| {
+        let mut d = DatagramBuilder::new(256).with_pid(s.port_id());
+        d.push(&CnMsg::reply_to(req, &b"pong"[..])).unwrap();
+        s.send(&d.take(), Dest::Port(client_port)).unwrap();
+    };
+    for i in 0..10 {
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(client.next_seq(id), 0);
+        let (c, r) = (client.clone(), req.clone());
+        let t =
+            std::thread::spawn(move || c.request(&r, Dest::Group(group), Duration::from_secs(60)));
+        let (first, second) = (&servers[i % 2], &servers[1 - i % 2]);
+        assert_eq!(read_request(first).seq, req.seq);
+        assert_eq!(read_request(second).seq, req.seq);
+        answer(first, &req);
+        let r = t.join().unwrap().unwrap();
+        assert_eq!(r.source.port, first.port_id());
+        answer(second, &req);
+        let m = others.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            (m.source.port, m.msg.seq, m.msg.ack),
+            (second.port_id(), req.seq, 1)
+        );
+    }
+    let s = client.stats();
+    assert_eq!((s.replies, s.lost, s.reordered), (10, 0, 0), "{s:?}");
+}

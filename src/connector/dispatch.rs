@@ -119,16 +119,21 @@ pub(super) fn run(inner: &Inner) {
 
 /// Hands `m` to the request waiting for it, if any (true), as an owned message: a message
 /// with the request's id, seq and ack from the port the request went to (anyone's for a
-/// group).
+/// group). A group request's other members may reply too, after it: it is remembered as
+/// withdrawn, so that their replies are not gap-tracked either.
 fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     let key = (m.id(), m.seq(), m.ack());
     let mut p = inner.pending.lock();
     // At most one of the two is outstanding (`replies_clash`).
-    let Some(tx) = p
-        .remove(&(key, Some(m.source().port)))
-        .or_else(|| p.remove(&(key, None)))
-    else {
-        return false;
+    let tx = match p.remove(&(key, Some(m.source().port))) {
+        Some(tx) => tx,
+        None => match p.remove(&(key, None)) {
+            Some(tx) => {
+                inner.withdraw(key, None);
+                tx
+            }
+            None => return false,
+        },
     };
     inner.pending_count.store(p.len(), Ordering::Release);
     // Counted before the requester can wake up and read the counters.

@@ -207,8 +207,9 @@ pub(crate) struct Inner {
     /// dispatcher that reads the count (Acquire) and skips the lock still sees the
     /// withdrawn requests recorded in `late` before it, whichever store it reads.
     pending_count: AtomicUsize,
-    /// Requests withdrawn without their reply, whose late replies the gap tracker skips;
-    /// added to under the `pending` lock.
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips,
+    /// and group requests answered (other members may reply after the first); added to
+    /// under the `pending` lock ([`withdraw`](Self::withdraw)).
     late: Mutex<ingest::Withdrawn>,
     /// `late.len()`, readable without the lock.
     late_count: AtomicUsize,
@@ -244,6 +245,17 @@ impl Inner {
 }
 
 impl Inner {
+    /// Remembers the request whose reply has `key` and comes from `from` (`None`: any
+    /// port) in `late`, with its count and generation. Called under the `pending` lock,
+    /// before the count of requests is stored.
+    fn withdraw(&self, key: (CbId, u32, u32), from: Option<u32>) {
+        let mut w = self.late.lock();
+        w.add(key, from);
+        self.late_count.store(w.len(), Ordering::Relaxed);
+        self.late_generation
+            .store(w.generation(), Ordering::Relaxed);
+    }
+
     fn event(&self, e: Event) {
         if e == Event::Overrun {
             let notice = Incoming {
@@ -759,12 +771,7 @@ impl ConnectorHandle {
             // (Acquire) sees the late request too.
             let late = rx.try_recv();
             if matches!(r, Err(channel::RecvTimeoutError::Timeout)) && late.is_err() {
-                let mut w = self.inner.late.lock();
-                w.add(key.0, key.1);
-                self.inner.late_count.store(w.len(), Ordering::Relaxed);
-                self.inner
-                    .late_generation
-                    .store(w.generation(), Ordering::Relaxed);
+                self.inner.withdraw(key.0, key.1);
             }
             self.inner.pending_count.store(p.len(), Ordering::Release);
             late

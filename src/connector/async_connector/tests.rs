@@ -743,3 +743,138 @@ fn a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it() {
         assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 0), "{s:?}");
     });
 }
+
+/// Async: the other members' replies to a group request answered by one of them carry the
+/// request's seq, not their senders': they go to the stream, not gap-tracked. Ten requests
+/// numbered with `next_seq` to a group of two servers, each answered by both, first by
+/// one then by the other in turn: no loss, nothing reordered. (Before, each server's
+/// second replies, every other request's seq, counted 8 as lost.)
+#[test]
+fn other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps() {
+    on_runtime("a request or the stream stopped", async {
+        let group = 22;
+        let conn = Connector::builder().build_async().unwrap();
+        let id = CbId::new(0x5a29, conn.port_id());
+        let client = conn.port_id();
+        let (ports_tx, ports_rx) = std::sync::mpsc::channel::<[u32; 2]>();
+        let (answered_tx, answered) = std::sync::mpsc::channel::<()>();
+        // The two servers, on a thread of their own (they block).
+        let servers = std::thread::spawn(move || {
+            let servers = [
+                ConnectorSocket::open().unwrap(),
+                ConnectorSocket::open().unwrap(),
+            ];
+            for s in &servers {
+                s.join(group).unwrap();
+            }
+            let ports = servers.each_ref().map(|s| s.port_id());
+            ports_tx.send(ports).unwrap();
+            let wake = crate::sys::EventFd::new().unwrap();
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            // The client's next request (a busy host's multicasts are skipped).
+            let mut read = |s: &ConnectorSocket| loop {
+                crate::sys::poll_read(s, &wake, None).unwrap();
+                buf.clear();
+                let Ok(Some(meta)) = s.recv(&mut buf, true) else {
+                    continue;
+                };
+                if let Some(Ok(Message::Connector(c))) = messages(buf.split().freeze()).next() {
+                    if meta.port == client && c.msg.id == id {
+                        return c.msg;
+                    }
+                }
+            };
+            let answer = |s: &ConnectorSocket, req: &CnMsg| {
+                let mut d = DatagramBuilder::new(256).with_pid(s.port_id());
+                d.push(&CnMsg::reply_to(req, &b"pong"[..])).unwrap();
+                s.send(d.as_bytes(), Dest::Port(client)).unwrap();
+            };
+            for i in 0..10 {
+                let (first, second) = (&servers[i % 2], &servers[1 - i % 2]);
+                let req = read(first);
+                assert_eq!(read(second).seq, req.seq);
+                answer(first, &req);
+                answered.recv().unwrap();
+                answer(second, &req);
+            }
+        });
+        let ports = ports_rx.recv().unwrap();
+        for i in 0..10 {
+            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+            let r = conn
+                .request(&req, Dest::Group(group), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(r.source.port, ports[i % 2]);
+            eprintln!("REQ {} {:?} {}", req.seq, r.source, r.msg.seq);
+            answered_tx.send(()).unwrap();
+            match conn.recv().await {
+                Some(Ok(m)) => assert_eq!(
+                    (m.source.port, m.msg.seq, m.msg.ack),
+                    (ports[1 - i % 2], req.seq, 1)
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        servers.join().unwrap();
+        eprintln!("STATS {:?}", conn.stats());
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (10, 0, 0), "{s:?}");
+    });
+}
+
+/// Async: an answered request is not remembered as withdrawn, so the last 256 requests
+/// withdrawn without a reply are remembered however many are answered meanwhile: a request
+/// that timed out, then 256 answered ones on another id, then its late reply, one past its
+/// sender's stream, is still no part of that stream. (Before, the entry of an answered
+/// request stayed until the request returned, and its drop took it for one withdrawn
+/// without a reply: the 256 answered requests pushed the late one out, the late reply was
+/// taken for the stream's 4 and the real 4 counted as reordered.)
+#[test]
+fn answered_requests_do_not_push_withdrawn_ones_out() {
+    on_runtime("a request or the stream stopped", async {
+        let conn = Connector::builder().build_async().unwrap();
+        let (id, other) = (
+            CbId::new(0x5a2a, conn.port_id()),
+            CbId::new(0x5a2b, conn.port_id()),
+        );
+        let server = ConnectorSocket::open().unwrap();
+        let (pong, _svc) = pong_server(other);
+        let send = |m: CnMsg| {
+            let mut d = DatagramBuilder::new(256).with_pid(server.port_id());
+            d.push(&m).unwrap();
+            server
+                .send(d.as_bytes(), Dest::Port(conn.port_id()))
+                .unwrap();
+        };
+        let stream = |seq: u32| CnMsg::new(id, &b"stream"[..]).with_seq(seq, 0);
+        for seq in 1..=3 {
+            send(stream(seq));
+        }
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(4, 0);
+        let e = conn
+            .request(&req, Dest::Port(server.port_id()), Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+        for seq in 1..=256 {
+            let ping = CnMsg::new(other, &b"ping"[..]).with_seq(seq, 0);
+            conn.request(&ping, Dest::Port(pong.port_id()), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        send(CnMsg::reply_to(&req, &b"late"[..]));
+        send(stream(4));
+        send(stream(5));
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            match conn.recv().await {
+                Some(Ok(m)) => seen.push((m.msg.seq, m.msg.ack)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1), (4, 0), (5, 0)]);
+        let s = conn.stats();
+        assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 256), "{s:?}");
+    });
+}
