@@ -878,3 +878,143 @@ fn answered_requests_do_not_push_withdrawn_ones_out() {
         assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 256), "{s:?}");
     });
 }
+
+/// Async: `messages == replies + delivered + unmatched + shutdown_discards` after each kind
+/// of datagram, with exact counters (`delivered`: queued for the stream): several messages
+/// in one datagram, control messages among them (not messages), a decode error after a
+/// message, a datagram cut for length (none), a request's reply, a late reply, and
+/// messages read by requests while nobody reads the stream, past the queue's capacity (the
+/// oldest dropped: `delivered` and `channel_full` both count them).
+#[test]
+fn the_outcome_identity_holds_after_every_kind_of_datagram() {
+    on_runtime("a request or the stream stopped", async {
+        let conn = Connector::builder()
+            .max_datagram(1024)
+            .build_async()
+            .unwrap();
+        let (id, asked) = (
+            CbId::new(0x5a2c, conn.port_id()),
+            CbId::new(0x5a2d, conn.port_id()),
+        );
+        let tx = ConnectorSocket::open().unwrap();
+        let to = Dest::Port(conn.port_id());
+        let seq = std::sync::atomic::AtomicU32::new(0);
+        let msg = || {
+            seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut d = DatagramBuilder::new(256);
+            d.push(
+                &CnMsg::new(id, &b"x"[..])
+                    .with_seq(seq.load(std::sync::atomic::Ordering::Relaxed), 0),
+            )
+            .unwrap();
+            d.take()
+        };
+        let control = |ty: u16, payload: &[u8]| {
+            let mut d = Vec::new();
+            crate::codec::NlHeader {
+                len: 16 + payload.len() as u32,
+                ty,
+                ..Default::default()
+            }
+            .emit(&mut d);
+            d.extend_from_slice(payload);
+            d
+        };
+        // Reads the stream until `n` messages came; returns the events met on the way.
+        let take = |n: usize| {
+            let conn = &conn;
+            async move {
+                let (mut got, mut events) = (0, 0);
+                while got < n {
+                    match conn.recv().await {
+                        Some(Ok(_)) => got += 1,
+                        Some(Err(_)) => events += 1,
+                        None => panic!("the stream ended"),
+                    }
+                }
+                events
+            }
+        };
+        let check = |want: (u64, u64, u64), step: &str| {
+            let s = conn.stats();
+            assert_eq!((s.messages, s.replies, s.delivered), want, "{step}: {s:?}");
+            assert_eq!((s.unmatched, s.shutdown_discards), (0, 0), "{step}: {s:?}");
+            assert_eq!(
+                s.messages,
+                s.replies + s.delivered + s.unmatched + s.shutdown_discards,
+                "{step}: {s:?}"
+            );
+        };
+        tx.send(&[msg(), msg(), msg()].concat(), to).unwrap();
+        assert_eq!(take(3).await, 0);
+        check((3, 0, 3), "three messages in a datagram");
+        let error = [(-5i32).to_ne_bytes().to_vec(), vec![0; 16]].concat();
+        let d = [control(1, &[]), control(2, &error), msg(), control(4, &[])].concat();
+        tx.send(&d, to).unwrap();
+        assert_eq!(take(1).await, 1, "the NLMSG_ERROR");
+        check((4, 0, 4), "control messages around a message");
+        let mut cut = msg();
+        cut[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        tx.send(&[msg(), cut, msg()].concat(), to).unwrap();
+        tx.send(&msg(), to).unwrap();
+        assert!(take(2).await >= 1, "the decode error (and a gap)");
+        check((6, 0, 6), "a decode error after a message");
+        let mut big = DatagramBuilder::new(4096);
+        big.push(&CnMsg::new(id, vec![7u8; 2000]).with_seq(1000, 0))
+            .unwrap();
+        tx.send(big.as_bytes(), to).unwrap();
+        let next = seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::new(id, &b"x"[..]).with_seq(next, 0))
+            .unwrap();
+        tx.send(d.as_bytes(), to).unwrap();
+        seq.store(next, std::sync::atomic::Ordering::Relaxed);
+        assert!(take(1).await >= 1, "the cut datagram (and gaps)");
+        check((7, 0, 7), "a datagram cut for length");
+        let (server, _svc) = pong_server(asked);
+        let req = CnMsg::new(asked, &b"ping"[..]).with_seq(1, 0);
+        conn.request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+            .await
+            .unwrap();
+        check((8, 1, 7), "a request's reply");
+        let late = CnMsg::new(asked, &b"ping"[..]).with_seq(2, 0);
+        let e = conn
+            .request(&late, Dest::Port(tx.port_id()), Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(&late, &b"late"[..])).unwrap();
+        tx.send(d.as_bytes(), to).unwrap();
+        assert_eq!(take(1).await, 0);
+        check((9, 1, 8), "a late reply");
+        // Past the queue: datagrams of 16 messages, sent on a thread (a full socket
+        // queue blocks the sender) and read by requests to a silent port.
+        let (n, per) = (super::QUEUE_CAP as u64 + 160, 16);
+        let first = seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        let flood = std::thread::spawn(move || {
+            let mut s = first;
+            for _ in 0..n / per {
+                let mut d = DatagramBuilder::new(1024);
+                for _ in 0..per {
+                    d.push(&CnMsg::new(id, &b"x"[..]).with_seq(s, 0)).unwrap();
+                    s += 1;
+                }
+                tx.send(d.as_bytes(), to).unwrap();
+            }
+            tx
+        });
+        let silent = ConnectorSocket::open().unwrap();
+        let mut asks = 2;
+        while conn.stats().messages < 9 + n {
+            asks += 1;
+            let q = CnMsg::new(asked, &b"ping"[..]).with_seq(asks, 0);
+            let _ = conn
+                .request(&q, Dest::Port(silent.port_id()), Duration::from_millis(20))
+                .await;
+        }
+        let _tx = flood.join().unwrap();
+        check((9 + n, 1, 8 + n), "past the queue's capacity");
+        assert_eq!(conn.stats().channel_full, 160);
+    });
+}
