@@ -196,7 +196,9 @@ pub struct Stats {
     pub messages: u64,
     /// Bytes received.
     pub bytes: u64,
-    /// Callback invocations that completed (one message may reach several callbacks).
+    /// Callback invocations that completed (one message may reach several callbacks; a
+    /// panicked one is in `callback_panics`). Always 0 for the async connector, which has
+    /// no callbacks: see `delivered`.
     pub dispatched: u64,
     /// Messages handed to at least one callback, which completed or panicked (the async
     /// connector: messages queued for its stream): one per message, however many
