@@ -1608,7 +1608,7 @@ fn other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps() 
     {
         return;
     }
-    let (group, id) = (21, CbId::new(test_idx(53), 1));
+    let (group, id) = (29, CbId::new(test_idx(53), 1));
     let client = Arc::new(Connector::builder().spawn().unwrap());
     let (_reg, others) = client.channel(id, 64);
     let servers = [

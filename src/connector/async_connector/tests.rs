@@ -752,7 +752,7 @@ fn a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it() {
 #[test]
 fn other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps() {
     on_runtime("a request or the stream stopped", async {
-        let group = 22;
+        let group = 31;
         let conn = Connector::builder().build_async().unwrap();
         let id = CbId::new(0x5a29, conn.port_id());
         let client = conn.port_id();
