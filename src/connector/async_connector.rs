@@ -240,10 +240,16 @@ impl AsyncConnector {
         // Just before the datagram goes out (after any wait for room at a full peer): a
         // drop of the reply comes after it.
         let mut drops = None;
-        self.send_then(msg, dest, || {
-            drops = self.outbox.socket.drops().ok().flatten();
-        })
-        .await?;
+        let sent = self
+            .send_then(msg, dest, || {
+                drops = self.outbox.socket.drops().ok().flatten();
+            })
+            .await;
+        if sent.is_err() {
+            // Never sent: no reply to expect, late or not.
+            self.unpend(token);
+        }
+        sent?;
         self.await_reply(token, drops, super::reply_port(dest), timeout)
             .await
     }
@@ -330,11 +336,14 @@ impl AsyncConnector {
             std::future::poll_fn(|cx| {
                 let mut r = self.reader.lock();
                 loop {
-                    let Some(p) = r.pending.iter_mut().find(|p| p.token == token) else {
+                    let Some(i) = r.pending.iter().position(|p| p.token == token) else {
                         return Poll::Ready(Err(Error::Closed));
                     };
-                    if let Some(m) = p.reply.take() {
-                        return Poll::Ready(Ok(m));
+                    // Answered: the entry goes with its reply (left behind, its drop
+                    // would take it for a request withdrawn without one).
+                    if r.pending[i].reply.is_some() {
+                        let p = r.pending.swap_remove(i);
+                        return Poll::Ready(p.reply.ok_or(Error::Closed));
                     }
                     if r.done {
                         return Poll::Ready(Err(Error::Closed));
@@ -399,6 +408,8 @@ impl AsyncConnector {
             queued |= got_event;
             match res {
                 Ok(Some((d, meta))) => {
+                    // Both closures remember requests: a late one, a group's answered one.
+                    let withdrawn = std::cell::RefCell::new(&mut *withdrawn);
                     let is_reply = |m: &super::Delivery<'_>| {
                         let (key, port) = ((m.id(), m.seq(), m.ack()), m.source().port);
                         let Some(p) = pending.iter_mut().find(|p| {
@@ -410,12 +421,17 @@ impl AsyncConnector {
                         };
                         Counters::add(&c.replies, 1);
                         p.reply = Some(m.to_incoming());
+                        // Other members of the group may reply too: their replies carry
+                        // this request's seq, not their senders', as a late reply does.
+                        if p.from.is_none() {
+                            withdrawn.borrow_mut().add(key, None);
+                        }
                         if let Some(w) = p.waker.take() {
                             w.wake();
                         }
                         true
                     };
-                    let is_late = |m: &super::Delivery<'_>| withdrawn.is_late_reply(m);
+                    let is_late = |m: &super::Delivery<'_>| withdrawn.borrow_mut().is_late_reply(m);
                     let mut delivered = 0;
                     ingest.datagram(c, &d, meta, is_reply, is_late, |item| {
                         delivered += u64::from(item.is_ok());
@@ -518,7 +534,8 @@ struct Reader {
     done: bool,
     /// The requests waiting for their replies.
     pending: Vec<Pending>,
-    /// Requests withdrawn without their reply, whose late replies the gap tracker skips.
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips,
+    /// and group requests answered (other members may reply after the first).
     withdrawn: super::ingest::Withdrawn,
     /// The task reading the stream, woken when a request's task queued something for it.
     stream: Option<Waker>,

@@ -59,9 +59,16 @@ pub(super) fn run(inner: &Inner) {
                     let mut d = Tally::default();
                     let mut targets: Option<(CbId, Targets<'_>)> = None;
                     let is_reply = |m: &Delivery<'_>| {
-                        // Acquire: pairs with the Release store in `await_reply`.
+                        // Acquire: pairs with the Release stores of the count, all made
+                        // under the `pending` lock: whichever it reads, every request
+                        // withdrawn before that store is in `late` (with its count and
+                        // generation, loaded Relaxed below), lock or no lock. (One store
+                        // Release, in `await_reply`, was not enough: a Relaxed store made
+                        // after it by another thread, read here, synchronises with nothing.)
                         inner.pending_count.load(Ordering::Acquire) > 0 && reply(inner, m)
                     };
+                    // Asked only after `is_reply` (its Acquire load of `pending_count` orders
+                    // these Relaxed loads after every withdrawal it saw).
                     let is_late = |m: &Delivery<'_>| {
                         inner.late_count.load(Ordering::Relaxed) > 0
                             && clear
@@ -112,18 +119,23 @@ pub(super) fn run(inner: &Inner) {
 
 /// Hands `m` to the request waiting for it, if any (true), as an owned message: a message
 /// with the request's id, seq and ack from the port the request went to (anyone's for a
-/// group).
+/// group). A group request's other members may reply too, after it: it is remembered as
+/// withdrawn, so that their replies are not gap-tracked either.
 fn reply(inner: &Inner, m: &Delivery<'_>) -> bool {
     let key = (m.id(), m.seq(), m.ack());
     let mut p = inner.pending.lock();
     // At most one of the two is outstanding (`replies_clash`).
-    let Some(tx) = p
-        .remove(&(key, Some(m.source().port)))
-        .or_else(|| p.remove(&(key, None)))
-    else {
-        return false;
+    let tx = match p.remove(&(key, Some(m.source().port))) {
+        Some(tx) => tx,
+        None => match p.remove(&(key, None)) {
+            Some(tx) => {
+                inner.withdraw(key, None);
+                tx
+            }
+            None => return false,
+        },
     };
-    inner.pending_count.store(p.len(), Ordering::Relaxed);
+    inner.pending_count.store(p.len(), Ordering::Release);
     // Counted before the requester can wake up and read the counters.
     Counters::add(&inner.counters.replies, 1);
     // Under the lock (a bounded(1) channel, empty: never waits): a requester that timed

@@ -13,11 +13,12 @@ use crate::sys::{ConnectorSocket, RecvMeta};
 /// How many withdrawn requests [`Withdrawn`] remembers.
 const WITHDRAWN: usize = 256;
 
-/// Requests withdrawn before their reply came (timed out, cancelled), the last
-/// [`WITHDRAWN`] of them: a reply that comes later goes to the callbacks or the stream as
-/// any message, but it carries the requester's seq, not its sender's, so the gap tracker
-/// must not count it against the sender's numbered stream (a late reply seemed to lose
-/// the replies taken in time between two late ones).
+/// Requests withdrawn before their reply came (timed out, cancelled), and group requests
+/// answered (any other member may reply after the first), the last [`WITHDRAWN`] of them:
+/// a reply that comes later goes to the callbacks or the stream as any message, but it
+/// carries the requester's seq, not its sender's, so the gap tracker must not count it
+/// against the sender's numbered stream (a late reply seemed to lose the replies taken in
+/// time between two late ones).
 ///
 /// Every message a receiver tracks is asked about (a late reply may continue its sender's
 /// numbered stream exactly, seq one past the last), so the common answer is kept cheap: the

@@ -202,10 +202,14 @@ pub(crate) struct Inner {
     /// request is outstanding. Updated under the `pending` lock. A stale 0 would skip the
     /// map, but cannot be read for a reply: the count is stored before the request is
     /// sent, and the kernel's queue locks order that send before the reply's receipt
-    /// (see docs/ARCHITECTURE.md, memory orderings).
+    /// (see docs/ARCHITECTURE.md, memory orderings). Every store is Release (all are made
+    /// under the `pending` lock, so each comes after every earlier withdrawal): a
+    /// dispatcher that reads the count (Acquire) and skips the lock still sees the
+    /// withdrawn requests recorded in `late` before it, whichever store it reads.
     pending_count: AtomicUsize,
-    /// Requests withdrawn without their reply, whose late replies the gap tracker skips;
-    /// added to under the `pending` lock.
+    /// Requests withdrawn without their reply, whose late replies the gap tracker skips,
+    /// and group requests answered (other members may reply after the first); added to
+    /// under the `pending` lock ([`withdraw`](Self::withdraw)).
     late: Mutex<ingest::Withdrawn>,
     /// `late.len()`, readable without the lock.
     late_count: AtomicUsize,
@@ -241,6 +245,17 @@ impl Inner {
 }
 
 impl Inner {
+    /// Remembers the request whose reply has `key` and comes from `from` (`None`: any
+    /// port) in `late`, with its count and generation. Called under the `pending` lock,
+    /// before the count of requests is stored.
+    fn withdraw(&self, key: (CbId, u32, u32), from: Option<u32>) {
+        let mut w = self.late.lock();
+        w.add(key, from);
+        self.late_count.store(w.len(), Ordering::Relaxed);
+        self.late_generation
+            .store(w.generation(), Ordering::Relaxed);
+    }
+
     fn event(&self, e: Event) {
         if e == Event::Overrun {
             let notice = Incoming {
@@ -359,7 +374,7 @@ impl Connector {
         }
         let mut p = inner.pending.lock();
         p.clear();
-        inner.pending_count.store(0, Ordering::Relaxed);
+        inner.pending_count.store(0, Ordering::Release);
     }
 }
 
@@ -725,14 +740,14 @@ impl ConnectorHandle {
             ));
         }
         p.insert(key, tx);
-        self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        self.inner.pending_count.store(p.len(), Ordering::Release);
         Ok(rx)
     }
 
     fn unpend(&self, key: PendKey) {
         let mut p = self.inner.pending.lock();
         p.remove(&key);
-        self.inner.pending_count.store(p.len(), Ordering::Relaxed);
+        self.inner.pending_count.store(p.len(), Ordering::Release);
     }
 
     /// Waits for the reply of the request `key` (sent), then withdraws it. `drops`: the
@@ -751,16 +766,12 @@ impl ConnectorHandle {
             // The dispatcher hands a reply over under this lock: one that came just after
             // the deadline is in the channel now, not lost. If none is, a reply that comes
             // later is remembered as late (under the lock, so before it can be read),
-            // before the count of requests drops: a dispatcher that sees the new count
-            // without the lock (Acquire) sees the late request too.
+            // before the count of requests is stored: a dispatcher that reads this count,
+            // or any later one (every store is Release, under this lock), without the lock
+            // (Acquire) sees the late request too.
             let late = rx.try_recv();
             if matches!(r, Err(channel::RecvTimeoutError::Timeout)) && late.is_err() {
-                let mut w = self.inner.late.lock();
-                w.add(key.0, key.1);
-                self.inner.late_count.store(w.len(), Ordering::Relaxed);
-                self.inner
-                    .late_generation
-                    .store(w.generation(), Ordering::Relaxed);
+                self.inner.withdraw(key.0, key.1);
             }
             self.inner.pending_count.store(p.len(), Ordering::Release);
             late

@@ -200,11 +200,14 @@ pub struct Stats {
     pub messages: u64,
     /// Bytes received.
     pub bytes: u64,
-    /// Callback invocations that completed (one message may reach several callbacks).
+    /// Callback invocations that completed (one message may reach several callbacks; a
+    /// panicked one is in `callback_panics`). Always 0 for the async connector, which has
+    /// no callbacks: see `delivered`.
     pub dispatched: u64,
     /// Messages handed to at least one callback, which completed or panicked (the async
     /// connector: messages queued for its stream): one per message, however many
-    /// callbacks it reached.
+    /// callbacks it reached. A message a full pull channel then refused, or the async
+    /// stream's full queue dropped, is counted here and in `channel_full`.
     pub delivered: u64,
     /// Messages no registration matched (and no request awaited).
     pub unmatched: u64,
@@ -228,7 +231,9 @@ pub struct Stats {
     pub callback_panics: u64,
     /// Messages a channel registration could not take because its channel was full.
     pub channel_full: u64,
-    /// Messages consumed as replies to [`request`](super::ConnectorHandle::request).
+    /// Messages consumed as replies to [`request`](super::ConnectorHandle::request). (An
+    /// async request dropped after its reply was read but before it took it leaves the
+    /// reply to the stream; it stays counted here, not in `delivered`.)
     pub replies: u64,
     /// Netlink control messages (`NLMSG_ERROR`, `NOOP`, `OVERRUN`) received.
     pub control: u64,

@@ -743,3 +743,278 @@ fn a_late_reply_continuing_its_senders_stream_is_not_taken_for_part_of_it() {
         assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 0), "{s:?}");
     });
 }
+
+/// Async: the other members' replies to a group request answered by one of them carry the
+/// request's seq, not their senders': they go to the stream, not gap-tracked. Ten requests
+/// numbered with `next_seq` to a group of two servers, each answered by both, first by
+/// one then by the other in turn: no loss, nothing reordered. (Before, each server's
+/// second replies, every other request's seq, counted 8 as lost.)
+#[test]
+fn other_members_replies_to_an_answered_group_request_are_not_counted_as_gaps() {
+    on_runtime("a request or the stream stopped", async {
+        let group = 31;
+        let conn = Connector::builder().build_async().unwrap();
+        let id = CbId::new(0x5a29, conn.port_id());
+        let client = conn.port_id();
+        let (ports_tx, ports_rx) = std::sync::mpsc::channel::<[u32; 2]>();
+        let (answered_tx, answered) = std::sync::mpsc::channel::<()>();
+        // The two servers, on a thread of their own (they block).
+        let servers = std::thread::spawn(move || {
+            let servers = [
+                ConnectorSocket::open().unwrap(),
+                ConnectorSocket::open().unwrap(),
+            ];
+            for s in &servers {
+                s.join(group).unwrap();
+            }
+            let ports = servers.each_ref().map(|s| s.port_id());
+            ports_tx.send(ports).unwrap();
+            let wake = crate::sys::EventFd::new().unwrap();
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            // The client's next request (a busy host's multicasts are skipped).
+            let mut read = |s: &ConnectorSocket| loop {
+                crate::sys::poll_read(s, &wake, None).unwrap();
+                buf.clear();
+                let Ok(Some(meta)) = s.recv(&mut buf, true) else {
+                    continue;
+                };
+                if let Some(Ok(Message::Connector(c))) = messages(buf.split().freeze()).next() {
+                    if meta.port == client && c.msg.id == id {
+                        return c.msg;
+                    }
+                }
+            };
+            let answer = |s: &ConnectorSocket, req: &CnMsg| {
+                let mut d = DatagramBuilder::new(256).with_pid(s.port_id());
+                d.push(&CnMsg::reply_to(req, &b"pong"[..])).unwrap();
+                s.send(d.as_bytes(), Dest::Port(client)).unwrap();
+            };
+            for i in 0..10 {
+                let (first, second) = (&servers[i % 2], &servers[1 - i % 2]);
+                let req = read(first);
+                assert_eq!(read(second).seq, req.seq);
+                answer(first, &req);
+                answered.recv().unwrap();
+                answer(second, &req);
+            }
+        });
+        let ports = ports_rx.recv().unwrap();
+        for i in 0..10 {
+            let req = CnMsg::new(id, &b"ping"[..]).with_seq(conn.next_seq(id), 0);
+            let r = conn
+                .request(&req, Dest::Group(group), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(r.source.port, ports[i % 2]);
+            eprintln!("REQ {} {:?} {}", req.seq, r.source, r.msg.seq);
+            answered_tx.send(()).unwrap();
+            match conn.recv().await {
+                Some(Ok(m)) => assert_eq!(
+                    (m.source.port, m.msg.seq, m.msg.ack),
+                    (ports[1 - i % 2], req.seq, 1)
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        servers.join().unwrap();
+        eprintln!("STATS {:?}", conn.stats());
+        let s = conn.stats();
+        assert_eq!((s.replies, s.lost, s.reordered), (10, 0, 0), "{s:?}");
+    });
+}
+
+/// Async: an answered request is not remembered as withdrawn, so the last 256 requests
+/// withdrawn without a reply are remembered however many are answered meanwhile: a request
+/// that timed out, then 256 answered ones on another id, then its late reply, one past its
+/// sender's stream, is still no part of that stream. (Before, the entry of an answered
+/// request stayed until the request returned, and its drop took it for one withdrawn
+/// without a reply: the 256 answered requests pushed the late one out, the late reply was
+/// taken for the stream's 4 and the real 4 counted as reordered.)
+#[test]
+fn answered_requests_do_not_push_withdrawn_ones_out() {
+    on_runtime("a request or the stream stopped", async {
+        let conn = Connector::builder().build_async().unwrap();
+        let (id, other) = (
+            CbId::new(0x5a2a, conn.port_id()),
+            CbId::new(0x5a2b, conn.port_id()),
+        );
+        let server = ConnectorSocket::open().unwrap();
+        let (pong, _svc) = pong_server(other);
+        let send = |m: CnMsg| {
+            let mut d = DatagramBuilder::new(256).with_pid(server.port_id());
+            d.push(&m).unwrap();
+            server
+                .send(d.as_bytes(), Dest::Port(conn.port_id()))
+                .unwrap();
+        };
+        let stream = |seq: u32| CnMsg::new(id, &b"stream"[..]).with_seq(seq, 0);
+        for seq in 1..=3 {
+            send(stream(seq));
+        }
+        let req = CnMsg::new(id, &b"ping"[..]).with_seq(4, 0);
+        let e = conn
+            .request(&req, Dest::Port(server.port_id()), Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+        for seq in 1..=256 {
+            let ping = CnMsg::new(other, &b"ping"[..]).with_seq(seq, 0);
+            conn.request(&ping, Dest::Port(pong.port_id()), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        send(CnMsg::reply_to(&req, &b"late"[..]));
+        send(stream(4));
+        send(stream(5));
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            match conn.recv().await {
+                Some(Ok(m)) => seen.push((m.msg.seq, m.msg.ack)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 1), (4, 0), (5, 0)]);
+        let s = conn.stats();
+        assert_eq!((s.lost, s.reordered, s.replies), (0, 0, 256), "{s:?}");
+    });
+}
+
+/// Async: `messages == replies + delivered + unmatched + shutdown_discards` after each kind
+/// of datagram, with exact counters (`delivered`: queued for the stream): several messages
+/// in one datagram, control messages among them (not messages), a decode error after a
+/// message, a datagram cut for length (none), a request's reply, a late reply, and
+/// messages read by requests while nobody reads the stream, past the queue's capacity (the
+/// oldest dropped: `delivered` and `channel_full` both count them).
+#[test]
+fn the_outcome_identity_holds_after_every_kind_of_datagram() {
+    on_runtime("a request or the stream stopped", async {
+        let conn = Connector::builder()
+            .max_datagram(1024)
+            .build_async()
+            .unwrap();
+        let (id, asked) = (
+            CbId::new(0x5a2c, conn.port_id()),
+            CbId::new(0x5a2d, conn.port_id()),
+        );
+        let tx = ConnectorSocket::open().unwrap();
+        let to = Dest::Port(conn.port_id());
+        let seq = std::sync::atomic::AtomicU32::new(0);
+        let msg = || {
+            seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut d = DatagramBuilder::new(256);
+            d.push(
+                &CnMsg::new(id, &b"x"[..])
+                    .with_seq(seq.load(std::sync::atomic::Ordering::Relaxed), 0),
+            )
+            .unwrap();
+            d.take()
+        };
+        let control = |ty: u16, payload: &[u8]| {
+            let mut d = Vec::new();
+            crate::codec::NlHeader {
+                len: 16 + payload.len() as u32,
+                ty,
+                ..Default::default()
+            }
+            .emit(&mut d);
+            d.extend_from_slice(payload);
+            d
+        };
+        // Reads the stream until `n` messages came; returns the events met on the way.
+        let take = |n: usize| {
+            let conn = &conn;
+            async move {
+                let (mut got, mut events) = (0, 0);
+                while got < n {
+                    match conn.recv().await {
+                        Some(Ok(_)) => got += 1,
+                        Some(Err(_)) => events += 1,
+                        None => panic!("the stream ended"),
+                    }
+                }
+                events
+            }
+        };
+        let check = |want: (u64, u64, u64), step: &str| {
+            let s = conn.stats();
+            assert_eq!((s.messages, s.replies, s.delivered), want, "{step}: {s:?}");
+            assert_eq!((s.unmatched, s.shutdown_discards), (0, 0), "{step}: {s:?}");
+            assert_eq!(
+                s.messages,
+                s.replies + s.delivered + s.unmatched + s.shutdown_discards,
+                "{step}: {s:?}"
+            );
+        };
+        tx.send(&[msg(), msg(), msg()].concat(), to).unwrap();
+        assert_eq!(take(3).await, 0);
+        check((3, 0, 3), "three messages in a datagram");
+        let error = [(-5i32).to_ne_bytes().to_vec(), vec![0; 16]].concat();
+        let d = [control(1, &[]), control(2, &error), msg(), control(4, &[])].concat();
+        tx.send(&d, to).unwrap();
+        assert_eq!(take(1).await, 1, "the NLMSG_ERROR");
+        check((4, 0, 4), "control messages around a message");
+        let mut cut = msg();
+        cut[0..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        tx.send(&[msg(), cut, msg()].concat(), to).unwrap();
+        tx.send(&msg(), to).unwrap();
+        assert!(take(2).await >= 1, "the decode error (and a gap)");
+        check((6, 0, 6), "a decode error after a message");
+        let mut big = DatagramBuilder::new(4096);
+        big.push(&CnMsg::new(id, vec![7u8; 2000]).with_seq(1000, 0))
+            .unwrap();
+        tx.send(big.as_bytes(), to).unwrap();
+        let next = seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::new(id, &b"x"[..]).with_seq(next, 0))
+            .unwrap();
+        tx.send(d.as_bytes(), to).unwrap();
+        seq.store(next, std::sync::atomic::Ordering::Relaxed);
+        assert!(take(1).await >= 1, "the cut datagram (and gaps)");
+        check((7, 0, 7), "a datagram cut for length");
+        let (server, _svc) = pong_server(asked);
+        let req = CnMsg::new(asked, &b"ping"[..]).with_seq(1, 0);
+        conn.request(&req, Dest::Port(server.port_id()), Duration::from_secs(60))
+            .await
+            .unwrap();
+        check((8, 1, 7), "a request's reply");
+        let late = CnMsg::new(asked, &b"ping"[..]).with_seq(2, 0);
+        let e = conn
+            .request(&late, Dest::Port(tx.port_id()), Duration::from_millis(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { op: Op::Request }), "{e:?}");
+        let mut d = DatagramBuilder::new(256);
+        d.push(&CnMsg::reply_to(&late, &b"late"[..])).unwrap();
+        tx.send(d.as_bytes(), to).unwrap();
+        assert_eq!(take(1).await, 0);
+        check((9, 1, 8), "a late reply");
+        // Past the queue: datagrams of 16 messages, sent on a thread (a full socket
+        // queue blocks the sender) and read by requests to a silent port.
+        let (n, per) = (super::QUEUE_CAP as u64 + 160, 16);
+        let first = seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        let flood = std::thread::spawn(move || {
+            let mut s = first;
+            for _ in 0..n / per {
+                let mut d = DatagramBuilder::new(1024);
+                for _ in 0..per {
+                    d.push(&CnMsg::new(id, &b"x"[..]).with_seq(s, 0)).unwrap();
+                    s += 1;
+                }
+                tx.send(d.as_bytes(), to).unwrap();
+            }
+            tx
+        });
+        let silent = ConnectorSocket::open().unwrap();
+        let mut asks = 2;
+        while conn.stats().messages < 9 + n {
+            asks += 1;
+            let q = CnMsg::new(asked, &b"ping"[..]).with_seq(asks, 0);
+            let _ = conn
+                .request(&q, Dest::Port(silent.port_id()), Duration::from_millis(20))
+                .await;
+        }
+        let _tx = flood.join().unwrap();
+        check((9 + n, 1, 8 + n), "past the queue's capacity");
+        assert_eq!(conn.stats().channel_full, 160);
+    });
+}
