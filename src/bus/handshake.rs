@@ -58,6 +58,12 @@ impl Doorbell {
         Ok(())
     }
 
+    /// The state, for tests that wait for the flusher to park.
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> u8 {
+        self.state.load(SeqCst)
+    }
+
     /// Flusher side: awake (after a park, or when the second look found work).
     pub(crate) fn awake(&self) {
         self.state.store(AWAKE, SeqCst);
