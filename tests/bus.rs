@@ -2596,3 +2596,61 @@ fn every_policy_against_a_missing_port_returns_and_accounts_for_every_offer() {
         assert_eq!((st.sent_messages, st.queued), (0, 0), "{policy:?}: {st:?}");
     }
 }
+
+/// With `assist` on (the default for a group), a `try_insert` that brings its ring to the
+/// watermark drains it itself, as any insert does: a multicast send never waits for a
+/// receiver, so draining does not make it wait. A single writer, through a shard and
+/// then a `Producer`, with the flusher's deadline at 600 s: every offer is accepted
+/// (its ring never fills: only the writer drains it), arrives in order, numbered 1, 2,
+/// 3, .... Before the fix every rejecting insert asked the flusher instead (no assisted
+/// drain at all, and some 6 % of a fast writer's offers came back `Full` while it
+/// waited for the flusher): the `assisted_drains` check failed.
+#[test]
+fn a_rejecting_insert_to_a_group_drains_at_the_watermark_itself() {
+    let Some(_k) = kernel_socket("a_rejecting_insert_to_a_group_drains_at_the_watermark_itself")
+    else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    const N: u32 = 5000;
+    let idx = test_idx(64);
+    for (val, via_producer) in [(1, false), (2, true)] {
+        let rx = Rx::open(Some(GROUP));
+        let bus = Bus::builder(Dest::Group(GROUP))
+            .shards(1)
+            .capacity(64)
+            .watermark(16)
+            .max_latency(Duration::from_secs(600))
+            .assist(true)
+            .build()
+            .unwrap();
+        rx.from(&bus);
+        let id = CbId::new(idx, val);
+        let got = thread::scope(|s| {
+            // A watchdog, not a timing: it returns once everything came.
+            let r = s.spawn(|| rx.collect(idx, N as usize, Duration::from_secs(120)));
+            let mut p = via_producer.then(|| bus.producer());
+            for seq in 0..N {
+                let r = match &mut p {
+                    Some(p) => p.try_insert(id, &payload(val, seq)),
+                    None => bus.try_insert(id, &payload(val, seq)),
+                };
+                if let Err(e) = r {
+                    panic!("offer {seq}: {e}: {:?}", bus.stats());
+                }
+            }
+            drop(p);
+            let st = bus.stats();
+            assert!(st.assisted_drains > 0, "the writer never drained: {st:?}");
+            bus.flush().unwrap();
+            r.join().unwrap()
+        });
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.rejected()), (u64::from(N), 0), "{st:?}");
+        assert_eq!((st.sent_messages, st.failed_messages), (u64::from(N), 0));
+        let seqs: Vec<u32> = got.msgs.iter().map(|m| parse(m).1).collect();
+        assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "lost or reordered");
+        let numbers: Vec<u32> = got.msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(numbers, (1..=N).collect::<Vec<_>>(), "numbering");
+    }
+}

@@ -165,6 +165,14 @@ impl Inner {
         }
     }
 
+    /// A send may wait (boundedly: `send_timeout`, the close's deadline) for room at a full
+    /// receiver: the destination is a unicast `Dest::Port` other than 0 (the kernel).
+    /// Multicast and kernel sends never wait for a receiver.
+    #[inline(always)]
+    pub(crate) fn sends_wait(&self) -> bool {
+        matches!(self.dest, Dest::Port(p) if p != 0)
+    }
+
     /// Asks the flusher for a pass now, whatever its state: an insert was rejected on a
     /// full ring, or crossed the watermark of an assisted ring it may not drain itself (a
     /// rejecting insert never waits for a send). Never blocks.
@@ -183,8 +191,8 @@ impl Inner {
         let over = len >= self.cfg.watermark as u64;
         if over && self.cfg.assist {
             if !help {
-                // A writer that may not drain (a rejecting insert, which never waits for a
-                // send, or a blocked one under `space_lock`): the flusher drains the ring
+                // A writer that may not drain (a rejecting insert to a unicast receiver, as
+                // it never waits for a send, or a blocked one under `space_lock`): the flusher drains the ring
                 // now. Asked once per pass (the flag is cleared before it): if we miss its
                 // clearing, the ring still goes at its deadline, or when it is full.
                 if !self.drain_asked.load(Relaxed) {
