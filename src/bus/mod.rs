@@ -191,10 +191,11 @@ impl Inner {
         let over = len >= self.cfg.watermark as u64;
         if over && self.cfg.assist {
             if !help {
-                // A writer that may not drain (a rejecting insert to a unicast receiver, as
-                // it never waits for a send, or a blocked one under `space_lock`): the flusher drains the ring
-                // now. Asked once per pass (the flag is cleared before it): if we miss its
-                // clearing, the ring still goes at its deadline, or when it is full.
+                // A writer that may not drain (a rejecting insert to a unicast receiver,
+                // as it never waits for a send, or a blocked one under `space_lock`): the
+                // flusher drains the ring now. Asked once per pass (the flag is cleared
+                // before it): if we miss its clearing, the ring still goes at its
+                // deadline, or when it is full.
                 if !self.drain_asked.load(Relaxed) {
                     self.ask_drain();
                     return;
