@@ -2596,3 +2596,139 @@ fn every_policy_against_a_missing_port_returns_and_accounts_for_every_offer() {
         assert_eq!((st.sent_messages, st.queued), (0, 0), "{policy:?}: {st:?}");
     }
 }
+
+/// With `assist` on (the default for a group), a `try_insert` that brings its ring to the
+/// watermark drains it itself, as any insert does: a multicast send never waits for a
+/// receiver, so draining does not make it wait. A single writer, through a shard and
+/// then a `Producer`, with the flusher's deadline at 600 s: every offer is accepted
+/// (its ring never fills: only the writer drains it), arrives in order, numbered 1, 2,
+/// 3, .... Before the fix every rejecting insert asked the flusher instead (no assisted
+/// drain at all, and some 6 % of a fast writer's offers came back `Full` while it
+/// waited for the flusher): the `assisted_drains` check failed.
+#[test]
+fn a_rejecting_insert_to_a_group_drains_at_the_watermark_itself() {
+    let Some(_k) = kernel_socket("a_rejecting_insert_to_a_group_drains_at_the_watermark_itself")
+    else {
+        return;
+    };
+    const GROUP: u32 = 27;
+    const N: u32 = 5000;
+    let idx = test_idx(64);
+    for (val, via_producer) in [(1, false), (2, true)] {
+        let rx = Rx::open(Some(GROUP));
+        let bus = Bus::builder(Dest::Group(GROUP))
+            .shards(1)
+            .capacity(64)
+            .watermark(16)
+            .max_latency(Duration::from_secs(600))
+            .assist(true)
+            .build()
+            .unwrap();
+        rx.from(&bus);
+        let id = CbId::new(idx, val);
+        let got = thread::scope(|s| {
+            // A watchdog, not a timing: it returns once everything came.
+            let r = s.spawn(|| rx.collect(idx, N as usize, Duration::from_secs(120)));
+            let mut p = via_producer.then(|| bus.producer());
+            for seq in 0..N {
+                let r = match &mut p {
+                    Some(p) => p.try_insert(id, &payload(val, seq)),
+                    None => bus.try_insert(id, &payload(val, seq)),
+                };
+                if let Err(e) = r {
+                    panic!("offer {seq}: {e}: {:?}", bus.stats());
+                }
+            }
+            drop(p);
+            let st = bus.stats();
+            assert!(st.assisted_drains > 0, "the writer never drained: {st:?}");
+            bus.flush().unwrap();
+            r.join().unwrap()
+        });
+        let st = bus.close().unwrap();
+        assert_eq!((st.inserted, st.rejected()), (u64::from(N), 0), "{st:?}");
+        assert_eq!((st.sent_messages, st.failed_messages), (u64::from(N), 0));
+        let seqs: Vec<u32> = got.msgs.iter().map(|m| parse(m).1).collect();
+        assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "lost or reordered");
+        let numbers: Vec<u32> = got.msgs.iter().map(|m| m.seq).collect();
+        assert_eq!(numbers, (1..=N).collect::<Vec<_>>(), "numbering");
+    }
+}
+
+/// Two threads on one shard with `assist` on, to a `Dest::Port` receiver that reads: one
+/// inserts with `Block` (it drains at the watermark itself), the other with `try_insert`
+/// (it asks the flusher at the watermark, and retries on `Full`), the same id. Every
+/// message arrives, in each thread's order, numbered 1, 2, 3, ... in wire order across
+/// both, and the statistics count every `Full` once (`rejected_full` is the retries).
+/// (Passed when written: the mixed-policy case of the change that made a rejecting insert
+/// leave its ring to the flusher.)
+#[test]
+fn blocking_and_rejecting_writers_on_one_shard_keep_order_and_numbering() {
+    let Some(_k) =
+        kernel_socket("blocking_and_rejecting_writers_on_one_shard_keep_order_and_numbering")
+    else {
+        return;
+    };
+    const N: u32 = 5000;
+    let idx = test_idx(65);
+    let rx = Rx::open(None);
+    let bus = Bus::builder(Dest::Port(rx.sock.port_id()))
+        .shards(1)
+        .capacity(32)
+        .watermark(8)
+        .max_latency(Duration::from_secs(600))
+        .assist(true)
+        .build()
+        .unwrap();
+    rx.from(&bus);
+    let id = CbId::new(idx, 0);
+    let watchdog = Duration::from_secs(120);
+    let (got, retries) = thread::scope(|s| {
+        let r = s.spawn(|| rx.collect(idx, 2 * N as usize, watchdog));
+        s.spawn(|| {
+            for seq in 0..N {
+                bus.insert_blocking(id, &payload(0, seq), None).unwrap();
+            }
+        });
+        let rejecting = s.spawn(|| {
+            let (start, mut retries) = (Instant::now(), 0u64);
+            for seq in 0..N {
+                loop {
+                    match bus.try_insert(id, &payload(1, seq)) {
+                        Ok(()) => break,
+                        Err(InsertError::Full(m)) => {
+                            assert_eq!(&m.data[..], &payload(1, seq)[..], "handed back");
+                            retries += 1;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    // A watchdog, not a timing: the flusher drains after each `Full`.
+                    assert!(
+                        start.elapsed() < watchdog,
+                        "never accepted: {:?}",
+                        bus.stats()
+                    );
+                    thread::yield_now();
+                }
+            }
+            retries
+        });
+        let retries = rejecting.join().unwrap();
+        bus.flush().unwrap();
+        (r.join().unwrap(), retries)
+    });
+    let st = bus.close().unwrap();
+    assert_eq!(
+        (st.inserted, st.sent_messages),
+        (2 * u64::from(N), 2 * u64::from(N))
+    );
+    assert_eq!(
+        (st.rejected_full, st.rejected()),
+        (retries, retries),
+        "{st:?}"
+    );
+    assert_eq!(got.msgs.len(), 2 * N as usize, "messages lost");
+    assert_per_thread_order(&got.msgs, 2, N);
+    let numbers: Vec<u32> = got.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(numbers, (1..=2 * N).collect::<Vec<_>>(), "numbering");
+}

@@ -88,10 +88,12 @@ impl<M> InsertError<M> {
 pub enum FullPolicy {
     /// Hand the message back at once: [`InsertError::Full`]. Never blocks on another
     /// thread's drain or send: also when the shard's lock cannot be taken without a
-    /// failed barrier, or during thread teardown (see [`InsertError::Full`]), and with
-    /// [`assist`](BusBuilder::assist): an accepted insert that brings its ring to the
-    /// watermark does not drain it (which may wait for the send lock or a full
-    /// [`Dest::Port`] receiver) but wakes the flusher to drain it at once.
+    /// failed barrier, or during thread teardown (see [`InsertError::Full`]). With
+    /// [`assist`](BusBuilder::assist), an accepted insert that brings its ring to the
+    /// watermark drains it as any insert does (without waiting for another drain or a
+    /// send lock it finds held), except to a [`Dest::Port`] receiver (not the kernel),
+    /// whose full queue a send may wait for: there it wakes the flusher to drain it at
+    /// once.
     Reject,
     /// Wait for space without limit (the default: backpressure). The waiting thread sleeps
     /// on a condition variable; it does not spin. It fails only with
@@ -285,7 +287,8 @@ impl BusBuilder {
         /// [`Dest::Port`], where a full receiver would stall the inserting thread). An insert
         /// that brings its ring to the [`watermark`](Self::watermark), or a blocking insert
         /// that finds it full, drains the ring itself if no one else is (a rejecting one,
-        /// [`FullPolicy::Reject`], never waits: it wakes the flusher instead): a single fast
+        /// [`FullPolicy::Reject`], to a [`Dest::Port`] receiver, which a send may wait
+        /// for, wakes the flusher instead): a single fast
         /// producer then runs like a hand-written `sendmmsg` loop, and the flusher keeps the
         /// latency deadline. Such an insert pays the system call.
         assist(on: bool) => cfg.assist = on;

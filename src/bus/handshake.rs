@@ -58,6 +58,12 @@ impl Doorbell {
         Ok(())
     }
 
+    /// The state, for tests that wait for the flusher to park.
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> u8 {
+        self.state.load(SeqCst)
+    }
+
     /// Flusher side: awake (after a park, or when the second look found work).
     pub(crate) fn awake(&self) {
         self.state.store(AWAKE, SeqCst);
@@ -84,6 +90,8 @@ mod loom_tests {
         sent: AtomicU64,
         stop: AtomicBool,
         light: Light,
+        /// `Inner::drain_asked`.
+        asked: AtomicBool,
     }
 
     impl Model {
@@ -97,6 +105,7 @@ mod loom_tests {
                 bell: Doorbell::default(),
                 sent: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
+                asked: AtomicBool::new(false),
             };
             (Arc::new(m), w)
         }
@@ -169,6 +178,96 @@ mod loom_tests {
             t.unpark();
             f.join().unwrap();
         }
+    }
+
+    impl Model {
+        /// `Ring::push` + `Inner::after_push` of a rejecting insert at the watermark of an
+        /// assisted ring (watermark 1: every push): it may not drain, so it asks the
+        /// flusher (`Inner::ask_drain`) unless the request is up already, and then wakes
+        /// a sleeping flusher as a writer without `assist` does (`wake_for`; without
+        /// that, `false` here, the message could wait behind an IDLE flusher for good).
+        fn reject_insert(&self, w: &mut Writer, flusher: &thread::Thread, wake_if_asked: bool) {
+            assert!(w.write(8, |b| b.fill(1)));
+            let state = self.bell.state_after_publish(self.light);
+            if !self.asked.load(Relaxed) {
+                self.asked.store(true, SeqCst);
+                self.bell.ring();
+                flusher.unpark();
+            } else if wake_if_asked {
+                self.wake(state, flusher);
+            }
+        }
+
+        /// `flusher::run` + `sleep` with `assist` on: a ring is drained at once when a
+        /// drain was asked for; else a pending ring is left to its deadline (a TIMED
+        /// sleep without the barrier, here a yield, after which it is drained: a stalled
+        /// ring waits at most that long), an empty bus parks IDLE (with the barrier). The
+        /// request is cleared before each pass.
+        fn assisted_flusher(&self) {
+            loop {
+                loop {
+                    let pending = self.probe.pending() > 0;
+                    if self.stop.load(SeqCst) || (pending && self.asked.load(SeqCst)) {
+                        break;
+                    }
+                    let how = if pending { TIMED } else { IDLE };
+                    self.bell.announce(how, how == IDLE, self.light).unwrap();
+                    let pending = self.probe.pending() > 0;
+                    if (pending && (how == IDLE || self.asked.load(SeqCst)))
+                        || self.stop.load(SeqCst)
+                    {
+                        self.bell.awake();
+                        continue;
+                    }
+                    if how == IDLE {
+                        thread::park();
+                        self.bell.awake();
+                    } else {
+                        // The deadline.
+                        thread::yield_now();
+                        self.bell.awake();
+                        break;
+                    }
+                }
+                if self.stop.load(SeqCst) {
+                    return;
+                }
+                self.asked.store(false, SeqCst);
+                self.drain();
+            }
+        }
+    }
+
+    /// Rejecting inserts at the watermark of an assisted ring (`Inner::after_push` with
+    /// `help` false) never leave a message behind an IDLE flusher: the flusher can park
+    /// IDLE with the request still up (asked after its clear, the ring drained by the
+    /// same pass); a later insert that finds it up must still wake it. Three inserts and
+    /// no flush: a message left behind parks the flusher for good while the main thread
+    /// waits for it (loom fails the model: "exceeded maximum number of branches"). Fails
+    /// with `wake_if_asked` false (the code before the fix).
+    fn check_rejecting_inserts_at_the_watermark(wake_if_asked: bool) {
+        bounded().check(move || {
+            let (m, mut w) = Model::new();
+            let f = {
+                let m = Arc::clone(&m);
+                let f = thread::spawn(move || m.assisted_flusher());
+                let t = f.thread().clone();
+                (f, t)
+            };
+            for _ in 0..3 {
+                m.reject_insert(&mut w, &f.1, wake_if_asked);
+            }
+            while m.sent.load(SeqCst) < 3 {
+                thread::yield_now();
+            }
+            m.stop_flusher(f);
+            assert_eq!(m.sent.load(SeqCst), 3);
+        });
+    }
+
+    #[test]
+    fn loom_rejecting_inserts_at_the_watermark_always_get_drained() {
+        check_rejecting_inserts_at_the_watermark(true);
     }
 
     fn bounded() -> loom::model::Builder {

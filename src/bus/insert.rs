@@ -497,9 +497,11 @@ pub(crate) fn insert<Q: Queue>(
     if inner.dead.load(Relaxed) || inner.fork.forked() {
         return Err(refuse(inner, e, InsertError::Closed));
     }
-    // A rejecting insert never drains (a drain may wait for the send lock or for a full
-    // unicast receiver): at the watermark of an assisted ring it asks the flusher.
-    if !q.try_push(&e, policy != FullPolicy::Reject) {
+    // A rejecting insert never waits for a send: where a send may wait for a full
+    // receiver (`Inner::sends_wait`) it does not drain, but asks the flusher at the
+    // watermark of an assisted ring. Elsewhere it helps as any insert (`Inner::help`
+    // does not wait for the drain right nor for a send lock it finds held).
+    if !q.try_push(&e, policy != FullPolicy::Reject || !inner.sends_wait()) {
         return on_full(q, e, policy);
     }
     q.send_own_if_closed();

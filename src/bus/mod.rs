@@ -165,6 +165,14 @@ impl Inner {
         }
     }
 
+    /// A send may wait (boundedly: `send_timeout`, the close's deadline) for room at a full
+    /// receiver: the destination is a unicast `Dest::Port` other than 0 (the kernel).
+    /// Multicast and kernel sends never wait for a receiver.
+    #[inline(always)]
+    pub(crate) fn sends_wait(&self) -> bool {
+        matches!(self.dest, Dest::Port(p) if p != 0)
+    }
+
     /// Asks the flusher for a pass now, whatever its state: an insert was rejected on a
     /// full ring, or crossed the watermark of an assisted ring it may not drain itself (a
     /// rejecting insert never waits for a send). Never blocks.
@@ -183,14 +191,19 @@ impl Inner {
         let over = len >= self.cfg.watermark as u64;
         if over && self.cfg.assist {
             if !help {
-                // A writer that may not drain (a rejecting insert, which never waits for a
-                // send, or a blocked one under `space_lock`): the flusher drains the ring
-                // now. Asked once per pass (the flag is cleared before it): if we miss its
-                // clearing, the ring still goes at its deadline, or when it is full.
+                // A writer that may not drain (a rejecting insert to a unicast receiver,
+                // as it never waits for a send, or a blocked one under `space_lock`): the
+                // flusher drains the ring now. Asked once per pass (the flag is cleared
+                // before it): if we miss its clearing, the ring still goes at its
+                // deadline, or when it is full.
                 if !self.drain_asked.load(Relaxed) {
                     self.ask_drain();
+                    return;
                 }
-                return;
+                // Asked already: the flusher drains at once whenever it looks, but it may
+                // have parked IDLE with the request up (its pass drained the ring that
+                // asked): wake it as a writer without `assist` does.
+                return self.wake_for(state, over);
             }
             // Either we drain (our push is among the messages it takes), or someone holds
             // the drain right and is draining. An IDLE flusher is still woken, so that a
@@ -200,6 +213,13 @@ impl Inner {
             }
             return;
         }
+        self.wake_for(state, over);
+    }
+
+    /// A writer that leaves its ring to the flusher, after its push (`after_push`): wakes
+    /// an IDLE flusher, or a TIMED one if the ring reached the watermark.
+    #[inline(always)]
+    fn wake_for(&self, state: u8, over: bool) {
         match state {
             AWAKE => {}
             IDLE => self.wake_from_sleep(IDLE),
@@ -927,6 +947,78 @@ mod tests {
         assert_eq!((st.inserted, st.sent_messages), (9, 9));
         assert_eq!(st.rejected_full, rejected);
         assert_eq!(count(&rx, idx), 9);
+    }
+
+    /// With `assist` on and a watermark of 1 (every push is at the watermark), a
+    /// `try_insert` into an empty bus whose flusher parked IDLE while a request for a
+    /// drain was still up (`drain_asked`: asked by rejected inserts while the flusher
+    /// waited for the send lock, then drained in the same pass, so nothing was pending
+    /// when it went to sleep) wakes the flusher. Before the fix such an insert saw the
+    /// request up, did not ask again and did not wake the IDLE flusher either: the message
+    /// waited for the next flush, close or full ring (here the 60 s watchdog, the latency
+    /// bound being 600 s).
+    #[test]
+    fn a_rejecting_insert_at_the_watermark_wakes_a_flusher_parked_with_a_request_up() {
+        let Some(rx) = receiver() else { return };
+        let idx = 0x4000_0000 | (std::process::id() & 0xffff) << 8 | 0xe4;
+        let id = CbId::new(idx, 1);
+        let bus = Bus::builder(Dest::Port(rx.port_id()))
+            .shards(1)
+            .capacity(8)
+            .watermark(1)
+            .max_latency(Duration::from_secs(600))
+            .assist(true)
+            .build()
+            .unwrap();
+        let watchdog = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut offered = 0u64;
+        // Reach the state (retried: which of the flusher's clear and a writer's request
+        // comes first is up to the scheduler).
+        loop {
+            assert!(start.elapsed() < watchdog, "the state was never reached");
+            {
+                // Another drain holds the send lock: the flusher, woken, waits for it.
+                let _send = bus.inner.sock.numbering().lock();
+                for i in 0..9u32 {
+                    offered += 1;
+                    let _ = bus.try_insert(id, &i.to_ne_bytes());
+                }
+                // The flusher took the request and is in its pass (waiting for the lock),
+                // or has not woken yet: a rejection asks again.
+                std::thread::sleep(Duration::from_millis(5));
+                offered += 1;
+                let _ = bus.try_insert(id, b"full");
+            }
+            // Wait (a watchdog, not a timing) for the flusher to drain and park IDLE.
+            while bus.stats().queued > 0 || bus.inner.bell.state() != handshake::IDLE {
+                assert!(start.elapsed() < watchdog, "the flusher never parked");
+                std::thread::yield_now();
+            }
+            // Parked for good, not just consuming an unpark left over from the pass
+            // (then it would look at the rings again).
+            let w = bus.stats().flusher_wakeups;
+            std::thread::sleep(Duration::from_millis(20));
+            let parked =
+                bus.inner.bell.state() == handshake::IDLE && bus.stats().flusher_wakeups == w;
+            if parked && bus.inner.drain_asked.load(SeqCst) {
+                break;
+            }
+        }
+        let sent = bus.stats().sent_messages;
+        offered += 1;
+        bus.try_insert(id, b"late").unwrap();
+        while bus.stats().sent_messages == sent {
+            assert!(
+                start.elapsed() < watchdog,
+                "the message waits for a flush: the IDLE flusher was not woken"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let st = bus.close().unwrap();
+        assert_eq!(st.inserted + st.rejected(), offered, "{st:?}");
+        assert_eq!((st.sent_messages, st.queued), (st.inserted, 0), "{st:?}");
+        assert_eq!(count(&rx, idx), st.sent_messages);
     }
 
     /// With `assist` on, a writer that crossed the watermark while another drain held the

@@ -130,7 +130,7 @@ impl Inner {
     ) {
         let st = &self.stats;
         let max_batch = self.cfg.max_batch.clamp(1, ConnectorSocket::SENDMMSG_MAX);
-        let unicast = matches!(self.dest, crate::sys::Dest::Port(p) if p != 0);
+        let unicast = self.sends_wait();
         let mut room = RoomWait::new();
         // What a datagram that a full unicast receiver did not take in time fails with.
         let full = || {
