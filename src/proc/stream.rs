@@ -57,8 +57,8 @@ impl std::fmt::Debug for ProcStream {
 impl ProcStream {
     /// Opens a socket (16 MiB receive buffer), joins group 1, sends `LISTEN` and waits for
     /// the kernel's ACK. The ACK travels like an event, so an overflow of the queue can drop
-    /// it: when an overrun was seen and no ACK came, `LISTEN` is sent again (a repeated one
-    /// only replaces the socket's filter), up to 3 times, as
+    /// it: when the socket lost something while no ACK came (an overrun, or a drop the
+    /// kernel counted), `LISTEN` is sent again, up to 3 times, as
     /// [`ProcListener`](super::ProcListener) does.
     pub async fn open(events: super::EventSet) -> Result<Self> {
         Self::open_with(events, |_, _| {}).await
@@ -70,7 +70,7 @@ impl ProcStream {
         events: super::EventSet,
         mut before_listen: impl FnMut(&crate::sys::ConnectorSocket, u32),
     ) -> Result<Self> {
-        use super::listener::{LISTEN_TRIES, REASON_NO_ACK};
+        use super::listener::{AckWatch, LISTEN_TRIES, REASON_NO_ACK};
         use super::{request, McastOp, DEFAULT_ACK_TIMEOUT, DEFAULT_RECV_BUFFER};
         // Connected to the kernel: a stranger's unicasts cannot fill its queue and count
         // in its drop counter as lost events.
@@ -106,11 +106,11 @@ impl ProcStream {
         for attempt in 0..LISTEN_TRIES {
             before_listen(&stream.conn.outbox.socket, attempt);
             let token = super::ack_token(stream.conn.port_id(), stream.conn.next_seq(CbId::PROC));
+            let watch = AckWatch::new(&stream.conn.outbox.socket, stream.decoder.overruns);
             stream
                 .conn
                 .send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)
                 .await?;
-            let overruns = stream.decoder.overruns;
             match ::tokio::time::timeout(DEFAULT_ACK_TIMEOUT, stream.ack(token)).await {
                 Ok(Ok(0)) => return Ok(stream),
                 Ok(Ok(errno)) => {
@@ -120,8 +120,12 @@ impl ProcStream {
                     ))
                 }
                 Ok(Err(e)) => return Err(e),
-                // The ACK may have been dropped with the overflow: ask again.
-                Err(_) if stream.decoder.overruns != overruns => {}
+                // The ACK may have been dropped with an overflow: ask again.
+                Err(_)
+                    if watch.ack_may_be_dropped(
+                        &stream.conn.outbox.socket,
+                        stream.decoder.overruns,
+                    ) => {}
                 Err(_) => break,
             }
         }
@@ -492,6 +496,55 @@ mod tests {
         let st = s.stats();
         assert!(tries >= 2, "{test}: the first ACK was not dropped: {st:?}");
         assert!(st.overruns >= 1, "{test}: {st:?}");
+    }
+
+    /// Regression: `LISTEN` was asked again only when a new overrun was reported while its
+    /// ACK was awaited. But the kernel reports an overflow once, and then drops everything
+    /// for the socket, silently, until its queue has been read empty: an ACK that meets a
+    /// queue still congested from an overflow already reported (a flood that kept the queue
+    /// from emptying through the previous try's wait) is dropped without a report, and
+    /// `open` failed ("the kernel did not acknowledge LISTEN"). Now a drop counted by the
+    /// kernel while the ACK was awaited asks again too (`AckWatch`, shared with
+    /// `ProcListener`). Here a spoofer of our own overflows the stream's queue (made small)
+    /// and the overflow report is read at once, before the first `LISTEN`; the queue gets its
+    /// size back, but stays congested until read empty, and the ACK is dropped without a
+    /// report.
+    #[tokio::test]
+    // The lock serializes whole tests, each on a runtime of its own: no task waits for it.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_listen_ack_dropped_without_an_overrun_report_is_asked_for_again() {
+        let test = "stream::a_listen_ack_dropped_without_an_overrun_report_is_asked_for_again";
+        let _one = spoofing();
+        if open_all(test).await.is_none() {
+            return;
+        }
+        let spoofer = ConnectorSocket::open().unwrap();
+        let d = spoofed(&spoofer);
+        let mut tries = 0;
+        let s = ProcStream::open_with(EventSet::ALL, |sock, attempt| {
+            tries = attempt + 1;
+            if attempt == 0 {
+                sock.set_recv_buffer(64 << 10, true).unwrap();
+                overflow_with_spoofs(sock, &spoofer, &d);
+                // The overflow's one report, read as an earlier try's wait would have.
+                let mut buf = bytes::BytesMut::with_capacity(256);
+                assert!(
+                    matches!(sock.recv(&mut buf, true), Err(Error::Overrun { .. })),
+                    "{test}: the overflow is reported first"
+                );
+                // Room again, but congested until the queue has been read empty: no other
+                // sender's burst overflows it afresh (with a report) meanwhile.
+                sock.set_recv_buffer(crate::proc::DEFAULT_RECV_BUFFER, true)
+                    .unwrap();
+            } else {
+                sock.set_recv_buffer(crate::proc::DEFAULT_RECV_BUFFER, true)
+                    .unwrap();
+            }
+        })
+        .await;
+        let s = s.unwrap_or_else(|e| panic!("{test}: after {tries} LISTEN: {e}"));
+        let st = s.stats();
+        assert!(tries >= 2, "{test}: the first ACK was not dropped: {st:?}");
     }
 
     /// `ProcStream::finish` settles as `ProcListener::finish` does (the same

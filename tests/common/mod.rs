@@ -254,6 +254,12 @@ pub struct ForeignOnGroup1 {
     running: Option<Counting>,
 }
 
+/// Bytes [`ForeignOnGroup1`] reads of a datagram: what a listener reads whole (the largest
+/// connector message, `CnMsg::MAX_ENCODED`), so that it counts the messages of every
+/// datagram a listener counts message by message (at 64 KiB, a datagram of 65 537 to
+/// 65 572 bytes was one cut datagram for it, its every message spoofed for a listener).
+pub const FOREIGN_READ: usize = cnbus::CnMsg::MAX_ENCODED;
+
 /// The counting socket's port and thread (which returns foreign datagrams, overruns).
 type Counting = (u32, std::thread::JoinHandle<(u64, u64)>);
 
@@ -268,11 +274,11 @@ impl ForeignOnGroup1 {
         let port = sock.port_id();
         let thread = std::thread::spawn(move || {
             let (mut foreign, mut overruns) = (0u64, 0u64);
-            let mut buf = BytesMut::with_capacity(1 << 16);
+            let mut buf = BytesMut::with_capacity(FOREIGN_READ);
             loop {
                 buf.clear();
-                buf.reserve(1 << 16);
-                match sock.recv(&mut buf, false) {
+                buf.reserve(FOREIGN_READ);
+                match sock.recv_max(&mut buf, FOREIGN_READ, false) {
                     // The unicast end marker: everything queued before it has been read.
                     Ok(Some(meta)) if meta.group == 0 => return (foreign, overruns),
                     // Counted as a listener counts its spoofed messages: each message of the
@@ -282,7 +288,7 @@ impl ForeignOnGroup1 {
                     }
                     Ok(_) => {}
                     Err(cnbus::Error::Overrun { .. }) => overruns += 1,
-                    // No kernel datagram comes near 64 KiB: a user-space sender's (a
+                    // Longer than any connector message: a user-space sender's (a
                     // listener counts it as one spoofed datagram too).
                     Err(cnbus::Error::Truncated { .. }) => foreign += 1,
                     Err(e) => panic!("recv: {e}"),

@@ -72,9 +72,44 @@ const REASON_USER_NS: &str = "this process is outside the initial user namespace
      initial namespaces listens, and uids and gids in them are those of the initial namespace";
 const REASON_NO_CN_PROC: &str = "the kernel has no proc connector (no cn_proc in \
      /proc/net/connector: it was built without CONFIG_PROC_EVENTS)";
-/// `LISTEN` requests sent at most while overruns keep dropping their ACK (a repeated `LISTEN`
-/// only replaces the socket's filter; the kernel counts the listener once).
+/// `LISTEN` requests sent at most while overflows keep dropping their ACK (a repeated
+/// `LISTEN` only replaces the socket's filter on Linux 6.6+, which counts the listener once
+/// per socket; before 6.6 each one counts, and one `IGNORE` takes one back).
 pub(super) const LISTEN_TRIES: u32 = 3;
+
+/// Whether a request's ACK may have been dropped by an overflow of the receiving socket's
+/// queue while it was awaited: taken before the request is sent, asked after the wait.
+/// An overrun report is not enough: the kernel reports an overflow once, and then drops
+/// everything for the socket without a report until its queue has been read empty, so an
+/// ACK that meets a queue still congested from an overflow reported earlier is dropped
+/// silently. The kernel's drop counter counts it: a drop since the request was sent means
+/// the ACK may be among the drops. One implementation for `ProcListener` and `ProcStream`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AckWatch {
+    overruns: u64,
+    drops: Option<u32>,
+}
+
+impl AckWatch {
+    /// Before the request is sent: the receiver's overruns so far, and the socket's drop
+    /// counter.
+    pub(super) fn new(sock: &ConnectorSocket, overruns: u64) -> Self {
+        Self {
+            overruns,
+            drops: sock.drops().ok().flatten(),
+        }
+    }
+
+    /// After a wait that saw no ACK: true when an overrun was reported or the kernel
+    /// dropped something for the socket since [`new`](Self::new).
+    pub(super) fn ack_may_be_dropped(&self, sock: &ConnectorSocket, overruns: u64) -> bool {
+        overruns != self.overruns
+            || matches!(
+                (self.drops, sock.drops().ok().flatten()),
+                (Some(before), Some(now)) if now != before
+            )
+    }
+}
 pub(super) const REASON_NO_ACK: &str = "the kernel did not acknowledge LISTEN before the timeout";
 const REASON_NO_PROC_INPUT: &str = "kernel-side filtering was required, but this kernel does \
      not understand struct proc_input (Linux 6.6+): use FilterMode::Auto to filter in user \
@@ -504,16 +539,16 @@ impl ProcListener {
     /// Sends `LISTEN` and waits for its ACK. `Ok(false)`: no ACK before the timeout. Events
     /// received meanwhile are kept for delivery.
     ///
-    /// The ACK travels like an event, so a receive-queue overflow can drop it. When an
-    /// overrun was seen and no ACK came, the request is sent again (a repeated `LISTEN` only
-    /// replaces the socket's filter; the kernel counts the listener once), up to 3 times.
+    /// The ACK travels like an event, so a receive-queue overflow can drop it. When the
+    /// socket lost something while no ACK came (an overrun, or a drop the kernel counted:
+    /// [`AckWatch`]), the request is sent again, up to [`LISTEN_TRIES`] times.
     fn request_and_wait(&mut self, filter: Option<EventSet>, timeout: Duration) -> Result<bool> {
         for _ in 0..LISTEN_TRIES {
-            let overruns = self.core.dec.overruns;
+            let watch = AckWatch::new(&self.sock, self.core.dec.overruns);
             if self.request_and_wait_once(filter, timeout)? {
                 return Ok(true);
             }
-            if self.core.dec.overruns == overruns {
+            if !watch.ack_may_be_dropped(&self.sock, self.core.dec.overruns) {
                 return Ok(false);
             }
         }
