@@ -48,9 +48,13 @@ impl Rx {
         }
     }
 
-    /// Counts messages sent by `bus` from now on.
+    /// Counts messages sent by `bus` from now on. The bus's port is remembered as our own
+    /// now, while its socket is surely open: a bus closed before the receiving thread's
+    /// first check (a busy host may run that thread late) was not found among this
+    /// process's sockets, and everything it had sent was skipped as foreign.
     fn from(&self, bus: &Bus) {
         self.ports.lock().push(bus.socket().port_id());
+        common::remember_own_sockets();
     }
 
     /// Receives messages with `idx` until `want` arrived or `timeout` passed.
