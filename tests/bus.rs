@@ -59,7 +59,6 @@ impl Rx {
 
     /// Receives messages with `idx` until `want` arrived or `timeout` passed.
     fn collect(&self, idx: u32, want: usize, timeout: Duration) -> Got {
-        common::remember_own_sockets();
         let mut got = Got::default();
         let deadline = Instant::now() + timeout;
         let mut buf = BytesMut::with_capacity(1 << 17);
@@ -81,7 +80,6 @@ impl Rx {
 
     /// Everything already queued on the socket (no waiting).
     fn collect_now(&self, idx: u32) -> Got {
-        common::remember_own_sockets();
         let mut got = Got::default();
         let mut buf = BytesMut::with_capacity(1 << 17);
         while self.recv_one(idx, &mut buf, &mut got) {}
@@ -339,7 +337,6 @@ fn drop_flushes_everything() {
     );
     assert_eq!(bus.stats().queued, u64::from(N));
     // A watchdog, not a timing: a drop that waited for the deadline would take the hour.
-    common::remember_own_sockets();
     returns_within("drop", Duration::from_secs(120), move || drop(bus));
     let got = rx.collect(idx, N as usize, Duration::from_secs(60));
     assert_eq!(got.msgs.len(), N as usize, "drop lost messages");
@@ -1066,7 +1063,6 @@ fn dropped_producers_messages_are_kept_and_counted() {
             p.insert(CbId::new(idx, 2), &payload(2, seq)).unwrap();
         }
     }
-    common::remember_own_sockets();
     drop(bus2);
     let got = rx.collect(idx, 100, Duration::from_secs(5));
     assert_eq!(got.msgs.len(), 100, "drop lost a producer's messages");
@@ -1657,8 +1653,6 @@ fn closing_while_producers_insert_loses_nothing() {
         wait_for(Duration::from_secs(60), || bus.stats().inserted >= 64),
         "the producers never inserted"
     );
-    // The bus's socket closes with the last producer: remember its port now.
-    common::remember_own_sockets();
     let (st, err) = bus.close_with_stats();
     assert!(err.is_none(), "{err:?}");
     eprintln!("close: {st:?}");
@@ -1880,7 +1874,6 @@ fn flushes_inserts_and_a_stalled_receiver(idx: u32, assist: bool) {
             })
         })
         .collect();
-    common::remember_own_sockets();
     let (closed, err) = returns_within("close", limit, move || bus.close_with_stats());
     eprintln!("close: {closed:?} {err:?}");
     assert!(closed.inserted >= st.inserted && closed.sent_messages >= st.sent_messages);
