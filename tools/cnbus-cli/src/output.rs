@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// `warn!("fmt", args)`: one line to stderr with [`to_stderr`] (a slow reader waited for,
-/// a stopped one at most [`STDERR_WAIT`](output::STDERR_WAIT); a failed write counted, never a panic: `eprintln!` panics when stderr is
+/// a stopped one at most [`STDERR_WAIT`](crate::output::STDERR_WAIT); a failed write counted, never a panic: `eprintln!` panics when stderr is
 /// closed or full, and then there is nowhere left to report anything).
 #[macro_export]
 macro_rules! warn {
