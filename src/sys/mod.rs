@@ -41,7 +41,7 @@ pub use socket::{ConnectorSocket, Dest, NETLINK_CONNECTOR};
 #[cfg(all(test, not(cnbus_loom)))]
 pub(crate) use spin::{hold_spare, BIAS_AFTER};
 pub(crate) use spin::{BiasedLock, Holder, HolderSlot};
-pub use wake::{poll_read, poll_write, EventFd, Readiness};
+pub use wake::{poll_read, poll_write, poll_write_timeout, EventFd, Readiness};
 
 use std::io;
 

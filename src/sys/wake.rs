@@ -102,6 +102,30 @@ pub fn poll_read(
     })
 }
 
+/// As [`poll_write`], waiting at most `timeout`: true when `fd` accepts a write or reports
+/// an error or a hang-up (which the next write then says), false when `timeout` ran out
+/// first (a reader that holds the pipe but reads nothing: stopped, or stalled). An
+/// interrupted wait is resumed for the time left.
+pub fn poll_write_timeout(fd: &impl AsFd, timeout: Duration) -> Result<bool> {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        let mut p = libc::pollfd {
+            fd: fd.as_fd().as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        // Rounded up, so that a wait left under a millisecond is no busy loop.
+        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        // SAFETY: `p` is one valid pollfd and the count passed is 1.
+        match cvt(unsafe { libc::poll(&mut p, 1, ms) }) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(Op::Poll, e)),
+        }
+    }
+}
+
 /// Waits until `fd` accepts a write, or reports an error or a hang-up (which the next
 /// write then says). For a writer whose descriptor another process sharing it made
 /// non-blocking (`O_NONBLOCK` is a property of the open file, which a shell or a runtime

@@ -245,3 +245,86 @@ fn messages_to_a_full_non_blocking_stderr_are_waited_for() {
         "{test}: {err:?}"
     );
 }
+
+/// Regression: a stderr whose reader holds the pipe but reads nothing (stopped with
+/// SIGSTOP, `2>&1 | less` left alone) wedged the agent at its next message for ever: the
+/// loop that reads the events blocked in `write(2)` (a non-blocking stderr in the wait for
+/// it), so no event was read, no counters written, and SIGTERM stopped nothing (a log
+/// problem became a monitoring outage). Now a message waits for stderr at most
+/// `cnbus_cli::output::STDERR_WAIT`, then counts as lost (`stderr_lines_lost`), and the
+/// agent runs on. The message here: the warning that `--output` cannot be reopened on
+/// SIGHUP (its directory removed). (Failed before: `stderr_lines_lost` never 1, the agent
+/// still running after SIGTERM.)
+#[test]
+fn a_stderr_whose_reader_stopped_reading_wedges_nothing() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let test = "a_stderr_whose_reader_stopped_reading_wedges_nothing";
+    if !kernel(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("logs");
+    std::fs::create_dir(&sub).unwrap();
+    let stats = dir.path().join("stats.json");
+    // A blocking pipe, full (filled through a non-blocking description of its own), whose
+    // reader (this test) reads nothing until the end.
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let mut fill = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+        .unwrap();
+    while fill.write(&[b'.'; 4096]).is_ok() {}
+    while fill.write(b".").is_ok() {}
+    drop(fill);
+    let mut r = Running(
+        std::process::Command::new(bin())
+            .args(["--interval", "0.05", "--output"])
+            .arg(sub.join("events.jsonl"))
+            .arg("--stats-file")
+            .arg(&stats)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap(),
+    );
+    let lost = || {
+        std::fs::read_to_string(&stats)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t.trim()).ok())
+            .and_then(|v| v["stderr_lines_lost"].as_u64())
+    };
+    assert!(
+        common::wait_for(HANG, || lost().is_some()),
+        "{test}: no counters"
+    );
+    assert_eq!(lost(), Some(0), "{test}");
+    std::fs::remove_dir_all(&sub).unwrap();
+    r.signal(libc::SIGHUP);
+    assert!(
+        common::wait_for(HANG, || lost() == Some(1)),
+        "{test}: the lost warning not counted: {:?}",
+        lost()
+    );
+    r.signal(libc::SIGTERM);
+    let st = r.wait(&format!("{test}: cnbus-agent after SIGTERM"), || {});
+    assert_eq!(st.code(), Some(0), "{test}: {st}");
+    let last = final_counters(&stats);
+    assert!(
+        last["stderr_lines_lost"].as_u64() >= Some(1),
+        "{test}: {last}"
+    );
+    // Nothing of the lost lines reached the pipe (whatever follows the filling is whole).
+    let mut all = Vec::new();
+    reader.read_to_end(&mut all).unwrap();
+    let after = String::from_utf8_lossy(&all)
+        .trim_start_matches('.')
+        .to_owned();
+    assert!(
+        after.is_empty() || after.ends_with('\n'),
+        "{test}: {after:?}"
+    );
+}

@@ -5,10 +5,11 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-/// `warn!("fmt", args)`: one line to stderr with [`to_stderr`] (waited for when stderr is
-/// non-blocking; a failed write counted, never a panic: `eprintln!` panics when stderr is
+/// `warn!("fmt", args)`: one line to stderr with [`to_stderr`] (a slow reader waited for,
+/// a stopped one at most [`STDERR_WAIT`](crate::output::STDERR_WAIT); a failed write counted, never a panic: `eprintln!` panics when stderr is
 /// closed or full, and then there is nowhere left to report anything).
 #[macro_export]
 macro_rules! warn {
@@ -19,23 +20,95 @@ macro_rules! warn {
 
 /// Lines [`to_stderr`] failed to write, for the tools' final report.
 static STDERR_LOST: AtomicU64 = AtomicU64::new(0);
+/// Where stderr is for [`to_stderr`].
+static STDERR_STATE: Bounded = Bounded::new();
+
+/// The longest [`to_stderr`] waits for stderr to take a line: a reader that holds the pipe
+/// but reads nothing (stopped with SIGSTOP or `^Z`, a `2>&1 | less` left alone, a stalled
+/// log shipper) must not stop the tool. A blocking `write(2)` cannot be interrupted, and the
+/// agent writes its counters from the loop that reads the events: waiting for ever there
+/// turned a log problem into a monitoring outage (no events read, and no stop on SIGTERM).
+pub const STDERR_WAIT: Duration = Duration::from_secs(5);
 
 /// Writes `text` (whole lines) to stderr, the one way both tools write their messages and
-/// counters there: a stderr another process made non-blocking is waited for ([`Patient`]),
-/// as a blocking one would be, so that no line is lost to a full pipe (`EAGAIN`); a write
-/// that fails (`2> /dev/full`, a reader gone) stops nothing, and its lines are counted
-/// ([`stderr_lines_lost`]), which the tools report at exit.
+/// counters there. A slow reader, or a stderr another process made non-blocking, is waited
+/// for, but at most [`STDERR_WAIT`]; after that the lines not written are lost, and later
+/// lines are not waited for until stderr takes a write again (one wait per stall, not one
+/// per line). A line left half written is ended by a newline before the next one. Lines
+/// lost (a wait run out, `2> /dev/full`, a reader gone: `EPIPE`) stop nothing and are
+/// counted ([`stderr_lines_lost`]), which the tools report (the agent's counters,
+/// proctrace's summary).
 pub fn to_stderr(text: &[u8]) {
-    let mut err = Patient(io::stderr().lock());
-    if err.write_all(text).and_then(|()| err.flush()).is_err() {
-        let lines = text.iter().filter(|&&b| b == b'\n').count().max(1);
-        STDERR_LOST.fetch_add(lines as u64, Ordering::Relaxed);
-    }
+    let lost = write_bounded(&mut io::stderr().lock(), text, STDERR_WAIT, &STDERR_STATE);
+    STDERR_LOST.fetch_add(lost, Ordering::Relaxed);
 }
 
 /// The lines [`to_stderr`] (and [`warn!`]) could not write so far.
 pub fn stderr_lines_lost() -> u64 {
     STDERR_LOST.load(Ordering::Relaxed)
+}
+
+/// What [`write_bounded`] keeps between calls on one output (changed only under the lock
+/// of that output).
+struct Bounded {
+    /// The last wait ran out and nothing was written since: do not wait again.
+    stuck: AtomicBool,
+    /// The last line was written only in part: end it before the next.
+    torn: AtomicBool,
+}
+
+impl Bounded {
+    const fn new() -> Bounded {
+        Bounded {
+            stuck: AtomicBool::new(false),
+            torn: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Writes `text` to `w` in pieces of at most `PIPE_BUF` bytes, each once `w` takes a write
+/// (so that a blocking pipe or socket never blocks the write itself), waiting at most
+/// `wait` in all (nothing when `state` says the last wait ran out). Returns the lines of
+/// `text` not written whole (a line cut short counts).
+fn write_bounded<W: Write + AsFd>(w: &mut W, text: &[u8], wait: Duration, state: &Bounded) -> u64 {
+    let stuck = state.stuck.load(Ordering::Relaxed);
+    let end = Instant::now() + if stuck { Duration::ZERO } else { wait };
+    let prefix: &[u8] = if state.torn.load(Ordering::Relaxed) {
+        b"\n"
+    } else {
+        b""
+    };
+    let all = [prefix, text].concat();
+    let mut done = 0;
+    while done < all.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        match cnbus::sys::poll_write_timeout(w, left) {
+            Ok(true) => {}
+            Ok(false) => {
+                state.stuck.store(true, Ordering::Relaxed);
+                break;
+            }
+            Err(_) => break,
+        }
+        let piece = &all[done..all.len().min(done + libc::PIPE_BUF)];
+        match w.write(piece) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                state.stuck.store(false, Ordering::Relaxed);
+                state.torn.store(all[done - 1] != b'\n', Ordering::Relaxed);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let rest = &text[done.saturating_sub(prefix.len())..];
+    let cut = !rest.is_empty() && !rest.ends_with(b"\n");
+    (rest.iter().filter(|&&b| b == b'\n').count() + usize::from(cut)) as u64
 }
 
 /// A writer that waits for its descriptor when another process sharing it made it
@@ -238,6 +311,76 @@ mod tests {
         }
         writer.join().unwrap();
         assert!(got.len() == LEN && got.iter().all(|&b| b == 7));
+    }
+
+    /// Regression: a stderr whose reader holds the pipe but reads nothing (SIGSTOP, a
+    /// `2>&1 | less` left alone) blocked the tools' messages and counters for ever, a
+    /// blocking stderr in `write(2)` and a non-blocking one in the wait for it (`Patient`),
+    /// so that the agent read no events and did not stop on SIGTERM. Now it is waited for
+    /// at most the bound, the lines not written counted; the next line is not waited for
+    /// while it takes nothing; once the reader reads again, the lines go through, a line
+    /// left half written ended first. (Before, the first write here never returned.)
+    #[test]
+    fn a_stopped_reader_is_waited_for_a_bounded_time_and_lines_lost_counted() {
+        use std::os::fd::AsRawFd;
+        let (mut reader, writer) = io::pipe().unwrap();
+        // Filled through a non-blocking description of its own; `writer` stays blocking.
+        let mut fill = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+            .unwrap();
+        let mut filled = 0;
+        while let Ok(n) = fill.write(&[b'.'; 4096]) {
+            filled += n;
+        }
+        // One page free, so that a long line is written in part only.
+        let mut page = vec![0u8; 4096];
+        reader.read_exact(&mut page).unwrap();
+        filled -= 4096;
+        let (done, results) = std::sync::mpsc::channel();
+        let mut w = writer;
+        let stopped = std::thread::spawn(move || {
+            let state = Bounded::new();
+            let long = [vec![b'x'; 5000], b"\n".to_vec()].concat();
+            let wait = Duration::from_millis(200);
+            let first = write_bounded(&mut w, &long, wait, &state);
+            let second = write_bounded(&mut w, b"a\nb\n", wait, &state);
+            done.send((first, second, state.stuck.load(Ordering::Relaxed)))
+                .unwrap();
+            (w, state)
+        });
+        let (first, second, stuck) = results
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a write to a pipe nobody reads never returned");
+        let (mut w, state) = stopped.join().unwrap();
+        assert_eq!((first, second, stuck), (1, 2, true));
+        // The reader reads again: everything it holds, then the next line.
+        let mut got = vec![0u8; filled + 4096];
+        reader.read_exact(&mut got).unwrap();
+        assert!(got[..filled].iter().all(|&b| b == b'.'));
+        assert!(got[filled..].iter().all(|&b| b == b'x'));
+        assert_eq!(
+            write_bounded(&mut w, b"next\n", Duration::from_secs(60), &state),
+            0
+        );
+        drop(w);
+        drop(fill);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"\nnext\n");
+        assert!(!state.stuck.load(Ordering::Relaxed));
+    }
+
+    /// A reader gone (`EPIPE`: Rust ignores SIGPIPE) loses the lines, counted, at once.
+    #[test]
+    fn a_reader_gone_loses_the_lines_counted() {
+        let (r, mut w) = io::pipe().unwrap();
+        drop(r);
+        let state = Bounded::new();
+        let lost = write_bounded(&mut w, b"a\nb\n", Duration::from_secs(60), &state);
+        assert_eq!(lost, 2);
+        assert!(!state.stuck.load(Ordering::Relaxed));
     }
 
     #[test]

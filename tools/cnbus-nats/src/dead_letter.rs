@@ -258,9 +258,21 @@ fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
         std::fs::rename(&path, &requeuing).map_err(ctx("rename dead-letter file", &path))
     })
     .and_then(|()| {
-        spool::sync_dir(spool_dir).inspect_err(|_| {
-            let _ = std::fs::rename(&requeuing, &path);
-        })
+        spool::crash_point(UNDO_FAILS, spool_dir)
+            .and_then(|()| spool::sync_dir(spool_dir))
+            .or_else(|e| {
+                // Undone (the file back under its name, the segments removed below), or,
+                // if that fails, the commit stands: the renamed file says that the `.tmp`
+                // segments belong in the spool, so they must stay (removed, the next start
+                // would take the renamed file for a finished requeue and remove it, every
+                // record with it).
+                match spool::crash_point(UNDO_FAILS, &requeuing)
+                    .and_then(|()| std::fs::rename(&requeuing, &path).map_err(ctx("rename", &path)))
+                {
+                    Ok(()) => Err(e),
+                    Err(_) => Ok(()),
+                }
+            })
     });
     if let Err(e) = written {
         // Nothing done: the dead-letter file is still there, so the records put in
@@ -277,6 +289,10 @@ fn requeue(spool_dir: &Path, max_line: usize) -> Result<Requeued, SinkError> {
     spool::sync_dir(spool_dir)?;
     Ok(done)
 }
+
+/// The test point ([`spool::crash_point`]) where the sync of the commit fails and so does
+/// its undoing.
+const UNDO_FAILS: &str = "the commit's sync and its undoing fail";
 
 /// [`DEAD_LETTER_MALFORMED_FILE`] while a requeue appends to it: opened at the first line
 /// kept aside, with its length then (`None`: made by this requeue), to cut back to (or to
@@ -891,6 +907,30 @@ mod requeue_tests {
                 .collect();
             assert!(left.is_empty(), "{point}: {left:?} left");
         }
+    }
+
+    /// Regression: when the sync that makes the commit durable failed and renaming the
+    /// dead-letter file back failed too, the `.tmp` segments were removed while the file
+    /// stayed renamed (the commit marker): the next requeue or sink start took it for a
+    /// finished requeue and removed it, every record with it. Now the commit stands and
+    /// the segments stay: each record queued once. (Failed before: nothing in the spool.)
+    #[test]
+    fn a_commit_that_cannot_be_undone_stands() {
+        use crate::spool::CRASH_AT;
+        let dir = tempfile::tempdir().unwrap();
+        let mut dl = DeadLetter::new(dir.path(), 1 << 20);
+        let s = "cnbus.events.h.fork".to_owned();
+        for id in ["a", "b", "c"] {
+            assert!(dl.keep(&item(id, "fork", b"x\n"), &s, "r").unwrap());
+        }
+        drop(dl);
+        CRASH_AT.with(|c| c.set(Some(UNDO_FAILS)));
+        let _ = requeue_dead_letters(dir.path());
+        CRASH_AT.with(|c| c.set(None));
+        let _ = requeue_dead_letters(dir.path()).unwrap();
+        let got: Vec<_> = spooled(dir.path()).into_iter().map(|s| s.0).collect();
+        assert_eq!(got, ["a", "b", "c"]);
+        assert!(!dir.path().join(REQUEUING_FILE).exists());
     }
 
     /// Regression: a subject of any length up to 65535 bytes was requeued; the sink sent it,
