@@ -179,6 +179,7 @@ fn main() -> ExitCode {
     let mut last_total = 0u64;
     let mut last_tick = started;
     let mut burst = 0u32;
+    let mut last_drops_look = started;
     let mut failed = false;
     // The event log cannot be written any more (its reader closed the pipe, or a write
     // failed): the agent stops.
@@ -234,6 +235,10 @@ fn main() -> ExitCode {
             while next_tick <= now {
                 next_tick += args.interval;
             }
+        }
+        if now.duration_since(last_drops_look) >= RESYNC_EVERY {
+            last_drops_look = now;
+            agent.note_drops(listener.stats().kernel_drops);
         }
         if agent.resync_pending
             && agent
@@ -306,10 +311,14 @@ fn main() -> ExitCode {
                 break;
             }
             if Instant::now() >= drain_until || aborted.load(Ordering::SeqCst) {
+                // Events left unread may hold forks and exits: the table goes by /proc.
+                agent.resync_pending = true;
                 break;
             }
         }
     }
+    // Drops no loss report told of (see `Agent::note_drops`), up to the stop.
+    agent.note_drops(listener.stats().kernel_drops);
     if agent.resync_pending {
         let (a, r) = agent.resync("shutdown");
         agent.resync_line("shutdown", a, r);

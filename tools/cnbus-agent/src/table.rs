@@ -77,6 +77,8 @@ pub struct Agent {
     /// A loss happened since the last resync.
     pub resync_pending: bool,
     pub last_resync: Option<Instant>,
+    /// The listener's kernel drop count when last looked at ([`note_drops`](Self::note_drops)).
+    pub drops_seen: u64,
     /// The line being formatted (with its newline; empty: nothing to write).
     pub line: Vec<u8>,
 }
@@ -98,6 +100,7 @@ impl Agent {
             clocks: Clocks::new(),
             n: Counters::default(),
             resync_pending: false,
+            drops_seen: 0,
             last_resync: None,
             line: Vec::with_capacity(512),
         }
@@ -225,5 +228,21 @@ impl Agent {
         self.resync_pending = false;
         self.last_resync = Some(Instant::now());
         (added, removed)
+    }
+
+    /// Schedules a resync when the kernel dropped events for the listener's socket since the
+    /// last look (`drops`: [`LossStats::kernel_drops`](cnbus::proc::LossStats::kernel_drops)).
+    /// A loss report alone does not catch every drop: the kernel reports one overflow per
+    /// congestion episode and then drops silently until the queue is read empty, and the
+    /// gaps of those drops show only when later events of each CPU arrive, or never (the
+    /// tail, at the stop). A fork dropped that way left its process out of the table.
+    pub fn note_drops(&mut self, drops: Option<u64>) {
+        if let Some(d) = drops {
+            if d > self.drops_seen {
+                self.drops_seen = d;
+                self.resync_pending = true;
+                self.enricher.note_loss();
+            }
+        }
     }
 }
