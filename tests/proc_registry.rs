@@ -459,3 +459,62 @@ fn an_overrun_reaches_the_callback_in_stream_order() {
     }
     assert!(all_missed > 0, "{test}: the burst cost events");
 }
+
+/// `register` sends `LISTEN` while the connector's queue is full (the dispatcher is held in
+/// a callback, the queue filled with unicasts to the connector's own port): the kernel drops
+/// the ACK. Once the dispatcher is let go and reads the queue empty, `register` must ask
+/// again (the drop counter moved, an overrun was reported) and succeed, as `ProcListener`
+/// does. It failed before with "the kernel did not acknowledge LISTEN" after one try.
+#[test]
+fn a_listen_ack_dropped_by_a_full_connector_queue_is_asked_for_again() {
+    if kernel_socket("a_listen_ack_dropped_by_a_full_connector_queue_is_asked_for_again").is_none()
+    {
+        return;
+    }
+    let bus = Connector::builder().recv_buffer(1).spawn().unwrap();
+    let id = cnbus::CbId::new(common::test_idx(10), 10);
+    let filler = cnbus::sys::ConnectorSocket::open().unwrap();
+    let from = filler.port_id();
+    let (held_tx, held_rx) = crossbeam::channel::bounded(1);
+    let (go_tx, go_rx) = crossbeam::channel::bounded::<()>(1);
+    let _hold = bus.register(id, move |m| {
+        if m.source().port == from && m.data() == b"hold" {
+            let _ = held_tx.try_send(());
+            // Bounded, so that a failing test never wedges the dispatcher for good.
+            let _ = go_rx.recv_timeout(Duration::from_secs(30));
+        }
+    });
+    let datagram = |data: &'static [u8]| {
+        let mut d = cnbus::codec::DatagramBuilder::new(128);
+        d.push(&cnbus::CnMsg::new(id, data)).unwrap();
+        d.as_bytes().to_vec()
+    };
+    let to = cnbus::sys::Dest::Port(bus.port_id());
+    filler.send(&datagram(b"hold"), to).unwrap();
+    held_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the dispatcher never reached the holding callback");
+    // The dispatcher is held: fill its queue until the kernel refuses more.
+    let fill = datagram(b"fill");
+    while filler.try_send(&fill, to).unwrap().is_some() {}
+    let drops = || bus.socket().drops().unwrap();
+    let before = drops();
+    let b = bus.handle();
+    let registering = std::thread::spawn(move || proc::register(&b, EventSet::ALL, |_| {}));
+    // The ACK of the first LISTEN meets the full queue: wait until the kernel counted a drop
+    // (and a little more, for the LISTEN to be sent, if something else was dropped first).
+    let end = Instant::now() + Duration::from_secs(10);
+    while drops() == before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Room for the events of a busy host from now on, so that the next ACK finds its way.
+    bus.socket().set_recv_buffer(8 << 20, true).unwrap();
+    go_tx.send(()).unwrap();
+    let registered = registering.join().unwrap();
+    assert!(
+        registered.is_ok(),
+        "register failed after its ACK was dropped: {:?}",
+        registered.err()
+    );
+}

@@ -1,10 +1,12 @@
 //! Proc events through a shared [`Connector`](crate::connector::Connector): the callback path.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::listener::REASON_NO_ACK;
+use super::listener::{AckWatch, LISTEN_TRIES, REASON_NO_ACK};
 use super::{
     request, EventSet, Loss, LossStats, McastOp, ProcDecoder, Received, DEFAULT_ACK_TIMEOUT,
 };
@@ -124,7 +126,10 @@ impl Drop for ProcRegistration {
 ///
 /// The first registration waits up to [`DEFAULT_ACK_TIMEOUT`] for the kernel's ACK, so it
 /// must not be called from inside another callback of the same connector (the ACK would
-/// wait behind it). Later ones find the socket subscribed already and do not wait.
+/// wait behind it). The ACK travels through the connector's queue like an event: when none
+/// came and the socket lost something meanwhile (an overrun, or a drop the kernel counted),
+/// `LISTEN` is sent again, up to 3 times, as [`ProcListener`](super::ProcListener) does.
+/// Later registrations find the socket subscribed already and do not wait.
 ///
 /// ```no_run
 /// use cnbus::connector::Connector;
@@ -155,17 +160,21 @@ where
     let group = connector.subscribe(1)?;
     let decoder = Arc::new(Mutex::new(ProcDecoder::new(events, true)));
     // The kernel multicasts every ACK to every listener: make ours recognisable by mixing
-    // this socket's port id (unique on the host) into the ack we send.
-    let token = super::ack_token(connector.port_id(), connector.next_seq(CbId::PROC));
+    // this socket's port id (unique on the host) into the ack we send. Each try has its
+    // own token, and only the ACK of the try being awaited is passed on, so a late ACK of
+    // an earlier try is ignored.
+    let new_token = || super::ack_token(connector.port_id(), connector.next_seq(CbId::PROC));
+    let token = new_token();
+    let awaited = Arc::new(AtomicU32::new(token.wrapping_add(1)));
     let (ack_tx, ack_rx) = crossbeam::channel::bounded(1);
-    let (d, cb) = (decoder.clone(), callback);
+    let (d, cb, want) = (decoder.clone(), callback, awaited.clone());
     let reg = connector.register(CbId::PROC, move |r| {
         let decoded = d
             .lock()
             .decode_parts(r.source().port, r.id(), r.seq(), r.ack(), r.data(), 0);
         if let Some((ack, err)) = decoded.ack {
-            if ack == token.wrapping_add(1) {
-                let _ = ack_tx.try_send(err);
+            if ack == want.load(Ordering::SeqCst) {
+                let _ = ack_tx.try_send((ack, err));
             }
         }
         let mut cb = cb.lock();
@@ -173,6 +182,8 @@ where
             (*cb)(item);
         }
     });
+    let overruns_now = || connector.stats().overruns;
+    let mut watch = AckWatch::new(connector.socket(), overruns_now());
     let first = connector
         .proc_listen(|| connector.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel))?;
     let registration = ProcRegistration {
@@ -191,14 +202,45 @@ where
     if !first {
         return Ok(registration);
     }
-    match ack_rx.recv_timeout(DEFAULT_ACK_TIMEOUT) {
-        Ok(0) => Ok(registration),
-        Ok(errno) => Err(Error::from_io(
-            Op::Request,
-            std::io::Error::from_raw_os_error(errno as i32),
-        )),
-        Err(_) => Err(Error::ProcConnector {
-            reason: REASON_NO_ACK,
-        }),
+    // The ACK travels like an event, so an overflow of the connector's queue can drop it:
+    // when the socket lost something while no ACK came (`AckWatch`), ask again, up to
+    // `LISTEN_TRIES` times, as `ProcListener` and `ProcStream` do. The registration holds
+    // the connector's proc count meanwhile, so no `IGNORE` can cross a repeat.
+    for attempt in 1..=LISTEN_TRIES {
+        let want = awaited.load(Ordering::SeqCst);
+        // A timeout too long to add to the clock is no limit (never a panic).
+        let deadline = Instant::now().checked_add(DEFAULT_ACK_TIMEOUT);
+        let got = loop {
+            let r = match deadline {
+                Some(d) => ack_rx.recv_deadline(d).ok(),
+                None => ack_rx.recv().ok(),
+            };
+            match r {
+                // An earlier try's ACK that slipped in before the token changed.
+                Some((ack, _)) if ack != want => continue,
+                r => break r.map(|(_, err)| err),
+            }
+        };
+        match got {
+            Some(0) => return Ok(registration),
+            Some(errno) => {
+                return Err(Error::from_io(
+                    Op::Request,
+                    std::io::Error::from_raw_os_error(errno as i32),
+                ))
+            }
+            None => {}
+        }
+        if attempt == LISTEN_TRIES || !watch.ack_may_be_dropped(connector.socket(), overruns_now())
+        {
+            break;
+        }
+        let token = new_token();
+        awaited.store(token.wrapping_add(1), Ordering::SeqCst);
+        watch = AckWatch::new(connector.socket(), overruns_now());
+        connector.send(&request(McastOp::Listen, None, 0, token), Dest::Kernel)?;
     }
+    Err(Error::ProcConnector {
+        reason: REASON_NO_ACK,
+    })
 }

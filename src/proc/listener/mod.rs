@@ -83,7 +83,8 @@ pub(super) const LISTEN_TRIES: u32 = 3;
 /// everything for the socket without a report until its queue has been read empty, so an
 /// ACK that meets a queue still congested from an overflow reported earlier is dropped
 /// silently. The kernel's drop counter counts it: a drop since the request was sent means
-/// the ACK may be among the drops. One implementation for `ProcListener` and `ProcStream`.
+/// the ACK may be among the drops. One implementation for `ProcListener`, `ProcStream` and
+/// `proc::register`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct AckWatch {
     overruns: u64,
